@@ -1,0 +1,8 @@
+//! adapterlab: fine-tune and evaluate LLM adapters natively.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the map of these modules.
+
+pub mod cli;
+pub mod paths;
+pub mod plugin;
+pub mod store;
