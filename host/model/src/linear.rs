@@ -25,12 +25,7 @@ pub struct DenseWeight {
 
 impl BaseWeight for DenseWeight {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.t()?;
-        match x.dims() {
-            [b, s, _] => x.broadcast_matmul(&w.broadcast_left(*b)?.reshape((*b, w.dim(0)?, w.dim(1)?))?.contiguous()?)
-                .or_else(|_| x.reshape((b * s, x.dim(2)?))?.matmul(&w)?.reshape((*b, *s, w.dim(1)?))),
-            _ => x.matmul(&w),
-        }
+        x.broadcast_matmul(&self.weight.t()?)
     }
     fn dequantize(&self) -> Result<Tensor> {
         Ok(self.weight.clone())
