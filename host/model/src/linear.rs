@@ -55,3 +55,29 @@ impl Module for Linear {
         }
     }
 }
+
+/// Decides how each linear layer of a model is built: the base weight's format and whether a
+/// LoRA adapter sits on it. Models call [`LinearBuilder::load`] for every linear layer.
+#[derive(Debug, Clone, Default)]
+pub struct LinearBuilder {}
+
+impl LinearBuilder {
+    /// Plain dense layers in the checkpoint's dtype, no adapters.
+    pub fn dense() -> Self {
+        LinearBuilder {}
+    }
+
+    /// Load the linear layer whose tensors are `{vb.prefix()}.weight` (`[out, in]`) and,
+    /// with `bias`, `{vb.prefix()}.bias`.
+    pub fn load(
+        &self,
+        vb: candle_nn::VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        Ok(Linear { base: Arc::new(DenseWeight { weight }), bias, name: vb.prefix() })
+    }
+}
