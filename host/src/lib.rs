@@ -6,3 +6,7 @@ pub mod cli;
 pub mod paths;
 pub mod plugin;
 pub mod store;
+pub mod eval;
+pub mod llm;
+pub mod server;
+pub mod train;

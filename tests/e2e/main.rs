@@ -1,1 +1,7 @@
+//! End-to-end tests of the real `adapterlab` binary.
 
+mod util;
+
+mod cli;
+mod eval;
+mod sandbox;

@@ -8,8 +8,12 @@ use clap::{Parser, Subcommand};
 
 use crate::paths::DataDir;
 
+mod eval;
 mod output;
 mod plugins;
+mod report;
+mod runs;
+mod serve;
 
 pub use output::print_error;
 
@@ -37,19 +41,84 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the dashboard and its API (the main command): launch runs, watch them, compare
+    /// adapter versions.
+    Serve(serve::ServeArgs),
+    /// Score a predictions file with metric plugins (ROUGE, BLEU, BERTScore, LLM judge…)
+    /// and store the run.
+    Eval(eval::EvalArgs),
+    /// List, show and compare stored runs.
+    #[command(subcommand)]
+    Runs(runs::RunsCommand),
+    /// Render a run, or a comparison of runs, as Markdown, HTML or CSV (reporter plugins).
+    Report(report::ReportArgs),
     /// List, check and install plugins (WebAssembly components).
     #[command(subcommand)]
     Plugins(plugins::PluginsCommand),
 }
 
-/// Everything a command needs from the environment, resolved once.
+/// Everything a command needs from the environment, resolved lazily and once.
 pub struct Context {
     pub data_dir: DataDir,
+    runtime: std::sync::OnceLock<crate::plugin::Runtime>,
+    registry: std::sync::OnceLock<crate::plugin::Registry>,
+    store: std::sync::OnceLock<crate::store::Store>,
+}
+
+impl Context {
+    pub fn new(data_dir: DataDir) -> Self {
+        Context {
+            data_dir,
+            runtime: Default::default(),
+            registry: Default::default(),
+            store: Default::default(),
+        }
+    }
+
+    /// The plugin runtime, caching compiled components in the data directory.
+    pub fn runtime(&self) -> Result<crate::plugin::Runtime> {
+        if let Some(r) = self.runtime.get() {
+            return Ok(r.clone());
+        }
+        let r = crate::plugin::Runtime::new(Some(self.data_dir.component_cache()), crate::plugin::Limits::from_env())?;
+        Ok(self.runtime.get_or_init(|| r).clone())
+    }
+
+    /// Built-in plugins plus those installed in the data directory.
+    pub fn registry(&self) -> Result<crate::plugin::Registry> {
+        if let Some(r) = self.registry.get() {
+            return Ok(r.clone());
+        }
+        let r = crate::plugin::Registry::load(&self.runtime()?, &self.data_dir.plugins())?;
+        Ok(self.registry.get_or_init(|| r).clone())
+    }
+
+    /// The services behind `embed` and `chat` for an evaluation.
+    pub fn eval_services(
+        &self,
+        handle: tokio::runtime::Handle,
+        store: &crate::store::Store,
+    ) -> Result<crate::eval::services::EvalServices> {
+        let llm = crate::llm::LlmClient::new(crate::llm::LlmConfig::from_env(), Some(store.clone()))?;
+        Ok(crate::eval::services::EvalServices::new(Some((llm, handle)), None))
+    }
+
+    pub fn store(&self) -> Result<crate::store::Store> {
+        if let Some(s) = self.store.get() {
+            return Ok(s.clone());
+        }
+        let s = crate::store::Store::open(&self.data_dir.store())?;
+        Ok(self.store.get_or_init(|| s).clone())
+    }
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    let ctx = Context { data_dir: DataDir::resolve(cli.data_dir.as_deref())? };
+    let ctx = Context::new(DataDir::resolve(cli.data_dir.as_deref())?);
     match cli.command {
+        Command::Serve(args) => serve::run(args, &ctx),
+        Command::Eval(args) => eval::run(args, &ctx),
+        Command::Runs(cmd) => runs::run(cmd, &ctx),
+        Command::Report(args) => report::run(args, &ctx),
         Command::Plugins(cmd) => plugins::run(cmd, &ctx),
     }
 }

@@ -43,9 +43,24 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         out.push_str(padded.join("  ").trim_end());
         out.push('\n');
     };
-    line(header.iter().map(|h| heading(h)).collect(), &mut out);
+    let mut head = String::new();
+    line(header.iter().map(|h| h.to_string()).collect(), &mut head);
+    out.push_str(&heading(head.trim_end()));
+    out.push('\n');
     for row in rows {
         line(row.clone(), &mut out);
     }
     out
+}
+
+/// A progress bar on stderr; hidden when stderr is not a terminal (scripts, tests).
+pub fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
 }

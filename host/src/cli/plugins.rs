@@ -1,18 +1,122 @@
 //! `adapterlab plugins list|check|install`.
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
 use clap::Subcommand;
 
 use crate::cli::Context;
+use crate::cli::output::table;
+use crate::plugin::{PluginMeta, registry};
 
 #[derive(Debug, Subcommand)]
 pub enum PluginsCommand {
-    /// List built-in and installed plugins.
-    List,
+    /// List built-in and installed plugins: name, kind, version, source, language, capabilities.
+    List {
+        /// Print JSON (an array of plugin descriptions) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a component against the plugin contract and print its manifest, or exactly
+    /// what is wrong with it. Installs nothing.
+    Check {
+        /// The component (.wasm) to check.
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a component and install it into the data directory's plugins folder.
+    Install {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-pub fn run(cmd: PluginsCommand, _ctx: &Context) -> Result<()> {
+pub fn run(cmd: PluginsCommand, ctx: &Context) -> Result<()> {
     match cmd {
-        PluginsCommand::List => Ok(()),
+        PluginsCommand::List { json } => {
+            let registry = ctx.registry()?;
+            let metas: Vec<&PluginMeta> = registry.all().iter().map(|p| p.meta.as_ref()).collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&metas)?);
+            } else {
+                let rows: Vec<Vec<String>> = metas.iter().map(|m| summary_row(m)).collect();
+                print!(
+                    "{}",
+                    table(&["NAME", "KIND", "VERSION", "SOURCE", "LANGUAGE", "CAPABILITIES", "PROVIDES"], &rows)
+                );
+                for (path, problem) in &registry.problems {
+                    eprintln!("warning: {} was not loaded: {problem}", path.display());
+                }
+            }
+            Ok(())
+        }
+        PluginsCommand::Check { file, json } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("failed to read {}", file.display()))?;
+            let plugin = ctx
+                .runtime()?
+                .load(&bytes, crate::plugin::PluginSource::File(file.clone()))
+                .with_context(|| format!("{} does not pass the plugin contract", file.display()))?;
+            print_meta(&plugin.meta, json, "ok")?;
+            Ok(())
+        }
+        PluginsCommand::Install { file, json } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("failed to read {}", file.display()))?;
+            let plugin = registry::install(&ctx.runtime()?, &ctx.data_dir.plugins(), &bytes, &file)
+                .with_context(|| format!("{} was not installed", file.display()))?;
+            print_meta(&plugin.meta, json, "installed")?;
+            Ok(())
+        }
     }
+}
+
+fn summary_row(m: &PluginMeta) -> Vec<String> {
+    let provides = match m.kind {
+        crate::plugin::PluginKind::Metric => m.scores.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" "),
+        crate::plugin::PluginKind::Reporter => format!("format {}", m.format.as_deref().unwrap_or("?")),
+        crate::plugin::PluginKind::Formatter => format!("fields {}", m.required_fields.join(" ")),
+    };
+    vec![
+        m.name.clone(),
+        m.kind.to_string(),
+        m.version.clone(),
+        match &m.source {
+            crate::plugin::PluginSource::Builtin => "built-in".to_string(),
+            crate::plugin::PluginSource::File(_) => "file".to_string(),
+        },
+        m.language.clone(),
+        m.capability_names().join(","),
+        provides,
+    ]
+}
+
+fn print_meta(meta: &PluginMeta, json: bool, verdict: &str) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(meta)?);
+        return Ok(());
+    }
+    println!("{verdict}: {} {} ({} plugin, contract {})", meta.name, meta.version, meta.kind, meta.contract);
+    println!("  description:  {}", meta.description);
+    println!("  source:       {}", meta.source);
+    println!("  language:     {}", meta.language);
+    println!("  capabilities: {}", meta.capability_names().join(", "));
+    println!("  size:         {} bytes, sha256 {}", meta.size_bytes, &meta.sha256[..16]);
+    for s in &meta.scores {
+        println!(
+            "  score {:<24} [{}, {}] {}  {}",
+            s.name,
+            s.min,
+            s.max,
+            if s.higher_is_better { "higher is better" } else { "lower is better" },
+            s.description
+        );
+    }
+    if let Some(f) = &meta.format {
+        println!("  format:       {f}");
+    }
+    if !meta.required_fields.is_empty() {
+        println!("  fields:       {}", meta.required_fields.join(", "));
+    }
+    Ok(())
 }

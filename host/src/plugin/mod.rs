@@ -1,1 +1,15 @@
-//! The plugin runtime.
+//! The plugin runtime: WebAssembly components (metrics, formatters, reporters) run in
+//! wasmtime, sandboxed, with host capabilities granted per plugin.
+
+pub mod error;
+pub mod host;
+pub mod manifest;
+pub mod registry;
+pub mod runtime;
+pub mod wit;
+
+pub use error::PluginError;
+pub use host::{CallContext, HostServices, LogLine, NoServices};
+pub use manifest::{PluginKind, PluginMeta, PluginSource};
+pub use registry::Registry;
+pub use runtime::{CompileSource, Limits, Plugin, Runtime, Session};

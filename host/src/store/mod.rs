@@ -1,1 +1,355 @@
-//! The store.
+//! The store: sled in the data directory, with typed keyspaces for runs, per-sample results,
+//! run events, adapters, plugins and the LLM response cache. Values are JSON (serde), so a
+//! record stays readable and migrations can rewrite it.
+//!
+//! **Architecture Invariant:** only this module knows sled. Callers see typed records.
+//! **Architecture Invariant:** a sample and all its scores are written in one atomic batch,
+//! and a run is marked `done` only after its last sample is written, so a crash never leaves
+//! a run that reads as complete with results missing.
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+mod migrate;
+pub mod records;
+
+pub use records::*;
+
+/// The schema this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store at {path} is in use by another adapterlab process (is `adapterlab serve` running with this data directory?)")]
+    Locked { path: String },
+    #[error("the store at {path} has schema version {found}, newer than this adapterlab understands ({supported}); upgrade adapterlab")]
+    TooNew { path: String, found: u32, supported: u32 },
+    #[error("store record {key} in {tree} is corrupt: {source}")]
+    Corrupt { tree: &'static str, key: String, source: serde_json::Error },
+    #[error("no run matches {0:?}")]
+    NoSuchRun(String),
+    #[error("{0:?} matches several runs: {1}; give more characters")]
+    AmbiguousRun(String, String),
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The keyspaces (sled trees).
+mod tree {
+    pub const META: &str = "meta";
+    pub const RUNS: &str = "runs";
+    pub const SAMPLES: &str = "samples";
+    pub const EVENTS: &str = "events";
+    pub const ADAPTERS: &str = "adapters";
+    pub const LLM_CACHE: &str = "llm_cache";
+}
+
+/// The opened store. Cheap to clone (sled handles are reference counted).
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    runs: sled::Tree,
+    samples: sled::Tree,
+    events: sled::Tree,
+    adapters: sled::Tree,
+    llm_cache: sled::Tree,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = sled::Config::new().path(path).open().map_err(|e| match e {
+            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
+                StoreError::Locked { path: path.display().to_string() }
+            }
+            other => StoreError::Sled(other),
+        })?;
+        migrate::run(&db, path)?;
+        Ok(Store {
+            runs: db.open_tree(tree::RUNS)?,
+            samples: db.open_tree(tree::SAMPLES)?,
+            events: db.open_tree(tree::EVENTS)?,
+            adapters: db.open_tree(tree::ADAPTERS)?,
+            llm_cache: db.open_tree(tree::LLM_CACHE)?,
+            db,
+        })
+    }
+
+    /// A store in a temporary directory, for tests.
+    pub fn temporary() -> Result<Self> {
+        let db = sled::Config::new().temporary(true).open()?;
+        migrate::run(&db, Path::new("<temporary>"))?;
+        Ok(Store {
+            runs: db.open_tree(tree::RUNS)?,
+            samples: db.open_tree(tree::SAMPLES)?,
+            events: db.open_tree(tree::EVENTS)?,
+            adapters: db.open_tree(tree::ADAPTERS)?,
+            llm_cache: db.open_tree(tree::LLM_CACHE)?,
+            db,
+        })
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    // ---- runs ----
+
+    pub fn put_run(&self, run: &RunRecord) -> Result<()> {
+        self.runs.insert(run.id.as_bytes(), encode(run)?)?;
+        Ok(())
+    }
+
+    pub fn get_run(&self, id: &str) -> Result<Option<RunRecord>> {
+        self.runs.get(id.as_bytes())?.map(|v| decode(tree::RUNS, id, &v)).transpose()
+    }
+
+    /// Update a run in place; `f` sees the current record. Atomic with respect to other
+    /// updates of the same run.
+    pub fn update_run(&self, id: &str, mut f: impl FnMut(&mut RunRecord)) -> Result<RunRecord> {
+        loop {
+            let Some(old) = self.runs.get(id.as_bytes())? else {
+                return Err(StoreError::NoSuchRun(id.to_string()));
+            };
+            let mut run: RunRecord = decode(tree::RUNS, id, &old)?;
+            f(&mut run);
+            let new = encode(&run)?;
+            if self.runs.compare_and_swap(id.as_bytes(), Some(&old), Some(new))?.is_ok() {
+                return Ok(run);
+            }
+        }
+    }
+
+    /// Every run, newest first.
+    pub fn list_runs(&self) -> Result<Vec<RunRecord>> {
+        let mut runs = Vec::new();
+        for item in self.runs.iter().rev() {
+            let (k, v) = item?;
+            runs.push(decode(tree::RUNS, &String::from_utf8_lossy(&k), &v)?);
+        }
+        Ok(runs)
+    }
+
+    /// The run whose id is `id` or starts with it (as git resolves short hashes).
+    pub fn resolve_run(&self, id: &str) -> Result<RunRecord> {
+        if let Some(run) = self.get_run(id)? {
+            return Ok(run);
+        }
+        let matches: Vec<RunRecord> = self
+            .runs
+            .scan_prefix(id.as_bytes())
+            .map(|item| {
+                let (k, v) = item?;
+                decode(tree::RUNS, &String::from_utf8_lossy(&k), &v)
+            })
+            .collect::<Result<_>>()?;
+        match matches.len() {
+            0 if id.is_empty() => Err(StoreError::NoSuchRun(id.to_string())),
+            0 => {
+                // Names are accepted too when unique.
+                let by_name: Vec<RunRecord> =
+                    self.list_runs()?.into_iter().filter(|r| r.name == id).collect();
+                match by_name.len() {
+                    1 => Ok(by_name.into_iter().next().unwrap()),
+                    0 => Err(StoreError::NoSuchRun(id.to_string())),
+                    _ => Err(StoreError::AmbiguousRun(
+                        id.to_string(),
+                        by_name.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", "),
+                    )),
+                }
+            }
+            1 => Ok(matches.into_iter().next().unwrap()),
+            _ => Err(StoreError::AmbiguousRun(
+                id.to_string(),
+                matches.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", "),
+            )),
+        }
+    }
+
+    pub fn delete_run(&self, id: &str) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for key in self.samples.scan_prefix(run_prefix(id)).keys() {
+            batch.remove(key?);
+        }
+        self.samples.apply_batch(batch)?;
+        let mut batch = sled::Batch::default();
+        for key in self.events.scan_prefix(run_prefix(id)).keys() {
+            batch.remove(key?);
+        }
+        self.events.apply_batch(batch)?;
+        self.runs.remove(id.as_bytes())?;
+        Ok(())
+    }
+
+    // ---- samples ----
+
+    /// Write finished samples of a run in one atomic batch.
+    pub fn put_samples(&self, run_id: &str, samples: &[SampleRecord]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for s in samples {
+            batch.insert(sample_key(run_id, s.index), encode(s)?);
+        }
+        self.samples.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// A run's samples in input order.
+    pub fn samples(&self, run_id: &str) -> Result<Vec<SampleRecord>> {
+        self.samples
+            .scan_prefix(run_prefix(run_id))
+            .map(|item| {
+                let (k, v) = item?;
+                decode(tree::SAMPLES, &String::from_utf8_lossy(&k), &v)
+            })
+            .collect()
+    }
+
+    pub fn sample_count(&self, run_id: &str) -> usize {
+        self.samples.scan_prefix(run_prefix(run_id)).count()
+    }
+
+    // ---- events (progress, log lines, loss points) ----
+
+    /// Append an event to a run's log; returns its sequence number.
+    pub fn push_event(&self, run_id: &str, event: &RunEvent) -> Result<u64> {
+        let seq = self.db.generate_id()?;
+        let mut key = run_prefix(run_id);
+        key.extend_from_slice(&seq.to_be_bytes());
+        self.events.insert(key, encode(event)?)?;
+        Ok(seq)
+    }
+
+    /// A run's events with sequence number greater than `after`, oldest first.
+    pub fn events_after(&self, run_id: &str, after: Option<u64>) -> Result<Vec<(u64, RunEvent)>> {
+        let prefix = run_prefix(run_id);
+        let start = match after {
+            Some(seq) => {
+                let mut k = prefix.clone();
+                k.extend_from_slice(&(seq + 1).to_be_bytes());
+                k
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for item in self.events.range(start..) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let seq = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or([0; 8]));
+            out.push((seq, decode(tree::EVENTS, run_id, &v)?));
+        }
+        Ok(out)
+    }
+
+    // ---- adapters ----
+
+    pub fn put_adapter(&self, adapter: &AdapterRecord) -> Result<()> {
+        self.adapters.insert(adapter.name.as_bytes(), encode(adapter)?)?;
+        Ok(())
+    }
+
+    pub fn get_adapter(&self, name: &str) -> Result<Option<AdapterRecord>> {
+        self.adapters.get(name.as_bytes())?.map(|v| decode(tree::ADAPTERS, name, &v)).transpose()
+    }
+
+    pub fn list_adapters(&self) -> Result<Vec<AdapterRecord>> {
+        self.adapters
+            .iter()
+            .map(|item| {
+                let (k, v) = item?;
+                decode(tree::ADAPTERS, &String::from_utf8_lossy(&k), &v)
+            })
+            .collect()
+    }
+
+    // ---- LLM response cache ----
+
+    pub fn cached_response(&self, key: &str) -> Result<Option<serde_json::Value>> {
+        self.llm_cache.get(key.as_bytes())?.map(|v| decode(tree::LLM_CACHE, key, &v)).transpose()
+    }
+
+    pub fn cache_response(&self, key: &str, response: &serde_json::Value) -> Result<()> {
+        self.llm_cache.insert(key.as_bytes(), encode(response)?)?;
+        Ok(())
+    }
+}
+
+fn run_prefix(run_id: &str) -> Vec<u8> {
+    let mut k = run_id.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn sample_key(run_id: &str, index: u32) -> Vec<u8> {
+    let mut k = run_prefix(run_id);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    Ok(serde_json::to_vec(value)?)
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { tree, key: key.to_string(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(id: &str) -> RunRecord {
+        RunRecord::new(id.to_string(), "test".into(), RunKind::Eval)
+    }
+
+    #[test]
+    fn runs_resolve_by_prefix_and_name() {
+        let store = Store::temporary().unwrap();
+        store.put_run(&run("0001aaaa")).unwrap();
+        let mut b = run("0001bbbb");
+        b.name = "baseline".into();
+        store.put_run(&b).unwrap();
+        assert_eq!(store.resolve_run("0001a").unwrap().id, "0001aaaa");
+        assert_eq!(store.resolve_run("baseline").unwrap().id, "0001bbbb");
+        assert!(matches!(store.resolve_run("0001"), Err(StoreError::AmbiguousRun(..))));
+        assert!(matches!(store.resolve_run("zzz"), Err(StoreError::NoSuchRun(_))));
+    }
+
+    #[test]
+    fn samples_come_back_in_order_and_per_run() {
+        let store = Store::temporary().unwrap();
+        let mk = |i: u32| SampleRecord { index: i, id: format!("s{i}"), ..Default::default() };
+        store.put_samples("a", &[mk(2), mk(0), mk(1)]).unwrap();
+        store.put_samples("ab", &[mk(0)]).unwrap();
+        let ids: Vec<String> = store.samples("a").unwrap().into_iter().map(|s| s.id).collect();
+        assert_eq!(ids, ["s0", "s1", "s2"]);
+        assert_eq!(store.sample_count("ab"), 1);
+    }
+
+    #[test]
+    fn events_resume_after_a_sequence_number() {
+        let store = Store::temporary().unwrap();
+        for i in 0..3 {
+            store.push_event("r", &RunEvent::Log { level: "info".into(), message: format!("{i}") }).unwrap();
+        }
+        let all = store.events_after("r", None).unwrap();
+        assert_eq!(all.len(), 3);
+        let rest = store.events_after("r", Some(all[0].0)).unwrap();
+        assert_eq!(rest.len(), 2);
+    }
+
+    #[test]
+    fn update_run_is_read_modify_write() {
+        let store = Store::temporary().unwrap();
+        store.put_run(&run("x")).unwrap();
+        store.update_run("x", |r| r.status = RunStatus::Done).unwrap();
+        assert_eq!(store.get_run("x").unwrap().unwrap().status, RunStatus::Done);
+    }
+}

@@ -1,0 +1,159 @@
+//! `adapterlab eval`: score a predictions file with metric plugins and store the run.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use serde_json::json;
+
+use crate::cli::Context;
+use crate::cli::output::{progress_bar, table};
+use crate::eval::input::read_predictions;
+use crate::eval::pipeline::{self, EvalEnv, EvalRequest};
+use crate::store::{Estimate, RunRecord, SampleRecord};
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// JSON Lines file: one object a line with `id`, `prediction`, `reference` and optionally
+    /// `source` (the dialogue).
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub predictions: PathBuf,
+
+    /// Metric plugins to run, comma-separated (see `adapterlab plugins list`).
+    #[arg(long, value_delimiter = ',', required = true, value_name = "NAME,...")]
+    pub metrics: Vec<String>,
+
+    /// A plugin setting, PLUGIN.KEY=VALUE (repeatable), e.g. rouge.use_stemmer=false,
+    /// judge.model=gpt-4o-mini. `PLUGIN.batch_size=N` sets how many samples a call gets.
+    #[arg(long = "set", value_name = "PLUGIN.KEY=VALUE")]
+    pub settings: Vec<String>,
+
+    /// A name for the run (default: the predictions file's name).
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "OUT.json")]
+    pub json: Option<PathBuf>,
+
+    /// Also score each reference as if it were a prediction, to set the human summaries
+    /// beside the model's.
+    #[arg(long)]
+    pub score_references: bool,
+}
+
+pub fn run(args: EvalArgs, ctx: &Context) -> Result<()> {
+    let rows = read_predictions(&args.predictions)?;
+    let request = EvalRequest {
+        name: args.name.clone().unwrap_or_else(|| {
+            args.predictions.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "eval".into())
+        }),
+        rows,
+        metrics: args.metrics.clone(),
+        settings: pipeline::parse_settings(&args.settings)?,
+        score_references: args.score_references,
+        metadata: BTreeMap::from([("predictions".to_string(), args.predictions.display().to_string())]),
+    };
+    let registry = ctx.registry()?;
+    let plugins = pipeline::validate(&registry, &request)?;
+    let store = ctx.store()?;
+    let run = pipeline::create_run(&store, &request, &plugins)?;
+
+    let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
+    let services = Arc::new(ctx.eval_services(runtime.handle().clone(), &store)?);
+    let bar = progress_bar(request.rows.len() as u64, "scoring");
+    let bar2 = bar.clone();
+    let env = EvalEnv {
+        store: store.clone(),
+        services: services.clone(),
+        cancel: Arc::new(AtomicBool::new(false)),
+        on_progress: Arc::new(move |done, _| bar2.set_position(done)),
+    };
+    let result = pipeline::execute(&env, &run.id, &request, &plugins);
+    bar.finish_and_clear();
+    if let Some(llm) = services.llm() {
+        let usage = llm.usage();
+        store.update_run(&run.id, |r| r.usage = usage.clone())?;
+    }
+    let run = result?;
+    let samples = store.samples(&run.id)?;
+
+    print_summary(&run, &samples);
+    if let Some(path) = &args.json {
+        let doc = results_json(&run, &samples);
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The `--json` document: the contract scripts rely on.
+pub fn results_json(run: &RunRecord, samples: &[SampleRecord]) -> serde_json::Value {
+    let est = |e: &Estimate| json!({"mean": e.mean, "low": e.low, "high": e.high});
+    let mut doc = json!({
+        "run_id": run.id,
+        "name": run.name,
+        "status": run.status.as_str(),
+        "aggregates": run.aggregates.iter().map(|(k, e)| (k.clone(), est(e))).collect::<serde_json::Map<_, _>>(),
+        "corpus": run.corpus,
+        "samples": samples.iter().map(|s| {
+            let mut v = json!({"id": s.id, "scores": s.scores, "errors": s.errors});
+            if !s.reference_scores.is_empty() {
+                v["reference_scores"] = json!(s.reference_scores);
+            }
+            v
+        }).collect::<Vec<_>>(),
+        "usage": run.usage,
+    });
+    if !run.reference_aggregates.is_empty() {
+        doc["reference_aggregates"] =
+            run.reference_aggregates.iter().map(|(k, e)| (k.clone(), est(e))).collect::<serde_json::Map<_, _>>().into();
+    }
+    doc
+}
+
+pub fn print_summary(run: &RunRecord, samples: &[SampleRecord]) {
+    println!("run {} ({}): {} samples, {}", run.id, run.name, samples.len(), run.status.as_str());
+    let mut rows = Vec::new();
+    for (score, e) in &run.aggregates {
+        let reference = run
+            .reference_aggregates
+            .get(score)
+            .map(|r| format!("{:.4} [{:.4}, {:.4}]", r.mean, r.low, r.high))
+            .unwrap_or_default();
+        let n = samples.iter().filter(|s| s.scores.contains_key(score)).count();
+        rows.push(vec![score.clone(), format!("{:.4}", e.mean), format!("[{:.4}, {:.4}]", e.low, e.high), n.to_string(), reference]);
+    }
+    let header = if run.reference_aggregates.is_empty() {
+        vec!["SCORE", "MEAN", "95% CI", "N"]
+    } else {
+        vec!["SCORE", "MEAN", "95% CI", "N", "REFERENCE (HUMAN)"]
+    };
+    let rows: Vec<Vec<String>> = rows.into_iter().map(|mut r| { r.truncate(header.len()); r }).collect();
+    print!("{}", table(&header, &rows));
+    for (k, v) in &run.corpus {
+        println!("corpus {k}: {v:.4}");
+    }
+    let mut errors: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in samples {
+        for plugin in s.errors.keys() {
+            *errors.entry(plugin.as_str()).or_default() += 1;
+        }
+    }
+    for (plugin, count) in errors {
+        let example = samples.iter().find_map(|s| s.errors.get(plugin).map(|e| (s.id.as_str(), e.as_str())));
+        if let Some((id, e)) = example {
+            eprintln!("warning: {plugin} failed on {count} sample(s), e.g. {id}: {e}");
+        }
+    }
+    if run.usage.requests + run.usage.cached > 0 {
+        let u = &run.usage;
+        println!(
+            "LLM: {} requests, {} from cache, {} prompt + {} completion tokens, ~${:.4}",
+            u.requests, u.cached, u.prompt_tokens, u.completion_tokens, u.cost_usd
+        );
+    }
+}

@@ -1,0 +1,379 @@
+//! The evaluation pipeline: run metric plugins over a set of predictions, store every sample
+//! with all its scores as soon as every metric has covered it, then the aggregates.
+//!
+//! Metrics run concurrently, one thread and one plugin instance each. A metric sees its
+//! samples in batches (by default all of them at once, so corpus statistics such as idf and
+//! corpus BLEU cover the whole set; plugins that call an LLM get batches of 16 so progress
+//! shows). A batch that traps or returns malformed output is retried sample by sample, so
+//! only the culprit samples get the error.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::eval::input::PredictionRow;
+use crate::eval::stats::bootstrap_mean;
+use crate::plugin::wit::types::{Capability, Sample, SampleResult};
+use crate::plugin::{CallContext, HostServices, LogLine, Plugin, PluginError, PluginKind, Registry};
+use crate::store::{
+    Estimate, Progress, RunEvent, RunKind, RunRecord, RunStatus, SampleRecord, ScoreInfo, Store, new_run_id,
+    now_rfc3339,
+};
+
+/// Host-side settings of a metric, taken out of its `--set` keys before the plugin sees them.
+pub const HOST_SETTING_BATCH_SIZE: &str = "batch_size";
+const LLM_BATCH: usize = 16;
+
+/// What to evaluate.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EvalRequest {
+    pub name: String,
+    pub rows: Vec<PredictionRow>,
+    pub metrics: Vec<String>,
+    /// Plugin name → its settings.
+    #[serde(default)]
+    pub settings: BTreeMap<String, BTreeMap<String, String>>,
+    /// Also score each reference as if it were a prediction (the human baseline).
+    #[serde(default)]
+    pub score_references: bool,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Parse `PLUGIN.KEY=VALUE` settings into per-plugin maps.
+pub fn parse_settings(items: &[String]) -> Result<BTreeMap<String, BTreeMap<String, String>>> {
+    let mut out: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for item in items {
+        let Some((key, value)) = item.split_once('=') else {
+            bail!("setting {item:?} must look like PLUGIN.KEY=VALUE");
+        };
+        let Some((plugin, key)) = key.split_once('.') else {
+            bail!("setting {item:?} must name its plugin: PLUGIN.KEY=VALUE (e.g. rouge.use_stemmer=false)");
+        };
+        if plugin.is_empty() || key.is_empty() {
+            bail!("setting {item:?} must look like PLUGIN.KEY=VALUE");
+        }
+        out.entry(plugin.to_string()).or_default().insert(key.to_string(), value.to_string());
+    }
+    Ok(out)
+}
+
+/// Check a request against the registry before any work: metrics exist and are metrics,
+/// settings name requested plugins, score names do not collide.
+pub fn validate(registry: &Registry, request: &EvalRequest) -> Result<Vec<Plugin>> {
+    if request.metrics.is_empty() {
+        bail!("no metrics requested");
+    }
+    let mut plugins = Vec::new();
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    for name in &request.metrics {
+        let plugin = registry.get(name, PluginKind::Metric)?.clone();
+        for score in &plugin.meta.scores {
+            if let Some(other) = owner.insert(score.name.clone(), name.clone()) {
+                bail!("metrics {other} and {name} both produce the score {:?}; run them separately", score.name);
+            }
+        }
+        plugins.push(plugin);
+    }
+    for plugin in request.settings.keys() {
+        if !request.metrics.contains(plugin) {
+            bail!("setting for {plugin:?}, which is not among the requested metrics ({})", request.metrics.join(", "));
+        }
+    }
+    if request.rows.is_empty() {
+        bail!("no samples to evaluate");
+    }
+    Ok(plugins)
+}
+
+/// Create the run record (queued) for a request.
+pub fn create_run(store: &Store, request: &EvalRequest, plugins: &[Plugin]) -> Result<RunRecord> {
+    let mut run = RunRecord::new(new_run_id(), request.name.clone(), RunKind::Eval);
+    run.metadata = request.metadata.clone();
+    run.metadata.insert("metrics".into(), request.metrics.join(","));
+    run.metadata.insert("samples".into(), request.rows.len().to_string());
+    for p in plugins {
+        run.metadata.insert(format!("plugin.{}", p.meta.name), p.meta.version.clone());
+    }
+    run.scores = plugins
+        .iter()
+        .flat_map(|p| {
+            p.meta.scores.iter().map(|s| ScoreInfo {
+                name: s.name.clone(),
+                metric: p.meta.name.clone(),
+                min: s.min,
+                max: s.max,
+                higher_is_better: s.higher_is_better,
+            })
+        })
+        .collect();
+    run.progress = Progress { done: 0, total: request.rows.len() as u64, unit: "samples".into() };
+    run.request = serde_json::to_value(request)?;
+    store.put_run(&run)?;
+    Ok(run)
+}
+
+/// The services plugins of one run use, plus what reports progress.
+#[derive(Clone)]
+pub struct EvalEnv {
+    pub store: Store,
+    pub services: Arc<dyn HostServices>,
+    pub cancel: Arc<AtomicBool>,
+    /// Called after each stored batch of samples with (done, total).
+    pub on_progress: Arc<dyn Fn(u64, u64) + Send + Sync>,
+}
+
+/// One metric's results for a range of (possibly reference) samples.
+struct BatchDone {
+    metric: usize,
+    /// Indices into the combined sample list (predictions, then references).
+    indices: Vec<usize>,
+    results: Vec<Result<Vec<(String, f64)>, String>>,
+    corpus: Vec<(String, f64)>,
+    whole_set: bool,
+}
+
+/// Run a created run to completion. Returns the final record (done, failed or cancelled).
+pub fn execute(env: &EvalEnv, run_id: &str, request: &EvalRequest, plugins: &[Plugin]) -> Result<RunRecord> {
+    let store = &env.store;
+    store.update_run(run_id, |r| {
+        r.status = RunStatus::Running;
+        r.started = Some(now_rfc3339());
+        r.owner_pid = Some(std::process::id());
+    })?;
+    store.push_event(run_id, &RunEvent::Status { status: RunStatus::Running })?;
+
+    let n = request.rows.len();
+    let mut samples: Vec<Sample> = request
+        .rows
+        .iter()
+        .map(|r| Sample {
+            id: r.id.clone(),
+            prediction: r.prediction.clone(),
+            reference: r.reference.clone(),
+            source: r.source.clone(),
+        })
+        .collect();
+    if request.score_references {
+        samples.extend(request.rows.iter().map(|r| Sample {
+            id: r.id.clone(),
+            prediction: r.reference.clone(),
+            reference: r.reference.clone(),
+            source: r.source.clone(),
+        }));
+    }
+    let samples = Arc::new(samples);
+    let views_per_sample = if request.score_references { 2 } else { 1 };
+    let needed = plugins.len() * views_per_sample;
+
+    let mut records: Vec<SampleRecord> = request
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| SampleRecord {
+            index: i as u32,
+            id: r.id.clone(),
+            prediction: r.prediction.clone(),
+            reference: r.reference.clone(),
+            source: r.source.clone(),
+            ..Default::default()
+        })
+        .collect();
+    let mut covered = vec![0usize; n];
+    let mut corpus: BTreeMap<String, f64> = BTreeMap::new();
+    let mut done = 0u64;
+
+    let (tx, rx) = mpsc::channel::<BatchDone>();
+    let log_store = store.clone();
+    let log_run = run_id.to_string();
+    let log: crate::plugin::host::LogSink = Arc::new(move |line: &LogLine| {
+        let _ = log_store.push_event(
+            &log_run,
+            &RunEvent::Log { level: line.level.clone(), message: format!("[{}] {}", line.plugin, line.message) },
+        );
+    });
+
+    let outcome: Result<()> = std::thread::scope(|scope| {
+        for (m, plugin) in plugins.iter().enumerate() {
+            let mut settings = request.settings.get(&plugin.meta.name).cloned().unwrap_or_default();
+            let batch_size = match settings.remove(HOST_SETTING_BATCH_SIZE) {
+                Some(v) => v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|b| *b > 0)
+                    .with_context(|| format!("{}.{HOST_SETTING_BATCH_SIZE} must be a positive integer", plugin.meta.name))?,
+                None if plugin.meta.capabilities.contains(&Capability::Chat) => LLM_BATCH,
+                None => samples.len(),
+            };
+            let ctx = CallContext::default()
+                .with_config(settings)
+                .with_services(env.services.clone())
+                .with_log(log.clone());
+            let tx = tx.clone();
+            let samples = samples.clone();
+            let cancel = env.cancel.clone();
+            let plugin = plugin.clone();
+            scope.spawn(move || run_metric(m, &plugin, ctx, &samples, batch_size, &cancel, &tx));
+        }
+        drop(tx);
+
+        for batch in rx {
+            let plugin_name = &plugins[batch.metric].meta.name;
+            let mut ready = Vec::new();
+            for (index, result) in batch.indices.iter().zip(batch.results) {
+                let (sample, is_reference) = (index % n, *index >= n);
+                let record = &mut records[sample];
+                match result {
+                    Ok(scores) if is_reference => record.reference_scores.extend(scores),
+                    Ok(scores) => record.scores.extend(scores),
+                    Err(e) => {
+                        let key = if is_reference { format!("{plugin_name} (reference)") } else { plugin_name.clone() };
+                        record.errors.insert(key, e);
+                    }
+                }
+                covered[sample] += 1;
+                if covered[sample] == needed {
+                    ready.push(record.clone());
+                }
+            }
+            if batch.whole_set {
+                corpus.extend(batch.corpus);
+            }
+            if !ready.is_empty() {
+                store.put_samples(run_id, &ready)?;
+                done += ready.len() as u64;
+                let total = n as u64;
+                store.update_run(run_id, |r| r.progress.done = done)?;
+                store.push_event(run_id, &RunEvent::Progress { done, total, unit: "samples".into() })?;
+                (env.on_progress)(done, total);
+            }
+        }
+        Ok(())
+    });
+
+    let cancelled = env.cancel.load(Ordering::Relaxed);
+    let final_status = match (&outcome, cancelled) {
+        (Err(_), _) => RunStatus::Failed,
+        (Ok(()), true) => RunStatus::Cancelled,
+        (Ok(()), false) => RunStatus::Done,
+    };
+    let stored = store.samples(run_id)?;
+    let aggregates = aggregate(&stored, |s| &s.scores);
+    let reference_aggregates = aggregate(&stored, |s| &s.reference_scores);
+    let run = store.update_run(run_id, |r| {
+        r.status = final_status;
+        r.finished = Some(now_rfc3339());
+        r.aggregates = aggregates.clone();
+        r.reference_aggregates = reference_aggregates.clone();
+        r.corpus = corpus.clone();
+        r.error = outcome.as_ref().err().map(|e| format!("{e:#}"));
+        r.owner_pid = None;
+    })?;
+    store.push_event(run_id, &RunEvent::Status { status: final_status })?;
+    store.flush()?;
+    outcome.map(|()| run)
+}
+
+/// Mean and bootstrap interval of every score over the samples that have it.
+pub fn aggregate(
+    samples: &[SampleRecord],
+    scores: impl Fn(&SampleRecord) -> &BTreeMap<String, f64>,
+) -> BTreeMap<String, Estimate> {
+    let mut by_score: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for s in samples {
+        for (name, v) in scores(s) {
+            by_score.entry(name.clone()).or_default().push(*v);
+        }
+    }
+    by_score.into_iter().map(|(name, values)| (name, bootstrap_mean(&values))).collect()
+}
+
+fn run_metric(
+    metric: usize,
+    plugin: &Plugin,
+    ctx: CallContext,
+    samples: &[Sample],
+    batch_size: usize,
+    cancel: &AtomicBool,
+    tx: &mpsc::Sender<BatchDone>,
+) {
+    let whole_set = batch_size >= samples.len();
+    let mut session = match plugin.session(ctx) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            let message = e.to_string();
+            let _ = tx.send(BatchDone {
+                metric,
+                indices: (0..samples.len()).collect(),
+                results: samples.iter().map(|_| Err(message.clone())).collect(),
+                corpus: vec![],
+                whole_set,
+            });
+            return;
+        }
+    };
+    let session = session.as_mut().unwrap();
+    let mut start = 0;
+    while start < samples.len() {
+        let end = (start + batch_size).min(samples.len());
+        let indices: Vec<usize> = (start..end).collect();
+        if cancel.load(Ordering::Relaxed) {
+            // Unscored samples of a cancelled run keep the reason instead of vanishing.
+            let _ = tx.send(BatchDone {
+                metric,
+                results: indices.iter().map(|_| Err("run cancelled".into())).collect(),
+                indices,
+                corpus: vec![],
+                whole_set: false,
+            });
+            start = end;
+            continue;
+        }
+        let batch = &samples[start..end];
+        let (results, corpus) = match session.score(batch, &plugin.meta) {
+            Ok(b) => (b.samples.into_iter().map(from_sample_result).collect(), b.corpus),
+            Err(e @ (PluginError::Trap { .. } | PluginError::Malformed { .. })) if batch.len() > 1 => {
+                tracing::warn!("{e}; retrying its batch one sample at a time");
+                let results = batch
+                    .iter()
+                    .map(|s| match session.score(std::slice::from_ref(s), &plugin.meta) {
+                        Ok(mut b) => from_sample_result(b.samples.remove(0)),
+                        Err(e) => Err(e.to_string()),
+                    })
+                    .collect();
+                (results, vec![])
+            }
+            Err(e) => {
+                let message = e.to_string();
+                (batch.iter().map(|_| Err(message.clone())).collect(), vec![])
+            }
+        };
+        if tx.send(BatchDone { metric, indices, results, corpus, whole_set }).is_err() {
+            return;
+        }
+        start = end;
+    }
+}
+
+fn from_sample_result(r: SampleResult) -> Result<Vec<(String, f64)>, String> {
+    match r {
+        SampleResult::Scores(s) => Ok(s),
+        SampleResult::Error(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_parse_per_plugin() {
+        let s = parse_settings(&["rouge.use_stemmer=false".into(), "judge.model=gpt-4o=x".into()]).unwrap();
+        assert_eq!(s["rouge"]["use_stemmer"], "false");
+        assert_eq!(s["judge"]["model"], "gpt-4o=x");
+        assert!(parse_settings(&["use_stemmer=false".into()]).is_err());
+        assert!(parse_settings(&["rouge.x".into()]).is_err());
+    }
+}

@@ -1,0 +1,83 @@
+//! The services behind plugins' `embed` and `chat` capabilities during an evaluation: the
+//! host's encoder (loaded on first use) and its LLM client.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::llm::LlmClient;
+use crate::plugin::HostServices;
+use crate::plugin::wit::types::{ChatRequest, ChatResponse, EncoderInfo, TokenEmbeddings};
+
+/// A loaded encoder that returns contextual token embeddings.
+pub trait Encoder: Send + Sync {
+    fn info(&self) -> EncoderInfo;
+    fn embed(&self, texts: &[String]) -> Result<Vec<TokenEmbeddings>, String>;
+}
+
+/// Loads encoders by (model, layer); `None` means the default.
+pub trait EncoderLoader: Send + Sync {
+    fn load(&self, model: Option<&str>, layer: Option<u32>) -> Result<Arc<dyn Encoder>, String>;
+}
+
+pub struct EvalServices {
+    llm: Option<(LlmClient, tokio::runtime::Handle)>,
+    encoders: Option<Arc<dyn EncoderLoader>>,
+    loaded: Mutex<HashMap<(Option<String>, Option<u32>), Arc<dyn Encoder>>>,
+}
+
+impl EvalServices {
+    pub fn new(
+        llm: Option<(LlmClient, tokio::runtime::Handle)>,
+        encoders: Option<Arc<dyn EncoderLoader>>,
+    ) -> Self {
+        EvalServices { llm, encoders, loaded: Mutex::new(HashMap::new()) }
+    }
+
+    fn encoder(&self, model: Option<&str>, layer: Option<u32>) -> Result<Arc<dyn Encoder>, String> {
+        let key = (model.map(str::to_string), layer);
+        if let Some(e) = self.loaded.lock().unwrap().get(&key) {
+            return Ok(e.clone());
+        }
+        let loader = self.encoders.as_ref().ok_or("no encoder is available in this host")?;
+        // Loading takes seconds; holding the lock keeps two metrics from loading it twice.
+        let mut loaded = self.loaded.lock().unwrap();
+        if let Some(e) = loaded.get(&key) {
+            return Ok(e.clone());
+        }
+        let encoder = loader.load(model, layer)?;
+        loaded.insert(key, encoder.clone());
+        Ok(encoder)
+    }
+
+    pub fn llm(&self) -> Option<&LlmClient> {
+        self.llm.as_ref().map(|(c, _)| c)
+    }
+}
+
+impl HostServices for EvalServices {
+    fn encoder_info(&self, model: Option<&str>, layer: Option<u32>) -> Result<EncoderInfo, String> {
+        Ok(self.encoder(model, layer)?.info())
+    }
+
+    fn embed(&self, model: Option<&str>, layer: Option<u32>, texts: &[String]) -> Result<Vec<TokenEmbeddings>, String> {
+        self.encoder(model, layer)?.embed(texts)
+    }
+
+    fn chat(&self, request: &ChatRequest) -> Result<ChatResponse, String> {
+        let (client, handle) = self.llm.as_ref().ok_or("no LLM client is configured")?;
+        handle.block_on(client.complete(request))
+    }
+
+    fn chat_many(&self, requests: &[ChatRequest]) -> Vec<Result<ChatResponse, String>> {
+        match &self.llm {
+            Some((client, handle)) => handle.block_on(client.complete_many(requests)),
+            None => requests.iter().map(|_| Err("no LLM client is configured".to_string())).collect(),
+        }
+    }
+}
+
+/// The host's default encoder loader (the model core's BERT), if this build has one.
+pub fn default_encoders(data_dir: &crate::paths::DataDir) -> Option<Arc<dyn EncoderLoader>> {
+    let _ = data_dir;
+    None
+}

@@ -1,0 +1,182 @@
+//! Discovery: the built-in plugins compiled into the binary plus every component in the data
+//! directory's `plugins/` folder. A file plugin with a built-in's name replaces the built-in.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+use crate::plugin::error::PluginError;
+use crate::plugin::manifest::{PluginKind, PluginSource};
+use crate::plugin::runtime::{Plugin, Runtime};
+
+mod builtin {
+    include!(concat!(env!("OUT_DIR"), "/builtin_plugins.rs"));
+}
+
+/// The directory holding the components that were built with the host but not embedded
+/// (the SDK example, the sandbox tests' plugins).
+pub const WASM_BUILD_DIR: &str = env!("ADAPTERLAB_WASM_DIR");
+
+/// The plugins available to one command or server.
+#[derive(Clone, Default)]
+pub struct Registry {
+    plugins: Vec<Plugin>,
+    /// Files in the plugins folder that failed to load, with why.
+    pub problems: Vec<(PathBuf, String)>,
+}
+
+impl Registry {
+    /// Load the built-ins and the components in `plugins_dir`.
+    pub fn load(runtime: &Runtime, plugins_dir: &Path) -> anyhow::Result<Self> {
+        let mut registry = Registry::default();
+        for (package, bytes) in builtin::BUILTIN_PLUGINS {
+            let plugin = runtime
+                .load(bytes, PluginSource::Builtin)
+                .with_context(|| format!("built-in plugin {package} failed to load"))?;
+            registry.insert(plugin);
+        }
+        for path in component_files(plugins_dir)? {
+            match std::fs::read(&path) {
+                Err(e) => registry.problems.push((path, e.to_string())),
+                Ok(bytes) => match runtime.load(&bytes, PluginSource::File(path.clone())) {
+                    Ok(plugin) => {
+                        if registry.plugins.iter().any(|p| {
+                            p.meta.name == plugin.meta.name && p.meta.source != PluginSource::Builtin
+                        }) {
+                            registry.problems.push((
+                                path,
+                                format!("another installed component is also named {:?}; ignored", plugin.meta.name),
+                            ));
+                        } else {
+                            registry.insert(plugin);
+                        }
+                    }
+                    Err(e) => registry.problems.push((path, e.to_string())),
+                },
+            }
+        }
+        for (path, problem) in &registry.problems {
+            tracing::warn!("plugin {} not loaded: {problem}", path.display());
+        }
+        Ok(registry)
+    }
+
+    fn insert(&mut self, plugin: Plugin) {
+        self.plugins.retain(|p| p.meta.name != plugin.meta.name);
+        self.plugins.push(plugin);
+    }
+
+    /// Add (or replace) a plugin at run time, e.g. after an upload.
+    pub fn add(&mut self, plugin: Plugin) {
+        self.insert(plugin);
+    }
+
+    pub fn all(&self) -> &[Plugin] {
+        &self.plugins
+    }
+
+    pub fn of_kind(&self, kind: PluginKind) -> impl Iterator<Item = &Plugin> {
+        self.plugins.iter().filter(move |p| p.meta.kind == kind)
+    }
+
+    /// The plugin named `name`, of kind `kind`.
+    pub fn get(&self, name: &str, kind: PluginKind) -> Result<&Plugin, PluginError> {
+        match self.plugins.iter().find(|p| p.meta.name == name) {
+            Some(p) if p.meta.kind == kind => Ok(p),
+            Some(p) => Err(PluginError::WrongKind {
+                plugin: name.to_string(),
+                expected: kind.as_str(),
+                actual: p.meta.kind.as_str(),
+            }),
+            None => {
+                let names: Vec<&str> = self.of_kind(kind).map(|p| p.meta.name.as_str()).collect();
+                let hint = match closest(name, &names) {
+                    Some(c) => format!("; did you mean {c:?}? (available {}s: {})", kind, names.join(", ")),
+                    None => format!(" (available {}s: {})", kind, names.join(", ")),
+                };
+                Err(PluginError::NotFound { name: name.to_string(), hint })
+            }
+        }
+    }
+
+    /// The reporter whose format name is `format`.
+    pub fn reporter_for(&self, format: &str) -> Result<&Plugin, PluginError> {
+        self.of_kind(PluginKind::Reporter)
+            .find(|p| p.meta.format.as_deref() == Some(format))
+            .ok_or_else(|| {
+                let formats: Vec<&str> =
+                    self.of_kind(PluginKind::Reporter).filter_map(|p| p.meta.format.as_deref()).collect();
+                PluginError::NotFound {
+                    name: format!("reporter for format {format}"),
+                    hint: format!(" (formats: {})", formats.join(", ")),
+                }
+            })
+    }
+}
+
+/// Validate a component and copy it into `plugins_dir` as `<name>.wasm`.
+pub fn install(runtime: &Runtime, plugins_dir: &Path, bytes: &[u8], origin: &Path) -> anyhow::Result<Plugin> {
+    let plugin = runtime.load(bytes, PluginSource::File(origin.to_path_buf()))?;
+    std::fs::create_dir_all(plugins_dir)
+        .with_context(|| format!("failed to create {}", plugins_dir.display()))?;
+    let dest = plugins_dir.join(format!("{}.wasm", plugin.meta.name));
+    let tmp = plugins_dir.join(format!(".{}.wasm.tmp{}", plugin.meta.name, std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("failed to write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &dest).with_context(|| format!("failed to install {}", dest.display()))?;
+    // Reload from the installed path so the metadata names where it lives now.
+    let mut meta = (*plugin.meta).clone();
+    meta.source = PluginSource::File(dest);
+    Ok(plugin.with_meta(meta))
+}
+
+fn component_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("failed to read {}", dir.display())),
+    };
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wasm"))
+        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The candidate closest to `name` by edit distance, if it is close enough to be a typo.
+pub fn closest<'a>(name: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (edit_distance(name, c), *c))
+        .filter(|(d, c)| *d <= (c.len().max(name.len()) / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggests_close_names_only() {
+        assert_eq!(closest("rouge1", &["rouge", "bleu"]), Some("rouge"));
+        assert_eq!(closest("blue", &["rouge", "bleu"]), Some("bleu"));
+        assert_eq!(closest("perplexity", &["rouge", "bleu"]), None);
+    }
+}

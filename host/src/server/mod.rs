@@ -1,0 +1,94 @@
+//! The server: a JSON API, Server-Sent Events for live runs, an OpenAI-compatible endpoint,
+//! and the dashboard from `web/`, over the store and a persisted job queue.
+//!
+//! **Architecture Invariant:** only this module knows HTTP as a server. Handlers translate
+//! between HTTP and the library (store, eval, jobs); they hold no logic of their own.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context as _;
+use axum::Router;
+
+use crate::paths::DataDir;
+use crate::plugin::{Registry, Runtime};
+use crate::store::Store;
+
+mod api;
+mod assets;
+mod auth;
+mod error;
+pub mod jobs;
+mod openapi;
+
+pub use error::AppError;
+
+/// Shared state of every handler. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub runtime: Runtime,
+    pub registry: Arc<RwLock<Registry>>,
+    pub data_dir: DataDir,
+    pub token: Arc<String>,
+    pub jobs: jobs::Jobs,
+}
+
+/// Largest request body: a Python plugin component is ~18 MB, a predictions upload can be
+/// large too.
+pub const BODY_LIMIT: usize = 64 << 20;
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .merge(api::routes())
+        .merge(assets::routes())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token_for_mutations))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Build the state: open the store, load plugins, mark jobs a dead process left running as
+/// interrupted, re-queue queued ones, start the workers.
+pub fn state(data_dir: DataDir, store: Store, runtime: Runtime, registry: Registry, token: String) -> anyhow::Result<AppState> {
+    let registry = Arc::new(RwLock::new(registry));
+    let jobs = jobs::Jobs::start(store.clone(), registry.clone(), data_dir.clone())?;
+    Ok(AppState { store, runtime, registry, data_dir, token: Arc::new(token), jobs })
+}
+
+/// The token for mutating calls: `explicit` (flag or env), else the one stored in the data
+/// directory, else a new one stored there.
+pub fn resolve_token(data_dir: &DataDir, explicit: Option<String>) -> anyhow::Result<(String, bool)> {
+    if let Some(t) = explicit.filter(|t| !t.trim().is_empty()) {
+        return Ok((t.trim().to_string(), false));
+    }
+    let path = data_dir.root().join("token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if !t.trim().is_empty() {
+            return Ok((t.trim().to_string(), false));
+        }
+    }
+    let token: String = {
+        use rand::Rng;
+        let bytes: [u8; 24] = rand::rng().random();
+        hex::encode(bytes)
+    };
+    std::fs::write(&path, &token).with_context(|| format!("failed to write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok((token, true))
+}
+
+/// Serve until Ctrl-C. Prints the address (and the login URL) once listening.
+pub async fn serve(state: AppState, addr: SocketAddr, announce: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("failed to listen on {addr}"))?;
+    announce(listener.local_addr()?);
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

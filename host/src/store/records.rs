@@ -1,0 +1,220 @@
+//! The records the store keeps. Plain serde types: changing one means a schema migration.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunKind {
+    Eval,
+    Train,
+    Generate,
+}
+
+impl RunKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Eval => "eval",
+            RunKind::Train => "train",
+            RunKind::Generate => "generate",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Interrupted,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Done => "done",
+            RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_finished(self) -> bool {
+        matches!(self, RunStatus::Done | RunStatus::Failed | RunStatus::Cancelled | RunStatus::Interrupted)
+    }
+}
+
+/// A mean with its 95% bootstrap interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    pub mean: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+/// A score a run produced, as its metric declared it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreInfo {
+    pub name: String,
+    pub metric: String,
+    pub min: f64,
+    pub max: f64,
+    pub higher_is_better: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+    /// What the numbers count: samples, steps, tokens.
+    #[serde(default)]
+    pub unit: String,
+}
+
+/// Requests made through the LLM client on behalf of a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub requests: u64,
+    pub cached: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Estimated from the model's list price, when known.
+    pub cost_usd: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Time-ordered (UUIDv7, 32 hex digits), so listing the tree lists runs by age.
+    pub id: String,
+    pub name: String,
+    pub kind: RunKind,
+    pub status: RunStatus,
+    pub created: String,
+    #[serde(default)]
+    pub started: Option<String>,
+    #[serde(default)]
+    pub finished: Option<String>,
+    /// Model, adapter, dataset, metrics, settings: what a person needs to tell runs apart.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// The request that created the run, kept so an interrupted job can be resumed.
+    #[serde(default)]
+    pub request: serde_json::Value,
+    #[serde(default)]
+    pub scores: Vec<ScoreInfo>,
+    #[serde(default)]
+    pub aggregates: BTreeMap<String, Estimate>,
+    /// Aggregates of the references scored as predictions (`--score-references`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reference_aggregates: BTreeMap<String, Estimate>,
+    /// Corpus-level statistics metrics returned (e.g. corpus BLEU).
+    #[serde(default)]
+    pub corpus: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub progress: Progress,
+    #[serde(default)]
+    pub usage: Usage,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The process running it, so a restart can tell a dead job from a live one.
+    #[serde(default)]
+    pub owner_pid: Option<u32>,
+}
+
+impl RunRecord {
+    pub fn new(id: String, name: String, kind: RunKind) -> Self {
+        RunRecord {
+            id,
+            name,
+            kind,
+            status: RunStatus::Queued,
+            created: now_rfc3339(),
+            started: None,
+            finished: None,
+            metadata: BTreeMap::new(),
+            request: serde_json::Value::Null,
+            scores: Vec::new(),
+            aggregates: BTreeMap::new(),
+            reference_aggregates: BTreeMap::new(),
+            corpus: BTreeMap::new(),
+            progress: Progress::default(),
+            usage: Usage::default(),
+            error: None,
+            owner_pid: None,
+        }
+    }
+}
+
+/// One evaluated sample with every score and error it got.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SampleRecord {
+    /// Position in the input, which orders samples.
+    pub index: u32,
+    pub id: String,
+    pub prediction: String,
+    pub reference: String,
+    #[serde(default)]
+    pub source: Option<String>,
+    /// `reference` scored as a prediction (`--score-references`), when asked.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reference_scores: BTreeMap<String, f64>,
+    pub scores: BTreeMap<String, f64>,
+    /// Plugin name → why it could not score this sample.
+    pub errors: BTreeMap<String, String>,
+}
+
+/// Something that happened during a run, streamed to the dashboard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RunEvent {
+    Status { status: RunStatus },
+    Progress { done: u64, total: u64, unit: String },
+    Log { level: String, message: String },
+    /// A logged training step, in HF Trainer's log_history shape.
+    Loss {
+        step: u64,
+        epoch: f64,
+        #[serde(default)]
+        loss: Option<f64>,
+        #[serde(default)]
+        eval_loss: Option<f64>,
+        #[serde(default)]
+        learning_rate: Option<f64>,
+        #[serde(default)]
+        grad_norm: Option<f64>,
+        #[serde(default)]
+        tokens_per_second: Option<f64>,
+        #[serde(default)]
+        eta_seconds: Option<f64>,
+    },
+}
+
+/// A trained adapter known to the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterRecord {
+    pub name: String,
+    pub path: String,
+    pub base_model: String,
+    pub created: String,
+    #[serde(default)]
+    pub run_id: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// A new run id: UUIDv7 as 32 lowercase hex digits.
+pub fn new_run_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}

@@ -1,0 +1,355 @@
+//! The training configuration: HF TrainingArguments / SFTConfig / LoraConfig /
+//! BitsAndBytesConfig key names, so a Python config ports one to one, with the reference
+//! notebook's defaults. Unknown keys are errors that name the key and suggest the closest.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::plugin::registry::closest;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    pub model_name_or_path: String,
+    /// A local JSON/JSONL/CSV/Parquet file or folder with splits, `bundled`, or a hub id.
+    pub dataset: String,
+    pub output_dir: String,
+    /// A formatter plugin's name.
+    pub formatter: String,
+    pub completion_only_loss: bool,
+    pub max_seq_length: usize,
+    pub num_train_epochs: f64,
+    /// Overrides `num_train_epochs` when positive (as in HF: -1 means unset).
+    pub max_steps: i64,
+    pub per_device_train_batch_size: usize,
+    pub per_device_eval_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub learning_rate: f64,
+    pub lr_scheduler_type: String,
+    pub warmup_ratio: f64,
+    pub warmup_steps: usize,
+    pub max_grad_norm: f64,
+    pub optim: String,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub group_by_length: bool,
+    pub logging_steps: usize,
+    pub save_steps: usize,
+    pub save_total_limit: Option<usize>,
+    /// Evaluate on the validation split every this many steps (0: only at the end).
+    pub eval_steps: usize,
+    pub seed: u64,
+    pub bf16: bool,
+    pub fp16: bool,
+    /// Metric plugins to run on generations from the validation/test split after training.
+    pub eval_after_train: Vec<String>,
+    pub lora: LoraSection,
+    pub quantization: QuantizationSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoraSection {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    /// Empty: every linear layer of the architecture.
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+    pub bias: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QuantizationSection {
+    pub load_in_4bit: bool,
+    pub bnb_4bit_quant_type: String,
+    pub bnb_4bit_use_double_quant: bool,
+    pub bnb_4bit_compute_dtype: String,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model_name_or_path: "smollm2".into(),
+            dataset: "bundled".into(),
+            output_dir: "outputs".into(),
+            formatter: "summarize".into(),
+            completion_only_loss: true,
+            max_seq_length: 512,
+            num_train_epochs: 5.0,
+            max_steps: -1,
+            per_device_train_batch_size: 8,
+            per_device_eval_batch_size: 8,
+            gradient_accumulation_steps: 4,
+            learning_rate: 2e-4,
+            lr_scheduler_type: "cosine".into(),
+            warmup_ratio: 0.01,
+            warmup_steps: 0,
+            max_grad_norm: 0.1,
+            optim: "adamw_32bit".into(),
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            group_by_length: true,
+            logging_steps: 20,
+            save_steps: 20,
+            save_total_limit: None,
+            eval_steps: 0,
+            seed: 42,
+            bf16: true,
+            fp16: false,
+            eval_after_train: Vec::new(),
+            lora: LoraSection::default(),
+            quantization: QuantizationSection::default(),
+        }
+    }
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection {
+            r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.1,
+            target_modules: Vec::new(),
+            use_rslora: false,
+            bias: "none".into(),
+        }
+    }
+}
+
+impl Default for QuantizationSection {
+    fn default() -> Self {
+        QuantizationSection {
+            load_in_4bit: true,
+            bnb_4bit_quant_type: "nf4".into(),
+            bnb_4bit_use_double_quant: true,
+            bnb_4bit_compute_dtype: "bfloat16".into(),
+        }
+    }
+}
+
+/// The keys a config may hold, by section ("" is the top level).
+fn known_keys(section: &str) -> Vec<String> {
+    let value = toml::Value::try_from(TrainConfig::default()).expect("the default config serialises");
+    let table = match section {
+        "" => value.as_table().cloned(),
+        s => value.get(s).and_then(|v| v.as_table()).cloned(),
+    }
+    .unwrap_or_default();
+    let mut keys: Vec<String> = table.keys().cloned().collect();
+    if section.is_empty() {
+        // Optional keys that serialise to nothing when unset.
+        keys.push("save_total_limit".into());
+    }
+    keys
+}
+
+/// Check every key of a parsed TOML table against the known ones.
+fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
+    for (key, value) in table {
+        if matches!(key.as_str(), "lora" | "quantization") {
+            let Some(inner) = value.as_table() else {
+                bail!("{origin}: `{key}` must be a table ([{key}])");
+            };
+            let known = known_keys(key);
+            for inner_key in inner.keys() {
+                if !known.contains(inner_key) {
+                    bail!("{origin}: unknown key `{key}.{inner_key}`{}", suggestion(inner_key, &known));
+                }
+            }
+            continue;
+        }
+        let known = known_keys("");
+        if !known.contains(key) {
+            // A LoRA or quantization key at the top level is a common slip.
+            for section in ["lora", "quantization"] {
+                if known_keys(section).contains(key) {
+                    bail!("{origin}: unknown key `{key}`; it belongs in the [{section}] table (`{section}.{key}`)");
+                }
+            }
+            bail!("{origin}: unknown key `{key}`{}", suggestion(key, &known));
+        }
+    }
+    Ok(())
+}
+
+fn suggestion(key: &str, known: &[String]) -> String {
+    let names: Vec<&str> = known.iter().map(String::as_str).collect();
+    match closest(key, &names) {
+        Some(c) => format!("; did you mean `{c}`?"),
+        None => String::new(),
+    }
+}
+
+impl TrainConfig {
+    /// Read a TOML file, apply `KEY=VALUE` overrides (`lora.r=8` for table keys), validate.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let (mut table, origin) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("failed to read {}", p.display()))?;
+                let table: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", p.display()))?;
+                (table, p.display().to_string())
+            }
+            None => (toml::Table::new(), "config".to_string()),
+        };
+        check_keys(&table, &origin)?;
+        for item in overrides {
+            apply_override(&mut table, item)?;
+        }
+        check_keys(&table, "--set")?;
+        let config: TrainConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: {}", e.message()))?;
+        config.validate(&origin)?;
+        Ok(config)
+    }
+
+    /// Build from a JSON object (the API's `config`), with the same checks.
+    pub fn from_json(value: &serde_json::Value) -> Result<Self> {
+        let table: toml::Table = toml::Value::try_from(value)
+            .ok()
+            .and_then(|v| v.as_table().cloned())
+            .context("config must be an object of train keys")?;
+        check_keys(&table, "config")?;
+        let config: TrainConfig =
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("config: {}", e.message()))?;
+        config.validate("config")?;
+        Ok(config)
+    }
+
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let fail = |field: &str, why: String| anyhow::anyhow!("{origin}: `{field}` {why}");
+        if !matches!(self.lr_scheduler_type.as_str(), "cosine" | "linear" | "constant" | "constant_with_warmup") {
+            return Err(fail("lr_scheduler_type", format!("is {:?}; expected cosine, linear, constant or constant_with_warmup", self.lr_scheduler_type)));
+        }
+        if !matches!(self.optim.as_str(), "adamw_32bit" | "paged_adamw_32bit" | "adamw_torch" | "adamw") {
+            return Err(fail("optim", format!("is {:?}; expected adamw_32bit (paged_adamw_32bit, adamw_torch are aliases)", self.optim)));
+        }
+        if self.learning_rate <= 0.0 || !self.learning_rate.is_finite() {
+            return Err(fail("learning_rate", "must be positive".into()));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return Err(fail("warmup_ratio", "must be in [0, 1)".into()));
+        }
+        if self.max_seq_length < 8 {
+            return Err(fail("max_seq_length", "must be at least 8".into()));
+        }
+        if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            return Err(fail("per_device_train_batch_size", "and gradient_accumulation_steps must be positive".into()));
+        }
+        if self.max_steps <= 0 && self.num_train_epochs <= 0.0 {
+            return Err(fail("num_train_epochs", "must be positive when max_steps is unset".into()));
+        }
+        if self.lora.r == 0 {
+            return Err(fail("lora.r", "must be positive".into()));
+        }
+        if !(0.0..1.0).contains(&self.lora.lora_dropout) {
+            return Err(fail("lora.lora_dropout", "must be in [0, 1)".into()));
+        }
+        if self.lora.bias != "none" {
+            return Err(fail("lora.bias", format!("is {:?}; only \"none\" is supported", self.lora.bias)));
+        }
+        if self.quantization.load_in_4bit && self.quantization.bnb_4bit_quant_type != "nf4" {
+            return Err(fail("quantization.bnb_4bit_quant_type", format!("is {:?}; only \"nf4\" is supported", self.quantization.bnb_4bit_quant_type)));
+        }
+        if !matches!(self.quantization.bnb_4bit_compute_dtype.as_str(), "bfloat16" | "bf16" | "float16" | "fp16" | "float32" | "fp32") {
+            return Err(fail("quantization.bnb_4bit_compute_dtype", format!("is {:?}; expected bfloat16, float16 or float32", self.quantization.bnb_4bit_compute_dtype)));
+        }
+        if self.bf16 && self.fp16 {
+            return Err(fail("bf16", "and fp16 cannot both be true".into()));
+        }
+        Ok(())
+    }
+}
+
+fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
+    let Some((key, raw)) = item.split_once('=') else {
+        bail!("--set {item:?} must look like KEY=VALUE");
+    };
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|t| t.get("v").cloned())
+        .unwrap_or_else(|| {
+            // A list given as a,b,c (e.g. target_modules) or a bare string.
+            if raw.contains(',') {
+                toml::Value::Array(raw.split(',').map(|s| toml::Value::String(s.trim().to_string())).collect())
+            } else {
+                toml::Value::String(raw.to_string())
+            }
+        });
+    match key.split_once('.') {
+        Some((section, inner)) => {
+            let entry = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let t = entry.as_table_mut().with_context(|| format!("--set {key}: `{section}` is not a table"))?;
+            t.insert(inner.to_string(), value);
+        }
+        None => {
+            table.insert(key.to_string(), value);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str, overrides: &[&str]) -> Result<TrainConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        TrainConfig::load(Some(&path), &overrides.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn defaults_are_the_reference_notebooks() {
+        let c = TrainConfig::default();
+        assert_eq!((c.lora.r, c.lora.lora_alpha, c.lora.lora_dropout), (16, 32.0, 0.1));
+        assert_eq!((c.learning_rate, c.warmup_ratio, c.max_grad_norm), (2e-4, 0.01, 0.1));
+        assert_eq!((c.gradient_accumulation_steps, c.max_seq_length, c.num_train_epochs), (4, 512, 5.0));
+        assert!(c.quantization.load_in_4bit && c.quantization.bnb_4bit_use_double_quant);
+        assert_eq!(c.lr_scheduler_type, "cosine");
+    }
+
+    #[test]
+    fn reads_hf_names_and_overrides() {
+        let c = load_str(
+            "model_name_or_path = \"tiiuae/falcon-7b\"\nlearning_rate = 1e-4\n[lora]\nr = 8\ntarget_modules = [\"query_key_value\"]\n",
+            &["max_steps=50", "lora.lora_alpha=16", "lora.target_modules=dense,dense_h_to_4h"],
+        )
+        .unwrap();
+        assert_eq!(c.model_name_or_path, "tiiuae/falcon-7b");
+        assert_eq!(c.learning_rate, 1e-4);
+        assert_eq!(c.max_steps, 50);
+        assert_eq!(c.lora.r, 8);
+        assert_eq!(c.lora.lora_alpha, 16.0);
+        assert_eq!(c.lora.target_modules, ["dense", "dense_h_to_4h"]);
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_suggest() {
+        let e = load_str("lerning_rate = 1e-4\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("unknown key `lerning_rate`") && e.contains("did you mean `learning_rate`"), "{e}");
+        let e = load_str("r = 8\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("belongs in the [lora] table"), "{e}");
+        let e = load_str("[lora]\nalpha = 8\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("unknown key `lora.alpha`"), "{e}");
+        let e = load_str("", &["lora.rr=3"]).unwrap_err().to_string();
+        assert!(e.contains("did you mean `r`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let e = load_str("lr_scheduler_type = \"exp\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("lr_scheduler_type"), "{e}");
+        let e = load_str("learning_rate = \"fast\"\n", &[]).unwrap_err().to_string();
+        assert!(e.contains("learning_rate") || e.contains("invalid type"), "{e}");
+    }
+}

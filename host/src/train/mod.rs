@@ -1,0 +1,3 @@
+//! QLoRA supervised fine-tuning.
+
+pub mod config;
