@@ -17,8 +17,9 @@
 //!
 //! RFC 4180: records end with CRLF; a field containing a comma, a double quote, CR or LF is
 //! enclosed in double quotes, its quotes doubled. CSV holds one table, so the aggregates,
-//! deltas and texts are left to the Markdown and HTML reporters; means can be recomputed
-//! from these rows.
+//! deltas and texts are left to the Markdown and HTML reporters. The rows cover only the
+//! samples the report carries, which may be a subset of a run's, so means over them need
+//! not equal the aggregates.
 
 use adapterlab_report_common::{sample_score, score_names};
 use adapterlab_sdk::Manifest;
