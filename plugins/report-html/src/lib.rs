@@ -12,7 +12,8 @@ pub mod html;
 pub mod svg;
 
 use adapterlab_report_common::{
-    aggregate, aggregates_table, comparison_table, metadata_table, sample_table, score_names,
+    aggregate, aggregates_table, comparison_table, direction, metadata_table, sample_table,
+    score_names,
 };
 use adapterlab_sdk::Manifest;
 use adapterlab_sdk::reporter::{Document, Report, Reporter, ReporterInfo};
@@ -146,7 +147,7 @@ fn push_runs(out: &mut String, report: &Report) {
             out.push_str(&format!(
                 "<figcaption>{} ({} is better)</figcaption>\n</figure>\n",
                 escape(score),
-                if higher_is_better { "higher" } else { "lower" }
+                direction(higher_is_better)
             ));
         }
         out.push_str("</div>\n");

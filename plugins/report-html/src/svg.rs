@@ -4,7 +4,9 @@
 //! **Invariant:** every coordinate is computed from finite numbers only, so no chart writes
 //! `NaN` or `inf`; a value that is not finite is drawn as the text "n/a".
 
-use adapterlab_report_common::{NOT_AVAILABLE, Verdict, interval, number, signed, signed_interval};
+use adapterlab_report_common::{
+    NOT_AVAILABLE, Verdict, direction, interval, number, signed, signed_interval,
+};
 use adapterlab_sdk::reporter::{Delta, Estimate};
 
 use crate::html::escape;
@@ -76,7 +78,7 @@ pub fn means_chart(id: &str, score: &str, higher_is_better: bool, bars: &[Bar]) 
         .flat_map(|e| [e.mean, e.low, e.high]);
     let (lo, hi) = domain(values);
     let y = |v: f64| BOTTOM - (v - lo) / (hi - lo) * (BOTTOM - TOP);
-    let direction = if higher_is_better { "higher" } else { "lower" };
+    let direction = direction(higher_is_better);
 
     let description: Vec<String> = bars
         .iter()
