@@ -171,6 +171,8 @@ fn push_runs(out: &mut String, report: &Report) {
     out.push_str("</section>\n");
 }
 
+/// Each sample's texts and the runs' summaries and scores. A `<pre>` opens with a line break
+/// because HTML drops one right after `<pre>`: a text that starts with its own keeps it.
 fn push_samples(out: &mut String, report: &Report) {
     if report.samples.is_empty() {
         return;
@@ -183,12 +185,12 @@ fn push_samples(out: &mut String, report: &Report) {
         ));
         if let Some(source) = &sample.source {
             out.push_str(&format!(
-                "<h4>Dialogue</h4>\n<pre>{}</pre>\n",
+                "<h4>Dialogue</h4>\n<pre>\n{}</pre>\n",
                 escape(source)
             ));
         }
         out.push_str(&format!(
-            "<h4>Reference</h4>\n<pre>{}</pre>\n",
+            "<h4>Reference</h4>\n<pre>\n{}</pre>\n",
             escape(&sample.reference)
         ));
         out.push_str(&table(&sample_table(report, sample)));

@@ -135,7 +135,7 @@ fn single_run_has_no_comparison() {
     assert!(!doc.contains("id=\"comparison\""));
     assert!(!doc.contains("#comparison"));
     assert_eq!(doc.matches("<svg").count(), 1);
-    assert!(doc.contains("<pre>A: hi</pre>"));
+    assert!(doc.contains("<pre>\nA: hi</pre>"));
 }
 
 #[test]
