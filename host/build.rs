@@ -85,6 +85,15 @@ fn find_plugin_crates(dir: &Path, test_only: bool) -> Vec<PluginCrate> {
             Err(e) => panic!("{}: {e}", manifest.display()),
         };
         let Some(package) = value.get("package") else { continue };
+        // Library crates shared by plugins (e.g. report-common) are not components.
+        let is_component = value
+            .get("lib")
+            .and_then(|l| l.get("crate-type"))
+            .and_then(|t| t.as_array())
+            .is_some_and(|types| types.iter().any(|t| t.as_str() == Some("cdylib")));
+        if !is_component {
+            continue;
+        }
         let name = package.get("name").and_then(|n| n.as_str()).unwrap().to_string();
         let builtin = package
             .get("metadata")

@@ -27,7 +27,10 @@
 //! ```
 //!
 //! Build it with `cargo build --release --target wasm32-wasip2` (crate type `cdylib`): the
-//! output `.wasm` is a component that `adapterlab plugins check` accepts.
+//! output `.wasm` is a component that `adapterlab plugins check` accepts. With crate types
+//! `["cdylib", "rlib"]` the same crate's unit tests run natively (`cargo test`): the
+//! `export_*!` macros export the world only when compiling for wasm, so keep calls to host
+//! capabilities (`log`, `config`, `chat`, `embed`) out of the code those tests reach.
 //!
 //! The contract is the WIT package `adapterlab:plugin@0.1.0` in `sdk/wit/since_v0.1.0/`.
 

@@ -60,6 +60,10 @@ macro_rules! export_metric {
                     <$ty as $crate::metric::Metric>::score_batch(samples)
                 }
             }
+            // The export names hold `:` and `@`, which native linkers reject in a cdylib's
+            // symbol list; exporting only on wasm lets plugin crates (`cdylib` + `rlib`) run
+            // their unit tests natively, while the impl above is still type-checked there.
+            #[cfg(target_arch = "wasm32")]
             $crate::bindings::metric::__export_metric_world!(__AdapterlabMetric with_types_in $crate::bindings::metric);
         };
     };
