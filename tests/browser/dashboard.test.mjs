@@ -21,6 +21,7 @@
 
 import assert from 'node:assert/strict';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -37,6 +38,7 @@ const PRED_A = path.resolve(env.ADAPTERLAB_PREDICTIONS_A ?? path.join(HERE, 'fix
 const PRED_B = path.resolve(env.ADAPTERLAB_PREDICTIONS_B ?? path.join(HERE, 'fixtures/predictions-b.jsonl'));
 const PRED_BAD = path.join(HERE, 'fixtures/predictions-bad.jsonl');
 const CHROMIUM = env.CHROMIUM_PATH ?? '/usr/bin/chromium';
+const AXE = createRequire(import.meta.url).resolve('axe-core/axe.min.js');
 const USE_MOCK = !env.ADAPTERLAB_URL;
 const TEST_TRAIN = USE_MOCK || env.ADAPTERLAB_TEST_TRAIN === '1';
 
@@ -70,6 +72,20 @@ function step(name, fn, { skip = false } = {}) {
       throw new Error(`step "${name}" failed: ${e.message}${where}${errors}${logs}\n  screenshot: ${file}`);
     }
   });
+}
+
+/**
+ * Check the page with axe-core against WCAG 2.1 A and AA (contrast, labels, roles, names…) and
+ * fail on serious or critical violations, listing each with the elements concerned.
+ */
+async function audit(name) {
+  if (!(await page.evaluate(() => 'axe' in window))) await page.addScriptTag({ path: AXE });
+  const result = await page.evaluate(() => window.axe.run(document, {
+    runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] },
+  }));
+  const bad = result.violations.filter((v) => v.impact === 'serious' || v.impact === 'critical');
+  const report = bad.map((v) => `  [${v.impact}] ${v.id}: ${v.help}\n${v.nodes.slice(0, 4).map((n) => `      ${n.target.join(' ')} ${n.failureSummary?.split('\n')[1]?.trim() ?? ''}`).join('\n')}`).join('\n');
+  assert.equal(bad.length, 0, `accessibility problems on the ${name} page:\n${report}`);
 }
 
 /** Screenshot the whole page, or just `element`, into the artifacts directory. */
@@ -124,7 +140,10 @@ async function launchEvaluation({ file, name, screenshot }) {
     if ((await box.count()) === 0) throw new Error(`no "${metric}" metric in the form; is the plugin installed?`);
     await box.check();
   }
-  if (screenshot) await shot(screenshot);
+  if (screenshot) {
+    await shot(screenshot);
+    await audit(screenshot);
+  }
   await form.getByRole('button', { name: 'Launch evaluation' }).click();
   await page.waitForURL(/#\/runs\/[^/?]+$/, { timeout: 30_000 }).catch(async () => {
     const alerts = await form.getByRole('alert').allInnerTexts();
@@ -209,6 +228,7 @@ describe('adapterlab dashboard', () => {
     const progress = await page.getByTestId('run-progress').evaluate((p) => [p.value, p.max]);
     assert.equal(progress[0], progress[1], `progress should be full once done, got ${progress.join('/')}`);
     await shot('run-detail');
+    await audit('run-detail');
   });
 
   step('launches evaluation "adapter-b" and watches it finish', async () => {
@@ -226,10 +246,10 @@ describe('adapterlab dashboard', () => {
       assert.ok((await row.innerText()).includes(name), `the row of ${id} does not show the name ${name}`);
     }
     // Selecting runs here enables the Compare button.
-    await page.getByRole('checkbox', { name: /^Select adapter-a/ }).first().check();
-    await page.getByRole('checkbox', { name: /^Select adapter-b/ }).first().check();
+    for (const id of [ids.a, ids.b]) await page.getByTestId(`select-${id}`).check();
     assert.ok(await page.getByTestId('compare-selected').isEnabled(), 'Compare stays disabled with two runs selected');
     await shot('runs');
+    await audit('runs');
   });
 
   step('compares the two runs, adapter-a as the baseline', async () => {
@@ -266,6 +286,7 @@ describe('adapterlab dashboard', () => {
     assert.ok((await page.locator('svg.bars').count()) > 0, 'no score charts');
     assert.ok((await page.locator('svg.forest').count()) > 0, 'no delta chart');
     await shot('compare');
+    await audit('compare');
   });
 
   step('opens the sample with the largest disagreement and shows the word diff', async () => {
@@ -298,6 +319,7 @@ describe('adapterlab dashboard', () => {
     assert.ok(await detail.getByTestId('sample-reference').isVisible(), 'the reference is not shown');
     assert.ok((await detail.getByTestId('sample-scores').locator('tbody tr').count()) > 0, 'no per-sample scores');
     await shot('sample', detail);
+    await audit('sample');
     // Back to the list keeps the comparison.
     await detail.getByRole('link', { name: /All samples/ }).click();
     await list.waitFor();
@@ -310,6 +332,7 @@ describe('adapterlab dashboard', () => {
     const names = await metrics.locator('tbody tr').evaluateAll((rows) => rows.map((r) => r.dataset.plugin));
     for (const n of ['rouge', 'bleu']) assert.ok(names.includes(n), `plugin ${n} is not listed (got ${names.join(', ')})`);
     await shot('plugins');
+    await audit('plugins');
   });
 
   step('asks for the token on a 401 and shows the server’s error for a bad upload', async () => {
@@ -347,7 +370,13 @@ describe('adapterlab dashboard', () => {
     assert.ok((await page.locator('.chart canvas').count()) >= 2, 'the loss and learning-rate charts did not draw');
     assert.ok((await page.getByTestId('run-log').locator('li').count()) > 0, 'the log is empty');
     await shot('run-train-live');
-    await waitForDone('live-train');
+    await audit('run-train-live');
+    // The runs list refreshes by itself while a run is active: its row turns "done" with no reload.
+    const id = decodeURIComponent(new URL(page.url()).hash.replace(/^#\/runs\//, ''));
+    await navigate('Runs', 'Runs');
+    const row = page.locator(`tr[data-run-id="${id}"]`);
+    assert.equal(await row.getAttribute('data-status'), 'running', 'the training run should still be running');
+    await page.waitForFunction((rid) => document.querySelector(`tr[data-run-id="${rid}"]`)?.dataset.status === 'done', id, { timeout: RUN_TIMEOUT });
   }, { skip: !TEST_TRAIN && 'needs ADAPTERLAB_TEST_TRAIN=1 against a real server' });
 
   step('raised no uncaught errors in the page', async () => {

@@ -297,12 +297,15 @@ function samplesView(host, { runs, labels, scores, samples, baseLink, ctx }) {
   });
 
   // Column headers are sort buttons; aria-sort on the header tells which one is active.
-  const sortButton = (key, text, aria) => {
-    const btn = h('button', { type: 'button', class: 'sort-button', 'aria-label': aria ?? `Sort by ${text}` }, text, h('span', { class: 'sort-icon', 'aria-hidden': 'true' }));
+  // The visible text starts each button's name (what voice control users say); hidden words add
+  // which score the column is and that pressing it sorts.
+  const sortButton = (key, text, context) => {
+    const btn = h('button', { type: 'button', class: 'sort-button' },
+      text, h('span', { class: 'visually-hidden' }, context ? ` (${context}): sort` : ': sort'), h('span', { class: 'sort-icon', 'aria-hidden': 'true' }));
     btn.addEventListener('click', () => setSort(key, state.sort === key ? !state.desc : true));
     return btn;
   };
-  const sortHeader = (key, text, aria) => h('th', { scope: 'col', class: 'num', 'data-sort-key': key }, sortButton(key, text, aria));
+  const sortHeader = (key, text, context) => h('th', { scope: 'col', class: 'num', 'data-sort-key': key }, sortButton(key, text, context));
   const table = h('table', { class: 'data compare-samples', 'data-testid': 'compare-samples-table' },
     h('caption', { class: 'visually-hidden' }, 'Samples of the compared runs'),
     h('thead', {},
@@ -313,8 +316,8 @@ function samplesView(host, { runs, labels, scores, samples, baseLink, ctx }) {
         scores.map((s) => h('th', { scope: 'colgroup', colspan: runs.length * 2 - 1, class: 'group' }, s.name)),
       ),
       h('tr', {}, scores.map((s) => [
-        ...runs.map((r, i) => sortHeader(`score:${i}:${s.name}`, labels[i], `Sort by ${s.name} of ${labels[i]}`)),
-        ...runs.slice(1).map((r, j) => sortHeader(`delta:${j + 1}:${s.name}`, `Δ ${labels[j + 1]}`, `Sort by the ${s.name} difference, ${labels[j + 1]} minus ${labels[0]}`)),
+        ...runs.map((r, i) => sortHeader(`score:${i}:${s.name}`, labels[i], s.name)),
+        ...runs.slice(1).map((r, j) => sortHeader(`delta:${j + 1}:${s.name}`, `Δ ${labels[j + 1]}`, `${s.name} difference from ${labels[0]}`)),
       ])),
     ),
     tbody,

@@ -37,11 +37,13 @@ export async function mountRun(main, ctx) {
   // --- Scores, details, log, samples ---
   const scoresSection = h('section', { 'aria-labelledby': 'scores-h', class: 'panel' });
   const detailsSection = h('section', { 'aria-labelledby': 'details-h', class: 'panel' });
-  const logList = h('ol', { class: 'log', role: 'log', 'aria-live': 'polite', 'aria-relevant': 'additions', 'aria-labelledby': 'log-h', tabindex: 0, 'data-testid': 'run-log' });
+  // role=log on the scrolling box (a live region for additions); the lines are a plain list.
+  const logList = h('ol', { class: 'plain' });
+  const logBox = h('div', { class: 'log', role: 'log', 'aria-live': 'polite', 'aria-relevant': 'additions', 'aria-labelledby': 'log-h', tabindex: 0, 'data-testid': 'run-log' }, logList);
   const streamState = h('span', { class: 'muted small', 'data-testid': 'stream-state' });
   const logSection = h('section', { 'aria-labelledby': 'log-h', class: 'panel' },
     h('div', { class: 'section-head' }, h('h2', { id: 'log-h' }, 'Log'), streamState),
-    logList,
+    logBox,
   );
   const samplesSection = run.kind === 'train' ? null : h('section', { 'aria-labelledby': 'samples-h', class: 'panel' },
     h('h2', { id: 'samples-h' }, 'Samples'), h('p', { class: 'muted' }, 'Samples appear when the run finishes.'));
@@ -151,11 +153,11 @@ export async function mountRun(main, ctx) {
   else timer = setTimeout(refresh, POLL_MS);
 
   const appendLog = (level, message) => {
-    const stick = logList.scrollTop + logList.clientHeight >= logList.scrollHeight - 24;
+    const stick = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 24;
     logList.append(h('li', { class: `log-${level}` },
       h('span', { class: 'log-level' }, level), ' ', h('span', { class: 'log-message' }, message)));
     while (logList.childElementCount > MAX_LOG_LINES) logList.firstElementChild.remove();
-    if (stick) logList.scrollTop = logList.scrollHeight;
+    if (stick) logBox.scrollTop = logBox.scrollHeight;
   };
 
   let lastSeq = -1;
