@@ -55,6 +55,7 @@ async function route(force = false) {
     else a.removeAttribute('aria-current');
   }
   current = { path, controller, view: null };
+  updateTokenButton(); // another tab may have changed it
   const ctx = {
     signal: controller.signal,
     params,
@@ -112,9 +113,13 @@ const tokenInput = document.getElementById('token-input');
 const tokenError = document.getElementById('token-dialog-error');
 let pendingAsk = null;
 
-/** Show the token dialog; resolves to the token entered, or null when dismissed. */
-function askToken({ rejected = false } = {}) {
+/**
+ * Show the token dialog; resolves to the token entered, or null when dismissed. `needed` is set
+ * when a request was refused (401), `rejected` when the token sent was wrong.
+ */
+function askToken({ needed = false, rejected = false } = {}) {
   if (pendingAsk) return pendingAsk;
+  document.getElementById('token-dialog-title').textContent = needed ? 'Access token needed' : 'Access token';
   tokenError.hidden = !rejected;
   tokenInput.value = '';
   pendingAsk = new Promise((resolve) => {
@@ -155,7 +160,7 @@ function updateTokenButton() {
 }
 
 onUnauthorized(async ({ rejected }) => {
-  const token = await askToken({ rejected });
+  const token = await askToken({ needed: true, rejected });
   if (token) setToken(token);
   updateTokenButton();
   return token;

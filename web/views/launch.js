@@ -77,7 +77,7 @@ function validate(checks, form) {
   }
   if (first) {
     first.focus();
-    form.error(`Fix ${bad === 1 ? 'the field' : `the ${bad} fields`} marked below before launching.`);
+    form.error(`Fix ${bad === 1 ? 'the field' : `the ${bad} fields`} marked in red, then launch again.`);
   }
   return bad === 0;
 }

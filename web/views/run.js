@@ -74,7 +74,10 @@ export async function mountRun(main, ctx) {
     errorBox.hidden = !run.error;
     errorBox.textContent = run.error ? `This run failed: ${run.error}` : '';
     setProgress(run.progress);
+    if (!isActive(run.status)) training?.settle();
     renderScores(scoresSection, run);
+    // Training runs have no scores of their own; keep the panel for runs that do.
+    scoresSection.hidden = run.kind === 'train' && Object.keys(run.aggregates ?? {}).length === 0;
     renderDetails(detailsSection, run);
   };
 
@@ -299,6 +302,10 @@ function trainingView() {
       if (val(d.tokens_per_second) !== null) stats.tokens_per_second.textContent = Math.round(d.tokens_per_second).toLocaleString('en');
       if (val(d.eta_seconds) !== null) stats.eta_seconds.textContent = duration(d.eta_seconds);
       draw();
+    },
+    /** The run is over: a time left no longer means anything. */
+    settle() {
+      stats.eta_seconds.textContent = '—';
     },
     destroy() {
       lossChart.destroy();
