@@ -267,6 +267,7 @@ function trainingView() {
     lrChart.setData(steps, lr);
   });
   const val = (x) => (x === undefined ? null : x);
+  let settled = false; // the run is over; replayed events must not bring back an ETA
   return {
     el,
     add(d) {
@@ -300,11 +301,12 @@ function trainingView() {
       if (val(d.learning_rate) !== null) stats.learning_rate.textContent = d.learning_rate.toExponential(2);
       if (val(d.grad_norm) !== null) stats.grad_norm.textContent = num(d.grad_norm);
       if (val(d.tokens_per_second) !== null) stats.tokens_per_second.textContent = Math.round(d.tokens_per_second).toLocaleString('en');
-      if (val(d.eta_seconds) !== null) stats.eta_seconds.textContent = duration(d.eta_seconds);
+      if (val(d.eta_seconds) !== null && !settled) stats.eta_seconds.textContent = duration(d.eta_seconds);
       draw();
     },
     /** The run is over: a time left no longer means anything. */
     settle() {
+      settled = true;
       stats.eta_seconds.textContent = '—';
     },
     destroy() {
