@@ -32,7 +32,13 @@ export function announce(message) {
 }
 
 function parseHash() {
-  const raw = decodeURI(window.location.hash.replace(/^#/, '')) || '/runs';
+  let raw = window.location.hash.replace(/^#/, '');
+  try {
+    raw = decodeURI(raw);
+  } catch {
+    // A malformed %-escape: route on the text as it is.
+  }
+  raw ||= '/runs';
   const q = raw.indexOf('?');
   const path = q === -1 ? raw : raw.slice(0, q);
   const params = new URLSearchParams(q === -1 ? '' : raw.slice(q + 1));

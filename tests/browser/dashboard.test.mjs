@@ -14,6 +14,7 @@
 //   ADAPTERLAB_PREDICTIONS_B  predictions JSONL for the run named "adapter-b"
 //   ADAPTERLAB_RUN_TIMEOUT_MS how long a run may take to reach `done` (default 180000)
 //   ADAPTERLAB_TEST_TRAIN=1   also launch a training run (always on against the mock)
+//   ADAPTERLAB_PLUGIN_WASM    a valid plugin component to upload (the mock accepts a stub)
 //   CHROMIUM_PATH             the browser (default /usr/bin/chromium; never downloaded)
 //
 // The steps run in order and share one page; once a step fails, later steps are skipped with
@@ -41,6 +42,7 @@ const CHROMIUM = env.CHROMIUM_PATH ?? '/usr/bin/chromium';
 const AXE = createRequire(import.meta.url).resolve('axe-core/axe.min.js');
 const USE_MOCK = !env.ADAPTERLAB_URL;
 const TEST_TRAIN = USE_MOCK || env.ADAPTERLAB_TEST_TRAIN === '1';
+const PLUGIN_WASM = env.ADAPTERLAB_PLUGIN_WASM ? path.resolve(env.ADAPTERLAB_PLUGIN_WASM) : null;
 
 let base;
 let token;
@@ -352,6 +354,33 @@ describe('adapterlab dashboard', () => {
     const stored = await page.evaluate(() => localStorage.getItem('adapterlab.token'));
     assert.equal(stored, token, 'the token entered in the dialog was not stored');
   });
+
+  step('uploads a plugin; it is listed at once and offered in the evaluation form', async () => {
+    let file = PLUGIN_WASM;
+    if (!file) {
+      // For the mock: the component-layer preamble is all it checks.
+      file = path.join(ARTIFACTS, 'uploaded_metric.wasm');
+      writeFileSync(file, Buffer.from([0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00]));
+    }
+    await navigate('Plugins', 'Plugins');
+    await page.getByLabel('Plugin component (.wasm)').setInputFiles(file);
+    await page.getByRole('button', { name: 'Upload and validate' }).click();
+    const ok = page.getByTestId('plugin-upload').getByRole('status');
+    await ok.waitFor().catch(async () => {
+      const alerts = await page.getByTestId('plugin-upload').getByRole('alert').allInnerTexts();
+      throw new Error(`the upload was not accepted: ${alerts.join(' ') || '(no message)'}`);
+    });
+    const name = (await ok.innerText()).match(/Installed (\S+)/)?.[1];
+    assert.ok(name, `the success message names no plugin: ${await ok.innerText()}`);
+    await page.locator(`tr[data-plugin="${name}"]`).waitFor();
+    if (!PLUGIN_WASM) rmSync(file, { force: true });
+    if (await page.locator(`tr[data-plugin="${name}"]`).evaluate((tr) => tr.closest('table').dataset.testid === 'plugins-metric')) {
+      await navigate('Launch', 'Launch a run');
+      await page.getByRole('radio', { name: 'Evaluation' }).check();
+      const box = page.getByRole('form', { name: 'Evaluate predictions' }).getByRole('checkbox', { name, exact: true });
+      assert.equal(await box.count(), 1, `the new metric ${name} is not offered in the evaluation form`);
+    }
+  }, { skip: !USE_MOCK && !PLUGIN_WASM && 'needs ADAPTERLAB_PLUGIN_WASM against a real server' });
 
   step('streams a training run live: progress, loss and learning-rate charts, log', async () => {
     await navigate('Launch', 'Launch a run');

@@ -132,6 +132,7 @@ export async function mountRun(main, ctx) {
   const refresh = async () => {
     try {
       const next = await api.run(run.id, { signal: ctx.signal });
+      if (ctx.signal.aborted) return;
       const changed = next.status !== run.status;
       run = next;
       renderRecord();
@@ -140,7 +141,7 @@ export async function mountRun(main, ctx) {
     } catch (e) {
       if (ctx.signal.aborted) return;
     }
-    if (!finished) timer = setTimeout(refresh, POLL_MS);
+    if (!finished && !ctx.signal.aborted) timer = setTimeout(refresh, POLL_MS);
   };
   const onFinished = () => {
     if (finished) return;
@@ -336,8 +337,8 @@ function renderScores(section, run) {
         h('th', { scope: 'col' }, 'Score'),
         h('th', { scope: 'col' }, 'Metric'),
         h('th', { scope: 'col', class: 'num' }, 'Mean'),
-        h('th', { scope: 'col' }, '95% interval'),
-        h('th', { scope: 'col' }, 'Range'),
+        h('th', { scope: 'col', class: 'num' }, '95% interval'),
+        h('th', { scope: 'col', class: 'num' }, 'Range'),
         hasRefs ? h('th', { scope: 'col', class: 'num' }, 'References scored') : null,
       )),
       h('tbody', {}, infos.map((s) => {
