@@ -179,7 +179,9 @@ export async function mountRun(main, ctx) {
     }
     switch (data.type ?? e.type) {
       case 'status':
-        if (data.status && data.status !== run.status) {
+        // The stream replays a run's history from the start; a replayed "running" must not
+        // undo the "done" the record already says. Statuses only move forward.
+        if (data.status && rank(data.status) > rank(run.status)) {
           run = { ...run, status: data.status };
           renderRecord();
           ctx.announce(`Run ${data.status}.`);
@@ -230,6 +232,8 @@ export async function mountRun(main, ctx) {
     });
   }
 }
+
+const rank = (status) => (status === 'queued' ? 0 : status === 'running' ? 1 : 2);
 
 function trainingView() {
   const stats = {
