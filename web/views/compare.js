@@ -138,8 +138,8 @@ function renderResults(host, data, ids, ctx) {
     h('caption', {}, `Mean [95% interval] per run; differences against the baseline, ${labels[0]}, with paired 95% intervals`),
     h('thead', {}, h('tr', {},
       h('th', { scope: 'col' }, 'Score'),
-      runs.map((r, i) => h('th', { scope: 'col' }, swatch(i), labels[i], i === 0 ? h('span', { class: 'muted small' }, ' (baseline)') : null)),
-      runs.slice(1).map((r, j) => h('th', { scope: 'col' }, `Δ ${labels[j + 1]} − ${labels[0]}`)),
+      runs.map((r, i) => h('th', { scope: 'col', class: 'num' }, swatch(i), labels[i], i === 0 ? h('span', { class: 'muted small' }, ' (baseline)') : null)),
+      runs.slice(1).map((r, j) => h('th', { scope: 'col', class: 'num' }, `Δ ${labels[j + 1]} − ${labels[0]}`)),
     )),
     h('tbody', {}, scores.map((s) => h('tr', { 'data-score': s.name },
       h('th', { scope: 'row' }, s.name, ' ', direction(s), h('div', { class: 'muted small' }, s.metric ?? '')),
@@ -164,7 +164,7 @@ function renderResults(host, data, ids, ctx) {
   const corpusNames = [...new Set(runs.flatMap((r) => Object.keys(r.corpus ?? {})))];
   const corpusTable = corpusNames.length ? h('table', { class: 'data' },
     h('caption', {}, 'Corpus-level statistics (no intervals)'),
-    h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Statistic'), runs.map((r, i) => h('th', { scope: 'col' }, labels[i])))),
+    h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Statistic'), runs.map((r, i) => h('th', { scope: 'col', class: 'num' }, labels[i])))),
     h('tbody', {}, corpusNames.map((n) => h('tr', {}, h('th', { scope: 'row' }, n), runs.map((r) => h('td', { class: 'num' }, num(r.corpus?.[n])))))),
   ) : null;
 
