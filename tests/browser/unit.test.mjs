@@ -1,0 +1,124 @@
+// Unit tests of the dashboard's pure modules (word diff, input parsing), run with `node --test`.
+// web/ has no package.json (it is served as-is), so each module is loaded from its source as a
+// data: URL; they import nothing, which keeps that possible.
+
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { describe, it } from 'node:test';
+
+const load = (rel) => import(`data:text/javascript;base64,${readFileSync(new URL(`../../web/${rel}`, import.meta.url)).toString('base64')}`);
+const { wordDiff, diffStats, tokenize } = await load('lib/diff.js');
+const { parsePredictions, parseSettings, parseNumber, parseList } = await load('lib/parse.js');
+
+// Rebuild one side of a diff: `same` + `ins` runs spell `after`, `same` + `del` runs `before`.
+const side = (runs, keep) => runs.filter((r) => r.op === 'same' || r.op === keep).map((r) => r.space + r.text).join('');
+const words = (s) => tokenize(s).map((t) => t.word).join(' ');
+
+describe('wordDiff', () => {
+  function check(before, after, expect) {
+    const runs = wordDiff(before, after);
+    assert.deepEqual(runs.map((r) => [r.op, r.text]), expect);
+    assert.equal(words(side(runs, 'ins')), words(after), 'same + ins should spell the new text');
+    assert.equal(words(side(runs, 'del')), words(before), 'same + del should spell the old text');
+  }
+
+  it('marks nothing for equal texts', () => check('The cat sat.', 'The cat sat.', [['same', 'The cat sat.']]));
+  it('marks a replaced word as a deletion then an insertion', () => check('The cat sat.', 'The dog sat.', [
+    ['same', 'The'], ['del', 'cat'], ['ins', 'dog'], ['same', 'sat.'],
+  ]));
+  it('treats punctuation as its own token', () => check('He left.', 'He left!', [['same', 'He left'], ['del', '.'], ['ins', '!']]));
+  it('handles an empty side', () => {
+    check('', 'new words', [['ins', 'new words']]);
+    check('old words', '', [['del', 'old words']]);
+    assert.deepEqual(wordDiff('', ''), []);
+  });
+  it('finds the longest common subsequence, not just a common prefix', () => check(
+    'Person2 must finish a report but will try to come',
+    'Person1 invites Person2 to come',
+    [['ins', 'Person1 invites'], ['same', 'Person2'], ['del', 'must finish a report but will try'], ['same', 'to come']],
+  ));
+  it('ignores differences in whitespace alone', () => check('a  b\tc', 'a b c', [['same', 'a b c']]));
+  it('keeps apostrophes inside words and handles non-ASCII letters', () => {
+    assert.deepEqual(tokenize("Person2’s café isn't open").map((t) => t.word), ['Person2’s', 'café', "isn't", 'open']);
+  });
+  it('counts added and removed words', () => {
+    assert.deepEqual(diffStats(wordDiff('a b c d', 'a x c')), { ins: 1, del: 2 });
+  });
+  it('stays fast on long texts', () => {
+    const a = Array.from({ length: 3000 }, (_, i) => `w${i % 97}`).join(' ');
+    const b = Array.from({ length: 3000 }, (_, i) => `w${(i * 7) % 101}`).join(' ');
+    const t = Date.now();
+    const runs = wordDiff(a, b);
+    assert.ok(Date.now() - t < 2000, 'diffing 3000 words took too long');
+    assert.equal(words(side(runs, 'ins')), words(b));
+  });
+});
+
+describe('parsePredictions', () => {
+  const enc = (s) => new TextEncoder().encode(s);
+  function check(bytes, expectErrors) {
+    const { rows, errors } = parsePredictions(typeof bytes === 'string' ? enc(bytes) : bytes);
+    assert.deepEqual(errors.map((e) => [e.line, e.message.slice(0, expectErrors.find(([l]) => l === e.line)?.[1].length ?? 0)]),
+      expectErrors.map(([l, m]) => [l, m]));
+    return rows;
+  }
+
+  it('reads good rows, skipping blank lines, CRLF endings and a BOM', () => {
+    const rows = check('\uFEFF{"id":"a","prediction":"p","reference":"r"}\n\n{"id":7,"prediction":"","reference":"r","source":"s"}\r\n', []);
+    assert.deepEqual(rows, [
+      { id: 'a', prediction: 'p', reference: 'r' },
+      { id: '7', prediction: '', reference: 'r', source: 's' },
+    ]);
+  });
+  it('reports each bad line with its number, as the server does', () => {
+    const bytes = new Uint8Array([...enc('{"id":"a","prediction":"x","reference":"y"}\n{oops\n{"id":"b","reference":"y"}\n'), 0xff, 0x0a]);
+    check(bytes, [[2, 'invalid JSON'], [3, 'missing field `prediction`'], [4, 'not valid UTF-8']]);
+  });
+  it('rejects wrong types, empty ids and duplicate ids', () => {
+    check([
+      '[1,2]',
+      '{"id":"","prediction":"p","reference":"r"}',
+      '{"id":true,"prediction":"p","reference":"r"}',
+      '{"id":"a","prediction":3,"reference":"r"}',
+      '{"id":"a","prediction":"p","reference":"r","source":1}',
+      '{"id":"a","prediction":"p","reference":"r"}',
+      '{"id":"a","prediction":"p","reference":"r"}',
+    ].join('\n'), [
+      [1, 'expected a JSON object'],
+      [2, 'field `id` is empty'],
+      [3, 'field `id` must be a string or number, not a boolean'],
+      [4, 'field `prediction` must be a string, not a number'],
+      [5, 'field `source` must be a string, not a number'],
+      [7, 'duplicate id "a" (first on line 6)'],
+    ]);
+  });
+  it('accepts a null source', () => {
+    assert.deepEqual(check('{"id":"a","prediction":"p","reference":"r","source":null}', []), [{ id: 'a', prediction: 'p', reference: 'r' }]);
+  });
+  it('says when the file holds no samples', () => check('\n\n', [[0, 'the file holds no samples']]));
+});
+
+describe('parseSettings', () => {
+  it('reads key=value lines and comma-separated pairs', () => {
+    assert.deepEqual(parseSettings('use_stemmer=false\n# a comment\n\nn = 4, mode=fast'), {
+      settings: { use_stemmer: 'false', n: '4', mode: 'fast' }, errors: [],
+    });
+  });
+  it('reports lines without a key or set twice', () => {
+    const { errors } = parseSettings('novalue\n=x\na=1\na=2');
+    assert.deepEqual(errors.map((e) => e.line), [1, 2, 4]);
+  });
+});
+
+describe('parseNumber and parseList', () => {
+  it('reads scientific notation and checks ranges', () => {
+    assert.deepEqual(parseNumber('2e-4', { min: 0, minExclusive: true }), { value: 0.0002 });
+    assert.deepEqual(parseNumber(''), { value: null });
+    assert.match(parseNumber('abc').error, /number/);
+    assert.match(parseNumber('1.5', { integer: true }).error, /whole/);
+    assert.match(parseNumber('1', { min: 0, max: 1, maxExclusive: true }).error, /less than 1/);
+  });
+  it('splits module lists on commas and spaces', () => {
+    assert.deepEqual(parseList(' q_proj, v_proj  o_proj,'), ['q_proj', 'v_proj', 'o_proj']);
+  });
+});

@@ -1,0 +1,479 @@
+// One run: its metadata and scores, and while it is queued or running a live view fed by the
+// server-sent events at /api/runs/ID/events (progress, training loss and learning rate, tokens/s
+// and ETA, the log). Eval runs also list their samples with per-sample scores and errors.
+
+import { api } from '../lib/api.js';
+import { lineChart, runColor } from '../lib/charts.js';
+import { h, replace, throttleFrame } from '../lib/dom.js';
+import { dateTime, duration, elapsed, interval, isActive, num, runLabel } from '../lib/format.js';
+import { messageBox, statusBadge } from './common.js';
+
+const POLL_MS = 2000;
+const MAX_LOG_LINES = 2000;
+const SAMPLES_PAGE = 100;
+
+export async function mountRun(main, ctx) {
+  const id = ctx.id;
+  let run = await api.run(id, { signal: ctx.signal });
+  ctx.setTitle(runLabel(run));
+
+  // --- Header and actions ---
+  const statusSlot = h('span', { 'data-testid': 'run-status', 'data-status': run.status });
+  const cancelButton = h('button', { type: 'button', class: 'danger' }, 'Cancel run');
+  const actionMessage = messageBox();
+  const errorBox = h('div', { class: 'message form-error', role: 'alert', hidden: true });
+
+  // --- Progress ---
+  const progress = h('progress', { max: 1, value: 0, 'aria-labelledby': 'progress-label', 'data-testid': 'run-progress' });
+  const progressText = h('span', { id: 'progress-text', class: 'num' });
+  const progressSection = h('section', { 'aria-labelledby': 'progress-label', class: 'panel' },
+    h('h2', { id: 'progress-label' }, 'Progress'),
+    h('div', { class: 'progress-row' }, progress, progressText),
+  );
+
+  // --- Training: charts and live numbers ---
+  const training = run.kind === 'train' ? trainingView() : null;
+
+  // --- Scores, details, log, samples ---
+  const scoresSection = h('section', { 'aria-labelledby': 'scores-h', class: 'panel' });
+  const detailsSection = h('section', { 'aria-labelledby': 'details-h', class: 'panel' });
+  // role=log on the scrolling box (a live region for additions); the lines are a plain list.
+  const logList = h('ol', { class: 'plain' });
+  const logBox = h('div', { class: 'log', role: 'log', 'aria-live': 'polite', 'aria-relevant': 'additions', 'aria-labelledby': 'log-h', tabindex: 0, 'data-testid': 'run-log' }, logList);
+  const streamState = h('span', { class: 'muted small', 'data-testid': 'stream-state' });
+  const logSection = h('section', { 'aria-labelledby': 'log-h', class: 'panel' },
+    h('div', { class: 'section-head' }, h('h2', { id: 'log-h' }, 'Log'), streamState),
+    logBox,
+  );
+  const samplesSection = run.kind === 'train' ? null : h('section', { 'aria-labelledby': 'samples-h', class: 'panel' },
+    h('h2', { id: 'samples-h' }, 'Samples'), h('p', { class: 'muted' }, 'Samples appear when the run finishes.'));
+
+  replace(main,
+    h('nav', { 'aria-label': 'Breadcrumb', class: 'breadcrumb' }, h('a', { href: '#/runs' }, 'Runs'), ' / ', runLabel(run)),
+    h('div', { class: 'page-head' },
+      h('div', {},
+        h('h1', {}, runLabel(run)),
+        h('p', { class: 'muted' }, h('span', { class: 'kind' }, `${run.kind} run`), ' · ', h('span', { class: 'mono' }, run.id)),
+      ),
+      h('div', { class: 'head-actions' }, statusSlot, cancelButton),
+    ),
+    actionMessage.el,
+    errorBox,
+    progressSection,
+    training?.el,
+    scoresSection,
+    samplesSection,
+    logSection,
+    detailsSection,
+  );
+
+  const renderRecord = () => {
+    replace(statusSlot, statusBadge(run.status));
+    statusSlot.dataset.status = run.status;
+    cancelButton.hidden = !isActive(run.status);
+    errorBox.hidden = !run.error;
+    errorBox.textContent = run.error ? `This run failed: ${run.error}` : '';
+    setProgress(run.progress);
+    if (!isActive(run.status)) training?.settle();
+    renderScores(scoresSection, run);
+    // Training runs have no scores of their own; keep the panel for runs that do.
+    scoresSection.hidden = run.kind === 'train' && Object.keys(run.aggregates ?? {}).length === 0;
+    renderDetails(detailsSection, run);
+  };
+
+  const setProgress = (p) => {
+    if (!p) return;
+    const total = p.total || 0;
+    progress.max = Math.max(1, total);
+    if (total > 0 || run.status === 'done') progress.value = run.status === 'done' && !total ? 1 : Math.min(p.done, total);
+    else progress.removeAttribute('value'); // indeterminate until a total is known
+    const pct = total ? ` (${Math.floor((100 * p.done) / total)}%)` : '';
+    progressText.textContent = total ? `${p.done} / ${total} ${p.unit ?? ''}${pct}` : run.status === 'queued' ? 'waiting to start' : '';
+    progressSection.hidden = !total && !isActive(run.status);
+  };
+
+  renderRecord();
+
+  // --- Cancel ---
+  cancelButton.addEventListener('click', async () => {
+    if (!window.confirm(`Cancel ${runLabel(run)}?`)) return;
+    cancelButton.disabled = true;
+    try {
+      const res = await api.cancel(run.id);
+      run = { ...run, status: res?.status ?? run.status };
+      renderRecord();
+      actionMessage.ok(`Cancellation requested; the run is ${run.status}.`);
+      ctx.announce(`Run ${run.status}.`);
+    } catch (e) {
+      actionMessage.error(`Could not cancel: ${e.message}`);
+    } finally {
+      cancelButton.disabled = false;
+    }
+  });
+
+  // --- Samples, once finished ---
+  let samplesLoaded = false;
+  const loadSamples = async () => {
+    if (!samplesSection || samplesLoaded) return;
+    samplesLoaded = true;
+    try {
+      const samples = await api.samples(run.id, { signal: ctx.signal });
+      renderSamples(samplesSection, run, samples ?? []);
+    } catch (e) {
+      if (ctx.signal.aborted) return;
+      samplesLoaded = false;
+      replace(samplesSection, h('h2', { id: 'samples-h' }, 'Samples'), h('p', { class: 'form-error', role: 'alert' }, `Could not load samples: ${e.message}`));
+    }
+  };
+
+  // --- Live updates ---
+  let finished = !isActive(run.status);
+  let timer = null;
+  const refresh = async () => {
+    try {
+      const next = await api.run(run.id, { signal: ctx.signal });
+      if (ctx.signal.aborted) return;
+      const changed = next.status !== run.status;
+      run = next;
+      renderRecord();
+      if (changed) ctx.announce(`Run ${run.status}.`);
+      if (!isActive(run.status)) onFinished();
+    } catch (e) {
+      if (ctx.signal.aborted) return;
+    }
+    if (!finished && !ctx.signal.aborted) timer = setTimeout(refresh, POLL_MS);
+  };
+  const onFinished = () => {
+    if (finished) return;
+    finished = true;
+    clearTimeout(timer);
+    loadSamples();
+    // The server ends the stream itself once the run is over; do not wait forever if it doesn't.
+    setTimeout(() => closeStream(), 10000);
+  };
+  ctx.signal.addEventListener('abort', () => clearTimeout(timer));
+
+  if (finished) loadSamples();
+  else timer = setTimeout(refresh, POLL_MS);
+
+  const appendLog = (level, message) => {
+    const stick = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 24;
+    logList.append(h('li', { class: `log-${level}` },
+      h('span', { class: 'log-level' }, level), ' ', h('span', { class: 'log-message' }, message)));
+    while (logList.childElementCount > MAX_LOG_LINES) logList.firstElementChild.remove();
+    if (stick) logBox.scrollTop = logBox.scrollHeight;
+  };
+
+  let lastSeq = -1;
+  const onEvent = (e) => {
+    const seq = Number(e.lastEventId);
+    if (e.lastEventId !== '' && Number.isFinite(seq)) {
+      if (seq <= lastSeq) return; // already seen before a reconnect
+      lastSeq = seq;
+    }
+    let data;
+    try {
+      data = JSON.parse(e.data);
+    } catch {
+      return;
+    }
+    switch (data.type ?? e.type) {
+      case 'status':
+        // The stream replays a run's history from the start; a replayed "running" must not
+        // undo the "done" the record already says. Statuses only move forward.
+        if (data.status && rank(data.status) > rank(run.status)) {
+          run = { ...run, status: data.status };
+          renderRecord();
+          ctx.announce(`Run ${data.status}.`);
+          if (!isActive(data.status)) {
+            // Fetch the final record (scores, finish time) before showing samples.
+            refresh();
+          }
+        }
+        break;
+      case 'progress':
+        run = { ...run, progress: { done: data.done, total: data.total, unit: data.unit } };
+        setProgress(run.progress);
+        break;
+      case 'log':
+        appendLog(data.level ?? 'info', data.message ?? '');
+        break;
+      case 'loss':
+        training?.add(data);
+        break;
+      default:
+        break;
+    }
+  };
+
+  let stream = null;
+  const closeStream = () => {
+    if (!stream) return;
+    stream.close();
+    stream = null;
+    streamState.textContent = isActive(run.status) ? 'Live updates stopped; the page still checks every 2 s.' : '';
+  };
+  ctx.signal.addEventListener('abort', () => {
+    stream?.close();
+    stream = null;
+    training?.destroy();
+  });
+  if (typeof EventSource !== 'undefined') {
+    stream = new EventSource(api.eventsUrl(run.id));
+    streamState.textContent = isActive(run.status) ? 'Connecting…' : '';
+    for (const type of ['status', 'progress', 'log', 'loss', 'message']) stream.addEventListener(type, onEvent);
+    stream.addEventListener('open', () => {
+      if (!finished) streamState.textContent = 'Live';
+    });
+    stream.addEventListener('error', () => {
+      // The server closes the stream after the run ends; EventSource would reconnect forever.
+      if (finished || !isActive(run.status)) closeStream();
+      else streamState.textContent = 'Reconnecting…';
+    });
+  }
+}
+
+const rank = (status) => (status === 'queued' ? 0 : status === 'running' ? 1 : 2);
+
+function trainingView() {
+  const stats = {
+    step: h('dd', { class: 'num' }, '—'),
+    epoch: h('dd', { class: 'num' }, '—'),
+    loss: h('dd', { class: 'num' }, '—'),
+    eval_loss: h('dd', { class: 'num' }, '—'),
+    learning_rate: h('dd', { class: 'num' }, '—'),
+    grad_norm: h('dd', { class: 'num' }, '—'),
+    tokens_per_second: h('dd', { class: 'num' }, '—'),
+    eta_seconds: h('dd', { class: 'num', 'data-testid': 'eta' }, '—'),
+  };
+  const labels = {
+    step: 'Step', epoch: 'Epoch', loss: 'Loss', eval_loss: 'Eval loss', learning_rate: 'Learning rate',
+    grad_norm: 'Gradient norm', tokens_per_second: 'Tokens/s', eta_seconds: 'Time left (ETA)',
+  };
+  const lossChart = lineChart({
+    title: 'Loss', xLabel: 'step', yLabel: 'loss',
+    series: [{ label: 'train loss', color: runColor(0) }, { label: 'eval loss', color: runColor(1), points: true }],
+  });
+  const lrChart = lineChart({
+    title: 'Learning rate', xLabel: 'step', yLabel: 'learning rate', height: 180,
+    series: [{ label: 'learning rate', color: runColor(2) }],
+  });
+  const el = h('section', { 'aria-labelledby': 'training-h', class: 'panel' },
+    h('h2', { id: 'training-h' }, 'Training'),
+    h('dl', { class: 'stats', 'data-testid': 'training-stats' }, Object.entries(stats).map(([k, dd]) => h('div', {}, h('dt', {}, labels[k]), dd))),
+    h('div', { class: 'charts' }, lossChart.el, lrChart.el),
+  );
+  const steps = [];
+  const loss = [];
+  const evalLoss = [];
+  const lr = [];
+  const draw = throttleFrame(() => {
+    lossChart.setData(steps, loss, evalLoss);
+    lrChart.setData(steps, lr);
+  });
+  const val = (x) => (x === undefined ? null : x);
+  let settled = false; // the run is over; replayed events must not bring back an ETA
+  return {
+    el,
+    add(d) {
+      // Events arrive in step order; a second event for the same step (eval loss logged after
+      // the train loss, as HF Trainer does) fills in the same column.
+      let i = steps.length - 1;
+      if (i < 0 || steps[i] !== d.step) {
+        if (i >= 0 && d.step < steps[i]) {
+          i = steps.findIndex((s) => s >= d.step);
+          if (steps[i] !== d.step) {
+            steps.splice(i, 0, d.step);
+            loss.splice(i, 0, null);
+            evalLoss.splice(i, 0, null);
+            lr.splice(i, 0, null);
+          }
+        } else {
+          steps.push(d.step);
+          loss.push(null);
+          evalLoss.push(null);
+          lr.push(null);
+          i = steps.length - 1;
+        }
+      }
+      if (val(d.loss) !== null) loss[i] = d.loss;
+      if (val(d.eval_loss) !== null) evalLoss[i] = d.eval_loss;
+      if (val(d.learning_rate) !== null) lr[i] = d.learning_rate;
+      stats.step.textContent = String(d.step);
+      if (val(d.epoch) !== null) stats.epoch.textContent = num(d.epoch);
+      if (val(d.loss) !== null) stats.loss.textContent = num(d.loss);
+      if (val(d.eval_loss) !== null) stats.eval_loss.textContent = num(d.eval_loss);
+      if (val(d.learning_rate) !== null) stats.learning_rate.textContent = d.learning_rate.toExponential(2);
+      if (val(d.grad_norm) !== null) stats.grad_norm.textContent = num(d.grad_norm);
+      if (val(d.tokens_per_second) !== null) stats.tokens_per_second.textContent = Math.round(d.tokens_per_second).toLocaleString('en');
+      if (val(d.eta_seconds) !== null && !settled) stats.eta_seconds.textContent = duration(d.eta_seconds);
+      draw();
+    },
+    /** The run is over: a time left no longer means anything. */
+    settle() {
+      settled = true;
+      stats.eta_seconds.textContent = '—';
+    },
+    destroy() {
+      lossChart.destroy();
+      lrChart.destroy();
+    },
+  };
+}
+
+function renderScores(section, run) {
+  const aggs = run.aggregates ?? {};
+  const refs = run.reference_aggregates ?? {};
+  const infos = [...(run.scores ?? [])];
+  for (const name of Object.keys(aggs)) if (!infos.some((s) => s.name === name)) infos.push({ name });
+  const hasRefs = Object.keys(refs).length > 0;
+  const corpus = Object.entries(run.corpus ?? {});
+  if (infos.length === 0 && corpus.length === 0) {
+    replace(section, h('h2', { id: 'scores-h' }, 'Scores'),
+      h('p', { class: 'muted' }, isActive(run.status) ? 'Scores appear when the run finishes.' : 'This run has no scores.'));
+    return;
+  }
+  replace(section,
+    h('h2', { id: 'scores-h' }, 'Scores'),
+    infos.length ? h('div', { class: 'table-scroll' }, h('table', { class: 'data', 'data-testid': 'aggregates-table' },
+      h('caption', {}, 'Mean over samples with its 95% bootstrap interval'),
+      h('thead', {}, h('tr', {},
+        h('th', { scope: 'col' }, 'Score'),
+        h('th', { scope: 'col' }, 'Metric'),
+        h('th', { scope: 'col', class: 'num' }, 'Mean'),
+        h('th', { scope: 'col', class: 'num' }, '95% interval'),
+        h('th', { scope: 'col', class: 'num' }, 'Range'),
+        hasRefs ? h('th', { scope: 'col', class: 'num' }, 'References scored') : null,
+      )),
+      h('tbody', {}, infos.map((s) => {
+        const a = aggs[s.name];
+        return h('tr', {},
+          h('th', { scope: 'row' }, s.name, ' ', direction(s)),
+          h('td', {}, s.metric ?? ''),
+          h('td', { class: 'num' }, a ? num(a.mean) : '—'),
+          h('td', { class: 'num' }, a ? interval(a) : '—'),
+          h('td', { class: 'num muted' }, Number.isFinite(s.min) ? `${num(s.min)} – ${num(s.max)}` : ''),
+          hasRefs ? h('td', { class: 'num' }, refs[s.name] ? `${num(refs[s.name].mean)} ${interval(refs[s.name])}` : '—') : null,
+        );
+      })),
+    )) : null,
+    corpus.length ? h('div', {},
+      h('h3', {}, 'Corpus-level'),
+      h('dl', { class: 'stats' }, corpus.map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', { class: 'num' }, num(v)))))) : null,
+  );
+}
+
+/** "higher is better" / "lower is better" as an arrow with words for screen readers. */
+export function direction(score) {
+  if (score.higher_is_better === undefined) return null;
+  return h('span', { class: 'direction', title: score.higher_is_better ? 'higher is better' : 'lower is better' },
+    h('span', { 'aria-hidden': 'true' }, score.higher_is_better ? '↑' : '↓'),
+    h('span', { class: 'visually-hidden' }, score.higher_is_better ? '(higher is better)' : '(lower is better)'));
+}
+
+function renderDetails(section, run) {
+  const md = Object.entries(run.metadata ?? {});
+  const u = run.usage ?? {};
+  const rows = [
+    ['Created', dateTime(run.created)],
+    ['Started', dateTime(run.started)],
+    ['Finished', dateTime(run.finished)],
+    ['Duration', run.started ? elapsed(run.started, run.finished) : '—'],
+    ...md.map(([k, v]) => [k, typeof v === 'string' ? v : JSON.stringify(v)]),
+  ];
+  if (u.requests) {
+    rows.push(['LLM requests', `${u.requests} (${u.cached ?? 0} cached)`]);
+    rows.push(['Tokens', `${(u.prompt_tokens ?? 0).toLocaleString('en')} prompt, ${(u.completion_tokens ?? 0).toLocaleString('en')} completion`]);
+    if (u.cost_usd) rows.push(['Estimated cost', `$${u.cost_usd.toFixed(4)}`]);
+  }
+  replace(section,
+    h('h2', { id: 'details-h' }, 'Details'),
+    h('dl', { class: 'details', 'data-testid': 'run-metadata' }, rows.map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', {}, v)))),
+  );
+}
+
+function renderSamples(section, run, samples) {
+  const names = (run.scores ?? []).map((s) => s.name);
+  for (const s of samples) for (const k of Object.keys(s.scores ?? {})) if (!names.includes(k)) names.push(k);
+  const withErrors = samples.filter((s) => s.errors && Object.keys(s.errors).length).length;
+  const filter = h('input', { type: 'search', id: 'samples-filter', placeholder: 'id, text…' });
+  const sort = h('select', { id: 'samples-sort' },
+    h('option', { value: 'index' }, 'Input order'),
+    withErrors ? h('option', { value: 'errors' }, 'Errors first') : null,
+    names.flatMap((n) => [h('option', { value: `asc:${n}` }, `${n}, lowest first`), h('option', { value: `desc:${n}` }, `${n}, highest first`)]),
+  );
+  const wrap = h('input', { type: 'checkbox', id: 'samples-wrap' });
+  const count = h('p', { class: 'muted', 'aria-live': 'polite' });
+  const tbody = h('tbody');
+  const more = h('button', { type: 'button' }, `Show ${SAMPLES_PAGE} more`);
+  const table = h('table', { class: 'data samples clamp', 'data-testid': 'samples-table' },
+    h('caption', { class: 'visually-hidden' }, 'Samples with their scores'),
+    h('thead', {}, h('tr', {},
+      h('th', { scope: 'col', class: 'num' }, '#'),
+      h('th', { scope: 'col' }, 'Id'),
+      h('th', { scope: 'col' }, 'Prediction'),
+      h('th', { scope: 'col' }, 'Reference'),
+      names.map((n) => h('th', { scope: 'col', class: 'num' }, n)),
+      h('th', { scope: 'col' }, 'Errors'),
+    )),
+    tbody,
+  );
+  let shown = SAMPLES_PAGE;
+  const rows = () => {
+    const q = filter.value.trim().toLowerCase();
+    let list = q
+      ? samples.filter((s) => [s.id, s.prediction, s.reference, s.source].some((t) => String(t ?? '').toLowerCase().includes(q)))
+      : [...samples];
+    const key = sort.value;
+    if (key === 'errors') list.sort((a, b) => Object.keys(b.errors ?? {}).length - Object.keys(a.errors ?? {}).length || a.index - b.index);
+    else if (key.includes(':')) {
+      const [dir, n] = key.split(/:(.*)/s);
+      const v = (s) => s.scores?.[n];
+      list.sort((a, b) => {
+        const x = v(a);
+        const y = v(b);
+        if (x === undefined || x === null) return 1;
+        if (y === undefined || y === null) return -1;
+        return dir === 'asc' ? x - y : y - x;
+      });
+    } else list.sort((a, b) => (a.index ?? 0) - (b.index ?? 0));
+    return list;
+  };
+  const render = () => {
+    const list = rows();
+    replace(tbody, list.slice(0, shown).map((s) => h('tr', {},
+      h('td', { class: 'num' }, s.index ?? ''),
+      h('th', { scope: 'row', class: 'mono' }, s.id),
+      h('td', {}, h('div', { class: 'text' }, s.prediction ?? '')),
+      h('td', {}, h('div', { class: 'text' }, s.reference ?? '')),
+      names.map((n) => h('td', { class: 'num' }, num(s.scores?.[n]))),
+      h('td', {}, Object.entries(s.errors ?? {}).map(([k, v]) => h('div', { class: 'error-text small' }, h('strong', {}, k), `: ${v}`))),
+    )));
+    count.textContent = `${list.length} of ${samples.length} samples${withErrors ? `, ${withErrors} with errors` : ''}; showing ${Math.min(shown, list.length)}.`;
+    more.hidden = list.length <= shown;
+  };
+  filter.addEventListener('input', () => {
+    shown = SAMPLES_PAGE;
+    render();
+  });
+  sort.addEventListener('change', render);
+  wrap.addEventListener('change', () => table.classList.toggle('clamp', !wrap.checked));
+  more.addEventListener('click', () => {
+    shown += SAMPLES_PAGE;
+    render();
+  });
+  replace(section,
+    h('h2', { id: 'samples-h' }, 'Samples'),
+    samples.length === 0 ? h('p', { class: 'muted' }, 'This run has no samples.') : [
+      h('div', { class: 'toolbar' },
+        h('div', { class: 'field inline' }, h('label', { for: 'samples-filter' }, 'Filter'), filter),
+        h('div', { class: 'field inline' }, h('label', { for: 'samples-sort' }, 'Sort'), sort),
+        h('div', { class: 'check' }, wrap, h('label', { for: 'samples-wrap' }, 'Show full text')),
+      ),
+      count,
+      h('div', { class: 'table-scroll' }, table),
+      more,
+    ],
+  );
+  render();
+}
