@@ -11,14 +11,22 @@
 pub mod math;
 pub mod settings;
 
-use std::collections::HashMap;
-
 use adapterlab_sdk::metric::embed::{self, TokenEmbeddings};
 use adapterlab_sdk::metric::{BatchResult, Metric, MetricInfo, Sample, SampleResult, ScoreSpec};
 use adapterlab_sdk::{Capability, Manifest, log};
 
 use crate::math::{Embedded, Idf, Prf};
 use crate::settings::Settings;
+
+/// Hash maps with a fixed-key hasher. std's default `RandomState` seeds itself from the
+/// system, which on wasm32-wasip2 makes the component import `wasi:random/insecure-seed`; a
+/// metric needs no randomness, and its texts are no hash-flooding threat.
+pub(crate) type Map<K, V> =
+    std::collections::HashMap<K, V, std::hash::BuildHasherDefault<std::hash::DefaultHasher>>;
+
+/// A hash set with the same fixed-key hasher as [`Map`].
+pub(crate) type Set<T> =
+    std::collections::HashSet<T, std::hash::BuildHasherDefault<std::hash::DefaultHasher>>;
 
 pub const SCORE_NAMES: [&str; 3] = ["bertscore_precision", "bertscore_recall", "bertscore_f1"];
 
@@ -70,7 +78,7 @@ impl Metric for BertScore {
         ));
 
         // Each distinct text is embedded once.
-        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut index: Map<&str, usize> = Map::default();
         let mut texts: Vec<String> = Vec::new();
         for text in samples
             .iter()

@@ -5,8 +5,9 @@
 //! bert-score works in float32 tensors; this computes in f64 from the same f32 inputs, so
 //! results agree to float32 rounding (about 1e-7), not bit for bit.
 
-use std::collections::{HashMap, HashSet};
 use std::fmt;
+
+use crate::{Map, Set};
 
 /// One text's token embeddings as the encoder returned them.
 #[derive(Debug, Clone, Copy)]
@@ -218,17 +219,17 @@ pub fn rescale(prf: Prf, baseline: [f64; 3]) -> Prf {
 /// the references containing the id and `M` is the number of references.
 #[derive(Debug, Clone)]
 pub struct Idf {
-    idf: HashMap<u32, f64>,
+    idf: Map<u32, f64>,
     unseen: f64,
 }
 
 impl Idf {
     pub fn from_references<'a>(references: impl IntoIterator<Item = &'a [u32]>) -> Idf {
-        let mut df: HashMap<u32, u64> = HashMap::new();
+        let mut df: Map<u32, u64> = Map::default();
         let mut num_docs: u64 = 0;
         for ids in references {
             num_docs += 1;
-            for id in ids.iter().copied().collect::<HashSet<u32>>() {
+            for id in ids.iter().copied().collect::<Set<u32>>() {
                 *df.entry(id).or_insert(0) += 1;
             }
         }

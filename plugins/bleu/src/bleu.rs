@@ -4,8 +4,7 @@
 //! Arithmetic follows sacrebleu's expressions in order, so results agree to the last bits up
 //! to the platform's `exp`/`ln`.
 
-use std::collections::HashMap;
-
+use crate::Map;
 use crate::tokenizer::{py_rstrip, py_split, tokenize_13a};
 
 /// sacrebleu's `MAX_NGRAM_ORDER`.
@@ -37,8 +36,8 @@ fn preprocess(segment: &str) -> String {
 }
 
 /// `extract_all_word_ngrams(line, 1, 4)`: n-gram counts and the token count.
-fn ngrams<'t, 'a>(tokens: &'t [&'a str]) -> HashMap<&'t [&'a str], u64> {
-    let mut counts = HashMap::new();
+fn ngrams<'t, 'a>(tokens: &'t [&'a str]) -> Map<&'t [&'a str], u64> {
+    let mut counts = Map::default();
     for n in 1..=MAX_NGRAM_ORDER {
         for gram in tokens.windows(n) {
             *counts.entry(gram).or_insert(0) += 1;

@@ -9,6 +9,12 @@ pub mod tokenizer;
 use adapterlab_sdk::Manifest;
 use adapterlab_sdk::metric::{BatchResult, Metric, MetricInfo, Sample, SampleResult, ScoreSpec};
 
+/// Hash maps with a fixed-key hasher. std's default `RandomState` seeds itself from the
+/// system, which on wasm32-wasip2 makes the component import `wasi:random/insecure-seed`; a
+/// metric needs no randomness, and its texts are no hash-flooding threat.
+pub(crate) type Map<K, V> =
+    std::collections::HashMap<K, V, std::hash::BuildHasherDefault<std::hash::DefaultHasher>>;
+
 pub struct Bleu;
 
 impl Metric for Bleu {

@@ -14,6 +14,12 @@ pub mod tokenize;
 use adapterlab_sdk::Manifest;
 use adapterlab_sdk::metric::{BatchResult, Metric, MetricInfo, Sample, SampleResult, ScoreSpec};
 
+/// Hash maps with a fixed-key hasher. std's default `RandomState` seeds itself from the
+/// system, which on wasm32-wasip2 makes the component import `wasi:random/insecure-seed`; a
+/// metric needs no randomness, and its texts are no hash-flooding threat.
+pub(crate) type Map<K, V> =
+    std::collections::HashMap<K, V, std::hash::BuildHasherDefault<std::hash::DefaultHasher>>;
+
 /// The score names, in the order every sample reports them.
 pub const SCORE_NAMES: [&str; 4] = ["rouge1", "rouge2", "rougeL", "rougeLsum"];
 

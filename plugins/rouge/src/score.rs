@@ -2,8 +2,7 @@
 //! computes them (rouge-score 0.1.2), operation for operation, so that values agree to the
 //! last bits rather than merely to a tolerance.
 
-use std::collections::HashMap;
-
+use crate::Map;
 use crate::lcs::{lcs_indices, lcs_length};
 use crate::tokenize::Tokenizer;
 
@@ -84,7 +83,7 @@ impl std::error::Error for ScoreError {}
 /// Maps token strings to small ids shared by both texts, so that n-grams and LCS compare ids.
 #[derive(Default)]
 struct Interner {
-    ids: HashMap<String, u32>,
+    ids: Map<String, u32>,
 }
 
 impl Interner {
@@ -136,8 +135,8 @@ pub fn score(target: &str, prediction: &str, use_stemmer: bool) -> Result<RougeS
 }
 
 /// `_create_ngrams`: a multiset of the `n`-grams of `tokens`.
-fn ngrams(tokens: &[u32], n: usize) -> HashMap<&[u32], usize> {
-    let mut counts = HashMap::new();
+fn ngrams(tokens: &[u32], n: usize) -> Map<&[u32], usize> {
+    let mut counts = Map::default();
     for gram in tokens.windows(n) {
         *counts.entry(gram).or_insert(0) += 1;
     }
@@ -181,8 +180,8 @@ fn summary_level_lcs(reference: &[Vec<u32>], candidate: &[Vec<u32>]) -> Score {
         return Score::ZERO;
     }
 
-    let mut counts_reference: HashMap<u32, usize> = HashMap::new();
-    let mut counts_candidate: HashMap<u32, usize> = HashMap::new();
+    let mut counts_reference: Map<u32, usize> = Map::default();
+    let mut counts_candidate: Map<u32, usize> = Map::default();
     for &t in reference.iter().flatten() {
         *counts_reference.entry(t).or_insert(0) += 1;
     }

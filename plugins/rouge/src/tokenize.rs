@@ -7,9 +7,7 @@
 //! ASCII: `K` (U+212A KELVIN SIGN) becomes `k`, and `İ` (U+0130) becomes `i` plus a combining
 //! dot, which then separates.
 
-use std::collections::HashMap;
-
-use crate::porter;
+use crate::{Map, porter};
 
 /// The tokens of `text`, as `rouge_score.tokenize.tokenize(text, stemmer)` returns them.
 pub fn tokenize(text: &str, use_stemmer: bool) -> Vec<String> {
@@ -20,14 +18,14 @@ pub fn tokenize(text: &str, use_stemmer: bool) -> Vec<String> {
 /// them a lot.
 pub struct Tokenizer {
     use_stemmer: bool,
-    stems: HashMap<String, String>,
+    stems: Map<String, String>,
 }
 
 impl Tokenizer {
     pub fn new(use_stemmer: bool) -> Self {
         Tokenizer {
             use_stemmer,
-            stems: HashMap::new(),
+            stems: Map::default(),
         }
     }
 
