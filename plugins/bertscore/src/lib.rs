@@ -350,6 +350,19 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_vector_is_an_error_not_nan() {
+        let mut zero = text(&[1, 2]);
+        if let Ok(e) = &mut zero {
+            e.vectors[2..4].fill(0.0);
+        }
+        let r = score_pairs(&[(&zero, &text(&[1]))], &PLAIN);
+        assert!(
+            matches!(&r[0], SampleResult::Error(e) if e.starts_with("BERTScore is undefined")),
+            "{r:?}"
+        );
+    }
+
+    #[test]
     fn empty_texts_score_zero() {
         let (empty, full) = (text(&[]), text(&[1, 2]));
         for pair in [(&empty, &full), (&full, &empty), (&empty, &empty)] {

@@ -120,16 +120,14 @@ fn normalized(vectors: &[f32], dim: usize) -> Vec<f64> {
     out
 }
 
-/// `torch.max` over a slice: NaN if any element is NaN (torch propagates it), NaN if empty.
-fn max_propagating_nan(values: impl Iterator<Item = f64>) -> f64 {
-    let mut best: Option<f64> = None;
-    for v in values {
-        if v.is_nan() {
-            return f64::NAN;
-        }
-        best = Some(best.map_or(v, |b: f64| b.max(v)));
+/// A running `torch.max`: NaN once any element is NaN (torch propagates it). Starts at
+/// `-inf`; a max over no element at all is made NaN by the caller.
+fn max_propagating_nan(best: f64, v: f64) -> f64 {
+    if best.is_nan() || v.is_nan() {
+        f64::NAN
+    } else {
+        best.max(v)
     }
-    best.unwrap_or(f64::NAN)
 }
 
 /// `sum(word_score * weight / sum(weights))` with specials weighted 0. A zero weight sum
@@ -176,18 +174,24 @@ pub fn greedy_cos_idf(
     let p_vec = normalized(prediction.vectors, dim);
     let r_vec = normalized(reference.vectors, dim);
     let (np, nr) = (prediction.len(), reference.len());
-    let mut sim = vec![0.0f64; np * nr];
+    // Each token's best match in the other text: the similarity matrix's row and column
+    // maxima, kept as running maxima so that memory stays linear in the text lengths.
+    let mut word_precision = vec![f64::NEG_INFINITY; np];
+    let mut word_recall = vec![f64::NEG_INFINITY; nr];
     for (i, p) in p_vec.chunks(dim).enumerate() {
         for (j, r) in r_vec.chunks(dim).enumerate() {
-            sim[i * nr + j] = p.iter().zip(r).map(|(a, b)| a * b).sum();
+            let sim: f64 = p.iter().zip(r).map(|(a, b)| a * b).sum();
+            word_precision[i] = max_propagating_nan(word_precision[i], sim);
+            word_recall[j] = max_propagating_nan(word_recall[j], sim);
         }
     }
-    let word_precision: Vec<f64> = (0..np)
-        .map(|i| max_propagating_nan((0..nr).map(|j| sim[i * nr + j])))
-        .collect();
-    let word_recall: Vec<f64> = (0..nr)
-        .map(|j| max_propagating_nan((0..np).map(|i| sim[i * nr + j])))
-        .collect();
+    // torch cannot take a max over nothing; an empty other side leaves these undefined.
+    if nr == 0 {
+        word_precision.fill(f64::NAN);
+    }
+    if np == 0 {
+        word_recall.fill(f64::NAN);
+    }
 
     let mut precision = weighted_mean(&word_precision, prediction);
     let mut recall = weighted_mean(&word_recall, reference);
