@@ -79,6 +79,8 @@ pub fn run(args: EvalArgs, ctx: &Context) -> Result<()> {
         store.update_run(&run.id, |r| r.usage = usage.clone())?;
     }
     let run = result?;
+    // Re-read: the usage was recorded after the pipeline returned its copy.
+    let run = store.get_run(&run.id)?.unwrap_or(run);
     let samples = store.samples(&run.id)?;
 
     print_summary(&run, &samples);

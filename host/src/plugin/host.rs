@@ -244,17 +244,17 @@ impl wasmtime::ResourceLimiter for HostState {
         _current: usize,
         desired: usize,
         _maximum: Option<usize>,
-    ) -> anyhow::Result<bool> {
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_limit {
             self.memory_exceeded = true;
             // An error (rather than Ok(false)) traps, so every guest language fails the same
             // way instead of each handling a failed grow in its own fashion.
-            anyhow::bail!("memory limit of {} MiB reached", self.memory_limit >> 20);
+            wasmtime::bail!("memory limit of {} MiB reached", self.memory_limit >> 20);
         }
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> anyhow::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
     }
 }

@@ -139,6 +139,15 @@ fn is_identifier(s: &str) -> bool {
         && s.chars().next().is_some_and(|c| c.is_ascii_lowercase())
 }
 
+/// Score names are flat and global (`rouge1`, `rougeLsum`, `bertscore_f1`): letters of either
+/// case, digits, `-`, `_`, starting with a letter.
+fn is_score_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+}
+
 fn check_manifest(m: &Manifest) -> Result<(), String> {
     if !is_identifier(&m.name) {
         return Err(format!(
@@ -159,8 +168,8 @@ fn check_scores(scores: &[ScoreSpec]) -> Result<(), String> {
     }
     let mut seen = std::collections::BTreeSet::new();
     for s in scores {
-        if !is_identifier(&s.name) {
-            return Err(format!("score name {:?} must be lowercase letters, digits, '-' or '_'", s.name));
+        if !is_score_name(&s.name) {
+            return Err(format!("score name {:?} must start with a letter and hold only letters, digits, '-' or '_'", s.name));
         }
         if !seen.insert(&s.name) {
             return Err(format!("score {:?} is declared twice", s.name));

@@ -91,14 +91,15 @@ impl Runtime {
         config.epoch_interruption(true);
         config.cranelift_opt_level(OptLevel::Speed);
         config.parallel_compilation(true);
-        let engine = Engine::new(&config).context("failed to create the wasmtime engine")?;
+        let engine = Engine::new(&config).map_err(anyhow::Error::from).context("failed to create the wasmtime engine")?;
 
         let mut linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).context("failed to link WASI")?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from).context("failed to link WASI")?;
         latest::imports::Imports::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(
             &mut linker,
             |state| state,
         )
+        .map_err(anyhow::Error::from)
         .context("failed to link the host capabilities")?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
@@ -170,7 +171,6 @@ impl Runtime {
         };
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        wasmtime::VERSION.hash(&mut hasher);
         let path = dir.join(format!("{sha256}-{:016x}.cwasm", hasher.finish()));
         if path.exists() {
             // SAFETY: the file was written by `precompile_component` of an engine with the same
@@ -256,7 +256,7 @@ impl Loaded {
                 Ok(UpdateDeadline::Continue(1))
             }
         });
-        let host_err = |e: anyhow::Error| PluginError::Trap { plugin: plugin.to_string(), message: format!("{e:#}") };
+        let host_err = |e: wasmtime::Error| PluginError::Trap { plugin: plugin.to_string(), message: format!("{e:#}") };
         let instance = match &self.pre {
             Pre::Metric(pre) => Instance::Metric(pre.instantiate(&mut store).map_err(host_err)?),
             Pre::Formatter(pre) => Instance::Formatter(pre.instantiate(&mut store).map_err(host_err)?),
@@ -340,7 +340,7 @@ impl Session {
         }
     }
 
-    fn classify(&self, plugin: &str, e: anyhow::Error) -> PluginError {
+    fn classify(&self, plugin: &str, e: wasmtime::Error) -> PluginError {
         let state = self.store.data();
         if state.memory_exceeded {
             return PluginError::OutOfMemory {
