@@ -6,3 +6,4 @@ mod cli;
 mod eval;
 mod judge;
 mod sandbox;
+mod server;

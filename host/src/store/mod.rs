@@ -189,13 +189,15 @@ impl Store {
 
     // ---- samples ----
 
-    /// Write finished samples of a run in one atomic batch.
+    /// Write finished samples of a run in one atomic batch, durably: once this returns, a
+    /// crash (even `kill -9`) does not lose them.
     pub fn put_samples(&self, run_id: &str, samples: &[SampleRecord]) -> Result<()> {
         let mut batch = sled::Batch::default();
         for s in samples {
             batch.insert(sample_key(run_id, s.index), encode(s)?);
         }
         self.samples.apply_batch(batch)?;
+        self.db.flush()?;
         Ok(())
     }
 
