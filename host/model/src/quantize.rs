@@ -37,6 +37,9 @@ pub struct QuantizeOptions {
     pub keep_dense: Vec<String>,
     /// Shard the output when a single input file is larger than this.
     pub max_shard_bytes: Option<u64>,
+    /// Cast every float tensor to this dtype first (transformers' `dtype=` when it loads a model
+    /// to quantize it); `None` keeps the checkpoint's dtypes.
+    pub cast: Option<DType>,
 }
 
 impl Default for QuantizeOptions {
@@ -56,6 +59,7 @@ impl Default for QuantizeOptions {
             .map(String::from)
             .to_vec(),
             max_shard_bytes: None,
+            cast: None,
         }
     }
 }
@@ -81,14 +85,26 @@ pub fn quantize_map(
     let mut out = TensorMap::new(map.origin());
     let mut done = Vec::new();
     for (name, t) in map.iter() {
-        let Some(module) = opts.quantizes(name, t) else {
-            out.insert(name.clone(), t.clone());
-            continue;
-        };
         let candle = |source| QuantizeError::Candle {
             origin: map.origin().to_string(),
             name: name.clone(),
             source,
+        };
+        let is_float = matches!(
+            t.dtype(),
+            DType::BF16 | DType::F16 | DType::F32 | DType::F64
+        );
+        let cast;
+        let t = match opts.cast {
+            Some(dtype) if is_float && t.dtype() != dtype => {
+                cast = t.to_dtype(dtype).map_err(candle)?;
+                &cast
+            }
+            _ => t,
+        };
+        let Some(module) = opts.quantizes(name, t) else {
+            out.insert(name.clone(), t.clone());
+            continue;
         };
         let q = Nf4Tensor::from_tensor(t, opts.nf4).map_err(candle)?;
         for (k, v) in bnb::nf4_tensors(&module, &q).map_err(candle)? {
@@ -127,6 +143,18 @@ pub fn quantize_model_dir(
         })?;
     config["quantization_config"] =
         bnb::quantization_config(opts.compute_dtype, opts.nf4.double_quant, None);
+    if let (Some(dtype), Some(obj)) = (opts.cast.and_then(bnb::dtype_name), config.as_object_mut())
+    {
+        // transformers 5 writes `dtype`, 4.x `torch_dtype`; update whichever is there.
+        for key in ["dtype", "torch_dtype"] {
+            if obj.contains_key(key) {
+                obj.insert(
+                    key.to_string(),
+                    serde_json::Value::String(dtype.to_string()),
+                );
+            }
+        }
+    }
     files.push(tensors::write_config(dst, &config)?);
     quantized.sort();
     Ok(QuantizeReport {
