@@ -375,8 +375,18 @@ impl Linear {
     /// The forward pass; `train` turns the adapter's dropout on.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if let Some(w) = self.lora.as_ref().and_then(|l| l.merged()) {
-            let y = x.broadcast_matmul(&w.t()?)?;
-            return self.add_bias(y);
+            // The merged weight is in the base's compute dtype; answer in the input's.
+            let xw = if x.dtype() != w.dtype() {
+                x.to_dtype(w.dtype())?
+            } else {
+                x.clone()
+            };
+            let y = self.add_bias(xw.broadcast_matmul(&w.t()?)?)?;
+            return if y.dtype() != x.dtype() {
+                y.to_dtype(x.dtype())
+            } else {
+                Ok(y)
+            };
         }
         let y = self.add_bias(self.base.forward(x)?)?;
         let Some(lora) = &self.lora else { return Ok(y) };
@@ -391,6 +401,8 @@ impl Linear {
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         match &self.bias {
+            // An NF4 base answers in the input's dtype, which may differ from the bias's.
+            Some(b) if b.dtype() != y.dtype() => y.broadcast_add(&b.to_dtype(y.dtype())?),
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
@@ -888,6 +900,42 @@ mod tests {
         assert!(max_diff(&before, &merged) < 1e-4);
         lin.unmerge_lora();
         assert!(max_diff(&before, &lin.forward(x.as_tensor()).unwrap()) == 0.0);
+    }
+
+    #[test]
+    fn mixed_dtypes_bf16_compute_f32_input_with_bias_and_merge() {
+        let vb = vb_from(
+            vec![
+                ("fc.weight".into(), randn((8, 64), 0.1, 14)),
+                ("fc.bias".into(), randn((1, 8), 0.1, 15).reshape(8).unwrap()),
+            ],
+            DType::F32,
+        );
+        let cfg = LoraConfig {
+            r: 2,
+            lora_alpha: 2.0,
+            target_modules: TargetModules::names(["fc"]),
+            ..Default::default()
+        };
+        let b = LinearBuilder::nf4()
+            .with_compute_dtype(DType::BF16)
+            .with_lora(cfg)
+            .unwrap();
+        let lin = b.load(vb.pp("fc"), 64, 8, true).unwrap();
+        assert_eq!(lin.bias.as_ref().unwrap().dtype(), DType::BF16);
+        lin.lora
+            .as_ref()
+            .unwrap()
+            .b
+            .set(&Tensor::ones((8, 2), DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        let x = randn((3, 64), 1.0, 16);
+        let y = lin.forward(&x).unwrap();
+        assert_eq!((y.dtype(), y.dims()), (DType::F32, &[3usize, 8][..]));
+        lin.merge_lora().unwrap();
+        let ym = lin.forward(&x).unwrap();
+        assert_eq!(ym.dtype(), DType::F32);
+        assert!(max_diff(&y, &ym) < 0.1, "{}", max_diff(&y, &ym));
     }
 
     #[test]

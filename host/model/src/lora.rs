@@ -237,7 +237,8 @@ pub struct LoraLayer {
 }
 
 impl LoraLayer {
-    /// `dropout(x) @ A^T @ B^T * scaling`, computed in the adapter's dtype and returned in `x`'s.
+    /// `dropout(x) @ A^T @ B^T * scaling`, computed and returned in the adapter's dtype (PEFT
+    /// casts the input to it too).
     pub fn delta_y(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let a = self.a.as_tensor();
         let b = self.b.as_tensor();

@@ -21,6 +21,8 @@ use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 
 /// The 16 NF4 code values, as bitsandbytes' CUDA kernels hold them (`nf4_dequantization_lut`).
+/// The digits are bitsandbytes' own; each literal rounds to the same f32 as in nvcc.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -47,6 +49,7 @@ pub const NF4_CODE: [f32; 16] = [
 /// Seven of them are decimal ties between two f32 values; nvcc, like Rust, rounds the literal
 /// straight to f32, while going through f64 first (Python's `float32(0.848...)`) picks the other
 /// neighbour for four of them, so these literals must stay f32 literals.
+#[allow(clippy::excessive_precision)]
 const NF4_THRESHOLDS: [f32; 15] = [
     -0.848_096_400_499_343_9,
     -0.610_632_926_225_662_2,
@@ -331,7 +334,7 @@ impl Nf4Tensor {
 const PAR_CHUNK_ELEMS: usize = 1 << 18;
 
 fn check_blocksize(bs: usize) -> Result<(), Nf4Error> {
-    if (2..=4096).contains(&bs) && bs % 2 == 0 {
+    if (2..=4096).contains(&bs) && bs.is_multiple_of(2) {
         Ok(())
     } else {
         Err(Nf4Error::BadBlocksize(bs))
@@ -561,13 +564,8 @@ mod tests {
     use super::*;
 
     fn nearest(v: f32) -> u8 {
-        let mut best = 0;
-        for i in 1..16 {
-            if (v - NF4_CODE[i]).abs() < (v - NF4_CODE[best]).abs() {
-                best = i;
-            }
-        }
-        best as u8
+        let dist = |i: usize| (v - NF4_CODE[i]).abs();
+        (1..16).fold(0, |best, i| if dist(i) < dist(best) { i } else { best }) as u8
     }
 
     #[test]

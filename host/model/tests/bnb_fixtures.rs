@@ -471,7 +471,10 @@ fn our_files_are_byte_identical_to_hf_and_peft() {
         } else {
             // The Falcon one was written by the fixture script by hand (transformers 5.17 does not
             // quantize Falcon); only its quantization_config is transformers' own.
-            assert_eq!(read(&dst)["quantization_config"], read(&theirs)["quantization_config"]);
+            assert_eq!(
+                read(&dst)["quantization_config"],
+                read(&theirs)["quantization_config"]
+            );
         }
 
         // The PEFT adapter, read and written back through layers of the model's shapes.
