@@ -306,14 +306,13 @@ impl Nf4Tensor {
                 let a = absmax[b];
                 let table: [T; 16] = std::array::from_fn(|i| convert(NF4_CODE[i] * a));
                 let bytes = &self.codes[b * bs / 2..];
-                let half = block.len() / 2;
-                let mut pairs = block.chunks_exact_mut(2);
-                for (pair, &byte) in (&mut pairs).zip(bytes) {
-                    pair[0] = table[(byte >> 4) as usize];
-                    pair[1] = table[(byte & 0x0f) as usize];
+                // Fixed-size pairs let the compiler drop the bounds checks in the hot loop.
+                let (pairs, last) = block.as_chunks_mut::<2>();
+                for (pair, &byte) in pairs.iter_mut().zip(bytes) {
+                    *pair = [table[(byte >> 4) as usize], table[(byte & 0x0f) as usize]];
                 }
-                if let [last] = pairs.into_remainder() {
-                    *last = table[(bytes[half] >> 4) as usize];
+                if let [last] = last {
+                    *last = table[(bytes[pairs.len()] >> 4) as usize];
                 }
             }
         };
