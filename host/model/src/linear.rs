@@ -326,7 +326,8 @@ impl CustomOp1 for Nf4MatMul {
         }
     }
 
-    #[cfg(feature = "cuda")]
+    // Not behind the `cuda` feature: without it candle's stand-in CudaStorage implements the
+    // same trait, so this is type-checked in every build and never called.
     fn cuda_fwd(
         &self,
         s: &candle_core::CudaStorage,
