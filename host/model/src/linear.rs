@@ -9,6 +9,26 @@
 //!
 //! **API Boundary:** `LinearBuilder::load(vb, in, out, bias)` is what model code calls; its
 //! signature stays put. Everything about formats and adapters is configuration on the builder.
+//!
+//! How callers use it:
+//! ```text
+//! // QLoRA training: NF4 base (pre-quantized `*-bnb-4bit` layers are read as stored), bf16
+//! // compute, fresh adapters on the PEFT-style targets.
+//! let lora = LoraConfig { r: 16, lora_alpha: 32.0, lora_dropout: 0.1,
+//!     target_modules: TargetModules::names(["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+//!     ..Default::default() };
+//! let builder = LinearBuilder::nf4().with_compute_dtype(DType::BF16).with_lora(lora)?;
+//! let model = Falcon::load(vb, &cfg, &builder)?;          // calls builder.load(...) per linear
+//! let reg = builder.lora().unwrap();
+//! reg.set_training(true);                                  // dropout on
+//! let opt = AdamW::new(reg.varmap().all_vars(), params)?;  // only A and B train
+//! peft::save_adapter(dir, reg, &SaveOptions::default())?;  // adapter_config.json + safetensors
+//!
+//! // Inference with a PEFT adapter from disk:
+//! let builder = LinearBuilder::nf4().with_lora_registry(peft::load_adapter(dir)?.into_registry()?);
+//! let model = Falcon::load(vb, &cfg, &builder)?;
+//! builder.lora().unwrap().finish()?;                      // every adapter tensor found a layer
+//! ```
 
 use std::sync::{Arc, Mutex};
 
