@@ -14,10 +14,10 @@
 //! samples that were scored (samples with an error do not count).
 //!
 //! A *word* is a maximal run of characters that are not one of the six ASCII whitespace
-//! characters [`SEPARATORS`]. Other Unicode whitespace (no-break space, U+2003, ...) is part
-//! of a word. This definition is deliberately narrow: Rust's `split_whitespace`, Python's
-//! `str.split()` and JavaScript's `\s` each use a different Unicode whitespace set, and Rust's
-//! `split_ascii_whitespace` leaves out the vertical tab.
+//! characters [`SEPARATORS`], ignoring U+FEFF (see [`IGNORED`]). Other Unicode whitespace
+//! (no-break space, U+2003, ...) is part of a word. This definition is deliberately narrow:
+//! Rust's `split_whitespace`, Python's `str.split()` and JavaScript's `\s` each use a different
+//! Unicode whitespace set, and Rust's `split_ascii_whitespace` leaves out the vertical tab.
 //!
 //! Setting `max_ratio` (`--set length.max_ratio=2`): a non-negative decimal number
 //! (`2`, `2.5`, `.5`, `1e3`, optionally with a leading `+`; no `inf`, `nan`, hex or `_`).
@@ -43,21 +43,30 @@ pub const DESCRIPTION: &str = "Prediction length in words, and its ratio to the 
 /// and form feed. Every other character, including non-ASCII whitespace, belongs to a word.
 pub const SEPARATORS: [char; 6] = [' ', '\t', '\n', '\r', '\x0b', '\x0c'];
 
+/// Ignored when counting words, as if deleted first: U+FEFF, the byte-order mark (or zero-width
+/// no-break space). The JavaScript runtime (componentize-js 0.23 / StarlingMonkey) drops a
+/// leading U+FEFF from every string it receives from the host, so a JavaScript metric cannot
+/// see it there; ignoring it everywhere keeps the three implementations identical.
+pub const IGNORED: char = '\u{feff}';
+
 /// The largest value either score can take, as declared in the score specs.
 pub const SCORE_MAX: f64 = 1e9;
 
-/// The number of words in `text`: maximal runs of characters outside [`SEPARATORS`].
+/// The number of words in `text`: maximal runs of characters outside [`SEPARATORS`] once
+/// [`IGNORED`] is deleted, that is, runs with at least one character other than [`IGNORED`].
 pub fn words(text: &str) -> usize {
     text.split(SEPARATORS)
-        .filter(|word| !word.is_empty())
+        .filter(|run| run.chars().any(|c| c != IGNORED))
         .count()
 }
 
-/// Parse the `max_ratio` setting. Accepted, after trimming [`SEPARATORS`] from both ends:
+/// Parse the `max_ratio` setting. [`IGNORED`] is deleted first, as in [`words`], and the error
+/// message quotes the value without it. Accepted, after trimming [`SEPARATORS`] from both ends:
 /// `+? (DIGITS [. DIGITS?] | . DIGITS) ([eE] [+-]? DIGITS)?`, finite. The grammar is strict on
 /// purpose: each language's own float parser accepts a different superset (Python takes `1_0`
 /// and `inf`, JavaScript takes `0x10` and the empty string), and all three plugins must agree.
 pub fn parse_max_ratio(raw: &str) -> Result<f64, String> {
+    let raw = raw.replace(IGNORED, "");
     let invalid = || format!("setting `max_ratio`: expected a non-negative number, got \"{raw}\"");
     let text = raw.trim_matches(SEPARATORS);
     if !is_plain_decimal(text) {
@@ -216,6 +225,15 @@ mod tests {
     }
 
     #[test]
+    fn words_ignore_the_byte_order_mark() {
+        assert_eq!(words("\u{feff}"), 0);
+        assert_eq!(words("\u{feff}a"), 1);
+        assert_eq!(words("\u{feff} a"), 1);
+        assert_eq!(words("a \u{feff}\u{feff} b"), 2);
+        assert_eq!(words("a\u{feff}b"), 1);
+    }
+
+    #[test]
     fn scores_words_and_ratio() {
         let batch = score_samples(&[sample("a b c", "a b"), sample("", "x y z w")], None);
         assert_eq!(scores(&batch.samples[0]), (3.0, 1.5));
@@ -267,6 +285,7 @@ mod tests {
             ("1E-2", 0.01),
             ("0", 0.0),
             ("1e-400", 0.0),
+            ("\u{feff}2", 2.0),
         ] {
             assert_eq!(parse_max_ratio(raw), Ok(value), "{raw:?}");
         }
@@ -280,6 +299,10 @@ mod tests {
                 format!("setting `max_ratio`: expected a non-negative number, got \"{raw}\"")
             );
         }
+        assert_eq!(
+            parse_max_ratio("\u{feff}x").unwrap_err(),
+            "setting `max_ratio`: expected a non-negative number, got \"x\""
+        );
     }
 
     #[test]

@@ -9,15 +9,19 @@
 // the rules below are written so that all three can follow them exactly.
 //
 // - A word is a maximal run of characters other than the six ASCII whitespace characters
-//   space, \t, \n, \r, \v (\x0b) and \f (\x0c). Not /\s/ or String.prototype.trim: those
-//   use JavaScript's own Unicode whitespace set, which the other languages do not.
+//   space, \t, \n, \r, \v (\x0b) and \f (\x0c), after deleting every U+FEFF. Not /\s/ or
+//   String.prototype.trim: those use JavaScript's own Unicode whitespace set, which the other
+//   languages do not. U+FEFF is deleted because this runtime drops a leading U+FEFF from every
+//   string it receives from the host (a text "\uFEFF" arrives as ""), so the Rust and Python
+//   versions ignore it too.
 // - length_words = words(prediction); length_ratio = words(prediction) / words(reference),
 //   clipped to the `max_ratio` setting when set; a reference without words is the sample
 //   error "reference is empty".
 // - Corpus: length_words_total = sum of length_words over the scored samples.
-// - `max_ratio` must match `+? (DIGITS [. DIGITS?] | . DIGITS) ([eE] [+-]? DIGITS)?` after
-//   trimming the separators, and be finite; otherwise the batch fails. Number() alone would
-//   also take "", "0x10" and "Infinity".
+// - `max_ratio`, U+FEFF deleted first (also in the error message), must match
+//   `+? (DIGITS [. DIGITS?] | . DIGITS) ([eE] [+-]? DIGITS)?` after trimming the separators,
+//   and be finite; otherwise the batch fails. Number() alone would also take "", "0x10" and
+//   "Infinity".
 //
 // Bindings: WIT records are objects with camelCase fields, variants are { tag, val },
 // enums are strings, tuples are arrays, an absent option is undefined. Throwing a string
@@ -35,13 +39,14 @@ const WORD = /[^ \t\n\r\v\f]+/g;
 const EDGE_SEPARATORS = /^[ \t\n\r\v\f]+|[ \t\n\r\v\f]+$/g;
 const PLAIN_DECIMAL = /^\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$/;
 
-/** The number of maximal runs of characters outside the six ASCII separators. */
+/** The number of maximal runs of characters outside the six ASCII separators, U+FEFF deleted first. */
 function words(text) {
-  const found = text.match(WORD);
+  const found = text.replaceAll("\uFEFF", "").match(WORD);
   return found === null ? 0 : found.length;
 }
 
-function parseMaxRatio(raw) {
+function parseMaxRatio(setting) {
+  const raw = setting.replaceAll("\uFEFF", "");
   const invalid = 'setting `max_ratio`: expected a non-negative number, got "' + raw + '"';
   const text = raw.replace(EDGE_SEPARATORS, "");
   if (!PLAIN_DECIMAL.test(text)) {

@@ -9,15 +9,17 @@ It must give bit-identical results to the Rust and JavaScript versions for the s
 the rules below are written so that all three can follow them exactly.
 
 - A word is a maximal run of characters other than the six ASCII whitespace characters
-  space, \\t, \\n, \\r, \\v (\\x0b) and \\f (\\x0c). Not `str.split()`: that splits on all
-  Unicode whitespace (\\xa0, \\u2003, \\x1c...), which the other languages do not.
+  space, \\t, \\n, \\r, \\v (\\x0b) and \\f (\\x0c), after deleting every U+FEFF (the
+  JavaScript runtime drops a leading U+FEFF from the strings it receives). Not `str.split()`:
+  that splits on all Unicode whitespace (\\xa0, \\u2003, \\x1c...), which the others do not.
 - `length_words` = words(prediction); `length_ratio` = words(prediction) / words(reference),
   clipped to the `max_ratio` setting when set; a reference without words is the sample error
   "reference is empty".
 - Corpus: `length_words_total` = sum of `length_words` over the scored samples.
-- `max_ratio` must match `+? (DIGITS [. DIGITS?] | . DIGITS) ([eE] [+-]? DIGITS)?` after
-  trimming the separators, and be finite; otherwise the batch fails. Python's float() alone
-  would also take "1_0", "inf" and "nan".
+- `max_ratio`, U+FEFF deleted first (also in the error message), must match
+  `+? (DIGITS [. DIGITS?] | . DIGITS) ([eE] [+-]? DIGITS)?` after trimming the separators,
+  and be finite; otherwise the batch fails. Python's float() alone would also take "1_0",
+  "inf" and "nan".
 """
 
 import re
@@ -43,16 +45,18 @@ DESCRIPTION = "Prediction length in words, and its ratio to the reference length
 SCORE_MAX = 1e9
 
 SEPARATORS = " \t\n\r\x0b\x0c"
+IGNORED = "\ufeff"
 _WORD = re.compile("[^ \t\n\r\x0b\x0c]+")
 _PLAIN_DECIMAL = re.compile(r"\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 def words(text: str) -> int:
-    """The number of maximal runs of characters outside SEPARATORS."""
-    return len(_WORD.findall(text))
+    """The number of maximal runs of characters outside SEPARATORS, IGNORED deleted first."""
+    return len(_WORD.findall(text.replace(IGNORED, "")))
 
 
 def parse_max_ratio(raw: str) -> float:
+    raw = raw.replace(IGNORED, "")
     invalid = 'setting `max_ratio`: expected a non-negative number, got "' + raw + '"'
     text = raw.strip(SEPARATORS)
     # [0-9], not \d: \d also matches other scripts' digits, which float() would accept.
