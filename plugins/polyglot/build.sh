@@ -13,6 +13,9 @@
 #                                    jco 1.35.0, preview2-shim 0.17.9 (npm)
 #     built/<input hash>/            components already built from identical inputs
 #
+# Toolchains of older lock files and cached builds unused for 30 days are deleted. Two runs
+# that share the cache directory wait for each other (flock, where available).
+#
 # A component is rebuilt only when its inputs change: the source, the WIT contract, this
 # script and the toolchain pins are hashed, and a build with the same hash is copied from
 # built/. ADAPTERLAB_POLYGLOT_REBUILD=1 ignores that cache (the toolchains are still reused).
@@ -58,6 +61,15 @@ NODE_MAJOR=$(node -p 'process.versions.node.split(".")[0]')
 
 mkdir -p "$1" "$TOOLCHAINS"
 OUT=$(cd "$1" && pwd)
+
+# One build.sh at a time per toolchain directory (where flock exists: Linux, not macOS).
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$TOOLCHAINS/.lock"
+    if ! flock -n 9; then
+        say "waiting for another build.sh that uses $TOOLCHAINS"
+        flock 9
+    fi
+fi
 
 # sha256 over the named files (path relative to $ROOT, then content), plus extra strings.
 hash_inputs() {
@@ -193,5 +205,10 @@ JS_HASH=$(hash_inputs "$JS_SRC/length.js" "$JS_SRC/package-lock.json" $WIT_FILES
 build length-js "js-$JS_HASH" \
     in_dir "$JS_SRC" node "$COMPONENTIZE_JS" length.js --wit "$WIT" --world-name "$WORLD" \
     --disable http fetch-event -o "$STAGE/length-js.wasm"
+
+# Forget toolchains of older lock files and builds that have not been used for 30 days.
+touch "$JS_PREFIX" "$TOOLCHAINS/built/py-$PY_HASH" "$TOOLCHAINS/built/js-$JS_HASH"
+find "$TOOLCHAINS" -mindepth 1 -maxdepth 1 -type d -name 'js-*' -mtime +30 -exec rm -rf {} +
+find "$TOOLCHAINS/built" -mindepth 1 -maxdepth 1 -type d -mtime +30 -exec rm -rf {} +
 
 say "done: $OUT/length-py.wasm $OUT/length-js.wasm"
