@@ -180,10 +180,8 @@ impl Metric for Length {
     }
 }
 
-// The export only exists in the WebAssembly build: its symbol names (`adapterlab:plugin/...`)
-// are not valid in a native linker's version script, so a native `cargo test`, which also
-// links the cdylib, would fail to link with it.
-#[cfg(target_arch = "wasm32")]
+// Exports `Length` as the component's `metric` interface. The macro exports only when
+// compiling for wasm, so `cargo test` links this crate natively too.
 adapterlab_sdk::export_metric!(Length);
 
 #[cfg(test)]
