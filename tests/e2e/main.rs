@@ -6,4 +6,5 @@ mod cli;
 mod eval;
 mod judge;
 mod sandbox;
+mod polyglot;
 mod server;

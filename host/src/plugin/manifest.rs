@@ -181,11 +181,13 @@ fn check_scores(scores: &[ScoreSpec]) -> Result<(), String> {
     Ok(())
 }
 
-/// The source language recorded in the component's `producers` sections. Components built
-/// from Python or JavaScript embed an interpreter written in C/Rust, so the guest language
-/// is preferred over the interpreter's.
+/// The guest language, from the component's `producers` sections. Components built from
+/// Python or JavaScript embed an interpreter written in C and Rust, so their tools' marks are
+/// looked for first: ComponentizeJS records itself; componentize-py leaves no producers entry
+/// but links its runtime library by name.
 pub fn detect_language(bytes: &[u8]) -> String {
-    let mut found: Vec<String> = Vec::new();
+    let mut languages: Vec<String> = Vec::new();
+    let mut tools: Vec<String> = Vec::new();
     for payload in wasmparser::Parser::new(0).parse_all(bytes) {
         let Ok(wasmparser::Payload::CustomSection(reader)) = payload else { continue };
         if reader.name() != "producers" {
@@ -198,20 +200,30 @@ pub fn detect_language(bytes: &[u8]) -> String {
             continue;
         };
         for field in producers.into_iter().flatten() {
-            if field.name != "language" {
-                continue;
-            }
-            for value in field.values.into_iter().flatten() {
-                found.push(value.name.to_string());
+            let names = field.values.into_iter().flatten().map(|v| v.name.to_string());
+            match field.name {
+                "language" => languages.extend(names),
+                "processed-by" => tools.extend(names),
+                _ => {}
             }
         }
     }
-    for preferred in ["Python", "JavaScript", "Go", "C#", "Rust", "C++", "C11", "C99", "C"] {
-        if let Some(l) = found.iter().find(|l| l.eq_ignore_ascii_case(preferred) || l.starts_with(preferred)) {
-            return l.clone();
+    if tools.iter().any(|t| t == "ComponentizeJS") || languages.iter().any(|l| l == "JavaScript") {
+        return "JavaScript".into();
+    }
+    if contains(bytes, b"componentize_py_runtime") || languages.iter().any(|l| l == "Python") {
+        return "Python".into();
+    }
+    for (mark, name) in [("Go", "Go"), ("C#", "C#"), ("Rust", "Rust"), ("C_plus_plus", "C++"), ("C", "C")] {
+        if languages.iter().any(|l| l.starts_with(mark)) {
+            return name.into();
         }
     }
-    found.into_iter().next().unwrap_or_else(|| "unknown".to_string())
+    "unknown".into()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 mod capability_names {
