@@ -20,6 +20,12 @@
 //! - [`bert`]: the encoder behind BERTScore embeddings.
 //! - [`commands`]: the library side of the CLI commands (`params`, `generate`, `eval_loss`).
 
+pub mod attention;
+pub mod causal_lm;
 pub mod config;
+pub mod falcon;
+pub mod layers;
+pub mod linear;
+pub mod llama;
 
 pub use causal_lm::CausalLm;
