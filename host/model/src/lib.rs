@@ -22,10 +22,12 @@
 
 pub mod attention;
 pub mod causal_lm;
+pub mod chat;
 pub mod config;
 pub mod falcon;
 pub mod layers;
 pub mod linear;
 pub mod llama;
+pub mod loader;
 
 pub use causal_lm::CausalLm;
