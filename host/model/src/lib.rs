@@ -25,9 +25,12 @@ pub mod causal_lm;
 pub mod chat;
 pub mod config;
 pub mod falcon;
+pub mod generate;
 pub mod layers;
 pub mod linear;
 pub mod llama;
 pub mod loader;
+pub mod loss;
+pub mod params;
 
 pub use causal_lm::CausalLm;
