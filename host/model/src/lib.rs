@@ -26,6 +26,7 @@ pub mod chat;
 pub mod config;
 pub mod falcon;
 pub mod generate;
+pub mod gguf;
 pub mod layers;
 pub mod linear;
 pub mod llama;
