@@ -20,7 +20,9 @@
 //! - [`bert`]: the encoder behind BERTScore embeddings.
 //! - [`commands`]: the library side of the CLI commands (`params`, `generate`, `eval_loss`).
 
+pub mod assets;
 pub mod attention;
+pub mod bert;
 pub mod causal_lm;
 pub mod chat;
 pub mod config;
