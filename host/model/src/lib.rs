@@ -23,8 +23,9 @@
 pub mod assets;
 pub mod attention;
 pub mod bert;
-pub mod causal_lm;
 pub mod chat;
+pub mod commands;
+pub mod causal_lm;
 pub mod config;
 pub mod falcon;
 pub mod generate;
@@ -32,8 +33,8 @@ pub mod gguf;
 pub mod layers;
 pub mod linear;
 pub mod llama;
-pub mod loader;
 pub mod loss;
+pub mod loader;
 pub mod params;
 
 pub use causal_lm::CausalLm;
