@@ -182,7 +182,7 @@ impl Rotary {
                     };
                     let smooth = (old / wavelen - low) / (high - low);
                     let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     *f = if medium { smoothed } else { scaled };
                 }
             }

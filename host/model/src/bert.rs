@@ -61,7 +61,9 @@ impl BertConfig {
                 self.position_embedding_type
             );
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             bail!(
                 "config field `num_attention_heads` ({}) does not divide hidden_size ({})",
                 self.num_attention_heads,

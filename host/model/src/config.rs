@@ -407,7 +407,9 @@ impl FalconConfig {
     /// Refuses what [`crate::falcon`] does not implement, and combinations transformers itself
     /// cannot run, naming the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(ConfigError::Invalid {
                 field: "num_attention_heads",
                 reason: format!(
@@ -416,14 +418,15 @@ impl FalconConfig {
                 ),
             });
         }
-        if !self.alibi && self.head_dim() % 2 != 0 {
+        if !self.alibi && !self.head_dim().is_multiple_of(2) {
             return Err(ConfigError::Invalid {
                 field: "hidden_size",
                 reason: "rotary needs an even head_dim".into(),
             });
         }
         if self.new_decoder_architecture {
-            if self.num_kv_heads == 0 || self.num_attention_heads % self.num_kv_heads != 0 {
+            if self.num_kv_heads == 0 || !self.num_attention_heads.is_multiple_of(self.num_kv_heads)
+            {
                 return Err(ConfigError::Invalid {
                     field: "num_kv_heads",
                     reason: format!(
@@ -455,10 +458,11 @@ impl FalconConfig {
                 ));
             }
         }
-        if let Some(n) = self.num_ln_in_parallel_attn {
-            if n != 1 && n != 2 {
-                return Err(unsupported("num_ln_in_parallel_attn", n, "must be 1 or 2"));
-            }
+        if let Some(n) = self.num_ln_in_parallel_attn
+            && n != 1
+            && n != 2
+        {
+            return Err(unsupported("num_ln_in_parallel_attn", n, "must be 1 or 2"));
         }
         if self.apply_residual_connection_post_layernorm {
             return Err(unsupported(
@@ -612,7 +616,10 @@ impl LlamaConfig {
                 reason: "is zero".into(),
             });
         }
-        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0
+        if self.num_key_value_heads == 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
         {
             return Err(ConfigError::Invalid {
                 field: "num_key_value_heads",
@@ -622,7 +629,7 @@ impl LlamaConfig {
                 ),
             });
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(ConfigError::Invalid {
                 field: "head_dim",
                 reason: "rotary needs an even head_dim".into(),

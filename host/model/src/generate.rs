@@ -66,7 +66,7 @@ impl GenerationConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if !(self.repetition_penalty > 0.0) {
+        if self.repetition_penalty.is_nan() || self.repetition_penalty <= 0.0 {
             bail!(
                 "repetition_penalty must be positive, got {}",
                 self.repetition_penalty
@@ -76,15 +76,15 @@ impl GenerationConfig {
             temperature, top_p, ..
         } = &self.decoding
         {
-            if !(*temperature > 0.0) {
+            if temperature.is_nan() || *temperature <= 0.0 {
                 bail!(
                     "temperature must be positive when sampling, got {temperature} (use greedy decoding instead)"
                 );
             }
-            if let Some(p) = top_p {
-                if !(*p > 0.0 && *p <= 1.0) {
-                    bail!("top_p must be in (0, 1], got {p}");
-                }
+            if let Some(p) = top_p
+                && !(*p > 0.0 && *p <= 1.0)
+            {
+                bail!("top_p must be in (0, 1], got {p}");
             }
         }
         Ok(())

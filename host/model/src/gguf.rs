@@ -105,12 +105,12 @@ pub fn llama_config(ct: &Content) -> Result<LlamaConfig> {
             .len(),
     };
     let head_dim = md_u(ct, "llama.attention.key_length").unwrap_or(hidden / heads);
-    if let Ok(rope_dim) = md_u(ct, "llama.rope.dimension_count") {
-        if rope_dim != head_dim {
-            bail!(
-                "GGUF llama.rope.dimension_count {rope_dim} != head_dim {head_dim}: partial rotary is not supported"
-            );
-        }
+    if let Ok(rope_dim) = md_u(ct, "llama.rope.dimension_count")
+        && rope_dim != head_dim
+    {
+        bail!(
+            "GGUF llama.rope.dimension_count {rope_dim} != head_dim {head_dim}: partial rotary is not supported"
+        );
     }
     let tied = !ct.tensor_infos.contains_key("output.weight");
     let cfg = LlamaConfig {

@@ -217,6 +217,9 @@ fn shards_of_index(index: &Path) -> Result<BTreeMap<String, String>> {
     Ok(shards)
 }
 
+/// Fetches one file of a hub repo by name, returning its local path.
+pub type FetchFile = Box<dyn Fn(&str) -> Result<PathBuf>>;
+
 /// Where and how to reach the hub: transformers' environment variables by default.
 #[derive(Debug, Clone)]
 pub struct Hub {
@@ -250,7 +253,7 @@ impl Hub {
     }
 
     /// A function fetching one file of repo `id` (from the cache only when offline).
-    pub fn fetcher(&self, id: &str) -> Result<Box<dyn Fn(&str) -> Result<PathBuf>>> {
+    pub fn fetcher(&self, id: &str) -> Result<FetchFile> {
         let id = id.to_string();
         if self.offline {
             let repo = self.cache().model(id.clone());
