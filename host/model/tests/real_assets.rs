@@ -118,3 +118,84 @@ fn minilm_tells_paraphrase_from_unrelated() {
     eprintln!("MiniLM cos paraphrase {para:.3}, unrelated {unrelated:.3}");
     assert!(para > 0.7 && unrelated < 0.3, "{para} {unrelated}");
 }
+
+/// Our dequantized, unpermuted HF-layout SmolLM2 against candle's own quantized llama on the same
+/// GGUF (which keeps llama.cpp's layout and interleaved rotary): the same next-token choice and
+/// near-identical logits, which checks the Q/K unpermutation and the renaming on the real file.
+#[test]
+fn smollm2_gguf_agrees_with_candle_quantized_llama() {
+    use adapterlab_model::CausalLm;
+    use candle_core::{Device, Tensor};
+
+    let assets = assets_dir();
+    let path = SMOLLM2
+        .dir(&assets)
+        .join(adapterlab_model::assets::SMOLLM2_GGUF);
+    if !path.is_file() {
+        eprintln!("{} is not cached; skipping", path.display());
+        return;
+    }
+    let ours = adapterlab_model::gguf::load(
+        &path,
+        candle_core::DType::F32,
+        &Device::Cpu,
+        &Default::default(),
+    )
+    .unwrap();
+    let mut f = std::fs::File::open(&path).unwrap();
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let mut theirs = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        ct,
+        &mut f,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let tok = ours.tokenizer.as_ref().unwrap();
+    let ids = tok
+        .encode(
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+            false,
+        )
+        .unwrap();
+    let x = Tensor::new(ids.get_ids(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let a = ours
+        .model
+        .forward_last(&x, None, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = theirs
+        .forward(&x, 0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .unwrap()
+            .0
+    };
+    let (ma, mb) = (
+        a.iter().sum::<f32>() / a.len() as f32,
+        b.iter().sum::<f32>() / b.len() as f32,
+    );
+    let cov: f32 = a.iter().zip(&b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let corr = cov
+        / (a.iter().map(|x| (x - ma).powi(2)).sum::<f32>().sqrt()
+            * b.iter().map(|y| (y - mb).powi(2)).sum::<f32>().sqrt());
+    eprintln!(
+        "argmax ours {} theirs {}, correlation {corr:.5}",
+        argmax(&a),
+        argmax(&b)
+    );
+    assert_eq!(argmax(&a), argmax(&b));
+    assert!(corr > 0.99, "{corr}");
+}
