@@ -199,3 +199,54 @@ fn smollm2_gguf_agrees_with_candle_quantized_llama() {
     assert_eq!(argmax(&a), argmax(&b));
     assert!(corr > 0.99, "{corr}");
 }
+
+/// Eval loss on the real model: a fitting completion costs less than a scrambled one.
+#[test]
+fn smollm2_loss_prefers_the_fitting_completion() {
+    use adapterlab_model::commands::{EvalLossOptions, eval_loss_with, load_model};
+    use adapterlab_model::loss::Row;
+
+    let assets = assets_dir();
+    if !SMOLLM2.is_cached(&assets) {
+        eprintln!("SmolLM2 is not cached in {}; skipping", assets.display());
+        return;
+    }
+    let rt = Runtime::cpu(&assets);
+    let loaded = load_model("smollm2", None, Default::default(), &rt).unwrap();
+    let row = |completion: &str| -> Row {
+        serde_json::from_value(serde_json::json!({
+            "prompt": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+            "completion": completion,
+        }))
+        .unwrap()
+    };
+    let opts = |rows| EvalLossOptions {
+        model: "smollm2".into(),
+        adapter: None,
+        rows,
+        completion_only: true,
+        max_length: Some(1024),
+        batch_size: 2,
+        quantize: Default::default(),
+        runtime: rt.clone(),
+    };
+    let good = eval_loss_with(
+        &loaded,
+        &opts(vec![row("The capital of France is Paris.")]),
+        None,
+    )
+    .unwrap();
+    let bad = eval_loss_with(
+        &loaded,
+        &opts(vec![row("Paris France capital the of is.")]),
+        None,
+    )
+    .unwrap();
+    eprintln!(
+        "loss fitting {:.3} over {} tokens, scrambled {:.3}",
+        good.loss, good.tokens, bad.loss
+    );
+    assert!(good.loss < bad.loss && good.loss < 2.0, "{good:?} {bad:?}");
+    // The EOS (<|im_end|>) is appended as TRL does and counted.
+    assert_eq!(good.tokens, 8);
+}
