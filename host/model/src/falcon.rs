@@ -540,6 +540,28 @@ mod tests {
         Ok(())
     }
 
+    /// The bf16 path (as on a GPU) runs every variant and stays close to f32.
+    #[test]
+    fn bf16_runs_close_to_f32() -> Result<()> {
+        let dev = Device::Cpu;
+        for kind in ["7b", "40b", "11b", "rw"] {
+            let cfg = small(kind);
+            let w = random_weights(&cfg, 7)?;
+            let ids = Tensor::new(&[[0u32, 5, 9, 3, 17]], &dev)?;
+            let mask = Tensor::new(&[[0u32, 1, 1, 1, 1]], &dev)?;
+            let mut out = Vec::new();
+            for dtype in [DType::F32, DType::BF16] {
+                let vb = VarBuilder::from_tensors(w.clone(), dtype, &dev);
+                let model = Falcon::load(vb, &cfg, &LinearBuilder::dense())?;
+                out.push(model.forward_last(&ids, Some(&mask), None)?.to_dtype(DType::F32)?);
+            }
+            let scale = out[0].abs()?.max_all()?.to_scalar::<f32>()?;
+            let d = (&out[0] - &out[1])?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 0.05 * scale.max(1.0), "{kind}: bf16 differs by {d} (scale {scale})");
+        }
+        Ok(())
+    }
+
     #[test]
     fn missing_tensor_is_named() -> Result<()> {
         let cfg = small("40b");
