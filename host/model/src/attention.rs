@@ -1,0 +1,356 @@
+//! What attention needs besides weights, shared by Falcon and Llama: the KV cache, the causal
+//! mask combined with a padding mask, position ids as `generate` computes them, rotary
+//! embeddings, ALiBi biases, and scaled dot-product attention.
+//!
+//! **Architecture Invariant:** the `attention_mask` a model gets always covers the cached tokens
+//! and the new ones (`[batch, past + seq]`), as in transformers; positions, padding and ALiBi are
+//! all derived from it, so left-padded batches give each row the numbers it would get alone.
+
+use candle_core::{D, DType, Device, Result, Tensor};
+
+use crate::config::RopeScaling;
+
+/// Keys and values of every layer seen so far, `[batch, kv_heads, past, head_dim]` each.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; num_layers],
+        }
+    }
+
+    /// Tokens cached so far.
+    pub fn seq_len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dims()[2],
+            _ => 0,
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+    }
+
+    /// Appends this step's keys and values for `layer`, returning all of them.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        if layer >= self.layers.len() {
+            candle_core::bail!(
+                "kv cache has {} layers, asked for layer {layer}",
+                self.layers.len()
+            );
+        }
+        let (k, v) = match &self.layers[layer] {
+            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+            None => (k.clone(), v.clone()),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+/// The per-forward facts every layer shares: rotary positions, the additive mask and the
+/// positions ALiBi measures keys by.
+#[derive(Debug, Clone)]
+pub struct AttentionContext {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub past_len: usize,
+    /// Position id of each new token, `[batch][seq_len]`: `cumsum(mask) - 1`, 1 on padding
+    /// (transformers' `prepare_inputs_for_generation`).
+    pub positions: Vec<Vec<u32>>,
+    /// `(cumsum(mask) - 1) * mask` over all `past + seq` keys, as transformers'
+    /// `build_alibi_tensor` uses.
+    pub key_positions: Vec<Vec<u32>>,
+    /// Additive mask `[batch, 1, seq, past + seq]` in f32: 0 where a query may attend, `f32::MIN`
+    /// elsewhere (transformers uses `finfo.min`, so fully masked padding rows become uniform
+    /// rather than NaN). `None` when nothing is masked (one new token, no padding).
+    pub bias: Option<Tensor>,
+}
+
+impl AttentionContext {
+    /// `attention_mask`: `[batch, past + seq]`, any dtype, non-zero = attend; `None` = all ones.
+    pub fn new(
+        attention_mask: Option<&Tensor>,
+        batch: usize,
+        seq_len: usize,
+        past_len: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let total = past_len + seq_len;
+        let mask: Vec<Vec<bool>> = match attention_mask {
+            None => vec![vec![true; total]; batch],
+            Some(m) => {
+                let dims = m.dims();
+                if dims != [batch, total] {
+                    candle_core::bail!(
+                        "attention_mask has shape {dims:?}, expected [batch {batch}, past {past_len} + new {seq_len}]"
+                    );
+                }
+                m.to_dtype(DType::F32)?
+                    .to_vec2::<f32>()?
+                    .into_iter()
+                    .map(|row| row.into_iter().map(|x| x != 0.0).collect())
+                    .collect()
+            }
+        };
+        let mut positions = Vec::with_capacity(batch);
+        let mut key_positions = Vec::with_capacity(batch);
+        for row in &mask {
+            let mut count = 0u32;
+            let mut keys = Vec::with_capacity(total);
+            let mut pos = Vec::with_capacity(total);
+            for &m in row {
+                count += m as u32;
+                // cumsum - 1, which is -1 before the first real token: only reached by padding.
+                let p = count.saturating_sub(1);
+                keys.push(if m { p } else { 0 });
+                pos.push(if m { p } else { 1 });
+            }
+            positions.push(pos[past_len..].to_vec());
+            key_positions.push(keys);
+        }
+        let any_padding = mask.iter().any(|r| r.iter().any(|m| !m));
+        let bias = if seq_len == 1 && !any_padding {
+            None
+        } else {
+            let mut data = vec![0f32; batch * seq_len * total];
+            for (b, row) in mask.iter().enumerate() {
+                for i in 0..seq_len {
+                    let q = past_len + i;
+                    for (j, &m) in row.iter().enumerate() {
+                        if j > q || !m {
+                            data[(b * seq_len + i) * total + j] = f32::MIN;
+                        }
+                    }
+                }
+            }
+            Some(Tensor::from_vec(data, (batch, 1, seq_len, total), device)?)
+        };
+        Ok(AttentionContext {
+            batch,
+            seq_len,
+            past_len,
+            positions,
+            key_positions,
+            bias,
+        })
+    }
+}
+
+/// Rotary embeddings (`rotate_half` layout, as transformers' Llama and Falcon).
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    inv_freq: Vec<f32>,
+    head_dim: usize,
+}
+
+impl Rotary {
+    /// `inv_freq` as transformers' `ROPE_INIT_FUNCTIONS` compute it, in f32.
+    pub fn new(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Self {
+        let base = theta as f32;
+        let mut inv_freq: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
+            .collect();
+        match scaling {
+            Some(RopeScaling::Linear { factor }) => {
+                inv_freq.iter_mut().for_each(|f| *f /= *factor as f32);
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let (factor, low, high) = (
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                );
+                let old = *original_max_position_embeddings as f32;
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    let scaled = if wavelen > low_wavelen {
+                        *f / factor
+                    } else {
+                        *f
+                    };
+                    let smooth = (old / wavelen - low) / (high - low);
+                    let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
+                    *f = if medium { smoothed } else { scaled };
+                }
+            }
+            Some(RopeScaling::Other(_)) | None => {}
+        }
+        Rotary { inv_freq, head_dim }
+    }
+
+    /// `(cos, sin)`, each `[batch, 1, seq, head_dim]` in `dtype`, for the context's positions.
+    pub fn cos_sin(
+        &self,
+        ctx: &AttentionContext,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let n = ctx.batch * ctx.seq_len * self.head_dim;
+        let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for row in &ctx.positions {
+            for &p in row {
+                // freqs = position * inv_freq in f32, then cat(freqs, freqs), as transformers.
+                for _ in 0..2 {
+                    for f in &self.inv_freq {
+                        let x = p as f32 * f;
+                        cos.push(x.cos());
+                        sin.push(x.sin());
+                    }
+                }
+            }
+        }
+        debug_assert_eq!(cos.len(), ctx.batch * ctx.seq_len * 2 * half);
+        let shape = (ctx.batch, 1, ctx.seq_len, self.head_dim);
+        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// `x * cos + rotate_half(x) * sin` for `x` of shape `[batch, heads, seq, head_dim]`.
+    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    }
+}
+
+/// ALiBi slopes of transformers' `build_alibi_tensor`.
+pub fn alibi_slopes(num_heads: usize) -> Vec<f32> {
+    let closest = 1usize << (usize::BITS - 1 - num_heads.leading_zeros());
+    let base = 2f32.powf(-(2f32.powf(-((closest as f32).log2() - 3.0))));
+    let mut slopes: Vec<f32> = (1..=closest).map(|p| base.powi(p as i32)).collect();
+    if closest != num_heads {
+        let extra_base = 2f32.powf(-(2f32.powf(-((2.0 * closest as f32).log2() - 3.0))));
+        let remaining = closest.min(num_heads - closest);
+        slopes.extend((0..remaining).map(|i| extra_base.powi((1 + 2 * i) as i32)));
+    }
+    slopes
+}
+
+/// The ALiBi bias `[batch, heads, 1, past + seq]`, rounded as transformers computes it: the
+/// slopes in bfloat16 times the key positions (promoted to bfloat16), the product rounded to
+/// bfloat16, then widened.
+pub fn alibi_bias(
+    ctx: &AttentionContext,
+    num_heads: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    use half::bf16;
+    let slopes = alibi_slopes(num_heads);
+    let total = ctx.past_len + ctx.seq_len;
+    let mut data = Vec::with_capacity(ctx.batch * num_heads * total);
+    for row in &ctx.key_positions {
+        for s in &slopes {
+            let s = bf16::from_f32(*s).to_f32();
+            for &p in row {
+                let p = bf16::from_f32(p as f32).to_f32();
+                data.push(bf16::from_f32(s * p).to_f32());
+            }
+        }
+    }
+    Tensor::from_vec(data, (ctx.batch, num_heads, 1, total), device)?.to_dtype(dtype)
+}
+
+/// `[batch, kv_heads, t, d]` → `[batch, kv_heads * groups, t, d]`, query head `h` reading KV
+/// head `h / groups` (transformers' `repeat_kv`, and Falcon's grouped split).
+pub fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, kv, groups, t, d))?
+        .reshape((b, kv * groups, t, d))
+}
+
+/// Eager attention: `softmax((q k^T + pre) * scale + mask) v`, the softmax in f32.
+///
+/// `q`: `[b, h, s, d]`; `k`, `v`: `[b, h, t, d]` (already repeated); `pre_scale_bias`: ALiBi,
+/// added before scaling as Falcon does; `mask`: `[b, 1, s, t]`.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    pre_scale_bias: Option<&Tensor>,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let scores = q
+        .contiguous()?
+        .matmul(&k.t()?.contiguous()?)?
+        .to_dtype(DType::F32)?;
+    let scores = match pre_scale_bias {
+        Some(b) => scores.broadcast_add(&b.to_dtype(DType::F32)?)?,
+        None => scores,
+    };
+    let scores = (scores * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = crate::layers::softmax_last_dim(&scores, dtype)?;
+    probs.matmul(&v.contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_and_mask_follow_left_padding() -> Result<()> {
+        let dev = Device::Cpu;
+        let mask = Tensor::new(&[[0u32, 0, 1, 1], [1, 1, 1, 1]], &dev)?;
+        let ctx = AttentionContext::new(Some(&mask), 2, 4, 0, &dev)?;
+        assert_eq!(ctx.positions, vec![vec![1, 1, 0, 1], vec![0, 1, 2, 3]]);
+        assert_eq!(ctx.key_positions, vec![vec![0, 0, 0, 1], vec![0, 1, 2, 3]]);
+        let bias = ctx.bias.unwrap().squeeze(1)?.to_vec3::<f32>()?;
+        let m = f32::MIN;
+        assert_eq!(bias[0][3], vec![m, m, 0., 0.]);
+        assert_eq!(bias[0][0], vec![m, m, m, m]);
+        assert_eq!(bias[1][1], vec![0., 0., m, m]);
+
+        // One cached step later: the new token sees everything unpadded before it.
+        let mask = Tensor::new(&[[0u8, 0, 1, 1, 1], [1, 1, 1, 1, 1]], &dev)?;
+        let ctx = AttentionContext::new(Some(&mask), 2, 1, 4, &dev)?;
+        assert_eq!(ctx.positions, vec![vec![2], vec![4]]);
+        let bias = ctx.bias.unwrap().squeeze(1)?.squeeze(1)?.to_vec2::<f32>()?;
+        assert_eq!(bias[0], vec![m, m, 0., 0., 0.]);
+        assert!(AttentionContext::new(Some(&mask), 2, 1, 3, &dev).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn alibi_slopes_match_transformers() {
+        // build_alibi_tensor for 4 heads: base 2^-2; for 6: 4 powers of 2^-2 then 2 of 2^-1.
+        assert_eq!(alibi_slopes(4), vec![0.25, 0.0625, 0.015625, 0.00390625]);
+        let s6 = alibi_slopes(6);
+        assert_eq!(s6.len(), 6);
+        assert_eq!(&s6[4..], &[0.5, 0.125]);
+    }
+
+    #[test]
+    fn repeat_kv_groups_adjacent_heads() -> Result<()> {
+        let x = Tensor::new(&[1f32, 2.], &Device::Cpu)?.reshape((1, 2, 1, 1))?;
+        let r = repeat_kv(&x, 3)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(r, vec![1., 1., 1., 2., 2., 2.]);
+        Ok(())
+    }
+}

@@ -1,0 +1,63 @@
+//! The one interface generation, loss and the host use for any causal language model here.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::attention::KvCache;
+use crate::linear::Linear;
+
+/// A decoder-only language model with transformers' calling convention.
+///
+/// `input_ids`: `[batch, seq]` (u32). `attention_mask`: `[batch, past + seq]`, 1 for real tokens
+/// and 0 for padding (left padding for batches), covering the cached tokens too, as in
+/// transformers; `None` means no padding. `cache`: keys and values of earlier calls, extended by
+/// this one; `None` runs without caching. Position ids are derived from the mask as
+/// transformers' `generate` does (`cumsum(mask) - 1`).
+pub trait CausalLm: Send + Sync {
+    /// Final hidden states (after the last norm), `[batch, seq, hidden]`.
+    fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor>;
+
+    /// The output projection of [`CausalLm::hidden_states`]: logits `[.., vocab]`.
+    fn lm_head(&self, hidden: &Tensor) -> Result<Tensor>;
+
+    fn num_layers(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    fn device(&self) -> &Device;
+    /// The compute dtype of the weights.
+    fn dtype(&self) -> DType;
+
+    /// Every linear layer with its module path, for adapters and parameter counts.
+    fn linears(&self) -> Vec<&Linear>;
+
+    /// Logits at every position, `[batch, seq, vocab]`.
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let h = self.hidden_states(input_ids, attention_mask, cache)?;
+        self.lm_head(&h)
+    }
+
+    /// Logits at the last position only, `[batch, vocab]`: what generation needs, without the
+    /// cost of projecting every prompt position onto the vocabulary.
+    fn forward_last(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let h = self.hidden_states(input_ids, attention_mask, cache)?;
+        let s = h.dim(1)?;
+        self.lm_head(&h.narrow(1, s - 1, 1)?)?.squeeze(1)
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.num_layers())
+    }
+}

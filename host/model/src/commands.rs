@@ -1,0 +1,394 @@
+//! The model commands as library functions, for the host's CLI and server to call: parameter
+//! counts, generation and evaluation loss. Each resolves the model name the same way:
+//! `smollm2` (the default asset), a local checkpoint folder, a `.gguf` file, or a hub id.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::assets::{Fetcher, SMOLLM2, SMOLLM2_GGUF};
+use crate::causal_lm::CausalLm;
+use crate::chat::Message;
+use crate::config::{FalconConfig, LlamaConfig, ModelConfig};
+use crate::generate::{Decoding, GenerationConfig, generate_ids};
+use crate::linear::LinearBuilder;
+use crate::loader::{self, LoadOptions, LoadedModel};
+use crate::loss::{Formatter, LossOutput, Row, TokenizeOptions, eval_loss as loss_of_rows};
+use crate::params::{self, ParamCount};
+
+/// The alias of the default model.
+pub const DEFAULT_MODEL: &str = "smollm2";
+
+/// Where models live and run.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// Where default models are cached (the host's `DataDir::assets()`).
+    pub assets_dir: PathBuf,
+    pub device: Device,
+    /// Compute dtype (f32 on the CPU; bf16 is the usual choice on a GPU).
+    pub dtype: DType,
+    pub fetcher: Fetcher,
+}
+
+impl Runtime {
+    pub fn cpu(assets_dir: impl Into<PathBuf>) -> Self {
+        Runtime {
+            assets_dir: assets_dir.into(),
+            device: Device::Cpu,
+            dtype: DType::F32,
+            fetcher: Fetcher::default(),
+        }
+    }
+}
+
+/// The base weights' format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub enum Quantize {
+    #[default]
+    None,
+    /// bitsandbytes-style 4-bit NormalFloat (the qlora engineer's `LinearBuilder`).
+    Nf4,
+}
+
+/// Builds the `LinearBuilder` for a quantization and an optional adapter. This is the one place
+/// where NF4 and LoRA adapters get wired in once `linear.rs` offers them.
+pub fn linear_builder(quantize: Quantize, adapter: Option<&Path>) -> Result<LinearBuilder> {
+    if quantize == Quantize::Nf4 {
+        bail!(
+            "NF4 quantization is not available in this build yet (LinearBuilder has no NF4 constructor)"
+        );
+    }
+    if let Some(a) = adapter {
+        bail!(
+            "adapters are not available in this build yet (cannot load {})",
+            a.display()
+        );
+    }
+    Ok(LinearBuilder::dense())
+}
+
+/// Loads `model`: `smollm2`, a checkpoint folder, a `.gguf` file or a hub id.
+pub fn load_model(
+    model: &str,
+    adapter: Option<&Path>,
+    quantize: Quantize,
+    rt: &Runtime,
+) -> Result<LoadedModel> {
+    let builder = linear_builder(quantize, adapter)?;
+    let opts = LoadOptions {
+        dtype: rt.dtype,
+        device: rt.device.clone(),
+        builder,
+    };
+    if model == DEFAULT_MODEL {
+        let dir = SMOLLM2.ensure(&rt.assets_dir, &rt.fetcher)?;
+        let gguf = dir.join(SMOLLM2_GGUF);
+        if dir.join("model.safetensors").is_file() {
+            return loader::load_files(&loader::local_files(&dir)?, &opts);
+        }
+        return crate::gguf::load(&gguf, opts.dtype, &opts.device, &opts.builder);
+    }
+    let path = Path::new(model);
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        return crate::gguf::load(path, opts.dtype, &opts.device, &opts.builder);
+    }
+    loader::load(model, &opts)
+}
+
+/// `config.json` of `model` without its weights; the published configs of Falcon-7B/40B and
+/// SmolLM2 are built in, so those need no download.
+pub fn model_config(model: &str, rt: &Runtime) -> Result<ModelConfig> {
+    let builtin = match model {
+        "tiiuae/falcon-7b" | "falcon-7b" => Some(ModelConfig::Falcon(FalconConfig::falcon7b())),
+        "tiiuae/falcon-40b" | "falcon-40b" => Some(ModelConfig::Falcon(FalconConfig::falcon40b())),
+        "smollm2" | "HuggingFaceTB/SmolLM2-135M-Instruct" => {
+            Some(ModelConfig::Llama(LlamaConfig::smollm2_135m()))
+        }
+        _ => None,
+    };
+    let path = Path::new(model);
+    if path.is_dir() {
+        let p = path.join("config.json");
+        let text = std::fs::read_to_string(&p)
+            .with_context(|| format!("failed to read {}", p.display()))?;
+        return ModelConfig::from_json(&text).with_context(|| format!("in {}", p.display()));
+    }
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        let mut f = std::fs::File::open(path)
+            .with_context(|| format!("failed to open {}", path.display()))?;
+        let ct = candle_core::quantized::gguf_file::Content::read(&mut f)
+            .with_context(|| format!("{} is not a GGUF file", path.display()))?;
+        return Ok(ModelConfig::Llama(crate::gguf::llama_config(&ct)?));
+    }
+    if let Some(c) = builtin {
+        return Ok(c);
+    }
+    let p = rt.fetcher.hub.fetcher(model)?("config.json")?;
+    let text =
+        std::fs::read_to_string(&p).with_context(|| format!("failed to read {}", p.display()))?;
+    ModelConfig::from_json(&text).with_context(|| format!("in {model}/config.json"))
+}
+
+/// PEFT's default LoRA targets for an architecture (its `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`).
+pub fn default_target_modules(config: &ModelConfig) -> Vec<String> {
+    match config {
+        ModelConfig::Falcon(_) => vec!["query_key_value".into()],
+        ModelConfig::Llama(_) => vec!["q_proj".into(), "v_proj".into()],
+    }
+}
+
+/// Trainable and all parameters as PEFT's `print_trainable_parameters` reports them, from the
+/// config alone; empty `target_modules` means PEFT's defaults for the architecture.
+pub fn params(
+    model: &str,
+    lora_r: usize,
+    target_modules: &[String],
+    rt: &Runtime,
+) -> Result<ParamCount> {
+    let config = model_config(model, rt)?;
+    let targets = if target_modules.is_empty() {
+        default_target_modules(&config)
+    } else {
+        target_modules.to_vec()
+    };
+    params::count(&config, lora_r, &targets)
+}
+
+/// What `generate` should do.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// `smollm2`, a checkpoint folder, a `.gguf` file or a hub id.
+    pub model: String,
+    /// A PEFT adapter folder to apply.
+    pub adapter: Option<PathBuf>,
+    pub prompts: Vec<String>,
+    /// Wrap each prompt as one user message through the model's chat template.
+    pub chat: bool,
+    pub max_new_tokens: usize,
+    pub decoding: Decoding,
+    /// 1.0 is off.
+    pub repetition_penalty: f32,
+    pub quantize: Quantize,
+    /// Prompts per batch (left-padded together).
+    pub batch_size: usize,
+    pub runtime: Runtime,
+}
+
+impl GenerateOptions {
+    /// The reference notebook's settings (greedy: top_k 1, repetition penalty 30, 50 tokens).
+    pub fn reference(model: &str, prompts: Vec<String>, runtime: Runtime) -> Self {
+        GenerateOptions {
+            model: model.into(),
+            adapter: None,
+            prompts,
+            chat: false,
+            max_new_tokens: 50,
+            decoding: Decoding::Sample {
+                temperature: 0.1,
+                top_k: Some(1),
+                top_p: None,
+                seed: 0,
+            },
+            repetition_penalty: 30.0,
+            quantize: Quantize::None,
+            batch_size: 8,
+            runtime,
+        }
+    }
+}
+
+/// One generated completion.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Generation {
+    pub prompt: String,
+    /// The new text, special tokens skipped.
+    pub text: String,
+    /// The new token ids, up to and including the EOS that stopped it.
+    pub token_ids: Vec<u32>,
+    pub stopped_at_eos: bool,
+}
+
+/// Loads the model and generates for every prompt.
+pub fn generate(opts: GenerateOptions) -> Result<Vec<Generation>> {
+    let loaded = load_model(
+        &opts.model,
+        opts.adapter.as_deref(),
+        opts.quantize,
+        &opts.runtime,
+    )?;
+    generate_with(&loaded, &opts)
+}
+
+/// Generates with an already loaded model (the options' model fields are ignored).
+pub fn generate_with(loaded: &LoadedModel, opts: &GenerateOptions) -> Result<Vec<Generation>> {
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .context("the model has no tokenizer (tokenizer.json)")?;
+    let eos = loaded.defaults.eos_token_ids.clone();
+    let pad = loaded
+        .defaults
+        .pad_token_id
+        .or(eos.first().copied())
+        .unwrap_or(0);
+    let cfg = GenerationConfig {
+        max_new_tokens: opts.max_new_tokens,
+        decoding: opts.decoding.clone(),
+        repetition_penalty: opts.repetition_penalty,
+        eos_token_ids: eos,
+        pad_token_id: pad,
+    };
+    let mut out = Vec::with_capacity(opts.prompts.len());
+    for chunk in opts.prompts.chunks(opts.batch_size.max(1)) {
+        let ids = chunk
+            .iter()
+            .map(|p| encode_prompt(loaded, p, opts.chat))
+            .collect::<Result<Vec<_>>>()?;
+        let generated = generate_ids(&loaded.model, &ids, &cfg)?;
+        for ((prompt, tokens), eos) in chunk
+            .iter()
+            .zip(generated.tokens)
+            .zip(generated.stopped_at_eos)
+        {
+            let text = tokenizer
+                .decode(&tokens, true)
+                .map_err(|e| anyhow::anyhow!("decoding failed: {e}"))?;
+            out.push(Generation {
+                prompt: prompt.clone(),
+                text,
+                token_ids: tokens,
+                stopped_at_eos: eos,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Token ids of a prompt as transformers makes them: `tokenizer(prompt)` (with special tokens),
+/// or `apply_chat_template([user prompt], add_generation_prompt=True)` (without).
+pub fn encode_prompt(loaded: &LoadedModel, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .context("the model has no tokenizer (tokenizer.json)")?;
+    let (text, special) = if chat {
+        let t = loaded
+            .defaults
+            .chat_template
+            .as_ref()
+            .context("the model has no chat template")?;
+        (t.render(&[Message::new("user", prompt)], true)?, false)
+    } else {
+        (prompt.to_string(), true)
+    };
+    Ok(tokenizer
+        .encode(text, special)
+        .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?
+        .get_ids()
+        .to_vec())
+}
+
+/// What `eval_loss` should do.
+#[derive(Debug, Clone)]
+pub struct EvalLossOptions {
+    pub model: String,
+    pub adapter: Option<PathBuf>,
+    /// `prompt`/`completion` rows, or rows the formatter understands.
+    pub rows: Vec<Row>,
+    /// Count only completion tokens (TRL's `completion_only_loss`).
+    pub completion_only: bool,
+    /// TRL's `max_length` (1024 by default).
+    pub max_length: Option<usize>,
+    pub batch_size: usize,
+    pub quantize: Quantize,
+    pub runtime: Runtime,
+}
+
+/// Loads the model and returns the mean token loss over `rows`.
+pub fn eval_loss(opts: &EvalLossOptions, formatter: Option<Formatter>) -> Result<LossOutput> {
+    let loaded = load_model(
+        &opts.model,
+        opts.adapter.as_deref(),
+        opts.quantize,
+        &opts.runtime,
+    )?;
+    eval_loss_with(&loaded, opts, formatter)
+}
+
+/// `eval_loss` with an already loaded model.
+pub fn eval_loss_with(
+    loaded: &LoadedModel,
+    opts: &EvalLossOptions,
+    formatter: Option<Formatter>,
+) -> Result<LossOutput> {
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .context("the model has no tokenizer (tokenizer.json)")?;
+    let eos_token = loaded
+        .defaults
+        .eos_token_ids
+        .first()
+        .and_then(|id| tokenizer.id_to_token(*id));
+    let tok_opts = TokenizeOptions {
+        completion_only: opts.completion_only,
+        eos_token,
+        max_length: opts.max_length,
+    };
+    loss_of_rows(
+        &loaded.model,
+        tokenizer,
+        &opts.rows,
+        formatter,
+        &tok_opts,
+        opts.batch_size,
+    )
+}
+
+/// Logits at the last position of each prompt (left-padded batch), for quick checks.
+pub fn last_logits(model: &dyn CausalLm, prompts: &[Vec<u32>], pad: u32) -> Result<Vec<Vec<f32>>> {
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let ids: Vec<u32> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(pad, width - p.len()).chain(p.iter().copied()))
+        .collect();
+    let mask: Vec<u32> = prompts
+        .iter()
+        .flat_map(|p| {
+            std::iter::repeat_n(0, width - p.len()).chain(std::iter::repeat_n(1, p.len()))
+        })
+        .collect();
+    let d = model.device();
+    let ids = Tensor::from_vec(ids, (prompts.len(), width), d)?;
+    let mask = Tensor::from_vec(mask, (prompts.len(), width), d)?;
+    Ok(model
+        .forward_last(&ids, Some(&mask), None)?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_of_builtin_configs_need_no_network() {
+        let rt = Runtime::cpu(std::env::temp_dir());
+        let t: Vec<String> = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let c = params("tiiuae/falcon-7b", 16, &t, &rt).unwrap();
+        assert_eq!((c.trainable, c.all), (32_636_928, 6_954_357_632));
+        let d = params("smollm2", 8, &[], &rt).unwrap();
+        assert_eq!(d.trainable, 460_800);
+    }
+
+    #[test]
+    fn nf4_and_adapters_are_refused_until_wired() {
+        assert!(linear_builder(Quantize::Nf4, None).is_err());
+        assert!(linear_builder(Quantize::None, Some(Path::new("/tmp/a"))).is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! Parity with transformers on the golden fixtures that `tests/fixtures/make_golden.py` wrote
+//! (small random Falcon and Llama checkpoints, fp32): last-position logits within 1e-4, the same
+//! greedy tokens with and without repetition penalty, alone and as left-padded batches, the
+//! same per-row EOS stopping, and the same cross-entropy within 1e-4.
+
+use std::path::{Path, PathBuf};
+
+use adapterlab_model::CausalLm;
+use adapterlab_model::generate::{GenerationConfig, generate_ids};
+use adapterlab_model::loader::{LoadOptions, LoadedModel, load};
+use adapterlab_model::loss::{Example, loss_on_examples};
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+const TOL: f32 = 1e-4;
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden")
+}
+
+/// The models these tests check. A fixture made with transformers' eager attention for the ALiBi
+/// model is left to `falcon::tests::alibi_path_matches_transformers_eager_fixture` (eager adds
+/// ALiBi twice; this crate, like the default SDPA path, once).
+fn models() -> Vec<(String, PathBuf, Value)> {
+    let mut out = Vec::new();
+    let dir = golden_dir();
+    let mut entries: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{} is missing ({e}); run make_golden.py", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("expected.json").is_file())
+        .collect();
+    entries.sort();
+    for p in entries {
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(p.join("expected.json")).unwrap())
+                .unwrap();
+        out.push((
+            p.file_name().unwrap().to_string_lossy().into_owned(),
+            p,
+            expected,
+        ));
+    }
+    assert!(
+        out.len() >= 5,
+        "expected at least 5 golden models in {}",
+        dir.display()
+    );
+    out.retain(|(name, _, e)| !(name == "falcon_rw_alibi" && e["attn_implementation"] == "eager"));
+    out
+}
+
+fn u32s(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn load_model(dir: &Path) -> LoadedModel {
+    load(dir.to_str().unwrap(), &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("loading {}: {e:#}", dir.display()))
+}
+
+fn last_logits(m: &dyn CausalLm, ids: &[Vec<u32>], mask: Option<&[Vec<u32>]>) -> Vec<Vec<f32>> {
+    let (b, s) = (ids.len(), ids[0].len());
+    let t = Tensor::from_vec(ids.concat(), (b, s), &Device::Cpu).unwrap();
+    let mask = mask.map(|m| Tensor::from_vec(m.concat(), (b, s), &Device::Cpu).unwrap());
+    m.forward_last(&t, mask.as_ref(), None)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn logits_match_transformers() {
+    for (name, dir, exp) in models() {
+        let m = load_model(&dir);
+        let prompts: Vec<Vec<u32>> = exp["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(u32s)
+            .collect();
+        let single = if name.ends_with("_bf16") {
+            &exp["single_last"]
+        } else {
+            &exp["logits"]["single_last"]
+        };
+        // The first fixture run computed the bf16 copy's expectations with `.float()` on the
+        // bf16 model, which also rounds the rotary inv_freq buffer to bf16 (about 4e-3 on these
+        // logits); the second run reloads the checkpoint in f32 and is held to the full
+        // tolerance. The second run is the one with `llama_untied_bias`.
+        let second_run = golden_dir().join("llama_untied_bias").is_dir();
+        let tol = if name.ends_with("_bf16") && !second_run {
+            1e-2
+        } else {
+            TOL
+        };
+        for (i, p) in prompts.iter().enumerate() {
+            let got = &last_logits(&m.model, std::slice::from_ref(p), None)[0];
+            let d = max_diff(got, &f32s(&single[i]));
+            assert!(d < tol, "{name}: prompt {i} alone: logits differ by {d}");
+        }
+        if name.ends_with("_bf16") {
+            continue;
+        }
+        let l = &exp["logits"];
+        let ids: Vec<Vec<u32>> = l["batch_input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(u32s)
+            .collect();
+        let mask: Vec<Vec<u32>> = l["batch_attention_mask"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(u32s)
+            .collect();
+        let got = last_logits(&m.model, &ids, Some(&mask));
+        for (i, row) in got.iter().enumerate() {
+            let d = max_diff(row, &f32s(&l["batch_last"][i]));
+            assert!(
+                d < TOL,
+                "{name}: left-padded batch row {i}: logits differ by {d}"
+            );
+        }
+        let p0 = Tensor::new(prompts[0].as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let all = m
+            .model
+            .forward(&p0, None, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (t, row) in all.iter().enumerate() {
+            let d = max_diff(row, &f32s(&l["prompt0_all"][t]));
+            assert!(
+                d < TOL,
+                "{name}: prompt 0 position {t}: logits differ by {d}"
+            );
+        }
+    }
+}
+
+/// HF's new tokens of a row, cut after the EOS (HF pads finished rows).
+fn hf_row(v: &Value, eos: u32) -> Vec<u32> {
+    let row = u32s(v);
+    match row.iter().position(|t| *t == eos) {
+        Some(i) => row[..=i].to_vec(),
+        None => row,
+    }
+}
+
+fn check_generation(name: &str, case: &str, got: &[u32], want: &[u32], gaps: &Value) {
+    if got == want {
+        return;
+    }
+    let step = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    let gap = gaps.get(step).and_then(Value::as_f64);
+    panic!(
+        "{name} {case}: tokens differ at step {step} (HF's top-2 gap there: {gap:?})\n ours: {got:?}\n HF:   {want:?}"
+    );
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    for (name, dir, exp) in models() {
+        if name.ends_with("_bf16") {
+            continue;
+        }
+        let m = load_model(&dir);
+        let prompts: Vec<Vec<u32>> = exp["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(u32s)
+            .collect();
+        let pad = exp["pad_token_id"].as_u64().unwrap() as u32;
+        let max_new = exp["max_new_tokens"].as_u64().unwrap() as usize;
+        let cases = exp["generate"].as_object().unwrap();
+        for (case, c) in cases {
+            let eos = c["eos_token_id"].as_u64().unwrap() as u32;
+            let cfg = GenerationConfig {
+                repetition_penalty: c["repetition_penalty"].as_f64().unwrap() as f32,
+                ..GenerationConfig::greedy(max_new, vec![eos], pad)
+            };
+            if case.ends_with("_single") {
+                for (i, p) in prompts.iter().enumerate() {
+                    let got = generate_ids(&m.model, std::slice::from_ref(p), &cfg)
+                        .unwrap()
+                        .tokens
+                        .remove(0);
+                    check_generation(
+                        &name,
+                        &format!("{case} prompt {i}"),
+                        &got,
+                        &hf_row(&c["new_tokens"][i], eos),
+                        &c["top2_gap"][i],
+                    );
+                }
+            } else {
+                let got = generate_ids(&m.model, &prompts, &cfg).unwrap();
+                for (i, row) in got.tokens.iter().enumerate() {
+                    check_generation(
+                        &name,
+                        &format!("{case} row {i}"),
+                        row,
+                        &hf_row(&c["new_tokens"][i], eos),
+                        &c["top2_gap"][i],
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn loss_matches_transformers() {
+    for (name, dir, exp) in models() {
+        if name.ends_with("_bf16") {
+            continue;
+        }
+        let m = load_model(&dir);
+        let l = &exp["loss"];
+        let (prompt, completion) = (u32s(&l["prompt"]), u32s(&l["completion"]));
+        let ids: Vec<u32> = prompt.iter().chain(&completion).copied().collect();
+        let only = Example {
+            input_ids: ids.clone(),
+            targets: (0..ids.len()).map(|t| t >= prompt.len()).collect(),
+        };
+        let all = Example {
+            input_ids: ids.clone(),
+            targets: (0..ids.len()).map(|t| t > 0).collect(),
+        };
+        for (ex, loss_key, n_key) in [
+            (only, "loss_completion_only", "tokens_completion_only"),
+            (all, "loss_all", "tokens_all"),
+        ] {
+            let got = loss_on_examples(&m.model, &[ex], 1).unwrap();
+            let want = l[loss_key].as_f64().unwrap();
+            assert_eq!(
+                got.tokens as u64,
+                l[n_key].as_u64().unwrap(),
+                "{name} {n_key}"
+            );
+            assert!(
+                (got.loss - want).abs() < TOL as f64,
+                "{name} {loss_key}: {} vs HF {want}",
+                got.loss
+            );
+        }
+    }
+}
