@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
@@ -55,18 +55,17 @@ pub enum Quantize {
 /// Builds the `LinearBuilder` for a quantization and an optional adapter. This is the one place
 /// where NF4 and LoRA adapters get wired in once `linear.rs` offers them.
 pub fn linear_builder(quantize: Quantize, adapter: Option<&Path>) -> Result<LinearBuilder> {
-    if quantize == Quantize::Nf4 {
-        bail!(
-            "NF4 quantization is not available in this build yet (LinearBuilder has no NF4 constructor)"
-        );
+    let mut builder = match quantize {
+        Quantize::Nf4 => LinearBuilder::nf4(),
+        Quantize::None => LinearBuilder::dense(),
+    };
+    if let Some(dir) = adapter {
+        let registry = crate::peft::load_adapter(dir)
+            .and_then(|a| a.into_registry())
+            .with_context(|| format!("failed to load the adapter in {}", dir.display()))?;
+        builder = builder.with_lora_registry(registry);
     }
-    if let Some(a) = adapter {
-        bail!(
-            "adapters are not available in this build yet (cannot load {})",
-            a.display()
-        );
-    }
-    Ok(LinearBuilder::dense())
+    Ok(builder)
 }
 
 /// Loads `model`: `smollm2`, a checkpoint folder, a `.gguf` file or a hub id.
