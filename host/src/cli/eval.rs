@@ -74,12 +74,9 @@ pub fn run(args: EvalArgs, ctx: &Context) -> Result<()> {
     };
     let result = pipeline::execute(&env, &run.id, &request, &plugins);
     bar.finish_and_clear();
-    if let Some(llm) = services.llm() {
-        let usage = llm.usage();
-        store.update_run(&run.id, |r| r.usage = usage.clone())?;
-    }
+    services.record(&store, &run.id)?;
     let run = result?;
-    // Re-read: the usage was recorded after the pipeline returned its copy.
+    // Re-read: usage and encoders were recorded after the pipeline returned its copy.
     let run = store.get_run(&run.id)?.unwrap_or(run);
     let samples = store.samples(&run.id)?;
 
@@ -109,6 +106,7 @@ pub fn results_json(run: &RunRecord, samples: &[SampleRecord]) -> serde_json::Va
             v
         }).collect::<Vec<_>>(),
         "usage": run.usage,
+        "metadata": run.metadata,
     });
     if !run.reference_aggregates.is_empty() {
         doc["reference_aggregates"] =
@@ -119,6 +117,9 @@ pub fn results_json(run: &RunRecord, samples: &[SampleRecord]) -> serde_json::Va
 
 pub fn print_summary(run: &RunRecord, samples: &[SampleRecord]) {
     println!("run {} ({}): {} samples, {}", run.id, run.name, samples.len(), run.status.as_str());
+    if let Some(encoder) = run.metadata.get("encoder") {
+        println!("encoder: {encoder}");
+    }
     let mut rows = Vec::new();
     for (score, e) in &run.aggregates {
         let reference = run

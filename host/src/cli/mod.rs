@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::paths::DataDir;
 
 mod eval;
+mod model;
 mod output;
 mod plugins;
 mod report;
@@ -55,6 +56,17 @@ pub enum Command {
     /// List, check and install plugins (WebAssembly components).
     #[command(subcommand)]
     Plugins(plugins::PluginsCommand),
+    /// Count trainable and all parameters of a LoRA setup from config.json alone, as PEFT's
+    /// print_trainable_parameters does.
+    Params(model::ParamsArgs),
+    /// Generate with a base model and optional adapter (KV-cached, HF decoding semantics).
+    Generate(model::GenerateArgs),
+    /// Mean cross-entropy of a model (and adapter) on rows, optionally completion-only.
+    EvalLoss(model::EvalLossArgs),
+    /// Quantize a checkpoint to NF4 with double quantization (bitsandbytes serialization).
+    Quantize(model::QuantizeArgs),
+    /// Merge a PEFT adapter into its base model and save the merged model.
+    Merge(model::MergeArgs),
 }
 
 /// Everything a command needs from the environment, resolved lazily and once.
@@ -100,7 +112,10 @@ impl Context {
         store: &crate::store::Store,
     ) -> Result<crate::eval::services::EvalServices> {
         let llm = crate::llm::LlmClient::new(crate::llm::LlmConfig::from_env(), Some(store.clone()))?;
-        Ok(crate::eval::services::EvalServices::new(Some((llm, handle)), None))
+        Ok(crate::eval::services::EvalServices::new(
+            Some((llm, handle)),
+            crate::eval::services::default_encoders(&self.data_dir),
+        ))
     }
 
     pub fn store(&self) -> Result<crate::store::Store> {
@@ -120,6 +135,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Runs(cmd) => runs::run(cmd, &ctx),
         Command::Report(args) => report::run(args, &ctx),
         Command::Plugins(cmd) => plugins::run(cmd, &ctx),
+        Command::Params(args) => model::params(args, &ctx),
+        Command::Generate(args) => model::generate(args, &ctx),
+        Command::EvalLoss(args) => model::eval_loss(args, &ctx),
+        Command::Quantize(args) => model::quantize(args, &ctx),
+        Command::Merge(args) => model::merge(args, &ctx),
     }
 }
 

@@ -2,6 +2,7 @@
 //! comparison of runs.
 
 pub mod compare;
+pub mod encoder;
 pub mod input;
 pub mod pipeline;
 pub mod report;

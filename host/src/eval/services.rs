@@ -52,6 +52,31 @@ impl EvalServices {
     pub fn llm(&self) -> Option<&LlmClient> {
         self.llm.as_ref().map(|(c, _)| c)
     }
+
+    /// The encoders plugins used, as `model (layer N)`, for the run's metadata.
+    pub fn encoders_used(&self) -> Vec<String> {
+        let loaded = self.loaded.lock().unwrap();
+        let mut names: Vec<String> =
+            loaded.values().map(|e| e.info()).map(|i| format!("{} (layer {})", i.model, i.layer)).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Record what stood behind the capabilities (LLM usage, encoders) on the run.
+    pub fn record(&self, store: &crate::store::Store, run_id: &str) -> anyhow::Result<()> {
+        let usage = self.llm().map(|l| l.usage());
+        let encoders = self.encoders_used();
+        store.update_run(run_id, |r| {
+            if let Some(u) = &usage {
+                r.usage = u.clone();
+            }
+            if !encoders.is_empty() {
+                r.metadata.insert("encoder".into(), encoders.join(", "));
+            }
+        })?;
+        Ok(())
+    }
 }
 
 impl HostServices for EvalServices {
@@ -76,8 +101,7 @@ impl HostServices for EvalServices {
     }
 }
 
-/// The host's default encoder loader (the model core's BERT), if this build has one.
+/// The host's default encoder loader: the model core's BERT, assets in the data directory.
 pub fn default_encoders(data_dir: &crate::paths::DataDir) -> Option<Arc<dyn EncoderLoader>> {
-    let _ = data_dir;
-    None
+    Some(Arc::new(crate::eval::encoder::BertLoader { assets_dir: data_dir.assets() }))
 }

@@ -145,10 +145,7 @@ impl Jobs {
         ));
         let env = EvalEnv { store: store.clone(), services: services.clone(), cancel, on_progress: Arc::new(|_, _| {}) };
         let result = pipeline::execute(&env, run_id, request, &plugins);
-        if let Some(llm) = services.llm() {
-            let usage = llm.usage();
-            store.update_run(run_id, |r| r.usage = usage.clone())?;
-        }
+        services.record(&store, run_id)?;
         result.map(|_| ())
     }
 

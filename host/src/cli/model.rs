@@ -1,0 +1,359 @@
+//! The model commands: `params`, `generate`, `eval-loss`, `quantize`, `merge`. Thin: the work
+//! is in the model crate (`adapterlab_model::commands`).
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use adapterlab_model::commands::{self, EvalLossOptions, GenerateOptions, Quantize, Runtime};
+use adapterlab_model::generate::Decoding;
+use adapterlab_model::loss::Row;
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use crate::cli::Context;
+use crate::plugin::{CallContext, PluginKind};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum QuantizeArg {
+    Nf4,
+    None,
+}
+
+impl From<QuantizeArg> for Quantize {
+    fn from(q: QuantizeArg) -> Self {
+        match q {
+            QuantizeArg::Nf4 => Quantize::Nf4,
+            QuantizeArg::None => Quantize::None,
+        }
+    }
+}
+
+/// The device models run on: CUDA when built with it and a GPU is there, else the CPU.
+pub fn model_runtime(ctx: &Context) -> Result<Runtime> {
+    let mut rt = Runtime::cpu(ctx.data_dir.assets());
+    #[cfg(feature = "cuda")]
+    {
+        if let Ok(device) = candle_core::Device::new_cuda(0) {
+            rt.device = device;
+            rt.dtype = candle_core::DType::BF16;
+        }
+    }
+    if let Ok(dtype) = std::env::var("ADAPTERLAB_DTYPE") {
+        rt.dtype = match dtype.as_str() {
+            "f32" => candle_core::DType::F32,
+            "bf16" => candle_core::DType::BF16,
+            "f16" => candle_core::DType::F16,
+            other => bail!("ADAPTERLAB_DTYPE={other}: expected f32, bf16 or f16"),
+        };
+    }
+    Ok(rt)
+}
+
+#[derive(Debug, Args)]
+pub struct ParamsArgs {
+    /// A checkpoint folder, a hub id, or `smollm2`; only config.json is read.
+    #[arg(long)]
+    pub model: String,
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    /// Comma-separated module names (default: PEFT's defaults for the architecture).
+    #[arg(long, value_delimiter = ',')]
+    pub target_modules: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn params(args: ParamsArgs, ctx: &Context) -> Result<()> {
+    let count = commands::params(&args.model, args.lora_r, &args.target_modules, &model_runtime(ctx)?)?;
+    if args.json {
+        println!(
+            "{}",
+            json!({"trainable": count.trainable, "all": count.all, "trainable_percent": count.trainable_percent})
+        );
+    } else {
+        println!(
+            "trainable params: {} || all params: {} || trainable%: {:.4}",
+            group(count.trainable),
+            group(count.all),
+            count.trainable_percent
+        );
+    }
+    Ok(())
+}
+
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// `smollm2` (default model), a checkpoint folder, a `.gguf` file or a hub id.
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+    /// A PEFT adapter folder, applied unmerged.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// One prompt.
+    #[arg(long, conflicts_with = "data", required_unless_present = "data")]
+    pub prompt: Option<String>,
+    /// JSON Lines rows (`dialogue`/`summary` go through the formatter, or `prompt`); writes a
+    /// predictions file for `adapterlab eval`.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Where `--data` predictions go (default: DATA with `.predictions.jsonl`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The formatter plugin for `--data` rows.
+    #[arg(long, default_value = "summarize")]
+    pub formatter: String,
+    /// Wrap each prompt in the model's chat template as one user message.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 50)]
+    pub max_new_tokens: usize,
+    /// Greedy decoding (the default unless --temperature is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    pub greedy: bool,
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, value_enum, default_value = "none")]
+    pub quantize: QuantizeArg,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn generate(args: GenerateArgs, ctx: &Context) -> Result<()> {
+    let decoding = match (args.greedy, args.temperature, args.top_k, args.top_p) {
+        (true, ..) | (false, None, None, None) => Decoding::Greedy,
+        (false, t, k, p) => Decoding::Sample { temperature: t.unwrap_or(1.0), top_k: k, top_p: p, seed: args.seed },
+    };
+    let (prompts, rows) = match (&args.prompt, &args.data) {
+        (Some(p), _) => (vec![p.clone()], None),
+        (None, Some(path)) => {
+            let rows = read_rows(path)?;
+            let formatted = format_rows(ctx, &args.formatter, &rows, path)?;
+            (formatted.iter().map(|(p, _)| p.clone()).collect(), Some(rows))
+        }
+        (None, None) => bail!("give --prompt or --data"),
+    };
+    let opts = GenerateOptions {
+        model: args.model.clone(),
+        adapter: args.adapter.clone(),
+        prompts,
+        chat: args.chat,
+        max_new_tokens: args.max_new_tokens,
+        decoding,
+        repetition_penalty: args.repetition_penalty,
+        quantize: args.quantize.into(),
+        batch_size: args.batch_size.max(1),
+        runtime: model_runtime(ctx)?,
+    };
+    let generations = commands::generate(opts)?;
+    match rows {
+        None => {
+            let g = &generations[0];
+            if args.json {
+                println!("{}", json!({"token_ids": g.token_ids, "text": g.text}));
+            } else {
+                println!("{}", g.text);
+            }
+        }
+        Some(rows) => {
+            let data = args.data.as_ref().unwrap();
+            let out = args.out.clone().unwrap_or_else(|| data.with_extension("predictions.jsonl"));
+            let mut file = std::io::BufWriter::new(
+                std::fs::File::create(&out).with_context(|| format!("failed to create {}", out.display()))?,
+            );
+            for (i, (row, g)) in rows.iter().zip(&generations).enumerate() {
+                let text = |k: &str| row.get(k).and_then(|v| v.as_str()).map(String::from);
+                let id = row.get("id").map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string()));
+                let record = json!({
+                    "id": id.unwrap_or_else(|| (i + 1).to_string()),
+                    "prediction": g.text.trim(),
+                    "reference": text("summary").or_else(|| text("completion")).unwrap_or_default(),
+                    "source": text("dialogue").or_else(|| text("prompt")),
+                });
+                writeln!(file, "{record}")?;
+            }
+            file.flush()?;
+            if args.json {
+                println!("{}", json!({"predictions": out, "count": generations.len()}));
+            } else {
+                eprintln!("wrote {} predictions to {}", generations.len(), out.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct EvalLossArgs {
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// JSON Lines rows: `prompt`/`completion` (used verbatim) or `dialogue`/`summary`
+    /// (through the formatter).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value = "summarize")]
+    pub formatter: String,
+    /// Count only completion tokens (TRL's completion-only loss).
+    #[arg(long)]
+    pub completion_only: bool,
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, value_enum, default_value = "none")]
+    pub quantize: QuantizeArg,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn eval_loss(args: EvalLossArgs, ctx: &Context) -> Result<()> {
+    let rows = read_rows(&args.data)?;
+    let opts = EvalLossOptions {
+        model: args.model.clone(),
+        adapter: args.adapter.clone(),
+        rows: rows.clone(),
+        completion_only: args.completion_only,
+        max_length: args.max_length,
+        batch_size: args.batch_size.max(1),
+        quantize: args.quantize.into(),
+        runtime: model_runtime(ctx)?,
+    };
+    let needs_formatter = rows.iter().any(|r| !r.contains_key("prompt"));
+    let output = if needs_formatter {
+        let session = Mutex::new(formatter_session(ctx, &args.formatter)?);
+        let format = |row: &Row| -> Result<(String, Option<String>)> {
+            let fields = row_fields(row);
+            let mut out = session.lock().unwrap().format(&[fields])?;
+            out.pop().context("formatter returned nothing")?.map(|f| (f.prompt, f.completion)).map_err(anyhow::Error::msg)
+        };
+        commands::eval_loss(&opts, Some(&format))?
+    } else {
+        commands::eval_loss(&opts, None)?
+    };
+    if args.json {
+        println!("{}", json!({"loss": output.loss, "tokens": output.tokens}));
+    } else {
+        println!("loss {:.6} over {} tokens", output.loss, output.tokens);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// A local HF checkpoint folder (config.json + safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn quantize(args: QuantizeArgs, _ctx: &Context) -> Result<()> {
+    let report = adapterlab_model::quantize::quantize_model_dir(&args.model, &args.out, &Default::default())
+        .with_context(|| format!("failed to quantize {}", args.model.display()))?;
+    eprintln!(
+        "quantized {} linear layers to NF4 (double quant); wrote {}",
+        report.quantized_modules.len(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// A local HF checkpoint folder (dense or bitsandbytes NF4).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT adapter folder.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn merge(args: MergeArgs, _ctx: &Context) -> Result<()> {
+    let report = adapterlab_model::merge::merge_model_dir(&args.model, &args.adapter, &args.out, &Default::default())
+        .with_context(|| format!("failed to merge {} into {}", args.adapter.display(), args.model.display()))?;
+    eprintln!("merged the adapter into {} modules; wrote {}", report.merged_modules.len(), args.out.display());
+    Ok(())
+}
+
+/// Rows of a JSON Lines file, each an object; errors name the line.
+pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(serde_json::Value::Object(map)) => rows.push(map),
+            Ok(_) => bail!("{}:{}: expected a JSON object", path.display(), i + 1),
+            Err(e) => bail!("{}:{}: invalid JSON: {e}", path.display(), i + 1),
+        }
+    }
+    if rows.is_empty() {
+        bail!("{} holds no rows", path.display());
+    }
+    Ok(rows)
+}
+
+fn row_fields(row: &Row) -> Vec<(String, String)> {
+    row.iter()
+        .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+        .collect()
+}
+
+fn formatter_session(ctx: &Context, name: &str) -> Result<crate::plugin::Session> {
+    let registry = ctx.registry()?;
+    Ok(registry.get(name, PluginKind::Formatter)?.session(CallContext::default())?)
+}
+
+/// Render rows with a formatter plugin; rows that already have `prompt` are used verbatim.
+fn format_rows(ctx: &Context, formatter: &str, rows: &[Row], path: &Path) -> Result<Vec<(String, Option<String>)>> {
+    if rows.iter().all(|r| r.contains_key("prompt")) {
+        return Ok(rows
+            .iter()
+            .map(|r| (r["prompt"].as_str().unwrap_or_default().to_string(), None))
+            .collect());
+    }
+    let mut session = formatter_session(ctx, formatter)?;
+    // Generation wants the prompt only: the target is dropped before formatting.
+    let fields: Vec<Vec<(String, String)>> = rows
+        .iter()
+        .map(|r| row_fields(r).into_iter().filter(|(k, _)| k != "summary" && k != "completion").collect())
+        .collect();
+    let formatted = session.format(&fields)?;
+    formatted
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| {
+            f.map(|f| (f.prompt, f.completion))
+                .map_err(|e| anyhow::anyhow!("{}: row {}: {e}", path.display(), i + 1))
+        })
+        .collect()
+}
