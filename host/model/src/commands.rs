@@ -386,8 +386,9 @@ mod tests {
     }
 
     #[test]
-    fn nf4_and_adapters_are_refused_until_wired() {
-        assert!(linear_builder(Quantize::Nf4, None).is_err());
-        assert!(linear_builder(Quantize::None, Some(Path::new("/tmp/a"))).is_err());
+    fn nf4_builds_and_a_missing_adapter_is_named() {
+        assert!(linear_builder(Quantize::Nf4, None).is_ok());
+        let e = linear_builder(Quantize::None, Some(Path::new("/nonexistent/adapter"))).unwrap_err();
+        assert!(format!("{e:#}").contains("/nonexistent/adapter"), "{e:#}");
     }
 }
