@@ -1,0 +1,34 @@
+//! The dashboard in a real browser (Debian's Chromium driven by playwright-core) against the
+//! real server: launch evaluations from the form, watch them finish, compare two runs, drill
+//! into a sample, visit every page. Screenshots go to tests/artifacts/.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::server::start;
+use crate::util::*;
+
+#[test]
+fn dashboard_flows_in_chromium() {
+    if std::env::var_os("ADAPTERLAB_SKIP_BROWSER").is_some() {
+        eprintln!("ADAPTERLAB_SKIP_BROWSER is set: skipping the browser tests");
+        return;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let t = setup("browser");
+    let server = start(&t, &[]);
+    let fixtures = root.join("tests/browser/fixtures");
+    let artifacts = root.join("tests/artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let status = Command::new("bash")
+        .arg(root.join("tests/browser/run.sh"))
+        .env("ADAPTERLAB_URL", &server.base)
+        .env("ADAPTERLAB_TOKEN", "test-token-123")
+        .env("ADAPTERLAB_PREDICTIONS_A", fixtures.join("predictions-a.jsonl"))
+        .env("ADAPTERLAB_PREDICTIONS_B", fixtures.join("predictions-b.jsonl"))
+        .env("ADAPTERLAB_ARTIFACTS", &artifacts)
+        .env("ADAPTERLAB_PLUGIN_WASM", built_component("adapterlab-plugin-length"))
+        .status()
+        .expect("bash runs tests/browser/run.sh");
+    assert!(status.success(), "the browser tests failed; screenshots are in {}", artifacts.display());
+}
