@@ -14,7 +14,13 @@ fn median(mut xs: Vec<Duration>) -> Duration {
 }
 
 fn main() {
-    let wasm = Path::new(adapterlab::plugin::registry::WASM_BUILD_DIR).join("adapterlab_test_misbehave.wasm");
+    // The trivial metric is built with the host; a path argument overrides where to find it
+    // (when the bench binary runs on another machine).
+    let wasm = std::env::args()
+        .skip(1)
+        .find(|a| a.ends_with(".wasm"))
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(adapterlab::plugin::registry::WASM_BUILD_DIR).join("adapterlab_test_misbehave.wasm"));
     let bytes = std::fs::read(&wasm).expect("build the host first: the trivial metric is built with it");
     let cache = tempfile::tempdir().unwrap();
 

@@ -98,6 +98,7 @@ pub mod bindings {
 }
 
 pub mod formatter;
+pub mod hash;
 pub mod metric;
 pub mod reporter;
 

@@ -31,8 +31,18 @@ struct Inner {
     data_dir: DataDir,
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
     eval_slots: (Mutex<usize>, Condvar),
-    /// Serves the LLM client's async I/O for plugin calls made on worker threads.
-    io: tokio::runtime::Runtime,
+    /// Serves the LLM client's async I/O for plugin calls made on worker threads. An `Option`
+    /// so `Drop` can shut it down without blocking, since the last `Jobs` may be dropped
+    /// inside the server's own runtime.
+    io: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(io) = self.io.take() {
+            io.shutdown_background();
+        }
+    }
 }
 
 impl Jobs {
@@ -45,7 +55,7 @@ impl Jobs {
                 data_dir,
                 cancels: Mutex::new(HashMap::new()),
                 eval_slots: (Mutex::new(EVAL_CONCURRENCY), Condvar::new()),
-                io,
+                io: Some(io),
             }),
         };
         jobs.reconcile()?;
@@ -140,7 +150,7 @@ impl Jobs {
         };
         let llm = LlmClient::new(LlmConfig::from_env(), Some(store.clone()))?;
         let services = Arc::new(EvalServices::new(
-            Some((llm, self.inner.io.handle().clone())),
+            Some((llm, self.inner.io.as_ref().expect("present until drop").handle().clone())),
             crate::eval::services::default_encoders(&self.inner.data_dir),
         ));
         let env = EvalEnv { store: store.clone(), services: services.clone(), cancel, on_progress: Arc::new(|_, _| {}) };

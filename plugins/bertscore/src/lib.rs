@@ -22,11 +22,11 @@ use crate::settings::Settings;
 /// system, which on wasm32-wasip2 makes the component import `wasi:random/insecure-seed`; a
 /// metric needs no randomness, and its texts are no hash-flooding threat.
 pub(crate) type Map<K, V> =
-    std::collections::HashMap<K, V, std::hash::BuildHasherDefault<std::hash::DefaultHasher>>;
+    adapterlab_sdk::hash::FastMap<K, V>;
 
 /// A hash set with the same fixed-key hasher as [`Map`].
 pub(crate) type Set<T> =
-    std::collections::HashSet<T, std::hash::BuildHasherDefault<std::hash::DefaultHasher>>;
+    adapterlab_sdk::hash::FastSet<T>;
 
 pub const SCORE_NAMES: [&str; 3] = ["bertscore_precision", "bertscore_recall", "bertscore_f1"];
 

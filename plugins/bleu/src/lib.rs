@@ -12,8 +12,7 @@ use adapterlab_sdk::metric::{BatchResult, Metric, MetricInfo, Sample, SampleResu
 /// Hash maps with a fixed-key hasher. std's default `RandomState` seeds itself from the
 /// system, which on wasm32-wasip2 makes the component import `wasi:random/insecure-seed`; a
 /// metric needs no randomness, and its texts are no hash-flooding threat.
-pub(crate) type Map<K, V> =
-    std::collections::HashMap<K, V, std::hash::BuildHasherDefault<std::hash::DefaultHasher>>;
+pub(crate) type Map<K, V> = adapterlab_sdk::hash::FastMap<K, V>;
 
 pub struct Bleu;
 
