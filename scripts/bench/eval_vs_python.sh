@@ -11,15 +11,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${1:-target/release/adapterlab}
-DATA=../shared/data/dialogsum
+DATA=${ADAPTERLAB_BENCH_DATA:-../shared/data/dialogsum}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-VENV=${ADAPTERLAB_BENCH_VENV:-$HOME/.cache/adapterlab/bench-venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q rouge-score==0.1.2 sacrebleu==2.6.0 nltk absl-py
+# A Python that already has rouge-score and sacrebleu (e.g. on a machine without a registry)
+# can be given as ADAPTERLAB_BENCH_PYTHON; otherwise a venv is made.
+if [ -n "${ADAPTERLAB_BENCH_PYTHON:-}" ]; then
+  PYTHON=$ADAPTERLAB_BENCH_PYTHON
+else
+  VENV=${ADAPTERLAB_BENCH_VENV:-$HOME/.cache/adapterlab/bench-venv}
+  if [ ! -x "$PYTHON" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q rouge-score==0.1.2 sacrebleu==2.6.0 nltk absl-py
+  fi
+  PYTHON=$VENV/bin/python
 fi
-"$VENV/bin/python" - "$DATA" "$WORK/p.jsonl" <<'PY'
+"$PYTHON" - "$DATA" "$WORK/p.jsonl" <<'PY'
 import json, sys
 rows = []
 for split in ("dev", "test"):
@@ -50,9 +57,9 @@ time_it() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N);
 # Warm the component cache once, as a second start of the tool would find it.
 "$BIN" --data-dir "$WORK/data" eval --predictions "$WORK/p.jsonl" --metrics rouge,bleu --json "$WORK/ours.json" >/dev/null
 ours=$(for i in 1 2 3 4 5; do time_it "$BIN" --data-dir "$WORK/data" eval --predictions "$WORK/p.jsonl" --metrics rouge,bleu --json "$WORK/ours.json"; done | median)
-theirs=$(for i in 1 2 3 4 5; do time_it "$VENV/bin/python" "$WORK/ref.py" "$WORK/p.jsonl" "$WORK/ref.json"; done | median)
+theirs=$(for i in 1 2 3 4 5; do time_it "$PYTHON" "$WORK/ref.py" "$WORK/p.jsonl" "$WORK/ref.json"; done | median)
 # The two must agree before the times mean anything.
-"$VENV/bin/python" - "$WORK/ours.json" "$WORK/ref.json" <<'PY'
+"$PYTHON" - "$WORK/ours.json" "$WORK/ref.json" <<'PY'
 import json, sys
 ours = json.load(open(sys.argv[1])); ref = json.load(open(sys.argv[2]))
 worst = 0.0
