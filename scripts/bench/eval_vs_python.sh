@@ -20,7 +20,7 @@ if [ -n "${ADAPTERLAB_BENCH_PYTHON:-}" ]; then
   PYTHON=$ADAPTERLAB_BENCH_PYTHON
 else
   VENV=${ADAPTERLAB_BENCH_VENV:-$HOME/.cache/adapterlab/bench-venv}
-  if [ ! -x "$PYTHON" ]; then
+  if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q rouge-score==0.1.2 sacrebleu==2.6.0 nltk absl-py
   fi
@@ -53,7 +53,7 @@ corpus = sacrebleu.corpus_bleu([r["prediction"] for r in rows], [[r["reference"]
 json.dump({"samples": out, "corpus_bleu": corpus}, open(sys.argv[2], "w"))
 PY
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-time_it() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc -l; }
+time_it() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); awk "BEGIN {print $e - $s}"; }
 # Warm the component cache once, as a second start of the tool would find it.
 "$BIN" --data-dir "$WORK/data" eval --predictions "$WORK/p.jsonl" --metrics rouge,bleu --json "$WORK/ours.json" >/dev/null
 ours=$(for i in 1 2 3 4 5; do time_it "$BIN" --data-dir "$WORK/data" eval --predictions "$WORK/p.jsonl" --metrics rouge,bleu --json "$WORK/ours.json"; done | median)
@@ -70,4 +70,4 @@ print(f"samples: {len(ref['samples'])}; largest per-sample difference: {worst:.2
 PY
 echo "adapterlab eval (median of 5): ${ours} s"
 echo "python rouge-score + sacrebleu (median of 5): ${theirs} s"
-echo "ratio: $(echo "$theirs / $ours" | bc -l | cut -c1-5)x"
+echo "ratio: $(awk "BEGIN {printf \"%.1f\", $theirs / $ours}")x"
