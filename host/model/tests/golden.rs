@@ -73,15 +73,24 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The device under test: the CPU, or the GPU with `ADAPTERLAB_TEST_DEVICE=cuda` in a build
+/// with `--features cuda` (scripts/gpu/golden.sh runs them so on the lent machine).
+fn device() -> Device {
+    match std::env::var("ADAPTERLAB_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).expect("ADAPTERLAB_TEST_DEVICE=cuda needs a CUDA build and a GPU"),
+        _ => Device::Cpu,
+    }
+}
+
 fn load_model(dir: &Path) -> LoadedModel {
-    load(dir.to_str().unwrap(), &LoadOptions::default())
+    load(dir.to_str().unwrap(), &LoadOptions { device: device(), ..LoadOptions::default() })
         .unwrap_or_else(|e| panic!("loading {}: {e:#}", dir.display()))
 }
 
 fn last_logits(m: &dyn CausalLm, ids: &[Vec<u32>], mask: Option<&[Vec<u32>]>) -> Vec<Vec<f32>> {
     let (b, s) = (ids.len(), ids[0].len());
-    let t = Tensor::from_vec(ids.concat(), (b, s), &Device::Cpu).unwrap();
-    let mask = mask.map(|m| Tensor::from_vec(m.concat(), (b, s), &Device::Cpu).unwrap());
+    let t = Tensor::from_vec(ids.concat(), (b, s), &device()).unwrap();
+    let mask = mask.map(|m| Tensor::from_vec(m.concat(), (b, s), &device()).unwrap());
     m.forward_last(&t, mask.as_ref(), None)
         .unwrap()
         .to_vec2::<f32>()
@@ -142,7 +151,7 @@ fn logits_match_transformers() {
                 "{name}: left-padded batch row {i}: logits differ by {d}"
             );
         }
-        let p0 = Tensor::new(prompts[0].as_slice(), &Device::Cpu)
+        let p0 = Tensor::new(prompts[0].as_slice(), &device())
             .unwrap()
             .unsqueeze(0)
             .unwrap();
