@@ -142,3 +142,37 @@ fn odd_inputs_get_scores_or_clear_errors() {
     let big = samples.iter().find(|s| s["id"] == "big").unwrap();
     assert!(big["scores"]["rouge1"].as_f64().is_some() || big["errors"]["rouge"].is_string(), "{big}");
 }
+
+#[test]
+fn references_can_be_scored_as_the_human_baseline() {
+    let t = setup("eval-references");
+    let p = write_predictions(&t, "p.jsonl", &[("1", "the cat sat", "the cat sat on the mat"), ("2", "a dog", "a dog barked")]);
+    let out = t.path().join("out.json");
+    let table = run_ok(&mut t.cmd(&[
+        "eval", "--predictions", p.to_str().unwrap(), "--metrics", "rouge", "--score-references", "--json", out.to_str().unwrap(),
+    ]));
+    assert!(table.contains("REFERENCE (HUMAN)"), "{table}");
+    let doc = read_json(&out);
+    assert_eq!(doc["reference_aggregates"]["rouge1"]["mean"].as_f64(), Some(1.0), "a reference scored against itself");
+    assert!(doc["aggregates"]["rouge1"]["mean"].as_f64().unwrap() < 1.0);
+    assert_eq!(doc["samples"][0]["reference_scores"]["rougeL"].as_f64(), Some(1.0));
+}
+
+#[test]
+fn the_reference_formatter_runs_through_the_host() {
+    use adapterlab::plugin::{CallContext, Limits, PluginKind, Registry, Runtime};
+    let t = setup("formatter");
+    let runtime = Runtime::new(Some(t.path().join("cache")), Limits::default()).unwrap();
+    let registry = Registry::load(&runtime, &t.path().join("plugins")).unwrap();
+    let formatter = registry.get("summarize", PluginKind::Formatter).unwrap();
+    let rows = vec![
+        vec![("dialogue".to_string(), "A: hi\nB: hello".to_string()), ("summary".to_string(), "They greet.".to_string())],
+        vec![("summary".to_string(), "no dialogue".to_string())],
+    ];
+    let out = formatter.session(CallContext::default()).unwrap().format(&rows).unwrap();
+    let first = out[0].as_ref().unwrap();
+    assert!(first.prompt.starts_with("### Instruction:\n"), "{:?}", first.prompt);
+    assert!(first.prompt.ends_with("\n\n### Dialogue:\nA: hi\nB: hello\n\n### Summary:\n"), "{:?}", first.prompt);
+    assert_eq!(first.completion.as_deref(), Some("They greet."));
+    assert!(out[1].as_ref().unwrap_err().contains("dialogue"));
+}

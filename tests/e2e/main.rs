@@ -6,6 +6,7 @@ mod browser;
 mod cli;
 mod eval;
 mod judge;
+mod model;
 mod sandbox;
 mod polyglot;
 mod server;
