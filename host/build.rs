@@ -26,13 +26,25 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
 
     let mut crates = Vec::new();
-    for (dir, test_only) in [(root.join("plugins"), false), (root.join("tests").join("plugins"), true)] {
+    for (dir, test_only) in [
+        (root.join("plugins"), false),
+        (root.join("tests").join("plugins"), true),
+    ] {
         crates.extend(find_plugin_crates(&dir, test_only));
     }
-    println!("cargo:rerun-if-changed={}", root.join("sdk").join("src").display());
-    println!("cargo:rerun-if-changed={}", root.join("sdk").join("wit").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("sdk").join("src").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("sdk").join("wit").display()
+    );
     println!("cargo:rerun-if-changed={}", root.join("plugins").display());
-    println!("cargo:rerun-if-changed={}", root.join("tests").join("plugins").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("tests").join("plugins").display()
+    );
     println!("cargo:rerun-if-env-changed=ADAPTERLAB_SKIP_PLUGIN_BUILD");
 
     let wasm_target_dir = target_root(&out_dir).join("wasm-plugins");
@@ -49,7 +61,13 @@ fn main() {
     for c in crates.iter().filter(|c| c.builtin && !c.test_only) {
         let path = release.join(format!("{}.wasm", c.artifact));
         println!("cargo:rerun-if-changed={}", path.display());
-        writeln!(generated, "    ({:?}, include_bytes!({:?})),", c.package, path.display().to_string()).unwrap();
+        writeln!(
+            generated,
+            "    ({:?}, include_bytes!({:?})),",
+            c.package,
+            path.display().to_string()
+        )
+        .unwrap();
     }
     generated.push_str("];\n");
     std::fs::write(out_dir.join("builtin_plugins.rs"), generated).unwrap();
@@ -62,10 +80,16 @@ fn main() {
 
 /// `target/` from `target/[<triple>/]<profile>/build/<pkg>-<hash>/out`.
 fn target_root(out_dir: &Path) -> PathBuf {
-    let profile_dir = out_dir.ancestors().nth(3).expect("OUT_DIR has the usual depth");
+    let profile_dir = out_dir
+        .ancestors()
+        .nth(3)
+        .expect("OUT_DIR has the usual depth");
     let parent = profile_dir.parent().expect("profile dir has a parent");
     let triple = env::var("TARGET").unwrap_or_default();
-    if parent.file_name().is_some_and(|n| n.to_string_lossy() == triple) {
+    if parent
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy() == triple)
+    {
         parent.parent().unwrap_or(parent).to_path_buf()
     } else {
         parent.to_path_buf()
@@ -73,18 +97,24 @@ fn target_root(out_dir: &Path) -> PathBuf {
 }
 
 fn find_plugin_crates(dir: &Path, test_only: bool) -> Vec<PluginCrate> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
     paths.sort();
     for path in paths {
         let manifest = path.join("Cargo.toml");
-        let Ok(text) = std::fs::read_to_string(&manifest) else { continue };
+        let Ok(text) = std::fs::read_to_string(&manifest) else {
+            continue;
+        };
         let value: toml::Value = match toml::from_str(&text) {
             Ok(v) => v,
             Err(e) => panic!("{}: {e}", manifest.display()),
         };
-        let Some(package) = value.get("package") else { continue };
+        let Some(package) = value.get("package") else {
+            continue;
+        };
         // Library crates shared by plugins (e.g. report-common) are not components.
         let is_component = value
             .get("lib")
@@ -94,14 +124,23 @@ fn find_plugin_crates(dir: &Path, test_only: bool) -> Vec<PluginCrate> {
         if !is_component {
             continue;
         }
-        let name = package.get("name").and_then(|n| n.as_str()).unwrap().to_string();
+        let name = package
+            .get("name")
+            .and_then(|n| n.as_str())
+            .unwrap()
+            .to_string();
         let builtin = package
             .get("metadata")
             .and_then(|m| m.get("adapterlab"))
             .and_then(|a| a.get("builtin"))
             .and_then(|b| b.as_bool())
             .unwrap_or(true);
-        out.push(PluginCrate { artifact: name.replace('-', "_"), package: name, builtin, test_only });
+        out.push(PluginCrate {
+            artifact: name.replace('-', "_"),
+            package: name,
+            builtin,
+            test_only,
+        });
     }
     out
 }
@@ -116,12 +155,20 @@ fn ensure_wasm_target() {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     if let Some(sysroot) = sysroot {
-        if Path::new(&sysroot).join("lib/rustlib").join(TARGET).exists() {
+        if Path::new(&sysroot)
+            .join("lib/rustlib")
+            .join(TARGET)
+            .exists()
+        {
             return;
         }
     }
-    println!("cargo:warning=installing the {TARGET} target with rustup (needed for the built-in plugins)");
-    let status = Command::new("rustup").args(["target", "add", TARGET]).status();
+    println!(
+        "cargo:warning=installing the {TARGET} target with rustup (needed for the built-in plugins)"
+    );
+    let status = Command::new("rustup")
+        .args(["target", "add", TARGET])
+        .status();
     match status {
         Ok(s) if s.success() => {}
         _ => panic!(
@@ -152,7 +199,9 @@ fn build_components(root: &Path, target_dir: &Path, crates: &[PluginCrate]) {
     ] {
         cmd.env_remove(var);
     }
-    let output = cmd.output().expect("failed to run cargo for the plugin components");
+    let output = cmd
+        .output()
+        .expect("failed to run cargo for the plugin components");
     if !output.status.success() {
         panic!(
             "building the plugin components failed:\n{}\n{}",
@@ -170,14 +219,21 @@ fn embed_web_assets(web: &Path, out_dir: &Path) {
     files.sort();
     let mut generated = String::from("pub static WEB_ASSETS: &[(&str, &[u8])] = &[\n");
     for (rel, abs) in files {
-        writeln!(generated, "    ({rel:?}, include_bytes!({:?})),", abs.display().to_string()).unwrap();
+        writeln!(
+            generated,
+            "    ({rel:?}, include_bytes!({:?})),",
+            abs.display().to_string()
+        )
+        .unwrap();
     }
     generated.push_str("];\n");
     std::fs::write(out_dir.join("web_assets.rs"), generated).unwrap();
 }
 
 fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -187,7 +243,11 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) {
         if path.is_dir() {
             collect_files(root, &path, out);
         } else {
-            let rel = path.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
             out.push((rel, path));
         }
     }

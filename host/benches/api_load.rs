@@ -13,7 +13,10 @@ use adapterlab::plugin::{Limits, Registry, Runtime};
 use adapterlab::store::{RunStatus, Store};
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let seconds: u64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(30);
     let clients: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(50);
 
@@ -24,7 +27,8 @@ fn main() {
     let registry = Registry::load(&runtime, &data_dir.plugins()).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _guard = rt.enter();
-    let state = adapterlab::server::state(data_dir, store.clone(), runtime, registry, "t".into()).unwrap();
+    let state =
+        adapterlab::server::state(data_dir, store.clone(), runtime, registry, "t".into()).unwrap();
 
     // One evaluated run of 200 samples to read.
     let rows: Vec<PredictionRow> = (0..200)
@@ -48,7 +52,9 @@ fn main() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let app = adapterlab::server::app(state);
     rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -63,8 +69,13 @@ fn main() {
         let client = reqwest::Client::new();
         let tasks: Vec<_> = (0..clients)
             .map(|i| {
-                let (client, base, id, latencies, errors) =
-                    (client.clone(), base.clone(), id.clone(), latencies.clone(), errors.clone());
+                let (client, base, id, latencies, errors) = (
+                    client.clone(),
+                    base.clone(),
+                    id.clone(),
+                    latencies.clone(),
+                    errors.clone(),
+                );
                 tokio::spawn(async move {
                     let mut mine = Vec::new();
                     let mut n = 0usize;
@@ -98,7 +109,9 @@ fn main() {
     let mut l = latencies.lock().unwrap().clone();
     l.sort();
     let pct = |q: f64| l[((l.len() as f64 - 1.0) * q) as usize].as_secs_f64() * 1e3;
-    println!("API load: {clients} clients, {seconds} s, GET /api/runs | /api/runs/ID | /api/runs/ID/samples (200 samples)");
+    println!(
+        "API load: {clients} clients, {seconds} s, GET /api/runs | /api/runs/ID | /api/runs/ID/samples (200 samples)"
+    );
     println!("| requests | errors | requests/s | p50 | p90 | p99 | max |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     println!(

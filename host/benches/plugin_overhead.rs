@@ -20,8 +20,12 @@ fn main() {
         .skip(1)
         .find(|a| a.ends_with(".wasm"))
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(adapterlab::plugin::registry::WASM_BUILD_DIR).join("adapterlab_test_misbehave.wasm"));
-    let bytes = std::fs::read(&wasm).expect("build the host first: the trivial metric is built with it");
+        .unwrap_or_else(|| {
+            Path::new(adapterlab::plugin::registry::WASM_BUILD_DIR)
+                .join("adapterlab_test_misbehave.wasm")
+        });
+    let bytes =
+        std::fs::read(&wasm).expect("build the host first: the trivial metric is built with it");
     let cache = tempfile::tempdir().unwrap();
 
     // Cold: compile with Cranelift, write the cache, instantiate, call `info`.
@@ -36,7 +40,10 @@ fn main() {
 
     // Cached: a fresh runtime (a second start of the process) loading from the cache.
     let dir = cache.path().join("warm");
-    Runtime::new(Some(dir.clone()), Limits::default()).unwrap().load(&bytes, PluginSource::Builtin).unwrap();
+    Runtime::new(Some(dir.clone()), Limits::default())
+        .unwrap()
+        .load(&bytes, PluginSource::Builtin)
+        .unwrap();
     let mut cached = Vec::new();
     for _ in 0..20 {
         let rt = Runtime::new(Some(dir.clone()), Limits::default()).unwrap();
@@ -57,23 +64,47 @@ fn main() {
     }
 
     // Per call: one sample through `score` on a live instance, contract checks included.
-    let sample = Sample { id: "1".into(), prediction: "hello".into(), reference: "world".into(), source: None };
+    let sample = Sample {
+        id: "1".into(),
+        prediction: "hello".into(),
+        reference: "world".into(),
+        source: None,
+    };
     let mut session = plugin.session(CallContext::default()).unwrap();
     for _ in 0..1000 {
-        session.score(std::slice::from_ref(&sample), &plugin.meta).unwrap();
+        session
+            .score(std::slice::from_ref(&sample), &plugin.meta)
+            .unwrap();
     }
     let calls = 20_000;
     let t = Instant::now();
     for _ in 0..calls {
-        session.score(std::slice::from_ref(&sample), &plugin.meta).unwrap();
+        session
+            .score(std::slice::from_ref(&sample), &plugin.meta)
+            .unwrap();
     }
     let per_call = t.elapsed() / calls;
 
-    println!("plugin runtime overhead (trivial metric, {} KiB component)", bytes.len() / 1024);
+    println!(
+        "plugin runtime overhead (trivial metric, {} KiB component)",
+        bytes.len() / 1024
+    );
     println!("| what | median |");
     println!("| --- | --- |");
-    println!("| load, cold (compile + cache write + instantiate + info) | {:.2} ms |", median(cold).as_secs_f64() * 1e3);
-    println!("| load, cached (deserialize + instantiate + info) | {:.3} ms |", median(cached).as_secs_f64() * 1e3);
-    println!("| instantiate (new store + instance) | {:.1} µs |", median(inst).as_secs_f64() * 1e6);
-    println!("| call overhead (score, 1 sample) | {:.2} µs |", per_call.as_secs_f64() * 1e6);
+    println!(
+        "| load, cold (compile + cache write + instantiate + info) | {:.2} ms |",
+        median(cold).as_secs_f64() * 1e3
+    );
+    println!(
+        "| load, cached (deserialize + instantiate + info) | {:.3} ms |",
+        median(cached).as_secs_f64() * 1e3
+    );
+    println!(
+        "| instantiate (new store + instance) | {:.1} µs |",
+        median(inst).as_secs_f64() * 1e6
+    );
+    println!(
+        "| call overhead (score, 1 sample) | {:.2} µs |",
+        per_call.as_secs_f64() * 1e6
+    );
 }

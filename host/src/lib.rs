@@ -3,10 +3,10 @@
 //! See `ARCHITECTURE.md` at the repository root for the map of these modules.
 
 pub mod cli;
-pub mod paths;
-pub mod plugin;
-pub mod store;
 pub mod eval;
 pub mod llm;
+pub mod paths;
+pub mod plugin;
 pub mod server;
+pub mod store;
 pub mod train;

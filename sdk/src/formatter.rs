@@ -6,7 +6,9 @@ pub use crate::bindings::formatter::exports::adapterlab::plugin::formatter::{
 
 /// The value of `field` in `row`.
 pub fn field<'a>(row: &'a Row, field: &str) -> Option<&'a str> {
-    row.iter().find(|(k, _)| k == field).map(|(_, v)| v.as_str())
+    row.iter()
+        .find(|(k, _)| k == field)
+        .map(|(_, v)| v.as_str())
 }
 
 pub trait Formatter {

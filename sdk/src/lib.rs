@@ -169,11 +169,18 @@ pub mod config {
 
     /// A boolean setting: true/false, yes/no, 1/0, on/off.
     pub fn get_bool(key: &str, default: bool) -> Result<bool, String> {
-        match get(key).as_deref().map(str::trim).map(str::to_ascii_lowercase).as_deref() {
+        match get(key)
+            .as_deref()
+            .map(str::trim)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None => Ok(default),
             Some("true" | "yes" | "1" | "on") => Ok(true),
             Some("false" | "no" | "0" | "off") => Ok(false),
-            Some(other) => Err(format!("setting `{key}`: expected true or false, got {other:?}")),
+            Some(other) => Err(format!(
+                "setting `{key}`: expected true or false, got {other:?}"
+            )),
         }
     }
 }

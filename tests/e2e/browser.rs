@@ -14,7 +14,10 @@ fn dashboard_flows_in_chromium() {
         eprintln!("ADAPTERLAB_SKIP_BROWSER is set: skipping the browser tests");
         return;
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let t = setup("browser");
     let server = start(&t, &[]);
     let fixtures = root.join("tests/browser/fixtures");
@@ -24,11 +27,24 @@ fn dashboard_flows_in_chromium() {
         .arg(root.join("tests/browser/run.sh"))
         .env("ADAPTERLAB_URL", &server.base)
         .env("ADAPTERLAB_TOKEN", "test-token-123")
-        .env("ADAPTERLAB_PREDICTIONS_A", fixtures.join("predictions-a.jsonl"))
-        .env("ADAPTERLAB_PREDICTIONS_B", fixtures.join("predictions-b.jsonl"))
+        .env(
+            "ADAPTERLAB_PREDICTIONS_A",
+            fixtures.join("predictions-a.jsonl"),
+        )
+        .env(
+            "ADAPTERLAB_PREDICTIONS_B",
+            fixtures.join("predictions-b.jsonl"),
+        )
         .env("ADAPTERLAB_ARTIFACTS", &artifacts)
-        .env("ADAPTERLAB_PLUGIN_WASM", built_component("adapterlab-plugin-length"))
+        .env(
+            "ADAPTERLAB_PLUGIN_WASM",
+            built_component("adapterlab-plugin-length"),
+        )
         .status()
         .expect("bash runs tests/browser/run.sh");
-    assert!(status.success(), "the browser tests failed; screenshots are in {}", artifacts.display());
+    assert!(
+        status.success(),
+        "the browser tests failed; screenshots are in {}",
+        artifacts.display()
+    );
 }

@@ -7,6 +7,6 @@ mod cli;
 mod eval;
 mod judge;
 mod model;
-mod sandbox;
 mod polyglot;
+mod sandbox;
 mod server;

@@ -7,8 +7,14 @@ use crate::util::*;
 fn params_counts_like_peft_from_config_alone() {
     let t = setup("params");
     let out = run_ok(&mut t.cmd(&[
-        "params", "--model", "tiiuae/falcon-7b", "--lora-r", "16",
-        "--target-modules", "query_key_value,dense,dense_h_to_4h,dense_4h_to_h", "--json",
+        "params",
+        "--model",
+        "tiiuae/falcon-7b",
+        "--lora-r",
+        "16",
+        "--target-modules",
+        "query_key_value,dense,dense_h_to_4h,dense_4h_to_h",
+        "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["trainable"], 32_636_928u64);
@@ -20,8 +26,14 @@ fn params_counts_like_peft_from_config_alone() {
 fn smollm2_generates_and_scores_a_completion() {
     let t = setup("smollm2");
     let out = run_ok(&mut t.cmd(&[
-        "generate", "--prompt", "Summarize: Amanda baked cookies and will bring Jerry some tomorrow.",
-        "--chat", "--greedy", "--max-new-tokens", "8", "--json",
+        "generate",
+        "--prompt",
+        "Summarize: Amanda baked cookies and will bring Jerry some tomorrow.",
+        "--chat",
+        "--greedy",
+        "--max-new-tokens",
+        "8",
+        "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let ids = v["token_ids"].as_array().unwrap();
@@ -39,7 +51,16 @@ fn smollm2_generates_and_scores_a_completion() {
         .collect::<Vec<_>>()
         .join("\n"),
     );
-    let out = run_ok(&mut t.cmd(&["eval-loss", "--data", rows.to_str().unwrap(), "--completion-only", "--json"]));
+    let out = run_ok(&mut t.cmd(&[
+        "eval-loss",
+        "--data",
+        rows.to_str().unwrap(),
+        "--completion-only",
+        "--json",
+    ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert!(v["loss"].as_f64().unwrap() > 0.0 && v["tokens"].as_u64().unwrap() > 0, "{v}");
+    assert!(
+        v["loss"].as_f64().unwrap() > 0.0 && v["tokens"].as_u64().unwrap() > 0,
+        "{v}"
+    );
 }

@@ -29,14 +29,27 @@ pub fn start(t: &TestDir, extra_env: &[(&str, &str)]) -> Server {
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("serve starts");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("serve starts");
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let deadline = Instant::now() + Duration::from_secs(120);
     let base = loop {
-        assert!(Instant::now() < deadline, "serve did not announce its address");
-        let line = lines.next().expect("serve exited before listening").unwrap();
-        if let Some(rest) = line.strip_prefix(&format!("adapterlab {} serving on ", env!("CARGO_PKG_VERSION"))) {
+        assert!(
+            Instant::now() < deadline,
+            "serve did not announce its address"
+        );
+        let line = lines
+            .next()
+            .expect("serve exited before listening")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix(&format!(
+            "adapterlab {} serving on ",
+            env!("CARGO_PKG_VERSION")
+        )) {
             break rest.trim_end_matches('/').to_string();
         }
     };
@@ -46,11 +59,16 @@ pub fn start(t: &TestDir, extra_env: &[(&str, &str)]) -> Server {
 }
 
 pub fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 pub async fn post(base: &str, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
-    let mut req = reqwest::Client::new().post(format!("{base}{path}")).json(&body);
+    let mut req = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(&body);
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -101,7 +119,13 @@ fn mutations_need_the_token_and_bad_requests_get_clear_4xx() {
         let (s, body) = post(&base, "/api/runs", None, eval_body("x", &["a cat"])).await;
         assert_eq!(s, 401, "{body}");
         assert!(body["error"].as_str().unwrap().contains("Bearer"));
-        let (s, _) = post(&base, "/api/runs", Some("wrong"), eval_body("x", &["a cat"])).await;
+        let (s, _) = post(
+            &base,
+            "/api/runs",
+            Some("wrong"),
+            eval_body("x", &["a cat"]),
+        )
+        .await;
         assert_eq!(s, 401);
         let (s, _) = post(&base, "/api/plugins", None, json!({})).await;
         assert_eq!(s, 401);
@@ -123,13 +147,25 @@ fn mutations_need_the_token_and_bad_requests_get_clear_4xx() {
         bad["predictions"][1] = json!({"id": "x", "reference": "r"});
         let (s, body) = post(&base, "/api/runs", Some(TOKEN), bad).await;
         assert_eq!(s, 422);
-        assert!(body["error"].as_str().unwrap().contains("predictions[1]: missing field `prediction`"), "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("predictions[1]: missing field `prediction`"),
+            "{body}"
+        );
 
         let mut unknown = eval_body("unknown", &["a"]);
         unknown["metrics"] = json!(["rouge", "blue"]);
         let (s, body) = post(&base, "/api/runs", Some(TOKEN), unknown).await;
         assert_eq!(s, 422);
-        assert!(body["error"].as_str().unwrap().contains("did you mean \"bleu\""), "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("did you mean \"bleu\""),
+            "{body}"
+        );
 
         let (s, body) = get(&base, "/api/runs/nonexistent").await;
         assert_eq!(s, 404, "{body}");
@@ -160,11 +196,26 @@ fn an_eval_job_runs_through_the_queue_with_events_and_comparison() {
     let server = start(&t, &[]);
     let base = server.base.clone();
     rt().block_on(async move {
-        let (s, a) = post(&base, "/api/runs", Some(TOKEN), eval_body("a", &["the cat", "a dog sat", "mat"])).await;
+        let (s, a) = post(
+            &base,
+            "/api/runs",
+            Some(TOKEN),
+            eval_body("a", &["the cat", "a dog sat", "mat"]),
+        )
+        .await;
         assert_eq!(s, 201, "{a}");
-        let (s, b) = post(&base, "/api/runs", Some(TOKEN), eval_body("b", &["the cat sat", "the cat sat on a mat", "the mat"])).await;
+        let (s, b) = post(
+            &base,
+            "/api/runs",
+            Some(TOKEN),
+            eval_body("b", &["the cat sat", "the cat sat on a mat", "the mat"]),
+        )
+        .await;
         assert_eq!(s, 201, "{b}");
-        let (a, b) = (a["id"].as_str().unwrap().to_string(), b["id"].as_str().unwrap().to_string());
+        let (a, b) = (
+            a["id"].as_str().unwrap().to_string(),
+            b["id"].as_str().unwrap().to_string(),
+        );
         for id in [&a, &b] {
             let run = wait_for(&base, id, |r| r["status"] == "done", 60).await;
             assert_eq!(run["progress"]["done"], 3);
@@ -178,8 +229,16 @@ fn an_eval_job_runs_through_the_queue_with_events_and_comparison() {
         assert_eq!(cmp["samples"].as_array().unwrap().len(), 3);
 
         // The event stream replays the run and ends once it has finished.
-        let text = reqwest::get(format!("{base}/api/runs/{a}/events")).await.unwrap().text().await.unwrap();
-        assert!(text.contains("event: status") && text.contains("event: progress"), "{text}");
+        let text = reqwest::get(format!("{base}/api/runs/{a}/events"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            text.contains("event: status") && text.contains("event: progress"),
+            "{text}"
+        );
         assert!(text.contains("\"status\":\"done\""), "{text}");
     });
 }
@@ -205,7 +264,13 @@ fn a_restart_mid_job_leaves_it_interrupted_with_its_samples_and_resumable() {
         let (s, created) = post(&base, "/api/runs", Some(TOKEN), body).await;
         assert_eq!(s, 201, "{created}");
         let id = created["id"].as_str().unwrap().to_string();
-        wait_for(&base, &id, |r| r["progress"]["done"].as_u64() == Some(2), 60).await;
+        wait_for(
+            &base,
+            &id,
+            |r| r["progress"]["done"].as_u64() == Some(2),
+            60,
+        )
+        .await;
         id
     });
     // Kill the server while the third sample spins (its deadline is 30 s).
@@ -217,14 +282,36 @@ fn a_restart_mid_job_leaves_it_interrupted_with_its_samples_and_resumable() {
         let (_, run) = get(&base, &format!("/api/runs/{id}")).await;
         assert_eq!(run["status"], "interrupted", "{run}");
         let (_, samples) = get(&base, &format!("/api/runs/{id}/samples")).await;
-        assert_eq!(samples.as_array().unwrap().len(), 2, "what was stored before the crash stays");
-        let (s, resumed) = post(&base, &format!("/api/runs/{id}/resume"), Some(TOKEN), json!({})).await;
+        assert_eq!(
+            samples.as_array().unwrap().len(),
+            2,
+            "what was stored before the crash stays"
+        );
+        let (s, resumed) = post(
+            &base,
+            &format!("/api/runs/{id}/resume"),
+            Some(TOKEN),
+            json!({}),
+        )
+        .await;
         assert_eq!(s, 200, "{resumed}");
         let run = wait_for(&base, &id, |r| r["status"] == "done", 60).await;
         assert_eq!(run["progress"]["done"], 3);
         let (_, samples) = get(&base, &format!("/api/runs/{id}/samples")).await;
-        let looped = samples.as_array().unwrap().iter().find(|s| s["id"] == "3").unwrap().clone();
-        assert!(looped["errors"]["misbehave"].as_str().unwrap().contains("deadline"), "{looped}");
+        let looped = samples
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == "3")
+            .unwrap()
+            .clone();
+        assert!(
+            looped["errors"]["misbehave"]
+                .as_str()
+                .unwrap()
+                .contains("deadline"),
+            "{looped}"
+        );
     });
 }
 
@@ -234,7 +321,13 @@ fn fifty_concurrent_clients_get_no_errors() {
     let server = start(&t, &[]);
     let base = server.base.clone();
     rt().block_on(async move {
-        let (_, created) = post(&base, "/api/runs", Some(TOKEN), eval_body("load", &["the cat"])).await;
+        let (_, created) = post(
+            &base,
+            "/api/runs",
+            Some(TOKEN),
+            eval_body("load", &["the cat"]),
+        )
+        .await;
         let id = created["id"].as_str().unwrap().to_string();
         wait_for(&base, &id, |r| r["status"] == "done", 60).await;
         let client = reqwest::Client::new();
@@ -250,7 +343,11 @@ fn fifty_concurrent_clients_get_no_errors() {
                             1 => format!("/api/runs/{id}"),
                             _ => format!("/api/runs/{id}/samples"),
                         };
-                        let resp = client.get(format!("{base}{path}")).send().await.expect("request");
+                        let resp = client
+                            .get(format!("{base}{path}"))
+                            .send()
+                            .await
+                            .expect("request");
                         assert_eq!(resp.status().as_u16(), 200);
                         resp.bytes().await.unwrap();
                         n += 1;

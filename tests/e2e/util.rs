@@ -10,7 +10,10 @@ pub struct TestDir {
 
 /// A fresh temporary directory for the test `name`.
 pub fn setup(name: &str) -> TestDir {
-    let dir = tempfile::Builder::new().prefix(&format!("adapterlab-{name}-")).tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("adapterlab-{name}-"))
+        .tempdir()
+        .unwrap();
     TestDir { dir }
 }
 
@@ -27,7 +30,9 @@ impl TestDir {
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_adapterlab"));
         cmd.arg("--data-dir").arg(self.data_dir()).args(args);
-        cmd.env_remove("ADAPTERLAB_DATA_DIR").env_remove("OPENAI_API_KEY").env_remove("OPENAI_BASE_URL");
+        cmd.env_remove("ADAPTERLAB_DATA_DIR")
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL");
         cmd.env("NO_COLOR", "1");
         cmd
     }
@@ -52,27 +57,43 @@ fn describe(cmd: &Command, out: &Output) -> String {
 /// Run and require success; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().expect("failed to start adapterlab");
-    assert!(out.status.success(), "expected success\n{}", describe(cmd, &out));
+    assert!(
+        out.status.success(),
+        "expected success\n{}",
+        describe(cmd, &out)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
 /// Run and require failure; returns stderr.
 pub fn run_fail(cmd: &mut Command) -> String {
     let out = cmd.output().expect("failed to start adapterlab");
-    assert!(!out.status.success(), "expected failure\n{}", describe(cmd, &out));
+    assert!(
+        !out.status.success(),
+        "expected failure\n{}",
+        describe(cmd, &out)
+    );
     String::from_utf8(out.stderr).unwrap()
 }
 
 /// Run and return (stdout, stderr) regardless of status, asserting success.
 pub fn run_ok_both(cmd: &mut Command) -> (String, String) {
     let out = cmd.output().expect("failed to start adapterlab");
-    assert!(out.status.success(), "expected success\n{}", describe(cmd, &out));
-    (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    assert!(
+        out.status.success(),
+        "expected success\n{}",
+        describe(cmd, &out)
+    );
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
 }
 
 /// A component built alongside the host but not embedded (examples, sandbox test plugins).
 pub fn built_component(crate_name: &str) -> PathBuf {
-    let path = Path::new(adapterlab::plugin::registry::WASM_BUILD_DIR).join(format!("{}.wasm", crate_name.replace('-', "_")));
+    let path = Path::new(adapterlab::plugin::registry::WASM_BUILD_DIR)
+        .join(format!("{}.wasm", crate_name.replace('-', "_")));
     assert!(path.exists(), "{} was not built", path.display());
     path
 }

@@ -388,7 +388,8 @@ mod tests {
     #[test]
     fn nf4_builds_and_a_missing_adapter_is_named() {
         assert!(linear_builder(Quantize::Nf4, None).is_ok());
-        let e = linear_builder(Quantize::None, Some(Path::new("/nonexistent/adapter"))).unwrap_err();
+        let e =
+            linear_builder(Quantize::None, Some(Path::new("/nonexistent/adapter"))).unwrap_err();
         assert!(format!("{e:#}").contains("/nonexistent/adapter"), "{e:#}");
     }
 }

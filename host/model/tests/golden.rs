@@ -77,14 +77,22 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 /// with `--features cuda` (scripts/gpu/golden.sh runs them so on the lent machine).
 fn device() -> Device {
     match std::env::var("ADAPTERLAB_TEST_DEVICE").as_deref() {
-        Ok("cuda") => Device::new_cuda(0).expect("ADAPTERLAB_TEST_DEVICE=cuda needs a CUDA build and a GPU"),
+        Ok("cuda") => {
+            Device::new_cuda(0).expect("ADAPTERLAB_TEST_DEVICE=cuda needs a CUDA build and a GPU")
+        }
         _ => Device::Cpu,
     }
 }
 
 fn load_model(dir: &Path) -> LoadedModel {
-    load(dir.to_str().unwrap(), &LoadOptions { device: device(), ..LoadOptions::default() })
-        .unwrap_or_else(|e| panic!("loading {}: {e:#}", dir.display()))
+    load(
+        dir.to_str().unwrap(),
+        &LoadOptions {
+            device: device(),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("loading {}: {e:#}", dir.display()))
 }
 
 fn last_logits(m: &dyn CausalLm, ids: &[Vec<u32>], mask: Option<&[Vec<u32>]>) -> Vec<Vec<f32>> {

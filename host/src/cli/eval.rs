@@ -49,13 +49,19 @@ pub fn run(args: EvalArgs, ctx: &Context) -> Result<()> {
     let rows = read_predictions(&args.predictions)?;
     let request = EvalRequest {
         name: args.name.clone().unwrap_or_else(|| {
-            args.predictions.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "eval".into())
+            args.predictions
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "eval".into())
         }),
         rows,
         metrics: args.metrics.clone(),
         settings: pipeline::parse_settings(&args.settings)?,
         score_references: args.score_references,
-        metadata: BTreeMap::from([("predictions".to_string(), args.predictions.display().to_string())]),
+        metadata: BTreeMap::from([(
+            "predictions".to_string(),
+            args.predictions.display().to_string(),
+        )]),
     };
     let registry = ctx.registry()?;
     let plugins = pipeline::validate(&registry, &request)?;
@@ -109,14 +115,24 @@ pub fn results_json(run: &RunRecord, samples: &[SampleRecord]) -> serde_json::Va
         "metadata": run.metadata,
     });
     if !run.reference_aggregates.is_empty() {
-        doc["reference_aggregates"] =
-            run.reference_aggregates.iter().map(|(k, e)| (k.clone(), est(e))).collect::<serde_json::Map<_, _>>().into();
+        doc["reference_aggregates"] = run
+            .reference_aggregates
+            .iter()
+            .map(|(k, e)| (k.clone(), est(e)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
     }
     doc
 }
 
 pub fn print_summary(run: &RunRecord, samples: &[SampleRecord]) {
-    println!("run {} ({}): {} samples, {}", run.id, run.name, samples.len(), run.status.as_str());
+    println!(
+        "run {} ({}): {} samples, {}",
+        run.id,
+        run.name,
+        samples.len(),
+        run.status.as_str()
+    );
     if let Some(encoder) = run.metadata.get("encoder") {
         println!("encoder: {encoder}");
     }
@@ -127,15 +143,30 @@ pub fn print_summary(run: &RunRecord, samples: &[SampleRecord]) {
             .get(score)
             .map(|r| format!("{:.4} [{:.4}, {:.4}]", r.mean, r.low, r.high))
             .unwrap_or_default();
-        let n = samples.iter().filter(|s| s.scores.contains_key(score)).count();
-        rows.push(vec![score.clone(), format!("{:.4}", e.mean), format!("[{:.4}, {:.4}]", e.low, e.high), n.to_string(), reference]);
+        let n = samples
+            .iter()
+            .filter(|s| s.scores.contains_key(score))
+            .count();
+        rows.push(vec![
+            score.clone(),
+            format!("{:.4}", e.mean),
+            format!("[{:.4}, {:.4}]", e.low, e.high),
+            n.to_string(),
+            reference,
+        ]);
     }
     let header = if run.reference_aggregates.is_empty() {
         vec!["SCORE", "MEAN", "95% CI", "N"]
     } else {
         vec!["SCORE", "MEAN", "95% CI", "N", "REFERENCE (HUMAN)"]
     };
-    let rows: Vec<Vec<String>> = rows.into_iter().map(|mut r| { r.truncate(header.len()); r }).collect();
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|mut r| {
+            r.truncate(header.len());
+            r
+        })
+        .collect();
     print!("{}", table(&header, &rows));
     for (k, v) in &run.corpus {
         println!("corpus {k}: {v:.4}");
@@ -147,7 +178,9 @@ pub fn print_summary(run: &RunRecord, samples: &[SampleRecord]) {
         }
     }
     for (plugin, count) in errors {
-        let example = samples.iter().find_map(|s| s.errors.get(plugin).map(|e| (s.id.as_str(), e.as_str())));
+        let example = samples
+            .iter()
+            .find_map(|s| s.errors.get(plugin).map(|e| (s.id.as_str(), e.as_str())));
         if let Some((id, e)) = example {
             eprintln!("warning: {plugin} failed on {count} sample(s), e.g. {id}: {e}");
         }

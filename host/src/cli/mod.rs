@@ -92,7 +92,10 @@ impl Context {
         if let Some(r) = self.runtime.get() {
             return Ok(r.clone());
         }
-        let r = crate::plugin::Runtime::new(Some(self.data_dir.component_cache()), crate::plugin::Limits::from_env())?;
+        let r = crate::plugin::Runtime::new(
+            Some(self.data_dir.component_cache()),
+            crate::plugin::Limits::from_env(),
+        )?;
         Ok(self.runtime.get_or_init(|| r).clone())
     }
 
@@ -111,7 +114,8 @@ impl Context {
         handle: tokio::runtime::Handle,
         store: &crate::store::Store,
     ) -> Result<crate::eval::services::EvalServices> {
-        let llm = crate::llm::LlmClient::new(crate::llm::LlmConfig::from_env(), Some(store.clone()))?;
+        let llm =
+            crate::llm::LlmClient::new(crate::llm::LlmConfig::from_env(), Some(store.clone()))?;
         Ok(crate::eval::services::EvalServices::new(
             Some((llm, handle)),
             crate::eval::services::default_encoders(&self.data_dir),

@@ -66,7 +66,12 @@ pub struct ParamsArgs {
 }
 
 pub fn params(args: ParamsArgs, ctx: &Context) -> Result<()> {
-    let count = commands::params(&args.model, args.lora_r, &args.target_modules, &model_runtime(ctx)?)?;
+    let count = commands::params(
+        &args.model,
+        args.lora_r,
+        &args.target_modules,
+        &model_runtime(ctx)?,
+    )?;
     if args.json {
         println!(
             "{}",
@@ -145,14 +150,22 @@ pub struct GenerateArgs {
 pub fn generate(args: GenerateArgs, ctx: &Context) -> Result<()> {
     let decoding = match (args.greedy, args.temperature, args.top_k, args.top_p) {
         (true, ..) | (false, None, None, None) => Decoding::Greedy,
-        (false, t, k, p) => Decoding::Sample { temperature: t.unwrap_or(1.0), top_k: k, top_p: p, seed: args.seed },
+        (false, t, k, p) => Decoding::Sample {
+            temperature: t.unwrap_or(1.0),
+            top_k: k,
+            top_p: p,
+            seed: args.seed,
+        },
     };
     let (prompts, rows) = match (&args.prompt, &args.data) {
         (Some(p), _) => (vec![p.clone()], None),
         (None, Some(path)) => {
             let rows = read_rows(path)?;
             let formatted = format_rows(ctx, &args.formatter, &rows, path)?;
-            (formatted.iter().map(|(p, _)| p.clone()).collect(), Some(rows))
+            (
+                formatted.iter().map(|(p, _)| p.clone()).collect(),
+                Some(rows),
+            )
         }
         (None, None) => bail!("give --prompt or --data"),
     };
@@ -180,13 +193,21 @@ pub fn generate(args: GenerateArgs, ctx: &Context) -> Result<()> {
         }
         Some(rows) => {
             let data = args.data.as_ref().unwrap();
-            let out = args.out.clone().unwrap_or_else(|| data.with_extension("predictions.jsonl"));
+            let out = args
+                .out
+                .clone()
+                .unwrap_or_else(|| data.with_extension("predictions.jsonl"));
             let mut file = std::io::BufWriter::new(
-                std::fs::File::create(&out).with_context(|| format!("failed to create {}", out.display()))?,
+                std::fs::File::create(&out)
+                    .with_context(|| format!("failed to create {}", out.display()))?,
             );
             for (i, (row, g)) in rows.iter().zip(&generations).enumerate() {
                 let text = |k: &str| row.get(k).and_then(|v| v.as_str()).map(String::from);
-                let id = row.get("id").map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string()));
+                let id = row.get("id").map(|v| {
+                    v.as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| v.to_string())
+                });
                 let record = json!({
                     "id": id.unwrap_or_else(|| (i + 1).to_string()),
                     "prediction": g.text.trim(),
@@ -197,9 +218,16 @@ pub fn generate(args: GenerateArgs, ctx: &Context) -> Result<()> {
             }
             file.flush()?;
             if args.json {
-                println!("{}", json!({"predictions": out, "count": generations.len()}));
+                println!(
+                    "{}",
+                    json!({"predictions": out, "count": generations.len()})
+                );
             } else {
-                eprintln!("wrote {} predictions to {}", generations.len(), out.display());
+                eprintln!(
+                    "wrote {} predictions to {}",
+                    generations.len(),
+                    out.display()
+                );
             }
         }
     }
@@ -249,7 +277,10 @@ pub fn eval_loss(args: EvalLossArgs, ctx: &Context) -> Result<()> {
         let format = |row: &Row| -> Result<(String, Option<String>)> {
             let fields = row_fields(row);
             let mut out = session.lock().unwrap().format(&[fields])?;
-            out.pop().context("formatter returned nothing")?.map(|f| (f.prompt, f.completion)).map_err(anyhow::Error::msg)
+            out.pop()
+                .context("formatter returned nothing")?
+                .map(|f| (f.prompt, f.completion))
+                .map_err(anyhow::Error::msg)
         };
         commands::eval_loss(&opts, Some(&format))?
     } else {
@@ -273,8 +304,9 @@ pub struct QuantizeArgs {
 }
 
 pub fn quantize(args: QuantizeArgs, _ctx: &Context) -> Result<()> {
-    let report = adapterlab_model::quantize::quantize_model_dir(&args.model, &args.out, &Default::default())
-        .with_context(|| format!("failed to quantize {}", args.model.display()))?;
+    let report =
+        adapterlab_model::quantize::quantize_model_dir(&args.model, &args.out, &Default::default())
+            .with_context(|| format!("failed to quantize {}", args.model.display()))?;
     eprintln!(
         "quantized {} linear layers to NF4 (double quant); wrote {}",
         report.quantized_modules.len(),
@@ -296,15 +328,31 @@ pub struct MergeArgs {
 }
 
 pub fn merge(args: MergeArgs, _ctx: &Context) -> Result<()> {
-    let report = adapterlab_model::merge::merge_model_dir(&args.model, &args.adapter, &args.out, &Default::default())
-        .with_context(|| format!("failed to merge {} into {}", args.adapter.display(), args.model.display()))?;
-    eprintln!("merged the adapter into {} modules; wrote {}", report.merged_modules.len(), args.out.display());
+    let report = adapterlab_model::merge::merge_model_dir(
+        &args.model,
+        &args.adapter,
+        &args.out,
+        &Default::default(),
+    )
+    .with_context(|| {
+        format!(
+            "failed to merge {} into {}",
+            args.adapter.display(),
+            args.model.display()
+        )
+    })?;
+    eprintln!(
+        "merged the adapter into {} modules; wrote {}",
+        report.merged_modules.len(),
+        args.out.display()
+    );
     Ok(())
 }
 
 /// Rows of a JSON Lines file, each an object; errors name the line.
 pub fn read_rows(path: &Path) -> Result<Vec<Row>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("failed to read {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read {}", path.display()))?;
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -330,11 +378,18 @@ fn row_fields(row: &Row) -> Vec<(String, String)> {
 
 fn formatter_session(ctx: &Context, name: &str) -> Result<crate::plugin::Session> {
     let registry = ctx.registry()?;
-    Ok(registry.get(name, PluginKind::Formatter)?.session(CallContext::default())?)
+    Ok(registry
+        .get(name, PluginKind::Formatter)?
+        .session(CallContext::default())?)
 }
 
 /// Render rows with a formatter plugin; rows that already have `prompt` are used verbatim.
-fn format_rows(ctx: &Context, formatter: &str, rows: &[Row], path: &Path) -> Result<Vec<(String, Option<String>)>> {
+fn format_rows(
+    ctx: &Context,
+    formatter: &str,
+    rows: &[Row],
+    path: &Path,
+) -> Result<Vec<(String, Option<String>)>> {
     if rows.iter().all(|r| r.contains_key("prompt")) {
         return Ok(rows
             .iter()
@@ -345,7 +400,12 @@ fn format_rows(ctx: &Context, formatter: &str, rows: &[Row], path: &Path) -> Res
     // Generation wants the prompt only: the target is dropped before formatting.
     let fields: Vec<Vec<(String, String)>> = rows
         .iter()
-        .map(|r| row_fields(r).into_iter().filter(|(k, _)| k != "summary" && k != "completion").collect())
+        .map(|r| {
+            row_fields(r)
+                .into_iter()
+                .filter(|(k, _)| k != "summary" && k != "completion")
+                .collect()
+        })
         .collect();
     let formatted = session.format(&fields)?;
     formatted

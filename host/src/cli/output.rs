@@ -20,7 +20,8 @@ pub fn print_error(err: &anyhow::Error) {
 
 /// A header line for human output.
 pub fn heading(text: &str) -> String {
-    text.if_supports_color(Stream::Stdout, |t| t.bold().to_string()).to_string()
+    text.if_supports_color(Stream::Stdout, |t| t.bold().to_string())
+        .to_string()
 }
 
 /// Render rows as an aligned plain-text table.
@@ -55,7 +56,10 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 /// A progress bar on stderr; hidden when stderr is not a terminal (scripts, tests).
 pub fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())

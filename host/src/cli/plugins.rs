@@ -44,7 +44,18 @@ pub fn run(cmd: PluginsCommand, ctx: &Context) -> Result<()> {
                 let rows: Vec<Vec<String>> = metas.iter().map(|m| summary_row(m)).collect();
                 print!(
                     "{}",
-                    table(&["NAME", "KIND", "VERSION", "SOURCE", "LANGUAGE", "CAPABILITIES", "PROVIDES"], &rows)
+                    table(
+                        &[
+                            "NAME",
+                            "KIND",
+                            "VERSION",
+                            "SOURCE",
+                            "LANGUAGE",
+                            "CAPABILITIES",
+                            "PROVIDES"
+                        ],
+                        &rows
+                    )
                 );
                 for (path, problem) in &registry.problems {
                     eprintln!("warning: {} was not loaded: {problem}", path.display());
@@ -53,7 +64,8 @@ pub fn run(cmd: PluginsCommand, ctx: &Context) -> Result<()> {
             Ok(())
         }
         PluginsCommand::Check { file, json } => {
-            let bytes = std::fs::read(&file).with_context(|| format!("failed to read {}", file.display()))?;
+            let bytes = std::fs::read(&file)
+                .with_context(|| format!("failed to read {}", file.display()))?;
             let plugin = ctx
                 .runtime()?
                 .load(&bytes, crate::plugin::PluginSource::File(file.clone()))
@@ -62,7 +74,8 @@ pub fn run(cmd: PluginsCommand, ctx: &Context) -> Result<()> {
             Ok(())
         }
         PluginsCommand::Install { file, json } => {
-            let bytes = std::fs::read(&file).with_context(|| format!("failed to read {}", file.display()))?;
+            let bytes = std::fs::read(&file)
+                .with_context(|| format!("failed to read {}", file.display()))?;
             let plugin = registry::install(&ctx.runtime()?, &ctx.data_dir.plugins(), &bytes, &file)
                 .with_context(|| format!("{} was not installed", file.display()))?;
             print_meta(&plugin.meta, json, "installed")?;
@@ -73,8 +86,15 @@ pub fn run(cmd: PluginsCommand, ctx: &Context) -> Result<()> {
 
 fn summary_row(m: &PluginMeta) -> Vec<String> {
     let provides = match m.kind {
-        crate::plugin::PluginKind::Metric => m.scores.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(" "),
-        crate::plugin::PluginKind::Reporter => format!("format {}", m.format.as_deref().unwrap_or("?")),
+        crate::plugin::PluginKind::Metric => m
+            .scores
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+        crate::plugin::PluginKind::Reporter => {
+            format!("format {}", m.format.as_deref().unwrap_or("?"))
+        }
         crate::plugin::PluginKind::Formatter => format!("fields {}", m.required_fields.join(" ")),
     };
     vec![
@@ -96,19 +116,30 @@ fn print_meta(meta: &PluginMeta, json: bool, verdict: &str) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(meta)?);
         return Ok(());
     }
-    println!("{verdict}: {} {} ({} plugin, contract {})", meta.name, meta.version, meta.kind, meta.contract);
+    println!(
+        "{verdict}: {} {} ({} plugin, contract {})",
+        meta.name, meta.version, meta.kind, meta.contract
+    );
     println!("  description:  {}", meta.description);
     println!("  source:       {}", meta.source);
     println!("  language:     {}", meta.language);
     println!("  capabilities: {}", meta.capability_names().join(", "));
-    println!("  size:         {} bytes, sha256 {}", meta.size_bytes, &meta.sha256[..16]);
+    println!(
+        "  size:         {} bytes, sha256 {}",
+        meta.size_bytes,
+        &meta.sha256[..16]
+    );
     for s in &meta.scores {
         println!(
             "  score {:<24} [{}, {}] {}  {}",
             s.name,
             s.min,
             s.max,
-            if s.higher_is_better { "higher is better" } else { "lower is better" },
+            if s.higher_is_better {
+                "higher is better"
+            } else {
+                "lower is better"
+            },
             s.description
         );
     }

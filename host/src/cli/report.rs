@@ -38,7 +38,12 @@ pub fn run(args: ReportArgs, ctx: &Context) -> Result<()> {
         Some(path) => {
             std::fs::write(path, document.content.as_bytes())
                 .with_context(|| format!("failed to write {}", path.display()))?;
-            eprintln!("wrote {} ({}, {} bytes)", path.display(), document.media_type, document.content.len());
+            eprintln!(
+                "wrote {} ({}, {} bytes)",
+                path.display(),
+                document.media_type,
+                document.content.len()
+            );
         }
         None => print!("{}", document.content),
     }

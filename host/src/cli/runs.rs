@@ -65,7 +65,21 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
                     ]
                 })
                 .collect();
-            print!("{}", table(&["ID", "NAME", "KIND", "STATUS", "CREATED", "PROGRESS", "KEY SCORES"], &rows));
+            print!(
+                "{}",
+                table(
+                    &[
+                        "ID",
+                        "NAME",
+                        "KIND",
+                        "STATUS",
+                        "CREATED",
+                        "PROGRESS",
+                        "KEY SCORES"
+                    ],
+                    &rows
+                )
+            );
             Ok(())
         }
         RunsCommand::Show { id, json, samples } => {
@@ -88,7 +102,11 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
             crate::cli::eval::print_summary(&run, &sample_records);
             if samples {
                 for s in &sample_records {
-                    let scores: Vec<String> = s.scores.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+                    let scores: Vec<String> = s
+                        .scores
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v:.4}"))
+                        .collect();
                     println!("{}\t{}", s.id, scores.join(" "));
                     for (p, e) in &s.errors {
                         println!("\t{p} error: {e}");
@@ -108,7 +126,12 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
                 .deltas
                 .iter()
                 .map(|d| {
-                    let name = c.runs.iter().find(|r| r.id == d.run).map(|r| r.name.clone()).unwrap_or_default();
+                    let name = c
+                        .runs
+                        .iter()
+                        .find(|r| r.id == d.run)
+                        .map(|r| r.name.clone())
+                        .unwrap_or_default();
                     let verdict = match d.verdict {
                         Some(true) => "better",
                         Some(false) => "worse",
@@ -124,7 +147,20 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
                     ]
                 })
                 .collect();
-            print!("{}", table(&["RUN", "SCORE", "DELTA", "95% CI (PAIRED)", "PAIRS", "VERDICT"], &rows));
+            print!(
+                "{}",
+                table(
+                    &[
+                        "RUN",
+                        "SCORE",
+                        "DELTA",
+                        "95% CI (PAIRED)",
+                        "PAIRS",
+                        "VERDICT"
+                    ],
+                    &rows
+                )
+            );
             Ok(())
         }
     }

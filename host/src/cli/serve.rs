@@ -26,7 +26,13 @@ pub fn run(args: ServeArgs, ctx: &Context) -> Result<()> {
     let registry = ctx.registry()?;
     let tokio = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
     let _guard = tokio.enter();
-    let state = crate::server::state(ctx.data_dir.clone(), store, runtime, registry, token.clone())?;
+    let state = crate::server::state(
+        ctx.data_dir.clone(),
+        store,
+        runtime,
+        registry,
+        token.clone(),
+    )?;
     let data_dir = ctx.data_dir.root().display().to_string();
     tokio.block_on(crate::server::serve(state, args.addr, move |addr| {
         if !addr.ip().is_loopback() {

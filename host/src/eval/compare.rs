@@ -51,8 +51,14 @@ pub fn compare(store: &Store, ids: &[String]) -> Result<Comparison> {
     if ids.len() < 2 {
         bail!("compare needs at least two runs");
     }
-    let runs: Vec<RunRecord> = ids.iter().map(|id| store.resolve_run(id)).collect::<Result<_, _>>()?;
-    let samples: Vec<Vec<SampleRecord>> = runs.iter().map(|r| store.samples(&r.id)).collect::<Result<_, _>>()?;
+    let runs: Vec<RunRecord> = ids
+        .iter()
+        .map(|id| store.resolve_run(id))
+        .collect::<Result<_, _>>()?;
+    let samples: Vec<Vec<SampleRecord>> = runs
+        .iter()
+        .map(|r| store.samples(&r.id))
+        .collect::<Result<_, _>>()?;
     Ok(compare_loaded(runs, samples))
 }
 
@@ -61,19 +67,29 @@ pub fn compare_loaded(runs: Vec<RunRecord>, samples: Vec<Vec<SampleRecord>>) -> 
     let scores: Vec<ScoreInfo> = runs[0]
         .scores
         .iter()
-        .filter(|s| runs[1..].iter().all(|r| r.scores.iter().any(|o| o.name == s.name)))
+        .filter(|s| {
+            runs[1..]
+                .iter()
+                .all(|r| r.scores.iter().any(|o| o.name == s.name))
+        })
         .cloned()
         .collect();
-    let by_id: Vec<HashMap<&str, &SampleRecord>> =
-        samples.iter().map(|ss| ss.iter().map(|s| (s.id.as_str(), s)).collect()).collect();
+    let by_id: Vec<HashMap<&str, &SampleRecord>> = samples
+        .iter()
+        .map(|ss| ss.iter().map(|s| (s.id.as_str(), s)).collect())
+        .collect();
 
     let mut deltas = Vec::new();
     for (c, run) in runs.iter().enumerate().skip(1) {
         for score in &scores {
             let (mut base, mut cand) = (Vec::new(), Vec::new());
             for s in &samples[0] {
-                let Some(other) = by_id[c].get(s.id.as_str()) else { continue };
-                if let (Some(a), Some(b)) = (s.scores.get(&score.name), other.scores.get(&score.name)) {
+                let Some(other) = by_id[c].get(s.id.as_str()) else {
+                    continue;
+                };
+                if let (Some(a), Some(b)) =
+                    (s.scores.get(&score.name), other.scores.get(&score.name))
+                {
                     base.push(*a);
                     cand.push(*b);
                 }
@@ -104,15 +120,26 @@ pub fn compare_loaded(runs: Vec<RunRecord>, samples: Vec<Vec<SampleRecord>>) -> 
             let disagreement = scores
                 .iter()
                 .map(|spec| {
-                    let vals: Vec<f64> = per_run.iter().filter_map(|r| r.scores.get(&spec.name).copied()).collect();
+                    let vals: Vec<f64> = per_run
+                        .iter()
+                        .filter_map(|r| r.scores.get(&spec.name).copied())
+                        .collect();
                     if vals.len() < 2 {
                         return 0.0;
                     }
-                    let (lo, hi) = vals.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
+                    let (lo, hi) = vals
+                        .iter()
+                        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| {
+                            (l.min(*v), h.max(*v))
+                        });
                     let range = (spec.max - spec.min).abs();
                     // Unbounded scores (max 1e9) would swamp bounded ones; scale them by the
                     // spread seen instead.
-                    let scale = if range > 0.0 && range < 1e6 { range } else { hi.abs().max(lo.abs()).max(1e-12) };
+                    let scale = if range > 0.0 && range < 1e6 {
+                        range
+                    } else {
+                        hi.abs().max(lo.abs()).max(1e-12)
+                    };
                     (hi - lo) / scale
                 })
                 .sum();
@@ -126,8 +153,17 @@ pub fn compare_loaded(runs: Vec<RunRecord>, samples: Vec<Vec<SampleRecord>>) -> 
             }
         })
         .collect();
-    views.sort_by(|a, b| b.disagreement.total_cmp(&a.disagreement).then_with(|| a.id.cmp(&b.id)));
-    Comparison { runs, scores, deltas, samples: views }
+    views.sort_by(|a, b| {
+        b.disagreement
+            .total_cmp(&a.disagreement)
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    Comparison {
+        runs,
+        scores,
+        deltas,
+        samples: views,
+    }
 }
 
 #[cfg(test)]
@@ -137,19 +173,35 @@ mod tests {
 
     fn run(id: &str) -> RunRecord {
         let mut r = RunRecord::new(id.into(), id.into(), RunKind::Eval);
-        r.scores = vec![ScoreInfo { name: "s".into(), metric: "m".into(), min: 0.0, max: 1.0, higher_is_better: true }];
+        r.scores = vec![ScoreInfo {
+            name: "s".into(),
+            metric: "m".into(),
+            min: 0.0,
+            max: 1.0,
+            higher_is_better: true,
+        }];
         r
     }
 
     fn sample(i: u32, v: f64) -> SampleRecord {
-        SampleRecord { index: i, id: format!("id{i}"), scores: [("s".to_string(), v)].into(), ..Default::default() }
+        SampleRecord {
+            index: i,
+            id: format!("id{i}"),
+            scores: [("s".to_string(), v)].into(),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn pairs_by_id_and_flags_significant_gains() {
-        let a: Vec<SampleRecord> = (0..50).map(|i| sample(i, 0.3 + (i % 5) as f64 * 0.01)).collect();
+        let a: Vec<SampleRecord> = (0..50)
+            .map(|i| sample(i, 0.3 + (i % 5) as f64 * 0.01))
+            .collect();
         // Same ids in another order, each better by 0.1, one sample missing.
-        let mut b: Vec<SampleRecord> = (1..50).rev().map(|i| sample(i, 0.4 + (i % 5) as f64 * 0.01)).collect();
+        let mut b: Vec<SampleRecord> = (1..50)
+            .rev()
+            .map(|i| sample(i, 0.4 + (i % 5) as f64 * 0.01))
+            .collect();
         b[0].scores.insert("s".into(), 0.95);
         let c = compare_loaded(vec![run("a"), run("b")], vec![a, b]);
         assert_eq!(c.deltas.len(), 1);

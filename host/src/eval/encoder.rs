@@ -23,11 +23,16 @@ pub struct BertEncoder {
 
 impl Encoder for BertEncoder {
     fn info(&self) -> EncoderInfo {
-        EncoderInfo { model: self.name.clone(), layer: self.layer as u32, dim: self.model.config.hidden_size as u32 }
+        EncoderInfo {
+            model: self.name.clone(),
+            layer: self.layer as u32,
+            dim: self.model.config.hidden_size as u32,
+        }
     }
 
     fn embed(&self, texts: &[String]) -> Result<Vec<TokenEmbeddings>, String> {
-        let embedded = embed(&self.model, &self.tokenizer, texts, self.layer, BATCH).map_err(|e| format!("{e:#}"))?;
+        let embedded = embed(&self.model, &self.tokenizer, texts, self.layer, BATCH)
+            .map_err(|e| format!("{e:#}"))?;
         Ok(embedded
             .into_iter()
             .map(|t| TokenEmbeddings {
@@ -50,7 +55,9 @@ impl EncoderLoader for BertLoader {
     fn load(&self, model: Option<&str>, layer: Option<u32>) -> Result<Arc<dyn Encoder>, String> {
         let (dir, name) = match model {
             None | Some(DEFAULT_ENCODER) | Some("all-MiniLM-L6-v2") => {
-                let dir = MINILM.ensure(&self.assets_dir, &Fetcher::default()).map_err(|e| format!("{e:#}"))?;
+                let dir = MINILM
+                    .ensure(&self.assets_dir, &Fetcher::default())
+                    .map_err(|e| format!("{e:#}"))?;
                 (dir, DEFAULT_ENCODER.to_string())
             }
             Some(path) if Path::new(path).is_dir() => (PathBuf::from(path), path.to_string()),
@@ -64,13 +71,20 @@ impl EncoderLoader for BertLoader {
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
             .map_err(|e| format!("failed to read {}: {e}", tokenizer_path.display()))?;
-        let tokenizer =
-            prepare_tokenizer(tokenizer, bert.config.max_position_embeddings).map_err(|e| format!("{e:#}"))?;
+        let tokenizer = prepare_tokenizer(tokenizer, bert.config.max_position_embeddings)
+            .map_err(|e| format!("{e:#}"))?;
         let layers = bert.config.num_hidden_layers;
         let layer = layer.map(|l| l as usize).unwrap_or(layers);
         if layer > layers {
-            return Err(format!("layer {layer} asked of the {layers}-layer encoder {name}"));
+            return Err(format!(
+                "layer {layer} asked of the {layers}-layer encoder {name}"
+            ));
         }
-        Ok(Arc::new(BertEncoder { model: bert, tokenizer, name, layer }))
+        Ok(Arc::new(BertEncoder {
+            model: bert,
+            tokenizer,
+            name,
+            layer,
+        }))
     }
 }

@@ -47,7 +47,8 @@ impl fmt::Display for InputErrors {
 
 /// Parse a predictions file. Blank lines are skipped; everything else must be a valid row.
 pub fn read_predictions(path: &Path) -> anyhow::Result<Vec<PredictionRow>> {
-    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("failed to read {}: {e}", path.display()))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| anyhow::anyhow!("failed to read {}: {e}", path.display()))?;
     parse_predictions(&bytes).map_err(|mut e| {
         e.path = path.display().to_string();
         anyhow::Error::new(e)
@@ -64,7 +65,10 @@ pub fn parse_predictions(bytes: &[u8]) -> Result<Vec<PredictionRow>, InputErrors
         let text = match std::str::from_utf8(raw) {
             Ok(t) => t,
             Err(e) => {
-                errors.push(LineError { line, message: format!("not valid UTF-8 (byte {})", e.valid_up_to()) });
+                errors.push(LineError {
+                    line,
+                    message: format!("not valid UTF-8 (byte {})", e.valid_up_to()),
+                });
                 continue;
             }
         };
@@ -87,9 +91,19 @@ pub fn parse_predictions(bytes: &[u8]) -> Result<Vec<PredictionRow>, InputErrors
         }
     }
     if rows.is_empty() && errors.is_empty() {
-        errors.push(LineError { line: 0, message: "the file holds no samples".into() });
+        errors.push(LineError {
+            line: 0,
+            message: "the file holds no samples".into(),
+        });
     }
-    if errors.is_empty() { Ok(rows) } else { Err(InputErrors { path: "<input>".into(), errors }) }
+    if errors.is_empty() {
+        Ok(rows)
+    } else {
+        Err(InputErrors {
+            path: "<input>".into(),
+            errors,
+        })
+    }
 }
 
 fn parse_row(text: &str) -> Result<PredictionRow, String> {
@@ -106,7 +120,12 @@ pub fn row_from_value(value: &Value) -> Result<PredictionRow, String> {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
         Some(Value::String(_)) => return Err("field `id` is empty".into()),
-        Some(other) => return Err(format!("field `id` must be a string or number, not {}", type_name(other))),
+        Some(other) => {
+            return Err(format!(
+                "field `id` must be a string or number, not {}",
+                type_name(other)
+            ));
+        }
         None => return Err("missing field `id`".into()),
     };
     let text_field = |name: &str, required: bool| -> Result<Option<String>, String> {
@@ -114,7 +133,10 @@ pub fn row_from_value(value: &Value) -> Result<PredictionRow, String> {
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(Value::Null) | None if !required => Ok(None),
             None => Err(format!("missing field `{name}`")),
-            Some(other) => Err(format!("field `{name}` must be a string, not {}", type_name(other))),
+            Some(other) => Err(format!(
+                "field `{name}` must be a string, not {}",
+                type_name(other)
+            )),
         }
     };
     Ok(PredictionRow {
@@ -142,9 +164,16 @@ mod tests {
 
     fn check(input: &[u8], expect: &[(usize, &str)]) {
         match parse_predictions(input) {
-            Ok(rows) => assert!(expect.is_empty(), "expected errors {expect:?}, got rows {rows:?}"),
+            Ok(rows) => assert!(
+                expect.is_empty(),
+                "expected errors {expect:?}, got rows {rows:?}"
+            ),
             Err(e) => {
-                let got: Vec<(usize, String)> = e.errors.iter().map(|e| (e.line, e.message.clone())).collect();
+                let got: Vec<(usize, String)> = e
+                    .errors
+                    .iter()
+                    .map(|e| (e.line, e.message.clone()))
+                    .collect();
                 assert_eq!(got.len(), expect.len(), "{got:?}");
                 for ((line, msg), (eline, emsg)) in got.iter().zip(expect) {
                     assert_eq!(line, eline);

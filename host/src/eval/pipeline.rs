@@ -16,10 +16,12 @@ use anyhow::{Context as _, Result, bail};
 use crate::eval::input::PredictionRow;
 use crate::eval::stats::bootstrap_mean;
 use crate::plugin::wit::types::{Capability, Sample, SampleResult};
-use crate::plugin::{CallContext, HostServices, LogLine, Plugin, PluginError, PluginKind, Registry};
+use crate::plugin::{
+    CallContext, HostServices, LogLine, Plugin, PluginError, PluginKind, Registry,
+};
 use crate::store::{
-    Estimate, Progress, RunEvent, RunKind, RunRecord, RunStatus, SampleRecord, ScoreInfo, Store, new_run_id,
-    now_rfc3339,
+    Estimate, Progress, RunEvent, RunKind, RunRecord, RunStatus, SampleRecord, ScoreInfo, Store,
+    new_run_id, now_rfc3339,
 };
 
 /// Host-side settings of a metric, taken out of its `--set` keys before the plugin sees them.
@@ -50,12 +52,16 @@ pub fn parse_settings(items: &[String]) -> Result<BTreeMap<String, BTreeMap<Stri
             bail!("setting {item:?} must look like PLUGIN.KEY=VALUE");
         };
         let Some((plugin, key)) = key.split_once('.') else {
-            bail!("setting {item:?} must name its plugin: PLUGIN.KEY=VALUE (e.g. rouge.use_stemmer=false)");
+            bail!(
+                "setting {item:?} must name its plugin: PLUGIN.KEY=VALUE (e.g. rouge.use_stemmer=false)"
+            );
         };
         if plugin.is_empty() || key.is_empty() {
             bail!("setting {item:?} must look like PLUGIN.KEY=VALUE");
         }
-        out.entry(plugin.to_string()).or_default().insert(key.to_string(), value.to_string());
+        out.entry(plugin.to_string())
+            .or_default()
+            .insert(key.to_string(), value.to_string());
     }
     Ok(out)
 }
@@ -72,14 +78,20 @@ pub fn validate(registry: &Registry, request: &EvalRequest) -> Result<Vec<Plugin
         let plugin = registry.get(name, PluginKind::Metric)?.clone();
         for score in &plugin.meta.scores {
             if let Some(other) = owner.insert(score.name.clone(), name.clone()) {
-                bail!("metrics {other} and {name} both produce the score {:?}; run them separately", score.name);
+                bail!(
+                    "metrics {other} and {name} both produce the score {:?}; run them separately",
+                    score.name
+                );
             }
         }
         plugins.push(plugin);
     }
     for plugin in request.settings.keys() {
         if !request.metrics.contains(plugin) {
-            bail!("setting for {plugin:?}, which is not among the requested metrics ({})", request.metrics.join(", "));
+            bail!(
+                "setting for {plugin:?}, which is not among the requested metrics ({})",
+                request.metrics.join(", ")
+            );
         }
     }
     if request.rows.is_empty() {
@@ -92,10 +104,13 @@ pub fn validate(registry: &Registry, request: &EvalRequest) -> Result<Vec<Plugin
 pub fn create_run(store: &Store, request: &EvalRequest, plugins: &[Plugin]) -> Result<RunRecord> {
     let mut run = RunRecord::new(new_run_id(), request.name.clone(), RunKind::Eval);
     run.metadata = request.metadata.clone();
-    run.metadata.insert("metrics".into(), request.metrics.join(","));
-    run.metadata.insert("samples".into(), request.rows.len().to_string());
+    run.metadata
+        .insert("metrics".into(), request.metrics.join(","));
+    run.metadata
+        .insert("samples".into(), request.rows.len().to_string());
     for p in plugins {
-        run.metadata.insert(format!("plugin.{}", p.meta.name), p.meta.version.clone());
+        run.metadata
+            .insert(format!("plugin.{}", p.meta.name), p.meta.version.clone());
     }
     run.scores = plugins
         .iter()
@@ -109,7 +124,11 @@ pub fn create_run(store: &Store, request: &EvalRequest, plugins: &[Plugin]) -> R
             })
         })
         .collect();
-    run.progress = Progress { done: 0, total: request.rows.len() as u64, unit: "samples".into() };
+    run.progress = Progress {
+        done: 0,
+        total: request.rows.len() as u64,
+        unit: "samples".into(),
+    };
     run.request = serde_json::to_value(request)?;
     store.put_run(&run)?;
     Ok(run)
@@ -136,14 +155,24 @@ struct BatchDone {
 }
 
 /// Run a created run to completion. Returns the final record (done, failed or cancelled).
-pub fn execute(env: &EvalEnv, run_id: &str, request: &EvalRequest, plugins: &[Plugin]) -> Result<RunRecord> {
+pub fn execute(
+    env: &EvalEnv,
+    run_id: &str,
+    request: &EvalRequest,
+    plugins: &[Plugin],
+) -> Result<RunRecord> {
     let store = &env.store;
     store.update_run(run_id, |r| {
         r.status = RunStatus::Running;
         r.started = Some(now_rfc3339());
         r.owner_pid = Some(std::process::id());
     })?;
-    store.push_event(run_id, &RunEvent::Status { status: RunStatus::Running })?;
+    store.push_event(
+        run_id,
+        &RunEvent::Status {
+            status: RunStatus::Running,
+        },
+    )?;
 
     let n = request.rows.len();
     let mut samples: Vec<Sample> = request
@@ -191,19 +220,31 @@ pub fn execute(env: &EvalEnv, run_id: &str, request: &EvalRequest, plugins: &[Pl
     let log: crate::plugin::host::LogSink = Arc::new(move |line: &LogLine| {
         let _ = log_store.push_event(
             &log_run,
-            &RunEvent::Log { level: line.level.clone(), message: format!("[{}] {}", line.plugin, line.message) },
+            &RunEvent::Log {
+                level: line.level.clone(),
+                message: format!("[{}] {}", line.plugin, line.message),
+            },
         );
     });
 
     let outcome: Result<()> = std::thread::scope(|scope| {
         for (m, plugin) in plugins.iter().enumerate() {
-            let mut settings = request.settings.get(&plugin.meta.name).cloned().unwrap_or_default();
+            let mut settings = request
+                .settings
+                .get(&plugin.meta.name)
+                .cloned()
+                .unwrap_or_default();
             let batch_size = match settings.remove(HOST_SETTING_BATCH_SIZE) {
                 Some(v) => v
                     .parse::<usize>()
                     .ok()
                     .filter(|b| *b > 0)
-                    .with_context(|| format!("{}.{HOST_SETTING_BATCH_SIZE} must be a positive integer", plugin.meta.name))?,
+                    .with_context(|| {
+                        format!(
+                            "{}.{HOST_SETTING_BATCH_SIZE} must be a positive integer",
+                            plugin.meta.name
+                        )
+                    })?,
                 None if plugin.meta.capabilities.contains(&Capability::Chat) => LLM_BATCH,
                 None => samples.len(),
             };
@@ -229,7 +270,11 @@ pub fn execute(env: &EvalEnv, run_id: &str, request: &EvalRequest, plugins: &[Pl
                     Ok(scores) if is_reference => record.reference_scores.extend(scores),
                     Ok(scores) => record.scores.extend(scores),
                     Err(e) => {
-                        let key = if is_reference { format!("{plugin_name} (reference)") } else { plugin_name.clone() };
+                        let key = if is_reference {
+                            format!("{plugin_name} (reference)")
+                        } else {
+                            plugin_name.clone()
+                        };
                         record.errors.insert(key, e);
                     }
                 }
@@ -246,7 +291,14 @@ pub fn execute(env: &EvalEnv, run_id: &str, request: &EvalRequest, plugins: &[Pl
                 done += ready.len() as u64;
                 let total = n as u64;
                 store.update_run(run_id, |r| r.progress.done = done)?;
-                store.push_event(run_id, &RunEvent::Progress { done, total, unit: "samples".into() })?;
+                store.push_event(
+                    run_id,
+                    &RunEvent::Progress {
+                        done,
+                        total,
+                        unit: "samples".into(),
+                    },
+                )?;
                 (env.on_progress)(done, total);
             }
         }
@@ -271,7 +323,12 @@ pub fn execute(env: &EvalEnv, run_id: &str, request: &EvalRequest, plugins: &[Pl
         r.error = outcome.as_ref().err().map(|e| format!("{e:#}"));
         r.owner_pid = None;
     })?;
-    store.push_event(run_id, &RunEvent::Status { status: final_status })?;
+    store.push_event(
+        run_id,
+        &RunEvent::Status {
+            status: final_status,
+        },
+    )?;
     store.flush()?;
     outcome.map(|()| run)
 }
@@ -287,7 +344,10 @@ pub fn aggregate(
             by_score.entry(name.clone()).or_default().push(*v);
         }
     }
-    by_score.into_iter().map(|(name, values)| (name, bootstrap_mean(&values))).collect()
+    by_score
+        .into_iter()
+        .map(|(name, values)| (name, bootstrap_mean(&values)))
+        .collect()
 }
 
 fn run_metric(
@@ -323,7 +383,10 @@ fn run_metric(
             // Unscored samples of a cancelled run keep the reason instead of vanishing.
             let _ = tx.send(BatchDone {
                 metric,
-                results: indices.iter().map(|_| Err("run cancelled".into())).collect(),
+                results: indices
+                    .iter()
+                    .map(|_| Err("run cancelled".into()))
+                    .collect(),
                 indices,
                 corpus: vec![],
                 whole_set: false,
@@ -333,15 +396,22 @@ fn run_metric(
         }
         let batch = &samples[start..end];
         let (results, corpus) = match session.score(batch, &plugin.meta) {
-            Ok(b) => (b.samples.into_iter().map(from_sample_result).collect(), b.corpus),
-            Err(e @ (PluginError::Trap { .. } | PluginError::Malformed { .. })) if batch.len() > 1 => {
+            Ok(b) => (
+                b.samples.into_iter().map(from_sample_result).collect(),
+                b.corpus,
+            ),
+            Err(e @ (PluginError::Trap { .. } | PluginError::Malformed { .. }))
+                if batch.len() > 1 =>
+            {
                 tracing::warn!("{e}; retrying its batch one sample at a time");
                 let results = batch
                     .iter()
-                    .map(|s| match session.score(std::slice::from_ref(s), &plugin.meta) {
-                        Ok(mut b) => from_sample_result(b.samples.remove(0)),
-                        Err(e) => Err(e.to_string()),
-                    })
+                    .map(
+                        |s| match session.score(std::slice::from_ref(s), &plugin.meta) {
+                            Ok(mut b) => from_sample_result(b.samples.remove(0)),
+                            Err(e) => Err(e.to_string()),
+                        },
+                    )
                     .collect();
                 (results, vec![])
             }
@@ -350,7 +420,16 @@ fn run_metric(
                 (batch.iter().map(|_| Err(message.clone())).collect(), vec![])
             }
         };
-        if tx.send(BatchDone { metric, indices, results, corpus, whole_set }).is_err() {
+        if tx
+            .send(BatchDone {
+                metric,
+                indices,
+                results,
+                corpus,
+                whole_set,
+            })
+            .is_err()
+        {
             return;
         }
         start = end;
@@ -370,7 +449,11 @@ mod tests {
 
     #[test]
     fn settings_parse_per_plugin() {
-        let s = parse_settings(&["rouge.use_stemmer=false".into(), "judge.model=gpt-4o=x".into()]).unwrap();
+        let s = parse_settings(&[
+            "rouge.use_stemmer=false".into(),
+            "judge.model=gpt-4o=x".into(),
+        ])
+        .unwrap();
         assert_eq!(s["rouge"]["use_stemmer"], "false");
         assert_eq!(s["judge"]["model"], "gpt-4o=x");
         assert!(parse_settings(&["use_stemmer=false".into()]).is_err());

@@ -3,16 +3,31 @@
 use std::collections::BTreeMap;
 
 use crate::eval::compare::Comparison;
-use crate::plugin::wit::types::{Aggregate, Delta, Estimate as WitEstimate, Report, ReportRun, SampleView};
+use crate::plugin::wit::types::{
+    Aggregate, Delta, Estimate as WitEstimate, Report, ReportRun, SampleView,
+};
 use crate::store::{Estimate, RunRecord, SampleRecord};
 
 fn estimate(e: &Estimate) -> WitEstimate {
-    WitEstimate { mean: e.mean, low: e.low, high: e.high }
+    WitEstimate {
+        mean: e.mean,
+        low: e.low,
+        high: e.high,
+    }
 }
 
 fn run_view(run: &RunRecord) -> ReportRun {
-    let higher = |name: &str| run.scores.iter().find(|s| s.name == name).is_none_or(|s| s.higher_is_better);
-    let mut metadata: Vec<(String, String)> = run.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let higher = |name: &str| {
+        run.scores
+            .iter()
+            .find(|s| s.name == name)
+            .is_none_or(|s| s.higher_is_better)
+    };
+    let mut metadata: Vec<(String, String)> = run
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     metadata.push(("status".into(), run.status.as_str().into()));
     for (k, v) in &run.corpus {
         metadata.push((format!("corpus.{k}"), format!("{v:.4}")));
@@ -22,14 +37,22 @@ fn run_view(run: &RunRecord) -> ReportRun {
             "llm usage".into(),
             format!(
                 "{} requests ({} cached), {} prompt + {} completion tokens, ${:.4}",
-                run.usage.requests, run.usage.cached, run.usage.prompt_tokens, run.usage.completion_tokens, run.usage.cost_usd
+                run.usage.requests,
+                run.usage.cached,
+                run.usage.prompt_tokens,
+                run.usage.completion_tokens,
+                run.usage.cost_usd
             ),
         ));
     }
     let mut aggregates: Vec<Aggregate> = run
         .aggregates
         .iter()
-        .map(|(score, e)| Aggregate { score: score.clone(), estimate: estimate(e), higher_is_better: higher(score) })
+        .map(|(score, e)| Aggregate {
+            score: score.clone(),
+            estimate: estimate(e),
+            higher_is_better: higher(score),
+        })
         .collect();
     aggregates.extend(run.reference_aggregates.iter().map(|(score, e)| Aggregate {
         score: format!("{score} (reference)"),
@@ -80,7 +103,12 @@ pub fn comparison(c: &Comparison) -> Report {
             .iter()
             .map(|d| Delta {
                 score: if c.runs.len() > 2 {
-                    let name = c.runs.iter().find(|r| r.id == d.run).map(|r| r.name.as_str()).unwrap_or(&d.run);
+                    let name = c
+                        .runs
+                        .iter()
+                        .find(|r| r.id == d.run)
+                        .map(|r| r.name.as_str())
+                        .unwrap_or(&d.run);
                     format!("{} ({name})", d.score)
                 } else {
                     d.score.clone()

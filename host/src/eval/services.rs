@@ -30,7 +30,11 @@ impl EvalServices {
         llm: Option<(LlmClient, tokio::runtime::Handle)>,
         encoders: Option<Arc<dyn EncoderLoader>>,
     ) -> Self {
-        EvalServices { llm, encoders, loaded: Mutex::new(HashMap::new()) }
+        EvalServices {
+            llm,
+            encoders,
+            loaded: Mutex::new(HashMap::new()),
+        }
     }
 
     fn encoder(&self, model: Option<&str>, layer: Option<u32>) -> Result<Arc<dyn Encoder>, String> {
@@ -38,7 +42,10 @@ impl EvalServices {
         if let Some(e) = self.loaded.lock().unwrap().get(&key) {
             return Ok(e.clone());
         }
-        let loader = self.encoders.as_ref().ok_or("no encoder is available in this host")?;
+        let loader = self
+            .encoders
+            .as_ref()
+            .ok_or("no encoder is available in this host")?;
         // Loading takes seconds; holding the lock keeps two metrics from loading it twice.
         let mut loaded = self.loaded.lock().unwrap();
         if let Some(e) = loaded.get(&key) {
@@ -56,8 +63,11 @@ impl EvalServices {
     /// The encoders plugins used, as `model (layer N)`, for the run's metadata.
     pub fn encoders_used(&self) -> Vec<String> {
         let loaded = self.loaded.lock().unwrap();
-        let mut names: Vec<String> =
-            loaded.values().map(|e| e.info()).map(|i| format!("{} (layer {})", i.model, i.layer)).collect();
+        let mut names: Vec<String> = loaded
+            .values()
+            .map(|e| e.info())
+            .map(|i| format!("{} (layer {})", i.model, i.layer))
+            .collect();
         names.sort();
         names.dedup();
         names
@@ -84,7 +94,12 @@ impl HostServices for EvalServices {
         Ok(self.encoder(model, layer)?.info())
     }
 
-    fn embed(&self, model: Option<&str>, layer: Option<u32>, texts: &[String]) -> Result<Vec<TokenEmbeddings>, String> {
+    fn embed(
+        &self,
+        model: Option<&str>,
+        layer: Option<u32>,
+        texts: &[String],
+    ) -> Result<Vec<TokenEmbeddings>, String> {
         self.encoder(model, layer)?.embed(texts)
     }
 
@@ -96,12 +111,17 @@ impl HostServices for EvalServices {
     fn chat_many(&self, requests: &[ChatRequest]) -> Vec<Result<ChatResponse, String>> {
         match &self.llm {
             Some((client, handle)) => handle.block_on(client.complete_many(requests)),
-            None => requests.iter().map(|_| Err("no LLM client is configured".to_string())).collect(),
+            None => requests
+                .iter()
+                .map(|_| Err("no LLM client is configured".to_string()))
+                .collect(),
         }
     }
 }
 
 /// The host's default encoder loader: the model core's BERT, assets in the data directory.
 pub fn default_encoders(data_dir: &crate::paths::DataDir) -> Option<Arc<dyn EncoderLoader>> {
-    Some(Arc::new(crate::eval::encoder::BertLoader { assets_dir: data_dir.assets() }))
+    Some(Arc::new(crate::eval::encoder::BertLoader {
+        assets_dir: data_dir.assets(),
+    }))
 }

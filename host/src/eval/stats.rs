@@ -16,11 +16,19 @@ const SEED: u64 = 0x5eed_ada9;
 pub fn bootstrap_mean(values: &[f64]) -> Estimate {
     let n = values.len();
     if n == 0 {
-        return Estimate { mean: f64::NAN, low: f64::NAN, high: f64::NAN };
+        return Estimate {
+            mean: f64::NAN,
+            low: f64::NAN,
+            high: f64::NAN,
+        };
     }
     let mean = values.iter().sum::<f64>() / n as f64;
     if n == 1 {
-        return Estimate { mean, low: mean, high: mean };
+        return Estimate {
+            mean,
+            low: mean,
+            high: mean,
+        };
     }
     let mut rng = StdRng::seed_from_u64(SEED);
     let mut means: Vec<f64> = (0..RESAMPLES)

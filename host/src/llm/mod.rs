@@ -35,10 +35,22 @@ impl LlmConfig {
             base_url: var("OPENAI_BASE_URL").unwrap_or_else(|| "https://api.openai.com/v1".into()),
             api_key: var("OPENAI_API_KEY"),
             default_model: "gpt-3.5-turbo".into(),
-            concurrency: var("ADAPTERLAB_LLM_CONCURRENCY").and_then(|v| v.parse().ok()).unwrap_or(8),
-            max_retries: var("ADAPTERLAB_LLM_MAX_RETRIES").and_then(|v| v.parse().ok()).unwrap_or(5),
-            timeout: Duration::from_secs(var("ADAPTERLAB_LLM_TIMEOUT_SECS").and_then(|v| v.parse().ok()).unwrap_or(60)),
-            backoff: Duration::from_millis(var("ADAPTERLAB_LLM_BACKOFF_MS").and_then(|v| v.parse().ok()).unwrap_or(500)),
+            concurrency: var("ADAPTERLAB_LLM_CONCURRENCY")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(8),
+            max_retries: var("ADAPTERLAB_LLM_MAX_RETRIES")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(5),
+            timeout: Duration::from_secs(
+                var("ADAPTERLAB_LLM_TIMEOUT_SECS")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(60),
+            ),
+            backoff: Duration::from_millis(
+                var("ADAPTERLAB_LLM_BACKOFF_MS")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(500),
+            ),
             max_backoff: Duration::from_secs(60),
         }
     }
@@ -124,7 +136,11 @@ impl LlmClient {
             usage.requests += 1;
             usage.prompt_tokens += response.prompt_tokens as u64;
             usage.completion_tokens += response.completion_tokens as u64;
-            usage.cost_usd += cost_usd(&response.model, response.prompt_tokens, response.completion_tokens);
+            usage.cost_usd += cost_usd(
+                &response.model,
+                response.prompt_tokens,
+                response.completion_tokens,
+            );
         }
         // Only successes are cached: a rerun retries what failed.
         if let Some(store) = &self.cache {
@@ -135,12 +151,18 @@ impl LlmClient {
         Ok(response)
     }
 
-    pub async fn complete_many(&self, requests: &[ChatRequest]) -> Vec<Result<ChatResponse, String>> {
+    pub async fn complete_many(
+        &self,
+        requests: &[ChatRequest],
+    ) -> Vec<Result<ChatResponse, String>> {
         futures::future::join_all(requests.iter().map(|r| self.complete(r))).await
     }
 
     async fn send_with_retries(&self, body: &Value) -> Result<ChatResponse, String> {
-        let url = format!("{}/chat/completions", self.config.base_url.trim_end_matches('/'));
+        let url = format!(
+            "{}/chat/completions",
+            self.config.base_url.trim_end_matches('/')
+        );
         let mut attempt = 0u32;
         loop {
             let mut req = self.http.post(&url).json(body);
@@ -160,7 +182,11 @@ impl LlmClient {
                         return parse_response(&text);
                     }
                     let retryable = status.as_u16() == 429 || status.is_server_error();
-                    (retryable, retry_after, format!("{url} answered {status}: {}", truncate(&text, 300)))
+                    (
+                        retryable,
+                        retry_after,
+                        format!("{url} answered {status}: {}", truncate(&text, 300)),
+                    )
                 }
                 Err(e) => {
                     let retryable = e.is_timeout() || e.is_connect() || e.is_request();
@@ -169,10 +195,20 @@ impl LlmClient {
             };
             if !retryable || attempt >= self.config.max_retries {
                 let tries = attempt + 1;
-                return Err(if tries > 1 { format!("{error} (after {tries} attempts)") } else { error });
+                return Err(if tries > 1 {
+                    format!("{error} (after {tries} attempts)")
+                } else {
+                    error
+                });
             }
-            let backoff = self.config.backoff.saturating_mul(1 << attempt.min(16)).min(self.config.max_backoff);
-            let wait = retry_after.map(|r| r.min(self.config.max_backoff)).unwrap_or(backoff);
+            let backoff = self
+                .config
+                .backoff
+                .saturating_mul(1 << attempt.min(16))
+                .min(self.config.max_backoff);
+            let wait = retry_after
+                .map(|r| r.min(self.config.max_backoff))
+                .unwrap_or(backoff);
             tracing::debug!("{error}; retrying in {wait:?}");
             tokio::time::sleep(wait).await;
             attempt += 1;
@@ -185,7 +221,9 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
     if let Ok(secs) = value.trim().parse::<f64>() {
         return (secs >= 0.0 && secs.is_finite()).then(|| Duration::from_secs_f64(secs));
     }
-    let when = time::OffsetDateTime::parse(value.trim(), &time::format_description::well_known::Rfc2822).ok()?;
+    let when =
+        time::OffsetDateTime::parse(value.trim(), &time::format_description::well_known::Rfc2822)
+            .ok()?;
     let delta = when - time::OffsetDateTime::now_utc();
     Some(Duration::from_secs_f64(delta.as_seconds_f64().max(0.0)))
 }
@@ -203,44 +241,78 @@ fn truncate(s: &str, max: usize) -> String {
 
 /// Parse an OpenAI chat-completions response body.
 pub fn parse_response(text: &str) -> Result<ChatResponse, String> {
-    let v: Value = serde_json::from_str(text).map_err(|e| format!("the server's answer is not JSON ({e}): {}", truncate(text, 200)))?;
-    let choice = v
-        .get("choices")
-        .and_then(|c| c.get(0))
-        .ok_or_else(|| format!("the server's answer has no choices: {}", truncate(text, 200)))?;
+    let v: Value = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "the server's answer is not JSON ({e}): {}",
+            truncate(text, 200)
+        )
+    })?;
+    let choice = v.get("choices").and_then(|c| c.get(0)).ok_or_else(|| {
+        format!(
+            "the server's answer has no choices: {}",
+            truncate(text, 200)
+        )
+    })?;
     let content = choice
         .get("message")
         .and_then(|m| m.get("content"))
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    let logprobs = choice.get("logprobs").and_then(|l| l.get("content")).and_then(Value::as_array).map(|tokens| {
-        tokens
-            .iter()
-            .map(|t| TokenLogprob {
-                token: t.get("token").and_then(Value::as_str).unwrap_or_default().to_string(),
-                logprob: t.get("logprob").and_then(Value::as_f64).unwrap_or(f64::NEG_INFINITY),
-                top: t
-                    .get("top_logprobs")
-                    .and_then(Value::as_array)
-                    .map(|tops| {
-                        tops.iter()
-                            .map(|o| TopLogprob {
-                                token: o.get("token").and_then(Value::as_str).unwrap_or_default().to_string(),
-                                logprob: o.get("logprob").and_then(Value::as_f64).unwrap_or(f64::NEG_INFINITY),
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            })
-            .collect()
-    });
+    let logprobs = choice
+        .get("logprobs")
+        .and_then(|l| l.get("content"))
+        .and_then(Value::as_array)
+        .map(|tokens| {
+            tokens
+                .iter()
+                .map(|t| TokenLogprob {
+                    token: t
+                        .get("token")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    logprob: t
+                        .get("logprob")
+                        .and_then(Value::as_f64)
+                        .unwrap_or(f64::NEG_INFINITY),
+                    top: t
+                        .get("top_logprobs")
+                        .and_then(Value::as_array)
+                        .map(|tops| {
+                            tops.iter()
+                                .map(|o| TopLogprob {
+                                    token: o
+                                        .get("token")
+                                        .and_then(Value::as_str)
+                                        .unwrap_or_default()
+                                        .to_string(),
+                                    logprob: o
+                                        .get("logprob")
+                                        .and_then(Value::as_f64)
+                                        .unwrap_or(f64::NEG_INFINITY),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect()
+        });
     let usage = v.get("usage");
-    let count = |k: &str| usage.and_then(|u| u.get(k)).and_then(Value::as_u64).unwrap_or(0) as u32;
+    let count = |k: &str| {
+        usage
+            .and_then(|u| u.get(k))
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as u32
+    };
     Ok(ChatResponse {
         content,
         logprobs,
-        model: v.get("model").and_then(Value::as_str).unwrap_or_default().to_string(),
+        model: v
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
         prompt_tokens: count("prompt_tokens"),
         completion_tokens: count("completion_tokens"),
         cached: false,

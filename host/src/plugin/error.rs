@@ -24,7 +24,11 @@ pub enum PluginError {
     Failed { plugin: String, message: String },
 
     #[error("plugin {plugin} is a {actual} plugin, not a {expected} plugin")]
-    WrongKind { plugin: String, expected: &'static str, actual: &'static str },
+    WrongKind {
+        plugin: String,
+        expected: &'static str,
+        actual: &'static str,
+    },
 
     #[error("no plugin named {name:?}{hint}")]
     NotFound { name: String, hint: String },

@@ -128,7 +128,12 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub(crate) fn new(plugin: &str, ctx: CallContext, memory_limit: usize, deadline: Duration) -> Self {
+    pub(crate) fn new(
+        plugin: &str,
+        ctx: CallContext,
+        memory_limit: usize,
+        deadline: Duration,
+    ) -> Self {
         let stdout = MemoryOutputPipe::new(STDIO_CAPTURE_BYTES);
         let stderr = MemoryOutputPipe::new(STDIO_CAPTURE_BYTES);
         let wasi = WasiCtxBuilder::new()
@@ -177,9 +182,15 @@ impl HostState {
         for (i, level) in [(0, "info"), (1, "warn")] {
             let pipe = if i == 0 { &self.stdout } else { &self.stderr };
             let contents = pipe.contents();
-            let fresh = contents.get(self.stdio_seen[i]..).unwrap_or_default().to_vec();
+            let fresh = contents
+                .get(self.stdio_seen[i]..)
+                .unwrap_or_default()
+                .to_vec();
             self.stdio_seen[i] = contents.len();
-            for line in String::from_utf8_lossy(&fresh).lines().filter(|l| !l.trim().is_empty()) {
+            for line in String::from_utf8_lossy(&fresh)
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+            {
                 self.emit(level, line.to_string());
             }
         }
@@ -194,12 +205,18 @@ impl HostState {
             let line = LogLine {
                 plugin: self.plugin.clone(),
                 level: "warn".into(),
-                message: format!("log budget of {LOG_LINES_PER_CALL} lines per call reached; further lines dropped"),
+                message: format!(
+                    "log budget of {LOG_LINES_PER_CALL} lines per call reached; further lines dropped"
+                ),
             };
             (self.ctx.log)(&line);
             return;
         }
-        (self.ctx.log)(&LogLine { plugin: self.plugin.clone(), level: level.to_string(), message });
+        (self.ctx.log)(&LogLine {
+            plugin: self.plugin.clone(),
+            level: level.to_string(),
+            message,
+        });
     }
 
     fn require(&self, capability: Capability) -> Result<(), String> {
@@ -234,7 +251,10 @@ pub fn capability_name(c: Capability) -> &'static str {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -254,7 +274,12 @@ impl wasmtime::ResourceLimiter for HostState {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 1_000_000)
     }
 }
@@ -285,7 +310,11 @@ impl caps::config::Host for HostState {
         if self.require(Capability::Config).is_err() {
             return Vec::new();
         }
-        self.ctx.config.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.ctx
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }
 

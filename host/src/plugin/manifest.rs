@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::plugin::host::capability_name;
-use crate::plugin::wit::types::{Capability, FormatterInfo, Manifest, MetricInfo, ReporterInfo, ScoreSpec};
+use crate::plugin::wit::types::{
+    Capability, FormatterInfo, Manifest, MetricInfo, ReporterInfo, ScoreSpec,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -96,8 +98,20 @@ impl PluginMeta {
     ) -> Result<Self, String> {
         let (kind, manifest, scores, format, required_fields) = match info {
             AnyInfo::Metric(i) => (PluginKind::Metric, i.manifest, i.scores, None, Vec::new()),
-            AnyInfo::Formatter(i) => (PluginKind::Formatter, i.manifest, Vec::new(), None, i.required_fields),
-            AnyInfo::Reporter(i) => (PluginKind::Reporter, i.manifest, Vec::new(), Some(i.format), Vec::new()),
+            AnyInfo::Formatter(i) => (
+                PluginKind::Formatter,
+                i.manifest,
+                Vec::new(),
+                None,
+                i.required_fields,
+            ),
+            AnyInfo::Reporter(i) => (
+                PluginKind::Reporter,
+                i.manifest,
+                Vec::new(),
+                Some(i.format),
+                Vec::new(),
+            ),
         };
         check_manifest(&manifest)?;
         if kind == PluginKind::Metric {
@@ -105,10 +119,17 @@ impl PluginMeta {
         }
         if let Some(format) = &format {
             if !is_identifier(format) {
-                return Err(format!("reporter format {format:?} must be lowercase letters, digits, '-' or '_'"));
+                return Err(format!(
+                    "reporter format {format:?} must be lowercase letters, digits, '-' or '_'"
+                ));
             }
         }
-        let Manifest { name, version, description, mut capabilities } = manifest;
+        let Manifest {
+            name,
+            version,
+            description,
+            mut capabilities,
+        } = manifest;
         capabilities.dedup();
         Ok(PluginMeta {
             name,
@@ -128,14 +149,18 @@ impl PluginMeta {
     }
 
     pub fn capability_names(&self) -> Vec<&'static str> {
-        self.capabilities.iter().map(|c| capability_name(*c)).collect()
+        self.capabilities
+            .iter()
+            .map(|c| capability_name(*c))
+            .collect()
     }
 }
 
 fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
         && s.chars().next().is_some_and(|c| c.is_ascii_lowercase())
 }
 
@@ -144,7 +169,8 @@ fn is_identifier(s: &str) -> bool {
 fn is_score_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         && s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
 }
 
@@ -155,9 +181,22 @@ fn check_manifest(m: &Manifest) -> Result<(), String> {
             m.name
         ));
     }
-    let parts: Vec<&str> = m.version.split(['-', '+']).next().unwrap_or("").split('.').collect();
-    if parts.len() != 3 || parts.iter().any(|p| p.is_empty() || !p.chars().all(|c| c.is_ascii_digit())) {
-        return Err(format!("manifest version {:?} is not a semantic version such as 0.1.0", m.version));
+    let parts: Vec<&str> = m
+        .version
+        .split(['-', '+'])
+        .next()
+        .unwrap_or("")
+        .split('.')
+        .collect();
+    if parts.len() != 3
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || !p.chars().all(|c| c.is_ascii_digit()))
+    {
+        return Err(format!(
+            "manifest version {:?} is not a semantic version such as 0.1.0",
+            m.version
+        ));
     }
     Ok(())
 }
@@ -169,13 +208,19 @@ fn check_scores(scores: &[ScoreSpec]) -> Result<(), String> {
     let mut seen = std::collections::BTreeSet::new();
     for s in scores {
         if !is_score_name(&s.name) {
-            return Err(format!("score name {:?} must start with a letter and hold only letters, digits, '-' or '_'", s.name));
+            return Err(format!(
+                "score name {:?} must start with a letter and hold only letters, digits, '-' or '_'",
+                s.name
+            ));
         }
         if !seen.insert(&s.name) {
             return Err(format!("score {:?} is declared twice", s.name));
         }
         if !(s.min.is_finite() && s.max.is_finite() && s.min <= s.max) {
-            return Err(format!("score {:?} has an invalid range [{}, {}]", s.name, s.min, s.max));
+            return Err(format!(
+                "score {:?} has an invalid range [{}, {}]",
+                s.name, s.min, s.max
+            ));
         }
     }
     Ok(())
@@ -189,7 +234,9 @@ pub fn detect_language(bytes: &[u8]) -> String {
     let mut languages: Vec<String> = Vec::new();
     let mut tools: Vec<String> = Vec::new();
     for payload in wasmparser::Parser::new(0).parse_all(bytes) {
-        let Ok(wasmparser::Payload::CustomSection(reader)) = payload else { continue };
+        let Ok(wasmparser::Payload::CustomSection(reader)) = payload else {
+            continue;
+        };
         if reader.name() != "producers" {
             continue;
         }
@@ -200,7 +247,11 @@ pub fn detect_language(bytes: &[u8]) -> String {
             continue;
         };
         for field in producers.into_iter().flatten() {
-            let names = field.values.into_iter().flatten().map(|v| v.name.to_string());
+            let names = field
+                .values
+                .into_iter()
+                .flatten()
+                .map(|v| v.name.to_string());
             match field.name {
                 "language" => languages.extend(names),
                 "processed-by" => tools.extend(names),
@@ -214,7 +265,13 @@ pub fn detect_language(bytes: &[u8]) -> String {
     if contains(bytes, b"componentize_py_runtime") || languages.iter().any(|l| l == "Python") {
         return "Python".into();
     }
-    for (mark, name) in [("Go", "Go"), ("C#", "C#"), ("Rust", "Rust"), ("C_plus_plus", "C++"), ("C", "C")] {
+    for (mark, name) in [
+        ("Go", "Go"),
+        ("C#", "C#"),
+        ("Rust", "Rust"),
+        ("C_plus_plus", "C++"),
+        ("C", "C"),
+    ] {
         if languages.iter().any(|l| l.starts_with(mark)) {
             return name.into();
         }
@@ -233,7 +290,10 @@ mod capability_names {
     use crate::plugin::wit::types::Capability;
 
     pub fn serialize<S: Serializer>(caps: &[Capability], s: S) -> Result<S::Ok, S::Error> {
-        caps.iter().map(|c| capability_name(*c)).collect::<Vec<_>>().serialize(s)
+        caps.iter()
+            .map(|c| capability_name(*c))
+            .collect::<Vec<_>>()
+            .serialize(s)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Capability>, D::Error> {
@@ -245,7 +305,9 @@ mod capability_names {
                 "config" => Ok(Capability::Config),
                 "embed" => Ok(Capability::Embed),
                 "chat" => Ok(Capability::Chat),
-                other => Err(serde::de::Error::custom(format!("unknown capability {other:?}"))),
+                other => Err(serde::de::Error::custom(format!(
+                    "unknown capability {other:?}"
+                ))),
             })
             .collect()
     }

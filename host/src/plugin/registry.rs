@@ -41,11 +41,15 @@ impl Registry {
                 Ok(bytes) => match runtime.load(&bytes, PluginSource::File(path.clone())) {
                     Ok(plugin) => {
                         if registry.plugins.iter().any(|p| {
-                            p.meta.name == plugin.meta.name && p.meta.source != PluginSource::Builtin
+                            p.meta.name == plugin.meta.name
+                                && p.meta.source != PluginSource::Builtin
                         }) {
                             registry.problems.push((
                                 path,
-                                format!("another installed component is also named {:?}; ignored", plugin.meta.name),
+                                format!(
+                                    "another installed component is also named {:?}; ignored",
+                                    plugin.meta.name
+                                ),
                             ));
                         } else {
                             registry.insert(plugin);
@@ -91,10 +95,17 @@ impl Registry {
             None => {
                 let names: Vec<&str> = self.of_kind(kind).map(|p| p.meta.name.as_str()).collect();
                 let hint = match closest(name, &names) {
-                    Some(c) => format!("; did you mean {c:?}? (available {}s: {})", kind, names.join(", ")),
+                    Some(c) => format!(
+                        "; did you mean {c:?}? (available {}s: {})",
+                        kind,
+                        names.join(", ")
+                    ),
                     None => format!(" (available {}s: {})", kind, names.join(", ")),
                 };
-                Err(PluginError::NotFound { name: name.to_string(), hint })
+                Err(PluginError::NotFound {
+                    name: name.to_string(),
+                    hint,
+                })
             }
         }
     }
@@ -104,8 +115,10 @@ impl Registry {
         self.of_kind(PluginKind::Reporter)
             .find(|p| p.meta.format.as_deref() == Some(format))
             .ok_or_else(|| {
-                let formats: Vec<&str> =
-                    self.of_kind(PluginKind::Reporter).filter_map(|p| p.meta.format.as_deref()).collect();
+                let formats: Vec<&str> = self
+                    .of_kind(PluginKind::Reporter)
+                    .filter_map(|p| p.meta.format.as_deref())
+                    .collect();
                 PluginError::NotFound {
                     name: format!("reporter for format {format}"),
                     hint: format!(" (formats: {})", formats.join(", ")),
@@ -115,14 +128,24 @@ impl Registry {
 }
 
 /// Validate a component and copy it into `plugins_dir` as `<name>.wasm`.
-pub fn install(runtime: &Runtime, plugins_dir: &Path, bytes: &[u8], origin: &Path) -> anyhow::Result<Plugin> {
+pub fn install(
+    runtime: &Runtime,
+    plugins_dir: &Path,
+    bytes: &[u8],
+    origin: &Path,
+) -> anyhow::Result<Plugin> {
     let plugin = runtime.load(bytes, PluginSource::File(origin.to_path_buf()))?;
     std::fs::create_dir_all(plugins_dir)
         .with_context(|| format!("failed to create {}", plugins_dir.display()))?;
     let dest = plugins_dir.join(format!("{}.wasm", plugin.meta.name));
-    let tmp = plugins_dir.join(format!(".{}.wasm.tmp{}", plugin.meta.name, std::process::id()));
+    let tmp = plugins_dir.join(format!(
+        ".{}.wasm.tmp{}",
+        plugin.meta.name,
+        std::process::id()
+    ));
     std::fs::write(&tmp, bytes).with_context(|| format!("failed to write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &dest).with_context(|| format!("failed to install {}", dest.display()))?;
+    std::fs::rename(&tmp, &dest)
+        .with_context(|| format!("failed to install {}", dest.display()))?;
     // Reload from the installed path so the metadata names where it lives now.
     let mut meta = (*plugin.meta).clone();
     meta.source = PluginSource::File(dest);
@@ -139,7 +162,10 @@ fn component_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "wasm"))
-        .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .collect();
     files.sort();
     Ok(files)
@@ -170,7 +196,9 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     for i in 1..=a.len() {
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            d[i][j] = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            d[i][j] = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
                 d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
             }

@@ -18,9 +18,7 @@ use crate::plugin::error::PluginError;
 use crate::plugin::host::{CallContext, HostState};
 use crate::plugin::manifest::{self, PluginKind, PluginMeta, PluginSource};
 use crate::plugin::wit::latest;
-use crate::plugin::wit::types::{
-    BatchResult, Document, Formatted, Report, Sample, SampleResult,
-};
+use crate::plugin::wit::types::{BatchResult, Document, Formatted, Report, Sample, SampleResult};
 
 /// Resource limits applied to every plugin call.
 #[derive(Debug, Clone, Copy)]
@@ -33,7 +31,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { deadline: Duration::from_secs(30), memory_bytes: 512 << 20 }
+        Limits {
+            deadline: Duration::from_secs(30),
+            memory_bytes: 512 << 20,
+        }
     }
 }
 
@@ -42,7 +43,12 @@ impl Limits {
     /// `ADAPTERLAB_PLUGIN_MEMORY_MIB`.
     pub fn from_env() -> Self {
         let mut limits = Limits::default();
-        let var = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|v| *v > 0);
+        let var = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|v| *v > 0)
+        };
         if let Some(ms) = var("ADAPTERLAB_PLUGIN_TIMEOUT_MS") {
             limits.deadline = Duration::from_millis(ms);
         }
@@ -91,10 +97,14 @@ impl Runtime {
         config.epoch_interruption(true);
         config.cranelift_opt_level(OptLevel::Speed);
         config.parallel_compilation(true);
-        let engine = Engine::new(&config).map_err(anyhow::Error::from).context("failed to create the wasmtime engine")?;
+        let engine = Engine::new(&config)
+            .map_err(anyhow::Error::from)
+            .context("failed to create the wasmtime engine")?;
 
         let mut linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from).context("failed to link WASI")?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("failed to link WASI")?;
         latest::imports::Imports::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(
             &mut linker,
             |state| state,
@@ -117,7 +127,13 @@ impl Runtime {
                 .context("failed to start the epoch thread")?;
         }
         Ok(Runtime {
-            inner: Arc::new(RuntimeInner { engine, linker, cache_dir, limits, stop_ticker }),
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                cache_dir,
+                limits,
+                stop_ticker,
+            }),
         })
     }
 
@@ -127,18 +143,24 @@ impl Runtime {
 
     /// Compile (or load from the cache) and validate a component, calling its `info` export.
     pub fn load(&self, bytes: &[u8], source: PluginSource) -> Result<Plugin, PluginError> {
-        let invalid = |reason: String| PluginError::Invalid { path: source.to_string(), reason };
+        let invalid = |reason: String| PluginError::Invalid {
+            path: source.to_string(),
+            reason,
+        };
         let sha256 = hex::encode(Sha256::digest(bytes));
-        let (component, compiled) = self.compile(bytes, &sha256).map_err(|e| invalid(format!("{e:#}")))?;
+        let (component, compiled) = self
+            .compile(bytes, &sha256)
+            .map_err(|e| invalid(format!("{e:#}")))?;
         let kind = detect_kind(&self.inner.engine, &component).map_err(invalid)?;
-        let instance_pre = self
-            .inner
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| invalid(format!("it imports something this host does not provide: {e:#}")))?;
+        let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(|e| {
+            invalid(format!(
+                "it imports something this host does not provide: {e:#}"
+            ))
+        })?;
         let pre = match kind {
             PluginKind::Metric => Pre::Metric(
-                latest::metric::MetricPluginPre::new(instance_pre).map_err(|e| invalid(format!("{e:#}")))?,
+                latest::metric::MetricPluginPre::new(instance_pre)
+                    .map_err(|e| invalid(format!("{e:#}")))?,
             ),
             PluginKind::Formatter => Pre::Formatter(
                 latest::formatter::FormatterPluginPre::new(instance_pre)
@@ -150,18 +172,29 @@ impl Runtime {
             ),
         };
         let language = manifest::detect_language(bytes);
-        let loaded = Arc::new(Loaded { runtime: self.inner.clone(), pre });
+        let loaded = Arc::new(Loaded {
+            runtime: self.inner.clone(),
+            pre,
+        });
         // The name is not known before `info` returns; errors meanwhile name the source.
         let label = source.to_string();
         let mut session = loaded.session(&label, CallContext::default())?;
-        let info = session.info().map_err(|e| invalid(format!("calling `info` failed: {e}")))?;
+        let info = session
+            .info()
+            .map_err(|e| invalid(format!("calling `info` failed: {e}")))?;
         let meta = PluginMeta::from_info(info, source.clone(), language, sha256, bytes.len())
             .map_err(|reason| invalid(reason))?;
         match compiled {
             CompileSource::Compiled => tracing::debug!("plugin {}: compiled", meta.name),
-            CompileSource::Cache => tracing::debug!("plugin {}: loaded from the component cache", meta.name),
+            CompileSource::Cache => {
+                tracing::debug!("plugin {}: loaded from the component cache", meta.name)
+            }
         }
-        Ok(Plugin { meta: Arc::new(meta), loaded, compiled })
+        Ok(Plugin {
+            meta: Arc::new(meta),
+            loaded,
+            compiled,
+        })
     }
 
     fn compile(&self, bytes: &[u8], sha256: &str) -> anyhow::Result<(Component, CompileSource)> {
@@ -177,7 +210,10 @@ impl Runtime {
             // compatibility hash (it is in the file name), in a directory only we write to.
             match unsafe { Component::deserialize_file(engine, &path) } {
                 Ok(c) => return Ok((c, CompileSource::Cache)),
-                Err(e) => tracing::warn!("ignoring unreadable cached component {}: {e:#}", path.display()),
+                Err(e) => tracing::warn!(
+                    "ignoring unreadable cached component {}: {e:#}",
+                    path.display()
+                ),
             }
         }
         let compiled = engine.precompile_component(bytes)?;
@@ -201,9 +237,16 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// Which plugin world a component implements, from the interfaces it exports.
 fn detect_kind(engine: &Engine, component: &Component) -> Result<PluginKind, String> {
     let ty = component.component_type();
-    let exports: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_string()).collect();
+    let exports: Vec<String> = ty
+        .exports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
     let version = latest::VERSION;
-    let has = |iface: &str| exports.iter().any(|e| e == &format!("adapterlab:plugin/{iface}@{version}"));
+    let has = |iface: &str| {
+        exports
+            .iter()
+            .any(|e| e == &format!("adapterlab:plugin/{iface}@{version}"))
+    };
     let kinds: Vec<PluginKind> = [
         (has("metric"), PluginKind::Metric),
         (has("formatter"), PluginKind::Formatter),
@@ -216,7 +259,11 @@ fn detect_kind(engine: &Engine, component: &Component) -> Result<PluginKind, Str
         [k] => Ok(*k),
         [] => Err(format!(
             "it exports none of adapterlab:plugin/{{metric,formatter,reporter}}@{version} (it exports: {})",
-            if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") }
+            if exports.is_empty() {
+                "nothing".to_string()
+            } else {
+                exports.join(", ")
+            }
         )),
         _ => Err("it exports more than one plugin interface; a component is one plugin".into()),
     }
@@ -256,13 +303,24 @@ impl Loaded {
                 Ok(UpdateDeadline::Continue(1))
             }
         });
-        let host_err = |e: wasmtime::Error| PluginError::Trap { plugin: plugin.to_string(), message: format!("{e:#}") };
+        let host_err = |e: wasmtime::Error| PluginError::Trap {
+            plugin: plugin.to_string(),
+            message: format!("{e:#}"),
+        };
         let instance = match &self.pre {
             Pre::Metric(pre) => Instance::Metric(pre.instantiate(&mut store).map_err(host_err)?),
-            Pre::Formatter(pre) => Instance::Formatter(pre.instantiate(&mut store).map_err(host_err)?),
-            Pre::Reporter(pre) => Instance::Reporter(pre.instantiate(&mut store).map_err(host_err)?),
+            Pre::Formatter(pre) => {
+                Instance::Formatter(pre.instantiate(&mut store).map_err(host_err)?)
+            }
+            Pre::Reporter(pre) => {
+                Instance::Reporter(pre.instantiate(&mut store).map_err(host_err)?)
+            }
         };
-        Ok(Session { store, instance: Some(instance), loaded: self.clone() })
+        Ok(Session {
+            store,
+            instance: Some(instance),
+            loaded: self.clone(),
+        })
     }
 }
 
@@ -319,7 +377,9 @@ impl Session {
         let plugin = self.plugin();
         if self.instance.is_none() {
             let granted = self.store.data().granted.clone();
-            let fresh = self.loaded.session(&plugin, self.store.data().ctx_clone())?;
+            let fresh = self
+                .loaded
+                .session(&plugin, self.store.data().ctx_clone())?;
             *self = fresh;
             self.store.data_mut().granted = granted;
         }
@@ -349,20 +409,32 @@ impl Session {
             };
         }
         if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
-            return PluginError::Timeout { plugin: plugin.to_string(), limit: state.deadline };
+            return PluginError::Timeout {
+                plugin: plugin.to_string(),
+                limit: state.deadline,
+            };
         }
-        PluginError::Trap { plugin: plugin.to_string(), message: format!("{e:#}") }
+        PluginError::Trap {
+            plugin: plugin.to_string(),
+            message: format!("{e:#}"),
+        }
     }
 
     fn wrong_kind(&self, expected: &'static str, instance: &Instance) -> PluginError {
-        PluginError::WrongKind { plugin: self.plugin(), expected, actual: instance_kind(instance) }
+        PluginError::WrongKind {
+            plugin: self.plugin(),
+            expected,
+            actual: instance_kind(instance),
+        }
     }
 
     /// The plugin's `info` export, whatever its kind.
     pub(crate) fn info(&mut self) -> Result<manifest::AnyInfo, PluginError> {
         self.call(|store, instance| {
             Ok(match instance {
-                Instance::Metric(m) => manifest::AnyInfo::Metric(m.adapterlab_plugin_metric().call_info(store)?),
+                Instance::Metric(m) => {
+                    manifest::AnyInfo::Metric(m.adapterlab_plugin_metric().call_info(store)?)
+                }
                 Instance::Formatter(m) => {
                     manifest::AnyInfo::Formatter(m.adapterlab_plugin_formatter().call_info(store)?)
                 }
@@ -376,8 +448,16 @@ impl Session {
     /// Score a batch with a metric plugin. The result is checked: one entry per sample, only
     /// declared score names, finite values within their declared ranges. A sample whose
     /// scores break that contract gets an error instead; the others keep their scores.
-    pub fn score(&mut self, samples: &[Sample], meta: &PluginMeta) -> Result<BatchResult, PluginError> {
-        if let Some(i) = self.instance.as_ref().filter(|i| !matches!(i, Instance::Metric(_))) {
+    pub fn score(
+        &mut self,
+        samples: &[Sample],
+        meta: &PluginMeta,
+    ) -> Result<BatchResult, PluginError> {
+        if let Some(i) = self
+            .instance
+            .as_ref()
+            .filter(|i| !matches!(i, Instance::Metric(_)))
+        {
             return Err(self.wrong_kind("metric", i));
         }
         let result = self.call(|store, instance| match instance {
@@ -385,12 +465,22 @@ impl Session {
             _ => unreachable!("checked above"),
         })?;
         let plugin = self.plugin();
-        let batch = result.map_err(|message| PluginError::Failed { plugin: plugin.clone(), message })?;
+        let batch = result.map_err(|message| PluginError::Failed {
+            plugin: plugin.clone(),
+            message,
+        })?;
         check_batch(&plugin, meta, samples.len(), batch)
     }
 
-    pub fn format(&mut self, rows: &[Vec<(String, String)>]) -> Result<Vec<Result<Formatted, String>>, PluginError> {
-        if let Some(i) = self.instance.as_ref().filter(|i| !matches!(i, Instance::Formatter(_))) {
+    pub fn format(
+        &mut self,
+        rows: &[Vec<(String, String)>],
+    ) -> Result<Vec<Result<Formatted, String>>, PluginError> {
+        if let Some(i) = self
+            .instance
+            .as_ref()
+            .filter(|i| !matches!(i, Instance::Formatter(_)))
+        {
             return Err(self.wrong_kind("formatter", i));
         }
         let out = self.call(|store, instance| match instance {
@@ -400,21 +490,32 @@ impl Session {
         if out.len() != rows.len() {
             return Err(PluginError::Malformed {
                 plugin: self.plugin(),
-                message: format!("format returned {} results for {} rows", out.len(), rows.len()),
+                message: format!(
+                    "format returned {} results for {} rows",
+                    out.len(),
+                    rows.len()
+                ),
             });
         }
         Ok(out)
     }
 
     pub fn render(&mut self, report: &Report) -> Result<Document, PluginError> {
-        if let Some(i) = self.instance.as_ref().filter(|i| !matches!(i, Instance::Reporter(_))) {
+        if let Some(i) = self
+            .instance
+            .as_ref()
+            .filter(|i| !matches!(i, Instance::Reporter(_)))
+        {
             return Err(self.wrong_kind("reporter", i));
         }
         let out = self.call(|store, instance| match instance {
             Instance::Reporter(m) => m.adapterlab_plugin_reporter().call_render(store, report),
             _ => unreachable!("checked above"),
         })?;
-        out.map_err(|message| PluginError::Failed { plugin: self.plugin(), message })
+        out.map_err(|message| PluginError::Failed {
+            plugin: self.plugin(),
+            message,
+        })
     }
 }
 
@@ -427,11 +528,20 @@ fn instance_kind(i: &Instance) -> &'static str {
 }
 
 /// Enforce the metric contract on a batch result.
-fn check_batch(plugin: &str, meta: &PluginMeta, expected: usize, mut batch: BatchResult) -> Result<BatchResult, PluginError> {
+fn check_batch(
+    plugin: &str,
+    meta: &PluginMeta,
+    expected: usize,
+    mut batch: BatchResult,
+) -> Result<BatchResult, PluginError> {
     if batch.samples.len() != expected {
         return Err(PluginError::Malformed {
             plugin: plugin.to_string(),
-            message: format!("score returned {} results for {} samples", batch.samples.len(), expected),
+            message: format!(
+                "score returned {} results for {} samples",
+                batch.samples.len(),
+                expected
+            ),
         });
     }
     for result in &mut batch.samples {
@@ -459,12 +569,14 @@ fn check_scores(meta: &PluginMeta, scores: &[(String, f64)]) -> Result<(), Strin
         }
         let tolerance = 1e-9 * (spec.max - spec.min).abs().max(1.0);
         if *value < spec.min - tolerance || *value > spec.max + tolerance {
-            return Err(format!("score {name:?} = {value} is outside its declared range [{}, {}]", spec.min, spec.max));
+            return Err(format!(
+                "score {name:?} = {value} is outside its declared range [{}, {}]",
+                spec.min, spec.max
+            ));
         }
     }
     Ok(())
 }
-
 
 impl Plugin {
     pub(crate) fn with_meta(mut self, meta: crate::plugin::manifest::PluginMeta) -> Self {

@@ -65,6 +65,9 @@ pub use since_v0_1_0 as latest;
 
 /// The contract types the rest of the host works with.
 pub mod types {
+    pub use super::latest::formatter::exports::adapterlab::plugin::formatter::{
+        Formatted, FormatterInfo,
+    };
     pub use super::latest::imports::adapterlab::plugin::chat::{
         Message as ChatMessage, Request as ChatRequest, Response as ChatResponse, TokenLogprob,
         TopLogprob,
@@ -72,9 +75,6 @@ pub mod types {
     pub use super::latest::imports::adapterlab::plugin::embed::{EncoderInfo, TokenEmbeddings};
     pub use super::latest::imports::adapterlab::plugin::log::Level;
     pub use super::latest::imports::adapterlab::plugin::types::{Capability, Manifest, PluginKind};
-    pub use super::latest::formatter::exports::adapterlab::plugin::formatter::{
-        Formatted, FormatterInfo,
-    };
     pub use super::latest::metric::exports::adapterlab::plugin::metric::{
         BatchResult, MetricInfo, Sample, SampleResult, ScoreSpec,
     };

@@ -25,7 +25,10 @@ use crate::store::RunEvent;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/health", get(health))
-        .route("/api/openapi.json", get(|| async { Json(openapi::document()) }))
+        .route(
+            "/api/openapi.json",
+            get(|| async { Json(openapi::document()) }),
+        )
         .route("/api/plugins", get(list_plugins).post(upload_plugin))
         .route("/api/adapters", get(list_adapters))
         .route("/api/runs", get(list_runs).post(create_run))
@@ -47,7 +50,10 @@ async fn list_plugins(State(state): State<AppState>) -> Json<Vec<PluginMeta>> {
 }
 
 /// Upload a component: `multipart/form-data` with a `file` field, or the raw bytes.
-async fn upload_plugin(State(state): State<AppState>, request: Request) -> Result<Response, AppError> {
+async fn upload_plugin(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Response, AppError> {
     let is_multipart = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -58,10 +64,17 @@ async fn upload_plugin(State(state): State<AppState>, request: Request) -> Resul
             .await
             .map_err(|e| AppError::bad_request(format!("invalid multipart body: {e}")))?;
         let mut found = None;
-        while let Some(field) = multipart.next_field().await.map_err(|e| AppError::bad_request(e.to_string()))? {
+        while let Some(field) = multipart
+            .next_field()
+            .await
+            .map_err(|e| AppError::bad_request(e.to_string()))?
+        {
             if field.name() == Some("file") {
                 let name = field.file_name().unwrap_or("upload.wasm").to_string();
-                let data = field.bytes().await.map_err(|e| AppError::bad_request(e.to_string()))?;
+                let data = field
+                    .bytes()
+                    .await
+                    .map_err(|e| AppError::bad_request(e.to_string()))?;
                 found = Some((data, name));
             }
         }
@@ -78,7 +91,12 @@ async fn upload_plugin(State(state): State<AppState>, request: Request) -> Resul
     let runtime = state.runtime.clone();
     let plugins_dir = state.data_dir.plugins();
     let plugin = tokio::task::spawn_blocking(move || {
-        registry::install(&runtime, &plugins_dir, &bytes, std::path::Path::new(&file_name))
+        registry::install(
+            &runtime,
+            &plugins_dir,
+            &bytes,
+            std::path::Path::new(&file_name),
+        )
     })
     .await
     .map_err(anyhow::Error::from)?
@@ -96,23 +114,38 @@ async fn list_runs(State(state): State<AppState>) -> Result<Json<Value>, AppErro
     Ok(Json(serde_json::to_value(state.store.list_runs()?)?))
 }
 
-async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+async fn get_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, AppError> {
     Ok(Json(serde_json::to_value(state.store.resolve_run(&id)?)?))
 }
 
-async fn get_samples(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+async fn get_samples(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, AppError> {
     let run = state.store.resolve_run(&id)?;
     Ok(Json(serde_json::to_value(state.store.samples(&run.id)?)?))
 }
 
-async fn cancel_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+async fn cancel_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, AppError> {
     let run = state.jobs.cancel(&id)?;
     Ok(Json(json!({"id": run.id, "status": run.status.as_str()})))
 }
 
-async fn resume_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, AppError> {
+async fn resume_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, AppError> {
     state.store.resolve_run(&id)?;
-    let run = state.jobs.resume(&id).map_err(|e| AppError::new(StatusCode::CONFLICT, format!("{e:#}")))?;
+    let run = state
+        .jobs
+        .resume(&id)
+        .map_err(|e| AppError::new(StatusCode::CONFLICT, format!("{e:#}")))?;
     Ok(Json(json!({"id": run.id, "status": run.status.as_str()})))
 }
 
@@ -121,10 +154,21 @@ struct CompareQuery {
     runs: String,
 }
 
-async fn compare_runs(State(state): State<AppState>, Query(q): Query<CompareQuery>) -> Result<Json<Value>, AppError> {
-    let ids: Vec<String> = q.runs.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+async fn compare_runs(
+    State(state): State<AppState>,
+    Query(q): Query<CompareQuery>,
+) -> Result<Json<Value>, AppError> {
+    let ids: Vec<String> = q
+        .runs
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
     if ids.len() < 2 {
-        return Err(AppError::bad_request("`runs` must list at least two run ids, comma-separated"));
+        return Err(AppError::bad_request(
+            "`runs` must list at least two run ids, comma-separated",
+        ));
     }
     for id in &ids {
         state.store.resolve_run(id)?;
@@ -133,7 +177,8 @@ async fn compare_runs(State(state): State<AppState>, Query(q): Query<CompareQuer
 }
 
 async fn create_run(State(state): State<AppState>, body: Bytes) -> Result<Response, AppError> {
-    let value: Value = serde_json::from_slice(&body).map_err(|e| AppError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| AppError::bad_request(format!("the body is not valid JSON: {e}")))?;
     let kind = value.get("kind").and_then(Value::as_str).ok_or_else(|| {
         AppError::unprocessable("field `kind` is required: \"eval\", \"train\" or \"generate\"")
     })?;
@@ -150,7 +195,9 @@ async fn create_run(State(state): State<AppState>, body: Bytes) -> Result<Respon
         "train" | "generate" => Err(AppError::unprocessable(format!(
             "`{kind}` runs are not available from this server yet; use `adapterlab {kind}` on the command line"
         ))),
-        other => Err(AppError::unprocessable(format!("unknown kind {other:?}: expected \"eval\", \"train\" or \"generate\""))),
+        other => Err(AppError::unprocessable(format!(
+            "unknown kind {other:?}: expected \"eval\", \"train\" or \"generate\""
+        ))),
     }
 }
 
@@ -159,13 +206,21 @@ fn eval_request(value: &Value) -> Result<EvalRequest, AppError> {
     let rows = value
         .get("predictions")
         .and_then(Value::as_array)
-        .ok_or_else(|| AppError::unprocessable("field `predictions` must be an array of {id, prediction, reference, source}"))?;
+        .ok_or_else(|| {
+            AppError::unprocessable(
+                "field `predictions` must be an array of {id, prediction, reference, source}",
+            )
+        })?;
     let mut parsed: Vec<PredictionRow> = Vec::with_capacity(rows.len());
     let mut seen = std::collections::HashSet::new();
     for (i, row) in rows.iter().enumerate() {
-        let row = row_from_value(row).map_err(|e| AppError::unprocessable(format!("predictions[{i}]: {e}")))?;
+        let row = row_from_value(row)
+            .map_err(|e| AppError::unprocessable(format!("predictions[{i}]: {e}")))?;
         if !seen.insert(row.id.clone()) {
-            return Err(AppError::unprocessable(format!("predictions[{i}]: duplicate id {:?}", row.id)));
+            return Err(AppError::unprocessable(format!(
+                "predictions[{i}]: duplicate id {:?}",
+                row.id
+            )));
         }
         parsed.push(row);
     }
@@ -175,18 +230,35 @@ fn eval_request(value: &Value) -> Result<EvalRequest, AppError> {
     let metrics: Vec<String> = match value.get("metrics") {
         Some(Value::Array(items)) => items
             .iter()
-            .map(|m| m.as_str().map(String::from).ok_or_else(|| AppError::unprocessable("field `metrics` must hold strings")))
+            .map(|m| {
+                m.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| AppError::unprocessable("field `metrics` must hold strings"))
+            })
             .collect::<Result<_, _>>()?,
-        Some(Value::String(s)) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
-        _ => return Err(AppError::unprocessable("field `metrics` must be an array of metric plugin names")),
+        Some(Value::String(s)) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        _ => {
+            return Err(AppError::unprocessable(
+                "field `metrics` must be an array of metric plugin names",
+            ));
+        }
     };
     let mut settings: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     if let Some(s) = value.get("settings") {
-        let map = s.as_object().ok_or_else(|| AppError::unprocessable("field `settings` must be an object {plugin: {key: value}}"))?;
+        let map = s.as_object().ok_or_else(|| {
+            AppError::unprocessable("field `settings` must be an object {plugin: {key: value}}")
+        })?;
         for (plugin, kv) in map {
-            let kv = kv
-                .as_object()
-                .ok_or_else(|| AppError::unprocessable(format!("settings.{plugin} must be an object {{key: value}}")))?;
+            let kv = kv.as_object().ok_or_else(|| {
+                AppError::unprocessable(format!(
+                    "settings.{plugin} must be an object {{key: value}}"
+                ))
+            })?;
             let entry = settings.entry(plugin.clone()).or_default();
             for (k, v) in kv {
                 let v = match v {
@@ -197,9 +269,17 @@ fn eval_request(value: &Value) -> Result<EvalRequest, AppError> {
             }
         }
     }
-    let name = value.get("name").and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty()).unwrap_or("eval").to_string();
+    let name = value
+        .get("name")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("eval")
+        .to_string();
     if name.len() > 200 {
-        return Err(AppError::unprocessable("field `name` is longer than 200 characters"));
+        return Err(AppError::unprocessable(
+            "field `name` is longer than 200 characters",
+        ));
     }
     let mut metadata = BTreeMap::new();
     for key in ["model", "adapter", "dataset"] {
@@ -212,7 +292,10 @@ fn eval_request(value: &Value) -> Result<EvalRequest, AppError> {
         rows: parsed,
         metrics,
         settings,
-        score_references: value.get("score_references").and_then(Value::as_bool).unwrap_or(false),
+        score_references: value
+            .get("score_references")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         metadata,
     })
 }
@@ -225,7 +308,10 @@ async fn events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, AppError> {
     let run = state.store.resolve_run(&id)?;
-    let after = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let store = state.store.clone();
     let run_id = run.id.clone();
     struct Cursor {
@@ -234,7 +320,11 @@ async fn events(
         finished_seen: bool,
     }
     let stream = futures::stream::unfold(
-        Cursor { after, pending: Default::default(), finished_seen: false },
+        Cursor {
+            after,
+            pending: Default::default(),
+            finished_seen: false,
+        },
         move |mut cursor| {
             let store = store.clone();
             let run_id = run_id.clone();
@@ -255,7 +345,11 @@ async fn events(
                     if cursor.finished_seen {
                         return None;
                     }
-                    let finished = store.get_run(&run_id).ok().flatten().is_none_or(|r| r.status.is_finished());
+                    let finished = store
+                        .get_run(&run_id)
+                        .ok()
+                        .flatten()
+                        .is_none_or(|r| r.status.is_finished());
                     if let Ok(new) = store.events_after(&run_id, cursor.after) {
                         cursor.pending.extend(new);
                     }

@@ -13,7 +13,9 @@ mod files {
 }
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/", get(index)).route("/{*path}", get(asset))
+    Router::new()
+        .route("/", get(index))
+        .route("/{*path}", get(asset))
 }
 
 async fn index() -> Response {
@@ -29,7 +31,14 @@ async fn asset(Path(path): Path<String>) -> Response {
 
 fn serve(path: &str) -> Response {
     match files::WEB_ASSETS.iter().find(|(p, _)| *p == path) {
-        Some((p, bytes)) => ([(header::CONTENT_TYPE, content_type(p)), (header::CACHE_CONTROL, "no-cache")], *bytes).into_response(),
+        Some((p, bytes)) => (
+            [
+                (header::CONTENT_TYPE, content_type(p)),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            *bytes,
+        )
+            .into_response(),
         None => (StatusCode::NOT_FOUND, "not found").into_response(),
     }
 }

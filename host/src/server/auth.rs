@@ -8,8 +8,15 @@ use axum::response::{IntoResponse, Response};
 
 use crate::server::{AppError, AppState};
 
-pub async fn require_token_for_mutations(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+pub async fn require_token_for_mutations(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    ) {
         return next.run(request).await;
     }
     let presented = request

@@ -14,7 +14,10 @@ pub struct AppError {
 
 impl AppError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        AppError { status, message: message.into() }
+        AppError {
+            status,
+            message: message.into(),
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
@@ -37,11 +40,17 @@ impl<E: Into<anyhow::Error>> From<E> for AppError {
     fn from(e: E) -> Self {
         let e: anyhow::Error = e.into();
         if let Some(store) = e.downcast_ref::<crate::store::StoreError>() {
-            if matches!(store, crate::store::StoreError::NoSuchRun(_) | crate::store::StoreError::AmbiguousRun(..)) {
+            if matches!(
+                store,
+                crate::store::StoreError::NoSuchRun(_) | crate::store::StoreError::AmbiguousRun(..)
+            ) {
                 return AppError::not_found(store.to_string());
             }
         }
         tracing::error!("internal error: {e:#}");
-        AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the server's log")
+        AppError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; see the server's log",
+        )
     }
 }

@@ -47,7 +47,11 @@ impl Drop for Inner {
 
 impl Jobs {
     pub fn start(store: Store, registry: Arc<RwLock<Registry>>, data_dir: DataDir) -> Result<Self> {
-        let io = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("llm-io").build()?;
+        let io = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("llm-io")
+            .build()?;
         let jobs = Jobs {
             inner: Arc::new(Inner {
                 store,
@@ -74,7 +78,12 @@ impl Jobs {
                         r.error = Some("the server stopped while this run was in progress; resume it to continue".into());
                         r.owner_pid = None;
                     })?;
-                    store.push_event(&run.id, &RunEvent::Status { status: RunStatus::Interrupted })?;
+                    store.push_event(
+                        &run.id,
+                        &RunEvent::Status {
+                            status: RunStatus::Interrupted,
+                        },
+                    )?;
                 }
                 RunStatus::Queued => self.dispatch(run)?,
                 _ => {}
@@ -99,21 +108,30 @@ impl Jobs {
             RunKind::Eval => {
                 let request: EvalRequest = serde_json::from_value(run.request.clone())?;
                 let cancel = Arc::new(AtomicBool::new(false));
-                self.inner.cancels.lock().unwrap().insert(run.id.clone(), cancel.clone());
+                self.inner
+                    .cancels
+                    .lock()
+                    .unwrap()
+                    .insert(run.id.clone(), cancel.clone());
                 let this = self.clone();
-                std::thread::Builder::new().name(format!("eval-{}", &run.id[..8.min(run.id.len())])).spawn(move || {
-                    this.acquire_eval_slot();
-                    if !cancel.load(Ordering::Relaxed) {
-                        if let Err(e) = this.run_eval(&run.id, &request, cancel.clone()) {
-                            tracing::warn!("eval run {} failed: {e:#}", run.id);
+                std::thread::Builder::new()
+                    .name(format!("eval-{}", &run.id[..8.min(run.id.len())]))
+                    .spawn(move || {
+                        this.acquire_eval_slot();
+                        if !cancel.load(Ordering::Relaxed) {
+                            if let Err(e) = this.run_eval(&run.id, &request, cancel.clone()) {
+                                tracing::warn!("eval run {} failed: {e:#}", run.id);
+                            }
                         }
-                    }
-                    this.release_eval_slot();
-                    this.inner.cancels.lock().unwrap().remove(&run.id);
-                })?;
+                        this.release_eval_slot();
+                        this.inner.cancels.lock().unwrap().remove(&run.id);
+                    })?;
                 Ok(())
             }
-            kind => bail!("{} jobs are not available in this server yet", kind.as_str()),
+            kind => bail!(
+                "{} jobs are not available in this server yet",
+                kind.as_str()
+            ),
         }
     }
 
@@ -150,10 +168,23 @@ impl Jobs {
         };
         let llm = LlmClient::new(LlmConfig::from_env(), Some(store.clone()))?;
         let services = Arc::new(EvalServices::new(
-            Some((llm, self.inner.io.as_ref().expect("present until drop").handle().clone())),
+            Some((
+                llm,
+                self.inner
+                    .io
+                    .as_ref()
+                    .expect("present until drop")
+                    .handle()
+                    .clone(),
+            )),
             crate::eval::services::default_encoders(&self.inner.data_dir),
         ));
-        let env = EvalEnv { store: store.clone(), services: services.clone(), cancel, on_progress: Arc::new(|_, _| {}) };
+        let env = EvalEnv {
+            store: store.clone(),
+            services: services.clone(),
+            cancel,
+            on_progress: Arc::new(|_, _| {}),
+        };
         let result = pipeline::execute(&env, run_id, request, &plugins);
         services.record(&store, run_id)?;
         result.map(|_| ())
@@ -174,7 +205,12 @@ impl Jobs {
                 r.status = RunStatus::Cancelled;
                 r.finished = Some(now_rfc3339());
             })?;
-            self.inner.store.push_event(&run.id, &RunEvent::Status { status: RunStatus::Cancelled })?;
+            self.inner.store.push_event(
+                &run.id,
+                &RunEvent::Status {
+                    status: RunStatus::Cancelled,
+                },
+            )?;
             return Ok(run);
         }
         Ok(self.inner.store.resolve_run(id)?)
@@ -183,15 +219,27 @@ impl Jobs {
     /// Queue an interrupted (or failed, or cancelled) run again from its stored request.
     pub fn resume(&self, id: &str) -> Result<RunRecord> {
         let run = self.inner.store.resolve_run(id)?;
-        if matches!(run.status, RunStatus::Queued | RunStatus::Running | RunStatus::Done) {
-            bail!("run {} is {}; only interrupted, failed or cancelled runs can be resumed", run.id, run.status.as_str());
+        if matches!(
+            run.status,
+            RunStatus::Queued | RunStatus::Running | RunStatus::Done
+        ) {
+            bail!(
+                "run {} is {}; only interrupted, failed or cancelled runs can be resumed",
+                run.id,
+                run.status.as_str()
+            );
         }
         let run = self.inner.store.update_run(&run.id, |r| {
             r.status = RunStatus::Queued;
             r.error = None;
             r.finished = None;
         })?;
-        self.inner.store.push_event(&run.id, &RunEvent::Status { status: RunStatus::Queued })?;
+        self.inner.store.push_event(
+            &run.id,
+            &RunEvent::Status {
+                status: RunStatus::Queued,
+            },
+        )?;
         self.dispatch(run.clone())?;
         Ok(run)
     }

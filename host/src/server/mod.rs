@@ -42,22 +42,41 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(api::routes())
         .merge(assets::routes())
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token_for_mutations))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token_for_mutations,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
 
 /// Build the state: open the store, load plugins, mark jobs a dead process left running as
 /// interrupted, re-queue queued ones, start the workers.
-pub fn state(data_dir: DataDir, store: Store, runtime: Runtime, registry: Registry, token: String) -> anyhow::Result<AppState> {
+pub fn state(
+    data_dir: DataDir,
+    store: Store,
+    runtime: Runtime,
+    registry: Registry,
+    token: String,
+) -> anyhow::Result<AppState> {
     let registry = Arc::new(RwLock::new(registry));
     let jobs = jobs::Jobs::start(store.clone(), registry.clone(), data_dir.clone())?;
-    Ok(AppState { store, runtime, registry, data_dir, token: Arc::new(token), jobs })
+    Ok(AppState {
+        store,
+        runtime,
+        registry,
+        data_dir,
+        token: Arc::new(token),
+        jobs,
+    })
 }
 
 /// The token for mutating calls: `explicit` (flag or env), else the one stored in the data
 /// directory, else a new one stored there.
-pub fn resolve_token(data_dir: &DataDir, explicit: Option<String>) -> anyhow::Result<(String, bool)> {
+pub fn resolve_token(
+    data_dir: &DataDir,
+    explicit: Option<String>,
+) -> anyhow::Result<(String, bool)> {
     if let Some(t) = explicit.filter(|t| !t.trim().is_empty()) {
         return Ok((t.trim().to_string(), false));
     }
@@ -82,8 +101,14 @@ pub fn resolve_token(data_dir: &DataDir, explicit: Option<String>) -> anyhow::Re
 }
 
 /// Serve until Ctrl-C. Prints the address (and the login URL) once listening.
-pub async fn serve(state: AppState, addr: SocketAddr, announce: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("failed to listen on {addr}"))?;
+pub async fn serve(
+    state: AppState,
+    addr: SocketAddr,
+    announce: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("failed to listen on {addr}"))?;
     announce(listener.local_addr()?);
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async {

@@ -21,13 +21,20 @@ pub(crate) fn run(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
         Some(v) => u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0, 0, 0, 1])),
     };
     if found > SCHEMA_VERSION {
-        return Err(StoreError::TooNew { path: path.display().to_string(), found, supported: SCHEMA_VERSION });
+        return Err(StoreError::TooNew {
+            path: path.display().to_string(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
     }
     for version in found..SCHEMA_VERSION {
         let migrate = MIGRATIONS[(version - 1) as usize];
         migrate(db)?;
         meta.insert(KEY, &(version + 1).to_be_bytes())?;
-        tracing::info!("migrated the store from schema {version} to {}", version + 1);
+        tracing::info!(
+            "migrated the store from schema {version} to {}",
+            version + 1
+        );
     }
     Ok(())
 }

@@ -22,12 +22,24 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the store at {path} is in use by another adapterlab process (is `adapterlab serve` running with this data directory?)")]
+    #[error(
+        "the store at {path} is in use by another adapterlab process (is `adapterlab serve` running with this data directory?)"
+    )]
     Locked { path: String },
-    #[error("the store at {path} has schema version {found}, newer than this adapterlab understands ({supported}); upgrade adapterlab")]
-    TooNew { path: String, found: u32, supported: u32 },
+    #[error(
+        "the store at {path} has schema version {found}, newer than this adapterlab understands ({supported}); upgrade adapterlab"
+    )]
+    TooNew {
+        path: String,
+        found: u32,
+        supported: u32,
+    },
     #[error("store record {key} in {tree} is corrupt: {source}")]
-    Corrupt { tree: &'static str, key: String, source: serde_json::Error },
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        source: serde_json::Error,
+    },
     #[error("no run matches {0:?}")]
     NoSuchRun(String),
     #[error("{0:?} matches several runs: {1}; give more characters")]
@@ -64,8 +76,13 @@ pub struct Store {
 impl Store {
     pub fn open(path: &Path) -> Result<Self> {
         let db = sled::Config::new().path(path).open().map_err(|e| match e {
-            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
-                StoreError::Locked { path: path.display().to_string() }
+            sled::Error::Io(ref io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
+            {
+                StoreError::Locked {
+                    path: path.display().to_string(),
+                }
             }
             other => StoreError::Sled(other),
         })?;
@@ -107,7 +124,10 @@ impl Store {
     }
 
     pub fn get_run(&self, id: &str) -> Result<Option<RunRecord>> {
-        self.runs.get(id.as_bytes())?.map(|v| decode(tree::RUNS, id, &v)).transpose()
+        self.runs
+            .get(id.as_bytes())?
+            .map(|v| decode(tree::RUNS, id, &v))
+            .transpose()
     }
 
     /// Update a run in place; `f` sees the current record. Atomic with respect to other
@@ -120,7 +140,11 @@ impl Store {
             let mut run: RunRecord = decode(tree::RUNS, id, &old)?;
             f(&mut run);
             let new = encode(&run)?;
-            if self.runs.compare_and_swap(id.as_bytes(), Some(&old), Some(new))?.is_ok() {
+            if self
+                .runs
+                .compare_and_swap(id.as_bytes(), Some(&old), Some(new))?
+                .is_ok()
+            {
                 return Ok(run);
             }
         }
@@ -153,21 +177,32 @@ impl Store {
             0 if id.is_empty() => Err(StoreError::NoSuchRun(id.to_string())),
             0 => {
                 // Names are accepted too when unique.
-                let by_name: Vec<RunRecord> =
-                    self.list_runs()?.into_iter().filter(|r| r.name == id).collect();
+                let by_name: Vec<RunRecord> = self
+                    .list_runs()?
+                    .into_iter()
+                    .filter(|r| r.name == id)
+                    .collect();
                 match by_name.len() {
                     1 => Ok(by_name.into_iter().next().unwrap()),
                     0 => Err(StoreError::NoSuchRun(id.to_string())),
                     _ => Err(StoreError::AmbiguousRun(
                         id.to_string(),
-                        by_name.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", "),
+                        by_name
+                            .iter()
+                            .map(|r| r.id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
                     )),
                 }
             }
             1 => Ok(matches.into_iter().next().unwrap()),
             _ => Err(StoreError::AmbiguousRun(
                 id.to_string(),
-                matches.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", "),
+                matches
+                    .iter()
+                    .map(|r| r.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             )),
         }
     }
@@ -253,12 +288,16 @@ impl Store {
     // ---- adapters ----
 
     pub fn put_adapter(&self, adapter: &AdapterRecord) -> Result<()> {
-        self.adapters.insert(adapter.name.as_bytes(), encode(adapter)?)?;
+        self.adapters
+            .insert(adapter.name.as_bytes(), encode(adapter)?)?;
         Ok(())
     }
 
     pub fn get_adapter(&self, name: &str) -> Result<Option<AdapterRecord>> {
-        self.adapters.get(name.as_bytes())?.map(|v| decode(tree::ADAPTERS, name, &v)).transpose()
+        self.adapters
+            .get(name.as_bytes())?
+            .map(|v| decode(tree::ADAPTERS, name, &v))
+            .transpose()
     }
 
     pub fn list_adapters(&self) -> Result<Vec<AdapterRecord>> {
@@ -274,7 +313,10 @@ impl Store {
     // ---- LLM response cache ----
 
     pub fn cached_response(&self, key: &str) -> Result<Option<serde_json::Value>> {
-        self.llm_cache.get(key.as_bytes())?.map(|v| decode(tree::LLM_CACHE, key, &v)).transpose()
+        self.llm_cache
+            .get(key.as_bytes())?
+            .map(|v| decode(tree::LLM_CACHE, key, &v))
+            .transpose()
     }
 
     pub fn cache_response(&self, key: &str, response: &serde_json::Value) -> Result<()> {
@@ -300,7 +342,11 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 }
 
 fn decode<T: DeserializeOwned>(tree: &'static str, key: &str, bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { tree, key: key.to_string(), source })
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        tree,
+        key: key.to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -320,17 +366,32 @@ mod tests {
         store.put_run(&b).unwrap();
         assert_eq!(store.resolve_run("0001a").unwrap().id, "0001aaaa");
         assert_eq!(store.resolve_run("baseline").unwrap().id, "0001bbbb");
-        assert!(matches!(store.resolve_run("0001"), Err(StoreError::AmbiguousRun(..))));
-        assert!(matches!(store.resolve_run("zzz"), Err(StoreError::NoSuchRun(_))));
+        assert!(matches!(
+            store.resolve_run("0001"),
+            Err(StoreError::AmbiguousRun(..))
+        ));
+        assert!(matches!(
+            store.resolve_run("zzz"),
+            Err(StoreError::NoSuchRun(_))
+        ));
     }
 
     #[test]
     fn samples_come_back_in_order_and_per_run() {
         let store = Store::temporary().unwrap();
-        let mk = |i: u32| SampleRecord { index: i, id: format!("s{i}"), ..Default::default() };
+        let mk = |i: u32| SampleRecord {
+            index: i,
+            id: format!("s{i}"),
+            ..Default::default()
+        };
         store.put_samples("a", &[mk(2), mk(0), mk(1)]).unwrap();
         store.put_samples("ab", &[mk(0)]).unwrap();
-        let ids: Vec<String> = store.samples("a").unwrap().into_iter().map(|s| s.id).collect();
+        let ids: Vec<String> = store
+            .samples("a")
+            .unwrap()
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
         assert_eq!(ids, ["s0", "s1", "s2"]);
         assert_eq!(store.sample_count("ab"), 1);
     }
@@ -339,7 +400,15 @@ mod tests {
     fn events_resume_after_a_sequence_number() {
         let store = Store::temporary().unwrap();
         for i in 0..3 {
-            store.push_event("r", &RunEvent::Log { level: "info".into(), message: format!("{i}") }).unwrap();
+            store
+                .push_event(
+                    "r",
+                    &RunEvent::Log {
+                        level: "info".into(),
+                        message: format!("{i}"),
+                    },
+                )
+                .unwrap();
         }
         let all = store.events_after("r", None).unwrap();
         assert_eq!(all.len(), 3);
@@ -351,7 +420,9 @@ mod tests {
     fn update_run_is_read_modify_write() {
         let store = Store::temporary().unwrap();
         store.put_run(&run("x")).unwrap();
-        store.update_run("x", |r| r.status = RunStatus::Done).unwrap();
+        store
+            .update_run("x", |r| r.status = RunStatus::Done)
+            .unwrap();
         assert_eq!(store.get_run("x").unwrap().unwrap().status, RunStatus::Done);
     }
 }

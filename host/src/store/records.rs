@@ -46,7 +46,10 @@ impl RunStatus {
     }
 
     pub fn is_finished(self) -> bool {
-        matches!(self, RunStatus::Done | RunStatus::Failed | RunStatus::Cancelled | RunStatus::Interrupted)
+        matches!(
+            self,
+            RunStatus::Done | RunStatus::Failed | RunStatus::Cancelled | RunStatus::Interrupted
+        )
     }
 }
 
@@ -173,9 +176,18 @@ pub struct SampleRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RunEvent {
-    Status { status: RunStatus },
-    Progress { done: u64, total: u64, unit: String },
-    Log { level: String, message: String },
+    Status {
+        status: RunStatus,
+    },
+    Progress {
+        done: u64,
+        total: u64,
+        unit: String,
+    },
+    Log {
+        level: String,
+        message: String,
+    },
     /// A logged training step, in HF Trainer's log_history shape.
     Loss {
         step: u64,

@@ -137,7 +137,8 @@ impl Default for QuantizationSection {
 
 /// The keys a config may hold, by section ("" is the top level).
 fn known_keys(section: &str) -> Vec<String> {
-    let value = toml::Value::try_from(TrainConfig::default()).expect("the default config serialises");
+    let value =
+        toml::Value::try_from(TrainConfig::default()).expect("the default config serialises");
     let table = match section {
         "" => value.as_table().cloned(),
         s => value.get(s).and_then(|v| v.as_table()).cloned(),
@@ -161,7 +162,10 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
             let known = known_keys(key);
             for inner_key in inner.keys() {
                 if !known.contains(inner_key) {
-                    bail!("{origin}: unknown key `{key}.{inner_key}`{}", suggestion(inner_key, &known));
+                    bail!(
+                        "{origin}: unknown key `{key}.{inner_key}`{}",
+                        suggestion(inner_key, &known)
+                    );
                 }
             }
             continue;
@@ -171,7 +175,9 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
             // A LoRA or quantization key at the top level is a common slip.
             for section in ["lora", "quantization"] {
                 if known_keys(section).contains(key) {
-                    bail!("{origin}: unknown key `{key}`; it belongs in the [{section}] table (`{section}.{key}`)");
+                    bail!(
+                        "{origin}: unknown key `{key}`; it belongs in the [{section}] table (`{section}.{key}`)"
+                    );
                 }
             }
             bail!("{origin}: unknown key `{key}`{}", suggestion(key, &known));
@@ -193,8 +199,10 @@ impl TrainConfig {
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
         let (mut table, origin) = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("failed to read {}", p.display()))?;
-                let table: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("failed to read {}", p.display()))?;
+                let table: toml::Table = toml::from_str(&text)
+                    .with_context(|| format!("{} is not valid TOML", p.display()))?;
                 (table, p.display().to_string())
             }
             None => (toml::Table::new(), "config".to_string()),
@@ -218,19 +226,38 @@ impl TrainConfig {
             .and_then(|v| v.as_table().cloned())
             .context("config must be an object of train keys")?;
         check_keys(&table, "config")?;
-        let config: TrainConfig =
-            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("config: {}", e.message()))?;
+        let config: TrainConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("config: {}", e.message()))?;
         config.validate("config")?;
         Ok(config)
     }
 
     pub fn validate(&self, origin: &str) -> Result<()> {
         let fail = |field: &str, why: String| anyhow::anyhow!("{origin}: `{field}` {why}");
-        if !matches!(self.lr_scheduler_type.as_str(), "cosine" | "linear" | "constant" | "constant_with_warmup") {
-            return Err(fail("lr_scheduler_type", format!("is {:?}; expected cosine, linear, constant or constant_with_warmup", self.lr_scheduler_type)));
+        if !matches!(
+            self.lr_scheduler_type.as_str(),
+            "cosine" | "linear" | "constant" | "constant_with_warmup"
+        ) {
+            return Err(fail(
+                "lr_scheduler_type",
+                format!(
+                    "is {:?}; expected cosine, linear, constant or constant_with_warmup",
+                    self.lr_scheduler_type
+                ),
+            ));
         }
-        if !matches!(self.optim.as_str(), "adamw_32bit" | "paged_adamw_32bit" | "adamw_torch" | "adamw") {
-            return Err(fail("optim", format!("is {:?}; expected adamw_32bit (paged_adamw_32bit, adamw_torch are aliases)", self.optim)));
+        if !matches!(
+            self.optim.as_str(),
+            "adamw_32bit" | "paged_adamw_32bit" | "adamw_torch" | "adamw"
+        ) {
+            return Err(fail(
+                "optim",
+                format!(
+                    "is {:?}; expected adamw_32bit (paged_adamw_32bit, adamw_torch are aliases)",
+                    self.optim
+                ),
+            ));
         }
         if self.learning_rate <= 0.0 || !self.learning_rate.is_finite() {
             return Err(fail("learning_rate", "must be positive".into()));
@@ -242,10 +269,16 @@ impl TrainConfig {
             return Err(fail("max_seq_length", "must be at least 8".into()));
         }
         if self.per_device_train_batch_size == 0 || self.gradient_accumulation_steps == 0 {
-            return Err(fail("per_device_train_batch_size", "and gradient_accumulation_steps must be positive".into()));
+            return Err(fail(
+                "per_device_train_batch_size",
+                "and gradient_accumulation_steps must be positive".into(),
+            ));
         }
         if self.max_steps <= 0 && self.num_train_epochs <= 0.0 {
-            return Err(fail("num_train_epochs", "must be positive when max_steps is unset".into()));
+            return Err(fail(
+                "num_train_epochs",
+                "must be positive when max_steps is unset".into(),
+            ));
         }
         if self.lora.r == 0 {
             return Err(fail("lora.r", "must be positive".into()));
@@ -254,13 +287,31 @@ impl TrainConfig {
             return Err(fail("lora.lora_dropout", "must be in [0, 1)".into()));
         }
         if self.lora.bias != "none" {
-            return Err(fail("lora.bias", format!("is {:?}; only \"none\" is supported", self.lora.bias)));
+            return Err(fail(
+                "lora.bias",
+                format!("is {:?}; only \"none\" is supported", self.lora.bias),
+            ));
         }
         if self.quantization.load_in_4bit && self.quantization.bnb_4bit_quant_type != "nf4" {
-            return Err(fail("quantization.bnb_4bit_quant_type", format!("is {:?}; only \"nf4\" is supported", self.quantization.bnb_4bit_quant_type)));
+            return Err(fail(
+                "quantization.bnb_4bit_quant_type",
+                format!(
+                    "is {:?}; only \"nf4\" is supported",
+                    self.quantization.bnb_4bit_quant_type
+                ),
+            ));
         }
-        if !matches!(self.quantization.bnb_4bit_compute_dtype.as_str(), "bfloat16" | "bf16" | "float16" | "fp16" | "float32" | "fp32") {
-            return Err(fail("quantization.bnb_4bit_compute_dtype", format!("is {:?}; expected bfloat16, float16 or float32", self.quantization.bnb_4bit_compute_dtype)));
+        if !matches!(
+            self.quantization.bnb_4bit_compute_dtype.as_str(),
+            "bfloat16" | "bf16" | "float16" | "fp16" | "float32" | "fp32"
+        ) {
+            return Err(fail(
+                "quantization.bnb_4bit_compute_dtype",
+                format!(
+                    "is {:?}; expected bfloat16, float16 or float32",
+                    self.quantization.bnb_4bit_compute_dtype
+                ),
+            ));
         }
         if self.bf16 && self.fp16 {
             return Err(fail("bf16", "and fp16 cannot both be true".into()));
@@ -279,15 +330,23 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
         .unwrap_or_else(|| {
             // A list given as a,b,c (e.g. target_modules) or a bare string.
             if raw.contains(',') {
-                toml::Value::Array(raw.split(',').map(|s| toml::Value::String(s.trim().to_string())).collect())
+                toml::Value::Array(
+                    raw.split(',')
+                        .map(|s| toml::Value::String(s.trim().to_string()))
+                        .collect(),
+                )
             } else {
                 toml::Value::String(raw.to_string())
             }
         });
     match key.split_once('.') {
         Some((section, inner)) => {
-            let entry = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            let t = entry.as_table_mut().with_context(|| format!("--set {key}: `{section}` is not a table"))?;
+            let entry = table
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let t = entry
+                .as_table_mut()
+                .with_context(|| format!("--set {key}: `{section}` is not a table"))?;
             t.insert(inner.to_string(), value);
         }
         None => {
@@ -305,15 +364,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, text).unwrap();
-        TrainConfig::load(Some(&path), &overrides.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        TrainConfig::load(
+            Some(&path),
+            &overrides.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
     }
 
     #[test]
     fn defaults_are_the_reference_notebooks() {
         let c = TrainConfig::default();
-        assert_eq!((c.lora.r, c.lora.lora_alpha, c.lora.lora_dropout), (16, 32.0, 0.1));
-        assert_eq!((c.learning_rate, c.warmup_ratio, c.max_grad_norm), (2e-4, 0.01, 0.1));
-        assert_eq!((c.gradient_accumulation_steps, c.max_seq_length, c.num_train_epochs), (4, 512, 5.0));
+        assert_eq!(
+            (c.lora.r, c.lora.lora_alpha, c.lora.lora_dropout),
+            (16, 32.0, 0.1)
+        );
+        assert_eq!(
+            (c.learning_rate, c.warmup_ratio, c.max_grad_norm),
+            (2e-4, 0.01, 0.1)
+        );
+        assert_eq!(
+            (
+                c.gradient_accumulation_steps,
+                c.max_seq_length,
+                c.num_train_epochs
+            ),
+            (4, 512, 5.0)
+        );
         assert!(c.quantization.load_in_4bit && c.quantization.bnb_4bit_use_double_quant);
         assert_eq!(c.lr_scheduler_type, "cosine");
     }
@@ -335,11 +410,18 @@ mod tests {
 
     #[test]
     fn unknown_keys_name_the_key_and_suggest() {
-        let e = load_str("lerning_rate = 1e-4\n", &[]).unwrap_err().to_string();
-        assert!(e.contains("unknown key `lerning_rate`") && e.contains("did you mean `learning_rate`"), "{e}");
+        let e = load_str("lerning_rate = 1e-4\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown key `lerning_rate`") && e.contains("did you mean `learning_rate`"),
+            "{e}"
+        );
         let e = load_str("r = 8\n", &[]).unwrap_err().to_string();
         assert!(e.contains("belongs in the [lora] table"), "{e}");
-        let e = load_str("[lora]\nalpha = 8\n", &[]).unwrap_err().to_string();
+        let e = load_str("[lora]\nalpha = 8\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown key `lora.alpha`"), "{e}");
         let e = load_str("", &["lora.rr=3"]).unwrap_err().to_string();
         assert!(e.contains("did you mean `r`"), "{e}");
@@ -347,9 +429,16 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_field() {
-        let e = load_str("lr_scheduler_type = \"exp\"\n", &[]).unwrap_err().to_string();
+        let e = load_str("lr_scheduler_type = \"exp\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lr_scheduler_type"), "{e}");
-        let e = load_str("learning_rate = \"fast\"\n", &[]).unwrap_err().to_string();
-        assert!(e.contains("learning_rate") || e.contains("invalid type"), "{e}");
+        let e = load_str("learning_rate = \"fast\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("learning_rate") || e.contains("invalid type"),
+            "{e}"
+        );
     }
 }

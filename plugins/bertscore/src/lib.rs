@@ -21,12 +21,10 @@ use crate::settings::Settings;
 /// Hash maps with a fixed-key hasher. std's default `RandomState` seeds itself from the
 /// system, which on wasm32-wasip2 makes the component import `wasi:random/insecure-seed`; a
 /// metric needs no randomness, and its texts are no hash-flooding threat.
-pub(crate) type Map<K, V> =
-    adapterlab_sdk::hash::FastMap<K, V>;
+pub(crate) type Map<K, V> = adapterlab_sdk::hash::FastMap<K, V>;
 
 /// A hash set with the same fixed-key hasher as [`Map`].
-pub(crate) type Set<T> =
-    adapterlab_sdk::hash::FastSet<T>;
+pub(crate) type Set<T> = adapterlab_sdk::hash::FastSet<T>;
 
 pub const SCORE_NAMES: [&str; 3] = ["bertscore_precision", "bertscore_recall", "bertscore_f1"];
 

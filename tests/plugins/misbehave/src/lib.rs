@@ -6,16 +6,26 @@
 //! makes the batch result one entry short (malformed for the whole batch), and `batch=chat`
 //! calls the `chat` capability, which this plugin does not declare.
 
-use adapterlab_sdk::metric::{BatchResult, Metric, MetricInfo, Sample, SampleResult, ScoreSpec};
 use adapterlab_sdk::Manifest;
+use adapterlab_sdk::metric::{BatchResult, Metric, MetricInfo, Sample, SampleResult, ScoreSpec};
 
 struct Misbehave;
 
 impl Metric for Misbehave {
     fn info() -> MetricInfo {
         MetricInfo {
-            manifest: Manifest::new("misbehave", "0.1.0", "misbehaves on request (sandbox tests)"),
-            scores: vec![ScoreSpec::new("chars", "prediction length in characters", 0.0, 1e9, true)],
+            manifest: Manifest::new(
+                "misbehave",
+                "0.1.0",
+                "misbehaves on request (sandbox tests)",
+            ),
+            scores: vec![ScoreSpec::new(
+                "chars",
+                "prediction length in characters",
+                0.0,
+                1e9,
+                true,
+            )],
         }
     }
 
@@ -31,14 +41,19 @@ impl Metric for Misbehave {
                 top_logprobs: None,
                 seed: None,
             };
-            let err = adapterlab_sdk::metric::chat::complete(&request).err().unwrap_or_default();
+            let err = adapterlab_sdk::metric::chat::complete(&request)
+                .err()
+                .unwrap_or_default();
             return Err(err);
         }
         let mut results: Vec<SampleResult> = samples.iter().map(score_one).collect();
         if mode == "short" {
             results.pop();
         }
-        Ok(BatchResult { samples: results, corpus: vec![] })
+        Ok(BatchResult {
+            samples: results,
+            corpus: vec![],
+        })
     }
 }
 
