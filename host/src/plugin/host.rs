@@ -117,6 +117,7 @@ pub struct HostState {
     pub(crate) granted: Vec<Capability>,
     ctx: CallContext,
     log_lines: usize,
+    log_refused: bool,
     /// Memory cap in bytes, and whether the plugin hit it.
     memory_limit: usize,
     pub(crate) memory_exceeded: bool,
@@ -153,6 +154,7 @@ impl HostState {
             granted: Vec::new(),
             ctx,
             log_lines: 0,
+            log_refused: false,
             memory_limit,
             memory_exceeded: false,
             host_time: Duration::ZERO,
@@ -288,7 +290,18 @@ impl caps::types::Host for HostState {}
 
 impl caps::log::Host for HostState {
     fn log(&mut self, level: Level, message: String) {
-        // Logging is always allowed: the SDK logs, and a refused log line helps no one.
+        // While `info` runs the manifest is not known yet; a plugin that never declared `log`
+        // has its lines dropped (the call has no result to refuse with), noted once.
+        if !self.granted.is_empty() && !self.granted.contains(&Capability::Log) {
+            if !self.log_refused {
+                self.log_refused = true;
+                tracing::warn!(
+                    "plugin {} logs without the `log` capability in its manifest; its lines are dropped",
+                    self.plugin
+                );
+            }
+            return;
+        }
         let level = match level {
             Level::Trace => "trace",
             Level::Debug => "debug",

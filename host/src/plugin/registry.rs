@@ -127,6 +127,19 @@ impl Registry {
     }
 }
 
+/// What the store keeps of an installed plugin.
+pub fn install_record(meta: &crate::plugin::PluginMeta, origin: &Path) -> crate::store::PluginRecord {
+    crate::store::PluginRecord {
+        name: meta.name.clone(),
+        version: meta.version.clone(),
+        kind: meta.kind.to_string(),
+        sha256: meta.sha256.clone(),
+        origin: origin.display().to_string(),
+        file: meta.source.to_string(),
+        installed: crate::store::now_rfc3339(),
+    }
+}
+
 /// Validate a component and copy it into `plugins_dir` as `<name>.wasm`.
 pub fn install(
     runtime: &Runtime,

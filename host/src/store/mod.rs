@@ -60,6 +60,7 @@ mod tree {
     pub const EVENTS: &str = "events";
     pub const ADAPTERS: &str = "adapters";
     pub const LLM_CACHE: &str = "llm_cache";
+    pub const PLUGINS: &str = "plugins";
 }
 
 /// The opened store. Cheap to clone (sled handles are reference counted).
@@ -71,6 +72,7 @@ pub struct Store {
     events: sled::Tree,
     adapters: sled::Tree,
     llm_cache: sled::Tree,
+    plugins: sled::Tree,
 }
 
 impl Store {
@@ -93,6 +95,7 @@ impl Store {
             events: db.open_tree(tree::EVENTS)?,
             adapters: db.open_tree(tree::ADAPTERS)?,
             llm_cache: db.open_tree(tree::LLM_CACHE)?,
+            plugins: db.open_tree(tree::PLUGINS)?,
             db,
         })
     }
@@ -107,6 +110,7 @@ impl Store {
             events: db.open_tree(tree::EVENTS)?,
             adapters: db.open_tree(tree::ADAPTERS)?,
             llm_cache: db.open_tree(tree::LLM_CACHE)?,
+            plugins: db.open_tree(tree::PLUGINS)?,
             db,
         })
     }
@@ -306,6 +310,24 @@ impl Store {
             .map(|item| {
                 let (k, v) = item?;
                 decode(tree::ADAPTERS, &String::from_utf8_lossy(&k), &v)
+            })
+            .collect()
+    }
+
+    // ---- installed plugins ----
+
+    /// Record a plugin installed into the data directory (what, from where, when).
+    pub fn put_plugin(&self, record: &PluginRecord) -> Result<()> {
+        self.plugins.insert(record.name.as_bytes(), encode(record)?)?;
+        Ok(())
+    }
+
+    pub fn list_plugins(&self) -> Result<Vec<PluginRecord>> {
+        self.plugins
+            .iter()
+            .map(|item| {
+                let (k, v) = item?;
+                decode(tree::PLUGINS, &String::from_utf8_lossy(&k), &v)
             })
             .collect()
     }

@@ -220,6 +220,20 @@ pub struct AdapterRecord {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// A plugin installed into the data directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginRecord {
+    pub name: String,
+    pub version: String,
+    pub kind: String,
+    pub sha256: String,
+    /// Where it was installed from.
+    pub origin: String,
+    /// Where it lives now.
+    pub file: String,
+    pub installed: String,
+}
+
 pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
