@@ -8,3 +8,4 @@ mod judge;
 mod sandbox;
 mod polyglot;
 mod server;
+mod train;
