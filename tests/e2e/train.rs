@@ -183,3 +183,52 @@ fn dataset_problems_and_bad_keys_fail_before_the_model_loads() {
     let err = run_fail(&mut t.cmd(&["train", "--set", "lerning_rate=1"]));
     assert!(err.contains("did you mean `learning_rate`"), "{err}");
 }
+
+#[test]
+fn a_run_killed_mid_training_resumes_to_the_uninterrupted_curve() {
+    let t = setup("train-kill");
+    let model = tiny_model(&t);
+    let data = dataset(&t);
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let extra = ["--set", "max_steps=40", "--set", "save_steps=3", "--set", "eval_steps=0"];
+
+    let straight = t.path().join("straight");
+    let args = train_args(m, d, straight.to_str().unwrap(), &extra);
+    run_ok(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+
+    let killed = t.path().join("killed");
+    let args = train_args(m, d, killed.to_str().unwrap(), &extra);
+    let mut child = t
+        .cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !killed.join("checkpoint-6").is_dir() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint-6 within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("trainer_state.json").exists(), "the run was killed before it finished");
+    // Every checkpoint in place is whole; temporary folders may be left, never a partial checkpoint-N.
+    for entry in std::fs::read_dir(&killed).unwrap() {
+        let p = entry.unwrap().path();
+        if p.file_name().unwrap().to_string_lossy().starts_with("checkpoint-") {
+            for f in ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+                assert!(p.join(f).is_file(), "{}/{f}", p.display());
+            }
+            let _: Value = read_json(&p.join("training_state.json"));
+        }
+    }
+    let args = train_args(m, d, killed.to_str().unwrap(), &[&extra[..], &["--resume-from-checkpoint", "latest"]].concat());
+    run_ok(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let a = losses(&read_json(&straight.join("trainer_state.json")));
+    let b = losses(&read_json(&killed.join("trainer_state.json")));
+    assert_eq!(a.len(), 40);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.1 - y.1).abs() < 1e-6 && (x.2 - y.2).abs() < 1e-6 * x.2.max(1.0), "straight {x:?} vs killed+resumed {y:?}");
+    }
+}

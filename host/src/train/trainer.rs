@@ -225,6 +225,7 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         eprintln!("resuming from {} at step {}", dir.display(), state.global_step);
     }
     std::fs::create_dir_all(&output_dir).with_context(|| format!("failed to create {}", output_dir.display()))?;
+    remove_stale_temporaries(&output_dir);
 
     let evaluate = |registry: &LoraRegistry| -> Result<Option<f64>> {
         let Some(val) = &val else { return Ok(None) };
@@ -517,6 +518,17 @@ fn save_checkpoint(
         prune_checkpoints(output_dir, limit)?;
     }
     Ok(dest)
+}
+
+/// Half-written checkpoints of a killed run (`.checkpoint-N.tmp-PID`) are never used; drop them.
+fn remove_stale_temporaries(output_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(output_dir) else { return };
+    for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name.starts_with(".checkpoint-") && name.contains(".tmp-") {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
 }
 
 fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
