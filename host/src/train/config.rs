@@ -346,6 +346,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/train-qlora.toml");
+        let c = TrainConfig::load(Some(&path), &[]).unwrap();
+        assert_eq!(c.lora, LoraSection::default());
+        assert_eq!(c.quantization, QuantizationSection::default());
+    }
+
+    #[test]
     fn bad_values_name_the_field() {
         let e = load_str("lr_scheduler_type = \"exp\"\n", &[]).unwrap_err().to_string();
         assert!(e.contains("lr_scheduler_type"), "{e}");
