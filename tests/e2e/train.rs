@@ -232,3 +232,23 @@ fn a_run_killed_mid_training_resumes_to_the_uninterrupted_curve() {
         assert!((x.1 - y.1).abs() < 1e-6 && (x.2 - y.2).abs() < 1e-6 * x.2.max(1.0), "straight {x:?} vs killed+resumed {y:?}");
     }
 }
+
+#[test]
+fn eval_after_train_generates_and_records_an_eval_run_with_the_adapter() {
+    let t = setup("train-eval");
+    let model = tiny_model(&t);
+    let data = dataset(&t);
+    let out = t.path().join("out");
+    let args = train_args(model.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap(), &["--set", "max_steps=2", "--set", "eval_after_train=rouge"]);
+    let err = run_fail(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()).env("X", "1").args(["--set", "eval_after_train=rogue"]));
+    assert!(err.contains("rogue"), "{err}");
+    run_ok(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let store = adapterlab::store::Store::open(&t.data_dir().join("store")).unwrap();
+    let runs = store.list_runs().unwrap();
+    let eval = runs.iter().find(|r| r.kind == adapterlab::store::RunKind::Eval).expect("an eval run");
+    assert_eq!(eval.status, adapterlab::store::RunStatus::Done, "{eval:?}");
+    assert!(eval.metadata["adapter"].ends_with("out"), "{:?}", eval.metadata);
+    assert_eq!(eval.metadata["split"], "validation");
+    assert!(eval.aggregates.keys().any(|k| k.contains("rouge")), "{:?}", eval.aggregates);
+    assert_eq!(store.samples(&eval.id).unwrap().len(), 6);
+}

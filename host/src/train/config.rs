@@ -284,6 +284,11 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
                 toml::Value::String(raw.to_string())
             }
         });
+    // List keys take one bare name as a one-element list (`--set eval_after_train=rouge`).
+    let value = match value {
+        toml::Value::String(s) if matches!(key, "eval_after_train" | "lora.target_modules") => toml::Value::Array(vec![toml::Value::String(s)]),
+        v => v,
+    };
     match key.split_once('.') {
         Some((section, inner)) => {
             let entry = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -322,7 +327,7 @@ mod tests {
     fn reads_hf_names_and_overrides() {
         let c = load_str(
             "model_name_or_path = \"tiiuae/falcon-7b\"\nlearning_rate = 1e-4\n[lora]\nr = 8\ntarget_modules = [\"query_key_value\"]\n",
-            &["max_steps=50", "lora.lora_alpha=16", "lora.target_modules=dense,dense_h_to_4h"],
+            &["max_steps=50", "lora.lora_alpha=16", "lora.target_modules=dense,dense_h_to_4h", "eval_after_train=rouge"],
         )
         .unwrap();
         assert_eq!(c.model_name_or_path, "tiiuae/falcon-7b");
@@ -331,6 +336,7 @@ mod tests {
         assert_eq!(c.lora.r, 8);
         assert_eq!(c.lora.lora_alpha, 16.0);
         assert_eq!(c.lora.target_modules, ["dense", "dense_h_to_4h"]);
+        assert_eq!(c.eval_after_train, ["rouge"]);
     }
 
     #[test]

@@ -2,8 +2,14 @@
 //! logged steps as events (written by the trainer as they happen), and the adapter it made.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::Result;
+
+use crate::eval::input::PredictionRow;
+use crate::eval::pipeline::{self, EvalEnv, EvalRequest};
+use crate::plugin::NoServices;
 
 use crate::store::{AdapterRecord, RunEvent, RunKind, RunRecord, RunStatus, Store, new_run_id, now_rfc3339};
 use crate::train::config::TrainConfig;
@@ -34,6 +40,16 @@ pub fn run_recorded(store: &Store, run_id: &str, config: &TrainConfig, mut env: 
         r.owner_pid = Some(std::process::id());
     })?;
     store.push_event(run_id, &RunEvent::Status { status: RunStatus::Running })?;
+    // Unknown metric plugins fail now, not after hours of training.
+    let metric_plugins = match (&env.registry, config.eval_after_train.is_empty()) {
+        (_, true) => Vec::new(),
+        (Some(registry), false) => {
+            // validate wants samples; one placeholder stands for the generations to come.
+            let placeholder = PredictionRow { id: "0".into(), prediction: "x".into(), reference: "x".into(), source: None };
+            pipeline::validate(registry, &eval_request(config, vec![placeholder], BTreeMap::new()))?
+        },
+        (None, false) => anyhow::bail!("eval_after_train needs the plugin registry"),
+    };
     env.store = Some((store.clone(), run_id.to_string()));
     let result = trainer::run(config, &env);
     let status = match &result {
@@ -77,5 +93,42 @@ pub fn run_recorded(store: &Store, run_id: &str, config: &TrainConfig, mut env: 
             ]),
         })?;
     }
+    if !outcome.predictions.is_empty() {
+        let mut metadata = BTreeMap::from([
+            ("train_run".to_string(), run_id.to_string()),
+            ("model".to_string(), config.model_name_or_path.clone()),
+            ("split".to_string(), outcome.predictions_split.clone().unwrap_or_default()),
+        ]);
+        if let Some(dir) = &outcome.adapter_dir {
+            metadata.insert("adapter".into(), std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()).display().to_string());
+        }
+        let request = eval_request(config, outcome.predictions.clone(), metadata);
+        let eval_run = pipeline::create_run(store, &request, &metric_plugins)?;
+        let eval_env = EvalEnv {
+            store: store.clone(),
+            services: Arc::new(NoServices),
+            cancel: Arc::new(AtomicBool::new(false)),
+            on_progress: Arc::new(|_, _| {}),
+        };
+        let done = pipeline::execute(&eval_env, &eval_run.id, &request, &metric_plugins)?;
+        eprintln!("eval run {} on the {} split:", done.id, request.metadata.get("split").map(String::as_str).unwrap_or("?"));
+        for (name, e) in &done.aggregates {
+            eprintln!("  {name}: {:.4} [{:.4}, {:.4}]", e.mean, e.low, e.high);
+        }
+        store.update_run(run_id, |r| {
+            r.metadata.insert("eval_run".into(), done.id.clone());
+        })?;
+    }
     Ok(outcome)
+}
+
+fn eval_request(config: &TrainConfig, rows: Vec<PredictionRow>, metadata: BTreeMap<String, String>) -> EvalRequest {
+    EvalRequest {
+        name: format!("{} (after training)", config.output_dir),
+        rows,
+        metrics: config.eval_after_train.clone(),
+        settings: BTreeMap::new(),
+        score_references: false,
+        metadata,
+    }
 }

@@ -15,7 +15,8 @@ use std::time::Instant;
 
 use adapterlab_model::assets::Fetcher;
 use adapterlab_model::causal_lm::CausalLm;
-use adapterlab_model::commands::{Runtime, load_model_with};
+use adapterlab_model::commands::{GenerateOptions, Runtime, generate_with, load_model_with};
+use adapterlab_model::generate::Decoding;
 use adapterlab_model::linear::{BaseFormat, LinearBuilder};
 use adapterlab_model::lora::{LoraConfig, LoraRegistry, TargetModules};
 use adapterlab_model::loss::{Example, loss_on_examples};
@@ -26,6 +27,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::eval::input::PredictionRow;
 use crate::plugin::Registry;
 use crate::store::{RunEvent, Store};
 use crate::train::config::TrainConfig;
@@ -66,6 +68,11 @@ pub struct TrainOutcome {
     pub train_loss: Option<f64>,
     pub log_history: Vec<Value>,
     pub stopped_early: bool,
+    /// With `eval_after_train`: the trained model's generations on the validation (else test)
+    /// split, for the metric plugins.
+    pub predictions: Vec<PredictionRow>,
+    /// Which split `predictions` come from.
+    pub predictions_split: Option<String>,
 }
 
 /// The training position a checkpoint records, beyond adapter and optimizer tensors.
@@ -367,6 +374,8 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         train_loss: (state.global_step > 0).then(|| state.all_losses_sum / state.global_step as f64),
         log_history: Vec::new(),
         stopped_early,
+        predictions: Vec::new(),
+        predictions_split: None,
     };
     if !stopped_early {
         if let Some(l) = evaluate(&registry)? {
@@ -386,9 +395,44 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         peft::save_adapter(&output_dir, &registry, &save_opts)?;
         write_json(&output_dir.join(TRAINER_STATE_FILE), &trainer_state(config, &state, max_steps, steps_per_epoch))?;
         outcome.adapter_dir = Some(output_dir.clone());
+        if !config.eval_after_train.is_empty() {
+            let (name, split) = match (&splits.validation, &splits.test) {
+                (Some(v), _) => ("validation", v),
+                (None, Some(t)) => ("test", t),
+                (None, None) => bail!("eval_after_train needs a validation or test split in {}", config.dataset),
+            };
+            registry.set_training(false);
+            outcome.predictions = generate_split(&loaded, &rt, split, &config.formatter, env.registry.as_ref())?;
+            outcome.predictions_split = Some(name.to_string());
+        }
     }
     outcome.log_history = state.log_history;
     Ok(outcome)
+}
+
+/// Generates for every row of `split` with the model as trained (the reference notebook's
+/// decoding: greedy, repetition penalty 30, 50 new tokens).
+fn generate_split(loaded: &adapterlab_model::loader::LoadedModel, rt: &Runtime, split: &data::Split, formatter: &str, registry: Option<&Registry>) -> Result<Vec<PredictionRow>> {
+    let rendered = data::render(split, formatter, registry)?;
+    let prompts: Vec<String> = rendered.iter().map(|r| r.prompt.clone()).collect();
+    let mut opts = GenerateOptions::reference(&loaded.source.display().to_string(), prompts, rt.clone());
+    opts.decoding = Decoding::Greedy;
+    let bar_len = rendered.len();
+    eprintln!("generating on {} rows of {} for eval_after_train", bar_len, split.origin);
+    let generations = generate_with(loaded, &opts)?;
+    Ok(split
+        .rows
+        .iter()
+        .zip(rendered)
+        .zip(generations)
+        .enumerate()
+        .map(|(i, ((row, r), g))| PredictionRow {
+            id: row.get("id").map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_else(|| i.to_string()),
+            prediction: g.text.trim().to_string(),
+            reference: r.completion.trim().to_string(),
+            source: row.get("dialogue").and_then(Value::as_str).map(str::to_string),
+        })
+        .collect())
 }
 
 fn log_eval(env: &TrainEnv, state: &mut ResumeState, loss: f64, epoch: f64) {
