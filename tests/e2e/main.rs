@@ -10,3 +10,4 @@ mod model;
 mod polyglot;
 mod sandbox;
 mod server;
+mod train;

@@ -75,7 +75,11 @@ pub fn load_model(
     quantize: Quantize,
     rt: &Runtime,
 ) -> Result<LoadedModel> {
-    let builder = linear_builder(quantize, adapter)?;
+    load_model_with(model, linear_builder(quantize, adapter)?, rt)
+}
+
+/// Loads `model` with a prepared builder (e.g. NF4 with fresh adapters for training).
+pub fn load_model_with(model: &str, builder: LinearBuilder, rt: &Runtime) -> Result<LoadedModel> {
     let opts = LoadOptions {
         dtype: rt.dtype,
         device: rt.device.clone(),

@@ -233,7 +233,21 @@ pub struct LoraLayer {
     pub scaling: f64,
     pub dropout: f32,
     training: Arc<AtomicBool>,
+    /// When set, dropout masks come from a seeded generator keyed by this value (see
+    /// [`LoraRegistry::set_dropout_key`]) instead of candle's unseeded one.
+    dropout_key: Arc<DropoutKey>,
     merged: RwLock<Option<Tensor>>,
+}
+
+/// The key of seeded dropout: `(seed, call)` shared by every layer of a registry; `None` until
+/// a trainer sets it.
+#[derive(Debug, Default)]
+pub struct DropoutKey(Mutex<Option<(u64, u64)>>);
+
+impl DropoutKey {
+    fn get(&self) -> Option<(u64, u64)> {
+        *self.0.lock().expect("dropout key")
+    }
 }
 
 impl LoraLayer {
@@ -244,7 +258,10 @@ impl LoraLayer {
         let b = self.b.as_tensor();
         let xa = x.to_dtype(a.dtype())?;
         let xa = if train && self.dropout > 0.0 {
-            candle_nn::ops::dropout(&xa, self.dropout)?
+            match self.dropout_key.get() {
+                Some((seed, call)) => self.seeded_dropout(&xa, seed, call)?,
+                None => candle_nn::ops::dropout(&xa, self.dropout)?,
+            }
         } else {
             xa
         };
@@ -256,6 +273,23 @@ impl LoraLayer {
         let mut out_shape = lead.to_vec();
         out_shape.push(b.dims()[0]);
         h.reshape(out_shape)
+    }
+
+    /// Inverted dropout with a mask drawn from a generator seeded by `(seed, call, module)`, so
+    /// a training step is reproducible and a resumed run draws the masks an uninterrupted one
+    /// would have (a layer runs once per forward pass).
+    fn seeded_dropout(&self, x: &Tensor, seed: u64, call: u64) -> Result<Tensor> {
+        let p = f64::from(self.dropout);
+        let key = seed
+            ^ fnv1a(&self.module).rotate_left(17)
+            ^ call.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(key);
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
     }
 
     /// Whether forward passes in [`LoraRegistry`]'s training mode (dropout on).
@@ -311,6 +345,7 @@ pub struct LoraRegistry {
     varmap: VarMap,
     layers: Mutex<Vec<Arc<LoraLayer>>>,
     training: Arc<AtomicBool>,
+    dropout_key: Arc<DropoutKey>,
     adapter: Option<AdapterWeights>,
     used: Mutex<HashSet<String>>,
 }
@@ -349,6 +384,7 @@ impl LoraRegistry {
             varmap: VarMap::new(),
             layers: Mutex::new(Vec::new()),
             training: Arc::new(AtomicBool::new(false)),
+            dropout_key: Arc::new(DropoutKey::default()),
             adapter,
             used: Mutex::new(HashSet::new()),
         }
@@ -366,6 +402,12 @@ impl LoraRegistry {
     /// Turns dropout on (training) or off (evaluation) for every adapter.
     pub fn set_training(&self, on: bool) {
         self.training.store(on, Ordering::Relaxed);
+    }
+
+    /// Make dropout reproducible: the next forward passes draw their masks from `(seed, call)`.
+    /// A trainer sets a new `call` (e.g. its micro-batch counter) before each forward pass.
+    pub fn set_dropout_key(&self, seed: u64, call: u64) {
+        *self.dropout_key.0.lock().expect("dropout key") = Some((seed, call));
     }
 
     pub fn layers(&self) -> Vec<Arc<LoraLayer>> {
@@ -474,6 +516,7 @@ impl LoraRegistry {
             scaling: self.config.scaling(r, alpha),
             dropout: self.config.lora_dropout,
             training: self.training.clone(),
+            dropout_key: self.dropout_key.clone(),
             merged: RwLock::new(None),
         });
         self.layers.lock().expect("lora layers").push(layer.clone());

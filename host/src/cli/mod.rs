@@ -15,6 +15,7 @@ mod plugins;
 mod report;
 mod runs;
 mod serve;
+mod train;
 
 pub use output::print_error;
 
@@ -48,6 +49,8 @@ pub enum Command {
     /// Score a predictions file with metric plugins (ROUGE, BLEU, BERTScore, LLM judge…)
     /// and store the run.
     Eval(eval::EvalArgs),
+    /// QLoRA supervised fine-tuning: HF-named keys, PEFT adapters, resumable checkpoints.
+    Train(train::TrainArgs),
     /// List, show and compare stored runs.
     #[command(subcommand)]
     Runs(runs::RunsCommand),
@@ -136,6 +139,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args, &ctx),
         Command::Eval(args) => eval::run(args, &ctx),
+        Command::Train(args) => train::run(args, &ctx),
         Command::Runs(cmd) => runs::run(cmd, &ctx),
         Command::Report(args) => report::run(args, &ctx),
         Command::Plugins(cmd) => plugins::run(cmd, &ctx),

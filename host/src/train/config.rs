@@ -339,6 +339,11 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
                 toml::Value::String(raw.to_string())
             }
         });
+    // List keys take one bare name as a one-element list (`--set eval_after_train=rouge`).
+    let value = match value {
+        toml::Value::String(s) if matches!(key, "eval_after_train" | "lora.target_modules") => toml::Value::Array(vec![toml::Value::String(s)]),
+        v => v,
+    };
     match key.split_once('.') {
         Some((section, inner)) => {
             let entry = table
@@ -397,7 +402,7 @@ mod tests {
     fn reads_hf_names_and_overrides() {
         let c = load_str(
             "model_name_or_path = \"tiiuae/falcon-7b\"\nlearning_rate = 1e-4\n[lora]\nr = 8\ntarget_modules = [\"query_key_value\"]\n",
-            &["max_steps=50", "lora.lora_alpha=16", "lora.target_modules=dense,dense_h_to_4h"],
+            &["max_steps=50", "lora.lora_alpha=16", "lora.target_modules=dense,dense_h_to_4h", "eval_after_train=rouge"],
         )
         .unwrap();
         assert_eq!(c.model_name_or_path, "tiiuae/falcon-7b");
@@ -406,6 +411,7 @@ mod tests {
         assert_eq!(c.lora.r, 8);
         assert_eq!(c.lora.lora_alpha, 16.0);
         assert_eq!(c.lora.target_modules, ["dense", "dense_h_to_4h"]);
+        assert_eq!(c.eval_after_train, ["rouge"]);
     }
 
     #[test]
@@ -425,6 +431,14 @@ mod tests {
         assert!(e.contains("unknown key `lora.alpha`"), "{e}");
         let e = load_str("", &["lora.rr=3"]).unwrap_err().to_string();
         assert!(e.contains("did you mean `r`"), "{e}");
+    }
+
+    #[test]
+    fn the_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/train-qlora.toml");
+        let c = TrainConfig::load(Some(&path), &[]).unwrap();
+        assert_eq!(c.lora, LoraSection::default());
+        assert_eq!(c.quantization, QuantizationSection::default());
     }
 
     #[test]

@@ -1,0 +1,210 @@
+//! The optimizer side of training, as torch and HF define it: AdamW (`torch.optim.AdamW`,
+//! decoupled weight decay), global-norm gradient clipping (`clip_grad_norm_`), and HF's
+//! learning-rate schedules with warmup (`get_cosine_schedule_with_warmup` and friends).
+//!
+//! candle-nn's `AdamW` computes the same update but keeps its moments private, so they could
+//! not be checkpointed; this one exposes them.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result};
+use candle_core::{DType, Tensor, Var};
+
+/// The learning-rate multiplier at `step` (0-based count of updates done), as HF's lambdas.
+pub fn lr_lambda(kind: &str, step: usize, warmup: usize, total: usize) -> f64 {
+    let (s, w, t) = (step as f64, warmup as f64, total as f64);
+    if step < warmup && kind != "constant" {
+        return s / w.max(1.0);
+    }
+    match kind {
+        "cosine" => {
+            let progress = (s - w) / (t - w).max(1.0);
+            (0.5 * (1.0 + (std::f64::consts::PI * 0.5 * 2.0 * progress).cos())).max(0.0)
+        }
+        "linear" => ((t - s) / (t - w).max(1.0)).max(0.0),
+        _ => 1.0,
+    }
+}
+
+/// HF's `get_warmup_steps`: `warmup_steps` if set, else `ceil(warmup_ratio * max_steps)`.
+pub fn warmup_steps(warmup_steps: usize, warmup_ratio: f64, max_steps: usize) -> usize {
+    if warmup_steps > 0 { warmup_steps } else { (warmup_ratio * max_steps as f64).ceil() as usize }
+}
+
+/// The global L2 norm of `grads` (computed in f32).
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads {
+        sq += f64::from(g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?);
+    }
+    Ok(sq.sqrt())
+}
+
+/// `clip_grad_norm_`: scales every gradient by `max_norm / (norm + 1e-6)` when that is below 1.
+/// Returns the norm before clipping (what HF logs as `grad_norm`).
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let norm = global_norm(grads)?;
+    if max_norm > 0.0 {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in grads.iter_mut() {
+                *g = (&*g * coef)?;
+            }
+        }
+    }
+    Ok(norm)
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWParams {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// `torch.optim.AdamW` over named variables, with its state (`exp_avg`, `exp_avg_sq`, step).
+pub struct AdamW {
+    pub params: AdamWParams,
+    pub step: u64,
+    vars: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+impl AdamW {
+    pub fn new(mut vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let zeros = |v: &Var| v.as_tensor().zeros_like().and_then(|t| t.to_dtype(DType::F32));
+        let m = vars.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<Vec<_>>>()?;
+        let v = vars.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(AdamW { params, step: 0, vars, m, v })
+    }
+
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// One update with `grads[i]` for `vars()[i]`, at learning rate `lr`:
+    /// `p ← p(1 − lr·wd)`, then `p ← p − lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)`.
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step += 1;
+        let AdamWParams { beta1, beta2, eps, weight_decay } = self.params;
+        let bc1 = 1.0 - beta1.powi(self.step as i32);
+        let bc2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
+        for (i, ((_, var), g)) in self.vars.iter().zip(grads).enumerate() {
+            let g = g.to_dtype(DType::F32)?;
+            let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
+            let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let p = var.as_tensor().to_dtype(DType::F32)?;
+            let p = if weight_decay != 0.0 { (p * (1.0 - lr * weight_decay))? } else { p };
+            let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
+            let p = (p - ((&m / denom)? * (lr / bc1))?)?;
+            var.set(&p.to_dtype(var.dtype())?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+
+    /// The state as tensors (`exp_avg.<name>`, `exp_avg_sq.<name>`), for a checkpoint.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            out.push((format!("exp_avg.{name}"), self.m[i].clone()));
+            out.push((format!("exp_avg_sq.{name}"), self.v[i].clone()));
+        }
+        out
+    }
+
+    /// Restore what [`Self::state_tensors`] saved.
+    pub fn load_state(&mut self, mut tensors: BTreeMap<String, Tensor>, step: u64) -> Result<()> {
+        let device = self.vars.first().map(|(_, v)| v.device().clone());
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            let mut take = |key: String| -> Result<Tensor> {
+                let t = tensors.remove(&key).with_context(|| format!("optimizer state has no {key}"))?;
+                Ok(match &device {
+                    Some(d) => t.to_device(d)?,
+                    None => t,
+                })
+            };
+            self.m[i] = take(format!("exp_avg.{name}"))?;
+            self.v[i] = take(format!("exp_avg_sq.{name}"))?;
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn schedules_follow_hf() {
+        // get_cosine_schedule_with_warmup(opt, 2, 10): lambdas at steps 0..=10.
+        let got: Vec<f64> = (0..=10).map(|s| lr_lambda("cosine", s, 2, 10)).collect();
+        let want = [0.0, 0.5, 1.0, 0.9619397662556434, 0.8535533905932737, 0.6913417161825449, 0.5, 0.3086582838174551, 0.14644660940672627, 0.03806023374435663, 0.0];
+        for (g, w) in got.iter().zip(want) {
+            assert!(close(*g, w), "{got:?}");
+        }
+        // get_linear_schedule_with_warmup(opt, 2, 10).
+        assert!(close(lr_lambda("linear", 1, 2, 10), 0.5));
+        assert!(close(lr_lambda("linear", 6, 2, 10), 0.5));
+        assert!(close(lr_lambda("linear", 10, 2, 10), 0.0));
+        assert!(close(lr_lambda("constant", 0, 2, 10), 1.0));
+        assert!(close(lr_lambda("constant_with_warmup", 1, 2, 10), 0.5));
+        assert_eq!(warmup_steps(0, 0.01, 250), 3);
+        assert_eq!(warmup_steps(7, 0.5, 250), 7);
+    }
+
+    #[test]
+    fn clipping_scales_to_max_norm_and_reports_the_pre_clip_norm() {
+        let dev = Device::Cpu;
+        let mut g = vec![Tensor::new(&[3f32, 0.0], &dev).unwrap(), Tensor::new(&[[4f32]], &dev).unwrap()];
+        let n = clip_grad_norm(&mut g, 1.0).unwrap();
+        assert!(close(n, 5.0));
+        let after = global_norm(&g).unwrap();
+        assert!((after - 5.0 / (5.0 + 1e-6)).abs() < 1e-6, "{after}");
+        let mut g = vec![Tensor::new(&[0.3f32, 0.4], &dev).unwrap()];
+        assert!((clip_grad_norm(&mut g, 1.0).unwrap() - 0.5).abs() < 1e-6);
+        assert_eq!(g[0].to_vec1::<f32>().unwrap(), vec![0.3, 0.4], "no clipping below the max");
+    }
+
+    #[test]
+    fn adamw_matches_torch() {
+        // torch.optim.AdamW([p], lr=0.1, weight_decay=0.01), p = [1, -2], two steps with
+        // grads [0.5, 0.1] then [-0.2, 0.3]; expected values from the torch formula by hand.
+        let dev = Device::Cpu;
+        let var = Var::new(&[1f32, -2.0], &dev).unwrap();
+        let mut opt = AdamW::new(vec![("p".into(), var.clone())], AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }).unwrap();
+        let grads = [[0.5f64, 0.1], [-0.2, 0.3]];
+        let (mut p, mut m, mut v) = ([1f64, -2.0], [0f64; 2], [0f64; 2]);
+        for (t, g) in grads.iter().enumerate() {
+            opt.step(&[Tensor::new(&[g[0] as f32, g[1] as f32], &dev).unwrap()], 0.1).unwrap();
+            let t = (t + 1) as i32;
+            for i in 0..2 {
+                p[i] *= 1.0 - 0.1 * 0.01;
+                m[i] = 0.9 * m[i] + 0.1 * g[i];
+                v[i] = 0.999 * v[i] + 0.001 * g[i] * g[i];
+                let denom = v[i].sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8;
+                p[i] -= 0.1 / (1.0 - 0.9f64.powi(t)) * m[i] / denom;
+            }
+        }
+        let got = var.as_tensor().to_vec1::<f32>().unwrap();
+        for i in 0..2 {
+            assert!((f64::from(got[i]) - p[i]).abs() < 1e-6, "{got:?} vs {p:?}");
+        }
+        // State round-trips.
+        let saved: BTreeMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+        let mut other = AdamW::new(vec![("p".into(), var)], opt.params).unwrap();
+        other.load_state(saved, opt.step).unwrap();
+        assert_eq!(other.m[0].to_vec1::<f32>().unwrap(), opt.m[0].to_vec1::<f32>().unwrap());
+    }
+}

@@ -1,0 +1,254 @@
+//! `adapterlab train` on a tiny random Llama (the `llama_tiny` fixture plus a character-level
+//! tokenizer): the loss falls, the outputs have HF's and PEFT's shapes, the adapter loads back,
+//! and a stopped-and-resumed run reproduces the uninterrupted one.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::util::{TestDir, read_json, run_fail, run_ok, setup};
+
+/// The fixture checkpoint with a tokenizer: one token per ASCII character, `</s>` as EOS.
+fn tiny_model(t: &TestDir) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("model/tests/fixtures/bnb/llama_tiny");
+    let dir = t.path().join("tiny-llama");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    std::fs::copy(src.join("generation_config.json"), dir.join("generation_config.json")).unwrap();
+    let mut config = read_json(&src.join("config.json"));
+    config["max_position_embeddings"] = 1024.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut vocab = serde_json::Map::new();
+    for (i, tok) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+        vocab.insert(tok.to_string(), i.into());
+    }
+    for (i, c) in std::iter::once('\n').chain((32u8..127).map(char::from)).enumerate() {
+        vocab.insert(c.to_string(), (i + 3).into());
+    }
+    let tokenizer = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [
+            {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+        ],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": false},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    dir
+}
+
+/// A learnable prompt-completion set: the completion repeats a word of the prompt.
+fn dataset(t: &TestDir) -> PathBuf {
+    let dir = t.path().join("ds");
+    std::fs::create_dir_all(&dir).unwrap();
+    let words = ["cat", "dog", "sun", "tree", "rain", "blue", "fish", "star"];
+    let rows = |n: usize, offset: usize| -> String {
+        (0..n)
+            .map(|i| {
+                let w = words[(i + offset) % words.len()];
+                let v = words[(i * 3 + offset + 1) % words.len()];
+                serde_json::json!({"prompt": format!("{v} {w} {v}. Echo {w}:"), "completion": format!(" {w} {w} {w}")}).to_string() + "\n"
+            })
+            .collect()
+    };
+    std::fs::write(dir.join("train.jsonl"), rows(24, 0)).unwrap();
+    std::fs::write(dir.join("validation.jsonl"), rows(6, 3)).unwrap();
+    dir
+}
+
+fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<String> {
+    let mut args: Vec<String> = vec!["train".into()];
+    for kv in [
+        format!("model_name_or_path={model}"),
+        format!("dataset={data}"),
+        format!("output_dir={out}"),
+        "max_steps=8".into(),
+        "per_device_train_batch_size=4".into(),
+        "gradient_accumulation_steps=2".into(),
+        "learning_rate=0.01".into(),
+        "warmup_ratio=0.1".into(),
+        "logging_steps=1".into(),
+        "save_steps=4".into(),
+        "eval_steps=4".into(),
+        "max_seq_length=64".into(),
+        "lora.r=4".into(),
+        "lora.lora_alpha=8".into(),
+    ] {
+        args.push("--set".into());
+        args.push(kv);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn losses(state: &Value) -> Vec<(u64, f64, f64, f64)> {
+    state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("loss").is_some())
+        .map(|e| (e["step"].as_u64().unwrap(), e["loss"].as_f64().unwrap(), e["grad_norm"].as_f64().unwrap(), e["learning_rate"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn trains_writes_peft_and_hf_outputs_and_resumes_exactly() {
+    let t = setup("train");
+    let model = tiny_model(&t);
+    let data = dataset(&t);
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+
+    // Uninterrupted.
+    let straight = t.path().join("straight");
+    let args = train_args(m, d, straight.to_str().unwrap(), &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok(&mut t.cmd(&args));
+    let state = read_json(&straight.join("trainer_state.json"));
+    assert_eq!(state["global_step"], 8);
+    assert_eq!(state["max_steps"], 8);
+    let curve = losses(&state);
+    assert_eq!(curve.len(), 8, "{state}");
+    let first = curve[0].1;
+    let last = curve.last().unwrap().1;
+    assert!(last < first * 0.8, "loss should fall: {curve:?}");
+    let evals: Vec<f64> = state["log_history"].as_array().unwrap().iter().filter_map(|e| e.get("eval_loss")?.as_f64()).collect();
+    assert_eq!(evals.len(), 2, "eval at step 4 and at the end: {state}");
+    for ck in ["checkpoint-4", "checkpoint-8"] {
+        for f in ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json", "training_state.json"] {
+            assert!(straight.join(ck).join(f).is_file(), "{ck}/{f}");
+        }
+    }
+    let cfg = read_json(&straight.join("adapter_config.json"));
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["base_model_name_or_path"], m);
+    let adapter = adapterlab_model::peft::load_adapter(&straight).unwrap();
+    let modules = adapter.modules().unwrap();
+    // All linear layers of 2 blocks: q, k, v, o, gate, up, down.
+    assert_eq!(modules.len(), 14, "{:?}", modules.iter().map(|m| &m.0).collect::<Vec<_>>());
+    let b_sum: f32 = modules.iter().map(|(_, _, b, _)| b.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()).sum();
+    assert!(b_sum > 0.0, "B moved away from zero");
+    // No temporary checkpoint folders are left behind.
+    assert!(std::fs::read_dir(&straight).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')));
+
+    // Stopped after 4 steps (the checkpoint at 4 is written), then resumed.
+    let resumed = t.path().join("resumed");
+    let args = train_args(m, d, resumed.to_str().unwrap(), &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok(t.cmd(&args).env("ADAPTERLAB_TRAIN_STOP_AFTER", "4"));
+    assert!(resumed.join("checkpoint-4").is_dir());
+    assert!(!resumed.join("trainer_state.json").exists(), "a stopped run writes no final state");
+    let args = train_args(m, d, resumed.to_str().unwrap(), &["--resume-from-checkpoint", "latest"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok(&mut t.cmd(&args));
+    let state2 = read_json(&resumed.join("trainer_state.json"));
+    let curve2 = losses(&state2);
+    assert_eq!(curve.len(), curve2.len());
+    for (a, b) in curve.iter().zip(&curve2) {
+        assert_eq!(a.0, b.0);
+        assert!((a.1 - b.1).abs() < 1e-6 && (a.2 - b.2).abs() < 1e-6 * a.2.max(1.0) && (a.3 - b.3).abs() < 1e-12, "straight {a:?} vs resumed {b:?}");
+    }
+    let wa = candle_core::safetensors::load(straight.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let wb = candle_core::safetensors::load(resumed.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    for (k, a) in &wa {
+        let diff = (a - &wb[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-6, "{k}: {diff}");
+    }
+
+    // The store has the train run, its logged steps and the adapter.
+    let store = adapterlab::store::Store::open(&t.data_dir().join("store")).unwrap();
+    let runs = store.list_runs().unwrap();
+    let done: Vec<_> = runs.iter().filter(|r| r.kind == adapterlab::store::RunKind::Train && r.status == adapterlab::store::RunStatus::Done).collect();
+    assert_eq!(done.len(), 2, "{runs:?}");
+    let run = done.iter().find(|r| r.metadata["output_dir"].ends_with("straight")).unwrap();
+    assert_eq!(run.metadata["global_step"], "8");
+    let events = store.events_after(&run.id, None).unwrap();
+    let logged = events.iter().filter(|(_, e)| matches!(e, adapterlab::store::RunEvent::Loss { loss: Some(_), .. })).count();
+    assert_eq!(logged, 8);
+    assert!(!store.list_adapters().unwrap().is_empty());
+}
+
+#[test]
+fn dataset_problems_and_bad_keys_fail_before_the_model_loads() {
+    let t = setup("train-bad");
+    let bad = t.write("bad.jsonl", "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \"completion\": \"  \"}\n");
+    // The model does not exist: the error must be about the data.
+    let err = run_fail(&mut t.cmd(&["train", "--set", &format!("dataset={}", bad.display()), "--set", "model_name_or_path=/nonexistent/model"]));
+    assert!(err.contains("row 2") && !err.contains("row 1:"), "{err}");
+    let err = run_fail(&mut t.cmd(&["train", "--set", "lerning_rate=1"]));
+    assert!(err.contains("did you mean `learning_rate`"), "{err}");
+}
+
+#[test]
+fn a_run_killed_mid_training_resumes_to_the_uninterrupted_curve() {
+    let t = setup("train-kill");
+    let model = tiny_model(&t);
+    let data = dataset(&t);
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let extra = ["--set", "max_steps=40", "--set", "save_steps=3", "--set", "eval_steps=0"];
+
+    let straight = t.path().join("straight");
+    let args = train_args(m, d, straight.to_str().unwrap(), &extra);
+    run_ok(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+
+    let killed = t.path().join("killed");
+    let args = train_args(m, d, killed.to_str().unwrap(), &extra);
+    let mut child = t
+        .cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !killed.join("checkpoint-6").is_dir() {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint-6 within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("trainer_state.json").exists(), "the run was killed before it finished");
+    // Every checkpoint in place is whole; temporary folders may be left, never a partial checkpoint-N.
+    for entry in std::fs::read_dir(&killed).unwrap() {
+        let p = entry.unwrap().path();
+        if p.file_name().unwrap().to_string_lossy().starts_with("checkpoint-") {
+            for f in ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+                assert!(p.join(f).is_file(), "{}/{f}", p.display());
+            }
+            let _: Value = read_json(&p.join("training_state.json"));
+        }
+    }
+    let args = train_args(m, d, killed.to_str().unwrap(), &[&extra[..], &["--resume-from-checkpoint", "latest"]].concat());
+    run_ok(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let a = losses(&read_json(&straight.join("trainer_state.json")));
+    let b = losses(&read_json(&killed.join("trainer_state.json")));
+    assert_eq!(a.len(), 40);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.1 - y.1).abs() < 1e-6 && (x.2 - y.2).abs() < 1e-6 * x.2.max(1.0), "straight {x:?} vs killed+resumed {y:?}");
+    }
+}
+
+#[test]
+fn eval_after_train_generates_and_records_an_eval_run_with_the_adapter() {
+    let t = setup("train-eval");
+    let model = tiny_model(&t);
+    let data = dataset(&t);
+    let out = t.path().join("out");
+    let args = train_args(model.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap(), &["--set", "max_steps=2", "--set", "eval_after_train=rouge"]);
+    let err = run_fail(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()).env("X", "1").args(["--set", "eval_after_train=rogue"]));
+    assert!(err.contains("rogue"), "{err}");
+    run_ok(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let store = adapterlab::store::Store::open(&t.data_dir().join("store")).unwrap();
+    let runs = store.list_runs().unwrap();
+    let eval = runs.iter().find(|r| r.kind == adapterlab::store::RunKind::Eval).expect("an eval run");
+    assert_eq!(eval.status, adapterlab::store::RunStatus::Done, "{eval:?}");
+    assert!(eval.metadata["adapter"].ends_with("out"), "{:?}", eval.metadata);
+    assert_eq!(eval.metadata["split"], "validation");
+    assert!(eval.aggregates.keys().any(|k| k.contains("rouge")), "{:?}", eval.aggregates);
+    assert_eq!(store.samples(&eval.id).unwrap().len(), 6);
+}
