@@ -14,7 +14,11 @@ fn tiny_model(t: &TestDir) -> PathBuf {
     let dir = t.path().join("tiny-llama");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
-    std::fs::copy(src.join("generation_config.json"), dir.join("generation_config.json")).unwrap();
+    std::fs::copy(
+        src.join("generation_config.json"),
+        dir.join("generation_config.json"),
+    )
+    .unwrap();
     let mut config = read_json(&src.join("config.json"));
     config["max_position_embeddings"] = 1024.into();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
@@ -22,7 +26,10 @@ fn tiny_model(t: &TestDir) -> PathBuf {
     for (i, tok) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
         vocab.insert(tok.to_string(), i.into());
     }
-    for (i, c) in std::iter::once('\n').chain((32u8..127).map(char::from)).enumerate() {
+    for (i, c) in std::iter::once('\n')
+        .chain((32u8..127).map(char::from))
+        .enumerate()
+    {
         vocab.insert(c.to_string(), (i + 3).into());
     }
     let tokenizer = serde_json::json!({
@@ -92,7 +99,14 @@ fn losses(state: &Value) -> Vec<(u64, f64, f64, f64)> {
         .unwrap()
         .iter()
         .filter(|e| e.get("loss").is_some())
-        .map(|e| (e["step"].as_u64().unwrap(), e["loss"].as_f64().unwrap(), e["grad_norm"].as_f64().unwrap(), e["learning_rate"].as_f64().unwrap()))
+        .map(|e| {
+            (
+                e["step"].as_u64().unwrap(),
+                e["loss"].as_f64().unwrap(),
+                e["grad_norm"].as_f64().unwrap(),
+                e["learning_rate"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -116,10 +130,21 @@ fn trains_writes_peft_and_hf_outputs_and_resumes_exactly() {
     let first = curve[0].1;
     let last = curve.last().unwrap().1;
     assert!(last < first * 0.8, "loss should fall: {curve:?}");
-    let evals: Vec<f64> = state["log_history"].as_array().unwrap().iter().filter_map(|e| e.get("eval_loss")?.as_f64()).collect();
+    let evals: Vec<f64> = state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.get("eval_loss")?.as_f64())
+        .collect();
     assert_eq!(evals.len(), 2, "eval at step 4 and at the end: {state}");
     for ck in ["checkpoint-4", "checkpoint-8"] {
-        for f in ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json", "training_state.json"] {
+        for f in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "optimizer.safetensors",
+            "trainer_state.json",
+            "training_state.json",
+        ] {
             assert!(straight.join(ck).join(f).is_file(), "{ck}/{f}");
         }
     }
@@ -130,11 +155,32 @@ fn trains_writes_peft_and_hf_outputs_and_resumes_exactly() {
     let adapter = adapterlab_model::peft::load_adapter(&straight).unwrap();
     let modules = adapter.modules().unwrap();
     // All linear layers of 2 blocks: q, k, v, o, gate, up, down.
-    assert_eq!(modules.len(), 14, "{:?}", modules.iter().map(|m| &m.0).collect::<Vec<_>>());
-    let b_sum: f32 = modules.iter().map(|(_, _, b, _)| b.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()).sum();
+    assert_eq!(
+        modules.len(),
+        14,
+        "{:?}",
+        modules.iter().map(|m| &m.0).collect::<Vec<_>>()
+    );
+    let b_sum: f32 = modules
+        .iter()
+        .map(|(_, _, b, _)| {
+            b.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .sum();
     assert!(b_sum > 0.0, "B moved away from zero");
     // No temporary checkpoint folders are left behind.
-    assert!(std::fs::read_dir(&straight).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')));
+    assert!(
+        std::fs::read_dir(&straight).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with('.'))
+    );
 
     // Stopped after 4 steps (the checkpoint at 4 is written), then resumed.
     let resumed = t.path().join("resumed");
@@ -142,8 +188,16 @@ fn trains_writes_peft_and_hf_outputs_and_resumes_exactly() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     run_ok(t.cmd(&args).env("ADAPTERLAB_TRAIN_STOP_AFTER", "4"));
     assert!(resumed.join("checkpoint-4").is_dir());
-    assert!(!resumed.join("trainer_state.json").exists(), "a stopped run writes no final state");
-    let args = train_args(m, d, resumed.to_str().unwrap(), &["--resume-from-checkpoint", "latest"]);
+    assert!(
+        !resumed.join("trainer_state.json").exists(),
+        "a stopped run writes no final state"
+    );
+    let args = train_args(
+        m,
+        d,
+        resumed.to_str().unwrap(),
+        &["--resume-from-checkpoint", "latest"],
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     run_ok(&mut t.cmd(&args));
     let state2 = read_json(&resumed.join("trainer_state.json"));
@@ -151,24 +205,56 @@ fn trains_writes_peft_and_hf_outputs_and_resumes_exactly() {
     assert_eq!(curve.len(), curve2.len());
     for (a, b) in curve.iter().zip(&curve2) {
         assert_eq!(a.0, b.0);
-        assert!((a.1 - b.1).abs() < 1e-6 && (a.2 - b.2).abs() < 1e-6 * a.2.max(1.0) && (a.3 - b.3).abs() < 1e-12, "straight {a:?} vs resumed {b:?}");
+        assert!(
+            (a.1 - b.1).abs() < 1e-6
+                && (a.2 - b.2).abs() < 1e-6 * a.2.max(1.0)
+                && (a.3 - b.3).abs() < 1e-12,
+            "straight {a:?} vs resumed {b:?}"
+        );
     }
-    let wa = candle_core::safetensors::load(straight.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let wb = candle_core::safetensors::load(resumed.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let wa = candle_core::safetensors::load(
+        straight.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let wb = candle_core::safetensors::load(
+        resumed.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     for (k, a) in &wa {
-        let diff = (a - &wb[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (a - &wb[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-6, "{k}: {diff}");
     }
 
     // The store has the train run, its logged steps and the adapter.
     let store = adapterlab::store::Store::open(&t.data_dir().join("store")).unwrap();
     let runs = store.list_runs().unwrap();
-    let done: Vec<_> = runs.iter().filter(|r| r.kind == adapterlab::store::RunKind::Train && r.status == adapterlab::store::RunStatus::Done).collect();
+    let done: Vec<_> = runs
+        .iter()
+        .filter(|r| {
+            r.kind == adapterlab::store::RunKind::Train
+                && r.status == adapterlab::store::RunStatus::Done
+        })
+        .collect();
     assert_eq!(done.len(), 2, "{runs:?}");
-    let run = done.iter().find(|r| r.metadata["output_dir"].ends_with("straight")).unwrap();
+    let run = done
+        .iter()
+        .find(|r| r.metadata["output_dir"].ends_with("straight"))
+        .unwrap();
     assert_eq!(run.metadata["global_step"], "8");
     let events = store.events_after(&run.id, None).unwrap();
-    let logged = events.iter().filter(|(_, e)| matches!(e, adapterlab::store::RunEvent::Loss { loss: Some(_), .. })).count();
+    let logged = events
+        .iter()
+        .filter(|(_, e)| matches!(e, adapterlab::store::RunEvent::Loss { loss: Some(_), .. }))
+        .count();
     assert_eq!(logged, 8);
     assert!(!store.list_adapters().unwrap().is_empty());
 }
@@ -176,9 +262,18 @@ fn trains_writes_peft_and_hf_outputs_and_resumes_exactly() {
 #[test]
 fn dataset_problems_and_bad_keys_fail_before_the_model_loads() {
     let t = setup("train-bad");
-    let bad = t.write("bad.jsonl", "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \"completion\": \"  \"}\n");
+    let bad = t.write(
+        "bad.jsonl",
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \"completion\": \"  \"}\n",
+    );
     // The model does not exist: the error must be about the data.
-    let err = run_fail(&mut t.cmd(&["train", "--set", &format!("dataset={}", bad.display()), "--set", "model_name_or_path=/nonexistent/model"]));
+    let err = run_fail(&mut t.cmd(&[
+        "train",
+        "--set",
+        &format!("dataset={}", bad.display()),
+        "--set",
+        "model_name_or_path=/nonexistent/model",
+    ]));
     assert!(err.contains("row 2") && !err.contains("row 1:"), "{err}");
     let err = run_fail(&mut t.cmd(&["train", "--set", "lerning_rate=1"]));
     assert!(err.contains("did you mean `learning_rate`"), "{err}");
@@ -190,7 +285,14 @@ fn a_run_killed_mid_training_resumes_to_the_uninterrupted_curve() {
     let model = tiny_model(&t);
     let data = dataset(&t);
     let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
-    let extra = ["--set", "max_steps=40", "--set", "save_steps=3", "--set", "eval_steps=0"];
+    let extra = [
+        "--set",
+        "max_steps=40",
+        "--set",
+        "save_steps=3",
+        "--set",
+        "eval_steps=0",
+    ];
 
     let straight = t.path().join("straight");
     let args = train_args(m, d, straight.to_str().unwrap(), &extra);
@@ -206,30 +308,53 @@ fn a_run_killed_mid_training_resumes_to_the_uninterrupted_curve() {
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !killed.join("checkpoint-6").is_dir() {
-        assert!(std::time::Instant::now() < deadline, "no checkpoint-6 within 60 s");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint-6 within 60 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(!killed.join("trainer_state.json").exists(), "the run was killed before it finished");
+    assert!(
+        !killed.join("trainer_state.json").exists(),
+        "the run was killed before it finished"
+    );
     // Every checkpoint in place is whole; temporary folders may be left, never a partial checkpoint-N.
     for entry in std::fs::read_dir(&killed).unwrap() {
         let p = entry.unwrap().path();
-        if p.file_name().unwrap().to_string_lossy().starts_with("checkpoint-") {
-            for f in ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("checkpoint-")
+        {
+            for f in [
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "optimizer.safetensors",
+                "trainer_state.json",
+            ] {
                 assert!(p.join(f).is_file(), "{}/{f}", p.display());
             }
             let _: Value = read_json(&p.join("training_state.json"));
         }
     }
-    let args = train_args(m, d, killed.to_str().unwrap(), &[&extra[..], &["--resume-from-checkpoint", "latest"]].concat());
+    let args = train_args(
+        m,
+        d,
+        killed.to_str().unwrap(),
+        &[&extra[..], &["--resume-from-checkpoint", "latest"]].concat(),
+    );
     run_ok(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()));
     let a = losses(&read_json(&straight.join("trainer_state.json")));
     let b = losses(&read_json(&killed.join("trainer_state.json")));
     assert_eq!(a.len(), 40);
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
-        assert!((x.1 - y.1).abs() < 1e-6 && (x.2 - y.2).abs() < 1e-6 * x.2.max(1.0), "straight {x:?} vs killed+resumed {y:?}");
+        assert!(
+            (x.1 - y.1).abs() < 1e-6 && (x.2 - y.2).abs() < 1e-6 * x.2.max(1.0),
+            "straight {x:?} vs killed+resumed {y:?}"
+        );
     }
 }
 
@@ -239,16 +364,37 @@ fn eval_after_train_generates_and_records_an_eval_run_with_the_adapter() {
     let model = tiny_model(&t);
     let data = dataset(&t);
     let out = t.path().join("out");
-    let args = train_args(model.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap(), &["--set", "max_steps=2", "--set", "eval_after_train=rouge"]);
-    let err = run_fail(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()).env("X", "1").args(["--set", "eval_after_train=rogue"]));
+    let args = train_args(
+        model.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        &["--set", "max_steps=2", "--set", "eval_after_train=rouge"],
+    );
+    let err = run_fail(
+        &mut t
+            .cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .env("X", "1")
+            .args(["--set", "eval_after_train=rogue"]),
+    );
     assert!(err.contains("rogue"), "{err}");
     run_ok(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()));
     let store = adapterlab::store::Store::open(&t.data_dir().join("store")).unwrap();
     let runs = store.list_runs().unwrap();
-    let eval = runs.iter().find(|r| r.kind == adapterlab::store::RunKind::Eval).expect("an eval run");
+    let eval = runs
+        .iter()
+        .find(|r| r.kind == adapterlab::store::RunKind::Eval)
+        .expect("an eval run");
     assert_eq!(eval.status, adapterlab::store::RunStatus::Done, "{eval:?}");
-    assert!(eval.metadata["adapter"].ends_with("out"), "{:?}", eval.metadata);
+    assert!(
+        eval.metadata["adapter"].ends_with("out"),
+        "{:?}",
+        eval.metadata
+    );
     assert_eq!(eval.metadata["split"], "validation");
-    assert!(eval.aggregates.keys().any(|k| k.contains("rouge")), "{:?}", eval.aggregates);
+    assert!(
+        eval.aggregates.keys().any(|k| k.contains("rouge")),
+        "{:?}",
+        eval.aggregates
+    );
     assert_eq!(store.samples(&eval.id).unwrap().len(), 6);
 }

@@ -280,9 +280,8 @@ impl LoraLayer {
     /// would have (a layer runs once per forward pass).
     fn seeded_dropout(&self, x: &Tensor, seed: u64, call: u64) -> Result<Tensor> {
         let p = f64::from(self.dropout);
-        let key = seed
-            ^ fnv1a(&self.module).rotate_left(17)
-            ^ call.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let key =
+            seed ^ fnv1a(&self.module).rotate_left(17) ^ call.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let mut rng = rand::rngs::StdRng::seed_from_u64(key);
         let scale = (1.0 / (1.0 - p)) as f32;
         let mask: Vec<f32> = (0..x.elem_count())

@@ -78,7 +78,8 @@ pub fn run(cmd: PluginsCommand, ctx: &Context) -> Result<()> {
                 .with_context(|| format!("failed to read {}", file.display()))?;
             let plugin = registry::install(&ctx.runtime()?, &ctx.data_dir.plugins(), &bytes, &file)
                 .with_context(|| format!("{} was not installed", file.display()))?;
-            ctx.store()?.put_plugin(&registry::install_record(&plugin.meta, &file))?;
+            ctx.store()?
+                .put_plugin(&registry::install_record(&plugin.meta, &file))?;
             print_meta(&plugin.meta, json, "installed")?;
             Ok(())
         }

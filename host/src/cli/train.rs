@@ -36,13 +36,18 @@ pub fn run(args: TrainArgs, ctx: &Context) -> Result<()> {
     let config = TrainConfig::load(args.config.as_deref(), &args.settings)?;
     let store = ctx.store()?;
     let run = record::create_run(&store, &config, args.name)?;
-    eprintln!("run {} · model {} · dataset {} → {}", run.id, config.model_name_or_path, config.dataset, config.output_dir);
+    eprintln!(
+        "run {} · model {} · dataset {} → {}",
+        run.id, config.model_name_or_path, config.dataset, config.output_dir
+    );
     let env = TrainEnv {
         assets_dir: ctx.data_dir.assets(),
         registry: Some(ctx.registry()?),
         resume_from_checkpoint: args.resume_from_checkpoint,
         progress_bar: std::io::stderr().is_terminal(),
-        stop_after_steps: std::env::var("ADAPTERLAB_TRAIN_STOP_AFTER").ok().and_then(|v| v.parse().ok()),
+        stop_after_steps: std::env::var("ADAPTERLAB_TRAIN_STOP_AFTER")
+            .ok()
+            .and_then(|v| v.parse().ok()),
         ..Default::default()
     };
     let outcome = record::run_recorded(&store, &run.id, &config, env)?;
@@ -60,7 +65,10 @@ pub fn run(args: TrainArgs, ctx: &Context) -> Result<()> {
                 _ => String::new(),
             }
         ),
-        None => eprintln!("stopped at step {} of {}; resume with --resume-from-checkpoint latest", outcome.global_step, outcome.max_steps),
+        None => eprintln!(
+            "stopped at step {} of {}; resume with --resume-from-checkpoint latest",
+            outcome.global_step, outcome.max_steps
+        ),
     }
     Ok(())
 }

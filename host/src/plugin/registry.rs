@@ -128,7 +128,10 @@ impl Registry {
 }
 
 /// What the store keeps of an installed plugin.
-pub fn install_record(meta: &crate::plugin::PluginMeta, origin: &Path) -> crate::store::PluginRecord {
+pub fn install_record(
+    meta: &crate::plugin::PluginMeta,
+    origin: &Path,
+) -> crate::store::PluginRecord {
     crate::store::PluginRecord {
         name: meta.name.clone(),
         version: meta.version.clone(),

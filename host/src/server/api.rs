@@ -102,7 +102,10 @@ async fn upload_plugin(
     .map_err(anyhow::Error::from)?
     .map_err(|e| AppError::unprocessable(format!("{e:#}")))?;
     let meta = (*plugin.meta).clone();
-    state.store.put_plugin(&registry::install_record(&meta, std::path::Path::new("upload")))?;
+    state.store.put_plugin(&registry::install_record(
+        &meta,
+        std::path::Path::new("upload"),
+    ))?;
     state.registry.write().unwrap().add(plugin);
     Ok((StatusCode::CREATED, Json(meta)).into_response())
 }

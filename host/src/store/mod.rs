@@ -318,7 +318,8 @@ impl Store {
 
     /// Record a plugin installed into the data directory (what, from where, when).
     pub fn put_plugin(&self, record: &PluginRecord) -> Result<()> {
-        self.plugins.insert(record.name.as_bytes(), encode(record)?)?;
+        self.plugins
+            .insert(record.name.as_bytes(), encode(record)?)?;
         Ok(())
     }
 

@@ -341,7 +341,9 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
         });
     // List keys take one bare name as a one-element list (`--set eval_after_train=rouge`).
     let value = match value {
-        toml::Value::String(s) if matches!(key, "eval_after_train" | "lora.target_modules") => toml::Value::Array(vec![toml::Value::String(s)]),
+        toml::Value::String(s) if matches!(key, "eval_after_train" | "lora.target_modules") => {
+            toml::Value::Array(vec![toml::Value::String(s)])
+        }
         v => v,
     };
     match key.split_once('.') {

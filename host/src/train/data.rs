@@ -20,9 +20,18 @@ use crate::plugin::{CallContext, PluginKind, Registry};
 /// The bundled dialogue-summarization set (`data/dialogsum-mini`, made by
 /// `scripts/make_dialogsum_mini.py`), embedded so training works from any directory.
 pub const BUNDLED: [(&str, &str); 3] = [
-    ("train", include_str!("../../../data/dialogsum-mini/train.jsonl")),
-    ("validation", include_str!("../../../data/dialogsum-mini/validation.jsonl")),
-    ("test", include_str!("../../../data/dialogsum-mini/test.jsonl")),
+    (
+        "train",
+        include_str!("../../../data/dialogsum-mini/train.jsonl"),
+    ),
+    (
+        "validation",
+        include_str!("../../../data/dialogsum-mini/validation.jsonl"),
+    ),
+    (
+        "test",
+        include_str!("../../../data/dialogsum-mini/test.jsonl"),
+    ),
 ];
 
 /// One split: its rows and where they came from (for error messages).
@@ -45,7 +54,10 @@ pub fn load_splits(dataset: &str) -> Result<Splits> {
     if dataset == "bundled" {
         let parse = |(name, text): (&str, &str)| -> Result<Split> {
             let origin = format!("bundled/{name}.jsonl");
-            Ok(Split { rows: parse_jsonl(text, &origin)?, origin })
+            Ok(Split {
+                rows: parse_jsonl(text, &origin)?,
+                origin,
+            })
         };
         return Ok(Splits {
             train: parse(BUNDLED[0])?,
@@ -55,18 +67,36 @@ pub fn load_splits(dataset: &str) -> Result<Splits> {
     }
     let path = Path::new(dataset);
     if path.is_file() {
-        return Ok(Splits { train: read_split(path)?, validation: None, test: None });
+        return Ok(Splits {
+            train: read_split(path)?,
+            validation: None,
+            test: None,
+        });
     }
     if path.is_dir() {
         let find = |name: &str| -> Option<PathBuf> {
-            ["jsonl", "json", "csv"].iter().map(|ext| path.join(format!("{name}.{ext}"))).find(|p| p.is_file())
+            ["jsonl", "json", "csv"]
+                .iter()
+                .map(|ext| path.join(format!("{name}.{ext}")))
+                .find(|p| p.is_file())
         };
-        let train = find("train").with_context(|| format!("{} has no train.jsonl, train.json or train.csv", path.display()))?;
+        let train = find("train").with_context(|| {
+            format!(
+                "{} has no train.jsonl, train.json or train.csv",
+                path.display()
+            )
+        })?;
         let opt = |name: &str| find(name).map(|p| read_split(&p)).transpose();
-        return Ok(Splits { train: read_split(&train)?, validation: opt("validation")?, test: opt("test")? });
+        return Ok(Splits {
+            train: read_split(&train)?,
+            validation: opt("validation")?,
+            test: opt("test")?,
+        });
     }
     if dataset.contains('/') || !dataset.contains('.') {
-        bail!("dataset `{dataset}` is not a local file or folder; hub datasets are not supported yet (use `bundled` or a local JSON/JSONL/CSV file)");
+        bail!(
+            "dataset `{dataset}` is not a local file or folder; hub datasets are not supported yet (use `bundled` or a local JSON/JSONL/CSV file)"
+        );
     }
     bail!("dataset file {dataset} does not exist")
 }
@@ -74,7 +104,11 @@ pub fn load_splits(dataset: &str) -> Result<Splits> {
 fn read_split(path: &Path) -> Result<Split> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path).with_context(|| format!("failed to read {origin}"))?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let rows = match ext.as_str() {
         "jsonl" => parse_jsonl(&text, &origin)?,
         "json" => match serde_json::from_str::<Value>(&text) {
@@ -112,12 +146,23 @@ fn parse_jsonl(text: &str, origin: &str) -> Result<Vec<Row>> {
 }
 
 fn parse_csv(text: &str, origin: &str) -> Result<Vec<Row>> {
-    let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(text.as_bytes());
-    let headers = reader.headers().with_context(|| format!("{origin}: no header row"))?.clone();
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_reader(text.as_bytes());
+    let headers = reader
+        .headers()
+        .with_context(|| format!("{origin}: no header row"))?
+        .clone();
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
         let record = record.with_context(|| format!("{origin}: row {}", i + 1))?;
-        rows.push(headers.iter().zip(record.iter()).map(|(k, v)| (k.to_string(), Value::String(v.to_string()))).collect());
+        rows.push(
+            headers
+                .iter()
+                .zip(record.iter())
+                .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+                .collect(),
+        );
     }
     Ok(rows)
 }
@@ -131,22 +176,30 @@ pub struct Rendered {
 
 /// Renders every row: rows with `prompt`/`completion` strings as they are, others through the
 /// formatter plugin. All problems are collected and reported together with row numbers.
-pub fn render(split: &Split, formatter: &str, registry: Option<&Registry>) -> Result<Vec<Rendered>> {
+pub fn render(
+    split: &Split,
+    formatter: &str,
+    registry: Option<&Registry>,
+) -> Result<Vec<Rendered>> {
     let mut out = vec![None; split.rows.len()];
     let mut problems = Vec::new();
     let mut pending = Vec::new();
     for (i, row) in split.rows.iter().enumerate() {
         match (row.get("prompt"), row.get("completion")) {
-            (Some(Value::String(p)), Some(Value::String(c))) => out[i] = Some((p.clone(), Some(c.clone()))),
+            (Some(Value::String(p)), Some(Value::String(c))) => {
+                out[i] = Some((p.clone(), Some(c.clone())))
+            }
             _ => pending.push(i),
         }
     }
     if !pending.is_empty() {
-        let registry = registry.context("rows need a formatter plugin, but no plugin registry is available")?;
+        let registry = registry
+            .context("rows need a formatter plugin, but no plugin registry is available")?;
         let plugin = registry.get(formatter, PluginKind::Formatter)?;
         let mut session = plugin.session(CallContext::default())?;
         for chunk in pending.chunks(64) {
-            let rows: Vec<Vec<(String, String)>> = chunk.iter().map(|&i| plugin_row(&split.rows[i])).collect();
+            let rows: Vec<Vec<(String, String)>> =
+                chunk.iter().map(|&i| plugin_row(&split.rows[i])).collect();
             for (&i, result) in chunk.iter().zip(session.format(&rows)?) {
                 match result {
                     Ok(f) => out[i] = Some((f.prompt, f.completion)),
@@ -158,20 +211,32 @@ pub fn render(split: &Split, formatter: &str, registry: Option<&Registry>) -> Re
     let mut rendered = Vec::with_capacity(out.len());
     for (i, r) in out.into_iter().enumerate() {
         match r {
-            Some((prompt, Some(completion))) if !completion.trim().is_empty() && !prompt.trim().is_empty() => {
+            Some((prompt, Some(completion)))
+                if !completion.trim().is_empty() && !prompt.trim().is_empty() =>
+            {
                 rendered.push(Rendered { prompt, completion })
             }
-            Some((_, Some(_))) | Some((_, None)) => {
-                problems.push(format!("row {}: empty prompt or no completion (e.g. a missing or empty `summary`)", i + 1))
-            }
+            Some((_, Some(_))) | Some((_, None)) => problems.push(format!(
+                "row {}: empty prompt or no completion (e.g. a missing or empty `summary`)",
+                i + 1
+            )),
             None => {}
         }
     }
     if !problems.is_empty() {
-        problems.sort_by_key(|p| p.split(':').next().and_then(|r| r.trim_start_matches("row ").parse::<usize>().ok()));
+        problems.sort_by_key(|p| {
+            p.split(':')
+                .next()
+                .and_then(|r| r.trim_start_matches("row ").parse::<usize>().ok())
+        });
         let n = problems.len();
         let shown: Vec<String> = problems.into_iter().take(20).collect();
-        bail!("{}: {n} row(s) cannot be used for training:\n  {}{}", split.origin, shown.join("\n  "), if n > 20 { "\n  …" } else { "" });
+        bail!(
+            "{}: {n} row(s) cannot be used for training:\n  {}{}",
+            split.origin,
+            shown.join("\n  "),
+            if n > 20 { "\n  …" } else { "" }
+        );
     }
     if rendered.is_empty() {
         bail!("{}: no rows", split.origin);
@@ -201,15 +266,32 @@ pub struct Encoded {
 }
 
 /// Tokenizes as TRL does (EOS appended to the completion), then truncates to `max_seq_length`.
-pub fn encode(tokenizer: &Tokenizer, rows: &[Rendered], eos: Option<&str>, completion_only: bool, max_seq_length: usize) -> Result<Encoded> {
-    let opts = TokenizeOptions { completion_only, eos_token: eos.map(str::to_string), max_length: None };
+pub fn encode(
+    tokenizer: &Tokenizer,
+    rows: &[Rendered],
+    eos: Option<&str>,
+    completion_only: bool,
+    max_seq_length: usize,
+) -> Result<Encoded> {
+    let opts = TokenizeOptions {
+        completion_only,
+        eos_token: eos.map(str::to_string),
+        max_length: None,
+    };
     let mut examples = Vec::with_capacity(rows.len());
     let (mut truncated, mut no_targets) = (0, 0);
     for (i, r) in rows.iter().enumerate() {
-        let row: Row = [("prompt".to_string(), Value::String(r.prompt.clone())), ("completion".to_string(), Value::String(r.completion.clone()))]
-            .into_iter()
-            .collect();
-        let mut ex = tokenize_row(tokenizer, &row, None, &opts).with_context(|| format!("row {}", i + 1))?;
+        let row: Row = [
+            ("prompt".to_string(), Value::String(r.prompt.clone())),
+            (
+                "completion".to_string(),
+                Value::String(r.completion.clone()),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let mut ex =
+            tokenize_row(tokenizer, &row, None, &opts).with_context(|| format!("row {}", i + 1))?;
         if ex.input_ids.len() > max_seq_length {
             truncated += 1;
             ex.input_ids.truncate(max_seq_length);
@@ -220,14 +302,25 @@ pub fn encode(tokenizer: &Tokenizer, rows: &[Rendered], eos: Option<&str>, compl
         }
         examples.push(ex);
     }
-    Ok(Encoded { examples, truncated, no_targets })
+    Ok(Encoded {
+        examples,
+        truncated,
+        no_targets,
+    })
 }
 
 /// The order of micro-batches for one epoch: a permutation seeded by `seed + epoch` (as HF's
 /// sampler reseeds per epoch); with `group_by_length`, HF's `LengthGroupedSampler`: mega-batches
 /// of 50 batches sorted by length, longest first, and the longest batch of all moved first.
-pub fn epoch_batches(lengths: &[usize], batch_size: usize, group_by_length: bool, seed: u64, epoch: u64) -> Vec<Vec<usize>> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(epoch.wrapping_mul(0x9e37_79b9)));
+pub fn epoch_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    group_by_length: bool,
+    seed: u64,
+    epoch: u64,
+) -> Vec<Vec<usize>> {
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(epoch.wrapping_mul(0x9e37_79b9)));
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.shuffle(&mut rng);
     let bs = batch_size.max(1);
@@ -242,7 +335,12 @@ pub fn epoch_batches(lengths: &[usize], batch_size: usize, group_by_length: bool
         flat.extend(mega);
     }
     let mut batches: Vec<Vec<usize>> = flat.chunks(bs).map(<[usize]>::to_vec).collect();
-    if let Some(longest) = (0..batches.len()).max_by_key(|&i| (batches[i].iter().map(|&j| lengths[j]).max().unwrap_or(0), std::cmp::Reverse(i))) {
+    if let Some(longest) = (0..batches.len()).max_by_key(|&i| {
+        (
+            batches[i].iter().map(|&j| lengths[j]).max().unwrap_or(0),
+            std::cmp::Reverse(i),
+        )
+    }) {
         batches.swap(0, longest);
     }
     batches
@@ -265,14 +363,27 @@ pub struct Batch {
 
 /// Right padding with `pad_id`; labels are the targets' ids (HF's `-100` positions left out).
 pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
-    let width = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0).max(1);
-    let (mut ids, mut mask, mut positions, mut labels) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let width = examples
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let (mut ids, mut mask, mut positions, mut labels) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut n_tokens = 0;
     for (r, e) in examples.iter().enumerate() {
         let pad = width - e.input_ids.len();
         n_tokens += e.input_ids.len();
-        ids.extend(e.input_ids.iter().copied().chain(std::iter::repeat_n(pad_id, pad)));
-        mask.extend(std::iter::repeat_n(1u32, e.input_ids.len()).chain(std::iter::repeat_n(0, pad)));
+        ids.extend(
+            e.input_ids
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad_id, pad)),
+        );
+        mask.extend(
+            std::iter::repeat_n(1u32, e.input_ids.len()).chain(std::iter::repeat_n(0, pad)),
+        );
         for (t, &is_target) in e.targets.iter().enumerate() {
             if is_target && t > 0 {
                 positions.push((r * width + t - 1) as u32);
@@ -299,7 +410,10 @@ mod tests {
     use super::*;
 
     fn ex(ids: &[u32], first_target: usize) -> Example {
-        Example { input_ids: ids.to_vec(), targets: (0..ids.len()).map(|t| t >= first_target && t > 0).collect() }
+        Example {
+            input_ids: ids.to_vec(),
+            targets: (0..ids.len()).map(|t| t >= first_target && t > 0).collect(),
+        }
     }
 
     #[test]
@@ -309,7 +423,12 @@ mod tests {
         assert!(s.validation.as_ref().unwrap().rows.len() >= 20);
         for row in &s.train.rows {
             for k in ["id", "dialogue", "summary"] {
-                assert!(row.get(k).and_then(Value::as_str).is_some_and(|v| !v.is_empty()), "{row:?}");
+                assert!(
+                    row.get(k)
+                        .and_then(Value::as_str)
+                        .is_some_and(|v| !v.is_empty()),
+                    "{row:?}"
+                );
             }
         }
     }
@@ -317,19 +436,41 @@ mod tests {
     #[test]
     fn local_files_and_bad_rows_are_reported_with_row_numbers() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("train.csv"), "prompt,completion\nhi,there\n\"a, b\",c\n").unwrap();
+        std::fs::write(
+            dir.path().join("train.csv"),
+            "prompt,completion\nhi,there\n\"a, b\",c\n",
+        )
+        .unwrap();
         let s = load_splits(dir.path().to_str().unwrap()).unwrap();
         assert_eq!(s.train.rows.len(), 2);
         assert_eq!(s.train.rows[1]["prompt"], "a, b");
         let r = render(&s.train, "summarize", None).unwrap();
-        assert_eq!(r[0], Rendered { prompt: "hi".into(), completion: "there".into() });
+        assert_eq!(
+            r[0],
+            Rendered {
+                prompt: "hi".into(),
+                completion: "there".into()
+            }
+        );
         let bad = dir.path().join("bad.jsonl");
         std::fs::write(&bad, "{\"prompt\": \"x\", \"completion\": \"\"}\n{\"prompt\": \"y\", \"completion\": \"z\"}\n").unwrap();
-        let e = render(&load_splits(bad.to_str().unwrap()).unwrap().train, "summarize", None).unwrap_err().to_string();
+        let e = render(
+            &load_splits(bad.to_str().unwrap()).unwrap().train,
+            "summarize",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("row 1") && !e.contains("row 2"), "{e}");
         let missing = dir.path().join("m.jsonl");
         std::fs::write(&missing, "{\"dialogue\": \"x\"}\n").unwrap();
-        let e = render(&load_splits(missing.to_str().unwrap()).unwrap().train, "summarize", None).unwrap_err().to_string();
+        let e = render(
+            &load_splits(missing.to_str().unwrap()).unwrap().train,
+            "summarize",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("formatter"), "{e}");
         let e = load_splits("samsum").unwrap_err().to_string();
         assert!(e.contains("not a local file"), "{e}");
@@ -341,11 +482,18 @@ mod tests {
         let a = epoch_batches(&lengths, 4, true, 42, 0);
         assert_eq!(a, epoch_batches(&lengths, 4, true, 42, 0));
         // Each epoch reshuffles (visible without grouping: one mega-batch here sorts them all).
-        assert_ne!(epoch_batches(&lengths, 4, false, 42, 0), epoch_batches(&lengths, 4, false, 42, 1));
+        assert_ne!(
+            epoch_batches(&lengths, 4, false, 42, 0),
+            epoch_batches(&lengths, 4, false, 42, 1)
+        );
         let mut all: Vec<usize> = a.iter().flatten().copied().collect();
         all.sort();
         assert_eq!(all, (0..37).collect::<Vec<_>>());
-        assert_eq!(a[0].iter().map(|&i| lengths[i]).max(), lengths.iter().max().copied(), "longest batch first");
+        assert_eq!(
+            a[0].iter().map(|&i| lengths[i]).max(),
+            lengths.iter().max().copied(),
+            "longest batch first"
+        );
         // Within the (single) mega-batch, batches after the first are in descending length.
         for b in &a[1..] {
             assert!(b.windows(2).all(|w| lengths[w[0]] >= lengths[w[1]]));
@@ -359,8 +507,14 @@ mod tests {
         let a = ex(&[5, 6, 7, 8], 2);
         let b = ex(&[9, 10], 1);
         let batch = collate(&[&a, &b], 0, &Device::Cpu).unwrap();
-        assert_eq!(batch.input_ids.to_vec2::<u32>().unwrap(), vec![vec![5, 6, 7, 8], vec![9, 10, 0, 0]]);
-        assert_eq!(batch.attention_mask.to_vec2::<u32>().unwrap(), vec![vec![1, 1, 1, 1], vec![1, 1, 0, 0]]);
+        assert_eq!(
+            batch.input_ids.to_vec2::<u32>().unwrap(),
+            vec![vec![5, 6, 7, 8], vec![9, 10, 0, 0]]
+        );
+        assert_eq!(
+            batch.attention_mask.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 1, 1, 1], vec![1, 1, 0, 0]]
+        );
         // Targets 7, 8 (predicted from positions 1, 2) and 10 (from row 1, position 0).
         assert_eq!(batch.positions.to_vec1::<u32>().unwrap(), vec![1, 2, 4]);
         assert_eq!(batch.labels.to_vec1::<u32>().unwrap(), vec![7, 8, 10]);

@@ -28,14 +28,23 @@ pub fn lr_lambda(kind: &str, step: usize, warmup: usize, total: usize) -> f64 {
 
 /// HF's `get_warmup_steps`: `warmup_steps` if set, else `ceil(warmup_ratio * max_steps)`.
 pub fn warmup_steps(warmup_steps: usize, warmup_ratio: f64, max_steps: usize) -> usize {
-    if warmup_steps > 0 { warmup_steps } else { (warmup_ratio * max_steps as f64).ceil() as usize }
+    if warmup_steps > 0 {
+        warmup_steps
+    } else {
+        (warmup_ratio * max_steps as f64).ceil() as usize
+    }
 }
 
 /// The global L2 norm of `grads` (computed in f32).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads {
-        sq += f64::from(g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        sq += f64::from(
+            g.to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()?,
+        );
     }
     Ok(sq.sqrt())
 }
@@ -75,10 +84,26 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(mut vars: Vec<(String, Var)>, params: AdamWParams) -> Result<Self> {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let zeros = |v: &Var| v.as_tensor().zeros_like().and_then(|t| t.to_dtype(DType::F32));
-        let m = vars.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = vars.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(AdamW { params, step: 0, vars, m, v })
+        let zeros = |v: &Var| {
+            v.as_tensor()
+                .zeros_like()
+                .and_then(|t| t.to_dtype(DType::F32))
+        };
+        let m = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = vars
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(AdamW {
+            params,
+            step: 0,
+            vars,
+            m,
+            v,
+        })
     }
 
     pub fn vars(&self) -> &[(String, Var)] {
@@ -89,7 +114,12 @@ impl AdamW {
     /// `p ← p(1 − lr·wd)`, then `p ← p − lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;
-        let AdamWParams { beta1, beta2, eps, weight_decay } = self.params;
+        let AdamWParams {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.params;
         let bc1 = 1.0 - beta1.powi(self.step as i32);
         let bc2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
         for (i, ((_, var), g)) in self.vars.iter().zip(grads).enumerate() {
@@ -97,7 +127,11 @@ impl AdamW {
             let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
             let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let p = var.as_tensor().to_dtype(DType::F32)?;
-            let p = if weight_decay != 0.0 { (p * (1.0 - lr * weight_decay))? } else { p };
+            let p = if weight_decay != 0.0 {
+                (p * (1.0 - lr * weight_decay))?
+            } else {
+                p
+            };
             let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
             let p = (p - ((&m / denom)? * (lr / bc1))?)?;
             var.set(&p.to_dtype(var.dtype())?)?;
@@ -122,7 +156,9 @@ impl AdamW {
         let device = self.vars.first().map(|(_, v)| v.device().clone());
         for (i, (name, _)) in self.vars.iter().enumerate() {
             let mut take = |key: String| -> Result<Tensor> {
-                let t = tensors.remove(&key).with_context(|| format!("optimizer state has no {key}"))?;
+                let t = tensors
+                    .remove(&key)
+                    .with_context(|| format!("optimizer state has no {key}"))?;
                 Ok(match &device {
                     Some(d) => t.to_device(d)?,
                     None => t,
@@ -150,7 +186,19 @@ mod tests {
     fn schedules_follow_hf() {
         // get_cosine_schedule_with_warmup(opt, 2, 10): lambdas at steps 0..=10.
         let got: Vec<f64> = (0..=10).map(|s| lr_lambda("cosine", s, 2, 10)).collect();
-        let want = [0.0, 0.5, 1.0, 0.9619397662556434, 0.8535533905932737, 0.6913417161825449, 0.5, 0.3086582838174551, 0.14644660940672627, 0.03806023374435663, 0.0];
+        let want = [
+            0.0,
+            0.5,
+            1.0,
+            0.9619397662556434,
+            0.8535533905932737,
+            0.6913417161825449,
+            0.5,
+            0.3086582838174551,
+            0.14644660940672627,
+            0.03806023374435663,
+            0.0,
+        ];
         for (g, w) in got.iter().zip(want) {
             assert!(close(*g, w), "{got:?}");
         }
@@ -167,14 +215,21 @@ mod tests {
     #[test]
     fn clipping_scales_to_max_norm_and_reports_the_pre_clip_norm() {
         let dev = Device::Cpu;
-        let mut g = vec![Tensor::new(&[3f32, 0.0], &dev).unwrap(), Tensor::new(&[[4f32]], &dev).unwrap()];
+        let mut g = vec![
+            Tensor::new(&[3f32, 0.0], &dev).unwrap(),
+            Tensor::new(&[[4f32]], &dev).unwrap(),
+        ];
         let n = clip_grad_norm(&mut g, 1.0).unwrap();
         assert!(close(n, 5.0));
         let after = global_norm(&g).unwrap();
         assert!((after - 5.0 / (5.0 + 1e-6)).abs() < 1e-6, "{after}");
         let mut g = vec![Tensor::new(&[0.3f32, 0.4], &dev).unwrap()];
         assert!((clip_grad_norm(&mut g, 1.0).unwrap() - 0.5).abs() < 1e-6);
-        assert_eq!(g[0].to_vec1::<f32>().unwrap(), vec![0.3, 0.4], "no clipping below the max");
+        assert_eq!(
+            g[0].to_vec1::<f32>().unwrap(),
+            vec![0.3, 0.4],
+            "no clipping below the max"
+        );
     }
 
     #[test]
@@ -183,11 +238,24 @@ mod tests {
         // grads [0.5, 0.1] then [-0.2, 0.3]; expected values from the torch formula by hand.
         let dev = Device::Cpu;
         let var = Var::new(&[1f32, -2.0], &dev).unwrap();
-        let mut opt = AdamW::new(vec![("p".into(), var.clone())], AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }).unwrap();
+        let mut opt = AdamW::new(
+            vec![("p".into(), var.clone())],
+            AdamWParams {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+            },
+        )
+        .unwrap();
         let grads = [[0.5f64, 0.1], [-0.2, 0.3]];
         let (mut p, mut m, mut v) = ([1f64, -2.0], [0f64; 2], [0f64; 2]);
         for (t, g) in grads.iter().enumerate() {
-            opt.step(&[Tensor::new(&[g[0] as f32, g[1] as f32], &dev).unwrap()], 0.1).unwrap();
+            opt.step(
+                &[Tensor::new(&[g[0] as f32, g[1] as f32], &dev).unwrap()],
+                0.1,
+            )
+            .unwrap();
             let t = (t + 1) as i32;
             for i in 0..2 {
                 p[i] *= 1.0 - 0.1 * 0.01;
@@ -205,6 +273,9 @@ mod tests {
         let saved: BTreeMap<String, Tensor> = opt.state_tensors().into_iter().collect();
         let mut other = AdamW::new(vec![("p".into(), var)], opt.params).unwrap();
         other.load_state(saved, opt.step).unwrap();
-        assert_eq!(other.m[0].to_vec1::<f32>().unwrap(), opt.m[0].to_vec1::<f32>().unwrap());
+        assert_eq!(
+            other.m[0].to_vec1::<f32>().unwrap(),
+            opt.m[0].to_vec1::<f32>().unwrap()
+        );
     }
 }

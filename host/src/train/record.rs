@@ -11,21 +11,47 @@ use crate::eval::input::PredictionRow;
 use crate::eval::pipeline::{self, EvalEnv, EvalRequest};
 use crate::plugin::NoServices;
 
-use crate::store::{AdapterRecord, RunEvent, RunKind, RunRecord, RunStatus, Store, new_run_id, now_rfc3339};
+use crate::store::{
+    AdapterRecord, RunEvent, RunKind, RunRecord, RunStatus, Store, new_run_id, now_rfc3339,
+};
 use crate::train::config::TrainConfig;
 use crate::train::trainer::{self, TrainEnv, TrainOutcome};
 
 /// Creates the queued `train` run for `config` (the server queues it; the CLI runs it at once).
 pub fn create_run(store: &Store, config: &TrainConfig, name: Option<String>) -> Result<RunRecord> {
-    let name = name.unwrap_or_else(|| format!("train {}", std::path::Path::new(&config.output_dir).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| config.output_dir.clone())));
+    let name = name.unwrap_or_else(|| {
+        format!(
+            "train {}",
+            std::path::Path::new(&config.output_dir)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| config.output_dir.clone())
+        )
+    });
     let mut run = RunRecord::new(new_run_id(), name, RunKind::Train);
     run.metadata = BTreeMap::from([
         ("model".to_string(), config.model_name_or_path.clone()),
         ("dataset".to_string(), config.dataset.clone()),
         ("output_dir".to_string(), config.output_dir.clone()),
-        ("lora".to_string(), format!("r={} alpha={} dropout={}", config.lora.r, config.lora.lora_alpha, config.lora.lora_dropout)),
-        ("learning_rate".to_string(), config.learning_rate.to_string()),
-        ("quantization".to_string(), if config.quantization.load_in_4bit { "nf4".into() } else { "none".into() }),
+        (
+            "lora".to_string(),
+            format!(
+                "r={} alpha={} dropout={}",
+                config.lora.r, config.lora.lora_alpha, config.lora.lora_dropout
+            ),
+        ),
+        (
+            "learning_rate".to_string(),
+            config.learning_rate.to_string(),
+        ),
+        (
+            "quantization".to_string(),
+            if config.quantization.load_in_4bit {
+                "nf4".into()
+            } else {
+                "none".into()
+            },
+        ),
     ]);
     run.request = serde_json::to_value(config)?;
     store.put_run(&run)?;
@@ -33,21 +59,39 @@ pub fn create_run(store: &Store, config: &TrainConfig, name: Option<String>) -> 
 }
 
 /// Runs the training of `run_id`, recording its status, events, outcome and adapter.
-pub fn run_recorded(store: &Store, run_id: &str, config: &TrainConfig, mut env: TrainEnv) -> Result<TrainOutcome> {
+pub fn run_recorded(
+    store: &Store,
+    run_id: &str,
+    config: &TrainConfig,
+    mut env: TrainEnv,
+) -> Result<TrainOutcome> {
     store.update_run(run_id, |r| {
         r.status = RunStatus::Running;
         r.started = Some(now_rfc3339());
         r.owner_pid = Some(std::process::id());
     })?;
-    store.push_event(run_id, &RunEvent::Status { status: RunStatus::Running })?;
+    store.push_event(
+        run_id,
+        &RunEvent::Status {
+            status: RunStatus::Running,
+        },
+    )?;
     // Unknown metric plugins fail now, not after hours of training.
     let metric_plugins = match (&env.registry, config.eval_after_train.is_empty()) {
         (_, true) => Vec::new(),
         (Some(registry), false) => {
             // validate wants samples; one placeholder stands for the generations to come.
-            let placeholder = PredictionRow { id: "0".into(), prediction: "x".into(), reference: "x".into(), source: None };
-            pipeline::validate(registry, &eval_request(config, vec![placeholder], BTreeMap::new()))?
-        },
+            let placeholder = PredictionRow {
+                id: "0".into(),
+                prediction: "x".into(),
+                reference: "x".into(),
+                source: None,
+            };
+            pipeline::validate(
+                registry,
+                &eval_request(config, vec![placeholder], BTreeMap::new()),
+            )?
+        }
         (None, false) => anyhow::bail!("eval_after_train needs the plugin registry"),
     };
     env.store = Some((store.clone(), run_id.to_string()));
@@ -63,14 +107,20 @@ pub fn run_recorded(store: &Store, run_id: &str, config: &TrainConfig, mut env: 
         r.owner_pid = None;
         match &result {
             Ok(o) => {
-                for (k, v) in [("train_loss", o.train_loss), ("eval_loss_before", o.first_eval_loss), ("eval_loss", o.final_eval_loss)] {
+                for (k, v) in [
+                    ("train_loss", o.train_loss),
+                    ("eval_loss_before", o.first_eval_loss),
+                    ("eval_loss", o.final_eval_loss),
+                ] {
                     if let Some(v) = v {
                         r.corpus.insert(k.to_string(), v);
                     }
                 }
-                r.metadata.insert("global_step".into(), o.global_step.to_string());
+                r.metadata
+                    .insert("global_step".into(), o.global_step.to_string());
                 if let Some(dir) = &o.adapter_dir {
-                    r.metadata.insert("adapter".into(), dir.display().to_string());
+                    r.metadata
+                        .insert("adapter".into(), dir.display().to_string());
                 }
             }
             Err(e) => r.error = Some(format!("{e:#}")),
@@ -80,7 +130,10 @@ pub fn run_recorded(store: &Store, run_id: &str, config: &TrainConfig, mut env: 
     let outcome = result?;
     if let Some(dir) = &outcome.adapter_dir {
         let path = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into());
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "adapter".into());
         store.put_adapter(&AdapterRecord {
             name,
             path: path.display().to_string(),
@@ -89,7 +142,13 @@ pub fn run_recorded(store: &Store, run_id: &str, config: &TrainConfig, mut env: 
             run_id: Some(run_id.to_string()),
             metadata: BTreeMap::from([
                 ("global_step".to_string(), outcome.global_step.to_string()),
-                ("eval_loss".to_string(), outcome.final_eval_loss.map(|l| format!("{l:.4}")).unwrap_or_default()),
+                (
+                    "eval_loss".to_string(),
+                    outcome
+                        .final_eval_loss
+                        .map(|l| format!("{l:.4}"))
+                        .unwrap_or_default(),
+                ),
             ]),
         })?;
     }
@@ -97,10 +156,19 @@ pub fn run_recorded(store: &Store, run_id: &str, config: &TrainConfig, mut env: 
         let mut metadata = BTreeMap::from([
             ("train_run".to_string(), run_id.to_string()),
             ("model".to_string(), config.model_name_or_path.clone()),
-            ("split".to_string(), outcome.predictions_split.clone().unwrap_or_default()),
+            (
+                "split".to_string(),
+                outcome.predictions_split.clone().unwrap_or_default(),
+            ),
         ]);
         if let Some(dir) = &outcome.adapter_dir {
-            metadata.insert("adapter".into(), std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()).display().to_string());
+            metadata.insert(
+                "adapter".into(),
+                std::fs::canonicalize(dir)
+                    .unwrap_or_else(|_| dir.clone())
+                    .display()
+                    .to_string(),
+            );
         }
         let request = eval_request(config, outcome.predictions.clone(), metadata);
         let eval_run = pipeline::create_run(store, &request, &metric_plugins)?;
@@ -111,7 +179,15 @@ pub fn run_recorded(store: &Store, run_id: &str, config: &TrainConfig, mut env: 
             on_progress: Arc::new(|_, _| {}),
         };
         let done = pipeline::execute(&eval_env, &eval_run.id, &request, &metric_plugins)?;
-        eprintln!("eval run {} on the {} split:", done.id, request.metadata.get("split").map(String::as_str).unwrap_or("?"));
+        eprintln!(
+            "eval run {} on the {} split:",
+            done.id,
+            request
+                .metadata
+                .get("split")
+                .map(String::as_str)
+                .unwrap_or("?")
+        );
         for (name, e) in &done.aggregates {
             eprintln!("  {name}: {:.4} [{:.4}, {:.4}]", e.mean, e.low, e.high);
         }
@@ -122,7 +198,11 @@ pub fn run_recorded(store: &Store, run_id: &str, config: &TrainConfig, mut env: 
     Ok(outcome)
 }
 
-fn eval_request(config: &TrainConfig, rows: Vec<PredictionRow>, metadata: BTreeMap<String, String>) -> EvalRequest {
+fn eval_request(
+    config: &TrainConfig,
+    rows: Vec<PredictionRow>,
+    metadata: BTreeMap<String, String>,
+) -> EvalRequest {
     EvalRequest {
         name: format!("{} (after training)", config.output_dir),
         rows,

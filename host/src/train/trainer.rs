@@ -99,7 +99,11 @@ const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const TRAINER_STATE_FILE: &str = "trainer_state.json";
 
 fn device() -> Result<Device> {
-    if cfg!(feature = "cuda") { Ok(Device::cuda_if_available(0)?) } else { Ok(Device::Cpu) }
+    if cfg!(feature = "cuda") {
+        Ok(Device::cuda_if_available(0)?)
+    } else {
+        Ok(Device::Cpu)
+    }
 }
 
 fn compute_dtype(config: &TrainConfig, device: &Device) -> DType {
@@ -124,16 +128,23 @@ pub fn find_checkpoint(output_dir: &Path, spec: &str) -> Result<PathBuf> {
         return Ok(p);
     }
     let mut best: Option<(usize, PathBuf)> = None;
-    for entry in std::fs::read_dir(output_dir).with_context(|| format!("failed to read {}", output_dir.display()))? {
+    for entry in std::fs::read_dir(output_dir)
+        .with_context(|| format!("failed to read {}", output_dir.display()))?
+    {
         let path = entry?.path();
-        let n = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("checkpoint-")).and_then(|n| n.parse::<usize>().ok());
+        let n = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("checkpoint-"))
+            .and_then(|n| n.parse::<usize>().ok());
         if let Some(n) = n.filter(|_| path.join(STATE_FILE).is_file()) {
             if best.as_ref().is_none_or(|(b, _)| n > *b) {
                 best = Some((n, path));
             }
         }
     }
-    best.map(|(_, p)| p).with_context(|| format!("no checkpoint-N folder in {}", output_dir.display()))
+    best.map(|(_, p)| p)
+        .with_context(|| format!("no checkpoint-N folder in {}", output_dir.display()))
 }
 
 /// Trains as `config` says. Dataset problems are reported before the model loads.
@@ -155,7 +166,12 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
 
     let device = device()?;
     let dtype = compute_dtype(config, &device);
-    let rt = Runtime { assets_dir: env.assets_dir.clone(), device: device.clone(), dtype, fetcher: Fetcher::default() };
+    let rt = Runtime {
+        assets_dir: env.assets_dir.clone(),
+        device: device.clone(),
+        dtype,
+        fetcher: Fetcher::default(),
+    };
     let lora = LoraConfig {
         r: config.lora.r,
         lora_alpha: config.lora.lora_alpha,
@@ -171,7 +187,10 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         ..Default::default()
     };
     let builder = if config.quantization.load_in_4bit {
-        LinearBuilder::nf4().with_format(BaseFormat::Nf4(Nf4Options { double_quant: config.quantization.bnb_4bit_use_double_quant, ..Default::default() }))
+        LinearBuilder::nf4().with_format(BaseFormat::Nf4(Nf4Options {
+            double_quant: config.quantization.bnb_4bit_use_double_quant,
+            ..Default::default()
+        }))
     } else {
         LinearBuilder::dense()
     };
@@ -180,18 +199,37 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     let loaded = load_model_with(&config.model_name_or_path, builder, &rt)
         .with_context(|| format!("failed to load model {}", config.model_name_or_path))?;
     if registry.layers().is_empty() {
-        bail!("lora.target_modules {:?} matches no linear layer of {}", config.lora.target_modules, config.model_name_or_path);
+        bail!(
+            "lora.target_modules {:?} matches no linear layer of {}",
+            config.lora.target_modules,
+            config.model_name_or_path
+        );
     }
-    let tokenizer = loaded.tokenizer.clone().with_context(|| format!("{} has no tokenizer", config.model_name_or_path))?;
+    let tokenizer = loaded
+        .tokenizer
+        .clone()
+        .with_context(|| format!("{} has no tokenizer", config.model_name_or_path))?;
     let eos_id = loaded.defaults.eos_token_ids.first().copied();
     let eos = eos_id.and_then(|id| tokenizer.id_to_token(id));
     let pad_id = loaded.defaults.pad_token_id.or(eos_id).unwrap_or(0);
     let model: &dyn CausalLm = &loaded.model;
 
-    let train = data::encode(&tokenizer, &train_rows, eos.as_deref(), config.completion_only_loss, config.max_seq_length)?;
+    let train = data::encode(
+        &tokenizer,
+        &train_rows,
+        eos.as_deref(),
+        config.completion_only_loss,
+        config.max_seq_length,
+    )?;
     report_truncation("train", &train, config.max_seq_length);
     let val = match &val_rows {
-        Some(rows) => Some(data::encode(&tokenizer, rows, eos.as_deref(), config.completion_only_loss, config.max_seq_length)?),
+        Some(rows) => Some(data::encode(
+            &tokenizer,
+            rows,
+            eos.as_deref(),
+            config.completion_only_loss,
+            config.max_seq_length,
+        )?),
         None => None,
     };
     let lengths: Vec<usize> = train.examples.iter().map(|e| e.input_ids.len()).collect();
@@ -199,17 +237,38 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     let accum = config.gradient_accumulation_steps;
     let batches_per_epoch = lengths.len().div_ceil(bs);
     let steps_per_epoch = batches_per_epoch.div_ceil(accum).max(1);
-    let max_steps =
-        if config.max_steps > 0 { config.max_steps as usize } else { (config.num_train_epochs * steps_per_epoch as f64).ceil() as usize };
+    let max_steps = if config.max_steps > 0 {
+        config.max_steps as usize
+    } else {
+        (config.num_train_epochs * steps_per_epoch as f64).ceil() as usize
+    };
     let warmup = warmup_steps(config.warmup_steps, config.warmup_ratio, max_steps);
 
-    let vars: Vec<(String, Var)> = registry.varmap().data().lock().expect("varmap").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let vars: Vec<(String, Var)> = registry
+        .varmap()
+        .data()
+        .lock()
+        .expect("varmap")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let mut opt = AdamW::new(
         vars,
-        AdamWParams { beta1: config.adam_beta1, beta2: config.adam_beta2, eps: config.adam_epsilon, weight_decay: config.weight_decay },
+        AdamWParams {
+            beta1: config.adam_beta1,
+            beta2: config.adam_beta2,
+            eps: config.adam_epsilon,
+            weight_decay: config.weight_decay,
+        },
     )?;
     let trainable: usize = opt.vars().iter().map(|(_, v)| v.elem_count()).sum();
-    tracing::info!(examples = lengths.len(), max_steps, steps_per_epoch, trainable, "training");
+    tracing::info!(
+        examples = lengths.len(),
+        max_steps,
+        steps_per_epoch,
+        trainable,
+        "training"
+    );
 
     let mut state = ResumeState {
         global_step: 0,
@@ -227,21 +286,38 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     if let Some(dir) = &resume_from {
         state = load_checkpoint(dir, &mut opt, &device)?;
         if state.seed != config.seed {
-            bail!("{} was made with seed {}, the config says {}", dir.display(), state.seed, config.seed);
+            bail!(
+                "{} was made with seed {}, the config says {}",
+                dir.display(),
+                state.seed,
+                config.seed
+            );
         }
-        eprintln!("resuming from {} at step {}", dir.display(), state.global_step);
+        eprintln!(
+            "resuming from {} at step {}",
+            dir.display(),
+            state.global_step
+        );
     }
-    std::fs::create_dir_all(&output_dir).with_context(|| format!("failed to create {}", output_dir.display()))?;
+    std::fs::create_dir_all(&output_dir)
+        .with_context(|| format!("failed to create {}", output_dir.display()))?;
     remove_stale_temporaries(&output_dir);
 
     let evaluate = |registry: &LoraRegistry| -> Result<Option<f64>> {
         let Some(val) = &val else { return Ok(None) };
         registry.set_training(false);
-        let examples: Vec<Example> = val.examples.iter().filter(|e| e.targets.iter().any(|t| *t)).cloned().collect();
+        let examples: Vec<Example> = val
+            .examples
+            .iter()
+            .filter(|e| e.targets.iter().any(|t| *t))
+            .cloned()
+            .collect();
         if examples.is_empty() {
             return Ok(None);
         }
-        Ok(Some(loss_on_examples(model, &examples, config.per_device_eval_batch_size.max(1))?.loss))
+        Ok(Some(
+            loss_on_examples(model, &examples, config.per_device_eval_batch_size.max(1))?.loss,
+        ))
     };
     if resume_from.is_none() && val.is_some() {
         state.first_eval_loss = evaluate(&registry)?;
@@ -256,23 +332,47 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     let mut window_tokens = 0u64;
     let mut steps_this_run = 0usize;
     let mut stopped_early = false;
-    let save_opts = SaveOptions { base_model_name_or_path: Some(config.model_name_or_path.clone()), ..Default::default() };
+    let save_opts = SaveOptions {
+        base_model_name_or_path: Some(config.model_name_or_path.clone()),
+        ..Default::default()
+    };
 
     while state.global_step < max_steps {
-        if env.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) || env.stop_after_steps.is_some_and(|n| steps_this_run >= n) {
+        if env
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+            || env.stop_after_steps.is_some_and(|n| steps_this_run >= n)
+        {
             stopped_early = true;
             break;
         }
         let epoch = state.global_step / steps_per_epoch;
         let window = state.global_step % steps_per_epoch;
         if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            epoch_cache = Some((epoch, data::epoch_batches(&lengths, bs, config.group_by_length, config.seed, epoch as u64)));
+            epoch_cache = Some((
+                epoch,
+                data::epoch_batches(
+                    &lengths,
+                    bs,
+                    config.group_by_length,
+                    config.seed,
+                    epoch as u64,
+                ),
+            ));
         }
         let batches = &epoch_cache.as_ref().expect("cached").1;
-        let micro = &batches[(window * accum).min(batches.len())..((window + 1) * accum).min(batches.len())];
+        let micro = &batches
+            [(window * accum).min(batches.len())..((window + 1) * accum).min(batches.len())];
         let collated = micro
             .iter()
-            .map(|idx| data::collate(&idx.iter().map(|&i| &train.examples[i]).collect::<Vec<_>>(), pad_id, &device))
+            .map(|idx| {
+                data::collate(
+                    &idx.iter().map(|&i| &train.examples[i]).collect::<Vec<_>>(),
+                    pad_id,
+                    &device,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let total_targets: usize = collated.iter().map(|b| b.n_targets).sum();
 
@@ -287,12 +387,16 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             if batch.n_targets == 0 {
                 continue;
             }
-            let hidden = model.hidden_states(&batch.input_ids, Some(&batch.attention_mask), None)?;
+            let hidden =
+                model.hidden_states(&batch.input_ids, Some(&batch.attention_mask), None)?;
             let hidden = hidden.reshape((batch.rows * batch.width, hidden.dim(D::Minus1)?))?;
             let picked = hidden.index_select(&batch.positions, 0)?;
             let logits = model.lm_head(&picked)?.to_dtype(DType::F32)?;
             let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let nll = logp.gather(&batch.labels.unsqueeze(1)?, 1)?.neg()?.sum_all()?;
+            let nll = logp
+                .gather(&batch.labels.unsqueeze(1)?, 1)?
+                .neg()?
+                .sum_all()?;
             // Token-weighted over the whole window, as HF with `num_items_in_batch`.
             let loss = (nll / total_targets as f64)?;
             step_loss += f64::from(loss.to_scalar::<f32>()?);
@@ -312,7 +416,13 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
             .collect::<candle_core::Result<_>>()?;
         let last_grad_norm = clip_grad_norm(&mut grads, config.max_grad_norm)?;
-        let lr = config.learning_rate * lr_lambda(&config.lr_scheduler_type, state.global_step, warmup, max_steps);
+        let lr = config.learning_rate
+            * lr_lambda(
+                &config.lr_scheduler_type,
+                state.global_step,
+                warmup,
+                max_steps,
+            );
         opt.step(&grads, lr)?;
         state.global_step += 1;
         state.adam_step = opt.step;
@@ -327,7 +437,13 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         if state.global_step % config.logging_steps.max(1) == 0 || is_last {
             let mean = state.pending_losses.iter().sum::<f64>() / state.pending_losses.len() as f64;
             state.pending_losses.clear();
-            let next_lr = config.learning_rate * lr_lambda(&config.lr_scheduler_type, state.global_step, warmup, max_steps);
+            let next_lr = config.learning_rate
+                * lr_lambda(
+                    &config.lr_scheduler_type,
+                    state.global_step,
+                    warmup,
+                    max_steps,
+                );
             let secs = window_started.elapsed().as_secs_f64().max(1e-9);
             let tps = window_tokens as f64 / secs;
             let per_step = started.elapsed().as_secs_f64() / steps_this_run as f64;
@@ -338,16 +454,19 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                 "epoch": epoch_f, "grad_norm": last_grad_norm, "learning_rate": next_lr, "loss": round4(mean), "step": state.global_step,
             }));
             bar.set_message(format!("loss {mean:.4} · {tps:.0} tok/s"));
-            record(env, RunEvent::Loss {
-                step: state.global_step as u64,
-                epoch: epoch_f,
-                loss: Some(mean),
-                eval_loss: None,
-                learning_rate: Some(next_lr),
-                grad_norm: Some(last_grad_norm),
-                tokens_per_second: Some(tps),
-                eta_seconds: Some(eta),
-            });
+            record(
+                env,
+                RunEvent::Loss {
+                    step: state.global_step as u64,
+                    epoch: epoch_f,
+                    loss: Some(mean),
+                    eval_loss: None,
+                    learning_rate: Some(next_lr),
+                    grad_norm: Some(last_grad_norm),
+                    tokens_per_second: Some(tps),
+                    eta_seconds: Some(eta),
+                },
+            );
             record_progress(env, state.global_step, max_steps);
         }
         if config.eval_steps > 0 && state.global_step % config.eval_steps == 0 && !is_last {
@@ -356,7 +475,16 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             }
         }
         if config.save_steps > 0 && state.global_step % config.save_steps == 0 {
-            save_checkpoint(&output_dir, config, &registry, &opt, &state, &save_opts, max_steps, steps_per_epoch)?;
+            save_checkpoint(
+                &output_dir,
+                config,
+                &registry,
+                &opt,
+                &state,
+                &save_opts,
+                max_steps,
+                steps_per_epoch,
+            )?;
         }
         bar.inc(1);
     }
@@ -371,7 +499,8 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         truncated: train.truncated,
         first_eval_loss: state.first_eval_loss,
         final_eval_loss: None,
-        train_loss: (state.global_step > 0).then(|| state.all_losses_sum / state.global_step as f64),
+        train_loss: (state.global_step > 0)
+            .then(|| state.all_losses_sum / state.global_step as f64),
         log_history: Vec::new(),
         stopped_early,
         predictions: Vec::new(),
@@ -393,16 +522,28 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             "train_steps_per_second": round4(steps_this_run as f64 / started.elapsed().as_secs_f64().max(1e-9)),
         }));
         peft::save_adapter(&output_dir, &registry, &save_opts)?;
-        write_json(&output_dir.join(TRAINER_STATE_FILE), &trainer_state(config, &state, max_steps, steps_per_epoch))?;
+        write_json(
+            &output_dir.join(TRAINER_STATE_FILE),
+            &trainer_state(config, &state, max_steps, steps_per_epoch),
+        )?;
         outcome.adapter_dir = Some(output_dir.clone());
         if !config.eval_after_train.is_empty() {
             let (name, split) = match (&splits.validation, &splits.test) {
                 (Some(v), _) => ("validation", v),
                 (None, Some(t)) => ("test", t),
-                (None, None) => bail!("eval_after_train needs a validation or test split in {}", config.dataset),
+                (None, None) => bail!(
+                    "eval_after_train needs a validation or test split in {}",
+                    config.dataset
+                ),
             };
             registry.set_training(false);
-            outcome.predictions = generate_split(&loaded, &rt, split, &config.formatter, env.registry.as_ref())?;
+            outcome.predictions = generate_split(
+                &loaded,
+                &rt,
+                split,
+                &config.formatter,
+                env.registry.as_ref(),
+            )?;
             outcome.predictions_split = Some(name.to_string());
         }
     }
@@ -412,13 +553,23 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
 
 /// Generates for every row of `split` with the model as trained (the reference notebook's
 /// decoding: greedy, repetition penalty 30, 50 new tokens).
-fn generate_split(loaded: &adapterlab_model::loader::LoadedModel, rt: &Runtime, split: &data::Split, formatter: &str, registry: Option<&Registry>) -> Result<Vec<PredictionRow>> {
+fn generate_split(
+    loaded: &adapterlab_model::loader::LoadedModel,
+    rt: &Runtime,
+    split: &data::Split,
+    formatter: &str,
+    registry: Option<&Registry>,
+) -> Result<Vec<PredictionRow>> {
     let rendered = data::render(split, formatter, registry)?;
     let prompts: Vec<String> = rendered.iter().map(|r| r.prompt.clone()).collect();
-    let mut opts = GenerateOptions::reference(&loaded.source.display().to_string(), prompts, rt.clone());
+    let mut opts =
+        GenerateOptions::reference(&loaded.source.display().to_string(), prompts, rt.clone());
     opts.decoding = Decoding::Greedy;
     let bar_len = rendered.len();
-    eprintln!("generating on {} rows of {} for eval_after_train", bar_len, split.origin);
+    eprintln!(
+        "generating on {} rows of {} for eval_after_train",
+        bar_len, split.origin
+    );
     let generations = generate_with(loaded, &opts)?;
     Ok(split
         .rows
@@ -427,34 +578,56 @@ fn generate_split(loaded: &adapterlab_model::loader::LoadedModel, rt: &Runtime, 
         .zip(generations)
         .enumerate()
         .map(|(i, ((row, r), g))| PredictionRow {
-            id: row.get("id").map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_else(|| i.to_string()),
+            id: row
+                .get("id")
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string())
+                })
+                .unwrap_or_else(|| i.to_string()),
             prediction: g.text.trim().to_string(),
             reference: r.completion.trim().to_string(),
-            source: row.get("dialogue").and_then(Value::as_str).map(str::to_string),
+            source: row
+                .get("dialogue")
+                .and_then(Value::as_str)
+                .map(str::to_string),
         })
         .collect())
 }
 
 fn log_eval(env: &TrainEnv, state: &mut ResumeState, loss: f64, epoch: f64) {
-    state.log_history.push(json!({"epoch": epoch, "eval_loss": loss, "step": state.global_step}));
-    record(env, RunEvent::Loss {
-        step: state.global_step as u64,
-        epoch,
-        loss: None,
-        eval_loss: Some(loss),
-        learning_rate: None,
-        grad_norm: None,
-        tokens_per_second: None,
-        eta_seconds: None,
-    });
+    state
+        .log_history
+        .push(json!({"epoch": epoch, "eval_loss": loss, "step": state.global_step}));
+    record(
+        env,
+        RunEvent::Loss {
+            step: state.global_step as u64,
+            epoch,
+            loss: None,
+            eval_loss: Some(loss),
+            learning_rate: None,
+            grad_norm: None,
+            tokens_per_second: None,
+            eta_seconds: None,
+        },
+    );
 }
 
 fn report_truncation(split: &str, enc: &Encoded, max: usize) {
     if enc.truncated > 0 {
-        eprintln!("{split}: {} of {} examples truncated to max_seq_length = {max} tokens", enc.truncated, enc.examples.len());
+        eprintln!(
+            "{split}: {} of {} examples truncated to max_seq_length = {max} tokens",
+            enc.truncated,
+            enc.examples.len()
+        );
     }
     if enc.no_targets > 0 {
-        eprintln!("{split}: {} examples keep no completion token after truncation and add nothing to the loss", enc.no_targets);
+        eprintln!(
+            "{split}: {} examples keep no completion token after truncation and add nothing to the loss",
+            enc.no_targets
+        );
     }
 }
 
@@ -473,7 +646,14 @@ fn record_progress(env: &TrainEnv, done: usize, total: usize) {
             r.progress.total = total as u64;
             r.progress.unit = "steps".into();
         });
-        record(env, RunEvent::Progress { done: done as u64, total: total as u64, unit: "steps".into() });
+        record(
+            env,
+            RunEvent::Progress {
+                done: done as u64,
+                total: total as u64,
+                unit: "steps".into(),
+            },
+        );
     }
 }
 
@@ -483,7 +663,8 @@ fn progress_bar(on: bool, total: usize, done: usize) -> indicatif::ProgressBar {
     }
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps · {msg} · ETA {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps · {msg} · ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_position(done as u64);
     bar
@@ -494,7 +675,12 @@ fn round4(x: f64) -> f64 {
 }
 
 /// HF Trainer's `trainer_state.json`.
-fn trainer_state(config: &TrainConfig, state: &ResumeState, max_steps: usize, steps_per_epoch: usize) -> Value {
+fn trainer_state(
+    config: &TrainConfig,
+    state: &ResumeState,
+    max_steps: usize,
+    steps_per_epoch: usize,
+) -> Value {
     json!({
         "best_global_step": null,
         "best_metric": null,
@@ -542,19 +728,27 @@ fn save_checkpoint(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("failed to create {}", tmp.display()))?;
     peft::save_adapter(&tmp, registry, save_opts)?;
-    let opt_tensors: HashMap<String, Tensor> =
-        opt.state_tensors().into_iter().map(|(k, t)| t.to_device(&Device::Cpu).map(|t| (k, t))).collect::<candle_core::Result<_>>()?;
+    let opt_tensors: HashMap<String, Tensor> = opt
+        .state_tensors()
+        .into_iter()
+        .map(|(k, t)| t.to_device(&Device::Cpu).map(|t| (k, t)))
+        .collect::<candle_core::Result<_>>()?;
     candle_core::safetensors::save(&opt_tensors, tmp.join(OPTIMIZER_FILE))?;
     write_json(&tmp.join(STATE_FILE), state)?;
-    write_json(&tmp.join(TRAINER_STATE_FILE), &trainer_state(config, state, max_steps, steps_per_epoch))?;
+    write_json(
+        &tmp.join(TRAINER_STATE_FILE),
+        &trainer_state(config, state, max_steps, steps_per_epoch),
+    )?;
     for entry in std::fs::read_dir(&tmp)? {
         std::fs::File::open(entry?.path())?.sync_all()?;
     }
     let dest = output_dir.join(&name);
     if dest.exists() {
-        std::fs::remove_dir_all(&dest).with_context(|| format!("failed to replace {}", dest.display()))?;
+        std::fs::remove_dir_all(&dest)
+            .with_context(|| format!("failed to replace {}", dest.display()))?;
     }
-    std::fs::rename(&tmp, &dest).with_context(|| format!("failed to move {} into place", dest.display()))?;
+    std::fs::rename(&tmp, &dest)
+        .with_context(|| format!("failed to move {} into place", dest.display()))?;
     if let Ok(d) = std::fs::File::open(output_dir) {
         let _ = d.sync_all();
     }
@@ -566,9 +760,14 @@ fn save_checkpoint(
 
 /// Half-written checkpoints of a killed run (`.checkpoint-N.tmp-PID`) are never used; drop them.
 fn remove_stale_temporaries(output_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(output_dir) else { return };
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return;
+    };
     for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if name.starts_with(".checkpoint-") && name.contains(".tmp-") {
             let _ = std::fs::remove_dir_all(&path);
         }
@@ -579,7 +778,12 @@ fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
     let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter_map(|p| {
-            let n = p.file_name()?.to_str()?.strip_prefix("checkpoint-")?.parse().ok()?;
+            let n = p
+                .file_name()?
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
             Some((n, p))
         })
         .collect();
@@ -592,20 +796,32 @@ fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
 }
 
 fn load_checkpoint(dir: &Path, opt: &mut AdamW, device: &Device) -> Result<ResumeState> {
-    let text = std::fs::read_to_string(dir.join(STATE_FILE)).with_context(|| format!("failed to read {}/{STATE_FILE}", dir.display()))?;
-    let state: ResumeState = serde_json::from_str(&text).with_context(|| format!("{}/{STATE_FILE} is malformed", dir.display()))?;
+    let text = std::fs::read_to_string(dir.join(STATE_FILE))
+        .with_context(|| format!("failed to read {}/{STATE_FILE}", dir.display()))?;
+    let state: ResumeState = serde_json::from_str(&text)
+        .with_context(|| format!("{}/{STATE_FILE} is malformed", dir.display()))?;
     let adapter_file = dir.join("adapter_model.safetensors");
-    let weights = candle_core::safetensors::load(&adapter_file, device).with_context(|| format!("failed to read {}", adapter_file.display()))?;
+    let weights = candle_core::safetensors::load(&adapter_file, device)
+        .with_context(|| format!("failed to read {}", adapter_file.display()))?;
     for (name, var) in opt.vars() {
-        let t = weights.get(name).with_context(|| format!("{} has no tensor {name}", adapter_file.display()))?;
+        let t = weights
+            .get(name)
+            .with_context(|| format!("{} has no tensor {name}", adapter_file.display()))?;
         if t.dims() != var.dims() {
-            bail!("{}: {name} has shape {:?}, the model needs {:?} (another lora config?)", adapter_file.display(), t.dims(), var.dims());
+            bail!(
+                "{}: {name} has shape {:?}, the model needs {:?} (another lora config?)",
+                adapter_file.display(),
+                t.dims(),
+                var.dims()
+            );
         }
         var.set(&t.to_dtype(var.dtype())?)?;
     }
     let opt_file = dir.join(OPTIMIZER_FILE);
-    let tensors: BTreeMap<String, Tensor> =
-        candle_core::safetensors::load(&opt_file, device).with_context(|| format!("failed to read {}", opt_file.display()))?.into_iter().collect();
+    let tensors: BTreeMap<String, Tensor> = candle_core::safetensors::load(&opt_file, device)
+        .with_context(|| format!("failed to read {}", opt_file.display()))?
+        .into_iter()
+        .collect();
     opt.load_state(tensors, state.adam_step)?;
     Ok(state)
 }
