@@ -12,50 +12,30 @@ pub mod since_v0_1_0 {
         });
     }
 
-    pub mod metric {
-        wasmtime::component::bindgen!({
-            path: "../sdk/wit/since_v0.1.0",
-            world: "metric-plugin",
-            with: {
-                "adapterlab:plugin/types": super::imports::adapterlab::plugin::types,
-                "adapterlab:plugin/log": super::imports::adapterlab::plugin::log,
-                "adapterlab:plugin/config": super::imports::adapterlab::plugin::config,
-                "adapterlab:plugin/embed": super::imports::adapterlab::plugin::embed,
-                "adapterlab:plugin/chat": super::imports::adapterlab::plugin::chat,
-            },
-            additional_derives: [serde::Serialize, serde::Deserialize, PartialEq],
-        });
+    /// A plugin world's bindings, reusing the capability bindings above so every world shares
+    /// one set of host traits and types.
+    macro_rules! plugin_world {
+        ($module:ident, $world:tt) => {
+            pub mod $module {
+                wasmtime::component::bindgen!({
+                    path: "../sdk/wit/since_v0.1.0",
+                    world: $world,
+                    with: {
+                        "adapterlab:plugin/types": super::imports::adapterlab::plugin::types,
+                        "adapterlab:plugin/log": super::imports::adapterlab::plugin::log,
+                        "adapterlab:plugin/config": super::imports::adapterlab::plugin::config,
+                        "adapterlab:plugin/embed": super::imports::adapterlab::plugin::embed,
+                        "adapterlab:plugin/chat": super::imports::adapterlab::plugin::chat,
+                    },
+                    additional_derives: [serde::Serialize, serde::Deserialize, PartialEq],
+                });
+            }
+        };
     }
 
-    pub mod formatter {
-        wasmtime::component::bindgen!({
-            path: "../sdk/wit/since_v0.1.0",
-            world: "formatter-plugin",
-            with: {
-                "adapterlab:plugin/types": super::imports::adapterlab::plugin::types,
-                "adapterlab:plugin/log": super::imports::adapterlab::plugin::log,
-                "adapterlab:plugin/config": super::imports::adapterlab::plugin::config,
-                "adapterlab:plugin/embed": super::imports::adapterlab::plugin::embed,
-                "adapterlab:plugin/chat": super::imports::adapterlab::plugin::chat,
-            },
-            additional_derives: [serde::Serialize, serde::Deserialize, PartialEq],
-        });
-    }
-
-    pub mod reporter {
-        wasmtime::component::bindgen!({
-            path: "../sdk/wit/since_v0.1.0",
-            world: "reporter-plugin",
-            with: {
-                "adapterlab:plugin/types": super::imports::adapterlab::plugin::types,
-                "adapterlab:plugin/log": super::imports::adapterlab::plugin::log,
-                "adapterlab:plugin/config": super::imports::adapterlab::plugin::config,
-                "adapterlab:plugin/embed": super::imports::adapterlab::plugin::embed,
-                "adapterlab:plugin/chat": super::imports::adapterlab::plugin::chat,
-            },
-            additional_derives: [serde::Serialize, serde::Deserialize, PartialEq],
-        });
-    }
+    plugin_world!(metric, "metric-plugin");
+    plugin_world!(formatter, "formatter-plugin");
+    plugin_world!(reporter, "reporter-plugin");
 
     /// The contract version these bindings implement.
     pub const VERSION: &str = "0.1.0";

@@ -88,22 +88,18 @@ impl Store {
             }
             other => StoreError::Sled(other),
         })?;
-        migrate::run(&db, path)?;
-        Ok(Store {
-            runs: db.open_tree(tree::RUNS)?,
-            samples: db.open_tree(tree::SAMPLES)?,
-            events: db.open_tree(tree::EVENTS)?,
-            adapters: db.open_tree(tree::ADAPTERS)?,
-            llm_cache: db.open_tree(tree::LLM_CACHE)?,
-            plugins: db.open_tree(tree::PLUGINS)?,
-            db,
-        })
+        Self::from_db(db, path)
     }
 
     /// A store in a temporary directory, for tests.
     pub fn temporary() -> Result<Self> {
         let db = sled::Config::new().temporary(true).open()?;
-        migrate::run(&db, Path::new("<temporary>"))?;
+        Self::from_db(db, Path::new("<temporary>"))
+    }
+
+    /// Migrate an opened database to the current schema and open its keyspaces.
+    fn from_db(db: sled::Db, path: &Path) -> Result<Self> {
+        migrate::run(&db, path)?;
         Ok(Store {
             runs: db.open_tree(tree::RUNS)?,
             samples: db.open_tree(tree::SAMPLES)?,
