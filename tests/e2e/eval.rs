@@ -143,7 +143,9 @@ fn eval_stores_scores_and_runs_compare_and_report() {
         list.contains("adapter-a") && list.contains("adapter-b") && list.contains("done"),
         "{list}"
     );
-    let show = run_ok(&mut t.cmd(&["runs", "show", &run_a[..10], "--json", "--samples"]));
+    // A prefix that reaches into the random bits of the UUIDv7: the first 12 hex digits
+    // are the clock, which two runs in the same few milliseconds share.
+    let show = run_ok(&mut t.cmd(&["runs", "show", &run_a[..20], "--json", "--samples"]));
     let show: serde_json::Value = serde_json::from_str(&show).unwrap();
     assert_eq!(show["name"], "adapter-a");
     assert_eq!(show["samples"].as_array().unwrap().len(), REFERENCES.len());

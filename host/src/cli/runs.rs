@@ -44,9 +44,11 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&runs)?);
                 return Ok(());
             }
+            let short = unique_prefixes(runs.iter().map(|r| r.id.as_str()), 12);
             let rows: Vec<Vec<String>> = runs
                 .iter()
-                .map(|r| {
+                .zip(short)
+                .map(|(r, short)| {
                     let key = r
                         .aggregates
                         .iter()
@@ -55,7 +57,7 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(" ");
                     vec![
-                        r.id[..12.min(r.id.len())].to_string(),
+                        short,
                         r.name.clone(),
                         r.kind.as_str().into(),
                         r.status.as_str().into(),
@@ -163,5 +165,38 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// The shortest prefix of each id, at least `min` characters, that no other id shares.
+/// Run ids are UUIDv7 whose first 12 hex digits are a millisecond clock, so runs
+/// started together share long prefixes; a fixed cut would print ambiguous ids.
+fn unique_prefixes<'a>(ids: impl Iterator<Item = &'a str>, min: usize) -> Vec<String> {
+    let ids: Vec<&str> = ids.collect();
+    let mut sorted: Vec<&str> = ids.clone();
+    sorted.sort_unstable();
+    let common = |a: &str, b: &str| a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    ids.iter()
+        .map(|id| {
+            let i = sorted.binary_search(id).unwrap_or(0);
+            let before = i.checked_sub(1).map_or(0, |j| common(sorted[j], id));
+            let after = sorted.get(i + 1).map_or(0, |n| common(n, id));
+            let len = (before.max(after) + 1).max(min).min(id.len());
+            id.get(..len).unwrap_or(id).to_string()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unique_prefixes;
+
+    #[test]
+    fn prefixes_are_unique_and_at_least_the_minimum() {
+        let ids = ["0195aa01", "0196ffff", "0195aa02", "0195b000"];
+        let got = unique_prefixes(ids.into_iter(), 2);
+        assert_eq!(got, ["0195aa01", "0196", "0195aa02", "0195b"]);
+        let got = unique_prefixes(["abc", "xyz"].into_iter(), 2);
+        assert_eq!(got, ["ab", "xy"]);
     }
 }
