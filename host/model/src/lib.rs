@@ -33,6 +33,9 @@ pub mod causal_lm;
 pub mod chat;
 pub mod commands;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda_kernels;
+pub mod dropout;
 pub mod falcon;
 pub mod generate;
 pub mod gguf;

@@ -13,6 +13,9 @@ use crate::plugin::registry::closest;
 #[serde(default)]
 pub struct TrainConfig {
     pub model_name_or_path: String,
+    /// A `tokenizer.json` (or a folder holding one) when the model's own is missing or to be
+    /// replaced, as HF's example scripts' `tokenizer_name`; empty: the model's.
+    pub tokenizer_name: String,
     /// A local JSON/JSONL/CSV/Parquet file or folder with splits, `bundled`, or a hub id.
     pub dataset: String,
     pub output_dir: String,
@@ -76,6 +79,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             model_name_or_path: "smollm2".into(),
+            tokenizer_name: String::new(),
             dataset: "bundled".into(),
             output_dir: "outputs".into(),
             formatter: "summarize".into(),
