@@ -207,7 +207,7 @@ fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
 /// Runs `f` with the CUDA slice of every input tensor (which must be fresh, offset-0 tensors of
 /// the named dtype).
 fn with_slices<R>(w: &Nf4Gpu, f: impl FnOnce(Slices) -> Result<R>) -> Result<R> {
-    fn guard(t: &Tensor) -> Result<std::sync::RwLockReadGuard<'_, Storage>> {
+    fn guard(t: &Tensor) -> Result<impl std::ops::Deref<Target = Storage> + '_> {
         if t.layout().start_offset() != 0 || !t.is_contiguous() {
             return Err(Error::Msg("NF4 CUDA kernel: input is a view".into()));
         }

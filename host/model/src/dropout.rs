@@ -5,7 +5,7 @@
 //! uninterrupted ones.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
 /// The mask value of element `i`: 0 with probability `p`, else `scale` (`1 / (1 - p)`).
@@ -117,7 +117,7 @@ impl CustomOp1 for SeededDropout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn drops_about_p_scales_the_rest_and_backward_uses_the_same_mask() -> Result<()> {

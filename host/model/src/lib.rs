@@ -31,6 +31,7 @@ pub mod bert;
 pub mod bnb;
 pub mod causal_lm;
 pub mod chat;
+pub mod checkpoint;
 pub mod commands;
 pub mod config;
 #[cfg(feature = "cuda")]

@@ -260,14 +260,19 @@ impl LoraLayer {
         // Training under a 16-bit compute dtype runs the adapter in that dtype, as
         // torch.autocast does in the reference (PEFT + bitsandbytes) trainer; the f32 weights
         // stay the optimizer's. Otherwise PEFT's inference math: the adapter's own dtype.
-        let a = self.a.as_tensor();
+        // A checkpointed layer's first pass builds no graph, so it reads the weights detached.
+        let (a, b) = if crate::checkpoint::no_grad() {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        } else {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        };
         let work = if train && matches!(x.dtype(), DType::BF16 | DType::F16) {
             x.dtype()
         } else {
             a.dtype()
         };
         let a = a.to_dtype(work)?;
-        let b = self.b.as_tensor().to_dtype(work)?;
+        let b = b.to_dtype(work)?;
         let xa = x.to_dtype(work)?;
         let xa = if train && self.dropout > 0.0 {
             match self.dropout_key.get() {

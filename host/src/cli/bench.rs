@@ -53,6 +53,9 @@ pub struct TrainBenchArgs {
     /// Comma-separated LoRA target modules (default: every linear layer but the head).
     #[arg(long, value_delimiter = ',')]
     pub target_modules: Vec<String>,
+    /// Recompute each layer's activations in backward (HF's `gradient_checkpointing`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Save the trained adapter here (PEFT format), e.g. for `bench generate --adapter`.
     #[arg(long)]
     pub save: Option<PathBuf>,
@@ -106,6 +109,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
             target_modules: args.target_modules.clone(),
             ..Default::default()
         },
+        gradient_checkpointing: args.gradient_checkpointing,
         ..Default::default()
     };
     let t = Instant::now();

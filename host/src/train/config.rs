@@ -40,6 +40,8 @@ pub struct TrainConfig {
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
     pub group_by_length: bool,
+    /// Recompute each decoder layer's activations in backward instead of keeping them.
+    pub gradient_checkpointing: bool,
     pub logging_steps: usize,
     pub save_steps: usize,
     pub save_total_limit: Option<usize>,
@@ -101,6 +103,7 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             group_by_length: true,
+            gradient_checkpointing: false,
             logging_steps: 20,
             save_steps: 20,
             save_total_limit: None,

@@ -159,6 +159,7 @@ pub fn load_for_training(
 )> {
     let device = device()?;
     let dtype = compute_dtype(config, &device);
+    adapterlab_model::checkpoint::set_enabled(config.gradient_checkpointing);
     let rt = Runtime {
         assets_dir: assets_dir.to_path_buf(),
         device: device.clone(),
@@ -224,10 +225,15 @@ pub fn accumulate_micro_batch(
     let value = f64::from(loss.to_scalar::<f32>()?);
     let store = loss.backward()?;
     for (i, (_, var)) in vars.iter().enumerate() {
-        if let Some(g) = store.get(var.as_tensor()) {
+        // Checkpointed layers hand their adapters' gradients over outside the graph.
+        let found = [
+            store.get(var.as_tensor()).cloned(),
+            adapterlab_model::checkpoint::take_grad(var.as_tensor()),
+        ];
+        for g in found.into_iter().flatten() {
             grads[i] = Some(match grads[i].take() {
                 Some(acc) => (acc + g)?,
-                None => g.clone(),
+                None => g,
             });
         }
     }
