@@ -4,6 +4,7 @@
 #   reference  the Python stack (transformers + PEFT + bitsandbytes): hf_qlora_baseline.py on a
 #              Falcon-7B-shaped random checkpoint (made here once, ~14 GB in /tmp)
 #   train      `adapterlab bench train` on the very same files and workload (batch 8 x 512)
+#   train-ckpt the same with gradient checkpointing
 #   generate   `adapterlab bench generate`: batch 1 and 16, adapter unmerged and merged
 #   sft        `adapterlab train`, 50 steps at batch 8 x 512 on text (the bundled dialogues,
 #              concatenated to 512-token rows), then HF PEFT loads the adapter it wrote
@@ -18,6 +19,9 @@
 #   (MiniLM's WordPiece, from `adapterlab` assets) to .carry/tokenizer.json; wheels in .whl3/
 #   (bitsandbytes 0.50.2 repacked with only its CUDA 13 libraries, peft 0.21.2).
 # Then: device run, carry [".carry", ".whl3"], command `bash scripts/bench/gpu_qlora.sh`.
+# All stages take more than one device call's 10 minutes: the comparison is
+# `STAGES=reference,train,generate` (both sides in one call), the checks
+# `STAGES=golden,train-ckpt,sft` (SFT_GRADIENT_CHECKPOINTING=true to train that way).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -29,6 +33,7 @@ AL=/tmp/adapterlab
 gunzip -c .carry/adapterlab.gz > $AL && chmod +x $AL
 
 stage() { [[ ",$STAGES," == *",$1,"* ]]; }
+if [ ! -d .carry ]; then echo "no .carry/: build and carry the binaries (see the top of this script)"; exit 2; fi
 log() { while IFS= read -r line; do echo "$line"; [[ $line == '{'* ]] && echo "{\"side\":\"$1\",${line#\{}" >> "$RESULTS"; done; }
 watch_mem() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem-$1.txt" & MEMPID=$!; }
 stop_mem() {
@@ -38,7 +43,7 @@ stop_mem() {
 
 date -u +%FT%TZ | tee "$OUT/date.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,memory.total --format=csv | tee "$OUT/gpu.csv"
-pip install --no-deps -q .whl3/*.whl 2>&1 | tail -2
+python3 -m pip install --no-deps -q .whl3/*.whl 2>&1 | grep -v "WARNING: Running pip as" | tail -3
 
 if stage golden; then
   gunzip -c .carry/golden.gz > /tmp/golden && chmod +x /tmp/golden
@@ -47,22 +52,29 @@ if stage golden; then
     /tmp/golden --test-threads 1 2>&1 | tee "$OUT/golden-cuda.txt" | grep -E "^test |test result|panicked|differ|error" | head -40
 fi
 
-if stage reference || stage train || stage generate || stage sft; then
-  [ -f "$CKPT/config.json" ] || python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --make-ckpt-only
+if stage reference || stage train || stage train-ckpt || stage generate || stage sft; then
+  [ -f "$CKPT/config.json" ] || python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --make-ckpt-only 2>&1 | tee "$OUT/make-ckpt.log"
 fi
 
 if stage reference; then
   echo "== reference: transformers + PEFT + bitsandbytes"
   watch_mem python
-  python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --gen 2>&1 | log python
+  python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --gen 2>&1 | tee "$OUT/python.log" | log python
   stop_mem python
 fi
 
 if stage train; then
   echo "== adapterlab bench train"
   watch_mem adapterlab-train
-  $AL bench train --model "$CKPT" --batch 8 --seq 512 --steps 10 --warmup 3 --save /tmp/bench-adapter 2>&1 | log adapterlab
+  timeout ${STAGE_TIMEOUT:-240} $AL bench train --model "$CKPT" --batch 8 --seq 512 --steps 10 --warmup 3 --save /tmp/bench-adapter 2>&1 | tee "$OUT/adapterlab-train.log" | log adapterlab
   stop_mem adapterlab-train
+fi
+
+if stage train-ckpt; then
+  echo "== adapterlab bench train --gradient-checkpointing"
+  watch_mem adapterlab-train-ckpt
+  timeout ${STAGE_TIMEOUT:-240} $AL bench train --model "$CKPT" --batch 8 --seq 512 --steps 10 --warmup 3 --gradient-checkpointing --save /tmp/bench-adapter 2>&1 | tee "$OUT/adapterlab-train-ckpt.log" | log adapterlab
+  stop_mem adapterlab-train-ckpt
 fi
 
 if stage generate; then
@@ -70,7 +82,7 @@ if stage generate; then
   ADAPTER=/tmp/bench-adapter
   [ -f $ADAPTER/adapter_config.json ] || ADAPTER=
   watch_mem adapterlab-generate
-  $AL bench generate --model "$CKPT" ${ADAPTER:+--adapter $ADAPTER --merged} --batch 1,16 2>&1 | log adapterlab
+  timeout ${STAGE_TIMEOUT:-240} $AL bench generate --model "$CKPT" ${ADAPTER:+--adapter $ADAPTER --merged} --batch ${GEN_BATCHES:-1,16} 2>&1 | tee "$OUT/adapterlab-generate.log" | log adapterlab
   stop_mem adapterlab-generate
 fi
 
@@ -96,7 +108,8 @@ EOF
     --set dataset=/tmp/sft-data --set output_dir=/tmp/sft-out --set max_steps=50 \
     --set per_device_train_batch_size=8 --set per_device_eval_batch_size=8 --set gradient_accumulation_steps=1 \
     --set completion_only_loss=false --set group_by_length=false --set max_seq_length=512 \
-    --set logging_steps=5 --set save_steps=50 2>&1 | tail -20
+    --set logging_steps=5 --set save_steps=50 \
+    --set gradient_checkpointing=${SFT_GRADIENT_CHECKPOINTING:-false} 2>&1 | tail -20
   stop_mem adapterlab-sft
   python3 -c "
 import json; s = json.load(open('/tmp/sft-out/trainer_state.json'))

@@ -17,7 +17,8 @@ def main():
     print(f"GPU: {gpu}  \nDate: {date}\n")
     print("| workload | Python (transformers + PEFT + bitsandbytes) | adapterlab | ratio |")
     print("| --- | --- | --- | --- |")
-    p, o = find("python", "train_step"), find("adapterlab", "train_step")
+    p, o = find("python", "train_step"), find("adapterlab", "train_step", gradient_checkpointing=False)
+    oc = find("adapterlab", "train_step", gradient_checkpointing=True)
     if p or o:
         pv = p and p["tokens_per_s"]; ov = o and o["tokens_per_s"]
         print(f"| train step, batch 8 x 512, tokens/s | {pv} | {ov} | {round(ov / pv, 2) if pv and ov else '-'}x |")
@@ -26,6 +27,13 @@ def main():
         pmg = pm and round(pm["mib"] / 1024, 1); omg = om and round(om["mib"] / 1024, 1)
         print(f"| train peak GPU memory, GiB (nvidia-smi) | {pmg} (torch allocated: {pt}) | {omg} | "
               f"{round(omg / pmg, 2) if pmg and omg else '-'}x |")
+    if oc:
+        pv = p and p["tokens_per_s"]
+        om = find("adapterlab-train-ckpt", "nvidia_smi_peak")
+        print(f"| train step with gradient checkpointing (adapterlab only), tokens/s | {pv} | {oc['tokens_per_s']} | "
+              f"{round(oc['tokens_per_s'] / pv, 2) if pv else '-'}x |")
+        if om:
+            print(f"| its peak GPU memory, GiB (nvidia-smi) | | {round(om['mib'] / 1024, 1)} | |")
     for b in (1, 16):
         p = find("python", "generate", batch=b)
         for merged in (False, True):

@@ -2,6 +2,7 @@
 
 mod util;
 
+mod bench;
 mod browser;
 mod cli;
 mod eval;

@@ -20,7 +20,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Error, Result, Storage, Tensor};
 
 /// Rows of `x` one GEMV launch handles; more rows go through dequantize + cuBLAS.
-pub const GEMV_MAX_ROWS: usize = 16;
+pub const GEMV_MAX_ROWS: usize = 8;
 
 const MODULE: &str = "adapterlab_nf4";
 

@@ -260,8 +260,10 @@ impl LoraLayer {
         // Training under a 16-bit compute dtype runs the adapter in that dtype, as
         // torch.autocast does in the reference (PEFT + bitsandbytes) trainer; the f32 weights
         // stay the optimizer's. Otherwise PEFT's inference math: the adapter's own dtype.
-        // A checkpointed layer's first pass builds no graph, so it reads the weights detached.
-        let (a, b) = if crate::checkpoint::no_grad() {
+        // Inference on untracked inputs, and a checkpointed layer's first pass, want no graph:
+        // the weights are read detached, so the model's tensors do not start tracking ops here
+        // (and the NF4 base keeps its graph-free kernels).
+        let (a, b) = if (!train && !x.track_op()) || crate::checkpoint::no_grad() {
             (self.a.as_tensor().detach(), self.b.as_tensor().detach())
         } else {
             (self.a.as_tensor().clone(), self.b.as_tensor().clone())

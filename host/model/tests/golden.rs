@@ -380,3 +380,35 @@ fn nf4_kernels_equal_the_cpu_path() {
         }
     }
 }
+
+/// Seeded dropout draws the same mask on the GPU as on the CPU (f32, bf16 and f16).
+#[test]
+fn dropout_kernel_equals_the_cpu_path() {
+    use adapterlab_model::dropout::seeded_dropout;
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        return;
+    }
+    let x: Vec<f32> = (0..10_001).map(|i| (i as f32 * 0.37).sin()).collect();
+    let x = Tensor::from_vec(x, (73, 137), &Device::Cpu).unwrap();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let x = x.to_dtype(dtype).unwrap();
+        let cpu = seeded_dropout(&x, 42, 0.1).unwrap();
+        let gpu = seeded_dropout(&x.to_device(&dev).unwrap(), 42, 0.1).unwrap();
+        let bits = |t: &Tensor| {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(bits(&cpu), bits(&gpu), "{dtype:?}");
+    }
+}

@@ -229,6 +229,12 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
             let warm = GenerationConfig::greedy(4, vec![], 0);
             generate_ids(model, &prompts, &warm)?;
             device.synchronize()?;
+            // The prompt pass alone, to tell prefill from decoding.
+            let prefill = GenerationConfig::greedy(1, vec![], 0);
+            let t = Instant::now();
+            generate_ids(model, &prompts, &prefill)?;
+            device.synchronize()?;
+            let prefill_s = t.elapsed().as_secs_f64();
             let cfg = GenerationConfig::greedy(args.new_tokens, vec![], 0);
             let t = Instant::now();
             let out = generate_ids(model, &prompts, &cfg)?;

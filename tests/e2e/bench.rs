@@ -1,0 +1,64 @@
+//! `adapterlab bench train|generate` on the tiny random Falcon-7B-shaped golden fixture: the
+//! commands the GPU comparison runs (scripts/bench/gpu_qlora.sh) work end to end on the CPU,
+//! print their JSON lines, save an adapter that `bench generate` loads, and checkpointing does
+//! not change the loss.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::util::{run_ok, setup};
+
+fn lines(out: &str) -> Vec<Value> {
+    out.lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+fn find<'a>(v: &'a [Value], what: &str) -> Vec<&'a Value> {
+    v.iter().filter(|l| l["what"] == what).collect()
+}
+
+#[test]
+fn bench_train_and_generate_run_and_agree_with_checkpointing() {
+    let t = setup("bench");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("model/tests/fixtures/golden/falcon_7b_style");
+    let model = model.to_str().unwrap();
+    let adapter = t.path().join("adapter");
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "bench", "train", "--model", model, "--batch", "2", "--seq", "12", "--steps", "2",
+            "--warmup", "1",
+        ];
+        args.extend_from_slice(extra);
+        lines(&run_ok(&mut t.cmd(&args)))
+    };
+    let plain = train(&["--save", adapter.to_str().unwrap()]);
+    let load = find(&plain, "load")[0];
+    assert!(load["trainable"].as_u64().unwrap() > 0, "{load}");
+    let steps = find(&plain, "step");
+    assert_eq!(steps.len(), 3);
+    let summary = find(&plain, "train_step")[0];
+    assert_eq!(summary["batch"], 2);
+    assert!(summary["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(adapter.join("adapter_config.json").is_file());
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+
+    // Recomputing each layer in backward trains the same way: same losses step by step.
+    let ckpt = train(&["--gradient-checkpointing"]);
+    for (a, b) in find(&plain, "step").iter().zip(find(&ckpt, "step")) {
+        let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!((la - lb).abs() < 1e-3, "plain {a} vs checkpointed {b}");
+    }
+
+    let gen = lines(&run_ok(&mut t.cmd(&[
+        "bench", "generate", "--model", model, "--adapter", adapter.to_str().unwrap(), "--merged",
+        "--batch", "1,2", "--prompt-tokens", "5", "--new-tokens", "3",
+    ])));
+    let runs = find(&gen, "generate");
+    assert_eq!(runs.len(), 4, "{gen:?}");
+    for r in runs {
+        assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}
