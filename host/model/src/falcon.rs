@@ -403,6 +403,17 @@ impl CausalLm for Falcon {
         out.push(&self.lm_head);
         out
     }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = Vec::new();
+        for l in &mut self.h {
+            let a = &mut l.self_attention;
+            out.extend([&mut a.query_key_value, &mut a.dense]);
+            out.extend([&mut l.mlp.dense_h_to_4h, &mut l.mlp.dense_4h_to_h]);
+        }
+        out.push(&mut self.lm_head);
+        out
+    }
 }
 
 #[cfg(test)]
