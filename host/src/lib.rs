@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod eval;
+pub mod infer;
 pub mod llm;
 pub mod paths;
 pub mod plugin;
