@@ -9,5 +9,6 @@ mod judge;
 mod model;
 mod polyglot;
 mod sandbox;
+mod serve_models;
 mod server;
 mod train;

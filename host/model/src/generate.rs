@@ -142,9 +142,11 @@ fn token_logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
     let mut order: Vec<usize> = (0..logits.len()).collect();
     let n = n.min(logits.len());
     if n > 0 {
-        order.select_nth_unstable_by(n - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+        // Likeliest first; ties go to the lower id, as `argmax` does.
+        let rank = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        order.select_nth_unstable_by(n - 1, rank);
         order.truncate(n);
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        order.sort_by(rank);
     } else {
         order.clear();
     }

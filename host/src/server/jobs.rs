@@ -370,16 +370,12 @@ impl Jobs {
             .context("the run's stored config is unreadable")?;
         let started_before = store.get_run(&run.id)?.is_some_and(|r| r.started.is_some());
         let checkpoint = trainer::find_checkpoint(Path::new(&config.output_dir), "latest").ok();
-        if started_before {
-            let message = match &checkpoint {
-                Some(dir) => format!("resuming from {}", dir.display()),
-                None => "no checkpoint was saved before the run stopped; starting over".into(),
-            };
+        if started_before && checkpoint.is_none() {
             store.push_event(
                 &run.id,
                 &RunEvent::Log {
                     level: "info".into(),
-                    message,
+                    message: "no checkpoint was saved before the run stopped; starting over".into(),
                 },
             )?;
         }

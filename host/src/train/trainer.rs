@@ -507,6 +507,13 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                 max_steps,
                 steps_per_epoch,
             )?;
+            // The store's record of the run is made durable as far as the checkpoint goes, so
+            // a crash loses no logged step that a resume would not redo.
+            if let Some((store, _)) = &env.store {
+                if let Err(e) = store.flush() {
+                    tracing::warn!("failed to flush the store: {e:#}");
+                }
+            }
         }
         bar.inc(1);
     }
