@@ -438,6 +438,11 @@ fn v1_serves_chat_completions_with_logprobs_streaming_errors_and_the_judge() {
             assert_eq!(e["error"]["code"], "invalid_api_key");
             let (s, e) = get(&base, "/v1/models/gpt-9").await;
             assert_eq!(s, 404, "{e}");
+            let (_, doc) = get(&base, "/api/openapi.json").await;
+            for path in ["/v1/chat/completions", "/v1/models"] {
+                assert!(doc["paths"][path].is_object(), "{path} is documented");
+            }
+            assert!(doc["components"]["schemas"]["TrainConfig"]["properties"]["lora"].is_object());
             text.to_string()
         }
     });
