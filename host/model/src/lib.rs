@@ -31,8 +31,12 @@ pub mod bert;
 pub mod bnb;
 pub mod causal_lm;
 pub mod chat;
+pub mod checkpoint;
 pub mod commands;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda_kernels;
+pub mod dropout;
 pub mod falcon;
 pub mod generate;
 pub mod gguf;

@@ -198,9 +198,39 @@ impl DeviceNf4 {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn gpu<'a>(&'a self, q: &Nf4Tensor) -> crate::cuda_kernels::Nf4Gpu<'a> {
+        use crate::cuda_kernels::AbsmaxGpu;
+        crate::cuda_kernels::Nf4Gpu {
+            codes: &self.codes,
+            absmax: match &self.absmax {
+                DeviceAbsmax::Plain(a) => AbsmaxGpu::Plain(a),
+                DeviceAbsmax::Nested {
+                    q,
+                    code,
+                    absmax,
+                    offset,
+                    blocksize,
+                } => AbsmaxGpu::Nested {
+                    q,
+                    code,
+                    absmax,
+                    offset: *offset,
+                    blocksize: *blocksize,
+                },
+            },
+            n: q.elem_count(),
+            blocksize: q.blocksize(),
+        }
+    }
+
     /// Every step in f32 with the same operations bitsandbytes does (`code[q] * absmax`, then
     /// `+ offset`; `NF4[i] * absmax`), then one rounding to `dtype`.
     fn dequantize(&self, q: &Nf4Tensor, dtype: DType) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.codes.device().is_cuda() {
+            return crate::cuda_kernels::dequantize(&self.gpu(q), dtype)?.reshape(q.shape());
+        }
         let n = q.elem_count();
         let bs = q.blocksize();
         let absmax = match &self.absmax {
@@ -263,16 +293,9 @@ impl BaseWeight for Nf4Weight {
         let lead = xc.dims()[..xc.rank().saturating_sub(1)].to_vec();
         let m: usize = lead.iter().product();
         let x2 = xc.reshape((m, in_dim))?;
-        let w = self.dequantize_to(cd, x2.device())?;
-        let y2 = if x2.track_op() {
-            // Through the custom op, so the graph keeps the op (4-bit data) instead of `w`.
-            x2.apply_op1(Nf4MatMul {
-                weight: self.clone(),
-                forward_weight: Mutex::new(Some(w)),
-            })?
-        } else {
-            // No gradient wanted: a plain matmul, and `w` is dropped when this returns.
-            x2.matmul(&w.t()?)?
+        let y2 = match self.gemv(&x2, out_dim)? {
+            Some(y2) => y2,
+            None => self.matmul_dequantized(&x2, cd)?,
         };
         let mut shape = lead;
         shape.push(out_dim);
@@ -295,6 +318,45 @@ impl BaseWeight for Nf4Weight {
 
     fn as_nf4(&self) -> Option<&Nf4Weight> {
         Some(self)
+    }
+}
+
+impl Nf4Weight {
+    /// Decoding on a GPU: a few rows and no gradient, so reading the 4-bit data once beats
+    /// writing out a 16-bit weight for cuBLAS.
+    #[cfg(feature = "cuda")]
+    fn gemv(&self, x2: &Tensor, out_dim: usize) -> Result<Option<Tensor>> {
+        let small = x2.dims()[0] <= crate::cuda_kernels::GEMV_MAX_ROWS;
+        match &self.inner.on_device {
+            Some(d)
+                if small
+                    && !x2.track_op()
+                    && x2.device().is_cuda()
+                    && matches!(x2.dtype(), DType::BF16 | DType::F16) =>
+            {
+                crate::cuda_kernels::gemv(&d.gpu(&self.inner.q), out_dim, x2).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn gemv(&self, _x2: &Tensor, _out_dim: usize) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    fn matmul_dequantized(&self, x2: &Tensor, cd: DType) -> Result<Tensor> {
+        let w = self.dequantize_to(cd, x2.device())?;
+        if x2.track_op() {
+            // Through the custom op, so the graph keeps the op (4-bit data) instead of `w`.
+            x2.apply_op1(Nf4MatMul {
+                weight: self.clone(),
+                forward_weight: Mutex::new(Some(w)),
+            })
+        } else {
+            // No gradient wanted: a plain matmul, and `w` is dropped when this returns.
+            x2.matmul(&w.t()?)
+        }
     }
 }
 
@@ -607,6 +669,9 @@ impl LinearBuilder {
             Some(reg) => reg.layer_for(&name, in_dim, out_dim, &device)?,
             None => None,
         };
+        if let Some(l) = &lora {
+            l.attach_base(base.clone());
+        }
         Ok(Linear {
             base,
             bias,

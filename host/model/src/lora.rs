@@ -237,6 +237,9 @@ pub struct LoraLayer {
     /// [`LoraRegistry::set_dropout_key`]) instead of candle's unseeded one.
     dropout_key: Arc<DropoutKey>,
     merged: RwLock<Option<Tensor>>,
+    /// The frozen weight under this adapter, so a whole model can be merged through its
+    /// registry ([`LoraRegistry::merge_all`]).
+    base: std::sync::OnceLock<Arc<dyn BaseWeight>>,
 }
 
 /// The key of seeded dropout: `(seed, call)` shared by every layer of a registry; `None` until
@@ -254,12 +257,31 @@ impl LoraLayer {
     /// `dropout(x) @ A^T @ B^T * scaling`, computed and returned in the adapter's dtype (PEFT
     /// casts the input to it too).
     pub fn delta_y(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let a = self.a.as_tensor();
-        let b = self.b.as_tensor();
-        let xa = x.to_dtype(a.dtype())?;
+        // Training under a 16-bit compute dtype runs the adapter in that dtype, as
+        // torch.autocast does in the reference (PEFT + bitsandbytes) trainer; the f32 weights
+        // stay the optimizer's. Otherwise PEFT's inference math: the adapter's own dtype.
+        // A checkpointed layer's first pass builds no graph, so it reads the weights detached.
+        let (a, b) = if crate::checkpoint::no_grad() {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        } else {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        };
+        let work = if train && matches!(x.dtype(), DType::BF16 | DType::F16) {
+            x.dtype()
+        } else {
+            a.dtype()
+        };
+        let a = a.to_dtype(work)?;
+        let b = b.to_dtype(work)?;
+        let xa = x.to_dtype(work)?;
         let xa = if train && self.dropout > 0.0 {
             match self.dropout_key.get() {
-                Some((seed, call)) => self.seeded_dropout(&xa, seed, call)?,
+                Some((seed, call)) => {
+                    let key = seed
+                        ^ fnv1a(&self.module).rotate_left(17)
+                        ^ call.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    crate::dropout::seeded_dropout(&xa, key, self.dropout)?
+                }
                 None => candle_nn::ops::dropout(&xa, self.dropout)?,
             }
         } else {
@@ -273,22 +295,6 @@ impl LoraLayer {
         let mut out_shape = lead.to_vec();
         out_shape.push(b.dims()[0]);
         h.reshape(out_shape)
-    }
-
-    /// Inverted dropout with a mask drawn from a generator seeded by `(seed, call, module)`, so
-    /// a training step is reproducible and a resumed run draws the masks an uninterrupted one
-    /// would have (a layer runs once per forward pass).
-    fn seeded_dropout(&self, x: &Tensor, seed: u64, call: u64) -> Result<Tensor> {
-        let p = f64::from(self.dropout);
-        let key =
-            seed ^ fnv1a(&self.module).rotate_left(17) ^ call.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(key);
-        let scale = (1.0 / (1.0 - p)) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
     }
 
     /// Whether forward passes in [`LoraRegistry`]'s training mode (dropout on).
@@ -325,6 +331,11 @@ impl LoraLayer {
 
     pub fn merged(&self) -> Option<Tensor> {
         self.merged.read().expect("merge lock").clone()
+    }
+
+    /// Records the weight this adapter sits on (once, when the layer is built).
+    pub fn attach_base(&self, base: Arc<dyn BaseWeight>) {
+        let _ = self.base.set(base);
     }
 }
 
@@ -411,6 +422,24 @@ impl LoraRegistry {
 
     pub fn layers(&self) -> Vec<Arc<LoraLayer>> {
         self.layers.lock().expect("lora layers").clone()
+    }
+
+    /// Merges every adapter into a copy of its base weight (inference; see
+    /// [`LoraLayer::merge`]); [`Self::unmerge_all`] returns to the unmerged adapters.
+    pub fn merge_all(&self) -> Result<()> {
+        for layer in self.layers() {
+            let base = layer.base.get().cloned().ok_or_else(|| {
+                candle_core::Error::Msg(format!("{}: no base weight to merge into", layer.module))
+            })?;
+            layer.merge(base.as_ref())?;
+        }
+        Ok(())
+    }
+
+    pub fn unmerge_all(&self) {
+        for layer in self.layers() {
+            layer.unmerge();
+        }
     }
 
     /// Build the adapter for `module` if the config targets it.
@@ -517,6 +546,7 @@ impl LoraRegistry {
             training: self.training.clone(),
             dropout_key: self.dropout_key.clone(),
             merged: RwLock::new(None),
+            base: std::sync::OnceLock::new(),
         });
         self.layers.lock().expect("lora layers").push(layer.clone());
         Ok(Some(layer))

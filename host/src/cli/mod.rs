@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::paths::DataDir;
 
+mod bench;
 mod eval;
 mod model;
 mod output;
@@ -70,6 +71,10 @@ pub enum Command {
     Quantize(model::QuantizeArgs),
     /// Merge a PEFT adapter into its base model and save the merged model.
     Merge(model::MergeArgs),
+    /// Measure training and generation speed on random tokens, as the Python reference
+    /// benchmark does (scripts/bench/gpu_qlora.sh runs both).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Everything a command needs from the environment, resolved lazily and once.
@@ -148,6 +153,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::EvalLoss(args) => model::eval_loss(args, &ctx),
         Command::Quantize(args) => model::quantize(args, &ctx),
         Command::Merge(args) => model::merge(args, &ctx),
+        Command::Bench(cmd) => bench::run(cmd, &ctx),
     }
 }
 

@@ -13,6 +13,9 @@ use crate::plugin::registry::closest;
 #[serde(default)]
 pub struct TrainConfig {
     pub model_name_or_path: String,
+    /// A `tokenizer.json` (or a folder holding one) when the model's own is missing or to be
+    /// replaced, as HF's example scripts' `tokenizer_name`; empty: the model's.
+    pub tokenizer_name: String,
     /// A local JSON/JSONL/CSV/Parquet file or folder with splits, `bundled`, or a hub id.
     pub dataset: String,
     pub output_dir: String,
@@ -37,6 +40,8 @@ pub struct TrainConfig {
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
     pub group_by_length: bool,
+    /// Recompute each decoder layer's activations in backward instead of keeping them.
+    pub gradient_checkpointing: bool,
     pub logging_steps: usize,
     pub save_steps: usize,
     pub save_total_limit: Option<usize>,
@@ -76,6 +81,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             model_name_or_path: "smollm2".into(),
+            tokenizer_name: String::new(),
             dataset: "bundled".into(),
             output_dir: "outputs".into(),
             formatter: "summarize".into(),
@@ -97,6 +103,7 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             group_by_length: true,
+            gradient_checkpointing: false,
             logging_steps: 20,
             save_steps: 20,
             save_total_limit: None,

@@ -147,27 +147,21 @@ pub fn find_checkpoint(output_dir: &Path, spec: &str) -> Result<PathBuf> {
         .with_context(|| format!("no checkpoint-N folder in {}", output_dir.display()))
 }
 
-/// Trains as `config` says. Dataset problems are reported before the model loads.
-pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
-    let started = Instant::now();
-    let output_dir = PathBuf::from(&config.output_dir);
-    let resume_from = match &env.resume_from_checkpoint {
-        Some(spec) => Some(find_checkpoint(&output_dir, spec)?),
-        None => None,
-    };
-
-    // Data first: a bad row must not cost a model load.
-    let splits = data::load_splits(&config.dataset)?;
-    let train_rows = data::render(&splits.train, &config.formatter, env.registry.as_ref())?;
-    let val_rows = match &splits.validation {
-        Some(v) => Some(data::render(v, &config.formatter, env.registry.as_ref())?),
-        None => None,
-    };
-
+/// The model as `config` has it trained: the base frozen (NF4 with `load_in_4bit`), LoRA
+/// adapters on the target modules, on the GPU when there is one.
+pub fn load_for_training(
+    config: &TrainConfig,
+    assets_dir: &Path,
+) -> Result<(
+    adapterlab_model::loader::LoadedModel,
+    Arc<LoraRegistry>,
+    Runtime,
+)> {
     let device = device()?;
     let dtype = compute_dtype(config, &device);
+    adapterlab_model::checkpoint::set_enabled(config.gradient_checkpointing);
     let rt = Runtime {
-        assets_dir: env.assets_dir.clone(),
+        assets_dir: assets_dir.to_path_buf(),
         device: device.clone(),
         dtype,
         fetcher: Fetcher::default(),
@@ -196,7 +190,6 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     };
     let builder = builder.with_compute_dtype(dtype).with_lora(lora)?;
     let registry: Arc<LoraRegistry> = builder.lora().context("builder has adapters")?.clone();
-    log(env, format!("loading {}", config.model_name_or_path));
     let loaded = load_model_with(&config.model_name_or_path, builder, &rt)
         .with_context(|| format!("failed to load model {}", config.model_name_or_path))?;
     if registry.layers().is_empty() {
@@ -206,10 +199,86 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             config.model_name_or_path
         );
     }
-    let tokenizer = loaded
-        .tokenizer
-        .clone()
-        .with_context(|| format!("{} has no tokenizer", config.model_name_or_path))?;
+    Ok((loaded, registry, rt))
+}
+
+/// One micro-batch's forward and backward: returns its share of the window's loss (token-weighted
+/// over `total_targets`, as HF with `num_items_in_batch`) and adds the gradients of `vars` into
+/// `grads` (same order).
+pub fn accumulate_micro_batch(
+    model: &dyn CausalLm,
+    batch: &data::Batch,
+    total_targets: usize,
+    vars: &[(String, Var)],
+    grads: &mut [Option<Tensor>],
+) -> Result<f64> {
+    let hidden = model.hidden_states(&batch.input_ids, Some(&batch.attention_mask), None)?;
+    let hidden = hidden.reshape((batch.rows * batch.width, hidden.dim(D::Minus1)?))?;
+    let picked = hidden.index_select(&batch.positions, 0)?;
+    let logits = model.lm_head(&picked)?.to_dtype(DType::F32)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let nll = logp
+        .gather(&batch.labels.unsqueeze(1)?, 1)?
+        .neg()?
+        .sum_all()?;
+    let loss = (nll / total_targets.max(1) as f64)?;
+    let value = f64::from(loss.to_scalar::<f32>()?);
+    let store = loss.backward()?;
+    for (i, (_, var)) in vars.iter().enumerate() {
+        // Checkpointed layers hand their adapters' gradients over outside the graph.
+        let found = [
+            store.get(var.as_tensor()).cloned(),
+            adapterlab_model::checkpoint::take_grad(var.as_tensor()),
+        ];
+        for g in found.into_iter().flatten() {
+            grads[i] = Some(match grads[i].take() {
+                Some(acc) => (acc + g)?,
+                None => g,
+            });
+        }
+    }
+    Ok(value)
+}
+
+/// Trains as `config` says. Dataset problems are reported before the model loads.
+pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
+    let started = Instant::now();
+    let output_dir = PathBuf::from(&config.output_dir);
+    let resume_from = match &env.resume_from_checkpoint {
+        Some(spec) => Some(find_checkpoint(&output_dir, spec)?),
+        None => None,
+    };
+
+    // Data first: a bad row must not cost a model load.
+    let splits = data::load_splits(&config.dataset)?;
+    let train_rows = data::render(&splits.train, &config.formatter, env.registry.as_ref())?;
+    let val_rows = match &splits.validation {
+        Some(v) => Some(data::render(v, &config.formatter, env.registry.as_ref())?),
+        None => None,
+    };
+
+    log(env, format!("loading {}", config.model_name_or_path));
+    let (loaded, registry, _) = load_for_training(config, &env.assets_dir)?;
+    let device = loaded.model.device().clone();
+    let tokenizer = match config.tokenizer_name.as_str() {
+        "" => loaded.tokenizer.clone().with_context(|| {
+            format!(
+                "{} has no tokenizer; give tokenizer_name",
+                config.model_name_or_path
+            )
+        })?,
+        name => {
+            let path = Path::new(name);
+            let file = if path.is_dir() {
+                path.join("tokenizer.json")
+            } else {
+                path.to_path_buf()
+            };
+            tokenizers::Tokenizer::from_file(&file).map_err(|e| {
+                anyhow::anyhow!("tokenizer_name: failed to read {}: {e}", file.display())
+            })?
+        }
+    };
     let eos_id = loaded.defaults.eos_token_ids.first().copied();
     let eos = eos_id.and_then(|id| tokenizer.id_to_token(id));
     let pad_id = loaded.defaults.pad_token_id.or(eos_id).unwrap_or(0);
@@ -223,6 +292,19 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         config.max_seq_length,
     )?;
     report_truncation(env, "train", &train, config.max_seq_length);
+    let vocab = model.vocab_size() as u32;
+    if let Some(id) = train
+        .examples
+        .iter()
+        .flat_map(|e| e.input_ids.iter())
+        .find(|&&id| id >= vocab)
+    {
+        bail!(
+            "the tokenizer produced token id {id}, outside the model's vocabulary of {vocab} \
+             (tokenizer_name {:?})",
+            config.tokenizer_name
+        );
+    }
     let val = match &val_rows {
         Some(rows) => Some(data::encode(
             &tokenizer,
@@ -398,28 +480,8 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             if batch.n_targets == 0 {
                 continue;
             }
-            let hidden =
-                model.hidden_states(&batch.input_ids, Some(&batch.attention_mask), None)?;
-            let hidden = hidden.reshape((batch.rows * batch.width, hidden.dim(D::Minus1)?))?;
-            let picked = hidden.index_select(&batch.positions, 0)?;
-            let logits = model.lm_head(&picked)?.to_dtype(DType::F32)?;
-            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let nll = logp
-                .gather(&batch.labels.unsqueeze(1)?, 1)?
-                .neg()?
-                .sum_all()?;
-            // Token-weighted over the whole window, as HF with `num_items_in_batch`.
-            let loss = (nll / total_targets as f64)?;
-            step_loss += f64::from(loss.to_scalar::<f32>()?);
-            let store = loss.backward()?;
-            for (i, (_, var)) in opt.vars().iter().enumerate() {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    grads[i] = Some(match grads[i].take() {
-                        Some(acc) => (acc + g)?,
-                        None => g.clone(),
-                    });
-                }
-            }
+            step_loss +=
+                accumulate_micro_batch(model, batch, total_targets, opt.vars(), &mut grads)?;
         }
         let mut grads: Vec<Tensor> = grads
             .into_iter()

@@ -1,0 +1,429 @@
+//! Kernels for CUDA, compiled once per process with NVRTC (no nvcc step in the build, and the
+//! CPU build does not see them): NF4 dequantization and decoding GEMV, and seeded dropout.
+//!
+//! - `dequantize`: 4-bit codes and (double-quantized) absmax to a 16- or 32-bit weight in one
+//!   pass, every step in f32 with the operations bitsandbytes does, then one rounding: the same
+//!   bits as the CPU path. The tensor-op version it replaces moved ~20 bytes per weight through
+//!   five kernels; this one reads half a byte and writes two.
+//! - `gemv`: `y = x W^T` straight from the 4-bit data for up to [`GEMV_MAX_ROWS`] rows of `x`
+//!   (decoding), so a token reads half a byte per weight instead of dequantizing the weight.
+//!
+//! The `__fmul_rn`/`__fadd_rn` intrinsics keep NVRTC from fusing a multiply and an add into an
+//! FMA, which would round differently from bitsandbytes and from the CPU path.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Device, Error, Result, Storage, Tensor};
+
+/// Rows of `x` one GEMV launch handles; more rows go through dequantize + cuBLAS.
+pub const GEMV_MAX_ROWS: usize = 16;
+
+const MODULE: &str = "adapterlab_nf4";
+
+/// The 4-bit data of one weight on the GPU, as `linear::DeviceNf4` holds it.
+pub struct Nf4Gpu<'a> {
+    /// `[bytes]` u8, two codes a byte, high nibble first.
+    pub codes: &'a Tensor,
+    pub absmax: AbsmaxGpu<'a>,
+    /// Elements of the weight.
+    pub n: usize,
+    /// Elements per absmax block (64).
+    pub blocksize: usize,
+}
+
+pub enum AbsmaxGpu<'a> {
+    /// One f32 per block.
+    Plain(&'a Tensor),
+    /// Double quantization: `code[q[i]] * absmax[i / blocksize] + offset`.
+    Nested {
+        q: &'a Tensor,
+        code: &'a Tensor,
+        absmax: &'a Tensor,
+        offset: f32,
+        blocksize: usize,
+    },
+}
+
+fn source() -> String {
+    let table: Vec<String> = crate::nf4::NF4_CODE
+        .iter()
+        .map(|v| format!("{v:?}f"))
+        .collect();
+    format!(
+        r#"
+typedef unsigned char u8;
+typedef unsigned short u16;
+#define GEMV_MAX_ROWS {max_rows}
+
+__constant__ float NF4[16] = {{ {table} }};
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) {{ return __uint_as_float(((unsigned int)h) << 16); }}
+__device__ __forceinline__ u16 f32_to_bf16(float f) {{
+  unsigned int u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (u16)(u >> 16);
+}}
+__device__ __forceinline__ float f16_to_f32(u16 h) {{ float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }}
+__device__ __forceinline__ u16 f32_to_f16(float f) {{ u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }}
+__device__ __forceinline__ float f32_id(float f) {{ return f; }}
+
+// Shared copies of the lookup tables: constant memory serialises a warp's distinct addresses.
+#define LOAD_TABLES                                                          \
+  __shared__ float nf4s[16];                                                 \
+  __shared__ float code_s[256];                                              \
+  if (threadIdx.x < 16) nf4s[threadIdx.x] = NF4[threadIdx.x];                \
+  if (nested) for (int t = threadIdx.x; t < 256; t += blockDim.x) code_s[t] = acode[t]; \
+  __syncthreads();
+
+__device__ __forceinline__ float absmax_of(long long blk, int nested, const float* absmax,
+    const u8* aq, const float* code_s, float offset, int nbs) {{
+  if (nested) return __fadd_rn(__fmul_rn(code_s[aq[blk]], absmax[blk / nbs]), offset);
+  return absmax[blk];
+}}
+
+#define DEQUANT(NAME, T, CONV)                                                                 \
+extern "C" __global__ void NAME(const u8* codes, long long n, int bs, int nested,              \
+    const float* absmax, const u8* aq, const float* acode, float offset, int nbs, T* out) {{   \
+  LOAD_TABLES                                                                                  \
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;                              \
+  if (i >= (n + 1) / 2) return;                                                                \
+  u8 c = codes[i];                                                                             \
+  long long e = 2 * i;                                                                         \
+  out[e] = CONV(__fmul_rn(nf4s[c >> 4], absmax_of(e / bs, nested, absmax, aq, code_s, offset, nbs))); \
+  if (e + 1 < n)                                                                               \
+    out[e + 1] = CONV(__fmul_rn(nf4s[c & 15], absmax_of((e + 1) / bs, nested, absmax, aq, code_s, offset, nbs))); \
+}}
+DEQUANT(nf4_dequant_f32, float, f32_id)
+DEQUANT(nf4_dequant_bf16, u16, f32_to_bf16)
+DEQUANT(nf4_dequant_f16, u16, f32_to_f16)
+
+// One warp per output feature; each lane walks the row's codes 4 bytes (8 weights) at a time.
+#define GEMV(NAME, LOAD, STORE)                                                                \
+extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int nested,             \
+    const float* absmax, const u8* aq, const float* acode, float offset, int nbs,              \
+    const u16* x, u16* y, int m) {{                                                            \
+  LOAD_TABLES                                                                                  \
+  int lane = threadIdx.x & 31;                                                                 \
+  long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);              \
+  if (row >= n) return;                                                                        \
+  float acc[GEMV_MAX_ROWS];                                                                    \
+  _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.f;                      \
+  long long base = row * (long long)k;                                                         \
+  if ((k & 7) == 0 && (bs & 7) == 0) {{                                                        \
+    const unsigned int* cw = (const unsigned int*)(codes + (base >> 1));                       \
+    int nw = k >> 3;                                                                           \
+    for (int j = lane; j < nw; j += 32) {{                                                     \
+      unsigned int v = cw[j];                                                                  \
+      float a = absmax_of((base + 8LL * j) / bs, nested, absmax, aq, code_s, offset, nbs);     \
+      float w[8];                                                                              \
+      _Pragma("unroll") for (int t = 0; t < 4; ++t) {{                                         \
+        unsigned int b = (v >> (8 * t)) & 255u;                                                \
+        w[2 * t] = nf4s[b >> 4] * a;                                                           \
+        w[2 * t + 1] = nf4s[b & 15] * a;                                                       \
+      }}                                                                                       \
+      _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) {{                             \
+        if (r < m) {{                                                                          \
+          uint4 xv = *(const uint4*)(x + (long long)r * k + 8 * j);                            \
+          float s = w[0] * LOAD((u16)(xv.x & 0xffffu)) + w[1] * LOAD((u16)(xv.x >> 16))        \
+                  + w[2] * LOAD((u16)(xv.y & 0xffffu)) + w[3] * LOAD((u16)(xv.y >> 16))        \
+                  + w[4] * LOAD((u16)(xv.z & 0xffffu)) + w[5] * LOAD((u16)(xv.z >> 16))        \
+                  + w[6] * LOAD((u16)(xv.w & 0xffffu)) + w[7] * LOAD((u16)(xv.w >> 16));       \
+          acc[r] += s;                                                                         \
+        }}                                                                                     \
+      }}                                                                                       \
+    }}                                                                                         \
+  }} else {{                                                                                   \
+    for (int kk = lane; kk < k; kk += 32) {{                                                   \
+      long long e = base + kk;                                                                 \
+      u8 c = codes[e >> 1];                                                                    \
+      float wv = nf4s[(e & 1) ? (c & 15) : (c >> 4)]                                           \
+               * absmax_of(e / bs, nested, absmax, aq, code_s, offset, nbs);                   \
+      _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r)                                \
+        if (r < m) acc[r] += wv * LOAD(x[(long long)r * k + kk]);                              \
+    }}                                                                                         \
+  }}                                                                                           \
+  _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) {{                                 \
+    if (r < m) {{                                                                              \
+      float s = acc[r];                                                                        \
+      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);        \
+      if (lane == 0) y[(long long)r * n + row] = STORE(s);                                     \
+    }}                                                                                         \
+  }}                                                                                           \
+}}
+GEMV(nf4_gemv_bf16, bf16_to_f32, f32_to_bf16)
+GEMV(nf4_gemv_f16, f16_to_f32, f32_to_f16)
+
+// crate::dropout::keep_scale, element for element (splitmix64 of key + (i + 1) * golden ratio).
+__device__ __forceinline__ float keep_scale(unsigned long long key, long long i, float p, float scale) {{
+  unsigned long long z = key + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+  return u < p ? 0.0f : scale;
+}}
+#define DROPOUT(NAME, T, LOAD, STORE)                                                          \
+extern "C" __global__ void NAME(const T* x, T* y, long long n, unsigned long long key,         \
+    float p, float scale) {{                                                                   \
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;                              \
+  if (i < n) y[i] = STORE(__fmul_rn(LOAD(x[i]), keep_scale(key, i, p, scale)));                \
+}}
+DROPOUT(seeded_dropout_f32, float, f32_id, f32_id)
+DROPOUT(seeded_dropout_bf16, u16, bf16_to_f32, f32_to_bf16)
+DROPOUT(seeded_dropout_f16, u16, f16_to_f32, f32_to_f16)
+"#,
+        max_rows = GEMV_MAX_ROWS,
+        table = table.join(", "),
+    )
+}
+
+/// The PTX, compiled on first use. NVRTC's default target (the oldest architecture it
+/// supports) is JIT-compiled by the driver for the card at hand.
+fn ptx() -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(source())
+            .map(|p| p.to_src())
+            .map_err(|e| format!("compiling the NF4 CUDA kernels with NVRTC: {e}"))
+    })
+    .as_deref()
+    .map_err(|e| Error::Msg(e.clone()))
+}
+
+fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        _ => Err(Error::Msg(
+            "NF4 CUDA kernel called with a tensor not on a CUDA device".into(),
+        )),
+    }
+}
+
+/// Runs `f` with the CUDA slice of every input tensor (which must be fresh, offset-0 tensors of
+/// the named dtype).
+fn with_slices<R>(w: &Nf4Gpu, f: impl FnOnce(Slices) -> Result<R>) -> Result<R> {
+    fn guard(t: &Tensor) -> Result<impl std::ops::Deref<Target = Storage> + '_> {
+        if t.layout().start_offset() != 0 || !t.is_contiguous() {
+            return Err(Error::Msg("NF4 CUDA kernel: input is a view".into()));
+        }
+        Ok(t.storage_and_layout().0)
+    }
+    fn cuda(s: &Storage) -> Result<&CudaStorage> {
+        match s {
+            Storage::Cuda(c) => Ok(c),
+            _ => Err(Error::Msg(
+                "NF4 CUDA kernel: input is not on the GPU".into(),
+            )),
+        }
+    }
+    let codes = guard(w.codes)?;
+    match &w.absmax {
+        AbsmaxGpu::Plain(a) => {
+            let a = guard(a)?;
+            let a = cuda(&a)?.as_cuda_slice::<f32>()?;
+            let codes = cuda(&codes)?.as_cuda_slice::<u8>()?;
+            f(Slices {
+                codes,
+                nested: 0,
+                absmax: a,
+                aq: codes,
+                acode: a,
+                offset: 0.0,
+                nbs: 1,
+            })
+        }
+        AbsmaxGpu::Nested {
+            q,
+            code,
+            absmax,
+            offset,
+            blocksize,
+        } => {
+            let (q, code, absmax) = (guard(q)?, guard(code)?, guard(absmax)?);
+            f(Slices {
+                codes: cuda(&codes)?.as_cuda_slice::<u8>()?,
+                nested: 1,
+                absmax: cuda(&absmax)?.as_cuda_slice::<f32>()?,
+                aq: cuda(&q)?.as_cuda_slice::<u8>()?,
+                acode: cuda(&code)?.as_cuda_slice::<f32>()?,
+                offset: *offset,
+                nbs: *blocksize as i32,
+            })
+        }
+    }
+}
+
+struct Slices<'a> {
+    codes: &'a CudaSlice<u8>,
+    nested: i32,
+    absmax: &'a CudaSlice<f32>,
+    aq: &'a CudaSlice<u8>,
+    acode: &'a CudaSlice<f32>,
+    offset: f32,
+    nbs: i32,
+}
+
+fn wrap<T: candle_core::cuda_backend::CudaDType>(
+    out: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: impl Into<candle_core::Shape>,
+) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+/// The whole weight in `dtype` (bf16, f16 or f32), flat: the caller reshapes it.
+pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
+    let dev = cuda_device(w.codes)?;
+    let ptx = ptx()?;
+    let n = w.n as i64;
+    let bs = w.blocksize as i32;
+    let threads = 256u32;
+    let bytes = w.n.div_ceil(2);
+    let cfg = LaunchConfig {
+        grid_dim: (bytes.div_ceil(threads as usize) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    with_slices(w, |s| {
+        macro_rules! launch {
+            ($name:literal, $t:ty) => {{
+                let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
+                // SAFETY: every element is written by the kernel below.
+                let out = unsafe { dev.alloc::<$t>(w.n)? };
+                let mut b = func.builder();
+                b.arg(s.codes);
+                b.arg(&n);
+                b.arg(&bs);
+                b.arg(&s.nested);
+                b.arg(s.absmax);
+                b.arg(s.aq);
+                b.arg(s.acode);
+                b.arg(&s.offset);
+                b.arg(&s.nbs);
+                b.arg(&out);
+                // SAFETY: the argument list matches the kernel's signature.
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(wrap(out, &dev, w.n))
+            }};
+        }
+        match dtype {
+            DType::F32 => launch!("nf4_dequant_f32", f32),
+            DType::BF16 => launch!("nf4_dequant_bf16", half::bf16),
+            DType::F16 => launch!("nf4_dequant_f16", half::f16),
+            other => Err(Error::Msg(format!(
+                "NF4 dequantize to {other:?} is not supported"
+            ))),
+        }
+    })
+}
+
+/// `x [m, k] @ W^T` for `W [n, k]` held as NF4, `m <= GEMV_MAX_ROWS`, `x` bf16 or f16.
+pub fn gemv(w: &Nf4Gpu, out_features: usize, x: &Tensor) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    if m == 0 || m > GEMV_MAX_ROWS || out_features * k != w.n {
+        return Err(Error::Msg(format!(
+            "NF4 GEMV: {m} rows of {k} features against a weight of {} elements",
+            w.n
+        )));
+    }
+    let x = if x.is_contiguous() && x.layout().start_offset() == 0 {
+        x.clone()
+    } else {
+        // A fresh, offset-0 copy; the round trip through f32 is exact for bf16 and f16.
+        x.to_dtype(DType::F32)?.to_dtype(x.dtype())?
+    };
+    let dev = cuda_device(&x)?;
+    let ptx = ptx()?;
+    let (n_i, k_i, m_i, bs) = (out_features as i32, k as i32, m as i32, w.blocksize as i32);
+    let warps_per_block = 8u32;
+    let cfg = LaunchConfig {
+        grid_dim: (out_features.div_ceil(warps_per_block as usize) as u32, 1, 1),
+        block_dim: (32 * warps_per_block, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (xs, _) = x.storage_and_layout();
+    let xs = match &*xs {
+        Storage::Cuda(c) => c,
+        _ => return Err(Error::Msg("NF4 GEMV: x is not on the GPU".into())),
+    };
+    with_slices(w, |s| {
+        macro_rules! launch {
+            ($name:literal, $t:ty) => {{
+                let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
+                let xv = xs.as_cuda_slice::<$t>()?;
+                // SAFETY: every element is written by the kernel below.
+                let out = unsafe { dev.alloc::<$t>(m * out_features)? };
+                let mut b = func.builder();
+                b.arg(s.codes);
+                b.arg(&n_i);
+                b.arg(&k_i);
+                b.arg(&bs);
+                b.arg(&s.nested);
+                b.arg(s.absmax);
+                b.arg(s.aq);
+                b.arg(s.acode);
+                b.arg(&s.offset);
+                b.arg(&s.nbs);
+                b.arg(xv);
+                b.arg(&out);
+                b.arg(&m_i);
+                // SAFETY: the argument list matches the kernel's signature.
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(wrap(out, &dev, (m, out_features)))
+            }};
+        }
+        match x.dtype() {
+            DType::BF16 => launch!("nf4_gemv_bf16", half::bf16),
+            DType::F16 => launch!("nf4_gemv_f16", half::f16),
+            other => Err(Error::Msg(format!(
+                "NF4 GEMV on {other:?} input is not supported"
+            ))),
+        }
+    })
+}
+
+/// `x * mask / (1 - p)` with the mask of [`crate::dropout::keep_scale`]; `x` contiguous from
+/// its storage's start (`offset` elements in).
+pub fn seeded_dropout(
+    x: &CudaStorage,
+    offset: usize,
+    n: usize,
+    key: u64,
+    p: f32,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dev = x.device.clone();
+    let ptx = ptx()?;
+    let n_i = n as i64;
+    let cfg = LaunchConfig::for_num_elems(n as u32);
+    macro_rules! launch {
+        ($name:literal, $t:ty) => {{
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
+            let src = x.as_cuda_slice::<$t>()?.slice(offset..offset + n);
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            let mut b = func.builder();
+            b.arg(&src);
+            b.arg(&out);
+            b.arg(&n_i);
+            b.arg(&key);
+            b.arg(&p);
+            b.arg(&scale);
+            // SAFETY: the argument list matches the kernel's signature.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }};
+    }
+    match x.dtype() {
+        DType::F32 => launch!("seeded_dropout_f32", f32),
+        DType::BF16 => launch!("seeded_dropout_bf16", half::bf16),
+        DType::F16 => launch!("seeded_dropout_f16", half::f16),
+        other => Err(Error::Msg(format!("dropout on {other:?} is not supported"))),
+    }
+}

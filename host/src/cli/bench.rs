@@ -1,0 +1,251 @@
+//! `adapterlab bench train|generate`: the workloads of the GPU comparison, shaped exactly as
+//! `../shared/bench/hf_qlora_baseline.py` runs them on the Python stack (random token ids, full
+//! causal-LM loss, LoRA r=16/alpha=32/dropout 0.1 on an NF4 double-quant base, clipping at 0.1,
+//! AdamW at 2e-4; greedy decoding of fixed-length outputs from 200-token prompts), so
+//! `scripts/bench/gpu_qlora.sh` can put the two side by side. One JSON line per measurement.
+//!
+//! The training step is the trainer's own ([`accumulate_micro_batch`], clipping, optimizer);
+//! only the data (random ids instead of a formatted dataset) differs.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use adapterlab_model::causal_lm::CausalLm;
+use adapterlab_model::commands::{Quantize, linear_builder, load_model_with};
+use adapterlab_model::generate::{GenerationConfig, generate_ids};
+use adapterlab_model::loss::Example;
+use adapterlab_model::peft::{self, SaveOptions};
+use anyhow::{Context as _, Result};
+use candle_core::{Device, Tensor, Var};
+use clap::{Args, Subcommand};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::cli::Context;
+use crate::cli::model::model_runtime;
+use crate::train::config::TrainConfig;
+use crate::train::data;
+use crate::train::optim::{AdamW, AdamWParams, clip_grad_norm};
+use crate::train::trainer::{accumulate_micro_batch, load_for_training};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// QLoRA training steps on random tokens (batch x seq), median step time and tokens/s.
+    Train(TrainBenchArgs),
+    /// Greedy decoding from random prompts at several batch sizes, adapter unmerged or merged.
+    Generate(GenerateBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainBenchArgs {
+    /// A local checkpoint folder (config.json + safetensors).
+    #[arg(long)]
+    pub model: String,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    /// Timed steps, after `--warmup` untimed ones.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Comma-separated LoRA target modules (default: every linear layer but the head).
+    #[arg(long, value_delimiter = ',')]
+    pub target_modules: Vec<String>,
+    /// Recompute each layer's activations in backward (HF's `gradient_checkpointing`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// Save the trained adapter here (PEFT format), e.g. for `bench generate --adapter`.
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateBenchArgs {
+    /// A local checkpoint folder (config.json + safetensors).
+    #[arg(long)]
+    pub model: String,
+    /// A PEFT adapter folder.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Also measure with the adapter merged into the weights.
+    #[arg(long, requires = "adapter")]
+    pub merged: bool,
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    pub batch: Vec<usize>,
+    #[arg(long, default_value_t = 200)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 50)]
+    pub new_tokens: usize,
+}
+
+pub fn run(cmd: BenchCommand, ctx: &Context) -> Result<()> {
+    match cmd {
+        BenchCommand::Train(args) => train(args, ctx),
+        BenchCommand::Generate(args) => generate(args, ctx),
+    }
+}
+
+fn emit(v: serde_json::Value) {
+    println!("{v}");
+}
+
+fn gpu_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        other => format!("{:?}", other.location()),
+    }
+}
+
+fn random_ids(rng: &mut rand::rngs::StdRng, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.random_range(0..vocab as u32)).collect()
+}
+
+fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
+    let config = TrainConfig {
+        model_name_or_path: args.model.clone(),
+        lora: crate::train::config::LoraSection {
+            target_modules: args.target_modules.clone(),
+            ..Default::default()
+        },
+        gradient_checkpointing: args.gradient_checkpointing,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let (loaded, registry, _) = load_for_training(&config, &ctx.data_dir.assets())?;
+    let model: &dyn CausalLm = &loaded.model;
+    let device = model.device().clone();
+    let vars: Vec<(String, Var)> = registry
+        .varmap()
+        .data()
+        .lock()
+        .expect("varmap")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    emit(
+        json!({"what": "load", "s": round(t.elapsed().as_secs_f64(), 1), "trainable": trainable,
+        "device": gpu_name(&device), "lora_layers": registry.layers().len()}),
+    );
+    let mut opt = AdamW::new(
+        vars,
+        AdamWParams {
+            beta1: config.adam_beta1,
+            beta2: config.adam_beta2,
+            eps: config.adam_epsilon,
+            weight_decay: config.weight_decay,
+        },
+    )?;
+    registry.set_training(true);
+    let vocab = model.vocab_size();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut times = Vec::new();
+    let mut last_loss = 0.0;
+    for step in 0..args.warmup + args.steps {
+        // HF's `labels=input_ids`: every token but the first is predicted.
+        let examples: Vec<Example> = (0..args.batch)
+            .map(|_| Example {
+                input_ids: random_ids(&mut rng, args.seq, vocab),
+                targets: (0..args.seq).map(|t| t > 0).collect(),
+            })
+            .collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let batch = data::collate(&refs, 0, &device)?;
+        device.synchronize()?;
+        let t = Instant::now();
+        registry.set_dropout_key(config.seed, step as u64);
+        let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
+        last_loss = accumulate_micro_batch(model, &batch, batch.n_targets, opt.vars(), &mut grads)?;
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(opt.vars())
+            .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        let grad_norm = clip_grad_norm(&mut grads, config.max_grad_norm)?;
+        opt.step(&grads, config.learning_rate)?;
+        device.synchronize()?;
+        let s = t.elapsed().as_secs_f64();
+        emit(
+            json!({"what": "step", "step": step, "s": round(s, 4), "loss": round(last_loss, 4),
+            "grad_norm": round(grad_norm, 4), "timed": step >= args.warmup}),
+        );
+        if step >= args.warmup {
+            times.push(s);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    if let Some(&median) = times.get(times.len() / 2) {
+        emit(
+            json!({"what": "train_step", "batch": args.batch, "seq": args.seq,
+            "median_s": round(median, 4), "tokens_per_s": round((args.batch * args.seq) as f64 / median, 1),
+            "loss": round(last_loss, 4)}),
+        );
+    }
+    if let Some(dir) = &args.save {
+        let opts = SaveOptions {
+            base_model_name_or_path: Some(args.model.clone()),
+            ..Default::default()
+        };
+        peft::save_adapter(dir, &registry, &opts)
+            .with_context(|| format!("saving the adapter to {}", dir.display()))?;
+        emit(json!({"what": "saved", "adapter": dir}));
+    }
+    Ok(())
+}
+
+fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
+    let rt = model_runtime(ctx)?;
+    let builder = linear_builder(Quantize::Nf4, args.adapter.as_deref())?;
+    let registry = builder.lora().cloned();
+    let t = Instant::now();
+    let loaded = load_model_with(&args.model, builder, &rt)?;
+    let model: &dyn CausalLm = &loaded.model;
+    let device = model.device().clone();
+    emit(
+        json!({"what": "load", "s": round(t.elapsed().as_secs_f64(), 1),
+        "device": gpu_name(&device), "adapter": args.adapter}),
+    );
+    let vocab = model.vocab_size();
+    let mut modes = vec![false];
+    if args.merged {
+        modes.push(true);
+    }
+    for merged in modes {
+        if let Some(reg) = &registry {
+            if merged {
+                reg.merge_all()?;
+            } else {
+                reg.unmerge_all();
+            }
+        }
+        for &b in &args.batch {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(b as u64);
+            let prompts: Vec<Vec<u32>> = (0..b)
+                .map(|_| random_ids(&mut rng, args.prompt_tokens, vocab))
+                .collect();
+            // No EOS: every row produces exactly `new_tokens`, as `min_new_tokens` does there.
+            let warm = GenerationConfig::greedy(4, vec![], 0);
+            generate_ids(model, &prompts, &warm)?;
+            device.synchronize()?;
+            let cfg = GenerationConfig::greedy(args.new_tokens, vec![], 0);
+            let t = Instant::now();
+            let out = generate_ids(model, &prompts, &cfg)?;
+            device.synchronize()?;
+            let s = t.elapsed().as_secs_f64();
+            let n: usize = out.tokens.iter().map(Vec::len).sum();
+            emit(
+                json!({"what": "generate", "batch": b, "prompt": args.prompt_tokens,
+                "new": args.new_tokens, "merged": merged, "adapter": registry.is_some(),
+                "s": round(s, 3), "tokens_per_s": round(n as f64 / s, 1)}),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (v * p).round() / p
+}

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The GPU comparison and checks, in one call on the lent H100 (see ../shared/gpu/README.md):
+#   golden     the model core's golden tests and NF4 kernel tests on CUDA (carried test binary)
+#   reference  the Python stack (transformers + PEFT + bitsandbytes): hf_qlora_baseline.py on a
+#              Falcon-7B-shaped random checkpoint (made here once, ~14 GB in /tmp)
+#   train      `adapterlab bench train` on the very same files and workload (batch 8 x 512)
+#   generate   `adapterlab bench generate`: batch 1 and 16, adapter unmerged and merged
+#   sft        `adapterlab train`, 50 steps at batch 8 x 512 on text (the bundled dialogues,
+#              concatenated to 512-token rows), then HF PEFT loads the adapter it wrote
+# Peak GPU memory is polled with nvidia-smi for every stage alike (it includes the CUDA context
+# and allocator caches); the reference also reports torch's own peak.
+#
+# Built here, carried there:
+#   source ../shared/gpu/cuda-env.sh   (CUDA_TARGET_DIR=/work/cargo-target-cuda)
+#   cargo build --release --features cuda -p adapterlab
+#   cargo test --release -p adapterlab-model --features cuda --test golden --no-run
+#   strip + gzip them into .carry/adapterlab.gz and .carry/golden.gz; copy a tokenizer.json
+#   (MiniLM's WordPiece, from `adapterlab` assets) to .carry/tokenizer.json; wheels in .whl3/
+#   (bitsandbytes 0.50.2 repacked with only its CUDA 13 libraries, peft 0.21.2).
+# Then: device run, carry [".carry", ".whl3"], command `bash scripts/bench/gpu_qlora.sh`.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+CKPT=${CKPT:-/tmp/falcon7b-rand}
+STAGES=${STAGES:-golden,reference,train,generate,sft}
+RESULTS=$OUT/results.jsonl
+AL=/tmp/adapterlab
+gunzip -c .carry/adapterlab.gz > $AL && chmod +x $AL
+
+stage() { [[ ",$STAGES," == *",$1,"* ]]; }
+log() { while IFS= read -r line; do echo "$line"; [[ $line == '{'* ]] && echo "{\"side\":\"$1\",${line#\{}" >> "$RESULTS"; done; }
+watch_mem() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem-$1.txt" & MEMPID=$!; }
+stop_mem() {
+  kill $MEMPID 2>/dev/null; wait $MEMPID 2>/dev/null
+  echo "{\"side\":\"$1\",\"what\":\"nvidia_smi_peak\",\"mib\":$(sort -n "$OUT/mem-$1.txt" | tail -1)}" | tee -a "$RESULTS"
+}
+
+date -u +%FT%TZ | tee "$OUT/date.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,memory.total --format=csv | tee "$OUT/gpu.csv"
+pip install --no-deps -q .whl3/*.whl 2>&1 | tail -2
+
+if stage golden; then
+  gunzip -c .carry/golden.gz > /tmp/golden && chmod +x /tmp/golden
+  echo "== golden tests on CUDA"
+  ADAPTERLAB_TEST_DEVICE=cuda ADAPTERLAB_GOLDEN_DIR=$PWD/host/model/tests/fixtures/golden \
+    /tmp/golden --test-threads 1 2>&1 | tee "$OUT/golden-cuda.txt" | grep -E "^test |test result|panicked|differ|error" | head -40
+fi
+
+if stage reference || stage train || stage generate || stage sft; then
+  [ -f "$CKPT/config.json" ] || python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --make-ckpt-only
+fi
+
+if stage reference; then
+  echo "== reference: transformers + PEFT + bitsandbytes"
+  watch_mem python
+  python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --gen 2>&1 | log python
+  stop_mem python
+fi
+
+if stage train; then
+  echo "== adapterlab bench train"
+  watch_mem adapterlab-train
+  $AL bench train --model "$CKPT" --batch 8 --seq 512 --steps 10 --warmup 3 --save /tmp/bench-adapter 2>&1 | log adapterlab
+  stop_mem adapterlab-train
+fi
+
+if stage generate; then
+  echo "== adapterlab bench generate"
+  ADAPTER=/tmp/bench-adapter
+  [ -f $ADAPTER/adapter_config.json ] || ADAPTER=
+  watch_mem adapterlab-generate
+  $AL bench generate --model "$CKPT" ${ADAPTER:+--adapter $ADAPTER --merged} --batch 1,16 2>&1 | log adapterlab
+  stop_mem adapterlab-generate
+fi
+
+if stage sft; then
+  echo "== adapterlab train: 50 steps, batch 8 x 512, then HF PEFT loads the adapter"
+  python3 - <<'EOF'
+import json, random, os
+random.seed(0)
+def rows(path):
+    return [json.loads(l) for l in open(path) if l.strip()]
+os.makedirs("/tmp/sft-data", exist_ok=True)
+for split, n, src in (("train", 400, "train"), ("validation", 16, "validation")):
+    base = rows(f"data/dialogsum-mini/{src}.jsonl")
+    with open(f"/tmp/sft-data/{split}.jsonl", "w") as f:
+        for i in range(n):
+            pick = random.sample(base, 12)
+            f.write(json.dumps({"id": f"{split}-{i}", "dialogue": "\n".join(r["dialogue"] for r in pick),
+                                "summary": " ".join(r["summary"] for r in pick)}) + "\n")
+EOF
+  rm -rf /tmp/sft-out
+  watch_mem adapterlab-sft
+  $AL --data-dir /tmp/al-data train --set model_name_or_path="$CKPT" --set tokenizer_name=.carry/tokenizer.json \
+    --set dataset=/tmp/sft-data --set output_dir=/tmp/sft-out --set max_steps=50 \
+    --set per_device_train_batch_size=8 --set per_device_eval_batch_size=8 --set gradient_accumulation_steps=1 \
+    --set completion_only_loss=false --set group_by_length=false --set max_seq_length=512 \
+    --set logging_steps=5 --set save_steps=50 2>&1 | tail -20
+  stop_mem adapterlab-sft
+  python3 -c "
+import json; s = json.load(open('/tmp/sft-out/trainer_state.json'))
+for e in s['log_history']: print(json.dumps(e))
+" 2>&1 | log adapterlab-sft
+  python3 scripts/bench/peft_load_check.py --base "$CKPT" --adapter /tmp/sft-out 2>&1 | log python-peft
+fi
+
+python3 scripts/bench/gpu_table.py "$RESULTS" "$OUT/gpu.csv" "$OUT/date.txt" | tee "$OUT/table.md"
