@@ -319,7 +319,7 @@ fn make_a_judge(model: &Path) {
     let head = &tensors["lm_head.weight"];
     let (vocab, hidden) = head.dims2().unwrap();
     // One token per character: '3' and '4' follow the three special tokens, '\n' and ' '.
-    let id = |c: char| (c as usize - 32 + 4) as usize;
+    let id = |c: char| c as usize - 32 + 4;
     let mut w = vec![0f32; vocab * hidden];
     for j in 0..hidden {
         for (c, sign) in [('3', 1.0), ('4', 1.0), ('2', -1.0), ('5', -1.0)] {

@@ -406,7 +406,7 @@ pub fn complete_chat(
     let mut text = String::new();
     let mut cut: Option<usize> = None;
     let mut failure: Option<anyhow::Error> = None;
-    let output = generate_ids_with(&loaded.model, &[ids.clone()], &cfg, |step| {
+    let output = generate_ids_with(&loaded.model, std::slice::from_ref(&ids), &cfg, |step| {
         if step.is_eos {
             return Flow::Continue;
         }

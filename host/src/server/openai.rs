@@ -256,7 +256,7 @@ fn parse_request(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
         ));
     }
     let repetition_penalty = number("repetition_penalty")?.unwrap_or(1.0);
-    if !(repetition_penalty > 0.0) {
+    if repetition_penalty.is_nan() || repetition_penalty <= 0.0 {
         return Err(OpenAiError::invalid(
             Some("repetition_penalty"),
             "`repetition_penalty` must be positive",

@@ -571,10 +571,10 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             )?;
             // The store's record of the run is made durable as far as the checkpoint goes, so
             // a crash loses no logged step that a resume would not redo.
-            if let Some((store, _)) = &env.store {
-                if let Err(e) = store.flush() {
-                    tracing::warn!("failed to flush the store: {e:#}");
-                }
+            if let Some((store, _)) = &env.store
+                && let Err(e) = store.flush()
+            {
+                tracing::warn!("failed to flush the store: {e:#}");
             }
         }
         bar.inc(1);
