@@ -27,8 +27,15 @@ fn main() {
     let registry = Registry::load(&runtime, &data_dir.plugins()).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _guard = rt.enter();
-    let state =
-        adapterlab::server::state(data_dir, store.clone(), runtime, registry, "t".into()).unwrap();
+    let state = adapterlab::server::state(
+        data_dir,
+        store.clone(),
+        runtime,
+        registry,
+        "t".into(),
+        "smollm2".into(),
+    )
+    .unwrap();
 
     // One evaluated run of 200 samples to read.
     let rows: Vec<PredictionRow> = (0..200)

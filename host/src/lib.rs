@@ -2,8 +2,13 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the map of these modules.
 
+// The OpenAPI document (`server/openapi.rs`) is written as `json!` literals, whose schemas
+// nest deeper than the default limit allows.
+#![recursion_limit = "256"]
+
 pub mod cli;
 pub mod eval;
+pub mod infer;
 pub mod llm;
 pub mod paths;
 pub mod plugin;

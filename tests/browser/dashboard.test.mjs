@@ -14,6 +14,9 @@
 //   ADAPTERLAB_PREDICTIONS_B  predictions JSONL for the run named "adapter-b"
 //   ADAPTERLAB_RUN_TIMEOUT_MS how long a run may take to reach `done` (default 180000)
 //   ADAPTERLAB_TEST_TRAIN=1   also launch a training run (always on against the mock)
+//   ADAPTERLAB_TRAIN_MODEL, ADAPTERLAB_TRAIN_DATASET, ADAPTERLAB_TRAIN_MAX_STEPS
+//                             what that training run uses instead of the form's defaults
+//                             (the Rust test passes a tiny model, so it takes seconds)
 //   ADAPTERLAB_PLUGIN_WASM    a valid plugin component to upload (the mock accepts a stub)
 //   CHROMIUM_PATH             the browser (default /usr/bin/chromium; never downloaded)
 //
@@ -387,6 +390,9 @@ describe('adapterlab dashboard', () => {
     await page.getByRole('radio', { name: 'Training' }).check();
     const form = page.getByRole('form', { name: 'Train a LoRA adapter' });
     await form.getByLabel('Name', { exact: true }).fill('live-train');
+    if (env.ADAPTERLAB_TRAIN_MODEL) await form.getByLabel('Model', { exact: true }).fill(env.ADAPTERLAB_TRAIN_MODEL);
+    if (env.ADAPTERLAB_TRAIN_DATASET) await form.getByLabel('Dataset', { exact: true }).fill(env.ADAPTERLAB_TRAIN_DATASET);
+    if (env.ADAPTERLAB_TRAIN_MAX_STEPS) await form.getByLabel('Max steps', { exact: true }).fill(env.ADAPTERLAB_TRAIN_MAX_STEPS);
     await form.getByLabel('Learning rate', { exact: true }).fill('not a number');
     await form.getByRole('button', { name: 'Launch training' }).click();
     assert.match(await form.locator('#train-learning_rate-error').innerText(), /number/, 'no message for a bad learning rate');

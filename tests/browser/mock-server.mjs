@@ -249,7 +249,7 @@ function startTrain(state, run, config, totalSteps = 40) {
   later(state, 300, () => {
     if (run.status !== 'queued') return;
     setStatus(state, run, 'running');
-    emit(state, run, { type: 'log', level: 'info', message: `loading ${config.model} and ${config.dataset} (formatter ${config.formatter})` });
+    emit(state, run, { type: 'log', level: 'info', message: `loading ${config.model_name_or_path} and ${config.dataset} (formatter ${config.formatter})` });
     emit(state, run, { type: 'log', level: 'info', message: `LoRA r=${config.lora?.r} alpha=${config.lora?.lora_alpha} on ${config.lora?.target_modules?.join(', ') || 'default modules'}` });
     let step = 0;
     const lr0 = config.learning_rate ?? 2e-4;
@@ -272,7 +272,7 @@ function startTrain(state, run, config, totalSteps = 40) {
       emit(state, run, { type: 'progress', done: step, total: totalSteps, unit: 'steps' });
       if (step < totalSteps) return later(state, 200, tick);
       const name = run.name;
-      state.adapters.unshift({ name, path: `adapters/${name}`, base_model: config.model, created: now(), run_id: run.id, metadata: { r: String(config.lora?.r ?? 16) } });
+      state.adapters.unshift({ name, path: `adapters/${name}`, base_model: config.model_name_or_path, created: now(), run_id: run.id, metadata: { r: String(config.lora?.r ?? 16) } });
       emit(state, run, { type: 'log', level: 'info', message: `saved adapter ${name}` });
       setStatus(state, run, 'done');
     };
@@ -284,7 +284,7 @@ function seed(state) {
   // A finished training run whose events replay, and its adapter.
   const train = record(state, 'train', 'smollm2-dialogsum', { model: 'smollm2', dataset: 'bundled', formatter: 'summarize', adapter: 'smollm2-dialogsum' });
   state.instant = true;
-  startTrain(state, train, { model: 'smollm2', dataset: 'bundled', formatter: 'summarize', learning_rate: 2e-4, num_train_epochs: 5, lora: { r: 16, lora_alpha: 32, target_modules: ['q_proj', 'v_proj'] } }, 60);
+  startTrain(state, train, { model_name_or_path: 'smollm2', dataset: 'bundled', formatter: 'summarize', learning_rate: 2e-4, num_train_epochs: 5, lora: { r: 16, lora_alpha: 32, target_modules: ['q_proj', 'v_proj'] } }, 60);
   state.instant = false;
   train.created = new Date(Date.now() - 3600_000).toISOString();
   // A failed one, to show errors.
@@ -376,8 +376,8 @@ function validateRun(state, body) {
   if (body.kind === 'train') {
     const c = body.config;
     if (!c || typeof c !== 'object') return 'field `config` must be an object';
-    for (const k of ['model', 'dataset', 'formatter']) if (typeof c[k] !== 'string' || !c[k]) return `config.${k} must be a non-empty string`;
-    if (c.model !== 'smollm2') return `unknown model "${c.model}" (known: smollm2)`;
+    for (const k of ['model_name_or_path', 'dataset', 'formatter']) if (typeof c[k] !== 'string' || !c[k]) return `config.${k} must be a non-empty string`;
+    if (c.model_name_or_path !== 'smollm2') return `config.model_name_or_path: unknown model "${c.model_name_or_path}" (known: smollm2)`;
     if (!(c.learning_rate > 0)) return 'config.learning_rate must be positive';
     return null;
   }
@@ -476,15 +476,14 @@ async function handleApi(state, token, req, res, url) {
       if (problem) return fail(res, 422, problem);
       if (body.kind === 'train') {
         const name = body.name || `adapter-${state.runs.length + 1}`;
-        const run = record(state, 'train', name, { model: body.config.model, dataset: body.config.dataset, formatter: body.config.formatter, adapter: name });
+        const run = record(state, 'train', name, { model: body.config.model_name_or_path, dataset: body.config.dataset, formatter: body.config.formatter, adapter: name });
         run.request = body;
         startTrain(state, run, body.config);
         return send(res, 201, { id: run.id });
       }
       const metricsMeta = { metrics: body.metrics.join(','), ...Object.fromEntries(Object.entries(body.settings ?? {}).map(([m, s]) => [`settings.${m}`, Object.entries(s).map(([k, v]) => `${k}=${v}`).join(',')])) };
       if (body.kind === 'generate') {
-        const c = body.config ?? {};
-        const run = record(state, 'generate', body.name, { model: c.model, adapter: c.adapter ?? '', dataset: c.dataset, ...metricsMeta });
+        const run = record(state, 'generate', body.name, { model: body.model, adapter: body.adapter ?? '', dataset: body.dataset, ...metricsMeta });
         const rows = BUNDLED.map((b) => ({ ...b, prediction: b.source.split('\n')[1].replace(/^#Person2#: /, 'Person2 says ') }));
         startEval(state, run, rows, body.metrics, body.score_references);
         return send(res, 201, { id: run.id });

@@ -1,11 +1,13 @@
 //! The dashboard in a real browser (Debian's Chromium driven by playwright-core) against the
 //! real server: launch evaluations from the form, watch them finish, compare two runs, drill
-//! into a sample, visit every page. Screenshots go to tests/artifacts/.
+//! into a sample, launch a training run and watch it live (on the tiny model of the train
+//! tests, so it takes seconds), visit every page. Screenshots go to tests/artifacts/.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 use crate::server::start;
+use crate::train::{dataset, tiny_model};
 use crate::util::*;
 
 #[test]
@@ -20,6 +22,8 @@ fn dashboard_flows_in_chromium() {
         .to_path_buf();
     let t = setup("browser");
     let server = start(&t, &[]);
+    let model = tiny_model(&t);
+    let data = dataset(&t);
     let fixtures = root.join("tests/browser/fixtures");
     let artifacts = root.join("tests/artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
@@ -40,6 +44,12 @@ fn dashboard_flows_in_chromium() {
             "ADAPTERLAB_PLUGIN_WASM",
             built_component("adapterlab-plugin-length"),
         )
+        .env("ADAPTERLAB_TEST_TRAIN", "1")
+        .env("ADAPTERLAB_TRAIN_MODEL", &model)
+        .env("ADAPTERLAB_TRAIN_DATASET", &data)
+        // Long enough to watch it run (the form's logging_steps is 20), short enough for CI:
+        // ~90 ms a step on two CPU cores.
+        .env("ADAPTERLAB_TRAIN_MAX_STEPS", "300")
         .status()
         .expect("bash runs tests/browser/run.sh");
     assert!(

@@ -10,5 +10,6 @@ mod judge;
 mod model;
 mod polyglot;
 mod sandbox;
+mod serve_models;
 mod server;
 mod train;

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::util::*;
 
-const TOKEN: &str = "test-token-123";
+pub const TOKEN: &str = "test-token-123";
 
 pub struct Server {
     pub child: Child,
@@ -25,7 +25,13 @@ impl Drop for Server {
 
 /// Start `serve` on a free loopback port and wait until it says where it listens.
 pub fn start(t: &TestDir, extra_env: &[(&str, &str)]) -> Server {
+    start_with(t, &[], extra_env)
+}
+
+/// [`start`] with more arguments for `serve` (e.g. `--model DIR`).
+pub fn start_with(t: &TestDir, args: &[&str], extra_env: &[(&str, &str)]) -> Server {
     let mut cmd = t.cmd(&["serve", "--addr", "127.0.0.1:0", "--token", TOKEN]);
+    cmd.args(args);
     for (k, v) in extra_env {
         cmd.env(k, v);
     }

@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::util::{TestDir, read_json, run_fail, run_ok, setup};
 
 /// The fixture checkpoint with a tokenizer: one token per ASCII character, `</s>` as EOS.
-fn tiny_model(t: &TestDir) -> PathBuf {
+pub fn tiny_model(t: &TestDir) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("model/tests/fixtures/bnb/llama_tiny");
     let dir = t.path().join("tiny-llama");
     std::fs::create_dir_all(&dir).unwrap();
@@ -42,7 +42,7 @@ fn tiny_model(t: &TestDir) -> PathBuf {
         "normalizer": null,
         "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": false},
         "post_processor": null,
-        "decoder": null,
+        "decoder": {"type": "Fuse"},
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
     });
     std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
@@ -50,7 +50,7 @@ fn tiny_model(t: &TestDir) -> PathBuf {
 }
 
 /// A learnable prompt-completion set: the completion repeats a word of the prompt.
-fn dataset(t: &TestDir) -> PathBuf {
+pub fn dataset(t: &TestDir) -> PathBuf {
     let dir = t.path().join("ds");
     std::fs::create_dir_all(&dir).unwrap();
     let words = ["cat", "dog", "sun", "tree", "rain", "blue", "fish", "star"];

@@ -2,15 +2,16 @@
 // first, with the message next to the field; what the server still rejects (4xx with
 // {"error": ...}) is shown above the submit button. On 201 the page moves to the new run.
 //
-// Payloads (POST /api/runs):
-//   train:    {"kind":"train","name"?,"config":{model,dataset,formatter,num_train_epochs,max_steps?,
-//              learning_rate,per_device_train_batch_size,gradient_accumulation_steps,
-//              lr_scheduler_type,warmup_ratio,max_seq_length,
-//              lora:{r,lora_alpha,lora_dropout,target_modules?}}}
+// Payloads (POST /api/runs; the server's OpenAPI document at /api/openapi.json has them all):
+//   train:    {"kind":"train","name"?,"config":{model_name_or_path,dataset,formatter,
+//              num_train_epochs,max_steps?,learning_rate,per_device_train_batch_size,
+//              gradient_accumulation_steps,lr_scheduler_type,warmup_ratio,max_seq_length,
+//              lora:{r,lora_alpha,lora_dropout,target_modules?}}}   (HF key names)
 //   eval:     {"kind":"eval","name","predictions":[{id,prediction,reference,source?}],
 //              "metrics":[...],"settings":{metric:{key:value}},"score_references":bool}
-//   generate: {"kind":"generate","name","config":{model,adapter?,dataset},
+//   generate: {"kind":"generate","name","model","adapter"?,"dataset",
 //              "metrics":[...],"settings":{...},"score_references":bool}
+//             (the dataset's test split, the reference notebook's decoding)
 
 import { api, ApiError } from '../lib/api.js';
 import { h, replace } from '../lib/dom.js';
@@ -286,7 +287,9 @@ function buildEvalForm(ctx, plugins, adapters) {
       : {
         kind: 'generate',
         ...common,
-        config: { model: genModel.value.trim(), dataset: genDataset.value.trim(), ...(genAdapter.value ? { adapter: genAdapter.value } : {}) },
+        model: genModel.value.trim(),
+        dataset: genDataset.value.trim(),
+        ...(genAdapter.value ? { adapter: genAdapter.value } : {}),
       };
     submit(body, button, box, ctx);
   });
@@ -393,7 +396,7 @@ function buildTrainForm(ctx, plugins) {
     if (!validate(checks, box)) return;
     const targets = parseList(f.target_modules.value);
     const config = {
-      model: f.model.value.trim(),
+      model_name_or_path: f.model.value.trim(),
       dataset: f.dataset.value.trim(),
       formatter: f.formatter.value.trim(),
       num_train_epochs: values.num_train_epochs,

@@ -139,7 +139,8 @@ export async function mountRuns(main, ctx) {
       h('td', {}, statusBadge(run.status), progressText(run)),
       h('td', {}, run.kind),
       h('td', {}, md.model || md.base_model || '—'),
-      h('td', {}, md.adapter || '—'),
+      // A training run's `adapter` is the folder it wrote; its name is what people pick.
+      h('td', {}, md.adapter_name || md.adapter || '—'),
       h('td', {}, keyMetrics(run)),
       h('td', {}, h('time', { datetime: run.created ?? '' }, dateTime(run.created))),
     );

@@ -33,6 +33,9 @@ pub trait CausalLm: Send + Sync {
     /// Every linear layer with its module path, for adapters and parameter counts.
     fn linears(&self) -> Vec<&Linear>;
 
+    /// The same layers, to attach or detach adapters (see [`crate::peft::apply_adapter`]).
+    fn linears_mut(&mut self) -> Vec<&mut Linear>;
+
     /// Logits at every position, `[batch, seq, vocab]`.
     fn forward(
         &self,

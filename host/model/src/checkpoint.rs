@@ -114,7 +114,9 @@ impl CustomOp1 for Checkpoint {
         let (s, l) = out.storage_and_layout();
         match &*s {
             candle_core::Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => Err(candle_core::Error::Msg("checkpoint: output is not on the CPU".into())),
+            _ => Err(candle_core::Error::Msg(
+                "checkpoint: output is not on the CPU".into(),
+            )),
         }
     }
 
@@ -130,7 +132,9 @@ impl CustomOp1 for Checkpoint {
         let (s, l) = out.storage_and_layout();
         match &*s {
             candle_core::Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => Err(candle_core::Error::Msg("checkpoint: output is not on the GPU".into())),
+            _ => Err(candle_core::Error::Msg(
+                "checkpoint: output is not on the GPU".into(),
+            )),
         }
     }
 

@@ -12,7 +12,7 @@ use crate::assets::{Fetcher, SMOLLM2, SMOLLM2_GGUF};
 use crate::causal_lm::CausalLm;
 use crate::chat::Message;
 use crate::config::{FalconConfig, LlamaConfig, ModelConfig};
-use crate::generate::{Decoding, GenerationConfig, generate_ids};
+use crate::generate::{Decoding, Flow, GenerationConfig, generate_ids, generate_ids_with};
 use crate::linear::LinearBuilder;
 use crate::loader::{self, LoadOptions, LoadedModel};
 use crate::loss::{Formatter, LossOutput, Row, TokenizeOptions, eval_loss as loss_of_rows};
@@ -76,6 +76,28 @@ pub fn load_model(
     rt: &Runtime,
 ) -> Result<LoadedModel> {
     load_model_with(model, linear_builder(quantize, adapter)?, rt)
+}
+
+/// `base` with the PEFT adapter in `dir` on top, unmerged. The copy shares the base's frozen
+/// weights (tensors are reference-counted), so switching adapters never reloads the base.
+pub fn with_adapter(base: &LoadedModel, dir: &Path) -> Result<LoadedModel> {
+    let registry = crate::peft::load_adapter(dir)
+        .and_then(|a| a.into_registry())
+        .with_context(|| format!("failed to load the adapter in {}", dir.display()))?;
+    let mut model = base.clone();
+    let attached = registry
+        .attach(&mut model.model)
+        .with_context(|| format!("the adapter in {} does not fit the model", dir.display()))?;
+    registry
+        .finish()
+        .with_context(|| format!("the adapter in {} does not fit the model", dir.display()))?;
+    if attached == 0 {
+        anyhow::bail!(
+            "the adapter in {} targets no layer of the model",
+            dir.display()
+        );
+    }
+    Ok(model)
 }
 
 /// Loads `model` with a prepared builder (e.g. NF4 with fresh adapters for training).
@@ -242,6 +264,7 @@ pub fn generate_with(loaded: &LoadedModel, opts: &GenerateOptions) -> Result<Vec
         repetition_penalty: opts.repetition_penalty,
         eos_token_ids: eos,
         pad_token_id: pad,
+        logprobs: None,
     };
     let mut out = Vec::with_capacity(opts.prompts.len());
     for chunk in opts.prompts.chunks(opts.batch_size.max(1)) {
@@ -291,6 +314,184 @@ pub fn encode_prompt(loaded: &LoadedModel, prompt: &str, chat: bool) -> Result<V
         .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?
         .get_ids()
         .to_vec())
+}
+
+/// What [`complete_chat`] should do.
+#[derive(Debug, Clone)]
+pub struct ChatOptions {
+    pub max_new_tokens: usize,
+    pub decoding: Decoding,
+    /// 1.0 is off.
+    pub repetition_penalty: f32,
+    /// The answer ends before the first of these appears, which is left out of it.
+    pub stop: Vec<String>,
+    /// Log-probabilities of the answer's tokens with this many alternatives each.
+    pub logprobs: Option<usize>,
+}
+
+/// Why an answer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model's end of turn, or a stop string.
+    Stop,
+    /// `max_new_tokens` ran out.
+    Length,
+}
+
+/// One token of an answer as text, with its log-probability and the likeliest alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TextLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// A finished chat answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatCompletion {
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    /// Every new token, the end-of-turn one included.
+    pub completion_tokens: usize,
+    /// With [`ChatOptions::logprobs`]: the answer's tokens (not the end-of-turn one).
+    pub logprobs: Vec<TextLogprob>,
+}
+
+/// Renders `messages` with the model's chat template (`add_generation_prompt`) and generates
+/// the assistant's answer for one conversation. `on_delta` sees the answer's text as it becomes
+/// final, with the log-probabilities of the tokens since the last call: text that could still
+/// turn out to start a stop string, or ends in an incomplete character, is held back until it
+/// is settled, so the pieces concatenate to the returned text exactly.
+pub fn complete_chat(
+    loaded: &LoadedModel,
+    messages: &[Message],
+    opts: &ChatOptions,
+    mut on_delta: impl FnMut(&str, &[TextLogprob]),
+) -> Result<ChatCompletion> {
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .context("the model has no tokenizer (tokenizer.json)")?;
+    let template = loaded
+        .defaults
+        .chat_template
+        .as_ref()
+        .context("the model has no chat template (tokenizer_config.json's chat_template)")?;
+    let prompt = template.render(messages, true)?;
+    let ids = tokenizer
+        .encode(prompt, false)
+        .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?
+        .get_ids()
+        .to_vec();
+    let eos = loaded.defaults.eos_token_ids.clone();
+    let pad = loaded
+        .defaults
+        .pad_token_id
+        .or(eos.first().copied())
+        .unwrap_or(0);
+    let cfg = GenerationConfig {
+        max_new_tokens: opts.max_new_tokens,
+        decoding: opts.decoding.clone(),
+        repetition_penalty: opts.repetition_penalty,
+        eos_token_ids: eos,
+        pad_token_id: pad,
+        logprobs: opts.logprobs,
+    };
+    let piece = |t: u32| tokenizer.decode(&[t], false).unwrap_or_default();
+    let mut answer: Vec<u32> = Vec::new();
+    let mut logprobs: Vec<TextLogprob> = Vec::new();
+    let (mut emitted, mut emitted_lp) = (0usize, 0usize);
+    let mut text = String::new();
+    let mut cut: Option<usize> = None;
+    let mut failure: Option<anyhow::Error> = None;
+    let output = generate_ids_with(&loaded.model, std::slice::from_ref(&ids), &cfg, |step| {
+        if step.is_eos {
+            return Flow::Continue;
+        }
+        answer.push(step.token);
+        if let Some(lp) = &step.logprobs {
+            logprobs.push(TextLogprob {
+                token: piece(lp.token),
+                logprob: lp.logprob,
+                top: lp.top.iter().map(|&(t, l)| (piece(t), l)).collect(),
+            });
+        }
+        text = match tokenizer.decode(&answer, true) {
+            Ok(t) => t,
+            Err(e) => {
+                failure = Some(anyhow::anyhow!("decoding failed: {e}"));
+                return Flow::StopRow;
+            }
+        };
+        let found = opts
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min();
+        let settled = match found {
+            Some(at) => at,
+            None => settled_len(&text, &opts.stop),
+        };
+        if settled > emitted && text.is_char_boundary(emitted) {
+            on_delta(&text[emitted..settled], &logprobs[emitted_lp..]);
+            emitted = settled;
+            emitted_lp = logprobs.len();
+        }
+        match found {
+            Some(at) => {
+                cut = Some(at);
+                Flow::StopRow
+            }
+            None => Flow::Continue,
+        }
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let final_text = match cut {
+        Some(at) => text[..at].to_string(),
+        None => tokenizer
+            .decode(&answer, true)
+            .map_err(|e| anyhow::anyhow!("decoding failed: {e}"))?,
+    };
+    if final_text.len() > emitted && final_text.is_char_boundary(emitted) {
+        on_delta(&final_text[emitted..], &logprobs[emitted_lp..]);
+    } else if logprobs.len() > emitted_lp {
+        on_delta("", &logprobs[emitted_lp..]);
+    }
+    let finish_reason = if output.stopped_at_eos[0] || cut.is_some() {
+        FinishReason::Stop
+    } else {
+        FinishReason::Length
+    };
+    Ok(ChatCompletion {
+        text: final_text,
+        finish_reason,
+        prompt_tokens: ids.len(),
+        completion_tokens: output.tokens[0].len(),
+        logprobs,
+    })
+}
+
+/// How much of `text` is settled: all but a trailing incomplete character (decoded as U+FFFD)
+/// or a tail that is the start of a stop string.
+fn settled_len(text: &str, stop: &[String]) -> usize {
+    let mut end = text.trim_end_matches('\u{FFFD}').len();
+    let held = stop
+        .iter()
+        .flat_map(|s| {
+            (1..s.len())
+                .filter(|&k| s.is_char_boundary(k))
+                .filter(|&k| text[..end].ends_with(&s[..k]))
+                .max()
+        })
+        .max()
+        .unwrap_or(0);
+    end -= held;
+    end
 }
 
 /// What `eval_loss` should do.
@@ -387,6 +588,165 @@ mod tests {
         assert_eq!((c.trainable, c.all), (32_636_928, 6_954_357_632));
         let d = params("smollm2", 8, &[], &rt).unwrap();
         assert_eq!(d.trainable, 460_800);
+    }
+
+    /// The tiny random Llama with a character-level tokenizer (one token per character of
+    /// `CHARS`, `</s>` as EOS) and a minimal chat template.
+    fn tiny_chat_model(seed: u64) -> LoadedModel {
+        use candle_nn::VarBuilder;
+        const CHARS: &str = "\n abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345:";
+        let cfg = crate::llama::tests::tiny();
+        let mut vocab = serde_json::Map::new();
+        for (i, tok) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+            vocab.insert(tok.to_string(), i.into());
+        }
+        for (i, c) in CHARS.chars().enumerate() {
+            vocab.insert(c.to_string(), (i + 3).into());
+        }
+        assert!(vocab.len() <= cfg.vocab_size);
+        let tokenizer = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": false},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+        });
+        let vb = VarBuilder::from_tensors(
+            crate::llama::tests::random_weights(&cfg, seed).unwrap(),
+            DType::F32,
+            &Device::Cpu,
+        );
+        LoadedModel {
+            model: crate::loader::AnyModel::Llama(
+                crate::llama::Llama::load(vb, &cfg, &LinearBuilder::dense()).unwrap(),
+            ),
+            config: ModelConfig::Llama(cfg),
+            tokenizer: Some(tokenizers::Tokenizer::from_bytes(tokenizer.to_string()).unwrap()),
+            defaults: crate::loader::GenerationDefaults {
+                eos_token_ids: vec![2],
+                bos_token_id: None,
+                pad_token_id: None,
+                chat_template: Some(crate::chat::ChatTemplate {
+                    template: "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}".into(),
+                    bos_token: None,
+                    eos_token: None,
+                }),
+            },
+            source: PathBuf::from("tiny"),
+        }
+    }
+
+    fn chat_options(max_new_tokens: usize) -> ChatOptions {
+        ChatOptions {
+            max_new_tokens,
+            decoding: Decoding::Greedy,
+            repetition_penalty: 1.0,
+            stop: vec![],
+            logprobs: Some(3),
+        }
+    }
+
+    #[test]
+    fn chat_streams_pieces_that_add_up_and_reports_logprobs() {
+        let m = tiny_chat_model(5);
+        let messages = [Message::new("user", "hi")];
+        let mut pieces = Vec::new();
+        let mut streamed_lp = 0;
+        let done = complete_chat(&m, &messages, &chat_options(12), |t, lp| {
+            pieces.push(t.to_string());
+            streamed_lp += lp.len();
+        })
+        .unwrap();
+        assert_eq!(pieces.concat(), done.text);
+        assert_eq!(done.prompt_tokens, "user: hi\nA:".len());
+        assert!(done.completion_tokens >= 1 && done.completion_tokens <= 12);
+        assert_eq!(streamed_lp, done.logprobs.len());
+        for lp in &done.logprobs {
+            // Greedy: the chosen token is the likeliest, and log-probabilities are <= 0.
+            assert_eq!(lp.top.len(), 3);
+            assert_eq!(lp.top[0].0, lp.token);
+            assert!((lp.top[0].1 - lp.logprob).abs() < 1e-6);
+            assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1) && lp.logprob <= 0.0);
+        }
+        let total: f32 = done.logprobs[0].top.iter().map(|(_, l)| l.exp()).sum();
+        assert!(total <= 1.0 + 1e-5, "{total}");
+
+        // A stop string cuts the answer before it, in the stream too.
+        assert!(done.text.chars().count() > 3, "{:?}", done.text);
+        {
+            let c = done.text.chars().nth(2).unwrap();
+            let opts = ChatOptions {
+                stop: vec![c.to_string()],
+                ..chat_options(12)
+            };
+            let mut streamed = String::new();
+            let cut = complete_chat(&m, &messages, &opts, |t, _| streamed.push_str(t)).unwrap();
+            assert_eq!(cut.finish_reason, FinishReason::Stop);
+            assert_eq!(cut.text, done.text[..done.text.find(c).unwrap()]);
+            assert_eq!(streamed, cut.text);
+        }
+    }
+
+    #[test]
+    fn settled_text_holds_back_stop_prefixes_and_broken_characters() {
+        let stop = vec!["END".to_string()];
+        assert_eq!(settled_len("abc EN", &stop), 4);
+        assert_eq!(settled_len("abc E", &stop), 4);
+        assert_eq!(settled_len("abc", &stop), 3);
+        assert_eq!(settled_len("ab\u{FFFD}", &[]), 2);
+    }
+
+    #[test]
+    fn an_adapter_applied_on_a_loaded_base_equals_one_loaded_with_it() {
+        use crate::lora::{LoraConfig, TargetModules};
+        let base = tiny_chat_model(9);
+        let cfg = crate::llama::tests::tiny();
+        let weights = crate::llama::tests::random_weights(&cfg, 9).unwrap();
+        // Train-like adapter: B made non-zero so the adapter changes the output.
+        let builder = LinearBuilder::dense()
+            .with_lora(LoraConfig {
+                r: 2,
+                lora_alpha: 4.0,
+                target_modules: TargetModules::names(["q_proj", "v_proj"]),
+                ..Default::default()
+            })
+            .unwrap();
+        let vb = candle_nn::VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
+        crate::llama::Llama::load(vb, &cfg, &builder).unwrap();
+        let registry = builder.lora().unwrap().clone();
+        for layer in registry.layers() {
+            let b = Tensor::ones(layer.b.dims(), DType::F32, &Device::Cpu).unwrap();
+            layer.b.set(&(b * 0.01).unwrap()).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        crate::peft::save_adapter(dir.path(), &registry, &Default::default()).unwrap();
+
+        let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        let loaded_with = crate::llama::Llama::load(
+            vb,
+            &cfg,
+            &linear_builder(Quantize::None, Some(dir.path())).unwrap(),
+        )
+        .unwrap();
+        let applied = with_adapter(&base, dir.path()).unwrap();
+        let prompt = vec![vec![1u32, 7, 9, 30, 4]];
+        let want = last_logits(&loaded_with, &prompt, 0).unwrap();
+        let got = last_logits(&applied.model, &prompt, 0).unwrap();
+        let plain = last_logits(&base.model, &prompt, 0).unwrap();
+        let diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        assert!(diff(&want[0], &got[0]) < 1e-5);
+        assert!(
+            diff(&plain[0], &got[0]) > 1e-4,
+            "the adapter changes the output"
+        );
+        // The base it was applied to is untouched.
+        assert!(base.model.linears().iter().all(|l| l.lora.is_none()));
     }
 
     #[test]

@@ -430,6 +430,17 @@ impl CausalLm for Falcon {
         out.push(&self.lm_head);
         out
     }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = Vec::new();
+        for l in &mut self.h {
+            let a = &mut l.self_attention;
+            out.extend([&mut a.query_key_value, &mut a.dense]);
+            out.extend([&mut l.mlp.dense_h_to_4h, &mut l.mlp.dense_4h_to_h]);
+        }
+        out.push(&mut self.lm_head);
+        out
+    }
 }
 
 #[cfg(test)]
@@ -621,8 +632,14 @@ mod tests {
         crate::checkpoint::set_enabled(false);
         for (plain, ckpt) in runs[0].iter().zip(&runs[1]) {
             let scale = plain.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
-            let d = plain.iter().zip(ckpt).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-            assert!(d <= 1e-5 * scale.max(1.0), "gradients differ by {d} (scale {scale})");
+            let d = plain
+                .iter()
+                .zip(ckpt)
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(
+                d <= 1e-5 * scale.max(1.0),
+                "gradients differ by {d} (scale {scale})"
+            );
         }
         Ok(())
     }

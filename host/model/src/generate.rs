@@ -52,6 +52,9 @@ pub struct GenerationConfig {
     pub eos_token_ids: Vec<u32>,
     /// Left padding of prompts, and what finished rows get.
     pub pad_token_id: u32,
+    /// Also return each new token's log-probability with this many most likely alternatives
+    /// (`Some(0)`: the token's own only), as the OpenAI API's `logprobs`/`top_logprobs`.
+    pub logprobs: Option<usize>,
 }
 
 impl GenerationConfig {
@@ -62,6 +65,7 @@ impl GenerationConfig {
             repetition_penalty: 1.0,
             eos_token_ids,
             pad_token_id,
+            logprobs: None,
         }
     }
 
@@ -92,12 +96,70 @@ impl GenerationConfig {
 }
 
 /// Generated tokens for each prompt.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerationOutput {
     /// New tokens per row, up to and including the EOS that stopped it; no padding.
     pub tokens: Vec<Vec<u32>>,
-    /// Whether each row stopped at EOS (else it ran to `max_new_tokens`).
+    /// Whether each row stopped at EOS (else it ran to `max_new_tokens` or was stopped).
     pub stopped_at_eos: Vec<bool>,
+    /// With [`GenerationConfig::logprobs`]: one entry per token of `tokens`, per row.
+    pub logprobs: Vec<Vec<TokenLogprobs>>,
+}
+
+/// A generated token's log-probability under the model, and the most likely alternatives at its
+/// position. These are the model's own distribution (log-softmax of its logits), before the
+/// repetition penalty, temperature or top-k/top-p shape the choice, as OpenAI reports them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// One new token of one row, as an observer of [`generate_ids_with`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepToken {
+    pub row: usize,
+    pub token: u32,
+    pub is_eos: bool,
+    /// With [`GenerationConfig::logprobs`].
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// What an observer wants after seeing a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Stop this row here (the token is kept), e.g. when a stop string appeared.
+    StopRow,
+}
+
+/// `log_softmax(logits)` at the chosen token and the `n` best, most likely first.
+fn token_logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = logits.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let n = n.min(logits.len());
+    if n > 0 {
+        // Likeliest first; ties go to the lower id, as `argmax` does.
+        let rank = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+        order.select_nth_unstable_by(n - 1, rank);
+        order.truncate(n);
+        order.sort_by(rank);
+    } else {
+        order.clear();
+    }
+    TokenLogprobs {
+        token,
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |v| v - log_sum),
+        top: order
+            .into_iter()
+            .map(|i| (i as u32, logits[i] - log_sum))
+            .collect(),
+    }
 }
 
 /// transformers' `RepetitionPenaltyLogitsProcessor`: every token in `seen` (prompt, its
@@ -209,11 +271,23 @@ pub fn generate_ids(
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
 ) -> Result<GenerationOutput> {
+    generate_ids_with(model, prompts, cfg, |_| Flow::Continue)
+}
+
+/// [`generate_ids`], showing each new token to `observe` as it is chosen (for streaming), which
+/// may stop its row.
+pub fn generate_ids_with(
+    model: &dyn CausalLm,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    mut observe: impl FnMut(&StepToken) -> Flow,
+) -> Result<GenerationOutput> {
     cfg.validate()?;
     if prompts.is_empty() {
         return Ok(GenerationOutput {
             tokens: vec![],
             stopped_at_eos: vec![],
+            logprobs: vec![],
         });
     }
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
@@ -250,6 +324,10 @@ pub fn generate_ids(
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut finished = vec![false; batch];
+    let mut stopped_at_eos = vec![false; batch];
+    // How many new tokens each finished row keeps.
+    let mut kept: Vec<Option<usize>> = vec![None; batch];
+    let mut logprobs: Vec<Vec<TokenLogprobs>> = vec![Vec::new(); batch];
     let mut cache = model.new_cache();
 
     let to_tensor = |m: &Vec<Vec<u32>>| -> Result<Tensor> {
@@ -259,7 +337,8 @@ pub fn generate_ids(
     if cfg.max_new_tokens == 0 {
         return Ok(GenerationOutput {
             tokens: vec![vec![]; batch],
-            stopped_at_eos: finished,
+            stopped_at_eos,
+            logprobs,
         });
     }
     let mut logits = model
@@ -273,15 +352,35 @@ pub fn generate_ids(
         let scores = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let mut next = Vec::with_capacity(batch);
         for (r, mut s) in scores.into_iter().enumerate() {
+            let raw = cfg.logprobs.filter(|_| !finished[r]).map(|_| s.clone());
+            // Finished rows still draw, so a row's random stream does not depend on when the
+            // others finish.
             let t = next_token(&mut s, &rows[r], cfg, &mut rng);
-            next.push(if finished[r] { cfg.pad_token_id } else { t });
+            if finished[r] {
+                next.push(cfg.pad_token_id);
+                continue;
+            }
+            let lp = raw.map(|raw| token_logprobs(&raw, t, cfg.logprobs.unwrap_or(0)));
+            let is_eos = cfg.eos_token_ids.contains(&t);
+            let flow = observe(&StepToken {
+                row: r,
+                token: t,
+                is_eos,
+                logprobs: lp.clone(),
+            });
+            if let Some(lp) = lp {
+                logprobs[r].push(lp);
+            }
+            if is_eos || flow == Flow::StopRow {
+                finished[r] = true;
+                stopped_at_eos[r] = is_eos;
+                kept[r] = Some(step + 1);
+            }
+            next.push(t);
         }
         for r in 0..batch {
             rows[r].push(next[r]);
             mask[r].push(1);
-            if !finished[r] && cfg.eos_token_ids.contains(&next[r]) {
-                finished[r] = true;
-            }
         }
         if finished.iter().all(|f| *f) || step + 1 == cfg.max_new_tokens {
             break;
@@ -293,17 +392,16 @@ pub fn generate_ids(
     }
     let tokens = rows
         .iter()
-        .map(|row| {
+        .zip(&kept)
+        .map(|(row, kept)| {
             let new = &row[width..];
-            match new.iter().position(|t| cfg.eos_token_ids.contains(t)) {
-                Some(i) => new[..=i].to_vec(),
-                None => new.to_vec(),
-            }
+            new[..kept.unwrap_or(new.len()).min(new.len())].to_vec()
         })
         .collect();
     Ok(GenerationOutput {
         tokens,
-        stopped_at_eos: finished,
+        stopped_at_eos,
+        logprobs,
     })
 }
 

@@ -77,6 +77,12 @@ impl CausalLm for AnyModel {
     fn linears(&self) -> Vec<&Linear> {
         self.inner().linears()
     }
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match self {
+            AnyModel::Falcon(m) => m.linears_mut(),
+            AnyModel::Llama(m) => m.linears_mut(),
+        }
+    }
 }
 
 /// Special tokens and template generation needs, merged from `config.json`,

@@ -554,6 +554,21 @@ impl LoraRegistry {
         Ok(Some(layer))
     }
 
+    /// Put this registry's adapters on the layers of an already built model, replacing any
+    /// there: the frozen base weights stay shared with every other copy of the model, so one
+    /// base serves several adapters, each applied unmerged. Returns how many layers got one.
+    /// Call [`Self::finish`] afterwards to check that a loaded adapter was used whole.
+    pub fn attach(&self, model: &mut dyn crate::causal_lm::CausalLm) -> Result<usize> {
+        let device = model.device().clone();
+        let mut attached = 0;
+        for linear in model.linears_mut() {
+            let (out_dim, in_dim) = linear.base.dims();
+            linear.lora = self.layer_for(&linear.name, in_dim, out_dim, &device)?;
+            attached += usize::from(linear.lora.is_some());
+        }
+        Ok(attached)
+    }
+
     /// Call once the model is built: with a loaded adapter, every tensor in the file must have
     /// gone to a layer (else the adapter was made for another model).
     pub fn finish(&self) -> std::result::Result<(), LoraError> {

@@ -13,7 +13,9 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use crate::cli::Context;
+use crate::infer::predict::{self, Sampling};
 use crate::plugin::{CallContext, PluginKind};
+use crate::train::data::Split;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum QuantizeArg {
@@ -30,25 +32,9 @@ impl From<QuantizeArg> for Quantize {
     }
 }
 
-/// The device models run on: CUDA when built with it and a GPU is there, else the CPU.
+/// The device models run on (see [`crate::infer::model_runtime`]).
 pub fn model_runtime(ctx: &Context) -> Result<Runtime> {
-    let mut rt = Runtime::cpu(ctx.data_dir.assets());
-    #[cfg(feature = "cuda")]
-    {
-        if let Ok(device) = candle_core::Device::new_cuda(0) {
-            rt.device = device;
-            rt.dtype = candle_core::DType::BF16;
-        }
-    }
-    if let Ok(dtype) = std::env::var("ADAPTERLAB_DTYPE") {
-        rt.dtype = match dtype.as_str() {
-            "f32" => candle_core::DType::F32,
-            "bf16" => candle_core::DType::BF16,
-            "f16" => candle_core::DType::F16,
-            other => bail!("ADAPTERLAB_DTYPE={other}: expected f32, bf16 or f16"),
-        };
-    }
-    Ok(rt)
+    crate::infer::model_runtime(ctx.data_dir.assets())
 }
 
 #[derive(Debug, Args)]
@@ -148,88 +134,89 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(args: GenerateArgs, ctx: &Context) -> Result<()> {
-    let decoding = match (args.greedy, args.temperature, args.top_k, args.top_p) {
-        (true, ..) | (false, None, None, None) => Decoding::Greedy,
-        (false, t, k, p) => Decoding::Sample {
-            temperature: t.unwrap_or(1.0),
-            top_k: k,
-            top_p: p,
-            seed: args.seed,
-        },
-    };
-    let (prompts, rows) = match (&args.prompt, &args.data) {
-        (Some(p), _) => (vec![p.clone()], None),
-        (None, Some(path)) => {
-            let rows = read_rows(path)?;
-            let formatted = format_rows(ctx, &args.formatter, &rows, path)?;
-            (
-                formatted.iter().map(|(p, _)| p.clone()).collect(),
-                Some(rows),
-            )
+    let sampled = !args.greedy
+        && (args.temperature.is_some() || args.top_k.is_some() || args.top_p.is_some());
+    let runtime = model_runtime(ctx)?;
+    let Some(data) = &args.data else {
+        let prompt = args.prompt.clone().context("give --prompt or --data")?;
+        let opts = GenerateOptions {
+            model: args.model.clone(),
+            adapter: args.adapter.clone(),
+            prompts: vec![prompt],
+            chat: args.chat,
+            max_new_tokens: args.max_new_tokens,
+            decoding: if sampled {
+                Decoding::Sample {
+                    temperature: args.temperature.unwrap_or(1.0),
+                    top_k: args.top_k,
+                    top_p: args.top_p,
+                    seed: args.seed,
+                }
+            } else {
+                Decoding::Greedy
+            },
+            repetition_penalty: args.repetition_penalty,
+            quantize: args.quantize.into(),
+            batch_size: 1,
+            runtime,
+        };
+        let g = commands::generate(opts)?.remove(0);
+        if args.json {
+            println!("{}", json!({"token_ids": g.token_ids, "text": g.text}));
+        } else {
+            println!("{}", g.text);
         }
-        (None, None) => bail!("give --prompt or --data"),
+        return Ok(());
     };
-    let opts = GenerateOptions {
-        model: args.model.clone(),
-        adapter: args.adapter.clone(),
-        prompts,
-        chat: args.chat,
+    // Rows become predictions the way generate runs and eval_after_train make them.
+    let split = Split {
+        origin: data.display().to_string(),
+        rows: read_rows(data)?,
+    };
+    let rows = predict::prompt_rows(&split, &args.formatter, Some(&ctx.registry()?))?;
+    let sampling = Sampling {
         max_new_tokens: args.max_new_tokens,
-        decoding,
+        temperature: if sampled {
+            args.temperature.unwrap_or(1.0)
+        } else {
+            0.0
+        },
+        top_p: args.top_p,
+        top_k: args.top_k,
         repetition_penalty: args.repetition_penalty,
-        quantize: args.quantize.into(),
+        seed: args.seed,
         batch_size: args.batch_size.max(1),
-        runtime: model_runtime(ctx)?,
     };
-    let generations = commands::generate(opts)?;
-    match rows {
-        None => {
-            let g = &generations[0];
-            if args.json {
-                println!("{}", json!({"token_ids": g.token_ids, "text": g.text}));
-            } else {
-                println!("{}", g.text);
-            }
-        }
-        Some(rows) => {
-            let data = args.data.as_ref().unwrap();
-            let out = args
-                .out
-                .clone()
-                .unwrap_or_else(|| data.with_extension("predictions.jsonl"));
-            let mut file = std::io::BufWriter::new(
-                std::fs::File::create(&out)
-                    .with_context(|| format!("failed to create {}", out.display()))?,
-            );
-            for (i, (row, g)) in rows.iter().zip(&generations).enumerate() {
-                let text = |k: &str| row.get(k).and_then(|v| v.as_str()).map(String::from);
-                let id = row.get("id").map(|v| {
-                    v.as_str()
-                        .map(String::from)
-                        .unwrap_or_else(|| v.to_string())
-                });
-                let record = json!({
-                    "id": id.unwrap_or_else(|| (i + 1).to_string()),
-                    "prediction": g.text.trim(),
-                    "reference": text("summary").or_else(|| text("completion")).unwrap_or_default(),
-                    "source": text("dialogue").or_else(|| text("prompt")),
-                });
-                writeln!(file, "{record}")?;
-            }
-            file.flush()?;
-            if args.json {
-                println!(
-                    "{}",
-                    json!({"predictions": out, "count": generations.len()})
-                );
-            } else {
-                eprintln!(
-                    "wrote {} predictions to {}",
-                    generations.len(),
-                    out.display()
-                );
-            }
-        }
+    let loaded = commands::load_model(
+        &args.model,
+        args.adapter.as_deref(),
+        args.quantize.into(),
+        &runtime,
+    )?;
+    let predictions = predict::predict(&loaded, &rows, &sampling, None, |_| Ok(()))?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| data.with_extension("predictions.jsonl"));
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(&out)
+            .with_context(|| format!("failed to create {}", out.display()))?,
+    );
+    for p in &predictions {
+        writeln!(file, "{}", serde_json::to_string(p)?)?;
+    }
+    file.flush()?;
+    if args.json {
+        println!(
+            "{}",
+            json!({"predictions": out, "count": predictions.len()})
+        );
+    } else {
+        eprintln!(
+            "wrote {} predictions to {}",
+            predictions.len(),
+            out.display()
+        );
     }
     Ok(())
 }
@@ -381,39 +368,4 @@ fn formatter_session(ctx: &Context, name: &str) -> Result<crate::plugin::Session
     Ok(registry
         .get(name, PluginKind::Formatter)?
         .session(CallContext::default())?)
-}
-
-/// Render rows with a formatter plugin; rows that already have `prompt` are used verbatim.
-fn format_rows(
-    ctx: &Context,
-    formatter: &str,
-    rows: &[Row],
-    path: &Path,
-) -> Result<Vec<(String, Option<String>)>> {
-    if rows.iter().all(|r| r.contains_key("prompt")) {
-        return Ok(rows
-            .iter()
-            .map(|r| (r["prompt"].as_str().unwrap_or_default().to_string(), None))
-            .collect());
-    }
-    let mut session = formatter_session(ctx, formatter)?;
-    // Generation wants the prompt only: the target is dropped before formatting.
-    let fields: Vec<Vec<(String, String)>> = rows
-        .iter()
-        .map(|r| {
-            row_fields(r)
-                .into_iter()
-                .filter(|(k, _)| k != "summary" && k != "completion")
-                .collect()
-        })
-        .collect();
-    let formatted = session.format(&fields)?;
-    formatted
-        .into_iter()
-        .enumerate()
-        .map(|(i, f)| {
-            f.map(|f| (f.prompt, f.completion))
-                .map_err(|e| anyhow::anyhow!("{}: row {}: {e}", path.display(), i + 1))
-        })
-        .collect()
 }

@@ -17,6 +17,12 @@ pub struct ServeArgs {
     /// Default: generated on first start and kept in the data directory's `token` file.
     #[arg(long, env = "ADAPTERLAB_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+
+    /// The base model served under /v1 (OpenAI-compatible) and used by generate runs by
+    /// default: `smollm2`, a checkpoint folder, a `.gguf` file or a hub id. Loaded on first use
+    /// and kept; stored adapters are served on top of it by name.
+    #[arg(long, default_value = adapterlab_model::commands::DEFAULT_MODEL)]
+    pub model: String,
 }
 
 pub fn run(args: ServeArgs, ctx: &Context) -> Result<()> {
@@ -32,6 +38,7 @@ pub fn run(args: ServeArgs, ctx: &Context) -> Result<()> {
         runtime,
         registry,
         token.clone(),
+        args.model.clone(),
     )?;
     let data_dir = ctx.data_dir.root().display().to_string();
     tokio.block_on(crate::server::serve(state, args.addr, move |addr| {
@@ -41,6 +48,7 @@ pub fn run(args: ServeArgs, ctx: &Context) -> Result<()> {
         println!("adapterlab {} serving on http://{addr}/", env!("CARGO_PKG_VERSION"));
         println!("data directory: {data_dir}");
         println!("open http://{addr}/#token={token}");
+        println!("OpenAI-compatible API: OPENAI_BASE_URL=http://{addr}/v1 OPENAI_API_KEY=<the token>");
         if generated {
             println!("(a new API token was generated and stored in the data directory's `token` file)");
         }

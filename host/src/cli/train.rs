@@ -27,7 +27,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "latest|DIR")]
     pub resume_from_checkpoint: Option<String>,
 
-    /// A name for the run in the store.
+    /// A name for the run in the store; also the name its adapter is stored (and served) under
+    /// (default: the output folder's name).
     #[arg(long)]
     pub name: Option<String>,
 }

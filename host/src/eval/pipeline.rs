@@ -69,12 +69,25 @@ pub fn parse_settings(items: &[String]) -> Result<BTreeMap<String, BTreeMap<Stri
 /// Check a request against the registry before any work: metrics exist and are metrics,
 /// settings name requested plugins, score names do not collide.
 pub fn validate(registry: &Registry, request: &EvalRequest) -> Result<Vec<Plugin>> {
-    if request.metrics.is_empty() {
+    let plugins = validate_metrics(registry, &request.metrics, &request.settings)?;
+    if request.rows.is_empty() {
+        bail!("no samples to evaluate");
+    }
+    Ok(plugins)
+}
+
+/// The metric plugins of `metrics`, checked as [`validate`] does, before there are samples.
+pub fn validate_metrics(
+    registry: &Registry,
+    metrics: &[String],
+    settings: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Result<Vec<Plugin>> {
+    if metrics.is_empty() {
         bail!("no metrics requested");
     }
     let mut plugins = Vec::new();
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
-    for name in &request.metrics {
+    for name in metrics {
         let plugin = registry.get(name, PluginKind::Metric)?.clone();
         for score in &plugin.meta.scores {
             if let Some(other) = owner.insert(score.name.clone(), name.clone()) {
@@ -86,16 +99,13 @@ pub fn validate(registry: &Registry, request: &EvalRequest) -> Result<Vec<Plugin
         }
         plugins.push(plugin);
     }
-    for plugin in request.settings.keys() {
-        if !request.metrics.contains(plugin) {
+    for plugin in settings.keys() {
+        if !metrics.contains(plugin) {
             bail!(
                 "setting for {plugin:?}, which is not among the requested metrics ({})",
-                request.metrics.join(", ")
+                metrics.join(", ")
             );
         }
-    }
-    if request.rows.is_empty() {
-        bail!("no samples to evaluate");
     }
     Ok(plugins)
 }
@@ -104,6 +114,16 @@ pub fn validate(registry: &Registry, request: &EvalRequest) -> Result<Vec<Plugin
 pub fn create_run(store: &Store, request: &EvalRequest, plugins: &[Plugin]) -> Result<RunRecord> {
     let mut run = RunRecord::new(new_run_id(), request.name.clone(), RunKind::Eval);
     run.metadata = request.metadata.clone();
+    describe(&mut run, request, plugins);
+    run.request = serde_json::to_value(request)?;
+    store.put_run(&run)?;
+    Ok(run)
+}
+
+/// What a run scored by `request` shows before it starts: metrics and plugin versions in its
+/// metadata, the scores it will have, its progress total. Also for runs of another kind that
+/// get scored (generate runs).
+pub fn describe(run: &mut RunRecord, request: &EvalRequest, plugins: &[Plugin]) {
     run.metadata
         .insert("metrics".into(), request.metrics.join(","));
     run.metadata
@@ -129,9 +149,6 @@ pub fn create_run(store: &Store, request: &EvalRequest, plugins: &[Plugin]) -> R
         total: request.rows.len() as u64,
         unit: "samples".into(),
     };
-    run.request = serde_json::to_value(request)?;
-    store.put_run(&run)?;
-    Ok(run)
 }
 
 /// The services plugins of one run use, plus what reports progress.

@@ -18,7 +18,9 @@ use serde_json::{Value, json};
 use crate::eval::compare::compare;
 use crate::eval::input::{PredictionRow, row_from_value};
 use crate::eval::pipeline::EvalRequest;
+use crate::infer::run::{GenerateRequest, InputRow};
 use crate::plugin::{PluginMeta, registry};
+use crate::server::jobs::TrainSubmission;
 use crate::server::{AppError, AppState, openapi};
 use crate::store::RunEvent;
 
@@ -183,26 +185,284 @@ async fn compare_runs(
 async fn create_run(State(state): State<AppState>, body: Bytes) -> Result<Response, AppError> {
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| AppError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(AppError::bad_request("the body must be a JSON object"));
+    }
     let kind = value.get("kind").and_then(Value::as_str).ok_or_else(|| {
         AppError::unprocessable("field `kind` is required: \"eval\", \"train\" or \"generate\"")
     })?;
-    match kind {
+    let jobs = state.jobs.clone();
+    // Validation reads plugins and files: off the async threads.
+    let submit = match kind {
         "eval" => {
+            check_fields(&value, EVAL_FIELDS)?;
             let request = eval_request(&value)?;
-            let jobs = state.jobs.clone();
-            let run = tokio::task::spawn_blocking(move || jobs.submit_eval(request))
-                .await
-                .map_err(anyhow::Error::from)?
-                .map_err(|e| AppError::unprocessable(format!("{e:#}")))?;
-            Ok((StatusCode::CREATED, Json(json!({"id": run.id}))).into_response())
+            tokio::task::spawn_blocking(move || jobs.submit_eval(request))
         }
-        "train" | "generate" => Err(AppError::unprocessable(format!(
-            "`{kind}` runs are not available from this server yet; use `adapterlab {kind}` on the command line"
-        ))),
-        other => Err(AppError::unprocessable(format!(
-            "unknown kind {other:?}: expected \"eval\", \"train\" or \"generate\""
-        ))),
+        "train" => {
+            check_fields(&value, TRAIN_FIELDS)?;
+            let submission = train_submission(&value)?;
+            tokio::task::spawn_blocking(move || jobs.submit_train(submission))
+        }
+        "generate" => {
+            check_fields(&value, GENERATE_FIELDS)?;
+            let request = generate_request(&value)?;
+            tokio::task::spawn_blocking(move || jobs.submit_generate(request))
+        }
+        other => {
+            return Err(AppError::unprocessable(format!(
+                "unknown kind {other:?}: expected \"eval\", \"train\" or \"generate\""
+            )));
+        }
+    };
+    let run = submit
+        .await
+        .map_err(anyhow::Error::from)?
+        .map_err(|e| AppError::unprocessable(format!("{e:#}")))?;
+    Ok((StatusCode::CREATED, Json(json!({"id": run.id}))).into_response())
+}
+
+const EVAL_FIELDS: &[&str] = &[
+    "kind",
+    "name",
+    "predictions",
+    "metrics",
+    "settings",
+    "score_references",
+    "model",
+    "adapter",
+    "dataset",
+];
+const TRAIN_FIELDS: &[&str] = &["kind", "name", "config"];
+const GENERATE_FIELDS: &[&str] = &[
+    "kind",
+    "name",
+    "model",
+    "adapter",
+    "dataset",
+    "split",
+    "inputs",
+    "formatter",
+    "limit",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "batch_size",
+    "metrics",
+    "settings",
+    "score_references",
+];
+
+/// Every field of the body is one `allowed`; an unknown one is named, with the closest.
+fn check_fields(value: &Value, allowed: &[&str]) -> Result<(), AppError> {
+    let Some(map) = value.as_object() else {
+        return Ok(());
+    };
+    for key in map.keys() {
+        if !allowed.contains(&key.as_str()) {
+            let hint = match crate::plugin::registry::closest(key, allowed) {
+                Some(c) => format!("; did you mean `{c}`?"),
+                None => format!(" (expected: {})", allowed.join(", ")),
+            };
+            return Err(AppError::unprocessable(format!(
+                "unknown field `{key}`{hint}"
+            )));
+        }
     }
+    Ok(())
+}
+
+/// The optional run name: trimmed, at most 200 characters.
+fn run_name(value: &Value) -> Result<Option<String>, AppError> {
+    let name = match value.get("name") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s.trim(),
+        Some(_) => return Err(AppError::unprocessable("field `name` must be a string")),
+    };
+    if name.len() > 200 {
+        return Err(AppError::unprocessable(
+            "field `name` is longer than 200 characters",
+        ));
+    }
+    Ok((!name.is_empty()).then(|| name.to_string()))
+}
+
+fn train_submission(value: &Value) -> Result<TrainSubmission, AppError> {
+    let config = value.get("config").cloned().unwrap_or_else(|| json!({}));
+    if !config.is_object() {
+        return Err(AppError::unprocessable(
+            "field `config` must be an object of train keys (HF TrainingArguments / LoraConfig names)",
+        ));
+    }
+    Ok(TrainSubmission {
+        name: run_name(value)?,
+        config,
+    })
+}
+
+/// Translate a generate body into a request, naming the field at fault; what needs the
+/// plugins, the store or files is checked by the job queue.
+fn generate_request(value: &Value) -> Result<GenerateRequest, AppError> {
+    let mut request = GenerateRequest {
+        name: run_name(value)?.unwrap_or_default(),
+        ..Default::default()
+    };
+    let string = |key: &str| -> Result<Option<String>, AppError> {
+        match value.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
+            Some(_) => Err(AppError::unprocessable(format!(
+                "field `{key}` must be a non-empty string"
+            ))),
+        }
+    };
+    let number = |key: &str| -> Result<Option<f64>, AppError> {
+        match value.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| AppError::unprocessable(format!("field `{key}` must be a number"))),
+        }
+    };
+    let count = |key: &str| -> Result<Option<usize>, AppError> {
+        match value.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                AppError::unprocessable(format!("field `{key}` must be a whole number, 0 or more"))
+            }),
+        }
+    };
+    request.model = string("model")?;
+    request.adapter = string("adapter")?;
+    request.dataset = string("dataset")?;
+    request.split = string("split")?;
+    if let Some(f) = string("formatter")? {
+        request.formatter = f;
+    }
+    request.limit = count("limit")?;
+    let s = &mut request.sampling;
+    if let Some(n) = count("max_new_tokens")? {
+        s.max_new_tokens = n;
+    }
+    if let Some(t) = number("temperature")? {
+        s.temperature = t as f32;
+    }
+    s.top_p = number("top_p")?.map(|p| p as f32);
+    s.top_k = count("top_k")?;
+    if let Some(p) = number("repetition_penalty")? {
+        s.repetition_penalty = p as f32;
+    }
+    if let Some(seed) = count("seed")? {
+        s.seed = seed as u64;
+    }
+    if let Some(b) = count("batch_size")? {
+        s.batch_size = b;
+    }
+    s.validate()
+        .map_err(|e| AppError::unprocessable(e.to_string()))?;
+    if let Some(inputs) = value.get("inputs") {
+        let items = inputs.as_array().ok_or_else(|| {
+            AppError::unprocessable("field `inputs` must be an array of {id, source, reference?}")
+        })?;
+        for (i, item) in items.iter().enumerate() {
+            let field = |key: &str| item.get(key).filter(|v| !v.is_null());
+            let id = match field("id") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                _ => {
+                    return Err(AppError::unprocessable(format!(
+                        "inputs[{i}]: `id` must be a string or a number"
+                    )));
+                }
+            };
+            let source = field("source")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    AppError::unprocessable(format!("inputs[{i}]: `source` must be a string"))
+                })?
+                .to_string();
+            let reference = match field("reference") {
+                None => None,
+                Some(Value::String(r)) => Some(r.clone()),
+                Some(_) => {
+                    return Err(AppError::unprocessable(format!(
+                        "inputs[{i}]: `reference` must be a string"
+                    )));
+                }
+            };
+            request.inputs.push(InputRow {
+                id,
+                source,
+                reference,
+            });
+        }
+        if request.inputs.is_empty() {
+            return Err(AppError::unprocessable("field `inputs` is empty"));
+        }
+    }
+    if value.get("metrics").is_some_and(|m| !m.is_null()) {
+        request.metrics = metrics_field(value)?;
+    }
+    request.settings = settings_field(value)?;
+    request.score_references = value
+        .get("score_references")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    Ok(request)
+}
+
+/// `metrics`: an array of metric plugin names, or one comma-separated string.
+fn metrics_field(value: &Value) -> Result<Vec<String>, AppError> {
+    match value.get("metrics") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|m| {
+                m.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| AppError::unprocessable("field `metrics` must hold strings"))
+            })
+            .collect(),
+        Some(Value::String(s)) => Ok(s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()),
+        _ => Err(AppError::unprocessable(
+            "field `metrics` must be an array of metric plugin names",
+        )),
+    }
+}
+
+/// `settings`: `{plugin: {key: value}}`, values taken as text.
+fn settings_field(value: &Value) -> Result<BTreeMap<String, BTreeMap<String, String>>, AppError> {
+    let mut settings: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let Some(s) = value.get("settings").filter(|s| !s.is_null()) else {
+        return Ok(settings);
+    };
+    let map = s.as_object().ok_or_else(|| {
+        AppError::unprocessable("field `settings` must be an object {plugin: {key: value}}")
+    })?;
+    for (plugin, kv) in map {
+        let kv = kv.as_object().ok_or_else(|| {
+            AppError::unprocessable(format!(
+                "settings.{plugin} must be an object {{key: value}}"
+            ))
+        })?;
+        let entry = settings.entry(plugin.clone()).or_default();
+        for (k, v) in kv {
+            let v = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            entry.insert(k.clone(), v);
+        }
+    }
+    Ok(settings)
 }
 
 /// Validate an eval request body, naming the field (and row) at fault.
@@ -231,60 +491,9 @@ fn eval_request(value: &Value) -> Result<EvalRequest, AppError> {
     if parsed.is_empty() {
         return Err(AppError::unprocessable("field `predictions` is empty"));
     }
-    let metrics: Vec<String> = match value.get("metrics") {
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|m| {
-                m.as_str()
-                    .map(String::from)
-                    .ok_or_else(|| AppError::unprocessable("field `metrics` must hold strings"))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(Value::String(s)) => s
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect(),
-        _ => {
-            return Err(AppError::unprocessable(
-                "field `metrics` must be an array of metric plugin names",
-            ));
-        }
-    };
-    let mut settings: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    if let Some(s) = value.get("settings") {
-        let map = s.as_object().ok_or_else(|| {
-            AppError::unprocessable("field `settings` must be an object {plugin: {key: value}}")
-        })?;
-        for (plugin, kv) in map {
-            let kv = kv.as_object().ok_or_else(|| {
-                AppError::unprocessable(format!(
-                    "settings.{plugin} must be an object {{key: value}}"
-                ))
-            })?;
-            let entry = settings.entry(plugin.clone()).or_default();
-            for (k, v) in kv {
-                let v = match v {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                entry.insert(k.clone(), v);
-            }
-        }
-    }
-    let name = value
-        .get("name")
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .unwrap_or("eval")
-        .to_string();
-    if name.len() > 200 {
-        return Err(AppError::unprocessable(
-            "field `name` is longer than 200 characters",
-        ));
-    }
+    let metrics = metrics_field(value)?;
+    let settings = settings_field(value)?;
+    let name = run_name(value)?.unwrap_or_else(|| "eval".to_string());
     let mut metadata = BTreeMap::new();
     for key in ["model", "adapter", "dataset"] {
         if let Some(v) = value.get(key).and_then(Value::as_str) {

@@ -1,11 +1,14 @@
 //! Mutating calls (anything but GET/HEAD/OPTIONS) need `Authorization: Bearer TOKEN`; reads
-//! are open, since the server binds to loopback by default.
+//! are open, since the server binds to loopback by default. That includes
+//! `POST /v1/chat/completions`: OpenAI clients send their API key as this header, so they use
+//! the server's token as their key.
 
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use crate::server::openai::OpenAiError;
 use crate::server::{AppError, AppState};
 
 pub async fn require_token_for_mutations(
@@ -25,14 +28,26 @@ pub async fn require_token_for_mutations(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
+    // The OpenAI-compatible API answers in OpenAI's error shape, which its clients parse.
+    let openai = request.uri().path().starts_with("/v1/");
+    let refuse = |message: &str| {
+        if openai {
+            OpenAiError::unauthorized(message).into_response()
+        } else {
+            AppError::new(StatusCode::UNAUTHORIZED, message).into_response()
+        }
+    };
     match presented {
-        Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => next.run(request).await,
-        Some(_) => AppError::new(StatusCode::UNAUTHORIZED, "invalid token").into_response(),
-        None => AppError::new(
-            StatusCode::UNAUTHORIZED,
+        Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => {
+            next.run(request).await
+        }
+        Some(_) => refuse("invalid token"),
+        None if openai => refuse(
+            "this call needs the server's token as the API key (`Authorization: Bearer TOKEN`, e.g. OPENAI_API_KEY=TOKEN); it is printed by `adapterlab serve` and stored in the data directory's `token` file",
+        ),
+        None => refuse(
             "this call needs `Authorization: Bearer TOKEN` (the token is printed by `adapterlab serve` and stored in the data directory's `token` file)",
-        )
-        .into_response(),
+        ),
     }
 }
 

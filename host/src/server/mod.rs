@@ -1,5 +1,6 @@
-//! The server: a JSON API, Server-Sent Events for live runs, an OpenAI-compatible endpoint,
-//! and the dashboard from `web/`, over the store and a persisted job queue.
+//! The server: a JSON API, Server-Sent Events for live runs, an OpenAI-compatible API under
+//! `/v1` for the served model and the stored adapters, and the dashboard from `web/`, over the
+//! store and a persisted job queue.
 //!
 //! **Architecture Invariant:** only this module knows HTTP as a server. Handlers translate
 //! between HTTP and the library (store, eval, jobs); they hold no logic of their own.
@@ -19,6 +20,7 @@ mod assets;
 mod auth;
 mod error;
 pub mod jobs;
+mod openai;
 mod openapi;
 
 pub use error::AppError;
@@ -41,6 +43,7 @@ pub const BODY_LIMIT: usize = 64 << 20;
 pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(api::routes())
+        .merge(openai::routes())
         .merge(assets::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -51,16 +54,22 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Build the state: open the store, load plugins, mark jobs a dead process left running as
-/// interrupted, re-queue queued ones, start the workers.
+/// interrupted, re-queue queued ones, start the workers. `model` is the base model served
+/// under `/v1` and used by default (loaded on first use).
 pub fn state(
     data_dir: DataDir,
     store: Store,
     runtime: Runtime,
     registry: Registry,
     token: String,
+    model: String,
 ) -> anyhow::Result<AppState> {
     let registry = Arc::new(RwLock::new(registry));
-    let jobs = jobs::Jobs::start(store.clone(), registry.clone(), data_dir.clone())?;
+    let models = Arc::new(crate::infer::Models::new(
+        crate::infer::model_runtime(data_dir.assets())?,
+        model,
+    ));
+    let jobs = jobs::Jobs::start(store.clone(), registry.clone(), data_dir.clone(), models)?;
     Ok(AppState {
         store,
         runtime,

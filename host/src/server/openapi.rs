@@ -7,19 +7,95 @@ pub fn document() -> Value {
     let error = json!({"$ref": "#/components/schemas/Error"});
     let err = |desc: &str| json!({"description": desc, "content": {"application/json": {"schema": error}}});
     let ok = |desc: &str, schema: Value| json!({"description": desc, "content": {"application/json": {"schema": schema}}});
+    let openai_err = |desc: &str| json!({"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAiError"}}}});
     let run_id = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}, "description": "run id (a unique prefix is enough) or run name"});
     let secured = json!([{"bearer": []}]);
+    let train_config = json!({"type": "object", "additionalProperties": false,
+        "description": "HF TrainingArguments / SFTConfig / LoraConfig / BitsAndBytesConfig key names, with the reference notebook's defaults (those of `adapterlab train`). Checked before the run is queued: an unknown key is a 422 naming it and the closest known one; so are wrong types and values, a missing formatter, dataset rows that cannot be used (with their numbers), unknown `eval_after_train` metrics. Training writes to `output_dir`: by default `<data dir>/runs/<run id>`; a relative path is taken under `<data dir>/runs/` and may not contain `..`; an absolute path is used as given, but never inside the data directory outside `runs/`, nor in an existing folder holding anything but training outputs. Cancelling stops at the next step and keeps the checkpoints; resuming (an interrupted, cancelled or failed run) continues from the newest `checkpoint-N` in `output_dir`.",
+        "properties": {
+            "model_name_or_path": {"type": "string", "default": "smollm2"},
+            "dataset": {"type": "string", "default": "bundled", "description": "`bundled`, or a local JSON/JSONL/CSV file (the train split) or folder of train/validation/test files"},
+            "output_dir": {"type": "string"}, "formatter": {"type": "string", "default": "summarize"},
+            "completion_only_loss": {"type": "boolean", "default": true}, "max_seq_length": {"type": "integer", "default": 512},
+            "num_train_epochs": {"type": "number", "default": 5}, "max_steps": {"type": "integer", "default": -1},
+            "per_device_train_batch_size": {"type": "integer", "default": 8}, "per_device_eval_batch_size": {"type": "integer", "default": 8},
+            "gradient_accumulation_steps": {"type": "integer", "default": 4}, "learning_rate": {"type": "number", "default": 0.0002},
+            "lr_scheduler_type": {"enum": ["cosine", "linear", "constant", "constant_with_warmup"], "default": "cosine"},
+            "warmup_ratio": {"type": "number", "default": 0.01}, "warmup_steps": {"type": "integer", "default": 0},
+            "max_grad_norm": {"type": "number", "default": 0.1}, "optim": {"type": "string", "default": "adamw_32bit"},
+            "weight_decay": {"type": "number", "default": 0.0}, "adam_beta1": {"type": "number"}, "adam_beta2": {"type": "number"},
+            "adam_epsilon": {"type": "number"}, "group_by_length": {"type": "boolean", "default": true},
+            "logging_steps": {"type": "integer", "default": 20}, "save_steps": {"type": "integer", "default": 20},
+            "save_total_limit": {"type": ["integer", "null"]}, "eval_steps": {"type": "integer", "default": 0},
+            "seed": {"type": "integer", "default": 42}, "bf16": {"type": "boolean", "default": true}, "fp16": {"type": "boolean", "default": false},
+            "tokenizer_name": {"type": "string", "description": "a tokenizer.json (or a folder holding one) instead of the model's"},
+            "gradient_checkpointing": {"type": "boolean", "default": false},
+            "eval_after_train": {"type": "array", "items": {"type": "string"}, "description": "metric plugins run on the trained model's generations for the validation (else test) split, as a separate eval run"},
+            "lora": {"type": "object", "additionalProperties": false, "properties": {
+                "r": {"type": "integer", "default": 16}, "lora_alpha": {"type": "number", "default": 32},
+                "lora_dropout": {"type": "number", "default": 0.1}, "target_modules": {"type": "array", "items": {"type": "string"}, "description": "empty: every linear layer"},
+                "use_rslora": {"type": "boolean", "default": false}, "bias": {"const": "none"}}},
+            "quantization": {"type": "object", "additionalProperties": false, "properties": {
+                "load_in_4bit": {"type": "boolean", "default": true}, "bnb_4bit_quant_type": {"const": "nf4"},
+                "bnb_4bit_use_double_quant": {"type": "boolean", "default": true},
+                "bnb_4bit_compute_dtype": {"enum": ["bfloat16", "float16", "float32"], "default": "bfloat16"}}}}});
+    let generate_run_request = json!({"type": "object", "required": ["kind"], "additionalProperties": false,
+        "description": "Generate with a model (and adapter) for a dataset split or given inputs; the generations become the run's samples (prediction, reference, source); with `metrics` they are scored in place by the eval pipeline, so the run compares like an eval run. Decoding defaults are the reference notebook's (greedy, repetition penalty 30, 50 new tokens). Resuming an interrupted run generates again.",
+        "properties": {
+            "kind": {"const": "generate"}, "name": {"type": "string", "maxLength": 200},
+            "model": {"type": "string", "description": "default: the adapter's base model, else the served model (`serve --model`)"},
+            "adapter": {"type": "string", "description": "a stored adapter's name (GET /api/adapters) or its train run's id, or a PEFT adapter folder"},
+            "dataset": {"type": "string", "default": "bundled"}, "split": {"enum": ["train", "validation", "test"], "default": "test"},
+            "inputs": {"type": "array", "description": "instead of a dataset", "items": {"type": "object", "required": ["id", "source"], "properties": {
+                "id": {"type": ["string", "integer"]}, "source": {"type": "string", "description": "the dialogue"}, "reference": {"type": "string"}}}},
+            "formatter": {"type": "string", "default": "summarize", "description": "the formatter plugin that makes each prompt"},
+            "limit": {"type": "integer", "minimum": 1, "description": "only the first rows"},
+            "max_new_tokens": {"type": "integer", "default": 50}, "temperature": {"type": "number", "default": 0, "description": "0 is greedy"},
+            "top_p": {"type": "number"}, "top_k": {"type": "integer"}, "repetition_penalty": {"type": "number", "default": 30},
+            "seed": {"type": "integer", "default": 0}, "batch_size": {"type": "integer", "default": 8},
+            "metrics": {"type": "array", "items": {"type": "string"}},
+            "settings": {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": {"type": "string"}}},
+            "score_references": {"type": "boolean"}}});
+    let chat_completion_request = json!({"type": "object", "required": ["model", "messages"], "properties": {
+        "model": {"type": "string", "description": "the served model's id or a stored adapter's name (GET /v1/models)"},
+        "messages": {"type": "array", "items": {"type": "object", "required": ["role"], "properties": {
+            "role": {"type": "string"}, "content": {"oneOf": [{"type": "string"}, {"type": "null"},
+                {"type": "array", "items": {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}}}},
+        "max_completion_tokens": {"type": "integer"}, "max_tokens": {"type": "integer", "default": 256},
+        "temperature": {"type": "number", "default": 1, "description": "0 is greedy"}, "top_p": {"type": "number"},
+        "top_k": {"type": "integer", "description": "extension"}, "repetition_penalty": {"type": "number", "description": "extension; 1 is off"},
+        "seed": {"type": "integer"}, "stop": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 4, "items": {"type": "string"}}]},
+        "n": {"const": 1}, "logprobs": {"type": "boolean"}, "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+        "stream": {"type": "boolean"}, "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}}});
+    let chat_completion = json!({"type": "object", "properties": {
+        "id": {"type": "string"}, "object": {"const": "chat.completion"}, "created": {"type": "integer"}, "model": {"type": "string"},
+        "choices": {"type": "array", "items": {"type": "object", "properties": {
+            "index": {"type": "integer"}, "message": {"type": "object", "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}},
+            "logprobs": {"type": ["object", "null"], "description": "the model's own distribution, before sampling settings", "properties": {"content": {"type": "array", "items": {"type": "object", "properties": {
+                "token": {"type": "string"}, "logprob": {"type": "number"}, "bytes": {"type": "array", "items": {"type": "integer"}},
+                "top_logprobs": {"type": "array", "items": {"type": "object"}}}}}}},
+            "finish_reason": {"enum": ["stop", "length"]}}}},
+        "usage": {"type": "object", "properties": {"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}}}});
     json!({
         "openapi": "3.1.0",
         "info": {
             "title": "adapterlab",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Launch and watch train, generate and eval runs; compare adapter versions. Reads are open; mutating calls need `Authorization: Bearer TOKEN`."
+            "description": "Launch and watch train, generate and eval runs; compare adapter versions; use the served model and the stored adapters through an OpenAI-compatible API under /v1. Reads are open; mutating calls (POST /v1/chat/completions included: OpenAI clients send the token as their API key) need `Authorization: Bearer TOKEN`."
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+                "OpenAiError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object",
+                    "required": ["message", "type"], "properties": {
+                    "message": {"type": "string"}, "type": {"enum": ["invalid_request_error", "server_error"]},
+                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"], "examples": ["model_not_found", "invalid_api_key"]}}}}},
+                "Adapter": {"type": "object", "required": ["name", "path", "base_model", "created"], "properties": {
+                    "name": {"type": "string", "description": "the train run's name, or its output folder's (a `-XXXXXX` run-id suffix is added when another folder's adapter has it)"},
+                    "path": {"type": "string", "description": "the PEFT folder"}, "base_model": {"type": "string"},
+                    "created": {"type": "string", "format": "date-time"}, "run_id": {"type": ["string", "null"]},
+                    "metadata": {"type": "object", "additionalProperties": {"type": "string"}}}},
                 "Estimate": {"type": "object", "required": ["mean", "low", "high"], "properties": {
                     "mean": {"type": "number"}, "low": {"type": "number"}, "high": {"type": "number"}}},
                 "ScoreInfo": {"type": "object", "properties": {
@@ -54,9 +130,14 @@ pub fn document() -> Value {
                     "metrics": {"type": "array", "items": {"type": "string"}},
                     "settings": {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": {"type": "string"}}},
                     "score_references": {"type": "boolean"}}},
-                "TrainRunRequest": {"type": "object", "required": ["kind", "config"], "properties": {
-                    "kind": {"const": "train"}, "config": {"type": "object", "description": "the train keys (HF TrainingArguments / LoraConfig names)"}}},
-                "GenerateRunRequest": {"type": "object", "required": ["kind"], "properties": {"kind": {"const": "generate"}}},
+                "TrainRunRequest": {"type": "object", "required": ["kind"], "additionalProperties": false, "properties": {
+                    "kind": {"const": "train"},
+                    "name": {"type": "string", "maxLength": 200, "description": "the run's name, also the name its adapter is stored (and served under /v1) by; default `<model>-lora-<end of the run id>`"},
+                    "config": {"$ref": "#/components/schemas/TrainConfig"}}},
+                "TrainConfig": train_config,
+                "GenerateRunRequest": generate_run_request,
+                "ChatCompletionRequest": chat_completion_request,
+                "ChatCompletion": chat_completion,
                 "Plugin": {"type": "object", "properties": {
                     "name": {"type": "string"}, "version": {"type": "string"}, "description": {"type": "string"},
                     "kind": {"enum": ["metric", "formatter", "reporter"]},
@@ -90,7 +171,7 @@ pub fn document() -> Value {
                     "responses": {"201": ok("installed", json!({"$ref": "#/components/schemas/Plugin"})),
                         "400": err("bad upload"), "401": err("missing or wrong token"), "413": err("too large"), "422": err("not a valid plugin")}}
             },
-            "/api/adapters": {"get": {"summary": "Trained adapters", "responses": {"200": ok("adapters", json!({"type": "array"}))}}},
+            "/api/adapters": {"get": {"summary": "Trained adapters", "responses": {"200": ok("adapters", json!({"type": "array", "items": {"$ref": "#/components/schemas/Adapter"}}))}}},
             "/api/runs": {
                 "get": {"summary": "Runs, newest first", "responses": {"200": ok("runs", json!({"type": "array", "items": {"$ref": "#/components/schemas/Run"}}))}},
                 "post": {"summary": "Create a run (queued)", "security": secured,
@@ -98,21 +179,36 @@ pub fn document() -> Value {
                         {"$ref": "#/components/schemas/EvalRunRequest"}, {"$ref": "#/components/schemas/TrainRunRequest"},
                         {"$ref": "#/components/schemas/GenerateRunRequest"}]}}}},
                     "responses": {"201": ok("created", json!({"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}})),
-                        "400": err("not JSON"), "401": err("missing or wrong token"), "413": err("too large"), "422": err("invalid request")}}
+                        "400": err("not JSON"), "401": err("missing or wrong token"), "413": err("too large"), "422": err("invalid request: the message names the field (and row, or key of `config`), with the closest known name for an unknown one")}}
             },
             "/api/runs/{id}": {"get": {"summary": "One run", "parameters": [run_id],
                 "responses": {"200": ok("run", json!({"$ref": "#/components/schemas/Run"})), "404": err("no such run")}}},
             "/api/runs/{id}/samples": {"get": {"summary": "A run's samples with their scores", "parameters": [run_id],
                 "responses": {"200": ok("samples", json!({"type": "array", "items": {"$ref": "#/components/schemas/Sample"}})), "404": err("no such run")}}},
-            "/api/runs/{id}/events": {"get": {"summary": "Server-Sent Events: status, progress, log and loss events; resumable with Last-Event-ID; ends when the run has finished",
+            "/api/runs/{id}/events": {"get": {"summary": "Server-Sent Events: status, progress, log and loss events (training: step, epoch, loss, eval_loss, learning_rate, grad_norm, tokens_per_second, eta_seconds); resumable with Last-Event-ID; ends when the run has finished",
                 "parameters": [run_id], "responses": {"200": {"description": "event stream", "content": {"text/event-stream": {}}}, "404": err("no such run")}}},
-            "/api/runs/{id}/cancel": {"post": {"summary": "Cancel a queued or running run", "parameters": [run_id], "security": secured,
+            "/api/runs/{id}/cancel": {"post": {"summary": "Cancel a queued or running run: an evaluation or generation stops after its current batch, a training after its current step (its checkpoints stay)", "parameters": [run_id], "security": secured,
                 "responses": {"200": ok("status", json!({"type": "object"})), "401": err("missing or wrong token"), "404": err("no such run")}}},
-            "/api/runs/{id}/resume": {"post": {"summary": "Queue an interrupted, failed or cancelled run again", "parameters": [run_id], "security": secured,
+            "/api/runs/{id}/resume": {"post": {"summary": "Queue an interrupted, failed or cancelled run again: training continues from its newest checkpoint, other kinds start over", "parameters": [run_id], "security": secured,
                 "responses": {"200": ok("status", json!({"type": "object"})), "401": err("missing or wrong token"), "404": err("no such run"), "409": err("not resumable")}}},
             "/api/compare": {"get": {"summary": "Compare runs: paired deltas with 95% intervals, samples by disagreement",
                 "parameters": [{"name": "runs", "in": "query", "required": true, "schema": {"type": "string"}, "description": "two or more run ids, comma-separated; the first is the baseline"}],
-                "responses": {"200": ok("comparison", json!({"$ref": "#/components/schemas/Comparison"})), "400": err("fewer than two runs"), "404": err("no such run")}}}
+                "responses": {"200": ok("comparison", json!({"$ref": "#/components/schemas/Comparison"})), "400": err("fewer than two runs"), "404": err("no such run")}}},
+            "/v1/models": {"get": {"summary": "OpenAI-compatible: the served base model (`serve --model`) and every stored adapter, each a model id",
+                "responses": {"200": ok("models", json!({"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"}, "owned_by": {"type": "string"},
+                    "root": {"type": "string", "description": "an adapter's base model"}}}}}}))}}},
+            "/v1/models/{model}": {"get": {"summary": "OpenAI-compatible: one model id",
+                "parameters": [{"name": "model", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": {"200": ok("model", json!({"type": "object"})), "404": openai_err("no such model")}}},
+            "/v1/chat/completions": {"post": {"summary": "OpenAI-compatible chat completions: the messages through the model's chat template; an adapter is applied unmerged over the base, which is loaded once and kept. Needs the server's token as the API key.",
+                "security": secured,
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
+                "responses": {
+                    "200": {"description": "the answer, or with `stream` Server-Sent Events of `chat.completion.chunk` objects ending with `data: [DONE]`",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}}, "text/event-stream": {}}},
+                    "400": openai_err("invalid request"), "401": openai_err("missing or wrong token"),
+                    "404": openai_err("unknown model"), "500": openai_err("the model failed to load or run")}}}
         }
     })
 }

@@ -193,6 +193,58 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
     Ok(())
 }
 
+/// Check every value's type against the default config's, so a wrong type is reported with
+/// its key (serde's own message does not say which key it was reading).
+fn check_types(table: &toml::Table, origin: &str) -> Result<()> {
+    let defaults =
+        toml::Value::try_from(TrainConfig::default()).expect("the default config serialises");
+    fn kind(v: &toml::Value) -> &'static str {
+        match v {
+            toml::Value::String(_) => "a string",
+            toml::Value::Integer(_) => "an integer",
+            toml::Value::Float(_) => "a number",
+            toml::Value::Boolean(_) => "true or false",
+            toml::Value::Datetime(_) => "a date",
+            toml::Value::Array(_) => "a list",
+            toml::Value::Table(_) => "a table",
+        }
+    }
+    fn check(
+        table: &toml::Table,
+        defaults: &toml::Value,
+        prefix: &str,
+        origin: &str,
+    ) -> Result<()> {
+        for (key, value) in table {
+            let name = format!("{prefix}{key}");
+            let expected = match defaults.get(key) {
+                Some(d) => d,
+                // Optional keys (`save_total_limit`) serialise to nothing when unset.
+                None if key == "save_total_limit" => &toml::Value::Integer(0),
+                None => continue,
+            };
+            match (expected, value) {
+                (toml::Value::Table(_), toml::Value::Table(inner)) => {
+                    check(inner, expected, &format!("{name}."), origin)?
+                }
+                (toml::Value::Float(_), toml::Value::Integer(_)) => {}
+                // Every list key holds strings (target_modules, eval_after_train).
+                (toml::Value::Array(_), toml::Value::Array(given)) => {
+                    if let Some(bad) = given.iter().find(|v| !v.is_str()) {
+                        bail!("{origin}: `{name}` must be a list of strings, not {bad}");
+                    }
+                }
+                (e, v) if std::mem::discriminant(e) != std::mem::discriminant(v) => {
+                    bail!("{origin}: `{name}` must be {}, not {v}", kind(e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+    check(table, &defaults, "", origin)
+}
+
 fn suggestion(key: &str, known: &[String]) -> String {
     let names: Vec<&str> = known.iter().map(String::as_str).collect();
     match closest(key, &names) {
@@ -219,6 +271,7 @@ impl TrainConfig {
             apply_override(&mut table, item)?;
         }
         check_keys(&table, "--set")?;
+        check_types(&table, &origin)?;
         let config: TrainConfig = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: {}", e.message()))?;
@@ -228,11 +281,23 @@ impl TrainConfig {
 
     /// Build from a JSON object (the API's `config`), with the same checks.
     pub fn from_json(value: &serde_json::Value) -> Result<Self> {
-        let table: toml::Table = toml::Value::try_from(value)
+        // TOML has no null: an unset key is an absent one.
+        fn without_nulls(v: &serde_json::Value) -> serde_json::Value {
+            match v {
+                serde_json::Value::Object(m) => m
+                    .iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k.clone(), without_nulls(v)))
+                    .collect(),
+                other => other.clone(),
+            }
+        }
+        let table: toml::Table = toml::Value::try_from(without_nulls(value))
             .ok()
             .and_then(|v| v.as_table().cloned())
             .context("config must be an object of train keys")?;
         check_keys(&table, "config")?;
+        check_types(&table, "config")?;
         let config: TrainConfig = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| anyhow::anyhow!("config: {}", e.message()))?;
@@ -440,6 +505,49 @@ mod tests {
         assert!(e.contains("unknown key `lora.alpha`"), "{e}");
         let e = load_str("", &["lora.rr=3"]).unwrap_err().to_string();
         assert!(e.contains("did you mean `r`"), "{e}");
+    }
+
+    #[test]
+    fn json_configs_as_the_api_gets_them() {
+        // Whole numbers for float keys, nested sections, nulls for unset optional keys.
+        let c = TrainConfig::from_json(&serde_json::json!({
+            "model_name_or_path": "smollm2", "num_train_epochs": 5, "learning_rate": 0.0002,
+            "max_steps": 10, "save_total_limit": null,
+            "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]},
+            "quantization": {"load_in_4bit": false}
+        }))
+        .unwrap();
+        assert_eq!(
+            (c.num_train_epochs, c.max_steps, c.lora.lora_alpha),
+            (5.0, 10, 16.0)
+        );
+        assert!(!c.quantization.load_in_4bit);
+        assert_eq!(c.save_total_limit, None);
+        let e = TrainConfig::from_json(&serde_json::json!({"lora": {"lora_aplha": 8}}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown key `lora.lora_aplha`") && e.contains("did you mean `lora_alpha`"),
+            "{e}"
+        );
+        let e = TrainConfig::from_json(&serde_json::json!({"model": "smollm2"}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown key `model`"), "{e}");
+        let e = TrainConfig::from_json(&serde_json::json!({"learning_rate": "fast"}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`learning_rate` must be a number, not \"fast\""),
+            "{e}"
+        );
+        let e = TrainConfig::from_json(&serde_json::json!({"lora": {"target_modules": [1]}}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`lora.target_modules` must be a list of strings"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -174,13 +174,40 @@ pub struct Rendered {
     pub completion: String,
 }
 
-/// Renders every row: rows with `prompt`/`completion` strings as they are, others through the
-/// formatter plugin. All problems are collected and reported together with row numbers.
+/// Renders every row for training: rows with `prompt`/`completion` strings as they are, others
+/// through the formatter plugin. All problems are collected and reported together with row
+/// numbers.
 pub fn render(
     split: &Split,
     formatter: &str,
     registry: Option<&Registry>,
 ) -> Result<Vec<Rendered>> {
+    let rendered = format_rows(split, formatter, registry, true)?;
+    Ok(rendered
+        .into_iter()
+        .map(|(prompt, completion)| Rendered {
+            prompt,
+            completion: completion.unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// Renders every row for generation: the prompt, and the completion (the reference) when the
+/// row has one. Rows with a `prompt` string are used as they are.
+pub fn render_prompts(
+    split: &Split,
+    formatter: &str,
+    registry: Option<&Registry>,
+) -> Result<Vec<(String, Option<String>)>> {
+    format_rows(split, formatter, registry, false)
+}
+
+fn format_rows(
+    split: &Split,
+    formatter: &str,
+    registry: Option<&Registry>,
+    need_completion: bool,
+) -> Result<Vec<(String, Option<String>)>> {
     let mut out = vec![None; split.rows.len()];
     let mut problems = Vec::new();
     let mut pending = Vec::new();
@@ -189,6 +216,7 @@ pub fn render(
             (Some(Value::String(p)), Some(Value::String(c))) => {
                 out[i] = Some((p.clone(), Some(c.clone())))
             }
+            (Some(Value::String(p)), None) if !need_completion => out[i] = Some((p.clone(), None)),
             _ => pending.push(i),
         }
     }
@@ -211,12 +239,14 @@ pub fn render(
     let mut rendered = Vec::with_capacity(out.len());
     for (i, r) in out.into_iter().enumerate() {
         match r {
-            Some((prompt, Some(completion)))
-                if !completion.trim().is_empty() && !prompt.trim().is_empty() =>
-            {
-                rendered.push(Rendered { prompt, completion })
+            Some((prompt, _)) if prompt.trim().is_empty() => {
+                problems.push(format!("row {}: empty prompt", i + 1))
             }
-            Some((_, Some(_))) | Some((_, None)) => problems.push(format!(
+            Some((prompt, Some(completion))) if !completion.trim().is_empty() => {
+                rendered.push((prompt, Some(completion)))
+            }
+            Some((prompt, _)) if !need_completion => rendered.push((prompt, None)),
+            Some(_) => problems.push(format!(
                 "row {}: empty prompt or no completion (e.g. a missing or empty `summary`)",
                 i + 1
             )),
@@ -231,8 +261,13 @@ pub fn render(
         });
         let n = problems.len();
         let shown: Vec<String> = problems.into_iter().take(20).collect();
+        let purpose = if need_completion {
+            "training"
+        } else {
+            "generation"
+        };
         bail!(
-            "{}: {n} row(s) cannot be used for training:\n  {}{}",
+            "{}: {n} row(s) cannot be used for {purpose}:\n  {}{}",
             split.origin,
             shown.join("\n  "),
             if n > 20 { "\n  …" } else { "" }

@@ -19,17 +19,27 @@ use crate::train::trainer::{self, TrainEnv, TrainOutcome};
 
 /// Creates the queued `train` run for `config` (the server queues it; the CLI runs it at once).
 pub fn create_run(store: &Store, config: &TrainConfig, name: Option<String>) -> Result<RunRecord> {
-    let name = name.unwrap_or_else(|| {
-        format!(
-            "train {}",
-            std::path::Path::new(&config.output_dir)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| config.output_dir.clone())
-        )
-    });
-    let mut run = RunRecord::new(new_run_id(), name, RunKind::Train);
+    create_run_with_id(store, new_run_id(), config, name)
+}
+
+/// [`create_run`] with an id chosen by the caller (the server names the output folder after it).
+/// The adapter the run makes is stored under `name` when one is given, else under the output
+/// folder's name.
+pub fn create_run_with_id(
+    store: &Store,
+    id: String,
+    config: &TrainConfig,
+    name: Option<String>,
+) -> Result<RunRecord> {
+    let folder = std::path::Path::new(&config.output_dir)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| config.output_dir.clone());
+    let adapter_name = name.clone().unwrap_or_else(|| folder.clone());
+    let name = name.unwrap_or_else(|| format!("train {folder}"));
+    let mut run = RunRecord::new(id, name, RunKind::Train);
     run.metadata = BTreeMap::from([
+        ("adapter_name".to_string(), adapter_name),
         ("model".to_string(), config.model_name_or_path.clone()),
         ("dataset".to_string(), config.dataset.clone()),
         ("output_dir".to_string(), config.output_dir.clone()),
@@ -89,7 +99,7 @@ pub fn run_recorded(
             };
             pipeline::validate(
                 registry,
-                &eval_request(config, vec![placeholder], BTreeMap::new()),
+                &eval_request("", config, vec![placeholder], BTreeMap::new()),
             )?
         }
         (None, false) => anyhow::bail!("eval_after_train needs the plugin registry"),
@@ -128,12 +138,13 @@ pub fn run_recorded(
     })?;
     store.push_event(run_id, &RunEvent::Status { status })?;
     let outcome = result?;
+    let run = store.resolve_run(run_id)?;
     if let Some(dir) = &outcome.adapter_dir {
         let path = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "adapter".into());
+        let name = adapter_name(store, &run, &path)?;
+        store.update_run(run_id, |r| {
+            r.metadata.insert("adapter_name".into(), name.clone());
+        })?;
         store.put_adapter(&AdapterRecord {
             name,
             path: path.display().to_string(),
@@ -170,7 +181,7 @@ pub fn run_recorded(
                     .to_string(),
             );
         }
-        let request = eval_request(config, outcome.predictions.clone(), metadata);
+        let request = eval_request(&run.name, config, outcome.predictions.clone(), metadata);
         let eval_run = pipeline::create_run(store, &request, &metric_plugins)?;
         let eval_env = EvalEnv {
             store: store.clone(),
@@ -198,13 +209,32 @@ pub fn run_recorded(
     Ok(outcome)
 }
 
+/// The name the adapter of `run` is stored under: the one chosen at creation, unless another
+/// folder's adapter has it already (then the run id's end is added).
+fn adapter_name(store: &Store, run: &RunRecord, path: &std::path::Path) -> Result<String> {
+    let wanted = run
+        .metadata
+        .get("adapter_name")
+        .cloned()
+        .or_else(|| path.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "adapter".into());
+    match store.get_adapter(&wanted)? {
+        Some(a) if a.path != path.display().to_string() => Ok(format!(
+            "{wanted}-{}",
+            &run.id[run.id.len().saturating_sub(6)..]
+        )),
+        _ => Ok(wanted),
+    }
+}
+
 fn eval_request(
+    run_name: &str,
     config: &TrainConfig,
     rows: Vec<PredictionRow>,
     metadata: BTreeMap<String, String>,
 ) -> EvalRequest {
     EvalRequest {
-        name: format!("{} (after training)", config.output_dir),
+        name: format!("{run_name} (after training)"),
         rows,
         metrics: config.eval_after_train.clone(),
         settings: BTreeMap::new(),

@@ -15,8 +15,7 @@ use std::time::Instant;
 
 use adapterlab_model::assets::Fetcher;
 use adapterlab_model::causal_lm::CausalLm;
-use adapterlab_model::commands::{GenerateOptions, Runtime, generate_with, load_model_with};
-use adapterlab_model::generate::Decoding;
+use adapterlab_model::commands::{Runtime, load_model_with};
 use adapterlab_model::linear::{BaseFormat, LinearBuilder};
 use adapterlab_model::lora::{LoraConfig, LoraRegistry, TargetModules};
 use adapterlab_model::loss::{Example, loss_on_examples};
@@ -28,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::eval::input::PredictionRow;
+use crate::infer::predict::{self, Sampling};
 use crate::plugin::Registry;
 use crate::store::{RunEvent, Store};
 use crate::train::config::TrainConfig;
@@ -257,7 +257,8 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         None => None,
     };
 
-    let (loaded, registry, rt) = load_for_training(config, &env.assets_dir)?;
+    log(env, format!("loading {}", config.model_name_or_path));
+    let (loaded, registry, _) = load_for_training(config, &env.assets_dir)?;
     let device = loaded.model.device().clone();
     let tokenizer = match config.tokenizer_name.as_str() {
         "" => loaded.tokenizer.clone().with_context(|| {
@@ -290,7 +291,7 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         config.completion_only_loss,
         config.max_seq_length,
     )?;
-    report_truncation("train", &train, config.max_seq_length);
+    report_truncation(env, "train", &train, config.max_seq_length);
     let vocab = model.vocab_size() as u32;
     if let Some(id) = train
         .examples
@@ -344,6 +345,13 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         },
     )?;
     let trainable: usize = opt.vars().iter().map(|(_, v)| v.elem_count()).sum();
+    log(
+        env,
+        format!(
+            "training {max_steps} steps on {} examples ({steps_per_epoch} steps an epoch), {trainable} trainable parameters",
+            lengths.len()
+        ),
+    );
     tracing::info!(
         examples = lengths.len(),
         max_steps,
@@ -375,10 +383,13 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                 config.seed
             );
         }
-        eprintln!(
-            "resuming from {} at step {}",
-            dir.display(),
-            state.global_step
+        log(
+            env,
+            format!(
+                "resuming from {} at step {}",
+                dir.display(),
+                state.global_step
+            ),
         );
     }
     std::fs::create_dir_all(&output_dir)
@@ -404,7 +415,7 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     if resume_from.is_none() && val.is_some() {
         state.first_eval_loss = evaluate(&registry)?;
         if let Some(l) = state.first_eval_loss {
-            eprintln!("validation loss before training: {l:.4}");
+            log(env, format!("validation loss before training: {l:.4}"));
         }
     }
 
@@ -516,6 +527,17 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                 "epoch": epoch_f, "grad_norm": last_grad_norm, "learning_rate": next_lr, "loss": round4(mean), "step": state.global_step,
             }));
             bar.set_message(format!("loss {mean:.4} · {tps:.0} tok/s"));
+            // The terminal has the progress bar; the dashboard's log gets a line per log step.
+            record(
+                env,
+                RunEvent::Log {
+                    level: "info".into(),
+                    message: format!(
+                        "step {}/{max_steps} · loss {mean:.4} · lr {next_lr:.3e} · {tps:.0} tok/s",
+                        state.global_step
+                    ),
+                },
+            );
             record(
                 env,
                 RunEvent::Loss {
@@ -547,6 +569,13 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                 max_steps,
                 steps_per_epoch,
             )?;
+            // The store's record of the run is made durable as far as the checkpoint goes, so
+            // a crash loses no logged step that a resume would not redo.
+            if let Some((store, _)) = &env.store
+                && let Err(e) = store.flush()
+            {
+                tracing::warn!("failed to flush the store: {e:#}");
+            }
         }
         bar.inc(1);
     }
@@ -584,6 +613,10 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             "train_steps_per_second": round4(steps_this_run as f64 / started.elapsed().as_secs_f64().max(1e-9)),
         }));
         peft::save_adapter(&output_dir, &registry, &save_opts)?;
+        log(
+            env,
+            format!("saved the adapter in {}", output_dir.display()),
+        );
         write_json(
             &output_dir.join(TRAINER_STATE_FILE),
             &trainer_state(config, &state, max_steps, steps_per_epoch),
@@ -599,63 +632,22 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                 ),
             };
             registry.set_training(false);
-            outcome.predictions = generate_split(
-                &loaded,
-                &rt,
-                split,
-                &config.formatter,
-                env.registry.as_ref(),
-            )?;
+            let rows = predict::prompt_rows(split, &config.formatter, env.registry.as_ref())?;
+            log(
+                env,
+                format!(
+                    "generating on {} rows of {} for eval_after_train",
+                    rows.len(),
+                    split.origin
+                ),
+            );
+            outcome.predictions =
+                predict::predict(&loaded, &rows, &Sampling::default(), None, |_| Ok(()))?;
             outcome.predictions_split = Some(name.to_string());
         }
     }
     outcome.log_history = state.log_history;
     Ok(outcome)
-}
-
-/// Generates for every row of `split` with the model as trained (the reference notebook's
-/// decoding: greedy, repetition penalty 30, 50 new tokens).
-fn generate_split(
-    loaded: &adapterlab_model::loader::LoadedModel,
-    rt: &Runtime,
-    split: &data::Split,
-    formatter: &str,
-    registry: Option<&Registry>,
-) -> Result<Vec<PredictionRow>> {
-    let rendered = data::render(split, formatter, registry)?;
-    let prompts: Vec<String> = rendered.iter().map(|r| r.prompt.clone()).collect();
-    let mut opts =
-        GenerateOptions::reference(&loaded.source.display().to_string(), prompts, rt.clone());
-    opts.decoding = Decoding::Greedy;
-    let bar_len = rendered.len();
-    eprintln!(
-        "generating on {} rows of {} for eval_after_train",
-        bar_len, split.origin
-    );
-    let generations = generate_with(loaded, &opts)?;
-    Ok(split
-        .rows
-        .iter()
-        .zip(rendered)
-        .zip(generations)
-        .enumerate()
-        .map(|(i, ((row, r), g))| PredictionRow {
-            id: row
-                .get("id")
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| v.to_string())
-                })
-                .unwrap_or_else(|| i.to_string()),
-            prediction: g.text.trim().to_string(),
-            reference: r.completion.trim().to_string(),
-            source: row
-                .get("dialogue")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-        })
-        .collect())
 }
 
 fn log_eval(env: &TrainEnv, state: &mut ResumeState, loss: f64, epoch: f64) {
@@ -677,20 +669,38 @@ fn log_eval(env: &TrainEnv, state: &mut ResumeState, loss: f64, epoch: f64) {
     );
 }
 
-fn report_truncation(split: &str, enc: &Encoded, max: usize) {
+fn report_truncation(env: &TrainEnv, split: &str, enc: &Encoded, max: usize) {
     if enc.truncated > 0 {
-        eprintln!(
-            "{split}: {} of {} examples truncated to max_seq_length = {max} tokens",
-            enc.truncated,
-            enc.examples.len()
+        log(
+            env,
+            format!(
+                "{split}: {} of {} examples truncated to max_seq_length = {max} tokens",
+                enc.truncated,
+                enc.examples.len()
+            ),
         );
     }
     if enc.no_targets > 0 {
-        eprintln!(
-            "{split}: {} examples keep no completion token after truncation and add nothing to the loss",
-            enc.no_targets
+        log(
+            env,
+            format!(
+                "{split}: {} examples keep no completion token after truncation and add nothing to the loss",
+                enc.no_targets
+            ),
         );
     }
+}
+
+/// A line for the person watching: on the terminal, and in the run's events for the dashboard.
+fn log(env: &TrainEnv, message: String) {
+    eprintln!("{message}");
+    record(
+        env,
+        RunEvent::Log {
+            level: "info".into(),
+            message,
+        },
+    );
 }
 
 fn record(env: &TrainEnv, event: RunEvent) {
