@@ -14,7 +14,7 @@ use std::sync::{Arc, mpsc};
 use anyhow::{Context as _, Result, bail};
 
 use crate::eval::input::PredictionRow;
-use crate::eval::stats::bootstrap_mean;
+use crate::eval::stats::bootstrap_means;
 use crate::plugin::wit::types::{Capability, Sample, SampleResult};
 use crate::plugin::{
     CallContext, HostServices, LogLine, Plugin, PluginError, PluginKind, Registry,
@@ -344,10 +344,22 @@ pub fn aggregate(
             by_score.entry(name.clone()).or_default().push(*v);
         }
     }
-    by_score
-        .into_iter()
-        .map(|(name, values)| (name, bootstrap_mean(&values)))
-        .collect()
+    // Scores with as many values share their resample draws (see `bootstrap_means`).
+    let mut by_count: BTreeMap<usize, Vec<(&String, &[f64])>> = BTreeMap::new();
+    for (name, values) in &by_score {
+        by_count
+            .entry(values.len())
+            .or_default()
+            .push((name, values));
+    }
+    let mut out = BTreeMap::new();
+    for columns in by_count.into_values() {
+        let values: Vec<&[f64]> = columns.iter().map(|(_, v)| *v).collect();
+        for ((name, _), estimate) in columns.iter().zip(bootstrap_means(&values)) {
+            out.insert((*name).clone(), estimate);
+        }
+    }
+    out
 }
 
 fn run_metric(
