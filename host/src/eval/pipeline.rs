@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
+use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 
@@ -287,6 +288,7 @@ pub fn execute(
                 corpus.extend(batch.corpus);
             }
             if !ready.is_empty() {
+                let started = Instant::now();
                 store.put_samples(run_id, &ready)?;
                 done += ready.len() as u64;
                 let total = n as u64;
@@ -300,6 +302,11 @@ pub fn execute(
                     },
                 )?;
                 (env.on_progress)(done, total);
+                tracing::debug!(
+                    "eval: storing {} samples took {:.1?}",
+                    ready.len(),
+                    started.elapsed()
+                );
             }
         }
         Ok(())
@@ -311,9 +318,12 @@ pub fn execute(
         (Ok(()), true) => RunStatus::Cancelled,
         (Ok(()), false) => RunStatus::Done,
     };
+    let started = Instant::now();
     let stored = store.samples(run_id)?;
     let aggregates = aggregate(&stored, |s| &s.scores);
     let reference_aggregates = aggregate(&stored, |s| &s.reference_scores);
+    tracing::debug!("eval: aggregates took {:.1?}", started.elapsed());
+    let started = Instant::now();
     let run = store.update_run(run_id, |r| {
         r.status = final_status;
         r.finished = Some(now_rfc3339());
@@ -330,6 +340,7 @@ pub fn execute(
         },
     )?;
     store.flush()?;
+    tracing::debug!("eval: finishing the run took {:.1?}", started.elapsed());
     outcome.map(|()| run)
 }
 
@@ -407,6 +418,7 @@ fn run_metric(
             continue;
         }
         let batch = &samples[start..end];
+        let started = Instant::now();
         let (results, corpus) = match session.score(batch, &plugin.meta) {
             Ok(b) => (
                 b.samples.into_iter().map(from_sample_result).collect(),
@@ -432,6 +444,12 @@ fn run_metric(
                 (batch.iter().map(|_| Err(message.clone())).collect(), vec![])
             }
         };
+        tracing::debug!(
+            "eval: {} scored {} samples in {:.1?}",
+            plugin.meta.name,
+            batch.len(),
+            started.elapsed()
+        );
         if tx
             .send(BatchDone {
                 metric,
