@@ -130,7 +130,8 @@ pub fn create_run(store: &Store, request: &EvalRequest, plugins: &[Plugin]) -> R
         total: request.rows.len() as u64,
         unit: "samples".into(),
     };
-    run.request = serde_json::to_value(request)?;
+    // The request first: a run is never without what it needs to be resumed.
+    store.put_request(&run.id, request)?;
     store.put_run(&run)?;
     Ok(run)
 }

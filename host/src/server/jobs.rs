@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 use crate::eval::pipeline::{self, EvalEnv, EvalRequest};
 use crate::eval::services::EvalServices;
@@ -106,7 +106,11 @@ impl Jobs {
     fn dispatch(&self, run: RunRecord) -> Result<()> {
         match run.kind {
             RunKind::Eval => {
-                let request: EvalRequest = serde_json::from_value(run.request.clone())?;
+                let request: EvalRequest = self
+                    .inner
+                    .store
+                    .request(&run.id)?
+                    .with_context(|| format!("run {} has no stored request", run.id))?;
                 let cancel = Arc::new(AtomicBool::new(false));
                 self.inner
                     .cancels

@@ -53,7 +53,7 @@ pub fn create_run(store: &Store, config: &TrainConfig, name: Option<String>) -> 
             },
         ),
     ]);
-    run.request = serde_json::to_value(config)?;
+    store.put_request(&run.id, config)?;
     store.put_run(&run)?;
     Ok(run)
 }
