@@ -538,6 +538,32 @@ mod tests {
     }
 
     #[test]
+    fn scores_read_back_bit_for_bit() {
+        let store = Store::temporary().unwrap();
+        // 1/11 is one of the values serde_json's default float parser reads back wrong.
+        let values = [
+            1.0 / 11.0,
+            2.0 / 7.0,
+            0.1 + 0.2,
+            f64::MIN_POSITIVE,
+            1e300 / 7.0,
+        ];
+        let sample = SampleRecord {
+            scores: values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("s{i}"), *v))
+                .collect(),
+            ..Default::default()
+        };
+        store.put_samples("r", &[sample]).unwrap();
+        let back = &store.samples("r").unwrap()[0];
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(back.scores[&format!("s{i}")].to_bits(), v.to_bits(), "{v}");
+        }
+    }
+
+    #[test]
     fn events_resume_after_a_sequence_number() {
         let store = Store::temporary().unwrap();
         for i in 0..3 {
