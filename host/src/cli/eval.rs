@@ -89,15 +89,14 @@ pub fn run(args: EvalArgs, ctx: &Context) -> Result<()> {
         cancel: Arc::new(AtomicBool::new(false)),
         on_progress: Arc::new(move |done, _| bar2.set_position(done)),
     };
-    let result = pipeline::execute(&env, &run.id, &request, &plugins);
+    let result = pipeline::execute_with_samples(&env, &run.id, &request, &plugins);
     bar.finish_and_clear();
     took("the pipeline");
     services.record(&store, &run.id)?;
-    let run = result?;
+    let (run, samples) = result?;
     // Re-read: usage and encoders were recorded after the pipeline returned its copy.
     let run = store.get_run(&run.id)?.unwrap_or(run);
-    let samples = store.samples(&run.id)?;
-    took("reading the results back");
+    took("reading the run back");
 
     print_summary(&run, &samples);
     if let Some(path) = &args.json {

@@ -163,6 +163,17 @@ pub fn execute(
     request: &EvalRequest,
     plugins: &[Plugin],
 ) -> Result<RunRecord> {
+    execute_with_samples(env, run_id, request, plugins).map(|(run, _)| run)
+}
+
+/// [`execute`], also returning the run's stored samples (those the aggregates cover), so that
+/// a caller printing them need not read them again.
+pub fn execute_with_samples(
+    env: &EvalEnv,
+    run_id: &str,
+    request: &EvalRequest,
+    plugins: &[Plugin],
+) -> Result<(RunRecord, Vec<SampleRecord>)> {
     let store = &env.store;
     store.update_run(run_id, |r| {
         r.status = RunStatus::Running;
@@ -215,6 +226,8 @@ pub fn execute(
     let mut covered = vec![0usize; n];
     let mut corpus: BTreeMap<String, f64> = BTreeMap::new();
     let mut done = 0u64;
+    // What this execution stored, to aggregate without reading it back.
+    let mut stored_here: Vec<SampleRecord> = Vec::with_capacity(n);
 
     let (tx, rx) = mpsc::channel::<BatchDone>();
     let log_store = store.clone();
@@ -308,6 +321,7 @@ pub fn execute(
                     ready.len(),
                     started.elapsed()
                 );
+                stored_here.extend(ready);
             }
         }
         Ok(())
@@ -320,7 +334,15 @@ pub fn execute(
         (Ok(()), false) => RunStatus::Done,
     };
     let started = Instant::now();
-    let stored = store.samples(run_id)?;
+    // The aggregates cover the run's stored samples. When this execution stored every one,
+    // those are the records in hand (the store gives scores back bit for bit); otherwise an
+    // earlier, interrupted execution may have stored some, so read them.
+    let stored = if stored_here.len() == n {
+        stored_here.sort_by_key(|s| s.index);
+        stored_here
+    } else {
+        store.samples(run_id)?
+    };
     let aggregates = aggregate(&stored, |s| &s.scores);
     let reference_aggregates = aggregate(&stored, |s| &s.reference_scores);
     tracing::debug!("eval: aggregates took {:.1?}", started.elapsed());
@@ -342,7 +364,7 @@ pub fn execute(
     )?;
     store.flush()?;
     tracing::debug!("eval: finishing the run took {:.1?}", started.elapsed());
-    outcome.map(|()| run)
+    outcome.map(|()| (run, stored))
 }
 
 /// Mean and bootstrap interval of every score over the samples that have it.
