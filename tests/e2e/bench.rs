@@ -23,7 +23,8 @@ fn find<'a>(v: &'a [Value], what: &str) -> Vec<&'a Value> {
 #[test]
 fn bench_train_and_generate_run_and_agree_with_checkpointing() {
     let t = setup("bench");
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("model/tests/fixtures/golden/falcon_7b_style");
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("model/tests/fixtures/golden/falcon_7b_style");
     let model = model.to_str().unwrap();
     let adapter = t.path().join("adapter");
     let train = |extra: &[&str]| {
@@ -52,12 +53,23 @@ fn bench_train_and_generate_run_and_agree_with_checkpointing() {
         assert!((la - lb).abs() < 1e-3, "plain {a} vs checkpointed {b}");
     }
 
-    let gen = lines(&run_ok(&mut t.cmd(&[
-        "bench", "generate", "--model", model, "--adapter", adapter.to_str().unwrap(), "--merged",
-        "--batch", "1,2", "--prompt-tokens", "5", "--new-tokens", "3",
+    let generated = lines(&run_ok(&mut t.cmd(&[
+        "bench",
+        "generate",
+        "--model",
+        model,
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--merged",
+        "--batch",
+        "1,2",
+        "--prompt-tokens",
+        "5",
+        "--new-tokens",
+        "3",
     ])));
-    let runs = find(&gen, "generate");
-    assert_eq!(runs.len(), 4, "{gen:?}");
+    let runs = find(&generated, "generate");
+    assert_eq!(runs.len(), 4, "{generated:?}");
     for r in runs {
         assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
     }

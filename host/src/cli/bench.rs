@@ -244,7 +244,7 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
             emit(
                 json!({"what": "generate", "batch": b, "prompt": args.prompt_tokens,
                 "new": args.new_tokens, "merged": merged, "adapter": registry.is_some(),
-                "s": round(s, 3), "tokens_per_s": round(n as f64 / s, 1)}),
+                "s": round(s, 3), "prefill_s": round(prefill_s, 3), "tokens_per_s": round(n as f64 / s, 1)}),
             );
         }
     }

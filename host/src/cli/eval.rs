@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
@@ -46,6 +47,12 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs, ctx: &Context) -> Result<()> {
+    // `-v` prints how long each phase took.
+    let mut phase = Instant::now();
+    let mut took = |what: &str| {
+        tracing::debug!("eval: {what} took {:.1?}", phase.elapsed());
+        phase = Instant::now();
+    };
     let rows = read_predictions(&args.predictions)?;
     let request = EvalRequest {
         name: args.name.clone().unwrap_or_else(|| {
@@ -63,10 +70,14 @@ pub fn run(args: EvalArgs, ctx: &Context) -> Result<()> {
             args.predictions.display().to_string(),
         )]),
     };
+    took("reading the predictions");
     let registry = ctx.registry()?;
     let plugins = pipeline::validate(&registry, &request)?;
+    took("loading the plugins");
     let store = ctx.store()?;
+    took("opening the store");
     let run = pipeline::create_run(&store, &request, &plugins)?;
+    took("creating the run");
 
     let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
     let services = Arc::new(ctx.eval_services(runtime.handle().clone(), &store)?);
@@ -78,13 +89,14 @@ pub fn run(args: EvalArgs, ctx: &Context) -> Result<()> {
         cancel: Arc::new(AtomicBool::new(false)),
         on_progress: Arc::new(move |done, _| bar2.set_position(done)),
     };
-    let result = pipeline::execute(&env, &run.id, &request, &plugins);
+    let result = pipeline::execute_with_samples(&env, &run.id, &request, &plugins);
     bar.finish_and_clear();
+    took("the pipeline");
     services.record(&store, &run.id)?;
-    let run = result?;
+    let (run, samples) = result?;
     // Re-read: usage and encoders were recorded after the pipeline returned its copy.
     let run = store.get_run(&run.id)?.unwrap_or(run);
-    let samples = store.samples(&run.id)?;
+    took("reading the run back");
 
     print_summary(&run, &samples);
     if let Some(path) = &args.json {
@@ -92,6 +104,7 @@ pub fn run(args: EvalArgs, ctx: &Context) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("failed to write {}", path.display()))?;
     }
+    took("printing and writing the results");
     Ok(())
 }
 

@@ -10,11 +10,12 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
+use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::eval::input::PredictionRow;
-use crate::eval::stats::bootstrap_mean;
+use crate::eval::stats::bootstrap_means;
 use crate::plugin::wit::types::{Capability, Sample, SampleResult};
 use crate::plugin::{
     CallContext, HostServices, LogLine, Plugin, PluginError, PluginKind, Registry,
@@ -115,7 +116,8 @@ pub fn create_run(store: &Store, request: &EvalRequest, plugins: &[Plugin]) -> R
     let mut run = RunRecord::new(new_run_id(), request.name.clone(), RunKind::Eval);
     run.metadata = request.metadata.clone();
     describe(&mut run, request, plugins);
-    run.request = serde_json::to_value(request)?;
+    // The request first: a run is never without what it needs to be resumed.
+    store.put_request(&run.id, request)?;
     store.put_run(&run)?;
     Ok(run)
 }
@@ -178,6 +180,17 @@ pub fn execute(
     request: &EvalRequest,
     plugins: &[Plugin],
 ) -> Result<RunRecord> {
+    execute_with_samples(env, run_id, request, plugins).map(|(run, _)| run)
+}
+
+/// [`execute`], also returning the run's stored samples (those the aggregates cover), so that
+/// a caller printing them need not read them again.
+pub fn execute_with_samples(
+    env: &EvalEnv,
+    run_id: &str,
+    request: &EvalRequest,
+    plugins: &[Plugin],
+) -> Result<(RunRecord, Vec<SampleRecord>)> {
     let store = &env.store;
     store.update_run(run_id, |r| {
         r.status = RunStatus::Running;
@@ -230,6 +243,8 @@ pub fn execute(
     let mut covered = vec![0usize; n];
     let mut corpus: BTreeMap<String, f64> = BTreeMap::new();
     let mut done = 0u64;
+    // What this execution stored, to aggregate without reading it back.
+    let mut stored_here: Vec<SampleRecord> = Vec::with_capacity(n);
 
     let (tx, rx) = mpsc::channel::<BatchDone>();
     let log_store = store.clone();
@@ -304,6 +319,7 @@ pub fn execute(
                 corpus.extend(batch.corpus);
             }
             if !ready.is_empty() {
+                let started = Instant::now();
                 store.put_samples(run_id, &ready)?;
                 done += ready.len() as u64;
                 let total = n as u64;
@@ -317,6 +333,12 @@ pub fn execute(
                     },
                 )?;
                 (env.on_progress)(done, total);
+                tracing::debug!(
+                    "eval: storing {} samples took {:.1?}",
+                    ready.len(),
+                    started.elapsed()
+                );
+                stored_here.extend(ready);
             }
         }
         Ok(())
@@ -328,9 +350,20 @@ pub fn execute(
         (Ok(()), true) => RunStatus::Cancelled,
         (Ok(()), false) => RunStatus::Done,
     };
-    let stored = store.samples(run_id)?;
+    let started = Instant::now();
+    // The aggregates cover the run's stored samples. When this execution stored every one,
+    // those are the records in hand (the store gives scores back bit for bit); otherwise an
+    // earlier, interrupted execution may have stored some, so read them.
+    let stored = if stored_here.len() == n {
+        stored_here.sort_by_key(|s| s.index);
+        stored_here
+    } else {
+        store.samples(run_id)?
+    };
     let aggregates = aggregate(&stored, |s| &s.scores);
     let reference_aggregates = aggregate(&stored, |s| &s.reference_scores);
+    tracing::debug!("eval: aggregates took {:.1?}", started.elapsed());
+    let started = Instant::now();
     let run = store.update_run(run_id, |r| {
         r.status = final_status;
         r.finished = Some(now_rfc3339());
@@ -347,7 +380,8 @@ pub fn execute(
         },
     )?;
     store.flush()?;
-    outcome.map(|()| run)
+    tracing::debug!("eval: finishing the run took {:.1?}", started.elapsed());
+    outcome.map(|()| (run, stored))
 }
 
 /// Mean and bootstrap interval of every score over the samples that have it.
@@ -361,10 +395,22 @@ pub fn aggregate(
             by_score.entry(name.clone()).or_default().push(*v);
         }
     }
-    by_score
-        .into_iter()
-        .map(|(name, values)| (name, bootstrap_mean(&values)))
-        .collect()
+    // Scores with as many values share their resample draws (see `bootstrap_means`).
+    let mut by_count: BTreeMap<usize, Vec<(&String, &[f64])>> = BTreeMap::new();
+    for (name, values) in &by_score {
+        by_count
+            .entry(values.len())
+            .or_default()
+            .push((name, values));
+    }
+    let mut out = BTreeMap::new();
+    for columns in by_count.into_values() {
+        let values: Vec<&[f64]> = columns.iter().map(|(_, v)| *v).collect();
+        for ((name, _), estimate) in columns.iter().zip(bootstrap_means(&values)) {
+            out.insert((*name).clone(), estimate);
+        }
+    }
+    out
 }
 
 fn run_metric(
@@ -412,6 +458,7 @@ fn run_metric(
             continue;
         }
         let batch = &samples[start..end];
+        let started = Instant::now();
         let (results, corpus) = match session.score(batch, &plugin.meta) {
             Ok(b) => (
                 b.samples.into_iter().map(from_sample_result).collect(),
@@ -437,6 +484,12 @@ fn run_metric(
                 (batch.iter().map(|_| Err(message.clone())).collect(), vec![])
             }
         };
+        tracing::debug!(
+            "eval: {} scored {} samples in {:.1?}",
+            plugin.meta.name,
+            batch.len(),
+            started.elapsed()
+        );
         if tx
             .send(BatchDone {
                 metric,

@@ -283,7 +283,8 @@ pub fn create_run(
     if !request.metrics.is_empty() {
         pipeline::describe(&mut run, &eval_request(request, Vec::new()), plugins);
     }
-    run.request = serde_json::to_value(request)?;
+    // The request first: a run is never without what it needs to be resumed.
+    store.put_request(&run.id, request)?;
     store.put_run(&run)?;
     Ok(run)
 }

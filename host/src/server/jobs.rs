@@ -231,7 +231,11 @@ impl Jobs {
         let short = &run.id[run.id.len().saturating_sub(8)..];
         match run.kind {
             RunKind::Eval => {
-                let request: EvalRequest = serde_json::from_value(run.request.clone())?;
+                let request: EvalRequest = self
+                    .inner
+                    .store
+                    .request(&run.id)?
+                    .with_context(|| format!("run {} has no stored request", run.id))?;
                 std::thread::Builder::new()
                     .name(format!("eval-{short}"))
                     .spawn(move || {
@@ -366,8 +370,10 @@ impl Jobs {
     /// cancelled, failed) continues from the newest checkpoint in its output folder.
     fn run_train(&self, run: &RunRecord, cancel: Arc<AtomicBool>) -> Result<()> {
         let store = &self.inner.store;
-        let config: TrainConfig = serde_json::from_value(run.request.clone())
-            .context("the run's stored config is unreadable")?;
+        let config: TrainConfig = store
+            .request(&run.id)
+            .context("the run's stored config is unreadable")?
+            .with_context(|| format!("run {} has no stored config", run.id))?;
         let started_before = store.get_run(&run.id)?.is_some_and(|r| r.started.is_some());
         let checkpoint = trainer::find_checkpoint(Path::new(&config.output_dir), "latest").ok();
         if started_before && checkpoint.is_none() {
@@ -394,8 +400,12 @@ impl Jobs {
     }
 
     fn run_generate(&self, run: &RunRecord, cancel: Arc<AtomicBool>) -> Result<()> {
-        let request: GenerateRequest = serde_json::from_value(run.request.clone())
-            .context("the run's stored request is unreadable")?;
+        let request: GenerateRequest = self
+            .inner
+            .store
+            .request(&run.id)
+            .context("the run's stored request is unreadable")?
+            .with_context(|| format!("run {} has no stored request", run.id))?;
         let (eval, services) = self.eval_env(cancel)?;
         let env = GenerateEnv {
             store: self.inner.store.clone(),

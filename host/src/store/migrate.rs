@@ -3,14 +3,14 @@
 
 use std::path::Path;
 
-use crate::store::{SCHEMA_VERSION, StoreError, tree};
+use crate::store::{Requests, SCHEMA_VERSION, StoreError, tree};
 
 const KEY: &[u8] = b"schema_version";
 
-/// Each entry migrates from version `i + 1` to `i + 2`. Empty while only version 1 exists.
-const MIGRATIONS: &[fn(&sled::Db) -> sled::Result<()>] = &[];
+/// Each entry migrates from version `i + 1` to `i + 2`.
+const MIGRATIONS: &[fn(&sled::Db, &Requests) -> Result<(), StoreError>] = &[requests_apart];
 
-pub(crate) fn run(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+pub(crate) fn run(db: &sled::Db, path: &Path, requests: &Requests) -> Result<(), StoreError> {
     let meta = db.open_tree(tree::META)?;
     let found = match meta.get(KEY)? {
         None => {
@@ -29,7 +29,7 @@ pub(crate) fn run(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
     }
     for version in found..SCHEMA_VERSION {
         let migrate = MIGRATIONS[(version - 1) as usize];
-        migrate(db)?;
+        migrate(db, requests)?;
         meta.insert(KEY, &(version + 1).to_be_bytes())?;
         tracing::info!(
             "migrated the store from schema {version} to {}",
@@ -37,4 +37,78 @@ pub(crate) fn run(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
         );
     }
     Ok(())
+}
+
+/// 1 → 2: a run's `request` moves out of its record into a file of its own (see `Requests`).
+/// An evaluation's request holds every row, so the record it made big was rewritten at each
+/// progress update and decoded by every listing.
+fn requests_apart(db: &sled::Db, requests: &Requests) -> Result<(), StoreError> {
+    let runs = db.open_tree(tree::RUNS)?;
+    for item in runs.iter() {
+        let (key, value) = item?;
+        let corrupt = |source| StoreError::Corrupt {
+            tree: tree::RUNS,
+            key: String::from_utf8_lossy(&key).into_owned(),
+            source,
+        };
+        let mut run: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&value).map_err(corrupt)?;
+        let Some(request) = run.remove("request") else {
+            continue;
+        };
+        if !request.is_null() {
+            requests.put(
+                &String::from_utf8_lossy(&key),
+                serde_json::to_vec(&request)?,
+            )?;
+        }
+        runs.insert(&key, serde_json::to_vec(&run)?)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::migrate::KEY;
+    use crate::store::{RunStatus, Store, tree};
+
+    #[test]
+    fn schema_1_runs_give_their_requests_to_files() {
+        let dir = std::env::temp_dir().join(format!(
+            "adapterlab-migrate-test-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        {
+            let db = sled::Config::new().path(&dir).open().unwrap();
+            db.open_tree(tree::META)
+                .unwrap()
+                .insert(KEY, &1u32.to_be_bytes())
+                .unwrap();
+            let runs = db.open_tree(tree::RUNS).unwrap();
+            let v1 = |id: &str, request: &str| {
+                format!(
+                    r#"{{"id":"{id}","name":"n","kind":"eval","status":"done","created":"2026-11-26T00:00:00Z","request":{request}}}"#
+                )
+            };
+            runs.insert("a", v1("a", r#"{"rows":[{"id":"x"}]}"#).as_bytes())
+                .unwrap();
+            runs.insert("b", v1("b", "null").as_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+
+        let store = Store::open(&dir).unwrap();
+        let a = store.get_run("a").unwrap().unwrap();
+        assert_eq!(a.status, RunStatus::Done);
+        let request: serde_json::Value = store.request("a").unwrap().unwrap();
+        assert_eq!(request["rows"][0]["id"], "x");
+        assert!(dir.join("requests/a.json").is_file());
+        assert_eq!(store.request::<serde_json::Value>("b").unwrap(), None);
+        let raw = store.runs.get("a").unwrap().unwrap();
+        assert!(!String::from_utf8_lossy(&raw).contains("request"));
+        let meta = store.db.open_tree(tree::META).unwrap();
+        assert_eq!(meta.get(KEY).unwrap().unwrap().as_ref(), 2u32.to_be_bytes());
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -1,5 +1,6 @@
 //! The store: sled in the data directory, with typed keyspaces for runs, per-sample results,
-//! run events, adapters, plugins and the LLM response cache. Values are JSON (serde), so a
+//! run events, adapters, plugins and the LLM response cache; beside it, one file per run
+//! holding the request that created it. Values are JSON (serde), so a
 //! record stays readable and migrations can rewrite it.
 //!
 //! **Architecture Invariant:** only this module knows sled. Callers see typed records.
@@ -7,7 +8,9 @@
 //! and a run is marked `done` only after its last sample is written, so a crash never leaves
 //! a run that reads as complete with results missing.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -18,7 +21,7 @@ pub mod records;
 pub use records::*;
 
 /// The schema this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,6 +51,13 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("store: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("store: {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0:?} is not a run id")]
+    InvalidRunId(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -68,6 +78,7 @@ mod tree {
 pub struct Store {
     db: sled::Db,
     runs: sled::Tree,
+    requests: Requests,
     samples: sled::Tree,
     events: sled::Tree,
     adapters: sled::Tree,
@@ -88,20 +99,25 @@ impl Store {
             }
             other => StoreError::Sled(other),
         })?;
-        Self::from_db(db, path)
+        Self::from_db(db, path, Requests::Files(path.join("requests")))
     }
 
     /// A store in a temporary directory, for tests.
     pub fn temporary() -> Result<Self> {
         let db = sled::Config::new().temporary(true).open()?;
-        Self::from_db(db, Path::new("<temporary>"))
+        Self::from_db(
+            db,
+            Path::new("<temporary>"),
+            Requests::Memory(Arc::default()),
+        )
     }
 
     /// Migrate an opened database to the current schema and open its keyspaces.
-    fn from_db(db: sled::Db, path: &Path) -> Result<Self> {
-        migrate::run(&db, path)?;
+    fn from_db(db: sled::Db, path: &Path, requests: Requests) -> Result<Self> {
+        migrate::run(&db, path, &requests)?;
         Ok(Store {
             runs: db.open_tree(tree::RUNS)?,
+            requests,
             samples: db.open_tree(tree::SAMPLES)?,
             events: db.open_tree(tree::EVENTS)?,
             adapters: db.open_tree(tree::ADAPTERS)?,
@@ -218,8 +234,26 @@ impl Store {
             batch.remove(key?);
         }
         self.events.apply_batch(batch)?;
+        self.requests.remove(id)?;
         self.runs.remove(id.as_bytes())?;
         Ok(())
+    }
+
+    // ---- requests ----
+
+    /// Keep what created a run (an evaluation's request, every row included; a training
+    /// config), so that an interrupted job can be resumed. It lives apart from the run record,
+    /// which is rewritten at every status and progress change and read by every listing.
+    pub fn put_request<T: Serialize>(&self, run_id: &str, request: &T) -> Result<()> {
+        self.requests.put(run_id, encode(request)?)
+    }
+
+    /// The request a run was created from, if it was kept.
+    pub fn request<T: DeserializeOwned>(&self, run_id: &str) -> Result<Option<T>> {
+        self.requests
+            .get(run_id)?
+            .map(|v| decode(REQUESTS, run_id, &v))
+            .transpose()
     }
 
     // ---- samples ----
@@ -344,6 +378,94 @@ impl Store {
     }
 }
 
+/// Names the requests in errors, as a tree name does.
+const REQUESTS: &str = "requests";
+
+/// Where requests are kept: a JSON file per run in the store's `requests/` folder, or memory
+/// for a temporary store. Not in sled: a request is written once, read rarely, and can weigh
+/// megabytes, and sled keeps values inside its tree nodes, which it reads and rewrites with
+/// their neighbours (every request in a leaf, at every insert).
+#[derive(Clone)]
+enum Requests {
+    Files(PathBuf),
+    Memory(Arc<Mutex<HashMap<String, Vec<u8>>>>),
+}
+
+impl Requests {
+    /// Run ids are hex digits; anything else must not reach a file name.
+    fn check(run_id: &str) -> Result<()> {
+        if run_id.is_empty()
+            || !run_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(StoreError::InvalidRunId(run_id.to_string()));
+        }
+        Ok(())
+    }
+
+    fn path(dir: &Path, run_id: &str) -> PathBuf {
+        dir.join(format!("{run_id}.json"))
+    }
+
+    /// Written to a temporary file and renamed, so a request is whole or absent.
+    fn put(&self, run_id: &str, bytes: Vec<u8>) -> Result<()> {
+        Self::check(run_id)?;
+        let dir = match self {
+            Requests::Memory(map) => {
+                map.lock().unwrap().insert(run_id.to_string(), bytes);
+                return Ok(());
+            }
+            Requests::Files(dir) => dir,
+        };
+        let path = Self::path(dir, run_id);
+        let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+        let io = |source| StoreError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::write(&tmp, bytes).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)
+    }
+
+    fn get(&self, run_id: &str) -> Result<Option<Vec<u8>>> {
+        Self::check(run_id)?;
+        let dir = match self {
+            Requests::Memory(map) => return Ok(map.lock().unwrap().get(run_id).cloned()),
+            Requests::Files(dir) => dir,
+        };
+        let path = Self::path(dir, run_id);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Io {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    fn remove(&self, run_id: &str) -> Result<()> {
+        Self::check(run_id)?;
+        let dir = match self {
+            Requests::Memory(map) => {
+                map.lock().unwrap().remove(run_id);
+                return Ok(());
+            }
+            Requests::Files(dir) => dir,
+        };
+        let path = Self::path(dir, run_id);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io {
+                path: path.display().to_string(),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
 fn run_prefix(run_id: &str) -> Vec<u8> {
     let mut k = run_id.as_bytes().to_vec();
     k.push(0);
@@ -416,6 +538,32 @@ mod tests {
     }
 
     #[test]
+    fn scores_read_back_bit_for_bit() {
+        let store = Store::temporary().unwrap();
+        // 1/11 is one of the values serde_json's default float parser reads back wrong.
+        let values = [
+            1.0 / 11.0,
+            2.0 / 7.0,
+            0.1 + 0.2,
+            f64::MIN_POSITIVE,
+            1e300 / 7.0,
+        ];
+        let sample = SampleRecord {
+            scores: values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("s{i}"), *v))
+                .collect(),
+            ..Default::default()
+        };
+        store.put_samples("r", &[sample]).unwrap();
+        let back = &store.samples("r").unwrap()[0];
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(back.scores[&format!("s{i}")].to_bits(), v.to_bits(), "{v}");
+        }
+    }
+
+    #[test]
     fn events_resume_after_a_sequence_number() {
         let store = Store::temporary().unwrap();
         for i in 0..3 {
@@ -433,6 +581,25 @@ mod tests {
         assert_eq!(all.len(), 3);
         let rest = store.events_after("r", Some(all[0].0)).unwrap();
         assert_eq!(rest.len(), 2);
+    }
+
+    #[test]
+    fn requests_are_kept_apart_and_deleted_with_their_run() {
+        let store = Store::temporary().unwrap();
+        store.put_run(&run("r")).unwrap();
+        store
+            .put_request("r", &serde_json::json!({"rows": [1, 2]}))
+            .unwrap();
+        let request: Option<serde_json::Value> = store.request("r").unwrap();
+        assert_eq!(request.unwrap()["rows"][1], 2);
+        let raw = store.runs.get("r").unwrap().unwrap();
+        assert!(!String::from_utf8_lossy(&raw).contains("rows"));
+        store.delete_run("r").unwrap();
+        assert_eq!(store.request::<serde_json::Value>("r").unwrap(), None);
+        assert!(matches!(
+            store.put_request("../x", &1),
+            Err(StoreError::InvalidRunId(_))
+        ));
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub struct Usage {
     pub cost_usd: f64,
 }
 
+/// A run (evaluation, training, ...). The request that created it is kept apart, in
+/// [`Store::request`](crate::store::Store::request).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
     /// Time-ordered (UUIDv7, 32 hex digits), so listing the tree lists runs by age.
@@ -106,9 +108,6 @@ pub struct RunRecord {
     /// Model, adapter, dataset, metrics, settings: what a person needs to tell runs apart.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
-    /// The request that created the run, kept so an interrupted job can be resumed.
-    #[serde(default)]
-    pub request: serde_json::Value,
     #[serde(default)]
     pub scores: Vec<ScoreInfo>,
     #[serde(default)]
@@ -141,7 +140,6 @@ impl RunRecord {
             started: None,
             finished: None,
             metadata: BTreeMap::new(),
-            request: serde_json::Value::Null,
             scores: Vec::new(),
             aggregates: BTreeMap::new(),
             reference_aggregates: BTreeMap::new(),

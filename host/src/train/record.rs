@@ -63,7 +63,7 @@ pub fn create_run_with_id(
             },
         ),
     ]);
-    run.request = serde_json::to_value(config)?;
+    store.put_request(&run.id, config)?;
     store.put_run(&run)?;
     Ok(run)
 }

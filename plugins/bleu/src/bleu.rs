@@ -5,7 +5,7 @@
 //! to the platform's `exp`/`ln`.
 
 use crate::Map;
-use crate::tokenizer::{py_rstrip, py_split, tokenize_13a};
+use crate::tokenizer::{Tokenizer13a, py_rstrip, py_split};
 
 /// sacrebleu's `MAX_NGRAM_ORDER`.
 pub const MAX_NGRAM_ORDER: usize = 4;
@@ -30,44 +30,98 @@ impl std::ops::AddAssign for Stats {
     }
 }
 
-/// `BLEU._preprocess_segment` (no lowercasing): right-strip, then tokenize.
-fn preprocess(segment: &str) -> String {
-    tokenize_13a(py_rstrip(segment))
+/// Computes segment statistics one pair after another, sharing token ids and scratch
+/// buffers between them.
+#[derive(Default)]
+pub struct StatsCounter {
+    /// Token → id, over every segment seen.
+    ids: Map<Box<str>, u32>,
+    tokenizer: Tokenizer13a,
+    hyp: Vec<u32>,
+    reference: Vec<u32>,
+    hyp_grams: Vec<u128>,
+    ref_grams: Vec<u128>,
 }
 
-/// `extract_all_word_ngrams(line, 1, 4)`: n-gram counts and the token count.
-fn ngrams<'t, 'a>(tokens: &'t [&'a str]) -> Map<&'t [&'a str], u64> {
-    let mut counts = Map::default();
-    for n in 1..=MAX_NGRAM_ORDER {
-        for gram in tokens.windows(n) {
-            *counts.entry(gram).or_insert(0) += 1;
+impl StatsCounter {
+    /// `_extract_corpus_statistics` for one hypothesis and one reference.
+    pub fn segment_stats(&mut self, hypothesis: &str, reference: &str) -> Stats {
+        let mut hyp = std::mem::take(&mut self.hyp);
+        let mut reference_ids = std::mem::take(&mut self.reference);
+        self.token_ids(hypothesis, &mut hyp);
+        self.token_ids(reference, &mut reference_ids);
+
+        let mut stats = Stats {
+            hyp_len: hyp.len() as u64,
+            // With one reference, the closest reference length is its length.
+            ref_len: reference_ids.len() as u64,
+            ..Stats::default()
+        };
+        // sacrebleu counts the n-grams of each side in a Counter and, for each hypothesis
+        // n-gram, adds its count to `total` and its count clipped by the reference's to
+        // `correct`. Here each side's n-grams of one order are a sorted key list, merged.
+        for n in 1..=MAX_NGRAM_ORDER {
+            ngram_keys(&hyp, n, &mut self.hyp_grams);
+            ngram_keys(&reference_ids, n, &mut self.ref_grams);
+            let (h, r) = (&self.hyp_grams[..], &self.ref_grams[..]);
+            stats.total[n - 1] = h.len() as u64;
+            let run = |keys: &[u128], start: usize| {
+                keys[start..]
+                    .iter()
+                    .take_while(|&&k| k == keys[start])
+                    .count()
+            };
+            let (mut i, mut j) = (0, 0);
+            while i < h.len() && j < r.len() {
+                match h[i].cmp(&r[j]) {
+                    std::cmp::Ordering::Less => i += 1,
+                    std::cmp::Ordering::Greater => j += 1,
+                    std::cmp::Ordering::Equal => {
+                        let (hc, rc) = (run(h, i), run(r, j));
+                        stats.correct[n - 1] += hc.min(rc) as u64;
+                        i += hc;
+                        j += rc;
+                    }
+                }
+            }
+        }
+        self.hyp = hyp;
+        self.reference = reference_ids;
+        stats
+    }
+
+    /// The ids of the tokens of a segment after `BLEU._preprocess_segment` (right-strip, then
+    /// tokenize; no lowercasing) and `split()`, into `out`.
+    fn token_ids(&mut self, segment: &str, out: &mut Vec<u32>) {
+        out.clear();
+        for token in py_split(self.tokenizer.tokenize(py_rstrip(segment))) {
+            let id = match self.ids.get(token) {
+                Some(&id) => id,
+                None => {
+                    let id = self.ids.len() as u32;
+                    self.ids.insert(token.into(), id);
+                    id
+                }
+            };
+            out.push(id);
         }
     }
-    counts
+}
+
+/// The `n`-grams of `tokens` as sortable keys, into `keys`: the ids, each plus one, in 32-bit
+/// fields (no text has 2^32 - 1 distinct tokens).
+fn ngram_keys(tokens: &[u32], n: usize, keys: &mut Vec<u128>) {
+    keys.clear();
+    keys.extend(tokens.windows(n).map(|gram| {
+        gram.iter()
+            .fold(0u128, |key, &id| key << 32 | (id as u128 + 1))
+    }));
+    keys.sort_unstable();
 }
 
 /// `_extract_corpus_statistics` for one hypothesis and one reference.
 pub fn segment_stats(hypothesis: &str, reference: &str) -> Stats {
-    let hyp = preprocess(hypothesis);
-    let reference = preprocess(reference);
-    let hyp_tokens: Vec<&str> = py_split(&hyp).collect();
-    let ref_tokens: Vec<&str> = py_split(&reference).collect();
-    let ref_ngrams = ngrams(&ref_tokens);
-
-    let mut stats = Stats {
-        hyp_len: hyp_tokens.len() as u64,
-        // With one reference, the closest reference length is its length.
-        ref_len: ref_tokens.len() as u64,
-        ..Stats::default()
-    };
-    for (gram, count) in ngrams(&hyp_tokens) {
-        let n = gram.len() - 1;
-        stats.total[n] += count;
-        if let Some(&ref_count) = ref_ngrams.get(gram) {
-            stats.correct[n] += count.min(ref_count);
-        }
-    }
-    stats
+    StatsCounter::default().segment_stats(hypothesis, reference)
 }
 
 /// `sacrebleu.utils.my_log`: `log`, floored at -9999999999 for zero.
@@ -124,9 +178,10 @@ pub fn sentence_bleu(hypothesis: &str, reference: &str) -> f64 {
 
 /// `sacrebleu.corpus_bleu(hypotheses, [references]).score` over aligned pairs.
 pub fn corpus_bleu<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> f64 {
+    let mut counter = StatsCounter::default();
     let mut stats = Stats::default();
     for (hypothesis, reference) in pairs {
-        stats += segment_stats(hypothesis, reference);
+        stats += counter.segment_stats(hypothesis, reference);
     }
     compute_bleu(&stats, false)
 }

@@ -39,25 +39,28 @@ impl Metric for Bleu {
     }
 }
 
-/// Scores a batch: `bleu` per sample, and corpus `bleu` when the batch is not empty.
+/// Scores a batch: `bleu` per sample, and corpus `bleu` when the batch is not empty. Each
+/// pair's statistics are computed once and serve both.
 pub fn score_samples(samples: &[Sample]) -> BatchResult {
-    let per_sample = samples
+    let mut counter = bleu::StatsCounter::default();
+    let stats: Vec<bleu::Stats> = samples
         .iter()
-        .map(|s| {
-            SampleResult::Scores(vec![(
-                "bleu".to_string(),
-                bleu::sentence_bleu(&s.prediction, &s.reference),
-            )])
-        })
+        .map(|s| counter.segment_stats(&s.prediction, &s.reference))
+        .collect();
+    let per_sample = stats
+        .iter()
+        .map(|s| SampleResult::Scores(vec![("bleu".to_string(), bleu::compute_bleu(s, true))]))
         .collect();
     // sacrebleu cannot score an empty corpus (it indexes the first hypothesis); report nothing.
     let corpus = if samples.is_empty() {
         Vec::new()
     } else {
-        let pairs = samples
-            .iter()
-            .map(|s| (s.prediction.as_str(), s.reference.as_str()));
-        vec![("bleu".to_string(), bleu::corpus_bleu(pairs))]
+        // `corpus_bleu`: the sum of the segments' statistics.
+        let mut total = bleu::Stats::default();
+        for s in &stats {
+            total += *s;
+        }
+        vec![("bleu".to_string(), bleu::compute_bleu(&total, false))]
     };
     BatchResult {
         samples: per_sample,

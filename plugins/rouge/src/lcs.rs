@@ -12,26 +12,51 @@
 
 /// Bit vectors over the positions of the column sequence `b`.
 struct Columns {
-    /// Positions in `b` of each symbol id (`b`'s ids index this; others have no entry).
-    positions: Vec<Vec<u32>>,
-    /// Full match vectors of the symbols that occur more than `words` times, so that a row
-    /// never costs more than O(words) however repetitive the text ("a a a ...").
-    dense: Vec<Option<Vec<u64>>>,
     /// Number of 64-bit words per row.
     words: usize,
-    /// A zeroed scratch vector; `step` sets a sparse symbol's bits in it and clears them again.
-    scratch: Vec<u64>,
+    matches: Matches,
 }
+
+/// Where each symbol occurs in `b`, as match vectors.
+enum Matches {
+    /// Every symbol's full match vector, `words` words each, indexed by symbol id: one
+    /// allocation, for the usual short texts (ids are dense from 0).
+    Dense(Vec<u64>),
+    /// For long texts, where a vector per symbol would be too big.
+    Sparse {
+        /// Positions in `b` of each symbol id (`b`'s ids index this; others have no entry).
+        positions: Vec<Vec<u32>>,
+        /// Full match vectors of the symbols that occur more than `words` times, so that a
+        /// row never costs more than O(words) however repetitive the text ("a a a ...").
+        dense: Vec<Option<Vec<u64>>>,
+        /// A zeroed scratch vector; `step` sets a sparse symbol's bits in it and clears them
+        /// again.
+        scratch: Vec<u64>,
+    },
+}
+
+/// The most words [`Matches::Dense`] may take (256 KiB).
+const DENSE_WORDS: usize = 1 << 15;
 
 impl Columns {
     fn new(b: &[u32]) -> Self {
         let max_id = b.iter().copied().max().map_or(0, |id| id as usize + 1);
+        let words = b.len().div_ceil(64);
+        if max_id.saturating_mul(words) <= DENSE_WORDS {
+            let mut bits = vec![0u64; max_id * words];
+            for (j, &id) in b.iter().enumerate() {
+                bits[id as usize * words + j / 64] |= 1 << (j % 64);
+            }
+            return Columns {
+                words,
+                matches: Matches::Dense(bits),
+            };
+        }
         let mut positions = vec![Vec::new(); max_id];
         for (j, &id) in b.iter().enumerate() {
             // Positions fit in u32: a text has fewer than 2^32 tokens.
             positions[id as usize].push(j as u32);
         }
-        let words = b.len().div_ceil(64);
         let dense = positions
             .iter()
             .map(|p| {
@@ -45,10 +70,12 @@ impl Columns {
             })
             .collect();
         Columns {
-            positions,
-            dense,
             words,
-            scratch: vec![0; words],
+            matches: Matches::Sparse {
+                positions,
+                dense,
+                scratch: vec![0; words],
+            },
         }
     }
 
@@ -57,23 +84,37 @@ impl Columns {
         vec![u64::MAX; self.words]
     }
 
-    /// Advances `row` from `T[i-1]` to `T[i]` for the row symbol `symbol`.
+    /// Advances `row` from `T[i-1]` to `T[i]` for the row symbol `symbol`. A symbol that
+    /// does not occur in `b` matches nowhere: the row equals the previous one.
     fn step(&mut self, row: &mut [u64], symbol: u32) {
         let symbol = symbol as usize;
-        let Some(positions) = self.positions.get(symbol).filter(|p| !p.is_empty()) else {
-            // No match anywhere in this row: it equals the previous one.
-            return;
-        };
-        if let Some(Some(bits)) = self.dense.get(symbol) {
-            advance(row, bits);
-            return;
-        }
-        for &j in positions {
-            self.scratch[j as usize / 64] |= 1 << (j % 64);
-        }
-        advance(row, &self.scratch);
-        for &j in positions {
-            self.scratch[j as usize / 64] = 0;
+        let words = self.words;
+        match &mut self.matches {
+            Matches::Dense(bits) => {
+                if let Some(bits) = bits.get(symbol * words..(symbol + 1) * words) {
+                    advance(row, bits);
+                }
+            }
+            Matches::Sparse {
+                positions,
+                dense,
+                scratch,
+            } => {
+                let Some(positions) = positions.get(symbol).filter(|p| !p.is_empty()) else {
+                    return;
+                };
+                if let Some(Some(bits)) = dense.get(symbol) {
+                    advance(row, bits);
+                    return;
+                }
+                for &j in positions {
+                    scratch[j as usize / 64] |= 1 << (j % 64);
+                }
+                advance(row, scratch);
+                for &j in positions {
+                    scratch[j as usize / 64] = 0;
+                }
+            }
         }
     }
 }
@@ -123,7 +164,12 @@ pub fn lcs_length(a: &[u32], b: &[u32]) -> usize {
 /// rouge-score's `lcs_ind(ref, can)`: the indices into `a` (= `ref`) of the LCS that
 /// `_backtrack_norec` reads out of `_lcs_table(ref, can)`, ascending.
 pub fn lcs_indices(a: &[u32], b: &[u32]) -> Vec<usize> {
-    let block = (a.len() as f64).sqrt().ceil() as usize;
+    // A small table is kept whole (one block); a big one in blocks of about sqrt(n) rows.
+    let block = if (a.len() + 1) * b.len().div_ceil(64) <= DENSE_WORDS {
+        a.len()
+    } else {
+        (a.len() as f64).sqrt().ceil() as usize
+    };
     lcs_indices_with_block(a, b, block.max(1))
 }
 
@@ -297,8 +343,9 @@ mod tests {
         let mut rng = Rng(0x9e3779b97f4a7c15);
         for case in 0..3000 {
             // Lengths cross the 64-bit word boundary; small alphabets force many ties.
+            // A large alphabet takes the sparse match vectors.
             let max_len = [5, 20, 70, 150][case % 4];
-            let alphabet = [2, 3, 5, 30][(case / 4) % 4];
+            let alphabet = [2, 3, 5, 30, 20_000][(case / 4) % 5];
             let a = rng.seq(max_len, alphabet);
             let b = rng.seq(max_len, alphabet);
             let t = lcs_table(&a, &b);

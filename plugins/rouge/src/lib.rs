@@ -53,12 +53,14 @@ impl Metric for Rouge {
     }
 }
 
-/// Scores a batch without touching the host, so that it can be tested natively.
+/// Scores a batch without touching the host, so that it can be tested natively. One
+/// [`Scorer`](score::Scorer) serves the whole batch, so each distinct word is stemmed once.
 pub fn score_samples(samples: &[Sample], use_stemmer: bool) -> BatchResult {
+    let mut scorer = score::Scorer::new(use_stemmer);
     let samples = samples
         .iter()
         .map(
-            |sample| match score::score(&sample.reference, &sample.prediction, use_stemmer) {
+            |sample| match scorer.score(&sample.reference, &sample.prediction) {
                 Ok(s) => {
                     let values = [s.rouge1, s.rouge2, s.rouge_l, s.rouge_lsum].map(|v| v.fmeasure);
                     SampleResult::Scores(

@@ -4,40 +4,62 @@
 //!
 //! The port keeps NLTK's structure (steps 1a-5b, `_apply_rule_list` and its "first matching
 //! suffix decides" semantics, the irregular-forms pool, the NLTK-only special cases) so that
-//! it can be read side by side with `nltk/stem/porter.py`. Words are handled as `char`s, as
-//! Python indexes `str` by code point; rouge only ever passes `[a-z0-9]` tokens.
+//! it can be read side by side with `nltk/stem/porter.py`. Each step edits one buffer in place
+//! instead of building new strings: a summary has dozens of words to stem, and allocations
+//! are dear inside WebAssembly. Python indexes `str` by code point, so the buffer holds
+//! `char`s; rouge only ever passes `[a-z0-9]` tokens, for which it holds bytes (the same code,
+//! instantiated for `u8`).
 
-/// A rule's condition on the stem left after removing the suffix.
-type Condition<'a> = &'a dyn Fn(&[char]) -> bool;
-
-/// A suffix-removal rule: `(suffix, replacement, condition)` as in NLTK. `suffix == "*d"` is
-/// NLTK's marker for "ends in a double consonant". A missing condition always holds.
-struct Rule<'a> {
-    suffix: &'a str,
-    replacement: &'a str,
-    condition: Option<Condition<'a>>,
+/// A letter of the word being stemmed: a byte for ASCII words, a `char` otherwise.
+trait Letter: Copy + Eq {
+    /// The letter as an ASCII byte; any non-ASCII letter is `0xFF`, which equals no rule's
+    /// letter and is a consonant, as any non-vowel other than `y` is in NLTK.
+    fn ascii(self) -> u8;
+    fn from_ascii(b: u8) -> Self;
 }
 
-impl<'a> Rule<'a> {
-    fn new(suffix: &'a str, replacement: &'a str, condition: Condition<'a>) -> Self {
-        Rule {
-            suffix,
-            replacement,
-            condition: Some(condition),
-        }
+impl Letter for u8 {
+    #[inline]
+    fn ascii(self) -> u8 {
+        self
     }
+    #[inline]
+    fn from_ascii(b: u8) -> Self {
+        b
+    }
+}
 
-    fn always(suffix: &'a str, replacement: &'a str) -> Self {
-        Rule {
-            suffix,
-            replacement,
-            condition: None,
-        }
+impl Letter for char {
+    #[inline]
+    fn ascii(self) -> u8 {
+        if self.is_ascii() { self as u8 } else { 0xFF }
+    }
+    #[inline]
+    fn from_ascii(b: u8) -> Self {
+        b as char
     }
 }
 
 /// Stems one word the way `PorterStemmer().stem(word)` does (it lowercases first).
 pub fn stem(word: &str) -> String {
+    if word.is_ascii() {
+        // Python's `str.lower()` of ASCII text is the ASCII lowercase.
+        let lowered = word.to_ascii_lowercase();
+        if let Some(irregular) = irregular_form(&lowered) {
+            return irregular.to_string();
+        }
+        if word.len() <= 2 {
+            return lowered;
+        }
+        let mut w = lowered.into_bytes();
+        stem_in_place(&mut w);
+        return String::from_utf8(w).expect("the rules only write ASCII");
+    }
+    stem_chars(word)
+}
+
+/// [`stem`] over `char`s, for words that are not ASCII.
+fn stem_chars(word: &str) -> String {
     let lowered = py_lower(word);
     if let Some(irregular) = irregular_form(&lowered) {
         return irregular.to_string();
@@ -47,15 +69,19 @@ pub fn stem(word: &str) -> String {
         return lowered;
     }
     let mut w: Vec<char> = lowered.chars().collect();
-    w = step1a(&w);
-    w = step1b(&w);
-    w = step1c(&w);
-    w = step2(&w);
-    w = step3(&w);
-    w = step4(&w);
-    w = step5a(&w);
-    w = step5b(&w);
+    stem_in_place(&mut w);
     w.into_iter().collect()
+}
+
+fn stem_in_place<C: Letter>(w: &mut Vec<C>) {
+    step1a(w);
+    step1b(w);
+    step1c(w);
+    step2(w);
+    step3(w);
+    step4(w);
+    step5a(w);
+    step5b(w);
 }
 
 /// Python's `str.lower()`: full Unicode lowercase mapping. (Python also applies the
@@ -84,39 +110,24 @@ fn irregular_form(word: &str) -> Option<&'static str> {
     })
 }
 
-fn is_vowel(c: char) -> bool {
-    matches!(c, 'a' | 'e' | 'i' | 'o' | 'u')
-}
-
-/// `_consonant_flags`: a `y` is a consonant at the start of a word or after a vowel.
-fn consonant_flags(word: &[char]) -> Vec<bool> {
-    let mut flags: Vec<bool> = Vec::with_capacity(word.len());
-    for (i, &c) in word.iter().enumerate() {
-        let consonant = if is_vowel(c) {
-            false
-        } else if c == 'y' {
-            i == 0 || !flags[i - 1]
-        } else {
-            true
-        };
-        flags.push(consonant);
-    }
-    flags
+#[inline]
+fn is_vowel<C: Letter>(c: C) -> bool {
+    matches!(c.ascii(), b'a' | b'e' | b'i' | b'o' | b'u')
 }
 
 /// `_is_consonant(word, i)`; callers guarantee `i < word.len()`.
-fn is_consonant(word: &[char], i: usize) -> bool {
+fn is_consonant<C: Letter>(word: &[C], i: usize) -> bool {
     let c = word[i];
     if is_vowel(c) {
         return false;
     }
-    if c != 'y' {
+    if c.ascii() != b'y' {
         return true;
     }
     // A run of `y`s alternates; resolve it by walking back to the first non-`y` (or the start).
     let mut negate = false;
     let mut k = i;
-    while k > 0 && word[k] == 'y' {
+    while k > 0 && word[k].ascii() == b'y' {
         negate = !negate;
         k -= 1;
     }
@@ -124,257 +135,314 @@ fn is_consonant(word: &[char], i: usize) -> bool {
     is_vowel(word[k]) == negate
 }
 
+/// `_consonant_flags` one letter at a time: a `y` is a consonant at the start of a word or
+/// after a vowel.
+fn consonant_flags<C: Letter>(word: &[C]) -> impl Iterator<Item = bool> + '_ {
+    let mut previous = false;
+    word.iter().enumerate().map(move |(i, &c)| {
+        let consonant = if is_vowel(c) {
+            false
+        } else if c.ascii() == b'y' {
+            i == 0 || !previous
+        } else {
+            true
+        };
+        previous = consonant;
+        consonant
+    })
+}
+
 /// `_measure`: the number of vowel-consonant transitions, Porter's `m`.
-fn measure(stem: &[char]) -> usize {
-    let flags = consonant_flags(stem);
-    flags.windows(2).filter(|pair| !pair[0] && pair[1]).count()
+fn measure<C: Letter>(stem: &[C]) -> usize {
+    let mut previous = true;
+    let mut m = 0;
+    for (i, consonant) in consonant_flags(stem).enumerate() {
+        m += (i > 0 && !previous && consonant) as usize;
+        previous = consonant;
+    }
+    m
 }
 
-fn has_positive_measure(stem: &[char]) -> bool {
-    measure(stem) > 0
-}
-
-fn contains_vowel(stem: &[char]) -> bool {
-    !consonant_flags(stem).iter().all(|&consonant| consonant)
+fn contains_vowel<C: Letter>(stem: &[C]) -> bool {
+    consonant_flags(stem).any(|consonant| !consonant)
 }
 
 /// `_ends_double_consonant` (condition `*d`).
-fn ends_double_consonant(word: &[char]) -> bool {
+fn ends_double_consonant<C: Letter>(word: &[C]) -> bool {
     let n = word.len();
     n >= 2 && word[n - 1] == word[n - 2] && is_consonant(word, n - 1)
 }
 
 /// `_ends_cvc` (condition `*o`), with NLTK's extension for two-letter stems.
-fn ends_cvc(word: &[char]) -> bool {
+fn ends_cvc<C: Letter>(word: &[C]) -> bool {
     let n = word.len();
     (n >= 3
         && is_consonant(word, n - 3)
         && !is_consonant(word, n - 2)
         && is_consonant(word, n - 1)
-        && !matches!(word[n - 1], 'w' | 'x' | 'y'))
+        && !matches!(word[n - 1].ascii(), b'w' | b'x' | b'y'))
         || (n == 2 && !is_consonant(word, 0) && is_consonant(word, 1))
 }
 
-fn ends_with(word: &[char], suffix: &str) -> bool {
-    let n = suffix.chars().count();
-    n <= word.len() && word[word.len() - n..].iter().copied().eq(suffix.chars())
+fn ends_with<C: Letter>(word: &[C], suffix: &[u8]) -> bool {
+    suffix.len() <= word.len()
+        && word[word.len() - suffix.len()..]
+            .iter()
+            .zip(suffix)
+            .all(|(c, &s)| c.ascii() == s)
 }
 
-/// `word` without its last `n` chars (`word[:-n]`, which is `''` when `n` exceeds the length).
-fn drop_last(word: &[char], n: usize) -> &[char] {
-    &word[..word.len().saturating_sub(n)]
+/// `word[:-n] + tail`, in place (`word[:-n]` is `''` when `n` exceeds the length).
+fn replace_last<C: Letter>(word: &mut Vec<C>, n: usize, tail: &[u8]) {
+    word.truncate(word.len().saturating_sub(n));
+    word.extend(tail.iter().map(|&b| C::from_ascii(b)));
 }
 
-fn concat(stem: &[char], tail: &str) -> Vec<char> {
-    stem.iter().copied().chain(tail.chars()).collect()
+/// A rule's condition on the stem left after removing the suffix (some look at the whole
+/// word given to the rule list instead, as NLTK's lambdas do).
+#[derive(Clone, Copy)]
+enum Condition {
+    Always,
+    /// `m > 0`.
+    PositiveMeasure,
+    /// `m > 1`.
+    MeasureAbove1,
+    /// `m > 1` and the stem ends in `s` or `t` (step 4's ION).
+    Ion,
+    /// Step 2's LOGI: the word without its last 3 letters has `m > 0`.
+    Logi,
+    /// Step 1b's double consonant: the word does not end in `l`, `s` or `z`.
+    NotLsz,
+    /// Step 1b's `(m=1 and *o)`.
+    ShortCvc,
+    /// Step 1c: `y` after a consonant that is not the whole stem.
+    ConsonantBeforeY,
+    /// Step 5b: the word without its last letter has `m > 1`.
+    LlMeasure,
+}
+
+impl Condition {
+    fn holds<C: Letter>(self, word: &[C], stem: &[C]) -> bool {
+        let without_last = |n: usize| &word[..word.len().saturating_sub(n)];
+        match self {
+            Condition::Always => true,
+            Condition::PositiveMeasure => measure(stem) > 0,
+            Condition::MeasureAbove1 => measure(stem) > 1,
+            Condition::Ion => {
+                measure(stem) > 1 && matches!(stem.last().map(|c| c.ascii()), Some(b's' | b't'))
+            }
+            Condition::Logi => measure(without_last(3)) > 0,
+            Condition::NotLsz => {
+                !matches!(word.last().map(|c| c.ascii()), Some(b'l' | b's' | b'z'))
+            }
+            Condition::ShortCvc => measure(stem) == 1 && ends_cvc(stem),
+            Condition::ConsonantBeforeY => stem.len() > 1 && is_consonant(stem, stem.len() - 1),
+            Condition::LlMeasure => measure(without_last(1)) > 1,
+        }
+    }
+}
+
+/// A suffix-removal rule: `(suffix, replacement, condition)` as in NLTK. `suffix == "*d"` is
+/// NLTK's marker for "ends in a double consonant", whose replacement is the word's last letter.
+struct Rule {
+    suffix: &'static [u8],
+    replacement: &'static [u8],
+    condition: Condition,
+}
+
+const fn rule(suffix: &'static str, replacement: &'static str, condition: Condition) -> Rule {
+    Rule {
+        suffix: suffix.as_bytes(),
+        replacement: replacement.as_bytes(),
+        condition,
+    }
 }
 
 /// `_apply_rule_list`: the first rule whose suffix matches decides; if its condition fails
-/// the word is returned unchanged and no later rule is tried.
-fn apply_rule_list(word: &[char], rules: &[Rule]) -> Vec<char> {
+/// the word stays unchanged and no later rule is tried.
+fn apply_rule_list<C: Letter>(word: &mut Vec<C>, rules: &[Rule]) {
     for rule in rules {
-        let holds = |stem: &[char]| rule.condition.is_none_or(|condition| condition(stem));
-        if rule.suffix == "*d" && ends_double_consonant(word) {
-            let stem = drop_last(word, 2);
-            return if holds(stem) {
-                concat(stem, rule.replacement)
-            } else {
-                word.to_vec()
-            };
+        if rule.suffix == b"*d" && ends_double_consonant(word) {
+            let stem_len = word.len() - 2;
+            if rule.condition.holds(word, &word[..stem_len]) {
+                // The replacement is the last letter: drop one of the doubled pair.
+                word.pop();
+            }
+            return;
         }
         if ends_with(word, rule.suffix) {
-            let stem = drop_last(word, rule.suffix.chars().count());
-            return if holds(stem) {
-                concat(stem, rule.replacement)
-            } else {
-                word.to_vec()
-            };
+            let stem_len = word.len() - rule.suffix.len();
+            if rule.condition.holds(word, &word[..stem_len]) {
+                replace_last(word, rule.suffix.len(), rule.replacement);
+            }
+            return;
         }
     }
-    word.to_vec()
 }
 
-fn step1a(word: &[char]) -> Vec<char> {
+fn step1a<C: Letter>(word: &mut Vec<C>) {
     // NLTK extension: 'flies' -> 'fli' but 'dies' -> 'die'.
-    if ends_with(word, "ies") && word.len() == 4 {
-        return concat(drop_last(word, 3), "ie");
+    if ends_with(word, b"ies") && word.len() == 4 {
+        replace_last(word, 3, b"ie");
+        return;
     }
-    apply_rule_list(
-        word,
-        &[
-            Rule::always("sses", "ss"),
-            Rule::always("ies", "i"),
-            Rule::always("ss", "ss"),
-            Rule::always("s", ""),
-        ],
-    )
+    use Condition::Always;
+    const RULES: &[Rule] = &[
+        rule("sses", "ss", Always),
+        rule("ies", "i", Always),
+        rule("ss", "ss", Always),
+        rule("s", "", Always),
+    ];
+    apply_rule_list(word, RULES);
 }
 
-fn step1b(word: &[char]) -> Vec<char> {
+fn step1b<C: Letter>(word: &mut Vec<C>) {
     // NLTK extension: 'spied' -> 'spi' but 'died' -> 'die'.
-    if ends_with(word, "ied") {
-        let replacement = if word.len() == 4 { "ie" } else { "i" };
-        return concat(drop_last(word, 3), replacement);
+    if ends_with(word, b"ied") {
+        let replacement: &[u8] = if word.len() == 4 { b"ie" } else { b"i" };
+        replace_last(word, 3, replacement);
+        return;
     }
 
     // (m>0) EED -> EE
-    if ends_with(word, "eed") {
-        let stem = drop_last(word, 3);
-        return if measure(stem) > 0 {
-            concat(stem, "ee")
-        } else {
-            word.to_vec()
-        };
+    if ends_with(word, b"eed") {
+        if measure(&word[..word.len() - 3]) > 0 {
+            replace_last(word, 3, b"ee");
+        }
+        return;
     }
 
     // (*v*) ED -> and (*v*) ING ->; 'ed' is tried first, and a match without a vowel
     // falls through to 'ing' exactly as NLTK's loop does.
-    let mut intermediate: Option<&[char]> = None;
-    for suffix in ["ed", "ing"] {
-        if ends_with(word, suffix) {
-            let stem = drop_last(word, suffix.len());
-            if contains_vowel(stem) {
-                intermediate = Some(stem);
-                break;
-            }
-        }
-    }
-    let Some(stem) = intermediate else {
-        return word.to_vec();
+    let Some(stem_len) = [&b"ed"[..], b"ing"]
+        .into_iter()
+        .filter(|suffix| ends_with(word, suffix))
+        .map(|suffix| word.len() - suffix.len())
+        .find(|&stem_len| contains_vowel(&word[..stem_len]))
+    else {
+        return;
     };
+    word.truncate(stem_len);
 
-    // A vowel was found, so the intermediate stem is not empty.
-    let last = stem[stem.len() - 1];
-    let last_str = last.to_string();
-    let not_lsz = move |_: &[char]| !matches!(last, 'l' | 's' | 'z');
-    let short_cvc = |s: &[char]| measure(s) == 1 && ends_cvc(s);
-    apply_rule_list(
-        stem,
-        &[
-            Rule::always("at", "ate"),
-            Rule::always("bl", "ble"),
-            Rule::always("iz", "ize"),
-            // (*d and not (*L or *S or *Z)) -> single letter
-            Rule::new("*d", &last_str, &not_lsz),
-            // (m=1 and *o) -> E
-            Rule::new("", "e", &short_cvc),
-        ],
-    )
+    use Condition::{Always, NotLsz, ShortCvc};
+    const RULES: &[Rule] = &[
+        rule("at", "ate", Always),
+        rule("bl", "ble", Always),
+        rule("iz", "ize", Always),
+        // (*d and not (*L or *S or *Z)) -> single letter
+        rule("*d", "", NotLsz),
+        // (m=1 and *o) -> E
+        rule("", "e", ShortCvc),
+    ];
+    apply_rule_list(word, RULES);
 }
 
-fn step1c(word: &[char]) -> Vec<char> {
+fn step1c<C: Letter>(word: &mut Vec<C>) {
     // NLTK: y -> i only after a consonant that is not the whole stem ('happy' -> 'happi',
     // 'enjoy' and 'by' stay).
-    let condition = |stem: &[char]| stem.len() > 1 && is_consonant(stem, stem.len() - 1);
-    apply_rule_list(word, &[Rule::new("y", "i", &condition)])
+    const RULES: &[Rule] = &[rule("y", "i", Condition::ConsonantBeforeY)];
+    apply_rule_list(word, RULES);
 }
 
-fn step2(word: &[char]) -> Vec<char> {
+fn step2<C: Letter>(word: &mut Vec<C>) {
     // NLTK applies ALLI -> AL first and, if it fires, runs step 2 again on the result.
-    if ends_with(word, "alli") && has_positive_measure(drop_last(word, 4)) {
-        return step2(&concat(drop_last(word, 4), "al"));
+    if ends_with(word, b"alli") && measure(&word[..word.len() - 4]) > 0 {
+        replace_last(word, 4, b"al");
+        return step2(word);
     }
 
-    let positive = |stem: &[char]| has_positive_measure(stem);
-    // The 'l' of 'logi' stays with the stem, so 'geo', 'theo' work like 'archaeo'.
-    let logi = |_: &[char]| has_positive_measure(drop_last(word, 3));
-    apply_rule_list(
-        word,
-        &[
-            Rule::new("ational", "ate", &positive),
-            Rule::new("tional", "tion", &positive),
-            Rule::new("enci", "ence", &positive),
-            Rule::new("anci", "ance", &positive),
-            Rule::new("izer", "ize", &positive),
-            Rule::new("bli", "ble", &positive),
-            Rule::new("alli", "al", &positive),
-            Rule::new("entli", "ent", &positive),
-            Rule::new("eli", "e", &positive),
-            Rule::new("ousli", "ous", &positive),
-            Rule::new("ization", "ize", &positive),
-            Rule::new("ation", "ate", &positive),
-            Rule::new("ator", "ate", &positive),
-            Rule::new("alism", "al", &positive),
-            Rule::new("iveness", "ive", &positive),
-            Rule::new("fulness", "ful", &positive),
-            Rule::new("ousness", "ous", &positive),
-            Rule::new("aliti", "al", &positive),
-            Rule::new("iviti", "ive", &positive),
-            Rule::new("biliti", "ble", &positive),
-            Rule::new("fulli", "ful", &positive),
-            Rule::new("logi", "log", &logi),
-        ],
-    )
+    use Condition::{Logi, PositiveMeasure as P};
+    const RULES: &[Rule] = &[
+        rule("ational", "ate", P),
+        rule("tional", "tion", P),
+        rule("enci", "ence", P),
+        rule("anci", "ance", P),
+        rule("izer", "ize", P),
+        rule("bli", "ble", P),
+        rule("alli", "al", P),
+        rule("entli", "ent", P),
+        rule("eli", "e", P),
+        rule("ousli", "ous", P),
+        rule("ization", "ize", P),
+        rule("ation", "ate", P),
+        rule("ator", "ate", P),
+        rule("alism", "al", P),
+        rule("iveness", "ive", P),
+        rule("fulness", "ful", P),
+        rule("ousness", "ous", P),
+        rule("aliti", "al", P),
+        rule("iviti", "ive", P),
+        rule("biliti", "ble", P),
+        rule("fulli", "ful", P),
+        // The 'l' of 'logi' stays with the stem, so 'geo', 'theo' work like 'archaeo'.
+        rule("logi", "log", Logi),
+    ];
+    apply_rule_list(word, RULES);
 }
 
-fn step3(word: &[char]) -> Vec<char> {
-    let positive = |stem: &[char]| has_positive_measure(stem);
-    apply_rule_list(
-        word,
-        &[
-            Rule::new("icate", "ic", &positive),
-            Rule::new("ative", "", &positive),
-            Rule::new("alize", "al", &positive),
-            Rule::new("iciti", "ic", &positive),
-            Rule::new("ical", "ic", &positive),
-            Rule::new("ful", "", &positive),
-            Rule::new("ness", "", &positive),
-        ],
-    )
+fn step3<C: Letter>(word: &mut Vec<C>) {
+    use Condition::PositiveMeasure as P;
+    const RULES: &[Rule] = &[
+        rule("icate", "ic", P),
+        rule("ative", "", P),
+        rule("alize", "al", P),
+        rule("iciti", "ic", P),
+        rule("ical", "ic", P),
+        rule("ful", "", P),
+        rule("ness", "", P),
+    ];
+    apply_rule_list(word, RULES);
 }
 
-fn step4(word: &[char]) -> Vec<char> {
-    let gt1 = |stem: &[char]| measure(stem) > 1;
-    let ion = |stem: &[char]| measure(stem) > 1 && matches!(stem.last(), Some('s' | 't'));
-    apply_rule_list(
-        word,
-        &[
-            Rule::new("al", "", &gt1),
-            Rule::new("ance", "", &gt1),
-            Rule::new("ence", "", &gt1),
-            Rule::new("er", "", &gt1),
-            Rule::new("ic", "", &gt1),
-            Rule::new("able", "", &gt1),
-            Rule::new("ible", "", &gt1),
-            Rule::new("ant", "", &gt1),
-            Rule::new("ement", "", &gt1),
-            Rule::new("ment", "", &gt1),
-            Rule::new("ent", "", &gt1),
-            Rule::new("ion", "", &ion),
-            Rule::new("ou", "", &gt1),
-            Rule::new("ism", "", &gt1),
-            Rule::new("ate", "", &gt1),
-            Rule::new("iti", "", &gt1),
-            Rule::new("ous", "", &gt1),
-            Rule::new("ive", "", &gt1),
-            Rule::new("ize", "", &gt1),
-        ],
-    )
+fn step4<C: Letter>(word: &mut Vec<C>) {
+    use Condition::{Ion, MeasureAbove1 as M};
+    const RULES: &[Rule] = &[
+        rule("al", "", M),
+        rule("ance", "", M),
+        rule("ence", "", M),
+        rule("er", "", M),
+        rule("ic", "", M),
+        rule("able", "", M),
+        rule("ible", "", M),
+        rule("ant", "", M),
+        rule("ement", "", M),
+        rule("ment", "", M),
+        rule("ent", "", M),
+        rule("ion", "", Ion),
+        rule("ou", "", M),
+        rule("ism", "", M),
+        rule("ate", "", M),
+        rule("iti", "", M),
+        rule("ous", "", M),
+        rule("ive", "", M),
+        rule("ize", "", M),
+    ];
+    apply_rule_list(word, RULES);
 }
 
-fn step5a(word: &[char]) -> Vec<char> {
+fn step5a<C: Letter>(word: &mut Vec<C>) {
     // Both E rules are tried (NLTK cannot use _apply_rule_list here; see its comment).
-    if ends_with(word, "e") {
-        let stem = drop_last(word, 1);
+    if ends_with(word, b"e") {
+        let stem = &word[..word.len() - 1];
         let m = measure(stem);
         if m > 1 || (m == 1 && !ends_cvc(stem)) {
-            return stem.to_vec();
+            word.pop();
         }
     }
-    word.to_vec()
 }
 
-fn step5b(word: &[char]) -> Vec<char> {
-    let condition = |_: &[char]| measure(drop_last(word, 1)) > 1;
-    apply_rule_list(word, &[Rule::new("ll", "l", &condition)])
+fn step5b<C: Letter>(word: &mut Vec<C>) {
+    const RULES: &[Rule] = &[rule("ll", "l", Condition::LlMeasure)];
+    apply_rule_list(word, RULES);
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::porter::stem;
+    use crate::porter::{stem, stem_chars};
 
     fn check(word: &str, expect: &str) {
         assert_eq!(stem(word), expect, "stem({word:?})");
+        assert_eq!(stem_chars(word), expect, "stem_chars({word:?})");
     }
 
     #[test]
@@ -417,6 +485,20 @@ mod tests {
     }
 
     #[test]
+    fn non_ascii_letters_are_consonants() {
+        // Python: `PorterStemmer().stem(...)` of each.
+        check("ßßßßing", "ßßßßing");
+        check("naïveties", "naïveti");
+        check("caféing", "café");
+        check("hoppéd", "hoppéd");
+        check("\u{FB01}nishing", "\u{FB01}nish");
+        check(
+            "\u{130}\u{130}\u{130}\u{130}",
+            "i\u{307}i\u{307}i\u{307}i\u{307}",
+        );
+    }
+
+    #[test]
     fn odd_input_does_not_panic() {
         for word in [
             "",
@@ -430,6 +512,7 @@ mod tests {
             "1990s",
             "ll",
             "alli",
+            "a*d",
         ] {
             let _ = stem(word);
         }

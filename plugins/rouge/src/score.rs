@@ -80,82 +80,224 @@ impl std::fmt::Display for ScoreError {
 
 impl std::error::Error for ScoreError {}
 
-/// Maps token strings to small ids shared by both texts, so that n-grams and LCS compare ids.
-#[derive(Default)]
-struct Interner {
-    ids: Map<String, u32>,
+/// Scores pairs one after another, sharing the tokenizer (its stem cache and token ids) and
+/// scratch buffers between them: a batch of summaries repeats most of its words.
+pub struct Scorer {
+    tokenizer: Tokenizer,
+    target: Text,
+    prediction: Text,
+    /// Token id → id local to the pair being scored (dense from 0, as the LCS tables want).
+    local: Map<u32, u32>,
+    /// n-gram keys of the target and the prediction.
+    target_grams: Vec<u64>,
+    prediction_grams: Vec<u64>,
+    /// Per local id: its count in the reference and in the candidate (rougeLsum).
+    counts_reference: Vec<u32>,
+    counts_candidate: Vec<u32>,
+    in_union: Vec<bool>,
 }
 
-impl Interner {
-    fn intern(&mut self, tokens: Vec<String>) -> Vec<u32> {
-        tokens
-            .into_iter()
-            .map(|t| {
-                let next = self.ids.len() as u32;
-                *self.ids.entry(t).or_insert(next)
-            })
-            .collect()
+/// A text's tokens, and where each of its non-empty lines (rougeLsum's sentences) starts.
+#[derive(Default)]
+struct Text {
+    tokens: Vec<u32>,
+    /// `tokens[starts[i]..starts[i + 1]]` is line `i`; the last entry is `tokens.len()`.
+    starts: Vec<usize>,
+}
+
+impl Text {
+    /// Tokenizes each non-empty line of `text` (rouge-score drops empty lines before
+    /// tokenizing and keeps lines that tokenize to nothing). A newline separates tokens
+    /// anyway, so the whole text's tokens are its lines' tokens.
+    fn read(&mut self, text: &str, tokenizer: &mut Tokenizer) {
+        self.tokens.clear();
+        self.starts.clear();
+        for line in text.split('\n').filter(|s| !s.is_empty()) {
+            self.starts.push(self.tokens.len());
+            tokenizer.tokenize_ids(line, &mut self.tokens);
+        }
+        self.starts.push(self.tokens.len());
+    }
+
+    fn sentences(&self) -> impl Iterator<Item = &[u32]> {
+        self.starts.windows(2).map(|w| &self.tokens[w[0]..w[1]])
+    }
+
+    fn sentence_count(&self) -> usize {
+        self.starts.len() - 1
     }
 }
 
-/// The tokens of each non-empty line of `text` (rougeLsum's sentences: rouge-score drops
-/// empty lines before tokenizing and keeps lines that tokenize to nothing).
-fn sentences(text: &str, tokenizer: &mut Tokenizer, interner: &mut Interner) -> Vec<Vec<u32>> {
-    text.split('\n')
-        .filter(|s| !s.is_empty())
-        .map(|s| interner.intern(tokenizer.tokenize(s)))
-        .collect()
+impl Scorer {
+    pub fn new(use_stemmer: bool) -> Self {
+        Scorer {
+            tokenizer: Tokenizer::new(use_stemmer),
+            target: Text::default(),
+            prediction: Text::default(),
+            local: Map::default(),
+            target_grams: Vec::new(),
+            prediction_grams: Vec::new(),
+            counts_reference: Vec::new(),
+            counts_candidate: Vec::new(),
+            in_union: Vec::new(),
+        }
+    }
+
+    /// `RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer).score(target, prediction)`.
+    pub fn score(&mut self, target: &str, prediction: &str) -> Result<RougeScores, ScoreError> {
+        self.target.read(target, &mut self.tokenizer);
+        self.prediction.read(prediction, &mut self.tokenizer);
+        let (m, n) = (self.target.tokens.len(), self.prediction.tokens.len());
+
+        // Summary-level LCS pairs every reference sentence with every candidate sentence: the
+        // same number of token pairs as the plain LCS.
+        if m as u64 * n as u64 > MAX_TOKEN_PAIRS {
+            return Err(ScoreError::TooLong {
+                target_tokens: m,
+                prediction_tokens: n,
+            });
+        }
+
+        // Renumber the pair's tokens densely from 0: the LCS tables and the rougeLsum counts
+        // are indexed by id.
+        self.local.clear();
+        for t in self
+            .target
+            .tokens
+            .iter_mut()
+            .chain(self.prediction.tokens.iter_mut())
+        {
+            let next = self.local.len() as u32;
+            *t = *self.local.entry(*t).or_insert(next);
+        }
+
+        let (target, prediction) = (&self.target.tokens, &self.prediction.tokens);
+        Ok(RougeScores {
+            rouge1: score_ngrams(
+                target,
+                prediction,
+                1,
+                &mut self.target_grams,
+                &mut self.prediction_grams,
+            ),
+            rouge2: score_ngrams(
+                target,
+                prediction,
+                2,
+                &mut self.target_grams,
+                &mut self.prediction_grams,
+            ),
+            rouge_l: score_lcs(target, prediction),
+            rouge_lsum: self.summary_level_lcs(),
+        })
+    }
+
+    /// `_summary_level_lcs`: for each reference sentence, the union of its LCS with every
+    /// candidate sentence; each token counts at most as often as it occurs on both sides.
+    fn summary_level_lcs(&mut self) -> Score {
+        let (reference, candidate) = (&self.target, &self.prediction);
+        if reference.sentence_count() == 0 || candidate.sentence_count() == 0 {
+            return Score::ZERO;
+        }
+        let (m, n) = (reference.tokens.len(), candidate.tokens.len());
+        if n == 0 || m == 0 {
+            return Score::ZERO;
+        }
+
+        let ids = self.local.len();
+        let counts_reference = &mut self.counts_reference;
+        let counts_candidate = &mut self.counts_candidate;
+        counts_reference.clear();
+        counts_reference.resize(ids, 0);
+        counts_candidate.clear();
+        counts_candidate.resize(ids, 0);
+        for &t in &reference.tokens {
+            counts_reference[t as usize] += 1;
+        }
+        for &t in &candidate.tokens {
+            counts_candidate[t as usize] += 1;
+        }
+
+        let mut hits = 0usize;
+        for r in reference.sentences() {
+            // `_union_lcs`: the tokens of `r` at the sorted union of its LCS indices against
+            // each candidate sentence.
+            let in_union = &mut self.in_union;
+            in_union.clear();
+            in_union.resize(r.len(), false);
+            for c in candidate.sentences() {
+                for i in lcs_indices(r, c) {
+                    in_union[i] = true;
+                }
+            }
+            for (&t, _) in r.iter().zip(in_union.iter()).filter(|(_, hit)| **hit) {
+                // rouge-score reads Counters, where a token used up on either side counts 0.
+                let (c, rc) = (
+                    &mut counts_candidate[t as usize],
+                    &mut counts_reference[t as usize],
+                );
+                if *c > 0 && *rc > 0 {
+                    hits += 1;
+                    *c -= 1;
+                    *rc -= 1;
+                }
+            }
+        }
+        Score::new(hits as f64 / n as f64, hits as f64 / m as f64)
+    }
 }
 
 /// `RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer).score(target, prediction)`.
 pub fn score(target: &str, prediction: &str, use_stemmer: bool) -> Result<RougeScores, ScoreError> {
-    let mut tokenizer = Tokenizer::new(use_stemmer);
-    let mut interner = Interner::default();
-    let target_sentences = sentences(target, &mut tokenizer, &mut interner);
-    let prediction_sentences = sentences(prediction, &mut tokenizer, &mut interner);
-    // A newline separates tokens anyway, so the whole text's tokens are its lines' tokens.
-    let target_tokens = target_sentences.concat();
-    let prediction_tokens = prediction_sentences.concat();
-
-    // Summary-level LCS pairs every reference sentence with every candidate sentence: the
-    // same number of token pairs as the plain LCS.
-    if target_tokens.len() as u64 * prediction_tokens.len() as u64 > MAX_TOKEN_PAIRS {
-        return Err(ScoreError::TooLong {
-            target_tokens: target_tokens.len(),
-            prediction_tokens: prediction_tokens.len(),
-        });
-    }
-
-    Ok(RougeScores {
-        rouge1: score_ngrams(&target_tokens, &prediction_tokens, 1),
-        rouge2: score_ngrams(&target_tokens, &prediction_tokens, 2),
-        rouge_l: score_lcs(&target_tokens, &prediction_tokens),
-        rouge_lsum: summary_level_lcs(&target_sentences, &prediction_sentences),
-    })
+    Scorer::new(use_stemmer).score(target, prediction)
 }
 
-/// `_create_ngrams`: a multiset of the `n`-grams of `tokens`.
-fn ngrams(tokens: &[u32], n: usize) -> Map<&[u32], usize> {
-    let mut counts = Map::default();
-    for gram in tokens.windows(n) {
-        *counts.entry(gram).or_insert(0) += 1;
+/// The `n`-grams (`n` is 1 or 2) of `tokens` as sortable keys, into `keys`.
+fn ngram_keys(tokens: &[u32], n: usize, keys: &mut Vec<u64>) {
+    keys.clear();
+    match n {
+        1 => keys.extend(tokens.iter().map(|&t| t as u64)),
+        2 => keys.extend(tokens.windows(2).map(|w| (w[0] as u64) << 32 | w[1] as u64)),
+        _ => unreachable!("rouge-score's rouge1 and rouge2 only"),
     }
-    counts
+    keys.sort_unstable();
 }
 
 /// `_score_ngrams`: clipped n-gram overlap; empty sides count as 1 in the denominators.
-fn score_ngrams(target: &[u32], prediction: &[u32], n: usize) -> Score {
-    let target_ngrams = ngrams(target, n);
-    let prediction_ngrams = ngrams(prediction, n);
-    let intersection: usize = target_ngrams
-        .iter()
-        .map(|(gram, &count)| count.min(prediction_ngrams.get(gram).copied().unwrap_or(0)))
-        .sum();
-    let target_count: usize = target_ngrams.values().sum();
-    let prediction_count: usize = prediction_ngrams.values().sum();
+/// rouge-score counts n-grams in two `Counter`s and sums `min` over the target's; here both
+/// multisets are sorted key lists, merged.
+fn score_ngrams(
+    target: &[u32],
+    prediction: &[u32],
+    n: usize,
+    target_keys: &mut Vec<u64>,
+    prediction_keys: &mut Vec<u64>,
+) -> Score {
+    ngram_keys(target, n, target_keys);
+    ngram_keys(prediction, n, prediction_keys);
+    let (t, p) = (&target_keys[..], &prediction_keys[..]);
+    let run = |keys: &[u64], start: usize| {
+        keys[start..]
+            .iter()
+            .take_while(|&&k| k == keys[start])
+            .count()
+    };
+    let (mut i, mut j, mut intersection) = (0, 0, 0usize);
+    while i < t.len() && j < p.len() {
+        match t[i].cmp(&p[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                let (tc, pc) = (run(t, i), run(p, j));
+                intersection += tc.min(pc);
+                i += tc;
+                j += pc;
+            }
+        }
+    }
     Score::new(
-        intersection as f64 / prediction_count.max(1) as f64,
-        intersection as f64 / target_count.max(1) as f64,
+        intersection as f64 / p.len().max(1) as f64,
+        intersection as f64 / t.len().max(1) as f64,
     )
 }
 
@@ -166,63 +308,6 @@ fn score_lcs(target: &[u32], prediction: &[u32]) -> Score {
     }
     let lcs = lcs_length(target, prediction) as f64;
     Score::new(lcs / prediction.len() as f64, lcs / target.len() as f64)
-}
-
-/// `_summary_level_lcs`: for each reference sentence, the union of its LCS with every
-/// candidate sentence; each token counts at most as often as it occurs on both sides.
-fn summary_level_lcs(reference: &[Vec<u32>], candidate: &[Vec<u32>]) -> Score {
-    if reference.is_empty() || candidate.is_empty() {
-        return Score::ZERO;
-    }
-    let m: usize = reference.iter().map(Vec::len).sum();
-    let n: usize = candidate.iter().map(Vec::len).sum();
-    if n == 0 || m == 0 {
-        return Score::ZERO;
-    }
-
-    let mut counts_reference: Map<u32, usize> = Map::default();
-    let mut counts_candidate: Map<u32, usize> = Map::default();
-    for &t in reference.iter().flatten() {
-        *counts_reference.entry(t).or_insert(0) += 1;
-    }
-    for &t in candidate.iter().flatten() {
-        *counts_candidate.entry(t).or_insert(0) += 1;
-    }
-
-    let mut hits = 0usize;
-    for r in reference {
-        for t in union_lcs(r, candidate) {
-            // Both counters hold every token of the union (it comes from `r`), but rouge-score
-            // reads a Counter, where a missing key is 0; mirror that.
-            let (Some(c), Some(rc)) = (counts_candidate.get_mut(&t), counts_reference.get_mut(&t))
-            else {
-                continue;
-            };
-            if *c > 0 && *rc > 0 {
-                hits += 1;
-                *c -= 1;
-                *rc -= 1;
-            }
-        }
-    }
-    Score::new(hits as f64 / n as f64, hits as f64 / m as f64)
-}
-
-/// `_union_lcs`: the tokens of `reference` at the sorted union of its LCS indices against
-/// each candidate sentence.
-fn union_lcs(reference: &[u32], candidates: &[Vec<u32>]) -> Vec<u32> {
-    let mut in_union = vec![false; reference.len()];
-    for c in candidates {
-        for i in lcs_indices(reference, c) {
-            in_union[i] = true;
-        }
-    }
-    reference
-        .iter()
-        .zip(in_union)
-        .filter(|(_, hit)| *hit)
-        .map(|(&t, _)| t)
-        .collect()
 }
 
 #[cfg(test)]

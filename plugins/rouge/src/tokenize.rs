@@ -14,61 +14,122 @@ pub fn tokenize(text: &str, use_stemmer: bool) -> Vec<String> {
     Tokenizer::new(use_stemmer).tokenize(text)
 }
 
-/// A tokenizer that remembers its stems: summaries repeat words, and a long text repeats
-/// them a lot.
+/// Marks a word that rouge-score drops after stemming (its stem is not `[a-z0-9]+`).
+const DROPPED: u32 = u32::MAX;
+
+/// A tokenizer that gives each distinct token (after stemming) a small id and remembers
+/// every word it has seen: summaries repeat words, a batch of summaries repeats them a lot,
+/// and the stemmer is the dearest step. Ids are stable for the tokenizer's lifetime, so the
+/// texts of one batch can share one.
 pub struct Tokenizer {
     use_stemmer: bool,
-    stems: Map<String, String>,
+    /// Every word seen (lowercased, before stemming) → the id of its token, or [`DROPPED`].
+    words: Map<Box<str>, u32>,
+    /// Token → id.
+    ids: Map<Box<str>, u32>,
+    /// Id → token.
+    tokens: Vec<Box<str>>,
+    /// The word being read, reused from word to word.
+    word: String,
 }
 
 impl Tokenizer {
     pub fn new(use_stemmer: bool) -> Self {
         Tokenizer {
             use_stemmer,
-            stems: Map::default(),
+            words: Map::default(),
+            ids: Map::default(),
+            tokens: Vec::new(),
+            word: String::new(),
         }
     }
 
+    /// The tokens of `text` as strings.
     pub fn tokenize(&mut self, text: &str) -> Vec<String> {
-        let mut tokens = Vec::new();
-        let mut current = String::new();
-        for lowered in text.chars().flat_map(char::to_lowercase) {
-            if lowered.is_ascii_lowercase() || lowered.is_ascii_digit() {
-                current.push(lowered);
-            } else if !current.is_empty() {
-                let token = std::mem::take(&mut current);
-                tokens.push(self.finish(token));
+        let mut ids = Vec::new();
+        self.tokenize_ids(text, &mut ids);
+        ids.iter().map(|&id| self.token(id).to_string()).collect()
+    }
+
+    /// The token an id stands for.
+    pub fn token(&self, id: u32) -> &str {
+        &self.tokens[id as usize]
+    }
+
+    /// Appends the ids of the tokens of `text` to `out`.
+    pub fn tokenize_ids(&mut self, text: &str, out: &mut Vec<u32>) {
+        let mut word = std::mem::take(&mut self.word);
+        word.clear();
+        if text.is_ascii() {
+            // The same loop as below, without decoding or full Unicode lowercasing.
+            for b in text.bytes().map(|b| b.to_ascii_lowercase()) {
+                if b.is_ascii_lowercase() || b.is_ascii_digit() {
+                    word.push(b as char);
+                } else if !word.is_empty() {
+                    self.push_word(&word, out);
+                    word.clear();
+                }
+            }
+        } else {
+            for lowered in text.chars().flat_map(char::to_lowercase) {
+                if lowered.is_ascii_lowercase() || lowered.is_ascii_digit() {
+                    word.push(lowered);
+                } else if !word.is_empty() {
+                    self.push_word(&word, out);
+                    word.clear();
+                }
             }
         }
-        if !current.is_empty() {
-            tokens.push(self.finish(current));
+        if !word.is_empty() {
+            self.push_word(&word, out);
         }
-        // The stemmer maps [a-z0-9] to [a-z0-9], but rouge-score re-checks, and so do we.
-        tokens.retain(|t| {
-            !t.is_empty()
-                && t.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        });
-        tokens
+        self.word = word;
     }
 
-    fn finish(&mut self, token: String) -> String {
+    fn push_word(&mut self, word: &str, out: &mut Vec<u32>) {
+        let id = match self.words.get(word) {
+            Some(&id) => id,
+            None => self.new_word(word),
+        };
+        if id != DROPPED {
+            out.push(id);
+        }
+    }
+
+    fn new_word(&mut self, word: &str) -> u32 {
         // rouge-score stems only tokens longer than 3 characters (ASCII here: bytes = chars).
-        if !self.use_stemmer || token.len() <= 3 {
-            return token;
-        }
-        if let Some(stem) = self.stems.get(&token) {
-            return stem.clone();
-        }
-        let stem = porter::stem(&token);
-        self.stems.insert(token, stem.clone());
-        stem
+        let token = if self.use_stemmer && word.len() > 3 {
+            porter::stem(word)
+        } else {
+            word.to_string()
+        };
+        // The stemmer maps [a-z0-9] to [a-z0-9], but rouge-score re-checks, and so do we.
+        let valid = !token.is_empty()
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let id = if valid {
+            match self.ids.get(token.as_str()) {
+                Some(&id) => id,
+                None => {
+                    let id = self.tokens.len() as u32;
+                    let token: Box<str> = token.into();
+                    self.tokens.push(token.clone());
+                    self.ids.insert(token, id);
+                    id
+                }
+            }
+        } else {
+            DROPPED
+        };
+        self.words.insert(word.into(), id);
+        id
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::tokenize::tokenize;
+    use crate::tokenize::{Tokenizer, tokenize};
 
     fn check(text: &str, stem: bool, expect: &[&str]) {
         assert_eq!(tokenize(text, stem), expect, "tokenize({text:?}, {stem})");
@@ -96,5 +157,18 @@ mod tests {
             &["run", "run", "ran", "dog", "cat"],
         );
         check("news was", true, &["news", "was"]);
+    }
+
+    #[test]
+    fn words_with_the_same_stem_share_an_id() {
+        let mut tokenizer = Tokenizer::new(true);
+        let mut ids = Vec::new();
+        tokenizer.tokenize_ids("Running RUNS run", &mut ids);
+        tokenizer.tokenize_ids("runs ran", &mut ids);
+        assert_eq!(ids[0], ids[1]);
+        assert_eq!(ids[1], ids[2]);
+        assert_eq!(ids[3], ids[0]);
+        assert_ne!(ids[4], ids[0]);
+        assert_eq!(tokenizer.token(ids[4]), "ran");
     }
 }
