@@ -400,6 +400,9 @@ describe('adapterlab dashboard', () => {
     await form.getByRole('button', { name: 'Launch training' }).click();
     await page.waitForURL(/#\/runs\/[^/?]+$/);
     await page.waitForFunction(() => Number(document.querySelector('[data-testid=run-progress]')?.value) >= 10, null, { timeout: 30_000 });
+    // The first loss arrives with the first logged step (logging_steps, 20 by default), which
+    // may come after step 10: wait for it rather than race it.
+    await page.waitForFunction(() => /Loss\s+\d/.test(document.querySelector('[data-testid=training-stats]')?.innerText ?? ''), null, { timeout: 30_000 }).catch(() => {});
     const stats = await page.getByTestId('training-stats').innerText();
     assert.match(stats, /Loss\s+\d/, `no live loss: ${stats}`);
     assert.ok((await page.locator('.chart canvas').count()) >= 2, 'the loss and learning-rate charts did not draw');
