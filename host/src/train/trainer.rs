@@ -897,3 +897,106 @@ fn load_checkpoint(dir: &Path, opt: &mut AdamW, device: &Device) -> Result<Resum
     opt.load_state(tensors, state.adam_step)?;
     Ok(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use adapterlab_model::linear::LinearBuilder;
+    use adapterlab_model::loader::{LoadOptions, load};
+    use adapterlab_model::loss::Example;
+    use candle_core::{Device, Var};
+
+    use super::accumulate_micro_batch;
+    use crate::train::data;
+
+    /// One training step's LoRA gradients equal HF + PEFT's on the small random Falcon, from
+    /// the fixture `host/tests/fixtures/make_train_fixture.py` wrote (the same adapter, a
+    /// right-padded completion-only batch, loss summed over label tokens / their number).
+    #[test]
+    fn one_step_lora_gradients_equal_hf_peft() -> anyhow::Result<()> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let fixture = root.join("tests/fixtures/train_step");
+        let model_dir = root.join("model/tests/fixtures/bnb/falcon_tiny");
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture.join("expected.json"))?)?;
+        let registry =
+            adapterlab_model::peft::load_adapter(&fixture.join("adapter"))?.into_registry()?;
+        registry.set_training(true);
+        let loaded = load(
+            model_dir.to_str().unwrap(),
+            &LoadOptions {
+                builder: LinearBuilder::dense().with_lora_registry(registry.clone()),
+                ..LoadOptions::default()
+            },
+        )?;
+        let batch =
+            candle_core::safetensors::load(fixture.join("batch.safetensors"), &Device::Cpu)?;
+        let ids = batch["input_ids"].to_vec2::<i64>()?;
+        let mask = batch["attention_mask"].to_vec2::<i64>()?;
+        let labels = batch["labels"].to_vec2::<i64>()?;
+        let examples: Vec<Example> = (0..ids.len())
+            .map(|r| {
+                let len = mask[r].iter().filter(|m| **m == 1).count();
+                Example {
+                    input_ids: ids[r][..len].iter().map(|t| *t as u32).collect(),
+                    targets: labels[r][..len].iter().map(|l| *l != -100).collect(),
+                }
+            })
+            .collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let batch = data::collate(&refs, 0, &Device::Cpu)?;
+        assert_eq!(
+            batch.n_targets as u64,
+            expected["n_items"].as_u64().unwrap()
+        );
+
+        let layers = registry.layers();
+        let vars: Vec<(String, Var)> = layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    (
+                        format!("base_model.model.{}.lora_A.weight", l.module),
+                        l.a.clone(),
+                    ),
+                    (
+                        format!("base_model.model.{}.lora_B.weight", l.module),
+                        l.b.clone(),
+                    ),
+                ]
+            })
+            .collect();
+        let mut grads = vec![None; vars.len()];
+        let loss =
+            accumulate_micro_batch(&loaded.model, &batch, batch.n_targets, &vars, &mut grads)?;
+        let want_loss = expected["loss"].as_f64().unwrap();
+        assert!(
+            (loss - want_loss).abs() < 1e-4,
+            "loss {loss} vs HF {want_loss}"
+        );
+
+        let theirs =
+            candle_core::safetensors::load(fixture.join("grads.safetensors"), &Device::Cpu)?;
+        assert_eq!(
+            theirs.len(),
+            vars.len(),
+            "every LoRA weight has a gradient there"
+        );
+        for ((name, _), ours) in vars.iter().zip(&grads) {
+            let ours = ours
+                .as_ref()
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            let want = theirs
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} not in the fixture"));
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+            let diff = (ours - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff <= 1e-4 * scale.max(1.0),
+                "{name}: gradients differ by {diff} (scale {scale})"
+            );
+        }
+        Ok(())
+    }
+}
