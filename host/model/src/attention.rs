@@ -316,7 +316,7 @@ pub fn attend(
             scale,
             pre_scale_bias: pre_scale_bias.map(Tensor::detach),
             mask: mask.map(Tensor::detach),
-            out: std::sync::Mutex::new(Some(out)),
+            out: crate::handover::Handover::new("attention", out),
         })),
     )
 }
@@ -364,25 +364,10 @@ struct RecomputedAttention {
     scale: f64,
     pre_scale_bias: Option<Tensor>,
     mask: Option<Tensor>,
-    out: std::sync::Mutex<Option<Tensor>>,
+    out: crate::handover::Handover,
 }
 
 impl RecomputedAttention {
-    fn take_out(&self) -> Result<Tensor> {
-        let out = self
-            .out
-            .lock()
-            .map_err(|_| candle_core::Error::msg("attention: poisoned lock"))?
-            .take()
-            .ok_or_else(|| candle_core::Error::msg("attention: forward ran twice"))?;
-        if !out.is_contiguous() || out.layout().start_offset() != 0 {
-            return Err(candle_core::Error::msg(
-                "attention: output is not a fresh tensor",
-            ));
-        }
-        Ok(out)
-    }
-
     /// One batch row: `(dq, dk, dv)` for `q [1,h,s,d]`, `k`/`v` `[1,h,t,d]`, `dout [1,h,s,d]`.
     fn backward_row(
         &self,
@@ -433,15 +418,7 @@ impl candle_core::CustomOp3 for RecomputedAttention {
         _: &candle_core::CpuStorage,
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        let out = self.take_out()?;
-        let (s, l) = out.storage_and_layout();
-        match &*s {
-            candle_core::Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => Err(candle_core::Error::msg(
-                "attention: output is not on the CPU",
-            )),
-        }
+        self.out.cpu()
     }
 
     // Not behind the `cuda` feature: without it candle's stand-in CudaStorage implements the
@@ -455,15 +432,7 @@ impl candle_core::CustomOp3 for RecomputedAttention {
         _: &candle_core::CudaStorage,
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        let out = self.take_out()?;
-        let (s, l) = out.storage_and_layout();
-        match &*s {
-            candle_core::Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => Err(candle_core::Error::msg(
-                "attention: output is not on the GPU",
-            )),
-        }
+        self.out.cuda()
     }
 
     fn bwd(

@@ -76,31 +76,14 @@ pub fn checkpointed(x: &Tensor, trainable: Vec<Tensor>, f: LayerFn) -> Result<Te
     x.apply_op1_arc(Arc::new(Box::new(Checkpoint {
         f,
         trainable,
-        out: Mutex::new(Some(out)),
+        out: crate::handover::Handover::new("checkpoint", out),
     })))
 }
 
 struct Checkpoint {
     f: LayerFn,
     trainable: Vec<Tensor>,
-    out: Mutex<Option<Tensor>>,
-}
-
-impl Checkpoint {
-    fn take_out(&self) -> Result<Tensor> {
-        let out = self
-            .out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("checkpoint: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("checkpoint: forward ran twice".into()))?;
-        // A fresh, dense tensor, so its storage can be handed over whole.
-        if out.is_contiguous() && out.layout().start_offset() == 0 {
-            Ok(out)
-        } else {
-            out.affine(1.0, 0.0)
-        }
-    }
+    out: crate::handover::Handover,
 }
 
 impl CustomOp1 for Checkpoint {
@@ -109,15 +92,7 @@ impl CustomOp1 for Checkpoint {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let out = self.take_out()?;
-        let (s, l) = out.storage_and_layout();
-        match &*s {
-            candle_core::Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => Err(candle_core::Error::Msg(
-                "checkpoint: output is not on the CPU".into(),
-            )),
-        }
+        self.out.cpu()
     }
 
     // Not behind the `cuda` feature: without it candle's stand-in CudaStorage implements the
@@ -127,15 +102,7 @@ impl CustomOp1 for Checkpoint {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let out = self.take_out()?;
-        let (s, l) = out.storage_and_layout();
-        match &*s {
-            candle_core::Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
-            _ => Err(candle_core::Error::Msg(
-                "checkpoint: output is not on the GPU".into(),
-            )),
-        }
+        self.out.cuda()
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

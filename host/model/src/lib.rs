@@ -40,6 +40,7 @@ pub mod dropout;
 pub mod falcon;
 pub mod generate;
 pub mod gguf;
+mod handover;
 pub mod layers;
 pub mod linear;
 pub mod llama;
