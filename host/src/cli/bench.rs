@@ -16,7 +16,7 @@ use adapterlab_model::generate::{GenerationConfig, generate_ids};
 use adapterlab_model::loss::Example;
 use adapterlab_model::peft::{self, SaveOptions};
 use anyhow::{Context as _, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -25,8 +25,9 @@ use crate::cli::Context;
 use crate::cli::model::model_runtime;
 use crate::train::config::TrainConfig;
 use crate::train::data;
-use crate::train::optim::{AdamW, AdamWParams, clip_grad_norm};
-use crate::train::trainer::{accumulate_micro_batch, load_for_training};
+use crate::train::trainer::{
+    accumulate_micro_batch, adapter_optimizer, apply_gradients, load_for_training,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -116,28 +117,13 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
     let (loaded, registry, _) = load_for_training(&config, &ctx.data_dir.assets())?;
     let model: &dyn CausalLm = &loaded.model;
     let device = model.device().clone();
-    let vars: Vec<(String, Var)> = registry
-        .varmap()
-        .data()
-        .lock()
-        .expect("varmap")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = adapter_optimizer(&config, &registry)?;
+    let trainable: usize = opt.vars().iter().map(|(_, v)| v.elem_count()).sum();
     emit(
         json!({"what": "load", "s": round(t.elapsed().as_secs_f64(), 1), "trainable": trainable,
-        "device": gpu_name(&device), "lora_layers": registry.layers().len()}),
+        "device": gpu_name(&device), "lora_layers": registry.layers().len(),
+        "gradient_checkpointing": args.gradient_checkpointing}),
     );
-    let mut opt = AdamW::new(
-        vars,
-        AdamWParams {
-            beta1: config.adam_beta1,
-            beta2: config.adam_beta2,
-            eps: config.adam_epsilon,
-            weight_decay: config.weight_decay,
-        },
-    )?;
     registry.set_training(true);
     let vocab = model.vocab_size();
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
@@ -158,13 +144,8 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
         registry.set_dropout_key(config.seed, step as u64);
         let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
         last_loss = accumulate_micro_batch(model, &batch, batch.n_targets, opt.vars(), &mut grads)?;
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(opt.vars())
-            .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
-        let grad_norm = clip_grad_norm(&mut grads, config.max_grad_norm)?;
-        opt.step(&grads, config.learning_rate)?;
+        let grad_norm =
+            apply_gradients(&mut opt, grads, config.max_grad_norm, config.learning_rate)?;
         device.synchronize()?;
         let s = t.elapsed().as_secs_f64();
         emit(
@@ -178,7 +159,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
     times.sort_by(f64::total_cmp);
     if let Some(&median) = times.get(times.len() / 2) {
         emit(
-            json!({"what": "train_step", "batch": args.batch, "seq": args.seq,
+            json!({"what": "train_step", "batch": args.batch, "seq": args.seq, "gradient_checkpointing": args.gradient_checkpointing,
             "median_s": round(median, 4), "tokens_per_s": round((args.batch * args.seq) as f64 / median, 1),
             "loss": round(last_loss, 4)}),
         );

@@ -202,6 +202,45 @@ pub fn load_for_training(
     Ok((loaded, registry, rt))
 }
 
+/// AdamW over the adapters' weights, with `config`'s betas, epsilon and weight decay.
+pub fn adapter_optimizer(config: &TrainConfig, registry: &LoraRegistry) -> Result<AdamW> {
+    let vars: Vec<(String, Var)> = registry
+        .varmap()
+        .data()
+        .lock()
+        .expect("varmap")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    Ok(AdamW::new(
+        vars,
+        AdamWParams {
+            beta1: config.adam_beta1,
+            beta2: config.adam_beta2,
+            eps: config.adam_epsilon,
+            weight_decay: config.weight_decay,
+        },
+    )?)
+}
+
+/// The end of a step: a window's gradients (`None`: the weight got none, so zero) clipped to
+/// `max_grad_norm` and applied at `lr`. Returns the norm before clipping.
+pub fn apply_gradients(
+    opt: &mut AdamW,
+    grads: Vec<Option<Tensor>>,
+    max_grad_norm: f64,
+    lr: f64,
+) -> Result<f64> {
+    let mut grads: Vec<Tensor> = grads
+        .into_iter()
+        .zip(opt.vars())
+        .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
+        .collect::<candle_core::Result<_>>()?;
+    let norm = clip_grad_norm(&mut grads, max_grad_norm)?;
+    opt.step(&grads, lr)?;
+    Ok(norm)
+}
+
 /// One micro-batch's forward and backward: returns its share of the window's loss (token-weighted
 /// over `total_targets`, as HF with `num_items_in_batch`) and adds the gradients of `vars` into
 /// `grads` (same order).
@@ -327,23 +366,7 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     };
     let warmup = warmup_steps(config.warmup_steps, config.warmup_ratio, max_steps);
 
-    let vars: Vec<(String, Var)> = registry
-        .varmap()
-        .data()
-        .lock()
-        .expect("varmap")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut opt = AdamW::new(
-        vars,
-        AdamWParams {
-            beta1: config.adam_beta1,
-            beta2: config.adam_beta2,
-            eps: config.adam_epsilon,
-            weight_decay: config.weight_decay,
-        },
-    )?;
+    let mut opt = adapter_optimizer(config, &registry)?;
     let trainable: usize = opt.vars().iter().map(|(_, v)| v.elem_count()).sum();
     log(
         env,
@@ -483,12 +506,6 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             step_loss +=
                 accumulate_micro_batch(model, batch, total_targets, opt.vars(), &mut grads)?;
         }
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(opt.vars())
-            .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
-        let last_grad_norm = clip_grad_norm(&mut grads, config.max_grad_norm)?;
         let lr = config.learning_rate
             * lr_lambda(
                 &config.lr_scheduler_type,
@@ -496,7 +513,7 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                 warmup,
                 max_steps,
             );
-        opt.step(&grads, lr)?;
+        let last_grad_norm = apply_gradients(&mut opt, grads, config.max_grad_norm, lr)?;
         state.global_step += 1;
         state.adam_step = opt.step;
         state.epoch = state.global_step / steps_per_epoch;
