@@ -443,6 +443,18 @@ impl candle_core::CustomOp3 for RecomputedAttention {
         _out: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        crate::profile::scope("attn.bwd", q.device(), || self.backward_all(q, k, v, dout))
+    }
+}
+
+impl RecomputedAttention {
+    fn backward_all(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let b = q.dims()[0];
         let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
         for row in 0..b {

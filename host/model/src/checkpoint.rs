@@ -14,6 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, TensorId, Var};
 
+use crate::attention::KvCache;
+use crate::linear::Linear;
+
 static SINK: Mutex<Option<HashMap<TensorId, Tensor>>> = Mutex::new(None);
 
 thread_local! {
@@ -57,6 +60,33 @@ fn add_to_sink(t: &Tensor, g: Tensor) -> Result<()> {
 }
 
 pub type LayerFn = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// A decoder layer, as the models' layer loops run it.
+pub trait DecoderLayer: Clone + Send + Sync + 'static {
+    /// Its linear layers: their adapters' weights get gradients through the sink.
+    fn linears(&self) -> Vec<&Linear>;
+}
+
+/// One step of a model's layer loop, `run(layer, x, cache)`: checkpointed when checkpointing is
+/// on and no KV cache is in use (training), else run as is. The one place both models decide.
+pub fn run_layer<L: DecoderLayer>(
+    layer: &L,
+    x: &Tensor,
+    cache: Option<&mut KvCache>,
+    run: impl Fn(&L, &Tensor, Option<&mut KvCache>) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !enabled() || cache.is_some() {
+        return run(layer, x, cache);
+    }
+    let trainable = layer
+        .linears()
+        .iter()
+        .filter_map(|l| l.lora.as_ref())
+        .flat_map(|l| [l.a.as_tensor().clone(), l.b.as_tensor().clone()])
+        .collect();
+    let layer = layer.clone();
+    checkpointed(x, trainable, Arc::new(move |h| run(&layer, h, None)))
+}
 
 /// `f(x)` with `f`'s intermediates recomputed in backward. `trainable` are the weights inside
 /// `f` that want gradients (they land in the sink).
@@ -107,14 +137,92 @@ impl CustomOp1 for Checkpoint {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let leaf = Var::from_tensor(&x.detach())?;
-        let out = (self.f)(leaf.as_tensor())?;
+        let dev = x.device();
+        let out = crate::profile::pass("recompute", || {
+            crate::profile::scope("layer", dev, || (self.f)(leaf.as_tensor()))
+        })?;
         // d/d(out) of sum(out * grad) is `grad`: one backward through the recomputed layer.
-        let store = (out * grad.detach())?.sum_all()?.backward()?;
+        let store = crate::profile::pass("backward", || {
+            crate::profile::scope("layer", dev, || {
+                (out * grad.detach())?.sum_all()?.backward()
+            })
+        })?;
         for t in &self.trainable {
             if let Some(g) = store.get(t) {
                 add_to_sink(t, g.clone())?;
             }
         }
         Ok(store.get(leaf.as_tensor()).cloned())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::Arc;
+
+    use candle_core::{Device, Result, Tensor};
+
+    use crate::causal_lm::CausalLm;
+    use crate::linear::LinearBuilder;
+    use crate::lora::LoraRegistry;
+
+    /// Dense layers with r=4 adapters and dropout on, as a checkpointing test trains them.
+    pub(crate) fn lora_builder() -> Result<LinearBuilder> {
+        let lora = crate::lora::LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: 0.1,
+            target_modules: crate::lora::TargetModules::AllLinear,
+            ..Default::default()
+        };
+        LinearBuilder::dense().with_lora(lora)
+    }
+
+    /// Every adapter gradient of a checkpointed run equals the plain run's (dropout included:
+    /// the recomputed masks must be the first pass's).
+    pub(crate) fn assert_same_gradients(
+        model: &dyn CausalLm,
+        reg: &Arc<LoraRegistry>,
+    ) -> Result<()> {
+        let dev = Device::Cpu;
+        assert!(!reg.layers().is_empty(), "the builder attached no adapter");
+        // B starts at zero, which would leave A without a gradient.
+        for l in reg.layers() {
+            l.b.set(&(l.b.as_tensor().ones_like()? * 0.05)?)?;
+        }
+        reg.set_training(true);
+        let ids = Tensor::new(&[[0u32, 5, 9, 3, 17], [4, 4, 8, 1, 2]], &dev)?;
+        let mut runs = Vec::new();
+        for on in [false, true] {
+            super::set_enabled(on);
+            reg.set_dropout_key(1, 0);
+            let h = model.hidden_states(&ids, None, None)?;
+            let store = model.lm_head(&h)?.sqr()?.sum_all()?.backward()?;
+            let mut grads = Vec::new();
+            for l in reg.layers() {
+                for v in [&l.a, &l.b] {
+                    let g = match store.get(v.as_tensor()) {
+                        Some(g) => g.clone(),
+                        None => super::take_grad(v.as_tensor())
+                            .expect("a checkpointed layer's gradient"),
+                    };
+                    grads.push(g.flatten_all()?.to_vec1::<f32>()?);
+                }
+            }
+            runs.push(grads);
+        }
+        super::set_enabled(false);
+        for (plain, ckpt) in runs[0].iter().zip(&runs[1]) {
+            let scale = plain.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
+            let d = plain
+                .iter()
+                .zip(ckpt)
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(
+                d <= 1e-5 * scale.max(1.0),
+                "gradients differ by {d} (scale {scale})"
+            );
+        }
+        Ok(())
     }
 }

@@ -11,6 +11,7 @@ use crate::causal_lm::CausalLm;
 use crate::config::{Activation, FalconConfig};
 use crate::layers::{LayerNorm, lm_head};
 use crate::linear::{Linear, LinearBuilder};
+use crate::profile;
 
 /// How `query_key_value`'s output is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,26 +113,32 @@ impl FalconAttention {
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let fused = self.query_key_value.forward(x)?;
-        let (q, k, v) = self.split_heads(&fused)?;
-        let (q, k) = match (&self.rotary, rope) {
-            (Some(_), Some((cos, sin))) => {
-                (Rotary::apply(&q, cos, sin)?, Rotary::apply(&k, cos, sin)?)
-            }
-            _ => (q, k),
-        };
-        let (k, v) = match cache {
-            Some(c) => c.append(self.layer_idx, &k, &v)?,
-            None => (k, v),
-        };
-        let groups = self.num_heads / self.kv_heads;
-        let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attend(&q, &k, &v, scale, alibi, ctx.bias.as_ref())?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, s, self.num_heads * self.head_dim))?;
-        self.dense.forward(&out)
+        let dev = x.device();
+        let fused = profile::scope("attn.qkv", dev, || self.query_key_value.forward(x))?;
+        let (q, k) = profile::scope("attn.rope", dev, || {
+            let (q, k, v) = self.split_heads(&fused)?;
+            let qk = match (&self.rotary, rope) {
+                (Some(_), Some((cos, sin))) => {
+                    (Rotary::apply(&q, cos, sin)?, Rotary::apply(&k, cos, sin)?)
+                }
+                _ => (q, k),
+            };
+            Ok((qk, v))
+        })?;
+        let ((q, k), v) = (q, k);
+        let out = profile::scope("attn.core", dev, || {
+            let (k, v) = match cache {
+                Some(c) => c.append(self.layer_idx, &k, &v)?,
+                None => (k, v),
+            };
+            let groups = self.num_heads / self.kv_heads;
+            let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
+            let scale = 1.0 / (self.head_dim as f64).sqrt();
+            let out = attend(&q, &k, &v, scale, alibi, ctx.bias.as_ref())?;
+            out.transpose(1, 2)?
+                .reshape((b, s, self.num_heads * self.head_dim))
+        })?;
+        profile::scope("attn.dense", dev, || self.dense.forward(&out))
     }
 }
 
@@ -155,8 +162,10 @@ impl FalconMlp {
 
 impl Module for FalconMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.dense_4h_to_h
-            .forward(&self.act.apply(&self.dense_h_to_4h.forward(x)?)?)
+        let dev = x.device();
+        let up = profile::scope("mlp.up", dev, || self.dense_h_to_4h.forward(x))?;
+        let act = profile::scope("mlp.act", dev, || self.act.apply(&up))?;
+        profile::scope("mlp.down", dev, || self.dense_4h_to_h.forward(&act))
     }
 }
 
@@ -223,20 +232,6 @@ impl FalconDecoderLayer {
         })
     }
 
-    /// The adapters' weights in this layer (for checkpointing).
-    fn trainable(&self) -> Vec<Tensor> {
-        [
-            &self.self_attention.query_key_value,
-            &self.self_attention.dense,
-            &self.mlp.dense_h_to_4h,
-            &self.mlp.dense_4h_to_h,
-        ]
-        .iter()
-        .filter_map(|l| l.lora.as_ref())
-        .flat_map(|l| [l.a.as_tensor().clone(), l.b.as_tensor().clone()])
-        .collect()
-    }
-
     fn forward(
         &self,
         x: &Tensor,
@@ -249,10 +244,11 @@ impl FalconDecoderLayer {
         // round the same way.
         match &self.norms {
             Norms::Shared { input_layernorm } => {
-                let ln = input_layernorm.forward(x)?;
+                let dev = x.device();
+                let ln = profile::scope("ln", dev, || input_layernorm.forward(x))?;
                 let attn = self.self_attention.forward(&ln, ctx, rope, alibi, cache)?;
                 let mlp = self.mlp.forward(&ln)?;
-                x + (mlp + attn)?
+                profile::scope("residual", dev, || x + (mlp + attn)?)
             }
             Norms::Split { ln_attn, ln_mlp } => {
                 let attn =
@@ -279,6 +275,17 @@ impl FalconDecoderLayer {
                 &residual + mlp
             }
         }
+    }
+}
+
+impl crate::checkpoint::DecoderLayer for FalconDecoderLayer {
+    fn linears(&self) -> Vec<&Linear> {
+        vec![
+            &self.self_attention.query_key_value,
+            &self.self_attention.dense,
+            &self.mlp.dense_h_to_4h,
+            &self.mlp.dense_4h_to_h,
+        ]
     }
 }
 
@@ -376,27 +383,13 @@ impl CausalLm for Falcon {
             Some(a) if self.eager_alibi_twice => Some((a * 2.0)?),
             other => other,
         };
+        let inputs = std::sync::Arc::new((ctx, rope, alibi));
         for layer in &self.h {
-            x = if crate::checkpoint::enabled() && cache.is_none() {
-                let (layer, ctx) = (layer.clone(), ctx.clone());
-                let (rope, alibi) = (rope.clone(), alibi.clone());
-                let trainable = layer.trainable();
-                crate::checkpoint::checkpointed(
-                    &x,
-                    trainable,
-                    std::sync::Arc::new(move |h: &Tensor| {
-                        layer.forward(h, &ctx, rope.as_ref(), alibi.as_ref(), None)
-                    }),
-                )?
-            } else {
-                layer.forward(
-                    &x,
-                    &ctx,
-                    rope.as_ref(),
-                    alibi.as_ref(),
-                    cache.as_deref_mut(),
-                )?
-            };
+            let inputs = inputs.clone();
+            x = crate::checkpoint::run_layer(layer, &x, cache.as_deref_mut(), move |l, h, c| {
+                let (ctx, rope, alibi) = &*inputs;
+                l.forward(h, ctx, rope.as_ref(), alibi.as_ref(), c)
+            })?;
         }
         self.ln_f.forward(&x)
     }
@@ -422,11 +415,11 @@ impl CausalLm for Falcon {
     }
 
     fn linears(&self) -> Vec<&Linear> {
-        let mut out = Vec::new();
-        for l in &self.h {
-            out.extend([&l.self_attention.query_key_value, &l.self_attention.dense]);
-            out.extend([&l.mlp.dense_h_to_4h, &l.mlp.dense_4h_to_h]);
-        }
+        let mut out: Vec<&Linear> = self
+            .h
+            .iter()
+            .flat_map(crate::checkpoint::DecoderLayer::linears)
+            .collect();
         out.push(&self.lm_head);
         out
     }
@@ -592,56 +585,11 @@ mod tests {
     /// Checkpointing recomputes the same graph: every adapter gradient equals the plain run's.
     #[test]
     fn checkpointed_layers_give_the_same_adapter_gradients() -> Result<()> {
-        let dev = Device::Cpu;
         let cfg = small("7b");
-        let lora = crate::lora::LoraConfig {
-            r: 4,
-            lora_alpha: 8.0,
-            lora_dropout: 0.1,
-            ..Default::default()
-        };
-        let builder = LinearBuilder::dense().with_lora(lora)?;
-        let reg = builder.lora().unwrap().clone();
-        let vb = VarBuilder::from_tensors(random_weights(&cfg, 3)?, DType::F32, &dev);
+        let builder = crate::checkpoint::tests::lora_builder()?;
+        let vb = VarBuilder::from_tensors(random_weights(&cfg, 3)?, DType::F32, &Device::Cpu);
         let model = Falcon::load(vb, &cfg, &builder)?;
-        // B starts at zero, which would leave A without a gradient.
-        for l in reg.layers() {
-            l.b.set(&(l.b.as_tensor().ones_like()? * 0.05)?)?;
-        }
-        reg.set_training(true);
-        let ids = Tensor::new(&[[0u32, 5, 9, 3, 17], [4, 4, 8, 1, 2]], &dev)?;
-        let mut runs = Vec::new();
-        for on in [false, true] {
-            crate::checkpoint::set_enabled(on);
-            reg.set_dropout_key(1, 0);
-            let h = model.hidden_states(&ids, None, None)?;
-            let store = model.lm_head(&h)?.sqr()?.sum_all()?.backward()?;
-            let mut grads = Vec::new();
-            for l in reg.layers() {
-                for v in [&l.a, &l.b] {
-                    let g = match store.get(v.as_tensor()) {
-                        Some(g) => g.clone(),
-                        None => crate::checkpoint::take_grad(v.as_tensor())
-                            .expect("a checkpointed layer's gradient"),
-                    };
-                    grads.push(g.flatten_all()?.to_vec1::<f32>()?);
-                }
-            }
-            runs.push(grads);
-        }
-        crate::checkpoint::set_enabled(false);
-        for (plain, ckpt) in runs[0].iter().zip(&runs[1]) {
-            let scale = plain.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
-            let d = plain
-                .iter()
-                .zip(ckpt)
-                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-            assert!(
-                d <= 1e-5 * scale.max(1.0),
-                "gradients differ by {d} (scale {scale})"
-            );
-        }
-        Ok(())
+        crate::checkpoint::tests::assert_same_gradients(&model, builder.lora().unwrap())
     }
 
     /// The bf16 path (as on a GPU) runs every variant and stays close to f32.

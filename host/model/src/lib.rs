@@ -51,6 +51,7 @@ pub mod merge;
 pub mod nf4;
 pub mod params;
 pub mod peft;
+pub mod profile;
 pub mod quantize;
 pub mod tensors;
 

@@ -346,7 +346,13 @@ impl Nf4Weight {
     }
 
     fn matmul_dequantized(&self, x2: &Tensor, cd: DType) -> Result<Tensor> {
-        let w = self.dequantize_to(cd, x2.device())?;
+        let w = crate::profile::scope("nf4.dequant", x2.device(), || {
+            self.dequantize_to(cd, x2.device())
+        })?;
+        crate::profile::scope("nf4.matmul", x2.device(), || self.matmul_with(x2, w))
+    }
+
+    fn matmul_with(&self, x2: &Tensor, w: Tensor) -> Result<Tensor> {
         if x2.track_op() {
             // Through the custom op, so the graph keeps the op (4-bit data) instead of `w`.
             x2.apply_op1(Nf4MatMul {
@@ -426,10 +432,13 @@ impl CustomOp1 for Nf4MatMul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let w = self
-            .weight
-            .dequantize_to(grad_res.dtype(), grad_res.device())?;
-        Ok(Some(grad_res.contiguous()?.matmul(&w)?))
+        let dev = grad_res.device();
+        let w = crate::profile::scope("nf4.bwd.dequant", dev, || {
+            self.weight.dequantize_to(grad_res.dtype(), dev)
+        })?;
+        crate::profile::scope("nf4.bwd.matmul", dev, || {
+            Ok(Some(grad_res.contiguous()?.matmul(&w)?))
+        })
     }
 }
 
@@ -473,7 +482,7 @@ impl Linear {
         }
         let y = self.add_bias(self.base.forward(x)?)?;
         let Some(lora) = &self.lora else { return Ok(y) };
-        let d = lora.delta_y(x, train)?;
+        let d = crate::profile::scope("lora", x.device(), || lora.delta_y(x, train))?;
         // PEFT adds in the adapter's dtype (f32 under a 16-bit base) and casts the sum back.
         if d.dtype() == y.dtype() {
             y + d

@@ -152,6 +152,21 @@ impl LlamaDecoderLayer {
     }
 }
 
+impl crate::checkpoint::DecoderLayer for LlamaDecoderLayer {
+    fn linears(&self) -> Vec<&Linear> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        vec![
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+}
+
 /// `LlamaForCausalLM`: `model.{embed_tokens, layers.{i}, norm}` and `lm_head`.
 #[derive(Debug, Clone)]
 pub struct Llama {
@@ -217,8 +232,13 @@ impl CausalLm for Llama {
         let ctx = AttentionContext::new(attention_mask, b, s, past, &self.device)?;
         let mut x = self.embed_tokens.forward(input_ids)?;
         let rope = self.rotary.cos_sin(&ctx, x.dtype(), &self.device)?;
+        let inputs = std::sync::Arc::new((ctx, rope));
         for layer in &self.layers {
-            x = layer.forward(&x, &ctx, &rope, cache.as_deref_mut())?;
+            let inputs = inputs.clone();
+            x = crate::checkpoint::run_layer(layer, &x, cache.as_deref_mut(), move |l, h, c| {
+                let (ctx, rope) = &*inputs;
+                l.forward(h, ctx, rope, c)
+            })?;
         }
         self.norm.forward(&x)
     }
@@ -244,12 +264,11 @@ impl CausalLm for Llama {
     }
 
     fn linears(&self) -> Vec<&Linear> {
-        let mut out = Vec::new();
-        for l in &self.layers {
-            let a = &l.self_attn;
-            out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]);
-            out.extend([&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]);
-        }
+        let mut out: Vec<&Linear> = self
+            .layers
+            .iter()
+            .flat_map(crate::checkpoint::DecoderLayer::linears)
+            .collect();
         out.push(&self.lm_head);
         out
     }
@@ -371,5 +390,15 @@ pub(crate) mod tests {
             .to_scalar::<f32>()?;
         assert!(d < 1e-4, "padded vs unpadded differ by {d}");
         Ok(())
+    }
+
+    /// Llama layers are checkpointed through the same loop step as Falcon's.
+    #[test]
+    fn checkpointed_layers_give_the_same_adapter_gradients() -> Result<()> {
+        let cfg = tiny();
+        let builder = crate::checkpoint::tests::lora_builder()?;
+        let vb = VarBuilder::from_tensors(random_weights(&cfg, 3)?, DType::F32, &Device::Cpu);
+        let model = Llama::load(vb, &cfg, &builder)?;
+        crate::checkpoint::tests::assert_same_gradients(&model, builder.lora().unwrap())
     }
 }

@@ -140,6 +140,10 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
         let refs: Vec<&Example> = examples.iter().collect();
         let batch = data::collate(&refs, 0, &device)?;
         device.synchronize()?;
+        if step == args.warmup {
+            // The profile counts timed steps only.
+            adapterlab_model::profile::take();
+        }
         let t = Instant::now();
         registry.set_dropout_key(config.seed, step as u64);
         let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
@@ -164,6 +168,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
             "loss": round(last_loss, 4)}),
         );
     }
+    emit_profile(args.steps);
     if let Some(dir) = &args.save {
         let opts = SaveOptions {
             base_model_name_or_path: Some(args.model.clone()),
@@ -217,6 +222,7 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
             device.synchronize()?;
             let prefill_s = t.elapsed().as_secs_f64();
             let cfg = GenerationConfig::greedy(args.new_tokens, vec![], 0);
+            adapterlab_model::profile::take();
             let t = Instant::now();
             let out = generate_ids(model, &prompts, &cfg)?;
             device.synchronize()?;
@@ -227,9 +233,25 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
                 "new": args.new_tokens, "merged": merged, "adapter": registry.is_some(),
                 "s": round(s, 3), "prefill_s": round(prefill_s, 3), "tokens_per_s": round(n as f64 / s, 1)}),
             );
+            emit_profile(1);
         }
     }
     Ok(())
+}
+
+/// With `ADAPTERLAB_PROFILE=1`: seconds per step in each profiled phase (see
+/// `adapterlab_model::profile`; scopes nest, so a parent includes its children).
+fn emit_profile(per: usize) {
+    if !adapterlab_model::profile::enabled() {
+        return;
+    }
+    for (name, s, calls) in adapterlab_model::profile::take() {
+        let per = per.max(1) as f64;
+        emit(
+            json!({"what": "profile", "phase": name, "s_per_step": round(s / per, 4),
+            "calls_per_step": round(calls as f64 / per, 1)}),
+        );
+    }
 }
 
 fn round(v: f64, digits: i32) -> f64 {

@@ -1,0 +1,112 @@
+//! Where the time goes: wall-clock seconds per named phase of the model's work, switched on with
+//! `ADAPTERLAB_PROFILE=1` (off, a scope costs one relaxed atomic load).
+//!
+//! A scope synchronizes the device before and after, so the GPU time of the kernels it queued is
+//! counted in it rather than in whichever later call happens to wait. That removes the overlap
+//! of CPU and GPU work, so a profiled step is slower than a normal one: the numbers are for
+//! ranking phases against each other, never for headline speed.
+//!
+//! Names nest by the caller's choice (`layer.mlp.up` inside `layer`); a pass label set with
+//! [`pass`] (e.g. `forward`, `recompute`, `backward`) prefixes them, so the same layer code is
+//! counted apart in each pass that runs it.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{LazyLock, Mutex};
+use std::time::Instant;
+
+use candle_core::{Device, Result};
+
+static ENABLED: LazyLock<AtomicBool> = LazyLock::new(|| {
+    AtomicBool::new(std::env::var("ADAPTERLAB_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0"))
+});
+
+/// Seconds and calls per `pass.name`.
+static TABLE: Mutex<BTreeMap<String, (f64, u64)>> = Mutex::new(BTreeMap::new());
+
+thread_local! {
+    static PASS: Cell<&'static str> = const { Cell::new("") };
+}
+
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Turns profiling on or off for the whole process (tests; the environment variable sets the
+/// starting value).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Runs `f` with `label` as this thread's pass label, restoring the previous one after.
+pub fn pass<T>(label: &'static str, f: impl FnOnce() -> T) -> T {
+    let was = PASS.with(|p| p.replace(label));
+    let out = f();
+    PASS.with(|p| p.set(was));
+    out
+}
+
+/// Runs `f`, counting its time (device work included) under the current pass and `name`.
+pub fn scope<T>(name: &'static str, device: &Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    scope_with(name, device, f)
+}
+
+/// [`scope`] for any error type a candle error converts into (e.g. `anyhow::Error`).
+pub fn scope_with<T, E: From<candle_core::Error>>(
+    name: &'static str,
+    device: &Device,
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
+    if !enabled() {
+        return f();
+    }
+    device.synchronize()?;
+    let start = Instant::now();
+    let out = f()?;
+    device.synchronize()?;
+    let secs = start.elapsed().as_secs_f64();
+    let key = match PASS.with(Cell::get) {
+        "" => name.to_string(),
+        p => format!("{p}.{name}"),
+    };
+    if let Ok(mut table) = TABLE.lock() {
+        let e = table.entry(key).or_insert((0.0, 0));
+        e.0 += secs;
+        e.1 += 1;
+    }
+    Ok(out)
+}
+
+/// The table since the last call, sorted by name, and cleared.
+pub fn take() -> Vec<(String, f64, u64)> {
+    match TABLE.lock() {
+        Ok(mut t) => std::mem::take(&mut *t)
+            .into_iter()
+            .map(|(k, (s, n))| (k, s, n))
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_count_per_pass_and_name() -> Result<()> {
+        set_enabled(true);
+        let dev = Device::Cpu;
+        take();
+        for _ in 0..2 {
+            pass("forward", || scope("mlp", &dev, || Ok(())))?;
+        }
+        scope("loss", &dev, || Ok(()))?;
+        let t = take();
+        set_enabled(false);
+        let names: Vec<(&str, u64)> = t.iter().map(|(k, _, n)| (k.as_str(), *n)).collect();
+        assert!(names.contains(&("forward.mlp", 2)), "{names:?}");
+        assert!(names.contains(&("loss", 1)), "{names:?}");
+        Ok(())
+    }
+}
