@@ -269,8 +269,9 @@ pub fn alibi_bias(
 }
 
 /// `[batch, kv_heads, t, d]` → `[batch, kv_heads * groups, t, d]`, query head `h` reading KV
-/// head `h / groups` (transformers' `repeat_kv`, and Falcon's grouped split).
-pub fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor> {
+/// head `h / groups` (transformers' `repeat_kv`): what grouped [`attend`] is checked against.
+#[cfg(test)]
+fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor> {
     if groups == 1 {
         return Ok(x.clone());
     }
@@ -282,14 +283,17 @@ pub fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor> {
 
 /// Scaled dot-product attention: `softmax((q k^T + pre) * scale + mask) v`, the softmax in f32.
 ///
-/// `q`: `[b, h, s, d]`; `k`, `v`: `[b, h, t, d]` (already repeated); `pre_scale_bias`: ALiBi,
-/// added before scaling as Falcon does; `mask`: `[b, 1, s, t]`.
+/// `q`: `[b, h, s, d]`; `k`, `v`: `[b, kv, t, d]` with `h` a multiple of `kv` (query head `i`
+/// reads KV head `i / (h / kv)`, as transformers' `repeat_kv` pairs them). The keys and values
+/// are never repeated: the queries of a KV head's group are one matrix (`[b, kv, g * s, d]`,
+/// the same memory as `[b, h, s, d]`), so one matmul per KV head serves the group.
+/// `pre_scale_bias`: ALiBi `[b, h, 1, t]`, added before scaling as Falcon does; `mask`:
+/// `[b or 1, 1, s, t]`.
 ///
 /// When a gradient is wanted the scores and probabilities are not kept for backward: they are
-/// `[b, h, s, s]` in f32 per layer (2.4 GB at Falcon-7B's 71 heads, 8 x 512 tokens, counting
-/// the copies the eager ops keep), more than all other activations together. The graph keeps
-/// `q`, `k` and `v` and backward recomputes the probabilities, one batch row at a time, as
-/// flash attention does.
+/// `[b, h, s, t]` per layer (0.6 GB in f32 at Falcon-7B's 71 heads, 8 x 512 tokens), more than
+/// all other activations of a layer together. The graph keeps `q`, `k` and `v` and backward
+/// recomputes the probabilities, as flash attention does.
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -321,6 +325,33 @@ pub fn attend(
     )
 }
 
+/// `[b, h, s, x]` as `[b, kv, (h / kv) * s, x]`: each KV head's query group as one matrix.
+fn grouped(x: &Tensor, kv: usize) -> Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    if h % kv != 0 {
+        candle_core::bail!("attention: {h} query heads do not split into {kv} KV heads");
+    }
+    x.contiguous()?.reshape((b, kv, (h / kv) * s, d))
+}
+
+/// `q k^T` per query head, `[b, h, s, t]` in `q`'s dtype.
+fn scores(q: &Tensor, k: &Tensor) -> Result<Tensor> {
+    let (b, h, s, _) = q.dims4()?;
+    let (_, kv, t, _) = k.dims4()?;
+    grouped(q, kv)?
+        .matmul(&k.t()?.contiguous()?)?
+        .reshape((b, h, s, t))
+}
+
+/// `p v` per query head: `p` `[b, h, s, t]`, `v` `[b, kv, t, d]` → `[b, h, s, d]`.
+fn weighted(p: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, h, s, _) = p.dims4()?;
+    let (_, kv, _, d) = v.dims4()?;
+    grouped(p, kv)?
+        .matmul(&v.contiguous()?)?
+        .reshape((b, h, s, d))
+}
+
 fn attend_eager(
     q: &Tensor,
     k: &Tensor,
@@ -329,12 +360,11 @@ fn attend_eager(
     pre_scale_bias: Option<&Tensor>,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let dtype = q.dtype();
-    let probs = probabilities(q, k, scale, pre_scale_bias, mask)?.to_dtype(dtype)?;
-    probs.matmul(&v.contiguous()?)
+    let probs = probabilities(q, k, scale, pre_scale_bias, mask)?;
+    weighted(&probs, v)
 }
 
-/// `softmax((q k^T + pre) * scale + mask)` in f32.
+/// `softmax((q k^T + pre) * scale + mask)`, computed in f32 and returned in `q`'s dtype.
 fn probabilities(
     q: &Tensor,
     k: &Tensor,
@@ -342,20 +372,22 @@ fn probabilities(
     pre_scale_bias: Option<&Tensor>,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let scores = q
-        .contiguous()?
-        .matmul(&k.t()?.contiguous()?)?
-        .to_dtype(DType::F32)?;
-    let scores = match pre_scale_bias {
-        Some(b) => scores.broadcast_add(&b.to_dtype(DType::F32)?)?,
-        None => scores,
-    };
-    let scores = (scores * scale)?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None => scores,
-    };
-    crate::layers::softmax_last_dim(&scores, DType::F32)
+    let scores = scores(q, k)?;
+    match pre_scale_bias {
+        None => crate::masked_softmax::masked_softmax(&scores, mask, scale as f32),
+        Some(b) => {
+            // ALiBi (RW models only): op by op.
+            let scores = scores
+                .to_dtype(DType::F32)?
+                .broadcast_add(&b.to_dtype(DType::F32)?)?;
+            let scores = (scores * scale)?;
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(m)?,
+                None => scores,
+            };
+            crate::layers::softmax_last_dim(&scores, q.dtype())
+        }
+    }
 }
 
 /// The graph node of [`attend`] with a gradient: its forward hands over the output computed
@@ -367,39 +399,84 @@ struct RecomputedAttention {
     out: crate::handover::Handover,
 }
 
+/// Backward works on batch rows in chunks of at most this many score elements (0.5 GB in
+/// 16 bits), so long sequences do not need the whole batch's scores at once.
+const BACKWARD_CHUNK_ELEMS: usize = 256 << 20;
+
 impl RecomputedAttention {
-    /// One batch row: `(dq, dk, dv)` for `q [1,h,s,d]`, `k`/`v` `[1,h,t,d]`, `dout [1,h,s,d]`.
-    fn backward_row(
+    /// `(dq, dk, dv)` for batch rows `rows` of `q [b,h,s,d]`, `k`/`v` `[b,kv,t,d]`, `dout`.
+    fn backward_rows(
         &self,
-        row: usize,
+        rows: std::ops::Range<usize>,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         dout: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let dtype = q.dtype();
-        let pick = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+        let (start, n) = (rows.start, rows.len());
+        let pick = |t: &Tensor| t.narrow(0, start, n);
+        let (q, k, v, dout) = (pick(q)?, pick(k)?, pick(v)?, pick(dout)?);
+        let pick_opt = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
             t.as_ref()
                 .map(|t| {
                     if t.dims()[0] == 1 {
                         Ok(t.clone())
                     } else {
-                        t.narrow(0, row, 1)
+                        pick(t)
                     }
                 })
                 .transpose()
         };
-        let (bias, mask) = (pick(&self.pre_scale_bias)?, pick(&self.mask)?);
-        let p = probabilities(q, k, self.scale, bias.as_ref(), mask.as_ref())?;
-        let p_lo = p.to_dtype(dtype)?;
-        let dv = p_lo.t()?.contiguous()?.matmul(dout)?;
-        let dp = dout.matmul(&v.t()?.contiguous()?)?.to_dtype(DType::F32)?;
-        // softmax backward: dS = P * (dP - sum_j P dP)
-        let rowsum = (&p * &dp)?.sum_keepdim(D::Minus1)?;
-        let ds = (p * dp.broadcast_sub(&rowsum)?)?;
-        let ds = (ds * self.scale)?.to_dtype(dtype)?;
-        let dq = ds.matmul(&k.contiguous()?)?;
-        let dk = ds.t()?.contiguous()?.matmul(&q.contiguous()?)?;
+        let (bias, mask) = (pick_opt(&self.pre_scale_bias)?, pick_opt(&self.mask)?);
+        let kv = k.dims()[1];
+        let dtype = q.dtype();
+        // dP = dO V^T, per query head.
+        let dp = {
+            let (b, h, s, _) = dout.dims4()?;
+            let t = v.dims()[2];
+            grouped(&dout, kv)?
+                .matmul(&v.t()?.contiguous()?)?
+                .reshape((b, h, s, t))?
+        };
+        let (p, ds) = match &bias {
+            None => {
+                let s = scores(&q, &k)?;
+                let p =
+                    crate::masked_softmax::masked_softmax(&s, mask.as_ref(), self.scale as f32)?;
+                let ds = crate::masked_softmax::masked_softmax_backward(
+                    &s,
+                    mask.as_ref(),
+                    &dp,
+                    self.scale as f32,
+                )?;
+                (p, ds)
+            }
+            Some(_) => {
+                // ALiBi: the op-by-op softmax backward, dS = P * (dP - sum_j P dP) * scale.
+                let s = scores(&q, &k)?.to_dtype(DType::F32)?;
+                let s = s.broadcast_add(&bias.as_ref().unwrap().to_dtype(DType::F32)?)?;
+                let s = (s * self.scale)?;
+                let s = match &mask {
+                    Some(m) => s.broadcast_add(m)?,
+                    None => s,
+                };
+                let p = crate::layers::softmax_last_dim(&s, DType::F32)?;
+                let dp = dp.to_dtype(DType::F32)?;
+                let rowsum = (&p * &dp)?.sum_keepdim(D::Minus1)?;
+                let ds = ((&p * dp.broadcast_sub(&rowsum)?)? * self.scale)?.to_dtype(dtype)?;
+                (p.to_dtype(dtype)?, ds)
+            }
+        };
+        // dV = P^T dO, dQ = dS K, dK = dS^T Q, each per KV head over its query group.
+        let (gp, gds, gdo, gq) = (
+            grouped(&p, kv)?,
+            grouped(&ds, kv)?,
+            grouped(&dout, kv)?,
+            grouped(&q, kv)?,
+        );
+        let dv = gp.t()?.contiguous()?.matmul(&gdo)?;
+        let dq = gds.matmul(&k.contiguous()?)?.reshape(q.dims())?;
+        let dk = gds.t()?.contiguous()?.matmul(&gq)?;
         Ok((dq, dk, dv))
     }
 }
@@ -443,37 +520,31 @@ impl candle_core::CustomOp3 for RecomputedAttention {
         _out: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        crate::profile::scope("attn.bwd", q.device(), || self.backward_all(q, k, v, dout))
-    }
-}
-
-impl RecomputedAttention {
-    fn backward_all(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        dout: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let b = q.dims()[0];
-        let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
-        for row in 0..b {
-            let (dq, dk, dv) = self.backward_row(
-                row,
-                &q.detach().narrow(0, row, 1)?,
-                &k.detach().narrow(0, row, 1)?,
-                &v.detach().narrow(0, row, 1)?,
-                &dout.detach().narrow(0, row, 1)?.contiguous()?,
-            )?;
-            dqs.push(dq);
-            dks.push(dk);
-            dvs.push(dv);
-        }
-        Ok((
-            Some(Tensor::cat(&dqs, 0)?),
-            Some(Tensor::cat(&dks, 0)?),
-            Some(Tensor::cat(&dvs, 0)?),
-        ))
+        crate::profile::scope("attn.bwd", q.device(), || {
+            let (b, h, s, _) = q.dims4()?;
+            let t = k.dims()[2];
+            let per_row = (h * s * t).max(1);
+            let chunk = (BACKWARD_CHUNK_ELEMS / per_row).clamp(1, b);
+            let (q, k, v, dout) = (q.detach(), k.detach(), v.detach(), dout.detach());
+            let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+            let mut start = 0;
+            while start < b {
+                let end = (start + chunk).min(b);
+                let (dq, dk, dv) = self.backward_rows(start..end, &q, &k, &v, &dout)?;
+                dqs.push(dq);
+                dks.push(dk);
+                dvs.push(dv);
+                start = end;
+            }
+            let cat = |v: Vec<Tensor>| -> Result<Tensor> {
+                if v.len() == 1 {
+                    Ok(v.into_iter().next().unwrap())
+                } else {
+                    Tensor::cat(&v, 0)
+                }
+            };
+            Ok((Some(cat(dqs)?), Some(cat(dks)?), Some(cat(dvs)?)))
+        })
     }
 }
 
@@ -513,6 +584,29 @@ mod tests {
         assert_eq!(&s6[4..], &[0.5, 0.125]);
     }
 
+    /// Attention op by op, which candle can differentiate: what the recomputing, fused path
+    /// must equal.
+    fn attend_reference(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        pre_scale_bias: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        let scores = match pre_scale_bias {
+            Some(b) => scores.broadcast_add(b)?,
+            None => scores,
+        };
+        let scores = (scores * scale)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(v)
+    }
+
     #[test]
     fn recomputed_attention_gradients_equal_the_eager_graphs() -> Result<()> {
         let dev = Device::Cpu;
@@ -533,7 +627,7 @@ mod tests {
         )?;
         for bias in [None, Some(&alibi)] {
             let fast = attend(&q, &k, &v, 0.5, bias, ctx.bias.as_ref())?;
-            let slow = attend_eager(&q, &k, &v, 0.5, bias, ctx.bias.as_ref())?;
+            let slow = attend_reference(&q, &k, &v, 0.5, bias, ctx.bias.as_ref())?;
             let diff = (&fast - &slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-6, "forward differs by {diff}");
             let gf = (fast * &w)?.sum_all()?.backward()?;
@@ -543,6 +637,43 @@ mod tests {
                 let diff = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 assert!(diff < 1e-5, "d{name} differs by {diff}");
             }
+        }
+        Ok(())
+    }
+
+    /// Attention over KV heads shared by query groups equals attention over repeated keys and
+    /// values, forward and backward (the gradient of a shared head sums over its group).
+    #[test]
+    fn grouped_attention_equals_repeated_kv() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, kv, s, d) = (2, 6, 2, 5, 4);
+        let mk = |heads: usize, seed: f32| -> Result<candle_core::Var> {
+            let n = b * heads * s * d;
+            let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.29 + seed).sin()).collect();
+            candle_core::Var::from_tensor(&Tensor::from_vec(v, (b, heads, s, d), &dev)?)
+        };
+        let (q, k, v) = (mk(h, 0.3)?, mk(kv, 1.1)?, mk(kv, 2.3)?);
+        let mask = Tensor::new(&[[0u32, 1, 1, 1, 1], [1, 1, 1, 1, 1]], &dev)?;
+        let ctx = AttentionContext::new(Some(&mask), b, s, 0, &dev)?;
+        let w = Tensor::from_vec(
+            (0..b * h * s * d).map(|i| (i % 7) as f32 - 3.0).collect(),
+            (b, h, s, d),
+            &dev,
+        )?;
+        let grouped = attend(&q, &k, &v, 0.5, None, ctx.bias.as_ref())?;
+        let (kr, vr) = (repeat_kv(&k, h / kv)?, repeat_kv(&v, h / kv)?);
+        let repeated = attend(&q, &kr, &vr, 0.5, None, ctx.bias.as_ref())?;
+        let diff = (&grouped - &repeated)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "forward differs by {diff}");
+        let gg = (grouped * &w)?.sum_all()?.backward()?;
+        let gr = (repeated * &w)?.sum_all()?.backward()?;
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, e) = (gg.get(var).unwrap(), gr.get(var).unwrap());
+            let diff = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "d{name} differs by {diff}");
         }
         Ok(())
     }

@@ -176,6 +176,76 @@ extern "C" __global__ void NAME(const T* x, T* y, long long n, unsigned long lon
 DROPOUT(seeded_dropout_f32, float, f32_id, f32_id)
 DROPOUT(seeded_dropout_bf16, u16, bf16_to_f32, f32_to_bf16)
 DROPOUT(seeded_dropout_f16, u16, f16_to_f32, f32_to_f16)
+
+#define NEG_INF __int_as_float(0xff800000)
+
+// Attention's softmax (crate::masked_softmax): one block per row of t scores. The block
+// reductions go through warp shuffles and one shared word per warp.
+__device__ __forceinline__ float block_reduce(float v, float* red, int is_max) {{
+  for (int off = 16; off > 0; off >>= 1) {{
+    float o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = is_max ? fmaxf(v, o) : v + o;
+  }}
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < nw ? red[threadIdx.x] : (is_max ? NEG_INF : 0.f);
+  if (warp == 0) {{
+    for (int off = 16; off > 0; off >>= 1) {{
+      float o = __shfl_xor_sync(0xffffffffu, v, off);
+      v = is_max ? fmaxf(v, o) : v + o;
+    }}
+    if (lane == 0) red[0] = v;
+  }}
+  __syncthreads();
+  return red[0];
+}}
+#define SOFTMAX(NAME, T, LOAD, STORE)                                                          \
+extern "C" __global__ void NAME(const T* x, const float* mask, const T* dp, T* out, int t,     \
+    long long per_batch, int s, int mask_batch, float scale, int has_mask, int backward) {{     \
+  __shared__ float red[32];                                                                    \
+  long long row = blockIdx.x;                                                                  \
+  const T* xr = x + row * t;                                                                   \
+  const float* mr = 0;                                                                         \
+  if (has_mask) {{                                                                             \
+    long long bi = mask_batch == 1 ? 0 : row / per_batch;                                      \
+    mr = mask + (bi * s + row % s) * (long long)t;                                             \
+  }}                                                                                           \
+  float mx = NEG_INF;                                                                        \
+  for (int j = threadIdx.x; j < t; j += blockDim.x) {{                                         \
+    float v = __fmul_rn(LOAD(xr[j]), scale);                                                   \
+    if (has_mask) v = __fadd_rn(v, mr[j]);                                                     \
+    mx = fmaxf(mx, v);                                                                         \
+  }}                                                                                           \
+  mx = block_reduce(mx, red, 1);                                                               \
+  float sum = 0.f;                                                                             \
+  for (int j = threadIdx.x; j < t; j += blockDim.x) {{                                         \
+    float v = __fmul_rn(LOAD(xr[j]), scale);                                                   \
+    if (has_mask) v = __fadd_rn(v, mr[j]);                                                     \
+    sum += expf(v - mx);                                                                       \
+  }}                                                                                           \
+  sum = block_reduce(sum, red, 0);                                                             \
+  float dot = 0.f;                                                                             \
+  if (backward) {{                                                                             \
+    for (int j = threadIdx.x; j < t; j += blockDim.x) {{                                       \
+      float v = __fmul_rn(LOAD(xr[j]), scale);                                                 \
+      if (has_mask) v = __fadd_rn(v, mr[j]);                                                   \
+      dot += (expf(v - mx) / sum) * LOAD(dp[row * t + j]);                                     \
+    }}                                                                                         \
+    dot = block_reduce(dot, red, 0);                                                           \
+  }}                                                                                           \
+  for (int j = threadIdx.x; j < t; j += blockDim.x) {{                                         \
+    float v = __fmul_rn(LOAD(xr[j]), scale);                                                   \
+    if (has_mask) v = __fadd_rn(v, mr[j]);                                                     \
+    float p = expf(v - mx) / sum;                                                              \
+    if (backward) p = p * (LOAD(dp[row * t + j]) - dot) * scale;                               \
+    out[row * t + j] = STORE(p);                                                               \
+  }}                                                                                           \
+}}
+SOFTMAX(masked_softmax_f32, float, f32_id, f32_id)
+SOFTMAX(masked_softmax_bf16, u16, bf16_to_f32, f32_to_bf16)
+SOFTMAX(masked_softmax_f16, u16, f16_to_f32, f32_to_f16)
 "#,
         max_rows = GEMV_MAX_ROWS,
         table = table.join(", "),
@@ -425,5 +495,86 @@ pub fn seeded_dropout(
         DType::BF16 => launch!("seeded_dropout_bf16", half::bf16),
         DType::F16 => launch!("seeded_dropout_f16", half::f16),
         other => Err(Error::Msg(format!("dropout on {other:?} is not supported"))),
+    }
+}
+
+/// The shape and options of one [`masked_softmax`] launch (see `crate::masked_softmax`).
+pub struct SoftmaxArgs {
+    pub rows: usize,
+    pub t: usize,
+    pub per_batch: usize,
+    pub s: usize,
+    pub mask_batch: usize,
+    pub scale: f32,
+    pub has_mask: bool,
+}
+
+/// Attention's softmax over rows of `t` scores, or with `dp` its backward; each input is a
+/// storage and the element offset where the contiguous tensor starts.
+pub fn masked_softmax(
+    scores: (&CudaStorage, usize),
+    mask: (&CudaStorage, usize),
+    dp: Option<(&CudaStorage, usize)>,
+    a: &SoftmaxArgs,
+) -> Result<CudaStorage> {
+    let dev = scores.0.device.clone();
+    let ptx = ptx()?;
+    let n = a.rows * a.t;
+    let threads = (a.t.div_ceil(4).next_power_of_two()).clamp(32, 512) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (a.rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (t, per_batch, s, mb) = (
+        a.t as i32,
+        a.per_batch as i64,
+        a.s as i32,
+        a.mask_batch as i32,
+    );
+    let (has_mask, backward) = (a.has_mask as i32, dp.is_some() as i32);
+    let mask_all = mask.0.as_cuda_slice::<f32>()?;
+    let mask_v = mask_all.slice(mask.1..);
+    macro_rules! launch {
+        ($name:literal, $t:ty) => {{
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
+            let x = scores
+                .0
+                .as_cuda_slice::<$t>()?
+                .slice(scores.1..scores.1 + n);
+            // Without a gradient the kernel never reads `dp`; the scores stand in for it.
+            let g = match dp {
+                Some((g, off)) => g.as_cuda_slice::<$t>()?.slice(off..off + n),
+                None => scores
+                    .0
+                    .as_cuda_slice::<$t>()?
+                    .slice(scores.1..scores.1 + n),
+            };
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            let mut b = func.builder();
+            b.arg(&x);
+            b.arg(&mask_v);
+            b.arg(&g);
+            b.arg(&out);
+            b.arg(&t);
+            b.arg(&per_batch);
+            b.arg(&s);
+            b.arg(&mb);
+            b.arg(&a.scale);
+            b.arg(&has_mask);
+            b.arg(&backward);
+            // SAFETY: the argument list matches the kernel's signature.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }};
+    }
+    match scores.0.dtype() {
+        DType::F32 => launch!("masked_softmax_f32", f32),
+        DType::BF16 => launch!("masked_softmax_bf16", half::bf16),
+        DType::F16 => launch!("masked_softmax_f16", half::f16),
+        other => Err(Error::Msg(format!(
+            "masked softmax on {other:?} is not supported"
+        ))),
     }
 }

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
-use crate::attention::{AttentionContext, KvCache, Rotary, alibi_bias, attend, repeat_kv};
+use crate::attention::{AttentionContext, KvCache, Rotary, alibi_bias, attend};
 use crate::causal_lm::CausalLm;
 use crate::config::{Activation, FalconConfig};
 use crate::layers::{LayerNorm, lm_head};
@@ -131,8 +131,6 @@ impl FalconAttention {
                 Some(c) => c.append(self.layer_idx, &k, &v)?,
                 None => (k, v),
             };
-            let groups = self.num_heads / self.kv_heads;
-            let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
             let scale = 1.0 / (self.head_dim as f64).sqrt();
             let out = attend(&q, &k, &v, scale, alibi, ctx.bias.as_ref())?;
             out.transpose(1, 2)?

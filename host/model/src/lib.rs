@@ -47,6 +47,7 @@ pub mod llama;
 pub mod loader;
 pub mod lora;
 pub mod loss;
+pub mod masked_softmax;
 pub mod merge;
 pub mod nf4;
 pub mod params;

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
-use crate::attention::{AttentionContext, KvCache, Rotary, attend, repeat_kv};
+use crate::attention::{AttentionContext, KvCache, Rotary, attend};
 use crate::causal_lm::CausalLm;
 use crate::config::{Activation, LlamaConfig};
 use crate::layers::{RmsNorm, lm_head};
@@ -66,8 +66,6 @@ impl LlamaAttention {
             Some(c) => c.append(self.layer_idx, &k, &v)?,
             None => (k, v),
         };
-        let groups = self.num_heads / self.kv_heads;
-        let (k, v) = (repeat_kv(&k, groups)?, repeat_kv(&v, groups)?);
         let out = attend(
             &q,
             &k,
