@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The GPU comparison and checks, in one call on the lent H100 (see ../shared/gpu/README.md):
+#   fixtures   regenerate the golden fixtures (make_golden.py, transformers + PEFT on the CPU
+#              there) into $OUT/golden and PEFT's logits for the trainer's committed adapter
+#              into $OUT/peft_roundtrip; the golden stage then tests against these
 #   golden     the model core's golden tests and NF4 kernel tests on CUDA (carried test binary)
 #   reference  the Python stack (transformers + PEFT + bitsandbytes): hf_qlora_baseline.py on a
 #              Falcon-7B-shaped random checkpoint (made here once, ~14 GB in /tmp)
 #   train      `adapterlab bench train` on the very same files and workload (batch 8 x 512)
 #   train-ckpt the same with gradient checkpointing
 #   generate   `adapterlab bench generate`: batch 1 and 16, adapter unmerged and merged
+#   profile    `bench train` and `bench generate` with ADAPTERLAB_PROFILE=1 on a Falcon-7B-shaped
+#              checkpoint of PROFILE_LAYERS (8) layers: seconds per phase (model/src/profile.rs)
 #   sft        `adapterlab train`, 50 steps at batch 8 x 512 on text (the bundled dialogues,
 #              concatenated to 512-token rows), then HF PEFT loads the adapter it wrote
 # Peak GPU memory is polled with nvidia-smi for every stage alike (it includes the CUDA context
@@ -45,11 +50,31 @@ date -u +%FT%TZ | tee "$OUT/date.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,memory.total --format=csv | tee "$OUT/gpu.csv"
 python3 -m pip install --no-deps -q .whl3/*.whl 2>&1 | grep -v "WARNING: Running pip as" | tail -3
 
+GOLDEN_DIR=$PWD/host/model/tests/fixtures/golden
+if stage fixtures; then
+  echo "== golden fixtures (make_golden.py) and PEFT's logits for the trainer's adapter"
+  python3 host/model/tests/fixtures/make_golden.py "$OUT/golden" > "$OUT/make-golden.log" 2>&1 \
+    && GOLDEN_DIR=$OUT/golden && tail -1 "$OUT/make-golden.log" || tail -20 "$OUT/make-golden.log"
+  mkdir -p "$OUT/peft_roundtrip" && cp -r host/tests/fixtures/peft_roundtrip/adapter "$OUT/peft_roundtrip/"
+  python3 host/tests/fixtures/make_peft_roundtrip_fixture.py "$OUT/peft_roundtrip" 2>&1 | tail -3
+fi
+
 if stage golden; then
   gunzip -c .carry/golden.gz > /tmp/golden && chmod +x /tmp/golden
-  echo "== golden tests on CUDA"
-  ADAPTERLAB_TEST_DEVICE=cuda ADAPTERLAB_GOLDEN_DIR=$PWD/host/model/tests/fixtures/golden \
-    /tmp/golden --test-threads 1 2>&1 | tee "$OUT/golden-cuda.txt" | grep -E "^test |test result|panicked|differ|error" | head -40
+  for dev in cpu cuda; do
+    echo "== golden tests on $dev against $GOLDEN_DIR"
+    ADAPTERLAB_TEST_DEVICE=$dev ADAPTERLAB_GOLDEN_DIR=$GOLDEN_DIR \
+      /tmp/golden --test-threads 1 2>&1 | tee "$OUT/golden-$dev.txt" | grep -E "^test |test result|panicked|differ|error" | head -40
+  done
+fi
+
+if stage profile; then
+  PCKPT=/tmp/falcon7b-${PROFILE_LAYERS:-8}l
+  [ -f "$PCKPT/config.json" ] || python3 scripts/bench/hf_qlora_baseline.py --ckpt "$PCKPT" --layers ${PROFILE_LAYERS:-8} --make-ckpt-only > "$OUT/make-pckpt.log" 2>&1
+  echo "== profile: bench train (checkpointing), then bench generate"
+  ADAPTERLAB_PROFILE=1 timeout ${STAGE_TIMEOUT:-240} $AL bench train --model "$PCKPT" --batch 8 --seq 512 --steps 3 --warmup 1 --gradient-checkpointing 2>&1 | tee "$OUT/profile-train.log" | log profile-train
+  timeout ${STAGE_TIMEOUT:-240} $AL bench train --model "$PCKPT" --batch 8 --seq 512 --steps 3 --warmup 1 --gradient-checkpointing --save /tmp/profile-adapter 2>&1 | tee "$OUT/profile-train-plain.log" | log profile-train-plain
+  ADAPTERLAB_PROFILE=1 timeout ${STAGE_TIMEOUT:-240} $AL bench generate --model "$PCKPT" --adapter /tmp/profile-adapter --merged --batch 1,16 --new-tokens 10 2>&1 | tee "$OUT/profile-generate.log" | log profile-generate
 fi
 
 if stage reference || stage train || stage train-ckpt || stage generate || stage sft; then

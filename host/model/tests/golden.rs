@@ -1,14 +1,17 @@
 //! Parity with transformers on the golden fixtures that `tests/fixtures/make_golden.py` wrote
 //! (small random Falcon and Llama checkpoints, fp32): last-position logits within 1e-4, the same
 //! greedy tokens with and without repetition penalty, alone and as left-padded batches, the
-//! same per-row EOS stopping, and the same cross-entropy within 1e-4.
+//! same per-row EOS stopping, and the same cross-entropy within 1e-4; all of it also with a random
+//! PEFT adapter on top, applied unmerged and merged into the base weights.
 
 use std::path::{Path, PathBuf};
 
 use adapterlab_model::CausalLm;
 use adapterlab_model::generate::{GenerationConfig, generate_ids};
+use adapterlab_model::linear::LinearBuilder;
 use adapterlab_model::loader::{LoadOptions, LoadedModel, load};
 use adapterlab_model::loss::{Example, loss_on_examples};
+use adapterlab_model::peft::load_adapter;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
@@ -89,15 +92,80 @@ fn device() -> Device {
     }
 }
 
-fn load_model(dir: &Path) -> LoadedModel {
+fn load_with(dir: &Path, builder: LinearBuilder) -> LoadedModel {
     load(
         dir.to_str().unwrap(),
         &LoadOptions {
             device: device(),
+            builder,
             ..LoadOptions::default()
         },
     )
     .unwrap_or_else(|e| panic!("loading {}: {e:#}", dir.display()))
+}
+
+/// One model to hold against transformers: a golden checkpoint as is, or with its golden PEFT
+/// adapter (`expected.json`'s `adapter` section) unmerged or merged into the base weights.
+struct Case {
+    name: String,
+    model: LoadedModel,
+    /// Holds `logits`, `generate` and `loss` as make_golden.py wrote them for this case.
+    want: Value,
+    prompts: Vec<Vec<u32>>,
+    pad: u32,
+    max_new: usize,
+}
+
+/// Every case of every golden model (the bf16 copies have only their `single_last` logits and
+/// are checked by `bf16_checkpoints_widen_to_the_f32_logits`).
+fn cases() -> Vec<Case> {
+    let mut out = Vec::new();
+    for (name, dir, exp) in models() {
+        if name.ends_with("_bf16") {
+            continue;
+        }
+        let prompts: Vec<Vec<u32>> = exp["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(u32s)
+            .collect();
+        let pad = exp["pad_token_id"].as_u64().unwrap() as u32;
+        let max_new = exp["max_new_tokens"].as_u64().unwrap() as usize;
+        let case = |name: String, model, want: &Value| Case {
+            name,
+            model,
+            want: want.clone(),
+            prompts: prompts.clone(),
+            pad,
+            max_new,
+        };
+        out.push(case(
+            name.clone(),
+            load_with(&dir, LinearBuilder::dense()),
+            &exp,
+        ));
+        let Some(adapter) = exp.get("adapter") else {
+            continue;
+        };
+        let adir = dir.join(adapter["dir"].as_str().unwrap());
+        for merged in [false, true] {
+            let registry = load_adapter(&adir)
+                .and_then(|a| a.into_registry())
+                .unwrap_or_else(|e| panic!("{}: {e}", adir.display()));
+            let model = load_with(
+                &dir,
+                LinearBuilder::dense().with_lora_registry(registry.clone()),
+            );
+            registry.finish().unwrap();
+            if merged {
+                registry.merge_all().unwrap();
+            }
+            let label = if merged { "adapter merged" } else { "adapter" };
+            out.push(case(format!("{name} + {label}"), model, adapter));
+        }
+    }
+    out
 }
 
 fn last_logits(m: &dyn CausalLm, ids: &[Vec<u32>], mask: Option<&[Vec<u32>]>) -> Vec<Vec<f32>> {
@@ -111,39 +179,40 @@ fn last_logits(m: &dyn CausalLm, ids: &[Vec<u32>], mask: Option<&[Vec<u32>]>) ->
 }
 
 #[test]
-fn logits_match_transformers() {
+fn bf16_checkpoints_widen_to_the_f32_logits() {
     for (name, dir, exp) in models() {
-        let m = load_model(&dir);
-        let prompts: Vec<Vec<u32>> = exp["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(u32s)
-            .collect();
-        let single = if name.ends_with("_bf16") {
-            &exp["single_last"]
-        } else {
-            &exp["logits"]["single_last"]
-        };
+        if !name.ends_with("_bf16") {
+            continue;
+        }
+        let m = load_with(&dir, LinearBuilder::dense());
         // The first fixture run computed the bf16 copy's expectations with `.float()` on the
         // bf16 model, which also rounds the rotary inv_freq buffer to bf16 (about 4e-3 on these
         // logits); the second run reloads the checkpoint in f32 and is held to the full
         // tolerance. The second run is the one with `llama_untied_bias`.
         let second_run = golden_dir().join("llama_untied_bias").is_dir();
-        let tol = if name.ends_with("_bf16") && !second_run {
-            1e-2
-        } else {
-            TOL
-        };
-        for (i, p) in prompts.iter().enumerate() {
-            let got = &last_logits(&m.model, std::slice::from_ref(p), None)[0];
-            let d = max_diff(got, &f32s(&single[i]));
-            assert!(d < tol, "{name}: prompt {i} alone: logits differ by {d}");
+        let tol = if second_run { TOL } else { 1e-2 };
+        for (i, p) in exp["prompts"].as_array().unwrap().iter().enumerate() {
+            let got = &last_logits(&m.model, &[u32s(p)], None)[0];
+            let d = max_diff(got, &f32s(&exp["single_last"][i]));
+            assert!(d < tol, "{name}: prompt {i}: logits differ by {d}");
         }
-        if name.ends_with("_bf16") {
-            continue;
+    }
+}
+
+#[test]
+fn logits_match_transformers() {
+    let all = cases();
+    assert!(
+        all.iter().any(|c| c.name.ends_with("+ adapter")),
+        "no golden adapter: fixtures older than make_golden.py v3"
+    );
+    for c in all {
+        let (name, m, l) = (&c.name, &c.model.model, &c.want["logits"]);
+        for (i, p) in c.prompts.iter().enumerate() {
+            let got = &last_logits(m, std::slice::from_ref(p), None)[0];
+            let d = max_diff(got, &f32s(&l["single_last"][i]));
+            assert!(d < TOL, "{name}: prompt {i} alone: logits differ by {d}");
         }
-        let l = &exp["logits"];
         let ids: Vec<Vec<u32>> = l["batch_input_ids"]
             .as_array()
             .unwrap()
@@ -156,7 +225,7 @@ fn logits_match_transformers() {
             .iter()
             .map(u32s)
             .collect();
-        let got = last_logits(&m.model, &ids, Some(&mask));
+        let got = last_logits(m, &ids, Some(&mask));
         for (i, row) in got.iter().enumerate() {
             let d = max_diff(row, &f32s(&l["batch_last"][i]));
             assert!(
@@ -164,12 +233,11 @@ fn logits_match_transformers() {
                 "{name}: left-padded batch row {i}: logits differ by {d}"
             );
         }
-        let p0 = Tensor::new(prompts[0].as_slice(), &device())
+        let p0 = Tensor::new(c.prompts[0].as_slice(), &device())
             .unwrap()
             .unsqueeze(0)
             .unwrap();
         let all = m
-            .model
             .forward(&p0, None, None)
             .unwrap()
             .squeeze(0)
@@ -212,49 +280,37 @@ fn check_generation(name: &str, case: &str, got: &[u32], want: &[u32], gaps: &Va
 
 #[test]
 fn greedy_generation_matches_transformers() {
-    for (name, dir, exp) in models() {
-        if name.ends_with("_bf16") {
-            continue;
-        }
-        let m = load_model(&dir);
-        let prompts: Vec<Vec<u32>> = exp["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(u32s)
-            .collect();
-        let pad = exp["pad_token_id"].as_u64().unwrap() as u32;
-        let max_new = exp["max_new_tokens"].as_u64().unwrap() as usize;
-        let cases = exp["generate"].as_object().unwrap();
-        for (case, c) in cases {
-            let eos = c["eos_token_id"].as_u64().unwrap() as u32;
+    for c in cases() {
+        let m = &c.model.model;
+        for (case, g) in c.want["generate"].as_object().unwrap() {
+            let eos = g["eos_token_id"].as_u64().unwrap() as u32;
             let cfg = GenerationConfig {
-                repetition_penalty: c["repetition_penalty"].as_f64().unwrap() as f32,
-                ..GenerationConfig::greedy(max_new, vec![eos], pad)
+                repetition_penalty: g["repetition_penalty"].as_f64().unwrap() as f32,
+                ..GenerationConfig::greedy(c.max_new, vec![eos], c.pad)
             };
             if case.ends_with("_single") {
-                for (i, p) in prompts.iter().enumerate() {
-                    let got = generate_ids(&m.model, std::slice::from_ref(p), &cfg)
+                for (i, p) in c.prompts.iter().enumerate() {
+                    let got = generate_ids(m, std::slice::from_ref(p), &cfg)
                         .unwrap()
                         .tokens
                         .remove(0);
                     check_generation(
-                        &name,
+                        &c.name,
                         &format!("{case} prompt {i}"),
                         &got,
-                        &hf_row(&c["new_tokens"][i], eos),
-                        &c["top2_gap"][i],
+                        &hf_row(&g["new_tokens"][i], eos),
+                        &g["top2_gap"][i],
                     );
                 }
             } else {
-                let got = generate_ids(&m.model, &prompts, &cfg).unwrap();
+                let got = generate_ids(m, &c.prompts, &cfg).unwrap();
                 for (i, row) in got.tokens.iter().enumerate() {
                     check_generation(
-                        &name,
+                        &c.name,
                         &format!("{case} row {i}"),
                         row,
-                        &hf_row(&c["new_tokens"][i], eos),
-                        &c["top2_gap"][i],
+                        &hf_row(&g["new_tokens"][i], eos),
+                        &g["top2_gap"][i],
                     );
                 }
             }
@@ -264,12 +320,8 @@ fn greedy_generation_matches_transformers() {
 
 #[test]
 fn loss_matches_transformers() {
-    for (name, dir, exp) in models() {
-        if name.ends_with("_bf16") {
-            continue;
-        }
-        let m = load_model(&dir);
-        let l = &exp["loss"];
+    for c in cases() {
+        let (name, l) = (&c.name, &c.want["loss"]);
         let (prompt, completion) = (u32s(&l["prompt"]), u32s(&l["completion"]));
         let ids: Vec<u32> = prompt.iter().chain(&completion).copied().collect();
         let only = Example {
@@ -284,7 +336,7 @@ fn loss_matches_transformers() {
             (only, "loss_completion_only", "tokens_completion_only"),
             (all, "loss_all", "tokens_all"),
         ] {
-            let got = loss_on_examples(&m.model, &[ex], 1).unwrap();
+            let got = loss_on_examples(&c.model.model, &[ex], 1).unwrap();
             let want = l[loss_key].as_f64().unwrap();
             assert_eq!(
                 got.tokens as u64,
@@ -410,5 +462,72 @@ fn dropout_kernel_equals_the_cpu_path() {
                 .collect::<Vec<_>>()
         };
         assert_eq!(bits(&cpu), bits(&gpu), "{dtype:?}");
+    }
+}
+
+/// Attention's fused softmax and its backward on the GPU against the CPU path (f32, bf16, f16;
+/// with and without a padding mask, one mask for the batch or one per row).
+#[test]
+fn masked_softmax_kernels_equal_the_cpu_path() {
+    use adapterlab_model::masked_softmax::{masked_softmax, masked_softmax_backward};
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        return;
+    }
+    let cpu = Device::Cpu;
+    let (b, h, s, t) = (3, 5, 7, 300);
+    let n = b * h * s * t;
+    let scores: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
+    let scores = Tensor::from_vec(scores, (b, h, s, t), &cpu).unwrap();
+    let dp: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+    let dp = Tensor::from_vec(dp, (b, h, s, t), &cpu).unwrap();
+    let mask_of = |mb: usize| {
+        let v: Vec<f32> = (0..mb * s * t)
+            .map(|i| {
+                let (row, j) = (i / t, i % t);
+                if j > 250 + row % s || (i / (s * t) == 1 && j < 3) {
+                    f32::MIN
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Tensor::from_vec(v, (mb, 1, s, t), &cpu).unwrap()
+    };
+    let f32s_of = |t: &Tensor| {
+        t.to_device(&cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let (sc, g) = (scores.to_dtype(dtype).unwrap(), dp.to_dtype(dtype).unwrap());
+        for mask in [None, Some(mask_of(1)), Some(mask_of(b))] {
+            let case = format!("{dtype:?} mask {:?}", mask.as_ref().map(|m| m.dims()[0]));
+            let on = |d: &Device| {
+                let m = mask.as_ref().map(|m| m.to_device(d).unwrap());
+                let (sc, g) = (sc.to_device(d).unwrap(), g.to_device(d).unwrap());
+                (
+                    masked_softmax(&sc, m.as_ref(), 0.125).unwrap(),
+                    masked_softmax_backward(&sc, m.as_ref(), &g, 0.125).unwrap(),
+                )
+            };
+            let ((pc, dc), (pg, dg)) = (on(&cpu), on(&dev));
+            assert!(pg.device().is_cuda(), "{case}");
+            // expf differs by an ulp or so between the CPU and the GPU; a 16-bit result may
+            // then round to its neighbour.
+            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+            for (what, c, g) in [("probabilities", pc, pg), ("gradient", dc, dg)] {
+                let (c, g) = (f32s_of(&c), f32s_of(&g));
+                let scale = c.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
+                let err = max_diff(&c, &g) / scale;
+                assert!(err < tol, "{case} {what}: relative error {err}");
+            }
+        }
     }
 }

@@ -236,8 +236,15 @@ pub fn apply_gradients(
         .zip(opt.vars())
         .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
         .collect::<candle_core::Result<_>>()?;
-    let norm = clip_grad_norm(&mut grads, max_grad_norm)?;
-    opt.step(&grads, lr)?;
+    let dev = grads
+        .first()
+        .map(|g| g.device().clone())
+        .unwrap_or(Device::Cpu);
+    let norm = adapterlab_model::profile::scope_with("optimizer", &dev, || {
+        let norm = clip_grad_norm(&mut grads, max_grad_norm)?;
+        opt.step(&grads, lr)?;
+        anyhow::Ok(norm)
+    })?;
     Ok(norm)
 }
 
@@ -251,18 +258,28 @@ pub fn accumulate_micro_batch(
     vars: &[(String, Var)],
     grads: &mut [Option<Tensor>],
 ) -> Result<f64> {
-    let hidden = model.hidden_states(&batch.input_ids, Some(&batch.attention_mask), None)?;
-    let hidden = hidden.reshape((batch.rows * batch.width, hidden.dim(D::Minus1)?))?;
-    let picked = hidden.index_select(&batch.positions, 0)?;
-    let logits = model.lm_head(&picked)?.to_dtype(DType::F32)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let nll = logp
-        .gather(&batch.labels.unsqueeze(1)?, 1)?
-        .neg()?
-        .sum_all()?;
-    let loss = (nll / total_targets.max(1) as f64)?;
+    use adapterlab_model::profile;
+    let dev = model.device();
+    let hidden = profile::pass("forward", || {
+        profile::scope("model", dev, || {
+            model.hidden_states(&batch.input_ids, Some(&batch.attention_mask), None)
+        })
+    })?;
+    let loss = profile::scope("loss", dev, || {
+        let hidden = hidden.reshape((batch.rows * batch.width, hidden.dim(D::Minus1)?))?;
+        let picked = hidden.index_select(&batch.positions, 0)?;
+        let logits = model.lm_head(&picked)?.to_dtype(DType::F32)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let nll = logp
+            .gather(&batch.labels.unsqueeze(1)?, 1)?
+            .neg()?
+            .sum_all()?;
+        nll / total_targets.max(1) as f64
+    })?;
     let value = f64::from(loss.to_scalar::<f32>()?);
-    let store = loss.backward()?;
+    let store = profile::pass("backward", || {
+        profile::scope("all", dev, || loss.backward())
+    })?;
     for (i, (_, var)) in vars.iter().enumerate() {
         // Checkpointed layers hand their adapters' gradients over outside the graph.
         let found = [
@@ -927,16 +944,17 @@ mod tests {
     use super::accumulate_micro_batch;
     use crate::train::data;
 
-    /// One training step's LoRA gradients equal HF + PEFT's on the small random Falcon, from
-    /// the fixture `host/tests/fixtures/make_train_fixture.py` wrote (the same adapter, a
-    /// right-padded completion-only batch, loss summed over label tokens / their number).
-    #[test]
-    fn one_step_lora_gradients_equal_hf_peft() -> anyhow::Result<()> {
+    /// The train_step fixture as the trainer sees it: the small random Falcon with the
+    /// fixture's adapter attached (training mode), and the fixture's batch.
+    fn fixture_model_and_batch(
+        fixture: &Path,
+    ) -> anyhow::Result<(
+        std::sync::Arc<adapterlab_model::lora::LoraRegistry>,
+        adapterlab_model::loader::LoadedModel,
+        data::Batch,
+    )> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let fixture = root.join("tests/fixtures/train_step");
         let model_dir = root.join("model/tests/fixtures/bnb/falcon_tiny");
-        let expected: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(fixture.join("expected.json"))?)?;
         let registry =
             adapterlab_model::peft::load_adapter(&fixture.join("adapter"))?.into_registry()?;
         registry.set_training(true);
@@ -963,6 +981,115 @@ mod tests {
             .collect();
         let refs: Vec<&Example> = examples.iter().collect();
         let batch = data::collate(&refs, 0, &Device::Cpu)?;
+        Ok((registry, loaded, batch))
+    }
+
+    /// An adapter this trainer trains and writes gives, in HF PEFT, the logits it gives here.
+    /// Five optimizer steps on the train_step fixture's batch, then `save_adapter`; the folder
+    /// must equal `tests/fixtures/peft_roundtrip/adapter`, on which
+    /// `make_peft_roundtrip_fixture.py` ran PEFT (`PeftModel.from_pretrained`) and recorded its
+    /// last-position logits. Our logits with the adapter read back must be those within 1e-4.
+    /// `ADAPTERLAB_WRITE_FIXTURES=1` rewrites the adapter (then rerun the script).
+    #[test]
+    fn a_trained_adapter_gives_hf_peft_logits() -> anyhow::Result<()> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let fixture = root.join("tests/fixtures/peft_roundtrip");
+        let (registry, loaded, batch) =
+            fixture_model_and_batch(&root.join("tests/fixtures/train_step"))?;
+        let config = crate::train::config::TrainConfig::default();
+        let mut opt = super::adapter_optimizer(&config, &registry)?;
+        let mut losses = Vec::new();
+        for _ in 0..5 {
+            let mut grads = vec![None; opt.vars().len()];
+            losses.push(accumulate_micro_batch(
+                &loaded.model,
+                &batch,
+                batch.n_targets,
+                opt.vars(),
+                &mut grads,
+            )?);
+            super::apply_gradients(&mut opt, grads, 1.0, 1e-2)?;
+        }
+        assert!(
+            losses[4] < losses[0],
+            "training lowers the loss: {losses:?}"
+        );
+        let written = tempfile::tempdir()?;
+        adapterlab_model::peft::save_adapter(written.path(), &registry, &Default::default())?;
+        let committed = fixture.join("adapter");
+        if std::env::var_os("ADAPTERLAB_WRITE_FIXTURES").is_some() {
+            std::fs::create_dir_all(&committed)?;
+            for f in ["adapter_config.json", "adapter_model.safetensors"] {
+                std::fs::copy(written.path().join(f), committed.join(f))?;
+            }
+        }
+        let file = "adapter_model.safetensors";
+        let ours = candle_core::safetensors::load(written.path().join(file), &Device::Cpu)?;
+        let fixed = candle_core::safetensors::load(committed.join(file), &Device::Cpu)?;
+        assert_eq!(ours.len(), fixed.len());
+        for (name, t) in &ours {
+            let diff = (t - &fixed[name])?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-5,
+                "{name} moved by {diff} from the committed adapter: the trainer's numerics \
+                 changed; rerun with ADAPTERLAB_WRITE_FIXTURES=1 and make_peft_roundtrip_fixture.py"
+            );
+        }
+
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture.join("expected.json"))?)?;
+        let reread = adapterlab_model::commands::linear_builder(
+            adapterlab_model::commands::Quantize::None,
+            Some(&committed),
+        )?;
+        let model_dir = root.join("model/tests/fixtures/bnb/falcon_tiny");
+        let with_adapter = load(
+            model_dir.to_str().unwrap(),
+            &LoadOptions {
+                builder: reread,
+                ..LoadOptions::default()
+            },
+        )?;
+        for (i, prompt) in expected["prompts"].as_array().unwrap().iter().enumerate() {
+            let ids: Vec<u32> = prompt
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let ids = candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let got =
+                adapterlab_model::CausalLm::forward_last(&with_adapter.model, &ids, None, None)?
+                    .to_vec2::<f32>()?;
+            let want: Vec<f32> = expected["peft_last_logits"][i]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let diff = got[0]
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-4,
+                "prompt {i}: logits differ from PEFT's by {diff}"
+            );
+        }
+        Ok(())
+    }
+
+    /// One training step's LoRA gradients equal HF + PEFT's on the small random Falcon, from
+    /// the fixture `host/tests/fixtures/make_train_fixture.py` wrote (the same adapter, a
+    /// right-padded completion-only batch, loss summed over label tokens / their number).
+    #[test]
+    fn one_step_lora_gradients_equal_hf_peft() -> anyhow::Result<()> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let fixture = root.join("tests/fixtures/train_step");
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture.join("expected.json"))?)?;
+        let (registry, loaded, batch) = fixture_model_and_batch(&fixture)?;
         assert_eq!(
             batch.n_targets as u64,
             expected["n_items"].as_u64().unwrap()
