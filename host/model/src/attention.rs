@@ -220,8 +220,30 @@ impl Rotary {
         Ok((cos, sin))
     }
 
-    /// `x * cos + rotate_half(x) * sin` for `x` of shape `[batch, heads, seq, head_dim]`.
+    /// `x * cos + rotate_half(x) * sin` for `x` of shape `[batch, heads, seq, head_dim]`, with
+    /// `cos`/`sin` as [`Self::cos_sin`] makes them: candle's fused `rope` kernel, and when a
+    /// gradient is wanted one graph node whose backward is the inverse rotation (`rope` with
+    /// `-sin`), instead of seven ops and their backward.
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (b, _, s, d) = cos.dims4()?;
+        if d % 2 != 0 {
+            return Self::apply_op_by_op(x, cos, sin);
+        }
+        // cat(freqs, freqs): the first half is all `rope` needs, per batch row.
+        let half = |t: &Tensor| t.reshape((b, s, d))?.narrow(2, 0, d / 2)?.contiguous();
+        let (c, sn) = (half(cos)?, half(sin)?);
+        let out = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, &c, &sn)?;
+        if !x.track_op() {
+            return Ok(out);
+        }
+        let neg_sin = sn.neg()?;
+        crate::handover::with_backward("rope", x, out, move |_, grad| {
+            candle_nn::rotary_emb::rope(&grad.contiguous()?, &c, &neg_sin)
+        })
+    }
+
+    /// The same op by op (transformers' formula), for an odd head size.
+    fn apply_op_by_op(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let d = x.dim(D::Minus1)?;
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
@@ -339,7 +361,7 @@ fn scores(q: &Tensor, k: &Tensor) -> Result<Tensor> {
     let (b, h, s, _) = q.dims4()?;
     let (_, kv, t, _) = k.dims4()?;
     grouped(q, kv)?
-        .matmul(&k.t()?.contiguous()?)?
+        .matmul(&k.contiguous()?.t()?)?
         .reshape((b, h, s, t))
 }
 
@@ -435,7 +457,7 @@ impl RecomputedAttention {
             let (b, h, s, _) = dout.dims4()?;
             let t = v.dims()[2];
             grouped(&dout, kv)?
-                .matmul(&v.t()?.contiguous()?)?
+                .matmul(&v.contiguous()?.t()?)?
                 .reshape((b, h, s, t))?
         };
         let (p, ds) = match &bias {
@@ -474,9 +496,10 @@ impl RecomputedAttention {
             grouped(&dout, kv)?,
             grouped(&q, kv)?,
         );
-        let dv = gp.t()?.contiguous()?.matmul(&gdo)?;
+        // Transposed operands go to the matmul as views: cuBLAS and gemm take either layout.
+        let dv = gp.t()?.matmul(&gdo)?;
         let dq = gds.matmul(&k.contiguous()?)?.reshape(q.dims())?;
-        let dk = gds.t()?.contiguous()?.matmul(&gq)?;
+        let dk = gds.t()?.matmul(&gq)?;
         Ok((dq, dk, dv))
     }
 }

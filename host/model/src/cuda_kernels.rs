@@ -179,6 +179,20 @@ DROPOUT(seeded_dropout_f16, u16, f16_to_f32, f32_to_f16)
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// crate::gelu::gelu_grad, element for element.
+#define GELU_BWD(NAME, T, LOAD, STORE)                                                         \
+extern "C" __global__ void NAME(const T* x, const T* g, T* out, long long n) {{                 \
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;                              \
+  if (i >= n) return;                                                                          \
+  float v = LOAD(x[i]);                                                                        \
+  float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));                                  \
+  float pdf = 0.3989423f * expf(-0.5f * v * v);                                                \
+  out[i] = STORE(LOAD(g[i]) * (cdf + v * pdf));                                                \
+}}
+GELU_BWD(gelu_bwd_f32, float, f32_id, f32_id)
+GELU_BWD(gelu_bwd_bf16, u16, bf16_to_f32, f32_to_bf16)
+GELU_BWD(gelu_bwd_f16, u16, f16_to_f32, f32_to_f16)
+
 // Attention's softmax (crate::masked_softmax): one block per row of t scores. The block
 // reductions go through warp shuffles and one shared word per warp.
 __device__ __forceinline__ float block_reduce(float v, float* red, int is_max) {{
@@ -575,6 +589,44 @@ pub fn masked_softmax(
         DType::F16 => launch!("masked_softmax_f16", half::f16),
         other => Err(Error::Msg(format!(
             "masked softmax on {other:?} is not supported"
+        ))),
+    }
+}
+
+/// `g * gelu_erf'(x)` (see `crate::gelu`); each input is a storage and the element offset where
+/// its contiguous `n` elements start.
+pub fn gelu_backward(
+    x: (&CudaStorage, usize),
+    g: (&CudaStorage, usize),
+    n: usize,
+) -> Result<CudaStorage> {
+    let dev = x.0.device.clone();
+    let ptx = ptx()?;
+    let n_i = n as i64;
+    let cfg = LaunchConfig::for_num_elems(n as u32);
+    macro_rules! launch {
+        ($name:literal, $t:ty) => {{
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
+            let xv = x.0.as_cuda_slice::<$t>()?.slice(x.1..x.1 + n);
+            let gv = g.0.as_cuda_slice::<$t>()?.slice(g.1..g.1 + n);
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            let mut b = func.builder();
+            b.arg(&xv);
+            b.arg(&gv);
+            b.arg(&out);
+            b.arg(&n_i);
+            // SAFETY: the argument list matches the kernel's signature.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }};
+    }
+    match x.0.dtype() {
+        DType::F32 => launch!("gelu_bwd_f32", f32),
+        DType::BF16 => launch!("gelu_bwd_bf16", half::bf16),
+        DType::F16 => launch!("gelu_bwd_f16", half::f16),
+        other => Err(Error::Msg(format!(
+            "gelu backward on {other:?} is not supported"
         ))),
     }
 }

@@ -59,3 +59,46 @@ impl Handover {
         }
     }
 }
+
+type Backward = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// `out`, computed from `x` without a graph by a fused kernel that candle cannot
+/// differentiate, as a graph node whose backward is `bwd(x, grad_out)`. The graph keeps `x`
+/// only, not the op-by-op intermediates (nor the zero-filled gradient buffers candle's
+/// autograd allocates for each of them).
+pub(crate) fn with_backward(
+    name: &'static str,
+    x: &Tensor,
+    out: Tensor,
+    bwd: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    x.apply_op1_arc(std::sync::Arc::new(Box::new(Node1 {
+        name,
+        out: Handover::new(name, out),
+        bwd: Box::new(bwd),
+    })))
+}
+
+struct Node1 {
+    name: &'static str,
+    out: Handover,
+    bwd: Backward,
+}
+
+impl candle_core::CustomOp1 for Node1 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &candle_core::Layout) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &candle_core::Layout) -> Result<(CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        (self.bwd)(&x.detach(), &grad.detach()).map(Some)
+    }
+}

@@ -34,12 +34,43 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() || self.weight.track_op() || !x.is_contiguous() {
-            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32)
-        } else {
-            candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32)
+        if self.weight.track_op() || self.bias.track_op() {
+            // A trainable norm: op by op, so candle finds its weights' gradients.
+            return candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32);
         }
+        let out = candle_nn::ops::layer_norm(
+            &x.detach().contiguous()?,
+            &self.weight,
+            &self.bias,
+            self.eps as f32,
+        )?;
+        if !x.track_op() {
+            return Ok(out);
+        }
+        let (w, eps) = (self.weight.clone(), self.eps);
+        crate::handover::with_backward("layer-norm", x, out, move |x, grad| {
+            layer_norm_input_grad(x, &w, eps, grad)
+        })
     }
+}
+
+/// d(layer_norm(x) * w + b)/dx applied to `grad`, in f32, returned in `x`'s dtype:
+/// `rstd * (g - mean(g) - xhat * mean(g * xhat))` with `g = grad * w`, `xhat = (x - mean) * rstd`.
+fn layer_norm_input_grad(x: &Tensor, w: &Tensor, eps: f64, grad: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let xhat = xc.broadcast_mul(&rstd)?;
+    let g = grad
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let m1 = g.mean_keepdim(D::Minus1)?;
+    let m2 = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = (g.broadcast_sub(&m1)? - xhat.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?;
+    dx.to_dtype(dtype)
 }
 
 /// transformers' `LlamaRMSNorm`: normalise in f32, scale by `weight`.
@@ -130,6 +161,16 @@ mod tests {
             eps: 1e-5,
         };
         let v = Var::from_tensor(&x)?;
+        // The layer norm's own backward against candle's gradient of the op-by-op form.
+        let g = Tensor::randn(0f32, 1., (2, 3, 8), &dev)?;
+        let ours = (ln.forward(v.as_tensor())? * &g)?.sum_all()?.backward()?;
+        let slow = candle_nn::ops::layer_norm_slow(v.as_tensor(), &w, &b, 1e-5)?;
+        let theirs = (slow * &g)?.sum_all()?.backward()?;
+        let d = (ours.get(&v).unwrap() - theirs.get(&v).unwrap())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-5, "layer norm input gradient differs by {d}");
         for (fast, slow) in [
             (ln.forward(&x)?, ln.forward(v.as_tensor())?),
             (rms.forward(&x)?, rms.forward(v.as_tensor())?),

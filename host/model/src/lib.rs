@@ -38,6 +38,7 @@ pub mod config;
 pub mod cuda_kernels;
 pub mod dropout;
 pub mod falcon;
+pub mod gelu;
 pub mod generate;
 pub mod gguf;
 mod handover;

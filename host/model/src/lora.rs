@@ -292,8 +292,11 @@ impl LoraLayer {
         let dims = xa.dims().to_vec();
         let (lead, k) = dims.split_at(dims.len() - 1);
         let m: usize = lead.iter().product();
-        let h = xa.reshape((m, k[0]))?.matmul(&a.t()?)?.matmul(&b.t()?)?;
-        let h = (h * self.scaling)?;
+        // The scaling goes into B ([out, r]), not over the [m, out] product.
+        let h = xa
+            .reshape((m, k[0]))?
+            .matmul(&a.t()?)?
+            .matmul(&(&b * self.scaling)?.t()?)?;
         let mut out_shape = lead.to_vec();
         out_shape.push(b.dims()[0]);
         h.reshape(out_shape)
