@@ -4,7 +4,7 @@
 //! largest of a Falcon layer), each with its own zero-filled gradient buffer.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
 /// `gelu_erf(x)`, differentiable through [`gelu_erf_backward`].
@@ -115,7 +115,7 @@ impl CustomOp2 for GeluBackward {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     use super::*;
 

@@ -385,6 +385,7 @@ pub fn generate_ids_with(
         if finished.iter().all(|f| *f) || step + 1 == cfg.max_new_tokens {
             break;
         }
+        tracing::trace!(step, batch, "decoded a token");
         let input = Tensor::from_vec(next, (batch, 1), &device)?;
         logits = model
             .forward_last(&input, Some(&to_tensor(&mask)?), Some(&mut cache))

@@ -17,6 +17,34 @@ use tokenizers::Tokenizer;
 
 use crate::causal_lm::CausalLm;
 
+/// Summed cross-entropy of `logits` (`[n, vocab]`, any float dtype, computed in f32) against
+/// `labels` (`[n]`, u32), as a scalar f32 tensor. With a graph, one node whose backward is
+/// `(softmax(logits) - onehot(labels)) * grad`: the `[n, vocab]` log-probabilities and the
+/// intermediates of an op-by-op `log_softmax` are never kept (at Falcon-7B's vocabulary and
+/// 4,096 tokens each is 1 GB in f32).
+pub fn cross_entropy_sum(logits: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+    let lf = logits.detach().to_dtype(DType::F32)?;
+    let labels = labels.reshape((labels.elem_count(), 1))?;
+    let max = lf.max_keepdim(D::Minus1)?;
+    let lse = (lf
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + &max)?;
+    let nll = (lse - lf.gather(&labels, 1)?)?.sum_all()?;
+    if !logits.track_op() {
+        return Ok(nll);
+    }
+    crate::handover::with_backward("cross-entropy", logits, nll, move |x, grad| {
+        let p = candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?;
+        let minus_one = Tensor::full(-1f32, labels.dims(), x.device())?;
+        p.scatter_add(&labels, &minus_one, 1)?
+            .broadcast_mul(&grad.to_dtype(DType::F32)?)?
+            .to_dtype(x.dtype())
+    })
+}
+
 /// One dataset row, as JSON.
 pub type Row = serde_json::Map<String, Value>;
 
@@ -177,14 +205,9 @@ pub fn loss_on_examples(
             .with_context(|| format!("forward pass of batch {b} failed"))?;
         let hidden = hidden.reshape((n * width, hidden.dim(D::Minus1)?))?;
         let picked = hidden.index_select(&Tensor::new(positions.as_slice(), &device)?, 0)?;
-        let logits = model.lm_head(&picked)?.to_dtype(DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let labels_t = Tensor::new(labels.as_slice(), &device)?.unsqueeze(1)?;
-        let nll = logp
-            .gather(&labels_t, 1)?
-            .neg()?
-            .sum_all()?
-            .to_scalar::<f32>()?;
+        let logits = model.lm_head(&picked)?;
+        let labels_t = Tensor::new(labels.as_slice(), &device)?;
+        let nll = cross_entropy_sum(&logits, &labels_t)?.to_scalar::<f32>()?;
         total += nll as f64;
         tokens += labels.len();
     }
@@ -294,6 +317,30 @@ mod tests {
             (vec![2, 6, 3], vec![false, false, true])
         );
         assert!(tokenize_row(&tok, &row(&[("dialogue", "a")]), None, &opts).is_err());
+        Ok(())
+    }
+
+    /// The fused cross-entropy and its gradient equal candle's op-by-op log-softmax graph.
+    #[test]
+    fn cross_entropy_equals_log_softmax_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let v: Vec<f32> = (0..5 * 11).map(|i| (i as f32 * 0.77).sin() * 5.0).collect();
+        let x = candle_core::Var::from_tensor(&Tensor::from_vec(v, (5, 11), &dev)?)?;
+        let labels = Tensor::new(&[3u32, 0, 10, 7, 7], &dev)?;
+        let ours = (cross_entropy_sum(x.as_tensor(), &labels)? * 0.5)?;
+        let theirs = (candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1)?
+            .gather(&labels.unsqueeze(1)?, 1)?
+            .neg()?
+            .sum_all()?
+            * 0.5)?;
+        let (a, b) = (ours.to_scalar::<f32>()?, theirs.to_scalar::<f32>()?);
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        let (ga, gb) = (ours.backward()?, theirs.backward()?);
+        let d = (ga.get(&x).unwrap() - gb.get(&x).unwrap())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-6, "gradients differ by {d}");
         Ok(())
     }
 

@@ -62,6 +62,8 @@ pub fn scope_with<T, E: From<candle_core::Error>>(
         return f();
     }
     device.synchronize()?;
+    // With RUST_LOG=adapterlab_model=trace the last line names the phase a stall is in.
+    tracing::trace!(name, "phase starts");
     let start = Instant::now();
     let out = f()?;
     device.synchronize()?;

@@ -213,7 +213,9 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
                 .collect();
             // No EOS: every row produces exactly `new_tokens`, as `min_new_tokens` does there.
             let warm = GenerationConfig::greedy(4, vec![], 0);
+            tracing::info!(batch = b, merged, "warm-up");
             generate_ids(model, &prompts, &warm)?;
+            tracing::info!(batch = b, merged, "measuring");
             device.synchronize()?;
             // The prompt pass alone, to tell prefill from decoding.
             let prefill = GenerationConfig::greedy(1, vec![], 0);

@@ -268,12 +268,8 @@ pub fn accumulate_micro_batch(
     let loss = profile::scope("loss", dev, || {
         let hidden = hidden.reshape((batch.rows * batch.width, hidden.dim(D::Minus1)?))?;
         let picked = hidden.index_select(&batch.positions, 0)?;
-        let logits = model.lm_head(&picked)?.to_dtype(DType::F32)?;
-        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let nll = logp
-            .gather(&batch.labels.unsqueeze(1)?, 1)?
-            .neg()?
-            .sum_all()?;
+        let logits = model.lm_head(&picked)?;
+        let nll = adapterlab_model::loss::cross_entropy_sum(&logits, &batch.labels)?;
         nll / total_targets.max(1) as f64
     })?;
     let value = f64::from(loss.to_scalar::<f32>()?);
