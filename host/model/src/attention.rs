@@ -607,6 +607,26 @@ mod tests {
         assert_eq!(&s6[4..], &[0.5, 0.125]);
     }
 
+    /// `fast` and `slow` agree, and so do their gradients with respect to `vars` (against the
+    /// weights `w`).
+    fn assert_same_with_gradients(
+        fast: Tensor,
+        slow: Tensor,
+        w: &Tensor,
+        vars: [(&str, &candle_core::Var); 3],
+    ) -> Result<()> {
+        let diff = (&fast - &slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "forward differs by {diff}");
+        let gf = (fast * w)?.sum_all()?.backward()?;
+        let gs = (slow * w)?.sum_all()?.backward()?;
+        for (name, var) in vars {
+            let (a, e) = (gf.get(var).unwrap(), gs.get(var).unwrap());
+            let diff = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "d{name} differs by {diff}");
+        }
+        Ok(())
+    }
+
     /// Attention op by op, which candle can differentiate: what the recomputing, fused path
     /// must equal.
     fn attend_reference(
@@ -651,15 +671,7 @@ mod tests {
         for bias in [None, Some(&alibi)] {
             let fast = attend(&q, &k, &v, 0.5, bias, ctx.bias.as_ref())?;
             let slow = attend_reference(&q, &k, &v, 0.5, bias, ctx.bias.as_ref())?;
-            let diff = (&fast - &slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-6, "forward differs by {diff}");
-            let gf = (fast * &w)?.sum_all()?.backward()?;
-            let gs = (slow * &w)?.sum_all()?.backward()?;
-            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-                let (a, e) = (gf.get(var).unwrap(), gs.get(var).unwrap());
-                let diff = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(diff < 1e-5, "d{name} differs by {diff}");
-            }
+            assert_same_with_gradients(fast, slow, &w, [("q", &q), ("k", &k), ("v", &v)])?;
         }
         Ok(())
     }
@@ -686,18 +698,7 @@ mod tests {
         let grouped = attend(&q, &k, &v, 0.5, None, ctx.bias.as_ref())?;
         let (kr, vr) = (repeat_kv(&k, h / kv)?, repeat_kv(&v, h / kv)?);
         let repeated = attend(&q, &kr, &vr, 0.5, None, ctx.bias.as_ref())?;
-        let diff = (&grouped - &repeated)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        assert!(diff < 1e-6, "forward differs by {diff}");
-        let gg = (grouped * &w)?.sum_all()?.backward()?;
-        let gr = (repeated * &w)?.sum_all()?.backward()?;
-        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
-            let (a, e) = (gg.get(var).unwrap(), gr.get(var).unwrap());
-            let diff = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "d{name} differs by {diff}");
-        }
+        assert_same_with_gradients(grouped, repeated, &w, [("q", &q), ("k", &k), ("v", &v)])?;
         Ok(())
     }
 

@@ -73,6 +73,18 @@ fn f32s(v: &Value) -> Vec<f32> {
         .collect()
 }
 
+/// Any tensor's values as f32 on the host, flattened.
+fn host_f32s(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -365,16 +377,7 @@ fn nf4_kernels_equal_the_cpu_path() {
         return;
     }
     let cpu = Device::Cpu;
-    let f32s_of = |t: &Tensor| {
-        t.to_device(&cpu)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
+    let f32s_of = host_f32s;
     for (rows, cols, double_quant) in [
         (96, 200, true),
         (33, 70, true),
@@ -495,16 +498,7 @@ fn masked_softmax_kernels_equal_the_cpu_path() {
             .collect();
         Tensor::from_vec(v, (mb, 1, s, t), &cpu).unwrap()
     };
-    let f32s_of = |t: &Tensor| {
-        t.to_device(&cpu)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
+    let f32s_of = host_f32s;
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let (sc, g) = (scores.to_dtype(dtype).unwrap(), dp.to_dtype(dtype).unwrap());
         for mask in [None, Some(mask_of(1)), Some(mask_of(b))] {
@@ -553,14 +547,7 @@ fn gelu_backward_kernel_equals_the_cpu_path() {
         let want = gelu_erf_backward(&x, &g).unwrap();
         let got =
             gelu_erf_backward(&x.to_device(&dev).unwrap(), &g.to_device(&dev).unwrap()).unwrap();
-        let f = |t: &Tensor| {
-            t.to_device(&cpu)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
+        let f = host_f32s;
         let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
         let d = max_diff(&f(&got), &f(&want));
         assert!(d < tol, "{dtype:?}: differs by {d}");
