@@ -102,6 +102,38 @@ DEQUANT(nf4_dequant_f32, float, f32_id)
 DEQUANT(nf4_dequant_bf16, u16, f32_to_bf16)
 DEQUANT(nf4_dequant_f16, u16, f32_to_f16)
 
+// The same, 8 weights a thread: one 4-byte load of codes, one absmax (the caller guarantees
+// n % 8 == 0 and bs % 8 == 0, so the 8 share a block), 16- or 32-byte stores.
+#define DEQUANT8(NAME, T, CONV, STORE8)                                                        \
+extern "C" __global__ void NAME(const u8* codes, long long n, int bs, int nested,              \
+    const float* absmax, const u8* aq, const float* acode, float offset, int nbs, T* out) {{   \
+  LOAD_TABLES                                                                                  \
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;                              \
+  if (i >= n / 8) return;                                                                      \
+  unsigned int c = ((const unsigned int*)codes)[i];                                            \
+  float a = absmax_of(8 * i / bs, nested, absmax, aq, code_s, offset, nbs);                    \
+  float w[8];                                                                                  \
+  _Pragma("unroll") for (int t = 0; t < 4; ++t) {{                                             \
+    unsigned int b = (c >> (8 * t)) & 255u;                                                    \
+    w[2 * t] = __fmul_rn(nf4s[b >> 4], a);                                                     \
+    w[2 * t + 1] = __fmul_rn(nf4s[b & 15], a);                                                 \
+  }}                                                                                           \
+  STORE8(out, i, w, CONV)                                                                      \
+}}
+#define STORE8_16(out, i, w, CONV) {{                                                          \
+  uint4 v;                                                                                     \
+  v.x = (unsigned int)CONV(w[0]) | ((unsigned int)CONV(w[1]) << 16);                           \
+  v.y = (unsigned int)CONV(w[2]) | ((unsigned int)CONV(w[3]) << 16);                           \
+  v.z = (unsigned int)CONV(w[4]) | ((unsigned int)CONV(w[5]) << 16);                           \
+  v.w = (unsigned int)CONV(w[6]) | ((unsigned int)CONV(w[7]) << 16);                           \
+  ((uint4*)out)[i] = v; }}
+#define STORE8_32(out, i, w, CONV) {{                                                          \
+  ((float4*)out)[2 * i] = make_float4(w[0], w[1], w[2], w[3]);                                 \
+  ((float4*)out)[2 * i + 1] = make_float4(w[4], w[5], w[6], w[7]); }}
+DEQUANT8(nf4_dequant8_f32, float, f32_id, STORE8_32)
+DEQUANT8(nf4_dequant8_bf16, u16, f32_to_bf16, STORE8_16)
+DEQUANT8(nf4_dequant8_f16, u16, f32_to_f16, STORE8_16)
+
 // One warp per output feature; each lane walks the row's codes 4 bytes (8 weights) at a time.
 #define GEMV(NAME, LOAD, STORE)                                                                \
 extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int nested,             \
@@ -368,16 +400,19 @@ pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
     let n = w.n as i64;
     let bs = w.blocksize as i32;
     let threads = 256u32;
-    let bytes = w.n.div_ceil(2);
+    // Eight weights a thread where whole 4-byte words of codes share an absmax block.
+    let by8 = w.n % 8 == 0 && w.blocksize % 8 == 0;
+    let per_thread = if by8 { w.n / 8 } else { w.n.div_ceil(2) };
     let cfg = LaunchConfig {
-        grid_dim: (bytes.div_ceil(threads as usize) as u32, 1, 1),
+        grid_dim: (per_thread.div_ceil(threads as usize) as u32, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
     with_slices(w, |s| {
         macro_rules! launch {
-            ($name:literal, $t:ty) => {{
-                let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
+            ($name:literal, $name8:literal, $t:ty) => {{
+                let func =
+                    dev.get_or_load_custom_func(if by8 { $name8 } else { $name }, MODULE, ptx)?;
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(w.n)? };
                 let mut b = func.builder();
@@ -397,9 +432,9 @@ pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
             }};
         }
         match dtype {
-            DType::F32 => launch!("nf4_dequant_f32", f32),
-            DType::BF16 => launch!("nf4_dequant_bf16", half::bf16),
-            DType::F16 => launch!("nf4_dequant_f16", half::f16),
+            DType::F32 => launch!("nf4_dequant_f32", "nf4_dequant8_f32", f32),
+            DType::BF16 => launch!("nf4_dequant_bf16", "nf4_dequant8_bf16", half::bf16),
+            DType::F16 => launch!("nf4_dequant_f16", "nf4_dequant8_f16", half::f16),
             other => Err(Error::Msg(format!(
                 "NF4 dequantize to {other:?} is not supported"
             ))),
