@@ -437,6 +437,11 @@ impl LoraRegistry {
                 candle_core::Error::Msg(format!("{}: no base weight to merge into", layer.module))
             })?;
             layer.merge(base.as_ref())?;
+            // Each merge makes ~10 bytes per weight of f32 temporaries. Without waiting, the
+            // launches for all layers are queued before the GPU frees the first ones; on
+            // Falcon-7B that ran out of memory (80 GB) inside this loop. Not yet re-measured
+            // on the GPU.
+            layer.a.as_tensor().device().synchronize()?;
         }
         Ok(())
     }
