@@ -12,7 +12,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, TensorId, Var};
+use candle_core::{Result, Tensor, TensorId, Var};
 
 use crate::attention::KvCache;
 use crate::linear::Linear;
@@ -103,57 +103,27 @@ pub fn checkpointed(x: &Tensor, trainable: Vec<Tensor>, f: LayerFn) -> Result<Te
     } else {
         Var::from_tensor(x)?.as_tensor().clone()
     };
-    x.apply_op1_arc(Arc::new(Box::new(Checkpoint {
-        f,
-        trainable,
-        out: crate::handover::Handover::new("checkpoint", out),
-    })))
-}
-
-struct Checkpoint {
-    f: LayerFn,
-    trainable: Vec<Tensor>,
-    out: crate::handover::Handover,
-}
-
-impl CustomOp1 for Checkpoint {
-    fn name(&self) -> &'static str {
-        "checkpoint"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    // Not behind the `cuda` feature: without it candle's stand-in CudaStorage implements the
-    // same trait, so this is type-checked in every build and never called.
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let leaf = Var::from_tensor(&x.detach())?;
+    crate::handover::with_backward("checkpoint", &x, out, move |x, grad| {
+        let leaf = Var::from_tensor(x)?;
         let dev = x.device();
         let out = crate::profile::pass("recompute", || {
-            crate::profile::scope("layer", dev, || (self.f)(leaf.as_tensor()))
+            crate::profile::scope("layer", dev, || f(leaf.as_tensor()))
         })?;
         // d/d(out) of sum(out * grad) is `grad`: one backward through the recomputed layer.
         let store = crate::profile::pass("backward", || {
-            crate::profile::scope("layer", dev, || {
-                (out * grad.detach())?.sum_all()?.backward()
-            })
+            crate::profile::scope("layer", dev, || (out * grad)?.sum_all()?.backward())
         })?;
-        for t in &self.trainable {
+        for t in &trainable {
             if let Some(g) = store.get(t) {
                 add_to_sink(t, g.clone())?;
             }
         }
-        Ok(store.get(leaf.as_tensor()).cloned())
-    }
+        match store.get(leaf.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            // A layer whose output does not depend on its input passes no gradient back.
+            None => x.zeros_like(),
+        }
+    })
 }
 
 #[cfg(test)]
