@@ -145,7 +145,6 @@ impl AttentionContext {
 #[derive(Debug, Clone)]
 pub struct Rotary {
     inv_freq: Vec<f32>,
-    head_dim: usize,
 }
 
 impl Rotary {
@@ -188,10 +187,12 @@ impl Rotary {
             }
             Some(RopeScaling::Other(_)) | None => {}
         }
-        Rotary { inv_freq, head_dim }
+        Rotary { inv_freq }
     }
 
-    /// `(cos, sin)`, each `[batch, 1, seq, head_dim]` in `dtype`, for the context's positions.
+    /// `(cos, sin)`, each `[batch, seq, head_dim / 2]` in `dtype`, for the context's positions:
+    /// `position * inv_freq` in f32, as transformers computes `freqs`. Its `cat(freqs, freqs)`
+    /// repeats them; the `rope` kernel reads one half for both. Made once per forward pass.
     pub fn cos_sin(
         &self,
         ctx: &AttentionContext,
@@ -199,22 +200,18 @@ impl Rotary {
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let n = ctx.batch * ctx.seq_len * self.head_dim;
+        let n = ctx.batch * ctx.seq_len * half;
         let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for row in &ctx.positions {
             for &p in row {
-                // freqs = position * inv_freq in f32, then cat(freqs, freqs), as transformers.
-                for _ in 0..2 {
-                    for f in &self.inv_freq {
-                        let x = p as f32 * f;
-                        cos.push(x.cos());
-                        sin.push(x.sin());
-                    }
+                for f in &self.inv_freq {
+                    let x = p as f32 * f;
+                    cos.push(x.cos());
+                    sin.push(x.sin());
                 }
             }
         }
-        debug_assert_eq!(cos.len(), ctx.batch * ctx.seq_len * 2 * half);
-        let shape = (ctx.batch, 1, ctx.seq_len, self.head_dim);
+        let shape = (ctx.batch, ctx.seq_len, half);
         let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
         Ok((cos, sin))
@@ -225,30 +222,14 @@ impl Rotary {
     /// gradient is wanted one graph node whose backward is the inverse rotation (`rope` with
     /// `-sin`), instead of seven ops and their backward.
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (b, _, s, d) = cos.dims4()?;
-        if d % 2 != 0 {
-            return Self::apply_op_by_op(x, cos, sin);
-        }
-        // cat(freqs, freqs): the first half is all `rope` needs, per batch row.
-        let half = |t: &Tensor| t.reshape((b, s, d))?.narrow(2, 0, d / 2)?.contiguous();
-        let (c, sn) = (half(cos)?, half(sin)?);
-        let out = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, &c, &sn)?;
+        let out = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
         if !x.track_op() {
             return Ok(out);
         }
-        let neg_sin = sn.neg()?;
+        let (cos, neg_sin) = (cos.clone(), sin.neg()?);
         crate::handover::with_backward("rope", x, out, move |_, grad| {
-            candle_nn::rotary_emb::rope(&grad.contiguous()?, &c, &neg_sin)
+            candle_nn::rotary_emb::rope(&grad.contiguous()?, &cos, &neg_sin)
         })
-    }
-
-    /// The same op by op (transformers' formula), for an odd head size.
-    fn apply_op_by_op(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let d = x.dim(D::Minus1)?;
-        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-        let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
     }
 }
 
@@ -394,22 +375,30 @@ fn probabilities(
     pre_scale_bias: Option<&Tensor>,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let scores = scores(q, k)?;
     match pre_scale_bias {
-        None => crate::masked_softmax::masked_softmax(&scores, mask, scale as f32),
-        Some(b) => {
-            // ALiBi (RW models only): op by op.
-            let scores = scores
-                .to_dtype(DType::F32)?
-                .broadcast_add(&b.to_dtype(DType::F32)?)?;
-            let scores = (scores * scale)?;
-            let scores = match mask {
-                Some(m) => scores.broadcast_add(m)?,
-                None => scores,
-            };
-            crate::layers::softmax_last_dim(&scores, q.dtype())
-        }
+        None => crate::masked_softmax::masked_softmax(&scores(q, k)?, mask, scale as f32),
+        Some(b) => alibi_probabilities_f32(q, k, scale, b, mask)?.to_dtype(q.dtype()),
     }
+}
+
+/// `softmax((q k^T + alibi) * scale + mask)` op by op, in f32 (ALiBi, the RW models only, has
+/// no fused kernel).
+fn alibi_probabilities_f32(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    alibi: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let s = scores(q, k)?
+        .to_dtype(DType::F32)?
+        .broadcast_add(&alibi.to_dtype(DType::F32)?)?;
+    let s = (s * scale)?;
+    let s = match mask {
+        Some(m) => s.broadcast_add(m)?,
+        None => s,
+    };
+    crate::layers::softmax_last_dim(&s, DType::F32)
 }
 
 /// The graph node of [`attend`] with a gradient: its forward hands over the output computed
@@ -473,16 +462,9 @@ impl RecomputedAttention {
                 )?;
                 (p, ds)
             }
-            Some(_) => {
+            Some(alibi) => {
                 // ALiBi: the op-by-op softmax backward, dS = P * (dP - sum_j P dP) * scale.
-                let s = scores(&q, &k)?.to_dtype(DType::F32)?;
-                let s = s.broadcast_add(&bias.as_ref().unwrap().to_dtype(DType::F32)?)?;
-                let s = (s * self.scale)?;
-                let s = match &mask {
-                    Some(m) => s.broadcast_add(m)?,
-                    None => s,
-                };
-                let p = crate::layers::softmax_last_dim(&s, DType::F32)?;
+                let p = alibi_probabilities_f32(&q, &k, self.scale, alibi, mask.as_ref())?;
                 let dp = dp.to_dtype(DType::F32)?;
                 let rowsum = (&p * &dp)?.sum_keepdim(D::Minus1)?;
                 let ds = ((&p * dp.broadcast_sub(&rowsum)?)? * self.scale)?.to_dtype(dtype)?;
