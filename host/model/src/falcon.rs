@@ -115,17 +115,17 @@ impl FalconAttention {
         let (b, s, _) = x.dims3()?;
         let dev = x.device();
         let fused = profile::scope("attn.qkv", dev, || self.query_key_value.forward(x))?;
-        let (q, k) = profile::scope("attn.rope", dev, || {
+        let (q, k, v) = profile::scope("attn.rope", dev, || {
             let (q, k, v) = self.split_heads(&fused)?;
-            let qk = match (&self.rotary, rope) {
-                (Some(_), Some((cos, sin))) => {
-                    (Rotary::apply(&q, cos, sin)?, Rotary::apply(&k, cos, sin)?)
-                }
-                _ => (q, k),
-            };
-            Ok((qk, v))
+            Ok(match (&self.rotary, rope) {
+                (Some(_), Some((cos, sin))) => (
+                    Rotary::apply(&q, cos, sin)?,
+                    Rotary::apply(&k, cos, sin)?,
+                    v,
+                ),
+                _ => (q, k, v),
+            })
         })?;
-        let ((q, k), v) = (q, k);
         let out = profile::scope("attn.core", dev, || {
             let (k, v) = match cache {
                 Some(c) => c.append(self.layer_idx, &k, &v)?,

@@ -13,7 +13,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(out);
     }
-    crate::handover::with_backward("gelu", x, out, |x, grad| gelu_erf_backward(x, grad))
+    crate::handover::with_backward("gelu", x, out, gelu_erf_backward)
 }
 
 /// `grad * d gelu_erf(x) / dx`, in `x`'s dtype.

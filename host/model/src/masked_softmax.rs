@@ -18,14 +18,7 @@ use half::{bf16, f16};
 pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f32) -> Result<Tensor> {
     let scores = scores.contiguous()?;
     let (mask, has_mask) = mask_or_dummy(&scores, mask)?;
-    scores.apply_op2_no_bwd(
-        &mask,
-        &Softmax {
-            scale,
-            has_mask,
-            backward: false,
-        },
-    )
+    scores.apply_op2_no_bwd(&mask, &Softmax { scale, has_mask })
 }
 
 /// The gradient with respect to the scores of [`masked_softmax`] given `dp`, the gradient with
@@ -48,15 +41,7 @@ pub fn masked_softmax_backward(
         );
     }
     let (mask, has_mask) = mask_or_dummy(&scores, mask)?;
-    scores.apply_op3_no_bwd(
-        &mask,
-        &dp,
-        &Softmax {
-            scale,
-            has_mask,
-            backward: true,
-        },
-    )
+    scores.apply_op3_no_bwd(&mask, &dp, &Softmax { scale, has_mask })
 }
 
 /// The mask, checked against the scores, or a one-element stand-in the kernels ignore.
@@ -78,10 +63,11 @@ fn mask_or_dummy(scores: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, bool
     }
 }
 
+/// The forward pass as a two-input op (scores, mask), the backward as a three-input one
+/// (scores, mask, dP): which one runs is the number of inputs.
 struct Softmax {
     scale: f32,
     has_mask: bool,
-    backward: bool,
 }
 
 /// The shape facts the kernels index by.
@@ -275,7 +261,6 @@ impl CustomOp3 for Softmax {
         g: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        debug_assert!(self.backward);
         self.cpu(&[(s, sl), (m, ml), (g, gl)])
     }
 
