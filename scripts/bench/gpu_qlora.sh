@@ -10,7 +10,10 @@
 #   train-ckpt the same with gradient checkpointing
 #   generate   `adapterlab bench generate`: batch 1 and 16, adapter unmerged and merged
 #   profile    `bench train` and `bench generate` with ADAPTERLAB_PROFILE=1 on a Falcon-7B-shaped
-#              checkpoint of PROFILE_LAYERS (8) layers: seconds per phase (model/src/profile.rs)
+#              checkpoint of PROFILE_LAYERS (8) layers: seconds per phase (model/src/profile.rs);
+#              the reference's kernels under torch.profiler on the same checkpoint
+#   stall      batch-16 decoding on that checkpoint; if it hangs, cuda-gdb names the kernel and
+#              the host stack
 #   sft        `adapterlab train`, 50 steps at batch 8 x 512 on text (the bundled dialogues,
 #              concatenated to 512-token rows), then HF PEFT loads the adapter it wrote
 # Peak GPU memory is polled with nvidia-smi for every stage alike (it includes the CUDA context
@@ -71,10 +74,32 @@ fi
 if stage profile; then
   PCKPT=/tmp/falcon7b-${PROFILE_LAYERS:-8}l
   [ -f "$PCKPT/config.json" ] || python3 scripts/bench/hf_qlora_baseline.py --ckpt "$PCKPT" --layers ${PROFILE_LAYERS:-8} --make-ckpt-only > "$OUT/make-pckpt.log" 2>&1
-  echo "== profile: bench train (checkpointing), then bench generate"
-  ADAPTERLAB_PROFILE=1 timeout ${STAGE_TIMEOUT:-240} $AL bench train --model "$PCKPT" --batch 8 --seq 512 --steps 3 --warmup 1 --gradient-checkpointing 2>&1 | tee "$OUT/profile-train.log" | log profile-train
-  timeout ${STAGE_TIMEOUT:-240} $AL bench train --model "$PCKPT" --batch 8 --seq 512 --steps 3 --warmup 1 --gradient-checkpointing --save /tmp/profile-adapter 2>&1 | tee "$OUT/profile-train-plain.log" | log profile-train-plain
-  ADAPTERLAB_PROFILE=1 timeout ${STAGE_TIMEOUT:-240} $AL bench generate --model "$PCKPT" --adapter /tmp/profile-adapter --merged --batch 1,16 --new-tokens 10 2>&1 | tee "$OUT/profile-generate.log" | log profile-generate
+  echo "== profile: bench train (no checkpointing) with and without ADAPTERLAB_PROFILE, the reference under torch.profiler, merged generation"
+  ADAPTERLAB_PROFILE=1 timeout ${STAGE_TIMEOUT:-240} $AL bench train --model "$PCKPT" --batch 8 --seq 512 --steps 3 --warmup 1 --save /tmp/profile-adapter 2>&1 | tee "$OUT/profile-train.log" | log profile-train
+  timeout ${STAGE_TIMEOUT:-240} $AL bench train --model "$PCKPT" --batch 8 --seq 512 --steps 5 --warmup 2 2>&1 | tee "$OUT/profile-train-plain.log" | log profile-train-plain
+  PYTHONUNBUFFERED=1 timeout ${STAGE_TIMEOUT:-240} python3 scripts/bench/hf_qlora_profile.py --ckpt "$PCKPT" > "$OUT/profile-python.log" 2>&1; tail -45 "$OUT/profile-python.log"
+  # The merge traces GPU memory after each layer (RUST_LOG=adapterlab_model=debug).
+  RUST_LOG=adapterlab_model=debug ADAPTERLAB_PROFILE=1 timeout ${STAGE_TIMEOUT:-240} $AL bench generate --model "$PCKPT" --adapter /tmp/profile-adapter --merged --batch 1 --new-tokens 10 2>&1 | tee "$OUT/profile-generate.log" | log profile-generate
+fi
+
+if stage stall; then
+  # Batch-16 decoding on the 7B shape stalled; this names the kernel and the host stack it is
+  # stuck in (cuda-gdb attaches to the running process).
+  PCKPT=/tmp/falcon7b-${PROFILE_LAYERS:-8}l
+  [ -f "$PCKPT/config.json" ] || python3 scripts/bench/hf_qlora_baseline.py --ckpt "$PCKPT" --layers ${PROFILE_LAYERS:-8} --make-ckpt-only > "$OUT/make-pckpt.log" 2>&1
+  echo "== stall: bench generate --batch ${STALL_BATCH:-16}"
+  RUST_LOG=adapterlab_model=trace ADAPTERLAB_PROFILE=1 $AL bench generate --model "$PCKPT" --batch ${STALL_BATCH:-16} --prompt-tokens 2 --new-tokens 2 > "$OUT/stall.log" 2>&1 &
+  PID=$!
+  for i in $(seq 1 ${STALL_WAIT:-40}); do sleep 1; kill -0 $PID 2>/dev/null || break; done
+  if kill -0 $PID 2>/dev/null; then
+    echo "still running after ${STALL_WAIT:-40} s: attaching cuda-gdb"
+    timeout 120 cuda-gdb -p $PID -batch -ex "info cuda kernels" -ex "thread apply all bt 25" > "$OUT/stall-gdb.txt" 2>&1
+    grep -v "^\[New\|^$" "$OUT/stall-gdb.txt" | head -80
+    kill -9 $PID
+  else
+    echo "finished"
+  fi
+  grep -v "phase starts" "$OUT/stall.log" | tail -5; grep "phase starts" "$OUT/stall.log" | tail -3
 fi
 
 if stage reference || stage train || stage train-ckpt || stage generate || stage sft; then

@@ -363,8 +363,11 @@ fn attend_eager(
     pre_scale_bias: Option<&Tensor>,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let probs = probabilities(q, k, scale, pre_scale_bias, mask)?;
-    weighted(&probs, v)
+    let dev = q.device();
+    let probs = crate::profile::scope("attn.probs", dev, || {
+        probabilities(q, k, scale, pre_scale_bias, mask)
+    })?;
+    crate::profile::scope("attn.pv", dev, || weighted(&probs, v))
 }
 
 /// `softmax((q k^T + pre) * scale + mask)`, computed in f32 and returned in `q`'s dtype.
@@ -441,26 +444,27 @@ impl RecomputedAttention {
         let (bias, mask) = (pick_opt(&self.pre_scale_bias)?, pick_opt(&self.mask)?);
         let kv = k.dims()[1];
         let dtype = q.dtype();
+        let dev = q.device().clone();
+        let sc = |name, f: &dyn Fn() -> Result<Tensor>| crate::profile::scope(name, &dev, f);
         // dP = dO V^T, per query head.
-        let dp = {
+        let dp = sc("attn.bwd.dp", &|| {
             let (b, h, s, _) = dout.dims4()?;
             let t = v.dims()[2];
             grouped(&dout, kv)?
                 .matmul(&v.contiguous()?.t()?)?
-                .reshape((b, h, s, t))?
-        };
+                .reshape((b, h, s, t))
+        })?;
         let (p, ds) = match &bias {
             None => {
-                let s = scores(&q, &k)?;
-                let p =
-                    crate::masked_softmax::masked_softmax(&s, mask.as_ref(), self.scale as f32)?;
-                let ds = crate::masked_softmax::masked_softmax_backward(
-                    &s,
-                    mask.as_ref(),
-                    &dp,
-                    self.scale as f32,
-                )?;
-                (p, ds)
+                let s = sc("attn.bwd.scores", &|| scores(&q, &k))?;
+                crate::profile::scope("attn.bwd.softmax", &dev, || {
+                    crate::masked_softmax::masked_softmax_backward(
+                        &s,
+                        mask.as_ref(),
+                        &dp,
+                        self.scale as f32,
+                    )
+                })?
             }
             Some(alibi) => {
                 // ALiBi: the op-by-op softmax backward, dS = P * (dP - sum_j P dP) * scale.
@@ -479,9 +483,9 @@ impl RecomputedAttention {
             grouped(&q, kv)?,
         );
         // Transposed operands go to the matmul as views: cuBLAS and gemm take either layout.
-        let dv = gp.t()?.matmul(&gdo)?;
-        let dq = gds.matmul(&k.contiguous()?)?.reshape(q.dims())?;
-        let dk = gds.t()?.matmul(&gq)?;
+        let dv = sc("attn.bwd.dv", &|| gp.t()?.matmul(&gdo))?;
+        let dq = sc("attn.bwd.dq", &|| gds.matmul(&k.contiguous()?)?.reshape(q.dims()))?;
+        let dk = sc("attn.bwd.dk", &|| gds.t()?.matmul(&gq))?;
         Ok((dq, dk, dv))
     }
 }

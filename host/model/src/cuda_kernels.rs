@@ -249,7 +249,8 @@ __device__ __forceinline__ float block_reduce(float v, float* red, int is_max) {
 }}
 #define SOFTMAX(NAME, T, LOAD, STORE)                                                          \
 extern "C" __global__ void NAME(const T* x, const float* mask, const T* dp, T* out, int t,     \
-    long long per_batch, int s, int mask_batch, float scale, int has_mask, int backward) {{     \
+    long long per_batch, int s, int mask_batch, float scale, int has_mask, int backward,        \
+    long long rows) {{                                                                         \
   __shared__ float red[32];                                                                    \
   long long row = blockIdx.x;                                                                  \
   const T* xr = x + row * t;                                                                   \
@@ -285,10 +286,108 @@ extern "C" __global__ void NAME(const T* x, const float* mask, const T* dp, T* o
     float v = __fmul_rn(LOAD(xr[j]), scale);                                                   \
     if (has_mask) v = __fadd_rn(v, mr[j]);                                                     \
     float p = expf(v - mx) / sum;                                                              \
-    if (backward) p = p * (LOAD(dp[row * t + j]) - dot) * scale;                               \
     out[row * t + j] = STORE(p);                                                               \
+    if (backward) out[(rows + row) * t + j] = STORE(p * (LOAD(dp[row * t + j]) - dot) * scale); \
   }}                                                                                           \
 }}
+// The same for 16-bit rows of at most 1024 scores, t a multiple of 8: one warp a row, held in
+// registers (8 scores a lane for every 256), so the scores are read once and the output written
+// once, with no block-wide synchronization. Scores, dP and the output come in 16-byte vectors.
+__device__ __forceinline__ float warp_max(float v) {{
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}}
+__device__ __forceinline__ float warp_sum(float v) {{
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}}
+#define SOFTMAX_WARP(NAME, LOAD, STORE)                                                        \
+extern "C" __global__ void NAME(const u16* x, const float* mask, const u16* dp, u16* out,     \
+    int t, long long per_batch, int s, int mask_batch, float scale, int has_mask,              \
+    int backward, long long rows) {{                                                           \
+  int lane = threadIdx.x & 31;                                                                 \
+  long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);              \
+  if (row >= rows) return;                                                                     \
+  const u16* xr = x + row * t;                                                                 \
+  const float* mr = 0;                                                                         \
+  if (has_mask) {{                                                                             \
+    long long bi = mask_batch == 1 ? 0 : row / per_batch;                                      \
+    mr = mask + (bi * s + row % s) * (long long)t;                                             \
+  }}                                                                                           \
+  float v[32];                                                                                 \
+  float mx = NEG_INF;                                                                          \
+  _Pragma("unroll") for (int it = 0; it < 4; ++it) {{                                          \
+    int j0 = (it * 32 + lane) * 8;                                                             \
+    if (j0 < t) {{                                                                             \
+      uint4 q = *(const uint4*)(xr + j0);                                                      \
+      unsigned int w[4] = {{q.x, q.y, q.z, q.w}};                                              \
+      float m8[8] = {{0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}};                                \
+      if (has_mask) {{                                                                         \
+        float4 a = *(const float4*)(mr + j0), b = *(const float4*)(mr + j0 + 4);               \
+        m8[0] = a.x; m8[1] = a.y; m8[2] = a.z; m8[3] = a.w;                                    \
+        m8[4] = b.x; m8[5] = b.y; m8[6] = b.z; m8[7] = b.w;                                    \
+      }}                                                                                       \
+      _Pragma("unroll") for (int u = 0; u < 8; ++u) {{                                         \
+        float e = __fmul_rn(LOAD((u16)(w[u >> 1] >> (16 * (u & 1)))), scale);                  \
+        if (has_mask) e = __fadd_rn(e, m8[u]);                                                 \
+        v[it * 8 + u] = e;                                                                     \
+        mx = fmaxf(mx, e);                                                                     \
+      }}                                                                                       \
+    }}                                                                                         \
+  }}                                                                                           \
+  mx = warp_max(mx);                                                                           \
+  float sum = 0.f;                                                                             \
+  _Pragma("unroll") for (int it = 0; it < 4; ++it) {{                                          \
+    if ((it * 32 + lane) * 8 < t) {{                                                           \
+      _Pragma("unroll") for (int u = 0; u < 8; ++u) {{                                         \
+        v[it * 8 + u] = expf(v[it * 8 + u] - mx);                                              \
+        sum += v[it * 8 + u];                                                                  \
+      }}                                                                                       \
+    }}                                                                                         \
+  }}                                                                                           \
+  sum = warp_sum(sum);                                                                         \
+  float g[32];                                                                                 \
+  float dot = 0.f;                                                                             \
+  _Pragma("unroll") for (int it = 0; it < 4; ++it) {{                                          \
+    int j0 = (it * 32 + lane) * 8;                                                             \
+    if (j0 < t) {{                                                                             \
+      _Pragma("unroll") for (int u = 0; u < 8; ++u) v[it * 8 + u] = v[it * 8 + u] / sum;       \
+      if (backward) {{                                                                         \
+        uint4 q = *(const uint4*)(dp + row * t + j0);                                          \
+        unsigned int w[4] = {{q.x, q.y, q.z, q.w}};                                            \
+        _Pragma("unroll") for (int u = 0; u < 8; ++u) {{                                       \
+          g[it * 8 + u] = LOAD((u16)(w[u >> 1] >> (16 * (u & 1))));                            \
+          dot += v[it * 8 + u] * g[it * 8 + u];                                                \
+        }}                                                                                     \
+      }}                                                                                       \
+    }}                                                                                         \
+  }}                                                                                           \
+  if (backward) dot = warp_sum(dot);                                                           \
+  _Pragma("unroll") for (int it = 0; it < 4; ++it) {{                                          \
+    int j0 = (it * 32 + lane) * 8;                                                             \
+    if (j0 < t) {{                                                                             \
+      const float* p = v + it * 8;                                                             \
+      uint4 o;                                                                                 \
+      o.x = (unsigned int)STORE(p[0]) | ((unsigned int)STORE(p[1]) << 16);                     \
+      o.y = (unsigned int)STORE(p[2]) | ((unsigned int)STORE(p[3]) << 16);                     \
+      o.z = (unsigned int)STORE(p[4]) | ((unsigned int)STORE(p[5]) << 16);                     \
+      o.w = (unsigned int)STORE(p[6]) | ((unsigned int)STORE(p[7]) << 16);                     \
+      *(uint4*)(out + row * t + j0) = o;                                                       \
+      if (backward) {{                                                                         \
+        float d[8];                                                                            \
+        _Pragma("unroll") for (int u = 0; u < 8; ++u)                                          \
+          d[u] = p[u] * (g[it * 8 + u] - dot) * scale;                                         \
+        o.x = (unsigned int)STORE(d[0]) | ((unsigned int)STORE(d[1]) << 16);                   \
+        o.y = (unsigned int)STORE(d[2]) | ((unsigned int)STORE(d[3]) << 16);                   \
+        o.z = (unsigned int)STORE(d[4]) | ((unsigned int)STORE(d[5]) << 16);                   \
+        o.w = (unsigned int)STORE(d[6]) | ((unsigned int)STORE(d[7]) << 16);                   \
+        *(uint4*)(out + (rows + row) * t + j0) = o;                                            \
+      }}                                                                                       \
+    }}                                                                                         \
+  }}                                                                                           \
+}}
+SOFTMAX_WARP(masked_softmax_warp_bf16, bf16_to_f32, f32_to_bf16)
+SOFTMAX_WARP(masked_softmax_warp_f16, f16_to_f32, f32_to_f16)
 SOFTMAX(masked_softmax_f32, float, f32_id, f32_id)
 SOFTMAX(masked_softmax_bf16, u16, bf16_to_f32, f32_to_bf16)
 SOFTMAX(masked_softmax_f16, u16, f16_to_f32, f32_to_f16)
@@ -558,8 +657,12 @@ pub struct SoftmaxArgs {
     pub has_mask: bool,
 }
 
-/// Attention's softmax over rows of `t` scores, or with `dp` its backward; each input is a
-/// storage and the element offset where the contiguous tensor starts.
+/// The longest row the one-warp softmax kernel holds in registers.
+const SOFTMAX_WARP_MAX_T: usize = 1024;
+
+/// Attention's softmax over rows of `t` scores or, with `dp`, the probabilities followed by the
+/// gradient (`2 * rows * t` elements); each input is a storage and the element offset where the
+/// contiguous tensor starts.
 pub fn masked_softmax(
     scores: (&CudaStorage, usize),
     mask: (&CudaStorage, usize),
@@ -569,23 +672,38 @@ pub fn masked_softmax(
     let dev = scores.0.device.clone();
     let ptx = ptx()?;
     let n = a.rows * a.t;
-    let threads = (a.t.div_ceil(4).next_power_of_two()).clamp(32, 512) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (a.rows as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
+    let sixteen_bit = matches!(scores.0.dtype(), DType::BF16 | DType::F16);
+    // The warp kernel reads 16-byte vectors: every row, and the mask's rows, must start on one.
+    let aligned = scores.1 % 8 == 0 && dp.is_none_or(|d| d.1 % 8 == 0) && mask.1 % 4 == 0;
+    let warp = sixteen_bit && a.t % 8 == 0 && a.t <= SOFTMAX_WARP_MAX_T && aligned;
+    let cfg = if warp {
+        let rows_per_block = 8;
+        LaunchConfig {
+            grid_dim: (a.rows.div_ceil(rows_per_block) as u32, 1, 1),
+            block_dim: (32 * rows_per_block as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    } else {
+        let threads = (a.t.div_ceil(4).next_power_of_two()).clamp(32, 512) as u32;
+        LaunchConfig {
+            grid_dim: (a.rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
     };
-    let (t, per_batch, s, mb) = (
+    let (t, per_batch, s, mb, rows) = (
         a.t as i32,
         a.per_batch as i64,
         a.s as i32,
         a.mask_batch as i32,
+        a.rows as i64,
     );
     let (has_mask, backward) = (a.has_mask as i32, dp.is_some() as i32);
+    let out_len = if dp.is_some() { 2 * n } else { n };
     let mask_all = mask.0.as_cuda_slice::<f32>()?;
     let mask_v = mask_all.slice(mask.1..);
     macro_rules! launch {
-        ($name:literal, $t:ty) => {{
+        ($name:expr, $t:ty) => {{
             let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
             let x = scores
                 .0
@@ -600,7 +718,7 @@ pub fn masked_softmax(
                     .slice(scores.1..scores.1 + n),
             };
             // SAFETY: every element is written by the kernel below.
-            let out = unsafe { dev.alloc::<$t>(n)? };
+            let out = unsafe { dev.alloc::<$t>(out_len)? };
             let mut b = func.builder();
             b.arg(&x);
             b.arg(&mask_v);
@@ -613,16 +731,19 @@ pub fn masked_softmax(
             b.arg(&a.scale);
             b.arg(&has_mask);
             b.arg(&backward);
+            b.arg(&rows);
             // SAFETY: the argument list matches the kernel's signature.
             unsafe { b.launch(cfg) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }};
     }
-    match scores.0.dtype() {
-        DType::F32 => launch!("masked_softmax_f32", f32),
-        DType::BF16 => launch!("masked_softmax_bf16", half::bf16),
-        DType::F16 => launch!("masked_softmax_f16", half::f16),
-        other => Err(Error::Msg(format!(
+    match (scores.0.dtype(), warp) {
+        (DType::F32, _) => launch!("masked_softmax_f32", f32),
+        (DType::BF16, true) => launch!("masked_softmax_warp_bf16", half::bf16),
+        (DType::BF16, false) => launch!("masked_softmax_bf16", half::bf16),
+        (DType::F16, true) => launch!("masked_softmax_warp_f16", half::f16),
+        (DType::F16, false) => launch!("masked_softmax_f16", half::f16),
+        (other, _) => Err(Error::Msg(format!(
             "masked softmax on {other:?} is not supported"
         ))),
     }

@@ -36,6 +36,7 @@ pub mod commands;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda_kernels;
+pub mod device;
 pub mod dropout;
 pub mod falcon;
 pub mod gelu;

@@ -484,11 +484,13 @@ impl Linear {
         let Some(lora) = &self.lora else { return Ok(y) };
         let d = crate::profile::scope("lora", x.device(), || lora.delta_y(x, train))?;
         // PEFT adds in the adapter's dtype (f32 under a 16-bit base) and casts the sum back.
-        if d.dtype() == y.dtype() {
-            y + d
-        } else {
-            (y.to_dtype(d.dtype())? + d)?.to_dtype(y.dtype())
-        }
+        crate::profile::scope("lora.add", x.device(), || {
+            if d.dtype() == y.dtype() {
+                y + d
+            } else {
+                (y.to_dtype(d.dtype())? + d)?.to_dtype(y.dtype())
+            }
+        })
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {

@@ -282,7 +282,9 @@ impl LoraLayer {
                     let key = seed
                         ^ fnv1a(&self.module).rotate_left(17)
                         ^ call.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                    crate::dropout::seeded_dropout(&xa, key, self.dropout)?
+                    crate::profile::scope("lora.dropout", xa.device(), || {
+                        crate::dropout::seeded_dropout(&xa, key, self.dropout)
+                    })?
                 }
                 None => candle_nn::ops::dropout(&xa, self.dropout)?,
             }
@@ -307,10 +309,12 @@ impl LoraLayer {
         self.training.load(Ordering::Relaxed)
     }
 
-    /// `scaling * B @ A` in f32, `[out, in]`.
+    /// `scaling * B @ A` in f32, `[out, in]`, outside any graph: with the weights' graph
+    /// tracking on, a merged weight kept every f32 temporary of its merge alive (~18 bytes a
+    /// weight; Falcon-7B's merge ran out of 80 GB).
     pub fn delta_weight(&self) -> Result<Tensor> {
-        let a = self.a.as_tensor().to_dtype(DType::F32)?;
-        let b = self.b.as_tensor().to_dtype(DType::F32)?;
+        let a = self.a.as_tensor().detach().to_dtype(DType::F32)?;
+        let b = self.b.as_tensor().detach().to_dtype(DType::F32)?;
         b.matmul(&a)? * self.scaling
     }
 
@@ -437,11 +441,11 @@ impl LoraRegistry {
                 candle_core::Error::Msg(format!("{}: no base weight to merge into", layer.module))
             })?;
             layer.merge(base.as_ref())?;
-            // Each merge makes ~10 bytes per weight of f32 temporaries. Without waiting, the
-            // launches for all layers are queued before the GPU frees the first ones; on
-            // Falcon-7B that ran out of memory (80 GB) inside this loop. Not yet re-measured
-            // on the GPU.
-            layer.a.as_tensor().device().synchronize()?;
+            tracing::debug!(
+                module = %layer.module,
+                used_mib = crate::profile::device_memory_used(layer.a.as_tensor().device()),
+                "merged"
+            );
         }
         Ok(())
     }
@@ -767,6 +771,8 @@ mod tests {
         let base = DenseWeight { weight: w.clone() };
         l.merge(&base).unwrap();
         let merged = l.merged().unwrap();
+        // A graph behind the merged weight would keep the merge's f32 temporaries alive.
+        assert!(!merged.track_op());
         let x = Tensor::new(&[[1f32, -2.0, 0.5]], &dev).unwrap();
         let y_merged = x.matmul(&merged.t().unwrap()).unwrap();
         let y_sep = (x.matmul(&w.t().unwrap()).unwrap() + l.delta_y(&x, false).unwrap()).unwrap();

@@ -21,14 +21,15 @@ pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>, scale: f32) -> Res
     scores.apply_op2_no_bwd(&mask, &Softmax { scale, has_mask })
 }
 
-/// The gradient with respect to the scores of [`masked_softmax`] given `dp`, the gradient with
-/// respect to its output: `P * (dP - sum_t(P * dP)) * scale`, `P` recomputed from `scores`.
+/// The probabilities of [`masked_softmax`] and the gradient with respect to the scores given
+/// `dp`, the gradient with respect to its output: `P * (dP - sum_t(P * dP)) * scale`. Attention's
+/// backward needs both, so one pass recomputes `P` from `scores` and writes the two.
 pub fn masked_softmax_backward(
     scores: &Tensor,
     mask: Option<&Tensor>,
     dp: &Tensor,
     scale: f32,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Tensor)> {
     let scores = scores.contiguous()?;
     let dp = dp.contiguous()?;
     if dp.dims() != scores.dims() || dp.dtype() != scores.dtype() {
@@ -41,7 +42,9 @@ pub fn masked_softmax_backward(
         );
     }
     let (mask, has_mask) = mask_or_dummy(&scores, mask)?;
-    scores.apply_op3_no_bwd(&mask, &dp, &Softmax { scale, has_mask })
+    // `[2, ..scores]`: the probabilities, then the gradient.
+    let both = scores.apply_op3_no_bwd(&mask, &dp, &Softmax { scale, has_mask })?;
+    Ok((both.get(0)?, both.get(1)?))
 }
 
 /// The mask, checked against the scores, or a one-element stand-in the kernels ignore.
@@ -64,7 +67,7 @@ fn mask_or_dummy(scores: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, bool
 }
 
 /// The forward pass as a two-input op (scores, mask), the backward as a three-input one
-/// (scores, mask, dP): which one runs is the number of inputs.
+/// (scores, mask, dP) with a `[2, ..scores]` output: which one runs is the number of inputs.
 struct Softmax {
     scale: f32,
     has_mask: bool,
@@ -98,8 +101,24 @@ impl Softmax {
         })
     }
 
-    /// One row on the CPU: `x` the scores, `m` the mask row, `dp` the output gradient (backward).
-    fn row(&self, x: &[f32], m: Option<&[f32]>, dp: Option<&[f32]>, out: &mut [f32]) {
+    /// The output shape: the scores', or `[2, ..]` for the probabilities and the gradient.
+    fn out_shape(scores: &Layout, backward: bool) -> Shape {
+        let mut dims = scores.shape().dims().to_vec();
+        if backward {
+            dims.insert(0, 2);
+        }
+        Shape::from(dims)
+    }
+
+    /// One row on the CPU: `x` the scores, `m` the mask row, `dp` the output gradient (backward,
+    /// where `out` gets the gradient and `probs` the probabilities).
+    fn row(
+        &self,
+        x: &[f32],
+        m: Option<&[f32]>,
+        dp: Option<(&[f32], &mut [f32])>,
+        out: &mut [f32],
+    ) {
         for (j, o) in out.iter_mut().enumerate() {
             let v = x[j] * self.scale;
             *o = match m {
@@ -116,7 +135,8 @@ impl Softmax {
         for o in out.iter_mut() {
             *o /= sum;
         }
-        if let Some(dp) = dp {
+        if let Some((dp, probs)) = dp {
+            probs.copy_from_slice(out);
             let dot: f32 = out.iter().zip(dp).map(|(p, d)| p * d).sum();
             for (o, d) in out.iter_mut().zip(dp) {
                 *o = *o * (d - dot) * self.scale;
@@ -138,7 +158,10 @@ impl Softmax {
             Some((g, gl)) => Some(to_f32(g, gl)?),
             None => None,
         };
-        let mut out = vec![0f32; d.rows * d.t];
+        let n = d.rows * d.t;
+        let mut out = vec![0f32; if dp.is_some() { 2 * n } else { n }];
+        // Backward: the probabilities first, then the gradient.
+        let (probs, grad) = out.split_at_mut(if dp.is_some() { n } else { 0 });
         for r in 0..d.rows {
             let span = r * d.t..(r + 1) * d.t;
             let mrow = mask.as_ref().map(|m| {
@@ -150,10 +173,20 @@ impl Softmax {
                 let start = (bi * d.s + r % d.s) * d.t;
                 &m[start..start + d.t]
             });
-            let g = dp.as_ref().map(|g| &g[span.clone()]);
-            self.row(&x[span.clone()], mrow, g, &mut out[span]);
+            match &dp {
+                Some(g) => self.row(
+                    &x[span.clone()],
+                    mrow,
+                    Some((&g[span.clone()], &mut probs[span.clone()])),
+                    &mut grad[span],
+                ),
+                None => self.row(&x[span.clone()], mrow, None, &mut grad[span]),
+            }
         }
-        Ok((from_f32(s.dtype(), out)?, sl.shape().clone()))
+        Ok((
+            from_f32(s.dtype(), out)?,
+            Self::out_shape(sl, dp.is_some()),
+        ))
     }
 }
 
@@ -205,13 +238,14 @@ impl Softmax {
             Some((g, gl)) => Some((*g, offsets(gl)?.0)),
             None => None,
         };
+        let backward = dp.is_some();
         let out = crate::cuda_kernels::masked_softmax(
             (s, offsets(sl)?.0),
             (m, offsets(ml)?.0),
             dp,
             &args,
         )?;
-        Ok((out, sl.shape().clone()))
+        Ok((out, Self::out_shape(sl, backward)))
     }
 }
 
@@ -322,9 +356,11 @@ mod tests {
             assert!(d < 1e-6, "forward differs by {d}");
             let grads = (want * &w)?.sum_all()?.backward()?;
             let want_ds = grads.get(&scores).unwrap();
-            let got_ds = masked_softmax_backward(&scores, mask, &w, 0.35)?;
+            let (got_p, got_ds) = masked_softmax_backward(&scores, mask, &w, 0.35)?;
             let d = (&got_ds - want_ds)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(d < 1e-6, "backward differs by {d}");
+            let d = (&got_p - &got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d == 0.0, "backward's probabilities differ by {d}");
         }
         // 16-bit scores: computed in f32, rounded once.
         let lo = scores.to_dtype(DType::BF16)?;

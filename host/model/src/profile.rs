@@ -80,6 +80,21 @@ pub fn scope_with<T, E: From<candle_core::Error>>(
     Ok(out)
 }
 
+/// MiB of GPU memory in use (the whole card, as `cuMemGetInfo` counts it), for tracing where
+/// memory goes; `None` off CUDA.
+pub fn device_memory_used(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
+        let _ = d.cuda_stream().context().bind_to_thread();
+        return mem_get_info()
+            .ok()
+            .map(|(free, total)| ((total - free) >> 20) as u64);
+    }
+    let _ = device;
+    None
+}
+
 /// The table since the last call, sorted by name, and cleared.
 pub fn take() -> Vec<(String, f64, u64)> {
     match TABLE.lock() {

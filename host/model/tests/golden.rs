@@ -472,19 +472,27 @@ fn dropout_kernel_equals_the_cpu_path() {
 /// with and without a padding mask, one mask for the batch or one per row).
 #[test]
 fn masked_softmax_kernels_equal_the_cpu_path() {
-    use adapterlab_model::masked_softmax::{masked_softmax, masked_softmax_backward};
-    use candle_core::DType;
     let dev = device();
     if dev.is_cpu() {
         return;
     }
     let cpu = Device::Cpu;
-    let (b, h, s, t) = (3, 5, 7, 300);
+    // 300: the block-per-row kernel; 512 and 200 (16-bit): the warp-per-row one, whole and
+    // partly filled lanes.
+    for t in [300, 512, 200] {
+        masked_softmax_case(&dev, &cpu, t);
+    }
+}
+
+fn masked_softmax_case(dev: &Device, cpu: &Device, t: usize) {
+    use adapterlab_model::masked_softmax::{masked_softmax, masked_softmax_backward};
+    use candle_core::DType;
+    let (b, h, s) = (3, 5, 7);
     let n = b * h * s * t;
     let scores: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 4.0).collect();
-    let scores = Tensor::from_vec(scores, (b, h, s, t), &cpu).unwrap();
+    let scores = Tensor::from_vec(scores, (b, h, s, t), cpu).unwrap();
     let dp: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-    let dp = Tensor::from_vec(dp, (b, h, s, t), &cpu).unwrap();
+    let dp = Tensor::from_vec(dp, (b, h, s, t), cpu).unwrap();
     let mask_of = |mb: usize| {
         let v: Vec<f32> = (0..mb * s * t)
             .map(|i| {
@@ -496,22 +504,23 @@ fn masked_softmax_kernels_equal_the_cpu_path() {
                 }
             })
             .collect();
-        Tensor::from_vec(v, (mb, 1, s, t), &cpu).unwrap()
+        Tensor::from_vec(v, (mb, 1, s, t), cpu).unwrap()
     };
     let f32s_of = host_f32s;
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let (sc, g) = (scores.to_dtype(dtype).unwrap(), dp.to_dtype(dtype).unwrap());
         for mask in [None, Some(mask_of(1)), Some(mask_of(b))] {
-            let case = format!("{dtype:?} mask {:?}", mask.as_ref().map(|m| m.dims()[0]));
+            let case = format!("t {t} {dtype:?} mask {:?}", mask.as_ref().map(|m| m.dims()[0]));
             let on = |d: &Device| {
                 let m = mask.as_ref().map(|m| m.to_device(d).unwrap());
                 let (sc, g) = (sc.to_device(d).unwrap(), g.to_device(d).unwrap());
-                (
-                    masked_softmax(&sc, m.as_ref(), 0.125).unwrap(),
-                    masked_softmax_backward(&sc, m.as_ref(), &g, 0.125).unwrap(),
-                )
+                let (p, ds) = masked_softmax_backward(&sc, m.as_ref(), &g, 0.125).unwrap();
+                let fwd = masked_softmax(&sc, m.as_ref(), 0.125).unwrap();
+                let gap = max_diff(&f32s_of(&fwd), &f32s_of(&p));
+                assert!(gap == 0.0, "forward and backward probabilities differ by {gap}");
+                (fwd, ds)
             };
-            let ((pc, dc), (pg, dg)) = (on(&cpu), on(&dev));
+            let ((pc, dc), (pg, dg)) = (on(cpu), on(dev));
             assert!(pg.device().is_cuda(), "{case}");
             // expf differs by an ulp or so between the CPU and the GPU; a 16-bit result may
             // then round to its neighbour.

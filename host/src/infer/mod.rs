@@ -22,7 +22,7 @@ pub fn model_runtime(assets_dir: PathBuf) -> Result<Runtime> {
     let mut rt = Runtime::cpu(assets_dir);
     #[cfg(feature = "cuda")]
     {
-        if let Ok(device) = candle_core::Device::new_cuda(0) {
+        if let Ok(device) = adapterlab_model::device::cuda(0) {
             rt.device = device;
             rt.dtype = candle_core::DType::BF16;
         }

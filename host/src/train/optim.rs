@@ -35,18 +35,19 @@ pub fn warmup_steps(warmup_steps: usize, warmup_ratio: f64, max_steps: usize) ->
     }
 }
 
-/// The global L2 norm of `grads` (computed in f32).
+/// The global L2 norm of `grads`, as `clip_grad_norm_` computes it: each gradient's norm in
+/// f32, then the norm of those. One read back for all of them: a read back per gradient made
+/// the device wait 256 times a step on Falcon-7B.
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads {
-        sq += f64::from(
-            g.to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f32>()?,
-        );
+    if grads.is_empty() {
+        return Ok(0.0);
     }
-    Ok(sq.sqrt())
+    let norms = grads
+        .iter()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()?.sqrt())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let total = Tensor::stack(&norms, 0)?.sqr()?.sum_all()?.sqrt()?;
+    Ok(f64::from(total.to_scalar::<f32>()?))
 }
 
 /// `clip_grad_norm_`: scales every gradient by `max_norm / (norm + 1e-6)` when that is below 1.

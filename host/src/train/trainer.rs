@@ -100,7 +100,7 @@ const TRAINER_STATE_FILE: &str = "trainer_state.json";
 
 fn device() -> Result<Device> {
     if cfg!(feature = "cuda") {
-        Ok(Device::cuda_if_available(0)?)
+        Ok(adapterlab_model::device::cuda_if_available(0)?)
     } else {
         Ok(Device::Cpu)
     }

@@ -1,0 +1,58 @@
+//! The devices models run on, made one way for every command.
+//!
+//! On CUDA, candle allocates from the device's stream-ordered memory pool, whose default
+//! release threshold is 0: every synchronization hands all freed memory back to the driver,
+//! and the next allocations map it again. A training step synchronizes when it reads the loss
+//! and the gradient norm, so every step re-mapped its tens of gigabytes of activations. The
+//! pool here keeps what it has mapped, as PyTorch's caching allocator does; peak use is the same.
+
+use candle_core::{Device, Result};
+
+/// The GPU at `ordinal`, with a pool that keeps freed memory for reuse.
+pub fn cuda(ordinal: usize) -> Result<Device> {
+    let device = Device::new_cuda(ordinal)?;
+    keep_freed_memory(&device)?;
+    Ok(device)
+}
+
+/// CUDA when built with it and a GPU is there, else the CPU.
+pub fn cuda_if_available(ordinal: usize) -> Result<Device> {
+    if candle_core::utils::cuda_is_available() {
+        cuda(ordinal)
+    } else {
+        Ok(Device::Cpu)
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(device: &Device) -> Result<()> {
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Device::Cuda(d) = device else {
+        return Ok(());
+    };
+    let ctx = d.cuda_stream().context().clone();
+    ctx.bind_to_thread().w()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `pool` is written by the driver for a valid device of a bound context; the
+    // attribute takes a pointer to a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .w()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .w()?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn keep_freed_memory(_: &Device) -> Result<()> {
+    Ok(())
+}
