@@ -103,15 +103,18 @@ DEQUANT(nf4_dequant_bf16, u16, f32_to_bf16)
 DEQUANT(nf4_dequant_f16, u16, f32_to_f16)
 
 // The same, 8 weights a thread: one 4-byte load of codes, one absmax (the caller guarantees
-// n % 8 == 0 and bs % 8 == 0, so the 8 share a block), 16- or 32-byte stores.
+// n % 8 == 0 and bs % 8 == 0, so the 8 share a block), 16- or 32-byte stores. Indices are
+// 32-bit (the caller guarantees n < 2^32): 64-bit divisions cost more than the memory traffic.
 #define DEQUANT8(NAME, T, CONV, STORE8)                                                        \
 extern "C" __global__ void NAME(const u8* codes, long long n, int bs, int nested,              \
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs, T* out) {{   \
   LOAD_TABLES                                                                                  \
-  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;                              \
-  if (i >= n / 8) return;                                                                      \
+  unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;                                      \
+  if (i >= (unsigned int)(n / 8)) return;                                                      \
   unsigned int c = ((const unsigned int*)codes)[i];                                            \
-  float a = absmax_of(8 * i / bs, nested, absmax, aq, code_s, offset, nbs);                    \
+  unsigned int blk = 8u * i / (unsigned int)bs;                                                \
+  float a = nested ? __fadd_rn(__fmul_rn(code_s[aq[blk]], absmax[blk / (unsigned int)nbs]), offset) \
+                   : absmax[blk];                                                              \
   float w[8];                                                                                  \
   _Pragma("unroll") for (int t = 0; t < 4; ++t) {{                                             \
     unsigned int b = (c >> (8 * t)) & 255u;                                                    \
@@ -388,6 +391,64 @@ extern "C" __global__ void NAME(const u16* x, const float* mask, const u16* dp, 
 }}
 SOFTMAX_WARP(masked_softmax_warp_bf16, bf16_to_f32, f32_to_bf16)
 SOFTMAX_WARP(masked_softmax_warp_f16, f16_to_f32, f32_to_f16)
+// Cross-entropy over rows of `v` logits (crate::loss::cross_entropy_sum): one block a row.
+// Forward: lse = log(sum(exp(x - max))) + max and nll = lse - x[label] (NaN for a label out of
+// range). Backward: (exp(x - lse) - onehot(label)) * g, g the gradient of the summed loss.
+#define CE_FWD(NAME, T, LOAD)                                                                  \
+extern "C" __global__ void NAME(const T* x, const unsigned int* labels, float* lse,           \
+    float* nll, int v) {{                                                                      \
+  __shared__ float red[32];                                                                    \
+  long long row = blockIdx.x;                                                                  \
+  const T* xr = x + row * (long long)v;                                                        \
+  float mx = NEG_INF;                                                                          \
+  for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, LOAD(xr[j]));               \
+  mx = block_reduce(mx, red, 1);                                                               \
+  float sum = 0.f;                                                                             \
+  for (int j = threadIdx.x; j < v; j += blockDim.x) sum += expf(LOAD(xr[j]) - mx);             \
+  sum = block_reduce(sum, red, 0);                                                             \
+  if (threadIdx.x == 0) {{                                                                     \
+    float l = logf(sum) + mx;                                                                  \
+    unsigned int lab = labels[row];                                                            \
+    lse[row] = l;                                                                              \
+    nll[row] = lab < (unsigned int)v ? l - LOAD(xr[lab]) : __int_as_float(0x7fc00000);         \
+  }}                                                                                           \
+}}
+#define CE_BWD(NAME, T, LOAD, STORE)                                                           \
+extern "C" __global__ void NAME(const T* x, const unsigned int* labels, const float* lse,     \
+    const float* g, T* out, int v) {{                                                          \
+  long long row = blockIdx.x;                                                                  \
+  const T* xr = x + row * (long long)v;                                                        \
+  float l = lse[row], gg = g[0];                                                               \
+  unsigned int lab = labels[row];                                                              \
+  for (int j = threadIdx.x; j < v; j += blockDim.x) {{                                         \
+    float p = expf(LOAD(xr[j]) - l);                                                           \
+    if ((unsigned int)j == lab) p -= 1.f;                                                      \
+    out[row * (long long)v + j] = STORE(p * gg);                                               \
+  }}                                                                                           \
+}}
+CE_FWD(ce_fwd_f32, float, f32_id)
+CE_FWD(ce_fwd_bf16, u16, bf16_to_f32)
+CE_FWD(ce_fwd_f16, u16, f16_to_f32)
+CE_BWD(ce_bwd_f32, float, f32_id, f32_id)
+CE_BWD(ce_bwd_bf16, u16, bf16_to_f32, f32_to_bf16)
+CE_BWD(ce_bwd_f16, u16, f16_to_f32, f32_to_f16)
+// One AdamW update (torch.optim.AdamW, f32), with the roundings of the op-by-op version in
+// the trainer: every product and sum rounded on its own, `/ bc2_sqrt` as a multiply by its
+// inverse (candle's tensor / scalar), `sqrtf` and `/` exact.
+extern "C" __global__ void adamw_f32(const float* p, const float* g, const float* m,
+    const float* v, float* po, float* mo, float* vo, long long n, float b1, float omb1,
+    float b2, float omb2, float decay, int has_decay, float inv_bc2, float eps, float step) {{
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float gi = g[i];
+  float mi = __fadd_rn(__fmul_rn(m[i], b1), __fmul_rn(gi, omb1));
+  float vi = __fadd_rn(__fmul_rn(v[i], b2), __fmul_rn(__fmul_rn(gi, gi), omb2));
+  float pi = has_decay ? __fmul_rn(p[i], decay) : p[i];
+  float denom = __fadd_rn(__fmul_rn(sqrtf(vi), inv_bc2), eps);
+  po[i] = __fsub_rn(pi, __fmul_rn(__fdiv_rn(mi, denom), step));
+  mo[i] = mi;
+  vo[i] = vi;
+}}
 SOFTMAX(masked_softmax_f32, float, f32_id, f32_id)
 SOFTMAX(masked_softmax_bf16, u16, bf16_to_f32, f32_to_bf16)
 SOFTMAX(masked_softmax_f16, u16, f16_to_f32, f32_to_f16)
@@ -500,7 +561,7 @@ pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
     let bs = w.blocksize as i32;
     let threads = 256u32;
     // Eight weights a thread where whole 4-byte words of codes share an absmax block.
-    let by8 = w.n % 8 == 0 && w.blocksize % 8 == 0;
+    let by8 = w.n % 8 == 0 && w.blocksize % 8 == 0 && w.n <= u32::MAX as usize;
     let per_thread = if by8 { w.n / 8 } else { w.n.div_ceil(2) };
     let cfg = LaunchConfig {
         grid_dim: (per_thread.div_ceil(threads as usize) as u32, 1, 1),
@@ -785,4 +846,202 @@ pub fn gelu_backward(
             "gelu backward on {other:?} is not supported"
         ))),
     }
+}
+
+/// The CUDA storage of a contiguous tensor and the element where it starts.
+fn contiguous_cuda(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, usize)> {
+    let (s, l) = t.storage_and_layout();
+    let start = match l.contiguous_offsets() {
+        Some((start, _)) => start,
+        None => return Err(Error::Msg("CUDA kernel: input is not contiguous".into())),
+    };
+    if !matches!(&*s, Storage::Cuda(_)) {
+        return Err(Error::Msg("CUDA kernel: input is not on the GPU".into()));
+    }
+    Ok((s, start))
+}
+
+fn as_cuda(s: &Storage) -> &CudaStorage {
+    match s {
+        Storage::Cuda(c) => c,
+        // contiguous_cuda checked it.
+        _ => unreachable!("checked by contiguous_cuda"),
+    }
+}
+
+/// Per row of `logits` (`[n, v]`, contiguous) and its `labels` (`[n]` u32): `(lse, nll)`, each
+/// `[n]` f32 (see the `CE_FWD` kernel).
+pub fn cross_entropy_forward(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dev = cuda_device(logits)?;
+    let ptx = ptx()?;
+    let (n, v) = logits.dims2()?;
+    let (ls, lstart) = contiguous_cuda(logits)?;
+    let (ys, ystart) = contiguous_cuda(labels)?;
+    let y = as_cuda(&ys).as_cuda_slice::<u32>()?.slice(ystart..ystart + n);
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let v_i = v as i32;
+    // SAFETY: every element is written by the kernel below.
+    let lse = unsafe { dev.alloc::<f32>(n)? };
+    let nll = unsafe { dev.alloc::<f32>(n)? };
+    macro_rules! launch {
+        ($name:literal, $t:ty) => {{
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
+            let x = as_cuda(&ls).as_cuda_slice::<$t>()?.slice(lstart..lstart + n * v);
+            let mut b = func.builder();
+            b.arg(&x);
+            b.arg(&y);
+            b.arg(&lse);
+            b.arg(&nll);
+            b.arg(&v_i);
+            // SAFETY: the argument list matches the kernel's signature.
+            unsafe { b.launch(cfg) }.w()?;
+        }};
+    }
+    match logits.dtype() {
+        DType::F32 => launch!("ce_fwd_f32", f32),
+        DType::BF16 => launch!("ce_fwd_bf16", half::bf16),
+        DType::F16 => launch!("ce_fwd_f16", half::f16),
+        other => {
+            return Err(Error::Msg(format!(
+                "cross-entropy on {other:?} is not supported"
+            )));
+        }
+    }
+    Ok((wrap(lse, &dev, n), wrap(nll, &dev, n)))
+}
+
+/// The gradient of the summed cross-entropy with respect to `logits`, in their dtype, given the
+/// forward's `lse` and `grad` (a one-element f32 tensor: the gradient of the sum).
+pub fn cross_entropy_backward(
+    logits: &Tensor,
+    labels: &Tensor,
+    lse: &Tensor,
+    grad: &Tensor,
+) -> Result<Tensor> {
+    let dev = cuda_device(logits)?;
+    let ptx = ptx()?;
+    let (n, v) = logits.dims2()?;
+    let (ls, lstart) = contiguous_cuda(logits)?;
+    let (ys, ystart) = contiguous_cuda(labels)?;
+    let (es, estart) = contiguous_cuda(lse)?;
+    let (gs, gstart) = contiguous_cuda(grad)?;
+    let y = as_cuda(&ys).as_cuda_slice::<u32>()?.slice(ystart..ystart + n);
+    let e = as_cuda(&es).as_cuda_slice::<f32>()?.slice(estart..estart + n);
+    let g = as_cuda(&gs).as_cuda_slice::<f32>()?.slice(gstart..gstart + 1);
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let v_i = v as i32;
+    macro_rules! launch {
+        ($name:literal, $t:ty) => {{
+            let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
+            let x = as_cuda(&ls).as_cuda_slice::<$t>()?.slice(lstart..lstart + n * v);
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(n * v)? };
+            let mut b = func.builder();
+            b.arg(&x);
+            b.arg(&y);
+            b.arg(&e);
+            b.arg(&g);
+            b.arg(&out);
+            b.arg(&v_i);
+            // SAFETY: the argument list matches the kernel's signature.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(wrap(out, &dev, (n, v)))
+        }};
+    }
+    match logits.dtype() {
+        DType::F32 => launch!("ce_bwd_f32", f32),
+        DType::BF16 => launch!("ce_bwd_bf16", half::bf16),
+        DType::F16 => launch!("ce_bwd_f16", half::f16),
+        other => Err(Error::Msg(format!(
+            "cross-entropy on {other:?} is not supported"
+        ))),
+    }
+}
+
+/// The scalars of one AdamW update, as the trainer's op-by-op version rounds them to f32.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWScalars {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// `1 - lr * weight_decay`, or `None` without weight decay.
+    pub decay: Option<f64>,
+    pub bc2_sqrt: f64,
+    /// `lr / bc1`.
+    pub step: f64,
+}
+
+/// `(p, m, v)` after one AdamW update of the f32 tensors `p`, `m`, `v` with gradient `g` (see
+/// the `adamw_f32` kernel): one launch instead of a dozen per weight.
+pub fn adamw_f32(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    c: &AdamWScalars,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dev = cuda_device(p)?;
+    let ptx = ptx()?;
+    let n = p.elem_count();
+    for t in [g, m, v] {
+        if t.elem_count() != n || t.dtype() != DType::F32 || p.dtype() != DType::F32 {
+            return Err(Error::Msg(format!(
+                "adamw: tensors of {:?} {:?} and {:?} {:?}",
+                p.dims(),
+                p.dtype(),
+                t.dims(),
+                t.dtype()
+            )));
+        }
+    }
+    let (ps, pstart) = contiguous_cuda(p)?;
+    let (gs, gstart) = contiguous_cuda(g)?;
+    let (ms, mstart) = contiguous_cuda(m)?;
+    let (vs, vstart) = contiguous_cuda(v)?;
+    let pv = as_cuda(&ps).as_cuda_slice::<f32>()?.slice(pstart..pstart + n);
+    let gv = as_cuda(&gs).as_cuda_slice::<f32>()?.slice(gstart..gstart + n);
+    let mv = as_cuda(&ms).as_cuda_slice::<f32>()?.slice(mstart..mstart + n);
+    let vv = as_cuda(&vs).as_cuda_slice::<f32>()?.slice(vstart..vstart + n);
+    // SAFETY: every element is written by the kernel below.
+    let (po, mo, vo) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
+    let func = dev.get_or_load_custom_func("adamw_f32", MODULE, ptx)?;
+    let n_i = n as i64;
+    let f = |x: f64| x as f32;
+    let (b1, omb1, b2, omb2) = (f(c.beta1), f(1.0 - c.beta1), f(c.beta2), f(1.0 - c.beta2));
+    let (decay, has_decay) = (f(c.decay.unwrap_or(1.0)), c.decay.is_some() as i32);
+    let (inv_bc2, eps, step) = (f(1.0 / c.bc2_sqrt), f(c.eps), f(c.step));
+    let mut b = func.builder();
+    b.arg(&pv);
+    b.arg(&gv);
+    b.arg(&mv);
+    b.arg(&vv);
+    b.arg(&po);
+    b.arg(&mo);
+    b.arg(&vo);
+    b.arg(&n_i);
+    b.arg(&b1);
+    b.arg(&omb1);
+    b.arg(&b2);
+    b.arg(&omb2);
+    b.arg(&decay);
+    b.arg(&has_decay);
+    b.arg(&inv_bc2);
+    b.arg(&eps);
+    b.arg(&step);
+    // SAFETY: the argument list matches the kernel's signature.
+    unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+    let shape = p.shape().clone();
+    Ok((
+        wrap(po, &dev, shape.clone()),
+        wrap(mo, &dev, shape.clone()),
+        wrap(vo, &dev, shape),
+    ))
 }

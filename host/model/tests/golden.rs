@@ -535,6 +535,87 @@ fn masked_softmax_case(dev: &Device, cpu: &Device, t: usize) {
     }
 }
 
+/// The cross-entropy kernels (summed loss and its gradient) against the CPU path, for a
+/// vocabulary that is not a multiple of the block size.
+#[test]
+fn cross_entropy_kernels_equal_the_cpu_path() {
+    use adapterlab_model::loss::cross_entropy_sum;
+    use candle_core::{DType, Var};
+    let dev = device();
+    if dev.is_cpu() {
+        return;
+    }
+    let cpu = Device::Cpu;
+    let (n, v) = (37, 3001);
+    let logits: Vec<f32> = (0..n * v).map(|i| (i as f32 * 0.013).sin() * 8.0).collect();
+    let logits = Tensor::from_vec(logits, (n, v), &cpu).unwrap();
+    let labels: Vec<u32> = (0..n as u32).map(|i| (i * 977) % v as u32).collect();
+    let labels = Tensor::from_vec(labels, n, &cpu).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let on = |d: &Device| {
+            let x = Var::from_tensor(&logits.to_dtype(dtype).unwrap().to_device(d).unwrap()).unwrap();
+            let loss = cross_entropy_sum(x.as_tensor(), &labels.to_device(d).unwrap()).unwrap();
+            // A scale other than 1, so the kernel's use of the incoming gradient shows.
+            let grads = (&loss * 0.25).unwrap().backward().unwrap();
+            let g = grads.get(x.as_tensor()).unwrap().clone();
+            (host_f32s(&loss)[0], host_f32s(&g))
+        };
+        let ((lc, gc), (lg, gg)) = (on(&cpu), on(&dev));
+        assert!((lc - lg).abs() <= 1e-5 * lc.abs(), "{dtype:?} loss: cpu {lc}, gpu {lg}");
+        let tol = if dtype == DType::F32 { 1e-6 } else { 4e-3 };
+        let err = max_diff(&gc, &gg);
+        assert!(err < tol, "{dtype:?} gradient differs by {err}");
+    }
+}
+
+/// The AdamW kernel against the trainer's op-by-op update (host/src/train/optim.rs, restated
+/// here with the same candle ops) on the CPU: the same bits, with and without weight decay.
+#[cfg(feature = "cuda")]
+#[test]
+fn adamw_kernel_equals_the_op_by_op_update() {
+    use adapterlab_model::cuda_kernels::{AdamWScalars, adamw_f32};
+    let dev = device();
+    if dev.is_cpu() {
+        return;
+    }
+    let cpu = Device::Cpu;
+    let n = 5000;
+    let mk = |k: f32| {
+        let v: Vec<f32> = (0..n).map(|i| ((i as f32 * k).sin() * 0.3)).collect();
+        Tensor::from_vec(v, n, &cpu).unwrap()
+    };
+    let (p, g, m) = (mk(0.37), mk(0.11), mk(0.53));
+    let v = mk(0.71).abs().unwrap();
+    let (beta1, beta2, eps, lr, step) = (0.9f64, 0.999f64, 1e-8f64, 2e-4f64, 3i32);
+    let bc1 = 1.0 - beta1.powi(step);
+    let bc2_sqrt = (1.0 - beta2.powi(step)).sqrt();
+    for weight_decay in [0.0, 0.01] {
+        let m2 = ((&m * beta1).unwrap() + (&g * (1.0 - beta1)).unwrap()).unwrap();
+        let v2 = ((&v * beta2).unwrap() + (g.sqr().unwrap() * (1.0 - beta2)).unwrap()).unwrap();
+        let p1 = if weight_decay != 0.0 {
+            (&p * (1.0 - lr * weight_decay)).unwrap()
+        } else {
+            p.clone()
+        };
+        let denom = ((v2.sqrt().unwrap() / bc2_sqrt).unwrap() + eps).unwrap();
+        let p2 = (p1 - ((&m2 / denom).unwrap() * (lr / bc1)).unwrap()).unwrap();
+        let scalars = AdamWScalars {
+            beta1,
+            beta2,
+            eps,
+            decay: (weight_decay != 0.0).then(|| 1.0 - lr * weight_decay),
+            bc2_sqrt,
+            step: lr / bc1,
+        };
+        let on = |t: &Tensor| t.to_device(&dev).unwrap();
+        let (pg, mg, vg) = adamw_f32(&on(&p), &on(&g), &on(&m), &on(&v), &scalars).unwrap();
+        for (what, want, got) in [("p", &p2, &pg), ("m", &m2, &mg), ("v", &v2, &vg)] {
+            let err = max_diff(&host_f32s(want), &host_f32s(got));
+            assert!(err == 0.0, "weight decay {weight_decay}: {what} differs by {err}");
+        }
+    }
+}
+
 /// GELU's backward kernel against the CPU path.
 #[test]
 fn gelu_backward_kernel_equals_the_cpu_path() {

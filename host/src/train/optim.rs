@@ -125,6 +125,30 @@ impl AdamW {
         let bc2_sqrt = (1.0 - beta2.powi(self.step as i32)).sqrt();
         for (i, ((_, var), g)) in self.vars.iter().zip(grads).enumerate() {
             let g = g.to_dtype(DType::F32)?;
+            #[cfg(feature = "cuda")]
+            if var.device().is_cuda() && var.dtype() == DType::F32 {
+                // The same update in one kernel, rounded alike (golden test
+                // `adamw_kernel_equals_the_op_by_op_update`).
+                let scalars = adapterlab_model::cuda_kernels::AdamWScalars {
+                    beta1,
+                    beta2,
+                    eps,
+                    decay: (weight_decay != 0.0).then(|| 1.0 - lr * weight_decay),
+                    bc2_sqrt,
+                    step: lr / bc1,
+                };
+                let (p, m, v) = adapterlab_model::cuda_kernels::adamw_f32(
+                    var.as_tensor(),
+                    &g.contiguous()?,
+                    &self.m[i],
+                    &self.v[i],
+                    &scalars,
+                )?;
+                var.set(&p)?;
+                self.m[i] = m;
+                self.v[i] = v;
+                continue;
+            }
             let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
             let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let p = var.as_tensor().to_dtype(DType::F32)?;
