@@ -7,7 +7,8 @@
 #   reference  the Python stack (transformers + PEFT + bitsandbytes): hf_qlora_baseline.py on a
 #              Falcon-7B-shaped random checkpoint (made here once, ~14 GB in /tmp)
 #   train      `adapterlab bench train` on the very same files and workload (batch 8 x 512)
-#   train-ckpt the same with gradient checkpointing
+#   train-ckpt the same with gradient checkpointing, for each --checkpoint-every in CKPT_EVERY
+#              (default 1: every layer)
 #   generate   `adapterlab bench generate`: batch 1 and 16, adapter unmerged and merged
 #   profile    `bench train` and `bench generate` with ADAPTERLAB_PROFILE=1 on a Falcon-7B-shaped
 #              checkpoint of PROFILE_LAYERS (8) layers: seconds per phase (model/src/profile.rs);
@@ -36,6 +37,7 @@ OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 CKPT=${CKPT:-/tmp/falcon7b-rand}
 STAGES=${STAGES:-golden,reference,train,generate,sft}
+CKPT_EVERY=${CKPT_EVERY:-1}
 RESULTS=$OUT/results.jsonl
 AL=/tmp/adapterlab
 gunzip -c .carry/adapterlab.gz > $AL && chmod +x $AL
@@ -121,10 +123,13 @@ if stage train; then
 fi
 
 if stage train-ckpt; then
-  echo "== adapterlab bench train --gradient-checkpointing"
-  watch_mem adapterlab-train-ckpt
-  timeout ${STAGE_TIMEOUT:-240} $AL bench train --model "$CKPT" --batch 8 --seq 512 --steps 10 --warmup 3 --gradient-checkpointing --save /tmp/bench-adapter 2>&1 | tee "$OUT/adapterlab-train-ckpt.log" | log adapterlab
-  stop_mem adapterlab-train-ckpt
+  # CKPT_EVERY: a comma-separated list of --checkpoint-every values (1: every layer, as HF).
+  for every in ${CKPT_EVERY//,/ }; do
+    echo "== adapterlab bench train --gradient-checkpointing --checkpoint-every $every"
+    watch_mem adapterlab-train-ckpt-$every
+    timeout ${STAGE_TIMEOUT:-240} $AL bench train --model "$CKPT" --batch 8 --seq 512 --steps 10 --warmup 3 --gradient-checkpointing --checkpoint-every $every --save /tmp/bench-adapter 2>&1 | tee "$OUT/adapterlab-train-ckpt-$every.log" | log adapterlab
+    stop_mem adapterlab-train-ckpt-$every
+  done
 fi
 
 if stage generate; then

@@ -18,8 +18,9 @@ def main():
     print("| workload | Python (transformers + PEFT + bitsandbytes) | adapterlab | ratio |")
     print("| --- | --- | --- | --- |")
     p, o = find("python", "train_step"), find("adapterlab", "train_step", gradient_checkpointing=False)
-    oc = find("adapterlab", "train_step", gradient_checkpointing=True)
-    if p or o:
+    ckpts = [r for r in rows if r.get("side") == "adapterlab" and r.get("what") == "train_step"
+             and r.get("gradient_checkpointing")]
+    if o:
         pv = p and p["tokens_per_s"]; ov = o and o["tokens_per_s"]
         print(f"| train step, batch 8 x 512, tokens/s | {pv} | {ov} | {round(ov / pv, 2) if pv and ov else '-'}x |")
         pm = find("python", "nvidia_smi_peak"); om = find("adapterlab-train", "nvidia_smi_peak")
@@ -27,18 +28,22 @@ def main():
         pmg = pm and round(pm["mib"] / 1024, 1); omg = om and round(om["mib"] / 1024, 1)
         print(f"| train peak GPU memory, GiB (nvidia-smi) | {pmg} (torch allocated: {pt}) | {omg} | "
               f"{round(omg / pmg, 2) if pmg and omg else '-'}x |")
-    if oc:
+    for oc in ckpts:
+        every = oc.get("checkpoint_every", 1)
         pv = p and p["tokens_per_s"]
-        om = find("adapterlab-train-ckpt", "nvidia_smi_peak")
-        print(f"| train step with gradient checkpointing (adapterlab only), tokens/s | {pv} | {oc['tokens_per_s']} | "
+        pm = find("python", "nvidia_smi_peak")
+        om = find(f"adapterlab-train-ckpt-{every}", "nvidia_smi_peak") or find("adapterlab-train-ckpt", "nvidia_smi_peak")
+        which = "every layer" if every == 1 else f"every {every} layers"
+        print(f"| train step, gradient checkpointing of {which} (Python: none), tokens/s | {pv} | {oc['tokens_per_s']} | "
               f"{round(oc['tokens_per_s'] / pv, 2) if pv else '-'}x |")
         if om:
-            print(f"| its peak GPU memory, GiB (nvidia-smi) | | {round(om['mib'] / 1024, 1)} | |")
+            pmg = pm and round(pm["mib"] / 1024, 1); omg = round(om["mib"] / 1024, 1)
+            print(f"| its peak GPU memory, GiB (nvidia-smi) | {pmg} | {omg} | {round(omg / pmg, 2) if pmg else '-'}x |")
     for b in (1, 16):
         p = find("python", "generate", batch=b)
         for merged in (False, True):
             o = find("adapterlab", "generate", batch=b, merged=merged)
-            if not (p or o):
+            if not o:
                 continue
             pv = p and p["tokens_per_s"]; ov = o and o["tokens_per_s"]
             label = "merged" if merged else "unmerged"

@@ -23,6 +23,7 @@ thread_local! {
     // Per thread, as a training loop runs forward and backward on one thread: another model
     // used elsewhere in the process (the server's evaluations) is not affected.
     static ENABLED: Cell<bool> = const { Cell::new(false) };
+    static EVERY: Cell<usize> = const { Cell::new(1) };
     static NO_GRAD: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -33,6 +34,18 @@ pub fn set_enabled(on: bool) {
 
 pub fn enabled() -> bool {
     ENABLED.with(Cell::get)
+}
+
+/// With checkpointing on, checkpoint only layers `0, every, 2 * every, ...` (1: all). Memory
+/// falls with the share of layers checkpointed and so does the recomputation's cost, so this
+/// picks a point between the two extremes transformers offers.
+pub fn set_every(every: usize) {
+    EVERY.with(|c| c.set(every.max(1)));
+}
+
+/// Whether the layer at `index` of the loop is checkpointed now.
+pub fn checkpoints(index: usize) -> bool {
+    enabled() && index % EVERY.with(Cell::get) == 0
 }
 
 /// Whether the current forward pass is a checkpointed layer's first, graph-free one: trainable
@@ -67,15 +80,17 @@ pub trait DecoderLayer: Clone + Send + Sync + 'static {
     fn linears(&self) -> Vec<&Linear>;
 }
 
-/// One step of a model's layer loop, `run(layer, x, cache)`: checkpointed when checkpointing is
-/// on and no KV cache is in use (training), else run as is. The one place both models decide.
+/// Step `index` of a model's layer loop, `run(layer, x, cache)`: checkpointed when
+/// [`checkpoints`] says so and no KV cache is in use (training), else run as is. The one place
+/// both models decide.
 pub fn run_layer<L: DecoderLayer>(
+    index: usize,
     layer: &L,
     x: &Tensor,
     cache: Option<&mut KvCache>,
     run: impl Fn(&L, &Tensor, Option<&mut KvCache>) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
-    if !enabled() || cache.is_some() {
+    if !checkpoints(index) || cache.is_some() {
         return run(layer, x, cache);
     }
     let trainable = layer
@@ -163,8 +178,10 @@ pub(crate) mod tests {
         reg.set_training(true);
         let ids = Tensor::new(&[[0u32, 5, 9, 3, 17], [4, 4, 8, 1, 2]], &dev)?;
         let mut runs = Vec::new();
-        for on in [false, true] {
+        // Plain, every layer checkpointed, every other layer (a mix of both kinds of gradient).
+        for (on, every) in [(false, 1), (true, 1), (true, 2)] {
             super::set_enabled(on);
+            super::set_every(every);
             reg.set_dropout_key(1, 0);
             let h = model.hidden_states(&ids, None, None)?;
             let store = model.lm_head(&h)?.sqr()?.sum_all()?.backward()?;
@@ -182,16 +199,19 @@ pub(crate) mod tests {
             runs.push(grads);
         }
         super::set_enabled(false);
-        for (plain, ckpt) in runs[0].iter().zip(&runs[1]) {
-            let scale = plain.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
-            let d = plain
-                .iter()
-                .zip(ckpt)
-                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-            assert!(
-                d <= 1e-5 * scale.max(1.0),
-                "gradients differ by {d} (scale {scale})"
-            );
+        super::set_every(1);
+        for (run, every) in runs[1..].iter().zip([1, 2]) {
+            for (plain, ckpt) in runs[0].iter().zip(run) {
+                let scale = plain.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
+                let d = plain
+                    .iter()
+                    .zip(ckpt)
+                    .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                assert!(
+                    d <= 1e-5 * scale.max(1.0),
+                    "every {every}: gradients differ by {d} (scale {scale})"
+                );
+            }
         }
         Ok(())
     }

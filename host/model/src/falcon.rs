@@ -382,9 +382,9 @@ impl CausalLm for Falcon {
             other => other,
         };
         let inputs = std::sync::Arc::new((ctx, rope, alibi));
-        for layer in &self.h {
+        for (i, layer) in self.h.iter().enumerate() {
             let inputs = inputs.clone();
-            x = crate::checkpoint::run_layer(layer, &x, cache.as_deref_mut(), move |l, h, c| {
+            x = crate::checkpoint::run_layer(i, layer, &x, cache.as_deref_mut(), move |l, h, c| {
                 let (ctx, rope, alibi) = &*inputs;
                 l.forward(h, ctx, rope.as_ref(), alibi.as_ref(), c)
             })?;

@@ -231,9 +231,9 @@ impl CausalLm for Llama {
         let mut x = self.embed_tokens.forward(input_ids)?;
         let rope = self.rotary.cos_sin(&ctx, x.dtype(), &self.device)?;
         let inputs = std::sync::Arc::new((ctx, rope));
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             let inputs = inputs.clone();
-            x = crate::checkpoint::run_layer(layer, &x, cache.as_deref_mut(), move |l, h, c| {
+            x = crate::checkpoint::run_layer(i, layer, &x, cache.as_deref_mut(), move |l, h, c| {
                 let (ctx, rope) = &*inputs;
                 l.forward(h, ctx, rope, c)
             })?;

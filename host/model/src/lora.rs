@@ -304,6 +304,38 @@ impl LoraLayer {
         h.reshape(out_shape)
     }
 
+    /// `y + delta_y(x)` at inference on a few rows on the GPU, in two kernels (the op-by-op
+    /// version launched eight per layer per token, most of unmerged decoding's time); `None`
+    /// where it does not apply (training, a graph, the CPU, 32-bit inputs, many rows).
+    pub fn add_to(&self, y: &Tensor, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        {
+            let k = x.dim(candle_core::D::Minus1)?;
+            let rows = x.elem_count() / k.max(1);
+            let fits = !train
+                && !x.track_op()
+                && x.device().is_cuda()
+                && matches!(x.dtype(), DType::BF16 | DType::F16)
+                && y.dtype() == x.dtype()
+                && self.a.dtype() == DType::F32
+                && self.b.dtype() == DType::F32
+                && rows <= crate::cuda_kernels::LORA_INFERENCE_MAX_ROWS;
+            if fits {
+                let n = y.dim(candle_core::D::Minus1)?;
+                let out = crate::cuda_kernels::lora_inference(
+                    &y.contiguous()?.reshape((rows, n))?,
+                    &x.contiguous()?.reshape((rows, k))?,
+                    &self.a.as_tensor().detach().contiguous()?,
+                    &self.b.as_tensor().detach().contiguous()?,
+                    self.scaling,
+                )?;
+                return out.reshape(y.shape()).map(Some);
+            }
+        }
+        let _ = (y, x, train);
+        Ok(None)
+    }
+
     /// Whether forward passes in [`LoraRegistry`]'s training mode (dropout on).
     pub fn training(&self) -> bool {
         self.training.load(Ordering::Relaxed)

@@ -57,6 +57,9 @@ pub struct TrainBenchArgs {
     /// Recompute each layer's activations in backward (HF's `gradient_checkpointing`).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// With --gradient-checkpointing, checkpoint every this many layers (1: all).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: u64,
     /// Save the trained adapter here (PEFT format), e.g. for `bench generate --adapter`.
     #[arg(long)]
     pub save: Option<PathBuf>,
@@ -111,6 +114,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
             ..Default::default()
         },
         gradient_checkpointing: args.gradient_checkpointing,
+        gradient_checkpointing_every: args.checkpoint_every as usize,
         ..Default::default()
     };
     let t = Instant::now();
@@ -122,7 +126,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
     emit(
         json!({"what": "load", "s": round(t.elapsed().as_secs_f64(), 1), "trainable": trainable,
         "device": gpu_name(&device), "lora_layers": registry.layers().len(),
-        "gradient_checkpointing": args.gradient_checkpointing}),
+        "gradient_checkpointing": args.gradient_checkpointing, "checkpoint_every": args.checkpoint_every}),
     );
     registry.set_training(true);
     let vocab = model.vocab_size();
@@ -163,7 +167,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
     times.sort_by(f64::total_cmp);
     if let Some(&median) = times.get(times.len() / 2) {
         emit(
-            json!({"what": "train_step", "batch": args.batch, "seq": args.seq, "gradient_checkpointing": args.gradient_checkpointing,
+            json!({"what": "train_step", "batch": args.batch, "seq": args.seq, "gradient_checkpointing": args.gradient_checkpointing, "checkpoint_every": args.checkpoint_every,
             "median_s": round(median, 4), "tokens_per_s": round((args.batch * args.seq) as f64 / median, 1),
             "loss": round(last_loss, 4)}),
         );

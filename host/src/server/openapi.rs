@@ -30,6 +30,7 @@ pub fn document() -> Value {
             "seed": {"type": "integer", "default": 42}, "bf16": {"type": "boolean", "default": true}, "fp16": {"type": "boolean", "default": false},
             "tokenizer_name": {"type": "string", "description": "a tokenizer.json (or a folder holding one) instead of the model's"},
             "gradient_checkpointing": {"type": "boolean", "default": false},
+            "gradient_checkpointing_every": {"type": "integer", "minimum": 1, "default": 1, "description": "with gradient_checkpointing, checkpoint every this many layers (adapterlab's own key)"},
             "eval_after_train": {"type": "array", "items": {"type": "string"}, "description": "metric plugins run on the trained model's generations for the validation (else test) split, as a separate eval run"},
             "lora": {"type": "object", "additionalProperties": false, "properties": {
                 "r": {"type": "integer", "default": 16}, "lora_alpha": {"type": "number", "default": 32},

@@ -160,6 +160,7 @@ pub fn load_for_training(
     let device = device()?;
     let dtype = compute_dtype(config, &device);
     adapterlab_model::checkpoint::set_enabled(config.gradient_checkpointing);
+    adapterlab_model::checkpoint::set_every(config.gradient_checkpointing_every);
     let rt = Runtime {
         assets_dir: assets_dir.to_path_buf(),
         device: device.clone(),
