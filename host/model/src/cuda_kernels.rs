@@ -502,6 +502,18 @@ fn ptx() -> Result<&'static str> {
     .map_err(|e| Error::Msg(e.clone()))
 }
 
+/// Launches kernel `$name` of this module on `$dev` with `$cfg`, pushing the arguments in
+/// order.
+macro_rules! run_kernel {
+    ($dev:expr, $name:expr, $cfg:expr; $($arg:expr),+ $(,)?) => {{
+        let func = $dev.get_or_load_custom_func($name, MODULE, ptx()?)?;
+        let mut builder = func.builder();
+        $( builder.arg($arg); )+
+        // SAFETY: every call site passes the kernel's parameters in its order and types.
+        unsafe { builder.launch($cfg) }.w()
+    }};
+}
+
 fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     match t.device() {
         Device::Cuda(d) => Ok(d.clone()),
@@ -587,7 +599,6 @@ fn wrap<T: candle_core::cuda_backend::CudaDType>(
 /// The whole weight in `dtype` (bf16, f16 or f32), flat: the caller reshapes it.
 pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
     let dev = cuda_device(w.codes)?;
-    let ptx = ptx()?;
     let n = w.n as i64;
     let bs = w.blocksize as i32;
     let threads = 256u32;
@@ -602,23 +613,12 @@ pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
     with_slices(w, |s| {
         macro_rules! launch {
             ($name:literal, $name8:literal, $t:ty) => {{
-                let func =
-                    dev.get_or_load_custom_func(if by8 { $name8 } else { $name }, MODULE, ptx)?;
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(w.n)? };
-                let mut b = func.builder();
-                b.arg(s.codes);
-                b.arg(&n);
-                b.arg(&bs);
-                b.arg(&s.nested);
-                b.arg(s.absmax);
-                b.arg(s.aq);
-                b.arg(s.acode);
-                b.arg(&s.offset);
-                b.arg(&s.nbs);
-                b.arg(&out);
-                // SAFETY: the argument list matches the kernel's signature.
-                unsafe { b.launch(cfg) }.w()?;
+                let name = if by8 { $name8 } else { $name };
+                run_kernel!(dev, name, cfg;
+                    s.codes, &n, &bs, &s.nested, s.absmax, s.aq, s.acode, &s.offset, &s.nbs, &out,
+                )?;
                 Ok(wrap(out, &dev, w.n))
             }};
         }
@@ -649,7 +649,6 @@ pub fn gemv(w: &Nf4Gpu, out_features: usize, x: &Tensor) -> Result<Tensor> {
         x.to_dtype(DType::F32)?.to_dtype(x.dtype())?
     };
     let dev = cuda_device(&x)?;
-    let ptx = ptx()?;
     let (n_i, k_i, m_i, bs) = (out_features as i32, k as i32, m as i32, w.blocksize as i32);
     let warps_per_block = 8u32;
     let cfg = LaunchConfig {
@@ -665,26 +664,13 @@ pub fn gemv(w: &Nf4Gpu, out_features: usize, x: &Tensor) -> Result<Tensor> {
     with_slices(w, |s| {
         macro_rules! launch {
             ($name:literal, $t:ty) => {{
-                let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
                 let xv = xs.as_cuda_slice::<$t>()?;
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(m * out_features)? };
-                let mut b = func.builder();
-                b.arg(s.codes);
-                b.arg(&n_i);
-                b.arg(&k_i);
-                b.arg(&bs);
-                b.arg(&s.nested);
-                b.arg(s.absmax);
-                b.arg(s.aq);
-                b.arg(s.acode);
-                b.arg(&s.offset);
-                b.arg(&s.nbs);
-                b.arg(xv);
-                b.arg(&out);
-                b.arg(&m_i);
-                // SAFETY: the argument list matches the kernel's signature.
-                unsafe { b.launch(cfg) }.w()?;
+                run_kernel!(dev, $name, cfg;
+                    s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode, &s.offset,
+                    &s.nbs, xv, &out, &m_i,
+                )?;
                 Ok(wrap(out, &dev, (m, out_features)))
             }};
         }
@@ -709,24 +695,14 @@ pub fn seeded_dropout(
     scale: f32,
 ) -> Result<CudaStorage> {
     let dev = x.device.clone();
-    let ptx = ptx()?;
     let n_i = n as i64;
     let cfg = LaunchConfig::for_num_elems(n as u32);
     macro_rules! launch {
         ($name:literal, $t:ty) => {{
-            let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
             let src = x.as_cuda_slice::<$t>()?.slice(offset..offset + n);
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<$t>(n)? };
-            let mut b = func.builder();
-            b.arg(&src);
-            b.arg(&out);
-            b.arg(&n_i);
-            b.arg(&key);
-            b.arg(&p);
-            b.arg(&scale);
-            // SAFETY: the argument list matches the kernel's signature.
-            unsafe { b.launch(cfg) }.w()?;
+            run_kernel!(dev, $name, cfg; &src, &out, &n_i, &key, &p, &scale)?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }};
     }
@@ -762,7 +738,6 @@ pub fn masked_softmax(
     a: &SoftmaxArgs,
 ) -> Result<CudaStorage> {
     let dev = scores.0.device.clone();
-    let ptx = ptx()?;
     let n = a.rows * a.t;
     let sixteen_bit = matches!(scores.0.dtype(), DType::BF16 | DType::F16);
     // The warp kernel reads 16-byte vectors: every row, and the mask's rows, must start on one.
@@ -796,7 +771,6 @@ pub fn masked_softmax(
     let mask_v = mask_all.slice(mask.1..);
     macro_rules! launch {
         ($name:expr, $t:ty) => {{
-            let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
             let x = scores
                 .0
                 .as_cuda_slice::<$t>()?
@@ -811,21 +785,10 @@ pub fn masked_softmax(
             };
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<$t>(out_len)? };
-            let mut b = func.builder();
-            b.arg(&x);
-            b.arg(&mask_v);
-            b.arg(&g);
-            b.arg(&out);
-            b.arg(&t);
-            b.arg(&per_batch);
-            b.arg(&s);
-            b.arg(&mb);
-            b.arg(&a.scale);
-            b.arg(&has_mask);
-            b.arg(&backward);
-            b.arg(&rows);
-            // SAFETY: the argument list matches the kernel's signature.
-            unsafe { b.launch(cfg) }.w()?;
+            run_kernel!(dev, $name, cfg;
+                &x, &mask_v, &g, &out, &t, &per_batch, &s, &mb, &a.scale, &has_mask, &backward,
+                &rows,
+            )?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }};
     }
@@ -849,23 +812,15 @@ pub fn gelu_backward(
     n: usize,
 ) -> Result<CudaStorage> {
     let dev = x.0.device.clone();
-    let ptx = ptx()?;
     let n_i = n as i64;
     let cfg = LaunchConfig::for_num_elems(n as u32);
     macro_rules! launch {
         ($name:literal, $t:ty) => {{
-            let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
             let xv = x.0.as_cuda_slice::<$t>()?.slice(x.1..x.1 + n);
             let gv = g.0.as_cuda_slice::<$t>()?.slice(g.1..g.1 + n);
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<$t>(n)? };
-            let mut b = func.builder();
-            b.arg(&xv);
-            b.arg(&gv);
-            b.arg(&out);
-            b.arg(&n_i);
-            // SAFETY: the argument list matches the kernel's signature.
-            unsafe { b.launch(cfg) }.w()?;
+            run_kernel!(dev, $name, cfg; &xv, &gv, &out, &n_i)?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }};
     }
@@ -904,11 +859,12 @@ fn as_cuda(s: &Storage) -> &CudaStorage {
 /// `[n]` f32 (see the `CE_FWD` kernel).
 pub fn cross_entropy_forward(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
     let dev = cuda_device(logits)?;
-    let ptx = ptx()?;
     let (n, v) = logits.dims2()?;
     let (ls, lstart) = contiguous_cuda(logits)?;
     let (ys, ystart) = contiguous_cuda(labels)?;
-    let y = as_cuda(&ys).as_cuda_slice::<u32>()?.slice(ystart..ystart + n);
+    let y = as_cuda(&ys)
+        .as_cuda_slice::<u32>()?
+        .slice(ystart..ystart + n);
     let cfg = LaunchConfig {
         grid_dim: (n as u32, 1, 1),
         block_dim: (1024, 1, 1),
@@ -920,16 +876,8 @@ pub fn cross_entropy_forward(logits: &Tensor, labels: &Tensor) -> Result<(Tensor
     let nll = unsafe { dev.alloc::<f32>(n)? };
     macro_rules! launch {
         ($name:literal, $t:ty) => {{
-            let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
             let x = as_cuda(&ls).as_cuda_slice::<$t>()?.slice(lstart..lstart + n * v);
-            let mut b = func.builder();
-            b.arg(&x);
-            b.arg(&y);
-            b.arg(&lse);
-            b.arg(&nll);
-            b.arg(&v_i);
-            // SAFETY: the argument list matches the kernel's signature.
-            unsafe { b.launch(cfg) }.w()?;
+            run_kernel!(dev, $name, cfg; &x, &y, &lse, &nll, &v_i)?;
         }};
     }
     match logits.dtype() {
@@ -954,15 +902,20 @@ pub fn cross_entropy_backward(
     grad: &Tensor,
 ) -> Result<Tensor> {
     let dev = cuda_device(logits)?;
-    let ptx = ptx()?;
     let (n, v) = logits.dims2()?;
     let (ls, lstart) = contiguous_cuda(logits)?;
     let (ys, ystart) = contiguous_cuda(labels)?;
     let (es, estart) = contiguous_cuda(lse)?;
     let (gs, gstart) = contiguous_cuda(grad)?;
-    let y = as_cuda(&ys).as_cuda_slice::<u32>()?.slice(ystart..ystart + n);
-    let e = as_cuda(&es).as_cuda_slice::<f32>()?.slice(estart..estart + n);
-    let g = as_cuda(&gs).as_cuda_slice::<f32>()?.slice(gstart..gstart + 1);
+    let y = as_cuda(&ys)
+        .as_cuda_slice::<u32>()?
+        .slice(ystart..ystart + n);
+    let e = as_cuda(&es)
+        .as_cuda_slice::<f32>()?
+        .slice(estart..estart + n);
+    let g = as_cuda(&gs)
+        .as_cuda_slice::<f32>()?
+        .slice(gstart..gstart + 1);
     let cfg = LaunchConfig {
         grid_dim: (n as u32, 1, 1),
         block_dim: (1024, 1, 1),
@@ -971,19 +924,10 @@ pub fn cross_entropy_backward(
     let v_i = v as i32;
     macro_rules! launch {
         ($name:literal, $t:ty) => {{
-            let func = dev.get_or_load_custom_func($name, MODULE, ptx)?;
             let x = as_cuda(&ls).as_cuda_slice::<$t>()?.slice(lstart..lstart + n * v);
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<$t>(n * v)? };
-            let mut b = func.builder();
-            b.arg(&x);
-            b.arg(&y);
-            b.arg(&e);
-            b.arg(&g);
-            b.arg(&out);
-            b.arg(&v_i);
-            // SAFETY: the argument list matches the kernel's signature.
-            unsafe { b.launch(cfg) }.w()?;
+            run_kernel!(dev, $name, cfg; &x, &y, &e, &g, &out, &v_i)?;
             Ok(wrap(out, &dev, (n, v)))
         }};
     }
@@ -1020,7 +964,6 @@ pub fn adamw_f32(
     c: &AdamWScalars,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let dev = cuda_device(p)?;
-    let ptx = ptx()?;
     let n = p.elem_count();
     for t in [g, m, v] {
         if t.elem_count() != n || t.dtype() != DType::F32 || p.dtype() != DType::F32 {
@@ -1037,38 +980,35 @@ pub fn adamw_f32(
     let (gs, gstart) = contiguous_cuda(g)?;
     let (ms, mstart) = contiguous_cuda(m)?;
     let (vs, vstart) = contiguous_cuda(v)?;
-    let pv = as_cuda(&ps).as_cuda_slice::<f32>()?.slice(pstart..pstart + n);
-    let gv = as_cuda(&gs).as_cuda_slice::<f32>()?.slice(gstart..gstart + n);
-    let mv = as_cuda(&ms).as_cuda_slice::<f32>()?.slice(mstart..mstart + n);
-    let vv = as_cuda(&vs).as_cuda_slice::<f32>()?.slice(vstart..vstart + n);
+    let pv = as_cuda(&ps)
+        .as_cuda_slice::<f32>()?
+        .slice(pstart..pstart + n);
+    let gv = as_cuda(&gs)
+        .as_cuda_slice::<f32>()?
+        .slice(gstart..gstart + n);
+    let mv = as_cuda(&ms)
+        .as_cuda_slice::<f32>()?
+        .slice(mstart..mstart + n);
+    let vv = as_cuda(&vs)
+        .as_cuda_slice::<f32>()?
+        .slice(vstart..vstart + n);
     // SAFETY: every element is written by the kernel below.
-    let (po, mo, vo) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
-    let func = dev.get_or_load_custom_func("adamw_f32", MODULE, ptx)?;
+    let (po, mo, vo) = unsafe {
+        (
+            dev.alloc::<f32>(n)?,
+            dev.alloc::<f32>(n)?,
+            dev.alloc::<f32>(n)?,
+        )
+    };
     let n_i = n as i64;
     let f = |x: f64| x as f32;
     let (b1, omb1, b2, omb2) = (f(c.beta1), f(1.0 - c.beta1), f(c.beta2), f(1.0 - c.beta2));
     let (decay, has_decay) = (f(c.decay.unwrap_or(1.0)), c.decay.is_some() as i32);
     let (inv_bc2, eps, step) = (f(1.0 / c.bc2_sqrt), f(c.eps), f(c.step));
-    let mut b = func.builder();
-    b.arg(&pv);
-    b.arg(&gv);
-    b.arg(&mv);
-    b.arg(&vv);
-    b.arg(&po);
-    b.arg(&mo);
-    b.arg(&vo);
-    b.arg(&n_i);
-    b.arg(&b1);
-    b.arg(&omb1);
-    b.arg(&b2);
-    b.arg(&omb2);
-    b.arg(&decay);
-    b.arg(&has_decay);
-    b.arg(&inv_bc2);
-    b.arg(&eps);
-    b.arg(&step);
-    // SAFETY: the argument list matches the kernel's signature.
-    unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+    run_kernel!(dev, "adamw_f32", LaunchConfig::for_num_elems(n as u32);
+        &pv, &gv, &mv, &vv, &po, &mo, &vo, &n_i, &b1, &omb1, &b2, &omb2, &decay, &has_decay,
+        &inv_bc2, &eps, &step,
+    )?;
     let shape = p.shape().clone();
     Ok((
         wrap(po, &dev, shape.clone()),
@@ -1091,7 +1031,6 @@ pub fn lora_inference(
     scaling: f64,
 ) -> Result<Tensor> {
     let dev = cuda_device(y)?;
-    let ptx = ptx()?;
     let (m, k) = x.dims2()?;
     let (m2, n) = y.dims2()?;
     let (r, k2) = a.dims2()?;
@@ -1111,8 +1050,12 @@ pub fn lora_inference(
     let (xs, xstart) = contiguous_cuda(x)?;
     let (as_, astart) = contiguous_cuda(a)?;
     let (bs, bstart) = contiguous_cuda(b)?;
-    let av = as_cuda(&as_).as_cuda_slice::<f32>()?.slice(astart..astart + r * k);
-    let bv = as_cuda(&bs).as_cuda_slice::<f32>()?.slice(bstart..bstart + n * r);
+    let av = as_cuda(&as_)
+        .as_cuda_slice::<f32>()?
+        .slice(astart..astart + r * k);
+    let bv = as_cuda(&bs)
+        .as_cuda_slice::<f32>()?
+        .slice(bstart..bstart + n * r);
     // SAFETY: every element is written by the first kernel below.
     let h = unsafe { dev.alloc::<f32>(m * r)? };
     let (k_i, r_i, n_i, total) = (k as i32, r as i32, n as i32, (m * n) as i64);
@@ -1121,34 +1064,17 @@ pub fn lora_inference(
         ($hname:literal, $oname:literal, $t:ty) => {{
             let xv = as_cuda(&xs).as_cuda_slice::<$t>()?.slice(xstart..xstart + m * k);
             let yv = as_cuda(&ys).as_cuda_slice::<$t>()?.slice(ystart..ystart + m * n);
-            let func = dev.get_or_load_custom_func($hname, MODULE, ptx)?;
-            let mut bld = func.builder();
-            bld.arg(&xv);
-            bld.arg(&av);
-            bld.arg(&h);
-            bld.arg(&k_i);
-            bld.arg(&r_i);
-            let cfg = LaunchConfig {
+            let per_rank = LaunchConfig {
                 grid_dim: ((m * r) as u32, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: the argument list matches the kernel's signature.
-            unsafe { bld.launch(cfg) }.w()?;
+            run_kernel!(dev, $hname, per_rank; &xv, &av, &h, &k_i, &r_i)?;
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<$t>(m * n)? };
-            let func = dev.get_or_load_custom_func($oname, MODULE, ptx)?;
-            let mut bld = func.builder();
-            bld.arg(&yv);
-            bld.arg(&h);
-            bld.arg(&bv);
-            bld.arg(&scale);
-            bld.arg(&out);
-            bld.arg(&n_i);
-            bld.arg(&r_i);
-            bld.arg(&total);
-            // SAFETY: the argument list matches the kernel's signature.
-            unsafe { bld.launch(LaunchConfig::for_num_elems((m * n) as u32)) }.w()?;
+            run_kernel!(dev, $oname, LaunchConfig::for_num_elems((m * n) as u32);
+                &yv, &h, &bv, &scale, &out, &n_i, &r_i, &total,
+            )?;
             Ok(wrap(out, &dev, (m, n)))
         }};
     }
