@@ -484,7 +484,9 @@ impl RecomputedAttention {
         );
         // Transposed operands go to the matmul as views: cuBLAS and gemm take either layout.
         let dv = sc("attn.bwd.dv", &|| gp.t()?.matmul(&gdo))?;
-        let dq = sc("attn.bwd.dq", &|| gds.matmul(&k.contiguous()?)?.reshape(q.dims()))?;
+        let dq = sc("attn.bwd.dq", &|| {
+            gds.matmul(&k.contiguous()?)?.reshape(q.dims())
+        })?;
         let dk = sc("attn.bwd.dk", &|| gds.t()?.matmul(&gq))?;
         Ok((dq, dk, dv))
     }

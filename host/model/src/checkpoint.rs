@@ -45,7 +45,7 @@ pub fn set_every(every: usize) {
 
 /// Whether the layer at `index` of the loop is checkpointed now.
 pub fn checkpoints(index: usize) -> bool {
-    enabled() && index % EVERY.with(Cell::get) == 0
+    enabled() && index.is_multiple_of(EVERY.with(Cell::get))
 }
 
 /// Whether the current forward pass is a checkpointed layer's first, graph-free one: trainable

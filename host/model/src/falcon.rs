@@ -384,10 +384,16 @@ impl CausalLm for Falcon {
         let inputs = std::sync::Arc::new((ctx, rope, alibi));
         for (i, layer) in self.h.iter().enumerate() {
             let inputs = inputs.clone();
-            x = crate::checkpoint::run_layer(i, layer, &x, cache.as_deref_mut(), move |l, h, c| {
-                let (ctx, rope, alibi) = &*inputs;
-                l.forward(h, ctx, rope.as_ref(), alibi.as_ref(), c)
-            })?;
+            x = crate::checkpoint::run_layer(
+                i,
+                layer,
+                &x,
+                cache.as_deref_mut(),
+                move |l, h, c| {
+                    let (ctx, rope, alibi) = &*inputs;
+                    l.forward(h, ctx, rope.as_ref(), alibi.as_ref(), c)
+                },
+            )?;
         }
         self.ln_f.forward(&x)
     }

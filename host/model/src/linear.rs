@@ -482,9 +482,9 @@ impl Linear {
         }
         let y = self.add_bias(self.base.forward(x)?)?;
         let Some(lora) = &self.lora else { return Ok(y) };
-        if let Some(out) = crate::profile::scope("lora.fused", x.device(), || {
-            lora.add_to(&y, x, train)
-        })? {
+        if let Some(out) =
+            crate::profile::scope("lora.fused", x.device(), || lora.add_to(&y, x, train))?
+        {
             return Ok(out);
         }
         let d = crate::profile::scope("lora", x.device(), || lora.delta_y(x, train))?;

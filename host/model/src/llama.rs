@@ -233,10 +233,16 @@ impl CausalLm for Llama {
         let inputs = std::sync::Arc::new((ctx, rope));
         for (i, layer) in self.layers.iter().enumerate() {
             let inputs = inputs.clone();
-            x = crate::checkpoint::run_layer(i, layer, &x, cache.as_deref_mut(), move |l, h, c| {
-                let (ctx, rope) = &*inputs;
-                l.forward(h, ctx, rope, c)
-            })?;
+            x = crate::checkpoint::run_layer(
+                i,
+                layer,
+                &x,
+                cache.as_deref_mut(),
+                move |l, h, c| {
+                    let (ctx, rope) = &*inputs;
+                    l.forward(h, ctx, rope, c)
+                },
+            )?;
         }
         self.norm.forward(&x)
     }

@@ -112,13 +112,7 @@ impl Softmax {
 
     /// One row on the CPU: `x` the scores, `m` the mask row, `dp` the output gradient (backward,
     /// where `out` gets the gradient and `probs` the probabilities).
-    fn row(
-        &self,
-        x: &[f32],
-        m: Option<&[f32]>,
-        dp: Option<(&[f32], &mut [f32])>,
-        out: &mut [f32],
-    ) {
+    fn row(&self, x: &[f32], m: Option<&[f32]>, dp: Option<(&[f32], &mut [f32])>, out: &mut [f32]) {
         for (j, o) in out.iter_mut().enumerate() {
             let v = x[j] * self.scale;
             *o = match m {
@@ -183,10 +177,7 @@ impl Softmax {
                 None => self.row(&x[span.clone()], mrow, None, &mut grad[span]),
             }
         }
-        Ok((
-            from_f32(s.dtype(), out)?,
-            Self::out_shape(sl, dp.is_some()),
-        ))
+        Ok((from_f32(s.dtype(), out)?, Self::out_shape(sl, dp.is_some())))
     }
 }
 

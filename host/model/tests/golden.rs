@@ -510,14 +510,20 @@ fn masked_softmax_case(dev: &Device, cpu: &Device, t: usize) {
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let (sc, g) = (scores.to_dtype(dtype).unwrap(), dp.to_dtype(dtype).unwrap());
         for mask in [None, Some(mask_of(1)), Some(mask_of(b))] {
-            let case = format!("t {t} {dtype:?} mask {:?}", mask.as_ref().map(|m| m.dims()[0]));
+            let case = format!(
+                "t {t} {dtype:?} mask {:?}",
+                mask.as_ref().map(|m| m.dims()[0])
+            );
             let on = |d: &Device| {
                 let m = mask.as_ref().map(|m| m.to_device(d).unwrap());
                 let (sc, g) = (sc.to_device(d).unwrap(), g.to_device(d).unwrap());
                 let (p, ds) = masked_softmax_backward(&sc, m.as_ref(), &g, 0.125).unwrap();
                 let fwd = masked_softmax(&sc, m.as_ref(), 0.125).unwrap();
                 let gap = max_diff(&f32s_of(&fwd), &f32s_of(&p));
-                assert!(gap == 0.0, "forward and backward probabilities differ by {gap}");
+                assert!(
+                    gap == 0.0,
+                    "forward and backward probabilities differ by {gap}"
+                );
                 (fwd, ds)
             };
             let ((pc, dc), (pg, dg)) = (on(cpu), on(dev));
@@ -553,7 +559,8 @@ fn cross_entropy_kernels_equal_the_cpu_path() {
     let labels = Tensor::from_vec(labels, n, &cpu).unwrap();
     for dtype in [DType::F32, DType::BF16] {
         let on = |d: &Device| {
-            let x = Var::from_tensor(&logits.to_dtype(dtype).unwrap().to_device(d).unwrap()).unwrap();
+            let x =
+                Var::from_tensor(&logits.to_dtype(dtype).unwrap().to_device(d).unwrap()).unwrap();
             let loss = cross_entropy_sum(x.as_tensor(), &labels.to_device(d).unwrap()).unwrap();
             // A scale other than 1, so the kernel's use of the incoming gradient shows.
             let grads = (&loss * 0.25).unwrap().backward().unwrap();
@@ -561,7 +568,10 @@ fn cross_entropy_kernels_equal_the_cpu_path() {
             (host_f32s(&loss)[0], host_f32s(&g))
         };
         let ((lc, gc), (lg, gg)) = (on(&cpu), on(&dev));
-        assert!((lc - lg).abs() <= 1e-5 * lc.abs(), "{dtype:?} loss: cpu {lc}, gpu {lg}");
+        assert!(
+            (lc - lg).abs() <= 1e-5 * lc.abs(),
+            "{dtype:?} loss: cpu {lc}, gpu {lg}"
+        );
         let tol = if dtype == DType::F32 { 1e-6 } else { 4e-3 };
         let err = max_diff(&gc, &gg);
         assert!(err < tol, "{dtype:?} gradient differs by {err}");
@@ -611,7 +621,10 @@ fn adamw_kernel_equals_the_op_by_op_update() {
         let (pg, mg, vg) = adamw_f32(&on(&p), &on(&g), &on(&m), &on(&v), &scalars).unwrap();
         for (what, want, got) in [("p", &p2, &pg), ("m", &m2, &mg), ("v", &v2, &vg)] {
             let err = max_diff(&host_f32s(want), &host_f32s(got));
-            assert!(err == 0.0, "weight decay {weight_decay}: {what} differs by {err}");
+            assert!(
+                err == 0.0,
+                "weight decay {weight_decay}: {what} differs by {err}"
+            );
         }
     }
 }
@@ -637,9 +650,16 @@ fn lora_inference_kernels_equal_the_op_by_op_path() {
     let y = mk(m * n, 0.11, (m, n)).to_dtype(DType::BF16).unwrap();
     let a = (mk(r * k, 0.53, (r, k)) * 0.1).unwrap();
     let b = (mk(n * r, 0.71, (n, r)) * 0.1).unwrap();
-    let h = x.to_dtype(DType::F32).unwrap().matmul(&a.t().unwrap()).unwrap();
+    let h = x
+        .to_dtype(DType::F32)
+        .unwrap()
+        .matmul(&a.t().unwrap())
+        .unwrap();
     let d = h.matmul(&(&b * scaling).unwrap().t().unwrap()).unwrap();
-    let want = (y.to_dtype(DType::F32).unwrap() + d).unwrap().to_dtype(DType::BF16).unwrap();
+    let want = (y.to_dtype(DType::F32).unwrap() + d)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
     let on = |t: &Tensor| t.to_device(&dev).unwrap();
     let got = lora_inference(&on(&y), &on(&x), &on(&a), &on(&b), scaling).unwrap();
     let (want, got) = (host_f32s(&want), host_f32s(&got));

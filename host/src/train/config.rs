@@ -337,7 +337,10 @@ impl TrainConfig {
             ));
         }
         if self.gradient_checkpointing_every == 0 {
-            return Err(fail("gradient_checkpointing_every", "must be at least 1".into()));
+            return Err(fail(
+                "gradient_checkpointing_every",
+                "must be at least 1".into(),
+            ));
         }
         if self.learning_rate <= 0.0 || !self.learning_rate.is_finite() {
             return Err(fail("learning_rate", "must be positive".into()));
