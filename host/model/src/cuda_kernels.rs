@@ -296,6 +296,8 @@ extern "C" __global__ void NAME(const T* x, const float* mask, const T* dp, T* o
 // The same for 16-bit rows of at most 1024 scores, t a multiple of 8: one warp a row, held in
 // registers (8 scores a lane for every 256), so the scores are read once and the output written
 // once, with no block-wide synchronization. Scores, dP and the output come in 16-byte vectors.
+// IT (1, 2 or 4: rows up to 256, 512, 1024) sizes the register arrays: one size for all rows
+// held 64 floats a thread and cut the warps an SM could keep in flight.
 __device__ __forceinline__ float warp_max(float v) {{
   for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
@@ -304,7 +306,7 @@ __device__ __forceinline__ float warp_sum(float v) {{
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
 }}
-#define SOFTMAX_WARP(NAME, LOAD, STORE)                                                        \
+#define SOFTMAX_WARP(NAME, LOAD, STORE, IT)                                                    \
 extern "C" __global__ void NAME(const u16* x, const float* mask, const u16* dp, u16* out,     \
     int t, long long per_batch, int s, int mask_batch, float scale, int has_mask,              \
     int backward, long long rows) {{                                                           \
@@ -317,9 +319,9 @@ extern "C" __global__ void NAME(const u16* x, const float* mask, const u16* dp, 
     long long bi = mask_batch == 1 ? 0 : row / per_batch;                                      \
     mr = mask + (bi * s + row % s) * (long long)t;                                             \
   }}                                                                                           \
-  float v[32];                                                                                 \
+  float v[IT * 8];                                                                               \
   float mx = NEG_INF;                                                                          \
-  _Pragma("unroll") for (int it = 0; it < 4; ++it) {{                                          \
+  _Pragma("unroll") for (int it = 0; it < IT; ++it) {{                                         \
     int j0 = (it * 32 + lane) * 8;                                                             \
     if (j0 < t) {{                                                                             \
       uint4 q = *(const uint4*)(xr + j0);                                                      \
@@ -340,7 +342,7 @@ extern "C" __global__ void NAME(const u16* x, const float* mask, const u16* dp, 
   }}                                                                                           \
   mx = warp_max(mx);                                                                           \
   float sum = 0.f;                                                                             \
-  _Pragma("unroll") for (int it = 0; it < 4; ++it) {{                                          \
+  _Pragma("unroll") for (int it = 0; it < IT; ++it) {{                                         \
     if ((it * 32 + lane) * 8 < t) {{                                                           \
       _Pragma("unroll") for (int u = 0; u < 8; ++u) {{                                         \
         v[it * 8 + u] = expf(v[it * 8 + u] - mx);                                              \
@@ -349,9 +351,9 @@ extern "C" __global__ void NAME(const u16* x, const float* mask, const u16* dp, 
     }}                                                                                         \
   }}                                                                                           \
   sum = warp_sum(sum);                                                                         \
-  float g[32];                                                                                 \
+  float g[IT * 8];                                                                               \
   float dot = 0.f;                                                                             \
-  _Pragma("unroll") for (int it = 0; it < 4; ++it) {{                                          \
+  _Pragma("unroll") for (int it = 0; it < IT; ++it) {{                                         \
     int j0 = (it * 32 + lane) * 8;                                                             \
     if (j0 < t) {{                                                                             \
       _Pragma("unroll") for (int u = 0; u < 8; ++u) v[it * 8 + u] = v[it * 8 + u] / sum;       \
@@ -366,7 +368,7 @@ extern "C" __global__ void NAME(const u16* x, const float* mask, const u16* dp, 
     }}                                                                                         \
   }}                                                                                           \
   if (backward) dot = warp_sum(dot);                                                           \
-  _Pragma("unroll") for (int it = 0; it < 4; ++it) {{                                          \
+  _Pragma("unroll") for (int it = 0; it < IT; ++it) {{                                         \
     int j0 = (it * 32 + lane) * 8;                                                             \
     if (j0 < t) {{                                                                             \
       const float* p = v + it * 8;                                                             \
@@ -389,8 +391,12 @@ extern "C" __global__ void NAME(const u16* x, const float* mask, const u16* dp, 
     }}                                                                                         \
   }}                                                                                           \
 }}
-SOFTMAX_WARP(masked_softmax_warp_bf16, bf16_to_f32, f32_to_bf16)
-SOFTMAX_WARP(masked_softmax_warp_f16, f16_to_f32, f32_to_f16)
+SOFTMAX_WARP(masked_softmax_warp1_bf16, bf16_to_f32, f32_to_bf16, 1)
+SOFTMAX_WARP(masked_softmax_warp2_bf16, bf16_to_f32, f32_to_bf16, 2)
+SOFTMAX_WARP(masked_softmax_warp4_bf16, bf16_to_f32, f32_to_bf16, 4)
+SOFTMAX_WARP(masked_softmax_warp1_f16, f16_to_f32, f32_to_f16, 1)
+SOFTMAX_WARP(masked_softmax_warp2_f16, f16_to_f32, f32_to_f16, 2)
+SOFTMAX_WARP(masked_softmax_warp4_f16, f16_to_f32, f32_to_f16, 4)
 // Cross-entropy over rows of `v` logits (crate::loss::cross_entropy_sum): one block a row.
 // Forward: lse = log(sum(exp(x - max))) + max and nll = lse - x[label] (NaN for a label out of
 // range). Backward: (exp(x - lse) - onehot(label)) * g, g the gradient of the summed loss.
@@ -743,6 +749,15 @@ pub fn masked_softmax(
     // The warp kernel reads 16-byte vectors: every row, and the mask's rows, must start on one.
     let aligned = scores.1 % 8 == 0 && dp.is_none_or(|d| d.1 % 8 == 0) && mask.1 % 4 == 0;
     let warp = sixteen_bit && a.t % 8 == 0 && a.t <= SOFTMAX_WARP_MAX_T && aligned;
+    // The variant whose register arrays just hold the row.
+    let warp_kernel = |dtype: &str| {
+        let it = match a.t.div_ceil(256) {
+            1 => 1,
+            2 => 2,
+            _ => 4,
+        };
+        format!("masked_softmax_warp{it}_{dtype}")
+    };
     let cfg = if warp {
         let rows_per_block = 8;
         LaunchConfig {
@@ -794,9 +809,9 @@ pub fn masked_softmax(
     }
     match (scores.0.dtype(), warp) {
         (DType::F32, _) => launch!("masked_softmax_f32", f32),
-        (DType::BF16, true) => launch!("masked_softmax_warp_bf16", half::bf16),
+        (DType::BF16, true) => launch!(&warp_kernel("bf16"), half::bf16),
         (DType::BF16, false) => launch!("masked_softmax_bf16", half::bf16),
-        (DType::F16, true) => launch!("masked_softmax_warp_f16", half::f16),
+        (DType::F16, true) => launch!(&warp_kernel("f16"), half::f16),
         (DType::F16, false) => launch!("masked_softmax_f16", half::f16),
         (other, _) => Err(Error::Msg(format!(
             "masked softmax on {other:?} is not supported"

@@ -477,9 +477,9 @@ fn masked_softmax_kernels_equal_the_cpu_path() {
         return;
     }
     let cpu = Device::Cpu;
-    // 300: the block-per-row kernel; 512 and 200 (16-bit): the warp-per-row one, whole and
-    // partly filled lanes.
-    for t in [300, 512, 200] {
+    // 300: the block-per-row kernel; 200, 512 and 1000 (16-bit): the warp-per-row one in its
+    // three register sizes, with whole and partly filled lanes.
+    for t in [300, 512, 200, 1000] {
         masked_softmax_case(&dev, &cpu, t);
     }
 }
@@ -528,9 +528,10 @@ fn masked_softmax_case(dev: &Device, cpu: &Device, t: usize) {
             };
             let ((pc, dc), (pg, dg)) = (on(cpu), on(dev));
             assert!(pg.device().is_cuda(), "{case}");
-            // expf differs by an ulp or so between the CPU and the GPU; a 16-bit result may
-            // then round to its neighbour.
-            let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+            // expf differs by an ulp or so between the CPU and the GPU and the sums run in
+            // another order (more so the longer the row); a 16-bit result may then round to its
+            // neighbour.
+            let tol = if dtype == DType::F32 { 4e-6 } else { 1e-2 };
             for (what, c, g) in [("probabilities", pc, pg), ("gradient", dc, dg)] {
                 let (c, g) = (f32s_of(&c), f32s_of(&g));
                 let scale = c.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
