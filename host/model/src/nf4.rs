@@ -149,6 +149,19 @@ impl Nf4Tensor {
         dtype: DType,
         opts: Nf4Options,
     ) -> Result<Self, Nf4Error> {
+        Self::quantize_from(values, |x| x, shape, dtype, opts)
+    }
+
+    /// [`Self::quantize`] from values of any type that `widen` turns into f32 exactly (bf16,
+    /// f16): each block is widened as it is quantized, in parallel, instead of the whole weight
+    /// first (for Falcon-7B, 28 GB of f32 written and read on one core).
+    fn quantize_from<T: Copy + Sync>(
+        values: &[T],
+        widen: impl Fn(T) -> f32 + Sync,
+        shape: &[usize],
+        dtype: DType,
+        opts: Nf4Options,
+    ) -> Result<Self, Nf4Error> {
         check_blocksize(opts.blocksize)?;
         check_float(dtype)?;
         let n: usize = shape.iter().product();
@@ -160,7 +173,7 @@ impl Nf4Tensor {
                 found: values.len(),
             });
         }
-        let (codes, absmax) = quantize_nf4_blocks(values, opts.blocksize);
+        let (codes, absmax) = quantize_nf4_blocks(values, &widen, opts.blocksize);
         let absmax = if opts.double_quant {
             Absmax::Nested(NestedAbsmax::quantize(&absmax))
         } else {
@@ -175,10 +188,41 @@ impl Nf4Tensor {
         })
     }
 
-    /// Quantize a candle tensor (any device; its values are read to the CPU).
+    /// Quantize a candle tensor (any device; its values are read to the CPU). A contiguous
+    /// 16-bit tensor on the CPU is quantized from its own storage, widened block by block.
     pub fn from_tensor(t: &Tensor, opts: Nf4Options) -> candle_core::Result<Self> {
         let dtype = t.dtype();
         check_float(dtype).map_err(candle_core::Error::wrap)?;
+        if t.device().is_cpu() {
+            let (storage, layout) = t.storage_and_layout();
+            if let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+                (&*storage, layout.contiguous_offsets())
+            {
+                let q = match cpu {
+                    candle_core::CpuStorage::BF16(v) => Some(Self::quantize_from(
+                        &v[start..end],
+                        bf16::to_f32,
+                        t.dims(),
+                        dtype,
+                        opts,
+                    )),
+                    candle_core::CpuStorage::F16(v) => Some(Self::quantize_from(
+                        &v[start..end],
+                        f16::to_f32,
+                        t.dims(),
+                        dtype,
+                        opts,
+                    )),
+                    candle_core::CpuStorage::F32(v) => {
+                        Some(Self::quantize(&v[start..end], t.dims(), dtype, opts))
+                    }
+                    _ => None,
+                };
+                if let Some(q) = q {
+                    return q.map_err(candle_core::Error::wrap);
+                }
+            }
+        }
         let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         Self::quantize(&values, t.dims(), dtype, opts).map_err(candle_core::Error::wrap)
     }
@@ -368,29 +412,33 @@ pub fn nf4_index(v: f32) -> u8 {
 }
 
 /// Quantize flattened values in blocks: returns (packed codes, per-block absmax).
-fn quantize_nf4_blocks(values: &[f32], bs: usize) -> (Vec<u8>, Vec<f32>) {
+fn quantize_nf4_blocks<T: Copy + Sync>(
+    values: &[T],
+    widen: &(impl Fn(T) -> f32 + Sync),
+    bs: usize,
+) -> (Vec<u8>, Vec<f32>) {
     let n = values.len();
     let nb = n.div_ceil(bs);
     let mut codes = vec![0u8; n.div_ceil(2)];
     let mut absmax = vec![0f32; nb];
-    let run = |vals: &[f32], codes: &mut [u8], absmax: &mut [f32]| {
+    let run = |vals: &[T], codes: &mut [u8], absmax: &mut [f32]| {
         for ((block, cbytes), am) in vals
             .chunks(bs)
             .zip(codes.chunks_mut(bs / 2))
             .zip(absmax.iter_mut())
         {
             // fmaxf over |x| starting from -FLT_MAX in the kernel; |x| >= 0 so 0 is the same start.
-            let a = block.iter().fold(0f32, |m, &x| m.max(ftz(x).abs()));
+            let a = block.iter().fold(0f32, |m, &x| m.max(ftz(widen(x)).abs()));
             *am = a;
             let r = reciprocal(a);
             let idx = |x: f32| nf4_index(ftz(ftz(x) * r));
             let mut pairs = block.chunks_exact(2);
             for (pair, byte) in (&mut pairs).zip(cbytes.iter_mut()) {
-                *byte = (idx(pair[0]) << 4) | idx(pair[1]);
+                *byte = (idx(widen(pair[0])) << 4) | idx(widen(pair[1]));
             }
             if let [last] = pairs.remainder() {
                 // The kernel loads the missing element as 0 and quantizes it like any other.
-                cbytes[block.len() / 2] = (idx(*last) << 4) | idx(0.0);
+                cbytes[block.len() / 2] = (idx(widen(*last)) << 4) | idx(0.0);
             }
         }
     };
@@ -660,6 +708,43 @@ mod tests {
         assert_eq!(t.dequantize(DType::F32).unwrap().dims(), &[3, 100]);
     }
 
+    /// A 16-bit tensor quantized from its own storage (widened block by block, in parallel)
+    /// gives the bits of quantizing its values widened to f32 first.
+    #[test]
+    fn sixteen_bit_tensors_quantize_as_their_f32_values() {
+        let n = PAR_CHUNK_ELEMS + 64 * 5 + 3;
+        let vals: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.011).sin() * 3.0).collect();
+        for dtype in [DType::BF16, DType::F16] {
+            let t = Tensor::from_vec(vals.clone(), (1, n), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let widened = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+            let want = Nf4Tensor::quantize(
+                &widened.to_vec1::<f32>().unwrap(),
+                &[1, n],
+                dtype,
+                Nf4Options::default(),
+            )
+            .unwrap();
+            let got = Nf4Tensor::from_tensor(&t, Nf4Options::default()).unwrap();
+            assert_eq!(got.codes(), want.codes(), "{dtype:?}");
+            assert_eq!(got.absmax_f32(), want.absmax_f32(), "{dtype:?}");
+            assert_eq!(got.dtype(), dtype);
+            // A view that is not contiguous goes the widening way and agrees too.
+            let tt = Tensor::from_vec(vals[..64 * 40].to_vec(), (40, 64), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .t()
+                .unwrap();
+            let a = Nf4Tensor::from_tensor(&tt, Nf4Options::default()).unwrap();
+            let b =
+                Nf4Tensor::from_tensor(&tt.contiguous().unwrap(), Nf4Options::default()).unwrap();
+            assert_eq!(a.codes(), b.codes());
+        }
+    }
+
     #[test]
     fn parallel_and_serial_paths_agree() {
         let n = PAR_CHUNK_ELEMS * 2 + 64 * 3 + 5;
@@ -670,7 +755,7 @@ mod tests {
             let mut codes = Vec::new();
             let mut absmax = Vec::new();
             for chunk in vals.chunks(64 * 16) {
-                let (c, a) = quantize_nf4_blocks(chunk, 64);
+                let (c, a) = quantize_nf4_blocks(chunk, &|x| x, 64);
                 codes.extend(c);
                 absmax.extend(a);
             }
