@@ -849,24 +849,41 @@ pub fn gelu_backward(
     }
 }
 
-/// The CUDA storage of a contiguous tensor and the element where it starts.
-fn contiguous_cuda(t: &Tensor) -> Result<(candle_core::StorageRef<'_>, usize)> {
-    let (s, l) = t.storage_and_layout();
-    let start = match l.contiguous_offsets() {
-        Some((start, _)) => start,
-        None => return Err(Error::Msg("CUDA kernel: input is not contiguous".into())),
-    };
-    if !matches!(&*s, Storage::Cuda(_)) {
-        return Err(Error::Msg("CUDA kernel: input is not on the GPU".into()));
-    }
-    Ok((s, start))
+/// A contiguous tensor's CUDA storage, read-locked while a launch uses it.
+struct CudaInput<'a> {
+    storage: candle_core::StorageRef<'a>,
+    start: usize,
+    len: usize,
 }
 
-fn as_cuda(s: &Storage) -> &CudaStorage {
-    match s {
-        Storage::Cuda(c) => c,
-        // contiguous_cuda checked it.
-        _ => unreachable!("checked by contiguous_cuda"),
+impl<'a> CudaInput<'a> {
+    fn of(t: &'a Tensor) -> Result<Self> {
+        let (storage, layout) = t.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Err(Error::Msg("CUDA kernel: input is not contiguous".into()));
+        };
+        Ok(CudaInput {
+            storage,
+            start,
+            len: end - start,
+        })
+    }
+
+    /// The tensor's elements as a kernel argument; there must be `n` of them.
+    fn view<T: candle_core::cuda_backend::CudaDType>(
+        &self,
+        n: usize,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>> {
+        if n != self.len {
+            return Err(Error::Msg(format!(
+                "CUDA kernel: input has {} elements, expected {n}",
+                self.len
+            )));
+        }
+        match &*self.storage {
+            Storage::Cuda(c) => Ok(c.as_cuda_slice::<T>()?.slice(self.start..self.start + n)),
+            _ => Err(Error::Msg("CUDA kernel: input is not on the GPU".into())),
+        }
     }
 }
 
@@ -875,11 +892,9 @@ fn as_cuda(s: &Storage) -> &CudaStorage {
 pub fn cross_entropy_forward(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
     let dev = cuda_device(logits)?;
     let (n, v) = logits.dims2()?;
-    let (ls, lstart) = contiguous_cuda(logits)?;
-    let (ys, ystart) = contiguous_cuda(labels)?;
-    let y = as_cuda(&ys)
-        .as_cuda_slice::<u32>()?
-        .slice(ystart..ystart + n);
+    let ls = CudaInput::of(logits)?;
+    let ys = CudaInput::of(labels)?;
+    let y = ys.view::<u32>(n)?;
     let cfg = LaunchConfig {
         grid_dim: (n as u32, 1, 1),
         block_dim: (1024, 1, 1),
@@ -891,7 +906,7 @@ pub fn cross_entropy_forward(logits: &Tensor, labels: &Tensor) -> Result<(Tensor
     let nll = unsafe { dev.alloc::<f32>(n)? };
     macro_rules! launch {
         ($name:literal, $t:ty) => {{
-            let x = as_cuda(&ls).as_cuda_slice::<$t>()?.slice(lstart..lstart + n * v);
+            let x = ls.view::<$t>(n * v)?;
             run_kernel!(dev, $name, cfg; &x, &y, &lse, &nll, &v_i)?;
         }};
     }
@@ -918,19 +933,13 @@ pub fn cross_entropy_backward(
 ) -> Result<Tensor> {
     let dev = cuda_device(logits)?;
     let (n, v) = logits.dims2()?;
-    let (ls, lstart) = contiguous_cuda(logits)?;
-    let (ys, ystart) = contiguous_cuda(labels)?;
-    let (es, estart) = contiguous_cuda(lse)?;
-    let (gs, gstart) = contiguous_cuda(grad)?;
-    let y = as_cuda(&ys)
-        .as_cuda_slice::<u32>()?
-        .slice(ystart..ystart + n);
-    let e = as_cuda(&es)
-        .as_cuda_slice::<f32>()?
-        .slice(estart..estart + n);
-    let g = as_cuda(&gs)
-        .as_cuda_slice::<f32>()?
-        .slice(gstart..gstart + 1);
+    let ls = CudaInput::of(logits)?;
+    let ys = CudaInput::of(labels)?;
+    let es = CudaInput::of(lse)?;
+    let gs = CudaInput::of(grad)?;
+    let y = ys.view::<u32>(n)?;
+    let e = es.view::<f32>(n)?;
+    let g = gs.view::<f32>(1)?;
     let cfg = LaunchConfig {
         grid_dim: (n as u32, 1, 1),
         block_dim: (1024, 1, 1),
@@ -939,7 +948,7 @@ pub fn cross_entropy_backward(
     let v_i = v as i32;
     macro_rules! launch {
         ($name:literal, $t:ty) => {{
-            let x = as_cuda(&ls).as_cuda_slice::<$t>()?.slice(lstart..lstart + n * v);
+            let x = ls.view::<$t>(n * v)?;
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<$t>(n * v)? };
             run_kernel!(dev, $name, cfg; &x, &y, &e, &g, &out, &v_i)?;
@@ -991,22 +1000,14 @@ pub fn adamw_f32(
             )));
         }
     }
-    let (ps, pstart) = contiguous_cuda(p)?;
-    let (gs, gstart) = contiguous_cuda(g)?;
-    let (ms, mstart) = contiguous_cuda(m)?;
-    let (vs, vstart) = contiguous_cuda(v)?;
-    let pv = as_cuda(&ps)
-        .as_cuda_slice::<f32>()?
-        .slice(pstart..pstart + n);
-    let gv = as_cuda(&gs)
-        .as_cuda_slice::<f32>()?
-        .slice(gstart..gstart + n);
-    let mv = as_cuda(&ms)
-        .as_cuda_slice::<f32>()?
-        .slice(mstart..mstart + n);
-    let vv = as_cuda(&vs)
-        .as_cuda_slice::<f32>()?
-        .slice(vstart..vstart + n);
+    let ps = CudaInput::of(p)?;
+    let gs = CudaInput::of(g)?;
+    let ms = CudaInput::of(m)?;
+    let vs = CudaInput::of(v)?;
+    let pv = ps.view::<f32>(n)?;
+    let gv = gs.view::<f32>(n)?;
+    let mv = ms.view::<f32>(n)?;
+    let vv = vs.view::<f32>(n)?;
     // SAFETY: every element is written by the kernel below.
     let (po, mo, vo) = unsafe {
         (
@@ -1061,24 +1062,20 @@ pub fn lora_inference(
             b.dims()
         )));
     }
-    let (ys, ystart) = contiguous_cuda(y)?;
-    let (xs, xstart) = contiguous_cuda(x)?;
-    let (as_, astart) = contiguous_cuda(a)?;
-    let (bs, bstart) = contiguous_cuda(b)?;
-    let av = as_cuda(&as_)
-        .as_cuda_slice::<f32>()?
-        .slice(astart..astart + r * k);
-    let bv = as_cuda(&bs)
-        .as_cuda_slice::<f32>()?
-        .slice(bstart..bstart + n * r);
+    let ys = CudaInput::of(y)?;
+    let xs = CudaInput::of(x)?;
+    let a_in = CudaInput::of(a)?;
+    let b_in = CudaInput::of(b)?;
+    let av = a_in.view::<f32>(r * k)?;
+    let bv = b_in.view::<f32>(n * r)?;
     // SAFETY: every element is written by the first kernel below.
     let h = unsafe { dev.alloc::<f32>(m * r)? };
     let (k_i, r_i, n_i, total) = (k as i32, r as i32, n as i32, (m * n) as i64);
     let scale = scaling as f32;
     macro_rules! launch {
         ($hname:literal, $oname:literal, $t:ty) => {{
-            let xv = as_cuda(&xs).as_cuda_slice::<$t>()?.slice(xstart..xstart + m * k);
-            let yv = as_cuda(&ys).as_cuda_slice::<$t>()?.slice(ystart..ystart + m * n);
+            let xv = xs.view::<$t>(m * k)?;
+            let yv = ys.view::<$t>(m * n)?;
             let per_rank = LaunchConfig {
                 grid_dim: ((m * r) as u32, 1, 1),
                 block_dim: (256, 1, 1),

@@ -93,6 +93,12 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// [`max_diff`] relative to the largest magnitude in `want`.
+fn relative_diff(want: &[f32], got: &[f32]) -> f32 {
+    let scale = want.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
+    max_diff(want, got) / scale
+}
+
 /// The device under test: the CPU, or the GPU with `ADAPTERLAB_TEST_DEVICE=cuda` in a build
 /// with `--features cuda` (scripts/gpu/golden.sh runs them so on the lent machine).
 fn device() -> Device {
@@ -533,9 +539,7 @@ fn masked_softmax_case(dev: &Device, cpu: &Device, t: usize) {
             // neighbour.
             let tol = if dtype == DType::F32 { 4e-6 } else { 1e-2 };
             for (what, c, g) in [("probabilities", pc, pg), ("gradient", dc, dg)] {
-                let (c, g) = (f32s_of(&c), f32s_of(&g));
-                let scale = c.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
-                let err = max_diff(&c, &g) / scale;
+                let err = relative_diff(&f32s_of(&c), &f32s_of(&g));
                 assert!(err < tol, "{case} {what}: relative error {err}");
             }
         }
@@ -663,11 +667,9 @@ fn lora_inference_kernels_equal_the_op_by_op_path() {
         .unwrap();
     let on = |t: &Tensor| t.to_device(&dev).unwrap();
     let got = lora_inference(&on(&y), &on(&x), &on(&a), &on(&b), scaling).unwrap();
-    let (want, got) = (host_f32s(&want), host_f32s(&got));
-    let scale = want.iter().fold(1e-6f32, |acc, v| acc.max(v.abs()));
     // Summation order differs from the CPU's; a sum on a rounding boundary may land on the
     // neighbouring bf16 value.
-    let err = max_diff(&want, &got) / scale;
+    let err = relative_diff(&host_f32s(&want), &host_f32s(&got));
     assert!(err < 1e-2, "relative error {err}");
 }
 
@@ -764,8 +766,7 @@ fn training_gradients_on_the_gpu_equal_the_cpu() {
             let got = grads_on(&dev, ckpt);
             assert_eq!(got.len(), want.len());
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                let scale = w.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
-                let d = max_diff(g, w) / scale;
+                let d = relative_diff(w, g);
                 assert!(
                     d < 1e-3,
                     "{name} checkpointing={ckpt}: gradient {i} differs by {d} (relative)"
