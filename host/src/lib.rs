@@ -12,6 +12,7 @@ pub mod infer;
 pub mod llm;
 pub mod paths;
 pub mod plugin;
+pub mod redact;
 pub mod server;
 pub mod store;
 pub mod train;

@@ -6,6 +6,7 @@ mod bench;
 mod browser;
 mod cli;
 mod eval;
+mod hostile;
 mod judge;
 mod model;
 mod polyglot;

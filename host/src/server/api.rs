@@ -51,11 +51,20 @@ async fn list_plugins(State(state): State<AppState>) -> Json<Vec<PluginMeta>> {
     Json(registry.all().iter().map(|p| (*p.meta).clone()).collect())
 }
 
+#[derive(Debug, Default, serde::Deserialize)]
+struct UploadQuery {
+    /// Let a component named like a built-in replace it (see `plugins install --replace-builtin`).
+    #[serde(default)]
+    replace_builtin: bool,
+}
+
 /// Upload a component: `multipart/form-data` with a `file` field, or the raw bytes.
 async fn upload_plugin(
     State(state): State<AppState>,
+    Query(query): Query<UploadQuery>,
     request: Request,
 ) -> Result<Response, AppError> {
+    let replace_builtin = query.replace_builtin;
     let is_multipart = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -92,12 +101,15 @@ async fn upload_plugin(
     }
     let runtime = state.runtime.clone();
     let plugins_dir = state.data_dir.plugins();
+    let registry = state.registry.read().unwrap().clone();
     let plugin = tokio::task::spawn_blocking(move || {
         registry::install(
             &runtime,
+            &registry,
             &plugins_dir,
             &bytes,
             std::path::Path::new(&file_name),
+            replace_builtin,
         )
     })
     .await

@@ -31,6 +31,9 @@ pub enum RunStatus {
     Failed,
     Interrupted,
     Cancelled,
+    /// The stored record cannot be read; listed with the reason instead of failing the list.
+    /// Never written: `adapterlab store check --repair` quarantines such records.
+    Corrupt,
 }
 
 impl RunStatus {
@@ -42,23 +45,47 @@ impl RunStatus {
             RunStatus::Failed => "failed",
             RunStatus::Interrupted => "interrupted",
             RunStatus::Cancelled => "cancelled",
+            RunStatus::Corrupt => "corrupt",
         }
     }
 
     pub fn is_finished(self) -> bool {
         matches!(
             self,
-            RunStatus::Done | RunStatus::Failed | RunStatus::Cancelled | RunStatus::Interrupted
+            RunStatus::Done
+                | RunStatus::Failed
+                | RunStatus::Cancelled
+                | RunStatus::Interrupted
+                | RunStatus::Corrupt
         )
     }
 }
 
-/// A mean with its 95% bootstrap interval.
+/// A mean with its 95% bootstrap interval. The pipeline stores only finite ones; a `null`
+/// that an older version wrote for an overflowed mean reads back as NaN instead of making
+/// the whole record unreadable.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {
+    #[serde(deserialize_with = "number_or_nan")]
     pub mean: f64,
+    #[serde(deserialize_with = "number_or_nan")]
     pub low: f64,
+    #[serde(deserialize_with = "number_or_nan")]
     pub high: f64,
+}
+
+fn number_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// Where a plugin that produced a run's results came from, so two runs that both say
+/// `rouge 0.1.0` can still be told apart when one used a user's replacement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginProvenance {
+    pub version: String,
+    /// `built-in` or `user`.
+    pub source: String,
+    pub sha256: String,
 }
 
 /// A score a run produced, as its metric declared it.
@@ -118,6 +145,13 @@ pub struct RunRecord {
     /// Corpus-level statistics metrics returned (e.g. corpus BLEU).
     #[serde(default)]
     pub corpus: BTreeMap<String, f64>,
+    /// Errors that concern a metric as a whole (a failed batch, stored once rather than in
+    /// every sample; a mean that cannot be represented), by metric or score name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metric_errors: BTreeMap<String, String>,
+    /// The plugins that produced the scores: plugin name → version, source, sha256.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub plugins: BTreeMap<String, PluginProvenance>,
     #[serde(default)]
     pub progress: Progress,
     #[serde(default)]
@@ -144,6 +178,8 @@ impl RunRecord {
             aggregates: BTreeMap::new(),
             reference_aggregates: BTreeMap::new(),
             corpus: BTreeMap::new(),
+            metric_errors: BTreeMap::new(),
+            plugins: BTreeMap::new(),
             progress: Progress::default(),
             usage: Usage::default(),
             error: None,
