@@ -2,6 +2,7 @@
 
 mod util;
 
+mod attach;
 mod bench;
 mod browser;
 mod cli;

@@ -155,6 +155,12 @@ impl Jobs {
         let output_dir = resolve_output_dir(&self.inner.data_dir, given, &id)?;
         config.output_dir = output_dir.display().to_string();
         generate::check_model(&config.model_name_or_path, "config.model_name_or_path")?;
+        adapterlab_model::commands::check_target_modules(
+            &config.model_name_or_path,
+            &config.lora.target_modules,
+            &adapterlab_model::commands::Runtime::cpu(self.inner.data_dir.assets()),
+        )
+        .context("config.lora.target_modules")?;
         {
             let registry = self.inner.registry.read().unwrap();
             registry
