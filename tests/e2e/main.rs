@@ -7,6 +7,7 @@ mod bench;
 mod browser;
 mod cli;
 mod eval;
+mod gate;
 mod hostile;
 mod judge;
 mod model;

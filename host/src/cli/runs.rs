@@ -3,8 +3,8 @@
 use anyhow::Result;
 use clap::Subcommand;
 
-use crate::cli::Context;
 use crate::cli::output::table;
+use crate::cli::{Context, ExitCode};
 use crate::eval::compare::compare;
 
 #[derive(Debug, Subcommand)]
@@ -32,8 +32,30 @@ pub enum RunsCommand {
         ids: Vec<String>,
         #[arg(long)]
         json: bool,
+        /// How to print the table: `table` (the terminal) or `markdown` (a pull-request
+        /// comment).
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// A CI gate: exit 3 when, for one of these scores (comma-separated), a run's paired 95%
+        /// interval of the difference from the baseline lies wholly on the worse side of zero
+        /// (of `--min-delta`). Direction follows each score's declaration (lower is better for
+        /// some).
+        #[arg(long, value_delimiter = ',', value_name = "SCORE,...")]
+        fail_on_regression: Vec<String>,
+        /// With `--fail-on-regression`: the worsening tolerated before it counts (default 0).
+        #[arg(long, value_name = "X", default_value_t = 0.0, requires = "fail_on_regression")]
+        min_delta: f64,
     },
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Markdown,
+}
+
+/// `runs compare --fail-on-regression`'s exit code when a regression was found.
+pub const EXIT_REGRESSION: u8 = 3;
 
 pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
     let store = ctx.store()?;
@@ -101,6 +123,14 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
             if let Some(e) = &run.error {
                 println!("error: {e}");
             }
+            for (name, p) in &run.plugins {
+                println!(
+                    "plugin {name}: {} ({}, sha256 {})",
+                    p.version,
+                    p.source,
+                    p.sha256.get(..16).unwrap_or(&p.sha256)
+                );
+            }
             crate::cli::eval::print_summary(&run, &sample_records);
             if samples {
                 for s in &sample_records {
@@ -117,35 +147,127 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
             }
             Ok(())
         }
-        RunsCommand::Compare { ids, json } => {
+        RunsCommand::Compare {
+            ids,
+            json,
+            format,
+            fail_on_regression,
+            min_delta,
+        } => {
             let c = compare(&store, &ids)?;
+            if !min_delta.is_finite() || min_delta < 0.0 {
+                anyhow::bail!("--min-delta {min_delta}: must be a finite number ≥ 0");
+            }
+            // A gate that names nothing real must not pass silently.
+            for name in &fail_on_regression {
+                if !c.scores.iter().any(|s| &s.name == name) {
+                    let names: Vec<&str> = c.scores.iter().map(|s| s.name.as_str()).collect();
+                    anyhow::bail!(
+                        "--fail-on-regression {name}: no such score in every compared run (they share: {})",
+                        names.join(", ")
+                    );
+                }
+            }
+            let regressions: Vec<&crate::eval::compare::Delta> = c
+                .deltas
+                .iter()
+                .filter(|d| fail_on_regression.contains(&d.score) && is_regression(d, min_delta))
+                .collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&c)?);
-                return Ok(());
+            } else if format == Format::Markdown {
+                print!("{}", markdown(&c, &fail_on_regression, min_delta));
+            } else {
+                print_table(&c);
             }
+            if !regressions.is_empty() {
+                let names: Vec<String> = regressions
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            "{} {:+.4} [{:+.4}, {:+.4}]",
+                            d.score, d.difference.mean, d.difference.low, d.difference.high
+                        )
+                    })
+                    .collect();
+                return Err(ExitCode::new(
+                    EXIT_REGRESSION,
+                    format!("regression: {}", names.join("; ")),
+                )
+                .into());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Whether the whole paired interval lies on the worse side of `-min_delta`.
+fn is_regression(d: &crate::eval::compare::Delta, min_delta: f64) -> bool {
+    if d.higher_is_better {
+        d.difference.high < -min_delta
+    } else {
+        d.difference.low > min_delta
+    }
+}
+
+fn verdict(d: &crate::eval::compare::Delta) -> &'static str {
+    match d.verdict {
+        Some(true) => "better",
+        Some(false) => "worse",
+        None => "no significant difference",
+    }
+}
+
+fn run_name(c: &crate::eval::compare::Comparison, id: &str) -> String {
+    c.runs
+        .iter()
+        .find(|r| r.id == id)
+        .map(|r| r.name.clone())
+        .unwrap_or_default()
+}
+
+/// The comparison as a Markdown table for a pull-request comment.
+fn markdown(c: &crate::eval::compare::Comparison, gated: &[String], min_delta: f64) -> String {
+    let mut out = format!(
+        "**Baseline:** `{}` ({})\n\n| run | score | delta | 95% CI (paired) | pairs | verdict |\n| --- | --- | ---: | --- | ---: | --- |\n",
+        c.runs[0].name, c.runs[0].id
+    );
+    for d in &c.deltas {
+        let flag = if gated.contains(&d.score) && is_regression(d, min_delta) {
+            " ❌ regression"
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | {:+.4} | [{:+.4}, {:+.4}] | {} | {}{} |\n",
+            run_name(c, &d.run),
+            d.score,
+            d.difference.mean,
+            d.difference.low,
+            d.difference.high,
+            d.paired,
+            verdict(d),
+            flag
+        ));
+    }
+    out
+}
+
+fn print_table(c: &crate::eval::compare::Comparison) {
+    {
+        {
             println!("baseline: {} ({})", c.runs[0].name, c.runs[0].id);
             let rows: Vec<Vec<String>> = c
                 .deltas
                 .iter()
                 .map(|d| {
-                    let name = c
-                        .runs
-                        .iter()
-                        .find(|r| r.id == d.run)
-                        .map(|r| r.name.clone())
-                        .unwrap_or_default();
-                    let verdict = match d.verdict {
-                        Some(true) => "better",
-                        Some(false) => "worse",
-                        None => "no significant difference",
-                    };
                     vec![
-                        name,
+                        run_name(c, &d.run),
                         d.score.clone(),
                         format!("{:+.4}", d.difference.mean),
                         format!("[{:+.4}, {:+.4}]", d.difference.low, d.difference.high),
                         d.paired.to_string(),
-                        verdict.into(),
+                        verdict(d).into(),
                     ]
                 })
                 .collect();
@@ -163,7 +285,6 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
                     &rows
                 )
             );
-            Ok(())
         }
     }
 }
