@@ -15,4 +15,5 @@ pub mod plugin;
 pub mod redact;
 pub mod server;
 pub mod store;
+pub mod track;
 pub mod train;

@@ -15,4 +15,5 @@ mod polyglot;
 mod sandbox;
 mod serve_models;
 mod server;
+mod track;
 mod train;

@@ -46,6 +46,24 @@ pub enum RunsCommand {
         #[arg(long, value_name = "X", default_value_t = 0.0, requires = "fail_on_regression")]
         min_delta: f64,
     },
+    /// Send a stored run to a tracker: its settings, every logged step (training) and its
+    /// scores (evaluations). MLflow reads MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME.
+    Export {
+        /// Run id (a unique prefix is enough) or run name.
+        id: String,
+        #[arg(long, value_enum)]
+        to: ExportTarget,
+        /// TensorBoard: the log folder (default: runs/<run name>).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+}
+
+/// Where `runs export` sends a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportTarget {
+    Tensorboard,
+    Mlflow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -147,6 +165,7 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
             }
             Ok(())
         }
+        RunsCommand::Export { id, to, out } => export(&store, &id, to, out),
         RunsCommand::Compare {
             ids,
             json,
@@ -199,6 +218,64 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Replays a stored run into a tracker, as the trainer would have reported it live.
+fn export(
+    store: &crate::store::Store,
+    id: &str,
+    to: ExportTarget,
+    out: Option<std::path::PathBuf>,
+) -> Result<()> {
+    let run = store.resolve_run(id)?;
+    let mut params: Vec<(String, String)> = run
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    params.push(("adapterlab.run_id".into(), run.id.clone()));
+    params.push(("adapterlab.kind".into(), run.kind.as_str().into()));
+    let report_to = vec![match to {
+        ExportTarget::Tensorboard => "tensorboard".to_string(),
+        ExportTarget::Mlflow => "mlflow".to_string(),
+    }];
+    // TensorBoard writes below `<dir>/runs/`, as a training run's output folder has it.
+    let dir = out.unwrap_or_else(|| std::path::PathBuf::from(&run.name));
+    let mut trackers = crate::track::Trackers::start(&report_to, &dir, &run.name, &params)?;
+    let mut steps = 0usize;
+    for (_, event) in store.events_after(&run.id, None)? {
+        if matches!(event, crate::store::RunEvent::Loss { .. }) {
+            trackers.event(&event);
+            steps += 1;
+        }
+    }
+    let scores: Vec<(&str, f64)> = run
+        .aggregates
+        .iter()
+        .map(|(k, e)| (k.as_str(), e.mean))
+        .chain(run.corpus.iter().map(|(k, v)| (k.as_str(), *v)))
+        .collect();
+    if !scores.is_empty() {
+        trackers.scalars(run.progress.done, &[], &scores);
+    }
+    let adapter = run.metadata.get("adapter").map(std::path::PathBuf::from);
+    let status = match run.status {
+        crate::store::RunStatus::Done => "FINISHED",
+        crate::store::RunStatus::Failed | crate::store::RunStatus::Corrupt => "FAILED",
+        _ => "KILLED",
+    };
+    trackers.finish(adapter.as_deref().filter(|d| d.is_dir()), status);
+    println!(
+        "exported run {} ({}): {steps} logged steps, {} scores{}",
+        run.id,
+        run.name,
+        scores.len(),
+        match to {
+            ExportTarget::Tensorboard => format!(", to {}", dir.join("runs").display()),
+            ExportTarget::Mlflow => String::from(", to MLflow"),
+        }
+    );
+    Ok(())
 }
 
 /// Whether the whole paired interval lies on the worse side of `-min_delta`.

@@ -56,6 +56,9 @@ pub struct TrainConfig {
     pub fp16: bool,
     /// Metric plugins to run on generations from the validation/test split after training.
     pub eval_after_train: Vec<String>,
+    /// Trackers to report to, as HF's `report_to`: `tensorboard`, `mlflow`, `all`, `none`
+    /// (a bare string is a one-element list).
+    pub report_to: Vec<String>,
     pub lora: LoraSection,
     pub quantization: QuantizationSection,
 }
@@ -117,6 +120,7 @@ impl Default for TrainConfig {
             bf16: true,
             fp16: false,
             eval_after_train: Vec::new(),
+            report_to: Vec::new(),
             lora: LoraSection::default(),
             quantization: QuantizationSection::default(),
         }
@@ -276,6 +280,7 @@ impl TrainConfig {
             apply_override(&mut table, item)?;
         }
         check_keys(&table, "--set")?;
+        lists_from_strings(&mut table);
         check_types(&table, &origin)?;
         let config: TrainConfig = toml::Value::Table(table)
             .try_into()
@@ -297,11 +302,12 @@ impl TrainConfig {
                 other => other.clone(),
             }
         }
-        let table: toml::Table = toml::Value::try_from(without_nulls(value))
+        let mut table: toml::Table = toml::Value::try_from(without_nulls(value))
             .ok()
             .and_then(|v| v.as_table().cloned())
             .context("config must be an object of train keys")?;
         check_keys(&table, "config")?;
+        lists_from_strings(&mut table);
         check_types(&table, "config")?;
         let config: TrainConfig = toml::Value::Table(table)
             .try_into()
@@ -399,7 +405,31 @@ impl TrainConfig {
         if self.bf16 && self.fp16 {
             return Err(fail("bf16", "and fp16 cannot both be true".into()));
         }
+        crate::track::parse_report_to(&self.report_to).map_err(|e| fail("report_to", format!("{e:#}")))?;
         Ok(())
+    }
+}
+
+/// List keys that also take one bare string, as HF's do (`report_to = "tensorboard"`).
+const LIST_KEYS: &[&str] = &["eval_after_train", "lora.target_modules", "report_to"];
+
+/// A bare string where a list key expects a list becomes a one-element list.
+fn lists_from_strings(table: &mut toml::Table) {
+    for key in LIST_KEYS {
+        let (section, name) = match key.split_once('.') {
+            Some((s, n)) => (Some(s), n),
+            None => (None, *key),
+        };
+        let target = match section {
+            Some(s) => table.get_mut(s).and_then(|v| v.as_table_mut()),
+            None => Some(&mut *table),
+        };
+        if let Some(t) = target {
+            if let Some(toml::Value::String(v)) = t.get(name) {
+                let one = toml::Value::Array(vec![toml::Value::String(v.clone())]);
+                t.insert(name.to_string(), one);
+            }
+        }
     }
 }
 
@@ -424,7 +454,7 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
         });
     // List keys take one bare name as a one-element list (`--set eval_after_train=rouge`).
     let value = match value {
-        toml::Value::String(s) if matches!(key, "eval_after_train" | "lora.target_modules") => {
+        toml::Value::String(s) if LIST_KEYS.contains(&key) => {
             toml::Value::Array(vec![toml::Value::String(s)])
         }
         v => v,

@@ -51,6 +51,8 @@ pub struct TrainEnv {
     pub cancel: Option<Arc<AtomicBool>>,
     /// Stop after this many steps of this invocation (tests: simulate an interruption).
     pub stop_after_steps: Option<usize>,
+    /// The trackers of `report_to`, started by [`run`].
+    pub trackers: Option<Arc<std::sync::Mutex<crate::track::Trackers>>>,
 }
 
 /// What a finished (or stopped) run produced.
@@ -310,6 +312,60 @@ pub fn accumulate_micro_batch(
 
 /// Trains as `config` says. Dataset problems are reported before the model loads.
 pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
+    let report_to = crate::track::parse_report_to(&config.report_to)?;
+    if report_to.is_empty() {
+        return train(config, env);
+    }
+    let run_name = env
+        .store
+        .as_ref()
+        .map(|(_, id)| id.clone())
+        .unwrap_or_else(|| config.output_dir.clone());
+    let trackers = crate::track::Trackers::start(
+        &report_to,
+        Path::new(&config.output_dir),
+        &run_name,
+        &settings(config),
+    )?;
+    let trackers = Arc::new(std::sync::Mutex::new(trackers));
+    let env = TrainEnv {
+        trackers: Some(trackers.clone()),
+        ..env.clone()
+    };
+    let result = train(config, &env);
+    let (adapter, status) = match &result {
+        Ok(o) if o.stopped_early => (None, "KILLED"),
+        Ok(o) => (o.adapter_dir.clone(), "FINISHED"),
+        Err(_) => (None, "FAILED"),
+    };
+    trackers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .finish(adapter.as_deref(), status);
+    result
+}
+
+/// Every setting of a config as flat `key = value` pairs (`lora.r`), for trackers' params.
+pub fn settings(config: &TrainConfig) -> Vec<(String, String)> {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    flatten(&key, v, out);
+                }
+            }
+            serde_json::Value::String(s) => out.push((prefix.to_string(), s.clone())),
+            serde_json::Value::Null => {}
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let mut out = Vec::new();
+    flatten("", &serde_json::to_value(config).unwrap_or_default(), &mut out);
+    out
+}
+
+fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     let started = Instant::now();
     let output_dir = PathBuf::from(&config.output_dir);
     let resume_from = match &env.resume_from_checkpoint {
@@ -468,6 +524,21 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         state.first_eval_loss = evaluate(&registry)?;
         if let Some(l) = state.first_eval_loss {
             log(env, format!("validation loss before training: {l:.4}"));
+            // On the charts and trackers as step 0; trainer_state.json's log_history keeps
+            // HF's shape, which has no step-0 entry without `eval_on_start`.
+            record(
+                env,
+                RunEvent::Loss {
+                    step: 0,
+                    epoch: 0.0,
+                    loss: None,
+                    eval_loss: Some(l),
+                    learning_rate: None,
+                    grad_norm: None,
+                    tokens_per_second: None,
+                    eta_seconds: None,
+                },
+            );
         }
     }
 
@@ -750,6 +821,12 @@ fn log(env: &TrainEnv, message: String) {
 }
 
 fn record(env: &TrainEnv, event: RunEvent) {
+    if let Some(trackers) = &env.trackers {
+        trackers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .event(&event);
+    }
     if let Some((store, run_id)) = &env.store {
         if let Err(e) = store.push_event(run_id, &event) {
             tracing::warn!("failed to record a training event: {e:#}");
