@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod eval;
+pub mod hub;
 pub mod infer;
 pub mod llm;
 pub mod paths;

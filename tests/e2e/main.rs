@@ -12,6 +12,7 @@ mod hostile;
 mod judge;
 mod model;
 mod polyglot;
+mod push;
 mod sandbox;
 mod serve_models;
 mod server;

@@ -13,6 +13,7 @@ mod eval;
 mod model;
 mod output;
 mod plugins;
+mod push;
 mod report;
 mod runs;
 mod serve;
@@ -20,6 +21,7 @@ mod store;
 mod train;
 
 pub use output::print_error;
+pub use push::{PushArgs, prepare as push_request};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -61,6 +63,9 @@ pub enum Command {
     /// List, check and install plugins (WebAssembly components).
     #[command(subcommand)]
     Plugins(plugins::PluginsCommand),
+    /// Publish an adapter (or a merged model) with its model card and stored evaluation
+    /// results to the Hugging Face Hub (HF_TOKEN, HF_ENDPOINT).
+    Push(push::PushArgs),
     /// Check the store: read every record, report what cannot be read, quarantine it.
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -175,6 +180,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Report(args) => report::run(args, &ctx),
         Command::Plugins(cmd) => plugins::run(cmd, &ctx),
         Command::Store(cmd) => store::run(cmd, &ctx),
+        Command::Push(args) => push::run(args, &ctx),
         Command::Params(args) => model::params(args, &ctx),
         Command::Generate(args) => model::generate(args, &ctx),
         Command::EvalLoss(args) => model::eval_loss(args, &ctx),

@@ -33,6 +33,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/api/plugins", get(list_plugins).post(upload_plugin))
         .route("/api/adapters", get(list_adapters))
+        .route("/api/adapters/{name}/push", post(push_adapter))
         .route("/api/runs", get(list_runs).post(create_run))
         .route("/api/runs/{id}", get(get_run))
         .route("/api/runs/{id}/samples", get(get_samples))
@@ -122,6 +123,46 @@ async fn upload_plugin(
     ))?;
     state.registry.write().unwrap().add(plugin);
     Ok((StatusCode::CREATED, Json(meta)).into_response())
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushBody {
+    repo: String,
+    #[serde(default)]
+    private: bool,
+    #[serde(default)]
+    revision: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// Push a stored adapter to the Hub with the server's own HF_TOKEN (the browser never holds
+/// it).
+async fn push_adapter(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Json(body): Json<PushBody>,
+) -> Result<Json<Value>, AppError> {
+    let store = state.store.clone();
+    let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<crate::hub::PushOutcome> {
+        crate::hub::check_repo_id(&body.repo)?;
+        let adapter = crate::infer::run::resolve_adapter(&store, &name)?;
+        let args = crate::cli::PushArgs {
+            adapter: name.clone(),
+            repo: body.repo,
+            private: body.private,
+            revision: body.revision,
+            message: body.message,
+            json: true,
+        };
+        let request = crate::cli::push_request(Some(&store), &name, &adapter.dir, &args)?;
+        crate::hub::Hub::new(crate::hub::HubConfig::from_env()?)?.push(&request)
+    })
+    .await
+    .map_err(anyhow::Error::from)?
+    .map_err(|e| AppError::unprocessable(format!("{e:#}")))?;
+    Ok(Json(serde_json::to_value(outcome)?))
 }
 
 async fn list_adapters(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
