@@ -200,3 +200,106 @@ fn an_unknown_tracker_is_refused_before_training() {
     ]));
     assert!(e.contains("wandb sync --sync-tensorboard"), "{e}");
 }
+
+/// `eval_strategy = "steps"` with `[generation_eval]`: each evaluation generates for some
+/// validation rows and scores them with metric plugins; log_history holds `eval_bleu` beside
+/// `eval_loss` as HF logs them; the best checkpoint by `metric_for_best_model` survives
+/// rotation and becomes the final adapter.
+#[test]
+fn generation_metrics_during_training_pick_the_best_checkpoint() {
+    let t = setup("track-generation-eval");
+    let model = tiny_model(&t);
+    let data = dataset(&t);
+    let out = t.path().join("out");
+    let mut cmd = t.cmd(&["train"]);
+    for kv in [
+        format!("model_name_or_path={}", model.display()),
+        format!("dataset={}", data.display()),
+        format!("output_dir={}", out.display()),
+        "max_steps=6".into(),
+        "per_device_train_batch_size=4".into(),
+        "learning_rate=0.01".into(),
+        "logging_steps=1".into(),
+        "eval_strategy=steps".into(),
+        "eval_steps=2".into(),
+        "save_steps=2".into(),
+        "save_total_limit=1".into(),
+        "max_seq_length=64".into(),
+        "lora.r=4".into(),
+        "generation_eval.metrics=bleu,length".into(),
+        "generation_eval.rows=3".into(),
+        "generation_eval.max_new_tokens=6".into(),
+        "metric_for_best_model=length_words".into(),
+        "greater_is_better=false".into(),
+        "load_best_model_at_end=true".into(),
+    ] {
+        cmd.arg("--set").arg(kv);
+    }
+    install_length(&t);
+    let (_, err) = run_ok_both(&mut cmd);
+    assert!(err.contains("loaded the best checkpoint"), "{err}");
+    let state = read_json(&out.join("trainer_state.json"));
+    let evals: Vec<&Value> = state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("eval_loss").is_some())
+        .collect();
+    let steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [2, 4, 6], "{state}");
+    for e in &evals {
+        for key in ["eval_bleu", "eval_length_words", "eval_runtime", "eval_samples_per_second", "epoch"] {
+            assert!(e[key].is_number(), "{key} missing in {e}");
+        }
+    }
+    // Lower is better here (greater_is_better = false), so the best is the smallest value
+    // among evaluations that have a checkpoint (every one of them: save_steps = eval_steps);
+    // the first of equal ones wins, as in HF.
+    let best = state["best_metric"].as_f64().unwrap();
+    let values: Vec<f64> = evals.iter().map(|e| e["eval_length_words"].as_f64().unwrap()).collect();
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    assert_eq!(best, min, "{state}");
+    let first_min = steps[values.iter().position(|v| *v == min).unwrap()];
+    assert_eq!(state["best_global_step"], first_min);
+    let best_dir = PathBuf::from(state["best_model_checkpoint"].as_str().unwrap());
+    assert!(best_dir.is_dir(), "the best checkpoint survives rotation");
+    assert_eq!(
+        best_dir.file_name().unwrap().to_str().unwrap(),
+        format!("checkpoint-{}", state["best_global_step"])
+    );
+    // The final adapter is the best checkpoint's.
+    let tensors = |p: &Path| {
+        candle_core::safetensors::load(p.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap()
+    };
+    let (last, chosen) = (tensors(&out), tensors(&best_dir));
+    for (name, t) in &chosen {
+        let diff = (t - &last[name]).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{name} differs from the best checkpoint's");
+    }
+    // The store has the evaluations as events with their metrics, step 0 included.
+    let runs: Value = serde_json::from_str(&run_ok(&mut t.cmd(&["runs", "list", "--json"]))).unwrap();
+    let id = runs[0]["id"].as_str().unwrap();
+    assert!(runs[0]["kind"] == "train", "{runs}");
+    let _ = id;
+}
+
+fn install_length(t: &TestDir) {
+    let wasm = built_component("adapterlab-plugin-length");
+    run_ok(&mut t.cmd(&["plugins", "install", wasm.to_str().unwrap()]));
+}
+
+#[test]
+fn a_best_metric_that_is_never_logged_is_refused() {
+    let t = setup("track-best-unknown");
+    let model = tiny_model(&t);
+    let data = dataset(&t);
+    let e = run_fail(&mut t.cmd(&[
+        "train",
+        "--set", &format!("model_name_or_path={}", model.display()),
+        "--set", &format!("dataset={}", data.display()),
+        "--set", &format!("output_dir={}", t.path().join("o").display()),
+        "--set", "generation_eval.metrics=bleu",
+        "--set", "metric_for_best_model=rougeL",
+    ]));
+    assert!(e.contains("eval_rougeL") && e.contains("eval_bleu"), "{e}");
+}

@@ -238,6 +238,10 @@ pub enum RunEvent {
         tokens_per_second: Option<f64>,
         #[serde(default)]
         eta_seconds: Option<f64>,
+        /// An evaluation's other values, as HF logs them: `eval_<score>` of the generation
+        /// metrics, `eval_runtime`, `eval_samples_per_second`.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        eval_metrics: BTreeMap<String, f64>,
     },
 }
 

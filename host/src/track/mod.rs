@@ -99,6 +99,7 @@ impl Trackers {
             learning_rate,
             grad_norm,
             tokens_per_second,
+            eval_metrics,
             ..
         } = event
         else {
@@ -119,7 +120,15 @@ impl Trackers {
         if !train.is_empty() {
             train.push(("epoch", *epoch));
         }
-        let eval: Vec<(&str, f64)> = eval_loss.iter().map(|v| ("loss", *v)).collect();
+        let eval: Vec<(&str, f64)> = eval_loss
+            .iter()
+            .map(|v| ("loss", *v))
+            .chain(
+                eval_metrics
+                    .iter()
+                    .map(|(k, v)| (k.strip_prefix("eval_").unwrap_or(k), *v)),
+            )
+            .collect();
         self.scalars(*step, &train, &eval);
     }
 

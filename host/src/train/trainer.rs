@@ -16,6 +16,7 @@ use std::time::Instant;
 use adapterlab_model::assets::Fetcher;
 use adapterlab_model::causal_lm::CausalLm;
 use adapterlab_model::commands::{Runtime, load_model_with};
+use adapterlab_model::loader::LoadedModel;
 use adapterlab_model::linear::{BaseFormat, LinearBuilder};
 use adapterlab_model::lora::{LoraConfig, LoraRegistry, TargetModules};
 use adapterlab_model::loss::{Example, loss_on_examples};
@@ -27,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::eval::input::PredictionRow;
-use crate::infer::predict::{self, Sampling};
+use crate::infer::predict::{self, PromptRow, Sampling};
 use crate::plugin::Registry;
 use crate::store::{RunEvent, Store};
 use crate::train::config::TrainConfig;
@@ -94,6 +95,13 @@ struct ResumeState {
     tokens_seen: u64,
     log_history: Vec<Value>,
     first_eval_loss: Option<f64>,
+    /// The best value of `metric_for_best_model` so far, its step and checkpoint.
+    #[serde(default)]
+    best_metric: Option<f64>,
+    #[serde(default)]
+    best_step: Option<usize>,
+    #[serde(default)]
+    best_checkpoint: Option<String>,
 }
 
 const STATE_FILE: &str = "training_state.json";
@@ -439,6 +447,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         )?),
         None => None,
     };
+    let generation = GenerationEval::prepare(config, env, &splits)?;
     let lengths: Vec<usize> = train.examples.iter().map(|e| e.input_ids.len()).collect();
     let bs = config.per_device_train_batch_size;
     let accum = config.gradient_accumulation_steps;
@@ -480,6 +489,9 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         tokens_seen: 0,
         log_history: Vec::new(),
         first_eval_loss: None,
+        best_metric: None,
+        best_step: None,
+        best_checkpoint: None,
     };
     if let Some(dir) = &resume_from {
         state = load_checkpoint(dir, &mut opt, &device)?;
@@ -520,26 +532,91 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             loss_on_examples(model, &examples, config.per_device_eval_batch_size.max(1))?.loss,
         ))
     };
-    if resume_from.is_none() && val.is_some() {
-        state.first_eval_loss = evaluate(&registry)?;
-        if let Some(l) = state.first_eval_loss {
-            log(env, format!("validation loss before training: {l:.4}"));
-            // On the charts and trackers as step 0; trainer_state.json's log_history keeps
-            // HF's shape, which has no step-0 entry without `eval_on_start`.
-            record(
-                env,
-                RunEvent::Loss {
-                    step: 0,
-                    epoch: 0.0,
-                    loss: None,
-                    eval_loss: Some(l),
-                    learning_rate: None,
-                    grad_norm: None,
-                    tokens_per_second: None,
-                    eta_seconds: None,
-                },
+    let evaluates = config.eval_strategy != "no";
+    // One evaluation: the validation loss, and with `generation_eval` the generation metrics.
+    // Logged as HF logs it (one log_history entry); the pre-training one only as an event,
+    // since HF's log_history has no step-0 entry without `eval_on_start`.
+    let evaluate_all = |registry: &LoraRegistry,
+                        state: &mut ResumeState,
+                        epoch: f64,
+                        in_history: bool|
+     -> Result<Option<f64>> {
+        let started = Instant::now();
+        let loss = evaluate(registry)?;
+        let scores = match &generation {
+            Some(g) => {
+                registry.set_training(false);
+                g.score(&loaded, env, state.global_step)?
+            }
+            None => BTreeMap::new(),
+        };
+        let runtime = started.elapsed().as_secs_f64();
+        if loss.is_none() && scores.is_empty() {
+            return Ok(None);
+        }
+        let mut metrics: BTreeMap<String, f64> =
+            scores.iter().map(|(k, v)| (format!("eval_{k}"), *v)).collect();
+        if let Some(g) = &generation {
+            metrics.insert("eval_runtime".into(), round4(runtime));
+            metrics.insert(
+                "eval_samples_per_second".into(),
+                round4(g.rows.len() as f64 / runtime.max(1e-9)),
             );
         }
+        if in_history {
+            let mut entry = json!({"epoch": epoch, "step": state.global_step});
+            if let Some(l) = loss {
+                entry["eval_loss"] = json!(l);
+            }
+            for (k, v) in &metrics {
+                entry[k] = json!(v);
+            }
+            state.log_history.push(entry);
+        }
+        let shown: Vec<String> = loss
+            .map(|l| format!("eval_loss {l:.4}"))
+            .into_iter()
+            .chain(scores.iter().map(|(k, v)| format!("eval_{k} {v:.4}")))
+            .collect();
+        log(
+            env,
+            format!("evaluation at step {}: {} ({runtime:.1} s)", state.global_step, shown.join(", ")),
+        );
+        record(
+            env,
+            RunEvent::Loss {
+                step: state.global_step as u64,
+                epoch,
+                loss: None,
+                eval_loss: loss,
+                learning_rate: None,
+                grad_norm: None,
+                tokens_per_second: None,
+                eta_seconds: None,
+                eval_metrics: metrics.clone(),
+            },
+        );
+        // The pre-training evaluation is a baseline, not a candidate (HF's `eval_on_start`).
+        if let Some(name) = config.best_metric_name().filter(|_| in_history) {
+            let value = if name == "eval_loss" { loss } else { metrics.get(&name).copied() };
+            if let Some(v) = value.filter(|v| v.is_finite()) {
+                let better = match state.best_metric {
+                    None => true,
+                    Some(best) if config.greater_is_better() => v > best,
+                    Some(best) => v < best,
+                };
+                if better {
+                    state.best_metric = Some(v);
+                    state.best_step = Some(state.global_step);
+                }
+            }
+        }
+        Ok(loss)
+    };
+    let mut last_eval_loss: Option<Option<f64>> = None;
+    let mut evaluated_at: Option<usize> = None;
+    if resume_from.is_none() && evaluates && (val.is_some() || generation.is_some()) {
+        state.first_eval_loss = evaluate_all(&registry, &mut state, 0.0, false)?;
     }
 
     let bar = progress_bar(env.progress_bar, max_steps, state.global_step);
@@ -666,16 +743,31 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                     grad_norm: Some(last_grad_norm),
                     tokens_per_second: Some(tps),
                     eta_seconds: Some(eta),
+                    eval_metrics: BTreeMap::new(),
                 },
             );
             record_progress(env, state.global_step, max_steps);
         }
-        if config.eval_steps > 0 && state.global_step % config.eval_steps == 0 && !is_last {
-            if let Some(l) = evaluate(&registry)? {
-                log_eval(env, &mut state, l, epoch_f);
-            }
+        let eval_now = match config.eval_strategy.as_str() {
+            "steps" => config.eval_steps > 0 && state.global_step % config.eval_steps == 0,
+            "epoch" => state.global_step % steps_per_epoch == 0,
+            _ => false,
+        };
+        if eval_now {
+            // At the last step too, before its checkpoint, so the checkpoint can be the best.
+            last_eval_loss = Some(evaluate_all(&registry, &mut state, epoch_f, true)?);
+            evaluated_at = Some(state.global_step);
+            registry.set_training(true);
         }
         if config.save_steps > 0 && state.global_step % config.save_steps == 0 {
+            if state.best_step == Some(state.global_step) {
+                state.best_checkpoint = Some(
+                    output_dir
+                        .join(format!("checkpoint-{}", state.global_step))
+                        .display()
+                        .to_string(),
+                );
+            }
             save_checkpoint(
                 &output_dir,
                 config,
@@ -715,10 +807,14 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         predictions_split: None,
     };
     if !stopped_early {
-        if let Some(l) = evaluate(&registry)? {
+        if evaluated_at == Some(state.global_step) {
+            outcome.final_eval_loss = last_eval_loss.flatten();
+        } else if evaluates {
             let epoch = round4(state.global_step as f64 / steps_per_epoch as f64);
-            log_eval(env, &mut state, l, epoch);
-            outcome.final_eval_loss = Some(l);
+            outcome.final_eval_loss = evaluate_all(&registry, &mut state, epoch, true)?;
+        }
+        if config.load_best_model_at_end {
+            load_best(&registry, &state, env)?;
         }
         state.log_history.push(json!({
             "epoch": round4(state.global_step as f64 / steps_per_epoch as f64),
@@ -767,23 +863,121 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     Ok(outcome)
 }
 
-fn log_eval(env: &TrainEnv, state: &mut ResumeState, loss: f64, epoch: f64) {
-    state
-        .log_history
-        .push(json!({"epoch": epoch, "eval_loss": loss, "step": state.global_step}));
-    record(
+/// `load_best_model_at_end`: the best checkpoint's adapter weights replace the last ones,
+/// so the adapter saved in `output_dir` is the best one.
+fn load_best(registry: &LoraRegistry, state: &ResumeState, env: &TrainEnv) -> Result<()> {
+    let (Some(dir), Some(step), Some(value)) = (&state.best_checkpoint, state.best_step, state.best_metric) else {
+        log(env, "load_best_model_at_end: no evaluation made a checkpoint; the last adapter stays".into());
+        return Ok(());
+    };
+    let file = Path::new(dir).join("adapter_model.safetensors");
+    let device = registry
+        .varmap()
+        .all_vars()
+        .first()
+        .map(|v| v.device().clone())
+        .unwrap_or(Device::Cpu);
+    let weights = candle_core::safetensors::load(&file, &device)
+        .with_context(|| format!("failed to read the best checkpoint's adapter {}", file.display()))?;
+    for (name, var) in registry.varmap().data().lock().expect("varmap").iter() {
+        let t = weights
+            .get(name)
+            .with_context(|| format!("{} has no tensor {name}", file.display()))?;
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    log(
         env,
-        RunEvent::Loss {
-            step: state.global_step as u64,
-            epoch,
-            loss: None,
-            eval_loss: Some(loss),
-            learning_rate: None,
-            grad_norm: None,
-            tokens_per_second: None,
-            eta_seconds: None,
-        },
+        format!("loaded the best checkpoint, {dir} (step {step}, {value:.4})"),
     );
+    Ok(())
+}
+
+/// `[generation_eval]` made ready: the validation rows to generate for, the metric plugins,
+/// the decoding settings.
+struct GenerationEval {
+    rows: Vec<PromptRow>,
+    plugins: Vec<crate::plugin::Plugin>,
+    metrics: Vec<String>,
+    sampling: Sampling,
+}
+
+impl GenerationEval {
+    fn prepare(config: &TrainConfig, env: &TrainEnv, splits: &data::Splits) -> Result<Option<Self>> {
+        let g = &config.generation_eval;
+        if g.metrics.is_empty() || config.eval_strategy == "no" {
+            if let Some(name) = config.best_metric_name().filter(|n| n != "eval_loss") {
+                bail!("metric_for_best_model: {name} is not logged; only eval_loss is without generation_eval.metrics");
+            }
+            return Ok(None);
+        }
+        let registry = env
+            .registry
+            .as_ref()
+            .context("generation_eval needs the plugin registry")?;
+        let split = splits
+            .validation
+            .as_ref()
+            .with_context(|| format!("generation_eval needs a validation split in {}", config.dataset))?;
+        let head = data::Split {
+            origin: split.origin.clone(),
+            rows: split.rows.iter().take(g.rows).cloned().collect(),
+        };
+        let rows = predict::prompt_rows(&head, &config.formatter, Some(registry))?;
+        let plugins = crate::eval::pipeline::validate_metrics(registry, &g.metrics, &Default::default())
+            .context("generation_eval.metrics")?;
+        if let Some(name) = config.best_metric_name() {
+            let logged: Vec<String> = std::iter::once("eval_loss".to_string())
+                .chain(plugins.iter().flat_map(|p| p.meta.scores.iter().map(|s| format!("eval_{}", s.name))))
+                .collect();
+            if !logged.contains(&name) {
+                bail!(
+                    "metric_for_best_model: {name} is not logged (logged: {})",
+                    logged.join(", ")
+                );
+            }
+        }
+        Ok(Some(GenerationEval {
+            rows,
+            plugins,
+            metrics: g.metrics.clone(),
+            sampling: Sampling {
+                max_new_tokens: g.max_new_tokens,
+                temperature: g.temperature as f32,
+                top_p: (g.top_p < 1.0).then_some(g.top_p as f32),
+                top_k: (g.top_k > 0).then_some(g.top_k),
+                repetition_penalty: g.repetition_penalty as f32,
+                seed: config.seed,
+                batch_size: config.per_device_eval_batch_size.max(1),
+            },
+        }))
+    }
+
+    /// Generates for the rows with the adapter as it is now and scores the generations with
+    /// the metric plugins (in a scratch store): each score's mean.
+    fn score(&self, loaded: &LoadedModel, env: &TrainEnv, step: usize) -> Result<BTreeMap<String, f64>> {
+        let predictions = predict::predict(loaded, &self.rows, &self.sampling, None, |_| Ok(()))?;
+        let request = crate::eval::pipeline::EvalRequest {
+            name: format!("generation_eval step {step}"),
+            rows: predictions,
+            metrics: self.metrics.clone(),
+            settings: Default::default(),
+            score_references: false,
+            metadata: Default::default(),
+        };
+        let scratch = Store::temporary()?;
+        let run = crate::eval::pipeline::create_run(&scratch, &request, &self.plugins)?;
+        let eval_env = crate::eval::pipeline::EvalEnv {
+            store: scratch,
+            services: Arc::new(crate::plugin::NoServices),
+            cancel: env.cancel.clone().unwrap_or_default(),
+            on_progress: Arc::new(|_, _| {}),
+        };
+        let done = crate::eval::pipeline::execute(&eval_env, &run.id, &request, &self.plugins)?;
+        if let Some(e) = &done.error {
+            log(env, format!("generation_eval at step {step}: {e}"));
+        }
+        Ok(done.aggregates.iter().map(|(k, e)| (k.clone(), e.mean)).collect())
+    }
 }
 
 fn report_truncation(env: &TrainEnv, split: &str, enc: &Encoded, max: usize) {
@@ -876,10 +1070,11 @@ fn trainer_state(
     max_steps: usize,
     steps_per_epoch: usize,
 ) -> Value {
+    let best = state.best_checkpoint.as_ref().and(state.best_step);
     json!({
-        "best_global_step": null,
-        "best_metric": null,
-        "best_model_checkpoint": null,
+        "best_global_step": best,
+        "best_metric": state.best_checkpoint.as_ref().and(state.best_metric),
+        "best_model_checkpoint": state.best_checkpoint,
         "epoch": state.global_step as f64 / steps_per_epoch as f64,
         "eval_steps": config.eval_steps,
         "global_step": state.global_step,
@@ -948,7 +1143,7 @@ fn save_checkpoint(
         let _ = d.sync_all();
     }
     if let Some(limit) = config.save_total_limit {
-        prune_checkpoints(output_dir, limit)?;
+        prune_checkpoints(output_dir, limit, state.best_checkpoint.as_deref().map(Path::new))?;
     }
     Ok(dest)
 }
@@ -969,7 +1164,8 @@ fn remove_stale_temporaries(output_dir: &Path) {
     }
 }
 
-fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
+/// Keeps the newest `keep` checkpoints, and the best one whatever its age (HF's rotation).
+fn prune_checkpoints(output_dir: &Path, keep: usize, best: Option<&Path>) -> Result<()> {
     let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter_map(|p| {
@@ -983,6 +1179,13 @@ fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
         })
         .collect();
     found.sort();
+    // The best never counts against the limit's oldest: it moves to the newest end.
+    if let Some(best) = best {
+        if let Some(i) = found.iter().position(|(_, p)| p == best) {
+            let b = found.remove(i);
+            found.push(b);
+        }
+    }
     let excess = found.len().saturating_sub(keep.max(1));
     for (_, p) in found.into_iter().take(excess) {
         std::fs::remove_dir_all(&p).with_context(|| format!("failed to remove {}", p.display()))?;
