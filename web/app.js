@@ -4,7 +4,7 @@
 //
 // Routes: #/runs, #/runs/ID, #/launch, #/compare?runs=A,B[&sample=ID], #/plugins.
 
-import { api, captureTokenFromUrl, getToken, onUnauthorized, setToken } from './lib/api.js';
+import { api, captureTokenFromUrl, getToken, onReachability, onUnauthorized, setToken } from './lib/api.js';
 import { mountRuns } from './views/runs.js';
 import { mountRun } from './views/run.js';
 import { mountLaunch } from './views/launch.js';
@@ -196,11 +196,31 @@ updateTokenButton();
 window.addEventListener('hashchange', () => route());
 route();
 
-api.health().then(
-  (h) => {
-    document.getElementById('server-version').textContent = `adapterlab ${h.version ?? ''} · server ${h.status ?? 'unknown'}`;
-  },
-  () => {
-    document.getElementById('server-version').textContent = 'adapterlab · server not reachable';
-  },
-);
+// --- Server reachability --------------------------------------------------------------------
+// The footer says whether the server answers: a health check every 5 s, and every other call
+// reports too, so a server that went away shows within seconds, not never.
+
+const footer = document.getElementById('server-version');
+let version = '';
+let reachable = null;
+function showReachability(ok) {
+  reachable = ok;
+  const text = `adapterlab ${version} · ${ok ? 'server ok' : 'server not reachable'}`.replace('  ', ' ');
+  // The footer is a status region: only a real change is written (and so announced).
+  if (footer.textContent === text) return;
+  footer.dataset.reachable = String(ok);
+  footer.textContent = text;
+  footer.classList.toggle('error-text', !ok);
+}
+onReachability(showReachability);
+async function checkHealth() {
+  try {
+    const h = await api.health();
+    version = h?.version ?? version;
+    showReachability(h?.status === 'ok');
+  } catch {
+    showReachability(false);
+  }
+  setTimeout(checkHealth, reachable ? 5000 : 2000);
+}
+checkHealth();

@@ -203,6 +203,24 @@ describe('adapterlab dashboard', () => {
     assert.equal(stored, token, 'the token from the URL was not stored');
   });
 
+  step('needs the token for reads too, and sends it on every call (no EventSource)', async () => {
+    // The contract: every /api/* GET but the health check is refused without the bearer token.
+    const statuses = await page.evaluate(async () => ({
+      health: (await fetch('/api/health')).status,
+      runs: (await fetch('/api/runs')).status,
+      events: (await fetch('/api/runs/nope/events')).status,
+    }));
+    assert.equal(statuses.health, 200, 'the health check should stay open');
+    assert.equal(statuses.runs, 401, 'GET /api/runs without the token should be 401');
+    assert.equal(statuses.events, 401, 'GET /api/runs/ID/events without the token should be 401');
+    // The page itself loaded its runs, so it sent the header; EventSource cannot, so it must not be used.
+    const usesEventSource = await page.evaluate(async () => {
+      const sources = await Promise.all(['lib/api.js', 'views/run.js'].map(async (f) => (await fetch(f)).text()));
+      return sources.some((t) => /new\s+EventSource/.test(t));
+    });
+    assert.equal(usesEventSource, false, 'the dashboard still uses EventSource, which cannot send the token');
+  });
+
   step('shows line-numbered errors for a bad predictions file before sending it', async () => {
     await navigate('Launch', 'Launch a run');
     const form = page.getByRole('form', { name: 'Evaluate predictions' });
@@ -300,7 +318,7 @@ describe('adapterlab dashboard', () => {
     assert.equal(sort, 'disagreement', 'samples should be sorted by disagreement by default');
     const first = list.locator('tbody tr').first();
     const id = await first.getAttribute('data-sample-id');
-    const api = await page.evaluate(async (runs) => (await fetch(`/api/compare?runs=${runs}`)).json(), `${ids.a},${ids.b}`);
+    const api = await page.evaluate(async ([runs, t]) => (await fetch(`/api/compare?runs=${runs}`, { headers: { Authorization: `Bearer ${t}` } })).json(), [`${ids.a},${ids.b}`, token]);
     const top = api.samples.reduce((m, s) => (s.disagreement > m.disagreement ? s : m), api.samples[0]);
     assert.equal(id, top.id, `the first sample listed (${id}) is not the one with the largest disagreement (${top.id})`);
     await first.getByTestId('open-sample').click();

@@ -430,8 +430,10 @@ function compare(state, ids) {
 async function handleApi(state, token, req, res, url) {
   const parts = url.pathname.split('/').filter(Boolean).slice(1); // drop "api"
   const method = req.method;
-  const mutating = method !== 'GET' && method !== 'HEAD';
-  if (mutating && !authorised(req, token)) return fail(res, 401, 'missing or wrong token: send Authorization: Bearer <token> (see the server log or <data dir>/token)');
+  // As the real server: every call but the health check needs the bearer token, reads
+  // included (so the dashboard must send it on GETs and read the event stream with fetch).
+  const open = parts[0] === 'health' && parts.length === 1;
+  if (!open && !authorised(req, token)) return fail(res, 401, 'missing or wrong token: send Authorization: Bearer <token> (see the server log or <data dir>/token)');
 
   if (parts[0] === 'health' && method === 'GET') return send(res, 200, { status: 'ok', version: '0.1.0-mock' });
   if (parts[0] === 'plugins' && parts.length === 1) {

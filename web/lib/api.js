@@ -1,9 +1,14 @@
 // The one module that talks to the server: every request, the bearer token, and what to do on a
 // 401. Views call the functions exported here and never `fetch` themselves.
 //
-// Reads are open; mutating calls send `Authorization: Bearer TOKEN`. The token comes from the URL
-// the server prints (`#token=…` or `?token=…`), is kept in localStorage, and is asked for with a
-// dialog when the server answers 401.
+// Every call sends `Authorization: Bearer TOKEN` (the server asks for it on reads too, all but
+// /api/health). The token comes from the URL the server prints (`#token=…` or `?token=…`), is
+// kept in localStorage, and is asked for with a dialog when the server answers 401.
+//
+// A run's live events are Server-Sent Events read with `fetch` and parsed by lib/sse.js, not
+// with EventSource, which cannot send headers.
+
+import { sseParser } from './sse.js';
 
 const TOKEN_KEY = 'adapterlab.token';
 
@@ -75,13 +80,25 @@ export function onUnauthorized(fn) {
   askForToken = fn;
 }
 
+// Set by the app: told whether the server answered at all, after every call (the footer shows
+// "server not reachable" within seconds of a failed call, and clears it on the next answer).
+let reachability = () => {};
+export function onReachability(fn) {
+  reachability = fn;
+}
+
+function authHeaders(extra = {}) {
+  const headers = { ...extra };
+  const token = getToken();
+  if (token) headers.Authorization = `Bearer ${token}`;
+  return headers;
+}
+
 async function request(method, path, { json, form, signal } = {}) {
-  const mutating = method !== 'GET' && method !== 'HEAD';
   let rejected = false;
   for (;;) {
-    const headers = { Accept: 'application/json' };
+    const headers = authHeaders({ Accept: 'application/json' });
     const token = getToken();
-    if (mutating && token) headers.Authorization = `Bearer ${token}`;
     let body;
     if (json !== undefined) {
       headers['Content-Type'] = 'application/json';
@@ -94,11 +111,13 @@ async function request(method, path, { json, form, signal } = {}) {
       res = await fetch(path, { method, headers, body, signal, cache: 'no-store' });
     } catch (e) {
       if (e.name === 'AbortError') throw e;
+      reachability(false);
       throw new ApiError(0, `Could not reach the server (${e.message}). Is \`adapterlab serve\` still running?`);
     }
+    reachability(true);
     if (res.status === 401) {
       const next = await askForToken({ rejected: rejected || Boolean(token) });
-      if (!next) throw new ApiError(401, 'This action needs the server’s access token.');
+      if (!next) throw new ApiError(401, await errorMessage(res).catch(() => 'The server needs its access token.'));
       setToken(next);
       rejected = true;
       continue;
@@ -137,8 +156,13 @@ export const api = {
   health: (opts) => request('GET', '/api/health', opts),
   runs: (opts) => request('GET', '/api/runs', opts),
   run: (id, opts) => request('GET', `/api/runs/${enc(id)}`, opts),
+  // The one place samples are requested: when the server pages them, only this changes.
   samples: (id, opts) => request('GET', `/api/runs/${enc(id)}/samples`, opts),
   cancel: (id) => request('POST', `/api/runs/${enc(id)}/cancel`),
+  resume: (id) => request('POST', `/api/runs/${enc(id)}/resume`),
+  deleteRun: (id) => request('DELETE', `/api/runs/${enc(id)}`),
+  /** `patch`: `{ tags?: string[], notes?: string }`. */
+  updateRun: (id, patch) => request('PATCH', `/api/runs/${enc(id)}`, { json: patch }),
   createRun: (body) => request('POST', '/api/runs', { json: body }),
   adapters: (opts) => request('GET', '/api/adapters', opts),
   compare: (ids, opts) => request('GET', `/api/compare?runs=${ids.map(enc).join(',')}`, opts),
@@ -158,5 +182,86 @@ export const api = {
     pluginsCache = null;
     return plugin;
   },
-  eventsUrl: (id) => `/api/runs/${enc(id)}/events`,
+  followEvents: (id, handlers) => followEvents(`/api/runs/${enc(id)}/events`, handlers),
 };
+
+const sleep = (ms, signal) => new Promise((resolve) => {
+  const t = setTimeout(resolve, ms);
+  signal.addEventListener('abort', () => {
+    clearTimeout(t);
+    resolve();
+  }, { once: true });
+});
+
+/**
+ * Follow a Server-Sent Events stream with `fetch` and the bearer header. After a dropped
+ * connection it reconnects with `Last-Event-ID` (the id of the last event received), so the
+ * server sends only what came after; when the server ends the stream itself (it does once the
+ * run has finished) it reconnects only if `shouldReconnect()` says so.
+ *
+ * Handlers: `onEvent({ type, data, lastEventId })`, `onState(state, message?)` with state
+ * 'connecting' | 'live' | 'reconnecting' | 'closed', `shouldReconnect()`, and `signal` (aborting
+ * it closes the stream). Returns `{ close() }`.
+ */
+function followEvents(path, { onEvent, onState = () => {}, shouldReconnect = () => true, signal } = {}) {
+  const controller = new AbortController();
+  signal?.addEventListener('abort', () => controller.abort(), { once: true });
+  let lastId = '';
+  let closed = false;
+  (async () => {
+    let failures = 0;
+    let rejected = false;
+    let message;
+    while (!closed && !controller.signal.aborted) {
+      onState(failures || lastId ? 'reconnecting' : 'connecting');
+      try {
+        const headers = authHeaders({ Accept: 'text/event-stream' });
+        if (lastId) headers['Last-Event-ID'] = lastId;
+        const res = await fetch(path, { headers, signal: controller.signal, cache: 'no-store' });
+        reachability(true);
+        if (res.status === 401) {
+          const next = await askForToken({ rejected: rejected || Boolean(headers.Authorization) });
+          if (!next) {
+            message = await errorMessage(res);
+            break;
+          }
+          setToken(next);
+          rejected = true;
+          continue;
+        }
+        if (!res.ok) {
+          // 404 (the run was deleted) and other refusals will not mend by retrying.
+          message = await errorMessage(res);
+          if (res.status < 500) break;
+          throw new ApiError(res.status, message);
+        }
+        failures = 0;
+        onState('live');
+        const parser = sseParser((ev) => {
+          lastId = ev.lastEventId;
+          onEvent(ev);
+        }, { lastEventId: lastId });
+        const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          parser.push(value);
+        }
+        if (!shouldReconnect()) break;
+      } catch (e) {
+        if (controller.signal.aborted) break;
+        if (e instanceof TypeError) reachability(false);
+        failures += 1;
+      }
+      if (closed || controller.signal.aborted) break;
+      await sleep(Math.min(10_000, 500 * 2 ** failures), controller.signal);
+    }
+    onState('closed', message);
+  })();
+  return {
+    close() {
+      closed = true;
+      controller.abort();
+    },
+  };
+}

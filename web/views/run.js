@@ -211,26 +211,30 @@ export async function mountRun(main, ctx) {
     if (!stream) return;
     stream.close();
     stream = null;
-    streamState.textContent = isActive(run.status) ? 'Live updates stopped; the page still checks every 2 s.' : '';
   };
   ctx.signal.addEventListener('abort', () => {
-    stream?.close();
-    stream = null;
+    closeStream();
     training?.destroy();
   });
-  if (typeof EventSource !== 'undefined') {
-    stream = new EventSource(api.eventsUrl(run.id));
-    streamState.textContent = isActive(run.status) ? 'Connecting…' : '';
-    for (const type of ['status', 'progress', 'log', 'loss', 'message']) stream.addEventListener(type, onEvent);
-    stream.addEventListener('open', () => {
-      if (!finished) streamState.textContent = 'Live';
-    });
-    stream.addEventListener('error', () => {
-      // The server closes the stream after the run ends; EventSource would reconnect forever.
-      if (finished || !isActive(run.status)) closeStream();
-      else streamState.textContent = 'Reconnecting…';
-    });
-  }
+  // Read with fetch (the bearer header), reconnecting with Last-Event-ID while the run is active.
+  stream = api.followEvents(run.id, {
+    signal: ctx.signal,
+    onEvent,
+    // The server ends the stream once the run is over; reconnect only while it is not.
+    shouldReconnect: () => !finished && isActive(run.status),
+    onState(state, message) {
+      if (ctx.signal.aborted) return;
+      if (state === 'live') streamState.textContent = finished ? '' : 'Live';
+      else if (state === 'connecting') streamState.textContent = isActive(run.status) ? 'Connecting…' : '';
+      else if (state === 'reconnecting') streamState.textContent = isActive(run.status) ? 'Reconnecting…' : '';
+      else if (state === 'closed') {
+        stream = null;
+        streamState.textContent = isActive(run.status)
+          ? `Live updates stopped${message ? ` (${message})` : ''}; the page still checks every 2 s.`
+          : '';
+      }
+    },
+  });
 }
 
 const rank = (status) => (status === 'queued' ? 0 : status === 'running' ? 1 : 2);
