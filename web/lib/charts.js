@@ -26,6 +26,11 @@ export function lineChart({ title, xLabel, yLabel, series, height = 240, log = f
   let data = [[], ...series.map(() => [])];
 
   const make = (width) => {
+    // Axis colours follow the page's theme (light or dark) at the moment the chart is drawn.
+    const css = getComputedStyle(document.documentElement);
+    const ink = css.getPropertyValue('--tick').trim() || '#333';
+    const grid = css.getPropertyValue('--grid').trim() || '#e3e3e3';
+    const paper = css.getPropertyValue('--panel').trim() || '#fff';
     chart = new uPlot(
       {
         width,
@@ -34,8 +39,8 @@ export function lineChart({ title, xLabel, yLabel, series, height = 240, log = f
         legend: { live: true },
         cursor: { drag: { x: false, y: false } },
         axes: [
-          { label: xLabel, stroke: '#333', grid: { stroke: '#e3e3e3' } },
-          { label: yLabel, stroke: '#333', grid: { stroke: '#e3e3e3' }, size: 80, values: (u, vals) => vals.map((v) => num(v)) },
+          { label: xLabel, stroke: ink, grid: { stroke: grid }, ticks: { stroke: grid } },
+          { label: yLabel, stroke: ink, grid: { stroke: grid }, ticks: { stroke: grid }, size: 80, values: (u, vals) => vals.map((v) => num(v)) },
         ],
         series: [
           { label: xLabel },
@@ -46,7 +51,7 @@ export function lineChart({ title, xLabel, yLabel, series, height = 240, log = f
             spanGaps: true,
             value: (u, v) => num(v),
             ...(s.points
-              ? { paths: () => null, points: { show: true, size: 9, stroke: s.color, fill: '#fff', width: 2 } }
+              ? { paths: () => null, points: { show: true, size: 9, stroke: s.color, fill: paper, width: 2 } }
               : { points: { show: false } }),
           })),
         ],
@@ -59,7 +64,7 @@ export function lineChart({ title, xLabel, yLabel, series, height = 240, log = f
   let observer = null;
   if (uPlot) {
     observer = new ResizeObserver((entries) => {
-      const width = Math.max(280, Math.floor(entries[0].contentRect.width));
+      const width = Math.max(200, Math.floor(entries[0].contentRect.width));
       if (!chart) make(width);
       else if (chart.width !== width) chart.setSize({ width, height });
     });

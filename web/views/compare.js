@@ -11,7 +11,7 @@ import { wordDiff, diffStats } from '../lib/diff.js';
 import { h, replace } from '../lib/dom.js';
 import { interval, num, runLabel, shortId, signed } from '../lib/format.js';
 import { direction } from './run.js';
-import { messageBox, statusBadge } from './common.js';
+import { messageBox, runBadge } from './common.js';
 
 const PAGE = 50;
 
@@ -85,7 +85,7 @@ async function renderPicker(host, ids, runsPromise, ctx) {
     });
     return h('li', { class: 'check' }, box,
       h('label', { for: `pick-${r.id}` }, runLabel(r),
-        h('span', { class: 'muted small' }, ` · ${r.kind} · ${shortId(r.id)} · `), statusBadge(r.status)));
+        h('span', { class: 'muted small' }, ` · ${r.kind} · ${shortId(r.id)} · `), runBadge(r)));
   }));
   const form = h('form', { class: 'picker-form' },
     candidates.length ? h('fieldset', {}, h('legend', {}, 'Finished evaluation runs'), list) : h('p', { class: 'muted' }, 'There are no finished evaluation runs yet.'),
@@ -181,7 +181,7 @@ function renderResults(host, data, ids, ctx) {
     });
   }
 
-  const legend = h('ul', { class: 'legend plain' }, runs.map((r, i) => h('li', {}, swatch(i), h('a', { href: `#/runs/${encodeURIComponent(r.id)}` }, labels[i]), ' ', statusBadge(r.status))));
+  const legend = h('ul', { class: 'legend plain' }, runs.map((r, i) => h('li', {}, swatch(i), h('a', { href: `#/runs/${encodeURIComponent(r.id)}` }, labels[i]), ' ', runBadge(r))));
 
   const samplesHost = h('section', { 'aria-labelledby': 'samples-h', class: 'panel', 'data-testid': 'compare-samples' });
   const box = messageBox();
