@@ -1,6 +1,6 @@
 // Pieces several pages share.
 
-import { h, svg } from '../lib/dom.js';
+import { h, replace, svg } from '../lib/dom.js';
 
 // Icons as SVG, not font glyphs: "⏸" and friends render as empty boxes where the font lacks them.
 const ICON_PATHS = {
@@ -93,13 +93,13 @@ export function messageBox() {
     error(text) {
       el.className = 'message form-error';
       el.setAttribute('role', 'alert');
-      el.replaceChildren(...(Array.isArray(text) ? text : [text]));
+      replace(el, text); // flattens nested arrays, skips nulls (replaceChildren would print them)
       el.hidden = false;
     },
     ok(text) {
       el.className = 'message form-ok';
       el.setAttribute('role', 'status');
-      el.replaceChildren(...(Array.isArray(text) ? text : [text]));
+      replace(el, text); // flattens nested arrays, skips nulls (replaceChildren would print them)
       el.hidden = false;
     },
     clear() {
