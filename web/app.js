@@ -196,6 +196,21 @@ updateTokenButton();
 window.addEventListener('hashchange', () => route());
 route();
 
+// --- Scrollable tables ------------------------------------------------------------------------
+// A wide table scrolls sideways inside its `.table-scroll` box on small screens; keyboard users
+// can scroll it only if the box takes focus, so every such box is a focusable, named region.
+function labelScrollers(root) {
+  for (const box of root.querySelectorAll('.table-scroll:not([tabindex])')) {
+    box.tabIndex = 0;
+    box.setAttribute('role', 'region');
+    const caption = box.querySelector('caption')?.textContent?.trim();
+    const before = box.previousElementSibling;
+    const heading = (before?.matches('h3') ? before : box.closest('section')?.querySelector('h2'))?.textContent?.trim();
+    box.setAttribute('aria-label', caption || (heading ? `${heading} (table)` : 'Table'));
+  }
+}
+new MutationObserver(() => labelScrollers(main)).observe(main, { childList: true, subtree: true });
+
 // --- Server reachability --------------------------------------------------------------------
 // The footer says whether the server answers: a health check every 5 s, and every other call
 // reports too, so a server that went away shows within seconds, not never.

@@ -554,7 +554,7 @@ function notesView(run, ctx) {
   notes.value = run.notes ?? '';
   const save = h('button', { type: 'submit' }, 'Save tags and notes');
   const box = messageBox();
-  const shown = h('ul', { class: 'tags', 'aria-label': 'Tags', 'data-testid': 'run-tags' });
+  const shown = h('ul', { class: 'tags', 'aria-label': 'Current tags', 'data-testid': 'run-tags' });
   const showTags = (list) => replace(shown, list.map((t) => h('li', {}, t)));
   showTags(run.tags ?? []);
   const form = h('form', { class: 'panel', 'aria-labelledby': 'notes-h', 'data-testid': 'run-notes' },

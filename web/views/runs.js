@@ -259,7 +259,7 @@ export async function mountRuns(main, ctx) {
       h('th', { scope: 'row' },
         h('a', { href: `#/runs/${encodeURIComponent(run.id)}`, 'data-focus-key': `link:${run.id}` }, label),
         h('div', { class: 'muted mono small' }, shortId(run.id)),
-        (run.tags ?? []).length ? h('ul', { class: 'tags', 'aria-label': 'Tags' }, run.tags.map((t) => h('li', {}, t))) : null,
+        (run.tags ?? []).length ? h('ul', { class: 'tags', 'aria-label': 'Tags of the run' }, run.tags.map((t) => h('li', {}, t))) : null,
       ),
       h('td', {}, runBadge(run), progressText(run)),
       h('td', {}, run.kind),
