@@ -423,6 +423,15 @@ describe('adapterlab dashboard', () => {
     const header = await page.getByTestId('compare-table').locator('thead').innerText();
     assert.match(header, /adapter-b\s*\(baseline\)/, `adapter-b should now be the baseline: ${header}`);
     assert.ok((await overflow()) <= 0, 'the compare page overflows sideways at 1280 px');
+    // A report of the comparison, rendered by the server's reporter plugin.
+    const [download] = await Promise.all([
+      page.waitForEvent('download'),
+      page.getByTestId('download-report').click(),
+    ]);
+    const saved = path.join(ARTIFACTS, download.suggestedFilename());
+    await download.saveAs(saved);
+    const text = (await import('node:fs')).readFileSync(saved, 'utf8');
+    assert.ok(text.includes('adapter-a') && text.includes('adapter-b'), `the report does not name both runs:\n${text.slice(0, 400)}`);
   });
 
   step('shows the installed plugins', async () => {

@@ -519,6 +519,18 @@ async function handleApi(state, token, req, res, url) {
     }
   }
   if (parts[0] === 'adapters' && method === 'GET') return send(res, 200, state.adapters);
+  if (parts[0] === 'report' && method === 'GET') {
+    const ids = (url.searchParams.get('runs') ?? '').split(',').filter(Boolean);
+    const format = url.searchParams.get('format') ?? 'md';
+    if (format !== 'md') return fail(res, 404, `no reporter for format ${format} (formats: md)`);
+    if (ids.length === 0) return fail(res, 400, '`runs` must list one run id, or several to compare, comma-separated');
+    const runs = ids.map((id) => state.runs.find((r) => r.id === id));
+    if (runs.some((r) => !r)) return fail(res, 404, `no run ${ids[runs.indexOf(undefined)]}`);
+    const lines = [`# ${runs.length > 1 ? 'Comparison' : 'Run'}: ${runs.map((r) => r.name).join(' vs ')}`, ''];
+    for (const r of runs) for (const [k, e] of Object.entries(r.aggregates)) lines.push(`- ${r.name} ${k}: ${e.mean.toFixed(4)} [${e.low.toFixed(4)}, ${e.high.toFixed(4)}]`);
+    res.writeHead(200, { 'Content-Type': 'text/markdown; charset=utf-8', 'Content-Disposition': 'attachment; filename="adapterlab-report.md"' });
+    return res.end(`${lines.join('\n')}\n`);
+  }
   if (parts[0] === 'compare' && method === 'GET') {
     const ids = (url.searchParams.get('runs') ?? '').split(',').filter(Boolean);
     const out = compare(state, ids);

@@ -94,7 +94,7 @@ function authHeaders(extra = {}) {
   return headers;
 }
 
-async function request(method, path, { json, form, signal } = {}) {
+async function request(method, path, { json, form, signal, raw = false } = {}) {
   let rejected = false;
   for (;;) {
     const headers = authHeaders({ Accept: 'application/json' });
@@ -123,6 +123,10 @@ async function request(method, path, { json, form, signal } = {}) {
       continue;
     }
     if (!res.ok) throw new ApiError(res.status, await errorMessage(res));
+    if (raw) {
+      const name = /filename="([^"]+)"/.exec(res.headers.get('Content-Disposition') ?? '')?.[1] ?? 'download';
+      return { blob: await res.blob(), filename: name };
+    }
     if (res.status === 204) return null;
     const text = await res.text();
     if (text === '') return null;
@@ -165,6 +169,8 @@ export const api = {
   updateRun: (id, patch) => request('PATCH', `/api/runs/${enc(id)}`, { json: patch }),
   createRun: (body) => request('POST', '/api/runs', { json: body }),
   adapters: (opts) => request('GET', '/api/adapters', opts),
+  /** A report rendered by the server's reporter plugin: `{ blob, filename }`. */
+  report: (ids, format, opts) => request('GET', `/api/report?runs=${ids.map(enc).join(',')}&format=${enc(format)}`, { ...opts, raw: true }),
   compare: (ids, opts) => request('GET', `/api/compare?runs=${ids.map(enc).join(',')}`, opts),
   plugins({ fresh = false } = {}) {
     if (fresh || !pluginsCache) {

@@ -1,5 +1,6 @@
 // Pieces several pages share.
 
+import { api } from '../lib/api.js';
 import { h, replace, svg } from '../lib/dom.js';
 
 // Icons as SVG, not font glyphs: "⏸" and friends render as empty boxes where the font lacks them.
@@ -107,4 +108,41 @@ export function messageBox() {
       el.replaceChildren();
     },
   };
+}
+
+/**
+ * "Download report": a format picker (the installed reporter plugins) and a button that asks the
+ * server to render the report of `ids` (one run, or a comparison with the first as baseline) and
+ * saves it. The request carries the token, so a plain link would not do.
+ */
+export function reportControl(ids, idPrefix = 'report') {
+  const format = h('select', { id: `${idPrefix}-format` }, h('option', { value: 'md' }, 'Markdown'));
+  const button = h('button', { type: 'button', 'data-testid': 'download-report' }, 'Download report');
+  const status = h('span', { class: 'small', role: 'status' });
+  api.plugins().then((plugins) => {
+    const reporters = plugins.filter((p) => p.kind === 'reporter' && p.format);
+    if (reporters.length) replace(format, reporters.map((p) => h('option', { value: p.format }, `${p.format} (${p.name})`)));
+    else button.disabled = true;
+  }, () => {});
+  button.addEventListener('click', async () => {
+    button.disabled = true;
+    status.textContent = 'Rendering…';
+    status.className = 'small muted';
+    try {
+      const { blob, filename } = await api.report(ids, format.value);
+      const url = URL.createObjectURL(blob);
+      const a = h('a', { href: url, download: filename, hidden: true });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 10_000);
+      status.textContent = `Saved ${filename}.`;
+    } catch (e) {
+      status.textContent = `No report: ${e.message}`;
+      status.className = 'small error-text';
+    } finally {
+      button.disabled = false;
+    }
+  });
+  return h('div', { class: 'field inline report-control' }, h('label', { for: `${idPrefix}-format` }, 'Report format'), format, button, status);
 }

@@ -13,7 +13,7 @@ import { wordDiff, diffStats } from '../lib/diff.js';
 import { h, replace } from '../lib/dom.js';
 import { interval, num, runLabel, shortId, signed } from '../lib/format.js';
 import { direction } from './run.js';
-import { messageBox, runBadge } from './common.js';
+import { messageBox, reportControl, runBadge } from './common.js';
 
 const PAGE = 50;
 
@@ -205,7 +205,8 @@ function renderResults(host, data, ids, ctx) {
   replace(host,
     h('div', { class: 'toolbar' },
       legend,
-      h('div', { class: 'field inline' }, h('label', { for: 'baseline-select' }, 'Baseline'), baseline)),
+      h('div', { class: 'field inline' }, h('label', { for: 'baseline-select' }, 'Baseline'), baseline),
+      reportControl(ids, 'compare-report')),
     h('section', { 'aria-labelledby': 'scores-h', class: 'panel' },
       h('h2', { id: 'scores-h' }, 'Scores'),
       glossary,

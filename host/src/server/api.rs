@@ -19,7 +19,8 @@ use crate::eval::compare::compare;
 use crate::eval::input::{PredictionRow, row_from_value};
 use crate::eval::pipeline::EvalRequest;
 use crate::infer::run::{GenerateRequest, InputRow};
-use crate::plugin::{PluginMeta, registry};
+use crate::eval::report;
+use crate::plugin::{CallContext, PluginMeta, registry};
 use crate::server::jobs::TrainSubmission;
 use crate::server::{AppError, AppState, openapi};
 use crate::store::{MAX_NOTES_LEN, MAX_TAG_LEN, MAX_TAGS, RunEvent, RunKind, RunStatus};
@@ -43,6 +44,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/runs/{id}/cancel", post(cancel_run))
         .route("/api/runs/{id}/resume", post(resume_run))
         .route("/api/compare", get(compare_runs))
+        .route("/api/report", get(report_runs))
 }
 
 async fn health() -> Json<Value> {
@@ -301,6 +303,83 @@ async fn compare_runs(
         state.store.resolve_run(id)?;
     }
     Ok(Json(serde_json::to_value(compare(&state.store, &ids)?)?))
+}
+
+#[derive(serde::Deserialize)]
+struct ReportQuery {
+    runs: String,
+    #[serde(default = "default_report_format")]
+    format: String,
+}
+
+fn default_report_format() -> String {
+    "md".to_string()
+}
+
+/// A report of one run, or of a comparison (two or more runs, the first the baseline), rendered
+/// by the reporter plugin for `format` (md, html, csv, or an installed one), as a download. The
+/// dashboard's way to reports while the server holds the store.
+async fn report_runs(
+    State(state): State<AppState>,
+    Query(q): Query<ReportQuery>,
+) -> Result<Response, AppError> {
+    let ids: Vec<String> = q
+        .runs
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if ids.is_empty() {
+        return Err(AppError::bad_request(
+            "`runs` must list one run id, or several to compare, comma-separated",
+        ));
+    }
+    for id in &ids {
+        state.store.resolve_run(id)?;
+    }
+    let reporter = state
+        .registry
+        .read()
+        .unwrap()
+        .reporter_for(&q.format)
+        .map_err(|e| AppError::not_found(e.to_string()))?
+        .clone();
+    let store = state.store.clone();
+    // Plugins run on blocking threads, as everywhere else in the server.
+    let document = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let input = if ids.len() == 1 {
+            let run = store.resolve_run(&ids[0])?;
+            report::single(&run, &store.samples(&run.id)?)
+        } else {
+            report::comparison(&compare(&store, &ids)?)
+        };
+        let document = reporter.session(CallContext::default())?.render(&input)?;
+        Ok(document)
+    })
+    .await
+    .map_err(anyhow::Error::from)?
+    .map_err(|e| AppError::unprocessable(format!("{e:#}")))?;
+    let extension: String = q
+        .format
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(16)
+        .collect();
+    let media_type = header::HeaderValue::from_str(&document.media_type)
+        .unwrap_or_else(|_| header::HeaderValue::from_static("application/octet-stream"));
+    let disposition = header::HeaderValue::from_str(&format!(
+        "attachment; filename=\"adapterlab-report.{extension}\""
+    ))
+    .unwrap_or_else(|_| header::HeaderValue::from_static("attachment"));
+    Ok((
+        [
+            (header::CONTENT_TYPE, media_type),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        document.content,
+    )
+        .into_response())
 }
 
 async fn create_run(State(state): State<AppState>, body: Bytes) -> Result<Response, AppError> {
