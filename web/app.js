@@ -2,7 +2,8 @@
 // Each page lives in views/ and is mounted into <main> with a context whose `signal` aborts when
 // the page is left, so polling loops, event streams and charts stop with it.
 //
-// Routes: #/runs, #/runs/ID, #/launch, #/compare?runs=A,B[&sample=ID], #/plugins.
+// Routes: #/runs, #/runs/ID, #/launch[?kind=train|generate][&clone=ID],
+// #/compare?runs=A,B[&sample=ID], #/plugins, #/playground.
 
 import { api, captureTokenFromUrl, getToken, onReachability, onUnauthorized, setToken } from './lib/api.js';
 import { mountRuns } from './views/runs.js';
@@ -10,6 +11,7 @@ import { mountRun } from './views/run.js';
 import { mountLaunch } from './views/launch.js';
 import { mountCompare } from './views/compare.js';
 import { mountPlugins } from './views/plugins.js';
+import { mountPlayground } from './views/playground.js';
 
 const ROUTES = [
   { pattern: /^\/runs\/?$/, nav: 'runs', mount: mountRuns },
@@ -17,6 +19,7 @@ const ROUTES = [
   { pattern: /^\/launch$/, nav: 'launch', mount: mountLaunch },
   { pattern: /^\/compare$/, nav: 'compare', mount: mountCompare },
   { pattern: /^\/plugins$/, nav: 'plugins', mount: mountPlugins },
+  { pattern: /^\/playground$/, nav: 'playground', mount: mountPlayground },
 ];
 
 const main = document.getElementById('main');

@@ -608,6 +608,30 @@ describe('adapterlab dashboard', () => {
     assert.equal((await apiCall('GET', `/api/runs/${victim}`)).status, 404, 'the deleted run is still there');
   });
 
+  step('chats with a model in the playground, streamed, with the decoding settings', async () => {
+    await navigate('Playground', 'Playground');
+    const form = page.getByTestId('playground');
+    await page.waitForFunction(() => document.querySelector('#chat-model option')?.value);
+    if (env.ADAPTERLAB_TRAIN_MODEL) {
+      // Against the real server the served model is what `serve` was started with; the tiny
+      // model's adapter is the one the training step stored.
+      const options = await form.locator('#chat-model option').evaluateAll((os) => os.map((o) => o.value));
+      if (options.includes('live-train')) await form.getByLabel('Model', { exact: true }).selectOption('live-train');
+    }
+    await form.getByText('Decoding settings').click();
+    await form.getByLabel('Max new tokens', { exact: true }).fill('6');
+    await form.getByLabel('Your message', { exact: true }).fill('Hello there');
+    await form.getByRole('button', { name: 'Send' }).click();
+    const reply = form.getByTestId('chat-log').locator('li.chat-assistant');
+    await reply.waitFor();
+    await page.waitForFunction(() => !document.querySelector('.chat-assistant .chat-text[aria-busy]'), null, { timeout: RUN_TIMEOUT });
+    const alerts = await form.getByRole('alert').allInnerTexts();
+    assert.equal(alerts.filter(Boolean).length, 0, `the chat failed: ${alerts.join(' ')}`);
+    assert.ok((await reply.innerText()).trim().length > 'Model'.length, 'the reply is empty');
+    await shot('playground');
+    await audit('playground');
+  }, { skip: !USE_MOCK && !env.ADAPTERLAB_TEST_CHAT && 'needs a served model; on with ADAPTERLAB_TEST_CHAT=1' });
+
   step('says within seconds when the server cannot be reached', async () => {
     await navigate('Runs', 'Runs');
     const footer = page.getByTestId('server-state');
@@ -641,7 +665,7 @@ describe('adapterlab dashboard', () => {
 
   step('every page fits 1280×800 and 390×844, light and dark, with no serious accessibility issue', async () => {
     const pages = [
-      ['runs', '#/runs'], ['launch', '#/launch'], ['launch-train', '#/launch?kind=train'], ['plugins', '#/plugins'],
+      ['runs', '#/runs'], ['launch', '#/launch'], ['launch-train', '#/launch?kind=train'], ['plugins', '#/plugins'], ['playground', '#/playground'],
       ['run', `#/runs/${encodeURIComponent(ids.a)}`],
       ['compare', `#/compare?runs=${ids.a},${ids.generate ?? ids.b}`],
       ...(ids.train ? [['run-train', `#/runs/${encodeURIComponent(ids.train)}`]] : []),

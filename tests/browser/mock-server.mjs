@@ -645,6 +645,39 @@ async function handleApi(state, token, req, res, url) {
   return fail(res, 404, `no route ${method} ${url.pathname}`);
 }
 
+// Just enough of the OpenAI-compatible API for the playground: the models, and a streamed
+// reply that echoes the last message's words with the settings it was given.
+async function handleOpenAi(state, token, req, res, url) {
+  const oa = (status, message, param = null) => send(res, status, { error: { message, type: status === 401 ? 'authentication_error' : 'invalid_request_error', param, code: null } });
+  if (!authorised(req, token)) return oa(401, 'Incorrect API key provided: send the server token as the API key.');
+  if (url.pathname === '/v1/models' && req.method === 'GET') {
+    return send(res, 200, { object: 'list', data: [{ id: 'smollm2', object: 'model', owned_by: 'adapterlab' }, ...state.adapters.map((a) => ({ id: a.name, object: 'model', owned_by: 'adapterlab' }))] });
+  }
+  if (url.pathname === '/v1/chat/completions' && req.method === 'POST') {
+    let body;
+    try {
+      body = JSON.parse((await readBody(req)).toString());
+    } catch (e) {
+      return oa(400, `We could not parse the JSON body of your request: ${e.message}`);
+    }
+    if (!body.model) return oa(400, 'you must provide a model parameter', 'model');
+    if (body.temperature !== undefined && (body.temperature < 0 || body.temperature > 2)) return oa(400, '`temperature` must be between 0 and 2', 'temperature');
+    const last = body.messages?.at(-1)?.content ?? '';
+    const reply = `(${body.model}, temperature ${body.temperature ?? 1}, max ${body.max_tokens ?? '∞'}) You said: ${last}`.split(/(?<= )/);
+    res.writeHead(200, { 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-store' });
+    const chunk = (delta, extra = {}) => res.write(`data: ${JSON.stringify({ id: 'chatcmpl-mock', object: 'chat.completion.chunk', model: body.model, choices: [{ index: 0, delta, finish_reason: null }], ...extra })}\n\n`);
+    chunk({ role: 'assistant', content: '' });
+    for (const piece of reply) {
+      chunk({ content: piece });
+      await new Promise((r) => setTimeout(r, 15));
+    }
+    res.write(`data: ${JSON.stringify({ id: 'chatcmpl-mock', object: 'chat.completion.chunk', choices: [], usage: { prompt_tokens: 12, completion_tokens: reply.length, total_tokens: 12 + reply.length } })}\n\n`);
+    res.write('data: [DONE]\n\n');
+    return res.end();
+  }
+  return oa(404, `no route ${req.method} ${url.pathname}`);
+}
+
 function streamEvents(state, run, req, res) {
   res.writeHead(200, { 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-store', Connection: 'keep-alive' });
   const after = Number(req.headers['last-event-id'] ?? -1);
@@ -689,6 +722,7 @@ export function startMockServer({ port = 0, token = randomBytes(16).toString('he
     const url = new URL(req.url, 'http://localhost');
     try {
       if (url.pathname.startsWith('/api/')) await handleApi(state, token, req, res, url);
+      else if (url.pathname.startsWith('/v1/')) await handleOpenAi(state, token, req, res, url);
       else await serveStatic(req, res, url);
     } catch (e) {
       if (e.status === 413) return fail(res, 413, `request body over ${MAX_BODY} bytes`);

@@ -143,6 +143,8 @@ async function errorMessage(res) {
   try {
     const body = JSON.parse(text);
     if (body && typeof body.error === 'string') return body.error;
+    // The OpenAI-compatible routes answer in OpenAI's shape.
+    if (body && typeof body.error?.message === 'string') return body.error.message;
   } catch {
     // Not JSON: fall through to the status line.
   }
@@ -188,6 +190,9 @@ export const api = {
     pluginsCache = null;
     return plugin;
   },
+  /** The models the server can chat with: the served base and every stored adapter. */
+  chatModels: (opts) => request('GET', '/v1/models', opts),
+  chat: (body, handlers) => chatStream(body, handlers),
   followEvents: (id, handlers) => followEvents(`/api/runs/${enc(id)}/events`, handlers),
 };
 
@@ -270,4 +275,62 @@ function followEvents(path, { onEvent, onState = () => {}, shouldReconnect = () 
       controller.abort();
     },
   };
+}
+
+/**
+ * A streamed chat completion (POST /v1/chat/completions with `stream: true`): calls
+ * `onDelta(text)` for every piece of the reply as it comes. Resolves to the whole reply and the
+ * usage the server reported, if any; rejects with the server's message.
+ */
+async function chatStream(body, { onDelta = () => {}, signal } = {}) {
+  for (let attempt = 0; ; attempt++) {
+    const headers = authHeaders({ Accept: 'text/event-stream', 'Content-Type': 'application/json' });
+    let res;
+    try {
+      res = await fetch('/v1/chat/completions', { method: 'POST', headers, body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }), signal });
+    } catch (e) {
+      if (e.name === 'AbortError') throw e;
+      reachability(false);
+      throw new ApiError(0, `Could not reach the server (${e.message}).`);
+    }
+    reachability(true);
+    if (res.status === 401 && attempt === 0) {
+      const next = await askForToken({ rejected: Boolean(headers.Authorization) });
+      if (!next) throw new ApiError(401, await errorMessage(res));
+      setToken(next);
+      continue;
+    }
+    if (!res.ok) throw new ApiError(res.status, await errorMessage(res));
+    let text = '';
+    let usage = null;
+    let failure = null;
+    const parser = sseParser((ev) => {
+      if (ev.data === '[DONE]') return;
+      let chunk;
+      try {
+        chunk = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      // An error mid-stream comes as an event with OpenAI's error shape.
+      if (chunk.error) {
+        failure = chunk.error.message ?? String(chunk.error);
+        return;
+      }
+      if (chunk.usage) usage = chunk.usage;
+      const piece = chunk.choices?.[0]?.delta?.content;
+      if (piece) {
+        text += piece;
+        onDelta(piece);
+      }
+    });
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      parser.push(value);
+    }
+    if (failure) throw new ApiError(500, failure);
+    return { text, usage };
+  }
 }
