@@ -487,6 +487,18 @@ pub fn execute(env: &GenerateEnv, run_id: &str, request: &GenerateRequest) -> Re
             }
         };
     log(format!("scoring with {}", scoring.metrics.join(", ")));
-    store.update_run(run_id, |r| pipeline::describe(r, &scoring, &plugins))?;
-    pipeline::execute(&env.eval, run_id, &scoring, &plugins)
+    let run = store.update_run(run_id, |r| pipeline::describe(r, &scoring, &plugins))?;
+    let generation_started = run.started;
+    let mut result = pipeline::execute(&env.eval, run_id, &scoring, &plugins);
+    // The pipeline stamps `started` when scoring begins; the run started with the generation,
+    // and its duration must count it (a 25 s run once read "Duration 2 s").
+    if let Some(started) = generation_started {
+        let run = store
+            .update_run(run_id, |r| r.started = Some(started.clone()))
+            .context("restoring the run's start time after scoring")?;
+        if let Ok(done) = &mut result {
+            done.started = run.started;
+        }
+    }
+    result
 }
