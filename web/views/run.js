@@ -9,7 +9,7 @@ import { api } from '../lib/api.js';
 import { lineChart, runColor } from '../lib/charts.js';
 import { h, replace, throttleFrame } from '../lib/dom.js';
 import { dateTime, duration, elapsed, interval, isActive, num, runLabel } from '../lib/format.js';
-import { field, messageBox, outcome, runBadge } from './common.js';
+import { field, messageBox, outcome, reportControl, runBadge } from './common.js';
 
 const POLL_MS = 2000;
 const SLOW_POLL_MS = 10000;
@@ -93,11 +93,23 @@ export async function mountRun(main, ctx) {
     renderBanner();
     setProgress(run.progress);
     if (!isActive(run.status)) training?.settle();
-    renderScores(scoresSection, run);
+    // The record is re-read every few seconds: rebuild a panel only when what it shows changed,
+    // so focus and a half-chosen report format survive the polling.
+    const scoresKey = JSON.stringify([run.status, run.scores, run.aggregates, run.reference_aggregates, run.corpus]);
+    if (scoresKey !== shownScores) {
+      shownScores = scoresKey;
+      renderScores(scoresSection, run);
+    }
     // Training runs have no scores of their own; keep the panel for runs that do.
     scoresSection.hidden = run.kind === 'train' && Object.keys(run.aggregates ?? {}).length === 0;
-    renderDetails(detailsSection, run);
+    const detailsKey = JSON.stringify([run.created, run.started, run.finished, run.metadata, run.request, run.usage, isActive(run.status)]);
+    if (detailsKey !== shownDetails || isActive(run.status)) {
+      shownDetails = detailsKey;
+      renderDetails(detailsSection, run);
+    }
   };
+  let shownScores = null;
+  let shownDetails = null;
 
   const setProgress = (p) => {
     if (!p) return;
@@ -275,12 +287,14 @@ export async function mountRun(main, ctx) {
         // The stream replays a run's history from the start; a replayed "running" must not
         // undo the "done" the record already says. Statuses only move forward.
         if (data.status && rank(data.status) > rank(run.status)) {
-          run = { ...run, status: data.status };
-          renderRecord();
-          ctx.announce(`Run ${data.status}.`);
           if (!isActive(data.status)) {
-            // Fetch the final record (scores, finish time) before showing samples.
+            // Show the end only with the final record (scores, finish time): "done" without its
+            // aggregates would read, for a moment, as "failed: no scores".
             refresh();
+          } else {
+            run = { ...run, status: data.status };
+            renderRecord();
+            ctx.announce(`Run ${data.status}.`);
           }
         }
         break;
@@ -381,6 +395,13 @@ function trainingView() {
   });
   const val = (x) => (x === undefined ? null : x);
   let settled = false; // the run is over; replayed events must not bring back an ETA
+  // The ETA counts down between logged steps (they may be many seconds apart), from the
+  // server's last estimate; each new estimate resets it.
+  let etaAt = null;
+  const tick = setInterval(() => {
+    if (settled || etaAt === null) return;
+    stats.eta_seconds.textContent = duration(Math.max(0, (etaAt - Date.now()) / 1000));
+  }, 1000);
   return {
     el,
     add(d) {
@@ -414,7 +435,10 @@ function trainingView() {
       if (val(d.learning_rate) !== null) stats.learning_rate.textContent = d.learning_rate.toExponential(2);
       if (val(d.grad_norm) !== null) stats.grad_norm.textContent = num(d.grad_norm);
       if (val(d.tokens_per_second) !== null) stats.tokens_per_second.textContent = Math.round(d.tokens_per_second).toLocaleString('en');
-      if (val(d.eta_seconds) !== null && !settled) stats.eta_seconds.textContent = duration(d.eta_seconds);
+      if (val(d.eta_seconds) !== null && !settled) {
+        etaAt = Date.now() + d.eta_seconds * 1000;
+        stats.eta_seconds.textContent = duration(d.eta_seconds);
+      }
       draw();
     },
     /** The run is going again (resumed): ETAs count once more. */
@@ -424,9 +448,11 @@ function trainingView() {
     /** The run is over: a time left no longer means anything. */
     settle() {
       settled = true;
+      etaAt = null;
       stats.eta_seconds.textContent = '—';
     },
     destroy() {
+      clearInterval(tick);
       lossChart.destroy();
       lrChart.destroy();
     },
@@ -446,7 +472,8 @@ function renderScores(section, run) {
     return;
   }
   replace(section,
-    h('h2', { id: 'scores-h' }, 'Scores'),
+    h('div', { class: 'section-head' }, h('h2', { id: 'scores-h' }, 'Scores'),
+      isActive(run.status) ? null : reportControl([run.id], 'run-report')),
     infos.length ? h('div', { class: 'table-scroll' }, h('table', { class: 'data', 'data-testid': 'aggregates-table' },
       h('caption', {}, 'Mean over samples with its 95% bootstrap interval'),
       h('thead', {}, h('tr', {},
