@@ -257,6 +257,10 @@ describe('adapterlab dashboard', () => {
     assert.match(page.url(), /#\/launch/, 'a file with bad lines must not be sent');
     const fileError = await form.locator('#eval-file-error').innerText();
     assert.match(fileError, /bad lines?/, 'the file field should say it has bad lines');
+    // The summary counts what is marked: no name, the bad file, no metric.
+    const marked = await form.locator('[aria-invalid="true"]').count();
+    const summary = await form.getByRole('alert').filter({ hasText: /Fix the/ }).innerText();
+    assert.match(summary, new RegExp(`Fix the ${marked} fields`), `the summary says "${summary}" with ${marked} fields marked`);
   });
 
   step('launches evaluation "adapter-a" from the form and watches it finish', async () => {
@@ -531,6 +535,21 @@ describe('adapterlab dashboard', () => {
     assert.equal(await row.getAttribute('data-status'), 'running', 'the training run should still be running');
     await page.waitForFunction((rid) => document.querySelector(`tr[data-run-id="${rid}"]`)?.dataset.status === 'done', id, { timeout: RUN_TIMEOUT });
   }, { skip: !TEST_TRAIN && 'needs ADAPTERLAB_TEST_TRAIN=1 against a real server' });
+
+  step('cancels a running training run, then offers Resume', async () => {
+    await navigate('Launch', 'Launch a run');
+    await page.getByRole('radio', { name: 'Training' }).check();
+    const form = page.getByRole('form', { name: 'Train a LoRA adapter' });
+    await form.getByLabel('Name', { exact: true }).fill('to-cancel');
+    await form.getByRole('button', { name: 'Launch training' }).click();
+    await page.waitForURL(/#\/runs\/[^/?]+$/);
+    await page.waitForFunction(() => document.querySelector('[data-testid=run-status]')?.dataset.status === 'running');
+    await page.getByTestId('cancel-run').click(); // the confirm() is accepted
+    await page.waitForFunction(() => document.querySelector('[data-testid=run-status]')?.dataset.status === 'cancelled');
+    assert.ok(await page.getByTestId('resume-run').isVisible(), 'a cancelled run should offer Resume');
+    assert.ok(await page.getByTestId('delete-run').isVisible(), 'a cancelled run should offer Delete');
+    assert.ok(await page.getByTestId('cancel-run').isHidden(), 'a cancelled run should not offer Cancel');
+  }, { skip: !USE_MOCK && !env.ADAPTERLAB_TEST_CANCEL && 'launches another training; on with ADAPTERLAB_TEST_CANCEL=1' });
 
   step('generates with visible decoding settings, and the run records every one', async () => {
     await navigate('Launch', 'Launch a run');
