@@ -161,7 +161,20 @@ pub struct RunRecord {
     /// The process running it, so a restart can tell a dead job from a live one.
     #[serde(default)]
     pub owner_pid: Option<u32>,
+    /// Labels a person gave the run (the dashboard filters by them); at most
+    /// [`MAX_TAGS`] of at most [`MAX_TAG_LEN`] characters each.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Free text a person wrote about the run; at most [`MAX_NOTES_LEN`] characters.
+    #[serde(default)]
+    pub notes: String,
 }
+
+/// Bounds on [`RunRecord::tags`] and [`RunRecord::notes`]: every status change rewrites the
+/// record and every listing reads it, so what people attach stays small.
+pub const MAX_TAGS: usize = 32;
+pub const MAX_TAG_LEN: usize = 64;
+pub const MAX_NOTES_LEN: usize = 10_000;
 
 impl RunRecord {
     pub fn new(id: String, name: String, kind: RunKind) -> Self {
@@ -184,6 +197,8 @@ impl RunRecord {
             usage: Usage::default(),
             error: None,
             owner_pid: None,
+            tags: Vec::new(),
+            notes: String::new(),
         }
     }
 }
