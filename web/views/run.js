@@ -306,6 +306,7 @@ export async function mountRun(main, ctx) {
         appendLog(data.level ?? 'info', data.message ?? '');
         break;
       case 'loss':
+      case 'step':
         training?.add(data);
         break;
       default:
@@ -380,10 +381,33 @@ function trainingView() {
     title: 'Learning rate', xLabel: 'step', yLabel: 'learning rate', height: 180,
     series: [{ label: 'learning rate', color: runColor(2) }],
   });
+  // Each evaluation's values (eval_loss and the generation metrics' eval_<score>), a row per
+  // evaluation, step 0 (before training) included.
+  const evalBody = h('tbody');
+  const evalHead = h('tr');
+  const evalColumns = [];
+  const evalTable = h('div', { class: 'table-scroll', tabindex: '0', role: 'region', 'aria-label': 'Evaluations', hidden: '' },
+    h('table', { 'data-testid': 'evaluations' }, h('caption', {}, 'Evaluations'), h('thead', {}, evalHead), evalBody));
+  const addEvaluation = (d) => {
+    const values = { ...(d.eval_metrics ?? {}) };
+    if (val(d.eval_loss) !== null) values.eval_loss = d.eval_loss;
+    const keys = Object.keys(values).filter((k) => k !== 'eval_samples_per_second');
+    if (!keys.length) return;
+    for (const k of keys.sort()) {
+      if (!evalColumns.includes(k)) evalColumns.push(k);
+    }
+    evalHead.replaceChildren(h('th', { scope: 'col' }, 'step'), ...evalColumns.map((k) => h('th', { scope: 'col' }, k === 'eval_runtime' ? 'seconds' : k.replace(/^eval_/, ''))));
+    const existing = [...evalBody.children].find((r) => r.dataset.step === String(d.step));
+    const row = h('tr', { 'data-step': String(d.step) }, h('td', { class: 'num' }, String(d.step)),
+      ...evalColumns.map((k) => h('td', { class: 'num' }, values[k] === undefined ? '' : num(values[k]))));
+    if (existing) existing.replaceWith(row); else evalBody.append(row);
+    evalTable.hidden = false;
+  };
   const el = h('section', { 'aria-labelledby': 'training-h', class: 'panel' },
     h('h2', { id: 'training-h' }, 'Training'),
     h('dl', { class: 'stats', 'data-testid': 'training-stats' }, Object.entries(stats).map(([k, dd]) => h('div', {}, h('dt', {}, labels[k]), dd))),
     h('div', { class: 'charts' }, lossChart.el, lrChart.el),
+    evalTable,
   );
   const steps = [];
   const loss = [];
@@ -425,6 +449,7 @@ function trainingView() {
           i = steps.length - 1;
         }
       }
+      addEvaluation(d);
       if (val(d.loss) !== null) loss[i] = d.loss;
       if (val(d.eval_loss) !== null) evalLoss[i] = d.eval_loss;
       if (val(d.learning_rate) !== null) lr[i] = d.learning_rate;

@@ -803,6 +803,7 @@ async fn events(
                             RunEvent::Progress { .. } => "progress",
                             RunEvent::Log { .. } => "log",
                             RunEvent::Loss { .. } => "loss",
+                            RunEvent::Step { .. } => "step",
                         };
                         let data = serde_json::to_string(&event).unwrap_or_default();
                         let sse = Event::default().id(seq.to_string()).event(name).data(data);

@@ -237,6 +237,17 @@ pub enum RunEvent {
         level: String,
         message: String,
     },
+    /// Every training step that `logging_steps` does not log: the dashboard's charts and ETA
+    /// follow each step, while trainer_state.json and the trackers keep HF's cadence.
+    Step {
+        step: u64,
+        epoch: f64,
+        loss: f64,
+        learning_rate: f64,
+        grad_norm: f64,
+        #[serde(default)]
+        eta_seconds: Option<f64>,
+    },
     /// A logged training step, in HF Trainer's log_history shape.
     Loss {
         step: u64,

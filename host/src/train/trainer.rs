@@ -701,7 +701,24 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         let epoch_f = round4(state.global_step as f64 / steps_per_epoch as f64);
         let is_last = state.global_step == max_steps;
 
-        if state.global_step % config.logging_steps.max(1) == 0 || is_last {
+        let logged = state.global_step % config.logging_steps.max(1) == 0 || is_last;
+        if !logged {
+            let per_step = started.elapsed().as_secs_f64() / steps_this_run as f64;
+            record(
+                env,
+                RunEvent::Step {
+                    step: state.global_step as u64,
+                    epoch: epoch_f,
+                    loss: step_loss,
+                    learning_rate: config.learning_rate
+                        * lr_lambda(&config.lr_scheduler_type, state.global_step, warmup, max_steps),
+                    grad_norm: last_grad_norm,
+                    eta_seconds: Some(per_step * (max_steps - state.global_step) as f64),
+                },
+            );
+            record_progress(env, state.global_step, max_steps);
+        }
+        if logged {
             let mean = state.pending_losses.iter().sum::<f64>() / state.pending_losses.len() as f64;
             state.pending_losses.clear();
             let next_lr = config.learning_rate
