@@ -314,6 +314,9 @@ describe('adapterlab dashboard', () => {
     // Every setting is listed: eval runs show their metrics.
     const settings = await page.getByTestId('run-settings').innerText();
     assert.match(settings, /metrics/, `the run's settings do not list its metrics:\n${settings}`);
+    // Where each plugin came from: built-in or a user's, with its sha256.
+    const plugins = await page.getByTestId('run-plugins').innerText();
+    assert.match(plugins, /rouge[\s\S]*built-in/, `the run does not say where its plugins came from:\n${plugins}`);
     // The runs list: hyperparameter and result columns, search and the tag filter.
     await navigate('Runs', 'Runs');
     await page.locator(`tr[data-run-id="${ids.a}"]`).waitFor();

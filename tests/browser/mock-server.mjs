@@ -210,6 +210,11 @@ function later(state, ms, fn) {
 function score(state, run, rows, metrics, scoreReferences) {
   const infos = metrics.flatMap((m) => METRICS[m].scores.map((s) => ({ ...s, metric: m })));
   run.scores = infos.map(({ name, metric, min, max, higher_is_better }) => ({ name, metric, min, max, higher_is_better }));
+  // Provenance, as the real server records it per plugin.
+  run.plugins = Object.fromEntries(metrics.map((m) => {
+    const user = state.plugins.find((p) => p.name === m && p.source?.type === 'file');
+    return [m, { version: '0.1.0', source: user ? 'user' : 'built-in', sha256: `${m}`.padEnd(64, '0') }];
+  }));
   const samples = rows.map((r, index) => {
     const scores = {};
     const errors = {};
