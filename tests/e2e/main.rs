@@ -8,6 +8,7 @@ mod cli;
 mod eval;
 mod judge;
 mod model;
+mod plugins_new;
 mod polyglot;
 mod sandbox;
 mod serve_models;
