@@ -11,7 +11,7 @@
 # CC=/path/to/wasi-sdk/bin/clang), node >= 20 with npm, and cargo (once, to install
 # wit-bindgen). Pinned tools are installed on the first run into
 #   ${ADAPTERLAB_TOOLCHAINS:-$HOME/.cache/adapterlab/toolchains}/
-#     wit-bindgen-cli-0.63.0/   cargo install --locked wit-bindgen-cli@0.63.0 (crates.io)
+#     wit-bindgen-cli-0.63.0/   cargo install --locked wit-bindgen-cli@0.63.0 --no-default-features --features c
 #     npm-<lock hash>/           npm ci of package-lock.json (jco 1.35.0)
 # and shared by every project with the same pins.
 set -Eeuo pipefail
@@ -56,7 +56,9 @@ elif [ ! -x "$WIT_BINDGEN" ]; then
         die "wit-bindgen $WIT_BINDGEN_VERSION is needed and cargo is not on PATH to install it (https://rustup.rs)"
     say "installing wit-bindgen-cli $WIT_BINDGEN_VERSION into $TOOLCHAINS (cargo install, a few minutes once)"
     # Its own target folder: a CARGO_TARGET_DIR set for another project must not be shared.
+    # Only the C generator: the default features compile eight other languages' generators.
     CARGO_TARGET_DIR="$TOOLCHAINS/.wit-bindgen-build" cargo install --locked --quiet \
+        --no-default-features --features c \
         --root "$TOOLCHAINS/wit-bindgen-cli-$WIT_BINDGEN_VERSION" "wit-bindgen-cli@$WIT_BINDGEN_VERSION" ||
         die "cargo install wit-bindgen-cli@$WIT_BINDGEN_VERSION failed (no access to crates.io?)"
     rm -rf "$TOOLCHAINS/.wit-bindgen-build"
