@@ -44,7 +44,11 @@ fn run_script(dir: &Path, command: &mut Command) -> Result<String, String> {
     if out.status.success() {
         Ok(text)
     } else {
-        Err(format!("{command:?} in {} failed ({}):\n{text}", dir.display(), out.status))
+        Err(format!(
+            "{command:?} in {} failed ({}):\n{text}",
+            dir.display(),
+            out.status
+        ))
     }
 }
 
@@ -65,14 +69,21 @@ fn plugins_new_projects_build_check_and_score_in_four_languages() {
             .arg("scripts/plugin-toolchains.sh")
             .args(langs),
     ) {
-        panic!("the plugin toolchains could not be installed, so the projects cannot be built:\n{e}");
+        panic!(
+            "the plugin toolchains could not be installed, so the projects cannot be built:\n{e}"
+        );
     }
-    eprintln!("plugins_new: toolchains ready in {:.1?}", setup_start.elapsed());
+    eprintln!(
+        "plugins_new: toolchains ready in {:.1?}",
+        setup_start.elapsed()
+    );
 
     let t = setup("plugins-new");
     let lines: Vec<String> = ROWS
         .iter()
-        .map(|(id, p, r)| serde_json::json!({"id": id, "prediction": p, "reference": r}).to_string())
+        .map(|(id, p, r)| {
+            serde_json::json!({"id": id, "prediction": p, "reference": r}).to_string()
+        })
         .collect();
     let predictions = t.write("p.jsonl", lines.join("\n"));
     let projects = t.path().join("projects");
@@ -92,7 +103,10 @@ fn plugins_new_projects_build_check_and_score_in_four_languages() {
             "--dir",
             projects.to_str().unwrap(),
         ]));
-        assert!(created.contains("./build.sh"), "{lang}: names its build command:\n{created}");
+        assert!(
+            created.contains("./build.sh"),
+            "{lang}: names its build command:\n{created}"
+        );
         let dir = projects.join(&name);
 
         let start = Instant::now();
@@ -109,7 +123,10 @@ fn plugins_new_projects_build_check_and_score_in_four_languages() {
         }
         let wasm = dir.join(format!("{name}.wasm"));
         if !wasm.is_file() {
-            failures.push(format!("{lang}: build.sh succeeded but wrote no {}", wasm.display()));
+            failures.push(format!(
+                "{lang}: build.sh succeeded but wrote no {}",
+                wasm.display()
+            ));
             continue;
         }
 
@@ -140,12 +157,18 @@ fn plugins_new_projects_build_check_and_score_in_four_languages() {
         let expected = [Some(2.0 / 3.0), Some(0.0), None, Some(1.0)];
         for (i, want) in expected.iter().enumerate() {
             if value(i) != *want {
-                failures.push(format!("{lang}: sample {i}: expected {want:?}, got {}", samples[i]));
+                failures.push(format!(
+                    "{lang}: sample {i}: expected {want:?}, got {}",
+                    samples[i]
+                ));
             }
         }
         let error = samples[2]["errors"][&name].as_str().unwrap_or_default();
         if !error.contains("reference has no words") {
-            failures.push(format!("{lang}: sample c: expected the error \"reference has no words\", got {}", samples[2]));
+            failures.push(format!(
+                "{lang}: sample c: expected the error \"reference has no words\", got {}",
+                samples[2]
+            ));
         }
         timings.push(format!(
             "{lang}: build {build_time:.1?}, check {check_time:.1?}, eval {eval_time:.1?}"
@@ -170,10 +193,18 @@ fn plugins_new_refuses_bad_names_languages_and_non_empty_folders() {
 
     std::fs::create_dir_all(t.path().join("taken")).unwrap();
     std::fs::write(t.path().join("taken/notes.txt"), "mine").unwrap();
-    let err = run_fail(&mut t.cmd(&["plugins", "new", "taken", "--lang", "python", "--dir", parent]));
+    let err = run_fail(&mut t.cmd(&[
+        "plugins", "new", "taken", "--lang", "python", "--dir", parent,
+    ]));
     assert!(err.contains("not empty"), "{err}");
-    assert_eq!(std::fs::read_to_string(t.path().join("taken/notes.txt")).unwrap(), "mine");
-    assert_eq!(std::fs::read_dir(t.path().join("taken")).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("taken/notes.txt")).unwrap(),
+        "mine"
+    );
+    assert_eq!(
+        std::fs::read_dir(t.path().join("taken")).unwrap().count(),
+        1
+    );
 
     // An existing empty folder is fine.
     std::fs::create_dir_all(t.path().join("empty")).unwrap();
@@ -187,13 +218,27 @@ fn plugins_new_refuses_bad_names_languages_and_non_empty_folders() {
 #[test]
 fn plugins_new_rust_project_carries_the_sdk() {
     let t = setup("plugins-new-rust");
-    run_ok(&mut t.cmd(&["plugins", "new", "solo", "--lang", "rust", "--dir", t.path().to_str().unwrap()]));
+    run_ok(&mut t.cmd(&[
+        "plugins",
+        "new",
+        "solo",
+        "--lang",
+        "rust",
+        "--dir",
+        t.path().to_str().unwrap(),
+    ]));
     let dir = t.path().join("solo");
     let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
     assert!(manifest.contains("[workspace]"), "{manifest}");
-    assert!(manifest.contains(r#"adapterlab-sdk = { path = "adapterlab-sdk" }"#), "{manifest}");
+    assert!(
+        manifest.contains(r#"adapterlab-sdk = { path = "adapterlab-sdk" }"#),
+        "{manifest}"
+    );
     let sdk = std::fs::read_to_string(dir.join("adapterlab-sdk/Cargo.toml")).unwrap();
-    assert!(!sdk.contains(".workspace"), "the SDK copy must not inherit from a workspace:\n{sdk}");
+    assert!(
+        !sdk.contains(".workspace"),
+        "the SDK copy must not inherit from a workspace:\n{sdk}"
+    );
     for file in ["src/lib.rs", "src/metric.rs", "wit/since_v0.1.0/worlds.wit"] {
         assert!(dir.join("adapterlab-sdk").join(file).is_file(), "{file}");
     }
@@ -201,7 +246,12 @@ fn plugins_new_rust_project_carries_the_sdk() {
 
 fn store_records(t: &TestDir) -> Vec<String> {
     let store = adapterlab::store::Store::open(&t.data_dir().join("store")).unwrap();
-    store.list_plugins().unwrap().into_iter().map(|r| r.name).collect()
+    store
+        .list_plugins()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect()
 }
 
 fn listed(t: &TestDir) -> Vec<(String, String)> {
@@ -210,7 +260,12 @@ fn listed(t: &TestDir) -> Vec<(String, String)> {
     list.as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["name"].as_str().unwrap().to_string(), p["source"]["type"].as_str().unwrap_or("").to_string()))
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["source"]["type"].as_str().unwrap_or("").to_string(),
+            )
+        })
         .collect()
 }
 
@@ -226,13 +281,19 @@ fn plugins_uninstall_removes_the_file_and_the_record() {
 
     // A typo: refused with a suggestion, nothing removed.
     let err = run_fail(&mut t.cmd(&["plugins", "uninstall", "lenght"]));
-    assert!(err.contains("no installed plugin named \"lenght\""), "{err}");
+    assert!(
+        err.contains("no installed plugin named \"lenght\""),
+        "{err}"
+    );
     assert!(err.contains("did you mean \"length\""), "{err}");
     assert!(installed.is_file());
 
     // Built-ins stay.
     let err = run_fail(&mut t.cmd(&["plugins", "uninstall", "rouge"]));
-    assert!(err.contains("built-in plugins cannot be uninstalled"), "{err}");
+    assert!(
+        err.contains("built-in plugins cannot be uninstalled"),
+        "{err}"
+    );
     assert!(listed(&t).iter().any(|(n, _)| n == "rouge"));
 
     let out = run_ok(&mut t.cmd(&["plugins", "uninstall", "length"]));
@@ -243,7 +304,10 @@ fn plugins_uninstall_removes_the_file_and_the_record() {
 
     // Gone: a second uninstall is an unknown name.
     let err = run_fail(&mut t.cmd(&["plugins", "uninstall", "length"]));
-    assert!(err.contains("no installed plugin named \"length\""), "{err}");
+    assert!(
+        err.contains("no installed plugin named \"length\""),
+        "{err}"
+    );
 
     // A record whose file was deleted by hand is still removed.
     run_ok(&mut t.cmd(&["plugins", "install", length.to_str().unwrap()]));

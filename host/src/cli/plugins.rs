@@ -136,7 +136,10 @@ pub fn run(cmd: PluginsCommand, ctx: &Context) -> Result<()> {
             );
             println!("build it with:");
             println!("  cd {} && {}", project.dir.display(), project.build);
-            println!("then: adapterlab plugins check {}", project.dir.join(format!("{name}.wasm")).display());
+            println!(
+                "then: adapterlab plugins check {}",
+                project.dir.join(format!("{name}.wasm")).display()
+            );
             Ok(())
         }
     }

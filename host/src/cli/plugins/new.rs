@@ -85,23 +85,33 @@ static C: &[(&str, &str)] = &[
     template!("c", ".gitignore"),
 ];
 
+/// `(path, contents)` of a file under `sdk/` (the path relative to `$dir`).
+macro_rules! sdk_file {
+    ($dir:literal, $path:literal) => {
+        (
+            $path,
+            include_str!(concat!("../../../../sdk/", $dir, $path)),
+        )
+    };
+}
+
 /// The plugin contract, `sdk/wit/since_v0.1.0/`.
 static WIT: &[(&str, &str)] = &[
-    ("types.wit", include_str!("../../../../sdk/wit/since_v0.1.0/types.wit")),
-    ("worlds.wit", include_str!("../../../../sdk/wit/since_v0.1.0/worlds.wit")),
-    ("metric.wit", include_str!("../../../../sdk/wit/since_v0.1.0/metric.wit")),
-    ("formatter.wit", include_str!("../../../../sdk/wit/since_v0.1.0/formatter.wit")),
-    ("reporter.wit", include_str!("../../../../sdk/wit/since_v0.1.0/reporter.wit")),
+    sdk_file!("wit/since_v0.1.0/", "types.wit"),
+    sdk_file!("wit/since_v0.1.0/", "worlds.wit"),
+    sdk_file!("wit/since_v0.1.0/", "metric.wit"),
+    sdk_file!("wit/since_v0.1.0/", "formatter.wit"),
+    sdk_file!("wit/since_v0.1.0/", "reporter.wit"),
 ];
 
 /// The Rust SDK crate (without its WIT files, which come from `WIT`).
 static SDK: &[(&str, &str)] = &[
-    ("Cargo.toml", include_str!("../../../../sdk/Cargo.toml")),
-    ("src/lib.rs", include_str!("../../../../sdk/src/lib.rs")),
-    ("src/metric.rs", include_str!("../../../../sdk/src/metric.rs")),
-    ("src/formatter.rs", include_str!("../../../../sdk/src/formatter.rs")),
-    ("src/reporter.rs", include_str!("../../../../sdk/src/reporter.rs")),
-    ("src/hash.rs", include_str!("../../../../sdk/src/hash.rs")),
+    sdk_file!("", "Cargo.toml"),
+    sdk_file!("", "src/lib.rs"),
+    sdk_file!("", "src/metric.rs"),
+    sdk_file!("", "src/formatter.rs"),
+    sdk_file!("", "src/reporter.rs"),
+    sdk_file!("", "src/hash.rs"),
 ];
 
 /// `[a-z][a-z0-9-]*`: a valid manifest name, a file name on every system, and (with `-` as
@@ -167,7 +177,8 @@ pub fn create(name: &str, lang: Lang, parent: &Path) -> Result<Project> {
             std::fs::create_dir_all(folder)
                 .with_context(|| format!("failed to create {}", folder.display()))?;
         }
-        std::fs::write(&path, text).with_context(|| format!("failed to write {}", path.display()))?;
+        std::fs::write(&path, text)
+            .with_context(|| format!("failed to write {}", path.display()))?;
         if rel.extension().is_some_and(|e| e == "sh") {
             make_executable(&path)?;
         }
@@ -201,8 +212,43 @@ mod tests {
         for good in ["a", "word-overlap", "m2", "x-1-y"] {
             assert!(check_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "Word", "1st", "-a", "a_b", "a.b", "../x", "a b", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "Word",
+            "1st",
+            "-a",
+            "a_b",
+            "a.b",
+            "../x",
+            "a b",
+            &"a".repeat(65),
+        ] {
             assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A file added to the SDK or the contract must be embedded too, or the copies that
+    /// `plugins new` writes stop building.
+    #[test]
+    fn embeds_every_sdk_source_and_contract_file() {
+        let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk");
+        for (dir, embedded, ext) in [("src", SDK, "rs"), ("wit/since_v0.1.0", WIT, "wit")] {
+            for entry in std::fs::read_dir(sdk.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == ext) {
+                    let name = path.file_name().unwrap().to_str().unwrap();
+                    let rel = if ext == "rs" {
+                        format!("src/{name}")
+                    } else {
+                        name.to_string()
+                    };
+                    assert!(
+                        embedded.iter().any(|(p, _)| *p == rel),
+                        "{} is not embedded in plugins new",
+                        path.display()
+                    );
+                }
+            }
         }
     }
 
@@ -217,9 +263,16 @@ mod tests {
             assert!(wit.is_file(), "{lang:?}");
             for file in &project.files {
                 let text = std::fs::read_to_string(file).unwrap();
-                assert!(!text.contains("{{"), "{} keeps a placeholder", file.display());
+                assert!(
+                    !text.contains("{{"),
+                    "{} keeps a placeholder",
+                    file.display()
+                );
             }
-            assert!(create("my-metric", lang, tmp.path()).is_err(), "refuses a non-empty folder");
+            assert!(
+                create("my-metric", lang, tmp.path()).is_err(),
+                "refuses a non-empty folder"
+            );
         }
     }
 }
