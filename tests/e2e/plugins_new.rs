@@ -188,6 +188,10 @@ fn plugins_new_refuses_bad_names_languages_and_non_empty_folders() {
     }
     assert!(!t.path().join("escape").exists());
 
+    let err = run_fail(&mut t.cmd(&["plugins", "new", "rouge", "--lang", "js", "--dir", parent]));
+    assert!(err.contains("built-in plugin"), "{err}");
+    assert!(!t.path().join("rouge").exists());
+
     let err = run_fail(&mut t.cmd(&["plugins", "new", "ok", "--lang", "cobol", "--dir", parent]));
     assert!(err.contains("cobol") && err.contains("rust"), "{err}");
 

@@ -127,6 +127,17 @@ pub fn run(cmd: PluginsCommand, ctx: &Context) -> Result<()> {
             Ok(())
         }
         PluginsCommand::New { name, lang, dir } => {
+            // A built-in's name is reserved: such a project would build but not install.
+            // (A registry that cannot load is no reason to refuse writing a project.)
+            if let Ok(registry) = ctx.registry()
+                && registry.all().iter().any(|p| {
+                    p.meta.name == name && p.meta.source == crate::plugin::PluginSource::Builtin
+                })
+            {
+                anyhow::bail!(
+                    "plugin project {name:?} was not created: {name:?} is the name of a built-in plugin; choose another name"
+                );
+            }
             let project = new::create(&name, lang, &dir)
                 .with_context(|| format!("plugin project {name:?} was not created"))?;
             println!(
