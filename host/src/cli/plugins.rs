@@ -152,9 +152,7 @@ pub fn run(cmd: PluginsCommand, ctx: &Context) -> Result<()> {
             // A built-in's name is reserved: such a project would build but not install.
             // (A registry that cannot load is no reason to refuse writing a project.)
             if let Ok(registry) = ctx.registry()
-                && registry.all().iter().any(|p| {
-                    p.meta.name == name && p.meta.source == crate::plugin::PluginSource::Builtin
-                })
+                && registry.is_builtin(&name)
             {
                 anyhow::bail!(
                     "plugin project {name:?} was not created: {name:?} is the name of a built-in plugin; choose another name"

@@ -254,10 +254,7 @@ pub fn uninstall(
 ) -> Result<Uninstalled, UninstallError> {
     // A file plugin with a built-in's name shadows it in the registry; removing that file is
     // an uninstall like any other, after which the built-in is visible again.
-    let is_builtin = registry
-        .all()
-        .iter()
-        .any(|p| p.meta.name == name && p.meta.source == PluginSource::Builtin);
+    let is_builtin = registry.is_builtin(name);
     let mut files: Vec<PathBuf> = Vec::new();
     // Only names that `install` could have written reach a path: no `..`, no separators.
     if crate::plugin::manifest::is_identifier(name) {
@@ -294,7 +291,7 @@ pub fn uninstall(
     if !files.is_empty() && crate::plugin::manifest::is_identifier(name) {
         // The marker a `--replace-builtin` install leaves beside a component named like a
         // built-in: without the component it would only confuse a later install.
-        let _ = std::fs::remove_file(plugins_dir.join(format!(".{name}.replaces-builtin")));
+        let _ = std::fs::remove_file(replace_marker(plugins_dir, name));
     }
     let record = store
         .delete_plugin(name)
