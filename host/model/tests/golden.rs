@@ -373,6 +373,10 @@ fn loss_matches_transformers() {
 /// The NF4 CUDA kernels against the CPU path: dequantization bit for bit (bf16, f16, f32; with
 /// and without double quantization; shapes that do and do not fill whole 4-byte words), and the
 /// decoding GEMV within 16-bit rounding of a matmul on the dequantized weight. CPU: nothing to do.
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
 #[test]
 fn nf4_kernels_equal_the_cpu_path() {
     use adapterlab_model::linear::{BaseWeight, Nf4Weight};
@@ -380,6 +384,7 @@ fn nf4_kernels_equal_the_cpu_path() {
     use candle_core::DType;
     let dev = device();
     if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
         return;
     }
     let cpu = Device::Cpu;
@@ -443,12 +448,17 @@ fn nf4_kernels_equal_the_cpu_path() {
 }
 
 /// Seeded dropout draws the same mask on the GPU as on the CPU (f32, bf16 and f16).
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
 #[test]
 fn dropout_kernel_equals_the_cpu_path() {
     use adapterlab_model::dropout::seeded_dropout;
     use candle_core::DType;
     let dev = device();
     if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
         return;
     }
     let x: Vec<f32> = (0..10_001).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -476,10 +486,15 @@ fn dropout_kernel_equals_the_cpu_path() {
 
 /// Attention's fused softmax and its backward on the GPU against the CPU path (f32, bf16, f16;
 /// with and without a padding mask, one mask for the batch or one per row).
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
 #[test]
 fn masked_softmax_kernels_equal_the_cpu_path() {
     let dev = device();
     if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
         return;
     }
     let cpu = Device::Cpu;
@@ -548,12 +563,17 @@ fn masked_softmax_case(dev: &Device, cpu: &Device, t: usize) {
 
 /// The cross-entropy kernels (summed loss and its gradient) against the CPU path, for a
 /// vocabulary that is not a multiple of the block size.
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
 #[test]
 fn cross_entropy_kernels_equal_the_cpu_path() {
     use adapterlab_model::loss::cross_entropy_sum;
     use candle_core::{DType, Var};
     let dev = device();
     if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
         return;
     }
     let cpu = Device::Cpu;
@@ -586,11 +606,16 @@ fn cross_entropy_kernels_equal_the_cpu_path() {
 /// The AdamW kernel against the trainer's op-by-op update (host/src/train/optim.rs, restated
 /// here with the same candle ops) on the CPU: the same bits, with and without weight decay.
 #[cfg(feature = "cuda")]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
 #[test]
 fn adamw_kernel_equals_the_op_by_op_update() {
     use adapterlab_model::cuda_kernels::{AdamWScalars, adamw_f32};
     let dev = device();
     if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
         return;
     }
     let cpu = Device::Cpu;
@@ -637,12 +662,17 @@ fn adamw_kernel_equals_the_op_by_op_update() {
 /// The fused unmerged-LoRA kernels of inference against PEFT's op-by-op math on the CPU
 /// (`(y in f32 + (x A^T)(B * scaling)^T)` rounded once to bf16).
 #[cfg(feature = "cuda")]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
 #[test]
 fn lora_inference_kernels_equal_the_op_by_op_path() {
     use adapterlab_model::cuda_kernels::lora_inference;
     use candle_core::DType;
     let dev = device();
     if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
         return;
     }
     let cpu = Device::Cpu;
@@ -674,12 +704,17 @@ fn lora_inference_kernels_equal_the_op_by_op_path() {
 }
 
 /// GELU's backward kernel against the CPU path.
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
 #[test]
 fn gelu_backward_kernel_equals_the_cpu_path() {
     use adapterlab_model::gelu::gelu_erf_backward;
     use candle_core::DType;
     let dev = device();
     if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
         return;
     }
     let cpu = Device::Cpu;
@@ -704,12 +739,17 @@ fn gelu_backward_kernel_equals_the_cpu_path() {
 /// A training step's adapter gradients on the GPU equal the CPU's (f32, dropout on, with and
 /// without activation checkpointing): every op with a hand-written backward (attention, rope,
 /// layer norm, GELU, NF4 matmul, dropout) runs its CUDA path here.
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
 #[test]
 fn training_gradients_on_the_gpu_equal_the_cpu() {
     use adapterlab_model::checkpoint;
     use candle_core::{D, DType};
     let dev = device();
     if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
         return;
     }
     for name in ["falcon_7b_style", "llama_gqa"] {
