@@ -27,6 +27,8 @@ use crate::store::{
 
 /// Host-side settings of a metric, taken out of its `--set` keys before the plugin sees them.
 pub const HOST_SETTING_BATCH_SIZE: &str = "batch_size";
+/// The largest `batch_size` host setting accepted.
+pub const MAX_HOST_BATCH_SIZE: u64 = 1_000_000;
 const LLM_BATCH: usize = 16;
 
 /// What to evaluate.
@@ -100,11 +102,22 @@ pub fn validate_metrics(
         }
         plugins.push(plugin);
     }
-    for plugin in settings.keys() {
+    for (plugin, kv) in settings {
         if !metrics.contains(plugin) {
             bail!(
                 "setting for {plugin:?}, which is not among the requested metrics ({})",
                 metrics.join(", ")
+            );
+        }
+        // Host settings are checked before queueing, not when the run reaches them.
+        if let Some(v) = kv.get(HOST_SETTING_BATCH_SIZE)
+            && !v
+                .trim()
+                .parse::<u64>()
+                .is_ok_and(|b| (1..=MAX_HOST_BATCH_SIZE).contains(&b))
+        {
+            bail!(
+                "settings.{plugin}.{HOST_SETTING_BATCH_SIZE} is {v:?}; allowed range: 1 to {MAX_HOST_BATCH_SIZE}"
             );
         }
     }
