@@ -46,6 +46,9 @@ impl<E: Into<anyhow::Error>> From<E> for AppError {
             ) {
                 return AppError::not_found(store.to_string());
             }
+            if matches!(store, crate::store::StoreError::Conflict { .. }) {
+                return AppError::new(StatusCode::CONFLICT, store.to_string());
+            }
         }
         tracing::error!("internal error: {e:#}");
         AppError::new(
