@@ -18,6 +18,7 @@ use crate::store::Store;
 mod api;
 mod assets;
 mod auth;
+pub mod disk;
 mod error;
 pub mod jobs;
 mod openai;
@@ -34,6 +35,19 @@ pub struct AppState {
     pub data_dir: DataDir,
     pub token: Arc<String>,
     pub jobs: jobs::Jobs,
+    /// `Host` names accepted besides the loopback ones (`serve --allowed-host`).
+    pub allowed_hosts: Arc<Vec<String>>,
+}
+
+/// What `serve`'s flags allow beyond the safe defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// `--allowed-host NAME`: `Host` names accepted besides localhost, 127.0.0.1 and [::1].
+    pub allowed_hosts: Vec<String>,
+    /// `--allow-path DIR`: folders outside the data directory whose files may be datasets.
+    pub allow_paths: Vec<std::path::PathBuf>,
+    /// Watch the data directory's free space: stop writing before the disk is full.
+    pub watch_disk: bool,
 }
 
 /// Largest request body: a Python plugin component is ~18 MB, a predictions upload can be
@@ -47,7 +61,12 @@ pub fn app(state: AppState) -> Router {
         .merge(assets::routes())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            auth::require_token_for_mutations,
+            auth::require_token,
+        ))
+        // Outermost: a foreign Host is refused before anything else looks at the request.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::check_host,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
@@ -64,12 +83,42 @@ pub fn state(
     token: String,
     model: String,
 ) -> anyhow::Result<AppState> {
+    state_with(
+        data_dir,
+        store,
+        runtime,
+        registry,
+        token,
+        model,
+        ServeOptions::default(),
+    )
+}
+
+/// [`state`] with the operator's [`ServeOptions`].
+pub fn state_with(
+    data_dir: DataDir,
+    store: Store,
+    runtime: Runtime,
+    registry: Registry,
+    token: String,
+    model: String,
+    options: ServeOptions,
+) -> anyhow::Result<AppState> {
     let registry = Arc::new(RwLock::new(registry));
     let models = Arc::new(crate::infer::Models::new(
         crate::infer::model_runtime(data_dir.assets())?,
         model,
     ));
-    let jobs = jobs::Jobs::start(store.clone(), registry.clone(), data_dir.clone(), models)?;
+    let jobs = jobs::Jobs::start_with(
+        store.clone(),
+        registry.clone(),
+        data_dir.clone(),
+        models,
+        jobs::Policy {
+            allow_paths: options.allow_paths,
+            watch_disk: options.watch_disk,
+        },
+    )?;
     Ok(AppState {
         store,
         runtime,
@@ -77,6 +126,7 @@ pub fn state(
         data_dir,
         token: Arc::new(token),
         jobs,
+        allowed_hosts: Arc::new(options.allowed_hosts),
     })
 }
 
@@ -109,7 +159,9 @@ pub fn resolve_token(
     Ok((token, true))
 }
 
-/// Serve until Ctrl-C. Prints the address (and the login URL) once listening.
+/// Serve until SIGTERM or SIGINT (Ctrl-C). Prints the address once listening. On either
+/// signal it stops accepting, lets running jobs store what they have finished and stop
+/// (marked `interrupted`, resumable), flushes the store and returns, so the process exits 0.
 pub async fn serve(
     state: AppState,
     addr: SocketAddr,
@@ -119,10 +171,48 @@ pub async fn serve(
         .await
         .with_context(|| format!("failed to listen on {addr}"))?;
     announce(listener.local_addr()?);
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    let jobs = state.jobs.clone();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut rx = stop_rx.clone();
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    });
+    let mut served = tokio::spawn(async move { server.await });
+    let mut rx = stop_rx;
+    tokio::select! {
+        r = &mut served => {
+            r??;
+            return Ok(());
+        }
+        _ = rx.wait_for(|stop| *stop) => {}
+    }
+    tracing::info!("stopping: running jobs store their work and stop");
+    let stopping = jobs.clone();
+    tokio::task::spawn_blocking(move || stopping.shutdown()).await??;
+    // In-flight requests get a moment to finish; an event stream of a run still queued would
+    // otherwise hold the shutdown open for ever.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), served).await;
     Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                return;
+            }
+            Err(e) => tracing::warn!("cannot listen for SIGTERM: {e}"),
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
