@@ -12,4 +12,5 @@ mod polyglot;
 mod sandbox;
 mod serve_models;
 mod server;
+mod server_faults;
 mod train;
