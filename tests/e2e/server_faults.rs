@@ -676,3 +676,123 @@ fn a_full_disk_fails_the_run_not_the_server_and_space_freed_brings_it_back() {
     drop(server);
     drop(mount);
 }
+
+#[test]
+fn a_cli_training_killed_with_9_reads_as_interrupted_afterwards() {
+    let t = setup("faults-cli-kill");
+    let model = crate::train::tiny_model(&t);
+    let data = crate::train::dataset(&t);
+    let out = t.path().join("out");
+    let mut child = t
+        .cmd(&["train"])
+        .args(
+            [
+                format!("model_name_or_path={}", model.display()),
+                format!("dataset={}", data.display()),
+                format!("output_dir={}", out.display()),
+                "max_steps=100000".into(),
+                "per_device_train_batch_size=4".into(),
+                "max_seq_length=64".into(),
+                "lora.r=4".into(),
+                "logging_steps=1".into(),
+                "save_steps=1000".into(),
+            ]
+            .iter()
+            .flat_map(|kv| ["--set".to_string(), kv.clone()]),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    // Training has begun once the run says which run it is and a step was logged.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "training did not start");
+        match lines.next() {
+            Some(Ok(line)) if line.contains("training ") && line.contains("steps") => break,
+            Some(_) => {}
+            None => panic!("train exited early"),
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let listed = run_ok(&mut t.cmd(&["runs", "list", "--json"]));
+    let runs: Value = serde_json::from_str(&listed).unwrap();
+    let run = &runs[0];
+    assert_eq!(run["kind"], "train", "{runs}");
+    assert_eq!(
+        run["status"], "interrupted",
+        "a dead process's run is not running: {run}"
+    );
+    assert!(run["error"].as_str().unwrap().contains("pid"), "{run}");
+}
+
+/// The server's resident memory, from /proc.
+fn rss_mib(server: &Server) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib >> 10)
+}
+
+/// The documented bound (README, "The server"): after the first job, 20 more sequential jobs
+/// add at most this much resident memory.
+const RSS_GROWTH_BOUND_MIB: u64 = 200;
+
+#[test]
+fn rss_after_twenty_sequential_jobs_stays_within_the_bound_of_rss_after_the_first() {
+    use crate::serve_models::{serve_tiny, train_config};
+    let t = setup("faults-rss");
+    let model = crate::train::tiny_model(&t);
+    let data = crate::train::dataset(&t);
+    let server = serve_tiny(&t, &model);
+    let base = server.base.clone();
+    let rows: Vec<Value> = (0..2000)
+        .map(|i| json!({"id": format!("s{i}"), "prediction": format!("the cat number {i} sat on a mat"), "reference": "the cat sat on the mat"}))
+        .collect();
+    let eval =
+        json!({"kind": "eval", "name": "e", "predictions": rows, "metrics": ["rouge", "bleu"]});
+    let train = json!({"kind": "train", "config": train_config(&model, &data, 2, 1000)});
+    let mut after_first = None;
+    for i in 0..21 {
+        let body = if i % 2 == 0 {
+            eval.clone()
+        } else {
+            train.clone()
+        };
+        rt().block_on(async {
+            let (s, created) = post(&base, "/api/runs", Some(TOKEN), body).await;
+            assert_eq!(s, 201, "{created}");
+            let id = created["id"].as_str().unwrap().to_string();
+            let run = wait_for(
+                &base,
+                &id,
+                |r| matches!(r["status"].as_str(), Some("done" | "failed")),
+                120,
+            )
+            .await;
+            assert_eq!(run["status"], "done", "{run}");
+        });
+        if i == 1 {
+            after_first = rss_mib(&server);
+        }
+    }
+    let (Some(first), Some(last)) = (after_first, rss_mib(&server)) else {
+        eprintln!("skipped: no /proc here");
+        return;
+    };
+    eprintln!("RSS after the first jobs: {first} MiB; after 21: {last} MiB");
+    assert!(
+        last <= first + RSS_GROWTH_BOUND_MIB,
+        "RSS grew from {first} MiB to {last} MiB"
+    );
+}
