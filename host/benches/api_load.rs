@@ -1,7 +1,7 @@
 //! API load: 50 concurrent clients for 30 s against the real router (in-process server on a
 //! loopback port, a temporary data directory holding evaluated runs), in two phases:
 //! 1. reading the runs list, one run and its samples;
-//! 2. the mixed read load with an evaluation running (2,000 samples scored meanwhile): the
+//! 2. the mixed read load with an evaluation of 40,000 samples running meanwhile: the
 //!    runs list, one run, a page of samples, all samples, a page of a comparison and the
 //!    whole comparison, as the dashboard reads them (gzip accepted, ETags revalidated).
 //! Reports requests/s and latency percentiles for each.
@@ -106,10 +106,10 @@ fn main() {
         ),
     );
 
-    // The mixed read load, with an evaluation of 2,000 samples running meanwhile.
+    // The mixed read load, with an evaluation of 40,000 samples running meanwhile.
     let busy = EvalRequest {
         name: "running".into(),
-        rows: (0..2000)
+        rows: (0..40_000)
             .map(|i| PredictionRow {
                 id: format!("r{i}"),
                 prediction: format!("a longer prediction number {i} about the cat and the mat"),
@@ -142,7 +142,7 @@ fn main() {
     );
     let status = store.get_run(&busy.id).unwrap().unwrap();
     println!(
-        "(the running evaluation scored {} of 2000 samples meanwhile)",
+        "(the running evaluation scored {} of 40000 samples meanwhile)",
         status.progress.done
     );
 }
