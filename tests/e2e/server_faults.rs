@@ -796,3 +796,40 @@ fn rss_after_twenty_sequential_jobs_stays_within_the_bound_of_rss_after_the_firs
         "RSS grew from {first} MiB to {last} MiB"
     );
 }
+
+#[test]
+fn a_damaged_store_is_an_error_naming_it_not_a_panic() {
+    let t = setup("faults-store");
+    let p = t.write(
+        "p.jsonl",
+        "{\"id\": \"1\", \"prediction\": \"a cat\", \"reference\": \"a cat\"}\n",
+    );
+    for _ in 0..2 {
+        run_ok(&mut t.cmd(&[
+            "eval",
+            "--predictions",
+            p.to_str().unwrap(),
+            "--metrics",
+            "rouge",
+        ]));
+    }
+    // Overwrite part of sled's log with garbage.
+    let db = t.data_dir().join("store").join("db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    for b in bytes.iter_mut().skip(100).take(200) {
+        *b = 0xA5;
+    }
+    std::fs::write(&db, bytes).unwrap();
+    for args in [
+        &["runs", "list"][..],
+        &["serve", "--addr", "127.0.0.1:0", "--token", TOKEN][..],
+    ] {
+        let out = t.cmd(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("damaged") && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+}
