@@ -348,12 +348,12 @@ fn sigterm_mid_run_exits_0_leaves_it_interrupted_and_one_of_ten_concurrent_resum
 }
 
 #[test]
-fn acknowledged_cancels_survive_kill_9() {
+fn acknowledged_creates_and_cancels_survive_kill_9() {
     let t = setup("faults-durable");
     install_misbehave(&t);
     let server = start(&t, &[]);
     let base = server.base.clone();
-    let cancelled: Vec<String> = rt().block_on(async {
+    let (created, cancelled): (Vec<String>, Vec<String>) = rt().block_on(async {
         let mut ids = Vec::new();
         for i in 0..12 {
             let (s, created) = post(
@@ -381,7 +381,7 @@ fn acknowledged_cancels_survive_kill_9() {
                 cancelled.push(id.clone());
             }
         }
-        cancelled
+        (ids, cancelled)
     });
     assert!(!cancelled.is_empty());
     drop(server); // kill -9 right after the last acknowledgement
@@ -391,6 +391,10 @@ fn acknowledged_cancels_survive_kill_9() {
         for id in &cancelled {
             let (_, run) = get(&server.base, &format!("/api/runs/{id}")).await;
             assert_eq!(run["status"], "cancelled", "{run}");
+        }
+        for id in &created {
+            let (s, run) = get(&server.base, &format!("/api/runs/{id}")).await;
+            assert_eq!(s, 200, "an acknowledged create survives: {run}");
         }
     });
 }

@@ -120,6 +120,7 @@ async fn upload_plugin(
         &meta,
         std::path::Path::new("upload"),
     ))?;
+    state.store.flush()?;
     state.registry.write().unwrap().add(plugin);
     Ok((StatusCode::CREATED, Json(meta)).into_response())
 }
