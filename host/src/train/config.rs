@@ -233,6 +233,12 @@ fn check_types(table: &toml::Table, origin: &str) -> Result<()> {
                     check(inner, expected, &format!("{name}."), origin)?
                 }
                 (toml::Value::Float(_), toml::Value::Integer(_)) => {}
+                // Counts are unsigned; only max_steps takes -1 (unset), checked in validate.
+                (toml::Value::Integer(_), toml::Value::Integer(v))
+                    if *v < 0 && name != "max_steps" =>
+                {
+                    bail!("{origin}: `{name}` must be 0 or more, not {v}");
+                }
                 // Every list key holds strings (target_modules, eval_after_train).
                 (toml::Value::Array(_), toml::Value::Array(given)) => {
                     if let Some(bad) = given.iter().find(|v| !v.is_str()) {
@@ -429,7 +435,16 @@ impl TrainConfig {
             let below = if lo_open { v <= lo } else { v < lo };
             if !v.is_finite() || below || v > hi {
                 let open = if lo_open { "(" } else { "[" };
-                return Err((field, format!("is {v}; allowed range: {open}{lo}, {hi}]")));
+                // 1e308 reads better than its 309 digits.
+                let shown = if v.abs() >= 1e6 {
+                    format!("{v:e}")
+                } else {
+                    format!("{v}")
+                };
+                return Err((
+                    field,
+                    format!("is {shown}; allowed range: {open}{lo}, {hi}]"),
+                ));
             }
             Ok(())
         }
@@ -711,6 +726,7 @@ mod tests {
             ),
             ("adam_beta2=2", "adam_beta2"),
             ("max_steps=-5", "max_steps"),
+            ("num_train_epochs=1e308", "num_train_epochs"),
         ] {
             let e = load_str("", &[set]).unwrap_err().to_string();
             assert!(
@@ -718,6 +734,15 @@ mod tests {
                 "{set}: {e}"
             );
         }
+        let e = load_str("", &["per_device_train_batch_size=-1"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`per_device_train_batch_size` must be 0 or more"),
+            "{e}"
+        );
+        let e = load_str("", &["lora.r=-5"]).unwrap_err().to_string();
+        assert!(e.contains("`lora.r`"), "{e}");
         // The largest allowed values still load.
         load_str(
             "",
