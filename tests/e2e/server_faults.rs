@@ -601,20 +601,16 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Fills the file system holding `dir` with one file until less than 4 MiB are free (as
-/// another process filling the disk would; the server must notice before its own writes
-/// fail).
+/// Fills the file system holding `dir` with one file, to its last byte.
 fn fill(dir: &std::path::Path) -> std::path::PathBuf {
     use std::io::Write as _;
     let path = dir.join("filler");
     let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![1u8; 1 << 20];
-    while adapterlab::server::disk::free_bytes(dir).is_some_and(|b| b > 4 << 20) {
-        if f.write_all(&chunk).is_err() {
-            break;
-        }
+    for size in [1 << 20, 4096, 1] {
+        let chunk = vec![1u8; size];
+        while f.write_all(&chunk).is_ok() {}
     }
-    let _ = f.sync_all();
+    let _ = f.flush();
     path
 }
 
@@ -628,35 +624,50 @@ fn a_full_disk_fails_the_run_not_the_server_and_space_freed_brings_it_back() {
     install_misbehave(&t);
     let server = start(&t, &[("ADAPTERLAB_PLUGIN_TIMEOUT_MS", "300")]);
     let base = server.base.clone();
+    let pid = server.child.id();
     rt().block_on(async move {
-        // A long evaluation is running when the disk fills.
-        let (s, created) = post(&base, "/api/runs", Some(TOKEN), looping_eval("long", 200)).await;
+        // A long evaluation is writing (a batch of samples every few milliseconds) when the
+        // disk fills to its last byte.
+        let rows: Vec<Value> = (0..200_000)
+            .map(|i| json!({"id": format!("{i}"), "prediction": format!("the cat {i} sat"), "reference": "the cat sat on the mat"}))
+            .collect();
+        let body = json!({"kind": "eval", "name": "long", "predictions": rows, "metrics": ["rouge"],
+                          "settings": {"rouge": {"batch_size": 20}}});
+        let (s, created) = post(&base, "/api/runs", Some(TOKEN), body).await;
         assert_eq!(s, 201, "{created}");
         let long = created["id"].as_str().unwrap().to_string();
         wait_for(
             &base,
             &long,
-            |r| r["progress"]["done"].as_u64() >= Some(2),
+            |r| r["progress"]["done"].as_u64() >= Some(100),
             60,
         )
         .await;
         let filler = fill(&t.data_dir());
-        let run = wait_for(&base, &long, |r| r["status"] != "running", 30).await;
-        assert_eq!(run["status"], "failed", "{run}");
-        assert!(run["error"].as_str().unwrap().contains("full"), "{run}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let (s, health) = get(&base, "/api/health").await;
         assert_eq!(
             (s, health["status"].as_str()),
             (200, Some("degraded")),
             "{health}"
         );
+        assert!(
+            health["reason"].as_str().unwrap().contains("full"),
+            "{health}"
+        );
         let (s, body) = post(&base, "/api/runs", Some(TOKEN), looping_eval("refused", 1)).await;
         assert_eq!(s, 507, "{body}");
-        let (s, _) = get(&base, &format!("/api/runs/{long}/samples")).await;
-        assert_eq!(s, 200, "reads still work");
+        // Reads work, or, while the store keeps a failed write's error, say why they cannot.
+        let (s, body) = get(&base, &format!("/api/runs/{long}/samples")).await;
+        assert!(s == 200 || s == 503, "{s}: {body}");
+        if s == 503 {
+            assert!(body["error"].as_str().unwrap().contains("full"), "{body}");
+        }
+        let (s, _) = get(&base, &format!("/api/runs/{long}")).await;
+        assert_eq!(s, 200, "the run itself reads");
 
         std::fs::remove_file(&filler).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let (_, health) = get(&base, "/api/health").await;
             if health["status"] == "ok" {
@@ -665,6 +676,12 @@ fn a_full_disk_fails_the_run_not_the_server_and_space_freed_brings_it_back() {
             assert!(Instant::now() < deadline, "health stays {health}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // The run the full disk stopped failed (with the reason), whether the server stopped
+        // it in time or its store had to be reopened.
+        let run = wait_for(&base, &long, |r| r["status"] != "running", 30).await;
+        assert_eq!(run["status"], "failed", "{run}");
+        let error = run["error"].as_str().unwrap().to_lowercase();
+        assert!(error.contains("full") || error.contains("space"), "{run}");
         let (s, created) = post(&base, "/api/runs", Some(TOKEN), looping_eval("after", 2)).await;
         assert_eq!(s, 201, "{created}");
         let id = created["id"].as_str().unwrap().to_string();
@@ -677,6 +694,7 @@ fn a_full_disk_fails_the_run_not_the_server_and_space_freed_brings_it_back() {
         .await;
         assert_eq!(run["status"], "done", "{run}");
     });
+    assert_eq!(server.child.id(), pid, "the same server, on the same port");
     drop(server);
     drop(mount);
 }

@@ -66,11 +66,22 @@ pub fn run(args: ServeArgs, ctx: &Context) -> Result<()> {
             allowed_hosts: args.allowed_hosts.clone(),
             allow_paths: args.allow_paths.clone(),
             watch_disk: true,
+            restart_reason: std::env::var(crate::server::RESTART_REASON_ENV).ok(),
         },
     )?;
     let token_file = ctx.data_dir.root().join("token");
     let data_dir = ctx.data_dir.root().display().to_string();
-    tokio.block_on(crate::server::serve(state, args.addr, move |addr| {
+    let inherited = crate::server::inherited_listener();
+    let listener = match inherited {
+        Some(l) => l,
+        // tokio's bind sets SO_REUSEADDR, so a restart is not refused for the old
+        // connections' TIME_WAIT.
+        None => tokio
+            .block_on(tokio::net::TcpListener::bind(args.addr))
+            .with_context(|| format!("failed to listen on {}", args.addr))?
+            .into_std()?,
+    };
+    tokio.block_on(crate::server::serve_on(state, listener, move |addr| {
         if !addr.ip().is_loopback() {
             eprintln!("warning: listening on {addr}, which is not loopback: anyone who can reach it can read your runs");
         }

@@ -5,6 +5,11 @@
 //! marked failed), refuses new runs, and releases a reserve file it keeps, so that the
 //! writes already under way find room. Once space is back above [`LOW`] + [`RESERVE`], the
 //! reserve is taken again and new runs are accepted, without a restart.
+//!
+//! When a write failed anyway (the disk filled to its last byte faster than the watcher
+//! looked), sled refuses every later write; once there is room again, the watcher asks the
+//! server to reopen its store, which it does by executing itself again on the same listening
+//! socket (`server::serve_on`): same process id, same port, queued connections kept.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,7 +81,13 @@ fn take_reserve(root: &Path) -> std::io::Result<()> {
 
 /// Starts the watcher thread. `on_full` is called once each time the disk becomes full (to
 /// stop the running jobs).
-pub fn watch(root: PathBuf, state: Arc<DiskState>, on_full: impl Fn(&str) + Send + 'static) {
+pub fn watch(
+    root: PathBuf,
+    state: Arc<DiskState>,
+    on_full: impl Fn(&str) + Send + 'static,
+    store_ok: impl Fn() -> Result<(), String> + Send + 'static,
+    on_store_broken: impl Fn(&str) + Send + 'static,
+) {
     if let Err(e) = take_reserve(&root) {
         tracing::warn!("cannot keep a reserve in the data directory: {e}");
         let _ = std::fs::remove_file(reserve_path(&root));
@@ -84,11 +95,21 @@ pub fn watch(root: PathBuf, state: Arc<DiskState>, on_full: impl Fn(&str) + Send
     let spawned = std::thread::Builder::new()
         .name("disk-watch".into())
         .spawn(move || {
+            let mut tick = 0u64;
+            let mut broken_reported = false;
             loop {
                 std::thread::sleep(Duration::from_millis(200));
+                tick += 1;
                 let Some(free) = free_bytes(&root) else {
                     continue;
                 };
+                // Once a second, with room on the disk: can the store still write?
+                if tick % 5 == 0 && !state.is_full() && free >= LOW && !broken_reported {
+                    if let Err(e) = store_ok() {
+                        broken_reported = true;
+                        on_store_broken(&e);
+                    }
+                }
                 let has_reserve = reserve_path(&root).exists();
                 if !state.is_full() && free < LOW {
                     let reason = format!(

@@ -38,6 +38,9 @@ pub struct Policy {
     pub allow_paths: Vec<PathBuf>,
     /// Watch the data directory's free space (see `server::disk`).
     pub watch_disk: bool,
+    /// Why the previous process of this server executed this one (its store had failed a
+    /// write): the runs it left running are marked failed with this reason.
+    pub restart_reason: Option<String>,
 }
 
 /// A run refused or stopped because the data directory's disk is full.
@@ -69,6 +72,10 @@ struct Inner {
     disk: Arc<crate::server::disk::DiskState>,
     /// Runs stopped because the disk filled: they end `failed`, not `cancelled`.
     disk_failed: Mutex<HashSet<String>>,
+    /// Notified when the store can no longer write although the disk has room: the server
+    /// then reopens it (see `server::disk`).
+    store_broken: Arc<tokio::sync::Notify>,
+    store_broken_reason: Mutex<Option<String>>,
     eval_slots: (Mutex<usize>, Condvar),
     /// Model jobs take a ticket and run when it is served: one at a time, first come first
     /// served.
@@ -136,6 +143,8 @@ impl Jobs {
                 policy,
                 disk: Default::default(),
                 disk_failed: Mutex::new(HashSet::new()),
+                store_broken: Arc::new(tokio::sync::Notify::new()),
+                store_broken_reason: Mutex::new(None),
                 eval_slots: (Mutex::new(EVAL_CONCURRENCY), Condvar::new()),
                 model_lane: (Mutex::new(Lane::default()), Condvar::new()),
                 io: Some(io),
@@ -145,6 +154,8 @@ impl Jobs {
         if jobs.inner.policy.watch_disk {
             // A weak handle: the watcher must not keep the jobs alive.
             let weak = Arc::downgrade(&jobs.inner);
+            let weak_probe = weak.clone();
+            let weak_broken = weak.clone();
             crate::server::disk::watch(
                 jobs.inner.data_dir.root().to_path_buf(),
                 jobs.inner.disk.clone(),
@@ -153,9 +164,31 @@ impl Jobs {
                         Jobs { inner }.stop_for_full_disk(reason);
                     }
                 },
+                move || match weak_probe.upgrade() {
+                    Some(inner) => inner.store.flush().map_err(|e| e.to_string()),
+                    None => Ok(()),
+                },
+                move |reason| {
+                    if let Some(inner) = weak_broken.upgrade() {
+                        tracing::error!("the store cannot write any more ({reason}); reopening it");
+                        *inner.store_broken_reason.lock().unwrap() = Some(reason.to_string());
+                        inner.store_broken.notify_one();
+                    }
+                },
             );
         }
         Ok(jobs)
+    }
+
+    /// Resolves when the store has failed a write and must be reopened; returns why.
+    pub async fn store_broken(&self) -> String {
+        self.inner.store_broken.notified().await;
+        self.inner
+            .store_broken_reason
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_default()
     }
 
     pub fn models(&self) -> &Arc<Models> {
@@ -204,6 +237,22 @@ impl Jobs {
         let store = &self.inner.store;
         {
             match run.status {
+                RunStatus::Running if self.inner.policy.restart_reason.is_some() => {
+                    let reason = self.inner.policy.restart_reason.clone().unwrap_or_default();
+                    store.transition(&run.id, &[RunStatus::Running], RunStatus::Failed, |r| {
+                        r.error = Some(format!(
+                            "the store could not be written ({reason}); resume it to run it again"
+                        ));
+                        r.finished = Some(now_rfc3339());
+                        r.owner_pid = None;
+                    })?;
+                    store.push_event(
+                        &run.id,
+                        &RunEvent::Status {
+                            status: RunStatus::Failed,
+                        },
+                    )?;
+                }
                 RunStatus::Running => {
                     let resume = match run.kind {
                         RunKind::Train => "resume it to continue from its last checkpoint",
