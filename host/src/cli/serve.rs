@@ -83,7 +83,7 @@ pub fn run(args: ServeArgs, ctx: &Context) -> Result<()> {
     };
     tokio.block_on(crate::server::serve_on(state, listener, move |addr| {
         if !addr.ip().is_loopback() {
-            eprintln!("warning: listening on {addr}, which is not loopback: anyone who can reach it can read your runs");
+            eprintln!("warning: listening on {addr}, which is not loopback: anyone who can reach it and holds the token can use it; requests must name a host allowed with --allowed-host");
         }
         println!("adapterlab {} serving on http://{addr}/", env!("CARGO_PKG_VERSION"));
         println!("data directory: {data_dir}");
