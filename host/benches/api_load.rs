@@ -4,6 +4,7 @@
 //! 2. the mixed read load with an evaluation of 40,000 samples running meanwhile: the
 //!    runs list, one run, a page of samples, all samples, a page of a comparison and the
 //!    whole comparison, as the dashboard reads them (gzip accepted, ETags revalidated).
+//!
 //! Reports requests/s and latency percentiles for each.
 //! `cargo bench -p adapterlab --bench api_load [-- SECONDS CLIENTS]`.
 

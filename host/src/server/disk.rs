@@ -104,11 +104,14 @@ pub fn watch(
                     continue;
                 };
                 // Once a second, with room on the disk: can the store still write?
-                if tick % 5 == 0 && !state.is_full() && free >= LOW && !broken_reported {
-                    if let Err(e) = store_ok() {
-                        broken_reported = true;
-                        on_store_broken(&e);
-                    }
+                if tick.is_multiple_of(5)
+                    && !state.is_full()
+                    && free >= LOW
+                    && !broken_reported
+                    && let Err(e) = store_ok()
+                {
+                    broken_reported = true;
+                    on_store_broken(&e);
                 }
                 let has_reserve = reserve_path(&root).exists();
                 if !state.is_full() && free < LOW {

@@ -485,7 +485,8 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                 .checkpoint_on_stop
                 .as_ref()
                 .is_some_and(|c| c.load(Ordering::SeqCst));
-            let saved_already = config.save_steps > 0 && state.global_step % config.save_steps == 0;
+            let saved_already =
+                config.save_steps > 0 && state.global_step.is_multiple_of(config.save_steps);
             if wanted && steps_this_run > 0 && !saved_already {
                 save_checkpoint(
                     &output_dir,
