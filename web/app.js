@@ -2,14 +2,16 @@
 // Each page lives in views/ and is mounted into <main> with a context whose `signal` aborts when
 // the page is left, so polling loops, event streams and charts stop with it.
 //
-// Routes: #/runs, #/runs/ID, #/launch, #/compare?runs=A,B[&sample=ID], #/plugins.
+// Routes: #/runs, #/runs/ID, #/launch[?kind=train|generate][&clone=ID],
+// #/compare?runs=A,B[&sample=ID], #/plugins, #/playground.
 
-import { api, captureTokenFromUrl, getToken, onUnauthorized, setToken } from './lib/api.js';
+import { api, captureTokenFromUrl, getToken, onReachability, onUnauthorized, setToken } from './lib/api.js';
 import { mountRuns } from './views/runs.js';
 import { mountRun } from './views/run.js';
 import { mountLaunch } from './views/launch.js';
 import { mountCompare } from './views/compare.js';
 import { mountPlugins } from './views/plugins.js';
+import { mountPlayground } from './views/playground.js';
 
 const ROUTES = [
   { pattern: /^\/runs\/?$/, nav: 'runs', mount: mountRuns },
@@ -17,6 +19,7 @@ const ROUTES = [
   { pattern: /^\/launch$/, nav: 'launch', mount: mountLaunch },
   { pattern: /^\/compare$/, nav: 'compare', mount: mountCompare },
   { pattern: /^\/plugins$/, nav: 'plugins', mount: mountPlugins },
+  { pattern: /^\/playground$/, nav: 'playground', mount: mountPlayground },
 ];
 
 const main = document.getElementById('main');
@@ -196,11 +199,46 @@ updateTokenButton();
 window.addEventListener('hashchange', () => route());
 route();
 
-api.health().then(
-  (h) => {
-    document.getElementById('server-version').textContent = `adapterlab ${h.version ?? ''} · server ${h.status ?? 'unknown'}`;
-  },
-  () => {
-    document.getElementById('server-version').textContent = 'adapterlab · server not reachable';
-  },
-);
+// --- Scrollable tables ------------------------------------------------------------------------
+// A wide table scrolls sideways inside its `.table-scroll` box on small screens; keyboard users
+// can scroll it only if the box takes focus, so every such box is a focusable, named region.
+function labelScrollers(root) {
+  for (const box of root.querySelectorAll('.table-scroll:not([tabindex])')) {
+    box.tabIndex = 0;
+    box.setAttribute('role', 'region');
+    const caption = box.querySelector('caption')?.textContent?.trim();
+    const before = box.previousElementSibling;
+    const heading = (before?.matches('h3') ? before : box.closest('section')?.querySelector('h2'))?.textContent?.trim();
+    box.setAttribute('aria-label', caption || (heading ? `${heading} (table)` : 'Table'));
+  }
+}
+new MutationObserver(() => labelScrollers(main)).observe(main, { childList: true, subtree: true });
+
+// --- Server reachability --------------------------------------------------------------------
+// The footer says whether the server answers: a health check every 5 s, and every other call
+// reports too, so a server that went away shows within seconds, not never.
+
+const footer = document.getElementById('server-version');
+let version = '';
+let reachable = null;
+function showReachability(ok) {
+  reachable = ok;
+  const text = `adapterlab ${version} · ${ok ? 'server ok' : 'server not reachable'}`.replace('  ', ' ');
+  // The footer is a status region: only a real change is written (and so announced).
+  if (footer.textContent === text) return;
+  footer.dataset.reachable = String(ok);
+  footer.textContent = text;
+  footer.classList.toggle('error-text', !ok);
+}
+onReachability(showReachability);
+async function checkHealth() {
+  try {
+    const h = await api.health();
+    version = h?.version ?? version;
+    showReachability(h?.status === 'ok');
+  } catch {
+    showReachability(false);
+  }
+  setTimeout(checkHealth, reachable ? 5000 : 2000);
+}
+checkHealth();

@@ -8,10 +8,13 @@
 
 pub mod cli;
 pub mod eval;
+pub mod hub;
 pub mod infer;
 pub mod llm;
 pub mod paths;
 pub mod plugin;
+pub mod redact;
 pub mod server;
 pub mod store;
+pub mod track;
 pub mod train;

@@ -14,7 +14,10 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             adapterlab::cli::print_error(&err);
-            ExitCode::FAILURE
+            match err.downcast_ref::<adapterlab::cli::ExitCode>() {
+                Some(exit) => ExitCode::from(exit.code),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

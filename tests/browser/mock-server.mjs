@@ -95,6 +95,11 @@ const METRICS = {
     scores: [{ name: 'bleu', description: 'Sentence BLEU (smoothed), 0–100', min: 0, max: 100, higher_is_better: true, fn: bleu }],
     corpus: true,
   },
+  // Fails on every sample, as the judge does without an API key: the run must not read as a
+  // plain success.
+  judge: {
+    scores: [{ name: 'judge_score', description: 'LLM-as-judge rating, 1–5', min: 1, max: 5, higher_is_better: true, fn: () => { throw new Error('chat capability: no API key for https://api.openai.com/v1 (set OPENAI_API_KEY where the server runs)'); } }],
+  },
   length_ratio: {
     scores: [{ name: 'length_ratio', description: 'Absolute log ratio of prediction to reference length', min: 0, max: 5, higher_is_better: false, fn: (p, r) => Math.abs(Math.log((words(p).length + 1) / (words(r).length + 1))) }],
   },
@@ -141,6 +146,7 @@ function builtinPlugins() {
     metric('rouge', '0.1.0', 'ROUGE-1/2/L F1 between prediction and reference', ['log', 'config']),
     metric('bleu', '0.1.0', 'Sentence BLEU with add-one smoothing; corpus BLEU too', ['log']),
     metric('length_ratio', '0.1.0', 'How far the prediction’s length is from the reference’s', []),
+    metric('judge', '0.1.0', 'An LLM rates each summary (needs an API key on the server)', ['chat', 'config']),
     {
       name: 'summarize', version: '0.1.0', description: 'Dialogue → summary prompt', kind: 'formatter', capabilities: ['config'],
       source: { type: 'builtin' }, language: 'Rust', contract: '0.1.0', sha256: sha('summarize'), size_bytes: 95_000,
@@ -168,6 +174,7 @@ function record(state, kind, name, metadata = {}) {
     id: newId(), name, kind, status: 'queued', created: now(), started: null, finished: null, metadata,
     scores: [], aggregates: {}, reference_aggregates: {}, corpus: {}, progress: { done: 0, total: 0, unit: kind === 'train' ? 'steps' : 'samples' },
     usage: { requests: 0, cached: 0, prompt_tokens: 0, completion_tokens: 0, cost_usd: 0 }, error: null,
+    tags: [], notes: '',
   };
   state.runs.unshift(run);
   state.events.set(run.id, []);
@@ -206,15 +213,34 @@ function score(state, run, rows, metrics, scoreReferences) {
   const samples = rows.map((r, index) => {
     const scores = {};
     const errors = {};
-    for (const s of infos) scores[s.name] = s.fn(r.prediction, r.reference);
+    for (const s of infos) {
+      try {
+        scores[s.name] = s.fn(r.prediction, r.reference);
+      } catch (e) {
+        errors[s.metric] = `plugin "${s.metric}" 0.1.0: ${e.message}`;
+      }
+    }
     if (r.prediction.trim() === '') errors.length_ratio = 'empty prediction';
     const out = { index, id: r.id, prediction: r.prediction, reference: r.reference, source: r.source ?? null, scores, errors };
-    if (scoreReferences) out.reference_scores = Object.fromEntries(infos.map((s) => [s.name, s.fn(r.reference, r.reference)]));
+    if (scoreReferences) {
+      out.reference_scores = {};
+      for (const s of infos) {
+        try {
+          out.reference_scores[s.name] = s.fn(r.reference, r.reference);
+        } catch {
+          // As the real pipeline: the error is the sample's, the score is missing.
+        }
+      }
+    }
     return out;
   });
   for (const s of infos) {
-    run.aggregates[s.name] = bootstrap(samples.map((x) => x.scores[s.name]));
-    if (scoreReferences) run.reference_aggregates[s.name] = bootstrap(samples.map((x) => x.reference_scores[s.name]));
+    // As the real pipeline: aggregates cover the samples that have the score, if any.
+    const values = samples.map((x) => x.scores[s.name]).filter((v) => v !== undefined);
+    if (values.length === 0) continue;
+    run.aggregates[s.name] = bootstrap(values);
+    const refs = samples.map((x) => x.reference_scores?.[s.name]).filter((v) => v !== undefined);
+    if (scoreReferences && refs.length) run.reference_aggregates[s.name] = bootstrap(refs);
   }
   if (metrics.includes('bleu')) run.corpus.bleu = mean(samples.map((x) => x.scores.bleu));
   state.samples.set(run.id, samples);
@@ -272,6 +298,8 @@ function startTrain(state, run, config, totalSteps = 40) {
       emit(state, run, { type: 'progress', done: step, total: totalSteps, unit: 'steps' });
       if (step < totalSteps) return later(state, 200, tick);
       const name = run.name;
+      // As the real trainer: the final losses in `corpus`.
+      run.corpus = { train_loss: loss, eval_loss_before: 3.2, eval_loss: loss + 0.08 };
       state.adapters.unshift({ name, path: `adapters/${name}`, base_model: config.model_name_or_path, created: now(), run_id: run.id, metadata: { r: String(config.lora?.r ?? 16) } });
       emit(state, run, { type: 'log', level: 'info', message: `saved adapter ${name}` });
       setStatus(state, run, 'done');
@@ -280,13 +308,45 @@ function startTrain(state, run, config, totalSteps = 40) {
   });
 }
 
+// The real server's defaults (host/src/train/config.rs, host/src/infer/predict.rs), so the run
+// page can show every setting a run used.
+const TRAIN_DEFAULTS = {
+  model_name_or_path: 'smollm2', dataset: 'bundled', formatter: 'summarize', num_train_epochs: 5, max_steps: -1,
+  per_device_train_batch_size: 4, gradient_accumulation_steps: 4, learning_rate: 2e-4, lr_scheduler_type: 'cosine',
+  warmup_ratio: 0.01, max_seq_length: 512, logging_steps: 20, save_steps: 20, seed: 42, optim: 'paged_adamw_8bit',
+  lora: { r: 16, lora_alpha: 32, lora_dropout: 0.1, target_modules: [], bias: 'none' },
+};
+const SAMPLING_DEFAULTS = { max_new_tokens: 50, temperature: 0, top_p: null, top_k: null, repetition_penalty: 30, seed: 0, batch_size: 8 };
+
+function trainMetadata(name, c) {
+  const lora = { ...TRAIN_DEFAULTS.lora, ...(c.lora ?? {}) };
+  return {
+    adapter_name: name, model: c.model_name_or_path, dataset: c.dataset, output_dir: `runs/${name}`,
+    lora: `r=${lora.r} alpha=${lora.lora_alpha} dropout=${lora.lora_dropout}`,
+    learning_rate: String(c.learning_rate ?? TRAIN_DEFAULTS.learning_rate), quantization: 'nf4',
+  };
+}
+
 function seed(state) {
   // A finished training run whose events replay, and its adapter.
-  const train = record(state, 'train', 'smollm2-dialogsum', { model: 'smollm2', dataset: 'bundled', formatter: 'summarize', adapter: 'smollm2-dialogsum' });
+  const seedConfig = { model_name_or_path: 'smollm2', dataset: 'bundled', formatter: 'summarize', learning_rate: 2e-4, num_train_epochs: 5, lora: { r: 16, lora_alpha: 32, target_modules: ['q_proj', 'v_proj'] } };
+  const train = record(state, 'train', 'smollm2-dialogsum', trainMetadata('smollm2-dialogsum', seedConfig));
+  train.request = { ...TRAIN_DEFAULTS, ...seedConfig, lora: { ...TRAIN_DEFAULTS.lora, ...seedConfig.lora } };
   state.instant = true;
-  startTrain(state, train, { model_name_or_path: 'smollm2', dataset: 'bundled', formatter: 'summarize', learning_rate: 2e-4, num_train_epochs: 5, lora: { r: 16, lora_alpha: 32, target_modules: ['q_proj', 'v_proj'] } }, 60);
+  startTrain(state, train, seedConfig, 60);
   state.instant = false;
   train.created = new Date(Date.now() - 3600_000).toISOString();
+  // One a dead server left behind: interrupted, resumable.
+  const cut = record(state, 'train', 'smollm2-r8', trainMetadata('smollm2-r8', { ...seedConfig, lora: { r: 8, lora_alpha: 16 } }));
+  cut.request = { ...TRAIN_DEFAULTS, ...seedConfig, lora: { ...TRAIN_DEFAULTS.lora, r: 8, lora_alpha: 16 } };
+  cut.status = 'interrupted';
+  cut.created = new Date(Date.now() - 1800_000).toISOString();
+  cut.started = new Date(Date.now() - 1790_000).toISOString();
+  cut.finished = new Date(Date.now() - 1700_000).toISOString();
+  cut.progress = { done: 23, total: 60, unit: 'steps' };
+  emit(state, cut, { type: 'status', status: 'running' });
+  emit(state, cut, { type: 'log', level: 'warn', message: 'the server stopped while this run was running; resume it to continue from checkpoint-20' });
+  emit(state, cut, { type: 'status', status: 'interrupted' });
   // A failed one, to show errors.
   const failed = record(state, 'eval', 'broken-settings', { metrics: 'rouge' });
   failed.status = 'failed';
@@ -430,8 +490,10 @@ function compare(state, ids) {
 async function handleApi(state, token, req, res, url) {
   const parts = url.pathname.split('/').filter(Boolean).slice(1); // drop "api"
   const method = req.method;
-  const mutating = method !== 'GET' && method !== 'HEAD';
-  if (mutating && !authorised(req, token)) return fail(res, 401, 'missing or wrong token: send Authorization: Bearer <token> (see the server log or <data dir>/token)');
+  // As the real server: every call but the health check needs the bearer token, reads
+  // included (so the dashboard must send it on GETs and read the event stream with fetch).
+  const open = parts[0] === 'health' && parts.length === 1;
+  if (!open && !authorised(req, token)) return fail(res, 401, 'missing or wrong token: send Authorization: Bearer <token> (see the server log or <data dir>/token)');
 
   if (parts[0] === 'health' && method === 'GET') return send(res, 200, { status: 'ok', version: '0.1.0-mock' });
   if (parts[0] === 'plugins' && parts.length === 1) {
@@ -441,7 +503,7 @@ async function handleApi(state, token, req, res, url) {
       const file = multipartFile(body, req.headers['content-type'], 'file');
       if (!file) return fail(res, 400, 'expected multipart/form-data with a field named "file"');
       const d = file.data;
-      if (d.length < 8 || d.readUInt32BE(0) !== 0x0061736d) return fail(res, 400, `${file.filename}: not a WebAssembly binary (bad magic number)`);
+      if (d.length < 8 || d.readUInt32BE(0) !== 0x0061736d) return fail(res, 422, `${file.filename} is not a WebAssembly component: it does not start with the \\0asm magic bytes (build plugins with \`cargo component build\` or \`wasm-tools component new\`)`);
       if (d[4] === 1 && d[5] === 0 && d[6] === 0 && d[7] === 0) return fail(res, 400, `${file.filename}: a core WebAssembly module, not a component; build it with cargo-component or wasm-tools component new`);
       const name = file.filename.replace(/\.wasm$/i, '').replace(/[^a-z0-9_-]/gi, '_').toLowerCase();
       if (state.plugins.some((p) => p.name === name)) return fail(res, 400, `a plugin named "${name}" is already installed`);
@@ -457,6 +519,18 @@ async function handleApi(state, token, req, res, url) {
     }
   }
   if (parts[0] === 'adapters' && method === 'GET') return send(res, 200, state.adapters);
+  if (parts[0] === 'report' && method === 'GET') {
+    const ids = (url.searchParams.get('runs') ?? '').split(',').filter(Boolean);
+    const format = url.searchParams.get('format') ?? 'md';
+    if (format !== 'md') return fail(res, 404, `no reporter for format ${format} (formats: md)`);
+    if (ids.length === 0) return fail(res, 400, '`runs` must list one run id, or several to compare, comma-separated');
+    const runs = ids.map((id) => state.runs.find((r) => r.id === id));
+    if (runs.some((r) => !r)) return fail(res, 404, `no run ${ids[runs.indexOf(undefined)]}`);
+    const lines = [`# ${runs.length > 1 ? 'Comparison' : 'Run'}: ${runs.map((r) => r.name).join(' vs ')}`, ''];
+    for (const r of runs) for (const [k, e] of Object.entries(r.aggregates)) lines.push(`- ${r.name} ${k}: ${e.mean.toFixed(4)} [${e.low.toFixed(4)}, ${e.high.toFixed(4)}]`);
+    res.writeHead(200, { 'Content-Type': 'text/markdown; charset=utf-8', 'Content-Disposition': 'attachment; filename="adapterlab-report.md"' });
+    return res.end(`${lines.join('\n')}\n`);
+  }
   if (parts[0] === 'compare' && method === 'GET') {
     const ids = (url.searchParams.get('runs') ?? '').split(',').filter(Boolean);
     const out = compare(state, ids);
@@ -476,15 +550,27 @@ async function handleApi(state, token, req, res, url) {
       if (problem) return fail(res, 422, problem);
       if (body.kind === 'train') {
         const name = body.name || `adapter-${state.runs.length + 1}`;
-        const run = record(state, 'train', name, { model: body.config.model_name_or_path, dataset: body.config.dataset, formatter: body.config.formatter, adapter: name });
-        run.request = body;
+        const c = body.config;
+        const run = record(state, 'train', name, trainMetadata(name, c));
+        // As GET /api/runs/ID on the real server: the config with every default filled in.
+        run.request = { ...TRAIN_DEFAULTS, ...c, lora: { ...TRAIN_DEFAULTS.lora, ...(c.lora ?? {}) } };
         startTrain(state, run, body.config);
         return send(res, 201, { id: run.id });
       }
       const metricsMeta = { metrics: body.metrics.join(','), ...Object.fromEntries(Object.entries(body.settings ?? {}).map(([m, s]) => [`settings.${m}`, Object.entries(s).map(([k, v]) => `${k}=${v}`).join(',')])) };
       if (body.kind === 'generate') {
-        const run = record(state, 'generate', body.name, { model: body.model, adapter: body.adapter ?? '', dataset: body.dataset, ...metricsMeta });
-        const rows = BUNDLED.map((b) => ({ ...b, prediction: b.source.split('\n')[1].replace(/^#Person2#: /, 'Person2 says ') }));
+        const { kind, ...request } = body;
+        const sampling = { ...SAMPLING_DEFAULTS, ...Object.fromEntries(Object.keys(SAMPLING_DEFAULTS).filter((k) => body[k] !== undefined).map((k) => [k, body[k]])) };
+        const decoding = {
+          decoding: sampling.temperature === 0 ? 'greedy' : 'sampling',
+          ...Object.fromEntries(Object.entries(sampling).filter(([, v]) => v !== null).map(([k, v]) => [k, String(v)])),
+        };
+        const run = record(state, 'generate', body.name, {
+          model: body.model, ...(body.adapter ? { adapter: body.adapter } : {}), dataset: body.dataset, split: body.split ?? 'test',
+          formatter: 'summarize', ...(body.limit ? { limit: String(body.limit) } : {}), ...decoding, ...metricsMeta,
+        });
+        run.request = { formatter: 'summarize', split: 'test', ...request, ...sampling };
+        const rows = BUNDLED.slice(0, body.limit ?? BUNDLED.length).map((b) => ({ ...b, prediction: b.source.split('\n')[1].replace(/^#Person2#: /, 'Person2 says ') }));
         startEval(state, run, rows, body.metrics, body.score_references);
         return send(res, 201, { id: run.id });
       }
@@ -495,6 +581,57 @@ async function handleApi(state, token, req, res, url) {
     const run = state.runs.find((r) => r.id === parts[1]);
     if (!run) return fail(res, 404, `no run ${parts[1]}`);
     if (parts.length === 2 && method === 'GET') return send(res, 200, run);
+    if (parts.length === 2 && method === 'DELETE') {
+      if (!TERMINAL.has(run.status)) return fail(res, 409, `run ${run.id} is ${run.status}: cancel it before deleting it`);
+      state.runs.splice(state.runs.indexOf(run), 1);
+      state.samples.delete(run.id);
+      res.writeHead(204, { 'Cache-Control': 'no-store' });
+      return res.end();
+    }
+    if (parts.length === 2 && method === 'PATCH') {
+      let body;
+      try {
+        body = JSON.parse((await readBody(req)).toString());
+      } catch (e) {
+        return fail(res, 400, `the body is not valid JSON: ${e.message}`);
+      }
+      if (!body || typeof body !== 'object' || Array.isArray(body)) return fail(res, 400, 'the body must be a JSON object');
+      for (const k of Object.keys(body)) if (k !== 'tags' && k !== 'notes') return fail(res, 422, `unknown field \`${k}\` (expected: tags, notes)`);
+      if (body.tags !== undefined && body.tags !== null) {
+        if (!Array.isArray(body.tags)) return fail(res, 422, 'field `tags` must be an array of strings');
+        const tags = [];
+        for (const [i, t] of body.tags.entries()) {
+          if (typeof t !== 'string') return fail(res, 422, `tags[${i}] must be a string`);
+          const v = t.trim();
+          if (!v) return fail(res, 422, `tags[${i}] is empty`);
+          if (v.length > 64) return fail(res, 422, `tags[${i}] is longer than 64 characters`);
+          if (!tags.includes(v)) tags.push(v);
+        }
+        if (tags.length > 32) return fail(res, 422, `at most 32 tags, not ${tags.length}`);
+        run.tags = tags;
+      }
+      if (body.notes !== undefined && body.notes !== null) {
+        if (typeof body.notes !== 'string') return fail(res, 422, 'field `notes` must be a string');
+        if (body.notes.length > 10000) return fail(res, 422, 'field `notes` is longer than 10000 characters');
+        run.notes = body.notes;
+      }
+      return send(res, 200, run);
+    }
+    if (parts[2] === 'resume' && method === 'POST') {
+      if (!['interrupted', 'failed', 'cancelled'].includes(run.status)) return fail(res, 409, `run ${run.id} is ${run.status}; only interrupted, failed or cancelled runs can be resumed`);
+      run.status = 'queued';
+      run.finished = null;
+      run.error = null;
+      emit(state, run, { type: 'status', status: 'queued' });
+      if (run.kind === 'train') startTrain(state, run, run.request ?? TRAIN_DEFAULTS, 40);
+      else {
+        later(state, 300, () => {
+          setStatus(state, run, 'running');
+          later(state, 500, () => setStatus(state, run, 'done'));
+        });
+      }
+      return send(res, 200, { id: run.id, status: run.status });
+    }
     if (parts[2] === 'samples' && method === 'GET') return send(res, 200, state.samples.get(run.id) ?? []);
     if (parts[2] === 'cancel' && method === 'POST') {
       if (!TERMINAL.has(run.status)) {
@@ -506,6 +643,39 @@ async function handleApi(state, token, req, res, url) {
     if (parts[2] === 'events' && method === 'GET') return streamEvents(state, run, req, res);
   }
   return fail(res, 404, `no route ${method} ${url.pathname}`);
+}
+
+// Just enough of the OpenAI-compatible API for the playground: the models, and a streamed
+// reply that echoes the last message's words with the settings it was given.
+async function handleOpenAi(state, token, req, res, url) {
+  const oa = (status, message, param = null) => send(res, status, { error: { message, type: status === 401 ? 'authentication_error' : 'invalid_request_error', param, code: null } });
+  if (!authorised(req, token)) return oa(401, 'Incorrect API key provided: send the server token as the API key.');
+  if (url.pathname === '/v1/models' && req.method === 'GET') {
+    return send(res, 200, { object: 'list', data: [{ id: 'smollm2', object: 'model', owned_by: 'adapterlab' }, ...state.adapters.map((a) => ({ id: a.name, object: 'model', owned_by: 'adapterlab' }))] });
+  }
+  if (url.pathname === '/v1/chat/completions' && req.method === 'POST') {
+    let body;
+    try {
+      body = JSON.parse((await readBody(req)).toString());
+    } catch (e) {
+      return oa(400, `We could not parse the JSON body of your request: ${e.message}`);
+    }
+    if (!body.model) return oa(400, 'you must provide a model parameter', 'model');
+    if (body.temperature !== undefined && (body.temperature < 0 || body.temperature > 2)) return oa(400, '`temperature` must be between 0 and 2', 'temperature');
+    const last = body.messages?.at(-1)?.content ?? '';
+    const reply = `(${body.model}, temperature ${body.temperature ?? 1}, max ${body.max_tokens ?? '∞'}) You said: ${last}`.split(/(?<= )/);
+    res.writeHead(200, { 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-store' });
+    const chunk = (delta, extra = {}) => res.write(`data: ${JSON.stringify({ id: 'chatcmpl-mock', object: 'chat.completion.chunk', model: body.model, choices: [{ index: 0, delta, finish_reason: null }], ...extra })}\n\n`);
+    chunk({ role: 'assistant', content: '' });
+    for (const piece of reply) {
+      chunk({ content: piece });
+      await new Promise((r) => setTimeout(r, 15));
+    }
+    res.write(`data: ${JSON.stringify({ id: 'chatcmpl-mock', object: 'chat.completion.chunk', choices: [], usage: { prompt_tokens: 12, completion_tokens: reply.length, total_tokens: 12 + reply.length } })}\n\n`);
+    res.write('data: [DONE]\n\n');
+    return res.end();
+  }
+  return oa(404, `no route ${req.method} ${url.pathname}`);
 }
 
 function streamEvents(state, run, req, res) {
@@ -552,6 +722,7 @@ export function startMockServer({ port = 0, token = randomBytes(16).toString('he
     const url = new URL(req.url, 'http://localhost');
     try {
       if (url.pathname.startsWith('/api/')) await handleApi(state, token, req, res, url);
+      else if (url.pathname.startsWith('/v1/')) await handleOpenAi(state, token, req, res, url);
       else await serveStatic(req, res, url);
     } catch (e) {
       if (e.status === 413) return fail(res, 413, `request body over ${MAX_BODY} bytes`);

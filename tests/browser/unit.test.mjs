@@ -122,3 +122,39 @@ describe('parseNumber and parseList', () => {
     assert.deepEqual(parseList(' q_proj, v_proj  o_proj,'), ['q_proj', 'v_proj', 'o_proj']);
   });
 });
+
+const { sseParser } = await load('lib/sse.js');
+
+describe('sseParser', () => {
+  const parse = (chunks, opts) => {
+    const out = [];
+    const p = sseParser((e) => out.push(e), opts);
+    for (const c of chunks) p.push(c);
+    return { out, p };
+  };
+
+  it('reads id, event and data, and dispatches on a blank line', () => {
+    const { out, p } = parse(['id: 3\nevent: log\ndata: {"a":1}\n\n']);
+    assert.deepEqual(out, [{ type: 'log', data: '{"a":1}', lastEventId: '3' }]);
+    assert.equal(p.lastEventId(), '3');
+  });
+  it('joins data lines, defaults the type to message and skips comments', () => {
+    const { out } = parse([': ping\n\ndata: a\ndata:b\n\n']);
+    assert.deepEqual(out, [{ type: 'message', data: 'a\nb', lastEventId: '' }]);
+  });
+  it('handles events split across chunks anywhere, CRLF included', () => {
+    const text = 'id: 1\r\nevent: status\r\ndata: {"status":"running"}\r\n\r\nid: 2\r\ndata: x\r\n\r\n';
+    for (let cut = 1; cut < text.length; cut++) {
+      const { out } = parse([text.slice(0, cut), text.slice(cut)]);
+      assert.deepEqual(out.map((e) => [e.type, e.data, e.lastEventId]), [['status', '{"status":"running"}', '1'], ['message', 'x', '2']], `cut at ${cut}`);
+    }
+  });
+  it('keeps the last id across events and starts from the one given', () => {
+    const { out } = parse(['data: a\n\nid: 9\ndata: b\n\ndata: c\n\n'], { lastEventId: '4' });
+    assert.deepEqual(out.map((e) => e.lastEventId), ['4', '9', '9']);
+  });
+  it('does not dispatch an event without data or an unfinished one', () => {
+    const { out } = parse(['event: x\n\ndata: half']);
+    assert.deepEqual(out, []);
+  });
+});

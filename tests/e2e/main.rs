@@ -2,15 +2,20 @@
 
 mod util;
 
+mod attach;
 mod bench;
 mod browser;
 mod cli;
 mod eval;
+mod gate;
+mod hostile;
 mod judge;
 mod model;
 mod polyglot;
+mod push;
 mod sandbox;
 mod serve_models;
 mod server;
 mod server_faults;
+mod track;
 mod train;

@@ -147,7 +147,8 @@ fn undeclared_capabilities_are_refused() {
     install_misbehave(&t);
     let p = t.write("p.jsonl", r#"{"id":"a","prediction":"x","reference":"y"}"#);
     let out = t.path().join("out.json");
-    run_ok(&mut t.cmd(&[
+    // The metric fails on its only sample, so the run fails (exit code 3).
+    let mut cmd = t.cmd(&[
         "eval",
         "--predictions",
         p.to_str().unwrap(),
@@ -157,7 +158,8 @@ fn undeclared_capabilities_are_refused() {
         "misbehave.batch=chat",
         "--json",
         out.to_str().unwrap(),
-    ]));
+    ]);
+    assert_eq!(cmd.output().unwrap().status.code(), Some(3));
     let doc = read_json(&out);
     let e = error_of(&doc, "a");
     assert!(

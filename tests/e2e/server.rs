@@ -394,3 +394,128 @@ fn fifty_concurrent_clients_get_no_errors() {
         assert!(total > 50, "only {total} requests completed");
     });
 }
+
+/// A request with the token, whatever the method (reads will need it too).
+async fn call(base: &str, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut req = reqwest::Client::new()
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(TOKEN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[test]
+fn runs_take_tags_and_notes_are_deleted_and_reported_from_the_dashboard_routes() {
+    let t = setup("server-workbench");
+    let server = start(&t, &[]);
+    let base = server.base.clone();
+    rt().block_on(async move {
+        let (s, a) = post(
+            &base,
+            "/api/runs",
+            Some(TOKEN),
+            eval_body("a", &["the cat", "mat"]),
+        )
+        .await;
+        assert_eq!(s, 201, "{a}");
+        let (s, b) = post(
+            &base,
+            "/api/runs",
+            Some(TOKEN),
+            eval_body("b", &["the cat sat", "the mat"]),
+        )
+        .await;
+        assert_eq!(s, 201, "{b}");
+        let (a, b) = (
+            a["id"].as_str().unwrap().to_string(),
+            b["id"].as_str().unwrap().to_string(),
+        );
+        for id in [&a, &b] {
+            wait_for(&base, id, |r| r["status"] == "done", 60).await;
+        }
+
+        // Tags and notes: stored, trimmed, deduplicated; bounds and unknown fields refused.
+        let body = json!({"tags": [" baseline ", "r16", "baseline"], "notes": "first try"});
+        let (s, text) = call(&base, "PATCH", &format!("/api/runs/{a}"), Some(body)).await;
+        assert_eq!(s, 200, "{text}");
+        let (_, run) = get(&base, &format!("/api/runs/{a}")).await;
+        assert_eq!(run["tags"], json!(["baseline", "r16"]));
+        assert_eq!(run["notes"], "first try");
+        let (s, _) = call(
+            &base,
+            "PATCH",
+            &format!("/api/runs/{a}"),
+            Some(json!({"notes": "x"})),
+        )
+        .await;
+        assert_eq!(s, 200);
+        let (_, run) = get(&base, &format!("/api/runs/{a}")).await;
+        assert_eq!(
+            run["tags"],
+            json!(["baseline", "r16"]),
+            "notes alone keep the tags"
+        );
+        let long = "x".repeat(65);
+        for (bad, says) in [
+            (json!({"tags": [long]}), "longer than 64"),
+            (json!({"tags": [""]}), "empty"),
+            (json!({"tags": "a"}), "array"),
+            (json!({"color": "red"}), "unknown field `color`"),
+        ] {
+            let (s, text) = call(&base, "PATCH", &format!("/api/runs/{a}"), Some(bad)).await;
+            assert_eq!(s, 422, "{text}");
+            assert!(text.contains(says), "{text}");
+        }
+        let resp = reqwest::Client::new()
+            .delete(format!("{base}/api/runs/{a}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 401, "deleting needs the token");
+
+        // A report of the comparison, rendered by the built-in Markdown reporter.
+        let (s, text) = call(
+            &base,
+            "GET",
+            &format!("/api/report?runs={a},{b}&format=md"),
+            None,
+        )
+        .await;
+        assert_eq!(s, 200, "{text}");
+        assert!(text.contains('a') && text.contains("rouge1"), "{text}");
+        let (s, text) = call(
+            &base,
+            "GET",
+            &format!("/api/report?runs={a}&format=nope"),
+            None,
+        )
+        .await;
+        assert_eq!(s, 404, "{text}");
+
+        // A non-wasm upload is refused in plain words, not a parser's.
+        let resp = reqwest::Client::new()
+            .post(format!("{base}/api/plugins"))
+            .bearer_auth(TOKEN)
+            .body("this is not WebAssembly")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 422);
+        let text = resp.text().await.unwrap();
+        assert!(text.contains("not a WebAssembly component"), "{text}");
+
+        // Delete: the run, its samples and events go; a second delete is 404.
+        let (s, text) = call(&base, "DELETE", &format!("/api/runs/{b}"), None).await;
+        assert_eq!(s, 204, "{text}");
+        let (s, _) = get(&base, &format!("/api/runs/{b}")).await;
+        assert_eq!(s, 404);
+        let (s, _) = call(&base, "DELETE", &format!("/api/runs/{b}"), None).await;
+        assert_eq!(s, 404);
+        let (s, _) = call(&base, "DELETE", &format!("/api/runs/{a}"), None).await;
+        assert_eq!(s, 204);
+    });
+}

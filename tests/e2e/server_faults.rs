@@ -11,11 +11,17 @@ use serde_json::{Value, json};
 use crate::server::{Server, TOKEN, get, get_as, post, rt, start, start_with, wait_for};
 use crate::util::*;
 
-/// An eval over the misbehaving plugin: every `loop` sample spins until the plugin deadline.
+/// An eval over the misbehaving plugin: every `loop` sample spins until the plugin deadline;
+/// one more sample scores normally, so the run ends `done` (a metric failing on every
+/// sample fails the run).
 fn looping_eval(name: &str, loops: usize) -> Value {
-    let rows: Vec<Value> = (0..loops)
-        .map(|i| json!({"id": format!("{i}"), "prediction": "loop", "reference": "r"}))
-        .collect();
+    let rows: Vec<Value> =
+        std::iter::once(json!({"id": "ok", "prediction": "fine", "reference": "r"}))
+            .chain(
+                (0..loops)
+                    .map(|i| json!({"id": format!("{i}"), "prediction": "loop", "reference": "r"})),
+            )
+            .collect();
     json!({
         "kind": "eval", "name": name, "predictions": rows,
         "metrics": ["misbehave"], "settings": {"misbehave": {"batch_size": "1"}},
@@ -343,7 +349,7 @@ fn sigterm_mid_run_exits_0_leaves_it_interrupted_and_one_of_ten_concurrent_resum
         assert_eq!(codes.iter().filter(|c| **c == 200).count(), 1, "{codes:?}");
         assert_eq!(codes.iter().filter(|c| **c == 409).count(), 9, "{codes:?}");
         let run = wait_for(&base, &id, |r| r["status"] == "done", 120).await;
-        assert_eq!(run["progress"]["done"], 6, "{run}");
+        assert_eq!(run["progress"]["done"], 7, "{run}");
     });
 }
 

@@ -1,9 +1,14 @@
 // The one module that talks to the server: every request, the bearer token, and what to do on a
 // 401. Views call the functions exported here and never `fetch` themselves.
 //
-// Reads are open; mutating calls send `Authorization: Bearer TOKEN`. The token comes from the URL
-// the server prints (`#token=…` or `?token=…`), is kept in localStorage, and is asked for with a
-// dialog when the server answers 401.
+// Every call sends `Authorization: Bearer TOKEN` (the server asks for it on reads too, all but
+// /api/health). The token comes from the URL the server prints (`#token=…` or `?token=…`), is
+// kept in localStorage, and is asked for with a dialog when the server answers 401.
+//
+// A run's live events are Server-Sent Events read with `fetch` and parsed by lib/sse.js, not
+// with EventSource, which cannot send headers.
+
+import { sseParser } from './sse.js';
 
 const TOKEN_KEY = 'adapterlab.token';
 
@@ -75,13 +80,25 @@ export function onUnauthorized(fn) {
   askForToken = fn;
 }
 
-async function request(method, path, { json, form, signal } = {}) {
-  const mutating = method !== 'GET' && method !== 'HEAD';
+// Set by the app: told whether the server answered at all, after every call (the footer shows
+// "server not reachable" within seconds of a failed call, and clears it on the next answer).
+let reachability = () => {};
+export function onReachability(fn) {
+  reachability = fn;
+}
+
+function authHeaders(extra = {}) {
+  const headers = { ...extra };
+  const token = getToken();
+  if (token) headers.Authorization = `Bearer ${token}`;
+  return headers;
+}
+
+async function request(method, path, { json, form, signal, raw = false } = {}) {
   let rejected = false;
   for (;;) {
-    const headers = { Accept: 'application/json' };
+    const headers = authHeaders({ Accept: 'application/json' });
     const token = getToken();
-    if (mutating && token) headers.Authorization = `Bearer ${token}`;
     let body;
     if (json !== undefined) {
       headers['Content-Type'] = 'application/json';
@@ -94,16 +111,22 @@ async function request(method, path, { json, form, signal } = {}) {
       res = await fetch(path, { method, headers, body, signal, cache: 'no-store' });
     } catch (e) {
       if (e.name === 'AbortError') throw e;
+      reachability(false);
       throw new ApiError(0, `Could not reach the server (${e.message}). Is \`adapterlab serve\` still running?`);
     }
+    reachability(true);
     if (res.status === 401) {
       const next = await askForToken({ rejected: rejected || Boolean(token) });
-      if (!next) throw new ApiError(401, 'This action needs the server’s access token.');
+      if (!next) throw new ApiError(401, await errorMessage(res).catch(() => 'The server needs its access token.'));
       setToken(next);
       rejected = true;
       continue;
     }
     if (!res.ok) throw new ApiError(res.status, await errorMessage(res));
+    if (raw) {
+      const name = /filename="([^"]+)"/.exec(res.headers.get('Content-Disposition') ?? '')?.[1] ?? 'download';
+      return { blob: await res.blob(), filename: name };
+    }
     if (res.status === 204) return null;
     const text = await res.text();
     if (text === '') return null;
@@ -120,6 +143,8 @@ async function errorMessage(res) {
   try {
     const body = JSON.parse(text);
     if (body && typeof body.error === 'string') return body.error;
+    // The OpenAI-compatible routes answer in OpenAI's shape.
+    if (body && typeof body.error?.message === 'string') return body.error.message;
   } catch {
     // Not JSON: fall through to the status line.
   }
@@ -137,10 +162,17 @@ export const api = {
   health: (opts) => request('GET', '/api/health', opts),
   runs: (opts) => request('GET', '/api/runs', opts),
   run: (id, opts) => request('GET', `/api/runs/${enc(id)}`, opts),
+  // The one place samples are requested: when the server pages them, only this changes.
   samples: (id, opts) => request('GET', `/api/runs/${enc(id)}/samples`, opts),
   cancel: (id) => request('POST', `/api/runs/${enc(id)}/cancel`),
+  resume: (id) => request('POST', `/api/runs/${enc(id)}/resume`),
+  deleteRun: (id) => request('DELETE', `/api/runs/${enc(id)}`),
+  /** `patch`: `{ tags?: string[], notes?: string }`. */
+  updateRun: (id, patch) => request('PATCH', `/api/runs/${enc(id)}`, { json: patch }),
   createRun: (body) => request('POST', '/api/runs', { json: body }),
   adapters: (opts) => request('GET', '/api/adapters', opts),
+  /** A report rendered by the server's reporter plugin: `{ blob, filename }`. */
+  report: (ids, format, opts) => request('GET', `/api/report?runs=${ids.map(enc).join(',')}&format=${enc(format)}`, { ...opts, raw: true }),
   compare: (ids, opts) => request('GET', `/api/compare?runs=${ids.map(enc).join(',')}`, opts),
   plugins({ fresh = false } = {}) {
     if (fresh || !pluginsCache) {
@@ -158,5 +190,147 @@ export const api = {
     pluginsCache = null;
     return plugin;
   },
-  eventsUrl: (id) => `/api/runs/${enc(id)}/events`,
+  /** The models the server can chat with: the served base and every stored adapter. */
+  chatModels: (opts) => request('GET', '/v1/models', opts),
+  chat: (body, handlers) => chatStream(body, handlers),
+  followEvents: (id, handlers) => followEvents(`/api/runs/${enc(id)}/events`, handlers),
 };
+
+const sleep = (ms, signal) => new Promise((resolve) => {
+  const t = setTimeout(resolve, ms);
+  signal.addEventListener('abort', () => {
+    clearTimeout(t);
+    resolve();
+  }, { once: true });
+});
+
+/**
+ * Follow a Server-Sent Events stream with `fetch` and the bearer header. After a dropped
+ * connection it reconnects with `Last-Event-ID` (the id of the last event received), so the
+ * server sends only what came after; when the server ends the stream itself (it does once the
+ * run has finished) it reconnects only if `shouldReconnect()` says so.
+ *
+ * Handlers: `onEvent({ type, data, lastEventId })`, `onState(state, message?)` with state
+ * 'connecting' | 'live' | 'reconnecting' | 'closed', `shouldReconnect()`, and `signal` (aborting
+ * it closes the stream). Returns `{ close() }`.
+ */
+function followEvents(path, { onEvent, onState = () => {}, shouldReconnect = () => true, signal } = {}) {
+  const controller = new AbortController();
+  signal?.addEventListener('abort', () => controller.abort(), { once: true });
+  let lastId = '';
+  let closed = false;
+  (async () => {
+    let failures = 0;
+    let rejected = false;
+    let message;
+    while (!closed && !controller.signal.aborted) {
+      onState(failures || lastId ? 'reconnecting' : 'connecting');
+      try {
+        const headers = authHeaders({ Accept: 'text/event-stream' });
+        if (lastId) headers['Last-Event-ID'] = lastId;
+        const res = await fetch(path, { headers, signal: controller.signal, cache: 'no-store' });
+        reachability(true);
+        if (res.status === 401) {
+          const next = await askForToken({ rejected: rejected || Boolean(headers.Authorization) });
+          if (!next) {
+            message = await errorMessage(res);
+            break;
+          }
+          setToken(next);
+          rejected = true;
+          continue;
+        }
+        if (!res.ok) {
+          // 404 (the run was deleted) and other refusals will not mend by retrying.
+          message = await errorMessage(res);
+          if (res.status < 500) break;
+          throw new ApiError(res.status, message);
+        }
+        failures = 0;
+        onState('live');
+        const parser = sseParser((ev) => {
+          lastId = ev.lastEventId;
+          onEvent(ev);
+        }, { lastEventId: lastId });
+        const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          parser.push(value);
+        }
+        if (!shouldReconnect()) break;
+      } catch (e) {
+        if (controller.signal.aborted) break;
+        if (e instanceof TypeError) reachability(false);
+        failures += 1;
+      }
+      if (closed || controller.signal.aborted) break;
+      await sleep(Math.min(10_000, 500 * 2 ** failures), controller.signal);
+    }
+    onState('closed', message);
+  })();
+  return {
+    close() {
+      closed = true;
+      controller.abort();
+    },
+  };
+}
+
+/**
+ * A streamed chat completion (POST /v1/chat/completions with `stream: true`): calls
+ * `onDelta(text)` for every piece of the reply as it comes. Resolves to the whole reply and the
+ * usage the server reported, if any; rejects with the server's message.
+ */
+async function chatStream(body, { onDelta = () => {}, signal } = {}) {
+  for (let attempt = 0; ; attempt++) {
+    const headers = authHeaders({ Accept: 'text/event-stream', 'Content-Type': 'application/json' });
+    let res;
+    try {
+      res = await fetch('/v1/chat/completions', { method: 'POST', headers, body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }), signal });
+    } catch (e) {
+      if (e.name === 'AbortError') throw e;
+      reachability(false);
+      throw new ApiError(0, `Could not reach the server (${e.message}).`);
+    }
+    reachability(true);
+    if (res.status === 401 && attempt === 0) {
+      const next = await askForToken({ rejected: Boolean(headers.Authorization) });
+      if (!next) throw new ApiError(401, await errorMessage(res));
+      setToken(next);
+      continue;
+    }
+    if (!res.ok) throw new ApiError(res.status, await errorMessage(res));
+    let text = '';
+    let usage = null;
+    let failure = null;
+    const parser = sseParser((ev) => {
+      if (ev.data === '[DONE]') return;
+      let chunk;
+      try {
+        chunk = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      // An error mid-stream comes as an event with OpenAI's error shape.
+      if (chunk.error) {
+        failure = chunk.error.message ?? String(chunk.error);
+        return;
+      }
+      if (chunk.usage) usage = chunk.usage;
+      const piece = chunk.choices?.[0]?.delta?.content;
+      if (piece) {
+        text += piece;
+        onDelta(piece);
+      }
+    });
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      parser.push(value);
+    }
+    if (failure) throw new ApiError(500, failure);
+    return { text, usage };
+  }
+}

@@ -26,6 +26,11 @@ export function lineChart({ title, xLabel, yLabel, series, height = 240, log = f
   let data = [[], ...series.map(() => [])];
 
   const make = (width) => {
+    // Axis colours follow the page's theme (light or dark) at the moment the chart is drawn.
+    const css = getComputedStyle(document.documentElement);
+    const ink = css.getPropertyValue('--tick').trim() || '#333';
+    const grid = css.getPropertyValue('--grid').trim() || '#e3e3e3';
+    const paper = css.getPropertyValue('--panel').trim() || '#fff';
     chart = new uPlot(
       {
         width,
@@ -34,8 +39,8 @@ export function lineChart({ title, xLabel, yLabel, series, height = 240, log = f
         legend: { live: true },
         cursor: { drag: { x: false, y: false } },
         axes: [
-          { label: xLabel, stroke: '#333', grid: { stroke: '#e3e3e3' } },
-          { label: yLabel, stroke: '#333', grid: { stroke: '#e3e3e3' }, size: 80, values: (u, vals) => vals.map((v) => num(v)) },
+          { label: xLabel, stroke: ink, grid: { stroke: grid }, ticks: { stroke: grid } },
+          { label: yLabel, stroke: ink, grid: { stroke: grid }, ticks: { stroke: grid }, size: 80, values: (u, vals) => vals.map((v) => num(v)) },
         ],
         series: [
           { label: xLabel },
@@ -46,7 +51,7 @@ export function lineChart({ title, xLabel, yLabel, series, height = 240, log = f
             spanGaps: true,
             value: (u, v) => num(v),
             ...(s.points
-              ? { paths: () => null, points: { show: true, size: 9, stroke: s.color, fill: '#fff', width: 2 } }
+              ? { paths: () => null, points: { show: true, size: 9, stroke: s.color, fill: paper, width: 2 } }
               : { points: { show: false } }),
           })),
         ],
@@ -59,7 +64,7 @@ export function lineChart({ title, xLabel, yLabel, series, height = 240, log = f
   let observer = null;
   if (uPlot) {
     observer = new ResizeObserver((entries) => {
-      const width = Math.max(280, Math.floor(entries[0].contentRect.width));
+      const width = Math.max(200, Math.floor(entries[0].contentRect.width));
       if (!chart) make(width);
       else if (chart.width !== width) chart.setSize({ width, height });
     });
@@ -160,35 +165,45 @@ const VERDICT_COLOR = { better: '#1b7340', worse: '#b3261e', ns: '#5f6368' };
 
 /**
  * Differences against the baseline with their paired 95% intervals, one row per (score, run),
- * each row on its own scale centred on zero. `rows`: `[{ label, difference, verdict }]` with
- * verdict 'better' | 'worse' | 'ns'.
+ * all on one scale: each difference divided by its score's range (`range`; rows without one
+ * are drawn as they are), so rows compare with each other. `rows`:
+ * `[{ label, difference, verdict, range? }]` with verdict 'better' | 'worse' | 'ns'.
  */
 export function deltaForest(rows) {
   const W = 640;
   const rowH = 30;
-  const m = { top: 8, left: 190, right: 200 };
-  const H = m.top * 2 + rowH * rows.length;
+  const m = { top: 8, bottom: 26, left: 190, right: 200 };
+  const H = m.top + m.bottom + rowH * rows.length;
   const plotW = W - m.left - m.right;
+  const scaled = rows.map((r) => {
+    const k = r.range ? 1 / r.range : 1;
+    return { low: r.difference.low * k, high: r.difference.high * k, mean: r.difference.mean * k };
+  });
+  const extent = Math.max(...scaled.flatMap((d) => [Math.abs(d.low), Math.abs(d.high), Math.abs(d.mean)]).filter(Number.isFinite), 0) * 1.15 || 1;
+  const x = (v) => m.left + plotW * (0.5 + Math.max(-extent, Math.min(extent, v)) / (2 * extent));
+  const pct = (v) => (v === 0 ? '0' : `${v > 0 ? '+' : v < 0 ? '−' : ''}${Math.abs(v * 100).toFixed(Math.abs(v) < 0.1 ? 1 : 0)}%`);
+  const axisY = m.top + rowH * rows.length;
   return svg('svg', {
     viewBox: `0 0 ${W} ${H}`, width: W, height: H, class: 'forest', role: 'img',
-    'aria-label': `Differences against the baseline: ${rows.map((r) => `${r.label} ${signed(r.difference.mean)} [${signed(r.difference.low)}, ${signed(r.difference.high)}], ${verdictText(r.verdict)}`).join('; ')}`,
+    'aria-label': `Differences against the baseline, on one scale (share of each score's range): ${rows.map((r) => `${r.label} ${signed(r.difference.mean)} [${signed(r.difference.low)}, ${signed(r.difference.high)}], ${verdictText(r.verdict)}`).join('; ')}`,
   },
   rows.map((r, i) => {
     const d = r.difference;
-    const extent = Math.max(Math.abs(d.low), Math.abs(d.high), Math.abs(d.mean)) * 1.2 || 1;
-    const x = (v) => m.left + plotW * (0.5 + v / (2 * extent));
+    const sd = scaled[i];
     const cy = m.top + rowH * i + rowH / 2;
     const color = VERDICT_COLOR[r.verdict];
     return svg('g', {},
-      svg('title', {}, `${r.label}: ${signed(d.mean)} [${signed(d.low)}, ${signed(d.high)}], ${verdictText(r.verdict)}`),
+      svg('title', {}, `${r.label}: ${signed(d.mean)} [${signed(d.low)}, ${signed(d.high)}]${r.range ? ` (${pct(sd.mean)} of the range)` : ''}, ${verdictText(r.verdict)}`),
       i % 2 ? svg('rect', { x: 0, y: cy - rowH / 2, width: W, height: rowH, class: 'stripe' }) : null,
       svg('text', { x: m.left - 10, y: cy + 4, 'text-anchor': 'end', class: 'tick' }, truncate(r.label, 26)),
-      svg('line', { x1: x(0), x2: x(0), y1: cy - rowH / 2 + 3, y2: cy + rowH / 2 - 3, class: 'zero' }),
-      svg('line', { x1: x(d.low), x2: x(d.high), y1: cy, y2: cy, stroke: color, 'stroke-width': 3 }),
-      svg('circle', { cx: x(d.mean), cy, r: 5, fill: color }),
+      svg('line', { x1: x(sd.low), x2: x(sd.high), y1: cy, y2: cy, stroke: color, 'stroke-width': 3 }),
+      svg('circle', { cx: x(sd.mean), cy, r: 5, fill: color }),
       svg('text', { x: W - m.right + 10, y: cy + 4, class: 'tick' }, `${signed(d.mean)} ${verdictText(r.verdict)}`),
     );
   }),
+  svg('line', { x1: x(0), x2: x(0), y1: m.top, y2: axisY, class: 'zero' }),
+  svg('line', { x1: m.left, x2: W - m.right, y1: axisY, y2: axisY, class: 'axis' }),
+  [-extent, -extent / 2, 0, extent / 2, extent].map((t) => svg('text', { x: x(t), y: axisY + 16, 'text-anchor': 'middle', class: 'tick' }, pct(t))),
   );
 }
 

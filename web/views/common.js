@@ -1,13 +1,51 @@
 // Pieces several pages share.
 
-import { h } from '../lib/dom.js';
+import { api } from '../lib/api.js';
+import { h, replace, svg } from '../lib/dom.js';
 
-const STATUS_ICON = { queued: '◷', running: '▶', done: '✓', failed: '✕', interrupted: '⏸', cancelled: '⊘' };
+// Icons as SVG, not font glyphs: "⏸" and friends render as empty boxes where the font lacks them.
+const ICON_PATHS = {
+  queued: 'M8 1.5a6.5 6.5 0 1 0 0 13 6.5 6.5 0 0 0 0-13zM8 4v4.5l3 2',
+  running: 'M5 3.5v9l7-4.5z',
+  done: 'M3 8.5l3.2 3L13 4.5',
+  failed: 'M4 4l8 8M12 4l-8 8',
+  interrupted: 'M5.5 3.5v9M10.5 3.5v9',
+  cancelled: 'M8 1.5a6.5 6.5 0 1 0 0 13 6.5 6.5 0 0 0 0-13zM3.5 12.5l9-9',
+  errors: 'M8 2l6.5 12h-13zM8 6.5v3.5M8 12v.5',
+};
+const STATUS_TEXT = { 'done-with-errors': 'done with errors', 'failed-scores': 'failed: no scores' };
+const STATUS_CLASS = { 'done-with-errors': 'status-interrupted', 'failed-scores': 'status-failed' };
+const STATUS_SHAPE = { 'done-with-errors': 'errors', 'failed-scores': 'failed' };
+
+function icon(status) {
+  const d = ICON_PATHS[STATUS_SHAPE[status] ?? status] ?? ICON_PATHS.queued;
+  return svg('svg', { viewBox: '0 0 16 16', width: 12, height: 12, class: 'icon', 'aria-hidden': 'true', focusable: 'false' },
+    svg('path', { d, fill: status === 'running' ? 'currentColor' : 'none', stroke: 'currentColor', 'stroke-width': 2, 'stroke-linecap': 'round', 'stroke-linejoin': 'round' }));
+}
 
 /** A status label that reads without colour: icon + word, colour as a bonus. */
 export function statusBadge(status, props = {}) {
-  return h('span', { class: `badge status-${status}`, ...props },
-    h('span', { 'aria-hidden': 'true' }, STATUS_ICON[status] ?? '•'), ' ', status);
+  return h('span', { class: `badge ${STATUS_CLASS[status] ?? `status-${status}`}`, ...props },
+    icon(status), ' ', STATUS_TEXT[status] ?? status);
+}
+
+/**
+ * What a run's outcome honestly is. The server says "done" once every sample is stored, even
+ * when a metric failed on every one of them; a run whose declared scores are all missing reads
+ * as "failed-scores", one missing some as "done-with-errors".
+ */
+export function outcome(run) {
+  if (run.status !== 'done') return run.status;
+  const declared = (run.scores ?? []).map((s) => s.name);
+  if (declared.length === 0) return 'done';
+  const have = declared.filter((n) => run.aggregates?.[n]).length;
+  if (have === 0) return 'failed-scores';
+  return have < declared.length ? 'done-with-errors' : 'done';
+}
+
+/** The badge of a run's outcome (see `outcome`). */
+export function runBadge(run, props = {}) {
+  return statusBadge(outcome(run), { 'data-outcome': outcome(run), ...props });
 }
 
 /** A field's wrapper with label, hint and a slot for its validation message. */
@@ -56,13 +94,13 @@ export function messageBox() {
     error(text) {
       el.className = 'message form-error';
       el.setAttribute('role', 'alert');
-      el.replaceChildren(...(Array.isArray(text) ? text : [text]));
+      replace(el, text); // flattens nested arrays, skips nulls (replaceChildren would print them)
       el.hidden = false;
     },
     ok(text) {
       el.className = 'message form-ok';
       el.setAttribute('role', 'status');
-      el.replaceChildren(...(Array.isArray(text) ? text : [text]));
+      replace(el, text); // flattens nested arrays, skips nulls (replaceChildren would print them)
       el.hidden = false;
     },
     clear() {
@@ -70,4 +108,41 @@ export function messageBox() {
       el.replaceChildren();
     },
   };
+}
+
+/**
+ * "Download report": a format picker (the installed reporter plugins) and a button that asks the
+ * server to render the report of `ids` (one run, or a comparison with the first as baseline) and
+ * saves it. The request carries the token, so a plain link would not do.
+ */
+export function reportControl(ids, idPrefix = 'report') {
+  const format = h('select', { id: `${idPrefix}-format` }, h('option', { value: 'md' }, 'Markdown'));
+  const button = h('button', { type: 'button', 'data-testid': 'download-report' }, 'Download report');
+  const status = h('span', { class: 'small', role: 'status' });
+  api.plugins().then((plugins) => {
+    const reporters = plugins.filter((p) => p.kind === 'reporter' && p.format);
+    if (reporters.length) replace(format, reporters.map((p) => h('option', { value: p.format }, `${p.format} (${p.name})`)));
+    else button.disabled = true;
+  }, () => {});
+  button.addEventListener('click', async () => {
+    button.disabled = true;
+    status.textContent = 'Rendering…';
+    status.className = 'small muted';
+    try {
+      const { blob, filename } = await api.report(ids, format.value);
+      const url = URL.createObjectURL(blob);
+      const a = h('a', { href: url, download: filename, hidden: true });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 10_000);
+      status.textContent = `Saved ${filename}.`;
+    } catch (e) {
+      status.textContent = `No report: ${e.message}`;
+      status.className = 'small error-text';
+    } finally {
+      button.disabled = false;
+    }
+  });
+  return h('div', { class: 'field inline report-control' }, h('label', { for: `${idPrefix}-format` }, 'Report format'), format, button, status);
 }

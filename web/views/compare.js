@@ -4,6 +4,8 @@
 // output next to the baseline's with word-level differences highlighted.
 //
 // URL: #/compare?runs=A,B[,C…][&sample=ID]. Changing only `sample` updates the page in place.
+// The first run is the baseline; the Baseline control reorders `runs` to make another one first.
+// Keys: j / k for the next / previous sample (list and drill-down).
 
 import { api } from '../lib/api.js';
 import { deltaForest, runColor, scoreBars, verdictText } from '../lib/charts.js';
@@ -11,7 +13,7 @@ import { wordDiff, diffStats } from '../lib/diff.js';
 import { h, replace } from '../lib/dom.js';
 import { interval, num, runLabel, shortId, signed } from '../lib/format.js';
 import { direction } from './run.js';
-import { messageBox, statusBadge } from './common.js';
+import { messageBox, reportControl, runBadge } from './common.js';
 
 const PAGE = 50;
 
@@ -85,7 +87,7 @@ async function renderPicker(host, ids, runsPromise, ctx) {
     });
     return h('li', { class: 'check' }, box,
       h('label', { for: `pick-${r.id}` }, runLabel(r),
-        h('span', { class: 'muted small' }, ` · ${r.kind} · ${shortId(r.id)} · `), statusBadge(r.status)));
+        h('span', { class: 'muted small' }, ` · ${r.kind} · ${shortId(r.id)} · `), runBadge(r)));
   }));
   const form = h('form', { class: 'picker-form' },
     candidates.length ? h('fieldset', {}, h('legend', {}, 'Finished evaluation runs'), list) : h('p', { class: 'muted' }, 'There are no finished evaluation runs yet.'),
@@ -133,33 +135,46 @@ function renderResults(host, data, ids, ctx) {
   const baseLink = `#/compare?runs=${ids.map(encodeURIComponent).join(',')}`;
   const deltaFor = (runIndex, score) => deltas.find((d) => d.score === score && (d.run === runs[runIndex].id || d.run === runs[runIndex].name));
 
-  // Scores table.
+  // Scores table: one column per run; each non-baseline cell also holds its difference from the
+  // baseline, so five runs need six columns, not ten.
   const table = h('table', { class: 'data compare-table', 'data-testid': 'compare-table' },
-    h('caption', {}, `Mean [95% interval] per run; differences against the baseline, ${labels[0]}, with paired 95% intervals`),
+    h('caption', {}, `Mean [95% interval] per run; under each, the difference from the baseline, ${labels[0]}, with its paired 95% interval`),
     h('thead', {}, h('tr', {},
       h('th', { scope: 'col' }, 'Score'),
       runs.map((r, i) => h('th', { scope: 'col', class: 'num' }, swatch(i), labels[i], i === 0 ? h('span', { class: 'muted small' }, ' (baseline)') : null)),
-      runs.slice(1).map((r, j) => h('th', { scope: 'col', class: 'num' }, `Δ ${labels[j + 1]} − ${labels[0]}`)),
     )),
     h('tbody', {}, scores.map((s) => h('tr', { 'data-score': s.name },
       h('th', { scope: 'row' }, s.name, ' ', direction(s), h('div', { class: 'muted small' }, s.metric ?? '')),
-      runs.map((r) => {
+      runs.map((r, i) => {
         const a = r.aggregates?.[s.name];
-        return h('td', { class: 'num' }, a ? [num(a.mean), ' ', h('span', { class: 'muted small' }, interval(a))] : '—');
-      }),
-      runs.slice(1).map((r, j) => {
-        const d = deltaFor(j + 1, s.name);
-        if (!d) return h('td', { class: 'num muted' }, '—');
+        const mean = a ? [num(a.mean), ' ', h('span', { class: 'muted small' }, interval(a))] : '—';
+        if (i === 0) return h('td', { class: 'num' }, mean);
+        const d = deltaFor(i, s.name);
+        if (!d) return h('td', { class: 'num' }, mean, h('div', { class: 'muted small' }, 'Δ —'));
         const v = verdictOf(d);
-        return h('td', { class: `num delta delta-${v}`, 'data-testid': 'delta' },
-          h('span', { class: 'delta-mean' }, signed(d.difference.mean)), ' ',
-          h('span', { class: 'muted small' }, interval(d.difference, signed)), ' ',
-          verdictBadge(v),
-          d.paired !== undefined ? h('div', { class: 'muted small' }, `${d.paired} paired samples`) : null,
-        );
+        return h('td', { class: 'num' }, mean,
+          h('div', { class: `delta delta-${v}`, 'data-testid': 'delta', title: d.paired !== undefined ? `${d.paired} paired samples` : null },
+            h('span', { class: 'visually-hidden' }, `difference from ${labels[0]}: `),
+            h('span', { 'aria-hidden': 'true' }, 'Δ '),
+            h('span', { class: 'delta-mean' }, signed(d.difference.mean)), ' ',
+            h('span', { class: 'muted small' }, interval(d.difference, signed)), ' ',
+            verdictBadge(v)));
       }),
     ))),
   );
+
+  // Baseline: another run first in `runs`, the rest in their order.
+  const baseline = h('select', { id: 'baseline-select', 'data-testid': 'baseline-select' },
+    runs.map((r, i) => h('option', { value: String(i) }, labels[i])));
+  baseline.addEventListener('change', () => {
+    const i = Number(baseline.value);
+    const order = [ids[i], ...ids.filter((_, j) => j !== i)];
+    window.location.hash = `#/compare?runs=${order.map(encodeURIComponent).join(',')}`;
+  });
+  const glossary = h('p', { class: 'muted small explain', 'data-testid': 'glossary' },
+    h('strong', {}, 'Δ'), ' is a run’s mean minus the baseline’s, over the samples both scored (paired). ',
+    h('strong', {}, 'Better'), ' / ', h('strong', {}, 'worse'), ': its 95% interval (paired bootstrap) lies entirely on one side of zero, in the score’s good or bad direction; ',
+    h('strong', {}, 'not significant'), ': the interval contains zero. ↑ / ↓: higher or lower is better.');
 
   const corpusNames = [...new Set(runs.flatMap((r) => Object.keys(r.corpus ?? {})))];
   const corpusTable = corpusNames.length ? h('table', { class: 'data' },
@@ -177,19 +192,24 @@ function renderResults(host, data, ids, ctx) {
   for (const s of scores) {
     runs.slice(1).forEach((r, j) => {
       const d = deltaFor(j + 1, s.name);
-      if (d) forestRows.push({ label: runs.length > 2 ? `${s.name} · ${labels[j + 1]}` : s.name, difference: d.difference, verdict: verdictOf(d) });
+      const range = Number.isFinite(s.max - s.min) && s.max > s.min ? s.max - s.min : null;
+      if (d) forestRows.push({ label: runs.length > 2 ? `${s.name} · ${labels[j + 1]}` : s.name, difference: d.difference, verdict: verdictOf(d), range });
     });
   }
 
-  const legend = h('ul', { class: 'legend plain' }, runs.map((r, i) => h('li', {}, swatch(i), h('a', { href: `#/runs/${encodeURIComponent(r.id)}` }, labels[i]), ' ', statusBadge(r.status))));
+  const legend = h('ul', { class: 'legend plain' }, runs.map((r, i) => h('li', {}, swatch(i), h('a', { href: `#/runs/${encodeURIComponent(r.id)}` }, labels[i]), ' ', runBadge(r))));
 
   const samplesHost = h('section', { 'aria-labelledby': 'samples-h', class: 'panel', 'data-testid': 'compare-samples' });
   const box = messageBox();
 
   replace(host,
-    legend,
+    h('div', { class: 'toolbar' },
+      legend,
+      h('div', { class: 'field inline' }, h('label', { for: 'baseline-select' }, 'Baseline'), baseline),
+      reportControl(ids, 'compare-report')),
     h('section', { 'aria-labelledby': 'scores-h', class: 'panel' },
       h('h2', { id: 'scores-h' }, 'Scores'),
+      glossary,
       scores.length ? h('div', { class: 'table-scroll' }, table) : h('p', { class: 'muted' }, 'These runs share no scores.'),
       corpusTable ? h('div', { class: 'table-scroll' }, corpusTable) : null,
     ),
@@ -199,7 +219,7 @@ function renderResults(host, data, ids, ctx) {
       bars,
       forestRows.length ? [
         h('h3', {}, `Differences against ${labels[0]}`),
-        h('p', { class: 'muted small' }, 'Each row has its own scale; the dashed line is zero. An interval that crosses it is not significant.'),
+        h('p', { class: 'muted small' }, 'One scale for every row: each difference as a share of its score’s range (so ROUGE’s 0–1 and BLEU’s 0–100 compare); the raw difference is printed on the right. The dashed line is zero; an interval that crosses it is not significant.'),
         h('div', { class: 'table-scroll' }, deltaForest(forestRows)),
       ] : null,
     ) : null,
@@ -280,6 +300,13 @@ function samplesView(host, { runs, labels, scores, samples, baseLink, ctx }) {
   const setSort = (key, desc) => {
     state.sort = key;
     state.desc = desc;
+    // Sorting by a score shows that score's columns.
+    const name = key.split(':').slice(2).join(':');
+    if (name && name !== state.score) {
+      state.score = name;
+      scoreSelect.value = name;
+      renderHead();
+    }
     sortSelect.value = key;
     dirSelect.value = desc ? 'desc' : 'asc';
     state.shown = PAGE;
@@ -296,6 +323,22 @@ function samplesView(host, { runs, labels, scores, samples, baseLink, ctx }) {
     renderTable();
   });
 
+  // The table shows one score at a time (the Scores control), one column per run, each
+  // non-baseline cell with its difference from the baseline below: five runs stay readable at
+  // 1280 px, where a column per (score, run, delta) did not.
+  state.score = scores[0]?.name ?? null;
+  const scoreSelect = h('select', { id: 'sample-score' }, scores.map((sc) => h('option', { value: sc.name }, sc.name)));
+  scoreSelect.addEventListener('change', () => {
+    state.score = scoreSelect.value;
+    if (state.sort !== 'disagreement') {
+      const [kind, i] = state.sort.split(':');
+      state.sort = `${kind}:${i}:${state.score}`;
+      sortSelect.value = state.sort;
+    }
+    renderHead();
+    renderTable();
+  });
+
   // Column headers are sort buttons; aria-sort on the header tells which one is active.
   // The visible text starts each button's name (what voice control users say); hidden words add
   // which score the column is and that pressing it sorts.
@@ -306,25 +349,24 @@ function samplesView(host, { runs, labels, scores, samples, baseLink, ctx }) {
     return btn;
   };
   const sortHeader = (key, text, context) => h('th', { scope: 'col', class: 'num', 'data-sort-key': key }, sortButton(key, text, context));
+  const thead = h('thead');
+  const renderHead = () => replace(thead, h('tr', {},
+    h('th', { scope: 'col' }, 'Sample'),
+    h('th', { scope: 'col' }, 'Reference and predictions'),
+    h('th', { scope: 'col', class: 'num', 'data-sort-key': 'disagreement' }, sortButton('disagreement', 'Disagreement')),
+    state.score ? runs.map((r, i) => sortHeader(`score:${i}:${state.score}`, labels[i], state.score)) : null,
+  ));
+  renderHead();
   const table = h('table', { class: 'data compare-samples', 'data-testid': 'compare-samples-table' },
     h('caption', { class: 'visually-hidden' }, 'Samples of the compared runs'),
-    h('thead', {},
-      h('tr', {},
-        h('th', { scope: 'col', rowspan: 2 }, 'Sample'),
-        h('th', { scope: 'col', rowspan: 2 }, 'Reference'),
-        h('th', { scope: 'col', rowspan: 2, class: 'num', 'data-sort-key': 'disagreement' }, sortButton('disagreement', 'Disagreement')),
-        scores.map((s) => h('th', { scope: 'colgroup', colspan: runs.length * 2 - 1, class: 'group' }, s.name)),
-      ),
-      h('tr', {}, scores.map((s) => [
-        ...runs.map((r, i) => sortHeader(`score:${i}:${s.name}`, labels[i], s.name)),
-        ...runs.slice(1).map((r, j) => sortHeader(`delta:${j + 1}:${s.name}`, `Δ ${labels[j + 1]}`, `${s.name} difference from ${labels[0]}`)),
-      ])),
-    ),
+    thead,
     tbody,
   );
   const listPart = h('div', { 'data-testid': 'samples-list' },
+    h('p', { class: 'muted small explain' }, h('strong', {}, 'Disagreement'), ': how differently the runs scored a sample: for each score, the gap between the best and worst run as a share of the score’s range, summed over the scores. Keys: ', h('kbd', {}, 'j'), ' next sample, ', h('kbd', {}, 'k'), ' previous.'),
     h('div', { class: 'toolbar' },
       h('div', { class: 'field inline' }, h('label', { for: 'sample-filter' }, 'Filter'), query),
+      h('div', { class: 'field inline' }, h('label', { for: 'sample-score' }, 'Score shown'), scoreSelect),
       h('div', { class: 'field inline' }, h('label', { for: 'sample-sort' }, 'Sort by'), sortSelect),
       h('div', { class: 'field inline' }, h('label', { for: 'sample-order' }, 'Order'), dirSelect),
       h('div', { class: 'check' }, only, h('label', { for: 'only-differ' }, 'Only where runs differ')),
@@ -345,19 +387,22 @@ function samplesView(host, { runs, labels, scores, samples, baseLink, ctx }) {
       if (icon) icon.textContent = active ? (state.desc ? ' ▼' : ' ▲') : '';
     }
     const list = ordered();
+    const sc = scores.find((x) => x.name === state.score);
     replace(tbody, list.slice(0, state.shown).map((s, rank) => h('tr', { 'data-sample-id': s.id },
       h('th', { scope: 'row' },
         h('a', { href: sampleLink(s.id), 'data-testid': 'open-sample', 'aria-label': `Open sample ${s.id} (rank ${rank + 1})` }, s.id)),
-      h('td', {}, h('div', { class: 'text clamp-2' }, s.reference ?? '')),
+      h('td', { class: 'texts-cell' },
+        h('div', { class: 'text clamp-2 reference-line' }, h('span', { class: 'muted' }, 'Reference: '), s.reference ?? ''),
+        h('ul', { class: 'plain predictions' }, runs.map((r, i) => h('li', { class: 'text clamp-2' },
+          swatch(i), h('span', { class: 'visually-hidden' }, `${labels[i]}: `), (s.predictions ?? [])[i] ?? h('span', { class: 'muted' }, 'no prediction'))))),
       h('td', { class: 'num' }, num(s.disagreement)),
-      scores.map((sc) => [
-        ...runs.map((r, i) => h('td', { class: 'num' }, num(s.scores?.[i]?.[sc.name]))),
-        ...runs.slice(1).map((r, j) => {
-          const d = value(s, `delta:${j + 1}:${sc.name}`);
-          const better = d === undefined || d === 0 ? '' : (d > 0) === (sc.higher_is_better !== false) ? 'up' : 'down';
-          return h('td', { class: `num sample-delta ${better}` }, d === undefined ? '—' : signed(d));
-        }),
-      ]),
+      sc ? runs.map((r, i) => {
+        const v = s.scores?.[i]?.[sc.name];
+        if (i === 0) return h('td', { class: 'num' }, num(v));
+        const d = value(s, `delta:${i}:${sc.name}`);
+        const better = d === undefined || d === 0 ? '' : (d > 0) === (sc.higher_is_better !== false) ? 'up' : 'down';
+        return h('td', { class: 'num' }, num(v), h('div', { class: `small sample-delta ${better}` }, d === undefined ? '' : `Δ ${signed(d)}`));
+      }) : null,
     )));
     count.textContent = `${list.length} of ${samples.length} samples${state.onlyDiffer ? ' where the runs differ' : ''}; showing ${Math.min(state.shown, list.length)}.`;
     more.hidden = list.length <= state.shown;
@@ -365,8 +410,39 @@ function samplesView(host, { runs, labels, scores, samples, baseLink, ctx }) {
   renderTable();
 
   let lastOpened = null;
+  let openId = null;
+
+  // j / k: next / previous sample. In the drill-down they open it; in the list they move focus
+  // along the samples' links (Enter opens). Typing in a field is left alone.
+  const onKey = (e) => {
+    if (e.defaultPrevented || e.ctrlKey || e.metaKey || e.altKey || (e.key !== 'j' && e.key !== 'k')) return;
+    if (e.target.closest?.('input, textarea, select, [contenteditable=""], [contenteditable="true"]')) return;
+    if (document.querySelector('dialog[open]')) return;
+    const step = e.key === 'j' ? 1 : -1;
+    const list = ordered();
+    if (openId) {
+      const pos = list.findIndex((x) => x.id === openId);
+      const next = list[pos + step];
+      if (next) {
+        e.preventDefault();
+        window.location.hash = sampleLink(next.id);
+      }
+      return;
+    }
+    const links = [...tbody.querySelectorAll('a[data-testid="open-sample"]')];
+    if (!links.length) return;
+    const at = links.indexOf(document.activeElement);
+    const target = links[at === -1 ? (step > 0 ? 0 : links.length - 1) : Math.max(0, Math.min(links.length - 1, at + step))];
+    e.preventDefault();
+    target.focus();
+    target.scrollIntoView({ block: 'nearest' });
+  };
+  document.addEventListener('keydown', onKey);
+  ctx.signal.addEventListener('abort', () => document.removeEventListener('keydown', onKey), { once: true });
+
   return {
     showSample(id, { initial = false } = {}) {
+      openId = id || null;
       if (!id) {
         detail.hidden = true;
         detail.replaceChildren();
@@ -454,6 +530,7 @@ function sampleDetail(sample, { runs, labels, scores, baseLink, prev, next, pos,
       prev ? h('a', { href: sampleLink(prev.id), rel: 'prev' }, '‹ Previous') : null,
       pos >= 0 ? h('span', { class: 'muted' }, `${pos + 1} of ${total}`) : null,
       next ? h('a', { href: sampleLink(next.id), rel: 'next' }, 'Next ›') : null,
+      h('span', { class: 'muted small' }, 'Keys: ', h('kbd', {}, 'j'), ' next, ', h('kbd', {}, 'k'), ' previous'),
     ),
     h('h3', { id: 'sample-h', tabindex: -1 }, `Sample ${sample.id}`),
     h('p', { class: 'muted' }, `Disagreement ${num(sample.disagreement)}`),

@@ -9,9 +9,14 @@
 //              lora:{r,lora_alpha,lora_dropout,target_modules?}}}   (HF key names)
 //   eval:     {"kind":"eval","name","predictions":[{id,prediction,reference,source?}],
 //              "metrics":[...],"settings":{metric:{key:value}},"score_references":bool}
-//   generate: {"kind":"generate","name","model","adapter"?,"dataset",
+//   generate: {"kind":"generate","name","model","adapter"?,"dataset","split","limit"?,
+//              "max_new_tokens","temperature","top_k"?,"top_p"?,"repetition_penalty","seed",
 //              "metrics":[...],"settings":{...},"score_references":bool}
-//             (the dataset's test split, the reference notebook's decoding)
+//             (every decoding setting is sent, never left to a server default; the reference
+//             notebook's settings are a named preset)
+//
+// `#/launch?clone=ID` prefills the form from run ID (its `request` for train and generate runs,
+// its metadata for evaluations, whose predictions file must be chosen again).
 
 import { api, ApiError } from '../lib/api.js';
 import { h, replace } from '../lib/dom.js';
@@ -54,8 +59,38 @@ export async function mountLaunch(main, ctx) {
     api.adapters({ signal: ctx.signal }).catch((e) => e),
   ]);
   if (ctx.signal.aborted) return;
-  evalForm.replaceChildren(buildEvalForm(ctx, plugins, adapters));
-  trainForm.replaceChildren(buildTrainForm(ctx, plugins));
+  const evalBuilt = buildEvalForm(ctx, plugins, adapters);
+  const trainBuilt = buildTrainForm(ctx, plugins);
+  evalForm.replaceChildren(evalBuilt);
+  trainForm.replaceChildren(trainBuilt);
+
+  if (ctx.params.get('kind') === 'generate') {
+    const radio = evalBuilt.querySelector('#eval-source-generate');
+    radio.checked = true;
+    radio.dispatchEvent(new Event('change'));
+  }
+
+  // Clone: the form of the run's kind, filled with its settings.
+  const cloneId = ctx.params.get('clone');
+  if (cloneId) {
+    let run;
+    try {
+      run = await api.run(cloneId, { signal: ctx.signal });
+    } catch (e) {
+      if (ctx.signal.aborted) return;
+      main.insertBefore(h('p', { class: 'message form-error', role: 'alert' }, `Could not load the run to clone: ${e.message}`), main.children[1]);
+      return;
+    }
+    if (ctx.signal.aborted) return;
+    const kind = run.kind === 'train' ? 'train' : 'eval';
+    document.getElementById(`launch-${kind}`).checked = true;
+    show(kind);
+    (kind === 'train' ? trainBuilt : evalBuilt).prefill(run);
+    main.insertBefore(h('p', { class: 'message form-ok', role: 'status', 'data-testid': 'clone-note' },
+      `Settings copied from ${run.name || run.id}. `,
+      run.kind === 'eval' ? 'Choose its predictions file again; ' : '',
+      'change what you like, then launch.'), main.children[1]);
+  }
 }
 
 // --- Shared helpers -------------------------------------------------------------------------
@@ -64,10 +99,14 @@ function input(props) {
   return h('input', { type: 'text', ...props });
 }
 
-/** Validate fields: `checks` is `[input, () => message | null]`; focuses the first bad one. */
-function validate(checks, form) {
+/**
+ * Validate fields: `checks` is `[input, () => message | null]`; focuses the first bad one.
+ * `alsoMarked` counts problems marked outside `checks` (the metrics fieldset), so the summary's
+ * number is the number of places marked in red.
+ */
+function validate(checks, form, alsoMarked = 0) {
   let first = null;
-  let bad = 0;
+  let bad = alsoMarked;
   for (const [el, check] of checks) {
     const message = check();
     setFieldError(el, message);
@@ -76,10 +115,8 @@ function validate(checks, form) {
       first ??= el;
     }
   }
-  if (first) {
-    first.focus();
-    form.error(`Fix ${bad === 1 ? 'the field' : `the ${bad} fields`} marked in red, then launch again.`);
-  }
+  if (first) first.focus();
+  if (bad) form.error(`Fix ${bad === 1 ? 'the field' : `the ${bad} fields`} marked in red, then launch again.`);
   return bad === 0;
 }
 
@@ -171,12 +208,20 @@ function buildEvalForm(ctx, plugins, adapters) {
     adapterList.map((a) => h('option', { value: a.name }, `${a.name}${a.base_model ? ` (${a.base_model})` : ''}`)),
   );
   const genDataset = input({ name: 'dataset', value: 'bundled', autocomplete: 'off' });
+  const genSplit = h('select', { name: 'split' }, ['test', 'validation', 'train'].map((v) => h('option', { value: v }, v)));
+  const genLimit = input({ name: 'limit', inputmode: 'numeric', placeholder: 'all rows' });
+  const decoding = decodingFields();
   const generateFields = h('div', { hidden: true },
-    field({ id: 'gen-model', label: 'Model', input: genModel }),
-    field({ id: 'gen-adapter', label: 'Adapter', input: genAdapter,
-      hint: adapterList.length ? 'Trained adapters known to the server.' : 'No adapters yet: train one, or evaluate the base model.' }),
+    h('div', { class: 'grid-fields' },
+      field({ id: 'gen-model', label: 'Model', input: genModel }),
+      field({ id: 'gen-adapter', label: 'Adapter', input: genAdapter,
+        hint: adapterList.length ? 'Trained adapters known to the server.' : 'No adapters yet: train one, or evaluate the base model.' }),
+      field({ id: 'gen-dataset', label: 'Dataset', input: genDataset, hint: '"bundled" is the small dataset shipped with adapterlab.' }),
+      field({ id: 'gen-split', label: 'Split', input: genSplit }),
+      field({ id: 'gen-limit', label: 'Sample limit', input: genLimit, hint: 'Only the first this many rows; empty for all.' }),
+    ),
     listMessage('adapters', adapters),
-    field({ id: 'gen-dataset', label: 'Dataset', input: genDataset, hint: '"bundled" is the small dataset shipped with adapterlab.' }),
+    decoding.el,
   );
   const showSource = () => {
     fileFields.hidden = !fileRadio.checked;
@@ -253,6 +298,8 @@ function buildEvalForm(ctx, plugins, adapters) {
     } else {
       checks.push([genModel, () => (genModel.value.trim() ? null : 'Name a model, such as smollm2.')]);
       checks.push([genDataset, () => (genDataset.value.trim() ? null : 'Name a dataset, such as bundled.')]);
+      checks.push([genLimit, () => parseNumber(genLimit.value, { integer: true, min: 1 }).error ?? null]);
+      checks.push(...decoding.checks());
     }
     for (const m of chosen) {
       checks.push([m.settings, () => {
@@ -268,9 +315,9 @@ function buildEvalForm(ctx, plugins, adapters) {
     metricsError.textContent = noMetric ? 'Choose at least one metric.' : '';
     if (noMetric) metricsFieldset.setAttribute('aria-invalid', 'true');
     else metricsFieldset.removeAttribute('aria-invalid');
-    const ok = validate(checks, box);
-    if (!ok || noMetric) {
-      if (ok) {
+    const ok = validate(checks, box, noMetric ? 1 : 0);
+    if (!ok) {
+      if (noMetric && !form.querySelector('[aria-invalid="true"]:not(fieldset)')) {
         box.error('Choose at least one metric before launching.');
         (metricRows[0]?.box ?? metricsFieldset).focus();
       }
@@ -289,11 +336,159 @@ function buildEvalForm(ctx, plugins, adapters) {
         ...common,
         model: genModel.value.trim(),
         dataset: genDataset.value.trim(),
+        split: genSplit.value,
+        ...(genLimit.value.trim() ? { limit: Number(genLimit.value) } : {}),
         ...(genAdapter.value ? { adapter: genAdapter.value } : {}),
+        ...decoding.values(),
       };
     submit(body, button, box, ctx);
   });
+  form.prefill = (run) => {
+    const md = run.metadata ?? {};
+    const req = run.request ?? {};
+    name.value = `${run.name} (copy)`;
+    const chosen = new Set(String(req.metrics ?? md.metrics ?? '').split(',').concat(req.metrics ?? []).map((m) => String(m).trim()).filter(Boolean));
+    for (const m of metricRows) {
+      m.box.checked = chosen.has(m.name);
+      m.box.dispatchEvent(new Event('change'));
+      const st = req.settings?.[m.name];
+      if (st) m.settings.value = Object.entries(st).map(([k, v]) => `${k}=${v}`).join('\n');
+    }
+    scoreRefs.checked = Boolean(req.score_references);
+    if (run.kind === 'generate') {
+      form.querySelector('#eval-source-generate').checked = true;
+      showSource();
+      genModel.value = req.model ?? md.model ?? genModel.value;
+      genAdapter.value = req.adapter ?? md.adapter ?? '';
+      genDataset.value = req.dataset ?? md.dataset ?? genDataset.value;
+      genSplit.value = req.split ?? md.split ?? 'test';
+      genLimit.value = req.limit ?? md.limit ?? '';
+      decoding.set({ ...md, ...req });
+    }
+  };
   return form;
+}
+
+// --- Decoding settings ----------------------------------------------------------------------
+
+// Named presets: nothing about decoding is a hidden default. The reference notebook decodes
+// with temperature 0.1 and top-k 1 (greedy in effect) and a repetition penalty of 30, which
+// mangles a small model's summaries; the greedy preset turns the penalty off.
+export const DECODING_PRESETS = {
+  reference: { label: 'Reference notebook (temperature 0.1, top-k 1, repetition penalty 30, 50 new tokens)', mode: 'sample', max_new_tokens: 50, temperature: 0.1, top_k: 1, top_p: '', repetition_penalty: 30, seed: 0 },
+  greedy: { label: 'Greedy, no repetition penalty (128 new tokens)', mode: 'greedy', max_new_tokens: 128, temperature: '', top_k: '', top_p: '', repetition_penalty: 1, seed: 0 },
+  sample: { label: 'Sampling (temperature 0.7, top-p 0.9)', mode: 'sample', max_new_tokens: 128, temperature: 0.7, top_k: '', top_p: 0.9, repetition_penalty: 1.1, seed: 0 },
+};
+
+function decodingFields() {
+  const preset = h('select', { name: 'preset', class: 'wide' },
+    Object.entries(DECODING_PRESETS).map(([k, p]) => h('option', { value: k }, p.label)),
+    h('option', { value: 'custom' }, 'Custom'));
+  const f = {
+    max_new_tokens: input({ name: 'max_new_tokens', inputmode: 'numeric' }),
+    temperature: input({ name: 'temperature', inputmode: 'decimal' }),
+    top_k: input({ name: 'top_k', inputmode: 'numeric', placeholder: 'off' }),
+    top_p: input({ name: 'top_p', inputmode: 'decimal', placeholder: 'off' }),
+    repetition_penalty: input({ name: 'repetition_penalty', inputmode: 'decimal' }),
+    seed: input({ name: 'seed', inputmode: 'numeric' }),
+  };
+  const bounds = {
+    max_new_tokens: { integer: true, min: 1, max: 4096 },
+    temperature: { min: 0, max: 2, minExclusive: true },
+    top_k: { integer: true, min: 1, optional: true },
+    top_p: { min: 0, max: 1, minExclusive: true, optional: true },
+    repetition_penalty: { min: 0, minExclusive: true, max: 100 },
+    seed: { integer: true, min: 0 },
+  };
+  const modeRadio = (value, label) => {
+    const el = h('input', { type: 'radio', name: 'decoding-mode', id: `decoding-${value}`, value });
+    return [el, h('div', { class: 'check' }, el, h('label', { for: `decoding-${value}` }, label))];
+  };
+  const [greedy, greedyChoice] = modeRadio('greedy', 'Greedy (always the most likely token)');
+  const [sample, sampleChoice] = modeRadio('sample', 'Sampling (temperature, top-k, top-p)');
+  const samplingOnly = [f.temperature, f.top_k, f.top_p];
+  const syncMode = () => {
+    for (const el of samplingOnly) {
+      el.disabled = greedy.checked;
+      el.closest('.field')?.classList.toggle('disabled', greedy.checked);
+    }
+  };
+  const apply = (p) => {
+    greedy.checked = p.mode === 'greedy';
+    sample.checked = p.mode !== 'greedy';
+    for (const k of Object.keys(f)) f[k].value = p[k] ?? '';
+    syncMode();
+  };
+  preset.addEventListener('change', () => {
+    if (preset.value !== 'custom') apply(DECODING_PRESETS[preset.value]);
+  });
+  // Any edit makes the settings custom: the preset's name must never claim what is not sent.
+  const toCustom = () => {
+    preset.value = 'custom';
+  };
+  for (const el of [...Object.values(f), greedy, sample]) el.addEventListener('input', toCustom);
+  for (const el of [greedy, sample]) el.addEventListener('change', () => {
+    toCustom();
+    syncMode();
+  });
+  preset.value = 'reference';
+  apply(DECODING_PRESETS.reference);
+  const F = (key, label, hint) => field({ id: `gen-${key}`, label, input: f[key], hint });
+  const el = h('fieldset', { 'data-testid': 'decoding' },
+    h('legend', {}, 'Decoding'),
+    field({ id: 'gen-preset', label: 'Preset', input: preset, hint: 'Fills the settings below; changing any of them makes them custom. Every setting is sent and kept with the run.' }),
+    h('fieldset', { class: 'segmented' }, h('legend', {}, 'Mode'), greedyChoice, sampleChoice),
+    h('div', { class: 'grid-fields' },
+      F('max_new_tokens', 'Max new tokens'),
+      F('repetition_penalty', 'Repetition penalty', '1 is off; above 1 discourages repeating tokens.'),
+      F('seed', 'Seed'),
+      F('temperature', 'Temperature', 'Sampling only; above 0, at most 2.'),
+      F('top_k', 'Top-k', 'Sampling only; empty for off.'),
+      F('top_p', 'Top-p', 'Sampling only; in (0, 1], empty for off.'),
+    ),
+  );
+  return {
+    el,
+    checks() {
+      return Object.entries(bounds)
+        .filter(([k]) => !(greedy.checked && samplingOnly.includes(f[k])))
+        .map(([k, b]) => [f[k], () => {
+          const r = parseNumber(f[k].value, b);
+          if (r.error) return r.error;
+          if (r.value === null && !b.optional) return 'Required.';
+          return null;
+        }]);
+    },
+    values() {
+      const n = (k) => (f[k].value.trim() === '' ? undefined : Number(f[k].value));
+      const out = {
+        max_new_tokens: n('max_new_tokens'),
+        repetition_penalty: n('repetition_penalty'),
+        seed: n('seed'),
+        temperature: greedy.checked ? 0 : n('temperature'),
+      };
+      if (!greedy.checked) {
+        if (n('top_k') !== undefined) out.top_k = n('top_k');
+        if (n('top_p') !== undefined) out.top_p = n('top_p');
+      }
+      return out;
+    },
+    /** Set from a run's request or metadata (numbers or their text). */
+    set(src) {
+      const t = Number(src.temperature ?? 0);
+      apply({
+        mode: t === 0 ? 'greedy' : 'sample',
+        max_new_tokens: src.max_new_tokens ?? 50,
+        temperature: t === 0 ? '' : t,
+        top_k: src.top_k ?? '',
+        top_p: src.top_p ?? '',
+        repetition_penalty: src.repetition_penalty ?? 30,
+        seed: src.seed ?? 0,
+      });
+      const match = Object.entries(DECODING_PRESETS).find(([, p]) => Object.keys(f).every((k) => String(p[k]) === f[k].value) && (p.mode === 'greedy') === greedy.checked);
+      preset.value = match ? match[0] : 'custom';
+    },
+  };
 }
 
 // --- Training -------------------------------------------------------------------------------
@@ -322,6 +517,8 @@ function buildTrainForm(ctx, plugins) {
     lora_alpha: input({ name: 'lora_alpha', value: '32', inputmode: 'decimal' }),
     lora_dropout: input({ name: 'lora_dropout', value: '0.1', inputmode: 'decimal' }),
     target_modules: input({ name: 'target_modules', value: '', placeholder: 'model default', autocomplete: 'off', class: 'mono' }),
+    logging_steps: input({ name: 'logging_steps', value: '20', inputmode: 'numeric' }),
+    seed: input({ name: 'seed', value: '42', inputmode: 'numeric' }),
   };
   const numbers = {
     num_train_epochs: { min: 0, minExclusive: true, label: 'Epochs' },
@@ -334,6 +531,8 @@ function buildTrainForm(ctx, plugins) {
     r: { integer: true, min: 1, max: 4096 },
     lora_alpha: { min: 0, minExclusive: true },
     lora_dropout: { min: 0, max: 1, maxExclusive: true },
+    logging_steps: { integer: true, min: 1 },
+    seed: { integer: true, min: 0 },
   };
   const F = (key, label, hint) => field({ id: `train-${key}`, label, input: f[key], hint });
   const button = h('button', { type: 'submit', class: 'primary' }, 'Launch training');
@@ -357,6 +556,8 @@ function buildTrainForm(ctx, plugins) {
       F('warmup_ratio', 'Warm-up ratio', 'Fraction of the steps spent warming up.'),
       F('per_device_train_batch_size', 'Batch size per device'),
       F('gradient_accumulation_steps', 'Gradient accumulation steps'),
+      F('logging_steps', 'Logging steps', 'Loss and learning rate are logged every this many steps.'),
+      F('seed', 'Seed', 'Batch order and dropout masks follow it.'),
     ),
     h('fieldset', { class: 'grid' },
       h('legend', {}, 'LoRA'),
@@ -407,6 +608,8 @@ function buildTrainForm(ctx, plugins) {
       lr_scheduler_type: f.lr_scheduler_type.value,
       warmup_ratio: values.warmup_ratio,
       max_seq_length: values.max_seq_length,
+      logging_steps: values.logging_steps,
+      seed: values.seed,
       lora: {
         r: values.r,
         lora_alpha: values.lora_alpha,
@@ -418,5 +621,21 @@ function buildTrainForm(ctx, plugins) {
     if (f.name.value.trim()) body.name = f.name.value.trim();
     submit(body, button, box, ctx);
   });
+  form.prefill = (run) => {
+    const c = run.request ?? {};
+    const md = run.metadata ?? {};
+    f.name.value = `${run.name} (copy)`;
+    f.model.value = c.model_name_or_path ?? md.model ?? f.model.value;
+    f.dataset.value = c.dataset ?? md.dataset ?? f.dataset.value;
+    if (c.formatter) f.formatter.value = c.formatter;
+    for (const key of ['num_train_epochs', 'learning_rate', 'per_device_train_batch_size', 'gradient_accumulation_steps', 'warmup_ratio', 'max_seq_length', 'logging_steps', 'seed']) {
+      if (c[key] !== undefined && c[key] !== null) f[key].value = String(c[key]);
+    }
+    f.max_steps.value = c.max_steps > 0 ? String(c.max_steps) : '';
+    if (c.lr_scheduler_type && [...f.lr_scheduler_type.options].some((o) => o.value === c.lr_scheduler_type)) f.lr_scheduler_type.value = c.lr_scheduler_type;
+    const lora = c.lora ?? {};
+    for (const key of ['r', 'lora_alpha', 'lora_dropout']) if (lora[key] !== undefined) f[key].value = String(lora[key]);
+    f.target_modules.value = (lora.target_modules ?? []).join(', ');
+  };
   return form;
 }

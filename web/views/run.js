@@ -1,14 +1,18 @@
 // One run: its metadata and scores, and while it is queued or running a live view fed by the
 // server-sent events at /api/runs/ID/events (progress, training loss and learning rate, tokens/s
 // and ETA, the log). Eval runs also list their samples with per-sample scores and errors.
+// Actions: Resume (interrupted, failed, cancelled), Cancel (queued, running), Clone (the launch
+// form filled with this run's settings), Delete (finished runs), tags and notes. Every setting
+// the run used is listed under Settings.
 
 import { api } from '../lib/api.js';
 import { lineChart, runColor } from '../lib/charts.js';
 import { h, replace, throttleFrame } from '../lib/dom.js';
 import { dateTime, duration, elapsed, interval, isActive, num, runLabel } from '../lib/format.js';
-import { messageBox, statusBadge } from './common.js';
+import { field, messageBox, outcome, reportControl, runBadge } from './common.js';
 
 const POLL_MS = 2000;
+const SLOW_POLL_MS = 10000;
 const MAX_LOG_LINES = 2000;
 const SAMPLES_PAGE = 100;
 
@@ -19,9 +23,15 @@ export async function mountRun(main, ctx) {
 
   // --- Header and actions ---
   const statusSlot = h('span', { 'data-testid': 'run-status', 'data-status': run.status });
-  const cancelButton = h('button', { type: 'button', class: 'danger' }, 'Cancel run');
+  const resumeButton = h('button', { type: 'button', class: 'primary', 'data-testid': 'resume-run' }, 'Resume');
+  const cancelButton = h('button', { type: 'button', class: 'danger', 'data-testid': 'cancel-run' }, 'Cancel run');
+  const cloneLink = h('a', { class: 'button', href: `#/launch?clone=${encodeURIComponent(run.id)}`, 'data-testid': 'clone-run' }, 'Clone');
+  const deleteButton = h('button', { type: 'button', class: 'danger', 'data-testid': 'delete-run' }, 'Delete');
   const actionMessage = messageBox();
   const errorBox = h('div', { class: 'message form-error', role: 'alert', hidden: true });
+  // The interrupted state says what happened and offers the way on, in the same place.
+  const bannerResume = h('button', { type: 'button', class: 'primary' }, 'Resume this run');
+  const banner = h('div', { class: 'message banner', 'data-testid': 'run-banner', hidden: true });
 
   // --- Progress ---
   const progress = h('progress', { max: 1, value: 0, 'aria-labelledby': 'progress-label', 'data-testid': 'run-progress' });
@@ -37,6 +47,7 @@ export async function mountRun(main, ctx) {
   // --- Scores, details, log, samples ---
   const scoresSection = h('section', { 'aria-labelledby': 'scores-h', class: 'panel' });
   const detailsSection = h('section', { 'aria-labelledby': 'details-h', class: 'panel' });
+  const notes = notesView(run, ctx);
   // role=log on the scrolling box (a live region for additions); the lines are a plain list.
   const logList = h('ol', { class: 'plain' });
   const logBox = h('div', { class: 'log', role: 'log', 'aria-live': 'polite', 'aria-relevant': 'additions', 'aria-labelledby': 'log-h', tabindex: 0, 'data-testid': 'run-log' }, logList);
@@ -55,31 +66,50 @@ export async function mountRun(main, ctx) {
         h('h1', {}, runLabel(run)),
         h('p', { class: 'muted' }, h('span', { class: 'kind' }, `${run.kind} run`), ' · ', h('span', { class: 'mono' }, run.id)),
       ),
-      h('div', { class: 'head-actions' }, statusSlot, cancelButton),
+      h('div', { class: 'head-actions', role: 'group', 'aria-label': 'Run actions' }, statusSlot, resumeButton, cancelButton, cloneLink, deleteButton),
     ),
     actionMessage.el,
+    banner,
     errorBox,
     progressSection,
     training?.el,
     scoresSection,
     samplesSection,
-    logSection,
     detailsSection,
+    notes.el,
+    logSection,
   );
 
   const renderRecord = () => {
-    replace(statusSlot, statusBadge(run.status));
+    replace(statusSlot, runBadge(run));
     statusSlot.dataset.status = run.status;
+    statusSlot.dataset.outcome = outcome(run);
+    const resumable = ['interrupted', 'failed', 'cancelled'].includes(run.status);
+    resumeButton.hidden = !resumable;
     cancelButton.hidden = !isActive(run.status);
+    deleteButton.hidden = isActive(run.status);
     errorBox.hidden = !run.error;
     errorBox.textContent = run.error ? `This run failed: ${run.error}` : '';
+    renderBanner();
     setProgress(run.progress);
     if (!isActive(run.status)) training?.settle();
-    renderScores(scoresSection, run);
+    // The record is re-read every few seconds: rebuild a panel only when what it shows changed,
+    // so focus and a half-chosen report format survive the polling.
+    const scoresKey = JSON.stringify([run.status, run.scores, run.aggregates, run.reference_aggregates, run.corpus]);
+    if (scoresKey !== shownScores) {
+      shownScores = scoresKey;
+      renderScores(scoresSection, run);
+    }
     // Training runs have no scores of their own; keep the panel for runs that do.
     scoresSection.hidden = run.kind === 'train' && Object.keys(run.aggregates ?? {}).length === 0;
-    renderDetails(detailsSection, run);
+    const detailsKey = JSON.stringify([run.created, run.started, run.finished, run.metadata, run.request, run.usage, isActive(run.status)]);
+    if (detailsKey !== shownDetails || isActive(run.status)) {
+      shownDetails = detailsKey;
+      renderDetails(detailsSection, run);
+    }
   };
+  let shownScores = null;
+  let shownDetails = null;
 
   const setProgress = (p) => {
     if (!p) return;
@@ -92,7 +122,65 @@ export async function mountRun(main, ctx) {
     progressSection.hidden = !total && !isActive(run.status);
   };
 
+  let firstErrors = null; // { count, example } from the samples, once loaded
+  function renderBanner() {
+    const o = outcome(run);
+    if (run.status === 'interrupted') {
+      banner.className = 'message banner status-banner-warn';
+      replace(banner, h('p', {}, h('strong', {}, 'Interrupted. '),
+        run.kind === 'train'
+          ? 'The server stopped while this run was training. Resuming continues from its newest checkpoint.'
+          : 'The server stopped while this run was working. Resuming starts it over.'),
+      bannerResume);
+      banner.hidden = false;
+    } else if (o === 'failed-scores' || o === 'done-with-errors') {
+      banner.className = 'message banner form-error';
+      banner.setAttribute('role', 'alert');
+      const missing = (run.scores ?? []).filter((sc) => !run.aggregates?.[sc.name]).map((sc) => sc.name);
+      replace(banner, h('p', {},
+        h('strong', {}, o === 'failed-scores' ? 'No scores: every metric failed on every sample. ' : 'Done with errors: '),
+        `${missing.join(', ')} ${missing.length === 1 ? 'has' : 'have'} no value for any sample.`,
+        firstErrors?.example ? [' The first error: ', h('span', { class: 'mono' }, firstErrors.example)] : ' The errors are in the samples table below.'));
+      banner.hidden = false;
+    } else {
+      banner.hidden = true;
+      banner.removeAttribute('role');
+    }
+  }
+
   renderRecord();
+
+  // --- Resume, delete ---
+  const resume = async (button) => {
+    button.disabled = true;
+    actionMessage.clear();
+    try {
+      const res = await api.resume(run.id);
+      run = { ...run, status: res?.status ?? 'queued', error: null, finished: null };
+      renderRecord();
+      actionMessage.ok(`Resumed; the run is ${run.status}.`);
+      ctx.announce(`Run ${run.status}.`);
+      startLive();
+    } catch (e) {
+      actionMessage.error(`Could not resume: ${e.message}`);
+    } finally {
+      button.disabled = false;
+    }
+  };
+  resumeButton.addEventListener('click', () => resume(resumeButton));
+  bannerResume.addEventListener('click', () => resume(bannerResume));
+  deleteButton.addEventListener('click', async () => {
+    if (!window.confirm(`Delete ${runLabel(run)} with its samples and log? This cannot be undone.`)) return;
+    deleteButton.disabled = true;
+    try {
+      await api.deleteRun(run.id);
+      ctx.announce(`Run ${runLabel(run)} deleted.`);
+      window.location.hash = '#/runs';
+    } catch (e) {
+      actionMessage.error(`Could not delete: ${e.message}`);
+      deleteButton.disabled = false;
+    }
+  });
 
   // --- Cancel ---
   cancelButton.addEventListener('click', async () => {
@@ -118,6 +206,12 @@ export async function mountRun(main, ctx) {
     samplesLoaded = true;
     try {
       const samples = await api.samples(run.id, { signal: ctx.signal });
+      const withErrors = (samples ?? []).filter((x) => x.errors && Object.keys(x.errors).length);
+      if (withErrors.length) {
+        const [k, v] = Object.entries(withErrors[0].errors)[0];
+        firstErrors = { count: withErrors.length, example: `${k}: ${v}` };
+        renderBanner();
+      }
       renderSamples(samplesSection, run, samples ?? []);
     } catch (e) {
       if (ctx.signal.aborted) return;
@@ -127,6 +221,8 @@ export async function mountRun(main, ctx) {
   };
 
   // --- Live updates ---
+  // The record is re-read every 2 s while the run is active and every 10 s after, so the page
+  // follows a run that changes state elsewhere (resumed from another tab, the server restarted).
   let finished = !isActive(run.status);
   let timer = null;
   const refresh = async () => {
@@ -138,15 +234,24 @@ export async function mountRun(main, ctx) {
       renderRecord();
       if (changed) ctx.announce(`Run ${run.status}.`);
       if (!isActive(run.status)) onFinished();
+      else if (finished) startLive();
     } catch (e) {
       if (ctx.signal.aborted) return;
+      if (e.status === 404) {
+        actionMessage.error('This run no longer exists: it was deleted.');
+        return;
+      }
     }
-    if (!finished && !ctx.signal.aborted) timer = setTimeout(refresh, POLL_MS);
+    schedule();
+  };
+  const schedule = () => {
+    clearTimeout(timer);
+    if (!ctx.signal.aborted) timer = setTimeout(refresh, finished ? SLOW_POLL_MS : POLL_MS);
   };
   const onFinished = () => {
     if (finished) return;
     finished = true;
-    clearTimeout(timer);
+    samplesLoaded = false;
     loadSamples();
     // The server ends the stream itself once the run is over; do not wait forever if it doesn't.
     setTimeout(() => closeStream(), 10000);
@@ -154,7 +259,7 @@ export async function mountRun(main, ctx) {
   ctx.signal.addEventListener('abort', () => clearTimeout(timer));
 
   if (finished) loadSamples();
-  else timer = setTimeout(refresh, POLL_MS);
+  schedule();
 
   const appendLog = (level, message) => {
     const stick = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 24;
@@ -182,12 +287,14 @@ export async function mountRun(main, ctx) {
         // The stream replays a run's history from the start; a replayed "running" must not
         // undo the "done" the record already says. Statuses only move forward.
         if (data.status && rank(data.status) > rank(run.status)) {
-          run = { ...run, status: data.status };
-          renderRecord();
-          ctx.announce(`Run ${data.status}.`);
           if (!isActive(data.status)) {
-            // Fetch the final record (scores, finish time) before showing samples.
+            // Show the end only with the final record (scores, finish time): "done" without its
+            // aggregates would read, for a moment, as "failed: no scores".
             refresh();
+          } else {
+            run = { ...run, status: data.status };
+            renderRecord();
+            ctx.announce(`Run ${data.status}.`);
           }
         }
         break;
@@ -199,6 +306,7 @@ export async function mountRun(main, ctx) {
         appendLog(data.level ?? 'info', data.message ?? '');
         break;
       case 'loss':
+      case 'step':
         training?.add(data);
         break;
       default:
@@ -211,26 +319,41 @@ export async function mountRun(main, ctx) {
     if (!stream) return;
     stream.close();
     stream = null;
-    streamState.textContent = isActive(run.status) ? 'Live updates stopped; the page still checks every 2 s.' : '';
   };
   ctx.signal.addEventListener('abort', () => {
-    stream?.close();
-    stream = null;
+    closeStream();
     training?.destroy();
   });
-  if (typeof EventSource !== 'undefined') {
-    stream = new EventSource(api.eventsUrl(run.id));
-    streamState.textContent = isActive(run.status) ? 'Connecting…' : '';
-    for (const type of ['status', 'progress', 'log', 'loss', 'message']) stream.addEventListener(type, onEvent);
-    stream.addEventListener('open', () => {
-      if (!finished) streamState.textContent = 'Live';
+  // Read with fetch (the bearer header), reconnecting with Last-Event-ID while the run is active.
+  const openStream = () => {
+    if (stream) return;
+    stream = api.followEvents(run.id, {
+      signal: ctx.signal,
+      onEvent,
+      // The server ends the stream once the run is over; reconnect only while it is not.
+      shouldReconnect: () => !finished && isActive(run.status),
+      onState(state, message) {
+        if (ctx.signal.aborted) return;
+        if (state === 'live') streamState.textContent = finished ? '' : 'Live';
+        else if (state === 'connecting') streamState.textContent = isActive(run.status) ? 'Connecting…' : '';
+        else if (state === 'reconnecting') streamState.textContent = isActive(run.status) ? 'Reconnecting…' : '';
+        else if (state === 'closed') {
+          stream = null;
+          streamState.textContent = isActive(run.status)
+            ? `Live updates stopped${message ? ` (${message})` : ''}; the page still checks every 2 s.`
+            : '';
+        }
+      },
     });
-    stream.addEventListener('error', () => {
-      // The server closes the stream after the run ends; EventSource would reconnect forever.
-      if (finished || !isActive(run.status)) closeStream();
-      else streamState.textContent = 'Reconnecting…';
-    });
+  };
+  // The run became active again (resumed): follow it live once more.
+  function startLive() {
+    finished = false;
+    training?.reopen();
+    openStream();
+    schedule();
   }
+  openStream();
 }
 
 const rank = (status) => (status === 'queued' ? 0 : status === 'running' ? 1 : 2);
@@ -258,10 +381,33 @@ function trainingView() {
     title: 'Learning rate', xLabel: 'step', yLabel: 'learning rate', height: 180,
     series: [{ label: 'learning rate', color: runColor(2) }],
   });
+  // Each evaluation's values (eval_loss and the generation metrics' eval_<score>), a row per
+  // evaluation, step 0 (before training) included.
+  const evalBody = h('tbody');
+  const evalHead = h('tr');
+  const evalColumns = [];
+  const evalTable = h('div', { class: 'table-scroll', tabindex: '0', role: 'region', 'aria-label': 'Evaluations', hidden: '' },
+    h('table', { 'data-testid': 'evaluations' }, h('caption', {}, 'Evaluations'), h('thead', {}, evalHead), evalBody));
+  const addEvaluation = (d) => {
+    const values = { ...(d.eval_metrics ?? {}) };
+    if (val(d.eval_loss) !== null) values.eval_loss = d.eval_loss;
+    const keys = Object.keys(values).filter((k) => k !== 'eval_samples_per_second');
+    if (!keys.length) return;
+    for (const k of keys.sort()) {
+      if (!evalColumns.includes(k)) evalColumns.push(k);
+    }
+    evalHead.replaceChildren(h('th', { scope: 'col' }, 'step'), ...evalColumns.map((k) => h('th', { scope: 'col' }, k === 'eval_runtime' ? 'seconds' : k.replace(/^eval_/, ''))));
+    const existing = [...evalBody.children].find((r) => r.dataset.step === String(d.step));
+    const row = h('tr', { 'data-step': String(d.step) }, h('td', { class: 'num' }, String(d.step)),
+      ...evalColumns.map((k) => h('td', { class: 'num' }, values[k] === undefined ? '' : num(values[k]))));
+    if (existing) existing.replaceWith(row); else evalBody.append(row);
+    evalTable.hidden = false;
+  };
   const el = h('section', { 'aria-labelledby': 'training-h', class: 'panel' },
     h('h2', { id: 'training-h' }, 'Training'),
     h('dl', { class: 'stats', 'data-testid': 'training-stats' }, Object.entries(stats).map(([k, dd]) => h('div', {}, h('dt', {}, labels[k]), dd))),
     h('div', { class: 'charts' }, lossChart.el, lrChart.el),
+    evalTable,
   );
   const steps = [];
   const loss = [];
@@ -273,6 +419,13 @@ function trainingView() {
   });
   const val = (x) => (x === undefined ? null : x);
   let settled = false; // the run is over; replayed events must not bring back an ETA
+  // The ETA counts down between logged steps (they may be many seconds apart), from the
+  // server's last estimate; each new estimate resets it.
+  let etaAt = null;
+  const tick = setInterval(() => {
+    if (settled || etaAt === null) return;
+    stats.eta_seconds.textContent = duration(Math.max(0, (etaAt - Date.now()) / 1000));
+  }, 1000);
   return {
     el,
     add(d) {
@@ -296,6 +449,7 @@ function trainingView() {
           i = steps.length - 1;
         }
       }
+      addEvaluation(d);
       if (val(d.loss) !== null) loss[i] = d.loss;
       if (val(d.eval_loss) !== null) evalLoss[i] = d.eval_loss;
       if (val(d.learning_rate) !== null) lr[i] = d.learning_rate;
@@ -306,15 +460,24 @@ function trainingView() {
       if (val(d.learning_rate) !== null) stats.learning_rate.textContent = d.learning_rate.toExponential(2);
       if (val(d.grad_norm) !== null) stats.grad_norm.textContent = num(d.grad_norm);
       if (val(d.tokens_per_second) !== null) stats.tokens_per_second.textContent = Math.round(d.tokens_per_second).toLocaleString('en');
-      if (val(d.eta_seconds) !== null && !settled) stats.eta_seconds.textContent = duration(d.eta_seconds);
+      if (val(d.eta_seconds) !== null && !settled) {
+        etaAt = Date.now() + d.eta_seconds * 1000;
+        stats.eta_seconds.textContent = duration(d.eta_seconds);
+      }
       draw();
+    },
+    /** The run is going again (resumed): ETAs count once more. */
+    reopen() {
+      settled = false;
     },
     /** The run is over: a time left no longer means anything. */
     settle() {
       settled = true;
+      etaAt = null;
       stats.eta_seconds.textContent = '—';
     },
     destroy() {
+      clearInterval(tick);
       lossChart.destroy();
       lrChart.destroy();
     },
@@ -334,7 +497,8 @@ function renderScores(section, run) {
     return;
   }
   replace(section,
-    h('h2', { id: 'scores-h' }, 'Scores'),
+    h('div', { class: 'section-head' }, h('h2', { id: 'scores-h' }, 'Scores'),
+      isActive(run.status) ? null : reportControl([run.id], 'run-report')),
     infos.length ? h('div', { class: 'table-scroll' }, h('table', { class: 'data', 'data-testid': 'aggregates-table' },
       h('caption', {}, 'Mean over samples with its 95% bootstrap interval'),
       h('thead', {}, h('tr', {},
@@ -371,25 +535,105 @@ export function direction(score) {
     h('span', { class: 'visually-hidden' }, score.higher_is_better ? '(higher is better)' : '(lower is better)'));
 }
 
+// Settings a person reads first, in this order; the rest follow alphabetically.
+const SETTING_ORDER = [
+  'model', 'model_name_or_path', 'adapter', 'adapter_name', 'dataset', 'split', 'limit', 'formatter',
+  'decoding', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'repetition_penalty', 'seed',
+  'num_train_epochs', 'max_steps', 'learning_rate', 'lr_scheduler_type', 'warmup_ratio', 'warmup_steps',
+  'per_device_train_batch_size', 'gradient_accumulation_steps', 'max_seq_length', 'logging_steps',
+  'lora.r', 'lora.lora_alpha', 'lora.lora_dropout', 'lora.target_modules', 'lora', 'metrics',
+];
+
+/** `{a: {b: 1}}` → `[['a.b', '1']]`; lists joined with commas, empty values shown as such. */
+function flatten(obj, prefix = '') {
+  const out = [];
+  for (const [k, v] of Object.entries(obj ?? {})) {
+    const key = prefix ? `${prefix}.${k}` : k;
+    if (v && typeof v === 'object' && !Array.isArray(v)) out.push(...flatten(v, key));
+    else if (Array.isArray(v)) out.push([key, v.length ? v.map((x) => (typeof x === 'object' ? JSON.stringify(x) : String(x))).join(', ') : '(none)']);
+    else out.push([key, v === null || v === undefined ? '(none)' : String(v)]);
+  }
+  return out;
+}
+
+/** Every setting the run used: its launch request (train, generate), then metadata. */
+export function runSettings(run) {
+  const seen = new Map();
+  for (const [k, v] of flatten(run.request)) seen.set(k, v);
+  for (const [k, v] of Object.entries(run.metadata ?? {})) {
+    // The request is the fuller source; metadata adds what it lacks (adapter name, metrics…).
+    const key = k === 'model' && seen.has('model_name_or_path') ? 'model_name_or_path' : k;
+    if (!seen.has(key)) seen.set(key, typeof v === 'string' ? v : JSON.stringify(v));
+  }
+  const rank = (k) => {
+    const i = SETTING_ORDER.indexOf(k);
+    return i === -1 ? SETTING_ORDER.length : i;
+  };
+  return [...seen.entries()].sort(([a], [b]) => rank(a) - rank(b) || a.localeCompare(b));
+}
+
 function renderDetails(section, run) {
-  const md = Object.entries(run.metadata ?? {});
   const u = run.usage ?? {};
-  const rows = [
+  const times = [
     ['Created', dateTime(run.created)],
     ['Started', dateTime(run.started)],
     ['Finished', dateTime(run.finished)],
     ['Duration', run.started ? elapsed(run.started, run.finished) : '—'],
-    ...md.map(([k, v]) => [k, typeof v === 'string' ? v : JSON.stringify(v)]),
   ];
   if (u.requests) {
-    rows.push(['LLM requests', `${u.requests} (${u.cached ?? 0} cached)`]);
-    rows.push(['Tokens', `${(u.prompt_tokens ?? 0).toLocaleString('en')} prompt, ${(u.completion_tokens ?? 0).toLocaleString('en')} completion`]);
-    if (u.cost_usd) rows.push(['Estimated cost', `$${u.cost_usd.toFixed(4)}`]);
+    times.push(['LLM requests', `${u.requests} (${u.cached ?? 0} cached)`]);
+    times.push(['Tokens', `${(u.prompt_tokens ?? 0).toLocaleString('en')} prompt, ${(u.completion_tokens ?? 0).toLocaleString('en')} completion`]);
+    if (u.cost_usd) times.push(['Estimated cost', `$${u.cost_usd.toFixed(4)}`]);
   }
+  const settings = runSettings(run);
   replace(section,
-    h('h2', { id: 'details-h' }, 'Details'),
-    h('dl', { class: 'details', 'data-testid': 'run-metadata' }, rows.map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', {}, v)))),
+    h('h2', { id: 'details-h' }, 'Settings and details'),
+    settings.length ? [
+      h('h3', {}, 'Settings used'),
+      h('dl', { class: 'details settings', 'data-testid': 'run-settings' },
+        settings.map(([k, v]) => h('div', { 'data-setting': k }, h('dt', { class: 'mono' }, k), h('dd', {}, v)))),
+    ] : h('p', { class: 'muted' }, 'The server recorded no settings for this run.'),
+    h('h3', {}, 'Times'),
+    h('dl', { class: 'details', 'data-testid': 'run-metadata' }, times.map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', {}, v)))),
   );
+}
+
+/** Tags and notes, saved with PATCH /api/runs/ID. */
+function notesView(run, ctx) {
+  const tags = h('input', { type: 'text', autocomplete: 'off', placeholder: 'e.g. baseline, r16' });
+  tags.value = (run.tags ?? []).join(', ');
+  const notes = h('textarea', { rows: 3 });
+  notes.value = run.notes ?? '';
+  const save = h('button', { type: 'submit' }, 'Save tags and notes');
+  const box = messageBox();
+  const shown = h('ul', { class: 'tags', 'aria-label': 'Current tags', 'data-testid': 'run-tags' });
+  const showTags = (list) => replace(shown, list.map((t) => h('li', {}, t)));
+  showTags(run.tags ?? []);
+  const form = h('form', { class: 'panel', 'aria-labelledby': 'notes-h', 'data-testid': 'run-notes' },
+    h('div', { class: 'section-head' }, h('h2', { id: 'notes-h' }, 'Tags and notes'), shown),
+    field({ id: 'run-tags-input', label: 'Tags', input: tags, hint: 'Comma-separated; the runs list filters by them.' }),
+    field({ id: 'run-notes-input', label: 'Notes', input: notes }),
+    box.el,
+    h('div', { class: 'actions' }, save),
+  );
+  form.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    box.clear();
+    const list = [...new Set(tags.value.split(',').map((t) => t.trim()).filter(Boolean))];
+    save.disabled = true;
+    try {
+      const updated = await api.updateRun(run.id, { tags: list, notes: notes.value });
+      showTags(updated?.tags ?? list);
+      tags.value = (updated?.tags ?? list).join(', ');
+      box.ok('Saved.');
+      ctx.announce('Tags and notes saved.');
+    } catch (err) {
+      box.error(`Not saved: ${err.message}`);
+    } finally {
+      save.disabled = false;
+    }
+  });
+  return { el: form };
 }
 
 function renderSamples(section, run, samples) {

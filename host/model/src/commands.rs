@@ -14,6 +14,7 @@ use crate::chat::Message;
 use crate::config::{FalconConfig, LlamaConfig, ModelConfig};
 use crate::generate::{Decoding, Flow, GenerationConfig, generate_ids, generate_ids_with};
 use crate::linear::LinearBuilder;
+use crate::lora::TargetModules;
 use crate::loader::{self, LoadOptions, LoadedModel};
 use crate::loss::{Formatter, LossOutput, Row, TokenizeOptions, eval_loss as loss_of_rows};
 use crate::params::{self, ParamCount};
@@ -52,8 +53,10 @@ pub enum Quantize {
     Nf4,
 }
 
-/// Builds the `LinearBuilder` for a quantization and an optional adapter. This is the one place
-/// where NF4 and LoRA adapters get wired in once `linear.rs` offers them.
+/// Builds the `LinearBuilder` for a quantization and an optional adapter (for the benchmark and
+/// the trainer's re-read of a written adapter, which build the adapter into the layers as they
+/// load). Commands that load a model with an adapter go through [`load_model`], whose
+/// [`with_adapter`] checks that the adapter fits.
 pub fn linear_builder(quantize: Quantize, adapter: Option<&Path>) -> Result<LinearBuilder> {
     let mut builder = match quantize {
         Quantize::Nf4 => LinearBuilder::nf4(),
@@ -68,23 +71,44 @@ pub fn linear_builder(quantize: Quantize, adapter: Option<&Path>) -> Result<Line
     Ok(builder)
 }
 
-/// Loads `model`: `smollm2`, a checkpoint folder, a `.gguf` file or a hub id.
+/// Loads `model`: `smollm2`, a checkpoint folder, a `.gguf` file or a hub id; with an adapter,
+/// attached through [`with_adapter`], the one path every adapter takes onto a model.
 pub fn load_model(
     model: &str,
     adapter: Option<&Path>,
     quantize: Quantize,
     rt: &Runtime,
 ) -> Result<LoadedModel> {
-    load_model_with(model, linear_builder(quantize, adapter)?, rt)
+    let base = load_model_with(model, linear_builder(quantize, None)?, rt)?;
+    match adapter {
+        None => Ok(base),
+        Some(dir) => with_adapter(&base, dir),
+    }
 }
 
 /// `base` with the PEFT adapter in `dir` on top, unmerged. The copy shares the base's frozen
 /// weights (tensors are reference-counted), so switching adapters never reloads the base.
+///
+/// The adapter must fit: every entry of its `target_modules` matches a linear layer of the
+/// model, and every tensor of its file lands on one. A Llama adapter on a Falcon is an error
+/// naming what did not match, never the base model's output in disguise.
 pub fn with_adapter(base: &LoadedModel, dir: &Path) -> Result<LoadedModel> {
     let registry = crate::peft::load_adapter(dir)
         .and_then(|a| a.into_registry())
         .with_context(|| format!("failed to load the adapter in {}", dir.display()))?;
     let mut model = base.clone();
+    let names: Vec<String> = model
+        .model
+        .linears_mut()
+        .into_iter()
+        .map(|l| l.name.clone())
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    registry
+        .config()
+        .target_modules
+        .check_against(&names)
+        .with_context(|| format!("the adapter in {} does not fit the model", dir.display()))?;
     let attached = registry
         .attach(&mut model.model)
         .with_context(|| format!("the adapter in {} does not fit the model", dir.display()))?;
@@ -98,6 +122,20 @@ pub fn with_adapter(base: &LoadedModel, dir: &Path) -> Result<LoadedModel> {
         );
     }
     Ok(model)
+}
+
+/// Checks `target_modules` against `model`'s linear layers from its config alone (no weights
+/// are read), so a typo is refused before a training run is queued.
+pub fn check_target_modules(model: &str, target_modules: &[String], rt: &Runtime) -> Result<()> {
+    if target_modules.is_empty() {
+        return Ok(());
+    }
+    let config = model_config(model, rt)?;
+    let (linears, _) = params::shapes(&config);
+    let names: Vec<&str> = linears.iter().map(|l| l.name.as_str()).collect();
+    TargetModules::names(target_modules.iter().cloned())
+        .check_against(&names)
+        .with_context(|| format!("lora.target_modules for {model}"))
 }
 
 /// Loads `model` with a prepared builder (e.g. NF4 with fresh adapters for training).

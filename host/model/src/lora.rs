@@ -44,6 +44,43 @@ impl TargetModules {
             TargetModules::AllLinear => !suffix_match(module, "lm_head"),
         }
     }
+
+    /// Every entry that matches none of `modules` (a regex is one entry): a typo in
+    /// `target_modules` must be an error, never an adapter quietly missing a layer.
+    pub fn unmatched(&self, modules: &[&str]) -> Vec<String> {
+        match self {
+            TargetModules::Names(names) => names
+                .iter()
+                .filter(|t| !modules.iter().any(|m| suffix_match(m, t)))
+                .cloned()
+                .collect(),
+            TargetModules::Regex(re) if !modules.iter().any(|m| full_match(re, m)) => {
+                vec![re.clone()]
+            }
+            TargetModules::AllLinear if !modules.iter().any(|m| self.matches(m)) => {
+                vec!["all-linear".into()]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// [`Self::unmatched`] as an error naming what the model does have.
+    pub fn check_against(&self, modules: &[&str]) -> std::result::Result<(), LoraError> {
+        let targets = self.unmatched(modules);
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let mut kinds: Vec<&str> = modules
+            .iter()
+            .map(|m| m.rsplit('.').next().unwrap_or(m))
+            .collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        Err(LoraError::UnmatchedTargets {
+            targets,
+            available: kinds.join(", "),
+        })
+    }
 }
 
 fn suffix_match(module: &str, target: &str) -> bool {
@@ -133,6 +170,13 @@ pub enum LoraError {
     Unused {
         origin: String,
         modules: Vec<String>,
+    },
+    #[error(
+        "target_modules {targets:?} match no linear layer of the model (its linear layers are named: {available})"
+    )]
+    UnmatchedTargets {
+        targets: Vec<String>,
+        available: String,
     },
 }
 

@@ -10,11 +10,11 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use serde_json::json;
 
-use crate::cli::Context;
 use crate::cli::output::{progress_bar, table};
+use crate::cli::{Context, ExitCode};
 use crate::eval::input::read_predictions;
 use crate::eval::pipeline::{self, EvalEnv, EvalRequest};
-use crate::store::{Estimate, RunRecord, SampleRecord};
+use crate::store::{Estimate, RunRecord, RunStatus, SampleRecord};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -44,7 +44,17 @@ pub struct EvalArgs {
     /// beside the model's.
     #[arg(long)]
     pub score_references: bool,
+
+    /// Exit with code 4 when any sample has an error (by default only a metric that failed on
+    /// every sample makes `eval` fail, with code 3).
+    #[arg(long)]
+    pub strict: bool,
 }
+
+/// `eval`'s exit code when a metric failed on every sample (the run is `failed`).
+pub const EXIT_METRIC_FAILED: u8 = 3;
+/// `eval --strict`'s exit code when some samples have errors.
+pub const EXIT_SAMPLE_ERRORS: u8 = 4;
 
 pub fn run(args: EvalArgs, ctx: &Context) -> Result<()> {
     // `-v` prints how long each phase took.
@@ -105,6 +115,29 @@ pub fn run(args: EvalArgs, ctx: &Context) -> Result<()> {
             .with_context(|| format!("failed to write {}", path.display()))?;
     }
     took("printing and writing the results");
+    if run.status == RunStatus::Failed {
+        return Err(ExitCode::new(
+            EXIT_METRIC_FAILED,
+            format!(
+                "run {} failed: {}",
+                run.id,
+                run.error.as_deref().unwrap_or("see `adapterlab runs show`")
+            ),
+        )
+        .into());
+    }
+    let with_errors = samples.iter().filter(|s| !s.errors.is_empty()).count();
+    if args.strict && with_errors > 0 {
+        return Err(ExitCode::new(
+            EXIT_SAMPLE_ERRORS,
+            format!(
+                "--strict: {with_errors} of {} samples have errors (run {})",
+                samples.len(),
+                run.id
+            ),
+        )
+        .into());
+    }
     Ok(())
 }
 
@@ -117,6 +150,9 @@ pub fn results_json(run: &RunRecord, samples: &[SampleRecord]) -> serde_json::Va
         "status": run.status.as_str(),
         "aggregates": run.aggregates.iter().map(|(k, e)| (k.clone(), est(e))).collect::<serde_json::Map<_, _>>(),
         "corpus": run.corpus,
+        "metric_errors": run.metric_errors,
+        "plugins": run.plugins,
+        "error": run.error,
         "samples": samples.iter().map(|s| {
             let mut v = json!({"id": s.id, "scores": s.scores, "errors": s.errors});
             if !s.reference_scores.is_empty() {
@@ -183,6 +219,9 @@ pub fn print_summary(run: &RunRecord, samples: &[SampleRecord]) {
     print!("{}", table(&header, &rows));
     for (k, v) in &run.corpus {
         println!("corpus {k}: {v:.4}");
+    }
+    for (metric, e) in &run.metric_errors {
+        eprintln!("error: {metric}: {e}");
     }
     let mut errors: BTreeMap<&str, usize> = BTreeMap::new();
     for s in samples {

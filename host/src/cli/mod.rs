@@ -13,12 +13,15 @@ mod eval;
 mod model;
 mod output;
 mod plugins;
+mod push;
 mod report;
 mod runs;
 mod serve;
+mod store;
 mod train;
 
 pub use output::print_error;
+pub use push::{PushArgs, prepare as push_request};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,6 +63,12 @@ pub enum Command {
     /// List, check and install plugins (WebAssembly components).
     #[command(subcommand)]
     Plugins(plugins::PluginsCommand),
+    /// Publish an adapter (or a merged model) with its model card and stored evaluation
+    /// results to the Hugging Face Hub (HF_TOKEN, HF_ENDPOINT).
+    Push(push::PushArgs),
+    /// Check the store: read every record, report what cannot be read, quarantine it.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// Count trainable and all parameters of a LoRA setup from config.json alone, as PEFT's
     /// print_trainable_parameters does.
     Params(model::ParamsArgs),
@@ -76,6 +85,28 @@ pub enum Command {
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
+
+/// An error that asks for a particular exit code (documented per command), so scripts can
+/// tell, say, a metric that failed everywhere from a bad command line.
+#[derive(Debug)]
+pub struct ExitCode {
+    pub code: u8,
+    pub message: String,
+}
+
+impl ExitCode {
+    pub fn new(code: u8, message: String) -> Self {
+        ExitCode { code, message }
+    }
+}
+
+impl std::fmt::Display for ExitCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ExitCode {}
 
 /// Everything a command needs from the environment, resolved lazily and once.
 pub struct Context {
@@ -153,6 +184,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Runs(cmd) => runs::run(cmd, &ctx),
         Command::Report(args) => report::run(args, &ctx),
         Command::Plugins(cmd) => plugins::run(cmd, &ctx),
+        Command::Store(cmd) => store::run(cmd, &ctx),
+        Command::Push(args) => push::run(args, &ctx),
         Command::Params(args) => model::params(args, &ctx),
         Command::Generate(args) => model::generate(args, &ctx),
         Command::EvalLoss(args) => model::eval_loss(args, &ctx),

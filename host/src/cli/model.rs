@@ -91,7 +91,8 @@ pub struct GenerateArgs {
     /// `smollm2` (default model), a checkpoint folder, a `.gguf` file or a hub id.
     #[arg(long, default_value = "smollm2")]
     pub model: String,
-    /// A PEFT adapter folder, applied unmerged.
+    /// A PEFT adapter folder, a stored adapter's name or the id of the run that trained it;
+    /// applied unmerged.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// One prompt.
@@ -133,7 +134,25 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-pub fn generate(args: GenerateArgs, ctx: &Context) -> Result<()> {
+/// `--adapter` as the server takes it: a PEFT folder, a stored adapter's name, or the id of the
+/// training run that made it. The store is opened only when the argument is not a folder.
+fn resolve_adapter(ctx: &Context, adapter: Option<PathBuf>) -> Result<Option<PathBuf>> {
+    let Some(spec) = adapter else {
+        return Ok(None);
+    };
+    if spec.join("adapter_config.json").is_file() {
+        return Ok(Some(spec));
+    }
+    let name = spec.to_string_lossy();
+    let store = ctx
+        .store()
+        .with_context(|| format!("--adapter {name}: not a PEFT folder, and the store holding adapter names cannot be opened"))?;
+    let found = crate::infer::run::resolve_adapter(&store, &name).context("--adapter")?;
+    Ok(Some(found.dir))
+}
+
+pub fn generate(mut args: GenerateArgs, ctx: &Context) -> Result<()> {
+    args.adapter = resolve_adapter(ctx, args.adapter.take())?;
     let sampled = !args.greedy
         && (args.temperature.is_some() || args.top_k.is_some() || args.top_p.is_some());
     let runtime = model_runtime(ctx)?;
@@ -246,7 +265,8 @@ pub struct EvalLossArgs {
     pub json: bool,
 }
 
-pub fn eval_loss(args: EvalLossArgs, ctx: &Context) -> Result<()> {
+pub fn eval_loss(mut args: EvalLossArgs, ctx: &Context) -> Result<()> {
+    args.adapter = resolve_adapter(ctx, args.adapter.take())?;
     let rows = read_rows(&args.data)?;
     let opts = EvalLossOptions {
         model: args.model.clone(),
@@ -314,7 +334,10 @@ pub struct MergeArgs {
     pub out: PathBuf,
 }
 
-pub fn merge(args: MergeArgs, _ctx: &Context) -> Result<()> {
+pub fn merge(mut args: MergeArgs, ctx: &Context) -> Result<()> {
+    if let Some(dir) = resolve_adapter(ctx, Some(args.adapter.clone()))? {
+        args.adapter = dir;
+    }
     let report = adapterlab_model::merge::merge_model_dir(
         &args.model,
         &args.adapter,

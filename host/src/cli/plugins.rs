@@ -30,6 +30,10 @@ pub enum PluginsCommand {
         file: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Allow a component named like a built-in plugin (e.g. `rouge`) to replace the
+        /// built-in for every run of this data directory. Runs record it as a user plugin.
+        #[arg(long)]
+        replace_builtin: bool,
     },
 }
 
@@ -73,11 +77,29 @@ pub fn run(cmd: PluginsCommand, ctx: &Context) -> Result<()> {
             print_meta(&plugin.meta, json, "ok")?;
             Ok(())
         }
-        PluginsCommand::Install { file, json } => {
+        PluginsCommand::Install {
+            file,
+            json,
+            replace_builtin,
+        } => {
             let bytes = std::fs::read(&file)
                 .with_context(|| format!("failed to read {}", file.display()))?;
-            let plugin = registry::install(&ctx.runtime()?, &ctx.data_dir.plugins(), &bytes, &file)
-                .with_context(|| format!("{} was not installed", file.display()))?;
+            let plugin = registry::install(
+                &ctx.runtime()?,
+                &ctx.registry()?,
+                &ctx.data_dir.plugins(),
+                &bytes,
+                &file,
+                replace_builtin,
+            )
+            .with_context(|| format!("{} was not installed", file.display()))?;
+            if ctx.registry()?.is_builtin(&plugin.meta.name) {
+                eprintln!(
+                    "warning: {} now replaces the built-in plugin {:?} for every run of this data directory",
+                    file.display(),
+                    plugin.meta.name
+                );
+            }
             ctx.store()?
                 .put_plugin(&registry::install_record(&plugin.meta, &file))?;
             print_meta(&plugin.meta, json, "installed")?;

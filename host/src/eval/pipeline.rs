@@ -27,9 +27,53 @@ use crate::store::{
 
 /// Host-side settings of a metric, taken out of its `--set` keys before the plugin sees them.
 pub const HOST_SETTING_BATCH_SIZE: &str = "batch_size";
-/// The largest `batch_size` host setting accepted.
-pub const MAX_HOST_BATCH_SIZE: u64 = 1_000_000;
+/// The wall-clock deadline of one call of this metric, in milliseconds.
+pub const HOST_SETTING_TIMEOUT_MS: &str = "timeout_ms";
 const LLM_BATCH: usize = 16;
+const MAX_BATCH_SIZE: usize = 1_000_000;
+/// An hour: longer than any sane call, short enough that a typo cannot disable the deadline.
+const MAX_TIMEOUT_MS: u64 = 3_600_000;
+
+/// The host's own settings of one metric, taken out of what the plugin sees.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostSettings {
+    pub batch_size: Option<usize>,
+    pub timeout: Option<std::time::Duration>,
+}
+
+impl HostSettings {
+    /// Take the host's keys out of a metric's settings, checking their values.
+    pub fn take(plugin: &str, settings: &mut BTreeMap<String, String>) -> Result<Self> {
+        let mut host = HostSettings::default();
+        if let Some(v) = settings.remove(HOST_SETTING_BATCH_SIZE) {
+            host.batch_size = Some(
+                v.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|b| (1..=MAX_BATCH_SIZE).contains(b))
+                    .with_context(|| {
+                        format!(
+                            "{plugin}.{HOST_SETTING_BATCH_SIZE} = {v:?}: must be an integer from 1 to {MAX_BATCH_SIZE}"
+                        )
+                    })?,
+            );
+        }
+        if let Some(v) = settings.remove(HOST_SETTING_TIMEOUT_MS) {
+            let ms = v
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|ms| (1..=MAX_TIMEOUT_MS).contains(ms))
+                .with_context(|| {
+                    format!(
+                        "{plugin}.{HOST_SETTING_TIMEOUT_MS} = {v:?}: must be an integer number of milliseconds from 1 to {MAX_TIMEOUT_MS}"
+                    )
+                })?;
+            host.timeout = Some(std::time::Duration::from_millis(ms));
+        }
+        Ok(host)
+    }
+}
 
 /// What to evaluate.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -102,24 +146,14 @@ pub fn validate_metrics(
         }
         plugins.push(plugin);
     }
-    for (plugin, kv) in settings {
+    for (plugin, keys) in settings {
         if !metrics.contains(plugin) {
             bail!(
                 "setting for {plugin:?}, which is not among the requested metrics ({})",
                 metrics.join(", ")
             );
         }
-        // Host settings are checked before queueing, not when the run reaches them.
-        if let Some(v) = kv.get(HOST_SETTING_BATCH_SIZE)
-            && !v
-                .trim()
-                .parse::<u64>()
-                .is_ok_and(|b| (1..=MAX_HOST_BATCH_SIZE).contains(&b))
-        {
-            bail!(
-                "settings.{plugin}.{HOST_SETTING_BATCH_SIZE} is {v:?}; allowed range: 1 to {MAX_HOST_BATCH_SIZE}"
-            );
-        }
+        HostSettings::take(plugin, &mut keys.clone())?;
     }
     Ok(plugins)
 }
@@ -146,6 +180,14 @@ pub fn describe(run: &mut RunRecord, request: &EvalRequest, plugins: &[Plugin]) 
     for p in plugins {
         run.metadata
             .insert(format!("plugin.{}", p.meta.name), p.meta.version.clone());
+        run.plugins.insert(
+            p.meta.name.clone(),
+            crate::store::PluginProvenance {
+                version: p.meta.version.clone(),
+                source: p.meta.provenance().to_string(),
+                sha256: p.meta.sha256.clone(),
+            },
+        );
     }
     run.scores = plugins
         .iter()
@@ -184,6 +226,9 @@ struct BatchDone {
     results: Vec<Result<Vec<(String, f64)>, String>>,
     corpus: Vec<(String, f64)>,
     whole_set: bool,
+    /// An error the plugin gave for the batch as a whole: stored once in the run, while each
+    /// of the batch's samples gets a short pointer to it.
+    batch_error: Option<String>,
 }
 
 /// Run a created run to completion. Returns the final record (done, failed or cancelled).
@@ -255,6 +300,7 @@ pub fn execute_with_samples(
         .collect();
     let mut covered = vec![0usize; n];
     let mut corpus: BTreeMap<String, f64> = BTreeMap::new();
+    let mut metric_errors: BTreeMap<String, String> = BTreeMap::new();
     let mut done = 0u64;
     // What this execution stored, to aggregate without reading it back.
     let mut stored_here: Vec<SampleRecord> = Vec::with_capacity(n);
@@ -279,24 +325,18 @@ pub fn execute_with_samples(
                 .get(&plugin.meta.name)
                 .cloned()
                 .unwrap_or_default();
-            let batch_size = match settings.remove(HOST_SETTING_BATCH_SIZE) {
-                Some(v) => v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|b| *b > 0)
-                    .with_context(|| {
-                        format!(
-                            "{}.{HOST_SETTING_BATCH_SIZE} must be a positive integer",
-                            plugin.meta.name
-                        )
-                    })?,
+            let host = HostSettings::take(&plugin.meta.name, &mut settings)?;
+            let batch_size = match host.batch_size {
+                Some(b) => b,
                 None if plugin.meta.capabilities.contains(&Capability::Chat) => LLM_BATCH,
-                None => samples.len(),
+                None => samples.len().max(1),
             };
             let ctx = CallContext::default()
                 .with_config(settings)
                 .with_services(env.services.clone())
-                .with_log(log.clone());
+                .with_log(log.clone())
+                .with_cancel(env.cancel.clone())
+                .with_deadline(host.timeout);
             let tx = tx.clone();
             let samples = samples.clone();
             let cancel = env.cancel.clone();
@@ -307,6 +347,11 @@ pub fn execute_with_samples(
 
         for batch in rx {
             let plugin_name = &plugins[batch.metric].meta.name;
+            if let Some(message) = &batch.batch_error {
+                metric_errors
+                    .entry(plugin_name.clone())
+                    .or_insert_with(|| message.clone());
+            }
             let mut ready = Vec::new();
             for (index, result) in batch.indices.iter().zip(batch.results) {
                 let (sample, is_reference) = (index % n, *index >= n);
@@ -358,11 +403,6 @@ pub fn execute_with_samples(
     });
 
     let cancelled = env.cancel.load(Ordering::Relaxed);
-    let final_status = match (&outcome, cancelled) {
-        (Err(_), _) => RunStatus::Failed,
-        (Ok(()), true) => RunStatus::Cancelled,
-        (Ok(()), false) => RunStatus::Done,
-    };
     let started = Instant::now();
     // The aggregates cover the run's stored samples. When this execution stored every one,
     // those are the records in hand (the store gives scores back bit for bit); otherwise an
@@ -375,7 +415,39 @@ pub fn execute_with_samples(
     };
     let aggregates = aggregate(&stored, |s| &s.scores);
     let reference_aggregates = aggregate(&stored, |s| &s.reference_scores);
+    let (aggregates, unrepresentable) = representable(aggregates);
+    let (reference_aggregates, _) = representable(reference_aggregates);
+    for score in unrepresentable {
+        metric_errors.insert(
+            score.clone(),
+            format!("the mean of {score} over the run cannot be represented as a finite number"),
+        );
+    }
     tracing::debug!("eval: aggregates took {:.1?}", started.elapsed());
+    // A metric that failed on every sample it was given is a failure of the run, not a
+    // success with an empty column.
+    let failed_everywhere = if cancelled {
+        Vec::new()
+    } else {
+        failed_on_every_sample(plugins, &stored)
+    };
+    let final_status = match (&outcome, cancelled) {
+        (Err(_), _) => RunStatus::Failed,
+        (Ok(()), true) => RunStatus::Cancelled,
+        (Ok(()), false) if !failed_everywhere.is_empty() => RunStatus::Failed,
+        (Ok(()), false) => RunStatus::Done,
+    };
+    let error = match &outcome {
+        Err(e) => Some(format!("{e:#}")),
+        Ok(()) if !failed_everywhere.is_empty() => Some(
+            failed_everywhere
+                .iter()
+                .map(|(metric, example)| format!("metric {metric} failed on every sample: {example}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        Ok(()) => None,
+    };
     let started = Instant::now();
     let run = store.update_run(run_id, |r| {
         r.status = final_status;
@@ -383,7 +455,8 @@ pub fn execute_with_samples(
         r.aggregates = aggregates.clone();
         r.reference_aggregates = reference_aggregates.clone();
         r.corpus = corpus.clone();
-        r.error = outcome.as_ref().err().map(|e| format!("{e:#}"));
+        r.metric_errors.extend(metric_errors.clone());
+        r.error = error.clone();
         r.owner_pid = None;
     })?;
     store.push_event(
@@ -395,6 +468,42 @@ pub fn execute_with_samples(
     store.flush()?;
     tracing::debug!("eval: finishing the run took {:.1?}", started.elapsed());
     outcome.map(|()| (run, stored))
+}
+
+/// Splits off the estimates that JSON and the store cannot hold (an overflowed mean).
+fn representable(
+    estimates: BTreeMap<String, Estimate>,
+) -> (BTreeMap<String, Estimate>, Vec<String>) {
+    let mut bad = Vec::new();
+    let kept = estimates
+        .into_iter()
+        .filter(|(name, e)| {
+            let ok = crate::eval::stats::is_representable(e);
+            if !ok {
+                bad.push(name.clone());
+            }
+            ok
+        })
+        .collect();
+    (kept, bad)
+}
+
+/// The metrics (with one of their errors) that scored none of the stored samples.
+fn failed_on_every_sample(plugins: &[Plugin], stored: &[SampleRecord]) -> Vec<(String, String)> {
+    if stored.is_empty() {
+        return Vec::new();
+    }
+    plugins
+        .iter()
+        .filter_map(|p| {
+            let name = &p.meta.name;
+            let example = stored.iter().find_map(|s| s.errors.get(name))?;
+            stored
+                .iter()
+                .all(|s| s.errors.contains_key(name))
+                .then(|| (name.clone(), example.clone()))
+        })
+        .collect()
 }
 
 /// Mean and bootstrap interval of every score over the samples that have it.
@@ -437,86 +546,128 @@ fn run_metric(
 ) {
     let whole_set = batch_size >= samples.len();
     let mut session = match plugin.session(ctx) {
-        Ok(s) => Some(s),
+        Ok(s) => s,
         Err(e) => {
             let message = e.to_string();
             let _ = tx.send(BatchDone {
                 metric,
                 indices: (0..samples.len()).collect(),
-                results: samples.iter().map(|_| Err(message.clone())).collect(),
+                results: samples.iter().map(|_| Err(pointer_to(&message))).collect(),
                 corpus: vec![],
                 whole_set,
+                batch_error: Some(message),
             });
             return;
         }
     };
-    let session = session.as_mut().unwrap();
     let mut start = 0;
     while start < samples.len() {
         let end = (start + batch_size).min(samples.len());
-        let indices: Vec<usize> = (start..end).collect();
         if cancel.load(Ordering::Relaxed) {
             // Unscored samples of a cancelled run keep the reason instead of vanishing.
             let _ = tx.send(BatchDone {
                 metric,
-                results: indices
-                    .iter()
-                    .map(|_| Err("run cancelled".into()))
-                    .collect(),
-                indices,
+                results: (start..end).map(|_| Err("run cancelled".into())).collect(),
+                indices: (start..end).collect(),
                 corpus: vec![],
                 whole_set: false,
+                batch_error: None,
             });
             start = end;
             continue;
         }
-        let batch = &samples[start..end];
         let started = Instant::now();
-        let (results, corpus) = match session.score(batch, &plugin.meta) {
-            Ok(b) => (
-                b.samples.into_iter().map(from_sample_result).collect(),
-                b.corpus,
-            ),
-            Err(e @ (PluginError::Trap { .. } | PluginError::Malformed { .. }))
-                if batch.len() > 1 =>
-            {
-                tracing::warn!("{e}; retrying its batch one sample at a time");
-                let results = batch
-                    .iter()
-                    .map(
-                        |s| match session.score(std::slice::from_ref(s), &plugin.meta) {
-                            Ok(mut b) => from_sample_result(b.samples.remove(0)),
-                            Err(e) => Err(e.to_string()),
-                        },
-                    )
-                    .collect();
-                (results, vec![])
-            }
-            Err(e) => {
-                let message = e.to_string();
-                (batch.iter().map(|_| Err(message.clone())).collect(), vec![])
-            }
+        let mut scorer = Scorer {
+            metric,
+            plugin,
+            session: &mut session,
+            samples,
+            whole_set,
+            tx,
         };
+        if !scorer.score(start, end, true) {
+            return;
+        }
         tracing::debug!(
             "eval: {} scored {} samples in {:.1?}",
             plugin.meta.name,
-            batch.len(),
+            end - start,
             started.elapsed()
         );
-        if tx
-            .send(BatchDone {
-                metric,
-                indices,
-                results,
-                corpus,
-                whole_set,
-            })
-            .is_err()
-        {
-            return;
-        }
         start = end;
     }
+}
+
+/// Scores ranges of samples with one metric, narrowing failures down to the samples that
+/// cause them.
+struct Scorer<'a> {
+    metric: usize,
+    plugin: &'a Plugin,
+    session: &'a mut crate::plugin::Session,
+    samples: &'a [Sample],
+    whole_set: bool,
+    tx: &'a mpsc::Sender<BatchDone>,
+}
+
+impl Scorer<'_> {
+    /// Score `samples[start..end]` and send what came of each sample. When the batch traps,
+    /// times out, runs out of memory or returns malformed output, its halves are scored
+    /// apart, down to single samples, so only the culprits carry the error and every other
+    /// sample keeps its score. Returns false once nobody listens any more.
+    fn score(&mut self, start: usize, end: usize, top: bool) -> bool {
+        let batch = &self.samples[start..end];
+        let (results, corpus, batch_error) = match self.session.score(batch, &self.plugin.meta) {
+            Ok(b) => (
+                b.samples.into_iter().map(from_sample_result).collect(),
+                if top { b.corpus } else { Vec::new() },
+                None,
+            ),
+            Err(e) if batch.len() > 1 && is_isolatable(&e) => {
+                tracing::warn!("{e}; scoring its batch in halves to find the failing samples");
+                let mid = start + batch.len() / 2;
+                return self.score(start, mid, false) && self.score(mid, end, false);
+            }
+            Err(PluginError::Failed { message, .. }) if batch.len() > 1 => {
+                let results = batch.iter().map(|_| Err(pointer_to(&message))).collect();
+                (results, Vec::new(), Some(message))
+            }
+            Err(e) => {
+                let message = e.to_string();
+                (batch.iter().map(|_| Err(message.clone())).collect(), Vec::new(), None)
+            }
+        };
+        self.tx
+            .send(BatchDone {
+                metric: self.metric,
+                indices: (start..end).collect(),
+                results,
+                corpus,
+                whole_set: self.whole_set && top,
+                batch_error,
+            })
+            .is_ok()
+    }
+}
+
+/// Failures that may come from one sample of the batch rather than from the batch.
+fn is_isolatable(e: &PluginError) -> bool {
+    matches!(
+        e,
+        PluginError::Trap { .. }
+            | PluginError::Malformed { .. }
+            | PluginError::Timeout { .. }
+            | PluginError::OutOfMemory { .. }
+            | PluginError::MemoryBudget { .. }
+    )
+}
+
+/// What each sample of a failed batch says: the start of the batch's error, which is stored
+/// once, whole, in the run's `metric_errors`.
+fn pointer_to(message: &str) -> String {
+    format!(
+        "the whole batch failed (the run's metric errors hold the full message): {}",
+        crate::plugin::limits::truncate(message, 200)
+    )
 }
 
 fn from_sample_result(r: SampleResult) -> Result<Vec<(String, f64)>, String> {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::llm::LlmClient;
-use crate::plugin::HostServices;
+use crate::plugin::{HostServices, Interrupt};
 use crate::plugin::wit::types::{ChatRequest, ChatResponse, EncoderInfo, TokenEmbeddings};
 
 /// A loaded encoder that returns contextual token embeddings.
@@ -103,19 +103,47 @@ impl HostServices for EvalServices {
         self.encoder(model, layer)?.embed(texts)
     }
 
-    fn chat(&self, request: &ChatRequest) -> Result<ChatResponse, String> {
+    fn chat(&self, request: &ChatRequest, stop: &Interrupt) -> Result<ChatResponse, String> {
         let (client, handle) = self.llm.as_ref().ok_or("no LLM client is configured")?;
-        handle.block_on(client.complete(request))
+        handle.block_on(async {
+            tokio::select! {
+                response = client.complete(request) => response,
+                reason = stopped(stop) => Err(format!("chat request abandoned: {reason}")),
+            }
+        })
     }
 
-    fn chat_many(&self, requests: &[ChatRequest]) -> Vec<Result<ChatResponse, String>> {
-        match &self.llm {
-            Some((client, handle)) => handle.block_on(client.complete_many(requests)),
-            None => requests
+    fn chat_many(
+        &self,
+        requests: &[ChatRequest],
+        stop: &Interrupt,
+    ) -> Vec<Result<ChatResponse, String>> {
+        let Some((client, handle)) = &self.llm else {
+            return requests
                 .iter()
                 .map(|_| Err("no LLM client is configured".to_string()))
-                .collect(),
+                .collect();
+        };
+        handle.block_on(async {
+            tokio::select! {
+                responses = client.complete_many(requests) => responses,
+                reason = stopped(stop) => {
+                    let e = format!("chat request abandoned: {reason}");
+                    requests.iter().map(|_| Err(e.clone())).collect()
+                }
+            }
+        })
+    }
+}
+
+/// Resolves once `stop` says the calling plugin must stop. Dropping the request future that
+/// raced it aborts the HTTP request, retries and back-off sleeps included.
+async fn stopped(stop: &Interrupt) -> &'static str {
+    loop {
+        if let Some(reason) = stop.reason() {
+            return reason;
         }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 

@@ -36,9 +36,26 @@ pub fn bootstrap_means(columns: &[&[f64]]) -> Vec<Estimate> {
         };
         return vec![nan; columns.len()];
     }
+    // Finite scores can still overflow a sum (50 scores of 4e306). Such columns are summed
+    // as x / n instead: never larger in magnitude than the largest score. Ordinary columns
+    // keep the plain sum, which is what every other tool computes, to the bit.
+    let scaled: Vec<bool> = columns.iter().map(|c| may_overflow(c)).collect();
+    let columns: Vec<std::borrow::Cow<'_, [f64]>> = columns
+        .iter()
+        .zip(&scaled)
+        .map(|(c, scaled)| {
+            if *scaled {
+                std::borrow::Cow::Owned(c.iter().map(|x| x / n as f64).collect())
+            } else {
+                std::borrow::Cow::Borrowed(*c)
+            }
+        })
+        .collect();
+    let divisor = |scaled: bool| if scaled { 1.0 } else { n as f64 };
     let means: Vec<f64> = columns
         .iter()
-        .map(|c| c.iter().sum::<f64>() / n as f64)
+        .zip(&scaled)
+        .map(|(c, s)| c.iter().sum::<f64>() / divisor(*s))
         .collect();
     if n == 1 {
         return means
@@ -58,12 +75,12 @@ pub fn bootstrap_means(columns: &[&[f64]]) -> Vec<Estimate> {
         sums.fill(-0.0);
         for _ in 0..n {
             let i = rng.random_range(0..n);
-            for (sum, column) in sums.iter_mut().zip(columns) {
+            for (sum, column) in sums.iter_mut().zip(&columns) {
                 *sum += column[i];
             }
         }
-        for (means, sum) in resampled.iter_mut().zip(&sums) {
-            means.push(sum / n as f64);
+        for ((means, sum), s) in resampled.iter_mut().zip(&sums).zip(&scaled) {
+            means.push(sum / divisor(*s));
         }
     }
     means
@@ -76,11 +93,36 @@ pub fn bootstrap_means(columns: &[&[f64]]) -> Vec<Estimate> {
         .collect()
 }
 
+/// Whether summing `values` could leave the finite range.
+fn may_overflow(values: &[f64]) -> bool {
+    let largest = values.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    largest > f64::MAX / values.len().max(1) as f64
+}
+
 /// `candidate[i] - baseline[i]` over paired samples: its mean and a 95% paired-bootstrap
 /// interval (resampling pairs, so per-sample difficulty cancels out).
 pub fn paired_difference(baseline: &[f64], candidate: &[f64]) -> Estimate {
     let diffs: Vec<f64> = baseline.iter().zip(candidate).map(|(a, b)| b - a).collect();
-    bootstrap_mean(&diffs)
+    if diffs.iter().all(|d| d.is_finite()) {
+        return bootstrap_mean(&diffs);
+    }
+    // A difference of two finite scores can overflow (1e308 - -1e308); halved, it cannot.
+    let halves: Vec<f64> = baseline
+        .iter()
+        .zip(candidate)
+        .map(|(a, b)| b / 2.0 - a / 2.0)
+        .collect();
+    let half = bootstrap_mean(&halves);
+    Estimate {
+        mean: half.mean * 2.0,
+        low: half.low * 2.0,
+        high: half.high * 2.0,
+    }
+}
+
+/// Whether every field is a finite number: what the store and JSON can represent.
+pub fn is_representable(e: &Estimate) -> bool {
+    e.mean.is_finite() && e.low.is_finite() && e.high.is_finite()
 }
 
 /// Significant at 95% when the interval excludes zero.
@@ -142,6 +184,18 @@ mod tests {
                 assert_eq!(x.to_bits(), y.to_bits(), "{estimate:?} vs {alone:?}");
             }
         }
+    }
+
+    #[test]
+    fn huge_finite_scores_do_not_overflow_the_mean() {
+        let values = vec![4e306; 50];
+        let e = bootstrap_mean(&values);
+        assert!(is_representable(&e), "{e:?}");
+        assert!((e.mean / 4e306 - 1.0).abs() < 1e-12, "{e:?}");
+        let d = paired_difference(&[-1e308; 3], &[1e308; 3]);
+        assert!(d.mean.is_infinite(), "2e308 is not representable: {d:?}");
+        let d = paired_difference(&[-6e307; 3], &[6e307; 3]);
+        assert!(is_representable(&d) && (d.mean / 1.2e308 - 1.0).abs() < 1e-12, "{d:?}");
     }
 
     #[test]

@@ -279,6 +279,15 @@ pub fn create_run(
             format!("{} given rows", request.inputs.len()),
         );
     }
+    // Every setting that shapes the generations is kept with the run: two runs that differ
+    // only in decoding must be told apart (and a repetition penalty of 30 must not hide).
+    metadata.insert("formatter".to_string(), request.formatter.clone());
+    if let Some(limit) = request.limit {
+        metadata.insert("limit".to_string(), limit.to_string());
+    }
+    for (key, value) in decoding_metadata(&request.sampling) {
+        metadata.insert(key.to_string(), value);
+    }
     run.metadata = metadata;
     if !request.metrics.is_empty() {
         pipeline::describe(&mut run, &eval_request(request, Vec::new()), plugins);
@@ -287,6 +296,32 @@ pub fn create_run(
     store.put_request(&run.id, request)?;
     store.put_run(&run)?;
     Ok(run)
+}
+
+/// The decoding settings as run metadata, under the request's field names.
+pub fn decoding_metadata(s: &Sampling) -> Vec<(&'static str, String)> {
+    let mut out = vec![
+        (
+            "decoding",
+            if s.temperature == 0.0 {
+                "greedy".to_string()
+            } else {
+                "sampling".to_string()
+            },
+        ),
+        ("max_new_tokens", s.max_new_tokens.to_string()),
+        ("temperature", s.temperature.to_string()),
+        ("repetition_penalty", s.repetition_penalty.to_string()),
+        ("seed", s.seed.to_string()),
+        ("batch_size", s.batch_size.to_string()),
+    ];
+    if let Some(k) = s.top_k {
+        out.push(("top_k", k.to_string()));
+    }
+    if let Some(p) = s.top_p {
+        out.push(("top_p", p.to_string()));
+    }
+    out
 }
 
 fn eval_request(request: &GenerateRequest, rows: Vec<PredictionRow>) -> EvalRequest {
@@ -452,6 +487,18 @@ pub fn execute(env: &GenerateEnv, run_id: &str, request: &GenerateRequest) -> Re
             }
         };
     log(format!("scoring with {}", scoring.metrics.join(", ")));
-    store.update_run(run_id, |r| pipeline::describe(r, &scoring, &plugins))?;
-    pipeline::execute(&env.eval, run_id, &scoring, &plugins)
+    let run = store.update_run(run_id, |r| pipeline::describe(r, &scoring, &plugins))?;
+    let generation_started = run.started;
+    let mut result = pipeline::execute(&env.eval, run_id, &scoring, &plugins);
+    // The pipeline stamps `started` when scoring begins; the run started with the generation,
+    // and its duration must count it (a 25 s run once read "Duration 2 s").
+    if let Some(started) = generation_started {
+        let run = store
+            .update_run(run_id, |r| r.started = Some(started.clone()))
+            .context("restoring the run's start time after scoring")?;
+        if let Ok(done) = &mut result {
+            done.started = run.started;
+        }
+    }
+    result
 }

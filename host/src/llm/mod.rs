@@ -1,12 +1,17 @@
 //! The LLM client: OpenAI chat completions with bounded concurrency, retries with backoff
-//! (honouring `Retry-After`), a response cache in the store, and usage accounting.
+//! (honouring `Retry-After`), a response cache in the store, identical requests in flight
+//! sent once, and usage accounting that counts every attempt. Its errors are redacted
+//! (URL credentials, keys): they reach plugins and the store.
 //!
 //! **Architecture Invariant:** only this module speaks the OpenAI HTTP API as a client.
 //! Plugins reach it through the `chat` capability; the key never enters a plugin.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -56,6 +61,8 @@ impl LlmConfig {
     }
 }
 
+type Answer = Result<ChatResponse, String>;
+
 /// A chat-completions client shared by every plugin call of a run.
 #[derive(Clone)]
 pub struct LlmClient {
@@ -64,6 +71,8 @@ pub struct LlmClient {
     limit: Arc<Semaphore>,
     cache: Option<Store>,
     usage: Arc<Mutex<Usage>>,
+    /// Requests being sent, by cache key: an identical request joins the one in flight.
+    in_flight: Arc<Mutex<HashMap<String, Shared<BoxFuture<'static, Answer>>>>>,
 }
 
 impl LlmClient {
@@ -78,7 +87,22 @@ impl LlmClient {
             config: Arc::new(config),
             cache,
             usage: Arc::new(Mutex::new(Usage::default())),
+            in_flight: Arc::default(),
         })
+    }
+
+    /// `{base}/chat/completions`, keeping the base URL's query (Azure's `?api-version=`).
+    fn endpoint(&self) -> Result<reqwest::Url, String> {
+        let base = self.config.base_url.trim();
+        let mut url = reqwest::Url::parse(base).map_err(|e| {
+            crate::redact::redact(&format!("OPENAI_BASE_URL {base:?} is not a URL: {e}"))
+        })?;
+        url.path_segments_mut()
+            .map_err(|()| crate::redact::redact(&format!("OPENAI_BASE_URL {base:?} cannot have a path")))?
+            .pop_if_empty()
+            .push("chat")
+            .push("completions");
+        Ok(url)
     }
 
     pub fn usage(&self) -> Usage {
@@ -117,11 +141,38 @@ impl LlmClient {
         hex::encode(Sha256::digest(canonical.as_bytes()))
     }
 
-    pub async fn complete(&self, request: &ChatRequest) -> Result<ChatResponse, String> {
+    pub async fn complete(&self, request: &ChatRequest) -> Answer {
         let body = self.body(request);
         let key = self.cache_key(&body);
+        let shared = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            match in_flight.get(&key) {
+                Some(running) => running.clone(),
+                None => {
+                    let this = self.clone();
+                    let owned_key = key.clone();
+                    let fetch = async move {
+                        let answer = this.fetch(body, &owned_key).await;
+                        this.in_flight
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&owned_key);
+                        answer
+                    }
+                    .boxed()
+                    .shared();
+                    in_flight.insert(key, fetch.clone());
+                    fetch
+                }
+            }
+        };
+        shared.await
+    }
+
+    /// The cache, else the server.
+    async fn fetch(&self, body: Value, key: &str) -> Answer {
         if let Some(store) = &self.cache {
-            if let Ok(Some(hit)) = store.cached_response(&key) {
+            if let Ok(Some(hit)) = store.cached_response(key) {
                 if let Ok(mut response) = serde_json::from_value::<ChatResponse>(hit) {
                     response.cached = true;
                     self.usage.lock().unwrap().cached += 1;
@@ -133,7 +184,6 @@ impl LlmClient {
         let response = self.send_with_retries(&body).await?;
         {
             let mut usage = self.usage.lock().unwrap();
-            usage.requests += 1;
             usage.prompt_tokens += response.prompt_tokens as u64;
             usage.completion_tokens += response.completion_tokens as u64;
             usage.cost_usd += cost_usd(
@@ -145,7 +195,7 @@ impl LlmClient {
         // Only successes are cached: a rerun retries what failed.
         if let Some(store) = &self.cache {
             if let Ok(value) = serde_json::to_value(&response) {
-                let _ = store.cache_response(&key, &value);
+                let _ = store.cache_response(key, &value);
             }
         }
         Ok(response)
@@ -158,14 +208,18 @@ impl LlmClient {
         futures::future::join_all(requests.iter().map(|r| self.complete(r))).await
     }
 
-    async fn send_with_retries(&self, body: &Value) -> Result<ChatResponse, String> {
-        let url = format!(
-            "{}/chat/completions",
-            self.config.base_url.trim_end_matches('/')
-        );
+    async fn send_with_retries(&self, body: &Value) -> Answer {
+        let url = self.endpoint()?;
+        // What errors quote: the URL without credentials (they go as basic auth).
+        let shown = crate::redact::redact(url.as_str());
         let mut attempt = 0u32;
         loop {
-            let mut req = self.http.post(&url).json(body);
+            // Every attempt is a request someone may pay for: count it before sending.
+            self.usage.lock().unwrap().requests += 1;
+            let mut req = self.http.post(url.clone()).json(body);
+            if !url.username().is_empty() {
+                req = req.basic_auth(url.username(), url.password());
+            }
             if let Some(key) = &self.config.api_key {
                 req = req.bearer_auth(key);
             }
@@ -179,20 +233,21 @@ impl LlmClient {
                         .and_then(parse_retry_after);
                     let text = resp.text().await.unwrap_or_default();
                     if status.is_success() {
-                        return parse_response(&text);
+                        return parse_response(&text).map_err(|e| crate::redact::redact(&e));
                     }
                     let retryable = status.as_u16() == 429 || status.is_server_error();
                     (
                         retryable,
                         retry_after,
-                        format!("{url} answered {status}: {}", truncate(&text, 300)),
+                        format!("{shown} answered {status}: {}", truncate(&text, 300)),
                     )
                 }
                 Err(e) => {
                     let retryable = e.is_timeout() || e.is_connect() || e.is_request();
-                    (retryable, None, format!("request to {url} failed: {e}"))
+                    (retryable, None, format!("request to {shown} failed: {e}"))
                 }
             };
+            let error = crate::redact::redact(&error);
             if !retryable || attempt >= self.config.max_retries {
                 let tries = attempt + 1;
                 return Err(if tries > 1 {
@@ -347,6 +402,30 @@ mod tests {
         assert_eq!(lp[0].top.len(), 2);
         assert_eq!(r.prompt_tokens, 120);
         assert!(parse_response("oops").is_err());
+    }
+
+    #[test]
+    fn the_endpoint_keeps_the_base_query_and_hides_credentials() {
+        let client = |base: &str| {
+            LlmClient::new(
+                LlmConfig {
+                    base_url: base.into(),
+                    ..LlmConfig::from_env()
+                },
+                None,
+            )
+            .unwrap()
+        };
+        let url = client("https://x.openai.azure.com/openai/deployments/d?api-version=2024-02-01")
+            .endpoint()
+            .unwrap();
+        assert_eq!(
+            url.as_str(),
+            "https://x.openai.azure.com/openai/deployments/d/chat/completions?api-version=2024-02-01"
+        );
+        let url = client("http://127.0.0.1:8080/v1/").endpoint().unwrap();
+        assert_eq!(url.as_str(), "http://127.0.0.1:8080/v1/chat/completions");
+        assert!(client("not a url").endpoint().is_err());
     }
 
     #[test]

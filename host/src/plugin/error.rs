@@ -8,11 +8,19 @@ pub enum PluginError {
     #[error("{path}: not a valid plugin component: {reason}")]
     Invalid { path: String, reason: String },
 
-    #[error("plugin {plugin}: exceeded its deadline of {limit:?} of guest time")]
+    #[error("plugin {plugin}: exceeded its deadline of {limit:?} (wall-clock time of one call)")]
     Timeout { plugin: String, limit: Duration },
+
+    #[error("plugin {plugin}: stopped because its run was cancelled")]
+    Cancelled { plugin: String },
 
     #[error("plugin {plugin}: exceeded its memory limit of {limit_mib} MiB")]
     OutOfMemory { plugin: String, limit_mib: u64 },
+
+    #[error(
+        "plugin {plugin}: the host's memory budget for all running plugins ({limit_mib} MiB) is spent"
+    )]
+    MemoryBudget { plugin: String, limit_mib: u64 },
 
     #[error("plugin {plugin}: trapped: {message}")]
     Trap { plugin: String, message: String },

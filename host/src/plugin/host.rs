@@ -6,11 +6,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::plugin::limits::{self, MemoryBudget};
+use crate::plugin::stdio::CapturedPipe;
 
 use crate::plugin::wit::latest::imports::adapterlab::plugin as caps;
 use crate::plugin::wit::types::{
@@ -35,14 +38,49 @@ pub trait HostServices: Send + Sync {
         Err("no encoder is available in this host".to_string())
     }
 
-    fn chat(&self, request: &ChatRequest) -> Result<ChatResponse, String> {
-        let _ = request;
+    /// One chat completion. It must give up with an error once `stop` says so (the calling
+    /// plugin's deadline passed, or its run was cancelled).
+    fn chat(&self, request: &ChatRequest, stop: &Interrupt) -> Result<ChatResponse, String> {
+        let _ = (request, stop);
         Err("no LLM client is available in this host".to_string())
     }
 
     /// Independent requests; implementations should send them concurrently.
-    fn chat_many(&self, requests: &[ChatRequest]) -> Vec<Result<ChatResponse, String>> {
-        requests.iter().map(|r| self.chat(r)).collect()
+    fn chat_many(
+        &self,
+        requests: &[ChatRequest],
+        stop: &Interrupt,
+    ) -> Vec<Result<ChatResponse, String>> {
+        requests.iter().map(|r| self.chat(r, stop)).collect()
+    }
+}
+
+/// When a host capability call must give up: at the calling plugin's deadline, or as soon as
+/// its run is cancelled.
+#[derive(Debug, Clone)]
+pub struct Interrupt {
+    pub deadline: Instant,
+    pub cancel: Arc<AtomicBool>,
+}
+
+impl Interrupt {
+    /// Why the call must stop now, if it must.
+    pub fn reason(&self) -> Option<&'static str> {
+        if self.cancel.load(Ordering::Relaxed) {
+            Some("the run was cancelled")
+        } else if Instant::now() >= self.deadline {
+            Some("the plugin's deadline passed")
+        } else {
+            None
+        }
+    }
+
+    /// Never stops by itself: for calls made outside a plugin call.
+    pub fn never() -> Self {
+        Interrupt {
+            deadline: Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600),
+            cancel: Arc::default(),
+        }
     }
 }
 
@@ -67,6 +105,11 @@ pub struct CallContext {
     pub config: BTreeMap<String, String>,
     pub services: Arc<dyn HostServices>,
     pub log: LogSink,
+    /// Set when the run is cancelled: the guest is interrupted at its next epoch tick and any
+    /// capability call in flight gives up.
+    pub cancel: Arc<AtomicBool>,
+    /// Overrides the runtime's per-call deadline (a metric's `timeout_ms` setting).
+    pub deadline: Option<Duration>,
 }
 
 impl Default for CallContext {
@@ -77,6 +120,8 @@ impl Default for CallContext {
             log: Arc::new(|line: &LogLine| {
                 tracing::info!(plugin = %line.plugin, "{}", line.message);
             }),
+            cancel: Arc::default(),
+            deadline: None,
         }
     }
 }
@@ -96,36 +141,52 @@ impl CallContext {
         self.log = log;
         self
     }
-}
 
-/// Most lines one call may log; more would let a plugin flood the store.
-const LOG_LINES_PER_CALL: usize = 1000;
-/// Most bytes of stdout and stderr an instance may write in its life; past that its writes
-/// fail, which bounds what a chatty plugin costs.
-const STDIO_CAPTURE_BYTES: usize = 1024 * 1024;
+    pub fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
+    pub fn with_deadline(mut self, deadline: Option<Duration>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+}
 
 /// The data of one plugin's wasmtime `Store`.
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
-    stdout: MemoryOutputPipe,
-    stderr: MemoryOutputPipe,
-    /// How much of stdout/stderr has already been forwarded to the log.
-    stdio_seen: [usize; 2],
+    stdout: CapturedPipe,
+    stderr: CapturedPipe,
+    /// What the guest wrote to stderr during the current call: a trap's message (a Rust
+    /// panic's text, a Python traceback) is there.
+    pub(crate) call_stderr: String,
     pub(crate) plugin: String,
     /// Empty until the manifest is known: while `info` runs, only logging works.
     pub(crate) granted: Vec<Capability>,
     ctx: CallContext,
     log_lines: usize,
+    log_bytes: usize,
+    log_budget_noted: bool,
     log_refused: bool,
     /// Memory cap in bytes, and whether the plugin hit it.
     memory_limit: usize,
     pub(crate) memory_exceeded: bool,
-    /// Time spent in host capabilities during the current call; the deadline counts only the
-    /// rest (the guest's own time), so a slow LLM server does not kill the judge.
-    host_time: Duration,
-    call_started: Instant,
+    /// The budget shared by every live instance, what this one holds of it, and whether the
+    /// shared budget (rather than this instance's cap) stopped a grow.
+    memory_budget: MemoryBudget,
+    memory_reserved: usize,
+    pub(crate) budget_exceeded: bool,
+    /// Wall-clock time one call may take, host capabilities included.
     pub(crate) deadline: Duration,
+    call_started: Instant,
+}
+
+impl Drop for HostState {
+    fn drop(&mut self) {
+        self.memory_budget.release(self.memory_reserved);
+    }
 }
 
 impl HostState {
@@ -133,10 +194,14 @@ impl HostState {
         plugin: &str,
         ctx: CallContext,
         memory_limit: usize,
+        memory_budget: MemoryBudget,
         deadline: Duration,
     ) -> Self {
-        let stdout = MemoryOutputPipe::new(STDIO_CAPTURE_BYTES);
-        let stderr = MemoryOutputPipe::new(STDIO_CAPTURE_BYTES);
+        let deadline = ctx.deadline.unwrap_or(deadline);
+        // One budget for both streams' bytes would let stdout starve a panic message on
+        // stderr; each gets the per-call budget and the log budget caps what is kept.
+        let stdout = CapturedPipe::new(limits::STDIO_BYTES_PER_CALL);
+        let stderr = CapturedPipe::new(limits::STDIO_BYTES_PER_CALL);
         let wasi = WasiCtxBuilder::new()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
@@ -149,17 +214,21 @@ impl HostState {
             table: ResourceTable::new(),
             stdout,
             stderr,
-            stdio_seen: [0, 0],
+            call_stderr: String::new(),
             plugin: plugin.to_string(),
             granted: Vec::new(),
             ctx,
             log_lines: 0,
+            log_bytes: 0,
+            log_budget_noted: false,
             log_refused: false,
             memory_limit,
             memory_exceeded: false,
-            host_time: Duration::ZERO,
-            call_started: Instant::now(),
+            memory_budget,
+            memory_reserved: 0,
+            budget_exceeded: false,
             deadline,
+            call_started: Instant::now(),
         }
     }
 
@@ -167,53 +236,83 @@ impl HostState {
         self.ctx.clone()
     }
 
-    /// Reset the per-call clocks and budgets before each call into the guest.
+    /// Reset the per-call clock and budgets before each call into the guest.
     pub(crate) fn begin_call(&mut self) {
-        self.host_time = Duration::ZERO;
         self.call_started = Instant::now();
         self.log_lines = 0;
+        self.log_bytes = 0;
+        self.log_budget_noted = false;
+        self.call_stderr.clear();
+        self.memory_exceeded = false;
+        self.budget_exceeded = false;
     }
 
-    /// Guest time used by the current call: wall time minus time spent in the host.
-    pub(crate) fn guest_time(&self) -> Duration {
-        self.call_started.elapsed().saturating_sub(self.host_time)
+    /// Whether the current call must stop: its wall-clock deadline passed (time in host
+    /// capabilities counts) or its run was cancelled.
+    pub(crate) fn must_stop(&self) -> bool {
+        self.call_started.elapsed() > self.deadline || self.ctx.cancel.load(Ordering::Relaxed)
     }
 
-    /// Forward what the guest wrote to stdout/stderr since the last flush as log lines.
+    pub(crate) fn cancelled(&self) -> bool {
+        self.ctx.cancel.load(Ordering::Relaxed)
+    }
+
+    fn interrupt(&self) -> Interrupt {
+        Interrupt {
+            deadline: self.call_started + self.deadline,
+            cancel: self.ctx.cancel.clone(),
+        }
+    }
+
+    /// Forward what the guest wrote to stdout/stderr during the call as log lines, and keep
+    /// this call's stderr for a trap's message.
     pub(crate) fn flush_stdio(&mut self) {
-        for (i, level) in [(0, "info"), (1, "warn")] {
-            let pipe = if i == 0 { &self.stdout } else { &self.stderr };
-            let contents = pipe.contents();
-            let fresh = contents
-                .get(self.stdio_seen[i]..)
-                .unwrap_or_default()
-                .to_vec();
-            self.stdio_seen[i] = contents.len();
-            for line in String::from_utf8_lossy(&fresh)
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-            {
+        for (pipe, level) in [(self.stdout.clone(), "info"), (self.stderr.clone(), "warn")] {
+            let (bytes, dropped) = pipe.drain();
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            if level == "warn" {
+                self.call_stderr = limits::error_text(text.trim());
+            }
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
                 self.emit(level, line.to_string());
+            }
+            if dropped > 0 {
+                self.note(format!(
+                    "{dropped} bytes of {} over the budget of {} bytes per call were dropped",
+                    if level == "info" { "stdout" } else { "stderr" },
+                    limits::STDIO_BYTES_PER_CALL
+                ));
             }
         }
     }
 
+    /// A line from the host about the plugin, outside its budget.
+    pub(crate) fn note(&self, message: String) {
+        (self.ctx.log)(&LogLine {
+            plugin: self.plugin.clone(),
+            level: "warn".into(),
+            message,
+        });
+    }
+
     fn emit(&mut self, level: &str, message: String) {
-        if self.log_lines >= LOG_LINES_PER_CALL {
+        if self.log_budget_noted {
+            return;
+        }
+        let message = limits::truncate(&message, limits::MAX_LOG_LINE_BYTES);
+        if self.log_lines >= limits::LOG_LINES_PER_CALL
+            || self.log_bytes + message.len() > limits::LOG_BYTES_PER_CALL
+        {
+            self.log_budget_noted = true;
+            self.note(format!(
+                "log budget of {} lines or {} bytes per call reached; further lines of this call dropped",
+                limits::LOG_LINES_PER_CALL,
+                limits::LOG_BYTES_PER_CALL
+            ));
             return;
         }
         self.log_lines += 1;
-        if self.log_lines == LOG_LINES_PER_CALL {
-            let line = LogLine {
-                plugin: self.plugin.clone(),
-                level: "warn".into(),
-                message: format!(
-                    "log budget of {LOG_LINES_PER_CALL} lines per call reached; further lines dropped"
-                ),
-            };
-            (self.ctx.log)(&line);
-            return;
-        }
+        self.log_bytes += message.len();
         (self.ctx.log)(&LogLine {
             plugin: self.plugin.clone(),
             level: level.to_string(),
@@ -233,13 +332,6 @@ impl HostState {
         }
     }
 
-    /// Run a host service, excluding its duration from the guest's deadline.
-    fn timed<R>(&mut self, f: impl FnOnce(&CallContext) -> R) -> R {
-        let start = Instant::now();
-        let out = f(&self.ctx);
-        self.host_time += start.elapsed();
-        out
-    }
 }
 
 pub fn capability_name(c: Capability) -> &'static str {
@@ -263,16 +355,26 @@ impl WasiView for HostState {
 impl wasmtime::ResourceLimiter for HostState {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        // An error (rather than Ok(false)) traps, so every guest language fails the same
+        // way instead of each handling a failed grow in its own fashion.
         if desired > self.memory_limit {
             self.memory_exceeded = true;
-            // An error (rather than Ok(false)) traps, so every guest language fails the same
-            // way instead of each handling a failed grow in its own fashion.
             wasmtime::bail!("memory limit of {} MiB reached", self.memory_limit >> 20);
         }
+        let more = desired.saturating_sub(current);
+        if !self.memory_budget.reserve(more) {
+            self.memory_exceeded = true;
+            self.budget_exceeded = true;
+            wasmtime::bail!(
+                "the host's memory budget for all running plugins ({} MiB) is spent",
+                self.memory_budget.limit() >> 20
+            );
+        }
+        self.memory_reserved += more;
         Ok(true)
     }
 
@@ -334,7 +436,7 @@ impl caps::config::Host for HostState {
 impl caps::embed::Host for HostState {
     fn info(&mut self, model: Option<String>, layer: Option<u32>) -> Result<EncoderInfo, String> {
         self.require(Capability::Embed)?;
-        self.timed(|ctx| ctx.services.encoder_info(model.as_deref(), layer))
+        self.ctx.services.encoder_info(model.as_deref(), layer)
     }
 
     fn embed(
@@ -344,20 +446,32 @@ impl caps::embed::Host for HostState {
         texts: Vec<String>,
     ) -> Result<Vec<TokenEmbeddings>, String> {
         self.require(Capability::Embed)?;
-        self.timed(|ctx| ctx.services.embed(model.as_deref(), layer, &texts))
+        if let Some(reason) = self.interrupt().reason() {
+            return Err(format!("embed refused: {reason}"));
+        }
+        self.ctx.services.embed(model.as_deref(), layer, &texts)
     }
 }
 
 impl caps::chat::Host for HostState {
     fn complete(&mut self, request: ChatRequest) -> Result<ChatResponse, String> {
         self.require(Capability::Chat)?;
-        self.timed(|ctx| ctx.services.chat(&request))
+        let stop = self.interrupt();
+        if let Some(reason) = stop.reason() {
+            return Err(format!("chat refused: {reason}"));
+        }
+        self.ctx.services.chat(&request, &stop)
     }
 
     fn complete_many(&mut self, requests: Vec<ChatRequest>) -> Vec<Result<ChatResponse, String>> {
         if let Err(e) = self.require(Capability::Chat) {
             return requests.iter().map(|_| Err(e.clone())).collect();
         }
-        self.timed(|ctx| ctx.services.chat_many(&requests))
+        let stop = self.interrupt();
+        if let Some(reason) = stop.reason() {
+            let e = format!("chat refused: {reason}");
+            return requests.iter().map(|_| Err(e.clone())).collect();
+        }
+        self.ctx.services.chat_many(&requests, &stop)
     }
 }

@@ -148,6 +148,14 @@ impl PluginMeta {
         })
     }
 
+    /// `built-in` or `user`: what a run records of where its plugin came from.
+    pub fn provenance(&self) -> &'static str {
+        match self.source {
+            PluginSource::Builtin => "built-in",
+            PluginSource::File(_) => "user",
+        }
+    }
+
     pub fn capability_names(&self) -> Vec<&'static str> {
         self.capabilities
             .iter()

@@ -3,13 +3,15 @@
 
 pub mod error;
 pub mod host;
+pub mod limits;
 pub mod manifest;
 pub mod registry;
 pub mod runtime;
+mod stdio;
 pub mod wit;
 
 pub use error::PluginError;
-pub use host::{CallContext, HostServices, LogLine, NoServices};
+pub use host::{CallContext, HostServices, Interrupt, LogLine, NoServices};
 pub use manifest::{PluginKind, PluginMeta, PluginSource};
 pub use registry::Registry;
 pub use runtime::{CompileSource, Limits, Plugin, Runtime, Session};

@@ -1,5 +1,8 @@
 //! Discovery: the built-in plugins compiled into the binary plus every component in the data
-//! directory's `plugins/` folder. A file plugin with a built-in's name replaces the built-in.
+//! directory's `plugins/` folder. Built-in names are reserved: a file plugin with a built-in's
+//! name is refused, unless it was installed with an explicit `--replace-builtin` (which leaves
+//! a marker beside it); then it replaces the built-in, with a warning, and runs record it as a
+//! user plugin with its own sha256.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +26,8 @@ pub struct Registry {
     plugins: Vec<Plugin>,
     /// Files in the plugins folder that failed to load, with why.
     pub problems: Vec<(PathBuf, String)>,
+    /// The built-ins' names, reserved even where a user's component replaced one.
+    builtin_names: Vec<String>,
 }
 
 impl Registry {
@@ -33,12 +38,25 @@ impl Registry {
             let plugin = runtime
                 .load(bytes, PluginSource::Builtin)
                 .with_context(|| format!("built-in plugin {package} failed to load"))?;
+            registry.builtin_names.push(plugin.meta.name.clone());
             registry.insert(plugin);
         }
         for path in component_files(plugins_dir)? {
             match std::fs::read(&path) {
                 Err(e) => registry.problems.push((path, e.to_string())),
                 Ok(bytes) => match runtime.load(&bytes, PluginSource::File(path.clone())) {
+                    Ok(plugin) if registry.is_builtin(&plugin.meta.name) => {
+                        if replace_marker(plugins_dir, &plugin.meta.name).exists() {
+                            tracing::warn!(
+                                "the user plugin {} replaces the built-in plugin of that name",
+                                path.display()
+                            );
+                            registry.insert(plugin);
+                        } else {
+                            let name = plugin.meta.name.clone();
+                            registry.problems.push((path, reserved_name(&name)));
+                        }
+                    }
                     Ok(plugin) => {
                         if registry.plugins.iter().any(|p| {
                             p.meta.name == plugin.meta.name
@@ -63,6 +81,11 @@ impl Registry {
             tracing::warn!("plugin {} not loaded: {problem}", path.display());
         }
         Ok(registry)
+    }
+
+    /// Whether `name` is a built-in plugin's (reserved) name.
+    pub fn is_builtin(&self, name: &str) -> bool {
+        self.builtin_names.iter().any(|n| n == name)
     }
 
     fn insert(&mut self, plugin: Plugin) {
@@ -143,14 +166,32 @@ pub fn install_record(
     }
 }
 
-/// Validate a component and copy it into `plugins_dir` as `<name>.wasm`.
+/// The file whose presence says the user chose to replace the built-in `name`.
+fn replace_marker(plugins_dir: &Path, name: &str) -> PathBuf {
+    plugins_dir.join(format!(".{name}.replaces-builtin"))
+}
+
+fn reserved_name(name: &str) -> String {
+    format!(
+        "{name:?} is the name of a built-in plugin; to use this component instead of the built-in for every run of this data directory, install it with --replace-builtin (the dashboard: \"replace the built-in\"), or give it another name"
+    )
+}
+
+/// Validate a component and copy it into `plugins_dir` as `<name>.wasm`. A built-in's name is
+/// refused unless `replace_builtin` says the user means to replace it.
 pub fn install(
     runtime: &Runtime,
+    registry: &Registry,
     plugins_dir: &Path,
     bytes: &[u8],
     origin: &Path,
+    replace_builtin: bool,
 ) -> anyhow::Result<Plugin> {
     let plugin = runtime.load(bytes, PluginSource::File(origin.to_path_buf()))?;
+    let builtin = registry.is_builtin(&plugin.meta.name);
+    if builtin && !replace_builtin {
+        anyhow::bail!("{}", reserved_name(&plugin.meta.name));
+    }
     std::fs::create_dir_all(plugins_dir)
         .with_context(|| format!("failed to create {}", plugins_dir.display()))?;
     let dest = plugins_dir.join(format!("{}.wasm", plugin.meta.name));
@@ -162,6 +203,17 @@ pub fn install(
     std::fs::write(&tmp, bytes).with_context(|| format!("failed to write {}", tmp.display()))?;
     std::fs::rename(&tmp, &dest)
         .with_context(|| format!("failed to install {}", dest.display()))?;
+    let marker = replace_marker(plugins_dir, &plugin.meta.name);
+    if builtin {
+        std::fs::write(&marker, b"")
+            .with_context(|| format!("failed to write {}", marker.display()))?;
+        tracing::warn!(
+            "the user plugin {} now replaces the built-in plugin of that name",
+            plugin.meta.name
+        );
+    } else {
+        let _ = std::fs::remove_file(&marker);
+    }
     // Reload from the installed path so the metadata names where it lives now.
     let mut meta = (*plugin.meta).clone();
     meta.source = PluginSource::File(dest);

@@ -16,6 +16,7 @@ use wasmtime::{Config, Engine, OptLevel, Store, StoreContextMut, Trap, UpdateDea
 
 use crate::plugin::error::PluginError;
 use crate::plugin::host::{CallContext, HostState};
+use crate::plugin::limits::{self, MemoryBudget};
 use crate::plugin::manifest::{self, PluginKind, PluginMeta, PluginSource};
 use crate::plugin::wit::latest;
 use crate::plugin::wit::types::{BatchResult, Document, Formatted, Report, Sample, SampleResult};
@@ -23,24 +24,27 @@ use crate::plugin::wit::types::{BatchResult, Document, Formatted, Report, Sample
 /// Resource limits applied to every plugin call.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Guest time (wall time minus time in host capabilities) one call may take.
+    /// Wall-clock time one call may take, time in host capabilities included.
     pub deadline: Duration,
     /// Linear memory one instance may grow to.
     pub memory_bytes: usize,
+    /// Linear memory all live instances of this runtime may hold together.
+    pub total_memory_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            deadline: Duration::from_secs(30),
-            memory_bytes: 512 << 20,
+            deadline: limits::DEFAULT_DEADLINE,
+            memory_bytes: limits::DEFAULT_MEMORY_BYTES,
+            total_memory_bytes: limits::DEFAULT_TOTAL_MEMORY_BYTES,
         }
     }
 }
 
 impl Limits {
-    /// The defaults, overridden by `ADAPTERLAB_PLUGIN_TIMEOUT_MS` and
-    /// `ADAPTERLAB_PLUGIN_MEMORY_MIB`.
+    /// The defaults, overridden by `ADAPTERLAB_PLUGIN_TIMEOUT_MS`,
+    /// `ADAPTERLAB_PLUGIN_MEMORY_MIB` and `ADAPTERLAB_PLUGIN_MEMORY_TOTAL_MIB`.
     pub fn from_env() -> Self {
         let mut limits = Limits::default();
         let var = |k: &str| {
@@ -53,7 +57,10 @@ impl Limits {
             limits.deadline = Duration::from_millis(ms);
         }
         if let Some(mib) = var("ADAPTERLAB_PLUGIN_MEMORY_MIB") {
-            limits.memory_bytes = (mib as usize) << 20;
+            limits.memory_bytes = (mib.min(1 << 20) as usize) << 20;
+        }
+        if let Some(mib) = var("ADAPTERLAB_PLUGIN_MEMORY_TOTAL_MIB") {
+            limits.total_memory_bytes = (mib.min(1 << 24) as usize) << 20;
         }
         limits
     }
@@ -73,6 +80,7 @@ struct RuntimeInner {
     linker: Linker<HostState>,
     cache_dir: Option<PathBuf>,
     limits: Limits,
+    memory_budget: MemoryBudget,
     stop_ticker: Arc<AtomicBool>,
 }
 
@@ -132,6 +140,7 @@ impl Runtime {
                 linker,
                 cache_dir,
                 limits,
+                memory_budget: MemoryBudget::new(limits.total_memory_bytes),
                 stop_ticker,
             }),
         })
@@ -147,6 +156,7 @@ impl Runtime {
             path: source.to_string(),
             reason,
         };
+        check_is_component(bytes).map_err(invalid)?;
         let sha256 = hex::encode(Sha256::digest(bytes));
         let (component, compiled) = self
             .compile(bytes, &sha256)
@@ -225,6 +235,26 @@ impl Runtime {
     }
 }
 
+/// Refuse what is not a binary component before wasmtime sees it: wasmtime would parse a
+/// text file as WAT and answer with a parser error that says nothing of the real problem.
+fn check_is_component(bytes: &[u8]) -> Result<(), String> {
+    const MAGIC: &[u8] = b"\0asm";
+    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        return Err(
+            "not a component: the file is not WebAssembly in binary form (a text or .wat file?). Build a component: `cargo build --target wasm32-wasip2` for Rust, `componentize-py` for Python, `componentize-js` or `jco componentize` for JavaScript; `adapterlab plugins new` writes a project that does"
+                .into(),
+        );
+    }
+    // The version field: 1 for a core module, 0x0d (layer 1) for a component.
+    if bytes[4..8] == [1, 0, 0, 0] {
+        return Err(
+            "not a component: this is a core WebAssembly module. Wrap it into a component with `wasm-tools component new module.wasm -o plugin.wasm` (add `--adapt wasi_snapshot_preview1.reactor.wasm` if it imports WASI preview 1) or `jco new module.wasm --wasi-reactor -o plugin.wasm`"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -291,13 +321,18 @@ impl Loaded {
         let limits = self.runtime.limits;
         let mut store = Store::new(
             &self.runtime.engine,
-            HostState::new(plugin, ctx, limits.memory_bytes, limits.deadline),
+            HostState::new(
+                plugin,
+                ctx,
+                limits.memory_bytes,
+                self.runtime.memory_budget.clone(),
+                limits.deadline,
+            ),
         );
         store.limiter(|state| state);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx: StoreContextMut<'_, HostState>| {
-            let state = ctx.data();
-            if state.guest_time() > state.deadline {
+            if ctx.data().must_stop() {
                 Ok(UpdateDeadline::Interrupt)
             } else {
                 Ok(UpdateDeadline::Continue(1))
@@ -385,7 +420,6 @@ impl Session {
         }
         let instance = self.instance.take().expect("instance present");
         self.store.data_mut().begin_call();
-        self.store.data_mut().memory_exceeded = false;
         let started = Instant::now();
         let result = f(&mut self.store, &instance);
         self.store.data_mut().flush_stdio();
@@ -402,21 +436,31 @@ impl Session {
 
     fn classify(&self, plugin: &str, e: wasmtime::Error) -> PluginError {
         let state = self.store.data();
+        let plugin = plugin.to_string();
+        if state.budget_exceeded {
+            return PluginError::MemoryBudget {
+                plugin,
+                limit_mib: (self.loaded.runtime.limits.total_memory_bytes >> 20) as u64,
+            };
+        }
         if state.memory_exceeded {
             return PluginError::OutOfMemory {
-                plugin: plugin.to_string(),
+                plugin,
                 limit_mib: (self.loaded.runtime.limits.memory_bytes >> 20) as u64,
             };
         }
         if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
+            if state.cancelled() {
+                return PluginError::Cancelled { plugin };
+            }
             return PluginError::Timeout {
-                plugin: plugin.to_string(),
+                plugin,
                 limit: state.deadline,
             };
         }
         PluginError::Trap {
-            plugin: plugin.to_string(),
-            message: format!("{e:#}"),
+            plugin,
+            message: trap_message(&e, &state.call_stderr),
         }
     }
 
@@ -467,9 +511,10 @@ impl Session {
         let plugin = self.plugin();
         let batch = result.map_err(|message| PluginError::Failed {
             plugin: plugin.clone(),
-            message,
+            message: limits::error_text(&message),
         })?;
-        check_batch(&plugin, meta, samples.len(), batch)
+        let state = self.store.data();
+        check_batch(&plugin, meta, samples.len(), batch, |m| state.note(m.to_string()))
     }
 
     pub fn format(
@@ -519,6 +564,23 @@ impl Session {
     }
 }
 
+/// What a person needs from a trap: what the guest said before it died (a Rust panic's text,
+/// a Python traceback, a JavaScript error are written to stderr), then wasmtime's reason. The
+/// wasm backtrace alone names only function indices.
+fn trap_message(e: &wasmtime::Error, stderr: &str) -> String {
+    let reason = match e.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => e.root_cause().to_string(),
+    };
+    let said = stderr.trim();
+    let message = if said.is_empty() {
+        format!("{e:#}")
+    } else {
+        format!("{said} ({reason})")
+    };
+    limits::error_text(&message)
+}
+
 fn instance_kind(i: &Instance) -> &'static str {
     match i {
         Instance::Metric(_) => "metric",
@@ -533,6 +595,7 @@ fn check_batch(
     meta: &PluginMeta,
     expected: usize,
     mut batch: BatchResult,
+    warn: impl Fn(&str),
 ) -> Result<BatchResult, PluginError> {
     if batch.samples.len() != expected {
         return Err(PluginError::Malformed {
@@ -545,21 +608,62 @@ fn check_batch(
         });
     }
     for result in &mut batch.samples {
-        if let SampleResult::Scores(scores) = result {
-            if let Err(problem) = check_scores(meta, scores) {
-                *result = SampleResult::Error(format!("malformed output: {problem}"));
+        match result {
+            SampleResult::Scores(scores) => {
+                if let Err(problem) = check_scores(meta, scores) {
+                    *result = SampleResult::Error(format!("malformed output: {problem}"));
+                }
             }
+            SampleResult::Error(message) => *message = limits::error_text(message),
         }
     }
-    batch.corpus.retain(|(_, v)| v.is_finite());
+    for problem in check_corpus(meta, &mut batch.corpus) {
+        warn(&format!("malformed output, dropped: {problem}"));
+    }
     Ok(batch)
 }
 
+/// Corpus statistics are stored beside other metrics' under their names: a metric may only
+/// write under the score names it declared, each once, with a finite value. The others are
+/// dropped (the per-sample scores stay); what was dropped and why is returned.
+fn check_corpus(meta: &PluginMeta, corpus: &mut Vec<(String, f64)>) -> Vec<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut problems = Vec::new();
+    corpus.retain(|(name, value)| {
+        let problem = if !meta.scores.iter().any(|s| &s.name == name) {
+            format!(
+                "corpus statistic {:?} is not among its declared scores ({})",
+                limits::name_text(name),
+                meta.scores
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else if !seen.insert(name.clone()) {
+            format!("corpus statistic {name:?} appears twice")
+        } else if !value.is_finite() {
+            format!("corpus statistic {name:?} is {value}")
+        } else {
+            return true;
+        };
+        problems.push(problem);
+        false
+    });
+    problems
+}
+
 fn check_scores(meta: &PluginMeta, scores: &[(String, f64)]) -> Result<(), String> {
+    if scores.is_empty() {
+        return Err("no scores for this sample (return an error instead of an empty list)".into());
+    }
     let mut seen = std::collections::BTreeSet::new();
     for (name, value) in scores {
         let Some(spec) = meta.scores.iter().find(|s| &s.name == name) else {
-            return Err(format!("score {name:?} is not among the declared scores"));
+            return Err(format!(
+                "score {:?} is not among the declared scores",
+                limits::name_text(name)
+            ));
         };
         if !seen.insert(name) {
             return Err(format!("score {name:?} appears twice"));

@@ -18,11 +18,12 @@ use serde_json::{Value, json};
 use crate::eval::compare::compare;
 use crate::eval::input::{PredictionRow, row_from_value};
 use crate::eval::pipeline::EvalRequest;
+use crate::eval::report;
 use crate::infer::run::{GenerateRequest, InputRow};
-use crate::plugin::{PluginMeta, registry};
+use crate::plugin::{CallContext, PluginMeta, registry};
 use crate::server::jobs::TrainSubmission;
 use crate::server::{AppError, AppState, openapi};
-use crate::store::RunEvent;
+use crate::store::{MAX_NOTES_LEN, MAX_TAG_LEN, MAX_TAGS, RunEvent, RunKind, RunStatus};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -33,13 +34,18 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/api/plugins", get(list_plugins).post(upload_plugin))
         .route("/api/adapters", get(list_adapters))
+        .route("/api/adapters/{name}/push", post(push_adapter))
         .route("/api/runs", get(list_runs).post(create_run))
-        .route("/api/runs/{id}", get(get_run))
+        .route(
+            "/api/runs/{id}",
+            get(get_run).delete(delete_run).patch(patch_run),
+        )
         .route("/api/runs/{id}/samples", get(get_samples))
         .route("/api/runs/{id}/events", get(events))
         .route("/api/runs/{id}/cancel", post(cancel_run))
         .route("/api/runs/{id}/resume", post(resume_run))
         .route("/api/compare", get(compare_runs))
+        .route("/api/report", get(report_runs))
 }
 
 /// `ok`, or `degraded` with the reason while the data directory cannot be written.
@@ -63,11 +69,20 @@ async fn list_plugins(State(state): State<AppState>) -> Json<Vec<PluginMeta>> {
     Json(registry.all().iter().map(|p| (*p.meta).clone()).collect())
 }
 
+#[derive(Debug, Default, serde::Deserialize)]
+struct UploadQuery {
+    /// Let a component named like a built-in replace it (see `plugins install --replace-builtin`).
+    #[serde(default)]
+    replace_builtin: bool,
+}
+
 /// Upload a component: `multipart/form-data` with a `file` field, or the raw bytes.
 async fn upload_plugin(
     State(state): State<AppState>,
+    Query(query): Query<UploadQuery>,
     request: Request,
 ) -> Result<Response, AppError> {
+    let replace_builtin = query.replace_builtin;
     let is_multipart = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -102,14 +117,24 @@ async fn upload_plugin(
     if bytes.is_empty() {
         return Err(AppError::bad_request("the uploaded file is empty"));
     }
+    // The runtime would also accept WebAssembly text and then report a WAT parser error for any
+    // other file; an upload is a binary component, so say what is wrong in those words.
+    if !bytes.starts_with(b"\0asm") {
+        return Err(AppError::unprocessable(format!(
+            "{file_name} is not a WebAssembly component: it does not start with the \\0asm magic bytes (build plugins with `cargo component build` or `wasm-tools component new`)"
+        )));
+    }
     let runtime = state.runtime.clone();
     let plugins_dir = state.data_dir.plugins();
+    let registry = state.registry.read().unwrap().clone();
     let plugin = tokio::task::spawn_blocking(move || {
         registry::install(
             &runtime,
+            &registry,
             &plugins_dir,
             &bytes,
             std::path::Path::new(&file_name),
+            replace_builtin,
         )
     })
     .await
@@ -125,6 +150,46 @@ async fn upload_plugin(
     Ok((StatusCode::CREATED, Json(meta)).into_response())
 }
 
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushBody {
+    repo: String,
+    #[serde(default)]
+    private: bool,
+    #[serde(default)]
+    revision: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// Push a stored adapter to the Hub with the server's own HF_TOKEN (the browser never holds
+/// it).
+async fn push_adapter(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Json(body): Json<PushBody>,
+) -> Result<Json<Value>, AppError> {
+    let store = state.store.clone();
+    let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<crate::hub::PushOutcome> {
+        crate::hub::check_repo_id(&body.repo)?;
+        let adapter = crate::infer::run::resolve_adapter(&store, &name)?;
+        let args = crate::cli::PushArgs {
+            adapter: name.clone(),
+            repo: body.repo,
+            private: body.private,
+            revision: body.revision,
+            message: body.message,
+            json: true,
+        };
+        let request = crate::cli::push_request(Some(&store), &name, &adapter.dir, &args)?;
+        crate::hub::Hub::new(crate::hub::HubConfig::from_env()?)?.push(&request)
+    })
+    .await
+    .map_err(anyhow::Error::from)?
+    .map_err(|e| AppError::unprocessable(format!("{e:#}")))?;
+    Ok(Json(serde_json::to_value(outcome)?))
+}
+
 async fn list_adapters(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
     Ok(Json(serde_json::to_value(state.store.list_adapters()?)?))
 }
@@ -133,11 +198,122 @@ async fn list_runs(State(state): State<AppState>) -> Result<Json<Value>, AppErro
     Ok(Json(serde_json::to_value(state.store.list_runs()?)?))
 }
 
+/// The run, with `request`: the settings it was launched with (a training config, a generate
+/// request), so the dashboard can show every one and clone the run. An evaluation's request
+/// holds all its rows, so it is left out; its metrics and settings are in `metadata`.
 async fn get_run(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, AppError> {
-    Ok(Json(serde_json::to_value(state.store.resolve_run(&id)?)?))
+    let run = state.store.resolve_run(&id)?;
+    let mut value = serde_json::to_value(&run)?;
+    if matches!(run.kind, RunKind::Train | RunKind::Generate)
+        && let Some(mut request) = state.store.request::<Value>(&run.id)?
+    {
+        if let Some(map) = request.as_object_mut() {
+            // Inline inputs can be large and are not settings.
+            if let Some(Value::Array(inputs)) = map.remove("inputs")
+                && !inputs.is_empty()
+            {
+                map.insert("inputs_count".into(), json!(inputs.len()));
+            }
+        }
+        value["request"] = request;
+    }
+    Ok(Json(value))
+}
+
+/// Delete a finished run with its samples, events and request. Queued and running runs are
+/// refused (409): cancel them first. A training run's adapter and files stay.
+async fn delete_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, AppError> {
+    let run = state.store.resolve_run(&id)?;
+    if matches!(run.status, RunStatus::Queued | RunStatus::Running) {
+        return Err(AppError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "run {} is {}: cancel it before deleting it",
+                run.id,
+                run.status.as_str()
+            ),
+        ));
+    }
+    state
+        .store
+        .delete_run(&run.id)
+        .map_err(|e| anyhow::Error::from(e).context(format!("deleting run {}", run.id)))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Change a run's `tags` and/or `notes` (`{"tags": [...], "notes": "..."}`); returns the run.
+async fn patch_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, AppError> {
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| AppError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(AppError::bad_request("the body must be a JSON object"));
+    }
+    check_fields(&value, &["tags", "notes"])?;
+    let tags = match value.get("tags") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) => {
+            let mut tags: Vec<String> = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let tag = item
+                    .as_str()
+                    .ok_or_else(|| AppError::unprocessable(format!("tags[{i}] must be a string")))?
+                    .trim();
+                if tag.is_empty() {
+                    return Err(AppError::unprocessable(format!("tags[{i}] is empty")));
+                }
+                if tag.chars().count() > MAX_TAG_LEN {
+                    return Err(AppError::unprocessable(format!(
+                        "tags[{i}] is longer than {MAX_TAG_LEN} characters"
+                    )));
+                }
+                if !tags.iter().any(|t| t == tag) {
+                    tags.push(tag.to_string());
+                }
+            }
+            if tags.len() > MAX_TAGS {
+                return Err(AppError::unprocessable(format!(
+                    "at most {MAX_TAGS} tags, not {}",
+                    tags.len()
+                )));
+            }
+            Some(tags)
+        }
+        Some(_) => {
+            return Err(AppError::unprocessable(
+                "field `tags` must be an array of strings",
+            ));
+        }
+    };
+    let notes = match value.get("notes") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.chars().count() > MAX_NOTES_LEN => {
+            return Err(AppError::unprocessable(format!(
+                "field `notes` is longer than {MAX_NOTES_LEN} characters"
+            )));
+        }
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(AppError::unprocessable("field `notes` must be a string")),
+    };
+    let run = state.store.resolve_run(&id)?;
+    let run = state.store.update_run(&run.id, |r| {
+        if let Some(t) = &tags {
+            r.tags = t.clone();
+        }
+        if let Some(n) = &notes {
+            r.notes = n.clone();
+        }
+    })?;
+    Ok(Json(serde_json::to_value(run)?))
 }
 
 /// `limit` and `offset` of a paginated read; without `limit`, the whole list.
@@ -348,6 +524,83 @@ async fn compare_runs(
     .await
     .map_err(anyhow::Error::from)??;
     Ok(json_response(&headers, body, etag.as_deref()))
+}
+
+#[derive(serde::Deserialize)]
+struct ReportQuery {
+    runs: String,
+    #[serde(default = "default_report_format")]
+    format: String,
+}
+
+fn default_report_format() -> String {
+    "md".to_string()
+}
+
+/// A report of one run, or of a comparison (two or more runs, the first the baseline), rendered
+/// by the reporter plugin for `format` (md, html, csv, or an installed one), as a download. The
+/// dashboard's way to reports while the server holds the store.
+async fn report_runs(
+    State(state): State<AppState>,
+    Query(q): Query<ReportQuery>,
+) -> Result<Response, AppError> {
+    let ids: Vec<String> = q
+        .runs
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if ids.is_empty() {
+        return Err(AppError::bad_request(
+            "`runs` must list one run id, or several to compare, comma-separated",
+        ));
+    }
+    for id in &ids {
+        state.store.resolve_run(id)?;
+    }
+    let reporter = state
+        .registry
+        .read()
+        .unwrap()
+        .reporter_for(&q.format)
+        .map_err(|e| AppError::not_found(e.to_string()))?
+        .clone();
+    let store = state.store.clone();
+    // Plugins run on blocking threads, as everywhere else in the server.
+    let document = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let input = if ids.len() == 1 {
+            let run = store.resolve_run(&ids[0])?;
+            report::single(&run, &store.samples(&run.id)?)
+        } else {
+            report::comparison(&compare(&store, &ids)?)
+        };
+        let document = reporter.session(CallContext::default())?.render(&input)?;
+        Ok(document)
+    })
+    .await
+    .map_err(anyhow::Error::from)?
+    .map_err(|e| AppError::unprocessable(format!("{e:#}")))?;
+    let extension: String = q
+        .format
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(16)
+        .collect();
+    let media_type = header::HeaderValue::from_str(&document.media_type)
+        .unwrap_or_else(|_| header::HeaderValue::from_static("application/octet-stream"));
+    let disposition = header::HeaderValue::from_str(&format!(
+        "attachment; filename=\"adapterlab-report.{extension}\""
+    ))
+    .unwrap_or_else(|_| header::HeaderValue::from_static("attachment"));
+    Ok((
+        [
+            (header::CONTENT_TYPE, media_type),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        document.content,
+    )
+        .into_response())
 }
 
 async fn create_run(State(state): State<AppState>, body: Bytes) -> Result<Response, AppError> {
@@ -730,6 +983,7 @@ async fn events(
                             RunEvent::Progress { .. } => "progress",
                             RunEvent::Log { .. } => "log",
                             RunEvent::Loss { .. } => "loss",
+                            RunEvent::Step { .. } => "step",
                         };
                         let data = serde_json::to_string(&event).unwrap_or_default();
                         let sse = Event::default().id(seq.to_string()).event(name).data(data);

@@ -362,6 +362,12 @@ impl Jobs {
         generate::check_model(&config.model_name_or_path, "config.model_name_or_path")?;
         self.check_dataset_path(&config.dataset, "config.dataset")?;
         self.check_memory(&config)?;
+        adapterlab_model::commands::check_target_modules(
+            &config.model_name_or_path,
+            &config.lora.target_modules,
+            &adapterlab_model::commands::Runtime::cpu(self.inner.data_dir.assets()),
+        )
+        .context("config.lora.target_modules")?;
         {
             let registry = self.inner.registry.read().unwrap();
             registry
@@ -828,7 +834,7 @@ impl Jobs {
             .events_after(&run.id, None)?
             .into_iter()
             .filter_map(|(_, e)| match e {
-                RunEvent::Loss { step, .. } => Some(step),
+                RunEvent::Loss { step, .. } | RunEvent::Step { step, .. } => Some(step),
                 _ => None,
             })
             .max();

@@ -118,7 +118,10 @@ pub fn document() -> Value {
                     "progress": {"type": "object", "properties": {"done": {"type": "integer"}, "total": {"type": "integer"}, "unit": {"type": "string"}}},
                     "usage": {"type": "object", "properties": {"requests": {"type": "integer"}, "cached": {"type": "integer"},
                         "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"}, "cost_usd": {"type": "number"}}},
-                    "error": {"type": ["string", "null"]}}},
+                    "error": {"type": ["string", "null"]},
+                    "tags": {"type": "array", "maxItems": 32, "items": {"type": "string", "maxLength": 64}},
+                    "notes": {"type": "string", "maxLength": 10000},
+                    "request": {"type": "object", "description": "GET /api/runs/{id} only, train and generate runs: the settings the run was launched with (the training config; the generate request with every decoding setting)"}}},
                 "Sample": {"type": "object", "properties": {
                     "index": {"type": "integer"}, "id": {"type": "string"}, "prediction": {"type": "string"},
                     "reference": {"type": "string"}, "source": {"type": ["string", "null"]},
@@ -184,8 +187,17 @@ pub fn document() -> Value {
                     "responses": {"201": ok("created", json!({"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}})),
                         "400": err("not JSON"), "401": err("missing or wrong token"), "413": err("too large"), "422": err("invalid request: the message names the field (and row, or key of `config`), with the closest known name for an unknown one")}}
             },
-            "/api/runs/{id}": {"get": {"summary": "One run", "parameters": [run_id],
-                "responses": {"200": ok("run", json!({"$ref": "#/components/schemas/Run"})), "404": err("no such run")}}},
+            "/api/runs/{id}": {
+                "get": {"summary": "One run, with `request` (the settings it was launched with) for train and generate runs", "parameters": [run_id],
+                    "responses": {"200": ok("run", json!({"$ref": "#/components/schemas/Run"})), "404": err("no such run")}},
+                "delete": {"summary": "Delete a finished run with its samples and events (a training run's adapter and files stay)", "parameters": [run_id], "security": secured,
+                    "responses": {"204": {"description": "deleted"}, "401": err("missing or wrong token"), "404": err("no such run"), "409": err("the run is queued or running: cancel it first")}},
+                "patch": {"summary": "Set a run's tags and/or notes", "parameters": [run_id], "security": secured,
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": false, "properties": {
+                        "tags": {"type": "array", "maxItems": 32, "items": {"type": "string", "minLength": 1, "maxLength": 64}},
+                        "notes": {"type": "string", "maxLength": 10000}}}}}},
+                    "responses": {"200": ok("run", json!({"$ref": "#/components/schemas/Run"})), "400": err("not JSON"), "401": err("missing or wrong token"), "404": err("no such run"), "422": err("an unknown field, or tags/notes out of bounds")}}
+            },
             "/api/runs/{id}/samples": {"get": {"summary": "A run's samples with their scores, in input order: all of them, or with `limit` (and `offset`) one page, the total in the `X-Total-Count` header. gzip when accepted; a finished run's answer has an ETag (If-None-Match: 304)", "parameters": [run_id, limit, offset], "security": secured,
                 "responses": {"200": ok("samples", json!({"type": "array", "items": {"$ref": "#/components/schemas/Sample"}})), "304": {"description": "not modified"}, "400": err("bad limit or offset"), "404": err("no such run")}}},
             "/api/runs/{id}/events": {"get": {"summary": "Server-Sent Events: status, progress, log and loss events (training: step, epoch, loss, eval_loss, learning_rate, grad_norm, tokens_per_second, eta_seconds); resumable with Last-Event-ID; ends when the run has finished",
@@ -194,6 +206,10 @@ pub fn document() -> Value {
                 "responses": {"200": ok("status", json!({"type": "object"})), "401": err("missing or wrong token"), "404": err("no such run")}}},
             "/api/runs/{id}/resume": {"post": {"summary": "Queue an interrupted, failed or cancelled run again: training continues from its newest checkpoint, other kinds start over", "parameters": [run_id], "security": secured,
                 "responses": {"200": ok("status", json!({"type": "object"})), "401": err("missing or wrong token"), "404": err("no such run"), "409": err("not resumable")}}},
+            "/api/report": {"get": {"summary": "A report of one run, or of a comparison (the first run is the baseline), rendered by the reporter plugin for `format`; sent as a download",
+                "parameters": [{"name": "runs", "in": "query", "required": true, "schema": {"type": "string"}, "description": "one run id, or several comma-separated"},
+                    {"name": "format", "in": "query", "required": false, "schema": {"type": "string", "default": "md"}, "description": "a reporter plugin's format: md, html, csv, or an installed one"}],
+                "responses": {"200": {"description": "the document, in the reporter's media type"}, "400": err("no runs"), "404": err("no such run, or no reporter for the format"), "422": err("the reporter failed")}}},
             "/api/compare": {"get": {"summary": "Compare runs: paired deltas with 95% intervals, samples by disagreement. With `limit` (and `offset`), `samples` is one page and the answer adds `total_samples`, `offset` and `limit`. gzip when accepted; finished runs' comparisons have an ETag (If-None-Match: 304)", "security": secured,
                 "parameters": [{"name": "runs", "in": "query", "required": true, "schema": {"type": "string"}, "description": "two or more run ids, comma-separated; the first is the baseline"}, limit, offset],
                 "responses": {"200": ok("comparison", json!({"$ref": "#/components/schemas/Comparison"})), "400": err("fewer than two runs"), "404": err("no such run")}}},

@@ -15,8 +15,11 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+mod check;
 mod migrate;
 pub mod records;
+
+pub use check::{CheckReport, Problem};
 
 pub use records::*;
 
@@ -166,15 +169,13 @@ impl Store {
     // ---- runs ----
 
     pub fn put_run(&self, run: &RunRecord) -> Result<()> {
-        self.runs.insert(run.id.as_bytes(), encode(run)?)?;
+        self.runs.insert(run.id.as_bytes(), encode(&redacted_run(run))?)?;
         Ok(())
     }
 
+    /// The run `id`; an unreadable record comes back as a `corrupt` run with the reason.
     pub fn get_run(&self, id: &str) -> Result<Option<RunRecord>> {
-        self.runs
-            .get(id.as_bytes())?
-            .map(|v| decode(tree::RUNS, id, &v))
-            .transpose()
+        Ok(self.runs.get(id.as_bytes())?.map(|v| read_run(id, &v)))
     }
 
     /// Update a run in place; `f` sees the current record. Atomic with respect to other
@@ -186,6 +187,7 @@ impl Store {
             };
             let mut run: RunRecord = decode(tree::RUNS, id, &old)?;
             f(&mut run);
+            let run = redacted_run(&run).into_owned();
             let new = encode(&run)?;
             if self
                 .runs
@@ -243,7 +245,10 @@ impl Store {
         for item in self.runs.iter() {
             let (k, v) = item?;
             let id = String::from_utf8_lossy(&k).into_owned();
-            let run: RunRecord = decode(tree::RUNS, &id, &v)?;
+            // An unreadable record is `adapterlab store check`'s business, not this one's.
+            let Ok(run) = decode::<RunRecord>(tree::RUNS, &id, &v) else {
+                continue;
+            };
             if run.status != RunStatus::Running || run.owner_pid == Some(std::process::id()) {
                 continue;
             }
@@ -272,12 +277,13 @@ impl Store {
         Ok(ids)
     }
 
-    /// Every run, newest first.
+    /// Every run, newest first. An unreadable record is listed as a `corrupt` run with the
+    /// reason: one bad record never hides the others (nor stops a server from starting).
     pub fn list_runs(&self) -> Result<Vec<RunRecord>> {
         let mut runs = Vec::new();
         for item in self.runs.iter().rev() {
             let (k, v) = item?;
-            runs.push(decode(tree::RUNS, &String::from_utf8_lossy(&k), &v)?);
+            runs.push(read_run(&String::from_utf8_lossy(&k), &v));
         }
         Ok(runs)
     }
@@ -292,7 +298,7 @@ impl Store {
             .scan_prefix(id.as_bytes())
             .map(|item| {
                 let (k, v) = item?;
-                decode(tree::RUNS, &String::from_utf8_lossy(&k), &v)
+                Ok(read_run(&String::from_utf8_lossy(&k), &v))
             })
             .collect::<Result<_>>()?;
         match matches.len() {
@@ -369,20 +375,30 @@ impl Store {
     pub fn put_samples(&self, run_id: &str, samples: &[SampleRecord]) -> Result<()> {
         let mut batch = sled::Batch::default();
         for s in samples {
-            batch.insert(sample_key(run_id, s.index), encode(s)?);
+            let value = if s.errors.is_empty() {
+                encode(s)?
+            } else {
+                let mut s = s.clone();
+                for e in s.errors.values_mut() {
+                    *e = crate::redact::redact(e);
+                }
+                encode(&s)?
+            };
+            batch.insert(sample_key(run_id, s.index), value);
         }
         self.samples.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
     }
 
-    /// A run's samples in input order.
+    /// A run's samples in input order. An unreadable sample comes back with only its index
+    /// and an error saying so, rather than failing the whole run's samples.
     pub fn samples(&self, run_id: &str) -> Result<Vec<SampleRecord>> {
         self.samples
             .scan_prefix(run_prefix(run_id))
             .map(|item| {
                 let (k, v) = item?;
-                decode(tree::SAMPLES, &String::from_utf8_lossy(&k), &v)
+                Ok(read_sample(&k, &v))
             })
             .collect()
     }
@@ -417,7 +433,14 @@ impl Store {
         let seq = self.db.generate_id()?;
         let mut key = run_prefix(run_id);
         key.extend_from_slice(&seq.to_be_bytes());
-        self.events.insert(key, encode(event)?)?;
+        let value = match event {
+            RunEvent::Log { level, message } => encode(&RunEvent::Log {
+                level: level.clone(),
+                message: crate::redact::redact(message),
+            })?,
+            other => encode(other)?,
+        };
+        self.events.insert(key, value)?;
         Ok(seq)
     }
 
@@ -439,7 +462,11 @@ impl Store {
                 break;
             }
             let seq = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or([0; 8]));
-            out.push((seq, decode(tree::EVENTS, run_id, &v)?));
+            match decode(tree::EVENTS, run_id, &v) {
+                Ok(event) => out.push((seq, event)),
+                // A damaged event must not end a run's event stream; `store check` reports it.
+                Err(e) => tracing::warn!("skipping event {seq}: {e}"),
+            }
         }
         Ok(out)
     }
@@ -459,14 +486,10 @@ impl Store {
             .transpose()
     }
 
+    /// Every readable adapter record; unreadable ones are skipped with a warning (`store
+    /// check` reports them).
     pub fn list_adapters(&self) -> Result<Vec<AdapterRecord>> {
-        self.adapters
-            .iter()
-            .map(|item| {
-                let (k, v) = item?;
-                decode(tree::ADAPTERS, &String::from_utf8_lossy(&k), &v)
-            })
-            .collect()
+        readable(&self.adapters, tree::ADAPTERS)
     }
 
     // ---- installed plugins ----
@@ -479,13 +502,7 @@ impl Store {
     }
 
     pub fn list_plugins(&self) -> Result<Vec<PluginRecord>> {
-        self.plugins
-            .iter()
-            .map(|item| {
-                let (k, v) = item?;
-                decode(tree::PLUGINS, &String::from_utf8_lossy(&k), &v)
-            })
-            .collect()
+        readable(&self.plugins, tree::PLUGINS)
     }
 
     // ---- LLM response cache ----
@@ -619,6 +636,84 @@ fn sample_key(run_id: &str, index: u32) -> Vec<u8> {
     let mut k = run_prefix(run_id);
     k.extend_from_slice(&index.to_be_bytes());
     k
+}
+
+/// Secrets never reach the store: a run's error strings are redacted on every write.
+fn redacted_run(run: &RunRecord) -> std::borrow::Cow<'_, RunRecord> {
+    if run.error.is_none() && run.metric_errors.is_empty() {
+        return std::borrow::Cow::Borrowed(run);
+    }
+    let mut run = run.clone();
+    if let Some(e) = &mut run.error {
+        *e = crate::redact::redact(e);
+    }
+    for e in run.metric_errors.values_mut() {
+        *e = crate::redact::redact(e);
+    }
+    std::borrow::Cow::Owned(run)
+}
+
+/// A stored run, or, when its record cannot be read, a `corrupt` placeholder that keeps what
+/// can be salvaged (name, kind, creation time) and says why.
+fn read_run(key: &str, bytes: &[u8]) -> RunRecord {
+    match serde_json::from_slice::<RunRecord>(bytes) {
+        Ok(run) => run,
+        Err(e) => {
+            let value: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+            let text = |field: &str| value.get(field).and_then(|v| v.as_str()).map(str::to_string);
+            let kind = value
+                .get("kind")
+                .and_then(|k| serde_json::from_value(k.clone()).ok())
+                .unwrap_or(RunKind::Eval);
+            let mut run = RunRecord::new(
+                key.to_string(),
+                text("name").unwrap_or_else(|| "(unreadable)".into()),
+                kind,
+            );
+            run.status = RunStatus::Corrupt;
+            run.created = text("created").unwrap_or_default();
+            run.error = Some(format!(
+                "the stored record cannot be read ({e}); `adapterlab store check --repair` quarantines it"
+            ));
+            run
+        }
+    }
+}
+
+fn read_sample(key: &[u8], bytes: &[u8]) -> SampleRecord {
+    match serde_json::from_slice::<SampleRecord>(bytes) {
+        Ok(sample) => sample,
+        Err(e) => {
+            let index = key
+                .len()
+                .checked_sub(4)
+                .and_then(|at| key[at..].try_into().ok())
+                .map(u32::from_be_bytes)
+                .unwrap_or(0);
+            SampleRecord {
+                index,
+                id: format!("#{index}"),
+                errors: [(
+                    "store".to_string(),
+                    format!("the stored sample cannot be read: {e}"),
+                )]
+                .into(),
+                ..Default::default()
+            }
+        }
+    }
+}
+
+fn readable<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    for item in tree.iter() {
+        let (k, v) = item?;
+        match decode(name, &String::from_utf8_lossy(&k), &v) {
+            Ok(record) => out.push(record),
+            Err(e) => tracing::warn!("{e}"),
+        }
+    }
+    Ok(out)
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {

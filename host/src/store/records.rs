@@ -31,6 +31,9 @@ pub enum RunStatus {
     Failed,
     Interrupted,
     Cancelled,
+    /// The stored record cannot be read; listed with the reason instead of failing the list.
+    /// Never written: `adapterlab store check --repair` quarantines such records.
+    Corrupt,
 }
 
 impl RunStatus {
@@ -42,23 +45,47 @@ impl RunStatus {
             RunStatus::Failed => "failed",
             RunStatus::Interrupted => "interrupted",
             RunStatus::Cancelled => "cancelled",
+            RunStatus::Corrupt => "corrupt",
         }
     }
 
     pub fn is_finished(self) -> bool {
         matches!(
             self,
-            RunStatus::Done | RunStatus::Failed | RunStatus::Cancelled | RunStatus::Interrupted
+            RunStatus::Done
+                | RunStatus::Failed
+                | RunStatus::Cancelled
+                | RunStatus::Interrupted
+                | RunStatus::Corrupt
         )
     }
 }
 
-/// A mean with its 95% bootstrap interval.
+/// A mean with its 95% bootstrap interval. The pipeline stores only finite ones; a `null`
+/// that an older version wrote for an overflowed mean reads back as NaN instead of making
+/// the whole record unreadable.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Estimate {
+    #[serde(deserialize_with = "number_or_nan")]
     pub mean: f64,
+    #[serde(deserialize_with = "number_or_nan")]
     pub low: f64,
+    #[serde(deserialize_with = "number_or_nan")]
     pub high: f64,
+}
+
+fn number_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// Where a plugin that produced a run's results came from, so two runs that both say
+/// `rouge 0.1.0` can still be told apart when one used a user's replacement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginProvenance {
+    pub version: String,
+    /// `built-in` or `user`.
+    pub source: String,
+    pub sha256: String,
 }
 
 /// A score a run produced, as its metric declared it.
@@ -118,6 +145,13 @@ pub struct RunRecord {
     /// Corpus-level statistics metrics returned (e.g. corpus BLEU).
     #[serde(default)]
     pub corpus: BTreeMap<String, f64>,
+    /// Errors that concern a metric as a whole (a failed batch, stored once rather than in
+    /// every sample; a mean that cannot be represented), by metric or score name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metric_errors: BTreeMap<String, String>,
+    /// The plugins that produced the scores: plugin name → version, source, sha256.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub plugins: BTreeMap<String, PluginProvenance>,
     #[serde(default)]
     pub progress: Progress,
     #[serde(default)]
@@ -127,7 +161,20 @@ pub struct RunRecord {
     /// The process running it, so a restart can tell a dead job from a live one.
     #[serde(default)]
     pub owner_pid: Option<u32>,
+    /// Labels a person gave the run (the dashboard filters by them); at most
+    /// [`MAX_TAGS`] of at most [`MAX_TAG_LEN`] characters each.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Free text a person wrote about the run; at most [`MAX_NOTES_LEN`] characters.
+    #[serde(default)]
+    pub notes: String,
 }
+
+/// Bounds on [`RunRecord::tags`] and [`RunRecord::notes`]: every status change rewrites the
+/// record and every listing reads it, so what people attach stays small.
+pub const MAX_TAGS: usize = 32;
+pub const MAX_TAG_LEN: usize = 64;
+pub const MAX_NOTES_LEN: usize = 10_000;
 
 impl RunRecord {
     pub fn new(id: String, name: String, kind: RunKind) -> Self {
@@ -144,10 +191,14 @@ impl RunRecord {
             aggregates: BTreeMap::new(),
             reference_aggregates: BTreeMap::new(),
             corpus: BTreeMap::new(),
+            metric_errors: BTreeMap::new(),
+            plugins: BTreeMap::new(),
             progress: Progress::default(),
             usage: Usage::default(),
             error: None,
             owner_pid: None,
+            tags: Vec::new(),
+            notes: String::new(),
         }
     }
 }
@@ -186,6 +237,17 @@ pub enum RunEvent {
         level: String,
         message: String,
     },
+    /// Every training step that `logging_steps` does not log: the dashboard's charts and ETA
+    /// follow each step, while trainer_state.json and the trackers keep HF's cadence.
+    Step {
+        step: u64,
+        epoch: f64,
+        loss: f64,
+        learning_rate: f64,
+        grad_norm: f64,
+        #[serde(default)]
+        eta_seconds: Option<f64>,
+    },
     /// A logged training step, in HF Trainer's log_history shape.
     Loss {
         step: u64,
@@ -202,6 +264,10 @@ pub enum RunEvent {
         tokens_per_second: Option<f64>,
         #[serde(default)]
         eta_seconds: Option<f64>,
+        /// An evaluation's other values, as HF logs them: `eval_<score>` of the generation
+        /// metrics, `eval_runtime`, `eval_samples_per_second`.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        eval_metrics: BTreeMap<String, f64>,
     },
 }
 

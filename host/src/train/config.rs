@@ -49,15 +49,66 @@ pub struct TrainConfig {
     pub logging_steps: usize,
     pub save_steps: usize,
     pub save_total_limit: Option<usize>,
-    /// Evaluate on the validation split every this many steps (0: only at the end).
+    /// When to evaluate on the validation split, as HF's `eval_strategy`: `steps` (every
+    /// `eval_steps`, before training and at the end), `epoch` (after each epoch) or `no`.
+    pub eval_strategy: String,
+    /// With `eval_strategy = "steps"`: evaluate every this many steps (0: only before training
+    /// and at the end).
     pub eval_steps: usize,
+    /// Generation metrics at each evaluation: generate for some validation rows with the
+    /// current adapter and score them with metric plugins (logged as `eval_<score>`).
+    pub generation_eval: GenerationEvalSection,
+    /// The logged evaluation value that picks the best checkpoint (`loss`, `rougeL` or
+    /// `eval_rougeL`: both name `eval_rougeL`); empty: `loss` when `load_best_model_at_end`.
+    pub metric_for_best_model: String,
+    /// Whether larger is better for `metric_for_best_model`; unset: false for names ending in
+    /// `loss`, true otherwise (HF's rule).
+    pub greater_is_better: Option<bool>,
+    /// Put the best checkpoint's adapter in `output_dir` at the end instead of the last one.
+    pub load_best_model_at_end: bool,
     pub seed: u64,
     pub bf16: bool,
     pub fp16: bool,
     /// Metric plugins to run on generations from the validation/test split after training.
     pub eval_after_train: Vec<String>,
+    /// Trackers to report to, as HF's `report_to`: `tensorboard`, `mlflow`, `all`, `none`
+    /// (a bare string is a one-element list).
+    pub report_to: Vec<String>,
     pub lora: LoraSection,
     pub quantization: QuantizationSection,
+}
+
+/// `[generation_eval]`: what an evaluation generates and how it is scored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GenerationEvalSection {
+    /// Metric plugins (empty: no generation at evaluations).
+    pub metrics: Vec<String>,
+    /// How many validation rows (the first ones) are generated for: the evaluation's cost.
+    pub rows: usize,
+    pub max_new_tokens: usize,
+    /// 0 is greedy decoding.
+    pub temperature: f64,
+    /// 0 is off.
+    pub top_k: usize,
+    /// 1 is off.
+    pub top_p: f64,
+    /// 1 is off.
+    pub repetition_penalty: f64,
+}
+
+impl Default for GenerationEvalSection {
+    fn default() -> Self {
+        GenerationEvalSection {
+            metrics: Vec::new(),
+            rows: 32,
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,11 +163,17 @@ impl Default for TrainConfig {
             logging_steps: 20,
             save_steps: 20,
             save_total_limit: None,
+            eval_strategy: "steps".into(),
             eval_steps: 0,
+            generation_eval: GenerationEvalSection::default(),
+            metric_for_best_model: String::new(),
+            greater_is_better: None,
+            load_best_model_at_end: false,
             seed: 42,
             bf16: true,
             fp16: false,
             eval_after_train: Vec::new(),
+            report_to: Vec::new(),
             lora: LoraSection::default(),
             quantization: QuantizationSection::default(),
         }
@@ -147,6 +204,11 @@ impl Default for QuantizationSection {
     }
 }
 
+/// Top-level keys that serialise to nothing when unset, with the type of their value.
+const OPTIONAL_KEYS: &[&str] = &["save_total_limit", "greater_is_better"];
+/// The tables of a config.
+const SECTIONS: &[&str] = &["lora", "quantization", "generation_eval"];
+
 /// The keys a config may hold, by section ("" is the top level).
 fn known_keys(section: &str) -> Vec<String> {
     let value =
@@ -159,7 +221,7 @@ fn known_keys(section: &str) -> Vec<String> {
     let mut keys: Vec<String> = table.keys().cloned().collect();
     if section.is_empty() {
         // Optional keys that serialise to nothing when unset.
-        keys.push("save_total_limit".into());
+        keys.extend(OPTIONAL_KEYS.iter().map(|k| k.to_string()));
     }
     keys
 }
@@ -167,7 +229,7 @@ fn known_keys(section: &str) -> Vec<String> {
 /// Check every key of a parsed TOML table against the known ones.
 fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
     for (key, value) in table {
-        if matches!(key.as_str(), "lora" | "quantization") {
+        if SECTIONS.contains(&key.as_str()) {
             let Some(inner) = value.as_table() else {
                 bail!("{origin}: `{key}` must be a table ([{key}])");
             };
@@ -185,7 +247,7 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
         let known = known_keys("");
         if !known.contains(key) {
             // A LoRA or quantization key at the top level is a common slip.
-            for section in ["lora", "quantization"] {
+            for section in SECTIONS {
                 if known_keys(section).contains(key) {
                     bail!(
                         "{origin}: unknown key `{key}`; it belongs in the [{section}] table (`{section}.{key}`)"
@@ -224,8 +286,9 @@ fn check_types(table: &toml::Table, origin: &str) -> Result<()> {
             let name = format!("{prefix}{key}");
             let expected = match defaults.get(key) {
                 Some(d) => d,
-                // Optional keys (`save_total_limit`) serialise to nothing when unset.
+                // Optional keys serialise to nothing when unset.
                 None if key == "save_total_limit" => &toml::Value::Integer(0),
+                None if key == "greater_is_better" => &toml::Value::Boolean(false),
                 None => continue,
             };
             match (expected, value) {
@@ -282,6 +345,7 @@ impl TrainConfig {
             apply_override(&mut table, item)?;
         }
         check_keys(&table, "--set")?;
+        lists_from_strings(&mut table);
         check_types(&table, &origin)?;
         let config: TrainConfig = toml::Value::Table(table)
             .try_into()
@@ -303,11 +367,12 @@ impl TrainConfig {
                 other => other.clone(),
             }
         }
-        let table: toml::Table = toml::Value::try_from(without_nulls(value))
+        let mut table: toml::Table = toml::Value::try_from(without_nulls(value))
             .ok()
             .and_then(|v| v.as_table().cloned())
             .context("config must be an object of train keys")?;
         check_keys(&table, "config")?;
+        lists_from_strings(&mut table);
         check_types(&table, "config")?;
         let config: TrainConfig = toml::Value::Table(table)
             .try_into()
@@ -405,9 +470,137 @@ impl TrainConfig {
         if self.bf16 && self.fp16 {
             return Err(fail("bf16", "and fp16 cannot both be true".into()));
         }
-        self.check_bounds().map_err(|(field, why)| fail(field, why))
+        crate::track::parse_report_to(&self.report_to).map_err(|e| fail("report_to", format!("{e:#}")))?;
+        self.validate_evaluation(origin)?;
+        self.check_bounds().map_err(|(field, why)| fail(field, why))?;
+        Ok(())
+    }
+}
+
+/// List keys that also take one bare string, as HF's do (`report_to = "tensorboard"`).
+const LIST_KEYS: &[&str] = &[
+    "eval_after_train",
+    "lora.target_modules",
+    "report_to",
+    "generation_eval.metrics",
+];
+
+/// A bare string where a list key expects a list becomes a one-element list.
+fn lists_from_strings(table: &mut toml::Table) {
+    for key in LIST_KEYS {
+        let (section, name) = match key.split_once('.') {
+            Some((s, n)) => (Some(s), n),
+            None => (None, *key),
+        };
+        let target = match section {
+            Some(s) => table.get_mut(s).and_then(|v| v.as_table_mut()),
+            None => Some(&mut *table),
+        };
+        if let Some(t) = target {
+            if let Some(toml::Value::String(v)) = t.get(name) {
+                let one = toml::Value::Array(vec![toml::Value::String(v.clone())]);
+                t.insert(name.to_string(), one);
+            }
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The evaluation keys, checked together: they only make sense as a set.
+    fn validate_evaluation(&self, origin: &str) -> Result<()> {
+        let fail = |field: &str, why: String| anyhow::anyhow!("{origin}: `{field}` {why}");
+        if !matches!(self.eval_strategy.as_str(), "steps" | "epoch" | "no") {
+            return Err(fail(
+                "eval_strategy",
+                format!("is {:?}; expected \"steps\", \"epoch\" or \"no\"", self.eval_strategy),
+            ));
+        }
+        let g = &self.generation_eval;
+        if !(1..=100_000).contains(&g.rows) {
+            return Err(fail("generation_eval.rows", format!("is {}; expected 1 to 100000", g.rows)));
+        }
+        if !(1..=4096).contains(&g.max_new_tokens) {
+            return Err(fail(
+                "generation_eval.max_new_tokens",
+                format!("is {}; expected 1 to 4096", g.max_new_tokens),
+            ));
+        }
+        if !(0.0..=10.0).contains(&g.temperature) {
+            return Err(fail("generation_eval.temperature", format!("is {}; expected 0 to 10", g.temperature)));
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            return Err(fail("generation_eval.top_p", format!("is {}; expected (0, 1]", g.top_p)));
+        }
+        if !(g.repetition_penalty > 0.0 && g.repetition_penalty <= 100.0) {
+            return Err(fail(
+                "generation_eval.repetition_penalty",
+                format!("is {}; expected (0, 100]", g.repetition_penalty),
+            ));
+        }
+        if !g.metrics.is_empty() && self.eval_strategy == "no" {
+            return Err(fail(
+                "generation_eval.metrics",
+                "needs evaluations: eval_strategy is \"no\"".into(),
+            ));
+        }
+        if self.load_best_model_at_end {
+            if self.eval_strategy != "steps" {
+                return Err(fail(
+                    "load_best_model_at_end",
+                    "needs eval_strategy = \"steps\", so evaluations and checkpoints meet".into(),
+                ));
+            }
+            if self.eval_steps == 0 || self.save_steps == 0 || self.save_steps % self.eval_steps != 0 {
+                return Err(fail(
+                    "load_best_model_at_end",
+                    format!(
+                        "needs save_steps ({}) to be a positive multiple of eval_steps ({}), as in HF, so the best evaluation has a checkpoint",
+                        self.save_steps, self.eval_steps
+                    ),
+                ));
+            }
+        }
+        if let Some(name) = self.best_metric_name() {
+            let known = name == "eval_loss"
+                || self.generation_eval.metrics.iter().any(|_| true);
+            if !known {
+                return Err(fail(
+                    "metric_for_best_model",
+                    format!(
+                        "{:?} is not logged: only eval_loss is, unless generation_eval.metrics names metric plugins",
+                        self.metric_for_best_model
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
+    /// The logged key that picks the best checkpoint (`eval_` added as HF does), if any.
+    pub fn best_metric_name(&self) -> Option<String> {
+        let name = match self.metric_for_best_model.trim() {
+            "" if self.load_best_model_at_end => "loss",
+            "" => return None,
+            n => n,
+        };
+        Some(if name.starts_with("eval_") {
+            name.to_string()
+        } else {
+            format!("eval_{name}")
+        })
+    }
+
+    /// HF's rule: larger is better unless told otherwise or the name ends in `loss`.
+    pub fn greater_is_better(&self) -> bool {
+        self.greater_is_better.unwrap_or_else(|| {
+            !self
+                .best_metric_name()
+                .is_some_and(|n| n.ends_with("loss"))
+        })
+    }
+}
+
+impl TrainConfig {
     /// Every numeric setting within a range that a run can actually use: an absurd value
     /// (a rank of 10^12, a batch of 10^9) would otherwise reach an allocation that aborts
     /// the whole process, taking every other job with it. The bounds are generous; the
@@ -561,7 +754,7 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
         });
     // List keys take one bare name as a one-element list (`--set eval_after_train=rouge`).
     let value = match value {
-        toml::Value::String(s) if matches!(key, "eval_after_train" | "lora.target_modules") => {
+        toml::Value::String(s) if LIST_KEYS.contains(&key) => {
             toml::Value::Array(vec![toml::Value::String(s)])
         }
         v => v,

@@ -16,6 +16,7 @@ use std::time::Instant;
 use adapterlab_model::assets::Fetcher;
 use adapterlab_model::causal_lm::CausalLm;
 use adapterlab_model::commands::{Runtime, load_model_with};
+use adapterlab_model::loader::LoadedModel;
 use adapterlab_model::linear::{BaseFormat, LinearBuilder};
 use adapterlab_model::lora::{LoraConfig, LoraRegistry, TargetModules};
 use adapterlab_model::loss::{Example, loss_on_examples};
@@ -27,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::eval::input::PredictionRow;
-use crate::infer::predict::{self, Sampling};
+use crate::infer::predict::{self, PromptRow, Sampling};
 use crate::plugin::Registry;
 use crate::store::{RunEvent, Store};
 use crate::train::config::TrainConfig;
@@ -57,6 +58,8 @@ pub struct TrainEnv {
     /// Loss events of steps up to this one are already in the store (a resumed run redoes the
     /// steps after its checkpoint); they are not recorded twice.
     pub skip_loss_through: Option<u64>,
+    /// The trackers of `report_to`, started by [`run`].
+    pub trackers: Option<Arc<std::sync::Mutex<crate::track::Trackers>>>,
 }
 
 /// What a finished (or stopped) run produced.
@@ -98,6 +101,13 @@ struct ResumeState {
     tokens_seen: u64,
     log_history: Vec<Value>,
     first_eval_loss: Option<f64>,
+    /// The best value of `metric_for_best_model` so far, its step and checkpoint.
+    #[serde(default)]
+    best_metric: Option<f64>,
+    #[serde(default)]
+    best_step: Option<usize>,
+    #[serde(default)]
+    best_checkpoint: Option<String>,
 }
 
 const STATE_FILE: &str = "training_state.json";
@@ -199,6 +209,21 @@ pub fn load_for_training(
     let registry: Arc<LoraRegistry> = builder.lora().context("builder has adapters")?.clone();
     let loaded = load_model_with(&config.model_name_or_path, builder, &rt)
         .with_context(|| format!("failed to load model {}", config.model_name_or_path))?;
+    // Each entry must match a layer: a typo among good names would otherwise train an adapter
+    // quietly missing those layers, and write the typo into adapter_config.json.
+    let mut model = loaded.clone();
+    let names: Vec<String> = model
+        .model
+        .linears_mut()
+        .into_iter()
+        .map(|l| l.name.clone())
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    registry
+        .config()
+        .target_modules
+        .check_against(&names)
+        .with_context(|| format!("lora.target_modules for {}", config.model_name_or_path))?;
     if registry.layers().is_empty() {
         bail!(
             "lora.target_modules {:?} matches no linear layer of {}",
@@ -301,6 +326,60 @@ pub fn accumulate_micro_batch(
 
 /// Trains as `config` says. Dataset problems are reported before the model loads.
 pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
+    let report_to = crate::track::parse_report_to(&config.report_to)?;
+    if report_to.is_empty() {
+        return train(config, env);
+    }
+    let run_name = env
+        .store
+        .as_ref()
+        .map(|(_, id)| id.clone())
+        .unwrap_or_else(|| config.output_dir.clone());
+    let trackers = crate::track::Trackers::start(
+        &report_to,
+        Path::new(&config.output_dir),
+        &run_name,
+        &settings(config),
+    )?;
+    let trackers = Arc::new(std::sync::Mutex::new(trackers));
+    let env = TrainEnv {
+        trackers: Some(trackers.clone()),
+        ..env.clone()
+    };
+    let result = train(config, &env);
+    let (adapter, status) = match &result {
+        Ok(o) if o.stopped_early => (None, "KILLED"),
+        Ok(o) => (o.adapter_dir.clone(), "FINISHED"),
+        Err(_) => (None, "FAILED"),
+    };
+    trackers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .finish(adapter.as_deref(), status);
+    result
+}
+
+/// Every setting of a config as flat `key = value` pairs (`lora.r`), for trackers' params.
+pub fn settings(config: &TrainConfig) -> Vec<(String, String)> {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    flatten(&key, v, out);
+                }
+            }
+            serde_json::Value::String(s) => out.push((prefix.to_string(), s.clone())),
+            serde_json::Value::Null => {}
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let mut out = Vec::new();
+    flatten("", &serde_json::to_value(config).unwrap_or_default(), &mut out);
+    out
+}
+
+fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     let started = Instant::now();
     let output_dir = PathBuf::from(&config.output_dir);
     let resume_from = match &env.resume_from_checkpoint {
@@ -374,6 +453,7 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         )?),
         None => None,
     };
+    let generation = GenerationEval::prepare(config, env, &splits)?;
     let lengths: Vec<usize> = train.examples.iter().map(|e| e.input_ids.len()).collect();
     let bs = config.per_device_train_batch_size;
     let accum = config.gradient_accumulation_steps;
@@ -415,6 +495,9 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         tokens_seen: 0,
         log_history: Vec::new(),
         first_eval_loss: None,
+        best_metric: None,
+        best_step: None,
+        best_checkpoint: None,
     };
     if let Some(dir) = &resume_from {
         state = load_checkpoint(dir, &mut opt, &device)?;
@@ -455,11 +538,91 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             loss_on_examples(model, &examples, config.per_device_eval_batch_size.max(1))?.loss,
         ))
     };
-    if resume_from.is_none() && val.is_some() {
-        state.first_eval_loss = evaluate(&registry)?;
-        if let Some(l) = state.first_eval_loss {
-            log(env, format!("validation loss before training: {l:.4}"));
+    let evaluates = config.eval_strategy != "no";
+    // One evaluation: the validation loss, and with `generation_eval` the generation metrics.
+    // Logged as HF logs it (one log_history entry); the pre-training one only as an event,
+    // since HF's log_history has no step-0 entry without `eval_on_start`.
+    let evaluate_all = |registry: &LoraRegistry,
+                        state: &mut ResumeState,
+                        epoch: f64,
+                        in_history: bool|
+     -> Result<Option<f64>> {
+        let started = Instant::now();
+        let loss = evaluate(registry)?;
+        let scores = match &generation {
+            Some(g) => {
+                registry.set_training(false);
+                g.score(&loaded, env, state.global_step)?
+            }
+            None => BTreeMap::new(),
+        };
+        let runtime = started.elapsed().as_secs_f64();
+        if loss.is_none() && scores.is_empty() {
+            return Ok(None);
         }
+        let mut metrics: BTreeMap<String, f64> =
+            scores.iter().map(|(k, v)| (format!("eval_{k}"), *v)).collect();
+        if let Some(g) = &generation {
+            metrics.insert("eval_runtime".into(), round4(runtime));
+            metrics.insert(
+                "eval_samples_per_second".into(),
+                round4(g.rows.len() as f64 / runtime.max(1e-9)),
+            );
+        }
+        if in_history {
+            let mut entry = json!({"epoch": epoch, "step": state.global_step});
+            if let Some(l) = loss {
+                entry["eval_loss"] = json!(l);
+            }
+            for (k, v) in &metrics {
+                entry[k] = json!(v);
+            }
+            state.log_history.push(entry);
+        }
+        let shown: Vec<String> = loss
+            .map(|l| format!("eval_loss {l:.4}"))
+            .into_iter()
+            .chain(scores.iter().map(|(k, v)| format!("eval_{k} {v:.4}")))
+            .collect();
+        log(
+            env,
+            format!("evaluation at step {}: {} ({runtime:.1} s)", state.global_step, shown.join(", ")),
+        );
+        record(
+            env,
+            RunEvent::Loss {
+                step: state.global_step as u64,
+                epoch,
+                loss: None,
+                eval_loss: loss,
+                learning_rate: None,
+                grad_norm: None,
+                tokens_per_second: None,
+                eta_seconds: None,
+                eval_metrics: metrics.clone(),
+            },
+        );
+        // The pre-training evaluation is a baseline, not a candidate (HF's `eval_on_start`).
+        if let Some(name) = config.best_metric_name().filter(|_| in_history) {
+            let value = if name == "eval_loss" { loss } else { metrics.get(&name).copied() };
+            if let Some(v) = value.filter(|v| v.is_finite()) {
+                let better = match state.best_metric {
+                    None => true,
+                    Some(best) if config.greater_is_better() => v > best,
+                    Some(best) => v < best,
+                };
+                if better {
+                    state.best_metric = Some(v);
+                    state.best_step = Some(state.global_step);
+                }
+            }
+        }
+        Ok(loss)
+    };
+    let mut last_eval_loss: Option<Option<f64>> = None;
+    let mut evaluated_at: Option<usize> = None;
+    if resume_from.is_none() && evaluates && (val.is_some() || generation.is_some()) {
+        state.first_eval_loss = evaluate_all(&registry, &mut state, 0.0, false)?;
     }
 
     let bar = progress_bar(env.progress_bar, max_steps, state.global_step);
@@ -571,7 +734,24 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         let epoch_f = round4(state.global_step as f64 / steps_per_epoch as f64);
         let is_last = state.global_step == max_steps;
 
-        if state.global_step % config.logging_steps.max(1) == 0 || is_last {
+        let logged = state.global_step % config.logging_steps.max(1) == 0 || is_last;
+        if !logged {
+            let per_step = started.elapsed().as_secs_f64() / steps_this_run as f64;
+            record(
+                env,
+                RunEvent::Step {
+                    step: state.global_step as u64,
+                    epoch: epoch_f,
+                    loss: step_loss,
+                    learning_rate: config.learning_rate
+                        * lr_lambda(&config.lr_scheduler_type, state.global_step, warmup, max_steps),
+                    grad_norm: last_grad_norm,
+                    eta_seconds: Some(per_step * (max_steps - state.global_step) as f64),
+                },
+            );
+            record_progress(env, state.global_step, max_steps);
+        }
+        if logged {
             let mean = state.pending_losses.iter().sum::<f64>() / state.pending_losses.len() as f64;
             state.pending_losses.clear();
             let next_lr = config.learning_rate
@@ -613,16 +793,31 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                     grad_norm: Some(last_grad_norm),
                     tokens_per_second: Some(tps),
                     eta_seconds: Some(eta),
+                    eval_metrics: BTreeMap::new(),
                 },
             );
             record_progress(env, state.global_step, max_steps);
         }
-        if config.eval_steps > 0 && state.global_step % config.eval_steps == 0 && !is_last {
-            if let Some(l) = evaluate(&registry)? {
-                log_eval(env, &mut state, l, epoch_f);
-            }
+        let eval_now = match config.eval_strategy.as_str() {
+            "steps" => config.eval_steps > 0 && state.global_step % config.eval_steps == 0,
+            "epoch" => state.global_step % steps_per_epoch == 0,
+            _ => false,
+        };
+        if eval_now {
+            // At the last step too, before its checkpoint, so the checkpoint can be the best.
+            last_eval_loss = Some(evaluate_all(&registry, &mut state, epoch_f, true)?);
+            evaluated_at = Some(state.global_step);
+            registry.set_training(true);
         }
         if config.save_steps > 0 && state.global_step % config.save_steps == 0 {
+            if state.best_step == Some(state.global_step) {
+                state.best_checkpoint = Some(
+                    output_dir
+                        .join(format!("checkpoint-{}", state.global_step))
+                        .display()
+                        .to_string(),
+                );
+            }
             save_checkpoint(
                 &output_dir,
                 config,
@@ -662,10 +857,14 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         predictions_split: None,
     };
     if !stopped_early {
-        if let Some(l) = evaluate(&registry)? {
+        if evaluated_at == Some(state.global_step) {
+            outcome.final_eval_loss = last_eval_loss.flatten();
+        } else if evaluates {
             let epoch = round4(state.global_step as f64 / steps_per_epoch as f64);
-            log_eval(env, &mut state, l, epoch);
-            outcome.final_eval_loss = Some(l);
+            outcome.final_eval_loss = evaluate_all(&registry, &mut state, epoch, true)?;
+        }
+        if config.load_best_model_at_end {
+            load_best(&registry, &state, env)?;
         }
         state.log_history.push(json!({
             "epoch": round4(state.global_step as f64 / steps_per_epoch as f64),
@@ -714,23 +913,121 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     Ok(outcome)
 }
 
-fn log_eval(env: &TrainEnv, state: &mut ResumeState, loss: f64, epoch: f64) {
-    state
-        .log_history
-        .push(json!({"epoch": epoch, "eval_loss": loss, "step": state.global_step}));
-    record(
+/// `load_best_model_at_end`: the best checkpoint's adapter weights replace the last ones,
+/// so the adapter saved in `output_dir` is the best one.
+fn load_best(registry: &LoraRegistry, state: &ResumeState, env: &TrainEnv) -> Result<()> {
+    let (Some(dir), Some(step), Some(value)) = (&state.best_checkpoint, state.best_step, state.best_metric) else {
+        log(env, "load_best_model_at_end: no evaluation made a checkpoint; the last adapter stays".into());
+        return Ok(());
+    };
+    let file = Path::new(dir).join("adapter_model.safetensors");
+    let device = registry
+        .varmap()
+        .all_vars()
+        .first()
+        .map(|v| v.device().clone())
+        .unwrap_or(Device::Cpu);
+    let weights = candle_core::safetensors::load(&file, &device)
+        .with_context(|| format!("failed to read the best checkpoint's adapter {}", file.display()))?;
+    for (name, var) in registry.varmap().data().lock().expect("varmap").iter() {
+        let t = weights
+            .get(name)
+            .with_context(|| format!("{} has no tensor {name}", file.display()))?;
+        var.set(&t.to_dtype(var.dtype())?)?;
+    }
+    log(
         env,
-        RunEvent::Loss {
-            step: state.global_step as u64,
-            epoch,
-            loss: None,
-            eval_loss: Some(loss),
-            learning_rate: None,
-            grad_norm: None,
-            tokens_per_second: None,
-            eta_seconds: None,
-        },
+        format!("loaded the best checkpoint, {dir} (step {step}, {value:.4})"),
     );
+    Ok(())
+}
+
+/// `[generation_eval]` made ready: the validation rows to generate for, the metric plugins,
+/// the decoding settings.
+struct GenerationEval {
+    rows: Vec<PromptRow>,
+    plugins: Vec<crate::plugin::Plugin>,
+    metrics: Vec<String>,
+    sampling: Sampling,
+}
+
+impl GenerationEval {
+    fn prepare(config: &TrainConfig, env: &TrainEnv, splits: &data::Splits) -> Result<Option<Self>> {
+        let g = &config.generation_eval;
+        if g.metrics.is_empty() || config.eval_strategy == "no" {
+            if let Some(name) = config.best_metric_name().filter(|n| n != "eval_loss") {
+                bail!("metric_for_best_model: {name} is not logged; only eval_loss is without generation_eval.metrics");
+            }
+            return Ok(None);
+        }
+        let registry = env
+            .registry
+            .as_ref()
+            .context("generation_eval needs the plugin registry")?;
+        let split = splits
+            .validation
+            .as_ref()
+            .with_context(|| format!("generation_eval needs a validation split in {}", config.dataset))?;
+        let head = data::Split {
+            origin: split.origin.clone(),
+            rows: split.rows.iter().take(g.rows).cloned().collect(),
+        };
+        let rows = predict::prompt_rows(&head, &config.formatter, Some(registry))?;
+        let plugins = crate::eval::pipeline::validate_metrics(registry, &g.metrics, &Default::default())
+            .context("generation_eval.metrics")?;
+        if let Some(name) = config.best_metric_name() {
+            let logged: Vec<String> = std::iter::once("eval_loss".to_string())
+                .chain(plugins.iter().flat_map(|p| p.meta.scores.iter().map(|s| format!("eval_{}", s.name))))
+                .collect();
+            if !logged.contains(&name) {
+                bail!(
+                    "metric_for_best_model: {name} is not logged (logged: {})",
+                    logged.join(", ")
+                );
+            }
+        }
+        Ok(Some(GenerationEval {
+            rows,
+            plugins,
+            metrics: g.metrics.clone(),
+            sampling: Sampling {
+                max_new_tokens: g.max_new_tokens,
+                temperature: g.temperature as f32,
+                top_p: (g.top_p < 1.0).then_some(g.top_p as f32),
+                top_k: (g.top_k > 0).then_some(g.top_k),
+                repetition_penalty: g.repetition_penalty as f32,
+                seed: config.seed,
+                batch_size: config.per_device_eval_batch_size.max(1),
+            },
+        }))
+    }
+
+    /// Generates for the rows with the adapter as it is now and scores the generations with
+    /// the metric plugins (in a scratch store): each score's mean.
+    fn score(&self, loaded: &LoadedModel, env: &TrainEnv, step: usize) -> Result<BTreeMap<String, f64>> {
+        let predictions = predict::predict(loaded, &self.rows, &self.sampling, None, |_| Ok(()))?;
+        let request = crate::eval::pipeline::EvalRequest {
+            name: format!("generation_eval step {step}"),
+            rows: predictions,
+            metrics: self.metrics.clone(),
+            settings: Default::default(),
+            score_references: false,
+            metadata: Default::default(),
+        };
+        let scratch = Store::temporary()?;
+        let run = crate::eval::pipeline::create_run(&scratch, &request, &self.plugins)?;
+        let eval_env = crate::eval::pipeline::EvalEnv {
+            store: scratch,
+            services: Arc::new(crate::plugin::NoServices),
+            cancel: env.cancel.clone().unwrap_or_default(),
+            on_progress: Arc::new(|_, _| {}),
+        };
+        let done = crate::eval::pipeline::execute(&eval_env, &run.id, &request, &self.plugins)?;
+        if let Some(e) = &done.error {
+            log(env, format!("generation_eval at step {step}: {e}"));
+        }
+        Ok(done.aggregates.iter().map(|(k, e)| (k.clone(), e.mean)).collect())
+    }
 }
 
 fn report_truncation(env: &TrainEnv, split: &str, enc: &Encoded, max: usize) {
@@ -768,15 +1065,26 @@ fn log(env: &TrainEnv, message: String) {
 }
 
 fn record(env: &TrainEnv, event: RunEvent) {
-    if let (RunEvent::Loss { step, .. }, Some(through)) = (&event, env.skip_loss_through)
-        && *step <= through
+    if let Some(trackers) = &env.trackers {
+        trackers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .event(&event);
+    }
+    // A resumed run redoes the steps after its checkpoint; the store has their events.
+    let step = match &event {
+        RunEvent::Loss { step, .. } | RunEvent::Step { step, .. } => Some(*step),
+        _ => None,
+    };
+    if let (Some(step), Some(through)) = (step, env.skip_loss_through)
+        && step <= through
     {
         return;
     }
-    if let Some((store, run_id)) = &env.store {
-        if let Err(e) = store.push_event(run_id, &event) {
-            tracing::warn!("failed to record a training event: {e:#}");
-        }
+    if let Some((store, run_id)) = &env.store
+        && let Err(e) = store.push_event(run_id, &event)
+    {
+        tracing::warn!("failed to record a training event: {e:#}");
     }
 }
 
@@ -822,10 +1130,11 @@ fn trainer_state(
     max_steps: usize,
     steps_per_epoch: usize,
 ) -> Value {
+    let best = state.best_checkpoint.as_ref().and(state.best_step);
     json!({
-        "best_global_step": null,
-        "best_metric": null,
-        "best_model_checkpoint": null,
+        "best_global_step": best,
+        "best_metric": state.best_checkpoint.as_ref().and(state.best_metric),
+        "best_model_checkpoint": state.best_checkpoint,
         "epoch": state.global_step as f64 / steps_per_epoch as f64,
         "eval_steps": config.eval_steps,
         "global_step": state.global_step,
@@ -894,7 +1203,7 @@ fn save_checkpoint(
         let _ = d.sync_all();
     }
     if let Some(limit) = config.save_total_limit {
-        prune_checkpoints(output_dir, limit)?;
+        prune_checkpoints(output_dir, limit, state.best_checkpoint.as_deref().map(Path::new))?;
     }
     Ok(dest)
 }
@@ -915,7 +1224,8 @@ fn remove_stale_temporaries(output_dir: &Path) {
     }
 }
 
-fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
+/// Keeps the newest `keep` checkpoints, and the best one whatever its age (HF's rotation).
+fn prune_checkpoints(output_dir: &Path, keep: usize, best: Option<&Path>) -> Result<()> {
     let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter_map(|p| {
@@ -929,6 +1239,13 @@ fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
         })
         .collect();
     found.sort();
+    // The best never counts against the limit's oldest: it moves to the newest end.
+    if let Some(best) = best {
+        if let Some(i) = found.iter().position(|(_, p)| p == best) {
+            let b = found.remove(i);
+            found.push(b);
+        }
+    }
     let excess = found.len().saturating_sub(keep.max(1));
     for (_, p) in found.into_iter().take(excess) {
         std::fs::remove_dir_all(&p).with_context(|| format!("failed to remove {}", p.display()))?;

@@ -5,6 +5,16 @@
 //! `print` writes to stdout; anything else scores its length. The setting `batch=short`
 //! makes the batch result one entry short (malformed for the whole batch), and `batch=chat`
 //! calls the `chat` capability, which this plugin does not declare.
+//!
+//! The hostile cases (`tests/e2e/hostile.rs`): `huge` returns a finite in-range `big` score
+//! of 4e306 (fifty of them overflow a plain sum), `empty` returns no scores, `long-error`
+//! a 1 MiB error, `long-name` a 1 MiB score name, `log-flood` logs 32 lines of 1 MiB,
+//! `print-40k` prints 40 KiB (harmless once, over a lifetime cap after 26 calls), `panic`
+//! panics with its own words. `batch=huge-error` fails the whole batch with a 16 MiB error;
+//! `batch=corpus` writes corpus values under its own score and under BLEU's.
+
+// The metric is used only through the wasm export, which native builds leave out.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
 use adapterlab_sdk::Manifest;
 use adapterlab_sdk::metric::{BatchResult, Metric, MetricInfo, Sample, SampleResult, ScoreSpec};
@@ -19,13 +29,10 @@ impl Metric for Misbehave {
                 "0.1.0",
                 "misbehaves on request (sandbox tests)",
             ),
-            scores: vec![ScoreSpec::new(
-                "chars",
-                "prediction length in characters",
-                0.0,
-                1e9,
-                true,
-            )],
+            scores: vec![
+                ScoreSpec::new("chars", "prediction length in characters", 0.0, 1e9, true),
+                ScoreSpec::new("big", "an enormous but finite score", 0.0, 1e308, true),
+            ],
         }
     }
 
@@ -46,13 +53,21 @@ impl Metric for Misbehave {
                 .unwrap_or_default();
             return Err(err);
         }
+        if mode == "huge-error" {
+            return Err("E".repeat(16 << 20));
+        }
         let mut results: Vec<SampleResult> = samples.iter().map(score_one).collect();
         if mode == "short" {
             results.pop();
         }
+        let corpus = if mode == "corpus" {
+            vec![("chars".into(), 1.0), ("bleu".into(), 0.0)]
+        } else {
+            vec![]
+        };
         Ok(BatchResult {
             samples: results,
-            corpus: vec![],
+            corpus,
         })
     }
 }
@@ -80,6 +95,22 @@ fn score_one(sample: &Sample) -> SampleResult {
             println!("hello from the guest's stdout");
             SampleResult::Scores(vec![("chars".into(), 5.0)])
         }
+        "huge" => SampleResult::Scores(vec![("chars".into(), 4.0), ("big".into(), 4e306)]),
+        "empty" => SampleResult::Scores(vec![]),
+        "long-error" => SampleResult::Error("e".repeat(1 << 20)),
+        "long-name" => SampleResult::Scores(vec![("n".repeat(1 << 20), 1.0)]),
+        "log-flood" => {
+            let line = "l".repeat(1 << 20);
+            for _ in 0..32 {
+                adapterlab_sdk::log::info(&line);
+            }
+            SampleResult::Scores(vec![("chars".into(), 9.0)])
+        }
+        "print-40k" => {
+            println!("{}", "p".repeat(40 << 10));
+            SampleResult::Scores(vec![("chars".into(), 9.0)])
+        }
+        "panic" => panic!("the plugin's own words 7431"),
         other => SampleResult::Scores(vec![("chars".into(), other.chars().count() as f64)]),
     }
 }

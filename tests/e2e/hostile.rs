@@ -1,0 +1,336 @@
+//! Hostile plugins, as an attacker or a careless author would write them: none may make the
+//! store unreadable, run past its wall-clock deadline, lose other samples' results, pass for
+//! a built-in, flood the store, write another metric's corpus statistics, hide why it
+//! failed, see a secret, or make a failed evaluation look like a success. The components are
+//! built by the host's build script (`tests/plugins/*`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::server::{TOKEN, rt, start};
+use crate::util::*;
+
+fn install(t: &TestDir, crate_name: &str) {
+    let wasm = built_component(crate_name);
+    run_ok(&mut t.cmd(&["plugins", "install", wasm.to_str().unwrap()]));
+}
+
+/// A predictions file whose predictions are `predictions` (ids `0`, `1`, …).
+fn predictions(t: &TestDir, name: &str, predictions: &[&str]) -> PathBuf {
+    let lines: Vec<String> = predictions
+        .iter()
+        .enumerate()
+        .map(|(i, p)| json!({"id": i.to_string(), "prediction": p, "reference": "the cat sat"}).to_string())
+        .collect();
+    t.write(name, lines.join("\n"))
+}
+
+/// `eval` with `--json`; returns the exit code and the JSON document.
+fn eval(t: &TestDir, file: &Path, metrics: &str, extra: &[&str], env: &[(&str, &str)]) -> (i32, Value) {
+    let out = t.path().join(format!("{metrics}-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let mut cmd = t.cmd(&[
+        "eval",
+        "--predictions",
+        file.to_str().unwrap(),
+        "--metrics",
+        metrics,
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    cmd.args(extra);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let output = cmd.output().unwrap();
+    assert!(
+        out.exists(),
+        "eval wrote no results\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), read_json(&out))
+}
+
+fn sample<'a>(doc: &'a Value, id: &str) -> &'a Value {
+    doc["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no sample {id} in {doc}"))
+}
+
+fn error<'a>(doc: &'a Value, id: &str, metric: &str) -> &'a str {
+    sample(doc, id)["errors"][metric]
+        .as_str()
+        .unwrap_or_else(|| panic!("sample {id} has no {metric} error: {}", sample(doc, id)))
+}
+
+#[test]
+fn overflowing_scores_never_make_the_store_unreadable() {
+    let t = setup("hostile-overflow");
+    install(&t, "adapterlab-test-misbehave");
+    let p = predictions(&t, "p.jsonl", &["huge"; 50]);
+    let (code, doc) = eval(&t, &p, "misbehave", &[], &[]);
+    assert_eq!(code, 0, "{doc}");
+    let mean = doc["aggregates"]["big"]["mean"].as_f64().expect("a finite mean");
+    assert!((mean / 4e306 - 1.0).abs() < 1e-9, "{mean}");
+    // Everything that reads runs still works.
+    run_ok(&mut t.cmd(&["runs", "list"]));
+    run_ok(&mut t.cmd(&["runs", "show", "p"]));
+    run_ok(&mut t.cmd(&["eval", "--predictions", p.to_str().unwrap(), "--metrics", "misbehave", "--name", "q"]));
+    run_ok(&mut t.cmd(&["runs", "compare", "p", "q"]));
+    let report = run_ok(&mut t.cmd(&["store", "check"]));
+    assert!(report.contains("the store is sound"), "{report}");
+}
+
+#[test]
+fn a_plugin_retrying_a_dead_llm_stops_at_its_wall_clock_deadline_and_sees_no_secret() {
+    let t = setup("hostile-deadline");
+    install(&t, "adapterlab-test-chatty");
+    install(&t, "adapterlab-test-misbehave");
+    let p = predictions(&t, "p.jsonl", &["a", "b"]);
+    let started = Instant::now();
+    let env = [
+        ("ADAPTERLAB_PLUGIN_TIMEOUT_MS", "1500"),
+        // Nothing listens on port 9; the credentials must never be seen again.
+        ("OPENAI_BASE_URL", "http://alice:hunter2-secret@127.0.0.1:9/v1?api-version=1"),
+        ("OPENAI_API_KEY", "sk-testkeyABCDEFGHIJKLMNOP"),
+        ("ADAPTERLAB_LLM_BACKOFF_MS", "50"),
+    ];
+    let (code, doc) = eval(&t, &p, "chatty", &[], &env);
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert_eq!(code, 3, "a metric that failed on every sample fails the run: {doc}");
+    assert_eq!(doc["status"], "failed");
+    assert!(doc["error"].as_str().unwrap().contains("chatty"), "{doc}");
+    let e = error(&doc, "0", "chatty");
+    assert!(e.contains("deadline"), "{e}");
+    let all = doc.to_string();
+    assert!(!all.contains("hunter2"), "credentials leaked: {all}");
+    assert!(!all.contains("testkeyABCDEF"), "key leaked: {all}");
+}
+
+#[test]
+fn a_looping_sample_costs_only_itself_and_trap_messages_are_kept() {
+    let t = setup("hostile-isolation");
+    install(&t, "adapterlab-test-misbehave");
+    let mut preds = vec!["fine"; 40];
+    preds[17] = "loop";
+    preds[30] = "panic";
+    let p = predictions(&t, "p.jsonl", &preds);
+    let started = Instant::now();
+    let (code, doc) = eval(&t, &p, "misbehave,bleu", &[], &[("ADAPTERLAB_PLUGIN_TIMEOUT_MS", "1000")]);
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert_eq!(code, 0, "{doc}");
+    let scored = doc["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["scores"]["chars"].is_number())
+        .count();
+    assert_eq!(scored, 38, "only the two culprits lose their score");
+    assert!(error(&doc, "17", "misbehave").contains("deadline"));
+    let e = error(&doc, "30", "misbehave");
+    assert!(e.contains("the plugin's own words 7431"), "the panic's text: {e}");
+    // The other metric scored every sample, the culprits included.
+    assert!(sample(&doc, "17")["scores"]["bleu"].is_number());
+}
+
+#[test]
+fn built_in_names_are_reserved_and_runs_record_where_plugins_came_from() {
+    let t = setup("hostile-names");
+    let wasm = built_component("adapterlab-test-fake-rouge");
+    let e = run_fail(&mut t.cmd(&["plugins", "install", wasm.to_str().unwrap()]));
+    assert!(e.contains("built-in") && e.contains("--replace-builtin"), "{e}");
+    let p = predictions(&t, "p.jsonl", &["the cat sat", "a dog"]);
+    let (_, real) = eval(&t, &p, "rouge", &[], &[]);
+    assert_eq!(real["plugins"]["rouge"]["source"], "built-in");
+
+    let (_, err) = run_ok_both(&mut t.cmd(&["plugins", "install", "--replace-builtin", wasm.to_str().unwrap()]));
+    assert!(err.contains("replaces the built-in"), "{err}");
+    let (_, fake) = eval(&t, &p, "rouge", &[], &[]);
+    assert_eq!(fake["plugins"]["rouge"]["source"], "user");
+    assert_ne!(fake["plugins"]["rouge"]["sha256"], real["plugins"]["rouge"]["sha256"]);
+    let shown = run_ok(&mut t.cmd(&["runs", "show", fake["run_id"].as_str().unwrap()]));
+    assert!(shown.contains("plugin rouge: 0.1.0 (user"), "{shown}");
+}
+
+#[test]
+fn what_a_plugin_returns_is_bounded() {
+    let t = setup("hostile-sizes");
+    install(&t, "adapterlab-test-misbehave");
+    let p = predictions(&t, "p.jsonl", &["long-error", "long-name", "empty", "fine"]);
+    let (_, doc) = eval(&t, &p, "misbehave", &["--set", "misbehave.batch_size=1"], &[]);
+    let e = error(&doc, "0", "misbehave");
+    assert!(e.len() < 5000 && e.contains("truncated"), "{} bytes", e.len());
+    let e = error(&doc, "1", "misbehave");
+    assert!(e.len() < 1000 && e.contains("truncated"), "{} bytes", e.len());
+    assert!(error(&doc, "2", "misbehave").contains("no scores"));
+
+    // One 16 MiB batch error: stored once, each sample points to it.
+    let many = predictions(&t, "many.jsonl", &["x"; 20]);
+    let (code, doc) = eval(&t, &many, "misbehave", &["--set", "misbehave.batch=huge-error"], &[]);
+    assert_eq!(code, 3);
+    for i in 0..20 {
+        assert!(error(&doc, &i.to_string(), "misbehave").len() < 400);
+    }
+    let whole = doc["metric_errors"]["misbehave"].as_str().unwrap();
+    assert!(whole.len() < 5000, "{} bytes", whole.len());
+    assert!(doc.to_string().len() < 100_000, "the results stay small");
+
+    // 32 MiB of log lines and 40 KiB of stdout on each of 40 calls: nothing fails, little
+    // is kept.
+    let mut preds = vec!["print-40k"; 40];
+    preds[0] = "log-flood";
+    let noisy = predictions(&t, "noisy.jsonl", &preds);
+    let (code, doc) = eval(&t, &noisy, "misbehave", &["--set", "misbehave.batch_size=1"], &[]);
+    assert_eq!(code, 0, "{doc}");
+    assert!(doc["samples"].as_array().unwrap().iter().all(|s| s["errors"].as_object().unwrap().is_empty()), "{doc}");
+    let store_bytes = dir_size(&t.data_dir().join("store"));
+    assert!(store_bytes < 40 << 20, "the store grew to {store_bytes} bytes");
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() { dir_size(&e.path()) } else { meta.len() }
+        })
+        .sum()
+}
+
+#[test]
+fn corpus_statistics_stay_under_their_own_names() {
+    let t = setup("hostile-corpus");
+    install(&t, "adapterlab-test-misbehave");
+    let p = predictions(&t, "p.jsonl", &["the cat sat", "the cat sat on"]);
+    let (_, honest) = eval(&t, &p, "bleu", &[], &[]);
+    let (_, both) = eval(&t, &p, "misbehave,bleu", &["--set", "misbehave.batch=corpus"], &[]);
+    assert_eq!(both["corpus"]["bleu"], honest["corpus"]["bleu"], "{both}");
+    assert!(both["corpus"]["bleu"].as_f64().unwrap() > 0.0);
+    assert_eq!(both["corpus"]["chars"], 1.0);
+}
+
+#[test]
+fn a_memory_budget_spans_every_running_plugin() {
+    let t = setup("hostile-memory");
+    install(&t, "adapterlab-test-misbehave");
+    let p = predictions(&t, "p.jsonl", &["memory", "fine"]);
+    let env = [
+        ("ADAPTERLAB_PLUGIN_MEMORY_MIB", "1024"),
+        ("ADAPTERLAB_PLUGIN_MEMORY_TOTAL_MIB", "96"),
+    ];
+    let (code, doc) = eval(&t, &p, "misbehave", &[], &env);
+    assert_eq!(code, 0, "{doc}");
+    assert!(error(&doc, "0", "misbehave").contains("memory budget"), "{doc}");
+    assert_eq!(sample(&doc, "1")["scores"]["chars"], 4.0);
+}
+
+#[test]
+fn exit_codes_tell_failure_from_success() {
+    let t = setup("hostile-exit");
+    install(&t, "adapterlab-test-misbehave");
+    let p = predictions(&t, "p.jsonl", &["empty", "empty"]);
+    let (code, doc) = eval(&t, &p, "misbehave", &[], &[]);
+    assert_eq!(code, 3, "{doc}");
+    assert_eq!(doc["status"], "failed");
+    let listed = run_ok(&mut t.cmd(&["runs", "list"]));
+    assert!(listed.contains("failed"), "{listed}");
+
+    let p = predictions(&t, "q.jsonl", &["fine", "trap"]);
+    let (code, _) = eval(&t, &p, "misbehave", &[], &[]);
+    assert_eq!(code, 0, "a sample error alone is not a failure");
+    let (code, _) = eval(&t, &p, "misbehave", &["--strict"], &[]);
+    assert_eq!(code, 4, "--strict fails on any sample error");
+}
+
+#[test]
+fn files_that_are_not_components_are_refused_with_the_fix() {
+    let t = setup("hostile-not-component");
+    let text = t.write("notes.wasm", "(module)");
+    let e = run_fail(&mut t.cmd(&["plugins", "check", text.to_str().unwrap()]));
+    assert!(e.contains("not a component") && e.contains("not WebAssembly in binary form"), "{e}");
+    let core = t.write("core.wasm", b"\0asm\x01\0\0\0");
+    let e = run_fail(&mut t.cmd(&["plugins", "install", core.to_str().unwrap()]));
+    assert!(e.contains("core WebAssembly module") && e.contains("wasm-tools component new"), "{e}");
+}
+
+#[test]
+fn through_the_server_too() {
+    let t = setup("hostile-server");
+    let server = start(&t, &[("ADAPTERLAB_PLUGIN_TIMEOUT_MS", "1000")]);
+    let base = server.base.clone();
+    let fake = std::fs::read(built_component("adapterlab-test-fake-rouge")).unwrap();
+    let misbehave = std::fs::read(built_component("adapterlab-test-misbehave")).unwrap();
+    rt().block_on(async move {
+        let client = reqwest::Client::new();
+        let upload = |query: &'static str, bytes: Vec<u8>| {
+            client
+                .post(format!("{base}/api/plugins{query}"))
+                .bearer_auth(TOKEN)
+                .body(bytes)
+                .send()
+        };
+        let refused = upload("", fake.clone()).await.unwrap();
+        assert_eq!(refused.status().as_u16(), 422);
+        let body: Value = refused.json().await.unwrap();
+        assert!(body.to_string().contains("--replace-builtin"), "{body}");
+        let text = upload("", b"hello".to_vec()).await.unwrap();
+        let body: Value = text.json().await.unwrap();
+        assert!(body.to_string().contains("not a component"), "{body}");
+        assert_eq!(upload("", misbehave).await.unwrap().status().as_u16(), 201);
+
+        // A loop among good samples: only it fails; the run reads as done.
+        let rows: Vec<Value> = ["fine", "loop", "fine", "empty"]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| json!({"id": i.to_string(), "prediction": p, "reference": "r"}))
+            .collect();
+        let created: Value = client
+            .post(format!("{base}/api/runs"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"kind": "eval", "name": "h", "predictions": rows, "metrics": ["misbehave"]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = created["id"].as_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let run = loop {
+            let run: Value = client
+                .get(format!("{base}/api/runs/{id}"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if run["status"] != "queued" && run["status"] != "running" {
+                break run;
+            }
+            assert!(Instant::now() < deadline, "{run}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(run["status"], "done", "{run}");
+        assert_eq!(run["plugins"]["misbehave"]["source"], "user", "{run}");
+        let samples: Value = client
+            .get(format!("{base}/api/runs/{id}/samples"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let text = samples.to_string();
+        assert!(text.contains("deadline"), "{text}");
+        assert!(text.contains("no scores"), "{text}");
+    });
+}
