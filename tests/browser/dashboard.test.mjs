@@ -314,6 +314,9 @@ describe('adapterlab dashboard', () => {
     // Every setting is listed: eval runs show their metrics.
     const settings = await page.getByTestId('run-settings').innerText();
     assert.match(settings, /metrics/, `the run's settings do not list its metrics:\n${settings}`);
+    // Where each plugin came from: built-in or a user's, with its sha256.
+    const plugins = await page.getByTestId('run-plugins').innerText();
+    assert.match(plugins, /rouge[\s\S]*built-in/, `the run does not say where its plugins came from:\n${plugins}`);
     // The runs list: hyperparameter and result columns, search and the tag filter.
     await navigate('Runs', 'Runs');
     await page.locator(`tr[data-run-id="${ids.a}"]`).waitFor();
@@ -468,7 +471,7 @@ describe('adapterlab dashboard', () => {
     await alert.waitFor();
     const said = await alert.innerText();
     assert.match(said, /not installed/i, 'the upload error is not shown');
-    assert.match(said, /not a WebAssembly component/, `the server's plain message should be shown, not a parser's: ${said}`);
+    assert.match(said, /not a component/, `the server's plain message should be shown, not a parser's: ${said}`);
     rmSync(bogus, { force: true });
     const stored = await page.evaluate(() => localStorage.getItem('adapterlab.token'));
     assert.equal(stored, token, 'the token entered in the dialog was not stored');

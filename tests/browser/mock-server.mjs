@@ -210,6 +210,11 @@ function later(state, ms, fn) {
 function score(state, run, rows, metrics, scoreReferences) {
   const infos = metrics.flatMap((m) => METRICS[m].scores.map((s) => ({ ...s, metric: m })));
   run.scores = infos.map(({ name, metric, min, max, higher_is_better }) => ({ name, metric, min, max, higher_is_better }));
+  // Provenance, as the real server records it per plugin.
+  run.plugins = Object.fromEntries(metrics.map((m) => {
+    const user = state.plugins.find((p) => p.name === m && p.source?.type === 'file');
+    return [m, { version: '0.1.0', source: user ? 'user' : 'built-in', sha256: `${m}`.padEnd(64, '0') }];
+  }));
   const samples = rows.map((r, index) => {
     const scores = {};
     const errors = {};
@@ -503,8 +508,8 @@ async function handleApi(state, token, req, res, url) {
       const file = multipartFile(body, req.headers['content-type'], 'file');
       if (!file) return fail(res, 400, 'expected multipart/form-data with a field named "file"');
       const d = file.data;
-      if (d.length < 8 || d.readUInt32BE(0) !== 0x0061736d) return fail(res, 422, `${file.filename} is not a WebAssembly component: it does not start with the \\0asm magic bytes (build plugins with \`cargo component build\` or \`wasm-tools component new\`)`);
-      if (d[4] === 1 && d[5] === 0 && d[6] === 0 && d[7] === 0) return fail(res, 400, `${file.filename}: a core WebAssembly module, not a component; build it with cargo-component or wasm-tools component new`);
+      if (d.length < 8 || d.readUInt32BE(0) !== 0x0061736d) return fail(res, 422, `${file.filename}: not a valid plugin component: not a component: the file is not WebAssembly in binary form (a text or .wat file?). Build a component: \`cargo build --target wasm32-wasip2\` for Rust, \`componentize-py\` for Python, \`componentize-js\` or \`jco componentize\` for JavaScript; \`adapterlab plugins new\` writes a project that does`);
+      if (d[4] === 1 && d[5] === 0 && d[6] === 0 && d[7] === 0) return fail(res, 422, `${file.filename}: not a valid plugin component: not a component: this is a core WebAssembly module. Wrap it into a component with \`wasm-tools component new module.wasm -o plugin.wasm\``);
       const name = file.filename.replace(/\.wasm$/i, '').replace(/[^a-z0-9_-]/gi, '_').toLowerCase();
       if (state.plugins.some((p) => p.name === name)) return fail(res, 400, `a plugin named "${name}" is already installed`);
       const plugin = {

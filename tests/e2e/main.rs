@@ -11,6 +11,7 @@ mod gate;
 mod hostile;
 mod judge;
 mod model;
+mod plugins_new;
 mod polyglot;
 mod push;
 mod sandbox;

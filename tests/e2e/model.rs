@@ -64,3 +64,30 @@ fn smollm2_generates_and_scores_a_completion() {
         "{v}"
     );
 }
+
+/// `export` writes SmolLM2 as adapterlab trains on it (dequantized from its GGUF) as an HF
+/// checkpoint; loaded back, it generates exactly the tokens the default model does.
+#[test]
+fn export_writes_the_trained_on_weights_as_an_hf_checkpoint() {
+    let t = setup("export");
+    let out = t.path().join("smollm2-hf");
+    let printed = run_ok(&mut t.cmd(&["export", "--out", out.to_str().unwrap(), "--json"]));
+    let report: serde_json::Value = serde_json::from_str(&printed).unwrap();
+    assert_eq!(report["from"], "gguf");
+    let config = read_json(&out.join("config.json"));
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(config["model_type"], "llama");
+    for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let tokens = |model: &str| {
+        let out = run_ok(&mut t.cmd(&[
+            "generate", "--model", model, "--prompt", "The capital of France is", "--greedy",
+            "--max-new-tokens", "6", "--json",
+        ]));
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["token_ids"].clone()
+    };
+    assert_eq!(tokens(out.to_str().unwrap()), tokens("smollm2"));
+    let e = run_fail(&mut t.cmd(&["export", "--out", out.to_str().unwrap()]));
+    assert!(e.contains("not an empty folder"), "{e}");
+}

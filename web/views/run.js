@@ -593,9 +593,37 @@ function renderDetails(section, run) {
       h('dl', { class: 'details settings', 'data-testid': 'run-settings' },
         settings.map(([k, v]) => h('div', { 'data-setting': k }, h('dt', { class: 'mono' }, k), h('dd', {}, v)))),
     ] : h('p', { class: 'muted' }, 'The server recorded no settings for this run.'),
+    provenance(run),
+    metricErrors(run),
     h('h3', {}, 'Times'),
     h('dl', { class: 'details', 'data-testid': 'run-metadata' }, times.map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', {}, v)))),
   );
+}
+
+/** Where each plugin behind the scores came from: a user's replacement of a built-in name
+ * shows here, with its own sha256. */
+function provenance(run) {
+  const plugins = Object.entries(run.plugins ?? {});
+  if (!plugins.length) return null;
+  return [
+    h('h3', {}, 'Plugins'),
+    h('dl', { class: 'details', 'data-testid': 'run-plugins' }, plugins.map(([name, p]) =>
+      h('div', { 'data-plugin': name },
+        h('dt', { class: 'mono' }, name),
+        h('dd', {}, `${p.version} · ${p.source === 'built-in' ? 'built-in' : 'user plugin'} · sha256 `,
+          h('span', { class: 'mono', title: p.sha256 }, (p.sha256 ?? '').slice(0, 12)))))),
+  ];
+}
+
+/** Errors about a metric as a whole (a failed batch, stored once): shown once, in full. */
+function metricErrors(run) {
+  const errors = Object.entries(run.metric_errors ?? {});
+  if (!errors.length) return null;
+  return [
+    h('h3', {}, 'Metric errors'),
+    h('dl', { class: 'details', 'data-testid': 'run-metric-errors' }, errors.map(([name, e]) =>
+      h('div', {}, h('dt', { class: 'mono' }, name), h('dd', { class: 'error-text' }, e)))),
+  ];
 }
 
 /** Tags and notes, saved with PATCH /api/runs/ID. */

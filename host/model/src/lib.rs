@@ -38,6 +38,7 @@ pub mod config;
 pub mod cuda_kernels;
 pub mod device;
 pub mod dropout;
+pub mod export;
 pub mod falcon;
 pub mod gelu;
 pub mod generate;

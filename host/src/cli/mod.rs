@@ -80,6 +80,9 @@ pub enum Command {
     Quantize(model::QuantizeArgs),
     /// Merge a PEFT adapter into its base model and save the merged model.
     Merge(model::MergeArgs),
+    /// Write the base weights adapterlab trains on (e.g. SmolLM2 dequantized from its GGUF) as
+    /// an HF checkpoint folder, so the Python stack can start from identical bits.
+    Export(model::ExportArgs),
     /// Measure training and generation speed on random tokens, as the Python reference
     /// benchmark does (scripts/bench/gpu_qlora.sh runs both).
     #[command(subcommand)]
@@ -191,6 +194,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::EvalLoss(args) => model::eval_loss(args, &ctx),
         Command::Quantize(args) => model::quantize(args, &ctx),
         Command::Merge(args) => model::merge(args, &ctx),
+        Command::Export(args) => model::export(args, &ctx),
         Command::Bench(cmd) => bench::run(cmd, &ctx),
     }
 }

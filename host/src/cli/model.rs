@@ -323,6 +323,59 @@ pub fn quantize(args: QuantizeArgs, _ctx: &Context) -> Result<()> {
 }
 
 #[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// `smollm2` (its GGUF copy, dequantized), a `.gguf` file, or a checkpoint folder.
+    #[arg(long, default_value = "smollm2")]
+    pub model: String,
+    /// A new or empty folder for the HF checkpoint.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The dtype of the written weights (f32 is what training on the CPU computes in).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: ExportDtype,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ExportDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+/// Writes the base weights adapterlab trains on as an HF checkpoint transformers loads.
+pub fn export(args: ExportArgs, ctx: &Context) -> Result<()> {
+    let dtype = match args.dtype {
+        ExportDtype::F32 => candle_core::DType::F32,
+        ExportDtype::Bf16 => candle_core::DType::BF16,
+        ExportDtype::F16 => candle_core::DType::F16,
+    };
+    let report = adapterlab_model::export::export(
+        &args.model,
+        &args.out,
+        dtype,
+        &ctx.data_dir.assets(),
+        &Default::default(),
+    )
+    .with_context(|| format!("failed to export {}", args.model))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "exported {} ({}, {} tensors, {}) to {}: {}",
+            args.model,
+            report.from,
+            report.tensors,
+            report.dtype,
+            report.out.display(),
+            report.files.join(", ")
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
 pub struct MergeArgs {
     /// A local HF checkpoint folder (dense or bitsandbytes NF4).
     #[arg(long)]

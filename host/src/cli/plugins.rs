@@ -1,4 +1,6 @@
-//! `adapterlab plugins list|check|install`.
+//! `adapterlab plugins list|check|install|uninstall|new`.
+
+mod new;
 
 use std::path::PathBuf;
 
@@ -34,6 +36,26 @@ pub enum PluginsCommand {
         /// built-in for every run of this data directory. Runs record it as a user plugin.
         #[arg(long)]
         replace_builtin: bool,
+    },
+    /// Remove an installed plugin: its component in the data directory and its record.
+    /// Built-in plugins cannot be uninstalled.
+    Uninstall {
+        /// The plugin's name, as `plugins list` shows it.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a new metric-plugin project, ready to build: PARENT/NAME/ with the plugin
+    /// contract, a small word-overlap metric, a README and build.sh (which makes NAME.wasm).
+    New {
+        /// The plugin's name: a lowercase letter, then lowercase letters, digits or '-'.
+        name: String,
+        /// The language of the project.
+        #[arg(long, value_enum)]
+        lang: new::Lang,
+        /// The folder to create the project in (default: the current folder).
+        #[arg(long, value_name = "PARENT", default_value = ".")]
+        dir: PathBuf,
     },
 }
 
@@ -103,6 +125,52 @@ pub fn run(cmd: PluginsCommand, ctx: &Context) -> Result<()> {
             ctx.store()?
                 .put_plugin(&registry::install_record(&plugin.meta, &file))?;
             print_meta(&plugin.meta, json, "installed")?;
+            Ok(())
+        }
+        PluginsCommand::Uninstall { name, json } => {
+            let plugins_dir = ctx.data_dir.plugins();
+            let removed = registry::uninstall(&ctx.registry()?, &plugins_dir, &ctx.store()?, &name)
+                .with_context(|| format!("plugin {name:?} was not uninstalled"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&removed)?);
+                return Ok(());
+            }
+            println!("uninstalled {name}");
+            for file in &removed.files {
+                println!("  deleted {}", file.display());
+            }
+            // An installed plugin may have shadowed a built-in of the same name.
+            let now = crate::plugin::Registry::load(&ctx.runtime()?, &plugins_dir)?;
+            if now.all().iter().any(|p| {
+                p.meta.name == name && p.meta.source == crate::plugin::PluginSource::Builtin
+            }) {
+                println!("  the built-in plugin {name} is in use again");
+            }
+            Ok(())
+        }
+        PluginsCommand::New { name, lang, dir } => {
+            // A built-in's name is reserved: such a project would build but not install.
+            // (A registry that cannot load is no reason to refuse writing a project.)
+            if let Ok(registry) = ctx.registry()
+                && registry.is_builtin(&name)
+            {
+                anyhow::bail!(
+                    "plugin project {name:?} was not created: {name:?} is the name of a built-in plugin; choose another name"
+                );
+            }
+            let project = new::create(&name, lang, &dir)
+                .with_context(|| format!("plugin project {name:?} was not created"))?;
+            println!(
+                "created {} ({} files)",
+                project.dir.display(),
+                project.files.len()
+            );
+            println!("build it with:");
+            println!("  cd {} && {}", project.dir.display(), project.build);
+            println!(
+                "then: adapterlab plugins check {}",
+                project.dir.join(format!("{name}.wasm")).display()
+            );
             Ok(())
         }
     }

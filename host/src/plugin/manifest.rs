@@ -164,7 +164,8 @@ impl PluginMeta {
     }
 }
 
-fn is_identifier(s: &str) -> bool {
+/// A plugin name: what `install` turns into a file name, so it never holds a path separator.
+pub(crate) fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.chars()

@@ -220,6 +220,120 @@ pub fn install(
     Ok(plugin.with_meta(meta))
 }
 
+/// Why `uninstall` refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UninstallError {
+    #[error("{name:?} is a built-in plugin: built-in plugins cannot be uninstalled")]
+    Builtin { name: String },
+    #[error("no installed plugin named {name:?}{hint}")]
+    NotFound { name: String, hint: String },
+    #[error(transparent)]
+    Io(#[from] anyhow::Error),
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Uninstalled {
+    pub name: String,
+    /// The component files deleted from the plugins folder.
+    pub files: Vec<PathBuf>,
+    /// Whether the store held an install record for it (now deleted).
+    pub record: bool,
+}
+
+/// Remove the installed plugin `name`: its component file(s) in `plugins_dir` and its install
+/// record. `registry` is what the caller loaded (it maps manifest names to files: a file
+/// copied in by hand may be named differently); a file that no longer loads is still found
+/// under its install name, `NAME.wasm`. Built-ins are refused. Callers that keep a registry in
+/// memory (the server) reload it afterwards.
+pub fn uninstall(
+    registry: &Registry,
+    plugins_dir: &Path,
+    store: &crate::store::Store,
+    name: &str,
+) -> Result<Uninstalled, UninstallError> {
+    // A file plugin with a built-in's name shadows it in the registry; removing that file is
+    // an uninstall like any other, after which the built-in is visible again.
+    let is_builtin = registry.is_builtin(name);
+    let mut files: Vec<PathBuf> = Vec::new();
+    // Only names that `install` could have written reach a path: no `..`, no separators.
+    if crate::plugin::manifest::is_identifier(name) {
+        let installed = plugins_dir.join(format!("{name}.wasm"));
+        if installed.is_file() {
+            files.push(installed);
+        }
+    }
+    for plugin in registry.all() {
+        if let PluginSource::File(path) = &plugin.meta.source
+            && plugin.meta.name == name
+            && path.parent() == Some(plugins_dir)
+            && !files.contains(path)
+        {
+            files.push(path.clone());
+        }
+    }
+    if files.is_empty() && is_builtin {
+        return Err(UninstallError::Builtin {
+            name: name.to_string(),
+        });
+    }
+    for file in &files {
+        match std::fs::remove_file(file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("failed to delete {}", file.display()))
+                    .into());
+            }
+        }
+    }
+    if !files.is_empty() && crate::plugin::manifest::is_identifier(name) {
+        // The marker a `--replace-builtin` install leaves beside a component named like a
+        // built-in: without the component it would only confuse a later install.
+        let _ = std::fs::remove_file(replace_marker(plugins_dir, name));
+    }
+    let record = store
+        .delete_plugin(name)
+        .with_context(|| format!("failed to delete the store record of plugin {name:?}"))?;
+    if files.is_empty() && !record {
+        let mut installed: Vec<String> = registry
+            .all()
+            .iter()
+            .filter(|p| p.meta.source != PluginSource::Builtin)
+            .map(|p| p.meta.name.clone())
+            .collect();
+        installed.extend(
+            store
+                .list_plugins()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| r.name),
+        );
+        installed.sort();
+        installed.dedup();
+        let candidates: Vec<&str> = installed.iter().map(String::as_str).collect();
+        let listing = if installed.is_empty() {
+            " (no plugins are installed)".to_string()
+        } else {
+            format!(" (installed: {})", installed.join(", "))
+        };
+        let hint = match closest(name, &candidates) {
+            Some(c) => format!("; did you mean {c:?}?{listing}"),
+            None => listing,
+        };
+        return Err(UninstallError::NotFound {
+            name: name.to_string(),
+            hint,
+        });
+    }
+    Ok(Uninstalled {
+        name: name.to_string(),
+        files,
+        record,
+    })
+}
+
 fn component_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,

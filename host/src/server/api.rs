@@ -117,13 +117,7 @@ async fn upload_plugin(
     if bytes.is_empty() {
         return Err(AppError::bad_request("the uploaded file is empty"));
     }
-    // The runtime would also accept WebAssembly text and then report a WAT parser error for any
-    // other file; an upload is a binary component, so say what is wrong in those words.
-    if !bytes.starts_with(b"\0asm") {
-        return Err(AppError::unprocessable(format!(
-            "{file_name} is not a WebAssembly component: it does not start with the \\0asm magic bytes (build plugins with `cargo component build` or `wasm-tools component new`)"
-        )));
-    }
+    // What is not a binary component is refused by the runtime, in words that say so.
     let runtime = state.runtime.clone();
     let plugins_dir = state.data_dir.plugins();
     let registry = state.registry.read().unwrap().clone();

@@ -505,6 +505,12 @@ impl Store {
         readable(&self.plugins, tree::PLUGINS)
     }
 
+    /// Forget an installed plugin's record; true if there was one. The value is not decoded,
+    /// so that a record that no longer reads can still be removed.
+    pub fn delete_plugin(&self, name: &str) -> Result<bool> {
+        Ok(self.plugins.remove(name.as_bytes())?.is_some())
+    }
+
     // ---- LLM response cache ----
 
     pub fn cached_response(&self, key: &str) -> Result<Option<serde_json::Value>> {

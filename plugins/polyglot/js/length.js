@@ -25,7 +25,8 @@
 //
 // Bindings: WIT records are objects with camelCase fields, variants are { tag, val },
 // enums are strings, tuples are arrays, an absent option is undefined. Throwing a string
-// from a function that returns result<_, string> returns err(string) to the host.
+// from a function that returns result<_, string> returns err(string) to the host; throwing
+// anything else traps, so `score` turns a thrown Error into its message.
 
 import { log } from "adapterlab:plugin/log@0.1.0";
 import { get as getSetting } from "adapterlab:plugin/config@0.1.0";
@@ -112,10 +113,16 @@ export const metric = {
   },
 
   score(samples) {
-    const raw = getSetting("max_ratio");
-    const maxRatio = raw === undefined ? undefined : parseMaxRatio(raw);
-    const result = scoreSamples(samples, maxRatio);
-    log("info", "scored " + samples.length + " samples");
-    return result;
+    try {
+      const raw = getSetting("max_ratio");
+      const maxRatio = raw === undefined ? undefined : parseMaxRatio(raw);
+      const result = scoreSamples(samples, maxRatio);
+      log("info", "scored " + samples.length + " samples");
+      return result;
+    } catch (e) {
+      // The error case of result<_, string> must be thrown as a string: a thrown Error
+      // object (a bug, a RangeError from the engine) would trap the component instead.
+      throw e instanceof Error ? e.name + ": " + e.message : String(e);
+    }
   },
 };
