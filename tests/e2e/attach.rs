@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use crate::server::{TOKEN, post, rt, start};
+use crate::server::{TOKEN, post, rt, start_with};
 use crate::train::{dataset, tiny_model};
 use crate::util::*;
 
@@ -71,7 +71,8 @@ fn a_target_module_that_matches_nothing_is_refused_before_training() {
     assert!(e.contains("nonexistent_proj") && !e.contains("\"q_proj\""), "{e}");
     assert!(!out.join("adapter_config.json").exists(), "nothing written for a refused config");
 
-    let server = start(&t, &[]);
+    // The dataset lies in the test's folder, outside the data directory.
+    let server = start_with(&t, &["--allow-path", t.path().to_str().unwrap()], &[]);
     let base = server.base.clone();
     let (model, data) = (model.display().to_string(), data.display().to_string());
     rt().block_on(async move {

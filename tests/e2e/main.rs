@@ -17,5 +17,6 @@ mod push;
 mod sandbox;
 mod serve_models;
 mod server;
+mod server_faults;
 mod track;
 mod train;

@@ -83,10 +83,33 @@ pub async fn post(base: &str, path: &str, token: Option<&str>, body: Value) -> (
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// GET with the token (every read but the health check and the dashboard's files needs it).
 pub async fn get(base: &str, path: &str) -> (u16, Value) {
-    let resp = reqwest::get(format!("{base}{path}")).await.unwrap();
+    get_as(base, path, Some(TOKEN)).await
+}
+
+/// GET with `token`, or none.
+pub async fn get_as(base: &str, path: &str, token: Option<&str>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().get(format!("{base}{path}"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// A run's event stream, read to its end, with the token.
+pub async fn event_text(base: &str, id: &str) -> String {
+    reqwest::Client::new()
+        .get(format!("{base}/api/runs/{id}/events"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 pub async fn wait_for(base: &str, id: &str, pred: impl Fn(&Value) -> bool, secs: u64) -> Value {
@@ -119,8 +142,14 @@ fn mutations_need_the_token_and_bad_requests_get_clear_4xx() {
     rt().block_on(async move {
         let (s, health) = get(&base, "/api/health").await;
         assert_eq!((s, health["status"].as_str()), (200, Some("ok")));
+        let (s, health) = get_as(&base, "/api/health", None).await;
+        assert_eq!((s, health["status"].as_str()), (200, Some("ok")));
+        let (s, body) = get_as(&base, "/api/runs", None).await;
+        assert_eq!(s, 401, "reads need the token too: {body}");
+        let (s, _) = get_as(&base, "/api/runs", Some("wrong")).await;
+        assert_eq!(s, 401);
         let (s, _) = get(&base, "/api/runs").await;
-        assert_eq!(s, 200, "reads are open on loopback");
+        assert_eq!(s, 200);
 
         let (s, body) = post(&base, "/api/runs", None, eval_body("x", &["a cat"])).await;
         assert_eq!(s, 401, "{body}");
@@ -235,12 +264,7 @@ fn an_eval_job_runs_through_the_queue_with_events_and_comparison() {
         assert_eq!(cmp["samples"].as_array().unwrap().len(), 3);
 
         // The event stream replays the run and ends once it has finished.
-        let text = reqwest::get(format!("{base}/api/runs/{a}/events"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = event_text(&base, &a).await;
         assert!(
             text.contains("event: status") && text.contains("event: progress"),
             "{text}"
@@ -351,6 +375,7 @@ fn fifty_concurrent_clients_get_no_errors() {
                         };
                         let resp = client
                             .get(format!("{base}{path}"))
+                            .bearer_auth(TOKEN)
                             .send()
                             .await
                             .expect("request");

@@ -169,6 +169,11 @@ impl Context {
             return Ok(s.clone());
         }
         let s = crate::store::Store::open(&self.data_dir.store())?;
+        // A command that opens the store holds its lock, so any run still `running` belongs
+        // to a process that died: it reads as interrupted from now on.
+        if let Err(e) = s.interrupt_orphans() {
+            tracing::warn!("cannot mark the runs of dead processes interrupted: {e:#}");
+        }
         Ok(self.store.get_or_init(|| s).clone())
     }
 }

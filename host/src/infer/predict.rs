@@ -113,6 +113,11 @@ impl Sampling {
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             bail!("`repetition_penalty` must be positive (1 is off)");
         }
+        if let Some(k) = self.top_k
+            && k > 1_000_000
+        {
+            bail!("`top_k` must be at most 1000000");
+        }
         if self.batch_size == 0 || self.batch_size > 256 {
             bail!("`batch_size` must be between 1 and 256");
         }

@@ -48,8 +48,20 @@ pub fn routes() -> Router<AppState> {
         .route("/api/report", get(report_runs))
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
+/// `ok`, or `degraded` with the reason while the data directory cannot be written.
+async fn health(State(state): State<AppState>) -> Json<Value> {
+    let jobs = state.jobs.clone();
+    let health = tokio::task::spawn_blocking(move || jobs.health())
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    Json(match health {
+        Ok(()) => json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}),
+        Err(reason) => json!({
+            "status": "degraded",
+            "reason": reason,
+            "version": env!("CARGO_PKG_VERSION"),
+        }),
+    })
 }
 
 async fn list_plugins(State(state): State<AppState>) -> Json<Vec<PluginMeta>> {
@@ -127,6 +139,7 @@ async fn upload_plugin(
         &meta,
         std::path::Path::new("upload"),
     ))?;
+    state.store.flush()?;
     state.registry.write().unwrap().add(plugin);
     Ok((StatusCode::CREATED, Json(meta)).into_response())
 }
@@ -297,12 +310,129 @@ async fn patch_run(
     Ok(Json(serde_json::to_value(run)?))
 }
 
+/// `limit` and `offset` of a paginated read; without `limit`, the whole list.
+#[derive(serde::Deserialize, Default)]
+struct Page {
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+/// The most items one page may hold.
+const MAX_PAGE: usize = 10_000;
+
+impl Page {
+    fn checked(&self) -> Result<Option<(usize, usize)>, AppError> {
+        match self.limit {
+            None if self.offset.is_some() => Err(AppError::bad_request("`offset` needs `limit`")),
+            None => Ok(None),
+            Some(l) if l == 0 || l > MAX_PAGE => Err(AppError::bad_request(format!(
+                "`limit` must be between 1 and {MAX_PAGE}"
+            ))),
+            Some(l) => Ok(Some((self.offset.unwrap_or(0), l))),
+        }
+    }
+}
+
+/// A run's samples: all of them, or a page (`limit`, `offset`) with the total in
+/// `X-Total-Count`. The answer of a finished run carries an ETag.
 async fn get_samples(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, AppError> {
+    Query(page): Query<Page>,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let page = page.checked()?;
     let run = state.store.resolve_run(&id)?;
-    Ok(Json(serde_json::to_value(state.store.samples(&run.id)?)?))
+    let etag = etag_of(&[&run], &format!("samples {page:?}"));
+    if let Some(tag) = &etag
+        && not_modified(&headers, tag)
+    {
+        return Ok(not_modified_response(tag));
+    }
+    let store = state.store.clone();
+    let (body, total) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<u8>, Option<usize>)> {
+            Ok(match page {
+                None => (serde_json::to_vec(&store.samples(&run.id)?)?, None),
+                Some((offset, limit)) => (
+                    serde_json::to_vec(&store.samples_page(&run.id, offset, limit)?)?,
+                    Some(store.sample_count(&run.id)),
+                ),
+            })
+        })
+        .await
+        .map_err(anyhow::Error::from)??;
+    let mut response = json_response(&headers, body, etag.as_deref());
+    if let Some(total) = total {
+        response
+            .headers_mut()
+            .insert("x-total-count", total.to_string().parse().expect("digits"));
+    }
+    Ok(response)
+}
+
+/// An ETag for answers computed from `runs` alone, when all of them have finished (their
+/// stored results no longer change; a resume changes the status and so the tag).
+fn etag_of(runs: &[&crate::store::RunRecord], what: &str) -> Option<String> {
+    if !runs.iter().all(|r| r.status.is_finished()) {
+        return None;
+    }
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(what.as_bytes());
+    for r in runs {
+        h.update(serde_json::to_vec(r).unwrap_or_default());
+    }
+    Some(format!("\"{}\"", hex::encode(&h.finalize()[..12])))
+}
+
+fn not_modified(headers: &HeaderMap, tag: &str) -> bool {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"))
+}
+
+fn not_modified_response(tag: &str) -> Response {
+    (StatusCode::NOT_MODIFIED, [(header::ETAG, tag.to_string())]).into_response()
+}
+
+/// A JSON body, gzip-compressed when the client accepts it and it is worth it, with its
+/// ETag when it has one.
+fn json_response(headers: &HeaderMap, body: Vec<u8>, etag: Option<&str>) -> Response {
+    let gzip = body.len() > 1024
+        && headers
+            .get(header::ACCEPT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|e| e.trim().starts_with("gzip")));
+    let mut response = if gzip {
+        use std::io::Write as _;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        match enc.write_all(&body).and_then(|_| enc.finish()) {
+            Ok(zipped) => {
+                let mut r = zipped.into_response();
+                r.headers_mut()
+                    .insert(header::CONTENT_ENCODING, "gzip".parse().expect("ascii"));
+                r
+            }
+            Err(_) => body.into_response(),
+        }
+    } else {
+        body.into_response()
+    };
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        "application/json".parse().expect("ascii"),
+    );
+    h.insert(header::VARY, "accept-encoding".parse().expect("ascii"));
+    if let Some(tag) = etag
+        && let Ok(v) = tag.parse()
+    {
+        h.insert(header::ETAG, v);
+        h.insert(header::CACHE_CONTROL, "no-cache".parse().expect("ascii"));
+    }
+    response
 }
 
 async fn cancel_run(
@@ -328,12 +458,23 @@ async fn resume_run(
 #[derive(serde::Deserialize)]
 struct CompareQuery {
     runs: String,
+    limit: Option<usize>,
+    offset: Option<usize>,
 }
 
+/// A comparison; with `limit` (and `offset`), a page of its samples (most disagreement
+/// first) and `total_samples`, `offset`, `limit` beside them. Finished runs' comparisons
+/// carry an ETag.
 async fn compare_runs(
     State(state): State<AppState>,
     Query(q): Query<CompareQuery>,
-) -> Result<Json<Value>, AppError> {
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    let page = Page {
+        limit: q.limit,
+        offset: q.offset,
+    }
+    .checked()?;
     let ids: Vec<String> = q
         .runs
         .split(',')
@@ -346,10 +487,37 @@ async fn compare_runs(
             "`runs` must list at least two run ids, comma-separated",
         ));
     }
+    let mut runs = Vec::new();
     for id in &ids {
-        state.store.resolve_run(id)?;
+        runs.push(state.store.resolve_run(id)?);
     }
-    Ok(Json(serde_json::to_value(compare(&state.store, &ids)?)?))
+    let etag = etag_of(
+        &runs.iter().collect::<Vec<_>>(),
+        &format!("compare {ids:?} {page:?}"),
+    );
+    if let Some(tag) = &etag
+        && not_modified(&headers, tag)
+    {
+        return Ok(not_modified_response(tag));
+    }
+    let store = state.store.clone();
+    let body = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
+        let mut comparison = serde_json::to_value(compare(&store, &ids)?)?;
+        if let Some((offset, limit)) = page
+            && let Some(samples) = comparison.get_mut("samples").and_then(Value::as_array_mut)
+        {
+            let total = samples.len();
+            let kept: Vec<Value> = samples.drain(..).skip(offset).take(limit).collect();
+            *samples = kept;
+            comparison["total_samples"] = json!(total);
+            comparison["offset"] = json!(offset);
+            comparison["limit"] = json!(limit);
+        }
+        Ok(serde_json::to_vec(&comparison)?)
+    })
+    .await
+    .map_err(anyhow::Error::from)??;
+    Ok(json_response(&headers, body, etag.as_deref()))
 }
 
 #[derive(serde::Deserialize)]
@@ -462,10 +630,22 @@ async fn create_run(State(state): State<AppState>, body: Bytes) -> Result<Respon
             )));
         }
     };
-    let run = submit
-        .await
-        .map_err(anyhow::Error::from)?
-        .map_err(|e| AppError::unprocessable(format!("{e:#}")))?;
+    let run = submit.await.map_err(anyhow::Error::from)?.map_err(|e| {
+        // A full disk is the server's condition, not the request's fault.
+        if let Some(full) = e.downcast_ref::<crate::server::jobs::DiskFull>() {
+            AppError::new(StatusCode::INSUFFICIENT_STORAGE, full.to_string())
+        } else if e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.raw_os_error() == Some(28))
+        }) {
+            AppError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("the data directory's disk is full: {e:#}"),
+            )
+        } else {
+            AppError::unprocessable(format!("{e:#}"))
+        }
+    })?;
     Ok((StatusCode::CREATED, Json(json!({"id": run.id}))).into_response())
 }
 

@@ -46,6 +46,22 @@ impl<E: Into<anyhow::Error>> From<E> for AppError {
             ) {
                 return AppError::not_found(store.to_string());
             }
+            if matches!(store, crate::store::StoreError::Conflict { .. }) {
+                return AppError::new(StatusCode::CONFLICT, store.to_string());
+            }
+        }
+        // A full disk (ENOSPC, possibly kept by sled from a failed write) is the server's
+        // condition, said as such: 503 until space is freed and the store reopened.
+        let full = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.raw_os_error() == Some(28))
+                || c.to_string().contains("No space left on device")
+        });
+        if full {
+            return AppError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the data directory's disk is full; free some space (see /api/health)",
+            );
         }
         tracing::error!("internal error: {e:#}");
         AppError::new(

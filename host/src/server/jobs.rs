@@ -4,7 +4,7 @@
 //! `interrupted` (never silently running) and can be resumed: evaluations and generations
 //! start over, training continues from its last checkpoint. `queued` runs are picked up again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -18,12 +18,35 @@ use crate::infer::run::{self as generate, GenerateEnv, GenerateRequest};
 use crate::llm::{LlmClient, LlmConfig};
 use crate::paths::DataDir;
 use crate::plugin::{PluginKind, Registry};
-use crate::store::{RunEvent, RunKind, RunRecord, RunStatus, Store, new_run_id, now_rfc3339};
+use crate::store::{
+    RunEvent, RunKind, RunRecord, RunStatus, Store, StoreError, new_run_id, now_rfc3339,
+};
 use crate::train::config::TrainConfig;
 use crate::train::{TrainEnv, data, record, trainer};
 
 /// Evaluations allowed to run at once.
 const EVAL_CONCURRENCY: usize = 2;
+
+/// How long a graceful shutdown waits for running jobs to stop (a training step, an eval
+/// batch); systemd's default stop timeout is 90 s.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What the operator allowed beyond the defaults (`serve --allow-path`).
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Folders outside the data directory whose files may be used as datasets.
+    pub allow_paths: Vec<PathBuf>,
+    /// Watch the data directory's free space (see `server::disk`).
+    pub watch_disk: bool,
+    /// Why the previous process of this server executed this one (its store had failed a
+    /// write): the runs it left running are marked failed with this reason.
+    pub restart_reason: Option<String>,
+}
+
+/// A run refused or stopped because the data directory's disk is full.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DiskFull(pub String);
 
 #[derive(Clone)]
 pub struct Jobs {
@@ -36,6 +59,23 @@ struct Inner {
     data_dir: DataDir,
     models: Arc<Models>,
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// Runs a person cancelled (as opposed to runs stopped by a shutdown).
+    user_cancelled: Mutex<HashSet<String>>,
+    /// Set once a shutdown has begun: no job starts any more, and stopped jobs are marked
+    /// `interrupted` (resumable), not `cancelled`.
+    shutting_down: AtomicBool,
+    /// Read by training runs when they stop: write a checkpoint at the current step first.
+    checkpoint_on_stop: Arc<AtomicBool>,
+    /// Jobs executing now (not waiting for a slot), for the shutdown to wait on.
+    active: (Mutex<usize>, Condvar),
+    policy: Policy,
+    disk: Arc<crate::server::disk::DiskState>,
+    /// Runs stopped because the disk filled: they end `failed`, not `cancelled`.
+    disk_failed: Mutex<HashSet<String>>,
+    /// Notified when the store can no longer write although the disk has room: the server
+    /// then reopens it (see `server::disk`).
+    store_broken: Arc<tokio::sync::Notify>,
+    store_broken_reason: Mutex<Option<String>>,
     eval_slots: (Mutex<usize>, Condvar),
     /// Model jobs take a ticket and run when it is served: one at a time, first come first
     /// served.
@@ -74,6 +114,16 @@ impl Jobs {
         data_dir: DataDir,
         models: Arc<Models>,
     ) -> Result<Self> {
+        Self::start_with(store, registry, data_dir, models, Policy::default())
+    }
+
+    pub fn start_with(
+        store: Store,
+        registry: Arc<RwLock<Registry>>,
+        data_dir: DataDir,
+        models: Arc<Models>,
+        policy: Policy,
+    ) -> Result<Self> {
         let io = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -86,13 +136,59 @@ impl Jobs {
                 data_dir,
                 models,
                 cancels: Mutex::new(HashMap::new()),
+                user_cancelled: Mutex::new(HashSet::new()),
+                shutting_down: AtomicBool::new(false),
+                checkpoint_on_stop: Arc::new(AtomicBool::new(false)),
+                active: (Mutex::new(0), Condvar::new()),
+                policy,
+                disk: Default::default(),
+                disk_failed: Mutex::new(HashSet::new()),
+                store_broken: Arc::new(tokio::sync::Notify::new()),
+                store_broken_reason: Mutex::new(None),
                 eval_slots: (Mutex::new(EVAL_CONCURRENCY), Condvar::new()),
                 model_lane: (Mutex::new(Lane::default()), Condvar::new()),
                 io: Some(io),
             }),
         };
         jobs.reconcile()?;
+        if jobs.inner.policy.watch_disk {
+            // A weak handle: the watcher must not keep the jobs alive.
+            let weak = Arc::downgrade(&jobs.inner);
+            let weak_probe = weak.clone();
+            let weak_broken = weak.clone();
+            crate::server::disk::watch(
+                jobs.inner.data_dir.root().to_path_buf(),
+                jobs.inner.disk.clone(),
+                move |reason| {
+                    if let Some(inner) = weak.upgrade() {
+                        Jobs { inner }.stop_for_full_disk(reason);
+                    }
+                },
+                move || match weak_probe.upgrade() {
+                    Some(inner) => inner.store.flush().map_err(|e| e.to_string()),
+                    None => Ok(()),
+                },
+                move |reason| {
+                    if let Some(inner) = weak_broken.upgrade() {
+                        tracing::error!("the store cannot write any more ({reason}); reopening it");
+                        *inner.store_broken_reason.lock().unwrap() = Some(reason.to_string());
+                        inner.store_broken.notify_one();
+                    }
+                },
+            );
+        }
         Ok(jobs)
+    }
+
+    /// Resolves when the store has failed a write and must be reopened; returns why.
+    pub async fn store_broken(&self) -> String {
+        self.inner.store_broken.notified().await;
+        self.inner
+            .store_broken_reason
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_default()
     }
 
     pub fn models(&self) -> &Arc<Models> {
@@ -100,14 +196,63 @@ impl Jobs {
     }
 
     /// The store is locked by one process at a time, so a run marked running when we open
-    /// it belongs to a process that died.
+    /// it belongs to a process that died. One run that cannot be restored (its request file
+    /// missing or damaged) is marked failed with the reason; it never keeps the server from
+    /// starting.
     fn reconcile(&self) -> Result<()> {
         let store = &self.inner.store;
         // Oldest first, so re-queued model jobs keep their order.
         let mut runs = store.list_runs()?;
         runs.sort_by(|a, b| a.id.cmp(&b.id));
         for run in runs {
+            let id = run.id.clone();
+            if let Err(e) = self.reconcile_one(run) {
+                tracing::warn!("run {id} cannot be restored: {e:#}");
+                let reason = format!("the run could not be restored at server start: {e:#}");
+                let failed = store.transition(
+                    &id,
+                    &[RunStatus::Queued, RunStatus::Running],
+                    RunStatus::Failed,
+                    |r| {
+                        r.error = Some(reason.clone());
+                        r.finished = Some(now_rfc3339());
+                        r.owner_pid = None;
+                    },
+                );
+                if failed.is_ok() {
+                    let _ = store.push_event(
+                        &id,
+                        &RunEvent::Status {
+                            status: RunStatus::Failed,
+                        },
+                    );
+                }
+            }
+        }
+        store.flush()?;
+        Ok(())
+    }
+
+    fn reconcile_one(&self, run: RunRecord) -> Result<()> {
+        let store = &self.inner.store;
+        {
             match run.status {
+                RunStatus::Running if self.inner.policy.restart_reason.is_some() => {
+                    let reason = self.inner.policy.restart_reason.clone().unwrap_or_default();
+                    store.transition(&run.id, &[RunStatus::Running], RunStatus::Failed, |r| {
+                        r.error = Some(format!(
+                            "the store could not be written ({reason}); resume it to run it again"
+                        ));
+                        r.finished = Some(now_rfc3339());
+                        r.owner_pid = None;
+                    })?;
+                    store.push_event(
+                        &run.id,
+                        &RunEvent::Status {
+                            status: RunStatus::Failed,
+                        },
+                    )?;
+                }
                 RunStatus::Running => {
                     let resume = match run.kind {
                         RunKind::Train => "resume it to continue from its last checkpoint",
@@ -127,20 +272,79 @@ impl Jobs {
                         },
                     )?;
                 }
-                RunStatus::Queued => self.dispatch(run)?,
+                RunStatus::Queued => {
+                    self.check_request(&run)?;
+                    self.dispatch(run)?
+                }
                 _ => {}
             }
         }
         Ok(())
     }
 
+    /// The run's stored request reads back as its kind's request: what a resume needs.
+    fn check_request(&self, run: &RunRecord) -> Result<()> {
+        let store = &self.inner.store;
+        let missing = || format!("run {} has no stored request", run.id);
+        match run.kind {
+            RunKind::Eval => {
+                store
+                    .request::<EvalRequest>(&run.id)?
+                    .with_context(missing)?;
+            }
+            RunKind::Train => {
+                store
+                    .request::<TrainConfig>(&run.id)?
+                    .with_context(missing)?;
+            }
+            RunKind::Generate => {
+                store
+                    .request::<GenerateRequest>(&run.id)?
+                    .with_context(missing)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A dataset given as a path must lie inside the data directory or a folder allowed
+    /// with `serve --allow-path`: otherwise any file the server can read would become
+    /// samples served over HTTP. Bundled and hub datasets are not paths.
+    fn check_dataset_path(&self, dataset: &str, field: &str) -> Result<()> {
+        let path = Path::new(dataset);
+        if dataset == "bundled" || !path.exists() {
+            return Ok(());
+        }
+        let real = std::fs::canonicalize(path)
+            .with_context(|| format!("`{field}`: cannot resolve {dataset:?}"))?;
+        let root = std::fs::canonicalize(self.inner.data_dir.root())
+            .unwrap_or_else(|_| self.inner.data_dir.root().to_path_buf());
+        let allowed = std::iter::once(root).chain(
+            self.inner
+                .policy
+                .allow_paths
+                .iter()
+                .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
+        );
+        for dir in allowed {
+            if real.starts_with(&dir) {
+                return Ok(());
+            }
+        }
+        bail!(
+            "`{field}`: {dataset:?} is outside the data directory; start the server with `--allow-path DIR` to allow datasets under DIR"
+        )
+    }
+
     /// Validate and queue an evaluation.
     pub fn submit_eval(&self, request: EvalRequest) -> Result<RunRecord> {
+        self.check_disk()?;
         let plugins = {
             let registry = self.inner.registry.read().unwrap();
             pipeline::validate(&registry, &request)?
         };
         let run = pipeline::create_run(&self.inner.store, &request, &plugins)?;
+        // Acknowledged means on disk.
+        self.inner.store.flush()?;
         self.dispatch(run.clone())?;
         Ok(run)
     }
@@ -149,12 +353,15 @@ impl Jobs {
     /// checked here: the keys, the values, the formatter, the dataset's rows, the metrics of
     /// `eval_after_train`, where the outputs go.
     pub fn submit_train(&self, submission: TrainSubmission) -> Result<RunRecord> {
+        self.check_disk()?;
         let mut config = TrainConfig::from_json(&submission.config)?;
         let id = new_run_id();
         let given = submission.config.get("output_dir").and_then(|v| v.as_str());
         let output_dir = resolve_output_dir(&self.inner.data_dir, given, &id)?;
         config.output_dir = output_dir.display().to_string();
         generate::check_model(&config.model_name_or_path, "config.model_name_or_path")?;
+        self.check_dataset_path(&config.dataset, "config.dataset")?;
+        self.check_memory(&config)?;
         adapterlab_model::commands::check_target_modules(
             &config.model_name_or_path,
             &config.lora.target_modules,
@@ -206,12 +413,17 @@ impl Jobs {
                 format!("{model}-lora-{}", &id[id.len() - 6..])
             });
         let run = record::create_run_with_id(&self.inner.store, id, &config, Some(name))?;
+        self.inner.store.flush()?;
         self.dispatch(run.clone())?;
         Ok(run)
     }
 
     /// Validate and queue a generate run.
     pub fn submit_generate(&self, request: GenerateRequest) -> Result<RunRecord> {
+        self.check_disk()?;
+        if let Some(d) = &request.dataset {
+            self.check_dataset_path(d, "dataset")?;
+        }
         let (request, plugins) = {
             let registry = self.inner.registry.read().unwrap();
             generate::prepare(
@@ -222,8 +434,22 @@ impl Jobs {
             )?
         };
         let run = generate::create_run(&self.inner.store, &request, &plugins)?;
+        self.inner.store.flush()?;
         self.dispatch(run.clone())?;
         Ok(run)
+    }
+
+    /// Refuses a training run whose rough memory estimate exceeds what the machine has
+    /// available (on the CPU; a GPU's memory is not known before the model loads).
+    fn check_memory(&self, config: &TrainConfig) -> Result<()> {
+        if !self.inner.models.runtime().device.is_cpu() {
+            return Ok(());
+        }
+        let Some(available) = crate::train::memory::available_bytes() else {
+            return Ok(());
+        };
+        let shape = crate::train::memory::shape_of(&config.model_name_or_path);
+        crate::train::memory::check_fits(config, shape, available)
     }
 
     fn dispatch(&self, run: RunRecord) -> Result<()> {
@@ -246,10 +472,14 @@ impl Jobs {
                     .name(format!("eval-{short}"))
                     .spawn(move || {
                         this.acquire_eval_slot();
-                        if !cancel.load(Ordering::Relaxed) {
-                            if let Err(e) = this.run_eval(&run.id, &request, cancel.clone()) {
+                        if !cancel.load(Ordering::Relaxed) && this.begin_job(&run.id) {
+                            let result =
+                                contain_panic(|| this.run_eval(&run.id, &request, cancel.clone()));
+                            if let Err(e) = result {
                                 tracing::warn!("eval run {} failed: {e:#}", run.id);
+                                this.fail_unfinished(&run.id, &e);
                             }
+                            this.end_job(&run.id);
                         }
                         this.release_eval_slot();
                         this.forget_cancel(&run.id, &cancel);
@@ -272,24 +502,231 @@ impl Jobs {
                             .ok()
                             .flatten()
                             .is_some_and(|r| r.status == RunStatus::Queued);
-                        if still_queued && !cancel.load(Ordering::Relaxed) {
-                            let result = match run.kind {
+                        if still_queued
+                            && !cancel.load(Ordering::Relaxed)
+                            && this.begin_job(&run.id)
+                        {
+                            let result = contain_panic(|| match run.kind {
                                 RunKind::Train => this.run_train(&run, cancel.clone()),
                                 _ => this.run_generate(&run, cancel.clone()),
-                            };
+                            });
                             if let Err(e) = result {
                                 tracing::warn!(
                                     "{} run {} failed: {e:#}",
                                     run.kind.as_str(),
                                     run.id
                                 );
+                                this.fail_unfinished(&run.id, &e);
                             }
+                            this.end_job(&run.id);
                         }
                         drop(turn);
                         this.forget_cancel(&run.id, &cancel);
                     })?;
             }
         }
+        Ok(())
+    }
+
+    /// A job that returned an error (a full disk, a store write that failed) is marked failed
+    /// with the reason if it still reads as queued or running: the run fails, not the server.
+    fn fail_unfinished(&self, run_id: &str, error: &anyhow::Error) {
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        let reason = format!("{error:#}");
+        let failed = self.inner.store.transition(
+            run_id,
+            &[RunStatus::Queued, RunStatus::Running],
+            RunStatus::Failed,
+            |r| {
+                r.error = Some(reason.clone());
+                r.finished = Some(now_rfc3339());
+                r.owner_pid = None;
+            },
+        );
+        if failed.is_ok() {
+            let _ = self.inner.store.push_event(
+                run_id,
+                &RunEvent::Status {
+                    status: RunStatus::Failed,
+                },
+            );
+        }
+    }
+
+    /// `Err(reason)` while the data directory cannot be written (a full disk, a read-only
+    /// mount): a small file is written, synced and removed, and the store flushed. Checked
+    /// afresh at every call, so it reads `ok` again once space is freed.
+    pub fn health(&self) -> std::result::Result<(), String> {
+        if let Some(reason) = self.inner.disk.is_full().then(|| self.inner.disk.reason()) {
+            return Err(reason.unwrap_or_else(|| "the data directory's disk is full".into()));
+        }
+        let probe = self.inner.data_dir.root().join(".health-probe");
+        let write = || -> std::io::Result<()> {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&probe)?;
+            f.write_all(&[0u8; 4096])?;
+            f.sync_all()
+        };
+        let written = write();
+        let _ = std::fs::remove_file(&probe);
+        written.map_err(|e| format!("cannot write to the data directory: {e}"))?;
+        self.inner
+            .store
+            .flush()
+            .map_err(|e| format!("the store cannot be written: {e}"))
+    }
+
+    /// Refuses new work while the disk is full.
+    fn check_disk(&self) -> Result<()> {
+        if self.inner.disk.is_full() {
+            let reason = self
+                .inner
+                .disk
+                .reason()
+                .unwrap_or_else(|| "the disk is full".into());
+            return Err(DiskFull(reason).into());
+        }
+        Ok(())
+    }
+
+    /// The disk has filled: every running job is stopped and will end `failed` with the
+    /// reason; queued ones fail when their turn comes while it is still full.
+    fn stop_for_full_disk(&self, reason: &str) {
+        let running: Vec<String> = self
+            .inner
+            .store
+            .list_runs()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.status == RunStatus::Running)
+            .map(|r| r.id)
+            .collect();
+        let cancels = self.inner.cancels.lock().unwrap();
+        let mut failed = self.inner.disk_failed.lock().unwrap();
+        for id in running {
+            if let Some(flag) = cancels.get(&id) {
+                failed.insert(id.clone());
+                flag.store(true, Ordering::SeqCst);
+                tracing::warn!("stopping run {id}: {reason}");
+            }
+        }
+    }
+
+    fn fail_for_disk(&self, run_id: &str) {
+        let reason = self
+            .inner
+            .disk
+            .reason()
+            .unwrap_or_else(|| "the data directory's disk is full".into());
+        let failed = self.inner.store.transition(
+            run_id,
+            &[RunStatus::Queued, RunStatus::Running, RunStatus::Cancelled],
+            RunStatus::Failed,
+            |r| {
+                r.error = Some(reason.clone());
+                r.finished = Some(now_rfc3339());
+                r.owner_pid = None;
+            },
+        );
+        if failed.is_ok() {
+            let _ = self.inner.store.push_event(
+                run_id,
+                &RunEvent::Status {
+                    status: RunStatus::Failed,
+                },
+            );
+        }
+    }
+
+    /// Counts a job as executing, unless a shutdown has begun (then it stays queued for the
+    /// next start).
+    fn begin_job(&self, run_id: &str) -> bool {
+        let (lock, _) = &self.inner.active;
+        let mut active = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            return false;
+        }
+        if self.inner.disk.is_full() {
+            self.fail_for_disk(run_id);
+            return false;
+        }
+        *active += 1;
+        true
+    }
+
+    /// A job has returned. When a shutdown stopped it, it is marked `interrupted` (its
+    /// stored samples and checkpoint kept, resumable) rather than `cancelled` or `running`.
+    fn end_job(&self, run_id: &str) {
+        if self.inner.disk_failed.lock().unwrap().remove(run_id) {
+            self.fail_for_disk(run_id);
+        } else if self.inner.shutting_down.load(Ordering::SeqCst)
+            && !self.inner.user_cancelled.lock().unwrap().contains(run_id)
+        {
+            self.mark_interrupted(run_id);
+        }
+        let (lock, cv) = &self.inner.active;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        cv.notify_all();
+    }
+
+    fn mark_interrupted(&self, run_id: &str) {
+        let store = &self.inner.store;
+        let marked = store.transition(
+            run_id,
+            &[RunStatus::Running, RunStatus::Cancelled],
+            RunStatus::Interrupted,
+            |r| {
+                r.error = Some(
+                    "the server was stopped while this run was in progress; resume it to continue"
+                        .into(),
+                );
+                r.owner_pid = None;
+            },
+        );
+        if marked.is_ok() {
+            let _ = store.push_event(
+                run_id,
+                &RunEvent::Status {
+                    status: RunStatus::Interrupted,
+                },
+            );
+        }
+    }
+
+    /// Graceful shutdown: no job starts any more; running ones are asked to stop (an
+    /// evaluation keeps the samples it finished, a training writes a checkpoint at its
+    /// current step), waited for up to [`SHUTDOWN_WAIT`], and marked `interrupted`; queued
+    /// ones stay queued. Then the store is flushed.
+    pub fn shutdown(&self) -> Result<()> {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        self.inner.checkpoint_on_stop.store(true, Ordering::SeqCst);
+        for flag in self.inner.cancels.lock().unwrap().values() {
+            flag.store(true, Ordering::SeqCst);
+        }
+        let (lock, cv) = &self.inner.active;
+        let deadline = std::time::Instant::now() + SHUTDOWN_WAIT;
+        let mut active = lock.lock().unwrap_or_else(|e| e.into_inner());
+        while *active > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!("{} job(s) did not stop in time", *active);
+                break;
+            }
+            active = cv
+                .wait_timeout(active, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(active);
+        // Whatever is still running (it did not stop in time) reads as interrupted.
+        for run in self.inner.store.list_runs()? {
+            if run.status == RunStatus::Running {
+                self.mark_interrupted(&run.id);
+            }
+        }
+        self.inner.store.flush()?;
         Ok(())
     }
 
@@ -391,7 +828,19 @@ impl Jobs {
                 },
             )?;
         }
+        // Steps between the checkpoint and the interruption were recorded already; the
+        // resumed run redoes them (identically) without recording them twice.
+        let recorded_through = store
+            .events_after(&run.id, None)?
+            .into_iter()
+            .filter_map(|(_, e)| match e {
+                RunEvent::Loss { step, .. } | RunEvent::Step { step, .. } => Some(step),
+                _ => None,
+            })
+            .max();
         let env = TrainEnv {
+            skip_loss_through: recorded_through.filter(|_| started_before),
+            checkpoint_on_stop: Some(self.inner.checkpoint_on_stop.clone()),
             assets_dir: self.inner.data_dir.assets(),
             registry: Some(self.inner.registry.read().unwrap().clone()),
             resume_from_checkpoint: checkpoint
@@ -432,22 +881,37 @@ impl Jobs {
         if run.status.is_finished() {
             return Ok(run);
         }
+        self.inner
+            .user_cancelled
+            .lock()
+            .unwrap()
+            .insert(run.id.clone());
         if let Some(flag) = self.inner.cancels.lock().unwrap().get(&run.id) {
             flag.store(true, Ordering::Relaxed);
         }
         if run.status == RunStatus::Queued {
-            let run = self.inner.store.update_run(&run.id, |r| {
-                r.status = RunStatus::Cancelled;
-                r.finished = Some(now_rfc3339());
-            })?;
-            self.inner.store.push_event(
+            // A compare-and-swap: if the job started meanwhile, its flag stops it instead.
+            match self.inner.store.transition(
                 &run.id,
-                &RunEvent::Status {
-                    status: RunStatus::Cancelled,
-                },
-            )?;
-            return Ok(run);
+                &[RunStatus::Queued],
+                RunStatus::Cancelled,
+                |r| r.finished = Some(now_rfc3339()),
+            ) {
+                Ok(run) => {
+                    self.inner.store.push_event(
+                        &run.id,
+                        &RunEvent::Status {
+                            status: RunStatus::Cancelled,
+                        },
+                    )?;
+                    self.inner.store.flush()?;
+                    return Ok(run);
+                }
+                Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
+        self.inner.store.flush()?;
         Ok(self.inner.store.resolve_run(id)?)
     }
 
@@ -464,19 +928,62 @@ impl Jobs {
                 run.status.as_str()
             );
         }
-        let run = self.inner.store.update_run(&run.id, |r| {
-            r.status = RunStatus::Queued;
-            r.error = None;
-            r.finished = None;
-        })?;
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            bail!("the server is shutting down");
+        }
+        // A run that cannot be resumed is left exactly as it was.
+        self.check_request(&run)
+            .context("the run cannot be resumed")?;
+        // Of concurrent resumes, the compare-and-swap lets exactly one through.
+        let previous = run.clone();
+        let run = self.inner.store.transition(
+            &run.id,
+            &[
+                RunStatus::Interrupted,
+                RunStatus::Failed,
+                RunStatus::Cancelled,
+            ],
+            RunStatus::Queued,
+            |r| {
+                r.error = None;
+                r.finished = None;
+            },
+        )?;
+        self.inner.user_cancelled.lock().unwrap().remove(&run.id);
         self.inner.store.push_event(
             &run.id,
             &RunEvent::Status {
                 status: RunStatus::Queued,
             },
         )?;
-        self.dispatch(run.clone())?;
+        if let Err(e) = self.dispatch(run.clone()) {
+            // Put it back as it was rather than leave a queued run no worker will take.
+            let _ =
+                self.inner
+                    .store
+                    .transition(&run.id, &[RunStatus::Queued], previous.status, |r| {
+                        *r = previous.clone()
+                    });
+            return Err(e);
+        }
+        self.inner.store.flush()?;
         Ok(run)
+    }
+}
+
+/// Runs a job, turning a panic into its error: the run is then marked failed and the worker
+/// goes on, instead of the run reading `running` for ever.
+fn contain_panic(job: impl FnOnce() -> Result<()>) -> Result<()> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            bail!("the job stopped on an internal error: {what}")
+        }
     }
 }
 
@@ -516,8 +1023,12 @@ pub fn resolve_output_dir(
         }
         return Ok(runs.join(path));
     }
-    let root = data_dir.root();
-    if path.starts_with(root) && !path.starts_with(&runs) {
+    // `..` and symbolic links are resolved before the check: `<data>/runs/../store/x` is the
+    // store's folder.
+    let path = &real_path(path);
+    let root = real_path(data_dir.root());
+    let runs = real_path(&runs);
+    if path.starts_with(&root) && !path.starts_with(&runs) {
         bail!(
             "config.output_dir: {given:?} is inside the data directory but outside its runs/ folder"
         );
@@ -550,6 +1061,42 @@ pub fn resolve_output_dir(
     Ok(path.to_path_buf())
 }
 
+/// `path` with `.` and `..` resolved lexically, then its longest existing prefix
+/// canonicalised (symbolic links followed) and the rest appended.
+fn real_path(path: &Path) -> PathBuf {
+    let mut lexical = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                lexical.pop();
+            }
+            other => lexical.push(other),
+        }
+    }
+    let mut existing = lexical.clone();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&existing) {
+            let mut out = real;
+            for part in rest.iter().rev() {
+                out.push(part);
+            }
+            return out;
+        }
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent(),
+        ) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => return lexical,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,6 +1122,9 @@ mod tests {
         assert!(e.to_string().contains("runs/"), "{e}");
         let store = data.store();
         let e = resolve_output_dir(&data, Some(store.to_str().unwrap()), "r1").unwrap_err();
+        assert!(e.to_string().contains("outside its runs/"), "{e}");
+        let climbing = format!("{}/../store/x", runs.display());
+        let e = resolve_output_dir(&data, Some(&climbing), "r1").unwrap_err();
         assert!(e.to_string().contains("outside its runs/"), "{e}");
         let elsewhere = tmp.path().join("elsewhere");
         assert_eq!(

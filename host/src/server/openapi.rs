@@ -10,6 +10,8 @@ pub fn document() -> Value {
     let openai_err = |desc: &str| json!({"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAiError"}}}});
     let run_id = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}, "description": "run id (a unique prefix is enough) or run name"});
     let secured = json!([{"bearer": []}]);
+    let limit = json!({"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 10000}, "description": "a page of at most this many items; without it, all of them"});
+    let offset = json!({"name": "offset", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0}, "description": "items skipped before the page (needs `limit`)"});
     let train_config = json!({"type": "object", "additionalProperties": false,
         "description": "HF TrainingArguments / SFTConfig / LoraConfig / BitsAndBytesConfig key names, with the reference notebook's defaults (those of `adapterlab train`). Checked before the run is queued: an unknown key is a 422 naming it and the closest known one; so are wrong types and values, a missing formatter, dataset rows that cannot be used (with their numbers), unknown `eval_after_train` metrics. Training writes to `output_dir`: by default `<data dir>/runs/<run id>`; a relative path is taken under `<data dir>/runs/` and may not contain `..`; an absolute path is used as given, but never inside the data directory outside `runs/`, nor in an existing folder holding anything but training outputs. Cancelling stops at the next step and keeps the checkpoints; resuming (an interrupted, cancelled or failed run) continues from the newest `checkpoint-N` in `output_dir`.",
         "properties": {
@@ -82,7 +84,7 @@ pub fn document() -> Value {
         "info": {
             "title": "adapterlab",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Launch and watch train, generate and eval runs; compare adapter versions; use the served model and the stored adapters through an OpenAI-compatible API under /v1. Reads are open; mutating calls (POST /v1/chat/completions included: OpenAI clients send the token as their API key) need `Authorization: Bearer TOKEN`."
+            "description": "Launch and watch train, generate and eval runs; compare adapter versions; use the served model and the stored adapters through an OpenAI-compatible API under /v1. Every call but `GET /api/health` and the dashboard's static files needs `Authorization: Bearer TOKEN`, reads included (OpenAI clients send the token as their API key). A request whose `Host` is not a loopback name (localhost, 127.0.0.1, [::1]) nor one allowed with `serve --allowed-host` is refused with 421. Datasets given as paths must lie inside the data directory or a folder allowed with `serve --allow-path`. `/api/health` answers `{\"status\": \"degraded\", \"reason\": ...}` while the data directory cannot be written."
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -196,8 +198,8 @@ pub fn document() -> Value {
                         "notes": {"type": "string", "maxLength": 10000}}}}}},
                     "responses": {"200": ok("run", json!({"$ref": "#/components/schemas/Run"})), "400": err("not JSON"), "401": err("missing or wrong token"), "404": err("no such run"), "422": err("an unknown field, or tags/notes out of bounds")}}
             },
-            "/api/runs/{id}/samples": {"get": {"summary": "A run's samples with their scores", "parameters": [run_id],
-                "responses": {"200": ok("samples", json!({"type": "array", "items": {"$ref": "#/components/schemas/Sample"}})), "404": err("no such run")}}},
+            "/api/runs/{id}/samples": {"get": {"summary": "A run's samples with their scores, in input order: all of them, or with `limit` (and `offset`) one page, the total in the `X-Total-Count` header. gzip when accepted; a finished run's answer has an ETag (If-None-Match: 304)", "parameters": [run_id, limit, offset], "security": secured,
+                "responses": {"200": ok("samples", json!({"type": "array", "items": {"$ref": "#/components/schemas/Sample"}})), "304": {"description": "not modified"}, "400": err("bad limit or offset"), "404": err("no such run")}}},
             "/api/runs/{id}/events": {"get": {"summary": "Server-Sent Events: status, progress, log and loss events (training: step, epoch, loss, eval_loss, learning_rate, grad_norm, tokens_per_second, eta_seconds); resumable with Last-Event-ID; ends when the run has finished",
                 "parameters": [run_id], "responses": {"200": {"description": "event stream", "content": {"text/event-stream": {}}}, "404": err("no such run")}}},
             "/api/runs/{id}/cancel": {"post": {"summary": "Cancel a queued or running run: an evaluation or generation stops after its current batch, a training after its current step (its checkpoints stay)", "parameters": [run_id], "security": secured,
@@ -208,8 +210,8 @@ pub fn document() -> Value {
                 "parameters": [{"name": "runs", "in": "query", "required": true, "schema": {"type": "string"}, "description": "one run id, or several comma-separated"},
                     {"name": "format", "in": "query", "required": false, "schema": {"type": "string", "default": "md"}, "description": "a reporter plugin's format: md, html, csv, or an installed one"}],
                 "responses": {"200": {"description": "the document, in the reporter's media type"}, "400": err("no runs"), "404": err("no such run, or no reporter for the format"), "422": err("the reporter failed")}}},
-            "/api/compare": {"get": {"summary": "Compare runs: paired deltas with 95% intervals, samples by disagreement",
-                "parameters": [{"name": "runs", "in": "query", "required": true, "schema": {"type": "string"}, "description": "two or more run ids, comma-separated; the first is the baseline"}],
+            "/api/compare": {"get": {"summary": "Compare runs: paired deltas with 95% intervals, samples by disagreement. With `limit` (and `offset`), `samples` is one page and the answer adds `total_samples`, `offset` and `limit`. gzip when accepted; finished runs' comparisons have an ETag (If-None-Match: 304)", "security": secured,
+                "parameters": [{"name": "runs", "in": "query", "required": true, "schema": {"type": "string"}, "description": "two or more run ids, comma-separated; the first is the baseline"}, limit, offset],
                 "responses": {"200": ok("comparison", json!({"$ref": "#/components/schemas/Comparison"})), "400": err("fewer than two runs"), "404": err("no such run")}}},
             "/v1/models": {"get": {"summary": "OpenAI-compatible: the served base model (`serve --model`) and every stored adapter, each a model id",
                 "responses": {"200": ok("models", json!({"type": "object", "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object", "properties": {

@@ -61,6 +61,16 @@ pub enum StoreError {
     },
     #[error("{0:?} is not a run id")]
     InvalidRunId(String),
+    #[error(
+        "the store at {path} is damaged ({reason}); `adapterlab store check` reports what is wrong"
+    )]
+    Damaged { path: String, reason: String },
+    #[error("run {id} is {}, so it cannot become {}", found.as_str(), to.as_str())]
+    Conflict {
+        id: String,
+        found: RunStatus,
+        to: RunStatus,
+    },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -89,20 +99,41 @@ pub struct Store {
     plugins: sled::Tree,
 }
 
+/// sled's page cache when none is given: its own default (1 GiB) made a server's RSS grow to
+/// gigabytes; 64 MiB serves the dashboard's reads well.
+pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
+
 impl Store {
-    pub fn open(path: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(path).open().map_err(|e| match e {
-            sled::Error::Io(ref io)
-                if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.to_string().contains("lock") =>
-            {
-                StoreError::Locked {
+    /// Open with a page cache of `cache_bytes`. A damaged store (a missing snapshot, a
+    /// corrupt file: sled panics on some of these) is an error naming the path, never a
+    /// panic.
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self> {
+        let config = sled::Config::new().path(path).cache_capacity(cache_bytes);
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let db = config.open().map_err(|e| open_error(path, e))?;
+            Self::from_db(db, path, Requests::Files(path.join("requests")))
+        }));
+        std::panic::set_hook(previous);
+        match opened {
+            Ok(result) => result,
+            Err(panic) => {
+                let reason = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "sled failed to open it".into());
+                Err(StoreError::Damaged {
                     path: path.display().to_string(),
-                }
+                    reason,
+                })
             }
-            other => StoreError::Sled(other),
-        })?;
-        Self::from_db(db, path, Requests::Files(path.join("requests")))
+        }
+    }
+
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
     }
 
     /// A store in a temporary directory, for tests.
@@ -166,6 +197,84 @@ impl Store {
                 return Ok(run);
             }
         }
+    }
+
+    /// Move a run from one of `allowed_from` to `to` as one compare-and-swap, applying `f` to
+    /// the record in the same write: of concurrent transitions of one run, exactly one
+    /// succeeds; the others get [`StoreError::Conflict`] naming the status they found. The
+    /// change is flushed before this returns, so an acknowledged transition survives a crash.
+    pub fn transition(
+        &self,
+        id: &str,
+        allowed_from: &[RunStatus],
+        to: RunStatus,
+        mut f: impl FnMut(&mut RunRecord),
+    ) -> Result<RunRecord> {
+        loop {
+            let Some(old) = self.runs.get(id.as_bytes())? else {
+                return Err(StoreError::NoSuchRun(id.to_string()));
+            };
+            let mut run: RunRecord = decode(tree::RUNS, id, &old)?;
+            if !allowed_from.contains(&run.status) {
+                return Err(StoreError::Conflict {
+                    id: id.to_string(),
+                    found: run.status,
+                    to,
+                });
+            }
+            run.status = to;
+            f(&mut run);
+            let new = encode(&run)?;
+            if self
+                .runs
+                .compare_and_swap(id.as_bytes(), Some(&old), Some(new))?
+                .is_ok()
+            {
+                self.db.flush()?;
+                return Ok(run);
+            }
+        }
+    }
+
+    /// Marks every run still `running` as `interrupted`, returning their ids. Only for a
+    /// store just opened by a command: the store is locked by one process at a time, so a run
+    /// that reads as running then belongs to a process that died (`kill -9`, a crash) and
+    /// would otherwise show `running` for ever.
+    pub fn interrupt_orphans(&self) -> Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for item in self.runs.iter() {
+            let (k, v) = item?;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            // An unreadable record is `adapterlab store check`'s business, not this one's.
+            let Ok(run) = decode::<RunRecord>(tree::RUNS, &id, &v) else {
+                continue;
+            };
+            if run.status != RunStatus::Running || run.owner_pid == Some(std::process::id()) {
+                continue;
+            }
+            let moved = self.transition(&id, &[RunStatus::Running], RunStatus::Interrupted, |r| {
+                r.error = Some(format!(
+                    "the process running it ({}) stopped before it finished; resume it with `adapterlab serve`",
+                    r.owner_pid
+                        .map(|p| format!("pid {p}"))
+                        .unwrap_or_else(|| "unknown".into())
+                ));
+                r.owner_pid = None;
+            });
+            if moved.is_ok() {
+                self.push_event(
+                    &id,
+                    &RunEvent::Status {
+                        status: RunStatus::Interrupted,
+                    },
+                )?;
+                ids.push(id);
+            }
+        }
+        if !ids.is_empty() {
+            self.flush()?;
+        }
+        Ok(ids)
     }
 
     /// Every run, newest first. An unreadable record is listed as a `corrupt` run with the
@@ -290,6 +399,25 @@ impl Store {
             .map(|item| {
                 let (k, v) = item?;
                 Ok(read_sample(&k, &v))
+            })
+            .collect()
+    }
+
+    /// At most `limit` of a run's samples in input order, skipping the first `offset`: a
+    /// page read without decoding the samples before it.
+    pub fn samples_page(
+        &self,
+        run_id: &str,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<SampleRecord>> {
+        self.samples
+            .scan_prefix(run_prefix(run_id))
+            .skip(offset)
+            .take(limit)
+            .map(|item| {
+                let (k, v) = item?;
+                decode(tree::SAMPLES, &String::from_utf8_lossy(&k), &v)
             })
             .collect()
     }
@@ -483,6 +611,24 @@ impl Requests {
             }),
             _ => Ok(()),
         }
+    }
+}
+
+/// A sled open error as the store's: a held lock reads as another process using the store.
+fn open_error(path: &Path, e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Io(ref io)
+            if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") =>
+        {
+            StoreError::Locked {
+                path: path.display().to_string(),
+            }
+        }
+        sled::Error::Corruption { .. } | sled::Error::ReportableBug(_) => StoreError::Damaged {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        },
+        other => StoreError::Sled(other),
     }
 }
 
@@ -698,6 +844,32 @@ mod tests {
             store.put_request("../x", &1),
             Err(StoreError::InvalidRunId(_))
         ));
+    }
+
+    #[test]
+    fn one_of_concurrent_transitions_wins() {
+        let store = Store::temporary().unwrap();
+        let mut r = run("x");
+        r.status = RunStatus::Interrupted;
+        store.put_run(&r).unwrap();
+        let wins = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..10 {
+                s.spawn(|| {
+                    let from = [RunStatus::Interrupted, RunStatus::Failed];
+                    match store.transition("x", &from, RunStatus::Queued, |_| {}) {
+                        Ok(_) => {
+                            wins.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Err(StoreError::Conflict { found, .. }) => {
+                            assert_eq!(found, RunStatus::Queued)
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                });
+            }
+        });
+        assert_eq!(wins.into_inner(), 1);
     }
 
     #[test]

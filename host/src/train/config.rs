@@ -296,6 +296,12 @@ fn check_types(table: &toml::Table, origin: &str) -> Result<()> {
                     check(inner, expected, &format!("{name}."), origin)?
                 }
                 (toml::Value::Float(_), toml::Value::Integer(_)) => {}
+                // Counts are unsigned; only max_steps takes -1 (unset), checked in validate.
+                (toml::Value::Integer(_), toml::Value::Integer(v))
+                    if *v < 0 && name != "max_steps" =>
+                {
+                    bail!("{origin}: `{name}` must be 0 or more, not {v}");
+                }
                 // Every list key holds strings (target_modules, eval_after_train).
                 (toml::Value::Array(_), toml::Value::Array(given)) => {
                     if let Some(bad) = given.iter().find(|v| !v.is_str()) {
@@ -466,6 +472,7 @@ impl TrainConfig {
         }
         crate::track::parse_report_to(&self.report_to).map_err(|e| fail("report_to", format!("{e:#}")))?;
         self.validate_evaluation(origin)?;
+        self.check_bounds().map_err(|(field, why)| fail(field, why))?;
         Ok(())
     }
 }
@@ -592,6 +599,139 @@ impl TrainConfig {
         })
     }
 }
+
+impl TrainConfig {
+    /// Every numeric setting within a range that a run can actually use: an absurd value
+    /// (a rank of 10^12, a batch of 10^9) would otherwise reach an allocation that aborts
+    /// the whole process, taking every other job with it. The bounds are generous; the
+    /// message names the field and its range.
+    fn check_bounds(&self) -> std::result::Result<(), (&'static str, String)> {
+        fn int(
+            field: &'static str,
+            v: u64,
+            lo: u64,
+            hi: u64,
+        ) -> std::result::Result<(), (&'static str, String)> {
+            if v < lo || v > hi {
+                return Err((field, format!("is {v}; allowed range: {lo} to {hi}")));
+            }
+            Ok(())
+        }
+        /// `lo_open`: the lower bound itself is excluded.
+        fn real(
+            field: &'static str,
+            v: f64,
+            lo: f64,
+            lo_open: bool,
+            hi: f64,
+        ) -> std::result::Result<(), (&'static str, String)> {
+            let below = if lo_open { v <= lo } else { v < lo };
+            if !v.is_finite() || below || v > hi {
+                let open = if lo_open { "(" } else { "[" };
+                // 1e308 reads better than its 309 digits.
+                let shown = if v.abs() >= 1e6 {
+                    format!("{v:e}")
+                } else {
+                    format!("{v}")
+                };
+                return Err((
+                    field,
+                    format!("is {shown}; allowed range: {open}{lo}, {hi}]"),
+                ));
+            }
+            Ok(())
+        }
+        let b = &BOUNDS;
+        int("lora.r", self.lora.r as u64, 1, b.lora_r)?;
+        real("lora.lora_alpha", self.lora.lora_alpha, 0.0, true, 1e6)?;
+        int(
+            "max_seq_length",
+            self.max_seq_length as u64,
+            8,
+            b.max_seq_length,
+        )?;
+        int(
+            "per_device_train_batch_size",
+            self.per_device_train_batch_size as u64,
+            1,
+            b.batch_size,
+        )?;
+        int(
+            "per_device_eval_batch_size",
+            self.per_device_eval_batch_size as u64,
+            1,
+            b.batch_size,
+        )?;
+        int(
+            "gradient_accumulation_steps",
+            self.gradient_accumulation_steps as u64,
+            1,
+            b.batch_size,
+        )?;
+        if self.max_steps > 0 {
+            int("max_steps", self.max_steps as u64, 1, b.max_steps)?;
+        } else if self.max_steps != -1 && self.max_steps != 0 {
+            return Err((
+                "max_steps",
+                format!(
+                    "is {}; allowed: -1 (unset) or 1 to {}",
+                    self.max_steps, b.max_steps
+                ),
+            ));
+        }
+        if self.max_steps <= 0 {
+            real("num_train_epochs", self.num_train_epochs, 0.0, true, 1e4)?;
+        } else if !self.num_train_epochs.is_finite() || self.num_train_epochs < 0.0 {
+            return Err((
+                "num_train_epochs",
+                format!("is {}; allowed range: [0, 10000]", self.num_train_epochs),
+            ));
+        }
+        real("learning_rate", self.learning_rate, 0.0, true, 1.0)?;
+        real("warmup_ratio", self.warmup_ratio, 0.0, false, 0.999_999)?;
+        int("warmup_steps", self.warmup_steps as u64, 0, b.max_steps)?;
+        real("max_grad_norm", self.max_grad_norm, 0.0, false, 1e6)?;
+        real("weight_decay", self.weight_decay, 0.0, false, 10.0)?;
+        real("adam_beta1", self.adam_beta1, 0.0, false, 0.999_999)?;
+        real("adam_beta2", self.adam_beta2, 0.0, false, 0.999_999_999)?;
+        real("adam_epsilon", self.adam_epsilon, 0.0, true, 1.0)?;
+        int(
+            "gradient_checkpointing_every",
+            self.gradient_checkpointing_every as u64,
+            1,
+            1024,
+        )?;
+        int("logging_steps", self.logging_steps as u64, 0, b.max_steps)?;
+        int("save_steps", self.save_steps as u64, 0, b.max_steps)?;
+        int("eval_steps", self.eval_steps as u64, 0, b.max_steps)?;
+        if let Some(limit) = self.save_total_limit {
+            int("save_total_limit", limit as u64, 1, 100_000)?;
+        }
+        real(
+            "lora.lora_dropout",
+            self.lora.lora_dropout,
+            0.0,
+            false,
+            0.999_999,
+        )?;
+        Ok(())
+    }
+}
+
+/// The largest values the numeric settings may take (see [`TrainConfig::validate`]).
+pub struct Bounds {
+    pub lora_r: u64,
+    pub max_seq_length: u64,
+    pub batch_size: u64,
+    pub max_steps: u64,
+}
+
+pub const BOUNDS: Bounds = Bounds {
+    lora_r: 4096,
+    max_seq_length: 131_072,
+    batch_size: 4096,
+    max_steps: 100_000_000,
+};
 
 fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
     let Some((key, raw)) = item.split_once('=') else {
@@ -757,6 +897,51 @@ mod tests {
         let c = TrainConfig::load(Some(&path), &[]).unwrap();
         assert_eq!(c.lora, LoraSection::default());
         assert_eq!(c.quantization, QuantizationSection::default());
+    }
+
+    #[test]
+    fn absurd_values_are_refused_with_the_field_and_its_range() {
+        for (set, field) in [
+            ("lora.r=1000000000000", "lora.r"),
+            (
+                "per_device_train_batch_size=1000000000",
+                "per_device_train_batch_size",
+            ),
+            ("max_seq_length=1000000000000", "max_seq_length"),
+            ("max_steps=1000000000000000", "max_steps"),
+            ("learning_rate=1e308", "learning_rate"),
+            ("max_grad_norm=-1", "max_grad_norm"),
+            ("lora.lora_alpha=-1", "lora.lora_alpha"),
+            ("save_total_limit=0", "save_total_limit"),
+            (
+                "gradient_accumulation_steps=100000000",
+                "gradient_accumulation_steps",
+            ),
+            ("adam_beta2=2", "adam_beta2"),
+            ("max_steps=-5", "max_steps"),
+            ("num_train_epochs=1e308", "num_train_epochs"),
+        ] {
+            let e = load_str("", &[set]).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("`{field}`")) && e.contains("allowed"),
+                "{set}: {e}"
+            );
+        }
+        let e = load_str("", &["per_device_train_batch_size=-1"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`per_device_train_batch_size` must be 0 or more"),
+            "{e}"
+        );
+        let e = load_str("", &["lora.r=-5"]).unwrap_err().to_string();
+        assert!(e.contains("`lora.r`"), "{e}");
+        // The largest allowed values still load.
+        load_str(
+            "",
+            &["lora.r=4096", "max_seq_length=131072", "save_total_limit=1"],
+        )
+        .unwrap();
     }
 
     #[test]

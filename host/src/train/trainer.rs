@@ -52,6 +52,12 @@ pub struct TrainEnv {
     pub cancel: Option<Arc<AtomicBool>>,
     /// Stop after this many steps of this invocation (tests: simulate an interruption).
     pub stop_after_steps: Option<usize>,
+    /// When set at the moment the run stops early (a server shutdown), a checkpoint of the
+    /// current step is written first, so that a resume loses no step.
+    pub checkpoint_on_stop: Option<Arc<AtomicBool>>,
+    /// Loss events of steps up to this one are already in the store (a resumed run redoes the
+    /// steps after its checkpoint); they are not recorded twice.
+    pub skip_loss_through: Option<u64>,
     /// The trackers of `report_to`, started by [`run`].
     pub trackers: Option<Arc<std::sync::Mutex<crate::track::Trackers>>>,
 }
@@ -638,6 +644,33 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             || env.stop_after_steps.is_some_and(|n| steps_this_run >= n)
         {
             stopped_early = true;
+            let wanted = env
+                .checkpoint_on_stop
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::SeqCst));
+            let saved_already =
+                config.save_steps > 0 && state.global_step.is_multiple_of(config.save_steps);
+            if wanted && steps_this_run > 0 && !saved_already {
+                save_checkpoint(
+                    &output_dir,
+                    config,
+                    &registry,
+                    &opt,
+                    &state,
+                    &save_opts,
+                    max_steps,
+                    steps_per_epoch,
+                )?;
+                log(
+                    env,
+                    format!("stopped; checkpoint-{} written", state.global_step),
+                );
+                if let Some((store, _)) = &env.store
+                    && let Err(e) = store.flush()
+                {
+                    tracing::warn!("failed to flush the store: {e:#}");
+                }
+            }
             break;
         }
         let epoch = state.global_step / steps_per_epoch;
@@ -1038,10 +1071,20 @@ fn record(env: &TrainEnv, event: RunEvent) {
             .unwrap_or_else(|e| e.into_inner())
             .event(&event);
     }
-    if let Some((store, run_id)) = &env.store {
-        if let Err(e) = store.push_event(run_id, &event) {
-            tracing::warn!("failed to record a training event: {e:#}");
-        }
+    // A resumed run redoes the steps after its checkpoint; the store has their events.
+    let step = match &event {
+        RunEvent::Loss { step, .. } | RunEvent::Step { step, .. } => Some(*step),
+        _ => None,
+    };
+    if let (Some(step), Some(through)) = (step, env.skip_loss_through)
+        && step <= through
+    {
+        return;
+    }
+    if let Some((store, run_id)) = &env.store
+        && let Err(e) = store.push_event(run_id, &event)
+    {
+        tracing::warn!("failed to record a training event: {e:#}");
     }
 }
 
