@@ -31,6 +31,12 @@ pub struct TrainArgs {
     /// (default: the output folder's name).
     #[arg(long)]
     pub name: Option<String>,
+
+    /// Stop after this many optimizer steps of this invocation, with a checkpoint at that
+    /// step, and continue later with `--resume-from-checkpoint latest` (time-sliced or
+    /// preemptible machines); the resumed run reproduces the uninterrupted one.
+    #[arg(long, value_name = "N")]
+    pub stop_after_steps: Option<usize>,
 }
 
 pub fn run(args: TrainArgs, ctx: &Context) -> Result<()> {
@@ -46,9 +52,10 @@ pub fn run(args: TrainArgs, ctx: &Context) -> Result<()> {
         registry: Some(ctx.registry()?),
         resume_from_checkpoint: args.resume_from_checkpoint,
         progress_bar: std::io::stderr().is_terminal(),
-        stop_after_steps: std::env::var("ADAPTERLAB_TRAIN_STOP_AFTER")
-            .ok()
-            .and_then(|v| v.parse().ok()),
+        stop_after_steps: args.stop_after_steps,
+        checkpoint_on_stop: args
+            .stop_after_steps
+            .map(|_| std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true))),
         ..Default::default()
     };
     let outcome = record::run_recorded(&store, &run.id, &config, env)?;
