@@ -496,6 +496,13 @@ describe('adapterlab dashboard', () => {
       const box = page.getByRole('form', { name: 'Evaluate predictions' }).getByRole('checkbox', { name, exact: true });
       assert.equal(await box.count(), 1, `the new metric ${name} is not offered in the evaluation form`);
     }
+    // Uninstall it again; built-ins have no button.
+    await navigate('Plugins', 'Plugins');
+    assert.equal(await page.locator('tr[data-plugin="rouge"] button[data-uninstall]').count(), 0, 'a built-in offers Uninstall');
+    page.once('dialog', (d) => d.accept());
+    await page.getByRole('button', { name: `Uninstall ${name}` }).click();
+    await page.getByTestId('plugin-upload').getByRole('status').filter({ hasText: `Uninstalled ${name}` }).waitFor();
+    await page.locator(`tr[data-plugin="${name}"]`).waitFor({ state: 'detached' });
   }, { skip: !USE_MOCK && !PLUGIN_WASM && 'needs ADAPTERLAB_PLUGIN_WASM against a real server' });
 
   step('streams a training run live: progress, loss and learning-rate charts, log', async () => {
@@ -510,6 +517,8 @@ describe('adapterlab dashboard', () => {
     await form.getByRole('button', { name: 'Launch training' }).click();
     assert.match(await form.locator('#train-learning_rate-error').innerText(), /number/, 'no message for a bad learning rate');
     await form.getByLabel('Learning rate', { exact: true }).fill('2e-4');
+    // Queue an evaluation of the new adapter with the training.
+    await form.getByTestId('eval-after-train').getByLabel('bleu', { exact: true }).check();
     await form.getByRole('button', { name: 'Launch training' }).click();
     await page.waitForURL(/#\/runs\/[^/?]+$/);
     await page.waitForFunction(() => Number(document.querySelector('[data-testid=run-progress]')?.value) >= 10, null, { timeout: 30_000 });
@@ -531,6 +540,23 @@ describe('adapterlab dashboard', () => {
     const row = page.locator(`tr[data-run-id="${id}"]`);
     assert.equal(await row.getAttribute('data-status'), 'running', 'the training run should still be running');
     await page.waitForFunction((rid) => document.querySelector(`tr[data-run-id="${rid}"]`)?.dataset.status === 'done', id, { timeout: RUN_TIMEOUT });
+    const trained = await apiCall('GET', `/api/runs/${id}`);
+    assert.deepEqual(trained.json.request?.eval_after_train, ['bleu'], 'the evaluation after training was not queued with it');
+    if (!USE_MOCK) assert.ok(trained.json.metadata?.eval_run, `no evaluation run after the training: ${JSON.stringify(trained.json.metadata)}`);
+  }, { skip: !TEST_TRAIN && 'needs ADAPTERLAB_TEST_TRAIN=1 against a real server' });
+
+  step('offers to publish a finished training run\'s adapter to the Hub, with the server\'s words', async () => {
+    await go(`#/runs/${encodeURIComponent(ids.train)}`);
+    const publish = page.getByTestId('publish');
+    await publish.getByLabel('Repository', { exact: true }).fill('me/live-train');
+    await publish.getByRole('button', { name: 'Push to the Hub' }).click();
+    const said = publish.locator('.message');
+    await said.filter({ hasText: /Pushed|Not pushed/ }).first().waitFor();
+    const text = await said.innerText();
+    // The mock pushes; the real server in the test has no HF_TOKEN and says so.
+    assert.ok(USE_MOCK ? /Pushed to me\/live-train .*adapter_model\.safetensors \(LFS\)/.test(text) : /HF_TOKEN/.test(text), `unexpected push answer: ${text}`);
+    await shot('run-publish');
+    await audit('run-publish');
   }, { skip: !TEST_TRAIN && 'needs ADAPTERLAB_TEST_TRAIN=1 against a real server' });
 
   step('cancels a running training run, then offers Resume', async () => {

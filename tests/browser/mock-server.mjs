@@ -501,6 +501,17 @@ async function handleApi(state, token, req, res, url) {
   if (!open && !authorised(req, token)) return fail(res, 401, 'missing or wrong token: send Authorization: Bearer <token> (see the server log or <data dir>/token)');
 
   if (parts[0] === 'health' && method === 'GET') return send(res, 200, { status: 'ok', version: '0.1.0-mock' });
+  if (parts[0] === 'plugins' && parts.length === 2 && method === 'DELETE') {
+    const name = decodeURIComponent(parts[1]);
+    const at = state.plugins.findIndex((p) => p.name === name && p.source?.type === 'file');
+    if (at < 0) {
+      if (state.plugins.some((p) => p.name === name)) return fail(res, 409, `"${name}" is a built-in plugin: built-in plugins cannot be uninstalled`);
+      return fail(res, 404, `no installed plugin named "${name}"`);
+    }
+    const [gone] = state.plugins.splice(at, 1);
+    delete METRICS[name];
+    return send(res, 200, { name, files: [gone.source.path], record: true });
+  }
   if (parts[0] === 'plugins' && parts.length === 1) {
     if (method === 'GET') return send(res, 200, state.plugins);
     if (method === 'POST') {
@@ -524,6 +535,19 @@ async function handleApi(state, token, req, res, url) {
     }
   }
   if (parts[0] === 'adapters' && method === 'GET') return send(res, 200, state.adapters);
+  if (parts[0] === 'adapters' && parts[2] === 'push' && method === 'POST') {
+    const name = decodeURIComponent(parts[1]);
+    if (!state.adapters.some((a) => a.name === name)) return fail(res, 422, `\`adapter\`: "${name}" is neither a stored adapter nor a PEFT folder`);
+    let body;
+    try {
+      body = JSON.parse((await readBody(req)).toString());
+    } catch (e) {
+      return fail(res, 400, `invalid JSON: ${e.message}`);
+    }
+    if (!/^[A-Za-z0-9][A-Za-z0-9._-]*\/[A-Za-z0-9][A-Za-z0-9._-]*$/.test(body?.repo ?? '')) return fail(res, 422, `--repo ${JSON.stringify(body?.repo)}: expected OWNER/NAME (letters, digits, '-', '_', '.')`);
+    return send(res, 200, { repo: body.repo, revision: body.revision ?? 'main', commit_url: null,
+      files: [{ path: 'adapter_config.json', size: 600, lfs: false }, { path: 'adapter_model.safetensors', size: 1 << 20, lfs: true }, { path: 'README.md', size: 900, lfs: false }] });
+  }
   if (parts[0] === 'report' && method === 'GET') {
     const ids = (url.searchParams.get('runs') ?? '').split(',').filter(Boolean);
     const format = url.searchParams.get('format') ?? 'md';

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::server::start;
+use crate::server::start_with;
 use crate::train::{dataset, tiny_model};
 use crate::util::*;
 
@@ -21,7 +21,8 @@ fn dashboard_flows_in_chromium() {
         .unwrap()
         .to_path_buf();
     let t = setup("browser");
-    let server = start(&t, &[]);
+    // The training step's tiny model and dataset live in the test's folder.
+    let server = start_with(&t, &["--allow-path", t.path().to_str().unwrap()], &[]);
     let model = tiny_model(&t);
     let data = dataset(&t);
     let fixtures = root.join("tests/browser/fixtures");

@@ -334,3 +334,82 @@ fn through_the_server_too() {
         assert!(text.contains("no scores"), "{text}");
     });
 }
+
+/// Cancel stops a plugin that is waiting on the LLM, and the run ends at once: a stuck chat
+/// never holds an evaluation slot.
+#[test]
+fn cancel_interrupts_a_plugin_waiting_on_a_dead_llm() {
+    let t = setup("hostile-cancel");
+    let server = start(
+        &t,
+        &[
+            ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1"),
+            ("ADAPTERLAB_LLM_BACKOFF_MS", "2000"),
+        ],
+    );
+    let base = server.base.clone();
+    let chatty = std::fs::read(built_component("adapterlab-test-chatty")).unwrap();
+    rt().block_on(async move {
+        let client = reqwest::Client::new();
+        let uploaded = client
+            .post(format!("{base}/api/plugins"))
+            .bearer_auth(TOKEN)
+            .body(chatty)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(uploaded.status().as_u16(), 201);
+        let rows: Vec<Value> = (0..2)
+            .map(|i| json!({"id": i.to_string(), "prediction": "p", "reference": "r"}))
+            .collect();
+        let created: Value = client
+            .post(format!("{base}/api/runs"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"kind": "eval", "name": "stuck", "predictions": rows, "metrics": ["chatty"]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = created["id"].as_str().unwrap().to_string();
+        let status = |client: reqwest::Client, base: String, id: String| async move {
+            let run: Value = client
+                .get(format!("{base}/api/runs/{id}"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            run["status"].as_str().unwrap_or_default().to_string()
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while status(client.clone(), base.clone(), id.clone()).await != "running" {
+            assert!(Instant::now() < deadline, "the run never started");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Inside the plugin's chat retries now (back-off 2 s, deadline 60 s).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let cancelled_at = Instant::now();
+        let answer = client
+            .post(format!("{base}/api/runs/{id}/cancel"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success(), "{}", answer.status());
+        loop {
+            let s = status(client.clone(), base.clone(), id.clone()).await;
+            if s == "cancelled" {
+                break;
+            }
+            assert!(
+                cancelled_at.elapsed() < Duration::from_secs(5),
+                "the run is still {s} 5 s after cancel"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}

@@ -171,6 +171,7 @@ export const api = {
   updateRun: (id, patch) => request('PATCH', `/api/runs/${enc(id)}`, { json: patch }),
   createRun: (body) => request('POST', '/api/runs', { json: body }),
   adapters: (opts) => request('GET', '/api/adapters', opts),
+  pushAdapter: (name, body) => request('POST', `/api/adapters/${enc(name)}/push`, { json: body }),
   /** A report rendered by the server's reporter plugin: `{ blob, filename }`. */
   report: (ids, format, opts) => request('GET', `/api/report?runs=${ids.map(enc).join(',')}&format=${enc(format)}`, { ...opts, raw: true }),
   compare: (ids, opts) => request('GET', `/api/compare?runs=${ids.map(enc).join(',')}`, opts),
@@ -189,6 +190,11 @@ export const api = {
     const plugin = await request('POST', '/api/plugins', { form });
     pluginsCache = null;
     return plugin;
+  },
+  async uninstallPlugin(name) {
+    const removed = await request('DELETE', `/api/plugins/${enc(name)}`);
+    pluginsCache = null;
+    return removed;
   },
   /** The models the server can chat with: the served base and every stored adapter. */
   chatModels: (opts) => request('GET', '/v1/models', opts),

@@ -495,6 +495,10 @@ function decodingFields() {
 
 function buildTrainForm(ctx, plugins) {
   const formatters = Array.isArray(plugins) ? plugins.filter((p) => p.kind === 'formatter') : [];
+  const metrics = Array.isArray(plugins) ? plugins.filter((p) => p.kind === 'metric') : [];
+  // Queued with the training: generate for the validation (else test) split with the new
+  // adapter and score it with these metrics (the config's eval_after_train).
+  const afterBoxes = metrics.map((p) => h('input', { type: 'checkbox', name: 'eval_after_train', value: p.name, id: `after-${p.name}` }));
   const box = messageBox();
   box.el.tabIndex = -1;
   const list = h('datalist', { id: 'formatter-list' }, formatters.map((p) => h('option', { value: p.name }, p.description ?? '')));
@@ -507,7 +511,7 @@ function buildTrainForm(ctx, plugins) {
     num_train_epochs: input({ name: 'num_train_epochs', value: '5', inputmode: 'decimal' }),
     max_steps: input({ name: 'max_steps', value: '', inputmode: 'numeric', placeholder: 'none' }),
     learning_rate: input({ name: 'learning_rate', value: '2e-4', inputmode: 'decimal' }),
-    per_device_train_batch_size: input({ name: 'per_device_train_batch_size', value: '4', inputmode: 'numeric' }),
+    per_device_train_batch_size: input({ name: 'per_device_train_batch_size', value: '8', inputmode: 'numeric' }),
     gradient_accumulation_steps: input({ name: 'gradient_accumulation_steps', value: '4', inputmode: 'numeric' }),
     lr_scheduler_type: h('select', { name: 'lr_scheduler_type' },
       ['cosine', 'linear', 'constant'].map((v) => h('option', { value: v }, v))),
@@ -566,6 +570,10 @@ function buildTrainForm(ctx, plugins) {
       F('lora_dropout', 'Dropout'),
       F('target_modules', 'Target modules', 'Comma-separated, such as q_proj, v_proj; empty for the model’s default.'),
     ),
+    metrics.length ? h('fieldset', { class: 'grid', 'data-testid': 'eval-after-train' },
+      h('legend', {}, 'Then evaluate'),
+      h('p', { class: 'muted' }, 'When training ends, generate for the validation split (else the test split) with the new adapter and score the generations with:'),
+      afterBoxes.map((b) => h('div', { class: 'check' }, b, h('label', { for: b.id }, b.value)))) : null,
     box.el,
     h('div', { class: 'actions' }, button),
   );
@@ -617,6 +625,8 @@ function buildTrainForm(ctx, plugins) {
         ...(targets.length ? { target_modules: targets } : {}),
       },
     };
+    const after = afterBoxes.filter((b) => b.checked).map((b) => b.value);
+    if (after.length) config.eval_after_train = after;
     const body = { kind: 'train', config };
     if (f.name.value.trim()) body.name = f.name.value.trim();
     submit(body, button, box, ctx);
@@ -636,6 +646,7 @@ function buildTrainForm(ctx, plugins) {
     const lora = c.lora ?? {};
     for (const key of ['r', 'lora_alpha', 'lora_dropout']) if (lora[key] !== undefined) f[key].value = String(lora[key]);
     f.target_modules.value = (lora.target_modules ?? []).join(', ');
+    for (const b of afterBoxes) b.checked = (c.eval_after_train ?? []).includes(b.value);
   };
   return form;
 }

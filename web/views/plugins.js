@@ -68,6 +68,26 @@ export async function mountPlugins(main, ctx) {
     }
   });
 
+  // Uninstall, from any row's button: user plugins only (the server refuses built-ins).
+  listHost.addEventListener('click', async (e) => {
+    const button = e.target.closest('button[data-uninstall]');
+    if (!button) return;
+    const name = button.dataset.uninstall;
+    if (!window.confirm(`Uninstall the plugin ${name}? Runs that used it keep their scores.`)) return;
+    box.clear();
+    button.disabled = true;
+    try {
+      await api.uninstallPlugin(name);
+      box.ok([h('strong', {}, `Uninstalled ${name}.`), ' Runs that used it keep their scores and its provenance.']);
+      ctx.announce(`Plugin ${name} uninstalled.`);
+      highlight = null;
+      await load(true);
+    } catch (err) {
+      box.error([h('strong', {}, `${name} was not uninstalled. `), err.message]);
+      button.disabled = false;
+    }
+  });
+
   await load(false);
 }
 
@@ -104,7 +124,10 @@ function renderList(host, plugins, highlight) {
           h('td', {}, (p.capabilities ?? []).length ? h('ul', { class: 'tags' }, p.capabilities.map((c) => h('li', {}, c))) : h('span', { class: 'muted' }, 'none')),
           h('td', {}, source(p),
             p.sha256 ? h('div', { class: 'muted small mono', title: `sha256 ${p.sha256}` }, `sha256 ${p.sha256.slice(0, 12)}…`) : null,
-            Number.isFinite(p.size_bytes) ? h('div', { class: 'muted small' }, bytes(p.size_bytes)) : null),
+            Number.isFinite(p.size_bytes) ? h('div', { class: 'muted small' }, bytes(p.size_bytes)) : null,
+            p.source?.type === 'file'
+              ? h('button', { type: 'button', class: 'small danger', 'data-uninstall': p.name, 'aria-label': `Uninstall ${p.name}` }, 'Uninstall')
+              : null),
           h('td', {}, details(p)),
         ))),
       )),

@@ -48,6 +48,7 @@ export async function mountRun(main, ctx) {
   const scoresSection = h('section', { 'aria-labelledby': 'scores-h', class: 'panel' });
   const detailsSection = h('section', { 'aria-labelledby': 'details-h', class: 'panel' });
   const notes = notesView(run, ctx);
+  const publish = run.kind === 'train' && run.status === 'done' && run.metadata?.adapter_name ? publishView(run, ctx) : null;
   // role=log on the scrolling box (a live region for additions); the lines are a plain list.
   const logList = h('ol', { class: 'plain' });
   const logBox = h('div', { class: 'log', role: 'log', 'aria-live': 'polite', 'aria-relevant': 'additions', 'aria-labelledby': 'log-h', tabindex: 0, 'data-testid': 'run-log' }, logList);
@@ -76,6 +77,7 @@ export async function mountRun(main, ctx) {
     scoresSection,
     samplesSection,
     detailsSection,
+    publish?.el,
     notes.el,
     logSection,
   );
@@ -624,6 +626,45 @@ function metricErrors(run) {
     h('dl', { class: 'details', 'data-testid': 'run-metric-errors' }, errors.map(([name, e]) =>
       h('div', {}, h('dt', { class: 'mono' }, name), h('dd', { class: 'error-text' }, e)))),
   ];
+}
+
+/** Publish the run's adapter to the Hugging Face Hub with its model card, through the
+ * server's own HF_TOKEN (the token never reaches the browser). */
+function publishView(run, ctx) {
+  const name = run.metadata.adapter_name;
+  const repo = h('input', { type: 'text', autocomplete: 'off', placeholder: 'owner/name', required: true, pattern: '[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*' });
+  const revision = h('input', { type: 'text', autocomplete: 'off', placeholder: 'main' });
+  const priv = h('input', { type: 'checkbox', id: 'publish-private' });
+  const push = h('button', { type: 'submit' }, 'Push to the Hub');
+  const box = messageBox();
+  const form = h('form', { class: 'panel', 'aria-labelledby': 'publish-h', 'data-testid': 'publish' },
+    h('h2', { id: 'publish-h' }, 'Publish'),
+    h('p', { class: 'muted' }, `Uploads the adapter `, h('span', { class: 'mono' }, name),
+      ' with a model card (PEFT\'s fields and this adapter\'s stored evaluation results) to the Hugging Face Hub, with the server\'s HF_TOKEN.'),
+    field({ id: 'publish-repo', label: 'Repository', input: repo, hint: 'owner/name; created when missing.' }),
+    field({ id: 'publish-revision', label: 'Branch', input: revision, hint: 'Empty: main.' }),
+    h('div', { class: 'check' }, priv, h('label', { for: 'publish-private' }, 'Create the repository private')),
+    box.el,
+    h('div', { class: 'actions' }, push),
+  );
+  form.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    box.clear();
+    push.disabled = true;
+    try {
+      const body = { repo: repo.value.trim(), private: priv.checked };
+      if (revision.value.trim()) body.revision = revision.value.trim();
+      const done = await api.pushAdapter(name, body);
+      const files = (done?.files ?? []).map((f) => `${f.path}${f.lfs ? ' (LFS)' : ''}`).join(', ');
+      box.ok(`Pushed to ${done.repo} on ${done.revision}: ${files}.`);
+      ctx.announce('Adapter pushed.');
+    } catch (err) {
+      box.error(`Not pushed: ${err.message}`);
+    } finally {
+      push.disabled = false;
+    }
+  });
+  return { el: form };
 }
 
 /** Tags and notes, saved with PATCH /api/runs/ID. */

@@ -428,6 +428,93 @@ mod tests {
         assert!(client("not a url").endpoint().is_err());
     }
 
+    /// A local OpenAI-shaped server that fails the first `fail_first` requests with 500,
+    /// answers the rest after `delay`, and counts what it was sent.
+    async fn counting_server(
+        fail_first: usize,
+        delay: Duration,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        let app = axum::Router::new().route(
+            "/v1/chat/completions",
+            axum::routing::post(move || {
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(delay).await;
+                    if n < fail_first {
+                        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "busy".to_string());
+                    }
+                    (
+                        axum::http::StatusCode::OK,
+                        json!({"model": "gpt-3.5-turbo", "choices": [{"message": {"content": "4"}}],
+                               "usage": {"prompt_tokens": 10, "completion_tokens": 1}})
+                        .to_string(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/v1"), count)
+    }
+
+    fn client(base_url: String) -> LlmClient {
+        LlmClient::new(
+            LlmConfig {
+                base_url,
+                api_key: None,
+                default_model: "gpt-3.5-turbo".into(),
+                concurrency: 8,
+                max_retries: 5,
+                timeout: Duration::from_secs(10),
+                backoff: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(50),
+            },
+            None,
+        )
+        .unwrap()
+    }
+
+    fn request(content: &str) -> ChatRequest {
+        ChatRequest {
+            model: None,
+            messages: vec![crate::plugin::wit::types::ChatMessage {
+                role: "user".into(),
+                content: content.into(),
+            }],
+            temperature: Some(0.0),
+            max_tokens: None,
+            logprobs: false,
+            top_logprobs: None,
+            seed: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn identical_requests_in_flight_are_sent_once() {
+        let (base, count) = counting_server(0, Duration::from_millis(200)).await;
+        let c = client(base);
+        let same = request("2+2?");
+        let answers = c.complete_many(&[same.clone(), same.clone(), request("3+3?")]).await;
+        assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2, "one request per distinct body");
+        assert_eq!(c.usage().requests, 2);
+    }
+
+    #[tokio::test]
+    async fn every_attempt_counts_in_usage() {
+        let (base, count) = counting_server(2, Duration::ZERO).await;
+        let c = client(base);
+        c.complete(&request("hi")).await.unwrap();
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 3);
+        let usage = c.usage();
+        assert_eq!(usage.requests, 3, "two failed attempts and the answer");
+        assert_eq!(usage.prompt_tokens, 10, "tokens only from the answer");
+    }
+
     #[test]
     fn retry_after_reads_seconds() {
         assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));

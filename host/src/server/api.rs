@@ -33,6 +33,7 @@ pub fn routes() -> Router<AppState> {
             get(|| async { Json(openapi::document()) }),
         )
         .route("/api/plugins", get(list_plugins).post(upload_plugin))
+        .route("/api/plugins/{name}", axum::routing::delete(uninstall_plugin))
         .route("/api/adapters", get(list_adapters))
         .route("/api/adapters/{name}/push", post(push_adapter))
         .route("/api/runs", get(list_runs).post(create_run))
@@ -154,6 +155,33 @@ struct PushBody {
     revision: Option<String>,
     #[serde(default)]
     message: Option<String>,
+}
+
+/// Uninstall a plugin the user installed; built-ins are refused (409). The registry is
+/// reloaded, so a built-in a removed file had replaced is in use again.
+async fn uninstall_plugin(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, AppError> {
+    let registry = state.registry.read().unwrap().clone();
+    let plugins_dir = state.data_dir.plugins();
+    let store = state.store.clone();
+    let runtime = state.runtime.clone();
+    let (removed, reloaded) = tokio::task::spawn_blocking(move || {
+        let removed = registry::uninstall(&registry, &plugins_dir, &store, &name)?;
+        store.flush().map_err(anyhow::Error::from)?;
+        let reloaded = crate::plugin::Registry::load(&runtime, &plugins_dir)?;
+        Ok::<_, registry::UninstallError>((removed, reloaded))
+    })
+    .await
+    .map_err(anyhow::Error::from)?
+    .map_err(|e| match e {
+        registry::UninstallError::Builtin { .. } => AppError::new(StatusCode::CONFLICT, e.to_string()),
+        registry::UninstallError::NotFound { .. } => AppError::not_found(e.to_string()),
+        registry::UninstallError::Io(e) => AppError::from(e),
+    })?;
+    *state.registry.write().unwrap() = reloaded;
+    Ok(Json(serde_json::to_value(removed)?))
 }
 
 /// Push a stored adapter to the Hub with the server's own HF_TOKEN (the browser never holds
