@@ -499,7 +499,6 @@ describe('adapterlab dashboard', () => {
     // Uninstall it again; built-ins have no button.
     await navigate('Plugins', 'Plugins');
     assert.equal(await page.locator('tr[data-plugin="rouge"] button[data-uninstall]').count(), 0, 'a built-in offers Uninstall');
-    page.once('dialog', (d) => d.accept());
     await page.getByRole('button', { name: `Uninstall ${name}` }).click();
     await page.getByTestId('plugin-upload').getByRole('status').filter({ hasText: `Uninstalled ${name}` }).waitFor();
     await page.locator(`tr[data-plugin="${name}"]`).waitFor({ state: 'detached' });
