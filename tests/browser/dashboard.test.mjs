@@ -508,6 +508,9 @@ describe('adapterlab dashboard', () => {
     await navigate('Launch', 'Launch a run');
     await page.getByRole('radio', { name: 'Training' }).check();
     const form = page.getByRole('form', { name: 'Train a LoRA adapter' });
+    // The defaults are the server's (GET /api/schema, from its config type), never the form's own.
+    const schema = await apiCall('GET', '/api/schema');
+    assert.equal(await form.getByLabel('Batch size per device', { exact: true }).inputValue(), String(schema.json.train.properties.per_device_train_batch_size.default));
     await form.getByLabel('Name', { exact: true }).fill('live-train');
     if (env.ADAPTERLAB_TRAIN_MODEL) await form.getByLabel('Model', { exact: true }).fill(env.ADAPTERLAB_TRAIN_MODEL);
     if (env.ADAPTERLAB_TRAIN_DATASET) await form.getByLabel('Dataset', { exact: true }).fill(env.ADAPTERLAB_TRAIN_DATASET);

@@ -317,11 +317,32 @@ function startTrain(state, run, config, totalSteps = 40) {
 // page can show every setting a run used.
 const TRAIN_DEFAULTS = {
   model_name_or_path: 'smollm2', dataset: 'bundled', formatter: 'summarize', num_train_epochs: 5, max_steps: -1,
-  per_device_train_batch_size: 4, gradient_accumulation_steps: 4, learning_rate: 2e-4, lr_scheduler_type: 'cosine',
-  warmup_ratio: 0.01, max_seq_length: 512, logging_steps: 20, save_steps: 20, seed: 42, optim: 'paged_adamw_8bit',
+  per_device_train_batch_size: 8, gradient_accumulation_steps: 4, learning_rate: 2e-4, lr_scheduler_type: 'cosine',
+  warmup_ratio: 0.01, max_seq_length: 512, logging_steps: 20, save_steps: 20, seed: 42, optim: 'adamw_32bit',
   lora: { r: 16, lora_alpha: 32, lora_dropout: 0.1, target_modules: [], bias: 'none' },
 };
 const SAMPLING_DEFAULTS = { max_new_tokens: 50, temperature: 0, top_p: null, top_k: null, repetition_penalty: 30, seed: 0, batch_size: 8 };
+
+/** The shape of the server's GET /api/schema (JSON Schema of the train config), from the
+ * mock's defaults, with the real server's ranges for the keys the form shows. */
+function trainSchema() {
+  const ranges = {
+    learning_rate: { exclusiveMinimum: 0, maximum: 1 }, per_device_train_batch_size: { minimum: 1, maximum: 4096 },
+    gradient_accumulation_steps: { minimum: 1, maximum: 4096 }, max_seq_length: { minimum: 8, maximum: 131072 },
+    num_train_epochs: { exclusiveMinimum: 0, maximum: 10000 }, warmup_ratio: { minimum: 0, maximum: 0.999999 },
+    logging_steps: { minimum: 0, maximum: 100000000 }, seed: { minimum: 0, maximum: 4294967295 },
+    r: { minimum: 1, maximum: 4096 }, lora_alpha: { exclusiveMinimum: 0, maximum: 1e6 }, lora_dropout: { minimum: 0, maximum: 0.999999 },
+  };
+  const node = (obj) => ({
+    type: 'object',
+    properties: Object.fromEntries(Object.entries(obj).map(([k, v]) => {
+      if (v && typeof v === 'object' && !Array.isArray(v)) return [k, node(v)];
+      const type = Array.isArray(v) ? 'array' : Number.isInteger(v) ? 'integer' : typeof v === 'number' ? 'number' : typeof v === 'boolean' ? 'boolean' : 'string';
+      return [k, { type, default: v, ...(ranges[k] ?? {}), ...(k === 'lr_scheduler_type' ? { enum: ['cosine', 'linear', 'constant', 'constant_with_warmup'] } : {}) }];
+    })),
+  });
+  return node(TRAIN_DEFAULTS);
+}
 
 function trainMetadata(name, c) {
   const lora = { ...TRAIN_DEFAULTS.lora, ...(c.lora ?? {}) };
@@ -501,6 +522,7 @@ async function handleApi(state, token, req, res, url) {
   if (!open && !authorised(req, token)) return fail(res, 401, 'missing or wrong token: send Authorization: Bearer <token> (see the server log or <data dir>/token)');
 
   if (parts[0] === 'health' && method === 'GET') return send(res, 200, { status: 'ok', version: '0.1.0-mock' });
+  if (parts[0] === 'schema' && method === 'GET') return send(res, 200, { train: trainSchema() });
   if (parts[0] === 'plugins' && parts.length === 2 && method === 'DELETE') {
     const name = decodeURIComponent(parts[1]);
     const at = state.plugins.findIndex((p) => p.name === name && p.source?.type === 'file');

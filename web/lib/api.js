@@ -160,6 +160,7 @@ let pluginsCache = null;
 
 export const api = {
   health: (opts) => request('GET', '/api/health', opts),
+  schemas: (opts) => request('GET', '/api/schema', opts),
   runs: (opts) => request('GET', '/api/runs', opts),
   run: (id, opts) => request('GET', `/api/runs/${enc(id)}`, opts),
   // The one place samples are requested: when the server pages them, only this changes.

@@ -54,13 +54,14 @@ export async function mountLaunch(main, ctx) {
 
   // Fill both forms once their lists (metrics, formatters, adapters) are known; a failed list
   // leaves a message in the form rather than a blank page.
-  const [plugins, adapters] = await Promise.all([
+  const [plugins, adapters, schemas] = await Promise.all([
     api.plugins().catch((e) => e),
     api.adapters({ signal: ctx.signal }).catch((e) => e),
+    api.schemas({ signal: ctx.signal }).catch(() => null),
   ]);
   if (ctx.signal.aborted) return;
   const evalBuilt = buildEvalForm(ctx, plugins, adapters);
-  const trainBuilt = buildTrainForm(ctx, plugins);
+  const trainBuilt = buildTrainForm(ctx, plugins, schemas?.train ?? null);
   evalForm.replaceChildren(evalBuilt);
   trainForm.replaceChildren(trainBuilt);
 
@@ -493,7 +494,30 @@ function decodingFields() {
 
 // --- Training -------------------------------------------------------------------------------
 
-function buildTrainForm(ctx, plugins) {
+/** A training setting's entry in the server's schema (`lora.r` looks in `lora`). */
+function schemaOf(schema, key) {
+  return key.split('.').reduce((node, k) => node?.properties?.[k], schema) ?? null;
+}
+
+/** The form's default for `key`: the server's (from its config type) when it published one. */
+function defaultOf(schema, key, fallback) {
+  const d = schemaOf(schema, key)?.default;
+  return d === undefined || d === null ? fallback : String(d);
+}
+
+/** A number field's checks from the server's ranges, over the form's own where it has none. */
+function boundsOf(schema, key, own) {
+  const s = schemaOf(schema, key);
+  if (!s) return own;
+  const out = { ...own };
+  if (s.type === 'integer') out.integer = true;
+  if (s.minimum !== undefined) { out.min = s.minimum; out.minExclusive = false; }
+  if (s.exclusiveMinimum !== undefined) { out.min = s.exclusiveMinimum; out.minExclusive = true; }
+  if (s.maximum !== undefined) { out.max = s.maximum; out.maxExclusive = false; }
+  return out;
+}
+
+function buildTrainForm(ctx, plugins, schema = null) {
   const formatters = Array.isArray(plugins) ? plugins.filter((p) => p.kind === 'formatter') : [];
   const metrics = Array.isArray(plugins) ? plugins.filter((p) => p.kind === 'metric') : [];
   // Queued with the training: generate for the validation (else test) split with the new
@@ -508,21 +532,21 @@ function buildTrainForm(ctx, plugins) {
     model: input({ name: 'model', value: 'smollm2', required: true, autocomplete: 'off' }),
     dataset: input({ name: 'dataset', value: 'bundled', required: true, autocomplete: 'off' }),
     formatter: input({ name: 'formatter', value: 'summarize', required: true, list: 'formatter-list', autocomplete: 'off' }),
-    num_train_epochs: input({ name: 'num_train_epochs', value: '5', inputmode: 'decimal' }),
+    num_train_epochs: input({ name: 'num_train_epochs', value: defaultOf(schema, 'num_train_epochs', '5'), inputmode: 'decimal' }),
     max_steps: input({ name: 'max_steps', value: '', inputmode: 'numeric', placeholder: 'none' }),
-    learning_rate: input({ name: 'learning_rate', value: '2e-4', inputmode: 'decimal' }),
-    per_device_train_batch_size: input({ name: 'per_device_train_batch_size', value: '8', inputmode: 'numeric' }),
-    gradient_accumulation_steps: input({ name: 'gradient_accumulation_steps', value: '4', inputmode: 'numeric' }),
+    learning_rate: input({ name: 'learning_rate', value: defaultOf(schema, 'learning_rate', '2e-4'), inputmode: 'decimal' }),
+    per_device_train_batch_size: input({ name: 'per_device_train_batch_size', value: defaultOf(schema, 'per_device_train_batch_size', '8'), inputmode: 'numeric' }),
+    gradient_accumulation_steps: input({ name: 'gradient_accumulation_steps', value: defaultOf(schema, 'gradient_accumulation_steps', '4'), inputmode: 'numeric' }),
     lr_scheduler_type: h('select', { name: 'lr_scheduler_type' },
       ['cosine', 'linear', 'constant'].map((v) => h('option', { value: v }, v))),
-    warmup_ratio: input({ name: 'warmup_ratio', value: '0.01', inputmode: 'decimal' }),
-    max_seq_length: input({ name: 'max_seq_length', value: '512', inputmode: 'numeric' }),
-    r: input({ name: 'r', value: '16', inputmode: 'numeric' }),
-    lora_alpha: input({ name: 'lora_alpha', value: '32', inputmode: 'decimal' }),
-    lora_dropout: input({ name: 'lora_dropout', value: '0.1', inputmode: 'decimal' }),
+    warmup_ratio: input({ name: 'warmup_ratio', value: defaultOf(schema, 'warmup_ratio', '0.01'), inputmode: 'decimal' }),
+    max_seq_length: input({ name: 'max_seq_length', value: defaultOf(schema, 'max_seq_length', '512'), inputmode: 'numeric' }),
+    r: input({ name: 'r', value: defaultOf(schema, 'lora.r', '16'), inputmode: 'numeric' }),
+    lora_alpha: input({ name: 'lora_alpha', value: defaultOf(schema, 'lora.lora_alpha', '32'), inputmode: 'decimal' }),
+    lora_dropout: input({ name: 'lora_dropout', value: defaultOf(schema, 'lora.lora_dropout', '0.1'), inputmode: 'decimal' }),
     target_modules: input({ name: 'target_modules', value: '', placeholder: 'model default', autocomplete: 'off', class: 'mono' }),
-    logging_steps: input({ name: 'logging_steps', value: '20', inputmode: 'numeric' }),
-    seed: input({ name: 'seed', value: '42', inputmode: 'numeric' }),
+    logging_steps: input({ name: 'logging_steps', value: defaultOf(schema, 'logging_steps', '20'), inputmode: 'numeric' }),
+    seed: input({ name: 'seed', value: defaultOf(schema, 'seed', '42'), inputmode: 'numeric' }),
   };
   const numbers = {
     num_train_epochs: { min: 0, minExclusive: true, label: 'Epochs' },
@@ -538,6 +562,14 @@ function buildTrainForm(ctx, plugins) {
     logging_steps: { integer: true, min: 1 },
     seed: { integer: true, min: 0 },
   };
+  // The server's ranges win over the form's own (one source: the config type's table).
+  const schemaKey = { r: 'lora.r', lora_alpha: 'lora.lora_alpha', lora_dropout: 'lora.lora_dropout' };
+  for (const key of Object.keys(numbers)) numbers[key] = boundsOf(schema, schemaKey[key] ?? key, numbers[key]);
+  if (schema) {
+    const schedules = schemaOf(schema, 'lr_scheduler_type')?.enum;
+    if (Array.isArray(schedules)) f.lr_scheduler_type.replaceChildren(...schedules.map((v) => h('option', { value: v }, v)));
+    f.lr_scheduler_type.value = defaultOf(schema, 'lr_scheduler_type', 'cosine');
+  }
   const F = (key, label, hint) => field({ id: `train-${key}`, label, input: f[key], hint });
   const button = h('button', { type: 'submit', class: 'primary' }, 'Launch training');
   const form = h('form', { novalidate: true, class: 'panel', 'aria-labelledby': 'train-h', 'data-testid': 'train-form' },

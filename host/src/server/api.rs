@@ -28,6 +28,7 @@ use crate::store::{MAX_NOTES_LEN, MAX_TAG_LEN, MAX_TAGS, RunEvent, RunKind, RunS
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/health", get(health))
+        .route("/api/schema", get(schemas))
         .route(
             "/api/openapi.json",
             get(|| async { Json(openapi::document()) }),
@@ -63,6 +64,12 @@ async fn health(State(state): State<AppState>) -> Json<Value> {
             "version": env!("CARGO_PKG_VERSION"),
         }),
     })
+}
+
+/// The settings' schemas, generated from the config types (one source for the forms'
+/// defaults and checks, and for `/api/openapi.json`).
+async fn schemas() -> Json<Value> {
+    Json(json!({"train": crate::train::config::schema()}))
 }
 
 async fn list_plugins(State(state): State<AppState>) -> Json<Vec<PluginMeta>> {

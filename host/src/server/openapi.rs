@@ -12,36 +12,10 @@ pub fn document() -> Value {
     let secured = json!([{"bearer": []}]);
     let limit = json!({"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 10000}, "description": "a page of at most this many items; without it, all of them"});
     let offset = json!({"name": "offset", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 0}, "description": "items skipped before the page (needs `limit`)"});
-    let train_config = json!({"type": "object", "additionalProperties": false,
-        "description": "HF TrainingArguments / SFTConfig / LoraConfig / BitsAndBytesConfig key names, with the reference notebook's defaults (those of `adapterlab train`). Checked before the run is queued: an unknown key is a 422 naming it and the closest known one; so are wrong types and values, a missing formatter, dataset rows that cannot be used (with their numbers), unknown `eval_after_train` metrics. Training writes to `output_dir`: by default `<data dir>/runs/<run id>`; a relative path is taken under `<data dir>/runs/` and may not contain `..`; an absolute path is used as given, but never inside the data directory outside `runs/`, nor in an existing folder holding anything but training outputs. Cancelling stops at the next step and keeps the checkpoints; resuming (an interrupted, cancelled or failed run) continues from the newest `checkpoint-N` in `output_dir`.",
-        "properties": {
-            "model_name_or_path": {"type": "string", "default": "smollm2"},
-            "dataset": {"type": "string", "default": "bundled", "description": "`bundled`, or a local JSON/JSONL/CSV file (the train split) or folder of train/validation/test files"},
-            "output_dir": {"type": "string"}, "formatter": {"type": "string", "default": "summarize"},
-            "completion_only_loss": {"type": "boolean", "default": true}, "max_seq_length": {"type": "integer", "default": 512},
-            "num_train_epochs": {"type": "number", "default": 5}, "max_steps": {"type": "integer", "default": -1},
-            "per_device_train_batch_size": {"type": "integer", "default": 8}, "per_device_eval_batch_size": {"type": "integer", "default": 8},
-            "gradient_accumulation_steps": {"type": "integer", "default": 4}, "learning_rate": {"type": "number", "default": 0.0002},
-            "lr_scheduler_type": {"enum": ["cosine", "linear", "constant", "constant_with_warmup"], "default": "cosine"},
-            "warmup_ratio": {"type": "number", "default": 0.01}, "warmup_steps": {"type": "integer", "default": 0},
-            "max_grad_norm": {"type": "number", "default": 0.1}, "optim": {"type": "string", "default": "adamw_32bit"},
-            "weight_decay": {"type": "number", "default": 0.0}, "adam_beta1": {"type": "number"}, "adam_beta2": {"type": "number"},
-            "adam_epsilon": {"type": "number"}, "group_by_length": {"type": "boolean", "default": true},
-            "logging_steps": {"type": "integer", "default": 20}, "save_steps": {"type": "integer", "default": 20},
-            "save_total_limit": {"type": ["integer", "null"]}, "eval_steps": {"type": "integer", "default": 0},
-            "seed": {"type": "integer", "default": 42}, "bf16": {"type": "boolean", "default": true}, "fp16": {"type": "boolean", "default": false},
-            "tokenizer_name": {"type": "string", "description": "a tokenizer.json (or a folder holding one) instead of the model's"},
-            "gradient_checkpointing": {"type": "boolean", "default": false},
-            "gradient_checkpointing_every": {"type": "integer", "minimum": 1, "default": 1, "description": "with gradient_checkpointing, checkpoint every this many layers (adapterlab's own key)"},
-            "eval_after_train": {"type": "array", "items": {"type": "string"}, "description": "metric plugins run on the trained model's generations for the validation (else test) split, as a separate eval run"},
-            "lora": {"type": "object", "additionalProperties": false, "properties": {
-                "r": {"type": "integer", "default": 16}, "lora_alpha": {"type": "number", "default": 32},
-                "lora_dropout": {"type": "number", "default": 0.1}, "target_modules": {"type": "array", "items": {"type": "string"}, "description": "empty: every linear layer"},
-                "use_rslora": {"type": "boolean", "default": false}, "bias": {"const": "none"}}},
-            "quantization": {"type": "object", "additionalProperties": false, "properties": {
-                "load_in_4bit": {"type": "boolean", "default": true}, "bnb_4bit_quant_type": {"const": "nf4"},
-                "bnb_4bit_use_double_quant": {"type": "boolean", "default": true},
-                "bnb_4bit_compute_dtype": {"enum": ["bfloat16", "float16", "float32"], "default": "bfloat16"}}}}});
+    // Generated from the config type, its ranges and its choices: the defaults and bounds
+    // written once, in train/config.rs.
+    let mut train_config = crate::train::config::schema();
+    train_config["description"] = json!("HF TrainingArguments / SFTConfig / LoraConfig / BitsAndBytesConfig key names, with the reference notebook's defaults (those of `adapterlab train`). Checked before the run is queued: an unknown key is a 422 naming it and the closest known one; so are wrong types and values, a missing formatter, dataset rows that cannot be used (with their numbers), unknown `eval_after_train` metrics. Training writes to `output_dir`: by default `<data dir>/runs/<run id>`; a relative path is taken under `<data dir>/runs/` and may not contain `..`; an absolute path is used as given, but never inside the data directory outside `runs/`, nor in an existing folder holding anything but training outputs. Cancelling stops at the next step and keeps the checkpoints; resuming (an interrupted, cancelled or failed run) continues from the newest `checkpoint-N` in `output_dir`.");
     let generate_run_request = json!({"type": "object", "required": ["kind"], "additionalProperties": false,
         "description": "Generate with a model (and adapter) for a dataset split or given inputs; the generations become the run's samples (prediction, reference, source); with `metrics` they are scored in place by the eval pipeline, so the run compares like an eval run. Decoding defaults are the reference notebook's (greedy, repetition penalty 30, 50 new tokens). Resuming an interrupted run generates again.",
         "properties": {
@@ -166,6 +140,8 @@ pub fn document() -> Value {
         },
         "paths": {
             "/api/health": {"get": {"summary": "Liveness", "responses": {"200": ok("ok", json!({"type": "object"}))}}},
+            "/api/schema": {"get": {"summary": "The settings' schemas (training: every key with its type, default, range and choices), from which the dashboard's forms take their defaults and checks", "security": secured,
+                "responses": {"200": ok("schemas", json!({"type": "object", "properties": {"train": {"$ref": "#/components/schemas/TrainConfig"}}})), "401": err("no or wrong token")}}},
             "/api/openapi.json": {"get": {"summary": "This document", "responses": {"200": ok("OpenAPI document", json!({"type": "object"}))}}},
             "/api/plugins": {
                 "get": {"summary": "Installed plugins", "responses": {"200": ok("plugins", json!({"type": "array", "items": {"$ref": "#/components/schemas/Plugin"}}))}},

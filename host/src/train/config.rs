@@ -383,29 +383,25 @@ impl TrainConfig {
 
     pub fn validate(&self, origin: &str) -> Result<()> {
         let fail = |field: &str, why: String| anyhow::anyhow!("{origin}: `{field}` {why}");
-        if !matches!(
-            self.lr_scheduler_type.as_str(),
-            "cosine" | "linear" | "constant" | "constant_with_warmup"
-        ) {
-            return Err(fail(
-                "lr_scheduler_type",
-                format!(
-                    "is {:?}; expected cosine, linear, constant or constant_with_warmup",
-                    self.lr_scheduler_type
-                ),
-            ));
-        }
-        if !matches!(
-            self.optim.as_str(),
-            "adamw_32bit" | "paged_adamw_32bit" | "adamw_torch" | "adamw"
-        ) {
-            return Err(fail(
-                "optim",
-                format!(
-                    "is {:?}; expected adamw_32bit (paged_adamw_32bit, adamw_torch are aliases)",
-                    self.optim
-                ),
-            ));
+        // Names from CHOICES, the table the published schema lists too.
+        let values = serde_json::to_value(self).unwrap_or_default();
+        for (key, names) in CHOICES {
+            let given = key.split('.').try_fold(&values, |v, k| v.get(k));
+            let given: Vec<&str> = match given {
+                Some(serde_json::Value::String(s)) => vec![s.as_str()],
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect(),
+                _ => continue,
+            };
+            // The quantization type only matters when quantizing; report_to has its own
+            // messages (what to use instead of wandb), from `track::parse_report_to`.
+            if (*key == "quantization.bnb_4bit_quant_type" && !self.quantization.load_in_4bit)
+                || *key == "report_to"
+            {
+                continue;
+            }
+            if let Some(bad) = given.iter().find(|g| !names.contains(g)) {
+                return Err(fail(key, format!("is {bad:?}; expected one of {}", names.join(", "))));
+            }
         }
         if self.gradient_checkpointing_every == 0 {
             return Err(fail(
@@ -439,33 +435,6 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.lora.lora_dropout) {
             return Err(fail("lora.lora_dropout", "must be in [0, 1)".into()));
-        }
-        if self.lora.bias != "none" {
-            return Err(fail(
-                "lora.bias",
-                format!("is {:?}; only \"none\" is supported", self.lora.bias),
-            ));
-        }
-        if self.quantization.load_in_4bit && self.quantization.bnb_4bit_quant_type != "nf4" {
-            return Err(fail(
-                "quantization.bnb_4bit_quant_type",
-                format!(
-                    "is {:?}; only \"nf4\" is supported",
-                    self.quantization.bnb_4bit_quant_type
-                ),
-            ));
-        }
-        if !matches!(
-            self.quantization.bnb_4bit_compute_dtype.as_str(),
-            "bfloat16" | "bf16" | "float16" | "fp16" | "float32" | "fp32"
-        ) {
-            return Err(fail(
-                "quantization.bnb_4bit_compute_dtype",
-                format!(
-                    "is {:?}; expected bfloat16, float16 or float32",
-                    self.quantization.bnb_4bit_compute_dtype
-                ),
-            ));
         }
         if self.bf16 && self.fp16 {
             return Err(fail("bf16", "and fp16 cannot both be true".into()));
@@ -606,116 +575,163 @@ impl TrainConfig {
     /// the whole process, taking every other job with it. The bounds are generous; the
     /// message names the field and its range.
     fn check_bounds(&self) -> std::result::Result<(), (&'static str, String)> {
-        fn int(
-            field: &'static str,
-            v: u64,
-            lo: u64,
-            hi: u64,
-        ) -> std::result::Result<(), (&'static str, String)> {
-            if v < lo || v > hi {
-                return Err((field, format!("is {v}; allowed range: {lo} to {hi}")));
+        let values = serde_json::to_value(self).unwrap_or_default();
+        for range in RANGES {
+            let value = range
+                .key
+                .split('.')
+                .try_fold(&values, |v, k| v.get(k))
+                .and_then(|v| v.as_f64());
+            let Some(v) = value else { continue };
+            // max_steps: -1 (or 0) is "unset", as in HF; then the epochs count.
+            if range.key == "max_steps" && (v == -1.0 || v == 0.0) {
+                continue;
             }
-            Ok(())
-        }
-        /// `lo_open`: the lower bound itself is excluded.
-        fn real(
-            field: &'static str,
-            v: f64,
-            lo: f64,
-            lo_open: bool,
-            hi: f64,
-        ) -> std::result::Result<(), (&'static str, String)> {
-            let below = if lo_open { v <= lo } else { v < lo };
-            if !v.is_finite() || below || v > hi {
-                let open = if lo_open { "(" } else { "[" };
-                // 1e308 reads better than its 309 digits.
-                let shown = if v.abs() >= 1e6 {
-                    format!("{v:e}")
-                } else {
-                    format!("{v}")
-                };
-                return Err((
-                    field,
-                    format!("is {shown}; allowed range: {open}{lo}, {hi}]"),
-                ));
+            if range.key == "num_train_epochs" && self.max_steps > 0 {
+                if !v.is_finite() || v < 0.0 || v > range.max {
+                    return Err((range.key, format!("is {v}; allowed range: [0, {}]", range.max)));
+                }
+                continue;
             }
-            Ok(())
+            if let Err(why) = range.check(v) {
+                return Err((range.key, why));
+            }
         }
-        let b = &BOUNDS;
-        int("lora.r", self.lora.r as u64, 1, b.lora_r)?;
-        real("lora.lora_alpha", self.lora.lora_alpha, 0.0, true, 1e6)?;
-        int(
-            "max_seq_length",
-            self.max_seq_length as u64,
-            8,
-            b.max_seq_length,
-        )?;
-        int(
-            "per_device_train_batch_size",
-            self.per_device_train_batch_size as u64,
-            1,
-            b.batch_size,
-        )?;
-        int(
-            "per_device_eval_batch_size",
-            self.per_device_eval_batch_size as u64,
-            1,
-            b.batch_size,
-        )?;
-        int(
-            "gradient_accumulation_steps",
-            self.gradient_accumulation_steps as u64,
-            1,
-            b.batch_size,
-        )?;
-        if self.max_steps > 0 {
-            int("max_steps", self.max_steps as u64, 1, b.max_steps)?;
-        } else if self.max_steps != -1 && self.max_steps != 0 {
-            return Err((
-                "max_steps",
-                format!(
-                    "is {}; allowed: -1 (unset) or 1 to {}",
-                    self.max_steps, b.max_steps
-                ),
-            ));
-        }
-        if self.max_steps <= 0 {
-            real("num_train_epochs", self.num_train_epochs, 0.0, true, 1e4)?;
-        } else if !self.num_train_epochs.is_finite() || self.num_train_epochs < 0.0 {
-            return Err((
-                "num_train_epochs",
-                format!("is {}; allowed range: [0, 10000]", self.num_train_epochs),
-            ));
-        }
-        real("learning_rate", self.learning_rate, 0.0, true, 1.0)?;
-        real("warmup_ratio", self.warmup_ratio, 0.0, false, 0.999_999)?;
-        int("warmup_steps", self.warmup_steps as u64, 0, b.max_steps)?;
-        real("max_grad_norm", self.max_grad_norm, 0.0, false, 1e6)?;
-        real("weight_decay", self.weight_decay, 0.0, false, 10.0)?;
-        real("adam_beta1", self.adam_beta1, 0.0, false, 0.999_999)?;
-        real("adam_beta2", self.adam_beta2, 0.0, false, 0.999_999_999)?;
-        real("adam_epsilon", self.adam_epsilon, 0.0, true, 1.0)?;
-        int(
-            "gradient_checkpointing_every",
-            self.gradient_checkpointing_every as u64,
-            1,
-            1024,
-        )?;
-        int("logging_steps", self.logging_steps as u64, 0, b.max_steps)?;
-        int("save_steps", self.save_steps as u64, 0, b.max_steps)?;
-        int("eval_steps", self.eval_steps as u64, 0, b.max_steps)?;
-        if let Some(limit) = self.save_total_limit {
-            int("save_total_limit", limit as u64, 1, 100_000)?;
-        }
-        real(
-            "lora.lora_dropout",
-            self.lora.lora_dropout,
-            0.0,
-            false,
-            0.999_999,
-        )?;
         Ok(())
     }
+}
+
+/// The allowed range of one numeric setting: the one table that validation, the published
+/// schema (`GET /api/schema`, `/api/openapi.json`) and the dashboard's forms all read.
+#[derive(Debug, Clone, Copy)]
+pub struct Range {
+    /// The key, dotted inside a table (`lora.r`).
+    pub key: &'static str,
+    pub min: f64,
+    /// The minimum itself is excluded (a learning rate of 0 is not allowed).
+    pub min_open: bool,
+    pub max: f64,
+    pub integer: bool,
+}
+
+impl Range {
+    const fn int(key: &'static str, min: u64, max: u64) -> Self {
+        Range { key, min: min as f64, min_open: false, max: max as f64, integer: true }
+    }
+
+    const fn real(key: &'static str, min: f64, min_open: bool, max: f64) -> Self {
+        Range { key, min, min_open, max, integer: false }
+    }
+
+    fn check(&self, v: f64) -> std::result::Result<(), String> {
+        let below = if self.min_open { v <= self.min } else { v < self.min };
+        if v.is_finite() && !below && v <= self.max && (!self.integer || v.fract() == 0.0) {
+            return Ok(());
+        }
+        // 1e308 reads better than its 309 digits.
+        let shown = if v.abs() >= 1e6 { format!("{v:e}") } else { format!("{v}") };
+        Err(if self.integer {
+            format!("is {shown}; allowed range: {} to {}", self.min, self.max)
+        } else {
+            let open = if self.min_open { "(" } else { "[" };
+            format!("is {shown}; allowed range: {open}{}, {}]", self.min, self.max)
+        })
+    }
+}
+
+/// Every numeric setting's range (see [`TrainConfig::validate`]).
+pub const RANGES: &[Range] = &[
+    Range::int("lora.r", 1, BOUNDS.lora_r),
+    Range::real("lora.lora_alpha", 0.0, true, 1e6),
+    Range::real("lora.lora_dropout", 0.0, false, 0.999_999),
+    Range::int("max_seq_length", 8, BOUNDS.max_seq_length),
+    Range::int("per_device_train_batch_size", 1, BOUNDS.batch_size),
+    Range::int("per_device_eval_batch_size", 1, BOUNDS.batch_size),
+    Range::int("gradient_accumulation_steps", 1, BOUNDS.batch_size),
+    Range::int("max_steps", 1, BOUNDS.max_steps),
+    Range::real("num_train_epochs", 0.0, true, 1e4),
+    Range::real("learning_rate", 0.0, true, 1.0),
+    Range::real("warmup_ratio", 0.0, false, 0.999_999),
+    Range::int("warmup_steps", 0, BOUNDS.max_steps),
+    Range::real("max_grad_norm", 0.0, false, 1e6),
+    Range::real("weight_decay", 0.0, false, 10.0),
+    Range::real("adam_beta1", 0.0, false, 0.999_999),
+    Range::real("adam_beta2", 0.0, false, 0.999_999_999),
+    Range::real("adam_epsilon", 0.0, true, 1.0),
+    Range::int("gradient_checkpointing_every", 1, 1024),
+    Range::int("logging_steps", 0, BOUNDS.max_steps),
+    Range::int("save_steps", 0, BOUNDS.max_steps),
+    Range::int("eval_steps", 0, BOUNDS.max_steps),
+    Range::int("save_total_limit", 1, 100_000),
+    Range::int("seed", 0, u32::MAX as u64),
+    Range::int("generation_eval.rows", 1, 100_000),
+    Range::int("generation_eval.max_new_tokens", 1, 4096),
+    Range::real("generation_eval.temperature", 0.0, false, 10.0),
+    Range::int("generation_eval.top_k", 0, 1_000_000),
+    Range::real("generation_eval.top_p", 0.0, true, 1.0),
+    Range::real("generation_eval.repetition_penalty", 0.0, true, 100.0),
+];
+
+/// The settings that take one of a few names, with those names.
+pub const CHOICES: &[(&str, &[&str])] = &[
+    ("lr_scheduler_type", &["cosine", "linear", "constant", "constant_with_warmup"]),
+    ("optim", &["adamw_32bit", "paged_adamw_32bit", "adamw_torch", "adamw"]),
+    ("eval_strategy", &["steps", "epoch", "no"]),
+    ("lora.bias", &["none"]),
+    ("quantization.bnb_4bit_quant_type", &["nf4"]),
+    ("quantization.bnb_4bit_compute_dtype", &["bfloat16", "bf16", "float16", "fp16", "float32", "fp32"]),
+    ("report_to", &["tensorboard", "mlflow", "none", "all"]),
+];
+
+/// The training settings as JSON Schema, from the config type itself: every key with its
+/// type and default, the ranges of [`RANGES`] and the names of [`CHOICES`]. The server
+/// publishes it and the dashboard builds its form defaults and checks from it, so no default
+/// or bound is written twice.
+pub fn schema() -> serde_json::Value {
+    fn node(prefix: &str, value: &serde_json::Value) -> serde_json::Value {
+        use serde_json::{Value, json};
+        let mut out = match value {
+            Value::Object(map) => {
+                let props: serde_json::Map<String, Value> = map
+                    .iter()
+                    .map(|(k, v)| {
+                        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        (k.clone(), node(&key, v))
+                    })
+                    .collect();
+                return json!({"type": "object", "properties": props, "additionalProperties": false});
+            }
+            Value::Bool(b) => json!({"type": "boolean", "default": b}),
+            Value::Number(n) if n.is_i64() || n.is_u64() => json!({"type": "integer", "default": n}),
+            Value::Number(n) => json!({"type": "number", "default": n}),
+            Value::String(s) => json!({"type": "string", "default": s}),
+            Value::Array(a) => json!({"type": "array", "items": {"type": "string"}, "default": a}),
+            Value::Null => json!({"type": ["integer", "boolean", "null"], "default": null}),
+        };
+        if let Some(r) = RANGES.iter().find(|r| r.key == prefix) {
+            out["type"] = json!(if r.integer { "integer" } else { "number" });
+            out[if r.min_open { "exclusiveMinimum" } else { "minimum" }] = json!(r.min);
+            out["maximum"] = json!(r.max);
+            if prefix == "max_steps" {
+                out["description"] = json!("-1: unset (the epochs count)");
+            }
+        }
+        if let Some((_, names)) = CHOICES.iter().find(|(k, _)| *k == prefix) {
+            match out["type"].as_str() {
+                Some("array") => out["items"]["enum"] = json!(names),
+                _ => out["enum"] = json!(names),
+            }
+        }
+        out
+    }
+    let mut defaults = serde_json::to_value(TrainConfig::default()).unwrap_or_default();
+    // Optional keys are absent from the defaults; the schema still names them.
+    defaults["save_total_limit"] = serde_json::Value::Null;
+    defaults["greater_is_better"] = serde_json::Value::Null;
+    let mut schema = node("", &defaults);
+    schema["properties"]["save_total_limit"]["type"] = serde_json::json!(["integer", "null"]);
+    schema["properties"]["greater_is_better"] = serde_json::json!({"type": ["boolean", "null"], "default": null});
+    schema
 }
 
 /// The largest values the numeric settings may take (see [`TrainConfig::validate`]).
@@ -788,6 +804,29 @@ mod tests {
             Some(&path),
             &overrides.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
         )
+    }
+
+    #[test]
+    fn the_published_schema_holds_every_default_range_and_choice() {
+        let s = schema();
+        let at = |key: &str| {
+            key.split('.')
+                .fold(&s, |node, k| &node["properties"][k])
+                .clone()
+        };
+        let defaults = serde_json::to_value(TrainConfig::default()).unwrap();
+        assert_eq!(at("per_device_train_batch_size")["default"], defaults["per_device_train_batch_size"]);
+        assert_eq!(at("lora.r")["maximum"], 4096.0);
+        assert_eq!(at("learning_rate")["exclusiveMinimum"], 0.0);
+        assert_eq!(at("lr_scheduler_type")["enum"][0], "cosine");
+        assert_eq!(at("report_to")["items"]["enum"][0], "tensorboard");
+        for range in RANGES {
+            assert!(at(range.key).is_object() && !at(range.key).is_null(), "{} is not in the schema", range.key);
+            assert!(at(range.key)["maximum"].is_number(), "{} has no maximum", range.key);
+        }
+        for (key, _) in CHOICES {
+            assert!(!at(key).is_null(), "{key} is not in the schema");
+        }
     }
 
     #[test]
