@@ -54,7 +54,9 @@ pub fn redact(text: &str) -> String {
         }
     }
     let out = url_userinfo(&out);
-    let out = after_marker(&out, "bearer ", |c| !c.is_whitespace() && c != '"' && c != '\'');
+    let out = after_marker(&out, "bearer ", |c| {
+        !c.is_whitespace() && c != '"' && c != '\''
+    });
     api_keys(&out)
 }
 
@@ -66,7 +68,9 @@ fn url_userinfo(text: &str) -> String {
         let (head, tail) = rest.split_at(at + 3);
         out.push_str(head);
         let authority_end = tail
-            .find(|c: char| matches!(c, '/' | '?' | '#' | '"' | '\'' | '<' | '>') || c.is_whitespace())
+            .find(|c: char| {
+                matches!(c, '/' | '?' | '#' | '"' | '\'' | '<' | '>') || c.is_whitespace()
+            })
             .unwrap_or(tail.len());
         let authority = &tail[..authority_end];
         match authority.rfind('@') {
@@ -113,10 +117,7 @@ fn api_keys(text: &str) -> String {
         let end = text[body_start..]
             .find(|c: char| !is_key_char(c))
             .map_or(text.len(), |e| body_start + e);
-        let preceded_by_word = text[..start]
-            .chars()
-            .next_back()
-            .is_some_and(is_key_char);
+        let preceded_by_word = text[..start].chars().next_back().is_some_and(is_key_char);
         out.push_str(&text[from..start]);
         if end - body_start >= 16 && !preceded_by_word {
             out.push_str("sk-");
@@ -140,7 +141,10 @@ mod tests {
             redact("request to http://user:pw@127.0.0.1:9/v1/chat/completions failed"),
             "request to http://***@127.0.0.1:9/v1/chat/completions failed"
         );
-        assert_eq!(redact("see https://example.com/a@b"), "see https://example.com/a@b");
+        assert_eq!(
+            redact("see https://example.com/a@b"),
+            "see https://example.com/a@b"
+        );
     }
 
     #[test]

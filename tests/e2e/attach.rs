@@ -24,8 +24,14 @@ fn falcon_adapter(t: &TestDir) -> std::path::PathBuf {
     .unwrap();
     let prefix = "base_model.model.transformer.h.0.self_attention.query_key_value";
     let tensors: HashMap<String, Tensor> = [
-        (format!("{prefix}.lora_A.weight"), Tensor::zeros((2, 8), DType::F32, &Device::Cpu).unwrap()),
-        (format!("{prefix}.lora_B.weight"), Tensor::zeros((24, 2), DType::F32, &Device::Cpu).unwrap()),
+        (
+            format!("{prefix}.lora_A.weight"),
+            Tensor::zeros((2, 8), DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            format!("{prefix}.lora_B.weight"),
+            Tensor::zeros((24, 2), DType::F32, &Device::Cpu).unwrap(),
+        ),
     ]
     .into();
     candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors")).unwrap();
@@ -38,7 +44,13 @@ fn a_mismatched_adapter_is_refused_on_the_command_line() {
     let model = tiny_model(&t);
     let adapter = falcon_adapter(&t);
     for command in ["generate", "eval-loss"] {
-        let mut args = vec![command, "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()];
+        let mut args = vec![
+            command,
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+        ];
         let rows = t.write("rows.jsonl", r#"{"prompt": "a b", "completion": " c"}"#);
         if command == "generate" {
             args.extend(["--prompt", "hello", "--max-new-tokens", "2"]);
@@ -46,11 +58,22 @@ fn a_mismatched_adapter_is_refused_on_the_command_line() {
             args.extend(["--data", rows.to_str().unwrap()]);
         }
         let e = run_fail(&mut t.cmd(&args));
-        assert!(e.contains("does not fit the model") && e.contains("query_key_value"), "{command}: {e}");
+        assert!(
+            e.contains("does not fit the model") && e.contains("query_key_value"),
+            "{command}: {e}"
+        );
         assert!(e.contains("q_proj"), "names what the model has: {e}");
     }
     // A name that is neither a folder nor a stored adapter says so.
-    let e = run_fail(&mut t.cmd(&["generate", "--model", model.to_str().unwrap(), "--adapter", "no-such-adapter", "--prompt", "x"]));
+    let e = run_fail(&mut t.cmd(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        "no-such-adapter",
+        "--prompt",
+        "x",
+    ]));
     assert!(e.contains("no-such-adapter"), "{e}");
 }
 
@@ -62,25 +85,41 @@ fn a_target_module_that_matches_nothing_is_refused_before_training() {
     let out = t.path().join("out");
     let e = run_fail(&mut t.cmd(&[
         "train",
-        "--set", &format!("model_name_or_path={}", model.display()),
-        "--set", &format!("dataset={}", data.display()),
-        "--set", &format!("output_dir={}", out.display()),
-        "--set", "max_steps=1",
-        "--set", "lora.target_modules=q_proj,nonexistent_proj",
+        "--set",
+        &format!("model_name_or_path={}", model.display()),
+        "--set",
+        &format!("dataset={}", data.display()),
+        "--set",
+        &format!("output_dir={}", out.display()),
+        "--set",
+        "max_steps=1",
+        "--set",
+        "lora.target_modules=q_proj,nonexistent_proj",
     ]));
-    assert!(e.contains("nonexistent_proj") && !e.contains("\"q_proj\""), "{e}");
-    assert!(!out.join("adapter_config.json").exists(), "nothing written for a refused config");
+    assert!(
+        e.contains("nonexistent_proj") && !e.contains("\"q_proj\""),
+        "{e}"
+    );
+    assert!(
+        !out.join("adapter_config.json").exists(),
+        "nothing written for a refused config"
+    );
 
     // The dataset lies in the test's folder, outside the data directory.
     let server = start_with(&t, &["--allow-path", t.path().to_str().unwrap()], &[]);
     let base = server.base.clone();
     let (model, data) = (model.display().to_string(), data.display().to_string());
     rt().block_on(async move {
-        let (status, body) = post(&base, "/api/runs", Some(TOKEN), json!({
-            "kind": "train",
-            "config": {"model_name_or_path": model, "dataset": data, "max_steps": 1,
-                       "lora": {"target_modules": ["q_proj", "nonexistent_proj"]}}
-        }))
+        let (status, body) = post(
+            &base,
+            "/api/runs",
+            Some(TOKEN),
+            json!({
+                "kind": "train",
+                "config": {"model_name_or_path": model, "dataset": data, "max_steps": 1,
+                           "lora": {"target_modules": ["q_proj", "nonexistent_proj"]}}
+            }),
+        )
         .await;
         assert!((400..500).contains(&status), "{status} {body}");
         assert!(body.to_string().contains("nonexistent_proj"), "{body}");

@@ -15,11 +15,20 @@ fn run(t: &TestDir, name: &str, good: bool) {
             } else {
                 format!("a dog {i} ran far away")
             };
-            json!({"id": i.to_string(), "prediction": prediction, "reference": reference}).to_string()
+            json!({"id": i.to_string(), "prediction": prediction, "reference": reference})
+                .to_string()
         })
         .collect();
     let p = t.write(&format!("{name}.jsonl"), lines.join("\n"));
-    run_ok(&mut t.cmd(&["eval", "--predictions", p.to_str().unwrap(), "--metrics", "rouge,bleu", "--name", name]));
+    run_ok(&mut t.cmd(&[
+        "eval",
+        "--predictions",
+        p.to_str().unwrap(),
+        "--metrics",
+        "rouge,bleu",
+        "--name",
+        name,
+    ]));
 }
 
 #[test]
@@ -30,20 +39,67 @@ fn the_regression_gate_fails_only_on_a_real_regression() {
     run(&t, "worse", false);
 
     let out = t
-        .cmd(&["runs", "compare", "base", "worse", "--fail-on-regression", "rouge1,bleu", "--format", "markdown"])
+        .cmd(&[
+            "runs",
+            "compare",
+            "base",
+            "worse",
+            "--fail-on-regression",
+            "rouge1,bleu",
+            "--format",
+            "markdown",
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let table = String::from_utf8(out.stdout).unwrap();
-    assert!(table.contains("| run | score | delta |") && table.contains("regression"), "{table}");
+    assert!(
+        table.contains("| run | score | delta |") && table.contains("regression"),
+        "{table}"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("regression: "));
 
     // No regression: the same outputs; an improvement is no regression either.
-    run_ok(&mut t.cmd(&["runs", "compare", "base", "same", "--fail-on-regression", "rouge1,bleu"]));
-    run_ok(&mut t.cmd(&["runs", "compare", "worse", "base", "--fail-on-regression", "bleu"]));
+    run_ok(&mut t.cmd(&[
+        "runs",
+        "compare",
+        "base",
+        "same",
+        "--fail-on-regression",
+        "rouge1,bleu",
+    ]));
+    run_ok(&mut t.cmd(&[
+        "runs",
+        "compare",
+        "worse",
+        "base",
+        "--fail-on-regression",
+        "bleu",
+    ]));
     // A tolerance larger than the drop lets it pass.
-    run_ok(&mut t.cmd(&["runs", "compare", "base", "worse", "--fail-on-regression", "rouge1", "--min-delta", "1.5"]));
+    run_ok(&mut t.cmd(&[
+        "runs",
+        "compare",
+        "base",
+        "worse",
+        "--fail-on-regression",
+        "rouge1",
+        "--min-delta",
+        "1.5",
+    ]));
     // A gate on a score that does not exist is an error, never a pass.
-    let e = run_fail(&mut t.cmd(&["runs", "compare", "base", "same", "--fail-on-regression", "rougeX"]));
+    let e = run_fail(&mut t.cmd(&[
+        "runs",
+        "compare",
+        "base",
+        "same",
+        "--fail-on-regression",
+        "rougeX",
+    ]));
     assert!(e.contains("rougeX") && e.contains("rouge1"), "{e}");
 }

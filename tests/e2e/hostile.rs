@@ -22,14 +22,24 @@ fn predictions(t: &TestDir, name: &str, predictions: &[&str]) -> PathBuf {
     let lines: Vec<String> = predictions
         .iter()
         .enumerate()
-        .map(|(i, p)| json!({"id": i.to_string(), "prediction": p, "reference": "the cat sat"}).to_string())
+        .map(|(i, p)| {
+            json!({"id": i.to_string(), "prediction": p, "reference": "the cat sat"}).to_string()
+        })
         .collect();
     t.write(name, lines.join("\n"))
 }
 
 /// `eval` with `--json`; returns the exit code and the JSON document.
-fn eval(t: &TestDir, file: &Path, metrics: &str, extra: &[&str], env: &[(&str, &str)]) -> (i32, Value) {
-    let out = t.path().join(format!("{metrics}-{}.json", std::process::id()));
+fn eval(
+    t: &TestDir,
+    file: &Path,
+    metrics: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, Value) {
+    let out = t
+        .path()
+        .join(format!("{metrics}-{}.json", std::process::id()));
     let _ = std::fs::remove_file(&out);
     let mut cmd = t.cmd(&[
         "eval",
@@ -75,12 +85,22 @@ fn overflowing_scores_never_make_the_store_unreadable() {
     let p = predictions(&t, "p.jsonl", &["huge"; 50]);
     let (code, doc) = eval(&t, &p, "misbehave", &[], &[]);
     assert_eq!(code, 0, "{doc}");
-    let mean = doc["aggregates"]["big"]["mean"].as_f64().expect("a finite mean");
+    let mean = doc["aggregates"]["big"]["mean"]
+        .as_f64()
+        .expect("a finite mean");
     assert!((mean / 4e306 - 1.0).abs() < 1e-9, "{mean}");
     // Everything that reads runs still works.
     run_ok(&mut t.cmd(&["runs", "list"]));
     run_ok(&mut t.cmd(&["runs", "show", "p"]));
-    run_ok(&mut t.cmd(&["eval", "--predictions", p.to_str().unwrap(), "--metrics", "misbehave", "--name", "q"]));
+    run_ok(&mut t.cmd(&[
+        "eval",
+        "--predictions",
+        p.to_str().unwrap(),
+        "--metrics",
+        "misbehave",
+        "--name",
+        "q",
+    ]));
     run_ok(&mut t.cmd(&["runs", "compare", "p", "q"]));
     let report = run_ok(&mut t.cmd(&["store", "check"]));
     assert!(report.contains("the store is sound"), "{report}");
@@ -96,13 +116,23 @@ fn a_plugin_retrying_a_dead_llm_stops_at_its_wall_clock_deadline_and_sees_no_sec
     let env = [
         ("ADAPTERLAB_PLUGIN_TIMEOUT_MS", "1500"),
         // Nothing listens on port 9; the credentials must never be seen again.
-        ("OPENAI_BASE_URL", "http://alice:hunter2-secret@127.0.0.1:9/v1?api-version=1"),
+        (
+            "OPENAI_BASE_URL",
+            "http://alice:hunter2-secret@127.0.0.1:9/v1?api-version=1",
+        ),
         ("OPENAI_API_KEY", "sk-testkeyABCDEFGHIJKLMNOP"),
         ("ADAPTERLAB_LLM_BACKOFF_MS", "50"),
     ];
     let (code, doc) = eval(&t, &p, "chatty", &[], &env);
-    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
-    assert_eq!(code, 3, "a metric that failed on every sample fails the run: {doc}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        code, 3,
+        "a metric that failed on every sample fails the run: {doc}"
+    );
     assert_eq!(doc["status"], "failed");
     assert!(doc["error"].as_str().unwrap().contains("chatty"), "{doc}");
     let e = error(&doc, "0", "chatty");
@@ -121,8 +151,18 @@ fn a_looping_sample_costs_only_itself_and_trap_messages_are_kept() {
     preds[30] = "panic";
     let p = predictions(&t, "p.jsonl", &preds);
     let started = Instant::now();
-    let (code, doc) = eval(&t, &p, "misbehave,bleu", &[], &[("ADAPTERLAB_PLUGIN_TIMEOUT_MS", "1000")]);
-    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    let (code, doc) = eval(
+        &t,
+        &p,
+        "misbehave,bleu",
+        &[],
+        &[("ADAPTERLAB_PLUGIN_TIMEOUT_MS", "1000")],
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
     assert_eq!(code, 0, "{doc}");
     let scored = doc["samples"]
         .as_array()
@@ -133,7 +173,10 @@ fn a_looping_sample_costs_only_itself_and_trap_messages_are_kept() {
     assert_eq!(scored, 38, "only the two culprits lose their score");
     assert!(error(&doc, "17", "misbehave").contains("deadline"));
     let e = error(&doc, "30", "misbehave");
-    assert!(e.contains("the plugin's own words 7431"), "the panic's text: {e}");
+    assert!(
+        e.contains("the plugin's own words 7431"),
+        "the panic's text: {e}"
+    );
     // The other metric scored every sample, the culprits included.
     assert!(sample(&doc, "17")["scores"]["bleu"].is_number());
 }
@@ -143,16 +186,27 @@ fn built_in_names_are_reserved_and_runs_record_where_plugins_came_from() {
     let t = setup("hostile-names");
     let wasm = built_component("adapterlab-test-fake-rouge");
     let e = run_fail(&mut t.cmd(&["plugins", "install", wasm.to_str().unwrap()]));
-    assert!(e.contains("built-in") && e.contains("--replace-builtin"), "{e}");
+    assert!(
+        e.contains("built-in") && e.contains("--replace-builtin"),
+        "{e}"
+    );
     let p = predictions(&t, "p.jsonl", &["the cat sat", "a dog"]);
     let (_, real) = eval(&t, &p, "rouge", &[], &[]);
     assert_eq!(real["plugins"]["rouge"]["source"], "built-in");
 
-    let (_, err) = run_ok_both(&mut t.cmd(&["plugins", "install", "--replace-builtin", wasm.to_str().unwrap()]));
+    let (_, err) = run_ok_both(&mut t.cmd(&[
+        "plugins",
+        "install",
+        "--replace-builtin",
+        wasm.to_str().unwrap(),
+    ]));
     assert!(err.contains("replaces the built-in"), "{err}");
     let (_, fake) = eval(&t, &p, "rouge", &[], &[]);
     assert_eq!(fake["plugins"]["rouge"]["source"], "user");
-    assert_ne!(fake["plugins"]["rouge"]["sha256"], real["plugins"]["rouge"]["sha256"]);
+    assert_ne!(
+        fake["plugins"]["rouge"]["sha256"],
+        real["plugins"]["rouge"]["sha256"]
+    );
     let shown = run_ok(&mut t.cmd(&["runs", "show", fake["run_id"].as_str().unwrap()]));
     assert!(shown.contains("plugin rouge: 0.1.0 (user"), "{shown}");
 }
@@ -162,16 +216,36 @@ fn what_a_plugin_returns_is_bounded() {
     let t = setup("hostile-sizes");
     install(&t, "adapterlab-test-misbehave");
     let p = predictions(&t, "p.jsonl", &["long-error", "long-name", "empty", "fine"]);
-    let (_, doc) = eval(&t, &p, "misbehave", &["--set", "misbehave.batch_size=1"], &[]);
+    let (_, doc) = eval(
+        &t,
+        &p,
+        "misbehave",
+        &["--set", "misbehave.batch_size=1"],
+        &[],
+    );
     let e = error(&doc, "0", "misbehave");
-    assert!(e.len() < 5000 && e.contains("truncated"), "{} bytes", e.len());
+    assert!(
+        e.len() < 5000 && e.contains("truncated"),
+        "{} bytes",
+        e.len()
+    );
     let e = error(&doc, "1", "misbehave");
-    assert!(e.len() < 1000 && e.contains("truncated"), "{} bytes", e.len());
+    assert!(
+        e.len() < 1000 && e.contains("truncated"),
+        "{} bytes",
+        e.len()
+    );
     assert!(error(&doc, "2", "misbehave").contains("no scores"));
 
     // One 16 MiB batch error: stored once, each sample points to it.
     let many = predictions(&t, "many.jsonl", &["x"; 20]);
-    let (code, doc) = eval(&t, &many, "misbehave", &["--set", "misbehave.batch=huge-error"], &[]);
+    let (code, doc) = eval(
+        &t,
+        &many,
+        "misbehave",
+        &["--set", "misbehave.batch=huge-error"],
+        &[],
+    );
     assert_eq!(code, 3);
     for i in 0..20 {
         assert!(error(&doc, &i.to_string(), "misbehave").len() < 400);
@@ -185,11 +259,27 @@ fn what_a_plugin_returns_is_bounded() {
     let mut preds = vec!["print-40k"; 40];
     preds[0] = "log-flood";
     let noisy = predictions(&t, "noisy.jsonl", &preds);
-    let (code, doc) = eval(&t, &noisy, "misbehave", &["--set", "misbehave.batch_size=1"], &[]);
+    let (code, doc) = eval(
+        &t,
+        &noisy,
+        "misbehave",
+        &["--set", "misbehave.batch_size=1"],
+        &[],
+    );
     assert_eq!(code, 0, "{doc}");
-    assert!(doc["samples"].as_array().unwrap().iter().all(|s| s["errors"].as_object().unwrap().is_empty()), "{doc}");
+    assert!(
+        doc["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["errors"].as_object().unwrap().is_empty()),
+        "{doc}"
+    );
     let store_bytes = dir_size(&t.data_dir().join("store"));
-    assert!(store_bytes < 40 << 20, "the store grew to {store_bytes} bytes");
+    assert!(
+        store_bytes < 40 << 20,
+        "the store grew to {store_bytes} bytes"
+    );
 }
 
 fn dir_size(dir: &Path) -> u64 {
@@ -198,7 +288,11 @@ fn dir_size(dir: &Path) -> u64 {
         .flatten()
         .map(|e| {
             let meta = e.metadata().unwrap();
-            if meta.is_dir() { dir_size(&e.path()) } else { meta.len() }
+            if meta.is_dir() {
+                dir_size(&e.path())
+            } else {
+                meta.len()
+            }
         })
         .sum()
 }
@@ -209,7 +303,13 @@ fn corpus_statistics_stay_under_their_own_names() {
     install(&t, "adapterlab-test-misbehave");
     let p = predictions(&t, "p.jsonl", &["the cat sat", "the cat sat on"]);
     let (_, honest) = eval(&t, &p, "bleu", &[], &[]);
-    let (_, both) = eval(&t, &p, "misbehave,bleu", &["--set", "misbehave.batch=corpus"], &[]);
+    let (_, both) = eval(
+        &t,
+        &p,
+        "misbehave,bleu",
+        &["--set", "misbehave.batch=corpus"],
+        &[],
+    );
     assert_eq!(both["corpus"]["bleu"], honest["corpus"]["bleu"], "{both}");
     assert!(both["corpus"]["bleu"].as_f64().unwrap() > 0.0);
     assert_eq!(both["corpus"]["chars"], 1.0);
@@ -226,7 +326,10 @@ fn a_memory_budget_spans_every_running_plugin() {
     ];
     let (code, doc) = eval(&t, &p, "misbehave", &[], &env);
     assert_eq!(code, 0, "{doc}");
-    assert!(error(&doc, "0", "misbehave").contains("memory budget"), "{doc}");
+    assert!(
+        error(&doc, "0", "misbehave").contains("memory budget"),
+        "{doc}"
+    );
     assert_eq!(sample(&doc, "1")["scores"]["chars"], 4.0);
 }
 
@@ -253,10 +356,16 @@ fn files_that_are_not_components_are_refused_with_the_fix() {
     let t = setup("hostile-not-component");
     let text = t.write("notes.wasm", "(module)");
     let e = run_fail(&mut t.cmd(&["plugins", "check", text.to_str().unwrap()]));
-    assert!(e.contains("not a component") && e.contains("not WebAssembly in binary form"), "{e}");
+    assert!(
+        e.contains("not a component") && e.contains("not WebAssembly in binary form"),
+        "{e}"
+    );
     let core = t.write("core.wasm", b"\0asm\x01\0\0\0");
     let e = run_fail(&mut t.cmd(&["plugins", "install", core.to_str().unwrap()]));
-    assert!(e.contains("core WebAssembly module") && e.contains("wasm-tools component new"), "{e}");
+    assert!(
+        e.contains("core WebAssembly module") && e.contains("wasm-tools component new"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -77,13 +77,25 @@ fn export_writes_the_trained_on_weights_as_an_hf_checkpoint() {
     let config = read_json(&out.join("config.json"));
     assert_eq!(config["architectures"][0], "LlamaForCausalLM");
     assert_eq!(config["model_type"], "llama");
-    for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let tokens = |model: &str| {
         let out = run_ok(&mut t.cmd(&[
-            "generate", "--model", model, "--prompt", "The capital of France is", "--greedy",
-            "--max-new-tokens", "6", "--json",
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "The capital of France is",
+            "--greedy",
+            "--max-new-tokens",
+            "6",
+            "--json",
         ]));
         serde_json::from_str::<serde_json::Value>(&out).unwrap()["token_ids"].clone()
     };

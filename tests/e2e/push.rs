@@ -33,14 +33,23 @@ struct Hub {
 type Shared = Arc<Mutex<Hub>>;
 
 fn authorized(headers: &HeaderMap) -> bool {
-    headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {HF_TOKEN}"))
+    headers.get("authorization").and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {HF_TOKEN}"))
 }
 
-async fn create_repo(State(h): State<Shared>, headers: HeaderMap, axum::Json(body): axum::Json<Value>) -> StatusCode {
+async fn create_repo(
+    State(h): State<Shared>,
+    headers: HeaderMap,
+    axum::Json(body): axum::Json<Value>,
+) -> StatusCode {
     if !authorized(&headers) {
         return StatusCode::UNAUTHORIZED;
     }
-    let repo = format!("{}/{}", body["organization"].as_str().unwrap(), body["name"].as_str().unwrap());
+    let repo = format!(
+        "{}/{}",
+        body["organization"].as_str().unwrap(),
+        body["name"].as_str().unwrap()
+    );
     let mut h = h.lock().unwrap();
     if h.repos.iter().any(|(r, _)| *r == repo) {
         return StatusCode::CONFLICT;
@@ -49,7 +58,11 @@ async fn create_repo(State(h): State<Shared>, headers: HeaderMap, axum::Json(bod
     StatusCode::OK
 }
 
-async fn branch(State(h): State<Shared>, headers: HeaderMap, Path((_o, _n, b)): Path<(String, String, String)>) -> StatusCode {
+async fn branch(
+    State(h): State<Shared>,
+    headers: HeaderMap,
+    Path((_o, _n, b)): Path<(String, String, String)>,
+) -> StatusCode {
     assert!(authorized(&headers));
     h.lock().unwrap().branches.push(b);
     StatusCode::OK
@@ -94,16 +107,28 @@ async fn lfs_batch(State(h): State<Shared>, headers: HeaderMap, body: Bytes) -> 
     axum::Json(json!({"transfer": "basic", "objects": objects}))
 }
 
-async fn lfs_store(State(h): State<Shared>, headers: HeaderMap, Path(oid): Path<String>, body: Bytes) -> StatusCode {
+async fn lfs_store(
+    State(h): State<Shared>,
+    headers: HeaderMap,
+    Path(oid): Path<String>,
+    body: Bytes,
+) -> StatusCode {
     assert_eq!(headers["x-upload-check"], "yes");
-    assert_eq!(hex::encode(Sha256::digest(&body)), oid, "the LFS object is its sha256");
+    assert_eq!(
+        hex::encode(Sha256::digest(&body)),
+        oid,
+        "the LFS object is its sha256"
+    );
     h.lock().unwrap().lfs.insert(oid, body.len());
     StatusCode::OK
 }
 
 async fn lfs_verify(State(h): State<Shared>, axum::Json(body): axum::Json<Value>) -> StatusCode {
     let h = h.lock().unwrap();
-    assert_eq!(h.lfs.get(body["oid"].as_str().unwrap()).copied(), body["size"].as_u64().map(|s| s as usize));
+    assert_eq!(
+        h.lfs.get(body["oid"].as_str().unwrap()).copied(),
+        body["size"].as_u64().map(|s| s as usize)
+    );
     StatusCode::OK
 }
 
@@ -115,9 +140,17 @@ async fn commit(
 ) -> axum::Json<Value> {
     assert!(authorized(&headers));
     assert_eq!(headers["content-type"], "application/x-ndjson");
-    let lines: Vec<Value> = body.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines[0]["key"], "header", "the header comes first");
-    assert!(lines[0]["value"]["summary"].as_str().unwrap().contains("adapterlab"));
+    assert!(
+        lines[0]["value"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("adapterlab")
+    );
     let mut h = h.lock().unwrap();
     let mut files = BTreeMap::new();
     for line in &lines[1..] {
@@ -126,12 +159,20 @@ async fn commit(
         match line["key"].as_str().unwrap() {
             "file" => {
                 assert_eq!(v["encoding"], "base64");
-                files.insert(path, base64::engine::general_purpose::STANDARD.decode(v["content"].as_str().unwrap()).unwrap());
+                files.insert(
+                    path,
+                    base64::engine::general_purpose::STANDARD
+                        .decode(v["content"].as_str().unwrap())
+                        .unwrap(),
+                );
             }
             "lfsFile" => {
                 assert_eq!(v["algo"], "sha256");
                 let oid = v["oid"].as_str().unwrap();
-                assert!(h.lfs.contains_key(oid), "committed an LFS file that was never uploaded");
+                assert!(
+                    h.lfs.contains_key(oid),
+                    "committed an LFS file that was never uploaded"
+                );
                 files.insert(path, format!("lfs:{oid}").into_bytes());
             }
             other => panic!("unexpected commit line {other}"),
@@ -146,13 +187,18 @@ fn fake_hub(runtime: &tokio::runtime::Runtime) -> (String, Shared) {
     let app = Router::new()
         .route("/api/repos/create", post(create_repo))
         .route("/api/models/{owner}/{name}/branch/{branch}", post(branch))
-        .route("/api/models/{owner}/{name}/preupload/{rev}", post(preupload))
+        .route(
+            "/api/models/{owner}/{name}/preupload/{rev}",
+            post(preupload),
+        )
         .route("/api/models/{owner}/{name}/commit/{rev}", post(commit))
         .route("/{owner}/{repo}/info/lfs/objects/batch", post(lfs_batch))
         .route("/lfs-store/{oid}", put(lfs_store))
         .route("/lfs-verify", post(lfs_verify))
         .with_state(hub.clone());
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     hub.lock().unwrap().base = base.clone();
     runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -169,40 +215,77 @@ fn push_sends_the_adapter_lfs_weights_and_a_card_with_its_results() {
     let out = t.path().join("tiny-lora");
     run_ok(&mut t.cmd(&[
         "train",
-        "--set", &format!("model_name_or_path={}", model.display()),
-        "--set", &format!("dataset={}", data.display()),
-        "--set", &format!("output_dir={}", out.display()),
-        "--set", "max_steps=2",
-        "--set", "max_seq_length=64",
-        "--set", "lora.r=4",
-        "--set", "eval_after_train=bleu",
+        "--set",
+        &format!("model_name_or_path={}", model.display()),
+        "--set",
+        &format!("dataset={}", data.display()),
+        "--set",
+        &format!("output_dir={}", out.display()),
+        "--set",
+        "max_steps=2",
+        "--set",
+        "max_seq_length=64",
+        "--set",
+        "lora.r=4",
+        "--set",
+        "eval_after_train=bleu",
     ]));
     let push = |args: &[&str]| {
         let mut cmd = t.cmd(&["push"]);
-        cmd.args(args).env("HF_ENDPOINT", &endpoint).env("HF_TOKEN", HF_TOKEN);
+        cmd.args(args)
+            .env("HF_ENDPOINT", &endpoint)
+            .env("HF_TOKEN", HF_TOKEN);
         run_ok(&mut cmd)
     };
     let printed = push(&["tiny-lora", "--repo", "me/tiny-lora", "--private"]);
-    assert!(printed.contains("adapter_model.safetensors") && printed.contains("LFS"), "{printed}");
+    assert!(
+        printed.contains("adapter_model.safetensors") && printed.contains("LFS"),
+        "{printed}"
+    );
 
     let h = hub.lock().unwrap();
     assert_eq!(h.repos, [("me/tiny-lora".to_string(), true)]);
     let (rev, files) = &h.commits[0];
     assert_eq!(rev, "main");
     let names: Vec<&str> = files.keys().map(String::as_str).collect();
-    assert_eq!(names, ["README.md", "adapter_config.json", "adapter_model.safetensors"]);
+    assert_eq!(
+        names,
+        [
+            "README.md",
+            "adapter_config.json",
+            "adapter_model.safetensors"
+        ]
+    );
     assert!(String::from_utf8_lossy(&files["adapter_model.safetensors"]).starts_with("lfs:"));
     let readme = String::from_utf8(files["README.md"].clone()).unwrap();
-    let front = readme.strip_prefix("---\n").unwrap().split("\n---\n").next().unwrap();
+    let front = readme
+        .strip_prefix("---\n")
+        .unwrap()
+        .split("\n---\n")
+        .next()
+        .unwrap();
     let card: serde_yaml::Value = serde_yaml::from_str(front).unwrap();
     assert_eq!(card["library_name"], "peft");
     let base = model.display().to_string();
     assert_eq!(card["base_model"].as_str(), Some(base.as_str()));
-    let tags: Vec<&str> = card["tags"].as_sequence().unwrap().iter().filter_map(|t| t.as_str()).collect();
-    assert!(tags.contains(&format!("base_model:adapter:{base}").as_str()) && tags.contains(&"lora"), "{tags:?}");
+    let tags: Vec<&str> = card["tags"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    assert!(
+        tags.contains(&format!("base_model:adapter:{base}").as_str()) && tags.contains(&"lora"),
+        "{tags:?}"
+    );
     assert_eq!(card["pipeline_tag"], "text-generation");
     let metrics = &card["model-index"][0]["results"][0]["metrics"];
-    let bleu = metrics.as_sequence().unwrap().iter().find(|m| m["type"] == "bleu").expect("the stored BLEU");
+    let bleu = metrics
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["type"] == "bleu")
+        .expect("the stored BLEU");
     assert!(bleu["value"].as_f64().is_some(), "{readme}");
     assert!(readme.contains("| lora.r | 4 |"), "{readme}");
     drop(h);
@@ -216,17 +299,32 @@ fn push_sends_the_adapter_lfs_weights_and_a_card_with_its_results() {
 
     // A merged model goes up the same way, with a transformers card.
     let merged = t.path().join("merged");
-    run_ok(&mut t.cmd(&["merge", "--model", model.to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--out", merged.to_str().unwrap()]));
+    run_ok(&mut t.cmd(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        out.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]));
     push(&[merged.to_str().unwrap(), "--repo", "me/tiny-merged"]);
     let h = hub.lock().unwrap();
     let files = &h.commits[2].1;
-    assert!(files.contains_key("config.json") && files.contains_key("model.safetensors"), "{:?}", files.keys());
+    assert!(
+        files.contains_key("config.json") && files.contains_key("model.safetensors"),
+        "{:?}",
+        files.keys()
+    );
     let readme = String::from_utf8(files["README.md"].clone()).unwrap();
     assert!(readme.contains("library_name: transformers"), "{readme}");
     drop(h);
 
     // The server pushes a stored adapter with its own token.
-    let server = crate::server::start(&t, &[("HF_ENDPOINT", endpoint.as_str()), ("HF_TOKEN", HF_TOKEN)]);
+    let server = crate::server::start(
+        &t,
+        &[("HF_ENDPOINT", endpoint.as_str()), ("HF_TOKEN", HF_TOKEN)],
+    );
     let (status, body) = runtime.block_on(crate::server::post(
         &server.base,
         "/api/adapters/tiny-lora/push",
@@ -235,7 +333,13 @@ fn push_sends_the_adapter_lfs_weights_and_a_card_with_its_results() {
     ));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["repo"], "me/from-server");
-    assert!(hub.lock().unwrap().repos.iter().any(|(r, _)| r == "me/from-server"));
+    assert!(
+        hub.lock()
+            .unwrap()
+            .repos
+            .iter()
+            .any(|(r, _)| r == "me/from-server")
+    );
 }
 
 #[test]
@@ -244,7 +348,11 @@ fn push_without_a_token_or_with_a_bad_repo_says_why() {
     let dir = t.path().join("a");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("adapter_config.json"), "{}").unwrap();
-    let e = run_fail(t.cmd(&["push", dir.to_str().unwrap(), "--repo", "me/x"]).env_remove("HF_TOKEN").env("HF_HOME", t.path()));
+    let e = run_fail(
+        t.cmd(&["push", dir.to_str().unwrap(), "--repo", "me/x"])
+            .env_remove("HF_TOKEN")
+            .env("HF_HOME", t.path()),
+    );
     assert!(e.contains("HF_TOKEN"), "{e}");
     let e = run_fail(&mut t.cmd(&["push", dir.to_str().unwrap(), "--repo", "no-owner"]));
     assert!(e.contains("OWNER/NAME"), "{e}");

@@ -46,7 +46,8 @@ fn tensorboard_event_files_hold_every_logged_scalar() {
     let t = setup("track-tensorboard");
     let out = t.path().join("out");
     train(&t, &out, "tensorboard", &[]);
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/check/tensorboard_read.sh");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/check/tensorboard_read.sh");
     let output = std::process::Command::new("bash")
         .arg(&script)
         .arg(out.join("runs"))
@@ -67,27 +68,59 @@ fn tensorboard_event_files_hold_every_logged_scalar() {
             .collect()
     };
     assert_eq!(steps("train/loss"), (1..=8).collect::<Vec<_>>());
-    for tag in ["train/learning_rate", "train/grad_norm", "train/tokens_per_second", "train/epoch"] {
+    for tag in [
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/tokens_per_second",
+        "train/epoch",
+    ] {
         assert_eq!(steps(tag).len(), 8, "{tag}");
     }
     let eval = steps("eval/loss");
-    assert!(eval.contains(&0) && eval.contains(&4) && eval.contains(&8), "{eval:?}");
+    assert!(
+        eval.contains(&0) && eval.contains(&4) && eval.contains(&8),
+        "{eval:?}"
+    );
     assert!(scalars["train/loss"][0][1].as_f64().unwrap() > 0.0);
-    assert!(scalars["__text_tags__"].to_string().contains("args"), "{scalars}");
+    assert!(
+        scalars["__text_tags__"].to_string().contains("args"),
+        "{scalars}"
+    );
 
     // The stored run exported afterwards gives the same curve.
-    let runs: Value = serde_json::from_str(&run_ok(&mut t.cmd(&["runs", "list", "--json"]))).unwrap();
+    let runs: Value =
+        serde_json::from_str(&run_ok(&mut t.cmd(&["runs", "list", "--json"]))).unwrap();
     let id = runs[0]["id"].as_str().unwrap();
     let exported = t.path().join("exported");
-    run_ok(&mut t.cmd(&["runs", "export", id, "--to", "tensorboard", "--out", exported.to_str().unwrap()]));
+    run_ok(&mut t.cmd(&[
+        "runs",
+        "export",
+        id,
+        "--to",
+        "tensorboard",
+        "--out",
+        exported.to_str().unwrap(),
+    ]));
     let output = std::process::Command::new("bash")
         .arg(&script)
         .arg(exported.join("runs"))
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let again: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(again["train/loss"], scalars["train/loss"].as_array().unwrap().iter().map(|p| json!([p[0], p[1]])).collect::<Value>());
+    assert_eq!(
+        again["train/loss"],
+        scalars["train/loss"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| json!([p[0], p[1]]))
+            .collect::<Value>()
+    );
 }
 
 /// What the fake MLflow server was sent.
@@ -103,14 +136,24 @@ struct Received {
 type Shared = Arc<Mutex<Received>>;
 
 async fn get_by_name(uri: Uri) -> (StatusCode, axum::Json<Value>) {
-    assert!(uri.query().unwrap_or_default().contains("experiment_name=adapterlab-test"), "{uri}");
+    assert!(
+        uri.query()
+            .unwrap_or_default()
+            .contains("experiment_name=adapterlab-test"),
+        "{uri}"
+    );
     (
         StatusCode::NOT_FOUND,
-        axum::Json(json!({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such experiment"})),
+        axum::Json(
+            json!({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such experiment"}),
+        ),
     )
 }
 
-async fn create_experiment(State(s): State<Shared>, axum::Json(body): axum::Json<Value>) -> axum::Json<Value> {
+async fn create_experiment(
+    State(s): State<Shared>,
+    axum::Json(body): axum::Json<Value>,
+) -> axum::Json<Value> {
     s.lock().unwrap().experiment = body["name"].as_str().map(str::to_string);
     axum::Json(json!({"experiment_id": "7"}))
 }
@@ -118,29 +161,48 @@ async fn create_experiment(State(s): State<Shared>, axum::Json(body): axum::Json
 async fn create_run(axum::Json(body): axum::Json<Value>) -> axum::Json<Value> {
     assert_eq!(body["experiment_id"], "7", "{body}");
     assert!(body["start_time"].as_u64().is_some(), "{body}");
-    axum::Json(json!({"run": {"info": {"run_id": "r1", "experiment_id": "7",
-        "artifact_uri": "mlflow-artifacts:/7/r1/artifacts", "status": "RUNNING"}}}))
+    axum::Json(
+        json!({"run": {"info": {"run_id": "r1", "experiment_id": "7",
+        "artifact_uri": "mlflow-artifacts:/7/r1/artifacts", "status": "RUNNING"}}}),
+    )
 }
 
-async fn log_batch(State(s): State<Shared>, axum::Json(body): axum::Json<Value>) -> axum::Json<Value> {
+async fn log_batch(
+    State(s): State<Shared>,
+    axum::Json(body): axum::Json<Value>,
+) -> axum::Json<Value> {
     assert_eq!(body["run_id"], "r1");
     let mut s = s.lock().unwrap();
     for p in body["params"].as_array().into_iter().flatten() {
-        s.params.push((p["key"].as_str().unwrap().into(), p["value"].as_str().unwrap().into()));
+        s.params.push((
+            p["key"].as_str().unwrap().into(),
+            p["value"].as_str().unwrap().into(),
+        ));
     }
     for m in body["metrics"].as_array().into_iter().flatten() {
         assert!(m["timestamp"].as_u64().is_some(), "{m}");
-        s.metrics.push((m["key"].as_str().unwrap().into(), m["value"].as_f64().unwrap(), m["step"].as_u64().unwrap()));
+        s.metrics.push((
+            m["key"].as_str().unwrap().into(),
+            m["value"].as_f64().unwrap(),
+            m["step"].as_u64().unwrap(),
+        ));
     }
     axum::Json(json!({}))
 }
 
-async fn upload(State(s): State<Shared>, UrlPath(path): UrlPath<String>, body: Bytes) -> StatusCode {
+async fn upload(
+    State(s): State<Shared>,
+    UrlPath(path): UrlPath<String>,
+    body: Bytes,
+) -> StatusCode {
     s.lock().unwrap().artifacts.push((path, body.len()));
     StatusCode::OK
 }
 
-async fn update_run(State(s): State<Shared>, axum::Json(body): axum::Json<Value>) -> axum::Json<Value> {
+async fn update_run(
+    State(s): State<Shared>,
+    axum::Json(body): axum::Json<Value>,
+) -> axum::Json<Value> {
     s.lock().unwrap().status = body["status"].as_str().map(str::to_string);
     axum::Json(json!({"run_info": {}}))
 }
@@ -151,14 +213,19 @@ fn mlflow_gets_params_metrics_per_step_the_adapter_and_the_status() {
     let received: Shared = Arc::default();
     let app = Router::new()
         .route("/api/2.0/mlflow/experiments/get-by-name", get(get_by_name))
-        .route("/api/2.0/mlflow/experiments/create", post(create_experiment))
+        .route(
+            "/api/2.0/mlflow/experiments/create",
+            post(create_experiment),
+        )
         .route("/api/2.0/mlflow/runs/create", post(create_run))
         .route("/api/2.0/mlflow/runs/log-batch", post(log_batch))
         .route("/api/2.0/mlflow/runs/update", post(update_run))
         .route("/api/2.0/mlflow-artifacts/artifacts/{*path}", put(upload))
         .with_state(received.clone());
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
 
@@ -174,16 +241,33 @@ fn mlflow_gets_params_metrics_per_step_the_adapter_and_the_status() {
     );
     let r = received.lock().unwrap();
     assert_eq!(r.experiment.as_deref(), Some("adapterlab-test"));
-    let param = |k: &str| r.params.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    let param = |k: &str| {
+        r.params
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
     assert_eq!(param("lora.r").as_deref(), Some("4"));
     assert_eq!(param("max_steps").as_deref(), Some("8"));
-    let steps = |key: &str| -> Vec<u64> { r.metrics.iter().filter(|m| m.0 == key).map(|m| m.2).collect() };
+    let steps = |key: &str| -> Vec<u64> {
+        r.metrics
+            .iter()
+            .filter(|m| m.0 == key)
+            .map(|m| m.2)
+            .collect()
+    };
     assert_eq!(steps("loss"), (1..=8).collect::<Vec<_>>());
     assert_eq!(steps("learning_rate").len(), 8);
     assert!(steps("eval_loss").contains(&8), "{:?}", steps("eval_loss"));
     let files: Vec<&str> = r.artifacts.iter().map(|(p, _)| p.as_str()).collect();
-    assert!(files.contains(&"7/r1/artifacts/adapter/adapter_model.safetensors"), "{files:?}");
-    assert!(files.contains(&"7/r1/artifacts/adapter/adapter_config.json"), "{files:?}");
+    assert!(
+        files.contains(&"7/r1/artifacts/adapter/adapter_model.safetensors"),
+        "{files:?}"
+    );
+    assert!(
+        files.contains(&"7/r1/artifacts/adapter/adapter_config.json"),
+        "{files:?}"
+    );
     assert_eq!(r.status.as_deref(), Some("FINISHED"));
 }
 
@@ -194,9 +278,12 @@ fn an_unknown_tracker_is_refused_before_training() {
     let model = tiny_model(&t);
     let e = run_fail(&mut t.cmd(&[
         "train",
-        "--set", &format!("model_name_or_path={}", model.display()),
-        "--set", &format!("output_dir={}", out.display()),
-        "--set", "report_to=wandb",
+        "--set",
+        &format!("model_name_or_path={}", model.display()),
+        "--set",
+        &format!("output_dir={}", out.display()),
+        "--set",
+        "report_to=wandb",
     ]));
     assert!(e.contains("wandb sync --sync-tensorboard"), "{e}");
 }
@@ -248,7 +335,13 @@ fn generation_metrics_during_training_pick_the_best_checkpoint() {
     let steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, [2, 4, 6], "{state}");
     for e in &evals {
-        for key in ["eval_bleu", "eval_length_words", "eval_runtime", "eval_samples_per_second", "epoch"] {
+        for key in [
+            "eval_bleu",
+            "eval_length_words",
+            "eval_runtime",
+            "eval_samples_per_second",
+            "epoch",
+        ] {
             assert!(e[key].is_number(), "{key} missing in {e}");
         }
     }
@@ -256,7 +349,10 @@ fn generation_metrics_during_training_pick_the_best_checkpoint() {
     // among evaluations that have a checkpoint (every one of them: save_steps = eval_steps);
     // the first of equal ones wins, as in HF.
     let best = state["best_metric"].as_f64().unwrap();
-    let values: Vec<f64> = evals.iter().map(|e| e["eval_length_words"].as_f64().unwrap()).collect();
+    let values: Vec<f64> = evals
+        .iter()
+        .map(|e| e["eval_length_words"].as_f64().unwrap())
+        .collect();
     let min = values.iter().copied().fold(f64::INFINITY, f64::min);
     assert_eq!(best, min, "{state}");
     let first_min = steps[values.iter().position(|v| *v == min).unwrap()];
@@ -269,15 +365,27 @@ fn generation_metrics_during_training_pick_the_best_checkpoint() {
     );
     // The final adapter is the best checkpoint's.
     let tensors = |p: &Path| {
-        candle_core::safetensors::load(p.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap()
+        candle_core::safetensors::load(
+            p.join("adapter_model.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
     };
     let (last, chosen) = (tensors(&out), tensors(&best_dir));
     for (name, t) in &chosen {
-        let diff = (t - &last[name]).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (t - &last[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0, "{name} differs from the best checkpoint's");
     }
     // The store has the evaluations as events with their metrics, step 0 included.
-    let runs: Value = serde_json::from_str(&run_ok(&mut t.cmd(&["runs", "list", "--json"]))).unwrap();
+    let runs: Value =
+        serde_json::from_str(&run_ok(&mut t.cmd(&["runs", "list", "--json"]))).unwrap();
     let id = runs[0]["id"].as_str().unwrap();
     assert!(runs[0]["kind"] == "train", "{runs}");
     let _ = id;
@@ -295,11 +403,16 @@ fn a_best_metric_that_is_never_logged_is_refused() {
     let data = dataset(&t);
     let e = run_fail(&mut t.cmd(&[
         "train",
-        "--set", &format!("model_name_or_path={}", model.display()),
-        "--set", &format!("dataset={}", data.display()),
-        "--set", &format!("output_dir={}", t.path().join("o").display()),
-        "--set", "generation_eval.metrics=bleu",
-        "--set", "metric_for_best_model=rougeL",
+        "--set",
+        &format!("model_name_or_path={}", model.display()),
+        "--set",
+        &format!("dataset={}", data.display()),
+        "--set",
+        &format!("output_dir={}", t.path().join("o").display()),
+        "--set",
+        "generation_eval.metrics=bleu",
+        "--set",
+        "metric_for_best_model=rougeL",
     ]));
     assert!(e.contains("eval_rougeL") && e.contains("eval_bleu"), "{e}");
 }

@@ -184,7 +184,12 @@ fn trains_writes_peft_and_hf_outputs_and_resumes_exactly() {
 
     // Stopped after 4 steps (the checkpoint at 4 is written), then resumed.
     let resumed = t.path().join("resumed");
-    let args = train_args(m, d, resumed.to_str().unwrap(), &["--stop-after-steps", "4"]);
+    let args = train_args(
+        m,
+        d,
+        resumed.to_str().unwrap(),
+        &["--stop-after-steps", "4"],
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     run_ok(&mut t.cmd(&args));
     assert!(resumed.join("checkpoint-4").is_dir());

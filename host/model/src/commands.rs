@@ -14,8 +14,8 @@ use crate::chat::Message;
 use crate::config::{FalconConfig, LlamaConfig, ModelConfig};
 use crate::generate::{Decoding, Flow, GenerationConfig, generate_ids, generate_ids_with};
 use crate::linear::LinearBuilder;
-use crate::lora::TargetModules;
 use crate::loader::{self, LoadOptions, LoadedModel};
+use crate::lora::TargetModules;
 use crate::loss::{Formatter, LossOutput, Row, TokenizeOptions, eval_loss as loss_of_rows};
 use crate::params::{self, ParamCount};
 

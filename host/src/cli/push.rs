@@ -38,7 +38,10 @@ pub fn run(args: PushArgs, ctx: &Context) -> Result<()> {
         // A folder needs no store; its results are added when the store can be read.
         ctx.store().ok()
     } else {
-        Some(ctx.store().context("the store holding adapter names cannot be opened")?)
+        Some(
+            ctx.store()
+                .context("the store holding adapter names cannot be opened")?,
+        )
     };
     let dir = match &store {
         Some(store) if !Path::new(&args.adapter).is_dir() => {
@@ -52,21 +55,36 @@ pub fn run(args: PushArgs, ctx: &Context) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
     } else {
         for f in &outcome.files {
-            println!("{} ({} bytes{})", f.path, f.size, if f.lfs { ", LFS" } else { "" });
+            println!(
+                "{} ({} bytes{})",
+                f.path,
+                f.size,
+                if f.lfs { ", LFS" } else { "" }
+            );
         }
         println!(
             "pushed to {}/{} on {}{}",
-            HubConfig::from_env().map(|c| c.endpoint).unwrap_or_default(),
+            HubConfig::from_env()
+                .map(|c| c.endpoint)
+                .unwrap_or_default(),
             outcome.repo,
             outcome.revision,
-            outcome.commit_url.map(|u| format!(": {u}")).unwrap_or_default()
+            outcome
+                .commit_url
+                .map(|u| format!(": {u}"))
+                .unwrap_or_default()
         );
     }
     Ok(())
 }
 
 /// The files to push: the folder's, plus the model card built from what the store knows.
-pub fn prepare(store: Option<&Store>, spec: &str, dir: &Path, args: &PushArgs) -> Result<PushRequest> {
+pub fn prepare(
+    store: Option<&Store>,
+    spec: &str,
+    dir: &Path,
+    args: &PushArgs,
+) -> Result<PushRequest> {
     let (is_adapter, mut files) = hub::folder_files(dir)?;
     let card = card_for(store, spec, dir, &args.repo, is_adapter)?;
     files.push(("README.md".into(), card.render().into_bytes()));
@@ -75,14 +93,31 @@ pub fn prepare(store: Option<&Store>, spec: &str, dir: &Path, args: &PushArgs) -
         private: args.private,
         revision: args.revision.clone(),
         message: args.message.clone().unwrap_or_else(|| {
-            format!("Upload {} with adapterlab", if is_adapter { "adapter" } else { "merged model" })
+            format!(
+                "Upload {} with adapterlab",
+                if is_adapter {
+                    "adapter"
+                } else {
+                    "merged model"
+                }
+            )
         }),
         files,
     })
 }
 
-fn card_for(store: Option<&Store>, spec: &str, dir: &Path, repo: &str, is_adapter: bool) -> Result<Card> {
-    let config_file = if is_adapter { "adapter_config.json" } else { "config.json" };
+fn card_for(
+    store: Option<&Store>,
+    spec: &str,
+    dir: &Path,
+    repo: &str,
+    is_adapter: bool,
+) -> Result<Card> {
+    let config_file = if is_adapter {
+        "adapter_config.json"
+    } else {
+        "config.json"
+    };
     let config: serde_json::Value = std::fs::read_to_string(dir.join(config_file))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
@@ -104,12 +139,17 @@ fn card_for(store: Option<&Store>, spec: &str, dir: &Path, repo: &str, is_adapte
         let names: Vec<String> = adapter
             .iter()
             .map(|a| a.name.clone())
-            .chain([spec.to_string(), canonical.display().to_string(), dir.display().to_string()])
+            .chain([
+                spec.to_string(),
+                canonical.display().to_string(),
+                dir.display().to_string(),
+            ])
             .collect();
         if let Some(a) = &adapter {
             base_model = base_model.or_else(|| Some(a.base_model.clone()));
             if let Some(run_id) = &a.run_id {
-                if let Ok(Some(config)) = store.request::<crate::train::config::TrainConfig>(run_id) {
+                if let Ok(Some(config)) = store.request::<crate::train::config::TrainConfig>(run_id)
+                {
                     settings = crate::train::trainer::settings(&config)
                         .into_iter()
                         .filter(|(k, _)| CARD_SETTINGS.contains(&k.as_str()))
@@ -120,8 +160,14 @@ fn card_for(store: Option<&Store>, spec: &str, dir: &Path, repo: &str, is_adapte
         // The newest finished run of each dataset that scored this adapter.
         let mut seen = std::collections::BTreeSet::new();
         for run in store.list_runs()? {
-            let about_it = run.metadata.get("adapter").is_some_and(|a| names.contains(a))
-                || adapter.as_ref().and_then(|a| a.run_id.as_ref()).is_some_and(|id| run.metadata.get("train_run") == Some(id));
+            let about_it = run
+                .metadata
+                .get("adapter")
+                .is_some_and(|a| names.contains(a))
+                || adapter
+                    .as_ref()
+                    .and_then(|a| a.run_id.as_ref())
+                    .is_some_and(|id| run.metadata.get("train_run") == Some(id));
             if !about_it || run.status != RunStatus::Done || run.aggregates.is_empty() {
                 continue;
             }
@@ -135,7 +181,11 @@ fn card_for(store: Option<&Store>, spec: &str, dir: &Path, repo: &str, is_adapte
                 continue;
             }
             for (metric, e) in &run.aggregates {
-                results.push(EvalResult { metric: metric.clone(), value: e.mean, dataset: dataset.clone() });
+                results.push(EvalResult {
+                    metric: metric.clone(),
+                    value: e.mean,
+                    dataset: dataset.clone(),
+                });
             }
         }
     }

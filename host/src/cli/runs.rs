@@ -43,7 +43,12 @@ pub enum RunsCommand {
         #[arg(long, value_delimiter = ',', value_name = "SCORE,...")]
         fail_on_regression: Vec<String>,
         /// With `--fail-on-regression`: the worsening tolerated before it counts (default 0).
-        #[arg(long, value_name = "X", default_value_t = 0.0, requires = "fail_on_regression")]
+        #[arg(
+            long,
+            value_name = "X",
+            default_value_t = 0.0,
+            requires = "fail_on_regression"
+        )]
         min_delta: f64,
     },
     /// Send a stored run to a tracker: its settings, every logged step (training) and its

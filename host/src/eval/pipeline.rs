@@ -442,7 +442,9 @@ pub fn execute_with_samples(
         Ok(()) if !failed_everywhere.is_empty() => Some(
             failed_everywhere
                 .iter()
-                .map(|(metric, example)| format!("metric {metric} failed on every sample: {example}"))
+                .map(|(metric, example)| {
+                    format!("metric {metric} failed on every sample: {example}")
+                })
                 .collect::<Vec<_>>()
                 .join("; "),
         ),
@@ -633,7 +635,11 @@ impl Scorer<'_> {
             }
             Err(e) => {
                 let message = e.to_string();
-                (batch.iter().map(|_| Err(message.clone())).collect(), Vec::new(), None)
+                (
+                    batch.iter().map(|_| Err(message.clone())).collect(),
+                    Vec::new(),
+                    None,
+                )
             }
         };
         self.tx

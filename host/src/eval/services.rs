@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::llm::LlmClient;
-use crate::plugin::{HostServices, Interrupt};
 use crate::plugin::wit::types::{ChatRequest, ChatResponse, EncoderInfo, TokenEmbeddings};
+use crate::plugin::{HostServices, Interrupt};
 
 /// A loaded encoder that returns contextual token embeddings.
 pub trait Encoder: Send + Sync {

@@ -195,7 +195,10 @@ mod tests {
         let d = paired_difference(&[-1e308; 3], &[1e308; 3]);
         assert!(d.mean.is_infinite(), "2e308 is not representable: {d:?}");
         let d = paired_difference(&[-6e307; 3], &[6e307; 3]);
-        assert!(is_representable(&d) && (d.mean / 1.2e308 - 1.0).abs() < 1e-12, "{d:?}");
+        assert!(
+            is_representable(&d) && (d.mean / 1.2e308 - 1.0).abs() < 1e-12,
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -36,7 +36,11 @@ impl Card {
         }
         y.push_str(&format!(
             "library_name: {}\n",
-            if self.is_adapter { "peft" } else { "transformers" }
+            if self.is_adapter {
+                "peft"
+            } else {
+                "transformers"
+            }
         ));
         y.push_str("pipeline_tag: text-generation\ntags:\n");
         if let Some(base) = &self.base_model {
@@ -52,7 +56,10 @@ impl Card {
         }
         if !self.results.is_empty() {
             let name = self.repo.rsplit('/').next().unwrap_or(&self.repo);
-            y.push_str(&format!("model-index:\n- name: {}\n  results:\n", quoted(name)));
+            y.push_str(&format!(
+                "model-index:\n- name: {}\n  results:\n",
+                quoted(name)
+            ));
             let mut datasets: Vec<&str> = self.results.iter().map(|r| r.dataset.as_str()).collect();
             datasets.dedup();
             for dataset in datasets {
@@ -88,7 +95,10 @@ impl Card {
         if !self.results.is_empty() {
             y.push_str("## Evaluation\n\n| dataset | metric | value |\n| --- | --- | ---: |\n");
             for r in &self.results {
-                y.push_str(&format!("| {} | {} | {:.4} |\n", r.dataset, r.metric, r.value));
+                y.push_str(&format!(
+                    "| {} | {} | {:.4} |\n",
+                    r.dataset, r.metric, r.value
+                ));
             }
             y.push('\n');
         }

@@ -35,7 +35,10 @@ impl HubConfig {
                 let path = var("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| {
                     var("HF_HOME")
                         .map(PathBuf::from)
-                        .or_else(|| directories::BaseDirs::new().map(|b| b.home_dir().join(".cache/huggingface")))
+                        .or_else(|| {
+                            directories::BaseDirs::new()
+                                .map(|b| b.home_dir().join(".cache/huggingface"))
+                        })
                         .unwrap_or_default()
                         .join("token")
                 });
@@ -93,7 +96,8 @@ pub fn check_repo_id(repo: &str) -> Result<(&str, &str)> {
     let valid = |s: &str| {
         !s.is_empty()
             && s.len() <= 96
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             && !s.starts_with(['-', '.'])
             && !s.ends_with('.')
             && !s.contains("..")
@@ -125,7 +129,10 @@ pub fn folder_files(dir: &Path) -> Result<(bool, Vec<(String, Vec<u8>)>)> {
     for entry in entries {
         let name = entry.file_name().to_string_lossy().into_owned();
         let keep = if is_adapter {
-            matches!(name.as_str(), "adapter_config.json" | "adapter_model.safetensors" | "adapter_model.bin")
+            matches!(
+                name.as_str(),
+                "adapter_config.json" | "adapter_model.safetensors" | "adapter_model.bin"
+            )
         } else {
             !name.starts_with('.') && name != "README.md"
         };
@@ -165,7 +172,9 @@ impl Hub {
         let rev = encode_segment(&revision);
         let modes = self.preupload(&request.repo, &rev, &request.files)?;
         let mut pushed = Vec::new();
-        let mut lines = vec![json!({"key": "header", "value": {"summary": request.message, "description": ""}})];
+        let mut lines = vec![
+            json!({"key": "header", "value": {"summary": request.message, "description": ""}}),
+        ];
         for (path, bytes) in &request.files {
             let lfs = modes.iter().any(|(p, mode)| p == path && mode == "lfs");
             if lfs {
@@ -177,12 +186,19 @@ impl Hub {
                     "content": base64::engine::general_purpose::STANDARD.encode(bytes),
                     "path": path, "encoding": "base64"}}));
             }
-            pushed.push(Pushed { path: path.clone(), size: bytes.len(), lfs });
+            pushed.push(Pushed {
+                path: path.clone(),
+                size: bytes.len(),
+                lfs,
+            });
         }
         let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
         let answer = self.send(
             self.http
-                .post(format!("{}/api/models/{}/commit/{rev}", self.config.endpoint, request.repo))
+                .post(format!(
+                    "{}/api/models/{}/commit/{rev}",
+                    self.config.endpoint, request.repo
+                ))
                 .header("Content-Type", "application/x-ndjson")
                 .body(body),
             "commit",
@@ -197,8 +213,13 @@ impl Hub {
 
     fn create_repo(&self, owner: &str, name: &str, private: bool) -> Result<()> {
         let response = self
-            .auth(self.http.post(format!("{}/api/repos/create", self.config.endpoint)))
-            .json(&json!({"name": name, "organization": owner, "private": private, "type": "model"}))
+            .auth(
+                self.http
+                    .post(format!("{}/api/repos/create", self.config.endpoint)),
+            )
+            .json(
+                &json!({"name": name, "organization": owner, "private": private, "type": "model"}),
+            )
             .send()
             .with_context(|| format!("the Hub at {} cannot be reached", self.config.endpoint))?;
         // 409: it exists already, which is what a second push expects.
@@ -224,7 +245,12 @@ impl Hub {
     }
 
     /// Which files the Hub wants through LFS (`uploadMode: lfs`).
-    fn preupload(&self, repo: &str, rev: &str, files: &[(String, Vec<u8>)]) -> Result<Vec<(String, String)>> {
+    fn preupload(
+        &self,
+        repo: &str,
+        rev: &str,
+        files: &[(String, Vec<u8>)],
+    ) -> Result<Vec<(String, String)>> {
         let listed: Vec<Value> = files
             .iter()
             .map(|(path, bytes)| {
@@ -234,7 +260,10 @@ impl Hub {
             .collect();
         let answer = self.send(
             self.http
-                .post(format!("{}/api/models/{repo}/preupload/{rev}", self.config.endpoint))
+                .post(format!(
+                    "{}/api/models/{repo}/preupload/{rev}",
+                    self.config.endpoint
+                ))
                 .json(&json!({"files": listed})),
             "preupload",
         )?;
@@ -242,7 +271,12 @@ impl Hub {
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|f| Some((f["path"].as_str()?.to_string(), f["uploadMode"].as_str()?.to_string())))
+            .filter_map(|f| {
+                Some((
+                    f["path"].as_str()?.to_string(),
+                    f["uploadMode"].as_str()?.to_string(),
+                ))
+            })
             .collect())
     }
 
@@ -267,7 +301,9 @@ impl Hub {
         }
         let actions = &object["actions"];
         if let Some(upload) = actions.get("upload") {
-            let href = upload["href"].as_str().context("LFS upload action without href")?;
+            let href = upload["href"]
+                .as_str()
+                .context("LFS upload action without href")?;
             let mut put = self.http.put(href).body(bytes.to_vec());
             for (k, v) in upload["header"].as_object().into_iter().flatten() {
                 put = put.header(k.as_str(), v.as_str().unwrap_or_default());
@@ -278,8 +314,12 @@ impl Hub {
             }
         }
         if let Some(verify) = actions.get("verify") {
-            let href = verify["href"].as_str().context("LFS verify action without href")?;
-            let mut post = self.auth(self.http.post(href)).json(&json!({"oid": oid, "size": bytes.len()}));
+            let href = verify["href"]
+                .as_str()
+                .context("LFS verify action without href")?;
+            let mut post = self
+                .auth(self.http.post(href))
+                .json(&json!({"oid": oid, "size": bytes.len()}));
             for (k, v) in verify["header"].as_object().into_iter().flatten() {
                 post = post.header(k.as_str(), v.as_str().unwrap_or_default());
             }
@@ -291,15 +331,20 @@ impl Hub {
         Ok(())
     }
 
-    fn auth(&self, request: reqwest::blocking::RequestBuilder) -> reqwest::blocking::RequestBuilder {
+    fn auth(
+        &self,
+        request: reqwest::blocking::RequestBuilder,
+    ) -> reqwest::blocking::RequestBuilder {
         request.bearer_auth(&self.config.token)
     }
 
     fn send(&self, request: reqwest::blocking::RequestBuilder, what: &str) -> Result<Value> {
-        let response = self
-            .auth(request)
-            .send()
-            .with_context(|| format!("the Hub at {} cannot be reached ({what})", self.config.endpoint))?;
+        let response = self.auth(request).send().with_context(|| {
+            format!(
+                "the Hub at {} cannot be reached ({what})",
+                self.config.endpoint
+            )
+        })?;
         if !response.status().is_success() {
             return Err(self.refusal(response, what));
         }
@@ -326,7 +371,9 @@ impl Hub {
 fn encode_segment(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

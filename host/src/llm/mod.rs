@@ -98,7 +98,9 @@ impl LlmClient {
             crate::redact::redact(&format!("OPENAI_BASE_URL {base:?} is not a URL: {e}"))
         })?;
         url.path_segments_mut()
-            .map_err(|()| crate::redact::redact(&format!("OPENAI_BASE_URL {base:?} cannot have a path")))?
+            .map_err(|()| {
+                crate::redact::redact(&format!("OPENAI_BASE_URL {base:?} cannot have a path"))
+            })?
             .pop_if_empty()
             .push("chat")
             .push("completions");
@@ -444,7 +446,10 @@ mod tests {
                 async move {
                     tokio::time::sleep(delay).await;
                     if n < fail_first {
-                        return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "busy".to_string());
+                        return (
+                            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                            "busy".to_string(),
+                        );
                     }
                     (
                         axum::http::StatusCode::OK,
@@ -498,9 +503,15 @@ mod tests {
         let (base, count) = counting_server(0, Duration::from_millis(200)).await;
         let c = client(base);
         let same = request("2+2?");
-        let answers = c.complete_many(&[same.clone(), same.clone(), request("3+3?")]).await;
+        let answers = c
+            .complete_many(&[same.clone(), same.clone(), request("3+3?")])
+            .await;
         assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
-        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2, "one request per distinct body");
+        assert_eq!(
+            count.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "one request per distinct body"
+        );
         assert_eq!(c.usage().requests, 2);
     }
 

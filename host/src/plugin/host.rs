@@ -331,7 +331,6 @@ impl HostState {
             ))
         }
     }
-
 }
 
 pub fn capability_name(c: Capability) -> &'static str {

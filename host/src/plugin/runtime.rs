@@ -514,7 +514,9 @@ impl Session {
             message: limits::error_text(&message),
         })?;
         let state = self.store.data();
-        check_batch(&plugin, meta, samples.len(), batch, |m| state.note(m.to_string()))
+        check_batch(&plugin, meta, samples.len(), batch, |m| {
+            state.note(m.to_string())
+        })
     }
 
     pub fn format(

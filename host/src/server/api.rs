@@ -34,7 +34,10 @@ pub fn routes() -> Router<AppState> {
             get(|| async { Json(openapi::document()) }),
         )
         .route("/api/plugins", get(list_plugins).post(upload_plugin))
-        .route("/api/plugins/{name}", axum::routing::delete(uninstall_plugin))
+        .route(
+            "/api/plugins/{name}",
+            axum::routing::delete(uninstall_plugin),
+        )
         .route("/api/adapters", get(list_adapters))
         .route("/api/adapters/{name}/push", post(push_adapter))
         .route("/api/runs", get(list_runs).post(create_run))
@@ -183,7 +186,9 @@ async fn uninstall_plugin(
     .await
     .map_err(anyhow::Error::from)?
     .map_err(|e| match e {
-        registry::UninstallError::Builtin { .. } => AppError::new(StatusCode::CONFLICT, e.to_string()),
+        registry::UninstallError::Builtin { .. } => {
+            AppError::new(StatusCode::CONFLICT, e.to_string())
+        }
         registry::UninstallError::NotFound { .. } => AppError::not_found(e.to_string()),
         registry::UninstallError::Io(e) => AppError::from(e),
     })?;
@@ -199,23 +204,24 @@ async fn push_adapter(
     Json(body): Json<PushBody>,
 ) -> Result<Json<Value>, AppError> {
     let store = state.store.clone();
-    let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<crate::hub::PushOutcome> {
-        crate::hub::check_repo_id(&body.repo)?;
-        let adapter = crate::infer::run::resolve_adapter(&store, &name)?;
-        let args = crate::cli::PushArgs {
-            adapter: name.clone(),
-            repo: body.repo,
-            private: body.private,
-            revision: body.revision,
-            message: body.message,
-            json: true,
-        };
-        let request = crate::cli::push_request(Some(&store), &name, &adapter.dir, &args)?;
-        crate::hub::Hub::new(crate::hub::HubConfig::from_env()?)?.push(&request)
-    })
-    .await
-    .map_err(anyhow::Error::from)?
-    .map_err(|e| AppError::unprocessable(format!("{e:#}")))?;
+    let outcome =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<crate::hub::PushOutcome> {
+            crate::hub::check_repo_id(&body.repo)?;
+            let adapter = crate::infer::run::resolve_adapter(&store, &name)?;
+            let args = crate::cli::PushArgs {
+                adapter: name.clone(),
+                repo: body.repo,
+                private: body.private,
+                revision: body.revision,
+                message: body.message,
+                json: true,
+            };
+            let request = crate::cli::push_request(Some(&store), &name, &adapter.dir, &args)?;
+            crate::hub::Hub::new(crate::hub::HubConfig::from_env()?)?.push(&request)
+        })
+        .await
+        .map_err(anyhow::Error::from)?
+        .map_err(|e| AppError::unprocessable(format!("{e:#}")))?;
     Ok(Json(serde_json::to_value(outcome)?))
 }
 

@@ -46,7 +46,12 @@ impl Store {
         self.check_tree::<RunEvent>(&self.events, tree::EVENTS, repair, &mut report)?;
         self.check_tree::<AdapterRecord>(&self.adapters, tree::ADAPTERS, repair, &mut report)?;
         self.check_tree::<PluginRecord>(&self.plugins, tree::PLUGINS, repair, &mut report)?;
-        self.check_tree::<serde_json::Value>(&self.llm_cache, tree::LLM_CACHE, repair, &mut report)?;
+        self.check_tree::<serde_json::Value>(
+            &self.llm_cache,
+            tree::LLM_CACHE,
+            repair,
+            &mut report,
+        )?;
         self.check_requests(repair, &mut report)?;
         if repair && report.quarantined > 0 {
             self.flush()?;
@@ -151,9 +156,7 @@ fn printable_key(key: &[u8]) -> String {
     match key.iter().position(|b| *b == 0) {
         Some(at) => {
             let (id, rest) = key.split_at(at);
-            let number = rest[1..]
-                .iter()
-                .fold(0u64, |n, b| (n << 8) | u64::from(*b));
+            let number = rest[1..].iter().fold(0u64, |n, b| (n << 8) | u64::from(*b));
             format!("{}#{number}", String::from_utf8_lossy(id))
         }
         None => String::from_utf8_lossy(key).into_owned(),
@@ -187,11 +190,18 @@ mod tests {
         assert_eq!(bad.status, RunStatus::Corrupt);
         assert_eq!(bad.name, "n");
         assert!(bad.error.as_deref().unwrap().contains("store check"));
-        assert!(store.update_run("bad1", |_| {}).is_err(), "never overwritten");
+        assert!(
+            store.update_run("bad1", |_| {}).is_err(),
+            "never overwritten"
+        );
 
         let report = store.check(false).unwrap();
         assert_eq!(report.problems.len(), 2, "{report:?}");
-        assert_eq!(store.list_runs().unwrap().len(), 3, "check alone changes nothing");
+        assert_eq!(
+            store.list_runs().unwrap().len(),
+            3,
+            "check alone changes nothing"
+        );
         let report = store.check(true).unwrap();
         assert_eq!(report.quarantined, 2);
         assert!(store.check(false).unwrap().is_clean());

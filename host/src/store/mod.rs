@@ -169,7 +169,8 @@ impl Store {
     // ---- runs ----
 
     pub fn put_run(&self, run: &RunRecord) -> Result<()> {
-        self.runs.insert(run.id.as_bytes(), encode(&redacted_run(run))?)?;
+        self.runs
+            .insert(run.id.as_bytes(), encode(&redacted_run(run))?)?;
         Ok(())
     }
 
@@ -666,7 +667,12 @@ fn read_run(key: &str, bytes: &[u8]) -> RunRecord {
         Ok(run) => run,
         Err(e) => {
             let value: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
-            let text = |field: &str| value.get(field).and_then(|v| v.as_str()).map(str::to_string);
+            let text = |field: &str| {
+                value
+                    .get(field)
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+            };
             let kind = value
                 .get("kind")
                 .and_then(|k| serde_json::from_value(k.clone()).ok())

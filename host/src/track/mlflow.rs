@@ -83,14 +83,21 @@ impl MlflowRun {
             .as_str()
             .context("MLflow's runs/create answer has no run_id")?
             .to_string();
-        run.artifact_uri = info["artifact_uri"].as_str().unwrap_or_default().to_string();
+        run.artifact_uri = info["artifact_uri"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         Ok(run)
     }
 
     fn experiment(&self) -> Result<String> {
         let url = self.url("experiments/get-by-name")?;
         let response = self
-            .auth(self.http.get(url).query(&[("experiment_name", &self.config.experiment_name)]))
+            .auth(
+                self.http
+                    .get(url)
+                    .query(&[("experiment_name", &self.config.experiment_name)]),
+            )
             .send()
             .with_context(|| format!("MLflow at {} cannot be reached", self.shown()))?;
         if response.status().is_success() {
@@ -105,7 +112,10 @@ impl MlflowRun {
                 crate::redact::redact(&response.text().unwrap_or_default())
             );
         }
-        let created = self.post("experiments/create", &json!({"name": self.config.experiment_name}))?;
+        let created = self.post(
+            "experiments/create",
+            &json!({"name": self.config.experiment_name}),
+        )?;
         created["experiment_id"]
             .as_str()
             .map(str::to_string)
@@ -118,7 +128,10 @@ impl MlflowRun {
                 .iter()
                 .map(|(k, v)| json!({"key": k, "value": crate::plugin::limits::truncate(v, MAX_PARAM_VALUE - 40)}))
                 .collect();
-            self.post("runs/log-batch", &json!({"run_id": self.run_id, "params": params}))?;
+            self.post(
+                "runs/log-batch",
+                &json!({"run_id": self.run_id, "params": params}),
+            )?;
         }
         Ok(())
     }
@@ -131,7 +144,10 @@ impl MlflowRun {
             .map(|(k, v)| json!({"key": k, "value": v, "timestamp": timestamp, "step": step}))
             .collect();
         for chunk in metrics.chunks(MAX_METRICS_PER_BATCH) {
-            self.post("runs/log-batch", &json!({"run_id": self.run_id, "metrics": chunk}))?;
+            self.post(
+                "runs/log-batch",
+                &json!({"run_id": self.run_id, "metrics": chunk}),
+            )?;
         }
         Ok(())
     }
@@ -182,7 +198,8 @@ impl MlflowRun {
     fn base(&self) -> Result<reqwest::Url> {
         let mut base = self.config.tracking_uri.trim_end_matches('/').to_string();
         base.push('/');
-        reqwest::Url::parse(&base).with_context(|| format!("MLFLOW_TRACKING_URI {:?} is not a URL", self.shown()))
+        reqwest::Url::parse(&base)
+            .with_context(|| format!("MLFLOW_TRACKING_URI {:?} is not a URL", self.shown()))
     }
 
     fn url(&self, method: &str) -> Result<reqwest::Url> {
@@ -193,7 +210,10 @@ impl MlflowRun {
         crate::redact::redact(&self.config.tracking_uri)
     }
 
-    fn auth(&self, request: reqwest::blocking::RequestBuilder) -> reqwest::blocking::RequestBuilder {
+    fn auth(
+        &self,
+        request: reqwest::blocking::RequestBuilder,
+    ) -> reqwest::blocking::RequestBuilder {
         match (&self.config.token, &self.config.basic) {
             (Some(token), _) => request.bearer_auth(token),
             (None, Some((user, password))) => request.basic_auth(user, Some(password)),
@@ -209,7 +229,10 @@ impl MlflowRun {
         let status = response.status();
         let text = response.text().unwrap_or_default();
         if !status.is_success() {
-            bail!("MLflow {method} answered {status}: {}", crate::redact::redact(&text));
+            bail!(
+                "MLflow {method} answered {status}: {}",
+                crate::redact::redact(&text)
+            );
         }
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }

@@ -64,12 +64,23 @@ impl Trackers {
         if report_to.iter().any(|r| r == "tensorboard") {
             // HF's default logging_dir: <output_dir>/runs/<date>_<host>.
             let stamp = time::OffsetDateTime::now_utc()
-                .format(time::macros::format_description!("[month repr:short][day]_[hour]-[minute]-[second]"))
+                .format(time::macros::format_description!(
+                    "[month repr:short][day]_[hour]-[minute]-[second]"
+                ))
                 .unwrap_or_default();
-            let dir = output_dir.join("runs").join(format!("{stamp}_{}", tensorboard::hostname()));
+            let dir = output_dir
+                .join("runs")
+                .join(format!("{stamp}_{}", tensorboard::hostname()));
             let mut writer = tensorboard::EventWriter::create(&dir)?;
-            let table: String = params.iter().map(|(k, v)| format!("| {k} | {v} |\n")).collect();
-            writer.text(0, "args", &format!("| setting | value |\n| --- | --- |\n{table}"))?;
+            let table: String = params
+                .iter()
+                .map(|(k, v)| format!("| {k} | {v} |\n"))
+                .collect();
+            writer.text(
+                0,
+                "args",
+                &format!("| setting | value |\n| --- | --- |\n{table}"),
+            )?;
             writer.flush()?;
             trackers.tensorboard = Some(writer);
         }
@@ -77,7 +88,10 @@ impl Trackers {
             let run = mlflow::MlflowRun::start(
                 mlflow::MlflowConfig::from_env()?,
                 run_name,
-                &[("adapterlab.version".into(), env!("CARGO_PKG_VERSION").into())],
+                &[(
+                    "adapterlab.version".into(),
+                    env!("CARGO_PKG_VERSION").into(),
+                )],
             )?;
             run.log_params(params)?;
             trackers.mlflow = Some(run);
@@ -170,7 +184,11 @@ impl Trackers {
         }
     }
 
-    fn warn_once(warned: &mut std::collections::BTreeSet<&'static str>, tracker: &'static str, result: Result<()>) {
+    fn warn_once(
+        warned: &mut std::collections::BTreeSet<&'static str>,
+        tracker: &'static str,
+        result: Result<()>,
+    ) {
         if let Err(e) = result {
             if warned.insert(tracker) {
                 eprintln!("warning: reporting to {tracker} failed (training goes on): {e:#}");
@@ -187,10 +205,24 @@ mod tests {
     #[test]
     fn report_to_takes_hf_names_and_refuses_the_rest() {
         let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(parse_report_to(&s(&["none"])).unwrap(), Vec::<String>::new());
-        assert_eq!(parse_report_to(&s(&["all"])).unwrap(), ["mlflow", "tensorboard"]);
-        assert_eq!(parse_report_to(&s(&["tensorboard", "tensorboard"])).unwrap(), ["tensorboard"]);
-        assert!(parse_report_to(&s(&["wandb"])).unwrap_err().to_string().contains("wandb sync"));
+        assert_eq!(
+            parse_report_to(&s(&["none"])).unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            parse_report_to(&s(&["all"])).unwrap(),
+            ["mlflow", "tensorboard"]
+        );
+        assert_eq!(
+            parse_report_to(&s(&["tensorboard", "tensorboard"])).unwrap(),
+            ["tensorboard"]
+        );
+        assert!(
+            parse_report_to(&s(&["wandb"]))
+                .unwrap_err()
+                .to_string()
+                .contains("wandb sync")
+        );
         assert!(parse_report_to(&s(&["tensorbord"])).is_err());
     }
 }

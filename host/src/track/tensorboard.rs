@@ -18,11 +18,13 @@ pub struct EventWriter {
 impl EventWriter {
     /// A new event file in `dir` (created), named as TensorBoard looks for it.
     pub fn create(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
         let now = wall_time();
         let host = hostname();
         let path = dir.join(format!("events.out.tfevents.{}.{host}", now as u64));
-        let file = File::create(&path).with_context(|| format!("failed to create {}", path.display()))?;
+        let file =
+            File::create(&path).with_context(|| format!("failed to create {}", path.display()))?;
         let mut writer = EventWriter {
             path,
             out: BufWriter::new(file),
@@ -113,7 +115,11 @@ pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)))
+        .filter(|h| {
+            !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+        })
         .unwrap_or_else(|| "localhost".into())
 }
 
@@ -126,7 +132,11 @@ fn crc32c(data: &[u8]) -> u32 {
             let mut crc = i as u32;
             let mut bit = 0;
             while bit < 8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0x82f6_3b78
+                } else {
+                    crc >> 1
+                };
                 bit += 1;
             }
             table[i] = crc;
@@ -134,7 +144,9 @@ fn crc32c(data: &[u8]) -> u32 {
         }
         table
     };
-    !data.iter().fold(!0u32, |crc, b| TABLE[((crc ^ u32::from(*b)) & 0xff) as usize] ^ (crc >> 8))
+    !data.iter().fold(!0u32, |crc, b| {
+        TABLE[((crc ^ u32::from(*b)) & 0xff) as usize] ^ (crc >> 8)
+    })
 }
 
 /// TFRecord's masking of a CRC, so that CRCs of data holding CRCs stay well distributed.

@@ -400,7 +400,10 @@ impl TrainConfig {
                 continue;
             }
             if let Some(bad) = given.iter().find(|g| !names.contains(g)) {
-                return Err(fail(key, format!("is {bad:?}; expected one of {}", names.join(", "))));
+                return Err(fail(
+                    key,
+                    format!("is {bad:?}; expected one of {}", names.join(", ")),
+                ));
             }
         }
         if self.gradient_checkpointing_every == 0 {
@@ -439,9 +442,11 @@ impl TrainConfig {
         if self.bf16 && self.fp16 {
             return Err(fail("bf16", "and fp16 cannot both be true".into()));
         }
-        crate::track::parse_report_to(&self.report_to).map_err(|e| fail("report_to", format!("{e:#}")))?;
+        crate::track::parse_report_to(&self.report_to)
+            .map_err(|e| fail("report_to", format!("{e:#}")))?;
         self.validate_evaluation(origin)?;
-        self.check_bounds().map_err(|(field, why)| fail(field, why))?;
+        self.check_bounds()
+            .map_err(|(field, why)| fail(field, why))?;
         Ok(())
     }
 }
@@ -481,12 +486,18 @@ impl TrainConfig {
         if !matches!(self.eval_strategy.as_str(), "steps" | "epoch" | "no") {
             return Err(fail(
                 "eval_strategy",
-                format!("is {:?}; expected \"steps\", \"epoch\" or \"no\"", self.eval_strategy),
+                format!(
+                    "is {:?}; expected \"steps\", \"epoch\" or \"no\"",
+                    self.eval_strategy
+                ),
             ));
         }
         let g = &self.generation_eval;
         if !(1..=100_000).contains(&g.rows) {
-            return Err(fail("generation_eval.rows", format!("is {}; expected 1 to 100000", g.rows)));
+            return Err(fail(
+                "generation_eval.rows",
+                format!("is {}; expected 1 to 100000", g.rows),
+            ));
         }
         if !(1..=4096).contains(&g.max_new_tokens) {
             return Err(fail(
@@ -495,10 +506,16 @@ impl TrainConfig {
             ));
         }
         if !(0.0..=10.0).contains(&g.temperature) {
-            return Err(fail("generation_eval.temperature", format!("is {}; expected 0 to 10", g.temperature)));
+            return Err(fail(
+                "generation_eval.temperature",
+                format!("is {}; expected 0 to 10", g.temperature),
+            ));
         }
         if !(g.top_p > 0.0 && g.top_p <= 1.0) {
-            return Err(fail("generation_eval.top_p", format!("is {}; expected (0, 1]", g.top_p)));
+            return Err(fail(
+                "generation_eval.top_p",
+                format!("is {}; expected (0, 1]", g.top_p),
+            ));
         }
         if !(g.repetition_penalty > 0.0 && g.repetition_penalty <= 100.0) {
             return Err(fail(
@@ -519,7 +536,10 @@ impl TrainConfig {
                     "needs eval_strategy = \"steps\", so evaluations and checkpoints meet".into(),
                 ));
             }
-            if self.eval_steps == 0 || self.save_steps == 0 || self.save_steps % self.eval_steps != 0 {
+            if self.eval_steps == 0
+                || self.save_steps == 0
+                || self.save_steps % self.eval_steps != 0
+            {
                 return Err(fail(
                     "load_best_model_at_end",
                     format!(
@@ -530,8 +550,7 @@ impl TrainConfig {
             }
         }
         if let Some(name) = self.best_metric_name() {
-            let known = name == "eval_loss"
-                || self.generation_eval.metrics.iter().any(|_| true);
+            let known = name == "eval_loss" || self.generation_eval.metrics.iter().any(|_| true);
             if !known {
                 return Err(fail(
                     "metric_for_best_model",
@@ -561,11 +580,8 @@ impl TrainConfig {
 
     /// HF's rule: larger is better unless told otherwise or the name ends in `loss`.
     pub fn greater_is_better(&self) -> bool {
-        self.greater_is_better.unwrap_or_else(|| {
-            !self
-                .best_metric_name()
-                .is_some_and(|n| n.ends_with("loss"))
-        })
+        self.greater_is_better
+            .unwrap_or_else(|| !self.best_metric_name().is_some_and(|n| n.ends_with("loss")))
     }
 }
 
@@ -589,7 +605,10 @@ impl TrainConfig {
             }
             if range.key == "num_train_epochs" && self.max_steps > 0 {
                 if !v.is_finite() || v < 0.0 || v > range.max {
-                    return Err((range.key, format!("is {v}; allowed range: [0, {}]", range.max)));
+                    return Err((
+                        range.key,
+                        format!("is {v}; allowed range: [0, {}]", range.max),
+                    ));
                 }
                 continue;
             }
@@ -616,25 +635,48 @@ pub struct Range {
 
 impl Range {
     const fn int(key: &'static str, min: u64, max: u64) -> Self {
-        Range { key, min: min as f64, min_open: false, max: max as f64, integer: true }
+        Range {
+            key,
+            min: min as f64,
+            min_open: false,
+            max: max as f64,
+            integer: true,
+        }
     }
 
     const fn real(key: &'static str, min: f64, min_open: bool, max: f64) -> Self {
-        Range { key, min, min_open, max, integer: false }
+        Range {
+            key,
+            min,
+            min_open,
+            max,
+            integer: false,
+        }
     }
 
     fn check(&self, v: f64) -> std::result::Result<(), String> {
-        let below = if self.min_open { v <= self.min } else { v < self.min };
+        let below = if self.min_open {
+            v <= self.min
+        } else {
+            v < self.min
+        };
         if v.is_finite() && !below && v <= self.max && (!self.integer || v.fract() == 0.0) {
             return Ok(());
         }
         // 1e308 reads better than its 309 digits.
-        let shown = if v.abs() >= 1e6 { format!("{v:e}") } else { format!("{v}") };
+        let shown = if v.abs() >= 1e6 {
+            format!("{v:e}")
+        } else {
+            format!("{v}")
+        };
         Err(if self.integer {
             format!("is {shown}; allowed range: {} to {}", self.min, self.max)
         } else {
             let open = if self.min_open { "(" } else { "[" };
-            format!("is {shown}; allowed range: {open}{}, {}]", self.min, self.max)
+            format!(
+                "is {shown}; allowed range: {open}{}, {}]",
+                self.min, self.max
+            )
         })
     }
 }
@@ -674,12 +716,21 @@ pub const RANGES: &[Range] = &[
 
 /// The settings that take one of a few names, with those names.
 pub const CHOICES: &[(&str, &[&str])] = &[
-    ("lr_scheduler_type", &["cosine", "linear", "constant", "constant_with_warmup"]),
-    ("optim", &["adamw_32bit", "paged_adamw_32bit", "adamw_torch", "adamw"]),
+    (
+        "lr_scheduler_type",
+        &["cosine", "linear", "constant", "constant_with_warmup"],
+    ),
+    (
+        "optim",
+        &["adamw_32bit", "paged_adamw_32bit", "adamw_torch", "adamw"],
+    ),
     ("eval_strategy", &["steps", "epoch", "no"]),
     ("lora.bias", &["none"]),
     ("quantization.bnb_4bit_quant_type", &["nf4"]),
-    ("quantization.bnb_4bit_compute_dtype", &["bfloat16", "bf16", "float16", "fp16", "float32", "fp32"]),
+    (
+        "quantization.bnb_4bit_compute_dtype",
+        &["bfloat16", "bf16", "float16", "fp16", "float32", "fp32"],
+    ),
     ("report_to", &["tensorboard", "mlflow", "none", "all"]),
 ];
 
@@ -695,14 +746,20 @@ pub fn schema() -> serde_json::Value {
                 let props: serde_json::Map<String, Value> = map
                     .iter()
                     .map(|(k, v)| {
-                        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
                         (k.clone(), node(&key, v))
                     })
                     .collect();
                 return json!({"type": "object", "properties": props, "additionalProperties": false});
             }
             Value::Bool(b) => json!({"type": "boolean", "default": b}),
-            Value::Number(n) if n.is_i64() || n.is_u64() => json!({"type": "integer", "default": n}),
+            Value::Number(n) if n.is_i64() || n.is_u64() => {
+                json!({"type": "integer", "default": n})
+            }
             Value::Number(n) => json!({"type": "number", "default": n}),
             Value::String(s) => json!({"type": "string", "default": s}),
             Value::Array(a) => json!({"type": "array", "items": {"type": "string"}, "default": a}),
@@ -710,7 +767,11 @@ pub fn schema() -> serde_json::Value {
         };
         if let Some(r) = RANGES.iter().find(|r| r.key == prefix) {
             out["type"] = json!(if r.integer { "integer" } else { "number" });
-            out[if r.min_open { "exclusiveMinimum" } else { "minimum" }] = json!(r.min);
+            out[if r.min_open {
+                "exclusiveMinimum"
+            } else {
+                "minimum"
+            }] = json!(r.min);
             out["maximum"] = json!(r.max);
             if prefix == "max_steps" {
                 out["description"] = json!("-1: unset (the epochs count)");
@@ -730,7 +791,8 @@ pub fn schema() -> serde_json::Value {
     defaults["greater_is_better"] = serde_json::Value::Null;
     let mut schema = node("", &defaults);
     schema["properties"]["save_total_limit"]["type"] = serde_json::json!(["integer", "null"]);
-    schema["properties"]["greater_is_better"] = serde_json::json!({"type": ["boolean", "null"], "default": null});
+    schema["properties"]["greater_is_better"] =
+        serde_json::json!({"type": ["boolean", "null"], "default": null});
     schema
 }
 
@@ -815,14 +877,25 @@ mod tests {
                 .clone()
         };
         let defaults = serde_json::to_value(TrainConfig::default()).unwrap();
-        assert_eq!(at("per_device_train_batch_size")["default"], defaults["per_device_train_batch_size"]);
+        assert_eq!(
+            at("per_device_train_batch_size")["default"],
+            defaults["per_device_train_batch_size"]
+        );
         assert_eq!(at("lora.r")["maximum"], 4096.0);
         assert_eq!(at("learning_rate")["exclusiveMinimum"], 0.0);
         assert_eq!(at("lr_scheduler_type")["enum"][0], "cosine");
         assert_eq!(at("report_to")["items"]["enum"][0], "tensorboard");
         for range in RANGES {
-            assert!(at(range.key).is_object() && !at(range.key).is_null(), "{} is not in the schema", range.key);
-            assert!(at(range.key)["maximum"].is_number(), "{} has no maximum", range.key);
+            assert!(
+                at(range.key).is_object() && !at(range.key).is_null(),
+                "{} is not in the schema",
+                range.key
+            );
+            assert!(
+                at(range.key)["maximum"].is_number(),
+                "{} has no maximum",
+                range.key
+            );
         }
         for (key, _) in CHOICES {
             assert!(!at(key).is_null(), "{key} is not in the schema");

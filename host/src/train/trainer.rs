@@ -16,8 +16,8 @@ use std::time::Instant;
 use adapterlab_model::assets::Fetcher;
 use adapterlab_model::causal_lm::CausalLm;
 use adapterlab_model::commands::{Runtime, load_model_with};
-use adapterlab_model::loader::LoadedModel;
 use adapterlab_model::linear::{BaseFormat, LinearBuilder};
+use adapterlab_model::loader::LoadedModel;
 use adapterlab_model::lora::{LoraConfig, LoraRegistry, TargetModules};
 use adapterlab_model::loss::{Example, loss_on_examples};
 use adapterlab_model::nf4::Nf4Options;
@@ -365,7 +365,11 @@ pub fn settings(config: &TrainConfig) -> Vec<(String, String)> {
         match v {
             serde_json::Value::Object(m) => {
                 for (k, v) in m {
-                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
                     flatten(&key, v, out);
                 }
             }
@@ -375,7 +379,11 @@ pub fn settings(config: &TrainConfig) -> Vec<(String, String)> {
         }
     }
     let mut out = Vec::new();
-    flatten("", &serde_json::to_value(config).unwrap_or_default(), &mut out);
+    flatten(
+        "",
+        &serde_json::to_value(config).unwrap_or_default(),
+        &mut out,
+    );
     out
 }
 
@@ -560,8 +568,10 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         if loss.is_none() && scores.is_empty() {
             return Ok(None);
         }
-        let mut metrics: BTreeMap<String, f64> =
-            scores.iter().map(|(k, v)| (format!("eval_{k}"), *v)).collect();
+        let mut metrics: BTreeMap<String, f64> = scores
+            .iter()
+            .map(|(k, v)| (format!("eval_{k}"), *v))
+            .collect();
         if let Some(g) = &generation {
             metrics.insert("eval_runtime".into(), round4(runtime));
             metrics.insert(
@@ -586,7 +596,11 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             .collect();
         log(
             env,
-            format!("evaluation at step {}: {} ({runtime:.1} s)", state.global_step, shown.join(", ")),
+            format!(
+                "evaluation at step {}: {} ({runtime:.1} s)",
+                state.global_step,
+                shown.join(", ")
+            ),
         );
         record(
             env,
@@ -604,7 +618,11 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         );
         // The pre-training evaluation is a baseline, not a candidate (HF's `eval_on_start`).
         if let Some(name) = config.best_metric_name().filter(|_| in_history) {
-            let value = if name == "eval_loss" { loss } else { metrics.get(&name).copied() };
+            let value = if name == "eval_loss" {
+                loss
+            } else {
+                metrics.get(&name).copied()
+            };
             if let Some(v) = value.filter(|v| v.is_finite()) {
                 let better = match state.best_metric {
                     None => true,
@@ -744,7 +762,12 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                     epoch: epoch_f,
                     loss: step_loss,
                     learning_rate: config.learning_rate
-                        * lr_lambda(&config.lr_scheduler_type, state.global_step, warmup, max_steps),
+                        * lr_lambda(
+                            &config.lr_scheduler_type,
+                            state.global_step,
+                            warmup,
+                            max_steps,
+                        ),
                     grad_norm: last_grad_norm,
                     eta_seconds: Some(per_step * (max_steps - state.global_step) as f64),
                 },
@@ -916,8 +939,14 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
 /// `load_best_model_at_end`: the best checkpoint's adapter weights replace the last ones,
 /// so the adapter saved in `output_dir` is the best one.
 fn load_best(registry: &LoraRegistry, state: &ResumeState, env: &TrainEnv) -> Result<()> {
-    let (Some(dir), Some(step), Some(value)) = (&state.best_checkpoint, state.best_step, state.best_metric) else {
-        log(env, "load_best_model_at_end: no evaluation made a checkpoint; the last adapter stays".into());
+    let (Some(dir), Some(step), Some(value)) =
+        (&state.best_checkpoint, state.best_step, state.best_metric)
+    else {
+        log(
+            env,
+            "load_best_model_at_end: no evaluation made a checkpoint; the last adapter stays"
+                .into(),
+        );
         return Ok(());
     };
     let file = Path::new(dir).join("adapter_model.safetensors");
@@ -927,8 +956,12 @@ fn load_best(registry: &LoraRegistry, state: &ResumeState, env: &TrainEnv) -> Re
         .first()
         .map(|v| v.device().clone())
         .unwrap_or(Device::Cpu);
-    let weights = candle_core::safetensors::load(&file, &device)
-        .with_context(|| format!("failed to read the best checkpoint's adapter {}", file.display()))?;
+    let weights = candle_core::safetensors::load(&file, &device).with_context(|| {
+        format!(
+            "failed to read the best checkpoint's adapter {}",
+            file.display()
+        )
+    })?;
     for (name, var) in registry.varmap().data().lock().expect("varmap").iter() {
         let t = weights
             .get(name)
@@ -952,11 +985,17 @@ struct GenerationEval {
 }
 
 impl GenerationEval {
-    fn prepare(config: &TrainConfig, env: &TrainEnv, splits: &data::Splits) -> Result<Option<Self>> {
+    fn prepare(
+        config: &TrainConfig,
+        env: &TrainEnv,
+        splits: &data::Splits,
+    ) -> Result<Option<Self>> {
         let g = &config.generation_eval;
         if g.metrics.is_empty() || config.eval_strategy == "no" {
             if let Some(name) = config.best_metric_name().filter(|n| n != "eval_loss") {
-                bail!("metric_for_best_model: {name} is not logged; only eval_loss is without generation_eval.metrics");
+                bail!(
+                    "metric_for_best_model: {name} is not logged; only eval_loss is without generation_eval.metrics"
+                );
             }
             return Ok(None);
         }
@@ -964,20 +1003,27 @@ impl GenerationEval {
             .registry
             .as_ref()
             .context("generation_eval needs the plugin registry")?;
-        let split = splits
-            .validation
-            .as_ref()
-            .with_context(|| format!("generation_eval needs a validation split in {}", config.dataset))?;
+        let split = splits.validation.as_ref().with_context(|| {
+            format!(
+                "generation_eval needs a validation split in {}",
+                config.dataset
+            )
+        })?;
         let head = data::Split {
             origin: split.origin.clone(),
             rows: split.rows.iter().take(g.rows).cloned().collect(),
         };
         let rows = predict::prompt_rows(&head, &config.formatter, Some(registry))?;
-        let plugins = crate::eval::pipeline::validate_metrics(registry, &g.metrics, &Default::default())
-            .context("generation_eval.metrics")?;
+        let plugins =
+            crate::eval::pipeline::validate_metrics(registry, &g.metrics, &Default::default())
+                .context("generation_eval.metrics")?;
         if let Some(name) = config.best_metric_name() {
             let logged: Vec<String> = std::iter::once("eval_loss".to_string())
-                .chain(plugins.iter().flat_map(|p| p.meta.scores.iter().map(|s| format!("eval_{}", s.name))))
+                .chain(
+                    plugins
+                        .iter()
+                        .flat_map(|p| p.meta.scores.iter().map(|s| format!("eval_{}", s.name))),
+                )
                 .collect();
             if !logged.contains(&name) {
                 bail!(
@@ -1004,7 +1050,12 @@ impl GenerationEval {
 
     /// Generates for the rows with the adapter as it is now and scores the generations with
     /// the metric plugins (in a scratch store): each score's mean.
-    fn score(&self, loaded: &LoadedModel, env: &TrainEnv, step: usize) -> Result<BTreeMap<String, f64>> {
+    fn score(
+        &self,
+        loaded: &LoadedModel,
+        env: &TrainEnv,
+        step: usize,
+    ) -> Result<BTreeMap<String, f64>> {
         let predictions = predict::predict(loaded, &self.rows, &self.sampling, None, |_| Ok(()))?;
         let request = crate::eval::pipeline::EvalRequest {
             name: format!("generation_eval step {step}"),
@@ -1026,7 +1077,11 @@ impl GenerationEval {
         if let Some(e) = &done.error {
             log(env, format!("generation_eval at step {step}: {e}"));
         }
-        Ok(done.aggregates.iter().map(|(k, e)| (k.clone(), e.mean)).collect())
+        Ok(done
+            .aggregates
+            .iter()
+            .map(|(k, e)| (k.clone(), e.mean))
+            .collect())
     }
 }
 
@@ -1203,7 +1258,11 @@ fn save_checkpoint(
         let _ = d.sync_all();
     }
     if let Some(limit) = config.save_total_limit {
-        prune_checkpoints(output_dir, limit, state.best_checkpoint.as_deref().map(Path::new))?;
+        prune_checkpoints(
+            output_dir,
+            limit,
+            state.best_checkpoint.as_deref().map(Path::new),
+        )?;
     }
     Ok(dest)
 }

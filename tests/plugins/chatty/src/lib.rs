@@ -16,7 +16,13 @@ impl Metric for Chatty {
         MetricInfo {
             manifest: Manifest::new("chatty", "0.1.0", "retries chat for ever (tests)")
                 .with_capability(Capability::Chat),
-            scores: vec![ScoreSpec::new("answered", "1 once chat answered", 0.0, 1.0, true)],
+            scores: vec![ScoreSpec::new(
+                "answered",
+                "1 once chat answered",
+                0.0,
+                1.0,
+                true,
+            )],
         }
     }
 
