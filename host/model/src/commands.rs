@@ -97,17 +97,7 @@ pub fn with_adapter(base: &LoadedModel, dir: &Path) -> Result<LoadedModel> {
         .and_then(|a| a.into_registry())
         .with_context(|| format!("failed to load the adapter in {}", dir.display()))?;
     let mut model = base.clone();
-    let names: Vec<String> = model
-        .model
-        .linears_mut()
-        .into_iter()
-        .map(|l| l.name.clone())
-        .collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    registry
-        .config()
-        .target_modules
-        .check_against(&names)
+    check_targets(base, &registry.config().target_modules)
         .with_context(|| format!("the adapter in {} does not fit the model", dir.display()))?;
     let attached = registry
         .attach(&mut model.model)
@@ -122,6 +112,20 @@ pub fn with_adapter(base: &LoadedModel, dir: &Path) -> Result<LoadedModel> {
         );
     }
     Ok(model)
+}
+
+/// Checks that every entry of `targets` matches a linear layer of a loaded model.
+pub fn check_targets(model: &LoadedModel, targets: &TargetModules) -> Result<()> {
+    // `linears_mut` needs a mutable model; the copy shares every tensor with the original.
+    let mut copy = model.clone();
+    let names: Vec<String> = copy
+        .model
+        .linears_mut()
+        .into_iter()
+        .map(|l| l.name.clone())
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    Ok(targets.check_against(&names)?)
 }
 
 /// Checks `target_modules` against `model`'s linear layers from its config alone (no weights

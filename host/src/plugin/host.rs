@@ -74,14 +74,6 @@ impl Interrupt {
             None
         }
     }
-
-    /// Never stops by itself: for calls made outside a plugin call.
-    pub fn never() -> Self {
-        Interrupt {
-            deadline: Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600),
-            cancel: Arc::default(),
-        }
-    }
 }
 
 /// A host with neither encoder nor LLM client.

@@ -211,18 +211,7 @@ pub fn load_for_training(
         .with_context(|| format!("failed to load model {}", config.model_name_or_path))?;
     // Each entry must match a layer: a typo among good names would otherwise train an adapter
     // quietly missing those layers, and write the typo into adapter_config.json.
-    let mut model = loaded.clone();
-    let names: Vec<String> = model
-        .model
-        .linears_mut()
-        .into_iter()
-        .map(|l| l.name.clone())
-        .collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    registry
-        .config()
-        .target_modules
-        .check_against(&names)
+    adapterlab_model::commands::check_targets(&loaded, &registry.config().target_modules)
         .with_context(|| format!("lora.target_modules for {}", config.model_name_or_path))?;
     if registry.layers().is_empty() {
         bail!(
