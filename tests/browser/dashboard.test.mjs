@@ -145,7 +145,7 @@ async function waitForDone(what) {
 }
 
 /** Fill the evaluation form and submit it; resolves to the new run's id. */
-async function launchEvaluation({ file, name, screenshot }) {
+async function launchEvaluation({ file, name, screenshot, llm }) {
   await navigate('Launch', 'Launch a run');
   await page.getByRole('radio', { name: 'Evaluation' }).check();
   const form = page.getByRole('form', { name: 'Evaluate predictions' });
@@ -160,6 +160,14 @@ async function launchEvaluation({ file, name, screenshot }) {
     const box = form.getByRole('checkbox', { name: metric, exact: true });
     if ((await box.count()) === 0) throw new Error(`no "${metric}" metric in the form; is the plugin installed?`);
     await box.check();
+  }
+  if (llm) {
+    // A wrong endpoint is caught in the form, with the field named.
+    const endpoint = form.getByLabel('LLM endpoint (for the judge)', { exact: true });
+    await endpoint.fill('not a url');
+    await form.getByRole('button', { name: 'Launch evaluation' }).click();
+    assert.match(await form.locator('#eval-llm-base-url-error').innerText(), /URL/, 'no message for a bad LLM endpoint');
+    await endpoint.fill(llm);
   }
   if (screenshot) {
     await shot(screenshot);
@@ -275,9 +283,12 @@ describe('adapterlab dashboard', () => {
   });
 
   step('launches evaluation "adapter-b" and watches it finish', async () => {
-    ids.b = await launchEvaluation({ file: PRED_B, name: 'adapter-b' });
+    ids.b = await launchEvaluation({ file: PRED_B, name: 'adapter-b', llm: 'http://127.0.0.1:9/v1' });
     await waitForDone('adapter-b');
     await page.getByTestId('aggregates-table').waitFor();
+    // The endpoint the run's metrics would talk to is one of its recorded settings.
+    const settings = await page.getByTestId('run-settings').innerText();
+    assert.match(settings, /llm_base_url[\s\S]*127\.0\.0\.1:9/, `the run's LLM endpoint is not shown:\n${settings}`);
   });
 
   step('lists both runs on the runs page', async () => {

@@ -625,7 +625,7 @@ async function handleApi(state, token, req, res, url) {
         startEval(state, run, rows, body.metrics, body.score_references);
         return send(res, 201, { id: run.id });
       }
-      const run = record(state, 'eval', body.name, { predictions: `${body.predictions.length} uploaded rows`, ...metricsMeta });
+      const run = record(state, 'eval', body.name, { predictions: `${body.predictions.length} uploaded rows`, ...metricsMeta, ...(body.llm_base_url ? { llm_base_url: body.llm_base_url } : {}) });
       startEval(state, run, body.predictions, body.metrics, body.score_references);
       return send(res, 201, { id: run.id });
     }

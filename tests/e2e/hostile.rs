@@ -522,3 +522,108 @@ fn cancel_interrupts_a_plugin_waiting_on_a_dead_llm() {
         }
     });
 }
+
+/// A run can name its own OpenAI-compatible endpoint (the judge's, say); the host's API key
+/// goes only to the endpoint it was configured for, never to one a request chose.
+#[test]
+fn a_run_endpoint_is_used_without_the_hosts_key() {
+    use std::sync::{Arc, Mutex};
+    let t = setup("hostile-endpoint");
+    let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let fake = {
+        let seen = seen.clone();
+        let app = axum::Router::new().route(
+            "/v1/chat/completions",
+            axum::routing::post(move |headers: axum::http::HeaderMap| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push(
+                        headers
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .map(String::from),
+                    );
+                    axum::Json(
+                        json!({"model": "m", "choices": [{"message": {"content": "ok"}}],
+                                      "usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
+                    )
+                }
+            }),
+        );
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}/v1")
+    };
+    let server = start(&t, &[("OPENAI_API_KEY", "sk-hostkeyABCDEFGHIJKLMNOP")]);
+    let base = server.base.clone();
+    let chatty = std::fs::read(built_component("adapterlab-test-chatty")).unwrap();
+    let run = rt().block_on(async move {
+        let client = reqwest::Client::new();
+        let up = client
+            .post(format!("{base}/api/plugins"))
+            .bearer_auth(TOKEN)
+            .body(chatty)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(up.status().as_u16(), 201);
+        let bad = client
+            .post(format!("{base}/api/runs"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"kind": "eval", "predictions": [{"id": "0", "prediction": "p", "reference": "r"}],
+                          "metrics": ["chatty"], "llm_base_url": "ftp://nowhere"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bad.status().as_u16(), 422);
+        let created: Value = client
+            .post(format!("{base}/api/runs"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"kind": "eval", "name": "own-endpoint",
+                          "predictions": [{"id": "0", "prediction": "p", "reference": "r"}],
+                          "metrics": ["chatty"], "llm_base_url": fake}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = created["id"].as_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let run: Value = client
+                .get(format!("{base}/api/runs/{id}"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if run["status"] != "queued" && run["status"] != "running" {
+                break run;
+            }
+            assert!(Instant::now() < deadline, "{run}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    assert_eq!(run["status"], "done", "{run}");
+    assert_eq!(run["aggregates"]["answered"]["mean"], 1.0, "{run}");
+    assert!(
+        run["metadata"]["llm_base_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1"),
+        "{run}"
+    );
+    let seen = seen.lock().unwrap();
+    assert!(!seen.is_empty(), "the run's endpoint got no request");
+    assert!(
+        seen.iter().all(|a| a.is_none()),
+        "the host's key went to the run's endpoint: {seen:?}"
+    );
+}

@@ -264,6 +264,9 @@ function buildEvalForm(ctx, plugins, adapters) {
   metricsFieldset.id = 'metrics';
 
   const scoreRefs = h('input', { type: 'checkbox', id: 'score-references', name: 'score_references' });
+  // The endpoint the metrics' `chat` talks to for this run (the LLM judge's). The key stays on
+  // the server, which sends it only to the endpoint it was configured for.
+  const llmUrl = h('input', { type: 'url', id: 'eval-llm-base-url', name: 'llm_base_url', autocomplete: 'off', placeholder: 'the server\'s OPENAI_BASE_URL', class: 'mono' });
   const button = h('button', { type: 'submit', class: 'primary' }, 'Launch evaluation');
   const form = h('form', { novalidate: true, class: 'panel', 'aria-labelledby': 'eval-h', 'data-testid': 'eval-form' },
     h('h2', { id: 'eval-h' }, 'Evaluate predictions'),
@@ -275,6 +278,8 @@ function buildEvalForm(ctx, plugins, adapters) {
     ),
     metricsFieldset,
     h('div', { class: 'check' }, scoreRefs, h('label', { for: 'score-references' }, 'Also score the references against themselves (a ceiling for each metric)')),
+    field({ id: 'eval-llm-base-url', label: 'LLM endpoint (for the judge)', input: llmUrl,
+      hint: 'An OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1. Empty: the server’s own. The judge’s model is its setting model=…; the API key never leaves the server, and goes only to the endpoint it was set for.' }),
     box.el,
     h('div', { class: 'actions' }, button),
   );
@@ -316,6 +321,16 @@ function buildEvalForm(ctx, plugins, adapters) {
     metricsError.textContent = noMetric ? 'Choose at least one metric.' : '';
     if (noMetric) metricsFieldset.setAttribute('aria-invalid', 'true');
     else metricsFieldset.removeAttribute('aria-invalid');
+    checks.push([llmUrl, () => {
+      const v = llmUrl.value.trim();
+      if (!v) return null;
+      try {
+        const u = new URL(v);
+        return ['http:', 'https:'].includes(u.protocol) ? null : 'Give an http(s) URL.';
+      } catch {
+        return 'Give a URL, such as http://127.0.0.1:8000/v1.';
+      }
+    }]);
     const ok = validate(checks, box, noMetric ? 1 : 0);
     if (!ok) {
       if (noMetric && !form.querySelector('[aria-invalid="true"]:not(fieldset)')) {
@@ -329,6 +344,7 @@ function buildEvalForm(ctx, plugins, adapters) {
       metrics: chosen.map((m) => m.name),
       settings,
       score_references: scoreRefs.checked,
+      ...(llmUrl.value.trim() ? { llm_base_url: llmUrl.value.trim() } : {}),
     };
     const body = fileRadio.checked
       ? { kind: 'eval', ...common, predictions: parsed.rows }

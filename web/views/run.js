@@ -389,7 +389,7 @@ function trainingView() {
   const evalHead = h('tr');
   const evalColumns = [];
   const evalTable = h('div', { class: 'table-scroll', tabindex: '0', role: 'region', 'aria-label': 'Evaluations', hidden: '' },
-    h('table', { 'data-testid': 'evaluations' }, h('caption', {}, 'Evaluations'), h('thead', {}, evalHead), evalBody));
+    h('table', { class: 'data', 'data-testid': 'evaluations' }, h('caption', {}, 'Evaluations'), h('thead', {}, evalHead), evalBody));
   const addEvaluation = (d) => {
     const values = { ...(d.eval_metrics ?? {}) };
     if (val(d.eval_loss) !== null) values.eval_loss = d.eval_loss;

@@ -79,6 +79,7 @@ pub fn run(args: EvalArgs, ctx: &Context) -> Result<()> {
             "predictions".to_string(),
             args.predictions.display().to_string(),
         )]),
+        llm_base_url: None,
     };
     took("reading the predictions");
     let registry = ctx.registry()?;

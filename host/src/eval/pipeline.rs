@@ -89,6 +89,10 @@ pub struct EvalRequest {
     pub score_references: bool,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// The OpenAI-compatible endpoint this run's `chat` capability talks to, instead of the
+    /// host's `OPENAI_BASE_URL` (see [`crate::llm::LlmConfig::for_endpoint`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm_base_url: Option<String>,
 }
 
 /// Parse `PLUGIN.KEY=VALUE` settings into per-plugin maps.
@@ -175,6 +179,10 @@ pub fn create_run(store: &Store, request: &EvalRequest, plugins: &[Plugin]) -> R
 pub fn describe(run: &mut RunRecord, request: &EvalRequest, plugins: &[Plugin]) {
     run.metadata
         .insert("metrics".into(), request.metrics.join(","));
+    if let Some(url) = &request.llm_base_url {
+        run.metadata
+            .insert("llm_base_url".into(), crate::redact::redact(url));
+    }
     run.metadata
         .insert("samples".into(), request.rows.len().to_string());
     for p in plugins {

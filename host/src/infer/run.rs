@@ -52,6 +52,9 @@ pub struct GenerateRequest {
     pub score_references: bool,
     /// Filled by [`prepare`]: the adapter folder `adapter` names.
     pub adapter_dir: Option<String>,
+    /// The OpenAI-compatible endpoint the metrics' `chat` talks to for this run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm_base_url: Option<String>,
 }
 
 impl Default for GenerateRequest {
@@ -70,6 +73,7 @@ impl Default for GenerateRequest {
             settings: BTreeMap::new(),
             score_references: false,
             adapter_dir: None,
+            llm_base_url: None,
         }
     }
 }
@@ -332,6 +336,7 @@ fn eval_request(request: &GenerateRequest, rows: Vec<PredictionRow>) -> EvalRequ
         settings: request.settings.clone(),
         score_references: request.score_references,
         metadata: BTreeMap::new(),
+        llm_base_url: request.llm_base_url.clone(),
     }
 }
 

@@ -63,6 +63,37 @@ impl LlmConfig {
 
 type Answer = Result<ChatResponse, String>;
 
+impl LlmConfig {
+    /// An http(s) URL a client can be pointed at.
+    pub fn check_endpoint(url: &str) -> Result<(), String> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(format!("{url:?} is not an http(s) URL"));
+        }
+        Ok(())
+    }
+
+    /// This config pointed at `base_url` for one run. The host's API key goes only to the
+    /// endpoint it was configured for (same scheme, host and port as `OPENAI_BASE_URL`):
+    /// a run must not be able to send the host's key to a server of its choosing.
+    pub fn for_endpoint(mut self, base_url: &str) -> Self {
+        let origin = |u: &str| {
+            reqwest::Url::parse(u.trim()).ok().map(|u| {
+                (
+                    u.scheme().to_string(),
+                    u.host_str().map(str::to_string),
+                    u.port_or_known_default(),
+                )
+            })
+        };
+        if origin(base_url).is_none() || origin(base_url) != origin(&self.base_url) {
+            self.api_key = None;
+        }
+        self.base_url = base_url.trim().to_string();
+        self
+    }
+}
+
 /// A chat-completions client shared by every plugin call of a run.
 #[derive(Clone)]
 pub struct LlmClient {
@@ -524,6 +555,22 @@ mod tests {
         let usage = c.usage();
         assert_eq!(usage.requests, 3, "two failed attempts and the answer");
         assert_eq!(usage.prompt_tokens, 10, "tokens only from the answer");
+    }
+
+    #[test]
+    fn a_run_endpoint_gets_the_key_only_where_it_was_meant_to_go() {
+        let host = LlmConfig {
+            base_url: "https://api.openai.com/v1".into(),
+            api_key: Some("sk-host".into()),
+            ..LlmConfig::from_env()
+        };
+        let same = host.clone().for_endpoint("https://api.openai.com/v1?x=1");
+        assert_eq!(same.api_key.as_deref(), Some("sk-host"));
+        let other = host.clone().for_endpoint("http://127.0.0.1:8000/v1");
+        assert_eq!(other.api_key, None);
+        assert_eq!(other.base_url, "http://127.0.0.1:8000/v1");
+        assert!(LlmConfig::check_endpoint("ftp://x/").is_err());
+        assert!(LlmConfig::check_endpoint("nonsense").is_err());
     }
 
     #[test]

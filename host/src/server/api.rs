@@ -700,6 +700,7 @@ const EVAL_FIELDS: &[&str] = &[
     "model",
     "adapter",
     "dataset",
+    "llm_base_url",
 ];
 const TRAIN_FIELDS: &[&str] = &["kind", "name", "config"];
 const GENERATE_FIELDS: &[&str] = &[
@@ -722,6 +723,7 @@ const GENERATE_FIELDS: &[&str] = &[
     "metrics",
     "settings",
     "score_references",
+    "llm_base_url",
 ];
 
 /// Every field of the body is one `allowed`; an unknown one is named, with the closest.
@@ -776,6 +778,7 @@ fn train_submission(value: &Value) -> Result<TrainSubmission, AppError> {
 fn generate_request(value: &Value) -> Result<GenerateRequest, AppError> {
     let mut request = GenerateRequest {
         name: run_name(value)?.unwrap_or_default(),
+        llm_base_url: llm_base_url(value)?,
         ..Default::default()
     };
     let string = |key: &str| -> Result<Option<String>, AppError> {
@@ -978,7 +981,23 @@ fn eval_request(value: &Value) -> Result<EvalRequest, AppError> {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         metadata,
+        llm_base_url: llm_base_url(value)?,
     })
+}
+
+/// `llm_base_url`: an http(s) URL of an OpenAI-compatible API, checked here, once.
+fn llm_base_url(value: &Value) -> Result<Option<String>, AppError> {
+    let Some(v) = value.get("llm_base_url").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let url = v
+        .as_str()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| AppError::unprocessable("field `llm_base_url` must be a URL string"))?;
+    crate::llm::LlmConfig::check_endpoint(url)
+        .map_err(|e| AppError::unprocessable(format!("field `llm_base_url`: {e}")))?;
+    Ok(Some(url.to_string()))
 }
 
 /// Server-Sent Events of a run: everything after `Last-Event-ID` (or from the start), then

@@ -763,9 +763,17 @@ impl Jobs {
     }
 
     /// The services behind `embed` and `chat` for one run's plugins, and its eval env.
-    fn eval_env(&self, cancel: Arc<AtomicBool>) -> Result<(EvalEnv, Arc<EvalServices>)> {
+    fn eval_env(
+        &self,
+        cancel: Arc<AtomicBool>,
+        llm_base_url: Option<&str>,
+    ) -> Result<(EvalEnv, Arc<EvalServices>)> {
         let store = self.inner.store.clone();
-        let llm = LlmClient::new(LlmConfig::from_env(), Some(store.clone()))?;
+        let config = match llm_base_url {
+            Some(url) => LlmConfig::from_env().for_endpoint(url),
+            None => LlmConfig::from_env(),
+        };
+        let llm = LlmClient::new(config, Some(store.clone()))?;
         let services = Arc::new(EvalServices::new(
             Some((
                 llm,
@@ -803,7 +811,7 @@ impl Jobs {
                 }
             }
         };
-        let (env, services) = self.eval_env(cancel)?;
+        let (env, services) = self.eval_env(cancel, request.llm_base_url.as_deref())?;
         let result = pipeline::execute(&env, run_id, request, &plugins);
         services.record(&store, run_id)?;
         result.map(|_| ())
@@ -861,7 +869,7 @@ impl Jobs {
             .request(&run.id)
             .context("the run's stored request is unreadable")?
             .with_context(|| format!("run {} has no stored request", run.id))?;
-        let (eval, services) = self.eval_env(cancel)?;
+        let (eval, services) = self.eval_env(cancel, request.llm_base_url.as_deref())?;
         let env = GenerateEnv {
             store: self.inner.store.clone(),
             models: self.inner.models.clone(),

@@ -240,5 +240,6 @@ fn eval_request(
         settings: BTreeMap::new(),
         score_references: false,
         metadata,
+        llm_base_url: None,
     }
 }

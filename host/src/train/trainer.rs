@@ -1053,6 +1053,7 @@ impl GenerationEval {
             settings: Default::default(),
             score_references: false,
             metadata: Default::default(),
+            llm_base_url: None,
         };
         let scratch = Store::temporary()?;
         let run = crate::eval::pipeline::create_run(&scratch, &request, &self.plugins)?;
