@@ -522,7 +522,16 @@ async function handleApi(state, token, req, res, url) {
   if (!open && !authorised(req, token)) return fail(res, 401, 'missing or wrong token: send Authorization: Bearer <token> (see the server log or <data dir>/token)');
 
   if (parts[0] === 'health' && method === 'GET') return send(res, 200, { status: 'ok', version: '0.1.0-mock' });
-  if (parts[0] === 'schema' && method === 'GET') return send(res, 200, { train: trainSchema() });
+  if (parts[0] === 'schema' && method === 'GET') {
+    return send(res, 200, {
+      train: trainSchema(),
+      generate: { type: 'object', properties: {
+        max_new_tokens: { type: 'integer', default: 50, minimum: 1, maximum: 4096 }, temperature: { type: 'number', default: 0, minimum: 0, maximum: 2 },
+        top_p: { type: 'number', default: null, exclusiveMinimum: 0, maximum: 1 }, top_k: { type: 'integer', default: null, minimum: 0, maximum: 1000000 },
+        repetition_penalty: { type: 'number', default: 30, exclusiveMinimum: 0, maximum: 100 }, seed: { type: 'integer', default: 0, minimum: 0, maximum: 4294967295 },
+        batch_size: { type: 'integer', default: 8, minimum: 1, maximum: 256 } } },
+    });
+  }
   if (parts[0] === 'plugins' && parts.length === 2 && method === 'DELETE') {
     const name = decodeURIComponent(parts[1]);
     const at = state.plugins.findIndex((p) => p.name === name && p.source?.type === 'file');

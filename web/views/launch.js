@@ -60,7 +60,7 @@ export async function mountLaunch(main, ctx) {
     api.schemas({ signal: ctx.signal }).catch(() => null),
   ]);
   if (ctx.signal.aborted) return;
-  const evalBuilt = buildEvalForm(ctx, plugins, adapters);
+  const evalBuilt = buildEvalForm(ctx, plugins, adapters, schemas?.generate ?? null);
   const trainBuilt = buildTrainForm(ctx, plugins, schemas?.train ?? null);
   evalForm.replaceChildren(evalBuilt);
   trainForm.replaceChildren(trainBuilt);
@@ -156,7 +156,7 @@ function listMessage(what, value) {
 
 // --- Evaluation -----------------------------------------------------------------------------
 
-function buildEvalForm(ctx, plugins, adapters) {
+function buildEvalForm(ctx, plugins, adapters, decodingSchema = null) {
   const metrics = Array.isArray(plugins) ? plugins.filter((p) => p.kind === 'metric') : [];
   const box = messageBox();
   box.el.tabIndex = -1;
@@ -211,7 +211,7 @@ function buildEvalForm(ctx, plugins, adapters) {
   const genDataset = input({ name: 'dataset', value: 'bundled', autocomplete: 'off' });
   const genSplit = h('select', { name: 'split' }, ['test', 'validation', 'train'].map((v) => h('option', { value: v }, v)));
   const genLimit = input({ name: 'limit', inputmode: 'numeric', placeholder: 'all rows' });
-  const decoding = decodingFields();
+  const decoding = decodingFields(decodingSchema);
   const generateFields = h('div', { hidden: true },
     h('div', { class: 'grid-fields' },
       field({ id: 'gen-model', label: 'Model', input: genModel }),
@@ -397,7 +397,7 @@ export const DECODING_PRESETS = {
   sample: { label: 'Sampling (temperature 0.7, top-p 0.9)', mode: 'sample', max_new_tokens: 128, temperature: 0.7, top_k: '', top_p: 0.9, repetition_penalty: 1.1, seed: 0 },
 };
 
-function decodingFields() {
+function decodingFields(schema = null) {
   const preset = h('select', { name: 'preset', class: 'wide' },
     Object.entries(DECODING_PRESETS).map(([k, p]) => h('option', { value: k }, p.label)),
     h('option', { value: 'custom' }, 'Custom'));
@@ -417,6 +417,12 @@ function decodingFields() {
     repetition_penalty: { min: 0, minExclusive: true, max: 100 },
     seed: { integer: true, min: 0 },
   };
+  // The server's maxima (one source: its decoding settings' table); the minima here are the
+  // form's own, stricter by mode (sampling needs a temperature above 0, top-k empty is off).
+  for (const key of Object.keys(bounds)) {
+    const server = boundsOf(schema, key, bounds[key]);
+    bounds[key] = { ...bounds[key], max: server.max, maxExclusive: false };
+  }
   const modeRadio = (value, label) => {
     const el = h('input', { type: 'radio', name: 'decoding-mode', id: `decoding-${value}`, value });
     return [el, h('div', { class: 'check' }, el, h('label', { for: `decoding-${value}` }, label))];

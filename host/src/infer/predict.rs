@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::eval::input::PredictionRow;
 use crate::plugin::Registry;
+use crate::train::config::Range;
 use crate::train::data::{self, Split};
 
 /// A row ready to generate for.
@@ -96,30 +97,55 @@ impl Default for Sampling {
 /// The most new tokens a request may ask for.
 pub const MAX_NEW_TOKENS: usize = 4096;
 
+/// The ranges of the decoding settings: the one table validation, the published schema and the
+/// dashboard's generate form read (unset `top_k`/`top_p` are not checked: off).
+pub const SAMPLING_RANGES: &[Range] = &[
+    Range::int("max_new_tokens", 1, MAX_NEW_TOKENS as u64),
+    Range::real("temperature", 0.0, false, 2.0),
+    Range::real("top_p", 0.0, true, 1.0),
+    Range::int("top_k", 0, 1_000_000),
+    Range::real("repetition_penalty", 0.0, true, 100.0),
+    Range::int("seed", 0, u32::MAX as u64),
+    Range::int("batch_size", 1, 256),
+];
+
+/// The decoding settings as JSON Schema, from [`Sampling`]'s defaults and [`SAMPLING_RANGES`].
+pub fn sampling_schema() -> Value {
+    let defaults = serde_json::to_value(Sampling::default()).unwrap_or_default();
+    let props: serde_json::Map<String, Value> = defaults
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| {
+            let range = SAMPLING_RANGES.iter().find(|r| r.key == k);
+            let mut node = serde_json::json!({"default": v});
+            if let Some(r) = range {
+                r.describe(&mut node);
+            }
+            (k.clone(), node)
+        })
+        .collect();
+    serde_json::json!({"type": "object", "properties": props})
+}
+
 impl Sampling {
     /// Checks every field, naming the one at fault.
     pub fn validate(&self) -> Result<()> {
-        if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS {
-            bail!("`max_new_tokens` must be between 1 and {MAX_NEW_TOKENS}");
-        }
-        if !(self.temperature >= 0.0 && self.temperature <= 2.0) {
-            bail!("`temperature` must be between 0 and 2 (0 is greedy)");
-        }
-        if let Some(p) = self.top_p
-            && !(p > 0.0 && p <= 1.0)
-        {
-            bail!("`top_p` must be in (0, 1]");
-        }
-        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            bail!("`repetition_penalty` must be positive (1 is off)");
-        }
-        if let Some(k) = self.top_k
-            && k > 1_000_000
-        {
-            bail!("`top_k` must be at most 1000000");
-        }
-        if self.batch_size == 0 || self.batch_size > 256 {
-            bail!("`batch_size` must be between 1 and 256");
+        let values = serde_json::to_value(self).unwrap_or_default();
+        for range in SAMPLING_RANGES {
+            // JSON has no NaN or infinity: a non-finite value serialises as null, like an
+            // unset option; only top_k and top_p may be unset.
+            let v = match values.get(range.key) {
+                Some(Value::Null) | None if matches!(range.key, "top_k" | "top_p") => continue,
+                Some(v) => v.as_f64(),
+                None => None,
+            };
+            let Some(v) = v else {
+                bail!("`{}` must be a finite number", range.key);
+            };
+            if let Err(why) = range.check(v) {
+                bail!("`{}` {why}", range.key);
+            }
         }
         Ok(())
     }
@@ -181,4 +207,32 @@ pub fn predict(
         out.extend(batch);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoding_settings_are_checked_and_published_from_one_table() {
+        assert!(Sampling::default().validate().is_ok());
+        let bad = |f: fn(&mut Sampling)| {
+            let mut s = Sampling::default();
+            f(&mut s);
+            s.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|s| s.max_new_tokens = 0).contains("`max_new_tokens`"));
+        assert!(bad(|s| s.temperature = 3.0).contains("`temperature`"));
+        assert!(bad(|s| s.top_p = Some(0.0)).contains("`top_p`"));
+        assert!(bad(|s| s.repetition_penalty = f32::INFINITY).contains("`repetition_penalty`"));
+        let schema = sampling_schema();
+        for range in SAMPLING_RANGES {
+            assert_eq!(
+                schema["properties"][range.key]["maximum"], range.max,
+                "{}",
+                range.key
+            );
+        }
+        assert_eq!(schema["properties"]["max_new_tokens"]["default"], 50);
+    }
 }

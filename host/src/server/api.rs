@@ -72,7 +72,10 @@ async fn health(State(state): State<AppState>) -> Json<Value> {
 /// The settings' schemas, generated from the config types (one source for the forms'
 /// defaults and checks, and for `/api/openapi.json`).
 async fn schemas() -> Json<Value> {
-    Json(json!({"train": crate::train::config::schema()}))
+    Json(json!({
+        "train": crate::train::config::schema(),
+        "generate": crate::infer::predict::sampling_schema(),
+    }))
 }
 
 async fn list_plugins(State(state): State<AppState>) -> Json<Vec<PluginMeta>> {

@@ -143,7 +143,7 @@ pub fn document() -> Value {
         "paths": {
             "/api/health": {"get": {"summary": "Liveness", "responses": {"200": ok("ok", json!({"type": "object"}))}}},
             "/api/schema": {"get": {"summary": "The settings' schemas (training: every key with its type, default, range and choices), from which the dashboard's forms take their defaults and checks", "security": secured,
-                "responses": {"200": ok("schemas", json!({"type": "object", "properties": {"train": {"$ref": "#/components/schemas/TrainConfig"}}})), "401": err("no or wrong token")}}},
+                "responses": {"200": ok("schemas", json!({"type": "object", "properties": {"train": {"$ref": "#/components/schemas/TrainConfig"}, "generate": crate::infer::predict::sampling_schema()}})), "401": err("no or wrong token")}}},
             "/api/openapi.json": {"get": {"summary": "This document", "responses": {"200": ok("OpenAPI document", json!({"type": "object"}))}}},
             "/api/plugins": {
                 "get": {"summary": "Installed plugins", "responses": {"200": ok("plugins", json!({"type": "array", "items": {"$ref": "#/components/schemas/Plugin"}}))}},

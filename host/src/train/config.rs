@@ -593,12 +593,17 @@ impl TrainConfig {
     fn check_bounds(&self) -> std::result::Result<(), (&'static str, String)> {
         let values = serde_json::to_value(self).unwrap_or_default();
         for range in RANGES {
-            let value = range
-                .key
-                .split('.')
-                .try_fold(&values, |v, k| v.get(k))
-                .and_then(|v| v.as_f64());
-            let Some(v) = value else { continue };
+            let value = range.key.split('.').try_fold(&values, |v, k| v.get(k));
+            // JSON has no NaN or infinity: a non-finite value serialises as null, like an
+            // unset option; only save_total_limit may be unset.
+            let v = match value {
+                Some(serde_json::Value::Null) | None if range.key == "save_total_limit" => continue,
+                Some(v) => v.as_f64(),
+                None => None,
+            };
+            let Some(v) = v else {
+                return Err((range.key, "must be a finite number".into()));
+            };
             // max_steps: -1 (or 0) is "unset", as in HF; then the epochs count.
             if range.key == "max_steps" && (v == -1.0 || v == 0.0) {
                 continue;
@@ -634,7 +639,7 @@ pub struct Range {
 }
 
 impl Range {
-    const fn int(key: &'static str, min: u64, max: u64) -> Self {
+    pub const fn int(key: &'static str, min: u64, max: u64) -> Self {
         Range {
             key,
             min: min as f64,
@@ -644,7 +649,7 @@ impl Range {
         }
     }
 
-    const fn real(key: &'static str, min: f64, min_open: bool, max: f64) -> Self {
+    pub const fn real(key: &'static str, min: f64, min_open: bool, max: f64) -> Self {
         Range {
             key,
             min,
@@ -654,7 +659,18 @@ impl Range {
         }
     }
 
-    fn check(&self, v: f64) -> std::result::Result<(), String> {
+    /// This range as JSON Schema keywords on `node`.
+    pub fn describe(&self, node: &mut serde_json::Value) {
+        node["type"] = serde_json::json!(if self.integer { "integer" } else { "number" });
+        node[if self.min_open {
+            "exclusiveMinimum"
+        } else {
+            "minimum"
+        }] = serde_json::json!(self.min);
+        node["maximum"] = serde_json::json!(self.max);
+    }
+
+    pub fn check(&self, v: f64) -> std::result::Result<(), String> {
         let below = if self.min_open {
             v <= self.min
         } else {
@@ -766,13 +782,7 @@ pub fn schema() -> serde_json::Value {
             Value::Null => json!({"type": ["integer", "boolean", "null"], "default": null}),
         };
         if let Some(r) = RANGES.iter().find(|r| r.key == prefix) {
-            out["type"] = json!(if r.integer { "integer" } else { "number" });
-            out[if r.min_open {
-                "exclusiveMinimum"
-            } else {
-                "minimum"
-            }] = json!(r.min);
-            out["maximum"] = json!(r.max);
+            r.describe(&mut out);
             if prefix == "max_steps" {
                 out["description"] = json!("-1: unset (the epochs count)");
             }
@@ -866,6 +876,20 @@ mod tests {
             Some(&path),
             &overrides.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
         )
+    }
+
+    #[test]
+    fn non_finite_values_are_refused_naming_the_key() {
+        for (key, value) in [
+            ("max_grad_norm", "inf"),
+            ("adam_epsilon", "nan"),
+            ("warmup_ratio", "-inf"),
+        ] {
+            let e = load_str(&format!("{key} = {value}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 
     #[test]
