@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::server::{TOKEN, rt, start};
+use crate::server::{TOKEN, get, post, rt, start, wait_for};
 use crate::util::*;
 
 fn install(t: &TestDir, crate_name: &str) {
@@ -368,6 +368,45 @@ fn files_that_are_not_components_are_refused_with_the_fix() {
     );
 }
 
+/// Uploads a component (raw bytes) with the token; the answer's status and body.
+async fn upload(base: &str, query: &str, bytes: Vec<u8>) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/api/plugins{query}"))
+        .bearer_auth(TOKEN)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Creates an eval run of `metrics` over rows whose predictions are `predictions`; its id.
+async fn create_eval(
+    base: &str,
+    name: &str,
+    predictions: &[&str],
+    metrics: &[&str],
+    extra: Value,
+) -> String {
+    let rows: Vec<Value> = predictions
+        .iter()
+        .enumerate()
+        .map(|(i, p)| json!({"id": i.to_string(), "prediction": p, "reference": "r"}))
+        .collect();
+    let mut body = json!({"kind": "eval", "name": name, "predictions": rows, "metrics": metrics});
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        body[k] = v.clone();
+    }
+    let (status, created) = post(base, "/api/runs", Some(TOKEN), body).await;
+    assert_eq!(status, 201, "{created}");
+    created["id"].as_str().unwrap().to_string()
+}
+
+fn finished(run: &Value) -> bool {
+    run["status"] != "queued" && run["status"] != "running"
+}
+
 #[test]
 fn through_the_server_too() {
     let t = setup("hostile-server");
@@ -376,68 +415,26 @@ fn through_the_server_too() {
     let fake = std::fs::read(built_component("adapterlab-test-fake-rouge")).unwrap();
     let misbehave = std::fs::read(built_component("adapterlab-test-misbehave")).unwrap();
     rt().block_on(async move {
-        let client = reqwest::Client::new();
-        let upload = |query: &'static str, bytes: Vec<u8>| {
-            client
-                .post(format!("{base}/api/plugins{query}"))
-                .bearer_auth(TOKEN)
-                .body(bytes)
-                .send()
-        };
-        let refused = upload("", fake.clone()).await.unwrap();
-        assert_eq!(refused.status().as_u16(), 422);
-        let body: Value = refused.json().await.unwrap();
+        let (status, body) = upload(&base, "", fake).await;
+        assert_eq!(status, 422);
         assert!(body.to_string().contains("--replace-builtin"), "{body}");
-        let text = upload("", b"hello".to_vec()).await.unwrap();
-        let body: Value = text.json().await.unwrap();
+        let (_, body) = upload(&base, "", b"hello".to_vec()).await;
         assert!(body.to_string().contains("not a component"), "{body}");
-        assert_eq!(upload("", misbehave).await.unwrap().status().as_u16(), 201);
+        assert_eq!(upload(&base, "", misbehave).await.0, 201);
 
         // A loop among good samples: only it fails; the run reads as done.
-        let rows: Vec<Value> = ["fine", "loop", "fine", "empty"]
-            .iter()
-            .enumerate()
-            .map(|(i, p)| json!({"id": i.to_string(), "prediction": p, "reference": "r"}))
-            .collect();
-        let created: Value = client
-            .post(format!("{base}/api/runs"))
-            .bearer_auth(TOKEN)
-            .json(&json!({"kind": "eval", "name": "h", "predictions": rows, "metrics": ["misbehave"]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let id = created["id"].as_str().unwrap().to_string();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let run = loop {
-            let run: Value = client
-                .get(format!("{base}/api/runs/{id}"))
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if run["status"] != "queued" && run["status"] != "running" {
-                break run;
-            }
-            assert!(Instant::now() < deadline, "{run}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let id = create_eval(
+            &base,
+            "h",
+            &["fine", "loop", "fine", "empty"],
+            &["misbehave"],
+            json!({}),
+        )
+        .await;
+        let run = wait_for(&base, &id, finished, 60).await;
         assert_eq!(run["status"], "done", "{run}");
         assert_eq!(run["plugins"]["misbehave"]["source"], "user", "{run}");
-        let samples: Value = client
-            .get(format!("{base}/api/runs/{id}/samples"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, samples) = get(&base, &format!("/api/runs/{id}/samples")).await;
         let text = samples.to_string();
         assert!(text.contains("deadline"), "{text}");
         assert!(text.contains("no scores"), "{text}");
@@ -459,67 +456,23 @@ fn cancel_interrupts_a_plugin_waiting_on_a_dead_llm() {
     let base = server.base.clone();
     let chatty = std::fs::read(built_component("adapterlab-test-chatty")).unwrap();
     rt().block_on(async move {
-        let client = reqwest::Client::new();
-        let uploaded = client
-            .post(format!("{base}/api/plugins"))
-            .bearer_auth(TOKEN)
-            .body(chatty)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(uploaded.status().as_u16(), 201);
-        let rows: Vec<Value> = (0..2)
-            .map(|i| json!({"id": i.to_string(), "prediction": "p", "reference": "r"}))
-            .collect();
-        let created: Value = client
-            .post(format!("{base}/api/runs"))
-            .bearer_auth(TOKEN)
-            .json(&json!({"kind": "eval", "name": "stuck", "predictions": rows, "metrics": ["chatty"]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let id = created["id"].as_str().unwrap().to_string();
-        let status = |client: reqwest::Client, base: String, id: String| async move {
-            let run: Value = client
-                .get(format!("{base}/api/runs/{id}"))
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            run["status"].as_str().unwrap_or_default().to_string()
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while status(client.clone(), base.clone(), id.clone()).await != "running" {
-            assert!(Instant::now() < deadline, "the run never started");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        assert_eq!(upload(&base, "", chatty).await.0, 201);
+        let id = create_eval(&base, "stuck", &["p", "p"], &["chatty"], json!({})).await;
+        wait_for(&base, &id, |r| r["status"] == "running", 30).await;
         // Inside the plugin's chat retries now (back-off 2 s, deadline 60 s).
         tokio::time::sleep(Duration::from_millis(500)).await;
         let cancelled_at = Instant::now();
-        let answer = client
-            .post(format!("{base}/api/runs/{id}/cancel"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        assert!(answer.status().is_success(), "{}", answer.status());
-        loop {
-            let s = status(client.clone(), base.clone(), id.clone()).await;
-            if s == "cancelled" {
-                break;
-            }
-            assert!(
-                cancelled_at.elapsed() < Duration::from_secs(5),
-                "the run is still {s} 5 s after cancel"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (status, answer) = post(
+            &base,
+            &format!("/api/runs/{id}/cancel"),
+            Some(TOKEN),
+            json!({}),
+        )
+        .await;
+        assert!((200..300).contains(&status), "{status} {answer}");
+        // Within 5 s of the cancel: wait_for fails the test past its deadline.
+        wait_for(&base, &id, |r| r["status"] == "cancelled", 5).await;
+        assert!(cancelled_at.elapsed() < Duration::from_secs(6));
     });
 }
 
@@ -562,54 +515,18 @@ fn a_run_endpoint_is_used_without_the_hosts_key() {
     let base = server.base.clone();
     let chatty = std::fs::read(built_component("adapterlab-test-chatty")).unwrap();
     let run = rt().block_on(async move {
-        let client = reqwest::Client::new();
-        let up = client
-            .post(format!("{base}/api/plugins"))
-            .bearer_auth(TOKEN)
-            .body(chatty)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(up.status().as_u16(), 201);
-        let bad = client
-            .post(format!("{base}/api/runs"))
-            .bearer_auth(TOKEN)
-            .json(&json!({"kind": "eval", "predictions": [{"id": "0", "prediction": "p", "reference": "r"}],
-                          "metrics": ["chatty"], "llm_base_url": "ftp://nowhere"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(bad.status().as_u16(), 422);
-        let created: Value = client
-            .post(format!("{base}/api/runs"))
-            .bearer_auth(TOKEN)
-            .json(&json!({"kind": "eval", "name": "own-endpoint",
-                          "predictions": [{"id": "0", "prediction": "p", "reference": "r"}],
-                          "metrics": ["chatty"], "llm_base_url": fake}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let id = created["id"].as_str().unwrap().to_string();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let run: Value = client
-                .get(format!("{base}/api/runs/{id}"))
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if run["status"] != "queued" && run["status"] != "running" {
-                break run;
-            }
-            assert!(Instant::now() < deadline, "{run}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        assert_eq!(upload(&base, "", chatty).await.0, 201);
+        let (status, _) = post(
+            &base,
+            "/api/runs",
+            Some(TOKEN),
+            json!({"kind": "eval", "predictions": [{"id": "0", "prediction": "p", "reference": "r"}],
+                   "metrics": ["chatty"], "llm_base_url": "ftp://nowhere"}),
+        )
+        .await;
+        assert_eq!(status, 422);
+        let id = create_eval(&base, "own-endpoint", &["p"], &["chatty"], json!({"llm_base_url": fake})).await;
+        wait_for(&base, &id, finished, 60).await
     });
     assert_eq!(run["status"], "done", "{run}");
     assert_eq!(run["aggregates"]["answered"]["mean"], 1.0, "{run}");
