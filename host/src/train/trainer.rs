@@ -672,11 +672,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                     env,
                     format!("stopped; checkpoint-{} written", state.global_step),
                 );
-                if let Some((store, _)) = &env.store
-                    && let Err(e) = store.flush()
-                {
-                    tracing::warn!("failed to flush the store: {e:#}");
-                }
+                flush_store(env);
             }
             break;
         }
@@ -840,13 +836,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                 max_steps,
                 steps_per_epoch,
             )?;
-            // The store's record of the run is made durable as far as the checkpoint goes, so
-            // a crash loses no logged step that a resume would not redo.
-            if let Some((store, _)) = &env.store
-                && let Err(e) = store.flush()
-            {
-                tracing::warn!("failed to flush the store: {e:#}");
-            }
+            flush_store(env);
         }
         bar.inc(1);
     }
@@ -1130,6 +1120,16 @@ fn record(env: &TrainEnv, event: RunEvent) {
         && let Err(e) = store.push_event(run_id, &event)
     {
         tracing::warn!("failed to record a training event: {e:#}");
+    }
+}
+
+/// After a checkpoint: the store's record of the run is made durable as far as the checkpoint
+/// goes, so a crash loses no logged step that a resume would not redo.
+fn flush_store(env: &TrainEnv) {
+    if let Some((store, _)) = &env.store
+        && let Err(e) = store.flush()
+    {
+        tracing::warn!("failed to flush the store: {e:#}");
     }
 }
 
