@@ -258,17 +258,7 @@ pub fn execute_with_samples(
     plugins: &[Plugin],
 ) -> Result<(RunRecord, Vec<SampleRecord>)> {
     let store = &env.store;
-    store.update_run(run_id, |r| {
-        r.status = RunStatus::Running;
-        r.started = Some(now_rfc3339());
-        r.owner_pid = Some(std::process::id());
-    })?;
-    store.push_event(
-        run_id,
-        &RunEvent::Status {
-            status: RunStatus::Running,
-        },
-    )?;
+    store.start_run(run_id)?;
 
     let n = request.rows.len();
     let mut samples: Vec<Sample> = request

@@ -354,18 +354,7 @@ pub struct GenerateEnv {
 /// Returns the final record (done, failed or cancelled).
 pub fn execute(env: &GenerateEnv, run_id: &str, request: &GenerateRequest) -> Result<RunRecord> {
     let store = &env.store;
-    store.update_run(run_id, |r| {
-        r.status = RunStatus::Running;
-        r.started = Some(now_rfc3339());
-        r.owner_pid = Some(std::process::id());
-        r.error = None;
-    })?;
-    store.push_event(
-        run_id,
-        &RunEvent::Status {
-            status: RunStatus::Running,
-        },
-    )?;
+    store.start_run(run_id)?;
     let log = |message: String| {
         let _ = store.push_event(
             run_id,

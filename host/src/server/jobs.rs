@@ -535,16 +535,20 @@ impl Jobs {
             return;
         }
         let reason = format!("{error:#}");
-        let failed = self.inner.store.transition(
-            run_id,
-            &[RunStatus::Queued, RunStatus::Running],
-            RunStatus::Failed,
-            |r| {
-                r.error = Some(reason.clone());
+        self.fail_run(run_id, &[RunStatus::Queued, RunStatus::Running], &reason);
+    }
+
+    /// Marks `run_id` failed with `reason` if it is still in one of `allowed_from`, and says so
+    /// in its events; a run that moved on meanwhile is left as it is.
+    fn fail_run(&self, run_id: &str, allowed_from: &[RunStatus], reason: &str) {
+        let failed = self
+            .inner
+            .store
+            .transition(run_id, allowed_from, RunStatus::Failed, |r| {
+                r.error = Some(reason.to_string());
                 r.finished = Some(now_rfc3339());
                 r.owner_pid = None;
-            },
-        );
+            });
         if failed.is_ok() {
             let _ = self.inner.store.push_event(
                 run_id,
@@ -620,24 +624,11 @@ impl Jobs {
             .disk
             .reason()
             .unwrap_or_else(|| "the data directory's disk is full".into());
-        let failed = self.inner.store.transition(
+        self.fail_run(
             run_id,
             &[RunStatus::Queued, RunStatus::Running, RunStatus::Cancelled],
-            RunStatus::Failed,
-            |r| {
-                r.error = Some(reason.clone());
-                r.finished = Some(now_rfc3339());
-                r.owner_pid = None;
-            },
+            &reason,
         );
-        if failed.is_ok() {
-            let _ = self.inner.store.push_event(
-                run_id,
-                &RunEvent::Status {
-                    status: RunStatus::Failed,
-                },
-            );
-        }
     }
 
     /// Counts a job as executing, unless a shutdown has begun (then it stays queued for the

@@ -200,6 +200,26 @@ impl Store {
         }
     }
 
+    /// A run starts executing in this process: `running`, its start time and owner, and the
+    /// status event, flushed before this returns, so a crash right after never leaves the
+    /// run reading as queued with its work begun.
+    pub fn start_run(&self, id: &str) -> Result<RunRecord> {
+        let run = self.update_run(id, |r| {
+            r.status = RunStatus::Running;
+            r.started = Some(now_rfc3339());
+            r.owner_pid = Some(std::process::id());
+            r.error = None;
+        })?;
+        self.push_event(
+            id,
+            &RunEvent::Status {
+                status: RunStatus::Running,
+            },
+        )?;
+        self.flush()?;
+        Ok(run)
+    }
+
     /// Move a run from one of `allowed_from` to `to` as one compare-and-swap, applying `f` to
     /// the record in the same write: of concurrent transitions of one run, exactly one
     /// succeeds; the others get [`StoreError::Conflict`] naming the status they found. The

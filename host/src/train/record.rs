@@ -75,17 +75,7 @@ pub fn run_recorded(
     config: &TrainConfig,
     mut env: TrainEnv,
 ) -> Result<TrainOutcome> {
-    store.update_run(run_id, |r| {
-        r.status = RunStatus::Running;
-        r.started = Some(now_rfc3339());
-        r.owner_pid = Some(std::process::id());
-    })?;
-    store.push_event(
-        run_id,
-        &RunEvent::Status {
-            status: RunStatus::Running,
-        },
-    )?;
+    store.start_run(run_id)?;
     // Unknown metric plugins fail now, not after hours of training.
     let metric_plugins = match (&env.registry, config.eval_after_train.is_empty()) {
         (_, true) => Vec::new(),
