@@ -152,7 +152,7 @@ fn trains_writes_peft_and_hf_outputs_and_resumes_exactly() {
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 4);
     assert_eq!(cfg["base_model_name_or_path"], m);
-    let adapter = adapterlab_model::peft::load_adapter(&straight).unwrap();
+    let adapter = adapterlab_model::lora::peft::load_adapter(&straight).unwrap();
     let modules = adapter.modules().unwrap();
     // All linear layers of 2 blocks: q, k, v, o, gate, up, down.
     assert_eq!(

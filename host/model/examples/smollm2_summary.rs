@@ -6,10 +6,10 @@
 
 use std::path::PathBuf;
 
-use adapterlab_model::assets::{Fetcher, MINILM};
-use adapterlab_model::bert::{Bert, embed, prepare_tokenizer};
-use adapterlab_model::commands::{GenerateOptions, Runtime, generate};
-use adapterlab_model::generate::Decoding;
+use adapterlab_model::engine::generate::Decoding;
+use adapterlab_model::engine::{Engine, GenerateOptions, generate};
+use adapterlab_model::io::assets::{Fetcher, MINILM};
+use adapterlab_model::models::bert::{Bert, embed, prepare_tokenizer};
 use anyhow::{Context, Result};
 
 const DIALOGUE: &str = "#Person1#: Hi Tom, are you coming to the team lunch on Friday?\n#Person2#: I can't, I have a dentist appointment at noon. Could you save me some cake?\n#Person1#: Sure, I'll bring you a slice on Monday.";
@@ -19,7 +19,7 @@ fn main() -> Result<()> {
         .nth(1)
         .context("usage: smollm2_summary ASSETS_DIR")?
         .into();
-    let rt = Runtime::cpu(&assets);
+    let rt = Engine::cpu(&assets);
     let started = std::time::Instant::now();
     let opts = GenerateOptions {
         chat: true,

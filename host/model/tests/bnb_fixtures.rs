@@ -5,12 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
-use adapterlab_model::bnb::{self, MapLayer};
-use adapterlab_model::linear::{BaseWeight, Nf4Weight};
-use adapterlab_model::merge;
-use adapterlab_model::nf4::{self, Absmax, NestedAbsmax, Nf4Options, Nf4Tensor};
-use adapterlab_model::peft;
-use adapterlab_model::tensors::TensorMap;
+use adapterlab_model::io::tensors::TensorMap;
+use adapterlab_model::lora::merge;
+use adapterlab_model::lora::peft;
+use adapterlab_model::quant::bnb::{self, MapLayer};
+use adapterlab_model::quant::nf4::{self, Absmax, NestedAbsmax, Nf4Options, Nf4Tensor};
+use adapterlab_model::quant::weight::{BaseWeight, Nf4Weight};
 use candle_core::{DType, Device, Tensor};
 
 fn dir() -> PathBuf {
@@ -325,7 +325,7 @@ fn peft_adapter_loads_and_merges_like_peft() {
 
 #[test]
 fn our_adapter_files_have_peft_names_and_fields() {
-    use adapterlab_model::linear::LinearBuilder;
+    use adapterlab_model::nn::linear::LinearBuilder;
     let src = dir().join("falcon_tiny_lora");
     let ad = peft::load_adapter(&src).unwrap();
     let theirs_cfg: serde_json::Value =
@@ -439,8 +439,8 @@ fn hf_bnb_checkpoints_read_and_match_our_quantization() {
 /// Our writers against the files HF wrote from the same inputs: byte for byte.
 #[test]
 fn our_files_are_byte_identical_to_hf_and_peft() {
-    use adapterlab_model::linear::LinearBuilder;
-    use adapterlab_model::quantize::{self, QuantizeOptions};
+    use adapterlab_model::nn::linear::LinearBuilder;
+    use adapterlab_model::quant::quantize::{self, QuantizeOptions};
     let out = tempfile::tempdir().unwrap();
     let same = |a: &Path, b: &Path| std::fs::read(a).unwrap() == std::fs::read(b).unwrap();
     for model in ["llama_tiny", "falcon_tiny"] {

@@ -7,11 +7,11 @@
 use std::path::{Path, PathBuf};
 
 use adapterlab_model::CausalLm;
-use adapterlab_model::generate::{GenerationConfig, generate_ids};
-use adapterlab_model::linear::LinearBuilder;
-use adapterlab_model::loader::{LoadOptions, LoadedModel, load};
-use adapterlab_model::loss::{Example, loss_on_examples};
-use adapterlab_model::peft::load_adapter;
+use adapterlab_model::engine::generate::{GenerationConfig, generate_ids};
+use adapterlab_model::engine::loss::{Example, loss_on_examples};
+use adapterlab_model::lora::peft::load_adapter;
+use adapterlab_model::models::load::{LoadOptions, LoadedModel, load};
+use adapterlab_model::nn::linear::LinearBuilder;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
@@ -379,8 +379,8 @@ fn loss_matches_transformers() {
 )]
 #[test]
 fn nf4_kernels_equal_the_cpu_path() {
-    use adapterlab_model::linear::{BaseWeight, Nf4Weight};
-    use adapterlab_model::nf4::Nf4Options;
+    use adapterlab_model::quant::nf4::Nf4Options;
+    use adapterlab_model::quant::weight::{BaseWeight, Nf4Weight};
     use candle_core::DType;
     let dev = device();
     if dev.is_cpu() {
@@ -454,7 +454,7 @@ fn nf4_kernels_equal_the_cpu_path() {
 )]
 #[test]
 fn dropout_kernel_equals_the_cpu_path() {
-    use adapterlab_model::dropout::seeded_dropout;
+    use adapterlab_model::ops::dropout::seeded_dropout;
     use candle_core::DType;
     let dev = device();
     if dev.is_cpu() {
@@ -506,7 +506,7 @@ fn masked_softmax_kernels_equal_the_cpu_path() {
 }
 
 fn masked_softmax_case(dev: &Device, cpu: &Device, t: usize) {
-    use adapterlab_model::masked_softmax::{masked_softmax, masked_softmax_backward};
+    use adapterlab_model::ops::softmax::{masked_softmax, masked_softmax_backward};
     use candle_core::DType;
     let (b, h, s) = (3, 5, 7);
     let n = b * h * s * t;
@@ -569,7 +569,7 @@ fn masked_softmax_case(dev: &Device, cpu: &Device, t: usize) {
 )]
 #[test]
 fn cross_entropy_kernels_equal_the_cpu_path() {
-    use adapterlab_model::loss::cross_entropy_sum;
+    use adapterlab_model::ops::cross_entropy::cross_entropy_sum;
     use candle_core::{DType, Var};
     let dev = device();
     if dev.is_cpu() {
@@ -612,7 +612,7 @@ fn cross_entropy_kernels_equal_the_cpu_path() {
 )]
 #[test]
 fn adamw_kernel_equals_the_op_by_op_update() {
-    use adapterlab_model::cuda_kernels::{AdamWScalars, adamw_f32};
+    use adapterlab_model::ops::kernels::{AdamWScalars, adamw_f32};
     let dev = device();
     if dev.is_cpu() {
         eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
@@ -668,7 +668,7 @@ fn adamw_kernel_equals_the_op_by_op_update() {
 )]
 #[test]
 fn lora_inference_kernels_equal_the_op_by_op_path() {
-    use adapterlab_model::cuda_kernels::lora_inference;
+    use adapterlab_model::lora::kernels::lora_inference;
     use candle_core::DType;
     let dev = device();
     if dev.is_cpu() {
@@ -710,7 +710,7 @@ fn lora_inference_kernels_equal_the_op_by_op_path() {
 )]
 #[test]
 fn gelu_backward_kernel_equals_the_cpu_path() {
-    use adapterlab_model::gelu::gelu_erf_backward;
+    use adapterlab_model::ops::gelu::gelu_erf_backward;
     use candle_core::DType;
     let dev = device();
     if dev.is_cpu() {
@@ -745,7 +745,7 @@ fn gelu_backward_kernel_equals_the_cpu_path() {
 )]
 #[test]
 fn training_gradients_on_the_gpu_equal_the_cpu() {
-    use adapterlab_model::checkpoint;
+    use adapterlab_model::nn::checkpoint;
     use candle_core::{D, DType};
     let dev = device();
     if dev.is_cpu() {

@@ -6,10 +6,10 @@
 
 use std::path::PathBuf;
 
-use adapterlab_model::assets::{MINILM, SMOLLM2};
-use adapterlab_model::bert::{Bert, embed, prepare_tokenizer};
-use adapterlab_model::commands::{GenerateOptions, Runtime};
-use adapterlab_model::generate::Decoding;
+use adapterlab_model::engine::generate::Decoding;
+use adapterlab_model::engine::{Engine, GenerateOptions};
+use adapterlab_model::io::assets::{MINILM, SMOLLM2};
+use adapterlab_model::models::bert::{Bert, embed, prepare_tokenizer};
 
 fn assets_dir() -> PathBuf {
     match std::env::var_os("ADAPTERLAB_DATA_DIR") {
@@ -40,11 +40,11 @@ fn smollm2_summarises_a_dialogue() {
             vec![format!(
                 "Summarize this dialogue in one sentence.\n\n{dialogue}"
             )],
-            Runtime::cpu(&assets),
+            Engine::cpu(&assets),
         )
     };
     let loaded =
-        adapterlab_model::commands::load_model("smollm2", None, Default::default(), &opts.runtime)
+        adapterlab_model::engine::load_model("smollm2", None, Default::default(), &opts.runtime)
             .unwrap();
     let tok = loaded.tokenizer.as_ref().unwrap();
     // The GGUF-built tokenizer: special tokens whole, digits one by one, lossless round trip.
@@ -62,7 +62,7 @@ fn smollm2_summarises_a_dialogue() {
         tok.decode(enc.get_ids(), false).unwrap(),
         "<|im_start|>user\nIn 2024, it's 12 o'clock.<|im_end|>"
     );
-    let g = adapterlab_model::commands::generate_with(&loaded, &opts)
+    let g = adapterlab_model::engine::generate_with(&loaded, &opts)
         .unwrap()
         .remove(0);
     let text = g.text.to_lowercase();
@@ -130,12 +130,12 @@ fn smollm2_gguf_agrees_with_candle_quantized_llama() {
     let assets = assets_dir();
     let path = SMOLLM2
         .dir(&assets)
-        .join(adapterlab_model::assets::SMOLLM2_GGUF);
+        .join(adapterlab_model::io::assets::SMOLLM2_GGUF);
     if !path.is_file() {
         eprintln!("{} is not cached; skipping", path.display());
         return;
     }
-    let ours = adapterlab_model::gguf::load(
+    let ours = adapterlab_model::models::gguf::load(
         &path,
         candle_core::DType::F32,
         &Device::Cpu,
@@ -203,15 +203,15 @@ fn smollm2_gguf_agrees_with_candle_quantized_llama() {
 /// Eval loss on the real model: a fitting completion costs less than a scrambled one.
 #[test]
 fn smollm2_loss_prefers_the_fitting_completion() {
-    use adapterlab_model::commands::{EvalLossOptions, eval_loss_with, load_model};
-    use adapterlab_model::loss::Row;
+    use adapterlab_model::engine::loss::Row;
+    use adapterlab_model::engine::{EvalLossOptions, eval_loss_with, load_model};
 
     let assets = assets_dir();
     if !SMOLLM2.is_cached(&assets) {
         eprintln!("SmolLM2 is not cached in {}; skipping", assets.display());
         return;
     }
-    let rt = Runtime::cpu(&assets);
+    let rt = Engine::cpu(&assets);
     let loaded = load_model("smollm2", None, Default::default(), &rt).unwrap();
     let row = |completion: &str| -> Row {
         serde_json::from_value(serde_json::json!({

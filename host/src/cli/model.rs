@@ -1,13 +1,13 @@
 //! The model commands: `params`, `generate`, `eval-loss`, `quantize`, `merge`. Thin: the work
-//! is in the model crate (`adapterlab_model::commands`).
+//! is in the model crate (`adapterlab_model::engine`).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use adapterlab_model::commands::{self, EvalLossOptions, GenerateOptions, Quantize, Runtime};
-use adapterlab_model::generate::Decoding;
-use adapterlab_model::loss::Row;
+use adapterlab_model::engine::generate::Decoding;
+use adapterlab_model::engine::loss::Row;
+use adapterlab_model::engine::{self, Engine, EvalLossOptions, GenerateOptions, Quantize};
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -33,7 +33,7 @@ impl From<QuantizeArg> for Quantize {
 }
 
 /// The device models run on (see [`crate::infer::model_runtime`]).
-pub fn model_runtime(ctx: &Context) -> Result<Runtime> {
+pub fn model_runtime(ctx: &Context) -> Result<Engine> {
     crate::infer::model_runtime(ctx.data_dir.assets())
 }
 
@@ -52,7 +52,7 @@ pub struct ParamsArgs {
 }
 
 pub fn params(args: ParamsArgs, ctx: &Context) -> Result<()> {
-    let count = commands::params(
+    let count = engine::params(
         &args.model,
         args.lora_r,
         &args.target_modules,
@@ -153,8 +153,14 @@ fn resolve_adapter(ctx: &Context, adapter: Option<PathBuf>) -> Result<Option<Pat
 
 pub fn generate(mut args: GenerateArgs, ctx: &Context) -> Result<()> {
     args.adapter = resolve_adapter(ctx, args.adapter.take())?;
+    // Greedy unless a sampling flag is given; a warper alone samples at temperature 1.0.
     let sampled = !args.greedy
         && (args.temperature.is_some() || args.top_k.is_some() || args.top_p.is_some());
+    let temperature = if sampled {
+        args.temperature.unwrap_or(1.0)
+    } else {
+        0.0
+    };
     let runtime = model_runtime(ctx)?;
     let Some(data) = &args.data else {
         let prompt = args.prompt.clone().context("give --prompt or --data")?;
@@ -164,22 +170,13 @@ pub fn generate(mut args: GenerateArgs, ctx: &Context) -> Result<()> {
             prompts: vec![prompt],
             chat: args.chat,
             max_new_tokens: args.max_new_tokens,
-            decoding: if sampled {
-                Decoding::Sample {
-                    temperature: args.temperature.unwrap_or(1.0),
-                    top_k: args.top_k,
-                    top_p: args.top_p,
-                    seed: args.seed,
-                }
-            } else {
-                Decoding::Greedy
-            },
+            decoding: Decoding::from_settings(temperature, args.top_k, args.top_p, args.seed),
             repetition_penalty: args.repetition_penalty,
             quantize: args.quantize.into(),
             batch_size: 1,
             runtime,
         };
-        let g = commands::generate(opts)?.remove(0);
+        let g = engine::generate(opts)?.remove(0);
         if args.json {
             println!("{}", json!({"token_ids": g.token_ids, "text": g.text}));
         } else {
@@ -195,18 +192,14 @@ pub fn generate(mut args: GenerateArgs, ctx: &Context) -> Result<()> {
     let rows = predict::prompt_rows(&split, &args.formatter, Some(&ctx.registry()?))?;
     let sampling = Sampling {
         max_new_tokens: args.max_new_tokens,
-        temperature: if sampled {
-            args.temperature.unwrap_or(1.0)
-        } else {
-            0.0
-        },
+        temperature,
         top_p: args.top_p,
         top_k: args.top_k,
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
         batch_size: args.batch_size.max(1),
     };
-    let loaded = commands::load_model(
+    let loaded = engine::load_model(
         &args.model,
         args.adapter.as_deref(),
         args.quantize.into(),
@@ -289,9 +282,9 @@ pub fn eval_loss(mut args: EvalLossArgs, ctx: &Context) -> Result<()> {
                 .map(|f| (f.prompt, f.completion))
                 .map_err(anyhow::Error::msg)
         };
-        commands::eval_loss(&opts, Some(&format))?
+        engine::eval_loss(&opts, Some(&format))?
     } else {
-        commands::eval_loss(&opts, None)?
+        engine::eval_loss(&opts, None)?
     };
     if args.json {
         println!("{}", json!({"loss": output.loss, "tokens": output.tokens}));
@@ -311,9 +304,12 @@ pub struct QuantizeArgs {
 }
 
 pub fn quantize(args: QuantizeArgs, _ctx: &Context) -> Result<()> {
-    let report =
-        adapterlab_model::quantize::quantize_model_dir(&args.model, &args.out, &Default::default())
-            .with_context(|| format!("failed to quantize {}", args.model.display()))?;
+    let report = adapterlab_model::quant::quantize::quantize_model_dir(
+        &args.model,
+        &args.out,
+        &Default::default(),
+    )
+    .with_context(|| format!("failed to quantize {}", args.model.display()))?;
     eprintln!(
         "quantized {} linear layers to NF4 (double quant); wrote {}",
         report.quantized_modules.len(),
@@ -351,7 +347,7 @@ pub fn export(args: ExportArgs, ctx: &Context) -> Result<()> {
         ExportDtype::Bf16 => candle_core::DType::BF16,
         ExportDtype::F16 => candle_core::DType::F16,
     };
-    let report = adapterlab_model::export::export(
+    let report = adapterlab_model::engine::export::export(
         &args.model,
         &args.out,
         dtype,
@@ -391,7 +387,7 @@ pub fn merge(mut args: MergeArgs, ctx: &Context) -> Result<()> {
     if let Some(dir) = resolve_adapter(ctx, Some(args.adapter.clone()))? {
         args.adapter = dir;
     }
-    let report = adapterlab_model::merge::merge_model_dir(
+    let report = adapterlab_model::lora::merge::merge_model_dir(
         &args.model,
         &args.adapter,
         &args.out,

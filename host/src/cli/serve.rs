@@ -21,7 +21,7 @@ pub struct ServeArgs {
     /// The base model served under /v1 (OpenAI-compatible) and used by generate runs by
     /// default: `smollm2`, a checkpoint folder, a `.gguf` file or a hub id. Loaded on first use
     /// and kept; stored adapters are served on top of it by name.
-    #[arg(long, default_value = adapterlab_model::commands::DEFAULT_MODEL)]
+    #[arg(long, default_value = adapterlab_model::engine::DEFAULT_MODEL)]
     pub model: String,
 
     /// Accept requests whose `Host` header names NAME (repeatable). Only loopback names

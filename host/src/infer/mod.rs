@@ -2,12 +2,12 @@
 //! runs, `eval_after_train`, `adapterlab generate --data`), generate runs in the store, and
 //! the models the server keeps loaded (a base once, adapters switched per request).
 //!
-//! The model work itself is in the model crate (`adapterlab_model::commands`); this module
+//! The model work itself is in the model crate (`adapterlab_model::engine`); this module
 //! joins it to plugins (the formatter), the store and the eval pipeline.
 
 use std::path::PathBuf;
 
-use adapterlab_model::commands::Runtime;
+use adapterlab_model::engine::Engine;
 use anyhow::{Result, bail};
 
 pub mod models;
@@ -18,11 +18,11 @@ pub use models::Models;
 
 /// The device models run on: CUDA when built with it and a GPU is there (bf16), else the CPU
 /// (f32). `ADAPTERLAB_DTYPE` (f32, bf16, f16) overrides the dtype.
-pub fn model_runtime(assets_dir: PathBuf) -> Result<Runtime> {
-    let mut rt = Runtime::cpu(assets_dir);
+pub fn model_runtime(assets_dir: PathBuf) -> Result<Engine> {
+    let mut rt = Engine::cpu(assets_dir);
     #[cfg(feature = "cuda")]
     {
-        if let Ok(device) = adapterlab_model::device::cuda(0) {
+        if let Ok(device) = adapterlab_model::engine::device::cuda(0) {
             rt.device = device;
             rt.dtype = candle_core::DType::BF16;
         }

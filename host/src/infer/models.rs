@@ -1,6 +1,6 @@
 //! The models a server keeps loaded. A base is loaded once, on first use, and kept: the served
 //! one (`serve --model`) for good, one other at a time. Adapters are attached to a base
-//! unmerged (`adapterlab_model::commands::with_adapter`): the copy shares the base's frozen
+//! unmerged (`adapterlab_model::engine::with_adapter`): the copy shares the base's frozen
 //! weights, so switching adapters per request costs the adapter's tensors, never a reload.
 
 use std::collections::VecDeque;
@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
-use adapterlab_model::commands::{Quantize, Runtime, load_model, with_adapter};
-use adapterlab_model::loader::LoadedModel;
+use adapterlab_model::engine::{Engine, Quantize, load_model, with_adapter};
+use adapterlab_model::models::load::LoadedModel;
 use anyhow::{Context as _, Result};
 
 /// Adapted models kept ready; older ones are rebuilt on demand (cheap: the base stays).
@@ -18,7 +18,7 @@ const ADAPTERS_KEPT: usize = 4;
 type Slot = Arc<Mutex<Option<Arc<LoadedModel>>>>;
 
 pub struct Models {
-    rt: Runtime,
+    rt: Engine,
     served: String,
     bases: Mutex<Vec<(String, Slot)>>,
     adapters: Mutex<VecDeque<(AdapterKey, Arc<LoadedModel>)>>,
@@ -34,7 +34,7 @@ struct AdapterKey {
 }
 
 impl Models {
-    pub fn new(rt: Runtime, served: impl Into<String>) -> Self {
+    pub fn new(rt: Engine, served: impl Into<String>) -> Self {
         Models {
             rt,
             served: served.into(),
@@ -49,7 +49,7 @@ impl Models {
         &self.served
     }
 
-    pub fn runtime(&self) -> &Runtime {
+    pub fn runtime(&self) -> &Engine {
         &self.rt
     }
 

@@ -6,10 +6,10 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use adapterlab_model::commands::{GenerateOptions, Quantize, Runtime, generate_with};
-use adapterlab_model::generate::Decoding;
-use adapterlab_model::loader::LoadedModel;
-use adapterlab_model::loss::Row;
+use adapterlab_model::engine::generate::Decoding;
+use adapterlab_model::engine::loss::Row;
+use adapterlab_model::engine::{Engine, GenerateOptions, Quantize, generate_with};
+use adapterlab_model::models::load::LoadedModel;
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -151,16 +151,9 @@ impl Sampling {
     }
 
     pub fn decoding(&self, batch: u64) -> Decoding {
-        if self.temperature == 0.0 {
-            return Decoding::Greedy;
-        }
-        Decoding::Sample {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            // Each batch draws its own stream; the run as a whole is reproducible.
-            seed: self.seed.wrapping_add(batch),
-        }
+        // Each batch draws its own stream; the run as a whole is reproducible.
+        let seed = self.seed.wrapping_add(batch);
+        Decoding::from_settings(self.temperature, self.top_k, self.top_p, seed)
     }
 }
 
@@ -187,7 +180,7 @@ pub fn predict(
             repetition_penalty: sampling.repetition_penalty,
             quantize: Quantize::None,
             batch_size: chunk.len(),
-            runtime: Runtime::cpu(PathBuf::new()),
+            runtime: Engine::cpu(PathBuf::new()),
         };
         let generations = {
             let _device = device.map(|d| d.lock().unwrap_or_else(|e| e.into_inner()));

@@ -140,7 +140,7 @@ pub fn check_model(model: &str, field: &str) -> Result<()> {
             })
             && !model.starts_with('.')
     };
-    if model == adapterlab_model::commands::DEFAULT_MODEL || path.exists() || hub_id {
+    if model == adapterlab_model::engine::DEFAULT_MODEL || path.exists() || hub_id {
         return Ok(());
     }
     bail!(

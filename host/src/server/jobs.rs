@@ -362,10 +362,10 @@ impl Jobs {
         generate::check_model(&config.model_name_or_path, "config.model_name_or_path")?;
         self.check_dataset_path(&config.dataset, "config.dataset")?;
         self.check_memory(&config)?;
-        adapterlab_model::commands::check_target_modules(
+        adapterlab_model::engine::check_target_modules(
             &config.model_name_or_path,
             &config.lora.target_modules,
-            &adapterlab_model::commands::Runtime::cpu(self.inner.data_dir.assets()),
+            &adapterlab_model::engine::Engine::cpu(self.inner.data_dir.assets()),
         )
         .context("config.lora.target_modules")?;
         {

@@ -10,9 +10,9 @@
 use std::convert::Infallible;
 use std::path::PathBuf;
 
-use adapterlab_model::chat::Message;
-use adapterlab_model::commands::{ChatCompletion, ChatOptions, TextLogprob, complete_chat};
-use adapterlab_model::generate::Decoding;
+use adapterlab_model::engine::generate::Decoding;
+use adapterlab_model::engine::{ChatCompletion, ChatOptions, TextLogprob, complete_chat};
+use adapterlab_model::models::chat::Message;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
@@ -21,6 +21,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::infer::predict::MAX_NEW_TOKENS;
@@ -42,17 +43,17 @@ pub struct OpenAiError {
     status: StatusCode,
     message: String,
     kind: &'static str,
-    param: Option<&'static str>,
+    param: Option<String>,
     code: Option<&'static str>,
 }
 
 impl OpenAiError {
-    pub fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
+    pub fn invalid(param: Option<&str>, message: impl Into<String>) -> Self {
         OpenAiError {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
             kind: "invalid_request_error",
-            param,
+            param: param.map(str::to_string),
             code: None,
         }
     }
@@ -74,7 +75,7 @@ impl OpenAiError {
                 "The model `{model}` does not exist: GET /v1/models lists the served model and the stored adapters"
             ),
             kind: "invalid_request_error",
-            param: Some("model"),
+            param: Some("model".into()),
             code: Some("model_not_found"),
         }
     }
@@ -171,6 +172,75 @@ struct ChatRequest {
     include_usage: bool,
 }
 
+/// The body of `POST /v1/chat/completions`, as OpenAI defines the parameters served here.
+/// Parameters OpenAI has and this server does not use (`user`, `logit_bias`, ...) are ignored,
+/// as OpenAI-compatible servers do; those that would change the answer and are not
+/// implemented are refused by [`parse_request`].
+#[derive(Debug, Deserialize)]
+struct ChatBody {
+    model: Option<String>,
+    messages: Option<Vec<MessageBody>>,
+    max_completion_tokens: Option<i64>,
+    max_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    repetition_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    presence_penalty: Option<f64>,
+    n: Option<i64>,
+    tools: Option<Value>,
+    functions: Option<Value>,
+    tool_choice: Option<Value>,
+    function_call: Option<Value>,
+    response_format: Option<ResponseFormat>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<i64>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MessageBody {
+    role: String,
+    content: Option<Content>,
+}
+
+/// A message's content: a string, or a list of parts of which only text is served.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
 fn parse_request(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         OpenAiError::invalid(
@@ -181,38 +251,24 @@ fn parse_request(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
     if !v.is_object() {
         return Err(OpenAiError::invalid(None, "the body must be a JSON object"));
     }
-    let model = v
-        .get("model")
-        .and_then(Value::as_str)
+    // Types once, at the edge: a wrong type names its parameter (the path's first key).
+    let b: ChatBody = serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let param = path
+            .split(['.', '['])
+            .next()
+            .filter(|p| !p.is_empty() && *p != "?")
+            .map(str::to_string);
+        let inner = e.into_inner();
+        OpenAiError::invalid(param.as_deref(), format!("`{path}`: {inner}"))
+    })?;
+    let invalid = |param: &str, message: String| OpenAiError::invalid(Some(param), message);
+    let model = b
+        .model
         .filter(|m| !m.is_empty())
-        .ok_or_else(|| OpenAiError::invalid(Some("model"), "you must provide a model parameter"))?
-        .to_string();
-    let messages = parse_messages(v.get("messages"))?;
-    let number = |key: &'static str| -> Result<Option<f64>, OpenAiError> {
-        match v.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(x) => x.as_f64().map(Some).ok_or_else(|| {
-                OpenAiError::invalid(Some(key), format!("`{key}` must be a number"))
-            }),
-        }
-    };
-    let integer = |key: &'static str| -> Result<Option<i64>, OpenAiError> {
-        match v.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(x) => x.as_i64().map(Some).ok_or_else(|| {
-                OpenAiError::invalid(Some(key), format!("`{key}` must be an integer"))
-            }),
-        }
-    };
-    let flag = |key: &'static str| -> Result<bool, OpenAiError> {
-        match v.get(key) {
-            None | Some(Value::Null) => Ok(false),
-            Some(x) => x.as_bool().ok_or_else(|| {
-                OpenAiError::invalid(Some(key), format!("`{key}` must be a boolean"))
-            }),
-        }
-    };
-    let max_tokens = match (integer("max_completion_tokens")?, integer("max_tokens")?) {
+        .ok_or_else(|| invalid("model", "you must provide a model parameter".into()))?;
+    let messages = messages(b.messages)?;
+    let max_tokens = match (b.max_completion_tokens, b.max_tokens) {
         (Some(n), _) => Some(("max_completion_tokens", n)),
         (None, Some(n)) => Some(("max_tokens", n)),
         (None, None) => None,
@@ -220,130 +276,106 @@ fn parse_request(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
     let max_new_tokens = match max_tokens {
         None => DEFAULT_MAX_TOKENS,
         Some((key, n)) if n < 1 || n as usize > MAX_NEW_TOKENS => {
-            let param = if key == "max_tokens" {
-                "max_tokens"
-            } else {
-                "max_completion_tokens"
-            };
-            return Err(OpenAiError::invalid(
-                Some(param),
+            return Err(invalid(
+                key,
                 format!("`{key}` must be between 1 and {MAX_NEW_TOKENS}"),
             ));
         }
         Some((_, n)) => n as usize,
     };
-    let temperature = number("temperature")?.unwrap_or(1.0);
+    let temperature = b.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(OpenAiError::invalid(
-            Some("temperature"),
-            "`temperature` must be between 0 and 2",
+        return Err(invalid(
+            "temperature",
+            "`temperature` must be between 0 and 2".into(),
         ));
     }
-    let top_p = number("top_p")?;
-    if let Some(p) = top_p
+    if let Some(p) = b.top_p
         && !(p > 0.0 && p <= 1.0)
     {
-        return Err(OpenAiError::invalid(
-            Some("top_p"),
-            "`top_p` must be in (0, 1]",
-        ));
+        return Err(invalid("top_p", "`top_p` must be in (0, 1]".into()));
     }
-    let top_k = integer("top_k")?;
-    if top_k.is_some_and(|k| k < 0) {
-        return Err(OpenAiError::invalid(
-            Some("top_k"),
-            "`top_k` must be 0 or more",
-        ));
+    if b.top_k.is_some_and(|k| k < 0) {
+        return Err(invalid("top_k", "`top_k` must be 0 or more".into()));
     }
-    let repetition_penalty = number("repetition_penalty")?.unwrap_or(1.0);
+    let repetition_penalty = b.repetition_penalty.unwrap_or(1.0);
     if repetition_penalty.is_nan() || repetition_penalty <= 0.0 {
-        return Err(OpenAiError::invalid(
-            Some("repetition_penalty"),
-            "`repetition_penalty` must be positive",
+        return Err(invalid(
+            "repetition_penalty",
+            "`repetition_penalty` must be positive".into(),
         ));
     }
-    for key in ["frequency_penalty", "presence_penalty"] {
-        if number(key)?.is_some_and(|p| p != 0.0) {
+    for (key, value) in [
+        ("frequency_penalty", b.frequency_penalty),
+        ("presence_penalty", b.presence_penalty),
+    ] {
+        if value.is_some_and(|p| p != 0.0) {
             return Err(OpenAiError::invalid(
                 None,
                 format!("`{key}` is not supported (use `repetition_penalty`)"),
             ));
         }
     }
-    if integer("n")?.is_some_and(|n| n != 1) {
-        return Err(OpenAiError::invalid(Some("n"), "only n = 1 is supported"));
+    if b.n.is_some_and(|n| n != 1) {
+        return Err(invalid("n", "only n = 1 is supported".into()));
     }
-    for key in ["tools", "functions", "tool_choice", "function_call"] {
-        if v.get(key).is_some_and(|t| !t.is_null()) {
+    for (key, value) in [
+        ("tools", &b.tools),
+        ("functions", &b.functions),
+        ("tool_choice", &b.tool_choice),
+        ("function_call", &b.function_call),
+    ] {
+        if value.as_ref().is_some_and(|t| !t.is_null()) {
             return Err(OpenAiError::invalid(
                 None,
                 format!("`{key}` is not supported"),
             ));
         }
     }
-    if let Some(kind) = v
-        .get("response_format")
-        .and_then(|f| f.get("type"))
-        .and_then(Value::as_str)
-        && kind != "text"
+    if let Some(f) = &b.response_format
+        && f.kind != "text"
     {
-        return Err(OpenAiError::invalid(
-            Some("response_format"),
-            format!("response_format {kind:?} is not supported; only \"text\""),
+        return Err(invalid(
+            "response_format",
+            format!(
+                "response_format {:?} is not supported; only \"text\"",
+                f.kind
+            ),
         ));
     }
-    let seed = integer("seed")?;
-    let stop = match v.get("stop") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) if items.len() <= 4 => items
-            .iter()
-            .map(|s| {
-                s.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| OpenAiError::invalid(Some("stop"), "`stop` must hold strings"))
-            })
-            .collect::<Result<_, _>>()?,
-        Some(_) => {
-            return Err(OpenAiError::invalid(
-                Some("stop"),
-                "`stop` must be a string or up to 4 strings",
+    let stop = match b.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(items)) if items.len() <= 4 => items,
+        Some(Stop::Many(_)) => {
+            return Err(invalid(
+                "stop",
+                "`stop` must be a string or up to 4 strings".into(),
             ));
         }
     };
-    let logprobs = flag("logprobs")?;
-    let top_logprobs = integer("top_logprobs")?;
-    let logprobs = match (logprobs, top_logprobs) {
+    let logprobs = match (b.logprobs.unwrap_or(false), b.top_logprobs) {
         (_, Some(n)) if !(0..=20).contains(&n) => {
-            return Err(OpenAiError::invalid(
-                Some("top_logprobs"),
-                "`top_logprobs` must be between 0 and 20",
+            return Err(invalid(
+                "top_logprobs",
+                "`top_logprobs` must be between 0 and 20".into(),
             ));
         }
         (false, Some(_)) => {
-            return Err(OpenAiError::invalid(
-                Some("top_logprobs"),
-                "`top_logprobs` needs `logprobs` set to true",
+            return Err(invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs` set to true".into(),
             ));
         }
         (true, n) => Some(n.unwrap_or(0) as usize),
         (false, None) => None,
     };
-    let decoding = if temperature == 0.0 {
-        Decoding::Greedy
-    } else {
-        Decoding::Sample {
-            temperature: temperature as f32,
-            top_k: top_k.map(|k| k as usize),
-            top_p: top_p.map(|p| p as f32),
-            seed: seed.map_or_else(rand::random, |s| s as u64),
-        }
-    };
-    let include_usage = v
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let decoding = Decoding::from_settings(
+        temperature as f32,
+        b.top_k.map(|k| k as usize),
+        b.top_p.map(|p| p as f32),
+        b.seed.map_or_else(rand::random, |s| s as u64),
+    );
     Ok(ChatRequest {
         model,
         messages,
@@ -354,49 +386,39 @@ fn parse_request(body: &[u8]) -> Result<ChatRequest, OpenAiError> {
             stop,
             logprobs,
         },
-        stream: flag("stream")?,
-        include_usage,
+        stream: b.stream.unwrap_or(false),
+        include_usage: b
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
     })
 }
 
-/// `messages`: each `{role, content}` where content is a string, a list of text parts, or null.
-fn parse_messages(value: Option<&Value>) -> Result<Vec<Message>, OpenAiError> {
-    let param = Some("messages");
-    let items = value
-        .and_then(Value::as_array)
+/// `messages`: a non-empty list, each content a string, a list of text parts, or null.
+fn messages(items: Option<Vec<MessageBody>>) -> Result<Vec<Message>, OpenAiError> {
+    let invalid = |message: String| OpenAiError::invalid(Some("messages"), message);
+    let items = items
         .filter(|m| !m.is_empty())
-        .ok_or_else(|| OpenAiError::invalid(param, "`messages` must be a non-empty array"))?;
+        .ok_or_else(|| invalid("`messages` must be a non-empty array".into()))?;
     items
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
-                OpenAiError::invalid(param, format!("messages[{i}]: `role` must be a string"))
-            })?;
-            let content = match m.get("content") {
-                None | Some(Value::Null) => String::new(),
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .map(
-                        |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
-                            (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
-                            _ => Err(OpenAiError::invalid(
-                                param,
-                                format!("messages[{i}]: only text content parts are supported"),
-                            )),
-                        },
-                    )
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(s)) => s,
+                Some(Content::Parts(parts)) => parts
+                    .into_iter()
+                    .map(|p| match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => Ok(t),
+                        _ => Err(invalid(format!(
+                            "messages[{i}]: only text content parts are supported"
+                        ))),
+                    })
                     .collect::<Result<Vec<_>, _>>()?
                     .concat(),
-                Some(_) => {
-                    return Err(OpenAiError::invalid(
-                        param,
-                        format!("messages[{i}]: `content` must be a string or a list of parts"),
-                    ));
-                }
             };
-            Ok(Message::new(role, &content))
+            Ok(Message::new(&m.role, &content))
         })
         .collect()
 }
@@ -527,7 +549,7 @@ mod tests {
     fn check_err(body: Value, param: Option<&str>, needle: &str) {
         let e = parse_request(body.to_string().as_bytes()).unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
-        assert_eq!(e.param, param, "{}", e.message);
+        assert_eq!(e.param.as_deref(), param, "{}", e.message);
         assert!(e.message.contains(needle), "{}", e.message);
         let shape = e.body();
         assert_eq!(shape["error"]["type"], "invalid_request_error");

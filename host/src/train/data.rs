@@ -1,5 +1,5 @@
 //! Training data: the dataset's splits (bundled, or local JSON/JSONL/CSV files), rows rendered
-//! by a formatter plugin, tokenized as TRL does (`adapterlab_model::loss`), truncated with a
+//! by a formatter plugin, tokenized as TRL does (`adapterlab_model::engine::loss`), truncated with a
 //! count, and batched with HF's length grouping and right padding.
 //!
 //! **Architecture Invariant:** every dataset problem (unreadable file, missing column, empty
@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use adapterlab_model::loss::{Example, Row, TokenizeOptions, tokenize_row};
+use adapterlab_model::engine::loss::{Example, Row, TokenizeOptions, tokenize_row};
 use anyhow::{Context as _, Result, bail};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;

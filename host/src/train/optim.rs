@@ -129,7 +129,7 @@ impl AdamW {
             if var.device().is_cuda() && var.dtype() == DType::F32 {
                 // The same update in one kernel, rounded alike (golden test
                 // `adamw_kernel_equals_the_op_by_op_update`).
-                let scalars = adapterlab_model::cuda_kernels::AdamWScalars {
+                let scalars = adapterlab_model::ops::kernels::AdamWScalars {
                     beta1,
                     beta2,
                     eps,
@@ -137,7 +137,7 @@ impl AdamW {
                     bc2_sqrt,
                     step: lr / bc1,
                 };
-                let (p, m, v) = adapterlab_model::cuda_kernels::adamw_f32(
+                let (p, m, v) = adapterlab_model::ops::kernels::adamw_f32(
                     var.as_tensor(),
                     &g.contiguous()?,
                     &self.m[i],

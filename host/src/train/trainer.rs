@@ -13,15 +13,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use adapterlab_model::assets::Fetcher;
-use adapterlab_model::causal_lm::CausalLm;
-use adapterlab_model::commands::{Runtime, load_model_with};
-use adapterlab_model::linear::{BaseFormat, LinearBuilder};
-use adapterlab_model::loader::LoadedModel;
+use adapterlab_model::engine::loss::{Example, loss_on_examples};
+use adapterlab_model::engine::{Engine, load_model_with};
+use adapterlab_model::io::assets::Fetcher;
+use adapterlab_model::lora::peft::{self, SaveOptions};
 use adapterlab_model::lora::{LoraConfig, LoraRegistry, TargetModules};
-use adapterlab_model::loss::{Example, loss_on_examples};
-use adapterlab_model::nf4::Nf4Options;
-use adapterlab_model::peft::{self, SaveOptions};
+use adapterlab_model::models::load::LoadedModel;
+use adapterlab_model::nn::causal_lm::CausalLm;
+use adapterlab_model::nn::linear::{BaseFormat, LinearBuilder};
+use adapterlab_model::quant::nf4::Nf4Options;
 use anyhow::{Context as _, Result, bail};
 use candle_core::{D, DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -116,7 +116,7 @@ const TRAINER_STATE_FILE: &str = "trainer_state.json";
 
 fn device() -> Result<Device> {
     if cfg!(feature = "cuda") {
-        Ok(adapterlab_model::device::cuda_if_available(0)?)
+        Ok(adapterlab_model::engine::device::cuda_if_available(0)?)
     } else {
         Ok(Device::Cpu)
     }
@@ -169,15 +169,15 @@ pub fn load_for_training(
     config: &TrainConfig,
     assets_dir: &Path,
 ) -> Result<(
-    adapterlab_model::loader::LoadedModel,
+    adapterlab_model::models::load::LoadedModel,
     Arc<LoraRegistry>,
-    Runtime,
+    Engine,
 )> {
     let device = device()?;
     let dtype = compute_dtype(config, &device);
-    adapterlab_model::checkpoint::set_enabled(config.gradient_checkpointing);
-    adapterlab_model::checkpoint::set_every(config.gradient_checkpointing_every);
-    let rt = Runtime {
+    adapterlab_model::nn::checkpoint::set_enabled(config.gradient_checkpointing);
+    adapterlab_model::nn::checkpoint::set_every(config.gradient_checkpointing_every);
+    let rt = Engine {
         assets_dir: assets_dir.to_path_buf(),
         device: device.clone(),
         dtype,
@@ -211,7 +211,7 @@ pub fn load_for_training(
         .with_context(|| format!("failed to load model {}", config.model_name_or_path))?;
     // Each entry must match a layer: a typo among good names would otherwise train an adapter
     // quietly missing those layers, and write the typo into adapter_config.json.
-    adapterlab_model::commands::check_targets(&loaded, &registry.config().target_modules)
+    adapterlab_model::engine::check_targets(&loaded, &registry.config().target_modules)
         .with_context(|| format!("lora.target_modules for {}", config.model_name_or_path))?;
     if registry.layers().is_empty() {
         bail!(
@@ -261,7 +261,7 @@ pub fn apply_gradients(
         .first()
         .map(|g| g.device().clone())
         .unwrap_or(Device::Cpu);
-    let norm = adapterlab_model::profile::scope_with("optimizer", &dev, || {
+    let norm = adapterlab_model::ops::profile::scope_with("optimizer", &dev, || {
         let norm = clip_grad_norm(&mut grads, max_grad_norm)?;
         opt.step(&grads, lr)?;
         anyhow::Ok(norm)
@@ -279,7 +279,7 @@ pub fn accumulate_micro_batch(
     vars: &[(String, Var)],
     grads: &mut [Option<Tensor>],
 ) -> Result<f64> {
-    use adapterlab_model::profile;
+    use adapterlab_model::ops::profile;
     let dev = model.device();
     let hidden = profile::pass("forward", || {
         profile::scope("model", dev, || {
@@ -290,7 +290,7 @@ pub fn accumulate_micro_batch(
         let hidden = hidden.reshape((batch.rows * batch.width, hidden.dim(D::Minus1)?))?;
         let picked = hidden.index_select(&batch.positions, 0)?;
         let logits = model.lm_head(&picked)?;
-        let nll = adapterlab_model::loss::cross_entropy_sum(&logits, &batch.labels)?;
+        let nll = adapterlab_model::ops::cross_entropy::cross_entropy_sum(&logits, &batch.labels)?;
         nll / total_targets.max(1) as f64
     })?;
     let value = f64::from(loss.to_scalar::<f32>()?);
@@ -301,7 +301,7 @@ pub fn accumulate_micro_batch(
         // Checkpointed layers hand their adapters' gradients over outside the graph.
         let found = [
             store.get(var.as_tensor()).cloned(),
-            adapterlab_model::checkpoint::take_grad(var.as_tensor()),
+            adapterlab_model::nn::checkpoint::take_grad(var.as_tensor()),
         ];
         for g in found.into_iter().flatten() {
             grads[i] = Some(match grads[i].take() {
@@ -1337,9 +1337,9 @@ fn load_checkpoint(dir: &Path, opt: &mut AdamW, device: &Device) -> Result<Resum
 mod tests {
     use std::path::Path;
 
-    use adapterlab_model::linear::LinearBuilder;
-    use adapterlab_model::loader::{LoadOptions, load};
-    use adapterlab_model::loss::Example;
+    use adapterlab_model::engine::loss::Example;
+    use adapterlab_model::models::load::{LoadOptions, load};
+    use adapterlab_model::nn::linear::LinearBuilder;
     use candle_core::{Device, Var};
 
     use super::accumulate_micro_batch;
@@ -1351,13 +1351,13 @@ mod tests {
         fixture: &Path,
     ) -> anyhow::Result<(
         std::sync::Arc<adapterlab_model::lora::LoraRegistry>,
-        adapterlab_model::loader::LoadedModel,
+        adapterlab_model::models::load::LoadedModel,
         data::Batch,
     )> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let model_dir = root.join("model/tests/fixtures/bnb/falcon_tiny");
-        let registry =
-            adapterlab_model::peft::load_adapter(&fixture.join("adapter"))?.into_registry()?;
+        let registry = adapterlab_model::lora::peft::load_adapter(&fixture.join("adapter"))?
+            .into_registry()?;
         registry.set_training(true);
         let loaded = load(
             model_dir.to_str().unwrap(),
@@ -1416,7 +1416,7 @@ mod tests {
             "training lowers the loss: {losses:?}"
         );
         let written = tempfile::tempdir()?;
-        adapterlab_model::peft::save_adapter(written.path(), &registry, &Default::default())?;
+        adapterlab_model::lora::peft::save_adapter(written.path(), &registry, &Default::default())?;
         let committed = fixture.join("adapter");
         if std::env::var_os("ADAPTERLAB_WRITE_FIXTURES").is_some() {
             std::fs::create_dir_all(&committed)?;
@@ -1439,8 +1439,8 @@ mod tests {
 
         let expected: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(fixture.join("expected.json"))?)?;
-        let reread = adapterlab_model::commands::linear_builder(
-            adapterlab_model::commands::Quantize::None,
+        let reread = adapterlab_model::engine::linear_builder(
+            adapterlab_model::engine::Quantize::None,
             Some(&committed),
         )?;
         let model_dir = root.join("model/tests/fixtures/bnb/falcon_tiny");

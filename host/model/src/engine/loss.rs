@@ -1,0 +1,367 @@
+//! Evaluation loss: mean token cross-entropy over a dataset, tokenized as TRL's `SFTTrainer`
+//! (0.2x) does.
+//!
+//! Rows are `prompt`/`completion` (TRL's prompt-completion format) or anything a formatter turns
+//! into a prompt and completion (the host passes the plugin formatter for `dialogue`/`summary`
+//! rows) or into one plain text. As TRL, for these non-conversational rows: the EOS token text
+//! is appended to the completion (or text) unless it already ends with it; the prompt and
+//! `prompt + completion` are tokenized separately, each with the tokenizer's special tokens;
+//! the first `len(prompt_ids)` tokens are the prompt. With `completion_only`, only completion
+//! tokens are targets; else every token but the first.
+
+use anyhow::{Context, Result, bail};
+use candle_core::{D, Tensor};
+use serde::Serialize;
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::nn::causal_lm::CausalLm;
+use crate::ops::cross_entropy::cross_entropy_sum;
+
+/// One dataset row, as JSON.
+pub type Row = serde_json::Map<String, Value>;
+
+/// Turns a row into `(prompt, Some(completion))` or `(text, None)`.
+pub type Formatter<'a> = &'a dyn Fn(&Row) -> Result<(String, Option<String>)>;
+
+/// A tokenized example: ids and which of them are loss targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    pub input_ids: Vec<u32>,
+    /// `targets[t]`: token `t` is predicted (from position `t - 1`) and counted.
+    pub targets: Vec<bool>,
+}
+
+/// The mean loss and how many tokens it averages over.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LossOutput {
+    pub loss: f64,
+    pub tokens: usize,
+}
+
+/// How rows are tokenized.
+#[derive(Debug, Clone)]
+pub struct TokenizeOptions {
+    /// Count only completion tokens (TRL's `completion_only_loss`, on by default for
+    /// prompt-completion data).
+    pub completion_only: bool,
+    /// The tokenizer's EOS token text, appended as TRL does; `None` appends nothing.
+    pub eos_token: Option<String>,
+    /// Truncate to this many tokens (TRL's `max_length`, 1024 by default).
+    pub max_length: Option<usize>,
+}
+
+impl Default for TokenizeOptions {
+    fn default() -> Self {
+        TokenizeOptions {
+            completion_only: true,
+            eos_token: None,
+            max_length: Some(1024),
+        }
+    }
+}
+
+fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    Ok(tokenizer
+        .encode(text, true)
+        .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?
+        .get_ids()
+        .to_vec())
+}
+
+/// The prompt and completion (or text) of a row: its own `prompt`/`completion` fields when it
+/// has them, else what `formatter` makes of it.
+pub fn render_row(row: &Row, formatter: Option<Formatter>) -> Result<(String, Option<String>)> {
+    if let (Some(Value::String(p)), Some(Value::String(c))) =
+        (row.get("prompt"), row.get("completion"))
+    {
+        return Ok((p.clone(), Some(c.clone())));
+    }
+    match formatter {
+        Some(f) => f(row),
+        None => {
+            let keys: Vec<&String> = row.keys().collect();
+            bail!(
+                "row has no prompt/completion strings and no formatter was given (fields: {keys:?})"
+            )
+        }
+    }
+}
+
+/// Tokenizes one row as TRL does.
+pub fn tokenize_row(
+    tokenizer: &Tokenizer,
+    row: &Row,
+    formatter: Option<Formatter>,
+    opts: &TokenizeOptions,
+) -> Result<Example> {
+    let (first, completion) = render_row(row, formatter)?;
+    let with_eos = |s: String| match &opts.eos_token {
+        Some(eos) if !s.ends_with(eos.as_str()) => s + eos,
+        _ => s,
+    };
+    let mut ex = match completion {
+        Some(completion) => {
+            let completion = with_eos(completion);
+            let prompt_ids = encode(tokenizer, &first)?;
+            let input_ids = encode(tokenizer, &format!("{first}{completion}"))?;
+            let n = prompt_ids.len().min(input_ids.len());
+            let targets = (0..input_ids.len())
+                .map(|t| if opts.completion_only { t >= n } else { t > 0 })
+                .collect();
+            Example { input_ids, targets }
+        }
+        None => {
+            let input_ids = encode(tokenizer, &with_eos(first))?;
+            let targets = (0..input_ids.len()).map(|t| t > 0).collect();
+            Example { input_ids, targets }
+        }
+    };
+    if let Some(max) = opts.max_length {
+        ex.input_ids.truncate(max);
+        ex.targets.truncate(max);
+    }
+    // Position 0 is never predicted (the labels are shifted).
+    if let Some(t) = ex.targets.first_mut() {
+        *t = false;
+    }
+    Ok(ex)
+}
+
+/// Mean cross-entropy over all target tokens of `examples`, run `batch_size` examples at a time
+/// (right-padded, with an attention mask). Only target positions are projected onto the
+/// vocabulary, which keeps memory to `targets x vocab` per batch.
+pub fn loss_on_examples(
+    model: &dyn CausalLm,
+    examples: &[Example],
+    batch_size: usize,
+) -> Result<LossOutput> {
+    let device = model.device().clone();
+    let mut total = 0f64;
+    let mut tokens = 0usize;
+    for (b, chunk) in examples.chunks(batch_size.max(1)).enumerate() {
+        let chunk: Vec<&Example> = chunk
+            .iter()
+            .filter(|e| e.targets.iter().any(|t| *t))
+            .collect();
+        if chunk.is_empty() {
+            continue;
+        }
+        let width = chunk.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(chunk.len() * width);
+        let mut mask = Vec::with_capacity(chunk.len() * width);
+        let mut positions = Vec::new();
+        let mut labels = Vec::new();
+        for (r, e) in chunk.iter().enumerate() {
+            let pad = width - e.input_ids.len();
+            ids.extend(
+                e.input_ids
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, pad)),
+            );
+            mask.extend(
+                std::iter::repeat_n(1u32, e.input_ids.len()).chain(std::iter::repeat_n(0, pad)),
+            );
+            for (t, &is_target) in e.targets.iter().enumerate() {
+                if is_target && t > 0 {
+                    positions.push((r * width + t - 1) as u32);
+                    labels.push(e.input_ids[t]);
+                }
+            }
+        }
+        let n = chunk.len();
+        let input = Tensor::from_vec(ids, (n, width), &device)?;
+        let mask = Tensor::from_vec(mask, (n, width), &device)?;
+        let hidden = model
+            .hidden_states(&input, Some(&mask), None)
+            .with_context(|| format!("forward pass of batch {b} failed"))?;
+        let hidden = hidden.reshape((n * width, hidden.dim(D::Minus1)?))?;
+        let picked = hidden.index_select(&Tensor::new(positions.as_slice(), &device)?, 0)?;
+        let logits = model.lm_head(&picked)?;
+        let labels_t = Tensor::new(labels.as_slice(), &device)?;
+        let nll = cross_entropy_sum(&logits, &labels_t)?.to_scalar::<f32>()?;
+        total += nll as f64;
+        tokens += labels.len();
+    }
+    if tokens == 0 {
+        bail!("no target tokens: every example is empty or all prompt");
+    }
+    Ok(LossOutput {
+        loss: total / tokens as f64,
+        tokens,
+    })
+}
+
+/// Tokenizes `rows` and returns the mean token loss over them.
+pub fn eval_loss(
+    model: &dyn CausalLm,
+    tokenizer: &Tokenizer,
+    rows: &[Row],
+    formatter: Option<Formatter>,
+    opts: &TokenizeOptions,
+    batch_size: usize,
+) -> Result<LossOutput> {
+    let examples = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            tokenize_row(tokenizer, r, formatter, opts).with_context(|| format!("row {i}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    loss_on_examples(model, &examples, batch_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+    use candle_nn::VarBuilder;
+
+    use super::*;
+    use crate::models::llama::Llama;
+    use crate::nn::linear::LinearBuilder;
+    use candle_core::DType;
+
+    /// A tiny word-level tokenizer: "a b c" -> ids, `<eos>` special.
+    pub(crate) fn word_tokenizer() -> Tokenizer {
+        let json = r#"{
+          "version": "1.0",
+          "added_tokens": [{"id": 1, "content": "<eos>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+          "normalizer": null,
+          "pre_tokenizer": {"type": "Whitespace"},
+          "post_processor": null,
+          "decoder": null,
+          "model": {"type": "WordLevel", "vocab": {"<unk>": 0, "<eos>": 1, "a": 2, "b": 3, "c": 4, "d": 5, "e": 6}, "unk_token": "<unk>"}
+        }"#;
+        Tokenizer::from_bytes(json.as_bytes()).unwrap()
+    }
+
+    fn row(pairs: &[(&str, &str)]) -> Row {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect()
+    }
+
+    #[test]
+    fn prompt_completion_as_trl() -> Result<()> {
+        let tok = word_tokenizer();
+        let opts = TokenizeOptions {
+            eos_token: Some("<eos>".into()),
+            ..Default::default()
+        };
+        let ex = tokenize_row(
+            &tok,
+            &row(&[("prompt", "a b"), ("completion", " c d")]),
+            None,
+            &opts,
+        )?;
+        assert_eq!(ex.input_ids, vec![2, 3, 4, 5, 1]);
+        assert_eq!(ex.targets, vec![false, false, true, true, true]);
+        // A completion already ending in EOS gets no second one; full-sequence loss counts all but the first.
+        let opts = TokenizeOptions {
+            completion_only: false,
+            ..opts
+        };
+        let ex = tokenize_row(
+            &tok,
+            &row(&[("prompt", "a"), ("completion", " b<eos>")]),
+            None,
+            &opts,
+        )?;
+        assert_eq!(
+            (ex.input_ids, ex.targets),
+            (vec![2, 3, 1], vec![false, true, true])
+        );
+        // Formatter rows.
+        let f = |r: &Row| -> Result<(String, Option<String>)> {
+            Ok((
+                format!("{} e", r["dialogue"].as_str().unwrap()),
+                Some(format!(" {}", r["summary"].as_str().unwrap())),
+            ))
+        };
+        let ex = tokenize_row(
+            &tok,
+            &row(&[("dialogue", "a"), ("summary", "b")]),
+            Some(&f),
+            &TokenizeOptions::default(),
+        )?;
+        assert_eq!(
+            (ex.input_ids, ex.targets),
+            (vec![2, 6, 3], vec![false, false, true])
+        );
+        assert!(tokenize_row(&tok, &row(&[("dialogue", "a")]), None, &opts).is_err());
+        Ok(())
+    }
+
+    /// The fused cross-entropy and its gradient equal candle's op-by-op log-softmax graph.
+    #[test]
+    fn cross_entropy_equals_log_softmax_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let v: Vec<f32> = (0..5 * 11).map(|i| (i as f32 * 0.77).sin() * 5.0).collect();
+        let x = candle_core::Var::from_tensor(&Tensor::from_vec(v, (5, 11), &dev)?)?;
+        let labels = Tensor::new(&[3u32, 0, 10, 7, 7], &dev)?;
+        let ours = (cross_entropy_sum(x.as_tensor(), &labels)? * 0.5)?;
+        let theirs = (candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1)?
+            .gather(&labels.unsqueeze(1)?, 1)?
+            .neg()?
+            .sum_all()?
+            * 0.5)?;
+        let (a, b) = (ours.to_scalar::<f32>()?, theirs.to_scalar::<f32>()?);
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        let (ga, gb) = (ours.backward()?, theirs.backward()?);
+        let d = (ga.get(&x).unwrap() - gb.get(&x).unwrap())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-6, "gradients differ by {d}");
+        Ok(())
+    }
+
+    #[test]
+    fn batched_loss_equals_per_token_sum() -> Result<()> {
+        let cfg = crate::models::llama::tests::tiny();
+        let vb = VarBuilder::from_tensors(
+            crate::models::llama::tests::random_weights(&cfg, 5)?,
+            DType::F32,
+            &Device::Cpu,
+        );
+        let model = Llama::load(vb, &cfg, &LinearBuilder::dense())?;
+        let examples = vec![
+            Example {
+                input_ids: vec![1, 5, 9, 13, 2],
+                targets: vec![false, false, true, true, true],
+            },
+            Example {
+                input_ids: vec![1, 7, 3],
+                targets: vec![false, true, true],
+            },
+        ];
+        let batched = loss_on_examples(&model, &examples, 2)?;
+        // Reference: full logits of each example alone.
+        let mut total = 0f64;
+        let mut n = 0;
+        for e in &examples {
+            let ids = Tensor::new(e.input_ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let logp = candle_nn::ops::log_softmax(
+                &model.forward(&ids, None, None)?.squeeze(0)?,
+                D::Minus1,
+            )?
+            .to_vec2::<f32>()?;
+            for t in 1..e.input_ids.len() {
+                if e.targets[t] {
+                    total -= logp[t - 1][e.input_ids[t] as usize] as f64;
+                    n += 1;
+                }
+            }
+        }
+        assert_eq!(batched.tokens, 5);
+        assert!(
+            (batched.loss - total / n as f64).abs() < 1e-5,
+            "{} vs {}",
+            batched.loss,
+            total / n as f64
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,36 @@
+// Unmerged LoRA adapters at inference (lora/kernels.rs).
+// Compiled with NVRTC at first use, after the shared prelude (ops/prelude.cu); the
+// __fmul_rn/__fadd_rn intrinsics keep NVRTC from fusing a multiply and an add into an FMA,
+// which would round differently from the CPU path.
+
+// An unmerged LoRA adapter at inference on a few rows (crate::lora::LoraLayer::add_to):
+// h = x A^T (one block per row and rank, f32), then y + (h (B * scaling)^T), summed in f32
+// and rounded once, as PEFT computes it with f32 adapter weights.
+#define LORA_H(NAME, LOAD)                                                                     \
+extern "C" __global__ void NAME(const u16* x, const float* a, float* h, int k, int r) {       \
+  __shared__ float red[32];                                                                    \
+  int row = blockIdx.x / r, j = blockIdx.x % r;                                                \
+  const u16* xr = x + (long long)row * k;                                                      \
+  const float* ar = a + (long long)j * k;                                                      \
+  float acc = 0.f;                                                                             \
+  for (int t = threadIdx.x; t < k; t += blockDim.x) acc += LOAD(xr[t]) * ar[t];                \
+  acc = block_reduce(acc, red, 0);                                                             \
+  if (threadIdx.x == 0) h[blockIdx.x] = acc;                                                   \
+}
+#define LORA_OUT(NAME, LOAD, STORE)                                                            \
+extern "C" __global__ void NAME(const u16* y, const float* h, const float* b, float scaling,  \
+    u16* out, int n, int r, long long total) {                                                \
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;                              \
+  if (i >= total) return;                                                                      \
+  long long row = i / n;                                                                       \
+  int col = (int)(i - row * n);                                                                \
+  const float* hr = h + row * r;                                                               \
+  const float* br = b + (long long)col * r;                                                    \
+  float d = 0.f;                                                                               \
+  for (int j = 0; j < r; ++j) d += hr[j] * __fmul_rn(br[j], scaling);                          \
+  out[i] = STORE(__fadd_rn(LOAD(y[i]), d));                                                    \
+}
+LORA_H(lora_h_bf16, bf16_to_f32)
+LORA_H(lora_h_f16, f16_to_f32)
+LORA_OUT(lora_out_bf16, bf16_to_f32, f32_to_bf16)
+LORA_OUT(lora_out_f16, f16_to_f32, f32_to_f16)

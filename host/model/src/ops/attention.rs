@@ -1,0 +1,716 @@
+//! What attention needs besides weights, shared by Falcon and Llama: the KV cache, the causal
+//! mask combined with a padding mask, position ids as `generate` computes them, rotary
+//! embeddings, ALiBi biases, and scaled dot-product attention.
+//!
+//! **Architecture Invariant:** the `attention_mask` a model gets always covers the cached tokens
+//! and the new ones (`[batch, past + seq]`), as in transformers; positions, padding and ALiBi are
+//! all derived from it, so left-padded batches give each row the numbers it would get alone.
+
+use candle_core::{D, DType, Device, Result, Tensor};
+
+/// Keys and values of every layer seen so far, `[batch, kv_heads, past, head_dim]` each.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; num_layers],
+        }
+    }
+
+    /// Tokens cached so far.
+    pub fn seq_len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dims()[2],
+            _ => 0,
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+    }
+
+    /// Appends this step's keys and values for `layer`, returning all of them.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        if layer >= self.layers.len() {
+            candle_core::bail!(
+                "kv cache has {} layers, asked for layer {layer}",
+                self.layers.len()
+            );
+        }
+        let (k, v) = match &self.layers[layer] {
+            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+            None => (k.clone(), v.clone()),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+/// The per-forward facts every layer shares: rotary positions, the additive mask and the
+/// positions ALiBi measures keys by.
+#[derive(Debug, Clone)]
+pub struct AttentionContext {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub past_len: usize,
+    /// Position id of each new token, `[batch][seq_len]`: `cumsum(mask) - 1`, 1 on padding
+    /// (transformers' `prepare_inputs_for_generation`).
+    pub positions: Vec<Vec<u32>>,
+    /// `(cumsum(mask) - 1) * mask` over all `past + seq` keys, as transformers'
+    /// `build_alibi_tensor` uses.
+    pub key_positions: Vec<Vec<u32>>,
+    /// Additive mask `[batch, 1, seq, past + seq]` in f32: 0 where a query may attend, `f32::MIN`
+    /// elsewhere (transformers uses `finfo.min`, so fully masked padding rows become uniform
+    /// rather than NaN). `None` when nothing is masked (one new token, no padding).
+    pub bias: Option<Tensor>,
+}
+
+impl AttentionContext {
+    /// `attention_mask`: `[batch, past + seq]`, any dtype, non-zero = attend; `None` = all ones.
+    pub fn new(
+        attention_mask: Option<&Tensor>,
+        batch: usize,
+        seq_len: usize,
+        past_len: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let total = past_len + seq_len;
+        let mask: Vec<Vec<bool>> = match attention_mask {
+            None => vec![vec![true; total]; batch],
+            Some(m) => {
+                let dims = m.dims();
+                if dims != [batch, total] {
+                    candle_core::bail!(
+                        "attention_mask has shape {dims:?}, expected [batch {batch}, past {past_len} + new {seq_len}]"
+                    );
+                }
+                m.to_dtype(DType::F32)?
+                    .to_vec2::<f32>()?
+                    .into_iter()
+                    .map(|row| row.into_iter().map(|x| x != 0.0).collect())
+                    .collect()
+            }
+        };
+        let mut positions = Vec::with_capacity(batch);
+        let mut key_positions = Vec::with_capacity(batch);
+        for row in &mask {
+            let mut count = 0u32;
+            let mut keys = Vec::with_capacity(total);
+            let mut pos = Vec::with_capacity(total);
+            for &m in row {
+                count += m as u32;
+                // cumsum - 1, which is -1 before the first real token: only reached by padding.
+                let p = count.saturating_sub(1);
+                keys.push(if m { p } else { 0 });
+                pos.push(if m { p } else { 1 });
+            }
+            positions.push(pos[past_len..].to_vec());
+            key_positions.push(keys);
+        }
+        let any_padding = mask.iter().any(|r| r.iter().any(|m| !m));
+        let bias = if seq_len == 1 && !any_padding {
+            None
+        } else {
+            let mut data = vec![0f32; batch * seq_len * total];
+            for (b, row) in mask.iter().enumerate() {
+                for i in 0..seq_len {
+                    let q = past_len + i;
+                    for (j, &m) in row.iter().enumerate() {
+                        if j > q || !m {
+                            data[(b * seq_len + i) * total + j] = f32::MIN;
+                        }
+                    }
+                }
+            }
+            Some(Tensor::from_vec(data, (batch, 1, seq_len, total), device)?)
+        };
+        Ok(AttentionContext {
+            batch,
+            seq_len,
+            past_len,
+            positions,
+            key_positions,
+            bias,
+        })
+    }
+}
+
+/// Rotary embeddings (`rotate_half` layout, as transformers' Llama and Falcon).
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    inv_freq: Vec<f32>,
+}
+
+impl Rotary {
+    /// `inv_freq` as transformers' `ROPE_INIT_FUNCTIONS` compute it, in f32.
+    pub fn new(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Self {
+        let base = theta as f32;
+        let mut inv_freq: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
+            .collect();
+        match scaling {
+            Some(RopeScaling::Linear { factor }) => {
+                inv_freq.iter_mut().for_each(|f| *f /= *factor as f32);
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let (factor, low, high) = (
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                );
+                let old = *original_max_position_embeddings as f32;
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    let scaled = if wavelen > low_wavelen {
+                        *f / factor
+                    } else {
+                        *f
+                    };
+                    let smooth = (old / wavelen - low) / (high - low);
+                    let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
+                    *f = if medium { smoothed } else { scaled };
+                }
+            }
+            Some(RopeScaling::Other(_)) | None => {}
+        }
+        Rotary { inv_freq }
+    }
+
+    /// `(cos, sin)`, each `[batch, seq, head_dim / 2]` in `dtype`, for the context's positions:
+    /// `position * inv_freq` in f32, as transformers computes `freqs`. Its `cat(freqs, freqs)`
+    /// repeats them; the `rope` kernel reads one half for both. Made once per forward pass.
+    pub fn cos_sin(
+        &self,
+        ctx: &AttentionContext,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let n = ctx.batch * ctx.seq_len * half;
+        let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for row in &ctx.positions {
+            for &p in row {
+                for f in &self.inv_freq {
+                    let x = p as f32 * f;
+                    cos.push(x.cos());
+                    sin.push(x.sin());
+                }
+            }
+        }
+        let shape = (ctx.batch, ctx.seq_len, half);
+        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// `x * cos + rotate_half(x) * sin` for `x` of shape `[batch, heads, seq, head_dim]`, with
+    /// `cos`/`sin` as [`Self::cos_sin`] makes them: candle's fused `rope` kernel, and when a
+    /// gradient is wanted one graph node whose backward is the inverse rotation (`rope` with
+    /// `-sin`), instead of seven ops and their backward.
+    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let out = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
+        if !x.track_op() {
+            return Ok(out);
+        }
+        let (cos, neg_sin) = (cos.clone(), sin.neg()?);
+        crate::ops::handover::with_backward("rope", x, out, move |_, grad| {
+            candle_nn::rotary_emb::rope(&grad.contiguous()?, &cos, &neg_sin)
+        })
+    }
+}
+
+/// ALiBi slopes of transformers' `build_alibi_tensor`.
+pub fn alibi_slopes(num_heads: usize) -> Vec<f32> {
+    let closest = 1usize << (usize::BITS - 1 - num_heads.leading_zeros());
+    let base = 2f32.powf(-(2f32.powf(-((closest as f32).log2() - 3.0))));
+    let mut slopes: Vec<f32> = (1..=closest).map(|p| base.powi(p as i32)).collect();
+    if closest != num_heads {
+        let extra_base = 2f32.powf(-(2f32.powf(-((2.0 * closest as f32).log2() - 3.0))));
+        let remaining = closest.min(num_heads - closest);
+        slopes.extend((0..remaining).map(|i| extra_base.powi((1 + 2 * i) as i32)));
+    }
+    slopes
+}
+
+/// The ALiBi bias `[batch, heads, 1, past + seq]`, rounded as transformers computes it: the
+/// slopes in bfloat16 times the key positions (promoted to bfloat16), the product rounded to
+/// bfloat16, then widened.
+pub fn alibi_bias(
+    ctx: &AttentionContext,
+    num_heads: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    use half::bf16;
+    let slopes = alibi_slopes(num_heads);
+    let total = ctx.past_len + ctx.seq_len;
+    let mut data = Vec::with_capacity(ctx.batch * num_heads * total);
+    for row in &ctx.key_positions {
+        for s in &slopes {
+            let s = bf16::from_f32(*s).to_f32();
+            for &p in row {
+                let p = bf16::from_f32(p as f32).to_f32();
+                data.push(bf16::from_f32(s * p).to_f32());
+            }
+        }
+    }
+    Tensor::from_vec(data, (ctx.batch, num_heads, 1, total), device)?.to_dtype(dtype)
+}
+
+/// `[batch, kv_heads, t, d]` → `[batch, kv_heads * groups, t, d]`, query head `h` reading KV
+/// head `h / groups` (transformers' `repeat_kv`): what grouped [`attend`] is checked against.
+/// Rotary scaling, as transformers' `ROPE_INIT_FUNCTIONS` computes it. Only the kinds that are
+/// a fixed change of `inv_freq` are implemented; `dynamic`, `yarn` and `longrope` are refused by
+/// `validate()`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum RopeScaling {
+    /// `inv_freq / factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's smooth per-frequency scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+    /// A kind this crate does not implement; kept so `validate()` can name it.
+    Other(String),
+}
+
+#[cfg(test)]
+fn repeat_kv(x: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .expand((b, kv, groups, t, d))?
+        .reshape((b, kv * groups, t, d))
+}
+
+/// Scaled dot-product attention: `softmax((q k^T + pre) * scale + mask) v`, the softmax in f32.
+///
+/// `q`: `[b, h, s, d]`; `k`, `v`: `[b, kv, t, d]` with `h` a multiple of `kv` (query head `i`
+/// reads KV head `i / (h / kv)`, as transformers' `repeat_kv` pairs them). The keys and values
+/// are never repeated: the queries of a KV head's group are one matrix (`[b, kv, g * s, d]`,
+/// the same memory as `[b, h, s, d]`), so one matmul per KV head serves the group.
+/// `pre_scale_bias`: ALiBi `[b, h, 1, t]`, added before scaling as Falcon does; `mask`:
+/// `[b or 1, 1, s, t]`.
+///
+/// When a gradient is wanted the scores and probabilities are not kept for backward: they are
+/// `[b, h, s, t]` per layer (0.6 GB in f32 at Falcon-7B's 71 heads, 8 x 512 tokens), more than
+/// all other activations of a layer together. The graph keeps `q`, `k` and `v` and backward
+/// recomputes the probabilities, as flash attention does.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    pre_scale_bias: Option<&Tensor>,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return attend_eager(q, k, v, scale, pre_scale_bias, mask);
+    }
+    let out = attend_eager(
+        &q.detach(),
+        &k.detach(),
+        &v.detach(),
+        scale,
+        pre_scale_bias,
+        mask,
+    )?;
+    q.apply_op3_arc(
+        k,
+        v,
+        std::sync::Arc::new(Box::new(RecomputedAttention {
+            scale,
+            pre_scale_bias: pre_scale_bias.map(Tensor::detach),
+            mask: mask.map(Tensor::detach),
+            out: crate::ops::handover::Handover::new("attention", out),
+        })),
+    )
+}
+
+/// `[b, h, s, x]` as `[b, kv, (h / kv) * s, x]`: each KV head's query group as one matrix.
+fn grouped(x: &Tensor, kv: usize) -> Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    if h % kv != 0 {
+        candle_core::bail!("attention: {h} query heads do not split into {kv} KV heads");
+    }
+    x.contiguous()?.reshape((b, kv, (h / kv) * s, d))
+}
+
+/// `q k^T` per query head, `[b, h, s, t]` in `q`'s dtype.
+fn scores(q: &Tensor, k: &Tensor) -> Result<Tensor> {
+    let (b, h, s, _) = q.dims4()?;
+    let (_, kv, t, _) = k.dims4()?;
+    grouped(q, kv)?
+        .matmul(&k.contiguous()?.t()?)?
+        .reshape((b, h, s, t))
+}
+
+/// `p v` per query head: `p` `[b, h, s, t]`, `v` `[b, kv, t, d]` → `[b, h, s, d]`.
+fn weighted(p: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, h, s, _) = p.dims4()?;
+    let (_, kv, _, d) = v.dims4()?;
+    grouped(p, kv)?
+        .matmul(&v.contiguous()?)?
+        .reshape((b, h, s, d))
+}
+
+fn attend_eager(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    pre_scale_bias: Option<&Tensor>,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dev = q.device();
+    let probs = crate::ops::profile::scope("attn.probs", dev, || {
+        probabilities(q, k, scale, pre_scale_bias, mask)
+    })?;
+    crate::ops::profile::scope("attn.pv", dev, || weighted(&probs, v))
+}
+
+/// `softmax((q k^T + pre) * scale + mask)`, computed in f32 and returned in `q`'s dtype.
+fn probabilities(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    pre_scale_bias: Option<&Tensor>,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    match pre_scale_bias {
+        None => crate::ops::softmax::masked_softmax(&scores(q, k)?, mask, scale as f32),
+        Some(b) => alibi_probabilities_f32(q, k, scale, b, mask)?.to_dtype(q.dtype()),
+    }
+}
+
+/// `softmax((q k^T + alibi) * scale + mask)` op by op, in f32 (ALiBi, the RW models only, has
+/// no fused kernel).
+fn alibi_probabilities_f32(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    alibi: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let s = scores(q, k)?
+        .to_dtype(DType::F32)?
+        .broadcast_add(&alibi.to_dtype(DType::F32)?)?;
+    let s = (s * scale)?;
+    let s = match mask {
+        Some(m) => s.broadcast_add(m)?,
+        None => s,
+    };
+    crate::ops::softmax::softmax_last_dim(&s, DType::F32)
+}
+
+/// The graph node of [`attend`] with a gradient: its forward hands over the output computed
+/// without a graph; its backward recomputes the probabilities from `q` and `k`.
+struct RecomputedAttention {
+    scale: f64,
+    pre_scale_bias: Option<Tensor>,
+    mask: Option<Tensor>,
+    out: crate::ops::handover::Handover,
+}
+
+/// Backward works on batch rows in chunks of at most this many score elements (0.5 GB in
+/// 16 bits), so long sequences do not need the whole batch's scores at once.
+const BACKWARD_CHUNK_ELEMS: usize = 256 << 20;
+
+impl RecomputedAttention {
+    /// `(dq, dk, dv)` for batch rows `rows` of `q [b,h,s,d]`, `k`/`v` `[b,kv,t,d]`, `dout`.
+    fn backward_rows(
+        &self,
+        rows: std::ops::Range<usize>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (start, n) = (rows.start, rows.len());
+        let pick = |t: &Tensor| t.narrow(0, start, n);
+        let (q, k, v, dout) = (pick(q)?, pick(k)?, pick(v)?, pick(dout)?);
+        let pick_opt = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+            t.as_ref()
+                .map(|t| {
+                    if t.dims()[0] == 1 {
+                        Ok(t.clone())
+                    } else {
+                        pick(t)
+                    }
+                })
+                .transpose()
+        };
+        let (bias, mask) = (pick_opt(&self.pre_scale_bias)?, pick_opt(&self.mask)?);
+        let kv = k.dims()[1];
+        let dtype = q.dtype();
+        let dev = q.device().clone();
+        let sc = |name, f: &dyn Fn() -> Result<Tensor>| crate::ops::profile::scope(name, &dev, f);
+        // dP = dO V^T, per query head.
+        let dp = sc("attn.bwd.dp", &|| {
+            let (b, h, s, _) = dout.dims4()?;
+            let t = v.dims()[2];
+            grouped(&dout, kv)?
+                .matmul(&v.contiguous()?.t()?)?
+                .reshape((b, h, s, t))
+        })?;
+        let (p, ds) = match &bias {
+            None => {
+                let s = sc("attn.bwd.scores", &|| scores(&q, &k))?;
+                crate::ops::profile::scope("attn.bwd.softmax", &dev, || {
+                    crate::ops::softmax::masked_softmax_backward(
+                        &s,
+                        mask.as_ref(),
+                        &dp,
+                        self.scale as f32,
+                    )
+                })?
+            }
+            Some(alibi) => {
+                // ALiBi: the op-by-op softmax backward, dS = P * (dP - sum_j P dP) * scale.
+                let p = alibi_probabilities_f32(&q, &k, self.scale, alibi, mask.as_ref())?;
+                let dp = dp.to_dtype(DType::F32)?;
+                let rowsum = (&p * &dp)?.sum_keepdim(D::Minus1)?;
+                let ds = ((&p * dp.broadcast_sub(&rowsum)?)? * self.scale)?.to_dtype(dtype)?;
+                (p.to_dtype(dtype)?, ds)
+            }
+        };
+        // dV = P^T dO, dQ = dS K, dK = dS^T Q, each per KV head over its query group.
+        let (gp, gds, gdo, gq) = (
+            grouped(&p, kv)?,
+            grouped(&ds, kv)?,
+            grouped(&dout, kv)?,
+            grouped(&q, kv)?,
+        );
+        // Transposed operands go to the matmul as views: cuBLAS and gemm take either layout.
+        let dv = sc("attn.bwd.dv", &|| gp.t()?.matmul(&gdo))?;
+        let dq = sc("attn.bwd.dq", &|| {
+            gds.matmul(&k.contiguous()?)?.reshape(q.dims())
+        })?;
+        let dk = sc("attn.bwd.dk", &|| gds.t()?.matmul(&gq))?;
+        Ok((dq, dk, dv))
+    }
+}
+
+impl candle_core::CustomOp3 for RecomputedAttention {
+    fn name(&self) -> &'static str {
+        "recomputed-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        self.out.cpu()
+    }
+
+    // Not behind the `cuda` feature: without it candle's stand-in CudaStorage implements the
+    // same trait, so this is type-checked in every build and never called.
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.out.cuda()
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        crate::ops::profile::scope("attn.bwd", q.device(), || {
+            let (b, h, s, _) = q.dims4()?;
+            let t = k.dims()[2];
+            let per_row = (h * s * t).max(1);
+            let chunk = (BACKWARD_CHUNK_ELEMS / per_row).clamp(1, b);
+            let (q, k, v, dout) = (q.detach(), k.detach(), v.detach(), dout.detach());
+            let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+            let mut start = 0;
+            while start < b {
+                let end = (start + chunk).min(b);
+                let (dq, dk, dv) = self.backward_rows(start..end, &q, &k, &v, &dout)?;
+                dqs.push(dq);
+                dks.push(dk);
+                dvs.push(dv);
+                start = end;
+            }
+            let cat = |v: Vec<Tensor>| -> Result<Tensor> {
+                if v.len() == 1 {
+                    Ok(v.into_iter().next().unwrap())
+                } else {
+                    Tensor::cat(&v, 0)
+                }
+            };
+            Ok((Some(cat(dqs)?), Some(cat(dks)?), Some(cat(dvs)?)))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_and_mask_follow_left_padding() -> Result<()> {
+        let dev = Device::Cpu;
+        let mask = Tensor::new(&[[0u32, 0, 1, 1], [1, 1, 1, 1]], &dev)?;
+        let ctx = AttentionContext::new(Some(&mask), 2, 4, 0, &dev)?;
+        assert_eq!(ctx.positions, vec![vec![1, 1, 0, 1], vec![0, 1, 2, 3]]);
+        assert_eq!(ctx.key_positions, vec![vec![0, 0, 0, 1], vec![0, 1, 2, 3]]);
+        let bias = ctx.bias.unwrap().squeeze(1)?.to_vec3::<f32>()?;
+        let m = f32::MIN;
+        assert_eq!(bias[0][3], vec![m, m, 0., 0.]);
+        assert_eq!(bias[0][0], vec![m, m, m, m]);
+        assert_eq!(bias[1][1], vec![0., 0., m, m]);
+
+        // One cached step later: the new token sees everything unpadded before it.
+        let mask = Tensor::new(&[[0u8, 0, 1, 1, 1], [1, 1, 1, 1, 1]], &dev)?;
+        let ctx = AttentionContext::new(Some(&mask), 2, 1, 4, &dev)?;
+        assert_eq!(ctx.positions, vec![vec![2], vec![4]]);
+        let bias = ctx.bias.unwrap().squeeze(1)?.squeeze(1)?.to_vec2::<f32>()?;
+        assert_eq!(bias[0], vec![m, m, 0., 0., 0.]);
+        assert!(AttentionContext::new(Some(&mask), 2, 1, 3, &dev).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn alibi_slopes_match_transformers() {
+        // build_alibi_tensor for 4 heads: base 2^-2; for 6: 4 powers of 2^-2 then 2 of 2^-1.
+        assert_eq!(alibi_slopes(4), vec![0.25, 0.0625, 0.015625, 0.00390625]);
+        let s6 = alibi_slopes(6);
+        assert_eq!(s6.len(), 6);
+        assert_eq!(&s6[4..], &[0.5, 0.125]);
+    }
+
+    /// `fast` and `slow` agree, and so do their gradients with respect to `vars` (against the
+    /// weights `w`).
+    fn assert_same_with_gradients(
+        fast: Tensor,
+        slow: Tensor,
+        w: &Tensor,
+        vars: [(&str, &candle_core::Var); 3],
+    ) -> Result<()> {
+        let diff = (&fast - &slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "forward differs by {diff}");
+        let gf = (fast * w)?.sum_all()?.backward()?;
+        let gs = (slow * w)?.sum_all()?.backward()?;
+        for (name, var) in vars {
+            let (a, e) = (gf.get(var).unwrap(), gs.get(var).unwrap());
+            let diff = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "d{name} differs by {diff}");
+        }
+        Ok(())
+    }
+
+    /// Attention op by op, which candle can differentiate: what the recomputing, fused path
+    /// must equal.
+    fn attend_reference(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        pre_scale_bias: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        let scores = match pre_scale_bias {
+            Some(b) => scores.broadcast_add(b)?,
+            None => scores,
+        };
+        let scores = (scores * scale)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(v)
+    }
+
+    #[test]
+    fn recomputed_attention_gradients_equal_the_eager_graphs() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, s, d) = (2, 3, 5, 4);
+        let mk = |seed: f32| -> Result<candle_core::Var> {
+            let n = b * h * s * d;
+            let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
+            candle_core::Var::from_tensor(&Tensor::from_vec(v, (b, h, s, d), &dev)?)
+        };
+        let (q, k, v) = (mk(0.1)?, mk(1.3)?, mk(2.9)?);
+        let mask = Tensor::new(&[[0u32, 1, 1, 1, 1], [1, 1, 1, 1, 1]], &dev)?;
+        let ctx = AttentionContext::new(Some(&mask), b, s, 0, &dev)?;
+        let alibi = alibi_bias(&ctx, h, DType::F32, &dev)?;
+        let w = Tensor::from_vec(
+            (0..b * h * s * d).map(|i| (i % 7) as f32 - 3.0).collect(),
+            (b, h, s, d),
+            &dev,
+        )?;
+        for bias in [None, Some(&alibi)] {
+            let fast = attend(&q, &k, &v, 0.5, bias, ctx.bias.as_ref())?;
+            let slow = attend_reference(&q, &k, &v, 0.5, bias, ctx.bias.as_ref())?;
+            assert_same_with_gradients(fast, slow, &w, [("q", &q), ("k", &k), ("v", &v)])?;
+        }
+        Ok(())
+    }
+
+    /// Attention over KV heads shared by query groups equals attention over repeated keys and
+    /// values, forward and backward (the gradient of a shared head sums over its group).
+    #[test]
+    fn grouped_attention_equals_repeated_kv() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, kv, s, d) = (2, 6, 2, 5, 4);
+        let mk = |heads: usize, seed: f32| -> Result<candle_core::Var> {
+            let n = b * heads * s * d;
+            let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.29 + seed).sin()).collect();
+            candle_core::Var::from_tensor(&Tensor::from_vec(v, (b, heads, s, d), &dev)?)
+        };
+        let (q, k, v) = (mk(h, 0.3)?, mk(kv, 1.1)?, mk(kv, 2.3)?);
+        let mask = Tensor::new(&[[0u32, 1, 1, 1, 1], [1, 1, 1, 1, 1]], &dev)?;
+        let ctx = AttentionContext::new(Some(&mask), b, s, 0, &dev)?;
+        let w = Tensor::from_vec(
+            (0..b * h * s * d).map(|i| (i % 7) as f32 - 3.0).collect(),
+            (b, h, s, d),
+            &dev,
+        )?;
+        let grouped = attend(&q, &k, &v, 0.5, None, ctx.bias.as_ref())?;
+        let (kr, vr) = (repeat_kv(&k, h / kv)?, repeat_kv(&v, h / kv)?);
+        let repeated = attend(&q, &kr, &vr, 0.5, None, ctx.bias.as_ref())?;
+        assert_same_with_gradients(grouped, repeated, &w, [("q", &q), ("k", &k), ("v", &v)])?;
+        Ok(())
+    }
+
+    #[test]
+    fn repeat_kv_groups_adjacent_heads() -> Result<()> {
+        let x = Tensor::new(&[1f32, 2.], &Device::Cpu)?.reshape((1, 2, 1, 1))?;
+        let r = repeat_kv(&x, 3)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(r, vec![1., 1., 1., 2., 2., 2.]);
+        Ok(())
+    }
+}

@@ -1,0 +1,120 @@
+//! The forward value of a graph node that was computed without a graph (recomputed attention,
+//! checkpointed layers): the op's `cpu_fwd`/`cuda_fwd` hand it over, once, as storage.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, Error, Result, Shape, Storage, Tensor};
+
+pub(crate) struct Handover {
+    what: &'static str,
+    value: Mutex<Option<Tensor>>,
+}
+
+impl Handover {
+    /// `what` names the op in errors.
+    pub fn new(what: &'static str, value: Tensor) -> Self {
+        Handover {
+            what,
+            value: Mutex::new(Some(value)),
+        }
+    }
+
+    /// The value, dense from the start of its storage, so the storage can be handed over whole.
+    fn take(&self) -> Result<Tensor> {
+        let v = self
+            .value
+            .lock()
+            .map_err(|_| Error::Msg(format!("{}: poisoned lock", self.what)))?
+            .take()
+            .ok_or_else(|| Error::Msg(format!("{}: forward ran twice", self.what)))?;
+        if v.is_contiguous() && v.layout().start_offset() == 0 {
+            Ok(v)
+        } else {
+            v.affine(1.0, 0.0)
+        }
+    }
+
+    pub fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        let v = self.take()?;
+        let (s, l) = v.storage_and_layout();
+        match &*s {
+            Storage::Cpu(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => Err(Error::Msg(format!(
+                "{}: value is not on the CPU",
+                self.what
+            ))),
+        }
+    }
+
+    pub fn cuda(&self) -> Result<(CudaStorage, Shape)> {
+        let v = self.take()?;
+        let (s, l) = v.storage_and_layout();
+        match &*s {
+            Storage::Cuda(c) => Ok((c.try_clone(l)?, l.shape().clone())),
+            _ => Err(Error::Msg(format!(
+                "{}: value is not on the GPU",
+                self.what
+            ))),
+        }
+    }
+}
+
+type Backward = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// `out`, computed from `x` without a graph by a fused kernel that candle cannot
+/// differentiate, as a graph node whose backward is `bwd(x, grad_out)`. The graph keeps `x`
+/// only, not the op-by-op intermediates (nor the zero-filled gradient buffers candle's
+/// autograd allocates for each of them).
+pub(crate) fn with_backward(
+    name: &'static str,
+    x: &Tensor,
+    out: Tensor,
+    bwd: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    x.apply_op1_arc(std::sync::Arc::new(Box::new(Node1 {
+        name,
+        out: Handover::new(name, out),
+        bwd: Box::new(bwd),
+    })))
+}
+
+struct Node1 {
+    name: &'static str,
+    out: Handover,
+    bwd: Backward,
+}
+
+impl candle_core::CustomOp1 for Node1 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &candle_core::Layout) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &candle_core::Layout) -> Result<(CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        (self.bwd)(&x.detach(), &grad.detach()).map(Some)
+    }
+}
+
+thread_local! {
+    // Per thread, as checkpointing's switches: one training loop's forward pass.
+    static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the current forward pass is a checkpointed layer's first, graph-free one: trainable
+/// weights must then be read detached (set by `nn::checkpoint`, read by the LoRA layers).
+pub fn no_grad() -> bool {
+    NO_GRAD.with(std::cell::Cell::get)
+}
+
+/// Sets the graph-free switch for this thread, returning its previous value.
+pub(crate) fn set_no_grad(on: bool) -> bool {
+    NO_GRAD.with(|c| c.replace(on))
+}

@@ -1,0 +1,450 @@
+//! The CUDA kernel launcher, and the host side of the generic ops' kernels (dropout, GELU,
+//! the masked softmax, cross-entropy, AdamW). Each op's CUDA source is a `.cu` file beside the
+//! op, compiled once per process with NVRTC (no nvcc step in the build, and the CPU build does
+//! not see them) after the shared [`PRELUDE`]. The NF4 kernels' host side is in
+//! `quant::kernels`, the LoRA inference kernel's in `lora::kernels`.
+//!
+//! The `__fmul_rn`/`__fadd_rn` intrinsics in the sources keep NVRTC from fusing a multiply and
+//! an add into an FMA, which would round differently from the CPU paths they must equal.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Device, Error, Result, Storage, Tensor};
+
+/// 16-bit conversions and the block reduction every kernel module starts with.
+pub const PRELUDE: &str = include_str!("prelude.cu");
+
+/// One NVRTC module: the prelude, `defines` and a `.cu` source, compiled to PTX on first use.
+/// NVRTC's default target (the oldest architecture it supports) is JIT-compiled by the driver
+/// for the card at hand.
+pub struct CudaModule {
+    pub name: &'static str,
+    pub source: &'static str,
+    /// `#define`s the source expects from the host, computed once.
+    pub defines: fn() -> String,
+    ptx: OnceLock<std::result::Result<String, String>>,
+}
+
+impl CudaModule {
+    pub const fn new(name: &'static str, source: &'static str, defines: fn() -> String) -> Self {
+        CudaModule {
+            name,
+            source,
+            defines,
+            ptx: OnceLock::new(),
+        }
+    }
+
+    pub fn ptx(&self) -> Result<&str> {
+        self.ptx
+            .get_or_init(|| {
+                let code = format!("{PRELUDE}\n{}\n{}", (self.defines)(), self.source);
+                candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(code)
+                    .map(|p| p.to_src())
+                    .map_err(|e| {
+                        format!("compiling the {} CUDA kernels with NVRTC: {e}", self.name)
+                    })
+            })
+            .as_deref()
+            .map_err(|e| Error::Msg(e.clone()))
+    }
+}
+
+/// No host-side `#define`s.
+pub fn no_defines() -> String {
+    String::new()
+}
+
+/// Launches kernel `$name` of `$module` (a [`CudaModule`]) on `$dev` with `$cfg`, pushing the
+/// arguments in order.
+#[macro_export]
+macro_rules! run_kernel {
+    ($module:expr, $dev:expr, $name:expr, $cfg:expr; $($arg:expr),+ $(,)?) => {{
+        use candle_core::cuda_backend::WrapErr as _;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg as _;
+        let module = &$module;
+        let func = $dev.get_or_load_custom_func($name, module.name, module.ptx()?)?;
+        let mut builder = func.builder();
+        $( builder.arg($arg); )+
+        // SAFETY: every call site passes the kernel's parameters in its order and types.
+        unsafe { builder.launch($cfg) }.w()
+    }};
+}
+
+static DROPOUT: CudaModule =
+    CudaModule::new("adapterlab_dropout", include_str!("dropout.cu"), no_defines);
+static GELU: CudaModule = CudaModule::new("adapterlab_gelu", include_str!("gelu.cu"), no_defines);
+static SOFTMAX: CudaModule =
+    CudaModule::new("adapterlab_softmax", include_str!("softmax.cu"), no_defines);
+static CROSS_ENTROPY: CudaModule = CudaModule::new(
+    "adapterlab_cross_entropy",
+    include_str!("cross_entropy.cu"),
+    no_defines,
+);
+static ADAMW: CudaModule =
+    CudaModule::new("adapterlab_adamw", include_str!("adamw.cu"), no_defines);
+
+pub fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        _ => Err(Error::Msg(
+            "NF4 CUDA kernel called with a tensor not on a CUDA device".into(),
+        )),
+    }
+}
+
+pub fn wrap<T: candle_core::cuda_backend::CudaDType>(
+    out: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: impl Into<candle_core::Shape>,
+) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+/// `x * mask / (1 - p)` with the mask of [`crate::ops::dropout::keep_scale`]; `x` contiguous from
+/// its storage's start (`offset` elements in).
+pub fn seeded_dropout(
+    x: &CudaStorage,
+    offset: usize,
+    n: usize,
+    key: u64,
+    p: f32,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dev = x.device.clone();
+    let n_i = n as i64;
+    let cfg = LaunchConfig::for_num_elems(n as u32);
+    macro_rules! launch {
+        ($name:literal, $t:ty) => {{
+            let src = x.as_cuda_slice::<$t>()?.slice(offset..offset + n);
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            crate::run_kernel!(DROPOUT, dev, $name, cfg; &src, &out, &n_i, &key, &p, &scale)?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }};
+    }
+    match x.dtype() {
+        DType::F32 => launch!("seeded_dropout_f32", f32),
+        DType::BF16 => launch!("seeded_dropout_bf16", half::bf16),
+        DType::F16 => launch!("seeded_dropout_f16", half::f16),
+        other => Err(Error::Msg(format!("dropout on {other:?} is not supported"))),
+    }
+}
+
+/// The shape and options of one [`masked_softmax`] launch (see `crate::ops::softmax`).
+pub struct SoftmaxArgs {
+    pub rows: usize,
+    pub t: usize,
+    pub per_batch: usize,
+    pub s: usize,
+    pub mask_batch: usize,
+    pub scale: f32,
+    pub has_mask: bool,
+}
+
+/// The longest row the one-warp softmax kernel holds in registers.
+const SOFTMAX_WARP_MAX_T: usize = 1024;
+
+/// Attention's softmax over rows of `t` scores or, with `dp`, the probabilities followed by the
+/// gradient (`2 * rows * t` elements); each input is a storage and the element offset where the
+/// contiguous tensor starts.
+pub fn masked_softmax(
+    scores: (&CudaStorage, usize),
+    mask: (&CudaStorage, usize),
+    dp: Option<(&CudaStorage, usize)>,
+    a: &SoftmaxArgs,
+) -> Result<CudaStorage> {
+    let dev = scores.0.device.clone();
+    let n = a.rows * a.t;
+    let sixteen_bit = matches!(scores.0.dtype(), DType::BF16 | DType::F16);
+    // The warp kernel reads 16-byte vectors: every row, and the mask's rows, must start on one.
+    let aligned = scores.1 % 8 == 0 && dp.is_none_or(|d| d.1 % 8 == 0) && mask.1 % 4 == 0;
+    let warp = sixteen_bit && a.t % 8 == 0 && a.t <= SOFTMAX_WARP_MAX_T && aligned;
+    // The variant whose register arrays just hold the row.
+    let warp_kernel = |dtype: &str| {
+        let it = match a.t.div_ceil(256) {
+            1 => 1,
+            2 => 2,
+            _ => 4,
+        };
+        format!("masked_softmax_warp{it}_{dtype}")
+    };
+    let cfg = if warp {
+        let rows_per_block = 8;
+        LaunchConfig {
+            grid_dim: (a.rows.div_ceil(rows_per_block) as u32, 1, 1),
+            block_dim: (32 * rows_per_block as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    } else {
+        let threads = (a.t.div_ceil(4).next_power_of_two()).clamp(32, 512) as u32;
+        LaunchConfig {
+            grid_dim: (a.rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    };
+    let (t, per_batch, s, mb, rows) = (
+        a.t as i32,
+        a.per_batch as i64,
+        a.s as i32,
+        a.mask_batch as i32,
+        a.rows as i64,
+    );
+    let (has_mask, backward) = (a.has_mask as i32, dp.is_some() as i32);
+    let out_len = if dp.is_some() { 2 * n } else { n };
+    let mask_all = mask.0.as_cuda_slice::<f32>()?;
+    let mask_v = mask_all.slice(mask.1..);
+    macro_rules! launch {
+        ($name:expr, $t:ty) => {{
+            let x = scores
+                .0
+                .as_cuda_slice::<$t>()?
+                .slice(scores.1..scores.1 + n);
+            // Without a gradient the kernel never reads `dp`; the scores stand in for it.
+            let g = match dp {
+                Some((g, off)) => g.as_cuda_slice::<$t>()?.slice(off..off + n),
+                None => scores
+                    .0
+                    .as_cuda_slice::<$t>()?
+                    .slice(scores.1..scores.1 + n),
+            };
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(out_len)? };
+            crate::run_kernel!(SOFTMAX, dev, $name, cfg;
+                &x, &mask_v, &g, &out, &t, &per_batch, &s, &mb, &a.scale, &has_mask, &backward,
+                &rows,
+            )?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }};
+    }
+    match (scores.0.dtype(), warp) {
+        (DType::F32, _) => launch!("masked_softmax_f32", f32),
+        (DType::BF16, true) => launch!(&warp_kernel("bf16"), half::bf16),
+        (DType::BF16, false) => launch!("masked_softmax_bf16", half::bf16),
+        (DType::F16, true) => launch!(&warp_kernel("f16"), half::f16),
+        (DType::F16, false) => launch!("masked_softmax_f16", half::f16),
+        (other, _) => Err(Error::Msg(format!(
+            "masked softmax on {other:?} is not supported"
+        ))),
+    }
+}
+
+/// `g * gelu_erf'(x)` (see `crate::ops::gelu`); each input is a storage and the element offset where
+/// its contiguous `n` elements start.
+pub fn gelu_backward(
+    x: (&CudaStorage, usize),
+    g: (&CudaStorage, usize),
+    n: usize,
+) -> Result<CudaStorage> {
+    let dev = x.0.device.clone();
+    let n_i = n as i64;
+    let cfg = LaunchConfig::for_num_elems(n as u32);
+    macro_rules! launch {
+        ($name:literal, $t:ty) => {{
+            let xv = x.0.as_cuda_slice::<$t>()?.slice(x.1..x.1 + n);
+            let gv = g.0.as_cuda_slice::<$t>()?.slice(g.1..g.1 + n);
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            crate::run_kernel!(GELU, dev, $name, cfg; &xv, &gv, &out, &n_i)?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }};
+    }
+    match x.0.dtype() {
+        DType::F32 => launch!("gelu_bwd_f32", f32),
+        DType::BF16 => launch!("gelu_bwd_bf16", half::bf16),
+        DType::F16 => launch!("gelu_bwd_f16", half::f16),
+        other => Err(Error::Msg(format!(
+            "gelu backward on {other:?} is not supported"
+        ))),
+    }
+}
+
+/// A contiguous tensor's CUDA storage, read-locked while a launch uses it.
+pub struct CudaInput<'a> {
+    storage: candle_core::StorageRef<'a>,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> CudaInput<'a> {
+    pub fn of(t: &'a Tensor) -> Result<Self> {
+        let (storage, layout) = t.storage_and_layout();
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Err(Error::Msg("CUDA kernel: input is not contiguous".into()));
+        };
+        Ok(CudaInput {
+            storage,
+            start,
+            len: end - start,
+        })
+    }
+
+    /// The tensor's elements as a kernel argument; there must be `n` of them.
+    pub fn view<T: candle_core::cuda_backend::CudaDType>(
+        &self,
+        n: usize,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>> {
+        if n != self.len {
+            return Err(Error::Msg(format!(
+                "CUDA kernel: input has {} elements, expected {n}",
+                self.len
+            )));
+        }
+        match &*self.storage {
+            Storage::Cuda(c) => Ok(c.as_cuda_slice::<T>()?.slice(self.start..self.start + n)),
+            _ => Err(Error::Msg("CUDA kernel: input is not on the GPU".into())),
+        }
+    }
+}
+
+/// Per row of `logits` (`[n, v]`, contiguous) and its `labels` (`[n]` u32): `(lse, nll)`, each
+/// `[n]` f32 (see the `CE_FWD` kernel).
+pub fn cross_entropy_forward(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dev = cuda_device(logits)?;
+    let (n, v) = logits.dims2()?;
+    let ls = CudaInput::of(logits)?;
+    let ys = CudaInput::of(labels)?;
+    let y = ys.view::<u32>(n)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let v_i = v as i32;
+    // SAFETY: every element is written by the kernel below.
+    let lse = unsafe { dev.alloc::<f32>(n)? };
+    let nll = unsafe { dev.alloc::<f32>(n)? };
+    macro_rules! launch {
+        ($name:literal, $t:ty) => {{
+            let x = ls.view::<$t>(n * v)?;
+            crate::run_kernel!(CROSS_ENTROPY, dev, $name, cfg; &x, &y, &lse, &nll, &v_i)?;
+        }};
+    }
+    match logits.dtype() {
+        DType::F32 => launch!("ce_fwd_f32", f32),
+        DType::BF16 => launch!("ce_fwd_bf16", half::bf16),
+        DType::F16 => launch!("ce_fwd_f16", half::f16),
+        other => {
+            return Err(Error::Msg(format!(
+                "cross-entropy on {other:?} is not supported"
+            )));
+        }
+    }
+    Ok((wrap(lse, &dev, n), wrap(nll, &dev, n)))
+}
+
+/// The gradient of the summed cross-entropy with respect to `logits`, in their dtype, given the
+/// forward's `lse` and `grad` (a one-element f32 tensor: the gradient of the sum).
+pub fn cross_entropy_backward(
+    logits: &Tensor,
+    labels: &Tensor,
+    lse: &Tensor,
+    grad: &Tensor,
+) -> Result<Tensor> {
+    let dev = cuda_device(logits)?;
+    let (n, v) = logits.dims2()?;
+    let ls = CudaInput::of(logits)?;
+    let ys = CudaInput::of(labels)?;
+    let es = CudaInput::of(lse)?;
+    let gs = CudaInput::of(grad)?;
+    let y = ys.view::<u32>(n)?;
+    let e = es.view::<f32>(n)?;
+    let g = gs.view::<f32>(1)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let v_i = v as i32;
+    macro_rules! launch {
+        ($name:literal, $t:ty) => {{
+            let x = ls.view::<$t>(n * v)?;
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(n * v)? };
+            crate::run_kernel!(CROSS_ENTROPY, dev, $name, cfg; &x, &y, &e, &g, &out, &v_i)?;
+            Ok(wrap(out, &dev, (n, v)))
+        }};
+    }
+    match logits.dtype() {
+        DType::F32 => launch!("ce_bwd_f32", f32),
+        DType::BF16 => launch!("ce_bwd_bf16", half::bf16),
+        DType::F16 => launch!("ce_bwd_f16", half::f16),
+        other => Err(Error::Msg(format!(
+            "cross-entropy on {other:?} is not supported"
+        ))),
+    }
+}
+
+/// The scalars of one AdamW update, as the trainer's op-by-op version rounds them to f32.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWScalars {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// `1 - lr * weight_decay`, or `None` without weight decay.
+    pub decay: Option<f64>,
+    pub bc2_sqrt: f64,
+    /// `lr / bc1`.
+    pub step: f64,
+}
+
+/// `(p, m, v)` after one AdamW update of the f32 tensors `p`, `m`, `v` with gradient `g` (see
+/// the `adamw_f32` kernel): one launch instead of a dozen per weight.
+pub fn adamw_f32(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    c: &AdamWScalars,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dev = cuda_device(p)?;
+    let n = p.elem_count();
+    for t in [g, m, v] {
+        if t.elem_count() != n || t.dtype() != DType::F32 || p.dtype() != DType::F32 {
+            return Err(Error::Msg(format!(
+                "adamw: tensors of {:?} {:?} and {:?} {:?}",
+                p.dims(),
+                p.dtype(),
+                t.dims(),
+                t.dtype()
+            )));
+        }
+    }
+    let ps = CudaInput::of(p)?;
+    let gs = CudaInput::of(g)?;
+    let ms = CudaInput::of(m)?;
+    let vs = CudaInput::of(v)?;
+    let pv = ps.view::<f32>(n)?;
+    let gv = gs.view::<f32>(n)?;
+    let mv = ms.view::<f32>(n)?;
+    let vv = vs.view::<f32>(n)?;
+    // SAFETY: every element is written by the kernel below.
+    let (po, mo, vo) = unsafe {
+        (
+            dev.alloc::<f32>(n)?,
+            dev.alloc::<f32>(n)?,
+            dev.alloc::<f32>(n)?,
+        )
+    };
+    let n_i = n as i64;
+    let f = |x: f64| x as f32;
+    let (b1, omb1, b2, omb2) = (f(c.beta1), f(1.0 - c.beta1), f(c.beta2), f(1.0 - c.beta2));
+    let (decay, has_decay) = (f(c.decay.unwrap_or(1.0)), c.decay.is_some() as i32);
+    let (inv_bc2, eps, step) = (f(1.0 / c.bc2_sqrt), f(c.eps), f(c.step));
+    crate::run_kernel!(ADAMW, dev, "adamw_f32", LaunchConfig::for_num_elems(n as u32);
+        &pv, &gv, &mv, &vv, &po, &mo, &vo, &n_i, &b1, &omb1, &b2, &omb2, &decay, &has_decay,
+        &inv_bc2, &eps, &step,
+    )?;
+    let shape = p.shape().clone();
+    Ok((
+        wrap(po, &dev, shape.clone()),
+        wrap(mo, &dev, shape.clone()),
+        wrap(vo, &dev, shape),
+    ))
+}

@@ -1,0 +1,13 @@
+//! Numeric operations with hand-written backward passes or CUDA kernels: attention (KV cache,
+//! masks, rotary, ALiBi), the masked softmax, GELU, seeded dropout, cross-entropy, and the
+//! machinery they share (the handover of a backward pass to candle, profiling).
+
+pub mod attention;
+pub mod cross_entropy;
+pub mod dropout;
+pub mod gelu;
+pub(crate) mod handover;
+#[cfg(feature = "cuda")]
+pub mod kernels;
+pub mod profile;
+pub mod softmax;

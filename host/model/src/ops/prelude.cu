@@ -1,0 +1,40 @@
+// The prelude every kernel module is compiled with: 16-bit conversions (round to nearest
+// even, NaN kept quiet) and a block-wide reduction.
+typedef unsigned char u8;
+typedef unsigned short u16;
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((unsigned int)h) << 16); }
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+  unsigned int u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (u16)(u >> 16);
+}
+__device__ __forceinline__ float f16_to_f32(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ u16 f32_to_f16(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+__device__ __forceinline__ float f32_id(float f) { return f; }
+
+#define NEG_INF __int_as_float(0xff800000)
+
+// A block-wide max or sum (is_max), through warp shuffles and one shared word per warp;
+// `red` holds 32 floats of shared memory.
+__device__ __forceinline__ float block_reduce(float v, float* red, int is_max) {
+  for (int off = 16; off > 0; off >>= 1) {
+    float o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = is_max ? fmaxf(v, o) : v + o;
+  }
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < nw ? red[threadIdx.x] : (is_max ? NEG_INF : 0.f);
+  if (warp == 0) {
+    for (int off = 16; off > 0; off >>= 1) {
+      float o = __shfl_xor_sync(0xffffffffu, v, off);
+      v = is_max ? fmaxf(v, o) : v + o;
+    }
+    if (lane == 0) red[0] = v;
+  }
+  __syncthreads();
+  return red[0];
+}

@@ -1,0 +1,203 @@
+//! The host side of the NF4 kernels (`nf4.cu`): dequantization in one pass, every step in f32
+//! with the operations bitsandbytes does and one rounding (the same bits as the CPU path; the
+//! tensor-op version it replaced moved ~20 bytes per weight through five kernels, this one reads
+//! half a byte and writes two), and the decoding GEMV `y = x W^T` straight from the 4-bit data
+//! for up to [`GEMV_MAX_ROWS`] rows, so a token reads half a byte per weight.
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig};
+use candle_core::{CudaStorage, DType, Error, Result, Storage, Tensor};
+
+use crate::ops::kernels::{CudaModule, cuda_device, wrap};
+
+/// Rows of `x` one GEMV launch handles; more rows go through dequantize + cuBLAS.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+static NF4: CudaModule = CudaModule::new("adapterlab_nf4", include_str!("nf4.cu"), nf4_defines);
+
+/// The GEMV's row count and the NF4 code book, as the source expects them.
+fn nf4_defines() -> String {
+    let table: Vec<String> = crate::quant::nf4::NF4_CODE
+        .iter()
+        .map(|v| format!("{v:?}f"))
+        .collect();
+    format!(
+        "#define GEMV_MAX_ROWS {GEMV_MAX_ROWS}\n#define NF4_TABLE {}\n",
+        table.join(", ")
+    )
+}
+
+/// The 4-bit data of one weight on the GPU, as `linear::DeviceNf4` holds it.
+pub struct Nf4Gpu<'a> {
+    /// `[bytes]` u8, two codes a byte, high nibble first.
+    pub codes: &'a Tensor,
+    pub absmax: AbsmaxGpu<'a>,
+    /// Elements of the weight.
+    pub n: usize,
+    /// Elements per absmax block (64).
+    pub blocksize: usize,
+}
+
+pub enum AbsmaxGpu<'a> {
+    /// One f32 per block.
+    Plain(&'a Tensor),
+    /// Double quantization: `code[q[i]] * absmax[i / blocksize] + offset`.
+    Nested {
+        q: &'a Tensor,
+        code: &'a Tensor,
+        absmax: &'a Tensor,
+        offset: f32,
+        blocksize: usize,
+    },
+}
+
+/// Runs `f` with the CUDA slice of every input tensor (which must be fresh, offset-0 tensors of
+/// the named dtype).
+fn with_slices<R>(w: &Nf4Gpu, f: impl FnOnce(Slices) -> Result<R>) -> Result<R> {
+    fn guard(t: &Tensor) -> Result<impl std::ops::Deref<Target = Storage> + '_> {
+        if t.layout().start_offset() != 0 || !t.is_contiguous() {
+            return Err(Error::Msg("NF4 CUDA kernel: input is a view".into()));
+        }
+        Ok(t.storage_and_layout().0)
+    }
+    fn cuda(s: &Storage) -> Result<&CudaStorage> {
+        match s {
+            Storage::Cuda(c) => Ok(c),
+            _ => Err(Error::Msg(
+                "NF4 CUDA kernel: input is not on the GPU".into(),
+            )),
+        }
+    }
+    let codes = guard(w.codes)?;
+    match &w.absmax {
+        AbsmaxGpu::Plain(a) => {
+            let a = guard(a)?;
+            let a = cuda(&a)?.as_cuda_slice::<f32>()?;
+            let codes = cuda(&codes)?.as_cuda_slice::<u8>()?;
+            f(Slices {
+                codes,
+                nested: 0,
+                absmax: a,
+                aq: codes,
+                acode: a,
+                offset: 0.0,
+                nbs: 1,
+            })
+        }
+        AbsmaxGpu::Nested {
+            q,
+            code,
+            absmax,
+            offset,
+            blocksize,
+        } => {
+            let (q, code, absmax) = (guard(q)?, guard(code)?, guard(absmax)?);
+            f(Slices {
+                codes: cuda(&codes)?.as_cuda_slice::<u8>()?,
+                nested: 1,
+                absmax: cuda(&absmax)?.as_cuda_slice::<f32>()?,
+                aq: cuda(&q)?.as_cuda_slice::<u8>()?,
+                acode: cuda(&code)?.as_cuda_slice::<f32>()?,
+                offset: *offset,
+                nbs: *blocksize as i32,
+            })
+        }
+    }
+}
+
+struct Slices<'a> {
+    codes: &'a CudaSlice<u8>,
+    nested: i32,
+    absmax: &'a CudaSlice<f32>,
+    aq: &'a CudaSlice<u8>,
+    acode: &'a CudaSlice<f32>,
+    offset: f32,
+    nbs: i32,
+}
+
+/// The whole weight in `dtype` (bf16, f16 or f32), flat: the caller reshapes it.
+pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
+    let dev = cuda_device(w.codes)?;
+    let n = w.n as i64;
+    let bs = w.blocksize as i32;
+    let threads = 256u32;
+    // Eight weights a thread where whole 4-byte words of codes share an absmax block.
+    let by8 = w.n % 8 == 0 && w.blocksize % 8 == 0 && w.n <= u32::MAX as usize;
+    let per_thread = if by8 { w.n / 8 } else { w.n.div_ceil(2) };
+    let cfg = LaunchConfig {
+        grid_dim: (per_thread.div_ceil(threads as usize) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    with_slices(w, |s| {
+        macro_rules! launch {
+            ($name:literal, $name8:literal, $t:ty) => {{
+                // SAFETY: every element is written by the kernel below.
+                let out = unsafe { dev.alloc::<$t>(w.n)? };
+                let name = if by8 { $name8 } else { $name };
+                crate::run_kernel!(NF4, dev, name, cfg;
+                    s.codes, &n, &bs, &s.nested, s.absmax, s.aq, s.acode, &s.offset, &s.nbs, &out,
+                )?;
+                Ok(wrap(out, &dev, w.n))
+            }};
+        }
+        match dtype {
+            DType::F32 => launch!("nf4_dequant_f32", "nf4_dequant8_f32", f32),
+            DType::BF16 => launch!("nf4_dequant_bf16", "nf4_dequant8_bf16", half::bf16),
+            DType::F16 => launch!("nf4_dequant_f16", "nf4_dequant8_f16", half::f16),
+            other => Err(Error::Msg(format!(
+                "NF4 dequantize to {other:?} is not supported"
+            ))),
+        }
+    })
+}
+
+/// `x [m, k] @ W^T` for `W [n, k]` held as NF4, `m <= GEMV_MAX_ROWS`, `x` bf16 or f16.
+pub fn gemv(w: &Nf4Gpu, out_features: usize, x: &Tensor) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    if m == 0 || m > GEMV_MAX_ROWS || out_features * k != w.n {
+        return Err(Error::Msg(format!(
+            "NF4 GEMV: {m} rows of {k} features against a weight of {} elements",
+            w.n
+        )));
+    }
+    let x = if x.is_contiguous() && x.layout().start_offset() == 0 {
+        x.clone()
+    } else {
+        // A fresh, offset-0 copy; the round trip through f32 is exact for bf16 and f16.
+        x.to_dtype(DType::F32)?.to_dtype(x.dtype())?
+    };
+    let dev = cuda_device(&x)?;
+    let (n_i, k_i, m_i, bs) = (out_features as i32, k as i32, m as i32, w.blocksize as i32);
+    let warps_per_block = 8u32;
+    let cfg = LaunchConfig {
+        grid_dim: (out_features.div_ceil(warps_per_block as usize) as u32, 1, 1),
+        block_dim: (32 * warps_per_block, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (xs, _) = x.storage_and_layout();
+    let xs = match &*xs {
+        Storage::Cuda(c) => c,
+        _ => return Err(Error::Msg("NF4 GEMV: x is not on the GPU".into())),
+    };
+    with_slices(w, |s| {
+        macro_rules! launch {
+            ($name:literal, $t:ty) => {{
+                let xv = xs.as_cuda_slice::<$t>()?;
+                // SAFETY: every element is written by the kernel below.
+                let out = unsafe { dev.alloc::<$t>(m * out_features)? };
+                crate::run_kernel!(NF4, dev, $name, cfg;
+                    s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode, &s.offset,
+                    &s.nbs, xv, &out, &m_i,
+                )?;
+                Ok(wrap(out, &dev, (m, out_features)))
+            }};
+        }
+        match x.dtype() {
+            DType::BF16 => launch!("nf4_gemv_bf16", half::bf16),
+            DType::F16 => launch!("nf4_gemv_f16", half::f16),
+            other => Err(Error::Msg(format!(
+                "NF4 GEMV on {other:?} input is not supported"
+            ))),
+        }
+    })
+}

@@ -1,0 +1,128 @@
+// NF4 (bitsandbytes) dequantization and the decoding GEMV, host side in quant/kernels.rs.
+// GEMV_MAX_ROWS and NF4_TABLE are defined by the host before this source.
+// Compiled with NVRTC at first use, after the shared prelude (ops/prelude.cu); the
+// __fmul_rn/__fadd_rn intrinsics keep NVRTC from fusing a multiply and an add into an FMA,
+// which would round differently from the CPU path.
+
+__constant__ float NF4[16] = { NF4_TABLE };
+
+// Shared copies of the lookup tables: constant memory serialises a warp's distinct addresses.
+#define LOAD_TABLES                                                          \
+  __shared__ float nf4s[16];                                                 \
+  __shared__ float code_s[256];                                              \
+  if (threadIdx.x < 16) nf4s[threadIdx.x] = NF4[threadIdx.x];                \
+  if (nested) for (int t = threadIdx.x; t < 256; t += blockDim.x) code_s[t] = acode[t]; \
+  __syncthreads();
+
+__device__ __forceinline__ float absmax_of(long long blk, int nested, const float* absmax,
+    const u8* aq, const float* code_s, float offset, int nbs) {
+  if (nested) return __fadd_rn(__fmul_rn(code_s[aq[blk]], absmax[blk / nbs]), offset);
+  return absmax[blk];
+}
+
+#define DEQUANT(NAME, T, CONV)                                                                 \
+extern "C" __global__ void NAME(const u8* codes, long long n, int bs, int nested,              \
+    const float* absmax, const u8* aq, const float* acode, float offset, int nbs, T* out) {   \
+  LOAD_TABLES                                                                                  \
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;                              \
+  if (i >= (n + 1) / 2) return;                                                                \
+  u8 c = codes[i];                                                                             \
+  long long e = 2 * i;                                                                         \
+  out[e] = CONV(__fmul_rn(nf4s[c >> 4], absmax_of(e / bs, nested, absmax, aq, code_s, offset, nbs))); \
+  if (e + 1 < n)                                                                               \
+    out[e + 1] = CONV(__fmul_rn(nf4s[c & 15], absmax_of((e + 1) / bs, nested, absmax, aq, code_s, offset, nbs))); \
+}
+DEQUANT(nf4_dequant_f32, float, f32_id)
+DEQUANT(nf4_dequant_bf16, u16, f32_to_bf16)
+DEQUANT(nf4_dequant_f16, u16, f32_to_f16)
+
+// The same, 8 weights a thread: one 4-byte load of codes, one absmax (the caller guarantees
+// n % 8 == 0 and bs % 8 == 0, so the 8 share a block), 16- or 32-byte stores. Indices are
+// 32-bit (the caller guarantees n < 2^32): 64-bit divisions cost more than the memory traffic.
+#define DEQUANT8(NAME, T, CONV, STORE8)                                                        \
+extern "C" __global__ void NAME(const u8* codes, long long n, int bs, int nested,              \
+    const float* absmax, const u8* aq, const float* acode, float offset, int nbs, T* out) {   \
+  LOAD_TABLES                                                                                  \
+  unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;                                      \
+  if (i >= (unsigned int)(n / 8)) return;                                                      \
+  unsigned int c = ((const unsigned int*)codes)[i];                                            \
+  unsigned int blk = 8u * i / (unsigned int)bs;                                                \
+  float a = nested ? __fadd_rn(__fmul_rn(code_s[aq[blk]], absmax[blk / (unsigned int)nbs]), offset) \
+                   : absmax[blk];                                                              \
+  float w[8];                                                                                  \
+  _Pragma("unroll") for (int t = 0; t < 4; ++t) {                                             \
+    unsigned int b = (c >> (8 * t)) & 255u;                                                    \
+    w[2 * t] = __fmul_rn(nf4s[b >> 4], a);                                                     \
+    w[2 * t + 1] = __fmul_rn(nf4s[b & 15], a);                                                 \
+  }                                                                                           \
+  STORE8(out, i, w, CONV)                                                                      \
+}
+#define STORE8_16(out, i, w, CONV) {                                                          \
+  uint4 v;                                                                                     \
+  v.x = (unsigned int)CONV(w[0]) | ((unsigned int)CONV(w[1]) << 16);                           \
+  v.y = (unsigned int)CONV(w[2]) | ((unsigned int)CONV(w[3]) << 16);                           \
+  v.z = (unsigned int)CONV(w[4]) | ((unsigned int)CONV(w[5]) << 16);                           \
+  v.w = (unsigned int)CONV(w[6]) | ((unsigned int)CONV(w[7]) << 16);                           \
+  ((uint4*)out)[i] = v; }
+#define STORE8_32(out, i, w, CONV) {                                                          \
+  ((float4*)out)[2 * i] = make_float4(w[0], w[1], w[2], w[3]);                                 \
+  ((float4*)out)[2 * i + 1] = make_float4(w[4], w[5], w[6], w[7]); }
+DEQUANT8(nf4_dequant8_f32, float, f32_id, STORE8_32)
+DEQUANT8(nf4_dequant8_bf16, u16, f32_to_bf16, STORE8_16)
+DEQUANT8(nf4_dequant8_f16, u16, f32_to_f16, STORE8_16)
+
+// One warp per output feature; each lane walks the row's codes 4 bytes (8 weights) at a time.
+#define GEMV(NAME, LOAD, STORE)                                                                \
+extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int nested,             \
+    const float* absmax, const u8* aq, const float* acode, float offset, int nbs,              \
+    const u16* x, u16* y, int m) {                                                            \
+  LOAD_TABLES                                                                                  \
+  int lane = threadIdx.x & 31;                                                                 \
+  long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);              \
+  if (row >= n) return;                                                                        \
+  float acc[GEMV_MAX_ROWS];                                                                    \
+  _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.f;                      \
+  long long base = row * (long long)k;                                                         \
+  if ((k & 7) == 0 && (bs & 7) == 0) {                                                        \
+    const unsigned int* cw = (const unsigned int*)(codes + (base >> 1));                       \
+    int nw = k >> 3;                                                                           \
+    for (int j = lane; j < nw; j += 32) {                                                     \
+      unsigned int v = cw[j];                                                                  \
+      float a = absmax_of((base + 8LL * j) / bs, nested, absmax, aq, code_s, offset, nbs);     \
+      float w[8];                                                                              \
+      _Pragma("unroll") for (int t = 0; t < 4; ++t) {                                         \
+        unsigned int b = (v >> (8 * t)) & 255u;                                                \
+        w[2 * t] = nf4s[b >> 4] * a;                                                           \
+        w[2 * t + 1] = nf4s[b & 15] * a;                                                       \
+      }                                                                                       \
+      _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) {                             \
+        if (r < m) {                                                                          \
+          uint4 xv = *(const uint4*)(x + (long long)r * k + 8 * j);                            \
+          float s = w[0] * LOAD((u16)(xv.x & 0xffffu)) + w[1] * LOAD((u16)(xv.x >> 16))        \
+                  + w[2] * LOAD((u16)(xv.y & 0xffffu)) + w[3] * LOAD((u16)(xv.y >> 16))        \
+                  + w[4] * LOAD((u16)(xv.z & 0xffffu)) + w[5] * LOAD((u16)(xv.z >> 16))        \
+                  + w[6] * LOAD((u16)(xv.w & 0xffffu)) + w[7] * LOAD((u16)(xv.w >> 16));       \
+          acc[r] += s;                                                                         \
+        }                                                                                     \
+      }                                                                                       \
+    }                                                                                         \
+  } else {                                                                                   \
+    for (int kk = lane; kk < k; kk += 32) {                                                   \
+      long long e = base + kk;                                                                 \
+      u8 c = codes[e >> 1];                                                                    \
+      float wv = nf4s[(e & 1) ? (c & 15) : (c >> 4)]                                           \
+               * absmax_of(e / bs, nested, absmax, aq, code_s, offset, nbs);                   \
+      _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r)                                \
+        if (r < m) acc[r] += wv * LOAD(x[(long long)r * k + kk]);                              \
+    }                                                                                         \
+  }                                                                                           \
+  _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) {                                 \
+    if (r < m) {                                                                              \
+      float s = acc[r];                                                                        \
+      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);        \
+      if (lane == 0) y[(long long)r * n + row] = STORE(s);                                     \
+    }                                                                                         \
+  }                                                                                           \
+}
+GEMV(nf4_gemv_bf16, bf16_to_f32, f32_to_bf16)
+GEMV(nf4_gemv_f16, f16_to_f32, f32_to_f16)
