@@ -1,6 +1,5 @@
 //! The JSON API under `/api`. Shapes are a contract (documented in `openapi.rs`).
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -16,14 +15,10 @@ use futures::Stream;
 use serde_json::{Value, json};
 
 use crate::eval::compare::compare;
-use crate::eval::input::{PredictionRow, row_from_value};
-use crate::eval::pipeline::EvalRequest;
 use crate::eval::report;
-use crate::infer::run::{GenerateRequest, InputRow};
 use crate::plugin::{CallContext, PluginMeta, registry};
-use crate::server::jobs::TrainSubmission;
 use crate::server::{AppError, AppState, openapi};
-use crate::store::{MAX_NOTES_LEN, MAX_TAG_LEN, MAX_TAGS, RunEvent, RunKind, RunStatus};
+use crate::store::{RunEvent, RunKind, RunStatus};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -291,57 +286,7 @@ async fn patch_run(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, AppError> {
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| AppError::bad_request(format!("the body is not valid JSON: {e}")))?;
-    if !value.is_object() {
-        return Err(AppError::bad_request("the body must be a JSON object"));
-    }
-    check_fields(&value, &["tags", "notes"])?;
-    let tags = match value.get("tags") {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(items)) => {
-            let mut tags: Vec<String> = Vec::new();
-            for (i, item) in items.iter().enumerate() {
-                let tag = item
-                    .as_str()
-                    .ok_or_else(|| AppError::unprocessable(format!("tags[{i}] must be a string")))?
-                    .trim();
-                if tag.is_empty() {
-                    return Err(AppError::unprocessable(format!("tags[{i}] is empty")));
-                }
-                if tag.chars().count() > MAX_TAG_LEN {
-                    return Err(AppError::unprocessable(format!(
-                        "tags[{i}] is longer than {MAX_TAG_LEN} characters"
-                    )));
-                }
-                if !tags.iter().any(|t| t == tag) {
-                    tags.push(tag.to_string());
-                }
-            }
-            if tags.len() > MAX_TAGS {
-                return Err(AppError::unprocessable(format!(
-                    "at most {MAX_TAGS} tags, not {}",
-                    tags.len()
-                )));
-            }
-            Some(tags)
-        }
-        Some(_) => {
-            return Err(AppError::unprocessable(
-                "field `tags` must be an array of strings",
-            ));
-        }
-    };
-    let notes = match value.get("notes") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.chars().count() > MAX_NOTES_LEN => {
-            return Err(AppError::unprocessable(format!(
-                "field `notes` is longer than {MAX_NOTES_LEN} characters"
-            )));
-        }
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(AppError::unprocessable("field `notes` must be a string")),
-    };
+    let (tags, notes) = typed::<body::Patch>(json_object(&body)?)?.checked()?;
     let run = state.store.resolve_run(&id)?;
     let run = state.store.update_run(&run.id, |r| {
         if let Some(t) = &tags {
@@ -642,11 +587,7 @@ async fn report_runs(
 }
 
 async fn create_run(State(state): State<AppState>, body: Bytes) -> Result<Response, AppError> {
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| AppError::bad_request(format!("the body is not valid JSON: {e}")))?;
-    if !value.is_object() {
-        return Err(AppError::bad_request("the body must be a JSON object"));
-    }
+    let value = json_object(&body)?;
     let kind = value.get("kind").and_then(Value::as_str).ok_or_else(|| {
         AppError::unprocessable("field `kind` is required: \"eval\", \"train\" or \"generate\"")
     })?;
@@ -654,18 +595,15 @@ async fn create_run(State(state): State<AppState>, body: Bytes) -> Result<Respon
     // Validation reads plugins and files: off the async threads.
     let submit = match kind {
         "eval" => {
-            check_fields(&value, EVAL_FIELDS)?;
-            let request = eval_request(&value)?;
+            let request = typed::<body::Eval>(value)?.into_request()?;
             tokio::task::spawn_blocking(move || jobs.submit_eval(request))
         }
         "train" => {
-            check_fields(&value, TRAIN_FIELDS)?;
-            let submission = train_submission(&value)?;
+            let submission = typed::<body::Train>(value)?.into_submission()?;
             tokio::task::spawn_blocking(move || jobs.submit_train(submission))
         }
         "generate" => {
-            check_fields(&value, GENERATE_FIELDS)?;
-            let request = generate_request(&value)?;
+            let request = typed::<body::Generate>(value)?.into_request()?;
             tokio::task::spawn_blocking(move || jobs.submit_generate(request))
         }
         other => {
@@ -693,314 +631,398 @@ async fn create_run(State(state): State<AppState>, body: Bytes) -> Result<Respon
     Ok((StatusCode::CREATED, Json(json!({"id": run.id}))).into_response())
 }
 
-const EVAL_FIELDS: &[&str] = &[
-    "kind",
-    "name",
-    "predictions",
-    "metrics",
-    "settings",
-    "score_references",
-    "model",
-    "adapter",
-    "dataset",
-    "llm_base_url",
-];
-const TRAIN_FIELDS: &[&str] = &["kind", "name", "config"];
-const GENERATE_FIELDS: &[&str] = &[
-    "kind",
-    "name",
-    "model",
-    "adapter",
-    "dataset",
-    "split",
-    "inputs",
-    "formatter",
-    "limit",
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "repetition_penalty",
-    "seed",
-    "batch_size",
-    "metrics",
-    "settings",
-    "score_references",
-    "llm_base_url",
-];
+/// The body as a JSON object (400 when it is not one).
+fn json_object(body: &[u8]) -> Result<Value, AppError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| AppError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(AppError::bad_request("the body must be a JSON object"));
+    }
+    Ok(value)
+}
 
-/// Every field of the body is one `allowed`; an unknown one is named, with the closest.
-fn check_fields(value: &Value, allowed: &[&str]) -> Result<(), AppError> {
-    let Some(map) = value.as_object() else {
-        return Ok(());
-    };
-    for key in map.keys() {
-        if !allowed.contains(&key.as_str()) {
-            let hint = match crate::plugin::registry::closest(key, allowed) {
+/// A request body's types, checked once: a wrong type names the field (with its path, e.g.
+/// `inputs[2].source`), an unknown field names the closest known one.
+fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, AppError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        // serde speaks of Rust's shapes; the client wrote JSON.
+        let inner = e
+            .into_inner()
+            .to_string()
+            .replace("a sequence", "an array")
+            .replace("a map", "an object");
+        if let Some(unknown) = inner
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next())
+        {
+            // serde lists the known fields after "expected one of"; reuse them for the hint.
+            let known: Vec<&str> = inner
+                .split_once("expected")
+                .map(|(_, list)| list.split('`').skip(1).step_by(2).collect())
+                .unwrap_or_default();
+            let hint = match crate::plugin::registry::closest(unknown, &known) {
                 Some(c) => format!("; did you mean `{c}`?"),
-                None => format!(" (expected: {})", allowed.join(", ")),
+                None => format!(" (expected: {})", known.join(", ")),
             };
-            return Err(AppError::unprocessable(format!(
-                "unknown field `{key}`{hint}"
-            )));
+            let at = match path.rsplit_once('.') {
+                Some((parent, _)) if path != "." => format!("{parent}: "),
+                _ => String::new(),
+            };
+            return AppError::unprocessable(format!("{at}unknown field `{unknown}`{hint}"));
         }
-    }
-    Ok(())
-}
-
-/// The optional run name: trimmed, at most 200 characters.
-fn run_name(value: &Value) -> Result<Option<String>, AppError> {
-    let name = match value.get("name") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(s)) => s.trim(),
-        Some(_) => return Err(AppError::unprocessable("field `name` must be a string")),
-    };
-    if name.len() > 200 {
-        return Err(AppError::unprocessable(
-            "field `name` is longer than 200 characters",
-        ));
-    }
-    Ok((!name.is_empty()).then(|| name.to_string()))
-}
-
-fn train_submission(value: &Value) -> Result<TrainSubmission, AppError> {
-    let config = value.get("config").cloned().unwrap_or_else(|| json!({}));
-    if !config.is_object() {
-        return Err(AppError::unprocessable(
-            "field `config` must be an object of train keys (HF TrainingArguments / LoraConfig names)",
-        ));
-    }
-    Ok(TrainSubmission {
-        name: run_name(value)?,
-        config,
+        if path == "." {
+            AppError::unprocessable(inner)
+        } else {
+            AppError::unprocessable(format!("field `{path}`: {inner}"))
+        }
     })
 }
 
-/// Translate a generate body into a request, naming the field at fault; what needs the
-/// plugins, the store or files is checked by the job queue.
-fn generate_request(value: &Value) -> Result<GenerateRequest, AppError> {
-    let mut request = GenerateRequest {
-        name: run_name(value)?.unwrap_or_default(),
-        llm_base_url: llm_base_url(value)?,
-        ..Default::default()
-    };
-    let string = |key: &str| -> Result<Option<String>, AppError> {
-        match value.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
-            Some(_) => Err(AppError::unprocessable(format!(
+/// The bodies of `POST /api/runs` and `PATCH /api/runs/:id`, as serde types: every field the
+/// API takes, with its type, in one place; what needs more than a type (ranges, non-empty
+/// names, URLs) is checked by the `into_*` conversions, naming the field.
+mod body {
+    use std::collections::BTreeMap;
+
+    use serde::Deserialize;
+    use serde_json::Value;
+
+    use super::AppError;
+    use crate::eval::input::{PredictionRow, row_from_value};
+    use crate::eval::pipeline::EvalRequest;
+    use crate::infer::run::{GenerateRequest, InputRow};
+    use crate::server::jobs::TrainSubmission;
+    use crate::store::{MAX_NOTES_LEN, MAX_TAG_LEN, MAX_TAGS};
+
+    /// `metrics`: an array of metric plugin names, or one comma-separated string.
+    #[derive(Debug, Deserialize)]
+    #[serde(untagged)]
+    pub enum Metrics {
+        List(Vec<String>),
+        Joined(String),
+    }
+
+    impl Metrics {
+        fn names(self) -> Vec<String> {
+            match self {
+                Metrics::List(names) => names,
+                Metrics::Joined(s) => s
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect(),
+            }
+        }
+    }
+
+    /// `settings`: `{plugin: {key: value}}`, values taken as text.
+    type Settings = BTreeMap<String, BTreeMap<String, Value>>;
+
+    fn settings(s: Option<Settings>) -> BTreeMap<String, BTreeMap<String, String>> {
+        s.unwrap_or_default()
+            .into_iter()
+            .map(|(plugin, kv)| {
+                let kv = kv
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            Value::String(s) => s,
+                            other => other.to_string(),
+                        };
+                        (k, v)
+                    })
+                    .collect();
+                (plugin, kv)
+            })
+            .collect()
+    }
+
+    /// The optional run name: trimmed, at most 200 characters.
+    fn run_name(name: Option<String>) -> Result<Option<String>, AppError> {
+        let Some(name) = name else {
+            return Ok(None);
+        };
+        let name = name.trim();
+        if name.len() > 200 {
+            return Err(AppError::unprocessable(
+                "field `name` is longer than 200 characters",
+            ));
+        }
+        Ok((!name.is_empty()).then(|| name.to_string()))
+    }
+
+    /// A trimmed string field that, when given, is not empty.
+    fn non_empty(key: &str, value: Option<String>) -> Result<Option<String>, AppError> {
+        match value {
+            None => Ok(None),
+            Some(s) if s.trim().is_empty() => Err(AppError::unprocessable(format!(
                 "field `{key}` must be a non-empty string"
             ))),
-        }
-    };
-    let number = |key: &str| -> Result<Option<f64>, AppError> {
-        match value.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| AppError::unprocessable(format!("field `{key}` must be a number"))),
-        }
-    };
-    let count = |key: &str| -> Result<Option<usize>, AppError> {
-        match value.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
-                AppError::unprocessable(format!("field `{key}` must be a whole number, 0 or more"))
-            }),
-        }
-    };
-    request.model = string("model")?;
-    request.adapter = string("adapter")?;
-    request.dataset = string("dataset")?;
-    request.split = string("split")?;
-    if let Some(f) = string("formatter")? {
-        request.formatter = f;
-    }
-    request.limit = count("limit")?;
-    let s = &mut request.sampling;
-    if let Some(n) = count("max_new_tokens")? {
-        s.max_new_tokens = n;
-    }
-    if let Some(t) = number("temperature")? {
-        s.temperature = t as f32;
-    }
-    s.top_p = number("top_p")?.map(|p| p as f32);
-    s.top_k = count("top_k")?;
-    if let Some(p) = number("repetition_penalty")? {
-        s.repetition_penalty = p as f32;
-    }
-    if let Some(seed) = count("seed")? {
-        s.seed = seed as u64;
-    }
-    if let Some(b) = count("batch_size")? {
-        s.batch_size = b;
-    }
-    s.validate()
-        .map_err(|e| AppError::unprocessable(e.to_string()))?;
-    if let Some(inputs) = value.get("inputs") {
-        let items = inputs.as_array().ok_or_else(|| {
-            AppError::unprocessable("field `inputs` must be an array of {id, source, reference?}")
-        })?;
-        for (i, item) in items.iter().enumerate() {
-            let field = |key: &str| item.get(key).filter(|v| !v.is_null());
-            let id = match field("id") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Number(n)) => n.to_string(),
-                _ => {
-                    return Err(AppError::unprocessable(format!(
-                        "inputs[{i}]: `id` must be a string or a number"
-                    )));
-                }
-            };
-            let source = field("source")
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    AppError::unprocessable(format!("inputs[{i}]: `source` must be a string"))
-                })?
-                .to_string();
-            let reference = match field("reference") {
-                None => None,
-                Some(Value::String(r)) => Some(r.clone()),
-                Some(_) => {
-                    return Err(AppError::unprocessable(format!(
-                        "inputs[{i}]: `reference` must be a string"
-                    )));
-                }
-            };
-            request.inputs.push(InputRow {
-                id,
-                source,
-                reference,
-            });
-        }
-        if request.inputs.is_empty() {
-            return Err(AppError::unprocessable("field `inputs` is empty"));
+            Some(s) => Ok(Some(s.trim().to_string())),
         }
     }
-    if value.get("metrics").is_some_and(|m| !m.is_null()) {
-        request.metrics = metrics_field(value)?;
-    }
-    request.settings = settings_field(value)?;
-    request.score_references = value
-        .get("score_references")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    Ok(request)
-}
 
-/// `metrics`: an array of metric plugin names, or one comma-separated string.
-fn metrics_field(value: &Value) -> Result<Vec<String>, AppError> {
-    match value.get("metrics") {
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|m| {
-                m.as_str()
-                    .map(String::from)
-                    .ok_or_else(|| AppError::unprocessable("field `metrics` must hold strings"))
+    /// `llm_base_url`: an http(s) URL of an OpenAI-compatible API, checked here, once.
+    fn llm_base_url(url: Option<String>) -> Result<Option<String>, AppError> {
+        let Some(url) = url else {
+            return Ok(None);
+        };
+        let url = url.trim();
+        if url.is_empty() {
+            return Err(AppError::unprocessable(
+                "field `llm_base_url` must be a URL string",
+            ));
+        }
+        crate::llm::LlmConfig::check_endpoint(url)
+            .map_err(|e| AppError::unprocessable(format!("field `llm_base_url`: {e}")))?;
+        Ok(Some(url.to_string()))
+    }
+
+    /// `kind: "eval"`: score predictions given inline.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Eval {
+        #[allow(dead_code)]
+        kind: String,
+        name: Option<String>,
+        /// Rows as the predictions file has them (read by the file reader's own row parser).
+        predictions: Option<Vec<Value>>,
+        metrics: Option<Metrics>,
+        settings: Option<Settings>,
+        #[serde(default)]
+        score_references: bool,
+        model: Option<String>,
+        adapter: Option<String>,
+        dataset: Option<String>,
+        llm_base_url: Option<String>,
+    }
+
+    impl Eval {
+        pub fn into_request(self) -> Result<EvalRequest, AppError> {
+            let rows = self.predictions.ok_or_else(|| {
+                AppError::unprocessable(
+                    "field `predictions` must be an array of {id, prediction, reference, source}",
+                )
+            })?;
+            let mut parsed: Vec<PredictionRow> = Vec::with_capacity(rows.len());
+            let mut seen = std::collections::HashSet::new();
+            for (i, row) in rows.iter().enumerate() {
+                let row = row_from_value(row)
+                    .map_err(|e| AppError::unprocessable(format!("predictions[{i}]: {e}")))?;
+                if !seen.insert(row.id.clone()) {
+                    return Err(AppError::unprocessable(format!(
+                        "predictions[{i}]: duplicate id {:?}",
+                        row.id
+                    )));
+                }
+                parsed.push(row);
+            }
+            if parsed.is_empty() {
+                return Err(AppError::unprocessable("field `predictions` is empty"));
+            }
+            let metrics = self.metrics.ok_or_else(|| {
+                AppError::unprocessable("field `metrics` must be an array of metric plugin names")
+            })?;
+            let mut metadata = BTreeMap::new();
+            for (key, value) in [
+                ("model", self.model),
+                ("adapter", self.adapter),
+                ("dataset", self.dataset),
+            ] {
+                if let Some(v) = value {
+                    metadata.insert(key.to_string(), v);
+                }
+            }
+            Ok(EvalRequest {
+                name: run_name(self.name)?.unwrap_or_else(|| "eval".to_string()),
+                rows: parsed,
+                metrics: metrics.names(),
+                settings: settings(self.settings),
+                score_references: self.score_references,
+                metadata,
+                llm_base_url: llm_base_url(self.llm_base_url)?,
             })
-            .collect(),
-        Some(Value::String(s)) => Ok(s
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect()),
-        _ => Err(AppError::unprocessable(
-            "field `metrics` must be an array of metric plugin names",
-        )),
+        }
     }
-}
 
-/// `settings`: `{plugin: {key: value}}`, values taken as text.
-fn settings_field(value: &Value) -> Result<BTreeMap<String, BTreeMap<String, String>>, AppError> {
-    let mut settings: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    let Some(s) = value.get("settings").filter(|s| !s.is_null()) else {
-        return Ok(settings);
-    };
-    let map = s.as_object().ok_or_else(|| {
-        AppError::unprocessable("field `settings` must be an object {plugin: {key: value}}")
-    })?;
-    for (plugin, kv) in map {
-        let kv = kv.as_object().ok_or_else(|| {
-            AppError::unprocessable(format!(
-                "settings.{plugin} must be an object {{key: value}}"
-            ))
-        })?;
-        let entry = settings.entry(plugin.clone()).or_default();
-        for (k, v) in kv {
-            let v = match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
+    /// `kind: "train"`: a training config of HF TrainingArguments / LoraConfig names, checked
+    /// by the job queue against the config type.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Train {
+        #[allow(dead_code)]
+        kind: String,
+        name: Option<String>,
+        config: Option<serde_json::Map<String, Value>>,
+    }
+
+    impl Train {
+        pub fn into_submission(self) -> Result<TrainSubmission, AppError> {
+            Ok(TrainSubmission {
+                name: run_name(self.name)?,
+                config: Value::Object(self.config.unwrap_or_default()),
+            })
+        }
+    }
+
+    /// One inline row of a generate run.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Input {
+        id: Id,
+        source: String,
+        reference: Option<String>,
+    }
+
+    /// A row id: a string, or a number kept as its text.
+    #[derive(Debug, Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Text(String),
+        Number(serde_json::Number),
+    }
+
+    /// `kind: "generate"`: predictions from a model (and adapter) on a dataset split or on
+    /// inline rows, with every decoding setting, optionally scored.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Generate {
+        #[allow(dead_code)]
+        kind: String,
+        name: Option<String>,
+        model: Option<String>,
+        adapter: Option<String>,
+        dataset: Option<String>,
+        split: Option<String>,
+        inputs: Option<Vec<Input>>,
+        formatter: Option<String>,
+        limit: Option<usize>,
+        max_new_tokens: Option<usize>,
+        temperature: Option<f32>,
+        top_p: Option<f32>,
+        top_k: Option<usize>,
+        repetition_penalty: Option<f32>,
+        seed: Option<u64>,
+        batch_size: Option<usize>,
+        metrics: Option<Metrics>,
+        settings: Option<Settings>,
+        #[serde(default)]
+        score_references: bool,
+        llm_base_url: Option<String>,
+    }
+
+    impl Generate {
+        /// The request, naming the field at fault; what needs the plugins, the store or files
+        /// is checked by the job queue.
+        pub fn into_request(self) -> Result<GenerateRequest, AppError> {
+            let mut request = GenerateRequest {
+                name: run_name(self.name)?.unwrap_or_default(),
+                llm_base_url: llm_base_url(self.llm_base_url)?,
+                model: non_empty("model", self.model)?,
+                adapter: non_empty("adapter", self.adapter)?,
+                dataset: non_empty("dataset", self.dataset)?,
+                split: non_empty("split", self.split)?,
+                limit: self.limit,
+                score_references: self.score_references,
+                settings: settings(self.settings),
+                ..Default::default()
             };
-            entry.insert(k.clone(), v);
+            if let Some(f) = non_empty("formatter", self.formatter)? {
+                request.formatter = f;
+            }
+            let s = &mut request.sampling;
+            if let Some(n) = self.max_new_tokens {
+                s.max_new_tokens = n;
+            }
+            if let Some(t) = self.temperature {
+                s.temperature = t;
+            }
+            s.top_p = self.top_p;
+            s.top_k = self.top_k;
+            if let Some(p) = self.repetition_penalty {
+                s.repetition_penalty = p;
+            }
+            if let Some(seed) = self.seed {
+                s.seed = seed;
+            }
+            if let Some(b) = self.batch_size {
+                s.batch_size = b;
+            }
+            s.validate()
+                .map_err(|e| AppError::unprocessable(e.to_string()))?;
+            if let Some(inputs) = self.inputs {
+                if inputs.is_empty() {
+                    return Err(AppError::unprocessable("field `inputs` is empty"));
+                }
+                request.inputs = inputs
+                    .into_iter()
+                    .map(|i| InputRow {
+                        id: match i.id {
+                            Id::Text(s) => s,
+                            Id::Number(n) => n.to_string(),
+                        },
+                        source: i.source,
+                        reference: i.reference,
+                    })
+                    .collect();
+            }
+            if let Some(m) = self.metrics {
+                request.metrics = m.names();
+            }
+            Ok(request)
         }
     }
-    Ok(settings)
-}
 
-/// Validate an eval request body, naming the field (and row) at fault.
-fn eval_request(value: &Value) -> Result<EvalRequest, AppError> {
-    let rows = value
-        .get("predictions")
-        .and_then(Value::as_array)
-        .ok_or_else(|| {
-            AppError::unprocessable(
-                "field `predictions` must be an array of {id, prediction, reference, source}",
-            )
-        })?;
-    let mut parsed: Vec<PredictionRow> = Vec::with_capacity(rows.len());
-    let mut seen = std::collections::HashSet::new();
-    for (i, row) in rows.iter().enumerate() {
-        let row = row_from_value(row)
-            .map_err(|e| AppError::unprocessable(format!("predictions[{i}]: {e}")))?;
-        if !seen.insert(row.id.clone()) {
-            return Err(AppError::unprocessable(format!(
-                "predictions[{i}]: duplicate id {:?}",
-                row.id
-            )));
-        }
-        parsed.push(row);
+    /// `PATCH /api/runs/:id`: new `tags` and/or `notes`.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Patch {
+        tags: Option<Vec<String>>,
+        notes: Option<String>,
     }
-    if parsed.is_empty() {
-        return Err(AppError::unprocessable("field `predictions` is empty"));
-    }
-    let metrics = metrics_field(value)?;
-    let settings = settings_field(value)?;
-    let name = run_name(value)?.unwrap_or_else(|| "eval".to_string());
-    let mut metadata = BTreeMap::new();
-    for key in ["model", "adapter", "dataset"] {
-        if let Some(v) = value.get(key).and_then(Value::as_str) {
-            metadata.insert(key.to_string(), v.to_string());
-        }
-    }
-    Ok(EvalRequest {
-        name,
-        rows: parsed,
-        metrics,
-        settings,
-        score_references: value
-            .get("score_references")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        metadata,
-        llm_base_url: llm_base_url(value)?,
-    })
-}
 
-/// `llm_base_url`: an http(s) URL of an OpenAI-compatible API, checked here, once.
-fn llm_base_url(value: &Value) -> Result<Option<String>, AppError> {
-    let Some(v) = value.get("llm_base_url").filter(|v| !v.is_null()) else {
-        return Ok(None);
-    };
-    let url = v
-        .as_str()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .ok_or_else(|| AppError::unprocessable("field `llm_base_url` must be a URL string"))?;
-    crate::llm::LlmConfig::check_endpoint(url)
-        .map_err(|e| AppError::unprocessable(format!("field `llm_base_url`: {e}")))?;
-    Ok(Some(url.to_string()))
+    impl Patch {
+        /// `(tags, notes)`, each `None` when not given; tags trimmed and deduplicated.
+        pub fn checked(self) -> Result<(Option<Vec<String>>, Option<String>), AppError> {
+            let tags = match self.tags {
+                None => None,
+                Some(items) => {
+                    let mut tags: Vec<String> = Vec::new();
+                    for (i, tag) in items.iter().enumerate() {
+                        let tag = tag.trim();
+                        if tag.is_empty() {
+                            return Err(AppError::unprocessable(format!("tags[{i}] is empty")));
+                        }
+                        if tag.chars().count() > MAX_TAG_LEN {
+                            return Err(AppError::unprocessable(format!(
+                                "tags[{i}] is longer than {MAX_TAG_LEN} characters"
+                            )));
+                        }
+                        if !tags.iter().any(|t| t == tag) {
+                            tags.push(tag.to_string());
+                        }
+                    }
+                    if tags.len() > MAX_TAGS {
+                        return Err(AppError::unprocessable(format!(
+                            "at most {MAX_TAGS} tags, not {}",
+                            tags.len()
+                        )));
+                    }
+                    Some(tags)
+                }
+            };
+            if let Some(n) = &self.notes
+                && n.chars().count() > MAX_NOTES_LEN
+            {
+                return Err(AppError::unprocessable(format!(
+                    "field `notes` is longer than {MAX_NOTES_LEN} characters"
+                )));
+            }
+            Ok((tags, self.notes))
+        }
+    }
 }
 
 /// Server-Sent Events of a run: everything after `Last-Event-ID` (or from the start), then
