@@ -965,7 +965,10 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             evaluated_at = Some(state.global_step);
             registry.set_training(true);
         }
-        if config.save_steps > 0 && state.global_step % config.save_steps == 0 && env.is_main() {
+        if config.save_steps > 0
+            && state.global_step.is_multiple_of(config.save_steps)
+            && env.is_main()
+        {
             if state.best_step == Some(state.global_step) {
                 state.best_checkpoint = Some(
                     output_dir

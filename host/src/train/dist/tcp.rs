@@ -152,7 +152,7 @@ mod tests {
         let buffers: Vec<Vec<f32>> = (0..3)
             .map(|r| {
                 (0..50)
-                    .map(|i| ((i * 31 + r * 7) as f32).sin() * 1e3f32.powi(r as i32))
+                    .map(|i| ((i * 31 + r * 7) as f32).sin() * 1e3f32.powi(r))
                     .collect()
             })
             .collect();
