@@ -396,6 +396,11 @@ pub struct Batch {
     pub width: usize,
 }
 
+/// The tokens of `e` the loss counts: targets after the first position ([`collate`]'s labels).
+pub fn n_targets(e: &Example) -> usize {
+    e.targets.iter().skip(1).filter(|t| **t).count()
+}
+
 /// Right padding with `pad_id`; labels are the targets' ids (HF's `-100` positions left out).
 pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
     let width = examples

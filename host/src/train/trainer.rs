@@ -33,6 +33,7 @@ use crate::plugin::Registry;
 use crate::store::{RunEvent, Store};
 use crate::train::config::TrainConfig;
 use crate::train::data::{self, Encoded};
+use crate::train::dist::Comm;
 use crate::train::optim::{AdamW, AdamWParams, clip_grad_norm, lr_lambda, warmup_steps};
 
 /// What a training run needs from its caller besides the config.
@@ -60,6 +61,30 @@ pub struct TrainEnv {
     pub skip_loss_through: Option<u64>,
     /// The trackers of `report_to`, started by [`run`].
     pub trackers: Option<Arc<std::sync::Mutex<crate::track::Trackers>>>,
+    /// Data parallelism: this rank's communicator (`None`: one process, one device). Only
+    /// rank 0 writes (checkpoints, `trainer_state.json`, the adapter, the store, trackers).
+    pub comm: Option<Comm>,
+    /// The GPU this rank trains on (`LOCAL_RANK`).
+    pub device_ordinal: usize,
+    /// Sum this rank's window of gradients in this many contiguous groups of micro-batches,
+    /// in order, as that many ranks would before their all-reduce: how one process reproduces
+    /// N ranks bit for bit (the data-parallel tests' reference). 0 or 1: one group.
+    pub sum_in_groups: usize,
+}
+
+impl TrainEnv {
+    fn rank(&self) -> usize {
+        self.comm.as_ref().map_or(0, |c| c.rank())
+    }
+
+    fn world_size(&self) -> usize {
+        self.comm.as_ref().map_or(1, |c| c.world_size())
+    }
+
+    /// Rank 0, the one that writes and reports.
+    pub fn is_main(&self) -> bool {
+        self.rank() == 0
+    }
 }
 
 /// What a finished (or stopped) run produced.
@@ -108,15 +133,22 @@ struct ResumeState {
     best_step: Option<usize>,
     #[serde(default)]
     best_checkpoint: Option<String>,
+    /// The data-parallel layout that made it: ranks, and micro-batches an optimizer step
+    /// (per-device batches × accumulation × ranks). Absent in checkpoints of one rank made
+    /// before data parallelism.
+    #[serde(default)]
+    world_size: Option<usize>,
+    #[serde(default)]
+    micro_batches_per_step: Option<usize>,
 }
 
 const STATE_FILE: &str = "training_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const TRAINER_STATE_FILE: &str = "trainer_state.json";
 
-fn device() -> Result<Device> {
+fn device(ordinal: usize) -> Result<Device> {
     if cfg!(feature = "cuda") {
-        Ok(adapterlab_model::engine::device::cuda_if_available(0)?)
+        Ok(adapterlab_model::engine::device::cuda_if_available(ordinal)?)
     } else {
         Ok(Device::Cpu)
     }
@@ -173,7 +205,20 @@ pub fn load_for_training(
     Arc<LoraRegistry>,
     Engine,
 )> {
-    let device = device()?;
+    load_for_training_on(config, assets_dir, 0)
+}
+
+/// [`load_for_training`] on GPU `ordinal` (a data-parallel rank's `LOCAL_RANK`).
+pub fn load_for_training_on(
+    config: &TrainConfig,
+    assets_dir: &Path,
+    ordinal: usize,
+) -> Result<(
+    adapterlab_model::models::load::LoadedModel,
+    Arc<LoraRegistry>,
+    Engine,
+)> {
+    let device = device(ordinal)?;
     let dtype = compute_dtype(config, &device);
     adapterlab_model::nn::checkpoint::set_enabled(config.gradient_checkpointing);
     adapterlab_model::nn::checkpoint::set_every(config.gradient_checkpointing_every);
@@ -316,7 +361,7 @@ pub fn accumulate_micro_batch(
 /// Trains as `config` says. Dataset problems are reported before the model loads.
 pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     let report_to = crate::track::parse_report_to(&config.report_to)?;
-    if report_to.is_empty() {
+    if report_to.is_empty() || !env.is_main() {
         return train(config, env);
     }
     let run_name = env
@@ -393,7 +438,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     };
 
     log(env, format!("loading {}", config.model_name_or_path));
-    let (loaded, registry, _) = load_for_training(config, &env.assets_dir)?;
+    let (loaded, registry, _) = load_for_training_on(config, &env.assets_dir, env.device_ordinal)?;
     let device = loaded.model.device().clone();
     let tokenizer = match config.tokenizer_name.as_str() {
         "" => loaded.tokenizer.clone().with_context(|| {
@@ -454,8 +499,16 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     let lengths: Vec<usize> = train.examples.iter().map(|e| e.input_ids.len()).collect();
     let bs = config.per_device_train_batch_size;
     let accum = config.gradient_accumulation_steps;
+    let (rank, world) = (env.rank(), env.world_size());
+    // An optimizer step takes `accum` micro-batches on each rank, HF's global batch of
+    // per-device batch × accumulation × world size.
+    let per_step = accum * world;
+    let groups = env.sum_in_groups.max(1);
+    if !accum.is_multiple_of(groups) {
+        bail!("sum_in_groups {groups} does not divide gradient_accumulation_steps {accum}");
+    }
     let batches_per_epoch = lengths.len().div_ceil(bs);
-    let steps_per_epoch = batches_per_epoch.div_ceil(accum).max(1);
+    let steps_per_epoch = batches_per_epoch.div_ceil(per_step).max(1);
     let max_steps = if config.max_steps > 0 {
         config.max_steps as usize
     } else {
@@ -465,6 +518,16 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
 
     let mut opt = adapter_optimizer(config, &registry)?;
     let trainable: usize = opt.vars().iter().map(|(_, v)| v.elem_count()).sum();
+    if let Some(comm) = &env.comm {
+        log(
+            env,
+            format!(
+                "data parallel over {world} ranks ({}): global batch {} = {bs} a device × {accum} accumulation × {world}",
+                comm.backend(),
+                bs * accum * world
+            ),
+        );
+    }
     log(
         env,
         format!(
@@ -495,9 +558,25 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         best_metric: None,
         best_step: None,
         best_checkpoint: None,
+        world_size: Some(world),
+        micro_batches_per_step: Some(per_step),
     };
     if let Some(dir) = &resume_from {
         state = load_checkpoint(dir, &mut opt, &device)?;
+        let before = state.micro_batches_per_step.unwrap_or(accum);
+        if before != per_step {
+            log(
+                env,
+                format!(
+                    "{} was made with {before} micro-batches a step, this run takes {per_step} \
+                     ({world} ranks × {accum}): steps after it see another slice of the data \
+                     than the original run would have",
+                    dir.display()
+                ),
+            );
+        }
+        state.world_size = Some(world);
+        state.micro_batches_per_step = Some(per_step);
         if state.seed != config.seed {
             bail!(
                 "{} was made with seed {}, the config says {}",
@@ -515,9 +594,24 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             ),
         );
     }
-    std::fs::create_dir_all(&output_dir)
-        .with_context(|| format!("failed to create {}", output_dir.display()))?;
-    remove_stale_temporaries(&output_dir);
+    // Every rank starts from rank 0's adapter (seeded alike already; this makes it so).
+    if let Some(comm) = &env.comm {
+        let weights: Vec<Option<Tensor>> = opt
+            .vars()
+            .iter()
+            .map(|(_, v)| Some(v.as_tensor().clone()))
+            .collect();
+        let mut buf = pack(&weights, opt.vars())?;
+        comm.broadcast(&mut buf)?;
+        for ((_, var), t) in opt.vars().iter().zip(unpack(&buf, opt.vars())?) {
+            var.set(&t)?;
+        }
+    }
+    if env.is_main() {
+        std::fs::create_dir_all(&output_dir)
+            .with_context(|| format!("failed to create {}", output_dir.display()))?;
+        remove_stale_temporaries(&output_dir);
+    }
 
     let evaluate = |registry: &LoraRegistry| -> Result<Option<f64>> {
         let Some(val) = &val else { return Ok(None) };
@@ -535,7 +629,8 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             loss_on_examples(model, &examples, config.per_device_eval_batch_size.max(1))?.loss,
         ))
     };
-    let evaluates = config.eval_strategy != "no";
+    // Rank 0 evaluates alone; the others meet it at the next step's all-reduce.
+    let evaluates = config.eval_strategy != "no" && env.is_main();
     // One evaluation: the validation loss, and with `generation_eval` the generation metrics.
     // Logged as HF logs it (one log_history entry); the pre-training one only as an event,
     // since HF's log_history has no step-0 entry without `eval_on_start`.
@@ -644,12 +739,18 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     };
 
     while state.global_step < max_steps {
-        if env
+        let mut stop = env
             .cancel
             .as_ref()
             .is_some_and(|c| c.load(Ordering::Relaxed))
-            || env.stop_after_steps.is_some_and(|n| steps_this_run >= n)
-        {
+            || env.stop_after_steps.is_some_and(|n| steps_this_run >= n);
+        if let Some(comm) = &env.comm {
+            // One rank's cancel stops them all at the same step.
+            let mut flag = [f32::from(u8::from(stop))];
+            comm.all_reduce_sum(&mut flag)?;
+            stop = flag[0] > 0.0;
+        }
+        if stop {
             stopped_early = true;
             let wanted = env
                 .checkpoint_on_stop
@@ -657,7 +758,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                 .is_some_and(|c| c.load(Ordering::SeqCst));
             let saved_already =
                 config.save_steps > 0 && state.global_step.is_multiple_of(config.save_steps);
-            if wanted && steps_this_run > 0 && !saved_already {
+            if wanted && steps_this_run > 0 && !saved_already && env.is_main() {
                 save_checkpoint(
                     &output_dir,
                     config,
@@ -691,9 +792,23 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             ));
         }
         let batches = &epoch_cache.as_ref().expect("cached").1;
-        let micro = &batches
-            [(window * accum).min(batches.len())..((window + 1) * accum).min(batches.len())];
-        let collated = micro
+        // The step's micro-batches over all ranks; rank r takes the r-th run of `accum`. The
+        // counts every rank needs are the whole window's, known without communication.
+        let step_batches = &batches
+            [(window * per_step).min(batches.len())..((window + 1) * per_step).min(batches.len())];
+        let total_targets: usize = step_batches
+            .iter()
+            .flatten()
+            .map(|&i| data::n_targets(&train.examples[i]))
+            .sum();
+        let step_tokens: usize = step_batches
+            .iter()
+            .flatten()
+            .map(|&i| train.examples[i].input_ids.len())
+            .sum();
+        let mine =
+            (rank * accum).min(step_batches.len())..((rank + 1) * accum).min(step_batches.len());
+        let collated = step_batches[mine.clone()]
             .iter()
             .map(|idx| {
                 data::collate(
@@ -703,22 +818,55 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let total_targets: usize = collated.iter().map(|b| b.n_targets).sum();
 
         registry.set_training(true);
-        let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
         let mut step_loss = 0.0;
-        for batch in &collated {
-            registry.set_dropout_key(config.seed, state.next_micro_batch);
-            state.next_micro_batch += 1;
-            state.tokens_seen += batch.n_tokens as u64;
-            window_tokens += batch.n_tokens as u64;
-            if batch.n_targets == 0 {
-                continue;
+        // One process alone keeps the gradients as tensors; otherwise each group's sum is
+        // packed and the packed sums are added in order, then across ranks in rank order.
+        let packed = env.comm.is_some() || groups > 1;
+        let group_len = accum / groups;
+        let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars().len()];
+        let mut partial: Option<Vec<f32>> = None;
+        for g in 0..groups {
+            let members =
+                (g * group_len).min(collated.len())..((g + 1) * group_len).min(collated.len());
+            for j in members {
+                let batch = &collated[j];
+                // Dropout keys are the micro-batch's place in the global order, the same
+                // whatever rank runs it.
+                registry.set_dropout_key(
+                    config.seed,
+                    state.next_micro_batch + (mine.start + j) as u64,
+                );
+                if batch.n_targets == 0 {
+                    continue;
+                }
+                step_loss +=
+                    accumulate_micro_batch(model, batch, total_targets, opt.vars(), &mut grads)?;
             }
-            step_loss +=
-                accumulate_micro_batch(model, batch, total_targets, opt.vars(), &mut grads)?;
+            if packed {
+                let part = pack(
+                    &std::mem::replace(&mut grads, vec![None; opt.vars().len()]),
+                    opt.vars(),
+                )?;
+                match &mut partial {
+                    None => partial = Some(part),
+                    Some(acc) => crate::train::dist::add_into(acc, &part),
+                }
+            }
         }
+        if let Some(mut buf) = partial {
+            if let Some(comm) = &env.comm {
+                // The loss rides along: one all-reduce a step.
+                buf.push(step_loss as f32);
+                comm.all_reduce_sum(&mut buf)?;
+                step_loss = f64::from(buf.pop().unwrap_or_default());
+            }
+            grads = unpack(&buf, opt.vars())?.into_iter().map(Some).collect();
+        }
+        state.next_micro_batch += step_batches.len() as u64;
+        state.tokens_seen += step_tokens as u64;
+        window_tokens += step_tokens as u64;
         let lr = config.learning_rate
             * lr_lambda(
                 &config.lr_scheduler_type,
@@ -811,13 +959,16 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             "epoch" => state.global_step % steps_per_epoch == 0,
             _ => false,
         };
-        if eval_now {
+        if eval_now && env.is_main() {
             // At the last step too, before its checkpoint, so the checkpoint can be the best.
             last_eval_loss = Some(evaluate_all(&registry, &mut state, epoch_f, true)?);
             evaluated_at = Some(state.global_step);
             registry.set_training(true);
         }
-        if config.save_steps > 0 && state.global_step % config.save_steps == 0 {
+        if config.save_steps > 0
+            && state.global_step.is_multiple_of(config.save_steps)
+            && env.is_main()
+        {
             if state.best_step == Some(state.global_step) {
                 state.best_checkpoint = Some(
                     output_dir
@@ -858,7 +1009,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         predictions: Vec::new(),
         predictions_split: None,
     };
-    if !stopped_early {
+    if !stopped_early && env.is_main() {
         if evaluated_at == Some(state.global_step) {
             outcome.final_eval_loss = last_eval_loss.flatten();
         } else if evaluates {
@@ -874,7 +1025,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             "total_flos": 0.0,
             "train_loss": outcome.train_loss,
             "train_runtime": round4(started.elapsed().as_secs_f64()),
-            "train_samples_per_second": round4((state.global_step * bs * accum) as f64 / started.elapsed().as_secs_f64().max(1e-9)),
+            "train_samples_per_second": round4((state.global_step * bs * per_step) as f64 / started.elapsed().as_secs_f64().max(1e-9)),
             "train_steps_per_second": round4(steps_this_run as f64 / started.elapsed().as_secs_f64().max(1e-9)),
         }));
         peft::save_adapter(&output_dir, &registry, &save_opts)?;
@@ -1088,7 +1239,11 @@ fn report_truncation(env: &TrainEnv, split: &str, enc: &Encoded, max: usize) {
 }
 
 /// A line for the person watching: on the terminal, and in the run's events for the dashboard.
+/// Only rank 0 speaks; the others would repeat it.
 fn log(env: &TrainEnv, message: String) {
+    if !env.is_main() {
+        return;
+    }
     eprintln!("{message}");
     record(
         env,
@@ -1100,6 +1255,9 @@ fn log(env: &TrainEnv, message: String) {
 }
 
 fn record(env: &TrainEnv, event: RunEvent) {
+    if !env.is_main() {
+        return;
+    }
     if let Some(trackers) = &env.trackers {
         trackers
             .lock()
@@ -1198,6 +1356,38 @@ fn trainer_state(
         "trial_name": null,
         "trial_params": null,
     })
+}
+
+/// Gradients (`None`: zero) or weights as one flat `f32` buffer in `vars` order: one copy to
+/// the host, one collective.
+fn pack(tensors: &[Option<Tensor>], vars: &[(String, Var)]) -> Result<Vec<f32>> {
+    let flat = tensors
+        .iter()
+        .zip(vars)
+        .map(|(t, (_, v))| match t {
+            Some(t) => t.flatten_all()?.to_dtype(DType::F32),
+            None => Tensor::zeros(v.elem_count(), DType::F32, v.device()),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if flat.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(Tensor::cat(&flat, 0)?.to_vec1::<f32>()?)
+}
+
+/// [`pack`]'s inverse: one tensor per var, its shape, dtype and device.
+fn unpack(buf: &[f32], vars: &[(String, Var)]) -> Result<Vec<Tensor>> {
+    let mut at = 0;
+    vars.iter()
+        .map(|(name, v)| {
+            let n = v.elem_count();
+            let part = buf
+                .get(at..at + n)
+                .with_context(|| format!("packed buffer too short for {name}"))?;
+            at += n;
+            Ok(Tensor::from_slice(part, v.shape(), v.device())?.to_dtype(v.dtype())?)
+        })
+        .collect()
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
