@@ -6,6 +6,7 @@ mod attach;
 mod bench;
 mod browser;
 mod cli;
+mod contract;
 mod eval;
 mod gate;
 mod hostile;
