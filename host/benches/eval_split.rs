@@ -17,12 +17,48 @@ use adapterlab::store::{RunStatus, Store};
 /// Summary-like texts: 15 to 40 words from a small vocabulary, deterministic per index.
 fn text(seed: u64, words: usize) -> String {
     const VOCAB: &[&str] = &[
-        "the", "a", "person1", "person2", "tells", "asks", "about", "meeting", "tomorrow",
-        "because", "train", "late", "doctor", "advises", "rest", "water", "and", "they",
-        "agree", "to", "buy", "new", "car", "house", "party", "on", "Saturday", "will", "call",
-        "mother", "school", "exam", "results", "job", "interview", "office", "weekend", "trip",
+        "the",
+        "a",
+        "person1",
+        "person2",
+        "tells",
+        "asks",
+        "about",
+        "meeting",
+        "tomorrow",
+        "because",
+        "train",
+        "late",
+        "doctor",
+        "advises",
+        "rest",
+        "water",
+        "and",
+        "they",
+        "agree",
+        "to",
+        "buy",
+        "new",
+        "car",
+        "house",
+        "party",
+        "on",
+        "Saturday",
+        "will",
+        "call",
+        "mother",
+        "school",
+        "exam",
+        "results",
+        "job",
+        "interview",
+        "office",
+        "weekend",
+        "trip",
     ];
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..words)
         .map(|_| {
             x ^= x >> 33;
@@ -87,7 +123,8 @@ fn main() {
         let plugins = pipeline::validate(&registry, &request).unwrap();
         let run = pipeline::create_run(&store, &request, &plugins).unwrap();
         let started = Instant::now();
-        let (run, samples) = pipeline::execute_with_samples(&env, &run.id, &request, &plugins).unwrap();
+        let (run, samples) =
+            pipeline::execute_with_samples(&env, &run.id, &request, &plugins).unwrap();
         let elapsed = started.elapsed();
         assert_eq!(run.status, RunStatus::Done, "{:?}", run.error);
         let bleu = run.corpus["bleu"];
@@ -99,9 +136,16 @@ fn main() {
         match &first {
             None => first = Some((bleu.to_bits(), samples)),
             Some((bits, reference)) => {
-                assert_eq!(bleu.to_bits(), *bits, "corpus BLEU differs with {parallel} instances");
+                assert_eq!(
+                    bleu.to_bits(),
+                    *bits,
+                    "corpus BLEU differs with {parallel} instances"
+                );
                 assert!(
-                    reference.iter().zip(&samples).all(|(a, b)| a.scores == b.scores),
+                    reference
+                        .iter()
+                        .zip(&samples)
+                        .all(|(a, b)| a.scores == b.scores),
                     "per-sample scores differ with {parallel} instances"
                 );
             }

@@ -22,9 +22,15 @@ pub mod bindings {
         });
     }
     pub mod metric {
+        // The 0.1.0 `metric-plugin` world under a name of its own: wit-bindgen names the
+        // crate-level export macro after the world, and 0.2.0's world has the same name.
         wit_bindgen::generate!({
+            inline: "package adapterlab:sdk-v0-1;
+                world metric-plugin-v0-1 {
+                    include adapterlab:plugin/metric-plugin@0.1.0;
+                }",
             path: "wit/since_v0.1.0",
-            world: "metric-plugin",
+            world: "adapterlab:sdk-v0-1/metric-plugin-v0-1",
             with: {
                 "adapterlab:plugin/types@0.1.0": crate::v0_1::bindings::imports::adapterlab::plugin::types,
                 "adapterlab:plugin/log@0.1.0": crate::v0_1::bindings::imports::adapterlab::plugin::log,

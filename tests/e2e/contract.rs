@@ -10,7 +10,13 @@ fn write(t: &TestDir, name: &str, rows: &[serde_json::Value]) -> std::path::Path
     t.write(name, lines.join("\n"))
 }
 
-fn eval(t: &TestDir, predictions: &std::path::Path, metrics: &str, extra: &[&str], name: &str) -> serde_json::Value {
+fn eval(
+    t: &TestDir,
+    predictions: &std::path::Path,
+    metrics: &str,
+    extra: &[&str],
+    name: &str,
+) -> serde_json::Value {
     let out = t.path().join(format!("{name}.json"));
     let mut args = vec![
         "eval",
@@ -44,9 +50,24 @@ fn a_0_1_0_and_a_0_2_0_plugin_score_multi_reference_samples_in_one_run() {
     run_ok(&mut t.cmd(&["plugins", "install", length.to_str().unwrap()]));
 
     let rows = [
-        ("1", "Amanda baked cookies for Jerry.", vec!["Amanda baked cookies and will bring Jerry some tomorrow.", "Amanda made cookies for Jerry."]),
-        ("2", "one two three four", vec!["one two", "a b c d e f g h"]),
-        ("3", "Tim is late.", vec!["Tim is running late, he will be there in ten minutes."]),
+        (
+            "1",
+            "Amanda baked cookies for Jerry.",
+            vec![
+                "Amanda baked cookies and will bring Jerry some tomorrow.",
+                "Amanda made cookies for Jerry.",
+            ],
+        ),
+        (
+            "2",
+            "one two three four",
+            vec!["one two", "a b c d e f g h"],
+        ),
+        (
+            "3",
+            "Tim is late.",
+            vec!["Tim is running late, he will be there in ten minutes."],
+        ),
     ];
     let multi: Vec<serde_json::Value> = rows
         .iter()
@@ -61,7 +82,10 @@ fn a_0_1_0_and_a_0_2_0_plugin_score_multi_reference_samples_in_one_run() {
     // The stored sample keeps every reference.
     let show = run_ok(&mut t.cmd(&["runs", "show", "multi", "--json", "--samples"]));
     let show: serde_json::Value = serde_json::from_str(&show).unwrap();
-    assert_eq!(show["samples"][1]["references"][1], "a b c d e f g h", "{show}");
+    assert_eq!(
+        show["samples"][1]["references"][1], "a b c d e f g h",
+        "{show}"
+    );
 
     // Each reference alone, to check the rules for several.
     let single = |k: usize| {
@@ -87,33 +111,67 @@ fn a_0_1_0_and_a_0_2_0_plugin_score_multi_reference_samples_in_one_run() {
         assert_eq!(score(&doc, i, "length_ratio"), best, "sample {i}");
     }
     assert_eq!(score(&doc, 1, "length_ratio"), 0.5);
-    assert!(doc["corpus"]["bleu"].as_f64().is_some(), "{}", doc["corpus"]);
+    assert!(
+        doc["corpus"]["bleu"].as_f64().is_some(),
+        "{}",
+        doc["corpus"]
+    );
 
     // Reports and comparisons of multi-reference runs.
     let md = run_ok(&mut t.cmd(&["report", "multi", "--format", "md"]));
-    assert!(md.contains("Reference 2") && md.contains("a b c d e f g h"), "{md}");
+    assert!(
+        md.contains("Reference 2") && md.contains("a b c d e f g h"),
+        "{md}"
+    );
     let cmp = run_ok(&mut t.cmd(&["runs", "compare", "single0", "multi", "--json"]));
     let cmp: serde_json::Value = serde_json::from_str(&cmp).unwrap();
-    assert!(cmp["deltas"].as_array().unwrap().iter().any(|d| d["score"] == "rouge1"), "{cmp}");
+    assert!(
+        cmp["deltas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["score"] == "rouge1"),
+        "{cmp}"
+    );
     let html = t.path().join("cmp.html");
-    run_ok(&mut t.cmd(&["report", "single0,multi", "--format", "html", "--out", html.to_str().unwrap()]));
+    run_ok(&mut t.cmd(&[
+        "report",
+        "single0,multi",
+        "--format",
+        "html",
+        "--out",
+        html.to_str().unwrap(),
+    ]));
 }
 
 #[test]
 fn corpus_bleu_is_the_same_however_the_samples_are_split() {
     let t = setup("contract-split");
-    let words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"];
+    let words = [
+        "the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home",
+    ];
     let rows: Vec<serde_json::Value> = (0..97)
         .map(|i| {
             let pick = |k: usize, n: usize| -> String {
-                (0..n).map(|j| words[(i * 7 + k * 3 + j * j) % words.len()]).collect::<Vec<_>>().join(" ")
+                (0..n)
+                    .map(|j| words[(i * 7 + k * 3 + j * j) % words.len()])
+                    .collect::<Vec<_>>()
+                    .join(" ")
             };
-            let refs: Vec<String> = (0..1 + i % 3).map(|k| pick(k + 1, 4 + (i + k) % 6)).collect();
+            let refs: Vec<String> = (0..1 + i % 3)
+                .map(|k| pick(k + 1, 4 + (i + k) % 6))
+                .collect();
             serde_json::json!({"id": i, "prediction": pick(0, 3 + i % 7), "references": refs})
         })
         .collect();
     let p = write(&t, "p.jsonl", &rows);
-    let one = eval(&t, &p, "rouge,bleu", &["--set", "bleu.parallel=1", "--set", "rouge.parallel=1"], "one");
+    let one = eval(
+        &t,
+        &p,
+        "rouge,bleu",
+        &["--set", "bleu.parallel=1", "--set", "rouge.parallel=1"],
+        "one",
+    );
     let bleu = one["corpus"]["bleu"].as_f64().unwrap();
     for (parallel, batch) in [("3", "97"), ("1", "10"), ("4", "7")] {
         let name = format!("p{parallel}b{batch}");
@@ -122,20 +180,36 @@ fn corpus_bleu_is_the_same_however_the_samples_are_split() {
             &p,
             "rouge,bleu",
             &[
-                "--set", &format!("bleu.parallel={parallel}"),
-                "--set", &format!("bleu.batch_size={batch}"),
-                "--set", &format!("rouge.parallel={parallel}"),
+                "--set",
+                &format!("bleu.parallel={parallel}"),
+                "--set",
+                &format!("bleu.batch_size={batch}"),
+                "--set",
+                &format!("rouge.parallel={parallel}"),
             ],
             &name,
         );
-        assert_eq!(doc["corpus"]["bleu"].as_f64().unwrap().to_bits(), bleu.to_bits(), "{name}");
+        assert_eq!(
+            doc["corpus"]["bleu"].as_f64().unwrap().to_bits(),
+            bleu.to_bits(),
+            "{name}"
+        );
         assert_eq!(doc["samples"], one["samples"], "{name}");
     }
     // A metric whose samples are not independent cannot be split.
     let err = run_fail(&mut t.cmd(&[
-        "eval", "--predictions", p.to_str().unwrap(), "--metrics", "bertscore", "--set", "bertscore.parallel=2",
+        "eval",
+        "--predictions",
+        p.to_str().unwrap(),
+        "--metrics",
+        "bertscore",
+        "--set",
+        "bertscore.parallel=2",
     ]));
-    assert!(err.contains("bertscore.parallel") && err.contains("cannot be split"), "{err}");
+    assert!(
+        err.contains("bertscore.parallel") && err.contains("cannot be split"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -145,7 +219,19 @@ fn a_predictions_file_with_reference_and_references_is_refused_by_line() {
         "p.jsonl",
         "{\"id\":\"a\",\"prediction\":\"x\",\"reference\":\"y\"}\n{\"id\":\"b\",\"prediction\":\"x\",\"reference\":\"y\",\"references\":[\"y\"]}\n{\"id\":\"c\",\"prediction\":\"x\",\"references\":[]}\n",
     );
-    let err = run_fail(&mut t.cmd(&["eval", "--predictions", p.to_str().unwrap(), "--metrics", "rouge"]));
-    assert!(err.contains("line 2") && err.contains("both `reference` and `references`"), "{err}");
-    assert!(err.contains("line 3") && err.contains("empty list"), "{err}");
+    let err = run_fail(&mut t.cmd(&[
+        "eval",
+        "--predictions",
+        p.to_str().unwrap(),
+        "--metrics",
+        "rouge",
+    ]));
+    assert!(
+        err.contains("line 2") && err.contains("both `reference` and `references`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 3") && err.contains("empty list"),
+        "{err}"
+    );
 }

@@ -622,8 +622,11 @@ impl Session {
                     ),
                 });
             }
-            let results: Vec<SampleResult> =
-                batch.samples.iter().map(convert::<_, SampleResult>).collect();
+            let results: Vec<SampleResult> = batch
+                .samples
+                .iter()
+                .map(convert::<_, SampleResult>)
+                .collect();
             let multi = pairs.len() != samples.len();
             if multi && !batch.corpus.is_empty() {
                 self.store.data().note(
@@ -683,7 +686,11 @@ impl Session {
                 .call_format(store, rows)
                 .map(|out| {
                     out.iter()
-                        .map(|r| r.as_ref().map(convert::<_, Formatted>).map_err(String::clone))
+                        .map(|r| {
+                            r.as_ref()
+                                .map(convert::<_, Formatted>)
+                                .map_err(String::clone)
+                        })
                         .collect()
                 }),
             _ => unreachable!("checked above"),

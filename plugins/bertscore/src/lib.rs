@@ -220,6 +220,7 @@ pub fn score_multi(
                     (_, SampleResult::Error(e)) if refs.len() > 1 => {
                         SampleResult::Error(format!("reference {}: {e}", k + 1))
                     }
+                    (_, SampleResult::Error(e)) => SampleResult::Error(e),
                     (None, r) => r,
                     (Some(SampleResult::Scores(mut b)), SampleResult::Scores(s)) => {
                         for ((_, bv), (_, v)) in b.iter_mut().zip(s) {

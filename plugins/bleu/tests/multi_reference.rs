@@ -66,7 +66,10 @@ fn sentence_bleu_matches_sacrebleu() {
             row["ref_len"].as_u64().expect("ref_len"),
         );
         if got != expect {
-            failures.push(format!("{}: statistics {got:?}, sacrebleu {expect:?}", s.id));
+            failures.push(format!(
+                "{}: statistics {got:?}, sacrebleu {expect:?}",
+                s.id
+            ));
         }
         let bleu = compute_bleu(&stats, true);
         let want = row["bleu"].as_f64().expect("bleu");
@@ -108,7 +111,10 @@ fn corpus_bleu_from_summed_statistics_matches_sacrebleu() {
         let whole = finalize(&score_samples(&batch_samples).statistics).unwrap();
         let want = batch["bleu"].as_f64().expect("bleu");
         if (whole[0].1 - want).abs() > TOLERANCE {
-            failures.push(format!("{:?}: bleu {}, sacrebleu {want}", batch["cases"], whole[0].1));
+            failures.push(format!(
+                "{:?}: bleu {}, sacrebleu {want}",
+                batch["cases"], whole[0].1
+            ));
         }
         for cut in 1..batch_samples.len() {
             let (a, b) = batch_samples.split_at(cut);

@@ -10,8 +10,8 @@ const TOLERANCE: f64 = 1e-6;
 
 #[test]
 fn matches_rouge_score_score_multi() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/multi_reference.jsonl");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/multi_reference.jsonl");
     let text = std::fs::read_to_string(&path).expect("the fixture");
     let (mut checked, mut failures) = (0, Vec::new());
     for line in text.lines() {
@@ -44,6 +44,10 @@ fn matches_rouge_score_score_multi() {
             }
         }
     }
-    assert!(checked > 1000, "only {checked} values in {}", path.display());
+    assert!(
+        checked > 1000,
+        "only {checked} values in {}",
+        path.display()
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

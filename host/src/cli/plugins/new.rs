@@ -101,7 +101,7 @@ macro_rules! sdk_file {
 }
 
 /// The plugin contract 0.1.0, `sdk/wit/since_v0.1.0/`.
-static WIT_V1: &[(&str, &str)] = &[
+const WIT_V1: &[(&str, &str)] = &[
     sdk_file!("wit/since_v0.1.0/", "types.wit"),
     sdk_file!("wit/since_v0.1.0/", "worlds.wit"),
     sdk_file!("wit/since_v0.1.0/", "metric.wit"),
@@ -110,7 +110,7 @@ static WIT_V1: &[(&str, &str)] = &[
 ];
 
 /// The plugin contract 0.2.0, `sdk/wit/since_v0.2.0/`.
-static WIT_V2: &[(&str, &str)] = &[
+const WIT_V2: &[(&str, &str)] = &[
     sdk_file!("wit/since_v0.2.0/", "types.wit"),
     sdk_file!("wit/since_v0.2.0/", "worlds.wit"),
     sdk_file!("wit/since_v0.2.0/", "metric.wit"),
