@@ -14,13 +14,14 @@ use serde::de::DeserializeOwned;
 use crate::plugin::host::HostState;
 use crate::plugin::wit::latest::imports::adapterlab::plugin as caps;
 use crate::plugin::wit::since_v0_1_0 as v1;
-use crate::plugin::wit::types::{ChatRequest, ScoreSpec};
+use crate::plugin::wit::types::{ChatRequest, SampleResult, ScoreSpec};
 
 use v1::imports::adapterlab::plugin as v1caps;
 
 /// A value of one contract version as the same-shaped type of another. Only for the cold
 /// paths (manifests, chat, formatter rows, reports), where a JSON round trip costs nothing
-/// that matters; the scoring path converts field by field.
+/// that matters, and only for types whose floats are finite by then (JSON has no NaN):
+/// what a plugin says with floats (score specs, scores) is converted field by field.
 pub(crate) fn convert<A: Serialize, B: DeserializeOwned>(value: &A) -> B {
     let json = serde_json::to_value(value).expect("contract types serialize");
     serde_json::from_value(json).expect("the two contract versions' types have the same shape")
@@ -97,4 +98,26 @@ impl v1caps::chat::Host for HostState {
 pub(crate) fn best(spec: Option<&ScoreSpec>, a: f64, b: f64) -> f64 {
     let higher = spec.is_none_or(|s| s.higher_is_better);
     if (b > a) == higher && b != a { b } else { a }
+}
+
+pub(crate) fn score_spec(
+    s: v1::metric::exports::adapterlab::plugin::metric::ScoreSpec,
+) -> ScoreSpec {
+    ScoreSpec {
+        name: s.name,
+        description: s.description,
+        min: s.min,
+        max: s.max,
+        higher_is_better: s.higher_is_better,
+    }
+}
+
+pub(crate) fn sample_result(
+    r: v1::metric::exports::adapterlab::plugin::metric::SampleResult,
+) -> SampleResult {
+    use v1::metric::exports::adapterlab::plugin::metric::SampleResult as V1;
+    match r {
+        V1::Scores(scores) => SampleResult::Scores(scores),
+        V1::Error(e) => SampleResult::Error(e),
+    }
 }

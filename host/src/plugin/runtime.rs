@@ -537,7 +537,7 @@ impl Session {
                     let info = m.adapterlab_plugin_metric().call_info(store)?;
                     AnyInfo::Metric(MetricInfo {
                         manifest: convert(&info.manifest),
-                        scores: convert(&info.scores),
+                        scores: info.scores.into_iter().map(compat::score_spec).collect(),
                         // A 0.1.0 metric may use its batch as a corpus: never split it.
                         independent_samples: false,
                     })
@@ -580,7 +580,8 @@ impl Session {
             plugin: plugin.clone(),
             message: limits::error_text(&message),
         };
-        let v1 = matches!(self.instance, Some(Instance::MetricV1(_)));
+        // From the component, not the instance: after a trap there is none until `call`.
+        let v1 = matches!(self.loaded.pre, Pre::MetricV1(_));
         let scored = if !v1 {
             let result = self.call(|store, instance| match instance {
                 Instance::Metric(m) => m.adapterlab_plugin_metric().call_score(store, samples),
@@ -624,8 +625,8 @@ impl Session {
             }
             let results: Vec<SampleResult> = batch
                 .samples
-                .iter()
-                .map(convert::<_, SampleResult>)
+                .into_iter()
+                .map(compat::sample_result)
                 .collect();
             let multi = pairs.len() != samples.len();
             if multi && !batch.corpus.is_empty() {
@@ -654,7 +655,7 @@ impl Session {
         meta: &PluginMeta,
     ) -> Result<Vec<(String, f64)>, PluginError> {
         self.check_kind("metric")?;
-        if matches!(self.instance, Some(Instance::MetricV1(_))) {
+        if matches!(self.loaded.pre, Pre::MetricV1(_)) {
             return Ok(Vec::new());
         }
         let result = self.call(|store, instance| match instance {
