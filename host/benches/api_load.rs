@@ -48,6 +48,7 @@ fn main() {
             id: format!("s{i}"),
             prediction: format!("the cat number {i} sat on the mat"),
             reference: "the cat sat on the mat".into(),
+            references: Vec::new(),
             source: Some("A: where is the cat?\nB: on the mat".into()),
         })
         .collect();
@@ -115,6 +116,8 @@ fn main() {
                 id: format!("r{i}"),
                 prediction: format!("a longer prediction number {i} about the cat and the mat"),
                 reference: "the cat sat on the mat".into(),
+                references: Vec::new(),
+                references: Vec::new(),
                 source: Some("A: where is the cat?\nB: on the mat".into()),
             })
             .collect(),

@@ -67,7 +67,7 @@ fn main() {
     let sample = Sample {
         id: "1".into(),
         prediction: "hello".into(),
-        reference: "world".into(),
+        references: vec!["world".into()],
         source: None,
     };
     let mut session = plugin.session(CallContext::default()).unwrap();

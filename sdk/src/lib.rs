@@ -12,13 +12,14 @@
 //! impl Metric for ExactMatch {
 //!     fn info() -> MetricInfo {
 //!         MetricInfo {
-//!             manifest: Manifest::new("exact-match", "0.1.0", "1 when prediction equals reference"),
-//!             scores: vec![ScoreSpec::new("exact_match", "prediction == reference", 0.0, 1.0, true)],
+//!             manifest: Manifest::new("exact-match", "0.1.0", "1 when prediction equals a reference"),
+//!             scores: vec![ScoreSpec::new("exact_match", "prediction == a reference", 0.0, 1.0, true)],
+//!             independent_samples: true,
 //!         }
 //!     }
 //!
 //!     fn score_sample(sample: &Sample) -> Result<Vec<(String, f64)>, String> {
-//!         let hit = sample.prediction.trim() == sample.reference.trim();
+//!         let hit = sample.references.iter().any(|r| sample.prediction.trim() == r.trim());
 //!         Ok(vec![("exact_match".into(), if hit { 1.0 } else { 0.0 })])
 //!     }
 //! }
@@ -32,10 +33,13 @@
 //! `export_*!` macros export the world only when compiling for wasm, so keep calls to host
 //! capabilities (`log`, `config`, `chat`, `embed`) out of the code those tests reach.
 //!
-//! The contract is the WIT package `adapterlab:plugin@0.1.0` in `sdk/wit/since_v0.1.0/`.
+//! The contract is the WIT package `adapterlab:plugin@0.2.0` in `sdk/wit/since_v0.2.0/`.
+//! Metrics written against 0.1.0 build unchanged in meaning with [`v0_1`] (the same API under
+//! `adapterlab_sdk::v0_1`, exported with [`export_metric_v0_1!`]); their components keep
+//! working on every host that serves 0.1.0.
 
 /// The version of the WIT contract this SDK builds against.
-pub const CONTRACT_VERSION: &str = "0.1.0";
+pub const CONTRACT_VERSION: &str = "0.2.0";
 
 /// Raw bindings: the host imports once, then one module per plugin world that reuses them.
 /// Plugin authors use the re-exports instead.
@@ -43,20 +47,20 @@ pub const CONTRACT_VERSION: &str = "0.1.0";
 pub mod bindings {
     pub mod imports {
         wit_bindgen::generate!({
-            path: "wit/since_v0.1.0",
+            path: "wit/since_v0.2.0",
             world: "imports",
         });
     }
     pub mod metric {
         wit_bindgen::generate!({
-            path: "wit/since_v0.1.0",
+            path: "wit/since_v0.2.0",
             world: "metric-plugin",
             with: {
-                "adapterlab:plugin/types@0.1.0": crate::bindings::imports::adapterlab::plugin::types,
-                "adapterlab:plugin/log@0.1.0": crate::bindings::imports::adapterlab::plugin::log,
-                "adapterlab:plugin/config@0.1.0": crate::bindings::imports::adapterlab::plugin::config,
-                "adapterlab:plugin/embed@0.1.0": crate::bindings::imports::adapterlab::plugin::embed,
-                "adapterlab:plugin/chat@0.1.0": crate::bindings::imports::adapterlab::plugin::chat,
+                "adapterlab:plugin/types@0.2.0": crate::bindings::imports::adapterlab::plugin::types,
+                "adapterlab:plugin/log@0.2.0": crate::bindings::imports::adapterlab::plugin::log,
+                "adapterlab:plugin/config@0.2.0": crate::bindings::imports::adapterlab::plugin::config,
+                "adapterlab:plugin/embed@0.2.0": crate::bindings::imports::adapterlab::plugin::embed,
+                "adapterlab:plugin/chat@0.2.0": crate::bindings::imports::adapterlab::plugin::chat,
             },
             pub_export_macro: true,
             export_macro_name: "__export_metric_world",
@@ -65,14 +69,14 @@ pub mod bindings {
     }
     pub mod formatter {
         wit_bindgen::generate!({
-            path: "wit/since_v0.1.0",
+            path: "wit/since_v0.2.0",
             world: "formatter-plugin",
             with: {
-                "adapterlab:plugin/types@0.1.0": crate::bindings::imports::adapterlab::plugin::types,
-                "adapterlab:plugin/log@0.1.0": crate::bindings::imports::adapterlab::plugin::log,
-                "adapterlab:plugin/config@0.1.0": crate::bindings::imports::adapterlab::plugin::config,
-                "adapterlab:plugin/embed@0.1.0": crate::bindings::imports::adapterlab::plugin::embed,
-                "adapterlab:plugin/chat@0.1.0": crate::bindings::imports::adapterlab::plugin::chat,
+                "adapterlab:plugin/types@0.2.0": crate::bindings::imports::adapterlab::plugin::types,
+                "adapterlab:plugin/log@0.2.0": crate::bindings::imports::adapterlab::plugin::log,
+                "adapterlab:plugin/config@0.2.0": crate::bindings::imports::adapterlab::plugin::config,
+                "adapterlab:plugin/embed@0.2.0": crate::bindings::imports::adapterlab::plugin::embed,
+                "adapterlab:plugin/chat@0.2.0": crate::bindings::imports::adapterlab::plugin::chat,
             },
             pub_export_macro: true,
             export_macro_name: "__export_formatter_world",
@@ -81,14 +85,14 @@ pub mod bindings {
     }
     pub mod reporter {
         wit_bindgen::generate!({
-            path: "wit/since_v0.1.0",
+            path: "wit/since_v0.2.0",
             world: "reporter-plugin",
             with: {
-                "adapterlab:plugin/types@0.1.0": crate::bindings::imports::adapterlab::plugin::types,
-                "adapterlab:plugin/log@0.1.0": crate::bindings::imports::adapterlab::plugin::log,
-                "adapterlab:plugin/config@0.1.0": crate::bindings::imports::adapterlab::plugin::config,
-                "adapterlab:plugin/embed@0.1.0": crate::bindings::imports::adapterlab::plugin::embed,
-                "adapterlab:plugin/chat@0.1.0": crate::bindings::imports::adapterlab::plugin::chat,
+                "adapterlab:plugin/types@0.2.0": crate::bindings::imports::adapterlab::plugin::types,
+                "adapterlab:plugin/log@0.2.0": crate::bindings::imports::adapterlab::plugin::log,
+                "adapterlab:plugin/config@0.2.0": crate::bindings::imports::adapterlab::plugin::config,
+                "adapterlab:plugin/embed@0.2.0": crate::bindings::imports::adapterlab::plugin::embed,
+                "adapterlab:plugin/chat@0.2.0": crate::bindings::imports::adapterlab::plugin::chat,
             },
             pub_export_macro: true,
             export_macro_name: "__export_reporter_world",
@@ -101,6 +105,7 @@ pub mod formatter;
 pub mod hash;
 pub mod metric;
 pub mod reporter;
+pub mod v0_1;
 
 pub use bindings::imports::adapterlab::plugin::types::{Capability, Manifest, PluginKind};
 

@@ -3,7 +3,7 @@
 pub use crate::bindings::imports::adapterlab::plugin::chat;
 pub use crate::bindings::imports::adapterlab::plugin::embed;
 pub use crate::bindings::metric::exports::adapterlab::plugin::metric::{
-    BatchResult, MetricInfo, Sample, SampleResult, ScoreSpec,
+    BatchResult, MetricInfo, Sample, SampleResult, ScoreSpec, Statistic,
 };
 
 impl ScoreSpec {
@@ -18,8 +18,19 @@ impl ScoreSpec {
     }
 }
 
+/// The value of the count `name` among `statistics`, 0 when absent (a batch with no scored
+/// sample may leave its counts out). An error names a statistic that is a sum.
+pub fn count(statistics: &[(String, Statistic)], name: &str) -> Result<u64, String> {
+    match statistics.iter().find(|(n, _)| n == name) {
+        None => Ok(0),
+        Some((_, Statistic::Count(c))) => Ok(*c),
+        Some((_, Statistic::Sum(_))) => Err(format!("statistic {name:?} is a sum, not a count")),
+    }
+}
+
 /// A metric. Implement `score_sample` for a per-sample metric, or `score_batch` when the
-/// metric needs the whole batch (idf weights, corpus statistics).
+/// metric needs the whole batch or has corpus scores; then `finalize` turns the statistics
+/// its batches returned, summed by the host, into the corpus scores.
 pub trait Metric {
     fn info() -> MetricInfo;
 
@@ -29,7 +40,8 @@ pub trait Metric {
         Err("this metric implements neither score_sample nor score_batch".to_string())
     }
 
-    /// Score a batch. The default scores each sample with `score_sample`.
+    /// Score a batch. The default scores each sample with `score_sample` and returns no
+    /// statistics.
     fn score_batch(samples: Vec<Sample>) -> Result<BatchResult, String> {
         Ok(BatchResult {
             samples: samples
@@ -39,8 +51,15 @@ pub trait Metric {
                     Err(e) => SampleResult::Error(e),
                 })
                 .collect(),
-            corpus: Vec::new(),
+            statistics: Vec::new(),
         })
+    }
+
+    /// The corpus scores from the statistics of every batch, summed name by name. The
+    /// default has none.
+    fn finalize(statistics: Vec<(String, Statistic)>) -> Result<Vec<(String, f64)>, String> {
+        let _ = statistics;
+        Ok(Vec::new())
     }
 }
 
@@ -58,6 +77,11 @@ macro_rules! export_metric {
                     samples: ::std::vec::Vec<$crate::metric::Sample>,
                 ) -> ::std::result::Result<$crate::metric::BatchResult, ::std::string::String> {
                     <$ty as $crate::metric::Metric>::score_batch(samples)
+                }
+                fn finalize(
+                    statistics: ::std::vec::Vec<(::std::string::String, $crate::metric::Statistic)>,
+                ) -> ::std::result::Result<::std::vec::Vec<(::std::string::String, f64)>, ::std::string::String> {
+                    <$ty as $crate::metric::Metric>::finalize(statistics)
                 }
             }
             // The export names hold `:` and `@`, which native linkers reject in a cdylib's

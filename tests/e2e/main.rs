@@ -6,6 +6,7 @@ mod attach;
 mod bench;
 mod browser;
 mod cli;
+mod contract;
 mod dist;
 mod eval;
 mod gate;

@@ -28,7 +28,9 @@ pub struct EvalArgs {
     pub metrics: Vec<String>,
 
     /// A plugin setting, PLUGIN.KEY=VALUE (repeatable), e.g. rouge.use_stemmer=false,
-    /// judge.model=gpt-4o-mini. `PLUGIN.batch_size=N` sets how many samples a call gets.
+    /// judge.model=gpt-4o-mini. `PLUGIN.batch_size=N` sets how many samples a call gets,
+    /// `PLUGIN.parallel=N` how many instances share a metric's samples (0.2.0 metrics with
+    /// independent samples; default: the cores, up to 8, with 1000 samples or more each).
     #[arg(long = "set", value_name = "PLUGIN.KEY=VALUE")]
     pub settings: Vec<String>,
 

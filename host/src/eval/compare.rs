@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::{Result, bail};
 use serde::Serialize;
 
+use crate::eval::input::all_references;
 use crate::eval::stats::{is_significant, paired_difference};
 use crate::store::{Estimate, RunRecord, SampleRecord, ScoreInfo, Store};
 
@@ -29,7 +30,10 @@ pub struct Delta {
 pub struct SampleView {
     pub id: String,
     pub source: Option<String>,
+    /// The reference, or the first of several (what single-reference views show).
     pub reference: String,
+    /// Every reference (one or more), as the first run stored them.
+    pub references: Vec<String>,
     /// Aligned with `Comparison::runs`.
     pub predictions: Vec<Option<String>>,
     pub scores: Vec<BTreeMap<String, f64>>,
@@ -147,6 +151,7 @@ pub fn compare_loaded(runs: Vec<RunRecord>, samples: Vec<Vec<SampleRecord>>) -> 
                 id: s.id.clone(),
                 source: s.source.clone(),
                 reference: s.reference.clone(),
+                references: all_references(&s.reference, &s.references),
                 predictions: per_run.iter().map(|r| Some(r.prediction.clone())).collect(),
                 scores: per_run.iter().map(|r| r.scores.clone()).collect(),
                 disagreement,

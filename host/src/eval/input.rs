@@ -1,5 +1,6 @@
-//! Reading predictions files: JSON Lines with `id`, `prediction`, `reference` and an optional
-//! `source`. Every bad line is reported with its number; nothing is silently dropped.
+//! Reading predictions files: JSON Lines with `id`, `prediction`, `reference` (or
+//! `references`, a non-empty list of strings) and an optional `source`. Every bad line is
+//! reported with its number; nothing is silently dropped.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -12,9 +13,52 @@ use serde_json::Value;
 pub struct PredictionRow {
     pub id: String,
     pub prediction: String,
+    /// The reference, or the first of several.
     pub reference: String,
+    /// Every reference, when there are several (`reference` is the first); empty when there
+    /// is one, so single-reference rows read and store as they always did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<String>,
     #[serde(default)]
     pub source: Option<String>,
+}
+
+impl PredictionRow {
+    /// A row with one reference.
+    pub fn new(id: String, prediction: String, reference: String, source: Option<String>) -> Self {
+        PredictionRow {
+            id,
+            prediction,
+            reference,
+            references: Vec::new(),
+            source,
+        }
+    }
+
+    /// Every reference, in order (one or more).
+    pub fn all_references(&self) -> Vec<String> {
+        all_references(&self.reference, &self.references)
+    }
+}
+
+/// The one rule for the pair of fields that holds a sample's references (here and in the
+/// store): `references` when it is set, else the one `reference`.
+pub fn all_references(reference: &str, references: &[String]) -> Vec<String> {
+    if references.is_empty() {
+        vec![reference.to_string()]
+    } else {
+        references.to_vec()
+    }
+}
+
+/// The two fields from a list of references: the first, and the whole list when it holds
+/// more than one.
+pub fn split_references(mut references: Vec<String>) -> (String, Vec<String>) {
+    if references.len() > 1 {
+        (references[0].clone(), references)
+    } else {
+        (references.pop().unwrap_or_default(), Vec::new())
+    }
 }
 
 /// A problem with one line of the input.
@@ -139,9 +183,49 @@ pub fn row_from_value(value: &Value) -> Result<PredictionRow, String> {
             )),
         }
     };
+    let (reference, references) = match (map.get("reference"), map.get("references")) {
+        (Some(_), Some(_)) => {
+            return Err(
+                "both `reference` and `references`: give one (`references` for several)".into(),
+            );
+        }
+        (None, Some(Value::Array(items))) => {
+            if items.is_empty() {
+                return Err("field `references` is an empty list; give at least one".into());
+            }
+            let mut refs = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::String(s) => refs.push(s.clone()),
+                    other => {
+                        return Err(format!(
+                            "field `references`, item {}: must be a string, not {}",
+                            i + 1,
+                            type_name(other)
+                        ));
+                    }
+                }
+            }
+            split_references(refs)
+        }
+        (None, Some(other)) => {
+            return Err(format!(
+                "field `references` must be a list of strings, not {}",
+                type_name(other)
+            ));
+        }
+        (_, None) => match map.get("reference") {
+            None => return Err("missing field `reference` (or `references`)".into()),
+            Some(_) => (
+                text_field("reference", true)?.unwrap_or_default(),
+                Vec::new(),
+            ),
+        },
+    };
     Ok(PredictionRow {
         prediction: text_field("prediction", true)?.unwrap_or_default(),
-        reference: text_field("reference", true)?.unwrap_or_default(),
+        reference,
+        references,
         source: text_field("source", false)?,
         id,
     })
@@ -205,6 +289,30 @@ mod tests {
                 (5, "duplicate id"),
                 (6, "must be a string"),
                 (7, "not valid UTF-8"),
+            ],
+        );
+    }
+
+    #[test]
+    fn several_references_parse_and_bad_ones_are_reported() {
+        let rows = parse_predictions(
+            b"{\"id\":\"a\",\"prediction\":\"p\",\"references\":[\"r1\",\"r2\"]}\n{\"id\":\"b\",\"prediction\":\"p\",\"references\":[\"r\"]}\n",
+        )
+        .unwrap();
+        assert_eq!(rows[0].reference, "r1");
+        assert_eq!(rows[0].all_references(), ["r1", "r2"]);
+        // One reference in a list is the same row as with `reference`.
+        assert_eq!(
+            rows[1],
+            PredictionRow::new("b".into(), "p".into(), "r".into(), None)
+        );
+        check(
+            b"{\"id\":\"a\",\"prediction\":\"p\",\"reference\":\"r\",\"references\":[\"r\"]}\n{\"id\":\"b\",\"prediction\":\"p\",\"references\":[]}\n{\"id\":\"c\",\"prediction\":\"p\",\"references\":[\"r\",3]}\n{\"id\":\"d\",\"prediction\":\"p\",\"references\":\"r\"}\n",
+            &[
+                (1, "both `reference` and `references`"),
+                (2, "empty list"),
+                (3, "item 2: must be a string"),
+                (4, "must be a list of strings"),
             ],
         );
     }

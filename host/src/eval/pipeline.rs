@@ -1,11 +1,15 @@
 //! The evaluation pipeline: run metric plugins over a set of predictions, store every sample
 //! with all its scores as soon as every metric has covered it, then the aggregates.
 //!
-//! Metrics run concurrently, one thread and one plugin instance each. A metric sees its
-//! samples in batches (by default all of them at once, so corpus statistics such as idf and
-//! corpus BLEU cover the whole set; plugins that call an LLM get batches of 16 so progress
-//! shows). A batch that traps or returns malformed output is retried sample by sample, so
-//! only the culprit samples get the error.
+//! Metrics run concurrently, each in one thread and plugin instance, or, when its samples are
+//! independent (contract 0.2.0's `independent-samples`), in several: the samples are cut into
+//! contiguous chunks scored in parallel instances. A metric sees its samples in batches (by
+//! default each chunk at once, so batch-level corpora such as idf cover the whole set;
+//! plugins that call an LLM get batches of 16 so progress shows). Corpus scores come from the
+//! batches' sufficient statistics, summed in sample order and finalized once, so they do not
+//! depend on the split; a 0.1.0 metric's batch `corpus` is kept only when one batch covered
+//! every sample. A batch that traps or returns malformed output is retried by halves, so only
+//! the culprit samples get the error.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +20,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::eval::input::PredictionRow;
 use crate::eval::stats::bootstrap_means;
-use crate::plugin::wit::types::{Capability, Sample, SampleResult};
+use crate::plugin::wit::types::{Capability, Sample, SampleResult, Statistic};
 use crate::plugin::{
     CallContext, HostServices, LogLine, Plugin, PluginError, PluginKind, Registry,
 };
@@ -29,7 +33,14 @@ use crate::store::{
 pub const HOST_SETTING_BATCH_SIZE: &str = "batch_size";
 /// The wall-clock deadline of one call of this metric, in milliseconds.
 pub const HOST_SETTING_TIMEOUT_MS: &str = "timeout_ms";
+/// How many instances score a metric's samples in parallel (independent samples only).
+pub const HOST_SETTING_PARALLEL: &str = "parallel";
 const LLM_BATCH: usize = 16;
+/// The most parallel instances of one metric, by default and when asked.
+const MAX_PARALLEL: usize = 64;
+const DEFAULT_MAX_PARALLEL: usize = 8;
+/// Below this many samples per instance, another instance costs more than it saves.
+const MIN_CHUNK: usize = 1000;
 const MAX_BATCH_SIZE: usize = 1_000_000;
 /// An hour: longer than any sane call, short enough that a typo cannot disable the deadline.
 const MAX_TIMEOUT_MS: u64 = 3_600_000;
@@ -39,6 +50,7 @@ const MAX_TIMEOUT_MS: u64 = 3_600_000;
 pub struct HostSettings {
     pub batch_size: Option<usize>,
     pub timeout: Option<std::time::Duration>,
+    pub parallel: Option<usize>,
 }
 
 impl HostSettings {
@@ -71,7 +83,46 @@ impl HostSettings {
                 })?;
             host.timeout = Some(std::time::Duration::from_millis(ms));
         }
+        if let Some(v) = settings.remove(HOST_SETTING_PARALLEL) {
+            host.parallel = Some(
+                v.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|p| (1..=MAX_PARALLEL).contains(p))
+                    .with_context(|| {
+                        format!(
+                            "{plugin}.{HOST_SETTING_PARALLEL} = {v:?}: must be an integer from 1 to {MAX_PARALLEL}"
+                        )
+                    })?,
+            );
+        }
         Ok(host)
+    }
+
+    /// How many instances score `plugin`'s `n` samples: what was asked, else as many as the
+    /// machine has cores (up to 8) with at least 1000 samples each. Only metrics that declare
+    /// independent samples and call no LLM are split; asking to split another is an error.
+    pub fn workers(&self, plugin: &Plugin, n: usize) -> Result<usize> {
+        let splittable = plugin.meta.independent_samples
+            && !plugin.meta.capabilities.contains(&Capability::Chat);
+        match self.parallel {
+            Some(p) if p > 1 && !splittable => bail!(
+                "{}.{HOST_SETTING_PARALLEL} = {p}: {} cannot be split across instances (its samples are not declared independent{})",
+                plugin.meta.name,
+                plugin.meta.name,
+                if plugin.meta.contract == crate::plugin::wit::since_v0_1_0::VERSION {
+                    ": a contract 0.1.0 metric"
+                } else {
+                    ""
+                }
+            ),
+            Some(p) => Ok(p.min(n.max(1))),
+            None if !splittable => Ok(1),
+            None => {
+                let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+                Ok(cores.min(DEFAULT_MAX_PARALLEL).min(n / MIN_CHUNK).max(1))
+            }
+        }
     }
 }
 
@@ -157,7 +208,10 @@ pub fn validate_metrics(
                 metrics.join(", ")
             );
         }
-        HostSettings::take(plugin, &mut keys.clone())?;
+        let host = HostSettings::take(plugin, &mut keys.clone())?;
+        if let Some(p) = plugins.iter().find(|p| &p.meta.name == plugin) {
+            host.workers(p, usize::MAX)?;
+        }
     }
     Ok(plugins)
 }
@@ -188,6 +242,18 @@ pub fn describe(run: &mut RunRecord, request: &EvalRequest, plugins: &[Plugin]) 
     for p in plugins {
         run.metadata
             .insert(format!("plugin.{}", p.meta.name), p.meta.version.clone());
+        let mut settings = request
+            .settings
+            .get(&p.meta.name)
+            .cloned()
+            .unwrap_or_default();
+        // Shown, though it changes no score: counts sum exactly however the samples are cut.
+        if let Ok(workers) = HostSettings::take(&p.meta.name, &mut settings)
+            .and_then(|h| h.workers(p, request.rows.len()))
+        {
+            run.metadata
+                .insert(format!("parallel.{}", p.meta.name), workers.to_string());
+        }
         run.plugins.insert(
             p.meta.name.clone(),
             crate::store::PluginProvenance {
@@ -232,8 +298,10 @@ struct BatchDone {
     /// Indices into the combined sample list (predictions, then references).
     indices: Vec<usize>,
     results: Vec<Result<Vec<(String, f64)>, String>>,
-    corpus: Vec<(String, f64)>,
-    whole_set: bool,
+    /// The batch's sufficient statistics (contract 0.2.0).
+    statistics: Vec<(String, Statistic)>,
+    /// A 0.1.0 metric's corpus, sent only by a batch that covered every prediction.
+    batch_corpus: Vec<(String, f64)>,
     /// An error the plugin gave for the batch as a whole: stored once in the run, while each
     /// of the batch's samples gets a short pointer to it.
     batch_error: Option<String>,
@@ -267,16 +335,25 @@ pub fn execute_with_samples(
         .map(|r| Sample {
             id: r.id.clone(),
             prediction: r.prediction.clone(),
-            reference: r.reference.clone(),
+            references: r.all_references(),
             source: r.source.clone(),
         })
         .collect();
     if request.score_references {
-        samples.extend(request.rows.iter().map(|r| Sample {
-            id: r.id.clone(),
-            prediction: r.reference.clone(),
-            reference: r.reference.clone(),
-            source: r.source.clone(),
+        // The human baseline: the first reference scored against the others, or against
+        // itself when it is the only one.
+        samples.extend(request.rows.iter().map(|r| {
+            let references = r.all_references();
+            Sample {
+                id: r.id.clone(),
+                prediction: references[0].clone(),
+                references: if references.len() > 1 {
+                    references[1..].to_vec()
+                } else {
+                    references
+                },
+                source: r.source.clone(),
+            }
         }));
     }
     let samples = Arc::new(samples);
@@ -292,12 +369,18 @@ pub fn execute_with_samples(
             id: r.id.clone(),
             prediction: r.prediction.clone(),
             reference: r.reference.clone(),
+            references: r.references.clone(),
             source: r.source.clone(),
             ..Default::default()
         })
         .collect();
     let mut covered = vec![0usize; n];
     let mut corpus: BTreeMap<String, f64> = BTreeMap::new();
+    // Per metric: each prediction batch's statistics by its first sample, summed in that
+    // order at the end, so float sums too come out the same however the work was scheduled.
+    let mut statistics: Vec<BTreeMap<usize, Vec<(String, Statistic)>>> =
+        vec![BTreeMap::new(); plugins.len()];
+    let mut contexts: Vec<CallContext> = Vec::with_capacity(plugins.len());
     let mut metric_errors: BTreeMap<String, String> = BTreeMap::new();
     let mut done = 0u64;
     // What this execution stored, to aggregate without reading it back.
@@ -324,10 +407,12 @@ pub fn execute_with_samples(
                 .cloned()
                 .unwrap_or_default();
             let host = HostSettings::take(&plugin.meta.name, &mut settings)?;
+            let workers = host.workers(plugin, n)?;
+            let chunk = n.div_ceil(workers).max(1);
             let batch_size = match host.batch_size {
                 Some(b) => b,
                 None if plugin.meta.capabilities.contains(&Capability::Chat) => LLM_BATCH,
-                None => samples.len().max(1),
+                None => chunk,
             };
             let ctx = CallContext::default()
                 .with_config(settings)
@@ -335,11 +420,30 @@ pub fn execute_with_samples(
                 .with_log(log.clone())
                 .with_cancel(env.cancel.clone())
                 .with_deadline(host.timeout);
-            let tx = tx.clone();
-            let samples = samples.clone();
-            let cancel = env.cancel.clone();
-            let plugin = plugin.clone();
-            scope.spawn(move || run_metric(m, &plugin, ctx, &samples, batch_size, &cancel, &tx));
+            contexts.push(ctx.clone());
+            // Worker w scores chunk w of the predictions and, after them, of the references.
+            let views = if request.score_references { 2 } else { 1 };
+            for w in 0..workers {
+                let ranges: Vec<std::ops::Range<usize>> = (0..views)
+                    .map(|v| v * n + (w * chunk).min(n)..v * n + ((w + 1) * chunk).min(n))
+                    .filter(|r| !r.is_empty())
+                    .collect();
+                if ranges.is_empty() {
+                    continue;
+                }
+                let job = MetricJob {
+                    metric: m,
+                    plugin: plugin.clone(),
+                    ctx: ctx.clone(),
+                    samples: samples.clone(),
+                    ranges,
+                    batch_size,
+                    whole_set: workers == 1 && batch_size >= n,
+                    cancel: env.cancel.clone(),
+                    tx: tx.clone(),
+                };
+                scope.spawn(move || job.run());
+            }
         }
         drop(tx);
 
@@ -371,8 +475,9 @@ pub fn execute_with_samples(
                     ready.push(record.clone());
                 }
             }
-            if batch.whole_set {
-                corpus.extend(batch.corpus);
+            corpus.extend(batch.batch_corpus);
+            if batch.indices.first().is_some_and(|&i| i < n) && !batch.statistics.is_empty() {
+                statistics[batch.metric].insert(batch.indices[0], batch.statistics);
             }
             if !ready.is_empty() {
                 let started = Instant::now();
@@ -401,6 +506,24 @@ pub fn execute_with_samples(
     });
 
     let cancelled = env.cancel.load(Ordering::Relaxed);
+    if outcome.is_ok() && !cancelled {
+        for ((plugin, ctx), batches) in plugins.iter().zip(&contexts).zip(statistics) {
+            let name = &plugin.meta.name;
+            let result = sum_statistics(batches.into_values().flatten()).and_then(|summed| {
+                if summed.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut session = plugin.session(ctx.clone())?;
+                Ok(session.finalize(&summed, &plugin.meta)?)
+            });
+            match result {
+                Ok(scores) => corpus.extend(scores),
+                Err(e) => {
+                    metric_errors.insert(name.clone(), format!("corpus scores: {e:#}"));
+                }
+            }
+        }
+    }
     let started = Instant::now();
     // The aggregates cover the run's stored samples. When this execution stored every one,
     // those are the records in hand (the store gives scores back bit for bit); otherwise an
@@ -535,66 +658,110 @@ pub fn aggregate(
     out
 }
 
-fn run_metric(
-    metric: usize,
-    plugin: &Plugin,
-    ctx: CallContext,
-    samples: &[Sample],
-    batch_size: usize,
-    cancel: &AtomicBool,
-    tx: &mpsc::Sender<BatchDone>,
-) {
-    let whole_set = batch_size >= samples.len();
-    let mut session = match plugin.session(ctx) {
-        Ok(s) => s,
-        Err(e) => {
-            let message = e.to_string();
-            let _ = tx.send(BatchDone {
-                metric,
-                indices: (0..samples.len()).collect(),
-                results: samples.iter().map(|_| Err(pointer_to(&message))).collect(),
-                corpus: vec![],
-                whole_set,
-                batch_error: Some(message),
-            });
-            return;
-        }
-    };
-    let mut start = 0;
-    while start < samples.len() {
-        let end = (start + batch_size).min(samples.len());
-        if cancel.load(Ordering::Relaxed) {
-            // Unscored samples of a cancelled run keep the reason instead of vanishing.
-            let _ = tx.send(BatchDone {
-                metric,
-                results: (start..end).map(|_| Err("run cancelled".into())).collect(),
-                indices: (start..end).collect(),
-                corpus: vec![],
-                whole_set: false,
-                batch_error: None,
-            });
-            start = end;
+/// Sum statistics name by name: counts exactly (overflow is an error), float sums in the
+/// order given. A name that changes kind between batches is an error.
+pub fn sum_statistics(
+    batches: impl IntoIterator<Item = (String, Statistic)>,
+) -> Result<Vec<(String, Statistic)>> {
+    let mut sums: BTreeMap<String, Statistic> = BTreeMap::new();
+    for (name, value) in batches {
+        let Some(sum) = sums.get_mut(&name) else {
+            sums.insert(name, value);
             continue;
-        }
-        let started = Instant::now();
-        let mut scorer = Scorer {
+        };
+        *sum = match (sum.clone(), value) {
+            (Statistic::Count(a), Statistic::Count(b)) => Statistic::Count(
+                a.checked_add(b)
+                    .with_context(|| format!("statistic {name:?} overflows a 64-bit count"))?,
+            ),
+            (Statistic::Sum(a), Statistic::Sum(b)) => Statistic::Sum(a + b),
+            _ => bail!("statistic {name:?} is a count in one batch and a sum in another"),
+        };
+    }
+    Ok(sums.into_iter().collect())
+}
+
+/// One instance's share of a metric: its ranges of samples, scored in batches.
+struct MetricJob {
+    metric: usize,
+    plugin: Plugin,
+    ctx: CallContext,
+    samples: Arc<Vec<Sample>>,
+    ranges: Vec<std::ops::Range<usize>>,
+    batch_size: usize,
+    /// One batch covers every prediction (a 0.1.0 metric's batch corpus then stands).
+    whole_set: bool,
+    cancel: Arc<AtomicBool>,
+    tx: mpsc::Sender<BatchDone>,
+}
+
+impl MetricJob {
+    fn run(self) {
+        let MetricJob {
             metric,
             plugin,
-            session: &mut session,
+            ctx,
             samples,
+            ranges,
+            batch_size,
             whole_set,
+            cancel,
             tx,
+        } = self;
+        let mut session = match plugin.session(ctx) {
+            Ok(s) => s,
+            Err(e) => {
+                let message = e.to_string();
+                let indices: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
+                let _ = tx.send(BatchDone {
+                    metric,
+                    results: indices.iter().map(|_| Err(pointer_to(&message))).collect(),
+                    indices,
+                    statistics: vec![],
+                    batch_corpus: vec![],
+                    batch_error: Some(message),
+                });
+                return;
+            }
         };
-        if !scorer.score(start, end, true) {
-            return;
+        for range in ranges {
+            let mut start = range.start;
+            while start < range.end {
+                let end = (start + batch_size).min(range.end);
+                if cancel.load(Ordering::Relaxed) {
+                    // Unscored samples of a cancelled run keep the reason instead of vanishing.
+                    let _ = tx.send(BatchDone {
+                        metric,
+                        results: (start..end).map(|_| Err("run cancelled".into())).collect(),
+                        indices: (start..end).collect(),
+                        statistics: vec![],
+                        batch_corpus: vec![],
+                        batch_error: None,
+                    });
+                    start = end;
+                    continue;
+                }
+                let started = Instant::now();
+                let mut scorer = Scorer {
+                    metric,
+                    plugin: &plugin,
+                    session: &mut session,
+                    samples: &samples,
+                    whole_set: whole_set && start == 0,
+                    tx: &tx,
+                };
+                if !scorer.score(start, end, true) {
+                    return;
+                }
+                tracing::debug!(
+                    "eval: {} scored {} samples in {:.1?}",
+                    plugin.meta.name,
+                    end - start,
+                    started.elapsed()
+                );
+                start = end;
+            }
         }
-        tracing::debug!(
-            "eval: {} scored {} samples in {:.1?}",
-            plugin.meta.name,
-            end - start,
-            started.elapsed()
-        );
-        start = end;
     }
 }
 
@@ -616,37 +783,44 @@ impl Scorer<'_> {
     /// sample keeps its score. Returns false once nobody listens any more.
     fn score(&mut self, start: usize, end: usize, top: bool) -> bool {
         let batch = &self.samples[start..end];
-        let (results, corpus, batch_error) = match self.session.score(batch, &self.plugin.meta) {
-            Ok(b) => (
-                b.samples.into_iter().map(from_sample_result).collect(),
-                if top { b.corpus } else { Vec::new() },
-                None,
-            ),
-            Err(e) if batch.len() > 1 && is_isolatable(&e) => {
-                tracing::warn!("{e}; scoring its batch in halves to find the failing samples");
-                let mid = start + batch.len() / 2;
-                return self.score(start, mid, false) && self.score(mid, end, false);
-            }
-            Err(PluginError::Failed { message, .. }) if batch.len() > 1 => {
-                let results = batch.iter().map(|_| Err(pointer_to(&message))).collect();
-                (results, Vec::new(), Some(message))
-            }
-            Err(e) => {
-                let message = e.to_string();
-                (
-                    batch.iter().map(|_| Err(message.clone())).collect(),
-                    Vec::new(),
+        let (results, statistics, batch_corpus, batch_error) =
+            match self.session.score(batch, &self.plugin.meta) {
+                Ok(b) => (
+                    b.samples.into_iter().map(from_sample_result).collect(),
+                    b.statistics,
+                    if top && self.whole_set {
+                        b.batch_corpus
+                    } else {
+                        Vec::new()
+                    },
                     None,
-                )
-            }
-        };
+                ),
+                Err(e) if batch.len() > 1 && is_isolatable(&e) => {
+                    tracing::warn!("{e}; scoring its batch in halves to find the failing samples");
+                    let mid = start + batch.len() / 2;
+                    return self.score(start, mid, false) && self.score(mid, end, false);
+                }
+                Err(PluginError::Failed { message, .. }) if batch.len() > 1 => {
+                    let results = batch.iter().map(|_| Err(pointer_to(&message))).collect();
+                    (results, Vec::new(), Vec::new(), Some(message))
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    (
+                        batch.iter().map(|_| Err(message.clone())).collect(),
+                        Vec::new(),
+                        Vec::new(),
+                        None,
+                    )
+                }
+            };
         self.tx
             .send(BatchDone {
                 metric: self.metric,
                 indices: (start..end).collect(),
                 results,
-                corpus,
-                whole_set: self.whole_set && top,
+                statistics,
+                batch_corpus,
                 batch_error,
             })
             .is_ok()

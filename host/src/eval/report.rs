@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::eval::compare::Comparison;
+use crate::eval::input::all_references;
 use crate::plugin::wit::types::{
     Aggregate, Delta, Estimate as WitEstimate, Report, ReportRun, SampleView,
 };
@@ -84,7 +85,7 @@ pub fn single(run: &RunRecord, samples: &[SampleRecord]) -> Report {
             .map(|s| SampleView {
                 id: s.id.clone(),
                 source: s.source.clone(),
-                reference: s.reference.clone(),
+                references: all_references(&s.reference, &s.references),
                 predictions: vec![Some(s.prediction.clone())],
                 scores: vec![scores_list(&s.scores)],
             })
@@ -125,7 +126,7 @@ pub fn comparison(c: &Comparison) -> Report {
             .map(|s| SampleView {
                 id: s.id.clone(),
                 source: s.source.clone(),
-                reference: s.reference.clone(),
+                references: s.references.clone(),
                 predictions: s.predictions.clone(),
                 scores: s.scores.iter().map(scores_list).collect(),
             })

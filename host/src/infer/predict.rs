@@ -193,6 +193,7 @@ pub fn predict(
                 id: row.id.clone(),
                 prediction: g.text.trim().to_string(),
                 reference: row.reference.clone(),
+                references: Vec::new(),
                 source: row.source.clone(),
             })
             .collect();

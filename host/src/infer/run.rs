@@ -439,6 +439,7 @@ pub fn execute(env: &GenerateEnv, run_id: &str, request: &GenerateRequest) -> Re
             id: p.id.clone(),
             prediction: p.prediction.clone(),
             reference: p.reference.clone(),
+            references: p.references.clone(),
             source: p.source.clone(),
             ..Default::default()
         })

@@ -75,6 +75,11 @@ pub struct PluginMeta {
     pub language: String,
     /// The contract version it implements.
     pub contract: String,
+    /// Metric plugins: whether a sample's scores depend on it alone, so the host may split
+    /// the samples across parallel instances (declared by contract 0.2.0 metrics; false for
+    /// 0.1.0 ones).
+    #[serde(default)]
+    pub independent_samples: bool,
     pub sha256: String,
     pub size_bytes: usize,
     /// Metric plugins: the scores they produce.
@@ -91,11 +96,13 @@ pub struct PluginMeta {
 impl PluginMeta {
     pub(crate) fn from_info(
         info: AnyInfo,
+        contract: &str,
         source: PluginSource,
         language: String,
         sha256: String,
         size_bytes: usize,
     ) -> Result<Self, String> {
+        let independent_samples = matches!(&info, AnyInfo::Metric(i) if i.independent_samples);
         let (kind, manifest, scores, format, required_fields) = match info {
             AnyInfo::Metric(i) => (PluginKind::Metric, i.manifest, i.scores, None, Vec::new()),
             AnyInfo::Formatter(i) => (
@@ -139,7 +146,8 @@ impl PluginMeta {
             capabilities,
             source,
             language,
-            contract: crate::plugin::wit::latest::VERSION.to_string(),
+            contract: contract.to_string(),
+            independent_samples,
             sha256,
             size_bytes,
             scores,

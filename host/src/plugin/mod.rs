@@ -1,6 +1,7 @@
 //! The plugin runtime: WebAssembly components (metrics, formatters, reporters) run in
 //! wasmtime, sandboxed, with host capabilities granted per plugin.
 
+pub mod compat;
 pub mod error;
 pub mod host;
 pub mod limits;
@@ -14,4 +15,4 @@ pub use error::PluginError;
 pub use host::{CallContext, HostServices, Interrupt, LogLine, NoServices};
 pub use manifest::{PluginKind, PluginMeta, PluginSource};
 pub use registry::Registry;
-pub use runtime::{CompileSource, Limits, Plugin, Runtime, Session};
+pub use runtime::{CompileSource, Limits, Plugin, Runtime, Scored, Session};

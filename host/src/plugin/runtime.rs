@@ -14,12 +14,15 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, OptLevel, Store, StoreContextMut, Trap, UpdateDeadline};
 
+use crate::plugin::compat::{self, convert};
 use crate::plugin::error::PluginError;
 use crate::plugin::host::{CallContext, HostState};
 use crate::plugin::limits::{self, MemoryBudget};
 use crate::plugin::manifest::{self, PluginKind, PluginMeta, PluginSource};
-use crate::plugin::wit::latest;
-use crate::plugin::wit::types::{BatchResult, Document, Formatted, Report, Sample, SampleResult};
+use crate::plugin::wit::types::{
+    Document, Formatted, MetricInfo, Report, Sample, SampleResult, Statistic,
+};
+use crate::plugin::wit::{latest, since_v0_1_0 as v1};
 
 /// Resource limits applied to every plugin call.
 #[derive(Debug, Clone, Copy)]
@@ -113,12 +116,20 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(anyhow::Error::from)
             .context("failed to link WASI")?;
+        // Every contract version's capabilities: a component imports those of the version
+        // it was built against.
         latest::imports::Imports::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(
             &mut linker,
             |state| state,
         )
         .map_err(anyhow::Error::from)
         .context("failed to link the host capabilities")?;
+        v1::imports::Imports::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(
+            &mut linker,
+            |state| state,
+        )
+        .map_err(anyhow::Error::from)
+        .context("failed to link the host capabilities of contract 0.1.0")?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         {
@@ -161,25 +172,32 @@ impl Runtime {
         let (component, compiled) = self
             .compile(bytes, &sha256)
             .map_err(|e| invalid(format!("{e:#}")))?;
-        let kind = detect_kind(&self.inner.engine, &component).map_err(invalid)?;
+        let (kind, contract) = detect_kind(&self.inner.engine, &component).map_err(invalid)?;
         let instance_pre = self.inner.linker.instantiate_pre(&component).map_err(|e| {
             invalid(format!(
                 "it imports something this host does not provide: {e:#}"
             ))
         })?;
-        let pre = match kind {
-            PluginKind::Metric => Pre::Metric(
-                latest::metric::MetricPluginPre::new(instance_pre)
-                    .map_err(|e| invalid(format!("{e:#}")))?,
+        let bad = |e: wasmtime::Error| invalid(format!("{e:#}"));
+        let pre = match (kind, contract) {
+            (PluginKind::Metric, Contract::V2) => {
+                Pre::Metric(latest::metric::MetricPluginPre::new(instance_pre).map_err(bad)?)
+            }
+            (PluginKind::Metric, Contract::V1) => {
+                Pre::MetricV1(v1::metric::MetricPluginPre::new(instance_pre).map_err(bad)?)
+            }
+            (PluginKind::Formatter, Contract::V2) => Pre::Formatter(
+                latest::formatter::FormatterPluginPre::new(instance_pre).map_err(bad)?,
             ),
-            PluginKind::Formatter => Pre::Formatter(
-                latest::formatter::FormatterPluginPre::new(instance_pre)
-                    .map_err(|e| invalid(format!("{e:#}")))?,
-            ),
-            PluginKind::Reporter => Pre::Reporter(
-                latest::reporter::ReporterPluginPre::new(instance_pre)
-                    .map_err(|e| invalid(format!("{e:#}")))?,
-            ),
+            (PluginKind::Formatter, Contract::V1) => {
+                Pre::FormatterV1(v1::formatter::FormatterPluginPre::new(instance_pre).map_err(bad)?)
+            }
+            (PluginKind::Reporter, Contract::V2) => {
+                Pre::Reporter(latest::reporter::ReporterPluginPre::new(instance_pre).map_err(bad)?)
+            }
+            (PluginKind::Reporter, Contract::V1) => {
+                Pre::ReporterV1(v1::reporter::ReporterPluginPre::new(instance_pre).map_err(bad)?)
+            }
         };
         let language = manifest::detect_language(bytes);
         let loaded = Arc::new(Loaded {
@@ -192,8 +210,15 @@ impl Runtime {
         let info = session
             .info()
             .map_err(|e| invalid(format!("calling `info` failed: {e}")))?;
-        let meta = PluginMeta::from_info(info, source.clone(), language, sha256, bytes.len())
-            .map_err(|reason| invalid(reason))?;
+        let meta = PluginMeta::from_info(
+            info,
+            contract.version(),
+            source.clone(),
+            language,
+            sha256,
+            bytes.len(),
+        )
+        .map_err(|reason| invalid(reason))?;
         match compiled {
             CompileSource::Compiled => tracing::debug!("plugin {}: compiled", meta.name),
             CompileSource::Cache => {
@@ -264,31 +289,53 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Which plugin world a component implements, from the interfaces it exports.
-fn detect_kind(engine: &Engine, component: &Component) -> Result<PluginKind, String> {
+/// The contract versions this host serves, newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Contract {
+    V2,
+    V1,
+}
+
+impl Contract {
+    const ALL: [Contract; 2] = [Contract::V2, Contract::V1];
+
+    fn version(self) -> &'static str {
+        match self {
+            Contract::V2 => latest::VERSION,
+            Contract::V1 => v1::VERSION,
+        }
+    }
+}
+
+/// Which plugin world, of which contract version, a component implements, from the
+/// interfaces it exports.
+fn detect_kind(engine: &Engine, component: &Component) -> Result<(PluginKind, Contract), String> {
     let ty = component.component_type();
     let exports: Vec<String> = ty
         .exports(engine)
         .map(|(name, _)| name.to_string())
         .collect();
-    let version = latest::VERSION;
-    let has = |iface: &str| {
-        exports
-            .iter()
-            .any(|e| e == &format!("adapterlab:plugin/{iface}@{version}"))
-    };
-    let kinds: Vec<PluginKind> = [
-        (has("metric"), PluginKind::Metric),
-        (has("formatter"), PluginKind::Formatter),
-        (has("reporter"), PluginKind::Reporter),
-    ]
-    .into_iter()
-    .filter_map(|(present, k)| present.then_some(k))
-    .collect();
-    match kinds.as_slice() {
-        [k] => Ok(*k),
+    let mut found = Vec::new();
+    for contract in Contract::ALL {
+        let version = contract.version();
+        for (iface, kind) in [
+            ("metric", PluginKind::Metric),
+            ("formatter", PluginKind::Formatter),
+            ("reporter", PluginKind::Reporter),
+        ] {
+            if exports
+                .iter()
+                .any(|e| e == &format!("adapterlab:plugin/{iface}@{version}"))
+            {
+                found.push((kind, contract));
+            }
+        }
+    }
+    match found.as_slice() {
+        [one] => Ok(*one),
         [] => Err(format!(
-            "it exports none of adapterlab:plugin/{{metric,formatter,reporter}}@{version} (it exports: {})",
+            "it exports none of adapterlab:plugin/{{metric,formatter,reporter}}@{{{}}} (it exports: {})",
+            Contract::ALL.map(Contract::version).join(","),
             if exports.is_empty() {
                 "nothing".to_string()
             } else {
@@ -301,8 +348,11 @@ fn detect_kind(engine: &Engine, component: &Component) -> Result<PluginKind, Str
 
 enum Pre {
     Metric(latest::metric::MetricPluginPre<HostState>),
+    MetricV1(v1::metric::MetricPluginPre<HostState>),
     Formatter(latest::formatter::FormatterPluginPre<HostState>),
+    FormatterV1(v1::formatter::FormatterPluginPre<HostState>),
     Reporter(latest::reporter::ReporterPluginPre<HostState>),
+    ReporterV1(v1::reporter::ReporterPluginPre<HostState>),
 }
 
 struct Loaded {
@@ -312,8 +362,11 @@ struct Loaded {
 
 enum Instance {
     Metric(latest::metric::MetricPlugin),
+    MetricV1(v1::metric::MetricPlugin),
     Formatter(latest::formatter::FormatterPlugin),
+    FormatterV1(v1::formatter::FormatterPlugin),
     Reporter(latest::reporter::ReporterPlugin),
+    ReporterV1(v1::reporter::ReporterPlugin),
 }
 
 impl Loaded {
@@ -342,14 +395,14 @@ impl Loaded {
             plugin: plugin.to_string(),
             message: format!("{e:#}"),
         };
+        let s = &mut store;
         let instance = match &self.pre {
-            Pre::Metric(pre) => Instance::Metric(pre.instantiate(&mut store).map_err(host_err)?),
-            Pre::Formatter(pre) => {
-                Instance::Formatter(pre.instantiate(&mut store).map_err(host_err)?)
-            }
-            Pre::Reporter(pre) => {
-                Instance::Reporter(pre.instantiate(&mut store).map_err(host_err)?)
-            }
+            Pre::Metric(pre) => Instance::Metric(pre.instantiate(s).map_err(host_err)?),
+            Pre::MetricV1(pre) => Instance::MetricV1(pre.instantiate(s).map_err(host_err)?),
+            Pre::Formatter(pre) => Instance::Formatter(pre.instantiate(s).map_err(host_err)?),
+            Pre::FormatterV1(pre) => Instance::FormatterV1(pre.instantiate(s).map_err(host_err)?),
+            Pre::Reporter(pre) => Instance::Reporter(pre.instantiate(s).map_err(host_err)?),
+            Pre::ReporterV1(pre) => Instance::ReporterV1(pre.instantiate(s).map_err(host_err)?),
         };
         Ok(Session {
             store,
@@ -472,66 +525,175 @@ impl Session {
         }
     }
 
-    /// The plugin's `info` export, whatever its kind.
+    /// The plugin's `info` export, whatever its kind, in the latest contract's types.
     pub(crate) fn info(&mut self) -> Result<manifest::AnyInfo, PluginError> {
+        use manifest::AnyInfo;
         self.call(|store, instance| {
             Ok(match instance {
                 Instance::Metric(m) => {
-                    manifest::AnyInfo::Metric(m.adapterlab_plugin_metric().call_info(store)?)
+                    AnyInfo::Metric(m.adapterlab_plugin_metric().call_info(store)?)
+                }
+                Instance::MetricV1(m) => {
+                    let info = m.adapterlab_plugin_metric().call_info(store)?;
+                    AnyInfo::Metric(MetricInfo {
+                        manifest: convert(&info.manifest),
+                        scores: info.scores.into_iter().map(compat::score_spec).collect(),
+                        // A 0.1.0 metric may use its batch as a corpus: never split it.
+                        independent_samples: false,
+                    })
                 }
                 Instance::Formatter(m) => {
-                    manifest::AnyInfo::Formatter(m.adapterlab_plugin_formatter().call_info(store)?)
+                    AnyInfo::Formatter(m.adapterlab_plugin_formatter().call_info(store)?)
+                }
+                Instance::FormatterV1(m) => {
+                    AnyInfo::Formatter(convert(&m.adapterlab_plugin_formatter().call_info(store)?))
                 }
                 Instance::Reporter(m) => {
-                    manifest::AnyInfo::Reporter(m.adapterlab_plugin_reporter().call_info(store)?)
+                    AnyInfo::Reporter(m.adapterlab_plugin_reporter().call_info(store)?)
+                }
+                Instance::ReporterV1(m) => {
+                    AnyInfo::Reporter(convert(&m.adapterlab_plugin_reporter().call_info(store)?))
                 }
             })
         })
     }
 
+    fn check_kind(&self, expected: &'static str) -> Result<(), PluginError> {
+        match &self.instance {
+            Some(i) if instance_kind(i) != expected => Err(self.wrong_kind(expected, i)),
+            _ => Ok(()),
+        }
+    }
+
     /// Score a batch with a metric plugin. The result is checked: one entry per sample, only
     /// declared score names, finite values within their declared ranges. A sample whose
     /// scores break that contract gets an error instead; the others keep their scores.
-    pub fn score(
+    ///
+    /// A 0.1.0 metric sees one reference per sample: a sample with several is scored once per
+    /// reference and keeps, per score, the best value (see [`compat`]). Its batch-level
+    /// `corpus` comes back in [`Scored::batch_corpus`], dropped when a sample had several
+    /// references (it would describe the pairs, not the samples).
+    pub fn score(&mut self, samples: &[Sample], meta: &PluginMeta) -> Result<Scored, PluginError> {
+        self.check_kind("metric")?;
+        let plugin = self.plugin();
+        let failed = |message: String| PluginError::Failed {
+            plugin: plugin.clone(),
+            message: limits::error_text(&message),
+        };
+        // From the component, not the instance: after a trap there is none until `call`.
+        let v1 = matches!(self.loaded.pre, Pre::MetricV1(_));
+        let scored = if !v1 {
+            let result = self.call(|store, instance| match instance {
+                Instance::Metric(m) => m.adapterlab_plugin_metric().call_score(store, samples),
+                _ => unreachable!("checked above"),
+            })?;
+            let batch = result.map_err(failed)?;
+            Scored {
+                samples: batch.samples,
+                statistics: batch.statistics,
+                batch_corpus: Vec::new(),
+            }
+        } else {
+            // One 0.1.0 sample per (sample, reference) pair; `owner` maps each back.
+            let mut pairs = Vec::with_capacity(samples.len());
+            let mut owner = Vec::with_capacity(samples.len());
+            for (i, s) in samples.iter().enumerate() {
+                for reference in &s.references {
+                    pairs.push(v1::metric::exports::adapterlab::plugin::metric::Sample {
+                        id: s.id.clone(),
+                        prediction: s.prediction.clone(),
+                        reference: reference.clone(),
+                        source: s.source.clone(),
+                    });
+                    owner.push(i);
+                }
+            }
+            let result = self.call(|store, instance| match instance {
+                Instance::MetricV1(m) => m.adapterlab_plugin_metric().call_score(store, &pairs),
+                _ => unreachable!("checked above"),
+            })?;
+            let batch = result.map_err(failed)?;
+            if batch.samples.len() != pairs.len() {
+                return Err(PluginError::Malformed {
+                    plugin,
+                    message: format!(
+                        "score returned {} results for {} samples",
+                        batch.samples.len(),
+                        pairs.len()
+                    ),
+                });
+            }
+            let results: Vec<SampleResult> = batch
+                .samples
+                .into_iter()
+                .map(compat::sample_result)
+                .collect();
+            let multi = pairs.len() != samples.len();
+            if multi && !batch.corpus.is_empty() {
+                self.store.data().note(
+                    "corpus statistics dropped: this 0.1.0 metric saw multi-reference samples one reference at a time, so its corpus values describe the pairs, not the samples".to_string(),
+                );
+            }
+            Scored {
+                samples: best_over_references(meta, samples.len(), &owner, results),
+                statistics: Vec::new(),
+                batch_corpus: if multi { Vec::new() } else { batch.corpus },
+            }
+        };
+        let state = self.store.data();
+        check_batch(&plugin, meta, samples.len(), scored, |m| {
+            state.note(m.to_string())
+        })
+    }
+
+    /// The corpus scores of a metric from its statistics summed over a run (contract 0.2.0;
+    /// a 0.1.0 metric has none). Checked like a batch's corpus: only declared score names,
+    /// each once, finite; what breaks that is dropped with a note.
+    pub fn finalize(
         &mut self,
-        samples: &[Sample],
+        statistics: &[(String, Statistic)],
         meta: &PluginMeta,
-    ) -> Result<BatchResult, PluginError> {
-        if let Some(i) = self
-            .instance
-            .as_ref()
-            .filter(|i| !matches!(i, Instance::Metric(_)))
-        {
-            return Err(self.wrong_kind("metric", i));
+    ) -> Result<Vec<(String, f64)>, PluginError> {
+        self.check_kind("metric")?;
+        if matches!(self.loaded.pre, Pre::MetricV1(_)) {
+            return Ok(Vec::new());
         }
         let result = self.call(|store, instance| match instance {
-            Instance::Metric(m) => m.adapterlab_plugin_metric().call_score(store, samples),
+            Instance::Metric(m) => m
+                .adapterlab_plugin_metric()
+                .call_finalize(store, statistics),
             _ => unreachable!("checked above"),
         })?;
-        let plugin = self.plugin();
-        let batch = result.map_err(|message| PluginError::Failed {
-            plugin: plugin.clone(),
+        let mut corpus = result.map_err(|message| PluginError::Failed {
+            plugin: self.plugin(),
             message: limits::error_text(&message),
         })?;
         let state = self.store.data();
-        check_batch(&plugin, meta, samples.len(), batch, |m| {
-            state.note(m.to_string())
-        })
+        for problem in check_corpus(meta, &mut corpus) {
+            state.note(format!("malformed output, dropped: {problem}"));
+        }
+        Ok(corpus)
     }
 
     pub fn format(
         &mut self,
         rows: &[Vec<(String, String)>],
     ) -> Result<Vec<Result<Formatted, String>>, PluginError> {
-        if let Some(i) = self
-            .instance
-            .as_ref()
-            .filter(|i| !matches!(i, Instance::Formatter(_)))
-        {
-            return Err(self.wrong_kind("formatter", i));
-        }
+        self.check_kind("formatter")?;
         let out = self.call(|store, instance| match instance {
             Instance::Formatter(m) => m.adapterlab_plugin_formatter().call_format(store, rows),
+            Instance::FormatterV1(m) => m
+                .adapterlab_plugin_formatter()
+                .call_format(store, rows)
+                .map(|out| {
+                    out.iter()
+                        .map(|r| {
+                            r.as_ref()
+                                .map(convert::<_, Formatted>)
+                                .map_err(String::clone)
+                        })
+                        .collect()
+                }),
             _ => unreachable!("checked above"),
         })?;
         if out.len() != rows.len() {
@@ -548,15 +710,13 @@ impl Session {
     }
 
     pub fn render(&mut self, report: &Report) -> Result<Document, PluginError> {
-        if let Some(i) = self
-            .instance
-            .as_ref()
-            .filter(|i| !matches!(i, Instance::Reporter(_)))
-        {
-            return Err(self.wrong_kind("reporter", i));
-        }
+        self.check_kind("reporter")?;
         let out = self.call(|store, instance| match instance {
             Instance::Reporter(m) => m.adapterlab_plugin_reporter().call_render(store, report),
+            Instance::ReporterV1(m) => m
+                .adapterlab_plugin_reporter()
+                .call_render(store, &report_v1(report))
+                .map(|r| r.map(|d| convert(&d))),
             _ => unreachable!("checked above"),
         })?;
         out.map_err(|message| PluginError::Failed {
@@ -564,6 +724,83 @@ impl Session {
             message,
         })
     }
+}
+
+/// What a metric call returned, in the latest contract's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    /// Aligned with the samples.
+    pub samples: Vec<SampleResult>,
+    /// The batch's sufficient statistics (contract 0.2.0).
+    pub statistics: Vec<(String, Statistic)>,
+    /// A 0.1.0 metric's corpus values for this batch alone.
+    pub batch_corpus: Vec<(String, f64)>,
+}
+
+/// Fold a 0.1.0 metric's per-pair results back into one result per sample: per score, the
+/// best value over the sample's references (by the score's declared direction); a sample
+/// with a failed pair fails with that pair's error, naming the reference.
+fn best_over_references(
+    meta: &PluginMeta,
+    n: usize,
+    owner: &[usize],
+    results: Vec<SampleResult>,
+) -> Vec<SampleResult> {
+    let mut out: Vec<Option<SampleResult>> = vec![None; n];
+    let mut position = vec![0usize; n];
+    for (&i, result) in owner.iter().zip(results) {
+        let k = position[i];
+        position[i] += 1;
+        out[i] = Some(match (out[i].take(), result) {
+            (None, r) => r,
+            (Some(SampleResult::Error(e)), _) => SampleResult::Error(e),
+            (Some(_), SampleResult::Error(e)) => {
+                SampleResult::Error(format!("reference {}: {e}", k + 1))
+            }
+            (Some(SampleResult::Scores(mut best)), SampleResult::Scores(scores)) => {
+                if best.len() != scores.len()
+                    || best.iter().zip(&scores).any(|((a, _), (b, _))| a != b)
+                {
+                    SampleResult::Error(format!(
+                        "malformed output: reference {} got other score names than reference 1",
+                        k + 1
+                    ))
+                } else {
+                    for ((name, value), (_, other)) in best.iter_mut().zip(scores) {
+                        let spec = meta.scores.iter().find(|s| &s.name == name);
+                        *value = compat::best(spec, *value, other);
+                    }
+                    SampleResult::Scores(best)
+                }
+            }
+        });
+    }
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| SampleResult::Error("the sample has no reference".into())))
+        .collect()
+}
+
+/// A report for a 0.1.0 reporter, whose samples have one `reference`: several references
+/// are shown joined by blank lines.
+fn report_v1(report: &Report) -> v1::reporter::exports::adapterlab::plugin::reporter::Report {
+    let mut value = serde_json::to_value(report).expect("reports serialize");
+    if let Some(samples) = value.get_mut("samples").and_then(|s| s.as_array_mut()) {
+        for sample in samples {
+            let Some(map) = sample.as_object_mut() else {
+                continue;
+            };
+            let joined = match map.remove("references") {
+                Some(serde_json::Value::Array(refs)) => refs
+                    .iter()
+                    .filter_map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n\n"),
+                _ => String::new(),
+            };
+            map.insert("reference".into(), joined.into());
+        }
+    }
+    serde_json::from_value(value).expect("a 0.2.0 report less its references is a 0.1.0 report")
 }
 
 /// What a person needs from a trap: what the guest said before it died (a Rust panic's text,
@@ -585,9 +822,9 @@ fn trap_message(e: &wasmtime::Error, stderr: &str) -> String {
 
 fn instance_kind(i: &Instance) -> &'static str {
     match i {
-        Instance::Metric(_) => "metric",
-        Instance::Formatter(_) => "formatter",
-        Instance::Reporter(_) => "reporter",
+        Instance::Metric(_) | Instance::MetricV1(_) => "metric",
+        Instance::Formatter(_) | Instance::FormatterV1(_) => "formatter",
+        Instance::Reporter(_) | Instance::ReporterV1(_) => "reporter",
     }
 }
 
@@ -596,9 +833,9 @@ fn check_batch(
     plugin: &str,
     meta: &PluginMeta,
     expected: usize,
-    mut batch: BatchResult,
+    mut batch: Scored,
     warn: impl Fn(&str),
-) -> Result<BatchResult, PluginError> {
+) -> Result<Scored, PluginError> {
     if batch.samples.len() != expected {
         return Err(PluginError::Malformed {
             plugin: plugin.to_string(),
@@ -619,9 +856,10 @@ fn check_batch(
             SampleResult::Error(message) => *message = limits::error_text(message),
         }
     }
-    for problem in check_corpus(meta, &mut batch.corpus) {
+    for problem in check_corpus(meta, &mut batch.batch_corpus) {
         warn(&format!("malformed output, dropped: {problem}"));
     }
+    check_statistics(plugin, &batch.statistics)?;
     Ok(batch)
 }
 
@@ -653,6 +891,32 @@ fn check_corpus(meta: &PluginMeta, corpus: &mut Vec<(String, f64)>) -> Vec<Strin
         false
     });
     problems
+}
+
+/// Statistics are summed by name across batches: each name once per batch, sums finite.
+/// A batch that breaks this is malformed as a whole (its samples' scores may be fine, but the
+/// corpus it feeds would be wrong).
+fn check_statistics(plugin: &str, statistics: &[(String, Statistic)]) -> Result<(), PluginError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, value) in statistics {
+        let problem = if name.is_empty() || name.len() > limits::MAX_NAME_BYTES {
+            format!(
+                "statistic name {:?} is empty or too long",
+                limits::name_text(name)
+            )
+        } else if !seen.insert(name) {
+            format!("statistic {name:?} appears twice")
+        } else if matches!(value, Statistic::Sum(v) if !v.is_finite()) {
+            format!("statistic {name:?} is not finite")
+        } else {
+            continue;
+        };
+        return Err(PluginError::Malformed {
+            plugin: plugin.to_string(),
+            message: problem,
+        });
+    }
+    Ok(())
 }
 
 fn check_scores(meta: &PluginMeta, scores: &[(String, f64)]) -> Result<(), String> {

@@ -210,7 +210,12 @@ pub struct SampleRecord {
     pub index: u32,
     pub id: String,
     pub prediction: String,
+    /// The reference, or the first of several.
     pub reference: String,
+    /// Every reference when there are several (`reference` is the first); empty when there
+    /// is one. [`crate::eval::input::all_references`] reads the pair.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<String>,
     #[serde(default)]
     pub source: Option<String>,
     /// `reference` scored as a prediction (`--score-references`), when asked.

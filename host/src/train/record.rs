@@ -81,12 +81,7 @@ pub fn run_recorded(
         (_, true) => Vec::new(),
         (Some(registry), false) => {
             // validate wants samples; one placeholder stands for the generations to come.
-            let placeholder = PredictionRow {
-                id: "0".into(),
-                prediction: "x".into(),
-                reference: "x".into(),
-                source: None,
-            };
+            let placeholder = PredictionRow::new("0".into(), "x".into(), "x".into(), None);
             pipeline::validate(
                 registry,
                 &eval_request("", config, vec![placeholder], BTreeMap::new()),

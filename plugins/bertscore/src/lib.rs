@@ -6,7 +6,10 @@
 //! `layer` (which encoder and hidden layer; the host's default otherwise), `idf` (default
 //! false: idf weights computed from the batch's references), `baseline=P,R,F` or
 //! `rescale_with_baseline=true` (see [`settings`]). The encoder's name and layer are logged
-//! once per batch; the batch's `corpus` stays empty.
+//! once per batch; it has no corpus scores. Several references score as bert-score's
+//! `score(cands, [[refs...]])`: each (prediction, reference) pair is scored (idf, when on,
+//! from every reference of the batch), then precision, recall and F1 each take their highest
+//! value over the references, independently (`all_preds[beg:end].max(dim=0)`).
 
 pub mod math;
 pub mod settings;
@@ -54,6 +57,8 @@ impl Metric for BertScore {
                 spec("bertscore_recall", "BERTScore recall: reference tokens' best cosine match"),
                 spec("bertscore_f1", "BERTScore F1 of precision and recall"),
             ],
+            // With `idf` a sample's scores depend on its batch's references.
+            independent_samples: false,
         }
     }
 
@@ -80,7 +85,8 @@ impl Metric for BertScore {
         let mut texts: Vec<String> = Vec::new();
         for text in samples
             .iter()
-            .flat_map(|s| [s.prediction.as_str(), s.reference.as_str()])
+            .flat_map(|s| std::iter::once(&s.prediction).chain(&s.references))
+            .map(String::as_str)
         {
             index.entry(text).or_insert_with(|| {
                 texts.push(text.to_string());
@@ -88,12 +94,15 @@ impl Metric for BertScore {
             });
         }
         let embedded = embed_all(&settings, &texts);
-        let pairs: Vec<(&Embedding, &Embedding)> = samples
+        let groups: Vec<(&Embedding, Vec<&Embedding>)> = samples
             .iter()
             .map(|s| {
                 (
                     &embedded[index[s.prediction.as_str()]],
-                    &embedded[index[s.reference.as_str()]],
+                    s.references
+                        .iter()
+                        .map(|r| &embedded[index[r.as_str()]])
+                        .collect(),
                 )
             })
             .collect();
@@ -103,8 +112,8 @@ impl Metric for BertScore {
             baseline,
         };
         Ok(BatchResult {
-            samples: score_pairs(&pairs, &options),
-            corpus: Vec::new(),
+            samples: score_multi(&groups, &options),
+            statistics: Vec::new(),
         })
     }
 }
@@ -187,6 +196,47 @@ pub fn score_pairs(pairs: &[(&Embedding, &Embedding)], options: &Options) -> Vec
         .collect()
 }
 
+/// Scores each prediction against its references as bert-score does with reference groups:
+/// every pair scored in one batch (so idf covers every reference), then the highest
+/// precision, recall and F1 over a sample's references, each on its own. A sample with a
+/// pair that cannot be scored fails, naming the reference.
+pub fn score_multi(
+    groups: &[(&Embedding, Vec<&Embedding>)],
+    options: &Options,
+) -> Vec<SampleResult> {
+    let pairs: Vec<(&Embedding, &Embedding)> = groups
+        .iter()
+        .flat_map(|(p, refs)| refs.iter().map(move |r| (*p, *r)))
+        .collect();
+    let mut results = score_pairs(&pairs, options).into_iter();
+    groups
+        .iter()
+        .map(|(_, refs)| {
+            let mut best: Option<SampleResult> = None;
+            for k in 0..refs.len() {
+                let result = results.next().expect("one result per pair");
+                best = Some(match (best, result) {
+                    (Some(SampleResult::Error(e)), _) => SampleResult::Error(e),
+                    (_, SampleResult::Error(e)) if refs.len() > 1 => {
+                        SampleResult::Error(format!("reference {}: {e}", k + 1))
+                    }
+                    (_, SampleResult::Error(e)) => SampleResult::Error(e),
+                    (None, r) => r,
+                    (Some(SampleResult::Scores(mut b)), SampleResult::Scores(s)) => {
+                        for ((_, bv), (_, v)) in b.iter_mut().zip(s) {
+                            if v > *bv {
+                                *bv = v;
+                            }
+                        }
+                        SampleResult::Scores(b)
+                    }
+                });
+            }
+            best.unwrap_or_else(|| SampleResult::Error("the sample has no reference".into()))
+        })
+        .collect()
+}
+
 fn score_pair(
     prediction: &TokenEmbeddings,
     reference: &TokenEmbeddings,
@@ -252,7 +302,7 @@ mod tests {
     use adapterlab_sdk::metric::SampleResult;
     use adapterlab_sdk::metric::embed::TokenEmbeddings;
 
-    use crate::{Embedding, Options, score_pairs};
+    use crate::{Embedding, Options, score_multi, score_pairs};
 
     /// A [CLS] w... [SEP] text with 2-wide vectors; content token `k` has id `k` and vector (1, k).
     fn text(content: &[u32]) -> Embedding {
@@ -345,6 +395,25 @@ mod tests {
         let (p2, r2) = (text(&[4]), text(&[4, 5]));
         let result = score_pairs(&[(&p, &r), (&p2, &r2)], &Options { idf: true, ..PLAIN });
         assert_eq!(scores(&result[0]).len(), 3);
+    }
+
+    #[test]
+    fn several_references_take_each_score_at_its_best() {
+        let p = text(&[1, 2, 3]);
+        let (r1, r2) = (text(&[1, 2, 3, 4, 5, 6]), text(&[1]));
+        let one = |r: &Embedding| scores(&score_pairs(&[(&p, r)], &PLAIN)[0]);
+        let (s1, s2) = (one(&r1), one(&r2));
+        let multi = scores(&score_multi(&[(&p, vec![&r1, &r2])], &PLAIN)[0]);
+        let expect: Vec<f64> = s1.iter().zip(&s2).map(|(a, b)| a.max(*b)).collect();
+        assert_eq!(multi, expect);
+        // The maxima come from different references: the rule is per score, not per pair.
+        assert!(s1[0] > s2[0] && s1[1] < s2[1], "{s1:?} {s2:?}");
+        let failed: Embedding = Err("encoder exploded".into());
+        let r = score_multi(&[(&p, vec![&r1, &failed])], &PLAIN);
+        assert!(
+            matches!(&r[0], SampleResult::Error(e) if e == "reference 2: reference: encoder exploded"),
+            "{r:?}"
+        );
     }
 
     #[test]

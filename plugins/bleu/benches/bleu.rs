@@ -66,7 +66,7 @@ fn main() {
         .map(|(i, (p, r))| Sample {
             id: i.to_string(),
             prediction: p.clone(),
-            reference: r.clone(),
+            references: vec![r.clone()],
             source: None,
         })
         .collect();

@@ -38,7 +38,11 @@ pub struct StatsCounter {
     ids: Map<Box<str>, u32>,
     tokenizer: Tokenizer13a,
     hyp: Vec<u32>,
-    reference: Vec<u32>,
+    references: Vec<Vec<u32>>,
+    /// The hypothesis's distinct n-grams of one order with their counts.
+    runs: Vec<(u128, usize)>,
+    /// Per distinct hypothesis n-gram, its best clipped count over the references.
+    best: Vec<usize>,
     hyp_grams: Vec<u128>,
     ref_grams: Vec<u128>,
 }
@@ -46,47 +50,83 @@ pub struct StatsCounter {
 impl StatsCounter {
     /// `_extract_corpus_statistics` for one hypothesis and one reference.
     pub fn segment_stats(&mut self, hypothesis: &str, reference: &str) -> Stats {
+        self.segment_stats_multi(hypothesis, &[reference])
+    }
+
+    /// `_extract_corpus_statistics` for one hypothesis and its references
+    /// (`_extract_reference_info` + `_compute_segment_statistics`): each n-gram's reference
+    /// count is its highest count in any one reference, and the reference length is the one
+    /// closest to the hypothesis length, the shorter on ties.
+    pub fn segment_stats_multi<R: AsRef<str>>(
+        &mut self,
+        hypothesis: &str,
+        references: &[R],
+    ) -> Stats {
         let mut hyp = std::mem::take(&mut self.hyp);
-        let mut reference_ids = std::mem::take(&mut self.reference);
+        let mut ref_store = std::mem::take(&mut self.references);
+        let mut runs = std::mem::take(&mut self.runs);
+        let mut best = std::mem::take(&mut self.best);
         self.token_ids(hypothesis, &mut hyp);
-        self.token_ids(reference, &mut reference_ids);
+        if ref_store.len() < references.len() {
+            ref_store.resize_with(references.len(), Vec::new);
+        }
+        for (ids, reference) in ref_store.iter_mut().zip(references) {
+            self.token_ids(reference.as_ref(), ids);
+        }
+        let ref_ids = &ref_store[..references.len()];
 
         let mut stats = Stats {
             hyp_len: hyp.len() as u64,
-            // With one reference, the closest reference length is its length.
-            ref_len: reference_ids.len() as u64,
+            ref_len: closest_ref_len(hyp.len(), ref_ids.iter().map(Vec::len)) as u64,
             ..Stats::default()
         };
         // sacrebleu counts the n-grams of each side in a Counter and, for each hypothesis
-        // n-gram, adds its count to `total` and its count clipped by the reference's to
-        // `correct`. Here each side's n-grams of one order are a sorted key list, merged.
+        // n-gram, adds its count to `total` and its count clipped by the references' (the
+        // highest count in one reference) to `correct`. Here each side's n-grams of one order
+        // are a sorted key list; min(h, max_r c_r) = max_r min(h, c_r), so each reference is
+        // merged against the hypothesis's distinct n-grams and the best clip kept.
+        let count_run = |keys: &[u128], start: usize| {
+            keys[start..]
+                .iter()
+                .take_while(|&&k| k == keys[start])
+                .count()
+        };
         for n in 1..=MAX_NGRAM_ORDER {
             ngram_keys(&hyp, n, &mut self.hyp_grams);
-            ngram_keys(&reference_ids, n, &mut self.ref_grams);
-            let (h, r) = (&self.hyp_grams[..], &self.ref_grams[..]);
+            let h = &self.hyp_grams[..];
             stats.total[n - 1] = h.len() as u64;
-            let run = |keys: &[u128], start: usize| {
-                keys[start..]
-                    .iter()
-                    .take_while(|&&k| k == keys[start])
-                    .count()
-            };
-            let (mut i, mut j) = (0, 0);
-            while i < h.len() && j < r.len() {
-                match h[i].cmp(&r[j]) {
-                    std::cmp::Ordering::Less => i += 1,
-                    std::cmp::Ordering::Greater => j += 1,
-                    std::cmp::Ordering::Equal => {
-                        let (hc, rc) = (run(h, i), run(r, j));
-                        stats.correct[n - 1] += hc.min(rc) as u64;
-                        i += hc;
-                        j += rc;
+            runs.clear();
+            let mut i = 0;
+            while i < h.len() {
+                let c = count_run(h, i);
+                runs.push((h[i], c));
+                i += c;
+            }
+            best.clear();
+            best.resize(runs.len(), 0);
+            for ids in ref_ids {
+                ngram_keys(ids, n, &mut self.ref_grams);
+                let r = &self.ref_grams[..];
+                let (mut i, mut j) = (0, 0);
+                while i < runs.len() && j < r.len() {
+                    match runs[i].0.cmp(&r[j]) {
+                        std::cmp::Ordering::Less => i += 1,
+                        std::cmp::Ordering::Greater => j += 1,
+                        std::cmp::Ordering::Equal => {
+                            let rc = count_run(r, j);
+                            best[i] = best[i].max(runs[i].1.min(rc));
+                            i += 1;
+                            j += rc;
+                        }
                     }
                 }
             }
+            stats.correct[n - 1] = best.iter().map(|&c| c as u64).sum();
         }
         self.hyp = hyp;
-        self.reference = reference_ids;
+        self.references = ref_store;
+        self.runs = runs;
+        self.best = best;
         stats
     }
 
@@ -117,6 +157,20 @@ fn ngram_keys(tokens: &[u32], n: usize, keys: &mut Vec<u128>) {
             .fold(0u128, |key, &id| key << 32 | (id as u128 + 1))
     }));
     keys.sort_unstable();
+}
+
+/// sacrebleu's `_get_closest_ref_len`: the reference length closest to the hypothesis
+/// length, the shorter of two equally close; -1 (here 0) without references.
+fn closest_ref_len(hyp_len: usize, ref_lens: impl Iterator<Item = usize>) -> usize {
+    let mut closest: Option<(usize, usize)> = None;
+    for len in ref_lens {
+        let diff = hyp_len.abs_diff(len);
+        closest = match closest {
+            Some((d, l)) if d < diff || (d == diff && l <= len) => Some((d, l)),
+            _ => Some((diff, len)),
+        };
+    }
+    closest.map_or(0, |(_, len)| len)
 }
 
 /// `_extract_corpus_statistics` for one hypothesis and one reference.
@@ -174,6 +228,14 @@ pub fn compute_bleu(stats: &Stats, effective_order: bool) -> f64 {
 /// `sacrebleu.sentence_bleu(hypothesis, [reference]).score`.
 pub fn sentence_bleu(hypothesis: &str, reference: &str) -> f64 {
     compute_bleu(&segment_stats(hypothesis, reference), true)
+}
+
+/// `sacrebleu.sentence_bleu(hypothesis, references).score`.
+pub fn sentence_bleu_multi<R: AsRef<str>>(hypothesis: &str, references: &[R]) -> f64 {
+    compute_bleu(
+        &StatsCounter::default().segment_stats_multi(hypothesis, references),
+        true,
+    )
 }
 
 /// `sacrebleu.corpus_bleu(hypotheses, [references]).score` over aligned pairs.

@@ -105,7 +105,7 @@ mod tests {
         Sample {
             id: "id".to_string(),
             prediction: prediction.to_string(),
-            reference: "ref".to_string(),
+            references: vec!["ref".to_string()],
             source: source.map(str::to_string),
         }
     }

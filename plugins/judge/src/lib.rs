@@ -62,6 +62,8 @@ impl Metric for Judge {
                     )
                 })
                 .collect(),
+            // A sample's scores are its own; the host does not split it anyway (it calls an LLM).
+            independent_samples: true,
         }
     }
 
@@ -84,7 +86,7 @@ impl Metric for Judge {
         });
         Ok(BatchResult {
             samples,
-            corpus: Vec::new(),
+            statistics: Vec::new(),
         })
     }
 }

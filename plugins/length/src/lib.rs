@@ -31,8 +31,10 @@
 //! # -> target/wasm32-wasip2/release/adapterlab_plugin_length.wasm
 //! ```
 
-use adapterlab_sdk::metric::{BatchResult, Metric, MetricInfo, Sample, SampleResult, ScoreSpec};
-use adapterlab_sdk::{Manifest, config, log};
+use adapterlab_sdk::v0_1::metric::{
+    BatchResult, Metric, MetricInfo, Sample, SampleResult, ScoreSpec,
+};
+use adapterlab_sdk::v0_1::{Manifest, config, log};
 
 /// The plugin's name: what users pass to `--metrics` and prefix settings with.
 pub const NAME: &str = "length";
@@ -182,7 +184,7 @@ impl Metric for Length {
 
 // Exports `Length` as the component's `metric` interface. The macro exports only when
 // compiling for wasm, so `cargo test` links this crate natively too.
-adapterlab_sdk::export_metric!(Length);
+adapterlab_sdk::export_metric_v0_1!(Length);
 
 #[cfg(test)]
 mod tests {

@@ -89,7 +89,7 @@ pub fn comparison() -> Report {
             SampleView {
                 id: "s1".to_string(),
                 source: Some(AWKWARD.to_string()),
-                reference: "Ref, with comma\nand newline".to_string(),
+                references: vec!["Ref, with comma\nand newline".to_string()],
                 predictions: vec![
                     Some("base says | this".to_string()),
                     Some(AWKWARD.to_string()),
@@ -102,7 +102,7 @@ pub fn comparison() -> Report {
             SampleView {
                 id: "s2".to_string(),
                 source: None,
-                reference: "r2".to_string(),
+                references: vec!["r2".to_string(), "r2, second".to_string()],
                 predictions: vec![Some("only base".to_string()), None],
                 scores: vec![scores(&[("rouge1", 0.3)]), Vec::new()],
             },
@@ -123,7 +123,7 @@ pub fn single_run() -> Report {
         samples: vec![SampleView {
             id: "a".to_string(),
             source: Some("A: hi".to_string()),
-            reference: "A greets.".to_string(),
+            references: vec!["A greets.".to_string()],
             predictions: vec![Some("Hi.".to_string())],
             scores: vec![scores(&[("rouge1", 0.4)])],
         }],
@@ -183,7 +183,7 @@ pub fn non_finite() -> Report {
         samples: vec![SampleView {
             id: "x".to_string(),
             source: None,
-            reference: String::new(),
+            references: vec![String::new()],
             predictions: vec![Some(String::new())],
             scores: vec![scores(&[("rouge1", f64::NAN), ("bleu", f64::INFINITY)])],
         }],

@@ -92,6 +92,16 @@ impl Verdict {
 }
 
 /// `higher` or `lower`: which way a score improves.
+/// The heading over a sample's `k`-th reference (0-based) of `n`: `Reference` when it is the
+/// only one, else `Reference 1`, `Reference 2`, ...
+pub fn reference_heading(k: usize, n: usize) -> String {
+    if n == 1 {
+        "Reference".to_string()
+    } else {
+        format!("Reference {}", k + 1)
+    }
+}
+
 pub fn direction(higher_is_better: bool) -> &'static str {
     if higher_is_better { "higher" } else { "lower" }
 }

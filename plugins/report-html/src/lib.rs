@@ -189,10 +189,13 @@ fn push_samples(out: &mut String, report: &Report) {
                 escape(source)
             ));
         }
-        out.push_str(&format!(
-            "<h4>Reference</h4>\n<pre>\n{}</pre>\n",
-            escape(&sample.reference)
-        ));
+        for (k, reference) in sample.references.iter().enumerate() {
+            out.push_str(&format!(
+                "<h4>{}</h4>\n<pre>\n{}</pre>\n",
+                adapterlab_report_common::reference_heading(k, sample.references.len()),
+                escape(reference)
+            ));
+        }
         out.push_str(&table(&sample_table(report, sample)));
         out.push_str("</article>\n");
     }

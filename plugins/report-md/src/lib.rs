@@ -66,7 +66,13 @@ pub fn render(report: &Report) -> String {
         if let Some(source) = &sample.source {
             out.push_str(&format!("**Dialogue**\n\n{}\n", fenced(source)));
         }
-        out.push_str(&format!("**Reference**\n\n{}\n", fenced(&sample.reference)));
+        for (k, reference) in sample.references.iter().enumerate() {
+            out.push_str(&format!(
+                "**{}**\n\n{}\n",
+                adapterlab_report_common::reference_heading(k, sample.references.len()),
+                fenced(reference)
+            ));
+        }
         push_table(&mut out, &sample_table(report, sample));
     }
     // One trailing newline, as text files end.

@@ -2,6 +2,9 @@
 //! to Google's `rouge-score` 0.1.2 with its default tokenizer and (by default) NLTK's Porter
 //! stemmer.
 //!
+//! Several references score as rouge-score's `score_multi`: each ROUGE type keeps the score
+//! of the reference with the highest F-measure.
+//!
 //! Setting: `use_stemmer` (default `true`), as `RougeScorer(..., use_stemmer=...)`.
 //! `rougeLsum` splits both texts into sentences on `\n`, as rouge-score does; it does not
 //! split sentences itself.
@@ -43,6 +46,8 @@ impl Metric for Rouge {
                     "ROUGE-Lsum F-measure: summary-level LCS over newline-separated sentences",
                 ),
             ],
+            // No corpus score, and a sample's scores are its own: any split gives the same.
+            independent_samples: true,
         }
     }
 
@@ -59,26 +64,43 @@ pub fn score_samples(samples: &[Sample], use_stemmer: bool) -> BatchResult {
     let mut scorer = score::Scorer::new(use_stemmer);
     let samples = samples
         .iter()
-        .map(
-            |sample| match scorer.score(&sample.reference, &sample.prediction) {
-                Ok(s) => {
-                    let values = [s.rouge1, s.rouge2, s.rouge_l, s.rouge_lsum].map(|v| v.fmeasure);
-                    SampleResult::Scores(
-                        SCORE_NAMES
-                            .iter()
-                            .map(|n| n.to_string())
-                            .zip(values)
-                            .collect(),
-                    )
-                }
-                Err(e) => SampleResult::Error(e.to_string()),
-            },
-        )
+        .map(|sample| match score_multi(&mut scorer, sample) {
+            Ok(values) => SampleResult::Scores(
+                SCORE_NAMES
+                    .iter()
+                    .map(|n| n.to_string())
+                    .zip(values)
+                    .collect(),
+            ),
+            Err(e) => SampleResult::Error(e),
+        })
         .collect();
     BatchResult {
         samples,
-        corpus: Vec::new(),
+        statistics: Vec::new(),
     }
+}
+
+/// rouge-score's `score_multi`: per ROUGE type, the score of the reference whose F-measure
+/// is highest (`np.argmax`: the first on ties). Only F-measures are reported, so that is the
+/// highest F-measure over the references.
+fn score_multi(scorer: &mut score::Scorer, sample: &Sample) -> Result<[f64; 4], String> {
+    let mut best: Option<[f64; 4]> = None;
+    for (i, reference) in sample.references.iter().enumerate() {
+        let s = scorer.score(reference, &sample.prediction).map_err(|e| {
+            if sample.references.len() > 1 {
+                format!("reference {}: {e}", i + 1)
+            } else {
+                e.to_string()
+            }
+        })?;
+        let values = [s.rouge1, s.rouge2, s.rouge_l, s.rouge_lsum].map(|v| v.fmeasure);
+        best = Some(match best {
+            None => values,
+            Some(b) => std::array::from_fn(|k| if values[k] > b[k] { values[k] } else { b[k] }),
+        });
+    }
+    best.ok_or_else(|| "the sample has no reference".to_string())
 }
 
 adapterlab_sdk::export_metric!(Rouge);
@@ -93,7 +115,7 @@ mod tests {
         Sample {
             id: "s".into(),
             prediction: prediction.into(),
-            reference: reference.into(),
+            references: vec![reference.into()],
             source: None,
         }
     }

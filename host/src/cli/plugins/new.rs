@@ -29,11 +29,16 @@ impl Lang {
         }
     }
 
-    /// Where the contract's WIT files go: the Rust project reads them through its SDK copy.
-    fn wit_dir(self) -> &'static str {
+    /// Where the contract's WIT files go, per version: the Rust project reads both versions
+    /// through its SDK copy (the SDK builds 0.2.0 and keeps 0.1.0 under `v0_1`); the other
+    /// languages' templates are written against 0.1.0, which the host keeps serving.
+    fn wit_dirs(self) -> &'static [(&'static str, &'static [(&'static str, &'static str)])] {
         match self {
-            Lang::Rust => "adapterlab-sdk/wit/since_v0.1.0",
-            Lang::Python | Lang::Js | Lang::C => "wit",
+            Lang::Rust => &[
+                ("adapterlab-sdk/wit/since_v0.2.0", WIT_V2),
+                ("adapterlab-sdk/wit/since_v0.1.0", WIT_V1),
+            ],
+            Lang::Python | Lang::Js | Lang::C => &[("wit", WIT_V1)],
         }
     }
 }
@@ -95,13 +100,22 @@ macro_rules! sdk_file {
     };
 }
 
-/// The plugin contract, `sdk/wit/since_v0.1.0/`.
-static WIT: &[(&str, &str)] = &[
+/// The plugin contract 0.1.0, `sdk/wit/since_v0.1.0/`.
+const WIT_V1: &[(&str, &str)] = &[
     sdk_file!("wit/since_v0.1.0/", "types.wit"),
     sdk_file!("wit/since_v0.1.0/", "worlds.wit"),
     sdk_file!("wit/since_v0.1.0/", "metric.wit"),
     sdk_file!("wit/since_v0.1.0/", "formatter.wit"),
     sdk_file!("wit/since_v0.1.0/", "reporter.wit"),
+];
+
+/// The plugin contract 0.2.0, `sdk/wit/since_v0.2.0/`.
+const WIT_V2: &[(&str, &str)] = &[
+    sdk_file!("wit/since_v0.2.0/", "types.wit"),
+    sdk_file!("wit/since_v0.2.0/", "worlds.wit"),
+    sdk_file!("wit/since_v0.2.0/", "metric.wit"),
+    sdk_file!("wit/since_v0.2.0/", "formatter.wit"),
+    sdk_file!("wit/since_v0.2.0/", "reporter.wit"),
 ];
 
 /// The Rust SDK crate (without its WIT files, which come from `WIT`).
@@ -112,6 +126,7 @@ static SDK: &[(&str, &str)] = &[
     sdk_file!("", "src/formatter.rs"),
     sdk_file!("", "src/reporter.rs"),
     sdk_file!("", "src/hash.rs"),
+    sdk_file!("", "src/v0_1.rs"),
 ];
 
 /// `[a-z][a-z0-9-]*`: a valid manifest name, a file name on every system, and (with `-` as
@@ -162,8 +177,10 @@ pub fn create(name: &str, lang: Lang, parent: &Path) -> Result<Project> {
         let path = path.strip_suffix(".in").unwrap_or(path);
         files.push((PathBuf::from(path), fill(text)));
     }
-    for (path, text) in WIT {
-        files.push((Path::new(lang.wit_dir()).join(path), text.to_string()));
+    for (dir, wit) in lang.wit_dirs() {
+        for (path, text) in *wit {
+            files.push((Path::new(dir).join(path), text.to_string()));
+        }
     }
     if lang == Lang::Rust {
         for (path, text) in SDK {
@@ -232,7 +249,11 @@ mod tests {
     #[test]
     fn embeds_every_sdk_source_and_contract_file() {
         let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk");
-        for (dir, embedded, ext) in [("src", SDK, "rs"), ("wit/since_v0.1.0", WIT, "wit")] {
+        for (dir, embedded, ext) in [
+            ("src", SDK, "rs"),
+            ("wit/since_v0.1.0", WIT_V1, "wit"),
+            ("wit/since_v0.2.0", WIT_V2, "wit"),
+        ] {
             for entry in std::fs::read_dir(sdk.join(dir)).unwrap() {
                 let path = entry.unwrap().path();
                 if path.extension().is_some_and(|e| e == ext) {
@@ -259,8 +280,10 @@ mod tests {
             let project = create("my-metric", lang, tmp.path()).unwrap();
             assert!(project.dir.join("build.sh").is_file(), "{lang:?}");
             assert!(project.dir.join("README.md").is_file(), "{lang:?}");
-            let wit = project.dir.join(lang.wit_dir()).join("worlds.wit");
-            assert!(wit.is_file(), "{lang:?}");
+            for (dir, _) in lang.wit_dirs() {
+                let wit = project.dir.join(dir).join("worlds.wit");
+                assert!(wit.is_file(), "{lang:?}");
+            }
             for file in &project.files {
                 let text = std::fs::read_to_string(file).unwrap();
                 assert!(

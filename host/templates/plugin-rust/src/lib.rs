@@ -49,6 +49,8 @@ impl Metric for Overlap {
                 1.0,
                 true,
             )],
+            // A sample's score is its own, so the host may split a run across instances.
+            independent_samples: true,
         }
     }
 
@@ -66,16 +68,26 @@ pub fn score_samples(samples: &[Sample]) -> BatchResult {
     BatchResult {
         samples: samples
             .iter()
-            .map(|s| match overlap(&s.prediction, &s.reference) {
+            .map(|s| match best_overlap(&s.prediction, &s.references) {
                 Ok(value) => SampleResult::Scores(vec![(OVERLAP.to_string(), value)]),
                 Err(e) => SampleResult::Error(e),
             })
             .collect(),
-        corpus: Vec::new(),
+        statistics: Vec::new(),
     }
 }
 
 adapterlab_sdk::export_metric!(Overlap);
+
+/// With several references, the best overlap with any of them.
+pub fn best_overlap(prediction: &str, references: &[String]) -> Result<f64, String> {
+    let mut best: Option<f64> = None;
+    for reference in references {
+        let value = overlap(prediction, reference)?;
+        best = Some(best.map_or(value, |b| b.max(value)));
+    }
+    best.ok_or_else(|| "the sample has no reference".to_string())
+}
 
 #[cfg(test)]
 mod tests {

@@ -5,9 +5,11 @@
 // The metric is used only through the wasm export, which native builds leave out.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
-use adapterlab_sdk::metric::chat::{Message, Request, complete};
-use adapterlab_sdk::metric::{BatchResult, Metric, MetricInfo, Sample, SampleResult, ScoreSpec};
-use adapterlab_sdk::{Capability, Manifest};
+use adapterlab_sdk::v0_1::metric::chat::{Message, Request, complete};
+use adapterlab_sdk::v0_1::metric::{
+    BatchResult, Metric, MetricInfo, Sample, SampleResult, ScoreSpec,
+};
+use adapterlab_sdk::v0_1::{Capability, Manifest};
 
 struct Chatty;
 
@@ -50,4 +52,4 @@ impl Metric for Chatty {
     }
 }
 
-adapterlab_sdk::export_metric!(Chatty);
+adapterlab_sdk::export_metric_v0_1!(Chatty);

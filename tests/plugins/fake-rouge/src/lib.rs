@@ -5,8 +5,10 @@
 // The metric is used only through the wasm export, which native builds leave out.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
-use adapterlab_sdk::Manifest;
-use adapterlab_sdk::metric::{BatchResult, Metric, MetricInfo, Sample, SampleResult, ScoreSpec};
+use adapterlab_sdk::v0_1::Manifest;
+use adapterlab_sdk::v0_1::metric::{
+    BatchResult, Metric, MetricInfo, Sample, SampleResult, ScoreSpec,
+};
 
 struct FakeRouge;
 
@@ -29,4 +31,4 @@ impl Metric for FakeRouge {
     }
 }
 
-adapterlab_sdk::export_metric!(FakeRouge);
+adapterlab_sdk::export_metric_v0_1!(FakeRouge);

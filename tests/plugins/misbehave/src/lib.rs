@@ -16,8 +16,10 @@
 // The metric is used only through the wasm export, which native builds leave out.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
-use adapterlab_sdk::Manifest;
-use adapterlab_sdk::metric::{BatchResult, Metric, MetricInfo, Sample, SampleResult, ScoreSpec};
+use adapterlab_sdk::v0_1::Manifest;
+use adapterlab_sdk::v0_1::metric::{
+    BatchResult, Metric, MetricInfo, Sample, SampleResult, ScoreSpec,
+};
 
 struct Misbehave;
 
@@ -37,9 +39,9 @@ impl Metric for Misbehave {
     }
 
     fn score_batch(samples: Vec<Sample>) -> Result<BatchResult, String> {
-        let mode = adapterlab_sdk::config::get("batch").unwrap_or_default();
+        let mode = adapterlab_sdk::v0_1::config::get("batch").unwrap_or_default();
         if mode == "chat" {
-            let request = adapterlab_sdk::metric::chat::Request {
+            let request = adapterlab_sdk::v0_1::metric::chat::Request {
                 model: None,
                 messages: vec![],
                 temperature: None,
@@ -48,7 +50,7 @@ impl Metric for Misbehave {
                 top_logprobs: None,
                 seed: None,
             };
-            let err = adapterlab_sdk::metric::chat::complete(&request)
+            let err = adapterlab_sdk::v0_1::metric::chat::complete(&request)
                 .err()
                 .unwrap_or_default();
             return Err(err);
@@ -102,7 +104,7 @@ fn score_one(sample: &Sample) -> SampleResult {
         "log-flood" => {
             let line = "l".repeat(1 << 20);
             for _ in 0..32 {
-                adapterlab_sdk::log::info(&line);
+                adapterlab_sdk::v0_1::log::info(&line);
             }
             SampleResult::Scores(vec![("chars".into(), 9.0)])
         }
@@ -115,4 +117,4 @@ fn score_one(sample: &Sample) -> SampleResult {
     }
 }
 
-adapterlab_sdk::export_metric!(Misbehave);
+adapterlab_sdk::export_metric_v0_1!(Misbehave);
