@@ -7,6 +7,7 @@
 #![recursion_limit = "256"]
 
 pub mod cli;
+pub mod data;
 pub mod eval;
 pub mod hub;
 pub mod infer;
@@ -15,6 +16,7 @@ pub mod paths;
 pub mod plugin;
 pub mod redact;
 pub mod server;
+pub mod settings;
 pub mod store;
 pub mod track;
 pub mod train;

@@ -10,7 +10,8 @@
 #   (at the old commit, in a worktree)  cargo build --release --features cuda -p adapterlab
 #   (at the new commit)                 cargo build --release --features cuda -p adapterlab
 #                                       cargo test --release -p adapterlab-model --features cuda --test golden --no-run
-#   strip + gzip into .carry/before/adapterlab.gz, .carry/after/adapterlab.gz, .carry/golden.gz
+#   strip + xz into .carry/before/adapterlab.xz, .carry/after/adapterlab.xz, .carry/golden.xz
+#   (xz, not gzip: the three must fit the device call's 64 MiB; Python's lzma unpacks them)
 # Device call: carry [".carry"], command `bash scripts/bench/before_after.sh`.
 # The checkpoint is Falcon-7B's shape with LAYERS (8) layers and random bf16 weights, made there
 # with transformers (scripts/bench/hf_qlora_baseline.py --make-ckpt-only).
@@ -21,17 +22,18 @@ mkdir -p "$OUT" /tmp/ba
 LAYERS=${LAYERS:-8}
 ROUNDS=${ROUNDS:-2}
 CKPT=/tmp/falcon7b-${LAYERS}l
+unxz() { python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$1" "$2" && chmod +x "$2"; }
 for side in before after; do
-  gunzip -c .carry/$side/adapterlab.gz > /tmp/ba/$side && chmod +x /tmp/ba/$side
+  unxz .carry/$side/adapterlab.xz /tmp/ba/$side
 done
 date -u +%FT%TZ | tee "$OUT/date.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$OUT/gpu.csv"
 
-if [ -f .carry/golden.gz ]; then
-  gunzip -c .carry/golden.gz > /tmp/ba/golden && chmod +x /tmp/ba/golden
+if [ -f .carry/golden.xz ]; then
+  unxz .carry/golden.xz /tmp/ba/golden
   for dev in cuda cpu; do
     echo "== golden tests of the after build on $dev"
-    ADAPTERLAB_TEST_DEVICE=$dev /tmp/ba/golden --test-threads 1 2>&1 | tee "$OUT/golden-$dev.txt" \
+    ADAPTERLAB_TEST_DEVICE=$dev ADAPTERLAB_GOLDEN_DIR=$PWD/host/model/tests/fixtures/golden /tmp/ba/golden --test-threads 1 --include-ignored 2>&1 | tee "$OUT/golden-$dev.txt" \
       | grep -E "^test |test result|panicked" | head -40
   done
 fi

@@ -4,7 +4,8 @@
 //! to exercise a kernel, and docs may point anywhere.
 //!
 //! The order, bottom up, is the one ARCHITECTURE.md draws:
-//! `ops` < `io` < `quant` < `lora` < `nn` < `models` < `engine`.
+//! `ops` < `io` < `quant` < `lora` < `nn` < `models` < `engine`; and the host comes in through
+//! `engine` only.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -240,5 +241,34 @@ fn the_checker_sees_what_it_checks() {
     assert_eq!(
         used_modules(&code, &modules),
         BTreeSet::from(["nn::linear".to_string()])
+    );
+}
+
+#[test]
+fn the_host_comes_in_through_the_engine() {
+    // The host crate (host/src, beside this crate) names only `adapterlab_model::engine`.
+    let host = Path::new(env!("CARGO_MANIFEST_DIR")).join("../src");
+    let mut files = Vec::new();
+    rust_files(&host, &mut files);
+    assert!(
+        files.len() > 20,
+        "host sources not found at {}",
+        host.display()
+    );
+    let mut wrong = Vec::new();
+    for f in &files {
+        let code = production_code(&std::fs::read_to_string(f).unwrap());
+        for (i, _) in code.match_indices("adapterlab_model::") {
+            let rest = &code[i + "adapterlab_model::".len()..];
+            if !rest.starts_with("engine") {
+                let what: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                wrong.push(format!("{}: adapterlab_model::{what}", f.display()));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "the host goes around engine:\n{}",
+        wrong.join("\n")
     );
 }

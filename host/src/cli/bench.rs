@@ -10,11 +10,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use adapterlab_model::engine::CausalLm;
 use adapterlab_model::engine::generate::{GenerationConfig, generate_ids};
 use adapterlab_model::engine::loss::Example;
+use adapterlab_model::engine::peft::{self, SaveOptions};
 use adapterlab_model::engine::{Quantize, linear_builder, load_model_with};
-use adapterlab_model::lora::peft::{self, SaveOptions};
-use adapterlab_model::nn::causal_lm::CausalLm;
 use anyhow::{Context as _, Result};
 use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
@@ -23,8 +23,8 @@ use serde_json::json;
 
 use crate::cli::Context;
 use crate::cli::model::model_runtime;
+use crate::data;
 use crate::train::config::TrainConfig;
-use crate::train::data;
 use crate::train::trainer::{
     accumulate_micro_batch, adapter_optimizer, apply_gradients, load_for_training,
 };
@@ -146,7 +146,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
         device.synchronize()?;
         if step == args.warmup {
             // The profile counts timed steps only.
-            adapterlab_model::ops::profile::take();
+            adapterlab_model::engine::profile::take();
         }
         let t = Instant::now();
         registry.set_dropout_key(config.seed, step as u64);
@@ -228,7 +228,7 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
             device.synchronize()?;
             let prefill_s = t.elapsed().as_secs_f64();
             let cfg = GenerationConfig::greedy(args.new_tokens, vec![], 0);
-            adapterlab_model::ops::profile::take();
+            adapterlab_model::engine::profile::take();
             let t = Instant::now();
             let out = generate_ids(model, &prompts, &cfg)?;
             device.synchronize()?;
@@ -246,12 +246,12 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
 }
 
 /// With `ADAPTERLAB_PROFILE=1`: seconds per step in each profiled phase (see
-/// `adapterlab_model::ops::profile`; scopes nest, so a parent includes its children).
+/// `adapterlab_model::engine::profile`; scopes nest, so a parent includes its children).
 fn emit_profile(per: usize) {
-    if !adapterlab_model::ops::profile::enabled() {
+    if !adapterlab_model::engine::profile::enabled() {
         return;
     }
-    for (name, s, calls) in adapterlab_model::ops::profile::take() {
+    for (name, s, calls) in adapterlab_model::engine::profile::take() {
         let per = per.max(1) as f64;
         emit(
             json!({"what": "profile", "phase": name, "s_per_step": round(s / per, 4),

@@ -13,9 +13,9 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use crate::cli::Context;
+use crate::data::Split;
 use crate::infer::predict::{self, Sampling};
 use crate::plugin::{CallContext, PluginKind};
-use crate::train::data::Split;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum QuantizeArg {
@@ -304,12 +304,9 @@ pub struct QuantizeArgs {
 }
 
 pub fn quantize(args: QuantizeArgs, _ctx: &Context) -> Result<()> {
-    let report = adapterlab_model::quant::quantize::quantize_model_dir(
-        &args.model,
-        &args.out,
-        &Default::default(),
-    )
-    .with_context(|| format!("failed to quantize {}", args.model.display()))?;
+    let report =
+        adapterlab_model::engine::quantize_model_dir(&args.model, &args.out, &Default::default())
+            .with_context(|| format!("failed to quantize {}", args.model.display()))?;
     eprintln!(
         "quantized {} linear layers to NF4 (double quant); wrote {}",
         report.quantized_modules.len(),
@@ -387,7 +384,7 @@ pub fn merge(mut args: MergeArgs, ctx: &Context) -> Result<()> {
     if let Some(dir) = resolve_adapter(ctx, Some(args.adapter.clone()))? {
         args.adapter = dir;
     }
-    let report = adapterlab_model::lora::merge::merge_model_dir(
+    let report = adapterlab_model::engine::merge_model_dir(
         &args.model,
         &args.adapter,
         &args.out,

@@ -126,6 +126,7 @@ pub fn run(args: TrainArgs, ctx: &Context) -> Result<()> {
         crate::train::run(&config, &env)?;
         return Ok(());
     }
+    crate::train::prepare::check(&config, &ctx.registry()?, &ctx.data_dir.assets())?;
     let store = ctx.store()?;
     let run = record::create_run(&store, &config, args.name)?;
     if let Some(topo) = &topo {

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use adapterlab_model::io::assets::{Fetcher, MINILM};
-use adapterlab_model::models::bert::{Bert, embed, prepare_tokenizer};
+use adapterlab_model::engine::{Bert, embed, prepare_tokenizer};
+use adapterlab_model::engine::{Fetcher, MINILM};
 
 use crate::eval::services::{Encoder, EncoderLoader};
 use crate::plugin::wit::types::{EncoderInfo, TokenEmbeddings};

@@ -26,7 +26,7 @@ use crate::plugin::{
 };
 use crate::store::{
     Estimate, Progress, RunEvent, RunKind, RunRecord, RunStatus, SampleRecord, ScoreInfo, Store,
-    new_run_id, now_rfc3339,
+    new_run_id,
 };
 
 /// Host-side settings of a metric, taken out of its `--set` keys before the plugin sees them.
@@ -572,23 +572,12 @@ pub fn execute_with_samples(
         Ok(()) => None,
     };
     let started = Instant::now();
-    let run = store.update_run(run_id, |r| {
-        r.status = final_status;
-        r.finished = Some(now_rfc3339());
+    let run = store.end_run(run_id, final_status, error, |r| {
         r.aggregates = aggregates.clone();
         r.reference_aggregates = reference_aggregates.clone();
         r.corpus = corpus.clone();
         r.metric_errors.extend(metric_errors.clone());
-        r.error = error.clone();
-        r.owner_pid = None;
     })?;
-    store.push_event(
-        run_id,
-        &RunEvent::Status {
-            status: final_status,
-        },
-    )?;
-    store.flush()?;
     tracing::debug!("eval: finishing the run took {:.1?}", started.elapsed());
     outcome.map(|()| (run, stored))
 }

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use adapterlab_model::engine::LoadedModel;
 use adapterlab_model::engine::{Engine, Quantize, load_model, with_adapter};
-use adapterlab_model::models::load::LoadedModel;
 use anyhow::{Context as _, Result};
 
 /// Adapted models kept ready; older ones are rebuilt on demand (cheap: the base stays).

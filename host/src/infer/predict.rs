@@ -6,18 +6,18 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use adapterlab_model::engine::LoadedModel;
 use adapterlab_model::engine::generate::Decoding;
 use adapterlab_model::engine::loss::Row;
 use adapterlab_model::engine::{Engine, GenerateOptions, Quantize, generate_with};
-use adapterlab_model::models::load::LoadedModel;
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::data::{self, Split};
 use crate::eval::input::PredictionRow;
 use crate::plugin::Registry;
-use crate::train::config::Range;
-use crate::train::data::{self, Split};
+use crate::settings::Range;
 
 /// A row ready to generate for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

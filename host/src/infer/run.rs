@@ -11,16 +11,14 @@ use std::sync::atomic::Ordering;
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::data::{self, Split};
 use crate::eval::input::PredictionRow;
 use crate::eval::pipeline::{self, EvalEnv, EvalRequest};
 use crate::infer::Models;
 use crate::infer::predict::{self, PromptRow, Sampling};
 use crate::plugin::registry::closest;
 use crate::plugin::{PluginKind, Registry};
-use crate::store::{
-    RunEvent, RunKind, RunRecord, RunStatus, SampleRecord, Store, new_run_id, now_rfc3339,
-};
-use crate::train::data::{self, Split};
+use crate::store::{RunEvent, RunKind, RunRecord, RunStatus, SampleRecord, Store, new_run_id};
 
 /// The rows a request may generate for at most.
 pub const MAX_ROWS: usize = 100_000;
@@ -414,15 +412,8 @@ pub fn execute(env: &GenerateEnv, run_id: &str, request: &GenerateRequest) -> Re
             } else {
                 RunStatus::Failed
             };
-            let run = store.update_run(run_id, |r| {
-                r.status = status;
-                r.finished = Some(now_rfc3339());
-                r.owner_pid = None;
-                if status == RunStatus::Failed {
-                    r.error = Some(format!("{e:#}"));
-                }
-            })?;
-            store.push_event(run_id, &RunEvent::Status { status })?;
+            let error = (status == RunStatus::Failed).then(|| format!("{e:#}"));
+            let run = store.end_run(run_id, status, error, |_| {})?;
             return if status == RunStatus::Failed {
                 Err(e)
             } else {
@@ -447,18 +438,7 @@ pub fn execute(env: &GenerateEnv, run_id: &str, request: &GenerateRequest) -> Re
     store.put_samples(run_id, &samples)?;
     log(format!("generated {} predictions", samples.len()));
     if request.metrics.is_empty() {
-        let run = store.update_run(run_id, |r| {
-            r.status = RunStatus::Done;
-            r.finished = Some(now_rfc3339());
-            r.owner_pid = None;
-        })?;
-        store.push_event(
-            run_id,
-            &RunEvent::Status {
-                status: RunStatus::Done,
-            },
-        )?;
-        store.flush()?;
+        let run = store.end_run(run_id, RunStatus::Done, None, |_| {})?;
         return Ok(run);
     }
     let scoring = eval_request(request, predictions);
@@ -466,18 +446,7 @@ pub fn execute(env: &GenerateEnv, run_id: &str, request: &GenerateRequest) -> Re
         match pipeline::validate_metrics(&env.registry, &scoring.metrics, &scoring.settings) {
             Ok(p) => p,
             Err(e) => {
-                store.update_run(run_id, |r| {
-                    r.status = RunStatus::Failed;
-                    r.error = Some(format!("{e:#}"));
-                    r.finished = Some(now_rfc3339());
-                    r.owner_pid = None;
-                })?;
-                store.push_event(
-                    run_id,
-                    &RunEvent::Status {
-                        status: RunStatus::Failed,
-                    },
-                )?;
+                store.end_run(run_id, RunStatus::Failed, Some(format!("{e:#}")), |_| {})?;
                 return Err(e);
             }
         };

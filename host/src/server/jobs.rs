@@ -17,12 +17,12 @@ use crate::infer::Models;
 use crate::infer::run::{self as generate, GenerateEnv, GenerateRequest};
 use crate::llm::{LlmClient, LlmConfig};
 use crate::paths::DataDir;
-use crate::plugin::{PluginKind, Registry};
+use crate::plugin::Registry;
 use crate::store::{
     RunEvent, RunKind, RunRecord, RunStatus, Store, StoreError, new_run_id, now_rfc3339,
 };
 use crate::train::config::TrainConfig;
-use crate::train::{TrainEnv, data, record, trainer};
+use crate::train::{TrainEnv, prepare, record, trainer};
 
 /// Evaluations allowed to run at once.
 const EVAL_CONCURRENCY: usize = 2;
@@ -258,18 +258,13 @@ impl Jobs {
                         RunKind::Train => "resume it to continue from its last checkpoint",
                         _ => "resume it to run it again",
                     };
-                    store.update_run(&run.id, |r| {
-                        r.status = RunStatus::Interrupted;
-                        r.error = Some(format!(
-                            "the server stopped while this run was in progress; {resume}"
-                        ));
-                        r.owner_pid = None;
-                    })?;
-                    store.push_event(
+                    store.end_run(
                         &run.id,
-                        &RunEvent::Status {
-                            status: RunStatus::Interrupted,
-                        },
+                        RunStatus::Interrupted,
+                        Some(format!(
+                            "the server stopped while this run was in progress; {resume}"
+                        )),
+                        |_| {},
                     )?;
                 }
                 RunStatus::Queued => {
@@ -362,31 +357,9 @@ impl Jobs {
         generate::check_model(&config.model_name_or_path, "config.model_name_or_path")?;
         self.check_dataset_path(&config.dataset, "config.dataset")?;
         self.check_memory(&config)?;
-        adapterlab_model::engine::check_target_modules(
-            &config.model_name_or_path,
-            &config.lora.target_modules,
-            &adapterlab_model::engine::Engine::cpu(self.inner.data_dir.assets()),
-        )
-        .context("config.lora.target_modules")?;
         {
             let registry = self.inner.registry.read().unwrap();
-            registry
-                .get(&config.formatter, PluginKind::Formatter)
-                .context("config.formatter")?;
-            let splits = data::load_splits(&config.dataset).context("config.dataset")?;
-            data::render(&splits.train, &config.formatter, Some(&registry))
-                .context("config.dataset")?;
-            if let Some(v) = &splits.validation {
-                data::render(v, &config.formatter, Some(&registry)).context("config.dataset")?;
-            }
-            if !config.eval_after_train.is_empty() {
-                pipeline::validate_metrics(
-                    &registry,
-                    &config.eval_after_train,
-                    &Default::default(),
-                )
-                .context("config.eval_after_train")?;
-            }
+            prepare::check(&config, &registry, &self.inner.data_dir.assets())?;
         }
         let busy = self.inner.store.list_runs()?.into_iter().find(|r| {
             r.kind == RunKind::Train
@@ -793,11 +766,7 @@ impl Jobs {
             match pipeline::validate(&registry, request) {
                 Ok(p) => p,
                 Err(e) => {
-                    store.update_run(run_id, |r| {
-                        r.status = RunStatus::Failed;
-                        r.error = Some(format!("{e:#}"));
-                        r.finished = Some(now_rfc3339());
-                    })?;
+                    store.end_run(run_id, RunStatus::Failed, Some(format!("{e:#}")), |_| {})?;
                     return Err(e);
                 }
             }

@@ -10,9 +10,9 @@
 use std::convert::Infallible;
 use std::path::PathBuf;
 
+use adapterlab_model::engine::Message;
 use adapterlab_model::engine::generate::Decoding;
 use adapterlab_model::engine::{ChatCompletion, ChatOptions, TextLogprob, complete_chat};
-use adapterlab_model::models::chat::Message;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;

@@ -29,12 +29,19 @@ pub fn document() -> Value {
                 "id": {"type": ["string", "integer"]}, "source": {"type": "string", "description": "the dialogue"}, "reference": {"type": "string"}}}},
             "formatter": {"type": "string", "default": "summarize", "description": "the formatter plugin that makes each prompt"},
             "limit": {"type": "integer", "minimum": 1, "description": "only the first rows"},
-            "max_new_tokens": {"type": "integer", "default": 50}, "temperature": {"type": "number", "default": 0, "description": "0 is greedy"},
-            "top_p": {"type": "number"}, "top_k": {"type": "integer"}, "repetition_penalty": {"type": "number", "default": 30},
-            "seed": {"type": "integer", "default": 0}, "batch_size": {"type": "integer", "default": 8},
             "metrics": {"type": "array", "items": {"type": "string"}},
             "settings": {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": {"type": "string"}}},
             "score_references": {"type": "boolean"}}});
+    // The decoding settings, their defaults and bounds from `infer::predict`'s one table.
+    let mut generate_run_request = generate_run_request;
+    if let Some(Value::Object(sampling)) =
+        crate::infer::predict::sampling_schema().get("properties")
+    {
+        for (key, node) in sampling {
+            generate_run_request["properties"][key] = node.clone();
+        }
+    }
+    generate_run_request["properties"]["temperature"]["description"] = json!("0 is greedy");
     let chat_completion_request = json!({"type": "object", "required": ["model", "messages"], "properties": {
         "model": {"type": "string", "description": "the served model's id or a stored adapter's name (GET /v1/models)"},
         "messages": {"type": "array", "items": {"type": "object", "required": ["role"], "properties": {

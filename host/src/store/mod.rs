@@ -65,6 +65,17 @@ pub enum StoreError {
         "the store at {path} is damaged ({reason}); `adapterlab store check` reports what is wrong"
     )]
     Damaged { path: String, reason: String },
+    /// A status change outside the lifecycle's functions (a bug, never the user's input).
+    #[error(
+        "run {id}: its status changes ({} to {}) only through Store::start_run, end_run or transition",
+        from.as_str(),
+        to.as_str()
+    )]
+    StatusByUpdate {
+        id: String,
+        from: RunStatus,
+        to: RunStatus,
+    },
     #[error("run {id} is {}, so it cannot become {}", found.as_str(), to.as_str())]
     Conflict {
         id: String,
@@ -187,7 +198,15 @@ impl Store {
                 return Err(StoreError::NoSuchRun(id.to_string()));
             };
             let mut run: RunRecord = decode(tree::RUNS, id, &old)?;
+            let status = run.status;
             f(&mut run);
+            if run.status != status {
+                return Err(StoreError::StatusByUpdate {
+                    id: id.to_string(),
+                    from: status,
+                    to: run.status,
+                });
+            }
             let run = redacted_run(&run).into_owned();
             let new = encode(&run)?;
             if self
@@ -204,8 +223,7 @@ impl Store {
     /// status event, flushed before this returns, so a crash right after never leaves the
     /// run reading as queued with its work begun.
     pub fn start_run(&self, id: &str) -> Result<RunRecord> {
-        let run = self.update_run(id, |r| {
-            r.status = RunStatus::Running;
+        let run = self.transition(id, &[RunStatus::Queued], RunStatus::Running, |r| {
             r.started = Some(now_rfc3339());
             r.owner_pid = Some(std::process::id());
             r.error = None;
@@ -220,9 +238,37 @@ impl Store {
         Ok(run)
     }
 
+    /// A run ends as `to` (done, failed, cancelled or interrupted) from whatever status the
+    /// lifecycle allows ([`RunStatus::may_become`]): its finish time, no owner, `error` (kept
+    /// as it was when `None`), `f` for the results, and the status event, flushed before this
+    /// returns. A run that has already moved on is left as it is
+    /// ([`StoreError::Conflict`]): the first end wins.
+    pub fn end_run(
+        &self,
+        id: &str,
+        to: RunStatus,
+        error: Option<String>,
+        mut f: impl FnMut(&mut RunRecord),
+    ) -> Result<RunRecord> {
+        let run = self.transition(id, &RunStatus::sources_of(to), to, |r| {
+            if to != RunStatus::Interrupted {
+                r.finished = Some(now_rfc3339());
+            }
+            r.owner_pid = None;
+            if error.is_some() {
+                r.error = error.clone();
+            }
+            f(r);
+        })?;
+        self.push_event(id, &RunEvent::Status { status: to })?;
+        self.flush()?;
+        Ok(run)
+    }
+
     /// Move a run from one of `allowed_from` to `to` as one compare-and-swap, applying `f` to
-    /// the record in the same write: of concurrent transitions of one run, exactly one
-    /// succeeds; the others get [`StoreError::Conflict`] naming the status they found. The
+    /// the record in the same write; a move the lifecycle ([`RunStatus::may_become`]) does not
+    /// allow is refused whatever `allowed_from` says. Of concurrent transitions of one run, exactly
+    /// one succeeds; the others get [`StoreError::Conflict`] naming the status they found. The
     /// change is flushed before this returns, so an acknowledged transition survives a crash.
     pub fn transition(
         &self,
@@ -236,7 +282,7 @@ impl Store {
                 return Err(StoreError::NoSuchRun(id.to_string()));
             };
             let mut run: RunRecord = decode(tree::RUNS, id, &old)?;
-            if !allowed_from.contains(&run.status) {
+            if !allowed_from.contains(&run.status) || !run.status.may_become(to) {
                 return Err(StoreError::Conflict {
                     id: id.to_string(),
                     found: run.status,
@@ -245,6 +291,7 @@ impl Store {
             }
             run.status = to;
             f(&mut run);
+            let run = redacted_run(&run).into_owned();
             let new = encode(&run)?;
             if self
                 .runs
@@ -902,9 +949,38 @@ mod tests {
     fn update_run_is_read_modify_write() {
         let store = Store::temporary().unwrap();
         store.put_run(&run("x")).unwrap();
-        store
+        store.update_run("x", |r| r.notes = "kept".into()).unwrap();
+        assert_eq!(store.get_run("x").unwrap().unwrap().notes, "kept");
+        let e = store
             .update_run("x", |r| r.status = RunStatus::Done)
-            .unwrap();
+            .unwrap_err();
+        assert!(matches!(e, StoreError::StatusByUpdate { .. }), "{e}");
+    }
+
+    #[test]
+    fn the_lifecycle_table_is_the_only_way_between_statuses() {
+        let store = Store::temporary().unwrap();
+        store.put_run(&run("x")).unwrap();
+        // queued -> done skips running: refused whatever the caller allows.
+        let e = store
+            .transition("x", &[RunStatus::Queued], RunStatus::Done, |_| {})
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Conflict { .. }), "{e}");
+        store.start_run("x").unwrap();
+        let done = store.end_run("x", RunStatus::Done, None, |_| {}).unwrap();
+        assert!(done.finished.is_some() && done.owner_pid.is_none());
+        // Done is final: a late failure does not overwrite it.
+        let e = store
+            .end_run("x", RunStatus::Failed, Some("late".into()), |_| {})
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Conflict { .. }), "{e}");
         assert_eq!(store.get_run("x").unwrap().unwrap().status, RunStatus::Done);
+        for from in [RunStatus::Done, RunStatus::Corrupt] {
+            assert!(
+                RunStatus::sources_of(RunStatus::Queued)
+                    .iter()
+                    .all(|s| *s != from)
+            );
+        }
     }
 }

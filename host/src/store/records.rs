@@ -49,6 +49,46 @@ impl RunStatus {
         }
     }
 
+    /// The run lifecycle, in one table: whether a run may move from this status to `to`.
+    /// [`crate::store::Store::transition`] refuses every other move, so no code path can,
+    /// say, bring a finished run back to `running` or turn a failure into success.
+    ///
+    /// - queued → running (a worker starts it), cancelled, failed (it could not start),
+    ///   interrupted (put back after a resume that could not be dispatched);
+    /// - running → done, failed, cancelled, interrupted (its process stopped);
+    /// - cancelled → interrupted (the cancel was the server stopping: resumable), failed (the
+    ///   disk filled under it);
+    /// - interrupted, failed, cancelled → queued (resumed); interrupted → failed (the disk);
+    /// - done and corrupt are final.
+    pub fn may_become(self, to: RunStatus) -> bool {
+        use RunStatus::*;
+        matches!(
+            (self, to),
+            (Queued, Running | Cancelled | Failed | Interrupted)
+                | (Running, Done | Failed | Cancelled | Interrupted)
+                | (Cancelled, Interrupted | Failed)
+                | (Interrupted, Failed)
+                | (Interrupted | Failed | Cancelled, Queued)
+        )
+    }
+
+    /// Every status a run may move to `to` from.
+    pub fn sources_of(to: RunStatus) -> Vec<RunStatus> {
+        use RunStatus::*;
+        [
+            Queued,
+            Running,
+            Done,
+            Failed,
+            Interrupted,
+            Cancelled,
+            Corrupt,
+        ]
+        .into_iter()
+        .filter(|s| s.may_become(to))
+        .collect()
+    }
+
     pub fn is_finished(self) -> bool {
         matches!(
             self,

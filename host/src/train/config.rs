@@ -8,6 +8,38 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::plugin::registry::closest;
+use crate::settings::Range;
+
+crate::named_choice! {
+    /// `lr_scheduler_type`: the learning-rate schedule after warm-up (HF's names).
+    pub enum Scheduler {
+        Cosine = "cosine",
+        Linear = "linear",
+        Constant = "constant",
+        ConstantWithWarmup = "constant_with_warmup",
+    }
+}
+
+crate::named_choice! {
+    /// `optim`: HF's optimizer names for AdamW; every one runs the same 32-bit AdamW
+    /// (`torch.optim.AdamW`); "paged" only changes where bitsandbytes keeps its state.
+    pub enum Optimizer {
+        AdamW32bit = "adamw_32bit",
+        PagedAdamW32bit = "paged_adamw_32bit",
+        AdamWTorch = "adamw_torch",
+        AdamW = "adamw",
+    }
+}
+
+crate::named_choice! {
+    /// `quantization.bnb_4bit_compute_dtype`: the dtype the frozen base computes in on a
+    /// GPU (the CPU always computes in f32).
+    pub enum ComputeDtype {
+        Bfloat16 = "bfloat16" | "bf16",
+        Float16 = "float16" | "fp16",
+        Float32 = "float32" | "fp32",
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -30,11 +62,11 @@ pub struct TrainConfig {
     pub per_device_eval_batch_size: usize,
     pub gradient_accumulation_steps: usize,
     pub learning_rate: f64,
-    pub lr_scheduler_type: String,
+    pub lr_scheduler_type: Scheduler,
     pub warmup_ratio: f64,
     pub warmup_steps: usize,
     pub max_grad_norm: f64,
-    pub optim: String,
+    pub optim: Optimizer,
     pub weight_decay: f64,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
@@ -129,7 +161,7 @@ pub struct QuantizationSection {
     pub load_in_4bit: bool,
     pub bnb_4bit_quant_type: String,
     pub bnb_4bit_use_double_quant: bool,
-    pub bnb_4bit_compute_dtype: String,
+    pub bnb_4bit_compute_dtype: ComputeDtype,
 }
 
 impl Default for TrainConfig {
@@ -148,11 +180,11 @@ impl Default for TrainConfig {
             per_device_eval_batch_size: 8,
             gradient_accumulation_steps: 4,
             learning_rate: 2e-4,
-            lr_scheduler_type: "cosine".into(),
+            lr_scheduler_type: Scheduler::Cosine,
             warmup_ratio: 0.01,
             warmup_steps: 0,
             max_grad_norm: 0.1,
-            optim: "adamw_32bit".into(),
+            optim: Optimizer::AdamW32bit,
             weight_decay: 0.0,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
@@ -199,7 +231,7 @@ impl Default for QuantizationSection {
             load_in_4bit: true,
             bnb_4bit_quant_type: "nf4".into(),
             bnb_4bit_use_double_quant: true,
-            bnb_4bit_compute_dtype: "bfloat16".into(),
+            bnb_4bit_compute_dtype: ComputeDtype::Bfloat16,
         }
     }
 }
@@ -319,6 +351,40 @@ fn check_types(table: &toml::Table, origin: &str) -> Result<()> {
     check(table, &defaults, "", origin)
 }
 
+/// Every named choice in `table` is one of its names ([`CHOICES`]), checked before the table
+/// becomes a [`TrainConfig`] so the error names the key rather than only the value.
+fn check_choices(table: &toml::Table, origin: &str) -> Result<()> {
+    for (key, names) in CHOICES {
+        let mut parts = key.split('.').peekable();
+        let mut node = Some(table);
+        let mut value = None;
+        while let Some(part) = parts.next() {
+            let Some(t) = node else { break };
+            if parts.peek().is_some() {
+                node = t.get(part).and_then(toml::Value::as_table);
+            } else {
+                value = t.get(part);
+            }
+        }
+        let given: Vec<&str> = match value {
+            Some(toml::Value::String(s)) => vec![s.as_str()],
+            Some(toml::Value::Array(a)) => a.iter().filter_map(toml::Value::as_str).collect(),
+            _ => continue,
+        };
+        // report_to has its own messages (what to use instead of wandb).
+        if *key == "report_to" {
+            continue;
+        }
+        if let Some(bad) = given.iter().find(|g| !names.contains(g)) {
+            bail!(
+                "{origin}: `{key}` is {bad:?}; expected one of {}",
+                names.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 fn suggestion(key: &str, known: &[String]) -> String {
     let names: Vec<&str> = known.iter().map(String::as_str).collect();
     match closest(key, &names) {
@@ -347,6 +413,7 @@ impl TrainConfig {
         check_keys(&table, "--set")?;
         lists_from_strings(&mut table);
         check_types(&table, &origin)?;
+        check_choices(&table, &origin)?;
         let config: TrainConfig = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: {}", e.message()))?;
@@ -374,6 +441,7 @@ impl TrainConfig {
         check_keys(&table, "config")?;
         lists_from_strings(&mut table);
         check_types(&table, "config")?;
+        check_choices(&table, "config")?;
         let config: TrainConfig = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| anyhow::anyhow!("config: {}", e.message()))?;
@@ -625,78 +693,6 @@ impl TrainConfig {
     }
 }
 
-/// The allowed range of one numeric setting: the one table that validation, the published
-/// schema (`GET /api/schema`, `/api/openapi.json`) and the dashboard's forms all read.
-#[derive(Debug, Clone, Copy)]
-pub struct Range {
-    /// The key, dotted inside a table (`lora.r`).
-    pub key: &'static str,
-    pub min: f64,
-    /// The minimum itself is excluded (a learning rate of 0 is not allowed).
-    pub min_open: bool,
-    pub max: f64,
-    pub integer: bool,
-}
-
-impl Range {
-    pub const fn int(key: &'static str, min: u64, max: u64) -> Self {
-        Range {
-            key,
-            min: min as f64,
-            min_open: false,
-            max: max as f64,
-            integer: true,
-        }
-    }
-
-    pub const fn real(key: &'static str, min: f64, min_open: bool, max: f64) -> Self {
-        Range {
-            key,
-            min,
-            min_open,
-            max,
-            integer: false,
-        }
-    }
-
-    /// This range as JSON Schema keywords on `node`.
-    pub fn describe(&self, node: &mut serde_json::Value) {
-        node["type"] = serde_json::json!(if self.integer { "integer" } else { "number" });
-        node[if self.min_open {
-            "exclusiveMinimum"
-        } else {
-            "minimum"
-        }] = serde_json::json!(self.min);
-        node["maximum"] = serde_json::json!(self.max);
-    }
-
-    pub fn check(&self, v: f64) -> std::result::Result<(), String> {
-        let below = if self.min_open {
-            v <= self.min
-        } else {
-            v < self.min
-        };
-        if v.is_finite() && !below && v <= self.max && (!self.integer || v.fract() == 0.0) {
-            return Ok(());
-        }
-        // 1e308 reads better than its 309 digits.
-        let shown = if v.abs() >= 1e6 {
-            format!("{v:e}")
-        } else {
-            format!("{v}")
-        };
-        Err(if self.integer {
-            format!("is {shown}; allowed range: {} to {}", self.min, self.max)
-        } else {
-            let open = if self.min_open { "(" } else { "[" };
-            format!(
-                "is {shown}; allowed range: {open}{}, {}]",
-                self.min, self.max
-            )
-        })
-    }
-}
-
 /// Every numeric setting's range (see [`TrainConfig::validate`]).
 pub const RANGES: &[Range] = &[
     Range::int("lora.r", 1, BOUNDS.lora_r),
@@ -732,21 +728,12 @@ pub const RANGES: &[Range] = &[
 
 /// The settings that take one of a few names, with those names.
 pub const CHOICES: &[(&str, &[&str])] = &[
-    (
-        "lr_scheduler_type",
-        &["cosine", "linear", "constant", "constant_with_warmup"],
-    ),
-    (
-        "optim",
-        &["adamw_32bit", "paged_adamw_32bit", "adamw_torch", "adamw"],
-    ),
+    ("lr_scheduler_type", Scheduler::NAMES),
+    ("optim", Optimizer::NAMES),
     ("eval_strategy", &["steps", "epoch", "no"]),
     ("lora.bias", &["none"]),
     ("quantization.bnb_4bit_quant_type", &["nf4"]),
-    (
-        "quantization.bnb_4bit_compute_dtype",
-        &["bfloat16", "bf16", "float16", "fp16", "float32", "fp32"],
-    ),
+    ("quantization.bnb_4bit_compute_dtype", ComputeDtype::NAMES),
     ("report_to", &["tensorboard", "mlflow", "none", "all"]),
 ];
 
@@ -946,7 +933,7 @@ mod tests {
             (4, 512, 5.0)
         );
         assert!(c.quantization.load_in_4bit && c.quantization.bnb_4bit_use_double_quant);
-        assert_eq!(c.lr_scheduler_type, "cosine");
+        assert_eq!(c.lr_scheduler_type, Scheduler::Cosine);
     }
 
     #[test]

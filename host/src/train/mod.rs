@@ -1,13 +1,14 @@
-//! QLoRA supervised fine-tuning: `config` (HF key names), `data` (datasets to batches),
-//! `optim` (AdamW, clipping, schedules), `trainer` (the loop, checkpoints, logs).
+//! QLoRA supervised fine-tuning: `config` (HF key names), `optim` (AdamW, clipping,
+//! schedules), `trainer` (the loop, checkpoints, logs), `dist` (data parallelism), `record`
+//! (a run in the store). Datasets to batches is [`crate::data`]'s, shared with generation.
 //!
 //! **API Boundary:** [`run`] is what the CLI and the server call.
 
 pub mod config;
-pub mod data;
 pub mod dist;
 pub mod memory;
 pub mod optim;
+pub mod prepare;
 pub mod record;
 pub mod trainer;
 

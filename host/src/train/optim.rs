@@ -10,19 +10,21 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, Result};
 use candle_core::{DType, Tensor, Var};
 
+use crate::train::config::Scheduler;
+
 /// The learning-rate multiplier at `step` (0-based count of updates done), as HF's lambdas.
-pub fn lr_lambda(kind: &str, step: usize, warmup: usize, total: usize) -> f64 {
+pub fn lr_lambda(kind: Scheduler, step: usize, warmup: usize, total: usize) -> f64 {
     let (s, w, t) = (step as f64, warmup as f64, total as f64);
-    if step < warmup && kind != "constant" {
+    if step < warmup && kind != Scheduler::Constant {
         return s / w.max(1.0);
     }
     match kind {
-        "cosine" => {
+        Scheduler::Cosine => {
             let progress = (s - w) / (t - w).max(1.0);
             (0.5 * (1.0 + (std::f64::consts::PI * 0.5 * 2.0 * progress).cos())).max(0.0)
         }
-        "linear" => ((t - s) / (t - w).max(1.0)).max(0.0),
-        _ => 1.0,
+        Scheduler::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
+        Scheduler::Constant | Scheduler::ConstantWithWarmup => 1.0,
     }
 }
 
@@ -129,7 +131,7 @@ impl AdamW {
             if var.device().is_cuda() && var.dtype() == DType::F32 {
                 // The same update in one kernel, rounded alike (golden test
                 // `adamw_kernel_equals_the_op_by_op_update`).
-                let scalars = adapterlab_model::ops::kernels::AdamWScalars {
+                let scalars = adapterlab_model::engine::AdamWScalars {
                     beta1,
                     beta2,
                     eps,
@@ -137,7 +139,7 @@ impl AdamW {
                     bc2_sqrt,
                     step: lr / bc1,
                 };
-                let (p, m, v) = adapterlab_model::ops::kernels::adamw_f32(
+                let (p, m, v) = adapterlab_model::engine::adamw_f32(
                     var.as_tensor(),
                     &g.contiguous()?,
                     &self.m[i],
@@ -210,7 +212,9 @@ mod tests {
     #[test]
     fn schedules_follow_hf() {
         // get_cosine_schedule_with_warmup(opt, 2, 10): lambdas at steps 0..=10.
-        let got: Vec<f64> = (0..=10).map(|s| lr_lambda("cosine", s, 2, 10)).collect();
+        let got: Vec<f64> = (0..=10)
+            .map(|s| lr_lambda(Scheduler::Cosine, s, 2, 10))
+            .collect();
         let want = [
             0.0,
             0.5,
@@ -228,11 +232,14 @@ mod tests {
             assert!(close(*g, w), "{got:?}");
         }
         // get_linear_schedule_with_warmup(opt, 2, 10).
-        assert!(close(lr_lambda("linear", 1, 2, 10), 0.5));
-        assert!(close(lr_lambda("linear", 6, 2, 10), 0.5));
-        assert!(close(lr_lambda("linear", 10, 2, 10), 0.0));
-        assert!(close(lr_lambda("constant", 0, 2, 10), 1.0));
-        assert!(close(lr_lambda("constant_with_warmup", 1, 2, 10), 0.5));
+        assert!(close(lr_lambda(Scheduler::Linear, 1, 2, 10), 0.5));
+        assert!(close(lr_lambda(Scheduler::Linear, 6, 2, 10), 0.5));
+        assert!(close(lr_lambda(Scheduler::Linear, 10, 2, 10), 0.0));
+        assert!(close(lr_lambda(Scheduler::Constant, 0, 2, 10), 1.0));
+        assert!(close(
+            lr_lambda(Scheduler::ConstantWithWarmup, 1, 2, 10),
+            0.5
+        ));
         assert_eq!(warmup_steps(0, 0.01, 250), 3);
         assert_eq!(warmup_steps(7, 0.5, 250), 7);
     }

@@ -11,9 +11,7 @@ use crate::eval::input::PredictionRow;
 use crate::eval::pipeline::{self, EvalEnv, EvalRequest};
 use crate::plugin::NoServices;
 
-use crate::store::{
-    AdapterRecord, RunEvent, RunKind, RunRecord, RunStatus, Store, new_run_id, now_rfc3339,
-};
+use crate::store::{AdapterRecord, RunKind, RunRecord, RunStatus, Store, new_run_id, now_rfc3339};
 use crate::train::config::TrainConfig;
 use crate::train::trainer::{self, TrainEnv, TrainOutcome};
 
@@ -96,32 +94,26 @@ pub fn run_recorded(
         Ok(_) => RunStatus::Done,
         Err(_) => RunStatus::Failed,
     };
-    store.update_run(run_id, |r| {
-        r.status = status;
-        r.finished = Some(now_rfc3339());
-        r.owner_pid = None;
-        match &result {
-            Ok(o) => {
-                for (k, v) in [
-                    ("train_loss", o.train_loss),
-                    ("eval_loss_before", o.first_eval_loss),
-                    ("eval_loss", o.final_eval_loss),
-                ] {
-                    if let Some(v) = v {
-                        r.corpus.insert(k.to_string(), v);
-                    }
-                }
-                r.metadata
-                    .insert("global_step".into(), o.global_step.to_string());
-                if let Some(dir) = &o.adapter_dir {
-                    r.metadata
-                        .insert("adapter".into(), dir.display().to_string());
+    let error = result.as_ref().err().map(|e| format!("{e:#}"));
+    store.end_run(run_id, status, error, |r| {
+        if let Ok(o) = &result {
+            for (k, v) in [
+                ("train_loss", o.train_loss),
+                ("eval_loss_before", o.first_eval_loss),
+                ("eval_loss", o.final_eval_loss),
+            ] {
+                if let Some(v) = v {
+                    r.corpus.insert(k.to_string(), v);
                 }
             }
-            Err(e) => r.error = Some(format!("{e:#}")),
+            r.metadata
+                .insert("global_step".into(), o.global_step.to_string());
+            if let Some(dir) = &o.adapter_dir {
+                r.metadata
+                    .insert("adapter".into(), dir.display().to_string());
+            }
         }
     })?;
-    store.push_event(run_id, &RunEvent::Status { status })?;
     let outcome = result?;
     let run = store.resolve_run(run_id)?;
     if let Some(dir) = &outcome.adapter_dir {

@@ -13,26 +13,26 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use adapterlab_model::engine::CausalLm;
+use adapterlab_model::engine::Fetcher;
+use adapterlab_model::engine::LoadedModel;
+use adapterlab_model::engine::Nf4Options;
 use adapterlab_model::engine::loss::{Example, loss_on_examples};
+use adapterlab_model::engine::peft::{self, SaveOptions};
+use adapterlab_model::engine::{BaseFormat, LinearBuilder};
 use adapterlab_model::engine::{Engine, load_model_with};
-use adapterlab_model::io::assets::Fetcher;
-use adapterlab_model::lora::peft::{self, SaveOptions};
-use adapterlab_model::lora::{LoraConfig, LoraRegistry, TargetModules};
-use adapterlab_model::models::load::LoadedModel;
-use adapterlab_model::nn::causal_lm::CausalLm;
-use adapterlab_model::nn::linear::{BaseFormat, LinearBuilder};
-use adapterlab_model::quant::nf4::Nf4Options;
+use adapterlab_model::engine::{LoraConfig, LoraRegistry, TargetModules};
 use anyhow::{Context as _, Result, bail};
 use candle_core::{D, DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::data::{self, Encoded};
 use crate::eval::input::PredictionRow;
 use crate::infer::predict::{self, PromptRow, Sampling};
 use crate::plugin::Registry;
 use crate::store::{RunEvent, Store};
-use crate::train::config::TrainConfig;
-use crate::train::data::{self, Encoded};
+use crate::train::config::{ComputeDtype, TrainConfig};
 use crate::train::dist::Comm;
 use crate::train::optim::{AdamW, AdamWParams, clip_grad_norm, lr_lambda, warmup_steps};
 
@@ -148,7 +148,9 @@ const TRAINER_STATE_FILE: &str = "trainer_state.json";
 
 fn device(ordinal: usize) -> Result<Device> {
     if cfg!(feature = "cuda") {
-        Ok(adapterlab_model::engine::device::cuda_if_available(ordinal)?)
+        Ok(adapterlab_model::engine::device::cuda_if_available(
+            ordinal,
+        )?)
     } else {
         Ok(Device::Cpu)
     }
@@ -159,10 +161,10 @@ fn compute_dtype(config: &TrainConfig, device: &Device) -> DType {
         // 16-bit matmuls on the CPU are slow and lose precision; QLoRA on a CPU computes in f32.
         return DType::F32;
     }
-    match config.quantization.bnb_4bit_compute_dtype.as_str() {
-        "float32" | "fp32" => DType::F32,
-        "float16" | "fp16" => DType::F16,
-        _ => DType::BF16,
+    match config.quantization.bnb_4bit_compute_dtype {
+        ComputeDtype::Float32 => DType::F32,
+        ComputeDtype::Float16 => DType::F16,
+        ComputeDtype::Bfloat16 => DType::BF16,
     }
 }
 
@@ -201,7 +203,7 @@ pub fn load_for_training(
     config: &TrainConfig,
     assets_dir: &Path,
 ) -> Result<(
-    adapterlab_model::models::load::LoadedModel,
+    adapterlab_model::engine::LoadedModel,
     Arc<LoraRegistry>,
     Engine,
 )> {
@@ -214,14 +216,14 @@ pub fn load_for_training_on(
     assets_dir: &Path,
     ordinal: usize,
 ) -> Result<(
-    adapterlab_model::models::load::LoadedModel,
+    adapterlab_model::engine::LoadedModel,
     Arc<LoraRegistry>,
     Engine,
 )> {
     let device = device(ordinal)?;
     let dtype = compute_dtype(config, &device);
-    adapterlab_model::nn::checkpoint::set_enabled(config.gradient_checkpointing);
-    adapterlab_model::nn::checkpoint::set_every(config.gradient_checkpointing_every);
+    adapterlab_model::engine::checkpoint::set_enabled(config.gradient_checkpointing);
+    adapterlab_model::engine::checkpoint::set_every(config.gradient_checkpointing_every);
     let rt = Engine {
         assets_dir: assets_dir.to_path_buf(),
         device: device.clone(),
@@ -306,7 +308,7 @@ pub fn apply_gradients(
         .first()
         .map(|g| g.device().clone())
         .unwrap_or(Device::Cpu);
-    let norm = adapterlab_model::ops::profile::scope_with("optimizer", &dev, || {
+    let norm = adapterlab_model::engine::profile::scope_with("optimizer", &dev, || {
         let norm = clip_grad_norm(&mut grads, max_grad_norm)?;
         opt.step(&grads, lr)?;
         anyhow::Ok(norm)
@@ -324,7 +326,7 @@ pub fn accumulate_micro_batch(
     vars: &[(String, Var)],
     grads: &mut [Option<Tensor>],
 ) -> Result<f64> {
-    use adapterlab_model::ops::profile;
+    use adapterlab_model::engine::profile;
     let dev = model.device();
     let hidden = profile::pass("forward", || {
         profile::scope("model", dev, || {
@@ -335,7 +337,7 @@ pub fn accumulate_micro_batch(
         let hidden = hidden.reshape((batch.rows * batch.width, hidden.dim(D::Minus1)?))?;
         let picked = hidden.index_select(&batch.positions, 0)?;
         let logits = model.lm_head(&picked)?;
-        let nll = adapterlab_model::ops::cross_entropy::cross_entropy_sum(&logits, &batch.labels)?;
+        let nll = adapterlab_model::engine::cross_entropy_sum(&logits, &batch.labels)?;
         nll / total_targets.max(1) as f64
     })?;
     let value = f64::from(loss.to_scalar::<f32>()?);
@@ -346,7 +348,7 @@ pub fn accumulate_micro_batch(
         // Checkpointed layers hand their adapters' gradients over outside the graph.
         let found = [
             store.get(var.as_tensor()).cloned(),
-            adapterlab_model::nn::checkpoint::take_grad(var.as_tensor()),
+            adapterlab_model::engine::checkpoint::take_grad(var.as_tensor()),
         ];
         for g in found.into_iter().flatten() {
             grads[i] = Some(match grads[i].take() {
@@ -869,7 +871,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         window_tokens += step_tokens as u64;
         let lr = config.learning_rate
             * lr_lambda(
-                &config.lr_scheduler_type,
+                config.lr_scheduler_type,
                 state.global_step,
                 warmup,
                 max_steps,
@@ -896,7 +898,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                     loss: step_loss,
                     learning_rate: config.learning_rate
                         * lr_lambda(
-                            &config.lr_scheduler_type,
+                            config.lr_scheduler_type,
                             state.global_step,
                             warmup,
                             max_steps,
@@ -912,7 +914,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             state.pending_losses.clear();
             let next_lr = config.learning_rate
                 * lr_lambda(
-                    &config.lr_scheduler_type,
+                    config.lr_scheduler_type,
                     state.global_step,
                     warmup,
                     max_steps,
@@ -1527,26 +1529,26 @@ fn load_checkpoint(dir: &Path, opt: &mut AdamW, device: &Device) -> Result<Resum
 mod tests {
     use std::path::Path;
 
+    use adapterlab_model::engine::LinearBuilder;
     use adapterlab_model::engine::loss::Example;
-    use adapterlab_model::models::load::{LoadOptions, load};
-    use adapterlab_model::nn::linear::LinearBuilder;
+    use adapterlab_model::engine::{LoadOptions, load};
     use candle_core::{Device, Var};
 
     use super::accumulate_micro_batch;
-    use crate::train::data;
+    use crate::data;
 
     /// The train_step fixture as the trainer sees it: the small random Falcon with the
     /// fixture's adapter attached (training mode), and the fixture's batch.
     fn fixture_model_and_batch(
         fixture: &Path,
     ) -> anyhow::Result<(
-        std::sync::Arc<adapterlab_model::lora::LoraRegistry>,
-        adapterlab_model::models::load::LoadedModel,
+        std::sync::Arc<adapterlab_model::engine::LoraRegistry>,
+        adapterlab_model::engine::LoadedModel,
         data::Batch,
     )> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let model_dir = root.join("model/tests/fixtures/bnb/falcon_tiny");
-        let registry = adapterlab_model::lora::peft::load_adapter(&fixture.join("adapter"))?
+        let registry = adapterlab_model::engine::peft::load_adapter(&fixture.join("adapter"))?
             .into_registry()?;
         registry.set_training(true);
         let loaded = load(
@@ -1606,7 +1608,11 @@ mod tests {
             "training lowers the loss: {losses:?}"
         );
         let written = tempfile::tempdir()?;
-        adapterlab_model::lora::peft::save_adapter(written.path(), &registry, &Default::default())?;
+        adapterlab_model::engine::peft::save_adapter(
+            written.path(),
+            &registry,
+            &Default::default(),
+        )?;
         let committed = fixture.join("adapter");
         if std::env::var_os("ADAPTERLAB_WRITE_FIXTURES").is_some() {
             std::fs::create_dir_all(&committed)?;

@@ -10,7 +10,7 @@
 //! tokens are targets; else every token but the first.
 
 use anyhow::{Context, Result, bail};
-use candle_core::{D, Tensor};
+use candle_core::{D, Device, Tensor};
 use serde::Serialize;
 use serde_json::Value;
 use tokenizers::Tokenizer;
@@ -128,6 +128,70 @@ pub fn tokenize_row(
     Ok(ex)
 }
 
+/// One right-padded micro-batch with its loss targets.
+#[derive(Debug)]
+pub struct Batch {
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    /// Flat positions `row * width + t - 1` whose hidden state predicts a target.
+    pub positions: Tensor,
+    pub labels: Tensor,
+    pub n_targets: usize,
+    /// Real (unpadded) tokens, for tokens/s.
+    pub n_tokens: usize,
+    pub rows: usize,
+    pub width: usize,
+}
+
+/// The tokens of `e` the loss counts: targets after the first position ([`collate`]'s labels).
+pub fn n_targets(e: &Example) -> usize {
+    e.targets.iter().skip(1).filter(|t| **t).count()
+}
+
+/// Right padding with `pad_id`; labels are the targets' ids (HF's `-100` positions left out).
+pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
+    let width = examples
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let (mut ids, mut mask, mut positions, mut labels) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut n_tokens = 0;
+    for (r, e) in examples.iter().enumerate() {
+        let pad = width - e.input_ids.len();
+        n_tokens += e.input_ids.len();
+        ids.extend(
+            e.input_ids
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad_id, pad)),
+        );
+        mask.extend(
+            std::iter::repeat_n(1u32, e.input_ids.len()).chain(std::iter::repeat_n(0, pad)),
+        );
+        for (t, &is_target) in e.targets.iter().enumerate() {
+            if is_target && t > 0 {
+                positions.push((r * width + t - 1) as u32);
+                labels.push(e.input_ids[t]);
+            }
+        }
+    }
+    let n = examples.len();
+    let n_targets = labels.len();
+    Ok(Batch {
+        input_ids: Tensor::from_vec(ids, (n, width), device)?,
+        attention_mask: Tensor::from_vec(mask, (n, width), device)?,
+        positions: Tensor::from_vec(positions, n_targets, device)?,
+        labels: Tensor::from_vec(labels, n_targets, device)?,
+        n_targets,
+        n_tokens,
+        rows: n,
+        width,
+    })
+}
+
 /// Mean cross-entropy over all target tokens of `examples`, run `batch_size` examples at a time
 /// (right-padded, with an attention mask). Only target positions are projected onto the
 /// vocabulary, which keeps memory to `targets x vocab` per batch.
@@ -147,42 +211,18 @@ pub fn loss_on_examples(
         if chunk.is_empty() {
             continue;
         }
-        let width = chunk.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(chunk.len() * width);
-        let mut mask = Vec::with_capacity(chunk.len() * width);
-        let mut positions = Vec::new();
-        let mut labels = Vec::new();
-        for (r, e) in chunk.iter().enumerate() {
-            let pad = width - e.input_ids.len();
-            ids.extend(
-                e.input_ids
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0, pad)),
-            );
-            mask.extend(
-                std::iter::repeat_n(1u32, e.input_ids.len()).chain(std::iter::repeat_n(0, pad)),
-            );
-            for (t, &is_target) in e.targets.iter().enumerate() {
-                if is_target && t > 0 {
-                    positions.push((r * width + t - 1) as u32);
-                    labels.push(e.input_ids[t]);
-                }
-            }
-        }
-        let n = chunk.len();
-        let input = Tensor::from_vec(ids, (n, width), &device)?;
-        let mask = Tensor::from_vec(mask, (n, width), &device)?;
+        // Pad ids are masked out and never targets: any id will do.
+        let batch = collate(&chunk, 0, &device)?;
+        let (n, width) = (batch.rows, batch.width);
         let hidden = model
-            .hidden_states(&input, Some(&mask), None)
+            .hidden_states(&batch.input_ids, Some(&batch.attention_mask), None)
             .with_context(|| format!("forward pass of batch {b} failed"))?;
         let hidden = hidden.reshape((n * width, hidden.dim(D::Minus1)?))?;
-        let picked = hidden.index_select(&Tensor::new(positions.as_slice(), &device)?, 0)?;
+        let picked = hidden.index_select(&batch.positions, 0)?;
         let logits = model.lm_head(&picked)?;
-        let labels_t = Tensor::new(labels.as_slice(), &device)?;
-        let nll = cross_entropy_sum(&logits, &labels_t)?.to_scalar::<f32>()?;
+        let nll = cross_entropy_sum(&logits, &batch.labels)?.to_scalar::<f32>()?;
         total += nll as f64;
-        tokens += labels.len();
+        tokens += batch.n_targets;
     }
     if tokens == 0 {
         bail!("no target tokens: every example is empty or all prompt");
@@ -214,7 +254,6 @@ pub fn eval_loss(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Device;
     use candle_nn::VarBuilder;
 
     use super::*;

@@ -8,6 +8,25 @@ pub mod export;
 pub mod generate;
 pub mod loss;
 
+// What the host uses of the wings below, named here so that the host has one door into the
+// crate (host/model/tests/layering.rs checks that it uses no other).
+pub use crate::io::assets::{Fetcher, MINILM};
+pub use crate::lora::merge::merge_model_dir;
+pub use crate::lora::peft;
+pub use crate::lora::{LoraConfig, LoraRegistry, TargetModules};
+pub use crate::models::bert::{Bert, embed, prepare_tokenizer};
+pub use crate::models::chat::Message;
+pub use crate::models::load::{LoadOptions, LoadedModel, load};
+pub use crate::nn::causal_lm::CausalLm;
+pub use crate::nn::checkpoint;
+pub use crate::nn::linear::{BaseFormat, LinearBuilder};
+pub use crate::ops::cross_entropy::cross_entropy_sum;
+#[cfg(feature = "cuda")]
+pub use crate::ops::kernels::{AdamWScalars, adamw_f32};
+pub use crate::ops::profile;
+pub use crate::quant::nf4::Nf4Options;
+pub use crate::quant::quantize::quantize_model_dir;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -16,16 +35,12 @@ use serde::Serialize;
 
 use crate::engine::generate::{Decoding, Flow, GenerationConfig, generate_ids, generate_ids_with};
 use crate::engine::loss::{Formatter, LossOutput, Row, TokenizeOptions, eval_loss as loss_of_rows};
-use crate::io::assets::{Fetcher, SMOLLM2, SMOLLM2_GGUF};
-use crate::lora::TargetModules;
+use crate::io::assets::{SMOLLM2, SMOLLM2_GGUF};
 use crate::models::architecture::ModelConfig;
-use crate::models::chat::Message;
 use crate::models::falcon::config::FalconConfig;
 use crate::models::llama::config::LlamaConfig;
-use crate::models::load::{self, LoadOptions, LoadedModel};
+use crate::models::load;
 use crate::models::params::{self, ParamCount};
-use crate::nn::causal_lm::CausalLm;
-use crate::nn::linear::LinearBuilder;
 
 /// The alias of the default model.
 pub const DEFAULT_MODEL: &str = "smollm2";

@@ -1,15 +1,16 @@
-//! Training data: the dataset's splits (bundled, or local JSON/JSONL/CSV files), rows rendered
-//! by a formatter plugin, tokenized as TRL does (`adapterlab_model::engine::loss`), truncated with a
-//! count, and batched with HF's length grouping and right padding.
+//! Datasets, for training and for generation alike: the splits (bundled, or local
+//! JSON/JSONL/CSV files), rows rendered by a formatter plugin, tokenized as TRL does
+//! (`adapterlab_model::engine::loss`), truncated with a count, and batched with HF's length
+//! grouping and right padding. `train` and `infer` both use it; it uses neither.
 //!
 //! **Architecture Invariant:** every dataset problem (unreadable file, missing column, empty
 //! text) is found here, with its row number, before a model is loaded.
 
 use std::path::{Path, PathBuf};
 
+pub use adapterlab_model::engine::loss::{Batch, collate, n_targets};
 use adapterlab_model::engine::loss::{Example, Row, TokenizeOptions, tokenize_row};
 use anyhow::{Context as _, Result, bail};
-use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde_json::Value;
@@ -381,73 +382,10 @@ pub fn epoch_batches(
     batches
 }
 
-/// One right-padded micro-batch with its loss targets.
-#[derive(Debug)]
-pub struct Batch {
-    pub input_ids: Tensor,
-    pub attention_mask: Tensor,
-    /// Flat positions `row * width + t - 1` whose hidden state predicts a target.
-    pub positions: Tensor,
-    pub labels: Tensor,
-    pub n_targets: usize,
-    /// Real (unpadded) tokens, for tokens/s.
-    pub n_tokens: usize,
-    pub rows: usize,
-    pub width: usize,
-}
-
-/// The tokens of `e` the loss counts: targets after the first position ([`collate`]'s labels).
-pub fn n_targets(e: &Example) -> usize {
-    e.targets.iter().skip(1).filter(|t| **t).count()
-}
-
-/// Right padding with `pad_id`; labels are the targets' ids (HF's `-100` positions left out).
-pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Batch> {
-    let width = examples
-        .iter()
-        .map(|e| e.input_ids.len())
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let (mut ids, mut mask, mut positions, mut labels) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut n_tokens = 0;
-    for (r, e) in examples.iter().enumerate() {
-        let pad = width - e.input_ids.len();
-        n_tokens += e.input_ids.len();
-        ids.extend(
-            e.input_ids
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(pad_id, pad)),
-        );
-        mask.extend(
-            std::iter::repeat_n(1u32, e.input_ids.len()).chain(std::iter::repeat_n(0, pad)),
-        );
-        for (t, &is_target) in e.targets.iter().enumerate() {
-            if is_target && t > 0 {
-                positions.push((r * width + t - 1) as u32);
-                labels.push(e.input_ids[t]);
-            }
-        }
-    }
-    let n = examples.len();
-    let n_targets = labels.len();
-    Ok(Batch {
-        input_ids: Tensor::from_vec(ids, (n, width), device)?,
-        attention_mask: Tensor::from_vec(mask, (n, width), device)?,
-        positions: Tensor::from_vec(positions, n_targets, device)?,
-        labels: Tensor::from_vec(labels, n_targets, device)?,
-        n_targets,
-        n_tokens,
-        rows: n,
-        width,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn ex(ids: &[u32], first_target: usize) -> Example {
         Example {
