@@ -326,7 +326,13 @@ pub fn execute_with_samples(
     plugins: &[Plugin],
 ) -> Result<(RunRecord, Vec<SampleRecord>)> {
     let store = &env.store;
-    store.start_run(run_id)?;
+    // A generate run scores its generations in place: it is already running.
+    let running = store
+        .get_run(run_id)?
+        .is_some_and(|r| r.status == RunStatus::Running && r.owner_pid == Some(std::process::id()));
+    if !running {
+        store.start_run(run_id)?;
+    }
 
     let n = request.rows.len();
     let mut samples: Vec<Sample> = request
