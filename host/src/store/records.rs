@@ -247,6 +247,15 @@ pub enum RunEvent {
         grad_norm: f64,
         #[serde(default)]
         eta_seconds: Option<f64>,
+        /// Tokens per second since the last logged step.
+        #[serde(default)]
+        tokens_per_second: Option<f64>,
+        /// The process's resident memory after the step.
+        #[serde(default)]
+        memory_bytes: Option<u64>,
+        /// On CUDA, the device memory candle's tensors held after the step.
+        #[serde(default)]
+        gpu_memory_bytes: Option<u64>,
     },
     /// A logged training step, in HF Trainer's log_history shape.
     Loss {
@@ -264,6 +273,12 @@ pub enum RunEvent {
         tokens_per_second: Option<f64>,
         #[serde(default)]
         eta_seconds: Option<f64>,
+        /// The process's resident memory after the step (none on evaluation events).
+        #[serde(default)]
+        memory_bytes: Option<u64>,
+        /// On CUDA, the device memory candle's tensors held after the step.
+        #[serde(default)]
+        gpu_memory_bytes: Option<u64>,
         /// An evaluation's other values, as HF logs them: `eval_<score>` of the generation
         /// metrics, `eval_runtime`, `eval_samples_per_second`.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

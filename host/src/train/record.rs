@@ -118,6 +118,14 @@ pub fn run_recorded(
                 }
                 r.metadata
                     .insert("global_step".into(), o.global_step.to_string());
+                for (k, v) in [
+                    ("peak_memory_bytes", o.peak_memory.rss_bytes),
+                    ("peak_gpu_memory_bytes", o.peak_memory.gpu_bytes),
+                ] {
+                    if let Some(v) = v {
+                        r.metadata.insert(k.into(), v.to_string());
+                    }
+                }
                 if let Some(dir) = &o.adapter_dir {
                     r.metadata
                         .insert("adapter".into(), dir.display().to_string());
