@@ -12,7 +12,7 @@ use crate::train::{dataset, tiny_model};
 use crate::util::*;
 
 /// The tiny model with a chat template, and room for long prompts (the judge's).
-fn chat_model(t: &TestDir) -> PathBuf {
+pub(crate) fn chat_model(t: &TestDir) -> PathBuf {
     let dir = tiny_model(t);
     let mut config = read_json(&dir.join("config.json"));
     config["max_position_embeddings"] = 4096.into();

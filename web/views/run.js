@@ -28,7 +28,7 @@ export async function mountRun(main, ctx) {
   const cloneLink = h('a', { class: 'button', href: `#/launch?clone=${encodeURIComponent(run.id)}`, 'data-testid': 'clone-run' }, 'Clone');
   const deleteButton = h('button', { type: 'button', class: 'danger', 'data-testid': 'delete-run' }, 'Delete');
   const actionMessage = messageBox();
-  const errorBox = h('div', { class: 'message form-error', role: 'alert', hidden: true });
+  const errorBox = h('div', { class: 'message form-error', role: 'alert', 'data-testid': 'run-error', hidden: true });
   // The interrupted state says what happened and offers the way on, in the same place.
   const bannerResume = h('button', { type: 'button', class: 'primary' }, 'Resume this run');
   const banner = h('div', { class: 'message banner', 'data-testid': 'run-banner', hidden: true });
@@ -667,7 +667,7 @@ function metricErrors(run) {
  * server's own HF_TOKEN (the token never reaches the browser). */
 function publishView(run, ctx) {
   const name = run.metadata.adapter_name;
-  const repo = h('input', { type: 'text', autocomplete: 'off', placeholder: 'owner/name', required: true, pattern: '[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*' });
+  const repo = h('input', { type: 'text', autocomplete: 'off', placeholder: 'owner/name', required: true, pattern: '[A-Za-z0-9][A-Za-z0-9._\\-]*/[A-Za-z0-9][A-Za-z0-9._\\-]*' });
   const revision = h('input', { type: 'text', autocomplete: 'off', placeholder: 'main' });
   const priv = h('input', { type: 'checkbox', id: 'publish-private' });
   const push = h('button', { type: 'submit' }, 'Push to the Hub');
