@@ -735,6 +735,9 @@ describe('adapterlab dashboard', () => {
       await audit('landing');
     } finally {
       await page.unroute('**/api/runs');
+      // Leave the page: with no active run the list does not poll, so going to #/runs again
+      // (the same URL) would keep showing the pretended empty list.
+      await go('#/plugins');
     }
   });
 

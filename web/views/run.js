@@ -309,7 +309,7 @@ export async function mountRun(main, ctx) {
         break;
       case 'loss':
       case 'step':
-        training?.add(data);
+        training?.add(data, data.type ?? e.type);
         break;
       default:
         break;
@@ -433,6 +433,7 @@ function trainingView() {
   const rss = [];
   const gpu = [];
   const series = [loss, evalLoss, lr, speed, rss, gpu];
+  const perStep = new Set(); // steps whose own loss arrived (a `step` event)
   const mib = (b) => b / (1024 * 1024);
   const draw = throttleFrame(() => {
     lossChart.setData(steps, loss, evalLoss);
@@ -451,7 +452,7 @@ function trainingView() {
   }, 1000);
   return {
     el,
-    add(d) {
+    add(d, kind = 'loss') {
       // Events arrive in step order; a second event for the same step (eval loss logged after
       // the train loss, as HF Trainer does) fills in the same column.
       let i = steps.length - 1;
@@ -469,7 +470,11 @@ function trainingView() {
         }
       }
       addEvaluation(d);
-      if (val(d.loss) !== null) loss[i] = d.loss;
+      // A step's own loss (its `step` event comes first) is not replaced by the logging
+      // window's mean that a logged step's `loss` event carries.
+      const ownLoss = kind === 'step' || !perStep.has(d.step);
+      if (kind === 'step') perStep.add(d.step);
+      if (val(d.loss) !== null && ownLoss) loss[i] = d.loss;
       if (val(d.eval_loss) !== null) evalLoss[i] = d.eval_loss;
       if (val(d.learning_rate) !== null) lr[i] = d.learning_rate;
       if (val(d.tokens_per_second) !== null) speed[i] = d.tokens_per_second;
@@ -477,7 +482,7 @@ function trainingView() {
       if (val(d.gpu_memory_bytes) !== null) gpu[i] = mib(d.gpu_memory_bytes);
       stats.step.textContent = String(d.step);
       if (val(d.epoch) !== null) stats.epoch.textContent = num(d.epoch);
-      if (val(d.loss) !== null) stats.loss.textContent = num(d.loss);
+      if (val(d.loss) !== null && ownLoss) stats.loss.textContent = num(d.loss);
       if (val(d.eval_loss) !== null) stats.eval_loss.textContent = num(d.eval_loss);
       if (val(d.learning_rate) !== null) stats.learning_rate.textContent = d.learning_rate.toExponential(2);
       if (val(d.grad_norm) !== null) stats.grad_norm.textContent = num(d.grad_norm);

@@ -237,8 +237,9 @@ pub enum RunEvent {
         level: String,
         message: String,
     },
-    /// Every training step that `logging_steps` does not log: the dashboard's charts and ETA
-    /// follow each step, while trainer_state.json and the trackers keep HF's cadence.
+    /// Every training step, with that step's own loss: the dashboard's charts and ETA follow
+    /// each step, while trainer_state.json and the trackers keep HF's cadence (`Loss`, whose
+    /// loss is the mean over the logging window, follows a logged step's `Step`).
     Step {
         step: u64,
         epoch: f64,

@@ -746,7 +746,9 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         let logged = state.global_step % config.logging_steps.max(1) == 0 || is_last;
         let used = memory::in_use(&device);
         peak = peak.max_with(used);
-        if !logged {
+        // Every step, logged ones included: a logged step's `Loss` carries the mean over the
+        // logging window (HF's), which on the chart would stand out from its neighbours.
+        {
             let per_step = started.elapsed().as_secs_f64() / steps_this_run as f64;
             record(
                 env,
@@ -770,6 +772,8 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                     gpu_memory_bytes: used.gpu_bytes,
                 },
             );
+        }
+        if !logged {
             record_progress(env, state.global_step, max_steps);
         }
         if logged {
