@@ -137,12 +137,14 @@ pub fn run_recorded(
     store.push_event(run_id, &RunEvent::Status { status })?;
     let outcome = result?;
     let run = store.resolve_run(run_id)?;
+    let mut stored_as = None;
     if let Some(dir) = &outcome.adapter_dir {
         let path = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
         let name = adapter_name(store, &run, &path)?;
         store.update_run(run_id, |r| {
             r.metadata.insert("adapter_name".into(), name.clone());
         })?;
+        stored_as = Some(name.clone());
         store.put_adapter(&AdapterRecord {
             name,
             path: path.display().to_string(),
@@ -178,6 +180,10 @@ pub fn run_recorded(
                     .display()
                     .to_string(),
             );
+        }
+        // The name people pick the adapter by (the folder is the run's id).
+        if let Some(name) = &stored_as {
+            metadata.insert("adapter_name".into(), name.clone());
         }
         let request = eval_request(&run.name, config, outcome.predictions.clone(), metadata);
         let eval_run = pipeline::create_run(store, &request, &metric_plugins)?;
