@@ -558,6 +558,12 @@ describe('adapterlab dashboard', () => {
     const row = page.locator(`tr[data-run-id="${id}"]`);
     assert.equal(await row.getAttribute('data-status'), 'running', 'the training run should still be running');
     await page.waitForFunction((rid) => document.querySelector(`tr[data-run-id="${rid}"]`)?.dataset.status === 'done', id, { timeout: RUN_TIMEOUT });
+    // A local model folder shows by its last part (whole on hover), not as a three-line path.
+    if (env.ADAPTERLAB_TRAIN_MODEL) {
+      const cells = await row.locator('td').allInnerTexts();
+      assert.ok(!cells.some((c) => c.includes(env.ADAPTERLAB_TRAIN_MODEL)), `the runs list shows the whole path: ${cells.join(' | ')}`);
+      assert.ok(cells.some((c) => c.includes(`…/${path.basename(env.ADAPTERLAB_TRAIN_MODEL)}`)), `no short model name: ${cells.join(' | ')}`);
+    }
     const trained = await apiCall('GET', `/api/runs/${id}`);
     assert.deepEqual(trained.json.request?.eval_after_train, ['bleu'], 'the evaluation after training was not queued with it');
     if (!USE_MOCK) assert.ok(trained.json.metadata?.eval_run, `no evaluation run after the training: ${JSON.stringify(trained.json.metadata)}`);

@@ -564,6 +564,11 @@ fn report_and_runs_read_through_the_server_while_it_holds_the_store() {
     let listed: Value =
         serde_json::from_str(&run_ok(&mut with_token(&["runs", "list", "--json"]))).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    let compared = run_ok(&mut with_token(&["runs", "compare", "cli-a", "cli-b"]));
+    assert!(
+        compared.contains("rouge1") && compared.contains("cli-b"),
+        "{compared}"
+    );
     let shown = run_ok(&mut with_token(&["runs", "show", "cli-b", "--samples"]));
     assert!(shown.contains("rouge") && shown.contains("s1"), "{shown}");
     // The server's own words for what it refuses; a wrong token is said to be one.

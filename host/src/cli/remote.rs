@@ -1,5 +1,6 @@
 //! Read-only commands while `adapterlab serve` holds the store: sled lets one process open it,
-//! so `report`, `runs list` and `runs show` ask the running server instead, through its API.
+//! so `report` and `runs list`, `show` and `compare` ask the running server instead, through
+//! its API.
 //!
 //! The server says where it listens in `<data>/server.json` (written once it listens, removed
 //! when it stops); the token is `ADAPTERLAB_TOKEN` or the data directory's `token` file, the

@@ -6,7 +6,7 @@ use clap::Subcommand;
 use crate::cli::output::table;
 use crate::cli::remote::{self, Source};
 use crate::cli::{Context, ExitCode};
-use crate::eval::compare::compare;
+use crate::eval::compare::{Comparison, compare};
 use crate::store::{RunRecord, SampleRecord};
 
 #[derive(Debug, Subcommand)]
@@ -193,7 +193,12 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
             fail_on_regression,
             min_delta,
         } => {
-            let c = compare(&ctx.store()?, &ids)?;
+            let c: Comparison = match remote::source(ctx)? {
+                Source::Store(store) => compare(&store, &ids)?,
+                Source::Server(server) => {
+                    server.json(&["api", "compare"], &[("runs", ids.join(",").as_str())])?
+                }
+            };
             if !min_delta.is_finite() || min_delta < 0.0 {
                 anyhow::bail!("--min-delta {min_delta}: must be a finite number ≥ 0");
             }
