@@ -748,31 +748,29 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         peak = peak.max_with(used);
         // Every step, logged ones included: a logged step's `Loss` carries the mean over the
         // logging window (HF's), which on the chart would stand out from its neighbours.
-        {
-            let per_step = started.elapsed().as_secs_f64() / steps_this_run as f64;
-            record(
-                env,
-                RunEvent::Step {
-                    step: state.global_step as u64,
-                    epoch: epoch_f,
-                    loss: step_loss,
-                    learning_rate: config.learning_rate
-                        * lr_lambda(
-                            &config.lr_scheduler_type,
-                            state.global_step,
-                            warmup,
-                            max_steps,
-                        ),
-                    grad_norm: last_grad_norm,
-                    eta_seconds: Some(per_step * (max_steps - state.global_step) as f64),
-                    tokens_per_second: Some(
-                        window_tokens as f64 / window_started.elapsed().as_secs_f64().max(1e-9),
+        let per_step = started.elapsed().as_secs_f64() / steps_this_run as f64;
+        record(
+            env,
+            RunEvent::Step {
+                step: state.global_step as u64,
+                epoch: epoch_f,
+                loss: step_loss,
+                learning_rate: config.learning_rate
+                    * lr_lambda(
+                        &config.lr_scheduler_type,
+                        state.global_step,
+                        warmup,
+                        max_steps,
                     ),
-                    memory_bytes: used.rss_bytes,
-                    gpu_memory_bytes: used.gpu_bytes,
-                },
-            );
-        }
+                grad_norm: last_grad_norm,
+                eta_seconds: Some(per_step * (max_steps - state.global_step) as f64),
+                tokens_per_second: Some(
+                    window_tokens as f64 / window_started.elapsed().as_secs_f64().max(1e-9),
+                ),
+                memory_bytes: used.rss_bytes,
+                gpu_memory_bytes: used.gpu_bytes,
+            },
+        );
         if !logged {
             record_progress(env, state.global_step, max_steps);
         }
