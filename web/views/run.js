@@ -394,7 +394,7 @@ function trainingView() {
   });
   const memoryChart = lineChart({
     title: 'Memory', xLabel: 'step', yLabel: 'MiB', height: 180,
-    series: [{ label: 'process RSS (MiB)', color: runColor(4) }, { label: 'GPU tensors (MiB)', color: runColor(5) }],
+    series: [{ label: 'process RSS (MiB)', color: runColor(4) }, { label: 'GPU tensors (MiB, CUDA only)', color: runColor(5) }],
   });
   // Each evaluation's values (eval_loss and the generation metrics' eval_<score>), a row per
   // evaluation, step 0 (before training) included.
