@@ -59,6 +59,7 @@ fn main() {
         settings: Default::default(),
         score_references: false,
         metadata: Default::default(),
+        llm_base_url: None,
     };
     let run = state.jobs.submit_eval(request.clone()).unwrap();
     let other = state
@@ -116,7 +117,6 @@ fn main() {
                 id: format!("r{i}"),
                 prediction: format!("a longer prediction number {i} about the cat and the mat"),
                 reference: "the cat sat on the mat".into(),
-                references: Vec::new(),
                 references: Vec::new(),
                 source: Some("A: where is the cat?\nB: on the mat".into()),
             })

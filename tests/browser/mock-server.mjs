@@ -294,9 +294,10 @@ function startTrain(state, run, config, totalSteps = 40) {
       emit(state, run, {
         type: 'loss', step, epoch: (step / totalSteps) * (config.num_train_epochs ?? 1), loss, eval_loss: null,
         learning_rate: lr, grad_norm: 0.6 + r() * 0.5, tokens_per_second: 1400 + r() * 200, eta_seconds: ((totalSteps - step) * 0.2) / state.speed,
+        memory_bytes: Math.round((900 + step * 0.5 + r() * 20) * 1024 * 1024), gpu_memory_bytes: null,
       });
       if (step % 10 === 0) {
-        emit(state, run, { type: 'loss', step, epoch: (step / totalSteps) * (config.num_train_epochs ?? 1), loss: null, eval_loss: loss + 0.08, learning_rate: null, grad_norm: null, tokens_per_second: null, eta_seconds: null });
+        emit(state, run, { type: 'loss', step, epoch: (step / totalSteps) * (config.num_train_epochs ?? 1), loss: null, eval_loss: loss + 0.08, learning_rate: null, grad_norm: null, tokens_per_second: null, eta_seconds: null, memory_bytes: null, gpu_memory_bytes: null });
         emit(state, run, { type: 'log', level: 'info', message: `step ${step}/${totalSteps}: eval_loss ${(loss + 0.08).toFixed(3)}` });
       }
       run.progress = { done: step, total: totalSteps, unit: 'steps' };

@@ -12,7 +12,7 @@ use crate::train::{dataset, tiny_model};
 use crate::util::*;
 
 /// The tiny model with a chat template, and room for long prompts (the judge's).
-fn chat_model(t: &TestDir) -> PathBuf {
+pub(crate) fn chat_model(t: &TestDir) -> PathBuf {
     let dir = tiny_model(t);
     let mut config = read_json(&dir.join("config.json"));
     config["max_position_embeddings"] = 4096.into();
@@ -143,6 +143,16 @@ fn a_training_job_streams_its_loss_records_its_adapter_which_generates_and_serve
         let ev = events(&base, &id).await;
         assert_eq!(logged_steps(&ev), (1..=8).collect::<Vec<_>>());
         assert!(ev.iter().any(|(n, d)| n == "loss" && d["learning_rate"].is_number()));
+        // Every step, logged ones included, has its own event for the charts, with throughput
+        // and the process's memory; the run keeps the peak.
+        let steps: Vec<&Value> = ev.iter().filter(|(n, _)| n == "step").map(|(_, d)| d).collect();
+        assert_eq!(steps.iter().map(|d| d["step"].as_u64().unwrap()).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+        for d in &steps {
+            assert!(d["loss"].is_number() && d["tokens_per_second"].as_f64() > Some(0.0), "{d}");
+            assert!(d["memory_bytes"].as_u64() > Some(1 << 20), "{d}");
+            assert!(d["gpu_memory_bytes"].is_null(), "{d}");
+        }
+        assert!(run["metadata"]["peak_memory_bytes"].as_str().and_then(|v| v.parse::<u64>().ok()) > Some(1 << 20), "{run}");
         let log = logs(&ev);
         assert!(log.iter().any(|l| l.starts_with("step 8/8 · loss")), "{log:?}");
         assert!(log.iter().any(|l| l.starts_with("saved the adapter")), "{log:?}");

@@ -519,3 +519,85 @@ fn runs_take_tags_and_notes_are_deleted_and_reported_from_the_dashboard_routes()
         assert_eq!(s, 204);
     });
 }
+
+#[test]
+fn report_and_runs_read_through_the_server_while_it_holds_the_store() {
+    let t = setup("server-cli-report");
+    let mut server = start(&t, &[]);
+    let base = server.base.clone();
+    let ids: Vec<String> = rt().block_on(async {
+        let mut ids = Vec::new();
+        for (name, preds) in [
+            ("cli-a", ["the cat sat", "a dog ran"]),
+            ("cli-b", ["the cat sat on the mat", "the dog"]),
+        ] {
+            let (s, created) = post(&base, "/api/runs", Some(TOKEN), eval_body(name, &preds)).await;
+            assert_eq!(s, 201, "{created}");
+            let id = created["id"].as_str().unwrap().to_string();
+            wait_for(&base, &id, |r| r["status"] == "done", 60).await;
+            ids.push(id);
+        }
+        ids
+    });
+    let with_token = |args: &[&str]| {
+        let mut cmd = t.cmd(args);
+        cmd.env("ADAPTERLAB_TOKEN", TOKEN);
+        cmd
+    };
+    // One run, and a comparison written to a file, rendered by the server's reporters.
+    let md = run_ok(&mut with_token(&["report", "cli-a"]));
+    assert!(md.contains("cli-a") && md.contains("rouge"), "{md}");
+    let out = t.path().join("report.html");
+    run_ok(&mut with_token(&[
+        "report",
+        &ids[0],
+        &ids[1],
+        "--format",
+        "html",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let html = std::fs::read_to_string(&out).unwrap();
+    assert!(html.contains("<html") && html.contains("cli-b"), "{html}");
+    let list = run_ok(&mut with_token(&["runs", "list"]));
+    assert!(list.contains("cli-a") && list.contains("cli-b"), "{list}");
+    let listed: Value =
+        serde_json::from_str(&run_ok(&mut with_token(&["runs", "list", "--json"]))).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    let compared = run_ok(&mut with_token(&["runs", "compare", "cli-a", "cli-b"]));
+    assert!(
+        compared.contains("rouge1") && compared.contains("cli-b"),
+        "{compared}"
+    );
+    let shown = run_ok(&mut with_token(&["runs", "show", "cli-b", "--samples"]));
+    assert!(shown.contains("rouge") && shown.contains("s1"), "{shown}");
+    // The server's own words for what it refuses; a wrong token is said to be one.
+    let e = run_fail(&mut with_token(&["report", "no-such-run"]));
+    assert!(e.contains("no-such-run"), "{e}");
+    let e = run_fail(
+        t.cmd(&["runs", "list"])
+            .env("ADAPTERLAB_TOKEN", "wrong-token"),
+    );
+    assert!(
+        e.contains("ADAPTERLAB_TOKEN") && e.contains("refused"),
+        "{e}"
+    );
+    // The server was started with --token, so no token file: without the variable, the
+    // command says what it needs.
+    let e = run_fail(t.cmd(&["runs", "list"]).env_remove("ADAPTERLAB_TOKEN"));
+    assert!(e.contains("ADAPTERLAB_TOKEN"), "{e}");
+
+    // A stopped server withdraws its announcement; the commands read the store again.
+    let pid = server.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let _ = server.child.wait();
+    assert!(!t.data_dir().join("server.json").exists());
+    let list = run_ok(t.cmd(&["runs", "list"]).env_remove("ADAPTERLAB_TOKEN"));
+    assert!(list.contains("cli-a"), "{list}");
+}

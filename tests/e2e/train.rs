@@ -396,6 +396,18 @@ fn eval_after_train_generates_and_records_an_eval_run_with_the_adapter() {
         eval.metadata
     );
     assert_eq!(eval.metadata["split"], "validation");
+    // The name the adapter is stored under, which lists show (its folder may be a run id).
+    let train = runs
+        .iter()
+        .find(|r| r.kind == adapterlab::store::RunKind::Train)
+        .unwrap();
+    assert_eq!(
+        eval.metadata.get("adapter_name"),
+        train.metadata.get("adapter_name"),
+        "{:?}",
+        eval.metadata
+    );
+    assert!(eval.metadata.contains_key("adapter_name"));
     assert!(
         eval.aggregates.keys().any(|k| k.contains("rouge")),
         "{:?}",

@@ -249,6 +249,13 @@ function differs(sample) {
 }
 
 function samplesView(host, { runs, labels, scores, samples, baseLink, ctx }) {
+  // Samples pair by id: runs over different rows (another split, another dataset) share none,
+  // and an empty table with its controls would read as broken.
+  if (!samples.length) {
+    replace(host, h('h2', { id: 'samples-h' }, 'Samples'),
+      h('p', { class: 'muted', 'data-testid': 'samples-count' }, 'These runs share no samples: samples are paired by id, so runs over different rows (another split or dataset) cannot be compared sample by sample.'));
+    return { showSample() {} };
+  }
   // Sort keys: 'disagreement' | 'score:NAME:RUN' | 'delta:NAME:RUN'.
   const state = { sort: 'disagreement', desc: true, query: '', onlyDiffer: false, shown: PAGE };
   const value = (s, key) => {

@@ -8,7 +8,7 @@
 import { api } from '../lib/api.js';
 import { lineChart, runColor } from '../lib/charts.js';
 import { h, replace, throttleFrame } from '../lib/dom.js';
-import { dateTime, duration, elapsed, interval, isActive, num, runLabel } from '../lib/format.js';
+import { bytes, dateTime, duration, elapsed, interval, isActive, num, runLabel } from '../lib/format.js';
 import { field, messageBox, outcome, reportControl, runBadge } from './common.js';
 
 const POLL_MS = 2000;
@@ -28,7 +28,7 @@ export async function mountRun(main, ctx) {
   const cloneLink = h('a', { class: 'button', href: `#/launch?clone=${encodeURIComponent(run.id)}`, 'data-testid': 'clone-run' }, 'Clone');
   const deleteButton = h('button', { type: 'button', class: 'danger', 'data-testid': 'delete-run' }, 'Delete');
   const actionMessage = messageBox();
-  const errorBox = h('div', { class: 'message form-error', role: 'alert', hidden: true });
+  const errorBox = h('div', { class: 'message form-error', role: 'alert', 'data-testid': 'run-error', hidden: true });
   // The interrupted state says what happened and offers the way on, in the same place.
   const bannerResume = h('button', { type: 'button', class: 'primary' }, 'Resume this run');
   const banner = h('div', { class: 'message banner', 'data-testid': 'run-banner', hidden: true });
@@ -309,7 +309,7 @@ export async function mountRun(main, ctx) {
         break;
       case 'loss':
       case 'step':
-        training?.add(data);
+        training?.add(data, data.type ?? e.type);
         break;
       default:
         break;
@@ -368,13 +368,18 @@ function trainingView() {
     eval_loss: h('dd', { class: 'num' }, '—'),
     learning_rate: h('dd', { class: 'num' }, '—'),
     grad_norm: h('dd', { class: 'num' }, '—'),
-    tokens_per_second: h('dd', { class: 'num' }, '—'),
+    tokens_per_second: h('dd', { class: 'num', 'data-testid': 'throughput' }, '—'),
+    memory_bytes: h('dd', { class: 'num', 'data-testid': 'memory' }, '—'),
+    gpu_memory_bytes: h('dd', { class: 'num', 'data-testid': 'gpu-memory' }, '—'),
     eta_seconds: h('dd', { class: 'num', 'data-testid': 'eta' }, '—'),
   };
   const labels = {
     step: 'Step', epoch: 'Epoch', loss: 'Loss', eval_loss: 'Eval loss', learning_rate: 'Learning rate',
-    grad_norm: 'Gradient norm', tokens_per_second: 'Tokens/s', eta_seconds: 'Time left (ETA)',
+    grad_norm: 'Gradient norm', tokens_per_second: 'Tokens/s', memory_bytes: 'Memory (process RSS)',
+    gpu_memory_bytes: 'GPU memory (tensors)', eta_seconds: 'Time left (ETA)',
   };
+  // A CPU run has no GPU memory: its entry shows only once a value arrives.
+  const gpuStat = stats.gpu_memory_bytes;
   const lossChart = lineChart({
     title: 'Loss', xLabel: 'step', yLabel: 'loss',
     series: [{ label: 'train loss', color: runColor(0) }, { label: 'eval loss', color: runColor(1), points: true }],
@@ -382,6 +387,14 @@ function trainingView() {
   const lrChart = lineChart({
     title: 'Learning rate', xLabel: 'step', yLabel: 'learning rate', height: 180,
     series: [{ label: 'learning rate', color: runColor(2) }],
+  });
+  const speedChart = lineChart({
+    title: 'Throughput', xLabel: 'step', yLabel: 'tokens/s', height: 180,
+    series: [{ label: 'tokens/s', color: runColor(3) }],
+  });
+  const memoryChart = lineChart({
+    title: 'Memory', xLabel: 'step', yLabel: 'MiB', height: 180,
+    series: [{ label: 'process RSS (MiB)', color: runColor(4) }, { label: 'GPU tensors (MiB, CUDA only)', color: runColor(5) }],
   });
   // Each evaluation's values (eval_loss and the generation metrics' eval_<score>), a row per
   // evaluation, step 0 (before training) included.
@@ -408,16 +421,25 @@ function trainingView() {
   const el = h('section', { 'aria-labelledby': 'training-h', class: 'panel' },
     h('h2', { id: 'training-h' }, 'Training'),
     h('dl', { class: 'stats', 'data-testid': 'training-stats' }, Object.entries(stats).map(([k, dd]) => h('div', {}, h('dt', {}, labels[k]), dd))),
-    h('div', { class: 'charts' }, lossChart.el, lrChart.el),
+    h('div', { class: 'charts' }, lossChart.el, lrChart.el, speedChart.el, memoryChart.el),
     evalTable,
   );
+  gpuStat.parentElement.hidden = true;
   const steps = [];
   const loss = [];
   const evalLoss = [];
   const lr = [];
+  const speed = [];
+  const rss = [];
+  const gpu = [];
+  const series = [loss, evalLoss, lr, speed, rss, gpu];
+  const perStep = new Set(); // steps whose own loss arrived (a `step` event)
+  const mib = (b) => b / (1024 * 1024);
   const draw = throttleFrame(() => {
     lossChart.setData(steps, loss, evalLoss);
     lrChart.setData(steps, lr);
+    speedChart.setData(steps, speed);
+    memoryChart.setData(steps, rss, gpu);
   });
   const val = (x) => (x === undefined ? null : x);
   let settled = false; // the run is over; replayed events must not bring back an ETA
@@ -430,7 +452,7 @@ function trainingView() {
   }, 1000);
   return {
     el,
-    add(d) {
+    add(d, kind = 'loss') {
       // Events arrive in step order; a second event for the same step (eval loss logged after
       // the train loss, as HF Trainer does) fills in the same column.
       let i = steps.length - 1;
@@ -439,29 +461,37 @@ function trainingView() {
           i = steps.findIndex((s) => s >= d.step);
           if (steps[i] !== d.step) {
             steps.splice(i, 0, d.step);
-            loss.splice(i, 0, null);
-            evalLoss.splice(i, 0, null);
-            lr.splice(i, 0, null);
+            for (const s of series) s.splice(i, 0, null);
           }
         } else {
           steps.push(d.step);
-          loss.push(null);
-          evalLoss.push(null);
-          lr.push(null);
+          for (const s of series) s.push(null);
           i = steps.length - 1;
         }
       }
       addEvaluation(d);
-      if (val(d.loss) !== null) loss[i] = d.loss;
+      // A step's own loss (its `step` event comes first) is not replaced by the logging
+      // window's mean that a logged step's `loss` event carries.
+      const ownLoss = kind === 'step' || !perStep.has(d.step);
+      if (kind === 'step') perStep.add(d.step);
+      if (val(d.loss) !== null && ownLoss) loss[i] = d.loss;
       if (val(d.eval_loss) !== null) evalLoss[i] = d.eval_loss;
       if (val(d.learning_rate) !== null) lr[i] = d.learning_rate;
+      if (val(d.tokens_per_second) !== null) speed[i] = d.tokens_per_second;
+      if (val(d.memory_bytes) !== null) rss[i] = mib(d.memory_bytes);
+      if (val(d.gpu_memory_bytes) !== null) gpu[i] = mib(d.gpu_memory_bytes);
       stats.step.textContent = String(d.step);
       if (val(d.epoch) !== null) stats.epoch.textContent = num(d.epoch);
-      if (val(d.loss) !== null) stats.loss.textContent = num(d.loss);
+      if (val(d.loss) !== null && ownLoss) stats.loss.textContent = num(d.loss);
       if (val(d.eval_loss) !== null) stats.eval_loss.textContent = num(d.eval_loss);
       if (val(d.learning_rate) !== null) stats.learning_rate.textContent = d.learning_rate.toExponential(2);
       if (val(d.grad_norm) !== null) stats.grad_norm.textContent = num(d.grad_norm);
       if (val(d.tokens_per_second) !== null) stats.tokens_per_second.textContent = Math.round(d.tokens_per_second).toLocaleString('en');
+      if (val(d.memory_bytes) !== null) stats.memory_bytes.textContent = bytes(d.memory_bytes);
+      if (val(d.gpu_memory_bytes) !== null) {
+        stats.gpu_memory_bytes.textContent = bytes(d.gpu_memory_bytes);
+        gpuStat.parentElement.hidden = false;
+      }
       if (val(d.eta_seconds) !== null && !settled) {
         etaAt = Date.now() + d.eta_seconds * 1000;
         stats.eta_seconds.textContent = duration(d.eta_seconds);
@@ -482,6 +512,8 @@ function trainingView() {
       clearInterval(tick);
       lossChart.destroy();
       lrChart.destroy();
+      speedChart.destroy();
+      memoryChart.destroy();
     },
   };
 }
@@ -558,11 +590,16 @@ function flatten(obj, prefix = '') {
   return out;
 }
 
+/** Metadata that a training measured (shown beside its duration, not among its settings). */
+const MEASURED = new Set(['peak_memory_bytes', 'peak_gpu_memory_bytes']);
+
 /** Every setting the run used: its launch request (train, generate), then metadata. */
 export function runSettings(run) {
   const seen = new Map();
   for (const [k, v] of flatten(run.request)) seen.set(k, v);
   for (const [k, v] of Object.entries(run.metadata ?? {})) {
+    // Measurements, not settings: shown with the run's times.
+    if (MEASURED.has(k)) continue;
     // The request is the fuller source; metadata adds what it lacks (adapter name, metrics…).
     const key = k === 'model' && seen.has('model_name_or_path') ? 'model_name_or_path' : k;
     if (!seen.has(key)) seen.set(key, typeof v === 'string' ? v : JSON.stringify(v));
@@ -582,6 +619,9 @@ function renderDetails(section, run) {
     ['Finished', dateTime(run.finished)],
     ['Duration', run.started ? elapsed(run.started, run.finished) : '—'],
   ];
+  const m = run.metadata ?? {};
+  if (m.peak_memory_bytes) times.push(['Peak memory (process RSS)', bytes(Number(m.peak_memory_bytes))]);
+  if (m.peak_gpu_memory_bytes) times.push(['Peak GPU memory (tensors)', bytes(Number(m.peak_gpu_memory_bytes))]);
   if (u.requests) {
     times.push(['LLM requests', `${u.requests} (${u.cached ?? 0} cached)`]);
     times.push(['Tokens', `${(u.prompt_tokens ?? 0).toLocaleString('en')} prompt, ${(u.completion_tokens ?? 0).toLocaleString('en')} completion`]);
@@ -632,7 +672,7 @@ function metricErrors(run) {
  * server's own HF_TOKEN (the token never reaches the browser). */
 function publishView(run, ctx) {
   const name = run.metadata.adapter_name;
-  const repo = h('input', { type: 'text', autocomplete: 'off', placeholder: 'owner/name', required: true, pattern: '[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*' });
+  const repo = h('input', { type: 'text', autocomplete: 'off', placeholder: 'owner/name', required: true, pattern: '[A-Za-z0-9][A-Za-z0-9._\\-]*/[A-Za-z0-9][A-Za-z0-9._\\-]*' });
   const revision = h('input', { type: 'text', autocomplete: 'off', placeholder: 'main' });
   const priv = h('input', { type: 'checkbox', id: 'publish-private' });
   const push = h('button', { type: 'submit' }, 'Push to the Hub');

@@ -263,7 +263,7 @@ export async function mountRuns(main, ctx) {
       ),
       h('td', {}, runBadge(run), progressText(run)),
       h('td', {}, run.kind),
-      h('td', {}, md.model || md.base_model || '—', adapter ? h('div', { class: 'small muted' }, adapter.split('/').pop()) : null),
+      h('td', {}, modelCell(md.model || md.base_model), adapter ? h('div', { class: 'small muted' }, adapter.split('/').pop()) : null),
       h('td', { class: 'num' }, f.lr === undefined ? '—' : f.lr.toExponential(0).replace('-', '−')),
       h('td', { class: 'num' }, f.r ?? '—'),
       h('td', { class: 'num' }, num(f.trainLoss)),
@@ -274,6 +274,18 @@ export async function mountRuns(main, ctx) {
   };
 
   await load();
+}
+
+/**
+ * A model as the list shows it: a local folder by its last part (the whole path on hover and
+ * in the run's settings), so a long path does not take three lines; names and hub ids whole.
+ */
+function modelCell(model) {
+  if (!model) return '—';
+  const local = /^([/~.]|[A-Za-z]:\\)/.test(model);
+  const parts = model.split(/[/\\]/).filter(Boolean);
+  if (!local || parts.length < 2) return model;
+  return h('span', { title: model }, `…/${parts[parts.length - 1]}`);
 }
 
 /** What adapterlab does, for a first visit with no runs, and a one-click quick start. */

@@ -14,6 +14,7 @@ mod model;
 mod output;
 mod plugins;
 mod push;
+mod remote;
 mod report;
 mod runs;
 mod serve;

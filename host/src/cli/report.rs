@@ -6,6 +6,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 
 use crate::cli::Context;
+use crate::cli::remote::{self, Source};
 use crate::eval::{compare::compare, report};
 use crate::plugin::CallContext;
 
@@ -24,28 +25,50 @@ pub struct ReportArgs {
 }
 
 pub fn run(args: ReportArgs, ctx: &Context) -> Result<()> {
-    let store = ctx.store()?;
-    let registry = ctx.registry()?;
-    let reporter = registry.reporter_for(&args.format)?;
-    let input = if args.runs.len() == 1 {
-        let run = store.resolve_run(&args.runs[0])?;
-        report::single(&run, &store.samples(&run.id)?)
-    } else {
-        report::comparison(&compare(&store, &args.runs)?)
+    let (media_type, content) = match remote::source(ctx)? {
+        Source::Store(store) => {
+            let registry = ctx.registry()?;
+            let reporter = registry.reporter_for(&args.format)?;
+            let input = if args.runs.len() == 1 {
+                let run = store.resolve_run(&args.runs[0])?;
+                report::single(&run, &store.samples(&run.id)?)
+            } else {
+                report::comparison(&compare(&store, &args.runs)?)
+            };
+            let document = reporter.session(CallContext::default())?.render(&input)?;
+            (document.media_type, document.content)
+        }
+        // The server renders it with its reporter plugins (GET /api/report).
+        Source::Server(server) => {
+            let runs = args.runs.join(",");
+            let response = server.get(
+                &["api", "report"],
+                &[("runs", runs.as_str()), ("format", args.format.as_str())],
+            )?;
+            let media_type = response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("application/octet-stream")
+                .to_string();
+            let content = response
+                .text()
+                .with_context(|| format!("failed to read the report from {}", server.url))?;
+            (media_type, content)
+        }
     };
-    let document = reporter.session(CallContext::default())?.render(&input)?;
     match &args.out {
         Some(path) => {
-            std::fs::write(path, document.content.as_bytes())
+            std::fs::write(path, content.as_bytes())
                 .with_context(|| format!("failed to write {}", path.display()))?;
             eprintln!(
                 "wrote {} ({}, {} bytes)",
                 path.display(),
-                document.media_type,
-                document.content.len()
+                media_type,
+                content.len()
             );
         }
-        None => print!("{}", document.content),
+        None => print!("{content}"),
     }
     Ok(())
 }

@@ -4,8 +4,10 @@ use anyhow::Result;
 use clap::Subcommand;
 
 use crate::cli::output::table;
+use crate::cli::remote::{self, Source};
 use crate::cli::{Context, ExitCode};
-use crate::eval::compare::compare;
+use crate::eval::compare::{Comparison, compare};
+use crate::store::{RunRecord, SampleRecord};
 
 #[derive(Debug, Subcommand)]
 pub enum RunsCommand {
@@ -81,10 +83,13 @@ pub enum Format {
 pub const EXIT_REGRESSION: u8 = 3;
 
 pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
-    let store = ctx.store()?;
     match cmd {
         RunsCommand::List { json } => {
-            let runs = store.list_runs()?;
+            // While a server holds the store, through its API (cli/remote.rs).
+            let runs: Vec<RunRecord> = match remote::source(ctx)? {
+                Source::Store(store) => store.list_runs()?,
+                Source::Server(server) => server.json(&["api", "runs"], &[])?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&runs)?);
                 return Ok(());
@@ -130,8 +135,18 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
             Ok(())
         }
         RunsCommand::Show { id, json, samples } => {
-            let run = store.resolve_run(&id)?;
-            let sample_records = store.samples(&run.id)?;
+            let (run, sample_records): (RunRecord, Vec<SampleRecord>) = match remote::source(ctx)? {
+                Source::Store(store) => {
+                    let run = store.resolve_run(&id)?;
+                    let samples = store.samples(&run.id)?;
+                    (run, samples)
+                }
+                Source::Server(server) => {
+                    let run: RunRecord = server.json(&["api", "runs", &id], &[])?;
+                    let samples = server.json(&["api", "runs", &run.id, "samples"], &[])?;
+                    (run, samples)
+                }
+            };
             if json {
                 let mut doc = serde_json::to_value(&run)?;
                 if samples {
@@ -170,7 +185,7 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
             }
             Ok(())
         }
-        RunsCommand::Export { id, to, out } => export(&store, &id, to, out),
+        RunsCommand::Export { id, to, out } => export(&ctx.store()?, &id, to, out),
         RunsCommand::Compare {
             ids,
             json,
@@ -178,7 +193,12 @@ pub fn run(cmd: RunsCommand, ctx: &Context) -> Result<()> {
             fail_on_regression,
             min_delta,
         } => {
-            let c = compare(&store, &ids)?;
+            let c: Comparison = match remote::source(ctx)? {
+                Source::Store(store) => compare(&store, &ids)?,
+                Source::Server(server) => {
+                    server.json(&["api", "compare"], &[("runs", ids.join(",").as_str())])?
+                }
+            };
             if !min_delta.is_finite() || min_delta < 0.0 {
                 anyhow::bail!("--min-delta {min_delta}: must be a finite number ≥ 0");
             }

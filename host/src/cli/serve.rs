@@ -81,7 +81,12 @@ pub fn run(args: ServeArgs, ctx: &Context) -> Result<()> {
             .with_context(|| format!("failed to listen on {}", args.addr))?
             .into_std()?,
     };
-    tokio.block_on(crate::server::serve_on(state, listener, move |addr| {
+    let announced = ctx.data_dir.clone();
+    let served = tokio.block_on(crate::server::serve_on(state, listener, move |addr| {
+        // Read-only commands find the server here while it holds the store (cli/remote.rs).
+        if let Err(e) = crate::cli::remote::announce(&announced, addr) {
+            eprintln!("warning: {e:#}; `adapterlab report` and `runs` cannot reach this server");
+        }
         if !addr.ip().is_loopback() {
             eprintln!("warning: listening on {addr}, which is not loopback: anyone who can reach it and holds the token can use it; requests must name a host allowed with --allowed-host");
         }
@@ -98,7 +103,9 @@ pub fn run(args: ServeArgs, ctx: &Context) -> Result<()> {
             println!("open http://{addr}/#token=<the token in {}>", token_file.display());
         }
         println!("OpenAI-compatible API: OPENAI_BASE_URL=http://{addr}/v1 OPENAI_API_KEY=<the token>");
-    }))
+    }));
+    crate::cli::remote::withdraw(&ctx.data_dir);
+    served
 }
 
 /// The data directory holds every run's sources and predictions and the API token: only its

@@ -5,13 +5,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::eval::input::all_references;
 use crate::eval::stats::{is_significant, paired_difference};
 use crate::store::{Estimate, RunRecord, SampleRecord, ScoreInfo, Store};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Delta {
     /// The run compared against the baseline.
     pub run: String,
@@ -26,7 +26,7 @@ pub struct Delta {
 }
 
 /// One sample as every compared run saw it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SampleView {
     pub id: String,
     pub source: Option<String>,
@@ -42,7 +42,7 @@ pub struct SampleView {
     pub disagreement: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Comparison {
     pub runs: Vec<RunRecord>,
     pub scores: Vec<ScoreInfo>,

@@ -282,8 +282,9 @@ pub enum RunEvent {
         level: String,
         message: String,
     },
-    /// Every training step that `logging_steps` does not log: the dashboard's charts and ETA
-    /// follow each step, while trainer_state.json and the trackers keep HF's cadence.
+    /// Every training step, with that step's own loss: the dashboard's charts and ETA follow
+    /// each step, while trainer_state.json and the trackers keep HF's cadence (`Loss`, whose
+    /// loss is the mean over the logging window, follows a logged step's `Step`).
     Step {
         step: u64,
         epoch: f64,
@@ -292,6 +293,15 @@ pub enum RunEvent {
         grad_norm: f64,
         #[serde(default)]
         eta_seconds: Option<f64>,
+        /// Tokens per second since the last logged step.
+        #[serde(default)]
+        tokens_per_second: Option<f64>,
+        /// The process's resident memory after the step.
+        #[serde(default)]
+        memory_bytes: Option<u64>,
+        /// On CUDA, the device memory candle's tensors held after the step.
+        #[serde(default)]
+        gpu_memory_bytes: Option<u64>,
     },
     /// A logged training step, in HF Trainer's log_history shape.
     Loss {
@@ -309,6 +319,12 @@ pub enum RunEvent {
         tokens_per_second: Option<f64>,
         #[serde(default)]
         eta_seconds: Option<f64>,
+        /// The process's resident memory after the step (none on evaluation events).
+        #[serde(default)]
+        memory_bytes: Option<u64>,
+        /// On CUDA, the device memory candle's tensors held after the step.
+        #[serde(default)]
+        gpu_memory_bytes: Option<u64>,
         /// An evaluation's other values, as HF logs them: `eval_<score>` of the generation
         /// metrics, `eval_runtime`, `eval_samples_per_second`.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -2,6 +2,8 @@
 //! tensors cannot fit is refused with a message instead of aborting the process (an
 //! allocation failure in Rust aborts, taking every other job of the server with it).
 //!
+//! Also what a running training uses ([`in_use`]), for the live view and the run's record.
+//!
 //! The estimate is deliberately a lower bound (frozen 4-bit weights, the LoRA weights with
 //! their gradients and AdamW moments, a few hidden-sized activations per layer and token, the
 //! logits with their gradient), so that a run it refuses certainly could not have fit.
@@ -106,6 +108,80 @@ pub fn check_fits(config: &TrainConfig, shape: Shape, available: u64) -> Result<
     Ok(())
 }
 
+/// Memory a training step is using, sampled after the step (its loss has already been read,
+/// so sampling adds no synchronization).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct InUse {
+    /// The process's resident set size (`/proc/self/statm`): on the CPU, the model, its
+    /// activations and everything else the process holds.
+    pub rss_bytes: Option<u64>,
+    /// On CUDA, the bytes allocated from the device's memory pool (what candle's tensors
+    /// hold now; the pool keeps more mapped for reuse, as PyTorch's caching allocator does).
+    pub gpu_bytes: Option<u64>,
+}
+
+impl InUse {
+    /// The larger of each value: the peak so far.
+    pub fn max_with(self, other: InUse) -> InUse {
+        let max = |a: Option<u64>, b: Option<u64>| a.max(b);
+        InUse {
+            rss_bytes: max(self.rss_bytes, other.rss_bytes),
+            gpu_bytes: max(self.gpu_bytes, other.gpu_bytes),
+        }
+    }
+}
+
+/// What the process, and the device the model runs on, are using now.
+pub fn in_use(device: &candle_core::Device) -> InUse {
+    InUse {
+        rss_bytes: rss_bytes(),
+        gpu_bytes: gpu_bytes(device),
+    }
+}
+
+/// The resident set size from `/proc/self/statm` (pages); `None` off Linux.
+fn rss_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (page > 0).then(|| pages * page as u64)
+}
+
+/// The bytes in use in the CUDA device's default memory pool, which candle allocates from
+/// (stream-ordered allocation). `cuMemPoolGetAttribute` reads a counter: no synchronization.
+#[cfg(feature = "cuda")]
+fn gpu_bytes(device: &candle_core::Device) -> Option<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let candle_core::Device::Cuda(d) = device else {
+        return None;
+    };
+    let ctx = d.cuda_stream().context().clone();
+    ctx.bind_to_thread().ok()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut used = 0u64;
+    // SAFETY: `pool` is written by the driver for a valid device of a bound context; the
+    // attribute writes a u64 through the pointer.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .ok()?;
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+            &mut used as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .ok()?;
+    }
+    Some(used)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_bytes(_: &candle_core::Device) -> Option<u64> {
+    None
+}
+
 fn human(bytes: f64) -> String {
     let gib = bytes / (1u64 << 30) as f64;
     if gib >= 1024.0 * 1024.0 {
@@ -122,6 +198,16 @@ fn human(bytes: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_running_process_has_a_resident_set_and_the_cpu_no_gpu_memory() {
+        let used = in_use(&candle_core::Device::Cpu);
+        if cfg!(target_os = "linux") {
+            let rss = used.rss_bytes.expect("/proc/self/statm is readable");
+            assert!(rss > (1 << 20) && rss < (1 << 40), "{rss}");
+        }
+        assert_eq!(used.gpu_bytes, None);
+    }
 
     #[test]
     fn the_default_config_fits_and_an_absurd_batch_does_not() {

@@ -108,6 +108,14 @@ pub fn run_recorded(
             }
             r.metadata
                 .insert("global_step".into(), o.global_step.to_string());
+            for (k, v) in [
+                ("peak_memory_bytes", o.peak_memory.rss_bytes),
+                ("peak_gpu_memory_bytes", o.peak_memory.gpu_bytes),
+            ] {
+                if let Some(v) = v {
+                    r.metadata.insert(k.into(), v.to_string());
+                }
+            }
             if let Some(dir) = &o.adapter_dir {
                 r.metadata
                     .insert("adapter".into(), dir.display().to_string());
@@ -116,12 +124,14 @@ pub fn run_recorded(
     })?;
     let outcome = result?;
     let run = store.resolve_run(run_id)?;
+    let mut stored_as = None;
     if let Some(dir) = &outcome.adapter_dir {
         let path = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
         let name = adapter_name(store, &run, &path)?;
         store.update_run(run_id, |r| {
             r.metadata.insert("adapter_name".into(), name.clone());
         })?;
+        stored_as = Some(name.clone());
         store.put_adapter(&AdapterRecord {
             name,
             path: path.display().to_string(),
@@ -157,6 +167,10 @@ pub fn run_recorded(
                     .display()
                     .to_string(),
             );
+        }
+        // The name people pick the adapter by (the folder is the run's id).
+        if let Some(name) = &stored_as {
+            metadata.insert("adapter_name".into(), name.clone());
         }
         let request = eval_request(&run.name, config, outcome.predictions.clone(), metadata);
         let eval_run = pipeline::create_run(store, &request, &metric_plugins)?;

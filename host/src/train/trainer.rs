@@ -34,6 +34,7 @@ use crate::plugin::Registry;
 use crate::store::{RunEvent, Store};
 use crate::train::config::{ComputeDtype, TrainConfig};
 use crate::train::dist::Comm;
+use crate::train::memory;
 use crate::train::optim::{AdamW, AdamWParams, clip_grad_norm, lr_lambda, warmup_steps};
 
 /// What a training run needs from its caller besides the config.
@@ -107,6 +108,8 @@ pub struct TrainOutcome {
     pub predictions: Vec<PredictionRow>,
     /// Which split `predictions` come from.
     pub predictions_split: Option<String>,
+    /// The most memory a step of this session used (a resumed run: since the resume).
+    pub peak_memory: memory::InUse,
 }
 
 /// The training position a checkpoint records, beyond adapter and optimizer tensors.
@@ -699,6 +702,8 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                 grad_norm: None,
                 tokens_per_second: None,
                 eta_seconds: None,
+                memory_bytes: None,
+                gpu_memory_bytes: None,
                 eval_metrics: metrics.clone(),
             },
         );
@@ -733,6 +738,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     let mut epoch_cache: Option<(usize, Vec<Vec<usize>>)> = None;
     let mut window_started = Instant::now();
     let mut window_tokens = 0u64;
+    let mut peak = memory::InUse::default();
     let mut steps_this_run = 0usize;
     let mut stopped_early = false;
     let save_opts = SaveOptions {
@@ -888,25 +894,34 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         let is_last = state.global_step == max_steps;
 
         let logged = state.global_step % config.logging_steps.max(1) == 0 || is_last;
+        let used = memory::in_use(&device);
+        peak = peak.max_with(used);
+        // Every step, logged ones included: a logged step's `Loss` carries the mean over the
+        // logging window (HF's), which on the chart would stand out from its neighbours.
+        let per_step = started.elapsed().as_secs_f64() / steps_this_run as f64;
+        record(
+            env,
+            RunEvent::Step {
+                step: state.global_step as u64,
+                epoch: epoch_f,
+                loss: step_loss,
+                learning_rate: config.learning_rate
+                    * lr_lambda(
+                        config.lr_scheduler_type,
+                        state.global_step,
+                        warmup,
+                        max_steps,
+                    ),
+                grad_norm: last_grad_norm,
+                eta_seconds: Some(per_step * (max_steps - state.global_step) as f64),
+                tokens_per_second: Some(
+                    window_tokens as f64 / window_started.elapsed().as_secs_f64().max(1e-9),
+                ),
+                memory_bytes: used.rss_bytes,
+                gpu_memory_bytes: used.gpu_bytes,
+            },
+        );
         if !logged {
-            let per_step = started.elapsed().as_secs_f64() / steps_this_run as f64;
-            record(
-                env,
-                RunEvent::Step {
-                    step: state.global_step as u64,
-                    epoch: epoch_f,
-                    loss: step_loss,
-                    learning_rate: config.learning_rate
-                        * lr_lambda(
-                            config.lr_scheduler_type,
-                            state.global_step,
-                            warmup,
-                            max_steps,
-                        ),
-                    grad_norm: last_grad_norm,
-                    eta_seconds: Some(per_step * (max_steps - state.global_step) as f64),
-                },
-            );
             record_progress(env, state.global_step, max_steps);
         }
         if logged {
@@ -951,6 +966,8 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                     grad_norm: Some(last_grad_norm),
                     tokens_per_second: Some(tps),
                     eta_seconds: Some(eta),
+                    memory_bytes: used.rss_bytes,
+                    gpu_memory_bytes: used.gpu_bytes,
                     eval_metrics: BTreeMap::new(),
                 },
             );
@@ -1010,6 +1027,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         stopped_early,
         predictions: Vec::new(),
         predictions_split: None,
+        peak_memory: peak,
     };
     if !stopped_early && env.is_main() {
         if evaluated_at == Some(state.global_step) {
@@ -1655,9 +1673,13 @@ mod tests {
                 .map(|v| v.as_u64().unwrap() as u32)
                 .collect();
             let ids = candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-            let got =
-                adapterlab_model::CausalLm::forward_last(&with_adapter.model, &ids, None, None)?
-                    .to_vec2::<f32>()?;
+            let got = adapterlab_model::engine::CausalLm::forward_last(
+                &with_adapter.model,
+                &ids,
+                None,
+                None,
+            )?
+            .to_vec2::<f32>()?;
             let want: Vec<f32> = expected["peft_last_logits"][i]
                 .as_array()
                 .unwrap()
