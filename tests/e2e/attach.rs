@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use crate::server::{TOKEN, post, rt, start_with};
+use crate::server::{TOKEN, post, rt, start_with, wait_for};
 use crate::train::{dataset, tiny_model};
 use crate::util::*;
 
@@ -123,5 +123,45 @@ fn a_target_module_that_matches_nothing_is_refused_before_training() {
         .await;
         assert!((400..500).contains(&status), "{status} {body}");
         assert!(body.to_string().contains("nonexistent_proj"), "{body}");
+    });
+}
+
+#[test]
+fn a_mismatched_adapter_is_refused_by_the_server() {
+    let t = setup("attach-server");
+    let model = tiny_model(&t);
+    let adapter = falcon_adapter(&t);
+    let server = start_with(&t, &["--allow-path", t.path().to_str().unwrap()], &[]);
+    let base = server.base.clone();
+    let (model, adapter) = (model.display().to_string(), adapter.display().to_string());
+    rt().block_on(async move {
+        let (status, body) = post(
+            &base,
+            "/api/runs",
+            Some(TOKEN),
+            json!({"kind": "generate", "model": model, "adapter": adapter, "max_new_tokens": 2,
+                   "inputs": [{"id": 1, "source": "A: hi\nB: hello"}]}),
+        )
+        .await;
+        // Refused when it is queued, or failed when it runs: never generations of the base.
+        let error = if (400..500).contains(&status) {
+            body.to_string()
+        } else {
+            assert_eq!(status, 201, "{body}");
+            let id = body["id"].as_str().unwrap().to_string();
+            let run = wait_for(
+                &base,
+                &id,
+                |r| r["status"] != "queued" && r["status"] != "running",
+                120,
+            )
+            .await;
+            assert_eq!(run["status"], "failed", "{run}");
+            run["error"].to_string()
+        };
+        assert!(
+            error.contains("does not fit the model") && error.contains("query_key_value"),
+            "{error}"
+        );
     });
 }

@@ -76,7 +76,9 @@ struct Inner {
     /// then reopens it (see `server::disk`).
     store_broken: Arc<tokio::sync::Notify>,
     store_broken_reason: Mutex<Option<String>>,
-    eval_slots: (Mutex<usize>, Condvar),
+    /// Evaluations run up to `EVAL_CONCURRENCY` at once, started in the order they were
+    /// queued (each takes a ticket when dispatched).
+    eval_slots: (Mutex<EvalSlots>, Condvar),
     /// Model jobs take a ticket and run when it is served: one at a time, first come first
     /// served.
     model_lane: (Mutex<Lane>, Condvar),
@@ -145,7 +147,13 @@ impl Jobs {
                 disk_failed: Mutex::new(HashSet::new()),
                 store_broken: Arc::new(tokio::sync::Notify::new()),
                 store_broken_reason: Mutex::new(None),
-                eval_slots: (Mutex::new(EVAL_CONCURRENCY), Condvar::new()),
+                eval_slots: (
+                    Mutex::new(EvalSlots {
+                        free: EVAL_CONCURRENCY,
+                        ..Default::default()
+                    }),
+                    Condvar::new(),
+                ),
                 model_lane: (Mutex::new(Lane::default()), Condvar::new()),
                 io: Some(io),
             }),
@@ -441,10 +449,18 @@ impl Jobs {
                     .store
                     .request(&run.id)?
                     .with_context(|| format!("run {} has no stored request", run.id))?;
-                std::thread::Builder::new()
+                let ticket = {
+                    let mut slots = self.inner.eval_slots.0.lock().unwrap();
+                    slots.next_ticket += 1;
+                    let ticket = slots.next_ticket;
+                    slots.waiting.push_back(ticket);
+                    ticket
+                };
+                let slots = self.clone();
+                let spawned = std::thread::Builder::new()
                     .name(format!("eval-{short}"))
                     .spawn(move || {
-                        this.acquire_eval_slot();
+                        this.acquire_eval_slot(ticket);
                         if !cancel.load(Ordering::Relaxed) && this.begin_job(&run.id) {
                             let result =
                                 contain_panic(|| this.run_eval(&run.id, &request, cancel.clone()));
@@ -456,7 +472,14 @@ impl Jobs {
                         }
                         this.release_eval_slot();
                         this.forget_cancel(&run.id, &cancel);
-                    })?;
+                    });
+                if let Err(e) = spawned {
+                    // A ticket no thread holds would block every later evaluation.
+                    let (lock, cv) = &slots.inner.eval_slots;
+                    lock.lock().unwrap().waiting.retain(|t| *t != ticket);
+                    cv.notify_all();
+                    return Err(e.into());
+                }
             }
             RunKind::Train | RunKind::Generate => {
                 let ticket = {
@@ -711,19 +734,24 @@ impl Jobs {
         Turn { jobs: self.clone() }
     }
 
-    fn acquire_eval_slot(&self) {
+    /// Waits until a slot is free and `ticket` is the oldest waiting one: evaluations start
+    /// in the order they were queued, not in the order their threads happen to wake.
+    fn acquire_eval_slot(&self, ticket: u64) {
         let (lock, cv) = &self.inner.eval_slots;
-        let mut free = lock.lock().unwrap();
-        while *free == 0 {
-            free = cv.wait(free).unwrap();
+        let mut slots = lock.lock().unwrap();
+        while slots.free == 0 || slots.waiting.front() != Some(&ticket) {
+            slots = cv.wait(slots).unwrap();
         }
-        *free -= 1;
+        slots.waiting.pop_front();
+        slots.free -= 1;
+        // The next in line may find a slot too.
+        cv.notify_all();
     }
 
     fn release_eval_slot(&self) {
         let (lock, cv) = &self.inner.eval_slots;
-        *lock.lock().unwrap() += 1;
-        cv.notify_one();
+        lock.lock().unwrap().free += 1;
+        cv.notify_all();
     }
 
     /// The services behind `embed` and `chat` for one run's plugins, and its eval env.
@@ -937,6 +965,14 @@ impl Jobs {
         self.inner.store.flush()?;
         Ok(run)
     }
+}
+
+/// The evaluation slots: how many are free and the tickets waiting for one, oldest first.
+#[derive(Default)]
+struct EvalSlots {
+    free: usize,
+    next_ticket: u64,
+    waiting: std::collections::VecDeque<u64>,
 }
 
 /// Runs a job, turning a panic into its error: the run is then marked failed and the worker
