@@ -17,6 +17,7 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::plugin::{CallContext, PluginKind, Registry};
+use crate::train::config::Sampling;
 
 /// The bundled dialogue-summarization set (`data/dialogsum-mini`, made by
 /// `scripts/make_dialogsum_mini.py`), embedded so training works from any directory.
@@ -345,22 +346,26 @@ pub fn encode(
     })
 }
 
-/// The order of micro-batches for one epoch: a permutation seeded by `seed + epoch` (as HF's
-/// sampler reseeds per epoch); with `group_by_length`, HF's `LengthGroupedSampler`: mega-batches
-/// of 50 batches sorted by length, longest first, and the longest batch of all moved first.
+/// The order of micro-batches for one epoch: `sequential` is file order; otherwise a permutation
+/// seeded by `seed + epoch` (as HF's sampler reseeds per epoch), and with `group_by_length`
+/// HF's `LengthGroupedSampler`: mega-batches of 50 batches sorted by length, longest first, and
+/// the longest batch of all moved first.
 pub fn epoch_batches(
     lengths: &[usize],
     batch_size: usize,
-    group_by_length: bool,
+    sampling: Sampling,
     seed: u64,
     epoch: u64,
 ) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    let bs = batch_size.max(1);
+    if sampling == Sampling::Sequential {
+        return order.chunks(bs).map(<[usize]>::to_vec).collect();
+    }
     let mut rng =
         rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(epoch.wrapping_mul(0x9e37_79b9)));
-    let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.shuffle(&mut rng);
-    let bs = batch_size.max(1);
-    if !group_by_length {
+    if sampling == Sampling::Random {
         return order.chunks(bs).map(<[usize]>::to_vec).collect();
     }
     let mut flat = Vec::with_capacity(order.len());
@@ -457,12 +462,15 @@ mod tests {
     #[test]
     fn batches_cover_every_row_once_deterministically_and_group_by_length() {
         let lengths: Vec<usize> = (0..37).map(|i| (i * 7919) % 101).collect();
-        let a = epoch_batches(&lengths, 4, true, 42, 0);
-        assert_eq!(a, epoch_batches(&lengths, 4, true, 42, 0));
+        let a = epoch_batches(&lengths, 4, Sampling::GroupByLength, 42, 0);
+        assert_eq!(
+            a,
+            epoch_batches(&lengths, 4, Sampling::GroupByLength, 42, 0)
+        );
         // Each epoch reshuffles (visible without grouping: one mega-batch here sorts them all).
         assert_ne!(
-            epoch_batches(&lengths, 4, false, 42, 0),
-            epoch_batches(&lengths, 4, false, 42, 1)
+            epoch_batches(&lengths, 4, Sampling::Random, 42, 0),
+            epoch_batches(&lengths, 4, Sampling::Random, 42, 1)
         );
         let mut all: Vec<usize> = a.iter().flatten().copied().collect();
         all.sort();
@@ -476,8 +484,20 @@ mod tests {
         for b in &a[1..] {
             assert!(b.windows(2).all(|w| lengths[w[0]] >= lengths[w[1]]));
         }
-        let plain = epoch_batches(&lengths, 4, false, 42, 0);
+        let plain = epoch_batches(&lengths, 4, Sampling::Random, 42, 0);
         assert_eq!(plain.len(), 10);
+    }
+
+    #[test]
+    fn sequential_sampling_is_file_order_every_epoch() {
+        let lengths = [3, 9, 1, 7, 5];
+        let want = vec![vec![0, 1], vec![2, 3], vec![4]];
+        for epoch in 0..3 {
+            assert_eq!(
+                epoch_batches(&lengths, 2, Sampling::Sequential, 42, epoch),
+                want
+            );
+        }
     }
 
     #[test]

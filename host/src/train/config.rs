@@ -32,6 +32,16 @@ crate::named_choice! {
 }
 
 crate::named_choice! {
+    /// The sampler [`TrainConfig::sampling`] resolves `train_sampling_strategy` and
+    /// `group_by_length` to.
+    pub enum Sampling {
+        Random = "random",
+        Sequential = "sequential",
+        GroupByLength = "group_by_length",
+    }
+}
+
+crate::named_choice! {
     /// `quantization.bnb_4bit_compute_dtype`: the dtype the frozen base computes in on a
     /// GPU (the CPU always computes in f32).
     pub enum ComputeDtype {
@@ -71,7 +81,14 @@ pub struct TrainConfig {
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
+    /// transformers 4's switch for the length-grouped sampler; `false` turns the default
+    /// `train_sampling_strategy = "group_by_length"` into `"random"`.
     pub group_by_length: bool,
+    /// The order of training rows, as transformers 5's `train_sampling_strategy`: `random` (a
+    /// seeded permutation per epoch), `sequential` (file order every epoch, so another trainer
+    /// can see the same rows in the same steps) or `group_by_length` (HF's
+    /// `LengthGroupedSampler`, the default with `group_by_length`).
+    pub train_sampling_strategy: Sampling,
     /// Recompute each decoder layer's activations in backward instead of keeping them.
     pub gradient_checkpointing: bool,
     /// With `gradient_checkpointing`, checkpoint every this many layers (adapterlab's own key;
@@ -190,6 +207,7 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             group_by_length: true,
+            train_sampling_strategy: Sampling::GroupByLength,
             gradient_checkpointing: false,
             gradient_checkpointing_every: 1,
             logging_steps: 20,
@@ -646,6 +664,15 @@ impl TrainConfig {
         })
     }
 
+    /// The sampler training uses: `train_sampling_strategy`, with `group_by_length = false`
+    /// turning the length-grouped default into `random` (transformers 4's meaning of it).
+    pub fn sampling(&self) -> Sampling {
+        match self.train_sampling_strategy {
+            Sampling::GroupByLength if !self.group_by_length => Sampling::Random,
+            s => s,
+        }
+    }
+
     /// HF's rule: larger is better unless told otherwise or the name ends in `loss`.
     pub fn greater_is_better(&self) -> bool {
         self.greater_is_better
@@ -731,6 +758,7 @@ pub const CHOICES: &[(&str, &[&str])] = &[
     ("lr_scheduler_type", Scheduler::NAMES),
     ("optim", Optimizer::NAMES),
     ("eval_strategy", &["steps", "epoch", "no"]),
+    ("train_sampling_strategy", Sampling::NAMES),
     ("lora.bias", &["none"]),
     ("quantization.bnb_4bit_quant_type", &["nf4"]),
     ("quantization.bnb_4bit_compute_dtype", ComputeDtype::NAMES),
@@ -911,6 +939,32 @@ mod tests {
         for (key, _) in CHOICES {
             assert!(!at(key).is_null(), "{key} is not in the schema");
         }
+    }
+
+    #[test]
+    fn sampling_follows_train_sampling_strategy_and_group_by_length() {
+        let parse = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            TrainConfig::load(None, &sets).map(|c| c.sampling())
+        };
+        assert_eq!(parse(&[]).unwrap(), Sampling::GroupByLength);
+        assert_eq!(parse(&["group_by_length=false"]).unwrap(), Sampling::Random);
+        assert_eq!(
+            parse(&["train_sampling_strategy=sequential"]).unwrap(),
+            Sampling::Sequential
+        );
+        assert_eq!(
+            parse(&[
+                "group_by_length=false",
+                "train_sampling_strategy=sequential"
+            ])
+            .unwrap(),
+            Sampling::Sequential
+        );
+        let err = parse(&["train_sampling_strategy=shuffled"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("train_sampling_strategy"), "{err}");
     }
 
     #[test]

@@ -790,13 +790,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
             epoch_cache = Some((
                 epoch,
-                data::epoch_batches(
-                    &lengths,
-                    bs,
-                    config.group_by_length,
-                    config.seed,
-                    epoch as u64,
-                ),
+                data::epoch_batches(&lengths, bs, config.sampling(), config.seed, epoch as u64),
             ));
         }
         let batches = &epoch_cache.as_ref().expect("cached").1;
