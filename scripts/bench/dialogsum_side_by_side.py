@@ -106,7 +106,8 @@ def cmd_trl(a):
         gradient_accumulation_steps=c["gradient_accumulation_steps"],
         learning_rate=c["learning_rate"],
         lr_scheduler_type=c["lr_scheduler_type"],
-        warmup_ratio=c["warmup_ratio"],
+        # transformers 5 folded warmup_ratio into warmup_steps: a float below 1 is the ratio.
+        warmup_steps=c["warmup_ratio"],
         max_grad_norm=c["max_grad_norm"],
         weight_decay=c["weight_decay"],
         optim="adamw_torch",
