@@ -67,6 +67,12 @@ pub fn run(args: ServeArgs, ctx: &Context) -> Result<()> {
             allow_paths: args.allow_paths.clone(),
             watch_disk: true,
             restart_reason: std::env::var(crate::server::RESTART_REASON_ENV).ok(),
+            restart_failed: std::env::var(crate::server::RESTART_FAILED_ENV)
+                .unwrap_or_default()
+                .split(',')
+                .filter(|id| !id.is_empty())
+                .map(str::to_string)
+                .collect(),
         },
     )?;
     let token_file = ctx.data_dir.root().join("token");

@@ -41,6 +41,10 @@ pub struct Policy {
     /// Why the previous process of this server executed this one (its store had failed a
     /// write): the runs it left running are marked failed with this reason.
     pub restart_reason: Option<String>,
+    /// Runs the previous process stopped because the disk was full: they end failed, also
+    /// when the failure could not be written there and the store reads their stop as
+    /// `cancelled`.
+    pub restart_failed: Vec<String>,
 }
 
 /// A run refused or stopped because the data directory's disk is full.
@@ -72,6 +76,8 @@ struct Inner {
     disk: Arc<crate::server::disk::DiskState>,
     /// Runs stopped because the disk filled: they end `failed`, not `cancelled`.
     disk_failed: Mutex<HashSet<String>>,
+    /// Every run this process stopped for a full disk, for a successor (see `disk_stopped`).
+    disk_stopped: Mutex<HashSet<String>>,
     /// Notified when the store can no longer write although the disk has room: the server
     /// then reopens it (see `server::disk`).
     store_broken: Arc<tokio::sync::Notify>,
@@ -145,6 +151,7 @@ impl Jobs {
                 policy,
                 disk: Default::default(),
                 disk_failed: Mutex::new(HashSet::new()),
+                disk_stopped: Mutex::new(HashSet::new()),
                 store_broken: Arc::new(tokio::sync::Notify::new()),
                 store_broken_reason: Mutex::new(None),
                 eval_slots: (
@@ -245,6 +252,17 @@ impl Jobs {
         let store = &self.inner.store;
         {
             match run.status {
+                RunStatus::Cancelled if self.inner.policy.restart_failed.contains(&run.id) => {
+                    let reason = self.inner.policy.restart_reason.clone().unwrap_or_default();
+                    store.end_run(
+                        &run.id,
+                        RunStatus::Failed,
+                        Some(format!(
+                            "stopped because the data directory's disk was full ({reason}); resume it to run it again"
+                        )),
+                        |_| {},
+                    )?;
+                }
                 RunStatus::Running if self.inner.policy.restart_reason.is_some() => {
                     let reason = self.inner.policy.restart_reason.clone().unwrap_or_default();
                     store.transition(&run.id, &[RunStatus::Running], RunStatus::Failed, |r| {
@@ -605,13 +623,31 @@ impl Jobs {
             .collect();
         let cancels = self.inner.cancels.lock().unwrap();
         let mut failed = self.inner.disk_failed.lock().unwrap();
+        let mut stopped = self.inner.disk_stopped.lock().unwrap();
         for id in running {
             if let Some(flag) = cancels.get(&id) {
                 failed.insert(id.clone());
+                stopped.insert(id.clone());
                 flag.store(true, Ordering::SeqCst);
                 tracing::warn!("stopping run {id}: {reason}");
             }
         }
+    }
+
+    /// The runs this process stopped because the disk was full. A server that executes itself
+    /// again to reopen its store hands them over, as their failure may not have reached the
+    /// disk.
+    pub fn disk_stopped(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .inner
+            .disk_stopped
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect();
+        ids.sort();
+        ids
     }
 
     fn fail_for_disk(&self, run_id: &str) {

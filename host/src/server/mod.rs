@@ -51,6 +51,8 @@ pub struct ServeOptions {
     /// Set when this process was executed by its predecessor to reopen a store that had
     /// failed a write (see [`serve_on`]).
     pub restart_reason: Option<String>,
+    /// The runs that predecessor had stopped because the disk was full.
+    pub restart_failed: Vec<String>,
 }
 
 /// Largest request body: a Python plugin component is ~18 MB, a predictions upload can be
@@ -121,6 +123,7 @@ pub fn state_with(
             allow_paths: options.allow_paths,
             watch_disk: options.watch_disk,
             restart_reason: options.restart_reason,
+            restart_failed: options.restart_failed,
         },
     )?;
     Ok(AppState {
@@ -221,13 +224,13 @@ pub async fn serve_on(
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), served).await;
     match restart {
         None => stopped,
-        Some(reason) => reexec(kept, &reason),
+        Some(reason) => reexec(kept, &reason, &jobs.disk_stopped()),
     }
 }
 
 /// Replaces this process by a new run of the same command, which inherits `listener`.
 #[cfg(unix)]
-fn reexec(listener: std::net::TcpListener, reason: &str) -> anyhow::Result<()> {
+fn reexec(listener: std::net::TcpListener, reason: &str, failed: &[String]) -> anyhow::Result<()> {
     use std::os::unix::io::AsRawFd as _;
     use std::os::unix::process::CommandExt as _;
     let fd = listener.as_raw_fd();
@@ -243,13 +246,18 @@ fn reexec(listener: std::net::TcpListener, reason: &str) -> anyhow::Result<()> {
         .args(std::env::args_os().skip(1))
         .env(LISTEN_FD_ENV, fd.to_string())
         .env(RESTART_REASON_ENV, reason)
+        .env(RESTART_FAILED_ENV, failed.join(","))
         .exec();
     Err(anyhow::Error::from(error)
         .context("failed to execute the server again to reopen its store"))
 }
 
 #[cfg(not(unix))]
-fn reexec(_listener: std::net::TcpListener, reason: &str) -> anyhow::Result<()> {
+fn reexec(
+    _listener: std::net::TcpListener,
+    reason: &str,
+    _failed: &[String],
+) -> anyhow::Result<()> {
     anyhow::bail!("the store cannot write any more ({reason}); restart the server")
 }
 
@@ -257,6 +265,8 @@ fn reexec(_listener: std::net::TcpListener, reason: &str) -> anyhow::Result<()> 
 pub const LISTEN_FD_ENV: &str = "ADAPTERLAB_LISTEN_FD";
 /// Why the predecessor executed this server.
 pub const RESTART_REASON_ENV: &str = "ADAPTERLAB_RESTART_REASON";
+/// The runs the predecessor stopped for a full disk (comma-separated ids): they end failed.
+pub const RESTART_FAILED_ENV: &str = "ADAPTERLAB_RESTART_FAILED";
 
 /// The listening socket inherited from a predecessor, if this process is one's successor.
 pub fn inherited_listener() -> Option<std::net::TcpListener> {
