@@ -298,11 +298,14 @@ fn plugin_row(row: &Row) -> Vec<(String, String)> {
 pub struct Encoded {
     pub examples: Vec<Example>,
     pub truncated: usize,
-    /// Examples that kept no completion token after truncation (they teach nothing).
+    /// Rows left out because they kept no completion token after truncation: TRL's SFTTrainer
+    /// drops such fully masked examples, and so does this, or every later batch would hold
+    /// different rows than TRL's (and a row that teaches nothing would take a batch slot).
     pub no_targets: usize,
 }
 
-/// Tokenizes as TRL does (EOS appended to the completion), then truncates to `max_seq_length`.
+/// Tokenizes as TRL does (EOS appended to the completion), truncates to `max_seq_length`, and
+/// leaves out the rows with no target token left, as TRL does.
 pub fn encode(
     tokenizer: &Tokenizer,
     rows: &[Rendered],
@@ -336,6 +339,7 @@ pub fn encode(
         }
         if !ex.targets.iter().any(|t| *t) {
             no_targets += 1;
+            continue;
         }
         examples.push(ex);
     }
@@ -517,5 +521,51 @@ mod tests {
         assert_eq!(batch.positions.to_vec1::<u32>().unwrap(), vec![1, 2, 4]);
         assert_eq!(batch.labels.to_vec1::<u32>().unwrap(), vec![7, 8, 10]);
         assert_eq!((batch.n_targets, batch.n_tokens), (3, 6));
+    }
+}
+
+#[cfg(test)]
+mod encode_tests {
+    use std::str::FromStr as _;
+
+    use super::*;
+
+    /// One token a character, `</s>` as EOS.
+    fn char_tokenizer() -> Tokenizer {
+        let mut vocab = serde_json::Map::new();
+        for (i, tok) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+            vocab.insert(tok.to_string(), i.into());
+        }
+        for (i, c) in (32u8..127).map(char::from).enumerate() {
+            vocab.insert(c.to_string(), (i + 3).into());
+        }
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 2, "content": "</s>", "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"},
+                              "behavior": "Isolated", "invert": false},
+            "post_processor": null, "decoder": {"type": "Fuse"},
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+        });
+        Tokenizer::from_str(&json.to_string()).unwrap()
+    }
+
+    #[test]
+    fn rows_truncated_to_no_completion_token_are_left_out_as_trl_does() {
+        let rendered = |prompt: &str, completion: &str| Rendered {
+            prompt: prompt.into(),
+            completion: completion.into(),
+        };
+        let rows = [
+            rendered("short prompt: ", "kept"),
+            rendered(&"a long prompt ".repeat(10), "cut away"),
+            rendered("another: ", "kept too"),
+        ];
+        let enc = encode(&char_tokenizer(), &rows, Some("</s>"), true, 40).unwrap();
+        assert_eq!(enc.examples.len(), 2, "the fully masked row is gone");
+        assert_eq!((enc.truncated, enc.no_targets), (1, 1));
+        assert!(enc.examples.iter().all(|e| n_targets(e) > 0));
     }
 }

@@ -477,6 +477,13 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         config.max_seq_length,
     )?;
     report_truncation(env, "train", &train, config.max_seq_length);
+    if train.examples.is_empty() {
+        bail!(
+            "train: no row keeps a completion token after truncation to max_seq_length = {}; \
+             raise max_seq_length or shorten the prompts",
+            config.max_seq_length
+        );
+    }
     let vocab = model.vocab_size() as u32;
     if let Some(id) = train
         .examples
@@ -1237,7 +1244,7 @@ fn report_truncation(env: &TrainEnv, split: &str, enc: &Encoded, max: usize) {
             format!(
                 "{split}: {} of {} examples truncated to max_seq_length = {max} tokens",
                 enc.truncated,
-                enc.examples.len()
+                enc.examples.len() + enc.no_targets
             ),
         );
     }
@@ -1245,7 +1252,7 @@ fn report_truncation(env: &TrainEnv, split: &str, enc: &Encoded, max: usize) {
         log(
             env,
             format!(
-                "{split}: {} examples keep no completion token after truncation and add nothing to the loss",
+                "{split}: {} examples keep no completion token after truncation and are left out, as TRL leaves them out",
                 enc.no_targets
             ),
         );
