@@ -299,28 +299,7 @@ mod tests {
     use super::*;
     use crate::lora::TargetModules;
     use crate::quant::nf4::Nf4Tensor;
-
-    fn randn(shape: (usize, usize), scale: f32, seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let v: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| rng.random_range(-1.0f32..1.0) * scale)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::quant::weight::tests::{max_diff, randn};
 
     #[test]
     fn nf4_forward_equals_dense_forward_on_dequantized_weight() {

@@ -420,13 +420,15 @@ impl CustomOp1 for Nf4MatMul {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::Var;
 
     use crate::quant::nf4::Nf4Options;
 
-    fn randn(shape: (usize, usize), scale: f32, seed: u64) -> Tensor {
+    /// A `[rows, cols]` f32 weight, uniform in `[-scale, scale)`, seeded (shared with
+    /// `nn::linear`'s tests).
+    pub(crate) fn randn(shape: (usize, usize), scale: f32, seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let v: Vec<f32> = (0..shape.0 * shape.1)
@@ -435,7 +437,7 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
             .unwrap()
             .abs()
