@@ -369,28 +369,26 @@ fn check_types(table: &toml::Table, origin: &str) -> Result<()> {
     check(table, &defaults, "", origin)
 }
 
-/// Every named choice in `table` is one of its names ([`CHOICES`]), checked before the table
-/// becomes a [`TrainConfig`] so the error names the key rather than only the value.
+/// Every named choice in `table` is one of its names ([`CHOICES`], the table the published
+/// schema lists too), checked before the table becomes a [`TrainConfig`] so that the error names
+/// the key (the enum-typed ones would otherwise fail with serde's message naming only the value).
 fn check_choices(table: &toml::Table, origin: &str) -> Result<()> {
+    let values = serde_json::to_value(table).unwrap_or_default();
+    // The quantization type only matters when quantizing.
+    let load_in_4bit = values
+        .pointer("/quantization/load_in_4bit")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(TrainConfig::default().quantization.load_in_4bit);
     for (key, names) in CHOICES {
-        let mut parts = key.split('.').peekable();
-        let mut node = Some(table);
-        let mut value = None;
-        while let Some(part) = parts.next() {
-            let Some(t) = node else { break };
-            if parts.peek().is_some() {
-                node = t.get(part).and_then(toml::Value::as_table);
-            } else {
-                value = t.get(part);
-            }
-        }
-        let given: Vec<&str> = match value {
-            Some(toml::Value::String(s)) => vec![s.as_str()],
-            Some(toml::Value::Array(a)) => a.iter().filter_map(toml::Value::as_str).collect(),
+        let given = key.split('.').try_fold(&values, |v, k| v.get(k));
+        let given: Vec<&str> = match given {
+            Some(serde_json::Value::String(s)) => vec![s.as_str()],
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect(),
             _ => continue,
         };
-        // report_to has its own messages (what to use instead of wandb).
-        if *key == "report_to" {
+        // report_to has its own messages (what to use instead of wandb), from
+        // `track::parse_report_to`.
+        if (*key == "quantization.bnb_4bit_quant_type" && !load_in_4bit) || *key == "report_to" {
             continue;
         }
         if let Some(bad) = given.iter().find(|g| !names.contains(g)) {
@@ -469,29 +467,7 @@ impl TrainConfig {
 
     pub fn validate(&self, origin: &str) -> Result<()> {
         let fail = |field: &str, why: String| anyhow::anyhow!("{origin}: `{field}` {why}");
-        // Names from CHOICES, the table the published schema lists too.
-        let values = serde_json::to_value(self).unwrap_or_default();
-        for (key, names) in CHOICES {
-            let given = key.split('.').try_fold(&values, |v, k| v.get(k));
-            let given: Vec<&str> = match given {
-                Some(serde_json::Value::String(s)) => vec![s.as_str()],
-                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect(),
-                _ => continue,
-            };
-            // The quantization type only matters when quantizing; report_to has its own
-            // messages (what to use instead of wandb), from `track::parse_report_to`.
-            if (*key == "quantization.bnb_4bit_quant_type" && !self.quantization.load_in_4bit)
-                || *key == "report_to"
-            {
-                continue;
-            }
-            if let Some(bad) = given.iter().find(|g| !names.contains(g)) {
-                return Err(fail(
-                    key,
-                    format!("is {bad:?}; expected one of {}", names.join(", ")),
-                ));
-            }
-        }
+        // The named choices were checked by `check_choices` before the config was built.
         if self.gradient_checkpointing_every == 0 {
             return Err(fail(
                 "gradient_checkpointing_every",
@@ -882,6 +858,23 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_quantization_type_is_checked_only_when_quantizing() {
+        let e = load_str("[quantization]\nbnb_4bit_quant_type = \"fp4\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("quantization.bnb_4bit_quant_type") && e.contains("nf4"),
+            "{e}"
+        );
+        let c = load_str(
+            "[quantization]\nload_in_4bit = false\nbnb_4bit_quant_type = \"fp4\"\n",
+            &[],
+        )
+        .unwrap();
+        assert!(!c.quantization.load_in_4bit);
+    }
 
     fn load_str(text: &str, overrides: &[&str]) -> Result<TrainConfig> {
         let dir = tempfile::tempdir().unwrap();
