@@ -17,7 +17,7 @@ use adapterlab_model::engine::CausalLm;
 use adapterlab_model::engine::Fetcher;
 use adapterlab_model::engine::LoadedModel;
 use adapterlab_model::engine::Nf4Options;
-use adapterlab_model::engine::loss::{Example, loss_on_examples};
+use adapterlab_model::engine::loss::loss_on_examples;
 use adapterlab_model::engine::peft::{self, SaveOptions};
 use adapterlab_model::engine::{BaseFormat, LinearBuilder};
 use adapterlab_model::engine::{Engine, load_model_with};
@@ -628,17 +628,17 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     let evaluate = |registry: &LoraRegistry| -> Result<Option<f64>> {
         let Some(val) = &val else { return Ok(None) };
         registry.set_training(false);
-        let examples: Vec<Example> = val
-            .examples
-            .iter()
-            .filter(|e| e.targets.iter().any(|t| *t))
-            .cloned()
-            .collect();
-        if examples.is_empty() {
+        // `data::encode` has left out the rows without a target token.
+        if val.examples.is_empty() {
             return Ok(None);
         }
         Ok(Some(
-            loss_on_examples(model, &examples, config.per_device_eval_batch_size.max(1))?.loss,
+            loss_on_examples(
+                model,
+                &val.examples,
+                config.per_device_eval_batch_size.max(1),
+            )?
+            .loss,
         ))
     };
     // Rank 0 evaluates alone; the others meet it at the next step's all-reduce.
