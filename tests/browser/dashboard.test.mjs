@@ -645,6 +645,22 @@ describe('adapterlab dashboard', () => {
     await audit('run-generate');
   }, { skip: !TEST_TRAIN && 'needs the trained adapter of the training step' });
 
+  step('shows every reference of a sample that has several', async () => {
+    const rows = (await import('node:fs')).readFileSync(PRED_A, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l))
+      .slice(0, 3).map(({ reference, ...r }, i) => (i === 0 ? { ...r, references: [reference, 'A second reference, written by another annotator.'] } : { ...r, reference }));
+    const created = await apiCall('POST', '/api/runs', { kind: 'eval', name: 'several-references', predictions: rows, metrics: ['rouge'], settings: {}, score_references: false });
+    assert.equal(created.status, 201, `could not launch: ${JSON.stringify(created.json)}`);
+    await go(`#/runs/${encodeURIComponent(created.json.id)}`);
+    await page.waitForFunction(() => ['done', 'failed'].includes(document.querySelector('[data-testid=run-status]')?.dataset.status));
+    const list = page.locator('ol.references');
+    await list.first().waitFor();
+    assert.equal(await list.count(), 1, 'only the first sample has several references');
+    const items = await list.first().locator('li').allInnerTexts();
+    assert.deepEqual(items.map((t) => t.trim()), [rows[0].references[0], rows[0].references[1]]);
+    await shot('run-several-references');
+    await audit('run-several-references');
+  });
+
   step('a run whose metric failed on every sample does not read as done', async () => {
     const a = await apiCall('GET', '/api/plugins');
     const rows = (await import('node:fs')).readFileSync(PRED_A, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l));

@@ -220,13 +220,17 @@ function score(state, run, rows, metrics, scoreReferences) {
     const errors = {};
     for (const s of infos) {
       try {
-        scores[s.name] = s.fn(r.prediction, r.reference);
+        // Several references: the best score over them, as the real metrics do.
+        const refs = r.references ?? [r.reference];
+        const each = refs.map((ref) => s.fn(r.prediction, ref));
+        scores[s.name] = s.higher_is_better === false ? Math.min(...each) : Math.max(...each);
       } catch (e) {
         errors[s.metric] = `plugin "${s.metric}" 0.1.0: ${e.message}`;
       }
     }
     if (r.prediction.trim() === '') errors.length_ratio = 'empty prediction';
-    const out = { index, id: r.id, prediction: r.prediction, reference: r.reference, source: r.source ?? null, scores, errors };
+    const out = { index, id: r.id, prediction: r.prediction, reference: r.reference ?? r.references[0], source: r.source ?? null, scores, errors };
+    if (r.references?.length > 1) out.references = r.references;
     if (scoreReferences) {
       out.reference_scores = {};
       for (const s of infos) {
@@ -453,7 +457,8 @@ function validateRun(state, body) {
       if (!Array.isArray(body.predictions) || body.predictions.length === 0) return 'field `predictions` must be a non-empty array';
       const seen = new Set();
       for (const [i, r] of body.predictions.entries()) {
-        if (typeof r?.id !== 'string' || typeof r.prediction !== 'string' || typeof r.reference !== 'string') return `predictions[${i}]: needs string id, prediction and reference`;
+        const refsOk = (typeof r?.reference === 'string') !== (Array.isArray(r?.references) && r.references.length > 0 && r.references.every((x) => typeof x === 'string'));
+        if (typeof r?.id !== 'string' || typeof r.prediction !== 'string' || !refsOk) return `predictions[${i}]: needs string id, prediction and one of reference or references`;
         if (seen.has(r.id)) return `predictions[${i}]: duplicate id "${r.id}"`;
         seen.add(r.id);
       }
@@ -506,7 +511,7 @@ function compare(state, ids) {
       disagreement += (Math.max(...vals) - Math.min(...vals)) / (s.max - s.min || 1);
     }
     samples.push({
-      id: b.id, source: b.source, reference: b.reference, predictions: rows.map((r) => r.prediction),
+      id: b.id, source: b.source, reference: b.reference, references: b.references ?? [b.reference], predictions: rows.map((r) => r.prediction),
       scores: rows.map((r) => Object.fromEntries(scores.map((s) => [s.name, r.scores[s.name]]))), disagreement,
     });
   }

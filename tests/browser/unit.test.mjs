@@ -8,6 +8,7 @@ import { describe, it } from 'node:test';
 
 const load = (rel) => import(`data:text/javascript;base64,${readFileSync(new URL(`../../web/${rel}`, import.meta.url)).toString('base64')}`);
 const { wordDiff, diffStats, tokenize } = await load('lib/diff.js');
+const { num, signed } = await load('lib/format.js');
 const { parsePredictions, parseSettings, parseNumber, parseList } = await load('lib/parse.js');
 
 // Rebuild one side of a diff: `same` + `ins` runs spell `after`, `same` + `del` runs `before`.
@@ -95,6 +96,28 @@ describe('parsePredictions', () => {
   it('accepts a null source', () => {
     assert.deepEqual(check('{"id":"a","prediction":"p","reference":"r","source":null}', []), [{ id: 'a', prediction: 'p', reference: 'r' }]);
   });
+  it('reads several references as the server does, and one as `reference`', () => {
+    assert.deepEqual(check([
+      '{"id":"a","prediction":"p","references":["r1","r2"]}',
+      '{"id":"b","prediction":"p","references":["r"]}',
+    ].join('\n'), []), [
+      { id: 'a', prediction: 'p', references: ['r1', 'r2'] },
+      { id: 'b', prediction: 'p', reference: 'r' },
+    ]);
+    check([
+      '{"id":"a","prediction":"p","reference":"r","references":["r"]}',
+      '{"id":"b","prediction":"p","references":[]}',
+      '{"id":"c","prediction":"p","references":["r",2]}',
+      '{"id":"d","prediction":"p","references":"r"}',
+      '{"id":"e","prediction":"p"}',
+    ].join('\n'), [
+      [1, 'both `reference` and `references`: give one'],
+      [2, 'field `references` is an empty list; give at least one'],
+      [3, 'field `references`, item 2: must be a string, not a number'],
+      [4, 'field `references` must be a list of strings, not a string'],
+      [5, 'missing field `reference` (or `references`)'],
+    ]);
+  });
   it('says when the file holds no samples', () => check('\n\n', [[0, 'the file holds no samples']]));
 });
 
@@ -156,5 +179,15 @@ describe('sseParser', () => {
   it('does not dispatch an event without data or an unfinished one', () => {
     const { out } = parse(['event: x\n\ndata: half']);
     assert.deepEqual(out, []);
+  });
+});
+
+describe('num and signed', () => {
+  it('writes small differences in plain decimals with two significant digits', () => {
+    assert.equal(signed(-9.31e-4), '−0.00093');
+    assert.equal(signed(0.0123), '+0.012');
+    assert.equal(signed(1.2e-7), '+0.00000012');
+    assert.equal(signed(0), '±0');
+    assert.equal(num(0.5), '0.500');
   });
 });

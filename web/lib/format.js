@@ -15,11 +15,19 @@ export function num(x) {
   return s.replace('-', '−');
 }
 
-/** A difference, always signed. */
+/**
+ * A difference, always signed. Small differences keep two significant digits in plain decimals
+ * ("−0.00093", not "−9.31e-4"): they sit beside scores written that way and are read against
+ * them.
+ */
 export function signed(x) {
   if (x === null || x === undefined || Number.isNaN(x)) return '—';
   if (x === 0) return '±0';
-  return (x > 0 ? '+' : '') + num(x);
+  const a = Math.abs(x);
+  const body = a < 0.001 && a >= 1e-8
+    ? x.toFixed(Math.min(9, 1 - Math.floor(Math.log10(a)))).replace('-', '−')
+    : num(x);
+  return (x > 0 ? '+' : '') + body;
 }
 
 /** "[low, high]" for a 95% interval. */

@@ -3,12 +3,14 @@
 // module directly.
 //
 // `parsePredictions` follows the server's own reader (host/src/eval/input.rs) rule for rule and
-// message for message: JSON Lines with `id`, `prediction`, `reference` and an optional `source`;
+// message for message: JSON Lines with `id`, `prediction`, `reference` (or `references`, a
+// non-empty list of strings) and an optional `source`;
 // blank lines skipped; every bad line reported with its 1-based number.
 
 /**
  * Parse a predictions file's bytes. Returns `{ rows, errors }`; `rows` hold
- * `{ id, prediction, reference, source? }` with `id` always a string, and `errors` hold
+ * `{ id, prediction, reference | references, source? }` (as the server takes them: `references`
+ * only for two or more) with `id` always a string, and `errors` hold
  * `{ line, message }` (line 0 for a problem with the file as a whole).
  */
 export function parsePredictions(bytes) {
@@ -70,14 +72,43 @@ function parseRow(text) {
   else if (rawId === '') return 'field `id` is empty';
   else if (rawId === undefined) return 'missing field `id`';
   else return `field \`id\` must be a string or number, not ${typeName(rawId)}`;
-  const row = { id };
-  for (const [name, required] of [['prediction', true], ['reference', true], ['source', false]]) {
+  // The server's order: references first, then the prediction, then the source.
+  const textField = (name, required) => {
     const v = value[name];
-    if (typeof v === 'string') row[name] = v;
-    else if (!required && (v === null || v === undefined)) continue;
-    else if (v === undefined) return `missing field \`${name}\``;
-    else return `field \`${name}\` must be a string, not ${typeName(v)}`;
+    if (typeof v === 'string') return { ok: v };
+    if (!required && (v === null || v === undefined)) return { ok: undefined };
+    if (v === undefined) return { err: `missing field \`${name}\`` };
+    return { err: `field \`${name}\` must be a string, not ${typeName(v)}` };
+  };
+  let reference;
+  let references;
+  const hasOne = value.reference !== undefined;
+  const hasMany = value.references !== undefined;
+  if (hasOne && hasMany) return 'both `reference` and `references`: give one (`references` for several)';
+  if (hasMany) {
+    const items = value.references;
+    if (!Array.isArray(items)) return `field \`references\` must be a list of strings, not ${typeName(items)}`;
+    if (items.length === 0) return 'field `references` is an empty list; give at least one';
+    const bad = items.findIndex((x) => typeof x !== 'string');
+    if (bad >= 0) return `field \`references\`, item ${bad + 1}: must be a string, not ${typeName(items[bad])}`;
+    reference = items[0];
+    // One reference reads and is sent as `reference`, as the server stores it.
+    if (items.length > 1) references = items.slice();
+  } else if (!hasOne) {
+    return 'missing field `reference` (or `references`)';
+  } else {
+    const r = textField('reference', true);
+    if (r.err) return r.err;
+    reference = r.ok;
   }
+  const prediction = textField('prediction', true);
+  if (prediction.err) return prediction.err;
+  const source = textField('source', false);
+  if (source.err) return source.err;
+  const row = { id, prediction: prediction.ok };
+  if (references) row.references = references;
+  else row.reference = reference;
+  if (source.ok !== undefined) row.source = source.ok;
   return row;
 }
 

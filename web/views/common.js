@@ -146,3 +146,19 @@ export function reportControl(ids, idPrefix = 'report') {
   });
   return h('div', { class: 'field inline report-control' }, h('label', { for: `${idPrefix}-format` }, 'Report format'), format, button, status);
 }
+
+/** A sample's references, one or more: `references` when it has several, else `reference`. */
+export function referencesOf(sample) {
+  return sample?.references?.length ? sample.references : [sample?.reference ?? ''];
+}
+
+/**
+ * A sample's references as text: the one reference as it is, several as a numbered list (the
+ * metrics score against each and keep the best, so every one is shown).
+ */
+export function referencesView(sample, { className = 'text', testid } = {}) {
+  const refs = referencesOf(sample);
+  if (refs.length === 1) return h('div', { class: className, 'data-testid': testid }, refs[0]);
+  return h('ol', { class: `references ${className}`, 'data-testid': testid, 'aria-label': `${refs.length} references` },
+    refs.map((r) => h('li', {}, r)));
+}

@@ -13,7 +13,7 @@ import { wordDiff, diffStats } from '../lib/diff.js';
 import { h, replace } from '../lib/dom.js';
 import { interval, num, runLabel, shortId, signed } from '../lib/format.js';
 import { direction } from './run.js';
-import { messageBox, reportControl, runBadge } from './common.js';
+import { messageBox, referencesOf, referencesView, reportControl, runBadge } from './common.js';
 
 const PAGE = 50;
 
@@ -270,7 +270,7 @@ function samplesView(host, { runs, labels, scores, samples, baseLink, ctx }) {
   const ordered = () => {
     const q = state.query.toLowerCase();
     let list = samples.filter((s) => (!state.onlyDiffer || differs(s))
-      && (!q || [s.id, s.source, s.reference, ...(s.predictions ?? [])].some((t) => String(t ?? '').toLowerCase().includes(q))));
+      && (!q || [s.id, s.source, ...referencesOf(s), ...(s.predictions ?? [])].some((t) => String(t ?? '').toLowerCase().includes(q))));
     if (state.sort !== 'disagreement' || !state.desc) {
       list = [...list].sort((a, b) => {
         const x = value(a, state.sort);
@@ -399,7 +399,7 @@ function samplesView(host, { runs, labels, scores, samples, baseLink, ctx }) {
       h('th', { scope: 'row' },
         h('a', { href: sampleLink(s.id), 'data-testid': 'open-sample', 'aria-label': `Open sample ${s.id} (rank ${rank + 1})` }, s.id)),
       h('td', { class: 'texts-cell' },
-        h('div', { class: 'text clamp-2 reference-line' }, h('span', { class: 'muted' }, 'Reference: '), s.reference ?? ''),
+        h('div', { class: 'text clamp-2 reference-line' }, h('span', { class: 'muted' }, referencesOf(s).length > 1 ? `Reference 1 of ${referencesOf(s).length}: ` : 'Reference: '), referencesOf(s)[0]),
         h('ul', { class: 'plain predictions' }, runs.map((r, i) => h('li', { class: 'text clamp-2' },
           swatch(i), h('span', { class: 'visually-hidden' }, `${labels[i]}: `), (s.predictions ?? [])[i] ?? h('span', { class: 'muted' }, 'no prediction'))))),
       h('td', { class: 'num' }, num(s.disagreement)),
@@ -546,8 +546,8 @@ function sampleDetail(sample, { runs, labels, scores, baseLink, prev, next, pos,
         h('h4', { id: 'source-h' }, 'Dialogue (source)'),
         sample.source ? h('p', { class: 'summary-text', 'data-testid': 'sample-source' }, sample.source) : h('p', { class: 'muted' }, 'No source text.')),
       h('section', { 'aria-labelledby': 'reference-h', class: 'reference' },
-        h('h4', { id: 'reference-h' }, 'Reference'),
-        h('p', { class: 'summary-text', 'data-testid': 'sample-reference' }, sample.reference ?? '')),
+        h('h4', { id: 'reference-h' }, referencesOf(sample).length > 1 ? `References (${referencesOf(sample).length})` : 'Reference'),
+        referencesView(sample, { className: 'summary-text', testid: 'sample-reference' })),
     ),
     h('div', { class: 'section-head' },
       h('h4', {}, 'Summaries'),

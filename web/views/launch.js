@@ -7,7 +7,7 @@
 //              num_train_epochs,max_steps?,learning_rate,per_device_train_batch_size,
 //              gradient_accumulation_steps,lr_scheduler_type,warmup_ratio,max_seq_length,
 //              lora:{r,lora_alpha,lora_dropout,target_modules?}}}   (HF key names)
-//   eval:     {"kind":"eval","name","predictions":[{id,prediction,reference,source?}],
+//   eval:     {"kind":"eval","name","predictions":[{id,prediction,reference|references,source?}],
 //              "metrics":[...],"settings":{metric:{key:value}},"score_references":bool}
 //   generate: {"kind":"generate","name","model","adapter"?,"dataset","split","limit"?,
 //              "max_new_tokens","temperature","top_k"?,"top_p"?,"repetition_penalty","seed",
@@ -198,7 +198,7 @@ function buildEvalForm(ctx, plugins, adapters, decodingSchema = null) {
   });
   const fileFields = h('div', {},
     field({ id: 'eval-file', label: 'Predictions file', input: file,
-      hint: 'JSON Lines: one object per line with "id", "prediction", "reference" and optionally "source". Checked here before anything is sent.' }),
+      hint: 'JSON Lines: one object per line with "id", "prediction", "reference" (or "references", a list: metrics take the best) and optionally "source". Checked here before anything is sent.' }),
     fileStatus,
   );
 

@@ -9,7 +9,7 @@ import { api } from '../lib/api.js';
 import { lineChart, runColor } from '../lib/charts.js';
 import { h, replace, throttleFrame } from '../lib/dom.js';
 import { bytes, dateTime, duration, elapsed, interval, isActive, num, runLabel } from '../lib/format.js';
-import { field, messageBox, outcome, reportControl, runBadge } from './common.js';
+import { field, messageBox, outcome, referencesOf, referencesView, reportControl, runBadge } from './common.js';
 
 const POLL_MS = 2000;
 const SLOW_POLL_MS = 10000;
@@ -775,7 +775,7 @@ function renderSamples(section, run, samples) {
   const rows = () => {
     const q = filter.value.trim().toLowerCase();
     let list = q
-      ? samples.filter((s) => [s.id, s.prediction, s.reference, s.source].some((t) => String(t ?? '').toLowerCase().includes(q)))
+      ? samples.filter((s) => [s.id, s.prediction, ...referencesOf(s), s.source].some((t) => String(t ?? '').toLowerCase().includes(q)))
       : [...samples];
     const key = sort.value;
     if (key === 'errors') list.sort((a, b) => Object.keys(b.errors ?? {}).length - Object.keys(a.errors ?? {}).length || a.index - b.index);
@@ -798,7 +798,7 @@ function renderSamples(section, run, samples) {
       h('td', { class: 'num' }, s.index ?? ''),
       h('th', { scope: 'row', class: 'mono' }, s.id),
       h('td', {}, h('div', { class: 'text' }, s.prediction ?? '')),
-      h('td', {}, h('div', { class: 'text' }, s.reference ?? '')),
+      h('td', {}, referencesView(s)),
       names.map((n) => h('td', { class: 'num' }, num(s.scores?.[n]))),
       h('td', {}, Object.entries(s.errors ?? {}).map(([k, v]) => h('div', { class: 'error-text small' }, h('strong', {}, k), `: ${v}`))),
     )));

@@ -107,11 +107,14 @@ pub fn document() -> Value {
                     "request": {"type": "object", "description": "GET /api/runs/{id} only, train and generate runs: the settings the run was launched with (the training config; the generate request with every decoding setting)"}}},
                 "Sample": {"type": "object", "properties": {
                     "index": {"type": "integer"}, "id": {"type": "string"}, "prediction": {"type": "string"},
-                    "reference": {"type": "string"}, "source": {"type": ["string", "null"]},
+                    "reference": {"type": "string", "description": "the reference, or the first of several"},
+                    "references": {"type": "array", "items": {"type": "string"}, "description": "every reference, present when there are several"},
+                    "source": {"type": ["string", "null"]},
                     "scores": {"type": "object", "additionalProperties": {"type": "number"}},
                     "errors": {"type": "object", "additionalProperties": {"type": "string"}}}},
-                "PredictionRow": {"type": "object", "required": ["id", "prediction", "reference"], "properties": {
+                "PredictionRow": {"type": "object", "required": ["id", "prediction"], "description": "exactly one of `reference` and `references`", "properties": {
                     "id": {"type": ["string", "integer"]}, "prediction": {"type": "string"}, "reference": {"type": "string"},
+                    "references": {"type": "array", "minItems": 1, "items": {"type": "string"}, "description": "several references: metrics take the best over them"},
                     "source": {"type": ["string", "null"]}}},
                 "EvalRunRequest": {"type": "object", "required": ["kind", "predictions", "metrics"], "properties": {
                     "kind": {"const": "eval"}, "name": {"type": "string"},
@@ -143,6 +146,7 @@ pub fn document() -> Value {
                         "verdict": {"type": ["boolean", "null"]}, "paired": {"type": "integer"}}}},
                     "samples": {"type": "array", "items": {"type": "object", "properties": {
                         "id": {"type": "string"}, "source": {"type": ["string", "null"]}, "reference": {"type": "string"},
+                        "references": {"type": "array", "items": {"type": "string"}},
                         "predictions": {"type": "array", "items": {"type": ["string", "null"]}},
                         "scores": {"type": "array", "items": {"type": "object"}}, "disagreement": {"type": "number"}}}}}}
             }
