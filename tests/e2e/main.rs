@@ -4,6 +4,7 @@ mod util;
 
 mod attach;
 mod bench;
+mod bertscore_reference;
 mod browser;
 mod cli;
 mod contract;
