@@ -447,6 +447,134 @@ fn nf4_kernels_equal_the_cpu_path() {
     }
 }
 
+/// NF4 quantization on the GPU (how a CUDA load quantizes) against the CPU path, bit for bit:
+/// codes, absmax and the double-quantized absmax (q, nested absmax, offset), for bf16, f16 and
+/// f32 weights of awkward shapes (one element, odd counts, counts that are not a multiple of the
+/// block, one large enough for the CPU's parallel paths), holding an all-zero block, subnormals,
+/// tiny and huge magnitudes (overflowing to inf in f16) and, in one case, NaN and inf; and the
+/// device copy the GPU path keeps dequantizes to the CPU path's bits. CPU: nothing to do.
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
+#[test]
+fn nf4_quantize_kernel_equals_the_cpu_path() {
+    use adapterlab_model::quant::nf4::{Nf4Options, Nf4Tensor};
+    use adapterlab_model::quant::weight::Nf4Weight;
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let cpu = Device::Cpu;
+    // A seeded value in [-1, 1) per index (no rand dependency, the same on every machine).
+    let unit = |i: usize, seed: u64| {
+        let mut z = (i as u64)
+            .wrapping_add(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z ^= z >> 31;
+        z = z.wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 29;
+        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    };
+    let values = |n: usize, seed: u64, specials: bool| -> Vec<f32> {
+        let mut v: Vec<f32> = (0..n)
+            .map(|i| {
+                let u = unit(i, seed);
+                // Blocks of 64 at different scales: ordinary, tiny (subnormal in f32 and
+                // bf16), huge (inf in f16), all zero, and subnormals beside normal values.
+                match (i / 64) % 6 {
+                    0 | 1 => u * 0.05,
+                    2 => u * 1e-39,
+                    3 => u * 3e38,
+                    4 => 0.0,
+                    _ if i % 2 == 0 => u * 1e-40,
+                    _ => u * 1e-3,
+                }
+            })
+            .collect();
+        if specials && n > 10 {
+            v[1] = f32::NAN;
+            v[5] = f32::INFINITY;
+            v[n - 2] = f32::NEG_INFINITY;
+            v[n / 2] = -0.0;
+        }
+        v
+    };
+    let shapes = [
+        (1usize, 1usize),
+        (3, 5),
+        (7, 9),
+        (1, 65),
+        (33, 70),
+        (17, 4099),
+        (1024, 4099),
+    ];
+    let mut cases = 0;
+    for (k, &(rows, cols)) in shapes.iter().enumerate() {
+        for specials in [false, true] {
+            let vals = values(rows * cols, k as u64 + 1, specials);
+            let w = Tensor::from_vec(vals, (rows, cols), &cpu).unwrap();
+            for dtype in [DType::BF16, DType::F16, DType::F32] {
+                let w = w.to_dtype(dtype).unwrap();
+                let w_gpu = w.to_device(&dev).unwrap();
+                for (blocksize, double_quant) in [(64, true), (64, false), (256, true)] {
+                    let case = format!(
+                        "{rows}x{cols} {dtype:?} specials={specials} blocksize={blocksize} double_quant={double_quant}"
+                    );
+                    let opts = Nf4Options {
+                        blocksize,
+                        double_quant,
+                    };
+                    let want = Nf4Tensor::from_tensor(&w, opts).unwrap();
+                    let got = Nf4Weight::quantize(&w_gpu, opts, dtype, &dev).unwrap();
+                    let q = got.nf4();
+                    assert_eq!(q.shape(), want.shape(), "{case}");
+                    assert_eq!(q.dtype(), want.dtype(), "{case}");
+                    let bad = q
+                        .codes()
+                        .iter()
+                        .zip(want.codes())
+                        .filter(|(a, b)| a != b)
+                        .count();
+                    assert_eq!(q.codes().len(), want.codes().len(), "{case}");
+                    assert_eq!(bad, 0, "{case}: {bad} code bytes differ");
+                    let bits = |a: &[f32]| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    use adapterlab_model::quant::nf4::Absmax;
+                    match (q.absmax(), want.absmax()) {
+                        (Absmax::Plain(a), Absmax::Plain(b)) => {
+                            assert_eq!(bits(a), bits(b), "{case}: absmax")
+                        }
+                        (Absmax::Nested(a), Absmax::Nested(b)) => {
+                            assert_eq!(a.q, b.q, "{case}: quantized absmax");
+                            assert_eq!(bits(&a.absmax), bits(&b.absmax), "{case}: nested absmax");
+                            assert_eq!(a.offset.to_bits(), b.offset.to_bits(), "{case}: offset");
+                            assert_eq!(bits(&a.code), bits(&b.code), "{case}: code map");
+                            assert_eq!(a.blocksize, b.blocksize, "{case}");
+                        }
+                        _ => panic!("{case}: absmax kinds differ"),
+                    }
+                    // The device copy the GPU path kept (its own codes, its absmax without
+                    // double quantization) dequantizes as the CPU data does. With inf among the
+                    // weights some values are NaN (0 * inf), whose payload the CPU and the GPU
+                    // choose differently: NaN equals NaN here.
+                    let on_gpu = host_f32s(&got.dequantize_to(dtype, &dev).unwrap());
+                    let on_cpu = host_f32s(&got.dequantize_to(dtype, &cpu).unwrap());
+                    let bad = on_gpu
+                        .iter()
+                        .zip(&on_cpu)
+                        .filter(|(a, b)| a.to_bits() != b.to_bits() && !(a.is_nan() && b.is_nan()))
+                        .count();
+                    assert_eq!(bad, 0, "{case}: {bad} dequantized values differ");
+                    cases += 1;
+                }
+            }
+        }
+    }
+    eprintln!("{cases} cases bit-equal");
+}
+
 /// Seeded dropout draws the same mask on the GPU as on the CPU (f32, bf16 and f16).
 #[cfg_attr(
     not(feature = "cuda"),

@@ -126,7 +126,8 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
     emit(
         json!({"what": "load", "s": round(t.elapsed().as_secs_f64(), 1), "trainable": trainable,
         "device": gpu_name(&device), "lora_layers": registry.layers().len(),
-        "gradient_checkpointing": args.gradient_checkpointing, "checkpoint_every": args.checkpoint_every}),
+        "gradient_checkpointing": args.gradient_checkpointing, "checkpoint_every": args.checkpoint_every,
+        "phases": load_phases()}),
     );
     registry.set_training(true);
     let vocab = model.vocab_size();
@@ -195,7 +196,7 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
     let device = model.device().clone();
     emit(
         json!({"what": "load", "s": round(t.elapsed().as_secs_f64(), 1),
-        "device": gpu_name(&device), "adapter": args.adapter}),
+        "device": gpu_name(&device), "adapter": args.adapter, "phases": load_phases()}),
     );
     let vocab = model.vocab_size();
     let mut modes = vec![false];
@@ -243,6 +244,22 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// With `ADAPTERLAB_PROFILE=1`: where the load's time went, seconds per profiled phase
+/// (`load.read`: the weights to be quantized, from the files to the device; `load.nf4`:
+/// quantizing them, with `load.nf4.*` its parts; the rest of the load's `s` is everything
+/// else: dense weights, adapters, tokenizer); `null` without it.
+fn load_phases() -> serde_json::Value {
+    if !adapterlab_model::engine::profile::enabled() {
+        return serde_json::Value::Null;
+    }
+    let phases: serde_json::Map<String, serde_json::Value> =
+        adapterlab_model::engine::profile::take()
+            .into_iter()
+            .map(|(name, s, calls)| (name, json!({"s": round(s, 3), "calls": calls})))
+            .collect();
+    serde_json::Value::Object(phases)
 }
 
 /// With `ADAPTERLAB_PROFILE=1`: seconds per step in each profiled phase (see

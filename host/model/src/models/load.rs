@@ -15,7 +15,7 @@ use tokenizers::Tokenizer;
 
 use crate::io::checkpoint::{
     CheckpointFiles, Hub, check_safetensors_header, hub_files, local_files, looks_like_hub_id,
-    read_json,
+    prefetch_weights, read_json,
 };
 use crate::models::architecture::ModelConfig;
 use crate::models::chat::ChatTemplate;
@@ -153,6 +153,7 @@ pub fn load_files(files: &CheckpointFiles, opts: &LoadOptions) -> Result<LoadedM
     for w in &files.weights {
         check_safetensors_header(w)?;
     }
+    prefetch_weights(&files.weights);
     // SAFETY: the files are memory-mapped read-only; they must not change while loaded, as
     // for any mmap-based loader (transformers' safetensors included).
     let vb =

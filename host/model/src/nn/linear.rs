@@ -253,12 +253,23 @@ impl LinearBuilder {
             }
             None => match self.format {
                 BaseFormat::Nf4(opts) if !self.keeps_dense(&name) => {
-                    // Read on the CPU: the dense weight is only an input to quantization.
-                    let w = vb
-                        .clone()
-                        .set_device(Device::Cpu)
-                        .get((out_dim, in_dim), "weight")?;
-                    Arc::new(Nf4Weight::quantize(&w, opts, cd, &device)?)
+                    // The dense weight is only an input to quantization. A CUDA device gets it
+                    // as stored (16 bits a weight straight from the mapped file) and quantizes
+                    // it there; other devices read it on the CPU, which quantizes it.
+                    let read_on = if device.is_cuda() {
+                        device.clone()
+                    } else {
+                        Device::Cpu
+                    };
+                    let w = crate::ops::profile::scope("load.read", &read_on, || {
+                        vb.clone()
+                            .set_device(read_on.clone())
+                            .get((out_dim, in_dim), "weight")
+                    })?;
+                    let q = crate::ops::profile::scope("load.nf4", &read_on, || {
+                        Nf4Weight::quantize(&w, opts, cd, &device)
+                    })?;
+                    Arc::new(q)
                 }
                 _ => {
                     let w = vb.get((out_dim, in_dim), "weight")?;

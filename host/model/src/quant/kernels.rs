@@ -1,4 +1,5 @@
-//! The host side of the NF4 kernels (`nf4.cu`): dequantization in one pass, every step in f32
+//! The host side of the NF4 kernels (`nf4.cu`): quantization at load (the GPU twin of the CPU
+//! path, bit for bit), dequantization in one pass, every step in f32
 //! with the operations bitsandbytes does and one rounding (the same bits as the CPU path; the
 //! tensor-op version it replaced moved ~20 bytes per weight through five kernels, this one reads
 //! half a byte and writes two), and the decoding GEMV `y = x W^T` straight from the 4-bit data
@@ -7,23 +8,72 @@
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig};
 use candle_core::{CudaStorage, DType, Error, Result, Storage, Tensor};
 
-use crate::ops::kernels::{CudaModule, cuda_device, wrap};
+use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, wrap};
 
 /// Rows of `x` one GEMV launch handles; more rows go through dequantize + cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 8;
 
 static NF4: CudaModule = CudaModule::new("adapterlab_nf4", include_str!("nf4.cu"), nf4_defines);
 
-/// The GEMV's row count and the NF4 code book, as the source expects them.
+/// The GEMV's row count, the NF4 code book and the quantization thresholds, as the source
+/// expects them. The thresholds go in as their f32 bits: a decimal literal would have to round
+/// to the same f32 in NVRTC as in Rust, and seven of them are ties (see `NF4_THRESHOLDS`).
 fn nf4_defines() -> String {
     let table: Vec<String> = crate::quant::nf4::NF4_CODE
         .iter()
         .map(|v| format!("{v:?}f"))
         .collect();
+    let thresholds: Vec<String> = crate::quant::nf4::NF4_THRESHOLDS
+        .iter()
+        .map(|v| format!("0x{:08x}u", v.to_bits()))
+        .collect();
     format!(
-        "#define GEMV_MAX_ROWS {GEMV_MAX_ROWS}\n#define NF4_TABLE {}\n",
-        table.join(", ")
+        "#define GEMV_MAX_ROWS {GEMV_MAX_ROWS}\n#define NF4_TABLE {}\n#define NF4_THRESHOLD_BITS {}\n",
+        table.join(", "),
+        thresholds.join(", ")
     )
+}
+
+/// NF4 blocks one launch block quantizes (a warp each).
+const QUANT_WARPS_PER_BLOCK: usize = 8;
+
+/// Quantize `w` (on the GPU, bf16, f16 or f32, any shape) in blocks of `blocksize` elements of
+/// its row-major order: returns the packed codes (`[ceil(n / 2)]` u8) and the per-block absmax
+/// (`[ceil(n / blocksize)]` f32) on the GPU, bit-equal to `quant::nf4`'s CPU path.
+pub fn quantize(w: &Tensor, blocksize: usize) -> Result<(Tensor, Tensor)> {
+    crate::quant::nf4::check_blocksize(blocksize).map_err(Error::wrap)?;
+    let dev = cuda_device(w)?;
+    let w = w.contiguous()?;
+    let n = w.elem_count();
+    let nb = n.div_ceil(blocksize);
+    if n == 0 {
+        return Ok((
+            Tensor::zeros(0, DType::U8, w.device())?,
+            Tensor::zeros(0, DType::F32, w.device())?,
+        ));
+    }
+    let input = CudaInput::of(&w)?;
+    let cfg = LaunchConfig {
+        grid_dim: (nb.div_ceil(QUANT_WARPS_PER_BLOCK) as u32, 1, 1),
+        block_dim: (32 * QUANT_WARPS_PER_BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (n_i, bs) = (n as i64, blocksize as i32);
+    // SAFETY: the kernel writes every byte of codes and every absmax.
+    let (codes, absmax) = unsafe { (dev.alloc::<u8>(n.div_ceil(2))?, dev.alloc::<f32>(nb)?) };
+    macro_rules! launch {
+        ($name:literal, $t:ty) => {{
+            let x = input.view::<$t>(n)?;
+            crate::run_kernel!(NF4, dev, $name, cfg; &x, &n_i, &bs, &codes, &absmax)?;
+        }};
+    }
+    match w.dtype() {
+        DType::F32 => launch!("nf4_quantize_f32", f32),
+        DType::BF16 => launch!("nf4_quantize_bf16", half::bf16),
+        DType::F16 => launch!("nf4_quantize_f16", half::f16),
+        other => return Err(Error::wrap(crate::quant::nf4::Nf4Error::BadDtype(other))),
+    }
+    Ok((wrap(codes, &dev, n.div_ceil(2)), wrap(absmax, &dev, nb)))
 }
 
 /// The 4-bit data of one weight on the GPU, as `linear::DeviceNf4` holds it.

@@ -50,7 +50,7 @@ pub const NF4_CODE: [f32; 16] = [
 /// straight to f32, while going through f64 first (Python's `float32(0.848...)`) picks the other
 /// neighbour for four of them, so these literals must stay f32 literals.
 #[allow(clippy::excessive_precision)]
-const NF4_THRESHOLDS: [f32; 15] = [
+pub(crate) const NF4_THRESHOLDS: [f32; 15] = [
     -0.848_096_400_499_343_9,
     -0.610_632_926_225_662_2,
     -0.459_995_269_775_390_6,
@@ -376,7 +376,7 @@ impl Nf4Tensor {
 /// Work below this many elements stays on the calling thread.
 const PAR_CHUNK_ELEMS: usize = 1 << 18;
 
-fn check_blocksize(bs: usize) -> Result<(), Nf4Error> {
+pub(crate) fn check_blocksize(bs: usize) -> Result<(), Nf4Error> {
     if (2..=4096).contains(&bs) && bs.is_multiple_of(2) {
         Ok(())
     } else {
@@ -384,7 +384,7 @@ fn check_blocksize(bs: usize) -> Result<(), Nf4Error> {
     }
 }
 
-fn check_float(dtype: DType) -> Result<(), Nf4Error> {
+pub(crate) fn check_float(dtype: DType) -> Result<(), Nf4Error> {
     match dtype {
         DType::BF16 | DType::F16 | DType::F32 => Ok(()),
         other => Err(Nf4Error::BadDtype(other)),
@@ -506,13 +506,30 @@ pub fn quantize_blockwise_8bit(
     code: &[f32; 256],
     bs: usize,
 ) -> (Vec<u8>, Vec<f32>) {
-    let mut q = Vec::with_capacity(values.len());
-    let mut absmax = Vec::with_capacity(values.len().div_ceil(bs));
-    for block in values.chunks(bs) {
-        let a = block.iter().fold(0f32, |m, &x| m.max(ftz(x).abs()));
-        absmax.push(a);
-        let r = reciprocal(a);
-        q.extend(block.iter().map(|&x| dquantize_8bit(code, ftz(ftz(x) * r))));
+    let mut q = vec![0u8; values.len()];
+    let mut absmax = vec![0f32; values.len().div_ceil(bs)];
+    // Blocks are independent: large inputs (a 7B model's biggest weight has 1.3M absmax values,
+    // quantized again at load) are split over threads by whole blocks.
+    let run = |vals: &[f32], q: &mut [u8], absmax: &mut [f32]| {
+        for ((block, qb), am) in vals.chunks(bs).zip(q.chunks_mut(bs)).zip(absmax.iter_mut()) {
+            let a = block.iter().fold(0f32, |m, &x| m.max(ftz(x).abs()));
+            *am = a;
+            let r = reciprocal(a);
+            for (o, &x) in qb.iter_mut().zip(block) {
+                *o = dquantize_8bit(code, ftz(ftz(x) * r));
+            }
+        }
+    };
+    let blocks_per_chunk = (PAR_CHUNK_ELEMS / 16).div_ceil(bs);
+    if values.len() <= blocks_per_chunk * bs {
+        run(values, &mut q, &mut absmax);
+    } else {
+        use rayon::prelude::*;
+        values
+            .par_chunks(blocks_per_chunk * bs)
+            .zip(q.par_chunks_mut(blocks_per_chunk * bs))
+            .zip(absmax.par_chunks_mut(blocks_per_chunk))
+            .for_each(|((v, q), a)| run(v, q, a));
     }
     (q, absmax)
 }
@@ -802,6 +819,22 @@ mod tests {
         // Beyond the ends.
         assert_eq!(dquantize_8bit(&m, -1.0), 0);
         assert_eq!(dquantize_8bit(&m, 1.0), 255);
+    }
+
+    #[test]
+    fn eight_bit_quantization_splits_over_threads_by_whole_blocks() {
+        let code = dynamic_map_signed();
+        let n = PAR_CHUNK_ELEMS + 256 * 3 + 17;
+        let vals: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin() * 1e-2).collect();
+        let (q, a) = quantize_blockwise_8bit(&vals, &code, NESTED_BLOCKSIZE);
+        let (mut q1, mut a1) = (Vec::new(), Vec::new());
+        for chunk in vals.chunks(NESTED_BLOCKSIZE) {
+            let (q, a) = quantize_blockwise_8bit(chunk, &code, NESTED_BLOCKSIZE);
+            q1.extend(q);
+            a1.extend(a);
+        }
+        assert_eq!(q, q1);
+        assert_eq!(a, a1);
     }
 
     #[test]

@@ -90,11 +90,7 @@ enum DeviceAbsmax {
 impl Nf4Weight {
     /// Wrap quantized data; `compute_dtype` is the dtype of forward passes (bf16, f16 or f32).
     pub fn new(q: Nf4Tensor, compute_dtype: DType, device: &Device) -> Result<Self> {
-        if !matches!(compute_dtype, DType::BF16 | DType::F16 | DType::F32) {
-            return Err(candle_core::Error::msg(format!(
-                "NF4 compute dtype must be bf16, f16 or f32, got {compute_dtype:?}"
-            )));
-        }
+        check_compute_dtype(compute_dtype)?;
         let on_device = if device.is_cpu() {
             None
         } else {
@@ -110,14 +106,67 @@ impl Nf4Weight {
         })
     }
 
-    /// Quantize a dense weight as bitsandbytes would.
+    /// Quantize a dense weight as bitsandbytes would. A weight already on `device`, a CUDA
+    /// one, is quantized there (see [`Self::quantize_on_gpu`]); any other is quantized on the
+    /// CPU and the result uploaded to `device`. Both give the same bits.
     pub fn quantize(
         w: &Tensor,
         opts: Nf4Options,
         compute_dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if w.device().is_cuda() && w.device().same_device(device) {
+            return Self::quantize_on_gpu(w, opts, compute_dtype);
+        }
         Self::new(Nf4Tensor::from_tensor(w, opts)?, compute_dtype, device)
+    }
+
+    /// Quantization at load on a GPU: the 16-bit weight went up as stored, the kernel writes
+    /// codes and absmax there (kept as the device copy, not uploaded again), and the CPU copy
+    /// that saving and merging read is downloaded (half a byte a weight instead of the CPU
+    /// reading, widening and quantizing two bytes a weight).
+    ///
+    /// Double quantization stays on the CPU, over the downloaded absmax (1/64 of the elements):
+    /// its offset is `nf4::mean_f32`, an f64 sum in index order that a parallel GPU reduction
+    /// would not reproduce bit for bit, and the 8-bit step after it is the CPU path's own
+    /// function; running the very same code keeps the bits equal by construction, for about a
+    /// millisecond a weight.
+    #[cfg(feature = "cuda")]
+    fn quantize_on_gpu(w: &Tensor, opts: Nf4Options, compute_dtype: DType) -> Result<Self> {
+        use crate::ops::profile::scope;
+        use crate::quant::nf4::{Absmax, NestedAbsmax, check_float};
+        let wrap = candle_core::Error::wrap;
+        check_compute_dtype(compute_dtype)?;
+        check_float(w.dtype()).map_err(wrap)?;
+        let device = w.device();
+        let (codes_gpu, absmax_gpu) = scope("load.nf4.quantize", device, || {
+            crate::quant::kernels::quantize(w, opts.blocksize)
+        })?;
+        let (codes, absmax) = scope("load.nf4.download", device, || {
+            Ok((codes_gpu.to_vec1::<u8>()?, absmax_gpu.to_vec1::<f32>()?))
+        })?;
+        let (absmax, plain_gpu) = if opts.double_quant {
+            let nested = scope("load.nf4.nested", &Device::Cpu, || {
+                Ok(NestedAbsmax::quantize(&absmax))
+            })?;
+            (Absmax::Nested(nested), None)
+        } else {
+            (Absmax::Plain(absmax), Some(absmax_gpu))
+        };
+        let q = Nf4Tensor::from_parts(w.dims().to_vec(), w.dtype(), opts.blocksize, codes, absmax)
+            .map_err(wrap)?;
+        let on_device = scope("load.nf4.upload", device, || {
+            DeviceNf4::upload_with(&q, device, Some((codes_gpu, plain_gpu)))
+        })?;
+        Ok(Nf4Weight {
+            inner: Arc::new(Nf4Inner {
+                q,
+                compute_dtype,
+                device: device.clone(),
+                on_device: Some(on_device),
+            }),
+        })
     }
 
     pub fn nf4(&self) -> &Nf4Tensor {
@@ -144,8 +193,26 @@ impl Nf4Weight {
     }
 }
 
+fn check_compute_dtype(compute_dtype: DType) -> Result<()> {
+    if matches!(compute_dtype, DType::BF16 | DType::F16 | DType::F32) {
+        Ok(())
+    } else {
+        Err(candle_core::Error::msg(format!(
+            "NF4 compute dtype must be bf16, f16 or f32, got {compute_dtype:?}"
+        )))
+    }
+}
+
+/// The codes and, without double quantization, the absmax already on the device.
+type OnDevice = (Tensor, Option<Tensor>);
+
 impl DeviceNf4 {
     fn upload(q: &Nf4Tensor, device: &Device) -> Result<Self> {
+        Self::upload_with(q, device, None)
+    }
+
+    /// [`Self::upload`], reusing what `on_device` already holds there (quantized on the GPU).
+    fn upload_with(q: &Nf4Tensor, device: &Device, on_device: Option<OnDevice>) -> Result<Self> {
         let table: Vec<f32> = (0..256usize)
             .flat_map(|b| {
                 [
@@ -155,11 +222,18 @@ impl DeviceNf4 {
             })
             .collect();
         let pairs = Tensor::from_vec(table, (256, 2), device)?;
-        let codes = Tensor::from_slice(q.codes(), q.codes().len(), device)?;
+        let (codes, plain) = match on_device {
+            Some((codes, plain)) => (codes, plain),
+            None => (
+                Tensor::from_slice(q.codes(), q.codes().len(), device)?,
+                None,
+            ),
+        };
         let absmax = match q.absmax() {
-            crate::quant::nf4::Absmax::Plain(a) => {
-                DeviceAbsmax::Plain(Tensor::from_slice(a, a.len(), device)?)
-            }
+            crate::quant::nf4::Absmax::Plain(a) => DeviceAbsmax::Plain(match plain {
+                Some(t) => t,
+                None => Tensor::from_slice(a, a.len(), device)?,
+            }),
             crate::quant::nf4::Absmax::Nested(n) => DeviceAbsmax::Nested {
                 q: Tensor::from_slice(&n.q, n.q.len(), device)?,
                 code: Tensor::from_slice(&n.code, n.code.len(), device)?,
