@@ -74,6 +74,14 @@ fn bench_train_and_generate_run_and_agree_with_checkpointing() {
         (false.into(), true.into())
     );
     assert_eq!(b["lengths"], "2..10");
+    // The trainer's length-grouped order, the padded baseline's best case, pads less too.
+    let grouped = train(&["--lengths", "2..10", "--group-by-length"]);
+    let g = find(&grouped, "train_step")[0];
+    assert_eq!(g["group_by_length"], true);
+    assert!(
+        g["pad_fraction"].as_f64().unwrap() <= a["pad_fraction"].as_f64().unwrap(),
+        "random order {a} vs grouped {g}"
+    );
     assert!(
         b["pad_fraction"].as_f64().unwrap() < a["pad_fraction"].as_f64().unwrap(),
         "padded {a} vs packed {b}"

@@ -28,7 +28,7 @@ use serde_json::json;
 use crate::cli::Context;
 use crate::cli::model::model_runtime;
 use crate::data;
-use crate::train::config::TrainConfig;
+use crate::train::config::{Sampling, TrainConfig};
 use crate::train::trainer::{
     accumulate_micro_batch, adapter_optimizer, apply_gradients, load_for_training,
 };
@@ -75,6 +75,11 @@ pub struct TrainBenchArgs {
     /// decreasing, as `packing = true`); `--batch` then counts packed rows.
     #[arg(long, requires = "lengths")]
     pub packing: bool,
+    /// With --lengths: order the rows as the trainer's default `group_by_length` sampler does
+    /// (HF's `LengthGroupedSampler`), so padded batches hold similar lengths: the fair
+    /// baseline for packing.
+    #[arg(long, requires = "lengths")]
+    pub group_by_length: bool,
 }
 
 /// `MIN..MAX` (or `MIN..=MAX`), both at least 1.
@@ -211,6 +216,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
             "median_s": round(median, 4), "tokens_per_s": round(tokens_per_s, 1),
             "loss": round(last_loss, 4),
             "lengths": args.lengths.map(|(a, b)| format!("{a}..{b}")), "packing": args.packing,
+            "group_by_length": args.group_by_length,
             "useful_tokens_per_s": round(useful as f64 / timed_s, 1),
             "padded_tokens_per_s": round(padded as f64 / timed_s, 1),
             "examples_per_s": round(examples_seen as f64 / timed_s, 2),
@@ -319,12 +325,13 @@ fn bench_rows(args: &TrainBenchArgs, rng: &mut rand::rngs::StdRng, vocab: usize)
             .collect();
     };
     if !args.packing {
-        return (0..needed)
+        let rows: Vec<Packed> = (0..needed)
             .map(|_| {
                 let n = rng.random_range(min..=max);
                 Packed::single(example(rng, n))
             })
             .collect();
+        return grouped(args, rows);
     }
     // As the trainer packs a dataset: a thousand examples at a time.
     let mut rows = Vec::new();
@@ -341,7 +348,21 @@ fn bench_rows(args: &TrainBenchArgs, rng: &mut rand::rngs::StdRng, vocab: usize)
     // first rows of a chunk are the fullest).
     rows.shuffle(rng);
     rows.truncate(needed);
-    rows
+    grouped(args, rows)
+}
+
+/// `rows` in the order of the trainer's length-grouped sampler with `--group-by-length`.
+fn grouped(args: &TrainBenchArgs, rows: Vec<Packed>) -> Vec<Packed> {
+    if !args.group_by_length {
+        return rows;
+    }
+    let lengths: Vec<usize> = rows.iter().map(|r| r.row.input_ids.len()).collect();
+    let order = data::epoch_batches(&lengths, args.batch, Sampling::GroupByLength, 42, 0);
+    order
+        .into_iter()
+        .flatten()
+        .map(|i| rows[i].clone())
+        .collect()
 }
 
 fn round(v: f64, digits: i32) -> f64 {
