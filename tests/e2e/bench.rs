@@ -53,6 +53,40 @@ fn bench_train_and_generate_run_and_agree_with_checkpointing() {
         assert!((la - lb).abs() < 1e-3, "plain {a} vs checkpointed {b}");
     }
 
+    // Variable lengths, padded and packed: both report useful (non-pad) and padded tokens/s;
+    // packing leaves less padding.
+    let padded = train(&["--lengths", "2..10"]);
+    let packed = train(&["--lengths", "2..10", "--packing"]);
+    let (a, b) = (
+        find(&padded, "train_step")[0],
+        find(&packed, "train_step")[0],
+    );
+    for s in [a, b] {
+        assert!(s["useful_tokens_per_s"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(
+            s["padded_tokens_per_s"].as_f64().unwrap()
+                >= s["useful_tokens_per_s"].as_f64().unwrap(),
+            "{s}"
+        );
+    }
+    assert_eq!(
+        (a["packing"].clone(), b["packing"].clone()),
+        (false.into(), true.into())
+    );
+    assert_eq!(b["lengths"], "2..10");
+    // The trainer's length-grouped order, the padded baseline's best case, pads less too.
+    let grouped = train(&["--lengths", "2..10", "--group-by-length"]);
+    let g = find(&grouped, "train_step")[0];
+    assert_eq!(g["group_by_length"], true);
+    assert!(
+        g["pad_fraction"].as_f64().unwrap() <= a["pad_fraction"].as_f64().unwrap(),
+        "random order {a} vs grouped {g}"
+    );
+    assert!(
+        b["pad_fraction"].as_f64().unwrap() < a["pad_fraction"].as_f64().unwrap(),
+        "padded {a} vs packed {b}"
+    );
+
     let generated = lines(&run_ok(&mut t.cmd(&[
         "bench",
         "generate",

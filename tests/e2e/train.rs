@@ -415,3 +415,73 @@ fn eval_after_train_generates_and_records_an_eval_run_with_the_adapter() {
     );
     assert_eq!(store.samples(&eval.id).unwrap().len(), 6);
 }
+
+/// `packing = true` (TRL's key): the run packs the examples into rows, trains, logs, and keeps
+/// the setting with the run; the validation loss before training (the base model: B starts at
+/// zero) equals the unpacked run's, since each packed example is attended to and positioned
+/// as if alone.
+#[test]
+fn packing_trains_logs_and_is_stored_with_the_run() {
+    let t = setup("train-packing");
+    let model = tiny_model(&t);
+    let data = dataset(&t);
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let train = |out: &str, extra: &[&str]| {
+        let mut extra = extra.to_vec();
+        extra.extend(["--set", "max_steps=3", "--set", "eval_steps=0"]);
+        let args = train_args(m, d, out, &extra);
+        run_ok(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+    };
+    let packed_dir = t.path().join("packed");
+    let out = train(
+        packed_dir.to_str().unwrap(),
+        &["--set", "packing=true", "--set", "packing_strategy=bfd"],
+    );
+    let state = read_json(&packed_dir.join("trainer_state.json"));
+    assert_eq!(state["global_step"], 3);
+    assert_eq!(losses(&state).len(), 3, "{state}");
+    let plain_dir = t.path().join("plain");
+    train(plain_dir.to_str().unwrap(), &[]);
+
+    let store = adapterlab::store::Store::open(&t.data_dir().join("store")).unwrap();
+    let runs = store.list_runs().unwrap();
+    let run_for = |dir: &Path| {
+        runs.iter()
+            .find(|r| r.metadata.get("output_dir").map(String::as_str) == dir.to_str())
+            .unwrap_or_else(|| panic!("no run for {}: {runs:?}", dir.display()))
+    };
+    let (packed, plain) = (run_for(&packed_dir), run_for(&plain_dir));
+    let request: Value = store.request(&packed.id).unwrap().unwrap();
+    assert_eq!(request["packing"], true, "{request}");
+    assert_eq!(request["packing_strategy"], "bfd", "{request}");
+    let request: Value = store.request(&plain.id).unwrap().unwrap();
+    assert_eq!(request["packing"], false, "{request}");
+    // The log line says how the rows were made (the run's events hold it too).
+    let events = format!("{:?}", store.events_after(&packed.id, None).unwrap());
+    assert!(
+        events.contains("train: packed 24 examples into") || out.contains("packed 24 examples"),
+        "{events}\n{out}"
+    );
+    let before = |r: &adapterlab::store::RunRecord| r.corpus["eval_loss_before"];
+    let (a, b) = (before(packed), before(plain));
+    assert!(
+        (a - b).abs() < 1e-4,
+        "eval loss before training: packed {a}, unpacked {b}"
+    );
+
+    let err = run_fail(&mut t.cmd(&[
+        "train",
+        "--set",
+        &format!("model_name_or_path={m}"),
+        "--set",
+        &format!("dataset={d}"),
+        "--set",
+        "packing=true",
+        "--set",
+        "packing_strategy=wrapped",
+    ]));
+    assert!(
+        err.contains("packing_strategy") && err.contains("bfd"),
+        "{err}"
+    );
+}

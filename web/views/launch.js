@@ -569,7 +569,10 @@ function buildTrainForm(ctx, plugins, schema = null) {
     target_modules: input({ name: 'target_modules', value: '', placeholder: 'model default', autocomplete: 'off', class: 'mono' }),
     logging_steps: input({ name: 'logging_steps', value: defaultOf(schema, 'logging_steps', '20'), inputmode: 'numeric' }),
     seed: input({ name: 'seed', value: defaultOf(schema, 'seed', '42'), inputmode: 'numeric' }),
+    packing: h('input', { type: 'checkbox', name: 'packing', id: 'train-packing' }),
   };
+  // TRL's `packing`: several examples a row, each attending only to itself.
+  f.packing.checked = schemaOf(schema, 'packing')?.default === true;
   const numbers = {
     num_train_epochs: { min: 0, minExclusive: true, label: 'Epochs' },
     max_steps: { integer: true, min: 1, optional: true },
@@ -604,6 +607,8 @@ function buildTrainForm(ctx, plugins, schema = null) {
       F('dataset', 'Dataset', '"bundled" is the small dataset shipped with adapterlab.'),
       F('formatter', 'Formatter', formatters.length ? `Installed: ${formatters.map((p) => p.name).join(', ')}.` : 'The formatter plugin that turns a row into a prompt.'),
       F('max_seq_length', 'Max sequence length', 'Tokens; longer examples are truncated.'),
+      h('div', { class: 'check' }, f.packing,
+        h('label', { for: 'train-packing' }, 'Pack examples into rows of the max sequence length (TRL’s packing)')),
     ),
     h('fieldset', { class: 'grid' },
       h('legend', {}, 'Schedule'),
@@ -670,6 +675,7 @@ function buildTrainForm(ctx, plugins, schema = null) {
       lr_scheduler_type: f.lr_scheduler_type.value,
       warmup_ratio: values.warmup_ratio,
       max_seq_length: values.max_seq_length,
+      packing: f.packing.checked,
       logging_steps: values.logging_steps,
       seed: values.seed,
       lora: {
@@ -696,6 +702,7 @@ function buildTrainForm(ctx, plugins, schema = null) {
       if (c[key] !== undefined && c[key] !== null) f[key].value = String(c[key]);
     }
     f.max_steps.value = c.max_steps > 0 ? String(c.max_steps) : '';
+    f.packing.checked = c.packing === true;
     if (c.lr_scheduler_type && [...f.lr_scheduler_type.options].some((o) => o.value === c.lr_scheduler_type)) f.lr_scheduler_type.value = c.lr_scheduler_type;
     const lora = c.lora ?? {};
     for (const key of ['r', 'lora_alpha', 'lora_dropout']) if (lora[key] !== undefined) f[key].value = String(lora[key]);

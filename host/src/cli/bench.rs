@@ -5,26 +5,30 @@
 //! `scripts/bench/gpu_qlora.sh` can put the two side by side. One JSON line per measurement.
 //!
 //! The training step is the trainer's own ([`accumulate_micro_batch`], clipping, optimizer);
-//! only the data (random ids instead of a formatted dataset) differs.
+//! only the data (random ids instead of a formatted dataset) differs. `--lengths MIN..MAX`
+//! draws each example's length uniformly (seeded) as real rows vary, and `--packing` packs them
+//! as the trainer's `packing = true` does (`data::pack::pack_bfd` into rows of `--seq`), so
+//! padded and packed training can be compared on useful (non-pad) tokens per second.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use adapterlab_model::engine::CausalLm;
 use adapterlab_model::engine::generate::{GenerationConfig, generate_ids};
-use adapterlab_model::engine::loss::Example;
+use adapterlab_model::engine::loss::{Example, Packed};
 use adapterlab_model::engine::peft::{self, SaveOptions};
 use adapterlab_model::engine::{Quantize, linear_builder, load_model_with};
 use anyhow::{Context as _, Result};
 use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::cli::Context;
 use crate::cli::model::model_runtime;
 use crate::data;
-use crate::train::config::TrainConfig;
+use crate::train::config::{Sampling, TrainConfig};
 use crate::train::trainer::{
     accumulate_micro_batch, adapter_optimizer, apply_gradients, load_for_training,
 };
@@ -63,6 +67,37 @@ pub struct TrainBenchArgs {
     /// Save the trained adapter here (PEFT format), e.g. for `bench generate --adapter`.
     #[arg(long)]
     pub save: Option<PathBuf>,
+    /// Examples of lengths drawn uniformly from MIN..MAX (inclusive, seeded) instead of
+    /// `--seq` each; a batch is padded to its longest example.
+    #[arg(long, value_parser = parse_lengths)]
+    pub lengths: Option<(usize, usize)>,
+    /// With --lengths: pack the examples into rows of up to `--seq` tokens (best-fit
+    /// decreasing, as `packing = true`); `--batch` then counts packed rows.
+    #[arg(long, requires = "lengths")]
+    pub packing: bool,
+    /// With --lengths: order the rows as the trainer's default `group_by_length` sampler does
+    /// (HF's `LengthGroupedSampler`), so padded batches hold similar lengths: the fair
+    /// baseline for packing.
+    #[arg(long, requires = "lengths")]
+    pub group_by_length: bool,
+}
+
+/// `MIN..MAX` (or `MIN..=MAX`), both at least 1.
+fn parse_lengths(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (a, b) = s
+        .split_once("..=")
+        .or_else(|| s.split_once(".."))
+        .ok_or_else(|| format!("{s:?} is not MIN..MAX"))?;
+    let parse = |x: &str| {
+        x.trim()
+            .parse::<usize>()
+            .map_err(|e| format!("{x:?} in {s:?}: {e}"))
+    };
+    let (min, max) = (parse(a)?, parse(b)?);
+    if min == 0 || min > max {
+        return Err(format!("{s:?}: need 1 <= MIN <= MAX"));
+    }
+    Ok((min, max))
 }
 
 #[derive(Debug, Args)]
@@ -131,19 +166,19 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
     );
     registry.set_training(true);
     let vocab = model.vocab_size();
+    if let Some((_, max)) = args.lengths
+        && max > args.seq
+    {
+        anyhow::bail!("--lengths: MAX {max} is longer than --seq {}", args.seq);
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let rows = bench_rows(&args, &mut rng, vocab);
     let mut times = Vec::new();
     let mut last_loss = 0.0;
-    for step in 0..args.warmup + args.steps {
-        // HF's `labels=input_ids`: every token but the first is predicted.
-        let examples: Vec<Example> = (0..args.batch)
-            .map(|_| Example {
-                input_ids: random_ids(&mut rng, args.seq, vocab),
-                targets: (0..args.seq).map(|t| t > 0).collect(),
-            })
-            .collect();
-        let refs: Vec<&Example> = examples.iter().collect();
-        let batch = data::collate(&refs, 0, &device)?;
+    let (mut useful, mut padded, mut examples_seen, mut timed_s) = (0usize, 0usize, 0usize, 0.0);
+    for (step, rows) in rows.chunks(args.batch).enumerate() {
+        let refs: Vec<&Packed> = rows.iter().collect();
+        let batch = data::collate_packed(&refs, 0, &device)?;
         device.synchronize()?;
         if step == args.warmup {
             // The profile counts timed steps only.
@@ -163,14 +198,30 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
         );
         if step >= args.warmup {
             times.push(s);
+            timed_s += s;
+            useful += batch.n_tokens;
+            padded += batch.rows * batch.width;
+            examples_seen += rows.iter().map(|r| r.seq_lengths.len()).sum::<usize>();
         }
     }
     times.sort_by(f64::total_cmp);
     if let Some(&median) = times.get(times.len() / 2) {
+        // Fixed lengths keep `tokens_per_s` as it was (batch × seq over the median step); with
+        // --lengths steps differ in size, so it is the padded tokens over the timed steps' time.
+        let tokens_per_s = match args.lengths {
+            None => (args.batch * args.seq) as f64 / median,
+            Some(_) => padded as f64 / timed_s,
+        };
         emit(
             json!({"what": "train_step", "batch": args.batch, "seq": args.seq, "gradient_checkpointing": args.gradient_checkpointing, "checkpoint_every": args.checkpoint_every,
-            "median_s": round(median, 4), "tokens_per_s": round((args.batch * args.seq) as f64 / median, 1),
-            "loss": round(last_loss, 4)}),
+            "median_s": round(median, 4), "tokens_per_s": round(tokens_per_s, 1),
+            "loss": round(last_loss, 4),
+            "lengths": args.lengths.map(|(a, b)| format!("{a}..{b}")), "packing": args.packing,
+            "group_by_length": args.group_by_length,
+            "useful_tokens_per_s": round(useful as f64 / timed_s, 1),
+            "padded_tokens_per_s": round(padded as f64 / timed_s, 1),
+            "examples_per_s": round(examples_seen as f64 / timed_s, 2),
+            "pad_fraction": round(1.0 - useful as f64 / padded.max(1) as f64, 4)}),
         );
     }
     emit_profile(args.steps);
@@ -275,6 +326,60 @@ fn emit_profile(per: usize) {
             "calls_per_step": round(calls as f64 / per, 1)}),
         );
     }
+}
+
+/// Every step's rows, `batch` a step: random ids with HF's `labels=input_ids` (every token but
+/// the first predicted), each `--seq` long, or `--lengths` long, packed with `--packing`.
+fn bench_rows(args: &TrainBenchArgs, rng: &mut rand::rngs::StdRng, vocab: usize) -> Vec<Packed> {
+    let needed = (args.warmup + args.steps) * args.batch;
+    let example = |rng: &mut rand::rngs::StdRng, n: usize| Example {
+        input_ids: random_ids(rng, n, vocab),
+        targets: (0..n).map(|t| t > 0).collect(),
+    };
+    let Some((min, max)) = args.lengths else {
+        return (0..needed)
+            .map(|_| Packed::single(example(rng, args.seq)))
+            .collect();
+    };
+    if !args.packing {
+        let rows: Vec<Packed> = (0..needed)
+            .map(|_| {
+                let n = rng.random_range(min..=max);
+                Packed::single(example(rng, n))
+            })
+            .collect();
+        return grouped(args, rows);
+    }
+    // As the trainer packs a dataset: a thousand examples at a time.
+    let mut rows = Vec::new();
+    while rows.len() < needed {
+        let chunk: Vec<Example> = (0..data::pack::TRL_MAP_BATCH)
+            .map(|_| {
+                let n = rng.random_range(min..=max);
+                example(rng, n)
+            })
+            .collect();
+        rows.extend(data::pack::pack_bfd(&chunk, args.seq));
+    }
+    // The trainer samples rows in a seeded order, not in the order they were opened (the
+    // first rows of a chunk are the fullest).
+    rows.shuffle(rng);
+    rows.truncate(needed);
+    grouped(args, rows)
+}
+
+/// `rows` in the order of the trainer's length-grouped sampler with `--group-by-length`.
+fn grouped(args: &TrainBenchArgs, rows: Vec<Packed>) -> Vec<Packed> {
+    if !args.group_by_length {
+        return rows;
+    }
+    let lengths: Vec<usize> = rows.iter().map(|r| r.row.input_ids.len()).collect();
+    let order = data::epoch_batches(&lengths, args.batch, Sampling::GroupByLength, 42, 0);
+    order
+        .into_iter()
+        .flatten()
+        .map(|i| rows[i].clone())
+        .collect()
 }
 
 fn round(v: f64, digits: i32) -> f64 {

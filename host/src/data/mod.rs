@@ -1,14 +1,17 @@
 //! Datasets, for training and for generation alike: the splits (bundled, or local
 //! JSON/JSONL/CSV files), rows rendered by a formatter plugin, tokenized as TRL does
-//! (`adapterlab_model::engine::loss`), truncated with a count, and batched with HF's length
-//! grouping and right padding. `train` and `infer` both use it; it uses neither.
+//! (`adapterlab_model::engine::loss`), truncated with a count, packed with TRL's `packing`
+//! ([`pack`]), and batched with HF's length grouping and right padding. `train` and `infer`
+//! both use it; it uses neither.
 //!
 //! **Architecture Invariant:** every dataset problem (unreadable file, missing column, empty
 //! text) is found here, with its row number, before a model is loaded.
 
+pub mod pack;
+
 use std::path::{Path, PathBuf};
 
-pub use adapterlab_model::engine::loss::{Batch, collate, n_targets};
+pub use adapterlab_model::engine::loss::{Batch, Packed, collate, collate_packed, n_targets};
 use adapterlab_model::engine::loss::{Example, Row, TokenizeOptions, tokenize_row};
 use anyhow::{Context as _, Result, bail};
 use rand::SeedableRng;
@@ -301,17 +304,19 @@ pub struct Encoded {
     /// Rows left out because they kept no completion token after truncation: TRL's SFTTrainer
     /// drops such fully masked examples, and so does this, or every later batch would hold
     /// different rows than TRL's (and a row that teaches nothing would take a batch slot).
+    /// Packing keeps them (TRL drops them only when not packing), so 0 then.
     pub no_targets: usize,
 }
 
 /// Tokenizes as TRL does (EOS appended to the completion), truncates to `max_seq_length`, and
-/// leaves out the rows with no target token left, as TRL does.
+/// unless `packing`, leaves out the rows with no target token left, as TRL does.
 pub fn encode(
     tokenizer: &Tokenizer,
     rows: &[Rendered],
     eos: Option<&str>,
     completion_only: bool,
     max_seq_length: usize,
+    packing: bool,
 ) -> Result<Encoded> {
     let opts = TokenizeOptions {
         completion_only,
@@ -337,7 +342,7 @@ pub fn encode(
             ex.input_ids.truncate(max_seq_length);
             ex.targets.truncate(max_seq_length);
         }
-        if !ex.targets.iter().any(|t| *t) {
+        if !packing && !ex.targets.iter().any(|t| *t) {
             no_targets += 1;
             continue;
         }
@@ -563,9 +568,15 @@ mod encode_tests {
             rendered(&"a long prompt ".repeat(10), "cut away"),
             rendered("another: ", "kept too"),
         ];
-        let enc = encode(&char_tokenizer(), &rows, Some("</s>"), true, 40).unwrap();
+        let enc = encode(&char_tokenizer(), &rows, Some("</s>"), true, 40, false).unwrap();
         assert_eq!(enc.examples.len(), 2, "the fully masked row is gone");
         assert_eq!((enc.truncated, enc.no_targets), (1, 1));
         assert!(enc.examples.iter().all(|e| n_targets(e) > 0));
+        // Packing keeps it, as TRL skips that filter when packing.
+        let enc = encode(&char_tokenizer(), &rows, Some("</s>"), true, 40, true).unwrap();
+        assert_eq!(
+            (enc.examples.len(), enc.truncated, enc.no_targets),
+            (3, 1, 0)
+        );
     }
 }

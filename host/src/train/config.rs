@@ -42,6 +42,15 @@ crate::named_choice! {
 }
 
 crate::named_choice! {
+    /// `packing_strategy`: how `packing` puts examples into rows (TRL's names). Only TRL's
+    /// default, best-fit decreasing (`data::pack::pack_bfd`), is implemented; TRL's
+    /// `bfd_split` and `wrapped` cut examples apart.
+    pub enum PackingStrategy {
+        Bfd = "bfd",
+    }
+}
+
+crate::named_choice! {
     /// `quantization.bnb_4bit_compute_dtype`: the dtype the frozen base computes in on a
     /// GPU (the CPU always computes in f32).
     pub enum ComputeDtype {
@@ -65,6 +74,12 @@ pub struct TrainConfig {
     pub formatter: String,
     pub completion_only_loss: bool,
     pub max_seq_length: usize,
+    /// Put several examples into each row of up to `max_seq_length` tokens (TRL's `packing`),
+    /// each example keeping its own positions and attention; the validation loss is computed on
+    /// packed rows too (TRL's `eval_packing` default). Batches then count packed rows.
+    pub packing: bool,
+    /// With `packing`: how examples are placed into rows (TRL's `packing_strategy`).
+    pub packing_strategy: PackingStrategy,
     pub num_train_epochs: f64,
     /// Overrides `num_train_epochs` when positive (as in HF: -1 means unset).
     pub max_steps: i64,
@@ -191,6 +206,8 @@ impl Default for TrainConfig {
             formatter: "summarize".into(),
             completion_only_loss: true,
             max_seq_length: 512,
+            packing: false,
+            packing_strategy: PackingStrategy::Bfd,
             num_train_epochs: 5.0,
             max_steps: -1,
             per_device_train_batch_size: 8,
@@ -735,6 +752,7 @@ pub const CHOICES: &[(&str, &[&str])] = &[
     ("optim", Optimizer::NAMES),
     ("eval_strategy", &["steps", "epoch", "no"]),
     ("train_sampling_strategy", Sampling::NAMES),
+    ("packing_strategy", PackingStrategy::NAMES),
     ("lora.bias", &["none"]),
     ("quantization.bnb_4bit_quant_type", &["nf4"]),
     ("quantization.bnb_4bit_compute_dtype", ComputeDtype::NAMES),
@@ -932,6 +950,32 @@ mod tests {
         for (key, _) in CHOICES {
             assert!(!at(key).is_null(), "{key} is not in the schema");
         }
+    }
+
+    #[test]
+    fn packing_keys_read_as_trl_names_them() {
+        let parse = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            TrainConfig::load(None, &sets)
+        };
+        let c = parse(&[]).unwrap();
+        assert_eq!(
+            (c.packing, c.packing_strategy),
+            (false, PackingStrategy::Bfd)
+        );
+        let c = parse(&["packing=true", "packing_strategy=bfd"]).unwrap();
+        assert!(c.packing);
+        for bad in ["wrapped", "bfd_split", "best_fit"] {
+            let err = parse(&["packing=true", &format!("packing_strategy={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`packing_strategy`") && err.contains("expected one of bfd"),
+                "{err}"
+            );
+        }
+        let err = parse(&["packing=yes"]).unwrap_err().to_string();
+        assert!(err.contains("packing"), "{err}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use adapterlab_model::engine::CausalLm;
 use adapterlab_model::engine::Fetcher;
 use adapterlab_model::engine::LoadedModel;
 use adapterlab_model::engine::Nf4Options;
-use adapterlab_model::engine::loss::loss_on_examples;
+use adapterlab_model::engine::loss::loss_on_packed;
 use adapterlab_model::engine::peft::{self, SaveOptions};
 use adapterlab_model::engine::{BaseFormat, LinearBuilder};
 use adapterlab_model::engine::{Engine, load_model_with};
@@ -32,7 +32,7 @@ use crate::eval::input::PredictionRow;
 use crate::infer::predict::{self, PromptRow, Sampling};
 use crate::plugin::Registry;
 use crate::store::{RunEvent, Store};
-use crate::train::config::{ComputeDtype, TrainConfig};
+use crate::train::config::{ComputeDtype, PackingStrategy, TrainConfig};
 use crate::train::dist::Comm;
 use crate::train::memory;
 use crate::train::optim::{AdamW, AdamWParams, clip_grad_norm, lr_lambda, warmup_steps};
@@ -333,7 +333,7 @@ pub fn accumulate_micro_batch(
     let dev = model.device();
     let hidden = profile::pass("forward", || {
         profile::scope("model", dev, || {
-            model.hidden_states(&batch.input_ids, Some(&batch.attention_mask), None)
+            adapterlab_model::engine::loss::batch_hidden_states(model, batch)
         })
     })?;
     let loss = profile::scope("loss", dev, || {
@@ -475,9 +475,10 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         eos.as_deref(),
         config.completion_only_loss,
         config.max_seq_length,
+        config.packing,
     )?;
     report_truncation(env, "train", &train, config.max_seq_length);
-    if train.examples.is_empty() {
+    if !train.examples.iter().any(|e| data::n_targets(e) > 0) {
         bail!(
             "train: no row keeps a completion token after truncation to max_seq_length = {}; \
              raise max_seq_length or shorten the prompts",
@@ -504,11 +505,17 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             eos.as_deref(),
             config.completion_only_loss,
             config.max_seq_length,
+            config.packing,
         )?),
         None => None,
     };
     let generation = GenerationEval::prepare(config, env, &splits)?;
-    let lengths: Vec<usize> = train.examples.iter().map(|e| e.input_ids.len()).collect();
+    // The rows batches are made of: the examples, or with `packing` the packed rows.
+    let train_rows = training_rows(env, "train", &train, config);
+    let val_rows = val
+        .as_ref()
+        .map(|v| training_rows(env, "validation", v, config));
+    let lengths: Vec<usize> = train_rows.iter().map(|r| r.row.input_ids.len()).collect();
     let bs = config.per_device_train_batch_size;
     let accum = config.gradient_accumulation_steps;
     let (rank, world) = (env.rank(), env.world_size());
@@ -543,12 +550,18 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     log(
         env,
         format!(
-            "training {max_steps} steps on {} examples ({steps_per_epoch} steps an epoch), {trainable} trainable parameters",
-            lengths.len()
+            "training {max_steps} steps on {} examples{} ({steps_per_epoch} steps an epoch), {trainable} trainable parameters",
+            train.examples.len(),
+            if config.packing {
+                format!(" in {} packed rows", lengths.len())
+            } else {
+                String::new()
+            }
         ),
     );
     tracing::info!(
-        examples = lengths.len(),
+        examples = train.examples.len(),
+        rows = lengths.len(),
         max_steps,
         steps_per_epoch,
         trainable,
@@ -626,19 +639,16 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     }
 
     let evaluate = |registry: &LoraRegistry| -> Result<Option<f64>> {
-        let Some(val) = &val else { return Ok(None) };
+        let Some(val) = &val_rows else {
+            return Ok(None);
+        };
         registry.set_training(false);
-        // `data::encode` has left out the rows without a target token.
-        if val.examples.is_empty() {
+        // Without packing `data::encode` has left out the rows without a target token.
+        if !val.iter().any(|r| data::n_targets(&r.row) > 0) {
             return Ok(None);
         }
         Ok(Some(
-            loss_on_examples(
-                model,
-                &val.examples,
-                config.per_device_eval_batch_size.max(1),
-            )?
-            .loss,
+            loss_on_packed(model, val, config.per_device_eval_batch_size.max(1))?.loss,
         ))
     };
     // Rank 0 evaluates alone; the others meet it at the next step's all-reduce.
@@ -808,20 +818,20 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         let total_targets: usize = step_batches
             .iter()
             .flatten()
-            .map(|&i| data::n_targets(&train.examples[i]))
+            .map(|&i| data::n_targets(&train_rows[i].row))
             .sum();
         let step_tokens: usize = step_batches
             .iter()
             .flatten()
-            .map(|&i| train.examples[i].input_ids.len())
+            .map(|&i| train_rows[i].row.input_ids.len())
             .sum();
         let mine =
             (rank * accum).min(step_batches.len())..((rank + 1) * accum).min(step_batches.len());
         let collated = step_batches[mine.clone()]
             .iter()
             .map(|idx| {
-                data::collate(
-                    &idx.iter().map(|&i| &train.examples[i]).collect::<Vec<_>>(),
+                data::collate_packed(
+                    &idx.iter().map(|&i| &train_rows[i]).collect::<Vec<_>>(),
                     pad_id,
                     &device,
                 )
@@ -1018,7 +1028,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         adapter_dir: None,
         global_step: state.global_step,
         max_steps,
-        train_examples: lengths.len(),
+        train_examples: train.examples.len(),
         truncated: train.truncated,
         first_eval_loss: state.first_eval_loss,
         final_eval_loss: None,
@@ -1235,6 +1245,39 @@ impl GenerationEval {
             .map(|(k, e)| (k.clone(), e.mean))
             .collect())
     }
+}
+
+/// The rows a split's batches are made of: each example alone, or with `packing` the examples
+/// packed into rows of up to `max_seq_length` tokens (logged with how full they are).
+fn training_rows(
+    env: &TrainEnv,
+    split: &str,
+    enc: &Encoded,
+    config: &TrainConfig,
+) -> Vec<data::Packed> {
+    if !config.packing {
+        return enc
+            .examples
+            .iter()
+            .cloned()
+            .map(data::Packed::single)
+            .collect();
+    }
+    let rows = match config.packing_strategy {
+        PackingStrategy::Bfd => data::pack::pack_bfd(&enc.examples, config.max_seq_length),
+    };
+    log(
+        env,
+        format!(
+            "{split}: packed {} examples into {} rows of up to {} tokens ({}, {:.1}% full)",
+            enc.examples.len(),
+            rows.len(),
+            config.max_seq_length,
+            config.packing_strategy.as_str(),
+            100.0 * data::pack::fill(&rows, config.max_seq_length)
+        ),
+    );
+    rows
 }
 
 fn report_truncation(env: &TrainEnv, split: &str, enc: &Encoded, max: usize) {

@@ -24,7 +24,7 @@ use crate::models::falcon::Falcon;
 use crate::models::llama::Llama;
 use crate::nn::causal_lm::CausalLm;
 use crate::nn::linear::{Linear, LinearBuilder};
-use crate::ops::attention::KvCache;
+use crate::ops::attention::{AttentionContext, KvCache};
 
 /// Any of the architectures this crate runs.
 #[derive(Debug, Clone)]
@@ -55,13 +55,13 @@ impl AnyModel {
 }
 
 impl CausalLm for AnyModel {
-    fn hidden_states(
+    fn hidden_states_in(
         &self,
         ids: &Tensor,
-        mask: Option<&Tensor>,
+        ctx: AttentionContext,
         cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
-        self.inner().hidden_states(ids, mask, cache)
+        self.inner().hidden_states_in(ids, ctx, cache)
     }
     fn lm_head(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         self.inner().lm_head(hidden)

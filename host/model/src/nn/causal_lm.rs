@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::nn::linear::Linear;
-use crate::ops::attention::KvCache;
+use crate::ops::attention::{AttentionContext, KvCache};
 
 /// A decoder-only language model with transformers' calling convention.
 ///
@@ -18,6 +18,20 @@ pub trait CausalLm: Send + Sync {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.seq_len());
+        let ctx = AttentionContext::new(attention_mask, b, s, past, self.device())?;
+        self.hidden_states_in(input_ids, ctx, cache)
+    }
+
+    /// [`CausalLm::hidden_states`] with the attention context made by the caller: packed rows
+    /// ([`AttentionContext::packed`]) take this way. `ctx.past_len` must be the cache's length.
+    fn hidden_states_in(
+        &self,
+        input_ids: &Tensor,
+        ctx: AttentionContext,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor>;
 

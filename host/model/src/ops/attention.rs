@@ -1,10 +1,13 @@
 //! What attention needs besides weights, shared by Falcon and Llama: the KV cache, the causal
-//! mask combined with a padding mask, position ids as `generate` computes them, rotary
-//! embeddings, ALiBi biases, and scaled dot-product attention.
+//! mask combined with a padding mask (and, for packed rows, a segment mask), position ids as
+//! `generate` computes them, rotary embeddings, ALiBi biases, and scaled dot-product attention.
 //!
 //! **Architecture Invariant:** the `attention_mask` a model gets always covers the cached tokens
 //! and the new ones (`[batch, past + seq]`), as in transformers; positions, padding and ALiBi are
 //! all derived from it, so left-padded batches give each row the numbers it would get alone.
+//! Packed rows (several examples in one row, TRL's `packing`) add segment ids: positions restart
+//! at each segment and a query sees only keys of its own segment, so each packed example gets
+//! the numbers it would get alone too.
 
 use candle_core::{D, DType, Device, Result, Tensor};
 
@@ -78,6 +81,39 @@ impl AttentionContext {
         past_len: usize,
         device: &Device,
     ) -> Result<Self> {
+        Self::build(attention_mask, None, batch, seq_len, past_len, device)
+    }
+
+    /// For packed rows (no cache): `segments[b][t]` is the example token `t` of row `b` belongs
+    /// to (any id; a change of id starts a new example). Positions (rotary and ALiBi) restart at
+    /// 0 at each example, and a query attends only to earlier keys of its own example, as
+    /// transformers' padding-free path (`position_ids` restarting, FlashAttention's varlen)
+    /// treats TRL's packed rows.
+    pub fn packed(
+        attention_mask: Option<&Tensor>,
+        segments: &[Vec<u32>],
+        batch: usize,
+        seq_len: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        if segments.len() != batch || segments.iter().any(|r| r.len() != seq_len) {
+            candle_core::bail!(
+                "segment ids cover {} rows of {:?} tokens, expected [batch {batch}, seq {seq_len}]",
+                segments.len(),
+                segments.iter().map(Vec::len).collect::<Vec<_>>()
+            );
+        }
+        Self::build(attention_mask, Some(segments), batch, seq_len, 0, device)
+    }
+
+    fn build(
+        attention_mask: Option<&Tensor>,
+        segments: Option<&[Vec<u32>]>,
+        batch: usize,
+        seq_len: usize,
+        past_len: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let total = past_len + seq_len;
         let mask: Vec<Vec<bool>> = match attention_mask {
             None => vec![vec![true; total]; batch],
@@ -97,11 +133,17 @@ impl AttentionContext {
         };
         let mut positions = Vec::with_capacity(batch);
         let mut key_positions = Vec::with_capacity(batch);
-        for row in &mask {
+        for (b, row) in mask.iter().enumerate() {
             let mut count = 0u32;
             let mut keys = Vec::with_capacity(total);
             let mut pos = Vec::with_capacity(total);
-            for &m in row {
+            for (j, &m) in row.iter().enumerate() {
+                if let Some(seg) = segments
+                    && j > 0
+                    && seg[b][j] != seg[b][j - 1]
+                {
+                    count = 0;
+                }
                 count += m as u32;
                 // cumsum - 1, which is -1 before the first real token: only reached by padding.
                 let p = count.saturating_sub(1);
@@ -112,7 +154,7 @@ impl AttentionContext {
             key_positions.push(keys);
         }
         let any_padding = mask.iter().any(|r| r.iter().any(|m| !m));
-        let bias = if seq_len == 1 && !any_padding {
+        let bias = if seq_len == 1 && !any_padding && segments.is_none() {
             None
         } else {
             let mut data = vec![0f32; batch * seq_len * total];
@@ -120,7 +162,9 @@ impl AttentionContext {
                 for i in 0..seq_len {
                     let q = past_len + i;
                     for (j, &m) in row.iter().enumerate() {
-                        if j > q || !m {
+                        // Packed rows have no cache: keys and queries share the segment ids.
+                        let other = segments.is_some_and(|seg| seg[b][j] != seg[b][q]);
+                        if j > q || !m || other {
                             data[(b * seq_len + i) * total + j] = f32::MIN;
                         }
                     }
@@ -599,6 +643,42 @@ mod tests {
         let bias = ctx.bias.unwrap().squeeze(1)?.squeeze(1)?.to_vec2::<f32>()?;
         assert_eq!(bias[0], vec![m, m, 0., 0., 0.]);
         assert!(AttentionContext::new(Some(&mask), 2, 1, 3, &dev).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn packed_rows_restart_positions_and_attend_within_their_segment() -> Result<()> {
+        let dev = Device::Cpu;
+        // Row 0: examples of 3 and 2 tokens; row 1: one of 2 tokens, then right padding.
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 0, 0, 0]], &dev)?;
+        let segments = vec![vec![0, 0, 0, 1, 1], vec![0, 0, 1, 1, 1]];
+        let ctx = AttentionContext::packed(Some(&mask), &segments, 2, 5, &dev)?;
+        assert_eq!(
+            ctx.positions,
+            vec![vec![0, 1, 2, 0, 1], vec![0, 1, 1, 1, 1]]
+        );
+        assert_eq!(
+            ctx.key_positions,
+            vec![vec![0, 1, 2, 0, 1], vec![0, 1, 0, 0, 0]]
+        );
+        let bias = ctx.bias.unwrap().squeeze(1)?.to_vec3::<f32>()?;
+        let m = f32::MIN;
+        assert_eq!(bias[0][2], vec![0., 0., 0., m, m]);
+        assert_eq!(bias[0][3], vec![m, m, m, 0., m]);
+        assert_eq!(bias[0][4], vec![m, m, m, 0., 0.]);
+        assert_eq!(bias[1][1], vec![0., 0., m, m, m]);
+        // One segment a row is the unpacked context, bit for bit.
+        let one = vec![vec![7; 5], vec![0; 5]];
+        let packed = AttentionContext::packed(Some(&mask), &one, 2, 5, &dev)?;
+        let plain = AttentionContext::new(Some(&mask), 2, 5, 0, &dev)?;
+        assert_eq!(packed.positions, plain.positions);
+        assert_eq!(packed.key_positions, plain.key_positions);
+        let (a, b) = (packed.bias.unwrap(), plain.bias.unwrap());
+        assert_eq!(
+            a.flatten_all()?.to_vec1::<f32>()?,
+            b.flatten_all()?.to_vec1::<f32>()?
+        );
+        assert!(AttentionContext::packed(Some(&mask), &segments[..1], 2, 5, &dev).is_err());
         Ok(())
     }
 

@@ -349,15 +349,22 @@ impl Falcon {
 }
 
 impl CausalLm for Falcon {
-    fn hidden_states(
+    fn hidden_states_in(
         &self,
         input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
+        ctx: AttentionContext,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let ctx = AttentionContext::new(attention_mask, b, s, past, &self.device)?;
+        if (ctx.batch, ctx.seq_len, ctx.past_len) != (b, s, past) {
+            candle_core::bail!(
+                "attention context for [{}, {}] after {} cached, input [{b}, {s}] after {past}",
+                ctx.batch,
+                ctx.seq_len,
+                ctx.past_len
+            );
+        }
         let mut x = self.word_embeddings.forward(input_ids)?;
         let rope = match &self.rotary {
             Some(r) => Some(r.cos_sin(&ctx, x.dtype(), &self.device)?),
@@ -433,7 +440,7 @@ impl CausalLm for Falcon {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashMap;
 
     use super::*;
@@ -494,7 +501,7 @@ mod tests {
         Ok(w)
     }
 
-    fn small(kind: &str) -> FalconConfig {
+    pub(crate) fn small(kind: &str) -> FalconConfig {
         let base = FalconConfig {
             vocab_size: 64,
             hidden_size: 32,

@@ -222,15 +222,22 @@ impl Llama {
 }
 
 impl CausalLm for Llama {
-    fn hidden_states(
+    fn hidden_states_in(
         &self,
         input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
+        ctx: AttentionContext,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        let ctx = AttentionContext::new(attention_mask, b, s, past, &self.device)?;
+        if (ctx.batch, ctx.seq_len, ctx.past_len) != (b, s, past) {
+            candle_core::bail!(
+                "attention context for [{}, {}] after {} cached, input [{b}, {s}] after {past}",
+                ctx.batch,
+                ctx.seq_len,
+                ctx.past_len
+            );
+        }
         let mut x = self.embed_tokens.forward(input_ids)?;
         let rope = self.rotary.cos_sin(&ctx, x.dtype(), &self.device)?;
         let inputs = std::sync::Arc::new((ctx, rope));
