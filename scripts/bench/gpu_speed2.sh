@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Issue 17's levers measured in one device call, on a Falcon-7B-shaped random bf16 checkpoint:
+#   golden   the AFTER build's golden tests on CUDA, including
+#            `nf4_quantize_kernel_equals_the_cpu_path` (the load kernel against the CPU path,
+#            bit for bit) and the HF-parity tests
+#   load     loading into NF4 (double quantization), two builds: BEFORE (quantizes on the CPU)
+#            and AFTER (uploads the 16-bit weights, quantizes with the nf4_quantize kernels);
+#            interleaved rounds (before, after, before, after) on the same checkpoint, which
+#            stays in the page cache after it is written, so both read it warm
+#   packing  `bench train` (AFTER build) at batch 8 x 512 on examples of 100-400 tokens
+#            (uniform, seeded, as DialogSum-like rows): padded in random order, padded grouped
+#            by length (the trainer's default sampler), and packed (`packing = true`); useful
+#            (non-pad) tokens/s is the figure to compare
+#
+# Built here, carried there (see ../shared/gpu/README.md):
+#   source ../shared/gpu/cuda-env.sh
+#   (old commit, in a worktree)  cargo build --release --features cuda -p adapterlab
+#   (new commit)                 cargo build --release --features cuda -p adapterlab
+#                                cargo test --release -p adapterlab-model --features cuda --test golden --no-run
+#   strip + xz into .carry/before/adapterlab.xz, .carry/after/adapterlab.xz, .carry/golden.xz
+# Device call: carry [".carry/before", ".carry/after", ".carry/golden.xz"],
+# command `OUT=$OUT bash scripts/bench/gpu_speed2.sh` (STAGES=golden,load,packing by default).
+# Each load line is `bench generate`'s `"what":"load"` JSON (ADAPTERLAB_PROFILE=1 adds the
+# phases: read, quantize, download, nested, upload) followed by a tiny generation as a check
+# that the loaded model runs.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/gpu-speed2}
+STAGES=${STAGES:-golden,load,packing}
+stage() { [[ ",$STAGES," == *",$1,"* ]]; }
+mkdir -p "$OUT" /tmp/gl
+LAYERS=${LAYERS:-32}
+ROUNDS=${ROUNDS:-2}
+CKPT=/tmp/falcon7b-${LAYERS}l
+unxz() { python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$1" "$2" && chmod +x "$2"; }
+for side in before after; do unxz .carry/$side/adapterlab.xz /tmp/gl/$side; done
+date -u +%FT%TZ | tee "$OUT/date.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$OUT/gpu.csv"
+nproc | sed 's/^/cores: /' | tee -a "$OUT/gpu.csv"
+
+if stage golden; then
+  unxz .carry/golden.xz /tmp/gl/golden
+  echo "== golden tests of the after build on cuda"
+  ADAPTERLAB_TEST_DEVICE=cuda ADAPTERLAB_GOLDEN_DIR=$PWD/host/model/tests/fixtures/golden /tmp/gl/golden --test-threads 1 --include-ignored --nocapture 2>&1 \
+    | tee "$OUT/golden-cuda.txt" | grep -E "^test |test result|panicked|bit-equal|cases" | head -40
+fi
+
+[ -f "$CKPT/config.json" ] || python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --layers "$LAYERS" \
+  --make-ckpt-only > "$OUT/make-ckpt.log" 2>&1 || { tail -20 "$OUT/make-ckpt.log"; exit 1; }
+tail -1 "$OUT/make-ckpt.log"
+
+RESULTS=$OUT/results.jsonl
+: > "$RESULTS"
+stage load && for round in $(seq 1 "$ROUNDS"); do
+  for side in before after; do
+    echo "== round $round, $side: load + a 2-token generation"
+    ADAPTERLAB_PROFILE=1 timeout 180 /tmp/gl/$side bench generate --model "$CKPT" --batch 1 --prompt-tokens 16 --new-tokens 2 \
+      2>"$OUT/load-$side-$round.err" | tee "$OUT/load-$side-$round.json" \
+      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$side\",\"round\":$round,${line#\{}" >> "$RESULTS"; done
+    tail -3 "$OUT/load-$side-$round.err"
+  done
+done
+if stage packing; then
+  for mode in random group-by-length packing; do
+    case $mode in random) flag= ;; group-by-length) flag=--group-by-length ;; packing) flag=--packing ;; esac
+    echo "== packing stage: $mode"
+    timeout 200 /tmp/gl/after bench train --model "$CKPT" --batch 8 --seq 512 --lengths 100..400 $flag --steps 10 --warmup 3 \
+      2>"$OUT/train-$mode.err" | tee "$OUT/train-$mode.json" \
+      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"after\",\"mode\":\"$mode\",${line#\{}" >> "$RESULTS"; done
+    tail -2 "$OUT/train-$mode.err"
+  done
+fi
+python3 - "$RESULTS" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+for r in rows:
+    if r.get("what") == "load":
+        phases = r.get("phases") or {}
+        top = ", ".join(f"{k} {v['s'] if isinstance(v, dict) else v}" for k, v in phases.items())
+        print(f"{r['side']:>6} round {r.get('round')}: load {r['s']} s  {top}")
+    if r.get("what") == "train_step":
+        print(f"train {r['mode']:>16}: useful {r.get('useful_tokens_per_s')} tok/s, padded {r.get('padded_tokens_per_s')} tok/s, pad {r.get('pad_fraction')}, peak {r.get('peak_gib', '')}")
+PY
