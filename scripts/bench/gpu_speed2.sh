@@ -54,7 +54,9 @@ RESULTS=$OUT/results.jsonl
 stage load && for round in $(seq 1 "$ROUNDS"); do
   for side in before after; do
     echo "== round $round, $side: load + a 2-token generation"
-    ADAPTERLAB_PROFILE=1 timeout 180 /tmp/gl/$side bench generate --model "$CKPT" --batch 1 --prompt-tokens 16 --new-tokens 2 \
+    # The GPU path is opt-in (ADAPTERLAB_NF4_QUANTIZE=gpu) until this call has shown it bit-exact.
+    q=cpu; [ $side = after ] && q=gpu
+    ADAPTERLAB_NF4_QUANTIZE=$q ADAPTERLAB_PROFILE=1 timeout 180 /tmp/gl/$side bench generate --model "$CKPT" --batch 1 --prompt-tokens 16 --new-tokens 2 \
       2>"$OUT/load-$side-$round.err" | tee "$OUT/load-$side-$round.json" \
       | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$side\",\"round\":$round,${line#\{}" >> "$RESULTS"; done
     tail -3 "$OUT/load-$side-$round.err"

@@ -162,7 +162,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
         json!({"what": "load", "s": round(t.elapsed().as_secs_f64(), 1), "trainable": trainable,
         "device": gpu_name(&device), "lora_layers": registry.layers().len(),
         "gradient_checkpointing": args.gradient_checkpointing, "checkpoint_every": args.checkpoint_every,
-        "phases": load_phases()}),
+        "nf4_quantize": nf4_quantize_on(&device)?, "phases": load_phases()}),
     );
     registry.set_training(true);
     let vocab = model.vocab_size();
@@ -247,7 +247,8 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
     let device = model.device().clone();
     emit(
         json!({"what": "load", "s": round(t.elapsed().as_secs_f64(), 1),
-        "device": gpu_name(&device), "adapter": args.adapter, "phases": load_phases()}),
+        "device": gpu_name(&device), "adapter": args.adapter,
+        "nf4_quantize": nf4_quantize_on(&device)?, "phases": load_phases()}),
     );
     let vocab = model.vocab_size();
     let mut modes = vec![false];
@@ -311,6 +312,17 @@ fn load_phases() -> serde_json::Value {
             .map(|(name, s, calls)| (name, json!({"s": round(s, 3), "calls": calls})))
             .collect();
     serde_json::Value::Object(phases)
+}
+
+/// Where the load quantized to NF4 (`ADAPTERLAB_NF4_QUANTIZE`): "gpu" or "cpu" on a CUDA
+/// device; the CPU device always quantizes on the CPU.
+fn nf4_quantize_on(device: &Device) -> Result<&'static str> {
+    use adapterlab_model::engine::QuantizeOn;
+    Ok(if device.is_cuda() {
+        QuantizeOn::from_env()?.as_str()
+    } else {
+        QuantizeOn::Cpu.as_str()
+    })
 }
 
 /// With `ADAPTERLAB_PROFILE=1`: seconds per step in each profiled phase (see

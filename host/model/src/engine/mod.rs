@@ -26,6 +26,7 @@ pub use crate::ops::kernels::{AdamWScalars, adamw_f32};
 pub use crate::ops::profile;
 pub use crate::quant::nf4::Nf4Options;
 pub use crate::quant::quantize::quantize_model_dir;
+pub use crate::quant::weight::QuantizeOn;
 
 use std::path::{Path, PathBuf};
 

@@ -253,14 +253,14 @@ impl LinearBuilder {
             }
             None => match self.format {
                 BaseFormat::Nf4(opts) if !self.keeps_dense(&name) => {
-                    // The dense weight is only an input to quantization. A CUDA device gets it
-                    // as stored (16 bits a weight straight from the mapped file) and quantizes
-                    // it there; other devices read it on the CPU, which quantizes it.
-                    let read_on = if device.is_cuda() {
-                        device.clone()
-                    } else {
-                        Device::Cpu
-                    };
+                    // The dense weight is only an input to quantization. With the GPU path
+                    // chosen, a CUDA device gets it as stored (16 bits a weight straight from
+                    // the mapped file) and quantizes it there; otherwise the CPU reads and
+                    // quantizes it.
+                    let on_gpu = device.is_cuda()
+                        && crate::quant::weight::QuantizeOn::from_env()?
+                            == crate::quant::weight::QuantizeOn::Gpu;
+                    let read_on = if on_gpu { device.clone() } else { Device::Cpu };
                     let w = crate::ops::profile::scope("load.read", &read_on, || {
                         vb.clone()
                             .set_device(read_on.clone())

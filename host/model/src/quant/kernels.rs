@@ -1,5 +1,5 @@
-//! The host side of the NF4 kernels (`nf4.cu`): quantization at load (the GPU twin of the CPU
-//! path, bit for bit), dequantization in one pass, every step in f32
+//! The host side of the NF4 kernels: quantization at load (`nf4_quantize.cu`, the GPU twin of
+//! the CPU path, bit for bit), dequantization (`nf4.cu`) in one pass, every step in f32
 //! with the operations bitsandbytes does and one rounding (the same bits as the CPU path; the
 //! tensor-op version it replaced moved ~20 bytes per weight through five kernels, this one reads
 //! half a byte and writes two), and the decoding GEMV `y = x W^T` straight from the 4-bit data
@@ -15,23 +15,33 @@ pub const GEMV_MAX_ROWS: usize = 8;
 
 static NF4: CudaModule = CudaModule::new("adapterlab_nf4", include_str!("nf4.cu"), nf4_defines);
 
-/// The GEMV's row count, the NF4 code book and the quantization thresholds, as the source
-/// expects them. The thresholds go in as their f32 bits: a decimal literal would have to round
-/// to the same f32 in NVRTC as in Rust, and seven of them are ties (see `NF4_THRESHOLDS`).
+/// Quantization at load, a module of its own so that the decoding kernels never depend on it.
+static NF4_QUANTIZE: CudaModule = CudaModule::new(
+    "adapterlab_nf4_quantize",
+    include_str!("nf4_quantize.cu"),
+    nf4_quantize_defines,
+);
+
+/// The GEMV's row count and the NF4 code book, as the source expects them.
 fn nf4_defines() -> String {
     let table: Vec<String> = crate::quant::nf4::NF4_CODE
         .iter()
         .map(|v| format!("{v:?}f"))
         .collect();
+    format!(
+        "#define GEMV_MAX_ROWS {GEMV_MAX_ROWS}\n#define NF4_TABLE {}\n",
+        table.join(", ")
+    )
+}
+
+/// The quantization thresholds, as their f32 bits: a decimal literal would have to round to the
+/// same f32 in NVRTC as in Rust, and seven of them are ties (see `NF4_THRESHOLDS`).
+fn nf4_quantize_defines() -> String {
     let thresholds: Vec<String> = crate::quant::nf4::NF4_THRESHOLDS
         .iter()
         .map(|v| format!("0x{:08x}u", v.to_bits()))
         .collect();
-    format!(
-        "#define GEMV_MAX_ROWS {GEMV_MAX_ROWS}\n#define NF4_TABLE {}\n#define NF4_THRESHOLD_BITS {}\n",
-        table.join(", "),
-        thresholds.join(", ")
-    )
+    format!("#define NF4_THRESHOLD_BITS {}\n", thresholds.join(", "))
 }
 
 /// NF4 blocks one launch block quantizes (a warp each).
@@ -64,7 +74,7 @@ pub fn quantize(w: &Tensor, blocksize: usize) -> Result<(Tensor, Tensor)> {
     macro_rules! launch {
         ($name:literal, $t:ty) => {{
             let x = input.view::<$t>(n)?;
-            crate::run_kernel!(NF4, dev, $name, cfg; &x, &n_i, &bs, &codes, &absmax)?;
+            crate::run_kernel!(NF4_QUANTIZE, dev, $name, cfg; &x, &n_i, &bs, &codes, &absmax)?;
         }};
     }
     match w.dtype() {

@@ -87,6 +87,48 @@ enum DeviceAbsmax {
     },
 }
 
+/// Where a CUDA load quantizes a dense checkpoint's weights to NF4: `ADAPTERLAB_NF4_QUANTIZE`
+/// = `cpu` (the default) or `gpu` (upload the 16-bit weight, quantize with `nf4_quantize.cu`).
+/// Both paths give the same bits by construction, so the choice changes speed only; the GPU
+/// path stays opt-in until its bit-exact test (`nf4_quantize_kernel_equals_the_cpu_path` in
+/// tests/golden.rs) has passed on a GPU, which no lent machine has run yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantizeOn {
+    Cpu,
+    Gpu,
+}
+
+impl QuantizeOn {
+    pub const ENV: &'static str = "ADAPTERLAB_NF4_QUANTIZE";
+
+    /// The environment's choice; an unknown value is an error naming the variable.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(Self::ENV) {
+            Err(std::env::VarError::NotPresent) => Self::parse(None),
+            Ok(v) => Self::parse(Some(&v)),
+            Err(e) => Err(candle_core::Error::msg(format!("{}: {e}", Self::ENV))),
+        }
+    }
+
+    fn parse(value: Option<&str>) -> Result<Self> {
+        match value {
+            None | Some("cpu") => Ok(QuantizeOn::Cpu),
+            Some("gpu") => Ok(QuantizeOn::Gpu),
+            Some(other) => Err(candle_core::Error::msg(format!(
+                "{}={other:?}: expected \"cpu\" or \"gpu\"",
+                Self::ENV
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantizeOn::Cpu => "cpu",
+            QuantizeOn::Gpu => "gpu",
+        }
+    }
+}
+
 impl Nf4Weight {
     /// Wrap quantized data; `compute_dtype` is the dtype of forward passes (bf16, f16 or f32).
     pub fn new(q: Nf4Tensor, compute_dtype: DType, device: &Device) -> Result<Self> {
@@ -495,6 +537,19 @@ impl CustomOp1 for Nf4MatMul {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    #[test]
+    fn quantize_on_reads_cpu_gpu_and_refuses_anything_else() {
+        use super::QuantizeOn;
+        assert_eq!(QuantizeOn::parse(None).unwrap(), QuantizeOn::Cpu);
+        assert_eq!(QuantizeOn::parse(Some("cpu")).unwrap(), QuantizeOn::Cpu);
+        assert_eq!(QuantizeOn::parse(Some("gpu")).unwrap(), QuantizeOn::Gpu);
+        let err = QuantizeOn::parse(Some("GPU")).unwrap_err().to_string();
+        assert!(
+            err.contains("ADAPTERLAB_NF4_QUANTIZE") && err.contains("\"gpu\""),
+            "{err}"
+        );
+    }
+
     use super::*;
     use candle_core::Var;
 
