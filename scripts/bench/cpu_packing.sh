@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Packing on the CPU (the build machine): `adapterlab bench train` on the tiny Falcon-7B-style
-# golden checkpoint, batch 8 x SEQ (128), examples of 25-100 tokens (uniform, seeded), three
+# golden checkpoint, batch 8 x SEQ (128), examples of LENGTHS (25..100) tokens (uniform, seeded), three
 # ways, ROUNDS (2) interleaved rounds: padded in random order, padded grouped by length (the
 # trainer's default sampler) and packed (`packing = true`, best-fit decreasing). Useful
 # (non-pad) tokens/s is the figure to compare. Release build:
@@ -10,6 +10,7 @@ cd "$(dirname "$0")/../.."
 AL=${AL:-${CARGO_TARGET_DIR:-target}/release/adapterlab}
 MODEL=host/model/tests/fixtures/golden/falcon_7b_style
 SEQ=${SEQ:-128}
+LENGTHS=${LENGTHS:-25..100}
 ROUNDS=${ROUNDS:-2}
 DATA=$(mktemp -d)
 trap 'rm -rf "$DATA"' EXIT
@@ -17,7 +18,7 @@ printf '| round | mode | useful tokens/s | padded tokens/s | padding |\n| --- | 
 for round in $(seq 1 "$ROUNDS"); do
   for mode in random group-by-length packing; do
     case $mode in random) flag= ;; group-by-length) flag=--group-by-length ;; packing) flag=--packing ;; esac
-    "$AL" --data-dir "$DATA" bench train --model "$MODEL" --batch 8 --seq "$SEQ" --lengths 25..100 $flag \
+    "$AL" --data-dir "$DATA" bench train --model "$MODEL" --batch 8 --seq "$SEQ" --lengths "$LENGTHS" $flag \
       --steps 10 --warmup 2 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:

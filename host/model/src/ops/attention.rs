@@ -70,6 +70,109 @@ pub struct AttentionContext {
     /// elsewhere (transformers uses `finfo.min`, so fully masked padding rows become uniform
     /// rather than NaN). `None` when nothing is masked (one new token, no padding).
     pub bias: Option<Tensor>,
+    /// Packed rows regrouped one example a row, when that computes fewer attention scores than
+    /// the masked rows do (see [`Segments`]); `None` otherwise.
+    pub segments: Option<Segments>,
+}
+
+/// Packed rows regrouped for attention, one example a row: the masked `[b, h, s, s]` scores of
+/// a packed batch spend most of their work on pairs of tokens from different examples, which
+/// the mask then discards; regrouped, attention computes `n x longest^2` scores instead of
+/// `b x s^2`. The result is the same (masked keys get exactly zero weight either way), up to
+/// the matmuls' summation order.
+#[derive(Debug, Clone)]
+pub struct Segments {
+    /// Flat positions `row * seq + t` of each example's tokens, padded to the longest example
+    /// with the example's first position (masked as a key): `[n * longest]` u32.
+    gather: Tensor,
+    /// For each flat position, its slot in the regrouped layout (row padding reads slot 0):
+    /// `[b * seq]` u32.
+    scatter: Tensor,
+    /// Causal within each example, padding slots masked as keys: `[n, 1, longest, longest]`.
+    bias: Tensor,
+    n: usize,
+    longest: usize,
+}
+
+impl Segments {
+    /// The regrouping of `segments` (ids per token, real tokens per `mask`), or `None` when it
+    /// would not compute fewer scores than the packed rows.
+    fn plan(
+        mask: &[Vec<bool>],
+        segments: &[Vec<u32>],
+        seq_len: usize,
+        device: &Device,
+    ) -> Result<Option<Self>> {
+        // Runs of equal ids among real tokens, as flat positions.
+        let mut runs: Vec<Vec<u32>> = Vec::new();
+        for (b, (row, ids)) in mask.iter().zip(segments).enumerate() {
+            let mut previous: Option<u32> = None;
+            for (t, (&real, &id)) in row.iter().zip(ids).enumerate() {
+                if !real {
+                    previous = None;
+                    continue;
+                }
+                if previous != Some(id) {
+                    runs.push(Vec::new());
+                }
+                previous = Some(id);
+                runs.last_mut()
+                    .expect("a run was opened")
+                    .push((b * seq_len + t) as u32);
+            }
+        }
+        let n = runs.len();
+        let longest = runs.iter().map(Vec::len).max().unwrap_or(0);
+        if n == 0 || n * longest * longest >= mask.len() * seq_len * seq_len {
+            return Ok(None);
+        }
+        let mut gather = Vec::with_capacity(n * longest);
+        let mut scatter = vec![0u32; mask.len() * seq_len];
+        let mut bias = vec![0f32; n * longest * longest];
+        for (r, run) in runs.iter().enumerate() {
+            for slot in 0..longest {
+                gather.push(run.get(slot).copied().unwrap_or(run[0]));
+                if let Some(&flat) = run.get(slot) {
+                    scatter[flat as usize] = (r * longest + slot) as u32;
+                }
+                for key in 0..longest {
+                    if key > slot || key >= run.len() {
+                        bias[(r * longest + slot) * longest + key] = f32::MIN;
+                    }
+                }
+            }
+        }
+        Ok(Some(Segments {
+            gather: Tensor::from_vec(gather, n * longest, device)?,
+            scatter: Tensor::from_vec(scatter, mask.len() * seq_len, device)?,
+            bias: Tensor::from_vec(bias, (n, 1, longest, longest), device)?,
+            n,
+            longest,
+        }))
+    }
+
+    /// `[b, heads, s, d]` → `[n, heads, longest, d]`.
+    fn regroup(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, t, d) = x.dims4()?;
+        x.transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * t, h * d))?
+            .index_select(&self.gather, 0)?
+            .reshape((self.n, self.longest, h, d))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// `[n, heads, longest, d]` → `[b, heads, s, d]`.
+    fn restore(&self, x: &Tensor, b: usize, s: usize) -> Result<Tensor> {
+        let (_, h, _, d) = x.dims4()?;
+        x.transpose(1, 2)?
+            .contiguous()?
+            .reshape((self.n * self.longest, h * d))?
+            .index_select(&self.scatter, 0)?
+            .reshape((b, s, h, d))?
+            .transpose(1, 2)
+    }
 }
 
 impl AttentionContext {
@@ -172,6 +275,10 @@ impl AttentionContext {
             }
             Some(Tensor::from_vec(data, (batch, 1, seq_len, total), device)?)
         };
+        let segments = match segments {
+            Some(seg) => Segments::plan(&mask, seg, seq_len, device)?,
+            None => None,
+        };
         Ok(AttentionContext {
             batch,
             seq_len,
@@ -179,7 +286,35 @@ impl AttentionContext {
             positions,
             key_positions,
             bias,
+            segments,
         })
+    }
+}
+
+/// Attention under `ctx`: [`attend`] with its mask, or, for packed rows worth regrouping (and no
+/// ALiBi, whose bias is laid out per packed row), one example a row ([`Segments`]).
+pub fn attend_in(
+    ctx: &AttentionContext,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    pre_scale_bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    match (&ctx.segments, pre_scale_bias) {
+        (Some(seg), None) => {
+            let (b, _, s, _) = q.dims4()?;
+            let out = attend(
+                &seg.regroup(q)?,
+                &seg.regroup(k)?,
+                &seg.regroup(v)?,
+                scale,
+                None,
+                Some(&seg.bias),
+            )?;
+            seg.restore(&out, b, s)
+        }
+        _ => attend(q, k, v, scale, pre_scale_bias, ctx.bias.as_ref()),
     }
 }
 
@@ -643,6 +778,64 @@ mod tests {
         let bias = ctx.bias.unwrap().squeeze(1)?.squeeze(1)?.to_vec2::<f32>()?;
         assert_eq!(bias[0], vec![m, m, 0., 0., 0.]);
         assert!(AttentionContext::new(Some(&mask), 2, 1, 3, &dev).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn regrouped_packed_attention_equals_the_masked_rows_and_their_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        // Row 0: examples of 3, 1 and 4 tokens; row 1: 2 and 3 tokens, then 3 of padding.
+        let mask = Tensor::new(
+            &[[1u32, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0]],
+            &dev,
+        )?;
+        let segments = vec![vec![0, 0, 0, 1, 2, 2, 2, 2], vec![5, 5, 6, 6, 6, 6, 6, 6]];
+        let ctx = AttentionContext::packed(Some(&mask), &segments, 2, 8, &dev)?;
+        let seg = ctx
+            .segments
+            .as_ref()
+            .expect("5 examples of at most 4: 80 < 128 scores");
+        assert_eq!((seg.n, seg.longest), (5, 4));
+        // Grouped queries (6 heads over 2 KV heads), as Llama and Falcon-40B use them.
+        let q = candle_core::Var::randn(0f32, 1., (2, 6, 8, 4), &dev)?;
+        let k = candle_core::Var::randn(0f32, 1., (2, 2, 8, 4), &dev)?;
+        let v = candle_core::Var::randn(0f32, 1., (2, 2, 8, 4), &dev)?;
+        let w = Tensor::randn(0f32, 1., (2, 6, 8, 4), &dev)?;
+        // Only real tokens count: the rows' padding outputs differ by design.
+        let real = mask
+            .to_dtype(DType::F32)?
+            .reshape((2, 1, 8, 1))?
+            .broadcast_as((2, 6, 8, 4))?;
+        let run = |regrouped: bool| -> Result<(Tensor, Vec<Tensor>)> {
+            let out = if regrouped {
+                attend_in(&ctx, q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, None)?
+            } else {
+                attend(
+                    q.as_tensor(),
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    0.5,
+                    None,
+                    ctx.bias.as_ref(),
+                )?
+            };
+            let out = (out * &real)?;
+            let grads = (&out * &w)?.sum_all()?.backward()?;
+            let g = [&q, &k, &v].map(|x| grads.get(x.as_tensor()).unwrap().clone());
+            Ok((out, g.to_vec()))
+        };
+        let (a, ga) = run(true)?;
+        let (b, gb) = run(false)?;
+        let diff = |x: &Tensor, y: &Tensor| -> Result<f32> {
+            (x - y)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(diff(&a, &b)? < 1e-6, "outputs differ by {}", diff(&a, &b)?);
+        for (name, (x, y)) in ["q", "k", "v"].iter().zip(ga.iter().zip(&gb)) {
+            assert!(diff(x, y)? < 1e-5, "d{name} differs by {}", diff(x, y)?);
+        }
+        // Not worth regrouping: one example filling each row.
+        let whole = AttentionContext::packed(None, &[vec![0; 8], vec![1; 8]], 2, 8, &dev)?;
+        assert!(whole.segments.is_none());
         Ok(())
     }
 

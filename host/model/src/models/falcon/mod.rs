@@ -12,7 +12,7 @@ use crate::models::config::Activation;
 use crate::nn::causal_lm::CausalLm;
 use crate::nn::layers::{LayerNorm, lm_head};
 use crate::nn::linear::{Linear, LinearBuilder};
-use crate::ops::attention::{AttentionContext, KvCache, Rotary, alibi_bias, attend};
+use crate::ops::attention::{AttentionContext, KvCache, Rotary, alibi_bias, attend_in};
 use crate::ops::profile;
 use config::FalconConfig;
 
@@ -135,7 +135,7 @@ impl FalconAttention {
                 None => (k, v),
             };
             let scale = 1.0 / (self.head_dim as f64).sqrt();
-            let out = attend(&q, &k, &v, scale, alibi, ctx.bias.as_ref())?;
+            let out = attend_in(ctx, &q, &k, &v, scale, alibi)?;
             out.transpose(1, 2)?
                 .reshape((b, s, self.num_heads * self.head_dim))
         })?;

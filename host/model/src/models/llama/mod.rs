@@ -10,7 +10,7 @@ use crate::models::config::Activation;
 use crate::nn::causal_lm::CausalLm;
 use crate::nn::layers::{RmsNorm, lm_head};
 use crate::nn::linear::{Linear, LinearBuilder};
-use crate::ops::attention::{AttentionContext, KvCache, Rotary, attend};
+use crate::ops::attention::{AttentionContext, KvCache, Rotary, attend_in};
 use config::LlamaConfig;
 
 #[derive(Debug, Clone)]
@@ -69,14 +69,7 @@ impl LlamaAttention {
             Some(c) => c.append(self.layer_idx, &k, &v)?,
             None => (k, v),
         };
-        let out = attend(
-            &q,
-            &k,
-            &v,
-            1.0 / (self.head_dim as f64).sqrt(),
-            None,
-            ctx.bias.as_ref(),
-        )?;
+        let out = attend_in(ctx, &q, &k, &v, 1.0 / (self.head_dim as f64).sqrt(), None)?;
         let out = out
             .transpose(1, 2)?
             .reshape((b, s, self.num_heads * self.head_dim))?;
