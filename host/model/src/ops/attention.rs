@@ -77,24 +77,34 @@ pub struct AttentionContext {
 
 /// Packed rows regrouped for attention, one example a row: the masked `[b, h, s, s]` scores of
 /// a packed batch spend most of their work on pairs of tokens from different examples, which
-/// the mask then discards; regrouped, attention computes `n x longest^2` scores instead of
-/// `b x s^2`. The result is the same (masked keys get exactly zero weight either way), up to
-/// the matmuls' summation order.
+/// the mask then discards. Regrouped, the examples are sorted by length and cut into at most
+/// [`Segments::MAX_GROUPS`] groups, each padded to its longest example, so attention computes
+/// `sum(n_g x longest_g^2)` scores instead of `b x s^2`. The result is the same (masked keys get
+/// exactly zero weight either way), up to the matmuls' summation order.
 #[derive(Debug, Clone)]
 pub struct Segments {
-    /// Flat positions `row * seq + t` of each example's tokens, padded to the longest example
-    /// with the example's first position (masked as a key): `[n * longest]` u32.
+    /// Flat positions `row * seq + t` of each group's examples' tokens, group after group,
+    /// each example padded to its group's longest with its first position (masked as a key).
     gather: Tensor,
-    /// For each flat position, its slot in the regrouped layout (row padding reads slot 0):
+    /// For each flat position, its slot in the gathered layout (row padding reads slot 0):
     /// `[b * seq]` u32.
     scatter: Tensor,
-    /// Causal within each example, padding slots masked as keys: `[n, 1, longest, longest]`.
-    bias: Tensor,
+    groups: Vec<Group>,
+}
+
+#[derive(Debug, Clone)]
+struct Group {
+    /// Examples in the group, and the longest one's length.
     n: usize,
     longest: usize,
+    /// Causal within each example, padding slots masked as keys: `[n, 1, longest, longest]`.
+    bias: Tensor,
 }
 
 impl Segments {
+    /// Separate attention calls one packed batch may be cut into.
+    pub const MAX_GROUPS: usize = 4;
+
     /// The regrouping of `segments` (ids per token, real tokens per `mask`), or `None` when it
     /// would not compute fewer scores than the packed rows.
     fn plan(
@@ -121,58 +131,129 @@ impl Segments {
                     .push((b * seq_len + t) as u32);
             }
         }
-        let n = runs.len();
-        let longest = runs.iter().map(Vec::len).max().unwrap_or(0);
-        if n == 0 || n * longest * longest >= mask.len() * seq_len * seq_len {
+        if runs.is_empty() {
             return Ok(None);
         }
-        let mut gather = Vec::with_capacity(n * longest);
+        // Longest first (ties in order), then the cut into groups that computes fewest scores.
+        runs.sort_by_key(|r| std::cmp::Reverse(r.len()));
+        let lengths: Vec<usize> = runs.iter().map(Vec::len).collect();
+        let (cost, cuts) = cheapest_cut(&lengths, Self::MAX_GROUPS);
+        if cost >= mask.len() * seq_len * seq_len {
+            return Ok(None);
+        }
+        let mut gather = Vec::new();
         let mut scatter = vec![0u32; mask.len() * seq_len];
-        let mut bias = vec![0f32; n * longest * longest];
-        for (r, run) in runs.iter().enumerate() {
-            for slot in 0..longest {
-                gather.push(run.get(slot).copied().unwrap_or(run[0]));
-                if let Some(&flat) = run.get(slot) {
-                    scatter[flat as usize] = (r * longest + slot) as u32;
-                }
-                for key in 0..longest {
-                    if key > slot || key >= run.len() {
-                        bias[(r * longest + slot) * longest + key] = f32::MIN;
+        let mut groups = Vec::with_capacity(cuts.len());
+        for (first, end) in cuts {
+            let group = &runs[first..end];
+            let longest = group[0].len();
+            let mut bias = vec![0f32; group.len() * longest * longest];
+            for (r, run) in group.iter().enumerate() {
+                for slot in 0..longest {
+                    if let Some(&flat) = run.get(slot) {
+                        scatter[flat as usize] = gather.len() as u32;
+                    }
+                    gather.push(run.get(slot).copied().unwrap_or(run[0]));
+                    for key in 0..longest {
+                        if key > slot || key >= run.len() {
+                            bias[(r * longest + slot) * longest + key] = f32::MIN;
+                        }
                     }
                 }
             }
+            groups.push(Group {
+                n: group.len(),
+                longest,
+                bias: Tensor::from_vec(bias, (group.len(), 1, longest, longest), device)?,
+            });
         }
+        let slots = gather.len();
         Ok(Some(Segments {
-            gather: Tensor::from_vec(gather, n * longest, device)?,
+            gather: Tensor::from_vec(gather, slots, device)?,
             scatter: Tensor::from_vec(scatter, mask.len() * seq_len, device)?,
-            bias: Tensor::from_vec(bias, (n, 1, longest, longest), device)?,
-            n,
-            longest,
+            groups,
         }))
     }
 
-    /// `[b, heads, s, d]` → `[n, heads, longest, d]`.
-    fn regroup(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, t, d) = x.dims4()?;
-        x.transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * t, h * d))?
-            .index_select(&self.gather, 0)?
-            .reshape((self.n, self.longest, h, d))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
-    /// `[n, heads, longest, d]` → `[b, heads, s, d]`.
-    fn restore(&self, x: &Tensor, b: usize, s: usize) -> Result<Tensor> {
-        let (_, h, _, d) = x.dims4()?;
-        x.transpose(1, 2)?
-            .contiguous()?
-            .reshape((self.n * self.longest, h * d))?
-            .index_select(&self.scatter, 0)?
+    /// Attention over the regrouped examples: `q` `[b, h, s, d]`, `k`, `v` `[b, kv, s, d]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+        let (b, h, s, d) = q.dims4()?;
+        // `[b, heads, s, d]` → `[slots, heads * d]`, the slots in group order.
+        let gathered = |x: &Tensor| -> Result<Tensor> {
+            let (b, heads, t, d) = x.dims4()?;
+            x.transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * t, heads * d))?
+                .index_select(&self.gather, 0)
+        };
+        let (qg, kg, vg) = (gathered(q)?, gathered(k)?, gathered(v)?);
+        let mut outs = Vec::with_capacity(self.groups.len());
+        let mut first = 0;
+        for g in &self.groups {
+            let slots = g.n * g.longest;
+            let rows = |x: &Tensor| -> Result<Tensor> {
+                let width = x.dim(1)? / d;
+                x.narrow(0, first, slots)?
+                    .reshape((g.n, g.longest, width, d))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let out = attend(
+                &rows(&qg)?,
+                &rows(&kg)?,
+                &rows(&vg)?,
+                scale,
+                None,
+                Some(&g.bias),
+            )?;
+            outs.push(out.transpose(1, 2)?.contiguous()?.reshape((slots, h * d))?);
+            first += slots;
+        }
+        let out = if outs.len() == 1 {
+            outs.remove(0)
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        out.index_select(&self.scatter, 0)?
             .reshape((b, s, h, d))?
             .transpose(1, 2)
     }
+}
+
+/// The cut of `lengths` (sorted longest first) into at most `max_groups` consecutive groups
+/// that minimises `sum(n_g x longest_g^2)`, the scores attention computes; returns that sum and
+/// the groups as `(first, end)` ranges. Dynamic programming over the cut points: a packed batch
+/// holds a few hundred examples at most.
+fn cheapest_cut(lengths: &[usize], max_groups: usize) -> (usize, Vec<(usize, usize)>) {
+    let n = lengths.len();
+    let cost = |first: usize, end: usize| (end - first) * lengths[first] * lengths[first];
+    // best[g][i]: the cheapest cut of lengths[i..] into at most g groups, and its first end.
+    let mut best = vec![vec![(usize::MAX, n); n + 1]; max_groups + 1];
+    for row in best.iter_mut() {
+        row[n] = (0, n);
+    }
+    for g in 1..=max_groups {
+        for i in (0..n).rev() {
+            let mut choice = (cost(i, n), n);
+            // Longer first groups first: of equal costs, the fewer calls.
+            for end in (i + 1..n).rev() {
+                let rest = best[g - 1][end].0;
+                if rest != usize::MAX && cost(i, end) + rest < choice.0 {
+                    choice = (cost(i, end) + rest, end);
+                }
+            }
+            best[g][i] = choice;
+        }
+    }
+    let mut cuts = Vec::new();
+    let (mut i, mut g) = (0, max_groups);
+    while i < n {
+        let end = best[g][i].1;
+        cuts.push((i, end));
+        i = end;
+        g -= 1;
+    }
+    (best[max_groups][0].0, cuts)
 }
 
 impl AttentionContext {
@@ -302,18 +383,7 @@ pub fn attend_in(
     pre_scale_bias: Option<&Tensor>,
 ) -> Result<Tensor> {
     match (&ctx.segments, pre_scale_bias) {
-        (Some(seg), None) => {
-            let (b, _, s, _) = q.dims4()?;
-            let out = attend(
-                &seg.regroup(q)?,
-                &seg.regroup(k)?,
-                &seg.regroup(v)?,
-                scale,
-                None,
-                Some(&seg.bias),
-            )?;
-            seg.restore(&out, b, s)
-        }
+        (Some(seg), None) => seg.attend(q, k, v, scale),
         _ => attend(q, k, v, scale, pre_scale_bias, ctx.bias.as_ref()),
     }
 }
@@ -782,6 +852,22 @@ mod tests {
     }
 
     #[test]
+    fn the_cheapest_cut_into_length_groups() {
+        // One group pads everything to 10: 4 x 100 = 400; two groups: 2 x 100 + 2 x 4 = 208.
+        assert_eq!(cheapest_cut(&[10, 10, 2, 2], 1), (400, vec![(0, 4)]));
+        assert_eq!(
+            cheapest_cut(&[10, 10, 2, 2], 2),
+            (208, vec![(0, 2), (2, 4)])
+        );
+        // A third group would not lower it: still two.
+        assert_eq!(
+            cheapest_cut(&[10, 10, 2, 2], 3),
+            (208, vec![(0, 2), (2, 4)])
+        );
+        assert_eq!(cheapest_cut(&[5], 4), (25, vec![(0, 1)]));
+    }
+
+    #[test]
     fn regrouped_packed_attention_equals_the_masked_rows_and_their_gradients() -> Result<()> {
         let dev = Device::Cpu;
         // Row 0: examples of 3, 1 and 4 tokens; row 1: 2 and 3 tokens, then 3 of padding.
@@ -794,8 +880,11 @@ mod tests {
         let seg = ctx
             .segments
             .as_ref()
-            .expect("5 examples of at most 4: 80 < 128 scores");
-        assert_eq!((seg.n, seg.longest), (5, 4));
+            .expect("5 examples of at most 4 tokens: few scores");
+        // Lengths 4, 3, 3, 2, 1 in four groups: 16 + 18 + 4 + 1 = 39 scores, against the
+        // 2 x 8^2 = 128 of the masked rows.
+        let shape: Vec<(usize, usize)> = seg.groups.iter().map(|g| (g.n, g.longest)).collect();
+        assert_eq!(shape, vec![(1, 4), (2, 3), (1, 2), (1, 1)]);
         // Grouped queries (6 heads over 2 KV heads), as Llama and Falcon-40B use them.
         let q = candle_core::Var::randn(0f32, 1., (2, 6, 8, 4), &dev)?;
         let k = candle_core::Var::randn(0f32, 1., (2, 2, 8, 4), &dev)?;
