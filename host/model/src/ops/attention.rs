@@ -268,6 +268,22 @@ impl AttentionContext {
         Self::build(attention_mask, None, batch, seq_len, past_len, device)
     }
 
+    /// Refuses a context made for another input than `input_ids` `[batch, seq]` after what
+    /// `cache` holds.
+    pub fn check_fits(&self, input_ids: &Tensor, cache: Option<&KvCache>) -> Result<()> {
+        let (b, s) = input_ids.dims2()?;
+        let past = cache.map_or(0, KvCache::seq_len);
+        if (self.batch, self.seq_len, self.past_len) != (b, s, past) {
+            candle_core::bail!(
+                "attention context for [{}, {}] after {} cached, input [{b}, {s}] after {past}",
+                self.batch,
+                self.seq_len,
+                self.past_len
+            );
+        }
+        Ok(())
+    }
+
     /// For packed rows (no cache): `segments[b][t]` is the example token `t` of row `b` belongs
     /// to (any id; a change of id starts a new example). Positions (rotary and ALiBi) restart at
     /// 0 at each example, and a query attends only to earlier keys of its own example, as

@@ -355,16 +355,7 @@ impl CausalLm for Falcon {
         ctx: AttentionContext,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, s) = input_ids.dims2()?;
-        let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        if (ctx.batch, ctx.seq_len, ctx.past_len) != (b, s, past) {
-            candle_core::bail!(
-                "attention context for [{}, {}] after {} cached, input [{b}, {s}] after {past}",
-                ctx.batch,
-                ctx.seq_len,
-                ctx.past_len
-            );
-        }
+        ctx.check_fits(input_ids, cache.as_deref())?;
         let mut x = self.word_embeddings.forward(input_ids)?;
         let rope = match &self.rotary {
             Some(r) => Some(r.cos_sin(&ctx, x.dtype(), &self.device)?),

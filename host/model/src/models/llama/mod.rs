@@ -221,16 +221,7 @@ impl CausalLm for Llama {
         ctx: AttentionContext,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, s) = input_ids.dims2()?;
-        let past = cache.as_ref().map_or(0, |c| c.seq_len());
-        if (ctx.batch, ctx.seq_len, ctx.past_len) != (b, s, past) {
-            candle_core::bail!(
-                "attention context for [{}, {}] after {} cached, input [{b}, {s}] after {past}",
-                ctx.batch,
-                ctx.seq_len,
-                ctx.past_len
-            );
-        }
+        ctx.check_fits(input_ids, cache.as_deref())?;
         let mut x = self.embed_tokens.forward(input_ids)?;
         let rope = self.rotary.cos_sin(&ctx, x.dtype(), &self.device)?;
         let inputs = std::sync::Arc::new((ctx, rope));
