@@ -101,6 +101,7 @@ pub fn run(args: EvalArgs, ctx: &Context) -> Result<()> {
         services: services.clone(),
         cancel: Arc::new(AtomicBool::new(false)),
         on_progress: Arc::new(move |done, _| bar2.set_position(done)),
+        stopped_because: EvalEnv::user_stops(),
     };
     let result = pipeline::execute_with_samples(&env, &run.id, &request, &plugins);
     bar.finish_and_clear();

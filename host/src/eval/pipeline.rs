@@ -290,6 +290,17 @@ pub struct EvalEnv {
     pub cancel: Arc<AtomicBool>,
     /// Called after each stored batch of samples with (done, total).
     pub on_progress: Arc<dyn Fn(u64, u64) + Send + Sync>,
+    /// Asked when the run was stopped through `cancel`: why, when its user did not stop it
+    /// (the server stops runs when the disk fills). With a reason the run ends `failed` with
+    /// it, never `cancelled`, not even for a moment.
+    pub stopped_because: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+}
+
+impl EvalEnv {
+    /// No reason: a stop is the user's cancel.
+    pub fn user_stops() -> Arc<dyn Fn() -> Option<String> + Send + Sync> {
+        Arc::new(|| None)
+    }
 }
 
 /// One metric's results for a range of (possibly reference) samples.
@@ -558,14 +569,21 @@ pub fn execute_with_samples(
     } else {
         failed_on_every_sample(plugins, &stored)
     };
+    let stop_failure = if cancelled {
+        (env.stopped_because)()
+    } else {
+        None
+    };
     let final_status = match (&outcome, cancelled) {
         (Err(_), _) => RunStatus::Failed,
+        (Ok(()), true) if stop_failure.is_some() => RunStatus::Failed,
         (Ok(()), true) => RunStatus::Cancelled,
         (Ok(()), false) if !failed_everywhere.is_empty() => RunStatus::Failed,
         (Ok(()), false) => RunStatus::Done,
     };
     let error = match &outcome {
         Err(e) => Some(format!("{e:#}")),
+        Ok(()) if stop_failure.is_some() => stop_failure.clone(),
         Ok(()) if !failed_everywhere.is_empty() => Some(
             failed_everywhere
                 .iter()

@@ -85,6 +85,7 @@ pub fn watch(
     root: PathBuf,
     state: Arc<DiskState>,
     on_full: impl Fn(&str) + Send + 'static,
+    on_room: impl Fn() + Send + 'static,
     store_ok: impl Fn() -> Result<(), String> + Send + 'static,
     on_store_broken: impl Fn(&str) + Send + 'static,
 ) {
@@ -132,6 +133,7 @@ pub fn watch(
                     tracing::info!("the data directory's disk has room again");
                     *state.reason.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     state.full.store(false, Ordering::SeqCst);
+                    on_room();
                 }
             }
         });

@@ -171,12 +171,18 @@ impl Jobs {
             let weak = Arc::downgrade(&jobs.inner);
             let weak_probe = weak.clone();
             let weak_broken = weak.clone();
+            let weak_room = weak.clone();
             crate::server::disk::watch(
                 jobs.inner.data_dir.root().to_path_buf(),
                 jobs.inner.disk.clone(),
                 move |reason| {
                     if let Some(inner) = weak.upgrade() {
                         Jobs { inner }.stop_for_full_disk(reason);
+                    }
+                },
+                move || {
+                    if let Some(inner) = weak_room.upgrade() {
+                        Jobs { inner }.settle_disk_stopped();
                     }
                 },
                 move || match weak_probe.upgrade() {
@@ -634,6 +640,34 @@ impl Jobs {
         }
     }
 
+    /// Once the disk has room again: a run the full disk stopped whose failure could not be
+    /// written then (the store refused writes while the disk was full) still reads
+    /// `cancelled`, or `running` with no job left; it ends failed now, with the reason, so a
+    /// full disk never reads as a user's cancel. Runs whose job is still executing are left to
+    /// that job's end.
+    fn settle_disk_stopped(&self) {
+        let stopped: Vec<String> = self
+            .inner
+            .disk_stopped
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect();
+        let executing: HashSet<String> =
+            self.inner.cancels.lock().unwrap().keys().cloned().collect();
+        for id in stopped {
+            if executing.contains(&id) {
+                continue;
+            }
+            self.fail_run(
+                &id,
+                &[RunStatus::Running, RunStatus::Cancelled],
+                "stopped because the data directory's disk was full; resume it to run it again",
+            );
+        }
+    }
+
     /// The runs this process stopped because the disk was full. A server that executes itself
     /// again to reopen its store hands them over, as their failure may not have reached the
     /// disk.
@@ -793,6 +827,7 @@ impl Jobs {
     /// The services behind `embed` and `chat` for one run's plugins, and its eval env.
     fn eval_env(
         &self,
+        run_id: &str,
         cancel: Arc<AtomicBool>,
         llm_base_url: Option<&str>,
     ) -> Result<(EvalEnv, Arc<EvalServices>)> {
@@ -814,11 +849,28 @@ impl Jobs {
             )),
             crate::eval::services::default_encoders(&self.inner.data_dir),
         ));
+        let jobs = self.clone();
+        let run = run_id.to_string();
         let env = EvalEnv {
             store,
             services: services.clone(),
             cancel,
             on_progress: Arc::new(|_, _| {}),
+            // A run the full disk stopped ends failed with the reason (end_job then finds it
+            // failed already): it must not read `cancelled` in between.
+            stopped_because: Arc::new(move || {
+                jobs.inner
+                    .disk_failed
+                    .lock()
+                    .unwrap()
+                    .contains(&run)
+                    .then(|| {
+                        jobs.inner
+                            .disk
+                            .reason()
+                            .unwrap_or_else(|| "the data directory's disk was full".into())
+                    })
+            }),
         };
         Ok((env, services))
     }
@@ -835,7 +887,7 @@ impl Jobs {
                 }
             }
         };
-        let (env, services) = self.eval_env(cancel, request.llm_base_url.as_deref())?;
+        let (env, services) = self.eval_env(run_id, cancel, request.llm_base_url.as_deref())?;
         let result = pipeline::execute(&env, run_id, request, &plugins);
         services.record(&store, run_id)?;
         result.map(|_| ())
@@ -893,7 +945,7 @@ impl Jobs {
             .request(&run.id)
             .context("the run's stored request is unreadable")?
             .with_context(|| format!("run {} has no stored request", run.id))?;
-        let (eval, services) = self.eval_env(cancel, request.llm_base_url.as_deref())?;
+        let (eval, services) = self.eval_env(&run.id, cancel, request.llm_base_url.as_deref())?;
         let env = GenerateEnv {
             store: self.inner.store.clone(),
             models: self.inner.models.clone(),
@@ -982,6 +1034,8 @@ impl Jobs {
             },
         )?;
         self.inner.user_cancelled.lock().unwrap().remove(&run.id);
+        // Resumed, it is no longer a run the full disk stopped.
+        self.inner.disk_stopped.lock().unwrap().remove(&run.id);
         self.inner.store.push_event(
             &run.id,
             &RunEvent::Status {

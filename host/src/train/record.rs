@@ -179,6 +179,7 @@ pub fn run_recorded(
             services: Arc::new(NoServices),
             cancel: Arc::new(AtomicBool::new(false)),
             on_progress: Arc::new(|_, _| {}),
+            stopped_because: crate::eval::pipeline::EvalEnv::user_stops(),
         };
         let done = pipeline::execute(&eval_env, &eval_run.id, &request, &metric_plugins)?;
         eprintln!(

@@ -1234,6 +1234,7 @@ impl GenerationEval {
             services: Arc::new(crate::plugin::NoServices),
             cancel: env.cancel.clone().unwrap_or_default(),
             on_progress: Arc::new(|_, _| {}),
+            stopped_because: crate::eval::pipeline::EvalEnv::user_stops(),
         };
         let done = crate::eval::pipeline::execute(&eval_env, &run.id, &request, &self.plugins)?;
         if let Some(e) = &done.error {
