@@ -646,14 +646,7 @@ impl Jobs {
     /// full disk never reads as a user's cancel. Runs whose job is still executing are left to
     /// that job's end.
     fn settle_disk_stopped(&self) {
-        let stopped: Vec<String> = self
-            .inner
-            .disk_stopped
-            .lock()
-            .unwrap()
-            .iter()
-            .cloned()
-            .collect();
+        let stopped = self.disk_stopped();
         let executing: HashSet<String> =
             self.inner.cancels.lock().unwrap().keys().cloned().collect();
         for id in stopped {
@@ -684,12 +677,16 @@ impl Jobs {
         ids
     }
 
-    fn fail_for_disk(&self, run_id: &str) {
-        let reason = self
-            .inner
+    /// Why runs stop or fail for the disk: the watcher's reason while it is full.
+    fn disk_reason(&self) -> String {
+        self.inner
             .disk
             .reason()
-            .unwrap_or_else(|| "the data directory's disk is full".into());
+            .unwrap_or_else(|| "the data directory's disk is full".into())
+    }
+
+    fn fail_for_disk(&self, run_id: &str) {
+        let reason = self.disk_reason();
         self.fail_run(
             run_id,
             &[RunStatus::Queued, RunStatus::Running, RunStatus::Cancelled],
@@ -859,17 +856,8 @@ impl Jobs {
             // A run the full disk stopped ends failed with the reason (end_job then finds it
             // failed already): it must not read `cancelled` in between.
             stopped_because: Arc::new(move || {
-                jobs.inner
-                    .disk_failed
-                    .lock()
-                    .unwrap()
-                    .contains(&run)
-                    .then(|| {
-                        jobs.inner
-                            .disk
-                            .reason()
-                            .unwrap_or_else(|| "the data directory's disk was full".into())
-                    })
+                let stopped = jobs.inner.disk_failed.lock().unwrap().contains(&run);
+                stopped.then(|| jobs.disk_reason())
             }),
         };
         Ok((env, services))
