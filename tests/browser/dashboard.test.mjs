@@ -524,6 +524,16 @@ describe('adapterlab dashboard', () => {
     // The defaults are the server's (GET /api/schema, from its config type), never the form's own.
     const schema = await apiCall('GET', '/api/schema');
     assert.equal(await form.getByLabel('Batch size per device', { exact: true }).inputValue(), String(schema.json.train.properties.per_device_train_batch_size.default));
+    // TRL's packing strategies, as the server names them, offered once packing is on.
+    const strategy = form.getByLabel('Packing strategy', { exact: true });
+    assert.ok(await strategy.isDisabled(), 'the packing strategy should wait for packing');
+    await form.getByLabel(/TRL’s packing/).check();
+    assert.ok(await strategy.isEnabled(), 'packing on should offer its strategy');
+    assert.deepEqual(await strategy.locator('option').evaluateAll((os) => os.map((o) => o.value)), ['bfd', 'bfd_split', 'wrapped']);
+    await form.getByLabel(/TRL’s packing/).uncheck();
+    await form.getByLabel('Validation rows', { exact: true }).selectOption('packed');
+    assert.ok(await strategy.isEnabled(), 'packed validation rows should offer the strategy');
+    await form.getByLabel('Validation rows', { exact: true }).selectOption('');
     await form.getByLabel('Name', { exact: true }).fill('live-train');
     if (env.ADAPTERLAB_TRAIN_MODEL) await form.getByLabel('Model', { exact: true }).fill(env.ADAPTERLAB_TRAIN_MODEL);
     if (env.ADAPTERLAB_TRAIN_DATASET) await form.getByLabel('Dataset', { exact: true }).fill(env.ADAPTERLAB_TRAIN_DATASET);

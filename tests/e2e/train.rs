@@ -469,6 +469,45 @@ fn packing_trains_logs_and_is_stored_with_the_run() {
         "eval loss before training: packed {a}, unpacked {b}"
     );
 
+    // TRL's `bfd_split` on rows shorter than the examples: the long ones are split across
+    // rows, not cut; `eval_packing = false` keeps the validation rows unpacked.
+    drop(store); // the binary opens it next
+    let split_dir = t.path().join("split");
+    train(
+        split_dir.to_str().unwrap(),
+        &[
+            "--set",
+            "packing=true",
+            "--set",
+            "packing_strategy=bfd_split",
+            "--set",
+            "max_seq_length=12",
+            "--set",
+            "eval_packing=false",
+        ],
+    );
+    let store = adapterlab::store::Store::open(&t.data_dir().join("store")).unwrap();
+    let runs = store.list_runs().unwrap();
+    let split = runs
+        .iter()
+        .find(|r| r.metadata.get("output_dir").map(String::as_str) == split_dir.to_str())
+        .expect("the bfd_split run is stored");
+    let request: Value = store.request(&split.id).unwrap().unwrap();
+    let events = format!("{:?}", store.events_after(&split.id, None).unwrap());
+    drop(store);
+    assert!(
+        events.contains(
+            "are longer than max_seq_length = 12 tokens and are split across packed rows"
+        ) && events.contains("(bfd_split,")
+            && !events.contains("validation: packed"),
+        "{events}"
+    );
+    assert_eq!(
+        (&request["packing_strategy"], &request["eval_packing"]),
+        (&Value::from("bfd_split"), &Value::from(false)),
+        "{request}"
+    );
+
     let err = run_fail(&mut t.cmd(&[
         "train",
         "--set",
@@ -478,10 +517,10 @@ fn packing_trains_logs_and_is_stored_with_the_run() {
         "--set",
         "packing=true",
         "--set",
-        "packing_strategy=wrapped",
+        "packing_strategy=ffd",
     ]));
     assert!(
-        err.contains("packing_strategy") && err.contains("bfd"),
+        err.contains("packing_strategy") && err.contains("bfd, bfd_split"),
         "{err}"
     );
 }

@@ -570,9 +570,24 @@ function buildTrainForm(ctx, plugins, schema = null) {
     logging_steps: input({ name: 'logging_steps', value: defaultOf(schema, 'logging_steps', '20'), inputmode: 'numeric' }),
     seed: input({ name: 'seed', value: defaultOf(schema, 'seed', '42'), inputmode: 'numeric' }),
     packing: h('input', { type: 'checkbox', name: 'packing', id: 'train-packing' }),
+    packing_strategy: h('select', { name: 'packing_strategy' },
+      ['bfd', 'bfd_split', 'wrapped'].map((v) => h('option', { value: v }, v))),
+    // TRL's `eval_packing`: unset follows `packing`.
+    eval_packing: h('select', { name: 'eval_packing' },
+      h('option', { value: '' }, 'as training'),
+      h('option', { value: 'true' }, 'packed'),
+      h('option', { value: 'false' }, 'not packed')),
   };
   // TRL's `packing`: several examples a row, each attending only to itself.
   f.packing.checked = schemaOf(schema, 'packing')?.default === true;
+  const strategies = schemaOf(schema, 'packing_strategy')?.enum;
+  // The server's names, less the old spellings it also reads (TRL's `bfd-requeue`).
+  if (Array.isArray(strategies)) f.packing_strategy.replaceChildren(...strategies.filter((v) => !v.includes('-')).map((v) => h('option', { value: v }, v)));
+  f.packing_strategy.value = defaultOf(schema, 'packing_strategy', 'bfd');
+  const packingShown = () => { f.packing_strategy.disabled = !f.packing.checked && f.eval_packing.value !== 'true'; };
+  f.packing.addEventListener('change', packingShown);
+  f.eval_packing.addEventListener('change', packingShown);
+  packingShown();
   const numbers = {
     num_train_epochs: { min: 0, minExclusive: true, label: 'Epochs' },
     max_steps: { integer: true, min: 1, optional: true },
@@ -609,6 +624,8 @@ function buildTrainForm(ctx, plugins, schema = null) {
       F('max_seq_length', 'Max sequence length', 'Tokens; longer examples are truncated.'),
       h('div', { class: 'check' }, f.packing,
         h('label', { for: 'train-packing' }, 'Pack examples into rows of the max sequence length (TRL’s packing)')),
+      F('packing_strategy', 'Packing strategy', 'bfd: best fit, long examples cut; bfd_split: long examples split into pieces; wrapped: examples run on, cut every max-length tokens.'),
+      F('eval_packing', 'Validation rows', 'Whether the validation loss is computed on packed rows (TRL’s eval_packing).'),
     ),
     h('fieldset', { class: 'grid' },
       h('legend', {}, 'Schedule'),
@@ -676,6 +693,8 @@ function buildTrainForm(ctx, plugins, schema = null) {
       warmup_ratio: values.warmup_ratio,
       max_seq_length: values.max_seq_length,
       packing: f.packing.checked,
+      packing_strategy: f.packing_strategy.value,
+      ...(f.eval_packing.value ? { eval_packing: f.eval_packing.value === 'true' } : {}),
       logging_steps: values.logging_steps,
       seed: values.seed,
       lora: {
@@ -703,6 +722,9 @@ function buildTrainForm(ctx, plugins, schema = null) {
     }
     f.max_steps.value = c.max_steps > 0 ? String(c.max_steps) : '';
     f.packing.checked = c.packing === true;
+    if (c.packing_strategy && [...f.packing_strategy.options].some((o) => o.value === c.packing_strategy)) f.packing_strategy.value = c.packing_strategy;
+    f.eval_packing.value = c.eval_packing === true ? 'true' : c.eval_packing === false ? 'false' : '';
+    f.packing.dispatchEvent(new Event('change'));
     if (c.lr_scheduler_type && [...f.lr_scheduler_type.options].some((o) => o.value === c.lr_scheduler_type)) f.lr_scheduler_type.value = c.lr_scheduler_type;
     const lora = c.lora ?? {};
     for (const key of ['r', 'lora_alpha', 'lora_dropout']) if (lora[key] !== undefined) f[key].value = String(lora[key]);

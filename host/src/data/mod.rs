@@ -296,10 +296,13 @@ fn plugin_row(row: &Row) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Tokenized examples and how many of them were cut to `max_seq_length`.
+/// Tokenized examples and how many of them were longer than `max_seq_length`.
 #[derive(Debug, Clone)]
 pub struct Encoded {
     pub examples: Vec<Example>,
+    /// Examples longer than `max_seq_length`, whether cut to it or kept whole.
+    pub longer: usize,
+    /// Examples cut to `max_seq_length` (with [`Lengths::Truncate`]).
     pub truncated: usize,
     /// Rows left out because they kept no completion token after truncation: TRL's SFTTrainer
     /// drops such fully masked examples, and so does this, or every later batch would hold
@@ -308,15 +311,28 @@ pub struct Encoded {
     pub no_targets: usize,
 }
 
-/// Tokenizes as TRL does (EOS appended to the completion), truncates to `max_seq_length`, and
-/// unless `packing`, leaves out the rows with no target token left, as TRL does.
+/// What [`encode`] does with examples longer than `max_seq_length`, as TRL prepares a split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lengths {
+    /// Cut to `max_seq_length`, and rows left without a completion token left out (TRL's
+    /// `truncate_dataset` and its filter of fully masked rows, when not packing).
+    Truncate,
+    /// Cut to `max_seq_length`, every row kept (packing with `bfd`: TRL's packer cuts them and
+    /// skips that filter).
+    TruncateKeepAll,
+    /// Kept whole for the packer to split (`bfd_split`, `wrapped`).
+    KeepWhole,
+}
+
+/// Tokenizes as TRL does (EOS appended to the completion), then cuts to `max_seq_length` and
+/// filters as `lengths` says.
 pub fn encode(
     tokenizer: &Tokenizer,
     rows: &[Rendered],
     eos: Option<&str>,
     completion_only: bool,
     max_seq_length: usize,
-    packing: bool,
+    lengths: Lengths,
 ) -> Result<Encoded> {
     let opts = TokenizeOptions {
         completion_only,
@@ -324,7 +340,7 @@ pub fn encode(
         max_length: None,
     };
     let mut examples = Vec::with_capacity(rows.len());
-    let (mut truncated, mut no_targets) = (0, 0);
+    let (mut longer, mut truncated, mut no_targets) = (0, 0, 0);
     for (i, r) in rows.iter().enumerate() {
         let row: Row = [
             ("prompt".to_string(), Value::String(r.prompt.clone())),
@@ -338,11 +354,14 @@ pub fn encode(
         let mut ex =
             tokenize_row(tokenizer, &row, None, &opts).with_context(|| format!("row {}", i + 1))?;
         if ex.input_ids.len() > max_seq_length {
-            truncated += 1;
-            ex.input_ids.truncate(max_seq_length);
-            ex.targets.truncate(max_seq_length);
+            longer += 1;
+            if lengths != Lengths::KeepWhole {
+                truncated += 1;
+                ex.input_ids.truncate(max_seq_length);
+                ex.targets.truncate(max_seq_length);
+            }
         }
-        if !packing && !ex.targets.iter().any(|t| *t) {
+        if lengths == Lengths::Truncate && !ex.targets.iter().any(|t| *t) {
             no_targets += 1;
             continue;
         }
@@ -350,6 +369,7 @@ pub fn encode(
     }
     Ok(Encoded {
         examples,
+        longer,
         truncated,
         no_targets,
     })
@@ -568,15 +588,21 @@ mod encode_tests {
             rendered(&"a long prompt ".repeat(10), "cut away"),
             rendered("another: ", "kept too"),
         ];
-        let enc = encode(&char_tokenizer(), &rows, Some("</s>"), true, 40, false).unwrap();
-        assert_eq!(enc.examples.len(), 2, "the fully masked row is gone");
-        assert_eq!((enc.truncated, enc.no_targets), (1, 1));
-        assert!(enc.examples.iter().all(|e| n_targets(e) > 0));
+        let enc = |lengths| encode(&char_tokenizer(), &rows, Some("</s>"), true, 40, lengths);
+        let e = enc(Lengths::Truncate).unwrap();
+        assert_eq!(e.examples.len(), 2, "the fully masked row is gone");
+        assert_eq!((e.longer, e.truncated, e.no_targets), (1, 1, 1));
+        assert!(e.examples.iter().all(|e| n_targets(e) > 0));
         // Packing keeps it, as TRL skips that filter when packing.
-        let enc = encode(&char_tokenizer(), &rows, Some("</s>"), true, 40, true).unwrap();
+        let e = enc(Lengths::TruncateKeepAll).unwrap();
+        assert_eq!((e.examples.len(), e.truncated, e.no_targets), (3, 1, 0));
+        assert!(e.examples.iter().all(|e| e.input_ids.len() <= 40));
+        // Splitting packers get it whole, completion included.
+        let e = enc(Lengths::KeepWhole).unwrap();
         assert_eq!(
-            (enc.examples.len(), enc.truncated, enc.no_targets),
-            (3, 1, 0)
+            (e.examples.len(), e.longer, e.truncated, e.no_targets),
+            (3, 1, 0, 0)
         );
+        assert!(e.examples[1].input_ids.len() > 40 && n_targets(&e.examples[1]) > 0);
     }
 }

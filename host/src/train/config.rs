@@ -42,11 +42,14 @@ crate::named_choice! {
 }
 
 crate::named_choice! {
-    /// `packing_strategy`: how `packing` puts examples into rows (TRL's names). Only TRL's
-    /// default, best-fit decreasing (`data::pack::pack_bfd`), is implemented; TRL's
-    /// `bfd_split` and `wrapped` cut examples apart.
+    /// `packing_strategy`: how `packing` puts examples into rows, TRL's names (`data::pack`):
+    /// best-fit decreasing cutting long examples (`bfd`, TRL's default) or splitting them into
+    /// row-sized pieces (`bfd_split`; TRL before 1.0 named it `bfd-requeue`), or all examples
+    /// run on and cut into rows (`wrapped`).
     pub enum PackingStrategy {
         Bfd = "bfd",
+        BfdSplit = "bfd_split" | "bfd-requeue",
+        Wrapped = "wrapped",
     }
 }
 
@@ -75,11 +78,14 @@ pub struct TrainConfig {
     pub completion_only_loss: bool,
     pub max_seq_length: usize,
     /// Put several examples into each row of up to `max_seq_length` tokens (TRL's `packing`),
-    /// each example keeping its own positions and attention; the validation loss is computed on
-    /// packed rows too (TRL's `eval_packing` default). Batches then count packed rows.
+    /// each example keeping its own positions and attention (except `wrapped`). Batches then
+    /// count packed rows.
     pub packing: bool,
     /// With `packing`: how examples are placed into rows (TRL's `packing_strategy`).
     pub packing_strategy: PackingStrategy,
+    /// Whether the validation loss is computed on packed rows (TRL's `eval_packing`); unset
+    /// (`null`): as `packing`.
+    pub eval_packing: Option<bool>,
     pub num_train_epochs: f64,
     /// Overrides `num_train_epochs` when positive (as in HF: -1 means unset).
     pub max_steps: i64,
@@ -208,6 +214,7 @@ impl Default for TrainConfig {
             max_seq_length: 512,
             packing: false,
             packing_strategy: PackingStrategy::Bfd,
+            eval_packing: None,
             num_train_epochs: 5.0,
             max_steps: -1,
             per_device_train_batch_size: 8,
@@ -272,7 +279,41 @@ impl Default for QuantizationSection {
 }
 
 /// Top-level keys that serialise to nothing when unset, with the type of their value.
-const OPTIONAL_KEYS: &[&str] = &["save_total_limit", "greater_is_better"];
+const OPTIONAL_KEYS: &[(&str, Optional)] = &[
+    ("save_total_limit", Optional::Count),
+    ("greater_is_better", Optional::Bool),
+    ("eval_packing", Optional::Bool),
+];
+
+#[derive(Clone, Copy)]
+enum Optional {
+    Count,
+    Bool,
+}
+
+impl Optional {
+    fn of(key: &str) -> Option<Optional> {
+        OPTIONAL_KEYS
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, o)| *o)
+    }
+
+    /// A value of the key's type, for the type check.
+    fn example(self) -> toml::Value {
+        match self {
+            Optional::Count => toml::Value::Integer(0),
+            Optional::Bool => toml::Value::Boolean(false),
+        }
+    }
+
+    fn json_types(self) -> serde_json::Value {
+        match self {
+            Optional::Count => serde_json::json!(["integer", "null"]),
+            Optional::Bool => serde_json::json!(["boolean", "null"]),
+        }
+    }
+}
 /// The tables of a config.
 const SECTIONS: &[&str] = &["lora", "quantization", "generation_eval"];
 
@@ -288,7 +329,7 @@ fn known_keys(section: &str) -> Vec<String> {
     let mut keys: Vec<String> = table.keys().cloned().collect();
     if section.is_empty() {
         // Optional keys that serialise to nothing when unset.
-        keys.extend(OPTIONAL_KEYS.iter().map(|k| k.to_string()));
+        keys.extend(OPTIONAL_KEYS.iter().map(|(k, _)| k.to_string()));
     }
     keys
 }
@@ -351,12 +392,15 @@ fn check_types(table: &toml::Table, origin: &str) -> Result<()> {
     ) -> Result<()> {
         for (key, value) in table {
             let name = format!("{prefix}{key}");
-            let expected = match defaults.get(key) {
-                Some(d) => d,
-                // Optional keys serialise to nothing when unset.
-                None if key == "save_total_limit" => &toml::Value::Integer(0),
-                None if key == "greater_is_better" => &toml::Value::Boolean(false),
-                None => continue,
+            // Optional keys serialise to nothing when unset.
+            let optional = (prefix.is_empty())
+                .then(|| Optional::of(key))
+                .flatten()
+                .map(Optional::example);
+            let expected = match (defaults.get(key), &optional) {
+                (Some(d), _) => d,
+                (None, Some(example)) => example,
+                (None, None) => continue,
             };
             match (expected, value) {
                 (toml::Value::Table(_), toml::Value::Table(inner)) => {
@@ -666,6 +710,17 @@ impl TrainConfig {
         }
     }
 
+    /// Whether training batches are packed rows (`packing`).
+    pub fn packs_train(&self) -> bool {
+        self.packing
+    }
+
+    /// Whether the validation loss is computed on packed rows: `eval_packing`, unset as
+    /// `packing` (TRL's rule).
+    pub fn packs_eval(&self) -> bool {
+        self.eval_packing.unwrap_or(self.packing)
+    }
+
     /// HF's rule: larger is better unless told otherwise or the name ends in `loss`.
     pub fn greater_is_better(&self) -> bool {
         self.greater_is_better
@@ -806,12 +861,13 @@ pub fn schema() -> serde_json::Value {
     }
     let mut defaults = serde_json::to_value(TrainConfig::default()).unwrap_or_default();
     // Optional keys are absent from the defaults; the schema still names them.
-    defaults["save_total_limit"] = serde_json::Value::Null;
-    defaults["greater_is_better"] = serde_json::Value::Null;
+    for (key, _) in OPTIONAL_KEYS {
+        defaults[*key] = serde_json::Value::Null;
+    }
     let mut schema = node("", &defaults);
-    schema["properties"]["save_total_limit"]["type"] = serde_json::json!(["integer", "null"]);
-    schema["properties"]["greater_is_better"] =
-        serde_json::json!({"type": ["boolean", "null"], "default": null});
+    for (key, optional) in OPTIONAL_KEYS {
+        schema["properties"][*key]["type"] = optional.json_types();
+    }
     schema
 }
 
@@ -965,7 +1021,21 @@ mod tests {
         );
         let c = parse(&["packing=true", "packing_strategy=bfd"]).unwrap();
         assert!(c.packing);
-        for bad in ["wrapped", "bfd_split", "best_fit"] {
+        for (name, strategy) in [
+            ("bfd_split", PackingStrategy::BfdSplit),
+            ("bfd-requeue", PackingStrategy::BfdSplit),
+            ("wrapped", PackingStrategy::Wrapped),
+        ] {
+            let c = parse(&["packing=true", &format!("packing_strategy={name}")]).unwrap();
+            assert_eq!(c.packing_strategy, strategy, "{name}");
+        }
+        assert_eq!(parse(&[]).unwrap().eval_packing, None);
+        let c = parse(&["packing=true", "eval_packing=false"]).unwrap();
+        assert_eq!((c.packs_train(), c.packs_eval()), (true, false));
+        let c = parse(&["eval_packing=true"]).unwrap();
+        assert_eq!((c.packs_train(), c.packs_eval()), (false, true));
+        assert_eq!(parse(&["packing=true"]).unwrap().packs_eval(), true);
+        for bad in ["best_fit", "ffd", "BFD"] {
             let err = parse(&["packing=true", &format!("packing_strategy={bad}")])
                 .unwrap_err()
                 .to_string();

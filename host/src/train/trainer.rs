@@ -475,7 +475,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         eos.as_deref(),
         config.completion_only_loss,
         config.max_seq_length,
-        config.packing,
+        lengths_for(config, config.packs_train()),
     )?;
     report_truncation(env, "train", &train, config.max_seq_length);
     if !train.examples.iter().any(|e| data::n_targets(e) > 0) {
@@ -505,16 +505,16 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             eos.as_deref(),
             config.completion_only_loss,
             config.max_seq_length,
-            config.packing,
+            lengths_for(config, config.packs_eval()),
         )?),
         None => None,
     };
     let generation = GenerationEval::prepare(config, env, &splits)?;
     // The rows batches are made of: the examples, or with `packing` the packed rows.
-    let train_rows = training_rows(env, "train", &train, config);
+    let train_rows = training_rows(env, "train", &train, config, config.packs_train());
     let val_rows = val
         .as_ref()
-        .map(|v| training_rows(env, "validation", v, config));
+        .map(|v| training_rows(env, "validation", v, config, config.packs_eval()));
     let lengths: Vec<usize> = train_rows.iter().map(|r| r.row.input_ids.len()).collect();
     let bs = config.per_device_train_batch_size;
     let accum = config.gradient_accumulation_steps;
@@ -552,7 +552,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         format!(
             "training {max_steps} steps on {} examples{} ({steps_per_epoch} steps an epoch), {trainable} trainable parameters",
             train.examples.len(),
-            if config.packing {
+            if config.packs_train() {
                 format!(" in {} packed rows", lengths.len())
             } else {
                 String::new()
@@ -1248,15 +1248,25 @@ impl GenerationEval {
     }
 }
 
-/// The rows a split's batches are made of: each example alone, or with `packing` the examples
+/// How a split is tokenized: packed by a strategy that splits long examples, they stay whole.
+fn lengths_for(config: &TrainConfig, packed: bool) -> data::Lengths {
+    match (packed, config.packing_strategy) {
+        (false, _) => data::Lengths::Truncate,
+        (true, PackingStrategy::Bfd) => data::Lengths::TruncateKeepAll,
+        (true, PackingStrategy::BfdSplit | PackingStrategy::Wrapped) => data::Lengths::KeepWhole,
+    }
+}
+
+/// The rows a split's batches are made of: each example alone, or when `packed` the examples
 /// packed into rows of up to `max_seq_length` tokens (logged with how full they are).
 fn training_rows(
     env: &TrainEnv,
     split: &str,
     enc: &Encoded,
     config: &TrainConfig,
+    packed: bool,
 ) -> Vec<data::Packed> {
-    if !config.packing {
+    if !packed {
         return enc
             .examples
             .iter()
@@ -1264,8 +1274,13 @@ fn training_rows(
             .map(data::Packed::single)
             .collect();
     }
+    let (examples, n) = (&enc.examples, config.max_seq_length);
     let rows = match config.packing_strategy {
-        PackingStrategy::Bfd => data::pack::pack_bfd(&enc.examples, config.max_seq_length),
+        PackingStrategy::Bfd => data::pack::pack_bfd(examples, n),
+        PackingStrategy::BfdSplit => data::pack::pack_bfd_split(examples, n),
+        PackingStrategy::Wrapped => {
+            data::pack::pack_wrapped(examples, n, !config.completion_only_loss)
+        }
     };
     log(
         env,
@@ -1282,6 +1297,16 @@ fn training_rows(
 }
 
 fn report_truncation(env: &TrainEnv, split: &str, enc: &Encoded, max: usize) {
+    if enc.longer > enc.truncated {
+        log(
+            env,
+            format!(
+                "{split}: {} of {} examples are longer than max_seq_length = {max} tokens and are split across packed rows",
+                enc.longer - enc.truncated,
+                enc.examples.len()
+            ),
+        );
+    }
     if enc.truncated > 0 {
         log(
             env,

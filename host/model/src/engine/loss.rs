@@ -241,7 +241,15 @@ fn collate_rows(examples: &[(&Example, &[usize])], pad_id: u32, device: &Device)
     let (mut ids, mut mask, mut positions, mut labels) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut n_tokens = 0;
-    for (r, (e, _)) in examples.iter().enumerate() {
+    for (r, (e, lengths)) in examples.iter().enumerate() {
+        // A sequence's first token is never predicted, in a packed row from the token of the
+        // sequence before it (TRL's collator sets its label to -100 where `position_ids == 0`).
+        let mut starts = lengths.iter().scan(0, |at, &n| {
+            let start = *at;
+            *at += n;
+            Some(start)
+        });
+        let mut next_start = starts.next();
         let pad = width - e.input_ids.len();
         n_tokens += e.input_ids.len();
         ids.extend(
@@ -254,7 +262,11 @@ fn collate_rows(examples: &[(&Example, &[usize])], pad_id: u32, device: &Device)
             std::iter::repeat_n(1u32, e.input_ids.len()).chain(std::iter::repeat_n(0, pad)),
         );
         for (t, &is_target) in e.targets.iter().enumerate() {
-            if is_target && t > 0 {
+            let starts_a_sequence = t == 0 || next_start == Some(t);
+            while next_start.is_some_and(|s| s <= t) {
+                next_start = starts.next();
+            }
+            if is_target && !starts_a_sequence {
                 positions.push((r * width + t - 1) as u32);
                 labels.push(e.input_ids[t]);
             }
@@ -671,6 +683,27 @@ mod tests {
             batched.loss,
             total / n as f64
         );
+        Ok(())
+    }
+
+    /// The first token of every sequence in a packed row is no label, even when marked a
+    /// target (a `bfd_split` piece that starts inside a completion), as in TRL's collator.
+    #[test]
+    fn a_sequence_start_inside_a_packed_row_is_never_a_label() -> Result<()> {
+        let packed = Packed {
+            row: Example {
+                input_ids: vec![10, 11, 12, 20, 21, 30],
+                targets: vec![true, true, true, true, true, true],
+            },
+            seq_lengths: vec![3, 0, 2, 1],
+        };
+        let batch = collate_packed(&[&packed], 0, &Device::Cpu)?;
+        assert_eq!(batch.labels.to_vec1::<u32>()?, vec![11, 12, 21]);
+        assert_eq!(batch.positions.to_vec1::<u32>()?, vec![0, 1, 3]);
+        // Unpacked, only the row's first token is skipped.
+        let single = Packed::single(packed.row.clone());
+        let batch = collate_packed(&[&single], 0, &Device::Cpu)?;
+        assert_eq!(batch.labels.to_vec1::<u32>()?, vec![11, 12, 20, 21, 30]);
         Ok(())
     }
 }
