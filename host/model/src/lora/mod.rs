@@ -325,29 +325,27 @@ impl LoraLayer {
         let a = a.to_dtype(work)?;
         let b = b.to_dtype(work)?;
         let xa = x.to_dtype(work)?;
-        let xa = if train && self.dropout > 0.0 {
-            match self.dropout_key.get() {
-                Some((seed, call)) => {
-                    let key = seed
-                        ^ fnv1a(&self.module).rotate_left(17)
-                        ^ call.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                    crate::ops::profile::scope("lora.dropout", xa.device(), || {
-                        crate::ops::dropout::seeded_dropout(&xa, key, self.dropout)
-                    })?
-                }
-                None => candle_nn::ops::dropout(&xa, self.dropout)?,
-            }
-        } else {
-            xa
-        };
         let dims = xa.dims().to_vec();
         let (lead, k) = dims.split_at(dims.len() - 1);
         let m: usize = lead.iter().product();
+        let xa = xa.reshape((m, k[0]))?;
+        let dropout = (train && self.dropout > 0.0).then(|| self.dropout_key.get());
+        let ha = match dropout {
+            // Seeded: dropout and the A product as one node, so the graph keeps `x`, not its
+            // dropped-out copy (the mask is drawn again in backward).
+            Some(Some((seed, call))) => {
+                let key = seed
+                    ^ fnv1a(&self.module).rotate_left(17)
+                    ^ call.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                crate::ops::profile::scope("lora.dropout_a", xa.device(), || {
+                    crate::ops::dropout::dropout_matmul_t(&xa, &a, key, self.dropout)
+                })?
+            }
+            Some(None) => candle_nn::ops::dropout(&xa, self.dropout)?.matmul(&a.t()?)?,
+            None => xa.matmul(&a.t()?)?,
+        };
         // The scaling goes into B ([out, r]), not over the [m, out] product.
-        let h = xa
-            .reshape((m, k[0]))?
-            .matmul(&a.t()?)?
-            .matmul(&(&b * self.scaling)?.t()?)?;
+        let h = ha.matmul(&(&b * self.scaling)?.t()?)?;
         let mut out_shape = lead.to_vec();
         out_shape.push(b.dims()[0]);
         h.reshape(out_shape)
