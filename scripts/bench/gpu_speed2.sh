@@ -19,14 +19,14 @@
 #                                cargo test --release -p adapterlab-model --features cuda --test golden --no-run
 #   strip + xz into .carry/before/adapterlab.xz, .carry/after/adapterlab.xz, .carry/golden.xz
 # Device call: carry [".carry/before", ".carry/after", ".carry/golden.xz"],
-# command `OUT=$OUT bash scripts/bench/gpu_speed2.sh` (STAGES=golden,load,packing by default).
+# command `OUT=$OUT bash scripts/bench/gpu_speed2.sh` (STAGES=golden,load,train,packing by default).
 # Each load line is `bench generate`'s `"what":"load"` JSON (ADAPTERLAB_PROFILE=1 adds the
 # phases: read, quantize, download, nested, upload) followed by a tiny generation as a check
 # that the loaded model runs.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-speed2}
-STAGES=${STAGES:-golden,load,packing}
+STAGES=${STAGES:-golden,load,train,packing}
 stage() { [[ ",$STAGES," == *",$1,"* ]]; }
 mkdir -p "$OUT" /tmp/gl
 LAYERS=${LAYERS:-32}
@@ -62,6 +62,26 @@ stage load && for round in $(seq 1 "$ROUNDS"); do
     tail -3 "$OUT/load-$side-$round.err"
   done
 done
+# train   `bench train` at batch 8 x 512 (fixed lengths), BEFORE then AFTER, each with its
+#         nvidia-smi peak (polled every 100 ms; it includes the CUDA context), for the LoRA
+#         dropout folded into the A product (activation memory) and the other changes between
+#         the two builds
+watch_mem() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem-$1.txt" & MEMPID=$!; }
+stop_mem() {
+  kill $MEMPID 2>/dev/null; wait $MEMPID 2>/dev/null
+  echo "{\"side\":\"$1\",\"what\":\"nvidia_smi_peak\",\"mib\":$(sort -n "$OUT/mem-$1.txt" | tail -1)}" | tee -a "$RESULTS"
+}
+if stage train; then
+  for side in before after; do
+    echo "== train stage: $side, batch 8 x 512"
+    watch_mem train-$side
+    timeout 240 /tmp/gl/$side bench train --model "$CKPT" --batch 8 --seq 512 --steps 8 --warmup 3 \
+      2>"$OUT/train8x512-$side.err" | tee "$OUT/train8x512-$side.json" \
+      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$side\",\"mode\":\"8x512\",${line#\{}" >> "$RESULTS"; done
+    stop_mem train-$side
+    tail -2 "$OUT/train8x512-$side.err"
+  done
+fi
 if stage packing; then
   for mode in random group-by-length packing; do
     case $mode in random) flag= ;; group-by-length) flag=--group-by-length ;; packing) flag=--packing ;; esac
@@ -80,6 +100,10 @@ for r in rows:
         phases = r.get("phases") or {}
         top = ", ".join(f"{k} {v['s'] if isinstance(v, dict) else v}" for k, v in phases.items())
         print(f"{r['side']:>6} round {r.get('round')}: load {r['s']} s  {top}")
-    if r.get("what") == "train_step":
+    if r.get("what") == "nvidia_smi_peak":
+        print(f"{r['side']:>16}: nvidia-smi peak {r['mib']} MiB")
+    if r.get("what") == "train_step" and r.get("mode") == "8x512":
+        print(f"train 8x512 {r['side']:>6}: {r.get('tokens_per_s')} tok/s, median step {r.get('median_s')} s")
+    elif r.get("what") == "train_step":
         print(f"train {r['mode']:>16}: useful {r.get('useful_tokens_per_s')} tok/s, padded {r.get('padded_tokens_per_s')} tok/s, pad {r.get('pad_fraction')}, peak {r.get('peak_gib', '')}")
 PY
