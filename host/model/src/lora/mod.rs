@@ -15,6 +15,7 @@
 pub mod kernels;
 pub mod merge;
 pub mod peft;
+pub mod train_node;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -329,18 +330,13 @@ impl LoraLayer {
         let (lead, k) = dims.split_at(dims.len() - 1);
         let m: usize = lead.iter().product();
         let xa = xa.reshape((m, k[0]))?;
-        let dropout = (train && self.dropout > 0.0).then(|| self.dropout_key.get());
+        let dropout = (train && self.dropout > 0.0).then(|| self.seeded_key());
         let ha = match dropout {
             // Seeded: dropout and the A product as one node, so the graph keeps `x`, not its
             // dropped-out copy (the mask is drawn again in backward).
-            Some(Some((seed, call))) => {
-                let key = seed
-                    ^ fnv1a(&self.module).rotate_left(17)
-                    ^ call.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                crate::ops::profile::scope("lora.dropout_a", xa.device(), || {
-                    crate::ops::dropout::dropout_matmul_t(&xa, &a, key, self.dropout)
-                })?
-            }
+            Some(Some(key)) => crate::ops::profile::scope("lora.dropout_a", xa.device(), || {
+                crate::ops::dropout::dropout_matmul_t(&xa, &a, key, self.dropout)
+            })?,
             Some(None) => candle_nn::ops::dropout(&xa, self.dropout)?.matmul(&a.t()?)?,
             None => xa.matmul(&a.t()?)?,
         };
@@ -349,6 +345,43 @@ impl LoraLayer {
         let mut out_shape = lead.to_vec();
         out_shape.push(b.dims()[0]);
         h.reshape(out_shape)
+    }
+
+    /// What [`train_node::lora_linear`] takes for a training forward on an input of `dtype`:
+    /// `A` and `scaling * B` in that dtype (as [`LoraLayer::delta_y`] computes in it) and the
+    /// seeded dropout; `None` where only the op-by-op path applies (unseeded dropout, an
+    /// input in another dtype than the adapter computes in).
+    pub(crate) fn train_inputs(
+        &self,
+        dtype: DType,
+    ) -> Result<Option<(Tensor, Tensor, Option<train_node::Dropout>)>> {
+        let work = if matches!(dtype, DType::BF16 | DType::F16) {
+            dtype
+        } else {
+            self.a.dtype()
+        };
+        let dropout = match (self.dropout > 0.0, self.seeded_key()) {
+            (false, _) => None,
+            (true, Some(key)) => Some(train_node::Dropout {
+                key,
+                p: self.dropout,
+            }),
+            (true, None) => return Ok(None),
+        };
+        if work != dtype {
+            return Ok(None);
+        }
+        let a = self.a.as_tensor().to_dtype(work)?;
+        let bs = (self.b.as_tensor().to_dtype(work)? * self.scaling)?;
+        Ok(Some((a, bs, dropout)))
+    }
+
+    /// This layer's seeded-dropout key for the current forward pass: the registry's
+    /// `(seed, call)` mixed with the module name, or `None` while dropout is unseeded.
+    pub(crate) fn seeded_key(&self) -> Option<u64> {
+        self.dropout_key.get().map(|(seed, call)| {
+            seed ^ fnv1a(&self.module).rotate_left(17) ^ call.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        })
     }
 
     /// `y + delta_y(x)` at inference on a few rows on the GPU, in two kernels (the op-by-op

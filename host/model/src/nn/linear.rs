@@ -72,6 +72,9 @@ impl Linear {
                 Ok(y)
             };
         }
+        if let Some(y) = self.forward_train_node(x, train)? {
+            return Ok(y);
+        }
         let y = self.add_bias(self.base.forward(x)?)?;
         let Some(lora) = &self.lora else { return Ok(y) };
         if let Some(out) =
@@ -88,6 +91,37 @@ impl Linear {
                 (y.to_dtype(d.dtype())? + d)?.to_dtype(y.dtype())
             }
         })
+    }
+
+    /// Training through an adapter without a bias: the base and adapter products as one graph
+    /// node ([`crate::lora::train_node`]), which keeps the input instead of the products.
+    /// `None` where the op-by-op path runs (inference, no graph wanted, a bias, unseeded
+    /// dropout, mixed dtypes).
+    fn forward_train_node(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        let Some(lora) = &self.lora else {
+            return Ok(None);
+        };
+        if !train || self.bias.is_some() || crate::ops::handover::no_grad() {
+            return Ok(None);
+        }
+        let Some((a, bs, dropout)) = lora.train_inputs(x.dtype())? else {
+            return Ok(None);
+        };
+        let (out, k) = self.base.dims();
+        let lead = x.dims()[..x.rank().saturating_sub(1)].to_vec();
+        let m: usize = lead.iter().product();
+        let y = crate::ops::profile::scope("lora.node", x.device(), || {
+            crate::lora::train_node::lora_linear(
+                self.base.clone(),
+                &x.reshape((m, k))?,
+                &a,
+                &bs,
+                dropout,
+            )
+        })?;
+        let mut shape = lead;
+        shape.push(out);
+        y.reshape(shape).map(Some)
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {

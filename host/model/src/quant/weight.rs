@@ -22,6 +22,10 @@ pub trait BaseWeight: Send + Sync + std::fmt::Debug {
     fn dequantize(&self) -> Result<Tensor>;
     /// `(out, in)`.
     fn dims(&self) -> (usize, usize);
+    /// The gradient with respect to the input of [`BaseWeight::forward`] on a 2-D `x`, given
+    /// `grad` (`[m, out]`): `grad @ W`, in `grad`'s dtype. For graph nodes that hold the frozen
+    /// weight's product themselves (`lora::train_node`).
+    fn input_grad(&self, grad: &Tensor) -> Result<Tensor>;
     /// The NF4 data, when this base is NF4 (for saving in bitsandbytes' format).
     fn as_nf4(&self) -> Option<&Nf4Weight> {
         None
@@ -44,6 +48,10 @@ impl BaseWeight for DenseWeight {
     fn dims(&self) -> (usize, usize) {
         let d = self.weight.dims();
         (d[0], d[1])
+    }
+    fn input_grad(&self, grad: &Tensor) -> Result<Tensor> {
+        grad.contiguous()?
+            .matmul(&self.weight.to_dtype(grad.dtype())?)
     }
 }
 
@@ -409,6 +417,14 @@ impl BaseWeight for Nf4Weight {
         (s[0], s[1])
     }
 
+    fn input_grad(&self, grad: &Tensor) -> Result<Tensor> {
+        let dev = grad.device();
+        let w = crate::ops::profile::scope("nf4.bwd.dequant", dev, || {
+            self.dequantize_to(grad.dtype(), dev)
+        })?;
+        crate::ops::profile::scope("nf4.bwd.matmul", dev, || grad.contiguous()?.matmul(&w))
+    }
+
     fn as_nf4(&self) -> Option<&Nf4Weight> {
         Some(self)
     }
@@ -525,13 +541,7 @@ impl CustomOp1 for Nf4MatMul {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let dev = grad_res.device();
-        let w = crate::ops::profile::scope("nf4.bwd.dequant", dev, || {
-            self.weight.dequantize_to(grad_res.dtype(), dev)
-        })?;
-        crate::ops::profile::scope("nf4.bwd.matmul", dev, || {
-            Ok(Some(grad_res.contiguous()?.matmul(&w)?))
-        })
+        self.weight.input_grad(grad_res).map(Some)
     }
 }
 

@@ -1,0 +1,229 @@
+//! A LoRA linear layer in training as one graph node: `y = x W^T + dropout(x) A^T (s B)^T`.
+//!
+//! Op by op, candle's graph holds every intermediate of that sum until backward: the base
+//! product, the adapter's product, the dropped-out copy of `x`, each the size of the layer's
+//! output or input. At Falcon-7B's four adapted modules, 8 x 512 tokens, they are ~25 GB of the
+//! ~50 GB of activations of a training step, while backward needs none of them: the frozen base
+//! needs only its weight, the adapter `x` (already kept for it) and the small `dropout(x) A^T`,
+//! which is recomputed. This node keeps `x`, `A` and `s B` and recomputes the rest; its value is
+//! the op-by-op sum's, bit for bit (the same operations run, without a graph), and its gradients
+//! equal the op-by-op graph's up to the matmuls' summation order.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use crate::ops::dropout::seeded_dropout;
+use crate::ops::handover::Handover;
+use crate::quant::weight::BaseWeight;
+
+/// The adapter's dropout in a node: `(key, p)` of [`seeded_dropout`], or none.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    pub key: u64,
+    pub p: f32,
+}
+
+/// `x W^T + dropout(x) A^T bs^T` for `x` `[m, k]`, `A` `[r, k]`, `bs` `[n, r]` (B already scaled),
+/// all in one dtype, as one graph node (see the module docs).
+pub fn lora_linear(
+    base: Arc<dyn BaseWeight>,
+    x: &Tensor,
+    a: &Tensor,
+    bs: &Tensor,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let (n, kb) = base.dims();
+    if a.dim(1)? != k || kb != k || bs.dims() != [n, a.dim(0)?] {
+        candle_core::bail!(
+            "lora-linear: x {:?}, A {:?}, B {:?} against a base of [{n}, {kb}]",
+            x.dims(),
+            a.dims(),
+            bs.dims()
+        );
+    }
+    let y = forward(
+        base.as_ref(),
+        &x.detach(),
+        &a.detach(),
+        &bs.detach(),
+        dropout,
+    )?;
+    if y.dims() != [m, n] || y.dtype() != x.dtype() {
+        candle_core::bail!(
+            "lora-linear: the base answered {:?} {:?} for x {:?} {:?}",
+            y.dims(),
+            y.dtype(),
+            x.dims(),
+            x.dtype()
+        );
+    }
+    if !(x.track_op() || a.track_op() || bs.track_op()) || crate::ops::handover::no_grad() {
+        return Ok(y);
+    }
+    x.apply_op3_arc(
+        a,
+        bs,
+        Arc::new(Box::new(LoraLinear {
+            base,
+            dropout,
+            out: Handover::new("lora-linear", y),
+        })),
+    )
+}
+
+/// The value without a graph, in the op-by-op order: the base product, plus the adapter's.
+fn forward(
+    base: &dyn BaseWeight,
+    x: &Tensor,
+    a: &Tensor,
+    bs: &Tensor,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    let y = base.forward(x)?;
+    let xd = dropped(x, dropout)?;
+    let delta = xd.matmul(&a.t()?)?.matmul(&bs.t()?)?;
+    y + delta
+}
+
+fn dropped(x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
+    match dropout {
+        Some(d) if d.p > 0.0 => seeded_dropout(x, d.key, d.p),
+        _ => Ok(x.clone()),
+    }
+}
+
+struct LoraLinear {
+    base: Arc<dyn BaseWeight>,
+    dropout: Option<Dropout>,
+    out: Handover,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+
+    // Not behind the `cuda` feature: without it candle's stand-in CudaStorage implements the
+    // same trait, so this is type-checked in every build and never called.
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        bs: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dev = grad.device().clone();
+        crate::ops::profile::scope("lora.node.bwd", &dev, || {
+            let g = grad.detach().contiguous()?;
+            let (a_, bs_) = (a.detach(), bs.detach());
+            // d(dropout(x) A^T), [m, r].
+            let gh = g.matmul(&bs_)?;
+            let (da, dbs) = {
+                let xd = dropped(&x.detach(), self.dropout)?;
+                let h = xd.matmul(&a_.t()?)?;
+                (gh.t()?.matmul(&xd)?, g.t()?.matmul(&h)?)
+            };
+            let dx = if x.track_op() {
+                let through_adapter = dropped(&gh.matmul(&a_)?, self.dropout)?;
+                Some((self.base.input_grad(&g)? + through_adapter)?)
+            } else {
+                None
+            };
+            Ok((dx, a.track_op().then_some(da), bs.track_op().then_some(dbs)))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    use crate::quant::nf4::Nf4Options;
+    use crate::quant::weight::tests::randn;
+    use crate::quant::weight::{DenseWeight, Nf4Weight};
+
+    /// The node's value equals the op-by-op sum exactly, and its gradients (x, A, B through the
+    /// scaling) the op-by-op graph's, on an NF4 and a dense base, with and without dropout.
+    #[test]
+    fn the_node_equals_the_op_by_op_graph_and_its_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let (m, k, n, r) = (19, 64, 40, 4);
+        let w = randn((n, k), 0.05, 1);
+        let bases: Vec<Arc<dyn BaseWeight>> = vec![
+            Arc::new(Nf4Weight::quantize(
+                &w,
+                Nf4Options::default(),
+                DType::F32,
+                &dev,
+            )?),
+            Arc::new(DenseWeight { weight: w.clone() }),
+        ];
+        let g = randn((m, n), 1.0, 5);
+        for base in bases {
+            for dropout in [None, Some(Dropout { key: 11, p: 0.2 })] {
+                let run = |fused: bool| -> Result<Vec<Vec<f32>>> {
+                    let x = Var::from_tensor(&randn((m, k), 1.0, 2))?;
+                    let a = Var::from_tensor(&randn((r, k), 0.1, 3))?;
+                    let b = Var::from_tensor(&randn((n, r), 0.1, 4))?;
+                    let bs = (b.as_tensor() * 2.0)?;
+                    let y = if fused {
+                        lora_linear(base.clone(), &x, &a, &bs, dropout)?
+                    } else {
+                        let xd = dropped(&x, dropout)?;
+                        (base.forward(&x)? + xd.matmul(&a.t()?)?.matmul(&bs.t()?)?)?
+                    };
+                    let grads = (&y * &g)?.sum_all()?.backward()?;
+                    let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+                    Ok(vec![
+                        flat(&y)?,
+                        flat(grads.get(&x).expect("dx"))?,
+                        flat(grads.get(&a).expect("dA"))?,
+                        flat(grads.get(&b).expect("dB"))?,
+                    ])
+                };
+                let (fused, plain) = (run(true)?, run(false)?);
+                assert_eq!(fused[0], plain[0], "the value is the op-by-op sum's");
+                for (what, (f, p)) in ["dx", "dA", "dB"]
+                    .iter()
+                    .zip(fused[1..].iter().zip(&plain[1..]))
+                {
+                    let worst = f
+                        .iter()
+                        .zip(p)
+                        .map(|(f, p)| (f - p).abs())
+                        .fold(0f32, f32::max);
+                    assert!(worst < 1e-5, "{what} ({dropout:?}): {worst}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
