@@ -17,6 +17,34 @@ use crate::ops::dropout::seeded_dropout;
 use crate::ops::handover::Handover;
 use crate::quant::weight::BaseWeight;
 
+/// What the node does to its input before the layer reads it. With an activation the node
+/// keeps the pre-activation and recomputes the activation in backward, so the graph holds one
+/// `[m, k]` tensor where it held two (at Falcon's MLP, `k` is the widest of the model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    AsIs,
+    /// The exact GELU ([`crate::ops::gelu::gelu_erf`]).
+    GeluErf,
+}
+
+impl Input {
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Input::AsIs => Ok(x.clone()),
+            Input::GeluErf => crate::ops::gelu::gelu_erf(x),
+        }
+    }
+
+    /// The gradient with respect to the node's input, given the one with respect to the
+    /// layer's input.
+    fn backward(self, x: &Tensor, grad: Tensor) -> Result<Tensor> {
+        match self {
+            Input::AsIs => Ok(grad),
+            Input::GeluErf => crate::ops::gelu::gelu_erf_backward(x, &grad),
+        }
+    }
+}
+
 /// The adapter's dropout in a node: `(key, p)` of [`seeded_dropout`], or none.
 #[derive(Debug, Clone, Copy)]
 pub struct Dropout {
@@ -24,14 +52,15 @@ pub struct Dropout {
     pub p: f32,
 }
 
-/// `x W^T + dropout(x) A^T bs^T` for `x` `[m, k]`, `A` `[r, k]`, `bs` `[n, r]` (B already scaled),
-/// all in one dtype, as one graph node (see the module docs).
+/// `z W^T + dropout(z) A^T bs^T` with `z = input(x)`, for `x` `[m, k]`, `A` `[r, k]`, `bs`
+/// `[n, r]` (B already scaled), all in one dtype, as one graph node (see the module docs).
 pub fn lora_linear(
     base: Arc<dyn BaseWeight>,
     x: &Tensor,
     a: &Tensor,
     bs: &Tensor,
     dropout: Option<Dropout>,
+    input: Input,
 ) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let (n, kb) = base.dims();
@@ -43,13 +72,9 @@ pub fn lora_linear(
             bs.dims()
         );
     }
-    let y = forward(
-        base.as_ref(),
-        &x.detach(),
-        &a.detach(),
-        &bs.detach(),
-        dropout,
-    )?;
+    let z = input.apply(&x.detach())?;
+    let y = forward(base.as_ref(), &z, &a.detach(), &bs.detach(), dropout)?;
+    drop(z);
     if y.dims() != [m, n] || y.dtype() != x.dtype() {
         candle_core::bail!(
             "lora-linear: the base answered {:?} {:?} for x {:?} {:?}",
@@ -68,6 +93,7 @@ pub fn lora_linear(
         Arc::new(Box::new(LoraLinear {
             base,
             dropout,
+            input,
             out: Handover::new("lora-linear", y),
         })),
     )
@@ -97,6 +123,7 @@ fn dropped(x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
 struct LoraLinear {
     base: Arc<dyn BaseWeight>,
     dropout: Option<Dropout>,
+    input: Input,
     out: Handover,
 }
 
@@ -146,13 +173,14 @@ impl CustomOp3 for LoraLinear {
             // d(dropout(x) A^T), [m, r].
             let gh = g.matmul(&bs_)?;
             let (da, dbs) = {
-                let xd = dropped(&x.detach(), self.dropout)?;
+                let xd = dropped(&self.input.apply(&x.detach())?, self.dropout)?;
                 let h = xd.matmul(&a_.t()?)?;
                 (gh.t()?.matmul(&xd)?, g.t()?.matmul(&h)?)
             };
             let dx = if x.track_op() {
                 let through_adapter = dropped(&gh.matmul(&a_)?, self.dropout)?;
-                Some((self.base.input_grad(&g)? + through_adapter)?)
+                let dz = (self.base.input_grad(&g)? + through_adapter)?;
+                Some(self.input.backward(&x.detach(), dz)?)
             } else {
                 None
             };
@@ -188,17 +216,22 @@ mod tests {
         ];
         let g = randn((m, n), 1.0, 5);
         for base in bases {
-            for dropout in [None, Some(Dropout { key: 11, p: 0.2 })] {
+            for (dropout, input) in [
+                (None, Input::AsIs),
+                (Some(Dropout { key: 11, p: 0.2 }), Input::AsIs),
+                (Some(Dropout { key: 12, p: 0.1 }), Input::GeluErf),
+            ] {
                 let run = |fused: bool| -> Result<Vec<Vec<f32>>> {
                     let x = Var::from_tensor(&randn((m, k), 1.0, 2))?;
                     let a = Var::from_tensor(&randn((r, k), 0.1, 3))?;
                     let b = Var::from_tensor(&randn((n, r), 0.1, 4))?;
                     let bs = (b.as_tensor() * 2.0)?;
                     let y = if fused {
-                        lora_linear(base.clone(), &x, &a, &bs, dropout)?
+                        lora_linear(base.clone(), &x, &a, &bs, dropout, input)?
                     } else {
-                        let xd = dropped(&x, dropout)?;
-                        (base.forward(&x)? + xd.matmul(&a.t()?)?.matmul(&bs.t()?)?)?
+                        let z = input.apply(&x)?;
+                        let zd = dropped(&z, dropout)?;
+                        (base.forward(&z)? + zd.matmul(&a.t()?)?.matmul(&bs.t()?)?)?
                     };
                     let grads = (&y * &g)?.sum_all()?.backward()?;
                     let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
@@ -220,7 +253,7 @@ mod tests {
                         .zip(p)
                         .map(|(f, p)| (f - p).abs())
                         .fold(0f32, f32::max);
-                    assert!(worst < 1e-5, "{what} ({dropout:?}): {worst}");
+                    assert!(worst < 1e-5, "{what} ({dropout:?}, {input:?}): {worst}");
                 }
             }
         }

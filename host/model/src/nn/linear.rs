@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 
+use crate::lora::train_node::Input;
 use crate::lora::{LoraConfig, LoraLayer, LoraRegistry};
 use crate::quant::bnb;
 use crate::quant::nf4::Nf4Options;
@@ -72,7 +73,7 @@ impl Linear {
                 Ok(y)
             };
         }
-        if let Some(y) = self.forward_train_node(x, train)? {
+        if let Some(y) = self.forward_train_node(x, train, Input::AsIs)? {
             return Ok(y);
         }
         let y = self.add_bias(self.base.forward(x)?)?;
@@ -93,15 +94,28 @@ impl Linear {
         })
     }
 
+    /// `forward_t(gelu_erf(u))`. In training the GELU goes into the layer's graph node, which
+    /// then keeps `u` alone instead of `u` and the activation.
+    pub fn forward_gelu_t(&self, u: &Tensor, train: bool) -> Result<Tensor> {
+        match self.forward_train_node(u, train, Input::GeluErf)? {
+            Some(y) => Ok(y),
+            None => self.forward_t(&crate::ops::gelu::gelu_erf(u)?, train),
+        }
+    }
+
     /// Training through an adapter without a bias: the base and adapter products as one graph
     /// node ([`crate::lora::train_node`]), which keeps the input instead of the products.
-    /// `None` where the op-by-op path runs (inference, no graph wanted, a bias, unseeded
-    /// dropout, mixed dtypes).
-    fn forward_train_node(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+    /// `None` where the op-by-op path runs (inference, no graph wanted, a bias, a merged
+    /// adapter, unseeded dropout, mixed dtypes).
+    fn forward_train_node(&self, x: &Tensor, train: bool, input: Input) -> Result<Option<Tensor>> {
         let Some(lora) = &self.lora else {
             return Ok(None);
         };
-        if !train || self.bias.is_some() || crate::ops::handover::no_grad() {
+        if !train
+            || self.bias.is_some()
+            || lora.merged().is_some()
+            || crate::ops::handover::no_grad()
+        {
             return Ok(None);
         }
         let Some((a, bs, dropout)) = lora.train_inputs(x.dtype())? else {
@@ -117,6 +131,7 @@ impl Linear {
                 &a,
                 &bs,
                 dropout,
+                input,
             )
         })?;
         let mut shape = lead;

@@ -165,6 +165,13 @@ impl Module for FalconMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dev = x.device();
         let up = profile::scope("mlp.up", dev, || self.dense_h_to_4h.forward(x))?;
+        if self.act == Activation::Gelu {
+            // The exact GELU goes into dense_4h_to_h's training node (the graph then keeps `up`
+            // alone, not the activation too: the widest tensor of a layer).
+            let down = &self.dense_4h_to_h;
+            let train = down.lora.as_ref().is_some_and(|l| l.training());
+            return profile::scope("mlp.act_down", dev, || down.forward_gelu_t(&up, train));
+        }
         let act = profile::scope("mlp.act", dev, || self.act.apply(&up))?;
         profile::scope("mlp.down", dev, || self.dense_4h_to_h.forward(&act))
     }
