@@ -65,7 +65,7 @@ done
 # train   `bench train` at batch 8 x 512 (fixed lengths), BEFORE then AFTER, each with its
 #         nvidia-smi peak (polled every 100 ms; it includes the CUDA context), for the LoRA
 #         dropout folded into the A product (activation memory) and the other changes between
-#         the two builds
+#         the two builds; then batch 32 x 256 (the reference notebook's) with AFTER alone
 watch_mem() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/mem-$1.txt" & MEMPID=$!; }
 stop_mem() {
   kill $MEMPID 2>/dev/null; wait $MEMPID 2>/dev/null
@@ -81,6 +81,14 @@ if stage train; then
     stop_mem train-$side
     tail -2 "$OUT/train8x512-$side.err"
   done
+  # The reference notebook's per-device batch, 32 x 256, without checkpointing (AFTER only).
+  echo "== train stage: after, batch 32 x 256"
+  watch_mem train32-after
+  timeout 240 /tmp/gl/after bench train --model "$CKPT" --batch 32 --seq 256 --steps 6 --warmup 2 \
+    2>"$OUT/train32x256-after.err" | tee "$OUT/train32x256-after.json" \
+    | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"after\",\"mode\":\"32x256\",${line#\{}" >> "$RESULTS"; done
+  stop_mem train32-after
+  tail -2 "$OUT/train32x256-after.err"
 fi
 if stage packing; then
   for mode in random group-by-length packing; do
@@ -102,8 +110,8 @@ for r in rows:
         print(f"{r['side']:>6} round {r.get('round')}: load {r['s']} s  {top}")
     if r.get("what") == "nvidia_smi_peak":
         print(f"{r['side']:>16}: nvidia-smi peak {r['mib']} MiB")
-    if r.get("what") == "train_step" and r.get("mode") == "8x512":
-        print(f"train 8x512 {r['side']:>6}: {r.get('tokens_per_s')} tok/s, median step {r.get('median_s')} s")
+    if r.get("what") == "train_step" and r.get("mode") in ("8x512", "32x256"):
+        print(f"train {r['mode']} {r['side']:>6}: {r.get('tokens_per_s')} tok/s, median step {r.get('median_s')} s")
     elif r.get("what") == "train_step":
         print(f"train {r['mode']:>16}: useful {r.get('useful_tokens_per_s')} tok/s, padded {r.get('padded_tokens_per_s')} tok/s, pad {r.get('pad_fraction')}, peak {r.get('peak_gib', '')}")
 PY
