@@ -509,6 +509,19 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         )?),
         None => None,
     };
+    if !config.packs_train()
+        && !config.packs_eval()
+        && config.packing_strategy != PackingStrategy::Bfd
+    {
+        // TRL reads the key only when packing; say so rather than let it look applied.
+        log(
+            env,
+            format!(
+                "packing_strategy = {} has no effect: neither packing nor eval_packing is on",
+                config.packing_strategy.as_str()
+            ),
+        );
+    }
     let generation = GenerationEval::prepare(config, env, &splits)?;
     // The rows batches are made of: the examples, or with `packing` the packed rows.
     let train_rows = training_rows(env, "train", &train, config, config.packs_train());
