@@ -290,15 +290,18 @@ pub struct EvalEnv {
     pub cancel: Arc<AtomicBool>,
     /// Called after each stored batch of samples with (done, total).
     pub on_progress: Arc<dyn Fn(u64, u64) + Send + Sync>,
-    /// Asked when the run was stopped through `cancel`: why, when its user did not stop it
-    /// (the server stops runs when the disk fills). With a reason the run ends `failed` with
-    /// it, never `cancelled`, not even for a moment.
-    pub stopped_because: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    /// Asked when the run was stopped through `cancel` (see [`StopReason`]).
+    pub stopped_because: StopReason,
 }
+
+/// Asked when a run was stopped through its cancel flag: why, when its user did not stop it
+/// (the server stops runs when the disk fills). With a reason the run ends `failed` with it,
+/// never `cancelled`, not even for a moment. Evaluations, generations and trainings all ask.
+pub type StopReason = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl EvalEnv {
     /// No reason: a stop is the user's cancel.
-    pub fn user_stops() -> Arc<dyn Fn() -> Option<String> + Send + Sync> {
+    pub fn user_stops() -> StopReason {
         Arc::new(|| None)
     }
 }

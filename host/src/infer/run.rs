@@ -407,12 +407,20 @@ pub fn execute(env: &GenerateEnv, run_id: &str, request: &GenerateRequest) -> Re
     let predictions = match generated {
         Ok(p) => p,
         Err(e) => {
-            let status = if cancel.load(Ordering::Relaxed) {
+            // A stop its user did not ask for (a full disk) is a failure, in this one write.
+            let stop_failure = cancel
+                .load(Ordering::Relaxed)
+                .then(|| (env.eval.stopped_because)())
+                .flatten();
+            let status = if cancel.load(Ordering::Relaxed) && stop_failure.is_none() {
                 RunStatus::Cancelled
             } else {
                 RunStatus::Failed
             };
-            let error = (status == RunStatus::Failed).then(|| format!("{e:#}"));
+            let error = match stop_failure {
+                Some(why) => Some(why),
+                None => (status == RunStatus::Failed).then(|| format!("{e:#}")),
+            };
             let run = store.end_run(run_id, status, error, |_| {})?;
             return if status == RunStatus::Failed {
                 Err(e)

@@ -846,21 +846,24 @@ impl Jobs {
             )),
             crate::eval::services::default_encoders(&self.inner.data_dir),
         ));
-        let jobs = self.clone();
-        let run = run_id.to_string();
         let env = EvalEnv {
             store,
             services: services.clone(),
             cancel,
             on_progress: Arc::new(|_, _| {}),
-            // A run the full disk stopped ends failed with the reason (end_job then finds it
-            // failed already): it must not read `cancelled` in between.
-            stopped_because: Arc::new(move || {
-                let stopped = jobs.inner.disk_failed.lock().unwrap().contains(&run);
-                stopped.then(|| jobs.disk_reason())
-            }),
+            stopped_because: self.stopped_because(run_id),
         };
         Ok((env, services))
+    }
+
+    /// Why a job's stop was not its user's: a run the full disk stopped ends failed with the
+    /// reason (end_job then finds it failed already); it must not read `cancelled` in between.
+    fn stopped_because(&self, run_id: &str) -> crate::eval::pipeline::StopReason {
+        let (jobs, run) = (self.clone(), run_id.to_string());
+        Arc::new(move || {
+            let stopped = jobs.inner.disk_failed.lock().unwrap().contains(&run);
+            stopped.then(|| jobs.disk_reason())
+        })
     }
 
     fn run_eval(&self, run_id: &str, request: &EvalRequest, cancel: Arc<AtomicBool>) -> Result<()> {
@@ -919,6 +922,7 @@ impl Jobs {
                 .filter(|_| started_before)
                 .map(|_| "latest".to_string()),
             cancel: Some(cancel),
+            stopped_because: Some(self.stopped_because(&run.id)),
             ..Default::default()
         };
         let result = record::run_recorded(store, &run.id, &config, env);

@@ -89,12 +89,21 @@ pub fn run_recorded(
     };
     env.store = Some((store.clone(), run_id.to_string()));
     let result = trainer::run(config, &env);
+    // A stop its user did not ask for (a full disk) is a failure, in this one write.
+    let stop_failure = match &result {
+        Ok(o) if o.stopped_early => env.stopped_because.as_ref().and_then(|why| why()),
+        _ => None,
+    };
     let status = match &result {
+        Ok(_) if stop_failure.is_some() => RunStatus::Failed,
         Ok(o) if o.stopped_early => RunStatus::Cancelled,
         Ok(_) => RunStatus::Done,
         Err(_) => RunStatus::Failed,
     };
-    let error = result.as_ref().err().map(|e| format!("{e:#}"));
+    let error = match &result {
+        Err(e) => Some(format!("{e:#}")),
+        Ok(_) => stop_failure,
+    };
     store.end_run(run_id, status, error, |r| {
         if let Ok(o) = &result {
             for (k, v) in [
@@ -233,5 +242,51 @@ fn eval_request(
         score_references: false,
         metadata,
         llm_base_url: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::dist::equivalence::{dataset, tiny_model};
+
+    /// A training its user did not stop (the server's full-disk stop sets the cancel flag and
+    /// gives a reason) ends failed with the reason in its one final write, never `cancelled`;
+    /// without a reason the same stop is the user's cancel.
+    #[test]
+    fn a_stop_with_a_reason_ends_failed_and_one_without_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, data) = (tiny_model(dir.path()), dataset(dir.path()));
+        for reason in [Some("the disk is full"), None] {
+            let store = Store::temporary().unwrap();
+            let config = TrainConfig::load(
+                None,
+                &[
+                    format!("model_name_or_path={}", model.display()),
+                    format!("dataset={}", data.display()),
+                    format!("output_dir={}", dir.path().join("out").display()),
+                    "max_steps=4".into(),
+                    "eval_strategy=no".into(),
+                    "max_seq_length=64".into(),
+                ],
+            )
+            .unwrap();
+            let run = create_run(&store, &config, None).unwrap();
+            let env = TrainEnv {
+                cancel: Some(Arc::new(AtomicBool::new(true))),
+                stopped_because: Some(Arc::new(move || reason.map(String::from))),
+                ..Default::default()
+            };
+            let outcome = run_recorded(&store, &run.id, &config, env).unwrap();
+            assert!(outcome.stopped_early);
+            let stored = store.resolve_run(&run.id).unwrap();
+            match reason {
+                Some(why) => {
+                    assert_eq!(stored.status, RunStatus::Failed);
+                    assert_eq!(stored.error.as_deref(), Some(why));
+                }
+                None => assert_eq!((stored.status, stored.error), (RunStatus::Cancelled, None)),
+            }
+        }
     }
 }

@@ -52,6 +52,9 @@ pub struct TrainEnv {
     pub progress_bar: bool,
     /// Set to stop after the current step (the server's cancel).
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Why `cancel` stopped the run when its user did not (a full disk): the run then ends
+    /// failed with that reason instead of cancelled. `None`: every stop is the user's.
+    pub stopped_because: Option<crate::eval::pipeline::StopReason>,
     /// Stop after this many steps of this invocation (tests: simulate an interruption).
     pub stop_after_steps: Option<usize>,
     /// When set at the moment the run stops early (a server shutdown), a checkpoint of the

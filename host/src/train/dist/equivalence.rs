@@ -17,7 +17,7 @@ use crate::train::dist::local::InProcess;
 use crate::train::{TrainConfig, TrainEnv, TrainOutcome};
 
 /// The llama_tiny fixture with a character-level tokenizer (as tests/e2e/train.rs makes it).
-fn tiny_model(dir: &Path) -> PathBuf {
+pub(crate) fn tiny_model(dir: &Path) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("model/tests/fixtures/bnb/llama_tiny");
     let out = dir.join("tiny-llama");
     std::fs::create_dir_all(&out).unwrap();
@@ -54,7 +54,7 @@ fn tiny_model(dir: &Path) -> PathBuf {
 
 /// 26 rows: with 2 rows a micro-batch, 13 micro-batches an epoch, so the last step of each
 /// epoch is partial and some ranks get fewer micro-batches, or none.
-fn dataset(dir: &Path) -> PathBuf {
+pub(crate) fn dataset(dir: &Path) -> PathBuf {
     let out = dir.join("ds");
     std::fs::create_dir_all(&out).unwrap();
     let words = ["cat", "dog", "sun", "tree", "rain", "blue", "fish", "star"];

@@ -23,7 +23,7 @@ pub mod tcp;
 pub mod topology;
 
 #[cfg(test)]
-mod equivalence;
+pub(crate) mod equivalence;
 
 use std::sync::Arc;
 
