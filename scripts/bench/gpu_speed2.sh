@@ -18,15 +18,16 @@
 #   (new commit)                 cargo build --release --features cuda -p adapterlab
 #                                cargo test --release -p adapterlab-model --features cuda --test golden --no-run
 #   strip + xz into .carry/before/adapterlab.xz, .carry/after/adapterlab.xz, .carry/golden.xz
-# Device call: carry [".carry/before", ".carry/after", ".carry/golden.xz"],
-# command `OUT=$OUT bash scripts/bench/gpu_speed2.sh` (STAGES=golden,load,train,packing by default).
+# Device call: carry [".carry/before", ".carry/after", ".carry/golden.xz", ".whl3"],
+# command `OUT=$OUT bash scripts/bench/gpu_speed2.sh` (STAGES=golden,load,reference,train,packing by default; more than one
+# call's 10 minutes at 32 layers: split it, e.g. STAGES=golden,load then reference,train).
 # Each load line is `bench generate`'s `"what":"load"` JSON (ADAPTERLAB_PROFILE=1 adds the
 # phases: read, quantize, download, nested, upload) followed by a tiny generation as a check
 # that the loaded model runs.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-speed2}
-STAGES=${STAGES:-golden,load,train,packing}
+STAGES=${STAGES:-golden,load,reference,train,packing}
 stage() { [[ ",$STAGES," == *",$1,"* ]]; }
 mkdir -p "$OUT" /tmp/gl
 LAYERS=${LAYERS:-32}
@@ -71,6 +72,24 @@ stop_mem() {
   kill $MEMPID 2>/dev/null; wait $MEMPID 2>/dev/null
   echo "{\"side\":\"$1\",\"what\":\"nvidia_smi_peak\",\"mib\":$(sort -n "$OUT/mem-$1.txt" | tail -1)}" | tee -a "$RESULTS"
 }
+# reference  (with .whl3 carried: bitsandbytes 0.50.2 with its CUDA 13 libraries only, peft
+#            0.21.2) the Python stack's QLoRA step at batch 8 x 512 on the same checkpoint
+#            (hf_qlora_baseline.py, no generation), with its nvidia-smi peak: the other side of
+#            the train stage's figures, in the same call
+if stage reference; then
+  if ls .whl3/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl3/*.whl 2>&1 | grep -v "WARNING: Running pip as" | tail -2
+    echo "== reference: transformers + PEFT + bitsandbytes, batch 8 x 512"
+    watch_mem python
+    PYTHONPATH=/tmp/site timeout 300 python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --layers "$LAYERS" \
+      2>"$OUT/python.err" | tee "$OUT/python.json" \
+      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"python\",${line#\{}" >> "$RESULTS"; done
+    stop_mem python
+    tail -3 "$OUT/python.err"
+  else
+    echo "== reference stage skipped: no .whl3/ wheels carried"
+  fi
+fi
 if stage train; then
   for side in before after; do
     echo "== train stage: $side, batch 8 x 512"
@@ -110,7 +129,9 @@ for r in rows:
         print(f"{r['side']:>6} round {r.get('round')}: load {r['s']} s  {top}")
     if r.get("what") == "nvidia_smi_peak":
         print(f"{r['side']:>16}: nvidia-smi peak {r['mib']} MiB")
-    if r.get("what") == "train_step" and r.get("mode") in ("8x512", "32x256"):
+    if r.get("what") == "train_step" and r.get("side") == "python":
+        print(f"train 8x512 python: {r.get('tokens_per_s')} tok/s, median step {r.get('median_s')} s, torch peak {r.get('peak_gib', '')}")
+    elif r.get("what") == "train_step" and r.get("mode") in ("8x512", "32x256"):
         print(f"train {r['mode']} {r['side']:>6}: {r.get('tokens_per_s')} tok/s, median step {r.get('median_s')} s")
     elif r.get("what") == "train_step":
         print(f"train {r['mode']:>16}: useful {r.get('useful_tokens_per_s')} tok/s, padded {r.get('padded_tokens_per_s')} tok/s, pad {r.get('pad_fraction')}, peak {r.get('peak_gib', '')}")
