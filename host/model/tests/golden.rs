@@ -659,7 +659,7 @@ fn lora_train_node_equals_the_op_by_op_graph_on_the_gpu() {
         let aw = a.as_tensor().to_dtype(dtype).unwrap();
         let bs = (b.as_tensor().to_dtype(dtype).unwrap() * 2.0).unwrap();
         let y = if fused {
-            lora_linear(base, &xw, &aw, &bs, dropout, input).unwrap()
+            lora_linear(base, None, &xw, &aw, &bs, dropout, input).unwrap()
         } else {
             let z = match input {
                 Input::AsIs => xw.clone(),

@@ -330,16 +330,17 @@ impl LoraLayer {
         let (lead, k) = dims.split_at(dims.len() - 1);
         let m: usize = lead.iter().product();
         let xa = xa.reshape((m, k[0]))?;
-        let dropout = (train && self.dropout > 0.0).then(|| self.seeded_key());
-        let ha = match dropout {
-            // Seeded: dropout and the A product as one node, so the graph keeps `x`, not its
-            // dropped-out copy (the mask is drawn again in backward).
-            Some(Some(key)) => crate::ops::profile::scope("lora.dropout_a", xa.device(), || {
-                crate::ops::dropout::dropout_matmul_t(&xa, &a, key, self.dropout)
-            })?,
-            Some(None) => candle_nn::ops::dropout(&xa, self.dropout)?.matmul(&a.t()?)?,
-            None => xa.matmul(&a.t()?)?,
+        let xa = if train && self.dropout > 0.0 {
+            match self.seeded_key() {
+                Some(key) => crate::ops::profile::scope("lora.dropout", xa.device(), || {
+                    crate::ops::dropout::seeded_dropout(&xa, key, self.dropout)
+                })?,
+                None => candle_nn::ops::dropout(&xa, self.dropout)?,
+            }
+        } else {
+            xa
         };
+        let ha = xa.matmul(&a.t()?)?;
         // The scaling goes into B ([out, r]), not over the [m, out] product.
         let h = ha.matmul(&(&b * self.scaling)?.t()?)?;
         let mut out_shape = lead.to_vec();

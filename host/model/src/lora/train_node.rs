@@ -52,10 +52,12 @@ pub struct Dropout {
     pub p: f32,
 }
 
-/// `z W^T + dropout(z) A^T bs^T` with `z = input(x)`, for `x` `[m, k]`, `A` `[r, k]`, `bs`
-/// `[n, r]` (B already scaled), all in one dtype, as one graph node (see the module docs).
+/// `z W^T (+ bias) + dropout(z) A^T bs^T` with `z = input(x)`, for `x` `[m, k]`, `A` `[r, k]`,
+/// `bs` `[n, r]` (B already scaled), all in one dtype, as one graph node (see the module docs).
+/// The bias (`[n]`, frozen) is added to the base product first, as the op-by-op layer does.
 pub fn lora_linear(
     base: Arc<dyn BaseWeight>,
+    bias: Option<&Tensor>,
     x: &Tensor,
     a: &Tensor,
     bs: &Tensor,
@@ -73,7 +75,7 @@ pub fn lora_linear(
         );
     }
     let z = input.apply(&x.detach())?;
-    let y = forward(base.as_ref(), &z, &a.detach(), &bs.detach(), dropout)?;
+    let y = forward(base.as_ref(), bias, &z, &a.detach(), &bs.detach(), dropout)?;
     drop(z);
     if y.dims() != [m, n] || y.dtype() != x.dtype() {
         candle_core::bail!(
@@ -99,15 +101,21 @@ pub fn lora_linear(
     )
 }
 
-/// The value without a graph, in the op-by-op order: the base product, plus the adapter's.
+/// The value without a graph, in the op-by-op order: the base product and its bias, plus the
+/// adapter's.
 fn forward(
     base: &dyn BaseWeight,
+    bias: Option<&Tensor>,
     x: &Tensor,
     a: &Tensor,
     bs: &Tensor,
     dropout: Option<Dropout>,
 ) -> Result<Tensor> {
     let y = base.forward(x)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.detach().to_dtype(y.dtype())?)?,
+        None => y,
+    };
     let xd = dropped(x, dropout)?;
     let delta = xd.matmul(&a.t()?)?.matmul(&bs.t()?)?;
     y + delta
@@ -216,10 +224,11 @@ mod tests {
         ];
         let g = randn((m, n), 1.0, 5);
         for base in bases {
-            for (dropout, input) in [
-                (None, Input::AsIs),
-                (Some(Dropout { key: 11, p: 0.2 }), Input::AsIs),
-                (Some(Dropout { key: 12, p: 0.1 }), Input::GeluErf),
+            let bias = randn((1, n), 0.5, 6).squeeze(0)?;
+            for (dropout, input, bias) in [
+                (None, Input::AsIs, None),
+                (Some(Dropout { key: 11, p: 0.2 }), Input::AsIs, Some(&bias)),
+                (Some(Dropout { key: 12, p: 0.1 }), Input::GeluErf, None),
             ] {
                 let run = |fused: bool| -> Result<Vec<Vec<f32>>> {
                     let x = Var::from_tensor(&randn((m, k), 1.0, 2))?;
@@ -227,11 +236,16 @@ mod tests {
                     let b = Var::from_tensor(&randn((n, r), 0.1, 4))?;
                     let bs = (b.as_tensor() * 2.0)?;
                     let y = if fused {
-                        lora_linear(base.clone(), &x, &a, &bs, dropout, input)?
+                        lora_linear(base.clone(), bias, &x, &a, &bs, dropout, input)?
                     } else {
                         let z = input.apply(&x)?;
                         let zd = dropped(&z, dropout)?;
-                        (base.forward(&z)? + zd.matmul(&a.t()?)?.matmul(&bs.t()?)?)?
+                        let y = base.forward(&z)?;
+                        let y = match bias {
+                            Some(b) => y.broadcast_add(b)?,
+                            None => y,
+                        };
+                        (y + zd.matmul(&a.t()?)?.matmul(&bs.t()?)?)?
                     };
                     let grads = (&y * &g)?.sum_all()?.backward()?;
                     let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();

@@ -103,19 +103,15 @@ impl Linear {
         }
     }
 
-    /// Training through an adapter without a bias: the base and adapter products as one graph
-    /// node ([`crate::lora::train_node`]), which keeps the input instead of the products.
-    /// `None` where the op-by-op path runs (inference, no graph wanted, a bias, a merged
-    /// adapter, unseeded dropout, mixed dtypes).
+    /// Training through an adapter: the base and adapter products as one graph node
+    /// ([`crate::lora::train_node`]), which keeps the input instead of the products. `None`
+    /// where the op-by-op path runs (inference, no graph wanted, a merged adapter, unseeded
+    /// dropout, mixed dtypes).
     fn forward_train_node(&self, x: &Tensor, train: bool, input: Input) -> Result<Option<Tensor>> {
         let Some(lora) = &self.lora else {
             return Ok(None);
         };
-        if !train
-            || self.bias.is_some()
-            || lora.merged().is_some()
-            || crate::ops::handover::no_grad()
-        {
+        if !train || lora.merged().is_some() || crate::ops::handover::no_grad() {
             return Ok(None);
         }
         let Some((a, bs, dropout)) = lora.train_inputs(x.dtype())? else {
@@ -127,6 +123,7 @@ impl Linear {
         let y = crate::ops::profile::scope("lora.node", x.device(), || {
             crate::lora::train_node::lora_linear(
                 self.base.clone(),
+                self.bias.as_ref(),
                 &x.reshape((m, k))?,
                 &a,
                 &bs,
