@@ -235,8 +235,16 @@ fn a_damaged_request_file_fails_its_run_but_not_the_start_and_a_failed_resume_ch
             assert_eq!(s, 201, "{created}");
             ids.push(created["id"].as_str().unwrap().to_string());
         }
+        // Wait for a first finished sample, not just `running`: a client may read `running`
+        // a moment before the store makes it durable, and the samples' write is durable.
         for id in &ids[..2] {
-            wait_for(&base, id, |r| r["status"] == "running", 60).await;
+            wait_for(
+                &base,
+                id,
+                |r| r["status"] == "running" && r["progress"]["done"].as_u64() >= Some(1),
+                60,
+            )
+            .await;
         }
         ids
     });
