@@ -2,7 +2,8 @@
 //! (small random Falcon and Llama checkpoints, fp32): last-position logits within 1e-4, the same
 //! greedy tokens with and without repetition penalty, alone and as left-padded batches, the
 //! same per-row EOS stopping, and the same cross-entropy within 1e-4; all of it also with a random
-//! PEFT adapter on top, applied unmerged and merged into the base weights.
+//! PEFT adapter on top, applied unmerged and merged into the base weights; and every case again
+//! with flash attention.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,7 @@ use adapterlab_model::engine::loss::{Example, loss_on_examples};
 use adapterlab_model::lora::peft::load_adapter;
 use adapterlab_model::models::load::{LoadOptions, LoadedModel, load};
 use adapterlab_model::nn::linear::LinearBuilder;
+use adapterlab_model::ops::attention::AttentionKernel;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
@@ -183,6 +185,23 @@ fn cases() -> Vec<Case> {
             out.push(case(format!("{name} + {label}"), model, adapter));
         }
     }
+    // Each again with flash attention, held to the same numbers.
+    let flash: Vec<Case> = out
+        .iter()
+        .map(|c| {
+            let mut model = c.model.clone();
+            model.model.set_attention(AttentionKernel::Flash).unwrap();
+            Case {
+                name: format!("{} [flash attention]", c.name),
+                model,
+                want: c.want.clone(),
+                prompts: c.prompts.clone(),
+                pad: c.pad,
+                max_new: c.max_new,
+            }
+        })
+        .collect();
+    out.extend(flash);
     out
 }
 
@@ -723,6 +742,98 @@ fn lora_train_node_equals_the_op_by_op_graph_on_the_gpu() {
 
 /// Attention's fused softmax and its backward on the GPU against the CPU path (f32, bf16, f16;
 /// with and without a padding mask, one mask for the batch or one per row).
+/// The flash attention kernels against their CPU twin, output and the three gradients: f32
+/// within summation order, bf16 within its rounding; every head size class (8 → 32, 64, 128),
+/// multi-query, grouped and one-to-one heads, ALiBi, packed rows with padding, and queries
+/// after a cache. CPU: nothing to do.
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
+#[test]
+fn flash_attention_kernels_equal_the_cpu_twin() {
+    use adapterlab_model::ops::flash::{Visibility, flash_attend};
+    use candle_core::{DType, Var};
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    // (batch, heads, kv heads, new tokens, cached, head dim, alibi, packed)
+    let shapes = [
+        (2, 6, 1, 70, 0, 8, false, false),
+        (2, 8, 2, 100, 0, 64, false, true),
+        (1, 4, 4, 33, 0, 128, true, false),
+        (3, 4, 1, 5, 60, 64, true, false),
+        (2, 71, 1, 130, 0, 64, false, false),
+    ];
+    for (b, h, kv, s, past, d, alibi, packed) in shapes {
+        let t = past + s;
+        let host = |len: usize, phase: f32, shape: (usize, usize, usize, usize)| {
+            let v: Vec<f32> = (0..len)
+                .map(|i| (i as f32 * 0.7391 + phase).sin())
+                .collect();
+            Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        };
+        let (q0, k0, v0, g0) = (
+            host(b * h * s * d, 0.1, (b, h, s, d)),
+            host(b * kv * t * d, 0.2, (b, kv, t, d)),
+            host(b * kv * t * d, 0.3, (b, kv, t, d)),
+            host(b * h * s * d, 0.4, (b, h, s, d)),
+        );
+        // Row 0 left-padded by 3; packed rows cut into examples of 17 tokens.
+        let real: Vec<Vec<bool>> = (0..b)
+            .map(|r| (0..t).map(|j| r != 0 || j >= 3).collect())
+            .collect();
+        let examples: Vec<Vec<u32>> = (0..b)
+            .map(|_| (0..t).map(|j| (j / 17) as u32).collect())
+            .collect();
+        let slopes: Vec<f32> = (0..b * h * t)
+            .map(|i| -((i % t) as f32) * 0.01 * ((i / t) % h + 1) as f32)
+            .collect();
+        let run = |on: &Device, dtype: DType| -> Vec<Vec<f32>> {
+            let vis =
+                Visibility::new(&real, packed.then_some(examples.as_slice()), past, on).unwrap();
+            let var = |x: &Tensor| Var::from_tensor(&x.to_device(on).unwrap()).unwrap();
+            let (q, k, v) = (var(&q0), var(&k0), var(&v0));
+            let cast = |x: &Var| x.as_tensor().to_dtype(dtype).unwrap();
+            let bias = alibi.then(|| {
+                Tensor::from_vec(slopes.clone(), (b, h, 1, t), on)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            });
+            let out =
+                flash_attend(&cast(&q), &cast(&k), &cast(&v), 0.125, bias.as_ref(), &vis).unwrap();
+            let g = g0.to_device(on).unwrap().to_dtype(dtype).unwrap();
+            let grads = (&out * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            [
+                out,
+                grads.get(&q).unwrap().clone(),
+                grads.get(&k).unwrap().clone(),
+                grads.get(&v).unwrap().clone(),
+            ]
+            .iter()
+            .map(host_f32s)
+            .collect()
+        };
+        let want = run(&Device::Cpu, DType::F32);
+        for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+            let got = run(&dev, dtype);
+            for (what, (g, w)) in ["output", "dq", "dk", "dv"]
+                .iter()
+                .zip(got.iter().zip(&want))
+            {
+                let diff = relative_diff(w, g);
+                assert!(
+                    diff < tol,
+                    "{dtype:?} [{b}, {h}/{kv}, {s} after {past}, {d}] alibi={alibi} packed={packed}: {what} differs by {diff} (relative)"
+                );
+            }
+        }
+    }
+}
+
 #[cfg_attr(
     not(feature = "cuda"),
     ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"

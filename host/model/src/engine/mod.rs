@@ -20,6 +20,7 @@ pub use crate::models::load::{LoadOptions, LoadedModel, load};
 pub use crate::nn::causal_lm::CausalLm;
 pub use crate::nn::checkpoint;
 pub use crate::nn::linear::{BaseFormat, LinearBuilder};
+pub use crate::ops::attention::AttentionKernel;
 pub use crate::ops::cross_entropy::cross_entropy_sum;
 #[cfg(feature = "cuda")]
 pub use crate::ops::kernels::{AdamWScalars, adamw_f32};
@@ -171,6 +172,7 @@ pub fn load_model_with(model: &str, builder: LinearBuilder, rt: &Engine) -> Resu
         dtype: rt.dtype,
         device: rt.device.clone(),
         builder,
+        attention: Default::default(),
     };
     if model == DEFAULT_MODEL {
         let dir = SMOLLM2.ensure(&rt.assets_dir, &rt.fetcher)?;

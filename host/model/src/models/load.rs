@@ -24,7 +24,7 @@ use crate::models::falcon::Falcon;
 use crate::models::llama::Llama;
 use crate::nn::causal_lm::CausalLm;
 use crate::nn::linear::{Linear, LinearBuilder};
-use crate::ops::attention::{AttentionContext, KvCache};
+use crate::ops::attention::{AttentionContext, AttentionKernel, KvCache};
 
 /// Any of the architectures this crate runs.
 #[derive(Debug, Clone)]
@@ -44,6 +44,14 @@ impl AnyModel {
             ModelConfig::Falcon(c) => AnyModel::Falcon(Falcon::load(vb, c, builder)?),
             ModelConfig::Llama(c) => AnyModel::Llama(Llama::load(vb, c, builder)?),
         })
+    }
+
+    /// Runs the layers' attention with `kernel` from now on (see [`LoadOptions::attention`]).
+    pub fn set_attention(&mut self, kernel: AttentionKernel) -> candle_core::Result<()> {
+        match self {
+            AnyModel::Falcon(m) => m.set_attention(kernel),
+            AnyModel::Llama(m) => m.set_attention(kernel),
+        }
     }
 
     fn inner(&self) -> &dyn CausalLm {
@@ -119,6 +127,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// Decides the format of each linear layer (dense, NF4) and its adapter.
     pub builder: LinearBuilder,
+    /// The attention the layers run, as transformers' `attn_implementation`.
+    pub attention: AttentionKernel,
 }
 
 impl Default for LoadOptions {
@@ -127,6 +137,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             builder: LinearBuilder::dense(),
+            attention: AttentionKernel::Eager,
         }
     }
 }
@@ -164,8 +175,11 @@ pub fn load_files(files: &CheckpointFiles, opts: &LoadOptions) -> Result<LoadedM
                     files.dir.display()
                 )
             })?;
-    let model = AnyModel::load(vb, &config, &opts.builder)
+    let mut model = AnyModel::load(vb, &config, &opts.builder)
         .with_context(|| format!("failed to build the model from {}", files.dir.display()))?;
+    model
+        .set_attention(opts.attention)
+        .with_context(|| format!("in {}", files.config.display()))?;
     let tokenizer = match &files.tokenizer {
         Some(p) => Some(
             Tokenizer::from_file(p)

@@ -73,6 +73,40 @@ pub struct AttentionContext {
     /// Packed rows regrouped one example a row, when that computes fewer attention scores than
     /// the masked rows do (see [`Segments`]); `None` otherwise.
     pub segments: Option<Segments>,
+    /// Which attention the layers run; the model sets it ([`AttentionContext::with_kernel`]).
+    pub kernel: AttentionKernel,
+    /// Who sees whom, as flash attention reads it: made on first use, once per forward.
+    visibility: std::sync::OnceLock<crate::ops::flash::Visibility>,
+    /// Real keys and packed examples per row, what [`Self::visibility`] is made from.
+    real: Vec<Vec<bool>>,
+    examples: Option<Vec<Vec<u32>>>,
+}
+
+/// The attention a model runs, transformers' `attn_implementation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionKernel {
+    /// Scores materialised and masked, as transformers' `eager` (here with one fused softmax,
+    /// and backward recomputing the probabilities rather than keeping them).
+    #[default]
+    Eager,
+    /// [`crate::ops::flash`]: no scores stored, masking from the context's [`Visibility`]
+    /// (transformers' `flash_attention_2`, varlen for packed rows).
+    ///
+    /// [`Visibility`]: crate::ops::flash::Visibility
+    Flash,
+}
+
+impl AttentionKernel {
+    /// Refuses a kernel that cannot serve heads of `head_dim`.
+    pub fn check_head_dim(self, head_dim: usize) -> Result<()> {
+        if self == AttentionKernel::Flash && head_dim > crate::ops::flash::MAX_HEAD_DIM {
+            candle_core::bail!(
+                "flash attention serves heads of at most {} dimensions; this model's have {head_dim}: use eager attention",
+                crate::ops::flash::MAX_HEAD_DIM
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Packed rows regrouped for attention, one example a row: the masked `[b, h, s, s]` scores of
@@ -372,7 +406,7 @@ impl AttentionContext {
             }
             Some(Tensor::from_vec(data, (batch, 1, seq_len, total), device)?)
         };
-        let segments = match segments {
+        let plan = match segments {
             Some(seg) => Segments::plan(&mask, seg, seq_len, device)?,
             None => None,
         };
@@ -383,13 +417,38 @@ impl AttentionContext {
             positions,
             key_positions,
             bias,
-            segments,
+            segments: plan,
+            kernel: AttentionKernel::Eager,
+            visibility: std::sync::OnceLock::new(),
+            real: mask,
+            examples: segments.map(<[Vec<u32>]>::to_vec),
         })
+    }
+
+    /// The context with the layers running `kernel`.
+    pub fn with_kernel(mut self, kernel: AttentionKernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// Who sees whom, for flash attention.
+    pub fn visibility(&self, device: &Device) -> Result<&crate::ops::flash::Visibility> {
+        if let Some(v) = self.visibility.get() {
+            return Ok(v);
+        }
+        let v = crate::ops::flash::Visibility::new(
+            &self.real,
+            self.examples.as_deref(),
+            self.past_len,
+            device,
+        )?;
+        Ok(self.visibility.get_or_init(|| v))
     }
 }
 
-/// Attention under `ctx`: [`attend`] with its mask, or, for packed rows worth regrouping (and no
-/// ALiBi, whose bias is laid out per packed row), one example a row ([`Segments`]).
+/// Attention under `ctx`: flash attention when the context says so; else [`attend`] with its
+/// mask, or, for packed rows worth regrouping (and no ALiBi, whose bias is laid out per packed
+/// row), one example a row ([`Segments`]).
 pub fn attend_in(
     ctx: &AttentionContext,
     q: &Tensor,
@@ -398,6 +457,10 @@ pub fn attend_in(
     scale: f64,
     pre_scale_bias: Option<&Tensor>,
 ) -> Result<Tensor> {
+    if ctx.kernel == AttentionKernel::Flash {
+        let vis = ctx.visibility(q.device())?;
+        return crate::ops::flash::flash_attend(q, k, v, scale, pre_scale_bias, vis);
+    }
     match (&ctx.segments, pre_scale_bias) {
         (Some(seg), None) => seg.attend(q, k, v, scale),
         _ => attend(q, k, v, scale, pre_scale_bias, ctx.bias.as_ref()),

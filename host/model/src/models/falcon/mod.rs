@@ -12,7 +12,9 @@ use crate::models::config::Activation;
 use crate::nn::causal_lm::CausalLm;
 use crate::nn::layers::{LayerNorm, lm_head};
 use crate::nn::linear::{Linear, LinearBuilder};
-use crate::ops::attention::{AttentionContext, KvCache, Rotary, alibi_bias, attend_in};
+use crate::ops::attention::{
+    AttentionContext, AttentionKernel, KvCache, Rotary, alibi_bias, attend_in,
+};
 use crate::ops::profile;
 use config::FalconConfig;
 
@@ -309,6 +311,8 @@ pub struct Falcon {
     rotary: Option<Rotary>,
     device: Device,
     dtype: DType,
+    /// The attention the layers run (transformers' `attn_implementation`).
+    attention: AttentionKernel,
 }
 
 impl Falcon {
@@ -342,11 +346,20 @@ impl Falcon {
             config: cfg.clone(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            attention: AttentionKernel::Eager,
         })
     }
 
     pub fn config(&self) -> &FalconConfig {
         &self.config
+    }
+
+    /// Runs the layers' attention with `kernel` from now on; refused where it cannot serve
+    /// this model's heads.
+    pub fn set_attention(&mut self, kernel: AttentionKernel) -> Result<()> {
+        kernel.check_head_dim(self.config.head_dim())?;
+        self.attention = kernel;
+        Ok(())
     }
 
     /// The token embedding matrix `[vocab, hidden]`.
@@ -363,6 +376,7 @@ impl CausalLm for Falcon {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         ctx.check_fits(input_ids, cache.as_deref())?;
+        let ctx = ctx.with_kernel(self.attention);
         let mut x = self.word_embeddings.forward(input_ids)?;
         let rope = match &self.rotary {
             Some(r) => Some(r.cos_sin(&ctx, x.dtype(), &self.device)?),

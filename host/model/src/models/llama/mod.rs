@@ -10,7 +10,7 @@ use crate::models::config::Activation;
 use crate::nn::causal_lm::CausalLm;
 use crate::nn::layers::{RmsNorm, lm_head};
 use crate::nn::linear::{Linear, LinearBuilder};
-use crate::ops::attention::{AttentionContext, KvCache, Rotary, attend_in};
+use crate::ops::attention::{AttentionContext, AttentionKernel, KvCache, Rotary, attend_in};
 use config::LlamaConfig;
 
 #[derive(Debug, Clone)]
@@ -172,6 +172,8 @@ pub struct Llama {
     config: LlamaConfig,
     device: Device,
     dtype: DType,
+    /// The attention the layers run (transformers' `attn_implementation`).
+    attention: AttentionKernel,
 }
 
 impl Llama {
@@ -202,11 +204,20 @@ impl Llama {
             config: cfg.clone(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            attention: AttentionKernel::Eager,
         })
     }
 
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// Runs the layers' attention with `kernel` from now on; refused where it cannot serve
+    /// this model's heads.
+    pub fn set_attention(&mut self, kernel: AttentionKernel) -> Result<()> {
+        kernel.check_head_dim(self.config.head_dim)?;
+        self.attention = kernel;
+        Ok(())
     }
 
     pub fn embeddings(&self) -> &Tensor {
@@ -222,6 +233,7 @@ impl CausalLm for Llama {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         ctx.check_fits(input_ids, cache.as_deref())?;
+        let ctx = ctx.with_kernel(self.attention);
         let mut x = self.embed_tokens.forward(input_ids)?;
         let rope = self.rotary.cos_sin(&ctx, x.dtype(), &self.device)?;
         let inputs = std::sync::Arc::new((ctx, rope));

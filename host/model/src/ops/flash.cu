@@ -1,0 +1,319 @@
+// Flash attention, forward and backward (ops/flash.rs): the [b, h, s, t] scores are never
+// stored. One thread owns one query row (forward, dQ) or one key row (dK, dV); the other side
+// comes through shared memory in tiles that every thread of the block reads at the same
+// address (a broadcast). The arithmetic is f32 on the CUDA cores: a first, checkable version
+// of the algorithm the CPU twin in flash.rs runs, tile for tile.
+//
+// Who sees whom (codes, u32 [2, b, t]): key j is visible to the query at absolute position
+// p = past + i when j <= p, codes[0][b][j] != 0 (a real key) and codes[0][b][j] ==
+// codes[1][b][p] (the same packed example). A query that sees no key gets a zero output and a
+// log-sum-exp of +inf, so its backward contributes nothing.
+//
+// Compiled with NVRTC after the shared prelude (ops/prelude.cu).
+
+template <int KIND> struct Elem;
+template <> struct Elem<0> {
+  typedef float T;
+  static __device__ __forceinline__ float ld(float x) { return x; }
+  static __device__ __forceinline__ float st(float x) { return x; }
+};
+template <> struct Elem<1> {
+  typedef u16 T;
+  static __device__ __forceinline__ float ld(u16 x) { return bf16_to_f32(x); }
+  static __device__ __forceinline__ u16 st(float x) { return f32_to_bf16(x); }
+};
+template <> struct Elem<2> {
+  typedef u16 T;
+  static __device__ __forceinline__ float ld(u16 x) { return f16_to_f32(x); }
+  static __device__ __forceinline__ u16 st(float x) { return f32_to_f16(x); }
+};
+
+#define POS_INF __int_as_float(0x7f800000)
+
+// The shapes every kernel indexes by.
+struct Dims {
+  int b, h, kvh, s, t, d, past;
+  float scale;
+  int has_alibi;
+};
+
+// Output rows [b, h, s, d] and the log-sum-exp [b, h, s] of softmax((q k^T + alibi) * scale)
+// over the visible keys. Grid: (ceil(s / BM), h, b), BM threads.
+template <int KIND, int DMAX, int BN>
+__device__ void flash_fwd(const typename Elem<KIND>::T* __restrict__ q,
+                          const typename Elem<KIND>::T* __restrict__ k,
+                          const typename Elem<KIND>::T* __restrict__ v,
+                          const unsigned* __restrict__ codes, const float* __restrict__ alibi,
+                          typename Elem<KIND>::T* __restrict__ out, float* __restrict__ lse,
+                          Dims a) {
+  typedef Elem<KIND> E;
+  __shared__ float ks[BN][DMAX];
+  __shared__ float vs[BN][DMAX];
+  __shared__ unsigned kc[BN];
+  __shared__ float ab[BN];
+  const int bi = blockIdx.z, hi = blockIdx.y;
+  const int kvi = hi / (a.h / a.kvh);
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const bool active = i < a.s;
+  const long long row = ((long long)bi * a.h + hi) * a.s + i;
+  float qr[DMAX], acc[DMAX];
+#pragma unroll
+  for (int x = 0; x < DMAX; ++x) {
+    qr[x] = (active && x < a.d) ? E::ld(q[row * a.d + x]) : 0.f;
+    acc[x] = 0.f;
+  }
+  const unsigned qcode = active ? codes[((long long)a.b + bi) * a.t + a.past + i] : 0u;
+  const int last = min(a.s - 1, (int)(blockIdx.x * blockDim.x + blockDim.x - 1));
+  const int kend = min(a.t, a.past + last + 1);
+  const long long kvbase = ((long long)bi * a.kvh + kvi) * a.t * a.d;
+  float m = NEG_INF, l = 0.f;
+  for (int j0 = 0; j0 < kend; j0 += BN) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < BN * DMAX; e += blockDim.x) {
+      const int jj = e / DMAX, x = e % DMAX, j = j0 + jj;
+      const bool in = j < kend && x < a.d;
+      ks[jj][x] = in ? E::ld(k[kvbase + (long long)j * a.d + x]) : 0.f;
+      vs[jj][x] = in ? E::ld(v[kvbase + (long long)j * a.d + x]) : 0.f;
+    }
+    for (int jj = threadIdx.x; jj < BN; jj += blockDim.x) {
+      const int j = j0 + jj;
+      kc[jj] = j < kend ? codes[(long long)bi * a.t + j] : 0u;
+      ab[jj] = (j < kend && a.has_alibi) ? alibi[((long long)bi * a.h + hi) * a.t + j] : 0.f;
+    }
+    __syncthreads();
+    if (!active) continue;
+    float sc[BN];
+    float mt = m;
+#pragma unroll
+    for (int jj = 0; jj < BN; ++jj) {
+      const int j = j0 + jj;
+      const bool vis = j <= a.past + i && kc[jj] != 0u && kc[jj] == qcode;
+      float dot = 0.f;
+#pragma unroll
+      for (int x = 0; x < DMAX; ++x) dot = fmaf(qr[x], ks[jj][x], dot);
+      sc[jj] = vis ? (dot + ab[jj]) * a.scale : NEG_INF;
+      mt = fmaxf(mt, sc[jj]);
+    }
+    if (mt == NEG_INF) continue;
+    const float corr = __expf(m - mt);
+    l *= corr;
+#pragma unroll
+    for (int x = 0; x < DMAX; ++x) acc[x] *= corr;
+#pragma unroll
+    for (int jj = 0; jj < BN; ++jj) {
+      const float p = sc[jj] == NEG_INF ? 0.f : __expf(sc[jj] - mt);
+      l += p;
+#pragma unroll
+      for (int x = 0; x < DMAX; ++x) acc[x] = fmaf(p, vs[jj][x], acc[x]);
+    }
+    m = mt;
+  }
+  if (!active) return;
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+  for (int x = 0; x < DMAX; ++x)
+    if (x < a.d) out[row * a.d + x] = E::st(acc[x] * inv);
+  lse[row] = l > 0.f ? m + __logf(l) : POS_INF;
+}
+
+// dQ [b, h, s, d] and delta = rowsum(dO * O) [b, h, s] (which the dK/dV kernel reads).
+// Grid and block as the forward.
+template <int KIND, int DMAX, int BN>
+__device__ void flash_bwd_dq(const typename Elem<KIND>::T* __restrict__ q,
+                             const typename Elem<KIND>::T* __restrict__ k,
+                             const typename Elem<KIND>::T* __restrict__ v,
+                             const typename Elem<KIND>::T* __restrict__ o,
+                             const typename Elem<KIND>::T* __restrict__ dout,
+                             const float* __restrict__ lse, const unsigned* __restrict__ codes,
+                             const float* __restrict__ alibi, typename Elem<KIND>::T* __restrict__ dq,
+                             float* __restrict__ delta, Dims a) {
+  typedef Elem<KIND> E;
+  __shared__ float ks[BN][DMAX];
+  __shared__ float vs[BN][DMAX];
+  __shared__ unsigned kc[BN];
+  __shared__ float ab[BN];
+  const int bi = blockIdx.z, hi = blockIdx.y;
+  const int kvi = hi / (a.h / a.kvh);
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const bool active = i < a.s;
+  const long long row = ((long long)bi * a.h + hi) * a.s + i;
+  float qr[DMAX], gr[DMAX], acc[DMAX];
+  float dl = 0.f;
+#pragma unroll
+  for (int x = 0; x < DMAX; ++x) {
+    const bool in = active && x < a.d;
+    qr[x] = in ? E::ld(q[row * a.d + x]) : 0.f;
+    gr[x] = in ? E::ld(dout[row * a.d + x]) : 0.f;
+    if (in) dl = fmaf(gr[x], E::ld(o[row * a.d + x]), dl);
+    acc[x] = 0.f;
+  }
+  const float li = active ? lse[row] : POS_INF;
+  if (active) delta[row] = dl;
+  const unsigned qcode = active ? codes[((long long)a.b + bi) * a.t + a.past + i] : 0u;
+  const int last = min(a.s - 1, (int)(blockIdx.x * blockDim.x + blockDim.x - 1));
+  const int kend = min(a.t, a.past + last + 1);
+  const long long kvbase = ((long long)bi * a.kvh + kvi) * a.t * a.d;
+  for (int j0 = 0; j0 < kend; j0 += BN) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < BN * DMAX; e += blockDim.x) {
+      const int jj = e / DMAX, x = e % DMAX, j = j0 + jj;
+      const bool in = j < kend && x < a.d;
+      ks[jj][x] = in ? E::ld(k[kvbase + (long long)j * a.d + x]) : 0.f;
+      vs[jj][x] = in ? E::ld(v[kvbase + (long long)j * a.d + x]) : 0.f;
+    }
+    for (int jj = threadIdx.x; jj < BN; jj += blockDim.x) {
+      const int j = j0 + jj;
+      kc[jj] = j < kend ? codes[(long long)bi * a.t + j] : 0u;
+      ab[jj] = (j < kend && a.has_alibi) ? alibi[((long long)bi * a.h + hi) * a.t + j] : 0.f;
+    }
+    __syncthreads();
+    if (!active || li == POS_INF) continue;
+    for (int jj = 0; jj < BN; ++jj) {
+      const int j = j0 + jj;
+      if (!(j <= a.past + i && kc[jj] != 0u && kc[jj] == qcode)) continue;
+      float dot = 0.f, dp = 0.f;
+#pragma unroll
+      for (int x = 0; x < DMAX; ++x) {
+        dot = fmaf(qr[x], ks[jj][x], dot);
+        dp = fmaf(gr[x], vs[jj][x], dp);
+      }
+      const float p = __expf((dot + ab[jj]) * a.scale - li);
+      const float ds = p * (dp - dl) * a.scale;
+#pragma unroll
+      for (int x = 0; x < DMAX; ++x) acc[x] = fmaf(ds, ks[jj][x], acc[x]);
+    }
+  }
+  if (!active) return;
+#pragma unroll
+  for (int x = 0; x < DMAX; ++x)
+    if (x < a.d) dq[row * a.d + x] = E::st(acc[x]);
+}
+
+// dK and dV of one query head, f32 [b, h, t, d] each (the host sums each KV head's group).
+// One thread a key row; the block's keys and values sit in shared memory, one padded row per
+// thread; queries, their output gradients, log-sum-exps and deltas come in tiles of BM.
+// Grid: (ceil(t / TK), h, b), TK threads.
+template <int KIND, int DMAX, int TK, int BM>
+__device__ void flash_bwd_dkv(const typename Elem<KIND>::T* __restrict__ q,
+                              const typename Elem<KIND>::T* __restrict__ k,
+                              const typename Elem<KIND>::T* __restrict__ v,
+                              const typename Elem<KIND>::T* __restrict__ dout,
+                              const float* __restrict__ lse, const float* __restrict__ delta,
+                              const unsigned* __restrict__ codes, const float* __restrict__ alibi,
+                              float* __restrict__ dk, float* __restrict__ dv, Dims a) {
+  typedef Elem<KIND> E;
+  __shared__ float kr[TK][DMAX + 1];
+  __shared__ float vr[TK][DMAX + 1];
+  __shared__ float qs[BM][DMAX];
+  __shared__ float gs[BM][DMAX];
+  __shared__ float ls[BM], ds_[BM];
+  __shared__ unsigned qc[BM];
+  const int bi = blockIdx.z, hi = blockIdx.y;
+  const int kvi = hi / (a.h / a.kvh);
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  const bool active = j < a.t;
+  const long long kvbase = ((long long)bi * a.kvh + kvi) * a.t * a.d;
+  for (int x = 0; x < DMAX; ++x) {
+    const bool in = active && x < a.d;
+    kr[threadIdx.x][x] = in ? E::ld(k[kvbase + (long long)j * a.d + x]) : 0.f;
+    vr[threadIdx.x][x] = in ? E::ld(v[kvbase + (long long)j * a.d + x]) : 0.f;
+  }
+  const unsigned kcode = active ? codes[(long long)bi * a.t + j] : 0u;
+  const float al = (active && a.has_alibi) ? alibi[((long long)bi * a.h + hi) * a.t + j] : 0.f;
+  float gk[DMAX], gv[DMAX];
+#pragma unroll
+  for (int x = 0; x < DMAX; ++x) gk[x] = gv[x] = 0.f;
+  // Queries at absolute positions >= this block's first key: i >= j0 - past.
+  const int first = max(0, (int)(blockIdx.x * blockDim.x) - a.past);
+  const long long qbase = ((long long)bi * a.h + hi) * a.s;
+  for (int i0 = first; i0 < a.s; i0 += BM) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < BM * DMAX; e += blockDim.x) {
+      const int ii = e / DMAX, x = e % DMAX, i = i0 + ii;
+      const bool in = i < a.s && x < a.d;
+      qs[ii][x] = in ? E::ld(q[(qbase + i) * a.d + x]) : 0.f;
+      gs[ii][x] = in ? E::ld(dout[(qbase + i) * a.d + x]) : 0.f;
+    }
+    for (int ii = threadIdx.x; ii < BM; ii += blockDim.x) {
+      const int i = i0 + ii;
+      const bool in = i < a.s;
+      ls[ii] = in ? lse[qbase + i] : POS_INF;
+      ds_[ii] = in ? delta[qbase + i] : 0.f;
+      qc[ii] = in ? codes[((long long)a.b + bi) * a.t + a.past + i] : 0u;
+    }
+    __syncthreads();
+    if (!active || kcode == 0u) continue;
+    for (int ii = 0; ii < BM; ++ii) {
+      const int i = i0 + ii;
+      if (i >= a.s || j > a.past + i || qc[ii] != kcode || ls[ii] == POS_INF) continue;
+      float dot = 0.f, dp = 0.f;
+#pragma unroll
+      for (int x = 0; x < DMAX; ++x) {
+        dot = fmaf(qs[ii][x], kr[threadIdx.x][x], dot);
+        dp = fmaf(gs[ii][x], vr[threadIdx.x][x], dp);
+      }
+      const float p = __expf((dot + al) * a.scale - ls[ii]);
+      const float g = p * (dp - ds_[ii]) * a.scale;
+#pragma unroll
+      for (int x = 0; x < DMAX; ++x) {
+        gv[x] = fmaf(p, gs[ii][x], gv[x]);
+        gk[x] = fmaf(g, qs[ii][x], gk[x]);
+      }
+    }
+  }
+  if (!active) return;
+  const long long orow = (((long long)bi * a.h + hi) * a.t + j) * a.d;
+#pragma unroll
+  for (int x = 0; x < DMAX; ++x) {
+    if (x < a.d) {
+      dk[orow + x] = gk[x];
+      dv[orow + x] = gv[x];
+    }
+  }
+}
+
+// The entry points: f32, bf16 and f16 for head dims up to 32, 64 and 128 (a head of d is
+// served by the smallest DMAX >= d). The shapes come as scalars, not a struct, so the host
+// passes plain integers.
+#define DIMS_PARAMS int b, int h, int kvh, int s, int t, int d, int past, float scale, int has_alibi
+#define DIMS_VALUE Dims{b, h, kvh, s, t, d, past, scale, has_alibi}
+#define FLASH_ENTRIES(SUFFIX, KIND, DMAX, BN, TK, BM)                                          \
+  extern "C" __global__ void flash_fwd_##SUFFIX##_##DMAX(                                      \
+      const Elem<KIND>::T* q, const Elem<KIND>::T* k, const Elem<KIND>::T* v,                   \
+      const unsigned* codes, const float* alibi, Elem<KIND>::T* out, float* lse,               \
+      DIMS_PARAMS) {                                                                           \
+    flash_fwd<KIND, DMAX, BN>(q, k, v, codes, alibi, out, lse, DIMS_VALUE);                    \
+  }                                                                                            \
+  extern "C" __global__ void flash_bwd_dq_##SUFFIX##_##DMAX(                                   \
+      const Elem<KIND>::T* q, const Elem<KIND>::T* k, const Elem<KIND>::T* v,                   \
+      const Elem<KIND>::T* o, const Elem<KIND>::T* dout, const float* lse,                      \
+      const unsigned* codes, const float* alibi, Elem<KIND>::T* dq, float* delta,              \
+      DIMS_PARAMS) {                                                                           \
+    flash_bwd_dq<KIND, DMAX, BN>(q, k, v, o, dout, lse, codes, alibi, dq, delta, DIMS_VALUE);  \
+  }                                                                                            \
+  extern "C" __global__ void flash_bwd_dkv_##SUFFIX##_##DMAX(                                  \
+      const Elem<KIND>::T* q, const Elem<KIND>::T* k, const Elem<KIND>::T* v,                   \
+      const Elem<KIND>::T* dout, const float* lse, const float* delta, const unsigned* codes,  \
+      const float* alibi, float* dk, float* dv, DIMS_PARAMS) {                                 \
+    flash_bwd_dkv<KIND, DMAX, TK, BM>(q, k, v, dout, lse, delta, codes, alibi, dk, dv,         \
+                                      DIMS_VALUE);                                             \
+  }
+
+// Per head size: key tile BN (forward, dQ), threads TK and query tile BM (dK/dV), kept under
+// 48 KB of static shared memory.
+#define FLASH_DTYPES(DMAX, BN, TK, BM)    \
+  FLASH_ENTRIES(f32, 0, DMAX, BN, TK, BM) \
+  FLASH_ENTRIES(bf16, 1, DMAX, BN, TK, BM) \
+  FLASH_ENTRIES(f16, 2, DMAX, BN, TK, BM)
+
+// One head size per NVRTC module (the host defines FLASH_DMAX), so a model compiles only
+// the kernels it runs.
+#if FLASH_DMAX == 32
+FLASH_DTYPES(32, 32, 64, 16)
+#elif FLASH_DMAX == 64
+FLASH_DTYPES(64, 32, 64, 16)
+#elif FLASH_DMAX == 128
+FLASH_DTYPES(128, 16, 32, 8)
+#else
+#error "FLASH_DMAX must be 32, 64 or 128"
+#endif

@@ -1,0 +1,890 @@
+//! Flash attention: `softmax((q k^T + alibi) * scale)` over the keys each query may see, times
+//! `v`, without the `[b, h, s, t]` scores ever being stored, forward or backward.
+//!
+//! The forward pass walks the keys in tiles keeping, per query, a running maximum, the running
+//! sum of exponentials and the running output (the online softmax), and keeps only the
+//! log-sum-exp per query for backward. Backward recomputes each probability from `q`, `k` and
+//! that log-sum-exp: `dS = P * (dP - rowsum(dO * O)) * scale`, then `dQ = dS K`, `dK = dS^T Q`,
+//! `dV = P^T dO`. Grouped and multi-query heads read their KV head without repeating it; a KV
+//! head's `dK`/`dV` sum over its query group.
+//!
+//! Who may see whom is [`Visibility`]: causal (with a cache's offset), padding keys hidden,
+//! and packed rows' examples kept apart, so packing needs no `[b, s, s]` mask either. Unlike
+//! the masked path (whose fully masked rows, as transformers', average every value), a query
+//! that may see no key at all gets a zero output: only padding queries are such, and nothing
+//! reads them.
+//!
+//! Both devices run the same algorithm: the CPU twin here (the reference, tile for tile) and
+//! `flash.cu`. All arithmetic is f32; inputs and outputs keep the model's dtype. The masked
+//! path ([`crate::ops::attention::attend`]) rounds `q k^T` to the model's dtype before the
+//! softmax and the probabilities before `P V`; this path does not, so the two agree to that
+//! rounding, and exactly in f32 but for summation order.
+
+use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+/// Keys a tile of the online softmax holds (the CUDA kernels use 16 or 32 by head size; the
+/// result does not depend on it beyond rounding).
+const TILE: usize = 32;
+
+/// Who may attend to whom, for `b` rows of `t` keys: key `j` is visible to the query at
+/// absolute position `p` (`past + i`) when `j <= p`, key `j` is a real token, and both belong
+/// to the same packed example.
+#[derive(Debug, Clone)]
+pub struct Visibility {
+    /// Tokens cached before the queries.
+    pub past: usize,
+    /// `u32 [2, b, t]`: each key's code (0 for padding, else its example's number from 1),
+    /// then each position's example number as a query. What the CUDA kernels read.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    codes: Tensor,
+    /// The same, on the host, for the CPU twin and for tests.
+    host: Vec<u32>,
+    batch: usize,
+    total: usize,
+}
+
+impl Visibility {
+    /// `real[b][j]`: key `j` of row `b` is a real token. `examples[b][j]`: the example (any id;
+    /// a change of id starts a new one) position `j` belongs to, `None` for unpacked rows.
+    pub fn new(
+        real: &[Vec<bool>],
+        examples: Option<&[Vec<u32>]>,
+        past: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let batch = real.len();
+        let total = real.first().map_or(0, Vec::len);
+        let mut host = vec![0u32; 2 * batch * total];
+        for (b, row) in real.iter().enumerate() {
+            if row.len() != total {
+                candle_core::bail!("visibility: row {b} has {} keys, not {total}", row.len());
+            }
+            let mut example = 1u32;
+            for (j, &is_real) in row.iter().enumerate() {
+                if let Some(ids) = examples
+                    && j > 0
+                    && ids[b][j] != ids[b][j - 1]
+                {
+                    example += 1;
+                }
+                host[b * total + j] = if is_real { example } else { 0 };
+                host[(batch + b) * total + j] = example;
+            }
+        }
+        let codes = Tensor::from_vec(host.clone(), (2, batch, total), device)?;
+        Ok(Visibility {
+            past,
+            codes,
+            host,
+            batch,
+            total,
+        })
+    }
+
+    fn visible(&self, b: usize, query: usize, key: usize) -> bool {
+        let code = self.host[b * self.total + key];
+        key <= query && code != 0 && code == self.host[(self.batch + b) * self.total + query]
+    }
+}
+
+/// The head sizes the CUDA kernels serve (each by the smallest of 32, 64, 128 that holds it).
+pub const MAX_HEAD_DIM: usize = 128;
+
+/// Whether [`flash_attend`] can run these inputs: 16- or 32-bit floats, heads of at most
+/// [`MAX_HEAD_DIM`].
+pub fn supports(q: &Tensor) -> bool {
+    matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && q.dims().len() == 4
+        && q.dims()[3] <= MAX_HEAD_DIM
+}
+
+/// The shapes, checked once.
+#[derive(Debug, Clone, Copy)]
+struct Problem {
+    b: usize,
+    h: usize,
+    kv: usize,
+    s: usize,
+    t: usize,
+    d: usize,
+    past: usize,
+    scale: f32,
+}
+
+impl Problem {
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor, vis: &Visibility, scale: f64) -> Result<Self> {
+        let (b, h, s, d) = q.dims4()?;
+        let (kb, kv, t, kd) = k.dims4()?;
+        if k.dims() != v.dims() || kb != b || kd != d || kv == 0 || h % kv != 0 {
+            candle_core::bail!(
+                "flash attention: q {:?}, k {:?}, v {:?} (q [b, h, s, d], k and v [b, kv, t, d], h a multiple of kv)",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        if vis.batch != b || vis.total != t || vis.past + s != t {
+            candle_core::bail!(
+                "flash attention: visibility for {} rows of {} keys after {} cached, queries [{b}, {s}] over {t} keys",
+                vis.batch,
+                vis.total,
+                vis.past
+            );
+        }
+        if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
+            candle_core::bail!(
+                "flash attention: q {:?}, k {:?}, v {:?} differ in dtype",
+                q.dtype(),
+                k.dtype(),
+                v.dtype()
+            );
+        }
+        Ok(Problem {
+            b,
+            h,
+            kv,
+            s,
+            t,
+            d,
+            past: vis.past,
+            scale: scale as f32,
+        })
+    }
+
+    /// The KV head query head `h` reads.
+    fn kv_of(&self, h: usize) -> usize {
+        h / (self.h / self.kv)
+    }
+}
+
+/// ALiBi as the kernels read it: f32 `[b, h, t]`.
+fn alibi_rows(alibi: Option<&Tensor>, p: &Problem) -> Result<Option<Tensor>> {
+    alibi
+        .map(|a| {
+            let dims = a.dims();
+            if dims != [p.b, p.h, 1, p.t] {
+                candle_core::bail!(
+                    "flash attention: ALiBi bias {dims:?}, expected [{}, {}, 1, {}]",
+                    p.b,
+                    p.h,
+                    p.t
+                );
+            }
+            a.to_dtype(DType::F32)?
+                .reshape((p.b, p.h, p.t))?
+                .contiguous()
+        })
+        .transpose()
+}
+
+/// Attention of `q` `[b, h, s, d]` over `k`, `v` `[b, kv, t, d]` as `vis` allows, scores
+/// `(q k^T + alibi) * scale` with `alibi` `[b, h, 1, t]` (Falcon's RW variants). With a
+/// gradient, one graph node keeping `q`, `k`, `v` and the log-sum-exp.
+pub fn flash_attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    alibi: Option<&Tensor>,
+    vis: &Visibility,
+) -> Result<Tensor> {
+    let p = Problem::of(q, k, v, vis, scale)?;
+    let alibi = alibi_rows(alibi, &p)?;
+    let (q0, k0, v0) = (
+        q.detach().contiguous()?,
+        k.detach().contiguous()?,
+        v.detach().contiguous()?,
+    );
+    let (out, lse) = crate::ops::profile::scope("attn.flash", q.device(), || {
+        forward(&p, &q0, &k0, &v0, vis, alibi.as_ref())
+    })?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    q.apply_op3_arc(
+        k,
+        v,
+        std::sync::Arc::new(Box::new(FlashNode {
+            p,
+            vis: vis.clone(),
+            alibi,
+            lse,
+            out: crate::ops::handover::Handover::new("flash attention", out),
+        })),
+    )
+}
+
+/// `(out [b, h, s, d], lse f32 [b, h, s])`; inputs contiguous.
+fn forward(
+    p: &Problem,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    vis: &Visibility,
+    alibi: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    match q.device() {
+        Device::Cpu => {
+            let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            let alibi = alibi
+                .map(|a| a.flatten_all()?.to_vec1::<f32>())
+                .transpose()?;
+            let (out, lse) =
+                cpu::forward(p, &host(q)?, &host(k)?, &host(v)?, vis, alibi.as_deref());
+            let out =
+                Tensor::from_vec(out, (p.b, p.h, p.s, p.d), q.device())?.to_dtype(q.dtype())?;
+            Ok((out, Tensor::from_vec(lse, (p.b, p.h, p.s), q.device())?))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::forward(p, q, k, v, vis, alibi),
+        other => candle_core::bail!("flash attention does not run on {other:?}"),
+    }
+}
+
+/// `(dq, dk, dv)` in the inputs' dtype; every tensor contiguous.
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    p: &Problem,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    dout: &Tensor,
+    lse: &Tensor,
+    vis: &Visibility,
+    alibi: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (dq, dk_heads, dv_heads) = match q.device() {
+        Device::Cpu => {
+            let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            let alibi = alibi
+                .map(|a| a.flatten_all()?.to_vec1::<f32>())
+                .transpose()?;
+            let lse = lse.flatten_all()?.to_vec1::<f32>()?;
+            let g = cpu::backward(
+                p,
+                &cpu::Inputs {
+                    q: &host(q)?,
+                    k: &host(k)?,
+                    v: &host(v)?,
+                    out: &host(out)?,
+                    dout: &host(dout)?,
+                    lse: &lse,
+                },
+                vis,
+                alibi.as_deref(),
+            );
+            let dev = q.device();
+            (
+                Tensor::from_vec(g.dq, (p.b, p.h, p.s, p.d), dev)?,
+                Tensor::from_vec(g.dk, (p.b, p.h, p.t, p.d), dev)?,
+                Tensor::from_vec(g.dv, (p.b, p.h, p.t, p.d), dev)?,
+            )
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::backward(p, q, k, v, out, dout, lse, vis, alibi)?,
+        other => candle_core::bail!("flash attention does not run on {other:?}"),
+    };
+    // Each KV head's gradient is the sum over the query heads that read it.
+    let group = p.h / p.kv;
+    let per_kv = |x: Tensor| -> Result<Tensor> {
+        x.reshape((p.b, p.kv, group, p.t, p.d))?
+            .sum(2)?
+            .to_dtype(q.dtype())
+    };
+    Ok((
+        dq.to_dtype(q.dtype())?,
+        per_kv(dk_heads)?,
+        per_kv(dv_heads)?,
+    ))
+}
+
+/// The graph node: its forward hands over the output computed without a graph; its backward
+/// recomputes the probabilities from `q`, `k` and the log-sum-exp.
+struct FlashNode {
+    p: Problem,
+    vis: Visibility,
+    alibi: Option<Tensor>,
+    lse: Tensor,
+    out: crate::ops::handover::Handover,
+}
+
+impl candle_core::CustomOp3 for FlashNode {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        self.out.cpu()
+    }
+
+    // Type-checked in every build (candle's stand-in CudaStorage), called only with `cuda`.
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.out.cuda()
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        crate::ops::profile::scope("attn.flash.bwd", q.device(), || {
+            let c = |t: &Tensor| t.detach().contiguous();
+            let (dq, dk, dv) = backward(
+                &self.p,
+                &c(q)?,
+                &c(k)?,
+                &c(v)?,
+                &c(out)?,
+                &c(dout)?,
+                &self.lse,
+                &self.vis,
+                self.alibi.as_ref(),
+            )?;
+            Ok((Some(dq), Some(dk), Some(dv)))
+        })
+    }
+}
+
+/// The CPU twin of `flash.cu`: the same tiles, the same online softmax, in f32.
+mod cpu {
+    use super::*;
+
+    /// Inputs of backward, f32, row-major as the tensors.
+    pub struct Inputs<'a> {
+        pub q: &'a [f32],
+        pub k: &'a [f32],
+        pub v: &'a [f32],
+        pub out: &'a [f32],
+        pub dout: &'a [f32],
+        pub lse: &'a [f32],
+    }
+
+    /// `dq [b, h, s, d]`, and `dk`, `dv` per query head `[b, h, t, d]`.
+    pub struct Grads {
+        pub dq: Vec<f32>,
+        pub dk: Vec<f32>,
+        pub dv: Vec<f32>,
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).fold(0f32, |acc, (x, y)| x.mul_add(*y, acc))
+    }
+
+    /// The pre-softmax score of query `i` and key `j` of head `(b, h)`.
+    struct Scorer<'a> {
+        p: &'a Problem,
+        alibi: Option<&'a [f32]>,
+    }
+
+    impl Scorer<'_> {
+        fn score(&self, b: usize, h: usize, j: usize, qk: f32) -> f32 {
+            let bias = self
+                .alibi
+                .map_or(0.0, |a| a[(b * self.p.h + h) * self.p.t + j]);
+            (qk + bias) * self.p.scale
+        }
+    }
+
+    pub fn forward(
+        p: &Problem,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        vis: &Visibility,
+        alibi: Option<&[f32]>,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (s, t, d) = (p.s, p.t, p.d);
+        let scorer = Scorer { p, alibi };
+        let mut out = vec![0f32; p.b * p.h * s * d];
+        let mut lse = vec![0f32; p.b * p.h * s];
+        out.par_chunks_mut(s * d)
+            .zip(lse.par_chunks_mut(s))
+            .enumerate()
+            .for_each(|(bh, (out, lse))| {
+                let (b, h) = (bh / p.h, bh % p.h);
+                let kv = (b * p.kv + p.kv_of(h)) * t * d;
+                let mut acc = vec![0f32; d];
+                let mut scores = [0f32; TILE];
+                for i in 0..s {
+                    let query = p.past + i;
+                    let qrow = &q[(bh * s + i) * d..][..d];
+                    acc.iter_mut().for_each(|a| *a = 0.0);
+                    let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+                    let end = t.min(query + 1);
+                    for j0 in (0..end).step_by(TILE) {
+                        let n = TILE.min(end - j0);
+                        let mut mt = m;
+                        for (jj, sc) in scores[..n].iter_mut().enumerate() {
+                            let j = j0 + jj;
+                            *sc = if vis.visible(b, query, j) {
+                                scorer.score(b, h, j, dot(qrow, &k[kv + j * d..][..d]))
+                            } else {
+                                f32::NEG_INFINITY
+                            };
+                            mt = mt.max(*sc);
+                        }
+                        if mt == f32::NEG_INFINITY {
+                            continue;
+                        }
+                        let corr = (m - mt).exp();
+                        l *= corr;
+                        acc.iter_mut().for_each(|a| *a *= corr);
+                        for (jj, &sc) in scores[..n].iter().enumerate() {
+                            let pj = if sc == f32::NEG_INFINITY {
+                                0.0
+                            } else {
+                                (sc - mt).exp()
+                            };
+                            l += pj;
+                            let vrow = &v[kv + (j0 + jj) * d..][..d];
+                            for (a, x) in acc.iter_mut().zip(vrow) {
+                                *a = pj.mul_add(*x, *a);
+                            }
+                        }
+                        m = mt;
+                    }
+                    let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+                    for (o, a) in out[i * d..][..d].iter_mut().zip(&acc) {
+                        *o = a * inv;
+                    }
+                    lse[i] = if l > 0.0 { m + l.ln() } else { f32::INFINITY };
+                }
+            });
+        (out, lse)
+    }
+
+    pub fn backward(p: &Problem, x: &Inputs, vis: &Visibility, alibi: Option<&[f32]>) -> Grads {
+        let (s, t, d) = (p.s, p.t, p.d);
+        let scorer = Scorer { p, alibi };
+        // delta_i = rowsum(dO * O).
+        let delta: Vec<f32> = x
+            .dout
+            .chunks(d)
+            .zip(x.out.chunks(d))
+            .map(|(g, o)| dot(g, o))
+            .collect();
+        let mut dq = vec![0f32; p.b * p.h * s * d];
+        let mut dk = vec![0f32; p.b * p.h * t * d];
+        let mut dv = vec![0f32; p.b * p.h * t * d];
+        dq.par_chunks_mut(s * d)
+            .zip(dk.par_chunks_mut(t * d).zip(dv.par_chunks_mut(t * d)))
+            .enumerate()
+            .for_each(|(bh, (dq, (dk, dv)))| {
+                let (b, h) = (bh / p.h, bh % p.h);
+                let kv = (b * p.kv + p.kv_of(h)) * t * d;
+                for i in 0..s {
+                    let row = bh * s + i;
+                    let li = x.lse[row];
+                    if li == f32::INFINITY {
+                        continue;
+                    }
+                    let query = p.past + i;
+                    let (qrow, grow) = (&x.q[row * d..][..d], &x.dout[row * d..][..d]);
+                    for j in 0..t.min(query + 1) {
+                        if !vis.visible(b, query, j) {
+                            continue;
+                        }
+                        let (krow, vrow) = (&x.k[kv + j * d..][..d], &x.v[kv + j * d..][..d]);
+                        let pij = (scorer.score(b, h, j, dot(qrow, krow)) - li).exp();
+                        let ds = pij * (dot(grow, vrow) - delta[row]) * p.scale;
+                        for (g, kx) in dq[i * d..][..d].iter_mut().zip(krow) {
+                            *g = ds.mul_add(*kx, *g);
+                        }
+                        for (g, qx) in dk[j * d..][..d].iter_mut().zip(qrow) {
+                            *g = ds.mul_add(*qx, *g);
+                        }
+                        for (g, gx) in dv[j * d..][..d].iter_mut().zip(grow) {
+                            *g = pij.mul_add(*gx, *g);
+                        }
+                    }
+                }
+            });
+        Grads { dq, dk, dv }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, wrap};
+    use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+
+    fn dmax32() -> String {
+        "#define FLASH_DMAX 32".into()
+    }
+    fn dmax64() -> String {
+        "#define FLASH_DMAX 64".into()
+    }
+    fn dmax128() -> String {
+        "#define FLASH_DMAX 128".into()
+    }
+    static FLASH32: CudaModule =
+        CudaModule::new("adapterlab_flash32", include_str!("flash.cu"), dmax32);
+    static FLASH64: CudaModule =
+        CudaModule::new("adapterlab_flash64", include_str!("flash.cu"), dmax64);
+    static FLASH128: CudaModule =
+        CudaModule::new("adapterlab_flash128", include_str!("flash.cu"), dmax128);
+
+    /// The module and register width serving heads of `d`.
+    fn module(d: usize) -> Result<(&'static CudaModule, usize)> {
+        Ok(match d {
+            0..=32 => (&FLASH32, 32),
+            33..=64 => (&FLASH64, 64),
+            65..=128 => (&FLASH128, 128),
+            _ => candle_core::bail!("flash attention: heads of {d} (at most {MAX_HEAD_DIM})"),
+        })
+    }
+
+    /// Query rows a forward or dQ block holds, and key rows a dK/dV block holds (flash.cu's
+    /// TK), by register width.
+    fn threads(dmax: usize) -> (u32, u32) {
+        (64, if dmax == 128 { 32 } else { 64 })
+    }
+
+    fn dtype_name(dt: DType) -> Result<&'static str> {
+        Ok(match dt {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            other => candle_core::bail!("flash attention on {other:?} is not supported"),
+        })
+    }
+
+    /// An ALiBi stand-in the kernels never read when there is none.
+    fn alibi_or_dummy(alibi: Option<&Tensor>, dev: &Device) -> Result<(Tensor, i32)> {
+        Ok(match alibi {
+            Some(a) => (a.clone(), 1),
+            None => (Tensor::zeros(1, DType::F32, dev)?, 0),
+        })
+    }
+
+    pub fn forward(
+        p: &Problem,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        vis: &Visibility,
+        alibi: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let dev = cuda_device(q)?;
+        let (module, dmax) = module(p.d)?;
+        let (rows, _) = threads(dmax);
+        let (alibi, has_alibi) = alibi_or_dummy(alibi, q.device())?;
+        let (qi, ki, vi) = (CudaInput::of(q)?, CudaInput::of(k)?, CudaInput::of(v)?);
+        let (ci, ai) = (CudaInput::of(&vis.codes)?, CudaInput::of(&alibi)?);
+        let codes = ci.view::<u32>(2 * p.b * p.t)?;
+        let alibi_v = ai.view::<f32>(alibi.elem_count())?;
+        let nq = p.b * p.h * p.s * p.d;
+        let nk = p.b * p.kv * p.t * p.d;
+        let cfg = LaunchConfig {
+            grid_dim: (p.s.div_ceil(rows as usize) as u32, p.h as u32, p.b as u32),
+            block_dim: (rows, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let dims = Dims::of(p, has_alibi);
+        // SAFETY: every element is written by the kernel below.
+        let lse = unsafe { dev.alloc::<f32>(p.b * p.h * p.s)? };
+        macro_rules! launch {
+            ($t:ty) => {{
+                let name = format!("flash_fwd_{}_{dmax}", dtype_name(q.dtype())?);
+                // SAFETY: every element is written by the kernel below.
+                let out = unsafe { dev.alloc::<$t>(nq)? };
+                crate::run_kernel!(module, dev, &name, cfg;
+                    &qi.view::<$t>(nq)?, &ki.view::<$t>(nk)?, &vi.view::<$t>(nk)?, &codes,
+                    &alibi_v, &out, &lse, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t, &dims.d,
+                    &dims.past, &dims.scale, &dims.has_alibi,
+                )?;
+                wrap(out, &dev, (p.b, p.h, p.s, p.d))
+            }};
+        }
+        let out = match q.dtype() {
+            DType::F32 => launch!(f32),
+            DType::BF16 => launch!(half::bf16),
+            DType::F16 => launch!(half::f16),
+            other => candle_core::bail!("flash attention on {other:?} is not supported"),
+        };
+        Ok((out, wrap(lse, &dev, (p.b, p.h, p.s))))
+    }
+
+    /// `(dq, dk per query head f32, dv per query head f32)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        p: &Problem,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        dout: &Tensor,
+        lse: &Tensor,
+        vis: &Visibility,
+        alibi: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let dev = cuda_device(q)?;
+        let (module, dmax) = module(p.d)?;
+        let (rows, keys) = threads(dmax);
+        let (alibi, has_alibi) = alibi_or_dummy(alibi, q.device())?;
+        let (qi, ki, vi) = (CudaInput::of(q)?, CudaInput::of(k)?, CudaInput::of(v)?);
+        let (oi, gi, li) = (
+            CudaInput::of(out)?,
+            CudaInput::of(dout)?,
+            CudaInput::of(lse)?,
+        );
+        let (ci, ai) = (CudaInput::of(&vis.codes)?, CudaInput::of(&alibi)?);
+        let codes = ci.view::<u32>(2 * p.b * p.t)?;
+        let alibi_v = ai.view::<f32>(alibi.elem_count())?;
+        let lse_v = li.view::<f32>(p.b * p.h * p.s)?;
+        let nq = p.b * p.h * p.s * p.d;
+        let nk = p.b * p.kv * p.t * p.d;
+        let nkh = p.b * p.h * p.t * p.d;
+        let dims = Dims::of(p, has_alibi);
+        let per_query = LaunchConfig {
+            grid_dim: (p.s.div_ceil(rows as usize) as u32, p.h as u32, p.b as u32),
+            block_dim: (rows, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let per_key = LaunchConfig {
+            grid_dim: (p.t.div_ceil(keys as usize) as u32, p.h as u32, p.b as u32),
+            block_dim: (keys, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let suffix = format!("{}_{dmax}", dtype_name(q.dtype())?);
+        // SAFETY: every element of each is written by the kernels below.
+        let delta = unsafe { dev.alloc::<f32>(p.b * p.h * p.s)? };
+        let dk = unsafe { dev.alloc::<f32>(nkh)? };
+        let dv = unsafe { dev.alloc::<f32>(nkh)? };
+        macro_rules! launch {
+            ($t:ty) => {{
+                let (qv, kv, vv) = (qi.view::<$t>(nq)?, ki.view::<$t>(nk)?, vi.view::<$t>(nk)?);
+                // SAFETY: every element is written by the kernel below.
+                let dq = unsafe { dev.alloc::<$t>(nq)? };
+                crate::run_kernel!(module, dev, &format!("flash_bwd_dq_{suffix}"), per_query;
+                    &qv, &kv, &vv, &oi.view::<$t>(nq)?, &gi.view::<$t>(nq)?, &lse_v, &codes,
+                    &alibi_v, &dq, &delta, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t,
+                    &dims.d, &dims.past, &dims.scale, &dims.has_alibi,
+                )?;
+                // Reads the deltas the launch above wrote (same stream).
+                crate::run_kernel!(module, dev, &format!("flash_bwd_dkv_{suffix}"), per_key;
+                    &qv, &kv, &vv, &gi.view::<$t>(nq)?, &lse_v, &delta, &codes, &alibi_v, &dk,
+                    &dv, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t, &dims.d, &dims.past,
+                    &dims.scale, &dims.has_alibi,
+                )?;
+                wrap(dq, &dev, (p.b, p.h, p.s, p.d))
+            }};
+        }
+        let dq = match q.dtype() {
+            DType::F32 => launch!(f32),
+            DType::BF16 => launch!(half::bf16),
+            DType::F16 => launch!(half::f16),
+            other => candle_core::bail!("flash attention on {other:?} is not supported"),
+        };
+        let shape = (p.b, p.h, p.t, p.d);
+        Ok((dq, wrap(dk, &dev, shape), wrap(dv, &dev, shape)))
+    }
+
+    /// The kernels' scalar shape arguments, as flash.cu's `DIMS_PARAMS` orders them.
+    struct Dims {
+        b: i32,
+        h: i32,
+        kv: i32,
+        s: i32,
+        t: i32,
+        d: i32,
+        past: i32,
+        scale: f32,
+        has_alibi: i32,
+    }
+
+    impl Dims {
+        fn of(p: &Problem, has_alibi: i32) -> Self {
+            Dims {
+                b: p.b as i32,
+                h: p.h as i32,
+                kv: p.kv as i32,
+                s: p.s as i32,
+                t: p.t as i32,
+                d: p.d as i32,
+                past: p.past as i32,
+                scale: p.scale,
+                has_alibi,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::attention::{AttentionContext, alibi_bias, attend};
+
+    fn var(shape: (usize, usize, usize, usize), seed: f32) -> Result<candle_core::Var> {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect();
+        candle_core::Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// Flash attention and the masked path, outputs and gradients, on the real queries only.
+    #[allow(clippy::too_many_arguments)]
+    fn check_against_masked(
+        ctx: &AttentionContext,
+        vis: &Visibility,
+        real_queries: &Tensor,
+        h: usize,
+        kv: usize,
+        d: usize,
+        alibi: bool,
+    ) -> Result<()> {
+        let (b, s, t) = (ctx.batch, ctx.seq_len, ctx.past_len + ctx.seq_len);
+        let q = var((b, h, s, d), 0.1)?;
+        let k = var((b, kv, t, d), 1.3)?;
+        let v = var((b, kv, t, d), 2.9)?;
+        let w = Tensor::from_vec(
+            (0..b * h * s * d).map(|i| (i % 7) as f32 - 3.0).collect(),
+            (b, h, s, d),
+            &Device::Cpu,
+        )?;
+        let real = real_queries
+            .to_dtype(DType::F32)?
+            .reshape((b, 1, s, 1))?
+            .broadcast_as((b, h, s, d))?;
+        let bias = if alibi {
+            Some(alibi_bias(ctx, h, DType::F32, &Device::Cpu)?)
+        } else {
+            None
+        };
+        let run = |flash: bool| -> Result<(Tensor, Vec<Tensor>)> {
+            let out = if flash {
+                flash_attend(&q, &k, &v, 0.5, bias.as_ref(), vis)?
+            } else {
+                attend(&q, &k, &v, 0.5, bias.as_ref(), ctx.bias.as_ref())?
+            };
+            let out = (out * &real)?;
+            let grads = (&out * &w)?.sum_all()?.backward()?;
+            let g = [&q, &k, &v].map(|x| grads.get(x.as_tensor()).unwrap().clone());
+            Ok((out, g.to_vec()))
+        };
+        let (a, ga) = run(true)?;
+        let (e, ge) = run(false)?;
+        assert!(
+            max_diff(&a, &e)? < 1e-5,
+            "outputs differ by {}",
+            max_diff(&a, &e)?
+        );
+        for (name, (x, y)) in ["q", "k", "v"].iter().zip(ga.iter().zip(&ge)) {
+            assert!(
+                max_diff(x, y)? < 1e-4,
+                "d{name} differs by {}",
+                max_diff(x, y)?
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn flash_equals_the_masked_path_with_left_padding_multi_query_and_alibi() -> Result<()> {
+        let dev = Device::Cpu;
+        // Longer than one tile, so the online softmax rescales across tiles.
+        let (b, s) = (2, 70);
+        let mut rows = vec![vec![1u32; s]; b];
+        rows[0][..5].iter_mut().for_each(|m| *m = 0);
+        let mask = Tensor::new(rows.clone(), &dev)?;
+        let ctx = AttentionContext::new(Some(&mask), b, s, 0, &dev)?;
+        let real: Vec<Vec<bool>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&m| m != 0).collect())
+            .collect();
+        let vis = Visibility::new(&real, None, 0, &dev)?;
+        for (h, kv, alibi) in [(4, 1, false), (6, 2, false), (4, 4, true)] {
+            check_against_masked(&ctx, &vis, &mask, h, kv, 8, alibi)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn flash_equals_the_masked_path_for_packed_rows_and_after_a_cache() -> Result<()> {
+        let dev = Device::Cpu;
+        // Row 0: examples of 3, 1 and 4 tokens; row 1: 2 and 3 tokens, then 3 of padding.
+        let rows = vec![
+            vec![1u32, 1, 1, 1, 1, 1, 1, 1],
+            vec![1, 1, 1, 1, 1, 0, 0, 0],
+        ];
+        let mask = Tensor::new(rows.clone(), &dev)?;
+        let segments = vec![vec![0, 0, 0, 1, 2, 2, 2, 2], vec![5, 5, 6, 6, 6, 6, 6, 6]];
+        let ctx = AttentionContext::packed(Some(&mask), &segments, 2, 8, &dev)?;
+        let real: Vec<Vec<bool>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&m| m != 0).collect())
+            .collect();
+        let vis = Visibility::new(&real, Some(&segments), 0, &dev)?;
+        check_against_masked(&ctx, &vis, &mask, 6, 2, 4, false)?;
+
+        // Two new tokens after 5 cached, the first row left-padded by 2.
+        let rows = vec![vec![0u32, 0, 1, 1, 1, 1, 1], vec![1; 7]];
+        let mask = Tensor::new(rows.clone(), &dev)?;
+        let ctx = AttentionContext::new(Some(&mask), 2, 2, 5, &dev)?;
+        let real: Vec<Vec<bool>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&m| m != 0).collect())
+            .collect();
+        let vis = Visibility::new(&real, None, 5, &dev)?;
+        let all = Tensor::ones((2, 2), DType::U32, &dev)?;
+        check_against_masked(&ctx, &vis, &all, 4, 1, 8, true)?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_query_that_sees_no_key_gets_zeros_and_no_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let vis = Visibility::new(&[vec![false, true]], None, 0, &dev)?;
+        let q = var((1, 1, 2, 4), 0.2)?;
+        let k = var((1, 1, 2, 4), 0.7)?;
+        let v = var((1, 1, 2, 4), 1.1)?;
+        let out = flash_attend(&q, &k, &v, 1.0, None, &vis)?;
+        assert_eq!(out.get(0)?.get(0)?.get(0)?.to_vec1::<f32>()?, vec![0.0; 4]);
+        // The second query sees only the second key: its output is that value.
+        assert_eq!(
+            out.get(0)?.get(0)?.get(1)?.to_vec1::<f32>()?,
+            v.get(0)?.get(0)?.get(1)?.to_vec1::<f32>()?
+        );
+        let grads = out.sum_all()?.backward()?;
+        let dk = grads.get(k.as_tensor()).unwrap();
+        assert_eq!(dk.get(0)?.get(0)?.get(0)?.to_vec1::<f32>()?, vec![0.0; 4]);
+        Ok(())
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors() -> Result<()> {
+        let dev = Device::Cpu;
+        let vis = Visibility::new(&[vec![true; 4]], None, 0, &dev)?;
+        let q = Tensor::zeros((1, 3, 4, 8), DType::F32, &dev)?;
+        let k = Tensor::zeros((1, 2, 4, 8), DType::F32, &dev)?;
+        assert!(flash_attend(&q, &k, &k, 1.0, None, &vis).is_err());
+        let k = Tensor::zeros((1, 1, 5, 8), DType::F32, &dev)?;
+        assert!(flash_attend(&q, &k, &k, 1.0, None, &vis).is_err());
+        Ok(())
+    }
+}
