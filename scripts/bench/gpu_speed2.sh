@@ -2,7 +2,8 @@
 # Issue 17's levers measured in one device call, on a Falcon-7B-shaped random bf16 checkpoint:
 #   golden   the AFTER build's golden tests on CUDA, including
 #            `nf4_quantize_kernel_equals_the_cpu_path` (the load kernel against the CPU path,
-#            bit for bit) and the HF-parity tests
+#            bit for bit), `flash_attention_kernels_equal_the_cpu_twin` and the HF-parity tests
+#            (each case also with flash attention)
 #   load     loading into NF4 (double quantization), two builds: BEFORE (quantizes on the CPU)
 #            and AFTER (uploads the 16-bit weights, quantizes with the nf4_quantize kernels);
 #            interleaved rounds (before, after, before, after) on the same checkpoint, which
@@ -19,15 +20,16 @@
 #                                cargo test --release -p adapterlab-model --features cuda --test golden --no-run
 #   strip + xz into .carry/before/adapterlab.xz, .carry/after/adapterlab.xz, .carry/golden.xz
 # Device call: carry [".carry/before", ".carry/after", ".carry/golden.xz", ".whl3"],
-# command `OUT=$OUT bash scripts/bench/gpu_speed2.sh` (STAGES=golden,load,reference,train,packing by default; more than one
-# call's 10 minutes at 32 layers: split it, e.g. STAGES=golden,load then reference,train).
+# command `OUT=$OUT bash scripts/bench/gpu_speed2.sh` (STAGES=golden,load,reference,train,packing,flash
+# by default; more than one call's 10 minutes at 32 layers: split it, e.g. STAGES=golden,load,
+# then reference,train, then packing,flash).
 # Each load line is `bench generate`'s `"what":"load"` JSON (ADAPTERLAB_PROFILE=1 adds the
 # phases: read, quantize, download, nested, upload) followed by a tiny generation as a check
 # that the loaded model runs.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-speed2}
-STAGES=${STAGES:-golden,load,reference,train,packing}
+STAGES=${STAGES:-golden,load,reference,train,packing,flash}
 stage() { [[ ",$STAGES," == *",$1,"* ]]; }
 mkdir -p "$OUT" /tmp/gl
 LAYERS=${LAYERS:-32}
@@ -119,6 +121,33 @@ if stage packing; then
     tail -2 "$OUT/train-$mode.err"
   done
 fi
+# flash    the AFTER build with `--attn-implementation flash_attention_2` (ops/flash.rs: no
+#          [b, h, s, t] scores, forward or backward): batch 8 x 512 and 32 x 256 with their
+#          nvidia-smi peaks, packed DialogSum-like rows, and decoding at batch 1 and 16 (the
+#          same commands as the train, packing and eager rows above, so each pair compares)
+if stage flash; then
+  for shape in 8x512 32x256; do
+    b=${shape%x*}; s=${shape#*x}
+    echo "== flash stage: after, batch $b x $s, flash_attention_2"
+    watch_mem flash$shape
+    timeout 240 /tmp/gl/after bench train --model "$CKPT" --batch "$b" --seq "$s" --steps 6 --warmup 2 \
+      --attn-implementation flash_attention_2 2>"$OUT/flash$shape.err" | tee "$OUT/flash$shape.json" \
+      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"flash\",\"mode\":\"$shape\",${line#\{}" >> "$RESULTS"; done
+    stop_mem flash$shape
+    tail -2 "$OUT/flash$shape.err"
+  done
+  echo "== flash stage: packing, flash_attention_2"
+  timeout 200 /tmp/gl/after bench train --model "$CKPT" --batch 8 --seq 512 --lengths 100..400 --packing --steps 10 --warmup 3 \
+    --attn-implementation flash_attention_2 2>"$OUT/flash-packing.err" | tee "$OUT/flash-packing.json" \
+    | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"flash\",\"mode\":\"packing\",${line#\{}" >> "$RESULTS"; done
+  for attn in eager flash_attention_2; do
+    echo "== flash stage: generate, batch 1 and 16, $attn"
+    timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1,16 --prompt-tokens 200 --new-tokens 50 \
+      --attn-implementation $attn 2>"$OUT/generate-$attn.err" | tee "$OUT/generate-$attn.json" \
+      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$attn\",${line#\{}" >> "$RESULTS"; done
+    tail -2 "$OUT/generate-$attn.err"
+  done
+fi
 python3 - "$RESULTS" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -131,6 +160,8 @@ for r in rows:
         print(f"{r['side']:>16}: nvidia-smi peak {r['mib']} MiB")
     if r.get("what") == "train_step" and r.get("side") == "python":
         print(f"train 8x512 python: {r.get('tokens_per_s')} tok/s, median step {r.get('median_s')} s, torch peak {r.get('peak_gib', '')}")
+    elif r.get("what") == "generate":
+        print(f"generate {r['side']:>17} batch {r['batch']}: {r.get('tokens_per_s')} tok/s (prefill {r.get('prefill_s')} s)")
     elif r.get("what") == "train_step" and r.get("mode") in ("8x512", "32x256"):
         print(f"train {r['mode']} {r['side']:>6}: {r.get('tokens_per_s')} tok/s, median step {r.get('median_s')} s")
     elif r.get("what") == "train_step":

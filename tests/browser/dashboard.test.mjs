@@ -534,6 +534,11 @@ describe('adapterlab dashboard', () => {
     await form.getByLabel('Validation rows', { exact: true }).selectOption('packed');
     assert.ok(await strategy.isEnabled(), 'packed validation rows should offer the strategy');
     await form.getByLabel('Validation rows', { exact: true }).selectOption('');
+    // transformers' attention names, the server's default first chosen; the run keeps the choice.
+    const attention = form.getByLabel('Attention', { exact: true });
+    assert.deepEqual(await attention.locator('option').evaluateAll((os) => os.map((o) => o.value)), ['eager', 'flash_attention_2']);
+    assert.equal(await attention.inputValue(), schema.json.train.properties.attn_implementation.default);
+    await attention.selectOption('flash_attention_2');
     await form.getByLabel('Name', { exact: true }).fill('live-train');
     if (env.ADAPTERLAB_TRAIN_MODEL) await form.getByLabel('Model', { exact: true }).fill(env.ADAPTERLAB_TRAIN_MODEL);
     if (env.ADAPTERLAB_TRAIN_DATASET) await form.getByLabel('Dataset', { exact: true }).fill(env.ADAPTERLAB_TRAIN_DATASET);
@@ -576,6 +581,7 @@ describe('adapterlab dashboard', () => {
     }
     const trained = await apiCall('GET', `/api/runs/${id}`);
     assert.deepEqual(trained.json.request?.eval_after_train, ['bleu'], 'the evaluation after training was not queued with it');
+    assert.equal(trained.json.request?.attn_implementation, 'flash_attention_2', 'the attention choice was not stored with the run');
     if (!USE_MOCK) assert.ok(trained.json.metadata?.eval_run, `no evaluation run after the training: ${JSON.stringify(trained.json.metadata)}`);
   }, { skip: !TEST_TRAIN && 'needs ADAPTERLAB_TEST_TRAIN=1 against a real server' });
 

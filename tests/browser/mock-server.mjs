@@ -323,7 +323,7 @@ function startTrain(state, run, config, totalSteps = 40) {
 const TRAIN_DEFAULTS = {
   model_name_or_path: 'smollm2', dataset: 'bundled', formatter: 'summarize', num_train_epochs: 5, max_steps: -1,
   per_device_train_batch_size: 8, gradient_accumulation_steps: 4, learning_rate: 2e-4, lr_scheduler_type: 'cosine',
-  warmup_ratio: 0.01, max_seq_length: 512, packing: false, packing_strategy: 'bfd', eval_packing: null, logging_steps: 20, save_steps: 20, seed: 42, optim: 'adamw_32bit',
+  warmup_ratio: 0.01, max_seq_length: 512, packing: false, packing_strategy: 'bfd', eval_packing: null, attn_implementation: 'eager', logging_steps: 20, save_steps: 20, seed: 42, optim: 'adamw_32bit',
   lora: { r: 16, lora_alpha: 32, lora_dropout: 0.1, target_modules: [], bias: 'none' },
 };
 const SAMPLING_DEFAULTS = { max_new_tokens: 50, temperature: 0, top_p: null, top_k: null, repetition_penalty: 30, seed: 0, batch_size: 8 };
@@ -343,7 +343,7 @@ function trainSchema() {
     properties: Object.fromEntries(Object.entries(obj).map(([k, v]) => {
       if (v && typeof v === 'object' && !Array.isArray(v)) return [k, node(v)];
       const type = Array.isArray(v) ? 'array' : Number.isInteger(v) ? 'integer' : typeof v === 'number' ? 'number' : typeof v === 'boolean' ? 'boolean' : 'string';
-      return [k, { type, default: v, ...(ranges[k] ?? {}), ...(k === 'lr_scheduler_type' ? { enum: ['cosine', 'linear', 'constant', 'constant_with_warmup'] } : {}), ...(k === 'packing_strategy' ? { enum: ['bfd', 'bfd_split', 'bfd-requeue', 'wrapped'] } : {}) }];
+      return [k, { type, default: v, ...(ranges[k] ?? {}), ...(k === 'lr_scheduler_type' ? { enum: ['cosine', 'linear', 'constant', 'constant_with_warmup'] } : {}), ...(k === 'packing_strategy' ? { enum: ['bfd', 'bfd_split', 'bfd-requeue', 'wrapped'] } : {}), ...(k === 'attn_implementation' ? { enum: ['eager', 'sdpa', 'flash_attention_2'] } : {}) }];
     })),
   });
   return node(TRAIN_DEFAULTS);

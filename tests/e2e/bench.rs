@@ -1,7 +1,7 @@
 //! `adapterlab bench train|generate` on the tiny random Falcon-7B-shaped golden fixture: the
 //! commands the GPU comparison runs (scripts/bench/gpu_qlora.sh) work end to end on the CPU,
 //! print their JSON lines, save an adapter that `bench generate` loads, and checkpointing does
-//! not change the loss.
+//! not change the loss, nor does flash attention.
 
 use std::path::Path;
 
@@ -51,6 +51,18 @@ fn bench_train_and_generate_run_and_agree_with_checkpointing() {
     for (a, b) in find(&plain, "step").iter().zip(find(&ckpt, "step")) {
         let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
         assert!((la - lb).abs() < 1e-3, "plain {a} vs checkpointed {b}");
+    }
+
+    // Flash attention trains the same way too, and says so.
+    let flash = train(&["--attn-implementation", "flash_attention_2"]);
+    assert_eq!(
+        find(&flash, "load")[0]["attn_implementation"],
+        "flash_attention_2"
+    );
+    assert_eq!(load["attn_implementation"], "eager");
+    for (a, b) in find(&plain, "step").iter().zip(find(&flash, "step")) {
+        let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!((la - lb).abs() < 1e-3, "eager {a} vs flash {b}");
     }
 
     // Variable lengths, padded and packed: both report useful (non-pad) and padded tokens/s;
@@ -107,4 +119,32 @@ fn bench_train_and_generate_run_and_agree_with_checkpointing() {
     for r in runs {
         assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
     }
+    let flash = lines(&run_ok(&mut t.cmd(&[
+        "bench",
+        "generate",
+        "--model",
+        model,
+        "--batch",
+        "2",
+        "--prompt-tokens",
+        "5",
+        "--new-tokens",
+        "3",
+        "--attn-implementation",
+        "flash_attention_2",
+    ])));
+    assert_eq!(
+        find(&flash, "load")[0]["attn_implementation"],
+        "flash_attention_2"
+    );
+    assert_eq!(find(&flash, "generate").len(), 1, "{flash:?}");
+    let refused = crate::util::run_fail(&mut t.cmd(&[
+        "bench",
+        "generate",
+        "--model",
+        model,
+        "--attn-implementation",
+        "flash",
+    ]));
+    assert!(refused.contains("flash_attention_2"), "{refused}");
 }

@@ -524,3 +524,71 @@ fn packing_trains_logs_and_is_stored_with_the_run() {
         "{err}"
     );
 }
+
+/// `attn_implementation = flash_attention_2` trains to the losses eager attention gives (on the
+/// CPU the two differ only in summation order), packed rows included, and the setting is
+/// stored with the run.
+#[test]
+fn flash_attention_trains_to_eager_losses_and_is_stored_with_the_run() {
+    let t = setup("train-flash");
+    let model = tiny_model(&t);
+    let data = dataset(&t);
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let train = |out: &Path, extra: &[&str]| {
+        let mut extra = extra.to_vec();
+        extra.extend(["--set", "max_steps=3", "--set", "eval_steps=0"]);
+        let args = train_args(m, d, out.to_str().unwrap(), &extra);
+        run_ok(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+        losses(&read_json(&out.join("trainer_state.json")))
+    };
+    for packing in ["false", "true"] {
+        let packing = format!("packing={packing}");
+        let eager = train(
+            &t.path().join(format!("eager-{packing}")),
+            &["--set", &packing],
+        );
+        let flash_dir = t.path().join(format!("flash-{packing}"));
+        let flash = train(
+            &flash_dir,
+            &[
+                "--set",
+                &packing,
+                "--set",
+                "attn_implementation=flash_attention_2",
+            ],
+        );
+        assert_eq!(eager.len(), 3, "{eager:?}");
+        for (a, b) in eager.iter().zip(&flash) {
+            // Step, loss, gradient norm and learning rate.
+            assert_eq!(a.0, b.0);
+            assert!(
+                (a.1 - b.1).abs() < 1e-4 && (a.2 - b.2).abs() < 1e-3 * a.2.max(1.0),
+                "{packing}: eager {eager:?}, flash {flash:?}"
+            );
+        }
+        let store = adapterlab::store::Store::open(&t.data_dir().join("store")).unwrap();
+        let runs = store.list_runs().unwrap();
+        let run = runs
+            .iter()
+            .find(|r| r.metadata.get("output_dir").map(String::as_str) == flash_dir.to_str())
+            .expect("the flash run is stored");
+        let request: Value = store.request(&run.id).unwrap().unwrap();
+        assert_eq!(
+            request["attn_implementation"], "flash_attention_2",
+            "{request}"
+        );
+    }
+    let err = run_fail(&mut t.cmd(&[
+        "train",
+        "--set",
+        &format!("model_name_or_path={m}"),
+        "--set",
+        &format!("dataset={d}"),
+        "--set",
+        "attn_implementation=flash",
+    ]));
+    assert!(
+        err.contains("attn_implementation") && err.contains("flash_attention_2"),
+        "{err}"
+    );
+}

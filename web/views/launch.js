@@ -572,6 +572,9 @@ function buildTrainForm(ctx, plugins, schema = null) {
     packing: h('input', { type: 'checkbox', name: 'packing', id: 'train-packing' }),
     packing_strategy: h('select', { name: 'packing_strategy' },
       ['bfd', 'bfd_split', 'wrapped'].map((v) => h('option', { value: v }, v))),
+    // transformers' `attn_implementation`.
+    attn_implementation: h('select', { name: 'attn_implementation' },
+      ['eager', 'flash_attention_2'].map((v) => h('option', { value: v }, v))),
     // TRL's `eval_packing`: unset follows `packing`.
     eval_packing: h('select', { name: 'eval_packing' },
       h('option', { value: '' }, 'as training'),
@@ -584,6 +587,10 @@ function buildTrainForm(ctx, plugins, schema = null) {
   // The server's names, less the old spellings it also reads (TRL's `bfd-requeue`).
   if (Array.isArray(strategies)) f.packing_strategy.replaceChildren(...strategies.filter((v) => !v.includes('-')).map((v) => h('option', { value: v }, v)));
   f.packing_strategy.value = defaultOf(schema, 'packing_strategy', 'bfd');
+  const attentions = schemaOf(schema, 'attn_implementation')?.enum;
+  // The server's names, less `sdpa`, which it reads as `eager`.
+  if (Array.isArray(attentions)) f.attn_implementation.replaceChildren(...attentions.filter((v) => v !== 'sdpa').map((v) => h('option', { value: v }, v)));
+  f.attn_implementation.value = defaultOf(schema, 'attn_implementation', 'eager');
   const packingShown = () => { f.packing_strategy.disabled = !f.packing.checked && f.eval_packing.value !== 'true'; };
   f.packing.addEventListener('change', packingShown);
   f.eval_packing.addEventListener('change', packingShown);
@@ -626,6 +633,7 @@ function buildTrainForm(ctx, plugins, schema = null) {
         h('label', { for: 'train-packing' }, 'Pack examples into rows of the max sequence length (TRL’s packing)')),
       F('packing_strategy', 'Packing strategy', 'bfd: best fit, long examples cut; bfd_split: long examples split into pieces; wrapped: examples run on, cut every max-length tokens.'),
       F('eval_packing', 'Validation rows', 'Whether the validation loss is computed on packed rows (TRL’s eval_packing).'),
+      F('attn_implementation', 'Attention', 'eager: the scores are materialised (transformers’ eager and sdpa); flash_attention_2: never stored, packed examples kept apart, less memory.'),
     ),
     h('fieldset', { class: 'grid' },
       h('legend', {}, 'Schedule'),
@@ -695,6 +703,7 @@ function buildTrainForm(ctx, plugins, schema = null) {
       packing: f.packing.checked,
       packing_strategy: f.packing_strategy.value,
       ...(f.eval_packing.value ? { eval_packing: f.eval_packing.value === 'true' } : {}),
+      attn_implementation: f.attn_implementation.value,
       logging_steps: values.logging_steps,
       seed: values.seed,
       lora: {
@@ -724,6 +733,7 @@ function buildTrainForm(ctx, plugins, schema = null) {
     f.packing.checked = c.packing === true;
     if (c.packing_strategy && [...f.packing_strategy.options].some((o) => o.value === c.packing_strategy)) f.packing_strategy.value = c.packing_strategy;
     f.eval_packing.value = c.eval_packing === true ? 'true' : c.eval_packing === false ? 'false' : '';
+    if (c.attn_implementation && [...f.attn_implementation.options].some((o) => o.value === c.attn_implementation)) f.attn_implementation.value = c.attn_implementation;
     f.packing.dispatchEvent(new Event('change'));
     if (c.lr_scheduler_type && [...f.lr_scheduler_type.options].some((o) => o.value === c.lr_scheduler_type)) f.lr_scheduler_type.value = c.lr_scheduler_type;
     const lora = c.lora ?? {};

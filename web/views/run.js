@@ -575,7 +575,7 @@ const SETTING_ORDER = [
   'decoding', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'repetition_penalty', 'seed',
   'num_train_epochs', 'max_steps', 'learning_rate', 'lr_scheduler_type', 'warmup_ratio', 'warmup_steps',
   'per_device_train_batch_size', 'gradient_accumulation_steps', 'max_seq_length', 'packing',
-  'packing_strategy', 'eval_packing', 'logging_steps',
+  'packing_strategy', 'eval_packing', 'attn_implementation', 'logging_steps',
   'lora.r', 'lora.lora_alpha', 'lora.lora_dropout', 'lora.target_modules', 'lora', 'metrics',
 ];
 

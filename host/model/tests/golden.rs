@@ -969,7 +969,7 @@ fn adamw_kernel_equals_the_op_by_op_update() {
     let cpu = Device::Cpu;
     let n = 5000;
     let mk = |k: f32| {
-        let v: Vec<f32> = (0..n).map(|i| ((i as f32 * k).sin() * 0.3)).collect();
+        let v: Vec<f32> = (0..n).map(|i| (i as f32 * k).sin() * 0.3).collect();
         Tensor::from_vec(v, n, &cpu).unwrap()
     };
     let (p, g, m) = (mk(0.37), mk(0.11), mk(0.53));

@@ -28,6 +28,7 @@ use serde_json::json;
 use crate::cli::Context;
 use crate::cli::model::model_runtime;
 use crate::data;
+use crate::train::config::AttnImplementation;
 use crate::train::config::{Sampling, TrainConfig};
 use crate::train::trainer::{
     accumulate_micro_batch, adapter_optimizer, apply_gradients, load_for_training,
@@ -80,6 +81,20 @@ pub struct TrainBenchArgs {
     /// baseline for packing.
     #[arg(long, requires = "lengths")]
     pub group_by_length: bool,
+    /// The attention the model runs, transformers' `attn_implementation` (`eager`,
+    /// `flash_attention_2`).
+    #[arg(long, default_value = "eager", value_parser = parse_attention)]
+    pub attn_implementation: AttnImplementation,
+}
+
+/// An `attn_implementation` name, as the training config reads it.
+fn parse_attention(s: &str) -> std::result::Result<AttnImplementation, String> {
+    serde_json::from_value(serde_json::Value::from(s)).map_err(|_| {
+        format!(
+            "{s:?} is not an attention implementation: expected one of {}",
+            AttnImplementation::NAMES.join(", ")
+        )
+    })
 }
 
 /// `MIN..MAX` (or `MIN..=MAX`), both at least 1.
@@ -117,6 +132,10 @@ pub struct GenerateBenchArgs {
     pub prompt_tokens: usize,
     #[arg(long, default_value_t = 50)]
     pub new_tokens: usize,
+    /// The attention the model runs, transformers' `attn_implementation` (`eager`,
+    /// `flash_attention_2`).
+    #[arg(long, default_value = "eager", value_parser = parse_attention)]
+    pub attn_implementation: AttnImplementation,
 }
 
 pub fn run(cmd: BenchCommand, ctx: &Context) -> Result<()> {
@@ -150,6 +169,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
         },
         gradient_checkpointing: args.gradient_checkpointing,
         gradient_checkpointing_every: args.checkpoint_every as usize,
+        attn_implementation: args.attn_implementation,
         ..Default::default()
     };
     let t = Instant::now();
@@ -162,6 +182,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
         json!({"what": "load", "s": round(t.elapsed().as_secs_f64(), 1), "trainable": trainable,
         "device": gpu_name(&device), "lora_layers": registry.layers().len(),
         "gradient_checkpointing": args.gradient_checkpointing, "checkpoint_every": args.checkpoint_every,
+        "attn_implementation": args.attn_implementation.as_str(),
         "nf4_quantize": nf4_quantize_on(&device)?, "phases": load_phases()}),
     );
     registry.set_training(true);
@@ -242,12 +263,16 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
     let builder = linear_builder(Quantize::Nf4, args.adapter.as_deref())?;
     let registry = builder.lora().cloned();
     let t = Instant::now();
-    let loaded = load_model_with(&args.model, builder, &rt)?;
+    let mut loaded = load_model_with(&args.model, builder, &rt)?;
+    loaded
+        .model
+        .set_attention(args.attn_implementation.kernel())?;
     let model: &dyn CausalLm = &loaded.model;
     let device = model.device().clone();
     emit(
         json!({"what": "load", "s": round(t.elapsed().as_secs_f64(), 1),
         "device": gpu_name(&device), "adapter": args.adapter,
+        "attn_implementation": args.attn_implementation.as_str(),
         "nf4_quantize": nf4_quantize_on(&device)?, "phases": load_phases()}),
     );
     let vocab = model.vocab_size();

@@ -54,6 +54,28 @@ crate::named_choice! {
 }
 
 crate::named_choice! {
+    /// `attn_implementation`: the attention the model runs, transformers' names. `eager`
+    /// materialises the masked scores (it reproduces transformers' `sdpa` and `eager`, the
+    /// name `sdpa` is read as it); `flash_attention_2` never stores them (`ops::flash`), with
+    /// packed rows kept apart as FlashAttention's varlen path does.
+    pub enum AttnImplementation {
+        Eager = "eager" | "sdpa",
+        FlashAttention2 = "flash_attention_2",
+    }
+}
+
+impl AttnImplementation {
+    /// The model's attention kernel this name selects.
+    pub fn kernel(self) -> adapterlab_model::engine::AttentionKernel {
+        use adapterlab_model::engine::AttentionKernel;
+        match self {
+            AttnImplementation::Eager => AttentionKernel::Eager,
+            AttnImplementation::FlashAttention2 => AttentionKernel::Flash,
+        }
+    }
+}
+
+crate::named_choice! {
     /// `quantization.bnb_4bit_compute_dtype`: the dtype the frozen base computes in on a
     /// GPU (the CPU always computes in f32).
     pub enum ComputeDtype {
@@ -86,6 +108,8 @@ pub struct TrainConfig {
     /// Whether the validation loss is computed on packed rows (TRL's `eval_packing`); unset
     /// (`null`): as `packing`.
     pub eval_packing: Option<bool>,
+    /// The attention the model runs (transformers' `attn_implementation`).
+    pub attn_implementation: AttnImplementation,
     pub num_train_epochs: f64,
     /// Overrides `num_train_epochs` when positive (as in HF: -1 means unset).
     pub max_steps: i64,
@@ -215,6 +239,7 @@ impl Default for TrainConfig {
             packing: false,
             packing_strategy: PackingStrategy::Bfd,
             eval_packing: None,
+            attn_implementation: AttnImplementation::Eager,
             num_train_epochs: 5.0,
             max_steps: -1,
             per_device_train_batch_size: 8,
@@ -808,6 +833,7 @@ pub const CHOICES: &[(&str, &[&str])] = &[
     ("eval_strategy", &["steps", "epoch", "no"]),
     ("train_sampling_strategy", Sampling::NAMES),
     ("packing_strategy", PackingStrategy::NAMES),
+    ("attn_implementation", AttnImplementation::NAMES),
     ("lora.bias", &["none"]),
     ("quantization.bnb_4bit_quant_type", &["nf4"]),
     ("quantization.bnb_4bit_compute_dtype", ComputeDtype::NAMES),
@@ -1006,6 +1032,33 @@ mod tests {
         for (key, _) in CHOICES {
             assert!(!at(key).is_null(), "{key} is not in the schema");
         }
+    }
+
+    #[test]
+    fn attn_implementation_reads_transformers_names() {
+        let parse = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            TrainConfig::load(None, &sets)
+        };
+        assert_eq!(
+            parse(&[]).unwrap().attn_implementation,
+            AttnImplementation::Eager
+        );
+        for (name, want) in [
+            ("eager", AttnImplementation::Eager),
+            ("sdpa", AttnImplementation::Eager),
+            ("flash_attention_2", AttnImplementation::FlashAttention2),
+        ] {
+            let c = parse(&[&format!("attn_implementation={name}")]).unwrap();
+            assert_eq!(c.attn_implementation, want, "{name}");
+        }
+        let err = parse(&["attn_implementation=flash_attention_3"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`attn_implementation`") && err.contains("flash_attention_2"),
+            "{err}"
+        );
     }
 
     #[test]

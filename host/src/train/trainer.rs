@@ -260,8 +260,18 @@ pub fn load_for_training_on(
     };
     let builder = builder.with_compute_dtype(dtype).with_lora(lora)?;
     let registry: Arc<LoraRegistry> = builder.lora().context("builder has adapters")?.clone();
-    let loaded = load_model_with(&config.model_name_or_path, builder, &rt)
+    let mut loaded = load_model_with(&config.model_name_or_path, builder, &rt)
         .with_context(|| format!("failed to load model {}", config.model_name_or_path))?;
+    loaded
+        .model
+        .set_attention(config.attn_implementation.kernel())
+        .with_context(|| {
+            format!(
+                "attn_implementation = {} for {}",
+                config.attn_implementation.as_str(),
+                config.model_name_or_path
+            )
+        })?;
     // Each entry must match a layer: a typo among good names would otherwise train an adapter
     // quietly missing those layers, and write the typo into adapter_config.json.
     adapterlab_model::engine::check_targets(&loaded, &registry.config().target_modules)

@@ -610,8 +610,9 @@ mod cuda {
                 let name = format!("flash_fwd_{}_{dmax}", dtype_name(q.dtype())?);
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(nq)? };
+                let (qv, kv, vv) = (qi.view::<$t>(nq)?, ki.view::<$t>(nk)?, vi.view::<$t>(nk)?);
                 crate::run_kernel!(module, dev, &name, cfg;
-                    &qi.view::<$t>(nq)?, &ki.view::<$t>(nk)?, &vi.view::<$t>(nk)?, &codes,
+                    &qv, &kv, &vv, &codes,
                     &alibi_v, &out, &lse, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t, &dims.d,
                     &dims.past, &dims.scale, &dims.has_alibi,
                 )?;
@@ -676,16 +677,17 @@ mod cuda {
         macro_rules! launch {
             ($t:ty) => {{
                 let (qv, kv, vv) = (qi.view::<$t>(nq)?, ki.view::<$t>(nk)?, vi.view::<$t>(nk)?);
+                let (ov, gv) = (oi.view::<$t>(nq)?, gi.view::<$t>(nq)?);
                 // SAFETY: every element is written by the kernel below.
                 let dq = unsafe { dev.alloc::<$t>(nq)? };
                 crate::run_kernel!(module, dev, &format!("flash_bwd_dq_{suffix}"), per_query;
-                    &qv, &kv, &vv, &oi.view::<$t>(nq)?, &gi.view::<$t>(nq)?, &lse_v, &codes,
+                    &qv, &kv, &vv, &ov, &gv, &lse_v, &codes,
                     &alibi_v, &dq, &delta, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t,
                     &dims.d, &dims.past, &dims.scale, &dims.has_alibi,
                 )?;
                 // Reads the deltas the launch above wrote (same stream).
                 crate::run_kernel!(module, dev, &format!("flash_bwd_dkv_{suffix}"), per_key;
-                    &qv, &kv, &vv, &gi.view::<$t>(nq)?, &lse_v, &delta, &codes, &alibi_v, &dk,
+                    &qv, &kv, &vv, &gv, &lse_v, &delta, &codes, &alibi_v, &dk,
                     &dv, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t, &dims.d, &dims.past,
                     &dims.scale, &dims.has_alibi,
                 )?;
