@@ -766,6 +766,10 @@ fn flash_attention_kernels_equal_the_cpu_twin() {
         (1, 4, 4, 33, 0, 128, true, false),
         (3, 4, 1, 5, 60, 64, true, false),
         (2, 71, 1, 130, 0, 64, false, false),
+        // Decoding: one or two new tokens after a cache (the warp-a-query forward kernel).
+        (2, 71, 1, 1, 300, 64, false, false),
+        (3, 4, 2, 2, 40, 128, true, false),
+        (1, 6, 1, 1, 20, 8, false, false),
     ];
     for (b, h, kv, s, past, d, alibi, packed) in shapes {
         let t = past + s;

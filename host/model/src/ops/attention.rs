@@ -66,13 +66,10 @@ pub struct AttentionContext {
     /// `(cumsum(mask) - 1) * mask` over all `past + seq` keys, as transformers'
     /// `build_alibi_tensor` uses.
     pub key_positions: Vec<Vec<u32>>,
-    /// Additive mask `[batch, 1, seq, past + seq]` in f32: 0 where a query may attend, `f32::MIN`
-    /// elsewhere (transformers uses `finfo.min`, so fully masked padding rows become uniform
-    /// rather than NaN). `None` when nothing is masked (one new token, no padding).
-    pub bias: Option<Tensor>,
-    /// Packed rows regrouped one example a row, when that computes fewer attention scores than
-    /// the masked rows do (see [`Segments`]); `None` otherwise.
-    pub segments: Option<Segments>,
+    /// [`Self::mask`], made on first use.
+    bias: std::sync::OnceLock<Option<Tensor>>,
+    /// [`Self::regrouped`], made on first use.
+    segments: std::sync::OnceLock<Option<Segments>>,
     /// Which attention the layers run; the model sets it ([`AttentionContext::with_kernel`]).
     pub kernel: AttentionKernel,
     /// Who sees whom, as flash attention reads it: made on first use, once per forward.
@@ -80,6 +77,7 @@ pub struct AttentionContext {
     /// Real keys and packed examples per row, what [`Self::visibility`] is made from.
     real: Vec<Vec<bool>>,
     examples: Option<Vec<Vec<u32>>>,
+    device: Device,
 }
 
 /// The attention a model runs, transformers' `attn_implementation`.
@@ -387,12 +385,39 @@ impl AttentionContext {
             positions.push(pos[past_len..].to_vec());
             key_positions.push(keys);
         }
-        let any_padding = mask.iter().any(|r| r.iter().any(|m| !m));
+        Ok(AttentionContext {
+            batch,
+            seq_len,
+            past_len,
+            positions,
+            key_positions,
+            bias: std::sync::OnceLock::new(),
+            segments: std::sync::OnceLock::new(),
+            kernel: AttentionKernel::Eager,
+            visibility: std::sync::OnceLock::new(),
+            real: mask,
+            examples: segments.map(<[Vec<u32>]>::to_vec),
+            device: device.clone(),
+        })
+    }
+
+    /// The additive mask `[batch, 1, seq, past + seq]` in f32: 0 where a query may attend,
+    /// `f32::MIN` elsewhere (transformers uses `finfo.min`, so fully masked padding rows become
+    /// uniform rather than NaN). `None` when nothing is masked (one new token, no padding).
+    /// Made on first use (flash attention never needs it), once per forward.
+    pub fn mask(&self) -> Result<Option<&Tensor>> {
+        if let Some(m) = self.bias.get() {
+            return Ok(m.as_ref());
+        }
+        let (batch, seq_len, past_len) = (self.batch, self.seq_len, self.past_len);
+        let total = past_len + seq_len;
+        let segments = self.examples.as_deref();
+        let any_padding = self.real.iter().any(|r| r.iter().any(|m| !m));
         let bias = if seq_len == 1 && !any_padding && segments.is_none() {
             None
         } else {
             let mut data = vec![0f32; batch * seq_len * total];
-            for (b, row) in mask.iter().enumerate() {
+            for (b, row) in self.real.iter().enumerate() {
                 for i in 0..seq_len {
                     let q = past_len + i;
                     for (j, &m) in row.iter().enumerate() {
@@ -404,25 +429,26 @@ impl AttentionContext {
                     }
                 }
             }
-            Some(Tensor::from_vec(data, (batch, 1, seq_len, total), device)?)
+            Some(Tensor::from_vec(
+                data,
+                (batch, 1, seq_len, total),
+                &self.device,
+            )?)
         };
-        let plan = match segments {
-            Some(seg) => Segments::plan(&mask, seg, seq_len, device)?,
+        Ok(self.bias.get_or_init(|| bias).as_ref())
+    }
+
+    /// Packed rows regrouped for attention one example a row, when that computes fewer scores
+    /// than the masked rows ([`Segments`]); made on first use.
+    pub fn regrouped(&self) -> Result<Option<&Segments>> {
+        if let Some(s) = self.segments.get() {
+            return Ok(s.as_ref());
+        }
+        let plan = match &self.examples {
+            Some(seg) => Segments::plan(&self.real, seg, self.seq_len, &self.device)?,
             None => None,
         };
-        Ok(AttentionContext {
-            batch,
-            seq_len,
-            past_len,
-            positions,
-            key_positions,
-            bias,
-            segments: plan,
-            kernel: AttentionKernel::Eager,
-            visibility: std::sync::OnceLock::new(),
-            real: mask,
-            examples: segments.map(<[Vec<u32>]>::to_vec),
-        })
+        Ok(self.segments.get_or_init(|| plan).as_ref())
     }
 
     /// The context with the layers running `kernel`.
@@ -432,7 +458,7 @@ impl AttentionContext {
     }
 
     /// Who sees whom, for flash attention.
-    pub fn visibility(&self, device: &Device) -> Result<&crate::ops::flash::Visibility> {
+    pub fn visibility(&self) -> Result<&crate::ops::flash::Visibility> {
         if let Some(v) = self.visibility.get() {
             return Ok(v);
         }
@@ -440,7 +466,7 @@ impl AttentionContext {
             &self.real,
             self.examples.as_deref(),
             self.past_len,
-            device,
+            &self.device,
         )?;
         Ok(self.visibility.get_or_init(|| v))
     }
@@ -458,13 +484,15 @@ pub fn attend_in(
     pre_scale_bias: Option<&Tensor>,
 ) -> Result<Tensor> {
     if ctx.kernel == AttentionKernel::Flash {
-        let vis = ctx.visibility(q.device())?;
+        let vis = ctx.visibility()?;
         return crate::ops::flash::flash_attend(q, k, v, scale, pre_scale_bias, vis);
     }
-    match (&ctx.segments, pre_scale_bias) {
-        (Some(seg), None) => seg.attend(q, k, v, scale),
-        _ => attend(q, k, v, scale, pre_scale_bias, ctx.bias.as_ref()),
+    if pre_scale_bias.is_none()
+        && let Some(seg) = ctx.regrouped()?
+    {
+        return seg.attend(q, k, v, scale);
     }
+    attend(q, k, v, scale, pre_scale_bias, ctx.mask()?)
 }
 
 /// Rotary embeddings (`rotate_half` layout, as transformers' Llama and Falcon).
@@ -914,7 +942,7 @@ mod tests {
         let ctx = AttentionContext::new(Some(&mask), 2, 4, 0, &dev)?;
         assert_eq!(ctx.positions, vec![vec![1, 1, 0, 1], vec![0, 1, 2, 3]]);
         assert_eq!(ctx.key_positions, vec![vec![0, 0, 0, 1], vec![0, 1, 2, 3]]);
-        let bias = ctx.bias.unwrap().squeeze(1)?.to_vec3::<f32>()?;
+        let bias = ctx.mask()?.unwrap().squeeze(1)?.to_vec3::<f32>()?;
         let m = f32::MIN;
         assert_eq!(bias[0][3], vec![m, m, 0., 0.]);
         assert_eq!(bias[0][0], vec![m, m, m, m]);
@@ -924,7 +952,12 @@ mod tests {
         let mask = Tensor::new(&[[0u8, 0, 1, 1, 1], [1, 1, 1, 1, 1]], &dev)?;
         let ctx = AttentionContext::new(Some(&mask), 2, 1, 4, &dev)?;
         assert_eq!(ctx.positions, vec![vec![2], vec![4]]);
-        let bias = ctx.bias.unwrap().squeeze(1)?.squeeze(1)?.to_vec2::<f32>()?;
+        let bias = ctx
+            .mask()?
+            .unwrap()
+            .squeeze(1)?
+            .squeeze(1)?
+            .to_vec2::<f32>()?;
         assert_eq!(bias[0], vec![m, m, 0., 0., 0.]);
         assert!(AttentionContext::new(Some(&mask), 2, 1, 3, &dev).is_err());
         Ok(())
@@ -957,8 +990,7 @@ mod tests {
         let segments = vec![vec![0, 0, 0, 1, 2, 2, 2, 2], vec![5, 5, 6, 6, 6, 6, 6, 6]];
         let ctx = AttentionContext::packed(Some(&mask), &segments, 2, 8, &dev)?;
         let seg = ctx
-            .segments
-            .as_ref()
+            .regrouped()?
             .expect("5 examples of at most 4 tokens: few scores");
         // Lengths 4, 3, 3, 2, 1 in four groups: 16 + 18 + 4 + 1 = 39 scores, against the
         // 2 x 8^2 = 128 of the masked rows.
@@ -984,7 +1016,7 @@ mod tests {
                     v.as_tensor(),
                     0.5,
                     None,
-                    ctx.bias.as_ref(),
+                    ctx.mask()?,
                 )?
             };
             let out = (out * &real)?;
@@ -1003,7 +1035,7 @@ mod tests {
         }
         // Not worth regrouping: one example filling each row.
         let whole = AttentionContext::packed(None, &[vec![0; 8], vec![1; 8]], 2, 8, &dev)?;
-        assert!(whole.segments.is_none());
+        assert!(whole.regrouped()?.is_none());
         Ok(())
     }
 
@@ -1022,7 +1054,7 @@ mod tests {
             ctx.key_positions,
             vec![vec![0, 1, 2, 0, 1], vec![0, 1, 0, 0, 0]]
         );
-        let bias = ctx.bias.unwrap().squeeze(1)?.to_vec3::<f32>()?;
+        let bias = ctx.mask()?.unwrap().squeeze(1)?.to_vec3::<f32>()?;
         let m = f32::MIN;
         assert_eq!(bias[0][2], vec![0., 0., 0., m, m]);
         assert_eq!(bias[0][3], vec![m, m, m, 0., m]);
@@ -1034,7 +1066,7 @@ mod tests {
         let plain = AttentionContext::new(Some(&mask), 2, 5, 0, &dev)?;
         assert_eq!(packed.positions, plain.positions);
         assert_eq!(packed.key_positions, plain.key_positions);
-        let (a, b) = (packed.bias.unwrap(), plain.bias.unwrap());
+        let (a, b) = (packed.mask()?.unwrap(), plain.mask()?.unwrap());
         assert_eq!(
             a.flatten_all()?.to_vec1::<f32>()?,
             b.flatten_all()?.to_vec1::<f32>()?
@@ -1114,8 +1146,8 @@ mod tests {
             &dev,
         )?;
         for bias in [None, Some(&alibi)] {
-            let fast = attend(&q, &k, &v, 0.5, bias, ctx.bias.as_ref())?;
-            let slow = attend_reference(&q, &k, &v, 0.5, bias, ctx.bias.as_ref())?;
+            let fast = attend(&q, &k, &v, 0.5, bias, ctx.mask()?)?;
+            let slow = attend_reference(&q, &k, &v, 0.5, bias, ctx.mask()?)?;
             assert_same_with_gradients(fast, slow, &w, [("q", &q), ("k", &k), ("v", &v)])?;
         }
         Ok(())
@@ -1140,9 +1172,9 @@ mod tests {
             (b, h, s, d),
             &dev,
         )?;
-        let grouped = attend(&q, &k, &v, 0.5, None, ctx.bias.as_ref())?;
+        let grouped = attend(&q, &k, &v, 0.5, None, ctx.mask()?)?;
         let (kr, vr) = (repeat_kv(&k, h / kv)?, repeat_kv(&v, h / kv)?);
-        let repeated = attend(&q, &kr, &vr, 0.5, None, ctx.bias.as_ref())?;
+        let repeated = attend(&q, &kr, &vr, 0.5, None, ctx.mask()?)?;
         assert_same_with_gradients(grouped, repeated, &w, [("q", &q), ("k", &k), ("v", &v)])?;
         Ok(())
     }

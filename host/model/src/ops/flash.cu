@@ -272,6 +272,77 @@ __device__ void flash_bwd_dkv(const typename Elem<KIND>::T* __restrict__ q,
   }
 }
 
+// The forward pass for a few queries a head (decoding: one new token after a cache): one warp
+// a query row, its lanes taking every 32nd key with an online softmax each, merged across the
+// warp at the end. The row-per-thread kernel would leave all but one thread of a block idle.
+// Grid: ceil(b * h * s / 4) blocks of 4 warps. Same outputs as flash_fwd.
+__device__ __forceinline__ float warp_max_(float v) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+__device__ __forceinline__ float warp_sum_(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+template <int KIND, int DMAX>
+__device__ void flash_decode(const typename Elem<KIND>::T* __restrict__ q,
+                             const typename Elem<KIND>::T* __restrict__ k,
+                             const typename Elem<KIND>::T* __restrict__ v,
+                             const unsigned* __restrict__ codes, const float* __restrict__ alibi,
+                             typename Elem<KIND>::T* __restrict__ out, float* __restrict__ lse,
+                             Dims a) {
+  typedef Elem<KIND> E;
+  const int lane = threadIdx.x & 31;
+  const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= (long long)a.b * a.h * a.s) return;
+  const int i = (int)(row % a.s);
+  const int hi = (int)((row / a.s) % a.h);
+  const int bi = (int)(row / ((long long)a.s * a.h));
+  const int kvi = hi / (a.h / a.kvh);
+  const int query = a.past + i;
+  float qr[DMAX], acc[DMAX];
+#pragma unroll
+  for (int x = 0; x < DMAX; ++x) {
+    qr[x] = x < a.d ? E::ld(q[row * a.d + x]) : 0.f;
+    acc[x] = 0.f;
+  }
+  const unsigned qcode = codes[((long long)a.b + bi) * a.t + query];
+  const long long kvbase = ((long long)bi * a.kvh + kvi) * a.t * a.d;
+  const int kend = min(a.t, query + 1);
+  float m = NEG_INF, l = 0.f;
+  for (int j = lane; j < kend; j += 32) {
+    const unsigned kc = codes[(long long)bi * a.t + j];
+    if (kc == 0u || kc != qcode) continue;
+    const typename E::T* kr = k + kvbase + (long long)j * a.d;
+    const typename E::T* vr = v + kvbase + (long long)j * a.d;
+    float dot = 0.f;
+#pragma unroll
+    for (int x = 0; x < DMAX; ++x)
+      if (x < a.d) dot = fmaf(qr[x], E::ld(kr[x]), dot);
+    const float bias = a.has_alibi ? alibi[((long long)bi * a.h + hi) * a.t + j] : 0.f;
+    const float sc = (dot + bias) * a.scale;
+    const float mn = fmaxf(m, sc);
+    const float corr = __expf(m - mn);
+    const float p = __expf(sc - mn);
+    l = l * corr + p;
+#pragma unroll
+    for (int x = 0; x < DMAX; ++x)
+      if (x < a.d) acc[x] = fmaf(p, E::ld(vr[x]), acc[x] * corr);
+    m = mn;
+  }
+  // Merge the lanes' partial softmaxes: rescale each to the warp's maximum, then sum.
+  const float mw = warp_max_(m);
+  const float w = (m == NEG_INF) ? 0.f : __expf(m - mw);
+  const float lw = warp_sum_(l * w);
+  const float inv = lw > 0.f ? 1.f / lw : 0.f;
+#pragma unroll
+  for (int x = 0; x < DMAX; ++x) {
+    const float sum = warp_sum_(acc[x] * w);
+    if (x < a.d && lane == (x & 31)) out[row * a.d + x] = E::st(sum * inv);
+  }
+  if (lane == 0) lse[row] = lw > 0.f ? mw + __logf(lw) : POS_INF;
+}
+
 // The entry points: f32, bf16 and f16 for head dims up to 32, 64 and 128 (a head of d is
 // served by the smallest DMAX >= d). The shapes come as scalars, not a struct, so the host
 // passes plain integers.
@@ -283,6 +354,12 @@ __device__ void flash_bwd_dkv(const typename Elem<KIND>::T* __restrict__ q,
       const unsigned* codes, const float* alibi, Elem<KIND>::T* out, float* lse,               \
       DIMS_PARAMS) {                                                                           \
     flash_fwd<KIND, DMAX, BN>(q, k, v, codes, alibi, out, lse, DIMS_VALUE);                    \
+  }                                                                                            \
+  extern "C" __global__ void flash_decode_##SUFFIX##_##DMAX(                                   \
+      const Elem<KIND>::T* q, const Elem<KIND>::T* k, const Elem<KIND>::T* v,                   \
+      const unsigned* codes, const float* alibi, Elem<KIND>::T* out, float* lse,               \
+      DIMS_PARAMS) {                                                                           \
+    flash_decode<KIND, DMAX>(q, k, v, codes, alibi, out, lse, DIMS_VALUE);                     \
   }                                                                                            \
   extern "C" __global__ void flash_bwd_dq_##SUFFIX##_##DMAX(                                   \
       const Elem<KIND>::T* q, const Elem<KIND>::T* k, const Elem<KIND>::T* v,                   \

@@ -15,7 +15,8 @@
 //! reads them.
 //!
 //! Both devices run the same algorithm: the CPU twin here (the reference, tile for tile) and
-//! `flash.cu`. All arithmetic is f32; inputs and outputs keep the model's dtype. The masked
+//! `flash.cu` (whose decoding variant, for a few queries a head, splits the keys among a warp's
+//! lanes and merges their partial softmaxes: the same result up to summation order). All arithmetic is f32; inputs and outputs keep the model's dtype. The masked
 //! path ([`crate::ops::attention::attend`]) rounds `q k^T` to the model's dtype before the
 //! softmax and the probabilities before `P V`; this path does not, so the two agree to that
 //! rounding, and exactly in f32 but for summation order.
@@ -556,6 +557,10 @@ mod cuda {
         })
     }
 
+    /// Up to this many queries a head, the forward pass runs `flash_decode` (a warp a query)
+    /// instead of `flash_fwd` (a thread a query): the case of decoding after a cache.
+    const DECODE_MAX_QUERIES: usize = 4;
+
     /// Query rows a forward or dQ block holds, and key rows a dK/dV block holds (flash.cu's
     /// TK), by register width.
     fn threads(dmax: usize) -> (u32, u32) {
@@ -597,17 +602,29 @@ mod cuda {
         let alibi_v = ai.view::<f32>(alibi.elem_count())?;
         let nq = p.b * p.h * p.s * p.d;
         let nk = p.b * p.kv * p.t * p.d;
-        let cfg = LaunchConfig {
-            grid_dim: (p.s.div_ceil(rows as usize) as u32, p.h as u32, p.b as u32),
-            block_dim: (rows, 1, 1),
-            shared_mem_bytes: 0,
+        // A few queries a head (decoding): one warp a query, its lanes splitting the keys.
+        let decode = p.s <= DECODE_MAX_QUERIES;
+        let cfg = if decode {
+            let warps = 4;
+            LaunchConfig {
+                grid_dim: ((p.b * p.h * p.s).div_ceil(warps) as u32, 1, 1),
+                block_dim: (32 * warps as u32, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        } else {
+            LaunchConfig {
+                grid_dim: (p.s.div_ceil(rows as usize) as u32, p.h as u32, p.b as u32),
+                block_dim: (rows, 1, 1),
+                shared_mem_bytes: 0,
+            }
         };
+        let kernel = if decode { "flash_decode" } else { "flash_fwd" };
         let dims = Dims::of(p, has_alibi);
         // SAFETY: every element is written by the kernel below.
         let lse = unsafe { dev.alloc::<f32>(p.b * p.h * p.s)? };
         macro_rules! launch {
             ($t:ty) => {{
-                let name = format!("flash_fwd_{}_{dmax}", dtype_name(q.dtype())?);
+                let name = format!("{kernel}_{}_{dmax}", dtype_name(q.dtype())?);
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(nq)? };
                 let (qv, kv, vv) = (qi.view::<$t>(nq)?, ki.view::<$t>(nk)?, vi.view::<$t>(nk)?);
@@ -782,7 +799,7 @@ mod tests {
             let out = if flash {
                 flash_attend(&q, &k, &v, 0.5, bias.as_ref(), vis)?
             } else {
-                attend(&q, &k, &v, 0.5, bias.as_ref(), ctx.bias.as_ref())?
+                attend(&q, &k, &v, 0.5, bias.as_ref(), ctx.mask()?)?
             };
             let out = (out * &real)?;
             let grads = (&out * &w)?.sum_all()?.backward()?;
