@@ -688,15 +688,16 @@ pub fn attend(
         pre_scale_bias,
         mask,
     )?;
-    q.apply_op3_arc(
-        k,
-        v,
-        std::sync::Arc::new(Box::new(RecomputedAttention {
-            scale,
-            pre_scale_bias: pre_scale_bias.map(Tensor::detach),
-            mask: mask.map(Tensor::detach),
-            out: crate::ops::handover::Handover::new("attention", out),
-        })),
+    let node = RecomputedAttention {
+        scale,
+        pre_scale_bias: pre_scale_bias.map(Tensor::detach),
+        mask: mask.map(Tensor::detach),
+    };
+    crate::ops::handover::with_backward3(
+        "recomputed-attention",
+        [q, k, v],
+        out,
+        Box::new(move |[q, k, v], _out, dout| node.backward(q, k, v, dout)),
     )
 }
 
@@ -776,13 +777,12 @@ fn alibi_probabilities_f32(
     crate::ops::softmax::softmax_last_dim(&s, DType::F32)
 }
 
-/// The graph node of [`attend`] with a gradient: its forward hands over the output computed
-/// without a graph; its backward recomputes the probabilities from `q` and `k`.
+/// The backward pass of [`attend`] with a gradient, which recomputes the probabilities from
+/// `q` and `k`.
 struct RecomputedAttention {
     scale: f64,
     pre_scale_bias: Option<Tensor>,
     mask: Option<Tensor>,
-    out: crate::ops::handover::Handover,
 }
 
 /// Backward works on batch rows in chunks of at most this many score elements (0.5 GB in
@@ -864,51 +864,20 @@ impl RecomputedAttention {
     }
 }
 
-impl candle_core::CustomOp3 for RecomputedAttention {
-    fn name(&self) -> &'static str {
-        "recomputed-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        self.out.cpu()
-    }
-
-    // Not behind the `cuda` feature: without it candle's stand-in CudaStorage implements the
-    // same trait, so this is type-checked in every build and never called.
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CudaStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CudaStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        self.out.cuda()
-    }
-
-    fn bwd(
+impl RecomputedAttention {
+    /// `[dq, dk, dv]`, batch rows in chunks of at most [`BACKWARD_CHUNK_ELEMS`] scores.
+    fn backward(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _out: &Tensor,
         dout: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<[Option<Tensor>; 3]> {
         crate::ops::profile::scope("attn.bwd", q.device(), || {
             let (b, h, s, _) = q.dims4()?;
             let t = k.dims()[2];
             let per_row = (h * s * t).max(1);
             let chunk = (BACKWARD_CHUNK_ELEMS / per_row).clamp(1, b);
-            let (q, k, v, dout) = (q.detach(), k.detach(), v.detach(), dout.detach());
             let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
             let mut start = 0;
             while start < b {
@@ -926,7 +895,7 @@ impl candle_core::CustomOp3 for RecomputedAttention {
                     Tensor::cat(&v, 0)
                 }
             };
-            Ok((Some(cat(dqs)?), Some(cat(dks)?), Some(cat(dvs)?)))
+            Ok([Some(cat(dqs)?), Some(cat(dks)?), Some(cat(dvs)?)])
         })
     }
 }

@@ -37,6 +37,33 @@ struct Dims {
   int has_alibi;
 };
 
+// Keys j0 .. j0 + BN of a block's KV head into shared memory (zeros past kend or d), with
+// their visibility codes and ALiBi biases, between two barriers: the forward and dQ kernels'
+// one way of reading keys.
+template <int KIND, int DMAX, int BN>
+__device__ __forceinline__ void load_key_tile(const typename Elem<KIND>::T* __restrict__ k,
+                                              const typename Elem<KIND>::T* __restrict__ v,
+                                              const unsigned* __restrict__ codes,
+                                              const float* __restrict__ alibi, float (*ks)[DMAX],
+                                              float (*vs)[DMAX], unsigned* kc, float* ab,
+                                              long long kvbase, int j0, int kend, int bi, int hi,
+                                              const Dims& a) {
+  typedef Elem<KIND> E;
+  __syncthreads();
+  for (int e = threadIdx.x; e < BN * DMAX; e += blockDim.x) {
+    const int jj = e / DMAX, x = e % DMAX, j = j0 + jj;
+    const bool in = j < kend && x < a.d;
+    ks[jj][x] = in ? E::ld(k[kvbase + (long long)j * a.d + x]) : 0.f;
+    vs[jj][x] = in ? E::ld(v[kvbase + (long long)j * a.d + x]) : 0.f;
+  }
+  for (int jj = threadIdx.x; jj < BN; jj += blockDim.x) {
+    const int j = j0 + jj;
+    kc[jj] = j < kend ? codes[(long long)bi * a.t + j] : 0u;
+    ab[jj] = (j < kend && a.has_alibi) ? alibi[((long long)bi * a.h + hi) * a.t + j] : 0.f;
+  }
+  __syncthreads();
+}
+
 // Output rows [b, h, s, d] and the log-sum-exp [b, h, s] of softmax((q k^T + alibi) * scale)
 // over the visible keys. Grid: (ceil(s / BM), h, b), BM threads.
 template <int KIND, int DMAX, int BN>
@@ -68,19 +95,7 @@ __device__ void flash_fwd(const typename Elem<KIND>::T* __restrict__ q,
   const long long kvbase = ((long long)bi * a.kvh + kvi) * a.t * a.d;
   float m = NEG_INF, l = 0.f;
   for (int j0 = 0; j0 < kend; j0 += BN) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < BN * DMAX; e += blockDim.x) {
-      const int jj = e / DMAX, x = e % DMAX, j = j0 + jj;
-      const bool in = j < kend && x < a.d;
-      ks[jj][x] = in ? E::ld(k[kvbase + (long long)j * a.d + x]) : 0.f;
-      vs[jj][x] = in ? E::ld(v[kvbase + (long long)j * a.d + x]) : 0.f;
-    }
-    for (int jj = threadIdx.x; jj < BN; jj += blockDim.x) {
-      const int j = j0 + jj;
-      kc[jj] = j < kend ? codes[(long long)bi * a.t + j] : 0u;
-      ab[jj] = (j < kend && a.has_alibi) ? alibi[((long long)bi * a.h + hi) * a.t + j] : 0.f;
-    }
-    __syncthreads();
+    load_key_tile<KIND, DMAX, BN>(k, v, codes, alibi, ks, vs, kc, ab, kvbase, j0, kend, bi, hi, a);
     if (!active) continue;
     float sc[BN];
     float mt = m;
@@ -154,19 +169,7 @@ __device__ void flash_bwd_dq(const typename Elem<KIND>::T* __restrict__ q,
   const int kend = min(a.t, a.past + last + 1);
   const long long kvbase = ((long long)bi * a.kvh + kvi) * a.t * a.d;
   for (int j0 = 0; j0 < kend; j0 += BN) {
-    __syncthreads();
-    for (int e = threadIdx.x; e < BN * DMAX; e += blockDim.x) {
-      const int jj = e / DMAX, x = e % DMAX, j = j0 + jj;
-      const bool in = j < kend && x < a.d;
-      ks[jj][x] = in ? E::ld(k[kvbase + (long long)j * a.d + x]) : 0.f;
-      vs[jj][x] = in ? E::ld(v[kvbase + (long long)j * a.d + x]) : 0.f;
-    }
-    for (int jj = threadIdx.x; jj < BN; jj += blockDim.x) {
-      const int j = j0 + jj;
-      kc[jj] = j < kend ? codes[(long long)bi * a.t + j] : 0u;
-      ab[jj] = (j < kend && a.has_alibi) ? alibi[((long long)bi * a.h + hi) * a.t + j] : 0.f;
-    }
-    __syncthreads();
+    load_key_tile<KIND, DMAX, BN>(k, v, codes, alibi, ks, vs, kc, ab, kvbase, j0, kend, bi, hi, a);
     if (!active || li == POS_INF) continue;
     for (int jj = 0; jj < BN; ++jj) {
       const int j = j0 + jj;
@@ -276,14 +279,6 @@ __device__ void flash_bwd_dkv(const typename Elem<KIND>::T* __restrict__ q,
 // a query row, its lanes taking every 32nd key with an online softmax each, merged across the
 // warp at the end. The row-per-thread kernel would leave all but one thread of a block idle.
 // Grid: ceil(b * h * s / 4) blocks of 4 warps. Same outputs as flash_fwd.
-__device__ __forceinline__ float warp_max_(float v) {
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-__device__ __forceinline__ float warp_sum_(float v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 template <int KIND, int DMAX>
 __device__ void flash_decode(const typename Elem<KIND>::T* __restrict__ q,
                              const typename Elem<KIND>::T* __restrict__ k,
@@ -331,13 +326,13 @@ __device__ void flash_decode(const typename Elem<KIND>::T* __restrict__ q,
     m = mn;
   }
   // Merge the lanes' partial softmaxes: rescale each to the warp's maximum, then sum.
-  const float mw = warp_max_(m);
+  const float mw = warp_max(m);
   const float w = (m == NEG_INF) ? 0.f : __expf(m - mw);
-  const float lw = warp_sum_(l * w);
+  const float lw = warp_sum(l * w);
   const float inv = lw > 0.f ? 1.f / lw : 0.f;
 #pragma unroll
   for (int x = 0; x < DMAX; ++x) {
-    const float sum = warp_sum_(acc[x] * w);
+    const float sum = warp_sum(acc[x] * w);
     if (x < a.d && lane == (x & 31)) out[row * a.d + x] = E::st(sum * inv);
   }
   if (lane == 0) lse[row] = lw > 0.f ? mw + __logf(lw) : POS_INF;

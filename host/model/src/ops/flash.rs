@@ -203,16 +203,29 @@ pub fn flash_attend(
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
-    q.apply_op3_arc(
-        k,
-        v,
-        std::sync::Arc::new(Box::new(FlashNode {
-            p,
-            vis: vis.clone(),
-            alibi,
-            lse,
-            out: crate::ops::handover::Handover::new("flash attention", out),
-        })),
+    // The graph keeps q, k, v and the log-sum-exp; backward recomputes the probabilities.
+    let vis = vis.clone();
+    crate::ops::handover::with_backward3(
+        "flash-attention",
+        [q, k, v],
+        out,
+        Box::new(move |[q, k, v], out, dout| {
+            crate::ops::profile::scope("attn.flash.bwd", q.device(), || {
+                let c = |t: &Tensor| t.contiguous();
+                let (dq, dk, dv) = backward(
+                    &p,
+                    &c(q)?,
+                    &c(k)?,
+                    &c(v)?,
+                    &c(out)?,
+                    &c(dout)?,
+                    &lse,
+                    &vis,
+                    alibi.as_ref(),
+                )?;
+                Ok([Some(dq), Some(dk), Some(dv)])
+            })
+        }),
     )
 }
 
@@ -299,72 +312,6 @@ fn backward(
         per_kv(dk_heads)?,
         per_kv(dv_heads)?,
     ))
-}
-
-/// The graph node: its forward hands over the output computed without a graph; its backward
-/// recomputes the probabilities from `q`, `k` and the log-sum-exp.
-struct FlashNode {
-    p: Problem,
-    vis: Visibility,
-    alibi: Option<Tensor>,
-    lse: Tensor,
-    out: crate::ops::handover::Handover,
-}
-
-impl candle_core::CustomOp3 for FlashNode {
-    fn name(&self) -> &'static str {
-        "flash-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        self.out.cpu()
-    }
-
-    // Type-checked in every build (candle's stand-in CudaStorage), called only with `cuda`.
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CudaStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CudaStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        self.out.cuda()
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        dout: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        crate::ops::profile::scope("attn.flash.bwd", q.device(), || {
-            let c = |t: &Tensor| t.detach().contiguous();
-            let (dq, dk, dv) = backward(
-                &self.p,
-                &c(q)?,
-                &c(k)?,
-                &c(v)?,
-                &c(out)?,
-                &c(dout)?,
-                &self.lse,
-                &self.vis,
-                self.alibi.as_ref(),
-            )?;
-            Ok((Some(dq), Some(dk), Some(dv)))
-        })
-    }
 }
 
 /// The CPU twin of `flash.cu`: the same tiles, the same online softmax, in f32.

@@ -103,6 +103,85 @@ impl candle_core::CustomOp1 for Node1 {
     }
 }
 
+/// The gradients of a three-input node, given its inputs (detached), output and output
+/// gradient.
+pub(crate) type Backward3 =
+    Box<dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Option<Tensor>; 3]> + Send + Sync>;
+
+/// [`with_backward`] for an op of three inputs (attention's `q`, `k`, `v`): `out` as a graph
+/// node keeping the three inputs, whose backward is `bwd`.
+pub(crate) fn with_backward3(
+    name: &'static str,
+    inputs: [&Tensor; 3],
+    out: Tensor,
+    bwd: Backward3,
+) -> Result<Tensor> {
+    let [a, b, c] = inputs;
+    a.apply_op3_arc(
+        b,
+        c,
+        std::sync::Arc::new(Box::new(Node3 {
+            name,
+            out: Handover::new(name, out),
+            bwd,
+        })),
+    )
+}
+
+struct Node3 {
+    name: &'static str,
+    out: Handover,
+    bwd: Backward3,
+}
+
+impl candle_core::CustomOp3 for Node3 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &candle_core::Layout,
+        _: &CpuStorage,
+        _: &candle_core::Layout,
+        _: &CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+
+    // Not behind the `cuda` feature: without it candle's stand-in CudaStorage implements the
+    // same trait, so this is type-checked in every build and never called.
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &candle_core::Layout,
+        _: &CudaStorage,
+        _: &candle_core::Layout,
+        _: &CudaStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb, gc] = (self.bwd)(
+            [&a.detach(), &b.detach(), &c.detach()],
+            &out.detach(),
+            &grad.detach(),
+        )?;
+        Ok((ga, gb, gc))
+    }
+}
+
 thread_local! {
     // Per thread, as checkpointing's switches: one training loop's forward pass.
     static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };

@@ -16,6 +16,16 @@ __device__ __forceinline__ float f32_id(float f) { return f; }
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// A warp-wide max and sum, every lane getting the result.
+__device__ __forceinline__ float warp_max(float v) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 // A block-wide max or sum (is_max), through warp shuffles and one shared word per warp;
 // `red` holds 32 floats of shared memory.
 __device__ __forceinline__ float block_reduce(float v, float* red, int is_max) {

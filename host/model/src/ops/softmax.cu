@@ -51,14 +51,6 @@ extern "C" __global__ void NAME(const T* x, const float* mask, const T* dp, T* o
 // once, with no block-wide synchronization. Scores, dP and the output come in 16-byte vectors.
 // IT (1, 2 or 4: rows up to 256, 512, 1024) sizes the register arrays: one size for all rows
 // held 64 floats a thread and cut the warps an SM could keep in flight.
-__device__ __forceinline__ float warp_max(float v) {
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 #define SOFTMAX_WARP(NAME, LOAD, STORE, IT)                                                    \
 extern "C" __global__ void NAME(const u16* x, const float* mask, const u16* dp, u16* out,     \
     int t, long long per_batch, int s, int mask_batch, float scale, int has_mask,              \
