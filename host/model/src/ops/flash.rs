@@ -212,17 +212,16 @@ pub fn flash_attend(
         Box::new(move |[q, k, v], out, dout| {
             crate::ops::profile::scope("attn.flash.bwd", q.device(), || {
                 let c = |t: &Tensor| t.contiguous();
-                let (dq, dk, dv) = backward(
-                    &p,
-                    &c(q)?,
-                    &c(k)?,
-                    &c(v)?,
-                    &c(out)?,
-                    &c(dout)?,
-                    &lse,
-                    &vis,
-                    alibi.as_ref(),
-                )?;
+                let (q, k, v, out, dout) = (c(q)?, c(k)?, c(v)?, c(out)?, c(dout)?);
+                let saved = Saved {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    out: &out,
+                    dout: &dout,
+                    lse: &lse,
+                };
+                let (dq, dk, dv) = backward(&p, &saved, &vis, alibi.as_ref())?;
                 Ok([Some(dq), Some(dk), Some(dv)])
             })
         }),
@@ -256,19 +255,32 @@ fn forward(
     }
 }
 
-/// `(dq, dk, dv)` in the inputs' dtype; every tensor contiguous.
-#[allow(clippy::too_many_arguments)]
+/// What backward reads: the node's inputs, its output and log-sum-exp, and the output's
+/// gradient, every one contiguous.
+struct Saved<'a> {
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    out: &'a Tensor,
+    dout: &'a Tensor,
+    lse: &'a Tensor,
+}
+
+/// `(dq, dk, dv)` in the inputs' dtype.
 fn backward(
     p: &Problem,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    out: &Tensor,
-    dout: &Tensor,
-    lse: &Tensor,
+    x: &Saved,
     vis: &Visibility,
     alibi: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let Saved {
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+    } = *x;
     let (dq, dk_heads, dv_heads) = match q.device() {
         Device::Cpu => {
             let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
@@ -297,7 +309,7 @@ fn backward(
             )
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::backward(p, q, k, v, out, dout, lse, vis, alibi)?,
+        Device::Cuda(_) => cuda::backward(p, x, vis, alibi)?,
         other => candle_core::bail!("flash attention does not run on {other:?}"),
     };
     // Each KV head's gradient is the sum over the query heads that read it.
@@ -593,18 +605,20 @@ mod cuda {
     }
 
     /// `(dq, dk per query head f32, dv per query head f32)`.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         p: &Problem,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        dout: &Tensor,
-        lse: &Tensor,
+        x: &Saved,
         vis: &Visibility,
         alibi: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let Saved {
+            q,
+            k,
+            v,
+            out,
+            dout,
+            lse,
+        } = *x;
         let dev = cuda_device(q)?;
         let (module, dmax) = module(p.d)?;
         let (rows, keys) = threads(dmax);
