@@ -347,8 +347,24 @@ mod cpu {
         pub dv: Vec<f32>,
     }
 
+    /// In eight running sums, which the compiler keeps in one vector register. (A fused
+    /// multiply-add would be a call to the C library's `fmaf` on a CPU target without FMA,
+    /// the default, and one sum a chain the compiler may not reorder.)
     fn dot(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).fold(0f32, |acc, (x, y)| x.mul_add(*y, acc))
+        let mut lanes = [0f32; 8];
+        let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+        let tail: f32 = a8
+            .remainder()
+            .iter()
+            .zip(b8.remainder())
+            .map(|(x, y)| x * y)
+            .sum();
+        for (x, y) in a8.zip(b8) {
+            for i in 0..8 {
+                lanes[i] += x[i] * y[i];
+            }
+        }
+        lanes.iter().sum::<f32>() + tail
     }
 
     /// The pre-softmax score of query `i` and key `j` of head `(b, h)`.
@@ -419,7 +435,7 @@ mod cpu {
                             l += pj;
                             let vrow = &v[kv + (j0 + jj) * d..][..d];
                             for (a, x) in acc.iter_mut().zip(vrow) {
-                                *a = pj.mul_add(*x, *a);
+                                *a += pj * x;
                             }
                         }
                         m = mt;
@@ -469,13 +485,13 @@ mod cpu {
                         let pij = (scorer.score(b, h, j, dot(qrow, krow)) - li).exp();
                         let ds = pij * (dot(grow, vrow) - delta[row]) * p.scale;
                         for (g, kx) in dq[i * d..][..d].iter_mut().zip(krow) {
-                            *g = ds.mul_add(*kx, *g);
+                            *g += ds * kx;
                         }
                         for (g, qx) in dk[j * d..][..d].iter_mut().zip(qrow) {
-                            *g = ds.mul_add(*qx, *g);
+                            *g += ds * qx;
                         }
                         for (g, gx) in dv[j * d..][..d].iter_mut().zip(grow) {
-                            *g = pij.mul_add(*gx, *g);
+                            *g += pij * gx;
                         }
                     }
                 }
