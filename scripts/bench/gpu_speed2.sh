@@ -124,7 +124,9 @@ fi
 # flash    the AFTER build with `--attn-implementation flash_attention_2` (ops/flash.rs: no
 #          [b, h, s, t] scores, forward or backward): batch 8 x 512 and 32 x 256 with their
 #          nvidia-smi peaks, packed DialogSum-like rows, and decoding at batch 1 and 16 (the
-#          same commands as the train, packing and eager rows above, so each pair compares)
+#          same commands as the train, packing and eager rows above, so each pair compares);
+#          and decoding with eager attention and the small-batch NF4 GEMM
+#          (ADAPTERLAB_NF4_SMALL_BATCH=tiled) against dequantize + cuBLAS at batch 16
 if stage flash; then
   for shape in 8x512 32x256; do
     b=${shape%x*}; s=${shape#*x}
@@ -140,12 +142,16 @@ if stage flash; then
   timeout 200 /tmp/gl/after bench train --model "$CKPT" --batch 8 --seq 512 --lengths 100..400 --packing --steps 10 --warmup 3 \
     --attn-implementation flash_attention_2 2>"$OUT/flash-packing.err" | tee "$OUT/flash-packing.json" \
     | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"flash\",\"mode\":\"packing\",${line#\{}" >> "$RESULTS"; done
-  for attn in eager flash_attention_2; do
-    echo "== flash stage: generate, batch 1 and 16, $attn"
-    timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1,16 --prompt-tokens 200 --new-tokens 50 \
-      --attn-implementation $attn 2>"$OUT/generate-$attn.err" | tee "$OUT/generate-$attn.json" \
-      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$attn\",${line#\{}" >> "$RESULTS"; done
-    tail -2 "$OUT/generate-$attn.err"
+  # The last variant: eager attention with batch 16's projections straight from NF4
+  # (ADAPTERLAB_NF4_SMALL_BATCH=tiled, the small-batch GEMM) instead of dequantize + cuBLAS.
+  for variant in eager flash_attention_2 eager+tiled; do
+    attn=${variant%+tiled}; small=dequantize; [ "$variant" = eager+tiled ] && small=tiled
+    echo "== flash stage: generate, batch 1 and 16, $variant"
+    ADAPTERLAB_NF4_SMALL_BATCH=$small timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1,16 \
+      --prompt-tokens 200 --new-tokens 50 --attn-implementation "$attn" 2>"$OUT/generate-$variant.err" \
+      | tee "$OUT/generate-$variant.json" \
+      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$variant\",${line#\{}" >> "$RESULTS"; done
+    tail -2 "$OUT/generate-$variant.err"
   done
 fi
 python3 - "$RESULTS" <<'PY'

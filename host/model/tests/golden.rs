@@ -391,7 +391,8 @@ fn loss_matches_transformers() {
 
 /// The NF4 CUDA kernels against the CPU path: dequantization bit for bit (bf16, f16, f32; with
 /// and without double quantization; shapes that do and do not fill whole 4-byte words), and the
-/// decoding GEMV within 16-bit rounding of a matmul on the dequantized weight. CPU: nothing to do.
+/// decoding GEMV and the small-batch GEMM (up to 32 rows) within 16-bit rounding of a matmul on
+/// the dequantized weight. CPU: nothing to do.
 #[cfg_attr(
     not(feature = "cuda"),
     ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
@@ -461,6 +462,31 @@ fn nf4_kernels_equal_the_cpu_path() {
                 let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-3);
                 let err = max_diff(&got, &want) / scale;
                 assert!(err < 1e-2, "{case} m={m}: relative error {err}");
+            }
+            // Straight from the 4-bit data, the GEMV and (above 8 rows, where the columns and
+            // the blocksize are multiples of 8) the small-batch GEMM, whichever
+            // ADAPTERLAB_NF4_SMALL_BATCH picks for `forward`.
+            #[cfg(feature = "cuda")]
+            for m in [1usize, 8, 9, 16, 31, 32] {
+                if m > 8 && cols % 8 != 0 {
+                    continue;
+                }
+                let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.377).sin()).collect();
+                let x = Tensor::from_vec(x, (m, cols), &cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let want = x
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .matmul(&wd.t().unwrap())
+                    .unwrap();
+                let got = q.forward_from_nf4(&x.to_device(&dev).unwrap()).unwrap();
+                assert_eq!(got.dims(), &[m, rows], "{case} m={m} from NF4");
+                let (got, want) = (f32s_of(&got), f32s_of(&want));
+                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-3);
+                let err = max_diff(&got, &want) / scale;
+                assert!(err < 1e-2, "{case} m={m} from NF4: relative error {err}");
             }
         }
     }

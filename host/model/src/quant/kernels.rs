@@ -10,8 +10,33 @@ use candle_core::{CudaStorage, DType, Error, Result, Storage, Tensor};
 
 use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, wrap};
 
-/// Rows of `x` one GEMV launch handles; more rows go through dequantize + cuBLAS.
+/// Rows of `x` one GEMV launch handles; more rows go through dequantize + cuBLAS, or, opted
+/// in, the small-batch GEMM.
 pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Rows of `x` the small-batch GEMM (`nf4_gemm_small_*`) handles: batched decoding.
+pub const GEMM_MAX_ROWS: usize = 32;
+
+/// Whether batches of `GEMV_MAX_ROWS + 1 ..= GEMM_MAX_ROWS` rows multiply straight from the
+/// 4-bit data (`ADAPTERLAB_NF4_SMALL_BATCH=tiled`) instead of dequantizing the weight for
+/// cuBLAS (`dequantize`, the default). Opt-in until `nf4_kernels_equal_the_cpu_path`, which
+/// covers it, has passed on a GPU; no lent machine has run it yet.
+pub fn small_batch_tiled() -> Result<bool> {
+    const ENV: &str = "ADAPTERLAB_NF4_SMALL_BATCH";
+    static CHOICE: std::sync::OnceLock<std::result::Result<bool, String>> =
+        std::sync::OnceLock::new();
+    CHOICE
+        .get_or_init(|| match std::env::var(ENV).as_deref() {
+            Err(std::env::VarError::NotPresent) | Ok("dequantize") => Ok(false),
+            Ok("tiled") => Ok(true),
+            Ok(other) => Err(format!(
+                "{ENV}={other:?}: expected \"tiled\" or \"dequantize\""
+            )),
+            Err(e) => Err(format!("{ENV}: {e}")),
+        })
+        .clone()
+        .map_err(Error::Msg)
+}
 
 static NF4: CudaModule = CudaModule::new("adapterlab_nf4", include_str!("nf4.cu"), nf4_defines);
 
@@ -29,7 +54,7 @@ fn nf4_defines() -> String {
         .map(|v| format!("{v:?}f"))
         .collect();
     format!(
-        "#define GEMV_MAX_ROWS {GEMV_MAX_ROWS}\n#define NF4_TABLE {}\n",
+        "#define GEMV_MAX_ROWS {GEMV_MAX_ROWS}\n#define GEMM_MAX_ROWS {GEMM_MAX_ROWS}\n#define NF4_TABLE {}\n",
         table.join(", ")
     )
 }
@@ -211,13 +236,20 @@ pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
     })
 }
 
-/// `x [m, k] @ W^T` for `W [n, k]` held as NF4, `m <= GEMV_MAX_ROWS`, `x` bf16 or f16.
+/// `x [m, k] @ W^T` for `W [n, k]` held as NF4, `x` bf16 or f16: the GEMV for
+/// `m <= GEMV_MAX_ROWS`, else the small-batch GEMM for `m <= GEMM_MAX_ROWS` (which needs
+/// `k` and the blocksize to be multiples of 8).
 pub fn gemv(w: &Nf4Gpu, out_features: usize, x: &Tensor) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
-    if m == 0 || m > GEMV_MAX_ROWS || out_features * k != w.n {
+    let tiled = m > GEMV_MAX_ROWS;
+    if m == 0
+        || m > GEMM_MAX_ROWS
+        || out_features * k != w.n
+        || (tiled && (k % 8 != 0 || w.blocksize % 8 != 0))
+    {
         return Err(Error::Msg(format!(
-            "NF4 GEMV: {m} rows of {k} features against a weight of {} elements",
-            w.n
+            "NF4 GEMV: {m} rows of {k} features against a weight of {} elements in blocks of {}",
+            w.n, w.blocksize
         )));
     }
     let x = if x.is_contiguous() && x.layout().start_offset() == 0 {
@@ -252,10 +284,12 @@ pub fn gemv(w: &Nf4Gpu, out_features: usize, x: &Tensor) -> Result<Tensor> {
                 Ok(wrap(out, &dev, (m, out_features)))
             }};
         }
-        match x.dtype() {
-            DType::BF16 => launch!("nf4_gemv_bf16", half::bf16),
-            DType::F16 => launch!("nf4_gemv_f16", half::f16),
-            other => Err(Error::Msg(format!(
+        match (x.dtype(), tiled) {
+            (DType::BF16, false) => launch!("nf4_gemv_bf16", half::bf16),
+            (DType::F16, false) => launch!("nf4_gemv_f16", half::f16),
+            (DType::BF16, true) => launch!("nf4_gemm_small_bf16", half::bf16),
+            (DType::F16, true) => launch!("nf4_gemm_small_f16", half::f16),
+            (other, _) => Err(Error::Msg(format!(
                 "NF4 GEMV on {other:?} input is not supported"
             ))),
         }

@@ -1,5 +1,5 @@
 // NF4 (bitsandbytes) dequantization and the decoding GEMV, host side in quant/kernels.rs.
-// GEMV_MAX_ROWS and NF4_TABLE are defined by the host before this source. Quantization is in
+// GEMV_MAX_ROWS, GEMM_MAX_ROWS and NF4_TABLE are defined by the host before this source. Quantization is in
 // nf4_quantize.cu, its own module: a load-time kernel must not be able to break these.
 // Compiled with NVRTC at first use, after the shared prelude (ops/prelude.cu); the
 // __fmul_rn/__fadd_rn intrinsics keep NVRTC from fusing a multiply and an add into an FMA,
@@ -127,3 +127,63 @@ extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int neste
 }
 GEMV(nf4_gemv_bf16, bf16_to_f32, f32_to_bf16)
 GEMV(nf4_gemv_f16, f16_to_f32, f32_to_f16)
+
+// y = x W^T for more rows than the GEMV holds (GEMV_MAX_ROWS < m <= GEMM_MAX_ROWS: batched
+// decoding), still reading the 4-bit data once: a block of 8 warps serves 8 output features,
+// and stages x through shared memory a tile of GEMM_TILE columns at a time, so the 8 warps
+// share each read of x (the GEMV re-reads all of x per feature, which at 32 rows costs more than
+// the weights). Each lane decodes one 4-byte word of codes (8 weights) per tile. The caller
+// guarantees k % 8 == 0 and bs % 8 == 0, and x contiguous from a 16-byte boundary.
+#define GEMM_TILE 256
+#define GEMM(NAME, LOAD, STORE)                                                                \
+extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int nested,             \
+    const float* absmax, const u8* aq, const float* acode, float offset, int nbs,              \
+    const u16* x, u16* y, int m) {                                                            \
+  LOAD_TABLES                                                                                  \
+  __shared__ uint4 xs[GEMM_MAX_ROWS][GEMM_TILE / 8];                                           \
+  int lane = threadIdx.x & 31;                                                                 \
+  long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);              \
+  bool active = row < n;                                                                       \
+  float acc[GEMM_MAX_ROWS];                                                                    \
+  _Pragma("unroll") for (int r = 0; r < GEMM_MAX_ROWS; ++r) acc[r] = 0.f;                      \
+  long long base = row * (long long)k;                                                         \
+  const unsigned int* cw = (const unsigned int*)(codes + (base >> 1));                         \
+  for (int k0 = 0; k0 < k; k0 += GEMM_TILE) {                                                 \
+    int words = min(GEMM_TILE, k - k0) >> 3;                                                   \
+    __syncthreads();                                                                           \
+    for (int e = threadIdx.x; e < m * (GEMM_TILE / 8); e += blockDim.x) {                     \
+      int r = e / (GEMM_TILE / 8), c = e % (GEMM_TILE / 8);                                    \
+      if (c < words) xs[r][c] = *(const uint4*)(x + (long long)r * k + k0 + 8 * c);            \
+    }                                                                                         \
+    __syncthreads();                                                                           \
+    if (!active || lane >= words) continue;                                                   \
+    int j = (k0 >> 3) + lane;                                                                  \
+    unsigned int v = cw[j];                                                                    \
+    float a = absmax_of((base + 8LL * j) / bs, nested, absmax, aq, code_s, offset, nbs);       \
+    float w[8];                                                                                \
+    _Pragma("unroll") for (int t = 0; t < 4; ++t) {                                           \
+      unsigned int b = (v >> (8 * t)) & 255u;                                                  \
+      w[2 * t] = nf4s[b >> 4] * a;                                                             \
+      w[2 * t + 1] = nf4s[b & 15] * a;                                                         \
+    }                                                                                         \
+    _Pragma("unroll") for (int r = 0; r < GEMM_MAX_ROWS; ++r) {                               \
+      if (r < m) {                                                                            \
+        uint4 xv = xs[r][lane];                                                                \
+        float s = w[0] * LOAD((u16)(xv.x & 0xffffu)) + w[1] * LOAD((u16)(xv.x >> 16))          \
+                + w[2] * LOAD((u16)(xv.y & 0xffffu)) + w[3] * LOAD((u16)(xv.y >> 16))          \
+                + w[4] * LOAD((u16)(xv.z & 0xffffu)) + w[5] * LOAD((u16)(xv.z >> 16))          \
+                + w[6] * LOAD((u16)(xv.w & 0xffffu)) + w[7] * LOAD((u16)(xv.w >> 16));         \
+        acc[r] += s;                                                                           \
+      }                                                                                       \
+    }                                                                                         \
+  }                                                                                           \
+  if (!active) return;                                                                        \
+  _Pragma("unroll") for (int r = 0; r < GEMM_MAX_ROWS; ++r) {                                 \
+    if (r < m) {                                                                              \
+      float s = warp_sum(acc[r]);                                                              \
+      if (lane == 0) y[(long long)r * n + row] = STORE(s);                                     \
+    }                                                                                         \
+  }                                                                                           \
+}
+GEMM(nf4_gemm_small_bf16, bf16_to_f32, f32_to_bf16)
+GEMM(nf4_gemm_small_f16, f16_to_f32, f32_to_f16)

@@ -435,7 +435,13 @@ impl Nf4Weight {
     /// writing out a 16-bit weight for cuBLAS.
     #[cfg(feature = "cuda")]
     fn gemv(&self, x2: &Tensor, out_dim: usize) -> Result<Option<Tensor>> {
-        let small = x2.dims()[0] <= crate::quant::kernels::GEMV_MAX_ROWS;
+        use crate::quant::kernels::{GEMM_MAX_ROWS, GEMV_MAX_ROWS, small_batch_tiled};
+        let (rows, k) = x2.dims2()?;
+        let small = rows <= GEMV_MAX_ROWS
+            || (rows <= GEMM_MAX_ROWS
+                && k % 8 == 0
+                && self.inner.q.blocksize() % 8 == 0
+                && small_batch_tiled()?);
         match &self.inner.on_device {
             Some(d)
                 if small
@@ -446,6 +452,19 @@ impl Nf4Weight {
                 crate::quant::kernels::gemv(&d.gpu(&self.inner.q), out_dim, x2).map(Some)
             }
             _ => Ok(None),
+        }
+    }
+
+    /// `x2 [m, k] W^T` straight from the 4-bit data on the GPU (the GEMV, or the small-batch
+    /// GEMM above `GEMV_MAX_ROWS` rows) whatever `ADAPTERLAB_NF4_SMALL_BATCH` says: what the
+    /// GPU tests hold against the CPU path.
+    #[cfg(feature = "cuda")]
+    pub fn forward_from_nf4(&self, x2: &Tensor) -> Result<Tensor> {
+        match &self.inner.on_device {
+            Some(d) => {
+                crate::quant::kernels::gemv(&d.gpu(&self.inner.q), self.inner.q.shape()[0], x2)
+            }
+            None => candle_core::bail!("NF4 weight is not on a GPU"),
         }
     }
 
