@@ -445,7 +445,17 @@ fn nf4_kernels_equal_the_cpu_path() {
                 continue;
             }
             let wd = q.dequantize_to(DType::F32, &cpu).unwrap();
-            for m in [1usize, 3, 16, 20] {
+            // `forward` as a model calls it, and straight from the 4-bit data: the GEMV and
+            // (above 8 rows, where the columns and the blocksize are multiples of 8) the
+            // small-batch GEMM, whichever ADAPTERLAB_NF4_SMALL_BATCH picks for `forward`.
+            let mut runs: Vec<(usize, bool)> = [1, 3, 16, 20].map(|m| (m, false)).to_vec();
+            if cfg!(feature = "cuda") {
+                runs.extend([1, 8, 9, 16, 31, 32].map(|m| (m, true)));
+            }
+            for (m, from_nf4) in runs {
+                if from_nf4 && m > 8 && cols % 8 != 0 {
+                    continue;
+                }
                 let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.173).cos()).collect();
                 let x = Tensor::from_vec(x, (m, cols), &cpu)
                     .unwrap()
@@ -456,40 +466,32 @@ fn nf4_kernels_equal_the_cpu_path() {
                     .unwrap()
                     .matmul(&wd.t().unwrap())
                     .unwrap();
-                let got = q.forward(&x.to_device(&dev).unwrap()).unwrap();
-                assert_eq!(got.dims(), &[m, rows], "{case} m={m}");
+                let x = x.to_device(&dev).unwrap();
+                let got = if from_nf4 {
+                    from_nf4_data(&q, &x)
+                } else {
+                    q.forward(&x).unwrap()
+                };
+                let case = format!("{case} m={m} from_nf4={from_nf4}");
+                assert_eq!(got.dims(), &[m, rows], "{case}");
                 let (got, want) = (f32s_of(&got), f32s_of(&want));
                 let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-3);
                 let err = max_diff(&got, &want) / scale;
-                assert!(err < 1e-2, "{case} m={m}: relative error {err}");
-            }
-            // Straight from the 4-bit data, the GEMV and (above 8 rows, where the columns and
-            // the blocksize are multiples of 8) the small-batch GEMM, whichever
-            // ADAPTERLAB_NF4_SMALL_BATCH picks for `forward`.
-            #[cfg(feature = "cuda")]
-            for m in [1usize, 8, 9, 16, 31, 32] {
-                if m > 8 && cols % 8 != 0 {
-                    continue;
-                }
-                let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.377).sin()).collect();
-                let x = Tensor::from_vec(x, (m, cols), &cpu)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                let want = x
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .matmul(&wd.t().unwrap())
-                    .unwrap();
-                let got = q.forward_from_nf4(&x.to_device(&dev).unwrap()).unwrap();
-                assert_eq!(got.dims(), &[m, rows], "{case} m={m} from NF4");
-                let (got, want) = (f32s_of(&got), f32s_of(&want));
-                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-3);
-                let err = max_diff(&got, &want) / scale;
-                assert!(err < 1e-2, "{case} m={m} from NF4: relative error {err}");
+                assert!(err < 1e-2, "{case}: relative error {err}");
             }
         }
     }
+}
+
+/// `x W^T` straight from the 4-bit data on the GPU (only called in a CUDA build).
+#[cfg(feature = "cuda")]
+fn from_nf4_data(q: &adapterlab_model::quant::weight::Nf4Weight, x: &Tensor) -> Tensor {
+    q.forward_from_nf4(x).unwrap()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn from_nf4_data(_: &adapterlab_model::quant::weight::Nf4Weight, _: &Tensor) -> Tensor {
+    unreachable!("the runs from NF4 data are listed in CUDA builds only")
 }
 
 /// NF4 quantization on the GPU (how a CUDA load quantizes) against the CPU path, bit for bit:

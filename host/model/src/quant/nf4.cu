@@ -72,6 +72,20 @@ DEQUANT8(nf4_dequant8_f32, float, f32_id, STORE8_32)
 DEQUANT8(nf4_dequant8_bf16, u16, f32_to_bf16, STORE8_16)
 DEQUANT8(nf4_dequant8_f16, u16, f32_to_f16, STORE8_16)
 
+// The 8 weights of one 4-byte word of codes (first code in the high nibble of each byte),
+// scaled by their block's absmax; and their dot product with 8 16-bit inputs in a uint4.
+#define DECODE8(w, v, a)                                                                       \
+  _Pragma("unroll") for (int t = 0; t < 4; ++t) {                                             \
+    unsigned int b_ = ((v) >> (8 * t)) & 255u;                                                 \
+    (w)[2 * t] = nf4s[b_ >> 4] * (a);                                                          \
+    (w)[2 * t + 1] = nf4s[b_ & 15] * (a);                                                      \
+  }
+#define DOT8(w, xv, LOAD)                                                                      \
+  ((w)[0] * LOAD((u16)((xv).x & 0xffffu)) + (w)[1] * LOAD((u16)((xv).x >> 16))                 \
+   + (w)[2] * LOAD((u16)((xv).y & 0xffffu)) + (w)[3] * LOAD((u16)((xv).y >> 16))               \
+   + (w)[4] * LOAD((u16)((xv).z & 0xffffu)) + (w)[5] * LOAD((u16)((xv).z >> 16))               \
+   + (w)[6] * LOAD((u16)((xv).w & 0xffffu)) + (w)[7] * LOAD((u16)((xv).w >> 16)))
+
 // One warp per output feature; each lane walks the row's codes 4 bytes (8 weights) at a time.
 #define GEMV(NAME, LOAD, STORE)                                                                \
 extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int nested,             \
@@ -91,19 +105,11 @@ extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int neste
       unsigned int v = cw[j];                                                                  \
       float a = absmax_of((base + 8LL * j) / bs, nested, absmax, aq, code_s, offset, nbs);     \
       float w[8];                                                                              \
-      _Pragma("unroll") for (int t = 0; t < 4; ++t) {                                         \
-        unsigned int b = (v >> (8 * t)) & 255u;                                                \
-        w[2 * t] = nf4s[b >> 4] * a;                                                           \
-        w[2 * t + 1] = nf4s[b & 15] * a;                                                       \
-      }                                                                                       \
+      DECODE8(w, v, a);                                                                        \
       _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) {                             \
         if (r < m) {                                                                          \
           uint4 xv = *(const uint4*)(x + (long long)r * k + 8 * j);                            \
-          float s = w[0] * LOAD((u16)(xv.x & 0xffffu)) + w[1] * LOAD((u16)(xv.x >> 16))        \
-                  + w[2] * LOAD((u16)(xv.y & 0xffffu)) + w[3] * LOAD((u16)(xv.y >> 16))        \
-                  + w[4] * LOAD((u16)(xv.z & 0xffffu)) + w[5] * LOAD((u16)(xv.z >> 16))        \
-                  + w[6] * LOAD((u16)(xv.w & 0xffffu)) + w[7] * LOAD((u16)(xv.w >> 16));       \
-          acc[r] += s;                                                                         \
+          acc[r] += DOT8(w, xv, LOAD);                                                         \
         }                                                                                     \
       }                                                                                       \
     }                                                                                         \
@@ -161,19 +167,10 @@ extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int neste
     unsigned int v = cw[j];                                                                    \
     float a = absmax_of((base + 8LL * j) / bs, nested, absmax, aq, code_s, offset, nbs);       \
     float w[8];                                                                                \
-    _Pragma("unroll") for (int t = 0; t < 4; ++t) {                                           \
-      unsigned int b = (v >> (8 * t)) & 255u;                                                  \
-      w[2 * t] = nf4s[b >> 4] * a;                                                             \
-      w[2 * t + 1] = nf4s[b & 15] * a;                                                         \
-    }                                                                                         \
+    DECODE8(w, v, a);                                                                          \
     _Pragma("unroll") for (int r = 0; r < GEMM_MAX_ROWS; ++r) {                               \
       if (r < m) {                                                                            \
-        uint4 xv = xs[r][lane];                                                                \
-        float s = w[0] * LOAD((u16)(xv.x & 0xffffu)) + w[1] * LOAD((u16)(xv.x >> 16))          \
-                + w[2] * LOAD((u16)(xv.y & 0xffffu)) + w[3] * LOAD((u16)(xv.y >> 16))          \
-                + w[4] * LOAD((u16)(xv.z & 0xffffu)) + w[5] * LOAD((u16)(xv.z >> 16))          \
-                + w[6] * LOAD((u16)(xv.w & 0xffffu)) + w[7] * LOAD((u16)(xv.w >> 16));         \
-        acc[r] += s;                                                                           \
+        acc[r] += DOT8(w, xs[r][lane], LOAD);                                                  \
       }                                                                                       \
     }                                                                                         \
   }                                                                                           \
