@@ -586,8 +586,11 @@ mod tests {
                 .max_all()?
                 .to_scalar::<f32>()?;
             let size = got.abs()?.max_all()?.to_scalar::<f32>()?;
+            // Relative to the gradient's size: the packed batch sums the same terms in another
+            // order, and with gradients near 5 an absolute 1e-5 is a few f32 ulps (it failed
+            // once at 1.01e-5 of 5.18).
             assert!(
-                d < 1e-5 && size > 0.0,
+                d < 1e-5 * size.max(1.0) && size > 0.0,
                 "gradient differs by {d} (of {size})"
             );
         }
