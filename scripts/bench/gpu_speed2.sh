@@ -13,7 +13,8 @@
 #            by length (the trainer's default sampler), and packed (`packing = true`); useful
 #            (non-pad) tokens/s is the figure to compare
 #
-# Built here, carried there (see ../shared/gpu/README.md):
+# Built here, carried there (see ../shared/gpu/README.md): `bash scripts/gpu/build-carry.sh
+# [BEFORE_COMMIT]` does all of the following, the Python reference's wheels included:
 #   source ../shared/gpu/cuda-env.sh
 #   (old commit, in a worktree)  cargo build --release --features cuda -p adapterlab
 #   (new commit)                 cargo build --release --features cuda -p adapterlab
