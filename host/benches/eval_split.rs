@@ -96,6 +96,7 @@ fn main() {
         services: Arc::new(NoServices),
         cancel: Arc::default(),
         on_progress: Arc::new(|_, _| {}),
+        stopped_because: EvalEnv::user_stops(),
     };
     let mut first: Option<(u64, Vec<adapterlab::store::SampleRecord>)> = None;
     let mut counts = vec![1, 2, 4, cores.min(8)];
