@@ -172,7 +172,6 @@ pub fn load_model_with(model: &str, builder: LinearBuilder, rt: &Engine) -> Resu
         dtype: rt.dtype,
         device: rt.device.clone(),
         builder,
-        attention: Default::default(),
     };
     if model == DEFAULT_MODEL {
         let dir = SMOLLM2.ensure(&rt.assets_dir, &rt.fetcher)?;

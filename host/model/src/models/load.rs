@@ -46,7 +46,8 @@ impl AnyModel {
         })
     }
 
-    /// Runs the layers' attention with `kernel` from now on (see [`LoadOptions::attention`]).
+    /// Runs the layers' attention with `kernel` from now on (transformers'
+    /// `attn_implementation`); every model loads with eager attention.
     pub fn set_attention(&mut self, kernel: AttentionKernel) -> candle_core::Result<()> {
         match self {
             AnyModel::Falcon(m) => m.set_attention(kernel),
@@ -127,8 +128,6 @@ pub struct LoadOptions {
     pub device: Device,
     /// Decides the format of each linear layer (dense, NF4) and its adapter.
     pub builder: LinearBuilder,
-    /// The attention the layers run, as transformers' `attn_implementation`.
-    pub attention: AttentionKernel,
 }
 
 impl Default for LoadOptions {
@@ -137,7 +136,6 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             builder: LinearBuilder::dense(),
-            attention: AttentionKernel::Eager,
         }
     }
 }
@@ -175,11 +173,8 @@ pub fn load_files(files: &CheckpointFiles, opts: &LoadOptions) -> Result<LoadedM
                     files.dir.display()
                 )
             })?;
-    let mut model = AnyModel::load(vb, &config, &opts.builder)
+    let model = AnyModel::load(vb, &config, &opts.builder)
         .with_context(|| format!("failed to build the model from {}", files.dir.display()))?;
-    model
-        .set_attention(opts.attention)
-        .with_context(|| format!("in {}", files.config.display()))?;
     let tokenizer = match &files.tokenizer {
         Some(p) => Some(
             Tokenizer::from_file(p)

@@ -882,7 +882,7 @@ impl RecomputedAttention {
             let mut start = 0;
             while start < b {
                 let end = (start + chunk).min(b);
-                let (dq, dk, dv) = self.backward_rows(start..end, &q, &k, &v, &dout)?;
+                let (dq, dk, dv) = self.backward_rows(start..end, q, k, v, dout)?;
                 dqs.push(dq);
                 dks.push(dk);
                 dvs.push(dv);

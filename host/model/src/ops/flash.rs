@@ -92,14 +92,6 @@ impl Visibility {
 /// The head sizes the CUDA kernels serve (each by the smallest of 32, 64, 128 that holds it).
 pub const MAX_HEAD_DIM: usize = 128;
 
-/// Whether [`flash_attend`] can run these inputs: 16- or 32-bit floats, heads of at most
-/// [`MAX_HEAD_DIM`].
-pub fn supports(q: &Tensor) -> bool {
-    matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        && q.dims().len() == 4
-        && q.dims()[3] <= MAX_HEAD_DIM
-}
-
 /// The shapes, checked once.
 #[derive(Debug, Clone, Copy)]
 struct Problem {
