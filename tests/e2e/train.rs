@@ -416,6 +416,15 @@ fn eval_after_train_generates_and_records_an_eval_run_with_the_adapter() {
     assert_eq!(store.samples(&eval.id).unwrap().len(), 6);
 }
 
+/// The stored run whose `output_dir` is `dir`.
+fn stored_run(store: &adapterlab::store::Store, dir: &Path) -> adapterlab::store::RunRecord {
+    let runs = store.list_runs().unwrap();
+    runs.iter()
+        .find(|r| r.metadata.get("output_dir").map(String::as_str) == dir.to_str())
+        .unwrap_or_else(|| panic!("no run for {}: {runs:?}", dir.display()))
+        .clone()
+}
+
 /// `packing = true` (TRL's key): the run packs the examples into rows, trains, logs, and keeps
 /// the setting with the run; the validation loss before training (the base model: B starts at
 /// zero) equals the unpacked run's, since each packed example is attended to and positioned
@@ -444,13 +453,10 @@ fn packing_trains_logs_and_is_stored_with_the_run() {
     train(plain_dir.to_str().unwrap(), &[]);
 
     let store = adapterlab::store::Store::open(&t.data_dir().join("store")).unwrap();
-    let runs = store.list_runs().unwrap();
-    let run_for = |dir: &Path| {
-        runs.iter()
-            .find(|r| r.metadata.get("output_dir").map(String::as_str) == dir.to_str())
-            .unwrap_or_else(|| panic!("no run for {}: {runs:?}", dir.display()))
-    };
-    let (packed, plain) = (run_for(&packed_dir), run_for(&plain_dir));
+    let (packed, plain) = (
+        stored_run(&store, &packed_dir),
+        stored_run(&store, &plain_dir),
+    );
     let request: Value = store.request(&packed.id).unwrap().unwrap();
     assert_eq!(request["packing"], true, "{request}");
     assert_eq!(request["packing_strategy"], "bfd", "{request}");
@@ -463,7 +469,7 @@ fn packing_trains_logs_and_is_stored_with_the_run() {
         "{events}\n{out}"
     );
     let before = |r: &adapterlab::store::RunRecord| r.corpus["eval_loss_before"];
-    let (a, b) = (before(packed), before(plain));
+    let (a, b) = (before(&packed), before(&plain));
     assert!(
         (a - b).abs() < 1e-4,
         "eval loss before training: packed {a}, unpacked {b}"
@@ -487,11 +493,7 @@ fn packing_trains_logs_and_is_stored_with_the_run() {
         ],
     );
     let store = adapterlab::store::Store::open(&t.data_dir().join("store")).unwrap();
-    let runs = store.list_runs().unwrap();
-    let split = runs
-        .iter()
-        .find(|r| r.metadata.get("output_dir").map(String::as_str) == split_dir.to_str())
-        .expect("the bfd_split run is stored");
+    let split = stored_run(&store, &split_dir);
     let request: Value = store.request(&split.id).unwrap().unwrap();
     let events = format!("{:?}", store.events_after(&split.id, None).unwrap());
     drop(store);
@@ -567,11 +569,7 @@ fn flash_attention_trains_to_eager_losses_and_is_stored_with_the_run() {
             );
         }
         let store = adapterlab::store::Store::open(&t.data_dir().join("store")).unwrap();
-        let runs = store.list_runs().unwrap();
-        let run = runs
-            .iter()
-            .find(|r| r.metadata.get("output_dir").map(String::as_str) == flash_dir.to_str())
-            .expect("the flash run is stored");
+        let run = stored_run(&store, &flash_dir);
         let request: Value = store.request(&run.id).unwrap().unwrap();
         assert_eq!(
             request["attn_implementation"], "flash_attention_2",
