@@ -21,16 +21,16 @@
 #                                cargo test --release -p adapterlab-model --features cuda --test golden --no-run
 #   strip + xz into .carry/before/adapterlab.xz, .carry/after/adapterlab.xz, .carry/golden.xz
 # Device call: carry [".carry/before", ".carry/after", ".carry/golden.xz", ".whl3"],
-# command `OUT=$OUT bash scripts/bench/gpu_speed2.sh` (STAGES=golden,load,reference,train,packing,flash
-# by default; more than one call's 10 minutes at 32 layers: split it, e.g. STAGES=golden,load,
-# then reference,train, then packing,flash).
+# command `OUT=$OUT bash scripts/bench/gpu_speed2.sh` (STAGES=golden,load,reference,train,packing,
+# flash,generate by default; more than one call's 10 minutes at 32 layers: split it, e.g.
+# STAGES=golden,load,train,flash ROUNDS=1, then reference,packing,generate).
 # Each load line is `bench generate`'s `"what":"load"` JSON (ADAPTERLAB_PROFILE=1 adds the
 # phases: read, quantize, download, nested, upload) followed by a tiny generation as a check
 # that the loaded model runs.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-speed2}
-STAGES=${STAGES:-golden,load,reference,train,packing,flash}
+STAGES=${STAGES:-golden,load,reference,train,packing,flash,generate}
 stage() { [[ ",$STAGES," == *",$1,"* ]]; }
 mkdir -p "$OUT" /tmp/gl
 LAYERS=${LAYERS:-32}
@@ -45,7 +45,7 @@ nproc | sed 's/^/cores: /' | tee -a "$OUT/gpu.csv"
 if stage golden; then
   unxz .carry/golden.xz /tmp/gl/golden
   echo "== golden tests of the after build on cuda"
-  ADAPTERLAB_TEST_DEVICE=cuda ADAPTERLAB_GOLDEN_DIR=$PWD/host/model/tests/fixtures/golden /tmp/gl/golden --test-threads 1 --include-ignored --nocapture 2>&1 \
+  ADAPTERLAB_TEST_DEVICE=cuda ADAPTERLAB_GOLDEN_DIR=$PWD/host/model/tests/fixtures/golden timeout 240 /tmp/gl/golden --test-threads 1 --include-ignored --nocapture 2>&1 \
     | tee "$OUT/golden-cuda.txt" | grep -E "^test |test result|panicked|bit-equal|cases" | head -40
 fi
 
@@ -94,7 +94,10 @@ if stage reference; then
   fi
 fi
 if stage train; then
-  for side in before after; do
+  # Without a BEFORE_COMMIT the before binary is the after binary: train it once.
+  sides="before after"
+  cmp -s .carry/before/COMMIT .carry/after/COMMIT && sides=after
+  for side in $sides; do
     echo "== train stage: $side, batch 8 x 512"
     watch_mem train-$side
     timeout 240 /tmp/gl/$side bench train --model "$CKPT" --batch 8 --seq 512 --steps 8 --warmup 3 \
@@ -124,10 +127,8 @@ if stage packing; then
 fi
 # flash    the AFTER build with `--attn-implementation flash_attention_2` (ops/flash.rs: no
 #          [b, h, s, t] scores, forward or backward): batch 8 x 512 and 32 x 256 with their
-#          nvidia-smi peaks, packed DialogSum-like rows, and decoding at batch 1 and 16 (the
-#          same commands as the train, packing and eager rows above, so each pair compares);
-#          and decoding with eager attention and the small-batch NF4 GEMM
-#          (ADAPTERLAB_NF4_SMALL_BATCH=tiled) against dequantize + cuBLAS at batch 16
+#          nvidia-smi peaks and packed DialogSum-like rows (the same commands as the train and
+#          packing rows above, so each pair compares)
 if stage flash; then
   for shape in 8x512 32x256; do
     b=${shape%x*}; s=${shape#*x}
@@ -143,8 +144,11 @@ if stage flash; then
   timeout 200 /tmp/gl/after bench train --model "$CKPT" --batch 8 --seq 512 --lengths 100..400 --packing --steps 10 --warmup 3 \
     --attn-implementation flash_attention_2 2>"$OUT/flash-packing.err" | tee "$OUT/flash-packing.json" \
     | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"flash\",\"mode\":\"packing\",${line#\{}" >> "$RESULTS"; done
-  # The last variant: eager attention with batch 16's projections straight from NF4
-  # (ADAPTERLAB_NF4_SMALL_BATCH=tiled, the small-batch GEMM) instead of dequantize + cuBLAS.
+fi
+# generate  decoding at batch 1 and 16 with eager and flash attention, and eager with batch 16's
+#           projections straight from NF4 (ADAPTERLAB_NF4_SMALL_BATCH=tiled, the small-batch
+#           GEMM) instead of dequantize + cuBLAS
+if stage generate; then
   for variant in eager flash_attention_2 eager+tiled; do
     attn=${variant%+tiled}; small=dequantize; [ "$variant" = eager+tiled ] && small=tiled
     echo "== flash stage: generate, batch 1 and 16, $variant"
