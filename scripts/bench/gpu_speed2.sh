@@ -29,10 +29,14 @@
 # that the loaded model runs.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/gpu-speed2}
-STAGES=${STAGES:-golden,load,reference,train,packing,flash,generate}
+# The device returns at most 8 files from $OUT: the raw files go to $RAW and come back as one
+# tarball, $OUT/raw.tar.gz, beside the summary ($OUT/summary.txt).
+FINAL=${OUT:-/tmp/gpu-speed2}
+RAW=/tmp/gpu-speed2-raw
+OUT=$RAW
+STAGES=${STAGES:-golden,load,reference,train,packing,flash,generate,profile,sft}
 stage() { [[ ",$STAGES," == *",$1,"* ]]; }
-mkdir -p "$OUT" /tmp/gl
+mkdir -p "$OUT" "$FINAL" /tmp/gl
 LAYERS=${LAYERS:-32}
 ROUNDS=${ROUNDS:-2}
 CKPT=/tmp/falcon7b-${LAYERS}l
@@ -79,9 +83,13 @@ stop_mem() {
 #            0.21.2) the Python stack's QLoRA step at batch 8 x 512 on the same checkpoint
 #            (hf_qlora_baseline.py, no generation), with its nvidia-smi peak: the other side of
 #            the train stage's figures, in the same call
+install_wheels() {
+  [ -d /tmp/site/peft ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target /tmp/site .whl3/*.whl 2>&1 | grep -v "WARNING: Running pip as" | tail -2
+}
 if stage reference; then
   if ls .whl3/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl3/*.whl 2>&1 | grep -v "WARNING: Running pip as" | tail -2
+    install_wheels
     echo "== reference: transformers + PEFT + bitsandbytes, batch 8 x 512"
     watch_mem python
     PYTHONPATH=/tmp/site timeout 300 python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --layers "$LAYERS" \
@@ -116,10 +124,14 @@ if stage train; then
   tail -2 "$OUT/train32x256-after.err"
 fi
 if stage packing; then
-  for mode in random group-by-length packing; do
-    case $mode in random) flag= ;; group-by-length) flag=--group-by-length ;; packing) flag=--packing ;; esac
+  # packing: eager attention regrouping the packed examples one a row (the default);
+  # packing-mask: the packed rows under their block-diagonal mask (ADAPTERLAB_PACKED_ATTENTION)
+  for mode in random group-by-length packing packing-mask; do
+    packed=regroup
+    case $mode in random) flag= ;; group-by-length) flag=--group-by-length ;; packing) flag=--packing ;;
+      packing-mask) flag=--packing; packed=mask ;; esac
     echo "== packing stage: $mode"
-    timeout 200 /tmp/gl/after bench train --model "$CKPT" --batch 8 --seq 512 --lengths 100..400 $flag --steps 10 --warmup 3 \
+    ADAPTERLAB_PACKED_ATTENTION=$packed timeout 200 /tmp/gl/after bench train --model "$CKPT" --batch 8 --seq 512 --lengths 100..400 $flag --steps 10 --warmup 3 \
       2>"$OUT/train-$mode.err" | tee "$OUT/train-$mode.json" \
       | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"after\",\"mode\":\"$mode\",${line#\{}" >> "$RESULTS"; done
     tail -2 "$OUT/train-$mode.err"
@@ -159,7 +171,55 @@ if stage generate; then
     tail -2 "$OUT/generate-$variant.err"
   done
 fi
-python3 - "$RESULTS" <<'PY'
+# profile  seconds per phase (ADAPTERLAB_PROFILE=1: the device synchronised around each, so the
+#          sum exceeds an unprofiled step) of a training step at batch 8 x 512 (eager) and of
+#          batch-1 decoding (200-token prompt): where the time goes
+if stage profile; then
+  echo "== profile: train 8 x 512, generate batch 1"
+  ADAPTERLAB_PROFILE=1 timeout 200 /tmp/gl/after bench train --model "$CKPT" --batch 8 --seq 512 --steps 3 --warmup 1 \
+    2>"$OUT/profile-train.err" | tee "$OUT/profile-train.json" \
+    | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"profile-train\",${line#\{}" >> "$RESULTS"; done
+  ADAPTERLAB_PROFILE=1 timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1 --prompt-tokens 200 --new-tokens 20 \
+    2>"$OUT/profile-generate.err" | tee "$OUT/profile-generate.json" \
+    | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"profile-generate\",${line#\{}" >> "$RESULTS"; done
+fi
+# sft      `adapterlab train`, 50 steps at batch 8 x 512 on text (the bundled dialogues joined
+#          into long rows, MiniLM's tokenizer from .carry/tokenizer.json), then HF PEFT loads the
+#          adapter it wrote (peft_load_check.py): issue 17's "same loss curve" check
+if stage sft; then
+  install_wheels
+  echo "== sft: adapterlab train, 50 steps, batch 8 x 512, then HF PEFT loads the adapter"
+  python3 - <<'EOF'
+import json, random, os
+random.seed(0)
+def rows(path):
+    return [json.loads(l) for l in open(path) if l.strip()]
+os.makedirs("/tmp/sft-data", exist_ok=True)
+for split, n, src in (("train", 400, "train"), ("validation", 16, "validation")):
+    base = rows(f"data/dialogsum-mini/{src}.jsonl")
+    with open(f"/tmp/sft-data/{split}.jsonl", "w") as f:
+        for i in range(n):
+            pick = random.sample(base, 12)
+            f.write(json.dumps({"id": f"{split}-{i}", "dialogue": "\n".join(r["dialogue"] for r in pick),
+                                "summary": " ".join(r["summary"] for r in pick)}) + "\n")
+EOF
+  rm -rf /tmp/sft-out
+  watch_mem sft
+  timeout 300 /tmp/gl/after --data-dir /tmp/al-data train --set model_name_or_path="$CKPT" \
+    --set tokenizer_name=.carry/tokenizer.json --set dataset=/tmp/sft-data --set output_dir=/tmp/sft-out \
+    --set max_steps=50 --set per_device_train_batch_size=8 --set per_device_eval_batch_size=8 \
+    --set gradient_accumulation_steps=1 --set completion_only_loss=false --set group_by_length=false \
+    --set max_seq_length=512 --set logging_steps=5 --set save_steps=50 --set gradient_checkpointing=false \
+    > "$OUT/sft.log" 2>&1; echo "sft exit $?"; tail -5 "$OUT/sft.log"
+  stop_mem sft
+  python3 -c "
+import json; s = json.load(open('/tmp/sft-out/trainer_state.json'))
+for e in s['log_history']: print(json.dumps(e))
+" 2>&1 | tee "$OUT/sft-log-history.jsonl" | tail -4
+  PYTHONPATH=/tmp/site python3 scripts/bench/peft_load_check.py --base "$CKPT" --adapter /tmp/sft-out 2>"$OUT/peft.err" \
+    | tee "$OUT/peft.json"; tail -3 "$OUT/peft.err"
+fi
+python3 - "$RESULTS" > "$FINAL/summary.txt" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 for r in rows:
@@ -175,6 +235,12 @@ for r in rows:
         print(f"generate {r['side']:>17} batch {r['batch']}: {r.get('tokens_per_s')} tok/s (prefill {r.get('prefill_s')} s)")
     elif r.get("what") == "train_step" and r.get("mode") in ("8x512", "32x256"):
         print(f"train {r['mode']} {r['side']:>6}: {r.get('tokens_per_s')} tok/s, median step {r.get('median_s')} s")
+    elif r.get("what") == "profile":
+        print(f"{r['side']:>16}: {r['phase']:<28} {r['s_per_step']} s/step, {r['calls_per_step']} calls")
+    elif r.get("what") == "train_step" and r.get("side") == "profile-train":
+        print(f"profile-train: {r.get('tokens_per_s')} tok/s (profiled, synchronised)")
     elif r.get("what") == "train_step":
         print(f"train {r['mode']:>16}: useful {r.get('useful_tokens_per_s')} tok/s, padded {r.get('padded_tokens_per_s')} tok/s, pad {r.get('pad_fraction')}, peak {r.get('peak_gib', '')}")
 PY
+cat "$FINAL/summary.txt"
+tar -C "$RAW" -czf "$FINAL/raw.tar.gz" .

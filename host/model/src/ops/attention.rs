@@ -107,6 +107,54 @@ impl AttentionKernel {
     }
 }
 
+/// How eager attention runs packed rows (`ADAPTERLAB_PACKED_ATTENTION`): regrouped one example
+/// a row ([`Segments`], `regroup`, the default) or as the packed rows under their
+/// block-diagonal mask (`mask`). The two give the same numbers up to the matmuls' summation
+/// order (`regrouped_packed_attention_equals_the_masked_rows_and_their_gradients`); the choice is
+/// speed alone: regrouping computes fewer scores but gathers and scatters every q, k and v.
+/// Flash attention reads packed rows directly and ignores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackedAttention {
+    Regroup,
+    Mask,
+}
+
+impl PackedAttention {
+    pub const ENV: &'static str = "ADAPTERLAB_PACKED_ATTENTION";
+
+    /// The environment's choice, read once; an unknown value is an error naming the variable.
+    pub fn from_env() -> Result<Self> {
+        static CHOICE: std::sync::OnceLock<std::result::Result<PackedAttention, String>> =
+            std::sync::OnceLock::new();
+        CHOICE
+            .get_or_init(|| match std::env::var(Self::ENV) {
+                Err(std::env::VarError::NotPresent) => Self::parse(None),
+                Ok(v) => Self::parse(Some(&v)),
+                Err(e) => Err(format!("{}: {e}", Self::ENV)),
+            })
+            .clone()
+            .map_err(candle_core::Error::Msg)
+    }
+
+    fn parse(value: Option<&str>) -> std::result::Result<Self, String> {
+        match value {
+            None | Some("regroup") => Ok(PackedAttention::Regroup),
+            Some("mask") => Ok(PackedAttention::Mask),
+            Some(other) => Err(format!(
+                "{}={other:?}: expected \"regroup\" or \"mask\"",
+                Self::ENV
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PackedAttention::Regroup => "regroup",
+            PackedAttention::Mask => "mask",
+        }
+    }
+}
+
 /// Packed rows regrouped for attention, one example a row: the masked `[b, h, s, s]` scores of
 /// a packed batch spend most of their work on pairs of tokens from different examples, which
 /// the mask then discards. Regrouped, the examples are sorted by length and cut into at most
@@ -445,8 +493,10 @@ impl AttentionContext {
             return Ok(s.as_ref());
         }
         let plan = match &self.examples {
-            Some(seg) => Segments::plan(&self.real, seg, self.seq_len, &self.device)?,
-            None => None,
+            Some(seg) if PackedAttention::from_env()? == PackedAttention::Regroup => {
+                Segments::plan(&self.real, seg, self.seq_len, &self.device)?
+            }
+            _ => None,
         };
         Ok(self.segments.get_or_init(|| plan).as_ref())
     }
@@ -946,6 +996,24 @@ mod tests {
             (208, vec![(0, 2), (2, 4)])
         );
         assert_eq!(cheapest_cut(&[5], 4), (25, vec![(0, 1)]));
+    }
+
+    #[test]
+    fn packed_attention_reads_regroup_mask_and_refuses_anything_else() {
+        assert_eq!(PackedAttention::parse(None), Ok(PackedAttention::Regroup));
+        assert_eq!(
+            PackedAttention::parse(Some("regroup")),
+            Ok(PackedAttention::Regroup)
+        );
+        assert_eq!(
+            PackedAttention::parse(Some("mask")),
+            Ok(PackedAttention::Mask)
+        );
+        let err = PackedAttention::parse(Some("masked")).unwrap_err();
+        assert!(
+            err.contains("ADAPTERLAB_PACKED_ATTENTION") && err.contains("\"mask\""),
+            "{err}"
+        );
     }
 
     #[test]

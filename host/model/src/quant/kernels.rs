@@ -19,8 +19,9 @@ pub const GEMM_MAX_ROWS: usize = 32;
 
 /// Whether batches of `GEMV_MAX_ROWS + 1 ..= GEMM_MAX_ROWS` rows multiply straight from the
 /// 4-bit data (`ADAPTERLAB_NF4_SMALL_BATCH=tiled`) instead of dequantizing the weight for
-/// cuBLAS (`dequantize`, the default). Opt-in until `nf4_kernels_equal_the_cpu_path`, which
-/// covers it, has passed on a GPU; no lent machine has run it yet.
+/// cuBLAS (`dequantize`, the default). The tiled kernel is right (`nf4_kernels_equal_the_cpu_path`
+/// passed on an H100 on 2026-12-06) but slower there: batch-16 decoding of the 7B shape ran at
+/// 508 tokens/s against dequantize + cuBLAS's 825 (BENCHMARKS.md), so it stays opt-in.
 pub fn small_batch_tiled() -> Result<bool> {
     const ENV: &str = "ADAPTERLAB_NF4_SMALL_BATCH";
     static CHOICE: std::sync::OnceLock<std::result::Result<bool, String>> =
