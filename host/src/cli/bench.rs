@@ -238,7 +238,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
             "median_s": round(median, 4), "tokens_per_s": round(tokens_per_s, 1),
             "loss": round(last_loss, 4),
             "lengths": args.lengths.map(|(a, b)| format!("{a}..{b}")), "packing": args.packing,
-            "packed_attention": packed_attention(&args)?,
+            "packed_attention": packed_attention(&args, &device)?,
             "group_by_length": args.group_by_length,
             "useful_tokens_per_s": round(useful as f64 / timed_s, 1),
             "padded_tokens_per_s": round(padded as f64 / timed_s, 1),
@@ -351,14 +351,14 @@ fn nf4_quantize_on(device: &Device) -> Result<&'static str> {
     })
 }
 
-/// How eager attention ran the packed rows (`ADAPTERLAB_PACKED_ATTENTION`); null unpacked or
-/// with flash attention, which reads packed rows directly.
-fn packed_attention(args: &TrainBenchArgs) -> Result<Option<&'static str>> {
+/// How eager attention ran the packed rows on `device` (`ADAPTERLAB_PACKED_ATTENTION`, else the
+/// device's default); null unpacked or with flash attention, which reads packed rows directly.
+fn packed_attention(args: &TrainBenchArgs, device: &Device) -> Result<Option<&'static str>> {
     use adapterlab_model::engine::{AttentionKernel, PackedAttention};
     if !args.packing || args.attn_implementation.kernel() == AttentionKernel::Flash {
         return Ok(None);
     }
-    Ok(Some(PackedAttention::from_env()?.as_str()))
+    Ok(Some(PackedAttention::for_device(device)?.as_str()))
 }
 
 /// With `ADAPTERLAB_PROFILE=1`: seconds per step in each profiled phase (see
