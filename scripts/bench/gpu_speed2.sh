@@ -157,16 +157,23 @@ if stage flash; then
     --attn-implementation flash_attention_2 2>"$OUT/flash-packing.err" | tee "$OUT/flash-packing.json" \
     | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"flash\",\"mode\":\"packing\",${line#\{}" >> "$RESULTS"; done
 fi
-# generate  decoding at batch 1 and 16 with eager and flash attention, and eager with batch 16's
-#           projections straight from NF4 (ADAPTERLAB_NF4_SMALL_BATCH=tiled, the small-batch
-#           GEMM) instead of dequantize + cuBLAS
+# generate  decoding at batch 1 and 16 (200-token prompts, 50 new tokens) with a LoRA adapter on
+#           all four linear kinds (issue 17's workload; one training step makes it, since its
+#           values do not change the work), for each of GEN_VARIANTS: eager (unmerged, then
+#           merged), flash_attention_2 (unmerged), eager+tiled (unmerged, batch 16's projections
+#           straight from NF4 with ADAPTERLAB_NF4_SMALL_BATCH=tiled instead of dequantize +
+#           cuBLAS), and base (eager, no adapter)
 if stage generate; then
-  for variant in eager flash_attention_2 eager+tiled; do
+  timeout 120 /tmp/gl/after bench train --model "$CKPT" --batch 1 --seq 16 --steps 1 --warmup 0 \
+    --save /tmp/gen-adapter > "$OUT/gen-adapter.json" 2>&1 || tail -3 "$OUT/gen-adapter.json"
+  for variant in ${GEN_VARIANTS:-eager flash_attention_2 eager+tiled base}; do
     attn=${variant%+tiled}; small=dequantize; [ "$variant" = eager+tiled ] && small=tiled
-    echo "== flash stage: generate, batch 1 and 16, $variant"
+    adapter=(--adapter /tmp/gen-adapter); merged=()
+    case $variant in base) attn=eager; adapter=() ;; eager) merged=(--merged) ;; esac
+    echo "== generate stage: batch 1 and 16, $variant"
     ADAPTERLAB_NF4_SMALL_BATCH=$small timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1,16 \
-      --prompt-tokens 200 --new-tokens 50 --attn-implementation "$attn" 2>"$OUT/generate-$variant.err" \
-      | tee "$OUT/generate-$variant.json" \
+      "${adapter[@]}" "${merged[@]}" --prompt-tokens 200 --new-tokens 50 --attn-implementation "$attn" \
+      2>"$OUT/generate-$variant.err" | tee "$OUT/generate-$variant.json" \
       | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$variant\",${line#\{}" >> "$RESULTS"; done
     tail -2 "$OUT/generate-$variant.err"
   done
@@ -232,7 +239,8 @@ for r in rows:
     if r.get("what") == "train_step" and r.get("side") == "python":
         print(f"train 8x512 python: {r.get('tokens_per_s')} tok/s, median step {r.get('median_s')} s, torch peak {r.get('peak_gib', '')}")
     elif r.get("what") == "generate":
-        print(f"generate {r['side']:>17} batch {r['batch']}: {r.get('tokens_per_s')} tok/s (prefill {r.get('prefill_s')} s)")
+        how = "merged" if r.get("merged") else ("unmerged" if r.get("adapter") else "no adapter")
+        print(f"generate {r['side']:>17} batch {r['batch']} ({how}): {r.get('tokens_per_s')} tok/s (prefill {r.get('prefill_s')} s)")
     elif r.get("what") == "train_step" and r.get("mode") in ("8x512", "32x256"):
         print(f"train {r['mode']} {r['side']:>6}: {r.get('tokens_per_s')} tok/s, median step {r.get('median_s')} s")
     elif r.get("what") == "profile":
