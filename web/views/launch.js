@@ -633,7 +633,7 @@ function buildTrainForm(ctx, plugins, schema = null) {
         h('label', { for: 'train-packing' }, 'Pack examples into rows of the max sequence length (TRL’s packing)')),
       F('packing_strategy', 'Packing strategy', 'bfd: best fit, long examples cut; bfd_split: long examples split into pieces; wrapped: examples run on, cut every max-length tokens.'),
       F('eval_packing', 'Validation rows', 'Whether the validation loss is computed on packed rows (TRL’s eval_packing).'),
-      F('attn_implementation', 'Attention', 'eager: the scores are materialised (transformers’ eager and sdpa); flash_attention_2: never stored, packed examples kept apart, less memory (its GPU kernels have not yet been verified on a GPU).'),
+      F('attn_implementation', 'Attention', 'eager: the scores are materialised (transformers’ eager and sdpa); flash_attention_2: never stored, packed examples kept apart, less memory; on a GPU its kernels are right but slower than eager (BENCHMARKS.md).'),
     ),
     h('fieldset', { class: 'grid' },
       h('legend', {}, 'Schedule'),
