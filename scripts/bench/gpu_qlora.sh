@@ -38,7 +38,8 @@
 # Device call: carry [".carry/before", ".carry/after", ".carry/golden.xz",
 # ".carry/tokenizer.json", ".whl3"], command `OUT=$OUT bash scripts/bench/gpu_qlora.sh`.
 # All stages take more than one call's 10 minutes at 32 layers: split them, e.g.
-# STAGES=golden,load,train,flash ROUNDS=1, then reference,packing,generate, then profile,sft
+# STAGES=golden,load,train,flash ROUNDS=1, then reference,packing,generate (REF_SHAPES=16x256 for
+# the reference's best batch that fits), then profile,sft
 # (the checkpoint is made again in each call unless the machine is still warm).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -60,9 +61,15 @@ date -u +%FT%TZ | tee "$OUT/date.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$OUT/gpu.csv"
 nproc | sed 's/^/cores: /' | tee -a "$OUT/gpu.csv"
 
+# The reference's wheels (.whl3), installed once into /tmp/site, read through PYTHONPATH.
+install_wheels() {
+  [ -d /tmp/site/peft ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target /tmp/site .whl3/*.whl 2>&1 | grep -v "WARNING: Running pip as" | tail -2
+}
 if stage fixtures; then
+  install_wheels
   echo "== golden fixtures (make_golden.py)"
-  python3 host/model/tests/fixtures/make_golden.py "$OUT/golden" > "$OUT/make-golden.log" 2>&1 \
+  PYTHONPATH=/tmp/site python3 host/model/tests/fixtures/make_golden.py "$OUT/golden" > "$OUT/make-golden.log" 2>&1 \
     && GOLDEN_DIR=$OUT/golden && tail -1 "$OUT/make-golden.log" || tail -20 "$OUT/make-golden.log"
 fi
 if stage golden; then
@@ -97,10 +104,6 @@ stop_mem() {
   kill $MEMPID 2>/dev/null; wait $MEMPID 2>/dev/null
   echo "{\"side\":\"$1\",\"what\":\"nvidia_smi_peak\",\"mib\":$(sort -n "$OUT/mem-$1.txt" | tail -1)}" | tee -a "$RESULTS"
 }
-install_wheels() {
-  [ -d /tmp/site/peft ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --target /tmp/site .whl3/*.whl 2>&1 | grep -v "WARNING: Running pip as" | tail -2
-}
 if stage reference; then
   if ls .whl3/*.whl >/dev/null 2>&1; then
     install_wheels
@@ -111,6 +114,15 @@ if stage reference; then
       | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"python\",${line#\{}" >> "$RESULTS"; done
     stop_mem python
     tail -3 "$OUT/python.err"
+    # REF_SHAPES (e.g. 16x256): more reference training shapes, for "the Python stack's best
+    # batch that fits" beside the train stage's 32 x 256 (on 80 GB 32 x 256 does not fit there).
+    for shape in ${REF_SHAPES:-}; do
+      echo "== reference: train $shape"
+      PYTHONPATH=/tmp/site timeout 300 python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --layers "$LAYERS" \
+        --batch "${shape%x*}" --seq "${shape#*x}" 2>"$OUT/python-$shape.err" | tee "$OUT/python-$shape.json" \
+        | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"python\",\"mode\":\"$shape\",${line#\{}" >> "$RESULTS"; done
+      tail -3 "$OUT/python-$shape.err"
+    done
   else
     echo "== reference stage skipped: no .whl3/ wheels carried"
   fi

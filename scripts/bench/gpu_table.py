@@ -52,7 +52,7 @@ def targets(rows):
         return round(a / b, 2) if a is not None and b else None
 
     out = []
-    py = find("train_step", side="python")
+    py = find("train_step", side="python", batch=8, seq=512)
     ours = find("train_step", side="after", mode="8x512")
     pv, ov = py and py["tokens_per_s"], ours and ours["tokens_per_s"]
     r = ratio(ov, pv)
@@ -62,9 +62,14 @@ def targets(rows):
     out.append(("train 8 x 512, peak memory (nvidia-smi MiB)", pm and pm["mib"], om and om["mib"], r,
                 "<= 0.5x", verdict(None if r is None else r <= 0.5)))
     big = find("train_step", side="after", mode="32x256")
-    r = ratio(big and big["tokens_per_s"], pv)
-    out.append(("train 32 x 256 without checkpointing: fits, speed against Python's 8 x 512", pv,
-                big and big["tokens_per_s"], r, "fits, >= 2x", verdict(None if r is None else r >= 2)))
+    # The Python stack's best batch that fits: the fastest of its shapes in this call.
+    pys = [x for x in rows if x.get("what") == "train_step" and x.get("side") == "python"]
+    pbest = max(pys, key=lambda x: x["tokens_per_s"], default=None)
+    pbv = pbest and pbest["tokens_per_s"]
+    r = ratio(big and big["tokens_per_s"], pbv)
+    label = pbest and f"{pbest['batch']} x {pbest['seq']}"
+    out.append((f"train 32 x 256 without checkpointing: fits, speed against Python's best batch ({label})",
+                pbv, big and big["tokens_per_s"], r, "fits, >= 2x", verdict(None if r is None else r >= 2)))
     rnd = find("train_step", side="after", mode="random")
     packed = [x for x in rows if x.get("what") == "train_step" and x.get("packing") and x.get("side") == "after"]
     best = max(packed, key=lambda x: x["useful_tokens_per_s"], default=None)
