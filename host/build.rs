@@ -154,14 +154,13 @@ fn ensure_wasm_target() {
         .output()
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    if let Some(sysroot) = sysroot {
-        if Path::new(&sysroot)
+    if let Some(sysroot) = sysroot
+        && Path::new(&sysroot)
             .join("lib/rustlib")
             .join(TARGET)
             .exists()
-        {
-            return;
-        }
+    {
+        return;
     }
     println!(
         "cargo:warning=installing the {TARGET} target with rustup (needed for the built-in plugins)"

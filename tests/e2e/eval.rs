@@ -231,7 +231,7 @@ fn stemming_can_be_turned_off() {
 fn odd_inputs_get_scores_or_clear_errors() {
     let t = setup("eval-odd");
     let big = "word ".repeat(200_000);
-    let rows = vec![
+    let rows = [
         serde_json::json!({"id": "empty", "prediction": "", "reference": "a reference"}),
         serde_json::json!({"id": "unicode", "prediction": "Zoë visits Łódź 🚀", "reference": "Zoë is in Łódź"}),
         serde_json::json!({"id": "big", "prediction": big, "reference": "word"}),

@@ -42,7 +42,7 @@ async fn chat(
         })
         .unwrap_or_default();
     if prompt.contains("PLEASE-RETRY") {
-        let key = format!("{prompt}");
+        let key = prompt.to_string();
         if s.throttled.lock().unwrap().insert(key) {
             return (
                 StatusCode::TOO_MANY_REQUESTS,

@@ -376,8 +376,7 @@ fn eval_after_train_generates_and_records_an_eval_run_with_the_adapter() {
         &["--set", "max_steps=2", "--set", "eval_after_train=rouge"],
     );
     let err = run_fail(
-        &mut t
-            .cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())
             .env("X", "1")
             .args(["--set", "eval_after_train=rogue"]),
     );

@@ -147,14 +147,13 @@ fn card_for(
             .collect();
         if let Some(a) = &adapter {
             base_model = base_model.or_else(|| Some(a.base_model.clone()));
-            if let Some(run_id) = &a.run_id {
-                if let Ok(Some(config)) = store.request::<crate::train::config::TrainConfig>(run_id)
-                {
-                    settings = crate::train::trainer::settings(&config)
-                        .into_iter()
-                        .filter(|(k, _)| CARD_SETTINGS.contains(&k.as_str()))
-                        .collect();
-                }
+            if let Some(run_id) = &a.run_id
+                && let Ok(Some(config)) = store.request::<crate::train::config::TrainConfig>(run_id)
+            {
+                settings = crate::train::trainer::settings(&config)
+                    .into_iter()
+                    .filter(|(k, _)| CARD_SETTINGS.contains(&k.as_str()))
+                    .collect();
             }
         }
         // The newest finished run of each dataset that scored this adapter.

@@ -103,7 +103,7 @@ pub fn compare_loaded(runs: Vec<RunRecord>, samples: Vec<Vec<SampleRecord>>) -> 
             }
             let difference = paired_difference(&base, &cand);
             let significant = is_significant(&difference);
-            let verdict = significant.then(|| (difference.mean > 0.0) == score.higher_is_better);
+            let verdict = significant.then_some((difference.mean > 0.0) == score.higher_is_better);
             deltas.push(Delta {
                 run: run.id.clone(),
                 score: score.name.clone(),

@@ -685,7 +685,7 @@ pub fn sum_statistics(
             sums.insert(name, value);
             continue;
         };
-        *sum = match (sum.clone(), value) {
+        *sum = match (*sum, value) {
             (Statistic::Count(a), Statistic::Count(b)) => Statistic::Count(
                 a.checked_add(b)
                     .with_context(|| format!("statistic {name:?} overflows a 64-bit count"))?,

@@ -204,14 +204,13 @@ impl LlmClient {
 
     /// The cache, else the server.
     async fn fetch(&self, body: Value, key: &str) -> Answer {
-        if let Some(store) = &self.cache {
-            if let Ok(Some(hit)) = store.cached_response(key) {
-                if let Ok(mut response) = serde_json::from_value::<ChatResponse>(hit) {
-                    response.cached = true;
-                    self.usage.lock().unwrap().cached += 1;
-                    return Ok(response);
-                }
-            }
+        if let Some(store) = &self.cache
+            && let Ok(Some(hit)) = store.cached_response(key)
+            && let Ok(mut response) = serde_json::from_value::<ChatResponse>(hit)
+        {
+            response.cached = true;
+            self.usage.lock().unwrap().cached += 1;
+            return Ok(response);
         }
         let _permit = self.limit.acquire().await.map_err(|e| e.to_string())?;
         let response = self.send_with_retries(&body).await?;
@@ -226,10 +225,10 @@ impl LlmClient {
             );
         }
         // Only successes are cached: a rerun retries what failed.
-        if let Some(store) = &self.cache {
-            if let Ok(value) = serde_json::to_value(&response) {
-                let _ = store.cache_response(key, &value);
-            }
+        if let Some(store) = &self.cache
+            && let Ok(value) = serde_json::to_value(&response)
+        {
+            let _ = store.cache_response(key, &value);
         }
         Ok(response)
     }

@@ -124,12 +124,12 @@ impl PluginMeta {
         if kind == PluginKind::Metric {
             check_scores(&scores)?;
         }
-        if let Some(format) = &format {
-            if !is_identifier(format) {
-                return Err(format!(
-                    "reporter format {format:?} must be lowercase letters, digits, '-' or '_'"
-                ));
-            }
+        if let Some(format) = &format
+            && !is_identifier(format)
+        {
+            return Err(format!(
+                "reporter format {format:?} must be lowercase letters, digits, '-' or '_'"
+            ));
         }
         let Manifest {
             name,

@@ -218,7 +218,7 @@ impl Runtime {
             sha256,
             bytes.len(),
         )
-        .map_err(|reason| invalid(reason))?;
+        .map_err(invalid)?;
         match compiled {
             CompileSource::Compiled => tracing::debug!("plugin {}: compiled", meta.name),
             CompileSource::Cache => {

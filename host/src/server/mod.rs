@@ -147,10 +147,10 @@ pub fn resolve_token(
         return Ok((t.trim().to_string(), false));
     }
     let path = data_dir.root().join("token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        if !t.trim().is_empty() {
-            return Ok((t.trim().to_string(), false));
-        }
+    if let Ok(t) = std::fs::read_to_string(&path)
+        && !t.trim().is_empty()
+    {
+        return Ok((t.trim().to_string(), false));
     }
     let token: String = {
         use rand::Rng;

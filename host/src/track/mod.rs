@@ -189,11 +189,11 @@ impl Trackers {
         tracker: &'static str,
         result: Result<()>,
     ) {
-        if let Err(e) = result {
-            if warned.insert(tracker) {
-                eprintln!("warning: reporting to {tracker} failed (training goes on): {e:#}");
-                tracing::warn!("reporting to {tracker} failed: {e:#}");
-            }
+        if let Err(e) = result
+            && warned.insert(tracker)
+        {
+            eprintln!("warning: reporting to {tracker} failed (training goes on): {e:#}");
+            tracing::warn!("reporting to {tracker} failed: {e:#}");
         }
     }
 }

@@ -618,11 +618,11 @@ fn lists_from_strings(table: &mut toml::Table) {
             Some(s) => table.get_mut(s).and_then(|v| v.as_table_mut()),
             None => Some(&mut *table),
         };
-        if let Some(t) = target {
-            if let Some(toml::Value::String(v)) = t.get(name) {
-                let one = toml::Value::Array(vec![toml::Value::String(v.clone())]);
-                t.insert(name.to_string(), one);
-            }
+        if let Some(t) = target
+            && let Some(toml::Value::String(v)) = t.get(name)
+        {
+            let one = toml::Value::Array(vec![toml::Value::String(v.clone())]);
+            t.insert(name.to_string(), one);
         }
     }
 }
@@ -686,7 +686,7 @@ impl TrainConfig {
             }
             if self.eval_steps == 0
                 || self.save_steps == 0
-                || self.save_steps % self.eval_steps != 0
+                || !self.save_steps.is_multiple_of(self.eval_steps)
             {
                 return Err(fail(
                     "load_best_model_at_end",
@@ -1087,7 +1087,7 @@ mod tests {
         assert_eq!((c.packs_train(), c.packs_eval()), (true, false));
         let c = parse(&["eval_packing=true"]).unwrap();
         assert_eq!((c.packs_train(), c.packs_eval()), (false, true));
-        assert_eq!(parse(&["packing=true"]).unwrap().packs_eval(), true);
+        assert!(parse(&["packing=true"]).unwrap().packs_eval());
         for bad in ["best_fit", "ffd", "BFD"] {
             let err = parse(&["packing=true", &format!("packing_strategy={bad}")])
                 .unwrap_err()

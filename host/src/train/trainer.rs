@@ -193,10 +193,10 @@ pub fn find_checkpoint(output_dir: &Path, spec: &str) -> Result<PathBuf> {
             .and_then(|n| n.to_str())
             .and_then(|n| n.strip_prefix("checkpoint-"))
             .and_then(|n| n.parse::<usize>().ok());
-        if let Some(n) = n.filter(|_| path.join(STATE_FILE).is_file()) {
-            if best.as_ref().is_none_or(|(b, _)| n > *b) {
-                best = Some((n, path));
-            }
+        if let Some(n) = n.filter(|_| path.join(STATE_FILE).is_file())
+            && best.as_ref().is_none_or(|(b, _)| n > *b)
+        {
+            best = Some((n, path));
         }
     }
     best.map(|(_, p)| p)
@@ -296,7 +296,7 @@ pub fn adapter_optimizer(config: &TrainConfig, registry: &LoraRegistry) -> Resul
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    Ok(AdamW::new(
+    AdamW::new(
         vars,
         AdamWParams {
             beta1: config.adam_beta1,
@@ -304,7 +304,7 @@ pub fn adapter_optimizer(config: &TrainConfig, registry: &LoraRegistry) -> Resul
             eps: config.adam_epsilon,
             weight_decay: config.weight_decay,
         },
-    )?)
+    )
 }
 
 /// The end of a step: a window's gradients (`None`: the weight got none, so zero) clipped to
@@ -930,7 +930,10 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         let epoch_f = round4(state.global_step as f64 / steps_per_epoch as f64);
         let is_last = state.global_step == max_steps;
 
-        let logged = state.global_step % config.logging_steps.max(1) == 0 || is_last;
+        let logged = state
+            .global_step
+            .is_multiple_of(config.logging_steps.max(1))
+            || is_last;
         let used = memory::in_use(&device);
         peak = peak.max_with(used);
         // Every step, logged ones included: a logged step's `Loss` carries the mean over the
@@ -1011,8 +1014,8 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             record_progress(env, state.global_step, max_steps);
         }
         let eval_now = match config.eval_strategy.as_str() {
-            "steps" => config.eval_steps > 0 && state.global_step % config.eval_steps == 0,
-            "epoch" => state.global_step % steps_per_epoch == 0,
+            "steps" => config.eval_steps > 0 && state.global_step.is_multiple_of(config.eval_steps),
+            "epoch" => state.global_step.is_multiple_of(steps_per_epoch),
             _ => false,
         };
         if eval_now && env.is_main() {
@@ -1595,11 +1598,11 @@ fn prune_checkpoints(output_dir: &Path, keep: usize, best: Option<&Path>) -> Res
         .collect();
     found.sort();
     // The best never counts against the limit's oldest: it moves to the newest end.
-    if let Some(best) = best {
-        if let Some(i) = found.iter().position(|(_, p)| p == best) {
-            let b = found.remove(i);
-            found.push(b);
-        }
+    if let Some(best) = best
+        && let Some(i) = found.iter().position(|(_, p)| p == best)
+    {
+        let b = found.remove(i);
+        found.push(b);
     }
     let excess = found.len().saturating_sub(keep.max(1));
     for (_, p) in found.into_iter().take(excess) {
