@@ -11,10 +11,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Tensor};
 
 use crate::ops::dropout::seeded_dropout;
-use crate::ops::handover::Handover;
 use crate::quant::weight::BaseWeight;
 
 /// What the node does to its input before the layer reads it. With an activation the node
@@ -89,15 +88,15 @@ pub fn lora_linear(
     if !(x.track_op() || a.track_op() || bs.track_op()) || crate::ops::handover::no_grad() {
         return Ok(y);
     }
-    x.apply_op3_arc(
-        a,
-        bs,
-        Arc::new(Box::new(LoraLinear {
-            base,
-            dropout,
-            input,
-            out: Handover::new("lora-linear", y),
-        })),
+    // Whether each input wants a gradient, fixed now: the node's backward sees them detached.
+    let wants = (x.track_op(), a.track_op(), bs.track_op());
+    crate::ops::handover::with_backward3(
+        "lora-linear",
+        [x, a, bs],
+        y,
+        Box::new(move |[x, a, bs], _out, grad| {
+            backward(base.as_ref(), dropout, input, wants, x, a, bs, grad)
+        }),
     )
 }
 
@@ -128,73 +127,38 @@ fn dropped(x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
     }
 }
 
-struct LoraLinear {
-    base: Arc<dyn BaseWeight>,
+/// The gradients of [`lora_linear`] for the inputs in `wants` (x, A, bs), all detached: the
+/// base's input gradient and the adapter's, with dropout and the input's activation recomputed.
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    base: &dyn BaseWeight,
     dropout: Option<Dropout>,
     input: Input,
-    out: Handover,
-}
-
-impl CustomOp3 for LoraLinear {
-    fn name(&self) -> &'static str {
-        "lora-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    // Not behind the `cuda` feature: without it candle's stand-in CudaStorage implements the
-    // same trait, so this is type-checked in every build and never called.
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.out.cuda()
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        bs: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dev = grad.device().clone();
-        crate::ops::profile::scope("lora.node.bwd", &dev, || {
-            let g = grad.detach().contiguous()?;
-            let (a_, bs_) = (a.detach(), bs.detach());
-            // d(dropout(x) A^T), [m, r].
-            let gh = g.matmul(&bs_)?;
-            let (da, dbs) = {
-                let xd = dropped(&self.input.apply(&x.detach())?, self.dropout)?;
-                let h = xd.matmul(&a_.t()?)?;
-                (gh.t()?.matmul(&xd)?, g.t()?.matmul(&h)?)
-            };
-            let dx = if x.track_op() {
-                let through_adapter = dropped(&gh.matmul(&a_)?, self.dropout)?;
-                let dz = (self.base.input_grad(&g)? + through_adapter)?;
-                Some(self.input.backward(&x.detach(), dz)?)
-            } else {
-                None
-            };
-            Ok((dx, a.track_op().then_some(da), bs.track_op().then_some(dbs)))
-        })
-    }
+    wants: (bool, bool, bool),
+    x: &Tensor,
+    a: &Tensor,
+    bs: &Tensor,
+    grad: &Tensor,
+) -> Result<[Option<Tensor>; 3]> {
+    let dev = grad.device().clone();
+    crate::ops::profile::scope("lora.node.bwd", &dev, || {
+        let g = grad.contiguous()?;
+        // d(dropout(x) A^T), [m, r].
+        let gh = g.matmul(bs)?;
+        let (da, dbs) = {
+            let xd = dropped(&input.apply(x)?, dropout)?;
+            let h = xd.matmul(&a.t()?)?;
+            (gh.t()?.matmul(&xd)?, g.t()?.matmul(&h)?)
+        };
+        let dx = if wants.0 {
+            let through_adapter = dropped(&gh.matmul(a)?, dropout)?;
+            let dz = (base.input_grad(&g)? + through_adapter)?;
+            Some(input.backward(x, dz)?)
+        } else {
+            None
+        };
+        Ok([dx, wants.1.then_some(da), wants.2.then_some(dbs)])
+    })
 }
 
 #[cfg(test)]
