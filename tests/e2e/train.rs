@@ -509,17 +509,14 @@ fn packing_trains_logs_and_is_stored_with_the_run() {
         "{request}"
     );
 
-    let err = run_fail(&mut t.cmd(&[
-        "train",
-        "--set",
-        &format!("model_name_or_path={m}"),
-        "--set",
-        &format!("dataset={d}"),
-        "--set",
-        "packing=true",
-        "--set",
-        "packing_strategy=ffd",
-    ]));
+    let refused = t.path().join("refused");
+    let args = train_args(
+        m,
+        d,
+        refused.to_str().unwrap(),
+        &["--set", "packing=true", "--set", "packing_strategy=ffd"],
+    );
+    let err = run_fail(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()));
     assert!(
         err.contains("packing_strategy") && err.contains("bfd, bfd_split"),
         "{err}"
@@ -575,15 +572,14 @@ fn flash_attention_trains_to_eager_losses_and_is_stored_with_the_run() {
             "{request}"
         );
     }
-    let err = run_fail(&mut t.cmd(&[
-        "train",
-        "--set",
-        &format!("model_name_or_path={m}"),
-        "--set",
-        &format!("dataset={d}"),
-        "--set",
-        "attn_implementation=flash",
-    ]));
+    let refused = t.path().join("refused");
+    let args = train_args(
+        m,
+        d,
+        refused.to_str().unwrap(),
+        &["--set", "attn_implementation=flash"],
+    );
+    let err = run_fail(&mut t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>()));
     assert!(
         err.contains("attn_implementation") && err.contains("flash_attention_2"),
         "{err}"
