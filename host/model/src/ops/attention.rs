@@ -140,25 +140,19 @@ impl PackedAttention {
         static CHOICE: std::sync::OnceLock<std::result::Result<Option<PackedAttention>, String>> =
             std::sync::OnceLock::new();
         CHOICE
-            .get_or_init(|| match std::env::var(Self::ENV) {
-                Err(std::env::VarError::NotPresent) => Self::parse(None),
-                Ok(v) => Self::parse(Some(&v)),
-                Err(e) => Err(format!("{}: {e}", Self::ENV)),
-            })
+            .get_or_init(|| crate::ops::switch::choice(Self::ENV, Self::NAMES))
             .clone()
             .map_err(candle_core::Error::Msg)
     }
 
+    const NAMES: &'static [(&'static str, PackedAttention)] = &[
+        ("regroup", PackedAttention::Regroup),
+        ("mask", PackedAttention::Mask),
+    ];
+
+    #[cfg(test)]
     fn parse(value: Option<&str>) -> std::result::Result<Option<Self>, String> {
-        match value {
-            None => Ok(None),
-            Some("regroup") => Ok(Some(PackedAttention::Regroup)),
-            Some("mask") => Ok(Some(PackedAttention::Mask)),
-            Some(other) => Err(format!(
-                "{}={other:?}: expected \"regroup\" or \"mask\"",
-                Self::ENV
-            )),
-        }
+        crate::ops::switch::parse(Self::ENV, value, Self::NAMES)
     }
 
     pub fn as_str(self) -> &'static str {

@@ -1,6 +1,7 @@
 //! Numeric operations with hand-written backward passes or CUDA kernels: attention (KV cache,
 //! masks, rotary, ALiBi), the masked softmax, GELU, seeded dropout, cross-entropy, and the
-//! machinery they share (the handover of a backward pass to candle, profiling).
+//! machinery they share (the handover of a backward pass to candle, profiling, the speed switches read from the
+//! environment).
 
 pub mod attention;
 pub mod cross_entropy;
@@ -12,3 +13,4 @@ pub(crate) mod handover;
 pub mod kernels;
 pub mod profile;
 pub mod softmax;
+pub mod switch;

@@ -27,13 +27,9 @@ pub fn small_batch_tiled() -> Result<bool> {
     static CHOICE: std::sync::OnceLock<std::result::Result<bool, String>> =
         std::sync::OnceLock::new();
     CHOICE
-        .get_or_init(|| match std::env::var(ENV).as_deref() {
-            Err(std::env::VarError::NotPresent) | Ok("dequantize") => Ok(false),
-            Ok("tiled") => Ok(true),
-            Ok(other) => Err(format!(
-                "{ENV}={other:?}: expected \"tiled\" or \"dequantize\""
-            )),
-            Err(e) => Err(format!("{ENV}: {e}")),
+        .get_or_init(|| {
+            let chosen = crate::ops::switch::choice(ENV, &[("tiled", true), ("dequantize", false)]);
+            chosen.map(|c| c.unwrap_or(false))
         })
         .clone()
         .map_err(Error::Msg)

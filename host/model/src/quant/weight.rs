@@ -111,22 +111,21 @@ impl QuantizeOn {
 
     /// The environment's choice; an unknown value is an error naming the variable.
     pub fn from_env() -> Result<Self> {
-        match std::env::var(Self::ENV) {
-            Err(std::env::VarError::NotPresent) => Self::parse(None),
-            Ok(v) => Self::parse(Some(&v)),
-            Err(e) => Err(candle_core::Error::msg(format!("{}: {e}", Self::ENV))),
-        }
+        let chosen = crate::ops::switch::choice(Self::ENV, Self::NAMES);
+        Ok(chosen
+            .map_err(candle_core::Error::msg)?
+            .unwrap_or(QuantizeOn::Gpu))
     }
 
+    const NAMES: &'static [(&'static str, QuantizeOn)] =
+        &[("cpu", QuantizeOn::Cpu), ("gpu", QuantizeOn::Gpu)];
+
+    #[cfg(test)]
     fn parse(value: Option<&str>) -> Result<Self> {
-        match value {
-            Some("cpu") => Ok(QuantizeOn::Cpu),
-            None | Some("gpu") => Ok(QuantizeOn::Gpu),
-            Some(other) => Err(candle_core::Error::msg(format!(
-                "{}={other:?}: expected \"cpu\" or \"gpu\"",
-                Self::ENV
-            ))),
-        }
+        let chosen = crate::ops::switch::parse(Self::ENV, value, Self::NAMES);
+        Ok(chosen
+            .map_err(candle_core::Error::msg)?
+            .unwrap_or(QuantizeOn::Gpu))
     }
 
     pub fn as_str(self) -> &'static str {
