@@ -351,8 +351,10 @@ fn nf4_quantize_on(device: &Device) -> Result<&'static str> {
     })
 }
 
-/// How eager attention ran the packed rows on `device` (`ADAPTERLAB_PACKED_ATTENTION`, else the
-/// device's default); null unpacked or with flash attention, which reads packed rows directly.
+/// The packed-row attention eager attention is set to on `device` (`ADAPTERLAB_PACKED_ATTENTION`,
+/// else the device's default); null unpacked or with flash attention, which reads packed rows
+/// directly. `regroup` still masks a batch where regrouping would save no scores, or where the
+/// model adds ALiBi (`attention::attend_in`).
 fn packed_attention(args: &TrainBenchArgs, device: &Device) -> Result<Option<&'static str>> {
     use adapterlab_model::engine::{AttentionKernel, PackedAttention};
     if !args.packing || args.attn_implementation.kernel() == AttentionKernel::Flash {
