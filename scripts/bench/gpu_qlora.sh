@@ -200,20 +200,25 @@ fi
 #           values do not change the work), for each of GEN_VARIANTS: eager (unmerged, then
 #           merged), flash_attention_2 (unmerged), eager+tiled (unmerged, batch 16's projections
 #           straight from NF4 with ADAPTERLAB_NF4_SMALL_BATCH=tiled instead of dequantize +
-#           cuBLAS), and base (eager, no adapter)
+#           cuBLAS), and base (eager, no adapter); for each build of GEN_SIDES (default after;
+#           "before after" measures a change in one call)
 if stage generate; then
   timeout 120 /tmp/gl/after bench train --model "$CKPT" --batch 1 --seq 16 --steps 1 --warmup 0 \
     --save /tmp/gen-adapter > "$OUT/gen-adapter.json" 2>&1 || tail -3 "$OUT/gen-adapter.json"
-  for variant in ${GEN_VARIANTS:-eager flash_attention_2 eager+tiled base}; do
-    attn=${variant%+tiled}; small=dequantize; [ "$variant" = eager+tiled ] && small=tiled
-    adapter=(--adapter /tmp/gen-adapter); merged=()
-    case $variant in base) attn=eager; adapter=() ;; eager) merged=(--merged) ;; esac
-    echo "== generate stage: batch 1 and 16, $variant"
-    ADAPTERLAB_NF4_SMALL_BATCH=$small timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1,16 \
-      "${adapter[@]}" "${merged[@]}" --prompt-tokens 200 --new-tokens 50 --attn-implementation "$attn" \
-      2>"$OUT/generate-$variant.err" | tee "$OUT/generate-$variant.json" \
-      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$variant\",${line#\{}" >> "$RESULTS"; done
-    tail -2 "$OUT/generate-$variant.err"
+  for side in ${GEN_SIDES:-after}; do
+    for variant in ${GEN_VARIANTS:-eager flash_attention_2 eager+tiled base}; do
+      attn=${variant%+tiled}; small=dequantize; [ "$variant" = eager+tiled ] && small=tiled
+      adapter=(--adapter /tmp/gen-adapter); merged=()
+      case $variant in base) attn=eager; adapter=() ;; eager) merged=(--merged) ;; esac
+      # The after build's rows keep the variant's name; the others are prefixed with their side.
+      name=$variant; [ "$side" = after ] || name=$side-$variant
+      echo "== generate stage: $side, batch 1 and 16, $variant"
+      ADAPTERLAB_NF4_SMALL_BATCH=$small timeout 200 /tmp/gl/$side bench generate --model "$CKPT" --batch 1,16 \
+        "${adapter[@]}" "${merged[@]}" --prompt-tokens 200 --new-tokens 50 --attn-implementation "$attn" \
+        2>"$OUT/generate-$name.err" | tee "$OUT/generate-$name.json" \
+        | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$name\",${line#\{}" >> "$RESULTS"; done
+      tail -2 "$OUT/generate-$name.err"
+    done
   done
 fi
 # profile  seconds per phase (ADAPTERLAB_PROFILE=1: the device synchronised around each, so the
@@ -227,6 +232,11 @@ if stage profile; then
   ADAPTERLAB_PROFILE=1 timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1 --prompt-tokens 200 --new-tokens 20 \
     2>"$OUT/profile-generate.err" | tee "$OUT/profile-generate.json" \
     | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"profile-generate\",${line#\{}" >> "$RESULTS"; done
+  # The same with the generate stage's adapter unmerged, when that stage made one.
+  [ -d /tmp/gen-adapter ] && ADAPTERLAB_PROFILE=1 timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1 \
+    --adapter /tmp/gen-adapter --prompt-tokens 200 --new-tokens 20 \
+    2>"$OUT/profile-generate-adapter.err" | tee "$OUT/profile-generate-adapter.json" \
+    | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"profile-generate-adapter\",${line#\{}" >> "$RESULTS"; done
   if [ "${PROFILE_PYTHON:-0}" = 1 ]; then
     install_wheels
     PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 300 python3 scripts/bench/hf_qlora_profile.py --ckpt "$CKPT" \

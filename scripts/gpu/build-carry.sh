@@ -6,6 +6,7 @@
 # It writes (all ignored by git through .git/info/exclude):
 #   .carry/after/adapterlab.xz   the CUDA release binary at HEAD, stripped, xz-compressed
 #   .carry/golden.xz             the model crate's golden test binary at HEAD, with `cuda`
+#                                (its `cuda_kernels_compile` runs here first: NVRTC, no GPU)
 #   .carry/before/adapterlab.xz  the same binary at BEFORE_COMMIT (a worktree), if given;
 #                                without it, a copy of the after binary (the load and train
 #                                stages then compare the build with itself)
@@ -48,6 +49,12 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "golden" and m.get("executable"):
         print(m["executable"])')
+# Every kernel module must compile with NVRTC (it needs no GPU) before a device call is spent on
+# it; at run time the stub libcuda (cuda-env.sh) stands in for the driver, which NVRTC never calls.
+stub=$(mktemp -d)
+ln -s "${ADAPTERLAB_CUDA_HOME:-$HOME/.cache/adapterlab-cuda}/link/libcuda.so" "$stub/libcuda.so.1"
+LD_LIBRARY_PATH="$(dirname "$(command -v nvcc)")/../lib:$stub" "$golden" cuda_kernels_compile --nocapture 2>&1 | tail -3
+rm -rf "$stub"
 pack "$golden" .carry/golden.xz
 if [[ -n $before ]]; then
   wt=$(mktemp -d)/before

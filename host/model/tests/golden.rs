@@ -389,6 +389,15 @@ fn loss_matches_transformers() {
     }
 }
 
+/// Every CUDA kernel module compiles with NVRTC. It needs no GPU, so a CUDA build runs it on the
+/// build machine (`scripts/gpu/build-carry.sh` does) before a device call finds a broken source.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_kernels_compile() {
+    let names = adapterlab_model::ops::kernels::compile_all().unwrap();
+    eprintln!("compiled {} modules: {}", names.len(), names.join(", "));
+}
+
 /// The NF4 CUDA kernels against the CPU path: dequantization bit for bit (bf16, f16, f32; with
 /// and without double quantization; shapes that do and do not fill whole 4-byte words), and the
 /// decoding GEMV and the small-batch GEMM (up to 32 rows) within 16-bit rounding of a matmul on
@@ -409,11 +418,16 @@ fn nf4_kernels_equal_the_cpu_path() {
     }
     let cpu = Device::Cpu;
     let f32s_of = host_f32s;
+    // Rows of 320, 1024 and 4544 columns (Falcon-7B's hidden size) take the 16-byte-load GEMV;
+    // 4544 has more 16-byte words (142) than a warp's first round of loads covers (128).
     for (rows, cols, double_quant) in [
         (96, 200, true),
         (33, 70, true),
         (64, 136, false),
         (5, 9, true),
+        (70, 320, true),
+        (9, 1024, false),
+        (20, 4544, true),
     ] {
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| (i as f32 * 0.731).sin() * 0.05)

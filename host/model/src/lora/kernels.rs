@@ -5,7 +5,7 @@ use candle_core::{DType, Error, Result, Tensor};
 
 use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, no_defines, wrap};
 
-static LORA: CudaModule = CudaModule::new("adapterlab_lora", include_str!("lora.cu"), no_defines);
+pub(crate) static LORA: CudaModule = CudaModule::new("adapterlab_lora", include_str!("lora.cu"), no_defines);
 
 /// Rows of `x` up to which [`lora_inference`] serves.
 pub const LORA_INFERENCE_MAX_ROWS: usize = 64;

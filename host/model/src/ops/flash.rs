@@ -492,6 +492,12 @@ mod cpu {
     }
 }
 
+/// The three builds of `flash.cu`, for [`crate::ops::kernels::compile_all`].
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_modules() -> [&'static crate::ops::kernels::CudaModule; 3] {
+    cuda::modules()
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
@@ -507,6 +513,10 @@ mod cuda {
     fn dmax128() -> String {
         "#define FLASH_DMAX 128".into()
     }
+    pub(super) fn modules() -> [&'static CudaModule; 3] {
+        [&FLASH32, &FLASH64, &FLASH128]
+    }
+
     static FLASH32: CudaModule =
         CudaModule::new("adapterlab_flash32", include_str!("flash.cu"), dmax32);
     static FLASH64: CudaModule =

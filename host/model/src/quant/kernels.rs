@@ -35,10 +35,10 @@ pub fn small_batch_tiled() -> Result<bool> {
         .map_err(Error::Msg)
 }
 
-static NF4: CudaModule = CudaModule::new("adapterlab_nf4", include_str!("nf4.cu"), nf4_defines);
+pub(crate) static NF4: CudaModule = CudaModule::new("adapterlab_nf4", include_str!("nf4.cu"), nf4_defines);
 
 /// Quantization at load, a module of its own so that the decoding kernels never depend on it.
-static NF4_QUANTIZE: CudaModule = CudaModule::new(
+pub(crate) static NF4_QUANTIZE: CudaModule = CudaModule::new(
     "adapterlab_nf4_quantize",
     include_str!("nf4_quantize.cu"),
     nf4_quantize_defines,
@@ -234,7 +234,8 @@ pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
 }
 
 /// `x [m, k] @ W^T` for `W [n, k]` held as NF4, `x` bf16 or f16: the GEMV for
-/// `m <= GEMV_MAX_ROWS`, else the small-batch GEMM for `m <= GEMM_MAX_ROWS` (which needs
+/// `m <= GEMV_MAX_ROWS` (its 16-byte-load form where `k` and the blocksize are multiples of
+/// 32), else the small-batch GEMM for `m <= GEMM_MAX_ROWS` (which needs
 /// `k` and the blocksize to be multiples of 8).
 pub fn gemv(w: &Nf4Gpu, out_features: usize, x: &Tensor) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
@@ -256,6 +257,9 @@ pub fn gemv(w: &Nf4Gpu, out_features: usize, x: &Tensor) -> Result<Tensor> {
         x.to_dtype(DType::F32)?.to_dtype(x.dtype())?
     };
     let dev = cuda_device(&x)?;
+    // 16-byte loads of codes need rows (and so x's rows) on 16-byte boundaries and each load's
+    // 32 weights in one absmax block.
+    let by32 = k % 32 == 0 && w.blocksize % 32 == 0;
     let (n_i, k_i, m_i, bs) = (out_features as i32, k as i32, m as i32, w.blocksize as i32);
     let warps_per_block = 8u32;
     let cfg = LaunchConfig {
@@ -282,6 +286,8 @@ pub fn gemv(w: &Nf4Gpu, out_features: usize, x: &Tensor) -> Result<Tensor> {
             }};
         }
         match (x.dtype(), tiled) {
+            (DType::BF16, false) if by32 => launch!("nf4_gemv32_bf16", half::bf16),
+            (DType::F16, false) if by32 => launch!("nf4_gemv32_f16", half::f16),
             (DType::BF16, false) => launch!("nf4_gemv_bf16", half::bf16),
             (DType::F16, false) => launch!("nf4_gemv_f16", half::f16),
             (DType::BF16, true) => launch!("nf4_gemm_small_bf16", half::bf16),

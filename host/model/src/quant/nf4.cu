@@ -134,6 +134,62 @@ extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int neste
 GEMV(nf4_gemv_bf16, bf16_to_f32, f32_to_bf16)
 GEMV(nf4_gemv_f16, f16_to_f32, f32_to_f16)
 
+// The same GEMV where the row length and the blocksize are multiples of 32 (every Falcon and
+// Llama shape): each lane loads 16 bytes of codes (32 weights, one absmax block) at a time and
+// issues GEMV32_UNROLL such loads before using any, so a warp keeps 2 KB in flight. The 4-byte
+// loads of the GEMV above left one 128-byte load per warp in flight and read the 7B MLP's
+// weights at ~0.5 TB/s on an H100 (BENCHMARKS.md, 2026-12-06), a sixth of its bandwidth.
+#define GEMV32_UNROLL 4
+#define GEMV32(NAME, LOAD, STORE)                                                              \
+extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int nested,             \
+    const float* absmax, const u8* aq, const float* acode, float offset, int nbs,              \
+    const u16* x, u16* y, int m) {                                                            \
+  LOAD_TABLES                                                                                  \
+  int lane = threadIdx.x & 31;                                                                 \
+  long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);              \
+  if (row >= n) return;                                                                        \
+  float acc[GEMV_MAX_ROWS];                                                                    \
+  _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.f;                      \
+  long long base = row * (long long)k;                                                         \
+  const uint4* cw = (const uint4*)(codes + (base >> 1));                                       \
+  int nw = k >> 5;                                                                             \
+  for (int j0 = lane; j0 < nw; j0 += 32 * GEMV32_UNROLL) {                                    \
+    uint4 c[GEMV32_UNROLL];                                                                    \
+    float a[GEMV32_UNROLL];                                                                    \
+    _Pragma("unroll") for (int u = 0; u < GEMV32_UNROLL; ++u) {                               \
+      int j = j0 + 32 * u;                                                                     \
+      if (j < nw) {                                                                           \
+        c[u] = __ldg(cw + j);                                                                  \
+        a[u] = absmax_of((base + 32LL * j) / bs, nested, absmax, aq, code_s, offset, nbs);     \
+      }                                                                                       \
+    }                                                                                         \
+    _Pragma("unroll") for (int u = 0; u < GEMV32_UNROLL; ++u) {                               \
+      int j = j0 + 32 * u;                                                                     \
+      if (j < nw) {                                                                           \
+        _Pragma("unroll") for (int q = 0; q < 4; ++q) {                                       \
+          unsigned int v = q == 0 ? c[u].x : q == 1 ? c[u].y : q == 2 ? c[u].z : c[u].w;       \
+          float w[8];                                                                          \
+          DECODE8(w, v, a[u]);                                                                 \
+          _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) {                         \
+            if (r < m) {                                                                      \
+              uint4 xv = __ldg((const uint4*)(x + (long long)r * k + 32 * j + 8 * q));         \
+              acc[r] += DOT8(w, xv, LOAD);                                                     \
+            }                                                                                 \
+          }                                                                                   \
+        }                                                                                     \
+      }                                                                                       \
+    }                                                                                         \
+  }                                                                                           \
+  _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) {                                 \
+    if (r < m) {                                                                              \
+      float s = warp_sum(acc[r]);                                                              \
+      if (lane == 0) y[(long long)r * n + row] = STORE(s);                                     \
+    }                                                                                         \
+  }                                                                                           \
+}
+GEMV32(nf4_gemv32_bf16, bf16_to_f32, f32_to_bf16)
+GEMV32(nf4_gemv32_f16, f16_to_f32, f32_to_f16)
+
 // y = x W^T for more rows than the GEMV holds (GEMV_MAX_ROWS < m <= GEMM_MAX_ROWS: batched
 // decoding), still reading the 4-bit data once: a block of 8 warps serves 8 output features,
 // and stages x through shared memory a tile of GEMM_TILE columns at a time, so the 8 warps
