@@ -497,6 +497,77 @@ fn nf4_kernels_equal_the_cpu_path() {
     }
 }
 
+/// Decoding through an unmerged adapter on an NF4 base: the GEMV that adds the adapter's product
+/// in its epilogue gives the bits of the GEMV followed by the two-kernel LoRA path
+/// (`lora_inference`), and both are within 16-bit rounding of the product on the CPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn nf4_gemv_with_lora_equals_the_two_step_path() {
+    use adapterlab_model::lora::kernels::{lora_h, lora_inference};
+    use adapterlab_model::quant::kernels::LoraEpilogue;
+    use adapterlab_model::quant::nf4::Nf4Options;
+    use adapterlab_model::quant::weight::Nf4Weight;
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let cpu = Device::Cpu;
+    let wave = |n: usize, f: f32, amp: f32| -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * f).sin() * amp).collect()
+    };
+    for (rows, cols, r) in [(70, 320, 16), (20, 4544, 8)] {
+        let w = Tensor::from_vec(wave(rows * cols, 0.731, 0.05), (rows, cols), &cpu).unwrap();
+        let a = Tensor::from_vec(wave(r * cols, 0.377, 0.02), (r, cols), &cpu).unwrap();
+        let b = Tensor::from_vec(wave(rows * r, 0.913, 0.03), (rows, r), &cpu).unwrap();
+        let scaling = 2.0f64;
+        for dtype in [DType::BF16, DType::F16] {
+            let q = Nf4Weight::quantize(&w, Nf4Options::default(), dtype, &dev).unwrap();
+            let wd = q.dequantize_to(DType::F32, &cpu).unwrap();
+            for m in [1, 3, 8] {
+                let case = format!("{rows}x{cols} r={r} {dtype:?} m={m}");
+                let x = Tensor::from_vec(wave(m * cols, 0.173, 1.0), (m, cols), &cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let xd = x.to_device(&dev).unwrap();
+                let (ad, bd) = (a.to_device(&dev).unwrap(), b.to_device(&dev).unwrap());
+                let h = lora_h(&xd, &ad).unwrap();
+                let epilogue = LoraEpilogue {
+                    h: &h,
+                    b: &bd,
+                    scaling: scaling as f32,
+                };
+                let fused = q.gemv_with_lora(&xd, &epilogue).unwrap().expect(&case);
+                let base = q.forward_from_nf4(&xd).unwrap();
+                let two_step = lora_inference(&base, &xd, &ad, &bd, scaling).unwrap();
+                let (fused, two_step) = (host_f32s(&fused), host_f32s(&two_step));
+                let differ = fused
+                    .iter()
+                    .zip(&two_step)
+                    .filter(|(x, y)| x.to_bits() != y.to_bits())
+                    .count();
+                assert_eq!(
+                    differ, 0,
+                    "{case}: {differ} values differ from the two-step path"
+                );
+                let xf = x.to_dtype(DType::F32).unwrap();
+                let want = (xf.matmul(&wd.t().unwrap()).unwrap()
+                    + xf.matmul(&a.t().unwrap())
+                        .unwrap()
+                        .matmul(&(b.clone() * scaling).unwrap().t().unwrap())
+                        .unwrap())
+                .unwrap();
+                let want = host_f32s(&want);
+                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-3);
+                let err = max_diff(&fused, &want) / scale;
+                assert!(err < 1e-2, "{case}: relative error {err} against the CPU");
+            }
+        }
+    }
+}
+
 /// `x W^T` straight from the 4-bit data on the GPU (only called in a CUDA build).
 #[cfg(feature = "cuda")]
 fn from_nf4_data(q: &adapterlab_model::quant::weight::Nf4Weight, x: &Tensor) -> Tensor {

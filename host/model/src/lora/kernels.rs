@@ -5,7 +5,8 @@ use candle_core::{DType, Error, Result, Tensor};
 
 use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, no_defines, wrap};
 
-pub(crate) static LORA: CudaModule = CudaModule::new("adapterlab_lora", include_str!("lora.cu"), no_defines);
+pub(crate) static LORA: CudaModule =
+    CudaModule::new("adapterlab_lora", include_str!("lora.cu"), no_defines);
 
 /// Rows of `x` up to which [`lora_inference`] serves.
 pub const LORA_INFERENCE_MAX_ROWS: usize = 64;
@@ -36,39 +37,71 @@ pub fn lora_inference(
             b.dims()
         )));
     }
+    let h = lora_h(x, a)?;
     let ys = CudaInput::of(y)?;
-    let xs = CudaInput::of(x)?;
-    let a_in = CudaInput::of(a)?;
-    let b_in = CudaInput::of(b)?;
-    let av = a_in.view::<f32>(r * k)?;
-    let bv = b_in.view::<f32>(n * r)?;
-    // SAFETY: every element is written by the first kernel below.
-    let h = unsafe { dev.alloc::<f32>(m * r)? };
-    let (k_i, r_i, n_i, total) = (k as i32, r as i32, n as i32, (m * n) as i64);
+    let (hs, b_in) = (CudaInput::of(&h)?, CudaInput::of(b)?);
+    let (hv, bv) = (hs.view::<f32>(m * r)?, b_in.view::<f32>(n * r)?);
+    let (r_i, n_i, total) = (r as i32, n as i32, (m * n) as i64);
     let scale = scaling as f32;
     macro_rules! launch {
-        ($hname:literal, $oname:literal, $t:ty) => {{
-            let xv = xs.view::<$t>(m * k)?;
+        ($oname:literal, $t:ty) => {{
             let yv = ys.view::<$t>(m * n)?;
-            let per_rank = LaunchConfig {
-                grid_dim: ((m * r) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            crate::run_kernel!(LORA, dev, $hname, per_rank; &xv, &av, &h, &k_i, &r_i)?;
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<$t>(m * n)? };
             crate::run_kernel!(LORA, dev, $oname, LaunchConfig::for_num_elems((m * n) as u32);
-                &yv, &h, &bv, &scale, &out, &n_i, &r_i, &total,
+                &yv, &hv, &bv, &scale, &out, &n_i, &r_i, &total,
             )?;
             Ok(wrap(out, &dev, (m, n)))
         }};
     }
     match y.dtype() {
-        DType::BF16 => launch!("lora_h_bf16", "lora_out_bf16", half::bf16),
-        DType::F16 => launch!("lora_h_f16", "lora_out_f16", half::f16),
+        DType::BF16 => launch!("lora_out_bf16", half::bf16),
+        DType::F16 => launch!("lora_out_f16", half::f16),
         other => Err(Error::Msg(format!(
             "lora inference on {other:?} is not supported"
         ))),
     }
+}
+
+/// `h = x A^T` in f32 (`[m, r]`), for `x` `[m, k]` bf16 or f16 and `a` `[r, k]` f32 (both
+/// contiguous): the adapter's first product, which [`lora_inference`] or the NF4 GEMV's
+/// epilogue (`quant::kernels::gemv_with`) finishes.
+pub fn lora_h(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    let dev = cuda_device(x)?;
+    let (m, k) = x.dims2()?;
+    let (r, k2) = a.dims2()?;
+    if k != k2 || a.dtype() != DType::F32 {
+        return Err(Error::Msg(format!(
+            "lora h: x {:?}, A {:?} {:?}",
+            x.dims(),
+            a.dims(),
+            a.dtype()
+        )));
+    }
+    let (xs, a_in) = (CudaInput::of(x)?, CudaInput::of(a)?);
+    let av = a_in.view::<f32>(r * k)?;
+    // SAFETY: every element is written by the kernel below.
+    let h = unsafe { dev.alloc::<f32>(m * r)? };
+    let (k_i, r_i) = (k as i32, r as i32);
+    let per_rank = LaunchConfig {
+        grid_dim: ((m * r) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! launch {
+        ($hname:literal, $t:ty) => {{
+            let xv = xs.view::<$t>(m * k)?;
+            crate::run_kernel!(LORA, dev, $hname, per_rank; &xv, &av, &h, &k_i, &r_i)?;
+        }};
+    }
+    match x.dtype() {
+        DType::BF16 => launch!("lora_h_bf16", half::bf16),
+        DType::F16 => launch!("lora_h_f16", half::f16),
+        other => {
+            return Err(Error::Msg(format!(
+                "lora inference on {other:?} is not supported"
+            )));
+        }
+    }
+    Ok(wrap(h, &dev, (m, r)))
 }

@@ -417,6 +417,48 @@ impl LoraLayer {
         Ok(None)
     }
 
+    /// `x W^T + delta_y(x)` for an NF4 base at inference on a few rows on the GPU: the adapter's
+    /// first product (`lora_h`), then the base GEMV adding the second in its epilogue, two
+    /// launches where [`Self::add_to`] after the GEMV takes three. The same bits as that path;
+    /// `None` where either does not apply (see `add_to` and `Nf4Weight::gemv_with_lora`).
+    pub fn add_with_nf4_gemv(
+        &self,
+        base: &crate::quant::weight::Nf4Weight,
+        x: &Tensor,
+        train: bool,
+    ) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        {
+            let k = x.dim(candle_core::D::Minus1)?;
+            let rows = x.elem_count() / k.max(1);
+            let fits = !train
+                && !x.track_op()
+                && x.device().is_cuda()
+                && matches!(x.dtype(), DType::BF16 | DType::F16)
+                && self.a.dtype() == DType::F32
+                && self.b.dtype() == DType::F32
+                && crate::quant::kernels::gemv_adds_lora(rows, k, base.nf4().blocksize());
+            if fits {
+                let x2 = x.contiguous()?.reshape((rows, k))?;
+                let h =
+                    crate::lora::kernels::lora_h(&x2, &self.a.as_tensor().detach().contiguous()?)?;
+                let b = self.b.as_tensor().detach().contiguous()?;
+                let epilogue = crate::quant::kernels::LoraEpilogue {
+                    h: &h,
+                    b: &b,
+                    scaling: self.scaling as f32,
+                };
+                if let Some(y) = base.gemv_with_lora(&x2, &epilogue)? {
+                    let mut shape = x.dims().to_vec();
+                    *shape.last_mut().expect("x has a feature dimension") = y.dim(1)?;
+                    return y.reshape(shape).map(Some);
+                }
+            }
+        }
+        let _ = (base, x, train);
+        Ok(None)
+    }
+
     /// Whether forward passes in [`LoraRegistry`]'s training mode (dropout on).
     pub fn training(&self) -> bool {
         self.training.load(Ordering::Relaxed)

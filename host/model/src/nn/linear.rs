@@ -76,6 +76,15 @@ impl Linear {
         if let Some(y) = self.forward_train_node(x, train, Input::AsIs)? {
             return Ok(y);
         }
+        // Decoding through an NF4 base: the adapter's product joins the GEMV's epilogue (a bias
+        // would come between the two products, so a biased layer takes the path below).
+        if let (Some(lora), Some(nf4), None) = (&self.lora, self.base.as_nf4(), &self.bias)
+            && let Some(y) = crate::ops::profile::scope("lora.gemv", x.device(), || {
+                lora.add_with_nf4_gemv(nf4, x, train)
+            })?
+        {
+            return Ok(y);
+        }
         let y = self.add_bias(self.base.forward(x)?)?;
         let Some(lora) = &self.lora else { return Ok(y) };
         if let Some(out) =

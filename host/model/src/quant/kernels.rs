@@ -35,7 +35,8 @@ pub fn small_batch_tiled() -> Result<bool> {
         .map_err(Error::Msg)
 }
 
-pub(crate) static NF4: CudaModule = CudaModule::new("adapterlab_nf4", include_str!("nf4.cu"), nf4_defines);
+pub(crate) static NF4: CudaModule =
+    CudaModule::new("adapterlab_nf4", include_str!("nf4.cu"), nf4_defines);
 
 /// Quantization at load, a module of its own so that the decoding kernels never depend on it.
 pub(crate) static NF4_QUANTIZE: CudaModule = CudaModule::new(
@@ -238,6 +239,31 @@ pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
 /// 32), else the small-batch GEMM for `m <= GEMM_MAX_ROWS` (which needs
 /// `k` and the blocksize to be multiples of 8).
 pub fn gemv(w: &Nf4Gpu, out_features: usize, x: &Tensor) -> Result<Tensor> {
+    gemv_with(w, out_features, x, None)
+}
+
+/// An unmerged LoRA adapter's product for the GEMV to add to the base's: `h = x A^T`
+/// (`[m, r]` f32, `lora::kernels::lora_h`), `b` (`[n, r]` f32) and the scaling.
+pub struct LoraEpilogue<'a> {
+    pub h: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scaling: f32,
+}
+
+/// Whether [`gemv_with`] can add an adapter's product for `m` rows of `k` features: its
+/// 16-byte-load GEMV serves them.
+pub fn gemv_adds_lora(m: usize, k: usize, blocksize: usize) -> bool {
+    (1..=GEMV_MAX_ROWS).contains(&m) && k % 32 == 0 && blocksize % 32 == 0
+}
+
+/// [`gemv`], and with `lora` the adapter's product added in the same launch (where
+/// [`gemv_adds_lora`]; an error elsewhere).
+pub fn gemv_with(
+    w: &Nf4Gpu,
+    out_features: usize,
+    x: &Tensor,
+    lora: Option<&LoraEpilogue>,
+) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let tiled = m > GEMV_MAX_ROWS;
     if m == 0
@@ -260,6 +286,28 @@ pub fn gemv(w: &Nf4Gpu, out_features: usize, x: &Tensor) -> Result<Tensor> {
     // 16-byte loads of codes need rows (and so x's rows) on 16-byte boundaries and each load's
     // 32 weights in one absmax block.
     let by32 = k % 32 == 0 && w.blocksize % 32 == 0;
+    let lora = match lora {
+        None => None,
+        Some(l) => {
+            let (hm, r) = l.h.dims2()?;
+            let (bn, br) = l.b.dims2()?;
+            if !gemv_adds_lora(m, k, w.blocksize)
+                || (hm, bn, br) != (m, out_features, r)
+                || l.h.dtype() != DType::F32
+                || l.b.dtype() != DType::F32
+            {
+                return Err(Error::Msg(format!(
+                    "NF4 GEMV with LoRA: {m} rows of {k} features (blocks of {}), h {:?} {:?}, B {:?} {:?}, {out_features} outputs",
+                    w.blocksize,
+                    l.h.dims(),
+                    l.h.dtype(),
+                    l.b.dims(),
+                    l.b.dtype()
+                )));
+            }
+            Some((CudaInput::of(l.h)?, CudaInput::of(l.b)?, l.scaling, r))
+        }
+    };
     let (n_i, k_i, m_i, bs) = (out_features as i32, k as i32, m as i32, w.blocksize as i32);
     let warps_per_block = 8u32;
     let cfg = LaunchConfig {
@@ -285,9 +333,36 @@ pub fn gemv(w: &Nf4Gpu, out_features: usize, x: &Tensor) -> Result<Tensor> {
                 Ok(wrap(out, &dev, (m, out_features)))
             }};
         }
+        // The 16-byte-load GEMV also takes the adapter's inputs (lr = 0: none; the absmax then
+        // stands in for the pointers it never reads).
+        macro_rules! launch32 {
+            ($name:literal, $t:ty) => {{
+                let xv = xs.as_cuda_slice::<$t>()?;
+                // SAFETY: every element is written by the kernel below.
+                let out = unsafe { dev.alloc::<$t>(m * out_features)? };
+                match &lora {
+                    Some((h, b, scaling, r)) => {
+                        let (hv, bv) = (h.view::<f32>(m * r)?, b.view::<f32>(out_features * r)?);
+                        let r_i = *r as i32;
+                        crate::run_kernel!(NF4, dev, $name, cfg;
+                            s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
+                            &s.offset, &s.nbs, xv, &out, &m_i, &hv, &bv, scaling, &r_i,
+                        )?;
+                    }
+                    None => {
+                        let (none, zero) = (0i32, 0f32);
+                        crate::run_kernel!(NF4, dev, $name, cfg;
+                            s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
+                            &s.offset, &s.nbs, xv, &out, &m_i, s.absmax, s.absmax, &zero, &none,
+                        )?;
+                    }
+                }
+                Ok(wrap(out, &dev, (m, out_features)))
+            }};
+        }
         match (x.dtype(), tiled) {
-            (DType::BF16, false) if by32 => launch!("nf4_gemv32_bf16", half::bf16),
-            (DType::F16, false) if by32 => launch!("nf4_gemv32_f16", half::f16),
+            (DType::BF16, false) if by32 => launch32!("nf4_gemv32_bf16", half::bf16),
+            (DType::F16, false) if by32 => launch32!("nf4_gemv32_f16", half::f16),
             (DType::BF16, false) => launch!("nf4_gemv_bf16", half::bf16),
             (DType::F16, false) => launch!("nf4_gemv_f16", half::f16),
             (DType::BF16, true) => launch!("nf4_gemm_small_bf16", half::bf16),

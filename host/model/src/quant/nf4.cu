@@ -139,11 +139,15 @@ GEMV(nf4_gemv_f16, f16_to_f32, f32_to_f16)
 // issues GEMV32_UNROLL such loads before using any, so a warp keeps 2 KB in flight. The 4-byte
 // loads of the GEMV above left one 128-byte load per warp in flight and read the 7B MLP's
 // weights at ~0.5 TB/s on an H100 (BENCHMARKS.md, 2026-12-06), a sixth of its bandwidth.
+// With lr > 0 it also adds an unmerged LoRA adapter's product, given h = x A^T (lora_h in
+// lora.cu, [m, lr] f32) and B ([n, lr] f32): the base product rounded to 16 bits, plus
+// h (B * lscale)^T summed in f32, rounded once, as lora_out computes it, so the result has the
+// bits of the GEMV followed by lora_out, in one launch fewer a layer's linear.
 #define GEMV32_UNROLL 4
 #define GEMV32(NAME, LOAD, STORE)                                                              \
 extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int nested,             \
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,              \
-    const u16* x, u16* y, int m) {                                                            \
+    const u16* x, u16* y, int m, const float* lh, const float* lb, float lscale, int lr) {    \
   LOAD_TABLES                                                                                  \
   int lane = threadIdx.x & 31;                                                                 \
   long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);              \
@@ -183,7 +187,17 @@ extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int neste
   _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) {                                 \
     if (r < m) {                                                                              \
       float s = warp_sum(acc[r]);                                                              \
-      if (lane == 0) y[(long long)r * n + row] = STORE(s);                                     \
+      if (lane == 0) {                                                                        \
+        u16 out = STORE(s);                                                                    \
+        if (lr > 0) {                                                                         \
+          const float* hr = lh + (long long)r * lr;                                            \
+          const float* br = lb + row * lr;                                                     \
+          float d = 0.f;                                                                       \
+          for (int j = 0; j < lr; ++j) d += hr[j] * __fmul_rn(br[j], lscale);                  \
+          out = STORE(__fadd_rn(LOAD(out), d));                                                \
+        }                                                                                     \
+        y[(long long)r * n + row] = out;                                                       \
+      }                                                                                       \
     }                                                                                         \
   }                                                                                           \
 }

@@ -454,6 +454,32 @@ impl Nf4Weight {
         }
     }
 
+    /// `x2 [m, k] W^T` plus an unmerged adapter's product (see
+    /// [`crate::quant::kernels::LoraEpilogue`]) in one GEMV launch, for decoding; `None` where
+    /// that GEMV does not serve `x2` (too many rows, a graph, the CPU, 32-bit inputs, shapes
+    /// that are not multiples of 32).
+    #[cfg(feature = "cuda")]
+    pub fn gemv_with_lora(
+        &self,
+        x2: &Tensor,
+        lora: &crate::quant::kernels::LoraEpilogue,
+    ) -> Result<Option<Tensor>> {
+        let (rows, k) = x2.dims2()?;
+        match &self.inner.on_device {
+            Some(d)
+                if crate::quant::kernels::gemv_adds_lora(rows, k, self.inner.q.blocksize())
+                    && !x2.track_op()
+                    && x2.device().is_cuda()
+                    && matches!(x2.dtype(), DType::BF16 | DType::F16) =>
+            {
+                let out_dim = self.inner.q.shape()[0];
+                crate::quant::kernels::gemv_with(&d.gpu(&self.inner.q), out_dim, x2, Some(lora))
+                    .map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// `x2 [m, k] W^T` straight from the 4-bit data on the GPU (the GEMV, or the small-batch
     /// GEMM above `GEMV_MAX_ROWS` rows) whatever `ADAPTERLAB_NF4_SMALL_BATCH` says: what the
     /// GPU tests hold against the CPU path.
