@@ -110,6 +110,11 @@ def bench_train(model, batch, seq, steps, warmup=3):
 
 @torch.no_grad()
 def bench_generate(model, batch, prompt_len=200, new=50):
+    # The 2026-12-06 run printed no generate line before its timeout: if a generate stalls
+    # again, its stack goes to stderr after 120 s instead of nothing.
+    import faulthandler, sys
+    faulthandler.dump_traceback_later(120, repeat=True, file=sys.stderr)
+    print(f"generate batch {batch}: start", file=sys.stderr, flush=True)
     model.eval()
     model.config.use_cache = True
     ids = torch.randint(0, 65024, (batch, prompt_len), device="cuda")
@@ -119,6 +124,7 @@ def bench_generate(model, batch, prompt_len=200, new=50):
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
     torch.cuda.synchronize(); s = time.time() - t
     n = (out.shape[1] - prompt_len) * batch
+    faulthandler.cancel_dump_traceback_later()
     print(json.dumps({"what": "generate", "batch": batch, "prompt": prompt_len, "new": new,
                       "s": round(s, 3), "tokens_per_s": round(n / s, 1)}), flush=True)
 
