@@ -198,22 +198,33 @@ fi
 # generate  decoding at batch 1 and 16 (200-token prompts, 50 new tokens) with a LoRA adapter on
 #           all four linear kinds (issue 17's workload; one training step makes it, since its
 #           values do not change the work), for each of GEN_VARIANTS: eager (unmerged, then
-#           merged), flash_attention_2 (unmerged), eager+tiled (unmerged, batch 16's projections
-#           straight from NF4 with ADAPTERLAB_NF4_SMALL_BATCH=tiled instead of dequantize +
-#           cuBLAS), and base (eager, no adapter); for each build of GEN_SIDES (default after;
-#           "before after" measures a change in one call)
+#           merged), flash_attention_2 (unmerged), base (eager, no adapter), each optionally
+#           +KERNEL for the NF4 decoding kernels (quant/kernels.rs): +wide (batch 1's GEMV with
+#           16-byte loads, ADAPTERLAB_NF4_GEMV=wide), +mma (the tensor-core GEMM for batch 1 and
+#           16, ADAPTERLAB_NF4_GEMV=mma ADAPTERLAB_NF4_SMALL_BATCH=mma), +tiled (batch 16's
+#           tiled GEMM instead of dequantize + cuBLAS); for each build of GEN_SIDES (default
+#           after; "before after" measures a change in one call; the before build ignores
+#           switches it predates)
 if stage generate; then
   timeout 120 /tmp/gl/after bench train --model "$CKPT" --batch 1 --seq 16 --steps 1 --warmup 0 \
     --save /tmp/gen-adapter > "$OUT/gen-adapter.json" 2>&1 || tail -3 "$OUT/gen-adapter.json"
   for side in ${GEN_SIDES:-after}; do
     for variant in ${GEN_VARIANTS:-eager flash_attention_2 eager+tiled base}; do
-      attn=${variant%+tiled}; small=dequantize; [ "$variant" = eager+tiled ] && small=tiled
+      # attention[+kernel]: the NF4 decoding kernels the switches pick (quant/kernels.rs)
+      attn=${variant%%+*}; gemv=words; small=dequantize
+      case $variant in
+        *+tiled) small=tiled ;;
+        *+wide) gemv=wide ;;
+        *+mma) gemv=mma; small=mma ;;
+        *+*) echo "unknown generate variant $variant"; continue ;;
+      esac
       adapter=(--adapter /tmp/gen-adapter); merged=()
-      case $variant in base) attn=eager; adapter=() ;; eager) merged=(--merged) ;; esac
+      [ "$attn" = base ] && { attn=eager; adapter=(); }
+      [ "$variant" = eager ] && merged=(--merged)
       # The after build's rows keep the variant's name; the others are prefixed with their side.
       name=$variant; [ "$side" = after ] || name=$side-$variant
       echo "== generate stage: $side, batch 1 and 16, $variant"
-      ADAPTERLAB_NF4_SMALL_BATCH=$small timeout 200 /tmp/gl/$side bench generate --model "$CKPT" --batch 1,16 \
+      ADAPTERLAB_NF4_GEMV=$gemv ADAPTERLAB_NF4_SMALL_BATCH=$small timeout 200 /tmp/gl/$side bench generate --model "$CKPT" --batch 1,16 \
         "${adapter[@]}" "${merged[@]}" --prompt-tokens 200 --new-tokens 50 --attn-implementation "$attn" \
         2>"$OUT/generate-$name.err" | tee "$OUT/generate-$name.json" \
         | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$name\",${line#\{}" >> "$RESULTS"; done

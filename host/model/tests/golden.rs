@@ -459,17 +459,17 @@ fn nf4_kernels_equal_the_cpu_path() {
                 continue;
             }
             let wd = q.dequantize_to(DType::F32, &cpu).unwrap();
-            // `forward` as a model calls it, and straight from the 4-bit data: the GEMV and
-            // (above 8 rows, where the columns and the blocksize are multiples of 8) the
-            // small-batch GEMM, whichever ADAPTERLAB_NF4_SMALL_BATCH picks for `forward`.
-            let mut runs: Vec<(usize, bool)> = [1, 3, 16, 20].map(|m| (m, false)).to_vec();
-            if cfg!(feature = "cuda") {
-                runs.extend([1, 8, 9, 16, 31, 32].map(|m| (m, true)));
+            // `forward` as a model calls it, and straight from the 4-bit data with each decoding
+            // kernel, on every row count it serves.
+            let mut runs: Vec<(usize, Option<Kernel>)> = [1, 3, 16, 20].map(|m| (m, None)).to_vec();
+            for kernel in decode_kernels() {
+                for m in [1, 3, 8, 9, 16, 31, 32] {
+                    if kernel_serves(kernel, m, cols, rows) {
+                        runs.push((m, Some(kernel)));
+                    }
+                }
             }
             for (m, from_nf4) in runs {
-                if from_nf4 && m > 8 && cols % 8 != 0 {
-                    continue;
-                }
                 let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.173).cos()).collect();
                 let x = Tensor::from_vec(x, (m, cols), &cpu)
                     .unwrap()
@@ -481,12 +481,11 @@ fn nf4_kernels_equal_the_cpu_path() {
                     .matmul(&wd.t().unwrap())
                     .unwrap();
                 let x = x.to_device(&dev).unwrap();
-                let got = if from_nf4 {
-                    from_nf4_data(&q, &x)
-                } else {
-                    q.forward(&x).unwrap()
+                let got = match from_nf4 {
+                    Some(kernel) => from_nf4_data(&q, &x, kernel),
+                    None => q.forward(&x).unwrap(),
                 };
-                let case = format!("{case} m={m} from_nf4={from_nf4}");
+                let case = format!("{case} m={m} kernel={from_nf4:?}");
                 assert_eq!(got.dims(), &[m, rows], "{case}");
                 let (got, want) = (f32s_of(&got), f32s_of(&want));
                 let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-3);
@@ -497,9 +496,9 @@ fn nf4_kernels_equal_the_cpu_path() {
     }
 }
 
-/// Decoding through an unmerged adapter on an NF4 base: the GEMV that adds the adapter's product
-/// in its epilogue gives the bits of the GEMV followed by the two-kernel LoRA path
-/// (`lora_inference`), and both are within 16-bit rounding of the product on the CPU.
+/// Decoding through an unmerged adapter on an NF4 base: each decoding kernel that adds the
+/// adapter's product in its epilogue gives the bits of that kernel followed by the two-kernel
+/// LoRA path (`lora_inference`), and both are within 16-bit rounding of the product on the CPU.
 #[cfg(feature = "cuda")]
 #[test]
 fn nf4_gemv_with_lora_equals_the_two_step_path() {
@@ -517,7 +516,7 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
     let wave = |n: usize, f: f32, amp: f32| -> Vec<f32> {
         (0..n).map(|i| (i as f32 * f).sin() * amp).collect()
     };
-    for (rows, cols, r) in [(70, 320, 16), (20, 4544, 8)] {
+    for (rows, cols, r) in [(72, 320, 16), (24, 4544, 8), (70, 200, 16)] {
         let w = Tensor::from_vec(wave(rows * cols, 0.731, 0.05), (rows, cols), &cpu).unwrap();
         let a = Tensor::from_vec(wave(r * cols, 0.377, 0.02), (r, cols), &cpu).unwrap();
         let b = Tensor::from_vec(wave(rows * r, 0.913, 0.03), (rows, r), &cpu).unwrap();
@@ -525,8 +524,12 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
         for dtype in [DType::BF16, DType::F16] {
             let q = Nf4Weight::quantize(&w, Nf4Options::default(), dtype, &dev).unwrap();
             let wd = q.dequantize_to(DType::F32, &cpu).unwrap();
-            for m in [1, 3, 8] {
-                let case = format!("{rows}x{cols} r={r} {dtype:?} m={m}");
+            for (m, kernel) in [1, 3, 8, 16]
+                .into_iter()
+                .flat_map(|m| decode_kernels().into_iter().map(move |kernel| (m, kernel)))
+                .filter(|&(m, kernel)| kernel.adds_lora() && kernel_serves(kernel, m, cols, rows))
+            {
+                let case = format!("{rows}x{cols} r={r} {dtype:?} m={m} {kernel:?}");
                 let x = Tensor::from_vec(wave(m * cols, 0.173, 1.0), (m, cols), &cpu)
                     .unwrap()
                     .to_dtype(dtype)
@@ -539,8 +542,8 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
                     b: &bd,
                     scaling: scaling as f32,
                 };
-                let fused = q.gemv_with_lora(&xd, &epilogue).unwrap().expect(&case);
-                let base = q.forward_from_nf4(&xd).unwrap();
+                let fused = q.forward_from_nf4(&xd, kernel, Some(&epilogue)).unwrap();
+                let base = q.forward_from_nf4(&xd, kernel, None).unwrap();
                 let two_step = lora_inference(&base, &xd, &ad, &bd, scaling).unwrap();
                 let (fused, two_step) = (host_f32s(&fused), host_f32s(&two_step));
                 let differ = fused
@@ -568,14 +571,49 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
     }
 }
 
-/// `x W^T` straight from the 4-bit data on the GPU (only called in a CUDA build).
+/// The NF4 decoding kernels (none in a CPU build).
 #[cfg(feature = "cuda")]
-fn from_nf4_data(q: &adapterlab_model::quant::weight::Nf4Weight, x: &Tensor) -> Tensor {
-    q.forward_from_nf4(x).unwrap()
+type Kernel = adapterlab_model::quant::kernels::DecodeKernel;
+#[cfg(not(feature = "cuda"))]
+type Kernel = ();
+
+#[cfg(feature = "cuda")]
+fn decode_kernels() -> Vec<Kernel> {
+    use adapterlab_model::quant::kernels::DecodeKernel;
+    vec![
+        DecodeKernel::Words,
+        DecodeKernel::Wide,
+        DecodeKernel::Mma,
+        DecodeKernel::Tiled,
+    ]
+}
+#[cfg(not(feature = "cuda"))]
+fn decode_kernels() -> Vec<Kernel> {
+    Vec::new()
+}
+
+/// Whether `kernel` serves `m` rows of `k` columns against `n` features in blocks of 64.
+#[cfg(feature = "cuda")]
+fn kernel_serves(kernel: Kernel, m: usize, k: usize, n: usize) -> bool {
+    kernel.serves(m, k, n, 64)
+}
+#[cfg(not(feature = "cuda"))]
+fn kernel_serves(_: Kernel, _: usize, _: usize, _: usize) -> bool {
+    false
+}
+
+/// `x W^T` straight from the 4-bit data on the GPU with `kernel`.
+#[cfg(feature = "cuda")]
+fn from_nf4_data(
+    q: &adapterlab_model::quant::weight::Nf4Weight,
+    x: &Tensor,
+    kernel: Kernel,
+) -> Tensor {
+    q.forward_from_nf4(x, kernel, None).unwrap()
 }
 
 #[cfg(not(feature = "cuda"))]
-fn from_nf4_data(_: &adapterlab_model::quant::weight::Nf4Weight, _: &Tensor) -> Tensor {
+fn from_nf4_data(_: &adapterlab_model::quant::weight::Nf4Weight, _: &Tensor, _: Kernel) -> Tensor {
     unreachable!("the runs from NF4 data are listed in CUDA builds only")
 }
 

@@ -418,9 +418,10 @@ impl LoraLayer {
     }
 
     /// `x W^T + delta_y(x)` for an NF4 base at inference on a few rows on the GPU: the adapter's
-    /// first product (`lora_h`), then the base GEMV adding the second in its epilogue, two
-    /// launches where [`Self::add_to`] after the GEMV takes three. The same bits as that path;
-    /// `None` where either does not apply (see `add_to` and `Nf4Weight::gemv_with_lora`).
+    /// first product (`lora_h`), then the base's decoding kernel adding the second in its
+    /// epilogue, two launches where [`Self::add_to`] after the base takes three. The same bits
+    /// as that path; `None` where either does not apply (see `add_to` and
+    /// `Nf4Weight::decode_kernel`).
     pub fn add_with_nf4_gemv(
         &self,
         base: &crate::quant::weight::Nf4Weight,
@@ -436,9 +437,11 @@ impl LoraLayer {
                 && x.device().is_cuda()
                 && matches!(x.dtype(), DType::BF16 | DType::F16)
                 && self.a.dtype() == DType::F32
-                && self.b.dtype() == DType::F32
-                && crate::quant::kernels::gemv_adds_lora(rows, k, base.nf4().blocksize());
-            if fits {
+                && self.b.dtype() == DType::F32;
+            if fits
+                && let Some(kernel) = base.decode_kernel(x)?
+                && kernel.adds_lora()
+            {
                 let x2 = x.contiguous()?.reshape((rows, k))?;
                 let h =
                     crate::lora::kernels::lora_h(&x2, &self.a.as_tensor().detach().contiguous()?)?;
@@ -448,11 +451,10 @@ impl LoraLayer {
                     b: &b,
                     scaling: self.scaling as f32,
                 };
-                if let Some(y) = base.gemv_with_lora(&x2, &epilogue)? {
-                    let mut shape = x.dims().to_vec();
-                    *shape.last_mut().expect("x has a feature dimension") = y.dim(1)?;
-                    return y.reshape(shape).map(Some);
-                }
+                let y = base.forward_from_nf4(&x2, kernel, Some(&epilogue))?;
+                let mut shape = x.dims().to_vec();
+                *shape.last_mut().expect("x has a feature dimension") = y.dim(1)?;
+                return y.reshape(shape).map(Some);
             }
         }
         let _ = (base, x, train);

@@ -25,6 +25,9 @@ pub struct CudaModule {
     pub source: &'static str,
     /// `#define`s the source expects from the host, computed once.
     pub defines: fn() -> String,
+    /// The virtual architecture to compile for, where the source needs a newer one than
+    /// NVRTC's default.
+    pub arch: Option<&'static str>,
     ptx: OnceLock<std::result::Result<String, String>>,
 }
 
@@ -34,15 +37,28 @@ impl CudaModule {
             name,
             source,
             defines,
+            arch: None,
             ptx: OnceLock::new(),
         }
+    }
+
+    /// The module compiled for `arch` (e.g. `compute_80`); the driver then refuses to load
+    /// it on older cards, and only its own kernels are lost there.
+    pub const fn for_arch(mut self, arch: &'static str) -> Self {
+        self.arch = Some(arch);
+        self
     }
 
     pub fn ptx(&self) -> Result<&str> {
         self.ptx
             .get_or_init(|| {
+                use candle_core::cuda_backend::cudarc::nvrtc;
                 let code = format!("{PRELUDE}\n{}\n{}", (self.defines)(), self.source);
-                candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(code)
+                let opts = nvrtc::CompileOptions {
+                    arch: self.arch,
+                    ..Default::default()
+                };
+                nvrtc::compile_ptx_with_opts(code, opts)
                     .map(|p| p.to_src())
                     .map_err(|e| {
                         format!("compiling the {} CUDA kernels with NVRTC: {e}", self.name)
@@ -96,6 +112,7 @@ pub fn compile_all() -> Result<Vec<&'static str>> {
         .chain([
             &crate::quant::kernels::NF4,
             &crate::quant::kernels::NF4_QUANTIZE,
+            &crate::quant::kernels::NF4_MMA,
             &crate::lora::kernels::LORA,
         ])
         .chain(crate::ops::flash::cuda_modules());

@@ -2,41 +2,131 @@
 //! the CPU path, bit for bit), dequantization (`nf4.cu`) in one pass, every step in f32
 //! with the operations bitsandbytes does and one rounding (the same bits as the CPU path; the
 //! tensor-op version it replaced moved ~20 bytes per weight through five kernels, this one reads
-//! half a byte and writes two), and the decoding GEMV `y = x W^T` straight from the 4-bit data
-//! for up to [`GEMV_MAX_ROWS`] rows, so a token reads half a byte per weight.
+//! half a byte and writes two), and the decoding kernels ([`DecodeKernel`]) computing `y = x W^T`
+//! straight from the 4-bit data for a few rows, so a token reads half a byte per weight.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig};
 use candle_core::{CudaStorage, DType, Error, Result, Storage, Tensor};
 
 use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, wrap};
 
-/// Rows of `x` one GEMV launch handles; more rows go through dequantize + cuBLAS, or, opted
-/// in, the small-batch GEMM.
+/// Rows of `x` the GEMVs (`nf4_gemv_*`, `nf4_gemv32_*`) handle; more rows go through
+/// dequantize + cuBLAS, or, opted in, the tensor-core GEMM or the small-batch GEMM.
 pub const GEMV_MAX_ROWS: usize = 8;
 
 /// Rows of `x` the small-batch GEMM (`nf4_gemm_small_*`) handles: batched decoding.
 pub const GEMM_MAX_ROWS: usize = 32;
 
-/// Whether batches of `GEMV_MAX_ROWS + 1 ..= GEMM_MAX_ROWS` rows multiply straight from the
-/// 4-bit data (`ADAPTERLAB_NF4_SMALL_BATCH=tiled`) instead of dequantizing the weight for
-/// cuBLAS (`dequantize`, the default). The tiled kernel is right (`nf4_kernels_equal_the_cpu_path`
-/// passed on an H100 on 2026-12-06) but slower there: batch-16 decoding of the 7B shape ran at
-/// 508 tokens/s against dequantize + cuBLAS's 825 (BENCHMARKS.md), so it stays opt-in.
-pub fn small_batch_tiled() -> Result<bool> {
-    const ENV: &str = "ADAPTERLAB_NF4_SMALL_BATCH";
-    static CHOICE: std::sync::OnceLock<std::result::Result<bool, String>> =
-        std::sync::OnceLock::new();
+/// Rows of `x` the tensor-core GEMM (`nf4_mma_*`) handles: one m16n8k16 A operand.
+pub const MMA_MAX_ROWS: usize = 16;
+
+/// A kernel multiplying `x` straight from the 4-bit data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// A warp a feature, 4-byte loads of codes: any shape, up to [`GEMV_MAX_ROWS`] rows.
+    Words,
+    /// A warp a feature, 16-byte loads of codes, four in flight a lane: rows and blocks that
+    /// are multiples of 32.
+    Wide,
+    /// Tensor cores (sm_80 and later), 8 features a block: up to [`MMA_MAX_ROWS`] rows, rows
+    /// and blocks multiples of 32, features a multiple of 8.
+    Mma,
+    /// x staged through shared memory a tile at a time: up to [`GEMM_MAX_ROWS`] rows, rows and
+    /// blocks multiples of 8.
+    Tiled,
+}
+
+impl DecodeKernel {
+    /// Whether this kernel serves `m` rows of `k` features against `n` features in blocks of
+    /// `bs`.
+    pub fn serves(self, m: usize, k: usize, n: usize, bs: usize) -> bool {
+        m > 0
+            && match self {
+                DecodeKernel::Words => m <= GEMV_MAX_ROWS,
+                DecodeKernel::Wide => m <= GEMV_MAX_ROWS && k % 32 == 0 && bs % 32 == 0,
+                DecodeKernel::Mma => m <= MMA_MAX_ROWS && k % 32 == 0 && bs % 32 == 0 && n % 8 == 0,
+                DecodeKernel::Tiled => m <= GEMM_MAX_ROWS && k % 8 == 0 && bs % 8 == 0,
+            }
+    }
+
+    /// Whether the kernel adds an adapter's product in its epilogue (see [`LoraEpilogue`]).
+    pub fn adds_lora(self) -> bool {
+        self != DecodeKernel::Tiled
+    }
+
+    /// The kernel decoding `m` rows takes under the speed switches, if one serves them
+    /// (`None`: dequantize + cuBLAS).
+    ///
+    /// `ADAPTERLAB_NF4_GEMV` picks the kernel for up to [`GEMV_MAX_ROWS`] rows: `words` (the
+    /// default), `wide` or `mma`, each falling back to the next simpler one where it does not
+    /// serve the shape. `ADAPTERLAB_NF4_SMALL_BATCH` picks it for more rows: `dequantize` (the
+    /// default), `mma` (up to [`MMA_MAX_ROWS`]) or `tiled`. Measured on an H100 on 2026-12-06
+    /// (BENCHMARKS.md): batch-1 decoding of the 7B shape at 107 tokens/s with `words`, 90 with
+    /// `wide`; batch 16 at 825 with `dequantize`, 508 with `tiled`.
+    pub fn for_rows(m: usize, k: usize, n: usize, bs: usize) -> Result<Option<Self>> {
+        let (gemv, small) = switches()?;
+        let pick = |wanted: &[DecodeKernel]| {
+            wanted
+                .iter()
+                .copied()
+                .find(|kernel| kernel.serves(m, k, n, bs))
+        };
+        Ok(if m <= GEMV_MAX_ROWS {
+            match gemv {
+                DecodeKernel::Mma => {
+                    pick(&[DecodeKernel::Mma, DecodeKernel::Wide, DecodeKernel::Words])
+                }
+                DecodeKernel::Wide => pick(&[DecodeKernel::Wide, DecodeKernel::Words]),
+                _ => pick(&[DecodeKernel::Words]),
+            }
+        } else {
+            small.and_then(|kernel| pick(&[kernel]))
+        })
+    }
+}
+
+/// `ADAPTERLAB_NF4_GEMV` and `ADAPTERLAB_NF4_SMALL_BATCH` (`None`: dequantize), read once.
+fn switches() -> Result<(DecodeKernel, Option<DecodeKernel>)> {
+    type Chosen = std::result::Result<(DecodeKernel, Option<DecodeKernel>), String>;
+    static CHOICE: std::sync::OnceLock<Chosen> = std::sync::OnceLock::new();
     CHOICE
         .get_or_init(|| {
-            let chosen = crate::ops::switch::choice(ENV, &[("tiled", true), ("dequantize", false)]);
-            chosen.map(|c| c.unwrap_or(false))
+            use crate::ops::switch::choice;
+            let gemv = choice(
+                "ADAPTERLAB_NF4_GEMV",
+                &[
+                    ("words", DecodeKernel::Words),
+                    ("wide", DecodeKernel::Wide),
+                    ("mma", DecodeKernel::Mma),
+                ],
+            )?;
+            let small = choice(
+                "ADAPTERLAB_NF4_SMALL_BATCH",
+                &[
+                    ("dequantize", None),
+                    ("mma", Some(DecodeKernel::Mma)),
+                    ("tiled", Some(DecodeKernel::Tiled)),
+                ],
+            )?;
+            Ok((gemv.unwrap_or(DecodeKernel::Words), small.flatten()))
         })
         .clone()
         .map_err(Error::Msg)
 }
 
-pub(crate) static NF4: CudaModule =
-    CudaModule::new("adapterlab_nf4", include_str!("nf4.cu"), nf4_defines);
+pub(crate) static NF4: CudaModule = CudaModule::new(
+    "adapterlab_nf4",
+    concat!(include_str!("nf4_common.cu"), include_str!("nf4.cu")),
+    nf4_defines,
+);
+
+/// The tensor-core GEMM, a module of its own for the architecture it needs.
+pub(crate) static NF4_MMA: CudaModule = CudaModule::new(
+    "adapterlab_nf4_mma",
+    concat!(include_str!("nf4_common.cu"), include_str!("nf4_mma.cu")),
+    nf4_defines,
+)
+.for_arch("compute_80");
 
 /// Quantization at load, a module of its own so that the decoding kernels never depend on it.
 pub(crate) static NF4_QUANTIZE: CudaModule = CudaModule::new(
@@ -234,15 +324,7 @@ pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
     })
 }
 
-/// `x [m, k] @ W^T` for `W [n, k]` held as NF4, `x` bf16 or f16: the GEMV for
-/// `m <= GEMV_MAX_ROWS` (its 16-byte-load form where `k` and the blocksize are multiples of
-/// 32), else the small-batch GEMM for `m <= GEMM_MAX_ROWS` (which needs
-/// `k` and the blocksize to be multiples of 8).
-pub fn gemv(w: &Nf4Gpu, out_features: usize, x: &Tensor) -> Result<Tensor> {
-    gemv_with(w, out_features, x, None)
-}
-
-/// An unmerged LoRA adapter's product for the GEMV to add to the base's: `h = x A^T`
+/// An unmerged LoRA adapter's product for a decoding kernel to add to the base's: `h = x A^T`
 /// (`[m, r]` f32, `lora::kernels::lora_h`), `b` (`[n, r]` f32) and the scaling.
 pub struct LoraEpilogue<'a> {
     pub h: &'a Tensor,
@@ -250,55 +332,39 @@ pub struct LoraEpilogue<'a> {
     pub scaling: f32,
 }
 
-/// Whether [`gemv_with`] can add an adapter's product for `m` rows of `k` features: its
-/// 16-byte-load GEMV serves them.
-pub fn gemv_adds_lora(m: usize, k: usize, blocksize: usize) -> bool {
-    (1..=GEMV_MAX_ROWS).contains(&m) && k % 32 == 0 && blocksize % 32 == 0
-}
-
-/// [`gemv`], and with `lora` the adapter's product added in the same launch (where
-/// [`gemv_adds_lora`]; an error elsewhere).
+/// `x [m, k] @ W^T` for `W [n, k]` held as NF4, `x` bf16 or f16, with `kernel` (which must
+/// [`DecodeKernel::serves`] the shape), and with `lora` the adapter's product added in the same
+/// launch (where the kernel [`DecodeKernel::adds_lora`]).
 pub fn gemv_with(
     w: &Nf4Gpu,
     out_features: usize,
     x: &Tensor,
+    kernel: DecodeKernel,
     lora: Option<&LoraEpilogue>,
 ) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
-    let tiled = m > GEMV_MAX_ROWS;
-    if m == 0
-        || m > GEMM_MAX_ROWS
-        || out_features * k != w.n
-        || (tiled && (k % 8 != 0 || w.blocksize % 8 != 0))
+    if out_features * k != w.n
+        || !kernel.serves(m, k, out_features, w.blocksize)
+        || (lora.is_some() && !kernel.adds_lora())
     {
         return Err(Error::Msg(format!(
-            "NF4 GEMV: {m} rows of {k} features against a weight of {} elements in blocks of {}",
-            w.n, w.blocksize
+            "NF4 {kernel:?} kernel (adapter: {}): {m} rows of {k} features against a weight of {} elements ({out_features} features) in blocks of {}",
+            lora.is_some(),
+            w.n,
+            w.blocksize
         )));
     }
-    let x = if x.is_contiguous() && x.layout().start_offset() == 0 {
-        x.clone()
-    } else {
-        // A fresh, offset-0 copy; the round trip through f32 is exact for bf16 and f16.
-        x.to_dtype(DType::F32)?.to_dtype(x.dtype())?
-    };
-    let dev = cuda_device(&x)?;
-    // 16-byte loads of codes need rows (and so x's rows) on 16-byte boundaries and each load's
-    // 32 weights in one absmax block.
-    let by32 = k % 32 == 0 && w.blocksize % 32 == 0;
     let lora = match lora {
         None => None,
         Some(l) => {
             let (hm, r) = l.h.dims2()?;
             let (bn, br) = l.b.dims2()?;
-            if !gemv_adds_lora(m, k, w.blocksize)
-                || (hm, bn, br) != (m, out_features, r)
+            if (hm, bn, br) != (m, out_features, r)
                 || l.h.dtype() != DType::F32
                 || l.b.dtype() != DType::F32
             {
                 return Err(Error::Msg(format!(
-                    "NF4 GEMV with LoRA: {m} rows of {k} features (blocks of {}), h {:?} {:?}, B {:?} {:?}, {out_features} outputs",
-                    w.blocksize,
+                    "NF4 GEMV with LoRA: {m} rows, {out_features} outputs, h {:?} {:?}, B {:?} {:?}",
                     l.h.dims(),
                     l.h.dtype(),
                     l.b.dims(),
@@ -308,12 +374,27 @@ pub fn gemv_with(
             Some((CudaInput::of(l.h)?, CudaInput::of(l.b)?, l.scaling, r))
         }
     };
+    let x = if x.is_contiguous() && x.layout().start_offset() == 0 {
+        x.clone()
+    } else {
+        // A fresh, offset-0 copy; the round trip through f32 is exact for bf16 and f16.
+        x.to_dtype(DType::F32)?.to_dtype(x.dtype())?
+    };
+    let dev = cuda_device(&x)?;
     let (n_i, k_i, m_i, bs) = (out_features as i32, k as i32, m as i32, w.blocksize as i32);
-    let warps_per_block = 8u32;
-    let cfg = LaunchConfig {
-        grid_dim: (out_features.div_ceil(warps_per_block as usize) as u32, 1, 1),
-        block_dim: (32 * warps_per_block, 1, 1),
-        shared_mem_bytes: 0,
+    let cfg = match kernel {
+        // 8 warps, one output feature each.
+        DecodeKernel::Words | DecodeKernel::Wide | DecodeKernel::Tiled => LaunchConfig {
+            grid_dim: (out_features.div_ceil(8) as u32, 1, 1),
+            block_dim: (32 * 8, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        // 8 features a block, its 8 warps (MMA_WARPS) splitting the columns.
+        DecodeKernel::Mma => LaunchConfig {
+            grid_dim: ((out_features / 8) as u32, 1, 1),
+            block_dim: (32 * 8, 1, 1),
+            shared_mem_bytes: 0,
+        },
     };
     let (xs, _) = x.storage_and_layout();
     let xs = match &*xs {
@@ -321,37 +402,31 @@ pub fn gemv_with(
         _ => return Err(Error::Msg("NF4 GEMV: x is not on the GPU".into())),
     };
     with_slices(w, |s| {
+        // Every kernel but the tiled one also takes the adapter's inputs (lr = 0: none; the
+        // absmax then stands in for the pointers it never reads).
         macro_rules! launch {
-            ($name:literal, $t:ty) => {{
+            ($module:expr, $name:expr, $t:ty) => {{
                 let xv = xs.as_cuda_slice::<$t>()?;
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(m * out_features)? };
-                crate::run_kernel!(NF4, dev, $name, cfg;
-                    s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode, &s.offset,
-                    &s.nbs, xv, &out, &m_i,
-                )?;
-                Ok(wrap(out, &dev, (m, out_features)))
-            }};
-        }
-        // The 16-byte-load GEMV also takes the adapter's inputs (lr = 0: none; the absmax then
-        // stands in for the pointers it never reads).
-        macro_rules! launch32 {
-            ($name:literal, $t:ty) => {{
-                let xv = xs.as_cuda_slice::<$t>()?;
-                // SAFETY: every element is written by the kernel below.
-                let out = unsafe { dev.alloc::<$t>(m * out_features)? };
-                match &lora {
-                    Some((h, b, scaling, r)) => {
+                match (&lora, kernel) {
+                    (_, DecodeKernel::Tiled) => {
+                        crate::run_kernel!($module, dev, $name, cfg;
+                            s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
+                            &s.offset, &s.nbs, xv, &out, &m_i,
+                        )?;
+                    }
+                    (Some((h, b, scaling, r)), _) => {
                         let (hv, bv) = (h.view::<f32>(m * r)?, b.view::<f32>(out_features * r)?);
                         let r_i = *r as i32;
-                        crate::run_kernel!(NF4, dev, $name, cfg;
+                        crate::run_kernel!($module, dev, $name, cfg;
                             s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
                             &s.offset, &s.nbs, xv, &out, &m_i, &hv, &bv, scaling, &r_i,
                         )?;
                     }
-                    None => {
+                    (None, _) => {
                         let (none, zero) = (0i32, 0f32);
-                        crate::run_kernel!(NF4, dev, $name, cfg;
+                        crate::run_kernel!($module, dev, $name, cfg;
                             s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
                             &s.offset, &s.nbs, xv, &out, &m_i, s.absmax, s.absmax, &zero, &none,
                         )?;
@@ -360,14 +435,16 @@ pub fn gemv_with(
                 Ok(wrap(out, &dev, (m, out_features)))
             }};
         }
-        match (x.dtype(), tiled) {
-            (DType::BF16, false) if by32 => launch32!("nf4_gemv32_bf16", half::bf16),
-            (DType::F16, false) if by32 => launch32!("nf4_gemv32_f16", half::f16),
-            (DType::BF16, false) => launch!("nf4_gemv_bf16", half::bf16),
-            (DType::F16, false) => launch!("nf4_gemv_f16", half::f16),
-            (DType::BF16, true) => launch!("nf4_gemm_small_bf16", half::bf16),
-            (DType::F16, true) => launch!("nf4_gemm_small_f16", half::f16),
-            (other, _) => Err(Error::Msg(format!(
+        let (module, stem) = match kernel {
+            DecodeKernel::Words => (&NF4, "nf4_gemv"),
+            DecodeKernel::Wide => (&NF4, "nf4_gemv32"),
+            DecodeKernel::Mma => (&NF4_MMA, "nf4_mma"),
+            DecodeKernel::Tiled => (&NF4, "nf4_gemm_small"),
+        };
+        match x.dtype() {
+            DType::BF16 => launch!(module, &format!("{stem}_bf16"), half::bf16),
+            DType::F16 => launch!(module, &format!("{stem}_f16"), half::f16),
+            other => Err(Error::Msg(format!(
                 "NF4 GEMV on {other:?} input is not supported"
             ))),
         }

@@ -1,25 +1,11 @@
-// NF4 (bitsandbytes) dequantization and the decoding GEMV, host side in quant/kernels.rs.
-// GEMV_MAX_ROWS, GEMM_MAX_ROWS and NF4_TABLE are defined by the host before this source. Quantization is in
-// nf4_quantize.cu, its own module: a load-time kernel must not be able to break these.
+// NF4 (bitsandbytes) dequantization and the decoding GEMVs, host side in quant/kernels.rs,
+// after nf4_common.cu. GEMV_MAX_ROWS, GEMM_MAX_ROWS and NF4_TABLE are defined by the host
+// before these sources. Quantization is in nf4_quantize.cu, its own module: a load-time kernel
+// must not be able to break these; the tensor-core GEMM is in nf4_mma.cu, another module, since
+// it needs a newer architecture than the rest.
 // Compiled with NVRTC at first use, after the shared prelude (ops/prelude.cu); the
 // __fmul_rn/__fadd_rn intrinsics keep NVRTC from fusing a multiply and an add into an FMA,
 // which would round differently from the CPU path.
-
-__constant__ float NF4[16] = { NF4_TABLE };
-
-// Shared copies of the lookup tables: constant memory serialises a warp's distinct addresses.
-#define LOAD_TABLES                                                          \
-  __shared__ float nf4s[16];                                                 \
-  __shared__ float code_s[256];                                              \
-  if (threadIdx.x < 16) nf4s[threadIdx.x] = NF4[threadIdx.x];                \
-  if (nested) for (int t = threadIdx.x; t < 256; t += blockDim.x) code_s[t] = acode[t]; \
-  __syncthreads();
-
-__device__ __forceinline__ float absmax_of(long long blk, int nested, const float* absmax,
-    const u8* aq, const float* code_s, float offset, int nbs) {
-  if (nested) return __fadd_rn(__fmul_rn(code_s[aq[blk]], absmax[blk / nbs]), offset);
-  return absmax[blk];
-}
 
 #define DEQUANT(NAME, T, CONV)                                                                 \
 extern "C" __global__ void NAME(const u8* codes, long long n, int bs, int nested,              \
@@ -90,7 +76,7 @@ DEQUANT8(nf4_dequant8_f16, u16, f32_to_f16, STORE8_16)
 #define GEMV(NAME, LOAD, STORE)                                                                \
 extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int nested,             \
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,              \
-    const u16* x, u16* y, int m) {                                                            \
+    const u16* x, u16* y, int m, const float* lh, const float* lb, float lscale, int lr) {    \
   LOAD_TABLES                                                                                  \
   int lane = threadIdx.x & 31;                                                                 \
   long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);              \
@@ -127,7 +113,7 @@ extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int neste
     if (r < m) {                                                                              \
       float s = acc[r];                                                                        \
       for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);        \
-      if (lane == 0) y[(long long)r * n + row] = STORE(s);                                     \
+      if (lane == 0) STORE_OUT(LOAD, STORE, r, row, s)                                         \
     }                                                                                         \
   }                                                                                           \
 }
@@ -138,11 +124,9 @@ GEMV(nf4_gemv_f16, f16_to_f32, f32_to_f16)
 // Llama shape): each lane loads 16 bytes of codes (32 weights, one absmax block) at a time and
 // issues GEMV32_UNROLL such loads before using any, so a warp keeps 2 KB in flight. The 4-byte
 // loads of the GEMV above left one 128-byte load per warp in flight and read the 7B MLP's
-// weights at ~0.5 TB/s on an H100 (BENCHMARKS.md, 2026-12-06), a sixth of its bandwidth.
-// With lr > 0 it also adds an unmerged LoRA adapter's product, given h = x A^T (lora_h in
-// lora.cu, [m, lr] f32) and B ([n, lr] f32): the base product rounded to 16 bits, plus
-// h (B * lscale)^T summed in f32, rounded once, as lora_out computes it, so the result has the
-// bits of the GEMV followed by lora_out, in one launch fewer a layer's linear.
+// weights at ~0.5 TB/s on an H100 (an estimate from the 2026-12-06 decoding profile). Yet
+// batch-1 decoding of the 7B shape ran slower with it (90 against 107 tokens/s on an H100,
+// 2026-12-06), so ADAPTERLAB_NF4_GEMV picks it (`wide`) rather than the default.
 #define GEMV32_UNROLL 4
 #define GEMV32(NAME, LOAD, STORE)                                                              \
 extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int nested,             \
@@ -187,17 +171,7 @@ extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int neste
   _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) {                                 \
     if (r < m) {                                                                              \
       float s = warp_sum(acc[r]);                                                              \
-      if (lane == 0) {                                                                        \
-        u16 out = STORE(s);                                                                    \
-        if (lr > 0) {                                                                         \
-          const float* hr = lh + (long long)r * lr;                                            \
-          const float* br = lb + row * lr;                                                     \
-          float d = 0.f;                                                                       \
-          for (int j = 0; j < lr; ++j) d += hr[j] * __fmul_rn(br[j], lscale);                  \
-          out = STORE(__fadd_rn(LOAD(out), d));                                                \
-        }                                                                                     \
-        y[(long long)r * n + row] = out;                                                       \
-      }                                                                                       \
+      if (lane == 0) STORE_OUT(LOAD, STORE, r, row, s)                                         \
     }                                                                                         \
   }                                                                                           \
 }

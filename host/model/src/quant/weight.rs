@@ -430,64 +430,45 @@ impl BaseWeight for Nf4Weight {
 }
 
 impl Nf4Weight {
-    /// Decoding on a GPU: a few rows and no gradient, so reading the 4-bit data once beats
-    /// writing out a 16-bit weight for cuBLAS.
+    /// The decoding kernel for `x` (`[.., k]`) on a GPU: a few rows and no gradient, so reading
+    /// the 4-bit data once beats writing out a 16-bit weight for cuBLAS; `None` where none
+    /// serves.
     #[cfg(feature = "cuda")]
-    fn gemv(&self, x2: &Tensor, out_dim: usize) -> Result<Option<Tensor>> {
-        use crate::quant::kernels::{GEMM_MAX_ROWS, GEMV_MAX_ROWS, small_batch_tiled};
-        let (rows, k) = x2.dims2()?;
-        let small = rows <= GEMV_MAX_ROWS
-            || (rows <= GEMM_MAX_ROWS
-                && k % 8 == 0
-                && self.inner.q.blocksize() % 8 == 0
-                && small_batch_tiled()?);
-        match &self.inner.on_device {
-            Some(d)
-                if small
-                    && !x2.track_op()
-                    && x2.device().is_cuda()
-                    && matches!(x2.dtype(), DType::BF16 | DType::F16) =>
-            {
-                crate::quant::kernels::gemv(&d.gpu(&self.inner.q), out_dim, x2).map(Some)
-            }
-            _ => Ok(None),
+    pub fn decode_kernel(&self, x: &Tensor) -> Result<Option<crate::quant::kernels::DecodeKernel>> {
+        let k = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / k.max(1);
+        if self.inner.on_device.is_none()
+            || x.track_op()
+            || !x.device().is_cuda()
+            || !matches!(x.dtype(), DType::BF16 | DType::F16)
+        {
+            return Ok(None);
+        }
+        let (n, bs) = (self.inner.q.shape()[0], self.inner.q.blocksize());
+        crate::quant::kernels::DecodeKernel::for_rows(rows, k, n, bs)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn gemv(&self, x2: &Tensor, _out_dim: usize) -> Result<Option<Tensor>> {
+        match self.decode_kernel(x2)? {
+            Some(kernel) => self.forward_from_nf4(x2, kernel, None).map(Some),
+            None => Ok(None),
         }
     }
 
-    /// `x2 [m, k] W^T` plus an unmerged adapter's product (see
-    /// [`crate::quant::kernels::LoraEpilogue`]) in one GEMV launch, for decoding; `None` where
-    /// that GEMV does not serve `x2` (too many rows, a graph, the CPU, 32-bit inputs, shapes
-    /// that are not multiples of 32).
+    /// `x2 [m, k] W^T` straight from the 4-bit data on the GPU with `kernel`, whatever the
+    /// speed switches say (what the GPU tests hold against the CPU path), plus `lora`'s product.
     #[cfg(feature = "cuda")]
-    pub fn gemv_with_lora(
+    pub fn forward_from_nf4(
         &self,
         x2: &Tensor,
-        lora: &crate::quant::kernels::LoraEpilogue,
-    ) -> Result<Option<Tensor>> {
-        let (rows, k) = x2.dims2()?;
-        match &self.inner.on_device {
-            Some(d)
-                if crate::quant::kernels::gemv_adds_lora(rows, k, self.inner.q.blocksize())
-                    && !x2.track_op()
-                    && x2.device().is_cuda()
-                    && matches!(x2.dtype(), DType::BF16 | DType::F16) =>
-            {
-                let out_dim = self.inner.q.shape()[0];
-                crate::quant::kernels::gemv_with(&d.gpu(&self.inner.q), out_dim, x2, Some(lora))
-                    .map(Some)
-            }
-            _ => Ok(None),
-        }
-    }
-
-    /// `x2 [m, k] W^T` straight from the 4-bit data on the GPU (the GEMV, or the small-batch
-    /// GEMM above `GEMV_MAX_ROWS` rows) whatever `ADAPTERLAB_NF4_SMALL_BATCH` says: what the
-    /// GPU tests hold against the CPU path.
-    #[cfg(feature = "cuda")]
-    pub fn forward_from_nf4(&self, x2: &Tensor) -> Result<Tensor> {
+        kernel: crate::quant::kernels::DecodeKernel,
+        lora: Option<&crate::quant::kernels::LoraEpilogue>,
+    ) -> Result<Tensor> {
         match &self.inner.on_device {
             Some(d) => {
-                crate::quant::kernels::gemv(&d.gpu(&self.inner.q), self.inner.q.shape()[0], x2)
+                let n = self.inner.q.shape()[0];
+                crate::quant::kernels::gemv_with(&d.gpu(&self.inner.q), n, x2, kernel, lora)
             }
             None => candle_core::bail!("NF4 weight is not on a GPU"),
         }

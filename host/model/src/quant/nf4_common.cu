@@ -1,0 +1,35 @@
+// What the NF4 modules (nf4.cu, nf4_mma.cu) share: the code book, its shared-memory copy, the
+// per-block absmax (plain or double-quantized) and the decoding kernels' output store.
+// Compiled before each of them, after the prelude and the host's defines.
+
+__constant__ float NF4[16] = { NF4_TABLE };
+
+// Shared copies of the lookup tables: constant memory serialises a warp's distinct addresses.
+#define LOAD_TABLES                                                          \
+  __shared__ float nf4s[16];                                                 \
+  __shared__ float code_s[256];                                              \
+  if (threadIdx.x < 16) nf4s[threadIdx.x] = NF4[threadIdx.x];                \
+  if (nested) for (int t = threadIdx.x; t < 256; t += blockDim.x) code_s[t] = acode[t]; \
+  __syncthreads();
+
+__device__ __forceinline__ float absmax_of(long long blk, int nested, const float* absmax,
+    const u8* aq, const float* code_s, float offset, int nbs) {
+  if (nested) return __fadd_rn(__fmul_rn(code_s[aq[blk]], absmax[blk / nbs]), offset);
+  return absmax[blk];
+}
+
+// The GEMVs' store of output (r, o) from its f32 sum s: rounded to 16 bits, and with lr > 0 an
+// unmerged LoRA adapter's product added, given h = x A^T (lora_h in lora.cu, [m, lr] f32) and
+// B ([n, lr] f32): the rounded base product plus h (B * lscale)^T summed in f32, rounded once,
+// as lora_out computes it, so the result has the bits of the GEMV followed by lora_out, in one
+// launch fewer a linear.
+#define STORE_OUT(LOAD, STORE, r, o, s) {                                                     \
+  u16 out_ = STORE(s);                                                                         \
+  if (lr > 0) {                                                                               \
+    const float* hr_ = lh + (long long)(r) * lr;                                               \
+    const float* br_ = lb + (long long)(o) * lr;                                               \
+    float d_ = 0.f;                                                                            \
+    for (int j_ = 0; j_ < lr; ++j_) d_ += hr_[j_] * __fmul_rn(br_[j_], lscale);                \
+    out_ = STORE(__fadd_rn(LOAD(out_), d_));                                                   \
+  }                                                                                           \
+  y[(long long)(r) * n + (o)] = out_; }
