@@ -203,8 +203,8 @@ fi
 #           16-byte loads, ADAPTERLAB_NF4_GEMV=wide), +mma (the tensor-core GEMM for batch 1 and
 #           16, ADAPTERLAB_NF4_GEMV=mma ADAPTERLAB_NF4_SMALL_BATCH=mma), +tiled (batch 16's
 #           tiled GEMM instead of dequantize + cuBLAS); for each build of GEN_SIDES (default
-#           after; "before after" measures a change in one call; the before build ignores
-#           switches it predates)
+#           after; "before after" measures a change in one call; other builds than after run
+#           only the variants without +KERNEL)
 if stage generate; then
   timeout 120 /tmp/gl/after bench train --model "$CKPT" --batch 1 --seq 16 --steps 1 --warmup 0 \
     --save /tmp/gen-adapter > "$OUT/gen-adapter.json" 2>&1 || tail -3 "$OUT/gen-adapter.json"
@@ -218,6 +218,8 @@ if stage generate; then
         *+mma) gemv=mma; small=mma ;;
         *+*) echo "unknown generate variant $variant"; continue ;;
       esac
+      # Only the after build knows the kernel switches: other builds run the plain variants.
+      [ "$side" != after ] && [[ $variant == *+* ]] && continue
       adapter=(--adapter /tmp/gen-adapter); merged=()
       [ "$attn" = base ] && { attn=eager; adapter=(); }
       [ "$variant" = eager ] && merged=(--merged)
