@@ -198,11 +198,11 @@ fi
 # generate  decoding at batch 1 and 16 (200-token prompts, 50 new tokens) with a LoRA adapter on
 #           all four linear kinds (issue 17's workload; one training step makes it, since its
 #           values do not change the work), for each of GEN_VARIANTS: eager (unmerged, then
-#           merged), flash_attention_2 (unmerged), base (eager, no adapter), each optionally
-#           +KERNEL for the NF4 decoding kernels (quant/kernels.rs): +wide (batch 1's GEMV with
+#           merged), flash_attention_2 (unmerged), base (eager, no adapter), with the default
+#           NF4 decoding kernels or +KERNEL (quant/kernels.rs): +wide (batch 1's GEMV with
 #           16-byte loads, ADAPTERLAB_NF4_GEMV=wide), +mma (the tensor-core GEMM for batch 1 and
-#           16, ADAPTERLAB_NF4_GEMV=mma ADAPTERLAB_NF4_SMALL_BATCH=mma), +tiled (batch 16's
-#           tiled GEMM instead of dequantize + cuBLAS); for each build of GEN_SIDES (default
+#           16, ADAPTERLAB_NF4_GEMV=mma ADAPTERLAB_NF4_SMALL_BATCH=mma), +dequantize or +tiled
+#           (batch 16 through dequantize + cuBLAS or the tiled GEMM); for each build of GEN_SIDES (default
 #           after; "before after" measures a change in one call; other builds than after run
 #           only the variants without +KERNEL)
 if stage generate; then
@@ -211,11 +211,12 @@ if stage generate; then
   for side in ${GEN_SIDES:-after}; do
     for variant in ${GEN_VARIANTS:-eager flash_attention_2 eager+tiled base}; do
       # attention[+kernel]: the NF4 decoding kernels the switches pick (quant/kernels.rs)
-      attn=${variant%%+*}; gemv=words; small=dequantize
+      attn=${variant%%+*}; switches=()
       case $variant in
-        *+tiled) small=tiled ;;
-        *+wide) gemv=wide ;;
-        *+mma) gemv=mma; small=mma ;;
+        *+tiled) switches=(ADAPTERLAB_NF4_SMALL_BATCH=tiled) ;;
+        *+dequantize) switches=(ADAPTERLAB_NF4_SMALL_BATCH=dequantize) ;;
+        *+wide) switches=(ADAPTERLAB_NF4_GEMV=wide) ;;
+        *+mma) switches=(ADAPTERLAB_NF4_GEMV=mma ADAPTERLAB_NF4_SMALL_BATCH=mma) ;;
         *+*) echo "unknown generate variant $variant"; continue ;;
       esac
       # Only the after build knows the kernel switches: other builds run the plain variants.
@@ -226,7 +227,7 @@ if stage generate; then
       # The after build's rows keep the variant's name; the others are prefixed with their side.
       name=$variant; [ "$side" = after ] || name=$side-$variant
       echo "== generate stage: $side, batch 1 and 16, $variant"
-      ADAPTERLAB_NF4_GEMV=$gemv ADAPTERLAB_NF4_SMALL_BATCH=$small timeout 200 /tmp/gl/$side bench generate --model "$CKPT" --batch 1,16 \
+      env "${switches[@]}" timeout 200 /tmp/gl/$side bench generate --model "$CKPT" --batch 1,16 \
         "${adapter[@]}" "${merged[@]}" --prompt-tokens 200 --new-tokens 50 --attn-implementation "$attn" \
         2>"$OUT/generate-$name.err" | tee "$OUT/generate-$name.json" \
         | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$name\",${line#\{}" >> "$RESULTS"; done

@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 use crate::nn::causal_lm::CausalLm;
@@ -351,10 +351,13 @@ pub fn generate_ids_with(
     let mut logprobs: Vec<Vec<TokenLogprobs>> = vec![Vec::new(); batch];
     let mut cache = model.new_cache();
 
-    let to_tensor = |m: &Vec<Vec<u32>>| -> Result<Tensor> {
+    let to_tensor = |m: &Vec<Vec<u32>>, device: &Device| -> Result<Tensor> {
         let w = m[0].len();
-        Ok(Tensor::from_vec(m.concat(), (m.len(), w), &device)?)
+        Ok(Tensor::from_vec(m.concat(), (m.len(), w), device)?)
     };
+    // The mask stays on the host: the attention context reads it there (on a GPU that was an
+    // upload and a download every step).
+    let host = Device::Cpu;
     if cfg.max_new_tokens == 0 {
         return Ok(GenerationOutput {
             tokens: vec![vec![]; batch],
@@ -364,8 +367,8 @@ pub fn generate_ids_with(
     }
     let mut logits = model
         .forward_last(
-            &to_tensor(&rows)?,
-            Some(&to_tensor(&mask)?),
+            &to_tensor(&rows, &device)?,
+            Some(&to_tensor(&mask, &host)?),
             Some(&mut cache),
         )
         .context("forward pass over the prompts failed")?;
@@ -409,7 +412,7 @@ pub fn generate_ids_with(
         tracing::trace!(step, batch, "decoded a token");
         let input = Tensor::from_vec(next, (batch, 1), &device)?;
         logits = model
-            .forward_last(&input, Some(&to_tensor(&mask)?), Some(&mut cache))
+            .forward_last(&input, Some(&to_tensor(&mask, &host)?), Some(&mut cache))
             .with_context(|| format!("forward pass at new token {} failed", step + 1))?;
     }
     let tokens = rows

@@ -12,22 +12,40 @@
 use candle_core::{D, DType, Device, Result, Tensor};
 
 /// Keys and values of every layer seen so far, `[batch, kv_heads, past, head_dim]` each.
-#[derive(Debug, Clone, Default)]
+///
+/// Each layer's keys and values live in buffers with room for [`KvCache::ROOM`] more tokens
+/// than they hold: a decoding step writes its token in place (one copy per tensor) instead of
+/// concatenating the whole past into a new tensor (a copy of everything cached, two launches
+/// per tensor, every layer, every token), and a full buffer grows by the tokens it needs plus
+/// the room. The views [`KvCache::append`] returns cover the tokens written so far; later
+/// steps write only past them, so a view never changes under its holder.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+}
+
+#[derive(Debug)]
+struct LayerCache {
+    /// `[batch, kv_heads, capacity, head_dim]`, the first `len` positions written.
+    k: Tensor,
+    v: Tensor,
+    len: usize,
 }
 
 impl KvCache {
+    /// Tokens a buffer has room for beyond what it holds when it is made or grown.
+    pub const ROOM: usize = 256;
+
     pub fn new(num_layers: usize) -> Self {
         KvCache {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
         }
     }
 
     /// Tokens cached so far.
     pub fn seq_len(&self) -> usize {
         match self.layers.first() {
-            Some(Some((k, _))) => k.dims()[2],
+            Some(Some(l)) => l.len,
             _ => 0,
         }
     }
@@ -44,12 +62,35 @@ impl KvCache {
                 self.layers.len()
             );
         }
-        let (k, v) = match &self.layers[layer] {
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
-            None => (k.clone(), v.clone()),
-        };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
+        let new = k.dim(2)?;
+        let slot = &mut self.layers[layer];
+        let len = slot.as_ref().map_or(0, |l| l.len);
+        let fits = slot
+            .as_ref()
+            .is_some_and(|l| l.len + new <= l.k.dim(2).unwrap_or(0));
+        if !fits {
+            let grown = |x: &Tensor, old: Option<&Tensor>| -> Result<Tensor> {
+                let (b, h, _, d) = x.dims4()?;
+                let cap = len + new + Self::ROOM;
+                let buf = Tensor::zeros((b, h, cap, d), x.dtype(), x.device())?;
+                if let Some(old) = old {
+                    buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buf)
+            };
+            let old = slot.take();
+            *slot = Some(LayerCache {
+                k: grown(&k, old.as_ref().map(|l| &l.k))?,
+                v: grown(&v, old.as_ref().map(|l| &l.v))?,
+                len,
+            });
+        }
+        let l = slot.as_mut().expect("made above");
+        l.k.slice_set(&k, 2, l.len)?;
+        l.v.slice_set(&v, 2, l.len)?;
+        l.len += new;
+        Ok((l.k.narrow(2, 0, l.len)?, l.v.narrow(2, 0, l.len)?))
     }
 }
 
@@ -987,6 +1028,52 @@ mod tests {
             .to_vec2::<f32>()?;
         assert_eq!(bias[0], vec![m, m, 0., 0., 0.]);
         assert!(AttentionContext::new(Some(&mask), 2, 1, 3, &dev).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_cache_grows_in_place_and_its_views_never_change() -> Result<()> {
+        let dev = Device::Cpu;
+        let step = |t: usize, n: usize| -> Result<(Tensor, Tensor)> {
+            // [batch 2, kv 3, n tokens, d 4] holding their absolute position t.., k and v apart.
+            let pos = Tensor::arange(t as u32, (t + n) as u32, &dev)?.to_dtype(DType::F32)?;
+            let k = pos
+                .reshape((1, 1, n, 1))?
+                .broadcast_as((2, 3, n, 4))?
+                .contiguous()?;
+            Ok((k.clone(), (k + 1000.0)?))
+        };
+        let mut cache = KvCache::new(2);
+        let (k0, v0) = step(0, 5)?;
+        let (first_k, _) = cache.append(1, &k0, &v0)?;
+        let mut t = 5;
+        // Past the first buffer's room, so it grows at least once.
+        while t < 5 + KvCache::ROOM + 40 {
+            let (k, v) = step(t, 1)?;
+            let (all_k, all_v) = cache.append(1, &k, &v)?;
+            t += 1;
+            assert_eq!(all_k.dims(), &[2, 3, t, 4]);
+            let want = step(0, t)?;
+            let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+            };
+            assert_eq!(diff(&all_k, &want.0)?, 0.0, "keys at {t}");
+            assert_eq!(diff(&all_v, &want.1)?, 0.0, "values at {t}");
+        }
+        assert_eq!(first_k.dims(), &[2, 3, 5, 4]);
+        let diff = (&first_k - &k0)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "the first view kept its tokens");
+        assert_eq!(
+            cache
+                .append(2, &k0, &v0)
+                .err()
+                .map(|e| e.to_string().contains("2 layers")),
+            Some(true)
+        );
         Ok(())
     }
 

@@ -62,8 +62,21 @@ fn mask_or_dummy(scores: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, bool
             }
             Ok((m.to_dtype(DType::F32)?.contiguous()?, true))
         }
-        None => Ok((Tensor::zeros(1, DType::F32, scores.device())?, false)),
+        None => Ok((no_mask(scores.device())?, false)),
     }
+}
+
+/// The stand-in for an absent mask, made once per device: a fresh one cost an allocation and
+/// a launch per layer per decoded token.
+fn no_mask(device: &candle_core::Device) -> Result<Tensor> {
+    static MADE: std::sync::Mutex<Vec<Tensor>> = std::sync::Mutex::new(Vec::new());
+    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = made.iter().find(|t| t.device().same_device(device)) {
+        return Ok(t.clone());
+    }
+    let t = Tensor::zeros(1, DType::F32, device)?;
+    made.push(t.clone());
+    Ok(t)
 }
 
 /// The forward pass as a two-input op (scores, mask), the backward as a three-input one

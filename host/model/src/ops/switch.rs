@@ -1,4 +1,4 @@
-//! Speed switches read from the environment (`ADAPTERLAB_NF4_QUANTIZE`,
+//! Speed switches read from the environment (`ADAPTERLAB_NF4_QUANTIZE`, `ADAPTERLAB_NF4_GEMV`,
 //! `ADAPTERLAB_NF4_SMALL_BATCH`, `ADAPTERLAB_PACKED_ATTENTION`): each takes a closed set of
 //! names that change how fast a result comes, never the result; an unknown name is an error
 //! naming the variable and the names it takes, not a silent default.

@@ -59,10 +59,12 @@ impl DecodeKernel {
     ///
     /// `ADAPTERLAB_NF4_GEMV` picks the kernel for up to [`GEMV_MAX_ROWS`] rows: `words` (the
     /// default), `wide` or `mma`, each falling back to the next simpler one where it does not
-    /// serve the shape. `ADAPTERLAB_NF4_SMALL_BATCH` picks it for more rows: `dequantize` (the
-    /// default), `mma` (up to [`MMA_MAX_ROWS`]) or `tiled`. Measured on an H100 on 2026-12-06
-    /// (BENCHMARKS.md): batch-1 decoding of the 7B shape at 107 tokens/s with `words`, 90 with
-    /// `wide`; batch 16 at 825 with `dequantize`, 508 with `tiled`.
+    /// serve the shape. `ADAPTERLAB_NF4_SMALL_BATCH` picks it for more rows: `mma` (the default;
+    /// up to [`MMA_MAX_ROWS`] rows, more dequantize), `dequantize` or `tiled`. Measured on an
+    /// H100 on 2026-12-06 (BENCHMARKS.md), decoding the 7B shape without an adapter: batch 1 at
+    /// 105 tokens/s with `words`, 97 with `mma`, 92 with `wide` (batch 1 is bound by launches,
+    /// not by these kernels); batch 16 at 1,057 with `mma`, 762 with `dequantize` and, in an
+    /// earlier call, 508 with `tiled`.
     pub fn for_rows(m: usize, k: usize, n: usize, bs: usize) -> Result<Option<Self>> {
         let (gemv, small) = switches()?;
         let pick = |wanted: &[DecodeKernel]| {
@@ -85,7 +87,8 @@ impl DecodeKernel {
     }
 }
 
-/// `ADAPTERLAB_NF4_GEMV` and `ADAPTERLAB_NF4_SMALL_BATCH` (`None`: dequantize), read once.
+/// `ADAPTERLAB_NF4_GEMV` and `ADAPTERLAB_NF4_SMALL_BATCH` (`None`: dequantize), read once,
+/// with their defaults.
 fn switches() -> Result<(DecodeKernel, Option<DecodeKernel>)> {
     type Chosen = std::result::Result<(DecodeKernel, Option<DecodeKernel>), String>;
     static CHOICE: std::sync::OnceLock<Chosen> = std::sync::OnceLock::new();
@@ -108,7 +111,10 @@ fn switches() -> Result<(DecodeKernel, Option<DecodeKernel>)> {
                     ("tiled", Some(DecodeKernel::Tiled)),
                 ],
             )?;
-            Ok((gemv.unwrap_or(DecodeKernel::Words), small.flatten()))
+            Ok((
+                gemv.unwrap_or(DecodeKernel::Words),
+                small.unwrap_or(Some(DecodeKernel::Mma)),
+            ))
         })
         .clone()
         .map_err(Error::Msg)
