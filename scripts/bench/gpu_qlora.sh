@@ -202,7 +202,8 @@ fi
 #           NF4 decoding kernels or +KERNEL (quant/kernels.rs): +wide (batch 1's GEMV with
 #           16-byte loads, ADAPTERLAB_NF4_GEMV=wide), +mma (the tensor-core GEMM for batch 1 and
 #           16, ADAPTERLAB_NF4_GEMV=mma ADAPTERLAB_NF4_SMALL_BATCH=mma), +dequantize or +tiled
-#           (batch 16 through dequantize + cuBLAS or the tiled GEMM); for each build of GEN_SIDES (default
+#           (batch 16 through dequantize + cuBLAS or the tiled GEMM), +unfused (decoding
+#           attention on the eager path, ADAPTERLAB_DECODE_ATTENTION=eager); for each build of GEN_SIDES (default
 #           after; "before after" measures a change in one call; other builds than after run
 #           only the variants without +KERNEL)
 if stage generate; then
@@ -217,6 +218,7 @@ if stage generate; then
         *+dequantize) switches=(ADAPTERLAB_NF4_SMALL_BATCH=dequantize) ;;
         *+wide) switches=(ADAPTERLAB_NF4_GEMV=wide) ;;
         *+mma) switches=(ADAPTERLAB_NF4_GEMV=mma ADAPTERLAB_NF4_SMALL_BATCH=mma) ;;
+        *+unfused) switches=(ADAPTERLAB_DECODE_ATTENTION=eager) ;;
         *+*) echo "unknown generate variant $variant"; continue ;;
       esac
       # Only the after build knows the kernel switches: other builds run the plain variants.
@@ -256,6 +258,20 @@ if stage profile; then
     PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 300 python3 scripts/bench/hf_qlora_profile.py --ckpt "$CKPT" \
       > "$OUT/profile-python.log" 2>&1; tail -45 "$OUT/profile-python.log"
   fi
+fi
+# decode-profile  batch-1 decoding with the generate stage's adapter (unmerged), profiled twice:
+#          synchronized per phase (ADAPTERLAB_PROFILE=1: each phase's device time) and not
+#          (ADAPTERLAB_PROFILE=host: what each phase costs the host to queue)
+if stage decode-profile; then
+  [ -d /tmp/gen-adapter ] || timeout 120 /tmp/gl/after bench train --model "$CKPT" --batch 1 --seq 16 --steps 1 \
+    --warmup 0 --save /tmp/gen-adapter > "$OUT/gen-adapter.json" 2>&1
+  for mode in 1 host; do
+    echo "== decode-profile: ADAPTERLAB_PROFILE=$mode"
+    ADAPTERLAB_PROFILE=$mode timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1 \
+      --adapter /tmp/gen-adapter --prompt-tokens 200 --new-tokens 50 \
+      2>"$OUT/decode-profile-$mode.err" | tee "$OUT/decode-profile-$mode.json" \
+      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"profile-decode-$mode\",${line#\{}" >> "$RESULTS"; done
+  done
 fi
 # sft      `adapterlab train`, 50 steps at batch 8 x 512 on text (the bundled dialogues joined
 #          into long rows, MiniLM's tokenizer from .carry/tokenizer.json), then HF PEFT loads the

@@ -496,6 +496,66 @@ fn nf4_kernels_equal_the_cpu_path() {
     }
 }
 
+/// Attention for decoding in one launch (`ops::decode_attention`) against the eager path it
+/// replaces, on the GPU: multi-query, grouped and per-head keys, heads of 64 to 256, 1 to 300
+/// keys, a padding mask, and keys read where a cache's strided views keep them; within 16-bit
+/// rounding (the two round at the same points, and sum in different orders).
+#[cfg(feature = "cuda")]
+#[test]
+fn decode_attention_kernel_equals_the_eager_path() {
+    use adapterlab_model::ops::attention::attend;
+    use adapterlab_model::ops::decode_attention;
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let wave = |n: usize, f: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * f).sin()).collect() };
+    // (batch, heads, kv heads, head dim, keys, room past the keys in the buffer, masked)
+    for (b, h, kv, d, t, room, masked) in [
+        (1, 71, 1, 64, 1, 0, false),
+        (1, 71, 1, 64, 37, 0, false),
+        (1, 71, 1, 64, 300, 256, false),
+        (3, 8, 2, 128, 300, 17, true),
+        (2, 4, 4, 80, 45, 3, true),
+        (2, 4, 1, 256, 64, 0, false),
+    ] {
+        for dtype in [DType::BF16, DType::F16] {
+            let case =
+                format!("b={b} h={h} kv={kv} d={d} t={t} room={room} mask={masked} {dtype:?}");
+            let make = |n: usize, f: f32, shape: (usize, usize, usize, usize)| {
+                Tensor::from_vec(wave(n, f), shape, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let q = make(b * h * d, 0.37, (b, h, 1, d));
+            // The cache's buffers hold `room` more positions than the views show.
+            let kbuf = make(b * kv * (t + room) * d, 0.11, (b, kv, t + room, d));
+            let vbuf = make(b * kv * (t + room) * d, 0.23, (b, kv, t + room, d));
+            let (k, v) = (kbuf.narrow(2, 0, t).unwrap(), vbuf.narrow(2, 0, t).unwrap());
+            // Row r hides its first r keys, as left padding does.
+            let mask = masked.then(|| {
+                let m: Vec<f32> = (0..b * t)
+                    .map(|i| if i % t < i / t { f32::MIN } else { 0.0 })
+                    .collect();
+                Tensor::from_vec(m, (b, 1, 1, t), &dev).unwrap()
+            });
+            let scale = 1.0 / (d as f64).sqrt();
+            let got = decode_attention::attend(&q, &k, &v, scale, mask.as_ref())
+                .unwrap()
+                .unwrap_or_else(|| panic!("{case}: the kernel did not take it"));
+            let want = attend(&q, &k, &v, scale, None, mask.as_ref()).unwrap();
+            assert_eq!(got.dims(), want.dims(), "{case}");
+            let (got, want) = (host_f32s(&got), host_f32s(&want));
+            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-3);
+            let err = max_diff(&got, &want) / scale;
+            assert!(err < 2e-2, "{case}: relative error {err}");
+        }
+    }
+}
+
 /// Decoding through an unmerged adapter on an NF4 base: each decoding kernel that adds the
 /// adapter's product in its epilogue gives the bits of that kernel followed by the two-kernel
 /// LoRA path (`lora_inference`), and both are within 16-bit rounding of the product on the CPU.

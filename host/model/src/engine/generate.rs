@@ -373,7 +373,9 @@ pub fn generate_ids_with(
         )
         .context("forward pass over the prompts failed")?;
     for step in 0..cfg.max_new_tokens {
-        let scores = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let scores = crate::ops::profile::scope("decode.read_logits", &device, || {
+            logits.to_dtype(DType::F32)?.to_vec2::<f32>()
+        })?;
         let mut next = Vec::with_capacity(batch);
         for (r, mut s) in scores.into_iter().enumerate() {
             let raw = cfg.logprobs.filter(|_| !finished[r]).map(|_| s.clone());
@@ -411,9 +413,11 @@ pub fn generate_ids_with(
         }
         tracing::trace!(step, batch, "decoded a token");
         let input = Tensor::from_vec(next, (batch, 1), &device)?;
-        logits = model
-            .forward_last(&input, Some(&to_tensor(&mask, &host)?), Some(&mut cache))
-            .with_context(|| format!("forward pass at new token {} failed", step + 1))?;
+        logits = crate::ops::profile::scope_with("decode.forward", &device, || {
+            model
+                .forward_last(&input, Some(&to_tensor(&mask, &host)?), Some(&mut cache))
+                .with_context(|| format!("forward pass at new token {} failed", step + 1))
+        })?;
     }
     let tokens = rows
         .iter()

@@ -586,6 +586,13 @@ pub fn attend_in(
         let vis = ctx.visibility()?;
         return crate::ops::flash::flash_attend(q, k, v, scale, pre_scale_bias, vis);
     }
+    // One new query after a cache (decoding): the eager path in one launch, where it applies.
+    if pre_scale_bias.is_none()
+        && ctx.seq_len == 1
+        && let Some(out) = crate::ops::decode_attention::attend(q, k, v, scale, ctx.mask()?)?
+    {
+        return Ok(out);
+    }
     if pre_scale_bias.is_none()
         && let Some(seg) = ctx.regrouped()?
     {

@@ -115,7 +115,8 @@ pub fn compile_all() -> Result<Vec<&'static str>> {
             &crate::quant::kernels::NF4_MMA,
             &crate::lora::kernels::LORA,
         ])
-        .chain(crate::ops::flash::cuda_modules());
+        .chain(crate::ops::flash::cuda_modules())
+        .chain([crate::ops::decode_attention::cuda_module()]);
     let mut names = Vec::new();
     for m in modules {
         m.ptx()?;

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod decode_attention;
 pub mod dropout;
 pub mod flash;
 pub mod gelu;

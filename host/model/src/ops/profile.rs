@@ -6,6 +6,10 @@
 //! of CPU and GPU work, so a profiled step is slower than a normal one: the numbers are for
 //! ranking phases against each other, never for headline speed.
 //!
+//! `ADAPTERLAB_PROFILE=host` times the same scopes without synchronizing: what each phase costs
+//! the host to queue, while the device's time lands in whichever call waits for it. Set beside
+//! the synchronized profile, it tells a phase bound by launches from one bound by the GPU.
+//!
 //! Names nest by the caller's choice (`layer.mlp.up` inside `layer`); a pass label set with
 //! [`pass`] (e.g. `forward`, `recompute`, `backward`) prefixes them, so the same layer code is
 //! counted apart in each pass that runs it.
@@ -21,6 +25,10 @@ use candle_core::{Device, Result};
 static ENABLED: LazyLock<AtomicBool> = LazyLock::new(|| {
     AtomicBool::new(std::env::var("ADAPTERLAB_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0"))
 });
+
+/// `ADAPTERLAB_PROFILE=host`: scopes do not synchronize.
+static HOST_ONLY: LazyLock<bool> =
+    LazyLock::new(|| std::env::var("ADAPTERLAB_PROFILE").is_ok_and(|v| v == "host"));
 
 /// Seconds and calls per `pass.name`.
 static TABLE: Mutex<BTreeMap<String, (f64, u64)>> = Mutex::new(BTreeMap::new());
@@ -61,12 +69,17 @@ pub fn scope_with<T, E: From<candle_core::Error>>(
     if !enabled() {
         return f();
     }
-    device.synchronize()?;
+    let sync = !*HOST_ONLY;
+    if sync {
+        device.synchronize()?;
+    }
     // With RUST_LOG=adapterlab_model=trace the last line names the phase a stall is in.
     tracing::trace!(name, "phase starts");
     let start = Instant::now();
     let out = f()?;
-    device.synchronize()?;
+    if sync {
+        device.synchronize()?;
+    }
     let secs = start.elapsed().as_secs_f64();
     let key = match PASS.with(Cell::get) {
         "" => name.to_string(),

@@ -68,7 +68,7 @@ fn mask_or_dummy(scores: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, bool
 
 /// The stand-in for an absent mask, made once per device: a fresh one cost an allocation and
 /// a launch per layer per decoded token.
-fn no_mask(device: &candle_core::Device) -> Result<Tensor> {
+pub(crate) fn no_mask(device: &candle_core::Device) -> Result<Tensor> {
     static MADE: std::sync::Mutex<Vec<Tensor>> = std::sync::Mutex::new(Vec::new());
     let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(t) = made.iter().find(|t| t.device().same_device(device)) {

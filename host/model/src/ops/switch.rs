@@ -1,7 +1,9 @@
 //! Speed switches read from the environment (`ADAPTERLAB_NF4_QUANTIZE`, `ADAPTERLAB_NF4_GEMV`,
-//! `ADAPTERLAB_NF4_SMALL_BATCH`, `ADAPTERLAB_PACKED_ATTENTION`): each takes a closed set of
-//! names that change how fast a result comes, never the result; an unknown name is an error
-//! naming the variable and the names it takes, not a silent default.
+//! `ADAPTERLAB_NF4_SMALL_BATCH`, `ADAPTERLAB_PACKED_ATTENTION`, `ADAPTERLAB_DECODE_ATTENTION`):
+//! each takes a closed set of names that change how fast a result comes, not what it is (the
+//! kernels they pick agree with each other to rounding, and a golden test holds each to its
+//! reference); an unknown name is an error naming the variable and the names it takes, not a
+//! silent default.
 
 /// `var`'s value among `options` (`(name, value)`); `None` when it is unset.
 pub fn choice<T: Copy>(var: &str, options: &[(&str, T)]) -> Result<Option<T>, String> {

@@ -1,0 +1,175 @@
+//! Attention for decoding: one new query a row and head against the cached keys and values, the
+//! eager path ([`crate::ops::attention::attend`]) in one launch (`decode_attention.cu`) instead
+//! of its scores matmul, masked softmax, weighted-sum matmul and the copies of strided cache
+//! views between them. It rounds where the eager path rounds (scores and probabilities to the
+//! model's dtype), so the two agree to f32 summation order; the golden test
+//! `decode_attention_kernel_equals_the_eager_path` holds it to that on a GPU.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Keys one launch takes: the scores of a (row, head) live in 48 KB of shared memory with the
+/// query and the partial sums.
+const MAX_KEYS: usize = 8192;
+
+/// `softmax(q k^T * scale + mask) v` for `q` `[b, h, 1, d]` and `k`, `v` `[b, kv, t, d]` (rows
+/// of `d` contiguous, as the cache's views are), `mask` `[b or 1, 1, 1, t]`: the output
+/// `[b, h, 1, d]`. `None` where it does not apply, and the caller takes the eager path: a graph
+/// wanted, the CPU, 32-bit inputs, heads wider than 256 or not a multiple of 8, more than
+/// [`MAX_KEYS`] keys, unaligned views.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
+    let (b, h, s, d) = q.dims4()?;
+    let (kb, kv, t, kd) = k.dims4()?;
+    let fits = s == 1
+        && matches!(q.device(), Device::Cuda(_))
+        && !(q.track_op() || k.track_op() || v.track_op())
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && (kb, kd) == (b, d)
+        && v.dims() == k.dims()
+        && kv > 0
+        && h % kv == 0
+        && d % 8 == 0
+        && d <= 256
+        && (1..=MAX_KEYS).contains(&t);
+    if !fits || !fused()? {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        cuda::attend(q, k, v, scale, mask)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (scale, mask);
+        Ok(None)
+    }
+}
+
+/// `ADAPTERLAB_DECODE_ATTENTION`: `fused` (the default) or `eager`, which keeps decoding on the
+/// eager path (to measure one against the other).
+fn fused() -> Result<bool> {
+    static CHOICE: std::sync::OnceLock<std::result::Result<bool, String>> =
+        std::sync::OnceLock::new();
+    CHOICE
+        .get_or_init(|| {
+            crate::ops::switch::choice(
+                "ADAPTERLAB_DECODE_ATTENTION",
+                &[("fused", true), ("eager", false)],
+            )
+            .map(|c| c.unwrap_or(true))
+        })
+        .clone()
+        .map_err(candle_core::Error::Msg)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use crate::ops::kernels::{CudaModule, cuda_device, no_defines, wrap};
+    use candle_core::Storage;
+    use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+
+    pub(crate) static DECODE: CudaModule = CudaModule::new(
+        "adapterlab_decode_attention",
+        include_str!("decode_attention.cu"),
+        no_defines,
+    );
+
+    /// A view's element offset and its batch and head strides, where its rows of `d` are
+    /// contiguous and 16-byte aligned; `None` otherwise.
+    fn rows_of(t: &Tensor, d: usize) -> Option<(usize, i64, i64)> {
+        let l = t.layout();
+        let st = l.stride();
+        let (dims, off) = (l.dims(), l.start_offset());
+        let aligned = |x: usize| x % 8 == 0;
+        (st[3] == 1
+            && (dims[2] == 1 || st[2] == d)
+            && aligned(off)
+            && aligned(st[0])
+            && aligned(st[1]))
+        .then_some((off, st[0] as i64, st[1] as i64))
+    }
+
+    pub fn attend(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        mask: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let (b, h, _, d) = q.dims4()?;
+        let (_, kv, t, _) = k.dims4()?;
+        let (Some((k_off, kb, kh)), Some((v_off, vb, vh))) = (rows_of(k, d), rows_of(v, d)) else {
+            return Ok(None);
+        };
+        let q = q.contiguous()?;
+        let threads = if d <= 128 { 128 } else { 256 };
+        let shared = (d + t + (threads / d) * d) * 4;
+        let dev = cuda_device(&q)?;
+        let (mask, mask_batch, has_mask) = match mask {
+            Some(m) => {
+                let (mb, one, ms, mt) = m.dims4()?;
+                if one != 1 || ms != 1 || mt != t || !(mb == 1 || mb == b) {
+                    candle_core::bail!(
+                        "decoding attention: mask {:?} does not fit {t} keys of {b} rows",
+                        m.dims()
+                    );
+                }
+                (m.to_dtype(DType::F32)?.contiguous()?, mb as i32, 1i32)
+            }
+            None => (crate::ops::softmax::no_mask(q.device())?, 1, 0),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: ((b * h) as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let (h_i, group, t_i, d_i) = (h as i32, (h / kv) as i32, t as i32, d as i32);
+        let scale = scale as f32;
+        let (qs, _) = q.storage_and_layout();
+        let (ks, _) = k.storage_and_layout();
+        let (vs, _) = v.storage_and_layout();
+        let (ms, ml) = mask.storage_and_layout();
+        let (Storage::Cuda(qs), Storage::Cuda(ks), Storage::Cuda(vs), Storage::Cuda(ms)) =
+            (&*qs, &*ks, &*vs, &*ms)
+        else {
+            candle_core::bail!("decoding attention: inputs not on the GPU");
+        };
+        let q_off = q.layout().start_offset();
+        let m_off = ml.start_offset();
+        macro_rules! launch {
+            ($name:literal, $t:ty) => {{
+                let qv = qs.as_cuda_slice::<$t>()?.slice(q_off..);
+                let kv_ = ks.as_cuda_slice::<$t>()?.slice(k_off..);
+                let vv = vs.as_cuda_slice::<$t>()?.slice(v_off..);
+                let mv = ms.as_cuda_slice::<f32>()?.slice(m_off..);
+                // SAFETY: every element is written by the kernel below.
+                let out = unsafe { dev.alloc::<$t>(b * h * d)? };
+                crate::run_kernel!(DECODE, dev, $name, cfg;
+                    &qv, &kv_, &vv, &mv, &out, &h_i, &group, &t_i, &d_i, &kb, &kh, &vb, &vh,
+                    &mask_batch, &has_mask, &scale,
+                )?;
+                wrap(out, &dev, (b, h, 1, d))
+            }};
+        }
+        let out = match q.dtype() {
+            DType::BF16 => launch!("decode_attn_bf16", half::bf16),
+            DType::F16 => launch!("decode_attn_f16", half::f16),
+            other => candle_core::bail!("decoding attention on {other:?} is not supported"),
+        };
+        Ok(Some(out))
+    }
+}
+
+/// The module, for [`crate::ops::kernels::compile_all`].
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_module() -> &'static crate::ops::kernels::CudaModule {
+    &cuda::DECODE
+}
