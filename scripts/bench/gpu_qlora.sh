@@ -5,7 +5,8 @@
 # (gpu_table.py: each target met, not met, or not measured in this call). Stages (STAGES):
 #   fixtures   regenerate the golden fixtures (make_golden.py, transformers + PEFT on the CPU
 #              there) into $RAW/golden; the golden stage then tests against these
-#   golden     the AFTER build's golden tests on CUDA (GOLDEN_CPU=1: on the CPU too), including
+#   golden     the AFTER build's golden tests on CUDA (GOLDEN_CPU=1: on the CPU too; GOLDEN_FILTER:
+#              only those matching one of its names), including
 #              `nf4_quantize_kernel_equals_the_cpu_path` (the load kernel against the CPU path,
 #              bit for bit), `flash_attention_kernels_equal_the_cpu_twin`, the NF4 GEMV and
 #              small-batch GEMM, and the HF-parity tests (each case also with flash attention)
@@ -77,7 +78,9 @@ if stage golden; then
   devices=cuda; [ "${GOLDEN_CPU:-0}" = 1 ] && devices="cuda cpu"
   for dev in $devices; do
     echo "== golden tests of the after build on $dev against $GOLDEN_DIR"
-    ADAPTERLAB_TEST_DEVICE=$dev ADAPTERLAB_GOLDEN_DIR=$GOLDEN_DIR timeout 240 /tmp/gl/golden --test-threads 1 \
+    # GOLDEN_FILTER (names, space-separated) runs the tests matching any of them only.
+    # shellcheck disable=SC2086
+    ADAPTERLAB_TEST_DEVICE=$dev ADAPTERLAB_GOLDEN_DIR=$GOLDEN_DIR timeout 240 /tmp/gl/golden ${GOLDEN_FILTER:-} --test-threads 1 \
       --include-ignored --nocapture 2>&1 | tee "$OUT/golden-$dev.txt" \
       | grep -E "^test |test result|panicked|bit-equal|cases" | head -40
   done

@@ -85,7 +85,7 @@ pub fn lora_h(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     let (k_i, r_i) = (k as i32, r as i32);
     let per_rank = LaunchConfig {
         grid_dim: ((m * r) as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (1024, 1, 1),
         shared_mem_bytes: 0,
     };
     macro_rules! launch {

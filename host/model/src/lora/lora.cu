@@ -4,7 +4,8 @@
 // which would round differently from the CPU path.
 
 // An unmerged LoRA adapter at inference on a few rows (crate::lora::LoraLayer::add_to):
-// h = x A^T (one block per row and rank, f32), then y + (h (B * scaling)^T), summed in f32
+// h = x A^T (one block of 1024 threads per row and rank, f32: at batch 1 there are only 16
+// blocks, so each must cover its row in few, unrolled rounds of loads), then y + (h (B * scaling)^T), summed in f32
 // and rounded once, as PEFT computes it with f32 adapter weights.
 #define LORA_H(NAME, LOAD)                                                                     \
 extern "C" __global__ void NAME(const u16* x, const float* a, float* h, int k, int r) {       \
@@ -13,6 +14,7 @@ extern "C" __global__ void NAME(const u16* x, const float* a, float* h, int k, i
   const u16* xr = x + (long long)row * k;                                                      \
   const float* ar = a + (long long)j * k;                                                      \
   float acc = 0.f;                                                                             \
+  _Pragma("unroll 4")                                                                          \
   for (int t = threadIdx.x; t < k; t += blockDim.x) acc += LOAD(xr[t]) * ar[t];                \
   acc = block_reduce(acc, red, 0);                                                             \
   if (threadIdx.x == 0) h[blockIdx.x] = acc;                                                   \

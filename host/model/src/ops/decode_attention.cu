@@ -4,7 +4,9 @@
 // output) before scaling and masking, each probability to it (the masked softmax's output)
 // before the weighted sum, and the output once; sums are f32 in another order than cuBLAS's.
 // Keys and values are read where the cache holds them: rows of d elements (16-byte aligned,
-// d % 8 == 0), heads `kh`/`vh` and batch rows `kb`/`vb` elements apart.
+// d % 8 == 0), heads `kh`/`vh` and batch rows `kb`/`vb` elements apart. The loops over keys
+// are unrolled: a (row, head) has few threads, and each would otherwise wait out one load's
+// latency per key.
 #define DECODE_ATTN(NAME, LOAD, STORE)                                                         \
 extern "C" __global__ void NAME(const u16* q, const u16* k, const u16* v, const float* mask,  \
     u16* out, int h, int group, int t, int d, long long kb, long long kh, long long vb,        \
@@ -24,6 +26,7 @@ extern "C" __global__ void NAME(const u16* q, const u16* k, const u16* v, const 
   for (int j = threadIdx.x; j < t; j += blockDim.x) {                                         \
     const uint4* kr = (const uint4*)(k0 + (long long)j * d);                                   \
     float acc = 0.f;                                                                           \
+    _Pragma("unroll 4")                                                                        \
     for (int c = 0; c < (d >> 3); ++c) {                                                      \
       uint4 w = __ldg(kr + c);                                                                 \
       const float* qc = qs + 8 * c;                                                            \
@@ -46,6 +49,7 @@ extern "C" __global__ void NAME(const u16* q, const u16* k, const u16* v, const 
   int groups = blockDim.x / d, gi = threadIdx.x / d, i = threadIdx.x % d;                      \
   if (gi < groups) {                                                                          \
     float acc = 0.f;                                                                           \
+    _Pragma("unroll 8")                                                                        \
     for (int j = gi; j < t; j += groups) acc += ps[j] * LOAD(v0[(long long)j * d + i]);        \
     part[gi * d + i] = acc;                                                                    \
   }                                                                                           \

@@ -110,7 +110,7 @@ mod cuda {
             return Ok(None);
         };
         let q = q.contiguous()?;
-        let threads = if d <= 128 { 128 } else { 256 };
+        let threads = 256;
         let shared = (d + t + (threads / d) * d) * 4;
         let dev = cuda_device(&q)?;
         let (mask, mask_batch, has_mask) = match mask {

@@ -15,9 +15,9 @@ extern "C" __global__ void NAME(const u8* codes, long long n, int bs, int nested
   if (i >= (n + 1) / 2) return;                                                                \
   u8 c = codes[i];                                                                             \
   long long e = 2 * i;                                                                         \
-  out[e] = CONV(__fmul_rn(nf4s[c >> 4], absmax_of(e / bs, nested, absmax, aq, code_s, offset, nbs))); \
+  out[e] = CONV(__fmul_rn(nf4s[c >> 4], absmax_of(div_pow2(e, bs), nested, absmax, aq, code_s, offset, nbs))); \
   if (e + 1 < n)                                                                               \
-    out[e + 1] = CONV(__fmul_rn(nf4s[c & 15], absmax_of((e + 1) / bs, nested, absmax, aq, code_s, offset, nbs))); \
+    out[e + 1] = CONV(__fmul_rn(nf4s[c & 15], absmax_of(div_pow2(e + 1, bs), nested, absmax, aq, code_s, offset, nbs))); \
 }
 DEQUANT(nf4_dequant_f32, float, f32_id)
 DEQUANT(nf4_dequant_bf16, u16, f32_to_bf16)
@@ -89,7 +89,7 @@ extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int neste
     int nw = k >> 3;                                                                           \
     for (int j = lane; j < nw; j += 32) {                                                     \
       unsigned int v = cw[j];                                                                  \
-      float a = absmax_of((base + 8LL * j) / bs, nested, absmax, aq, code_s, offset, nbs);     \
+      float a = absmax_of(div_pow2(base + 8LL * j, bs), nested, absmax, aq, code_s, offset, nbs);     \
       float w[8];                                                                              \
       DECODE8(w, v, a);                                                                        \
       _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) {                             \
@@ -104,7 +104,7 @@ extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int neste
       long long e = base + kk;                                                                 \
       u8 c = codes[e >> 1];                                                                    \
       float wv = nf4s[(e & 1) ? (c & 15) : (c >> 4)]                                           \
-               * absmax_of(e / bs, nested, absmax, aq, code_s, offset, nbs);                   \
+               * absmax_of(div_pow2(e, bs), nested, absmax, aq, code_s, offset, nbs);                   \
       _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r)                                \
         if (r < m) acc[r] += wv * LOAD(x[(long long)r * k + kk]);                              \
     }                                                                                         \
@@ -148,7 +148,7 @@ extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int neste
       int j = j0 + 32 * u;                                                                     \
       if (j < nw) {                                                                           \
         c[u] = __ldg(cw + j);                                                                  \
-        a[u] = absmax_of((base + 32LL * j) / bs, nested, absmax, aq, code_s, offset, nbs);     \
+        a[u] = absmax_of(div_pow2(base + 32LL * j, bs), nested, absmax, aq, code_s, offset, nbs);     \
       }                                                                                       \
     }                                                                                         \
     _Pragma("unroll") for (int u = 0; u < GEMV32_UNROLL; ++u) {                               \
@@ -209,7 +209,7 @@ extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int neste
     if (!active || lane >= words) continue;                                                   \
     int j = (k0 >> 3) + lane;                                                                  \
     unsigned int v = cw[j];                                                                    \
-    float a = absmax_of((base + 8LL * j) / bs, nested, absmax, aq, code_s, offset, nbs);       \
+    float a = absmax_of(div_pow2(base + 8LL * j, bs), nested, absmax, aq, code_s, offset, nbs);       \
     float w[8];                                                                                \
     DECODE8(w, v, a);                                                                          \
     _Pragma("unroll") for (int r = 0; r < GEMM_MAX_ROWS; ++r) {                               \

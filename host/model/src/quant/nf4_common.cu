@@ -12,9 +12,16 @@ __constant__ float NF4[16] = { NF4_TABLE };
   if (nested) for (int t = threadIdx.x; t < 256; t += blockDim.x) code_s[t] = acode[t]; \
   __syncthreads();
 
+// e / d for d > 0, as a shift where d is a power of two (bitsandbytes' blocksizes all are): a
+// 64-bit division is a long software routine on the GPU, and the decoding kernels divide for
+// every few weights they read.
+__device__ __forceinline__ long long div_pow2(long long e, int d) {
+  return (d & (d - 1)) == 0 ? (e >> (__ffs(d) - 1)) : e / d;
+}
+
 __device__ __forceinline__ float absmax_of(long long blk, int nested, const float* absmax,
     const u8* aq, const float* code_s, float offset, int nbs) {
-  if (nested) return __fadd_rn(__fmul_rn(code_s[aq[blk]], absmax[blk / nbs]), offset);
+  if (nested) return __fadd_rn(__fmul_rn(code_s[aq[blk]], absmax[div_pow2(blk, nbs)]), offset);
   return absmax[blk];
 }
 

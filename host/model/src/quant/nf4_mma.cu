@@ -36,7 +36,7 @@ extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int neste
       a[u] = 0.f;                                                                              \
       if (ch0 + u * MMA_WARPS < chunks && col < k) {                                          \
         cw[u] = __ldg((const uint4*)(wrow + (col >> 1)));                                      \
-        a[u] = absmax_of((feature * (long long)k + col) / bs, nested, absmax, aq, code_s, offset, nbs); \
+        a[u] = absmax_of(div_pow2(feature * (long long)k + col, bs), nested, absmax, aq, code_s, offset, nbs); \
       }                                                                                       \
     }                                                                                         \
     _Pragma("unroll") for (int u = 0; u < MMA_UNROLL; ++u) {                                  \
