@@ -62,9 +62,10 @@ impl DecodeKernel {
     /// serve the shape. `ADAPTERLAB_NF4_SMALL_BATCH` picks it for more rows: `mma` (the default;
     /// up to [`MMA_MAX_ROWS`] rows, more dequantize), `dequantize` or `tiled`. Measured on an
     /// H100 on 2026-12-06 (BENCHMARKS.md), decoding the 7B shape without an adapter: batch 1 at
-    /// 105 tokens/s with `words`, 97 with `mma`, 92 with `wide` (batch 1 is bound by launches,
-    /// not by these kernels); batch 16 at 1,057 with `mma`, 762 with `dequantize` and, in an
-    /// earlier call, 508 with `tiled`.
+    /// 105 tokens/s with `words`, 97 with `mma`, 92 with `wide`; batch 16 at 1,057 with `mma`,
+    /// 762 with `dequantize` and, in an earlier call, 508 with `tiled`. Those runs predate the
+    /// kernels' shifts in place of 64-bit divisions (`div_pow2` in nf4_common.cu), after which
+    /// batch 1 gained ~10-20% with `words`; the others were not measured again.
     pub fn for_rows(m: usize, k: usize, n: usize, bs: usize) -> Result<Option<Self>> {
         let (gemv, small) = switches()?;
         let pick = |wanted: &[DecodeKernel]| {

@@ -122,11 +122,11 @@ GEMV(nf4_gemv_f16, f16_to_f32, f32_to_f16)
 
 // The same GEMV where the row length and the blocksize are multiples of 32 (every Falcon and
 // Llama shape): each lane loads 16 bytes of codes (32 weights, one absmax block) at a time and
-// issues GEMV32_UNROLL such loads before using any, so a warp keeps 2 KB in flight. The 4-byte
-// loads of the GEMV above left one 128-byte load per warp in flight and read the 7B MLP's
-// weights at ~0.5 TB/s on an H100 (an estimate from the 2026-12-06 decoding profile). Yet
-// batch-1 decoding of the 7B shape ran slower with it (90 against 107 tokens/s on an H100,
-// 2026-12-06), so ADAPTERLAB_NF4_GEMV picks it (`wide`) rather than the default.
+// issues GEMV32_UNROLL such loads before using any, so a warp keeps 2 KB in flight (the GEMV
+// above keeps one 128-byte load a warp). Batch-1 decoding of the 7B shape on an H100 was no
+// faster with it (92 against 105 tokens/s, 2026-12-06, while both kernels still divided in 64
+// bits for every block of weights), so ADAPTERLAB_NF4_GEMV picks it (`wide`) rather than it
+// being the default.
 #define GEMV32_UNROLL 4
 #define GEMV32(NAME, LOAD, STORE)                                                              \
 extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int nested,             \
