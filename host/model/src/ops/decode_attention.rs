@@ -90,7 +90,7 @@ mod cuda {
         let l = t.layout();
         let st = l.stride();
         let (dims, off) = (l.dims(), l.start_offset());
-        let aligned = |x: usize| x % 8 == 0;
+        let aligned = |x: usize| x.is_multiple_of(8);
         (st[3] == 1
             && (dims[2] == 1 || st[2] == d)
             && aligned(off)

@@ -200,8 +200,9 @@ pub fn masked_softmax(
     let n = a.rows * a.t;
     let sixteen_bit = matches!(scores.0.dtype(), DType::BF16 | DType::F16);
     // The warp kernel reads 16-byte vectors: every row, and the mask's rows, must start on one.
-    let aligned = scores.1 % 8 == 0 && dp.is_none_or(|d| d.1 % 8 == 0) && mask.1 % 4 == 0;
-    let warp = sixteen_bit && a.t % 8 == 0 && a.t <= SOFTMAX_WARP_MAX_T && aligned;
+    let aligned =
+        scores.1.is_multiple_of(8) && dp.is_none_or(|d| d.1 % 8 == 0) && mask.1.is_multiple_of(4);
+    let warp = sixteen_bit && a.t.is_multiple_of(8) && a.t <= SOFTMAX_WARP_MAX_T && aligned;
     // The variant whose register arrays just hold the row.
     let warp_kernel = |dtype: &str| {
         let it = match a.t.div_ceil(256) {

@@ -43,9 +43,18 @@ impl DecodeKernel {
         m > 0
             && match self {
                 DecodeKernel::Words => m <= GEMV_MAX_ROWS,
-                DecodeKernel::Wide => m <= GEMV_MAX_ROWS && k % 32 == 0 && bs % 32 == 0,
-                DecodeKernel::Mma => m <= MMA_MAX_ROWS && k % 32 == 0 && bs % 32 == 0 && n % 8 == 0,
-                DecodeKernel::Tiled => m <= GEMM_MAX_ROWS && k % 8 == 0 && bs % 8 == 0,
+                DecodeKernel::Wide => {
+                    m <= GEMV_MAX_ROWS && k.is_multiple_of(32) && bs.is_multiple_of(32)
+                }
+                DecodeKernel::Mma => {
+                    m <= MMA_MAX_ROWS
+                        && k.is_multiple_of(32)
+                        && bs.is_multiple_of(32)
+                        && n.is_multiple_of(8)
+                }
+                DecodeKernel::Tiled => {
+                    m <= GEMM_MAX_ROWS && k.is_multiple_of(8) && bs.is_multiple_of(8)
+                }
             }
     }
 
@@ -301,7 +310,7 @@ pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
     let bs = w.blocksize as i32;
     let threads = 256u32;
     // Eight weights a thread where whole 4-byte words of codes share an absmax block.
-    let by8 = w.n % 8 == 0 && w.blocksize % 8 == 0 && w.n <= u32::MAX as usize;
+    let by8 = w.n.is_multiple_of(8) && w.blocksize.is_multiple_of(8) && w.n <= u32::MAX as usize;
     let per_thread = if by8 { w.n / 8 } else { w.n.div_ceil(2) };
     let cfg = LaunchConfig {
         grid_dim: (per_thread.div_ceil(threads as usize) as u32, 1, 1),
