@@ -27,6 +27,8 @@
 #   flash      the same 8 x 512, 32 x 256 and packed rows with flash_attention_2
 #   generate   decoding with a LoRA adapter (eager unmerged and merged, flash, the small-batch
 #              NF4 GEMM, and the NF4 base alone)
+#   kernels    `bench kernels`: each NF4 decoding kernel alone at Falcon-7B's linear shapes,
+#              batch 1 and 16 (microseconds a call, GB/s of 4-bit codes)
 #   profile    seconds per phase of a training step and of batch-1 decoding (ADAPTERLAB_PROFILE);
 #              PROFILE_PYTHON=1 adds the reference's step under torch.profiler
 #   sft        `adapterlab train`, 50 steps at batch 8 x 512 on the bundled dialogues, then HF
@@ -49,7 +51,7 @@ cd "$(dirname "$0")/../.."
 FINAL=${OUT:-/tmp/gpu-qlora}
 RAW=/tmp/gpu-qlora-raw
 OUT=$RAW
-STAGES=${STAGES:-golden,load,reference,train,packing,flash,generate,profile,sft}
+STAGES=${STAGES:-golden,load,reference,train,packing,flash,generate,kernels,profile,sft}
 GOLDEN_DIR=$PWD/host/model/tests/fixtures/golden
 stage() { [[ ",$STAGES," == *",$1,"* ]]; }
 mkdir -p "$OUT" "$FINAL" /tmp/gl
@@ -261,6 +263,12 @@ if stage profile; then
     PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 300 python3 scripts/bench/hf_qlora_profile.py --ckpt "$CKPT" \
       > "$OUT/profile-python.log" 2>&1; tail -45 "$OUT/profile-python.log"
   fi
+fi
+if stage kernels; then
+  echo "== kernels: each NF4 decoding product alone"
+  timeout 200 /tmp/gl/after bench kernels 2>"$OUT/kernels.err" | tee "$OUT/kernels.json" \
+    | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"after\",${line#\{}" >> "$RESULTS"; done
+  tail -2 "$OUT/kernels.err"
 fi
 # decode-profile  batch-1 decoding with the generate stage's adapter (unmerged), profiled twice:
 #          synchronized per phase (ADAPTERLAB_PROFILE=1: each phase's device time) and not

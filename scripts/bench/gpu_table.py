@@ -34,6 +34,9 @@ def lines(rows):
             print(f"sft step {r['step']}: loss {r['loss']}")
         elif side == "sft" and "eval_loss" in r:
             print(f"sft step {r['step']}: eval_loss {r['eval_loss']}")
+        elif what == "kernel":
+            shape = "x".join(str(d) for d in r["shape"])
+            print(f"kernel {r['kernel']:>10} {shape:>11} rows {r['rows']:>2}: {r['us']} us, {r['codes_gb_per_s']} GB/s of codes")
         elif what == "peft_load":
             print(f"HF PEFT load: {json.dumps({k: v for k, v in r.items() if k != 'side'})}")
 

@@ -148,3 +148,42 @@ fn bench_train_and_generate_run_and_agree_with_checkpointing() {
     ]));
     assert!(refused.contains("flash_attention_2"), "{refused}");
 }
+
+/// `bench kernels` on the CPU: a header line, then dequantize + matmul timed for every shape and
+/// row count asked (the GPU kernels need a CUDA device), and a malformed shape refused by name.
+#[test]
+fn bench_kernels_times_each_product_and_refuses_a_bad_shape() {
+    let t = setup("bench-kernels");
+    let out = lines(&run_ok(&mut t.cmd(&[
+        "bench",
+        "kernels",
+        "--shapes",
+        "64x128,32x96",
+        "--rows",
+        "1,3",
+        "--repeats",
+        "2",
+    ])));
+    let header = find(&out, "kernels");
+    assert_eq!(header.len(), 1, "{out:?}");
+    assert_eq!(header[0]["nf4"]["double_quant"], true);
+    let timed = find(&out, "kernel");
+    assert_eq!(timed.len(), 4, "{out:?}");
+    for (line, (shape, rows)) in
+        timed
+            .iter()
+            .zip([([64, 128], 1), ([64, 128], 3), ([32, 96], 1), ([32, 96], 3)])
+    {
+        assert_eq!(line["kernel"], "dequantize", "{line}");
+        assert_eq!(line["shape"], serde_json::json!(shape), "{line}");
+        assert_eq!(line["rows"], rows, "{line}");
+        assert!(line["us"].as_f64().unwrap() > 0.0, "{line}");
+    }
+    let refused = t
+        .cmd(&["bench", "kernels", "--shapes", "64y128"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("\"64y128\" is not OUTxIN"), "{err}");
+}

@@ -394,7 +394,7 @@ fn loss_matches_transformers() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_kernels_compile() {
-    let names = adapterlab_model::ops::kernels::compile_all().unwrap();
+    let names = adapterlab_model::engine::device::compile_kernels().unwrap();
     eprintln!("compiled {} modules: {}", names.len(), names.join(", "));
 }
 

@@ -1,4 +1,4 @@
-//! `adapterlab bench train|generate`: the workloads of the GPU comparison, shaped exactly as
+//! `adapterlab bench train|generate|kernels`: the workloads of the GPU comparison, shaped exactly as
 //! `../shared/bench/hf_qlora_baseline.py` runs them on the Python stack (random token ids, full
 //! causal-LM loss, LoRA r=16/alpha=32/dropout 0.1 on an NF4 double-quant base, clipping at 0.1,
 //! AdamW at 2e-4; greedy decoding of fixed-length outputs from 200-token prompts), so
@@ -9,6 +9,9 @@
 //! draws each example's length uniformly (seeded) as real rows vary, and `--packing` packs them
 //! as the trainer's `packing = true` does (`data::pack::pack_bfd` into rows of `--seq`), so
 //! padded and packed training can be compared on useful (non-pad) tokens per second.
+//!
+//! `bench kernels` times the NF4 products of decoding alone, one kernel at a time, so a slow
+//! decoding step can be split into its kernels' shares without a GPU profiler.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -40,6 +43,10 @@ pub enum BenchCommand {
     Train(TrainBenchArgs),
     /// Greedy decoding from random prompts at several batch sizes, adapter unmerged or merged.
     Generate(GenerateBenchArgs),
+    /// The NF4 products of decoding one kernel at a time, on random weights of a model's
+    /// linear shapes: microseconds a call and the 4-bit data's GB/s, for dequantize + matmul
+    /// (any device) and each GPU decoding kernel that serves the rows.
+    Kernels(KernelBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -138,11 +145,116 @@ pub struct GenerateBenchArgs {
     pub attn_implementation: AttnImplementation,
 }
 
+#[derive(Debug, Args)]
+pub struct KernelBenchArgs {
+    /// `OUTxIN` shapes of the linear layers (default: Falcon-7B's query_key_value, dense,
+    /// dense_h_to_4h and dense_4h_to_h).
+    #[arg(long, value_delimiter = ',', value_parser = parse_shape,
+        default_value = "4672x4544,4544x4544,18176x4544,4544x18176")]
+    pub shapes: Vec<(usize, usize)>,
+    /// Rows of the input (the decoding batch).
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    pub rows: Vec<usize>,
+    /// Timed calls of each, after 3 untimed ones.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub repeats: u64,
+}
+
+/// `OUTxIN`, both at least 1.
+fn parse_shape(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (a, b) = s
+        .split_once('x')
+        .ok_or_else(|| format!("{s:?} is not OUTxIN"))?;
+    let parse = |x: &str| match x.trim().parse::<usize>() {
+        Ok(0) => Err(format!("{s:?}: a dimension of 0")),
+        Ok(v) => Ok(v),
+        Err(e) => Err(format!("{x:?} in {s:?}: {e}")),
+    };
+    Ok((parse(a)?, parse(b)?))
+}
+
 pub fn run(cmd: BenchCommand, ctx: &Context) -> Result<()> {
     match cmd {
         BenchCommand::Train(args) => train(args, ctx),
         BenchCommand::Generate(args) => generate(args, ctx),
+        BenchCommand::Kernels(args) => kernels(args, ctx),
     }
+}
+
+/// Each product `x W^T` of `bench kernels`, timed on its own with the device synchronized
+/// around the repeats.
+fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
+    use adapterlab_model::engine::Nf4Weight;
+    use candle_core::DType;
+    let device = model_runtime(ctx)?.device;
+    // 16-bit where decoding runs on a GPU; f32 on the CPU, whose matmul is made for it.
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let opts = adapterlab_model::engine::Nf4Options {
+        double_quant: true,
+        ..Default::default()
+    };
+    emit(
+        json!({"what": "kernels", "device": gpu_name(&device), "dtype": format!("{dtype:?}"),
+        "nf4": {"blocksize": opts.blocksize, "double_quant": opts.double_quant}}),
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    for &(out, inp) in &args.shapes {
+        let w: Vec<f32> = (0..out * inp)
+            .map(|_| rng.random_range(-0.05f32..0.05))
+            .collect();
+        // On the device, so a GPU quantizes it there, as a load does.
+        let w = Tensor::from_vec(w, (out, inp), &Device::Cpu)?.to_device(&device)?;
+        let q = Nf4Weight::quantize(&w, opts, dtype, &device)
+            .with_context(|| format!("quantizing a {out}x{inp} weight"))?;
+        let codes_bytes = (out * inp).div_ceil(2) as f64;
+        for &m in &args.rows {
+            let x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1f32..1.0)).collect();
+            let x = Tensor::from_vec(x, (m, inp), &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(&device)?;
+            let time =
+                |name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<()> {
+                    for _ in 0..3 {
+                        f()?;
+                    }
+                    device.synchronize()?;
+                    let t = Instant::now();
+                    for _ in 0..args.repeats {
+                        f()?;
+                    }
+                    device.synchronize()?;
+                    let s = t.elapsed().as_secs_f64() / args.repeats as f64;
+                    emit(
+                        json!({"what": "kernel", "shape": [out, inp], "rows": m, "kernel": name,
+                    "us": round(s * 1e6, 1), "codes_gb_per_s": round(codes_bytes / s / 1e9, 1)}),
+                    );
+                    Ok(())
+                };
+            // What more rows than the kernels serve take: the weight dequantized, then a matmul.
+            time("dequantize", &|| {
+                x.matmul(&q.dequantize_to(dtype, &device)?.t()?)
+            })?;
+            #[cfg(feature = "cuda")]
+            {
+                use adapterlab_model::engine::DecodeKernel;
+                for (name, kernel) in [
+                    ("words", DecodeKernel::Words),
+                    ("wide", DecodeKernel::Wide),
+                    ("mma", DecodeKernel::Mma),
+                    ("tiled", DecodeKernel::Tiled),
+                ] {
+                    if device.is_cuda() && kernel.serves(m, inp, out, opts.blocksize) {
+                        time(name, &|| q.forward_from_nf4(&x, kernel, None))?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn emit(v: serde_json::Value) {

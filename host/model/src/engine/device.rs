@@ -64,6 +64,24 @@ fn keep_freed_memory(_: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Compiles every kernel module the crate launches with NVRTC, which needs no GPU: a CUDA build
+/// can find a broken `.cu` source on the build machine (the golden test `cuda_kernels_compile`)
+/// instead of on the lent GPU, where each module is otherwise first compiled when a kernel of
+/// it runs. Returns the modules' names.
+#[cfg(feature = "cuda")]
+pub fn compile_kernels() -> Result<Vec<&'static str>> {
+    let modules = crate::ops::kernel_modules()
+        .into_iter()
+        .chain(crate::quant::kernels::modules())
+        .chain(crate::lora::kernels::modules());
+    let mut names = Vec::new();
+    for m in modules {
+        m.ptx()?;
+        names.push(m.name);
+    }
+    Ok(names)
+}
+
 #[cfg(feature = "cuda")]
 fn one_stream_without_events(device: &Device) {
     if let Device::Cuda(d) = device {

@@ -349,7 +349,8 @@ pub fn generate_ids_with(
     // How many new tokens each finished row keeps.
     let mut kept: Vec<Option<usize>> = vec![None; batch];
     let mut logprobs: Vec<Vec<TokenLogprobs>> = vec![Vec::new(); batch];
-    let mut cache = model.new_cache();
+    // Room for every token this call may add: the buffers are made once.
+    let mut cache = model.new_cache().with_room(cfg.max_new_tokens);
 
     let to_tensor = |m: &Vec<Vec<u32>>, device: &Device| -> Result<Tensor> {
         let w = m[0].len();

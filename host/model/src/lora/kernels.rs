@@ -5,6 +5,11 @@ use candle_core::{DType, Error, Result, Tensor};
 
 use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, no_defines, wrap};
 
+/// This wing's kernel module, for [`crate::engine::device::compile_kernels`].
+pub fn modules() -> [&'static CudaModule; 1] {
+    [&LORA]
+}
+
 pub(crate) static LORA: CudaModule =
     CudaModule::new("adapterlab_lora", include_str!("lora.cu"), no_defines);
 

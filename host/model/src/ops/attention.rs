@@ -13,15 +13,17 @@ use candle_core::{D, DType, Device, Result, Tensor};
 
 /// Keys and values of every layer seen so far, `[batch, kv_heads, past, head_dim]` each.
 ///
-/// Each layer's keys and values live in buffers with room for [`KvCache::ROOM`] more tokens
-/// than they hold: a decoding step writes its token in place (one copy per tensor) instead of
-/// concatenating the whole past into a new tensor (a copy of everything cached, two launches
-/// per tensor, every layer, every token), and a full buffer grows by the tokens it needs plus
-/// the room. The views [`KvCache::append`] returns cover the tokens written so far; later
-/// steps write only past them, so a view never changes under its holder.
-#[derive(Debug, Default)]
+/// Each layer's keys and values live in buffers with room for more tokens than they hold
+/// ([`KvCache::with_room`]; [`KvCache::ROOM`] unless told): a decoding step writes its token in
+/// place (one copy per tensor) instead of concatenating the whole past into a new tensor (a
+/// copy of everything cached, two launches per tensor, every layer, every token), and a full
+/// buffer grows by the tokens it needs plus the room. The views [`KvCache::append`] returns
+/// cover the tokens written so far; later steps write only past them, so a view never changes
+/// under its holder.
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
+    room: usize,
 }
 
 #[derive(Debug)]
@@ -33,13 +35,23 @@ struct LayerCache {
 }
 
 impl KvCache {
-    /// Tokens a buffer has room for beyond what it holds when it is made or grown.
+    /// Tokens a buffer has room for beyond what it holds when it is made or grown, unless
+    /// [`KvCache::with_room`] says otherwise.
     pub const ROOM: usize = 256;
 
     pub fn new(num_layers: usize) -> Self {
         KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
+            room: Self::ROOM,
         }
+    }
+
+    /// The cache with buffers made (or grown) with room for `tokens` more than they hold:
+    /// generation passes the tokens it may add, so the buffers are made once at the size the
+    /// whole generation needs, and a wide cache (many KV heads, large batches) reserves no more.
+    pub fn with_room(mut self, tokens: usize) -> Self {
+        self.room = tokens;
+        self
     }
 
     /// Tokens cached so far.
@@ -63,7 +75,7 @@ impl KvCache {
             );
         }
         let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
-        let new = k.dim(2)?;
+        let (new, room) = (k.dim(2)?, self.room);
         let slot = &mut self.layers[layer];
         let len = slot.as_ref().map_or(0, |l| l.len);
         let fits = slot
@@ -72,7 +84,7 @@ impl KvCache {
         if !fits {
             let grown = |x: &Tensor, old: Option<&Tensor>| -> Result<Tensor> {
                 let (b, h, _, d) = x.dims4()?;
-                let cap = len + new + Self::ROOM;
+                let cap = len + new + room;
                 let buf = Tensor::zeros((b, h, cap, d), x.dtype(), x.device())?;
                 if let Some(old) = old {
                     buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
@@ -1050,37 +1062,29 @@ mod tests {
                 .contiguous()?;
             Ok((k.clone(), (k + 1000.0)?))
         };
-        let mut cache = KvCache::new(2);
-        let (k0, v0) = step(0, 5)?;
-        let (first_k, _) = cache.append(1, &k0, &v0)?;
-        let mut t = 5;
-        // Past the first buffer's room, so it grows at least once.
-        while t < 5 + KvCache::ROOM + 40 {
-            let (k, v) = step(t, 1)?;
-            let (all_k, all_v) = cache.append(1, &k, &v)?;
-            t += 1;
-            assert_eq!(all_k.dims(), &[2, 3, t, 4]);
-            let want = step(0, t)?;
-            let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
-                (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-            };
-            assert_eq!(diff(&all_k, &want.0)?, 0.0, "keys at {t}");
-            assert_eq!(diff(&all_v, &want.1)?, 0.0, "values at {t}");
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        // The default room, grown past once; a room of 3, grown every few tokens.
+        for room in [KvCache::ROOM, 3] {
+            let mut cache = KvCache::new(2).with_room(room);
+            let (k0, v0) = step(0, 5)?;
+            let (first_k, _) = cache.append(1, &k0, &v0)?;
+            let mut t = 5;
+            while t < 5 + room + 40 {
+                let (k, v) = step(t, 1)?;
+                let (all_k, all_v) = cache.append(1, &k, &v)?;
+                t += 1;
+                assert_eq!(all_k.dims(), &[2, 3, t, 4]);
+                let want = step(0, t)?;
+                assert_eq!(diff(&all_k, &want.0)?, 0.0, "room {room}: keys at {t}");
+                assert_eq!(diff(&all_v, &want.1)?, 0.0, "room {room}: values at {t}");
+            }
+            assert_eq!(first_k.dims(), &[2, 3, 5, 4]);
+            assert_eq!(diff(&first_k, &k0)?, 0.0, "the first view kept its tokens");
+            let refused = cache.append(2, &k0, &v0).err().map(|e| e.to_string());
+            assert!(refused.is_some_and(|e| e.contains("2 layers")));
         }
-        assert_eq!(first_k.dims(), &[2, 3, 5, 4]);
-        let diff = (&first_k - &k0)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        assert_eq!(diff, 0.0, "the first view kept its tokens");
-        assert_eq!(
-            cache
-                .append(2, &k0, &v0)
-                .err()
-                .map(|e| e.to_string().contains("2 layers")),
-            Some(true)
-        );
         Ok(())
     }
 

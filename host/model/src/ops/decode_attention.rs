@@ -170,7 +170,7 @@ mod cuda {
     }
 }
 
-/// The module, for [`crate::ops::kernels::compile_all`].
+/// The module, for [`crate::ops::kernel_modules`].
 #[cfg(feature = "cuda")]
 pub(crate) fn cuda_module() -> &'static crate::ops::kernels::CudaModule {
     &cuda::DECODE

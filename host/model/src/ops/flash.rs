@@ -492,7 +492,7 @@ mod cpu {
     }
 }
 
-/// The three builds of `flash.cu`, for [`crate::ops::kernels::compile_all`].
+/// The three builds of `flash.cu`, for [`crate::ops::kernel_modules`].
 #[cfg(feature = "cuda")]
 pub(crate) fn cuda_modules() -> [&'static crate::ops::kernels::CudaModule; 3] {
     cuda::modules()

@@ -103,26 +103,9 @@ static CROSS_ENTROPY: CudaModule = CudaModule::new(
 static ADAMW: CudaModule =
     CudaModule::new("adapterlab_adamw", include_str!("adamw.cu"), no_defines);
 
-/// Compiles every kernel module with NVRTC, which needs no GPU: a CUDA build can find a
-/// broken `.cu` source on the build machine (the golden test `cuda_kernels_compile`) instead
-/// of on the lent GPU, where each module is otherwise first compiled when a kernel of it runs.
-pub fn compile_all() -> Result<Vec<&'static str>> {
-    let modules = [&DROPOUT, &GELU, &SOFTMAX, &CROSS_ENTROPY, &ADAMW]
-        .into_iter()
-        .chain([
-            &crate::quant::kernels::NF4,
-            &crate::quant::kernels::NF4_QUANTIZE,
-            &crate::quant::kernels::NF4_MMA,
-            &crate::lora::kernels::LORA,
-        ])
-        .chain(crate::ops::flash::cuda_modules())
-        .chain([crate::ops::decode_attention::cuda_module()]);
-    let mut names = Vec::new();
-    for m in modules {
-        m.ptx()?;
-        names.push(m.name);
-    }
-    Ok(names)
+/// The generic ops' kernel modules (`crate::ops::kernel_modules` adds the attention ones).
+pub fn modules() -> [&'static CudaModule; 5] {
+    [&DROPOUT, &GELU, &SOFTMAX, &CROSS_ENTROPY, &ADAMW]
 }
 
 pub fn cuda_device(t: &Tensor) -> Result<CudaDevice> {

@@ -15,3 +15,14 @@ pub mod kernels;
 pub mod profile;
 pub mod softmax;
 pub mod switch;
+
+/// This wing's kernel modules: the generic ops', flash attention's and decoding attention's,
+/// for [`crate::engine::device::compile_kernels`].
+#[cfg(feature = "cuda")]
+pub fn kernel_modules() -> Vec<&'static kernels::CudaModule> {
+    kernels::modules()
+        .into_iter()
+        .chain(flash::cuda_modules())
+        .chain([decode_attention::cuda_module()])
+        .collect()
+}

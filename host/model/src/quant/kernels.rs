@@ -130,6 +130,11 @@ fn switches() -> Result<(DecodeKernel, Option<DecodeKernel>)> {
         .map_err(Error::Msg)
 }
 
+/// This wing's kernel modules, for [`crate::engine::device::compile_kernels`].
+pub fn modules() -> [&'static CudaModule; 3] {
+    [&NF4, &NF4_QUANTIZE, &NF4_MMA]
+}
+
 pub(crate) static NF4: CudaModule = CudaModule::new(
     "adapterlab_nf4",
     concat!(include_str!("nf4_common.cu"), include_str!("nf4.cu")),
