@@ -216,24 +216,23 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
             let x = Tensor::from_vec(x, (m, inp), &Device::Cpu)?
                 .to_dtype(dtype)?
                 .to_device(&device)?;
-            let time =
-                |name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<()> {
-                    for _ in 0..3 {
-                        f()?;
-                    }
-                    device.synchronize()?;
-                    let t = Instant::now();
-                    for _ in 0..args.repeats {
-                        f()?;
-                    }
-                    device.synchronize()?;
-                    let s = t.elapsed().as_secs_f64() / args.repeats as f64;
-                    emit(
-                        json!({"what": "kernel", "shape": [out, inp], "rows": m, "kernel": name,
+            let time = |name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<()> {
+                for _ in 0..3 {
+                    f()?;
+                }
+                device.synchronize()?;
+                let t = Instant::now();
+                for _ in 0..args.repeats {
+                    f()?;
+                }
+                device.synchronize()?;
+                let s = t.elapsed().as_secs_f64() / args.repeats as f64;
+                emit(
+                    json!({"what": "kernel", "shape": [out, inp], "rows": m, "kernel": name,
                     "us": round(s * 1e6, 1), "codes_gb_per_s": round(codes_bytes / s / 1e9, 1)}),
-                    );
-                    Ok(())
-                };
+                );
+                Ok(())
+            };
             // What more rows than the kernels serve take: the weight dequantized, then a matmul.
             time("dequantize", &|| {
                 x.matmul(&q.dequantize_to(dtype, &device)?.t()?)

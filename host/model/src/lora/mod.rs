@@ -385,6 +385,18 @@ impl LoraLayer {
         })
     }
 
+    /// Whether the inference kernels (`lora::kernels`) can take `x` through this adapter: no
+    /// dropout, no graph, 16-bit inputs on a GPU, f32 adapter weights.
+    #[cfg(feature = "cuda")]
+    fn inference_kernels_take(&self, x: &Tensor, train: bool) -> bool {
+        !train
+            && !x.track_op()
+            && x.device().is_cuda()
+            && matches!(x.dtype(), DType::BF16 | DType::F16)
+            && self.a.dtype() == DType::F32
+            && self.b.dtype() == DType::F32
+    }
+
     /// `y + delta_y(x)` at inference on a few rows on the GPU, in two kernels (the op-by-op
     /// version launched eight per layer per token, most of unmerged decoding's time); `None`
     /// where it does not apply (training, a graph, the CPU, 32-bit inputs, many rows).
@@ -393,13 +405,8 @@ impl LoraLayer {
         {
             let k = x.dim(candle_core::D::Minus1)?;
             let rows = x.elem_count() / k.max(1);
-            let fits = !train
-                && !x.track_op()
-                && x.device().is_cuda()
-                && matches!(x.dtype(), DType::BF16 | DType::F16)
+            let fits = self.inference_kernels_take(x, train)
                 && y.dtype() == x.dtype()
-                && self.a.dtype() == DType::F32
-                && self.b.dtype() == DType::F32
                 && rows <= crate::lora::kernels::LORA_INFERENCE_MAX_ROWS;
             if fits {
                 let n = y.dim(candle_core::D::Minus1)?;
@@ -432,13 +439,7 @@ impl LoraLayer {
         {
             let k = x.dim(candle_core::D::Minus1)?;
             let rows = x.elem_count() / k.max(1);
-            let fits = !train
-                && !x.track_op()
-                && x.device().is_cuda()
-                && matches!(x.dtype(), DType::BF16 | DType::F16)
-                && self.a.dtype() == DType::F32
-                && self.b.dtype() == DType::F32;
-            if fits
+            if self.inference_kernels_take(x, train)
                 && let Some(kernel) = base.decode_kernel(x)?
                 && kernel.adds_lora()
             {
