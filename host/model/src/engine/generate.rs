@@ -157,6 +157,10 @@ pub enum Flow {
 }
 
 /// `log_softmax(logits)` at the chosen token and the `n` best, most likely first.
+/// The most tokens of room generation reserves in the KV cache's buffers at a time; longer
+/// generations grow them by this much when full.
+const MAX_CACHE_ROOM: usize = 512;
+
 fn token_logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let log_sum = logits.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;
@@ -349,8 +353,11 @@ pub fn generate_ids_with(
     // How many new tokens each finished row keeps.
     let mut kept: Vec<Option<usize>> = vec![None; batch];
     let mut logprobs: Vec<Vec<TokenLogprobs>> = vec![Vec::new(); batch];
-    // Room for every token this call may add: the buffers are made once.
-    let mut cache = model.new_cache().with_room(cfg.max_new_tokens);
+    // Room for the tokens this call may add, so the buffers are made once, up to a bound: a
+    // large `max_new_tokens` that EOS cuts short must not reserve its whole length up front.
+    let mut cache = model
+        .new_cache()
+        .with_room(cfg.max_new_tokens.min(MAX_CACHE_ROOM));
 
     let to_tensor = |m: &Vec<Vec<u32>>, device: &Device| -> Result<Tensor> {
         let w = m[0].len();
