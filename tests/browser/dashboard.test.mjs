@@ -507,6 +507,9 @@ describe('adapterlab dashboard', () => {
       await navigate('Launch', 'Launch a run');
       await page.getByRole('radio', { name: 'Evaluation' }).check();
       const box = page.getByRole('form', { name: 'Evaluate predictions' }).getByRole('checkbox', { name, exact: true });
+      // The form lists the metrics it fetches on opening: wait for that list, not for a fixed
+      // moment (counting at once failed one run in three on a busy 2-core machine).
+      await box.first().waitFor({ timeout: 10000 }).catch(() => {});
       assert.equal(await box.count(), 1, `the new metric ${name} is not offered in the evaluation form`);
     }
     // Uninstall it again; built-ins have no button.
