@@ -12,7 +12,8 @@ def lines(rows):
             phases = r.get("phases") or {}
             top = ", ".join(f"{k} {v['s'] if isinstance(v, dict) else v}" for k, v in phases.items())
             rnd = f" round {r['round']}" if r.get("round") else ""
-            print(f"{side:>16}{rnd}: load {r['s']} s (NF4 quantized on {r.get('nf4_quantize', '-')}) {top}")
+            dec = " ".join(f"{k.removeprefix('ADAPTERLAB_')}={v}" for k, v in (r.get("decoding") or {}).items())
+            print(f"{side:>16}{rnd}: load {r['s']} s (NF4 quantized on {r.get('nf4_quantize', '-')}) {top}{' [' + dec + ']' if dec else ''}")
         elif what == "nvidia_smi_peak":
             print(f"{side:>16}: nvidia-smi peak {r['mib']} MiB")
         elif what == "train_step" and side == "python":

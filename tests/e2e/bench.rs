@@ -114,6 +114,12 @@ fn bench_train_and_generate_run_and_agree_with_checkpointing() {
         "--new-tokens",
         "3",
     ])));
+    // The decoding switches in force come with the figures (on the CPU, the attention's only).
+    let decoding = &find(&generated, "load")[0]["decoding"];
+    assert_eq!(
+        decoding["ADAPTERLAB_DECODE_ATTENTION"], "fused",
+        "{decoding}"
+    );
     let runs = find(&generated, "generate");
     assert_eq!(runs.len(), 4, "{generated:?}");
     for r in runs {

@@ -199,7 +199,8 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
     };
     emit(
         json!({"what": "kernels", "device": gpu_name(&device), "dtype": format!("{dtype:?}"),
-        "nf4": {"blocksize": opts.blocksize, "double_quant": opts.double_quant}}),
+        "nf4": {"blocksize": opts.blocksize, "double_quant": opts.double_quant},
+        "decoding": decoding_settings(&device)?}),
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     for &(out, inp) in &args.shapes {
@@ -385,7 +386,8 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
         json!({"what": "load", "s": round(t.elapsed().as_secs_f64(), 1),
         "device": gpu_name(&device), "adapter": args.adapter,
         "attn_implementation": args.attn_implementation.as_str(),
-        "nf4_quantize": nf4_quantize_on(&device)?, "phases": load_phases()}),
+        "nf4_quantize": nf4_quantize_on(&device)?, "decoding": decoding_settings(&device)?,
+        "phases": load_phases()}),
     );
     let vocab = model.vocab_size();
     let mut modes = vec![false];
@@ -453,6 +455,16 @@ fn load_phases() -> serde_json::Value {
 
 /// Where the load quantized to NF4 (`ADAPTERLAB_NF4_QUANTIZE`): "gpu" or "cpu" on a CUDA
 /// device; the CPU device always quantizes on the CPU.
+/// The decoding speed switches in force, as `{variable: value}`.
+fn decoding_settings(device: &Device) -> Result<serde_json::Value> {
+    let settings = adapterlab_model::engine::decoding_settings(device)?;
+    Ok(settings
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(v)))
+        .collect::<serde_json::Map<_, _>>()
+        .into())
+}
+
 fn nf4_quantize_on(device: &Device) -> Result<&'static str> {
     use adapterlab_model::engine::QuantizeOn;
     Ok(if device.is_cuda() {

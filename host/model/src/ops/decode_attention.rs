@@ -52,6 +52,11 @@ pub fn attend(
     }
 }
 
+/// The `ADAPTERLAB_DECODE_ATTENTION` in force (`fused` or `eager`), for reports.
+pub fn setting() -> Result<&'static str> {
+    Ok(if fused()? { "fused" } else { "eager" })
+}
+
 /// `ADAPTERLAB_DECODE_ATTENTION`: `fused` (the default) or `eager`, which keeps decoding on the
 /// eager path. On an H100 (2026-12-06, BENCHMARKS.md) the first form of the kernel, its key
 /// loops not yet unrolled, decoded batch 1 at 83.2 tokens/s against the eager path's 87.7;

@@ -97,6 +97,19 @@ impl DecodeKernel {
     }
 }
 
+/// The `ADAPTERLAB_NF4_GEMV` and `ADAPTERLAB_NF4_SMALL_BATCH` in force, as the names they take,
+/// for reports.
+pub fn decode_settings() -> Result<(&'static str, &'static str)> {
+    let name = |k: DecodeKernel| match k {
+        DecodeKernel::Words => "words",
+        DecodeKernel::Wide => "wide",
+        DecodeKernel::Mma => "mma",
+        DecodeKernel::Tiled => "tiled",
+    };
+    let (gemv, small) = switches()?;
+    Ok((name(gemv), small.map_or("dequantize", name)))
+}
+
 /// `ADAPTERLAB_NF4_GEMV` and `ADAPTERLAB_NF4_SMALL_BATCH` (`None`: dequantize), read once,
 /// with their defaults.
 fn switches() -> Result<(DecodeKernel, Option<DecodeKernel>)> {
