@@ -639,13 +639,7 @@ type Kernel = ();
 
 #[cfg(feature = "cuda")]
 fn decode_kernels() -> Vec<Kernel> {
-    use adapterlab_model::quant::kernels::DecodeKernel;
-    vec![
-        DecodeKernel::Words,
-        DecodeKernel::Wide,
-        DecodeKernel::Mma,
-        DecodeKernel::Tiled,
-    ]
+    adapterlab_model::quant::kernels::DecodeKernel::ALL.to_vec()
 }
 #[cfg(not(feature = "cuda"))]
 fn decode_kernels() -> Vec<Kernel> {

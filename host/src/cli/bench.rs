@@ -241,14 +241,9 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
             #[cfg(feature = "cuda")]
             {
                 use adapterlab_model::engine::DecodeKernel;
-                for (name, kernel) in [
-                    ("words", DecodeKernel::Words),
-                    ("wide", DecodeKernel::Wide),
-                    ("mma", DecodeKernel::Mma),
-                    ("tiled", DecodeKernel::Tiled),
-                ] {
+                for kernel in DecodeKernel::ALL {
                     if device.is_cuda() && kernel.serves(m, inp, out, opts.blocksize) {
-                        time(name, &|| q.forward_from_nf4(&x, kernel, None))?;
+                        time(kernel.name(), &|| q.forward_from_nf4(&x, kernel, None))?;
                     }
                 }
             }

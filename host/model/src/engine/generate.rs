@@ -156,11 +156,11 @@ pub enum Flow {
     StopRow,
 }
 
-/// `log_softmax(logits)` at the chosen token and the `n` best, most likely first.
 /// The most tokens of room generation reserves in the KV cache's buffers at a time; longer
 /// generations grow them by this much when full.
 const MAX_CACHE_ROOM: usize = 512;
 
+/// `log_softmax(logits)` at the chosen token and the `n` best, most likely first.
 fn token_logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let log_sum = logits.iter().map(|v| (v - max).exp()).sum::<f32>().ln() + max;

@@ -28,29 +28,6 @@ pub use crate::ops::profile;
 #[cfg(feature = "cuda")]
 pub use crate::quant::kernels::DecodeKernel;
 pub use crate::quant::nf4::Nf4Options;
-
-/// The decoding speed switches in force on `device`, by environment variable, with their
-/// defaults applied: what a benchmark's figures were measured with. The NF4 kernels' switches
-/// are reported on a CUDA device of a CUDA build only; elsewhere no kernel reads them.
-pub fn decoding_settings(
-    device: &candle_core::Device,
-) -> candle_core::Result<Vec<(&'static str, &'static str)>> {
-    let attention = (
-        "ADAPTERLAB_DECODE_ATTENTION",
-        crate::ops::decode_attention::setting()?,
-    );
-    #[cfg(feature = "cuda")]
-    if device.is_cuda() {
-        let (gemv, small) = crate::quant::kernels::decode_settings()?;
-        return Ok(vec![
-            attention,
-            ("ADAPTERLAB_NF4_GEMV", gemv),
-            ("ADAPTERLAB_NF4_SMALL_BATCH", small),
-        ]);
-    }
-    let _ = device;
-    Ok(vec![attention])
-}
 pub use crate::quant::quantize::quantize_model_dir;
 pub use crate::quant::weight::Nf4Weight;
 pub use crate::quant::weight::QuantizeOn;
@@ -69,6 +46,29 @@ use crate::models::falcon::config::FalconConfig;
 use crate::models::llama::config::LlamaConfig;
 use crate::models::load;
 use crate::models::params::{self, ParamCount};
+
+/// The decoding speed switches in force on `device`, by environment variable, with their
+/// defaults applied: what a benchmark's figures were measured with. The NF4 kernels' switches
+/// are reported on a CUDA device of a CUDA build only; elsewhere no kernel reads them.
+pub fn decoding_settings(
+    device: &Device,
+) -> candle_core::Result<Vec<(&'static str, &'static str)>> {
+    let attention = (
+        "ADAPTERLAB_DECODE_ATTENTION",
+        crate::ops::decode_attention::setting()?,
+    );
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        let (gemv, small) = crate::quant::kernels::decode_settings()?;
+        return Ok(vec![
+            attention,
+            ("ADAPTERLAB_NF4_GEMV", gemv),
+            ("ADAPTERLAB_NF4_SMALL_BATCH", small),
+        ]);
+    }
+    let _ = device;
+    Ok(vec![attention])
+}
 
 /// The alias of the default model.
 pub const DEFAULT_MODEL: &str = "smollm2";

@@ -78,9 +78,7 @@ impl KvCache {
         let (new, room) = (k.dim(2)?, self.room);
         let slot = &mut self.layers[layer];
         let len = slot.as_ref().map_or(0, |l| l.len);
-        let fits = slot
-            .as_ref()
-            .is_some_and(|l| l.len + new <= l.k.dim(2).unwrap_or(0));
+        let fits = slot.as_ref().is_some_and(|l| l.len + new <= l.k.dims()[2]);
         if !fits {
             let grown = |x: &Tensor, old: Option<&Tensor>| -> Result<Tensor> {
                 let (b, h, _, d) = x.dims4()?;
@@ -190,12 +188,9 @@ impl PackedAttention {
     /// The environment's choice, read once (`None` when unset); an unknown value is an error
     /// naming the variable.
     pub fn from_env() -> Result<Option<Self>> {
-        static CHOICE: std::sync::OnceLock<std::result::Result<Option<PackedAttention>, String>> =
-            std::sync::OnceLock::new();
-        CHOICE
-            .get_or_init(|| crate::ops::switch::choice(Self::ENV, Self::NAMES))
-            .clone()
-            .map_err(candle_core::Error::Msg)
+        static SWITCH: crate::ops::switch::Switch<PackedAttention> =
+            crate::ops::switch::Switch::new(PackedAttention::ENV, PackedAttention::NAMES);
+        SWITCH.get()
     }
 
     const NAMES: &'static [(&'static str, PackedAttention)] = &[

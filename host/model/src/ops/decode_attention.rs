@@ -52,28 +52,22 @@ pub fn attend(
     }
 }
 
-/// The `ADAPTERLAB_DECODE_ATTENTION` in force (`fused` or `eager`), for reports.
-pub fn setting() -> Result<&'static str> {
-    Ok(if fused()? { "fused" } else { "eager" })
-}
-
 /// `ADAPTERLAB_DECODE_ATTENTION`: `fused` (the default) or `eager`, which keeps decoding on the
 /// eager path. On an H100 (2026-12-06, BENCHMARKS.md) the first form of the kernel, its key
 /// loops not yet unrolled, decoded batch 1 at 83.2 tokens/s against the eager path's 87.7;
 /// the unrolled kernel was measured only as the default (101.3), not against the eager path.
+static FUSED: crate::ops::switch::Switch<bool> = crate::ops::switch::Switch::new(
+    "ADAPTERLAB_DECODE_ATTENTION",
+    &[("fused", true), ("eager", false)],
+);
+
 fn fused() -> Result<bool> {
-    static CHOICE: std::sync::OnceLock<std::result::Result<bool, String>> =
-        std::sync::OnceLock::new();
-    CHOICE
-        .get_or_init(|| {
-            crate::ops::switch::choice(
-                "ADAPTERLAB_DECODE_ATTENTION",
-                &[("fused", true), ("eager", false)],
-            )
-            .map(|c| c.unwrap_or(true))
-        })
-        .clone()
-        .map_err(candle_core::Error::Msg)
+    Ok(FUSED.get()?.unwrap_or(true))
+}
+
+/// The `ADAPTERLAB_DECODE_ATTENTION` in force (`fused` or `eager`), for reports.
+pub fn setting() -> Result<&'static str> {
+    Ok(if fused()? { "fused" } else { "eager" })
 }
 
 #[cfg(feature = "cuda")]

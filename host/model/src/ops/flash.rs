@@ -557,7 +557,7 @@ mod cuda {
     fn alibi_or_dummy(alibi: Option<&Tensor>, dev: &Device) -> Result<(Tensor, i32)> {
         Ok(match alibi {
             Some(a) => (a.clone(), 1),
-            None => (Tensor::zeros(1, DType::F32, dev)?, 0),
+            None => (crate::ops::softmax::no_mask(dev)?, 0),
         })
     }
 

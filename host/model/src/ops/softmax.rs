@@ -66,8 +66,8 @@ fn mask_or_dummy(scores: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, bool
     }
 }
 
-/// The stand-in for an absent mask, made once per device: a fresh one cost an allocation and
-/// a launch per layer per decoded token.
+/// The one-f32 stand-in for an absent mask or bias that a kernel takes but never reads, made
+/// once per device: a fresh one cost an allocation and a launch per layer per decoded token.
 pub(crate) fn no_mask(device: &candle_core::Device) -> Result<Tensor> {
     static MADE: std::sync::Mutex<Vec<Tensor>> = std::sync::Mutex::new(Vec::new());
     let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());

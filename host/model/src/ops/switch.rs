@@ -5,6 +5,32 @@
 //! reference); an unknown name is an error naming the variable and the names it takes, not a
 //! silent default.
 
+/// A switch read once per process: the first [`Switch::get`] reads `var` ([`choice`]) and
+/// every later one answers the same, refusal included.
+pub struct Switch<T: 'static> {
+    var: &'static str,
+    options: &'static [(&'static str, T)],
+    read: std::sync::OnceLock<Result<Option<T>, String>>,
+}
+
+impl<T: Copy + Send + Sync> Switch<T> {
+    pub const fn new(var: &'static str, options: &'static [(&'static str, T)]) -> Self {
+        Switch {
+            var,
+            options,
+            read: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The value set (`None`: unset); an unknown name is an error naming the variable.
+    pub fn get(&self) -> candle_core::Result<Option<T>> {
+        self.read
+            .get_or_init(|| choice(self.var, self.options))
+            .clone()
+            .map_err(candle_core::Error::Msg)
+    }
+}
+
 /// `var`'s value among `options` (`(name, value)`); `None` when it is unset.
 pub fn choice<T: Copy>(var: &str, options: &[(&str, T)]) -> Result<Option<T>, String> {
     match std::env::var(var) {

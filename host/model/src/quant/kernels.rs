@@ -9,6 +9,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig};
 use candle_core::{CudaStorage, DType, Error, Result, Storage, Tensor};
 
 use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, wrap};
+use crate::ops::switch::Switch;
 
 /// Rows of `x` the GEMVs (`nf4_gemv_*`, `nf4_gemv32_*`) handle; more rows go through
 /// dequantize + cuBLAS, or, opted in, the tensor-core GEMM or the small-batch GEMM.
@@ -37,6 +38,23 @@ pub enum DecodeKernel {
 }
 
 impl DecodeKernel {
+    pub const ALL: [DecodeKernel; 4] = [
+        DecodeKernel::Words,
+        DecodeKernel::Wide,
+        DecodeKernel::Mma,
+        DecodeKernel::Tiled,
+    ];
+
+    /// The name the speed switches and reports give it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DecodeKernel::Words => "words",
+            DecodeKernel::Wide => "wide",
+            DecodeKernel::Mma => "mma",
+            DecodeKernel::Tiled => "tiled",
+        }
+    }
+
     /// Whether this kernel serves `m` rows of `k` features against `n` features in blocks of
     /// `bs`.
     pub fn serves(self, m: usize, k: usize, n: usize, bs: usize) -> bool {
@@ -100,47 +118,36 @@ impl DecodeKernel {
 /// The `ADAPTERLAB_NF4_GEMV` and `ADAPTERLAB_NF4_SMALL_BATCH` in force, as the names they take,
 /// for reports.
 pub fn decode_settings() -> Result<(&'static str, &'static str)> {
-    let name = |k: DecodeKernel| match k {
-        DecodeKernel::Words => "words",
-        DecodeKernel::Wide => "wide",
-        DecodeKernel::Mma => "mma",
-        DecodeKernel::Tiled => "tiled",
-    };
     let (gemv, small) = switches()?;
-    Ok((name(gemv), small.map_or("dequantize", name)))
+    Ok((gemv.name(), small.map_or("dequantize", DecodeKernel::name)))
 }
 
-/// `ADAPTERLAB_NF4_GEMV` and `ADAPTERLAB_NF4_SMALL_BATCH` (`None`: dequantize), read once,
-/// with their defaults.
+/// `ADAPTERLAB_NF4_GEMV`: the kernel for up to [`GEMV_MAX_ROWS`] rows.
+static GEMV: Switch<DecodeKernel> = Switch::new(
+    "ADAPTERLAB_NF4_GEMV",
+    &[
+        (DecodeKernel::Words.name(), DecodeKernel::Words),
+        (DecodeKernel::Wide.name(), DecodeKernel::Wide),
+        (DecodeKernel::Mma.name(), DecodeKernel::Mma),
+    ],
+);
+
+/// `ADAPTERLAB_NF4_SMALL_BATCH`: the kernel for more rows (`None`: dequantize + cuBLAS).
+static SMALL_BATCH: Switch<Option<DecodeKernel>> = Switch::new(
+    "ADAPTERLAB_NF4_SMALL_BATCH",
+    &[
+        ("dequantize", None),
+        (DecodeKernel::Mma.name(), Some(DecodeKernel::Mma)),
+        (DecodeKernel::Tiled.name(), Some(DecodeKernel::Tiled)),
+    ],
+);
+
+/// The two switches with their defaults.
 fn switches() -> Result<(DecodeKernel, Option<DecodeKernel>)> {
-    type Chosen = std::result::Result<(DecodeKernel, Option<DecodeKernel>), String>;
-    static CHOICE: std::sync::OnceLock<Chosen> = std::sync::OnceLock::new();
-    CHOICE
-        .get_or_init(|| {
-            use crate::ops::switch::choice;
-            let gemv = choice(
-                "ADAPTERLAB_NF4_GEMV",
-                &[
-                    ("words", DecodeKernel::Words),
-                    ("wide", DecodeKernel::Wide),
-                    ("mma", DecodeKernel::Mma),
-                ],
-            )?;
-            let small = choice(
-                "ADAPTERLAB_NF4_SMALL_BATCH",
-                &[
-                    ("dequantize", None),
-                    ("mma", Some(DecodeKernel::Mma)),
-                    ("tiled", Some(DecodeKernel::Tiled)),
-                ],
-            )?;
-            Ok((
-                gemv.unwrap_or(DecodeKernel::Words),
-                small.unwrap_or(Some(DecodeKernel::Mma)),
-            ))
-        })
-        .clone()
-        .map_err(Error::Msg)
+    Ok((
+        GEMV.get()?.unwrap_or(DecodeKernel::Words),
+        SMALL_BATCH.get()?.unwrap_or(Some(DecodeKernel::Mma)),
+    ))
 }
 
 /// This wing's kernel modules, for [`crate::engine::device::compile_kernels`].

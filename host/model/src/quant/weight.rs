@@ -393,7 +393,7 @@ impl BaseWeight for Nf4Weight {
         let lead = xc.dims()[..xc.rank().saturating_sub(1)].to_vec();
         let m: usize = lead.iter().product();
         let x2 = xc.reshape((m, in_dim))?;
-        let y2 = match self.gemv(&x2, out_dim)? {
+        let y2 = match self.gemv(&x2)? {
             Some(y2) => y2,
             None => self.matmul_dequantized(&x2, cd)?,
         };
@@ -449,7 +449,7 @@ impl Nf4Weight {
     }
 
     #[cfg(feature = "cuda")]
-    fn gemv(&self, x2: &Tensor, _out_dim: usize) -> Result<Option<Tensor>> {
+    fn gemv(&self, x2: &Tensor) -> Result<Option<Tensor>> {
         match self.decode_kernel(x2)? {
             Some(kernel) => self.forward_from_nf4(x2, kernel, None).map(Some),
             None => Ok(None),
@@ -475,7 +475,7 @@ impl Nf4Weight {
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn gemv(&self, _x2: &Tensor, _out_dim: usize) -> Result<Option<Tensor>> {
+    fn gemv(&self, _x2: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
 
