@@ -270,13 +270,15 @@ if stage kernels; then
     | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"after\",${line#\{}" >> "$RESULTS"; done
   tail -2 "$OUT/kernels.err"
 fi
-# decode-profile  batch-1 decoding with the generate stage's adapter (unmerged), profiled twice:
-#          synchronized per phase (ADAPTERLAB_PROFILE=1: each phase's device time) and not
-#          (ADAPTERLAB_PROFILE=host: what each phase costs the host to queue)
+# decode-profile  batch-1 decoding with the generate stage's adapter (unmerged), profiled once
+#          per DECODE_PROFILES (default "events host"): events (ADAPTERLAB_PROFILE=events: each
+#          phase's device time from CUDA events, nothing synchronized), 1 (synchronized around
+#          each phase, which adds the synchronizations' cost to each), host (what each phase
+#          costs the host to queue)
 if stage decode-profile; then
   [ -d /tmp/gen-adapter ] || timeout 120 /tmp/gl/after bench train --model "$CKPT" --batch 1 --seq 16 --steps 1 \
     --warmup 0 --save /tmp/gen-adapter > "$OUT/gen-adapter.json" 2>&1
-  for mode in 1 host; do
+  for mode in ${DECODE_PROFILES:-events host}; do
     echo "== decode-profile: ADAPTERLAB_PROFILE=$mode"
     ADAPTERLAB_PROFILE=$mode timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1 \
       --adapter /tmp/gen-adapter --prompt-tokens 200 --new-tokens 50 \

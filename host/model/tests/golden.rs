@@ -464,7 +464,7 @@ fn nf4_kernels_equal_the_cpu_path() {
             let mut runs: Vec<(usize, Option<Kernel>)> = [1, 3, 16, 20].map(|m| (m, None)).to_vec();
             for kernel in decode_kernels() {
                 for m in [1, 3, 8, 9, 16, 31, 32] {
-                    if kernel_serves(kernel, m, cols, rows) {
+                    if kernel_serves(kernel, m, cols, rows, &q) {
                         runs.push((m, Some(kernel)));
                     }
                 }
@@ -587,7 +587,9 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
             for (m, kernel) in [1, 3, 8, 16]
                 .into_iter()
                 .flat_map(|m| decode_kernels().into_iter().map(move |kernel| (m, kernel)))
-                .filter(|&(m, kernel)| kernel.adds_lora() && kernel_serves(kernel, m, cols, rows))
+                .filter(|&(m, kernel)| {
+                    kernel.adds_lora() && kernel_serves(kernel, m, cols, rows, &q)
+                })
             {
                 let case = format!("{rows}x{cols} r={r} {dtype:?} m={m} {kernel:?}");
                 let x = Tensor::from_vec(wave(m * cols, 0.173, 1.0), (m, cols), &cpu)
@@ -646,13 +648,25 @@ fn decode_kernels() -> Vec<Kernel> {
     Vec::new()
 }
 
-/// Whether `kernel` serves `m` rows of `k` columns against `n` features in blocks of 64.
+/// Whether `kernel` serves `m` rows of `k` columns against `n` features in `q`'s blocks.
 #[cfg(feature = "cuda")]
-fn kernel_serves(kernel: Kernel, m: usize, k: usize, n: usize) -> bool {
-    kernel.serves(m, k, n, 64)
+fn kernel_serves(
+    kernel: Kernel,
+    m: usize,
+    k: usize,
+    n: usize,
+    q: &adapterlab_model::quant::weight::Nf4Weight,
+) -> bool {
+    kernel.serves(m, k, n, q.blocks())
 }
 #[cfg(not(feature = "cuda"))]
-fn kernel_serves(_: Kernel, _: usize, _: usize, _: usize) -> bool {
+fn kernel_serves(
+    _: Kernel,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: &adapterlab_model::quant::weight::Nf4Weight,
+) -> bool {
     false
 }
 

@@ -242,7 +242,7 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
             {
                 use adapterlab_model::engine::DecodeKernel;
                 for kernel in DecodeKernel::ALL {
-                    if device.is_cuda() && kernel.serves(m, inp, out, opts.blocksize) {
+                    if device.is_cuda() && kernel.serves(m, inp, out, q.blocks()) {
                         time(kernel.name(), &|| q.forward_from_nf4(&x, kernel, None))?;
                     }
                 }
@@ -290,7 +290,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
         "device": gpu_name(&device), "lora_layers": registry.layers().len(),
         "gradient_checkpointing": args.gradient_checkpointing, "checkpoint_every": args.checkpoint_every,
         "attn_implementation": args.attn_implementation.as_str(),
-        "nf4_quantize": nf4_quantize_on(&device)?, "phases": load_phases()}),
+        "nf4_quantize": nf4_quantize_on(&device)?, "phases": load_phases()?}),
     );
     registry.set_training(true);
     let vocab = model.vocab_size();
@@ -310,7 +310,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
         device.synchronize()?;
         if step == args.warmup {
             // The profile counts timed steps only.
-            adapterlab_model::engine::profile::take();
+            adapterlab_model::engine::profile::take()?;
         }
         let t = Instant::now();
         registry.set_dropout_key(config.seed, step as u64);
@@ -353,7 +353,7 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
             "pad_fraction": round(1.0 - useful as f64 / padded.max(1) as f64, 4)}),
         );
     }
-    emit_profile(args.steps);
+    emit_profile(args.steps)?;
     if let Some(dir) = &args.save {
         let opts = SaveOptions {
             base_model_name_or_path: Some(args.model.clone()),
@@ -382,7 +382,7 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
         "device": gpu_name(&device), "adapter": args.adapter,
         "attn_implementation": args.attn_implementation.as_str(),
         "nf4_quantize": nf4_quantize_on(&device)?, "decoding": decoding_settings(&device)?,
-        "phases": load_phases()}),
+        "phases": load_phases()?}),
     );
     let vocab = model.vocab_size();
     let mut modes = vec![false];
@@ -415,7 +415,7 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
             device.synchronize()?;
             let prefill_s = t.elapsed().as_secs_f64();
             let cfg = GenerationConfig::greedy(args.new_tokens, vec![], 0);
-            adapterlab_model::engine::profile::take();
+            adapterlab_model::engine::profile::take()?;
             let t = Instant::now();
             let out = generate_ids(model, &prompts, &cfg)?;
             device.synchronize()?;
@@ -426,7 +426,7 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
                 "new": args.new_tokens, "merged": merged, "adapter": registry.is_some(),
                 "s": round(s, 3), "prefill_s": round(prefill_s, 3), "tokens_per_s": round(n as f64 / s, 1)}),
             );
-            emit_profile(1);
+            emit_profile(1)?;
         }
     }
     Ok(())
@@ -436,16 +436,16 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
 /// (`load.read`: the weights to be quantized, from the files to the device; `load.nf4`:
 /// quantizing them, with `load.nf4.*` its parts; the rest of the load's `s` is everything
 /// else: dense weights, adapters, tokenizer); `null` without it.
-fn load_phases() -> serde_json::Value {
+fn load_phases() -> Result<serde_json::Value> {
     if !adapterlab_model::engine::profile::enabled() {
-        return serde_json::Value::Null;
+        return Ok(serde_json::Value::Null);
     }
     let phases: serde_json::Map<String, serde_json::Value> =
-        adapterlab_model::engine::profile::take()
+        adapterlab_model::engine::profile::take()?
             .into_iter()
             .map(|(name, s, calls)| (name, json!({"s": round(s, 3), "calls": calls})))
             .collect();
-    serde_json::Value::Object(phases)
+    Ok(serde_json::Value::Object(phases))
 }
 
 /// Where the load quantized to NF4 (`ADAPTERLAB_NF4_QUANTIZE`): "gpu" or "cpu" on a CUDA
@@ -483,17 +483,18 @@ fn packed_attention(args: &TrainBenchArgs, device: &Device) -> Result<Option<&'s
 
 /// With `ADAPTERLAB_PROFILE=1`: seconds per step in each profiled phase (see
 /// `adapterlab_model::engine::profile`; scopes nest, so a parent includes its children).
-fn emit_profile(per: usize) {
+fn emit_profile(per: usize) -> Result<()> {
     if !adapterlab_model::engine::profile::enabled() {
-        return;
+        return Ok(());
     }
-    for (name, s, calls) in adapterlab_model::engine::profile::take() {
+    for (name, s, calls) in adapterlab_model::engine::profile::take()? {
         let per = per.max(1) as f64;
         emit(
             json!({"what": "profile", "phase": name, "s_per_step": round(s / per, 4),
             "calls_per_step": round(calls as f64 / per, 1)}),
         );
     }
+    Ok(())
 }
 
 /// Every step's rows, `batch` a step: random ids with HF's `labels=input_ids` (every token but

@@ -444,8 +444,10 @@ impl LoraLayer {
                 && kernel.adds_lora()
             {
                 let x2 = x.contiguous()?.reshape((rows, k))?;
-                let h =
-                    crate::lora::kernels::lora_h(&x2, &self.a.as_tensor().detach().contiguous()?)?;
+                let a = self.a.as_tensor().detach().contiguous()?;
+                let h = crate::ops::profile::scope("lora.h", x.device(), || {
+                    crate::lora::kernels::lora_h(&x2, &a)
+                })?;
                 let b = self.b.as_tensor().detach().contiguous()?;
                 let epilogue = crate::quant::kernels::LoraEpilogue {
                     h: &h,

@@ -10,6 +10,12 @@
 //! the host to queue, while the device's time lands in whichever call waits for it. Set beside
 //! the synchronized profile, it tells a phase bound by launches from one bound by the GPU.
 //!
+//! `ADAPTERLAB_PROFILE=events` (CUDA) times the scopes on the device, with an event recorded on
+//! the stream before and after each and nothing synchronized until [`take`]: each phase's device
+//! time inside an unperturbed run. A scope's time also holds any wait of the device for the
+//! host's next launch inside it, so it is the device's time only where the host runs ahead
+//! (as it does in batch-1 decoding: see the host profile).
+//!
 //! Names nest by the caller's choice (`layer.mlp.up` inside `layer`); a pass label set with
 //! [`pass`] (e.g. `forward`, `recompute`, `backward`) prefixes them, so the same layer code is
 //! counted apart in each pass that runs it.
@@ -26,9 +32,37 @@ static ENABLED: LazyLock<AtomicBool> = LazyLock::new(|| {
     AtomicBool::new(std::env::var("ADAPTERLAB_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0"))
 });
 
-/// `ADAPTERLAB_PROFILE=host`: scopes do not synchronize.
-static HOST_ONLY: LazyLock<bool> =
-    LazyLock::new(|| std::env::var("ADAPTERLAB_PROFILE").is_ok_and(|v| v == "host"));
+/// How an enabled scope times its phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clock {
+    /// The device synchronized before and after (`ADAPTERLAB_PROFILE=1`).
+    Synchronized,
+    /// The host's time alone (`host`).
+    Host,
+    /// Device events, read at [`take`] (`events`; synchronized where the device is no GPU).
+    Events,
+}
+
+static CLOCK: LazyLock<Clock> =
+    LazyLock::new(|| match std::env::var("ADAPTERLAB_PROFILE").as_deref() {
+        Ok("host") => Clock::Host,
+        Ok("events") => Clock::Events,
+        _ => Clock::Synchronized,
+    });
+
+/// Events recorded around scopes, not yet read: `(pass.name, start, end)`.
+#[cfg(feature = "cuda")]
+type PendingEvents = Vec<(
+    String,
+    candle_core::cuda_backend::cudarc::driver::CudaEvent,
+    candle_core::cuda_backend::cudarc::driver::CudaEvent,
+)>;
+#[cfg(feature = "cuda")]
+static PENDING: Mutex<PendingEvents> = Mutex::new(Vec::new());
+
+/// Events kept before they are read (which waits for the device) to bound their memory.
+#[cfg(feature = "cuda")]
+const MAX_PENDING: usize = 16_384;
 
 /// Seconds and calls per `pass.name`.
 static TABLE: Mutex<BTreeMap<String, (f64, u64)>> = Mutex::new(BTreeMap::new());
@@ -69,7 +103,35 @@ pub fn scope_with<T, E: From<candle_core::Error>>(
     if !enabled() {
         return f();
     }
-    let sync = !*HOST_ONLY;
+    let key = || match PASS.with(Cell::get) {
+        "" => name.to_string(),
+        p => format!("{p}.{name}"),
+    };
+    #[cfg(feature = "cuda")]
+    if let (Clock::Events, Device::Cuda(d)) = (*CLOCK, device) {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+        let stream = d.cuda_stream();
+        let event = || {
+            stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(candle_core::Error::wrap)
+        };
+        let start = event()?;
+        let out = f()?;
+        let end = event()?;
+        let full = match PENDING.lock() {
+            Ok(mut pending) => {
+                pending.push((key(), start, end));
+                pending.len() >= MAX_PENDING
+            }
+            Err(_) => false,
+        };
+        if full {
+            read_events().map_err(E::from)?;
+        }
+        return Ok(out);
+    }
+    let sync = *CLOCK != Clock::Host;
     if sync {
         device.synchronize()?;
     }
@@ -80,17 +142,32 @@ pub fn scope_with<T, E: From<candle_core::Error>>(
     if sync {
         device.synchronize()?;
     }
-    let secs = start.elapsed().as_secs_f64();
-    let key = match PASS.with(Cell::get) {
-        "" => name.to_string(),
-        p => format!("{p}.{name}"),
-    };
+    add(key(), start.elapsed().as_secs_f64());
+    Ok(out)
+}
+
+fn add(key: String, secs: f64) {
     if let Ok(mut table) = TABLE.lock() {
         let e = table.entry(key).or_insert((0.0, 0));
         e.0 += secs;
         e.1 += 1;
     }
-    Ok(out)
+}
+
+/// Moves the pending events' times into the table (waiting for the device to reach them).
+fn read_events() -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        let pending = match PENDING.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => Vec::new(),
+        };
+        for (key, start, end) in pending {
+            let ms = start.elapsed_ms(&end).map_err(candle_core::Error::wrap)?;
+            add(key, f64::from(ms) / 1e3);
+        }
+    }
+    Ok(())
 }
 
 /// MiB of GPU memory in use (the whole card, as `cuMemGetInfo` counts it), for tracing where
@@ -108,15 +185,17 @@ pub fn device_memory_used(device: &Device) -> Option<u64> {
     None
 }
 
-/// The table since the last call, sorted by name, and cleared.
-pub fn take() -> Vec<(String, f64, u64)> {
-    match TABLE.lock() {
+/// The table since the last call, sorted by name, and cleared; with device events, once the
+/// device has reached the last one.
+pub fn take() -> Result<Vec<(String, f64, u64)>> {
+    read_events()?;
+    Ok(match TABLE.lock() {
         Ok(mut t) => std::mem::take(&mut *t)
             .into_iter()
             .map(|(k, (s, n))| (k, s, n))
             .collect(),
         Err(_) => Vec::new(),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -127,12 +206,12 @@ mod tests {
     fn scopes_count_per_pass_and_name() -> Result<()> {
         set_enabled(true);
         let dev = Device::Cpu;
-        take();
+        take()?;
         for _ in 0..2 {
             pass("forward", || scope("mlp", &dev, || Ok(())))?;
         }
         scope("loss", &dev, || Ok(()))?;
-        let t = take();
+        let t = take()?;
         set_enabled(false);
         let names: Vec<(&str, u64)> = t.iter().map(|(k, _, n)| (k.as_str(), *n)).collect();
         assert!(names.contains(&("forward.mlp", 2)), "{names:?}");

@@ -21,6 +21,24 @@ pub const GEMM_MAX_ROWS: usize = 32;
 /// Rows of `x` the tensor-core GEMM (`nf4_mma_*`) handles: one m16n8k16 A operand.
 pub const MMA_MAX_ROWS: usize = 16;
 
+/// A weight's absmax blocks, as a decoding kernel needs to know them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocks {
+    /// Weights per absmax (bitsandbytes' `blocksize`).
+    pub size: usize,
+    /// Absmax values per block of double quantization, where double-quantized.
+    pub nested: Option<usize>,
+}
+
+impl Blocks {
+    /// Both sizes powers of two, so a weight's block is a shift away: what the 16-byte GEMV and
+    /// the tensor-core GEMM need to issue every load of a round at once (see `absmax_fetch` in
+    /// nf4_common.cu). bitsandbytes writes 64 and 256.
+    fn by_shifts(self) -> bool {
+        self.size.is_power_of_two() && self.nested.is_none_or(usize::is_power_of_two)
+    }
+}
+
 /// A kernel multiplying `x` straight from the 4-bit data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecodeKernel {
@@ -55,19 +73,23 @@ impl DecodeKernel {
         }
     }
 
-    /// Whether this kernel serves `m` rows of `k` features against `n` features in blocks of
-    /// `bs`.
-    pub fn serves(self, m: usize, k: usize, n: usize, bs: usize) -> bool {
+    /// Whether this kernel serves `m` rows of `k` features against `n` features in `blocks`.
+    pub fn serves(self, m: usize, k: usize, n: usize, blocks: Blocks) -> bool {
+        let bs = blocks.size;
         m > 0
             && match self {
                 DecodeKernel::Words => m <= GEMV_MAX_ROWS,
                 DecodeKernel::Wide => {
-                    m <= GEMV_MAX_ROWS && k.is_multiple_of(32) && bs.is_multiple_of(32)
+                    m <= GEMV_MAX_ROWS
+                        && k.is_multiple_of(32)
+                        && bs.is_multiple_of(32)
+                        && blocks.by_shifts()
                 }
                 DecodeKernel::Mma => {
                     m <= MMA_MAX_ROWS
                         && k.is_multiple_of(32)
                         && bs.is_multiple_of(32)
+                        && blocks.by_shifts()
                         && n.is_multiple_of(8)
                 }
                 DecodeKernel::Tiled => {
@@ -93,13 +115,13 @@ impl DecodeKernel {
     /// 762 with `dequantize` and, in an earlier call, 508 with `tiled`. Those runs predate the
     /// kernels' shifts in place of 64-bit divisions (`div_pow2` in nf4_common.cu), after which
     /// batch 1 gained ~10-20% with `words`; the others were not measured again.
-    pub fn for_rows(m: usize, k: usize, n: usize, bs: usize) -> Result<Option<Self>> {
+    pub fn for_rows(m: usize, k: usize, n: usize, blocks: Blocks) -> Result<Option<Self>> {
         let (gemv, small) = switches()?;
         let pick = |wanted: &[DecodeKernel]| {
             wanted
                 .iter()
                 .copied()
-                .find(|kernel| kernel.serves(m, k, n, bs))
+                .find(|kernel| kernel.serves(m, k, n, blocks))
         };
         Ok(if m <= GEMV_MAX_ROWS {
             match gemv {
@@ -251,6 +273,18 @@ pub struct Nf4Gpu<'a> {
     pub blocksize: usize,
 }
 
+impl Nf4Gpu<'_> {
+    pub fn blocks(&self) -> Blocks {
+        Blocks {
+            size: self.blocksize,
+            nested: match self.absmax {
+                AbsmaxGpu::Plain(_) => None,
+                AbsmaxGpu::Nested { blocksize, .. } => Some(blocksize),
+            },
+        }
+    }
+}
+
 pub enum AbsmaxGpu<'a> {
     /// One f32 per block.
     Plain(&'a Tensor),
@@ -385,7 +419,7 @@ pub fn gemv_with(
 ) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     if out_features * k != w.n
-        || !kernel.serves(m, k, out_features, w.blocksize)
+        || !kernel.serves(m, k, out_features, w.blocks())
         || (lora.is_some() && !kernel.adds_lora())
     {
         return Err(Error::Msg(format!(
@@ -478,6 +512,8 @@ pub fn gemv_with(
         }
         let (module, stem) = match kernel {
             DecodeKernel::Words => (&NF4, "nf4_gemv"),
+            // One row has an instance of its own (nothing kept for rows that are not there).
+            DecodeKernel::Wide if m == 1 => (&NF4, "nf4_gemv32_1"),
             DecodeKernel::Wide => (&NF4, "nf4_gemv32"),
             DecodeKernel::Mma => (&NF4_MMA, "nf4_mma"),
             DecodeKernel::Tiled => (&NF4, "nf4_gemm_small"),

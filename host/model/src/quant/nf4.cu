@@ -125,57 +125,72 @@ extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int neste
 GEMV(nf4_gemv_bf16, bf16_to_f32, f32_to_bf16)
 GEMV(nf4_gemv_f16, f16_to_f32, f32_to_f16)
 
-// The same GEMV where the row length and the blocksize are multiples of 32 (every Falcon and
-// Llama shape): each lane loads 16 bytes of codes (32 weights, one absmax block) at a time and
-// issues GEMV32_UNROLL such loads before using any, so a warp keeps 2 KB in flight (the GEMV
-// above keeps one 128-byte load a warp). Batch-1 decoding of the 7B shape on an H100 was no
-// faster with it (92 against 105 tokens/s, 2026-12-06, while both kernels still divided in 64
-// bits for every block of weights), so ADAPTERLAB_NF4_GEMV picks it (`wide`) rather than it
-// being the default.
+// The same GEMV where the row length is a multiple of 32, the blocksize a power of two of at
+// least 32 and the nested blocksize (nbs, 1 without nesting) a power of two (every Falcon and
+// Llama shape in bitsandbytes' format), for R rows at most (R = 1: batch-1 decoding, its own
+// instance so that nothing is kept or tested for rows that are not there). Each lane loads 16
+// bytes of codes (32 weights of one absmax block) at a time and issues GEMV32_UNROLL such loads
+// before using any, so a warp keeps 2 KB in flight; the 32 products are summed before the
+// block's absmax scales them (one multiply per 32 weights, not per weight), and the NF4 values
+// come from nf4_values8's byte-offset loads. The words GEMV above spends ~12 instructions a
+// weight; on an H100 it read 0.5-0.7 TB/s of codes (2026-12-06), bound by issuing them.
 #define GEMV32_UNROLL 4
-#define GEMV32(NAME, LOAD, STORE)                                                              \
-extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int nested,             \
-    const float* absmax, const u8* aq, const float* acode, float offset, int nbs,              \
+#define GEMV32(NAME, R, LOAD, STORE)                                                           \
+extern "C" __global__ void __launch_bounds__(256) NAME(const u8* codes, int n, int k, int bs,  \
+    int nested, const float* absmax, const u8* aq, const float* acode, float offset, int nbs,  \
     const u16* x, u16* y, int m, const float* lh, const float* lb, float lscale, int lr) {    \
-  GEMV_PROLOGUE                                                                                \
+  LOAD_TABLES                                                                                  \
+  int lane = threadIdx.x & 31;                                                                 \
+  long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);              \
+  if (row >= n) return;                                                                        \
+  float acc[R];                                                                                \
+  _Pragma("unroll") for (int r = 0; r < R; ++r) acc[r] = 0.f;                                  \
+  long long base = row * (long long)k;                                                         \
   const uint4* cw = (const uint4*)(codes + (base >> 1));                                       \
-  int nw = k >> 5;                                                                             \
+  int nw = k >> 5, lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;                                \
   for (int j0 = lane; j0 < nw; j0 += 32 * GEMV32_UNROLL) {                                    \
     uint4 c[GEMV32_UNROLL];                                                                    \
-    float a[GEMV32_UNROLL];                                                                    \
+    unsigned int aqv[GEMV32_UNROLL];                                                           \
+    float am[GEMV32_UNROLL];                                                                   \
     _Pragma("unroll") for (int u = 0; u < GEMV32_UNROLL; ++u) {                               \
       int j = j0 + 32 * u;                                                                     \
       if (j < nw) {                                                                           \
-        c[u] = __ldg(cw + j);                                                                  \
-        a[u] = absmax_of(div_pow2(base + 32LL * j, bs), nested, absmax, aq, code_s, offset, nbs);     \
+        c[u] = __ldcs(cw + j);                                                                 \
+        absmax_fetch((base + 32LL * j) >> lbs, absmax, aq, lnbs, &aqv[u], &am[u]);            \
       }                                                                                       \
     }                                                                                         \
     _Pragma("unroll") for (int u = 0; u < GEMV32_UNROLL; ++u) {                               \
       int j = j0 + 32 * u;                                                                     \
       if (j < nw) {                                                                           \
+        float s[R];                                                                            \
+        _Pragma("unroll") for (int r = 0; r < R; ++r) s[r] = 0.f;                              \
         _Pragma("unroll") for (int q = 0; q < 4; ++q) {                                       \
           unsigned int v = q == 0 ? c[u].x : q == 1 ? c[u].y : q == 2 ? c[u].z : c[u].w;       \
           float w[8];                                                                          \
-          DECODE8(w, v, a[u]);                                                                 \
-          _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) {                         \
-            if (r < m) {                                                                      \
+          nf4_values8(nf4s, v, w);                                                             \
+          _Pragma("unroll") for (int r = 0; r < R; ++r) {                                     \
+            if (R == 1 || r < m) {                                                            \
               uint4 xv = __ldg((const uint4*)(x + (long long)r * k + 32 * j + 8 * q));         \
-              acc[r] += DOT8(w, xv, LOAD);                                                     \
+              s[r] += DOT8(w, xv, LOAD);                                                       \
             }                                                                                 \
           }                                                                                   \
         }                                                                                     \
+        float a = absmax_value(aqv[u], am[u], nested, code_s, offset);                         \
+        _Pragma("unroll") for (int r = 0; r < R; ++r) acc[r] += s[r] * a;                      \
       }                                                                                       \
     }                                                                                         \
   }                                                                                           \
-  _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) {                                 \
-    if (r < m) {                                                                              \
+  _Pragma("unroll") for (int r = 0; r < R; ++r) {                                             \
+    if (R == 1 || r < m) {                                                                    \
       float s = warp_sum(acc[r]);                                                              \
       if (lane == 0) STORE_OUT(LOAD, STORE, r, row, s)                                         \
     }                                                                                         \
   }                                                                                           \
 }
-GEMV32(nf4_gemv32_bf16, bf16_to_f32, f32_to_bf16)
-GEMV32(nf4_gemv32_f16, f16_to_f32, f32_to_f16)
+GEMV32(nf4_gemv32_1_bf16, 1, bf16_to_f32, f32_to_bf16)
+GEMV32(nf4_gemv32_1_f16, 1, f16_to_f32, f32_to_f16)
+GEMV32(nf4_gemv32_bf16, GEMV_MAX_ROWS, bf16_to_f32, f32_to_bf16)
+GEMV32(nf4_gemv32_f16, GEMV_MAX_ROWS, f16_to_f32, f32_to_f16)
 
 // y = x W^T for more rows than the GEMV holds (GEMV_MAX_ROWS < m <= GEMM_MAX_ROWS: batched
 // decoding), still reading the 4-bit data once: a block of 8 warps serves 8 output features,

@@ -19,10 +19,39 @@ __device__ __forceinline__ long long div_pow2(long long e, int d) {
   return (d & (d - 1)) == 0 ? (e >> (__ffs(d) - 1)) : e / d;
 }
 
+// The NF4 values of the 8 codes of a 4-byte word of codes, w[2t] from byte t's high nibble and
+// w[2t + 1] from its low one (element order), read from the shared table by byte offsets: the
+// masks put each nibble times 4 in its own byte, so a value costs one byte extract (PRMT) and
+// one load, where a shift and a mask per nibble cost one instruction more.
+__device__ __forceinline__ void nf4_values8(const float* table, unsigned int v, float* w) {
+  unsigned int hi = (v >> 2) & 0x3c3c3c3cu, lo = (v << 2) & 0x3c3c3c3cu;
+  const char* t = (const char*)table;
+  _Pragma("unroll") for (int b = 0; b < 4; ++b) {
+    w[2 * b] = *(const float*)(t + __byte_perm(hi, 0u, 0x4440u | b));
+    w[2 * b + 1] = *(const float*)(t + __byte_perm(lo, 0u, 0x4440u | b));
+  }
+}
+
 __device__ __forceinline__ float absmax_of(long long blk, int nested, const float* absmax,
     const u8* aq, const float* code_s, float offset, int nbs) {
   if (nested) return __fadd_rn(__fmul_rn(code_s[aq[blk]], absmax[div_pow2(blk, nbs)]), offset);
   return absmax[blk];
+}
+
+// The absmax of block `blk` in two steps, for kernels whose blocksizes are powers of two (lnbs:
+// log2 of the nested one, 0 without nesting): absmax_fetch issues the loads, absmax_value
+// combines them, so a kernel can issue the loads of several blocks before it waits for any (a
+// lookup that needs a loaded byte as its index waits for it: one memory latency per block when
+// the two steps are fused). Without nesting the host passes the codes as `aq` (any readable
+// bytes: the value is not used) and the plain absmax as `absmax`.
+__device__ __forceinline__ void absmax_fetch(long long blk, const float* absmax, const u8* aq,
+    int lnbs, unsigned int* q, float* am) {
+  *q = __ldg(aq + blk);
+  *am = __ldg(absmax + (blk >> lnbs));
+}
+__device__ __forceinline__ float absmax_value(unsigned int q, float am, int nested,
+    const float* code_s, float offset) {
+  return nested ? __fadd_rn(__fmul_rn(code_s[q], am), offset) : am;
 }
 
 // The GEMVs' store of output (r, o) from its f32 sum s: rounded to 16 bits, and with lr > 0 an

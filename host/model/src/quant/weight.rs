@@ -444,8 +444,21 @@ impl Nf4Weight {
         {
             return Ok(None);
         }
-        let (n, bs) = (self.inner.q.shape()[0], self.inner.q.blocksize());
-        crate::quant::kernels::DecodeKernel::for_rows(rows, k, n, bs)
+        let n = self.inner.q.shape()[0];
+        crate::quant::kernels::DecodeKernel::for_rows(rows, k, n, self.blocks())
+    }
+
+    /// The absmax blocks, as the decoding kernels need to know them.
+    #[cfg(feature = "cuda")]
+    pub fn blocks(&self) -> crate::quant::kernels::Blocks {
+        let q = &self.inner.q;
+        crate::quant::kernels::Blocks {
+            size: q.blocksize(),
+            nested: match q.absmax() {
+                crate::quant::nf4::Absmax::Plain(_) => None,
+                crate::quant::nf4::Absmax::Nested(na) => Some(na.blocksize),
+            },
+        }
     }
 
     #[cfg(feature = "cuda")]
