@@ -106,15 +106,13 @@ impl DecodeKernel {
     /// The kernel decoding `m` rows takes under the speed switches, if one serves them
     /// (`None`: dequantize + cuBLAS).
     ///
-    /// `ADAPTERLAB_NF4_GEMV` picks the kernel for up to [`GEMV_MAX_ROWS`] rows: `words` (the
-    /// default), `wide` or `mma`, each falling back to the next simpler one where it does not
+    /// `ADAPTERLAB_NF4_GEMV` picks the kernel for up to [`GEMV_MAX_ROWS`] rows: `wide` (the
+    /// default), `words` or `mma`, each falling back to the next simpler one where it does not
     /// serve the shape. `ADAPTERLAB_NF4_SMALL_BATCH` picks it for more rows: `mma` (the default;
     /// up to [`MMA_MAX_ROWS`] rows, more dequantize), `dequantize` or `tiled`. Measured on an
     /// H100 on 2026-12-06 (BENCHMARKS.md), decoding the 7B shape without an adapter: batch 1 at
-    /// 105 tokens/s with `words`, 97 with `mma`, 92 with `wide`; batch 16 at 1,057 with `mma`,
-    /// 762 with `dequantize` and, in an earlier call, 508 with `tiled`. Those runs predate the
-    /// kernels' shifts in place of 64-bit divisions (`div_pow2` in nf4_common.cu), after which
-    /// batch 1 gained ~10-20% with `words`; the others were not measured again.
+    /// 156 tokens/s with `wide`, 159 with `mma`, 115 with `words`; batch 16 at 1,082 with
+    /// `mma`; earlier, 762 with `dequantize` and 508 with `tiled`.
     pub fn for_rows(m: usize, k: usize, n: usize, blocks: Blocks) -> Result<Option<Self>> {
         let (gemv, small) = switches()?;
         let pick = |wanted: &[DecodeKernel]| {
@@ -128,8 +126,8 @@ impl DecodeKernel {
                 DecodeKernel::Mma => {
                     pick(&[DecodeKernel::Mma, DecodeKernel::Wide, DecodeKernel::Words])
                 }
-                DecodeKernel::Wide => pick(&[DecodeKernel::Wide, DecodeKernel::Words]),
-                _ => pick(&[DecodeKernel::Words]),
+                DecodeKernel::Words => pick(&[DecodeKernel::Words]),
+                _ => pick(&[DecodeKernel::Wide, DecodeKernel::Words]),
             }
         } else {
             small.and_then(|kernel| pick(&[kernel]))
@@ -167,7 +165,7 @@ static SMALL_BATCH: Switch<Option<DecodeKernel>> = Switch::new(
 /// The two switches with their defaults.
 fn switches() -> Result<(DecodeKernel, Option<DecodeKernel>)> {
     Ok((
-        GEMV.get()?.unwrap_or(DecodeKernel::Words),
+        GEMV.get()?.unwrap_or(DecodeKernel::Wide),
         SMALL_BATCH.get()?.unwrap_or(Some(DecodeKernel::Mma)),
     ))
 }
@@ -510,17 +508,18 @@ pub fn gemv_with(
                 Ok(wrap(out, &dev, (m, out_features)))
             }};
         }
-        let (module, stem) = match kernel {
-            DecodeKernel::Words => (&NF4, "nf4_gemv"),
-            // One row has an instance of its own (nothing kept for rows that are not there).
-            DecodeKernel::Wide if m == 1 => (&NF4, "nf4_gemv32_1"),
-            DecodeKernel::Wide => (&NF4, "nf4_gemv32"),
-            DecodeKernel::Mma => (&NF4_MMA, "nf4_mma"),
-            DecodeKernel::Tiled => (&NF4, "nf4_gemm_small"),
+        // (module, bf16 instance, f16 instance); one row has an instance of its own in the
+        // 16-byte GEMV (nothing kept for rows that are not there).
+        let (module, bf16, f16) = match kernel {
+            DecodeKernel::Words => (&NF4, "nf4_gemv_bf16", "nf4_gemv_f16"),
+            DecodeKernel::Wide if m == 1 => (&NF4, "nf4_gemv32_1_bf16", "nf4_gemv32_1_f16"),
+            DecodeKernel::Wide => (&NF4, "nf4_gemv32_bf16", "nf4_gemv32_f16"),
+            DecodeKernel::Mma => (&NF4_MMA, "nf4_mma_bf16", "nf4_mma_f16"),
+            DecodeKernel::Tiled => (&NF4, "nf4_gemm_small_bf16", "nf4_gemm_small_f16"),
         };
         match x.dtype() {
-            DType::BF16 => launch!(module, &format!("{stem}_bf16"), half::bf16),
-            DType::F16 => launch!(module, &format!("{stem}_f16"), half::f16),
+            DType::BF16 => launch!(module, bf16, half::bf16),
+            DType::F16 => launch!(module, f16, half::f16),
             other => Err(Error::Msg(format!(
                 "NF4 GEMV on {other:?} input is not supported"
             ))),

@@ -51,6 +51,14 @@ impl Drop for CudaGraphHtodCacheGuard {
     }
 }
 
+/// adapterlab: `CudaModule::load_function` calls `cuModuleGetFunction` (and allocates a CString)
+/// on every launch; decoding a token launches hundreds of kernels, each paying it on the host.
+#[derive(Default)]
+struct FunctionCache {
+    builtin: Vec<HashMap<String, cudarc::driver::CudaFunction>>,
+    custom: HashMap<String, HashMap<String, cudarc::driver::CudaFunction>>,
+}
+
 pub struct ModuleStore {
     mdls: [Option<Arc<cudarc::driver::CudaModule>>; kernels::ALL_IDS.len()],
 }
@@ -61,6 +69,9 @@ pub struct CudaDevice {
     context: Arc<cudarc::driver::CudaContext>,
     modules: Arc<std::sync::RwLock<ModuleStore>>,
     custom_modules: Arc<std::sync::RwLock<HashMap<String, Arc<cudarc::driver::CudaModule>>>>,
+    // adapterlab: the functions already looked up, per module (built-in ones by index, custom
+    // ones by name), so a launch does not ask the driver for its function again.
+    functions: Arc<std::sync::RwLock<FunctionCache>>,
     stream: Arc<cudarc::driver::CudaStream>,
     pub(crate) blas: Arc<cudarc::cublas::CudaBlas>,
     curand: Arc<Mutex<CudaRng>>,
@@ -317,19 +328,31 @@ impl CudaDevice {
         module_name: &str,
         ptx: &str,
     ) -> Result<CudaFunc> {
-        let ms = self.custom_modules.read().unwrap();
-        if let Some(mdl) = ms.get(module_name).as_ref() {
-            let func = mdl.load_function(fn_name).w()?;
+        // adapterlab: from the function cache where it was looked up before.
+        let cached = self.functions.read().unwrap().custom.get(module_name).and_then(|m| m.get(fn_name)).cloned();
+        if let Some(func) = cached {
             return Ok(CudaFunc {
                 func,
                 stream: self.stream.clone(),
             });
         }
-        drop(ms);
-        let mut ms = self.custom_modules.write().unwrap();
-        let cuda_module = self.context.load_module(ptx.into()).w()?;
-        ms.insert(module_name.to_string(), cuda_module.clone());
-        let func = cuda_module.load_function(fn_name).w()?;
+        let ms = self.custom_modules.read().unwrap();
+        let func = if let Some(mdl) = ms.get(module_name).as_ref() {
+            mdl.load_function(fn_name).w()?
+        } else {
+            drop(ms);
+            let mut ms = self.custom_modules.write().unwrap();
+            let cuda_module = self.context.load_module(ptx.into()).w()?;
+            ms.insert(module_name.to_string(), cuda_module.clone());
+            cuda_module.load_function(fn_name).w()?
+        };
+        self.functions
+            .write()
+            .unwrap()
+            .custom
+            .entry(module_name.to_string())
+            .or_default()
+            .insert(fn_name.to_string(), func.clone());
         Ok(CudaFunc {
             func,
             stream: self.stream.clone(),
@@ -337,19 +360,30 @@ impl CudaDevice {
     }
 
     pub fn get_or_load_func(&self, fn_name: &str, mdl: &kernels::Module) -> Result<CudaFunc> {
-        let ms = self.modules.read().unwrap();
-        if let Some(mdl) = ms.mdls[mdl.index()].as_ref() {
-            let func = mdl.load_function(fn_name).w()?;
+        // adapterlab: from the function cache where it was looked up before.
+        let index = mdl.index();
+        let cached = self.functions.read().unwrap().builtin.get(index).and_then(|m| m.get(fn_name)).cloned();
+        if let Some(func) = cached {
             return Ok(CudaFunc {
                 func,
                 stream: self.stream.clone(),
             });
         }
-        drop(ms);
-        let mut ms = self.modules.write().unwrap();
-        let cuda_module = self.context.load_module(mdl.ptx().into()).w()?;
-        ms.mdls[mdl.index()] = Some(cuda_module.clone());
-        let func = cuda_module.load_function(fn_name).w()?;
+        let ms = self.modules.read().unwrap();
+        let func = if let Some(mdl) = ms.mdls[index].as_ref() {
+            mdl.load_function(fn_name).w()?
+        } else {
+            drop(ms);
+            let mut ms = self.modules.write().unwrap();
+            let cuda_module = self.context.load_module(mdl.ptx().into()).w()?;
+            ms.mdls[index] = Some(cuda_module.clone());
+            cuda_module.load_function(fn_name).w()?
+        };
+        let mut cache = self.functions.write().unwrap();
+        if cache.builtin.len() <= index {
+            cache.builtin.resize_with(index + 1, HashMap::new);
+        }
+        cache.builtin[index].insert(fn_name.to_string(), func.clone());
         Ok(CudaFunc {
             func,
             stream: self.stream.clone(),
@@ -385,6 +419,7 @@ impl CudaDevice {
             curand: Arc::new(Mutex::new(CudaRng(curand))),
             modules: Arc::new(std::sync::RwLock::new(module_store)),
             custom_modules: Arc::new(std::sync::RwLock::new(HashMap::new())),
+            functions: Arc::new(std::sync::RwLock::new(FunctionCache::default())),
             seed_value: Arc::new(RwLock::new(299792458)),
         })
     }
