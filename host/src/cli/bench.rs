@@ -240,9 +240,13 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
             })?;
             #[cfg(feature = "cuda")]
             {
-                use adapterlab_model::engine::DecodeKernel;
+                use adapterlab_model::engine::{DecodeKernel, runs_mma};
+                let mma = runs_mma(&device)?;
                 for kernel in DecodeKernel::ALL {
-                    if device.is_cuda() && kernel.serves(m, inp, out, q.blocks()) {
+                    if device.is_cuda()
+                        && kernel.serves(m, inp, out, q.blocks())
+                        && (mma || kernel != DecodeKernel::Mma)
+                    {
                         time(kernel.name(), &|| q.forward_from_nf4(&x, kernel, None))?;
                     }
                 }

@@ -44,11 +44,12 @@ impl Blocks {
 pub enum DecodeKernel {
     /// A warp a feature, 4-byte loads of codes: any shape, up to [`GEMV_MAX_ROWS`] rows.
     Words,
-    /// A warp a feature, 16-byte loads of codes, four in flight a lane: rows and blocks that
-    /// are multiples of 32.
+    /// A warp a feature, 16-byte loads of codes, four in flight a lane: rows that are multiples
+    /// of 32, blocksizes that are powers of two (at least 32).
     Wide,
     /// Tensor cores (sm_80 and later), 8 features a block: up to [`MMA_MAX_ROWS`] rows, rows
-    /// and blocks multiples of 32, features a multiple of 8.
+    /// that are multiples of 32, blocksizes that are powers of two (at least 32), features a
+    /// multiple of 8.
     Mma,
     /// x staged through shared memory a tile at a time: up to [`GEMM_MAX_ROWS`] rows, rows and
     /// blocks multiples of 8.
@@ -106,33 +107,59 @@ impl DecodeKernel {
     /// The kernel decoding `m` rows takes under the speed switches, if one serves them
     /// (`None`: dequantize + cuBLAS).
     ///
-    /// `ADAPTERLAB_NF4_GEMV` picks the kernel for up to [`GEMV_MAX_ROWS`] rows: `wide` (the
-    /// default), `words` or `mma`, each falling back to the next simpler one where it does not
+    /// `ADAPTERLAB_NF4_GEMV` picks the kernel for up to [`GEMV_MAX_ROWS`] rows: `mma` (the
+    /// default), `wide` or `words`, each falling back to the next simpler one where it does not
     /// serve the shape. `ADAPTERLAB_NF4_SMALL_BATCH` picks it for more rows: `mma` (the default;
     /// up to [`MMA_MAX_ROWS`] rows, more dequantize), `dequantize` or `tiled`. Measured on an
     /// H100 on 2026-12-06 (BENCHMARKS.md), decoding the 7B shape without an adapter: batch 1 at
-    /// 156 tokens/s with `wide`, 159 with `mma`, 115 with `words`; batch 16 at 1,082 with
-    /// `mma`; earlier, 762 with `dequantize` and 508 with `tiled`.
-    pub fn for_rows(m: usize, k: usize, n: usize, blocks: Blocks) -> Result<Option<Self>> {
+    /// 159 tokens/s with `mma`, 156 with `wide`, 115 with `words` (one call); each kernel alone,
+    /// `mma` was the fastest at batch 1 on three of Falcon-7B's four linear shapes and within 3%
+    /// on the fourth. Batch 16: 1,082 with `mma`; earlier, 762 with `dequantize` and 508 with
+    /// `tiled`.
+    /// `mma_capable`: whether the card runs the tensor-core kernel ([`runs_mma`]); where it does
+    /// not, `mma` falls back as where it does not serve the shape.
+    pub fn for_rows(
+        m: usize,
+        k: usize,
+        n: usize,
+        blocks: Blocks,
+        mma_capable: bool,
+    ) -> Result<Option<Self>> {
         let (gemv, small) = switches()?;
         let pick = |wanted: &[DecodeKernel]| {
-            wanted
-                .iter()
-                .copied()
-                .find(|kernel| kernel.serves(m, k, n, blocks))
+            wanted.iter().copied().find(|&kernel| {
+                kernel.serves(m, k, n, blocks) && (mma_capable || kernel != DecodeKernel::Mma)
+            })
         };
         Ok(if m <= GEMV_MAX_ROWS {
             match gemv {
-                DecodeKernel::Mma => {
-                    pick(&[DecodeKernel::Mma, DecodeKernel::Wide, DecodeKernel::Words])
-                }
                 DecodeKernel::Words => pick(&[DecodeKernel::Words]),
-                _ => pick(&[DecodeKernel::Wide, DecodeKernel::Words]),
+                DecodeKernel::Wide => pick(&[DecodeKernel::Wide, DecodeKernel::Words]),
+                _ => pick(&[DecodeKernel::Mma, DecodeKernel::Wide, DecodeKernel::Words]),
             }
         } else {
             small.and_then(|kernel| pick(&[kernel]))
         })
     }
+}
+
+/// Whether `device` runs the tensor-core kernel (compute capability 8.0 or later: its module is
+/// compiled for `compute_80`). Asked of the driver once a process: decoding asks per linear and
+/// token, and a process decodes on one kind of card.
+pub fn runs_mma(device: &candle_core::Device) -> Result<bool> {
+    static CAPABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if let Some(&capable) = CAPABLE.get() {
+        return Ok(capable);
+    }
+    let candle_core::Device::Cuda(d) = device else {
+        return Ok(false);
+    };
+    let (major, _) = d
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .map_err(Error::wrap)?;
+    Ok(*CAPABLE.get_or_init(|| major >= 8))
 }
 
 /// The `ADAPTERLAB_NF4_GEMV` and `ADAPTERLAB_NF4_SMALL_BATCH` in force, as the names they take,
@@ -165,7 +192,7 @@ static SMALL_BATCH: Switch<Option<DecodeKernel>> = Switch::new(
 /// The two switches with their defaults.
 fn switches() -> Result<(DecodeKernel, Option<DecodeKernel>)> {
     Ok((
-        GEMV.get()?.unwrap_or(DecodeKernel::Wide),
+        GEMV.get()?.unwrap_or(DecodeKernel::Mma),
         SMALL_BATCH.get()?.unwrap_or(Some(DecodeKernel::Mma)),
     ))
 }

@@ -127,12 +127,15 @@ GEMV(nf4_gemv_f16, f16_to_f32, f32_to_f16)
 
 // The same GEMV where the row length is a multiple of 32, the blocksize a power of two of at
 // least 32 and the nested blocksize (nbs, 1 without nesting) a power of two (every Falcon and
-// Llama shape in bitsandbytes' format), for up to R rows (one row has its own kernel below). Each lane loads 16
+// Llama shape in bitsandbytes' format), for up to R rows (R = 1: batch-1 decoding, its own
+// instance so that nothing is kept or tested for rows that are not there). Each lane loads 16
 // bytes of codes (32 weights of one absmax block) at a time and issues GEMV32_UNROLL such loads
 // before using any, so a warp keeps 2 KB in flight; the 32 products are summed before the
 // block's absmax scales them (one multiply per 32 weights, not per weight), and the NF4 values
-// come from nf4_values8's byte-offset loads. The words GEMV above spends ~12 instructions a
-// weight; on an H100 it read 0.5-0.7 TB/s of codes (2026-12-06), bound by issuing them.
+// come from nf4_values8's byte-offset loads: ~5 instructions a weight where the words GEMV above
+// spends ~12. On an H100 (2026-12-06) it read 0.7-0.9 TB/s of codes at batch 1 where the words
+// GEMV read 0.5-0.7. A software-pipelined form (the next round's loads issued before the
+// current round's products) was slower (0.6-0.86 TB/s), and was dropped.
 #define GEMV32_UNROLL 4
 #define GEMV32(NAME, R, LOAD, STORE)                                                           \
 extern "C" __global__ void __launch_bounds__(256) NAME(const u8* codes, int n, int k, int bs,  \
@@ -186,64 +189,8 @@ extern "C" __global__ void __launch_bounds__(256) NAME(const u8* codes, int n, i
     }                                                                                         \
   }                                                                                           \
 }
-
-// The 16-byte GEMV for one row (batch-1 decoding), software-pipelined: a lane issues the loads
-// of its next round (GEMV32_UNROLL 16-byte words of codes and their absmax) before it computes
-// the products of the current one, so its memory latency hides behind its own arithmetic
-// instead of every warp of a wave loading, then all of them computing (which measured
-// ~0.9 TB/s of codes on an H100, 2026-12-06, against ~3 TB/s of bandwidth).
-struct Gemv32Round {
-  uint4 c[GEMV32_UNROLL];
-  unsigned int q[GEMV32_UNROLL];
-  float am[GEMV32_UNROLL];
-};
-__device__ __forceinline__ void gemv32_fetch(Gemv32Round& r, const uint4* cw, long long base,
-    int j0, int nw, int lbs, const float* absmax, const u8* aq, int lnbs) {
-  _Pragma("unroll") for (int u = 0; u < GEMV32_UNROLL; ++u) {
-    int j = j0 + 32 * u;
-    if (j < nw) {
-      r.c[u] = __ldcs(cw + j);
-      absmax_fetch((base + 32LL * j) >> lbs, absmax, aq, lnbs, &r.q[u], &r.am[u]);
-    }
-  }
-}
-#define GEMV32_1(NAME, LOAD, STORE)                                                            \
-extern "C" __global__ void __launch_bounds__(256) NAME(const u8* codes, int n, int k, int bs,  \
-    int nested, const float* absmax, const u8* aq, const float* acode, float offset, int nbs,  \
-    const u16* x, u16* y, int m, const float* lh, const float* lb, float lscale, int lr) {    \
-  LOAD_TABLES                                                                                  \
-  int lane = threadIdx.x & 31;                                                                 \
-  long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);              \
-  if (row >= n) return;                                                                        \
-  long long base = row * (long long)k;                                                         \
-  const uint4* cw = (const uint4*)(codes + (base >> 1));                                       \
-  int nw = k >> 5, lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;                                \
-  Gemv32Round cur, next;                                                                       \
-  gemv32_fetch(cur, cw, base, lane, nw, lbs, absmax, aq, lnbs);                                \
-  float acc = 0.f;                                                                             \
-  for (int j0 = lane; j0 < nw; j0 += 32 * GEMV32_UNROLL) {                                    \
-    gemv32_fetch(next, cw, base, j0 + 32 * GEMV32_UNROLL, nw, lbs, absmax, aq, lnbs);         \
-    _Pragma("unroll") for (int u = 0; u < GEMV32_UNROLL; ++u) {                               \
-      int j = j0 + 32 * u;                                                                     \
-      if (j < nw) {                                                                           \
-        float s = 0.f;                                                                         \
-        _Pragma("unroll") for (int q = 0; q < 4; ++q) {                                       \
-          unsigned int v = q == 0 ? cur.c[u].x : q == 1 ? cur.c[u].y : q == 2 ? cur.c[u].z : cur.c[u].w; \
-          float w[8];                                                                          \
-          nf4_values8(nf4s, v, w);                                                             \
-          uint4 xv = __ldg((const uint4*)(x + 32 * j + 8 * q));                                \
-          s += DOT8(w, xv, LOAD);                                                              \
-        }                                                                                     \
-        acc += s * absmax_value(cur.q[u], cur.am[u], nested, code_s, offset);                  \
-      }                                                                                       \
-    }                                                                                         \
-    cur = next;                                                                                \
-  }                                                                                           \
-  float s = warp_sum(acc);                                                                     \
-  if (lane == 0) STORE_OUT(LOAD, STORE, 0, row, s)                                             \
-}
-GEMV32_1(nf4_gemv32_1_bf16, bf16_to_f32, f32_to_bf16)
-GEMV32_1(nf4_gemv32_1_f16, f16_to_f32, f32_to_f16)
+GEMV32(nf4_gemv32_1_bf16, 1, bf16_to_f32, f32_to_bf16)
+GEMV32(nf4_gemv32_1_f16, 1, f16_to_f32, f32_to_f16)
 GEMV32(nf4_gemv32_bf16, GEMV_MAX_ROWS, bf16_to_f32, f32_to_bf16)
 GEMV32(nf4_gemv32_f16, GEMV_MAX_ROWS, f16_to_f32, f32_to_f16)
 

@@ -445,7 +445,8 @@ impl Nf4Weight {
             return Ok(None);
         }
         let n = self.inner.q.shape()[0];
-        crate::quant::kernels::DecodeKernel::for_rows(rows, k, n, self.blocks())
+        let mma = crate::quant::kernels::runs_mma(x.device())?;
+        crate::quant::kernels::DecodeKernel::for_rows(rows, k, n, self.blocks(), mma)
     }
 
     /// The absmax blocks, as the decoding kernels need to know them.
