@@ -496,6 +496,54 @@ fn nf4_kernels_equal_the_cpu_path() {
     }
 }
 
+/// Greedy decoding's choice on the GPU (`ops::argmax::rows`, one kernel) against its host twin
+/// (`ops::argmax::first_max`), id for id: rows of Falcon's vocabulary and odd lengths, ties
+/// (the first wins), -inf everywhere, and NaNs (skipped, but a NaN first element wins).
+#[cfg(feature = "cuda")]
+#[test]
+fn argmax_kernel_equals_the_host_twin() {
+    use adapterlab_model::ops::argmax::{first_max, rows};
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    for (r, n) in [(1, 65024), (3, 1), (4, 1000), (16, 32000), (2, 1025)] {
+        let mut x: Vec<f32> = (0..r * n)
+            .map(|i| ((i as f32 * 0.618).sin() * 7.0).round() / 2.0)
+            .collect();
+        // Row 1: all -inf; row 2: a NaN first; row 3: NaNs scattered (where the rows exist).
+        if r > 1 && n > 1 {
+            x[n..2 * n].fill(f32::NEG_INFINITY);
+        }
+        if r > 2 {
+            x[2 * n] = f32::NAN;
+        }
+        if r > 3 {
+            for i in (3 * n..4 * n).step_by(7) {
+                x[i] = f32::NAN;
+            }
+        }
+        let t = Tensor::from_vec(x, (r, n), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let host: Vec<u32> = t
+                .to_dtype(dtype)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+                .iter()
+                .map(|row| first_max(row))
+                .collect();
+            let on_gpu = rows(&t.to_dtype(dtype).unwrap().to_device(&dev).unwrap()).unwrap();
+            assert!(on_gpu.device().is_cuda());
+            assert_eq!(on_gpu.to_vec1::<u32>().unwrap(), host, "{r}x{n} {dtype:?}");
+        }
+    }
+}
+
 /// Attention for decoding in one launch (`ops::decode_attention`) against the eager path it
 /// replaces, on the GPU: multi-query, grouped and per-head keys, heads of 64 to 256, 1 to 300
 /// keys, a padding mask, and keys read where a cache's strided views keep them; within 16-bit

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 use crate::nn::causal_lm::CausalLm;
+use crate::ops::argmax::first_max;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -167,7 +168,7 @@ fn token_logprobs(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
     let mut order: Vec<usize> = (0..logits.len()).collect();
     let n = n.min(logits.len());
     if n > 0 {
-        // Likeliest first; ties go to the lower id, as `argmax` does.
+        // Likeliest first; ties go to the lower id, as `first_max` does.
         let rank = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
         order.select_nth_unstable_by(n - 1, rank);
         order.truncate(n);
@@ -240,17 +241,6 @@ fn softmax(x: &[f32]) -> Vec<f32> {
     exps.into_iter().map(|e| e / sum).collect()
 }
 
-/// The first index of the maximum, as `torch.argmax`.
-pub fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in x.iter().enumerate() {
-        if *v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// Chooses the next token of one row from its last-position logits.
 fn next_token(
     scores: &mut [f32],
@@ -260,7 +250,7 @@ fn next_token(
 ) -> u32 {
     apply_repetition_penalty(scores, seen, cfg.repetition_penalty);
     match &cfg.decoding {
-        Decoding::Greedy => argmax(scores),
+        Decoding::Greedy => first_max(scores),
         Decoding::Sample {
             temperature,
             top_k,
@@ -285,7 +275,7 @@ fn next_token(
                 u -= p;
             }
             // Rounding left a sliver: take the most likely token.
-            argmax(&probs)
+            first_max(&probs)
         }
     }
 }
@@ -380,16 +370,72 @@ pub fn generate_ids_with(
             Some(&mut cache),
         )
         .context("forward pass over the prompts failed")?;
+    // Lookahead: where the choice needs nothing but the logits (greedy, no repetition penalty,
+    // no log-probabilities), the device picks each row's token (`ops::argmax::rows`) and the
+    // next forward pass is queued from those ids before the host reads them, so the host's
+    // work of launching a step overlaps the device's work on the one before (at batch 1 on a
+    // GPU the host's launching is as long as the device's computing). A row that has finished
+    // is fed its own choice instead of the pad token: rows do not see each other, and a
+    // finished row's later tokens are cut off, so the output is the same.
+    let lookahead =
+        cfg.decoding == Decoding::Greedy && cfg.repetition_penalty == 1.0 && cfg.logprobs.is_none();
+    let mut chosen_ids = if lookahead {
+        Some(crate::ops::argmax::rows(&logits)?)
+    } else {
+        None
+    };
     for step in 0..cfg.max_new_tokens {
-        let scores = crate::ops::profile::scope("decode.read_logits", &device, || {
-            logits.to_dtype(DType::F32)?.to_vec2::<f32>()
-        })?;
+        let last = step + 1 == cfg.max_new_tokens;
+        // The lookahead's next step: its forward pass and its choice, queued now.
+        let queued = match &chosen_ids {
+            Some(ids) if !last => {
+                let input = ids.reshape((batch, 1))?;
+                let next_mask: Vec<Vec<u32>> = mask
+                    .iter()
+                    .map(|m| m.iter().copied().chain([1]).collect())
+                    .collect();
+                let next_logits =
+                    crate::ops::profile::scope_with("decode.forward", &device, || {
+                        model
+                            .forward_last(
+                                &input,
+                                Some(&to_tensor(&next_mask, &host)?),
+                                Some(&mut cache),
+                            )
+                            .with_context(|| {
+                                format!("forward pass at new token {} failed", step + 1)
+                            })
+                    })?;
+                Some(crate::ops::argmax::rows(&next_logits)?)
+            }
+            _ => None,
+        };
+        // Each row's token (and its scores where log-probabilities are asked for).
+        let picks: Vec<(u32, Option<Vec<f32>>)> = match &chosen_ids {
+            Some(ids) => {
+                crate::ops::profile::scope("decode.read_ids", &device, || ids.to_vec1::<u32>())?
+                    .into_iter()
+                    .map(|t| (t, None))
+                    .collect()
+            }
+            None => {
+                let scores = crate::ops::profile::scope("decode.read_logits", &device, || {
+                    logits.to_dtype(DType::F32)?.to_vec2::<f32>()
+                })?;
+                scores
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, mut s)| {
+                        let raw = cfg.logprobs.filter(|_| !finished[r]).map(|_| s.clone());
+                        // Finished rows still draw, so a row's random stream does not depend on
+                        // when the others finish.
+                        (next_token(&mut s, &rows[r], cfg, &mut rng), raw)
+                    })
+                    .collect()
+            }
+        };
         let mut next = Vec::with_capacity(batch);
-        for (r, mut s) in scores.into_iter().enumerate() {
-            let raw = cfg.logprobs.filter(|_| !finished[r]).map(|_| s.clone());
-            // Finished rows still draw, so a row's random stream does not depend on when the
-            // others finish.
-            let t = next_token(&mut s, &rows[r], cfg, &mut rng);
+        for (r, (t, raw)) in picks.into_iter().enumerate() {
             if finished[r] {
                 next.push(cfg.pad_token_id);
                 continue;
@@ -416,10 +462,14 @@ pub fn generate_ids_with(
             rows[r].push(next[r]);
             mask[r].push(1);
         }
-        if finished.iter().all(|f| *f) || step + 1 == cfg.max_new_tokens {
+        if finished.iter().all(|f| *f) || last {
             break;
         }
         tracing::trace!(step, batch, "decoded a token");
+        if lookahead {
+            chosen_ids = queued;
+            continue;
+        }
         let input = Tensor::from_vec(next, (batch, 1), &device)?;
         logits = crate::ops::profile::scope_with("decode.forward", &device, || {
             model
@@ -506,7 +556,7 @@ mod tests {
                     .squeeze(0)?
                     .to_vec1::<f32>()?;
                 apply_repetition_penalty(&mut s, &seq, 1.3);
-                seq.push(argmax(&s));
+                seq.push(first_max(&s));
             }
             assert_eq!(seq[p.len()..], batch.tokens[i][..], "prompt {i} naive");
         }

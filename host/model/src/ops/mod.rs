@@ -3,6 +3,7 @@
 //! machinery they share (the handover of a backward pass to candle, profiling, the speed switches read from the
 //! environment).
 
+pub mod argmax;
 pub mod attention;
 pub mod cross_entropy;
 pub mod decode_attention;
@@ -23,6 +24,6 @@ pub fn kernel_modules() -> Vec<&'static kernels::CudaModule> {
     kernels::modules()
         .into_iter()
         .chain(flash::cuda_modules())
-        .chain([decode_attention::cuda_module()])
+        .chain([decode_attention::cuda_module(), argmax::cuda_module()])
         .collect()
 }
