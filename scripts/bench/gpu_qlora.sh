@@ -82,7 +82,7 @@ if stage golden; then
     echo "== golden tests of the after build on $dev against $GOLDEN_DIR"
     # GOLDEN_FILTER (names, space-separated) runs the tests matching any of them only.
     # shellcheck disable=SC2086
-    ADAPTERLAB_TEST_DEVICE=$dev ADAPTERLAB_GOLDEN_DIR=$GOLDEN_DIR timeout 240 /tmp/gl/golden ${GOLDEN_FILTER:-} --test-threads 1 \
+    ADAPTERLAB_TEST_DEVICE=$dev ADAPTERLAB_GOLDEN_DIR=$GOLDEN_DIR timeout 360 /tmp/gl/golden ${GOLDEN_FILTER:-} --test-threads 1 \
       --include-ignored --nocapture 2>&1 | tee "$OUT/golden-$dev.txt" \
       | grep -E "^test |test result|panicked|bit-equal|cases" | head -40
   done
