@@ -125,7 +125,9 @@ def bench_generate(model, batch, prompt_len=200, new=50):
     torch.cuda.synchronize(); s = time.time() - t
     n = (out.shape[1] - prompt_len) * batch
     faulthandler.cancel_dump_traceback_later()
+    # The model is the PEFT model bench_train trained: its adapter decodes unmerged.
     print(json.dumps({"what": "generate", "batch": batch, "prompt": prompt_len, "new": new,
+                      "adapter": True, "merged": False,
                       "s": round(s, 3), "tokens_per_s": round(n / s, 1)}), flush=True)
 
 
