@@ -295,7 +295,21 @@ pub fn generate_ids_with(
     model: &dyn CausalLm,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
+    observe: impl FnMut(&StepToken) -> Flow,
+) -> Result<GenerationOutput> {
+    // Looking ahead pays where the device runs behind the host (a GPU's queue); on the CPU the
+    // work is done as it is issued, so it would only add a wasted step after the last EOS.
+    let lookahead = model.device().is_cuda();
+    decode(model, prompts, cfg, observe, lookahead)
+}
+
+/// The decoding loop; `lookahead` asks for the lookahead (see below) where the choice allows it.
+fn decode(
+    model: &dyn CausalLm,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
     mut observe: impl FnMut(&StepToken) -> Flow,
+    lookahead: bool,
 ) -> Result<GenerationOutput> {
     cfg.validate()?;
     if prompts.is_empty() {
@@ -376,9 +390,12 @@ pub fn generate_ids_with(
     // work of launching a step overlaps the device's work on the one before (at batch 1 on a
     // GPU the host's launching is as long as the device's computing). A row that has finished
     // is fed its own choice instead of the pad token: rows do not see each other, and a
-    // finished row's later tokens are cut off, so the output is the same.
-    let lookahead =
-        cfg.decoding == Decoding::Greedy && cfg.repetition_penalty == 1.0 && cfg.logprobs.is_none();
+    // finished row's later tokens are cut off, so the output is the same. When every row
+    // stops before `max_new_tokens`, the step queued last is computed and dropped.
+    let lookahead = lookahead
+        && cfg.decoding == Decoding::Greedy
+        && cfg.repetition_penalty == 1.0
+        && cfg.logprobs.is_none();
     let mut chosen_ids = if lookahead {
         Some(crate::ops::argmax::rows(&logits)?)
     } else {
@@ -559,6 +576,47 @@ mod tests {
                 seq.push(first_max(&s));
             }
             assert_eq!(seq[p.len()..], batch.tokens[i][..], "prompt {i} naive");
+        }
+        Ok(())
+    }
+
+    /// The lookahead (a GPU's default, forced here on the CPU) gives the plain loop's tokens and
+    /// shows the observer the same tokens: with a row stopping at EOS, with the observer
+    /// stopping a row, and with a single new token.
+    #[test]
+    fn lookahead_decodes_as_the_plain_loop() -> Result<()> {
+        let model = tiny_model();
+        let prompts = vec![vec![1u32, 7, 9], vec![1, 12, 40, 41], vec![1, 3]];
+        let free = generate_ids(&model, &prompts, &GenerationConfig::greedy(10, vec![], 0))?;
+        let eos = free.tokens[0][2];
+        for cfg in [
+            GenerationConfig::greedy(10, vec![], 0),
+            GenerationConfig::greedy(10, vec![eos], 0),
+            GenerationConfig::greedy(1, vec![], 0),
+        ] {
+            let stop_row_1 = |t: &StepToken| {
+                if t.row == 1 && t.token == free.tokens[1][4] {
+                    Flow::StopRow
+                } else {
+                    Flow::Continue
+                }
+            };
+            let mut runs = Vec::new();
+            for lookahead in [false, true] {
+                let mut seen = Vec::new();
+                let out = decode(
+                    &model,
+                    &prompts,
+                    &cfg,
+                    |t| {
+                        seen.push((t.row, t.token));
+                        stop_row_1(t)
+                    },
+                    lookahead,
+                )?;
+                runs.push((out, seen));
+            }
+            assert_eq!(runs[1], runs[0], "{cfg:?}");
         }
         Ok(())
     }
