@@ -11,10 +11,11 @@
 //! the synchronized profile, it tells a phase bound by launches from one bound by the GPU.
 //!
 //! `ADAPTERLAB_PROFILE=events` (CUDA) times the scopes on the device, with an event recorded on
-//! the stream before and after each and nothing synchronized until [`take`]: each phase's device
-//! time inside an unperturbed run. A scope's time also holds any wait of the device for the
-//! host's next launch inside it, so it is the device's time only where the host runs ahead
-//! (as it does in batch-1 decoding: see the host profile).
+//! the stream before and after each and nothing synchronized until [`take`]. A scope's time also
+//! holds any wait of the device for the host's next launch inside it, so it is the device's time
+//! only where the host runs ahead; recording the events costs the host too, and in batch-1
+//! decoding with the lookahead that was enough to make the host the bound (on an H100,
+//! 2026-12-06: 98.5 tokens/s profiled against 144.7), which the host profile tells.
 //!
 //! Names nest by the caller's choice (`layer.mlp.up` inside `layer`); a pass label set with
 //! [`pass`] (e.g. `forward`, `recompute`, `backward`) prefixes them, so the same layer code is

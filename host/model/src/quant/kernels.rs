@@ -116,6 +116,7 @@ impl DecodeKernel {
     /// `mma` was the fastest at batch 1 on three of Falcon-7B's four linear shapes and within 3%
     /// on the fourth. Batch 16: 1,082 with `mma`; earlier, 762 with `dequantize` and 508 with
     /// `tiled`.
+    ///
     /// `mma_capable`: whether the card runs the tensor-core kernel ([`runs_mma`]); where it does
     /// not, `mma` falls back as where it does not serve the shape.
     pub fn for_rows(
