@@ -270,17 +270,18 @@ if stage kernels; then
     | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"after\",${line#\{}" >> "$RESULTS"; done
   tail -2 "$OUT/kernels.err"
 fi
-# decode-profile  batch-1 decoding with the generate stage's adapter (unmerged), profiled once
-#          per DECODE_PROFILES (default "events host"): events (ADAPTERLAB_PROFILE=events: each
-#          phase's device time from CUDA events, nothing synchronized), 1 (synchronized around
-#          each phase, which adds the synchronizations' cost to each), host (what each phase
-#          costs the host to queue)
+# decode-profile  decoding at batch DECODE_BATCH (default 1) with the generate stage's adapter
+#          (unmerged), profiled once per DECODE_PROFILES (default "events host"): events
+#          (ADAPTERLAB_PROFILE=events: each phase's device time from CUDA events, nothing
+#          synchronized; where the host is the bound, the device's waits for it count too),
+#          1 (synchronized around each phase, which adds the synchronizations' cost to each),
+#          host (what each phase costs the host to queue)
 if stage decode-profile; then
   [ -d /tmp/gen-adapter ] || timeout 120 /tmp/gl/after bench train --model "$CKPT" --batch 1 --seq 16 --steps 1 \
     --warmup 0 --save /tmp/gen-adapter > "$OUT/gen-adapter.json" 2>&1
   for mode in ${DECODE_PROFILES:-events host}; do
     echo "== decode-profile: ADAPTERLAB_PROFILE=$mode"
-    ADAPTERLAB_PROFILE=$mode timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1 \
+    ADAPTERLAB_PROFILE=$mode timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch "${DECODE_BATCH:-1}" \
       --adapter /tmp/gen-adapter --prompt-tokens 200 --new-tokens 50 \
       2>"$OUT/decode-profile-$mode.err" | tee "$OUT/decode-profile-$mode.json" \
       | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"profile-decode-$mode\",${line#\{}" >> "$RESULTS"; done
