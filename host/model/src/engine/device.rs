@@ -70,16 +70,22 @@ fn keep_freed_memory(_: &Device) -> Result<()> {
 /// it runs. Returns the modules' names.
 #[cfg(feature = "cuda")]
 pub fn compile_kernels() -> Result<Vec<&'static str>> {
-    let modules = crate::ops::kernel_modules()
-        .into_iter()
-        .chain(crate::quant::kernels::modules())
-        .chain(crate::lora::kernels::modules());
     let mut names = Vec::new();
-    for m in modules {
+    for m in kernel_modules() {
         m.ptx()?;
         names.push(m.name);
     }
     Ok(names)
+}
+
+/// Every kernel module the crate launches (each wing lists its own).
+#[cfg(feature = "cuda")]
+pub fn kernel_modules() -> Vec<&'static crate::ops::kernels::CudaModule> {
+    crate::ops::kernel_modules()
+        .into_iter()
+        .chain(crate::quant::kernels::modules())
+        .chain(crate::lora::kernels::modules())
+        .collect()
 }
 
 #[cfg(feature = "cuda")]

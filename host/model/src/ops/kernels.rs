@@ -49,11 +49,17 @@ impl CudaModule {
         self
     }
 
+    /// The whole text NVRTC compiles: the prelude, the host's defines and the module's source
+    /// (`scripts/gpu/sass.sh` compiles it to machine code to count a kernel's instructions).
+    pub fn full_source(&self) -> String {
+        format!("{PRELUDE}\n{}\n{}", (self.defines)(), self.source)
+    }
+
     pub fn ptx(&self) -> Result<&str> {
         self.ptx
             .get_or_init(|| {
                 use candle_core::cuda_backend::cudarc::nvrtc;
-                let code = format!("{PRELUDE}\n{}\n{}", (self.defines)(), self.source);
+                let code = self.full_source();
                 let opts = nvrtc::CompileOptions {
                     arch: self.arch,
                     ..Default::default()
