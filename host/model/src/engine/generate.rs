@@ -406,23 +406,17 @@ fn decode(
         // The lookahead's next step: its forward pass and its choice, queued now.
         let queued = match &chosen_ids {
             Some(ids) if !last => {
-                let input = ids.reshape((batch, 1))?;
                 let next_mask: Vec<Vec<u32>> = mask
                     .iter()
                     .map(|m| m.iter().copied().chain([1]).collect())
                     .collect();
-                let next_logits =
-                    crate::ops::profile::scope_with("decode.forward", &device, || {
-                        model
-                            .forward_last(
-                                &input,
-                                Some(&to_tensor(&next_mask, &host)?),
-                                Some(&mut cache),
-                            )
-                            .with_context(|| {
-                                format!("forward pass at new token {} failed", step + 1)
-                            })
-                    })?;
+                let next_logits = forward_step(
+                    model,
+                    &ids.reshape((batch, 1))?,
+                    &to_tensor(&next_mask, &host)?,
+                    &mut cache,
+                    step + 1,
+                )?;
                 Some(crate::ops::argmax::rows(&next_logits)?)
             }
             _ => None,
@@ -488,11 +482,13 @@ fn decode(
             continue;
         }
         let input = Tensor::from_vec(next, (batch, 1), &device)?;
-        logits = crate::ops::profile::scope_with("decode.forward", &device, || {
-            model
-                .forward_last(&input, Some(&to_tensor(&mask, &host)?), Some(&mut cache))
-                .with_context(|| format!("forward pass at new token {} failed", step + 1))
-        })?;
+        logits = forward_step(
+            model,
+            &input,
+            &to_tensor(&mask, &host)?,
+            &mut cache,
+            step + 1,
+        )?;
     }
     let tokens = rows
         .iter()
@@ -506,6 +502,23 @@ fn decode(
         tokens,
         stopped_at_eos,
         logprobs,
+    })
+}
+
+/// One decoding step's forward pass: the new token of each row (`input`, `[batch, 1]`) after
+/// the cached ones, under `mask` (every position so far, the new one included); the logits of
+/// new token `new_token`, profiled as `decode.forward`.
+fn forward_step(
+    model: &dyn CausalLm,
+    input: &Tensor,
+    mask: &Tensor,
+    cache: &mut crate::ops::attention::KvCache,
+    new_token: usize,
+) -> Result<Tensor> {
+    crate::ops::profile::scope_with("decode.forward", model.device(), || {
+        model
+            .forward_last(input, Some(mask), Some(cache))
+            .with_context(|| format!("forward pass at new token {new_token} failed"))
     })
 }
 
