@@ -243,10 +243,7 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
                 use adapterlab_model::engine::{DecodeKernel, runs_mma};
                 let mma = runs_mma(&device)?;
                 for kernel in DecodeKernel::ALL {
-                    if device.is_cuda()
-                        && kernel.serves(m, inp, out, q.blocks())
-                        && (mma || kernel != DecodeKernel::Mma)
-                    {
+                    if device.is_cuda() && kernel.serves_on(m, inp, out, q.blocks(), mma) {
                         time(kernel.name(), &|| q.forward_from_nf4(&x, kernel, None))?;
                     }
                 }

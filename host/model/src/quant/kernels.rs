@@ -99,6 +99,19 @@ impl DecodeKernel {
             }
     }
 
+    /// [`Self::serves`] on a card that runs the tensor-core kernel or not (`mma_capable`, see
+    /// [`runs_mma`]): the one rule for which kernels a card can be given.
+    pub fn serves_on(
+        self,
+        m: usize,
+        k: usize,
+        n: usize,
+        blocks: Blocks,
+        mma_capable: bool,
+    ) -> bool {
+        self.serves(m, k, n, blocks) && (mma_capable || self != DecodeKernel::Mma)
+    }
+
     /// Whether the kernel adds an adapter's product in its epilogue (see [`LoraEpilogue`]).
     pub fn adds_lora(self) -> bool {
         self != DecodeKernel::Tiled
@@ -128,9 +141,10 @@ impl DecodeKernel {
     ) -> Result<Option<Self>> {
         let (gemv, small) = switches()?;
         let pick = |wanted: &[DecodeKernel]| {
-            wanted.iter().copied().find(|&kernel| {
-                kernel.serves(m, k, n, blocks) && (mma_capable || kernel != DecodeKernel::Mma)
-            })
+            wanted
+                .iter()
+                .copied()
+                .find(|kernel| kernel.serves_on(m, k, n, blocks, mma_capable))
         };
         Ok(if m <= GEMV_MAX_ROWS {
             match gemv {

@@ -73,14 +73,14 @@ DEQUANT8(nf4_dequant8_f16, u16, f32_to_f16, STORE8_16)
    + (w)[6] * LOAD((u16)((xv).w & 0xffffu)) + (w)[7] * LOAD((u16)((xv).w >> 16)))
 
 // The GEMVs' start: the tables in shared memory, this warp's output feature (`row`, a warp
-// each) and its first weight (`base`), and a zeroed f32 sum per input row.
-#define GEMV_PROLOGUE                                                                          \
+// each) and its first weight (`base`), and a zeroed f32 sum for each of up to R input rows.
+#define GEMV_PROLOGUE(R)                                                                       \
   LOAD_TABLES                                                                                  \
   int lane = threadIdx.x & 31;                                                                 \
   long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);              \
   if (row >= n) return;                                                                        \
-  float acc[GEMV_MAX_ROWS];                                                                    \
-  _Pragma("unroll") for (int r = 0; r < GEMV_MAX_ROWS; ++r) acc[r] = 0.f;                      \
+  float acc[R];                                                                                \
+  _Pragma("unroll") for (int r = 0; r < R; ++r) acc[r] = 0.f;                                  \
   long long base = row * (long long)k;
 
 // One warp per output feature; each lane walks the row's codes 4 bytes (8 weights) at a time.
@@ -88,7 +88,7 @@ DEQUANT8(nf4_dequant8_f16, u16, f32_to_f16, STORE8_16)
 extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int nested,             \
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,              \
     const u16* x, u16* y, int m, const float* lh, const float* lb, float lscale, int lr) {    \
-  GEMV_PROLOGUE                                                                                \
+  GEMV_PROLOGUE(GEMV_MAX_ROWS)                                                                 \
   if ((k & 7) == 0 && (bs & 7) == 0) {                                                        \
     const unsigned int* cw = (const unsigned int*)(codes + (base >> 1));                       \
     int nw = k >> 3;                                                                           \
@@ -141,13 +141,7 @@ GEMV(nf4_gemv_f16, f16_to_f32, f32_to_f16)
 extern "C" __global__ void __launch_bounds__(256) NAME(const u8* codes, int n, int k, int bs,  \
     int nested, const float* absmax, const u8* aq, const float* acode, float offset, int nbs,  \
     const u16* x, u16* y, int m, const float* lh, const float* lb, float lscale, int lr) {    \
-  LOAD_TABLES                                                                                  \
-  int lane = threadIdx.x & 31;                                                                 \
-  long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);              \
-  if (row >= n) return;                                                                        \
-  float acc[R];                                                                                \
-  _Pragma("unroll") for (int r = 0; r < R; ++r) acc[r] = 0.f;                                  \
-  long long base = row * (long long)k;                                                         \
+  GEMV_PROLOGUE(R)                                                                             \
   const uint4* cw = (const uint4*)(codes + (base >> 1));                                       \
   int nw = k >> 5, lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;                                \
   for (int j0 = lane; j0 < nw; j0 += 32 * GEMV32_UNROLL) {                                    \
