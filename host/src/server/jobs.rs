@@ -905,16 +905,17 @@ impl Jobs {
         }
         // Steps between the checkpoint and the interruption were recorded already; the
         // resumed run redoes them (identically) without recording them twice.
-        let recorded_through = store
-            .events_after(&run.id, None)?
-            .into_iter()
-            .filter_map(|(_, e)| match e {
-                RunEvent::Loss { step, .. } | RunEvent::Step { step, .. } => Some(step),
-                _ => None,
-            })
-            .max();
+        let (mut loss_through, mut steps_through) = (None, None);
+        for (_, e) in store.events_after(&run.id, None)? {
+            match e {
+                RunEvent::Loss { step, .. } => loss_through = loss_through.max(Some(step)),
+                RunEvent::Step { step, .. } => steps_through = steps_through.max(Some(step)),
+                _ => {}
+            }
+        }
         let env = TrainEnv {
-            skip_loss_through: recorded_through.filter(|_| started_before),
+            skip_loss_through: loss_through.filter(|_| started_before),
+            skip_steps_through: steps_through.filter(|_| started_before),
             checkpoint_on_stop: Some(self.inner.checkpoint_on_stop.clone()),
             assets_dir: self.inner.data_dir.assets(),
             registry: Some(self.inner.registry.read().unwrap().clone()),

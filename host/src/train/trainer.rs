@@ -63,6 +63,9 @@ pub struct TrainEnv {
     /// Loss events of steps up to this one are already in the store (a resumed run redoes the
     /// steps after its checkpoint); they are not recorded twice.
     pub skip_loss_through: Option<u64>,
+    /// The same for step events, counted apart: a step records its step event before its loss
+    /// event, so a kill between the two leaves the step's loss to be recorded on the redo.
+    pub skip_steps_through: Option<u64>,
     /// The trackers of `report_to`, started by [`run`].
     pub trackers: Option<Arc<std::sync::Mutex<crate::track::Trackers>>>,
     /// Data parallelism: this rank's communicator (`None`: one process, one device). Only
@@ -810,6 +813,8 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             let saved_already =
                 config.save_steps > 0 && state.global_step.is_multiple_of(config.save_steps);
             if wanted && steps_this_run > 0 && !saved_already && env.is_main() {
+                // The steps' events are made durable before the checkpoint that skips them.
+                flush_store(env);
                 save_checkpoint(
                     &output_dir,
                     config,
@@ -1036,6 +1041,10 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                         .to_string(),
                 );
             }
+            // A resume starts after the checkpoint and does not redo its steps, so their events
+            // must be in the store before it exists: a kill after the checkpoint's rename but
+            // before a later flush lost them (the store had them in memory only).
+            flush_store(env);
             save_checkpoint(
                 &output_dir,
                 config,
@@ -1046,7 +1055,6 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                 max_steps,
                 steps_per_epoch,
             )?;
-            flush_store(env);
         }
         bar.inc(1);
     }
@@ -1384,13 +1392,12 @@ fn record(env: &TrainEnv, event: RunEvent) {
             .event(&event);
     }
     // A resumed run redoes the steps after its checkpoint; the store has their events.
-    let step = match &event {
-        RunEvent::Loss { step, .. } | RunEvent::Step { step, .. } => Some(*step),
-        _ => None,
+    let recorded = match &event {
+        RunEvent::Loss { step, .. } => env.skip_loss_through.is_some_and(|t| *step <= t),
+        RunEvent::Step { step, .. } => env.skip_steps_through.is_some_and(|t| *step <= t),
+        _ => false,
     };
-    if let (Some(step), Some(through)) = (step, env.skip_loss_through)
-        && step <= through
-    {
+    if recorded {
         return;
     }
     if let Some((store, run_id)) = &env.store
