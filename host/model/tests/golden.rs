@@ -496,6 +496,82 @@ fn nf4_kernels_equal_the_cpu_path() {
     }
 }
 
+/// Every tiling of the tensor-core kernel (`MmaTiling::ALL`) against the CPU path, and tilings
+/// that differ only in `tiles` bit-equal (a feature's sum must not depend on them), on feature
+/// counts that leave a block's last tiles empty (40 of 32 a block) and on both halves of the A
+/// operand (up to 8 rows, and more).
+#[cfg(feature = "cuda")]
+#[test]
+fn nf4_mma_tilings_equal_the_cpu_path() {
+    use adapterlab_model::quant::kernels::MmaTiling;
+    use adapterlab_model::quant::nf4::Nf4Options;
+    use adapterlab_model::quant::weight::Nf4Weight;
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let cpu = Device::Cpu;
+    for (rows, cols, double_quant) in [(40, 320, true), (96, 4544, true), (64, 1024, false)] {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| (i as f32 * 0.377).sin() * 0.05)
+            .collect();
+        let w = Tensor::from_vec(w, (rows, cols), &cpu).unwrap();
+        let opts = Nf4Options {
+            double_quant,
+            ..Nf4Options::default()
+        };
+        for dtype in [DType::BF16, DType::F16] {
+            let q = Nf4Weight::quantize(&w, opts, dtype, &dev).unwrap();
+            let wd = q.dequantize_to(DType::F32, &cpu).unwrap();
+            for m in [1, 5, 9, 16] {
+                let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.291).cos()).collect();
+                let x = Tensor::from_vec(x, (m, cols), &cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let want = f32s_of_matmul(&x, &wd);
+                let x = x.to_device(&dev).unwrap();
+                let mut by_split: Vec<((u32, u32), Vec<u32>)> = Vec::new();
+                for tiling in MmaTiling::ALL {
+                    let case = format!(
+                        "{rows}x{cols} double_quant={double_quant} {dtype:?} m={m} {}",
+                        tiling.name()
+                    );
+                    let got = q.forward_mma_tiled(&x, tiling).unwrap();
+                    assert_eq!(got.dims(), &[m, rows], "{case}");
+                    let got = host_f32s(&got);
+                    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-3);
+                    let err = max_diff(&got, &want) / scale;
+                    assert!(err < 1e-2, "{case}: relative error {err}");
+                    let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+                    let split = (tiling.warps, tiling.unroll);
+                    match by_split.iter().find(|(s, _)| *s == split) {
+                        Some((_, earlier)) => assert!(
+                            *earlier == bits,
+                            "{case}: differs from another tiling with the same warps and unroll"
+                        ),
+                        None => by_split.push((split, bits)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `x W^T` in f32 on the CPU, flat.
+#[cfg(feature = "cuda")]
+fn f32s_of_matmul(x: &Tensor, w: &Tensor) -> Vec<f32> {
+    use candle_core::DType;
+    host_f32s(
+        &x.to_dtype(DType::F32)
+            .unwrap()
+            .matmul(&w.t().unwrap())
+            .unwrap(),
+    )
+}
+
 /// Greedy decoding's choice on the GPU (`ops::argmax::rows`, one kernel) against its host twin
 /// (`ops::argmax::first_max`), id for id: rows of Falcon's vocabulary and odd lengths, ties
 /// (the first wins), -inf everywhere, and NaNs (skipped, but a NaN first element wins).

@@ -240,11 +240,20 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
             })?;
             #[cfg(feature = "cuda")]
             {
-                use adapterlab_model::engine::{DecodeKernel, runs_mma};
+                use adapterlab_model::engine::{DecodeKernel, MmaTiling, runs_mma};
                 let mma = runs_mma(&device)?;
                 for kernel in DecodeKernel::ALL {
                     if device.is_cuda() && kernel.serves_on(m, inp, out, q.blocks(), mma) {
                         time(kernel.name(), &|| q.forward_from_nf4(&x, kernel, None))?;
+                    }
+                }
+                // The tensor-core kernel's other tilings, named `mma/w8u2t1` and so on.
+                let mma_serves =
+                    device.is_cuda() && DecodeKernel::Mma.serves_on(m, inp, out, q.blocks(), mma);
+                for tiling in MmaTiling::ALL {
+                    if mma_serves && tiling != MmaTiling::for_rows(m) {
+                        let name = format!("mma/{}", tiling.name());
+                        time(&name, &|| q.forward_mma_tiled(&x, tiling))?;
                     }
                 }
             }

@@ -26,7 +26,7 @@ pub use crate::ops::cross_entropy::cross_entropy_sum;
 pub use crate::ops::kernels::{AdamWScalars, adamw_f32};
 pub use crate::ops::profile;
 #[cfg(feature = "cuda")]
-pub use crate::quant::kernels::{DecodeKernel, runs_mma};
+pub use crate::quant::kernels::{DecodeKernel, MmaTiling, runs_mma};
 pub use crate::quant::nf4::Nf4Options;
 pub use crate::quant::quantize::quantize_model_dir;
 pub use crate::quant::weight::Nf4Weight;

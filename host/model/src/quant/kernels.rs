@@ -21,6 +21,66 @@ pub const GEMM_MAX_ROWS: usize = 32;
 /// Rows of `x` the tensor-core GEMM (`nf4_mma_*`) handles: one m16n8k16 A operand.
 pub const MMA_MAX_ROWS: usize = 16;
 
+/// How the tensor-core kernel (`nf4_mma.cu`) splits its work: `warps` warps a block split a
+/// row's 128-column chunks, each warp issuing `unroll` chunks' loads of codes before it uses
+/// any, and computing `tiles` tiles of 8 features from each fragment of x it loads. A feature's
+/// sum depends on `warps` and `unroll` (which warp adds which chunks), never on `tiles`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmaTiling {
+    pub warps: u32,
+    pub unroll: u32,
+    pub tiles: u32,
+}
+
+impl MmaTiling {
+    const fn new(warps: u32, unroll: u32, tiles: u32) -> Self {
+        MmaTiling {
+            warps,
+            unroll,
+            tiles,
+        }
+    }
+
+    /// Every tiling the module has instances of: the defaults ([`Self::for_rows`]) and those
+    /// `bench kernels` measures them against.
+    pub const ALL: [MmaTiling; 8] = [
+        MmaTiling::new(8, 2, 1),
+        MmaTiling::new(8, 4, 1),
+        MmaTiling::new(4, 4, 1),
+        MmaTiling::new(16, 2, 1),
+        MmaTiling::new(8, 2, 2),
+        MmaTiling::new(8, 2, 4),
+        MmaTiling::new(8, 1, 4),
+        MmaTiling::new(4, 2, 4),
+    ];
+
+    /// The tiling decoding uses for `m` rows.
+    pub fn for_rows(_m: usize) -> Self {
+        MmaTiling::new(8, 2, 1)
+    }
+
+    /// How reports name it: `w8u2t1`.
+    pub fn name(self) -> String {
+        format!("w{}u{}t{}", self.warps, self.unroll, self.tiles)
+    }
+
+    /// The instance for `m` rows of 16-bit `x` (`bf16` or f16): rows 8-15 of the A operand
+    /// exist only past 8 rows.
+    fn kernel_name(self, m: usize, bf16: bool) -> String {
+        format!(
+            "nf4_mma_{}_{}h{}",
+            if bf16 { "bf16" } else { "f16" },
+            self.name(),
+            u8::from(m > 8)
+        )
+    }
+
+    /// Features one block computes.
+    fn features(self) -> usize {
+        8 * self.tiles as usize
+    }
+}
+
 /// A weight's absmax blocks, as a decoding kernel needs to know them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Blocks {
@@ -227,7 +287,7 @@ pub(crate) static NF4: CudaModule = CudaModule::new(
 pub(crate) static NF4_MMA: CudaModule = CudaModule::new(
     "adapterlab_nf4_mma",
     concat!(include_str!("nf4_common.cu"), include_str!("nf4_mma.cu")),
-    nf4_defines,
+    nf4_mma_defines,
 )
 .for_arch("compute_80");
 
@@ -248,6 +308,18 @@ fn nf4_defines() -> String {
         "#define GEMV_MAX_ROWS {GEMV_MAX_ROWS}\n#define GEMM_MAX_ROWS {GEMM_MAX_ROWS}\n#define NF4_TABLE {}\n",
         table.join(", ")
     )
+}
+
+/// [`nf4_defines`] and the tensor-core kernel's instances, one a [`MmaTiling`] and A operand
+/// height.
+fn nf4_mma_defines() -> String {
+    let instances: Vec<String> = MmaTiling::ALL
+        .iter()
+        .flat_map(|t| {
+            [0, 1].map(|h| format!("MMA_INSTANCE({}, {}, {}, {h})", t.warps, t.unroll, t.tiles))
+        })
+        .collect();
+    format!("{}#define MMA_TILINGS {}\n", nf4_defines(), instances.join(" "))
 }
 
 /// The quantization thresholds, as their f32 bits: a decimal literal would have to round to the
@@ -457,6 +529,20 @@ pub fn gemv_with(
     kernel: DecodeKernel,
     lora: Option<&LoraEpilogue>,
 ) -> Result<Tensor> {
+    let tiling = MmaTiling::for_rows(x.dim(0)?);
+    gemv_tiled(w, out_features, x, kernel, tiling, lora)
+}
+
+/// [`gemv_with`] with the tensor-core kernel's `tiling` chosen (other kernels ignore it): what
+/// `bench kernels` and the GPU tests compare the tilings by.
+pub fn gemv_tiled(
+    w: &Nf4Gpu,
+    out_features: usize,
+    x: &Tensor,
+    kernel: DecodeKernel,
+    tiling: MmaTiling,
+    lora: Option<&LoraEpilogue>,
+) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     if out_features * k != w.n
         || !kernel.serves(m, k, out_features, w.blocks())
@@ -504,10 +590,10 @@ pub fn gemv_with(
             block_dim: (32 * 8, 1, 1),
             shared_mem_bytes: 0,
         },
-        // 8 features a block, its 8 warps (MMA_WARPS) splitting the columns.
+        // `tiling.features()` a block, its warps splitting the columns.
         DecodeKernel::Mma => LaunchConfig {
-            grid_dim: ((out_features / 8) as u32, 1, 1),
-            block_dim: (32 * 8, 1, 1),
+            grid_dim: (out_features.div_ceil(tiling.features()) as u32, 1, 1),
+            block_dim: (32 * tiling.warps, 1, 1),
             shared_mem_bytes: 0,
         },
     };
@@ -553,15 +639,28 @@ pub fn gemv_with(
         // (module, bf16 instance, f16 instance); one row has an instance of its own in the
         // 16-byte GEMV (nothing kept for rows that are not there).
         let (module, bf16, f16) = match kernel {
-            DecodeKernel::Words => (&NF4, "nf4_gemv_bf16", "nf4_gemv_f16"),
-            DecodeKernel::Wide if m == 1 => (&NF4, "nf4_gemv32_1_bf16", "nf4_gemv32_1_f16"),
-            DecodeKernel::Wide => (&NF4, "nf4_gemv32_bf16", "nf4_gemv32_f16"),
-            DecodeKernel::Mma => (&NF4_MMA, "nf4_mma_bf16", "nf4_mma_f16"),
-            DecodeKernel::Tiled => (&NF4, "nf4_gemm_small_bf16", "nf4_gemm_small_f16"),
+            DecodeKernel::Words => (&NF4, "nf4_gemv_bf16".into(), "nf4_gemv_f16".into()),
+            DecodeKernel::Wide if m == 1 => (
+                &NF4,
+                "nf4_gemv32_1_bf16".into(),
+                "nf4_gemv32_1_f16".into(),
+            ),
+            DecodeKernel::Wide => (&NF4, "nf4_gemv32_bf16".into(), "nf4_gemv32_f16".into()),
+            DecodeKernel::Mma => (
+                &NF4_MMA,
+                tiling.kernel_name(m, true),
+                tiling.kernel_name(m, false),
+            ),
+            DecodeKernel::Tiled => (
+                &NF4,
+                "nf4_gemm_small_bf16".into(),
+                "nf4_gemm_small_f16".into(),
+            ),
         };
+        let (bf16, f16): (String, String) = (bf16, f16);
         match x.dtype() {
-            DType::BF16 => launch!(module, bf16, half::bf16),
-            DType::F16 => launch!(module, f16, half::f16),
+            DType::BF16 => launch!(module, &bf16, half::bf16),
+            DType::F16 => launch!(module, &f16, half::f16),
             other => Err(Error::Msg(format!(
                 "NF4 GEMV on {other:?} input is not supported"
             ))),

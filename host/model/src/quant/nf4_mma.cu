@@ -25,76 +25,127 @@ __device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
 __device__ __forceinline__ unsigned int pack_f16x2(float lo, float hi) {
   unsigned int d; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
 }
-#define MMA_WARPS 8
-#define MMA_UNROLL 2
-#define MMA_GEMM(NAME, LOAD, STORE, PACK, MMA_TYPE)                                            \
-extern "C" __global__ void NAME(const u8* codes, int n, int k, int bs, int nested,             \
-    const float* absmax, const u8* aq, const float* acode, float offset, int nbs,              \
-    const u16* x, u16* y, int m, const float* lh, const float* lb, float lscale, int lr) {    \
-  LOAD_TABLES                                                                                  \
-  __shared__ float part[MMA_WARPS][16][8];                                                     \
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;                                        \
-  int g = lane >> 2, c = lane & 3;                                                             \
-  long long feature = (long long)blockIdx.x * 8 + g;                                           \
-  const u8* wrow = codes + ((feature * (long long)k) >> 1);                                    \
-  float d[4] = {0.f, 0.f, 0.f, 0.f};                                                           \
-  int chunks = (k + 127) >> 7, lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;                   \
-  for (int ch0 = warp; ch0 < chunks; ch0 += MMA_WARPS * MMA_UNROLL) {                         \
-    uint4 cw[MMA_UNROLL];                                                                      \
-    unsigned int aqv[MMA_UNROLL];                                                              \
-    float am[MMA_UNROLL];                                                                      \
-    _Pragma("unroll") for (int u = 0; u < MMA_UNROLL; ++u) {                                  \
-      int col = ((ch0 + u * MMA_WARPS) << 7) + (c << 5);                                       \
-      cw[u] = make_uint4(0u, 0u, 0u, 0u);                                                      \
-      aqv[u] = 0u;                                                                             \
-      am[u] = 0.f;                                                                             \
-      if (ch0 + u * MMA_WARPS < chunks && col < k) {                                          \
-        cw[u] = __ldcs((const uint4*)(wrow + (col >> 1)));                                     \
-        absmax_fetch((feature * (long long)k + col) >> lbs, absmax, aq, lnbs, &aqv[u], &am[u]); \
-      }                                                                                       \
-    }                                                                                         \
-    _Pragma("unroll") for (int u = 0; u < MMA_UNROLL; ++u) {                                  \
-      if (ch0 + u * MMA_WARPS >= chunks) break;                                                \
-      int col = ((ch0 + u * MMA_WARPS) << 7) + (c << 5);                                       \
-      bool valid = col < k;                                                                    \
-      unsigned int xa[16], xb[16];                                                             \
-      _Pragma("unroll") for (int q = 0; q < 4; ++q) {                                         \
-        uint4 va = make_uint4(0u, 0u, 0u, 0u), vb = va;                                        \
-        if (valid && g < m) va = __ldg((const uint4*)(x + (long long)g * k + col + 8 * q));    \
-        if (valid && g + 8 < m) vb = __ldg((const uint4*)(x + (long long)(g + 8) * k + col + 8 * q)); \
-        xa[4 * q] = va.x; xa[4 * q + 1] = va.y; xa[4 * q + 2] = va.z; xa[4 * q + 3] = va.w;    \
-        xb[4 * q] = vb.x; xb[4 * q + 1] = vb.y; xb[4 * q + 2] = vb.z; xb[4 * q + 3] = vb.w;    \
-      }                                                                                       \
-      float a = absmax_value(aqv[u], am[u], nested, code_s, offset);                          \
-      unsigned int cws[4] = {cw[u].x, cw[u].y, cw[u].z, cw[u].w};                              \
-      float w[8];                                                                              \
-      _Pragma("unroll") for (int s = 0; s < 8; ++s) {                                         \
-        if ((s & 1) == 0) nf4_values8(nf4s, cws[s >> 1], w);                                   \
-        const float* ws = w + 4 * (s & 1);                                                     \
-        unsigned int r0 = PACK(__fmul_rn(ws[0], a), __fmul_rn(ws[1], a));                      \
-        unsigned int r1 = PACK(__fmul_rn(ws[2], a), __fmul_rn(ws[3], a));                      \
-        asm volatile(                                                                          \
-          "mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 "               \
-          "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                  \
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                     \
-          : "r"(xa[2 * s]), "r"(xb[2 * s]), "r"(xa[2 * s + 1]), "r"(xb[2 * s + 1]),            \
-            "r"(r0), "r"(r1));                                                                 \
-      }                                                                                       \
-    }                                                                                         \
-  }                                                                                           \
-  part[warp][g][2 * c] = d[0];                                                                 \
-  part[warp][g][2 * c + 1] = d[1];                                                             \
-  part[warp][g + 8][2 * c] = d[2];                                                             \
-  part[warp][g + 8][2 * c + 1] = d[3];                                                         \
-  __syncthreads();                                                                             \
-  for (int e = threadIdx.x; e < 16 * 8; e += blockDim.x) {                                    \
-    int r = e >> 3, f = e & 7;                                                                 \
-    long long o = (long long)blockIdx.x * 8 + f;                                               \
-    if (r >= m || o >= n) continue;                                                           \
-    float sum = 0.f;                                                                           \
-    _Pragma("unroll") for (int w = 0; w < MMA_WARPS; ++w) sum += part[w][r][f];               \
-    STORE_OUT(LOAD, STORE, r, o, sum)                                                         \
-  }                                                                                           \
+// The kernel is a template over its tiling (`MmaTiling` on the host): WARPS warps a block
+// split a row's 128-column chunks, each issuing UNROLL chunks' loads of codes before using any;
+// a warp computes TILES tiles of 8 features from each A fragment it loads (x is loaded once for
+// 8 * TILES features, not once for 8); HALVES says whether rows 8-15 exist (m > 8), so up to
+// 8 rows never load or hold the A operand's second half. A feature's sum does not depend on
+// TILES or HALVES (the same chunks go to the same warps), only on WARPS and UNROLL.
+template <bool BF16>
+__device__ __forceinline__ void mma_16816(float* d, unsigned int a0, unsigned int a1,
+    unsigned int a2, unsigned int a3, unsigned int b0, unsigned int b1) {
+  if (BF16) {
+    asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
 }
-MMA_GEMM(nf4_mma_bf16, bf16_to_f32, f32_to_bf16, pack_bf16x2, "bf16")
-MMA_GEMM(nf4_mma_f16, f16_to_f32, f32_to_f16, pack_f16x2, "f16")
+
+template <int WARPS, int UNROLL, int TILES, bool HALVES, bool BF16>
+__device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, int nested,
+    const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
+    const u16* x, u16* y, int m, const float* lh, const float* lb, float lscale, int lr) {
+  LOAD_TABLES
+  __shared__ float part[WARPS][16][8 * TILES];
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int g = lane >> 2, c = lane & 3;
+  long long first = (long long)blockIdx.x * 8 * TILES;
+  float d[TILES][4];
+  _Pragma("unroll") for (int t = 0; t < TILES; ++t) d[t][0] = d[t][1] = d[t][2] = d[t][3] = 0.f;
+  int chunks = (k + 127) >> 7, lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;
+  for (int ch0 = warp; ch0 < chunks; ch0 += WARPS * UNROLL) {
+    uint4 cw[UNROLL][TILES];
+    unsigned int aqv[UNROLL][TILES];
+    float am[UNROLL][TILES];
+    _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
+      int col = ((ch0 + u * WARPS) << 7) + (c << 5);
+      _Pragma("unroll") for (int t = 0; t < TILES; ++t) {
+        long long feature = first + 8 * t + g;
+        cw[u][t] = make_uint4(0u, 0u, 0u, 0u);
+        aqv[u][t] = 0u;
+        am[u][t] = 0.f;
+        if (ch0 + u * WARPS < chunks && col < k && feature < n) {
+          long long e = feature * (long long)k + col;
+          cw[u][t] = __ldcs((const uint4*)(codes + (e >> 1)));
+          absmax_fetch(e >> lbs, absmax, aq, lnbs, &aqv[u][t], &am[u][t]);
+        }
+      }
+    }
+    _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
+      if (ch0 + u * WARPS >= chunks) break;
+      int col = ((ch0 + u * WARPS) << 7) + (c << 5);
+      bool valid = col < k;
+      unsigned int xa[16], xb[16];
+      _Pragma("unroll") for (int q = 0; q < 4; ++q) {
+        uint4 va = make_uint4(0u, 0u, 0u, 0u), vb = va;
+        if (valid && g < m) va = __ldg((const uint4*)(x + (long long)g * k + col + 8 * q));
+        if (HALVES && valid && g + 8 < m)
+          vb = __ldg((const uint4*)(x + (long long)(g + 8) * k + col + 8 * q));
+        xa[4 * q] = va.x; xa[4 * q + 1] = va.y; xa[4 * q + 2] = va.z; xa[4 * q + 3] = va.w;
+        xb[4 * q] = vb.x; xb[4 * q + 1] = vb.y; xb[4 * q + 2] = vb.z; xb[4 * q + 3] = vb.w;
+      }
+      _Pragma("unroll") for (int t = 0; t < TILES; ++t) {
+        float a = absmax_value(aqv[u][t], am[u][t], nested, code_s, offset);
+        unsigned int cws[4] = {cw[u][t].x, cw[u][t].y, cw[u][t].z, cw[u][t].w};
+        float w[8];
+        _Pragma("unroll") for (int s = 0; s < 8; ++s) {
+          if ((s & 1) == 0) nf4_values8(nf4s, cws[s >> 1], w);
+          const float* ws = w + 4 * (s & 1);
+          unsigned int r0, r1;
+          if (BF16) {
+            r0 = pack_bf16x2(__fmul_rn(ws[0], a), __fmul_rn(ws[1], a));
+            r1 = pack_bf16x2(__fmul_rn(ws[2], a), __fmul_rn(ws[3], a));
+          } else {
+            r0 = pack_f16x2(__fmul_rn(ws[0], a), __fmul_rn(ws[1], a));
+            r1 = pack_f16x2(__fmul_rn(ws[2], a), __fmul_rn(ws[3], a));
+          }
+          mma_16816<BF16>(d[t], xa[2 * s], HALVES ? xb[2 * s] : 0u, xa[2 * s + 1],
+                          HALVES ? xb[2 * s + 1] : 0u, r0, r1);
+        }
+      }
+    }
+  }
+  _Pragma("unroll") for (int t = 0; t < TILES; ++t) {
+    part[warp][g][8 * t + 2 * c] = d[t][0];
+    part[warp][g][8 * t + 2 * c + 1] = d[t][1];
+    part[warp][g + 8][8 * t + 2 * c] = d[t][2];
+    part[warp][g + 8][8 * t + 2 * c + 1] = d[t][3];
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < 16 * 8 * TILES; e += blockDim.x) {
+    int r = e / (8 * TILES), f = e % (8 * TILES);
+    long long o = first + f;
+    if (r >= m || o >= n) continue;
+    float sum = 0.f;
+    _Pragma("unroll") for (int w = 0; w < WARPS; ++w) sum += part[w][r][f];
+    if (BF16) STORE_OUT(bf16_to_f32, f32_to_bf16, r, o, sum)
+    else STORE_OUT(f16_to_f32, f32_to_f16, r, o, sum)
+  }
+}
+
+// One instance a tiling and 16-bit type, named nf4_mma_{bf16,f16}_w<WARPS>u<UNROLL>t<TILES>h<0|1>
+// (MmaTiling::kernel_name builds the same names).
+#define MMA_INSTANCE(W, U, T, H)                                                               \
+extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_bf16_w##W##u##U##t##T##h##H(    \
+    const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
+    const float* acode, float offset, int nbs, const u16* x, u16* y, int m, const float* lh,   \
+    const float* lb, float lscale, int lr) {                                                   \
+  nf4_mma<W, U, T, (H != 0), true>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs,    \
+                                   x, y, m, lh, lb, lscale, lr);                              \
+}                                                                                             \
+extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_f16_w##W##u##U##t##T##h##H(     \
+    const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
+    const float* acode, float offset, int nbs, const u16* x, u16* y, int m, const float* lh,   \
+    const float* lb, float lscale, int lr) {                                                   \
+  nf4_mma<W, U, T, (H != 0), false>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs,   \
+                                    x, y, m, lh, lb, lscale, lr);                             \
+}
+MMA_TILINGS

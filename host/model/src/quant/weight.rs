@@ -488,6 +488,24 @@ impl Nf4Weight {
         }
     }
 
+    /// [`Self::forward_from_nf4`] with the tensor-core kernel and the `tiling` given, not the
+    /// one decoding picks: how `bench kernels` and the GPU tests compare the tilings.
+    #[cfg(feature = "cuda")]
+    pub fn forward_mma_tiled(
+        &self,
+        x2: &Tensor,
+        tiling: crate::quant::kernels::MmaTiling,
+    ) -> Result<Tensor> {
+        use crate::quant::kernels::{DecodeKernel, gemv_tiled};
+        match &self.inner.on_device {
+            Some(d) => {
+                let n = self.inner.q.shape()[0];
+                gemv_tiled(&d.gpu(&self.inner.q), n, x2, DecodeKernel::Mma, tiling, None)
+            }
+            None => candle_core::bail!("NF4 weight is not on a GPU"),
+        }
+    }
+
     #[cfg(not(feature = "cuda"))]
     fn gemv(&self, _x2: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
