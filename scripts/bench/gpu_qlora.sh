@@ -208,7 +208,8 @@ fi
 #           16-byte loads, ADAPTERLAB_NF4_GEMV=wide), +mma (the tensor-core GEMM for batch 1 and
 #           16, ADAPTERLAB_NF4_GEMV=mma ADAPTERLAB_NF4_SMALL_BATCH=mma), +dequantize or +tiled
 #           (batch 16 through dequantize + cuBLAS or the tiled GEMM), +unfused (decoding
-#           attention on the eager path, ADAPTERLAB_DECODE_ATTENTION=eager); for each build of GEN_SIDES (default
+#           attention on the eager path, ADAPTERLAB_DECODE_ATTENTION=eager), +split (decoding's
+#           head split, rotation and cache writes op by op, ADAPTERLAB_DECODE_ROPE=split); for each build of GEN_SIDES (default
 #           after; "before after" measures a change in one call; other builds than after run
 #           only the variants without +KERNEL)
 if stage generate; then
@@ -224,6 +225,7 @@ if stage generate; then
         *+wide) switches=(ADAPTERLAB_NF4_GEMV=wide) ;;
         *+mma) switches=(ADAPTERLAB_NF4_GEMV=mma ADAPTERLAB_NF4_SMALL_BATCH=mma) ;;
         *+unfused) switches=(ADAPTERLAB_DECODE_ATTENTION=eager) ;;
+        *+split) switches=(ADAPTERLAB_DECODE_ROPE=split) ;;
         *+*) echo "unknown generate variant $variant"; continue ;;
       esac
       # Only the after build knows the kernel switches: other builds run the plain variants.

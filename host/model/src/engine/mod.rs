@@ -57,17 +57,19 @@ pub fn decoding_settings(
         "ADAPTERLAB_DECODE_ATTENTION",
         crate::ops::decode_attention::setting()?,
     );
+    let rope = ("ADAPTERLAB_DECODE_ROPE", crate::ops::rope_append::setting()?);
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         let (gemv, small) = crate::quant::kernels::decode_settings()?;
         return Ok(vec![
             attention,
+            rope,
             ("ADAPTERLAB_NF4_GEMV", gemv),
             ("ADAPTERLAB_NF4_SMALL_BATCH", small),
         ]);
     }
     let _ = device;
-    Ok(vec![attention])
+    Ok(vec![attention, rope])
 }
 
 /// The alias of the default model.

@@ -28,9 +28,9 @@ pub struct KvCache {
 
 #[derive(Debug)]
 struct LayerCache {
-    /// `[batch, kv_heads, capacity, head_dim]`, the first `len` positions written.
-    k: Tensor,
-    v: Tensor,
+    /// `[2, batch, kv_heads, capacity, head_dim]`, keys then values, the first `len` positions
+    /// written: one buffer, so one kernel can write both in place (`ops::rope_append`).
+    kv: Tensor,
     len: usize,
 }
 
@@ -68,39 +68,75 @@ impl KvCache {
 
     /// Appends this step's keys and values for `layer`, returning all of them.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        if layer >= self.layers.len() {
+        let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
+        if v.dims() != k.dims() || v.dtype() != k.dtype() {
             candle_core::bail!(
-                "kv cache has {} layers, asked for layer {layer}",
-                self.layers.len()
+                "kv cache: keys {:?} {:?} and values {:?} {:?} differ",
+                k.dims(),
+                k.dtype(),
+                v.dims(),
+                v.dtype()
             );
         }
-        let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
-        let (new, room) = (k.dim(2)?, self.room);
-        let slot = &mut self.layers[layer];
+        let (buffer, len) = self.reserve(layer, k.dims4()?, k.dtype(), k.device())?;
+        buffer.slice_set(&Tensor::stack(&[&k, &v], 0)?, 3, len)?;
+        self.advance(layer, k.dim(2)?)
+    }
+
+    /// The buffer of `layer` (`[2, batch, kv_heads, capacity, head_dim]`, made or grown to fit
+    /// `new` more positions of `[batch, kv_heads, new, head_dim]`) and the positions it holds,
+    /// for a writer that then calls [`Self::advance`].
+    pub(crate) fn reserve(
+        &mut self,
+        layer: usize,
+        (b, h, new, d): (usize, usize, usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, usize)> {
+        let room = self.room;
+        let slot = self.slot(layer)?;
         let len = slot.as_ref().map_or(0, |l| l.len);
-        let fits = slot.as_ref().is_some_and(|l| l.len + new <= l.k.dims()[2]);
-        if !fits {
-            let grown = |x: &Tensor, old: Option<&Tensor>| -> Result<Tensor> {
-                let (b, h, _, d) = x.dims4()?;
-                let cap = len + new + room;
-                let buf = Tensor::zeros((b, h, cap, d), x.dtype(), x.device())?;
-                if let Some(old) = old {
-                    buf.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-                }
-                Ok(buf)
-            };
-            let old = slot.take();
-            *slot = Some(LayerCache {
-                k: grown(&k, old.as_ref().map(|l| &l.k))?,
-                v: grown(&v, old.as_ref().map(|l| &l.v))?,
-                len,
-            });
+        if let Some(l) = slot.as_ref()
+            && l.kv.dims()[..3] != [2, b, h][..]
+        {
+            candle_core::bail!(
+                "kv cache: layer {layer} holds {:?}, given [{b}, {h}, {new}, {d}]",
+                l.kv.dims()
+            );
         }
-        let l = slot.as_mut().expect("made above");
-        l.k.slice_set(&k, 2, l.len)?;
-        l.v.slice_set(&v, 2, l.len)?;
+        let fits = slot.as_ref().is_some_and(|l| l.len + new <= l.kv.dims()[3]);
+        if !fits {
+            let buffer = Tensor::zeros((2, b, h, len + new + room, d), dtype, device)?;
+            if let Some(old) = slot.take() {
+                buffer.slice_set(&old.kv.narrow(3, 0, len)?.contiguous()?, 3, 0)?;
+            }
+            *slot = Some(LayerCache { kv: buffer, len });
+        }
+        let l = slot.as_ref().expect("made above");
+        Ok((l.kv.clone(), l.len))
+    }
+
+    /// Counts `new` positions written into `layer`'s buffer after [`Self::reserve`], returning
+    /// all its keys and values.
+    pub(crate) fn advance(&mut self, layer: usize, new: usize) -> Result<(Tensor, Tensor)> {
+        let Some(l) = self.slot(layer)?.as_mut() else {
+            candle_core::bail!("kv cache: layer {layer} advanced before it was reserved");
+        };
+        if l.len + new > l.kv.dims()[3] {
+            candle_core::bail!("kv cache: layer {layer} advanced past its capacity");
+        }
         l.len += new;
-        Ok((l.k.narrow(2, 0, l.len)?, l.v.narrow(2, 0, l.len)?))
+        let all = l.kv.narrow(3, 0, l.len)?;
+        Ok((all.get(0)?, all.get(1)?))
+    }
+
+    fn slot(&mut self, layer: usize) -> Result<&mut Option<LayerCache>> {
+        let layers = self.layers.len();
+        self.layers.get_mut(layer).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "kv cache has {layers} layers, asked for layer {layer}"
+            ))
+        })
     }
 }
 

@@ -1,5 +1,5 @@
 //! Numeric operations with hand-written backward passes or CUDA kernels: attention (KV cache,
-//! masks, rotary, ALiBi), the masked softmax, GELU, seeded dropout, cross-entropy, and the
+//! masks, rotary, ALiBi, decoding's fused head split), the masked softmax, GELU, seeded dropout, cross-entropy, and the
 //! machinery they share (the handover of a backward pass to candle, profiling, the speed switches read from the
 //! environment).
 
@@ -14,6 +14,7 @@ pub(crate) mod handover;
 #[cfg(feature = "cuda")]
 pub mod kernels;
 pub mod profile;
+pub mod rope_append;
 pub mod softmax;
 pub mod switch;
 
@@ -24,6 +25,10 @@ pub fn kernel_modules() -> Vec<&'static kernels::CudaModule> {
     kernels::modules()
         .into_iter()
         .chain(flash::cuda_modules())
-        .chain([decode_attention::cuda_module(), argmax::cuda_module()])
+        .chain([
+            decode_attention::cuda_module(),
+            argmax::cuda_module(),
+            rope_append::cuda_module(),
+        ])
         .collect()
 }

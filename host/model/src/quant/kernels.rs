@@ -24,7 +24,9 @@ pub const MMA_MAX_ROWS: usize = 16;
 /// How the tensor-core kernel (`nf4_mma.cu`) splits its work: `warps` warps a block split a
 /// row's 128-column chunks, each warp issuing `unroll` chunks' loads of codes before it uses
 /// any, and computing `tiles` tiles of 8 features from each fragment of x it loads. A feature's
-/// sum depends on `warps` and `unroll` (which warp adds which chunks), never on `tiles`.
+/// sum depends on `warps` alone: warp w adds chunks w, w + warps, w + 2 warps ... in that order
+/// whatever `unroll` and `tiles` are, so tilings of 8 warps give the bits of the kernel before
+/// it had tilings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaTiling {
     pub warps: u32,
@@ -47,16 +49,24 @@ impl MmaTiling {
         MmaTiling::new(8, 2, 1),
         MmaTiling::new(8, 4, 1),
         MmaTiling::new(4, 4, 1),
-        MmaTiling::new(16, 2, 1),
         MmaTiling::new(8, 2, 2),
-        MmaTiling::new(8, 2, 4),
+        MmaTiling::new(8, 1, 2),
+        MmaTiling::new(8, 4, 2),
+        MmaTiling::new(4, 2, 2),
         MmaTiling::new(8, 1, 4),
-        MmaTiling::new(4, 2, 4),
     ];
 
-    /// The tiling decoding uses for `m` rows.
-    pub fn for_rows(_m: usize) -> Self {
-        MmaTiling::new(8, 2, 1)
+    /// The tiling decoding uses for `m` rows. Measured on an H100 on 2026-12-06 (BENCHMARKS.md,
+    /// `bench kernels` at Falcon-7B's four linear shapes), against the kernel's first form
+    /// (`w8u2t1`): at one row `w8u4t1` took 108.8 µs a layer against 111.1; at 16 rows
+    /// `w8u2t2` took 158.7 against 203.7 (x loaded once for 16 features instead of 8; four
+    /// tiles held more registers and were slower).
+    pub fn for_rows(m: usize) -> Self {
+        if m <= 8 {
+            MmaTiling::new(8, 4, 1)
+        } else {
+            MmaTiling::new(8, 2, 2)
+        }
     }
 
     /// How reports name it: `w8u2t1`.

@@ -9,9 +9,8 @@
 // x and W agree: lane (g, c) (g = lane / 4, c = lane % 4) takes columns 32c .. 32c + 31 of a
 // 128-column chunk, one 16-byte load of codes for feature g (one absmax block, as the 32-column
 // GEMV), and step s of the chunk's 8 mma steps gives its k slots {2c, 2c + 1, 2c + 8, 2c + 9}
-// columns 32c + 4s + {0, 1, 2, 3}. A block's MMA_WARPS warps split the chunks of the same 8
-// features (each issuing MMA_UNROLL chunks' loads of codes before using them) and add their
-// partial sums through shared memory. The caller guarantees k % 32 == 0, a blocksize that is
+// columns 32c + 4s + {0, 1, 2, 3}. A block's warps split the chunks of the same features (see
+// the tiling below) and add their partial sums through shared memory. The caller guarantees k % 32 == 0, a blocksize that is
 // a power of two of at least 32, a nested blocksize (nbs, 1 without nesting) that is a power of
 // two, n % 8 == 0 and x contiguous from a 16-byte boundary. The weights are dequantized as
 // nf4_values8 reads them, the absmax loads issued with the codes' (absmax_fetch), and each pair
@@ -29,8 +28,9 @@ __device__ __forceinline__ unsigned int pack_f16x2(float lo, float hi) {
 // split a row's 128-column chunks, each issuing UNROLL chunks' loads of codes before using any;
 // a warp computes TILES tiles of 8 features from each A fragment it loads (x is loaded once for
 // 8 * TILES features, not once for 8); HALVES says whether rows 8-15 exist (m > 8), so up to
-// 8 rows never load or hold the A operand's second half. A feature's sum does not depend on
-// TILES or HALVES (the same chunks go to the same warps), only on WARPS and UNROLL.
+// 8 rows never load or hold the A operand's second half. A feature's sum depends on WARPS alone:
+// warp w adds chunks w, w + WARPS, w + 2 WARPS ... in that order whatever UNROLL, TILES and
+// HALVES are.
 template <bool BF16>
 __device__ __forceinline__ void mma_16816(float* d, unsigned int a0, unsigned int a1,
     unsigned int a2, unsigned int a3, unsigned int b0, unsigned int b1) {

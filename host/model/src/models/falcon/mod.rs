@@ -16,6 +16,7 @@ use crate::ops::attention::{
     AttentionContext, AttentionKernel, KvCache, Rotary, alibi_bias, attend_in,
 };
 use crate::ops::profile;
+use crate::ops::rope_append::{QkvGroups, split_rotate_append};
 use config::FalconConfig;
 
 /// How `query_key_value`'s output is laid out.
@@ -75,6 +76,21 @@ impl FalconAttention {
         })
     }
 
+    /// How `query_key_value`'s output holds the heads, as [`split_rotate_append`] reads it.
+    fn groups(&self) -> QkvGroups {
+        let (n, kv, d) = (self.num_heads, self.kv_heads, self.head_dim);
+        let (kv_heads, q_per_kv) = match self.layout {
+            QkvLayout::PerHead => (n, 1),
+            QkvLayout::MultiQuery => (1, n),
+            QkvLayout::Grouped => (kv, n / kv),
+        };
+        QkvGroups {
+            kv_heads,
+            q_per_kv,
+            head_dim: d,
+        }
+    }
+
     /// `[b, s, qkv]` → q `[b, heads, s, d]`, k and v `[b, kv_heads, s, d]`.
     fn split_heads(&self, fused: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = fused.dims3()?;
@@ -120,22 +136,42 @@ impl FalconAttention {
         let (b, s, _) = x.dims3()?;
         let dev = x.device();
         let fused = profile::scope("attn.qkv", dev, || self.query_key_value.forward(x))?;
-        let (q, k, v) = profile::scope("attn.rope", dev, || {
-            let (q, k, v) = self.split_heads(&fused)?;
-            Ok(match (&self.rotary, rope) {
-                (Some(_), Some((cos, sin))) => (
-                    Rotary::apply(&q, cos, sin)?,
-                    Rotary::apply(&k, cos, sin)?,
-                    v,
-                ),
-                _ => (q, k, v),
-            })
-        })?;
+        let rope = match (&self.rotary, rope) {
+            (Some(_), Some((cos, sin))) => Some((cos, sin)),
+            _ => None,
+        };
+        // Decoding splits, rotates and caches in one kernel where it can.
+        let mut cache = cache;
+        let done = match cache.as_mut() {
+            Some(c) => profile::scope("attn.rope", dev, || {
+                split_rotate_append(c, self.layer_idx, &fused, self.groups(), rope)
+            })?,
+            None => None,
+        };
+        let (q, k, v) = match done {
+            Some(qkv) => qkv,
+            None => {
+                let (q, k, v) = profile::scope("attn.rope", dev, || {
+                    let (q, k, v) = self.split_heads(&fused)?;
+                    Ok(match rope {
+                        Some((cos, sin)) => {
+                            (Rotary::apply(&q, cos, sin)?, Rotary::apply(&k, cos, sin)?, v)
+                        }
+                        None => (q, k, v),
+                    })
+                })?;
+                match cache {
+                    Some(c) => {
+                        let (k, v) = profile::scope("attn.core", dev, || {
+                            c.append(self.layer_idx, &k, &v)
+                        })?;
+                        (q, k, v)
+                    }
+                    None => (q, k, v),
+                }
+            }
+        };
         let out = profile::scope("attn.core", dev, || {
-            let (k, v) = match cache {
-                Some(c) => c.append(self.layer_idx, &k, &v)?,
-                None => (k, v),
-            };
             let scale = 1.0 / (self.head_dim as f64).sqrt();
             let out = attend_in(ctx, &q, &k, &v, scale, alibi)?;
             out.transpose(1, 2)?
