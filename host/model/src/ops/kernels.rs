@@ -75,6 +75,25 @@ impl CudaModule {
     }
 }
 
+/// Whether `device` is a GPU of compute capability 8.0 or later, where the modules compiled
+/// `for_arch("compute_80")` load. Asked of the driver once a process: decoding asks per layer
+/// and token, and a process runs on one kind of card.
+pub fn sm80_or_later(device: &Device) -> Result<bool> {
+    static CAPABLE: OnceLock<bool> = OnceLock::new();
+    if let Some(&capable) = CAPABLE.get() {
+        return Ok(capable);
+    }
+    let Device::Cuda(d) = device else {
+        return Ok(false);
+    };
+    let (major, _) = d
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .map_err(Error::wrap)?;
+    Ok(*CAPABLE.get_or_init(|| major >= 8))
+}
+
 /// No host-side `#define`s.
 pub fn no_defines() -> String {
     String::new()

@@ -2,11 +2,18 @@
 // written into the KV cache, for decoding (ops/rope_append.rs): what the head split's copies,
 // two `rope` launches and two cache writes did, in one launch. A thread takes one pair
 // (i, i + d/2) of one head of one token. The fused row holds `kvh` groups of `r` query heads, a
-// key head and a value head (Falcon's three layouts). The rotation rounds as candle's 16-bit
-// `rope` kernel does, each product and each sum to the 16-bit type: the product of two 16-bit
-// values is exact in f32 and an f32 sum of two is exact or rounds innocuously (24 >= 2 * 11 +
-// 2 bits), so rounding each f32 result once gives the 16-bit operation's bits.
-#define ROPE_APPEND(NAME, LOAD, STORE)                                                         \
+// key head and a value head (Falcon's three layouts).
+// The rotation has the bits of candle's 16-bit `rope` kernel as it runs on sm_90: its PTX
+// multiplies and subtracts with unrounded `mul.bf16`/`sub.bf16`, which ptxas contracts (SASS:
+// one HMUL2, then HFMA2) into x1 c - rnd(x2 s) and x1 s + rnd(x2 c), each rounded once. The
+// same FMAs here, issued explicitly (fma.rn.bf16 needs sm_80; the module is compiled for it).
+__device__ __forceinline__ u16 fma16(u16 a, u16 b, u16 c, bool bf16) {
+  u16 d;
+  if (bf16) asm("fma.rn.bf16 %0, %1, %2, %3;" : "=h"(d) : "h"(a), "h"(b), "h"(c));
+  else asm("fma.rn.f16 %0, %1, %2, %3;" : "=h"(d) : "h"(a), "h"(b), "h"(c));
+  return d;
+}
+#define ROPE_APPEND(NAME, BF16)                                                                \
 extern "C" __global__ void NAME(const u16* fused, const u16* cosv, const u16* sinv, int rope, \
     u16* q, u16* kv, int b, int s, int kvh, int r, int d, long long cap, long long len,       \
     long long vplane) {                                                                       \
@@ -23,10 +30,10 @@ extern "C" __global__ void NAME(const u16* fused, const u16* cosv, const u16* si
   int grp = slot / (r + 2), j = slot % (r + 2);                                                \
   u16 o1 = src[i], o2 = src[i + half];                                                         \
   if (rope && j <= r) {                                                                       \
-    float x1 = LOAD(o1), x2 = LOAD(o2);                                                        \
-    float c = LOAD(cosv[token * half + i]), sn = LOAD(sinv[token * half + i]);                 \
-    o1 = STORE(__fsub_rn(LOAD(STORE(__fmul_rn(x1, c))), LOAD(STORE(__fmul_rn(x2, sn)))));     \
-    o2 = STORE(__fadd_rn(LOAD(STORE(__fmul_rn(x1, sn))), LOAD(STORE(__fmul_rn(x2, c)))));     \
+    u16 x1 = o1, x2 = o2, c = cosv[token * half + i], sn = sinv[token * half + i];             \
+    const u16 neg_zero = 0x8000;                                                               \
+    o1 = fma16(x1, c, fma16(x2, sn, neg_zero, BF16) ^ 0x8000, BF16);                           \
+    o2 = fma16(x1, sn, fma16(x2, c, neg_zero, BF16), BF16);                                    \
   }                                                                                           \
   u16* dst;                                                                                    \
   if (j < r) {                                                                                \
@@ -37,5 +44,5 @@ extern "C" __global__ void NAME(const u16* fused, const u16* cosv, const u16* si
   dst[i] = o1;                                                                                 \
   dst[i + half] = o2;                                                                          \
 }
-ROPE_APPEND(rope_append_bf16, bf16_to_f32, f32_to_bf16)
-ROPE_APPEND(rope_append_f16, f16_to_f32, f32_to_f16)
+ROPE_APPEND(rope_append_bf16, true)
+ROPE_APPEND(rope_append_f16, false)

@@ -2,8 +2,9 @@
 //! query_key_value output split into heads, the query and key heads rotated, the queries
 //! written out and the keys and values appended to the KV cache. Op by op that is the head
 //! split's copies, a `rope` launch for q and one for k and a cache write for k and one for v
-//! ([`crate::ops::attention::Rotary::apply`], [`KvCache::append`]); the kernel rounds as they
-//! do, and the golden test `rope_append_kernel_equals_the_op_by_op_path` holds it to their bits.
+//! ([`crate::ops::attention::Rotary::apply`], [`KvCache::append`]); the kernel rounds as
+//! candle's `rope` does on sm_90 (see `rope_append.cu`), and the golden test
+//! `rope_append_kernel_equals_the_op_by_op_path` holds it to the op-by-op path's bits.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -46,8 +47,8 @@ pub fn setting() -> Result<&'static str> {
 /// `layer`'s keys and values after this step's are appended to `cache`, as
 /// [`KvCache::append`] returns them; q and k rotated by `rope` (`(cos, sin)`, each `[b, s,
 /// d / 2]`, as [`crate::ops::attention::Rotary::cos_sin`] makes them) where given. `None` where
-/// the kernel does not apply (the CPU, 32-bit types, a graph wanted, `ADAPTERLAB_DECODE_ROPE=
-/// split`): the caller then takes the op-by-op path.
+/// the kernel does not apply (the CPU, 32-bit types, a graph wanted, a card before sm_80,
+/// `ADAPTERLAB_DECODE_ROPE=split`): the caller then takes the op-by-op path.
 pub fn split_rotate_append(
     cache: &mut KvCache,
     layer: usize,
@@ -72,6 +73,10 @@ pub fn split_rotate_append(
     }
     #[cfg(feature = "cuda")]
     {
+        // Its FMAs need sm_80 (see rope_append.cu).
+        if !crate::ops::kernels::sm80_or_later(fused.device())? {
+            return Ok(None);
+        }
         cuda::run(cache, layer, fused, groups, rope, (b, s)).map(Some)
     }
     #[cfg(not(feature = "cuda"))]
@@ -95,7 +100,8 @@ mod cuda {
         "adapterlab_rope_append",
         include_str!("rope_append.cu"),
         no_defines,
-    );
+    )
+    .for_arch("compute_80");
 
     pub fn run(
         cache: &mut KvCache,

@@ -228,23 +228,9 @@ impl DecodeKernel {
     }
 }
 
-/// Whether `device` runs the tensor-core kernel (compute capability 8.0 or later: its module is
-/// compiled for `compute_80`). Asked of the driver once a process: decoding asks per linear and
-/// token, and a process decodes on one kind of card.
+/// Whether `device` runs the tensor-core kernel (its module is compiled for `compute_80`).
 pub fn runs_mma(device: &candle_core::Device) -> Result<bool> {
-    static CAPABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if let Some(&capable) = CAPABLE.get() {
-        return Ok(capable);
-    }
-    let candle_core::Device::Cuda(d) = device else {
-        return Ok(false);
-    };
-    let (major, _) = d
-        .cuda_stream()
-        .context()
-        .compute_capability()
-        .map_err(Error::wrap)?;
-    Ok(*CAPABLE.get_or_init(|| major >= 8))
+    crate::ops::kernels::sm80_or_later(device)
 }
 
 /// The `ADAPTERLAB_NF4_GEMV` and `ADAPTERLAB_NF4_SMALL_BATCH` in force, as the names they take,
