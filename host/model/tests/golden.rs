@@ -1454,7 +1454,9 @@ fn adamw_kernel_equals_the_op_by_op_update() {
 }
 
 /// The fused unmerged-LoRA kernels of inference against PEFT's op-by-op math on the CPU
-/// (`(y in f32 + (x A^T)(B * scaling)^T)` rounded once to bf16).
+/// (`(y in f32 + (x A^T)(B * scaling)^T)` rounded once to bf16): a few rows (`h` from
+/// `lora_h`) and a prefill's many (`h` from cuBLAS; rows past one block of `lora_out`), ranks
+/// with an instance of their own and one without, columns that do not fill a block.
 #[cfg(feature = "cuda")]
 #[cfg_attr(
     not(feature = "cuda"),
@@ -1470,31 +1472,37 @@ fn lora_inference_kernels_equal_the_op_by_op_path() {
         return;
     }
     let cpu = Device::Cpu;
-    let (m, k, n, r, scaling) = (5, 300, 70, 16, 2.0);
-    let mk = |len: usize, f: f32, shape: (usize, usize)| {
-        let v: Vec<f32> = (0..len).map(|i| (i as f32 * f).sin()).collect();
-        Tensor::from_vec(v, shape, &cpu).unwrap()
-    };
-    let x = mk(m * k, 0.37, (m, k)).to_dtype(DType::BF16).unwrap();
-    let y = mk(m * n, 0.11, (m, n)).to_dtype(DType::BF16).unwrap();
-    let a = (mk(r * k, 0.53, (r, k)) * 0.1).unwrap();
-    let b = (mk(n * r, 0.71, (n, r)) * 0.1).unwrap();
-    let h = x
-        .to_dtype(DType::F32)
-        .unwrap()
-        .matmul(&a.t().unwrap())
-        .unwrap();
-    let d = h.matmul(&(&b * scaling).unwrap().t().unwrap()).unwrap();
-    let want = (y.to_dtype(DType::F32).unwrap() + d)
-        .unwrap()
-        .to_dtype(DType::BF16)
-        .unwrap();
-    let on = |t: &Tensor| t.to_device(&dev).unwrap();
-    let got = lora_inference(&on(&y), &on(&x), &on(&a), &on(&b), scaling).unwrap();
-    // Summation order differs from the CPU's; a sum on a rounding boundary may land on the
-    // neighbouring bf16 value.
-    let err = relative_diff(&host_f32s(&want), &host_f32s(&got));
-    assert!(err < 1e-2, "relative error {err}");
+    for (m, k, n, r, scaling) in [
+        (5, 300, 70, 16, 2.0),
+        (200, 320, 300, 16, 2.0),
+        (65, 64, 257, 5, 0.5),
+        (33, 128, 40, 8, 1.0),
+    ] {
+        let mk = |len: usize, f: f32, shape: (usize, usize)| {
+            let v: Vec<f32> = (0..len).map(|i| (i as f32 * f).sin()).collect();
+            Tensor::from_vec(v, shape, &cpu).unwrap()
+        };
+        let x = mk(m * k, 0.37, (m, k)).to_dtype(DType::BF16).unwrap();
+        let y = mk(m * n, 0.11, (m, n)).to_dtype(DType::BF16).unwrap();
+        let a = (mk(r * k, 0.53, (r, k)) * 0.1).unwrap();
+        let b = (mk(n * r, 0.71, (n, r)) * 0.1).unwrap();
+        let h = x
+            .to_dtype(DType::F32)
+            .unwrap()
+            .matmul(&a.t().unwrap())
+            .unwrap();
+        let d = h.matmul(&(&b * scaling).unwrap().t().unwrap()).unwrap();
+        let want = (y.to_dtype(DType::F32).unwrap() + d)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let on = |t: &Tensor| t.to_device(&dev).unwrap();
+        let got = lora_inference(&on(&y), &on(&x), &on(&a), &on(&b), scaling).unwrap();
+        // Summation order differs from the CPU's; a sum on a rounding boundary may land on the
+        // neighbouring bf16 value.
+        let err = relative_diff(&host_f32s(&want), &host_f32s(&got));
+        assert!(err < 1e-2, "{m} rows, rank {r}: relative error {err}");
+    }
 }
 
 /// GELU's backward kernel against the CPU path.

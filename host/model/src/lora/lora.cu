@@ -3,11 +3,10 @@
 // __fmul_rn/__fadd_rn intrinsics keep NVRTC from fusing a multiply and an add into an FMA,
 // which would round differently from the CPU path.
 
-// An unmerged LoRA adapter at inference on a few rows (crate::lora::LoraLayer::add_to):
-// h = x A^T (one block of 1024 threads per row and rank, f32: at batch 1 there are only 16
-// blocks, so each must cover its row in few rounds of loads: 16-byte loads, 8 columns a
-// thread, where the rows are 16-byte aligned), then y + (h (B * scaling)^T), summed in f32 and rounded once, as
-// PEFT computes it with f32 adapter weights.
+// An unmerged LoRA adapter at inference (crate::lora::LoraLayer::add_to): h = x A^T, on a few
+// rows with lora_h (one block of 1024 threads per row and rank, f32: at batch 1 there are only
+// 16 blocks, so each must cover its row in few rounds of loads: 16-byte loads, 8 columns a
+// thread, where the rows are 16-byte aligned), on more with cuBLAS; then lora_out.
 #define LORA_H(NAME, LOAD)                                                                     \
 extern "C" __global__ void NAME(const u16* x, const float* a, float* h, int k, int r) {       \
   __shared__ float red[32];                                                                    \
@@ -34,20 +33,57 @@ extern "C" __global__ void NAME(const u16* x, const float* a, float* h, int k, i
   acc = block_reduce(acc, red, 0);                                                             \
   if (threadIdx.x == 0) h[blockIdx.x] = acc;                                                   \
 }
-#define LORA_OUT(NAME, LOAD, STORE)                                                            \
-extern "C" __global__ void NAME(const u16* y, const float* h, const float* b, float scaling,  \
-    u16* out, int n, int r, long long total) {                                                \
-  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;                              \
-  if (i >= total) return;                                                                      \
-  long long row = i / n;                                                                       \
-  int col = (int)(i - row * n);                                                                \
-  const float* hr = h + row * r;                                                               \
-  const float* br = b + (long long)col * r;                                                    \
-  float d = 0.f;                                                                               \
-  for (int j = 0; j < r; ++j) d += hr[j] * __fmul_rn(br[j], scaling);                          \
-  out[i] = STORE(__fadd_rn(LOAD(y[i]), d));                                                    \
+// out = y + h (B * scaling)^T, summed in f32 and rounded once, as PEFT computes it with f32
+// adapter weights. A thread takes one column (its row of B * scaling held in registers) down
+// LORA_OUT_ROWS rows, reading each row's h (the same address across the block: one broadcast
+// load), so a prefill of thousands of rows reads y once and writes out once; the [m, n] f32
+// products and sums the op-by-op version stored (three times y's size) are never made. R is
+// the rank where an instance has it, 0 for any (read from global memory instead).
+#define LORA_OUT_ROWS 32
+template <int R>
+__device__ __forceinline__ float lora_delta(const float* hr, const float* bs_reg,
+    const float* br, float scaling, int r) {
+  float d = 0.f;
+  if (R > 0) {
+    _Pragma("unroll") for (int j = 0; j < R; ++j) d += hr[j] * bs_reg[j];
+  } else {
+    for (int j = 0; j < r; ++j) d += hr[j] * __fmul_rn(br[j], scaling);
+  }
+  return d;
 }
+template <int R, bool BF16>
+__device__ __forceinline__ void lora_out(const u16* y, const float* h, const float* b,
+    float scaling, u16* out, int n, int r, int m) {
+  int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= n) return;
+  const float* br = b + (long long)col * r;
+  float bs[R > 0 ? R : 1];
+  if (R > 0) {
+    _Pragma("unroll") for (int j = 0; j < R; ++j) bs[j] = __fmul_rn(br[j], scaling);
+  }
+  int row0 = blockIdx.y * LORA_OUT_ROWS;
+  int rows = min(LORA_OUT_ROWS, m - row0);
+  for (int i = 0; i < rows; ++i) {
+    long long row = row0 + i;
+    float d = lora_delta<R>(h + row * r, bs, br, scaling, r);
+    long long e = row * n + col;
+    if (BF16) out[e] = f32_to_bf16(__fadd_rn(bf16_to_f32(y[e]), d));
+    else out[e] = f32_to_f16(__fadd_rn(f16_to_f32(y[e]), d));
+  }
+}
+#define LORA_OUT(R)                                                                            \
+extern "C" __global__ void lora_out_bf16_r##R(const u16* y, const float* h, const float* b,   \
+    float scaling, u16* out, int n, int r, int m) {                                           \
+  lora_out<R, true>(y, h, b, scaling, out, n, r, m);                                           \
+}                                                                                             \
+extern "C" __global__ void lora_out_f16_r##R(const u16* y, const float* h, const float* b,    \
+    float scaling, u16* out, int n, int r, int m) {                                           \
+  lora_out<R, false>(y, h, b, scaling, out, n, r, m);                                          \
+}
+LORA_OUT(0)
+LORA_OUT(8)
+LORA_OUT(16)
+LORA_OUT(32)
+LORA_OUT(64)
 LORA_H(lora_h_bf16, bf16_to_f32)
 LORA_H(lora_h_f16, f16_to_f32)
-LORA_OUT(lora_out_bf16, bf16_to_f32, f32_to_bf16)
-LORA_OUT(lora_out_f16, f16_to_f32, f32_to_f16)

@@ -397,18 +397,16 @@ impl LoraLayer {
             && self.b.dtype() == DType::F32
     }
 
-    /// `y + delta_y(x)` at inference on a few rows on the GPU, in two kernels (the op-by-op
-    /// version launched eight per layer per token, most of unmerged decoding's time); `None`
-    /// where it does not apply (training, a graph, the CPU, 32-bit inputs, many rows).
+    /// `y + delta_y(x)` at inference on the GPU, in two kernels (the op-by-op version launched
+    /// eight per layer per token, most of unmerged decoding's time, and in a prefill wrote f32
+    /// temporaries three times the output's size); `None` where it does not apply (training, a
+    /// graph, the CPU, 32-bit inputs).
     pub fn add_to(&self, y: &Tensor, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
         #[cfg(feature = "cuda")]
         {
             let k = x.dim(candle_core::D::Minus1)?;
             let rows = x.elem_count() / k.max(1);
-            let fits = self.inference_kernels_take(x, train)
-                && y.dtype() == x.dtype()
-                && rows <= crate::lora::kernels::LORA_INFERENCE_MAX_ROWS;
-            if fits {
+            if self.inference_kernels_take(x, train) && y.dtype() == x.dtype() {
                 let n = y.dim(candle_core::D::Minus1)?;
                 let out = crate::lora::kernels::lora_inference(
                     &y.contiguous()?.reshape((rows, n))?,

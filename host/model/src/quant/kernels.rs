@@ -57,15 +57,16 @@ impl MmaTiling {
     ];
 
     /// The tiling decoding uses for `m` rows. Measured on an H100 on 2026-12-06 (BENCHMARKS.md,
-    /// `bench kernels` at Falcon-7B's four linear shapes), against the kernel's first form
-    /// (`w8u2t1`): at one row `w8u4t1` took 108.8 µs a layer against 111.1; at 16 rows
+    /// `bench kernels` at Falcon-7B's four linear shapes, µs a layer), against the kernel's
+    /// first form (`w8u2t1`): at one row `w8u4t1` took 108.8 against 111.1; at 16 rows
     /// `w8u2t2` took 158.7 against 203.7 (x loaded once for 16 features instead of 8; four
-    /// tiles held more registers and were slower).
+    /// tiles held more registers and were slower), and in the next call `w8u1t2` 154.5 against
+    /// `w8u2t2`'s 159.4.
     pub fn for_rows(m: usize) -> Self {
         if m <= 8 {
             MmaTiling::new(8, 4, 1)
         } else {
-            MmaTiling::new(8, 2, 2)
+            MmaTiling::new(8, 1, 2)
         }
     }
 
