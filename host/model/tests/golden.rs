@@ -671,6 +671,49 @@ fn rope_append_kernel_equals_the_op_by_op_path() {
     eprintln!("rope_append: {cases} cases bit-equal");
 }
 
+/// A parallel layer's residual in one kernel (`ops::residual::add3`) against candle's two
+/// adds on the GPU, bit for bit, in bf16 and f16, on values whose sums round (wide magnitude
+/// ranges, cancellation, overflow to inf in f16).
+#[cfg(feature = "cuda")]
+#[test]
+fn residual_kernel_equals_two_adds() {
+    use adapterlab_model::ops::residual::add3;
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let n = 3 * 4544 + 7;
+    let mk = |seed: f32, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let t = i as f32 * seed;
+                t.sin() * scale * (1.0 + (t * 0.1).cos().abs() * 1e4f32.powf(t.cos()))
+            })
+            .collect()
+    };
+    for dtype in [DType::BF16, DType::F16] {
+        let on = |v: Vec<f32>| {
+            Tensor::from_vec(v, n, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap()
+        };
+        let (x, a, b) = (on(mk(0.37, 1.0)), on(mk(0.11, 3.0)), on(mk(0.73, 0.5)));
+        let fused = add3(&x, &a, &b).unwrap();
+        let plain = (&x + (&a + &b).unwrap()).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            host_f32s(t).iter().map(|v| v.to_bits()).collect()
+        };
+        let (f, p) = (bits(&fused), bits(&plain));
+        let differ = f.iter().zip(&p).filter(|(a, b)| a != b).count();
+        assert_eq!(differ, 0, "{dtype:?}: {differ} of {n} sums differ from two adds");
+    }
+}
+
 /// Greedy decoding's choice on the GPU (`ops::argmax::rows`, one kernel) against its host twin
 /// (`ops::argmax::first_max`), id for id: rows of Falcon's vocabulary and odd lengths, ties
 /// (the first wins), -inf everywhere, and NaNs (skipped, but a NaN first element wins).

@@ -52,18 +52,21 @@ pub fn lora_inference(
             b.dims()
         )));
     }
-    let h = if m <= LORA_H_MAX_ROWS {
-        lora_h(x, a)?
-    } else {
-        x.to_dtype(DType::F32)?.matmul(&a.t()?)?.contiguous()?
-    };
+    let h = crate::ops::profile::scope("lora.h", x.device(), || {
+        if m <= LORA_H_MAX_ROWS {
+            lora_h(x, a)
+        } else {
+            x.to_dtype(DType::F32)?.matmul(&a.t()?)?.contiguous()
+        }
+    })?;
     let ys = CudaInput::of(y)?;
     let (hs, b_in) = (CudaInput::of(&h)?, CudaInput::of(b)?);
     let (hv, bv) = (hs.view::<f32>(m * r)?, b_in.view::<f32>(n * r)?);
     let (r_i, n_i, m_i) = (r as i32, n as i32, m as i32);
     let scale = scaling as f32;
+    // Two columns a thread.
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(256) as u32, m.div_ceil(LORA_OUT_ROWS) as u32, 1),
+        grid_dim: (n.div_ceil(512) as u32, m.div_ceil(LORA_OUT_ROWS) as u32, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -74,9 +77,11 @@ pub fn lora_inference(
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<$t>(m * n)? };
             let name = format!("lora_out_{}_r{rank}", $dtype);
-            crate::run_kernel!(LORA, dev, &name, cfg;
-                &yv, &hv, &bv, &scale, &out, &n_i, &r_i, &m_i,
-            )?;
+            crate::ops::profile::scope("lora.out", y.device(), || {
+                crate::run_kernel!(LORA, dev, &name, cfg;
+                    &yv, &hv, &bv, &scale, &out, &n_i, &r_i, &m_i,
+                )
+            })?;
             Ok(wrap(out, &dev, (m, n)))
         }};
     }

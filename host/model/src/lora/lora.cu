@@ -34,41 +34,67 @@ extern "C" __global__ void NAME(const u16* x, const float* a, float* h, int k, i
   if (threadIdx.x == 0) h[blockIdx.x] = acc;                                                   \
 }
 // out = y + h (B * scaling)^T, summed in f32 and rounded once, as PEFT computes it with f32
-// adapter weights. A thread takes one column (its row of B * scaling held in registers) down
-// LORA_OUT_ROWS rows, reading each row's h (the same address across the block: one broadcast
-// load), so a prefill of thousands of rows reads y once and writes out once; the [m, n] f32
-// products and sums the op-by-op version stored (three times y's size) are never made. R is
-// the rank where an instance has it, 0 for any (read from global memory instead).
+// adapter weights. A thread takes two adjacent columns (their rows of B * scaling held in
+// registers) down LORA_OUT_ROWS rows, reading each row's h once for both (the same address
+// across the block: broadcast loads, 16 bytes at a time where the rank is a multiple of 4), so a
+// prefill of thousands of rows reads y once and writes out once; the [m, n] f32 products and
+// sums the op-by-op version stored (three times y's size) are never made. R is the rank where
+// an instance has it, 0 for any (B read from memory instead). A column's sum runs over j in
+// order, the same operations as the NF4 kernels' epilogue (STORE_OUT), so the two agree.
 #define LORA_OUT_ROWS 32
 template <int R>
-__device__ __forceinline__ float lora_delta(const float* hr, const float* bs_reg,
-    const float* br, float scaling, int r) {
-  float d = 0.f;
-  if (R > 0) {
-    _Pragma("unroll") for (int j = 0; j < R; ++j) d += hr[j] * bs_reg[j];
+__device__ __forceinline__ void lora_h_row(const float* hr, float* hv) {
+  if (R % 4 == 0) {
+    _Pragma("unroll") for (int j = 0; j < R; j += 4) {
+      float4 v = *(const float4*)(hr + j);
+      hv[j] = v.x; hv[j + 1] = v.y; hv[j + 2] = v.z; hv[j + 3] = v.w;
+    }
   } else {
-    for (int j = 0; j < r; ++j) d += hr[j] * __fmul_rn(br[j], scaling);
+    _Pragma("unroll") for (int j = 0; j < R; ++j) hv[j] = hr[j];
   }
-  return d;
 }
 template <int R, bool BF16>
 __device__ __forceinline__ void lora_out(const u16* y, const float* h, const float* b,
     float scaling, u16* out, int n, int r, int m) {
-  int col = blockIdx.x * blockDim.x + threadIdx.x;
+  int col = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
   if (col >= n) return;
-  const float* br = b + (long long)col * r;
-  float bs[R > 0 ? R : 1];
+  bool two = col + 1 < n;
+  const float* br0 = b + (long long)col * r;
+  const float* br1 = two ? br0 + r : br0;
+  float bs0[R > 0 ? R : 1], bs1[R > 0 ? R : 1];
   if (R > 0) {
-    _Pragma("unroll") for (int j = 0; j < R; ++j) bs[j] = __fmul_rn(br[j], scaling);
+    _Pragma("unroll") for (int j = 0; j < R; ++j) {
+      bs0[j] = __fmul_rn(br0[j], scaling);
+      bs1[j] = __fmul_rn(br1[j], scaling);
+    }
   }
   int row0 = blockIdx.y * LORA_OUT_ROWS;
   int rows = min(LORA_OUT_ROWS, m - row0);
   for (int i = 0; i < rows; ++i) {
     long long row = row0 + i;
-    float d = lora_delta<R>(h + row * r, bs, br, scaling, r);
+    const float* hr = h + row * r;
+    float d0 = 0.f, d1 = 0.f;
+    if (R > 0) {
+      float hv[R > 0 ? R : 1];
+      lora_h_row<R>(hr, hv);
+      _Pragma("unroll") for (int j = 0; j < R; ++j) {
+        d0 += hv[j] * bs0[j];
+        d1 += hv[j] * bs1[j];
+      }
+    } else {
+      for (int j = 0; j < r; ++j) {
+        d0 += hr[j] * __fmul_rn(br0[j], scaling);
+        d1 += hr[j] * __fmul_rn(br1[j], scaling);
+      }
+    }
     long long e = row * n + col;
-    if (BF16) out[e] = f32_to_bf16(__fadd_rn(bf16_to_f32(y[e]), d));
-    else out[e] = f32_to_f16(__fadd_rn(f16_to_f32(y[e]), d));
+    if (BF16) {
+      out[e] = f32_to_bf16(__fadd_rn(bf16_to_f32(y[e]), d0));
+      if (two) out[e + 1] = f32_to_bf16(__fadd_rn(bf16_to_f32(y[e + 1]), d1));
+    } else {
+      out[e] = f32_to_f16(__fadd_rn(f16_to_f32(y[e]), d0));
+      if (two) out[e + 1] = f32_to_f16(__fadd_rn(f16_to_f32(y[e + 1]), d1));
+    }
   }
 }
 #define LORA_OUT(R)                                                                            \

@@ -14,6 +14,7 @@ pub(crate) mod handover;
 #[cfg(feature = "cuda")]
 pub mod kernels;
 pub mod profile;
+pub mod residual;
 pub mod rope_append;
 pub mod softmax;
 pub mod switch;
@@ -29,6 +30,7 @@ pub fn kernel_modules() -> Vec<&'static kernels::CudaModule> {
             decode_attention::cuda_module(),
             argmax::cuda_module(),
             rope_append::cuda_module(),
+            residual::cuda_module(),
         ])
         .collect()
 }

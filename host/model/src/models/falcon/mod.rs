@@ -16,6 +16,7 @@ use crate::ops::attention::{
     AttentionContext, AttentionKernel, KvCache, Rotary, alibi_bias, attend_in,
 };
 use crate::ops::profile;
+use crate::ops::residual::add3;
 use crate::ops::rope_append::{QkvGroups, split_rotate_append};
 use config::FalconConfig;
 
@@ -294,14 +295,14 @@ impl FalconDecoderLayer {
                 let ln = profile::scope("ln", dev, || input_layernorm.forward(x))?;
                 let attn = self.self_attention.forward(&ln, ctx, rope, alibi, cache)?;
                 let mlp = self.mlp.forward(&ln)?;
-                profile::scope("residual", dev, || x + (mlp + attn)?)
+                profile::scope("residual", dev, || add3(x, &mlp, &attn))
             }
             Norms::Split { ln_attn, ln_mlp } => {
                 let attn =
                     self.self_attention
                         .forward(&ln_attn.forward(x)?, ctx, rope, alibi, cache)?;
                 let mlp = self.mlp.forward(&ln_mlp.forward(x)?)?;
-                x + (mlp + attn)?
+                add3(x, &mlp, &attn)
             }
             Norms::Sequential {
                 input_layernorm,

@@ -1,0 +1,61 @@
+//! A parallel decoder layer's residual, `x + (mlp + attn)`, in one launch on a GPU
+//! (`residual.cu`) where it would take two, with the bits of the two adds; the golden test
+//! `residual_kernel_equals_two_adds` holds it to them.
+
+use candle_core::{DType, Result, Tensor};
+
+/// `x + (a + b)`, as transformers' Falcon adds its parallel branches (so f32 sums round the
+/// same way). One kernel for 16-bit tensors of one shape on a GPU outside a graph; two adds
+/// elsewhere.
+pub fn add3(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let fused = x.device().is_cuda()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && [a, b].iter().all(|t| t.dtype() == x.dtype() && t.dims() == x.dims())
+        && !(x.track_op() || a.track_op() || b.track_op());
+    #[cfg(feature = "cuda")]
+    if fused {
+        return cuda::add3(x, a, b);
+    }
+    let _ = fused;
+    x + (a + b)?
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+
+    use super::*;
+    use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, no_defines, wrap};
+
+    pub(crate) static RESIDUAL: CudaModule =
+        CudaModule::new("adapterlab_residual", include_str!("residual.cu"), no_defines);
+
+    pub fn add3(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
+        let dev = cuda_device(&x)?;
+        let n = x.elem_count();
+        let (xs, as_, bs) = (CudaInput::of(&x)?, CudaInput::of(&a)?, CudaInput::of(&b)?);
+        let n_i = n as i64;
+        let cfg = LaunchConfig::for_num_elems(n as u32);
+        macro_rules! launch {
+            ($name:literal, $t:ty) => {{
+                let (xv, av, bv) = (xs.view::<$t>(n)?, as_.view::<$t>(n)?, bs.view::<$t>(n)?);
+                // SAFETY: every element is written by the kernel below.
+                let out = unsafe { dev.alloc::<$t>(n)? };
+                crate::run_kernel!(RESIDUAL, dev, $name, cfg; &xv, &av, &bv, &out, &n_i)?;
+                wrap(out, &dev, x.shape().clone())
+            }};
+        }
+        Ok(match x.dtype() {
+            DType::BF16 => launch!("residual3_bf16", half::bf16),
+            DType::F16 => launch!("residual3_f16", half::f16),
+            other => candle_core::bail!("residual on {other:?} is not supported"),
+        })
+    }
+}
+
+/// The module, for [`crate::ops::kernel_modules`].
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_module() -> &'static crate::ops::kernels::CudaModule {
+    &cuda::RESIDUAL
+}
