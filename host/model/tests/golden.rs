@@ -1498,8 +1498,9 @@ fn adamw_kernel_equals_the_op_by_op_update() {
 
 /// The fused unmerged-LoRA kernels of inference against PEFT's op-by-op math on the CPU
 /// (`(y in f32 + (x A^T)(B * scaling)^T)` rounded once to bf16): a few rows (`h` from
-/// `lora_h`) and a prefill's many (`h` from cuBLAS; rows past one block of `lora_out`), ranks
-/// with an instance of their own and one without, columns that do not fill a block.
+/// `lora_h`) and a prefill's many (`h` from `lora_h_rows` at ranks 8 and 16, with rows and
+/// columns that do not fill its blocks and chunks; from cuBLAS at rank 5), ranks with a
+/// `lora_out` instance of their own and one without, columns that do not fill a block.
 #[cfg(feature = "cuda")]
 #[cfg_attr(
     not(feature = "cuda"),
@@ -1520,6 +1521,7 @@ fn lora_inference_kernels_equal_the_op_by_op_path() {
         (200, 320, 300, 16, 2.0),
         (65, 64, 257, 5, 0.5),
         (33, 128, 40, 8, 1.0),
+        (100, 1000, 64, 8, 1.0),
     ] {
         let mk = |len: usize, f: f32, shape: (usize, usize)| {
             let v: Vec<f32> = (0..len).map(|i| (i as f32 * f).sin()).collect();

@@ -17,6 +17,54 @@ pub(crate) static LORA: CudaModule =
 /// row and rank); more rows go through cuBLAS, as the op-by-op path does.
 pub const LORA_H_MAX_ROWS: usize = 64;
 
+/// Ranks `lora_h_rows` has an instance for (PEFT's default 8, and 16); a prefill at other
+/// ranks, or of rows whose length is not a multiple of 8, computes `h` with cuBLAS.
+const LORA_H_ROWS_RANKS: [usize; 2] = [8, 16];
+
+/// `h = x A^T` as [`lora_h`], for many rows of `x` (a prefill): a block takes `512 / r` rows
+/// (see `lora_h_rows` in lora.cu). `r` must be one of [`LORA_H_ROWS_RANKS`], `k` a multiple of
+/// 8.
+pub fn lora_h_rows(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    let dev = cuda_device(x)?;
+    let (m, k) = x.dims2()?;
+    let (r, k2) = a.dims2()?;
+    if k != k2 || a.dtype() != DType::F32 || !LORA_H_ROWS_RANKS.contains(&r) || k % 8 != 0 {
+        return Err(Error::Msg(format!(
+            "lora h (rows): x {:?}, A {:?} {:?}",
+            x.dims(),
+            a.dims(),
+            a.dtype()
+        )));
+    }
+    let (xs, a_in) = (CudaInput::of(x)?, CudaInput::of(a)?);
+    let av = a_in.view::<f32>(r * k)?;
+    // SAFETY: every element is written by the kernel below.
+    let h = unsafe { dev.alloc::<f32>(m * r)? };
+    let (m_i, k_i) = (m as i32, k as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (m.div_ceil(512 / r) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! launch {
+        ($dtype:literal, $t:ty) => {{
+            let xv = xs.view::<$t>(m * k)?;
+            let name = format!("lora_h_rows_{}_r{r}", $dtype);
+            crate::run_kernel!(LORA, dev, &name, cfg; &xv, &av, &h, &m_i, &k_i)?;
+        }};
+    }
+    match x.dtype() {
+        DType::BF16 => launch!("bf16", half::bf16),
+        DType::F16 => launch!("f16", half::f16),
+        other => {
+            return Err(Error::Msg(format!(
+                "lora inference on {other:?} is not supported"
+            )));
+        }
+    }
+    Ok(wrap(h, &dev, (m, r)))
+}
+
 /// Ranks `lora_out` has an instance for, with B's row held in registers; other ranks take the
 /// instance that reads it from memory.
 const LORA_OUT_RANKS: [usize; 4] = [8, 16, 32, 64];
@@ -55,6 +103,8 @@ pub fn lora_inference(
     let h = crate::ops::profile::scope("lora.h", x.device(), || {
         if m <= LORA_H_MAX_ROWS {
             lora_h(x, a)
+        } else if LORA_H_ROWS_RANKS.contains(&r) && k.is_multiple_of(8) {
+            lora_h_rows(x, a)
         } else {
             x.to_dtype(DType::F32)?.matmul(&a.t()?)?.contiguous()
         }

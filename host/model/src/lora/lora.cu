@@ -33,6 +33,93 @@ extern "C" __global__ void NAME(const u16* x, const float* a, float* h, int k, i
   acc = block_reduce(acc, red, 0);                                                             \
   if (threadIdx.x == 0) h[blockIdx.x] = acc;                                                   \
 }
+// h = x A^T for a prefill's many rows (rank R of 8 or 16, k a multiple of 8): a block takes
+// 512 / R rows and every rank, walking k in chunks of LH_KC columns staged in shared memory as
+// f32 (rows padded by one float, so the 8 rows and 4 ranks a warp reads at one column fall in
+// distinct banks), the next chunk's loads issued before the current one is used. A lane holds
+// a 4-row by 4-rank tile of sums; the block's 8 warps split each chunk's columns and add their
+// tiles through shared memory at the end. What it replaced, x converted to f32 and cuBLAS's f32
+// product, took 45 of a 159 ms prefill of 16 x 200 tokens on an H100 (2026-12-06).
+#define LH_KC 128
+template <int R, bool BF16>
+__device__ __forceinline__ void lora_h_rows(const u16* x, const float* a, float* h, int m,
+    int k) {
+  constexpr int RG = R / 4, ROWG = 32 / RG, ROWS = 4 * ROWG;
+  constexpr int XL = ROWS * (LH_KC / 8) / 256, AL = R * (LH_KC / 4) / 256;
+  __shared__ float xs[ROWS][LH_KC + 1];
+  __shared__ float as[R][LH_KC + 1];
+  float* part = &xs[0][0];  // 8 warps' tiles at the end: 8 * ROWS * R <= ROWS * (LH_KC + 1)
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int rg = lane / RG, jg = lane % RG;
+  int row0 = blockIdx.x * ROWS;
+  float acc[4][4];
+  _Pragma("unroll") for (int i = 0; i < 4; ++i)
+    _Pragma("unroll") for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  uint4 xr[XL];
+  float4 ar[AL];
+  auto fetch = [&](int c0) {
+    _Pragma("unroll") for (int l = 0; l < XL; ++l) {
+      int t = threadIdx.x + 256 * l, r = t / (LH_KC / 8), c = c0 + (t % (LH_KC / 8)) * 8;
+      xr[l] = make_uint4(0u, 0u, 0u, 0u);
+      if (row0 + r < m && c < k) xr[l] = __ldg((const uint4*)(x + (long long)(row0 + r) * k + c));
+    }
+    _Pragma("unroll") for (int l = 0; l < AL; ++l) {
+      int t = threadIdx.x + 256 * l, j = t / (LH_KC / 4), c = c0 + (t % (LH_KC / 4)) * 4;
+      ar[l] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (c < k) ar[l] = __ldg((const float4*)(a + (long long)j * k + c));
+    }
+  };
+  fetch(0);
+  for (int c0 = 0; c0 < k; c0 += LH_KC) {
+    _Pragma("unroll") for (int l = 0; l < XL; ++l) {
+      int t = threadIdx.x + 256 * l, r = t / (LH_KC / 8), c = (t % (LH_KC / 8)) * 8;
+      unsigned int w[4] = {xr[l].x, xr[l].y, xr[l].z, xr[l].w};
+      _Pragma("unroll") for (int q = 0; q < 4; ++q) {
+        u16 lo = (u16)(w[q] & 0xffffu), hi = (u16)(w[q] >> 16);
+        xs[r][c + 2 * q] = BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
+        xs[r][c + 2 * q + 1] = BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
+      }
+    }
+    _Pragma("unroll") for (int l = 0; l < AL; ++l) {
+      int t = threadIdx.x + 256 * l, j = t / (LH_KC / 4), c = (t % (LH_KC / 4)) * 4;
+      as[j][c] = ar[l].x; as[j][c + 1] = ar[l].y; as[j][c + 2] = ar[l].z; as[j][c + 3] = ar[l].w;
+    }
+    __syncthreads();
+    if (c0 + LH_KC < k) fetch(c0 + LH_KC);
+    _Pragma("unroll 4") for (int cc = 0; cc < LH_KC / 8; ++cc) {
+      int c = warp * (LH_KC / 8) + cc;
+      float xa[4], aa[4];
+      _Pragma("unroll") for (int i = 0; i < 4; ++i) xa[i] = xs[rg * 4 + i][c];
+      _Pragma("unroll") for (int j = 0; j < 4; ++j) aa[j] = as[jg * 4 + j][c];
+      _Pragma("unroll") for (int i = 0; i < 4; ++i)
+        _Pragma("unroll") for (int j = 0; j < 4; ++j) acc[i][j] += xa[i] * aa[j];
+    }
+    __syncthreads();
+  }
+  _Pragma("unroll") for (int i = 0; i < 4; ++i)
+    _Pragma("unroll") for (int j = 0; j < 4; ++j)
+      part[(warp * ROWS + rg * 4 + i) * R + jg * 4 + j] = acc[i][j];
+  __syncthreads();
+  for (int o = threadIdx.x; o < ROWS * R; o += 256) {
+    int r = o / R;
+    if (row0 + r >= m) continue;
+    float sum = 0.f;
+    _Pragma("unroll") for (int w = 0; w < 8; ++w) sum += part[w * ROWS * R + o];
+    h[(long long)row0 * R + o] = sum;
+  }
+}
+#define LORA_H_ROWS(R)                                                                         \
+extern "C" __global__ void __launch_bounds__(256) lora_h_rows_bf16_r##R(const u16* x,         \
+    const float* a, float* h, int m, int k) {                                                 \
+  lora_h_rows<R, true>(x, a, h, m, k);                                                         \
+}                                                                                             \
+extern "C" __global__ void __launch_bounds__(256) lora_h_rows_f16_r##R(const u16* x,          \
+    const float* a, float* h, int m, int k) {                                                 \
+  lora_h_rows<R, false>(x, a, h, m, k);                                                        \
+}
+LORA_H_ROWS(8)
+LORA_H_ROWS(16)
+
 // out = y + h (B * scaling)^T, summed in f32 and rounded once, as PEFT computes it with f32
 // adapter weights. A thread takes two adjacent columns (their rows of B * scaling held in
 // registers) down LORA_OUT_ROWS rows, reading each row's h once for both (the same address
