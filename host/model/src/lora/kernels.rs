@@ -13,57 +13,11 @@ pub fn modules() -> [&'static CudaModule; 1] {
 pub(crate) static LORA: CudaModule =
     CudaModule::new("adapterlab_lora", include_str!("lora.cu"), no_defines);
 
-/// Rows of `x` up to which [`lora_inference`] computes `h = x A^T` with [`lora_h`] (a block a
-/// row and rank); more rows go through cuBLAS, as the op-by-op path does.
+/// Rows of `x` up to which [`lora_h`] takes a block a row and rank.
 pub const LORA_H_MAX_ROWS: usize = 64;
 
-/// Ranks `lora_h_rows` has an instance for (PEFT's default 8, and 16); a prefill at other
-/// ranks, or of rows whose length is not a multiple of 8, computes `h` with cuBLAS.
+/// Ranks `lora_h_rows` has an instance for (PEFT's default 8, and 16).
 const LORA_H_ROWS_RANKS: [usize; 2] = [8, 16];
-
-/// `h = x A^T` as [`lora_h`], for many rows of `x` (a prefill): a block takes `512 / r` rows
-/// (see `lora_h_rows` in lora.cu). `r` must be one of [`LORA_H_ROWS_RANKS`], `k` a multiple of
-/// 8.
-pub fn lora_h_rows(x: &Tensor, a: &Tensor) -> Result<Tensor> {
-    let dev = cuda_device(x)?;
-    let (m, k) = x.dims2()?;
-    let (r, k2) = a.dims2()?;
-    if k != k2 || a.dtype() != DType::F32 || !LORA_H_ROWS_RANKS.contains(&r) || k % 8 != 0 {
-        return Err(Error::Msg(format!(
-            "lora h (rows): x {:?}, A {:?} {:?}",
-            x.dims(),
-            a.dims(),
-            a.dtype()
-        )));
-    }
-    let (xs, a_in) = (CudaInput::of(x)?, CudaInput::of(a)?);
-    let av = a_in.view::<f32>(r * k)?;
-    // SAFETY: every element is written by the kernel below.
-    let h = unsafe { dev.alloc::<f32>(m * r)? };
-    let (m_i, k_i) = (m as i32, k as i32);
-    let cfg = LaunchConfig {
-        grid_dim: (m.div_ceil(512 / r) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    macro_rules! launch {
-        ($dtype:literal, $t:ty) => {{
-            let xv = xs.view::<$t>(m * k)?;
-            let name = format!("lora_h_rows_{}_r{r}", $dtype);
-            crate::run_kernel!(LORA, dev, &name, cfg; &xv, &av, &h, &m_i, &k_i)?;
-        }};
-    }
-    match x.dtype() {
-        DType::BF16 => launch!("bf16", half::bf16),
-        DType::F16 => launch!("f16", half::f16),
-        other => {
-            return Err(Error::Msg(format!(
-                "lora inference on {other:?} is not supported"
-            )));
-        }
-    }
-    Ok(wrap(h, &dev, (m, r)))
-}
 
 /// Ranks `lora_out` has an instance for, with B's row held in registers; other ranks take the
 /// instance that reads it from memory.
@@ -100,15 +54,7 @@ pub fn lora_inference(
             b.dims()
         )));
     }
-    let h = crate::ops::profile::scope("lora.h", x.device(), || {
-        if m <= LORA_H_MAX_ROWS {
-            lora_h(x, a)
-        } else if LORA_H_ROWS_RANKS.contains(&r) && k.is_multiple_of(8) {
-            lora_h_rows(x, a)
-        } else {
-            x.to_dtype(DType::F32)?.matmul(&a.t()?)?.contiguous()
-        }
-    })?;
+    let h = crate::ops::profile::scope("lora.h", x.device(), || lora_h(x, a))?;
     let ys = CudaInput::of(y)?;
     let (hs, b_in) = (CudaInput::of(&h)?, CudaInput::of(b)?);
     let (hv, bv) = (hs.view::<f32>(m * r)?, b_in.view::<f32>(n * r)?);
@@ -146,7 +92,10 @@ pub fn lora_inference(
 
 /// `h = x A^T` in f32 (`[m, r]`), for `x` `[m, k]` bf16 or f16 and `a` `[r, k]` f32 (both
 /// contiguous): the adapter's first product, which [`lora_inference`] or the NF4 GEMV's
-/// epilogue (`quant::kernels::gemv_with`) finishes.
+/// epilogue (`quant::kernels::gemv_with`) finishes. Up to [`LORA_H_MAX_ROWS`] rows, a block a
+/// row and rank (`lora_h`); a prefill's rows at ranks 8 and 16 (`lora_h_rows`: a block takes
+/// `512 / r` rows); other prefills, or rows whose length is not a multiple of 8, through cuBLAS
+/// on x converted to f32, as the op-by-op path computes it.
 pub fn lora_h(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     let dev = cuda_device(x)?;
     let (m, k) = x.dims2()?;
@@ -159,25 +108,42 @@ pub fn lora_h(x: &Tensor, a: &Tensor) -> Result<Tensor> {
             a.dtype()
         )));
     }
+    let by_rows = m > LORA_H_MAX_ROWS;
+    if by_rows && !(LORA_H_ROWS_RANKS.contains(&r) && k.is_multiple_of(8)) {
+        return x.to_dtype(DType::F32)?.matmul(&a.t()?)?.contiguous();
+    }
     let (xs, a_in) = (CudaInput::of(x)?, CudaInput::of(a)?);
     let av = a_in.view::<f32>(r * k)?;
     // SAFETY: every element is written by the kernel below.
     let h = unsafe { dev.alloc::<f32>(m * r)? };
-    let (k_i, r_i) = (k as i32, r as i32);
-    let per_rank = LaunchConfig {
-        grid_dim: ((m * r) as u32, 1, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
+    let (k_i, r_i, m_i) = (k as i32, r as i32, m as i32);
+    let cfg = if by_rows {
+        LaunchConfig {
+            grid_dim: (m.div_ceil(512 / r) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    } else {
+        LaunchConfig {
+            grid_dim: ((m * r) as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        }
     };
     macro_rules! launch {
-        ($hname:literal, $t:ty) => {{
+        ($dtype:literal, $t:ty) => {{
             let xv = xs.view::<$t>(m * k)?;
-            crate::run_kernel!(LORA, dev, $hname, per_rank; &xv, &av, &h, &k_i, &r_i)?;
+            let name = if by_rows {
+                format!("lora_h_rows_{}_r{r}", $dtype)
+            } else {
+                format!("lora_h_{}", $dtype)
+            };
+            crate::run_kernel!(LORA, dev, &name, cfg; &xv, &av, &h, &k_i, &r_i, &m_i)?;
         }};
     }
     match x.dtype() {
-        DType::BF16 => launch!("lora_h_bf16", half::bf16),
-        DType::F16 => launch!("lora_h_f16", half::f16),
+        DType::BF16 => launch!("bf16", half::bf16),
+        DType::F16 => launch!("f16", half::f16),
         other => {
             return Err(Error::Msg(format!(
                 "lora inference on {other:?} is not supported"

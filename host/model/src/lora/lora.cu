@@ -6,9 +6,11 @@
 // An unmerged LoRA adapter at inference (crate::lora::LoraLayer::add_to): h = x A^T, on a few
 // rows with lora_h (one block of 1024 threads per row and rank, f32: at batch 1 there are only
 // 16 blocks, so each must cover its row in few rounds of loads: 16-byte loads, 8 columns a
-// thread, where the rows are 16-byte aligned), on more with cuBLAS; then lora_out.
+// thread, where the rows are 16-byte aligned), on a prefill's with lora_h_rows (ranks 8 and 16)
+// or cuBLAS (lora/kernels.rs); then lora_out. The kernels computing h take the same arguments
+// (x, A, h, k, r, m), each reading those it needs.
 #define LORA_H(NAME, LOAD)                                                                     \
-extern "C" __global__ void NAME(const u16* x, const float* a, float* h, int k, int r) {       \
+extern "C" __global__ void NAME(const u16* x, const float* a, float* h, int k, int r, int m) { \
   __shared__ float red[32];                                                                    \
   int row = blockIdx.x / r, j = blockIdx.x % r;                                                \
   const u16* xr = x + (long long)row * k;                                                      \
@@ -110,11 +112,11 @@ __device__ __forceinline__ void lora_h_rows(const u16* x, const float* a, float*
 }
 #define LORA_H_ROWS(R)                                                                         \
 extern "C" __global__ void __launch_bounds__(256) lora_h_rows_bf16_r##R(const u16* x,         \
-    const float* a, float* h, int m, int k) {                                                 \
+    const float* a, float* h, int k, int r, int m) {                                          \
   lora_h_rows<R, true>(x, a, h, m, k);                                                         \
 }                                                                                             \
 extern "C" __global__ void __launch_bounds__(256) lora_h_rows_f16_r##R(const u16* x,          \
-    const float* a, float* h, int m, int k) {                                                 \
+    const float* a, float* h, int k, int r, int m) {                                          \
   lora_h_rows<R, false>(x, a, h, m, k);                                                        \
 }
 LORA_H_ROWS(8)

@@ -93,7 +93,9 @@ impl Linear {
             return Ok(out);
         }
         let d = crate::ops::profile::scope("lora", x.device(), || lora.delta_y(x, train))?;
-        // PEFT adds in the adapter's dtype (f32 under a 16-bit base) and casts the sum back.
+        // PEFT's `Linear` adds in the adapter's dtype (f32 under a 16-bit base) and casts the
+        // sum back. Its 4-bit `Linear4bit` casts the product to the base's dtype first and adds
+        // there, one rounding more, which no path here matches yet (BENCHMARKS.md, 2026-12-06).
         crate::ops::profile::scope("lora.add", x.device(), || {
             if d.dtype() == y.dtype() {
                 y + d

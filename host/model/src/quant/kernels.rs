@@ -43,8 +43,11 @@ impl MmaTiling {
         }
     }
 
-    /// Every tiling the module has instances of: the defaults ([`Self::for_rows`]) and those
-    /// `bench kernels` measures them against.
+    /// The tilings decoding uses: up to 8 rows, and more ([`Self::for_rows`]).
+    pub const DEFAULTS: [MmaTiling; 2] = [MmaTiling::new(8, 4, 1), MmaTiling::new(8, 1, 2)];
+
+    /// Every tiling there are instances of: the defaults and those `bench kernels` measures them
+    /// against.
     pub const ALL: [MmaTiling; 8] = [
         MmaTiling::new(8, 2, 1),
         MmaTiling::new(8, 4, 1),
@@ -63,11 +66,7 @@ impl MmaTiling {
     /// tiles held more registers and were slower), and in the next call `w8u1t2` 154.5 against
     /// `w8u2t2`'s 159.4.
     pub fn for_rows(m: usize) -> Self {
-        if m <= 8 {
-            MmaTiling::new(8, 4, 1)
-        } else {
-            MmaTiling::new(8, 1, 2)
-        }
+        Self::DEFAULTS[usize::from(m > 8)]
     }
 
     /// How reports name it: `w8u2t1`.
@@ -270,8 +269,8 @@ fn switches() -> Result<(DecodeKernel, Option<DecodeKernel>)> {
 }
 
 /// This wing's kernel modules, for [`crate::engine::device::compile_kernels`].
-pub fn modules() -> [&'static CudaModule; 3] {
-    [&NF4, &NF4_QUANTIZE, &NF4_MMA]
+pub fn modules() -> [&'static CudaModule; 4] {
+    [&NF4, &NF4_QUANTIZE, &NF4_MMA, &NF4_MMA_TILINGS]
 }
 
 pub(crate) static NF4: CudaModule = CudaModule::new(
@@ -280,11 +279,21 @@ pub(crate) static NF4: CudaModule = CudaModule::new(
     nf4_defines,
 );
 
-/// The tensor-core GEMM, a module of its own for the architecture it needs.
+/// The tensor-core GEMM, a module of its own for the architecture it needs, with the tilings
+/// decoding uses ([`MmaTiling::DEFAULTS`]).
 pub(crate) static NF4_MMA: CudaModule = CudaModule::new(
     "adapterlab_nf4_mma",
     concat!(include_str!("nf4_common.cu"), include_str!("nf4_mma.cu")),
-    nf4_mma_defines,
+    || nf4_mma_defines(&MmaTiling::DEFAULTS),
+)
+.for_arch("compute_80");
+
+/// The same kernel's other tilings, which only `bench kernels` and the GPU tests run: a module
+/// of their own, so a process that decodes never compiles them.
+pub(crate) static NF4_MMA_TILINGS: CudaModule = CudaModule::new(
+    "adapterlab_nf4_mma_tilings",
+    concat!(include_str!("nf4_common.cu"), include_str!("nf4_mma.cu")),
+    || nf4_mma_defines(&MmaTiling::ALL),
 )
 .for_arch("compute_80");
 
@@ -307,10 +316,9 @@ fn nf4_defines() -> String {
     )
 }
 
-/// [`nf4_defines`] and the tensor-core kernel's instances, one a [`MmaTiling`] and A operand
-/// height.
-fn nf4_mma_defines() -> String {
-    let instances: Vec<String> = MmaTiling::ALL
+/// [`nf4_defines`] and the tensor-core kernel's instances, one a tiling and A operand height.
+fn nf4_mma_defines(tilings: &[MmaTiling]) -> String {
+    let instances: Vec<String> = tilings
         .iter()
         .flat_map(|t| {
             [0, 1].map(|h| format!("MMA_INSTANCE({}, {}, {}, {h})", t.warps, t.unroll, t.tiles))
@@ -644,7 +652,11 @@ pub fn gemv_tiled(
             ),
             DecodeKernel::Wide => (&NF4, "nf4_gemv32_bf16".into(), "nf4_gemv32_f16".into()),
             DecodeKernel::Mma => (
-                &NF4_MMA,
+                if MmaTiling::DEFAULTS.contains(&tiling) {
+                    &NF4_MMA
+                } else {
+                    &NF4_MMA_TILINGS
+                },
                 tiling.kernel_name(m, true),
                 tiling.kernel_name(m, false),
             ),
