@@ -1115,6 +1115,15 @@ mod tests {
             assert_eq!(diff(&first_k, &k0)?, 0.0, "the first view kept its tokens");
             let refused = cache.append(2, &k0, &v0).err().map(|e| e.to_string());
             assert!(refused.is_some_and(|e| e.contains("2 layers")));
+            // Another batch size for a layer already holding one, keys and values that differ,
+            // and positions counted before any were reserved: refused, naming what was given.
+            let (k3, v3) = (k0.narrow(0, 0, 1)?, v0.narrow(0, 0, 1)?);
+            let refused = cache.append(1, &k3, &v3).err().map(|e| e.to_string());
+            assert!(refused.is_some_and(|e| e.contains("layer 1 holds")), "room {room}");
+            let refused = cache.append(0, &k0, &v3).err().map(|e| e.to_string());
+            assert!(refused.is_some_and(|e| e.contains("differ")), "room {room}");
+            let refused = cache.advance(0, 1).err().map(|e| e.to_string());
+            assert!(refused.is_some_and(|e| e.contains("before it was reserved")));
         }
         Ok(())
     }
