@@ -58,7 +58,7 @@ pub fn split_rotate_append(
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     let (b, s, width) = fused.dims3()?;
     let d = groups.head_dim;
-    if width != groups.slots() * d || d % 2 != 0 {
+    if width != groups.slots() * d || !d.is_multiple_of(2) {
         candle_core::bail!(
             "rope_append: a fused row of {width} is not {} heads of {d}",
             groups.slots()
