@@ -676,3 +676,29 @@ pub fn gemv_tiled(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoding_tilings_have_instances_and_split_the_rows_at_eight() {
+        for t in MmaTiling::DEFAULTS {
+            assert!(MmaTiling::ALL.contains(&t), "{} has no instance", t.name());
+        }
+        assert_eq!(MmaTiling::for_rows(1), MmaTiling::DEFAULTS[0]);
+        assert_eq!(MmaTiling::for_rows(8), MmaTiling::DEFAULTS[0]);
+        assert_eq!(MmaTiling::for_rows(9), MmaTiling::DEFAULTS[1]);
+        assert_eq!(MmaTiling::for_rows(MMA_MAX_ROWS), MmaTiling::DEFAULTS[1]);
+        let mut names: Vec<String> = MmaTiling::ALL.iter().map(|t| t.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), MmaTiling::ALL.len(), "two tilings share a kernel name");
+        // Every instance's shared memory (the warps' partial sums and the tables) fits the 48 KB
+        // a block may declare statically.
+        for t in MmaTiling::ALL {
+            let part = t.warps as usize * 16 * t.features() * 4;
+            assert!(part + (16 + 256) * 4 <= 48 * 1024, "{}", t.name());
+        }
+    }
+}
