@@ -5,8 +5,10 @@
 // key head and a value head (Falcon's three layouts).
 // The rotation has the bits of candle's 16-bit `rope` kernel as it runs on sm_90: its PTX
 // multiplies and subtracts with unrounded `mul.bf16`/`sub.bf16`, which ptxas contracts (SASS:
-// one HMUL2, then HFMA2) into x1 c - rnd(x2 s) and x1 s + rnd(x2 c), each rounded once. The
-// same FMAs here, issued explicitly (fma.rn.bf16 needs sm_80; the module is compiled for it).
+// one HMUL2, then HFMA2) into x1 c - rnd(x2 s) and x1 s + rnd(x2 c), each rounded once (seen
+// with `ptxas -arch=sm_90a` on candle-kernels' reduce.ptx from the CUDA build's target dir, then
+// `cuobjdump -sass -fun rope_bf16`; f16 the same). The same FMAs here, issued explicitly
+// (fma.rn.bf16 needs sm_80; the module is compiled for it).
 __device__ __forceinline__ u16 fma16(u16 a, u16 b, u16 c, bool bf16) {
   u16 d;
   if (bf16) asm("fma.rn.bf16 %0, %1, %2, %3;" : "=h"(d) : "h"(a), "h"(b), "h"(c));
