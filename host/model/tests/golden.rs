@@ -649,8 +649,11 @@ fn rope_append_kernel_equals_the_op_by_op_path() {
                                 .contiguous()
                                 .unwrap()
                         };
-                        let (mut q2, mut k2, v2) =
-                            (heads(0, q_per_kv), heads(q_per_kv, 1), heads(q_per_kv + 1, 1));
+                        let (mut q2, mut k2, v2) = (
+                            heads(0, q_per_kv),
+                            heads(q_per_kv, 1),
+                            heads(q_per_kv + 1, 1),
+                        );
                         if rotate {
                             q2 = Rotary::apply(&q2, &cos, &sin).unwrap();
                             k2 = Rotary::apply(&k2, &cos, &sin).unwrap();
@@ -705,12 +708,13 @@ fn residual_kernel_equals_two_adds() {
         let (x, a, b) = (on(mk(0.37, 1.0)), on(mk(0.11, 3.0)), on(mk(0.73, 0.5)));
         let fused = add3(&x, &a, &b).unwrap();
         let plain = (&x + (&a + &b).unwrap()).unwrap();
-        let bits = |t: &Tensor| -> Vec<u32> {
-            host_f32s(t).iter().map(|v| v.to_bits()).collect()
-        };
+        let bits = |t: &Tensor| -> Vec<u32> { host_f32s(t).iter().map(|v| v.to_bits()).collect() };
         let (f, p) = (bits(&fused), bits(&plain));
         let differ = f.iter().zip(&p).filter(|(a, b)| a != b).count();
-        assert_eq!(differ, 0, "{dtype:?}: {differ} of {n} sums differ from two adds");
+        assert_eq!(
+            differ, 0,
+            "{dtype:?}: {differ} of {n} sums differ from two adds"
+        );
     }
 }
 

@@ -57,7 +57,10 @@ pub fn decoding_settings(
         "ADAPTERLAB_DECODE_ATTENTION",
         crate::ops::decode_attention::setting()?,
     );
-    let rope = ("ADAPTERLAB_DECODE_ROPE", crate::ops::rope_append::setting()?);
+    let rope = (
+        "ADAPTERLAB_DECODE_ROPE",
+        crate::ops::rope_append::setting()?,
+    );
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         let (gemv, small) = crate::quant::kernels::decode_settings()?;

@@ -1119,7 +1119,10 @@ mod tests {
             // and positions counted before any were reserved: refused, naming what was given.
             let (k3, v3) = (k0.narrow(0, 0, 1)?, v0.narrow(0, 0, 1)?);
             let refused = cache.append(1, &k3, &v3).err().map(|e| e.to_string());
-            assert!(refused.is_some_and(|e| e.contains("layer 1 holds")), "room {room}");
+            assert!(
+                refused.is_some_and(|e| e.contains("layer 1 holds")),
+                "room {room}"
+            );
             let refused = cache.append(0, &k0, &v3).err().map(|e| e.to_string());
             assert!(refused.is_some_and(|e| e.contains("differ")), "room {room}");
             let refused = cache.advance(0, 1).err().map(|e| e.to_string());

@@ -10,7 +10,9 @@ use candle_core::{DType, Result, Tensor};
 pub fn add3(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let fused = x.device().is_cuda()
         && matches!(x.dtype(), DType::BF16 | DType::F16)
-        && [a, b].iter().all(|t| t.dtype() == x.dtype() && t.dims() == x.dims())
+        && [a, b]
+            .iter()
+            .all(|t| t.dtype() == x.dtype() && t.dims() == x.dims())
         && !(x.track_op() || a.track_op() || b.track_op());
     #[cfg(feature = "cuda")]
     if fused {
@@ -27,8 +29,11 @@ mod cuda {
     use super::*;
     use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, no_defines, wrap};
 
-    pub(crate) static RESIDUAL: CudaModule =
-        CudaModule::new("adapterlab_residual", include_str!("residual.cu"), no_defines);
+    pub(crate) static RESIDUAL: CudaModule = CudaModule::new(
+        "adapterlab_residual",
+        include_str!("residual.cu"),
+        no_defines,
+    );
 
     pub fn add3(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);

@@ -324,7 +324,11 @@ fn nf4_mma_defines(tilings: &[MmaTiling]) -> String {
             [0, 1].map(|h| format!("MMA_INSTANCE({}, {}, {}, {h})", t.warps, t.unroll, t.tiles))
         })
         .collect();
-    format!("{}#define MMA_TILINGS {}\n", nf4_defines(), instances.join(" "))
+    format!(
+        "{}#define MMA_TILINGS {}\n",
+        nf4_defines(),
+        instances.join(" ")
+    )
 }
 
 /// The quantization thresholds, as their f32 bits: a decimal literal would have to round to the
@@ -645,11 +649,9 @@ pub fn gemv_tiled(
         // 16-byte GEMV (nothing kept for rows that are not there).
         let (module, bf16, f16) = match kernel {
             DecodeKernel::Words => (&NF4, "nf4_gemv_bf16".into(), "nf4_gemv_f16".into()),
-            DecodeKernel::Wide if m == 1 => (
-                &NF4,
-                "nf4_gemv32_1_bf16".into(),
-                "nf4_gemv32_1_f16".into(),
-            ),
+            DecodeKernel::Wide if m == 1 => {
+                (&NF4, "nf4_gemv32_1_bf16".into(), "nf4_gemv32_1_f16".into())
+            }
             DecodeKernel::Wide => (&NF4, "nf4_gemv32_bf16".into(), "nf4_gemv32_f16".into()),
             DecodeKernel::Mma => (
                 if MmaTiling::DEFAULTS.contains(&tiling) {
@@ -693,7 +695,11 @@ mod tests {
         let mut names: Vec<String> = MmaTiling::ALL.iter().map(|t| t.name()).collect();
         names.sort();
         names.dedup();
-        assert_eq!(names.len(), MmaTiling::ALL.len(), "two tilings share a kernel name");
+        assert_eq!(
+            names.len(),
+            MmaTiling::ALL.len(),
+            "two tilings share a kernel name"
+        );
         // Every instance's shared memory (the warps' partial sums and the tables) fits the 48 KB
         // a block may declare statically.
         for t in MmaTiling::ALL {

@@ -500,7 +500,14 @@ impl Nf4Weight {
         match &self.inner.on_device {
             Some(d) => {
                 let n = self.inner.q.shape()[0];
-                gemv_tiled(&d.gpu(&self.inner.q), n, x2, DecodeKernel::Mma, tiling, None)
+                gemv_tiled(
+                    &d.gpu(&self.inner.q),
+                    n,
+                    x2,
+                    DecodeKernel::Mma,
+                    tiling,
+                    None,
+                )
             }
             None => candle_core::bail!("NF4 weight is not on a GPU"),
         }

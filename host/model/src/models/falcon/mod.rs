@@ -155,17 +155,18 @@ impl FalconAttention {
                 let (q, k, v) = profile::scope("attn.rope", dev, || {
                     let (q, k, v) = self.split_heads(&fused)?;
                     Ok(match rope {
-                        Some((cos, sin)) => {
-                            (Rotary::apply(&q, cos, sin)?, Rotary::apply(&k, cos, sin)?, v)
-                        }
+                        Some((cos, sin)) => (
+                            Rotary::apply(&q, cos, sin)?,
+                            Rotary::apply(&k, cos, sin)?,
+                            v,
+                        ),
                         None => (q, k, v),
                     })
                 })?;
                 match cache {
                     Some(c) => {
-                        let (k, v) = profile::scope("attn.core", dev, || {
-                            c.append(self.layer_idx, &k, &v)
-                        })?;
+                        let (k, v) =
+                            profile::scope("attn.core", dev, || c.append(self.layer_idx, &k, &v))?;
                         (q, k, v)
                     }
                     None => (q, k, v),
