@@ -87,6 +87,11 @@ fn host_f32s(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
+/// [`host_f32s`] as bits, for tests that hold a kernel to another path bit for bit.
+fn host_bits(t: &Tensor) -> Vec<u32> {
+    host_f32s(t).iter().map(|v| v.to_bits()).collect()
+}
+
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -596,7 +601,6 @@ fn rope_append_kernel_equals_the_op_by_op_path() {
         eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
         return;
     }
-    let bits = |t: &Tensor| -> Vec<u32> { host_f32s(t).iter().map(|v| v.to_bits()).collect() };
     let mut cases = 0;
     for (kv_heads, q_per_kv, head_dim) in [(1, 5, 64), (2, 3, 16), (3, 1, 8)] {
         let groups = QkvGroups {
@@ -662,9 +666,9 @@ fn rope_append_kernel_equals_the_op_by_op_path() {
                         let case = format!("{case}, step {step}");
                         assert_eq!(q.dims(), q2.dims(), "{case}");
                         assert_eq!(k.dims(), k2.dims(), "{case}");
-                        assert!(bits(&q) == bits(&q2), "{case}: q differs");
-                        assert!(bits(&k) == bits(&k2), "{case}: keys differ");
-                        assert!(bits(&v) == bits(&v2), "{case}: values differ");
+                        assert!(host_bits(&q) == host_bits(&q2), "{case}: q differs");
+                        assert!(host_bits(&k) == host_bits(&k2), "{case}: keys differ");
+                        assert!(host_bits(&v) == host_bits(&v2), "{case}: values differ");
                         cases += 1;
                     }
                 }
@@ -708,8 +712,7 @@ fn residual_kernel_equals_two_adds() {
         let (x, a, b) = (on(mk(0.37, 1.0)), on(mk(0.11, 3.0)), on(mk(0.73, 0.5)));
         let fused = add3(&x, &a, &b).unwrap();
         let plain = (&x + (&a + &b).unwrap()).unwrap();
-        let bits = |t: &Tensor| -> Vec<u32> { host_f32s(t).iter().map(|v| v.to_bits()).collect() };
-        let (f, p) = (bits(&fused), bits(&plain));
+        let (f, p) = (host_bits(&fused), host_bits(&plain));
         let differ = f.iter().zip(&p).filter(|(a, b)| a != b).count();
         assert_eq!(
             differ, 0,
@@ -1103,20 +1106,7 @@ fn dropout_kernel_equals_the_cpu_path() {
         let x = x.to_dtype(dtype).unwrap();
         let cpu = seeded_dropout(&x, 42, 0.1).unwrap();
         let gpu = seeded_dropout(&x.to_device(&dev).unwrap(), 42, 0.1).unwrap();
-        let bits = |t: &Tensor| {
-            t.to_device(&Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(bits(&cpu), bits(&gpu), "{dtype:?}");
+        assert_eq!(host_bits(&cpu), host_bits(&gpu), "{dtype:?}");
     }
 }
 

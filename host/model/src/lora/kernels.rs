@@ -54,7 +54,7 @@ pub fn lora_inference(
             b.dims()
         )));
     }
-    let h = crate::ops::profile::scope("lora.h", x.device(), || lora_h(x, a))?;
+    let h = lora_h(x, a)?;
     let ys = CudaInput::of(y)?;
     let (hs, b_in) = (CudaInput::of(&h)?, CudaInput::of(b)?);
     let (hv, bv) = (hs.view::<f32>(m * r)?, b_in.view::<f32>(n * r)?);
@@ -94,9 +94,14 @@ pub fn lora_inference(
 /// contiguous): the adapter's first product, which [`lora_inference`] or the NF4 GEMV's
 /// epilogue (`quant::kernels::gemv_with`) finishes. Up to [`LORA_H_MAX_ROWS`] rows, a block a
 /// row and rank (`lora_h`); a prefill's rows at ranks 8 and 16 (`lora_h_rows`: a block takes
-/// `512 / r` rows); other prefills, or rows whose length is not a multiple of 8, through cuBLAS
-/// on x converted to f32, as the op-by-op path computes it.
+/// `512 / r` rows); other prefills, or rows whose length is not a multiple of 8 or that do not
+/// start 16-byte aligned, through cuBLAS on x converted to f32, as the op-by-op path computes
+/// it. Timed as the profile's `lora.h`.
 pub fn lora_h(x: &Tensor, a: &Tensor) -> Result<Tensor> {
+    crate::ops::profile::scope("lora.h", x.device(), || adapter_product(x, a))
+}
+
+fn adapter_product(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     let dev = cuda_device(x)?;
     let (m, k) = x.dims2()?;
     let (r, k2) = a.dims2()?;
@@ -109,7 +114,11 @@ pub fn lora_h(x: &Tensor, a: &Tensor) -> Result<Tensor> {
         )));
     }
     let by_rows = m > LORA_H_MAX_ROWS;
-    if by_rows && !(LORA_H_ROWS_RANKS.contains(&r) && k.is_multiple_of(8)) {
+    // lora_h_rows reads x 16 bytes and A 16 bytes at a time, from where their views start.
+    let aligned = k.is_multiple_of(8)
+        && x.layout().start_offset().is_multiple_of(8)
+        && a.layout().start_offset().is_multiple_of(4);
+    if by_rows && !(LORA_H_ROWS_RANKS.contains(&r) && aligned) {
         return x.to_dtype(DType::F32)?.matmul(&a.t()?)?.contiguous();
     }
     let (xs, a_in) = (CudaInput::of(x)?, CudaInput::of(a)?);

@@ -443,9 +443,7 @@ impl LoraLayer {
             {
                 let x2 = x.contiguous()?.reshape((rows, k))?;
                 let a = self.a.as_tensor().detach().contiguous()?;
-                let h = crate::ops::profile::scope("lora.h", x.device(), || {
-                    crate::lora::kernels::lora_h(&x2, &a)
-                })?;
+                let h = crate::lora::kernels::lora_h(&x2, &a)?;
                 let b = self.b.as_tensor().detach().contiguous()?;
                 let epilogue = crate::quant::kernels::LoraEpilogue {
                     h: &h,

@@ -22,7 +22,7 @@ pub struct QkvGroups {
 }
 
 impl QkvGroups {
-    /// Heads of one group in the fused row.
+    /// Heads of one token in the fused row: every group's queries, key and value.
     fn slots(self) -> usize {
         self.kv_heads * (self.q_per_kv + 2)
     }

@@ -529,22 +529,11 @@ pub struct LoraEpilogue<'a> {
 }
 
 /// `x [m, k] @ W^T` for `W [n, k]` held as NF4, `x` bf16 or f16, with `kernel` (which must
-/// [`DecodeKernel::serves`] the shape), and with `lora` the adapter's product added in the same
-/// launch (where the kernel [`DecodeKernel::adds_lora`]).
+/// [`DecodeKernel::serves`] the shape; the tensor-core kernel in `tiling`, which decoding takes
+/// from [`MmaTiling::for_rows`] and `bench kernels` and the GPU tests vary; other kernels ignore
+/// it), and with `lora` the adapter's product added in the same launch (where the kernel
+/// [`DecodeKernel::adds_lora`]).
 pub fn gemv_with(
-    w: &Nf4Gpu,
-    out_features: usize,
-    x: &Tensor,
-    kernel: DecodeKernel,
-    lora: Option<&LoraEpilogue>,
-) -> Result<Tensor> {
-    let tiling = MmaTiling::for_rows(x.dim(0)?);
-    gemv_tiled(w, out_features, x, kernel, tiling, lora)
-}
-
-/// [`gemv_with`] with the tensor-core kernel's `tiling` chosen (other kernels ignore it): what
-/// `bench kernels` and the GPU tests compare the tilings by.
-pub fn gemv_tiled(
     w: &Nf4Gpu,
     out_features: usize,
     x: &Tensor,
@@ -647,7 +636,7 @@ pub fn gemv_tiled(
         }
         // (module, bf16 instance, f16 instance); one row has an instance of its own in the
         // 16-byte GEMV (nothing kept for rows that are not there).
-        let (module, bf16, f16) = match kernel {
+        let (module, bf16, f16): (&CudaModule, String, String) = match kernel {
             DecodeKernel::Words => (&NF4, "nf4_gemv_bf16".into(), "nf4_gemv_f16".into()),
             DecodeKernel::Wide if m == 1 => {
                 (&NF4, "nf4_gemv32_1_bf16".into(), "nf4_gemv32_1_f16".into())
@@ -668,7 +657,6 @@ pub fn gemv_tiled(
                 "nf4_gemm_small_f16".into(),
             ),
         };
-        let (bf16, f16): (String, String) = (bf16, f16);
         match x.dtype() {
             DType::BF16 => launch!(module, &bf16, half::bf16),
             DType::F16 => launch!(module, &f16, half::f16),

@@ -10,9 +10,9 @@
 // 128-column chunk, one 16-byte load of codes for feature g (one absmax block, as the 32-column
 // GEMV), and step s of the chunk's 8 mma steps gives its k slots {2c, 2c + 1, 2c + 8, 2c + 9}
 // columns 32c + 4s + {0, 1, 2, 3}. A block's warps split the chunks of the same features (see
-// the tiling below) and add their partial sums through shared memory. The caller guarantees k % 32 == 0, a blocksize that is
-// a power of two of at least 32, a nested blocksize (nbs, 1 without nesting) that is a power of
-// two, n % 8 == 0 and x contiguous from a 16-byte boundary. The weights are dequantized as
+// the tiling below) and add their partial sums through shared memory. The caller guarantees
+// k % 32 == 0, a blocksize that is a power of two of at least 32, a nested blocksize (nbs, 1
+// without nesting) that is a power of two, n % 8 == 0 and x contiguous from a 16-byte boundary. The weights are dequantized as
 // nf4_values8 reads them, the absmax loads issued with the codes' (absmax_fetch), and each pair
 // rounded to 16 bits in one instruction: per weight, ~3 instructions fewer than indexing by
 // nibble and rounding in software.

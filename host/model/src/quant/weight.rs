@@ -479,13 +479,8 @@ impl Nf4Weight {
         kernel: crate::quant::kernels::DecodeKernel,
         lora: Option<&crate::quant::kernels::LoraEpilogue>,
     ) -> Result<Tensor> {
-        match &self.inner.on_device {
-            Some(d) => {
-                let n = self.inner.q.shape()[0];
-                crate::quant::kernels::gemv_with(&d.gpu(&self.inner.q), n, x2, kernel, lora)
-            }
-            None => candle_core::bail!("NF4 weight is not on a GPU"),
-        }
+        let tiling = crate::quant::kernels::MmaTiling::for_rows(x2.dim(0)?);
+        self.forward_tiled(x2, kernel, tiling, lora)
     }
 
     /// [`Self::forward_from_nf4`] with the tensor-core kernel and the `tiling` given, not the
@@ -496,21 +491,23 @@ impl Nf4Weight {
         x2: &Tensor,
         tiling: crate::quant::kernels::MmaTiling,
     ) -> Result<Tensor> {
-        use crate::quant::kernels::{DecodeKernel, gemv_tiled};
-        match &self.inner.on_device {
-            Some(d) => {
-                let n = self.inner.q.shape()[0];
-                gemv_tiled(
-                    &d.gpu(&self.inner.q),
-                    n,
-                    x2,
-                    DecodeKernel::Mma,
-                    tiling,
-                    None,
-                )
-            }
-            None => candle_core::bail!("NF4 weight is not on a GPU"),
-        }
+        let mma = crate::quant::kernels::DecodeKernel::Mma;
+        self.forward_tiled(x2, mma, tiling, None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn forward_tiled(
+        &self,
+        x2: &Tensor,
+        kernel: crate::quant::kernels::DecodeKernel,
+        tiling: crate::quant::kernels::MmaTiling,
+        lora: Option<&crate::quant::kernels::LoraEpilogue>,
+    ) -> Result<Tensor> {
+        let Some(d) = &self.inner.on_device else {
+            candle_core::bail!("NF4 weight is not on a GPU")
+        };
+        let n = self.inner.q.shape()[0];
+        crate::quant::kernels::gemv_with(&d.gpu(&self.inner.q), n, x2, kernel, tiling, lora)
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -132,7 +132,7 @@ impl FalconAttention {
         ctx: &AttentionContext,
         rope: Option<&(Tensor, Tensor)>,
         alibi: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
+        mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let dev = x.device();
@@ -142,7 +142,6 @@ impl FalconAttention {
             _ => None,
         };
         // Decoding splits, rotates and caches in one kernel where it can.
-        let mut cache = cache;
         let done = match cache.as_mut() {
             Some(c) => profile::scope("attn.rope", dev, || {
                 split_rotate_append(c, self.layer_idx, &fused, self.groups(), rope)
