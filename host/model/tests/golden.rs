@@ -1110,10 +1110,14 @@ fn dropout_kernel_equals_the_cpu_path() {
     }
 }
 
-/// An adapted NF4 layer's training node (`lora::train_node`) on the GPU: its value equals the
-/// op-by-op sum bit for bit and its gradients the op-by-op graph's on the same device (bf16
-/// within bf16's rounding, f32 within 1e-4), with seeded dropout, with and without the GELU in
-/// front; and the f32 GPU gradients equal the CPU's.
+/// An adapted NF4 layer's training node (`lora::train_node`) on the GPU against the op-by-op
+/// graph on the same device, with seeded dropout, with and without the GELU in front, at ranks
+/// 16 and 8 (rows not a whole number of the kernels' blocks, and a row length that splits among
+/// blocks and is not a whole number of their chunks). In f32 (op by op inside the node too) the
+/// value is the op-by-op sum's bit for bit and the gradients agree within 1e-4, and the CPU's
+/// equal the GPU's. In bf16 and f16 the node's kernels sum `h = dropout(z) A^T` and its product
+/// with B in another order than cuBLAS, so a rounding may flip: each value element is within one
+/// rounding of the graph's, and few differ at all; the gradients agree within the type's rounding.
 #[cfg_attr(
     not(feature = "cuda"),
     ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
@@ -1132,89 +1136,110 @@ fn lora_train_node_equals_the_op_by_op_graph_on_the_gpu() {
         eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
         return;
     }
-    let (m, k, n, r) = (96, 256, 192, 16);
     let host = |len: usize, scale: f32, phase: f32, shape: (usize, usize)| {
         let v: Vec<f32> = (0..len)
             .map(|i| (i as f32 * 0.7391 + phase).sin() * scale)
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     };
-    let w = host(n * k, 0.05, 0.1, (n, k));
-    let (x0, a0, b0, g0) = (
-        host(m * k, 1.0, 0.2, (m, k)),
-        host(r * k, 0.1, 0.3, (r, k)),
-        host(n * r, 0.1, 0.4, (n, r)),
-        host(m * n, 1.0, 0.5, (m, n)),
-    );
-    let dropout = Some(Dropout { key: 7, p: 0.1 });
-    // (value, dx, dA, dB) of one forward and backward on `on`, in `dtype`.
-    let run = |on: &Device, dtype: DType, fused: bool, input: Input| -> Vec<Vec<f32>> {
-        let base: Arc<dyn BaseWeight> =
-            Arc::new(Nf4Weight::quantize(&w, Nf4Options::default(), dtype, on).unwrap());
-        let var = |t: &Tensor| Var::from_tensor(&t.to_device(on).unwrap()).unwrap();
-        let (x, a, b) = (var(&x0), var(&a0), var(&b0));
-        let xw = x.as_tensor().to_dtype(dtype).unwrap();
-        let aw = a.as_tensor().to_dtype(dtype).unwrap();
-        let bs = (b.as_tensor().to_dtype(dtype).unwrap() * 2.0).unwrap();
-        let y = if fused {
-            lora_linear(base, None, &xw, &aw, &bs, dropout, input).unwrap()
-        } else {
-            let z = match input {
-                Input::AsIs => xw.clone(),
-                Input::GeluErf => gelu_erf(&xw).unwrap(),
+    for (m, k, n, r) in [(96, 256, 192, 16), (77, 1032, 192, 8)] {
+        let w = host(n * k, 0.05, 0.1, (n, k));
+        let (x0, a0, b0, g0) = (
+            host(m * k, 1.0, 0.2, (m, k)),
+            host(r * k, 0.1, 0.3, (r, k)),
+            host(n * r, 0.1, 0.4, (n, r)),
+            host(m * n, 1.0, 0.5, (m, n)),
+        );
+        let dropout = Some(Dropout { key: 7, p: 0.1 });
+        // (value, dx, dA, dB) of one forward and backward on `on`, in `dtype`.
+        let run = |on: &Device, dtype: DType, fused: bool, input: Input| -> Vec<Vec<f32>> {
+            let base: Arc<dyn BaseWeight> =
+                Arc::new(Nf4Weight::quantize(&w, Nf4Options::default(), dtype, on).unwrap());
+            let var = |t: &Tensor| Var::from_tensor(&t.to_device(on).unwrap()).unwrap();
+            let (x, a, b) = (var(&x0), var(&a0), var(&b0));
+            let xw = x.as_tensor().to_dtype(dtype).unwrap();
+            let aw = a.as_tensor().to_dtype(dtype).unwrap();
+            let bs = (b.as_tensor().to_dtype(dtype).unwrap() * 2.0).unwrap();
+            let y = if fused {
+                lora_linear(base, None, &xw, &aw, &bs, dropout, input).unwrap()
+            } else {
+                let z = match input {
+                    Input::AsIs => xw.clone(),
+                    Input::GeluErf => gelu_erf(&xw).unwrap(),
+                };
+                let zd = seeded_dropout(&z, 7, 0.1).unwrap();
+                let delta = zd
+                    .matmul(&aw.t().unwrap())
+                    .unwrap()
+                    .matmul(&bs.t().unwrap())
+                    .unwrap();
+                (base.forward(&z).unwrap() + delta).unwrap()
             };
-            let zd = seeded_dropout(&z, 7, 0.1).unwrap();
-            let delta = zd
-                .matmul(&aw.t().unwrap())
-                .unwrap()
-                .matmul(&bs.t().unwrap())
-                .unwrap();
-            (base.forward(&z).unwrap() + delta).unwrap()
+            let g = g0.to_device(on).unwrap().to_dtype(dtype).unwrap();
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            [
+                y,
+                grads.get(&x).unwrap().clone(),
+                grads.get(&a).unwrap().clone(),
+                grads.get(&b).unwrap().clone(),
+            ]
+            .iter()
+            .map(host_f32s)
+            .collect()
         };
-        let g = g0.to_device(on).unwrap().to_dtype(dtype).unwrap();
-        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        [
-            y,
-            grads.get(&x).unwrap().clone(),
-            grads.get(&a).unwrap().clone(),
-            grads.get(&b).unwrap().clone(),
-        ]
-        .iter()
-        .map(host_f32s)
-        .collect()
-    };
-    for input in [Input::AsIs, Input::GeluErf] {
-        for dtype in [DType::F32, DType::BF16] {
-            let (fused, plain) = (
-                run(&dev, dtype, true, input),
-                run(&dev, dtype, false, input),
+        for input in [Input::AsIs, Input::GeluErf] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let case = format!("{input:?} {dtype:?} m {m} k {k} r {r}");
+                let (fused, plain) = (
+                    run(&dev, dtype, true, input),
+                    run(&dev, dtype, false, input),
+                );
+                if dtype == DType::F32 {
+                    assert_eq!(
+                        fused[0], plain[0],
+                        "{case}: the value is the op-by-op sum's"
+                    );
+                } else {
+                    // One rounding of the 16-bit type at the element's magnitude.
+                    let eps = if dtype == DType::BF16 {
+                        2f32.powi(-8)
+                    } else {
+                        2f32.powi(-11)
+                    };
+                    let mut differ = 0;
+                    for (i, (f, p)) in fused[0].iter().zip(&plain[0]).enumerate() {
+                        if f != p {
+                            differ += 1;
+                            let bound = 2.0 * eps * p.abs().max(f.abs()) + 1e-6;
+                            assert!((f - p).abs() <= bound, "{case}: value {i}: {f} against {p}");
+                        }
+                    }
+                    assert!(
+                        differ * 50 < fused[0].len(),
+                        "{case}: {differ} of {} values differ",
+                        fused[0].len()
+                    );
+                }
+                for (what, (f, p)) in ["dx", "dA", "dB"]
+                    .iter()
+                    .zip(fused[1..].iter().zip(&plain[1..]))
+                {
+                    let rel = relative_diff(p, f);
+                    let tol = if dtype == DType::F32 { 1e-4 } else { 2e-2 };
+                    assert!(rel < tol, "{case} {what}: relative difference {rel}");
+                }
+            }
+            let (gpu, cpu) = (
+                run(&dev, DType::F32, true, input),
+                run(&Device::Cpu, DType::F32, true, input),
             );
-            assert_eq!(
-                fused[0], plain[0],
-                "{input:?} {dtype:?}: the value is the op-by-op sum's"
-            );
-            for (what, (f, p)) in ["dx", "dA", "dB"]
-                .iter()
-                .zip(fused[1..].iter().zip(&plain[1..]))
-            {
-                let rel = relative_diff(p, f);
-                let tol = if dtype == DType::BF16 { 2e-2 } else { 1e-4 };
+            for (what, (g, c)) in ["value", "dx", "dA", "dB"].iter().zip(gpu.iter().zip(&cpu)) {
+                let rel = relative_diff(c, g);
                 assert!(
-                    rel < tol,
-                    "{input:?} {dtype:?} {what}: relative difference {rel}"
+                    rel < 1e-4,
+                    "{input:?} f32 GPU against CPU, m {m} k {k} r {r}, {what}: relative difference {rel}"
                 );
             }
-        }
-        let (gpu, cpu) = (
-            run(&dev, DType::F32, true, input),
-            run(&Device::Cpu, DType::F32, true, input),
-        );
-        for (what, (g, c)) in ["value", "dx", "dA", "dB"].iter().zip(gpu.iter().zip(&cpu)) {
-            let rel = relative_diff(c, g);
-            assert!(
-                rel < 1e-4,
-                "{input:?} f32 GPU against CPU, {what}: relative difference {rel}"
-            );
         }
     }
 }

@@ -161,3 +161,165 @@ fn adapter_product(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     }
     Ok(wrap(h, &dev, (m, r)))
 }
+
+/// Ranks the training node's kernels have instances for (`lora_train_h`, `lora_train_add`).
+const TRAIN_RANKS: [usize; 2] = [8, 16];
+
+/// Whether the training node's kernels serve an adapter of rank `r` on `x` (`[m, k]`): a GPU,
+/// a 16-bit type, a rank with an instance, rows a whole number of 16-byte vectors starting on
+/// one. Elsewhere the node runs op by op.
+pub fn trains(x: &Tensor, r: usize) -> bool {
+    let k = x.dims().last().copied().unwrap_or(0);
+    x.device().is_cuda()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && TRAIN_RANKS.contains(&r)
+        && k.is_multiple_of(8)
+        && x.is_contiguous()
+        && x.layout().start_offset().is_multiple_of(8)
+}
+
+/// `(key, p)` of the seeded dropout a training kernel applies (`crate::ops::dropout`).
+pub type Mask = Option<(u64, f32)>;
+
+fn mask_args(mask: Mask) -> (u64, f32, f32) {
+    match mask {
+        Some((key, p)) if p > 0.0 => (key, p, 1.0 / (1.0 - p)),
+        _ => (0, 0.0, 1.0),
+    }
+}
+
+fn start_aligned(t: &Tensor, elems: usize) -> bool {
+    t.is_contiguous() && t.layout().start_offset().is_multiple_of(elems)
+}
+
+/// The training node's `h = dropout(z) A^T` (`[m, r]`, in z's type) for `z` `[m, k]` and `a`
+/// `[r, k]` in one 16-bit type ([`trains`] must hold): the op-by-op graph's sums (z dropped and
+/// rounded as the dropout op writes it, f32 sums rounded once), without the dropped copy of z.
+/// k is split among blocks where the rows alone would leave the GPU's multiprocessors idle;
+/// the slices' sums are added in order, so the value does not depend on the card.
+pub fn train_h(z: &Tensor, a: &Tensor, mask: Mask) -> Result<Tensor> {
+    let dev = cuda_device(z)?;
+    let (m, k) = z.dims2()?;
+    let (r, k2) = a.dims2()?;
+    if k != k2 || a.dtype() != z.dtype() || !trains(z, r) || !start_aligned(a, 8) {
+        return Err(Error::Msg(format!(
+            "lora training h: z {:?} {:?}, A {:?} {:?}",
+            z.dims(),
+            z.dtype(),
+            a.dims(),
+            a.dtype()
+        )));
+    }
+    let (row_blocks, chunks) = (m.div_ceil(512 / r), k.div_ceil(128));
+    // Two blocks a multiprocessor (H100: 132), each slice at least four chunks of k.
+    let splits = (264usize.div_ceil(row_blocks)).clamp(1, (chunks / 4).max(1));
+    let k_per = chunks.div_ceil(splits) * 128;
+    let splits = k.div_ceil(k_per);
+    let (zs, as_) = (CudaInput::of(z)?, CudaInput::of(a)?);
+    // SAFETY: each slice's block writes every element of its rows' partial sums.
+    let part = unsafe { dev.alloc::<f32>(splits * m * r)? };
+    let (k_i, k_per_i, m_i) = (k as i32, k_per as i32, m as i32);
+    let (key, p, scale) = mask_args(mask);
+    let cfg = LaunchConfig {
+        grid_dim: (row_blocks as u32, splits as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (n, splits_i) = (m * r, splits as i32);
+    let n_i = n as i32;
+    let sum_cfg = LaunchConfig::for_num_elems(n as u32);
+    macro_rules! launch {
+        ($dtype:literal, $t:ty) => {{
+            let (zv, av) = (zs.view::<$t>(m * k)?, as_.view::<$t>(r * k)?);
+            let name = format!("lora_train_h_{}_r{r}", $dtype);
+            crate::run_kernel!(LORA, dev, &name, cfg;
+                &zv, &av, &part, &k_i, &k_per_i, &m_i, &key, &p, &scale)?;
+            // SAFETY: every element is written by the kernel below.
+            let h = unsafe { dev.alloc::<$t>(n)? };
+            crate::run_kernel!(LORA, dev, concat!("lora_h_sum_", $dtype), sum_cfg;
+                &part, &h, &splits_i, &n_i)?;
+            Ok(wrap(h, &dev, (m, r)))
+        }};
+    }
+    crate::ops::profile::scope("lora.train.h", z.device(), || match z.dtype() {
+        DType::BF16 => launch!("bf16", half::bf16),
+        DType::F16 => launch!("f16", half::f16),
+        other => Err(Error::Msg(format!(
+            "lora training on {other:?} is not supported"
+        ))),
+    })
+}
+
+/// The second factor of a training node's adapter term `h F^T`, as stored.
+pub enum Factor<'a> {
+    /// `[n, r]`: `scaling * B`, the forward's.
+    OutByRank(&'a Tensor),
+    /// `[r, n]`: `A`, whose transpose the input gradient's term multiplies.
+    RankByOut(&'a Tensor),
+}
+
+/// `y + dropout(round(h F^T))` with every rounding of the op-by-op graph (the product rounded
+/// to the 16-bit type as cuBLAS writes it, then dropped out, then added): the training node's
+/// value (`h = dropout(z) A^T`, `F` = `scaling * B`, no mask) and its input gradient's two terms
+/// (`y` the base's, `h` the gradient of h, `F` = `A^T`, the forward's mask). `y` `[m, n]`, `h`
+/// `[m, r]` and `F` in one 16-bit type. One pass over `y` where the graph made the product,
+/// its dropped copy and the sum.
+pub fn train_add(y: &Tensor, h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Tensor> {
+    let dev = cuda_device(y)?;
+    let (m, n) = y.dims2()?;
+    let (m2, r) = h.dims2()?;
+    let (ft, (fs_col, fs_j), f_dims) = match f {
+        Factor::OutByRank(t) => (t, (r as i64, 1i64), [n, r]),
+        Factor::RankByOut(t) => (t, (1i64, n as i64), [r, n]),
+    };
+    let same_type = [h, ft].iter().all(|t| t.dtype() == y.dtype());
+    if m != m2
+        || ft.dims() != f_dims
+        || !same_type
+        || !TRAIN_RANKS.contains(&r)
+        || !start_aligned(y, 2)
+        || !start_aligned(h, 8)
+        || !ft.is_contiguous()
+    {
+        return Err(Error::Msg(format!(
+            "lora training add: y {:?} {:?}, h {:?} {:?}, factor {:?} {:?}",
+            y.dims(),
+            y.dtype(),
+            h.dims(),
+            h.dtype(),
+            ft.dims(),
+            ft.dtype()
+        )));
+    }
+    let (ys, hs, fs) = (CudaInput::of(y)?, CudaInput::of(h)?, CudaInput::of(ft)?);
+    let (n_i, m_i) = (n as i32, m as i32);
+    let (key, p, scale) = mask_args(mask);
+    let drop = if p > 0.0 { "drop_" } else { "" };
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(512) as u32, m.div_ceil(LORA_OUT_ROWS) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! launch {
+        ($dtype:literal, $t:ty) => {{
+            let (yv, hv, fv) = (
+                ys.view::<$t>(m * n)?,
+                hs.view::<$t>(m * r)?,
+                fs.view::<$t>(n * r)?,
+            );
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(m * n)? };
+            let name = format!("lora_train_add_{drop}{}_r{r}", $dtype);
+            crate::run_kernel!(LORA, dev, &name, cfg;
+                &yv, &hv, &fv, &fs_col, &fs_j, &out, &n_i, &m_i, &key, &p, &scale)?;
+            Ok(wrap(out, &dev, (m, n)))
+        }};
+    }
+    crate::ops::profile::scope("lora.train.add", y.device(), || match y.dtype() {
+        DType::BF16 => launch!("bf16", half::bf16),
+        DType::F16 => launch!("f16", half::f16),
+        other => Err(Error::Msg(format!(
+            "lora training on {other:?} is not supported"
+        ))),
+    })
+}

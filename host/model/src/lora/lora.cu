@@ -1,4 +1,5 @@
-// Unmerged LoRA adapters at inference (lora/kernels.rs).
+// LoRA adapters' kernels (lora/kernels.rs): unmerged adapters at inference, and the training
+// node's forward and input gradient (lora/train_node.rs).
 // Compiled with NVRTC at first use, after the shared prelude (ops/prelude.cu); the
 // __fmul_rn/__fadd_rn intrinsics keep NVRTC from fusing a multiply and an add into an FMA,
 // which would round differently from the CPU path.
@@ -36,16 +37,26 @@ extern "C" __global__ void NAME(const u16* x, const float* a, float* h, int k, i
   if (threadIdx.x == 0) h[blockIdx.x] = acc;                                                   \
 }
 // h = x A^T for a prefill's many rows (rank R of 8 or 16, k a multiple of 8): a block takes
-// 512 / R rows and every rank, walking k in chunks of LH_KC columns staged in shared memory as
-// f32 (rows padded by one float, so the 8 rows and 4 ranks a warp reads at one column fall in
-// distinct banks), the next chunk's loads issued before the current one is used. A lane holds
-// a 4-row by 4-rank tile of sums; the block's 8 warps split each chunk's columns and add their
-// tiles through shared memory at the end. What it replaced, x converted to f32 and cuBLAS's f32
-// product, took 45 of a 159 ms prefill of 16 x 200 tokens on an H100 (2026-12-06).
+// 512 / R rows and every rank, walking its slice of k (blockIdx.y's, all of k at inference) in
+// chunks of LH_KC columns staged in shared memory as f32 (rows padded by one float, so the 8
+// rows and 4 ranks a warp reads at one column fall in distinct banks), the next chunk's loads
+// issued before the current one is used. A lane holds a 4-row by 4-rank tile of sums; the
+// block's 8 warps split each chunk's columns and add their tiles through shared memory at the
+// end, into h (f32, [m, R]) or, where k is split, into slice blockIdx.y's partial sums, which
+// lora_h_sum adds in slice order. What it replaced at inference, x converted to f32 and
+// cuBLAS's f32 product, took 45 of a 159 ms prefill of 16 x 200 tokens on an H100 (2026-12-06).
+// TRAIN is the training node's h = dropout(z) A^T (lora/train_node.rs): A in z's 16-bit type,
+// each element of z dropped (keep_scale, index row * k + column, when p > 0) and rounded to
+// that type as the dropout op writes it, so the sums are those of the op-by-op graph's product.
 #define LH_KC 128
-template <int R, bool BF16>
-__device__ __forceinline__ void lora_h_rows(const u16* x, const float* a, float* h, int m,
-    int k) {
+#define LORA_OUT_ROWS 32
+template <bool BF16>
+__device__ __forceinline__ float load16(u16 v) { return BF16 ? bf16_to_f32(v) : f16_to_f32(v); }
+template <bool BF16>
+__device__ __forceinline__ u16 round16(float v) { return BF16 ? f32_to_bf16(v) : f32_to_f16(v); }
+template <int R, bool BF16, bool TRAIN>
+__device__ __forceinline__ void lora_h_rows(const u16* x, const float* af, const u16* a16,
+    float* h, int m, int k, int k_per, unsigned long long key, float p, float scale) {
   constexpr int RG = R / 4, ROWG = 32 / RG, ROWS = 4 * ROWG;
   constexpr int XL = ROWS * (LH_KC / 8) / 256, AL = R * (LH_KC / 4) / 256;
   __shared__ float xs[ROWS][LH_KC + 1];
@@ -54,6 +65,8 @@ __device__ __forceinline__ void lora_h_rows(const u16* x, const float* a, float*
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int rg = lane / RG, jg = lane % RG;
   int row0 = blockIdx.x * ROWS;
+  int kb = blockIdx.y * k_per, ke = min(k, kb + k_per);
+  bool drop = TRAIN && p > 0.f;
   float acc[4][4];
   _Pragma("unroll") for (int i = 0; i < 4; ++i)
     _Pragma("unroll") for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
@@ -63,23 +76,36 @@ __device__ __forceinline__ void lora_h_rows(const u16* x, const float* a, float*
     _Pragma("unroll") for (int l = 0; l < XL; ++l) {
       int t = threadIdx.x + 256 * l, r = t / (LH_KC / 8), c = c0 + (t % (LH_KC / 8)) * 8;
       xr[l] = make_uint4(0u, 0u, 0u, 0u);
-      if (row0 + r < m && c < k) xr[l] = __ldg((const uint4*)(x + (long long)(row0 + r) * k + c));
+      if (row0 + r < m && c < ke) xr[l] = __ldg((const uint4*)(x + (long long)(row0 + r) * k + c));
     }
     _Pragma("unroll") for (int l = 0; l < AL; ++l) {
       int t = threadIdx.x + 256 * l, j = t / (LH_KC / 4), c = c0 + (t % (LH_KC / 4)) * 4;
       ar[l] = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (c < k) ar[l] = __ldg((const float4*)(a + (long long)j * k + c));
+      if (c < ke) {
+        if (TRAIN) {
+          uint2 v = __ldg((const uint2*)(a16 + (long long)j * k + c));
+          ar[l] = make_float4(load16<BF16>((u16)(v.x & 0xffffu)), load16<BF16>((u16)(v.x >> 16)),
+                              load16<BF16>((u16)(v.y & 0xffffu)), load16<BF16>((u16)(v.y >> 16)));
+        } else {
+          ar[l] = __ldg((const float4*)(af + (long long)j * k + c));
+        }
+      }
     }
   };
-  fetch(0);
-  for (int c0 = 0; c0 < k; c0 += LH_KC) {
+  fetch(kb);
+  for (int c0 = kb; c0 < ke; c0 += LH_KC) {
     _Pragma("unroll") for (int l = 0; l < XL; ++l) {
       int t = threadIdx.x + 256 * l, r = t / (LH_KC / 8), c = (t % (LH_KC / 8)) * 8;
       unsigned int w[4] = {xr[l].x, xr[l].y, xr[l].z, xr[l].w};
+      long long e = (long long)(row0 + r) * k + c0 + c;
       _Pragma("unroll") for (int q = 0; q < 4; ++q) {
-        u16 lo = (u16)(w[q] & 0xffffu), hi = (u16)(w[q] >> 16);
-        xs[r][c + 2 * q] = BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
-        xs[r][c + 2 * q + 1] = BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
+        float lo = load16<BF16>((u16)(w[q] & 0xffffu)), hi = load16<BF16>((u16)(w[q] >> 16));
+        if (drop) {
+          lo = load16<BF16>(round16<BF16>(__fmul_rn(lo, keep_scale(key, e + 2 * q, p, scale))));
+          hi = load16<BF16>(round16<BF16>(__fmul_rn(hi, keep_scale(key, e + 2 * q + 1, p, scale))));
+        }
+        xs[r][c + 2 * q] = lo;
+        xs[r][c + 2 * q + 1] = hi;
       }
     }
     _Pragma("unroll") for (int l = 0; l < AL; ++l) {
@@ -87,7 +113,7 @@ __device__ __forceinline__ void lora_h_rows(const u16* x, const float* a, float*
       as[j][c] = ar[l].x; as[j][c + 1] = ar[l].y; as[j][c + 2] = ar[l].z; as[j][c + 3] = ar[l].w;
     }
     __syncthreads();
-    if (c0 + LH_KC < k) fetch(c0 + LH_KC);
+    if (c0 + LH_KC < ke) fetch(c0 + LH_KC);
     _Pragma("unroll 4") for (int cc = 0; cc < LH_KC / 8; ++cc) {
       int c = warp * (LH_KC / 8) + cc;
       float xa[4], aa[4];
@@ -102,25 +128,119 @@ __device__ __forceinline__ void lora_h_rows(const u16* x, const float* a, float*
     _Pragma("unroll") for (int j = 0; j < 4; ++j)
       part[(warp * ROWS + rg * 4 + i) * R + jg * 4 + j] = acc[i][j];
   __syncthreads();
+  float* hs = h + (long long)blockIdx.y * m * R;
   for (int o = threadIdx.x; o < ROWS * R; o += 256) {
     int r = o / R;
     if (row0 + r >= m) continue;
     float sum = 0.f;
     _Pragma("unroll") for (int w = 0; w < 8; ++w) sum += part[w * ROWS * R + o];
-    h[(long long)row0 * R + o] = sum;
+    hs[(long long)row0 * R + o] = sum;
   }
 }
 #define LORA_H_ROWS(R)                                                                         \
 extern "C" __global__ void __launch_bounds__(256) lora_h_rows_bf16_r##R(const u16* x,         \
     const float* a, float* h, int k, int r, int m) {                                          \
-  lora_h_rows<R, true>(x, a, h, m, k);                                                         \
+  lora_h_rows<R, true, false>(x, a, nullptr, h, m, k, k, 0ull, 0.f, 1.f);                      \
 }                                                                                             \
 extern "C" __global__ void __launch_bounds__(256) lora_h_rows_f16_r##R(const u16* x,          \
     const float* a, float* h, int k, int r, int m) {                                          \
-  lora_h_rows<R, false>(x, a, h, m, k);                                                        \
+  lora_h_rows<R, false, false>(x, a, nullptr, h, m, k, k, 0ull, 0.f, 1.f);                     \
+}                                                                                             \
+extern "C" __global__ void __launch_bounds__(256) lora_train_h_bf16_r##R(const u16* z,        \
+    const u16* a, float* part, int k, int k_per, int m, unsigned long long key, float p,       \
+    float scale) {                                                                            \
+  lora_h_rows<R, true, true>(z, nullptr, a, part, m, k, k_per, key, p, scale);                 \
+}                                                                                             \
+extern "C" __global__ void __launch_bounds__(256) lora_train_h_f16_r##R(const u16* z,         \
+    const u16* a, float* part, int k, int k_per, int m, unsigned long long key, float p,       \
+    float scale) {                                                                            \
+  lora_h_rows<R, false, true>(z, nullptr, a, part, m, k, k_per, key, p, scale);                \
 }
 LORA_H_ROWS(8)
 LORA_H_ROWS(16)
+
+// The training node's h: the slices' partial sums of lora_train_h added in slice order and
+// rounded once to the 16-bit type, as cuBLAS writes its product.
+#define LORA_H_SUM(NAME, BF16)                                                                 \
+extern "C" __global__ void NAME(const float* part, u16* h, int splits, int n) {               \
+  int i = blockIdx.x * blockDim.x + threadIdx.x;                                               \
+  if (i >= n) return;                                                                          \
+  float sum = 0.f;                                                                             \
+  for (int s = 0; s < splits; ++s) sum += part[(long long)s * n + i];                          \
+  h[i] = round16<BF16>(sum);                                                                   \
+}
+LORA_H_SUM(lora_h_sum_bf16, true)
+LORA_H_SUM(lora_h_sum_f16, false)
+
+// The training node's adapter term added to y (lora/train_node.rs), with every rounding of the
+// op-by-op graph: out = y + v, v = keep * round16(h F(col)^T), each step rounded to the 16-bit
+// type. Forward: y the base's product, h = dropout(z) A^T, F = scaling * B ([n, R]: fs_col = R,
+// fs_j = 1), no dropout. Backward's input gradient: y the base's, h the gradient of h, F = A^T
+// (A [R, n]: fs_col = 1, fs_j = n), the dropout's mask at index row * n + col. A thread takes two
+// adjacent columns (their factor rows in registers) down LORA_OUT_ROWS rows, as lora_out does;
+// the [m, n] product, its dropped copy and the sum the graph made are never stored.
+template <int R, bool BF16, bool DROP>
+__device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const u16* f,
+    long long fs_col, long long fs_j, u16* out, int n, int m, unsigned long long key, float p,
+    float scale) {
+  int col = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
+  if (col >= n) return;
+  bool two = col + 1 < n;
+  bool pair = two && (n & 1) == 0;  // the two columns one aligned 4-byte word
+  float f0[R], f1[R];
+  _Pragma("unroll") for (int j = 0; j < R; ++j) {
+    f0[j] = load16<BF16>(f[col * fs_col + j * fs_j]);
+    f1[j] = two ? load16<BF16>(f[(col + 1) * fs_col + j * fs_j]) : 0.f;
+  }
+  int row0 = blockIdx.y * LORA_OUT_ROWS;
+  int rows = min(LORA_OUT_ROWS, m - row0);
+  for (int i = 0; i < rows; ++i) {
+    long long row = row0 + i;
+    float hv[R];
+    const uint4* hr = (const uint4*)(h + row * R);
+    _Pragma("unroll") for (int q = 0; q < R / 8; ++q) {
+      uint4 v = hr[q];
+      unsigned int w[4] = {v.x, v.y, v.z, v.w};
+      _Pragma("unroll") for (int t = 0; t < 4; ++t) {
+        hv[8 * q + 2 * t] = load16<BF16>((u16)(w[t] & 0xffffu));
+        hv[8 * q + 2 * t + 1] = load16<BF16>((u16)(w[t] >> 16));
+      }
+    }
+    float d0 = 0.f, d1 = 0.f;
+    _Pragma("unroll") for (int j = 0; j < R; ++j) {
+      d0 += hv[j] * f0[j];
+      d1 += hv[j] * f1[j];
+    }
+    long long e = row * n + col;
+    float v0 = load16<BF16>(round16<BF16>(d0)), v1 = load16<BF16>(round16<BF16>(d1));
+    if (DROP) {
+      v0 = load16<BF16>(round16<BF16>(__fmul_rn(v0, keep_scale(key, e, p, scale))));
+      v1 = load16<BF16>(round16<BF16>(__fmul_rn(v1, keep_scale(key, e + 1, p, scale))));
+    }
+    if (pair) {
+      unsigned int yw = *(const unsigned int*)(y + e);
+      unsigned int o0 = round16<BF16>(__fadd_rn(load16<BF16>((u16)(yw & 0xffffu)), v0));
+      unsigned int o1 = round16<BF16>(__fadd_rn(load16<BF16>((u16)(yw >> 16)), v1));
+      *(unsigned int*)(out + e) = o0 | (o1 << 16);
+    } else {
+      out[e] = round16<BF16>(__fadd_rn(load16<BF16>(y[e]), v0));
+      if (two) out[e + 1] = round16<BF16>(__fadd_rn(load16<BF16>(y[e + 1]), v1));
+    }
+  }
+}
+#define LORA_TRAIN_ADD(NAME, R, BF16, DROP)                                                    \
+extern "C" __global__ void NAME(const u16* y, const u16* h, const u16* f, long long fs_col,   \
+    long long fs_j, u16* out, int n, int m, unsigned long long key, float p, float scale) {    \
+  lora_train_add<R, BF16, DROP>(y, h, f, fs_col, fs_j, out, n, m, key, p, scale);              \
+}
+LORA_TRAIN_ADD(lora_train_add_bf16_r8, 8, true, false)
+LORA_TRAIN_ADD(lora_train_add_bf16_r16, 16, true, false)
+LORA_TRAIN_ADD(lora_train_add_f16_r8, 8, false, false)
+LORA_TRAIN_ADD(lora_train_add_f16_r16, 16, false, false)
+LORA_TRAIN_ADD(lora_train_add_drop_bf16_r8, 8, true, true)
+LORA_TRAIN_ADD(lora_train_add_drop_bf16_r16, 16, true, true)
+LORA_TRAIN_ADD(lora_train_add_drop_f16_r8, 8, false, true)
+LORA_TRAIN_ADD(lora_train_add_drop_f16_r16, 16, false, true)
 
 // out = y + h (B * scaling)^T, summed in f32 and rounded once, as PEFT computes it with f32
 // adapter weights. A thread takes two adjacent columns (their rows of B * scaling held in
@@ -130,7 +250,6 @@ LORA_H_ROWS(16)
 // sums the op-by-op version stored (three times y's size) are never made. R is the rank where
 // an instance has it, 0 for any (B read from memory instead). A column's sum runs over j in
 // order, the same operations as the NF4 kernels' epilogue (STORE_OUT), so the two agree.
-#define LORA_OUT_ROWS 32
 template <int R>
 __device__ __forceinline__ void lora_h_row(const float* hr, float* hv) {
   if (R % 4 == 0) {

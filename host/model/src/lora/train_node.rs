@@ -4,10 +4,17 @@
 //! product, the adapter's product, the dropped-out copy of `x`, each the size of the layer's
 //! output or input. At Falcon-7B's four adapted modules, 8 x 512 tokens, they are ~25 GB of the
 //! ~50 GB of activations of a training step, while backward needs none of them: the frozen base
-//! needs only its weight, the adapter `x` (already kept for it) and the small `dropout(x) A^T`,
-//! which is recomputed. This node keeps `x`, `A` and `s B` and recomputes the rest; its value is
-//! the op-by-op sum's, bit for bit (the same operations run, without a graph), and its gradients
-//! equal the op-by-op graph's up to the matmuls' summation order.
+//! needs only its weight, the adapter `x` (already kept for it) and the small `h = dropout(x)
+//! A^T` (`[m, r]`), which it keeps too. Its value is the op-by-op sum's, bit for bit where the
+//! same operations run (the CPU, f32, ranks without a kernel); its gradients equal the op-by-op
+//! graph's up to the matmuls' summation order.
+//!
+//! On a GPU, in a 16-bit type, at ranks 8 and 16, the adapter's terms run in the kernels of
+//! [`crate::lora::kernels`]: `h` straight from `x` with the dropout drawn in the kernel (the
+//! dropped copy is never written), and the product added to the base's output, or to its input
+//! gradient with the dropout's mask, in one pass with the graph's roundings. Each op-by-op term
+//! was a few passes over a `[m, n]` or `[m, k]` tensor: 0.167 of a 0.557 s step at 8 x 512 on an
+//! H100 (2026-12-06).
 
 use std::sync::Arc;
 
@@ -74,7 +81,7 @@ pub fn lora_linear(
         );
     }
     let z = input.apply(&x.detach())?;
-    let y = forward(base.as_ref(), bias, &z, &a.detach(), &bs.detach(), dropout)?;
+    let (y, h) = forward(base.as_ref(), bias, &z, &a.detach(), &bs.detach(), dropout)?;
     drop(z);
     if y.dims() != [m, n] || y.dtype() != x.dtype() {
         candle_core::bail!(
@@ -95,29 +102,37 @@ pub fn lora_linear(
         [x, a, bs],
         y,
         Box::new(move |[x, a, bs], _out, grad| {
-            backward(base.as_ref(), dropout, input, wants, x, a, bs, grad)
+            let kept = Kept { x, a, bs, h: &h };
+            backward(base.as_ref(), dropout, input, wants, kept, grad)
         }),
     )
 }
 
-/// The value without a graph, in the op-by-op order: the base product and its bias, plus the
-/// adapter's.
+/// The value without a graph, and `h = dropout(z) A^T` for backward: the base product and its
+/// bias, plus the adapter's, in the op-by-op order.
 fn forward(
     base: &dyn BaseWeight,
     bias: Option<&Tensor>,
-    x: &Tensor,
+    z: &Tensor,
     a: &Tensor,
     bs: &Tensor,
     dropout: Option<Dropout>,
-) -> Result<Tensor> {
-    let y = base.forward(x)?;
+) -> Result<(Tensor, Tensor)> {
+    let y = base.forward(z)?;
     let y = match bias {
         Some(b) => y.broadcast_add(&b.detach().to_dtype(y.dtype())?)?,
         None => y,
     };
-    let xd = dropped(x, dropout)?;
-    let delta = xd.matmul(&a.t()?)?.matmul(&bs.t()?)?;
-    y + delta
+    #[cfg(feature = "cuda")]
+    if crate::lora::kernels::trains(z, a.dim(0)?) {
+        use crate::lora::kernels::{Factor, train_add, train_h};
+        let h = train_h(z, &a.contiguous()?, mask(dropout))?;
+        let out = train_add(&y, &h, Factor::OutByRank(&bs.contiguous()?), None)?;
+        return Ok((out, h));
+    }
+    let h = dropped(z, dropout)?.matmul(&a.t()?)?;
+    let delta = h.matmul(&bs.t()?)?;
+    Ok(((y + delta)?, h))
 }
 
 fn dropped(x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
@@ -127,38 +142,70 @@ fn dropped(x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
     }
 }
 
-/// The gradients of [`lora_linear`] for the inputs in `wants` (x, A, bs), all detached: the
-/// base's input gradient and the adapter's, with dropout and the input's activation recomputed.
-#[allow(clippy::too_many_arguments)]
+#[cfg(feature = "cuda")]
+fn mask(dropout: Option<Dropout>) -> crate::lora::kernels::Mask {
+    dropout.map(|d| (d.key, d.p))
+}
+
+/// What backward reads: the node's inputs (detached) and the `h` its forward made.
+struct Kept<'a> {
+    x: &'a Tensor,
+    a: &'a Tensor,
+    bs: &'a Tensor,
+    h: &'a Tensor,
+}
+
+/// The gradients of [`lora_linear`] for the inputs in `wants` (x, A, bs): the base's input
+/// gradient and the adapter's, with the dropout recomputed from its key (and, for `dA`, the
+/// input's activation).
 fn backward(
     base: &dyn BaseWeight,
     dropout: Option<Dropout>,
     input: Input,
     wants: (bool, bool, bool),
-    x: &Tensor,
-    a: &Tensor,
-    bs: &Tensor,
+    kept: Kept<'_>,
     grad: &Tensor,
 ) -> Result<[Option<Tensor>; 3]> {
+    let Kept { x, a, bs, h } = kept;
     let dev = grad.device().clone();
     crate::ops::profile::scope("lora.node.bwd", &dev, || {
         let g = grad.contiguous()?;
-        // d(dropout(x) A^T), [m, r].
+        // d(dropout(z) A^T), [m, r].
         let gh = g.matmul(bs)?;
-        let (da, dbs) = {
-            let xd = dropped(&input.apply(x)?, dropout)?;
-            let h = xd.matmul(&a.t()?)?;
-            (gh.t()?.matmul(&xd)?, g.t()?.matmul(&h)?)
-        };
+        let dbs = wants.2.then(|| g.t()?.matmul(h)).transpose()?;
+        let da = wants
+            .1
+            .then(|| gh.t()?.matmul(&dropped(&input.apply(x)?, dropout)?))
+            .transpose()?;
         let dx = if wants.0 {
-            let through_adapter = dropped(&gh.matmul(a)?, dropout)?;
-            let dz = (base.input_grad(&g)? + through_adapter)?;
+            let through_base = base.input_grad(&g)?;
+            let dz = input_grad_sum(through_base, &gh, a, dropout)?;
             Some(input.backward(x, dz)?)
         } else {
             None
         };
-        Ok([dx, wants.1.then_some(da), wants.2.then_some(dbs)])
+        Ok([dx, da, dbs])
     })
+}
+
+/// The gradient with respect to `z`: the base's, plus the adapter's `dropout(gh A)`.
+fn input_grad_sum(
+    through_base: Tensor,
+    gh: &Tensor,
+    a: &Tensor,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::lora::kernels::trains(&through_base, a.dim(0)?) && gh.dtype() == a.dtype() {
+        use crate::lora::kernels::{Factor, train_add};
+        return train_add(
+            &through_base,
+            gh,
+            Factor::RankByOut(&a.contiguous()?),
+            mask(dropout),
+        );
+    }
+    through_base + dropped(&gh.matmul(a)?, dropout)?
 }
 
 #[cfg(test)]

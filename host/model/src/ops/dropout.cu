@@ -3,15 +3,7 @@
 // __fmul_rn/__fadd_rn intrinsics keep NVRTC from fusing a multiply and an add into an FMA,
 // which would round differently from the CPU path.
 
-// crate::ops::dropout::keep_scale, element for element (splitmix64 of key + (i + 1) * golden ratio).
-__device__ __forceinline__ float keep_scale(unsigned long long key, long long i, float p, float scale) {
-  unsigned long long z = key + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  float u = (float)(z >> 40) * (1.0f / 16777216.0f);
-  return u < p ? 0.0f : scale;
-}
+// keep_scale (the mask) is in the prelude: the LoRA training kernels draw the same one.
 #define DROPOUT(NAME, T, LOAD, STORE)                                                          \
 extern "C" __global__ void NAME(const T* x, T* y, long long n, unsigned long long key,         \
     float p, float scale) {                                                                   \

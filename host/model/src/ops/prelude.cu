@@ -1,5 +1,5 @@
 // The prelude every kernel module is compiled with: 16-bit conversions (round to nearest
-// even, NaN kept quiet) and a block-wide reduction.
+// even, NaN kept quiet), seeded dropout's mask and a block-wide reduction.
 typedef unsigned char u8;
 typedef unsigned short u16;
 
@@ -13,6 +13,17 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
 __device__ __forceinline__ float f16_to_f32(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ u16 f32_to_f16(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 __device__ __forceinline__ float f32_id(float f) { return f; }
+
+// Seeded dropout's mask value of element i (crate::ops::dropout::keep_scale, element for
+// element: splitmix64 of key + (i + 1) * golden ratio), here for every module that drops out.
+__device__ __forceinline__ float keep_scale(unsigned long long key, long long i, float p, float scale) {
+  unsigned long long z = key + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+  return u < p ? 0.0f : scale;
+}
 
 #define NEG_INF __int_as_float(0xff800000)
 
