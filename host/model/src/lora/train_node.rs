@@ -80,7 +80,7 @@ pub fn lora_linear(
             bs.dims()
         );
     }
-    let z = input.apply(&x.detach())?;
+    let z = crate::ops::profile::scope("lora.input", x.device(), || input.apply(&x.detach()))?;
     let (y, h) = forward(base.as_ref(), bias, &z, &a.detach(), &bs.detach(), dropout)?;
     drop(z);
     if y.dims() != [m, n] || y.dtype() != x.dtype() {
@@ -169,18 +169,23 @@ fn backward(
     let Kept { x, a, bs, h } = kept;
     let dev = grad.device().clone();
     crate::ops::profile::scope("lora.node.bwd", &dev, || {
+        use crate::ops::profile::scope;
         let g = grad.contiguous()?;
         // d(dropout(z) A^T), [m, r].
-        let gh = g.matmul(bs)?;
-        let dbs = wants.2.then(|| g.t()?.matmul(h)).transpose()?;
-        let da = wants
-            .1
-            .then(|| gh.t()?.matmul(&dropped(&input.apply(x)?, dropout)?))
-            .transpose()?;
+        let gh = scope("lora.bwd.gh", &dev, || g.matmul(bs))?;
+        let dbs = scope("lora.bwd.db", &dev, || {
+            wants.2.then(|| g.t()?.matmul(h)).transpose()
+        })?;
+        let da = scope("lora.bwd.da", &dev, || {
+            wants
+                .1
+                .then(|| gh.t()?.matmul(&dropped(&input.apply(x)?, dropout)?))
+                .transpose()
+        })?;
         let dx = if wants.0 {
             let through_base = base.input_grad(&g)?;
             let dz = input_grad_sum(through_base, &gh, a, dropout)?;
-            Some(input.backward(x, dz)?)
+            Some(scope("lora.bwd.input", &dev, || input.backward(x, dz))?)
         } else {
             None
         };
