@@ -225,29 +225,109 @@ pub fn train_h(z: &Tensor, a: &Tensor, mask: Mask) -> Result<Tensor> {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (n, splits_i) = (m * r, splits as i32);
-    let n_i = n as i32;
-    let sum_cfg = LaunchConfig::for_num_elems(n as u32);
     macro_rules! launch {
         ($dtype:literal, $t:ty) => {{
             let (zv, av) = (zs.view::<$t>(m * k)?, as_.view::<$t>(r * k)?);
             let name = format!("lora_train_h_{}_r{r}", $dtype);
             crate::run_kernel!(LORA, dev, &name, cfg;
                 &zv, &av, &part, &k_i, &k_per_i, &m_i, &key, &p, &scale)?;
-            // SAFETY: every element is written by the kernel below.
-            let h = unsafe { dev.alloc::<$t>(n)? };
-            crate::run_kernel!(LORA, dev, concat!("lora_h_sum_", $dtype), sum_cfg;
-                &part, &h, &splits_i, &n_i)?;
-            Ok(wrap(h, &dev, (m, r)))
         }};
     }
-    crate::ops::profile::scope("lora.train.h", z.device(), || match z.dtype() {
+    crate::ops::profile::scope("lora.train.h", z.device(), || {
+        match z.dtype() {
+            DType::BF16 => launch!("bf16", half::bf16),
+            DType::F16 => launch!("f16", half::f16),
+            other => return Err(unsupported(other)),
+        }
+        sum_slices(&dev, z.dtype(), &part, splits, (m, r))
+    })
+}
+
+/// The training node's `dA = gh^T dropout(z)` (`[r, k]`, in z's type) for `z` `[m, k]` and
+/// `gh` `[m, r]` (the gradient of `h`) in one 16-bit type ([`trains`] must hold): the op-by-op
+/// graph's operand (z dropped and rounded as the dropout op writes it) without its dropped
+/// copy. The rows are split into slabs where the columns alone would leave multiprocessors
+/// idle; the slabs' sums are added in order.
+pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask) -> Result<Tensor> {
+    let dev = cuda_device(z)?;
+    let (m, k) = z.dims2()?;
+    let (m2, r) = gh.dims2()?;
+    if m != m2 || gh.dtype() != z.dtype() || !trains(z, r) || !gh.is_contiguous() {
+        return Err(Error::Msg(format!(
+            "lora training dA: z {:?} {:?}, gh {:?} {:?}",
+            z.dims(),
+            z.dtype(),
+            gh.dims(),
+            gh.dtype()
+        )));
+    }
+    let (col_blocks, chunks) = (k.div_ceil(DA_COLS), m.div_ceil(DA_ROWS));
+    // Two blocks a multiprocessor (H100: 132), each slab at least four chunks of rows.
+    let slabs = (264usize.div_ceil(col_blocks)).clamp(1, (chunks / 4).max(1));
+    let rows_per = chunks.div_ceil(slabs) * DA_ROWS;
+    let slabs = m.div_ceil(rows_per);
+    let (zs, ghs) = (CudaInput::of(z)?, CudaInput::of(gh)?);
+    // SAFETY: each slab's blocks write every element of its partial sums.
+    let part = unsafe { dev.alloc::<f32>(slabs * r * k)? };
+    let (k_i, rows_per_i, m_i) = (k as i32, rows_per as i32, m as i32);
+    let (key, p, scale) = mask_args(mask);
+    let cfg = LaunchConfig {
+        grid_dim: (col_blocks as u32, slabs as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! launch {
+        ($dtype:literal, $t:ty) => {{
+            let (zv, gv) = (zs.view::<$t>(m * k)?, ghs.view::<$t>(m * r)?);
+            let name = format!("lora_train_da_{}_r{r}", $dtype);
+            crate::run_kernel!(LORA, dev, &name, cfg;
+                &zv, &gv, &part, &k_i, &rows_per_i, &m_i, &key, &p, &scale)?;
+        }};
+    }
+    crate::ops::profile::scope("lora.train.da", z.device(), || {
+        match z.dtype() {
+            DType::BF16 => launch!("bf16", half::bf16),
+            DType::F16 => launch!("f16", half::f16),
+            other => return Err(unsupported(other)),
+        }
+        sum_slices(&dev, z.dtype(), &part, slabs, (r, k))
+    })
+}
+
+/// Columns (`DA_COLS`) and rows (`DA_ROWS`) of one staged chunk of `lora_train_da`.
+const DA_COLS: usize = 128;
+const DA_ROWS: usize = 32;
+
+fn unsupported(dtype: DType) -> Error {
+    Error::Msg(format!("lora training on {dtype:?} is not supported"))
+}
+
+/// `lora_h_sum`: `splits` slices of partial sums of a `shape` result added in order, rounded
+/// to `dtype`.
+fn sum_slices(
+    dev: &candle_core::CudaDevice,
+    dtype: DType,
+    part: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+    splits: usize,
+    shape: (usize, usize),
+) -> Result<Tensor> {
+    let n = shape.0 * shape.1;
+    let (splits_i, n_i) = (splits as i32, n as i32);
+    let cfg = LaunchConfig::for_num_elems(n as u32);
+    macro_rules! launch {
+        ($dtype:literal, $t:ty) => {{
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            crate::run_kernel!(LORA, dev, concat!("lora_h_sum_", $dtype), cfg;
+                part, &out, &splits_i, &n_i)?;
+            Ok(wrap(out, dev, shape))
+        }};
+    }
+    match dtype {
         DType::BF16 => launch!("bf16", half::bf16),
         DType::F16 => launch!("f16", half::f16),
-        other => Err(Error::Msg(format!(
-            "lora training on {other:?} is not supported"
-        ))),
-    })
+        other => Err(unsupported(other)),
+    }
 }
 
 /// The second factor of a training node's adapter term `h F^T`, as stored.

@@ -159,8 +159,8 @@ extern "C" __global__ void __launch_bounds__(256) lora_train_h_f16_r##R(const u1
 LORA_H_ROWS(8)
 LORA_H_ROWS(16)
 
-// The training node's h: the slices' partial sums of lora_train_h added in slice order and
-// rounded once to the 16-bit type, as cuBLAS writes its product.
+// The training node's h (and dA): the slices' partial sums of lora_train_h (lora_train_da) added
+// in slice order and rounded once to the 16-bit type, as cuBLAS writes its product.
 #define LORA_H_SUM(NAME, BF16)                                                                 \
 extern "C" __global__ void NAME(const float* part, u16* h, int splits, int n) {               \
   int i = blockIdx.x * blockDim.x + threadIdx.x;                                               \
@@ -171,6 +171,95 @@ extern "C" __global__ void NAME(const float* part, u16* h, int splits, int n) { 
 }
 LORA_H_SUM(lora_h_sum_bf16, true)
 LORA_H_SUM(lora_h_sum_f16, false)
+
+// The training node's dA = gh^T dropout(z) ([R, k], gh = the gradient of h, [m, R]), from z
+// itself: a block takes DA_COLS columns of one slab of rows (blockIdx.y's), walking it in
+// DA_ROWS-row chunks staged in shared memory as f32, z dropped and rounded as the dropout op
+// writes it (the graph's operand; the next chunk's loads issued before the current one is
+// used). A warp takes R / 8 ranks, a lane 4 columns. The slabs' partial sums go to
+// part[slab][R][k], which lora_h_sum adds in slab order and rounds, as for h.
+#define DA_COLS 128
+#define DA_ROWS 32
+template <int R, bool BF16>
+__device__ __forceinline__ void lora_train_da(const u16* z, const u16* gh, float* part, int m,
+    int k, int rows_per, unsigned long long key, float p, float scale) {
+  constexpr int RPT = R / 8, GL = DA_ROWS * R / 256 > 0 ? DA_ROWS * R / 256 : 1;
+  __shared__ __align__(16) float zs[DA_ROWS][DA_COLS];
+  __shared__ float gs[DA_ROWS][R];
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int c0 = blockIdx.x * DA_COLS;
+  int rb = blockIdx.y * rows_per, re = min(m, rb + rows_per);
+  bool drop = p > 0.f;
+  float acc[4][RPT];
+  _Pragma("unroll") for (int q = 0; q < 4; ++q)
+    _Pragma("unroll") for (int t = 0; t < RPT; ++t) acc[q][t] = 0.f;
+  uint4 zr[2];
+  u16 gr[GL];
+  auto fetch = [&](int r0) {
+    _Pragma("unroll") for (int l = 0; l < 2; ++l) {
+      int t = threadIdx.x + 256 * l, r = t / (DA_COLS / 8), c = c0 + (t % (DA_COLS / 8)) * 8;
+      zr[l] = make_uint4(0u, 0u, 0u, 0u);
+      if (r0 + r < re && c < k) zr[l] = __ldg((const uint4*)(z + (long long)(r0 + r) * k + c));
+    }
+    _Pragma("unroll") for (int l = 0; l < GL; ++l) {
+      int t = threadIdx.x + 256 * l;
+      gr[l] = 0;
+      if (t < DA_ROWS * R && r0 + t / R < re) gr[l] = __ldg(gh + (long long)r0 * R + t);
+    }
+  };
+  fetch(rb);
+  for (int r0 = rb; r0 < re; r0 += DA_ROWS) {
+    _Pragma("unroll") for (int l = 0; l < 2; ++l) {
+      int t = threadIdx.x + 256 * l, r = t / (DA_COLS / 8), c = (t % (DA_COLS / 8)) * 8;
+      unsigned int w[4] = {zr[l].x, zr[l].y, zr[l].z, zr[l].w};
+      long long e = (long long)(r0 + r) * k + c0 + c;
+      _Pragma("unroll") for (int q = 0; q < 4; ++q) {
+        float lo = load16<BF16>((u16)(w[q] & 0xffffu)), hi = load16<BF16>((u16)(w[q] >> 16));
+        if (drop) {
+          lo = load16<BF16>(round16<BF16>(__fmul_rn(lo, keep_scale(key, e + 2 * q, p, scale))));
+          hi = load16<BF16>(round16<BF16>(__fmul_rn(hi, keep_scale(key, e + 2 * q + 1, p, scale))));
+        }
+        zs[r][c + 2 * q] = lo;
+        zs[r][c + 2 * q + 1] = hi;
+      }
+    }
+    _Pragma("unroll") for (int l = 0; l < GL; ++l) {
+      int t = threadIdx.x + 256 * l;
+      if (t < DA_ROWS * R) gs[t / R][t % R] = load16<BF16>(gr[l]);
+    }
+    __syncthreads();
+    if (r0 + DA_ROWS < re) fetch(r0 + DA_ROWS);
+    _Pragma("unroll 4") for (int i = 0; i < DA_ROWS; ++i) {
+      float4 zv = *(const float4*)&zs[i][4 * lane];
+      float zq[4] = {zv.x, zv.y, zv.z, zv.w};
+      _Pragma("unroll") for (int t = 0; t < RPT; ++t) {
+        float g = gs[i][warp * RPT + t];
+        _Pragma("unroll") for (int q = 0; q < 4; ++q) acc[q][t] += g * zq[q];
+      }
+    }
+    __syncthreads();
+  }
+  _Pragma("unroll") for (int t = 0; t < RPT; ++t) {
+    float* out = part + ((long long)blockIdx.y * R + warp * RPT + t) * k;
+    _Pragma("unroll") for (int q = 0; q < 4; ++q) {
+      int c = c0 + 4 * lane + q;
+      if (c < k) out[c] = acc[q][t];
+    }
+  }
+}
+#define LORA_TRAIN_DA(R)                                                                       \
+extern "C" __global__ void __launch_bounds__(256) lora_train_da_bf16_r##R(const u16* z,       \
+    const u16* gh, float* part, int k, int rows_per, int m, unsigned long long key, float p,   \
+    float scale) {                                                                            \
+  lora_train_da<R, true>(z, gh, part, m, k, rows_per, key, p, scale);                          \
+}                                                                                             \
+extern "C" __global__ void __launch_bounds__(256) lora_train_da_f16_r##R(const u16* z,        \
+    const u16* gh, float* part, int k, int rows_per, int m, unsigned long long key, float p,   \
+    float scale) {                                                                            \
+  lora_train_da<R, false>(z, gh, part, m, k, rows_per, key, p, scale);                         \
+}
+LORA_TRAIN_DA(8)
+LORA_TRAIN_DA(16)
 
 // The training node's adapter term added to y (lora/train_node.rs), with every rounding of the
 // op-by-op graph: out = y + v, v = keep * round16(h F(col)^T), each step rounded to the 16-bit
