@@ -166,9 +166,14 @@ impl Tensor {
         let sorted_nodes = self.sorted_nodes();
         let mut grads = GradStore::new();
         grads.insert(self, self.ones_like()?.contiguous()?);
+        let observer = BACKWARD_OBSERVER.get().copied();
         for node in sorted_nodes.iter() {
             if node.is_variable() {
                 continue;
+            }
+            // adapterlab: a profiler times each node's backward by its op.
+            if let (Some(observe), Some(op)) = (observer, node.op()) {
+                observe(node.device(), op_name(op));
             }
             let grad = grads
                 .remove(node)
@@ -666,6 +671,10 @@ impl Tensor {
                 };
             }
         }
+        // adapterlab: the last node's backward ends here.
+        if let Some(observe) = observer {
+            observe(self.device(), "");
+        }
         Ok(grads)
     }
 }
@@ -763,5 +772,45 @@ impl GradStore {
     /// Get the tensor ids of the stored gradient tensors
     pub fn get_ids(&self) -> impl Iterator<Item = &TensorId> {
         self.0.keys()
+    }
+}
+
+/// adapterlab: called with each node's op name before its backward runs, and with "" after the
+/// last, so a profiler can time the span between calls; set once a process.
+pub type BackwardObserver = fn(&crate::Device, &'static str);
+
+static BACKWARD_OBSERVER: std::sync::OnceLock<BackwardObserver> = std::sync::OnceLock::new();
+
+/// adapterlab: installs the backward observer; false if one was already set.
+pub fn set_backward_observer(observe: BackwardObserver) -> bool {
+    BACKWARD_OBSERVER.set(observe).is_ok()
+}
+
+/// adapterlab: a short name of a node's op for the backward observer.
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Binary(_, _, BinaryOp::Add) => "add",
+        Op::Binary(_, _, BinaryOp::Sub) => "sub",
+        Op::Binary(_, _, BinaryOp::Mul) => "mul",
+        Op::Binary(_, _, BinaryOp::Div) => "div",
+        Op::Binary(..) => "binary",
+        Op::Unary(..) => "unary",
+        Op::Matmul(..) => "matmul",
+        Op::Reduce(..) => "reduce",
+        Op::IndexSelect(..) => "index_select",
+        Op::WhereCond(..) => "where_cond",
+        Op::Cat(..) => "cat",
+        Op::Affine { .. } => "affine",
+        Op::ToDType(..) => "to_dtype",
+        Op::Copy(..) => "copy",
+        Op::Broadcast(..) => "broadcast",
+        Op::Narrow(..) => "narrow",
+        Op::Reshape(..) => "reshape",
+        Op::Transpose(..) => "transpose",
+        Op::Permute(..) => "permute",
+        Op::CustomOp1(_, c) => c.name(),
+        Op::CustomOp2(_, _, c) => c.name(),
+        Op::CustomOp3(_, _, _, c) => c.name(),
+        _ => "other",
     }
 }

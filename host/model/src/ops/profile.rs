@@ -82,6 +82,32 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
+/// Times candle's backward pass node by node, under `pass.op.NAME` (e.g. `backward.op.add`,
+/// `backward.op.lora-linear`): the span from one node's start to the next's, the device
+/// synchronized at each (`Synchronized` clock only), so the ops of candle's own autograd that no
+/// scope wraps are counted too. Installed at the first scope of an enabled profile.
+fn observe_backward(device: &Device, op: &'static str) {
+    thread_local! {
+        static LAST: Cell<Option<(&'static str, Instant)>> = const { Cell::new(None) };
+    }
+    if !enabled() || *CLOCK != Clock::Synchronized {
+        return;
+    }
+    // A failed synchronization shows in the next scope's; the observer cannot return it.
+    let _ = device.synchronize();
+    let now = Instant::now();
+    if let Some((prev, start)) = LAST.with(|l| l.take()) {
+        let key = match PASS.with(Cell::get) {
+            "" => format!("op.{prev}"),
+            p => format!("{p}.op.{prev}"),
+        };
+        add(key, now.duration_since(start).as_secs_f64());
+    }
+    if !op.is_empty() {
+        LAST.with(|l| l.set(Some((op, now))));
+    }
+}
+
 /// Runs `f` with `label` as this thread's pass label, restoring the previous one after.
 pub fn pass<T>(label: &'static str, f: impl FnOnce() -> T) -> T {
     let was = PASS.with(|p| p.replace(label));
@@ -104,6 +130,10 @@ pub fn scope_with<T, E: From<candle_core::Error>>(
     if !enabled() {
         return f();
     }
+    static OBSERVER: std::sync::Once = std::sync::Once::new();
+    OBSERVER.call_once(|| {
+        candle_core::backprop::set_backward_observer(observe_backward);
+    });
     let key = || match PASS.with(Cell::get) {
         "" => name.to_string(),
         p => format!("{p}.{name}"),
