@@ -1116,9 +1116,9 @@ fn dropout_kernel_equals_the_cpu_path() {
 /// blocks and is not a whole number of their chunks). In f32 (op by op inside the node too) the
 /// value is the op-by-op sum's bit for bit and the gradients agree within 1e-4, and the CPU's
 /// equal the GPU's. In bf16 and f16 the node's kernels sum `h = dropout(z) A^T` and its product
-/// with B in another order than cuBLAS, so a rounding may flip: each value element is within two
-/// roundings of the graph's (the term's and the sum's), and few differ at all; the gradients
-/// agree within the type's rounding.
+/// with B in another order than cuBLAS, so a rounding may flip: the value must be as close to
+/// the f32 graph's as the 16-bit graph's is (within a quarter), and the gradients agree within
+/// the type's rounding.
 #[cfg_attr(
     not(feature = "cuda"),
     ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
@@ -1152,17 +1152,6 @@ fn lora_train_node_equals_the_op_by_op_graph_on_the_gpu() {
             host(m * n, 1.0, 0.5, (m, n)),
         );
         let dropout = Some(Dropout { key: 7, p: 0.1 });
-        let term = 1.25
-            * x0.matmul(&a0.t().unwrap())
-                .unwrap()
-                .matmul(&(&b0 * 2.0).unwrap().t().unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
         // (value, dx, dA, dB) of one forward and backward on `on`, in `dtype`.
         let run = |on: &Device, dtype: DType, fused: bool, input: Input| -> Vec<Vec<f32>> {
             let base: Arc<dyn BaseWeight> =
@@ -1212,27 +1201,19 @@ fn lora_train_node_equals_the_op_by_op_graph_on_the_gpu() {
                         "{case}: the value is the op-by-op sum's"
                     );
                 } else {
-                    // A flipped rounding of the adapter's term moves it by one unit in its last
-                    // place, which the sum's rounding may round on by one of its own: each at
-                    // most 2 eps of the magnitude, the term's bounded by `term` (its f32 value
-                    // without dropout, with room for the dropout's 1 / 0.9).
-                    let eps = if dtype == DType::BF16 {
-                        2f32.powi(-8)
-                    } else {
-                        2f32.powi(-11)
-                    };
-                    let mut differ = 0;
-                    for (i, (f, p)) in fused[0].iter().zip(&plain[0]).enumerate() {
-                        if f != p {
-                            differ += 1;
-                            let bound = 2.0 * eps * (p.abs().max(f.abs()) + term) + 1e-6;
-                            assert!((f - p).abs() <= bound, "{case}: value {i}: {f} against {p}");
-                        }
-                    }
+                    // The kernels sum in another order than cuBLAS, so a rounding of h, of the
+                    // adapter's term or of the sum may flip, and on sums that cancel a flip of h
+                    // moves the value by many units of its own last place. What must hold is
+                    // that the node is as accurate as the graph: against the f32 graph (the same
+                    // inputs, unrounded), its worst error is the graph's, within a quarter.
+                    let exact = run(&dev, DType::F32, false, input);
+                    let (ours, theirs) = (
+                        max_diff(&exact[0], &fused[0]),
+                        max_diff(&exact[0], &plain[0]),
+                    );
                     assert!(
-                        differ * 50 < fused[0].len(),
-                        "{case}: {differ} of {} values differ",
-                        fused[0].len()
+                        ours <= 1.25 * theirs + 1e-6,
+                        "{case}: value off the f32 graph's by {ours}, the 16-bit graph by {theirs}"
                     );
                 }
                 for (what, (f, p)) in ["dx", "dA", "dB"]
@@ -1255,6 +1236,47 @@ fn lora_train_node_equals_the_op_by_op_graph_on_the_gpu() {
                     "{input:?} f32 GPU against CPU, m {m} k {k} r {r}, {what}: relative difference {rel}"
                 );
             }
+        }
+    }
+}
+
+/// Layer norm's input gradient: the GPU kernel (`ops/layer_norm.rs`) against the op-by-op f32
+/// form on the same device, in bf16 and f16, at a width that is no multiple of the block and
+/// Falcon-7B's; f32 sums in another order, so within the 16-bit type's rounding.
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
+#[test]
+fn layer_norm_input_grad_kernel_equals_the_op_by_op_form() {
+    use adapterlab_model::ops::layer_norm::{input_grad, input_grad_op_by_op};
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    for (rows, n) in [(37, 1000), (9, 4544)] {
+        let host = |len: usize, scale: f32, phase: f32, offset: f32| {
+            let v: Vec<f32> = (0..len)
+                .map(|i| (i as f32 * 0.3217 + phase).sin() * scale + offset)
+                .collect();
+            v
+        };
+        let x = Tensor::from_vec(host(rows * n, 2.0, 0.1, 0.5), (rows, n), &dev).unwrap();
+        let g = Tensor::from_vec(host(rows * n, 1.0, 0.7, 0.0), (rows, n), &dev).unwrap();
+        let w = Tensor::from_vec(host(n, 0.5, 0.3, 1.0), n, &dev).unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            let (x, g) = (x.to_dtype(dtype).unwrap(), g.to_dtype(dtype).unwrap());
+            let w16 = w.to_dtype(dtype).unwrap();
+            let fused = host_f32s(&input_grad(&x, &w16, 1e-5, &g).unwrap());
+            let plain = host_f32s(&input_grad_op_by_op(&x, &w16, 1e-5, &g).unwrap());
+            let rel = relative_diff(&plain, &fused);
+            let tol = if dtype == DType::BF16 { 1e-2 } else { 2e-3 };
+            assert!(
+                rel < tol,
+                "{dtype:?} {rows} x {n}: relative difference {rel}"
+            );
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::nn::linear::Linear;
@@ -50,28 +50,9 @@ impl Module for LayerNorm {
         }
         let (w, eps) = (self.weight.clone(), self.eps);
         crate::ops::handover::with_backward("layer-norm", x, out, move |x, grad| {
-            layer_norm_input_grad(x, &w, eps, grad)
+            crate::ops::layer_norm::input_grad(x, &w, eps, grad)
         })
     }
-}
-
-/// d(layer_norm(x) * w + b)/dx applied to `grad`, in f32, returned in `x`'s dtype:
-/// `rstd * (g - mean(g) - xhat * mean(g * xhat))` with `g = grad * w`, `xhat = (x - mean) * rstd`.
-fn layer_norm_input_grad(x: &Tensor, w: &Tensor, eps: f64, grad: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-        .sqrt()?
-        .recip()?;
-    let xhat = xc.broadcast_mul(&rstd)?;
-    let g = grad
-        .to_dtype(DType::F32)?
-        .broadcast_mul(&w.to_dtype(DType::F32)?)?;
-    let m1 = g.mean_keepdim(D::Minus1)?;
-    let m2 = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
-    let dx = (g.broadcast_sub(&m1)? - xhat.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?;
-    dx.to_dtype(dtype)
 }
 
 /// transformers' `LlamaRMSNorm`: normalise in f32, scale by `weight`.
@@ -134,6 +115,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
+    use candle_core::DType;
 
     #[test]
     fn fused_and_differentiable_norms_agree_and_train() -> Result<()> {

@@ -1,7 +1,7 @@
 //! Numeric operations with hand-written backward passes or CUDA kernels: attention (KV cache,
-//! masks, rotary, ALiBi, decoding's fused head split), the masked softmax, GELU, seeded dropout, cross-entropy, and the
-//! machinery they share (the handover of a backward pass to candle, profiling, the speed switches read from the
-//! environment).
+//! masks, rotary, ALiBi, decoding's fused head split), the masked softmax, GELU, layer norm's
+//! backward, seeded dropout, cross-entropy, and the machinery they share (the handover of a
+//! backward pass to candle, profiling, the speed switches read from the environment).
 
 pub mod argmax;
 pub mod attention;
@@ -13,6 +13,7 @@ pub mod gelu;
 pub(crate) mod handover;
 #[cfg(feature = "cuda")]
 pub mod kernels;
+pub mod layer_norm;
 pub mod profile;
 pub mod residual;
 pub mod rope_append;
@@ -31,6 +32,7 @@ pub fn kernel_modules() -> Vec<&'static kernels::CudaModule> {
             argmax::cuda_module(),
             rope_append::cuda_module(),
             residual::cuda_module(),
+            layer_norm::cuda_module(),
         ])
         .collect()
 }

@@ -1,0 +1,95 @@
+//! Layer norm's input gradient, `d(layer_norm(x) * w + b)/dx` applied to `grad`, for the norm's
+//! graph node (`nn::layers::LayerNorm`): one kernel a row on a GPU (`layer_norm.cu`), the
+//! op-by-op f32 form elsewhere. Both compute in f32 and return `x`'s dtype; they differ by the
+//! order of the row sums. The golden test `layer_norm_input_grad_kernel_equals_the_op_by_op_form`
+//! holds the kernel to the op-by-op form.
+
+use candle_core::{D, DType, Result, Tensor};
+
+/// `rstd * (g - mean(g) - xhat * mean(g * xhat))` with `g = grad * w`, `xhat = (x - mean) *
+/// rstd`, normalising over the last dimension.
+pub fn input_grad(x: &Tensor, w: &Tensor, eps: f64, grad: &Tensor) -> Result<Tensor> {
+    let fused = x.device().is_cuda()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && grad.dtype() == x.dtype()
+        && grad.dims() == x.dims()
+        && w.dims() == [x.dims().last().copied().unwrap_or(0)];
+    #[cfg(feature = "cuda")]
+    if fused {
+        return cuda::input_grad(x, w, eps, grad);
+    }
+    let _ = fused;
+    input_grad_op_by_op(x, w, eps, grad)
+}
+
+/// The op-by-op form, candle's ops in f32 (the CPU's path, and the GPU's reference).
+pub fn input_grad_op_by_op(x: &Tensor, w: &Tensor, eps: f64, grad: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let rstd = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let xhat = xc.broadcast_mul(&rstd)?;
+    let g = grad
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let m1 = g.mean_keepdim(D::Minus1)?;
+    let m2 = (&g * &xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = (g.broadcast_sub(&m1)? - xhat.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?;
+    dx.to_dtype(dtype)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+
+    use super::*;
+    use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, no_defines, wrap};
+
+    pub(crate) static LAYER_NORM: CudaModule = CudaModule::new(
+        "adapterlab_layer_norm",
+        include_str!("layer_norm.cu"),
+        no_defines,
+    );
+
+    pub fn input_grad(x: &Tensor, w: &Tensor, eps: f64, grad: &Tensor) -> Result<Tensor> {
+        let (x, grad) = (x.contiguous()?, grad.contiguous()?);
+        let w = w.to_dtype(DType::F32)?.contiguous()?;
+        let dev = cuda_device(&x)?;
+        let n = w.elem_count();
+        let rows = x.elem_count() / n.max(1);
+        let (xs, gs, ws) = (
+            CudaInput::of(&x)?,
+            CudaInput::of(&grad)?,
+            CudaInput::of(&w)?,
+        );
+        let wv = ws.view::<f32>(n)?;
+        let (n_i, eps_f) = (n as i32, eps as f32);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! launch {
+            ($name:literal, $t:ty) => {{
+                let (xv, gv) = (xs.view::<$t>(rows * n)?, gs.view::<$t>(rows * n)?);
+                // SAFETY: every element is written by the kernel below.
+                let out = unsafe { dev.alloc::<$t>(rows * n)? };
+                crate::run_kernel!(LAYER_NORM, dev, $name, cfg; &xv, &gv, &wv, &out, &n_i, &eps_f)?;
+                wrap(out, &dev, x.shape().clone())
+            }};
+        }
+        Ok(match x.dtype() {
+            DType::BF16 => launch!("layer_norm_bwd_bf16", half::bf16),
+            DType::F16 => launch!("layer_norm_bwd_f16", half::f16),
+            other => candle_core::bail!("layer norm backward on {other:?} is not supported"),
+        })
+    }
+}
+
+/// The module, for [`crate::ops::kernel_modules`].
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_module() -> &'static crate::ops::kernels::CudaModule {
+    &cuda::LAYER_NORM
+}
