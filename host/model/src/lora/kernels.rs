@@ -344,7 +344,17 @@ pub enum Factor<'a> {
 /// (`y` the base's, `h` the gradient of h, `F` = `A^T`, the forward's mask). `y` `[m, n]`, `h`
 /// `[m, r]` and `F` in one 16-bit type. One pass over `y` where the graph made the product,
 /// its dropped copy and the sum.
-pub fn train_add(y: &Tensor, h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Tensor> {
+///
+/// With `gelu_input` (the pre-activation `x` of a node whose input went through the exact GELU,
+/// `[m, n]` like `y`), GELU's backward follows on the rounded sum in the same pass, as
+/// `crate::ops::gelu::gelu_erf_backward` computes it.
+pub fn train_add(
+    y: &Tensor,
+    h: &Tensor,
+    f: Factor<'_>,
+    mask: Mask,
+    gelu_input: Option<&Tensor>,
+) -> Result<Tensor> {
     let dev = cuda_device(y)?;
     let (m, n) = y.dims2()?;
     let (m2, r) = h.dims2()?;
@@ -353,6 +363,8 @@ pub fn train_add(y: &Tensor, h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Te
         Factor::RankByOut(t) => (t, (1i64, n as i64), [r, n]),
     };
     let same_type = [h, ft].iter().all(|t| t.dtype() == y.dtype());
+    let gelu_fits = gelu_input
+        .is_none_or(|x| x.dtype() == y.dtype() && x.dims() == y.dims() && start_aligned(x, 2));
     if m != m2
         || ft.dims() != f_dims
         || !same_type
@@ -360,6 +372,7 @@ pub fn train_add(y: &Tensor, h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Te
         || !start_aligned(y, 2)
         || !start_aligned(h, 8)
         || !ft.is_contiguous()
+        || !gelu_fits
     {
         return Err(Error::Msg(format!(
             "lora training add: y {:?} {:?}, h {:?} {:?}, factor {:?} {:?}",
@@ -372,6 +385,9 @@ pub fn train_add(y: &Tensor, h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Te
         )));
     }
     let (ys, hs, fs) = (CudaInput::of(y)?, CudaInput::of(h)?, CudaInput::of(ft)?);
+    // Without GELU the kernel never reads its input: y stands in.
+    let xs = CudaInput::of(gelu_input.unwrap_or(y))?;
+    let gelu = if gelu_input.is_some() { "gelu_" } else { "" };
     let (n_i, m_i) = (n as i32, m as i32);
     let (key, p, scale) = mask_args(mask);
     let drop = if p > 0.0 { "drop_" } else { "" };
@@ -382,16 +398,17 @@ pub fn train_add(y: &Tensor, h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Te
     };
     macro_rules! launch {
         ($dtype:literal, $t:ty) => {{
-            let (yv, hv, fv) = (
+            let (yv, hv, fv, xv) = (
                 ys.view::<$t>(m * n)?,
                 hs.view::<$t>(m * r)?,
                 fs.view::<$t>(n * r)?,
+                xs.view::<$t>(m * n)?,
             );
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<$t>(m * n)? };
-            let name = format!("lora_train_add_{drop}{}_r{r}", $dtype);
+            let name = format!("lora_train_add_{drop}{gelu}{}_r{r}", $dtype);
             crate::run_kernel!(LORA, dev, &name, cfg;
-                &yv, &hv, &fv, &fs_col, &fs_j, &out, &n_i, &m_i, &key, &p, &scale)?;
+                &yv, &hv, &fv, &fs_col, &fs_j, &out, &n_i, &m_i, &key, &p, &scale, &xv)?;
             Ok(wrap(out, &dev, (m, n)))
         }};
     }

@@ -271,10 +271,16 @@ LORA_TRAIN_DA(16)
 // uses them: with one row's 4 bytes a thread in flight the first version moved ~0.9 TB/s on an
 // H100. The [m, n] product, its dropped copy and the sum the graph made are never stored.
 #define LT_ROWS 8
-template <int R, bool BF16, bool DROP>
+// gelu_grad: crate::ops::gelu::gelu_grad (gelu.cu's expression), for GELU's backward fused in.
+__device__ __forceinline__ float gelu_grad(float v, float g) {
+  float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+  float pdf = 0.3989423f * expf(-0.5f * v * v);
+  return g * (cdf + v * pdf);
+}
+template <int R, bool BF16, bool DROP, bool GELU>
 __device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const u16* f,
     long long fs_col, long long fs_j, u16* out, int n, int m, unsigned long long key, float p,
-    float scale) {
+    float scale, const u16* gx) {
   __shared__ float hs[LORA_OUT_ROWS][R];
   int row0 = blockIdx.y * LORA_OUT_ROWS;
   int rows = min(LORA_OUT_ROWS, m - row0);
@@ -291,13 +297,18 @@ __device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const
     f1[j] = two ? load16<BF16>(f[(col + 1) * fs_col + j * fs_j]) : 0.f;
   }
   for (int i0 = 0; i0 < rows; i0 += LT_ROWS) {
-    unsigned int yw[LT_ROWS];
+    unsigned int yw[LT_ROWS], xw[GELU ? LT_ROWS : 1];
+    auto word = [&](const u16* t, long long e) {
+      if (pair) return __ldg((const unsigned int*)(t + e));
+      return (unsigned int)__ldg(t + e) | (two ? (unsigned int)__ldg(t + e + 1) << 16 : 0u);
+    };
     _Pragma("unroll") for (int u = 0; u < LT_ROWS; ++u) {
       long long e = (long long)(row0 + i0 + u) * n + col;
       yw[u] = 0u;
+      if (GELU) xw[GELU ? u : 0] = 0u;
       if (i0 + u < rows) {
-        if (pair) yw[u] = __ldg((const unsigned int*)(y + e));
-        else yw[u] = (unsigned int)__ldg(y + e) | (two ? (unsigned int)__ldg(y + e + 1) << 16 : 0u);
+        yw[u] = word(y, e);
+        if (GELU) xw[GELU ? u : 0] = word(gx, e);
       }
     }
     _Pragma("unroll") for (int u = 0; u < LT_ROWS; ++u) {
@@ -316,6 +327,11 @@ __device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const
       }
       unsigned int o0 = round16<BF16>(__fadd_rn(load16<BF16>((u16)(yw[u] & 0xffffu)), v0));
       unsigned int o1 = round16<BF16>(__fadd_rn(load16<BF16>((u16)(yw[u] >> 16)), v1));
+      if (GELU) {
+        unsigned int x2 = xw[GELU ? u : 0];
+        o0 = round16<BF16>(gelu_grad(load16<BF16>((u16)(x2 & 0xffffu)), load16<BF16>((u16)o0)));
+        o1 = round16<BF16>(gelu_grad(load16<BF16>((u16)(x2 >> 16)), load16<BF16>((u16)o1)));
+      }
       if (pair) {
         *(unsigned int*)(out + e) = o0 | (o1 << 16);
       } else {
@@ -325,19 +341,28 @@ __device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const
     }
   }
 }
-#define LORA_TRAIN_ADD(NAME, R, BF16, DROP)                                                    \
+#define LORA_TRAIN_ADD(NAME, R, BF16, DROP, GELU)                                              \
 extern "C" __global__ void NAME(const u16* y, const u16* h, const u16* f, long long fs_col,   \
-    long long fs_j, u16* out, int n, int m, unsigned long long key, float p, float scale) {    \
-  lora_train_add<R, BF16, DROP>(y, h, f, fs_col, fs_j, out, n, m, key, p, scale);              \
+    long long fs_j, u16* out, int n, int m, unsigned long long key, float p, float scale,      \
+    const u16* gx) {                                                                          \
+  lora_train_add<R, BF16, DROP, GELU>(y, h, f, fs_col, fs_j, out, n, m, key, p, scale, gx);    \
 }
-LORA_TRAIN_ADD(lora_train_add_bf16_r8, 8, true, false)
-LORA_TRAIN_ADD(lora_train_add_bf16_r16, 16, true, false)
-LORA_TRAIN_ADD(lora_train_add_f16_r8, 8, false, false)
-LORA_TRAIN_ADD(lora_train_add_f16_r16, 16, false, false)
-LORA_TRAIN_ADD(lora_train_add_drop_bf16_r8, 8, true, true)
-LORA_TRAIN_ADD(lora_train_add_drop_bf16_r16, 16, true, true)
-LORA_TRAIN_ADD(lora_train_add_drop_f16_r8, 8, false, true)
-LORA_TRAIN_ADD(lora_train_add_drop_f16_r16, 16, false, true)
+LORA_TRAIN_ADD(lora_train_add_bf16_r8, 8, true, false, false)
+LORA_TRAIN_ADD(lora_train_add_bf16_r16, 16, true, false, false)
+LORA_TRAIN_ADD(lora_train_add_f16_r8, 8, false, false, false)
+LORA_TRAIN_ADD(lora_train_add_f16_r16, 16, false, false, false)
+LORA_TRAIN_ADD(lora_train_add_gelu_bf16_r8, 8, true, false, true)
+LORA_TRAIN_ADD(lora_train_add_gelu_bf16_r16, 16, true, false, true)
+LORA_TRAIN_ADD(lora_train_add_gelu_f16_r8, 8, false, false, true)
+LORA_TRAIN_ADD(lora_train_add_gelu_f16_r16, 16, false, false, true)
+LORA_TRAIN_ADD(lora_train_add_drop_bf16_r8, 8, true, true, false)
+LORA_TRAIN_ADD(lora_train_add_drop_bf16_r16, 16, true, true, false)
+LORA_TRAIN_ADD(lora_train_add_drop_f16_r8, 8, false, true, false)
+LORA_TRAIN_ADD(lora_train_add_drop_f16_r16, 16, false, true, false)
+LORA_TRAIN_ADD(lora_train_add_drop_gelu_bf16_r8, 8, true, true, true)
+LORA_TRAIN_ADD(lora_train_add_drop_gelu_bf16_r16, 16, true, true, true)
+LORA_TRAIN_ADD(lora_train_add_drop_gelu_f16_r8, 8, false, true, true)
+LORA_TRAIN_ADD(lora_train_add_drop_gelu_f16_r16, 16, false, true, true)
 
 // out = y + h (B * scaling)^T, summed in f32 and rounded once, as PEFT computes it with f32
 // adapter weights. A thread takes two adjacent columns (their rows of B * scaling held in

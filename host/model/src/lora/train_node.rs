@@ -127,7 +127,7 @@ fn forward(
     if crate::lora::kernels::trains(z, a.dim(0)?) {
         use crate::lora::kernels::{Factor, train_add, train_h};
         let h = train_h(z, &a.contiguous()?, mask(dropout))?;
-        let out = train_add(&y, &h, Factor::OutByRank(&bs.contiguous()?), None)?;
+        let out = train_add(&y, &h, Factor::OutByRank(&bs.contiguous()?), None, None)?;
         return Ok((out, h));
     }
     let h = dropped(z, dropout)?.matmul(&a.t()?)?;
@@ -184,8 +184,7 @@ fn backward(
         })?;
         let dx = if wants.0 {
             let through_base = base.input_grad(&g)?;
-            let dz = input_grad_sum(through_base, &gh, a, dropout)?;
-            Some(scope("lora.bwd.input", &dev, || input.backward(x, dz))?)
+            Some(input_grad(through_base, &gh, a, dropout, input, x)?)
         } else {
             None
         };
@@ -202,24 +201,32 @@ fn adapter_a_grad(z: &Tensor, gh: &Tensor, dropout: Option<Dropout>) -> Result<T
     gh.t()?.matmul(&dropped(z, dropout)?)
 }
 
-/// The gradient with respect to `z`: the base's, plus the adapter's `dropout(gh A)`.
-fn input_grad_sum(
+/// The gradient with respect to the node's input `x`: the gradient with respect to `z`, the
+/// base's plus the adapter's `dropout(gh A)`, through the input's activation.
+fn input_grad(
     through_base: Tensor,
     gh: &Tensor,
     a: &Tensor,
     dropout: Option<Dropout>,
+    input: Input,
+    x: &Tensor,
 ) -> Result<Tensor> {
+    let dev = x.device().clone();
     #[cfg(feature = "cuda")]
     if crate::lora::kernels::trains(&through_base, a.dim(0)?) && gh.dtype() == a.dtype() {
         use crate::lora::kernels::{Factor, train_add};
-        return train_add(
-            &through_base,
-            gh,
-            Factor::RankByOut(&a.contiguous()?),
-            mask(dropout),
-        );
+        let gelu_input = match input {
+            Input::AsIs => None,
+            Input::GeluErf => Some(x.contiguous()?),
+        };
+        let a = a.contiguous()?;
+        return crate::ops::profile::scope("lora.bwd.input", &dev, || {
+            let f = Factor::RankByOut(&a);
+            train_add(&through_base, gh, f, mask(dropout), gelu_input.as_ref())
+        });
     }
-    through_base + dropped(&gh.matmul(a)?, dropout)?
+    let dz = (through_base + dropped(&gh.matmul(a)?, dropout)?)?;
+    crate::ops::profile::scope("lora.bwd.input", &dev, || input.backward(x, dz))
 }
 
 #[cfg(test)]
