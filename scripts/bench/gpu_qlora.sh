@@ -15,7 +15,8 @@
 #              interleaved rounds (ROUNDS) on the same checkpoint, which stays in the page cache,
 #              with the load's phases (read, quantize, download, nested, upload)
 #   reference  the Python stack: a QLoRA step at batch 8 x 512 and greedy decoding at batch 1
-#              and 16 (hf_qlora_baseline.py --gen), with its nvidia-smi peak
+#              and 16 (hf_qlora_baseline.py --gen; REF_GEN=0: the step alone), with its
+#              nvidia-smi peak
 #   train      `bench train` at batch 8 x 512, BEFORE then AFTER (once when they are one
 #              build), then 32 x 256 (the reference notebook's batch), each with its peak
 #   train-ckpt the same at 8 x 512 with gradient checkpointing, for each CKPT_EVERY (1,2: every
@@ -114,7 +115,9 @@ if stage reference; then
     install_wheels
     echo "== reference: transformers + PEFT + bitsandbytes, train 8 x 512, generate batch 1 and 16"
     watch_mem python
-    PYTHONPATH=/tmp/site timeout 400 python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --layers "$LAYERS" --gen \
+    # REF_GEN=0: the reference's training step alone (no decoding), for calls about training.
+    gen=--gen; [[ ${REF_GEN:-1} == 0 ]] && gen=
+    PYTHONPATH=/tmp/site timeout 400 python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --layers "$LAYERS" $gen \
       2>"$OUT/python.err" | tee "$OUT/python.json" \
       | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"python\",${line#\{}" >> "$RESULTS"; done
     stop_mem python
