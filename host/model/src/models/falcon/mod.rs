@@ -634,6 +634,48 @@ pub(crate) mod tests {
         Ok(())
     }
 
+    /// The gradient of a tensor split by `narrow` (the fused q, k, v; the vendored candle adds
+    /// each piece's gradient into its slice): every piece's gradient lands in its slice, added
+    /// to what other uses of the tensor contribute before, between and after the pieces, and a
+    /// piece used twice counts twice.
+    #[test]
+    fn narrowed_pieces_give_their_gradients_to_their_slices() -> Result<()> {
+        let dev = Device::Cpu;
+        let x =
+            candle_core::Var::from_tensor(&Tensor::arange(0f32, 60., &dev)?.reshape((2, 5, 6))?)?;
+        let w = |seed: f32, cols: usize| -> Result<Tensor> {
+            let t = Tensor::arange(0f32, (10 * cols) as f32, &dev)?.reshape((2, 5, cols))?;
+            t.affine(0.1, seed as f64)?.cos()
+        };
+        let (wq, wk, wv, wx) = (w(0.3, 3)?, w(0.7, 2)?, w(1.1, 1)?, w(1.9, 6)?);
+        let xt = x.as_tensor();
+        let q = xt.narrow(2, 0, 3)?;
+        let k = xt.narrow(2, 3, 2)?;
+        let v = xt.narrow(2, 5, 1)?;
+        let loss = ((xt * &wx)?.sum_all()?
+            + (&q * &wq)?.sum_all()?
+            + (&k * &wk)?.sum_all()?
+            + (&v * &wv)?.sum_all()?
+            + (&k * &wk)?.sum_all()?
+            + (xt.sqr()?.sum_all()? * 0.5)?)?;
+        let grads = loss.backward()?;
+        let got = grads
+            .get(xt)
+            .expect("x has a gradient")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let want = (Tensor::cat(&[&wq, &(&wk * 2.0)?, &wv], 2)? + &wx + xt)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{worst}: {got:?} against {want:?}");
+        Ok(())
+    }
+
     /// Checkpointing recomputes the same graph: every adapter gradient equals the plain run's.
     #[test]
     fn checkpointed_layers_give_the_same_adapter_gradients() -> Result<()> {
