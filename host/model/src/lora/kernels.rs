@@ -210,11 +210,8 @@ pub fn train_h(z: &Tensor, a: &Tensor, mask: Mask) -> Result<Tensor> {
             a.dtype()
         )));
     }
-    let (row_blocks, chunks) = (m.div_ceil(512 / r), k.div_ceil(128));
-    // Two blocks a multiprocessor (H100: 132), each slice at least four chunks of k.
-    let splits = (264usize.div_ceil(row_blocks)).clamp(1, (chunks / 4).max(1));
-    let k_per = chunks.div_ceil(splits) * 128;
-    let splits = k.div_ceil(k_per);
+    let row_blocks = m.div_ceil(512 / r);
+    let (splits, k_per) = split_reduction(row_blocks, k, LH_KC);
     let (zs, as_) = (CudaInput::of(z)?, CudaInput::of(a)?);
     // SAFETY: each slice's block writes every element of its rows' partial sums.
     let part = unsafe { dev.alloc::<f32>(splits * m * r)? };
@@ -261,11 +258,8 @@ pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask) -> Result<Tensor> {
             gh.dtype()
         )));
     }
-    let (col_blocks, chunks) = (k.div_ceil(DA_COLS), m.div_ceil(DA_ROWS));
-    // Two blocks a multiprocessor (H100: 132), each slab at least four chunks of rows.
-    let slabs = (264usize.div_ceil(col_blocks)).clamp(1, (chunks / 4).max(1));
-    let rows_per = chunks.div_ceil(slabs) * DA_ROWS;
-    let slabs = m.div_ceil(rows_per);
+    let col_blocks = k.div_ceil(DA_COLS);
+    let (slabs, rows_per) = split_reduction(col_blocks, m, DA_ROWS);
     let (zs, ghs) = (CudaInput::of(z)?, CudaInput::of(gh)?);
     // SAFETY: each slab's blocks write every element of its partial sums.
     let part = unsafe { dev.alloc::<f32>(slabs * r * k)? };
@@ -297,6 +291,19 @@ pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask) -> Result<Tensor> {
 /// Columns (`DA_COLS`) and rows (`DA_ROWS`) of one staged chunk of `lora_train_da`.
 const DA_COLS: usize = 128;
 const DA_ROWS: usize = 32;
+
+/// Columns of one staged chunk of `lora_h_rows` (`LH_KC` in lora.cu).
+const LH_KC: usize = 128;
+
+/// How a reduction over `len` (walked in chunks of `chunk`) is split among blocks when
+/// `blocks` blocks already work apart: `(slices, length of a slice)`, enough slices for two
+/// blocks a multiprocessor (an H100 has 132) where each slice keeps at least four chunks.
+fn split_reduction(blocks: usize, len: usize, chunk: usize) -> (usize, usize) {
+    let chunks = len.div_ceil(chunk);
+    let slices = 264usize.div_ceil(blocks).clamp(1, (chunks / 4).max(1));
+    let per = chunks.div_ceil(slices) * chunk;
+    (len.div_ceil(per), per)
+}
 
 fn unsupported(dtype: DType) -> Error {
     Error::Msg(format!("lora training on {dtype:?} is not supported"))
@@ -419,4 +426,28 @@ pub fn train_add(
             "lora training on {other:?} is not supported"
         ))),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The splits of Falcon-7B's training shapes (8 x 512 rows) and the golden test's: slices
+    /// cover the length, none is empty, each a whole number of chunks.
+    #[test]
+    fn reductions_split_into_whole_chunks_that_cover_the_length() {
+        for (blocks, len, chunk, want) in [
+            (128, 4544, LH_KC, (3, 1536)),
+            (128, 18176, LH_KC, (3, 6144)),
+            (36, 4096, DA_ROWS, (8, 512)),
+            (142, 4096, DA_ROWS, (2, 2048)),
+            (2, 1032, LH_KC, (2, 640)),
+            (3, 256, LH_KC, (1, 256)),
+            (1, 77, DA_ROWS, (1, 96)),
+        ] {
+            let (slices, per) = split_reduction(blocks, len, chunk);
+            assert_eq!((slices, per), want, "{blocks} blocks, {len} by {chunk}");
+            assert!(per % chunk == 0 && slices * per >= len && (slices - 1) * per < len);
+        }
+    }
 }
