@@ -167,10 +167,12 @@ const TRAIN_RANKS: [usize; 2] = [8, 16];
 
 /// Whether the training node's kernels serve an adapter of rank `r` on `x` (`[m, k]`): a GPU,
 /// a 16-bit type, a rank with an instance, rows a whole number of 16-byte vectors starting on
-/// one. Elsewhere the node runs op by op.
+/// one, and something to compute (an empty `x` would launch no blocks). Elsewhere the node runs
+/// op by op.
 pub fn trains(x: &Tensor, r: usize) -> bool {
     let k = x.dims().last().copied().unwrap_or(0);
-    x.device().is_cuda()
+    x.elem_count() > 0
+        && x.device().is_cuda()
         && matches!(x.dtype(), DType::BF16 | DType::F16)
         && TRAIN_RANKS.contains(&r)
         && k.is_multiple_of(8)
@@ -299,8 +301,10 @@ const LH_KC: usize = 128;
 /// `blocks` blocks already work apart: `(slices, length of a slice)`, enough slices for two
 /// blocks a multiprocessor (an H100 has 132) where each slice keeps at least four chunks.
 fn split_reduction(blocks: usize, len: usize, chunk: usize) -> (usize, usize) {
-    let chunks = len.div_ceil(chunk);
-    let slices = 264usize.div_ceil(blocks).clamp(1, (chunks / 4).max(1));
+    let chunks = len.div_ceil(chunk).max(1);
+    let slices = 264usize
+        .div_ceil(blocks.max(1))
+        .clamp(1, (chunks / 4).max(1));
     let per = chunks.div_ceil(slices) * chunk;
     (len.div_ceil(per), per)
 }

@@ -10,6 +10,7 @@ use candle_core::{D, DType, Result, Tensor};
 /// rstd`, normalising over the last dimension.
 pub fn input_grad(x: &Tensor, w: &Tensor, eps: f64, grad: &Tensor) -> Result<Tensor> {
     let fused = x.device().is_cuda()
+        && x.elem_count() > 0
         && matches!(x.dtype(), DType::BF16 | DType::F16)
         && grad.dtype() == x.dtype()
         && grad.dims() == x.dims()
