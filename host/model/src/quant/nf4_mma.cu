@@ -133,19 +133,14 @@ __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, i
 
 // One instance a tiling and 16-bit type, named nf4_mma_{bf16,f16}_w<WARPS>u<UNROLL>t<TILES>h<0|1>
 // (MmaTiling::kernel_name builds the same names).
-#define MMA_INSTANCE(W, U, T, H)                                                               \
-extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_bf16_w##W##u##U##t##T##h##H(    \
+#define MMA_KERNEL(TYPE, IS_BF16, W, U, T, H)                                                 \
+extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_##TYPE##_w##W##u##U##t##T##h##H( \
     const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
     const float* acode, float offset, int nbs, const u16* x, u16* y, int m, const float* lh,   \
     const float* lb, float lscale, int lr) {                                                   \
-  nf4_mma<W, U, T, (H != 0), true>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs,    \
-                                   x, y, m, lh, lb, lscale, lr);                              \
-}                                                                                             \
-extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_f16_w##W##u##U##t##T##h##H(     \
-    const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
-    const float* acode, float offset, int nbs, const u16* x, u16* y, int m, const float* lh,   \
-    const float* lb, float lscale, int lr) {                                                   \
-  nf4_mma<W, U, T, (H != 0), false>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs,   \
-                                    x, y, m, lh, lb, lscale, lr);                             \
+  nf4_mma<W, U, T, (H != 0), IS_BF16>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs, \
+                                      x, y, m, lh, lb, lscale, lr);                           \
 }
+#define MMA_INSTANCE(W, U, T, H)                                                               \
+  MMA_KERNEL(bf16, true, W, U, T, H) MMA_KERNEL(f16, false, W, U, T, H)
 MMA_TILINGS
