@@ -54,6 +54,23 @@ template <bool BF16>
 __device__ __forceinline__ float load16(u16 v) { return BF16 ? bf16_to_f32(v) : f16_to_f32(v); }
 template <bool BF16>
 __device__ __forceinline__ u16 round16(float v) { return BF16 ? f32_to_bf16(v) : f32_to_f16(v); }
+// Eight 16-bit values (one 16-byte load; e the element index of the first) as f32 into
+// out[0..8]: with drop, dropped and rounded to the 16-bit type as the dropout op writes them,
+// so the training kernels' sums take the op-by-op graph's operand.
+template <bool BF16>
+__device__ __forceinline__ void stage8(uint4 v, long long e, bool drop, unsigned long long key,
+    float p, float scale, float* out) {
+  unsigned int w[4] = {v.x, v.y, v.z, v.w};
+  _Pragma("unroll") for (int q = 0; q < 4; ++q) {
+    float lo = load16<BF16>((u16)(w[q] & 0xffffu)), hi = load16<BF16>((u16)(w[q] >> 16));
+    if (drop) {
+      lo = load16<BF16>(round16<BF16>(__fmul_rn(lo, keep_scale(key, e + 2 * q, p, scale))));
+      hi = load16<BF16>(round16<BF16>(__fmul_rn(hi, keep_scale(key, e + 2 * q + 1, p, scale))));
+    }
+    out[2 * q] = lo;
+    out[2 * q + 1] = hi;
+  }
+}
 template <int R, bool BF16, bool TRAIN>
 __device__ __forceinline__ void lora_h_rows(const u16* x, const float* af, const u16* a16,
     float* h, int m, int k, int k_per, unsigned long long key, float p, float scale) {
@@ -96,17 +113,7 @@ __device__ __forceinline__ void lora_h_rows(const u16* x, const float* af, const
   for (int c0 = kb; c0 < ke; c0 += LH_KC) {
     _Pragma("unroll") for (int l = 0; l < XL; ++l) {
       int t = threadIdx.x + 256 * l, r = t / (LH_KC / 8), c = (t % (LH_KC / 8)) * 8;
-      unsigned int w[4] = {xr[l].x, xr[l].y, xr[l].z, xr[l].w};
-      long long e = (long long)(row0 + r) * k + c0 + c;
-      _Pragma("unroll") for (int q = 0; q < 4; ++q) {
-        float lo = load16<BF16>((u16)(w[q] & 0xffffu)), hi = load16<BF16>((u16)(w[q] >> 16));
-        if (drop) {
-          lo = load16<BF16>(round16<BF16>(__fmul_rn(lo, keep_scale(key, e + 2 * q, p, scale))));
-          hi = load16<BF16>(round16<BF16>(__fmul_rn(hi, keep_scale(key, e + 2 * q + 1, p, scale))));
-        }
-        xs[r][c + 2 * q] = lo;
-        xs[r][c + 2 * q + 1] = hi;
-      }
+      stage8<BF16>(xr[l], (long long)(row0 + r) * k + c0 + c, drop, key, p, scale, &xs[r][c]);
     }
     _Pragma("unroll") for (int l = 0; l < AL; ++l) {
       int t = threadIdx.x + 256 * l, j = t / (LH_KC / 4), c = (t % (LH_KC / 4)) * 4;
@@ -211,17 +218,7 @@ __device__ __forceinline__ void lora_train_da(const u16* z, const u16* gh, float
   for (int r0 = rb; r0 < re; r0 += DA_ROWS) {
     _Pragma("unroll") for (int l = 0; l < 2; ++l) {
       int t = threadIdx.x + 256 * l, r = t / (DA_COLS / 8), c = (t % (DA_COLS / 8)) * 8;
-      unsigned int w[4] = {zr[l].x, zr[l].y, zr[l].z, zr[l].w};
-      long long e = (long long)(r0 + r) * k + c0 + c;
-      _Pragma("unroll") for (int q = 0; q < 4; ++q) {
-        float lo = load16<BF16>((u16)(w[q] & 0xffffu)), hi = load16<BF16>((u16)(w[q] >> 16));
-        if (drop) {
-          lo = load16<BF16>(round16<BF16>(__fmul_rn(lo, keep_scale(key, e + 2 * q, p, scale))));
-          hi = load16<BF16>(round16<BF16>(__fmul_rn(hi, keep_scale(key, e + 2 * q + 1, p, scale))));
-        }
-        zs[r][c + 2 * q] = lo;
-        zs[r][c + 2 * q + 1] = hi;
-      }
+      stage8<BF16>(zr[l], (long long)(r0 + r) * k + c0 + c, drop, key, p, scale, &zs[r][c]);
     }
     _Pragma("unroll") for (int l = 0; l < GL; ++l) {
       int t = threadIdx.x + 256 * l;
