@@ -1281,8 +1281,6 @@ fn layer_norm_input_grad_kernel_equals_the_op_by_op_form() {
     }
 }
 
-/// Attention's fused softmax and its backward on the GPU against the CPU path (f32, bf16, f16;
-/// with and without a padding mask, one mask for the batch or one per row).
 /// The flash attention kernels against their CPU twin, output and the three gradients: f32
 /// within summation order, bf16 within its rounding; every head size class (8 → 32, 64, 128),
 /// multi-query, grouped and one-to-one heads, ALiBi, packed rows with padding, and queries
@@ -1379,6 +1377,8 @@ fn flash_attention_kernels_equal_the_cpu_twin() {
     }
 }
 
+/// Attention's fused softmax and its backward on the GPU against the CPU path (f32, bf16, f16;
+/// with and without a padding mask, one mask for the batch or one per row).
 #[cfg_attr(
     not(feature = "cuda"),
     ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
