@@ -95,7 +95,9 @@ impl Linear {
         let d = crate::ops::profile::scope("lora", x.device(), || lora.delta_y(x, train))?;
         // PEFT's `Linear` adds in the adapter's dtype (f32 under a 16-bit base) and casts the
         // sum back. Its 4-bit `Linear4bit` casts the product to the base's dtype first and adds
-        // there, one rounding more, which no path here matches yet (BENCHMARKS.md, 2026-12-06).
+        // there, one rounding more, which no inference path here matches yet (BENCHMARKS.md,
+        // 2026-12-06); the training node (`lora::train_node`) does round the product first, as
+        // the reference trainer's autocast does.
         crate::ops::profile::scope("lora.add", x.device(), || {
             if d.dtype() == y.dtype() {
                 y + d
