@@ -9,33 +9,7 @@
 // codes[1][b][p] (the same packed example). A query that sees no key gets a zero output and a
 // log-sum-exp of +inf, so its backward contributes nothing.
 //
-// Compiled with NVRTC after the shared prelude (ops/prelude.cu).
-
-template <int KIND> struct Elem;
-template <> struct Elem<0> {
-  typedef float T;
-  static __device__ __forceinline__ float ld(float x) { return x; }
-  static __device__ __forceinline__ float st(float x) { return x; }
-};
-template <> struct Elem<1> {
-  typedef u16 T;
-  static __device__ __forceinline__ float ld(u16 x) { return bf16_to_f32(x); }
-  static __device__ __forceinline__ u16 st(float x) { return f32_to_bf16(x); }
-};
-template <> struct Elem<2> {
-  typedef u16 T;
-  static __device__ __forceinline__ float ld(u16 x) { return f16_to_f32(x); }
-  static __device__ __forceinline__ u16 st(float x) { return f32_to_f16(x); }
-};
-
-#define POS_INF __int_as_float(0x7f800000)
-
-// The shapes every kernel indexes by.
-struct Dims {
-  int b, h, kvh, s, t, d, past;
-  float scale;
-  int has_alibi;
-};
+// Compiled with NVRTC after the shared prelude (ops/prelude.cu) and flash_common.cu.
 
 // Keys j0 .. j0 + BN of a block's KV head into shared memory (zeros past kend or d), with
 // their visibility codes and ALiBi biases, between two barriers: the forward and dQ kernels'
@@ -339,10 +313,7 @@ __device__ void flash_decode(const typename Elem<KIND>::T* __restrict__ q,
 }
 
 // The entry points: f32, bf16 and f16 for head dims up to 32, 64 and 128 (a head of d is
-// served by the smallest DMAX >= d). The shapes come as scalars, not a struct, so the host
-// passes plain integers.
-#define DIMS_PARAMS int b, int h, int kvh, int s, int t, int d, int past, float scale, int has_alibi
-#define DIMS_VALUE Dims{b, h, kvh, s, t, d, past, scale, has_alibi}
+// served by the smallest DMAX >= d).
 #define FLASH_ENTRIES(SUFFIX, KIND, DMAX, BN, TK, BM)                                          \
   extern "C" __global__ void flash_fwd_##SUFFIX##_##DMAX(                                      \
       const Elem<KIND>::T* q, const Elem<KIND>::T* k, const Elem<KIND>::T* v,                   \

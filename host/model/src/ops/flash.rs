@@ -16,9 +16,13 @@
 //!
 //! Both devices run the same algorithm: the CPU twin here (the reference, tile for tile) and
 //! `flash.cu` (whose decoding variant, for a few queries a head, splits the keys among a warp's
-//! lanes and merges their partial softmaxes: the same result up to summation order). All arithmetic is f32; inputs and outputs keep the model's dtype. The masked
-//! path ([`crate::ops::attention::attend`]) rounds `q k^T` to the model's dtype before the
-//! softmax and the probabilities before `P V`; this path does not, so the two agree to that
+//! lanes and merges their partial softmaxes: the same result up to summation order). All
+//! arithmetic is f32; inputs and outputs keep the model's dtype. In bf16 and f16 with heads of
+//! 64 or 128 (Falcon's and Llama's), `flash_mma.cu` runs the same tiles on the tensor cores:
+//! 16-bit products summed in f32, with the probabilities and `dS` rounded to the type between
+//! one product and the next, as FlashAttention rounds them. The masked path
+//! ([`crate::ops::attention::attend`]) rounds `q k^T` to the model's dtype before the softmax
+//! and the probabilities before `P V`; the SIMT kernels do not, so the two agree to that
 //! rounding, and exactly in f32 but for summation order.
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -494,7 +498,7 @@ mod cpu {
 
 /// The three builds of `flash.cu`, for [`crate::ops::kernel_modules`].
 #[cfg(feature = "cuda")]
-pub(crate) fn cuda_modules() -> [&'static crate::ops::kernels::CudaModule; 3] {
+pub(crate) fn cuda_modules() -> [&'static crate::ops::kernels::CudaModule; 5] {
     cuda::modules()
 }
 
@@ -513,16 +517,25 @@ mod cuda {
     fn dmax128() -> String {
         "#define FLASH_DMAX 128".into()
     }
-    pub(super) fn modules() -> [&'static CudaModule; 3] {
-        [&FLASH32, &FLASH64, &FLASH128]
+    pub(super) fn modules() -> [&'static CudaModule; 5] {
+        [&FLASH32, &FLASH64, &FLASH128, &FLASH_MMA64, &FLASH_MMA128]
     }
 
-    static FLASH32: CudaModule =
-        CudaModule::new("adapterlab_flash32", include_str!("flash.cu"), dmax32);
-    static FLASH64: CudaModule =
-        CudaModule::new("adapterlab_flash64", include_str!("flash.cu"), dmax64);
-    static FLASH128: CudaModule =
-        CudaModule::new("adapterlab_flash128", include_str!("flash.cu"), dmax128);
+    const SIMT: &str = concat!(include_str!("flash_common.cu"), include_str!("flash.cu"));
+    static FLASH32: CudaModule = CudaModule::new("adapterlab_flash32", SIMT, dmax32);
+    static FLASH64: CudaModule = CudaModule::new("adapterlab_flash64", SIMT, dmax64);
+    static FLASH128: CudaModule = CudaModule::new("adapterlab_flash128", SIMT, dmax128);
+
+    /// The tensor-core kernels (flash_mma.cu), for the architecture their `mma.sync` needs.
+    const MMA: &str = concat!(
+        include_str!("mma.cu"),
+        include_str!("flash_common.cu"),
+        include_str!("flash_mma.cu")
+    );
+    static FLASH_MMA64: CudaModule =
+        CudaModule::new("adapterlab_flash_mma64", MMA, dmax64).for_arch("compute_80");
+    static FLASH_MMA128: CudaModule =
+        CudaModule::new("adapterlab_flash_mma128", MMA, dmax128).for_arch("compute_80");
 
     /// The module and register width serving heads of `d`.
     fn module(d: usize) -> Result<(&'static CudaModule, usize)> {
@@ -532,6 +545,27 @@ mod cuda {
             65..=128 => (&FLASH128, 128),
             _ => candle_core::bail!("flash attention: heads of {d} (at most {MAX_HEAD_DIM})"),
         })
+    }
+
+    /// The tensor-core module serving `p` on `tensors` (q, k, v and, backward, the output and
+    /// its gradient), if one does: a 16-bit type, heads of exactly 64 or 128, more queries a
+    /// head than decoding's few, a card of compute capability 8.0 or later, and every tensor
+    /// contiguous from a 16-byte boundary (the kernels load 16 bytes at a time).
+    fn tensor_core_module(p: &Problem, tensors: &[&Tensor]) -> Result<Option<&'static CudaModule>> {
+        let module = match p.d {
+            64 => &FLASH_MMA64,
+            128 => &FLASH_MMA128,
+            _ => return Ok(None),
+        };
+        let dtype = tensors[0].dtype();
+        let aligned = tensors
+            .iter()
+            .all(|t| t.is_contiguous() && t.layout().start_offset().is_multiple_of(8));
+        let serves = matches!(dtype, DType::BF16 | DType::F16)
+            && p.s > DECODE_MAX_QUERIES
+            && aligned
+            && crate::ops::kernels::sm80_or_later(tensors[0].device())?;
+        Ok(serves.then_some(module))
     }
 
     /// Up to this many queries a head, the forward pass runs `flash_decode` (a warp a query)
@@ -581,6 +615,7 @@ mod cuda {
         let nk = p.b * p.kv * p.t * p.d;
         // A few queries a head (decoding): one warp a query, its lanes splitting the keys.
         let decode = p.s <= DECODE_MAX_QUERIES;
+        let mma = tensor_core_module(p, &[q, k, v])?;
         let cfg = if decode {
             let warps = 4;
             LaunchConfig {
@@ -588,6 +623,8 @@ mod cuda {
                 block_dim: (32 * warps as u32, 1, 1),
                 shared_mem_bytes: 0,
             }
+        } else if mma.is_some() {
+            per_64_rows(p.s, p)
         } else {
             LaunchConfig {
                 grid_dim: (p.s.div_ceil(rows as usize) as u32, p.h as u32, p.b as u32),
@@ -595,7 +632,11 @@ mod cuda {
                 shared_mem_bytes: 0,
             }
         };
-        let kernel = if decode { "flash_decode" } else { "flash_fwd" };
+        let (module, kernel) = match mma {
+            Some(m) => (m, "flash_mma_fwd"),
+            None if decode => (module, "flash_decode"),
+            None => (module, "flash_fwd"),
+        };
         let dims = Dims::of(p, has_alibi);
         // SAFETY: every element is written by the kernel below.
         let lse = unsafe { dev.alloc::<f32>(p.b * p.h * p.s)? };
@@ -655,15 +696,23 @@ mod cuda {
         let nk = p.b * p.kv * p.t * p.d;
         let nkh = p.b * p.h * p.t * p.d;
         let dims = Dims::of(p, has_alibi);
-        let per_query = LaunchConfig {
-            grid_dim: (p.s.div_ceil(rows as usize) as u32, p.h as u32, p.b as u32),
-            block_dim: (rows, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let per_key = LaunchConfig {
-            grid_dim: (p.t.div_ceil(keys as usize) as u32, p.h as u32, p.b as u32),
-            block_dim: (keys, 1, 1),
-            shared_mem_bytes: 0,
+        let mma = tensor_core_module(p, &[q, k, v, out, dout])?;
+        let (module, prefix, per_query, per_key) = match mma {
+            Some(m) => (m, "flash_mma", per_64_rows(p.s, p), per_64_rows(p.t, p)),
+            None => (
+                module,
+                "flash",
+                LaunchConfig {
+                    grid_dim: (p.s.div_ceil(rows as usize) as u32, p.h as u32, p.b as u32),
+                    block_dim: (rows, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                LaunchConfig {
+                    grid_dim: (p.t.div_ceil(keys as usize) as u32, p.h as u32, p.b as u32),
+                    block_dim: (keys, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            ),
         };
         let suffix = format!("{}_{dmax}", dtype_name(q.dtype())?);
         // SAFETY: every element of each is written by the kernels below.
@@ -676,13 +725,13 @@ mod cuda {
                 let (ov, gv) = (oi.view::<$t>(nq)?, gi.view::<$t>(nq)?);
                 // SAFETY: every element is written by the kernel below.
                 let dq = unsafe { dev.alloc::<$t>(nq)? };
-                crate::run_kernel!(module, dev, &format!("flash_bwd_dq_{suffix}"), per_query;
+                crate::run_kernel!(module, dev, &format!("{prefix}_bwd_dq_{suffix}"), per_query;
                     &qv, &kv, &vv, &ov, &gv, &lse_v, &codes,
                     &alibi_v, &dq, &delta, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t,
                     &dims.d, &dims.past, &dims.scale, &dims.has_alibi,
                 )?;
                 // Reads the deltas the launch above wrote (same stream).
-                crate::run_kernel!(module, dev, &format!("flash_bwd_dkv_{suffix}"), per_key;
+                crate::run_kernel!(module, dev, &format!("{prefix}_bwd_dkv_{suffix}"), per_key;
                     &qv, &kv, &vv, &gv, &lse_v, &delta, &codes, &alibi_v, &dk,
                     &dv, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t, &dims.d, &dims.past,
                     &dims.scale, &dims.has_alibi,
@@ -700,7 +749,17 @@ mod cuda {
         Ok((dq, wrap(dk, &dev, shape), wrap(dv, &dev, shape)))
     }
 
-    /// The kernels' scalar shape arguments, as flash.cu's `DIMS_PARAMS` orders them.
+    /// The tensor-core kernels' launch: four warps of 16 rows a block, over `rows` (queries or
+    /// keys), heads and batch.
+    fn per_64_rows(rows: usize, p: &Problem) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(64) as u32, p.h as u32, p.b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// The kernels' scalar shape arguments, as flash_common.cu's `DIMS_PARAMS` orders them.
     struct Dims {
         b: i32,
         h: i32,

@@ -283,7 +283,11 @@ pub(crate) static NF4: CudaModule = CudaModule::new(
 /// decoding uses ([`MmaTiling::DEFAULTS`]).
 pub(crate) static NF4_MMA: CudaModule = CudaModule::new(
     "adapterlab_nf4_mma",
-    concat!(include_str!("nf4_common.cu"), include_str!("nf4_mma.cu")),
+    concat!(
+        include_str!("nf4_common.cu"),
+        include_str!("../ops/mma.cu"),
+        include_str!("nf4_mma.cu")
+    ),
     || nf4_mma_defines(&MmaTiling::DEFAULTS),
 )
 .for_arch("compute_80");
@@ -292,7 +296,11 @@ pub(crate) static NF4_MMA: CudaModule = CudaModule::new(
 /// of their own, so a process that decodes never compiles them.
 pub(crate) static NF4_MMA_TILINGS: CudaModule = CudaModule::new(
     "adapterlab_nf4_mma_tilings",
-    concat!(include_str!("nf4_common.cu"), include_str!("nf4_mma.cu")),
+    concat!(
+        include_str!("nf4_common.cu"),
+        include_str!("../ops/mma.cu"),
+        include_str!("nf4_mma.cu")
+    ),
     || nf4_mma_defines(&MmaTiling::ALL),
 )
 .for_arch("compute_80");

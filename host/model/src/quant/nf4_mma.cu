@@ -1,5 +1,5 @@
 // The tensor-core NF4 GEMM for batched decoding (host side in quant/kernels.rs), after
-// nf4_common.cu. Its own module, compiled for compute_80 (mma.sync with bf16 needs sm_80): a
+// nf4_common.cu and ops/mma.cu (the mma instruction and the operands' packing). Its own module, compiled for compute_80 (mma.sync with bf16 needs sm_80): a
 // card that cannot run it keeps every other NF4 kernel.
 // y = x W^T for up to 16 rows (batched decoding) on the tensor cores: mma.sync m16n8k16 with x
 // as the 16 x 16 A operand (rows past m are zeros) and 8 output features of W as B, each weight
@@ -16,14 +16,6 @@
 // nf4_values8 reads them, the absmax loads issued with the codes' (absmax_fetch), and each pair
 // rounded to 16 bits in one instruction: per weight, ~3 instructions fewer than indexing by
 // nibble and rounding in software.
-// Two f32 rounded to nearest-even 16-bit values in one instruction, `lo` in the low half (the
-// same bits as f32_to_bf16 / f32_to_f16 but for NaN, which comes out canonical).
-__device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi) {
-  unsigned int d; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
-}
-__device__ __forceinline__ unsigned int pack_f16x2(float lo, float hi) {
-  unsigned int d; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
-}
 // The kernel is a template over its tiling (`MmaTiling` on the host): WARPS warps a block
 // split a row's 128-column chunks, each issuing UNROLL chunks' loads of codes before using any;
 // a warp computes TILES tiles of 8 features from each A fragment it loads (x is loaded once for
@@ -31,23 +23,6 @@ __device__ __forceinline__ unsigned int pack_f16x2(float lo, float hi) {
 // 8 rows never load or hold the A operand's second half. A feature's sum depends on WARPS alone:
 // warp w adds chunks w, w + WARPS, w + 2 WARPS ... in that order whatever UNROLL, TILES and
 // HALVES are.
-template <bool BF16>
-__device__ __forceinline__ void mma_16816(float* d, unsigned int a0, unsigned int a1,
-    unsigned int a2, unsigned int a3, unsigned int b0, unsigned int b1) {
-  if (BF16) {
-    asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-}
 
 template <int WARPS, int UNROLL, int TILES, bool HALVES, bool BF16>
 __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, int nested,
