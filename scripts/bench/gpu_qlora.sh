@@ -148,7 +148,9 @@ if stage train; then
     stop_mem train-$side
     tail -2 "$OUT/train8x512-$side.err"
   done
-  # The reference notebook's per-device batch, 32 x 256, without checkpointing (AFTER only).
+  # The reference notebook's per-device batch, 32 x 256, without checkpointing (AFTER only;
+  # TRAIN_32=0 skips it).
+  [ "${TRAIN_32:-1}" = 1 ] && {
   echo "== train stage: after, batch 32 x 256"
   watch_mem train32-after
   timeout 240 /tmp/gl/after bench train --model "$CKPT" --batch 32 --seq 256 --steps 6 --warmup 2 \
@@ -156,6 +158,7 @@ if stage train; then
     | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"after\",\"mode\":\"32x256\",${line#\{}" >> "$RESULTS"; done
   stop_mem train32-after
   tail -2 "$OUT/train32x256-after.err"
+  }
 fi
 if stage train-ckpt; then
   every_list=${CKPT_EVERY:-1,2}
@@ -186,9 +189,10 @@ fi
 # flash    the AFTER build with `--attn-implementation flash_attention_2` (ops/flash.rs: no
 #          [b, h, s, t] scores, forward or backward): batch 8 x 512 and 32 x 256 with their
 #          nvidia-smi peaks and packed DialogSum-like rows (the same commands as the train and
-#          packing rows above, so each pair compares)
+#          packing rows above, so each pair compares); FLASH_SHAPES (default "8x512 32x256") and
+#          FLASH_PACKING=0 narrow it
 if stage flash; then
-  for shape in 8x512 32x256; do
+  for shape in ${FLASH_SHAPES:-8x512 32x256}; do
     b=${shape%x*}; s=${shape#*x}
     echo "== flash stage: after, batch $b x $s, flash_attention_2"
     watch_mem flash$shape
@@ -198,8 +202,7 @@ if stage flash; then
     stop_mem flash$shape
     tail -2 "$OUT/flash$shape.err"
   done
-  echo "== flash stage: packing, flash_attention_2"
-  timeout 200 /tmp/gl/after bench train --model "$CKPT" --batch 8 --seq 512 --lengths 100..400 --packing --steps 10 --warmup 3 \
+  [ "${FLASH_PACKING:-1}" = 1 ] && echo "== flash stage: packing, flash_attention_2" && timeout 200 /tmp/gl/after bench train --model "$CKPT" --batch 8 --seq 512 --lengths 100..400 --packing --steps 10 --warmup 3 \
     --attn-implementation flash_attention_2 2>"$OUT/flash-packing.err" | tee "$OUT/flash-packing.json" \
     | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"flash\",\"mode\":\"packing\",${line#\{}" >> "$RESULTS"; done
 fi
@@ -251,15 +254,18 @@ fi
 #          sum exceeds an unprofiled step) of a training step at batch 8 x 512 (eager) and of
 #          batch-1 decoding (200-token prompt): where the time goes
 if stage profile; then
-  echo "== profile: train 8 x 512, generate batch 1"
+  # PROFILE_ATTN: the training step's attn_implementation (eager, flash_attention_2; default
+  # eager); PROFILE_GENERATE=0 profiles the training step alone.
+  echo "== profile: train 8 x 512 (${PROFILE_ATTN:-eager}), generate batch 1"
   ADAPTERLAB_PROFILE=1 timeout 200 /tmp/gl/after bench train --model "$CKPT" --batch 8 --seq 512 --steps 3 --warmup 1 \
+    --attn-implementation "${PROFILE_ATTN:-eager}" \
     2>"$OUT/profile-train.err" | tee "$OUT/profile-train.json" \
     | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"profile-train\",${line#\{}" >> "$RESULTS"; done
-  ADAPTERLAB_PROFILE=1 timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1 --prompt-tokens 200 --new-tokens 20 \
+  [ "${PROFILE_GENERATE:-1}" = 1 ] && ADAPTERLAB_PROFILE=1 timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1 --prompt-tokens 200 --new-tokens 20 \
     2>"$OUT/profile-generate.err" | tee "$OUT/profile-generate.json" \
     | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"profile-generate\",${line#\{}" >> "$RESULTS"; done
   # The same with the generate stage's adapter unmerged, when that stage made one.
-  [ -d /tmp/gen-adapter ] && ADAPTERLAB_PROFILE=1 timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1 \
+  [ "${PROFILE_GENERATE:-1}" = 1 ] && [ -d /tmp/gen-adapter ] && ADAPTERLAB_PROFILE=1 timeout 200 /tmp/gl/after bench generate --model "$CKPT" --batch 1 \
     --adapter /tmp/gen-adapter --prompt-tokens 200 --new-tokens 20 \
     2>"$OUT/profile-generate-adapter.err" | tee "$OUT/profile-generate-adapter.json" \
     | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"profile-generate-adapter\",${line#\{}" >> "$RESULTS"; done

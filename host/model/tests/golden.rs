@@ -1363,18 +1363,30 @@ fn flash_attention_kernels_equal_the_cpu_twin() {
             .collect()
         };
         let want = run(&Device::Cpu, DType::F32);
-        // 16-bit types with heads of 64 or 128 and more than a few queries run the tensor-core
-        // kernels (flash_mma.cu), which round probabilities and dS to the type as they go.
-        for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 3e-2), (DType::F16, 1e-2)] {
+        // In a 16-bit type every kernel (the tensor-core ones for heads of 64 and 128 and more
+        // than a few queries) rounds probabilities and dS to the type before their products, as
+        // the CPU twin does in that type. Where that rounding costs more than `tol` (dQ's terms
+        // sum to nearly nothing: a row's dS sums to zero), the kernels must still be as close
+        // to f32 as the twin, within a quarter.
+        for (dtype, tol) in [
+            (DType::F32, 1e-4f32),
+            (DType::BF16, 3e-2),
+            (DType::F16, 1e-2),
+        ] {
             let got = run(&dev, dtype);
-            for (what, (g, w)) in ["output", "dq", "dk", "dv"]
+            let twin = (dtype != DType::F32).then(|| run(&Device::Cpu, dtype));
+            for (i, (what, (g, w))) in ["output", "dq", "dk", "dv"]
                 .iter()
                 .zip(got.iter().zip(&want))
+                .enumerate()
             {
                 let diff = relative_diff(w, g);
+                let bound = twin
+                    .as_ref()
+                    .map_or(tol, |t| tol.max(1.25 * relative_diff(w, &t[i])));
                 assert!(
-                    diff < tol,
-                    "{dtype:?} [{b}, {h}/{kv}, {s} after {past}, {d}] alibi={alibi} packed={packed}: {what} differs by {diff} (relative)"
+                    diff < bound,
+                    "{dtype:?} [{b}, {h}/{kv}, {s} after {past}, {d}] alibi={alibi} packed={packed}: {what} differs by {diff} (relative; bound {bound})"
                 );
             }
         }

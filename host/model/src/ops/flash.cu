@@ -2,7 +2,9 @@
 // stored. One thread owns one query row (forward, dQ) or one key row (dK, dV); the other side
 // comes through shared memory in tiles that every thread of the block reads at the same
 // address (a broadcast). The arithmetic is f32 on the CUDA cores: a first, checkable version
-// of the algorithm the CPU twin in flash.rs runs, tile for tile.
+// of the algorithm the CPU twin in flash.rs runs, tile for tile. In a 16-bit type each
+// probability and each dS is rounded to it before the product it enters (E::ld(E::st(x))),
+// as the tensor-core kernels (flash_mma.cu) and FlashAttention round them.
 //
 // Who sees whom (codes, u32 [2, b, t]): key j is visible to the query at absolute position
 // p = past + i when j <= p, codes[0][b][j] != 0 (a real key) and codes[0][b][j] ==
@@ -92,8 +94,9 @@ __device__ void flash_fwd(const typename Elem<KIND>::T* __restrict__ q,
     for (int jj = 0; jj < BN; ++jj) {
       const float p = sc[jj] == NEG_INF ? 0.f : __expf(sc[jj] - mt);
       l += p;
+      const float pr = E::ld(E::st(p));
 #pragma unroll
-      for (int x = 0; x < DMAX; ++x) acc[x] = fmaf(p, vs[jj][x], acc[x]);
+      for (int x = 0; x < DMAX; ++x) acc[x] = fmaf(pr, vs[jj][x], acc[x]);
     }
     m = mt;
   }
@@ -155,7 +158,7 @@ __device__ void flash_bwd_dq(const typename Elem<KIND>::T* __restrict__ q,
         dp = fmaf(gr[x], vs[jj][x], dp);
       }
       const float p = __expf((dot + ab[jj]) * a.scale - li);
-      const float ds = p * (dp - dl) * a.scale;
+      const float ds = E::ld(E::st(p * (dp - dl) * a.scale));
 #pragma unroll
       for (int x = 0; x < DMAX; ++x) acc[x] = fmaf(ds, ks[jj][x], acc[x]);
     }
@@ -230,10 +233,11 @@ __device__ void flash_bwd_dkv(const typename Elem<KIND>::T* __restrict__ q,
         dp = fmaf(gs[ii][x], vr[threadIdx.x][x], dp);
       }
       const float p = __expf((dot + al) * a.scale - ls[ii]);
-      const float g = p * (dp - ds_[ii]) * a.scale;
+      const float g = E::ld(E::st(p * (dp - ds_[ii]) * a.scale));
+      const float pr = E::ld(E::st(p));
 #pragma unroll
       for (int x = 0; x < DMAX; ++x) {
-        gv[x] = fmaf(p, gs[ii][x], gv[x]);
+        gv[x] = fmaf(pr, gs[ii][x], gv[x]);
         gk[x] = fmaf(g, qs[ii][x], gk[x]);
       }
     }
@@ -294,9 +298,10 @@ __device__ void flash_decode(const typename Elem<KIND>::T* __restrict__ q,
     const float corr = __expf(m - mn);
     const float p = __expf(sc - mn);
     l = l * corr + p;
+    const float pr = E::ld(E::st(p));
 #pragma unroll
     for (int x = 0; x < DMAX; ++x)
-      if (x < a.d) acc[x] = fmaf(p, E::ld(vr[x]), acc[x] * corr);
+      if (x < a.d) acc[x] = fmaf(pr, E::ld(vr[x]), acc[x] * corr);
     m = mn;
   }
   // Merge the lanes' partial softmaxes: rescale each to the warp's maximum, then sum.

@@ -16,14 +16,14 @@
 //!
 //! Both devices run the same algorithm: the CPU twin here (the reference, tile for tile) and
 //! `flash.cu` (whose decoding variant, for a few queries a head, splits the keys among a warp's
-//! lanes and merges their partial softmaxes: the same result up to summation order). All
-//! arithmetic is f32; inputs and outputs keep the model's dtype. In bf16 and f16 with heads of
-//! 64 or 128 (Falcon's and Llama's), `flash_mma.cu` runs the same tiles on the tensor cores:
-//! 16-bit products summed in f32, with the probabilities and `dS` rounded to the type between
-//! one product and the next, as FlashAttention rounds them. The masked path
-//! ([`crate::ops::attention::attend`]) rounds `q k^T` to the model's dtype before the softmax
-//! and the probabilities before `P V`; the SIMT kernels do not, so the two agree to that
-//! rounding, and exactly in f32 but for summation order.
+//! lanes and merges their partial softmaxes: the same result up to summation order). In bf16
+//! and f16 with heads of 64 or 128 (Falcon's and Llama's), `flash_mma.cu` runs the same tiles
+//! on the tensor cores. All sums are f32; inputs and outputs keep the model's dtype, and in a
+//! 16-bit type each probability and each `dS` is rounded to it before the product it enters,
+//! on every device and kernel ([`Problem::operand`]), as FlashAttention rounds them. The masked
+//! path ([`crate::ops::attention::attend`]) rounds `q k^T` to the model's dtype before the
+//! softmax as well; so the two agree to those roundings, and exactly in f32 but for summation
+//! order.
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
@@ -107,6 +107,9 @@ struct Problem {
     d: usize,
     past: usize,
     scale: f32,
+    /// The inputs' type: in a 16-bit one, probabilities and `dS` are rounded to it before
+    /// the products they enter, on every device (see [`Problem::operand`]).
+    dtype: DType,
 }
 
 impl Problem {
@@ -146,7 +149,19 @@ impl Problem {
             d,
             past: vis.past,
             scale: scale as f32,
+            dtype: q.dtype(),
         })
+    }
+
+    /// A probability or `dS` as the products take it: rounded to the inputs' 16-bit type, as
+    /// FlashAttention and the tensor-core kernels round the 16-bit operand of their next
+    /// product; unchanged in f32.
+    fn operand(&self, x: f32) -> f32 {
+        match self.dtype {
+            DType::BF16 => half::bf16::from_f32(x).to_f32(),
+            DType::F16 => half::f16::from_f32(x).to_f32(),
+            _ => x,
+        }
     }
 
     /// The KV head query head `h` reads.
@@ -429,6 +444,7 @@ mod cpu {
                                 (sc - mt).exp()
                             };
                             l += pj;
+                            let pj = p.operand(pj);
                             let vrow = &v[kv + (j0 + jj) * d..][..d];
                             for (a, x) in acc.iter_mut().zip(vrow) {
                                 *a += pj * x;
@@ -479,7 +495,8 @@ mod cpu {
                         }
                         let (krow, vrow) = (&x.k[kv + j * d..][..d], &x.v[kv + j * d..][..d]);
                         let pij = (scorer.score(b, h, j, dot(qrow, krow)) - li).exp();
-                        let ds = pij * (dot(grow, vrow) - delta[row]) * p.scale;
+                        let ds = p.operand(pij * (dot(grow, vrow) - delta[row]) * p.scale);
+                        let pij = p.operand(pij);
                         for (g, kx) in dq[i * d..][..d].iter_mut().zip(krow) {
                             *g += ds * kx;
                         }

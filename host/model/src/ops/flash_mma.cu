@@ -27,6 +27,11 @@ template <> struct Half<false> {
 
 __device__ __forceinline__ unsigned ld32(const u16* p) { return *(const unsigned*)p; }
 
+// Scores are kept in base-2 units, (q k + alibi) * scale * log2(e), so each exponential is one
+// ex2 (exp2f) after a subtraction; the log-sum-exp goes out in natural units, as flash.cu's.
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
 // Rows r0 + g and r0 + g + 8 of x ([n, D], row-major) as A fragments, one per 16 columns;
 // zeros for rows past n.
 template <int D>
@@ -120,6 +125,46 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// A key tile's visibility codes and ALiBi biases into shared memory, ending the tile load's
+// barrier; returns whether the tile is uniform: every key real (below kend) and of one example.
+template <int BN>
+__device__ __forceinline__ bool load_codes(unsigned* kc, float* ab,
+                                           const unsigned* __restrict__ codes,
+                                           const float* __restrict__ alibi, int bi, int hi,
+                                           int j0, int kend, const Dims& a) {
+  const unsigned first = codes[(long long)bi * a.t + j0];
+  bool same = first != 0u;
+  for (int jj = threadIdx.x; jj < BN; jj += blockDim.x) {
+    const int j = j0 + jj;
+    kc[jj] = j < kend ? codes[(long long)bi * a.t + j] : 0u;
+    ab[jj] = (j < kend && a.has_alibi) ? alibi[((long long)bi * a.h + hi) * a.t + j] : 0.f;
+    same = same && kc[jj] == first;
+  }
+  return __syncthreads_and(same);
+}
+
+// A score tile to base-2 units, (s + alibi) * scale * log2(e), and the rows' running maxima;
+// outside `full`, scores a row may not see become -inf.
+template <int NT>
+__device__ __forceinline__ void scale_scores(float (*sc)[4], float* mt, bool full,
+                                             const unsigned* kc, const float* ab, int j0,
+                                             const int* row, const unsigned* qcode,
+                                             const Dims& a) {
+  const int c = threadIdx.x & 3;
+  const float sl2 = a.scale * LOG2E;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = e >> 1, jj = nt * 8 + 2 * c + (e & 1), j = j0 + jj;
+      const float x = a.has_alibi ? sc[nt][e] + ab[jj] : sc[nt][e];
+      const bool vis = full || (j <= a.past + row[r] && kc[jj] != 0u && kc[jj] == qcode[r]);
+      sc[nt][e] = vis ? x * sl2 : NEG_INF;
+      mt[r] = fmaxf(mt[r], sc[nt][e]);
+    }
+  }
+}
+
 // Forward: out [b, h, s, D] and lse [b, h, s]. Grid (ceil(s / 64), h, b), 128 threads; keys in
 // tiles of BN.
 template <bool BF16, int D, int BN>
@@ -156,33 +201,23 @@ __device__ void flash_mma_fwd(const u16* __restrict__ q, const u16* __restrict__
     __syncthreads();
     tile_rows<BN, D>(ks, k + kvbase * D, j0, kend);
     tile_cols<BN, D>(vt, v + kvbase * D, j0, kend);
-    for (int jj = threadIdx.x; jj < BN; jj += blockDim.x) {
-      const int j = j0 + jj;
-      kc[jj] = j < kend ? codes[(long long)bi * a.t + j] : 0u;
-      ab[jj] = (j < kend && a.has_alibi) ? alibi[((long long)bi * a.h + hi) * a.t + j] : 0.f;
-    }
-    __syncthreads();
+    const bool uniform = load_codes<BN>(kc, ab, codes, alibi, bi, hi, j0, kend, a);
     // The whole warp's rows precede the tile (or are past s): nothing to add.
     if (i0 >= a.s || j0 > a.past + wlast) continue;
+    // Every key of the tile visible to every row of the warp: no per-score test.
+    const bool full = uniform && j0 + BN - 1 <= a.past + i0 &&
+                      __all_sync(0xffffffffu, row[1] < a.s && qcode[0] == kc[0] &&
+                                                  qcode[1] == kc[0]);
     float sc[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
     mma_rows<BF16, KS, NT, D + 8>(sc, qa, ks, g, c);
     float mt[2] = {m[0], m[1]};
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1, jj = nt * 8 + 2 * c + (e & 1), j = j0 + jj;
-        const bool vis = j <= a.past + row[r] && kc[jj] != 0u && kc[jj] == qcode[r];
-        sc[nt][e] = vis ? (sc[nt][e] + ab[jj]) * a.scale : NEG_INF;
-        mt[r] = fmaxf(mt[r], sc[nt][e]);
-      }
-    }
+    scale_scores<NT>(sc, mt, full, kc, ab, j0, row, qcode, a);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mt[r] = quad_max(mt[r]);
-      const float corr = mt[r] == NEG_INF ? 1.f : __expf(m[r] - mt[r]);
+      const float corr = mt[r] == NEG_INF ? 1.f : exp2f(m[r] - mt[r]);
       m[r] = mt[r];
       l[r] *= corr;
 #pragma unroll
@@ -196,7 +231,7 @@ __device__ void flash_mma_fwd(const u16* __restrict__ q, const u16* __restrict__
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        const float p = sc[nt][e] == NEG_INF ? 0.f : __expf(sc[nt][e] - m[r]);
+        const float p = (full || sc[nt][e] != NEG_INF) ? exp2f(sc[nt][e] - m[r]) : 0.f;
         l[r] += p;
         sc[nt][e] = p;
       }
@@ -212,7 +247,7 @@ __device__ void flash_mma_fwd(const u16* __restrict__ q, const u16* __restrict__
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt)
       *(unsigned*)(dst + dt * 8) = H::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-    if (c == 0) lse[qbase + row[r]] = lr > 0.f ? m[r] + __logf(lr) : POS_INF;
+    if (c == 0) lse[qbase + row[r]] = lr > 0.f ? m[r] * LN2 + __logf(lr) : POS_INF;
   }
 }
 
@@ -257,13 +292,13 @@ __device__ void flash_mma_bwd_dq(const u16* __restrict__ q, const u16* __restric
   }
   int row[2] = {i0 + g, i0 + g + 8};
   unsigned qcode[2];
-  float li[2];
+  float li2[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     dl[r] = quad_sum(dl[r]);
     const bool in = row[r] < a.s;
     qcode[r] = in ? codes[((long long)a.b + bi) * a.t + a.past + row[r]] : 0u;
-    li[r] = in ? lse[qbase + row[r]] : POS_INF;
+    li2[r] = in ? lse[qbase + row[r]] * LOG2E : POS_INF;
     if (in && c == 0) delta[qbase + row[r]] = dl[r];
   }
   float acc[DT][4];
@@ -277,13 +312,11 @@ __device__ void flash_mma_bwd_dq(const u16* __restrict__ q, const u16* __restric
     tile_rows<BN, D>(ks, k + kvbase * D, j0, kend);
     tile_rows<BN, D>(vs, v + kvbase * D, j0, kend);
     tile_cols<BN, D>(kt, k + kvbase * D, j0, kend);
-    for (int jj = threadIdx.x; jj < BN; jj += blockDim.x) {
-      const int j = j0 + jj;
-      kc[jj] = j < kend ? codes[(long long)bi * a.t + j] : 0u;
-      ab[jj] = (j < kend && a.has_alibi) ? alibi[((long long)bi * a.h + hi) * a.t + j] : 0.f;
-    }
-    __syncthreads();
+    const bool uniform = load_codes<BN>(kc, ab, codes, alibi, bi, hi, j0, kend, a);
     if (i0 >= a.s || j0 > a.past + wlast) continue;
+    const bool full = uniform && j0 + BN - 1 <= a.past + i0 &&
+                      __all_sync(0xffffffffu, row[1] < a.s && qcode[0] == kc[0] &&
+                                                  qcode[1] == kc[0]);
     float sc[NT][4], dp[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -292,14 +325,15 @@ __device__ void flash_mma_bwd_dq(const u16* __restrict__ q, const u16* __restric
     }
     mma_rows<BF16, KS, NT, D + 8>(sc, qa, ks, g, c);
     mma_rows<BF16, KS, NT, D + 8>(dp, ga, vs, g, c);
+    float unused[2] = {NEG_INF, NEG_INF};
+    scale_scores<NT>(sc, unused, full, kc, ab, j0, row, qcode, a);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1, jj = nt * 8 + 2 * c + (e & 1), j = j0 + jj;
-        const bool vis = j <= a.past + row[r] && kc[jj] != 0u && kc[jj] == qcode[r] &&
-                         li[r] != POS_INF;
-        const float p = vis ? __expf((sc[nt][e] + ab[jj]) * a.scale - li[r]) : 0.f;
+        const int r = e >> 1;
+        // (A row that sees no key, lse +inf, has every score -inf here: p = 0.)
+        const float p = (full || sc[nt][e] != NEG_INF) ? exp2f(sc[nt][e] - li2[r]) : 0.f;
         sc[nt][e] = p * (dp[nt][e] - dl[r]) * a.scale;
       }
     }
@@ -330,7 +364,7 @@ __device__ void flash_mma_bwd_dkv(const u16* __restrict__ q, const u16* __restri
   __shared__ __align__(16) u16 qt[D][BQ + 8];
   __shared__ __align__(16) u16 gs[BQ][D + 8];
   __shared__ __align__(16) u16 gt[D][BQ + 8];
-  __shared__ float ls[BQ], dls[BQ];
+  __shared__ float ls[BQ], dls[BQ];  // ls: the log-sum-exps in base-2 units
   __shared__ unsigned qc[BQ];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
   const int bi = blockIdx.z, hi = blockIdx.y, kvi = hi / (a.h / a.kvh);
@@ -355,6 +389,7 @@ __device__ void flash_mma_bwd_dkv(const u16* __restrict__ q, const u16* __restri
 #pragma unroll
     for (int e = 0; e < 4; ++e) gk[dt][e] = gv[dt][e] = 0.f;
   }
+  const float sl2 = a.scale * LOG2E;
   // Queries at absolute positions >= the block's first key: i >= first key - past.
   const int first = max(0, (int)blockIdx.x * 64 - a.past);
   for (int i0 = first; i0 < a.s; i0 += BQ) {
@@ -363,16 +398,24 @@ __device__ void flash_mma_bwd_dkv(const u16* __restrict__ q, const u16* __restri
     tile_cols<BQ, D>(qt, q + qbase * D, i0, a.s);
     tile_rows<BQ, D>(gs, dout + qbase * D, i0, a.s);
     tile_cols<BQ, D>(gt, dout + qbase * D, i0, a.s);
+    const unsigned first_code = codes[((long long)a.b + bi) * a.t + a.past + i0];
+    bool same = first_code != 0u;
     for (int ii = threadIdx.x; ii < BQ; ii += blockDim.x) {
       const int i = i0 + ii;
       const bool in = i < a.s;
-      ls[ii] = in ? lse[qbase + i] : POS_INF;
+      ls[ii] = in ? lse[qbase + i] * LOG2E : POS_INF;
       dls[ii] = in ? delta[qbase + i] : 0.f;
       qc[ii] = in ? codes[((long long)a.b + bi) * a.t + a.past + i] : 0u;
+      same = same && qc[ii] == first_code;
     }
-    __syncthreads();
+    // Every query of the tile real and of one example.
+    const bool uniform = __syncthreads_and(same);
     // The warp's keys are past the tile's last query (or past t): nothing to add.
     if (j0 >= a.t || j0 > a.past + min(a.s - 1, i0 + BQ - 1)) continue;
+    // Every query of the tile sees every key of the warp.
+    const bool full = uniform && j0 + 15 <= a.past + i0 &&
+                      __all_sync(0xffffffffu, key[1] < a.t && kcode[0] == first_code &&
+                                                  kcode[1] == first_code);
     float st[NT][4], dpt[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -386,9 +429,9 @@ __device__ void flash_mma_bwd_dkv(const u16* __restrict__ q, const u16* __restri
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, ii = nt * 8 + 2 * c + (e & 1), i = i0 + ii;
-        const bool vis = key[r] <= a.past + i && kcode[r] != 0u && kcode[r] == qc[ii] &&
-                         ls[ii] != POS_INF;
-        const float p = vis ? __expf((st[nt][e] + al[r]) * a.scale - ls[ii]) : 0.f;
+        const bool vis = full || (key[r] <= a.past + i && kcode[r] != 0u &&
+                                  kcode[r] == qc[ii] && ls[ii] != POS_INF);
+        const float p = vis ? exp2f(fmaf(st[nt][e] + al[r], sl2, -ls[ii])) : 0.f;
         st[nt][e] = p;
         dpt[nt][e] = p * (dpt[nt][e] - dls[ii]) * a.scale;
       }
