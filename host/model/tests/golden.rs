@@ -1307,6 +1307,9 @@ fn flash_attention_kernels_equal_the_cpu_twin() {
         (3, 4, 1, 5, 60, 64, true, false),
         (2, 71, 1, 130, 0, 64, false, false),
         (1, 8, 1, 200, 0, 128, false, true),
+        // Enough key blocks that a dK/dV block of the tensor-core kernel sums two query heads
+        // (the last chunk one).
+        (2, 71, 1, 500, 0, 64, false, false),
         // Decoding: one or two new tokens after a cache (the warp-a-query forward kernel).
         (2, 71, 1, 1, 300, 64, false, false),
         (3, 4, 2, 2, 40, 128, true, false),

@@ -323,10 +323,11 @@ fn backward(
         Device::Cuda(_) => cuda::backward(p, x, vis, alibi)?,
         other => candle_core::bail!("flash attention does not run on {other:?}"),
     };
-    // Each KV head's gradient is the sum over the query heads that read it.
-    let group = p.h / p.kv;
+    // Each KV head's gradient is the sum over the query heads that read it: the kernels give
+    // it per query head or per chunk of a group's heads, `[b, kv * parts, t, d]`.
     let per_kv = |x: Tensor| -> Result<Tensor> {
-        x.reshape((p.b, p.kv, group, p.t, p.d))?
+        let parts = x.dim(1)? / p.kv;
+        x.reshape((p.b, p.kv, parts, p.t, p.d))?
             .sum(2)?
             .to_dtype(q.dtype())
     };
@@ -680,7 +681,8 @@ mod cuda {
         Ok((out, wrap(lse, &dev, (p.b, p.h, p.s))))
     }
 
-    /// `(dq, dk per query head f32, dv per query head f32)`.
+    /// `(dq, dk, dv)`, dK and dV f32 `[b, kv * parts, t, d]`: per query head (SIMT) or per chunk
+    /// of a group's heads (tensor cores), which the caller sums.
     pub fn backward(
         p: &Problem,
         x: &Saved,
@@ -711,11 +713,28 @@ mod cuda {
         let lse_v = li.view::<f32>(p.b * p.h * p.s)?;
         let nq = p.b * p.h * p.s * p.d;
         let nk = p.b * p.kv * p.t * p.d;
-        let nkh = p.b * p.h * p.t * p.d;
         let dims = Dims::of(p, has_alibi);
         let mma = tensor_core_module(p, &[q, k, v, out, dout])?;
+        // The tensor-core dK/dV kernel sums `heads_per` query heads of a KV head's group a
+        // block; the SIMT one writes each query head's.
+        let group = p.h / p.kv;
+        let heads_per = if mma.is_some() {
+            dkv_heads_per_block(p)
+        } else {
+            1
+        };
+        let chunks = group.div_ceil(heads_per);
         let (module, prefix, per_query, per_key) = match mma {
-            Some(m) => (m, "flash_mma", per_64_rows(p.s, p), per_64_rows(p.t, p)),
+            Some(m) => (
+                m,
+                "flash_mma",
+                per_64_rows(p.s, p),
+                LaunchConfig {
+                    grid_dim: (p.t.div_ceil(64) as u32, (p.kv * chunks) as u32, p.b as u32),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            ),
             None => (
                 module,
                 "flash",
@@ -734,8 +753,10 @@ mod cuda {
         let suffix = format!("{}_{dmax}", dtype_name(q.dtype())?);
         // SAFETY: every element of each is written by the kernels below.
         let delta = unsafe { dev.alloc::<f32>(p.b * p.h * p.s)? };
+        let nkh = p.b * p.kv * chunks * p.t * p.d;
         let dk = unsafe { dev.alloc::<f32>(nkh)? };
         let dv = unsafe { dev.alloc::<f32>(nkh)? };
+        let heads_per = heads_per as i32;
         macro_rules! launch {
             ($t:ty) => {{
                 let (qv, kv, vv) = (qi.view::<$t>(nq)?, ki.view::<$t>(nk)?, vi.view::<$t>(nk)?);
@@ -748,11 +769,20 @@ mod cuda {
                     &dims.d, &dims.past, &dims.scale, &dims.has_alibi,
                 )?;
                 // Reads the deltas the launch above wrote (same stream).
-                crate::run_kernel!(module, dev, &format!("{prefix}_bwd_dkv_{suffix}"), per_key;
-                    &qv, &kv, &vv, &gv, &lse_v, &delta, &codes, &alibi_v, &dk,
-                    &dv, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t, &dims.d, &dims.past,
-                    &dims.scale, &dims.has_alibi,
-                )?;
+                let name = format!("{prefix}_bwd_dkv_{suffix}");
+                if mma.is_some() {
+                    crate::run_kernel!(module, dev, &name, per_key;
+                        &qv, &kv, &vv, &gv, &lse_v, &delta, &codes, &alibi_v, &dk,
+                        &dv, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t, &dims.d, &dims.past,
+                        &dims.scale, &dims.has_alibi, &heads_per,
+                    )?;
+                } else {
+                    crate::run_kernel!(module, dev, &name, per_key;
+                        &qv, &kv, &vv, &gv, &lse_v, &delta, &codes, &alibi_v, &dk,
+                        &dv, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t, &dims.d, &dims.past,
+                        &dims.scale, &dims.has_alibi,
+                    )?;
+                }
                 wrap(dq, &dev, (p.b, p.h, p.s, p.d))
             }};
         }
@@ -762,8 +792,17 @@ mod cuda {
             DType::F16 => launch!(half::f16),
             other => candle_core::bail!("flash attention on {other:?} is not supported"),
         };
-        let shape = (p.b, p.h, p.t, p.d);
+        let shape = (p.b, p.kv * chunks, p.t, p.d);
         Ok((dq, wrap(dk, &dev, shape), wrap(dv, &dev, shape)))
+    }
+
+    /// Query heads a tensor-core dK/dV block sums: enough blocks to fill an H100 twice or more
+    /// (about 1,024 of 128 threads), each KV head's group cut into as few chunks as give that.
+    fn dkv_heads_per_block(p: &Problem) -> usize {
+        let group = p.h / p.kv;
+        let blocks = p.b * p.kv * p.t.div_ceil(64);
+        let chunks = 1024usize.div_ceil(blocks).clamp(1, group);
+        group.div_ceil(chunks)
     }
 
     /// The tensor-core kernels' launch: four warps of 16 rows a block, over `rows` (queries or

@@ -349,16 +349,19 @@ __device__ void flash_mma_bwd_dq(const u16* __restrict__ q, const u16* __restric
   }
 }
 
-// dK and dV of one query head, f32 [b, h, t, D] each (the host sums each KV head's group).
-// Grid (ceil(t / 64), h, b), 128 threads, each warp 16 keys; queries in tiles of BQ, from the
-// first that may see the block's first key.
+// dK and dV, f32 [b, kvh * chunks, t, D] each: a block sums the gradients of heads_per query
+// heads of one KV head's group (chunk blockIdx.y % chunks of it) in registers, and the host
+// adds the chunks in order. (One query head a block left a multi-query model's 71 heads to a
+// host-side sum of 71 strided rows per element, slower than the kernel itself.) Grid
+// (ceil(t / 64), kvh * chunks, b), 128 threads, each warp 16 keys; queries in tiles of BQ, from
+// the first that may see the block's first key.
 template <bool BF16, int D, int BQ>
 __device__ void flash_mma_bwd_dkv(const u16* __restrict__ q, const u16* __restrict__ k,
                                   const u16* __restrict__ v, const u16* __restrict__ dout,
                                   const float* __restrict__ lse, const float* __restrict__ delta,
                                   const unsigned* __restrict__ codes,
                                   const float* __restrict__ alibi, float* __restrict__ dk,
-                                  float* __restrict__ dv, Dims a) {
+                                  float* __restrict__ dv, Dims a, int heads_per) {
   constexpr int KS = D / 16, NT = BQ / 8, DT = D / 8;
   __shared__ __align__(16) u16 qs[BQ][D + 8];
   __shared__ __align__(16) u16 qt[D][BQ + 8];
@@ -367,22 +370,19 @@ __device__ void flash_mma_bwd_dkv(const u16* __restrict__ q, const u16* __restri
   __shared__ float ls[BQ], dls[BQ];  // ls: the log-sum-exps in base-2 units
   __shared__ unsigned qc[BQ];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
-  const int bi = blockIdx.z, hi = blockIdx.y, kvi = hi / (a.h / a.kvh);
+  const int group = a.h / a.kvh, chunks = gridDim.y / a.kvh;
+  const int bi = blockIdx.z, kvi = blockIdx.y / chunks;
+  const int h0 = kvi * group + (blockIdx.y % chunks) * heads_per;
+  const int h1 = min(h0 + heads_per, (kvi + 1) * group);
   const int j0 = blockIdx.x * 64 + warp * 16;
-  const long long qbase = ((long long)bi * a.h + hi) * a.s;
   const long long kvbase = ((long long)bi * a.kvh + kvi) * a.t;
   unsigned ka[KS][4], va[KS][4];
   load_a<D>(ka, k + kvbase * D, j0, a.t, g, c);
   load_a<D>(va, v + kvbase * D, j0, a.t, g, c);
   int key[2] = {j0 + g, j0 + g + 8};
   unsigned kcode[2];
-  float al[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const bool in = key[r] < a.t;
-    kcode[r] = in ? codes[(long long)bi * a.t + key[r]] : 0u;
-    al[r] = (in && a.has_alibi) ? alibi[((long long)bi * a.h + hi) * a.t + key[r]] : 0.f;
-  }
+  for (int r = 0; r < 2; ++r) kcode[r] = key[r] < a.t ? codes[(long long)bi * a.t + key[r]] : 0u;
   float gk[DT][4], gv[DT][4];
 #pragma unroll
   for (int dt = 0; dt < DT; ++dt) {
@@ -392,57 +392,65 @@ __device__ void flash_mma_bwd_dkv(const u16* __restrict__ q, const u16* __restri
   const float sl2 = a.scale * LOG2E;
   // Queries at absolute positions >= the block's first key: i >= first key - past.
   const int first = max(0, (int)blockIdx.x * 64 - a.past);
-  for (int i0 = first; i0 < a.s; i0 += BQ) {
-    __syncthreads();
-    tile_rows<BQ, D>(qs, q + qbase * D, i0, a.s);
-    tile_cols<BQ, D>(qt, q + qbase * D, i0, a.s);
-    tile_rows<BQ, D>(gs, dout + qbase * D, i0, a.s);
-    tile_cols<BQ, D>(gt, dout + qbase * D, i0, a.s);
-    const unsigned first_code = codes[((long long)a.b + bi) * a.t + a.past + i0];
-    bool same = first_code != 0u;
-    for (int ii = threadIdx.x; ii < BQ; ii += blockDim.x) {
-      const int i = i0 + ii;
-      const bool in = i < a.s;
-      ls[ii] = in ? lse[qbase + i] * LOG2E : POS_INF;
-      dls[ii] = in ? delta[qbase + i] : 0.f;
-      qc[ii] = in ? codes[((long long)a.b + bi) * a.t + a.past + i] : 0u;
-      same = same && qc[ii] == first_code;
-    }
-    // Every query of the tile real and of one example.
-    const bool uniform = __syncthreads_and(same);
-    // The warp's keys are past the tile's last query (or past t): nothing to add.
-    if (j0 >= a.t || j0 > a.past + min(a.s - 1, i0 + BQ - 1)) continue;
-    // Every query of the tile sees every key of the warp.
-    const bool full = uniform && j0 + 15 <= a.past + i0 &&
-                      __all_sync(0xffffffffu, key[1] < a.t && kcode[0] == first_code &&
-                                                  kcode[1] == first_code);
-    float st[NT][4], dpt[NT][4];
+  for (int hi = h0; hi < h1; ++hi) {
+    const long long qbase = ((long long)bi * a.h + hi) * a.s;
+    float al[2];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
-    }
-    mma_rows<BF16, KS, NT, D + 8>(st, ka, qs, g, c);
-    mma_rows<BF16, KS, NT, D + 8>(dpt, va, gs, g, c);
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1, ii = nt * 8 + 2 * c + (e & 1), i = i0 + ii;
-        const bool vis = full || (key[r] <= a.past + i && kcode[r] != 0u &&
-                                  kcode[r] == qc[ii] && ls[ii] != POS_INF);
-        const float p = vis ? exp2f(fmaf(st[nt][e] + al[r], sl2, -ls[ii])) : 0.f;
-        st[nt][e] = p;
-        dpt[nt][e] = p * (dpt[nt][e] - dls[ii]) * a.scale;
+    for (int r = 0; r < 2; ++r)
+      al[r] = (key[r] < a.t && a.has_alibi) ? alibi[((long long)bi * a.h + hi) * a.t + key[r]]
+                                            : 0.f;
+    for (int i0 = first; i0 < a.s; i0 += BQ) {
+      __syncthreads();
+      tile_rows<BQ, D>(qs, q + qbase * D, i0, a.s);
+      tile_cols<BQ, D>(qt, q + qbase * D, i0, a.s);
+      tile_rows<BQ, D>(gs, dout + qbase * D, i0, a.s);
+      tile_cols<BQ, D>(gt, dout + qbase * D, i0, a.s);
+      const unsigned first_code = codes[((long long)a.b + bi) * a.t + a.past + i0];
+      bool same = first_code != 0u;
+      for (int ii = threadIdx.x; ii < BQ; ii += blockDim.x) {
+        const int i = i0 + ii;
+        const bool in = i < a.s;
+        ls[ii] = in ? lse[qbase + i] * LOG2E : POS_INF;
+        dls[ii] = in ? delta[qbase + i] : 0.f;
+        qc[ii] = in ? codes[((long long)a.b + bi) * a.t + a.past + i] : 0u;
+        same = same && qc[ii] == first_code;
       }
+      // Every query of the tile real and of one example.
+      const bool uniform = __syncthreads_and(same);
+      // The warp's keys are past the tile's last query (or past t): nothing to add.
+      if (j0 >= a.t || j0 > a.past + min(a.s - 1, i0 + BQ - 1)) continue;
+      // Every query of the tile sees every key of the warp.
+      const bool full = uniform && j0 + 15 <= a.past + i0 &&
+                        __all_sync(0xffffffffu, key[1] < a.t && kcode[0] == first_code &&
+                                                    kcode[1] == first_code);
+      float st[NT][4], dpt[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+      }
+      mma_rows<BF16, KS, NT, D + 8>(st, ka, qs, g, c);
+      mma_rows<BF16, KS, NT, D + 8>(dpt, va, gs, g, c);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1, ii = nt * 8 + 2 * c + (e & 1), i = i0 + ii;
+          const bool vis = full || (key[r] <= a.past + i && kcode[r] != 0u &&
+                                    kcode[r] == qc[ii] && ls[ii] != POS_INF);
+          const float p = vis ? exp2f(fmaf(st[nt][e] + al[r], sl2, -ls[ii])) : 0.f;
+          st[nt][e] = p;
+          dpt[nt][e] = p * (dpt[nt][e] - dls[ii]) * a.scale;
+        }
+      }
+      mma_scores<BF16, BQ / 16, DT, BQ + 8>(gv, st, gt, g, c);
+      mma_scores<BF16, BQ / 16, DT, BQ + 8>(gk, dpt, qt, g, c);
     }
-    mma_scores<BF16, BQ / 16, DT, BQ + 8>(gv, st, gt, g, c);
-    mma_scores<BF16, BQ / 16, DT, BQ + 8>(gk, dpt, qt, g, c);
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (key[r] >= a.t) continue;
-    const long long orow = (((long long)bi * a.h + hi) * a.t + key[r]) * D + 2 * c;
+    const long long orow = (((long long)bi * gridDim.y + blockIdx.y) * a.t + key[r]) * D + 2 * c;
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
       *(float2*)(dk + orow + dt * 8) = make_float2(gk[dt][2 * r], gk[dt][2 * r + 1]);
@@ -467,9 +475,9 @@ __device__ void flash_mma_bwd_dkv(const u16* __restrict__ q, const u16* __restri
   extern "C" __global__ void __launch_bounds__(128) flash_mma_bwd_dkv_##SUFFIX##_##D(          \
       const u16* q, const u16* k, const u16* v, const u16* dout, const float* lse,              \
       const float* delta, const unsigned* codes, const float* alibi, float* dk, float* dv,      \
-      DIMS_PARAMS) {                                                                            \
+      DIMS_PARAMS, int heads_per) {                                                             \
     flash_mma_bwd_dkv<BF16, D, BQ>(q, k, v, dout, lse, delta, codes, alibi, dk, dv,             \
-                                   DIMS_VALUE);                                                 \
+                                   DIMS_VALUE, heads_per);                                      \
   }
 
 // Per head size: the dQ kernel's key tile BN and the dK/dV kernel's query tile BQ, kept under
