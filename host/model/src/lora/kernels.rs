@@ -245,9 +245,10 @@ pub fn train_h(z: &Tensor, a: &Tensor, mask: Mask) -> Result<Tensor> {
 /// The training node's `dA = gh^T dropout(z)` (`[r, k]`, in z's type) for `z` `[m, k]` and
 /// `gh` `[m, r]` (the gradient of `h`) in one 16-bit type ([`trains`] must hold): the op-by-op
 /// graph's operand (z dropped and rounded as the dropout op writes it) without its dropped
-/// copy. The rows are split into slabs where the columns alone would leave multiprocessors
-/// idle; the slabs' sums are added in order.
-pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask) -> Result<Tensor> {
+/// copy. With `gelu`, `z` is the pre-activation and the kernel takes `gelu_erf(z)` as candle's
+/// op rounds it, so backward never writes the activation again. The rows are split into slabs
+/// where the columns alone would leave multiprocessors idle; the slabs' sums are added in order.
+pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask, gelu: bool) -> Result<Tensor> {
     let dev = cuda_device(z)?;
     let (m, k) = z.dims2()?;
     let (m2, r) = gh.dims2()?;
@@ -275,7 +276,8 @@ pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask) -> Result<Tensor> {
     macro_rules! launch {
         ($dtype:literal, $t:ty) => {{
             let (zv, gv) = (zs.view::<$t>(m * k)?, ghs.view::<$t>(m * r)?);
-            let name = format!("lora_train_da_{}_r{r}", $dtype);
+            let act = if gelu { "gelu_" } else { "" };
+            let name = format!("lora_train_da_{act}{}_r{r}", $dtype);
             crate::run_kernel!(LORA, dev, &name, cfg;
                 &zv, &gv, &part, &k_i, &rows_per_i, &m_i, &key, &p, &scale)?;
         }};

@@ -54,15 +54,27 @@ template <bool BF16>
 __device__ __forceinline__ float load16(u16 v) { return BF16 ? bf16_to_f32(v) : f16_to_f32(v); }
 template <bool BF16>
 __device__ __forceinline__ u16 round16(float v) { return BF16 ? f32_to_bf16(v) : f32_to_f16(v); }
-// Eight 16-bit values (one 16-byte load; e the element index of the first) as f32 into
-// out[0..8]: with drop, dropped and rounded to the 16-bit type as the dropout op writes them,
-// so the training kernels' sums take the op-by-op graph's operand.
+// The exact GELU of a 16-bit value as candle's gelu_erf kernel computes it in that type:
+// x * normcdf(x), normcdf's f32 value rounded to the type, then the 16-bit product (exact in f32,
+// rounded once).
 template <bool BF16>
+__device__ __forceinline__ float gelu16(float x) {
+  return load16<BF16>(round16<BF16>(__fmul_rn(x, load16<BF16>(round16<BF16>(normcdff(x))))));
+}
+// Eight 16-bit values (one 16-byte load; e the element index of the first) as f32 into
+// out[0..8]: with GELU, through the exact GELU as its op writes it (the node's input is the
+// pre-activation); with drop, dropped and rounded to the 16-bit type as the dropout op writes
+// them, so the training kernels' sums take the op-by-op graph's operand.
+template <bool BF16, bool GELU = false>
 __device__ __forceinline__ void stage8(uint4 v, long long e, bool drop, unsigned long long key,
     float p, float scale, float* out) {
   unsigned int w[4] = {v.x, v.y, v.z, v.w};
   _Pragma("unroll") for (int q = 0; q < 4; ++q) {
     float lo = load16<BF16>((u16)(w[q] & 0xffffu)), hi = load16<BF16>((u16)(w[q] >> 16));
+    if (GELU) {
+      lo = gelu16<BF16>(lo);
+      hi = gelu16<BF16>(hi);
+    }
     if (drop) {
       lo = load16<BF16>(round16<BF16>(__fmul_rn(lo, keep_scale(key, e + 2 * q, p, scale))));
       hi = load16<BF16>(round16<BF16>(__fmul_rn(hi, keep_scale(key, e + 2 * q + 1, p, scale))));
@@ -180,14 +192,15 @@ LORA_H_SUM(lora_h_sum_bf16, true)
 LORA_H_SUM(lora_h_sum_f16, false)
 
 // The training node's dA = gh^T dropout(z) ([R, k], gh = the gradient of h, [m, R]), from z
-// itself: a block takes DA_COLS columns of one slab of rows (blockIdx.y's), walking it in
+// itself (with GELU, from its pre-activation, z = gelu(x) computed as staged: backward never
+// writes z again): a block takes DA_COLS columns of one slab of rows (blockIdx.y's), walking it in
 // DA_ROWS-row chunks staged in shared memory as f32, z dropped and rounded as the dropout op
 // writes it (the graph's operand; the next chunk's loads issued before the current one is
 // used). A warp takes R / 8 ranks, a lane 4 columns. The slabs' partial sums go to
 // part[slab][R][k], which lora_h_sum adds in slab order and rounds, as for h.
 #define DA_COLS 128
 #define DA_ROWS 32
-template <int R, bool BF16>
+template <int R, bool BF16, bool GELU>
 __device__ __forceinline__ void lora_train_da(const u16* z, const u16* gh, float* part, int m,
     int k, int rows_per, unsigned long long key, float p, float scale) {
   constexpr int RPT = R / 8, GL = DA_ROWS * R / 256 > 0 ? DA_ROWS * R / 256 : 1;
@@ -218,7 +231,8 @@ __device__ __forceinline__ void lora_train_da(const u16* z, const u16* gh, float
   for (int r0 = rb; r0 < re; r0 += DA_ROWS) {
     _Pragma("unroll") for (int l = 0; l < 2; ++l) {
       int t = threadIdx.x + 256 * l, r = t / (DA_COLS / 8), c = (t % (DA_COLS / 8)) * 8;
-      stage8<BF16>(zr[l], (long long)(r0 + r) * k + c0 + c, drop, key, p, scale, &zs[r][c]);
+      stage8<BF16, GELU>(zr[l], (long long)(r0 + r) * k + c0 + c, drop, key, p, scale,
+                         &zs[r][c]);
     }
     _Pragma("unroll") for (int l = 0; l < GL; ++l) {
       int t = threadIdx.x + 256 * l;
@@ -244,19 +258,19 @@ __device__ __forceinline__ void lora_train_da(const u16* z, const u16* gh, float
     }
   }
 }
-#define LORA_TRAIN_DA(R)                                                                       \
-extern "C" __global__ void __launch_bounds__(256) lora_train_da_bf16_r##R(const u16* z,       \
-    const u16* gh, float* part, int k, int rows_per, int m, unsigned long long key, float p,   \
-    float scale) {                                                                            \
-  lora_train_da<R, true>(z, gh, part, m, k, rows_per, key, p, scale);                          \
-}                                                                                             \
-extern "C" __global__ void __launch_bounds__(256) lora_train_da_f16_r##R(const u16* z,        \
-    const u16* gh, float* part, int k, int rows_per, int m, unsigned long long key, float p,   \
-    float scale) {                                                                            \
-  lora_train_da<R, false>(z, gh, part, m, k, rows_per, key, p, scale);                         \
+#define LORA_TRAIN_DA(NAME, R, BF16, GELU)                                                     \
+extern "C" __global__ void __launch_bounds__(256) NAME(const u16* z, const u16* gh,           \
+    float* part, int k, int rows_per, int m, unsigned long long key, float p, float scale) {   \
+  lora_train_da<R, BF16, GELU>(z, gh, part, m, k, rows_per, key, p, scale);                    \
 }
-LORA_TRAIN_DA(8)
-LORA_TRAIN_DA(16)
+LORA_TRAIN_DA(lora_train_da_bf16_r8, 8, true, false)
+LORA_TRAIN_DA(lora_train_da_bf16_r16, 16, true, false)
+LORA_TRAIN_DA(lora_train_da_f16_r8, 8, false, false)
+LORA_TRAIN_DA(lora_train_da_f16_r16, 16, false, false)
+LORA_TRAIN_DA(lora_train_da_gelu_bf16_r8, 8, true, true)
+LORA_TRAIN_DA(lora_train_da_gelu_bf16_r16, 16, true, true)
+LORA_TRAIN_DA(lora_train_da_gelu_f16_r8, 8, false, true)
+LORA_TRAIN_DA(lora_train_da_gelu_f16_r16, 16, false, true)
 
 // The training node's adapter term added to y (lora/train_node.rs), with every rounding of the
 // op-by-op graph: out = y + v, v = keep * round16(h F(col)^T), each step rounded to the 16-bit

@@ -179,7 +179,7 @@ fn backward(
         let da = scope("lora.bwd.da", &dev, || {
             wants
                 .1
-                .then(|| adapter_a_grad(&input.apply(x)?, &gh, dropout))
+                .then(|| adapter_a_grad(x, input, &gh, dropout))
                 .transpose()
         })?;
         let dx = if wants.0 {
@@ -192,13 +192,19 @@ fn backward(
     })
 }
 
-/// `dA = gh^T dropout(z)`.
-fn adapter_a_grad(z: &Tensor, gh: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
+/// `dA = gh^T dropout(z)`, `z = input(x)` (the kernel applies GELU as it reads `x`).
+fn adapter_a_grad(
+    x: &Tensor,
+    input: Input,
+    gh: &Tensor,
+    dropout: Option<Dropout>,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if crate::lora::kernels::trains(z, gh.dim(1)?) && gh.dtype() == z.dtype() {
-        return crate::lora::kernels::train_da(z, &gh.contiguous()?, mask(dropout));
+    if crate::lora::kernels::trains(x, gh.dim(1)?) && gh.dtype() == x.dtype() {
+        let gelu = input == Input::GeluErf;
+        return crate::lora::kernels::train_da(x, &gh.contiguous()?, mask(dropout), gelu);
     }
-    gh.t()?.matmul(&dropped(z, dropout)?)
+    gh.t()?.matmul(&dropped(&input.apply(x)?, dropout)?)
 }
 
 /// The gradient with respect to the node's input `x`: the gradient with respect to `z`, the
