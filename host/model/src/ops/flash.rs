@@ -815,6 +815,40 @@ mod cuda {
         }
     }
 
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Falcon-7B's training shape sums 5 query heads a dK/dV block (15 chunks of its 71);
+        /// small problems one head a block, large ones a whole group; every chunk holds a head.
+        #[test]
+        fn dkv_chunks_cover_each_group_and_none_is_empty() {
+            let problem = |b, h, kv, t| Problem {
+                b,
+                h,
+                kv,
+                s: t,
+                t,
+                d: 64,
+                past: 0,
+                scale: 0.125,
+                dtype: DType::BF16,
+            };
+            for (p, want) in [
+                (problem(8, 71, 1, 512), 5),
+                (problem(2, 71, 1, 500), 2),
+                (problem(2, 71, 1, 130), 1),
+                (problem(2, 32, 8, 2048), 2),
+                (problem(16, 32, 8, 4096), 4),
+            ] {
+                let per = dkv_heads_per_block(&p);
+                let (group, chunks) = (p.h / p.kv, (p.h / p.kv).div_ceil(per));
+                assert_eq!(per, want, "{p:?}");
+                assert!(chunks * per >= group && (chunks - 1) * per < group, "{p:?}");
+            }
+        }
+    }
+
     /// The kernels' scalar shape arguments, as flash_common.cu's `DIMS_PARAMS` orders them.
     struct Dims {
         b: i32,
@@ -912,6 +946,58 @@ mod tests {
                 max_diff(x, y)? < 1e-4,
                 "d{name} differs by {}",
                 max_diff(x, y)?
+            );
+        }
+        Ok(())
+    }
+
+    /// In bf16 the twin rounds probabilities and dS before their products (as the tensor-core
+    /// kernels do): its output and gradients stay within bf16's rounding of the f32 twin on the
+    /// same (bf16-exact) inputs, and differ from it (the rounding happens).
+    #[test]
+    fn sixteen_bit_flash_rounds_p_and_ds_and_stays_near_f32() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, kv, s, d) = (1, 4, 1, 40, 16);
+        let vis = Visibility::new(&[vec![true; s]], None, 0, &dev)?;
+        let bf16_exact = |x: candle_core::Var| -> Result<Tensor> {
+            x.as_tensor().to_dtype(DType::BF16)?.to_dtype(DType::F32)
+        };
+        let (q0, k0, v0) = (
+            bf16_exact(var((b, h, s, d), 0.1)?)?,
+            bf16_exact(var((b, kv, s, d), 1.3)?)?,
+            bf16_exact(var((b, kv, s, d), 2.9)?)?,
+        );
+        let w = Tensor::from_vec(
+            (0..b * h * s * d).map(|i| (i % 7) as f32 - 3.0).collect(),
+            (b, h, s, d),
+            &dev,
+        )?;
+        let run = |dtype: DType| -> Result<Vec<Tensor>> {
+            let (q, k, v) = (
+                candle_core::Var::from_tensor(&q0)?,
+                candle_core::Var::from_tensor(&k0)?,
+                candle_core::Var::from_tensor(&v0)?,
+            );
+            let cast = |x: &candle_core::Var| x.as_tensor().to_dtype(dtype);
+            let out = flash_attend(&cast(&q)?, &cast(&k)?, &cast(&v)?, 0.5, None, &vis)?
+                .to_dtype(DType::F32)?;
+            let grads = (&out * &w)?.sum_all()?.backward()?;
+            let mut all = vec![out];
+            for x in [&q, &k, &v] {
+                all.push(grads.get(x.as_tensor()).unwrap().to_dtype(DType::F32)?);
+            }
+            Ok(all)
+        };
+        let (exact, rounded) = (run(DType::F32)?, run(DType::BF16)?);
+        for (what, (e, r)) in ["output", "dq", "dk", "dv"]
+            .iter()
+            .zip(exact.iter().zip(&rounded))
+        {
+            let scale = e.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let diff = max_diff(e, r)? / scale;
+            assert!(
+                diff > 0.0 && diff < 3e-2,
+                "{what}: {diff} of its largest value"
             );
         }
         Ok(())
