@@ -331,11 +331,13 @@ fn backward(
             .sum(2)?
             .to_dtype(q.dtype())
     };
-    Ok((
-        dq.to_dtype(q.dtype())?,
-        per_kv(dk_heads)?,
-        per_kv(dv_heads)?,
-    ))
+    crate::ops::profile::scope("attn.flash.bwd.sum", q.device(), || {
+        Ok((
+            dq.to_dtype(q.dtype())?,
+            per_kv(dk_heads)?,
+            per_kv(dv_heads)?,
+        ))
+    })
 }
 
 /// The CPU twin of `flash.cu`: the same tiles, the same online softmax, in f32.
@@ -763,26 +765,32 @@ mod cuda {
                 let (ov, gv) = (oi.view::<$t>(nq)?, gi.view::<$t>(nq)?);
                 // SAFETY: every element is written by the kernel below.
                 let dq = unsafe { dev.alloc::<$t>(nq)? };
-                crate::run_kernel!(module, dev, &format!("{prefix}_bwd_dq_{suffix}"), per_query;
-                    &qv, &kv, &vv, &ov, &gv, &lse_v, &codes,
-                    &alibi_v, &dq, &delta, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t,
-                    &dims.d, &dims.past, &dims.scale, &dims.has_alibi,
-                )?;
+                // The two kernels timed apart under ADAPTERLAB_PROFILE.
+                let on = q.device();
+                crate::ops::profile::scope("attn.flash.bwd.dq", on, || {
+                    crate::run_kernel!(module, dev, &format!("{prefix}_bwd_dq_{suffix}"), per_query;
+                        &qv, &kv, &vv, &ov, &gv, &lse_v, &codes,
+                        &alibi_v, &dq, &delta, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t,
+                        &dims.d, &dims.past, &dims.scale, &dims.has_alibi,
+                    )
+                })?;
                 // Reads the deltas the launch above wrote (same stream).
                 let name = format!("{prefix}_bwd_dkv_{suffix}");
-                if mma.is_some() {
-                    crate::run_kernel!(module, dev, &name, per_key;
-                        &qv, &kv, &vv, &gv, &lse_v, &delta, &codes, &alibi_v, &dk,
-                        &dv, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t, &dims.d, &dims.past,
-                        &dims.scale, &dims.has_alibi, &heads_per,
-                    )?;
-                } else {
-                    crate::run_kernel!(module, dev, &name, per_key;
-                        &qv, &kv, &vv, &gv, &lse_v, &delta, &codes, &alibi_v, &dk,
-                        &dv, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t, &dims.d, &dims.past,
-                        &dims.scale, &dims.has_alibi,
-                    )?;
-                }
+                crate::ops::profile::scope("attn.flash.bwd.dkv", on, || {
+                    if mma.is_some() {
+                        crate::run_kernel!(module, dev, &name, per_key;
+                            &qv, &kv, &vv, &gv, &lse_v, &delta, &codes, &alibi_v, &dk,
+                            &dv, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t, &dims.d,
+                            &dims.past, &dims.scale, &dims.has_alibi, &heads_per,
+                        )
+                    } else {
+                        crate::run_kernel!(module, dev, &name, per_key;
+                            &qv, &kv, &vv, &gv, &lse_v, &delta, &codes, &alibi_v, &dk,
+                            &dv, &dims.b, &dims.h, &dims.kv, &dims.s, &dims.t, &dims.d,
+                            &dims.past, &dims.scale, &dims.has_alibi,
+                        )
+                    }
+                })?;
                 wrap(dq, &dev, (p.b, p.h, p.s, p.d))
             }};
         }
