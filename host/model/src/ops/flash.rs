@@ -340,7 +340,8 @@ fn backward(
     })
 }
 
-/// The CPU twin of `flash.cu`: the same tiles, the same online softmax, in f32.
+/// The CPU twin of the kernels: the same tiles, the same online softmax, f32 sums (with
+/// [`Problem::operand`]'s rounding in 16-bit types).
 mod cpu {
     use super::*;
 
@@ -516,7 +517,8 @@ mod cpu {
     }
 }
 
-/// The three builds of `flash.cu`, for [`crate::ops::kernel_modules`].
+/// Flash attention's kernel modules (three head-size builds of `flash.cu`, two of
+/// `flash_mma.cu`), for [`crate::ops::kernel_modules`].
 #[cfg(feature = "cuda")]
 pub(crate) fn cuda_modules() -> [&'static crate::ops::kernels::CudaModule; 5] {
     cuda::modules()
