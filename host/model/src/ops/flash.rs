@@ -20,7 +20,7 @@
 //! and f16 with heads of 64 or 128 (Falcon's and Llama's), `flash_mma.cu` runs the same tiles
 //! on the tensor cores. All sums are f32; inputs and outputs keep the model's dtype, and in a
 //! 16-bit type each probability and each `dS` is rounded to it before the product it enters,
-//! on every device and kernel ([`Problem::operand`]), as FlashAttention rounds them. The masked
+//! on every device and kernel (`Problem::operand`), as FlashAttention rounds them. The masked
 //! path ([`crate::ops::attention::attend`]) rounds `q k^T` to the model's dtype before the
 //! softmax as well; so the two agree to those roundings, and exactly in f32 but for summation
 //! order.
