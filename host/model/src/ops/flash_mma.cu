@@ -18,11 +18,15 @@
 template <bool BF16> struct Half;
 template <> struct Half<true> {
   typedef Elem<1> E;
-  static __device__ __forceinline__ unsigned pack(float lo, float hi) { return pack_bf16x2(lo, hi); }
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+    return pack_bf16x2(lo, hi);
+  }
 };
 template <> struct Half<false> {
   typedef Elem<2> E;
-  static __device__ __forceinline__ unsigned pack(float lo, float hi) { return pack_f16x2(lo, hi); }
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+    return pack_f16x2(lo, hi);
+  }
 };
 
 __device__ __forceinline__ unsigned ld32(const u16* p) { return *(const unsigned*)p; }

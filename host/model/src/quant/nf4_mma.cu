@@ -1,6 +1,7 @@
 // The tensor-core NF4 GEMM for batched decoding (host side in quant/kernels.rs), after
-// nf4_common.cu and ops/mma.cu (the mma instruction and the operands' packing). Its own module, compiled for compute_80 (mma.sync with bf16 needs sm_80): a
-// card that cannot run it keeps every other NF4 kernel.
+// nf4_common.cu and ops/mma.cu (the mma instruction and the operands' packing). Its own
+// module, compiled for compute_80 (mma.sync with bf16 needs sm_80): a card that cannot run it
+// keeps every other NF4 kernel.
 // y = x W^T for up to 16 rows (batched decoding) on the tensor cores: mma.sync m16n8k16 with x
 // as the 16 x 16 A operand (rows past m are zeros) and 8 output features of W as B, each weight
 // dequantized in registers to the 16-bit value the dequantize kernel writes (so the products are
