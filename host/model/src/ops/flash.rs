@@ -825,6 +825,35 @@ mod cuda {
         }
     }
 
+    /// The kernels' scalar shape arguments, as flash_common.cu's `DIMS_PARAMS` orders them.
+    struct Dims {
+        b: i32,
+        h: i32,
+        kv: i32,
+        s: i32,
+        t: i32,
+        d: i32,
+        past: i32,
+        scale: f32,
+        has_alibi: i32,
+    }
+
+    impl Dims {
+        fn of(p: &Problem, has_alibi: i32) -> Self {
+            Dims {
+                b: p.b as i32,
+                h: p.h as i32,
+                kv: p.kv as i32,
+                s: p.s as i32,
+                t: p.t as i32,
+                d: p.d as i32,
+                past: p.past as i32,
+                scale: p.scale,
+                has_alibi,
+            }
+        }
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;
@@ -855,35 +884,6 @@ mod cuda {
                 let (group, chunks) = (p.h / p.kv, (p.h / p.kv).div_ceil(per));
                 assert_eq!(per, want, "{p:?}");
                 assert!(chunks * per >= group && (chunks - 1) * per < group, "{p:?}");
-            }
-        }
-    }
-
-    /// The kernels' scalar shape arguments, as flash_common.cu's `DIMS_PARAMS` orders them.
-    struct Dims {
-        b: i32,
-        h: i32,
-        kv: i32,
-        s: i32,
-        t: i32,
-        d: i32,
-        past: i32,
-        scale: f32,
-        has_alibi: i32,
-    }
-
-    impl Dims {
-        fn of(p: &Problem, has_alibi: i32) -> Self {
-            Dims {
-                b: p.b as i32,
-                h: p.h as i32,
-                kv: p.kv as i32,
-                s: p.s as i32,
-                t: p.t as i32,
-                d: p.d as i32,
-                past: p.past as i32,
-                scale: p.scale,
-                has_alibi,
             }
         }
     }
