@@ -30,6 +30,10 @@
 #              NF4 GEMM, and the NF4 base alone)
 #   kernels    `bench kernels`: each NF4 decoding kernel alone at Falcon-7B's linear shapes,
 #              batch 1 and 16 (microseconds a call, GB/s of 4-bit codes)
+#   attention  `bench attention`: one layer's attention alone at batch 8 x 512 (Falcon-7B's 71
+#              query heads, one KV head, 64 dimensions), eager and flash_attention_2, forward and
+#              forward + backward (microseconds, GFLOP/s); ATTN_ARGS adds options (e.g.
+#              "--seq 2048 --batch 2")
 #   profile    seconds per phase of a training step and of batch-1 decoding (ADAPTERLAB_PROFILE);
 #              PROFILE_PYTHON=1 adds the reference's step under torch.profiler
 #   sft        `adapterlab train`, 50 steps at batch 8 x 512 on the bundled dialogues, then HF
@@ -52,7 +56,7 @@ cd "$(dirname "$0")/../.."
 FINAL=${OUT:-/tmp/gpu-qlora}
 RAW=/tmp/gpu-qlora-raw
 OUT=$RAW
-STAGES=${STAGES:-golden,load,reference,train,packing,flash,generate,kernels,profile,sft}
+STAGES=${STAGES:-golden,attention,load,reference,train,packing,flash,generate,kernels,profile,sft}
 GOLDEN_DIR=$PWD/host/model/tests/fixtures/golden
 stage() { [[ ",$STAGES," == *",$1,"* ]]; }
 mkdir -p "$OUT" "$FINAL" /tmp/gl
@@ -89,12 +93,22 @@ if stage golden; then
   done
 fi
 
-[ -f "$CKPT/config.json" ] || python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --layers "$LAYERS" \
-  --make-ckpt-only > "$OUT/make-ckpt.log" 2>&1 || { tail -20 "$OUT/make-ckpt.log"; exit 1; }
-tail -1 "$OUT/make-ckpt.log"
-
 RESULTS=$OUT/results.jsonl
 : > "$RESULTS"
+if stage attention; then
+  echo "== attention: one layer's attention alone"
+  # shellcheck disable=SC2086
+  timeout 200 /tmp/gl/after bench attention ${ATTN_ARGS:-} 2>"$OUT/attention.err" | tee "$OUT/attention.json" \
+    | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"after\",${line#\{}" >> "$RESULTS"; done
+  tail -2 "$OUT/attention.err"
+fi
+
+# The checkpoint, for every stage but the golden tests, the kernels and attention alone.
+if [[ ",$STAGES," =~ ,(load|reference|train|train-ckpt|packing|flash|generate|profile|sft|decode-profile), ]]; then
+  [ -f "$CKPT/config.json" ] || python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --layers "$LAYERS" \
+    --make-ckpt-only > "$OUT/make-ckpt.log" 2>&1 || { tail -20 "$OUT/make-ckpt.log"; exit 1; }
+  tail -1 "$OUT/make-ckpt.log"
+fi
 stage load && for round in $(seq 1 "$ROUNDS"); do
   for side in before after; do
     echo "== round $round, $side: load + a 2-token generation"

@@ -38,6 +38,11 @@ def lines(rows):
         elif what == "kernel":
             shape = "x".join(str(d) for d in r["shape"])
             print(f"kernel {r['kernel']:>10} {shape:>11} rows {r['rows']:>2}: {r['us']} us, {r['codes_gb_per_s']} GB/s of codes")
+        elif what == "attention":
+            print(f"attention alone: batch {r['batch']} x {r['seq']}, {r['heads']} heads / {r['kv_heads']} KV, "
+                  f"head dim {r['head_dim']}, {r['dtype']}")
+        elif what == "attention_pass":
+            print(f"attention {r['attn_implementation']:>17} {r['pass']:>16}: {r['us']} us, {r['gflop_per_s']} GFLOP/s")
         elif what == "peft_load":
             print(f"HF PEFT load: {json.dumps({k: v for k, v in r.items() if k != 'side'})}")
 

@@ -193,3 +193,63 @@ fn bench_kernels_times_each_product_and_refuses_a_bad_shape() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("\"64y128\" is not OUTxIN"), "{err}");
 }
+
+/// `bench attention` on the CPU: a header with the shape, then each implementation asked timed
+/// forward and forward + backward; a head count the KV heads do not divide and an unknown
+/// implementation refused by name.
+#[test]
+fn bench_attention_times_each_implementation_and_refuses_bad_shapes() {
+    let t = setup("bench-attention");
+    let out = lines(&run_ok(&mut t.cmd(&[
+        "bench",
+        "attention",
+        "--batch",
+        "2",
+        "--seq",
+        "40",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--head-dim",
+        "8",
+        "--repeats",
+        "1",
+    ])));
+    let header = find(&out, "attention");
+    assert_eq!(header.len(), 1, "{out:?}");
+    assert_eq!(header[0]["kv_heads"], 2);
+    let timed = find(&out, "attention_pass");
+    let got: Vec<(&str, &str)> = timed
+        .iter()
+        .map(|l| {
+            assert!(l["us"].as_f64().unwrap() > 0.0, "{l}");
+            (
+                l["attn_implementation"].as_str().unwrap(),
+                l["pass"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("eager", "forward"),
+            ("eager", "forward+backward"),
+            ("flash_attention_2", "forward"),
+            ("flash_attention_2", "forward+backward"),
+        ]
+    );
+    for (args, want) in [
+        (
+            &["--heads", "6", "--kv-heads", "4"][..],
+            "--heads 6 is not a multiple of --kv-heads 4",
+        ),
+        (&["--attn-implementation", "flash"][..], "flash_attention_2"),
+    ] {
+        let mut cmd = t.cmd(&["bench", "attention", "--seq", "8"]);
+        let refused = cmd.args(args).output().unwrap();
+        assert!(!refused.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

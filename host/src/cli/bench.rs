@@ -47,6 +47,10 @@ pub enum BenchCommand {
     /// linear shapes: microseconds a call and the 4-bit data's GB/s, for dequantize + matmul
     /// (any device) and each GPU decoding kernel that serves the rows.
     Kernels(KernelBenchArgs),
+    /// Attention alone at one layer's shape, for each `attn_implementation`: the forward pass,
+    /// and forward + backward, on random queries, keys and values (causal, no padding):
+    /// microseconds a call and GFLOP/s of the causal products (2 forward, 5 more backward).
+    Attention(AttentionBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +164,29 @@ pub struct KernelBenchArgs {
     pub repeats: u64,
 }
 
+#[derive(Debug, Args)]
+pub struct AttentionBenchArgs {
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch: u64,
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub seq: u64,
+    /// Query heads (default: Falcon-7B's).
+    #[arg(long, default_value_t = 71, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heads: u64,
+    /// Key/value heads, dividing `heads` (1: multi-query, as Falcon-7B).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_heads: u64,
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub head_dim: u64,
+    /// The `attn_implementation`s to time, in order.
+    #[arg(long, value_delimiter = ',', value_parser = parse_attention,
+        default_value = "eager,flash_attention_2")]
+    pub attn_implementation: Vec<AttnImplementation>,
+    /// Timed calls of each, after 2 untimed ones.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub repeats: u64,
+}
+
 /// `OUTxIN`, both at least 1.
 fn parse_shape(s: &str) -> std::result::Result<(usize, usize), String> {
     let (a, b) = s
@@ -178,6 +205,7 @@ pub fn run(cmd: BenchCommand, ctx: &Context) -> Result<()> {
         BenchCommand::Train(args) => train(args, ctx),
         BenchCommand::Generate(args) => generate(args, ctx),
         BenchCommand::Kernels(args) => kernels(args, ctx),
+        BenchCommand::Attention(args) => attention(args, ctx),
     }
 }
 
@@ -258,6 +286,91 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn attention(args: AttentionBenchArgs, ctx: &Context) -> Result<()> {
+    use adapterlab_model::engine::{AttentionContext, attend_in};
+    use candle_core::{DType, Var};
+    let device = model_runtime(ctx)?.device;
+    let [b, s, h, kv, d] = [
+        args.batch,
+        args.seq,
+        args.heads,
+        args.kv_heads,
+        args.head_dim,
+    ]
+    .map(|x| x as usize);
+    if h % kv != 0 {
+        anyhow::bail!("--heads {h} is not a multiple of --kv-heads {kv}");
+    }
+    // 16-bit on a GPU, as training runs there; f32 on the CPU.
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    emit(
+        json!({"what": "attention", "device": gpu_name(&device), "dtype": format!("{dtype:?}"),
+        "batch": b, "seq": s, "heads": h, "kv_heads": kv, "head_dim": d}),
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut random = |shape: (usize, usize, usize, usize)| -> Result<Tensor> {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1f32..1.0)).collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(&device)?)
+    };
+    let (q, k, v, g) = (
+        random((b, h, s, d))?,
+        random((b, kv, s, d))?,
+        random((b, kv, s, d))?,
+        random((b, h, s, d))?,
+    );
+    let scale = 1.0 / (d as f64).sqrt();
+    // One causal product (s x s x d over the visible half) of every head, in FLOPs.
+    let product = (2 * b * h * d) as f64 * (s * (s + 1) / 2) as f64;
+    for attn in &args.attn_implementation {
+        let actx = AttentionContext::new(None, b, s, 0, &device)?.with_kernel(attn.kernel());
+        let time = |pass: &str, products: f64, f: &dyn Fn() -> Result<()>| -> Result<()> {
+            for _ in 0..2 {
+                f()?;
+            }
+            device.synchronize()?;
+            let t = Instant::now();
+            for _ in 0..args.repeats {
+                f()?;
+            }
+            device.synchronize()?;
+            let secs = t.elapsed().as_secs_f64() / args.repeats as f64;
+            emit(
+                json!({"what": "attention_pass", "attn_implementation": attn.as_str(),
+                "pass": pass, "us": round(secs * 1e6, 1),
+                "gflop_per_s": round(products * product / secs / 1e9, 1)}),
+            );
+            Ok(())
+        };
+        time("forward", 2.0, &|| {
+            attend_in(&actx, &q, &k, &v, scale, None)?;
+            Ok(())
+        })?;
+        let (qv, kvv, vv) = (
+            Var::from_tensor(&q)?,
+            Var::from_tensor(&k)?,
+            Var::from_tensor(&v)?,
+        );
+        time("forward+backward", 7.0, &|| {
+            let out = attend_in(&actx, &qv, &kvv, &vv, scale, None)?;
+            let grads = (out * &g)?.sum_all()?.backward()?;
+            for x in [&qv, &kvv, &vv] {
+                grads
+                    .get(x.as_tensor())
+                    .context("attention: a gradient is missing")?;
+            }
+            Ok(())
+        })?;
     }
     Ok(())
 }

@@ -20,7 +20,7 @@ pub use crate::models::load::{LoadOptions, LoadedModel, load};
 pub use crate::nn::causal_lm::CausalLm;
 pub use crate::nn::checkpoint;
 pub use crate::nn::linear::{BaseFormat, LinearBuilder};
-pub use crate::ops::attention::{AttentionKernel, PackedAttention};
+pub use crate::ops::attention::{AttentionContext, AttentionKernel, PackedAttention, attend_in};
 pub use crate::ops::cross_entropy::cross_entropy_sum;
 #[cfg(feature = "cuda")]
 pub use crate::ops::kernels::{AdamWScalars, adamw_f32};
