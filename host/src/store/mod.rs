@@ -223,19 +223,11 @@ impl Store {
     /// status event, flushed before this returns, so a crash right after never leaves the
     /// run reading as queued with its work begun.
     pub fn start_run(&self, id: &str) -> Result<RunRecord> {
-        let run = self.transition(id, &[RunStatus::Queued], RunStatus::Running, |r| {
+        self.transition_with_event(id, &[RunStatus::Queued], RunStatus::Running, |r| {
             r.started = Some(now_rfc3339());
             r.owner_pid = Some(std::process::id());
             r.error = None;
-        })?;
-        self.push_event(
-            id,
-            &RunEvent::Status {
-                status: RunStatus::Running,
-            },
-        )?;
-        self.flush()?;
-        Ok(run)
+        })
     }
 
     /// A run ends as `to` (done, failed, cancelled or interrupted) from whatever status the
@@ -250,7 +242,7 @@ impl Store {
         error: Option<String>,
         mut f: impl FnMut(&mut RunRecord),
     ) -> Result<RunRecord> {
-        let run = self.transition(id, &RunStatus::sources_of(to), to, |r| {
+        self.transition_with_event(id, &RunStatus::sources_of(to), to, |r| {
             if to != RunStatus::Interrupted {
                 r.finished = Some(now_rfc3339());
             }
@@ -259,10 +251,56 @@ impl Store {
                 r.error = error.clone();
             }
             f(r);
-        })?;
-        self.push_event(id, &RunEvent::Status { status: to })?;
-        self.flush()?;
-        Ok(run)
+        })
+    }
+
+    /// [`Self::transition`] and the run's status event in one atomic write of both trees,
+    /// flushed: a reader that sees the new status finds its event too (written one after the
+    /// other, a client polling the run could read `done` and then the events without it).
+    fn transition_with_event(
+        &self,
+        id: &str,
+        allowed_from: &[RunStatus],
+        to: RunStatus,
+        f: impl FnMut(&mut RunRecord),
+    ) -> Result<RunRecord> {
+        use sled::Transactional;
+        use sled::transaction::{ConflictableTransactionError as Abortable, TransactionError};
+        let event = encode(&RunEvent::Status { status: to })?;
+        // The event's sequence number, drawn before the transaction: sled's id generator
+        // writes its own state, which inside the transaction's lock would wait for ever.
+        let mut key = run_prefix(id);
+        key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+        // sled may run the closure more than once (on a conflict); `f` only sets fields.
+        let f = std::cell::RefCell::new(f);
+        let result = (&self.runs, &self.events).transaction(|(runs, events)| {
+            let abort = |e: StoreError| Abortable::Abort(e);
+            let Some(old) = runs.get(id.as_bytes())? else {
+                return Err(abort(StoreError::NoSuchRun(id.to_string())));
+            };
+            let mut run: RunRecord = decode(tree::RUNS, id, &old).map_err(abort)?;
+            if !allowed_from.contains(&run.status) || !run.status.may_become(to) {
+                return Err(abort(StoreError::Conflict {
+                    id: id.to_string(),
+                    found: run.status,
+                    to,
+                }));
+            }
+            run.status = to;
+            (f.borrow_mut())(&mut run);
+            let run = redacted_run(&run).into_owned();
+            runs.insert(id.as_bytes(), encode(&run).map_err(abort)?)?;
+            events.insert(key.as_slice(), event.clone())?;
+            Ok(run)
+        });
+        match result {
+            Ok(run) => {
+                self.db.flush()?;
+                Ok(run)
+            }
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e)),
+        }
     }
 
     /// Move a run from one of `allowed_from` to `to` as one compare-and-swap, applying `f` to
