@@ -246,16 +246,10 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
                 .to_dtype(dtype)?
                 .to_device(&device)?;
             let time = |name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<()> {
-                for _ in 0..3 {
+                let s = seconds_per_call(&device, 3, args.repeats, &|| {
                     f()?;
-                }
-                device.synchronize()?;
-                let t = Instant::now();
-                for _ in 0..args.repeats {
-                    f()?;
-                }
-                device.synchronize()?;
-                let s = t.elapsed().as_secs_f64() / args.repeats as f64;
+                    Ok(())
+                })?;
                 emit(
                     json!({"what": "kernel", "shape": [out, inp], "rows": m, "kernel": name,
                     "us": round(s * 1e6, 1), "codes_gb_per_s": round(codes_bytes / s / 1e9, 1)}),
@@ -335,16 +329,7 @@ fn attention(args: AttentionBenchArgs, ctx: &Context) -> Result<()> {
     for attn in &args.attn_implementation {
         let actx = AttentionContext::new(None, b, s, 0, &device)?.with_kernel(attn.kernel());
         let time = |pass: &str, products: f64, f: &dyn Fn() -> Result<()>| -> Result<()> {
-            for _ in 0..2 {
-                f()?;
-            }
-            device.synchronize()?;
-            let t = Instant::now();
-            for _ in 0..args.repeats {
-                f()?;
-            }
-            device.synchronize()?;
-            let secs = t.elapsed().as_secs_f64() / args.repeats as f64;
+            let secs = seconds_per_call(&device, 2, args.repeats, f)?;
             emit(
                 json!({"what": "attention_pass", "attn_implementation": attn.as_str(),
                 "pass": pass, "us": round(secs * 1e6, 1),
@@ -373,6 +358,26 @@ fn attention(args: AttentionBenchArgs, ctx: &Context) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Seconds a call of `f` takes on `device`: `warmup` untimed calls, then `repeats` timed ones
+/// between two synchronizations (a GPU's work is queued, so the clock waits for it).
+fn seconds_per_call(
+    device: &Device,
+    warmup: u64,
+    repeats: u64,
+    f: &dyn Fn() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    device.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..repeats {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / repeats as f64)
 }
 
 fn emit(v: serde_json::Value) {

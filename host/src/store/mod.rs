@@ -278,17 +278,7 @@ impl Store {
             let Some(old) = runs.get(id.as_bytes())? else {
                 return Err(abort(StoreError::NoSuchRun(id.to_string())));
             };
-            let mut run: RunRecord = decode(tree::RUNS, id, &old).map_err(abort)?;
-            if !allowed_from.contains(&run.status) || !run.status.may_become(to) {
-                return Err(abort(StoreError::Conflict {
-                    id: id.to_string(),
-                    found: run.status,
-                    to,
-                }));
-            }
-            run.status = to;
-            (f.borrow_mut())(&mut run);
-            let run = redacted_run(&run).into_owned();
+            let run = moved(id, &old, allowed_from, to, &mut *f.borrow_mut()).map_err(abort)?;
             runs.insert(id.as_bytes(), encode(&run).map_err(abort)?)?;
             events.insert(key.as_slice(), event.clone())?;
             Ok(run)
@@ -319,17 +309,7 @@ impl Store {
             let Some(old) = self.runs.get(id.as_bytes())? else {
                 return Err(StoreError::NoSuchRun(id.to_string()));
             };
-            let mut run: RunRecord = decode(tree::RUNS, id, &old)?;
-            if !allowed_from.contains(&run.status) || !run.status.may_become(to) {
-                return Err(StoreError::Conflict {
-                    id: id.to_string(),
-                    found: run.status,
-                    to,
-                });
-            }
-            run.status = to;
-            f(&mut run);
-            let run = redacted_run(&run).into_owned();
+            let run = moved(id, &old, allowed_from, to, &mut f)?;
             let new = encode(&run)?;
             if self
                 .runs
@@ -736,6 +716,28 @@ fn open_error(path: &Path, e: sled::Error) -> StoreError {
         },
         other => StoreError::Sled(other),
     }
+}
+
+/// The record `old` moved to `to` with `f` applied, redacted as stored; a move from a status
+/// not in `allowed_from`, or one the lifecycle does not allow, is a [`StoreError::Conflict`].
+fn moved(
+    id: &str,
+    old: &[u8],
+    allowed_from: &[RunStatus],
+    to: RunStatus,
+    f: &mut dyn FnMut(&mut RunRecord),
+) -> Result<RunRecord> {
+    let mut run: RunRecord = decode(tree::RUNS, id, old)?;
+    if !allowed_from.contains(&run.status) || !run.status.may_become(to) {
+        return Err(StoreError::Conflict {
+            id: id.to_string(),
+            found: run.status,
+            to,
+        });
+    }
+    run.status = to;
+    f(&mut run);
+    Ok(redacted_run(&run).into_owned())
 }
 
 fn run_prefix(run_id: &str) -> Vec<u8> {
