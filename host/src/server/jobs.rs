@@ -230,7 +230,8 @@ impl Jobs {
             if let Err(e) = self.reconcile_one(run) {
                 tracing::warn!("run {id} cannot be restored: {e:#}");
                 let reason = format!("the run could not be restored at server start: {e:#}");
-                let failed = store.transition(
+                // A run that moved on meanwhile is left as it is.
+                let _ = store.transition(
                     &id,
                     &[RunStatus::Queued, RunStatus::Running],
                     RunStatus::Failed,
@@ -240,14 +241,6 @@ impl Jobs {
                         r.owner_pid = None;
                     },
                 );
-                if failed.is_ok() {
-                    let _ = store.push_event(
-                        &id,
-                        &RunEvent::Status {
-                            status: RunStatus::Failed,
-                        },
-                    );
-                }
             }
         }
         store.flush()?;
@@ -278,12 +271,6 @@ impl Jobs {
                         r.finished = Some(now_rfc3339());
                         r.owner_pid = None;
                     })?;
-                    store.push_event(
-                        &run.id,
-                        &RunEvent::Status {
-                            status: RunStatus::Failed,
-                        },
-                    )?;
                 }
                 RunStatus::Running => {
                     let resume = match run.kind {
@@ -561,7 +548,7 @@ impl Jobs {
     /// Marks `run_id` failed with `reason` if it is still in one of `allowed_from`, and says so
     /// in its events; a run that moved on meanwhile is left as it is.
     fn fail_run(&self, run_id: &str, allowed_from: &[RunStatus], reason: &str) {
-        let failed = self
+        let _ = self
             .inner
             .store
             .transition(run_id, allowed_from, RunStatus::Failed, |r| {
@@ -569,14 +556,6 @@ impl Jobs {
                 r.finished = Some(now_rfc3339());
                 r.owner_pid = None;
             });
-        if failed.is_ok() {
-            let _ = self.inner.store.push_event(
-                run_id,
-                &RunEvent::Status {
-                    status: RunStatus::Failed,
-                },
-            );
-        }
     }
 
     /// `Err(reason)` while the data directory cannot be written (a full disk, a read-only
@@ -727,7 +706,8 @@ impl Jobs {
 
     fn mark_interrupted(&self, run_id: &str) {
         let store = &self.inner.store;
-        let marked = store.transition(
+        // A run that ended meanwhile is left as it is.
+        let _ = store.transition(
             run_id,
             &[RunStatus::Running, RunStatus::Cancelled],
             RunStatus::Interrupted,
@@ -739,14 +719,6 @@ impl Jobs {
                 r.owner_pid = None;
             },
         );
-        if marked.is_ok() {
-            let _ = store.push_event(
-                run_id,
-                &RunEvent::Status {
-                    status: RunStatus::Interrupted,
-                },
-            );
-        }
     }
 
     /// Graceful shutdown: no job starts any more; running ones are asked to stop (an
@@ -975,12 +947,6 @@ impl Jobs {
                 |r| r.finished = Some(now_rfc3339()),
             ) {
                 Ok(run) => {
-                    self.inner.store.push_event(
-                        &run.id,
-                        &RunEvent::Status {
-                            status: RunStatus::Cancelled,
-                        },
-                    )?;
                     self.inner.store.flush()?;
                     return Ok(run);
                 }
@@ -1029,12 +995,6 @@ impl Jobs {
         self.inner.user_cancelled.lock().unwrap().remove(&run.id);
         // Resumed, it is no longer a run the full disk stopped.
         self.inner.disk_stopped.lock().unwrap().remove(&run.id);
-        self.inner.store.push_event(
-            &run.id,
-            &RunEvent::Status {
-                status: RunStatus::Queued,
-            },
-        )?;
         if let Err(e) = self.dispatch(run.clone()) {
             // Put it back as it was rather than leave a queued run no worker will take.
             let _ =

@@ -223,7 +223,7 @@ impl Store {
     /// status event, flushed before this returns, so a crash right after never leaves the
     /// run reading as queued with its work begun.
     pub fn start_run(&self, id: &str) -> Result<RunRecord> {
-        self.transition_with_event(id, &[RunStatus::Queued], RunStatus::Running, |r| {
+        self.transition(id, &[RunStatus::Queued], RunStatus::Running, |r| {
             r.started = Some(now_rfc3339());
             r.owner_pid = Some(std::process::id());
             r.error = None;
@@ -242,7 +242,7 @@ impl Store {
         error: Option<String>,
         mut f: impl FnMut(&mut RunRecord),
     ) -> Result<RunRecord> {
-        self.transition_with_event(id, &RunStatus::sources_of(to), to, |r| {
+        self.transition(id, &RunStatus::sources_of(to), to, |r| {
             if to != RunStatus::Interrupted {
                 r.finished = Some(now_rfc3339());
             }
@@ -254,10 +254,15 @@ impl Store {
         })
     }
 
-    /// [`Self::transition`] and the run's status event in one atomic write of both trees,
-    /// flushed: a reader that sees the new status finds its event too (written one after the
-    /// other, a client polling the run could read `done` and then the events without it).
-    fn transition_with_event(
+    /// Move a run from one of `allowed_from` to `to`, applying `f` to the record, and write the
+    /// run's status event, in one atomic write of both trees, flushed before this returns (so
+    /// an acknowledged transition survives a crash). A reader that sees the new status finds
+    /// its event too: written one after the other, a client polling a run could read `done`
+    /// and then events ending in `running`. A move the lifecycle ([`RunStatus::may_become`])
+    /// does not allow is refused whatever `allowed_from` says. Of concurrent transitions of
+    /// one run, exactly one succeeds; the others get [`StoreError::Conflict`] naming the status
+    /// they found.
+    pub fn transition(
         &self,
         id: &str,
         allowed_from: &[RunStatus],
@@ -293,35 +298,6 @@ impl Store {
         }
     }
 
-    /// Move a run from one of `allowed_from` to `to` as one compare-and-swap, applying `f` to
-    /// the record in the same write; a move the lifecycle ([`RunStatus::may_become`]) does not
-    /// allow is refused whatever `allowed_from` says. Of concurrent transitions of one run, exactly
-    /// one succeeds; the others get [`StoreError::Conflict`] naming the status they found. The
-    /// change is flushed before this returns, so an acknowledged transition survives a crash.
-    pub fn transition(
-        &self,
-        id: &str,
-        allowed_from: &[RunStatus],
-        to: RunStatus,
-        mut f: impl FnMut(&mut RunRecord),
-    ) -> Result<RunRecord> {
-        loop {
-            let Some(old) = self.runs.get(id.as_bytes())? else {
-                return Err(StoreError::NoSuchRun(id.to_string()));
-            };
-            let run = moved(id, &old, allowed_from, to, &mut f)?;
-            let new = encode(&run)?;
-            if self
-                .runs
-                .compare_and_swap(id.as_bytes(), Some(&old), Some(new))?
-                .is_ok()
-            {
-                self.db.flush()?;
-                return Ok(run);
-            }
-        }
-    }
-
     /// Marks every run still `running` as `interrupted`, returning their ids. Only for a
     /// store just opened by a command: the store is locked by one process at a time, so a run
     /// that reads as running then belongs to a process that died (`kill -9`, a crash) and
@@ -348,17 +324,8 @@ impl Store {
                 r.owner_pid = None;
             });
             if moved.is_ok() {
-                self.push_event(
-                    &id,
-                    &RunEvent::Status {
-                        status: RunStatus::Interrupted,
-                    },
-                )?;
                 ids.push(id);
             }
-        }
-        if !ids.is_empty() {
-            self.flush()?;
         }
         Ok(ids)
     }
