@@ -96,11 +96,21 @@ fi
 RESULTS=$OUT/results.jsonl
 : > "$RESULTS"
 if stage attention; then
-  echo "== attention: one layer's attention alone"
-  # shellcheck disable=SC2086
-  timeout 200 /tmp/gl/after bench attention ${ATTN_ARGS:-} 2>"$OUT/attention.err" | tee "$OUT/attention.json" \
-    | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"after\",${line#\{}" >> "$RESULTS"; done
-  tail -2 "$OUT/attention.err"
+  # BEFORE then AFTER (once when they are one build), each twice, interleaved; ATTN_ENVS
+  # (space-separated VAR=value) adds a run of the AFTER build with each setting.
+  sides="before after before after"
+  cmp -s .carry/before/COMMIT .carry/after/COMMIT && sides=after
+  for env in ${ATTN_ENVS:-}; do sides="$sides after:$env"; done
+  for side in $sides; do
+    bin=${side%%:*} setting=
+    [[ $side == *:* ]] && setting=${side#*:}
+    echo "== attention: one layer's attention alone, $side ($(cat .carry/$bin/COMMIT))"
+    # shellcheck disable=SC2086
+    env $setting timeout 200 /tmp/gl/$bin bench attention ${ATTN_ARGS:-} 2>>"$OUT/attention-$bin.err" \
+      | tee -a "$OUT/attention-$bin.json" \
+      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$side\",${line#\{}" >> "$RESULTS"; done
+    tail -2 "$OUT/attention-$bin.err"
+  done
 fi
 
 # The checkpoint, for every stage but the golden tests, the kernels and attention alone.

@@ -42,7 +42,7 @@ def lines(rows):
             print(f"attention alone: batch {r['batch']} x {r['seq']}, {r['heads']} heads / {r['kv_heads']} KV, "
                   f"head dim {r['head_dim']}, {r['dtype']}")
         elif what == "attention_pass":
-            print(f"attention {r['attn_implementation']:>17} {r['pass']:>16}: {r['us']} us, {r['gflop_per_s']} GFLOP/s")
+            print(f"attention {r.get('side', ''):>6} {r['attn_implementation']:>17} {r['pass']:>16}: {r['us']} us, {r['gflop_per_s']} GFLOP/s")
         elif what == "peft_load":
             print(f"HF PEFT load: {json.dumps({k: v for k, v in r.items() if k != 'side'})}")
 

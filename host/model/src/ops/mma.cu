@@ -30,3 +30,39 @@ __device__ __forceinline__ void mma_16816(float* d, unsigned int a0, unsigned in
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
 }
+
+// Four 8 x 8 16-bit matrices from shared memory in one instruction (ldmatrix .x4): lanes 8i ..
+// 8i + 7 give the addresses of matrix i's rows (16 bytes each, 16-byte aligned), and r[i] is
+// the lane's part of matrix i as an mma fragment wants it: row lane / 4, columns 2 (lane % 4)
+// and the next. `_t` loads each matrix transposed: rows 2 (lane % 4) and the next, column
+// lane / 4, so a B operand stored with its reduction along the rows reads like one stored
+// along the columns, and no transposed copy of a tile is needed.
+__device__ __forceinline__ void ldsm_x4(unsigned* r, const void* p) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned* r, const void* p) {
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+
+// Asynchronous copies from global to shared memory (cp.async, sm_80): the copy proceeds while
+// the thread computes, and lands once cp_async_wait<N> says at most N of the thread's later
+// groups are still in flight (then a barrier makes every thread's copies visible). A copy with
+// `in` false writes zeros and reads nothing (`src` must still be a valid address).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :: "r"(d), "l"(src), "r"(in ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool in) {
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+               :: "r"(d), "l"(src), "r"(in ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" :: "n"(N));
+}
