@@ -952,6 +952,55 @@ mod tests {
         assert_eq!(wins.into_inner(), 1);
     }
 
+    /// Every accepted status change leaves its status event in the same write; a refused one
+    /// leaves none (and ten racing transitions, one event).
+    #[test]
+    fn each_transition_writes_its_status_event_and_a_refused_one_none() {
+        let store = Store::temporary().unwrap();
+        store.put_run(&run("x")).unwrap();
+        let statuses = |store: &Store| -> Vec<RunStatus> {
+            store
+                .events_after("x", None)
+                .unwrap()
+                .into_iter()
+                .filter_map(|(_, e)| match e {
+                    RunEvent::Status { status } => Some(status),
+                    _ => None,
+                })
+                .collect()
+        };
+        store.start_run("x").unwrap();
+        store
+            .transition("x", &[RunStatus::Running], RunStatus::Cancelled, |_| {})
+            .unwrap();
+        assert!(
+            store
+                .transition("x", &[RunStatus::Running], RunStatus::Failed, |_| {})
+                .is_err()
+        );
+        store
+            .transition("x", &[RunStatus::Cancelled], RunStatus::Queued, |_| {})
+            .unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..10 {
+                s.spawn(|| store.start_run("x").ok());
+            }
+        });
+        assert_eq!(
+            statuses(&store),
+            [
+                RunStatus::Running,
+                RunStatus::Cancelled,
+                RunStatus::Queued,
+                RunStatus::Running
+            ]
+        );
+        assert_eq!(
+            store.get_run("x").unwrap().unwrap().status,
+            RunStatus::Running
+        );
+    }
+
     #[test]
     fn update_run_is_read_modify_write() {
         let store = Store::temporary().unwrap();
