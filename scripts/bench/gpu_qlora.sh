@@ -34,6 +34,9 @@
 #              query heads, one KV head, 64 dimensions), eager and flash_attention_2, forward and
 #              forward + backward (microseconds, GFLOP/s); ATTN_ARGS adds options (e.g.
 #              "--seq 2048 --batch 2")
+#   lora       `bench lora`: the LoRA training node alone at Falcon-7B's four linear shapes, 4096
+#              rows, rank 16, dropout 0.1 (forward, forward + backward, and the h and dA kernels
+#              alone); LORA_ARGS adds options
 #   profile    seconds per phase of a training step and of batch-1 decoding (ADAPTERLAB_PROFILE);
 #              PROFILE_PYTHON=1 adds the reference's step under torch.profiler
 #   sft        `adapterlab train`, 50 steps at batch 8 x 512 on the bundled dialogues, then HF
@@ -56,7 +59,7 @@ cd "$(dirname "$0")/../.."
 FINAL=${OUT:-/tmp/gpu-qlora}
 RAW=/tmp/gpu-qlora-raw
 OUT=$RAW
-STAGES=${STAGES:-golden,attention,load,reference,train,packing,flash,generate,kernels,profile,sft}
+STAGES=${STAGES:-golden,attention,lora,load,reference,train,packing,flash,generate,kernels,profile,sft}
 GOLDEN_DIR=$PWD/host/model/tests/fixtures/golden
 stage() { [[ ",$STAGES," == *",$1,"* ]]; }
 mkdir -p "$OUT" "$FINAL" /tmp/gl
@@ -95,23 +98,26 @@ fi
 
 RESULTS=$OUT/results.jsonl
 : > "$RESULTS"
-if stage attention; then
-  # BEFORE then AFTER (once when they are one build), each twice, interleaved; ATTN_ENVS
-  # (space-separated VAR=value) adds a run of the AFTER build with each setting.
-  sides="before after before after"
+# `bench attention` / `bench lora` (no checkpoint): BEFORE then AFTER (once when they are one
+# build), each twice, interleaved; ATTN_ENVS (space-separated VAR=value) adds a run of the
+# AFTER build with each setting.
+bench_alone() { # subcommand, its extra arguments
+  local what=$1 args=$2 sides="before after before after" side bin setting
   cmp -s .carry/before/COMMIT .carry/after/COMMIT && sides=after
   for env in ${ATTN_ENVS:-}; do sides="$sides after:$env"; done
   for side in $sides; do
     bin=${side%%:*} setting=
     [[ $side == *:* ]] && setting=${side#*:}
-    echo "== attention: one layer's attention alone, $side ($(cat .carry/$bin/COMMIT))"
+    echo "== $what alone, $side ($(cat .carry/$bin/COMMIT))"
     # shellcheck disable=SC2086
-    env $setting timeout 200 /tmp/gl/$bin bench attention ${ATTN_ARGS:-} 2>>"$OUT/attention-$bin.err" \
-      | tee -a "$OUT/attention-$bin.json" \
+    env $setting timeout 300 /tmp/gl/$bin bench $what $args 2>>"$OUT/$what-$bin.err" \
+      | tee -a "$OUT/$what-$bin.json" \
       | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$side\",${line#\{}" >> "$RESULTS"; done
-    tail -2 "$OUT/attention-$bin.err"
+    tail -2 "$OUT/$what-$bin.err"
   done
-fi
+}
+stage attention && bench_alone attention "${ATTN_ARGS:-}"
+stage lora && bench_alone lora "${LORA_ARGS:-}"
 
 # The checkpoint, for every stage but the golden tests, the kernels and attention alone.
 if [[ ",$STAGES," =~ ,(load|reference|train|train-ckpt|packing|flash|generate|profile|sft|decode-profile), ]]; then

@@ -43,6 +43,11 @@ def lines(rows):
                   f"head dim {r['head_dim']}, {r['dtype']}")
         elif what == "attention_pass":
             print(f"attention {r.get('side', ''):>6} {r['attn_implementation']:>17} {r['pass']:>16}: {r['us']} us, {r['gflop_per_s']} GFLOP/s")
+        elif what == "lora":
+            print(f"lora alone: {r['rows']} rows, rank {r['rank']}, dropout {r['dropout']}, {r['dtype']}")
+        elif what == "lora_pass":
+            shape = "x".join(str(d) for d in r["shape"])
+            print(f"lora {r.get('side', ''):>6} {shape:>11} {r['pass']:>16}: {r['us']} us")
         elif what == "peft_load":
             print(f"HF PEFT load: {json.dumps({k: v for k, v in r.items() if k != 'side'})}")
 

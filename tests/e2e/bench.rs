@@ -253,3 +253,57 @@ fn bench_attention_times_each_implementation_and_refuses_bad_shapes() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// `bench lora` on the CPU: a header with the rows and rank, then each shape's training node
+/// timed forward and forward + backward (the kernels alone only on a GPU); a dropout outside
+/// [0, 1) and a malformed shape refused by name.
+#[test]
+fn bench_lora_times_the_training_node_at_each_shape() {
+    let t = setup("bench-lora");
+    let out = lines(&run_ok(&mut t.cmd(&[
+        "bench",
+        "lora",
+        "--rows",
+        "6",
+        "--shapes",
+        "16x32,24x64",
+        "--rank",
+        "4",
+        "--repeats",
+        "1",
+    ])));
+    let header = find(&out, "lora");
+    assert_eq!(header.len(), 1, "{out:?}");
+    assert_eq!(
+        (header[0]["rows"].as_u64(), header[0]["rank"].as_u64()),
+        (Some(6), Some(4))
+    );
+    assert_eq!(header[0]["dropout"], 0.1);
+    let got: Vec<(String, &str)> = find(&out, "lora_pass")
+        .iter()
+        .map(|l| {
+            assert!(l["us"].as_f64().unwrap() > 0.0, "{l}");
+            (l["shape"].to_string(), l["pass"].as_str().unwrap())
+        })
+        .collect();
+    let want: Vec<(String, &str)> = [
+        ("[16,32]", "forward"),
+        ("[16,32]", "forward+backward"),
+        ("[24,64]", "forward"),
+        ("[24,64]", "forward+backward"),
+    ]
+    .into_iter()
+    .map(|(s, p)| (s.to_string(), p))
+    .collect();
+    assert_eq!(got, want);
+    for (args, want) in [
+        (&["--dropout", "1.5"][..], "--dropout 1.5 is not in [0, 1)"),
+        (&["--shapes", "16by32"][..], "is not OUTxIN"),
+    ] {
+        let mut cmd = t.cmd(&["bench", "lora", "--rows", "2"]);
+        let refused = cmd.args(args).output().unwrap();
+        assert!(!refused.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

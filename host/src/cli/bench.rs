@@ -1,8 +1,9 @@
-//! `adapterlab bench train|generate|kernels`: the workloads of the GPU comparison, shaped exactly as
-//! `../shared/bench/hf_qlora_baseline.py` runs them on the Python stack (random token ids, full
-//! causal-LM loss, LoRA r=16/alpha=32/dropout 0.1 on an NF4 double-quant base, clipping at 0.1,
-//! AdamW at 2e-4; greedy decoding of fixed-length outputs from 200-token prompts), so
-//! `scripts/bench/gpu_qlora.sh` can put the two side by side. One JSON line per measurement.
+//! `adapterlab bench train|generate|kernels|attention|lora`: the workloads of the GPU
+//! comparison, shaped exactly as `../shared/bench/hf_qlora_baseline.py` runs them on the Python
+//! stack (random token ids, full causal-LM loss, LoRA r=16/alpha=32/dropout 0.1 on an NF4
+//! double-quant base, clipping at 0.1, AdamW at 2e-4; greedy decoding of fixed-length outputs
+//! from 200-token prompts), so `scripts/bench/gpu_qlora.sh` can put the two side by side. One
+//! JSON line per measurement.
 //!
 //! The training step is the trainer's own ([`accumulate_micro_batch`], clipping, optimizer);
 //! only the data (random ids instead of a formatted dataset) differs. `--lengths MIN..MAX`
@@ -11,7 +12,8 @@
 //! padded and packed training can be compared on useful (non-pad) tokens per second.
 //!
 //! `bench kernels` times the NF4 products of decoding alone, one kernel at a time, so a slow
-//! decoding step can be split into its kernels' shares without a GPU profiler.
+//! decoding step can be split into its kernels' shares without a GPU profiler; `bench
+//! attention` and `bench lora` do the same for a training step's attention and LoRA node.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -51,6 +53,10 @@ pub enum BenchCommand {
     /// and forward + backward, on random queries, keys and values (causal, no padding):
     /// microseconds a call and GFLOP/s of the causal products (2 forward, 5 more backward).
     Attention(AttentionBenchArgs),
+    /// The LoRA training node (NF4 base + adapter, dropout drawn from a key) alone at a model's
+    /// linear shapes: forward and forward + backward, and on a GPU each adapter kernel
+    /// (`h = dropout(x) A^T`, `dA`) on its own; microseconds a call.
+    Lora(LoraBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -187,6 +193,26 @@ pub struct AttentionBenchArgs {
     pub repeats: u64,
 }
 
+#[derive(Debug, Args)]
+pub struct LoraBenchArgs {
+    /// `OUTxIN` shapes of the adapted linear layers (default: Falcon-7B's query_key_value,
+    /// dense, dense_h_to_4h and dense_4h_to_h).
+    #[arg(long, value_delimiter = ',', value_parser = parse_shape,
+        default_value = "4672x4544,4544x4544,18176x4544,4544x18176")]
+    pub shapes: Vec<(usize, usize)>,
+    /// Rows of the input (batch x sequence of a training step: 8 x 512).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rows: u64,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rank: u64,
+    /// The adapter's dropout probability (the key is fixed).
+    #[arg(long, default_value_t = 0.1)]
+    pub dropout: f32,
+    /// Timed calls of each, after 2 untimed ones.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub repeats: u64,
+}
+
 /// `OUTxIN`, both at least 1.
 fn parse_shape(s: &str) -> std::result::Result<(usize, usize), String> {
     let (a, b) = s
@@ -206,6 +232,7 @@ pub fn run(cmd: BenchCommand, ctx: &Context) -> Result<()> {
         BenchCommand::Generate(args) => generate(args, ctx),
         BenchCommand::Kernels(args) => kernels(args, ctx),
         BenchCommand::Attention(args) => attention(args, ctx),
+        BenchCommand::Lora(args) => lora(args, ctx),
     }
 }
 
@@ -356,6 +383,91 @@ fn attention(args: AttentionBenchArgs, ctx: &Context) -> Result<()> {
             }
             Ok(())
         })?;
+    }
+    Ok(())
+}
+
+/// Each adapted layer of `bench lora`: the training node's forward pass, forward + backward,
+/// and on a GPU in a 16-bit type the adapter's `h` and `dA` kernels alone.
+fn lora(args: LoraBenchArgs, ctx: &Context) -> Result<()> {
+    use adapterlab_model::lora::train_node::{Dropout, Input, lora_linear};
+    use adapterlab_model::quant::nf4::Nf4Options;
+    use adapterlab_model::quant::weight::{BaseWeight, Nf4Weight};
+    use candle_core::{DType, Var};
+    use std::sync::Arc;
+    if !(0.0..1.0).contains(&args.dropout) {
+        anyhow::bail!("--dropout {} is not in [0, 1)", args.dropout);
+    }
+    let device = model_runtime(ctx)?.device;
+    let (m, r) = (args.rows as usize, args.rank as usize);
+    // 16-bit on a GPU, as training runs there; f32 on the CPU.
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    emit(
+        json!({"what": "lora", "device": gpu_name(&device), "dtype": format!("{dtype:?}"),
+        "rows": m, "rank": r, "dropout": round(args.dropout as f64, 6)}),
+    );
+    let dropout = (args.dropout > 0.0).then_some(Dropout {
+        key: 7,
+        p: args.dropout,
+    });
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut random = |shape: (usize, usize), scale: f32| -> Result<Tensor> {
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| rng.random_range(-scale..scale))
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(&device)?)
+    };
+    for &(n, k) in &args.shapes {
+        let w = random((n, k), 0.05)?;
+        let base: Arc<dyn BaseWeight> = Arc::new(Nf4Weight::quantize(
+            &w,
+            Nf4Options::default(),
+            dtype,
+            &device,
+        )?);
+        drop(w);
+        let x = Var::from_tensor(&random((m, k), 1.0)?.to_dtype(dtype)?)?;
+        let a = Var::from_tensor(&random((r, k), 0.02)?.to_dtype(dtype)?)?;
+        let b = Var::from_tensor(&random((n, r), 0.02)?.to_dtype(dtype)?)?;
+        let g = random((m, n), 1.0)?.to_dtype(dtype)?;
+        let time = |pass: &str, f: &dyn Fn() -> Result<()>| -> Result<()> {
+            let secs = seconds_per_call(&device, 2, args.repeats, f)?;
+            emit(json!({"what": "lora_pass", "shape": [n, k], "pass": pass,
+                "us": round(secs * 1e6, 1)}));
+            Ok(())
+        };
+        let node = || lora_linear(base.clone(), None, &x, &a, &b, dropout, Input::AsIs);
+        time("forward", &|| {
+            node()?;
+            Ok(())
+        })?;
+        time("forward+backward", &|| {
+            let grads = (node()? * &g)?.sum_all()?.backward()?;
+            for t in [&x, &a, &b] {
+                grads
+                    .get(t.as_tensor())
+                    .context("lora: a gradient is missing")?;
+            }
+            Ok(())
+        })?;
+        #[cfg(feature = "cuda")]
+        if adapterlab_model::lora::kernels::trains(&x, r) {
+            use adapterlab_model::lora::kernels::{train_da, train_h};
+            let mask = dropout.map(|d| (d.key, d.p));
+            let gh = random((m, r), 1.0)?.to_dtype(dtype)?;
+            time("h", &|| {
+                train_h(&x, &a, mask)?;
+                Ok(())
+            })?;
+            time("dA", &|| {
+                train_da(&x, &gh, mask, false)?;
+                Ok(())
+            })?;
+        }
     }
     Ok(())
 }
