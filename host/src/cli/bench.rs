@@ -390,9 +390,9 @@ fn attention(args: AttentionBenchArgs, ctx: &Context) -> Result<()> {
 /// Each adapted layer of `bench lora`: the training node's forward pass, forward + backward,
 /// and on a GPU in a 16-bit type the adapter's `h` and `dA` kernels alone.
 fn lora(args: LoraBenchArgs, ctx: &Context) -> Result<()> {
-    use adapterlab_model::lora::train_node::{Dropout, Input, lora_linear};
-    use adapterlab_model::quant::nf4::Nf4Options;
-    use adapterlab_model::quant::weight::{BaseWeight, Nf4Weight};
+    use adapterlab_model::engine::{
+        BaseWeight, Dropout, Input, Nf4Options, Nf4Weight, lora_linear,
+    };
     use candle_core::{DType, Var};
     use std::sync::Arc;
     if !(0.0..1.0).contains(&args.dropout) {
@@ -455,8 +455,8 @@ fn lora(args: LoraBenchArgs, ctx: &Context) -> Result<()> {
             Ok(())
         })?;
         #[cfg(feature = "cuda")]
-        if adapterlab_model::lora::kernels::trains(&x, r) {
-            use adapterlab_model::lora::kernels::{train_da, train_h};
+        if adapterlab_model::engine::trains(&x, r) {
+            use adapterlab_model::engine::{train_da, train_h};
             let mask = dropout.map(|d| (d.key, d.p));
             let gh = random((m, r), 1.0)?.to_dtype(dtype)?;
             time("h", &|| {

@@ -11,8 +11,11 @@ pub mod loss;
 // What the host uses of the wings below, named here so that the host has one door into the
 // crate (host/model/tests/layering.rs checks that it uses no other).
 pub use crate::io::assets::{Fetcher, MINILM};
+#[cfg(feature = "cuda")]
+pub use crate::lora::kernels::{train_da, train_h, trains};
 pub use crate::lora::merge::merge_model_dir;
 pub use crate::lora::peft;
+pub use crate::lora::train_node::{Dropout, Input, lora_linear};
 pub use crate::lora::{LoraConfig, LoraRegistry, TargetModules};
 pub use crate::models::bert::{Bert, embed, prepare_tokenizer};
 pub use crate::models::chat::Message;
@@ -29,8 +32,8 @@ pub use crate::ops::profile;
 pub use crate::quant::kernels::{DecodeKernel, MmaTiling, runs_mma};
 pub use crate::quant::nf4::Nf4Options;
 pub use crate::quant::quantize::quantize_model_dir;
-pub use crate::quant::weight::Nf4Weight;
 pub use crate::quant::weight::QuantizeOn;
+pub use crate::quant::weight::{BaseWeight, Nf4Weight};
 
 use std::path::{Path, PathBuf};
 
