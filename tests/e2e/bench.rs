@@ -185,12 +185,7 @@ fn bench_kernels_times_each_product_and_refuses_a_bad_shape() {
         assert_eq!(line["rows"], rows, "{line}");
         assert!(line["us"].as_f64().unwrap() > 0.0, "{line}");
     }
-    let refused = t
-        .cmd(&["bench", "kernels", "--shapes", "64y128"])
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    let err = String::from_utf8_lossy(&refused.stderr);
+    let err = crate::util::run_fail(&mut t.cmd(&["bench", "kernels", "--shapes", "64y128"]));
     assert!(err.contains("\"64y128\" is not OUTxIN"), "{err}");
 }
 
@@ -246,10 +241,7 @@ fn bench_attention_times_each_implementation_and_refuses_bad_shapes() {
         ),
         (&["--attn-implementation", "flash"][..], "flash_attention_2"),
     ] {
-        let mut cmd = t.cmd(&["bench", "attention", "--seq", "8"]);
-        let refused = cmd.args(args).output().unwrap();
-        assert!(!refused.status.success(), "{args:?}");
-        let err = String::from_utf8_lossy(&refused.stderr);
+        let err = crate::util::run_fail(t.cmd(&["bench", "attention", "--seq", "8"]).args(args));
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
@@ -300,10 +292,7 @@ fn bench_lora_times_the_training_node_at_each_shape() {
         (&["--dropout", "1.5"][..], "--dropout 1.5 is not in [0, 1)"),
         (&["--shapes", "16by32"][..], "is not OUTxIN"),
     ] {
-        let mut cmd = t.cmd(&["bench", "lora", "--rows", "2"]);
-        let refused = cmd.args(args).output().unwrap();
-        assert!(!refused.status.success(), "{args:?}");
-        let err = String::from_utf8_lossy(&refused.stderr);
+        let err = crate::util::run_fail(t.cmd(&["bench", "lora", "--rows", "2"]).args(args));
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }

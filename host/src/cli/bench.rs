@@ -160,7 +160,7 @@ pub struct KernelBenchArgs {
     /// `OUTxIN` shapes of the linear layers (default: Falcon-7B's query_key_value, dense,
     /// dense_h_to_4h and dense_4h_to_h).
     #[arg(long, value_delimiter = ',', value_parser = parse_shape,
-        default_value = "4672x4544,4544x4544,18176x4544,4544x18176")]
+        default_value = FALCON_7B_LINEARS)]
     pub shapes: Vec<(usize, usize)>,
     /// Rows of the input (the decoding batch).
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
@@ -198,7 +198,7 @@ pub struct LoraBenchArgs {
     /// `OUTxIN` shapes of the adapted linear layers (default: Falcon-7B's query_key_value,
     /// dense, dense_h_to_4h and dense_4h_to_h).
     #[arg(long, value_delimiter = ',', value_parser = parse_shape,
-        default_value = "4672x4544,4544x4544,18176x4544,4544x18176")]
+        default_value = FALCON_7B_LINEARS)]
     pub shapes: Vec<(usize, usize)>,
     /// Rows of the input (batch x sequence of a training step: 8 x 512).
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
@@ -212,6 +212,9 @@ pub struct LoraBenchArgs {
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub repeats: u64,
 }
+
+/// Falcon-7B's query_key_value, dense, dense_h_to_4h and dense_4h_to_h, as `OUTxIN`.
+const FALCON_7B_LINEARS: &str = "4672x4544,4544x4544,18176x4544,4544x18176";
 
 /// `OUTxIN`, both at least 1.
 fn parse_shape(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -240,14 +243,8 @@ pub fn run(cmd: BenchCommand, ctx: &Context) -> Result<()> {
 /// around the repeats.
 fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
     use adapterlab_model::engine::Nf4Weight;
-    use candle_core::DType;
     let device = model_runtime(ctx)?.device;
-    // 16-bit where decoding runs on a GPU; f32 on the CPU, whose matmul is made for it.
-    let dtype = if device.is_cuda() {
-        DType::BF16
-    } else {
-        DType::F32
-    };
+    let dtype = bench_dtype(&device);
     let opts = adapterlab_model::engine::Nf4Options {
         double_quant: true,
         ..Default::default()
@@ -259,19 +256,13 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     for &(out, inp) in &args.shapes {
-        let w: Vec<f32> = (0..out * inp)
-            .map(|_| rng.random_range(-0.05f32..0.05))
-            .collect();
         // On the device, so a GPU quantizes it there, as a load does.
-        let w = Tensor::from_vec(w, (out, inp), &Device::Cpu)?.to_device(&device)?;
+        let w = uniform(&mut rng, (out, inp), 0.05, &device)?;
         let q = Nf4Weight::quantize(&w, opts, dtype, &device)
             .with_context(|| format!("quantizing a {out}x{inp} weight"))?;
         let codes_bytes = (out * inp).div_ceil(2) as f64;
         for &m in &args.rows {
-            let x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1f32..1.0)).collect();
-            let x = Tensor::from_vec(x, (m, inp), &Device::Cpu)?
-                .to_dtype(dtype)?
-                .to_device(&device)?;
+            let x = uniform(&mut rng, (m, inp), 1.0, &device)?.to_dtype(dtype)?;
             let time = |name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<()> {
                 let s = seconds_per_call(&device, 3, args.repeats, &|| {
                     f()?;
@@ -313,7 +304,7 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
 
 fn attention(args: AttentionBenchArgs, ctx: &Context) -> Result<()> {
     use adapterlab_model::engine::{AttentionContext, attend_in};
-    use candle_core::{DType, Var};
+    use candle_core::Var;
     let device = model_runtime(ctx)?.device;
     let [b, s, h, kv, d] = [
         args.batch,
@@ -326,23 +317,14 @@ fn attention(args: AttentionBenchArgs, ctx: &Context) -> Result<()> {
     if h % kv != 0 {
         anyhow::bail!("--heads {h} is not a multiple of --kv-heads {kv}");
     }
-    // 16-bit on a GPU, as training runs there; f32 on the CPU.
-    let dtype = if device.is_cuda() {
-        DType::BF16
-    } else {
-        DType::F32
-    };
+    let dtype = bench_dtype(&device);
     emit(
         json!({"what": "attention", "device": gpu_name(&device), "dtype": format!("{dtype:?}"),
         "batch": b, "seq": s, "heads": h, "kv_heads": kv, "head_dim": d}),
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let mut random = |shape: (usize, usize, usize, usize)| -> Result<Tensor> {
-        let n = shape.0 * shape.1 * shape.2 * shape.3;
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1f32..1.0)).collect();
-        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(&device)?)
+        Ok(uniform(&mut rng, shape, 1.0, &device)?.to_dtype(dtype)?)
     };
     let (q, k, v, g) = (
         random((b, h, s, d))?,
@@ -376,12 +358,7 @@ fn attention(args: AttentionBenchArgs, ctx: &Context) -> Result<()> {
         time("forward+backward", 7.0, &|| {
             let out = attend_in(&actx, &qv, &kvv, &vv, scale, None)?;
             let grads = (out * &g)?.sum_all()?.backward()?;
-            for x in [&qv, &kvv, &vv] {
-                grads
-                    .get(x.as_tensor())
-                    .context("attention: a gradient is missing")?;
-            }
-            Ok(())
+            every_gradient(&grads, &[&qv, &kvv, &vv], "attention")
         })?;
     }
     Ok(())
@@ -393,19 +370,14 @@ fn lora(args: LoraBenchArgs, ctx: &Context) -> Result<()> {
     use adapterlab_model::engine::{
         BaseWeight, Dropout, Input, Nf4Options, Nf4Weight, lora_linear,
     };
-    use candle_core::{DType, Var};
+    use candle_core::Var;
     use std::sync::Arc;
     if !(0.0..1.0).contains(&args.dropout) {
         anyhow::bail!("--dropout {} is not in [0, 1)", args.dropout);
     }
     let device = model_runtime(ctx)?.device;
     let (m, r) = (args.rows as usize, args.rank as usize);
-    // 16-bit on a GPU, as training runs there; f32 on the CPU.
-    let dtype = if device.is_cuda() {
-        DType::BF16
-    } else {
-        DType::F32
-    };
+    let dtype = bench_dtype(&device);
     emit(
         json!({"what": "lora", "device": gpu_name(&device), "dtype": format!("{dtype:?}"),
         "rows": m, "rank": r, "dropout": round(args.dropout as f64, 6)}),
@@ -415,12 +387,7 @@ fn lora(args: LoraBenchArgs, ctx: &Context) -> Result<()> {
         p: args.dropout,
     });
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let mut random = |shape: (usize, usize), scale: f32| -> Result<Tensor> {
-        let v: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| rng.random_range(-scale..scale))
-            .collect();
-        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(&device)?)
-    };
+    let mut random = |shape: (usize, usize), scale: f32| uniform(&mut rng, shape, scale, &device);
     for &(n, k) in &args.shapes {
         let w = random((n, k), 0.05)?;
         let base: Arc<dyn BaseWeight> = Arc::new(Nf4Weight::quantize(
@@ -447,12 +414,7 @@ fn lora(args: LoraBenchArgs, ctx: &Context) -> Result<()> {
         })?;
         time("forward+backward", &|| {
             let grads = (node()? * &g)?.sum_all()?.backward()?;
-            for t in [&x, &a, &b] {
-                grads
-                    .get(t.as_tensor())
-                    .context("lora: a gradient is missing")?;
-            }
-            Ok(())
+            every_gradient(&grads, &[&x, &a, &b], "lora")
         })?;
         #[cfg(feature = "cuda")]
         if adapterlab_model::engine::trains(&x, r) {
@@ -468,6 +430,44 @@ fn lora(args: LoraBenchArgs, ctx: &Context) -> Result<()> {
                 Ok(())
             })?;
         }
+    }
+    Ok(())
+}
+
+/// The type the benches compute in: 16-bit on a GPU, as training and decoding run there; f32
+/// on the CPU, whose matmul is made for it.
+fn bench_dtype(device: &Device) -> candle_core::DType {
+    if device.is_cuda() {
+        candle_core::DType::BF16
+    } else {
+        candle_core::DType::F32
+    }
+}
+
+/// A seeded f32 tensor of `shape` on `device`, uniform in `[-scale, scale)`.
+fn uniform(
+    rng: &mut rand::rngs::StdRng,
+    shape: impl Into<candle_core::Shape>,
+    scale: f32,
+    device: &Device,
+) -> Result<Tensor> {
+    let shape = shape.into();
+    let v: Vec<f32> = (0..shape.elem_count())
+        .map(|_| rng.random_range(-scale..scale))
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_device(device)?)
+}
+
+/// That backward reached each of `vars` (a bench timing backward must time all of it).
+fn every_gradient(
+    grads: &candle_core::backprop::GradStore,
+    vars: &[&candle_core::Var],
+    what: &str,
+) -> Result<()> {
+    for v in vars {
+        grads
+            .get(v.as_tensor())
+            .with_context(|| format!("{what}: a gradient is missing"))?;
     }
     Ok(())
 }
