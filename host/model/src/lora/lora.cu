@@ -69,6 +69,8 @@ template <bool BF16, bool GELU = false>
 __device__ __forceinline__ void stage8(uint4 v, long long e, bool drop, unsigned long long key,
     float p, float scale, float* out) {
   unsigned int w[4] = {v.x, v.y, v.z, v.w};
+  unsigned long long z0 = drop ? mask_state(key, e) : 0ull;
+  unsigned int below = drop_below(p);
   _Pragma("unroll") for (int q = 0; q < 4; ++q) {
     float lo = load16<BF16>((u16)(w[q] & 0xffffu)), hi = load16<BF16>((u16)(w[q] >> 16));
     if (GELU) {
@@ -76,8 +78,10 @@ __device__ __forceinline__ void stage8(uint4 v, long long e, bool drop, unsigned
       hi = gelu16<BF16>(hi);
     }
     if (drop) {
-      lo = load16<BF16>(round16<BF16>(__fmul_rn(lo, keep_scale(key, e + 2 * q, p, scale))));
-      hi = load16<BF16>(round16<BF16>(__fmul_rn(hi, keep_scale(key, e + 2 * q + 1, p, scale))));
+      float klo = dropped(z0 + (2 * q) * MASK_STEP, below) ? 0.0f : scale;
+      float khi = dropped(z0 + (2 * q + 1) * MASK_STEP, below) ? 0.0f : scale;
+      lo = load16<BF16>(round16<BF16>(__fmul_rn(lo, klo)));
+      hi = load16<BF16>(round16<BF16>(__fmul_rn(hi, khi)));
     }
     out[2 * q] = lo;
     out[2 * q + 1] = hi;
@@ -302,6 +306,7 @@ __device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const
   if (col >= n) return;
   bool two = col + 1 < n;
   bool pair = two && (n & 1) == 0;  // the two columns one aligned 4-byte word
+  unsigned int below = drop_below(p);
   float f0[R], f1[R];
   _Pragma("unroll") for (int j = 0; j < R; ++j) {
     f0[j] = load16<BF16>(f[col * fs_col + j * fs_j]);
@@ -333,8 +338,9 @@ __device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const
       long long e = (long long)(row0 + i) * n + col;
       float v0 = load16<BF16>(round16<BF16>(d0)), v1 = load16<BF16>(round16<BF16>(d1));
       if (DROP) {
-        v0 = load16<BF16>(round16<BF16>(__fmul_rn(v0, keep_scale(key, e, p, scale))));
-        v1 = load16<BF16>(round16<BF16>(__fmul_rn(v1, keep_scale(key, e + 1, p, scale))));
+        unsigned long long z = mask_state(key, e);
+        v0 = load16<BF16>(round16<BF16>(__fmul_rn(v0, dropped(z, below) ? 0.0f : scale)));
+        v1 = load16<BF16>(round16<BF16>(__fmul_rn(v1, dropped(z + MASK_STEP, below) ? 0.0f : scale)));
       }
       unsigned int o0 = round16<BF16>(__fadd_rn(load16<BF16>((u16)(yw[u] & 0xffffu)), v0));
       unsigned int o1 = round16<BF16>(__fadd_rn(load16<BF16>((u16)(yw[u] >> 16)), v1));

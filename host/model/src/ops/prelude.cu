@@ -16,13 +16,25 @@ __device__ __forceinline__ float f32_id(float f) { return f; }
 
 // Seeded dropout's mask value of element i (crate::ops::dropout::keep_scale, element for
 // element: splitmix64 of key + (i + 1) * golden ratio), here for every module that drops out.
-__device__ __forceinline__ float keep_scale(unsigned long long key, long long i, float p, float scale) {
-  unsigned long long z = key + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ull;
+// The kernels that walk consecutive elements take the state of the first (mask_state) and step
+// it by MASK_STEP, an add instead of a 64-bit multiply; `dropped` compares the hash's top 24 bits
+// with ceil(p * 2^24) as integers, which is u < p exactly (u = those bits * 2^-24, and p * 2^24
+// is exact in f32) without a 64-bit conversion to float.
+#define MASK_STEP 0x9E3779B97F4A7C15ull
+__device__ __forceinline__ unsigned long long mask_state(unsigned long long key, long long i) {
+  return key + (unsigned long long)(i + 1) * MASK_STEP;
+}
+__device__ __forceinline__ unsigned int drop_below(float p) {
+  return (unsigned int)ceilf(p * 16777216.0f);
+}
+__device__ __forceinline__ bool dropped(unsigned long long z, unsigned int below) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  float u = (float)(z >> 40) * (1.0f / 16777216.0f);
-  return u < p ? 0.0f : scale;
+  // splitmix64's last step, z ^= z >> 31, leaves the top 24 bits as they are.
+  return (unsigned int)(z >> 40) < below;
+}
+__device__ __forceinline__ float keep_scale(unsigned long long key, long long i, float p, float scale) {
+  return dropped(mask_state(key, i), drop_below(p)) ? 0.0f : scale;
 }
 
 #define NEG_INF __int_as_float(0xff800000)
