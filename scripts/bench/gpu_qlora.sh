@@ -18,7 +18,9 @@
 #              and 16 (hf_qlora_baseline.py --gen; REF_GEN=0: the step alone), with its
 #              nvidia-smi peak
 #   train      `bench train` at batch 8 x 512, BEFORE then AFTER (once when they are one
-#              build), then 32 x 256 (the reference notebook's batch), each with its peak
+#              build), then 32 x 256 (the reference notebook's batch), each with its peak;
+#              TRAIN_ATTN picks the attn_implementation (default eager; flash_attention_2 compares
+#              the flash path's builds) and TRAIN_ROUNDS repeats the 8 x 512 pair (default 1)
 #   train-ckpt the same at 8 x 512 with gradient checkpointing, for each CKPT_EVERY (1,2: every
 #              layer, every other layer)
 #   packing    `bench train` at batch 8 x 512 on examples of 100-400 tokens (uniform, seeded, as
@@ -169,14 +171,18 @@ if stage train; then
   # Without a BEFORE_COMMIT the before binary is the after binary: train it once.
   sides="before after"
   cmp -s .carry/before/COMMIT .carry/after/COMMIT && sides=after
+  attn=${TRAIN_ATTN:-eager}
+  for round in $(seq 1 "${TRAIN_ROUNDS:-1}"); do
   for side in $sides; do
-    echo "== train stage: $side, batch 8 x 512"
+    echo "== train stage: $side, batch 8 x 512, $attn (round $round)"
     watch_mem train-$side
     timeout 240 /tmp/gl/$side bench train --model "$CKPT" --batch 8 --seq 512 --steps 8 --warmup 3 \
-      2>"$OUT/train8x512-$side.err" | tee "$OUT/train8x512-$side.json" \
-      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$side\",\"mode\":\"8x512\",${line#\{}" >> "$RESULTS"; done
+      --attn-implementation "$attn" \
+      2>>"$OUT/train8x512-$side.err" | tee -a "$OUT/train8x512-$side.json" \
+      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$side\",\"mode\":\"8x512\",\"attn\":\"$attn\",${line#\{}" >> "$RESULTS"; done
     stop_mem train-$side
     tail -2 "$OUT/train8x512-$side.err"
+  done
   done
   # The reference notebook's per-device batch, 32 x 256, without checkpointing (AFTER only;
   # TRAIN_32=0 skips it).

@@ -678,6 +678,127 @@ fn rope_append_kernel_equals_the_op_by_op_path() {
     eprintln!("rope_append: {cases} cases bit-equal");
 }
 
+/// Training's packed heads (`ops::rope_append::heads_for_flash`, then
+/// `ops::flash::flash_attend_packed`: two graph nodes) against the op-by-op path they replace
+/// (the head split's narrowed pieces made contiguous, candle's `rope` for q and k, then
+/// `flash_attend` on the three): the attention output bit for bit, and the gradient of the fused
+/// projection value for value (the op-by-op path adds the pieces' zero-padded gradients, which
+/// may turn a -0 into a 0), for Falcon's three layouts and heads of 32, 64 and 128 (the SIMT
+/// and tensor-core kernels), with and without rotation, bf16 and f16, causal over two rows of
+/// which the second ends in padding.
+#[cfg(feature = "cuda")]
+#[test]
+fn packed_heads_equal_the_op_by_op_path() {
+    use adapterlab_model::ops::attention::Rotary;
+    use adapterlab_model::ops::flash::{Visibility, flash_attend, flash_attend_packed};
+    use adapterlab_model::ops::rope_append::{QkvGroups, heads_for_flash};
+    use candle_core::{DType, Var};
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let (b, s) = (2, 80);
+    let real = [vec![true; s], (0..s).map(|j| j < s - 11).collect()];
+    let vis = Visibility::new(&real, None, 0, &dev).unwrap();
+    let mut cases = 0;
+    for (kv_heads, q_per_kv, head_dim) in
+        [(1, 5, 64), (2, 3, 64), (4, 1, 64), (1, 3, 128), (2, 2, 32)]
+    {
+        let groups = QkvGroups {
+            kv_heads,
+            q_per_kv,
+            head_dim,
+        };
+        let (h, width) = (kv_heads * q_per_kv, kv_heads * (q_per_kv + 2) * head_dim);
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        for dtype in [DType::BF16, DType::F16] {
+            let unit = |n: usize, seed: usize| -> Tensor {
+                let v: Vec<f32> = (0..n)
+                    .map(|i| ((i * 7 + seed * 13) as f32 * 0.37).sin() * 2.0)
+                    .collect();
+                Tensor::from_vec(v, n, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_device(&dev)
+                    .unwrap()
+            };
+            let fused =
+                Var::from_tensor(&unit(b * s * width, 1).reshape((b, s, width)).unwrap()).unwrap();
+            let half = b * s * head_dim / 2;
+            let cos = unit(half, 2).reshape((b, s, head_dim / 2)).unwrap();
+            let sin = unit(half, 3).reshape((b, s, head_dim / 2)).unwrap();
+            // The output's gradient, through a weighted sum.
+            let w = unit(b * h * s * head_dim, 4)
+                .reshape((b, h, s, head_dim))
+                .unwrap();
+            let grad_of = |out: &Tensor| {
+                let grads = (out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                host_f32s(
+                    grads
+                        .get(fused.as_tensor())
+                        .expect("a gradient of the fused row"),
+                )
+            };
+            for rotate in [true, false] {
+                let case = format!(
+                    "{kv_heads} groups of {q_per_kv} heads of {head_dim}, {dtype:?}, rope {rotate}"
+                );
+                let rope = rotate.then_some((&cos, &sin));
+                let heads = heads_for_flash(fused.as_tensor(), groups, rope)
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{case}: the kernel did not run"));
+                let packed = flash_attend_packed(&heads, scale, None, &vis).unwrap();
+                let x = fused
+                    .as_tensor()
+                    .reshape((b, s, kv_heads, q_per_kv + 2, head_dim))
+                    .unwrap();
+                let piece = |start: usize, n: usize| {
+                    x.narrow(3, start, n)
+                        .unwrap()
+                        .reshape((b, s, kv_heads * n, head_dim))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                };
+                let (mut q, mut k, v) = (
+                    piece(0, q_per_kv),
+                    piece(q_per_kv, 1),
+                    piece(q_per_kv + 1, 1),
+                );
+                if rotate {
+                    q = Rotary::apply(&q, &cos, &sin).unwrap();
+                    k = Rotary::apply(&k, &cos, &sin).unwrap();
+                }
+                let split = flash_attend(&q, &k, &v, scale, None, &vis).unwrap();
+                assert!(
+                    host_bits(&packed) == host_bits(&split),
+                    "{case}: outputs differ"
+                );
+                let (g_packed, g_split) = (grad_of(&packed), grad_of(&split));
+                let differ = g_packed
+                    .iter()
+                    .zip(&g_split)
+                    .filter(|(a, b)| a != b)
+                    .count();
+                assert_eq!(
+                    differ, 0,
+                    "{case}: {differ} of the fused gradient's elements differ"
+                );
+                assert!(
+                    g_packed.iter().any(|v| *v != 0.0),
+                    "{case}: a zero gradient"
+                );
+                cases += 1;
+            }
+        }
+    }
+    eprintln!("packed heads: {cases} cases equal");
+}
+
 /// A parallel layer's residual in one kernel (`ops::residual::add3`) against candle's two
 /// adds on the GPU, bit for bit, in bf16 and f16, on values whose sums round (wide magnitude
 /// ranges, cancellation, overflow to inf in f16).

@@ -232,10 +232,101 @@ pub fn flash_attend(
                     dout: &dout,
                     lse: &lse,
                 };
-                let (dq, dk, dv) = backward(&p, &saved, &vis, alibi.as_ref())?;
+                let grads = backward(&p, &saved, &vis, alibi.as_ref())?;
+                let (dq, dk, dv) = PackedHeads::parts_of(&grads, &p)?;
                 Ok([Some(dq), Some(dk), Some(dv)])
             })
         }),
+    )
+}
+
+/// A layer's query, key and value heads in one buffer: q `[b, h, s, d]`, then k and v, each
+/// `[b, kv, s, d]`, one after the other. The training path's head split writes them so
+/// (`crate::ops::rope_append::heads_for_flash`) and [`flash_attend_packed`]'s backward writes
+/// their gradients so: between the fused query_key_value product and attention the graph has
+/// one node, whose backward writes the fused gradient in one pass, instead of three narrowed
+/// pieces each padded to the fused width with zeros and added.
+#[derive(Debug, Clone)]
+pub struct PackedHeads {
+    /// 1-D, `b * (h + 2 kv) * s * d` elements.
+    pub data: Tensor,
+    pub b: usize,
+    pub h: usize,
+    pub kv: usize,
+    pub s: usize,
+    pub d: usize,
+}
+
+impl PackedHeads {
+    /// q, k and v of a packed buffer `t` laid out as this one's: views, no copy.
+    fn parts(&self, t: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, h, kv, s, d) = (self.b, self.h, self.kv, self.s, self.d);
+        let (nq, nk) = (b * h * s * d, b * kv * s * d);
+        if t.dims() != [nq + 2 * nk] {
+            candle_core::bail!(
+                "packed heads: {:?} is not {b} rows of {h} query and 2 x {kv} KV heads of {s} x {d}",
+                t.dims()
+            );
+        }
+        Ok((
+            t.narrow(0, 0, nq)?.reshape((b, h, s, d))?,
+            t.narrow(0, nq, nk)?.reshape((b, kv, s, d))?,
+            t.narrow(0, nq + nk, nk)?.reshape((b, kv, s, d))?,
+        ))
+    }
+
+    /// dQ `[b, h, s, d]`, dK and dV `[b, kv, t, d]` of `p` from backward's packed gradients.
+    fn parts_of(grads: &Tensor, p: &Problem) -> Result<(Tensor, Tensor, Tensor)> {
+        let (nq, nk) = (p.b * p.h * p.s * p.d, p.b * p.kv * p.t * p.d);
+        Ok((
+            grads.narrow(0, 0, nq)?.reshape((p.b, p.h, p.s, p.d))?,
+            grads.narrow(0, nq, nk)?.reshape((p.b, p.kv, p.t, p.d))?,
+            grads
+                .narrow(0, nq + nk, nk)?
+                .reshape((p.b, p.kv, p.t, p.d))?,
+        ))
+    }
+}
+
+/// [`flash_attend`] on heads packed in one buffer (self-attention without a cache: `t = s`):
+/// the same kernels and values; with a gradient, one graph node whose backward is the packed
+/// gradient of q, k and v.
+pub fn flash_attend_packed(
+    heads: &PackedHeads,
+    scale: f64,
+    alibi: Option<&Tensor>,
+    vis: &Visibility,
+) -> Result<Tensor> {
+    let x = heads.data.detach();
+    let (q, k, v) = heads.parts(&x)?;
+    let p = Problem::of(&q, &k, &v, vis, scale)?;
+    let alibi = alibi_rows(alibi, &p)?;
+    let (out, lse) = crate::ops::profile::scope("attn.flash", q.device(), || {
+        forward(&p, &q, &k, &v, vis, alibi.as_ref())
+    })?;
+    if !heads.data.track_op() {
+        return Ok(out);
+    }
+    let (vis, layout) = (vis.clone(), heads.clone());
+    crate::ops::handover::with_backward_out(
+        "flash-attention",
+        &heads.data,
+        out,
+        move |x, out, dout| {
+            crate::ops::profile::scope("attn.flash.bwd", x.device(), || {
+                let (q, k, v) = layout.parts(x)?;
+                let (out, dout) = (out.contiguous()?, dout.contiguous()?);
+                let saved = Saved {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    out: &out,
+                    dout: &dout,
+                    lse: &lse,
+                };
+                backward(&p, &saved, &vis, alibi.as_ref())
+            })
+        },
     )
 }
 
@@ -277,13 +368,8 @@ struct Saved<'a> {
     lse: &'a Tensor,
 }
 
-/// `(dq, dk, dv)` in the inputs' dtype.
-fn backward(
-    p: &Problem,
-    x: &Saved,
-    vis: &Visibility,
-    alibi: Option<&Tensor>,
-) -> Result<(Tensor, Tensor, Tensor)> {
+/// The gradients of q, k and v in the inputs' dtype, packed as [`PackedHeads`] lays them out.
+fn backward(p: &Problem, x: &Saved, vis: &Visibility, alibi: Option<&Tensor>) -> Result<Tensor> {
     let Saved {
         q,
         k,
@@ -292,7 +378,7 @@ fn backward(
         dout,
         lse,
     } = *x;
-    let (dq, dk_heads, dv_heads) = match q.device() {
+    match q.device() {
         Device::Cpu => {
             let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
             let alibi = alibi
@@ -312,32 +398,21 @@ fn backward(
                 vis,
                 alibi.as_deref(),
             );
+            // Each KV head's gradient is the sum over the query heads that read it.
             let dev = q.device();
-            (
-                Tensor::from_vec(g.dq, (p.b, p.h, p.s, p.d), dev)?,
-                Tensor::from_vec(g.dk, (p.b, p.h, p.t, p.d), dev)?,
-                Tensor::from_vec(g.dv, (p.b, p.h, p.t, p.d), dev)?,
-            )
+            let per_kv = |x: Vec<f32>| -> Result<Tensor> {
+                Tensor::from_vec(x, (p.b, p.kv, p.h / p.kv, p.t, p.d), dev)?
+                    .sum(2)?
+                    .to_dtype(q.dtype())?
+                    .flatten_all()
+            };
+            let dq = Tensor::from_vec(g.dq, p.b * p.h * p.s * p.d, dev)?.to_dtype(q.dtype())?;
+            Tensor::cat(&[dq, per_kv(g.dk)?, per_kv(g.dv)?], 0)
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::backward(p, x, vis, alibi)?,
+        Device::Cuda(_) => cuda::backward(p, x, vis, alibi),
         other => candle_core::bail!("flash attention does not run on {other:?}"),
-    };
-    // Each KV head's gradient is the sum over the query heads that read it: the kernels give
-    // it per query head or per chunk of a group's heads, `[b, kv * parts, t, d]`.
-    let per_kv = |x: Tensor| -> Result<Tensor> {
-        let parts = x.dim(1)? / p.kv;
-        x.reshape((p.b, p.kv, parts, p.t, p.d))?
-            .sum(2)?
-            .to_dtype(q.dtype())
-    };
-    crate::ops::profile::scope("attn.flash.bwd.sum", q.device(), || {
-        Ok((
-            dq.to_dtype(q.dtype())?,
-            per_kv(dk_heads)?,
-            per_kv(dv_heads)?,
-        ))
-    })
+    }
 }
 
 /// The CPU twin of the kernels: the same tiles, the same online softmax, f32 sums (with
@@ -685,14 +760,16 @@ mod cuda {
         Ok((out, wrap(lse, &dev, (p.b, p.h, p.s))))
     }
 
-    /// `(dq, dk, dv)`, dK and dV f32 `[b, kv * parts, t, d]`: per query head (SIMT) or per chunk
-    /// of a group's heads (tensor cores), which the caller sums.
+    /// The packed gradients (see [`PackedHeads`]): dQ straight from its kernel; dK and dV
+    /// from the dK/dV kernel's f32 sums per query head (SIMT) or per chunk of a group's heads
+    /// (tensor cores), `[b, kv * parts, t, d]`, added in part order and rounded once by
+    /// `flash_sum_parts`.
     pub fn backward(
         p: &Problem,
         x: &Saved,
         vis: &Visibility,
         alibi: Option<&Tensor>,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<Tensor> {
         let Saved {
             q,
             k,
@@ -754,20 +831,26 @@ mod cuda {
                 },
             ),
         };
-        let suffix = format!("{}_{dmax}", dtype_name(q.dtype())?);
+        let dtype = dtype_name(q.dtype())?;
+        let suffix = format!("{dtype}_{dmax}");
         // SAFETY: every element of each is written by the kernels below.
         let delta = unsafe { dev.alloc::<f32>(p.b * p.h * p.s)? };
         let nkh = p.b * p.kv * chunks * p.t * p.d;
         let dk = unsafe { dev.alloc::<f32>(nkh)? };
         let dv = unsafe { dev.alloc::<f32>(nkh)? };
         let heads_per = heads_per as i32;
+        let (parts, per, n_kv) = (chunks as i32, (p.t * p.d) as i64, nk as i64);
+        let sum_cfg = LaunchConfig::for_num_elems(nk as u32);
+        let sum_name = format!("flash_sum_parts_{dtype}");
         macro_rules! launch {
             ($t:ty) => {{
                 let (qv, kv, vv) = (qi.view::<$t>(nq)?, ki.view::<$t>(nk)?, vi.view::<$t>(nk)?);
                 let (ov, gv) = (oi.view::<$t>(nq)?, gi.view::<$t>(nq)?);
-                // SAFETY: every element is written by the kernel below.
-                let dq = unsafe { dev.alloc::<$t>(nq)? };
-                // The two kernels timed apart under ADAPTERLAB_PROFILE.
+                // SAFETY: every element is written by the kernels below: dQ's by the dQ
+                // kernel, dK's and dV's by flash_sum_parts.
+                let grads = unsafe { dev.alloc::<$t>(nq + 2 * nk)? };
+                let dq = grads.slice(0..nq);
+                // The kernels timed apart under ADAPTERLAB_PROFILE.
                 let on = q.device();
                 crate::ops::profile::scope("attn.flash.bwd.dq", on, || {
                     crate::run_kernel!(module, dev, &format!("{prefix}_bwd_dq_{suffix}"), per_query;
@@ -793,17 +876,23 @@ mod cuda {
                         )
                     }
                 })?;
-                wrap(dq, &dev, (p.b, p.h, p.s, p.d))
+                crate::ops::profile::scope("attn.flash.bwd.sum", on, || {
+                    for (part, at) in [(&dk, nq), (&dv, nq + nk)] {
+                        let dst = grads.slice(at..at + nk);
+                        crate::run_kernel!(module, dev, &sum_name, sum_cfg;
+                            part, &dst, &parts, &per, &n_kv)?;
+                    }
+                    Ok(())
+                })?;
+                wrap(grads, &dev, nq + 2 * nk)
             }};
         }
-        let dq = match q.dtype() {
-            DType::F32 => launch!(f32),
-            DType::BF16 => launch!(half::bf16),
-            DType::F16 => launch!(half::f16),
+        match q.dtype() {
+            DType::F32 => Ok(launch!(f32)),
+            DType::BF16 => Ok(launch!(half::bf16)),
+            DType::F16 => Ok(launch!(half::f16)),
             other => candle_core::bail!("flash attention on {other:?} is not supported"),
-        };
-        let shape = (p.b, p.kv * chunks, p.t, p.d);
-        Ok((dq, wrap(dk, &dev, shape), wrap(dv, &dev, shape)))
+        }
     }
 
     /// Query heads a tensor-core dK/dV block sums: enough blocks to fill an H100 twice or more
@@ -1099,6 +1188,59 @@ mod tests {
         let dk = grads.get(k.as_tensor()).unwrap();
         assert_eq!(dk.get(0)?.get(0)?.get(0)?.to_vec1::<f32>()?, vec![0.0; 4]);
         Ok(())
+    }
+
+    /// The packed form reads q, k and v where [`PackedHeads`] lays them out and its backward
+    /// writes their gradients there: the same output and gradients as the three tensors give
+    /// (the CPU twin on both), for grouped heads over two rows, one with padding.
+    #[test]
+    fn packed_heads_give_the_output_and_gradients_of_the_three_tensors() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, kv, s, d) = (2, 4, 2, 6, 8);
+        let vis = Visibility::new(
+            &[vec![true; s], vec![true, true, true, true, false, false]],
+            None,
+            0,
+            &dev,
+        )?;
+        let (q, k, v) = (
+            var((b, h, s, d), 0.3)?,
+            var((b, kv, s, d), 1.7)?,
+            var((b, kv, s, d), 2.3)?,
+        );
+        let flat = |x: &candle_core::Var| x.as_tensor().flatten_all();
+        let data =
+            candle_core::Var::from_tensor(&Tensor::cat(&[flat(&q)?, flat(&k)?, flat(&v)?], 0)?)?;
+        let heads = PackedHeads {
+            data: data.as_tensor().clone(),
+            b,
+            h,
+            kv,
+            s,
+            d,
+        };
+        let w = var((b, h, s, d), 4.1)?;
+        let packed = flash_attend_packed(&heads, 0.5, None, &vis)?;
+        let apart = flash_attend(&q, &k, &v, 0.5, None, &vis)?;
+        assert_eq!(max_diff(&packed, &apart)?, 0.0);
+        let g_packed = (&packed * w.as_tensor())?.sum_all()?.backward()?;
+        let g_apart = (&apart * w.as_tensor())?.sum_all()?.backward()?;
+        let want = Tensor::cat(
+            &[
+                flat_grad(&g_apart, &q)?,
+                flat_grad(&g_apart, &k)?,
+                flat_grad(&g_apart, &v)?,
+            ],
+            0,
+        )?;
+        let got = g_packed.get(data.as_tensor()).expect("a packed gradient");
+        assert_eq!(got.dims(), want.dims());
+        assert_eq!(max_diff(got, &want)?, 0.0);
+        Ok(())
+    }
+
+    fn flat_grad(grads: &candle_core::backprop::GradStore, x: &candle_core::Var) -> Result<Tensor> {
+        grads.get(x.as_tensor()).expect("a gradient").flatten_all()
     }
 
     #[test]

@@ -31,3 +31,20 @@ struct Dims {
 // The shapes come as scalars, not a struct, so the host passes plain integers.
 #define DIMS_PARAMS int b, int h, int kvh, int s, int t, int d, int past, float scale, int has_alibi
 #define DIMS_VALUE Dims{b, h, kvh, s, t, d, past, scale, has_alibi}
+
+// A KV head's dK or dV (ops/flash.rs, backward): the dK/dV kernel's f32 sums per query head or
+// chunk of heads (`parts` of `per` elements for each of the n / per KV heads), added in part
+// order and rounded once to the inputs' type, into the packed gradient.
+#define FLASH_SUM_PARTS(SUFFIX, KIND)                                                          \
+extern "C" __global__ void flash_sum_parts_##SUFFIX(const float* part, Elem<KIND>::T* out,    \
+    int parts, long long per, long long n) {                                                  \
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;                              \
+  if (i >= n) return;                                                                          \
+  const float* src = part + (i / per) * parts * per + i % per;                                 \
+  float sum = 0.f;                                                                             \
+  for (int p = 0; p < parts; ++p) sum += src[p * per];                                         \
+  out[i] = Elem<KIND>::st(sum);                                                                \
+}
+FLASH_SUM_PARTS(f32, 0)
+FLASH_SUM_PARTS(bf16, 1)
+FLASH_SUM_PARTS(f16, 2)

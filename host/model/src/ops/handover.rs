@@ -60,7 +60,8 @@ impl Handover {
     }
 }
 
-type Backward = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+/// A node's input gradient from its input, output and output gradient.
+type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 
 /// `out`, computed from `x` without a graph by a fused kernel that candle cannot
 /// differentiate, as a graph node whose backward is `bwd(x, grad_out)`. The graph keeps `x`
@@ -71,6 +72,17 @@ pub(crate) fn with_backward(
     x: &Tensor,
     out: Tensor,
     bwd: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    with_backward_out(name, x, out, move |x, _, grad| bwd(x, grad))
+}
+
+/// [`with_backward`] for a backward that reads the node's output too: `bwd(x, out, grad_out)`
+/// (the graph keeps the output anyway, as every node's).
+pub(crate) fn with_backward_out(
+    name: &'static str,
+    x: &Tensor,
+    out: Tensor,
+    bwd: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     x.apply_op1_arc(std::sync::Arc::new(Box::new(Node1 {
         name,
@@ -98,8 +110,8 @@ impl candle_core::CustomOp1 for Node1 {
         self.out.cuda()
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        (self.bwd)(&x.detach(), &grad.detach()).map(Some)
+    fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        (self.bwd)(&x.detach(), &res.detach(), &grad.detach()).map(Some)
     }
 }
 

@@ -15,36 +15,81 @@ __device__ __forceinline__ u16 fma16(u16 a, u16 b, u16 c, bool bf16) {
   else asm("fma.rn.f16 %0, %1, %2, %3;" : "=h"(d) : "h"(a), "h"(b), "h"(c));
   return d;
 }
+// One pair rotated as candle's `rope` rounds it: (x1 c - x2 s, x1 s + x2 c); backward passes
+// -sin, as the rope op's backward (`rope` with -sin) does.
+__device__ __forceinline__ void rotate16(u16& o1, u16& o2, u16 c, u16 sn, bool bf16) {
+  u16 x1 = o1, x2 = o2;
+  const u16 neg_zero = 0x8000;
+  o1 = fma16(x1, c, fma16(x2, sn, neg_zero, bf16) ^ 0x8000, bf16);
+  o2 = fma16(x1, sn, fma16(x2, c, neg_zero, bf16), bf16);
+}
+// Where a pair (i, i + d/2) of thread idx lives: its token, its slot in the fused row, and in
+// the split heads (q [b, kvh * r, s, d]; k then, vplane further, v [b, kvh, cap, d] from
+// position len), the same decomposition for both directions.
+struct Pair {
+  long long token;
+  int i, slot, grp, j, bi, t;
+};
+__device__ __forceinline__ bool pair_of(long long idx, int b, int s, int kvh, int r, int d, Pair& p) {
+  int half = d >> 1, slots = kvh * (r + 2);
+  if (idx >= (long long)b * s * slots * half) return false;
+  p.i = (int)(idx % half);
+  long long rest = idx / half;
+  p.slot = (int)(rest % slots);
+  rest /= slots;
+  p.t = (int)(rest % s);
+  p.bi = (int)(rest / s);
+  p.token = (long long)p.bi * s + p.t;
+  p.grp = p.slot / (r + 2);
+  p.j = p.slot % (r + 2);
+  return true;
+}
+__device__ __forceinline__ long long head_offset(const Pair& p, int s, int kvh, int r, int d,
+    long long cap, long long len, long long vplane, bool* is_q) {
+  *is_q = p.j < r;
+  if (p.j < r) return (((long long)p.bi * kvh * r + p.grp * r + p.j) * s + p.t) * d;
+  return (p.j == r ? 0LL : vplane) + (((long long)p.bi * kvh + p.grp) * cap + len + p.t) * d;
+}
 #define ROPE_APPEND(NAME, BF16)                                                                \
 extern "C" __global__ void NAME(const u16* fused, const u16* cosv, const u16* sinv, int rope, \
     u16* q, u16* kv, int b, int s, int kvh, int r, int d, long long cap, long long len,       \
     long long vplane) {                                                                       \
-  long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;                            \
-  int half = d >> 1, slots = kvh * (r + 2);                                                    \
-  if (idx >= (long long)b * s * slots * half) return;                                          \
-  int i = (int)(idx % half);                                                                   \
-  long long rest = idx / half;                                                                 \
-  int slot = (int)(rest % slots);                                                              \
-  rest /= slots;                                                                               \
-  int t = (int)(rest % s), bi = (int)(rest / s);                                               \
-  long long token = (long long)bi * s + t;                                                     \
-  const u16* src = fused + (token * slots + slot) * d;                                         \
-  int grp = slot / (r + 2), j = slot % (r + 2);                                                \
-  u16 o1 = src[i], o2 = src[i + half];                                                         \
-  if (rope && j <= r) {                                                                       \
-    u16 x1 = o1, x2 = o2, c = cosv[token * half + i], sn = sinv[token * half + i];             \
-    const u16 neg_zero = 0x8000;                                                               \
-    o1 = fma16(x1, c, fma16(x2, sn, neg_zero, BF16) ^ 0x8000, BF16);                           \
-    o2 = fma16(x1, sn, fma16(x2, c, neg_zero, BF16), BF16);                                    \
-  }                                                                                           \
-  u16* dst;                                                                                    \
-  if (j < r) {                                                                                \
-    dst = q + (((long long)bi * kvh * r + grp * r + j) * s + t) * d;                           \
-  } else {                                                                                    \
-    dst = kv + (j == r ? 0LL : vplane) + (((long long)bi * kvh + grp) * cap + len + t) * d;    \
-  }                                                                                           \
-  dst[i] = o1;                                                                                 \
-  dst[i + half] = o2;                                                                          \
+  Pair p;                                                                                      \
+  if (!pair_of((long long)blockIdx.x * blockDim.x + threadIdx.x, b, s, kvh, r, d, p)) return; \
+  int half = d >> 1;                                                                           \
+  const u16* src = fused + (p.token * kvh * (r + 2) + p.slot) * d;                             \
+  u16 o1 = src[p.i], o2 = src[p.i + half];                                                     \
+  if (rope && p.j <= r)                                                                        \
+    rotate16(o1, o2, cosv[p.token * half + p.i], sinv[p.token * half + p.i], BF16);           \
+  bool is_q;                                                                                   \
+  long long at = head_offset(p, s, kvh, r, d, cap, len, vplane, &is_q);                        \
+  u16* dst = (is_q ? q : kv) + at;                                                             \
+  dst[p.i] = o1;                                                                               \
+  dst[p.i + half] = o2;                                                                        \
 }
 ROPE_APPEND(rope_append_bf16, true)
 ROPE_APPEND(rope_append_f16, false)
+
+// The training form's backward (ops/rope_append.rs, heads_for_flash): the gradients of the
+// split heads (laid out as rope_append writes them, cap = s, len = 0) back into the fused row,
+// q's and k's rotated back, each element written once: what the pieces' zero-padded gradients
+// and their sum did.
+#define ROPE_MERGE(NAME, BF16)                                                                 \
+extern "C" __global__ void NAME(const u16* gq, const u16* gkv, const u16* cosv,               \
+    const u16* sinv, int rope, u16* gfused, int b, int s, int kvh, int r, int d,              \
+    long long vplane) {                                                                       \
+  Pair p;                                                                                      \
+  if (!pair_of((long long)blockIdx.x * blockDim.x + threadIdx.x, b, s, kvh, r, d, p)) return; \
+  int half = d >> 1;                                                                           \
+  bool is_q;                                                                                   \
+  long long at = head_offset(p, s, kvh, r, d, s, 0, vplane, &is_q);                            \
+  const u16* src = (is_q ? gq : gkv) + at;                                                     \
+  u16 o1 = src[p.i], o2 = src[p.i + half];                                                     \
+  if (rope && p.j <= r)                                                                        \
+    rotate16(o1, o2, cosv[p.token * half + p.i], sinv[p.token * half + p.i] ^ 0x8000, BF16);  \
+  u16* dst = gfused + (p.token * kvh * (r + 2) + p.slot) * d;                                  \
+  dst[p.i] = o1;                                                                               \
+  dst[p.i + half] = o2;                                                                        \
+}
+ROPE_MERGE(rope_merge_bf16, true)
+ROPE_MERGE(rope_merge_f16, false)

@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::ops::attention::KvCache;
+use crate::ops::flash::PackedHeads;
 
 /// Where a fused query_key_value output keeps its heads: per token, `kv_heads` groups of
 /// `q_per_kv` query heads, a key head and a value head, each `head_dim` wide. Falcon's three
@@ -56,7 +57,30 @@ pub fn split_rotate_append(
     groups: QkvGroups,
     rope: Option<(&Tensor, &Tensor)>,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    let (b, s, width) = fused.dims3()?;
+    if fused.track_op() || !switched_on()? || !kernels_serve(fused, groups, rope)? {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let (b, s, _) = fused.dims3()?;
+        cuda::run(cache, layer, fused, groups, rope, (b, s)).map(Some)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (cache, layer);
+        Ok(None)
+    }
+}
+
+/// Whether the kernels serve `fused` `[b, s, slots * d]` (an error where its width is not
+/// `groups`' heads): a GPU of compute capability 8.0 or later (the FMAs of rope_append.cu), a
+/// 16-bit type, and the rotation's tables in that type.
+fn kernels_serve(
+    fused: &Tensor,
+    groups: QkvGroups,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> Result<bool> {
+    let (_, _, width) = fused.dims3()?;
     let d = groups.head_dim;
     if width != groups.slots() * d || !d.is_multiple_of(2) {
         candle_core::bail!(
@@ -66,31 +90,50 @@ pub fn split_rotate_append(
     }
     let applies = matches!(fused.device(), Device::Cuda(_))
         && matches!(fused.dtype(), DType::BF16 | DType::F16)
-        && !fused.track_op()
         && rope.is_none_or(|(c, s)| c.dtype() == fused.dtype() && s.dtype() == fused.dtype());
-    if !applies || !switched_on()? {
+    if !applies {
+        return Ok(false);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        crate::ops::kernels::sm80_or_later(fused.device())
+    }
+    #[cfg(not(feature = "cuda"))]
+    Ok(false)
+}
+
+/// The training form (flash attention without a cache): for `fused` `[b, s, slots * d]`, the
+/// query, key and value heads packed as flash attention reads them ([`PackedHeads`]), q and k
+/// rotated by `rope` where given, in one launch; with a gradient, one graph node whose backward
+/// (one launch) writes the fused gradient, rotated back, each element once. Op by op that is
+/// three narrowed pieces made contiguous and two rotations forward, and backward two rotations,
+/// three copies back to the narrowed layout and three zero-padded full-width gradients added.
+/// `None` where the kernels do not apply (the CPU, 32-bit types, a card before sm_80): the
+/// caller then takes the op-by-op path. The golden test `packed_heads_equal_the_op_by_op_path`
+/// holds both directions to that path's values.
+pub fn heads_for_flash(
+    fused: &Tensor,
+    groups: QkvGroups,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> Result<Option<PackedHeads>> {
+    if !kernels_serve(fused, groups, rope)? {
         return Ok(None);
     }
     #[cfg(feature = "cuda")]
     {
-        // Its FMAs need sm_80 (see rope_append.cu).
-        if !crate::ops::kernels::sm80_or_later(fused.device())? {
-            return Ok(None);
-        }
-        cuda::run(cache, layer, fused, groups, rope, (b, s)).map(Some)
+        let (b, s, _) = fused.dims3()?;
+        cuda::packed(fused, groups, rope, (b, s)).map(Some)
     }
     #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (cache, layer, b, s);
-        Ok(None)
-    }
+    Ok(None)
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
     use std::sync::Mutex;
 
-    use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig};
     use candle_core::{CudaStorage, Layout};
 
     use super::*;
@@ -103,6 +146,78 @@ mod cuda {
     )
     .for_arch("compute_80");
 
+    /// `fused` contiguous and its `(cos, sin)`, each `[b, s, d / 2]`, checked.
+    fn inputs(
+        fused: &Tensor,
+        groups: QkvGroups,
+        rope: Option<(&Tensor, &Tensor)>,
+        (b, s): (usize, usize),
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let d = groups.head_dim;
+        let rope = match rope {
+            Some((c, sn)) => {
+                for t in [c, sn] {
+                    if t.dims() != [b, s, d / 2] {
+                        candle_core::bail!(
+                            "rope_append: cos/sin of {:?} for {b} rows of {s} tokens, heads of {d}",
+                            t.dims()
+                        );
+                    }
+                }
+                Some((c.contiguous()?, sn.contiguous()?))
+            }
+            None => None,
+        };
+        Ok((fused.contiguous()?, rope))
+    }
+
+    /// The kernels' shape arguments: `b, s, kv_heads, q_per_kv, d`.
+    fn shape_args(groups: QkvGroups, (b, s): (usize, usize)) -> [i32; 5] {
+        [b, s, groups.kv_heads, groups.q_per_kv, groups.head_dim].map(|x| x as i32)
+    }
+
+    fn kernel(dtype: DType, what: &str) -> Result<String> {
+        Ok(match dtype {
+            DType::BF16 => format!("{what}_bf16"),
+            DType::F16 => format!("{what}_f16"),
+            other => candle_core::bail!("{what} on {other:?} is not supported"),
+        })
+    }
+
+    /// `rope_append` from `fused` into `q` and `kv` (keys, then values `vplane` further, each
+    /// `[b, kv_heads, cap, d]` from position `len`).
+    #[allow(clippy::too_many_arguments)]
+    fn split<T: CudaDType>(
+        fused: &Tensor,
+        rope: Option<&(Tensor, Tensor)>,
+        groups: QkvGroups,
+        (b, s): (usize, usize),
+        q: &CudaView<'_, T>,
+        kv: &CudaView<'_, T>,
+        (cap, len, vplane): (usize, usize, usize),
+    ) -> Result<()> {
+        let dev = cuda_device(fused)?;
+        let d = groups.head_dim;
+        let cfg = LaunchConfig::for_num_elems((b * s * groups.slots() * (d / 2)) as u32);
+        let fin = CudaInput::of(fused)?;
+        let fv = fin.view::<T>(b * s * groups.slots() * d)?;
+        let tables = rope
+            .map(|(c, sn)| Ok::<_, candle_core::Error>((CudaInput::of(c)?, CudaInput::of(sn)?)));
+        let tables = tables.transpose()?;
+        // Without rotation the kernel never reads cos and sin: the input stands in.
+        let (cv, sv) = match &tables {
+            Some((c, sn)) => (c.view::<T>(b * s * d / 2)?, sn.view::<T>(b * s * d / 2)?),
+            None => (fin.view::<T>(fv.len())?, fin.view::<T>(fv.len())?),
+        };
+        let has_rope = i32::from(rope.is_some());
+        let [b_i, s_i, kvh_i, r_i, d_i] = shape_args(groups, (b, s));
+        let (cap, len, vplane) = (cap as i64, len as i64, vplane as i64);
+        crate::run_kernel!(ROPE_APPEND, dev, &kernel(fused.dtype(), "rope_append")?, cfg;
+            &fv, &cv, &sv, &has_rope, q, kv, &b_i, &s_i, &kvh_i, &r_i, &d_i, &cap, &len, &vplane,
+        )?;
+        Ok(())
+    }
+
     pub fn run(
         cache: &mut KvCache,
         layer: usize,
@@ -111,25 +226,10 @@ mod cuda {
         rope: Option<(&Tensor, &Tensor)>,
         (b, s): (usize, usize),
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let d = groups.head_dim;
-        if let Some((c, sn)) = rope {
-            for t in [c, sn] {
-                if t.dims() != [b, s, d / 2] {
-                    candle_core::bail!(
-                        "rope_append: cos/sin of {:?} for {b} rows of {s} tokens, heads of {d}",
-                        t.dims()
-                    );
-                }
-            }
-        }
-        let fused = fused.contiguous()?;
-        let rope = match rope {
-            Some((c, sn)) => Some((c.contiguous()?, sn.contiguous()?)),
-            None => None,
-        };
+        let (fused, rope) = inputs(fused, groups, rope, (b, s))?;
         let (buffer, len) = cache.reserve(
             layer,
-            (b, groups.kv_heads, s, d),
+            (b, groups.kv_heads, s, groups.head_dim),
             fused.dtype(),
             fused.device(),
         )?;
@@ -184,53 +284,123 @@ mod cuda {
             }
             let dev = cuda_device(&self.fused)?;
             let n = g.kv_heads * g.q_per_kv;
-            let pairs = b * s * g.slots() * (d / 2);
-            let cfg = LaunchConfig::for_num_elems(pairs as u32);
-            let fin = CudaInput::of(&self.fused)?;
-            let (cos, sin) = match &self.rope {
-                Some((c, sn)) => (Some(CudaInput::of(c)?), Some(CudaInput::of(sn)?)),
-                None => (None, None),
-            };
-            let half_len = b * s * d / 2;
-            let (b_i, s_i, kvh_i, r_i, d_i) = (
-                b as i32,
-                s as i32,
-                g.kv_heads as i32,
-                g.q_per_kv as i32,
-                d as i32,
-            );
-            let (cap_i, len_i, vplane) = (cap as i64, self.len as i64, (b * kvh * cap * d) as i64);
-            let has_rope = i32::from(self.rope.is_some());
+            let where_kv = (cap, self.len, b * kvh * cap * d);
             macro_rules! launch {
-                ($name:literal, $t:ty) => {{
-                    let fv = fin.view::<$t>(b * s * g.slots() * d)?;
-                    // Without rotation the kernel never reads cos and sin: the input stands in.
-                    let cv = match &cos {
-                        Some(c) => c.view::<$t>(half_len)?,
-                        None => fin.view::<$t>(b * s * g.slots() * d)?,
-                    };
-                    let sv = match &sin {
-                        Some(c) => c.view::<$t>(half_len)?,
-                        None => fin.view::<$t>(b * s * g.slots() * d)?,
-                    };
+                ($t:ty) => {{
                     let kv = buffer.as_cuda_slice_mut::<$t>()?;
                     // SAFETY: the kernel writes every query element.
                     let q = unsafe { dev.alloc::<$t>(b * n * s * d)? };
-                    crate::run_kernel!(ROPE_APPEND, dev, $name, cfg;
-                        &fv, &cv, &sv, &has_rope, &q, kv, &b_i, &s_i, &kvh_i, &r_i, &d_i, &cap_i,
-                        &len_i, &vplane,
+                    let (qv, kvv) = (q.slice(..), kv.slice(..));
+                    split(
+                        &self.fused,
+                        self.rope.as_ref(),
+                        g,
+                        (b, s),
+                        &qv,
+                        &kvv,
+                        where_kv,
                     )?;
                     wrap(q, &dev, (b, n, s, d))
                 }};
             }
             let q = match self.fused.dtype() {
-                DType::BF16 => launch!("rope_append_bf16", half::bf16),
-                DType::F16 => launch!("rope_append_f16", half::f16),
+                DType::BF16 => launch!(half::bf16),
+                DType::F16 => launch!(half::f16),
                 other => candle_core::bail!("rope_append on {other:?} is not supported"),
             };
             *self.q.lock().unwrap() = Some(q);
             Ok(())
         }
+    }
+
+    /// [`super::heads_for_flash`] on the GPU.
+    pub fn packed(
+        fused: &Tensor,
+        groups: QkvGroups,
+        rope: Option<(&Tensor, &Tensor)>,
+        (b, s): (usize, usize),
+    ) -> Result<PackedHeads> {
+        let (x, rope) = inputs(fused, groups, rope, (b, s))?;
+        let dev = cuda_device(&x)?;
+        let d = groups.head_dim;
+        let (h, kv) = (groups.kv_heads * groups.q_per_kv, groups.kv_heads);
+        let (nq, nk) = (b * h * s * d, b * kv * s * d);
+        // Keys at [b, kv, s, d] from position 0, values after them.
+        let where_kv = (s, 0, nk);
+        macro_rules! launch {
+            ($t:ty) => {{
+                // SAFETY: the kernel writes every element (each pair of each head of each token).
+                let out = unsafe { dev.alloc::<$t>(nq + 2 * nk)? };
+                let (qv, kvv) = (out.slice(..nq), out.slice(nq..));
+                split(&x, rope.as_ref(), groups, (b, s), &qv, &kvv, where_kv)?;
+                wrap(out, &dev, nq + 2 * nk)
+            }};
+        }
+        let data = match x.dtype() {
+            DType::BF16 => launch!(half::bf16),
+            DType::F16 => launch!(half::f16),
+            other => candle_core::bail!("qkv heads on {other:?} is not supported"),
+        };
+        let data = if fused.track_op() {
+            crate::ops::handover::with_backward("qkv-heads", fused, data, move |_, grad| {
+                merge(&grad.contiguous()?, rope.as_ref(), groups, (b, s))
+            })?
+        } else {
+            data
+        };
+        Ok(PackedHeads {
+            data,
+            b,
+            h,
+            kv,
+            s,
+            d,
+        })
+    }
+
+    /// `rope_merge`: the packed heads' gradient `grad` back into the fused row `[b, s, slots * d]`.
+    fn merge(
+        grad: &Tensor,
+        rope: Option<&(Tensor, Tensor)>,
+        groups: QkvGroups,
+        (b, s): (usize, usize),
+    ) -> Result<Tensor> {
+        let dev = cuda_device(grad)?;
+        let d = groups.head_dim;
+        let n = b * s * groups.slots() * d;
+        let h = groups.kv_heads * groups.q_per_kv;
+        let (nq, nk) = (b * h * s * d, b * groups.kv_heads * s * d);
+        let cfg = LaunchConfig::for_num_elems((n / 2) as u32);
+        let gin = CudaInput::of(grad)?;
+        let tables = rope
+            .map(|(c, sn)| Ok::<_, candle_core::Error>((CudaInput::of(c)?, CudaInput::of(sn)?)))
+            .transpose()?;
+        let has_rope = i32::from(rope.is_some());
+        let [b_i, s_i, kvh_i, r_i, d_i] = shape_args(groups, (b, s));
+        let vplane = nk as i64;
+        let name = kernel(grad.dtype(), "rope_merge")?;
+        macro_rules! launch {
+            ($t:ty) => {{
+                let gv = gin.view::<$t>(nq + 2 * nk)?;
+                let (gq, gkv) = (gv.slice(..nq), gv.slice(nq..));
+                // Without rotation the kernel never reads cos and sin: the gradient stands in.
+                let (cv, sv) = match &tables {
+                    Some((c, sn)) => (c.view::<$t>(b * s * d / 2)?, sn.view::<$t>(b * s * d / 2)?),
+                    None => (gv.slice(..), gv.slice(..)),
+                };
+                // SAFETY: the kernel writes every element of the fused row.
+                let out = unsafe { dev.alloc::<$t>(n)? };
+                crate::run_kernel!(ROPE_APPEND, dev, &name, cfg;
+                    &gq, &gkv, &cv, &sv, &has_rope, &out, &b_i, &s_i, &kvh_i, &r_i, &d_i, &vplane,
+                )?;
+                wrap(out, &dev, (b, s, groups.slots() * d))
+            }};
+        }
+        Ok(match grad.dtype() {
+            DType::BF16 => launch!(half::bf16),
+            DType::F16 => launch!(half::f16),
+            other => candle_core::bail!("qkv heads on {other:?} is not supported"),
+        })
     }
 }
 

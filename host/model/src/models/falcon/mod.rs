@@ -15,9 +15,10 @@ use crate::nn::linear::{Linear, LinearBuilder};
 use crate::ops::attention::{
     AttentionContext, AttentionKernel, KvCache, Rotary, alibi_bias, attend_in,
 };
+use crate::ops::flash::flash_attend_packed;
 use crate::ops::profile;
 use crate::ops::residual::add3;
-use crate::ops::rope_append::{QkvGroups, split_rotate_append};
+use crate::ops::rope_append::{QkvGroups, heads_for_flash, split_rotate_append};
 use config::FalconConfig;
 
 /// How `query_key_value`'s output is laid out.
@@ -141,6 +142,29 @@ impl FalconAttention {
             (Some(_), Some((cos, sin))) => Some((cos, sin)),
             _ => None,
         };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let merge_heads = |out: Tensor| {
+            out.transpose(1, 2)?
+                .reshape((b, s, self.num_heads * self.head_dim))
+        };
+        // Flash attention without a cache (training, a prefill) reads the heads packed in one
+        // buffer, split and rotated in one kernel, where it can.
+        if cache.is_none()
+            && ctx.kernel == AttentionKernel::Flash
+            && let Some(heads) = profile::scope("attn.rope", dev, || {
+                heads_for_flash(&fused, self.groups(), rope)
+            })?
+        {
+            let out = profile::scope("attn.core", dev, || {
+                merge_heads(flash_attend_packed(
+                    &heads,
+                    scale,
+                    alibi,
+                    ctx.visibility()?,
+                )?)
+            })?;
+            return profile::scope("attn.dense", dev, || self.dense.forward(&out));
+        }
         // Decoding splits, rotates and caches in one kernel where it can.
         let done = match cache.as_mut() {
             Some(c) => profile::scope("attn.rope", dev, || {
@@ -173,10 +197,7 @@ impl FalconAttention {
             }
         };
         let out = profile::scope("attn.core", dev, || {
-            let scale = 1.0 / (self.head_dim as f64).sqrt();
-            let out = attend_in(ctx, &q, &k, &v, scale, alibi)?;
-            out.transpose(1, 2)?
-                .reshape((b, s, self.num_heads * self.head_dim))
+            merge_heads(attend_in(ctx, &q, &k, &v, scale, alibi)?)
         })?;
         profile::scope("attn.dense", dev, || self.dense.forward(&out))
     }
