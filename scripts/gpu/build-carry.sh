@@ -36,7 +36,8 @@ pack() { # binary, destination .xz
 }
 
 build_at() { # source dir, destination .xz
-  (cd "$1" && cargo build --release --features cuda -p adapterlab)
+  # The one target dir, absolute: a worktree's own would build every dependency cold (~15 min).
+  (cd "$1" && CARGO_TARGET_DIR=$target cargo build --release --features cuda -p adapterlab)
   pack "$target/release/adapterlab" "$2"
   git -C "$1" rev-parse --short HEAD > "$(dirname "$2")/COMMIT"
 }

@@ -1746,6 +1746,56 @@ fn lora_inference_kernels_equal_the_op_by_op_path() {
     }
 }
 
+/// GELU's forward kernel (`ops::gelu::gelu_erf` on the GPU in 16-bit types) against candle's
+/// `gelu_erf` kernel on the same GPU, bit for bit over every bf16 and f16 value (NaN for NaN),
+/// with a length that leaves a tail of single elements; a view that does not start 16-byte
+/// aligned goes to candle's kernel and agrees too.
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
+#[test]
+fn gelu_forward_kernel_equals_candles() {
+    use adapterlab_model::ops::gelu::gelu_erf;
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let bits: Vec<u16> = (0..=u16::MAX).chain(0..5).collect();
+    for dtype in [DType::BF16, DType::F16] {
+        let x: Vec<f32> = bits
+            .iter()
+            .map(|&b| match dtype {
+                DType::BF16 => half::bf16::from_bits(b).to_f32(),
+                _ => half::f16::from_bits(b).to_f32(),
+            })
+            .collect();
+        let x = Tensor::from_vec(x, bits.len(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap();
+        for (what, x) in [
+            ("aligned", x.clone()),
+            ("offset", x.narrow(0, 3, bits.len() - 3).unwrap()),
+        ] {
+            let (ours, theirs) = (
+                host_f32s(&gelu_erf(&x).unwrap()),
+                host_f32s(&x.gelu_erf().unwrap()),
+            );
+            let differ = ours
+                .iter()
+                .zip(&theirs)
+                .filter(|(a, b)| a.to_bits() != b.to_bits() && !(a.is_nan() && b.is_nan()))
+                .count();
+            assert_eq!(differ, 0, "{dtype:?} {what}: {differ} values differ");
+        }
+    }
+}
+
 /// GELU's backward kernel against the CPU path.
 #[cfg_attr(
     not(feature = "cuda"),

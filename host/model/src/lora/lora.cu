@@ -50,17 +50,6 @@ extern "C" __global__ void NAME(const u16* x, const float* a, float* h, int k, i
 // that type as the dropout op writes it, so the sums are those of the op-by-op graph's product.
 #define LH_KC 128
 #define LORA_OUT_ROWS 32
-template <bool BF16>
-__device__ __forceinline__ float load16(u16 v) { return BF16 ? bf16_to_f32(v) : f16_to_f32(v); }
-template <bool BF16>
-__device__ __forceinline__ u16 round16(float v) { return BF16 ? f32_to_bf16(v) : f32_to_f16(v); }
-// The exact GELU of a 16-bit value as candle's gelu_erf kernel computes it in that type:
-// x * normcdf(x), normcdf's f32 value rounded to the type, then the 16-bit product (exact in f32,
-// rounded once).
-template <bool BF16>
-__device__ __forceinline__ float gelu16(float x) {
-  return load16<BF16>(round16<BF16>(__fmul_rn(x, load16<BF16>(round16<BF16>(normcdff(x))))));
-}
 // Eight 16-bit values (one 16-byte load; e the element index of the first) as f32 into
 // out[0..8]: with GELU, through the exact GELU as its op writes it (the node's input is the
 // pre-activation); with drop, dropped and rounded to the 16-bit type as the dropout op writes

@@ -1,4 +1,5 @@
-//! The exact (erf) GELU as one graph node: candle's fused forward kernel, and a backward that
+//! The exact (erf) GELU as one graph node: a fused forward kernel (candle's, or on the GPU in
+//! 16-bit types this crate's with candle's roundings, vectorised), and a backward that
 //! reads `x` and the incoming gradient once, `g * (Φ(x) + x φ(x))`, computed in f32. candle
 //! differentiates `gelu_erf` with a dozen 16-bit ops over the `[tokens, ffn]` activation (the
 //! largest of a Falcon layer), each with its own zero-filled gradient buffer.
@@ -9,11 +10,24 @@ use half::{bf16, f16};
 
 /// `gelu_erf(x)`, differentiable through [`gelu_erf_backward`].
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    let out = x.detach().gelu_erf()?;
+    let out = forward(&x.detach())?;
     if !x.track_op() {
         return Ok(out);
     }
     crate::ops::handover::with_backward("gelu", x, out, gelu_erf_backward)
+}
+
+/// candle's `gelu_erf`; on the GPU in 16-bit types through this crate's kernel, which rounds as
+/// candle's does (the golden test `gelu_forward_kernel_equals_candles`) and reads and writes 16
+/// bytes a thread.
+fn forward(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda()
+        && let Some(y) = crate::ops::kernels::gelu_forward(x)?
+    {
+        return Ok(y);
+    }
+    x.gelu_erf()
 }
 
 /// `grad * d gelu_erf(x) / dx`, in `x`'s dtype.

@@ -281,6 +281,33 @@ pub fn masked_softmax(
     }
 }
 
+/// `gelu_erf(x)` with candle's roundings (the `gelu_fwd` kernels) for `x` in a 16-bit type,
+/// contiguous from a 16-byte boundary; `None` elsewhere, where candle's kernel runs.
+pub fn gelu_forward(x: &Tensor) -> Result<Option<Tensor>> {
+    let n = x.elem_count();
+    if n == 0 || !x.is_contiguous() || !x.layout().start_offset().is_multiple_of(8) {
+        return Ok(None);
+    }
+    let dev = cuda_device(x)?;
+    let xi = CudaInput::of(x)?;
+    let n_i = n as i64;
+    let cfg = LaunchConfig::for_num_elems(n.div_ceil(8) as u32);
+    macro_rules! launch {
+        ($name:literal, $t:ty) => {{
+            let xv = xi.view::<$t>(n)?;
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            crate::run_kernel!(GELU, dev, $name, cfg; &xv, &out, &n_i)?;
+            Ok(Some(wrap(out, &dev, x.shape().clone())))
+        }};
+    }
+    match x.dtype() {
+        DType::BF16 => launch!("gelu_fwd_bf16", half::bf16),
+        DType::F16 => launch!("gelu_fwd_f16", half::f16),
+        _ => Ok(None),
+    }
+}
+
 /// `g * gelu_erf'(x)` (see `crate::ops::gelu`); each input is a storage and the element offset where
 /// its contiguous `n` elements start.
 pub fn gelu_backward(

@@ -13,6 +13,17 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
 __device__ __forceinline__ float f16_to_f32(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ u16 f32_to_f16(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 __device__ __forceinline__ float f32_id(float f) { return f; }
+template <bool BF16>
+__device__ __forceinline__ float load16(u16 v) { return BF16 ? bf16_to_f32(v) : f16_to_f32(v); }
+template <bool BF16>
+__device__ __forceinline__ u16 round16(float v) { return BF16 ? f32_to_bf16(v) : f32_to_f16(v); }
+// The exact GELU of a 16-bit value as candle's gelu_erf kernel computes it in that type:
+// x * normcdf(x), normcdf's f32 value rounded to the type, then the 16-bit product (exact in f32,
+// rounded once). The GELU forward kernel (gelu.cu) and the LoRA training kernels' input share it.
+template <bool BF16>
+__device__ __forceinline__ float gelu16(float x) {
+  return load16<BF16>(round16<BF16>(__fmul_rn(x, load16<BF16>(round16<BF16>(normcdff(x))))));
+}
 
 // Seeded dropout's mask value of element i (crate::ops::dropout::keep_scale, element for
 // element: splitmix64 of key + (i + 1) * golden ratio), here for every module that drops out.
