@@ -799,6 +799,59 @@ fn packed_heads_equal_the_op_by_op_path() {
     eprintln!("packed heads: {cases} cases equal");
 }
 
+/// Attention's heads merged into token rows (`ops::heads::merge_heads`, one kernel each way)
+/// against candle's transpose and copy, bit for bit, forward and backward, bf16 and f16, heads
+/// of 64 and 8.
+#[cfg(feature = "cuda")]
+#[test]
+fn heads_kernel_equals_candles_transpose() {
+    use adapterlab_model::ops::heads::merge_heads;
+    use candle_core::{DType, Var};
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    for (b, h, s, d) in [(2, 71, 37, 64), (3, 4, 5, 8)] {
+        for dtype in [DType::BF16, DType::F16] {
+            let n = b * h * s * d;
+            let values = |seed: f32, len: usize| {
+                Tensor::from_vec(
+                    (0..len)
+                        .map(|i| (i as f32 * 0.37 + seed).sin())
+                        .collect::<Vec<f32>>(),
+                    len,
+                    &Device::Cpu,
+                )
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap()
+            };
+            let case = format!("[{b}, {h}, {s}, {d}] {dtype:?}");
+            let x = Var::from_tensor(&values(0.5, n).reshape((b, h, s, d)).unwrap()).unwrap();
+            let w = values(1.5, n).reshape((b, s, h * d)).unwrap();
+            let ours = merge_heads(x.as_tensor()).unwrap();
+            let theirs = x
+                .as_tensor()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, s, h * d))
+                .unwrap();
+            assert!(
+                host_bits(&ours) == host_bits(&theirs),
+                "{case}: values differ"
+            );
+            let grad = |out: &Tensor| {
+                let g = (out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                host_bits(g.get(x.as_tensor()).unwrap())
+            };
+            assert!(grad(&ours) == grad(&theirs), "{case}: gradients differ");
+        }
+    }
+}
+
 /// A parallel layer's residual in one kernel (`ops::residual::add3`) against candle's two
 /// adds on the GPU, bit for bit, in bf16 and f16, on values whose sums round (wide magnitude
 /// ranges, cancellation, overflow to inf in f16).

@@ -11,6 +11,7 @@ pub mod dropout;
 pub mod flash;
 pub mod gelu;
 pub(crate) mod handover;
+pub mod heads;
 #[cfg(feature = "cuda")]
 pub mod kernels;
 pub mod layer_norm;
@@ -32,6 +33,7 @@ pub fn kernel_modules() -> Vec<&'static kernels::CudaModule> {
             argmax::cuda_module(),
             rope_append::cuda_module(),
             residual::cuda_module(),
+            heads::cuda_module(),
             layer_norm::cuda_module(),
         ])
         .collect()

@@ -16,6 +16,7 @@ use crate::ops::attention::{
     AttentionContext, AttentionKernel, KvCache, Rotary, alibi_bias, attend_in,
 };
 use crate::ops::flash::flash_attend_packed;
+use crate::ops::heads::merge_heads;
 use crate::ops::profile;
 use crate::ops::residual::add3;
 use crate::ops::rope_append::{QkvGroups, heads_for_flash, split_rotate_append};
@@ -135,7 +136,6 @@ impl FalconAttention {
         alibi: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
         let dev = x.device();
         let fused = profile::scope("attn.qkv", dev, || self.query_key_value.forward(x))?;
         let rope = match (&self.rotary, rope) {
@@ -143,10 +143,6 @@ impl FalconAttention {
             _ => None,
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let merge_heads = |out: Tensor| {
-            out.transpose(1, 2)?
-                .reshape((b, s, self.num_heads * self.head_dim))
-        };
         // Flash attention without a cache (training, a prefill) reads the heads packed in one
         // buffer, split and rotated in one kernel, where it can.
         if cache.is_none()
@@ -156,7 +152,7 @@ impl FalconAttention {
             })?
         {
             let out = profile::scope("attn.core", dev, || {
-                merge_heads(flash_attend_packed(
+                merge_heads(&flash_attend_packed(
                     &heads,
                     scale,
                     alibi,
@@ -197,7 +193,7 @@ impl FalconAttention {
             }
         };
         let out = profile::scope("attn.core", dev, || {
-            merge_heads(attend_in(ctx, &q, &k, &v, scale, alibi)?)
+            merge_heads(&attend_in(ctx, &q, &k, &v, scale, alibi)?)
         })?;
         profile::scope("attn.dense", dev, || self.dense.forward(&out))
     }
