@@ -1,22 +1,31 @@
 //! A parallel decoder layer's residual, `x + (mlp + attn)`, in one launch on a GPU
 //! (`residual.cu`) where it would take two, with the bits of the two adds; the golden test
-//! `residual_kernel_equals_two_adds` holds it to them.
+//! `residual_kernel_equals_two_adds` holds it to them, value and gradients.
 
 use candle_core::{DType, Result, Tensor};
 
 /// `x + (a + b)`, as transformers' Falcon adds its parallel branches (so f32 sums round the
-/// same way). One kernel for 16-bit tensors of one shape on a GPU outside a graph; two adds
-/// elsewhere.
+/// same way). One kernel for 16-bit tensors of one shape on a GPU (with a gradient, one graph
+/// node, whose backward hands the output's gradient to all three, as the adds' backward does);
+/// two adds elsewhere.
 pub fn add3(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let fused = x.device().is_cuda()
         && matches!(x.dtype(), DType::BF16 | DType::F16)
         && [a, b]
             .iter()
-            .all(|t| t.dtype() == x.dtype() && t.dims() == x.dims())
-        && !(x.track_op() || a.track_op() || b.track_op());
+            .all(|t| t.dtype() == x.dtype() && t.dims() == x.dims());
     #[cfg(feature = "cuda")]
     if fused {
-        return cuda::add3(x, a, b);
+        let out = cuda::add3(&x.detach(), &a.detach(), &b.detach())?;
+        if !(x.track_op() || a.track_op() || b.track_op()) {
+            return Ok(out);
+        }
+        return crate::ops::handover::with_backward3(
+            "residual",
+            [x, a, b],
+            out,
+            Box::new(|_, _, grad| Ok([Some(grad.clone()), Some(grad.clone()), Some(grad.clone())])),
+        );
     }
     let _ = fused;
     x + (a + b)?
@@ -41,13 +50,19 @@ mod cuda {
         let n = x.elem_count();
         let (xs, as_, bs) = (CudaInput::of(&x)?, CudaInput::of(&a)?, CudaInput::of(&b)?);
         let n_i = n as i64;
-        let cfg = LaunchConfig::for_num_elems(n as u32);
+        let cfg = LaunchConfig::for_num_elems(n.div_ceil(8) as u32);
+        // 16-byte vectors where every view starts on a 16-byte boundary (`out` is fresh).
+        let vec = i32::from(
+            [&x, &a, &b]
+                .iter()
+                .all(|t| t.layout().start_offset().is_multiple_of(8)),
+        );
         macro_rules! launch {
             ($name:literal, $t:ty) => {{
                 let (xv, av, bv) = (xs.view::<$t>(n)?, as_.view::<$t>(n)?, bs.view::<$t>(n)?);
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(n)? };
-                crate::run_kernel!(RESIDUAL, dev, $name, cfg; &xv, &av, &bv, &out, &n_i)?;
+                crate::run_kernel!(RESIDUAL, dev, $name, cfg; &xv, &av, &bv, &out, &n_i, &vec)?;
                 wrap(out, &dev, x.shape().clone())
             }};
         }
