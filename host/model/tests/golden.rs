@@ -854,12 +854,13 @@ fn heads_kernel_equals_candles_transpose() {
 
 /// A parallel layer's residual in one kernel (`ops::residual::add3`) against candle's two
 /// adds on the GPU, bit for bit, in bf16 and f16, on values whose sums round (wide magnitude
-/// ranges, cancellation, overflow to inf in f16).
+/// ranges, cancellation, overflow to inf in f16), a length that leaves a tail; with a graph,
+/// the gradients too.
 #[cfg(feature = "cuda")]
 #[test]
 fn residual_kernel_equals_two_adds() {
     use adapterlab_model::ops::residual::add3;
-    use candle_core::DType;
+    use candle_core::{DType, Var};
     let dev = device();
     if dev.is_cpu() {
         eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
@@ -892,6 +893,18 @@ fn residual_kernel_equals_two_adds() {
             differ, 0,
             "{dtype:?}: {differ} of {n} sums differ from two adds"
         );
+        // With a graph: the same value, and each input's gradient the adds' (the output's).
+        let vars = [&x, &a, &b].map(|t| Var::from_tensor(t).unwrap());
+        let [xv, av, bv] = vars.each_ref().map(|v| v.as_tensor());
+        let w = on(mk(0.29, 1.0));
+        let grads = |out: &Tensor| {
+            assert_eq!(host_bits(out), p, "{dtype:?}: the value with a graph");
+            let g = (out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            [xv, av, bv].map(|t| host_bits(g.get(t).unwrap()))
+        };
+        let ours = grads(&add3(xv, av, bv).unwrap());
+        let theirs = grads(&(xv + (av + bv).unwrap()).unwrap());
+        assert!(ours == theirs, "{dtype:?}: gradients differ from two adds'");
     }
 }
 
@@ -1690,7 +1703,8 @@ fn cross_entropy_kernels_equal_the_cpu_path() {
 }
 
 /// The AdamW kernel against the trainer's op-by-op update (host/src/train/optim.rs, restated
-/// here with the same candle ops) on the CPU: the same bits, with and without weight decay.
+/// here with the same candle ops) on the CPU: the same values, with and without weight decay,
+/// with and without the gradient scaled first (clipping's coefficient).
 #[cfg(feature = "cuda")]
 #[cfg_attr(
     not(feature = "cuda"),
@@ -1715,7 +1729,11 @@ fn adamw_kernel_equals_the_op_by_op_update() {
     let (beta1, beta2, eps, lr, step) = (0.9f64, 0.999f64, 1e-8f64, 2e-4f64, 3i32);
     let bc1 = 1.0 - beta1.powi(step);
     let bc2_sqrt = (1.0 - beta2.powi(step)).sqrt();
-    for weight_decay in [0.0, 0.01] {
+    for (weight_decay, grad_scale) in [(0.0, None), (0.01, None), (0.01, Some(0.0371))] {
+        let g = match grad_scale {
+            Some(c) => (&g * c).unwrap(),
+            None => g.clone(),
+        };
         let m2 = ((&m * beta1).unwrap() + (&g * (1.0 - beta1)).unwrap()).unwrap();
         let v2 = ((&v * beta2).unwrap() + (g.sqr().unwrap() * (1.0 - beta2)).unwrap()).unwrap();
         let p1 = if weight_decay != 0.0 {
@@ -1732,14 +1750,16 @@ fn adamw_kernel_equals_the_op_by_op_update() {
             decay: (weight_decay != 0.0).then(|| 1.0 - lr * weight_decay),
             bc2_sqrt,
             step: lr / bc1,
+            grad_scale,
         };
         let on = |t: &Tensor| t.to_device(&dev).unwrap();
-        let (pg, mg, vg) = adamw_f32(&on(&p), &on(&g), &on(&m), &on(&v), &scalars).unwrap();
+        let unscaled = mk(0.11);
+        let (pg, mg, vg) = adamw_f32(&on(&p), &on(&unscaled), &on(&m), &on(&v), &scalars).unwrap();
         for (what, want, got) in [("p", &p2, &pg), ("m", &m2, &mg), ("v", &v2, &vg)] {
             let err = max_diff(&host_f32s(want), &host_f32s(got));
             assert!(
                 err == 0.0,
-                "weight decay {weight_decay}: {what} differs by {err}"
+                "weight decay {weight_decay}, scale {grad_scale:?}: {what} differs by {err}"
             );
         }
     }

@@ -52,16 +52,21 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     Ok(f64::from(total.to_scalar::<f32>()?))
 }
 
-/// `clip_grad_norm_`: scales every gradient by `max_norm / (norm + 1e-6)` when that is below 1.
-/// Returns the norm before clipping (what HF logs as `grad_norm`).
+/// What `clip_grad_norm_` scales every gradient by for a global norm of `norm`: `max_norm /
+/// (norm + 1e-6)` when that is below 1 (and `max_norm` is set), else nothing.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> Option<f64> {
+    let coef = max_norm / (norm + 1e-6);
+    (max_norm > 0.0 && coef < 1.0).then_some(coef)
+}
+
+/// `clip_grad_norm_`: scales every gradient by [`clip_coefficient`]. Returns the norm before
+/// clipping (what HF logs as `grad_norm`). The trainer hands the coefficient to
+/// [`AdamW::step`] instead, which scales as it reads.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let norm = global_norm(grads)?;
-    if max_norm > 0.0 {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for g in grads.iter_mut() {
-                *g = (&*g * coef)?;
-            }
+    if let Some(coef) = clip_coefficient(norm, max_norm) {
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
         }
     }
     Ok(norm)
@@ -113,9 +118,11 @@ impl AdamW {
         &self.vars
     }
 
-    /// One update with `grads[i]` for `vars()[i]`, at learning rate `lr`:
-    /// `p ← p(1 − lr·wd)`, then `p ← p − lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)`.
-    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One update with `grads[i]` for `vars()[i]`, each scaled by `grad_scale` first where given
+    /// (clipping's coefficient: on a GPU inside the update's kernel, without a launch of its
+    /// own), at learning rate `lr`: `p ← p(1 − lr·wd)`, then `p ← p − lr/bc1 · m /
+    /// (sqrt(v)/sqrt(bc2) + eps)`.
+    pub fn step(&mut self, grads: &[Tensor], grad_scale: Option<f64>, lr: f64) -> Result<()> {
         self.step += 1;
         let AdamWParams {
             beta1,
@@ -138,6 +145,7 @@ impl AdamW {
                     decay: (weight_decay != 0.0).then(|| 1.0 - lr * weight_decay),
                     bc2_sqrt,
                     step: lr / bc1,
+                    grad_scale,
                 };
                 let (p, m, v) = adapterlab_model::engine::adamw_f32(
                     var.as_tensor(),
@@ -151,6 +159,10 @@ impl AdamW {
                 self.v[i] = v;
                 continue;
             }
+            let g = match grad_scale {
+                Some(c) => (g * c)?,
+                None => g,
+            };
             let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
             let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let p = var.as_tensor().to_dtype(DType::F32)?;
@@ -285,6 +297,7 @@ mod tests {
         for (t, g) in grads.iter().enumerate() {
             opt.step(
                 &[Tensor::new(&[g[0] as f32, g[1] as f32], &dev).unwrap()],
+                None,
                 0.1,
             )
             .unwrap();

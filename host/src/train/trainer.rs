@@ -35,7 +35,9 @@ use crate::store::{RunEvent, Store};
 use crate::train::config::{ComputeDtype, PackingStrategy, TrainConfig};
 use crate::train::dist::Comm;
 use crate::train::memory;
-use crate::train::optim::{AdamW, AdamWParams, clip_grad_norm, lr_lambda, warmup_steps};
+use crate::train::optim::{
+    AdamW, AdamWParams, clip_coefficient, global_norm, lr_lambda, warmup_steps,
+};
 
 /// What a training run needs from its caller besides the config.
 #[derive(Clone, Default)]
@@ -318,7 +320,7 @@ pub fn apply_gradients(
     max_grad_norm: f64,
     lr: f64,
 ) -> Result<f64> {
-    let mut grads: Vec<Tensor> = grads
+    let grads: Vec<Tensor> = grads
         .into_iter()
         .zip(opt.vars())
         .map(|(g, (_, v))| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
@@ -328,8 +330,8 @@ pub fn apply_gradients(
         .map(|g| g.device().clone())
         .unwrap_or(Device::Cpu);
     let norm = adapterlab_model::engine::profile::scope_with("optimizer", &dev, || {
-        let norm = clip_grad_norm(&mut grads, max_grad_norm)?;
-        opt.step(&grads, lr)?;
+        let norm = global_norm(&grads)?;
+        opt.step(&grads, clip_coefficient(norm, max_grad_norm), lr)?;
         anyhow::Ok(norm)
     })?;
     Ok(norm)

@@ -5,13 +5,16 @@
 
 // One AdamW update (torch.optim.AdamW, f32), with the roundings of the op-by-op version in
 // the trainer: every product and sum rounded on its own, `/ bc2_sqrt` as a multiply by its
-// inverse (candle's tensor / scalar), `sqrtf` and `/` exact.
+// inverse (candle's tensor / scalar), `sqrtf` and `/` exact. With has_scale, the gradient is
+// first scaled by clip_grad_norm_'s coefficient (one rounded product, as the trainer's scaling
+// of the gradient was), so clipping takes no launch of its own.
 extern "C" __global__ void adamw_f32(const float* p, const float* g, const float* m,
     const float* v, float* po, float* mo, float* vo, long long n, float b1, float omb1,
-    float b2, float omb2, float decay, int has_decay, float inv_bc2, float eps, float step) {
+    float b2, float omb2, float decay, int has_decay, float inv_bc2, float eps, float step,
+    float gscale, int has_scale) {
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  float gi = g[i];
+  float gi = has_scale ? __fmul_rn(g[i], gscale) : g[i];
   float mi = __fadd_rn(__fmul_rn(m[i], b1), __fmul_rn(gi, omb1));
   float vi = __fadd_rn(__fmul_rn(v[i], b2), __fmul_rn(__fmul_rn(gi, gi), omb2));
   float pi = has_decay ? __fmul_rn(p[i], decay) : p[i];

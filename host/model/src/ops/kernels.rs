@@ -465,6 +465,8 @@ pub struct AdamWScalars {
     pub bc2_sqrt: f64,
     /// `lr / bc1`.
     pub step: f64,
+    /// The factor the gradient is scaled by first (`clip_grad_norm_`'s), or `None`.
+    pub grad_scale: Option<f64>,
 }
 
 /// `(p, m, v)` after one AdamW update of the f32 tensors `p`, `m`, `v` with gradient `g` (see
@@ -510,9 +512,13 @@ pub fn adamw_f32(
     let (b1, omb1, b2, omb2) = (f(c.beta1), f(1.0 - c.beta1), f(c.beta2), f(1.0 - c.beta2));
     let (decay, has_decay) = (f(c.decay.unwrap_or(1.0)), c.decay.is_some() as i32);
     let (inv_bc2, eps, step) = (f(1.0 / c.bc2_sqrt), f(c.eps), f(c.step));
+    let (gscale, has_scale) = (
+        f(c.grad_scale.unwrap_or(1.0)),
+        c.grad_scale.is_some() as i32,
+    );
     crate::run_kernel!(ADAMW, dev, "adamw_f32", LaunchConfig::for_num_elems(n as u32);
         &pv, &gv, &mv, &vv, &po, &mo, &vo, &n_i, &b1, &omb1, &b2, &omb2, &decay, &has_decay,
-        &inv_bc2, &eps, &step,
+        &inv_bc2, &eps, &step, &gscale, &has_scale,
     )?;
     let shape = p.shape().clone();
     Ok((
