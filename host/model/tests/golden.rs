@@ -585,6 +585,46 @@ fn f32s_of_matmul(x: &Tensor, w: &Tensor) -> Vec<f32> {
     )
 }
 
+/// Falcon's op-by-op head split of a fused query_key_value output `[b, s, groups of (q_per_kv
+/// queries, a key, a value) heads]`: q `[b, kv_heads * q_per_kv, s, d]`, k and v `[b, kv_heads,
+/// s, d]`, contiguous, q and k rotated by candle's `rope` where `rope` is given: what the fused
+/// head-split kernels replace.
+#[cfg(feature = "cuda")]
+fn op_by_op_heads(
+    fused: &Tensor,
+    (kv_heads, q_per_kv, head_dim): (usize, usize, usize),
+    rope: Option<(&Tensor, &Tensor)>,
+) -> (Tensor, Tensor, Tensor) {
+    use adapterlab_model::ops::attention::Rotary;
+    let (b, s, _) = fused.dims3().unwrap();
+    let x = fused
+        .reshape((b, s, kv_heads, q_per_kv + 2, head_dim))
+        .unwrap();
+    let piece = |start: usize, n: usize| {
+        x.narrow(3, start, n)
+            .unwrap()
+            .reshape((b, s, kv_heads * n, head_dim))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let (q, k, v) = (
+        piece(0, q_per_kv),
+        piece(q_per_kv, 1),
+        piece(q_per_kv + 1, 1),
+    );
+    match rope {
+        Some((cos, sin)) => (
+            Rotary::apply(&q, cos, sin).unwrap(),
+            Rotary::apply(&k, cos, sin).unwrap(),
+            v,
+        ),
+        None => (q, k, v),
+    }
+}
+
 /// Decoding's fused head split (`ops::rope_append`, one kernel) against the op-by-op path it
 /// replaces (the head split, candle's `rope` for q and k, two cache writes), bit for bit: q, and
 /// every key and value the cache returns, over three steps that append to the cache and grow it,
@@ -593,7 +633,7 @@ fn f32s_of_matmul(x: &Tensor, w: &Tensor) -> Vec<f32> {
 #[cfg(feature = "cuda")]
 #[test]
 fn rope_append_kernel_equals_the_op_by_op_path() {
-    use adapterlab_model::ops::attention::{KvCache, Rotary};
+    use adapterlab_model::ops::attention::KvCache;
     use adapterlab_model::ops::rope_append::{QkvGroups, split_rotate_append};
     use candle_core::DType;
     let dev = device();
@@ -640,28 +680,8 @@ fn rope_append_kernel_equals_the_op_by_op_path() {
                                 .unwrap()
                                 .unwrap_or_else(|| panic!("{case}: the kernel did not run"));
                         // The op-by-op path, as Falcon's attention takes it.
-                        let x = fused
-                            .reshape((b, s, kv_heads, q_per_kv + 2, head_dim))
-                            .unwrap();
-                        let heads = |start: usize, n: usize| {
-                            x.narrow(3, start, n)
-                                .unwrap()
-                                .reshape((b, s, kv_heads * n, head_dim))
-                                .unwrap()
-                                .transpose(1, 2)
-                                .unwrap()
-                                .contiguous()
-                                .unwrap()
-                        };
-                        let (mut q2, mut k2, v2) = (
-                            heads(0, q_per_kv),
-                            heads(q_per_kv, 1),
-                            heads(q_per_kv + 1, 1),
-                        );
-                        if rotate {
-                            q2 = Rotary::apply(&q2, &cos, &sin).unwrap();
-                            k2 = Rotary::apply(&k2, &cos, &sin).unwrap();
-                        }
+                        let (q2, k2, v2) =
+                            op_by_op_heads(&fused, (kv_heads, q_per_kv, head_dim), rope);
                         let (k2, v2) = plain_cache.append(0, &k2, &v2).unwrap();
                         let case = format!("{case}, step {step}");
                         assert_eq!(q.dims(), q2.dims(), "{case}");
@@ -689,7 +709,6 @@ fn rope_append_kernel_equals_the_op_by_op_path() {
 #[cfg(feature = "cuda")]
 #[test]
 fn packed_heads_equal_the_op_by_op_path() {
-    use adapterlab_model::ops::attention::Rotary;
     use adapterlab_model::ops::flash::{Visibility, flash_attend, flash_attend_packed};
     use adapterlab_model::ops::rope_append::{QkvGroups, heads_for_flash};
     use candle_core::{DType, Var};
@@ -750,29 +769,8 @@ fn packed_heads_equal_the_op_by_op_path() {
                     .unwrap()
                     .unwrap_or_else(|| panic!("{case}: the kernel did not run"));
                 let packed = flash_attend_packed(&heads, scale, None, &vis).unwrap();
-                let x = fused
-                    .as_tensor()
-                    .reshape((b, s, kv_heads, q_per_kv + 2, head_dim))
-                    .unwrap();
-                let piece = |start: usize, n: usize| {
-                    x.narrow(3, start, n)
-                        .unwrap()
-                        .reshape((b, s, kv_heads * n, head_dim))
-                        .unwrap()
-                        .transpose(1, 2)
-                        .unwrap()
-                        .contiguous()
-                        .unwrap()
-                };
-                let (mut q, mut k, v) = (
-                    piece(0, q_per_kv),
-                    piece(q_per_kv, 1),
-                    piece(q_per_kv + 1, 1),
-                );
-                if rotate {
-                    q = Rotary::apply(&q, &cos, &sin).unwrap();
-                    k = Rotary::apply(&k, &cos, &sin).unwrap();
-                }
+                let (q, k, v) =
+                    op_by_op_heads(fused.as_tensor(), (kv_heads, q_per_kv, head_dim), rope);
                 let split = flash_attend(&q, &k, &v, scale, None, &vis).unwrap();
                 assert!(
                     host_bits(&packed) == host_bits(&split),
