@@ -20,11 +20,13 @@ pub fn add3(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         if !(x.track_op() || a.track_op() || b.track_op()) {
             return Ok(out);
         }
+        // Only to the inputs with a graph (the first layer's x, the embeddings, has none).
+        let wants = [x, a, b].map(Tensor::track_op);
         return crate::ops::handover::with_backward3(
             "residual",
             [x, a, b],
             out,
-            Box::new(|_, _, grad| Ok([Some(grad.clone()), Some(grad.clone()), Some(grad.clone())])),
+            Box::new(move |_, _, grad| Ok(wants.map(|w| w.then(|| grad.clone())))),
         );
     }
     let _ = fused;
