@@ -2781,6 +2781,21 @@ impl Tensor {
         (storage, &self.layout)
     }
 
+    /// adapterlab: the tensor's storage and layout, moved out without a copy when nothing else
+    /// holds the tensor or its storage (no clone, view or graph node); otherwise the tensor
+    /// back. A custom op that hands over a value computed beforehand takes it this way instead
+    /// of copying it (`try_clone`).
+    pub fn into_storage(self) -> std::result::Result<(Storage, Layout), Tensor> {
+        let inner = match Arc::try_unwrap(self.0) {
+            Ok(inner) => inner,
+            Err(shared) => return Err(Tensor(shared)),
+        };
+        match Arc::try_unwrap(inner.storage) {
+            Ok(lock) => Ok((lock.into_inner(), inner.layout)),
+            Err(storage) => Err(Tensor(Arc::new(Tensor_ { storage, ..inner }))),
+        }
+    }
+
     /// Unique key for this tensor's storage. Equal keys mean the tensors share the same allocation.
     #[inline]
     pub(crate) fn storage_key(&self) -> usize {
