@@ -222,17 +222,7 @@ pub fn flash_attend(
         out,
         Box::new(move |[q, k, v], out, dout| {
             crate::ops::profile::scope("attn.flash.bwd", q.device(), || {
-                let c = |t: &Tensor| t.contiguous();
-                let (q, k, v, out, dout) = (c(q)?, c(k)?, c(v)?, c(out)?, c(dout)?);
-                let saved = Saved {
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    out: &out,
-                    dout: &dout,
-                    lse: &lse,
-                };
-                let grads = backward(&p, &saved, &vis, alibi.as_ref())?;
+                let grads = node_backward(&p, [q, k, v], [out, dout, &lse], &vis, alibi.as_ref())?;
                 let (dq, dk, dv) = PackedHeads::parts_of(&grads, &p)?;
                 Ok([Some(dq), Some(dk), Some(dv)])
             })
@@ -315,16 +305,7 @@ pub fn flash_attend_packed(
         move |x, out, dout| {
             crate::ops::profile::scope("attn.flash.bwd", x.device(), || {
                 let (q, k, v) = layout.parts(x)?;
-                let (out, dout) = (out.contiguous()?, dout.contiguous()?);
-                let saved = Saved {
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    out: &out,
-                    dout: &dout,
-                    lse: &lse,
-                };
-                backward(&p, &saved, &vis, alibi.as_ref())
+                node_backward(&p, [&q, &k, &v], [out, dout, &lse], &vis, alibi.as_ref())
             })
         },
     )
@@ -366,6 +347,28 @@ struct Saved<'a> {
     out: &'a Tensor,
     dout: &'a Tensor,
     lse: &'a Tensor,
+}
+
+/// [`backward`] for a graph node: its inputs q, k, v, then its output, the output's gradient
+/// and the log-sum-exp its forward kept, each made contiguous.
+fn node_backward(
+    p: &Problem,
+    [q, k, v]: [&Tensor; 3],
+    [out, dout, lse]: [&Tensor; 3],
+    vis: &Visibility,
+    alibi: Option<&Tensor>,
+) -> Result<Tensor> {
+    let c = |t: &Tensor| t.contiguous();
+    let (q, k, v, out, dout) = (c(q)?, c(k)?, c(v)?, c(out)?, c(dout)?);
+    let saved = Saved {
+        q: &q,
+        k: &k,
+        v: &v,
+        out: &out,
+        dout: &dout,
+        lse,
+    };
+    backward(p, &saved, vis, alibi)
 }
 
 /// The gradients of q, k and v in the inputs' dtype, packed as [`PackedHeads`] lays them out.
