@@ -52,24 +52,13 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     Ok(f64::from(total.to_scalar::<f32>()?))
 }
 
-/// What `clip_grad_norm_` scales every gradient by for a global norm of `norm`: `max_norm /
-/// (norm + 1e-6)` when that is below 1 (and `max_norm` is set), else nothing.
+/// What `clip_grad_norm_` scales every gradient by for a global norm of `norm` (the
+/// [`global_norm`] before clipping, which HF logs as `grad_norm`): `max_norm / (norm + 1e-6)`
+/// when that is below 1 (and `max_norm` is set), else nothing. The trainer hands it to
+/// [`AdamW::step`], which scales each gradient as it reads it.
 pub fn clip_coefficient(norm: f64, max_norm: f64) -> Option<f64> {
     let coef = max_norm / (norm + 1e-6);
     (max_norm > 0.0 && coef < 1.0).then_some(coef)
-}
-
-/// `clip_grad_norm_`: scales every gradient by [`clip_coefficient`]. Returns the norm before
-/// clipping (what HF logs as `grad_norm`). The trainer hands the coefficient to
-/// [`AdamW::step`] instead, which scales as it reads.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let norm = global_norm(grads)?;
-    if let Some(coef) = clip_coefficient(norm, max_norm) {
-        for g in grads.iter_mut() {
-            *g = (&*g * coef)?;
-        }
-    }
-    Ok(norm)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -259,21 +248,47 @@ mod tests {
     #[test]
     fn clipping_scales_to_max_norm_and_reports_the_pre_clip_norm() {
         let dev = Device::Cpu;
-        let mut g = vec![
+        let g = vec![
             Tensor::new(&[3f32, 0.0], &dev).unwrap(),
             Tensor::new(&[[4f32]], &dev).unwrap(),
         ];
-        let n = clip_grad_norm(&mut g, 1.0).unwrap();
+        let n = global_norm(&g).unwrap();
         assert!(close(n, 5.0));
-        let after = global_norm(&g).unwrap();
+        let coef = clip_coefficient(n, 1.0).expect("a norm above the max is clipped");
+        let clipped: Vec<Tensor> = g.iter().map(|t| (t * coef).unwrap()).collect();
+        let after = global_norm(&clipped).unwrap();
         assert!((after - 5.0 / (5.0 + 1e-6)).abs() < 1e-6, "{after}");
-        let mut g = vec![Tensor::new(&[0.3f32, 0.4], &dev).unwrap()];
-        assert!((clip_grad_norm(&mut g, 1.0).unwrap() - 0.5).abs() < 1e-6);
+        let g = vec![Tensor::new(&[0.3f32, 0.4], &dev).unwrap()];
+        let n = global_norm(&g).unwrap();
+        assert!((n - 0.5).abs() < 1e-6);
+        assert_eq!(clip_coefficient(n, 1.0), None, "no clipping below the max");
         assert_eq!(
-            g[0].to_vec1::<f32>().unwrap(),
-            vec![0.3, 0.4],
-            "no clipping below the max"
+            clip_coefficient(5.0, 0.0),
+            None,
+            "no clipping without a max"
         );
+    }
+
+    /// A step given clipping's coefficient is the step on the gradients scaled by it.
+    #[test]
+    fn a_scaled_step_is_the_step_on_scaled_gradients() {
+        let dev = Device::Cpu;
+        let run = |g: [f32; 2], scale: Option<f64>| {
+            let var = Var::new(&[1f32, -2.0], &dev).unwrap();
+            let params = AdamWParams {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+            };
+            let mut opt = AdamW::new(vec![("p".into(), var.clone())], params).unwrap();
+            opt.step(&[Tensor::new(&g, &dev).unwrap()], scale, 0.1)
+                .unwrap();
+            var.as_tensor().to_vec1::<f32>().unwrap()
+        };
+        let c = 0.37f64;
+        let scaled = [0.5f32, -0.1].map(|x| x * c as f32);
+        assert_eq!(run([0.5, -0.1], Some(c)), run(scaled, None));
     }
 
     #[test]
