@@ -223,7 +223,7 @@ pub fn flash_attend(
         Box::new(move |[q, k, v], out, dout| {
             crate::ops::profile::scope("attn.flash.bwd", q.device(), || {
                 let grads = node_backward(&p, [q, k, v], [out, dout, &lse], &vis, alibi.as_ref())?;
-                let (dq, dk, dv) = PackedHeads::parts_of(&grads, &p)?;
+                let (dq, dk, dv) = unpack(&grads, (p.b, p.h, p.kv, p.d), p.s, p.t)?;
                 Ok([Some(dq), Some(dk), Some(dv)])
             })
         }),
@@ -250,32 +250,30 @@ pub struct PackedHeads {
 impl PackedHeads {
     /// q, k and v of a packed buffer `t` laid out as this one's: views, no copy.
     fn parts(&self, t: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, h, kv, s, d) = (self.b, self.h, self.kv, self.s, self.d);
-        let (nq, nk) = (b * h * s * d, b * kv * s * d);
-        if t.dims() != [nq + 2 * nk] {
-            candle_core::bail!(
-                "packed heads: {:?} is not {b} rows of {h} query and 2 x {kv} KV heads of {s} x {d}",
-                t.dims()
-            );
-        }
-        Ok((
-            t.narrow(0, 0, nq)?.reshape((b, h, s, d))?,
-            t.narrow(0, nq, nk)?.reshape((b, kv, s, d))?,
-            t.narrow(0, nq + nk, nk)?.reshape((b, kv, s, d))?,
-        ))
+        unpack(t, (self.b, self.h, self.kv, self.d), self.s, self.s)
     }
+}
 
-    /// dQ `[b, h, s, d]`, dK and dV `[b, kv, t, d]` of `p` from backward's packed gradients.
-    fn parts_of(grads: &Tensor, p: &Problem) -> Result<(Tensor, Tensor, Tensor)> {
-        let (nq, nk) = (p.b * p.h * p.s * p.d, p.b * p.kv * p.t * p.d);
-        Ok((
-            grads.narrow(0, 0, nq)?.reshape((p.b, p.h, p.s, p.d))?,
-            grads.narrow(0, nq, nk)?.reshape((p.b, p.kv, p.t, p.d))?,
-            grads
-                .narrow(0, nq + nk, nk)?
-                .reshape((p.b, p.kv, p.t, p.d))?,
-        ))
+/// q (or dQ) `[b, h, s, d]`, then k and v (or dK, dV) `[b, kv, t, d]` of a buffer packed as
+/// [`PackedHeads`] lays them out: views, no copy.
+fn unpack(
+    x: &Tensor,
+    (b, h, kv, d): (usize, usize, usize, usize),
+    s: usize,
+    t: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (nq, nk) = (b * h * s * d, b * kv * t * d);
+    if x.dims() != [nq + 2 * nk] {
+        candle_core::bail!(
+            "packed heads: {:?} is not {b} rows of {h} query heads of {s} x {d} and 2 x {kv} KV heads of {t} x {d}",
+            x.dims()
+        );
     }
+    Ok((
+        x.narrow(0, 0, nq)?.reshape((b, h, s, d))?,
+        x.narrow(0, nq, nk)?.reshape((b, kv, t, d))?,
+        x.narrow(0, nq + nk, nk)?.reshape((b, kv, t, d))?,
+    ))
 }
 
 /// [`flash_attend`] on heads packed in one buffer (self-attention without a cache: `t = s`):

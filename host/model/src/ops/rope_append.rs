@@ -184,6 +184,25 @@ mod cuda {
         })
     }
 
+    /// The rotation's `(cos, sin)` as kernel inputs.
+    fn tables(rope: Option<&(Tensor, Tensor)>) -> Result<Option<(CudaInput<'_>, CudaInput<'_>)>> {
+        rope.map(|(c, sn)| Ok((CudaInput::of(c)?, CudaInput::of(sn)?)))
+            .transpose()
+    }
+
+    /// cos and sin as the kernels take them (`half` elements each); without rotation the kernels
+    /// never read them, and `stand_in`, the launch's input, takes their place.
+    fn table_views<'a, T: CudaDType>(
+        tables: &'a Option<(CudaInput<'a>, CudaInput<'a>)>,
+        stand_in: &CudaView<'a, T>,
+        half: usize,
+    ) -> Result<(CudaView<'a, T>, CudaView<'a, T>)> {
+        Ok(match tables {
+            Some((c, sn)) => (c.view::<T>(half)?, sn.view::<T>(half)?),
+            None => (stand_in.slice(..), stand_in.slice(..)),
+        })
+    }
+
     /// `rope_append` from `fused` into `q` and `kv` (keys, then values `vplane` further, each
     /// `[b, kv_heads, cap, d]` from position `len`).
     #[allow(clippy::too_many_arguments)]
@@ -201,14 +220,8 @@ mod cuda {
         let cfg = LaunchConfig::for_num_elems((b * s * groups.slots() * (d / 2)) as u32);
         let fin = CudaInput::of(fused)?;
         let fv = fin.view::<T>(b * s * groups.slots() * d)?;
-        let tables = rope
-            .map(|(c, sn)| Ok::<_, candle_core::Error>((CudaInput::of(c)?, CudaInput::of(sn)?)));
-        let tables = tables.transpose()?;
-        // Without rotation the kernel never reads cos and sin: the input stands in.
-        let (cv, sv) = match &tables {
-            Some((c, sn)) => (c.view::<T>(b * s * d / 2)?, sn.view::<T>(b * s * d / 2)?),
-            None => (fin.view::<T>(fv.len())?, fin.view::<T>(fv.len())?),
-        };
+        let tables = tables(rope)?;
+        let (cv, sv) = table_views(&tables, &fv, b * s * d / 2)?;
         let has_rope = i32::from(rope.is_some());
         let [b_i, s_i, kvh_i, r_i, d_i] = shape_args(groups, (b, s));
         let (cap, len, vplane) = (cap as i64, len as i64, vplane as i64);
@@ -372,9 +385,7 @@ mod cuda {
         let (nq, nk) = (b * h * s * d, b * groups.kv_heads * s * d);
         let cfg = LaunchConfig::for_num_elems((n / 2) as u32);
         let gin = CudaInput::of(grad)?;
-        let tables = rope
-            .map(|(c, sn)| Ok::<_, candle_core::Error>((CudaInput::of(c)?, CudaInput::of(sn)?)))
-            .transpose()?;
+        let tables = tables(rope)?;
         let has_rope = i32::from(rope.is_some());
         let [b_i, s_i, kvh_i, r_i, d_i] = shape_args(groups, (b, s));
         let vplane = nk as i64;
@@ -383,11 +394,7 @@ mod cuda {
             ($t:ty) => {{
                 let gv = gin.view::<$t>(nq + 2 * nk)?;
                 let (gq, gkv) = (gv.slice(..nq), gv.slice(nq..));
-                // Without rotation the kernel never reads cos and sin: the gradient stands in.
-                let (cv, sv) = match &tables {
-                    Some((c, sn)) => (c.view::<$t>(b * s * d / 2)?, sn.view::<$t>(b * s * d / 2)?),
-                    None => (gv.slice(..), gv.slice(..)),
-                };
+                let (cv, sv) = table_views(&tables, &gv, b * s * d / 2)?;
                 // SAFETY: the kernel writes every element of the fused row.
                 let out = unsafe { dev.alloc::<$t>(n)? };
                 crate::run_kernel!(ROPE_APPEND, dev, &name, cfg;
