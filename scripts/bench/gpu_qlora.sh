@@ -6,7 +6,7 @@
 #   fixtures   regenerate the golden fixtures (make_golden.py, transformers + PEFT on the CPU
 #              there) into $RAW/golden; the golden stage then tests against these
 #   golden     the AFTER build's golden tests on CUDA (GOLDEN_CPU=1: on the CPU too; GOLDEN_FILTER:
-#              only those matching one of its names), including
+#              only those matching one of its names; GOLDEN_ENVS: again with each VAR=value), including
 #              `nf4_quantize_kernel_equals_the_cpu_path` (the load kernel against the CPU path,
 #              bit for bit), `flash_attention_kernels_equal_the_cpu_twin`, the NF4 GEMV and
 #              small-batch GEMM, and the HF-parity tests (each case also with flash attention)
@@ -88,12 +88,15 @@ fi
 if stage golden; then
   unxz .carry/golden.xz /tmp/gl/golden
   devices=cuda; [ "${GOLDEN_CPU:-0}" = 1 ] && devices="cuda cpu"
-  for dev in $devices; do
-    echo "== golden tests of the after build on $dev against $GOLDEN_DIR"
+  # GOLDEN_ENVS (space-separated VAR=value) runs the CUDA tests again with each setting.
+  for run in $devices ${GOLDEN_ENVS:-}; do
+    dev=cuda setting=
+    case $run in cpu|cuda) dev=$run ;; *) setting=$run ;; esac
+    echo "== golden tests of the after build on $dev ${setting:+with $setting }against $GOLDEN_DIR"
     # GOLDEN_FILTER (names, space-separated) runs the tests matching any of them only.
     # shellcheck disable=SC2086
-    ADAPTERLAB_TEST_DEVICE=$dev ADAPTERLAB_GOLDEN_DIR=$GOLDEN_DIR timeout 360 /tmp/gl/golden ${GOLDEN_FILTER:-} --test-threads 1 \
-      --include-ignored --nocapture 2>&1 | tee "$OUT/golden-$dev.txt" \
+    env $setting ADAPTERLAB_TEST_DEVICE=$dev ADAPTERLAB_GOLDEN_DIR=$GOLDEN_DIR timeout 360 /tmp/gl/golden ${GOLDEN_FILTER:-} --test-threads 1 \
+      --include-ignored --nocapture 2>&1 | tee "$OUT/golden-$dev${setting:+-${setting//[^A-Za-z0-9]/_}}.txt" \
       | grep -E "^test |test result|panicked|bit-equal|cases" | head -40
   done
 fi

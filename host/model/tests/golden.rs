@@ -1298,7 +1298,9 @@ fn dropout_kernel_equals_the_cpu_path() {
 /// An adapted NF4 layer's training node (`lora::train_node`) on the GPU against the op-by-op
 /// graph on the same device, with seeded dropout, with and without the GELU in front, at ranks
 /// 16 and 8 (rows not a whole number of the kernels' blocks, and a row length that splits among
-/// blocks and is not a whole number of their chunks). In f32 (op by op inside the node too) the
+/// blocks and is not a whole number of their chunks; shapes where `h`'s row length and `dA`'s
+/// rows split into slices whose partial sums are added). The 16-bit kernels are those the GPU
+/// runs by default (`ADAPTERLAB_LORA_TRAIN_KERNELS` picks the others). In f32 (op by op inside the node too) the
 /// value is the op-by-op sum's bit for bit and the gradients agree within 1e-4, and the CPU's
 /// equal the GPU's. In bf16 and f16 the node's kernels sum `h = dropout(z) A^T` and its product
 /// with B in another order than cuBLAS, so a rounding may flip: the value must be as close to
@@ -1328,7 +1330,12 @@ fn lora_train_node_equals_the_op_by_op_graph_on_the_gpu() {
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     };
-    for (m, k, n, r) in [(96, 256, 192, 16), (77, 1032, 192, 8)] {
+    for (m, k, n, r) in [
+        (96, 256, 192, 16),
+        (77, 1032, 192, 8),
+        (100, 2056, 64, 16),
+        (1024, 256, 64, 8),
+    ] {
         let w = host(n * k, 0.05, 0.1, (n, k));
         let (x0, a0, b0, g0) = (
             host(m * k, 1.0, 0.2, (m, k)),

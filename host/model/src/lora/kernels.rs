@@ -6,12 +6,43 @@ use candle_core::{DType, Error, Result, Tensor};
 use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, no_defines, wrap};
 
 /// This wing's kernel module, for [`crate::engine::device::compile_kernels`].
-pub fn modules() -> [&'static CudaModule; 1] {
-    [&LORA]
+pub fn modules() -> [&'static CudaModule; 2] {
+    [&LORA, &LORA_MMA]
 }
 
 pub(crate) static LORA: CudaModule =
     CudaModule::new("adapterlab_lora", include_str!("lora.cu"), no_defines);
+
+/// The training node's `h` and `dA` on the tensor cores (`lora_mma.cu`), a module of its own
+/// for the architecture its `mma.sync` needs.
+pub(crate) static LORA_MMA: CudaModule = CudaModule::new(
+    "adapterlab_lora_mma",
+    concat!(include_str!("../ops/mma.cu"), include_str!("lora_mma.cu")),
+    no_defines,
+)
+.for_arch("compute_80");
+
+/// `ADAPTERLAB_LORA_TRAIN_KERNELS`: where the training node's `h` and `dA` multiply, `mma` (the
+/// tensor cores, the default from sm_80 on) or `simt` (lora.cu's, on the CUDA cores, the only
+/// kind before sm_80). The same operands either way, summed in another order; a speed switch
+/// to measure the two in one device call.
+static TRAIN_KERNELS: crate::ops::switch::Switch<bool> = crate::ops::switch::Switch::new(
+    "ADAPTERLAB_LORA_TRAIN_KERNELS",
+    &[("mma", true), ("simt", false)],
+);
+
+/// Whether `h` and `dA` run on the tensor cores on `device` ([`TRAIN_KERNELS`]); asking for
+/// them on a GPU without them is an error, not a quiet fallback.
+fn tensor_cores(device: &candle_core::Device) -> Result<bool> {
+    let capable = crate::ops::kernels::sm80_or_later(device)?;
+    match TRAIN_KERNELS.get()? {
+        Some(true) if !capable => Err(Error::Msg(
+            "ADAPTERLAB_LORA_TRAIN_KERNELS=mma: the tensor-core kernels need sm_80 or later".into(),
+        )),
+        Some(choice) => Ok(choice),
+        None => Ok(capable),
+    }
+}
 
 /// Rows of `x` up to which [`lora_h`] takes a block a row and rank.
 pub const LORA_H_MAX_ROWS: usize = 64;
@@ -212,8 +243,15 @@ pub fn train_h(z: &Tensor, a: &Tensor, mask: Mask) -> Result<Tensor> {
             a.dtype()
         )));
     }
-    let row_blocks = m.div_ceil(512 / r);
-    let (splits, k_per) = split_reduction(row_blocks, k, LH_KC);
+    let mma = tensor_cores(z.device())?;
+    // A block's rows and the chunk of k its warps walk together.
+    let (rows, chunk, kernel, module) = if mma {
+        (LHM_ROWS, LHM_CHUNK, "lora_train_h_mma", &LORA_MMA)
+    } else {
+        (512 / r, LH_KC, "lora_train_h", &LORA)
+    };
+    let row_blocks = m.div_ceil(rows);
+    let (splits, k_per) = split_reduction(row_blocks, k, chunk);
     let (zs, as_) = (CudaInput::of(z)?, CudaInput::of(a)?);
     // SAFETY: each slice's block writes every element of its rows' partial sums.
     let part = unsafe { dev.alloc::<f32>(splits * m * r)? };
@@ -227,8 +265,8 @@ pub fn train_h(z: &Tensor, a: &Tensor, mask: Mask) -> Result<Tensor> {
     macro_rules! launch {
         ($dtype:literal, $t:ty) => {{
             let (zv, av) = (zs.view::<$t>(m * k)?, as_.view::<$t>(r * k)?);
-            let name = format!("lora_train_h_{}_r{r}", $dtype);
-            crate::run_kernel!(LORA, dev, &name, cfg;
+            let name = format!("{kernel}_{}_r{r}", $dtype);
+            crate::run_kernel!(*module, dev, &name, cfg;
                 &zv, &av, &part, &k_i, &k_per_i, &m_i, &key, &p, &scale)?;
         }};
     }
@@ -261,6 +299,12 @@ pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask, gelu: bool) -> Result<Tenso
             gh.dtype()
         )));
     }
+    // lora_mma.cu's kernel stages the same chunks (DAM_COLS, DAM_ROWS) as lora.cu's.
+    let (kernel, module) = if tensor_cores(z.device())? && start_aligned(gh, 8) {
+        ("lora_train_da_mma", &LORA_MMA)
+    } else {
+        ("lora_train_da", &LORA)
+    };
     let col_blocks = k.div_ceil(DA_COLS);
     let (slabs, rows_per) = split_reduction(col_blocks, m, DA_ROWS);
     let (zs, ghs) = (CudaInput::of(z)?, CudaInput::of(gh)?);
@@ -277,8 +321,8 @@ pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask, gelu: bool) -> Result<Tenso
         ($dtype:literal, $t:ty) => {{
             let (zv, gv) = (zs.view::<$t>(m * k)?, ghs.view::<$t>(m * r)?);
             let act = if gelu { "gelu_" } else { "" };
-            let name = format!("lora_train_da_{act}{}_r{r}", $dtype);
-            crate::run_kernel!(LORA, dev, &name, cfg;
+            let name = format!("{kernel}_{act}{}_r{r}", $dtype);
+            crate::run_kernel!(*module, dev, &name, cfg;
                 &zv, &gv, &part, &k_i, &rows_per_i, &m_i, &key, &p, &scale)?;
         }};
     }
@@ -292,12 +336,18 @@ pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask, gelu: bool) -> Result<Tenso
     })
 }
 
-/// Columns (`DA_COLS`) and rows (`DA_ROWS`) of one staged chunk of `lora_train_da`.
+/// Columns (`DA_COLS`) and rows (`DA_ROWS`) of one staged chunk of `lora_train_da` (and of
+/// `lora_train_da_mma`: `DAM_COLS`, `DAM_ROWS`).
 const DA_COLS: usize = 128;
 const DA_ROWS: usize = 32;
 
 /// Columns of one staged chunk of `lora_h_rows` (`LH_KC` in lora.cu).
 const LH_KC: usize = 128;
+
+/// Rows of one block of `lora_train_h_mma` (16 * `LHM_MT` in lora_mma.cu), and the columns its
+/// eight warps take at once (32 each).
+const LHM_ROWS: usize = 32;
+const LHM_CHUNK: usize = 256;
 
 /// How a reduction over `len` (walked in chunks of `chunk`) is split among blocks when
 /// `blocks` blocks already work apart: `(slices, length of a slice)`, enough slices for two

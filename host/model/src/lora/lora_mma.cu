@@ -1,0 +1,208 @@
+// The LoRA training node's h and dA on the tensor cores (lora/kernels.rs picks them on sm_80 and
+// later; lora.cu's are the others'). The operands are the ones lora.cu's kernels form, z dropped
+// (and, for dA, through GELU) and rounded to the 16-bit type as the op-by-op graph's dropout
+// writes it; only the order of the f32 sums differs. lora.cu's kernels spent most of their time
+// multiplying on the CUDA cores from shared memory (on an H100, h of 4096 x 4544 took 65 µs,
+// ~5x the time its 37 MB take to read); here that work is a few mma instructions a 32-column
+// chunk, and what is left is reading z and drawing the mask.
+
+// Eight 16-bit values (one 16-byte word, e the element index of the first) as the op-by-op
+// graph's dropout writes them (lora.cu's stage8), packed back into a word: with GELU (for dA)
+// through the exact GELU first, then dropped; cvt.rn rounds as the op does but for a NaN's
+// payload, which no sum keeps.
+template <bool BF16, bool GELU>
+__device__ __forceinline__ uint4 drop8(uint4 v, long long e, bool drop, unsigned long long key,
+    float p, float scale) {
+  if (!drop && !GELU) return v;
+  unsigned int w[4] = {v.x, v.y, v.z, v.w};
+  unsigned long long z0 = drop ? mask_state(key, e) : 0ull;
+  unsigned int below = drop_below(p);
+  _Pragma("unroll") for (int q = 0; q < 4; ++q) {
+    float lo = load16<BF16>((u16)(w[q] & 0xffffu)), hi = load16<BF16>((u16)(w[q] >> 16));
+    if (GELU) {
+      lo = gelu16<BF16>(lo);
+      hi = gelu16<BF16>(hi);
+    }
+    if (drop) {
+      lo = __fmul_rn(lo, dropped(z0 + (2 * q) * MASK_STEP, below) ? 0.0f : scale);
+      hi = __fmul_rn(hi, dropped(z0 + (2 * q + 1) * MASK_STEP, below) ? 0.0f : scale);
+    }
+    w[q] = BF16 ? pack_bf16x2(lo, hi) : pack_f16x2(lo, hi);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+__device__ __forceinline__ unsigned int word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// h = dropout(z) A^T, the partial sums of slice blockIdx.y of k (part[slice][m][R], f32; lora.cu's
+// lora_h_sum adds the slices in order). A block takes LHM_MT * 16 rows; its 8 warps take the
+// slice's 32-column chunks in turn. The product needs no shared memory: the sum over k does not
+// care which column pairs with which position of an mma's k, so lane (g, c) loads 16 bytes of
+// z's rows g and g + 8 at columns 8c .. 8c + 7 of a chunk, and of A's rows g and g + 8 at the
+// same columns, and the chunk's two k-steps take columns 8c + 4s .. 8c + 4s + 3 as the
+// fragment's positions 2c, 2c + 1, 2c + 8, 2c + 9: A's operand and B's pair the same columns.
+#define LHM_MT 2
+template <int R, bool BF16>
+__device__ __forceinline__ void lora_train_h_mma(const u16* z, const u16* a, float* part, int m,
+    int k, int k_per, unsigned long long key, float p, float scale) {
+  constexpr int NT = R / 8, ROWS = 16 * LHM_MT;
+  __shared__ float red[8][ROWS][R];
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int g = lane >> 2, c = lane & 3;
+  int row0 = blockIdx.x * ROWS;
+  int kb = blockIdx.y * k_per, ke = min(k, kb + k_per);
+  bool drop = p > 0.f;
+  float acc[LHM_MT][NT][4];
+  _Pragma("unroll") for (int i = 0; i < LHM_MT; ++i)
+    _Pragma("unroll") for (int j = 0; j < NT; ++j)
+      _Pragma("unroll") for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+  uint4 zw[LHM_MT][2], aw[NT];
+  auto fetch = [&](int c0) {
+    int col = c0 + 8 * c;
+    bool in = col < ke;
+    _Pragma("unroll") for (int i = 0; i < LHM_MT; ++i)
+      _Pragma("unroll") for (int hf = 0; hf < 2; ++hf) {
+        int r = row0 + 16 * i + g + 8 * hf;
+        zw[i][hf] = in && r < m ? __ldg((const uint4*)(z + (long long)r * k + col))
+                                : make_uint4(0u, 0u, 0u, 0u);
+      }
+    _Pragma("unroll") for (int j = 0; j < NT; ++j)
+      aw[j] = in ? __ldg((const uint4*)(a + (long long)(8 * j + g) * k + col))
+                 : make_uint4(0u, 0u, 0u, 0u);
+  };
+  int c0 = kb + 32 * warp;
+  if (c0 < ke) fetch(c0);
+  for (; c0 < ke; c0 += 8 * 32) {
+    uint4 zc[LHM_MT][2], ac[NT];
+    _Pragma("unroll") for (int i = 0; i < LHM_MT; ++i)
+      _Pragma("unroll") for (int hf = 0; hf < 2; ++hf) {
+        int r = row0 + 16 * i + g + 8 * hf;
+        zc[i][hf] = drop8<BF16, false>(zw[i][hf], (long long)r * k + c0 + 8 * c, drop, key, p,
+                                       scale);
+      }
+    _Pragma("unroll") for (int j = 0; j < NT; ++j) ac[j] = aw[j];
+    if (c0 + 8 * 32 < ke) fetch(c0 + 8 * 32);
+    _Pragma("unroll") for (int s = 0; s < 2; ++s)
+      _Pragma("unroll") for (int j = 0; j < NT; ++j)
+        _Pragma("unroll") for (int i = 0; i < LHM_MT; ++i)
+          mma_16816<BF16>(acc[i][j], word(zc[i][0], 2 * s), word(zc[i][1], 2 * s),
+                          word(zc[i][0], 2 * s + 1), word(zc[i][1], 2 * s + 1),
+                          word(ac[j], 2 * s), word(ac[j], 2 * s + 1));
+  }
+  // The warps' sums added in warp order, so the result does not depend on timing.
+  _Pragma("unroll") for (int i = 0; i < LHM_MT; ++i)
+    _Pragma("unroll") for (int j = 0; j < NT; ++j)
+      _Pragma("unroll") for (int q = 0; q < 4; ++q)
+        red[warp][16 * i + g + 8 * (q >> 1)][8 * j + 2 * c + (q & 1)] = acc[i][j][q];
+  __syncthreads();
+  float* hs = part + (long long)blockIdx.y * m * R;
+  for (int o = threadIdx.x; o < ROWS * R; o += blockDim.x) {
+    int r = o / R, j = o % R;
+    if (row0 + r >= m) continue;
+    float sum = 0.f;
+    _Pragma("unroll") for (int w = 0; w < 8; ++w) sum += red[w][r][j];
+    hs[(long long)(row0 + r) * R + j] = sum;
+  }
+}
+#define LORA_TRAIN_H_MMA(R)                                                                    \
+extern "C" __global__ void __launch_bounds__(256) lora_train_h_mma_bf16_r##R(const u16* z,    \
+    const u16* a, float* part, int k, int k_per, int m, unsigned long long key, float p,       \
+    float scale) {                                                                            \
+  lora_train_h_mma<R, true>(z, a, part, m, k, k_per, key, p, scale);                           \
+}                                                                                             \
+extern "C" __global__ void __launch_bounds__(256) lora_train_h_mma_f16_r##R(const u16* z,     \
+    const u16* a, float* part, int k, int k_per, int m, unsigned long long key, float p,       \
+    float scale) {                                                                            \
+  lora_train_h_mma<R, false>(z, a, part, m, k, k_per, key, p, scale);                          \
+}
+LORA_TRAIN_H_MMA(8)
+LORA_TRAIN_H_MMA(16)
+
+// dA = gh^T dropout(z) ([R, k]; gh [m, R]), the partial sums of slab blockIdx.y of the rows
+// (part[slab][R][k], added in slab order by lora_h_sum). The sum runs over z's rows, which are
+// not contiguous, so a block stages DAM_ROWS rows of its DAM_COLS columns (dropped, 16-bit) and
+// of gh in shared memory, and ldmatrix's transposing form hands both to the mma as operands
+// whose k runs down the rows: A = gh^T (the ranks, 16, zero past R), B = the staged z. Each warp
+// owns 16 columns. The next chunk's loads are issued before the current one is used. Rows are
+// padded by 8 values so that ldmatrix's eight 16-byte rows fall in distinct banks.
+#define DAM_COLS 128
+#define DAM_ROWS 32
+template <int R, bool BF16, bool GELU>
+__device__ __forceinline__ void lora_train_da_mma(const u16* z, const u16* gh, float* part,
+    int m, int k, int rows_per, unsigned long long key, float p, float scale) {
+  __shared__ __align__(16) u16 zs[DAM_ROWS][DAM_COLS + 8];
+  __shared__ __align__(16) u16 gs[DAM_ROWS][16 + 8];
+  constexpr int GV = DAM_ROWS * R / 8;  // gh's 16-byte words a chunk
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int g = lane >> 2, c = lane & 3;
+  int c0 = blockIdx.x * DAM_COLS;
+  int rb = blockIdx.y * rows_per, re = min(m, rb + rows_per);
+  bool drop = p > 0.f;
+  if (R < 16)
+    for (int t = threadIdx.x; t < DAM_ROWS; t += blockDim.x)
+      *(uint4*)&gs[t][8] = make_uint4(0u, 0u, 0u, 0u);
+  float acc[2][4];
+  _Pragma("unroll") for (int j = 0; j < 2; ++j)
+    _Pragma("unroll") for (int q = 0; q < 4; ++q) acc[j][q] = 0.f;
+  uint4 zr[2], gr = make_uint4(0u, 0u, 0u, 0u);
+  auto fetch = [&](int r0) {
+    _Pragma("unroll") for (int l = 0; l < 2; ++l) {
+      int t = threadIdx.x + 256 * l, r = t / (DAM_COLS / 8), col = c0 + (t % (DAM_COLS / 8)) * 8;
+      zr[l] = r0 + r < re && col < k ? __ldg((const uint4*)(z + (long long)(r0 + r) * k + col))
+                                     : make_uint4(0u, 0u, 0u, 0u);
+    }
+    if (threadIdx.x < GV) {
+      int r = threadIdx.x / (R / 8);
+      gr = r0 + r < re ? __ldg((const uint4*)(gh + (long long)(r0 + r) * R) + threadIdx.x % (R / 8))
+                       : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  fetch(rb);
+  int i8 = lane & 7, quad = lane >> 3;
+  for (int r0 = rb; r0 < re; r0 += DAM_ROWS) {
+    _Pragma("unroll") for (int l = 0; l < 2; ++l) {
+      int t = threadIdx.x + 256 * l, r = t / (DAM_COLS / 8), cc = (t % (DAM_COLS / 8)) * 8;
+      *(uint4*)&zs[r][cc] =
+          drop8<BF16, GELU>(zr[l], (long long)(r0 + r) * k + c0 + cc, drop, key, p, scale);
+    }
+    if (threadIdx.x < GV)
+      *(uint4*)&gs[threadIdx.x / (R / 8)][8 * (threadIdx.x % (R / 8))] = gr;
+    __syncthreads();
+    if (r0 + DAM_ROWS < re) fetch(r0 + DAM_ROWS);
+    _Pragma("unroll") for (int ks = 0; ks < DAM_ROWS / 16; ++ks) {
+      unsigned af[4], bf[4];
+      // A = gh^T: matrices (ranks 0-7 | 8-15) x (rows 0-7 | 8-15), in a0..a3's order.
+      ldsm_x4_t(af, &gs[16 * ks + i8 + 8 * (quad >> 1)][8 * (quad & 1)]);
+      // B = z: (rows 0-7 | 8-15) of columns 0-7, then of columns 8-15, of the warp's 16.
+      ldsm_x4_t(bf, &zs[16 * ks + i8 + 8 * (quad & 1)][16 * warp + 8 * (quad >> 1)]);
+      mma_16816<BF16>(acc[0], af[0], af[1], af[2], af[3], bf[0], bf[1]);
+      mma_16816<BF16>(acc[1], af[0], af[1], af[2], af[3], bf[2], bf[3]);
+    }
+    __syncthreads();
+  }
+  _Pragma("unroll") for (int j = 0; j < 2; ++j) {
+    int col = c0 + 16 * warp + 8 * j + 2 * c;
+    if (col >= k) continue;
+    _Pragma("unroll") for (int hf = 0; hf < 2; ++hf) {
+      int rank = g + 8 * hf;
+      if (rank >= R) continue;
+      float2 v = make_float2(acc[j][2 * hf], acc[j][2 * hf + 1]);
+      *(float2*)(part + ((long long)blockIdx.y * R + rank) * k + col) = v;
+    }
+  }
+}
+#define LORA_TRAIN_DA_MMA(NAME, R, BF16, GELU)                                                 \
+extern "C" __global__ void __launch_bounds__(256) NAME(const u16* z, const u16* gh,           \
+    float* part, int k, int rows_per, int m, unsigned long long key, float p, float scale) {   \
+  lora_train_da_mma<R, BF16, GELU>(z, gh, part, m, k, rows_per, key, p, scale);                \
+}
+LORA_TRAIN_DA_MMA(lora_train_da_mma_bf16_r8, 8, true, false)
+LORA_TRAIN_DA_MMA(lora_train_da_mma_bf16_r16, 16, true, false)
+LORA_TRAIN_DA_MMA(lora_train_da_mma_f16_r8, 8, false, false)
+LORA_TRAIN_DA_MMA(lora_train_da_mma_f16_r16, 16, false, false)
+LORA_TRAIN_DA_MMA(lora_train_da_mma_gelu_bf16_r8, 8, true, true)
+LORA_TRAIN_DA_MMA(lora_train_da_mma_gelu_bf16_r16, 16, true, true)
+LORA_TRAIN_DA_MMA(lora_train_da_mma_gelu_f16_r8, 8, false, true)
+LORA_TRAIN_DA_MMA(lora_train_da_mma_gelu_f16_r16, 16, false, true)
