@@ -62,10 +62,11 @@ if [[ -n $before ]]; then
   git worktree add --detach "$wt" "$before"
   build_at "$wt" .carry/before/adapterlab.xz
   git worktree remove --force "$wt"
-  # The worktree's crates share the root's artifacts (cargo hashes a workspace member's path
-  # relative to its workspace) and left fingerprints newer than the root's sources: without
-  # this, the next build here would keep BEFORE_COMMIT's code.
-  find host -name '*.rs' -o -name '*.cu' | xargs touch
+  # The worktree's crates (the workspace's and the vendored candle-core) share the root's
+  # artifacts (cargo hashes a path crate's path relative to its workspace) and left fingerprints
+  # newer than the root's sources: without this, the next build here would keep BEFORE_COMMIT's
+  # code (or fail to compile against its candle-core).
+  find host vendor -name "*.rs" -o -name "*.cu" | xargs touch
 else
   mkdir -p .carry/before
   cp .carry/after/adapterlab.xz .carry/before/adapterlab.xz
