@@ -281,7 +281,7 @@ __device__ __forceinline__ float gelu_grad(float v, float g) {
   float pdf = 0.3989423f * expf(-0.5f * v * v);
   return g * (cdf + v * pdf);
 }
-template <int R, bool BF16, bool DROP, bool GELU, int ROWS>
+template <int R, bool BF16, bool DROP, bool GELU, int ROWS, bool HAS_Y = true>
 __device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const u16* f,
     long long fs_col, long long fs_j, u16* out, int n, int m, unsigned long long key, float p,
     float scale, const u16* gx) {
@@ -312,7 +312,7 @@ __device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const
       yw[u] = 0u;
       if (GELU) xw[GELU ? u : 0] = 0u;
       if (i0 + u < rows) {
-        yw[u] = word(y, e);
+        if (HAS_Y) yw[u] = word(y, e);
         if (GELU) xw[GELU ? u : 0] = word(gx, e);
       }
     }
@@ -378,6 +378,23 @@ LORA_TRAIN_ADD(lora_train_add_drop_gelu_bf16_r8, 8, true, true, true)
 LORA_TRAIN_ADD(lora_train_add_drop_gelu_bf16_r16, 16, true, true, true)
 LORA_TRAIN_ADD(lora_train_add_drop_gelu_f16_r8, 8, false, true, true)
 LORA_TRAIN_ADD(lora_train_add_drop_gelu_f16_r16, 16, false, true, true)
+// The adapter's term alone (y taken as zeros, never read): what the base's product then adds
+// inside cuBLAS (ops/gemm.rs), for the node's value and the input gradient without GELU.
+#define LORA_TRAIN_TERM(NAME, R, BF16, DROP)                                                   \
+extern "C" __global__ void NAME(const u16* y, const u16* h, const u16* f, long long fs_col,   \
+    long long fs_j, u16* out, int n, int m, unsigned long long key, float p, float scale,      \
+    const u16* gx) {                                                                          \
+  lora_train_add<R, BF16, DROP, false, LORA_OUT_ROWS, false>(y, h, f, fs_col, fs_j, out, n, m, \
+                                                             key, p, scale, gx);             \
+}
+LORA_TRAIN_TERM(lora_train_term_bf16_r8, 8, true, false)
+LORA_TRAIN_TERM(lora_train_term_bf16_r16, 16, true, false)
+LORA_TRAIN_TERM(lora_train_term_f16_r8, 8, false, false)
+LORA_TRAIN_TERM(lora_train_term_f16_r16, 16, false, false)
+LORA_TRAIN_TERM(lora_train_term_drop_bf16_r8, 8, true, true)
+LORA_TRAIN_TERM(lora_train_term_drop_bf16_r16, 16, true, true)
+LORA_TRAIN_TERM(lora_train_term_drop_f16_r8, 8, false, true)
+LORA_TRAIN_TERM(lora_train_term_drop_f16_r16, 16, false, true)
 
 // out = y + h (B * scaling)^T, summed in f32 and rounded once, as PEFT computes it with f32
 // adapter weights. A thread takes two adjacent columns (their rows of B * scaling held in
