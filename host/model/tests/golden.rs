@@ -1893,11 +1893,9 @@ fn lora_inference_kernels_equal_the_op_by_op_path() {
 /// GELU's forward kernel (`ops::gelu::gelu_erf` on the GPU in 16-bit types) against candle's
 /// `gelu_erf` kernel on the same GPU, bit for bit over every bf16 and f16 value (NaN for NaN),
 /// with a length that leaves a tail of single elements; a view that does not start 16-byte
-/// aligned goes to candle's kernel and agrees too.
-#[cfg_attr(
-    not(feature = "cuda"),
-    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
-)]
+/// aligned goes to candle's kernel and agrees too; and the same values repeated past
+/// `GELU_TABLE_MIN` elements, which go through the table.
+#[cfg(feature = "cuda")]
 #[test]
 fn gelu_forward_kernel_equals_candles() {
     use adapterlab_model::ops::gelu::gelu_erf;
@@ -1922,9 +1920,13 @@ fn gelu_forward_kernel_equals_candles() {
             .unwrap()
             .to_device(&dev)
             .unwrap();
+        // Every value again, repeated past the length from which the table serves.
+        let copies = adapterlab_model::ops::kernels::GELU_TABLE_MIN.div_ceil(bits.len()) + 1;
+        let big = Tensor::cat(&vec![&x; copies], 0).unwrap();
         for (what, x) in [
             ("aligned", x.clone()),
             ("offset", x.narrow(0, 3, bits.len() - 3).unwrap()),
+            ("table", big),
         ] {
             let (ours, theirs) = (
                 host_f32s(&gelu_erf(&x).unwrap()),
