@@ -393,12 +393,6 @@ fn sum_slices(
     }
 }
 
-/// `ADAPTERLAB_LORA_ADD_ROWS`: the rows a block of [`train_add`] covers, `32` (the default) or
-/// `128` (each thread's factor rows loaded once for four times the rows). The same values
-/// either way; a speed switch to measure the two in one device call.
-static ADD_ROWS: crate::ops::switch::Switch<bool> =
-    crate::ops::switch::Switch::new("ADAPTERLAB_LORA_ADD_ROWS", &[("32", false), ("128", true)]);
-
 /// The second factor of a training node's adapter term `h F^T`, as stored.
 pub enum Factor<'a> {
     /// `[n, r]`: `scaling * B`, the forward's.
@@ -489,13 +483,9 @@ fn adapter_term(
     let (n_i, m_i) = (n as i32, m as i32);
     let (key, p, scale) = mask_args(mask);
     let drop = if p > 0.0 { "drop_" } else { "" };
-    let (kind, (rows, height)) = match y {
-        Some(_) if ADD_ROWS.get()?.unwrap_or(false) => ("add", (128, "_t128")),
-        Some(_) => ("add", (LORA_OUT_ROWS, "")),
-        None => ("term", (LORA_OUT_ROWS, "")),
-    };
+    let kind = if y.is_some() { "add" } else { "term" };
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(512) as u32, m.div_ceil(rows) as u32, 1),
+        grid_dim: (n.div_ceil(512) as u32, m.div_ceil(LORA_OUT_ROWS) as u32, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -513,7 +503,7 @@ fn adapter_term(
             };
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<$t>(m * n)? };
-            let name = format!("lora_train_{kind}_{drop}{gelu}{}_r{r}{height}", $dtype);
+            let name = format!("lora_train_{kind}_{drop}{gelu}{}_r{r}", $dtype);
             crate::run_kernel!(LORA, dev, &name, cfg;
                 &yv, &hv, &fv, &fs_col, &fs_j, &out, &n_i, &m_i, &key, &p, &scale, &xv)?;
             Ok(wrap(out, &dev, (m, n)))
