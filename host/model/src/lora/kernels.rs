@@ -450,11 +450,9 @@ fn adapter_term(
         Factor::RankByOut(_) => [r, n],
     };
     let dtype = h.dtype();
-    let y_fits = y.is_none_or(|y| {
-        y.dims() == [m, n] && y.dtype() == dtype && start_aligned(y, 2)
-    });
-    let gelu_fits = gelu_input
-        .is_none_or(|x| x.dtype() == dtype && x.dims() == [m, n] && start_aligned(x, 2));
+    let y_fits = y.is_none_or(|y| y.dims() == [m, n] && y.dtype() == dtype && start_aligned(y, 2));
+    let gelu_fits =
+        gelu_input.is_none_or(|x| x.dtype() == dtype && x.dims() == [m, n] && start_aligned(x, 2));
     if ft.dims() != f_dims
         || ft.dtype() != dtype
         || !TRAIN_RANKS.contains(&r)

@@ -139,7 +139,9 @@ fn forward(
             // The adapter's term added inside the base's product: one rounding of the sum.
             None => base.forward_plus(z, train_term(&h, Factor::OutByRank(&bs), None)?)?,
             Some(b) => {
-                let y = base.forward(z)?.broadcast_add(&b.detach().to_dtype(z.dtype())?)?;
+                let y = base
+                    .forward(z)?
+                    .broadcast_add(&b.detach().to_dtype(z.dtype())?)?;
                 train_add(&y, &h, Factor::OutByRank(&bs), None, None)?
             }
         };

@@ -59,9 +59,10 @@ pub fn matmul_plus(a: &Tensor, b: &Tensor, rhs: Rhs, c: Tensor) -> Result<Tensor
     };
     let (storage, _) = match c.into_storage() {
         Ok(owned) => owned,
-        Err(shared) => shared.copy()?.into_storage().map_err(|_| {
-            Error::Msg("matmul_plus: a fresh copy of c is held elsewhere".into())
-        })?,
+        Err(shared) => shared
+            .copy()?
+            .into_storage()
+            .map_err(|_| Error::Msg("matmul_plus: a fresh copy of c is held elsewhere".into()))?,
     };
     let Storage::Cuda(mut out) = storage else {
         return Err(Error::Msg("matmul_plus: c is not on the GPU".into()));

@@ -343,11 +343,14 @@ pub const GELU_TABLE_MIN: usize = 1 << 22;
 const GELU_CODES: usize = 1 << 16;
 const GELU_TABLE_BYTES: usize = 2 * GELU_CODES;
 
+/// A device's GELU table for one type, and the blocks `gelu_fwd_table` runs in there.
+type GeluTable = (Tensor, u32);
+
 /// The GELU table of `dtype` on `device` (built on first use, then kept: 128 KB) and the blocks
 /// `gelu_fwd_table` runs in (one a multiprocessor); `None` where the GPU cannot give a block the
 /// table's shared memory (the direct kernel runs there).
-fn gelu_table(device: &Device, dtype: DType) -> Result<Option<(Tensor, u32)>> {
-    static TABLES: std::sync::Mutex<Vec<(Device, DType, Option<(Tensor, u32)>)>> =
+fn gelu_table(device: &Device, dtype: DType) -> Result<Option<GeluTable>> {
+    static TABLES: std::sync::Mutex<Vec<(Device, DType, Option<GeluTable>)>> =
         std::sync::Mutex::new(Vec::new());
     let mut tables = TABLES
         .lock()

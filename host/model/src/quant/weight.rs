@@ -79,7 +79,12 @@ impl BaseWeight for DenseWeight {
         #[cfg(feature = "cuda")]
         if adds_in_product(x, &acc, self.weight.dtype()) {
             use crate::ops::gemm::{Rhs, matmul_plus};
-            return matmul_plus(&x.contiguous()?, &self.weight.contiguous()?, Rhs::Transposed, acc);
+            return matmul_plus(
+                &x.contiguous()?,
+                &self.weight.contiguous()?,
+                Rhs::Transposed,
+                acc,
+            );
         }
         self.forward(x)? + acc
     }
@@ -87,7 +92,12 @@ impl BaseWeight for DenseWeight {
         #[cfg(feature = "cuda")]
         if adds_in_product(grad, &acc, self.weight.dtype()) {
             use crate::ops::gemm::{Rhs, matmul_plus};
-            return matmul_plus(&grad.contiguous()?, &self.weight.contiguous()?, Rhs::AsIs, acc);
+            return matmul_plus(
+                &grad.contiguous()?,
+                &self.weight.contiguous()?,
+                Rhs::AsIs,
+                acc,
+            );
         }
         self.input_grad(grad)? + acc
     }
