@@ -797,6 +797,72 @@ fn packed_heads_equal_the_op_by_op_path() {
     eprintln!("packed heads: {cases} cases equal");
 }
 
+/// A product with a term added inside cuBLAS's (`ops::gemm::matmul_plus`, what the LoRA
+/// training node's value and input gradient go through) against the f32 product plus the term:
+/// as close as the 16-bit product followed by the add (one rounding where that makes two), for
+/// both layouts of the right side, bf16 and f16, shapes not a multiple of cuBLAS's tiles; and a
+/// term still held elsewhere is copied, not written over.
+#[cfg(feature = "cuda")]
+#[test]
+fn matmul_plus_is_the_product_plus_the_term() {
+    use adapterlab_model::ops::gemm::{Rhs, matmul_plus};
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let values = |seed: f32, shape: (usize, usize), scale: f32| {
+        let len = shape.0 * shape.1;
+        Tensor::from_vec(
+            (0..len)
+                .map(|i| (i as f32 * 0.7391 + seed).sin() * scale)
+                .collect::<Vec<f32>>(),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    for (m, k, n) in [(33, 72, 40), (130, 264, 96)] {
+        for rhs in [Rhs::Transposed, Rhs::AsIs] {
+            for dtype in [DType::BF16, DType::F16] {
+                let case = format!("m {m} k {k} n {n} {rhs:?} {dtype:?}");
+                let b_shape = match rhs {
+                    Rhs::Transposed => (n, k),
+                    Rhs::AsIs => (k, n),
+                };
+                // Rounded to the type first, so all three sums see the same operands.
+                let typed = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+                let (a, b, c) = (
+                    typed(values(0.1, (m, k), 1.0)),
+                    typed(values(0.2, b_shape, 0.1)),
+                    typed(values(0.3, (m, n), 1.0)),
+                );
+                let bt = match rhs {
+                    Rhs::Transposed => b.t().unwrap(),
+                    Rhs::AsIs => b.clone(),
+                };
+                let exact = host_f32s(&(a.matmul(&bt).unwrap() + &c).unwrap());
+                let on = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+                let (ad, bd, cd) = (on(&a), on(&b), on(&c));
+                let bdt = match rhs {
+                    Rhs::Transposed => bd.t().unwrap(),
+                    Rhs::AsIs => bd.clone(),
+                };
+                let graph = host_f32s(&(ad.matmul(&bdt).unwrap() + &cd).unwrap());
+                let held = host_f32s(&cd);
+                let ours = host_f32s(&matmul_plus(&ad, &bd, rhs, cd.clone()).unwrap());
+                assert_eq!(host_f32s(&cd), held, "{case}: a held term was written over");
+                let (e_ours, e_graph) = (max_diff(&exact, &ours), max_diff(&exact, &graph));
+                assert!(
+                    e_ours <= 1.25 * e_graph + 1e-6,
+                    "{case}: off the f32 sum by {e_ours}, the product then the add by {e_graph}"
+                );
+            }
+        }
+    }
+}
+
 /// Attention's heads merged into token rows (`ops::heads::merge_heads`, one kernel each way)
 /// against candle's transpose and copy, bit for bit, forward and backward, bf16 and f16, heads
 /// of 64 and 8.
@@ -1827,11 +1893,9 @@ fn lora_inference_kernels_equal_the_op_by_op_path() {
 /// GELU's forward kernel (`ops::gelu::gelu_erf` on the GPU in 16-bit types) against candle's
 /// `gelu_erf` kernel on the same GPU, bit for bit over every bf16 and f16 value (NaN for NaN),
 /// with a length that leaves a tail of single elements; a view that does not start 16-byte
-/// aligned goes to candle's kernel and agrees too.
-#[cfg_attr(
-    not(feature = "cuda"),
-    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
-)]
+/// aligned goes to candle's kernel and agrees too; and the same values repeated past
+/// `GELU_TABLE_MIN` elements, which go through the table.
+#[cfg(feature = "cuda")]
 #[test]
 fn gelu_forward_kernel_equals_candles() {
     use adapterlab_model::ops::gelu::gelu_erf;
@@ -1856,9 +1920,13 @@ fn gelu_forward_kernel_equals_candles() {
             .unwrap()
             .to_device(&dev)
             .unwrap();
+        // Every value again, repeated past the length from which the table serves.
+        let copies = adapterlab_model::ops::kernels::GELU_TABLE_MIN.div_ceil(bits.len()) + 1;
+        let big = Tensor::cat(&vec![&x; copies], 0).unwrap();
         for (what, x) in [
             ("aligned", x.clone()),
             ("offset", x.narrow(0, 3, bits.len() - 3).unwrap()),
+            ("table", big),
         ] {
             let (ours, theirs) = (
                 host_f32s(&gelu_erf(&x).unwrap()),

@@ -393,12 +393,6 @@ fn sum_slices(
     }
 }
 
-/// `ADAPTERLAB_LORA_ADD_ROWS`: the rows a block of [`train_add`] covers, `32` (the default) or
-/// `128` (each thread's factor rows loaded once for four times the rows). The same values
-/// either way; a speed switch to measure the two in one device call.
-static ADD_ROWS: crate::ops::switch::Switch<bool> =
-    crate::ops::switch::Switch::new("ADAPTERLAB_LORA_ADD_ROWS", &[("32", false), ("128", true)]);
-
 /// The second factor of a training node's adapter term `h F^T`, as stored.
 pub enum Factor<'a> {
     /// `[n, r]`: `scaling * B`, the forward's.
@@ -424,76 +418,100 @@ pub fn train_add(
     mask: Mask,
     gelu_input: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let dev = cuda_device(y)?;
-    let (m, n) = y.dims2()?;
-    let (m2, r) = h.dims2()?;
-    let (ft, (fs_col, fs_j), f_dims) = match f {
-        Factor::OutByRank(t) => (t, (r as i64, 1i64), [n, r]),
-        Factor::RankByOut(t) => (t, (1i64, n as i64), [r, n]),
+    crate::ops::profile::scope("lora.train.add", y.device(), || {
+        adapter_term(Some(y), h, f, mask, gelu_input)
+    })
+}
+
+/// `dropout(round(h F^T))` alone (`[m, n]`, the factor's `n`), as [`train_add`] rounds it: the
+/// term a base product then adds inside cuBLAS (`crate::ops::gemm::matmul_plus`).
+pub fn train_term(h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Tensor> {
+    crate::ops::profile::scope("lora.train.term", h.device(), || {
+        adapter_term(None, h, f, mask, None)
+    })
+}
+
+/// [`train_add`] (`y` given) or [`train_term`] (none: the kernel takes it as zeros).
+fn adapter_term(
+    y: Option<&Tensor>,
+    h: &Tensor,
+    f: Factor<'_>,
+    mask: Mask,
+    gelu_input: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dev = cuda_device(h)?;
+    let (m, r) = h.dims2()?;
+    let (ft, (fs_col, fs_j), n) = match f {
+        Factor::OutByRank(t) => (t, (r as i64, 1i64), t.dim(0)?),
+        Factor::RankByOut(t) => (t, (1i64, t.dim(1)? as i64), t.dim(1)?),
     };
-    let same_type = [h, ft].iter().all(|t| t.dtype() == y.dtype());
-    let gelu_fits = gelu_input
-        .is_none_or(|x| x.dtype() == y.dtype() && x.dims() == y.dims() && start_aligned(x, 2));
-    if m != m2
-        || ft.dims() != f_dims
-        || !same_type
+    let f_dims = match f {
+        Factor::OutByRank(_) => [n, r],
+        Factor::RankByOut(_) => [r, n],
+    };
+    let dtype = h.dtype();
+    let y_fits = y.is_none_or(|y| y.dims() == [m, n] && y.dtype() == dtype && start_aligned(y, 2));
+    let gelu_fits =
+        gelu_input.is_none_or(|x| x.dtype() == dtype && x.dims() == [m, n] && start_aligned(x, 2));
+    if ft.dims() != f_dims
+        || ft.dtype() != dtype
         || !TRAIN_RANKS.contains(&r)
-        || !start_aligned(y, 2)
+        || !y_fits
         || !start_aligned(h, 8)
         || !ft.is_contiguous()
         || !gelu_fits
+        || (y.is_none() && gelu_input.is_some())
     {
         return Err(Error::Msg(format!(
-            "lora training add: y {:?} {:?}, h {:?} {:?}, factor {:?} {:?}",
-            y.dims(),
-            y.dtype(),
+            "lora training add: y {:?}, h {:?} {:?}, factor {:?} {:?}, gelu input {:?}",
+            y.map(|y| (y.dims(), y.dtype())),
             h.dims(),
             h.dtype(),
             ft.dims(),
-            ft.dtype()
+            ft.dtype(),
+            gelu_input.map(|x| (x.dims(), x.dtype()))
         )));
     }
-    let (ys, hs, fs) = (CudaInput::of(y)?, CudaInput::of(h)?, CudaInput::of(ft)?);
-    // Without GELU the kernel never reads its input: y stands in.
-    let xs = CudaInput::of(gelu_input.unwrap_or(y))?;
+    let (hs, fs) = (CudaInput::of(h)?, CudaInput::of(ft)?);
+    // Inputs a kernel never reads (y for the term alone, GELU's input without GELU) take h's
+    // place as arguments.
+    let ys = y.map(CudaInput::of).transpose()?;
+    let xs = gelu_input.or(y).map(CudaInput::of).transpose()?;
     let gelu = if gelu_input.is_some() { "gelu_" } else { "" };
     let (n_i, m_i) = (n as i32, m as i32);
     let (key, p, scale) = mask_args(mask);
     let drop = if p > 0.0 { "drop_" } else { "" };
-    let tall = ADD_ROWS.get()?.unwrap_or(false);
-    let (rows, height) = if tall {
-        (128, "_t128")
-    } else {
-        (LORA_OUT_ROWS, "")
-    };
+    let kind = if y.is_some() { "add" } else { "term" };
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(512) as u32, m.div_ceil(rows) as u32, 1),
+        grid_dim: (n.div_ceil(512) as u32, m.div_ceil(LORA_OUT_ROWS) as u32, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
     macro_rules! launch {
         ($dtype:literal, $t:ty) => {{
-            let (yv, hv, fv, xv) = (
-                ys.view::<$t>(m * n)?,
-                hs.view::<$t>(m * r)?,
-                fs.view::<$t>(n * r)?,
-                xs.view::<$t>(m * n)?,
-            );
+            let hv = hs.view::<$t>(m * r)?;
+            let fv = fs.view::<$t>(n * r)?;
+            let yv = match &ys {
+                Some(ys) => ys.view::<$t>(m * n)?,
+                None => hs.view::<$t>(m * r)?,
+            };
+            let xv = match &xs {
+                Some(xs) => xs.view::<$t>(m * n)?,
+                None => hs.view::<$t>(m * r)?,
+            };
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<$t>(m * n)? };
-            let name = format!("lora_train_add_{drop}{gelu}{}_r{r}{height}", $dtype);
+            let name = format!("lora_train_{kind}_{drop}{gelu}{}_r{r}", $dtype);
             crate::run_kernel!(LORA, dev, &name, cfg;
                 &yv, &hv, &fv, &fs_col, &fs_j, &out, &n_i, &m_i, &key, &p, &scale, &xv)?;
             Ok(wrap(out, &dev, (m, n)))
         }};
     }
-    crate::ops::profile::scope("lora.train.add", y.device(), || match y.dtype() {
+    match dtype {
         DType::BF16 => launch!("bf16", half::bf16),
         DType::F16 => launch!("f16", half::f16),
-        other => Err(Error::Msg(format!(
-            "lora training on {other:?} is not supported"
-        ))),
-    })
+        other => Err(unsupported(other)),
+    }
 }
 
 #[cfg(test)]

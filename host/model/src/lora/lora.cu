@@ -281,13 +281,13 @@ __device__ __forceinline__ float gelu_grad(float v, float g) {
   float pdf = 0.3989423f * expf(-0.5f * v * v);
   return g * (cdf + v * pdf);
 }
-template <int R, bool BF16, bool DROP, bool GELU, int ROWS>
+template <int R, bool BF16, bool DROP, bool GELU, bool HAS_Y = true>
 __device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const u16* f,
     long long fs_col, long long fs_j, u16* out, int n, int m, unsigned long long key, float p,
     float scale, const u16* gx) {
-  __shared__ __align__(16) float hs[ROWS][R];
-  int row0 = blockIdx.y * ROWS;
-  int rows = min(ROWS, m - row0);
+  __shared__ __align__(16) float hs[LORA_OUT_ROWS][R];
+  int row0 = blockIdx.y * LORA_OUT_ROWS;
+  int rows = min(LORA_OUT_ROWS, m - row0);
   for (int t = threadIdx.x; t < rows * R; t += blockDim.x)
     hs[t / R][t % R] = load16<BF16>(h[(long long)row0 * R + t]);
   __syncthreads();
@@ -312,7 +312,7 @@ __device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const
       yw[u] = 0u;
       if (GELU) xw[GELU ? u : 0] = 0u;
       if (i0 + u < rows) {
-        yw[u] = word(y, e);
+        if (HAS_Y) yw[u] = word(y, e);
         if (GELU) xw[GELU ? u : 0] = word(gx, e);
       }
     }
@@ -347,20 +347,11 @@ __device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const
     }
   }
 }
-// Each instance in two heights, LORA_OUT_ROWS rows a block and 128 (`_t128`): a taller block
-// loads its columns' factor rows (2 R 16-bit loads a thread) for four times the rows.
 #define LORA_TRAIN_ADD(NAME, R, BF16, DROP, GELU)                                              \
 extern "C" __global__ void NAME(const u16* y, const u16* h, const u16* f, long long fs_col,   \
     long long fs_j, u16* out, int n, int m, unsigned long long key, float p, float scale,      \
     const u16* gx) {                                                                          \
-  lora_train_add<R, BF16, DROP, GELU, LORA_OUT_ROWS>(y, h, f, fs_col, fs_j, out, n, m, key, p, \
-                                                     scale, gx);                             \
-}                                                                                             \
-extern "C" __global__ void NAME##_t128(const u16* y, const u16* h, const u16* f,              \
-    long long fs_col, long long fs_j, u16* out, int n, int m, unsigned long long key, float p, \
-    float scale, const u16* gx) {                                                             \
-  lora_train_add<R, BF16, DROP, GELU, 128>(y, h, f, fs_col, fs_j, out, n, m, key, p, scale,   \
-                                           gx);                                              \
+  lora_train_add<R, BF16, DROP, GELU>(y, h, f, fs_col, fs_j, out, n, m, key, p, scale, gx);    \
 }
 LORA_TRAIN_ADD(lora_train_add_bf16_r8, 8, true, false, false)
 LORA_TRAIN_ADD(lora_train_add_bf16_r16, 16, true, false, false)
@@ -378,6 +369,23 @@ LORA_TRAIN_ADD(lora_train_add_drop_gelu_bf16_r8, 8, true, true, true)
 LORA_TRAIN_ADD(lora_train_add_drop_gelu_bf16_r16, 16, true, true, true)
 LORA_TRAIN_ADD(lora_train_add_drop_gelu_f16_r8, 8, false, true, true)
 LORA_TRAIN_ADD(lora_train_add_drop_gelu_f16_r16, 16, false, true, true)
+// The adapter's term alone (y taken as zeros, never read): what the base's product then adds
+// inside cuBLAS (ops/gemm.rs), for the node's value and the input gradient without GELU.
+#define LORA_TRAIN_TERM(NAME, R, BF16, DROP)                                                   \
+extern "C" __global__ void NAME(const u16* y, const u16* h, const u16* f, long long fs_col,   \
+    long long fs_j, u16* out, int n, int m, unsigned long long key, float p, float scale,      \
+    const u16* gx) {                                                                          \
+  lora_train_add<R, BF16, DROP, false, false>(y, h, f, fs_col, fs_j, out, n, m, key, p, scale, \
+                                              gx);                                           \
+}
+LORA_TRAIN_TERM(lora_train_term_bf16_r8, 8, true, false)
+LORA_TRAIN_TERM(lora_train_term_bf16_r16, 16, true, false)
+LORA_TRAIN_TERM(lora_train_term_f16_r8, 8, false, false)
+LORA_TRAIN_TERM(lora_train_term_f16_r16, 16, false, false)
+LORA_TRAIN_TERM(lora_train_term_drop_bf16_r8, 8, true, true)
+LORA_TRAIN_TERM(lora_train_term_drop_bf16_r16, 16, true, true)
+LORA_TRAIN_TERM(lora_train_term_drop_f16_r8, 8, false, true)
+LORA_TRAIN_TERM(lora_train_term_drop_f16_r16, 16, false, true)
 
 // out = y + h (B * scaling)^T, summed in f32 and rounded once, as PEFT computes it with f32
 // adapter weights. A thread takes two adjacent columns (their rows of B * scaling held in

@@ -11,9 +11,11 @@
 //!
 //! On a GPU, in a 16-bit type, at ranks 8 and 16, the adapter's terms run in the kernels of
 //! [`crate::lora::kernels`]: `h` and `dA` straight from `x` with the dropout drawn in the kernel
-//! (the dropped copy is never written), and the product added to the base's output, or to its
-//! input gradient with the dropout's mask (and GELU's backward, where the input went through
-//! it), in one pass with the graph's roundings. Op by op, each term was a few passes over a
+//! (the dropped copy is never written); the adapter's term of the value, and of the input
+//! gradient (with the dropout's mask), is written alone and added inside the base's product
+//! ([`BaseWeight::forward_plus`], one rounding of the sum where the graph rounds the product and
+//! then the sum); where GELU's backward follows (or a bias comes first), the term is added to
+//! the base's output in one pass with the graph's roundings. Op by op, each term was a few passes over a
 //! `[m, n]` or `[m, k]` tensor: 0.167 of a 0.557 s step at 8 x 512 on an H100 (2026-12-06).
 
 use std::sync::Arc;
@@ -24,8 +26,11 @@ use crate::ops::dropout::seeded_dropout;
 use crate::quant::weight::BaseWeight;
 
 /// What the node does to its input before the layer reads it. With an activation the node
-/// keeps the pre-activation and recomputes the activation in backward, so the graph holds one
-/// `[m, k]` tensor where it held two (at Falcon's MLP, `k` is the widest of the model).
+/// keeps the pre-activation (for the activation's backward) and the activation itself (for
+/// `dA`), where the op-by-op graph held those and the dropped copy (at Falcon's MLP, `k` is the
+/// widest of the model). Recomputing the activation in backward instead saved one `[m, k]`
+/// tensor a layer (4.8 GB at Falcon-7B, 8 x 512) but cost more than the rest of `dA`: on an
+/// H100 the exact GELU took ~0.4 of the ~0.58 ms of that layer's `dA` (2026-12-06).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Input {
     AsIs,
@@ -82,7 +87,8 @@ pub fn lora_linear(
     }
     let z = crate::ops::profile::scope("lora.input", x.device(), || input.apply(&x.detach()))?;
     let (y, h) = forward(base.as_ref(), bias, &z, &a.detach(), &bs.detach(), dropout)?;
-    drop(z);
+    // The activation, where there is one, stays for dA (see `Input`).
+    let activation = (input != Input::AsIs && a.track_op()).then_some(z);
     if y.dims() != [m, n] || y.dtype() != x.dtype() {
         candle_core::bail!(
             "lora-linear: the base answered {:?} {:?} for x {:?} {:?}",
@@ -102,7 +108,13 @@ pub fn lora_linear(
         [x, a, bs],
         y,
         Box::new(move |[x, a, bs], _out, grad| {
-            let kept = Kept { x, a, bs, h: &h };
+            let kept = Kept {
+                x,
+                z: activation.as_ref(),
+                a,
+                bs,
+                h: &h,
+            };
             backward(base.as_ref(), dropout, input, wants, kept, grad)
         }),
     )
@@ -118,18 +130,28 @@ fn forward(
     bs: &Tensor,
     dropout: Option<Dropout>,
 ) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if crate::lora::kernels::trains(z, a.dim(0)?) {
+        use crate::lora::kernels::{Factor, train_add, train_h, train_term};
+        let h = train_h(z, &a.contiguous()?, mask(dropout))?;
+        let bs = bs.contiguous()?;
+        let out = match bias {
+            // The adapter's term added inside the base's product: one rounding of the sum.
+            None => base.forward_plus(z, train_term(&h, Factor::OutByRank(&bs), None)?)?,
+            Some(b) => {
+                let y = base
+                    .forward(z)?
+                    .broadcast_add(&b.detach().to_dtype(z.dtype())?)?;
+                train_add(&y, &h, Factor::OutByRank(&bs), None, None)?
+            }
+        };
+        return Ok((out, h));
+    }
     let y = base.forward(z)?;
     let y = match bias {
         Some(b) => y.broadcast_add(&b.detach().to_dtype(y.dtype())?)?,
         None => y,
     };
-    #[cfg(feature = "cuda")]
-    if crate::lora::kernels::trains(z, a.dim(0)?) {
-        use crate::lora::kernels::{Factor, train_add, train_h};
-        let h = train_h(z, &a.contiguous()?, mask(dropout))?;
-        let out = train_add(&y, &h, Factor::OutByRank(&bs.contiguous()?), None, None)?;
-        return Ok((out, h));
-    }
     let h = dropped(z, dropout)?.matmul(&a.t()?)?;
     let delta = h.matmul(&bs.t()?)?;
     Ok(((y + delta)?, h))
@@ -150,6 +172,8 @@ fn mask(dropout: Option<Dropout>) -> crate::lora::kernels::Mask {
 /// What backward reads: the node's inputs (detached) and the `h` its forward made.
 struct Kept<'a> {
     x: &'a Tensor,
+    /// `input(x)`, kept where `input` is an activation and `A` wants a gradient.
+    z: Option<&'a Tensor>,
     a: &'a Tensor,
     bs: &'a Tensor,
     h: &'a Tensor,
@@ -166,7 +190,7 @@ fn backward(
     kept: Kept<'_>,
     grad: &Tensor,
 ) -> Result<[Option<Tensor>; 3]> {
-    let Kept { x, a, bs, h } = kept;
+    let Kept { x, z, a, bs, h } = kept;
     let dev = grad.device().clone();
     crate::ops::profile::scope("lora.node.bwd", &dev, || {
         use crate::ops::profile::scope;
@@ -179,12 +203,11 @@ fn backward(
         let da = scope("lora.bwd.da", &dev, || {
             wants
                 .1
-                .then(|| adapter_a_grad(x, input, &gh, dropout))
+                .then(|| adapter_a_grad(x, z, input, &gh, dropout))
                 .transpose()
         })?;
         let dx = if wants.0 {
-            let through_base = base.input_grad(&g)?;
-            Some(input_grad(through_base, &gh, a, dropout, input, x)?)
+            Some(input_grad(base, &g, &gh, a, dropout, input, x)?)
         } else {
             None
         };
@@ -192,13 +215,19 @@ fn backward(
     })
 }
 
-/// `dA = gh^T dropout(z)`, `z = input(x)` (the kernel applies GELU as it reads `x`).
+/// `dA = gh^T dropout(z)`, `z = input(x)`: the activation forward kept, else computed from `x`
+/// (the kernel applies GELU as it reads `x`).
 fn adapter_a_grad(
     x: &Tensor,
+    z: Option<&Tensor>,
     input: Input,
     gh: &Tensor,
     dropout: Option<Dropout>,
 ) -> Result<Tensor> {
+    let (x, input) = match z {
+        Some(z) => (z, Input::AsIs),
+        None => (x, input),
+    };
     #[cfg(feature = "cuda")]
     if crate::lora::kernels::trains(x, gh.dim(1)?) && gh.dtype() == x.dtype() {
         let gelu = input == Input::GeluErf;
@@ -208,9 +237,11 @@ fn adapter_a_grad(
 }
 
 /// The gradient with respect to the node's input `x`: the gradient with respect to `z`, the
-/// base's plus the adapter's `dropout(gh A)`, through the input's activation.
+/// base's `g W` plus the adapter's `dropout(gh A)`, through the input's activation. On a GPU
+/// without an activation the adapter's term is added inside the base's product.
 fn input_grad(
-    through_base: Tensor,
+    base: &dyn BaseWeight,
+    g: &Tensor,
     gh: &Tensor,
     a: &Tensor,
     dropout: Option<Dropout>,
@@ -218,6 +249,17 @@ fn input_grad(
     x: &Tensor,
 ) -> Result<Tensor> {
     let dev = x.device().clone();
+    #[cfg(feature = "cuda")]
+    {
+        use crate::lora::kernels::{Factor, train_term, trains};
+        if input == Input::AsIs && trains(g, a.dim(0)?) && gh.dtype() == a.dtype() {
+            let term = train_term(gh, Factor::RankByOut(&a.contiguous()?), mask(dropout))?;
+            return crate::ops::profile::scope("lora.bwd.input", &dev, || {
+                base.input_grad_plus(g, term)
+            });
+        }
+    }
+    let through_base = base.input_grad(g)?;
     #[cfg(feature = "cuda")]
     if crate::lora::kernels::trains(&through_base, a.dim(0)?) && gh.dtype() == a.dtype() {
         use crate::lora::kernels::{Factor, train_add};

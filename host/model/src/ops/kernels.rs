@@ -282,7 +282,9 @@ pub fn masked_softmax(
 }
 
 /// `gelu_erf(x)` with candle's roundings (the `gelu_fwd` kernels) for `x` in a 16-bit type,
-/// contiguous from a 16-byte boundary; `None` elsewhere, where candle's kernel runs.
+/// contiguous from a 16-byte boundary; `None` elsewhere, where candle's kernel runs. From
+/// [`GELU_TABLE_MIN`] elements on, through the table of every code's value (`gelu_fwd_table`),
+/// where the GPU lets a block hold it in shared memory.
 pub fn gelu_forward(x: &Tensor) -> Result<Option<Tensor>> {
     let n = x.elem_count();
     if n == 0 || !x.is_contiguous() || !x.layout().start_offset().is_multiple_of(8) {
@@ -291,13 +293,40 @@ pub fn gelu_forward(x: &Tensor) -> Result<Option<Tensor>> {
     let dev = cuda_device(x)?;
     let xi = CudaInput::of(x)?;
     let n_i = n as i64;
-    let cfg = LaunchConfig::for_num_elems(n.div_ceil(8) as u32);
+    let table = if n >= GELU_TABLE_MIN {
+        gelu_table(x.device(), x.dtype())?
+    } else {
+        None
+    };
     macro_rules! launch {
         ($name:literal, $t:ty) => {{
             let xv = xi.view::<$t>(n)?;
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<$t>(n)? };
-            crate::run_kernel!(GELU, dev, $name, cfg; &xv, &out, &n_i)?;
+            match &table {
+                Some((t, blocks)) => {
+                    let ti = CudaInput::of(t)?;
+                    let tv = ti.view::<$t>(GELU_CODES)?;
+                    let func =
+                        dev.get_or_load_custom_func("gelu_fwd_table", GELU.name, GELU.ptx()?)?;
+                    let cfg = LaunchConfig {
+                        grid_dim: (*blocks, 1, 1),
+                        block_dim: (1024, 1, 1),
+                        shared_mem_bytes: GELU_TABLE_BYTES as u32,
+                    };
+                    use candle_core::cuda_backend::WrapErr as _;
+                    use candle_core::cuda_backend::cudarc::driver::PushKernelArg as _;
+                    let mut builder = func.builder();
+                    builder.arg(&tv).arg(&xv).arg(&out).arg(&n_i);
+                    // SAFETY: the kernel's parameters in its order and types; the shared
+                    // memory it asks for was allowed when the table was made.
+                    unsafe { builder.launch(cfg) }.w()?;
+                }
+                None => {
+                    let cfg = LaunchConfig::for_num_elems(n.div_ceil(8) as u32);
+                    crate::run_kernel!(GELU, dev, $name, cfg; &xv, &out, &n_i)?;
+                }
+            }
             Ok(Some(wrap(out, &dev, x.shape().clone())))
         }};
     }
@@ -306,6 +335,74 @@ pub fn gelu_forward(x: &Tensor) -> Result<Option<Tensor>> {
         DType::F16 => launch!("gelu_fwd_f16", half::f16),
         _ => Ok(None),
     }
+}
+
+/// Elements from which [`gelu_forward`] goes through the table: below, loading the table
+/// (128 KB a block) costs more than it saves (a decoding step's activation is ~18 K elements).
+pub const GELU_TABLE_MIN: usize = 1 << 22;
+const GELU_CODES: usize = 1 << 16;
+const GELU_TABLE_BYTES: usize = 2 * GELU_CODES;
+
+/// A device's GELU table for one type, and the blocks `gelu_fwd_table` runs in there.
+type GeluTable = (Tensor, u32);
+
+/// The GELU table of `dtype` on `device` (built on first use, then kept: 128 KB) and the blocks
+/// `gelu_fwd_table` runs in (one a multiprocessor); `None` where the GPU cannot give a block the
+/// table's shared memory (the direct kernel runs there).
+fn gelu_table(device: &Device, dtype: DType) -> Result<Option<GeluTable>> {
+    static TABLES: std::sync::Mutex<Vec<(Device, DType, Option<GeluTable>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut tables = TABLES
+        .lock()
+        .map_err(|_| Error::Msg("the GELU tables' lock is poisoned".into()))?;
+    if let Some((_, _, t)) = tables
+        .iter()
+        .find(|(d, t, _)| d.same_device(device) && *t == dtype)
+    {
+        return Ok(t.clone());
+    }
+    let Device::Cuda(dev) = device else {
+        return Ok(None);
+    };
+    let name = match dtype {
+        DType::BF16 => "gelu_table_bf16",
+        DType::F16 => "gelu_table_f16",
+        _ => return Ok(None),
+    };
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let func = dev.get_or_load_custom_func("gelu_fwd_table", GELU.name, GELU.ptx()?)?;
+    let allowed = func
+        .set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            GELU_TABLE_BYTES as i32,
+        )
+        .is_ok();
+    let entry = if allowed {
+        let sms = dev
+            .cuda_stream()
+            .context()
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(Error::wrap)?;
+        let cfg = LaunchConfig::for_num_elems(GELU_CODES as u32);
+        macro_rules! build {
+            ($t:ty) => {{
+                // SAFETY: every element is written by the kernel below.
+                let table = unsafe { dev.alloc::<$t>(GELU_CODES)? };
+                crate::run_kernel!(GELU, dev, name, cfg; &table)?;
+                wrap(table, dev, GELU_CODES)
+            }};
+        }
+        // Entry i is GELU of the value whose bits are i, in the type of x.
+        let t = match dtype {
+            DType::BF16 => build!(half::bf16),
+            _ => build!(half::f16),
+        };
+        Some((t, sms.max(1) as u32))
+    } else {
+        None
+    };
+    tables.push((device.clone(), dtype, entry.clone()));
+    Ok(entry)
 }
 
 /// `g * gelu_erf'(x)` (see `crate::ops::gelu`); each input is a storage and the element offset where

@@ -10,6 +10,8 @@ pub mod decode_attention;
 pub mod dropout;
 pub mod flash;
 pub mod gelu;
+#[cfg(feature = "cuda")]
+pub mod gemm;
 pub(crate) mod handover;
 pub mod heads;
 #[cfg(feature = "cuda")]

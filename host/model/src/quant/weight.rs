@@ -30,6 +30,28 @@ pub trait BaseWeight: Send + Sync + std::fmt::Debug {
     fn as_nf4(&self) -> Option<&Nf4Weight> {
         None
     }
+    /// `x W^T + acc` for a 2-D `x` (`acc` `[m, out]` in x's dtype), `acc` consumed. A 16-bit
+    /// product on a GPU adds `acc` inside cuBLAS's (one rounding of the f32 sum, `acc`'s buffer
+    /// the result: `crate::ops::gemm`); elsewhere the product, then the sum.
+    fn forward_plus(&self, x: &Tensor, acc: Tensor) -> Result<Tensor> {
+        self.forward(x)? + acc
+    }
+    /// `grad W + acc`, as [`BaseWeight::forward_plus`] is to [`BaseWeight::forward`].
+    fn input_grad_plus(&self, grad: &Tensor, acc: Tensor) -> Result<Tensor> {
+        self.input_grad(grad)? + acc
+    }
+}
+
+/// Whether `crate::ops::gemm::matmul_plus` serves `a` (one side of a product in `dtype`) and
+/// `acc`: both on a GPU, both in `dtype`, 16 bits, `a` 2-D and outside any graph.
+#[cfg(feature = "cuda")]
+fn adds_in_product(a: &Tensor, acc: &Tensor, dtype: DType) -> bool {
+    a.device().is_cuda()
+        && a.rank() == 2
+        && !a.track_op()
+        && a.dtype() == dtype
+        && acc.dtype() == dtype
+        && matches!(dtype, DType::BF16 | DType::F16)
 }
 
 /// A plain dense weight.
@@ -52,6 +74,32 @@ impl BaseWeight for DenseWeight {
     fn input_grad(&self, grad: &Tensor) -> Result<Tensor> {
         grad.contiguous()?
             .matmul(&self.weight.to_dtype(grad.dtype())?)
+    }
+    fn forward_plus(&self, x: &Tensor, acc: Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if adds_in_product(x, &acc, self.weight.dtype()) {
+            use crate::ops::gemm::{Rhs, matmul_plus};
+            return matmul_plus(
+                &x.contiguous()?,
+                &self.weight.contiguous()?,
+                Rhs::Transposed,
+                acc,
+            );
+        }
+        self.forward(x)? + acc
+    }
+    fn input_grad_plus(&self, grad: &Tensor, acc: Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if adds_in_product(grad, &acc, self.weight.dtype()) {
+            use crate::ops::gemm::{Rhs, matmul_plus};
+            return matmul_plus(
+                &grad.contiguous()?,
+                &self.weight.contiguous()?,
+                Rhs::AsIs,
+                acc,
+            );
+        }
+        self.input_grad(grad)? + acc
     }
 }
 
@@ -426,6 +474,36 @@ impl BaseWeight for Nf4Weight {
 
     fn as_nf4(&self) -> Option<&Nf4Weight> {
         Some(self)
+    }
+
+    fn forward_plus(&self, x: &Tensor, acc: Tensor) -> Result<Tensor> {
+        let cd = self.inner.compute_dtype;
+        #[cfg(feature = "cuda")]
+        if adds_in_product(x, &acc, cd) {
+            use crate::ops::gemm::{Rhs, matmul_plus};
+            let dev = x.device();
+            let w = crate::ops::profile::scope("nf4.dequant", dev, || self.dequantize_to(cd, dev))?;
+            return crate::ops::profile::scope("nf4.matmul", dev, || {
+                matmul_plus(&x.contiguous()?, &w, Rhs::Transposed, acc)
+            });
+        }
+        let _ = cd;
+        self.forward(x)? + acc
+    }
+
+    fn input_grad_plus(&self, grad: &Tensor, acc: Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if adds_in_product(grad, &acc, grad.dtype()) {
+            use crate::ops::gemm::{Rhs, matmul_plus};
+            let dev = grad.device();
+            let w = crate::ops::profile::scope("nf4.bwd.dequant", dev, || {
+                self.dequantize_to(grad.dtype(), dev)
+            })?;
+            return crate::ops::profile::scope("nf4.bwd.matmul", dev, || {
+                matmul_plus(&grad.contiguous()?, &w, Rhs::AsIs, acc)
+            });
+        }
+        self.input_grad(grad)? + acc
     }
 }
 
