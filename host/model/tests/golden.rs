@@ -1836,6 +1836,85 @@ fn adamw_kernel_equals_the_op_by_op_update() {
     }
 }
 
+/// The multi-tensor step against the per-tensor kernel (checked above against the op-by-op
+/// update): the same bits for every weight and moment, over tensors that fill no chunk, one
+/// chunk exactly, one element past it and several chunks; and each gradient's norm within f32
+/// summation error of the norm in f64.
+#[cfg(feature = "cuda")]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
+#[test]
+fn multi_tensor_adamw_equals_the_per_tensor_kernel() {
+    use adapterlab_model::ops::kernels::{AdamWScalars, MultiTensorStep, adamw_f32};
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let sizes = [5usize, 16384, 16385, 40000, 72704];
+    let mk = |n: usize, k: f32, t: usize| {
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i + 7 * t) as f32 * k).sin() * 0.3)
+            .collect();
+        Tensor::from_vec(v, n, &dev).unwrap()
+    };
+    let group = |k: f32| -> Vec<Tensor> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(t, &n)| mk(n, k, t))
+            .collect()
+    };
+    let (p, g, m) = (group(0.37), group(0.11), group(0.53));
+    let v: Vec<Tensor> = group(0.71).iter().map(|t| t.abs().unwrap()).collect();
+    for grad_scale in [None, Some(0.0371)] {
+        let scalars = AdamWScalars {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            decay: Some(1.0 - 2e-4 * 0.01),
+            bc2_sqrt: (1.0 - 0.999f64.powi(3)).sqrt(),
+            step: 2e-4 / (1.0 - 0.9f64.powi(3)),
+            grad_scale,
+        };
+        let want: Vec<_> = (0..sizes.len())
+            .map(|t| adamw_f32(&p[t], &g[t], &m[t], &v[t], &scalars).unwrap())
+            .collect();
+        // Fresh copies: the step overwrites them.
+        let copy =
+            |ts: &[Tensor]| -> Vec<Tensor> { ts.iter().map(|t| t.copy().unwrap()).collect() };
+        let (p2, m2, v2) = (copy(&p), copy(&m), copy(&v));
+        let step = MultiTensorStep::new(&p2, &g, &m2, &v2).unwrap();
+        let norms = step.grad_norms().unwrap();
+        for (t, gt) in g.iter().enumerate() {
+            let exact = host_f32s(gt)
+                .iter()
+                .map(|&x| f64::from(x).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let rel = (f64::from(norms[t]) - exact).abs() / exact;
+            assert!(rel < 1e-5, "tensor {t}: norm {} against {exact}", norms[t]);
+        }
+        step.adamw(&scalars).unwrap();
+        for t in 0..sizes.len() {
+            for (what, want, got) in [
+                ("p", &want[t].0, &p2[t]),
+                ("m", &want[t].1, &m2[t]),
+                ("v", &want[t].2, &v2[t]),
+            ] {
+                let err = max_diff(&host_f32s(want), &host_f32s(got));
+                assert!(
+                    err == 0.0,
+                    "scale {grad_scale:?}, tensor {t} ({} elements): {what} differs by {err}",
+                    sizes[t]
+                );
+            }
+        }
+    }
+}
+
 /// The fused unmerged-LoRA kernels of inference against PEFT's op-by-op math on the CPU
 /// (`(y in f32 + (x A^T)(B * scaling)^T)` rounded once to bf16): a few rows (`h` from
 /// `lora_h`) and a prefill's many (`h` from `lora_h_rows` at ranks 8 and 16, with rows and

@@ -107,6 +107,76 @@ impl AdamW {
         &self.vars
     }
 
+    /// The end of an optimizer step: the gradients' global norm (returned, as HF logs it), the
+    /// clipping coefficient for `max_norm` ([`clip_coefficient`]), and the update at `lr`. On a
+    /// GPU with f32 weights, the norm and the update take three launches in all
+    /// ([`adapterlab_model::engine::MultiTensorStep`]); elsewhere [`global_norm`] then
+    /// [`Self::step`].
+    pub fn clip_and_step(&mut self, grads: &[Tensor], max_norm: f64, lr: f64) -> Result<f64> {
+        #[cfg(feature = "cuda")]
+        if let Some(norm) = self.multi_tensor_step(grads, max_norm, lr)? {
+            return Ok(norm);
+        }
+        let norm = global_norm(grads)?;
+        self.step(grads, clip_coefficient(norm, max_norm), lr)?;
+        Ok(norm)
+    }
+
+    /// [`Self::clip_and_step`] through the multi-tensor kernels, or `None` (nothing done) where
+    /// a weight is not an f32 tensor on the GPU.
+    #[cfg(feature = "cuda")]
+    fn multi_tensor_step(
+        &mut self,
+        grads: &[Tensor],
+        max_norm: f64,
+        lr: f64,
+    ) -> Result<Option<f64>> {
+        let eligible = !self.vars.is_empty()
+            && self.vars.iter().zip(grads).all(|((_, v), g)| {
+                v.device().is_cuda() && v.dtype() == DType::F32 && g.dtype() == DType::F32
+            });
+        if !eligible || grads.len() != self.vars.len() {
+            return Ok(None);
+        }
+        let params: Vec<Tensor> = self
+            .vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        let grads = grads
+            .iter()
+            .map(|g| g.contiguous())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let table =
+            adapterlab_model::engine::MultiTensorStep::new(&params, &grads, &self.m, &self.v)?;
+        // clip_grad_norm_'s total: the norm of the per-tensor norms, in f32.
+        let norms = table.grad_norms()?;
+        let norm = f64::from(norms.iter().map(|n| n * n).sum::<f32>().sqrt());
+        self.step += 1;
+        table.adamw(&self.scalars(lr, clip_coefficient(norm, max_norm)))?;
+        Ok(Some(norm))
+    }
+
+    /// The update's scalars at the current step count.
+    #[cfg(feature = "cuda")]
+    fn scalars(&self, lr: f64, grad_scale: Option<f64>) -> adapterlab_model::engine::AdamWScalars {
+        let AdamWParams {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.params;
+        adapterlab_model::engine::AdamWScalars {
+            beta1,
+            beta2,
+            eps,
+            decay: (weight_decay != 0.0).then(|| 1.0 - lr * weight_decay),
+            bc2_sqrt: (1.0 - beta2.powi(self.step as i32)).sqrt(),
+            step: lr / (1.0 - beta1.powi(self.step as i32)),
+            grad_scale,
+        }
+    }
+
     /// One update with `grads[i]` for `vars()[i]`, each scaled by `grad_scale` first where given
     /// (clipping's coefficient: on a GPU inside the update's kernel, without a launch of its
     /// own), at learning rate `lr`: `p ← p(1 − lr·wd)`, then `p ← p − lr/bc1 · m /
@@ -127,15 +197,7 @@ impl AdamW {
             if var.device().is_cuda() && var.dtype() == DType::F32 {
                 // The same update in one kernel, rounded alike (golden test
                 // `adamw_kernel_equals_the_op_by_op_update`).
-                let scalars = adapterlab_model::engine::AdamWScalars {
-                    beta1,
-                    beta2,
-                    eps,
-                    decay: (weight_decay != 0.0).then(|| 1.0 - lr * weight_decay),
-                    bc2_sqrt,
-                    step: lr / bc1,
-                    grad_scale,
-                };
+                let scalars = self.scalars(lr, grad_scale);
                 let (p, m, v) = adapterlab_model::engine::adamw_f32(
                     var.as_tensor(),
                     &g.contiguous()?,

@@ -35,9 +35,7 @@ use crate::store::{RunEvent, Store};
 use crate::train::config::{ComputeDtype, PackingStrategy, TrainConfig};
 use crate::train::dist::Comm;
 use crate::train::memory;
-use crate::train::optim::{
-    AdamW, AdamWParams, clip_coefficient, global_norm, lr_lambda, warmup_steps,
-};
+use crate::train::optim::{AdamW, AdamWParams, lr_lambda, warmup_steps};
 
 /// What a training run needs from its caller besides the config.
 #[derive(Clone, Default)]
@@ -330,9 +328,7 @@ pub fn apply_gradients(
         .map(|g| g.device().clone())
         .unwrap_or(Device::Cpu);
     let norm = adapterlab_model::engine::profile::scope_with("optimizer", &dev, || {
-        let norm = global_norm(&grads)?;
-        opt.step(&grads, clip_coefficient(norm, max_grad_norm), lr)?;
-        anyhow::Ok(norm)
+        opt.clip_and_step(&grads, max_grad_norm, lr)
     })?;
     Ok(norm)
 }

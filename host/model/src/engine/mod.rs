@@ -26,7 +26,7 @@ pub use crate::nn::linear::{BaseFormat, LinearBuilder};
 pub use crate::ops::attention::{AttentionContext, AttentionKernel, PackedAttention, attend_in};
 pub use crate::ops::cross_entropy::cross_entropy_sum;
 #[cfg(feature = "cuda")]
-pub use crate::ops::kernels::{AdamWScalars, adamw_f32};
+pub use crate::ops::kernels::{AdamWScalars, MultiTensorStep, adamw_f32};
 pub use crate::ops::profile;
 #[cfg(feature = "cuda")]
 pub use crate::quant::kernels::{DecodeKernel, MmaTiling, runs_mma};

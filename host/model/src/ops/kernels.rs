@@ -624,3 +624,142 @@ pub fn adamw_f32(
         wrap(vo, &dev, shape),
     ))
 }
+
+/// Elements one block of the multi-tensor kernels takes (`MT_CHUNK` in `adamw.cu`).
+const MT_CHUNK: usize = 16384;
+/// A chunk's first element is kept in the low 40 bits of its table entry, its tensor above.
+const MT_START_BITS: u32 = 40;
+
+/// A step's weights, gradients and AdamW moments (all f32, contiguous, on one GPU) described
+/// once for the multi-tensor kernels of `adamw.cu`: every gradient's norm then takes two
+/// launches and every weight's update one, where the per-tensor path launched ~5 kernels a
+/// weight. [`Self::adamw`] overwrites the weights and moments in place, as `Var::set` would.
+pub struct MultiTensorStep {
+    dev: CudaDevice,
+    table: CudaSlice<u64>,
+    tensors: usize,
+    chunks: usize,
+    /// The tensors the table's addresses point into, kept alive while the table is.
+    _held: Vec<Tensor>,
+}
+
+impl MultiTensorStep {
+    /// `params[i]`, `grads[i]`, `m[i]` and `v[i]` of one element count each.
+    pub fn new(params: &[Tensor], grads: &[Tensor], m: &[Tensor], v: &[Tensor]) -> Result<Self> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        let tensors = params.len();
+        if [grads.len(), m.len(), v.len()] != [tensors; 3] || tensors == 0 {
+            return Err(Error::Msg(format!(
+                "multi-tensor AdamW: {tensors} weights, {} gradients, {} and {} moments",
+                grads.len(),
+                m.len(),
+                v.len()
+            )));
+        }
+        let dev = cuda_device(&params[0])?;
+        let stream = dev.cuda_stream();
+        let mut addresses = vec![0u64; 5 * tensors];
+        let mut chunk_entries = Vec::new();
+        let mut first = Vec::with_capacity(tensors + 1);
+        for (i, group) in [params, grads, m, v].iter().enumerate() {
+            for (t, x) in group.iter().enumerate() {
+                let n = params[t].elem_count();
+                if x.dtype() != DType::F32
+                    || x.elem_count() != n
+                    || !x.device().same_device(params[0].device())
+                {
+                    return Err(Error::Msg(format!(
+                        "multi-tensor AdamW: tensor {t} of group {i} is {:?} {:?} on {:?}, \
+                         expected {n} f32 elements on the weights' GPU",
+                        x.dims(),
+                        x.dtype(),
+                        x.device().location()
+                    )));
+                }
+                let input = CudaInput::of(x)?;
+                let view = input.view::<f32>(n)?;
+                addresses[i * tensors + t] = view.device_ptr(&stream).0;
+            }
+        }
+        for (t, x) in params.iter().enumerate() {
+            let n = x.elem_count();
+            if n >= 1usize << MT_START_BITS || t >= 1 << (64 - MT_START_BITS) {
+                return Err(Error::Msg(format!(
+                    "multi-tensor AdamW: tensor {t} has {n} elements"
+                )));
+            }
+            addresses[4 * tensors + t] = n as u64;
+            first.push(chunk_entries.len() as u64);
+            for start in (0..n).step_by(MT_CHUNK) {
+                chunk_entries.push(((t as u64) << MT_START_BITS) | start as u64);
+            }
+        }
+        first.push(chunk_entries.len() as u64);
+        let chunks = chunk_entries.len();
+        let mut all = addresses;
+        all.extend(chunk_entries);
+        all.extend(first);
+        let table = dev.clone_htod(&all)?;
+        let _held = [params, grads, m, v].concat();
+        Ok(MultiTensorStep {
+            dev,
+            table,
+            tensors,
+            chunks,
+            _held,
+        })
+    }
+
+    /// Each gradient's L2 norm, computed in a fixed order, read back to the host.
+    pub fn grad_norms(&self) -> Result<Vec<f32>> {
+        let dev = &self.dev;
+        // SAFETY: every element is written by the kernels below.
+        let (partial, norms) = unsafe {
+            (
+                dev.alloc::<f32>(self.chunks)?,
+                dev.alloc::<f32>(self.tensors)?,
+            )
+        };
+        let (tensors, chunks) = (self.tensors as i32, self.chunks as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (self.chunks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        crate::run_kernel!(ADAMW, dev, "mt_sq_sums_f32", cfg; &self.table, &tensors, &partial)?;
+        let cfg = LaunchConfig {
+            grid_dim: (self.tensors.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        crate::run_kernel!(ADAMW, dev, "mt_norms_f32", cfg;
+            &partial, &self.table, &tensors, &chunks, &norms)?;
+        dev.clone_dtoh(&norms)
+    }
+
+    /// One AdamW update of every weight (see [`adamw_f32`]), in place.
+    pub fn adamw(&self, c: &AdamWScalars) -> Result<()> {
+        let dev = &self.dev;
+        let f = |x: f64| x as f32;
+        let (b1, omb1, b2, omb2) = (f(c.beta1), f(1.0 - c.beta1), f(c.beta2), f(1.0 - c.beta2));
+        let (decay, has_decay) = (f(c.decay.unwrap_or(1.0)), c.decay.is_some() as i32);
+        let (inv_bc2, eps, step) = (f(1.0 / c.bc2_sqrt), f(c.eps), f(c.step));
+        let (gscale, has_scale) = (
+            f(c.grad_scale.unwrap_or(1.0)),
+            c.grad_scale.is_some() as i32,
+        );
+        let tensors = self.tensors as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (self.chunks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // The kernel writes the weights and moments through the table's addresses, which
+        // `_held` keeps alive; the stream orders it after every earlier reader and writer.
+        crate::run_kernel!(ADAMW, dev, "mt_adamw_f32", cfg;
+            &self.table, &tensors, &b1, &omb1, &b2, &omb2, &decay, &has_decay, &inv_bc2, &eps,
+            &step, &gscale, &has_scale,
+        )?;
+        Ok(())
+    }
+}
