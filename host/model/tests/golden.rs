@@ -1773,6 +1773,48 @@ fn cross_entropy_kernels_equal_the_cpu_path() {
     }
 }
 
+/// `train_da` given a gradient that does not start on a 16-byte boundary (a view into a larger
+/// buffer) runs the kernel asked for on a copy of it: the same bits as the aligned gradient.
+#[cfg(feature = "cuda")]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
+#[test]
+fn train_da_takes_a_misaligned_gradient() {
+    use adapterlab_model::lora::kernels::train_da;
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let (m, k, r) = (200usize, 512usize, 16usize);
+    let wave = |len: usize, phase: f32| -> Vec<f32> {
+        (0..len).map(|i| (i as f32 * 0.37 + phase).sin()).collect()
+    };
+    let z = Tensor::from_vec(wave(m * k, 0.1), (m, k), &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let flat = Tensor::from_vec(wave(m * r + 3, 0.2), m * r + 3, &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let shifted = flat.narrow(0, 3, m * r).unwrap().reshape((m, r)).unwrap();
+    assert_eq!(shifted.layout().start_offset(), 3);
+    let aligned = shifted.copy().unwrap();
+    for gelu in [false, true] {
+        let mask = Some((11u64, 0.1f32));
+        let want = host_f32s(&train_da(&z, &aligned, mask, gelu).unwrap());
+        let got = host_f32s(&train_da(&z, &shifted, mask, gelu).unwrap());
+        assert!(
+            max_diff(&want, &got) == 0.0,
+            "gelu {gelu}: dA from the shifted gradient differs"
+        );
+    }
+}
+
 /// The AdamW kernel against the trainer's op-by-op update (host/src/train/optim.rs, restated
 /// here with the same candle ops) on the CPU: the same values, with and without weight decay,
 /// with and without the gradient scaled first (clipping's coefficient).
