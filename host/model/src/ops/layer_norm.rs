@@ -67,23 +67,32 @@ mod cuda {
         );
         let wv = ws.view::<f32>(n)?;
         let (n_i, eps_f) = (n as i32, eps as f32);
+        // The kernel that holds the row in registers (`layer_norm_bwd_vec`) takes rows of
+        // 8-element chunks, 16-byte aligned, up to LNV_THREADS * 8 * LNV_CHUNKS elements.
+        let aligned = |t: &Tensor, elems: usize| t.layout().start_offset().is_multiple_of(elems);
+        let vec = n.is_multiple_of(8)
+            && n <= 256 * 8 * 4
+            && aligned(&x, 8)
+            && aligned(&grad, 8)
+            && aligned(&w, 4);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
-            block_dim: (512, 1, 1),
+            block_dim: (if vec { 256 } else { 512 }, 1, 1),
             shared_mem_bytes: 0,
         };
         macro_rules! launch {
-            ($name:literal, $t:ty) => {{
+            ($dtype:literal, $t:ty) => {{
                 let (xv, gv) = (xs.view::<$t>(rows * n)?, gs.view::<$t>(rows * n)?);
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(rows * n)? };
-                crate::run_kernel!(LAYER_NORM, dev, $name, cfg; &xv, &gv, &wv, &out, &n_i, &eps_f)?;
+                let name = format!("layer_norm_bwd_{}{}", if vec { "vec_" } else { "" }, $dtype);
+                crate::run_kernel!(LAYER_NORM, dev, &name, cfg; &xv, &gv, &wv, &out, &n_i, &eps_f)?;
                 wrap(out, &dev, x.shape().clone())
             }};
         }
         Ok(match x.dtype() {
-            DType::BF16 => launch!("layer_norm_bwd_bf16", half::bf16),
-            DType::F16 => launch!("layer_norm_bwd_f16", half::f16),
+            DType::BF16 => launch!("bf16", half::bf16),
+            DType::F16 => launch!("f16", half::f16),
             other => candle_core::bail!("layer norm backward on {other:?} is not supported"),
         })
     }
