@@ -853,6 +853,19 @@ fn matmul_plus_is_the_product_plus_the_term() {
                 let held = host_f32s(&cd);
                 let ours = host_f32s(&matmul_plus(&ad, &bd, rhs, cd.clone()).unwrap());
                 assert_eq!(host_f32s(&cd), held, "{case}: a held term was written over");
+                // A term that starts inside a larger buffer gives the same sum.
+                let padded = Tensor::cat(
+                    &[
+                        &cd.flatten_all().unwrap().narrow(0, 0, 5).unwrap(),
+                        &cd.flatten_all().unwrap(),
+                    ],
+                    0,
+                )
+                .unwrap();
+                let offset = padded.narrow(0, 5, m * n).unwrap().reshape((m, n)).unwrap();
+                assert_eq!(offset.layout().start_offset(), 5);
+                let from_offset = host_f32s(&matmul_plus(&ad, &bd, rhs, offset).unwrap());
+                assert_eq!(from_offset, ours, "{case}: a term at an offset");
                 let (e_ours, e_graph) = (max_diff(&exact, &ours), max_diff(&exact, &graph));
                 assert!(
                     e_ours <= 1.25 * e_graph + 1e-6,
@@ -1805,7 +1818,8 @@ fn train_da_takes_a_misaligned_gradient() {
         .unwrap();
     let shifted = flat.narrow(0, 3, m * r).unwrap().reshape((m, r)).unwrap();
     assert_eq!(shifted.layout().start_offset(), 3);
-    let aligned = shifted.copy().unwrap();
+    let aligned = shifted.force_contiguous().unwrap();
+    assert_eq!(aligned.layout().start_offset(), 0);
     for gelu in [false, true] {
         let mask = Some((11u64, 0.1f32));
         let want = host_f32s(&train_da(&z, &aligned, mask, gelu).unwrap());

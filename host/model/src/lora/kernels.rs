@@ -302,10 +302,11 @@ pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask, gelu: bool) -> Result<Tenso
     // lora_mma.cu's kernel stages the same chunks (DAM_COLS, DAM_ROWS) as lora.cu's.
     let mma = tensor_cores(z.device())?;
     // The tensor-core kernel reads gh's rows as 16-byte vectors: a gh that does not start on
-    // one is copied (a fresh buffer does), so the kernel asked for is the kernel that runs.
+    // one is copied into a fresh buffer (`force_contiguous`: candle's `copy` keeps the offset),
+    // so the kernel asked for is the kernel that runs.
     let gh_copy;
     let gh = if mma && !start_aligned(gh, 8) {
-        gh_copy = gh.copy()?;
+        gh_copy = gh.force_contiguous()?;
         &gh_copy
     } else {
         gh

@@ -52,15 +52,17 @@ pub fn matmul_plus(a: &Tensor, b: &Tensor, rhs: Rhs, c: Tensor) -> Result<Tensor
             c.dtype()
         )));
     }
+    // cuBLAS writes from the buffer's start: a term that starts further in is copied (candle's
+    // `copy` keeps the layout and its offset; `force_contiguous` allocates afresh).
     let c = if c.layout().start_offset() == 0 {
         c
     } else {
-        c.copy()?
+        c.force_contiguous()?
     };
     let (storage, _) = match c.into_storage() {
         Ok(owned) => owned,
         Err(shared) => shared
-            .copy()?
+            .force_contiguous()?
             .into_storage()
             .map_err(|_| Error::Msg("matmul_plus: a fresh copy of c is held elsewhere".into()))?,
     };
