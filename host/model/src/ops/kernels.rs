@@ -566,6 +566,29 @@ pub struct AdamWScalars {
     pub grad_scale: Option<f64>,
 }
 
+/// The AdamW kernels' scalar arguments, in the order of `ADAMW_SCALARS` (adamw.cu).
+type AdamWArgs = (f32, f32, f32, f32, f32, i32, f32, f32, f32, f32, i32);
+
+impl AdamWScalars {
+    /// The scalars as the kernels take them, rounded to f32 as the op-by-op update rounds them.
+    fn kernel_args(&self) -> AdamWArgs {
+        let f = |x: f64| x as f32;
+        (
+            f(self.beta1),
+            f(1.0 - self.beta1),
+            f(self.beta2),
+            f(1.0 - self.beta2),
+            f(self.decay.unwrap_or(1.0)),
+            self.decay.is_some() as i32,
+            f(1.0 / self.bc2_sqrt),
+            f(self.eps),
+            f(self.step),
+            f(self.grad_scale.unwrap_or(1.0)),
+            self.grad_scale.is_some() as i32,
+        )
+    }
+}
+
 /// `(p, m, v)` after one AdamW update of the f32 tensors `p`, `m`, `v` with gradient `g` (see
 /// the `adamw_f32` kernel): one launch instead of a dozen per weight.
 pub fn adamw_f32(
@@ -605,14 +628,8 @@ pub fn adamw_f32(
         )
     };
     let n_i = n as i64;
-    let f = |x: f64| x as f32;
-    let (b1, omb1, b2, omb2) = (f(c.beta1), f(1.0 - c.beta1), f(c.beta2), f(1.0 - c.beta2));
-    let (decay, has_decay) = (f(c.decay.unwrap_or(1.0)), c.decay.is_some() as i32);
-    let (inv_bc2, eps, step) = (f(1.0 / c.bc2_sqrt), f(c.eps), f(c.step));
-    let (gscale, has_scale) = (
-        f(c.grad_scale.unwrap_or(1.0)),
-        c.grad_scale.is_some() as i32,
-    );
+    let (b1, omb1, b2, omb2, decay, has_decay, inv_bc2, eps, step, gscale, has_scale) =
+        c.kernel_args();
     crate::run_kernel!(ADAMW, dev, "adamw_f32", LaunchConfig::for_num_elems(n as u32);
         &pv, &gv, &mv, &vv, &po, &mo, &vo, &n_i, &b1, &omb1, &b2, &omb2, &decay, &has_decay,
         &inv_bc2, &eps, &step, &gscale, &has_scale,
@@ -740,14 +757,8 @@ impl MultiTensorStep {
     /// One AdamW update of every weight (see [`adamw_f32`]), in place.
     pub fn adamw(&self, c: &AdamWScalars) -> Result<()> {
         let dev = &self.dev;
-        let f = |x: f64| x as f32;
-        let (b1, omb1, b2, omb2) = (f(c.beta1), f(1.0 - c.beta1), f(c.beta2), f(1.0 - c.beta2));
-        let (decay, has_decay) = (f(c.decay.unwrap_or(1.0)), c.decay.is_some() as i32);
-        let (inv_bc2, eps, step) = (f(1.0 / c.bc2_sqrt), f(c.eps), f(c.step));
-        let (gscale, has_scale) = (
-            f(c.grad_scale.unwrap_or(1.0)),
-            c.grad_scale.is_some() as i32,
-        );
+        let (b1, omb1, b2, omb2, decay, has_decay, inv_bc2, eps, step, gscale, has_scale) =
+            c.kernel_args();
         let tensors = self.tensors as i32;
         let cfg = LaunchConfig {
             grid_dim: (self.chunks as u32, 1, 1),
