@@ -730,6 +730,10 @@ impl MultiTensorStep {
     /// Each gradient's L2 norm, computed in a fixed order, read back to the host.
     pub fn grad_norms(&self) -> Result<Vec<f32>> {
         let dev = &self.dev;
+        if self.chunks == 0 {
+            // Every tensor is empty: no block to launch, and every norm is zero.
+            return Ok(vec![0.0; self.tensors]);
+        }
         // SAFETY: every element is written by the kernels below.
         let (partial, norms) = unsafe {
             (
@@ -757,6 +761,9 @@ impl MultiTensorStep {
     /// One AdamW update of every weight (see [`adamw_f32`]), in place.
     pub fn adamw(&self, c: &AdamWScalars) -> Result<()> {
         let dev = &self.dev;
+        if self.chunks == 0 {
+            return Ok(());
+        }
         let (b1, omb1, b2, omb2, decay, has_decay, inv_bc2, eps, step, gscale, has_scale) =
             c.kernel_args();
         let tensors = self.tensors as i32;
