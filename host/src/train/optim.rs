@@ -170,7 +170,7 @@ impl AdamW {
             beta1,
             beta2,
             eps,
-            decay: (weight_decay != 0.0).then(|| 1.0 - lr * weight_decay),
+            decay: (weight_decay != 0.0).then_some(1.0 - lr * weight_decay),
             bc2_sqrt: (1.0 - beta2.powi(self.step as i32)).sqrt(),
             step: lr / (1.0 - beta1.powi(self.step as i32)),
             grad_scale,
