@@ -20,7 +20,8 @@
 #   train      `bench train` at batch 8 x 512, BEFORE then AFTER (once when they are one
 #              build), then 32 x 256 (the reference notebook's batch), each with its peak;
 #              TRAIN_ATTN picks the attn_implementation (default eager; flash_attention_2 compares
-#              the flash path's builds) and TRAIN_ROUNDS repeats the 8 x 512 pair (default 1)
+#              the flash path's builds) and TRAIN_ROUNDS repeats the 8 x 512 pair (default 1);
+#              TRAIN_ENVS (VAR=value ...) adds the AFTER build with each setting
 #   train-ckpt the same at 8 x 512 with gradient checkpointing, for each CKPT_EVERY (1,2: every
 #              layer, every other layer)
 #   packing    `bench train` at batch 8 x 512 on examples of 100-400 tokens (uniform, seeded, as
@@ -185,6 +186,19 @@ if stage train; then
       | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"$side\",\"mode\":\"8x512\",\"attn\":\"$attn\",${line#\{}" >> "$RESULTS"; done
     stop_mem train-$side
     tail -2 "$OUT/train8x512-$side.err"
+  done
+  # TRAIN_ENVS (space-separated VAR=value): the AFTER build again with each setting, side
+  # "after+VAR=value", for a speed switch's A/B within one build and one call.
+  for env in ${TRAIN_ENVS:-}; do
+    tag=after-${env//[^A-Za-z0-9]/_}
+    echo "== train stage: after with $env, batch 8 x 512, $attn (round $round)"
+    watch_mem "train-$tag"
+    env "$env" timeout 240 /tmp/gl/after bench train --model "$CKPT" --batch 8 --seq 512 --steps 8 --warmup 3 \
+      --attn-implementation "$attn" \
+      2>>"$OUT/train8x512-$tag.err" | tee -a "$OUT/train8x512-$tag.json" \
+      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"after+$env\",\"mode\":\"8x512\",\"attn\":\"$attn\",${line#\{}" >> "$RESULTS"; done
+    stop_mem "train-$tag"
+    tail -2 "$OUT/train8x512-$tag.err"
   done
   done
   # The reference notebook's per-device batch, 32 x 256, without checkpointing (AFTER only;

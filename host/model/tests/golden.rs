@@ -1831,6 +1831,72 @@ fn train_da_takes_a_misaligned_gradient() {
     }
 }
 
+/// The adapter's term on the tensor cores (`term_mma`, what `ADAPTERLAB_LORA_TERM=mma` runs)
+/// against `train_term`'s cuBLAS product and dropout op: the same mask (an element is zero in
+/// one exactly where it is in the other) and, elsewhere, the same value up to the 16-bit
+/// rounding of two f32 sums of r products in different orders; both factor layouts, ranks 8
+/// and 16, rows and columns that do not fill a block.
+#[cfg(feature = "cuda")]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
+#[test]
+fn lora_term_mma_equals_the_cublas_term() {
+    use adapterlab_model::lora::kernels::{Factor, term_mma};
+    use adapterlab_model::ops::dropout::seeded_dropout;
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let wave = |len: usize, phase: f32, shape: (usize, usize), dtype: DType| {
+        let v: Vec<f32> = (0..len).map(|i| (i as f32 * 0.613 + phase).sin()).collect();
+        Tensor::from_vec(v, shape, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    for (m, n, r) in [(37, 72, 8), (100, 200, 16), (130, 4672, 16), (16, 256, 8)] {
+        for dtype in [DType::BF16, DType::F16] {
+            let h = wave(m * r, 0.1, (m, r), dtype);
+            let bs = wave(n * r, 0.2, (n, r), dtype);
+            let a = wave(r * n, 0.3, (r, n), dtype);
+            for mask in [None, Some((7u64, 0.1f32))] {
+                for by_rank in [true, false] {
+                    let case =
+                        format!("m {m} n {n} r {r} {dtype:?} mask {mask:?} out-by-rank {by_rank}");
+                    let (f, product) = if by_rank {
+                        (Factor::OutByRank(&bs), h.matmul(&bs.t().unwrap()).unwrap())
+                    } else {
+                        (Factor::RankByOut(&a), h.matmul(&a).unwrap())
+                    };
+                    let want = match mask {
+                        Some((key, p)) => seeded_dropout(&product, key, p).unwrap(),
+                        None => product,
+                    };
+                    let got = term_mma(&h, f, mask).unwrap();
+                    assert_eq!(got.dims(), [m, n], "{case}");
+                    let (w, g) = (host_f32s(&want), host_f32s(&got));
+                    let ulp = if dtype == DType::BF16 {
+                        1.0 / 128.0
+                    } else {
+                        1.0 / 1024.0
+                    };
+                    for (i, (x, y)) in w.iter().zip(&g).enumerate() {
+                        assert_eq!(*x == 0.0, *y == 0.0, "{case}: element {i}: {x} against {y}");
+                        assert!(
+                            (x - y).abs() <= ulp * x.abs().max(y.abs()) + 1e-6,
+                            "{case}: element {i}: {y} against cuBLAS's {x}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The AdamW kernel against the trainer's op-by-op update (host/src/train/optim.rs, restated
 /// here with the same candle ops) on the CPU: the same values, with and without weight decay,
 /// with and without the gradient scaled first (clipping's coefficient).

@@ -206,3 +206,76 @@ LORA_TRAIN_DA_MMA(lora_train_da_mma_gelu_bf16_r8, 8, true, true)
 LORA_TRAIN_DA_MMA(lora_train_da_mma_gelu_bf16_r16, 16, true, true)
 LORA_TRAIN_DA_MMA(lora_train_da_mma_gelu_f16_r8, 8, false, true)
 LORA_TRAIN_DA_MMA(lora_train_da_mma_gelu_f16_r16, 16, false, true)
+
+// The adapter's term t = round16(h F^T) ([m, n]; h [m, R]; F's (col, j) at f[col * fs_col + j *
+// fs_j]: scaling * B forward, A^T for the input gradient), dropped out (DROP) as the dropout op
+// drops cuBLAS's product (index row * n + col): crate::lora::kernels::train_term with
+// ADAPTERLAB_LORA_TERM=mma. cuBLAS's depth-R product and the dropout pass after it wrote and
+// read [m, n] three times and ran at ~1/3 of the bandwidth (2026-12-07); here the product is one
+// mma an 8-column tile (its depth is R: h's rows are the A fragment, loaded once; R = 8 leaves
+// the upper half zero), the rounding and mask happen in registers, and a warp's 16 x LTM_COLS
+// tile goes through shared memory so that each row leaves as 16-byte stores. n % 8 == 0.
+#define LTM_COLS 64
+#define LTM_WARPS 4
+__device__ __forceinline__ unsigned int ld_pair(const u16* f, long long i, long long step) {
+  return (unsigned int)f[i] | ((unsigned int)f[i + step] << 16);
+}
+template <int R, bool BF16, bool DROP>
+__device__ __forceinline__ void lora_term_mma(const u16* h, const u16* f, long long fs_col,
+    long long fs_j, u16* out, int n, int m, unsigned long long key, float p, float scale) {
+  __shared__ __align__(16) u16 st[LTM_WARPS][16][LTM_COLS + 8];
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int g = lane >> 2, c = lane & 3;
+  int row0 = blockIdx.y * 16;
+  int col0 = (blockIdx.x * LTM_WARPS + warp) * LTM_COLS;
+  // Each warp works alone (its own staging rows, __syncwarp only): one past the end leaves.
+  if (col0 >= n) return;
+  bool in0 = row0 + g < m, in1 = row0 + g + 8 < m;
+  const u16* h0 = h + (long long)(row0 + g) * R + 2 * c;
+  const u16* h1 = h0 + 8 * R;
+  unsigned int a0 = in0 ? *(const unsigned int*)h0 : 0u;
+  unsigned int a1 = in1 ? *(const unsigned int*)h1 : 0u;
+  unsigned int a2 = R == 16 && in0 ? *(const unsigned int*)(h0 + 8) : 0u;
+  unsigned int a3 = R == 16 && in1 ? *(const unsigned int*)(h1 + 8) : 0u;
+  unsigned int below = drop_below(p);
+  _Pragma("unroll") for (int t = 0; t < LTM_COLS / 8; ++t) {
+    int bcol = col0 + 8 * t + g;  // this lane's column of F in the B fragment
+    unsigned int b0 = 0u, b1 = 0u;
+    if (bcol < n) {
+      b0 = ld_pair(f, bcol * fs_col + 2 * c * fs_j, fs_j);
+      if (R == 16) b1 = ld_pair(f, bcol * fs_col + (2 * c + 8) * fs_j, fs_j);
+    }
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_16816<BF16>(d, a0, a1, a2, a3, b0, b1);
+    _Pragma("unroll") for (int q = 0; q < 4; ++q) {
+      int r = g + 8 * (q >> 1), col = col0 + 8 * t + 2 * c + (q & 1);
+      float v = load16<BF16>(round16<BF16>(d[q]));
+      if (DROP) {
+        long long e = (long long)(row0 + r) * n + col;
+        v = load16<BF16>(round16<BF16>(__fmul_rn(v, dropped(mask_state(key, e), below) ? 0.0f
+                                                                                   : scale)));
+      }
+      st[warp][r][8 * t + 2 * c + (q & 1)] = round16<BF16>(v);
+    }
+  }
+  __syncwarp();
+  _Pragma("unroll") for (int q = 0; q < 16 * LTM_COLS / 8 / 32; ++q) {
+    int idx = q * 32 + lane, r = idx / (LTM_COLS / 8), cc = (idx % (LTM_COLS / 8)) * 8;
+    if (row0 + r < m && col0 + cc < n)
+      *(uint4*)(out + (long long)(row0 + r) * n + col0 + cc) = *(const uint4*)&st[warp][r][cc];
+  }
+}
+#define LORA_TERM_MMA(R, DTYPE, BF16, DROP, SUFFIX)                                            \
+extern "C" __global__ void __launch_bounds__(32 * LTM_WARPS)                                   \
+    lora_term_mma_##SUFFIX##DTYPE##_r##R(const u16* h, const u16* f, long long fs_col,        \
+    long long fs_j, u16* out, int n, int m, unsigned long long key, float p, float scale) {    \
+  lora_term_mma<R, BF16, DROP>(h, f, fs_col, fs_j, out, n, m, key, p, scale);                 \
+}
+LORA_TERM_MMA(8, bf16, true, false, )
+LORA_TERM_MMA(16, bf16, true, false, )
+LORA_TERM_MMA(8, f16, false, false, )
+LORA_TERM_MMA(16, f16, false, false, )
+LORA_TERM_MMA(8, bf16, true, true, drop_)
+LORA_TERM_MMA(16, bf16, true, true, drop_)
+LORA_TERM_MMA(8, f16, false, true, drop_)
+LORA_TERM_MMA(16, f16, false, true, drop_)

@@ -1,6 +1,6 @@
 //! Speed switches read from the environment (`ADAPTERLAB_NF4_QUANTIZE`, `ADAPTERLAB_NF4_GEMV`,
 //! `ADAPTERLAB_NF4_SMALL_BATCH`, `ADAPTERLAB_PACKED_ATTENTION`, `ADAPTERLAB_DECODE_ATTENTION`,
-//! `ADAPTERLAB_DECODE_ROPE`, `ADAPTERLAB_LORA_TRAIN_KERNELS`):
+//! `ADAPTERLAB_DECODE_ROPE`, `ADAPTERLAB_LORA_TRAIN_KERNELS`, `ADAPTERLAB_LORA_TERM`):
 //! each takes a closed set of names that change how fast a result comes, not what it is (the
 //! kernels they pick agree with each other to rounding, and a golden test holds each to its
 //! reference); an unknown name is an error naming the variable and the names it takes, not a
