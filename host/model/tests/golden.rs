@@ -1834,8 +1834,9 @@ fn train_da_takes_a_misaligned_gradient() {
 /// The adapter's term on the tensor cores (`term_mma`, what `ADAPTERLAB_LORA_TERM=mma` runs)
 /// against `train_term`'s cuBLAS product and dropout op: the same mask (an element is zero in
 /// one exactly where it is in the other) and, elsewhere, the same value up to the 16-bit
-/// rounding of two f32 sums of r products in different orders; both factor layouts, ranks 8
-/// and 16, rows and columns that do not fill a block.
+/// rounding of two f32 sums of r products in different orders; and its GELU form
+/// (`term_mma_gelu`) against `train_add`'s; both factor layouts, ranks 8 and 16, rows and
+/// columns that do not fill a block.
 #[cfg(feature = "cuda")]
 #[cfg_attr(
     not(feature = "cuda"),
@@ -1843,7 +1844,7 @@ fn train_da_takes_a_misaligned_gradient() {
 )]
 #[test]
 fn lora_term_mma_equals_the_cublas_term() {
-    use adapterlab_model::lora::kernels::{Factor, term_mma};
+    use adapterlab_model::lora::kernels::{Factor, term_mma, term_mma_gelu, train_add};
     use adapterlab_model::ops::dropout::seeded_dropout;
     use candle_core::DType;
     let dev = device();
@@ -1891,6 +1892,31 @@ fn lora_term_mma_equals_the_cublas_term() {
                             "{case}: element {i}: {y} against cuBLAS's {x}"
                         );
                     }
+                    // The GELU input gradient's form, against train_add's (cuBLAS's term, then
+                    // lora_add_term_gelu): a flipped rounding of the term moves the sum by at
+                    // most an ulp of the term, so the bound is in the largest value's ulps.
+                    let f = if by_rank {
+                        Factor::OutByRank(&bs)
+                    } else {
+                        Factor::RankByOut(&a)
+                    };
+                    let (yg, xg) = (
+                        wave(m * n, 0.4, (m, n), dtype),
+                        wave(m * n, 0.5, (m, n), dtype),
+                    );
+                    let want = host_f32s(&train_add(&yg, &h, f, mask, Some(&xg)).unwrap());
+                    let f = if by_rank {
+                        Factor::OutByRank(&bs)
+                    } else {
+                        Factor::RankByOut(&a)
+                    };
+                    let got = host_f32s(&term_mma_gelu(&yg, &h, f, mask, &xg).unwrap());
+                    let scale = want.iter().fold(0f32, |acc, v| acc.max(v.abs()));
+                    let err = max_diff(&want, &got);
+                    assert!(
+                        err <= 4.0 * ulp * scale,
+                        "{case}: with GELU, off by {err} (largest {scale})"
+                    );
                 }
             }
         }

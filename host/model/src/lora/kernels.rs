@@ -439,6 +439,11 @@ pub fn train_add(
     gelu_input: Option<&Tensor>,
 ) -> Result<Tensor> {
     match gelu_input {
+        Some(x) if TERM_KERNEL.get()? == Some(true) => {
+            crate::ops::profile::scope("lora.train.add", y.device(), || {
+                term_mma_gelu(y, h, f, mask, x)
+            })
+        }
         Some(x) => {
             let term = train_term(h, f, None)?;
             crate::ops::profile::scope("lora.train.add", y.device(), || {
@@ -522,6 +527,28 @@ pub fn train_term(h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Tensor> {
 /// run (before sm_80, a width that is no multiple of 8, a rank without an instance), since the
 /// switch asked for it. Public for the golden test that holds it to the cuBLAS form.
 pub fn term_mma(h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Tensor> {
+    lora_term_mma(h, f, mask, None)
+}
+
+/// [`train_add`] with GELU in one kernel on the tensor cores (`lora_term_mma`'s ADD form): the
+/// term formed as [`term_mma`] forms it, added to `y` and GELU's backward applied against `x`
+/// (both `[m, n]`, 16-byte aligned), without the term ever stored.
+pub fn term_mma_gelu(
+    y: &Tensor,
+    h: &Tensor,
+    f: Factor<'_>,
+    mask: Mask,
+    x: &Tensor,
+) -> Result<Tensor> {
+    lora_term_mma(h, f, mask, Some((y, x)))
+}
+
+fn lora_term_mma(
+    h: &Tensor,
+    f: Factor<'_>,
+    mask: Mask,
+    add: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
     let dev = cuda_device(h)?;
     let (m, r) = h.dims2()?;
     let (ft, (fs_col, fs_j), n) = match f {
@@ -551,10 +578,27 @@ pub fn term_mma(h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Tensor> {
             ft.dtype()
         )));
     }
+    if let Some((y, x)) = add {
+        for (what, u) in [("y", y), ("the GELU input", x)] {
+            if u.dims() != [m, n] || u.dtype() != dtype || !start_aligned(u, 8) {
+                return Err(Error::Msg(format!(
+                    "ADAPTERLAB_LORA_TERM=mma: {what} is {:?} {:?} (16-byte aligned: {}), \
+                     expected [{m}, {n}] {dtype:?} on a 16-byte boundary",
+                    u.dims(),
+                    u.dtype(),
+                    start_aligned(u, 8)
+                )));
+            }
+        }
+    }
     let (hs, fs) = (CudaInput::of(h)?, CudaInput::of(ft)?);
+    let added = add
+        .map(|(y, x)| Ok::<_, Error>((CudaInput::of(y)?, CudaInput::of(x)?)))
+        .transpose()?;
     let (n_i, m_i) = (n as i32, m as i32);
     let (key, p, scale) = mask_args(mask);
     let drop = if p > 0.0 { "drop_" } else { "" };
+    let gelu = if add.is_some() { "gelu_" } else { "" };
     // LTM_COLS columns a warp, LTM_WARPS warps a block, 16 rows a block (lora_mma.cu).
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(64 * 4) as u32, m.div_ceil(16) as u32, 1),
@@ -564,11 +608,16 @@ pub fn term_mma(h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Tensor> {
     macro_rules! launch {
         ($dtype:literal, $t:ty) => {{
             let (hv, fv) = (hs.view::<$t>(m * r)?, fs.view::<$t>(n * r)?);
+            // Without ADD the kernel never reads y and gx; h stands in for them.
+            let (yv, xv) = match &added {
+                Some((ys, xs)) => (ys.view::<$t>(m * n)?, xs.view::<$t>(m * n)?),
+                None => (hs.view::<$t>(m * r)?, hs.view::<$t>(m * r)?),
+            };
             // SAFETY: every element is written by the kernel below (its blocks cover [m, n]).
             let out = unsafe { dev.alloc::<$t>(m * n)? };
-            let name = format!("lora_term_mma_{drop}{}_r{r}", $dtype);
+            let name = format!("lora_term_mma_{drop}{gelu}{}_r{r}", $dtype);
             crate::run_kernel!(LORA_MMA, dev, &name, cfg;
-                &hv, &fv, &fs_col, &fs_j, &out, &n_i, &m_i, &key, &p, &scale)?;
+                &hv, &fv, &fs_col, &fs_j, &out, &n_i, &m_i, &key, &p, &scale, &yv, &xv)?;
             Ok(wrap(out, &dev, (m, n)))
         }};
     }

@@ -275,12 +275,6 @@ LORA_TRAIN_DA(lora_train_da_gelu_f16_r16, 16, false, true)
 // uses them: with one row's 4 bytes a thread in flight the first version moved ~0.9 TB/s on an
 // H100. The [m, n] product, its dropped copy and the sum the graph made are never stored.
 #define LT_ROWS 8
-// gelu_grad: crate::ops::gelu::gelu_grad (gelu.cu's expression), for GELU's backward fused in.
-__device__ __forceinline__ float gelu_grad(float v, float g) {
-  float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
-  float pdf = 0.3989423f * expf(-0.5f * v * v);
-  return g * (cdf + v * pdf);
-}
 template <int R, bool BF16, bool DROP>
 __device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const u16* f,
     long long fs_col, long long fs_j, u16* out, int n, int m, unsigned long long key, float p,

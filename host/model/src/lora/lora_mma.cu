@@ -215,14 +215,19 @@ LORA_TRAIN_DA_MMA(lora_train_da_mma_gelu_f16_r16, 16, false, true)
 // mma an 8-column tile (its depth is R: h's rows are the A fragment, loaded once; R = 8 leaves
 // the upper half zero), the rounding and mask happen in registers, and a warp's 16 x LTM_COLS
 // tile goes through shared memory so that each row leaves as 16-byte stores. n % 8 == 0.
+// With ADD (the input gradient of a node whose input went through the exact GELU), the term is
+// not stored: each 16-byte chunk of it is added to y's (the base's input gradient) and GELU's
+// backward applied against gx's (the pre-activation), with lora_add_term_gelu's roundings, so
+// the [m, n] term is never written or read back.
 #define LTM_COLS 64
 #define LTM_WARPS 4
 __device__ __forceinline__ unsigned int ld_pair(const u16* f, long long i, long long step) {
   return (unsigned int)f[i] | ((unsigned int)f[i + step] << 16);
 }
-template <int R, bool BF16, bool DROP>
+template <int R, bool BF16, bool DROP, bool ADD>
 __device__ __forceinline__ void lora_term_mma(const u16* h, const u16* f, long long fs_col,
-    long long fs_j, u16* out, int n, int m, unsigned long long key, float p, float scale) {
+    long long fs_j, u16* out, int n, int m, unsigned long long key, float p, float scale,
+    const u16* y, const u16* gx) {
   __shared__ __align__(16) u16 st[LTM_WARPS][16][LTM_COLS + 8];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int g = lane >> 2, c = lane & 3;
@@ -261,21 +266,37 @@ __device__ __forceinline__ void lora_term_mma(const u16* h, const u16* f, long l
   __syncwarp();
   _Pragma("unroll") for (int q = 0; q < 16 * LTM_COLS / 8 / 32; ++q) {
     int idx = q * 32 + lane, r = idx / (LTM_COLS / 8), cc = (idx % (LTM_COLS / 8)) * 8;
-    if (row0 + r < m && col0 + cc < n)
-      *(uint4*)(out + (long long)(row0 + r) * n + col0 + cc) = *(const uint4*)&st[warp][r][cc];
+    if (row0 + r >= m || col0 + cc >= n) continue;
+    long long o = (long long)(row0 + r) * n + col0 + cc;
+    uint4 w = *(const uint4*)&st[warp][r][cc];
+    if (ADD) {
+      uint4 yv = __ldg((const uint4*)(y + o)), xv = __ldg((const uint4*)(gx + o)), ov;
+      const u16 *ts = (const u16*)&w, *ys = (const u16*)&yv, *xs = (const u16*)&xv;
+      u16* os = (u16*)&ov;
+      _Pragma("unroll") for (int i = 0; i < 8; ++i) {
+        float sum = load16<BF16>(round16<BF16>(__fadd_rn(load16<BF16>(ys[i]), load16<BF16>(ts[i]))));
+        os[i] = round16<BF16>(gelu_grad(load16<BF16>(xs[i]), sum));
+      }
+      w = ov;
+    }
+    *(uint4*)(out + o) = w;
   }
 }
-#define LORA_TERM_MMA(R, DTYPE, BF16, DROP, SUFFIX)                                            \
+#define LORA_TERM_MMA(R, DTYPE, BF16, DROP, ADD, SUFFIX)                                       \
 extern "C" __global__ void __launch_bounds__(32 * LTM_WARPS)                                   \
     lora_term_mma_##SUFFIX##DTYPE##_r##R(const u16* h, const u16* f, long long fs_col,        \
-    long long fs_j, u16* out, int n, int m, unsigned long long key, float p, float scale) {    \
-  lora_term_mma<R, BF16, DROP>(h, f, fs_col, fs_j, out, n, m, key, p, scale);                 \
+    long long fs_j, u16* out, int n, int m, unsigned long long key, float p, float scale,      \
+    const u16* y, const u16* gx) {                                                            \
+  lora_term_mma<R, BF16, DROP, ADD>(h, f, fs_col, fs_j, out, n, m, key, p, scale, y, gx);     \
 }
-LORA_TERM_MMA(8, bf16, true, false, )
-LORA_TERM_MMA(16, bf16, true, false, )
-LORA_TERM_MMA(8, f16, false, false, )
-LORA_TERM_MMA(16, f16, false, false, )
-LORA_TERM_MMA(8, bf16, true, true, drop_)
-LORA_TERM_MMA(16, bf16, true, true, drop_)
-LORA_TERM_MMA(8, f16, false, true, drop_)
-LORA_TERM_MMA(16, f16, false, true, drop_)
+#define LORA_TERM_MMA_ALL(DTYPE, BF16)                                                         \
+  LORA_TERM_MMA(8, DTYPE, BF16, false, false, )                                                \
+  LORA_TERM_MMA(16, DTYPE, BF16, false, false, )                                               \
+  LORA_TERM_MMA(8, DTYPE, BF16, true, false, drop_)                                            \
+  LORA_TERM_MMA(16, DTYPE, BF16, true, false, drop_)                                           \
+  LORA_TERM_MMA(8, DTYPE, BF16, false, true, gelu_)                                            \
+  LORA_TERM_MMA(16, DTYPE, BF16, false, true, gelu_)                                           \
+  LORA_TERM_MMA(8, DTYPE, BF16, true, true, drop_gelu_)                                        \
+  LORA_TERM_MMA(16, DTYPE, BF16, true, true, drop_gelu_)
+LORA_TERM_MMA_ALL(bf16, true)
+LORA_TERM_MMA_ALL(f16, false)

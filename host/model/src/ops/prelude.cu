@@ -24,6 +24,13 @@ template <bool BF16>
 __device__ __forceinline__ float gelu16(float x) {
   return load16<BF16>(round16<BF16>(__fmul_rn(x, load16<BF16>(round16<BF16>(normcdff(x))))));
 }
+// g times GELU's derivative at v: crate::ops::gelu::gelu_grad (gelu.cu's expression), for the
+// LoRA training kernels that fuse GELU's backward (lora.cu, lora_mma.cu).
+__device__ __forceinline__ float gelu_grad(float v, float g) {
+  float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+  float pdf = 0.3989423f * expf(-0.5f * v * v);
+  return g * (cdf + v * pdf);
+}
 
 // Seeded dropout's mask value of element i (crate::ops::dropout::keep_scale, element for
 // element: splitmix64 of key + (i + 1) * golden ratio), here for every module that drops out.
