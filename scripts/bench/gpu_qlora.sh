@@ -94,11 +94,25 @@ if stage golden; then
     dev=cuda setting=
     case $run in cpu|cuda) dev=$run ;; *) setting=$run ;; esac
     echo "== golden tests of the after build on $dev ${setting:+with $setting }against $GOLDEN_DIR"
-    # GOLDEN_FILTER (names, space-separated) runs the tests matching any of them only.
+    # GOLDEN_FILTER (names, space-separated) runs the tests matching any of them only. Each test
+    # runs in a process of its own: a CUDA fault poisons its process's context, and in one
+    # process the next test then hung until the timeout (2026-12-07: ~300 s of device time).
+    log=$OUT/golden-$dev${setting:+-${setting//[^A-Za-z0-9]/_}}.txt
+    : > "$log"
     # shellcheck disable=SC2086
-    env $setting ADAPTERLAB_TEST_DEVICE=$dev ADAPTERLAB_GOLDEN_DIR=$GOLDEN_DIR timeout 360 /tmp/gl/golden ${GOLDEN_FILTER:-} --test-threads 1 \
-      --include-ignored --nocapture 2>&1 | tee "$OUT/golden-$dev${setting:+-${setting//[^A-Za-z0-9]/_}}.txt" \
-      | grep -E "^test |test result|panicked|bit-equal|cases" | head -40
+    names=$(/tmp/gl/golden ${GOLDEN_FILTER:-} --list --include-ignored 2>/dev/null | sed -n 's/: test$//p')
+    passed=0 failed=0
+    for name in $names; do
+      # shellcheck disable=SC2086
+      if env $setting ADAPTERLAB_TEST_DEVICE=$dev ADAPTERLAB_GOLDEN_DIR=$GOLDEN_DIR timeout 240 /tmp/gl/golden "$name" --exact \
+        --test-threads 1 --include-ignored --nocapture >> "$log" 2>&1; then
+        passed=$((passed + 1)); echo "test $name ... ok"
+      else
+        failed=$((failed + 1)); echo "test $name ... FAILED"
+      fi
+    done
+    grep -E "panicked|bit-equal|cases" "$log" | head -20
+    echo "golden: $passed passed, $failed failed"
   done
 fi
 
