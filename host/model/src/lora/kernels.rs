@@ -420,6 +420,40 @@ pub enum Factor<'a> {
     RankByOut(&'a Tensor),
 }
 
+/// How the kernels read a [`Factor`] at rank r: the stored tensor, the strides (per column, per
+/// rank) at which they read `F(col, j)`, the width `n`, and the dims the tensor must have.
+struct FactorLayout<'a> {
+    t: &'a Tensor,
+    strides: (i64, i64),
+    n: usize,
+    dims: [usize; 2],
+}
+
+impl<'a> Factor<'a> {
+    fn layout(&self, r: usize) -> Result<FactorLayout<'a>> {
+        Ok(match *self {
+            Factor::OutByRank(t) => {
+                let n = t.dim(0)?;
+                FactorLayout {
+                    t,
+                    strides: (r as i64, 1),
+                    n,
+                    dims: [n, r],
+                }
+            }
+            Factor::RankByOut(t) => {
+                let n = t.dim(1)?;
+                FactorLayout {
+                    t,
+                    strides: (1, n as i64),
+                    n,
+                    dims: [r, n],
+                }
+            }
+        })
+    }
+}
+
 /// `y + dropout(round(h F^T))` with every rounding of the op-by-op graph (the product rounded
 /// to the 16-bit type as cuBLAS writes it, then dropped out, then added): the training node's
 /// value (`h = dropout(z) A^T`, `F` = `scaling * B`, no mask) and its input gradient's two terms
@@ -551,14 +585,12 @@ fn lora_term_mma(
 ) -> Result<Tensor> {
     let dev = cuda_device(h)?;
     let (m, r) = h.dims2()?;
-    let (ft, (fs_col, fs_j), n) = match f {
-        Factor::OutByRank(t) => (t, (r as i64, 1i64), t.dim(0)?),
-        Factor::RankByOut(t) => (t, (1i64, t.dim(1)? as i64), t.dim(1)?),
-    };
-    let f_dims = match f {
-        Factor::OutByRank(_) => [n, r],
-        Factor::RankByOut(_) => [r, n],
-    };
+    let FactorLayout {
+        t: ft,
+        strides: (fs_col, fs_j),
+        n,
+        dims: f_dims,
+    } = f.layout(r)?;
     let dtype = h.dtype();
     if !crate::ops::kernels::sm80_or_later(h.device())?
         || !n.is_multiple_of(8)
@@ -631,14 +663,12 @@ fn lora_term_mma(
 fn adapter_term(y: &Tensor, h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Tensor> {
     let dev = cuda_device(h)?;
     let (m, r) = h.dims2()?;
-    let (ft, (fs_col, fs_j), n) = match f {
-        Factor::OutByRank(t) => (t, (r as i64, 1i64), t.dim(0)?),
-        Factor::RankByOut(t) => (t, (1i64, t.dim(1)? as i64), t.dim(1)?),
-    };
-    let f_dims = match f {
-        Factor::OutByRank(_) => [n, r],
-        Factor::RankByOut(_) => [r, n],
-    };
+    let FactorLayout {
+        t: ft,
+        strides: (fs_col, fs_j),
+        n,
+        dims: f_dims,
+    } = f.layout(r)?;
     let dtype = h.dtype();
     let y_fits = y.dims() == [m, n] && y.dtype() == dtype && start_aligned(y, 2);
     if ft.dims() != f_dims
