@@ -3,7 +3,7 @@
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{DType, Error, Result, Tensor};
 
-use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, no_defines, wrap};
+use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, no_defines, start_aligned, wrap};
 
 /// This wing's kernel module, for [`crate::engine::device::compile_kernels`].
 pub fn modules() -> [&'static CudaModule; 2] {
@@ -227,10 +227,6 @@ fn mask_args(mask: Mask) -> (u64, f32, f32) {
         Some((key, p)) if p > 0.0 => (key, p, 1.0 / (1.0 - p)),
         _ => (0, 0.0, 1.0),
     }
-}
-
-fn start_aligned(t: &Tensor, elems: usize) -> bool {
-    t.is_contiguous() && t.layout().start_offset().is_multiple_of(elems)
 }
 
 /// The training node's `h = dropout(z) A^T` (`[m, r]`, in z's type) for `z` `[m, k]` and `a`

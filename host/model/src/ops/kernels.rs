@@ -142,6 +142,12 @@ pub fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     }
 }
 
+/// Whether `t` is contiguous from an element offset that is a multiple of `elems` (for kernels
+/// that read it in 4- or 16-byte words).
+pub fn start_aligned(t: &Tensor, elems: usize) -> bool {
+    t.is_contiguous() && t.layout().start_offset().is_multiple_of(elems)
+}
+
 pub fn wrap<T: candle_core::cuda_backend::CudaDType>(
     out: CudaSlice<T>,
     dev: &CudaDevice,
@@ -287,7 +293,7 @@ pub fn masked_softmax(
 /// where the GPU lets a block hold it in shared memory.
 pub fn gelu_forward(x: &Tensor) -> Result<Option<Tensor>> {
     let n = x.elem_count();
-    if n == 0 || !x.is_contiguous() || !x.layout().start_offset().is_multiple_of(8) {
+    if n == 0 || !start_aligned(x, 8) {
         return Ok(None);
     }
     let dev = cuda_device(x)?;
@@ -307,20 +313,13 @@ pub fn gelu_forward(x: &Tensor) -> Result<Option<Tensor>> {
                 Some((t, blocks)) => {
                     let ti = CudaInput::of(t)?;
                     let tv = ti.view::<$t>(GELU_CODES)?;
-                    let func =
-                        dev.get_or_load_custom_func("gelu_fwd_table", GELU.name, GELU.ptx()?)?;
                     let cfg = LaunchConfig {
                         grid_dim: (*blocks, 1, 1),
                         block_dim: (1024, 1, 1),
+                        // Allowed on the function when the table was made.
                         shared_mem_bytes: GELU_TABLE_BYTES as u32,
                     };
-                    use candle_core::cuda_backend::WrapErr as _;
-                    use candle_core::cuda_backend::cudarc::driver::PushKernelArg as _;
-                    let mut builder = func.builder();
-                    builder.arg(&tv).arg(&xv).arg(&out).arg(&n_i);
-                    // SAFETY: the kernel's parameters in its order and types; the shared
-                    // memory it asks for was allowed when the table was made.
-                    unsafe { builder.launch(cfg) }.w()?;
+                    crate::run_kernel!(GELU, dev, "gelu_fwd_table", cfg; &tv, &xv, &out, &n_i)?;
                 }
                 None => {
                     let cfg = LaunchConfig::for_num_elems(n.div_ceil(8) as u32);

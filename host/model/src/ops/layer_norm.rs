@@ -46,7 +46,13 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 
     use super::*;
-    use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, no_defines, wrap};
+    use crate::ops::kernels::{
+        CudaInput, CudaModule, cuda_device, no_defines, start_aligned, wrap,
+    };
+
+    /// `LNV_THREADS` and `LNV_CHUNKS` in layer_norm.cu.
+    const VEC_THREADS: usize = 256;
+    const VEC_CHUNKS: usize = 4;
 
     pub(crate) static LAYER_NORM: CudaModule = CudaModule::new(
         "adapterlab_layer_norm",
@@ -68,16 +74,15 @@ mod cuda {
         let wv = ws.view::<f32>(n)?;
         let (n_i, eps_f) = (n as i32, eps as f32);
         // The kernel that holds the row in registers (`layer_norm_bwd_vec`) takes rows of
-        // 8-element chunks, 16-byte aligned, up to LNV_THREADS * 8 * LNV_CHUNKS elements.
-        let aligned = |t: &Tensor, elems: usize| t.layout().start_offset().is_multiple_of(elems);
+        // 8-element chunks, 16-byte aligned, up to VEC_THREADS * 8 * VEC_CHUNKS elements.
         let vec = n.is_multiple_of(8)
-            && n <= 256 * 8 * 4
-            && aligned(&x, 8)
-            && aligned(&grad, 8)
-            && aligned(&w, 4);
+            && n <= VEC_THREADS * 8 * VEC_CHUNKS
+            && start_aligned(&x, 8)
+            && start_aligned(&grad, 8)
+            && start_aligned(&w, 4);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
-            block_dim: (if vec { 256 } else { 512 }, 1, 1),
+            block_dim: (if vec { VEC_THREADS as u32 } else { 512 }, 1, 1),
             shared_mem_bytes: 0,
         };
         macro_rules! launch {
