@@ -585,3 +585,68 @@ fn flash_attention_trains_to_eager_losses_and_is_stored_with_the_run() {
         "{err}"
     );
 }
+
+/// A speed switch set in the environment is stored with the run it ran (it changes rounding
+/// only, but a curve is reproduced only with it); a misspelt one fails the run with the
+/// variable and its names, even on the CPU, where the kernel it picks is never reached.
+#[test]
+fn speed_switches_are_stored_with_the_run_and_a_misspelt_one_fails_it() {
+    let t = setup("train-switches");
+    let model = tiny_model(&t);
+    let data = dataset(&t);
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let args = |out: &Path| {
+        train_args(
+            m,
+            d,
+            out.to_str().unwrap(),
+            &["--set", "max_steps=1", "--set", "eval_steps=0"],
+        )
+    };
+    let switched = t.path().join("switched");
+    let a = args(&switched);
+    run_ok(
+        t.cmd(&a.iter().map(String::as_str).collect::<Vec<_>>())
+            .env("ADAPTERLAB_LORA_TERM", "cublas")
+            .env("ADAPTERLAB_DECODE_ROPE", "split"),
+    );
+    let plain = t.path().join("plain");
+    let a = args(&plain);
+    run_ok(
+        t.cmd(&a.iter().map(String::as_str).collect::<Vec<_>>())
+            .env_remove("ADAPTERLAB_LORA_TERM"),
+    );
+    let misspelt = t.path().join("misspelt");
+    let a = args(&misspelt);
+    let err = run_fail(
+        t.cmd(&a.iter().map(String::as_str).collect::<Vec<_>>())
+            .env("ADAPTERLAB_LORA_TERM", "fast"),
+    );
+    assert!(
+        err.contains(r#"ADAPTERLAB_LORA_TERM="fast": expected "mma" or "cublas""#),
+        "{err}"
+    );
+
+    let store = adapterlab::store::Store::open(&t.data_dir().join("store")).unwrap();
+    let run = stored_run(&store, &switched);
+    assert_eq!(
+        run.metadata.get("speed_switches").map(String::as_str),
+        Some("ADAPTERLAB_DECODE_ROPE=split ADAPTERLAB_LORA_TERM=cublas"),
+        "{:?}",
+        run.metadata
+    );
+    assert!(
+        !stored_run(&store, &plain)
+            .metadata
+            .contains_key("speed_switches")
+    );
+    let failed = stored_run(&store, &misspelt);
+    assert_eq!(failed.status, adapterlab::store::RunStatus::Failed);
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("ADAPTERLAB_LORA_TERM")),
+        "{failed:?}"
+    );
+}

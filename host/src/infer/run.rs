@@ -364,6 +364,20 @@ pub fn execute(env: &GenerateEnv, run_id: &str, request: &GenerateRequest) -> Re
     };
     let cancel = env.eval.cancel.clone();
     let generated = (|| -> Result<Vec<PredictionRow>> {
+        let switches =
+            adapterlab_model::ops::switch::set_in_environment().map_err(anyhow::Error::msg)?;
+        let rt = env.models.runtime();
+        // ADAPTERLAB_DTYPE or the device's default: bf16 and f32 generations differ.
+        let compute = format!(
+            "{} {:?}",
+            if rt.device.is_cuda() { "cuda" } else { "cpu" },
+            rt.dtype
+        )
+        .to_lowercase();
+        store.update_run(run_id, |r| {
+            r.note_speed_switches(&switches);
+            r.metadata.insert("compute".into(), compute.clone());
+        })?;
         let rows = prompt_rows(request, &env.registry)?;
         let total = rows.len() as u64;
         store.update_run(run_id, |r| {

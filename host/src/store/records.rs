@@ -217,6 +217,22 @@ pub const MAX_TAG_LEN: usize = 64;
 pub const MAX_NOTES_LEN: usize = 10_000;
 
 impl RunRecord {
+    /// Metadata key of the speed switches (`VAR=value`, space-separated) set in the process
+    /// that ran the run; absent when none was.
+    pub const SPEED_SWITCHES: &'static str = "speed_switches";
+
+    /// Records `switches` (`VAR=value`) as the ones the run runs with: they change nothing but
+    /// rounding, yet a timing or a loss curve is only reproduced with them. A run resumed in a
+    /// process without any loses the entry of the process before.
+    pub fn note_speed_switches(&mut self, switches: &[String]) {
+        if switches.is_empty() {
+            self.metadata.remove(Self::SPEED_SWITCHES);
+        } else {
+            self.metadata
+                .insert(Self::SPEED_SWITCHES.into(), switches.join(" "));
+        }
+    }
+
     pub fn new(id: String, name: String, kind: RunKind) -> Self {
         RunRecord {
             id,

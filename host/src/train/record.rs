@@ -74,18 +74,31 @@ pub fn run_recorded(
     mut env: TrainEnv,
 ) -> Result<TrainOutcome> {
     store.start_run(run_id)?;
-    // Unknown metric plugins fail now, not after hours of training.
-    let metric_plugins = match (&env.registry, config.eval_after_train.is_empty()) {
-        (_, true) => Vec::new(),
-        (Some(registry), false) => {
-            // validate wants samples; one placeholder stands for the generations to come.
-            let placeholder = PredictionRow::new("0".into(), "x".into(), "x".into(), None);
-            pipeline::validate(
-                registry,
-                &eval_request("", config, vec![placeholder], BTreeMap::new()),
-            )?
+    // What must hold before training starts; a failure here ends the run as failed, with why.
+    let prepared = (|| -> Result<_> {
+        let switches =
+            adapterlab_model::ops::switch::set_in_environment().map_err(anyhow::Error::msg)?;
+        store.update_run(run_id, |r| r.note_speed_switches(&switches))?;
+        // Unknown metric plugins fail now, not after hours of training.
+        Ok(match (&env.registry, config.eval_after_train.is_empty()) {
+            (_, true) => Vec::new(),
+            (Some(registry), false) => {
+                // validate wants samples; one placeholder stands for the generations to come.
+                let placeholder = PredictionRow::new("0".into(), "x".into(), "x".into(), None);
+                pipeline::validate(
+                    registry,
+                    &eval_request("", config, vec![placeholder], BTreeMap::new()),
+                )?
+            }
+            (None, false) => anyhow::bail!("eval_after_train needs the plugin registry"),
+        })
+    })();
+    let metric_plugins = match prepared {
+        Ok(plugins) => plugins,
+        Err(e) => {
+            store.end_run(run_id, RunStatus::Failed, Some(format!("{e:#}")), |_| {})?;
+            return Err(e);
         }
-        (None, false) => anyhow::bail!("eval_after_train needs the plugin registry"),
     };
     env.store = Some((store.clone(), run_id.to_string()));
     let result = trainer::run(config, &env);

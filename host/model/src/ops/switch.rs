@@ -1,10 +1,42 @@
-//! Speed switches read from the environment (`ADAPTERLAB_NF4_QUANTIZE`, `ADAPTERLAB_NF4_GEMV`,
-//! `ADAPTERLAB_NF4_SMALL_BATCH`, `ADAPTERLAB_PACKED_ATTENTION`, `ADAPTERLAB_DECODE_ATTENTION`,
-//! `ADAPTERLAB_DECODE_ROPE`, `ADAPTERLAB_LORA_TRAIN_KERNELS`, `ADAPTERLAB_LORA_TERM`):
+//! Speed switches read from the environment ([`SWITCHES`]):
 //! each takes a closed set of names that change how fast a result comes, not what it is (the
 //! kernels they pick agree with each other to rounding, and a golden test holds each to its
 //! reference); an unknown name is an error naming the variable and the names it takes, not a
-//! silent default.
+//! silent default. A run records the ones set in its process with its results.
+
+/// Every speed switch: its variable and the names it takes. A run checks and records those
+/// set in its process ([`set_in_environment`]) before it starts: they change no result beyond
+/// rounding, but a timing or a loss curve is only reproduced with them, and a misspelt one
+/// must fail the run even where its kernel is never reached (a CPU run). Each module's
+/// [`Switch`] maps the same names to its values; [`parse`] refuses a set that differs from
+/// this one, so the two cannot drift apart unnoticed.
+pub const SWITCHES: [(&str, &[&str]); 8] = [
+    ("ADAPTERLAB_NF4_QUANTIZE", &["cpu", "gpu"]),
+    ("ADAPTERLAB_NF4_GEMV", &["words", "wide", "mma"]),
+    (
+        "ADAPTERLAB_NF4_SMALL_BATCH",
+        &["dequantize", "mma", "tiled"],
+    ),
+    ("ADAPTERLAB_PACKED_ATTENTION", &["regroup", "mask"]),
+    ("ADAPTERLAB_DECODE_ATTENTION", &["fused", "eager"]),
+    ("ADAPTERLAB_DECODE_ROPE", &["fused", "split"]),
+    ("ADAPTERLAB_LORA_TRAIN_KERNELS", &["mma", "simt"]),
+    ("ADAPTERLAB_LORA_TERM", &["mma", "cublas"]),
+];
+
+/// The speed switches set in this process's environment, as `VAR=value` in [`SWITCHES`]'
+/// order; a value outside its switch's names is an error naming the variable.
+pub fn set_in_environment() -> Result<Vec<String>, String> {
+    let mut set = Vec::new();
+    for (var, names) in SWITCHES {
+        let options: Vec<(&str, ())> = names.iter().map(|n| (*n, ())).collect();
+        if choice(var, &options)?.is_some() {
+            let value = std::env::var(var).map_err(|e| format!("{var}: {e}"))?;
+            set.push(format!("{var}={value}"));
+        }
+    }
+    Ok(set)
+}
 
 /// A switch read once per process: the first [`Switch::get`] reads `var` ([`choice`]) and
 /// every later one answers the same, refusal included.
@@ -47,6 +79,13 @@ pub fn parse<T: Copy>(
     value: Option<&str>,
     options: &[(&str, T)],
 ) -> Result<Option<T>, String> {
+    if let Some((_, names)) = SWITCHES.iter().find(|(v, _)| *v == var) {
+        if !options.iter().map(|(n, _)| n).eq(names.iter()) {
+            return Err(format!(
+                "{var}: the switch's names differ from switch::SWITCHES' (a build out of step)"
+            ));
+        }
+    }
     let Some(value) = value else {
         return Ok(None);
     };
@@ -61,6 +100,55 @@ pub fn parse<T: Copy>(
 
 #[cfg(test)]
 mod tests {
+    /// Every `ADAPTERLAB_` variable the crate reads is a switch in [`super::SWITCHES`], or one
+    /// of the few that are not about speed: a new switch cannot be left out of run records.
+    #[test]
+    fn every_switch_the_crate_reads_is_listed() {
+        const NOT_SWITCHES: [&str; 2] = ["ADAPTERLAB_PROFILE", "ADAPTERLAB_TEST_DEVICE"];
+        let mut files = vec![std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src")];
+        let mut found = std::collections::BTreeSet::new();
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (i, _) in text.match_indices("\"ADAPTERLAB_") {
+                let name: String = text[i + 1..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                if name != "ADAPTERLAB_" {
+                    found.insert(name);
+                }
+            }
+        }
+        for name in &found {
+            assert!(
+                super::SWITCHES.iter().any(|(v, _)| v == name)
+                    || NOT_SWITCHES.contains(&name.as_str()),
+                "{name} is read but not in switch::SWITCHES"
+            );
+        }
+        for (var, _) in super::SWITCHES {
+            assert!(found.contains(var), "{var} is listed but read nowhere");
+        }
+    }
+
+    #[test]
+    fn a_switch_whose_names_drifted_from_the_table_is_refused() {
+        let err = super::parse("ADAPTERLAB_LORA_TERM", None, &[("mma", 1)]).unwrap_err();
+        assert!(err.contains("switch::SWITCHES"), "{err}");
+        let same = [("mma", 1), ("cublas", 2)];
+        assert_eq!(
+            super::parse("ADAPTERLAB_LORA_TERM", Some("cublas"), &same),
+            Ok(Some(2))
+        );
+    }
+
     #[test]
     fn a_name_outside_the_set_is_refused_with_the_variable_and_the_names() {
         let options = [("a", 1), ("b", 2)];
