@@ -1371,6 +1371,17 @@ fn dropout_kernel_equals_the_cpu_path() {
         let cpu = seeded_dropout(&x, 42, 0.1).unwrap();
         let gpu = seeded_dropout(&x.to_device(&dev).unwrap(), 42, 0.1).unwrap();
         assert_eq!(host_bits(&cpu), host_bits(&gpu), "{dtype:?}");
+        // A view starting at an odd element of its storage: the mask counts from the view's
+        // start on both sides, so pairs are (0, 1), (2, 3)... of the view, not of the storage.
+        let view = x.narrow(0, 1, 50).unwrap();
+        let cpu = seeded_dropout(&view, 42, 0.1).unwrap();
+        let on_gpu = x.to_device(&dev).unwrap().narrow(0, 1, 50).unwrap();
+        let gpu = seeded_dropout(&on_gpu, 42, 0.1).unwrap();
+        assert_eq!(
+            host_bits(&cpu),
+            host_bits(&gpu),
+            "{dtype:?}, at an odd offset"
+        );
     }
 }
 

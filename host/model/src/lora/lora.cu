@@ -58,7 +58,8 @@ template <bool BF16, bool GELU = false>
 __device__ __forceinline__ void stage8(uint4 v, long long e, bool drop, unsigned long long key,
     float p, float scale, float* out) {
   unsigned int w[4] = {v.x, v.y, v.z, v.w};
-  unsigned long long z0 = drop ? mask_state(key, e) : 0ull;
+  // e is a multiple of 8 (a 16-byte load): word q holds pair e / 2 + q.
+  unsigned long long z0 = drop ? mask_state(key, e >> 1) : 0ull;
   unsigned int below = drop_below(p);
   _Pragma("unroll") for (int q = 0; q < 4; ++q) {
     float lo = load16<BF16>((u16)(w[q] & 0xffffu)), hi = load16<BF16>((u16)(w[q] >> 16));
@@ -67,8 +68,9 @@ __device__ __forceinline__ void stage8(uint4 v, long long e, bool drop, unsigned
       hi = gelu16<BF16>(hi);
     }
     if (drop) {
-      float klo = dropped(z0 + (2 * q) * MASK_STEP, below) ? 0.0f : scale;
-      float khi = dropped(z0 + (2 * q + 1) * MASK_STEP, below) ? 0.0f : scale;
+      unsigned long long bits = mask_bits(z0 + q * MASK_STEP);
+      float klo = dropped_even(bits, below) ? 0.0f : scale;
+      float khi = dropped_odd(bits, below) ? 0.0f : scale;
       lo = load16<BF16>(round16<BF16>(__fmul_rn(lo, klo)));
       hi = load16<BF16>(round16<BF16>(__fmul_rn(hi, khi)));
     }
@@ -316,9 +318,17 @@ __device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const
       long long e = (long long)(row0 + i) * n + col;
       float v0 = load16<BF16>(round16<BF16>(d0)), v1 = load16<BF16>(round16<BF16>(d1));
       if (DROP) {
-        unsigned long long z = mask_state(key, e);
-        v0 = load16<BF16>(round16<BF16>(__fmul_rn(v0, dropped(z, below) ? 0.0f : scale)));
-        v1 = load16<BF16>(round16<BF16>(__fmul_rn(v1, dropped(z + MASK_STEP, below) ? 0.0f : scale)));
+        bool d0, d1;
+        if ((e & 1) == 0) {  // one pair, one hash
+          unsigned long long bits = mask_bits(mask_state(key, e >> 1));
+          d0 = dropped_even(bits, below);
+          d1 = dropped_odd(bits, below);
+        } else {
+          d0 = dropped_at(key, e, below);
+          d1 = dropped_at(key, e + 1, below);
+        }
+        v0 = load16<BF16>(round16<BF16>(__fmul_rn(v0, d0 ? 0.0f : scale)));
+        v1 = load16<BF16>(round16<BF16>(__fmul_rn(v1, d1 ? 0.0f : scale)));
       }
       unsigned int o0 = round16<BF16>(__fadd_rn(load16<BF16>((u16)(yw[u] & 0xffffu)), v0));
       unsigned int o1 = round16<BF16>(__fadd_rn(load16<BF16>((u16)(yw[u] >> 16)), v1));
@@ -372,10 +382,13 @@ __device__ __forceinline__ void lora_add_term_gelu(const u16* y, const u16* t, c
     }
   }
   unsigned int below = drop_below(p);
-  unsigned long long z = mask_state(key, e0);
-  _Pragma("unroll") for (int i = 0; i < 8; ++i, z += MASK_STEP) {
+  // e0 is a multiple of 8: elements 2q, 2q + 1 of the eight are pair e0 / 2 + q.
+  unsigned long long z = mask_state(key, e0 >> 1), bits = 0ull;
+  _Pragma("unroll") for (int i = 0; i < 8; ++i) {
     float v = load16<BF16>(ts[i]);
-    if (DROP) v = load16<BF16>(round16<BF16>(__fmul_rn(v, dropped(z, below) ? 0.0f : scale)));
+    if (DROP && (i & 1) == 0) bits = mask_bits(z + (i >> 1) * MASK_STEP);
+    bool d = (i & 1) ? dropped_odd(bits, below) : dropped_even(bits, below);
+    if (DROP) v = load16<BF16>(round16<BF16>(__fmul_rn(v, d ? 0.0f : scale)));
     float sum = load16<BF16>(round16<BF16>(__fadd_rn(load16<BF16>(ys[i]), v)));
     os[i] = round16<BF16>(gelu_grad(load16<BF16>(xs[i]), sum));
   }

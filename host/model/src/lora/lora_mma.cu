@@ -15,7 +15,8 @@ __device__ __forceinline__ uint4 drop8(uint4 v, long long e, bool drop, unsigned
     float p, float scale) {
   if (!drop && !GELU) return v;
   unsigned int w[4] = {v.x, v.y, v.z, v.w};
-  unsigned long long z0 = drop ? mask_state(key, e) : 0ull;
+  // e is a multiple of 8 (a 16-byte load): word q holds pair e / 2 + q, one hash.
+  unsigned long long z0 = drop ? mask_state(key, e >> 1) : 0ull;
   unsigned int below = drop_below(p);
   _Pragma("unroll") for (int q = 0; q < 4; ++q) {
     float lo = load16<BF16>((u16)(w[q] & 0xffffu)), hi = load16<BF16>((u16)(w[q] >> 16));
@@ -24,8 +25,9 @@ __device__ __forceinline__ uint4 drop8(uint4 v, long long e, bool drop, unsigned
       hi = gelu16<BF16>(hi);
     }
     if (drop) {
-      lo = __fmul_rn(lo, dropped(z0 + (2 * q) * MASK_STEP, below) ? 0.0f : scale);
-      hi = __fmul_rn(hi, dropped(z0 + (2 * q + 1) * MASK_STEP, below) ? 0.0f : scale);
+      unsigned long long bits = mask_bits(z0 + q * MASK_STEP);
+      lo = __fmul_rn(lo, dropped_even(bits, below) ? 0.0f : scale);
+      hi = __fmul_rn(hi, dropped_odd(bits, below) ? 0.0f : scale);
     }
     w[q] = BF16 ? pack_bf16x2(lo, hi) : pack_f16x2(lo, hi);
   }
@@ -252,13 +254,17 @@ __device__ __forceinline__ void lora_term_mma(const u16* h, const u16* f, long l
     }
     float d[4] = {0.f, 0.f, 0.f, 0.f};
     mma_16816<BF16>(d, a0, a1, a2, a3, b0, b1);
+    // d[0], d[1] (and d[2], d[3]) are columns 2c, 2c + 1 of a row: with n a multiple of 8,
+    // one pair of the mask, one hash.
+    unsigned long long bits = 0ull;
     _Pragma("unroll") for (int q = 0; q < 4; ++q) {
       int r = g + 8 * (q >> 1), col = col0 + 8 * t + 2 * c + (q & 1);
       float v = load16<BF16>(round16<BF16>(d[q]));
       if (DROP) {
         long long e = (long long)(row0 + r) * n + col;
-        v = load16<BF16>(round16<BF16>(__fmul_rn(v, dropped(mask_state(key, e), below) ? 0.0f
-                                                                                   : scale)));
+        if ((q & 1) == 0) bits = mask_bits(mask_state(key, e >> 1));
+        bool gone = (q & 1) ? dropped_odd(bits, below) : dropped_even(bits, below);
+        v = load16<BF16>(round16<BF16>(__fmul_rn(v, gone ? 0.0f : scale)));
       }
       st[warp][r][8 * t + 2 * c + (q & 1)] = round16<BF16>(v);
     }

@@ -9,13 +9,22 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
 /// The mask value of element `i`: 0 with probability `p`, else `scale` (`1 / (1 - p)`).
+/// Elements `2j` and `2j + 1` share one splitmix64 value of `key + (j + 1) * golden ratio`: the
+/// even one takes its top 24 bits, the odd one the 24 above its low byte, each read as
+/// `u = bits * 2^-24` and dropped when `u < p`. Two decisions a hash halve the GPU kernels' work,
+/// which the hash, not memory, bounded (prelude.cu draws the same mask).
 #[inline]
 pub fn keep_scale(key: u64, i: u64, p: f32, scale: f32) -> f32 {
-    let mut z = key.wrapping_add((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut z = key.wrapping_add(((i >> 1) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
-    let u = (z >> 40) as f32 * (1.0 / 16_777_216.0);
+    let bits = if i & 1 == 0 {
+        z >> 40
+    } else {
+        (z & 0xffff_ffff) >> 8
+    };
+    let u = bits as f32 * (1.0 / 16_777_216.0);
     if u < p { 0.0 } else { scale }
 }
 
@@ -139,5 +148,37 @@ mod tests {
         let vb = yb.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         assert!(v.iter().zip(&vb).all(|(a, b)| (*a == 0.0) == (*b == 0.0)));
         Ok(())
+    }
+
+    /// A pair's two decisions come from one hash: each parity is dropped at `p` and the two
+    /// decisions are independent (both dropped at `p^2`), for small and large `p`.
+    #[test]
+    fn the_two_elements_of_a_pair_are_dropped_independently() {
+        let pairs = 200_000u64;
+        for p in [0.1f32, 0.5] {
+            let drop = |i: u64| keep_scale(11, i, p, 2.0) == 0.0;
+            let (mut even, mut odd, mut both) = (0u64, 0u64, 0u64);
+            for j in 0..pairs {
+                let (a, b) = (drop(2 * j), drop(2 * j + 1));
+                even += a as u64;
+                odd += b as u64;
+                both += (a && b) as u64;
+            }
+            let rate = |c: u64| c as f64 / pairs as f64;
+            let p = p as f64;
+            // ~5 standard deviations of a binomial rate over 200,000 draws.
+            let tol = |q: f64| 5.0 * (q * (1.0 - q) / pairs as f64).sqrt();
+            assert!(
+                (rate(even) - p).abs() < tol(p),
+                "p {p}: even {}",
+                rate(even)
+            );
+            assert!((rate(odd) - p).abs() < tol(p), "p {p}: odd {}", rate(odd));
+            assert!(
+                (rate(both) - p * p).abs() < tol(p * p),
+                "p {p}: both {}",
+                rate(both)
+            );
+        }
     }
 }

@@ -32,27 +32,42 @@ __device__ __forceinline__ float gelu_grad(float v, float g) {
   return g * (cdf + v * pdf);
 }
 
-// Seeded dropout's mask value of element i (crate::ops::dropout::keep_scale, element for
-// element: splitmix64 of key + (i + 1) * golden ratio), here for every module that drops out.
-// The kernels that walk consecutive elements take the state of the first (mask_state) and step
-// it by MASK_STEP, an add instead of a 64-bit multiply; `dropped` compares the hash's top 24 bits
-// with ceil(p * 2^24) as integers, which is u < p exactly (u = those bits * 2^-24, and p * 2^24
-// is exact in f32) without a 64-bit conversion to float.
+// Seeded dropout's mask (crate::ops::dropout::keep_scale, element for element): elements 2j and
+// 2j + 1 share one splitmix64 value of key + (j + 1) * golden ratio, 2j taking its top 24 bits
+// and 2j + 1 the 24 above its low byte; an element is dropped when those bits, as u in [0, 1)
+// at 2^-24, are below p. One hash draws two decisions: splitmix64's two 64-bit multiplies an
+// element made the mask, not the data, what the LoRA training kernels spent their time on.
+// The kernels that walk consecutive pairs take the state of the first (mask_state) and step it
+// by MASK_STEP, an add instead of a 64-bit multiply; the comparisons are integer ones with
+// ceil(p * 2^24), which is u < p exactly (p * 2^24 is exact in f32).
 #define MASK_STEP 0x9E3779B97F4A7C15ull
-__device__ __forceinline__ unsigned long long mask_state(unsigned long long key, long long i) {
-  return key + (unsigned long long)(i + 1) * MASK_STEP;
+// The state of pair j (elements 2j, 2j + 1).
+__device__ __forceinline__ unsigned long long mask_state(unsigned long long key, long long j) {
+  return key + (unsigned long long)(j + 1) * MASK_STEP;
 }
 __device__ __forceinline__ unsigned int drop_below(float p) {
   return (unsigned int)ceilf(p * 16777216.0f);
 }
-__device__ __forceinline__ bool dropped(unsigned long long z, unsigned int below) {
+// splitmix64's output for a pair's state.
+__device__ __forceinline__ unsigned long long mask_bits(unsigned long long z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  // splitmix64's last step, z ^= z >> 31, leaves the top 24 bits as they are.
-  return (unsigned int)(z >> 40) < below;
+  return z ^ (z >> 31);
+}
+// Whether the pair's even element (the first) and odd element (the second) are dropped.
+__device__ __forceinline__ bool dropped_even(unsigned long long bits, unsigned int below) {
+  return (unsigned int)(bits >> 40) < below;
+}
+__device__ __forceinline__ bool dropped_odd(unsigned long long bits, unsigned int below) {
+  return ((unsigned int)bits >> 8) < below;
+}
+// Element i's mask value alone (a kernel that does not walk pairs).
+__device__ __forceinline__ bool dropped_at(unsigned long long key, long long i, unsigned int below) {
+  unsigned long long bits = mask_bits(mask_state(key, i >> 1));
+  return (i & 1) ? dropped_odd(bits, below) : dropped_even(bits, below);
 }
 __device__ __forceinline__ float keep_scale(unsigned long long key, long long i, float p, float scale) {
-  return dropped(mask_state(key, i), drop_below(p)) ? 0.0f : scale;
+  return dropped_at(key, i, drop_below(p)) ? 0.0f : scale;
 }
 
 #define NEG_INF __int_as_float(0xff800000)
