@@ -1842,6 +1842,95 @@ fn train_da_takes_a_misaligned_gradient() {
     }
 }
 
+/// `grad_hb` (the node's `gh = g bs` and `dB = g^T h` from one read of g, lora_mma.cu) against
+/// the f32 products of the same 16-bit operands: each value is that sum rounded once to the
+/// 16-bit type, up to the f32 sums' order (rows and columns that do not fill a block or a
+/// chunk, slabs of rows, ranks 8 and 16, both types); a `g` whose rows are no whole number of
+/// 16-byte vectors is left to the caller (`None`).
+#[cfg(feature = "cuda")]
+#[cfg_attr(
+    not(feature = "cuda"),
+    ignore = "a GPU test: needs --features cuda and ADAPTERLAB_TEST_DEVICE=cuda on a GPU"
+)]
+#[test]
+fn lora_grad_hb_equals_the_f32_products() {
+    use adapterlab_model::lora::kernels::grad_hb;
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let wave = |len: usize, phase: f32, shape: (usize, usize), dtype: DType| {
+        let v: Vec<f32> = (0..len).map(|i| (i as f32 * 0.613 + phase).sin()).collect();
+        Tensor::from_vec(v, shape, &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let f32s = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    for (m, n, r) in [
+        (37, 72, 8),
+        (100, 264, 16),
+        (1000, 4672, 16),
+        (16, 256, 8),
+        (4096, 4544, 16),
+    ] {
+        for dtype in [DType::BF16, DType::F16] {
+            let case = format!("m {m} n {n} r {r} {dtype:?}");
+            let g = wave(m * n, 0.1, (m, n), dtype);
+            let bs = (wave(n * r, 0.2, (n, r), dtype) * 0.05).unwrap();
+            let h = wave(m * r, 0.3, (m, r), dtype);
+            let (gh, db) = grad_hb(&g, &bs, &h).unwrap().expect("the kernel serves");
+            assert_eq!(
+                (gh.dims(), db.dims()),
+                ([m, r].as_slice(), [n, r].as_slice())
+            );
+            assert_eq!((gh.dtype(), db.dtype()), (dtype, dtype));
+            let ulp = if dtype == DType::BF16 {
+                1.0 / 128.0
+            } else {
+                1.0 / 1024.0
+            };
+            let (g32, bs32, h32) = (f32s(&g), f32s(&bs), f32s(&h));
+            for (what, got, want, mag) in [
+                (
+                    "gh",
+                    &gh,
+                    g32.matmul(&bs32).unwrap(),
+                    g32.abs().unwrap().matmul(&bs32.abs().unwrap()).unwrap(),
+                ),
+                (
+                    "dB",
+                    &db,
+                    g32.t().unwrap().matmul(&h32).unwrap(),
+                    g32.abs()
+                        .unwrap()
+                        .t()
+                        .unwrap()
+                        .matmul(&h32.abs().unwrap())
+                        .unwrap(),
+                ),
+            ] {
+                let (got, want, mag) = (host_f32s(got), host_f32s(&want), host_f32s(&mag));
+                for (i, ((x, y), s)) in got.iter().zip(&want).zip(&mag).enumerate() {
+                    assert!(
+                        (x - y).abs() <= ulp * y.abs() + 1e-5 * s,
+                        "{case}: {what} element {i}: {x} against the f32 product's {y}"
+                    );
+                }
+            }
+        }
+    }
+    // Rows of 100 values (200 bytes) are no whole number of 16-byte vectors.
+    let g = wave(16 * 100, 0.1, (16, 100), DType::BF16);
+    let (bs, h) = (
+        wave(100 * 16, 0.2, (100, 16), DType::BF16),
+        wave(16 * 16, 0.3, (16, 16), DType::BF16),
+    );
+    assert!(grad_hb(&g, &bs, &h).unwrap().is_none());
+}
+
 /// The adapter's term on the tensor cores (`term_mma`, what `ADAPTERLAB_LORA_TERM=mma` runs)
 /// against `train_term`'s cuBLAS product and dropout op: the same mask (an element is zero in
 /// one exactly where it is in the other) and, elsewhere, the same value up to the 16-bit

@@ -351,6 +351,83 @@ pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask, gelu: bool) -> Result<Tenso
     })
 }
 
+/// The training node's `gh = g bs` (`[m, r]`) and `dbs = g^T h` (`[n, r]`), in g's type, from
+/// one read of the output's gradient `g` (`[m, n]`; `bs` `[n, r]`, `h` `[m, r]`):
+/// `lora_grad_hb` in lora_mma.cu, where two cuBLAS products read `g` once each. f32 sums in
+/// another order than cuBLAS's, rounded once. `None` where it does not run (no tensor cores,
+/// or `ADAPTERLAB_LORA_TRAIN_KERNELS=simt`; `g` not [`trains`]-shaped): the caller multiplies.
+pub fn grad_hb(g: &Tensor, bs: &Tensor, h: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    let (m, n) = g.dims2()?;
+    let r = h.dim(1)?;
+    if !trains(g, r) || !tensor_cores(g.device())? {
+        return Ok(None);
+    }
+    if bs.dims() != [n, r]
+        || h.dims() != [m, r]
+        || bs.dtype() != g.dtype()
+        || h.dtype() != g.dtype()
+    {
+        return Err(Error::Msg(format!(
+            "lora training gh, dB: g {:?} {:?}, bs {:?} {:?}, h {:?} {:?}",
+            g.dims(),
+            g.dtype(),
+            bs.dims(),
+            bs.dtype(),
+            h.dims(),
+            h.dtype()
+        )));
+    }
+    // bs and h are small: read as 16-byte rows, so fresh compact copies where they are not.
+    let compact = |t: &Tensor| -> Result<Tensor> {
+        if t.is_contiguous() && start_aligned(t, 8) {
+            Ok(t.clone())
+        } else {
+            t.force_contiguous()
+        }
+    };
+    let (bs, h) = (compact(bs)?, compact(h)?);
+    let dev = cuda_device(g)?;
+    let col_blocks = n.div_ceil(GB_COLS);
+    let (slabs, rows_per) = split_reduction(col_blocks, m, GB_ROWS);
+    let (gs, bss, hs) = (CudaInput::of(g)?, CudaInput::of(&bs)?, CudaInput::of(&h)?);
+    // SAFETY: each column block writes gh's partial sums of every row of its slab, and each
+    // slab dB's of every column of its block; the blocks cover every (slab, column block).
+    let ghp = unsafe { dev.alloc::<f32>(col_blocks * m * r)? };
+    let dbp = unsafe { dev.alloc::<f32>(slabs * n * r)? };
+    let (m_i, n_i, rows_per_i) = (m as i32, n as i32, rows_per as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (col_blocks as u32, slabs as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! launch {
+        ($dtype:literal, $t:ty) => {{
+            let (gv, bv, hv) = (
+                gs.view::<$t>(m * n)?,
+                bss.view::<$t>(n * r)?,
+                hs.view::<$t>(m * r)?,
+            );
+            let name = format!("lora_grad_hb_{}_r{r}", $dtype);
+            crate::run_kernel!(LORA_MMA, dev, &name, cfg;
+                &gv, &bv, &hv, &ghp, &dbp, &m_i, &n_i, &rows_per_i)?;
+        }};
+    }
+    crate::ops::profile::scope("lora.train.ghdb", g.device(), || {
+        match g.dtype() {
+            DType::BF16 => launch!("bf16", half::bf16),
+            DType::F16 => launch!("f16", half::f16),
+            other => return Err(unsupported(other)),
+        }
+        let gh = sum_slices(&dev, g.dtype(), &ghp, col_blocks, (m, r))?;
+        let dbs = sum_slices(&dev, g.dtype(), &dbp, slabs, (n, r))?;
+        Ok(Some((gh, dbs)))
+    })
+}
+
+/// Columns and rows of one staged chunk of `lora_grad_hb` (`GB_COLS`, `GB_ROWS`).
+const GB_COLS: usize = 256;
+const GB_ROWS: usize = 32;
+
 /// Columns (`DA_COLS`) and rows (`DA_ROWS`) of one staged chunk of `lora_train_da` (and of
 /// `lora_train_da_mma`: `DAM_COLS`, `DAM_ROWS`).
 const DA_COLS: usize = 128;

@@ -306,3 +306,124 @@ extern "C" __global__ void __launch_bounds__(32 * LTM_WARPS)                    
   LORA_TERM_MMA(16, DTYPE, BF16, true, true, drop_gelu_)
 LORA_TERM_MMA_ALL(bf16, true)
 LORA_TERM_MMA_ALL(f16, false)
+
+// The training node's gh = g bs ([m, R]) and dbs = g^T h ([n, R]) from one read of g ([m, n],
+// the output's gradient; bs = scaling * B [n, R]; h [m, R]), where two cuBLAS products read g
+// once each (Falcon-7B at 8 x 512: 8.4 GB a step, twice). A block takes GB_COLS columns of one
+// slab of rows, walking it in GB_ROWS-row chunks staged in shared memory (the next chunk's loads
+// issued into registers before the current one is used). Each warp owns 32 of the columns:
+// - dbs: hs^T times the chunk (ldmatrix's transposing form for both, as lora_train_da_mma),
+//   summed over the slab's rows in registers; written as slab blockIdx.y's partial sums
+//   (dbp[slab][n][R]).
+// - gh: the chunk's rows times the warp's 32 rows of bs (staged once, [GB_COLS][R]), then the
+//   eight warps' sums added in warp order through shared memory (the chunk's buffer, no longer
+//   read) and written as column block blockIdx.x's partial sums (ghp[block][m][R]).
+// lora_h_sum adds both partials in order, so the result does not depend on timing.
+#define GB_COLS 256
+#define GB_ROWS 32
+template <int R, bool BF16>
+__device__ __forceinline__ void lora_grad_hb(const u16* g, const u16* bs, const u16* h,
+    float* ghp, float* dbp, int m, int n, int rows_per) {
+  __shared__ __align__(16) u16 gt[GB_ROWS][GB_COLS + 8];
+  __shared__ __align__(16) u16 bst[GB_COLS][16 + 8];
+  __shared__ __align__(16) u16 ht[GB_ROWS][16 + 8];
+  static_assert(sizeof(gt) >= 8 * GB_ROWS * 16 * sizeof(float), "gh's reduction fits the tile");
+  float (*red)[GB_ROWS][16] = (float (*)[GB_ROWS][16])&gt[0][0];
+  constexpr int HV = GB_ROWS * R / 8;  // h's 16-byte words a chunk
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int g8 = lane >> 2, c = lane & 3, i8 = lane & 7, quad = lane >> 3;
+  int c0 = blockIdx.x * GB_COLS;
+  int rb = blockIdx.y * rows_per, re = min(m, rb + rows_per);
+  // bs's rows of the block's columns, ranks past R zero.
+  for (int t = threadIdx.x; t < GB_COLS * 2; t += blockDim.x) {
+    int r = t >> 1, half = t & 1, col = c0 + r;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (col < n && 8 * half < R) v = __ldg((const uint4*)(bs + (long long)col * R) + half);
+    *(uint4*)&bst[r][8 * half] = v;
+  }
+  if (R < 16)
+    for (int t = threadIdx.x; t < GB_ROWS; t += blockDim.x)
+      *(uint4*)&ht[t][8] = make_uint4(0u, 0u, 0u, 0u);
+  float db[4][4], gh[2][2][4];
+  _Pragma("unroll") for (int j = 0; j < 4; ++j)
+    _Pragma("unroll") for (int q = 0; q < 4; ++q) db[j][q] = 0.f;
+  uint4 gr[4], hr = make_uint4(0u, 0u, 0u, 0u);
+  auto fetch = [&](int r0) {
+    _Pragma("unroll") for (int l = 0; l < 4; ++l) {
+      int t = threadIdx.x + 256 * l, r = t / (GB_COLS / 8), col = c0 + (t % (GB_COLS / 8)) * 8;
+      gr[l] = r0 + r < re && col < n ? __ldg((const uint4*)(g + (long long)(r0 + r) * n + col))
+                                     : make_uint4(0u, 0u, 0u, 0u);
+    }
+    if (threadIdx.x < HV) {
+      int r = threadIdx.x / (R / 8);
+      hr = r0 + r < re ? __ldg((const uint4*)(h + (long long)(r0 + r) * R) + threadIdx.x % (R / 8))
+                       : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  fetch(rb);
+  for (int r0 = rb; r0 < re; r0 += GB_ROWS) {
+    _Pragma("unroll") for (int l = 0; l < 4; ++l) {
+      int t = threadIdx.x + 256 * l, r = t / (GB_COLS / 8), cc = (t % (GB_COLS / 8)) * 8;
+      *(uint4*)&gt[r][cc] = gr[l];
+    }
+    if (threadIdx.x < HV) *(uint4*)&ht[threadIdx.x / (R / 8)][8 * (threadIdx.x % (R / 8))] = hr;
+    __syncthreads();
+    if (r0 + GB_ROWS < re) fetch(r0 + GB_ROWS);
+    _Pragma("unroll") for (int i = 0; i < 2; ++i)
+      _Pragma("unroll") for (int j = 0; j < 2; ++j)
+        _Pragma("unroll") for (int q = 0; q < 4; ++q) gh[i][j][q] = 0.f;
+    _Pragma("unroll") for (int ks = 0; ks < 2; ++ks) {
+      // dbs^T += h^T (ranks x rows ks) times g (rows ks x the warp's 32 columns).
+      unsigned af[4], bf[4];
+      ldsm_x4_t(af, &ht[16 * ks + i8 + 8 * (quad >> 1)][8 * (quad & 1)]);
+      _Pragma("unroll") for (int hf = 0; hf < 2; ++hf) {
+        ldsm_x4_t(bf, &gt[16 * ks + i8 + 8 * (quad & 1)][32 * warp + 16 * hf + 8 * (quad >> 1)]);
+        mma_16816<BF16>(db[2 * hf], af[0], af[1], af[2], af[3], bf[0], bf[1]);
+        mma_16816<BF16>(db[2 * hf + 1], af[0], af[1], af[2], af[3], bf[2], bf[3]);
+      }
+      // gh += g (the chunk's rows x columns 32 warp + 16 ks ..) times bs (those rows x ranks).
+      int kc = 32 * warp + 16 * ks;
+      unsigned bb[4];
+      ldsm_x4_t(bb, &bst[kc + 8 * (quad & 1) + i8][8 * (quad >> 1)]);
+      _Pragma("unroll") for (int i = 0; i < 2; ++i) {
+        unsigned aa[4];
+        ldsm_x4(aa, &gt[16 * i + 8 * (quad & 1) + i8][kc + 8 * (quad >> 1)]);
+        mma_16816<BF16>(gh[i][0], aa[0], aa[1], aa[2], aa[3], bb[0], bb[1]);
+        if (R == 16) mma_16816<BF16>(gh[i][1], aa[0], aa[1], aa[2], aa[3], bb[2], bb[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with the chunk: its buffer takes gh's sums
+    _Pragma("unroll") for (int i = 0; i < 2; ++i)
+      _Pragma("unroll") for (int j = 0; j < 2; ++j)
+        _Pragma("unroll") for (int q = 0; q < 4; ++q)
+          red[warp][16 * i + g8 + 8 * (q >> 1)][8 * j + 2 * c + (q & 1)] = gh[i][j][q];
+    __syncthreads();
+    for (int o = threadIdx.x; o < GB_ROWS * R; o += blockDim.x) {
+      int r = o / R, j = o % R;
+      if (r0 + r >= re) continue;
+      float sum = 0.f;
+      _Pragma("unroll") for (int w = 0; w < 8; ++w) sum += red[w][r][j];
+      ghp[((long long)blockIdx.x * m + r0 + r) * R + j] = sum;
+    }
+    __syncthreads();  // before the next chunk is staged over the sums
+  }
+  // db[j]: ranks g8 (q < 2) and g8 + 8, columns 32 warp + 8 j + 2c (+1).
+  _Pragma("unroll") for (int j = 0; j < 4; ++j) {
+    int col = c0 + 32 * warp + 8 * j + 2 * c;
+    _Pragma("unroll") for (int q = 0; q < 4; ++q) {
+      int rank = g8 + 8 * (q >> 1), cq = col + (q & 1);
+      if (rank < R && cq < n) dbp[((long long)blockIdx.y * n + cq) * R + rank] = db[j][q];
+    }
+  }
+}
+#define LORA_GRAD_HB(R)                                                                        \
+extern "C" __global__ void __launch_bounds__(256) lora_grad_hb_bf16_r##R(const u16* g,        \
+    const u16* bs, const u16* h, float* ghp, float* dbp, int m, int n, int rows_per) {         \
+  lora_grad_hb<R, true>(g, bs, h, ghp, dbp, m, n, rows_per);                                  \
+}                                                                                             \
+extern "C" __global__ void __launch_bounds__(256) lora_grad_hb_f16_r##R(const u16* g,         \
+    const u16* bs, const u16* h, float* ghp, float* dbp, int m, int n, int rows_per) {         \
+  lora_grad_hb<R, false>(g, bs, h, ghp, dbp, m, n, rows_per);                                 \
+}
+LORA_GRAD_HB(8)
+LORA_GRAD_HB(16)

@@ -195,11 +195,25 @@ fn backward(
     crate::ops::profile::scope("lora.node.bwd", &dev, || {
         use crate::ops::profile::scope;
         let g = grad.contiguous()?;
-        // d(dropout(z) A^T), [m, r].
-        let gh = scope("lora.bwd.gh", &dev, || g.matmul(bs))?;
-        let dbs = scope("lora.bwd.db", &dev, || {
-            wants.2.then(|| g.t()?.matmul(h)).transpose()
-        })?;
+        // On the GPU both from one read of g where the kernel serves.
+        #[cfg(feature = "cuda")]
+        let fused = match wants.2 {
+            true => crate::lora::kernels::grad_hb(&g, bs, h)?,
+            false => None,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let fused: Option<(Tensor, Tensor)> = None;
+        let (gh, dbs) = match fused {
+            Some((gh, dbs)) => (gh, Some(dbs)),
+            None => {
+                // d(dropout(z) A^T), [m, r].
+                let gh = scope("lora.bwd.gh", &dev, || g.matmul(bs))?;
+                let dbs = scope("lora.bwd.db", &dev, || {
+                    wants.2.then(|| g.t()?.matmul(h)).transpose()
+                })?;
+                (gh, dbs)
+            }
+        };
         let da = scope("lora.bwd.da", &dev, || {
             wants
                 .1

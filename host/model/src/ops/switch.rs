@@ -79,12 +79,12 @@ pub fn parse<T: Copy>(
     value: Option<&str>,
     options: &[(&str, T)],
 ) -> Result<Option<T>, String> {
-    if let Some((_, names)) = SWITCHES.iter().find(|(v, _)| *v == var) {
-        if !options.iter().map(|(n, _)| n).eq(names.iter()) {
-            return Err(format!(
-                "{var}: the switch's names differ from switch::SWITCHES' (a build out of step)"
-            ));
-        }
+    if let Some((_, names)) = SWITCHES.iter().find(|(v, _)| *v == var)
+        && !options.iter().map(|(n, _)| n).eq(names.iter())
+    {
+        return Err(format!(
+            "{var}: the switch's names differ from switch::SWITCHES' (a build out of step)"
+        ));
     }
     let Some(value) = value else {
         return Ok(None);
