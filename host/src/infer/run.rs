@@ -365,7 +365,7 @@ pub fn execute(env: &GenerateEnv, run_id: &str, request: &GenerateRequest) -> Re
     let cancel = env.eval.cancel.clone();
     let generated = (|| -> Result<Vec<PredictionRow>> {
         let switches =
-            adapterlab_model::ops::switch::set_in_environment().map_err(anyhow::Error::msg)?;
+            adapterlab_model::engine::switch::set_in_environment().map_err(anyhow::Error::msg)?;
         let rt = env.models.runtime();
         // ADAPTERLAB_DTYPE or the device's default: bf16 and f32 generations differ.
         let compute = format!(

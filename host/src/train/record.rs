@@ -77,7 +77,7 @@ pub fn run_recorded(
     // What must hold before training starts; a failure here ends the run as failed, with why.
     let prepared = (|| -> Result<_> {
         let switches =
-            adapterlab_model::ops::switch::set_in_environment().map_err(anyhow::Error::msg)?;
+            adapterlab_model::engine::switch::set_in_environment().map_err(anyhow::Error::msg)?;
         store.update_run(run_id, |r| r.note_speed_switches(&switches))?;
         // Unknown metric plugins fail now, not after hours of training.
         Ok(match (&env.registry, config.eval_after_train.is_empty()) {

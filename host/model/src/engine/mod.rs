@@ -28,6 +28,7 @@ pub use crate::ops::cross_entropy::cross_entropy_sum;
 #[cfg(feature = "cuda")]
 pub use crate::ops::kernels::{AdamWScalars, MultiTensorStep, adamw_f32};
 pub use crate::ops::profile;
+pub use crate::ops::switch;
 #[cfg(feature = "cuda")]
 pub use crate::quant::kernels::{DecodeKernel, MmaTiling, runs_mma};
 pub use crate::quant::nf4::Nf4Options;
