@@ -607,23 +607,23 @@ fn speed_switches_are_stored_with_the_run_and_a_misspelt_one_fails_it() {
     let a = args(&switched);
     run_ok(
         t.cmd(&a.iter().map(String::as_str).collect::<Vec<_>>())
-            .env("ADAPTERLAB_LORA_TERM", "cublas")
+            .env("ADAPTERLAB_LORA_TRAIN_KERNELS", "simt")
             .env("ADAPTERLAB_DECODE_ROPE", "split"),
     );
     let plain = t.path().join("plain");
     let a = args(&plain);
     run_ok(
         t.cmd(&a.iter().map(String::as_str).collect::<Vec<_>>())
-            .env_remove("ADAPTERLAB_LORA_TERM"),
+            .env_remove("ADAPTERLAB_LORA_TRAIN_KERNELS"),
     );
     let misspelt = t.path().join("misspelt");
     let a = args(&misspelt);
     let err = run_fail(
         t.cmd(&a.iter().map(String::as_str).collect::<Vec<_>>())
-            .env("ADAPTERLAB_LORA_TERM", "fast"),
+            .env("ADAPTERLAB_LORA_TRAIN_KERNELS", "fast"),
     );
     assert!(
-        err.contains(r#"ADAPTERLAB_LORA_TERM="fast": expected "mma" or "cublas""#),
+        err.contains(r#"ADAPTERLAB_LORA_TRAIN_KERNELS="fast": expected "mma" or "simt""#),
         "{err}"
     );
 
@@ -631,7 +631,7 @@ fn speed_switches_are_stored_with_the_run_and_a_misspelt_one_fails_it() {
     let run = stored_run(&store, &switched);
     assert_eq!(
         run.metadata.get("speed_switches").map(String::as_str),
-        Some("ADAPTERLAB_DECODE_ROPE=split ADAPTERLAB_LORA_TERM=cublas"),
+        Some("ADAPTERLAB_DECODE_ROPE=split ADAPTERLAB_LORA_TRAIN_KERNELS=simt"),
         "{:?}",
         run.metadata
     );
@@ -646,7 +646,7 @@ fn speed_switches_are_stored_with_the_run_and_a_misspelt_one_fails_it() {
         failed
             .error
             .as_deref()
-            .is_some_and(|e| e.contains("ADAPTERLAB_LORA_TERM")),
+            .is_some_and(|e| e.contains("ADAPTERLAB_LORA_TRAIN_KERNELS")),
         "{failed:?}"
     );
 }

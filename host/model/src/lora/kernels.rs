@@ -31,14 +31,6 @@ static TRAIN_KERNELS: crate::ops::switch::Switch<bool> = crate::ops::switch::Swi
     &[("mma", true), ("simt", false)],
 );
 
-/// `ADAPTERLAB_LORA_TERM`: how [`train_term`] forms the adapter's term, `cublas` (the default:
-/// cuBLAS's depth-r product, then the dropout op) or `mma` (`lora_term_mma` in lora_mma.cu: the
-/// product, rounding and mask in one pass, sm_80 on, widths of a multiple of 8). The same
-/// values either way; `mma` has not been measured or run on a GPU yet (2026-12-07), so it is not
-/// the default.
-static TERM_KERNEL: crate::ops::switch::Switch<bool> =
-    crate::ops::switch::Switch::new("ADAPTERLAB_LORA_TERM", &[("mma", true), ("cublas", false)]);
-
 /// Whether `h` and `dA` run on the tensor cores on `device` ([`TRAIN_KERNELS`]); asking for
 /// them on a GPU without them is an error, not a quiet fallback.
 fn tensor_cores(device: &candle_core::Device) -> Result<bool> {
@@ -546,11 +538,6 @@ pub fn train_add(
     gelu_input: Option<&Tensor>,
 ) -> Result<Tensor> {
     match gelu_input {
-        Some(x) if TERM_KERNEL.get()? == Some(true) => {
-            crate::ops::profile::scope("lora.train.add", y.device(), || {
-                term_mma_gelu(y, h, f, mask, x)
-            })
-        }
         Some(x) => {
             let term = train_term(h, f, None)?;
             crate::ops::profile::scope("lora.train.add", y.device(), || {
@@ -613,12 +600,11 @@ fn add_term_gelu(y: &Tensor, t: &Tensor, x: &Tensor, mask: Mask) -> Result<Tenso
 /// is cuBLAS's too (a GEMM of depth r, one pass writing `[m, n]`), and the mask the dropout op's,
 /// so the term is the op-by-op graph's bit for bit: `train_add`'s kernel, taking y as zeros,
 /// spent 2r f32 multiply-adds an element on the CUDA cores and ran at ~1/4 of the bandwidth
-/// (0.013 s of a 0.29 s H100 step forward, 0.007 backward, 2026-12-07).
+/// (0.013 s of a 0.29 s H100 step forward, 0.007 backward, 2026-12-07). A tensor-core kernel
+/// forming the product, rounding and mask in one pass (and a form fused with GELU's backward)
+/// was right but made the step ~1% slower on an H100 and an H200 (2026-12-07), and went.
 pub fn train_term(h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Tensor> {
     crate::ops::profile::scope("lora.train.term", h.device(), || {
-        if TERM_KERNEL.get()? == Some(true) {
-            return term_mma(h, f, mask);
-        }
         let term = match f {
             Factor::OutByRank(t) => h.matmul(&t.t()?)?,
             Factor::RankByOut(t) => h.matmul(t)?,
@@ -628,108 +614,6 @@ pub fn train_term(h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Tensor> {
             _ => Ok(term),
         }
     })
-}
-
-/// [`train_term`] in one kernel on the tensor cores (`lora_term_mma`); an error where it cannot
-/// run (before sm_80, a width that is no multiple of 8, a rank without an instance), since the
-/// switch asked for it. Public for the golden test that holds it to the cuBLAS form.
-pub fn term_mma(h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Tensor> {
-    lora_term_mma(h, f, mask, None)
-}
-
-/// [`train_add`] with GELU in one kernel on the tensor cores (`lora_term_mma`'s ADD form): the
-/// term formed as [`term_mma`] forms it, added to `y` and GELU's backward applied against `x`
-/// (both `[m, n]`, 16-byte aligned), without the term ever stored.
-pub fn term_mma_gelu(
-    y: &Tensor,
-    h: &Tensor,
-    f: Factor<'_>,
-    mask: Mask,
-    x: &Tensor,
-) -> Result<Tensor> {
-    lora_term_mma(h, f, mask, Some((y, x)))
-}
-
-fn lora_term_mma(
-    h: &Tensor,
-    f: Factor<'_>,
-    mask: Mask,
-    add: Option<(&Tensor, &Tensor)>,
-) -> Result<Tensor> {
-    let dev = cuda_device(h)?;
-    let (m, r) = h.dims2()?;
-    let FactorLayout {
-        t: ft,
-        strides: (fs_col, fs_j),
-        n,
-        dims: f_dims,
-    } = f.layout(r)?;
-    let dtype = h.dtype();
-    if !crate::ops::kernels::sm80_or_later(h.device())?
-        || !n.is_multiple_of(8)
-        || !TRAIN_RANKS.contains(&r)
-        || !matches!(dtype, DType::BF16 | DType::F16)
-        || ft.dims() != f_dims
-        || ft.dtype() != dtype
-        || !ft.is_contiguous()
-        || !start_aligned(h, 8)
-    {
-        return Err(Error::Msg(format!(
-            "ADAPTERLAB_LORA_TERM=mma: lora_term_mma needs sm_80 or later, 16-bit operands, a rank \
-             of {TRAIN_RANKS:?} and a width that is a multiple of 8; got h {:?} {dtype:?}, factor \
-             {:?} {:?}",
-            h.dims(),
-            ft.dims(),
-            ft.dtype()
-        )));
-    }
-    if let Some((y, x)) = add {
-        for (what, u) in [("y", y), ("the GELU input", x)] {
-            if u.dims() != [m, n] || u.dtype() != dtype || !start_aligned(u, 8) {
-                return Err(Error::Msg(format!(
-                    "ADAPTERLAB_LORA_TERM=mma: {what} is {:?} {:?} (16-byte aligned: {}), \
-                     expected [{m}, {n}] {dtype:?} on a 16-byte boundary",
-                    u.dims(),
-                    u.dtype(),
-                    start_aligned(u, 8)
-                )));
-            }
-        }
-    }
-    let (hs, fs) = (CudaInput::of(h)?, CudaInput::of(ft)?);
-    let added = add
-        .map(|(y, x)| Ok::<_, Error>((CudaInput::of(y)?, CudaInput::of(x)?)))
-        .transpose()?;
-    let (n_i, m_i) = (n as i32, m as i32);
-    let (key, p, scale) = mask_args(mask);
-    let drop = if p > 0.0 { "drop_" } else { "" };
-    let gelu = if add.is_some() { "gelu_" } else { "" };
-    // LTM_COLS columns a warp, LTM_WARPS warps a block, 16 rows a block (lora_mma.cu).
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(64 * 4) as u32, m.div_ceil(16) as u32, 1),
-        block_dim: (32 * 4, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    macro_rules! launch {
-        ($dtype:literal, $t:ty) => {{
-            let (hv, fv) = (hs.view::<$t>(m * r)?, fs.view::<$t>(n * r)?);
-            // Without ADD the kernel never reads y and gx; h stands in for them.
-            let (yv, xv) = match &added {
-                Some((ys, xs)) => (ys.view::<$t>(m * n)?, xs.view::<$t>(m * n)?),
-                None => (hs.view::<$t>(m * r)?, hs.view::<$t>(m * r)?),
-            };
-            // SAFETY: every element is written by the kernel below (its blocks cover [m, n]).
-            let out = unsafe { dev.alloc::<$t>(m * n)? };
-            let name = format!("lora_term_mma_{drop}{gelu}{}_r{r}", $dtype);
-            crate::run_kernel!(LORA_MMA, dev, &name, cfg;
-                &hv, &fv, &fs_col, &fs_j, &out, &n_i, &m_i, &key, &p, &scale, &yv, &xv)?;
-            Ok(wrap(out, &dev, (m, n)))
-        }};
-    }
-    match dtype {
-        DType::BF16 => launch!("bf16", half::bf16),
-        _ => launch!("f16", half::f16),
-    }
 }
 
 /// [`train_add`]'s launch without GELU.

@@ -10,7 +10,7 @@
 /// must fail the run even where its kernel is never reached (a CPU run). Each module's
 /// [`Switch`] maps the same names to its values; [`parse`] refuses a set that differs from
 /// this one, so the two cannot drift apart unnoticed.
-pub const SWITCHES: [(&str, &[&str]); 8] = [
+pub const SWITCHES: [(&str, &[&str]); 7] = [
     ("ADAPTERLAB_NF4_QUANTIZE", &["cpu", "gpu"]),
     ("ADAPTERLAB_NF4_GEMV", &["words", "wide", "mma"]),
     (
@@ -21,7 +21,6 @@ pub const SWITCHES: [(&str, &[&str]); 8] = [
     ("ADAPTERLAB_DECODE_ATTENTION", &["fused", "eager"]),
     ("ADAPTERLAB_DECODE_ROPE", &["fused", "split"]),
     ("ADAPTERLAB_LORA_TRAIN_KERNELS", &["mma", "simt"]),
-    ("ADAPTERLAB_LORA_TERM", &["mma", "cublas"]),
 ];
 
 /// The speed switches set in this process's environment, as `VAR=value` in [`SWITCHES`]'
@@ -140,11 +139,11 @@ mod tests {
 
     #[test]
     fn a_switch_whose_names_drifted_from_the_table_is_refused() {
-        let err = super::parse("ADAPTERLAB_LORA_TERM", None, &[("mma", 1)]).unwrap_err();
+        let err = super::parse("ADAPTERLAB_LORA_TRAIN_KERNELS", None, &[("mma", 1)]).unwrap_err();
         assert!(err.contains("switch::SWITCHES"), "{err}");
-        let same = [("mma", 1), ("cublas", 2)];
+        let same = [("mma", 1), ("simt", 2)];
         assert_eq!(
-            super::parse("ADAPTERLAB_LORA_TERM", Some("cublas"), &same),
+            super::parse("ADAPTERLAB_LORA_TRAIN_KERNELS", Some("simt"), &same),
             Ok(Some(2))
         );
     }
