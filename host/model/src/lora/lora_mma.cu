@@ -122,6 +122,23 @@ extern "C" __global__ void __launch_bounds__(256) lora_train_h_mma_f16_r##R(cons
 LORA_TRAIN_H_MMA(8)
 LORA_TRAIN_H_MMA(16)
 
+// The staged kernels' loads (dA's and gh/dB's), 16 bytes each, zeros past the edges: word t of
+// a chunk of COLS columns (from c0) of rows r0 .. (before re) of x ([.., width], row-major),
+// and word t of the rows r0 .. of a rank-wide [.., R] matrix (R / 8 words a row).
+template <int COLS>
+__device__ __forceinline__ uint4 chunk_word(const u16* x, int t, int r0, int re, int c0,
+    int width) {
+  int r = t / (COLS / 8), col = c0 + (t % (COLS / 8)) * 8;
+  return r0 + r < re && col < width ? __ldg((const uint4*)(x + (long long)(r0 + r) * width + col))
+                                    : make_uint4(0u, 0u, 0u, 0u);
+}
+template <int R>
+__device__ __forceinline__ uint4 rank_word(const u16* x, int t, int r0, int re) {
+  int r = t / (R / 8);
+  return r0 + r < re ? __ldg((const uint4*)(x + (long long)(r0 + r) * R) + t % (R / 8))
+                     : make_uint4(0u, 0u, 0u, 0u);
+}
+
 // dA = gh^T dropout(z) ([R, k]; gh [m, R]), the partial sums of slab blockIdx.y of the rows
 // (part[slab][R][k], added in slab order by lora_h_sum). The sum runs over z's rows, which are
 // not contiguous, so a block stages DAM_ROWS rows of its DAM_COLS columns (dropped, 16-bit) and
@@ -150,16 +167,9 @@ __device__ __forceinline__ void lora_train_da_mma(const u16* z, const u16* gh, f
     _Pragma("unroll") for (int q = 0; q < 4; ++q) acc[j][q] = 0.f;
   uint4 zr[2], gr = make_uint4(0u, 0u, 0u, 0u);
   auto fetch = [&](int r0) {
-    _Pragma("unroll") for (int l = 0; l < 2; ++l) {
-      int t = threadIdx.x + 256 * l, r = t / (DAM_COLS / 8), col = c0 + (t % (DAM_COLS / 8)) * 8;
-      zr[l] = r0 + r < re && col < k ? __ldg((const uint4*)(z + (long long)(r0 + r) * k + col))
-                                     : make_uint4(0u, 0u, 0u, 0u);
-    }
-    if (threadIdx.x < GV) {
-      int r = threadIdx.x / (R / 8);
-      gr = r0 + r < re ? __ldg((const uint4*)(gh + (long long)(r0 + r) * R) + threadIdx.x % (R / 8))
-                       : make_uint4(0u, 0u, 0u, 0u);
-    }
+    _Pragma("unroll") for (int l = 0; l < 2; ++l)
+      zr[l] = chunk_word<DAM_COLS>(z, threadIdx.x + 256 * l, r0, re, c0, k);
+    if (threadIdx.x < GV) gr = rank_word<R>(gh, threadIdx.x, r0, re);
   };
   fetch(rb);
   int i8 = lane & 7, quad = lane >> 3;
@@ -251,16 +261,9 @@ __device__ __forceinline__ void lora_grad_hb(const u16* g, const u16* bs, const 
     _Pragma("unroll") for (int q = 0; q < 4; ++q) db[j][q] = 0.f;
   uint4 gr[4], hr = make_uint4(0u, 0u, 0u, 0u);
   auto fetch = [&](int r0) {
-    _Pragma("unroll") for (int l = 0; l < 4; ++l) {
-      int t = threadIdx.x + 256 * l, r = t / (GB_COLS / 8), col = c0 + (t % (GB_COLS / 8)) * 8;
-      gr[l] = r0 + r < re && col < n ? __ldg((const uint4*)(g + (long long)(r0 + r) * n + col))
-                                     : make_uint4(0u, 0u, 0u, 0u);
-    }
-    if (threadIdx.x < HV) {
-      int r = threadIdx.x / (R / 8);
-      hr = r0 + r < re ? __ldg((const uint4*)(h + (long long)(r0 + r) * R) + threadIdx.x % (R / 8))
-                       : make_uint4(0u, 0u, 0u, 0u);
-    }
+    _Pragma("unroll") for (int l = 0; l < 4; ++l)
+      gr[l] = chunk_word<GB_COLS>(g, threadIdx.x + 256 * l, r0, re, c0, n);
+    if (threadIdx.x < HV) hr = rank_word<R>(h, threadIdx.x, r0, re);
   };
   fetch(rb);
   for (int r0 = rb; r0 < re; r0 += GB_ROWS) {
