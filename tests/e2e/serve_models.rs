@@ -186,6 +186,8 @@ fn a_training_job_streams_its_loss_records_its_adapter_which_generates_and_serve
         assert_eq!(run["kind"], "generate");
         assert_eq!(run["metadata"]["adapter"], "echo-v1");
         assert_eq!(run["metadata"]["model"], model.to_str().unwrap());
+        // Where the generations were computed (this server: the CPU, f32).
+        assert_eq!(run["metadata"]["compute"], "cpu f32", "{run}");
         assert!(run["aggregates"]["rouge1"]["mean"].is_number(), "{run}");
         let (_, samples) = get(&base, &format!("/api/runs/{gen_id}/samples")).await;
         let samples = samples.as_array().unwrap();

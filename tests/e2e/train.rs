@@ -587,10 +587,11 @@ fn flash_attention_trains_to_eager_losses_and_is_stored_with_the_run() {
 }
 
 /// A speed switch set in the environment is stored with the run it ran (it changes rounding
-/// only, but a curve is reproduced only with it); a misspelt one fails the run with the
-/// variable and its names, even on the CPU, where the kernel it picks is never reached.
+/// only, but a curve is reproduced only with it), and so are the device and dtype it computed
+/// in; a misspelt switch fails the run with the variable and its names, even on the CPU, where
+/// the kernel it picks is never reached.
 #[test]
-fn speed_switches_are_stored_with_the_run_and_a_misspelt_one_fails_it() {
+fn speed_switches_and_compute_are_stored_with_the_run_and_a_misspelt_switch_fails_it() {
     let t = setup("train-switches");
     let model = tiny_model(&t);
     let data = dataset(&t);
@@ -639,6 +640,13 @@ fn speed_switches_are_stored_with_the_run_and_a_misspelt_one_fails_it() {
         !stored_run(&store, &plain)
             .metadata
             .contains_key("speed_switches")
+    );
+    // Where it computed, too: on the CPU f32, whatever bnb_4bit_compute_dtype says.
+    assert_eq!(
+        run.metadata.get("compute").map(String::as_str),
+        Some("cpu f32"),
+        "{:?}",
+        run.metadata
     );
     let failed = stored_run(&store, &misspelt);
     assert_eq!(failed.status, adapterlab::store::RunStatus::Failed);

@@ -366,14 +366,8 @@ pub fn execute(env: &GenerateEnv, run_id: &str, request: &GenerateRequest) -> Re
     let generated = (|| -> Result<Vec<PredictionRow>> {
         let switches =
             adapterlab_model::engine::switch::set_in_environment().map_err(anyhow::Error::msg)?;
-        let rt = env.models.runtime();
         // ADAPTERLAB_DTYPE or the device's default: bf16 and f32 generations differ.
-        let compute = format!(
-            "{} {:?}",
-            if rt.device.is_cuda() { "cuda" } else { "cpu" },
-            rt.dtype
-        )
-        .to_lowercase();
+        let compute = env.models.runtime().compute();
         store.update_run(run_id, |r| {
             r.note_speed_switches(&switches);
             r.metadata.insert("compute".into(), compute.clone());

@@ -457,8 +457,17 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     };
 
     log(env, format!("loading {}", config.model_name_or_path));
-    let (loaded, registry, _) = load_for_training_on(config, &env.assets_dir, env.device_ordinal)?;
+    let (loaded, registry, rt) = load_for_training_on(config, &env.assets_dir, env.device_ordinal)?;
     let device = loaded.model.device().clone();
+    // What the run computes in, kept with it: on the CPU that is f32 whatever
+    // bnb_4bit_compute_dtype says (16-bit matmuls there are slow and lose precision).
+    let compute = rt.compute();
+    log(env, format!("computing on {compute}"));
+    if let Some((store, id)) = env.store.as_ref().filter(|_| env.is_main()) {
+        store.update_run(id, |r| {
+            r.metadata.insert("compute".into(), compute.clone());
+        })?;
+    }
     let tokenizer = match config.tokenizer_name.as_str() {
         "" => loaded.tokenizer.clone().with_context(|| {
             format!(

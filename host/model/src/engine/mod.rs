@@ -102,6 +102,17 @@ impl Engine {
             fetcher: Fetcher::default(),
         }
     }
+
+    /// Where and in what the model computes, as runs record it (`"cpu f32"`, `"cuda bf16"`):
+    /// the same request gives other numbers on another device or dtype.
+    pub fn compute(&self) -> String {
+        let device = match self.device {
+            Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
+            Device::Metal(_) => "metal",
+        };
+        format!("{device} {}", self.dtype.as_str())
+    }
 }
 
 /// The base weights' format.
