@@ -38,6 +38,7 @@ fn bench_train_and_generate_run_and_agree_with_checkpointing() {
     let plain = train(&["--save", adapter.to_str().unwrap()]);
     let load = find(&plain, "load")[0];
     assert!(load["trainable"].as_u64().unwrap() > 0, "{load}");
+    assert!(load["speed_switches"].is_array(), "{load}");
     let steps = find(&plain, "step");
     assert_eq!(steps.len(), 3);
     let summary = find(&plain, "train_step")[0];
@@ -252,7 +253,7 @@ fn bench_attention_times_each_implementation_and_refuses_bad_shapes() {
 #[test]
 fn bench_lora_times_the_training_node_at_each_shape() {
     let t = setup("bench-lora");
-    let out = lines(&run_ok(&mut t.cmd(&[
+    let args = [
         "bench",
         "lora",
         "--rows",
@@ -263,9 +264,19 @@ fn bench_lora_times_the_training_node_at_each_shape() {
         "4",
         "--repeats",
         "1",
-    ])));
+    ];
+    let out = lines(&run_ok(
+        t.cmd(&args).env("ADAPTERLAB_LORA_TRAIN_KERNELS", "simt"),
+    ));
     let header = find(&out, "lora");
     assert_eq!(header.len(), 1, "{out:?}");
+    // The speed switches set are in the header with the figures; a misspelt one is refused.
+    assert_eq!(
+        header[0]["speed_switches"],
+        serde_json::json!(["ADAPTERLAB_LORA_TRAIN_KERNELS=simt"])
+    );
+    let err = crate::util::run_fail(t.cmd(&args).env("ADAPTERLAB_LORA_TRAIN_KERNELS", "fast"));
+    assert!(err.contains("ADAPTERLAB_LORA_TRAIN_KERNELS"), "{err}");
     assert_eq!(
         (header[0]["rows"].as_u64(), header[0]["rank"].as_u64()),
         (Some(6), Some(4))

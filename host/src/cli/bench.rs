@@ -250,7 +250,7 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
         ..Default::default()
     };
     emit(
-        json!({"what": "kernels", "device": gpu_name(&device), "dtype": format!("{dtype:?}"),
+        json!({"what": "kernels", "speed_switches": speed_switches()?, "device": gpu_name(&device), "dtype": format!("{dtype:?}"),
         "nf4": {"blocksize": opts.blocksize, "double_quant": opts.double_quant},
         "decoding": decoding_settings(&device)?}),
     );
@@ -319,7 +319,7 @@ fn attention(args: AttentionBenchArgs, ctx: &Context) -> Result<()> {
     }
     let dtype = bench_dtype(&device);
     emit(
-        json!({"what": "attention", "device": gpu_name(&device), "dtype": format!("{dtype:?}"),
+        json!({"what": "attention", "speed_switches": speed_switches()?, "device": gpu_name(&device), "dtype": format!("{dtype:?}"),
         "batch": b, "seq": s, "heads": h, "kv_heads": kv, "head_dim": d}),
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -379,7 +379,7 @@ fn lora(args: LoraBenchArgs, ctx: &Context) -> Result<()> {
     let (m, r) = (args.rows as usize, args.rank as usize);
     let dtype = bench_dtype(&device);
     emit(
-        json!({"what": "lora", "device": gpu_name(&device), "dtype": format!("{dtype:?}"),
+        json!({"what": "lora", "speed_switches": speed_switches()?, "device": gpu_name(&device), "dtype": format!("{dtype:?}"),
         "rows": m, "rank": r, "dropout": round(args.dropout as f64, 6)}),
     );
     let dropout = (args.dropout > 0.0).then_some(Dropout {
@@ -502,6 +502,12 @@ fn emit(v: serde_json::Value) {
     println!("{v}");
 }
 
+/// The speed switches set for this process (`VAR=value`), in every figure's header line: a
+/// timing is reproduced only with them. A misspelt one fails the bench before it times anything.
+fn speed_switches() -> Result<Vec<String>> {
+    adapterlab_model::engine::switch::set_in_environment().map_err(anyhow::Error::msg)
+}
+
 fn gpu_name(device: &Device) -> String {
     match device {
         Device::Cpu => "cpu".into(),
@@ -536,7 +542,8 @@ fn train(args: TrainBenchArgs, ctx: &Context) -> Result<()> {
         "device": gpu_name(&device), "lora_layers": registry.layers().len(),
         "gradient_checkpointing": args.gradient_checkpointing, "checkpoint_every": args.checkpoint_every,
         "attn_implementation": args.attn_implementation.as_str(),
-        "nf4_quantize": nf4_quantize_on(&device)?, "phases": load_phases()?}),
+        "nf4_quantize": nf4_quantize_on(&device)?, "phases": load_phases()?,
+        "speed_switches": speed_switches()?}),
     );
     registry.set_training(true);
     let vocab = model.vocab_size();
@@ -628,7 +635,7 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
         "device": gpu_name(&device), "adapter": args.adapter,
         "attn_implementation": args.attn_implementation.as_str(),
         "nf4_quantize": nf4_quantize_on(&device)?, "decoding": decoding_settings(&device)?,
-        "phases": load_phases()?}),
+        "phases": load_phases()?, "speed_switches": speed_switches()?}),
     );
     let vocab = model.vocab_size();
     let mut modes = vec![false];
