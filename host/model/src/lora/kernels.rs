@@ -3,7 +3,9 @@
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{DType, Error, Result, Tensor};
 
-use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, no_defines, start_aligned, wrap};
+use crate::ops::kernels::{
+    CudaInput, CudaModule, aligned, cuda_device, no_defines, start_aligned, wrap,
+};
 
 /// This wing's kernel module, for [`crate::engine::device::compile_kernels`].
 pub fn modules() -> [&'static CudaModule; 2] {
@@ -298,15 +300,9 @@ pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask, gelu: bool) -> Result<Tenso
     // lora_mma.cu's kernel stages the same chunks (DAM_COLS, DAM_ROWS) as lora.cu's.
     let mma = tensor_cores(z.device())?;
     // The tensor-core kernel reads gh's rows as 16-byte vectors: a gh that does not start on
-    // one is copied into a fresh buffer (`force_contiguous`: candle's `copy` keeps the offset),
-    // so the kernel asked for is the kernel that runs.
-    let gh_copy;
-    let gh = if mma && !start_aligned(gh, 8) {
-        gh_copy = gh.force_contiguous()?;
-        &gh_copy
-    } else {
-        gh
-    };
+    // one is copied into a fresh buffer, so the kernel asked for is the kernel that runs.
+    let gh = if mma { aligned(gh, 8)? } else { gh.clone() };
+    let gh = &gh;
     let (kernel, module) = if mma {
         ("lora_train_da_mma", &LORA_MMA)
     } else {
@@ -370,14 +366,7 @@ pub fn grad_hb(g: &Tensor, bs: &Tensor, h: &Tensor) -> Result<Option<(Tensor, Te
         )));
     }
     // bs and h are small: read as 16-byte rows, so fresh compact copies where they are not.
-    let compact = |t: &Tensor| -> Result<Tensor> {
-        if t.is_contiguous() && start_aligned(t, 8) {
-            Ok(t.clone())
-        } else {
-            t.force_contiguous()
-        }
-    };
-    let (bs, h) = (compact(bs)?, compact(h)?);
+    let (bs, h) = (aligned(bs, 8)?, aligned(h, 8)?);
     let dev = cuda_device(g)?;
     let col_blocks = n.div_ceil(GB_COLS);
     let (slabs, rows_per) = split_reduction(col_blocks, m, GB_ROWS);

@@ -148,6 +148,16 @@ pub fn start_aligned(t: &Tensor, elems: usize) -> bool {
     t.is_contiguous() && t.layout().start_offset().is_multiple_of(elems)
 }
 
+/// `t` itself where [`start_aligned`] holds, else a compact copy in a fresh buffer, which
+/// starts on the allocation (candle's `copy` keeps the layout and its offset; this does not).
+pub fn aligned(t: &Tensor, elems: usize) -> Result<Tensor> {
+    if start_aligned(t, elems) {
+        Ok(t.clone())
+    } else {
+        t.force_contiguous()
+    }
+}
+
 pub fn wrap<T: candle_core::cuda_backend::CudaDType>(
     out: CudaSlice<T>,
     dev: &CudaDevice,
