@@ -370,7 +370,8 @@ pub fn execute(env: &GenerateEnv, run_id: &str, request: &GenerateRequest) -> Re
         let compute = env.models.runtime().compute();
         store.update_run(run_id, |r| {
             r.note_speed_switches(&switches);
-            r.metadata.insert("compute".into(), compute.clone());
+            r.metadata
+                .insert(RunRecord::COMPUTE.into(), compute.clone());
         })?;
         let rows = prompt_rows(request, &env.registry)?;
         let total = rows.len() as u64;

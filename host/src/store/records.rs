@@ -221,6 +221,10 @@ impl RunRecord {
     /// that ran the run; absent when none was.
     pub const SPEED_SWITCHES: &'static str = "speed_switches";
 
+    /// Metadata key of the device and dtype a train or generate run computed in
+    /// (`engine::Engine::compute`, e.g. `cpu f32`).
+    pub const COMPUTE: &'static str = "compute";
+
     /// Records `switches` (`VAR=value`) as the ones the run runs with: they change nothing but
     /// rounding, yet a timing or a loss curve is only reproduced with them. A run resumed in a
     /// process without any loses the entry of the process before.

@@ -31,7 +31,7 @@ use crate::data::{self, Encoded};
 use crate::eval::input::PredictionRow;
 use crate::infer::predict::{self, PromptRow, Sampling};
 use crate::plugin::Registry;
-use crate::store::{RunEvent, Store};
+use crate::store::{RunEvent, RunRecord, Store};
 use crate::train::config::{ComputeDtype, PackingStrategy, TrainConfig};
 use crate::train::dist::Comm;
 use crate::train::memory;
@@ -465,7 +465,8 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     log(env, format!("computing on {compute}"));
     if let Some((store, id)) = env.store.as_ref().filter(|_| env.is_main()) {
         store.update_run(id, |r| {
-            r.metadata.insert("compute".into(), compute.clone());
+            r.metadata
+                .insert(RunRecord::COMPUTE.into(), compute.clone());
         })?;
     }
     let tokenizer = match config.tokenizer_name.as_str() {
