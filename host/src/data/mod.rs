@@ -543,7 +543,10 @@ mod tests {
             vec![vec![1, 1, 1, 1], vec![1, 1, 0, 0]]
         );
         // Targets 7, 8 (predicted from positions 1, 2) and 10 (from row 1, position 0).
-        assert_eq!(batch.positions.to_vec1::<u32>().unwrap(), vec![1, 2, 4]);
+        assert_eq!(
+            batch.positions.tensor().to_vec1::<u32>().unwrap(),
+            vec![1, 2, 4]
+        );
         assert_eq!(batch.labels.to_vec1::<u32>().unwrap(), vec![7, 8, 10]);
         assert_eq!((batch.n_targets, batch.n_tokens), (3, 6));
     }

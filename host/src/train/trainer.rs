@@ -352,7 +352,7 @@ pub fn accumulate_micro_batch(
     })?;
     let loss = profile::scope("loss", dev, || {
         let hidden = hidden.reshape((batch.rows * batch.width, hidden.dim(D::Minus1)?))?;
-        let picked = hidden.index_select(&batch.positions, 0)?;
+        let picked = batch.positions.gather(&hidden)?;
         let logits = model.lm_head(&picked)?;
         let nll = adapterlab_model::engine::cross_entropy_sum(&logits, &batch.labels)?;
         nll / total_targets.max(1) as f64

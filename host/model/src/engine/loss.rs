@@ -18,6 +18,7 @@ use tokenizers::Tokenizer;
 use crate::nn::causal_lm::CausalLm;
 use crate::ops::attention::AttentionContext;
 use crate::ops::cross_entropy::cross_entropy_sum;
+use crate::ops::rows::PickedRows;
 
 /// One dataset row, as JSON.
 pub type Row = serde_json::Map<String, Value>;
@@ -173,8 +174,8 @@ pub struct Batch {
     /// For packed rows, the example each token belongs to, `[rows][width]` (padding continues
     /// the row's last example; the mask hides it); `None` when every row holds one example.
     pub segments: Option<Vec<Vec<u32>>>,
-    /// Flat positions `row * width + t - 1` whose hidden state predicts a target.
-    pub positions: Tensor,
+    /// Flat positions `row * width + t - 1` whose hidden state predicts a target, increasing.
+    pub positions: PickedRows,
     pub labels: Tensor,
     pub n_targets: usize,
     /// Real (unpadded) tokens, for tokens/s.
@@ -278,7 +279,7 @@ fn collate_rows(examples: &[(&Example, &[usize])], pad_id: u32, device: &Device)
         input_ids: Tensor::from_vec(ids, (n, width), device)?,
         attention_mask: Tensor::from_vec(mask, (n, width), device)?,
         segments,
-        positions: Tensor::from_vec(positions, n_targets, device)?,
+        positions: PickedRows::new(positions, device)?,
         labels: Tensor::from_vec(labels, n_targets, device)?,
         n_targets,
         n_tokens,
@@ -353,7 +354,7 @@ fn loss_on_rows(
         let hidden = batch_hidden_states(model, &batch)
             .with_context(|| format!("forward pass of batch {b} failed"))?;
         let hidden = hidden.reshape((n * width, hidden.dim(D::Minus1)?))?;
-        let picked = hidden.index_select(&batch.positions, 0)?;
+        let picked = batch.positions.gather(&hidden)?;
         let logits = model.lm_head(&picked)?;
         let nll = cross_entropy_sum(&logits, &batch.labels)?.to_scalar::<f32>()?;
         total += nll as f64;
@@ -496,7 +497,7 @@ mod tests {
     fn target_nll(model: &dyn CausalLm, batch: &Batch) -> Result<Tensor> {
         let hidden = batch_hidden_states(model, batch)?;
         let hidden = hidden.reshape((batch.rows * batch.width, hidden.dim(D::Minus1)?))?;
-        let logits = model.lm_head(&hidden.index_select(&batch.positions, 0)?)?;
+        let logits = model.lm_head(&batch.positions.gather(&hidden)?)?;
         Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?
             .gather(&batch.labels.unsqueeze(1)?, 1)?
             .squeeze(1)?
@@ -702,7 +703,7 @@ mod tests {
         };
         let batch = collate_packed(&[&packed], 0, &Device::Cpu)?;
         assert_eq!(batch.labels.to_vec1::<u32>()?, vec![11, 12, 21]);
-        assert_eq!(batch.positions.to_vec1::<u32>()?, vec![0, 1, 3]);
+        assert_eq!(batch.positions.tensor().to_vec1::<u32>()?, vec![0, 1, 3]);
         // Unpacked, only the row's first token is skipped.
         let single = Packed::single(packed.row.clone());
         let batch = collate_packed(&[&single], 0, &Device::Cpu)?;

@@ -20,6 +20,7 @@ pub mod layer_norm;
 pub mod profile;
 pub mod residual;
 pub mod rope_append;
+pub mod rows;
 pub mod softmax;
 pub mod switch;
 
@@ -36,6 +37,7 @@ pub fn kernel_modules() -> Vec<&'static kernels::CudaModule> {
             rope_append::cuda_module(),
             residual::cuda_module(),
             heads::cuda_module(),
+            rows::cuda_module(),
             layer_norm::cuda_module(),
         ])
         .collect()
