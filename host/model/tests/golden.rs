@@ -929,6 +929,57 @@ fn heads_kernel_equals_candles_transpose() {
     }
 }
 
+/// The loss's picked rows (`ops::rows::PickedRows`): values and the scattered gradient on the
+/// GPU against candle's index_select and its index_add backward, bit for bit (a gradient is
+/// moved, never summed, so the two agree exactly), bf16, f16 and f32; rows of 4,544 (Falcon's
+/// width) and of 8, and a row width the kernel does not take (candle's path then).
+#[cfg(feature = "cuda")]
+#[test]
+fn picked_rows_kernel_equals_index_select() {
+    use adapterlab_model::ops::rows::PickedRows;
+    use candle_core::{DType, Var};
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    for (n, h) in [(300, 4544), (9, 8), (7, 5)] {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let values = |seed: f32, len: usize| {
+                Tensor::from_vec(
+                    (0..len)
+                        .map(|i| (i as f32 * 0.37 + seed).sin())
+                        .collect::<Vec<f32>>(),
+                    len,
+                    &Device::Cpu,
+                )
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap()
+            };
+            let picked: Vec<u32> = (0..n as u32).filter(|i| i % 3 != 1).collect();
+            let k = picked.len();
+            let rows = PickedRows::new(picked, &dev).unwrap();
+            let case = format!("[{n}, {h}] {dtype:?}");
+            let x = Var::from_tensor(&values(0.5, n * h).reshape((n, h)).unwrap()).unwrap();
+            let w = values(1.5, k * h).reshape((k, h)).unwrap();
+            let ours = rows.gather(x.as_tensor()).unwrap();
+            let theirs = x.as_tensor().index_select(rows.tensor(), 0).unwrap();
+            assert!(
+                host_bits(&ours) == host_bits(&theirs),
+                "{case}: values differ"
+            );
+            let grad = |out: &Tensor| {
+                let g = (out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+                host_bits(g.get(x.as_tensor()).unwrap())
+            };
+            assert!(grad(&ours) == grad(&theirs), "{case}: gradients differ");
+        }
+    }
+}
+
 /// A parallel layer's residual in one kernel (`ops::residual::add3`) against candle's two
 /// adds on the GPU, bit for bit, in bf16 and f16, on values whose sums round (wide magnitude
 /// ranges, cancellation, overflow to inf in f16), a length that leaves a tail; with a graph,
@@ -1402,7 +1453,7 @@ fn dropout_kernel_equals_the_cpu_path() {
 )]
 #[test]
 fn lora_train_node_equals_the_op_by_op_graph_on_the_gpu() {
-    use adapterlab_model::lora::train_node::{Dropout, Input, lora_linear};
+    use adapterlab_model::lora::train_node::{Adapter, Dropout, Input, lora_linear};
     use adapterlab_model::ops::dropout::seeded_dropout;
     use adapterlab_model::ops::gelu::gelu_erf;
     use adapterlab_model::quant::nf4::Nf4Options;
@@ -1444,7 +1495,13 @@ fn lora_train_node_equals_the_op_by_op_graph_on_the_gpu() {
             let aw = a.as_tensor().to_dtype(dtype).unwrap();
             let bs = (b.as_tensor().to_dtype(dtype).unwrap() * 2.0).unwrap();
             let y = if fused {
-                lora_linear(base, None, &xw, &aw, &bs, dropout, input).unwrap()
+                // The f32 weights themselves, as a training hands them to the node.
+                let adapter = Adapter {
+                    a: a.as_tensor(),
+                    b: b.as_tensor(),
+                    scaling: 2.0,
+                };
+                lora_linear(base, None, &xw, adapter, dropout, input).unwrap()
             } else {
                 let z = match input {
                     Input::AsIs => xw.clone(),
@@ -1799,6 +1856,91 @@ fn cross_entropy_kernels_equal_the_cpu_path() {
     }
 }
 
+/// The training node given f32 weights (its 16-bit copies from one kernel, dA and dB widened
+/// and scaled in the kernels' last sums) against the same node given the graph's own casts,
+/// `to_dtype(A)` and `to_dtype(B) * scaling` (what a training ran before): the value and all
+/// three gradients bit for bit, in bf16 and f16, ranks 8 and 16, with and without GELU, at
+/// scalings 2 and 0.3 (not a power of two, so the affine op's rounding shows).
+#[cfg(feature = "cuda")]
+#[test]
+fn lora_node_takes_f32_weights_as_the_graph_that_casts_them() {
+    use adapterlab_model::lora::train_node::{Adapter, Dropout, Input, lora_linear};
+    use adapterlab_model::quant::nf4::Nf4Options;
+    use adapterlab_model::quant::weight::{BaseWeight, Nf4Weight};
+    use candle_core::{DType, Var};
+    use std::sync::Arc;
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let host = |len: usize, scale: f32, phase: f32, shape: (usize, usize)| {
+        let v: Vec<f32> = (0..len)
+            .map(|i| (i as f32 * 0.7391 + phase).sin() * scale)
+            .collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
+    };
+    for (m, k, n, r) in [(96, 256, 192, 16), (77, 1032, 200, 8)] {
+        let w = host(n * k, 0.05, 0.1, (n, k));
+        for dtype in [DType::BF16, DType::F16] {
+            let base: Arc<dyn BaseWeight> =
+                Arc::new(Nf4Weight::quantize(&w, Nf4Options::default(), dtype, &dev).unwrap());
+            for input in [Input::AsIs, Input::GeluErf] {
+                for scaling in [2.0, 0.3] {
+                    let run = |cast_in_graph: bool| -> Vec<Vec<u32>> {
+                        let x = Var::from_tensor(
+                            &host(m * k, 1.0, 0.2, (m, k)).to_dtype(dtype).unwrap(),
+                        )
+                        .unwrap();
+                        let a = Var::from_tensor(&host(r * k, 0.1, 0.3, (r, k))).unwrap();
+                        let b = Var::from_tensor(&host(n * r, 0.1, 0.4, (n, r))).unwrap();
+                        let (a16, b16) = (
+                            a.as_tensor().to_dtype(dtype).unwrap(),
+                            b.as_tensor().to_dtype(dtype).unwrap(),
+                        );
+                        let adapter = if cast_in_graph {
+                            Adapter {
+                                a: &a16,
+                                b: &b16,
+                                scaling,
+                            }
+                        } else {
+                            Adapter {
+                                a: a.as_tensor(),
+                                b: b.as_tensor(),
+                                scaling,
+                            }
+                        };
+                        let dropout = Some(Dropout { key: 9, p: 0.1 });
+                        let y =
+                            lora_linear(base.clone(), None, x.as_tensor(), adapter, dropout, input)
+                                .unwrap();
+                        let g = host(m * n, 1.0, 0.5, (m, n)).to_dtype(dtype).unwrap();
+                        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                        let da = grads.get(a.as_tensor()).expect("dA");
+                        let db = grads.get(b.as_tensor()).expect("dB");
+                        assert_eq!((da.dtype(), db.dtype()), (DType::F32, DType::F32));
+                        [&y, grads.get(x.as_tensor()).expect("dx"), da, db]
+                            .iter()
+                            .map(|t| host_bits(t))
+                            .collect()
+                    };
+                    let (ours, graphs) = (run(false), run(true));
+                    for (what, (o, t)) in ["value", "dx", "dA", "dB"]
+                        .iter()
+                        .zip(ours.iter().zip(&graphs))
+                    {
+                        assert!(
+                            o == t,
+                            "{dtype:?} {input:?} scaling {scaling} m {m} k {k} r {r}: {what} differs"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `train_da` given a gradient that does not start on a 16-byte boundary (a view into a larger
 /// buffer) runs the kernel asked for on a copy of it: the same bits as the aligned gradient.
 #[cfg(feature = "cuda")]
@@ -1808,7 +1950,7 @@ fn cross_entropy_kernels_equal_the_cpu_path() {
 )]
 #[test]
 fn train_da_takes_a_misaligned_gradient() {
-    use adapterlab_model::lora::kernels::train_da;
+    use adapterlab_model::lora::kernels::{GradOut, train_da};
     use candle_core::DType;
     let dev = device();
     if dev.is_cpu() {
@@ -1833,8 +1975,8 @@ fn train_da_takes_a_misaligned_gradient() {
     assert_eq!(aligned.layout().start_offset(), 0);
     for gelu in [false, true] {
         let mask = Some((11u64, 0.1f32));
-        let want = host_f32s(&train_da(&z, &aligned, mask, gelu).unwrap());
-        let got = host_f32s(&train_da(&z, &shifted, mask, gelu).unwrap());
+        let want = host_f32s(&train_da(&z, &aligned, mask, gelu, GradOut::Half).unwrap());
+        let got = host_f32s(&train_da(&z, &shifted, mask, gelu, GradOut::Half).unwrap());
         assert!(
             max_diff(&want, &got) == 0.0,
             "gelu {gelu}: dA from the shifted gradient differs"
@@ -1854,7 +1996,7 @@ fn train_da_takes_a_misaligned_gradient() {
 )]
 #[test]
 fn lora_grad_hb_equals_the_f32_products() {
-    use adapterlab_model::lora::kernels::grad_hb;
+    use adapterlab_model::lora::kernels::{GradOut, grad_hb};
     use candle_core::DType;
     let dev = device();
     if dev.is_cpu() {
@@ -1881,7 +2023,9 @@ fn lora_grad_hb_equals_the_f32_products() {
             let g = wave(m * n, 0.1, (m, n), dtype);
             let bs = (wave(n * r, 0.2, (n, r), dtype) * 0.05).unwrap();
             let h = wave(m * r, 0.3, (m, r), dtype);
-            let (gh, db) = grad_hb(&g, &bs, &h).unwrap().expect("the kernel serves");
+            let (gh, db) = grad_hb(&g, &bs, &h, GradOut::Half)
+                .unwrap()
+                .expect("the kernel serves");
             assert_eq!(
                 (gh.dims(), db.dims()),
                 ([m, r].as_slice(), [n, r].as_slice())
@@ -1928,7 +2072,7 @@ fn lora_grad_hb_equals_the_f32_products() {
         wave(100 * 16, 0.2, (100, 16), DType::BF16),
         wave(16 * 16, 0.3, (16, 16), DType::BF16),
     );
-    assert!(grad_hb(&g, &bs, &h).unwrap().is_none());
+    assert!(grad_hb(&g, &bs, &h, GradOut::Half).unwrap().is_none());
 }
 
 /// The AdamW kernel against the trainer's op-by-op update (host/src/train/optim.rs, restated

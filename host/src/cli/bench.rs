@@ -368,7 +368,7 @@ fn attention(args: AttentionBenchArgs, ctx: &Context) -> Result<()> {
 /// and on a GPU in a 16-bit type the adapter's `h` and `dA` kernels alone.
 fn lora(args: LoraBenchArgs, ctx: &Context) -> Result<()> {
     use adapterlab_model::engine::{
-        BaseWeight, Dropout, Input, Nf4Options, Nf4Weight, lora_linear,
+        Adapter, BaseWeight, Dropout, Input, Nf4Options, Nf4Weight, lora_linear,
     };
     use candle_core::Var;
     use std::sync::Arc;
@@ -398,8 +398,9 @@ fn lora(args: LoraBenchArgs, ctx: &Context) -> Result<()> {
         )?);
         drop(w);
         let x = Var::from_tensor(&random((m, k), 1.0)?.to_dtype(dtype)?)?;
-        let a = Var::from_tensor(&random((r, k), 0.02)?.to_dtype(dtype)?)?;
-        let b = Var::from_tensor(&random((n, r), 0.02)?.to_dtype(dtype)?)?;
+        // A and B in f32 as a training holds them, B scaled by alpha / r = 2 (alpha 32, r 16).
+        let a = Var::from_tensor(&random((r, k), 0.02)?)?;
+        let b = Var::from_tensor(&random((n, r), 0.02)?)?;
         let g = random((m, n), 1.0)?.to_dtype(dtype)?;
         let time = |pass: &str, f: &dyn Fn() -> Result<()>| -> Result<()> {
             let secs = seconds_per_call(&device, 2, args.repeats, f)?;
@@ -407,7 +408,12 @@ fn lora(args: LoraBenchArgs, ctx: &Context) -> Result<()> {
                 "us": round(secs * 1e6, 1)}));
             Ok(())
         };
-        let node = || lora_linear(base.clone(), None, &x, &a, &b, dropout, Input::AsIs);
+        let adapter = Adapter {
+            a: a.as_tensor(),
+            b: b.as_tensor(),
+            scaling: 2.0,
+        };
+        let node = || lora_linear(base.clone(), None, &x, adapter, dropout, Input::AsIs);
         time("forward", &|| {
             node()?;
             Ok(())
@@ -418,15 +424,16 @@ fn lora(args: LoraBenchArgs, ctx: &Context) -> Result<()> {
         })?;
         #[cfg(feature = "cuda")]
         if adapterlab_model::engine::trains(&x, r) {
-            use adapterlab_model::engine::{train_da, train_h};
+            use adapterlab_model::engine::{GradOut, train_da, train_h};
             let mask = dropout.map(|d| (d.key, d.p));
             let gh = random((m, r), 1.0)?.to_dtype(dtype)?;
+            let a16 = a.as_tensor().to_dtype(dtype)?;
             time("h", &|| {
-                train_h(&x, &a, mask)?;
+                train_h(&x, &a16, mask)?;
                 Ok(())
             })?;
             time("dA", &|| {
-                train_da(&x, &gh, mask, false)?;
+                train_da(&x, &gh, mask, false, GradOut::Half)?;
                 Ok(())
             })?;
         } else if device.is_cuda() {

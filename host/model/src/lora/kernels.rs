@@ -274,7 +274,7 @@ pub fn train_h(z: &Tensor, a: &Tensor, mask: Mask) -> Result<Tensor> {
             DType::F16 => launch!("f16", half::f16),
             other => return Err(unsupported(other)),
         }
-        sum_slices(&dev, z.dtype(), &part, splits, (m, r))
+        sum_slices(&dev, z.dtype(), &part, splits, (m, r), GradOut::Half)
     })
 }
 
@@ -283,8 +283,9 @@ pub fn train_h(z: &Tensor, a: &Tensor, mask: Mask) -> Result<Tensor> {
 /// graph's operand (z dropped and rounded as the dropout op writes it) without its dropped
 /// copy. With `gelu`, `z` is the pre-activation and the kernel takes `gelu_erf(z)` as candle's
 /// op rounds it, so backward never writes the activation again. The rows are split into slabs
-/// where the columns alone would leave multiprocessors idle; the slabs' sums are added in order.
-pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask, gelu: bool) -> Result<Tensor> {
+/// where the columns alone would leave multiprocessors idle; the slabs' sums are added in order
+/// and go out as `to` says.
+pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask, gelu: bool, to: GradOut) -> Result<Tensor> {
     let dev = cuda_device(z)?;
     let (m, k) = z.dims2()?;
     let (m2, r) = gh.dims2()?;
@@ -335,16 +336,21 @@ pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask, gelu: bool) -> Result<Tenso
             DType::F16 => launch!("f16", half::f16),
             other => return Err(unsupported(other)),
         }
-        sum_slices(&dev, z.dtype(), &part, slabs, (r, k))
+        sum_slices(&dev, z.dtype(), &part, slabs, (r, k), to)
     })
 }
 
-/// The training node's `gh = g bs` (`[m, r]`) and `dbs = g^T h` (`[n, r]`), in g's type, from
+/// The training node's `gh = g bs` (`[m, r]`) and `dbs = g^T h` (`[n, r]`; out as `db_to` says), in g's type, from
 /// one read of the output's gradient `g` (`[m, n]`; `bs` `[n, r]`, `h` `[m, r]`):
 /// `lora_grad_hb` in lora_mma.cu, where two cuBLAS products read `g` once each. f32 sums in
 /// another order than cuBLAS's, rounded once. `None` where it does not run (no tensor cores,
 /// or `ADAPTERLAB_LORA_TRAIN_KERNELS=simt`; `g` not [`trains`]-shaped): the caller multiplies.
-pub fn grad_hb(g: &Tensor, bs: &Tensor, h: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+pub fn grad_hb(
+    g: &Tensor,
+    bs: &Tensor,
+    h: &Tensor,
+    db_to: GradOut,
+) -> Result<Option<(Tensor, Tensor)>> {
     let (m, n) = g.dims2()?;
     let r = h.dim(1)?;
     if !trains(g, r) || !tensor_cores(g.device())? {
@@ -399,8 +405,8 @@ pub fn grad_hb(g: &Tensor, bs: &Tensor, h: &Tensor) -> Result<Option<(Tensor, Te
             DType::F16 => launch!("f16", half::f16),
             other => return Err(unsupported(other)),
         }
-        let gh = sum_slices(&dev, g.dtype(), &ghp, col_blocks, (m, r))?;
-        let dbs = sum_slices(&dev, g.dtype(), &dbp, slabs, (n, r))?;
+        let gh = sum_slices(&dev, g.dtype(), &ghp, col_blocks, (m, r), GradOut::Half)?;
+        let dbs = sum_slices(&dev, g.dtype(), &dbp, slabs, (n, r), db_to)?;
         Ok(Some((gh, dbs)))
     })
 }
@@ -438,32 +444,95 @@ fn unsupported(dtype: DType) -> Error {
     Error::Msg(format!("lora training on {dtype:?} is not supported"))
 }
 
+/// Where a training kernel's summed gradient goes: rounded to the 16-bit type it computes in
+/// (the graph's own gradient of a 16-bit tensor), or on to an f32 weight as the graph that cast
+/// that weight to 16 bits (and scaled it, for B) would hand it there (`lora_h_sum_to_f32`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GradOut {
+    Half,
+    F32 { scaling: Option<f64> },
+}
+
 /// `lora_h_sum`: `splits` slices of partial sums of a `shape` result added in order, rounded
-/// to `dtype`.
+/// to `dtype`, and for [`GradOut::F32`] scaled and widened as it says.
 fn sum_slices(
     dev: &candle_core::CudaDevice,
     dtype: DType,
     part: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
     splits: usize,
     shape: (usize, usize),
+    to: GradOut,
 ) -> Result<Tensor> {
     let n = shape.0 * shape.1;
     let (splits_i, n_i) = (splits as i32, n as i32);
     let cfg = LaunchConfig::for_num_elems(n as u32);
+    let suffix = match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => return Err(unsupported(other)),
+    };
+    if let GradOut::F32 { scaling } = to {
+        let (s, scaled) = (scaling.unwrap_or(1.0) as f32, i32::from(scaling.is_some()));
+        // SAFETY: every element is written by the kernel below.
+        let out = unsafe { dev.alloc::<f32>(n)? };
+        crate::run_kernel!(LORA, dev, &format!("lora_h_sum_to_f32_{suffix}"), cfg;
+            part, &out, &splits_i, &n_i, &s, &scaled)?;
+        return Ok(wrap(out, dev, shape));
+    }
     macro_rules! launch {
-        ($dtype:literal, $t:ty) => {{
+        ($t:ty) => {{
             // SAFETY: every element is written by the kernel below.
             let out = unsafe { dev.alloc::<$t>(n)? };
-            crate::run_kernel!(LORA, dev, concat!("lora_h_sum_", $dtype), cfg;
+            crate::run_kernel!(LORA, dev, &format!("lora_h_sum_{suffix}"), cfg;
                 part, &out, &splits_i, &n_i)?;
             Ok(wrap(out, dev, shape))
         }};
     }
     match dtype {
-        DType::BF16 => launch!("bf16", half::bf16),
-        DType::F16 => launch!("f16", half::f16),
-        other => Err(unsupported(other)),
+        DType::BF16 => launch!(half::bf16),
+        _ => launch!(half::f16),
     }
+}
+
+/// The training node's 16-bit copies of an f32 adapter in one launch (`lora_weights16`): `A`
+/// in `dtype` and `scaling * B` as candle's `to_dtype` and affine ops form them, bit for bit.
+/// `None` where it does not serve (not f32 contiguous weights on a GPU, not a 16-bit `dtype`).
+pub fn weights16(
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+    dtype: DType,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let serves = a.device().is_cuda()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && a.rank() == 2
+        && b.rank() == 2;
+    if !serves {
+        return Ok(None);
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let (na, nb) = (a.elem_count(), b.elem_count());
+    let dev = cuda_device(&a)?;
+    let (av, bv) = (CudaInput::of(&a)?, CudaInput::of(&b)?);
+    let (av, bv) = (av.view::<f32>(na)?, bv.view::<f32>(nb)?);
+    let (na_i, nb_i, s) = (na as i32, nb as i32, scaling as f32);
+    let cfg = LaunchConfig::for_num_elems((na + nb) as u32);
+    macro_rules! launch {
+        ($dtype:literal, $t:ty) => {{
+            // SAFETY: every element of both is written by the kernel below.
+            let a16 = unsafe { dev.alloc::<$t>(na)? };
+            let bs16 = unsafe { dev.alloc::<$t>(nb)? };
+            crate::run_kernel!(LORA, dev, concat!("lora_weights16_", $dtype), cfg;
+                &av, &bv, &a16, &bs16, &na_i, &nb_i, &s)?;
+            (wrap(a16, &dev, a.shape().clone()), wrap(bs16, &dev, b.shape().clone()))
+        }};
+    }
+    Ok(Some(match dtype {
+        DType::BF16 => launch!("bf16", half::bf16),
+        _ => launch!("f16", half::f16),
+    }))
 }
 
 /// The second factor of a training node's adapter term `h F^T`, as stored.

@@ -186,6 +186,48 @@ extern "C" __global__ void NAME(const float* part, u16* h, int splits, int n) { 
 LORA_H_SUM(lora_h_sum_bf16, true)
 LORA_H_SUM(lora_h_sum_f16, false)
 
+// The same sums for a gradient that goes to an f32 weight: rounded to the 16-bit type as above,
+// then (scaled != 0) multiplied by the scaling in that type and rounded again, plus zero, as
+// candle's affine op computes `x * mul + add` in it, and widened to f32, as its to_dtype op
+// does: the bits of the graph that cast the f32 weight to 16 bits (and scaled B) in forward,
+// at no launch of their own. dA takes it unscaled, dB scaled by the adapter's scaling.
+#define LORA_H_SUM_F32(NAME, BF16)                                                             \
+extern "C" __global__ void NAME(const float* part, float* out, int splits, int n, float s,     \
+    int scaled) {                                                                             \
+  int i = blockIdx.x * blockDim.x + threadIdx.x;                                               \
+  if (i >= n) return;                                                                          \
+  float sum = 0.f;                                                                             \
+  for (int t = 0; t < splits; ++t) sum += part[(long long)t * n + i];                          \
+  float v = load16<BF16>(round16<BF16>(sum));                                                  \
+  if (scaled) {                                                                                \
+    v = load16<BF16>(round16<BF16>(__fmul_rn(v, load16<BF16>(round16<BF16>(s)))));             \
+    v = load16<BF16>(round16<BF16>(__fadd_rn(v, 0.0f)));                                       \
+  }                                                                                           \
+  out[i] = v;                                                                                  \
+}
+LORA_H_SUM_F32(lora_h_sum_to_f32_bf16, true)
+LORA_H_SUM_F32(lora_h_sum_to_f32_f16, false)
+
+// The training node's 16-bit copies of an f32 adapter, one launch for both: A rounded to the
+// 16-bit type, and scaling * B as candle's ops form it (B rounded, then its affine op in that
+// type: times the rounded scaling, rounded, plus zero, rounded), where a to_dtype, a to_dtype
+// and an affine op were three launches a layer.
+#define LORA_WEIGHTS16(NAME, BF16)                                                             \
+extern "C" __global__ void NAME(const float* a, const float* b, u16* a16, u16* bs16, int na,   \
+    int nb, float s) {                                                                        \
+  int i = blockIdx.x * blockDim.x + threadIdx.x;                                               \
+  if (i < na) {                                                                                \
+    a16[i] = round16<BF16>(a[i]);                                                              \
+  } else if (i < na + nb) {                                                                    \
+    int j = i - na;                                                                            \
+    float v = __fmul_rn(load16<BF16>(round16<BF16>(b[j])), load16<BF16>(round16<BF16>(s)));   \
+    v = load16<BF16>(round16<BF16>(v));                                                        \
+    bs16[j] = round16<BF16>(__fadd_rn(v, 0.0f));                                               \
+  }                                                                                           \
+}
+LORA_WEIGHTS16(lora_weights16_bf16, true)
+LORA_WEIGHTS16(lora_weights16_f16, false)
+
 // The training node's dA = gh^T dropout(z) ([R, k], gh = the gradient of h, [m, R]), from z
 // itself (with GELU, from its pre-activation, z = gelu(x) computed as staged: backward never
 // writes z again): a block takes DA_COLS columns of one slab of rows (blockIdx.y's), walking it in

@@ -349,13 +349,13 @@ impl LoraLayer {
     }
 
     /// What [`train_node::lora_linear`] takes for a training forward on an input of `dtype`:
-    /// `A` and `scaling * B` in that dtype (as [`LoraLayer::delta_y`] computes in it) and the
-    /// seeded dropout; `None` where only the op-by-op path applies (unseeded dropout, an
-    /// input in another dtype than the adapter computes in).
+    /// the adapter's weights and scaling (the node computes in `dtype` with copies of them, as
+    /// [`LoraLayer::delta_y`] does) and the seeded dropout; `None` where only the op-by-op path
+    /// applies (unseeded dropout, an input in another dtype than the adapter computes in).
     pub(crate) fn train_inputs(
         &self,
         dtype: DType,
-    ) -> Result<Option<(Tensor, Tensor, Option<train_node::Dropout>)>> {
+    ) -> Option<(train_node::Adapter<'_>, Option<train_node::Dropout>)> {
         let work = if matches!(dtype, DType::BF16 | DType::F16) {
             dtype
         } else {
@@ -367,14 +367,17 @@ impl LoraLayer {
                 key,
                 p: self.dropout,
             }),
-            (true, None) => return Ok(None),
+            (true, None) => return None,
         };
         if work != dtype {
-            return Ok(None);
+            return None;
         }
-        let a = self.a.as_tensor().to_dtype(work)?;
-        let bs = (self.b.as_tensor().to_dtype(work)? * self.scaling)?;
-        Ok(Some((a, bs, dropout)))
+        let adapter = train_node::Adapter {
+            a: self.a.as_tensor(),
+            b: self.b.as_tensor(),
+            scaling: self.scaling,
+        };
+        Some((adapter, dropout))
     }
 
     /// This layer's seeded-dropout key for the current forward pass: the registry's

@@ -63,30 +63,44 @@ pub struct Dropout {
     pub p: f32,
 }
 
-/// `z W^T (+ bias) + dropout(z) A^T bs^T` with `z = input(x)`, for `x` `[m, k]`, `A` `[r, k]`,
-/// `bs` `[n, r]` (B already scaled), all in one dtype, as one graph node (see the module docs).
-/// The bias (`[n]`, frozen) is added to the base product first, as the op-by-op layer does.
+/// The adapter's weights as the optimizer holds them, `A` `[r, k]` and `B` `[n, r]`, and the
+/// scaling `B` is multiplied by. The node computes in its input's dtype with 16-bit copies of
+/// them where that is 16-bit (`A` rounded, `scaling * B` as candle's ops form it), and hands each
+/// its gradient in its own dtype as the graph `to_dtype(A)`, `to_dtype(B) * scaling` would:
+/// on a GPU the copies take one launch and the gradients none of their own, where those three
+/// graph ops and their backward took six small launches a layer.
+#[derive(Debug, Clone, Copy)]
+pub struct Adapter<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scaling: f64,
+}
+
+/// `z W^T (+ bias) + dropout(z) A^T (s B)^T` with `z = input(x)`, for `x` `[m, k]`, `A` `[r, k]`,
+/// `B` `[n, r]` (see [`Adapter`]), as one graph node (see the module docs). The bias (`[n]`,
+/// frozen) is added to the base product first, as the op-by-op layer does.
 pub fn lora_linear(
     base: Arc<dyn BaseWeight>,
     bias: Option<&Tensor>,
     x: &Tensor,
-    a: &Tensor,
-    bs: &Tensor,
+    adapter: Adapter<'_>,
     dropout: Option<Dropout>,
     input: Input,
 ) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let (n, kb) = base.dims();
-    if a.dim(1)? != k || kb != k || bs.dims() != [n, a.dim(0)?] {
+    let Adapter { a, b, scaling } = adapter;
+    if a.rank() != 2 || a.dim(1)? != k || kb != k || b.dims() != [n, a.dim(0)?] {
         candle_core::bail!(
             "lora-linear: x {:?}, A {:?}, B {:?} against a base of [{n}, {kb}]",
             x.dims(),
             a.dims(),
-            bs.dims()
+            b.dims()
         );
     }
+    let (a16, bs16) = compute_copies(adapter, x.dtype())?;
     let z = crate::ops::profile::scope("lora.input", x.device(), || input.apply(&x.detach()))?;
-    let (y, h) = forward(base.as_ref(), bias, &z, &a.detach(), &bs.detach(), dropout)?;
+    let (y, h) = forward(base.as_ref(), bias, &z, &a16, &bs16, dropout)?;
     // The activation, where there is one, stays for dA (see `Input`).
     let activation = (input != Input::AsIs && a.track_op()).then_some(z);
     if y.dims() != [m, n] || y.dtype() != x.dtype() {
@@ -98,26 +112,67 @@ pub fn lora_linear(
             x.dtype()
         );
     }
-    if !(x.track_op() || a.track_op() || bs.track_op()) || crate::ops::handover::no_grad() {
+    if !(x.track_op() || a.track_op() || b.track_op()) || crate::ops::handover::no_grad() {
         return Ok(y);
     }
     // Whether each input wants a gradient, fixed now: the node's backward sees them detached.
-    let wants = (x.track_op(), a.track_op(), bs.track_op());
+    let wants = (x.track_op(), a.track_op(), b.track_op());
+    let weights = (a.dtype(), b.dtype(), scaling);
     crate::ops::handover::with_backward3(
         "lora-linear",
-        [x, a, bs],
+        [x, a, b],
         y,
-        Box::new(move |[x, a, bs], _out, grad| {
+        Box::new(move |[x, _, _], _out, grad| {
             let kept = Kept {
                 x,
                 z: activation.as_ref(),
-                a,
-                bs,
+                a: &a16,
+                bs: &bs16,
                 h: &h,
             };
-            backward(base.as_ref(), dropout, input, wants, kept, grad)
+            backward(base.as_ref(), dropout, input, wants, weights, kept, grad)
         }),
     )
+}
+
+/// `A` and `scaling * B` in `dtype`, outside any graph: one kernel for f32 weights under a
+/// 16-bit input on a GPU, else candle's `to_dtype` and affine ops (the same bits).
+fn compute_copies(adapter: Adapter<'_>, dtype: candle_core::DType) -> Result<(Tensor, Tensor)> {
+    let Adapter { a, b, scaling } = adapter;
+    #[cfg(feature = "cuda")]
+    if let Some(copies) = crate::lora::kernels::weights16(a, b, scaling, dtype)? {
+        return Ok(copies);
+    }
+    let a16 = a.detach().to_dtype(dtype)?;
+    let bs16 = (b.detach().to_dtype(dtype)? * scaling)?;
+    Ok((a16, bs16))
+}
+
+/// A gradient computed in the node's dtype, as the weight of dtype `weight` gets it through
+/// the graph `to_dtype(weight) (* scaling)`: the affine op's product in the node's dtype, then
+/// the cast.
+fn to_weight(grad: Tensor, weight: candle_core::DType, scaling: Option<f64>) -> Result<Tensor> {
+    let grad = match scaling {
+        Some(s) => (grad * s)?,
+        None => grad,
+    };
+    grad.to_dtype(weight)
+}
+
+/// Where a training kernel sends a gradient for a weight of dtype `weight` computed in `dtype`:
+/// straight on to an f32 weight (scaled for B), else as the node's dtype for [`to_weight`].
+#[cfg(feature = "cuda")]
+fn kernel_out(
+    weight: candle_core::DType,
+    dtype: candle_core::DType,
+    scaling: Option<f64>,
+) -> crate::lora::kernels::GradOut {
+    use crate::lora::kernels::GradOut;
+    if weight == candle_core::DType::F32 && dtype != weight {
+        GradOut::F32 { scaling }
+    } else {
+        GradOut::Half
+    }
 }
 
 /// The value without a graph, and `h = dropout(z) A^T` for backward: the base product and its
@@ -169,7 +224,8 @@ fn mask(dropout: Option<Dropout>) -> crate::lora::kernels::Mask {
     dropout.map(|d| (d.key, d.p))
 }
 
-/// What backward reads: the node's inputs (detached) and the `h` its forward made.
+/// What backward reads: the node's input (detached), the adapter's copies in the node's dtype
+/// and the `h` its forward made.
 struct Kept<'a> {
     x: &'a Tensor,
     /// `input(x)`, kept where `input` is an activation and `A` wants a gradient.
@@ -179,45 +235,57 @@ struct Kept<'a> {
     h: &'a Tensor,
 }
 
-/// The gradients of [`lora_linear`] for the inputs in `wants` (x, A, bs): the base's input
-/// gradient and the adapter's, with the dropout recomputed from its key (and, for `dA`, the
-/// input's activation).
+/// The gradients of [`lora_linear`] for the inputs in `wants` (x, A, B), A's and B's in their
+/// dtypes (`weights`: A's, B's and the scaling): the base's input gradient and the adapter's,
+/// with the dropout recomputed from its key (and, for `dA`, the input's activation).
 fn backward(
     base: &dyn BaseWeight,
     dropout: Option<Dropout>,
     input: Input,
     wants: (bool, bool, bool),
+    weights: (candle_core::DType, candle_core::DType, f64),
     kept: Kept<'_>,
     grad: &Tensor,
 ) -> Result<[Option<Tensor>; 3]> {
     let Kept { x, z, a, bs, h } = kept;
+    let (a_dtype, b_dtype, scaling) = weights;
     let dev = grad.device().clone();
     crate::ops::profile::scope("lora.node.bwd", &dev, || {
         use crate::ops::profile::scope;
         let g = grad.contiguous()?;
-        // On the GPU both from one read of g where the kernel serves.
+        // On the GPU both from one read of g where the kernel serves, dB straight to B's dtype.
         #[cfg(feature = "cuda")]
         let fused = match wants.2 {
-            true => crate::lora::kernels::grad_hb(&g, bs, h)?,
+            true => {
+                let to = kernel_out(b_dtype, g.dtype(), Some(scaling));
+                crate::lora::kernels::grad_hb(&g, bs, h, to)?.map(|(gh, db)| {
+                    let done = to != crate::lora::kernels::GradOut::Half;
+                    (gh, db, done)
+                })
+            }
             false => None,
         };
         #[cfg(not(feature = "cuda"))]
-        let fused: Option<(Tensor, Tensor)> = None;
-        let (gh, dbs) = match fused {
-            Some((gh, dbs)) => (gh, Some(dbs)),
+        let fused: Option<(Tensor, Tensor, bool)> = None;
+        let (gh, db) = match fused {
+            Some((gh, db, true)) => (gh, Some(db)),
+            Some((gh, dbs, false)) => (gh, Some(to_weight(dbs, b_dtype, Some(scaling))?)),
             None => {
                 // d(dropout(z) A^T), [m, r].
                 let gh = scope("lora.bwd.gh", &dev, || g.matmul(bs))?;
-                let dbs = scope("lora.bwd.db", &dev, || {
-                    wants.2.then(|| g.t()?.matmul(h)).transpose()
+                let db = scope("lora.bwd.db", &dev, || {
+                    wants
+                        .2
+                        .then(|| to_weight(g.t()?.matmul(h)?, b_dtype, Some(scaling)))
+                        .transpose()
                 })?;
-                (gh, dbs)
+                (gh, db)
             }
         };
         let da = scope("lora.bwd.da", &dev, || {
             wants
                 .1
-                .then(|| adapter_a_grad(x, z, input, &gh, dropout))
+                .then(|| adapter_a_grad(x, z, input, &gh, dropout, a_dtype))
                 .transpose()
         })?;
         let dx = if wants.0 {
@@ -225,18 +293,19 @@ fn backward(
         } else {
             None
         };
-        Ok([dx, da, dbs])
+        Ok([dx, da, db])
     })
 }
 
-/// `dA = gh^T dropout(z)`, `z = input(x)`: the activation forward kept, else computed from `x`
-/// (the kernel applies GELU as it reads `x`).
+/// `dA = gh^T dropout(z)`, `z = input(x)`, in A's dtype `weight`: the activation forward kept,
+/// else computed from `x` (the kernel applies GELU as it reads `x`).
 fn adapter_a_grad(
     x: &Tensor,
     z: Option<&Tensor>,
     input: Input,
     gh: &Tensor,
     dropout: Option<Dropout>,
+    weight: candle_core::DType,
 ) -> Result<Tensor> {
     let (x, input) = match z {
         Some(z) => (z, Input::AsIs),
@@ -245,9 +314,18 @@ fn adapter_a_grad(
     #[cfg(feature = "cuda")]
     if crate::lora::kernels::trains(x, gh.dim(1)?) && gh.dtype() == x.dtype() {
         let gelu = input == Input::GeluErf;
-        return crate::lora::kernels::train_da(x, &gh.contiguous()?, mask(dropout), gelu);
+        let to = kernel_out(weight, x.dtype(), None);
+        let da = crate::lora::kernels::train_da(x, &gh.contiguous()?, mask(dropout), gelu, to)?;
+        return match to {
+            crate::lora::kernels::GradOut::Half => to_weight(da, weight, None),
+            _ => Ok(da),
+        };
     }
-    gh.t()?.matmul(&dropped(&input.apply(x)?, dropout)?)
+    to_weight(
+        gh.t()?.matmul(&dropped(&input.apply(x)?, dropout)?)?,
+        weight,
+        None,
+    )
 }
 
 /// The gradient with respect to the node's input `x`: the gradient with respect to `z`, the
@@ -330,7 +408,12 @@ mod tests {
                     let b = Var::from_tensor(&randn((n, r), 0.1, 4))?;
                     let bs = (b.as_tensor() * 2.0)?;
                     let y = if fused {
-                        lora_linear(base.clone(), bias, &x, &a, &bs, dropout, input)?
+                        let adapter = Adapter {
+                            a: a.as_tensor(),
+                            b: b.as_tensor(),
+                            scaling: 2.0,
+                        };
+                        lora_linear(base.clone(), bias, &x, adapter, dropout, input)?
                     } else {
                         let z = input.apply(&x)?;
                         let zd = dropped(&z, dropout)?;

@@ -127,7 +127,7 @@ impl Linear {
         if !train || lora.merged().is_some() || crate::ops::handover::no_grad() {
             return Ok(None);
         }
-        let Some((a, bs, dropout)) = lora.train_inputs(x.dtype())? else {
+        let Some((adapter, dropout)) = lora.train_inputs(x.dtype()) else {
             return Ok(None);
         };
         let (out, k) = self.base.dims();
@@ -138,8 +138,7 @@ impl Linear {
                 self.base.clone(),
                 self.bias.as_ref(),
                 &x.reshape((m, k))?,
-                &a,
-                &bs,
+                adapter,
                 dropout,
                 input,
             )
