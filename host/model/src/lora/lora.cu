@@ -58,8 +58,9 @@ template <bool BF16, bool GELU = false>
 __device__ __forceinline__ void stage8(uint4 v, long long e, bool drop, unsigned long long key,
     float p, float scale, float* out) {
   unsigned int w[4] = {v.x, v.y, v.z, v.w};
-  // e is a multiple of 8 (a 16-byte load): word q holds pair e / 2 + q.
-  unsigned long long z0 = drop ? mask_state(key, e >> 1) : 0ull;
+  // e is a multiple of 8 (a 16-byte load): words 0, 1 are quad e / 4 and words 2, 3 the next.
+  unsigned long long z0 = drop ? mask_state(key, e >> 2) : 0ull;
+  unsigned long long bits[2] = {drop ? mask_bits(z0) : 0ull, drop ? mask_bits(z0 + MASK_STEP) : 0ull};
   unsigned int below = drop_below(p);
   _Pragma("unroll") for (int q = 0; q < 4; ++q) {
     float lo = load16<BF16>((u16)(w[q] & 0xffffu)), hi = load16<BF16>((u16)(w[q] >> 16));
@@ -68,9 +69,8 @@ __device__ __forceinline__ void stage8(uint4 v, long long e, bool drop, unsigned
       hi = gelu16<BF16>(hi);
     }
     if (drop) {
-      unsigned long long bits = mask_bits(z0 + q * MASK_STEP);
-      float klo = dropped_even(bits, below) ? 0.0f : scale;
-      float khi = dropped_odd(bits, below) ? 0.0f : scale;
+      float klo = dropped_in(bits[q >> 1], 2 * (q & 1), below) ? 0.0f : scale;
+      float khi = dropped_in(bits[q >> 1], 2 * (q & 1) + 1, below) ? 0.0f : scale;
       lo = load16<BF16>(round16<BF16>(__fmul_rn(lo, klo)));
       hi = load16<BF16>(round16<BF16>(__fmul_rn(hi, khi)));
     }
@@ -361,10 +361,10 @@ __device__ __forceinline__ void lora_train_add(const u16* y, const u16* h, const
       float v0 = load16<BF16>(round16<BF16>(d0)), v1 = load16<BF16>(round16<BF16>(d1));
       if (DROP) {
         bool d0, d1;
-        if ((e & 1) == 0) {  // one pair, one hash
-          unsigned long long bits = mask_bits(mask_state(key, e >> 1));
-          d0 = dropped_even(bits, below);
-          d1 = dropped_odd(bits, below);
+        if ((e & 1) == 0) {  // both in one quad, one hash
+          unsigned long long bits = mask_bits(mask_state(key, e >> 2));
+          d0 = dropped_in(bits, (int)(e & 3), below);
+          d1 = dropped_in(bits, (int)(e & 3) + 1, below);
         } else {
           d0 = dropped_at(key, e, below);
           d1 = dropped_at(key, e + 1, below);
@@ -424,12 +424,12 @@ __device__ __forceinline__ void lora_add_term_gelu(const u16* y, const u16* t, c
     }
   }
   unsigned int below = drop_below(p);
-  // e0 is a multiple of 8: elements 2q, 2q + 1 of the eight are pair e0 / 2 + q.
-  unsigned long long z = mask_state(key, e0 >> 1), bits = 0ull;
+  // e0 is a multiple of 8: elements 4q .. 4q + 3 of the eight are quad e0 / 4 + q.
+  unsigned long long z = mask_state(key, e0 >> 2), bits = 0ull;
   _Pragma("unroll") for (int i = 0; i < 8; ++i) {
     float v = load16<BF16>(ts[i]);
-    if (DROP && (i & 1) == 0) bits = mask_bits(z + (i >> 1) * MASK_STEP);
-    bool d = (i & 1) ? dropped_odd(bits, below) : dropped_even(bits, below);
+    if (DROP && (i & 3) == 0) bits = mask_bits(z + (i >> 2) * MASK_STEP);
+    bool d = dropped_in(bits, i & 3, below);
     if (DROP) v = load16<BF16>(round16<BF16>(__fmul_rn(v, d ? 0.0f : scale)));
     float sum = load16<BF16>(round16<BF16>(__fadd_rn(load16<BF16>(ys[i]), v)));
     os[i] = round16<BF16>(gelu_grad(load16<BF16>(xs[i]), sum));

@@ -15,8 +15,10 @@ __device__ __forceinline__ uint4 drop8(uint4 v, long long e, bool drop, unsigned
     float p, float scale) {
   if (!drop && !GELU) return v;
   unsigned int w[4] = {v.x, v.y, v.z, v.w};
-  // e is a multiple of 8 (a 16-byte load): word q holds pair e / 2 + q, one hash.
-  unsigned long long z0 = drop ? mask_state(key, e >> 1) : 0ull;
+  // e is a multiple of 8 (a 16-byte load): words 0, 1 are quad e / 4 and words 2, 3 the next,
+  // one hash each.
+  unsigned long long z0 = drop ? mask_state(key, e >> 2) : 0ull;
+  unsigned long long bits[2] = {drop ? mask_bits(z0) : 0ull, drop ? mask_bits(z0 + MASK_STEP) : 0ull};
   unsigned int below = drop_below(p);
   _Pragma("unroll") for (int q = 0; q < 4; ++q) {
     float lo = load16<BF16>((u16)(w[q] & 0xffffu)), hi = load16<BF16>((u16)(w[q] >> 16));
@@ -25,9 +27,8 @@ __device__ __forceinline__ uint4 drop8(uint4 v, long long e, bool drop, unsigned
       hi = gelu16<BF16>(hi);
     }
     if (drop) {
-      unsigned long long bits = mask_bits(z0 + q * MASK_STEP);
-      lo = __fmul_rn(lo, dropped_even(bits, below) ? 0.0f : scale);
-      hi = __fmul_rn(hi, dropped_odd(bits, below) ? 0.0f : scale);
+      lo = __fmul_rn(lo, dropped_in(bits[q >> 1], 2 * (q & 1), below) ? 0.0f : scale);
+      hi = __fmul_rn(hi, dropped_in(bits[q >> 1], 2 * (q & 1) + 1, below) ? 0.0f : scale);
     }
     w[q] = BF16 ? pack_bf16x2(lo, hi) : pack_f16x2(lo, hi);
   }

@@ -1,5 +1,5 @@
 //! Seeded inverted dropout as one graph op: the mask is a pure function of `(key, element
-//! index)` (splitmix64), so it is never stored — backward applies the same op to the gradient —
+//! index)` (splitmix64, one hash for four elements), so it is never stored — backward applies the same op to the gradient —
 //! and the CPU and the GPU draw the same mask. A trainer keys it by `(seed, micro-batch, module)`
 //! ([`crate::lora::LoraRegistry::set_dropout_key`]), which is what makes resumed runs repeat
 //! uninterrupted ones.
@@ -9,22 +9,19 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
 /// The mask value of element `i`: 0 with probability `p`, else `scale` (`1 / (1 - p)`).
-/// Elements `2j` and `2j + 1` share one splitmix64 value of `key + (j + 1) * golden ratio`: the
-/// even one takes its top 24 bits, the odd one the 24 above its low byte, each read as
-/// `u = bits * 2^-24` and dropped when `u < p`. Two decisions a hash halve the GPU kernels' work,
-/// which the hash, not memory, bounded (prelude.cu draws the same mask).
+/// Elements `4j .. 4j + 3` share one splitmix64 value of `key + (j + 1) * golden ratio`; element
+/// `4j + t` takes its 16 bits `48 - 16t .. 63 - 16t`, read as `u = bits * 2^-16` and dropped when
+/// `u < p`, so an element is dropped with probability `p` rounded up to a multiple of 2^-16 (0.1
+/// drops at 0.1000061). Four decisions a hash quarter the GPU kernels' work, which the hash,
+/// not memory, bounded (prelude.cu draws the same mask).
 #[inline]
 pub fn keep_scale(key: u64, i: u64, p: f32, scale: f32) -> f32 {
-    let mut z = key.wrapping_add(((i >> 1) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut z = key.wrapping_add(((i >> 2) + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
-    let bits = if i & 1 == 0 {
-        z >> 40
-    } else {
-        (z & 0xffff_ffff) >> 8
-    };
-    let u = bits as f32 * (1.0 / 16_777_216.0);
+    let bits = (z >> (48 - 16 * (i & 3))) & 0xffff;
+    let u = bits as f32 * (1.0 / 65_536.0);
     if u < p { 0.0 } else { scale }
 }
 
@@ -150,35 +147,51 @@ mod tests {
         Ok(())
     }
 
-    /// A pair's two decisions come from one hash: each parity is dropped at `p` and the two
-    /// decisions are independent (both dropped at `p^2`), for small and large `p`.
+    /// A quad's four decisions come from one hash: each position is dropped at `p` and any two
+    /// positions independently (both dropped at `p^2`), for small and large `p`.
     #[test]
-    fn the_two_elements_of_a_pair_are_dropped_independently() {
-        let pairs = 200_000u64;
+    fn the_four_elements_of_a_quad_are_dropped_independently() {
+        let quads = 200_000u64;
         for p in [0.1f32, 0.5] {
             let drop = |i: u64| keep_scale(11, i, p, 2.0) == 0.0;
-            let (mut even, mut odd, mut both) = (0u64, 0u64, 0u64);
-            for j in 0..pairs {
-                let (a, b) = (drop(2 * j), drop(2 * j + 1));
-                even += a as u64;
-                odd += b as u64;
-                both += (a && b) as u64;
+            let (mut alone, mut both) = ([0u64; 4], [[0u64; 4]; 4]);
+            for j in 0..quads {
+                let d: Vec<bool> = (0..4).map(|t| drop(4 * j + t)).collect();
+                for t in 0..4 {
+                    alone[t] += d[t] as u64;
+                    for u in 0..4 {
+                        both[t][u] += (d[t] && d[u]) as u64;
+                    }
+                }
             }
-            let rate = |c: u64| c as f64 / pairs as f64;
+            let rate = |c: u64| c as f64 / quads as f64;
             let p = p as f64;
             // ~5 standard deviations of a binomial rate over 200,000 draws.
-            let tol = |q: f64| 5.0 * (q * (1.0 - q) / pairs as f64).sqrt();
-            assert!(
-                (rate(even) - p).abs() < tol(p),
-                "p {p}: even {}",
-                rate(even)
-            );
-            assert!((rate(odd) - p).abs() < tol(p), "p {p}: odd {}", rate(odd));
-            assert!(
-                (rate(both) - p * p).abs() < tol(p * p),
-                "p {p}: both {}",
-                rate(both)
-            );
+            let tol = |q: f64| 5.0 * (q * (1.0 - q) / quads as f64).sqrt();
+            for t in 0..4 {
+                let r = rate(alone[t]);
+                assert!((r - p).abs() < tol(p), "p {p}: position {t} dropped at {r}");
+                for u in t + 1..4 {
+                    let r = rate(both[t][u]);
+                    assert!(
+                        (r - p * p).abs() < tol(p * p),
+                        "p {p}: positions {t} and {u} both dropped at {r}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The drop probability is `p` rounded up to 2^-16: every 16-bit value below
+    /// `ceil(p * 2^16)` drops, none above.
+    #[test]
+    fn a_decision_is_u_below_p_at_sixteen_bits() {
+        for p in [0.1f32, 0.25, 1.0 / 65_536.0, 0.999] {
+            let below = (p * 65_536.0).ceil() as u64;
+            for bits in [0, below.saturating_sub(1), below, below + 1, 65_535] {
+                let u = bits as f32 * (1.0 / 65_536.0);
+                assert_eq!(u < p, bits < below, "p {p}, bits {bits}");
+            }
         }
     }
 }

@@ -179,8 +179,8 @@ pub fn seeded_dropout(
 ) -> Result<CudaStorage> {
     let dev = x.device.clone();
     let n_i = n as i64;
-    // A thread a pair of elements (dropout.cu).
-    let cfg = LaunchConfig::for_num_elems(n.div_ceil(2) as u32);
+    // A thread a quad of elements (dropout.cu).
+    let cfg = LaunchConfig::for_num_elems(n.div_ceil(4) as u32);
     macro_rules! launch {
         ($name:literal, $t:ty) => {{
             let src = x.as_cuda_slice::<$t>()?.slice(offset..offset + n);
