@@ -423,7 +423,6 @@ fn nf4_kernels_equal_the_cpu_path() {
     }
     let cpu = Device::Cpu;
     let f32s_of = host_f32s;
-    // Dequantization takes 32 weights a thread where they are whole 16-byte words of codes.
     // Rows of 320, 1024 and 4544 columns (Falcon-7B's hidden size) take the 16-byte-load GEMV;
     // 4544 has more 16-byte words (142) than a warp's first round of loads covers (128).
     for (rows, cols, double_quant) in [
@@ -431,8 +430,6 @@ fn nf4_kernels_equal_the_cpu_path() {
         (33, 70, true),
         (64, 136, false),
         (5, 9, true),
-        // 264 weights: whole 4-byte words of codes, not whole 16-byte ones (8 a thread).
-        (3, 88, true),
         (70, 320, true),
         (9, 1024, false),
         (20, 4544, true),

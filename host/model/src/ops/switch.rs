@@ -10,9 +10,8 @@
 /// must fail the run even where its kernel is never reached (a CPU run). Each module's
 /// [`Switch`] maps the same names to its values; [`parse`] refuses a set that differs from
 /// this one, so the two cannot drift apart unnoticed.
-pub const SWITCHES: [(&str, &[&str]); 8] = [
+pub const SWITCHES: [(&str, &[&str]); 7] = [
     ("ADAPTERLAB_NF4_QUANTIZE", &["cpu", "gpu"]),
-    ("ADAPTERLAB_NF4_DEQUANT", &["32", "8"]),
     ("ADAPTERLAB_NF4_GEMV", &["words", "wide", "mma"]),
     (
         "ADAPTERLAB_NF4_SMALL_BATCH",

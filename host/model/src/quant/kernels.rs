@@ -491,33 +491,15 @@ struct Slices<'a> {
     nbs: i32,
 }
 
-/// `ADAPTERLAB_NF4_DEQUANT`: how many weights a thread of the 16-bit dequantization takes where
-/// both serve, `32` (the default: one 16-byte load of codes, four 16-byte stores) or `8` (one
-/// 4-byte load, one store). The same bits either way; a speed switch to measure the two in one
-/// device call.
-static DEQUANT: Switch<bool> = Switch::new("ADAPTERLAB_NF4_DEQUANT", &[("32", true), ("8", false)]);
-
 /// The whole weight in `dtype` (bf16, f16 or f32), flat: the caller reshapes it.
 pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
     let dev = cuda_device(w.codes)?;
     let n = w.n as i64;
     let bs = w.blocksize as i32;
     let threads = 256u32;
-    // Eight weights a thread where whole 4-byte words of codes share an absmax block; 32 where
-    // whole 16-byte words do and the output is 16-bit.
+    // Eight weights a thread where whole 4-byte words of codes share an absmax block.
     let by8 = w.n.is_multiple_of(8) && w.blocksize.is_multiple_of(8) && w.n <= u32::MAX as usize;
-    let by32 = by8
-        && w.n.is_multiple_of(32)
-        && w.blocksize.is_multiple_of(32)
-        && matches!(dtype, DType::BF16 | DType::F16)
-        && DEQUANT.get()?.unwrap_or(true);
-    let per_thread = if by32 {
-        w.n / 32
-    } else if by8 {
-        w.n / 8
-    } else {
-        w.n.div_ceil(2)
-    };
+    let per_thread = if by8 { w.n / 8 } else { w.n.div_ceil(2) };
     let cfg = LaunchConfig {
         grid_dim: (per_thread.div_ceil(threads as usize) as u32, 1, 1),
         block_dim: (threads, 1, 1),
@@ -525,14 +507,10 @@ pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
     };
     with_slices(w, |s| {
         macro_rules! launch {
-            ($name:literal, $name8:literal, $name32:literal, $t:ty) => {{
+            ($name:literal, $name8:literal, $t:ty) => {{
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(w.n)? };
-                let name = match (by32, by8) {
-                    (true, _) => $name32,
-                    (false, true) => $name8,
-                    _ => $name,
-                };
+                let name = if by8 { $name8 } else { $name };
                 crate::run_kernel!(NF4, dev, name, cfg;
                     s.codes, &n, &bs, &s.nested, s.absmax, s.aq, s.acode, &s.offset, &s.nbs, &out,
                 )?;
@@ -540,20 +518,9 @@ pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
             }};
         }
         match dtype {
-            // (by32 is never set for f32 output: the name is not launched.)
-            DType::F32 => launch!("nf4_dequant_f32", "nf4_dequant8_f32", "", f32),
-            DType::BF16 => launch!(
-                "nf4_dequant_bf16",
-                "nf4_dequant8_bf16",
-                "nf4_dequant32_bf16",
-                half::bf16
-            ),
-            DType::F16 => launch!(
-                "nf4_dequant_f16",
-                "nf4_dequant8_f16",
-                "nf4_dequant32_f16",
-                half::f16
-            ),
+            DType::F32 => launch!("nf4_dequant_f32", "nf4_dequant8_f32", f32),
+            DType::BF16 => launch!("nf4_dequant_bf16", "nf4_dequant8_bf16", half::bf16),
+            DType::F16 => launch!("nf4_dequant_f16", "nf4_dequant8_f16", half::f16),
             other => Err(Error::Msg(format!(
                 "NF4 dequantize to {other:?} is not supported"
             ))),

@@ -58,35 +58,6 @@ DEQUANT8(nf4_dequant8_f32, float, f32_id, STORE8_32)
 DEQUANT8(nf4_dequant8_bf16, u16, f32_to_bf16, STORE8_16)
 DEQUANT8(nf4_dequant8_f16, u16, f32_to_f16, STORE8_16)
 
-// The same, 32 weights a thread for 16-bit outputs: one 16-byte load of codes and the absmax
-// of their block (the caller guarantees n % 32 == 0 and bs % 32 == 0, so the 32 share one), four
-// 16-byte stores. Eight weights a thread kept ~2,000 blocks' worth of 4-byte loads in flight and
-// paid a block's table set-up for every 2,048 weights; the dequantization of the base weights
-// takes ~7% of a training step (forward and backward, 2026-12-07, H100).
-#define DEQUANT32(NAME, CONV)                                                                  \
-extern "C" __global__ void NAME(const u8* codes, long long n, int bs, int nested,              \
-    const float* absmax, const u8* aq, const float* acode, float offset, int nbs, u16* out) {  \
-  LOAD_TABLES                                                                                  \
-  unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;                                      \
-  if (i >= (unsigned int)(n / 32)) return;                                                     \
-  uint4 cw = __ldg((const uint4*)codes + i);                                                   \
-  unsigned int blk = 32u * i / (unsigned int)bs;                                               \
-  float a = nested ? __fadd_rn(__fmul_rn(code_s[aq[blk]], absmax[blk / (unsigned int)nbs]), offset) \
-                   : absmax[blk];                                                              \
-  unsigned int words[4] = {cw.x, cw.y, cw.z, cw.w};                                            \
-  _Pragma("unroll") for (int q = 0; q < 4; ++q) {                                             \
-    float w[8];                                                                                \
-    _Pragma("unroll") for (int t = 0; t < 4; ++t) {                                           \
-      unsigned int b = (words[q] >> (8 * t)) & 255u;                                           \
-      w[2 * t] = __fmul_rn(nf4s[b >> 4], a);                                                   \
-      w[2 * t + 1] = __fmul_rn(nf4s[b & 15], a);                                               \
-    }                                                                                         \
-    STORE8_16(out, 4 * i + q, w, CONV)                                                         \
-  }                                                                                           \
-}
-DEQUANT32(nf4_dequant32_bf16, f32_to_bf16)
-DEQUANT32(nf4_dequant32_f16, f32_to_f16)
-
 // The 8 weights of one 4-byte word of codes (first code in the high nibble of each byte),
 // scaled by their block's absmax; and their dot product with 8 16-bit inputs in a uint4.
 #define DECODE8(w, v, a)                                                                       \
