@@ -185,6 +185,26 @@ __device__ __forceinline__ void walk_tiles(int tiles, Fetch fetch, Start start, 
   }
 }
 
+// The block's place in its grid, taken in the order of most work first. The hardware starts
+// blocks in launch order, x fastest; with the row block as x, a causal grid's long blocks (the
+// last queries in the forward and dQ kernels, the first keys in the dK/dV kernel, which see the
+// most of the other side) start in every wave, and the grid ends on a tail of long blocks
+// after the short ones have drained. Here the row block is the slowest index instead, the
+// longest first (the same blocks, the same sums: only when each starts changes).
+struct BlockPlace {
+  int row_block, y, z;
+};
+__device__ __forceinline__ BlockPlace block_place(bool last_rows_longest) {
+  const unsigned per = gridDim.y * gridDim.z;
+  const unsigned lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const unsigned rb = lin / per, rest = lin % per;
+  BlockPlace p;
+  p.row_block = last_rows_longest ? (int)(gridDim.x - 1 - rb) : (int)rb;
+  p.y = (int)(rest % gridDim.y);
+  p.z = (int)(rest / gridDim.y);
+  return p;
+}
+
 // A forward or dQ block: 64 queries of one head (16 a warp, rows g and g + 8 of the lane) and
 // the keys they may see, below kend.
 struct QueryBlock {
@@ -204,11 +224,12 @@ __device__ __forceinline__ QueryBlock query_block(const Dims& a, const u16* k, c
   qb.lane = threadIdx.x & 31;
   qb.g = qb.lane >> 2;
   qb.c = qb.lane & 3;
-  qb.bi = blockIdx.z;
-  qb.hi = blockIdx.y;
-  qb.i0 = blockIdx.x * 64 + (threadIdx.x >> 5) * 16;
+  const BlockPlace place = block_place(true);
+  qb.bi = place.z;
+  qb.hi = place.y;
+  qb.i0 = place.row_block * 64 + (threadIdx.x >> 5) * 16;
   qb.wlast = min(a.s - 1, qb.i0 + 15);
-  qb.kend = min(a.t, a.past + min(a.s - 1, (int)blockIdx.x * 64 + 63) + 1);
+  qb.kend = min(a.t, a.past + min(a.s - 1, place.row_block * 64 + 63) + 1);
   qb.qbase = ((long long)qb.bi * a.h + qb.hi) * a.s;
   const long long kvbase = ((long long)qb.bi * a.kvh + qb.hi / (a.h / a.kvh)) * a.t;
   qb.k = k + kvbase * D;
@@ -397,7 +418,7 @@ __device__ void flash_mma_bwd_dq(const u16* __restrict__ q, const u16* __restric
 }
 
 // dK and dV, f32 [b, kvh * chunks, t, D] each: a block sums the gradients of heads_per query
-// heads of one KV head's group (chunk blockIdx.y % chunks of it) in registers, and the host
+// heads of one KV head's group (chunk y % chunks of it, y its place's) in registers, and the host
 // adds the chunks in order. (One query head a block left a multi-query model's 71 heads to a
 // host-side sum of 71 strided rows per element, slower than the kernel itself.) Grid
 // (ceil(t / 64), kvh * chunks, b), 128 threads, each warp 16 keys; queries in tiles of BQ, from
@@ -417,15 +438,16 @@ __device__ void flash_mma_bwd_dkv(const u16* __restrict__ q, const u16* __restri
   __shared__ float ls[2][BQ], dls[2][BQ];
   __shared__ unsigned qc[2][BQ];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+  const BlockPlace place = block_place(false);
   const int group = a.h / a.kvh, chunks = gridDim.y / a.kvh;
-  const int bi = blockIdx.z, kvi = blockIdx.y / chunks;
-  const int h0 = kvi * group + (blockIdx.y % chunks) * heads_per;
+  const int bi = place.z, kvi = place.y / chunks;
+  const int h0 = kvi * group + (place.y % chunks) * heads_per;
   const int h1 = min(h0 + heads_per, (kvi + 1) * group);
-  const int j0 = blockIdx.x * 64 + warp * 16;
+  const int j0 = place.row_block * 64 + warp * 16;
   const long long kvbase = ((long long)bi * a.kvh + kvi) * a.t;
   const unsigned* qcodes = codes + ((long long)a.b + bi) * a.t + a.past;
   // Queries at absolute positions >= the block's first key: i >= first key - past.
-  const int first = max(0, (int)blockIdx.x * 64 - a.past);
+  const int first = max(0, place.row_block * 64 - a.past);
   const int per_head = first < a.s ? (a.s - first + BQ - 1) / BQ : 0;
   const int tiles = max(0, h1 - h0) * per_head;
   auto fetch = [&](int it, int buf) {
@@ -497,7 +519,7 @@ __device__ void flash_mma_bwd_dkv(const u16* __restrict__ q, const u16* __restri
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (key[r] >= a.t) continue;
-    const long long orow = (((long long)bi * gridDim.y + blockIdx.y) * a.t + key[r]) * D + 2 * c;
+    const long long orow = (((long long)bi * gridDim.y + place.y) * a.t + key[r]) * D + 2 * c;
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
       *(float2*)(dk + orow + dt * 8) = make_float2(gk[dt][2 * r], gk[dt][2 * r + 1]);
