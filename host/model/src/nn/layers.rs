@@ -39,12 +39,7 @@ impl Module for LayerNorm {
             // A trainable norm: op by op, so candle finds its weights' gradients.
             return candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps as f32);
         }
-        let out = candle_nn::ops::layer_norm(
-            &x.detach().contiguous()?,
-            &self.weight,
-            &self.bias,
-            self.eps as f32,
-        )?;
+        let out = crate::ops::layer_norm::value(&x.detach(), &self.weight, &self.bias, self.eps)?;
         if !x.track_op() {
             return Ok(out);
         }

@@ -171,8 +171,8 @@ mod tests {
             for t in 0..4 {
                 let r = rate(alone[t]);
                 assert!((r - p).abs() < tol(p), "p {p}: position {t} dropped at {r}");
-                for u in t + 1..4 {
-                    let r = rate(both[t][u]);
+                for (u, &count) in both[t].iter().enumerate().skip(t + 1) {
+                    let r = rate(count);
                     assert!(
                         (r - p * p).abs() < tol(p * p),
                         "p {p}: positions {t} and {u} both dropped at {r}"

@@ -1,8 +1,9 @@
-//! Layer norm's input gradient, `d(layer_norm(x) * w + b)/dx` applied to `grad`, for the norm's
-//! graph node (`nn::layers::LayerNorm`): one kernel a row on a GPU (`layer_norm.cu`), the
-//! op-by-op f32 form elsewhere. Both compute in f32 and return `x`'s dtype; they differ by the
-//! order of the row sums. The golden test `layer_norm_input_grad_kernel_equals_the_op_by_op_form`
-//! holds the kernel to the op-by-op form.
+//! Layer norm's value and input gradient, `d(layer_norm(x) * w + b)/dx` applied to `grad`, for
+//! the norm's graph node (`nn::layers::LayerNorm`): one kernel a row each on a GPU
+//! (`layer_norm.cu`), candle's `layer_norm` and the op-by-op f32 form elsewhere. All compute in
+//! f32 and return `x`'s dtype; they differ by the order of the row sums. The golden tests
+//! `layer_norm_input_grad_kernel_equals_the_op_by_op_form` and
+//! `layer_norm_kernel_is_as_close_to_f32_as_candles` hold the kernels to their references.
 
 use candle_core::{D, DType, Result, Tensor};
 
@@ -21,6 +22,18 @@ pub fn input_grad(x: &Tensor, w: &Tensor, eps: f64, grad: &Tensor) -> Result<Ten
     }
     let _ = fused;
     input_grad_op_by_op(x, w, eps, grad)
+}
+
+/// `layer_norm(x) * w + b` over the last dimension, without a graph: on a GPU in a 16-bit type
+/// (`w` and `b` in it too) one kernel a row holding the row in registers (`layer_norm.cu`),
+/// elsewhere candle's `layer_norm`. The two differ by the order of the row sums and the
+/// variance's form (two passes here, `E[x^2] - mean^2` in candle's).
+pub fn value(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) = cuda::value(x, w, b, eps)? {
+        return Ok(y);
+    }
+    candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32)
 }
 
 /// The op-by-op form, candle's ops in f32 (the CPU's path, and the GPU's reference).
@@ -59,6 +72,57 @@ mod cuda {
         include_str!("layer_norm.cu"),
         no_defines,
     );
+
+    /// [`super::value`]'s kernel, or `None` where it does not serve (not a GPU or a 16-bit
+    /// type, weights in another, rows it does not take).
+    pub fn value(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+        let n = x.dims().last().copied().unwrap_or(0);
+        let serves = x.device().is_cuda()
+            && matches!(x.dtype(), DType::BF16 | DType::F16)
+            && w.dtype() == x.dtype()
+            && b.dtype() == x.dtype()
+            && w.dims() == [n]
+            && b.dims() == [n]
+            && n > 0
+            && n.is_multiple_of(8)
+            && n <= VEC_THREADS * 8 * VEC_CHUNKS;
+        if !serves {
+            return Ok(None);
+        }
+        let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
+        if !(start_aligned(&x, 8) && start_aligned(&w, 8) && start_aligned(&b, 8)) {
+            return Ok(None);
+        }
+        let dev = cuda_device(&x)?;
+        let rows = x.elem_count() / n;
+        let (xs, ws, bs) = (CudaInput::of(&x)?, CudaInput::of(&w)?, CudaInput::of(&b)?);
+        let (n_i, eps_f) = (n as i32, eps as f32);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (VEC_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! launch {
+            ($dtype:literal, $t:ty) => {{
+                let (xv, wv, bv) = (
+                    xs.view::<$t>(rows * n)?,
+                    ws.view::<$t>(n)?,
+                    bs.view::<$t>(n)?,
+                );
+                // SAFETY: every element is written by the kernel below.
+                let out = unsafe { dev.alloc::<$t>(rows * n)? };
+                if rows > 0 {
+                    crate::run_kernel!(LAYER_NORM, dev, concat!("layer_norm_fwd_vec_", $dtype), cfg;
+                        &xv, &wv, &bv, &out, &n_i, &eps_f)?;
+                }
+                wrap(out, &dev, x.shape().clone())
+            }};
+        }
+        Ok(Some(match x.dtype() {
+            DType::BF16 => launch!("bf16", half::bf16),
+            _ => launch!("f16", half::f16),
+        }))
+    }
 
     pub fn input_grad(x: &Tensor, w: &Tensor, eps: f64, grad: &Tensor) -> Result<Tensor> {
         let (x, grad) = (x.contiguous()?, grad.contiguous()?);
