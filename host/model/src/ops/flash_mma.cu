@@ -185,20 +185,29 @@ __device__ __forceinline__ void walk_tiles(int tiles, Fetch fetch, Start start, 
   }
 }
 
-// The block's place in its grid, taken in the order of most work first. The hardware starts
-// blocks in launch order, x fastest; with the row block as x, a causal grid's long blocks (the
-// last queries in the forward and dQ kernels, the first keys in the dK/dV kernel, which see the
-// most of the other side) start in every wave, and the grid ends on a tail of long blocks
-// after the short ones have drained. Here the row block is the slowest index instead, the
-// longest first (the same blocks, the same sums: only when each starts changes).
+// The block's place in its grid. In launch order (the hardware starts blocks x fastest) the row
+// block is x; in the order of most work first, the row block is the slowest index and the
+// longest first: the causal grid's long blocks (the last queries in the dQ kernel, the first keys
+// in the dK/dV kernel, which see the most of the other side, 2 blocks a multiprocessor there at
+// 236 registers) no longer start in every wave and end the grid on a tail of them. The same
+// blocks and sums either way; only when each starts changes. On an H100 (2026-12-07, 08:13 UTC,
+// bench attention, Falcon-7B's layer at 8 x 512) most work first took a layer's forward and
+// backward from 2,575.9 to 2,509.0 us but the forward alone from 195.9 to 213.6: the backward
+// kernels take it, the forward keeps launch order.
 struct BlockPlace {
   int row_block, y, z;
 };
-__device__ __forceinline__ BlockPlace block_place(bool last_rows_longest) {
+__device__ __forceinline__ BlockPlace block_place(bool longest_first, bool last_rows_longest) {
+  BlockPlace p;
+  if (!longest_first) {
+    p.row_block = blockIdx.x;
+    p.y = blockIdx.y;
+    p.z = blockIdx.z;
+    return p;
+  }
   const unsigned per = gridDim.y * gridDim.z;
   const unsigned lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
   const unsigned rb = lin / per, rest = lin % per;
-  BlockPlace p;
   p.row_block = last_rows_longest ? (int)(gridDim.x - 1 - rb) : (int)rb;
   p.y = (int)(rest % gridDim.y);
   p.z = (int)(rest / gridDim.y);
@@ -219,12 +228,13 @@ struct QueryBlock {
 
 template <int D>
 __device__ __forceinline__ QueryBlock query_block(const Dims& a, const u16* k, const u16* v,
-                                                  const unsigned* codes, const float* alibi) {
+                                                  const unsigned* codes, const float* alibi,
+                                                  bool longest_first) {
   QueryBlock qb;
   qb.lane = threadIdx.x & 31;
   qb.g = qb.lane >> 2;
   qb.c = qb.lane & 3;
-  const BlockPlace place = block_place(true);
+  const BlockPlace place = block_place(longest_first, true);
   qb.bi = place.z;
   qb.hi = place.y;
   qb.i0 = place.row_block * 64 + (threadIdx.x >> 5) * 16;
@@ -285,7 +295,7 @@ __device__ void flash_mma_fwd(const u16* __restrict__ q, const u16* __restrict__
                               float* __restrict__ lse, Dims a) {
   typedef Half<BF16> H;
   constexpr int KS = D / 16, NT = BN / 8, DT = D / 8;
-  const QueryBlock qb = query_block<D>(a, k, v, codes, alibi);
+  const QueryBlock qb = query_block<D>(a, k, v, codes, alibi, false);
   const int lane = qb.lane, c = qb.c;
   unsigned qa[KS][4];
   float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
@@ -352,7 +362,7 @@ __device__ void flash_mma_bwd_dq(const u16* __restrict__ q, const u16* __restric
   typedef Half<BF16> H;
   typedef typename H::E E;
   constexpr int KS = D / 16, NT = BN / 8, DT = D / 8;
-  const QueryBlock qb = query_block<D>(a, k, v, codes, alibi);
+  const QueryBlock qb = query_block<D>(a, k, v, codes, alibi, true);
   const int lane = qb.lane, c = qb.c;
   unsigned qa[KS][4], ga[KS][4];
   float dl[2] = {0.f, 0.f}, li2[2];
@@ -438,7 +448,7 @@ __device__ void flash_mma_bwd_dkv(const u16* __restrict__ q, const u16* __restri
   __shared__ float ls[2][BQ], dls[2][BQ];
   __shared__ unsigned qc[2][BQ];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
-  const BlockPlace place = block_place(false);
+  const BlockPlace place = block_place(true, false);
   const int group = a.h / a.kvh, chunks = gridDim.y / a.kvh;
   const int bi = place.z, kvi = place.y / chunks;
   const int h0 = kvi * group + (place.y % chunks) * heads_per;
