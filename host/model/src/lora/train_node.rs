@@ -175,6 +175,21 @@ fn kernel_out(
     }
 }
 
+/// A kernel's gradient sent as [`kernel_out`] said, as the weight gets it: already there for
+/// an f32 weight, else through [`to_weight`].
+#[cfg(feature = "cuda")]
+fn from_kernel(
+    grad: Tensor,
+    sent: crate::lora::kernels::GradOut,
+    weight: candle_core::DType,
+    scaling: Option<f64>,
+) -> Result<Tensor> {
+    match sent {
+        crate::lora::kernels::GradOut::Half => to_weight(grad, weight, scaling),
+        crate::lora::kernels::GradOut::F32 { .. } => Ok(grad),
+    }
+}
+
 /// The value without a graph, and `h = dropout(z) A^T` for backward: the base product and its
 /// bias, plus the adapter's, in the op-by-op order.
 fn forward(
@@ -258,18 +273,17 @@ fn backward(
         let fused = match wants.2 {
             true => {
                 let to = kernel_out(b_dtype, g.dtype(), Some(scaling));
-                crate::lora::kernels::grad_hb(&g, bs, h, to)?.map(|(gh, db)| {
-                    let done = to != crate::lora::kernels::GradOut::Half;
-                    (gh, db, done)
-                })
+                match crate::lora::kernels::grad_hb(&g, bs, h, to)? {
+                    Some((gh, db)) => Some((gh, from_kernel(db, to, b_dtype, Some(scaling))?)),
+                    None => None,
+                }
             }
             false => None,
         };
         #[cfg(not(feature = "cuda"))]
-        let fused: Option<(Tensor, Tensor, bool)> = None;
+        let fused: Option<(Tensor, Tensor)> = None;
         let (gh, db) = match fused {
-            Some((gh, db, true)) => (gh, Some(db)),
-            Some((gh, dbs, false)) => (gh, Some(to_weight(dbs, b_dtype, Some(scaling))?)),
+            Some((gh, db)) => (gh, Some(db)),
             None => {
                 // d(dropout(z) A^T), [m, r].
                 let gh = scope("lora.bwd.gh", &dev, || g.matmul(bs))?;
@@ -316,10 +330,7 @@ fn adapter_a_grad(
         let gelu = input == Input::GeluErf;
         let to = kernel_out(weight, x.dtype(), None);
         let da = crate::lora::kernels::train_da(x, &gh.contiguous()?, mask(dropout), gelu, to)?;
-        return match to {
-            crate::lora::kernels::GradOut::Half => to_weight(da, weight, None),
-            _ => Ok(da),
-        };
+        return from_kernel(da, to, weight, None);
     }
     to_weight(
         gh.t()?.matmul(&dropped(&input.apply(x)?, dropout)?)?,

@@ -74,31 +74,22 @@ mod cuda {
     use candle_core::DType;
 
     use super::*;
-    use crate::ops::kernels::{
-        CudaInput, CudaModule, cuda_device, no_defines, start_aligned, wrap,
-    };
+    use crate::ops::kernels::{CudaInput, CudaModule, aligned, cuda_device, no_defines, wrap};
 
     pub(crate) static ROWS: CudaModule =
         CudaModule::new("adapterlab_rows", include_str!("rows.cu"), no_defines);
 
-    /// The kernel's scatter, or `None` where it does not serve (not a GPU; rows not a whole
-    /// number of 16-byte vectors, or not starting on one).
+    /// The kernel's scatter, or `None` where it does not serve (not a GPU, rows not a whole
+    /// number of 16-byte vectors).
     pub fn scatter(grad: &Tensor, index: &Tensor, n: usize) -> Result<Option<Tensor>> {
         let (k, h) = grad.dims2()?;
         let bytes = h * grad.dtype().size_in_bytes();
         if !grad.device().is_cuda() || !bytes.is_multiple_of(16) || index.elem_count() != k {
             return Ok(None);
         }
-        let elems_per_vector = 16 / grad.dtype().size_in_bytes();
-        let grad = if start_aligned(grad, elems_per_vector) {
-            grad.clone()
-        } else {
-            let g = grad.contiguous()?;
-            if !start_aligned(&g, elems_per_vector) {
-                return Ok(None);
-            }
-            g
-        };
+        // Read as 16-byte vectors from where it starts: a fresh compact copy where it does not
+        // start on one, so the kernel asked for is the kernel that runs.
+        let grad = aligned(grad, 16 / grad.dtype().size_in_bytes())?;
         let index = index.contiguous()?;
         let dev = cuda_device(&grad)?;
         let vectors_per_row = bytes / 16;
