@@ -1992,6 +1992,82 @@ fn lora_node_takes_f32_weights_as_the_graph_that_casts_them() {
     }
 }
 
+/// The dropout decisions `h`'s kernel stores (one bit an element) against the mask drawn again:
+/// `h` the same bits whether it stores them or not; `dA`, the input gradient's term and that term
+/// through GELU's backward from the stored bits the same bits as drawing the mask themselves, with and without GELU, ranks 8 and 16, bf16 and f16, rows and
+/// columns that fill no block; and every stored bit is the CPU mask's decision.
+#[cfg(feature = "cuda")]
+#[test]
+fn lora_da_from_stored_mask_bits_equals_the_drawn_mask() {
+    use adapterlab_model::lora::kernels::{
+        Factor, GradOut, train_add, train_da, train_h_keeping, train_term,
+    };
+    use adapterlab_model::ops::dropout::keep_scale;
+    use candle_core::DType;
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let host = |len: usize, scale: f32, phase: f32, shape: (usize, usize)| {
+        let v: Vec<f32> = (0..len)
+            .map(|i| (i as f32 * 0.7391 + phase).sin() * scale)
+            .collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
+    };
+    let (key, p) = (13u64, 0.1f32);
+    for (m, k, r) in [(96, 256, 16), (77, 1032, 8), (1000, 4544, 16)] {
+        for dtype in [DType::BF16, DType::F16] {
+            let z = host(m * k, 1.0, 0.2, (m, k)).to_dtype(dtype).unwrap();
+            let a = host(r * k, 0.1, 0.3, (r, k)).to_dtype(dtype).unwrap();
+            let gh = host(m * r, 1.0, 0.5, (m, r)).to_dtype(dtype).unwrap();
+            let mask = Some((key, p));
+            let (h_plain, none) = train_h_keeping(&z, &a, mask, false).unwrap();
+            assert!(none.is_none());
+            let (h, bits) = train_h_keeping(&z, &a, mask, true).unwrap();
+            let bits = bits.expect("the tensor-core kernel stores the decisions");
+            let case = format!("{dtype:?} m {m} k {k} r {r}");
+            assert!(host_bits(&h) == host_bits(&h_plain), "{case}: h differs");
+            let bytes = bits
+                .to_device(&Device::Cpu)
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap();
+            for e in 0..m * k {
+                let dropped = keep_scale(key, e as u64, p, 1.0) == 0.0;
+                assert_eq!(
+                    (bytes[e / 8] >> (e % 8)) & 1 == 1,
+                    dropped,
+                    "{case}: element {e}'s stored decision"
+                );
+            }
+            for gelu in [false, true] {
+                let drawn = train_da(&z, &gh, mask, gelu, GradOut::Half, None).unwrap();
+                let read = train_da(&z, &gh, mask, gelu, GradOut::Half, Some(&bits)).unwrap();
+                assert!(
+                    host_bits(&drawn) == host_bits(&read),
+                    "{case} gelu {gelu}: dA differs"
+                );
+            }
+            // The input gradient's adapter term, alone and added through GELU's backward.
+            let f = || Factor::RankByOut(&a);
+            let drawn = train_term(&gh, f(), mask, None).unwrap();
+            let read = train_term(&gh, f(), mask, Some(&bits)).unwrap();
+            assert!(
+                host_bits(&drawn) == host_bits(&read),
+                "{case}: the term differs"
+            );
+            let y = host(m * k, 0.5, 0.9, (m, k)).to_dtype(dtype).unwrap();
+            let drawn = train_add(&y, &gh, f(), mask, Some(&z), None).unwrap();
+            let read = train_add(&y, &gh, f(), mask, Some(&z), Some(&bits)).unwrap();
+            assert!(
+                host_bits(&drawn) == host_bits(&read),
+                "{case}: the term through GELU differs"
+            );
+        }
+    }
+}
+
 /// `train_da` given a gradient that does not start on a 16-byte boundary (a view into a larger
 /// buffer) runs the kernel asked for on a copy of it: the same bits as the aligned gradient.
 #[cfg(feature = "cuda")]
@@ -2026,8 +2102,8 @@ fn train_da_takes_a_misaligned_gradient() {
     assert_eq!(aligned.layout().start_offset(), 0);
     for gelu in [false, true] {
         let mask = Some((11u64, 0.1f32));
-        let want = host_f32s(&train_da(&z, &aligned, mask, gelu, GradOut::Half).unwrap());
-        let got = host_f32s(&train_da(&z, &shifted, mask, gelu, GradOut::Half).unwrap());
+        let want = host_f32s(&train_da(&z, &aligned, mask, gelu, GradOut::Half, None).unwrap());
+        let got = host_f32s(&train_da(&z, &shifted, mask, gelu, GradOut::Half, None).unwrap());
         assert!(
             max_diff(&want, &got) == 0.0,
             "gelu {gelu}: dA from the shifted gradient differs"

@@ -424,7 +424,7 @@ fn lora(args: LoraBenchArgs, ctx: &Context) -> Result<()> {
         })?;
         #[cfg(feature = "cuda")]
         if adapterlab_model::engine::trains(&x, r) {
-            use adapterlab_model::engine::{GradOut, train_da, train_h};
+            use adapterlab_model::engine::{GradOut, train_da, train_h, train_h_keeping};
             let mask = dropout.map(|d| (d.key, d.p));
             let gh = random((m, r), 1.0)?.to_dtype(dtype)?;
             let a16 = a.as_tensor().to_dtype(dtype)?;
@@ -433,9 +433,20 @@ fn lora(args: LoraBenchArgs, ctx: &Context) -> Result<()> {
                 Ok(())
             })?;
             time("dA", &|| {
-                train_da(&x, &gh, mask, false, GradOut::Half)?;
+                train_da(&x, &gh, mask, false, GradOut::Half, None)?;
                 Ok(())
             })?;
+            // dA reading the decisions h stored, where it stores them (ADAPTERLAB_LORA_MASK).
+            if let (_, Some(bits)) = train_h_keeping(&x, &a16, mask, true)? {
+                time("h+store", &|| {
+                    train_h_keeping(&x, &a16, mask, true)?;
+                    Ok(())
+                })?;
+                time("dA stored", &|| {
+                    train_da(&x, &gh, mask, false, GradOut::Half, Some(&bits))?;
+                    Ok(())
+                })?;
+            }
         } else if device.is_cuda() {
             // Said, so a missing line never reads as a kernel that was not slow enough to show.
             eprintln!(

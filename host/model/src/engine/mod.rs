@@ -12,7 +12,7 @@ pub mod loss;
 // crate (host/model/tests/layering.rs checks that it uses no other).
 pub use crate::io::assets::{Fetcher, MINILM};
 #[cfg(feature = "cuda")]
-pub use crate::lora::kernels::{GradOut, train_da, train_h, trains};
+pub use crate::lora::kernels::{GradOut, train_da, train_h, train_h_keeping, trains};
 pub use crate::lora::merge::merge_model_dir;
 pub use crate::lora::peft;
 pub use crate::lora::train_node::{Adapter, Dropout, Input, lora_linear};

@@ -229,6 +229,27 @@ fn mask_args(mask: Mask) -> (u64, f32, f32) {
 /// k is split among blocks where the rows alone would leave the GPU's multiprocessors idle;
 /// the slices' sums are added in order, so the value does not depend on the card.
 pub fn train_h(z: &Tensor, a: &Tensor, mask: Mask) -> Result<Tensor> {
+    train_h_keeping(z, a, mask, false).map(|(h, _)| h)
+}
+
+/// `ADAPTERLAB_LORA_MASK`: whether the training node's `h` kernel stores the dropout decisions
+/// it draws (`stored`, the default: one bit an element, which `dA` reads instead of hashing
+/// again) or `dA` draws them again (`drawn`). The same decisions either way; a speed switch to
+/// measure the two in one device call.
+static MASK: crate::ops::switch::Switch<bool> = crate::ops::switch::Switch::new(
+    "ADAPTERLAB_LORA_MASK",
+    &[("stored", true), ("drawn", false)],
+);
+
+/// [`train_h`], and where `keep` is set, dropout is on and the tensor-core kernel runs with
+/// [`MASK`] at `stored`, the decisions it drew: one bit an element of `z` (bit `e % 8` of byte
+/// `e / 8`, `e` the element's index), for [`train_da`].
+pub fn train_h_keeping(
+    z: &Tensor,
+    a: &Tensor,
+    mask: Mask,
+    keep: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     let dev = cuda_device(z)?;
     let (m, k) = z.dims2()?;
     let (r, k2) = a.dims2()?;
@@ -255,6 +276,11 @@ pub fn train_h(z: &Tensor, a: &Tensor, mask: Mask) -> Result<Tensor> {
     let part = unsafe { dev.alloc::<f32>(splits * m * r)? };
     let (k_i, k_per_i, m_i) = (k as i32, k_per as i32, m as i32);
     let (key, p, scale) = mask_args(mask);
+    let store = keep && mma && p > 0.0 && MASK.get()?.unwrap_or(true);
+    // SAFETY: with `store` the kernel writes every byte (each element of z is in one block's
+    // words); without, the one byte is never read or written.
+    let bits = unsafe { dev.alloc::<u8>(if store { (m * k).div_ceil(8) } else { 1 })? };
+    let store_i = i32::from(store);
     let cfg = LaunchConfig {
         grid_dim: (row_blocks as u32, splits as u32, 1),
         block_dim: (256, 1, 1),
@@ -264,8 +290,13 @@ pub fn train_h(z: &Tensor, a: &Tensor, mask: Mask) -> Result<Tensor> {
         ($dtype:literal, $t:ty) => {{
             let (zv, av) = (zs.view::<$t>(m * k)?, as_.view::<$t>(r * k)?);
             let name = format!("{kernel}_{}_r{r}", $dtype);
-            crate::run_kernel!(*module, dev, &name, cfg;
-                &zv, &av, &part, &k_i, &k_per_i, &m_i, &key, &p, &scale)?;
+            if mma {
+                crate::run_kernel!(*module, dev, &name, cfg;
+                    &zv, &av, &part, &k_i, &k_per_i, &m_i, &key, &p, &scale, &bits, &store_i)?;
+            } else {
+                crate::run_kernel!(*module, dev, &name, cfg;
+                    &zv, &av, &part, &k_i, &k_per_i, &m_i, &key, &p, &scale)?;
+            }
         }};
     }
     crate::ops::profile::scope("lora.train.h", z.device(), || {
@@ -274,7 +305,9 @@ pub fn train_h(z: &Tensor, a: &Tensor, mask: Mask) -> Result<Tensor> {
             DType::F16 => launch!("f16", half::f16),
             other => return Err(unsupported(other)),
         }
-        sum_slices(&dev, z.dtype(), &part, splits, (m, r), GradOut::Half)
+        let h = sum_slices(&dev, z.dtype(), &part, splits, (m, r), GradOut::Half)?;
+        let kept = store.then(|| wrap(bits, &dev, (m * k).div_ceil(8)));
+        Ok((h, kept))
     })
 }
 
@@ -285,7 +318,14 @@ pub fn train_h(z: &Tensor, a: &Tensor, mask: Mask) -> Result<Tensor> {
 /// op rounds it, so backward never writes the activation again. The rows are split into slabs
 /// where the columns alone would leave multiprocessors idle; the slabs' sums are added in order
 /// and go out as `to` says.
-pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask, gelu: bool, to: GradOut) -> Result<Tensor> {
+pub fn train_da(
+    z: &Tensor,
+    gh: &Tensor,
+    mask: Mask,
+    gelu: bool,
+    to: GradOut,
+    bits: Option<&Tensor>,
+) -> Result<Tensor> {
     let dev = cuda_device(z)?;
     let (m, k) = z.dims2()?;
     let (m2, r) = gh.dims2()?;
@@ -316,6 +356,32 @@ pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask, gelu: bool, to: GradOut) ->
     let part = unsafe { dev.alloc::<f32>(slabs * r * k)? };
     let (k_i, rows_per_i, m_i) = (k as i32, rows_per as i32, m as i32);
     let (key, p, scale) = mask_args(mask);
+    // The decisions h stored (one bit an element of z), read instead of drawn again.
+    let stored = match bits {
+        Some(b) if mma && p > 0.0 => {
+            if b.dtype() != DType::U8 || b.elem_count() != (m * k).div_ceil(8) {
+                return Err(Error::Msg(format!(
+                    "lora training dA: {} stored mask bytes of {:?} for z {:?}",
+                    b.elem_count(),
+                    b.dtype(),
+                    z.dims()
+                )));
+            }
+            Some(b.contiguous()?)
+        }
+        _ => None,
+    };
+    let dummy;
+    let bits_t = match &stored {
+        Some(b) => b,
+        None => {
+            dummy = Tensor::zeros(1, DType::U8, z.device())?;
+            &dummy
+        }
+    };
+    let bs_in = CudaInput::of(bits_t)?;
+    let bits_v = bs_in.view::<u8>(bits_t.elem_count())?;
+    let stored_i = i32::from(stored.is_some());
     let cfg = LaunchConfig {
         grid_dim: (col_blocks as u32, slabs as u32, 1),
         block_dim: (256, 1, 1),
@@ -326,8 +392,14 @@ pub fn train_da(z: &Tensor, gh: &Tensor, mask: Mask, gelu: bool, to: GradOut) ->
             let (zv, gv) = (zs.view::<$t>(m * k)?, ghs.view::<$t>(m * r)?);
             let act = if gelu { "gelu_" } else { "" };
             let name = format!("{kernel}_{act}{}_r{r}", $dtype);
-            crate::run_kernel!(*module, dev, &name, cfg;
-                &zv, &gv, &part, &k_i, &rows_per_i, &m_i, &key, &p, &scale)?;
+            if mma {
+                crate::run_kernel!(*module, dev, &name, cfg;
+                    &zv, &gv, &part, &k_i, &rows_per_i, &m_i, &key, &p, &scale, &bits_v,
+                    &stored_i)?;
+            } else {
+                crate::run_kernel!(*module, dev, &name, cfg;
+                    &zv, &gv, &part, &k_i, &rows_per_i, &m_i, &key, &p, &scale)?;
+            }
         }};
     }
     crate::ops::profile::scope("lora.train.da", z.device(), || {
@@ -594,12 +666,13 @@ pub fn train_add(
     f: Factor<'_>,
     mask: Mask,
     gelu_input: Option<&Tensor>,
+    stored: Option<&Tensor>,
 ) -> Result<Tensor> {
     match gelu_input {
         Some(x) => {
-            let term = train_term(h, f, None)?;
+            let term = train_term(h, f, None, None)?;
             crate::ops::profile::scope("lora.train.add", y.device(), || {
-                add_term_gelu(y, &term, x, mask)
+                add_term_gelu(y, &term, x, mask, stored)
             })
         }
         None => {
@@ -610,7 +683,13 @@ pub fn train_add(
 
 /// `gelu_grad(x, round(y + dropout(t)))` element by element, for `y`, `t` and `x` of one shape
 /// and 16-bit type (see `lora_add_term_gelu`).
-fn add_term_gelu(y: &Tensor, t: &Tensor, x: &Tensor, mask: Mask) -> Result<Tensor> {
+fn add_term_gelu(
+    y: &Tensor,
+    t: &Tensor,
+    x: &Tensor,
+    mask: Mask,
+    stored: Option<&Tensor>,
+) -> Result<Tensor> {
     let dev = cuda_device(y)?;
     let dtype = y.dtype();
     for (what, u) in [("term", t), ("GELU input", x)] {
@@ -629,6 +708,10 @@ fn add_term_gelu(y: &Tensor, t: &Tensor, x: &Tensor, mask: Mask) -> Result<Tenso
     let (ys, ts, xs) = (CudaInput::of(y)?, CudaInput::of(t)?, CudaInput::of(x)?);
     let (key, p, scale) = mask_args(mask);
     let drop = if p > 0.0 { "drop_" } else { "" };
+    let stored = stored_bits(stored, p, n, y.device())?;
+    let bits_in = CudaInput::of(&stored.0)?;
+    let bits_v = bits_in.view::<u8>(stored.0.elem_count())?;
+    let stored_i = i32::from(stored.1);
     let n_i = n as i64;
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(8 * 256) as u32, 1, 1),
@@ -642,7 +725,7 @@ fn add_term_gelu(y: &Tensor, t: &Tensor, x: &Tensor, mask: Mask) -> Result<Tenso
             let out = unsafe { dev.alloc::<$t>(n)? };
             let name = format!("lora_add_term_gelu_{drop}{}", $dtype);
             crate::run_kernel!(LORA, dev, &name, cfg;
-                &yv, &tv, &xv, &out, &n_i, &key, &p, &scale, &vec)?;
+                &yv, &tv, &xv, &out, &n_i, &key, &p, &scale, &vec, &bits_v, &stored_i)?;
             Ok(wrap(out, &dev, y.shape().clone()))
         }};
     }
@@ -661,17 +744,76 @@ fn add_term_gelu(y: &Tensor, t: &Tensor, x: &Tensor, mask: Mask) -> Result<Tenso
 /// (0.013 s of a 0.29 s H100 step forward, 0.007 backward, 2026-12-07). A tensor-core kernel
 /// forming the product, rounding and mask in one pass (and a form fused with GELU's backward)
 /// was right but made the step ~1% slower on an H100 and an H200 (2026-12-07), and went.
-pub fn train_term(h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Tensor> {
+pub fn train_term(
+    h: &Tensor,
+    f: Factor<'_>,
+    mask: Mask,
+    stored: Option<&Tensor>,
+) -> Result<Tensor> {
     crate::ops::profile::scope("lora.train.term", h.device(), || {
         let term = match f {
             Factor::OutByRank(t) => h.matmul(&t.t()?)?,
             Factor::RankByOut(t) => h.matmul(t)?,
         };
-        match mask {
-            Some((key, p)) if p > 0.0 => crate::ops::dropout::seeded_dropout(&term, key, p),
+        match (mask, stored) {
+            (Some((_, p)), Some(bits)) if p > 0.0 => apply_mask_bits(&term, bits, p),
+            (Some((key, p)), None) if p > 0.0 => crate::ops::dropout::seeded_dropout(&term, key, p),
             _ => Ok(term),
         }
     })
+}
+
+/// The stored decisions checked against `n` elements, or a one-byte stand-in, and whether they
+/// are to be read (dropout on and bits given).
+fn stored_bits(
+    stored: Option<&Tensor>,
+    p: f32,
+    n: usize,
+    device: &candle_core::Device,
+) -> Result<(Tensor, bool)> {
+    match stored {
+        Some(b) if p > 0.0 => {
+            if b.dtype() != DType::U8 || b.elem_count() != n.div_ceil(8) || !n.is_multiple_of(8) {
+                return Err(Error::Msg(format!(
+                    "lora training: {} stored mask bytes of {:?} for {n} elements",
+                    b.elem_count(),
+                    b.dtype()
+                )));
+            }
+            Ok((b.contiguous()?, true))
+        }
+        _ => Ok((Tensor::zeros(1, DType::U8, device)?, false)),
+    }
+}
+
+/// The dropout op's value of `t` from stored decisions (`lora_apply_mask_bits`): the same
+/// roundings as `seeded_dropout` with the mask that drew them.
+fn apply_mask_bits(t: &Tensor, bits: &Tensor, p: f32) -> Result<Tensor> {
+    let n = t.elem_count();
+    let t = aligned(&t.contiguous()?, 8)?;
+    let (bits, _) = stored_bits(Some(bits), p, n, t.device())?;
+    let dev = cuda_device(&t)?;
+    let (ts, bs) = (CudaInput::of(&t)?, CudaInput::of(&bits)?);
+    let bv = bs.view::<u8>(n / 8)?;
+    let (words, scale) = ((n / 8) as i64, 1.0 / (1.0 - p));
+    let cfg = LaunchConfig::for_num_elems((n / 8) as u32);
+    macro_rules! launch {
+        ($dtype:literal, $t:ty) => {{
+            let tv = ts.view::<$t>(n)?;
+            // SAFETY: every element is written by the kernel below.
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            if words > 0 {
+                crate::run_kernel!(LORA, dev, concat!("lora_apply_mask_bits_", $dtype), cfg;
+                    &tv, &bv, &out, &words, &scale)?;
+            }
+            Ok(wrap(out, &dev, t.shape().clone()))
+        }};
+    }
+    match t.dtype() {
+        DType::BF16 => launch!("bf16", half::bf16),
+        DType::F16 => launch!("f16", half::f16),
+        other => Err(unsupported(other)),
+    }
 }
 
 /// [`train_add`]'s launch without GELU.

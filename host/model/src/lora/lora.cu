@@ -406,7 +406,8 @@ LORA_TRAIN_ADD(lora_train_add_drop_f16_r16, 16, false, true)
 // on one.
 template <bool BF16, bool DROP>
 __device__ __forceinline__ void lora_add_term_gelu(const u16* y, const u16* t, const u16* gx,
-    u16* out, long long n, unsigned long long key, float p, float scale, int vec) {
+    u16* out, long long n, unsigned long long key, float p, float scale, int vec,
+    const unsigned char* stored) {
   long long e0 = 8 * ((long long)blockIdx.x * blockDim.x + threadIdx.x);
   if (e0 >= n) return;
   int cnt = (int)min(8ll, n - e0);
@@ -425,11 +426,13 @@ __device__ __forceinline__ void lora_add_term_gelu(const u16* y, const u16* t, c
   }
   unsigned int below = drop_below(p);
   // e0 is a multiple of 8: elements 4q .. 4q + 3 of the eight are quad e0 / 4 + q.
+  // With `stored`, the decisions h's kernel kept (bit i of byte e0 / 8) instead of the hash.
   unsigned long long z = mask_state(key, e0 >> 2), bits = 0ull;
+  unsigned int byte = DROP && stored ? (unsigned int)stored[e0 >> 3] : 0u;
   _Pragma("unroll") for (int i = 0; i < 8; ++i) {
     float v = load16<BF16>(ts[i]);
-    if (DROP && (i & 3) == 0) bits = mask_bits(z + (i >> 2) * MASK_STEP);
-    bool d = dropped_in(bits, i & 3, below);
+    if (DROP && !stored && (i & 3) == 0) bits = mask_bits(z + (i >> 2) * MASK_STEP);
+    bool d = stored ? ((byte >> i) & 1u) != 0u : dropped_in(bits, i & 3, below);
     if (DROP) v = load16<BF16>(round16<BF16>(__fmul_rn(v, d ? 0.0f : scale)));
     float sum = load16<BF16>(round16<BF16>(__fadd_rn(load16<BF16>(ys[i]), v)));
     os[i] = round16<BF16>(gelu_grad(load16<BF16>(xs[i]), sum));
@@ -442,8 +445,10 @@ __device__ __forceinline__ void lora_add_term_gelu(const u16* y, const u16* t, c
 }
 #define LORA_ADD_TERM_GELU(NAME, BF16, DROP)                                                   \
 extern "C" __global__ void NAME(const u16* y, const u16* t, const u16* gx, u16* out,          \
-    long long n, unsigned long long key, float p, float scale, int vec) {                      \
-  lora_add_term_gelu<BF16, DROP>(y, t, gx, out, n, key, p, scale, vec);                        \
+    long long n, unsigned long long key, float p, float scale, int vec,                       \
+    const unsigned char* bits, int stored) {                                                  \
+  lora_add_term_gelu<BF16, DROP>(y, t, gx, out, n, key, p, scale, vec,                         \
+                                 stored ? bits : nullptr);                                     \
 }
 LORA_ADD_TERM_GELU(lora_add_term_gelu_bf16, true, false)
 LORA_ADD_TERM_GELU(lora_add_term_gelu_f16, false, false)
@@ -529,3 +534,25 @@ LORA_OUT(32)
 LORA_OUT(64)
 LORA_H(lora_h_bf16, bf16_to_f32)
 LORA_H(lora_h_f16, f16_to_f32)
+
+// The dropout op's value (dropout.cu: round(t * (dropped ? 0 : scale))) from the decisions the
+// training node's h kernel stored (bit i of byte e / 8 for element e), eight elements a thread:
+// the backward term's mask without drawing it again. n % 8 == 0 and t, out 16-byte aligned
+// (the host checks).
+#define APPLY_MASK_BITS(NAME, BF16)                                                            \
+extern "C" __global__ void NAME(const uint4* t, const unsigned char* bits, uint4* out,         \
+    long long words, float scale) {                                                           \
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;                              \
+  if (i >= words) return;                                                                     \
+  uint4 v = __ldg(t + i);                                                                      \
+  unsigned int byte = bits[i], w[4] = {v.x, v.y, v.z, v.w};                                    \
+  _Pragma("unroll") for (int q = 0; q < 4; ++q) {                                             \
+    float lo = load16<BF16>((u16)(w[q] & 0xffffu)), hi = load16<BF16>((u16)(w[q] >> 16));     \
+    lo = __fmul_rn(lo, (byte >> (2 * q)) & 1u ? 0.0f : scale);                                 \
+    hi = __fmul_rn(hi, (byte >> (2 * q + 1)) & 1u ? 0.0f : scale);                             \
+    w[q] = (unsigned int)round16<BF16>(lo) | ((unsigned int)round16<BF16>(hi) << 16);          \
+  }                                                                                           \
+  out[i] = make_uint4(w[0], w[1], w[2], w[3]);                                                 \
+}
+APPLY_MASK_BITS(lora_apply_mask_bits_bf16, true)
+APPLY_MASK_BITS(lora_apply_mask_bits_f16, false)

@@ -6,20 +6,29 @@
 // ~5x the time its 37 MB take to read); here that work is a few mma instructions a 32-column
 // chunk, and what is left is reading z and drawing the mask.
 
-// Eight 16-bit values (one 16-byte word, e the element index of the first) as the op-by-op
-// graph's dropout writes them (lora.cu's stage8), packed back into a word: with GELU (for dA)
-// through the exact GELU first, then dropped; cvt.rn rounds as the op does but for a NaN's
-// payload, which no sum keeps.
+// The dropout decisions of eight elements (e the index of the first, a multiple of 8), bit t
+// for element e + t: two quads of the mask, one hash each. The node's h kernel can store them
+// (one byte for eight elements) for dA to read instead of hashing again.
+__device__ __forceinline__ unsigned int mask_byte(long long e, unsigned long long key,
+    unsigned int below) {
+  unsigned long long z0 = mask_state(key, e >> 2);
+  unsigned long long b0 = mask_bits(z0), b1 = mask_bits(z0 + MASK_STEP);
+  unsigned int byte = 0u;
+  _Pragma("unroll") for (int t = 0; t < 4; ++t) {
+    byte |= (unsigned int)dropped_in(b0, t, below) << t;
+    byte |= (unsigned int)dropped_in(b1, t, below) << (t + 4);
+  }
+  return byte;
+}
+
+// Eight 16-bit values (one 16-byte word) as the op-by-op graph's dropout writes them (lora.cu's
+// stage8), packed back into a word, given their decisions (bit t: element t dropped): with GELU
+// (for dA) through the exact GELU first, then dropped; cvt.rn rounds as the op does but for a
+// NaN's payload, which no sum keeps.
 template <bool BF16, bool GELU>
-__device__ __forceinline__ uint4 drop8(uint4 v, long long e, bool drop, unsigned long long key,
-    float p, float scale) {
+__device__ __forceinline__ uint4 apply8(uint4 v, unsigned int byte, bool drop, float scale) {
   if (!drop && !GELU) return v;
   unsigned int w[4] = {v.x, v.y, v.z, v.w};
-  // e is a multiple of 8 (a 16-byte load): words 0, 1 are quad e / 4 and words 2, 3 the next,
-  // one hash each.
-  unsigned long long z0 = drop ? mask_state(key, e >> 2) : 0ull;
-  unsigned long long bits[2] = {drop ? mask_bits(z0) : 0ull, drop ? mask_bits(z0 + MASK_STEP) : 0ull};
-  unsigned int below = drop_below(p);
   _Pragma("unroll") for (int q = 0; q < 4; ++q) {
     float lo = load16<BF16>((u16)(w[q] & 0xffffu)), hi = load16<BF16>((u16)(w[q] >> 16));
     if (GELU) {
@@ -27,8 +36,8 @@ __device__ __forceinline__ uint4 drop8(uint4 v, long long e, bool drop, unsigned
       hi = gelu16<BF16>(hi);
     }
     if (drop) {
-      lo = __fmul_rn(lo, dropped_in(bits[q >> 1], 2 * (q & 1), below) ? 0.0f : scale);
-      hi = __fmul_rn(hi, dropped_in(bits[q >> 1], 2 * (q & 1) + 1, below) ? 0.0f : scale);
+      lo = __fmul_rn(lo, (byte >> (2 * q)) & 1u ? 0.0f : scale);
+      hi = __fmul_rn(hi, (byte >> (2 * q + 1)) & 1u ? 0.0f : scale);
     }
     w[q] = BF16 ? pack_bf16x2(lo, hi) : pack_f16x2(lo, hi);
   }
@@ -49,7 +58,8 @@ __device__ __forceinline__ unsigned int word(const uint4& v, int i) {
 #define LHM_MT 2
 template <int R, bool BF16>
 __device__ __forceinline__ void lora_train_h_mma(const u16* z, const u16* a, float* part, int m,
-    int k, int k_per, unsigned long long key, float p, float scale) {
+    int k, int k_per, unsigned long long key, float p, float scale, unsigned char* bits,
+    int store) {
   constexpr int NT = R / 8, ROWS = 16 * LHM_MT;
   __shared__ float red[8][ROWS][R];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -57,6 +67,7 @@ __device__ __forceinline__ void lora_train_h_mma(const u16* z, const u16* a, flo
   int row0 = blockIdx.x * ROWS;
   int kb = blockIdx.y * k_per, ke = min(k, kb + k_per);
   bool drop = p > 0.f;
+  unsigned int below = drop_below(p);
   float acc[LHM_MT][NT][4];
   _Pragma("unroll") for (int i = 0; i < LHM_MT; ++i)
     _Pragma("unroll") for (int j = 0; j < NT; ++j)
@@ -82,8 +93,11 @@ __device__ __forceinline__ void lora_train_h_mma(const u16* z, const u16* a, flo
     _Pragma("unroll") for (int i = 0; i < LHM_MT; ++i)
       _Pragma("unroll") for (int hf = 0; hf < 2; ++hf) {
         int r = row0 + 16 * i + g + 8 * hf;
-        zc[i][hf] = drop8<BF16, false>(zw[i][hf], (long long)r * k + c0 + 8 * c, drop, key, p,
-                                       scale);
+        long long e = (long long)r * k + c0 + 8 * c;
+        unsigned int byte = drop ? mask_byte(e, key, below) : 0u;
+        // Every element of z is in one lane's word of one block: each byte is written once.
+        if (store && drop && r < m && c0 + 8 * c < ke) bits[e >> 3] = (unsigned char)byte;
+        zc[i][hf] = apply8<BF16, false>(zw[i][hf], byte, drop, scale);
       }
     _Pragma("unroll") for (int j = 0; j < NT; ++j) ac[j] = aw[j];
     if (c0 + 8 * 32 < ke) fetch(c0 + 8 * 32);
@@ -112,13 +126,13 @@ __device__ __forceinline__ void lora_train_h_mma(const u16* z, const u16* a, flo
 #define LORA_TRAIN_H_MMA(R)                                                                    \
 extern "C" __global__ void __launch_bounds__(256) lora_train_h_mma_bf16_r##R(const u16* z,    \
     const u16* a, float* part, int k, int k_per, int m, unsigned long long key, float p,       \
-    float scale) {                                                                            \
-  lora_train_h_mma<R, true>(z, a, part, m, k, k_per, key, p, scale);                           \
+    float scale, unsigned char* bits, int store) {                                            \
+  lora_train_h_mma<R, true>(z, a, part, m, k, k_per, key, p, scale, bits, store);              \
 }                                                                                             \
 extern "C" __global__ void __launch_bounds__(256) lora_train_h_mma_f16_r##R(const u16* z,     \
     const u16* a, float* part, int k, int k_per, int m, unsigned long long key, float p,       \
-    float scale) {                                                                            \
-  lora_train_h_mma<R, false>(z, a, part, m, k, k_per, key, p, scale);                          \
+    float scale, unsigned char* bits, int store) {                                            \
+  lora_train_h_mma<R, false>(z, a, part, m, k, k_per, key, p, scale, bits, store);             \
 }
 LORA_TRAIN_H_MMA(8)
 LORA_TRAIN_H_MMA(16)
@@ -151,7 +165,8 @@ __device__ __forceinline__ uint4 rank_word(const u16* x, int t, int r0, int re) 
 #define DAM_ROWS 32
 template <int R, bool BF16, bool GELU>
 __device__ __forceinline__ void lora_train_da_mma(const u16* z, const u16* gh, float* part,
-    int m, int k, int rows_per, unsigned long long key, float p, float scale) {
+    int m, int k, int rows_per, unsigned long long key, float p, float scale,
+    const unsigned char* bits, int stored) {
   __shared__ __align__(16) u16 zs[DAM_ROWS][DAM_COLS + 8];
   __shared__ __align__(16) u16 gs[DAM_ROWS][16 + 8];
   constexpr int GV = DAM_ROWS * R / 8;  // gh's 16-byte words a chunk
@@ -167,9 +182,16 @@ __device__ __forceinline__ void lora_train_da_mma(const u16* z, const u16* gh, f
   _Pragma("unroll") for (int j = 0; j < 2; ++j)
     _Pragma("unroll") for (int q = 0; q < 4; ++q) acc[j][q] = 0.f;
   uint4 zr[2], gr = make_uint4(0u, 0u, 0u, 0u);
+  unsigned int mb[2] = {0u, 0u};
+  unsigned int below = drop_below(p);
   auto fetch = [&](int r0) {
-    _Pragma("unroll") for (int l = 0; l < 2; ++l)
-      zr[l] = chunk_word<DAM_COLS>(z, threadIdx.x + 256 * l, r0, re, c0, k);
+    _Pragma("unroll") for (int l = 0; l < 2; ++l) {
+      int t = threadIdx.x + 256 * l, r = t / (DAM_COLS / 8), col = c0 + (t % (DAM_COLS / 8)) * 8;
+      zr[l] = chunk_word<DAM_COLS>(z, t, r0, re, c0, k);
+      // The stored decisions where h kept them, loaded with the chunk.
+      if (stored && drop)
+        mb[l] = r0 + r < re && col < k ? (unsigned int)__ldg(bits + (((long long)(r0 + r) * k + col) >> 3)) : 0u;
+    }
     if (threadIdx.x < GV) gr = rank_word<R>(gh, threadIdx.x, r0, re);
   };
   fetch(rb);
@@ -177,8 +199,9 @@ __device__ __forceinline__ void lora_train_da_mma(const u16* z, const u16* gh, f
   for (int r0 = rb; r0 < re; r0 += DAM_ROWS) {
     _Pragma("unroll") for (int l = 0; l < 2; ++l) {
       int t = threadIdx.x + 256 * l, r = t / (DAM_COLS / 8), cc = (t % (DAM_COLS / 8)) * 8;
-      *(uint4*)&zs[r][cc] =
-          drop8<BF16, GELU>(zr[l], (long long)(r0 + r) * k + c0 + cc, drop, key, p, scale);
+      unsigned int byte =
+          !drop ? 0u : stored ? mb[l] : mask_byte((long long)(r0 + r) * k + c0 + cc, key, below);
+      *(uint4*)&zs[r][cc] = apply8<BF16, GELU>(zr[l], byte, drop, scale);
     }
     if (threadIdx.x < GV)
       *(uint4*)&gs[threadIdx.x / (R / 8)][8 * (threadIdx.x % (R / 8))] = gr;
@@ -208,8 +231,9 @@ __device__ __forceinline__ void lora_train_da_mma(const u16* z, const u16* gh, f
 }
 #define LORA_TRAIN_DA_MMA(NAME, R, BF16, GELU)                                                 \
 extern "C" __global__ void __launch_bounds__(256) NAME(const u16* z, const u16* gh,           \
-    float* part, int k, int rows_per, int m, unsigned long long key, float p, float scale) {   \
-  lora_train_da_mma<R, BF16, GELU>(z, gh, part, m, k, rows_per, key, p, scale);                \
+    float* part, int k, int rows_per, int m, unsigned long long key, float p, float scale,     \
+    const unsigned char* bits, int stored) {                                                  \
+  lora_train_da_mma<R, BF16, GELU>(z, gh, part, m, k, rows_per, key, p, scale, bits, stored);  \
 }
 LORA_TRAIN_DA_MMA(lora_train_da_mma_bf16_r8, 8, true, false)
 LORA_TRAIN_DA_MMA(lora_train_da_mma_bf16_r16, 16, true, false)

@@ -100,7 +100,9 @@ pub fn lora_linear(
     }
     let (a16, bs16) = compute_copies(adapter, x.dtype())?;
     let z = crate::ops::profile::scope("lora.input", x.device(), || input.apply(&x.detach()))?;
-    let (y, h) = forward(base.as_ref(), bias, &z, &a16, &bs16, dropout)?;
+    // The dropout's decisions kept for dA where A will want a gradient (see `forward`).
+    let keep_mask = a.track_op() && !crate::ops::handover::no_grad();
+    let (y, h, mask_bits) = forward(base.as_ref(), bias, &z, &a16, &bs16, dropout, keep_mask)?;
     // The activation, where there is one, stays for dA (see `Input`).
     let activation = (input != Input::AsIs && a.track_op()).then_some(z);
     if y.dims() != [m, n] || y.dtype() != x.dtype() {
@@ -129,6 +131,7 @@ pub fn lora_linear(
                 a: &a16,
                 bs: &bs16,
                 h: &h,
+                mask_bits: mask_bits.as_ref(),
             };
             backward(base.as_ref(), dropout, input, wants, weights, kept, grad)
         }),
@@ -190,8 +193,9 @@ fn from_kernel(
     }
 }
 
-/// The value without a graph, and `h = dropout(z) A^T` for backward: the base product and its
-/// bias, plus the adapter's, in the op-by-op order.
+/// The value without a graph, `h = dropout(z) A^T` for backward and, where `keep_mask` is set
+/// and the kernel stores them, the dropout's decisions for dA (one bit an element of z): the
+/// base product and its bias, plus the adapter's, in the op-by-op order.
 fn forward(
     base: &dyn BaseWeight,
     bias: Option<&Tensor>,
@@ -199,24 +203,26 @@ fn forward(
     a: &Tensor,
     bs: &Tensor,
     dropout: Option<Dropout>,
-) -> Result<(Tensor, Tensor)> {
+    keep_mask: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     #[cfg(feature = "cuda")]
     if crate::lora::kernels::trains(z, a.dim(0)?) {
-        use crate::lora::kernels::{Factor, train_add, train_h, train_term};
-        let h = train_h(z, &a.contiguous()?, mask(dropout))?;
+        use crate::lora::kernels::{Factor, train_add, train_h_keeping, train_term};
+        let (h, bits) = train_h_keeping(z, &a.contiguous()?, mask(dropout), keep_mask)?;
         let bs = bs.contiguous()?;
         let out = match bias {
             // The adapter's term added inside the base's product: one rounding of the sum.
-            None => base.forward_plus(z, train_term(&h, Factor::OutByRank(&bs), None)?)?,
+            None => base.forward_plus(z, train_term(&h, Factor::OutByRank(&bs), None, None)?)?,
             Some(b) => {
                 let y = base
                     .forward(z)?
                     .broadcast_add(&b.detach().to_dtype(z.dtype())?)?;
-                train_add(&y, &h, Factor::OutByRank(&bs), None, None)?
+                train_add(&y, &h, Factor::OutByRank(&bs), None, None, None)?
             }
         };
-        return Ok((out, h));
+        return Ok((out, h, bits));
     }
+    let _ = keep_mask;
     let y = base.forward(z)?;
     let y = match bias {
         Some(b) => y.broadcast_add(&b.detach().to_dtype(y.dtype())?)?,
@@ -224,7 +230,7 @@ fn forward(
     };
     let h = dropped(z, dropout)?.matmul(&a.t()?)?;
     let delta = h.matmul(&bs.t()?)?;
-    Ok(((y + delta)?, h))
+    Ok(((y + delta)?, h, None))
 }
 
 fn dropped(x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
@@ -248,6 +254,8 @@ struct Kept<'a> {
     a: &'a Tensor,
     bs: &'a Tensor,
     h: &'a Tensor,
+    /// The dropout's decisions forward's `h` kernel stored, for dA.
+    mask_bits: Option<&'a Tensor>,
 }
 
 /// The gradients of [`lora_linear`] for the inputs in `wants` (x, A, B), A's and B's in their
@@ -262,7 +270,14 @@ fn backward(
     kept: Kept<'_>,
     grad: &Tensor,
 ) -> Result<[Option<Tensor>; 3]> {
-    let Kept { x, z, a, bs, h } = kept;
+    let Kept {
+        x,
+        z,
+        a,
+        bs,
+        h,
+        mask_bits,
+    } = kept;
     let (a_dtype, b_dtype, scaling) = weights;
     let dev = grad.device().clone();
     crate::ops::profile::scope("lora.node.bwd", &dev, || {
@@ -299,11 +314,11 @@ fn backward(
         let da = scope("lora.bwd.da", &dev, || {
             wants
                 .1
-                .then(|| adapter_a_grad(x, z, input, &gh, dropout, a_dtype))
+                .then(|| adapter_a_grad(x, z, input, &gh, dropout, a_dtype, mask_bits))
                 .transpose()
         })?;
         let dx = if wants.0 {
-            Some(input_grad(base, &g, &gh, a, dropout, input, x)?)
+            Some(input_grad(base, &g, &gh, a, dropout, input, x, mask_bits)?)
         } else {
             None
         };
@@ -320,6 +335,7 @@ fn adapter_a_grad(
     gh: &Tensor,
     dropout: Option<Dropout>,
     weight: candle_core::DType,
+    mask_bits: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (x, input) = match z {
         Some(z) => (z, Input::AsIs),
@@ -329,9 +345,11 @@ fn adapter_a_grad(
     if crate::lora::kernels::trains(x, gh.dim(1)?) && gh.dtype() == x.dtype() {
         let gelu = input == Input::GeluErf;
         let to = kernel_out(weight, x.dtype(), None);
-        let da = crate::lora::kernels::train_da(x, &gh.contiguous()?, mask(dropout), gelu, to)?;
+        let gh = gh.contiguous()?;
+        let da = crate::lora::kernels::train_da(x, &gh, mask(dropout), gelu, to, mask_bits)?;
         return from_kernel(da, to, weight, None);
     }
+    let _ = mask_bits;
     to_weight(
         gh.t()?.matmul(&dropped(&input.apply(x)?, dropout)?)?,
         weight,
@@ -342,6 +360,7 @@ fn adapter_a_grad(
 /// The gradient with respect to the node's input `x`: the gradient with respect to `z`, the
 /// base's `g W` plus the adapter's `dropout(gh A)`, through the input's activation. On a GPU
 /// without an activation the adapter's term is added inside the base's product.
+#[allow(clippy::too_many_arguments)] // the node's backward state, read once here
 fn input_grad(
     base: &dyn BaseWeight,
     g: &Tensor,
@@ -350,13 +369,15 @@ fn input_grad(
     dropout: Option<Dropout>,
     input: Input,
     x: &Tensor,
+    mask_bits: Option<&Tensor>,
 ) -> Result<Tensor> {
     let dev = x.device().clone();
     #[cfg(feature = "cuda")]
     {
         use crate::lora::kernels::{Factor, train_term, trains};
         if input == Input::AsIs && trains(g, a.dim(0)?) && gh.dtype() == a.dtype() {
-            let term = train_term(gh, Factor::RankByOut(&a.contiguous()?), mask(dropout))?;
+            let f = Factor::RankByOut(&a.contiguous()?);
+            let term = train_term(gh, f, mask(dropout), mask_bits)?;
             return crate::ops::profile::scope("lora.bwd.input", &dev, || {
                 base.input_grad_plus(g, term)
             });
@@ -373,9 +394,17 @@ fn input_grad(
         let a = a.contiguous()?;
         return crate::ops::profile::scope("lora.bwd.input", &dev, || {
             let f = Factor::RankByOut(&a);
-            train_add(&through_base, gh, f, mask(dropout), gelu_input.as_ref())
+            train_add(
+                &through_base,
+                gh,
+                f,
+                mask(dropout),
+                gelu_input.as_ref(),
+                mask_bits,
+            )
         });
     }
+    let _ = mask_bits;
     let dz = (through_base + dropped(&gh.matmul(a)?, dropout)?)?;
     crate::ops::profile::scope("lora.bwd.input", &dev, || input.backward(x, dz))
 }

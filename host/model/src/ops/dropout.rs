@@ -1,6 +1,7 @@
 //! Seeded inverted dropout as one graph op: the mask is a pure function of `(key, element
-//! index)` (splitmix64, one hash for four elements), so it is never stored — backward applies the same op to the gradient —
-//! and the CPU and the GPU draw the same mask. A trainer keys it by `(seed, micro-batch, module)`
+//! index)` (splitmix64, one hash for four elements), so this op never stores it — backward applies
+//! the same op to the gradient — and the CPU and the GPU draw the same mask (the LoRA training
+//! node's GPU kernels keep it as bits instead, where reading 1/16 of the bytes beats hashing again). A trainer keys it by `(seed, micro-batch, module)`
 //! ([`crate::lora::LoraRegistry::set_dropout_key`]), which is what makes resumed runs repeat
 //! uninterrupted ones.
 
