@@ -42,6 +42,8 @@
 #              alone); LORA_ARGS adds options
 #   profile    seconds per phase of a training step and of batch-1 decoding (ADAPTERLAB_PROFILE);
 #              PROFILE_PYTHON=1 adds the reference's step under torch.profiler
+#   ncu        Nsight Compute: each kernel of batch-1 decoding (and with NCU_TRAIN=1 of a training
+#              step) timed alone, and the batch-1 NF4 product's full sections
 #   sft        `adapterlab train`, 50 steps at batch 8 x 512 on the bundled dialogues, then HF
 #              PEFT loads the adapter it wrote
 #
@@ -140,7 +142,7 @@ stage attention && bench_alone attention "${ATTN_ARGS:-}"
 stage lora && bench_alone lora "${LORA_ARGS:-}"
 
 # The checkpoint, for every stage but the golden tests, the kernels and attention alone.
-if [[ ",$STAGES," =~ ,(load|reference|train|train-ckpt|packing|flash|generate|profile|sft|decode-profile), ]]; then
+if [[ ",$STAGES," =~ ,(load|reference|train|train-ckpt|packing|flash|generate|profile|sft|decode-profile|ncu), ]]; then
   [ -f "$CKPT/config.json" ] || python3 scripts/bench/hf_qlora_baseline.py --ckpt "$CKPT" --layers "$LAYERS" \
     --make-ckpt-only > "$OUT/make-ckpt.log" 2>&1 || { tail -20 "$OUT/make-ckpt.log"; exit 1; }
   tail -1 "$OUT/make-ckpt.log"
@@ -364,6 +366,41 @@ if stage decode-profile; then
       2>"$OUT/decode-profile-$mode.err" | tee "$OUT/decode-profile-$mode.json" \
       | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"profile-decode-$mode\",${line#\{}" >> "$RESULTS"; done
   done
+fi
+# ncu      Nsight Compute (the device has ncu, not nsys), each kernel timed alone (one metric,
+#          gpu__time_duration; clocks and caches as they run), so a small launch weighs what it
+#          costs the device, not what a synchronised profile adds to it: batch-1 decoding
+#          (200-token prompt, NCU_TOKENS new tokens, default 8; the generate stage's adapter,
+#          unmerged), summed per kernel over one decoding step (ncu_kernels.py --cycle argmax);
+#          with NCU_TRAIN=1 one training step at 8 x 512 (flash_attention_2) per kernel name; and
+#          the full section set of the batch-1 NF4 product at Falcon-7B's four shapes (ncu-gemv.txt)
+if stage ncu; then
+  NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  ncu_run() { # name, timeout, command...
+    local name=$1 limit=$2; shift 2
+    echo "== ncu: $name"
+    timeout "$limit" "$NCU" --csv --print-units base --metrics gpu__time_duration.sum --clock-control none \
+      --cache-control none --log-file "$OUT/ncu-$name.csv" "$@" > "$OUT/ncu-$name.out" 2>&1
+    echo "ncu $name exit $? ($(grep -c gpu__time_duration "$OUT/ncu-$name.csv" 2>/dev/null) launches)"
+    tail -3 "$OUT/ncu-$name.out"
+  }
+  [ -d /tmp/gen-adapter ] || timeout 120 /tmp/gl/after bench train --model "$CKPT" --batch 1 --seq 16 --steps 1 \
+    --warmup 0 --save /tmp/gen-adapter > "$OUT/gen-adapter.json" 2>&1
+  ncu_run decode 240 /tmp/gl/after bench generate --model "$CKPT" --batch 1 --adapter /tmp/gen-adapter \
+    --prompt-tokens 200 --new-tokens "${NCU_TOKENS:-8}"
+  python3 scripts/bench/ncu_kernels.py "$OUT/ncu-decode.csv" --cycle argmax | tee "$OUT/ncu-decode-step.jsonl" \
+    | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"ncu-decode\",${line#\{}" >> "$RESULTS"; done
+  if [ "${NCU_TRAIN:-0}" = 1 ]; then
+    ncu_run train 300 /tmp/gl/after bench train --model "$CKPT" --batch 8 --seq 512 --steps 1 --warmup 0 \
+      --attn-implementation flash_attention_2
+    python3 scripts/bench/ncu_kernels.py "$OUT/ncu-train.csv" --top 60 | tee "$OUT/ncu-train-kernels.jsonl" \
+      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"ncu-train\",${line#\{}" >> "$RESULTS"; done
+  fi
+  echo "== ncu: the batch-1 NF4 product, full sections"
+  timeout 200 "$NCU" --set full --clock-control none -k regex:nf4_mma_bf16_w8u4t1h0 \
+    --launch-count 16 --print-details all /tmp/gl/after bench kernels --rows 1 --repeats 1 \
+    > "$OUT/ncu-gemv.txt" 2>&1
+  echo "ncu gemv exit $?"; grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy" "$OUT/ncu-gemv.txt" | head -40
 fi
 # sft      `adapterlab train`, 50 steps at batch 8 x 512 on text (the bundled dialogues joined
 #          into long rows, MiniLM's tokenizer from .carry/tokenizer.json), then HF PEFT loads the

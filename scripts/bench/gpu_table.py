@@ -48,6 +48,11 @@ def lines(rows):
         elif what == "lora_pass":
             shape = "x".join(str(d) for d in r["shape"])
             print(f"lora {r.get('side', ''):>6} {shape:>11} {r['pass']:>16}: {r['us']} us")
+        elif what in ("ncu_cycle", "ncu_total"):
+            per = "a cycle" if what == "ncu_cycle" else "in all"
+            print(f"{side}: {json.dumps({k: v for k, v in r.items() if k not in ('side', 'what')})} ({per})")
+        elif what == "ncu_kernel":
+            print(f"{side}: {r['us']:>10} us {r['share']:>7.2%} x{r['launches']:<5} {r['kernel']}")
         elif what == "peft_load":
             print(f"HF PEFT load: {json.dumps({k: v for k, v in r.items() if k != 'side'})}")
 
