@@ -24,7 +24,8 @@ def launches(path):
         if r.get("Metric Name") != "gpu__time_duration.sum":
             continue
         unit = r.get("Metric Unit", "nsecond")
-        scale = {"nsecond": 1.0, "usecond": 1e3, "msecond": 1e6, "second": 1e9}.get(unit)
+        scale = {"nsecond": 1.0, "ns": 1.0, "usecond": 1e3, "us": 1e3, "msecond": 1e6, "ms": 1e6,
+                 "second": 1e9, "s": 1e9}.get(unit)
         if scale is None:
             raise SystemExit(f"{path}: unknown unit {unit!r} for launch {r.get('ID')}")
         out[int(r["ID"])] = (r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * scale)

@@ -5,9 +5,12 @@
 __constant__ float NF4[16] = { NF4_TABLE };
 
 // Shared copies of the lookup tables: constant memory serialises a warp's distinct addresses.
+// nf4s is aligned to 256 bytes so that a code's entry is the table's address with its low byte
+// replaced (nf4_values8: one byte permute a weight, no address add).
 #define LOAD_TABLES                                                          \
-  __shared__ float nf4s[16];                                                 \
+  __shared__ __align__(256) float nf4s[16];                                  \
   __shared__ float code_s[256];                                              \
+  if ((unsigned int)__cvta_generic_to_shared(nf4s) & 255u) __trap();       \
   if (threadIdx.x < 16) nf4s[threadIdx.x] = NF4[threadIdx.x];                \
   if (nested) for (int t = threadIdx.x; t < 256; t += blockDim.x) code_s[t] = acode[t]; \
   __syncthreads();
@@ -23,12 +26,19 @@ __device__ __forceinline__ long long div_pow2(long long e, int d) {
 // w[2t + 1] from its low one (element order), read from the shared table by byte offsets: the
 // masks put each nibble times 4 in its own byte, so a value costs one byte extract (PRMT) and
 // one load, where a shift and a mask per nibble cost one instruction more.
+// The table is nf4s (LOAD_TABLES), 256-byte aligned: the permute that extracts a nibble times 4
+// also copies bytes 1-3 of the table's shared address, which is then the entry's address as is
+// (a generic pointer plus the offset cost an add a weight: a quarter of the tensor-core
+// kernel's instructions were those adds and operand moves, by ncu on an H100, 2026-12-07).
+__device__ __forceinline__ float lds_f32(unsigned int a) {
+  float v; asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(a)); return v;
+}
 __device__ __forceinline__ void nf4_values8(const float* table, unsigned int v, float* w) {
   unsigned int hi = (v >> 2) & 0x3c3c3c3cu, lo = (v << 2) & 0x3c3c3c3cu;
-  const char* t = (const char*)table;
+  unsigned int t = (unsigned int)__cvta_generic_to_shared(table);
   _Pragma("unroll") for (int b = 0; b < 4; ++b) {
-    w[2 * b] = *(const float*)(t + __byte_perm(hi, 0u, 0x4440u | b));
-    w[2 * b + 1] = *(const float*)(t + __byte_perm(lo, 0u, 0x4440u | b));
+    w[2 * b] = lds_f32(__byte_perm(hi, t, 0x7650u | b));
+    w[2 * b + 1] = lds_f32(__byte_perm(lo, t, 0x7650u | b));
   }
 }
 
