@@ -1036,6 +1036,81 @@ fn residual_kernel_equals_two_adds() {
     }
 }
 
+/// The gradient store's sum of a tensor's two gradients on a GPU (`ops::residual::gradient_add`,
+/// the hook the CUDA device installs in candle's autograd) against candle's add, bit for bit, in
+/// bf16 and f16, on values whose sums round (wide magnitudes, cancellation, f16 overflow), a
+/// length with a tail and views that start off a 16-byte boundary; other dtypes and shapes are
+/// left to candle (`None`); and a tensor read twice gets the sum of both readers' gradients.
+#[cfg(feature = "cuda")]
+#[test]
+fn gradient_add_kernel_equals_candles_add() {
+    use adapterlab_model::ops::residual::gradient_add;
+    use candle_core::{DType, Var};
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return;
+    }
+    let n = 3 * 4544 + 7;
+    let mk = |seed: f32, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let t = i as f32 * seed;
+                t.sin() * scale * (1.0 + (t * 0.1).cos().abs() * 1e4f32.powf(t.cos()))
+            })
+            .collect()
+    };
+    for dtype in [DType::BF16, DType::F16] {
+        let on = |v: Vec<f32>| {
+            Tensor::from_vec(v, n, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap()
+        };
+        let (a, b) = (on(mk(0.37, 1.0)), on(mk(0.11, 3.0)));
+        for (off, len) in [(0, n), (3, n - 3), (8, n - 9)] {
+            let (a, b) = (a.narrow(0, off, len).unwrap(), b.narrow(0, 0, len).unwrap());
+            let ours = gradient_add(&a, &b)
+                .unwrap()
+                .expect("a 16-bit pair on the GPU");
+            let theirs = a.add(&b).unwrap();
+            let (o, t) = (host_bits(&ours), host_bits(&theirs));
+            let differ = o.iter().zip(&t).filter(|(x, y)| x != y).count();
+            assert_eq!(
+                differ, 0,
+                "{dtype:?} offset {off}: {differ} of {len} sums differ"
+            );
+        }
+        let short = a.narrow(0, 0, n - 1).unwrap();
+        assert!(gradient_add(&short, &b).unwrap().is_none(), "shapes differ");
+        let f32s = a.to_dtype(DType::F32).unwrap();
+        assert!(
+            gradient_add(&f32s, &f32s).unwrap().is_none(),
+            "f32 is candle's"
+        );
+        // A tensor read twice: its gradient is the sum of the two readers', through the hook
+        // (installed by the device the commands make; the tests' device is a plain one).
+        candle_core::backprop::set_gradient_adder(gradient_add);
+        let x = Var::from_tensor(&a).unwrap();
+        let (w1, w2) = (on(mk(0.29, 1.0)), on(mk(0.53, 2.0)));
+        let y = ((x.as_tensor() * &w1).unwrap() + (x.as_tensor() * &w2).unwrap()).unwrap();
+        let g = y
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let got = host_bits(g.get(x.as_tensor()).unwrap());
+        // Candle's mul backward hands each reader w as the gradient; which one the store
+        // holds first does not change a commutative sum.
+        let want = host_bits(&w1.add(&w2).unwrap());
+        assert_eq!(got, want, "{dtype:?}: a tensor read twice");
+    }
+}
+
 /// Greedy decoding's choice on the GPU (`ops::argmax::rows`, one kernel) against its host twin
 /// (`ops::argmax::first_max`), id for id: rows of Falcon's vocabulary and odd lengths, ties
 /// (the first wins), -inf everywhere, and NaNs (skipped, but a NaN first element wins).
