@@ -7,15 +7,13 @@ __constant__ float NF4[16] = { NF4_TABLE };
 // Shared copies of the lookup tables: constant memory serialises a warp's distinct addresses.
 // nf4s is aligned to 256 bytes so that a code's entry is the table's address with its low byte
 // replaced (nf4_values8: one byte permute a weight, no address add).
-// FILL_TABLES starts the copies without waiting for them, so a kernel can issue its first
-// loads of codes before the barrier (the copy of the nested code book is one memory latency).
-#define FILL_TABLES                                                          \
+#define LOAD_TABLES                                                          \
   __shared__ __align__(256) float nf4s[16];                                  \
   __shared__ float code_s[256];                                              \
   if ((unsigned int)__cvta_generic_to_shared(nf4s) & 255u) __trap();       \
   if (threadIdx.x < 16) nf4s[threadIdx.x] = NF4[threadIdx.x];                \
-  if (nested) for (int t = threadIdx.x; t < 256; t += blockDim.x) code_s[t] = acode[t];
-#define LOAD_TABLES FILL_TABLES __syncthreads();
+  if (nested) for (int t = threadIdx.x; t < 256; t += blockDim.x) code_s[t] = acode[t]; \
+  __syncthreads();
 
 // e / d for d > 0, as a shift where d is a power of two (bitsandbytes' blocksizes all are): a
 // 64-bit division is a long software routine on the GPU, and the decoding kernels divide for

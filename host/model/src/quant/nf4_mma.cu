@@ -29,7 +29,7 @@ template <int WARPS, int UNROLL, int TILES, bool HALVES, bool BF16>
 __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, int nested,
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
     const u16* x, u16* y, int m, const float* lh, const float* lb, float lscale, int lr) {
-  FILL_TABLES
+  LOAD_TABLES
   __shared__ float part[WARPS][16][8 * TILES];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int g = lane >> 2, c = lane & 3;
@@ -37,12 +37,10 @@ __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, i
   float d[TILES][4];
   _Pragma("unroll") for (int t = 0; t < TILES; ++t) d[t][0] = d[t][1] = d[t][2] = d[t][3] = 0.f;
   int chunks = (k + 127) >> 7, lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;
-  uint4 cw[UNROLL][TILES];
-  unsigned int aqv[UNROLL][TILES];
-  float am[UNROLL][TILES];
-  // A round's loads of codes and absmax (chunks ch0, ch0 + WARPS, ...): the first round's are
-  // issued before the tables' barrier, so the two memory latencies overlap.
-  auto issue = [&](int ch0) {
+  for (int ch0 = warp; ch0 < chunks; ch0 += WARPS * UNROLL) {
+    uint4 cw[UNROLL][TILES];
+    unsigned int aqv[UNROLL][TILES];
+    float am[UNROLL][TILES];
     _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
       int col = ((ch0 + u * WARPS) << 7) + (c << 5);
       _Pragma("unroll") for (int t = 0; t < TILES; ++t) {
@@ -57,11 +55,6 @@ __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, i
         }
       }
     }
-  };
-  issue(warp);
-  __syncthreads();
-  for (int ch0 = warp; ch0 < chunks; ch0 += WARPS * UNROLL) {
-    if (ch0 != warp) issue(ch0);
     _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
       if (ch0 + u * WARPS >= chunks) break;
       int col = ((ch0 + u * WARPS) << 7) + (c << 5);
