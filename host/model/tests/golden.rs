@@ -503,9 +503,10 @@ fn nf4_kernels_equal_the_cpu_path() {
 
 /// Every tiling of the tensor-core kernel (`MmaTiling::ALL`) against the CPU path (the weights
 /// rounded to the 16-bit type, as the kernel multiplies them), and tilings with the same warps
-/// bit-equal (a feature's sum must not depend on `unroll` or `tiles`), on feature
-/// counts that leave a block's last tiles empty (40 of 32 a block) and on both halves of the A
-/// operand (up to 8 rows, and more).
+/// and form bit-equal (a feature's sum must not depend on `unroll` or `tiles`), on feature
+/// counts that leave a block's last tiles empty (40 of 32 or 16 a block), a last chunk of columns
+/// that is partly past k (320), both halves of the A operand (up to 8 rows, and more), and the
+/// swapped form (W as the A operand, up to 8 rows) refusing more rows.
 #[cfg(feature = "cuda")]
 #[test]
 fn nf4_mma_tilings_equal_the_cpu_path() {
@@ -546,8 +547,12 @@ fn nf4_mma_tilings_equal_the_cpu_path() {
                     .unwrap();
                 let want = f32s_of_matmul(&x, &wd);
                 let x = x.to_device(&dev).unwrap();
-                let mut by_warps: Vec<(u32, Vec<u32>)> = Vec::new();
+                let mut by_warps: Vec<((u32, bool), Vec<u32>)> = Vec::new();
                 for tiling in MmaTiling::ALL {
+                    if !tiling.serves_rows(m) {
+                        assert!(q.forward_mma_tiled(&x, tiling).is_err(), "{m} rows");
+                        continue;
+                    }
                     let case = format!(
                         "{rows}x{cols} double_quant={double_quant} {dtype:?} m={m} {}",
                         tiling.name()
@@ -559,13 +564,29 @@ fn nf4_mma_tilings_equal_the_cpu_path() {
                     let err = max_diff(&got, &want) / scale;
                     assert!(err < 1e-2, "{case}: relative error {err}");
                     let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
-                    match by_warps.iter().find(|(w, _)| *w == tiling.warps) {
+                    let form = (tiling.warps, tiling.swapped);
+                    match by_warps.iter().find(|(w, _)| *w == form) {
                         Some((_, earlier)) => assert!(
                             *earlier == bits,
                             "{case}: differs from another tiling of {} warps",
                             tiling.warps
                         ),
-                        None => by_warps.push((tiling.warps, bits)),
+                        None => {
+                            // Whether the swapped form (W as the A operand) sums to the bits
+                            // of the other: the same products in the same k slots, but the
+                            // mma's operands exchanged; reported, not required.
+                            if let Some((_, other)) =
+                                by_warps.iter().find(|(w, _)| *w == (form.0, !form.1))
+                            {
+                                let same = other.iter().zip(&bits).filter(|(a, b)| a == b).count();
+                                eprintln!(
+                                    "{case}: {same} of {} outputs bit-equal to the other form of {} warps",
+                                    bits.len(),
+                                    form.0
+                                );
+                            }
+                            by_warps.push((form, bits));
+                        }
                     }
                 }
             }

@@ -291,7 +291,7 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
                 let mma_serves =
                     device.is_cuda() && DecodeKernel::Mma.serves_on(m, inp, out, q.blocks(), mma);
                 for tiling in MmaTiling::ALL {
-                    if mma_serves && tiling != MmaTiling::for_rows(m) {
+                    if mma_serves && tiling != MmaTiling::for_rows(m) && tiling.serves_rows(m) {
                         let name = format!("mma/{}", tiling.name());
                         time(&name, &|| q.forward_mma_tiled(&x, tiling))?;
                     }

@@ -27,11 +27,17 @@ pub const MMA_MAX_ROWS: usize = 16;
 /// sum depends on `warps` alone: warp w adds chunks w, w + warps, w + 2 warps ... in that order
 /// whatever `unroll` and `tiles` are, so tilings of 8 warps give the bits of the kernel before
 /// it had tilings.
+///
+/// `swapped`: the form for up to 8 rows that takes W as the mma's A operand and x as its B
+/// (16 features a block, `tiles` 1; `nf4_mma_swapped` in nf4_mma.cu). Where x is the A operand,
+/// its rows 8-15 are zero registers moved into place for every mma; ncu counted ~9 instructions
+/// a weight at one row there, issue bound (H100, 2026-12-07).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaTiling {
     pub warps: u32,
     pub unroll: u32,
     pub tiles: u32,
+    pub swapped: bool,
 }
 
 impl MmaTiling {
@@ -40,15 +46,25 @@ impl MmaTiling {
             warps,
             unroll,
             tiles,
+            swapped: false,
+        }
+    }
+
+    const fn swapped(warps: u32, unroll: u32) -> Self {
+        MmaTiling {
+            warps,
+            unroll,
+            tiles: 1,
+            swapped: true,
         }
     }
 
     /// The tilings decoding uses: up to 8 rows, and more ([`Self::for_rows`]).
-    pub const DEFAULTS: [MmaTiling; 2] = [MmaTiling::new(8, 4, 1), MmaTiling::new(8, 1, 2)];
+    pub const DEFAULTS: [MmaTiling; 2] = [MmaTiling::swapped(8, 2), MmaTiling::new(8, 1, 2)];
 
     /// Every tiling there are instances of: the defaults and those `bench kernels` measures them
     /// against.
-    pub const ALL: [MmaTiling; 8] = [
+    pub const ALL: [MmaTiling; 12] = [
         MmaTiling::new(8, 2, 1),
         MmaTiling::new(8, 4, 1),
         MmaTiling::new(4, 4, 1),
@@ -57,9 +73,23 @@ impl MmaTiling {
         MmaTiling::new(8, 4, 2),
         MmaTiling::new(4, 2, 2),
         MmaTiling::new(8, 1, 4),
+        MmaTiling::swapped(8, 2),
+        MmaTiling::swapped(8, 4),
+        MmaTiling::swapped(4, 4),
+        MmaTiling::swapped(16, 1),
     ];
 
-    /// The tiling decoding uses for `m` rows. Measured on an H100 on 2026-12-06 (BENCHMARKS.md,
+    /// Whether this tiling's kernel takes `m` rows: the swapped form holds them as the 8 columns
+    /// of its B operand.
+    pub fn serves_rows(self, m: usize) -> bool {
+        m > 0 && m <= if self.swapped { 8 } else { MMA_MAX_ROWS }
+    }
+
+    /// The tiling decoding uses for `m` rows: up to 8 rows the swapped form (`s8u2`). On an H100
+    /// on 2026-12-07 (BENCHMARKS.md) decoding at batch 1 ran 166.4 tokens/s with it against
+    /// 159.9 for the 05:23 build in one call, and 159.3 against 159.2 in the next with `w8u4t1`
+    /// instead, though `bench kernels` alone put `w8u4t1` 3% ahead (103.9 against 106.8 µs a
+    /// layer). Measured on an H100 on 2026-12-06 (BENCHMARKS.md,
     /// `bench kernels` at Falcon-7B's four linear shapes, µs a layer), against the kernel's
     /// first form (`w8u2t1`): at one row `w8u4t1` took 108.8 against 111.1; at 16 rows
     /// `w8u2t2` took 158.7 against 203.7 (x loaded once for 16 features instead of 8; four
@@ -69,25 +99,40 @@ impl MmaTiling {
         Self::DEFAULTS[usize::from(m > 8)]
     }
 
-    /// How reports name it: `w8u2t1`.
+    /// How reports name it: `w8u2t1`, or `s8u2` swapped.
     pub fn name(self) -> String {
-        format!("w{}u{}t{}", self.warps, self.unroll, self.tiles)
+        if self.swapped {
+            format!("s{}u{}", self.warps, self.unroll)
+        } else {
+            format!("w{}u{}t{}", self.warps, self.unroll, self.tiles)
+        }
     }
 
     /// The instance for `m` rows of 16-bit `x` (`bf16` or f16): rows 8-15 of the A operand
-    /// exist only past 8 rows.
+    /// exist only past 8 rows (the swapped form has one instance).
     fn kernel_name(self, m: usize, bf16: bool) -> String {
-        format!(
-            "nf4_mma_{}_{}h{}",
-            if bf16 { "bf16" } else { "f16" },
-            self.name(),
-            u8::from(m > 8)
-        )
+        let ty = if bf16 { "bf16" } else { "f16" };
+        if self.swapped {
+            format!("nf4_mma_{ty}_{}", self.name())
+        } else {
+            format!("nf4_mma_{ty}_{}h{}", self.name(), u8::from(m > 8))
+        }
     }
 
     /// Features one block computes.
     fn features(self) -> usize {
-        8 * self.tiles as usize
+        if self.swapped {
+            16
+        } else {
+            8 * self.tiles as usize
+        }
+    }
+
+    /// Bytes of the warps' partial sums in shared memory (`part` in nf4_mma.cu).
+    #[cfg(test)]
+    fn partial_bytes(self) -> usize {
+        let rows = if self.swapped { 8 } else { 16 };
+        self.warps as usize * rows * self.features() * 4
     }
 }
 
@@ -329,7 +374,13 @@ fn nf4_mma_defines(tilings: &[MmaTiling]) -> String {
     let instances: Vec<String> = tilings
         .iter()
         .flat_map(|t| {
-            [0, 1].map(|h| format!("MMA_INSTANCE({}, {}, {}, {h})", t.warps, t.unroll, t.tiles))
+            if t.swapped {
+                vec![format!("MMA_SWAPPED_INSTANCE({}, {})", t.warps, t.unroll)]
+            } else {
+                [0, 1]
+                    .map(|h| format!("MMA_INSTANCE({}, {}, {}, {h})", t.warps, t.unroll, t.tiles))
+                    .to_vec()
+            }
         })
         .collect();
     format!(
@@ -552,10 +603,12 @@ pub fn gemv_with(
     let (m, k) = x.dims2()?;
     if out_features * k != w.n
         || !kernel.serves(m, k, out_features, w.blocks())
+        || (kernel == DecodeKernel::Mma && !tiling.serves_rows(m))
         || (lora.is_some() && !kernel.adds_lora())
     {
         return Err(Error::Msg(format!(
-            "NF4 {kernel:?} kernel (adapter: {}): {m} rows of {k} features against a weight of {} elements ({out_features} features) in blocks of {}",
+            "NF4 {kernel:?} kernel (tiling {}, adapter: {}): {m} rows of {k} features against a weight of {} elements ({out_features} features) in blocks of {}",
+            tiling.name(),
             lora.is_some(),
             w.n,
             w.blocksize
@@ -699,8 +752,15 @@ mod tests {
         // Every instance's shared memory (the warps' partial sums and the tables) fits the 48 KB
         // a block may declare statically.
         for t in MmaTiling::ALL {
-            let part = t.warps as usize * 16 * t.features() * 4;
-            assert!(part + (16 + 256) * 4 <= 48 * 1024, "{}", t.name());
+            // The table's 256-byte alignment may pad up to 255 bytes.
+            assert!(
+                t.partial_bytes() + (16 + 256) * 4 + 255 <= 48 * 1024,
+                "{}",
+                t.name()
+            );
+        }
+        for m in 1..=MMA_MAX_ROWS {
+            assert!(MmaTiling::for_rows(m).serves_rows(m), "{m} rows");
         }
     }
 }

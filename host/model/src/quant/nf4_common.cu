@@ -28,9 +28,8 @@ __device__ __forceinline__ long long div_pow2(long long e, int d) {
 // one load, where a shift and a mask per nibble cost one instruction more.
 // The table is nf4s (LOAD_TABLES), 256-byte aligned: the permute that extracts a nibble times 4
 // also copies bytes 1-3 of the table's shared address, which is then the entry's address as is
-// (a generic pointer plus the offset cost an add a weight, ~1 of the tensor-core kernel's ~9
-// instructions a weight by SASS; its one-row sum went from ~108 to ~104 us a layer on an H100,
-// across sessions, 2026-12-07).
+// (a generic pointer plus the offset cost an add a weight, ~1 of the A-operand tensor-core
+// kernel's ~9 instructions a weight by SASS, 2026-12-07).
 __device__ __forceinline__ float lds_f32(unsigned int a) {
   float v; asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(a)); return v;
 }
