@@ -23,23 +23,24 @@ __device__ __forceinline__ void rotate16(u16& o1, u16& o2, u16 c, u16 sn, bool b
   o1 = fma16(x1, c, fma16(x2, sn, neg_zero, bf16) ^ 0x8000, bf16);
   o2 = fma16(x1, sn, fma16(x2, c, neg_zero, bf16), bf16);
 }
-// Where a pair (i, i + d/2) of thread idx lives: its token, its slot in the fused row, and in
-// the split heads (q [b, kvh * r, s, d]; k then, vplane further, v [b, kvh, cap, d] from
-// position len), the same decomposition for both directions.
+// Where pair w (i, i + d/2) of token `token` lives: its slot in the fused row, and in the split
+// heads (q [b, kvh * r, s, d]; k then, vplane further, v [b, kvh, cap, d] from position len),
+// the same decomposition for both directions. The launch is a block row per token (blockIdx.x)
+// and the token's pairs across blockIdx.y: 32-bit divisions a pair, where a flat index took six
+// 64-bit ones (a software routine each; the training step's two launches a layer moved ~0.8 TB/s
+// on an H100, ncu 2026-12-07).
 struct Pair {
   long long token;
   int i, slot, grp, j, bi, t;
 };
-__device__ __forceinline__ bool pair_of(long long idx, int b, int s, int kvh, int r, int d, Pair& p) {
+__device__ __forceinline__ bool pair_of(int w, int token, int s, int kvh, int r, int d, Pair& p) {
   int half = d >> 1, slots = kvh * (r + 2);
-  if (idx >= (long long)b * s * slots * half) return false;
-  p.i = (int)(idx % half);
-  long long rest = idx / half;
-  p.slot = (int)(rest % slots);
-  rest /= slots;
-  p.t = (int)(rest % s);
-  p.bi = (int)(rest / s);
-  p.token = (long long)p.bi * s + p.t;
+  if (w >= slots * half) return false;
+  p.i = w % half;
+  p.slot = w / half;
+  p.t = token % s;
+  p.bi = token / s;
+  p.token = token;
   p.grp = p.slot / (r + 2);
   p.j = p.slot % (r + 2);
   return true;
@@ -55,7 +56,7 @@ extern "C" __global__ void NAME(const u16* fused, const u16* cosv, const u16* si
     u16* q, u16* kv, int b, int s, int kvh, int r, int d, long long cap, long long len,       \
     long long vplane) {                                                                       \
   Pair p;                                                                                      \
-  if (!pair_of((long long)blockIdx.x * blockDim.x + threadIdx.x, b, s, kvh, r, d, p)) return; \
+  if (!pair_of(blockIdx.y * blockDim.x + threadIdx.x, blockIdx.x, s, kvh, r, d, p)) return;   \
   int half = d >> 1;                                                                           \
   const u16* src = fused + (p.token * kvh * (r + 2) + p.slot) * d;                             \
   u16 o1 = src[p.i], o2 = src[p.i + half];                                                     \
@@ -79,7 +80,7 @@ extern "C" __global__ void NAME(const u16* gq, const u16* gkv, const u16* cosv, 
     const u16* sinv, int rope, u16* gfused, int b, int s, int kvh, int r, int d,              \
     long long vplane) {                                                                       \
   Pair p;                                                                                      \
-  if (!pair_of((long long)blockIdx.x * blockDim.x + threadIdx.x, b, s, kvh, r, d, p)) return; \
+  if (!pair_of(blockIdx.y * blockDim.x + threadIdx.x, blockIdx.x, s, kvh, r, d, p)) return;   \
   int half = d >> 1;                                                                           \
   bool is_q;                                                                                   \
   long long at = head_offset(p, s, kvh, r, d, s, 0, vplane, &is_q);                            \

@@ -171,6 +171,25 @@ mod cuda {
         Ok((fused.contiguous()?, rope))
     }
 
+    /// The kernels' launch: a block row per token (x), the token's `slots * d / 2` pairs across
+    /// y, 256 threads a block.
+    /// Never launched for no tokens (the kernel divides by the sequence length).
+    fn token_rows(tokens: usize, groups: QkvGroups) -> Result<LaunchConfig> {
+        const THREADS: usize = 256;
+        let across = (groups.slots() * (groups.head_dim / 2)).div_ceil(THREADS);
+        if tokens > i32::MAX as usize || across > 65_535 {
+            candle_core::bail!(
+                "rope_append: {tokens} tokens of {} pairs do not fit a launch",
+                groups.slots() * (groups.head_dim / 2)
+            );
+        }
+        Ok(LaunchConfig {
+            grid_dim: (tokens.max(1) as u32, across.max(1) as u32, 1),
+            block_dim: (THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+
     /// The kernels' shape arguments: `b, s, kv_heads, q_per_kv, d`.
     fn shape_args(groups: QkvGroups, (b, s): (usize, usize)) -> [i32; 5] {
         [b, s, groups.kv_heads, groups.q_per_kv, groups.head_dim].map(|x| x as i32)
@@ -215,9 +234,12 @@ mod cuda {
         kv: &CudaView<'_, T>,
         (cap, len, vplane): (usize, usize, usize),
     ) -> Result<()> {
+        if b * s == 0 {
+            return Ok(());
+        }
         let dev = cuda_device(fused)?;
         let d = groups.head_dim;
-        let cfg = LaunchConfig::for_num_elems((b * s * groups.slots() * (d / 2)) as u32);
+        let cfg = token_rows(b * s, groups)?;
         let fin = CudaInput::of(fused)?;
         let fv = fin.view::<T>(b * s * groups.slots() * d)?;
         let tables = tables(rope)?;
@@ -383,7 +405,7 @@ mod cuda {
         let n = b * s * groups.slots() * d;
         let h = groups.kv_heads * groups.q_per_kv;
         let (nq, nk) = (b * h * s * d, b * groups.kv_heads * s * d);
-        let cfg = LaunchConfig::for_num_elems((n / 2) as u32);
+        let cfg = token_rows(b * s, groups)?;
         let gin = CudaInput::of(grad)?;
         let tables = tables(rope)?;
         let has_rope = i32::from(rope.is_some());
@@ -397,9 +419,12 @@ mod cuda {
                 let (cv, sv) = table_views(&tables, &gv, b * s * d / 2)?;
                 // SAFETY: the kernel writes every element of the fused row.
                 let out = unsafe { dev.alloc::<$t>(n)? };
-                crate::run_kernel!(ROPE_APPEND, dev, &name, cfg;
-                    &gq, &gkv, &cv, &sv, &has_rope, &out, &b_i, &s_i, &kvh_i, &r_i, &d_i, &vplane,
-                )?;
+                if n > 0 {
+                    crate::run_kernel!(ROPE_APPEND, dev, &name, cfg;
+                        &gq, &gkv, &cv, &sv, &has_rope, &out, &b_i, &s_i, &kvh_i, &r_i, &d_i,
+                        &vplane,
+                    )?;
+                }
                 wrap(out, &dev, (b, s, groups.slots() * d))
             }};
         }
