@@ -1001,6 +1001,30 @@ fn picked_rows_kernel_equals_index_select() {
     }
 }
 
+/// `n` values whose 16-bit sums round: magnitudes over ~8 decades, signs alternating (so sums
+/// cancel), large enough in places to overflow f16; `seed` and `scale` vary them.
+#[cfg(feature = "cuda")]
+fn rounding_values(n: usize, seed: f32, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let t = i as f32 * seed;
+            t.sin() * scale * (1.0 + (t * 0.1).cos().abs() * 1e4f32.powf(t.cos()))
+        })
+        .collect()
+}
+
+/// `v` as a 1-d tensor of `dtype` on `dev`.
+#[cfg(feature = "cuda")]
+fn on_device16(v: Vec<f32>, dtype: candle_core::DType, dev: &Device) -> Tensor {
+    let n = v.len();
+    Tensor::from_vec(v, n, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+        .to_device(dev)
+        .unwrap()
+}
+
 /// A parallel layer's residual in one kernel (`ops::residual::add3`) against candle's two
 /// adds on the GPU, bit for bit, in bf16 and f16, on values whose sums round (wide magnitude
 /// ranges, cancellation, overflow to inf in f16), a length that leaves a tail; with a graph,
@@ -1016,23 +1040,9 @@ fn residual_kernel_equals_two_adds() {
         return;
     }
     let n = 3 * 4544 + 7;
-    let mk = |seed: f32, scale: f32| -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let t = i as f32 * seed;
-                t.sin() * scale * (1.0 + (t * 0.1).cos().abs() * 1e4f32.powf(t.cos()))
-            })
-            .collect()
-    };
+    let mk = |seed: f32, scale: f32| rounding_values(n, seed, scale);
     for dtype in [DType::BF16, DType::F16] {
-        let on = |v: Vec<f32>| {
-            Tensor::from_vec(v, n, &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap()
-                .to_device(&dev)
-                .unwrap()
-        };
+        let on = |v: Vec<f32>| on_device16(v, dtype, &dev);
         let (x, a, b) = (on(mk(0.37, 1.0)), on(mk(0.11, 3.0)), on(mk(0.73, 0.5)));
         let fused = add3(&x, &a, &b).unwrap();
         let plain = (&x + (&a + &b).unwrap()).unwrap();
@@ -1073,23 +1083,9 @@ fn gradient_add_kernel_equals_candles_add() {
         return;
     }
     let n = 3 * 4544 + 7;
-    let mk = |seed: f32, scale: f32| -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let t = i as f32 * seed;
-                t.sin() * scale * (1.0 + (t * 0.1).cos().abs() * 1e4f32.powf(t.cos()))
-            })
-            .collect()
-    };
+    let mk = |seed: f32, scale: f32| rounding_values(n, seed, scale);
     for dtype in [DType::BF16, DType::F16] {
-        let on = |v: Vec<f32>| {
-            Tensor::from_vec(v, n, &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap()
-                .to_device(&dev)
-                .unwrap()
-        };
+        let on = |v: Vec<f32>| on_device16(v, dtype, &dev);
         let (a, b) = (on(mk(0.37, 1.0)), on(mk(0.11, 3.0)));
         for (off, len) in [(0, n), (3, n - 3), (8, n - 9)] {
             let (a, b) = (a.narrow(0, off, len).unwrap(), b.narrow(0, 0, len).unwrap());

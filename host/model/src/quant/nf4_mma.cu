@@ -25,6 +25,21 @@
 // warp w adds chunks w, w + WARPS, w + 2 WARPS ... in that order whatever UNROLL, TILES and
 // HALVES are.
 
+// The block's outputs from the warps' partial sums part[warp][row][feature] (ROWS x FEATS a
+// warp), each summed over the warps in order (a feature's sum depends on WARPS alone) and stored
+// with the adapter's product (STORE_OUT); both forms below end with it.
+#define STORE_WARP_SUMS(ROWS, FEATS)                                                           \
+  __syncthreads();                                                                             \
+  for (int e = threadIdx.x; e < (ROWS) * (FEATS); e += blockDim.x) {                          \
+    int r = e / (FEATS), f = e % (FEATS);                                                      \
+    long long o = first + f;                                                                   \
+    if (r >= m || o >= n) continue;                                                           \
+    float sum = 0.f;                                                                           \
+    _Pragma("unroll") for (int w = 0; w < WARPS; ++w) sum += part[w][r][f];                    \
+    if (BF16) STORE_OUT(bf16_to_f32, f32_to_bf16, r, o, sum)                                  \
+    else STORE_OUT(f16_to_f32, f32_to_f16, r, o, sum)                                         \
+  }
+
 template <int WARPS, int UNROLL, int TILES, bool HALVES, bool BF16>
 __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, int nested,
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
@@ -95,16 +110,7 @@ __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, i
     part[warp][g + 8][8 * t + 2 * c] = d[t][2];
     part[warp][g + 8][8 * t + 2 * c + 1] = d[t][3];
   }
-  __syncthreads();
-  for (int e = threadIdx.x; e < 16 * 8 * TILES; e += blockDim.x) {
-    int r = e / (8 * TILES), f = e % (8 * TILES);
-    long long o = first + f;
-    if (r >= m || o >= n) continue;
-    float sum = 0.f;
-    _Pragma("unroll") for (int w = 0; w < WARPS; ++w) sum += part[w][r][f];
-    if (BF16) STORE_OUT(bf16_to_f32, f32_to_bf16, r, o, sum)
-    else STORE_OUT(f16_to_f32, f32_to_f16, r, o, sum)
-  }
+  STORE_WARP_SUMS(16, 8 * TILES)
 }
 
 // The swapped form for up to 8 rows: W is the A operand (16 features: lane (g, c) dequantizes
@@ -195,16 +201,7 @@ __device__ __forceinline__ void nf4_mma_swapped(const u8* codes, int n, int k, i
   part[warp][2 * c + 1][g] = d[1];
   part[warp][2 * c][g + 8] = d[2];
   part[warp][2 * c + 1][g + 8] = d[3];
-  __syncthreads();
-  for (int e = threadIdx.x; e < 8 * 16; e += blockDim.x) {
-    int r = e >> 4, f = e & 15;
-    long long o = first + f;
-    if (r >= m || o >= n) continue;
-    float sum = 0.f;
-    _Pragma("unroll") for (int w = 0; w < WARPS; ++w) sum += part[w][r][f];
-    if (BF16) STORE_OUT(bf16_to_f32, f32_to_bf16, r, o, sum)
-    else STORE_OUT(f16_to_f32, f32_to_f16, r, o, sum)
-  }
+  STORE_WARP_SUMS(8, 16)
 }
 
 // One instance a tiling and 16-bit type, named nf4_mma_{bf16,f16}_w<WARPS>u<UNROLL>t<TILES>h<0|1>
