@@ -46,6 +46,25 @@ LN_BWD(layer_norm_bwd_f16, f16_to_f32, f32_to_f16)
 // LNV_CHUNKS elements (layer_norm.rs checks; other rows take the kernel above).
 #define LNV_THREADS 256
 #define LNV_CHUNKS 4
+// A row's mean and (biased) variance from the values a block holds in registers (xv, this
+// thread's chunks) and the thread's partial sum s: the variance from the held values in a second
+// pass. Both vector kernels take their statistics here; each keeps its own reciprocal square
+// root (the backward 1 / sqrtf, the forward rsqrtf, as measured).
+__device__ __forceinline__ void row_moments(const float (&xv)[LNV_CHUNKS][8], float s, float* red,
+    int n, int chunks, float* mean, float* var) {
+  float m = block_reduce(s, red, 0) / (float)n;
+  float v = 0.f;
+  _Pragma("unroll") for (int c = 0; c < LNV_CHUNKS; ++c) {
+    if (threadIdx.x + c * LNV_THREADS < chunks) {
+      _Pragma("unroll") for (int i = 0; i < 8; ++i) {
+        float d = xv[c][i] - m;
+        v += d * d;
+      }
+    }
+  }
+  *mean = m;
+  *var = block_reduce(v, red, 0) / (float)n;
+}
 template <bool BF16>
 __device__ __forceinline__ void layer_norm_bwd_vec(const u16* x, const u16* g, const float* w,
     u16* out, int n, float eps) {
@@ -69,17 +88,9 @@ __device__ __forceinline__ void layer_norm_bwd_vec(const u16* x, const u16* g, c
       }
     }
   }
-  float mean = block_reduce(s, red, 0) / (float)n;
-  float v = 0.f;
-  _Pragma("unroll") for (int c = 0; c < LNV_CHUNKS; ++c) {
-    if (threadIdx.x + c * LNV_THREADS < chunks) {
-      _Pragma("unroll") for (int i = 0; i < 8; ++i) {
-        float d = xv[c][i] - mean;
-        v += d * d;
-      }
-    }
-  }
-  float rstd = 1.0f / sqrtf(block_reduce(v, red, 0) / (float)n + eps);
+  float mean, var;
+  row_moments(xv, s, red, n, chunks, &mean, &var);
+  float rstd = 1.0f / sqrtf(var + eps);
   float a = 0.f, b = 0.f;
   _Pragma("unroll") for (int c = 0; c < LNV_CHUNKS; ++c) {
     if (threadIdx.x + c * LNV_THREADS < chunks) {
@@ -156,17 +167,9 @@ __device__ __forceinline__ void layer_norm_fwd_vec(const u16* x, const u16* w, c
       }
     }
   }
-  float mean = block_reduce(s, red, 0) / (float)n;
-  float v = 0.f;
-  _Pragma("unroll") for (int c = 0; c < LNV_CHUNKS; ++c) {
-    if (threadIdx.x + c * LNV_THREADS < chunks) {
-      _Pragma("unroll") for (int i = 0; i < 8; ++i) {
-        float d = xv[c][i] - mean;
-        v += d * d;
-      }
-    }
-  }
-  float rstd = rsqrtf(block_reduce(v, red, 0) / (float)n + eps);
+  float mean, var;
+  row_moments(xv, s, red, n, chunks, &mean, &var);
+  float rstd = rsqrtf(var + eps);
   _Pragma("unroll") for (int c = 0; c < LNV_CHUNKS; ++c) {
     int idx = threadIdx.x + c * LNV_THREADS;
     if (idx < chunks) {
