@@ -833,17 +833,6 @@ fn matmul_plus_is_the_product_plus_the_term() {
         eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
         return;
     }
-    let values = |seed: f32, shape: (usize, usize), scale: f32| {
-        let len = shape.0 * shape.1;
-        Tensor::from_vec(
-            (0..len)
-                .map(|i| (i as f32 * 0.7391 + seed).sin() * scale)
-                .collect::<Vec<f32>>(),
-            shape,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
     for (m, k, n) in [(33, 72, 40), (130, 264, 96)] {
         for rhs in [Rhs::Transposed, Rhs::AsIs] {
             for dtype in [DType::BF16, DType::F16] {
@@ -855,9 +844,9 @@ fn matmul_plus_is_the_product_plus_the_term() {
                 // Rounded to the type first, so all three sums see the same operands.
                 let typed = |t: Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
                 let (a, b, c) = (
-                    typed(values(0.1, (m, k), 1.0)),
-                    typed(values(0.2, b_shape, 0.1)),
-                    typed(values(0.3, (m, n), 1.0)),
+                    typed(waves((m, k), 1.0, 0.1, &Device::Cpu)),
+                    typed(waves(b_shape, 0.1, 0.2, &Device::Cpu)),
+                    typed(waves((m, n), 1.0, 0.3, &Device::Cpu)),
                 );
                 let bt = match rhs {
                     Rhs::Transposed => b.t().unwrap(),
@@ -913,20 +902,7 @@ fn heads_kernel_equals_candles_transpose() {
     for (b, h, s, d) in [(2, 71, 37, 64), (3, 4, 5, 8)] {
         for dtype in [DType::BF16, DType::F16] {
             let n = b * h * s * d;
-            let values = |seed: f32, len: usize| {
-                Tensor::from_vec(
-                    (0..len)
-                        .map(|i| (i as f32 * 0.37 + seed).sin())
-                        .collect::<Vec<f32>>(),
-                    len,
-                    &Device::Cpu,
-                )
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap()
-                .to_device(&dev)
-                .unwrap()
-            };
+            let values = |seed: f32, len: usize| on_device(sines(len, seed), dtype, &dev);
             let case = format!("[{b}, {h}, {s}, {d}] {dtype:?}");
             let x = Var::from_tensor(&values(0.5, n).reshape((b, h, s, d)).unwrap()).unwrap();
             let w = values(1.5, n).reshape((b, s, h * d)).unwrap();
@@ -937,15 +913,7 @@ fn heads_kernel_equals_candles_transpose() {
                 .unwrap()
                 .reshape((b, s, h * d))
                 .unwrap();
-            assert!(
-                host_bits(&ours) == host_bits(&theirs),
-                "{case}: values differ"
-            );
-            let grad = |out: &Tensor| {
-                let g = (out * &w).unwrap().sum_all().unwrap().backward().unwrap();
-                host_bits(g.get(x.as_tensor()).unwrap())
-            };
-            assert!(grad(&ours) == grad(&theirs), "{case}: gradients differ");
+            assert_same_value_and_gradient(&x, &w, &ours, &theirs, &case);
         }
     }
 }
@@ -966,20 +934,7 @@ fn picked_rows_kernel_equals_index_select() {
     }
     for (n, h) in [(300, 4544), (9, 8), (7, 5)] {
         for dtype in [DType::BF16, DType::F16, DType::F32] {
-            let values = |seed: f32, len: usize| {
-                Tensor::from_vec(
-                    (0..len)
-                        .map(|i| (i as f32 * 0.37 + seed).sin())
-                        .collect::<Vec<f32>>(),
-                    len,
-                    &Device::Cpu,
-                )
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap()
-                .to_device(&dev)
-                .unwrap()
-            };
+            let values = |seed: f32, len: usize| on_device(sines(len, seed), dtype, &dev);
             let picked: Vec<u32> = (0..n as u32).filter(|i| i % 3 != 1).collect();
             let k = picked.len();
             let rows = PickedRows::new(picked, &dev).unwrap();
@@ -988,15 +943,7 @@ fn picked_rows_kernel_equals_index_select() {
             let w = values(1.5, k * h).reshape((k, h)).unwrap();
             let ours = rows.gather(x.as_tensor()).unwrap();
             let theirs = x.as_tensor().index_select(rows.tensor(), 0).unwrap();
-            assert!(
-                host_bits(&ours) == host_bits(&theirs),
-                "{case}: values differ"
-            );
-            let grad = |out: &Tensor| {
-                let g = (out * &w).unwrap().sum_all().unwrap().backward().unwrap();
-                host_bits(g.get(x.as_tensor()).unwrap())
-            };
-            assert!(grad(&ours) == grad(&theirs), "{case}: gradients differ");
+            assert_same_value_and_gradient(&x, &w, &ours, &theirs, &case);
         }
     }
 }
@@ -1013,9 +960,46 @@ fn rounding_values(n: usize, seed: f32, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// `sin(0.7391 i + phase) * scale` for the elements of `shape`, f32 on `dev`: the GPU tests'
+/// smooth inputs, with no two neighbours alike.
+fn waves<S: Into<candle_core::Shape>>(shape: S, scale: f32, phase: f32, dev: &Device) -> Tensor {
+    let shape = shape.into();
+    let v: Vec<f32> = (0..shape.elem_count())
+        .map(|i| (i as f32 * 0.7391 + phase).sin() * scale)
+        .collect();
+    Tensor::from_vec(v, shape, dev).unwrap()
+}
+
+/// `len` values `sin(0.37 i + seed)`.
+#[cfg(feature = "cuda")]
+fn sines(len: usize, seed: f32) -> Vec<f32> {
+    (0..len).map(|i| (i as f32 * 0.37 + seed).sin()).collect()
+}
+
+/// `ours` and `theirs`, two computations of one value from `x`, bit for bit, and the gradient of
+/// `sum(out * w)` they hand back to `x`.
+#[cfg(feature = "cuda")]
+fn assert_same_value_and_gradient(
+    x: &candle_core::Var,
+    w: &Tensor,
+    ours: &Tensor,
+    theirs: &Tensor,
+    case: &str,
+) {
+    assert!(
+        host_bits(ours) == host_bits(theirs),
+        "{case}: values differ"
+    );
+    let grad = |out: &Tensor| {
+        let g = (out * w).unwrap().sum_all().unwrap().backward().unwrap();
+        host_bits(g.get(x.as_tensor()).unwrap())
+    };
+    assert!(grad(ours) == grad(theirs), "{case}: gradients differ");
+}
+
 /// `v` as a 1-d tensor of `dtype` on `dev`.
 #[cfg(feature = "cuda")]
-fn on_device16(v: Vec<f32>, dtype: candle_core::DType, dev: &Device) -> Tensor {
+fn on_device(v: Vec<f32>, dtype: candle_core::DType, dev: &Device) -> Tensor {
     let n = v.len();
     Tensor::from_vec(v, n, &Device::Cpu)
         .unwrap()
@@ -1042,7 +1026,7 @@ fn residual_kernel_equals_two_adds() {
     let n = 3 * 4544 + 7;
     let mk = |seed: f32, scale: f32| rounding_values(n, seed, scale);
     for dtype in [DType::BF16, DType::F16] {
-        let on = |v: Vec<f32>| on_device16(v, dtype, &dev);
+        let on = |v: Vec<f32>| on_device(v, dtype, &dev);
         let (x, a, b) = (on(mk(0.37, 1.0)), on(mk(0.11, 3.0)), on(mk(0.73, 0.5)));
         let fused = add3(&x, &a, &b).unwrap();
         let plain = (&x + (&a + &b).unwrap()).unwrap();
@@ -1085,7 +1069,7 @@ fn gradient_add_kernel_equals_candles_add() {
     let n = 3 * 4544 + 7;
     let mk = |seed: f32, scale: f32| rounding_values(n, seed, scale);
     for dtype in [DType::BF16, DType::F16] {
-        let on = |v: Vec<f32>| on_device16(v, dtype, &dev);
+        let on = |v: Vec<f32>| on_device(v, dtype, &dev);
         let (a, b) = (on(mk(0.37, 1.0)), on(mk(0.11, 3.0)));
         for (off, len) in [(0, n), (3, n - 3), (8, n - 9)] {
             let (a, b) = (a.narrow(0, off, len).unwrap(), b.narrow(0, 0, len).unwrap());
@@ -1557,24 +1541,18 @@ fn lora_train_node_equals_the_op_by_op_graph_on_the_gpu() {
         eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
         return;
     }
-    let host = |len: usize, scale: f32, phase: f32, shape: (usize, usize)| {
-        let v: Vec<f32> = (0..len)
-            .map(|i| (i as f32 * 0.7391 + phase).sin() * scale)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    };
     for (m, k, n, r) in [
         (96, 256, 192, 16),
         (77, 1032, 192, 8),
         (100, 2056, 64, 16),
         (1024, 256, 64, 8),
     ] {
-        let w = host(n * k, 0.05, 0.1, (n, k));
+        let w = waves((n, k), 0.05, 0.1, &Device::Cpu);
         let (x0, a0, b0, g0) = (
-            host(m * k, 1.0, 0.2, (m, k)),
-            host(r * k, 0.1, 0.3, (r, k)),
-            host(n * r, 0.1, 0.4, (n, r)),
-            host(m * n, 1.0, 0.5, (m, n)),
+            waves((m, k), 1.0, 0.2, &Device::Cpu),
+            waves((r, k), 0.1, 0.3, &Device::Cpu),
+            waves((n, r), 0.1, 0.4, &Device::Cpu),
+            waves((m, n), 1.0, 0.5, &Device::Cpu),
         );
         let dropout = Some(Dropout { key: 7, p: 0.1 });
         // (value, dx, dA, dB) of one forward and backward on `on`, in `dtype`.
@@ -1801,17 +1779,11 @@ fn flash_attention_kernels_equal_the_cpu_twin() {
     ];
     for (b, h, kv, s, past, d, alibi, packed) in shapes {
         let t = past + s;
-        let host = |len: usize, phase: f32, shape: (usize, usize, usize, usize)| {
-            let v: Vec<f32> = (0..len)
-                .map(|i| (i as f32 * 0.7391 + phase).sin())
-                .collect();
-            Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-        };
         let (q0, k0, v0, g0) = (
-            host(b * h * s * d, 0.1, (b, h, s, d)),
-            host(b * kv * t * d, 0.2, (b, kv, t, d)),
-            host(b * kv * t * d, 0.3, (b, kv, t, d)),
-            host(b * h * s * d, 0.4, (b, h, s, d)),
+            waves((b, h, s, d), 1.0, 0.1, &Device::Cpu),
+            waves((b, kv, t, d), 1.0, 0.2, &Device::Cpu),
+            waves((b, kv, t, d), 1.0, 0.3, &Device::Cpu),
+            waves((b, h, s, d), 1.0, 0.4, &Device::Cpu),
         );
         // Row 0 left-padded by 3; packed rows cut into examples of 17 tokens.
         let real: Vec<Vec<bool>> = (0..b)
@@ -2017,14 +1989,8 @@ fn lora_node_takes_f32_weights_as_the_graph_that_casts_them() {
         eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
         return;
     }
-    let host = |len: usize, scale: f32, phase: f32, shape: (usize, usize)| {
-        let v: Vec<f32> = (0..len)
-            .map(|i| (i as f32 * 0.7391 + phase).sin() * scale)
-            .collect();
-        Tensor::from_vec(v, shape, &dev).unwrap()
-    };
     for (m, k, n, r) in [(96, 256, 192, 16), (77, 1032, 200, 8)] {
-        let w = host(n * k, 0.05, 0.1, (n, k));
+        let w = waves((n, k), 0.05, 0.1, &dev);
         for dtype in [DType::BF16, DType::F16] {
             let base: Arc<dyn BaseWeight> =
                 Arc::new(Nf4Weight::quantize(&w, Nf4Options::default(), dtype, &dev).unwrap());
@@ -2032,11 +1998,11 @@ fn lora_node_takes_f32_weights_as_the_graph_that_casts_them() {
                 for scaling in [2.0, 0.3] {
                     let run = |cast_in_graph: bool| -> Vec<Vec<u32>> {
                         let x = Var::from_tensor(
-                            &host(m * k, 1.0, 0.2, (m, k)).to_dtype(dtype).unwrap(),
+                            &waves((m, k), 1.0, 0.2, &dev).to_dtype(dtype).unwrap(),
                         )
                         .unwrap();
-                        let a = Var::from_tensor(&host(r * k, 0.1, 0.3, (r, k))).unwrap();
-                        let b = Var::from_tensor(&host(n * r, 0.1, 0.4, (n, r))).unwrap();
+                        let a = Var::from_tensor(&waves((r, k), 0.1, 0.3, &dev)).unwrap();
+                        let b = Var::from_tensor(&waves((n, r), 0.1, 0.4, &dev)).unwrap();
                         let (a16, b16) = (
                             a.as_tensor().to_dtype(dtype).unwrap(),
                             b.as_tensor().to_dtype(dtype).unwrap(),
@@ -2058,7 +2024,7 @@ fn lora_node_takes_f32_weights_as_the_graph_that_casts_them() {
                         let y =
                             lora_linear(base.clone(), None, x.as_tensor(), adapter, dropout, input)
                                 .unwrap();
-                        let g = host(m * n, 1.0, 0.5, (m, n)).to_dtype(dtype).unwrap();
+                        let g = waves((m, n), 1.0, 0.5, &dev).to_dtype(dtype).unwrap();
                         let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
                         let da = grads.get(a.as_tensor()).expect("dA");
                         let db = grads.get(b.as_tensor()).expect("dB");
@@ -2101,18 +2067,12 @@ fn lora_da_from_stored_mask_bits_equals_the_drawn_mask() {
         eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
         return;
     }
-    let host = |len: usize, scale: f32, phase: f32, shape: (usize, usize)| {
-        let v: Vec<f32> = (0..len)
-            .map(|i| (i as f32 * 0.7391 + phase).sin() * scale)
-            .collect();
-        Tensor::from_vec(v, shape, &dev).unwrap()
-    };
     let (key, p) = (13u64, 0.1f32);
     for (m, k, r) in [(96, 256, 16), (77, 1032, 8), (1000, 4544, 16)] {
         for dtype in [DType::BF16, DType::F16] {
-            let z = host(m * k, 1.0, 0.2, (m, k)).to_dtype(dtype).unwrap();
-            let a = host(r * k, 0.1, 0.3, (r, k)).to_dtype(dtype).unwrap();
-            let gh = host(m * r, 1.0, 0.5, (m, r)).to_dtype(dtype).unwrap();
+            let z = waves((m, k), 1.0, 0.2, &dev).to_dtype(dtype).unwrap();
+            let a = waves((r, k), 0.1, 0.3, &dev).to_dtype(dtype).unwrap();
+            let gh = waves((m, r), 1.0, 0.5, &dev).to_dtype(dtype).unwrap();
             let mask = Some((key, p));
             let (h_plain, none) = train_h_keeping(&z, &a, mask, false).unwrap();
             assert!(none.is_none());
@@ -2149,7 +2109,7 @@ fn lora_da_from_stored_mask_bits_equals_the_drawn_mask() {
                 host_bits(&drawn) == host_bits(&read),
                 "{case}: the term differs"
             );
-            let y = host(m * k, 0.5, 0.9, (m, k)).to_dtype(dtype).unwrap();
+            let y = waves((m, k), 0.5, 0.9, &dev).to_dtype(dtype).unwrap();
             let drawn = train_add(&y, &gh, f(), mask, Some(&z), None).unwrap();
             let read = train_add(&y, &gh, f(), mask, Some(&z), Some(&bits)).unwrap();
             assert!(
