@@ -356,32 +356,12 @@ pub fn train_da(
     let part = unsafe { dev.alloc::<f32>(slabs * r * k)? };
     let (k_i, rows_per_i, m_i) = (k as i32, rows_per as i32, m as i32);
     let (key, p, scale) = mask_args(mask);
-    // The decisions h stored (one bit an element of z), read instead of drawn again.
-    let stored = match bits {
-        Some(b) if mma && p > 0.0 => {
-            if b.dtype() != DType::U8 || b.elem_count() != (m * k).div_ceil(8) {
-                return Err(Error::Msg(format!(
-                    "lora training dA: {} stored mask bytes of {:?} for z {:?}",
-                    b.elem_count(),
-                    b.dtype(),
-                    z.dims()
-                )));
-            }
-            Some(b.contiguous()?)
-        }
-        _ => None,
-    };
-    let dummy;
-    let bits_t = match &stored {
-        Some(b) => b,
-        None => {
-            dummy = Tensor::zeros(1, DType::U8, z.device())?;
-            &dummy
-        }
-    };
-    let bs_in = CudaInput::of(bits_t)?;
+    // The decisions h stored (one bit an element of z), read instead of drawn again; only the
+    // tensor-core kernel reads them.
+    let (bits_t, stored) = stored_bits(bits.filter(|_| mma), p, m * k, z.device())?;
+    let bs_in = CudaInput::of(&bits_t)?;
     let bits_v = bs_in.view::<u8>(bits_t.elem_count())?;
-    let stored_i = i32::from(stored.is_some());
+    let stored_i = i32::from(stored);
     let cfg = LaunchConfig {
         grid_dim: (col_blocks as u32, slabs as u32, 1),
         block_dim: (256, 1, 1),
@@ -763,8 +743,9 @@ pub fn train_term(
     })
 }
 
-/// The stored decisions checked against `n` elements, or a one-byte stand-in, and whether they
-/// are to be read (dropout on and bits given).
+/// The stored decisions checked against `n` elements (a whole number of bytes: trained inputs
+/// have rows of a multiple of 8), or a one-byte stand-in, and whether they are to be read
+/// (dropout on and bits given).
 fn stored_bits(
     stored: Option<&Tensor>,
     p: f32,

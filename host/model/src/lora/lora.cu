@@ -397,13 +397,6 @@ LORA_TRAIN_ADD(lora_train_add_drop_bf16_r16, 16, true, true)
 LORA_TRAIN_ADD(lora_train_add_drop_f16_r8, 8, false, true)
 LORA_TRAIN_ADD(lora_train_add_drop_f16_r16, 16, false, true)
 
-// The input gradient of a node whose input went through the exact GELU: GELU's backward (against
-// the pre-activation gx) of y + dropout(t), t the adapter's term as cuBLAS wrote it
-// (train_term's product, before its mask), with the roundings of lora_train_add's sum. Where
-// lora_train_add spent 2R f32 multiply-adds an element rebuilding the term, this reads it: at
-// Falcon-7B's widest layer (18176 columns) the rebuilt form took ~0.43 ms a layer on an H100
-// (2026-12-07). Eight elements a thread, as 16-byte words where `vec` says all four tensors start
-// on one.
 // One element: the term dropped out (d) or scaled, added to y, GELU's backward at gx.
 template <bool BF16, bool DROP>
 __device__ __forceinline__ u16 add_term_gelu_one(u16 y, u16 t, u16 gx, bool d, float scale) {
@@ -412,6 +405,14 @@ __device__ __forceinline__ u16 add_term_gelu_one(u16 y, u16 t, u16 gx, bool d, f
   float sum = load16<BF16>(round16<BF16>(__fadd_rn(load16<BF16>(y), v)));
   return round16<BF16>(gelu_grad(load16<BF16>(gx), sum));
 }
+
+// The input gradient of a node whose input went through the exact GELU: GELU's backward (against
+// the pre-activation gx) of y + dropout(t), t the adapter's term as cuBLAS wrote it
+// (train_term's product, before its mask), with the roundings of lora_train_add's sum. Where
+// lora_train_add spent 2R f32 multiply-adds an element rebuilding the term, this reads it: at
+// Falcon-7B's widest layer (18176 columns) the rebuilt form took ~0.43 ms a layer on an H100
+// (2026-12-07). Eight elements a thread, as 16-byte words where `vec` says all four tensors start
+// on one.
 // The eight elements are words of registers, never an array whose address is taken: the earlier
 // form reinterpreted its uint4s as u16 arrays, which the scalar tail indexed, so every element
 // went through local memory (64 bytes of stack, 48 LDL a thread by SASS; 331 us a launch at
