@@ -67,12 +67,13 @@ pub fn decoding_settings(
     );
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        let (gemv, small) = crate::quant::kernels::decode_settings()?;
+        let [gemv, small, tiling] = crate::quant::kernels::decode_settings()?;
         return Ok(vec![
             attention,
             rope,
             ("ADAPTERLAB_NF4_GEMV", gemv),
             ("ADAPTERLAB_NF4_SMALL_BATCH", small),
+            ("ADAPTERLAB_NF4_MMA_TILING", tiling),
         ]);
     }
     let _ = device;

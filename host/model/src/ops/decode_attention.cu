@@ -6,9 +6,10 @@
 // Keys and values are read where the cache holds them: rows of d elements (16-byte aligned,
 // d % 8 == 0), heads `kh`/`vh` and batch rows `kb`/`vb` elements apart. The loops over keys
 // are unrolled: a (row, head) has few threads, and each would otherwise wait out one load's
-// latency per key; in the weighted sum a thread takes two adjacent dimensions (one 4-byte load
-// a key), so 2 * blockDim / d groups of threads split the keys, halving each one's chain of
-// loads (measured: 1.3 ms a step of batch 16's decoding on an H100 before, 2026-12-06).
+// latency per key; in the weighted sum a thread takes four adjacent dimensions (one 8-byte load
+// a key), so 4 * blockDim / d groups of threads split the keys, quartering each one's chain of
+// loads (two dimensions a thread measured 1.3 ms a step of batch 16's decoding on an H100 less
+// than one, 2026-12-06; at batch 1 ncu put the kernel at 13.9 us a layer, 2026-12-07).
 #define DECODE_ATTN(NAME, LOAD, STORE)                                                         \
 extern "C" __global__ void NAME(const u16* q, const u16* k, const u16* v, const float* mask,  \
     u16* out, int h, int group, int t, int d, long long kb, long long kh, long long vb,        \
@@ -28,7 +29,7 @@ extern "C" __global__ void NAME(const u16* q, const u16* k, const u16* v, const 
   for (int j = threadIdx.x; j < t; j += blockDim.x) {                                         \
     const uint4* kr = (const uint4*)(k0 + (long long)j * d);                                   \
     float acc = 0.f;                                                                           \
-    _Pragma("unroll 4")                                                                        \
+    _Pragma("unroll 8")                                                                        \
     for (int c = 0; c < (d >> 3); ++c) {                                                      \
       uint4 w = __ldg(kr + c);                                                                 \
       const float* qc = qs + 8 * c;                                                            \
@@ -48,18 +49,23 @@ extern "C" __global__ void NAME(const u16* q, const u16* k, const u16* v, const 
   sum = block_reduce(sum, red, 0);                                                             \
   for (int j = threadIdx.x; j < t; j += blockDim.x) ps[j] = LOAD(STORE(expf(ps[j] - mx) / sum)); \
   __syncthreads();                                                                             \
-  int half = d >> 1, groups = blockDim.x / half, gi = threadIdx.x / half;                      \
-  int i = 2 * (threadIdx.x % half);                                                            \
+  int quarter = d >> 2, groups = blockDim.x / quarter, gi = threadIdx.x / quarter;             \
+  int i = 4 * (threadIdx.x % quarter);                                                         \
   if (gi < groups) {                                                                          \
-    float acc0 = 0.f, acc1 = 0.f;                                                              \
+    float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;                                      \
     _Pragma("unroll 8")                                                                        \
     for (int j = gi; j < t; j += groups) {                                                    \
-      unsigned int w = *(const unsigned int*)(v0 + (long long)j * d + i);                      \
-      acc0 += ps[j] * LOAD((u16)(w & 0xffffu));                                                \
-      acc1 += ps[j] * LOAD((u16)(w >> 16));                                                    \
+      uint2 w = *(const uint2*)(v0 + (long long)j * d + i);                                    \
+      float pj = ps[j];                                                                        \
+      acc0 += pj * LOAD((u16)(w.x & 0xffffu));                                                 \
+      acc1 += pj * LOAD((u16)(w.x >> 16));                                                     \
+      acc2 += pj * LOAD((u16)(w.y & 0xffffu));                                                 \
+      acc3 += pj * LOAD((u16)(w.y >> 16));                                                     \
     }                                                                                         \
     part[gi * d + i] = acc0;                                                                   \
     part[gi * d + i + 1] = acc1;                                                               \
+    part[gi * d + i + 2] = acc2;                                                               \
+    part[gi * d + i + 3] = acc3;                                                               \
   }                                                                                           \
   __syncthreads();                                                                             \
   if (threadIdx.x < d) {                                                                      \

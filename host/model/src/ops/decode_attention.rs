@@ -113,8 +113,8 @@ mod cuda {
         };
         let q = q.contiguous()?;
         let threads = 256;
-        // q, the scores, and the weighted sum's partial sums: 2 * threads / d groups of d.
-        let shared = (d + t + (2 * threads / d) * d) * 4;
+        // q, the scores, and the weighted sum's partial sums: 4 * threads / d groups of d.
+        let shared = (d + t + (4 * threads / d) * d) * 4;
         let dev = cuda_device(&q)?;
         let (mask, mask_batch, has_mask) = match mask {
             Some(m) => {

@@ -10,9 +10,13 @@
 /// must fail the run even where its kernel is never reached (a CPU run). Each module's
 /// [`Switch`] maps the same names to its values; [`parse`] refuses a set that differs from
 /// this one, so the two cannot drift apart unnoticed.
-pub const SWITCHES: [(&str, &[&str]); 8] = [
+pub const SWITCHES: [(&str, &[&str]); 9] = [
     ("ADAPTERLAB_NF4_QUANTIZE", &["cpu", "gpu"]),
     ("ADAPTERLAB_NF4_GEMV", &["words", "wide", "mma"]),
+    (
+        "ADAPTERLAB_NF4_MMA_TILING",
+        &["s8u2", "s8u4", "s4u4", "s16u1"],
+    ),
     (
         "ADAPTERLAB_NF4_SMALL_BATCH",
         &["dequantize", "mma", "tiled"],
@@ -53,6 +57,11 @@ impl<T: Copy + Send + Sync> Switch<T> {
             options,
             read: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The names it takes and their values.
+    pub fn options(&self) -> &'static [(&'static str, T)] {
+        self.options
     }
 
     /// The value set (`None`: unset); an unknown name is an error naming the variable.

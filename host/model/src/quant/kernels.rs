@@ -95,8 +95,14 @@ impl MmaTiling {
     /// `w8u2t2` took 158.7 against 203.7 (x loaded once for 16 features instead of 8; four
     /// tiles held more registers and were slower), and in the next call `w8u1t2` 154.5 against
     /// `w8u2t2`'s 159.4.
-    pub fn for_rows(m: usize) -> Self {
-        Self::DEFAULTS[usize::from(m > 8)]
+    ///
+    /// `ADAPTERLAB_NF4_MMA_TILING` names another tiling for up to 8 rows (how decoding measures
+    /// one end to end); a name outside its set is an error.
+    pub fn for_rows(m: usize) -> Result<Self> {
+        match SMALL_TILING.get()? {
+            Some(t) if m <= 8 => Ok(t),
+            _ => Ok(Self::DEFAULTS[usize::from(m > 8)]),
+        }
     }
 
     /// How reports name it: `w8u2t1`, or `s8u2` swapped.
@@ -278,12 +284,34 @@ pub fn runs_mma(device: &candle_core::Device) -> Result<bool> {
     crate::ops::kernels::sm80_or_later(device)
 }
 
-/// The `ADAPTERLAB_NF4_GEMV` and `ADAPTERLAB_NF4_SMALL_BATCH` in force, as the names they take,
-/// for reports.
-pub fn decode_settings() -> Result<(&'static str, &'static str)> {
+/// The `ADAPTERLAB_NF4_GEMV`, `ADAPTERLAB_NF4_SMALL_BATCH` and `ADAPTERLAB_NF4_MMA_TILING` in
+/// force, as the names they take, for reports.
+pub fn decode_settings() -> Result<[&'static str; 3]> {
     let (gemv, small) = switches()?;
-    Ok((gemv.name(), small.map_or("dequantize", DecodeKernel::name)))
+    let tiling = MmaTiling::for_rows(1)?;
+    let tiling = SMALL_TILING
+        .options()
+        .iter()
+        .find(|(_, t)| *t == tiling)
+        .map_or("s8u2", |(name, _)| name);
+    Ok([
+        gemv.name(),
+        small.map_or("dequantize", DecodeKernel::name),
+        tiling,
+    ])
 }
+
+/// `ADAPTERLAB_NF4_MMA_TILING`: the tensor-core kernel's tiling for up to 8 rows, in place of
+/// [`MmaTiling::DEFAULTS`]' (the swapped forms, which serve them all).
+static SMALL_TILING: Switch<MmaTiling> = Switch::new(
+    "ADAPTERLAB_NF4_MMA_TILING",
+    &[
+        ("s8u2", MmaTiling::swapped(8, 2)),
+        ("s8u4", MmaTiling::swapped(8, 4)),
+        ("s4u4", MmaTiling::swapped(4, 4)),
+        ("s16u1", MmaTiling::swapped(16, 1)),
+    ],
+);
 
 /// `ADAPTERLAB_NF4_GEMV`: the kernel for up to [`GEMV_MAX_ROWS`] rows.
 static GEMV: Switch<DecodeKernel> = Switch::new(
@@ -737,10 +765,24 @@ mod tests {
         for t in MmaTiling::DEFAULTS {
             assert!(MmaTiling::ALL.contains(&t), "{} has no instance", t.name());
         }
-        assert_eq!(MmaTiling::for_rows(1), MmaTiling::DEFAULTS[0]);
-        assert_eq!(MmaTiling::for_rows(8), MmaTiling::DEFAULTS[0]);
-        assert_eq!(MmaTiling::for_rows(9), MmaTiling::DEFAULTS[1]);
-        assert_eq!(MmaTiling::for_rows(MMA_MAX_ROWS), MmaTiling::DEFAULTS[1]);
+        assert_eq!(MmaTiling::for_rows(1).unwrap(), MmaTiling::DEFAULTS[0]);
+        assert_eq!(MmaTiling::for_rows(8).unwrap(), MmaTiling::DEFAULTS[0]);
+        assert_eq!(MmaTiling::for_rows(9).unwrap(), MmaTiling::DEFAULTS[1]);
+        assert_eq!(
+            MmaTiling::for_rows(MMA_MAX_ROWS).unwrap(),
+            MmaTiling::DEFAULTS[1]
+        );
+        // The switch's names are the tilings' own, each one with an instance serving 8 rows, and
+        // the default among them (what reports name when it is unset).
+        assert!(
+            SMALL_TILING
+                .options()
+                .contains(&("s8u2", MmaTiling::DEFAULTS[0]))
+        );
+        for (name, t) in SMALL_TILING.options() {
+            assert_eq!(*name, t.name());
+            assert!(MmaTiling::ALL.contains(t) && t.serves_rows(8), "{name}");
+        }
         let mut names: Vec<String> = MmaTiling::ALL.iter().map(|t| t.name()).collect();
         names.sort();
         names.dedup();
@@ -760,7 +802,7 @@ mod tests {
             );
         }
         for m in 1..=MMA_MAX_ROWS {
-            assert!(MmaTiling::for_rows(m).serves_rows(m), "{m} rows");
+            assert!(MmaTiling::for_rows(m).unwrap().serves_rows(m), "{m} rows");
         }
     }
 }

@@ -115,12 +115,15 @@ __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, i
 
 // The swapped form for up to 8 rows: W is the A operand (16 features: lane (g, c) dequantizes
 // features g and g + 8) and x the B operand (rows as its 8 columns; lane (g, c) holds row g's,
-// or row 0's where g >= m, whose products land in columns no one reads). The k slots map to
+// or zeros where g >= m, whose products land in columns no one reads). The k slots map to
 // columns as above, and a warp adds its chunks in the same order. Where x is the A operand,
 // rows 8-15 are zero registers the mma still needs beside x's, and every mma takes 8 features;
 // here no operand is padding, a warp's mma takes 16 features, and x's fragments are the loaded
 // registers as they are. By ncu (H100, 2026-12-07) the A-operand form issued ~9 instructions a
 // weight at one row, at 65% of the issue slots and 21-31% of DRAM bandwidth: issue bound.
+// A lane past the rows loads no x: at one row 28 lanes of 32 would load row 0 again, through
+// the L1, which ncu had as this kernel's busiest unit (68-72% at Falcon-7B's shapes). Batch-1
+// decoding ran 157 tokens/s with those loads and 183 without them (H100, 2026-12-07, two calls).
 template <int WARPS, int UNROLL, bool BF16>
 __device__ __forceinline__ void nf4_mma_swapped(const u8* codes, int n, int k, int bs, int nested,
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
@@ -131,7 +134,7 @@ __device__ __forceinline__ void nf4_mma_swapped(const u8* codes, int n, int k, i
   int g = lane >> 2, c = lane & 3;
   long long first = (long long)blockIdx.x * 16;
   long long fa = first + g, fb = first + g + 8;
-  const u16* xr = x + (long long)(g < m ? g : 0) * k;
+  const u16* xr = g < m ? x + (long long)g * k : nullptr;
   float d[4] = {0.f, 0.f, 0.f, 0.f};
   int chunks = (k + 127) >> 7, lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;
   for (int ch0 = warp; ch0 < chunks; ch0 += WARPS * UNROLL) {
@@ -165,7 +168,7 @@ __device__ __forceinline__ void nf4_mma_swapped(const u8* codes, int n, int k, i
       unsigned int xw[16];
       _Pragma("unroll") for (int q = 0; q < 4; ++q) {
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (valid) v = __ldg((const uint4*)(xr + col + 8 * q));
+        if (valid && xr) v = __ldg((const uint4*)(xr + col + 8 * q));
         xw[4 * q] = v.x; xw[4 * q + 1] = v.y; xw[4 * q + 2] = v.z; xw[4 * q + 3] = v.w;
       }
       float aa = absmax_value(qa[u], ma[u], nested, code_s, offset);

@@ -557,7 +557,7 @@ impl Nf4Weight {
         kernel: crate::quant::kernels::DecodeKernel,
         lora: Option<&crate::quant::kernels::LoraEpilogue>,
     ) -> Result<Tensor> {
-        let tiling = crate::quant::kernels::MmaTiling::for_rows(x2.dim(0)?);
+        let tiling = crate::quant::kernels::MmaTiling::for_rows(x2.dim(0)?)?;
         self.forward_tiled(x2, kernel, tiling, lora)
     }
 
