@@ -286,7 +286,7 @@ fi
 #           attention on the eager path, ADAPTERLAB_DECODE_ATTENTION=eager), +split (decoding's
 #           head split, rotation and cache writes op by op, ADAPTERLAB_DECODE_ROPE=split), +TILING
 #           (the tensor-core kernel's tiling up to 8 rows, ADAPTERLAB_NF4_MMA_TILING=TILING, e.g.
-#           +s4a6); for each build of GEN_SIDES (default
+#           +s16u1); for each build of GEN_SIDES (default
 #           after; "before after" measures a change in one call; other builds than after run
 #           only the variants without +KERNEL)
 if stage generate; then
