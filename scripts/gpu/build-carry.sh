@@ -110,3 +110,15 @@ os.replace(out, path)
 print(f"bitsandbytes wheel: dropped {len(dropped)} libraries, kept {[i.filename for i in keep if '/libbitsandbytes_' in i.filename]}")
 PY
 du -sh .carry .whl3
+# A device call sends the working tree (tracked and untracked-not-ignored files) plus what it
+# carries, 64 MiB in all, and refuses more at a cost of device time (2026-12-07: raw output
+# folders not yet committed tipped ~63 MiB over). Say how close this one is.
+tree=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } \
+  | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+carried=$(du -sb .carry .whl3 | awk '{s += $1} END {print s}')
+total=$(( (tree + carried) / 1048576 ))
+echo "a call carrying .carry and .whl3 sends ${total} MiB of 64 (working tree $(( tree / 1048576 )) MiB)"
+if [ "$total" -ge 62 ]; then
+  echo "warning: within 2 MiB of the limit; leave out what a call does not read: .whl3 (the" \
+    "fixtures, reference and sft stages' wheels, PROFILE_PYTHON's), .carry/tokenizer.json (the sft stage's)" >&2
+fi
