@@ -117,6 +117,17 @@ fn device() -> Device {
     }
 }
 
+/// The GPU a GPU test runs on; `None`, said on stderr, where ADAPTERLAB_TEST_DEVICE is not cuda
+/// (the test then passes having checked nothing, as CI's CPU run does).
+fn gpu_device() -> Option<Device> {
+    let dev = device();
+    if dev.is_cpu() {
+        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
+        return None;
+    }
+    Some(dev)
+}
+
 fn load_with(dir: &Path, builder: LinearBuilder) -> LoadedModel {
     load(
         dir.to_str().unwrap(),
@@ -416,11 +427,7 @@ fn nf4_kernels_equal_the_cpu_path() {
     use adapterlab_model::quant::nf4::Nf4Options;
     use adapterlab_model::quant::weight::{BaseWeight, Nf4Weight};
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let cpu = Device::Cpu;
     let f32s_of = host_f32s;
     // Rows of 320, 1024 and 4544 columns (Falcon-7B's hidden size) take the 16-byte-load GEMV;
@@ -514,11 +521,7 @@ fn nf4_mma_tilings_equal_the_cpu_path() {
     use adapterlab_model::quant::nf4::Nf4Options;
     use adapterlab_model::quant::weight::Nf4Weight;
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let cpu = Device::Cpu;
     for (rows, cols, double_quant) in [(40, 320, true), (96, 4544, true), (64, 1024, false)] {
         let w: Vec<f32> = (0..rows * cols)
@@ -657,11 +660,7 @@ fn rope_append_kernel_equals_the_op_by_op_path() {
     use adapterlab_model::ops::attention::KvCache;
     use adapterlab_model::ops::rope_append::{QkvGroups, split_rotate_append};
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let mut cases = 0;
     for (kv_heads, q_per_kv, head_dim) in [(1, 5, 64), (2, 3, 16), (3, 1, 8)] {
         let groups = QkvGroups {
@@ -733,11 +732,7 @@ fn packed_heads_equal_the_op_by_op_path() {
     use adapterlab_model::ops::flash::{Visibility, flash_attend, flash_attend_packed};
     use adapterlab_model::ops::rope_append::{QkvGroups, heads_for_flash};
     use candle_core::{DType, Var};
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let (b, s) = (2, 80);
     let real = [vec![true; s], (0..s).map(|j| j < s - 11).collect()];
     let vis = Visibility::new(&real, None, 0, &dev).unwrap();
@@ -828,11 +823,7 @@ fn packed_heads_equal_the_op_by_op_path() {
 fn matmul_plus_is_the_product_plus_the_term() {
     use adapterlab_model::ops::gemm::{Rhs, matmul_plus};
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     for (m, k, n) in [(33, 72, 40), (130, 264, 96)] {
         for rhs in [Rhs::Transposed, Rhs::AsIs] {
             for dtype in [DType::BF16, DType::F16] {
@@ -894,11 +885,7 @@ fn matmul_plus_is_the_product_plus_the_term() {
 fn heads_kernel_equals_candles_transpose() {
     use adapterlab_model::ops::heads::merge_heads;
     use candle_core::{DType, Var};
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     for (b, h, s, d) in [(2, 71, 37, 64), (3, 4, 5, 8)] {
         for dtype in [DType::BF16, DType::F16] {
             let n = b * h * s * d;
@@ -927,11 +914,7 @@ fn heads_kernel_equals_candles_transpose() {
 fn picked_rows_kernel_equals_index_select() {
     use adapterlab_model::ops::rows::PickedRows;
     use candle_core::{DType, Var};
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     for (n, h) in [(300, 4544), (9, 8), (7, 5)] {
         for dtype in [DType::BF16, DType::F16, DType::F32] {
             let values = |seed: f32, len: usize| on_device(sines(len, seed), dtype, &dev);
@@ -1018,11 +1001,7 @@ fn on_device(v: Vec<f32>, dtype: candle_core::DType, dev: &Device) -> Tensor {
 fn residual_kernel_equals_two_adds() {
     use adapterlab_model::ops::residual::add3;
     use candle_core::{DType, Var};
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let n = 3 * 4544 + 7;
     let mk = |seed: f32, scale: f32| rounding_values(n, seed, scale);
     for dtype in [DType::BF16, DType::F16] {
@@ -1061,11 +1040,7 @@ fn residual_kernel_equals_two_adds() {
 fn gradient_add_kernel_equals_candles_add() {
     use adapterlab_model::ops::residual::gradient_add;
     use candle_core::{DType, Var};
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let n = 3 * 4544 + 7;
     let mk = |seed: f32, scale: f32| rounding_values(n, seed, scale);
     for dtype in [DType::BF16, DType::F16] {
@@ -1120,11 +1095,7 @@ fn gradient_add_kernel_equals_candles_add() {
 fn argmax_kernel_equals_the_host_twin() {
     use adapterlab_model::ops::argmax::{first_max, rows};
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     for (r, n) in [(1, 65024), (3, 1), (4, 1000), (16, 32000), (2, 1025)] {
         let mut x: Vec<f32> = (0..r * n)
             .map(|i| ((i as f32 * 0.618).sin() * 7.0).round() / 2.0)
@@ -1170,11 +1141,7 @@ fn decode_attention_kernel_equals_the_eager_path() {
     use adapterlab_model::ops::attention::attend;
     use adapterlab_model::ops::decode_attention;
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let wave = |n: usize, f: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * f).sin()).collect() };
     // (batch, heads, kv heads, head dim, keys, room past the keys in the buffer, masked)
     for (b, h, kv, d, t, room, masked) in [
@@ -1231,11 +1198,7 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
     use adapterlab_model::quant::nf4::Nf4Options;
     use adapterlab_model::quant::weight::Nf4Weight;
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let cpu = Device::Cpu;
     let wave = |n: usize, f: f32, amp: f32| -> Vec<f32> {
         (0..n).map(|i| (i as f32 * f).sin() * amp).collect()
@@ -1364,11 +1327,7 @@ fn nf4_quantize_kernel_equals_the_cpu_path() {
     use adapterlab_model::quant::nf4::{Nf4Options, Nf4Tensor};
     use adapterlab_model::quant::weight::Nf4Weight;
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let cpu = Device::Cpu;
     // A seeded value in [-1, 1) per index (no rand dependency, the same on every machine).
     let unit = |i: usize, seed: u64| {
@@ -1486,11 +1445,7 @@ fn nf4_quantize_kernel_equals_the_cpu_path() {
 fn dropout_kernel_equals_the_cpu_path() {
     use adapterlab_model::ops::dropout::seeded_dropout;
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let x: Vec<f32> = (0..10_001).map(|i| (i as f32 * 0.37).sin()).collect();
     let x = Tensor::from_vec(x, (73, 137), &Device::Cpu).unwrap();
     for dtype in [DType::F32, DType::BF16, DType::F16] {
@@ -1536,11 +1491,7 @@ fn lora_train_node_equals_the_op_by_op_graph_on_the_gpu() {
     use adapterlab_model::quant::weight::{BaseWeight, Nf4Weight};
     use candle_core::{DType, Var};
     use std::sync::Arc;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     for (m, k, n, r) in [
         (96, 256, 192, 16),
         (77, 1032, 192, 8),
@@ -1662,11 +1613,7 @@ fn lora_train_node_equals_the_op_by_op_graph_on_the_gpu() {
 fn layer_norm_input_grad_kernel_equals_the_op_by_op_form() {
     use adapterlab_model::ops::layer_norm::{input_grad, input_grad_op_by_op};
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     for (rows, n) in [(37, 1001), (9, 4544), (5, 8192), (3, 8200)] {
         let host = |len: usize, scale: f32, phase: f32, offset: f32| {
             let v: Vec<f32> = (0..len)
@@ -1701,11 +1648,7 @@ fn layer_norm_input_grad_kernel_equals_the_op_by_op_form() {
 fn layer_norm_kernel_is_as_close_to_f32_as_candles() {
     use adapterlab_model::ops::layer_norm::value;
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     for (rows, n) in [
         (37, 1001),
         (9, 4544),
@@ -1756,11 +1699,7 @@ fn layer_norm_kernel_is_as_close_to_f32_as_candles() {
 fn flash_attention_kernels_equal_the_cpu_twin() {
     use adapterlab_model::ops::flash::{Visibility, flash_attend};
     use candle_core::{DType, Var};
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     // (batch, heads, kv heads, new tokens, cached, head dim, alibi, packed)
     let shapes = [
         (2, 6, 1, 70, 0, 8, false, false),
@@ -1860,11 +1799,7 @@ fn flash_attention_kernels_equal_the_cpu_twin() {
 )]
 #[test]
 fn masked_softmax_kernels_equal_the_cpu_path() {
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let cpu = Device::Cpu;
     // 300: the block-per-row kernel; 200, 512 and 1000 (16-bit): the warp-per-row one in its
     // three register sizes, with whole and partly filled lanes.
@@ -1939,11 +1874,7 @@ fn masked_softmax_case(dev: &Device, cpu: &Device, t: usize) {
 fn cross_entropy_kernels_equal_the_cpu_path() {
     use adapterlab_model::ops::cross_entropy::cross_entropy_sum;
     use candle_core::{DType, Var};
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let cpu = Device::Cpu;
     let (n, v) = (37, 3001);
     let logits: Vec<f32> = (0..n * v).map(|i| (i as f32 * 0.013).sin() * 8.0).collect();
@@ -1984,11 +1915,7 @@ fn lora_node_takes_f32_weights_as_the_graph_that_casts_them() {
     use adapterlab_model::quant::weight::{BaseWeight, Nf4Weight};
     use candle_core::{DType, Var};
     use std::sync::Arc;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     for (m, k, n, r) in [(96, 256, 192, 16), (77, 1032, 200, 8)] {
         let w = waves((n, k), 0.05, 0.1, &dev);
         for dtype in [DType::BF16, DType::F16] {
@@ -2062,11 +1989,7 @@ fn lora_da_from_stored_mask_bits_equals_the_drawn_mask() {
     };
     use adapterlab_model::ops::dropout::keep_scale;
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let (key, p) = (13u64, 0.1f32);
     for (m, k, r) in [(96, 256, 16), (77, 1032, 8), (1000, 4544, 16)] {
         for dtype in [DType::BF16, DType::F16] {
@@ -2131,11 +2054,7 @@ fn lora_da_from_stored_mask_bits_equals_the_drawn_mask() {
 fn train_da_takes_a_misaligned_gradient() {
     use adapterlab_model::lora::kernels::{GradOut, train_da};
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let (m, k, r) = (200usize, 512usize, 16usize);
     let wave = |len: usize, phase: f32| -> Vec<f32> {
         (0..len).map(|i| (i as f32 * 0.37 + phase).sin()).collect()
@@ -2177,11 +2096,7 @@ fn train_da_takes_a_misaligned_gradient() {
 fn lora_grad_hb_equals_the_f32_products() {
     use adapterlab_model::lora::kernels::{GradOut, grad_hb};
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let wave = |len: usize, phase: f32, shape: (usize, usize), dtype: DType| {
         let v: Vec<f32> = (0..len).map(|i| (i as f32 * 0.613 + phase).sin()).collect();
         Tensor::from_vec(v, shape, &dev)
@@ -2265,11 +2180,7 @@ fn lora_grad_hb_equals_the_f32_products() {
 #[test]
 fn adamw_kernel_equals_the_op_by_op_update() {
     use adapterlab_model::ops::kernels::{AdamWScalars, adamw_f32};
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let cpu = Device::Cpu;
     let n = 5000;
     let mk = |k: f32| {
@@ -2329,11 +2240,7 @@ fn adamw_kernel_equals_the_op_by_op_update() {
 #[test]
 fn multi_tensor_adamw_equals_the_per_tensor_kernel() {
     use adapterlab_model::ops::kernels::{AdamWScalars, MultiTensorStep, adamw_f32};
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let sizes = [5usize, 16384, 16385, 40000, 72704];
     let mk = |n: usize, k: f32, t: usize| {
         let v: Vec<f32> = (0..n)
@@ -2410,11 +2317,7 @@ fn multi_tensor_adamw_equals_the_per_tensor_kernel() {
 fn lora_inference_kernels_equal_the_op_by_op_path() {
     use adapterlab_model::lora::kernels::lora_inference;
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let cpu = Device::Cpu;
     for (m, k, n, r, scaling) in [
         (5, 300, 70, 16, 2.0),
@@ -2460,11 +2363,7 @@ fn lora_inference_kernels_equal_the_op_by_op_path() {
 fn gelu_forward_kernel_equals_candles() {
     use adapterlab_model::ops::gelu::gelu_erf;
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let bits: Vec<u16> = (0..=u16::MAX).chain(0..5).collect();
     for dtype in [DType::BF16, DType::F16] {
         let x: Vec<f32> = bits
@@ -2511,11 +2410,7 @@ fn gelu_forward_kernel_equals_candles() {
 fn gelu_backward_kernel_equals_the_cpu_path() {
     use adapterlab_model::ops::gelu::gelu_erf_backward;
     use candle_core::DType;
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     let cpu = Device::Cpu;
     let x: Vec<f32> = (0..9999).map(|i| (i as f32 * 0.013).sin() * 6.0).collect();
     let g: Vec<f32> = (0..9999).map(|i| (i as f32 * 0.07).cos()).collect();
@@ -2546,11 +2441,7 @@ fn gelu_backward_kernel_equals_the_cpu_path() {
 fn training_gradients_on_the_gpu_equal_the_cpu() {
     use adapterlab_model::nn::checkpoint;
     use candle_core::{D, DType};
-    let dev = device();
-    if dev.is_cpu() {
-        eprintln!("skipped: a GPU test, and ADAPTERLAB_TEST_DEVICE is not cuda");
-        return;
-    }
+    let Some(dev) = gpu_device() else { return };
     for name in ["falcon_7b_style", "llama_gqa"] {
         let dir = golden_dir().join(name);
         let ids: Vec<u32> = (0..24).map(|i| (i * 37 + 5) % 256).collect();
