@@ -8,8 +8,9 @@
 // are unrolled: a (row, head) has few threads, and each would otherwise wait out one load's
 // latency per key; in the weighted sum a thread takes four adjacent dimensions (one 8-byte load
 // a key), so 4 * blockDim / d groups of threads split the keys, quartering each one's chain of
-// loads (two dimensions a thread measured 1.3 ms a step of batch 16's decoding on an H100 less
-// than one, 2026-12-06; at batch 1 ncu put the kernel at 13.9 us a layer, 2026-12-07).
+// loads. Two dimensions a thread took 1.3 ms off a step of batch 16's decoding against one (H100,
+// 2026-12-06), and ncu put that form at 13.9 us a layer at batch 1 (2026-12-07); this form has
+// passed its golden test on an H100 but was not timed alone.
 #define DECODE_ATTN(NAME, LOAD, STORE)                                                         \
 extern "C" __global__ void NAME(const u16* q, const u16* k, const u16* v, const float* mask,  \
     u16* out, int h, int group, int t, int d, long long kb, long long kh, long long vb,        \

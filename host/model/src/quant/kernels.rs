@@ -288,12 +288,19 @@ pub fn runs_mma(device: &candle_core::Device) -> Result<bool> {
 /// force, as the names they take, for reports.
 pub fn decode_settings() -> Result<[&'static str; 3]> {
     let (gemv, small) = switches()?;
+    // The default is among the switch's names (a unit test holds it there).
     let tiling = MmaTiling::for_rows(1)?;
     let tiling = SMALL_TILING
         .options()
         .iter()
         .find(|(_, t)| *t == tiling)
-        .map_or("s8u2", |(name, _)| name);
+        .map(|(name, _)| *name)
+        .ok_or_else(|| {
+            Error::Msg(format!(
+                "tiling {} is not among ADAPTERLAB_NF4_MMA_TILING's names",
+                tiling.name()
+            ))
+        })?;
     Ok([
         gemv.name(),
         small.map_or("dequantize", DecodeKernel::name),
