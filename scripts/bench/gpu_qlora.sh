@@ -284,7 +284,8 @@ fi
 #           16, ADAPTERLAB_NF4_GEMV=mma ADAPTERLAB_NF4_SMALL_BATCH=mma), +dequantize or +tiled
 #           (batch 16 through dequantize + cuBLAS or the tiled GEMM), +unfused (decoding
 #           attention on the eager path, ADAPTERLAB_DECODE_ATTENTION=eager), +split (decoding's
-#           head split, rotation and cache writes op by op, ADAPTERLAB_DECODE_ROPE=split), +TILING
+#           head split, rotation and cache writes op by op, ADAPTERLAB_DECODE_ROPE=split),
+#           +gelu (the MLP's GELU in a kernel of its own, ADAPTERLAB_DECODE_GELU=separate), +TILING
 #           (the tensor-core kernel's tiling up to 8 rows, ADAPTERLAB_NF4_MMA_TILING=TILING, e.g.
 #           +s16u1); for each build of GEN_SIDES (default
 #           after; "before after" measures a change in one call; other builds than after run
@@ -303,6 +304,7 @@ if stage generate; then
         *+mma) switches=(ADAPTERLAB_NF4_GEMV=mma ADAPTERLAB_NF4_SMALL_BATCH=mma) ;;
         *+unfused) switches=(ADAPTERLAB_DECODE_ATTENTION=eager) ;;
         *+split) switches=(ADAPTERLAB_DECODE_ROPE=split) ;;
+        *+gelu) switches=(ADAPTERLAB_DECODE_GELU=separate) ;;
         *+s[0-9]*) switches=(ADAPTERLAB_NF4_MMA_TILING=${variant#*+}) ;;
         *+*) echo "unknown generate variant $variant"; continue ;;
       esac

@@ -1190,6 +1190,8 @@ fn decode_attention_kernel_equals_the_eager_path() {
 /// Decoding through an unmerged adapter on an NF4 base: each decoding kernel that adds the
 /// adapter's product in its epilogue gives the bits of that kernel followed by the two-kernel
 /// LoRA path (`lora_inference`), and both are within 16-bit rounding of the product on the CPU.
+/// A kernel that stores the GELU of its output (an MLP's up projection) gives the GELU kernel's
+/// bits on that output, with the adapter and without.
 #[cfg(feature = "cuda")]
 #[test]
 fn nf4_gemv_with_lora_equals_the_two_step_path() {
@@ -1231,8 +1233,10 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
                     b: &bd,
                     scaling: scaling as f32,
                 };
-                let fused = q.forward_from_nf4(&xd, kernel, Some(&epilogue)).unwrap();
-                let base = q.forward_from_nf4(&xd, kernel, None).unwrap();
+                let fused = q
+                    .forward_from_nf4(&xd, kernel, Some(&epilogue), false)
+                    .unwrap();
+                let base = q.forward_from_nf4(&xd, kernel, None, false).unwrap();
                 let two_step = lora_inference(&base, &xd, &ad, &bd, scaling).unwrap();
                 let (fused, two_step) = (host_f32s(&fused), host_f32s(&two_step));
                 let differ = fused
@@ -1244,6 +1248,35 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
                     differ, 0,
                     "{case}: {differ} values differ from the two-step path"
                 );
+                // The GELU stored by the kernel, with and without the adapter: the bits of the
+                // GELU kernel on the plain output.
+                if kernel.applies_gelu() {
+                    let gelu = adapterlab_model::ops::gelu::gelu_erf;
+                    for (with_lora, got, plain) in [
+                        (
+                            true,
+                            q.forward_from_nf4(&xd, kernel, Some(&epilogue), true),
+                            q.forward_from_nf4(&xd, kernel, Some(&epilogue), false),
+                        ),
+                        (
+                            false,
+                            q.forward_from_nf4(&xd, kernel, None, true),
+                            Ok(base.clone()),
+                        ),
+                    ] {
+                        let got = host_f32s(&got.unwrap());
+                        let want = host_f32s(&gelu(&plain.unwrap()).unwrap());
+                        let differ = got
+                            .iter()
+                            .zip(&want)
+                            .filter(|(x, y)| x.to_bits() != y.to_bits())
+                            .count();
+                        assert_eq!(
+                            differ, 0,
+                            "{case} adapter={with_lora}: {differ} GELU values differ from the GELU kernel's"
+                        );
+                    }
+                }
                 let xf = x.to_dtype(DType::F32).unwrap();
                 let want = (xf.matmul(&wd.t().unwrap()).unwrap()
                     + xf.matmul(&a.t().unwrap())
@@ -1304,7 +1337,7 @@ fn from_nf4_data(
     x: &Tensor,
     kernel: Kernel,
 ) -> Tensor {
-    q.forward_from_nf4(x, kernel, None).unwrap()
+    q.forward_from_nf4(x, kernel, None, false).unwrap()
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -284,7 +284,9 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
                 let mma = runs_mma(&device)?;
                 for kernel in DecodeKernel::ALL {
                     if device.is_cuda() && kernel.serves_on(m, inp, out, q.blocks(), mma) {
-                        time(kernel.name(), &|| q.forward_from_nf4(&x, kernel, None))?;
+                        time(kernel.name(), &|| {
+                            q.forward_from_nf4(&x, kernel, None, false)
+                        })?;
                     }
                 }
                 // The tensor-core kernel's other tilings, named `mma/w8u2t1` and so on.

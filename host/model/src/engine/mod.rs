@@ -65,19 +65,21 @@ pub fn decoding_settings(
         "ADAPTERLAB_DECODE_ROPE",
         crate::ops::rope_append::setting()?,
     );
+    let gelu = ("ADAPTERLAB_DECODE_GELU", crate::ops::gelu::setting()?);
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         let [gemv, small, tiling] = crate::quant::kernels::decode_settings()?;
         return Ok(vec![
             attention,
             rope,
+            gelu,
             ("ADAPTERLAB_NF4_GEMV", gemv),
             ("ADAPTERLAB_NF4_SMALL_BATCH", small),
             ("ADAPTERLAB_NF4_MMA_TILING", tiling),
         ]);
     }
     let _ = device;
-    Ok(vec![attention, rope])
+    Ok(vec![attention, rope, gelu])
 }
 
 /// The alias of the default model.

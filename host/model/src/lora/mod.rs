@@ -429,12 +429,14 @@ impl LoraLayer {
     /// first product (`lora_h`), then the base's decoding kernel adding the second in its
     /// epilogue, two launches where [`Self::add_to`] after the base takes three. The same bits
     /// as that path; `None` where either does not apply (see `add_to` and
-    /// `Nf4Weight::decode_kernel`).
+    /// `Nf4Weight::decode_kernel`). With `gelu`, the exact GELU of that sum, stored by the
+    /// decoding kernel (`None` where the kernel does not apply one).
     pub fn add_with_nf4_gemv(
         &self,
         base: &crate::quant::weight::Nf4Weight,
         x: &Tensor,
         train: bool,
+        gelu: bool,
     ) -> Result<Option<Tensor>> {
         #[cfg(feature = "cuda")]
         {
@@ -443,6 +445,7 @@ impl LoraLayer {
             if self.inference_kernels_take(x, train)
                 && let Some(kernel) = base.decode_kernel(x)?
                 && kernel.adds_lora()
+                && (!gelu || kernel.applies_gelu())
             {
                 let x2 = x.contiguous()?.reshape((rows, k))?;
                 let a = self.a.as_tensor().detach().contiguous()?;
@@ -453,13 +456,13 @@ impl LoraLayer {
                     b: &b,
                     scaling: self.scaling as f32,
                 };
-                let y = base.forward_from_nf4(&x2, kernel, Some(&epilogue))?;
+                let y = base.forward_from_nf4(&x2, kernel, Some(&epilogue), gelu)?;
                 let mut shape = x.dims().to_vec();
                 *shape.last_mut().expect("x has a feature dimension") = y.dim(1)?;
                 return y.reshape(shape).map(Some);
             }
         }
-        let _ = (base, x, train);
+        let _ = (base, x, train, gelu);
         Ok(None)
     }
 

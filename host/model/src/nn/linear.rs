@@ -80,7 +80,7 @@ impl Linear {
         // would come between the two products, so a biased layer takes the path below).
         if let (Some(lora), Some(nf4), None) = (&self.lora, self.base.as_nf4(), &self.bias)
             && let Some(y) = crate::ops::profile::scope("lora.gemv", x.device(), || {
-                lora.add_with_nf4_gemv(nf4, x, train)
+                lora.add_with_nf4_gemv(nf4, x, train, false)
             })?
         {
             return Ok(y);
@@ -105,6 +105,30 @@ impl Linear {
                 (y.to_dtype(d.dtype())? + d)?.to_dtype(y.dtype())
             }
         })
+    }
+
+    /// `gelu_erf(forward_t(x, train))`. Outside training, through an NF4 base without a bias
+    /// or a merged adapter, the decoding kernel stores the GELU of its output where one serves
+    /// `x` (`ADAPTERLAB_DECODE_GELU`, the same bits; one launch fewer).
+    pub fn forward_then_gelu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if !train
+            && self.bias.is_none()
+            && self.lora.as_ref().is_none_or(|l| l.merged().is_none())
+            && let Some(nf4) = self.base.as_nf4()
+            && crate::ops::gelu::fused_in_product()?
+        {
+            let fused = match &self.lora {
+                Some(lora) => crate::ops::profile::scope("lora.gemv", x.device(), || {
+                    lora.add_with_nf4_gemv(nf4, x, train, true)
+                })?,
+                None => nf4.forward_gelu(x)?,
+            };
+            if let Some(y) = fused {
+                return Ok(y);
+            }
+        }
+        crate::ops::gelu::gelu_erf(&self.forward_t(x, train)?)
     }
 
     /// `forward_t(gelu_erf(u))`. In training the GELU goes into the layer's graph node, which

@@ -30,6 +30,28 @@ fn forward(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
 }
 
+/// `ADAPTERLAB_DECODE_GELU`: `fused` (the default), where a decoding kernel that computes an
+/// MLP's up projection stores its exact GELU (the same bits as [`gelu_erf`] on its output; one
+/// launch a layer fewer), or `separate`, the product and then this module's kernel.
+static FUSED: crate::ops::switch::Switch<bool> = crate::ops::switch::Switch::new(
+    "ADAPTERLAB_DECODE_GELU",
+    &[("fused", true), ("separate", false)],
+);
+
+/// Whether decoding takes the GELU into the up projection's kernel (`ADAPTERLAB_DECODE_GELU`).
+pub fn fused_in_product() -> Result<bool> {
+    Ok(FUSED.get()?.unwrap_or(true))
+}
+
+/// The `ADAPTERLAB_DECODE_GELU` in force (`fused` or `separate`), for reports.
+pub fn setting() -> Result<&'static str> {
+    Ok(if fused_in_product()? {
+        "fused"
+    } else {
+        "separate"
+    })
+}
+
 /// `grad * d gelu_erf(x) / dx`, in `x`'s dtype.
 pub fn gelu_erf_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
     if x.dims() != grad.dims() {

@@ -21,6 +21,10 @@ pub const GEMM_MAX_ROWS: usize = 32;
 /// Rows of `x` the tensor-core GEMM (`nf4_mma_*`) handles: one m16n8k16 A operand.
 pub const MMA_MAX_ROWS: usize = 16;
 
+/// 4-byte words of codes (8 weights each) a thread of the wide dequantization kernel
+/// (`nf4_dequant_wide_*`) turns into weights: 32 bytes of loads a thread in flight at once.
+const DEQUANT_WORDS: usize = 8;
+
 /// How the tensor-core kernel (`nf4_mma.cu`) splits its work: `warps` warps a block split a
 /// row's 128-column chunks, each warp issuing `unroll` chunks' loads of codes before it uses
 /// any, and computing `tiles` tiles of 8 features from each fragment of x it loads. A feature's
@@ -154,7 +158,7 @@ pub struct Blocks {
 impl Blocks {
     /// Both sizes powers of two, so a weight's block is a shift away: what the 16-byte GEMV and
     /// the tensor-core GEMM need to issue every load of a round at once (see `absmax_fetch` in
-    /// nf4_common.cu). bitsandbytes writes 64 and 256.
+    /// nf4_common.cu), and the wide dequantization kernel. bitsandbytes writes 64 and 256.
     fn by_shifts(self) -> bool {
         self.size.is_power_of_two() && self.nested.is_none_or(usize::is_power_of_two)
     }
@@ -234,6 +238,11 @@ impl DecodeKernel {
     }
 
     /// Whether the kernel adds an adapter's product in its epilogue (see [`LoraEpilogue`]).
+    /// Whether the kernel can store the exact GELU of its output ([`gemv_with`]'s `gelu`).
+    pub fn applies_gelu(self) -> bool {
+        self == DecodeKernel::Mma
+    }
+
     pub fn adds_lora(self) -> bool {
         self != DecodeKernel::Tiled
     }
@@ -399,7 +408,7 @@ fn nf4_defines() -> String {
         .map(|v| format!("{v:?}f"))
         .collect();
     format!(
-        "#define GEMV_MAX_ROWS {GEMV_MAX_ROWS}\n#define GEMM_MAX_ROWS {GEMM_MAX_ROWS}\n#define NF4_TABLE {}\n",
+        "#define GEMV_MAX_ROWS {GEMV_MAX_ROWS}\n#define GEMM_MAX_ROWS {GEMM_MAX_ROWS}\n#define DEQUANT_WORDS {DEQUANT_WORDS}\n#define NF4_TABLE {}\n",
         table.join(", ")
     )
 }
@@ -582,21 +591,31 @@ pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
     let dev = cuda_device(w.codes)?;
     let n = w.n as i64;
     let bs = w.blocksize as i32;
-    let threads = 256u32;
-    // Eight weights a thread where whole 4-byte words of codes share an absmax block.
+    let threads = 256usize;
+    // Eight weights a thread where whole 4-byte words of codes share an absmax block; with
+    // power-of-two blocksizes (bitsandbytes' all are), DEQUANT_WORDS such words a thread.
     let by8 = w.n.is_multiple_of(8) && w.blocksize.is_multiple_of(8) && w.n <= u32::MAX as usize;
-    let per_thread = if by8 { w.n / 8 } else { w.n.div_ceil(2) };
+    let wide = by8 && w.blocks().by_shifts();
+    let launches = match (wide, by8) {
+        (true, _) => (w.n / 8).div_ceil(DEQUANT_WORDS),
+        (false, true) => w.n / 8,
+        (false, false) => w.n.div_ceil(2),
+    };
     let cfg = LaunchConfig {
-        grid_dim: (per_thread.div_ceil(threads as usize) as u32, 1, 1),
-        block_dim: (threads, 1, 1),
+        grid_dim: (launches.div_ceil(threads) as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     with_slices(w, |s| {
         macro_rules! launch {
-            ($name:literal, $name8:literal, $t:ty) => {{
+            ($name:literal, $name8:literal, $wide:literal, $t:ty) => {{
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(w.n)? };
-                let name = if by8 { $name8 } else { $name };
+                let name = match (wide, by8) {
+                    (true, _) => $wide,
+                    (false, true) => $name8,
+                    (false, false) => $name,
+                };
                 crate::run_kernel!(NF4, dev, name, cfg;
                     s.codes, &n, &bs, &s.nested, s.absmax, s.aq, s.acode, &s.offset, &s.nbs, &out,
                 )?;
@@ -604,9 +623,28 @@ pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
             }};
         }
         match dtype {
-            DType::F32 => launch!("nf4_dequant_f32", "nf4_dequant8_f32", f32),
-            DType::BF16 => launch!("nf4_dequant_bf16", "nf4_dequant8_bf16", half::bf16),
-            DType::F16 => launch!("nf4_dequant_f16", "nf4_dequant8_f16", half::f16),
+            DType::F32 => {
+                launch!(
+                    "nf4_dequant_f32",
+                    "nf4_dequant8_f32",
+                    "nf4_dequant_wide_f32",
+                    f32
+                )
+            }
+            DType::BF16 => launch!(
+                "nf4_dequant_bf16",
+                "nf4_dequant8_bf16",
+                "nf4_dequant_wide_bf16",
+                half::bf16
+            ),
+            DType::F16 => {
+                launch!(
+                    "nf4_dequant_f16",
+                    "nf4_dequant8_f16",
+                    "nf4_dequant_wide_f16",
+                    half::f16
+                )
+            }
             other => Err(Error::Msg(format!(
                 "NF4 dequantize to {other:?} is not supported"
             ))),
@@ -626,7 +664,9 @@ pub struct LoraEpilogue<'a> {
 /// [`DecodeKernel::serves`] the shape; the tensor-core kernel in `tiling`, which decoding takes
 /// from [`MmaTiling::for_rows`] and `bench kernels` and the GPU tests vary; other kernels ignore
 /// it), and with `lora` the adapter's product added in the same launch (where the kernel
-/// [`DecodeKernel::adds_lora`]).
+/// [`DecodeKernel::adds_lora`]), and with `gelu` the exact GELU of the result stored instead
+/// (where the kernel [`DecodeKernel::applies_gelu`]; the same bits as `ops::gelu::gelu_erf` on
+/// the output).
 pub fn gemv_with(
     w: &Nf4Gpu,
     out_features: usize,
@@ -634,15 +674,17 @@ pub fn gemv_with(
     kernel: DecodeKernel,
     tiling: MmaTiling,
     lora: Option<&LoraEpilogue>,
+    gelu: bool,
 ) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     if out_features * k != w.n
         || !kernel.serves(m, k, out_features, w.blocks())
         || (kernel == DecodeKernel::Mma && !tiling.serves_rows(m))
         || (lora.is_some() && !kernel.adds_lora())
+        || (gelu && !kernel.applies_gelu())
     {
         return Err(Error::Msg(format!(
-            "NF4 {kernel:?} kernel (tiling {}, adapter: {}): {m} rows of {k} features against a weight of {} elements ({out_features} features) in blocks of {}",
+            "NF4 {kernel:?} kernel (tiling {}, adapter: {}, GELU: {gelu}): {m} rows of {k} features against a weight of {} elements ({out_features} features) in blocks of {}",
             tiling.name(),
             lora.is_some(),
             w.n,
@@ -704,6 +746,8 @@ pub fn gemv_with(
                 let xv = xs.as_cuda_slice::<$t>()?;
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(m * out_features)? };
+                // The tensor-core kernel's last parameter: whether to store the GELU.
+                let act = i32::from(gelu);
                 match (&lora, kernel) {
                     (_, DecodeKernel::Tiled) => {
                         crate::run_kernel!($module, dev, $name, cfg;
@@ -711,20 +755,36 @@ pub fn gemv_with(
                             &s.offset, &s.nbs, xv, &out, &m_i,
                         )?;
                     }
-                    (Some((h, b, scaling, r)), _) => {
+                    (Some((h, b, scaling, r)), kernel) => {
                         let (hv, bv) = (h.view::<f32>(m * r)?, b.view::<f32>(out_features * r)?);
                         let r_i = *r as i32;
-                        crate::run_kernel!($module, dev, $name, cfg;
-                            s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
-                            &s.offset, &s.nbs, xv, &out, &m_i, &hv, &bv, scaling, &r_i,
-                        )?;
+                        if kernel == DecodeKernel::Mma {
+                            crate::run_kernel!($module, dev, $name, cfg;
+                                s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
+                                &s.offset, &s.nbs, xv, &out, &m_i, &hv, &bv, scaling, &r_i, &act,
+                            )?;
+                        } else {
+                            crate::run_kernel!($module, dev, $name, cfg;
+                                s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
+                                &s.offset, &s.nbs, xv, &out, &m_i, &hv, &bv, scaling, &r_i,
+                            )?;
+                        }
                     }
-                    (None, _) => {
+                    (None, kernel) => {
                         let (none, zero) = (0i32, 0f32);
-                        crate::run_kernel!($module, dev, $name, cfg;
-                            s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
-                            &s.offset, &s.nbs, xv, &out, &m_i, s.absmax, s.absmax, &zero, &none,
-                        )?;
+                        if kernel == DecodeKernel::Mma {
+                            crate::run_kernel!($module, dev, $name, cfg;
+                                s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
+                                &s.offset, &s.nbs, xv, &out, &m_i, s.absmax, s.absmax, &zero,
+                                &none, &act,
+                            )?;
+                        } else {
+                            crate::run_kernel!($module, dev, $name, cfg;
+                                s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
+                                &s.offset, &s.nbs, xv, &out, &m_i, s.absmax, s.absmax, &zero,
+                                &none,
+                            )?;
+                        }
                     }
                 }
                 Ok(wrap(out, &dev, (m, out_features)))

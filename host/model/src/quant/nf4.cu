@@ -58,6 +58,45 @@ DEQUANT8(nf4_dequant8_f32, float, f32_id, STORE8_32)
 DEQUANT8(nf4_dequant8_bf16, u16, f32_to_bf16, STORE8_16)
 DEQUANT8(nf4_dequant8_f16, u16, f32_to_f16, STORE8_16)
 
+// The same with WORDS 4-byte words of codes a thread, a warp's width apart (each load and each
+// store a warp makes is contiguous), for power-of-two blocksizes (bitsandbytes' all are): block
+// indices by shifts, every word's loads (codes, absmax) issued before the tables' barrier and
+// before any is used. DEQUANT8 reads 4 bytes of codes a thread and pays a load of the tables
+// and a barrier for every 1 KB of codes, two 32-bit divisions a word: it ran at ~240 GB/s of
+// codes on an H100 (2026-12-07), a tenth of the card's bandwidth, where the prefill of a
+// decoded prompt and every training step dequantize every weight.
+#define DEQUANT_WIDE(NAME, T, CONV, STORE8)                                                    \
+extern "C" __global__ void NAME(const u8* codes, long long n, int bs, int nested,              \
+    const float* absmax, const u8* aq, const float* acode, float offset, int nbs, T* out) {   \
+  unsigned int words = (unsigned int)(n / 8);                                                  \
+  unsigned int first = (blockIdx.x * blockDim.x + (threadIdx.x & ~31u)) * DEQUANT_WORDS        \
+                       + (threadIdx.x & 31u);                                                  \
+  int lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;                                              \
+  unsigned int c[DEQUANT_WORDS], q[DEQUANT_WORDS];                                             \
+  float am[DEQUANT_WORDS];                                                                     \
+  _Pragma("unroll") for (int s = 0; s < DEQUANT_WORDS; ++s) {                                  \
+    unsigned int i = first + 32u * s;                                                          \
+    c[s] = 0u; q[s] = 0u; am[s] = 0.f;                                                         \
+    if (i < words) {                                                                          \
+      c[s] = __ldcs((const unsigned int*)codes + i);                                           \
+      absmax_fetch((8u * i) >> lbs, absmax, aq, lnbs, &q[s], &am[s]);                          \
+    }                                                                                         \
+  }                                                                                           \
+  LOAD_TABLES                                                                                  \
+  _Pragma("unroll") for (int s = 0; s < DEQUANT_WORDS; ++s) {                                  \
+    unsigned int i = first + 32u * s;                                                          \
+    if (i >= words) break;                                                                     \
+    float a = absmax_value(q[s], am[s], nested, code_s, offset);                               \
+    float w[8];                                                                                \
+    nf4_values8(nf4s, c[s], w);                                                                \
+    _Pragma("unroll") for (int t = 0; t < 8; ++t) w[t] = __fmul_rn(w[t], a);                   \
+    STORE8(out, i, w, CONV)                                                                    \
+  }                                                                                           \
+}
+DEQUANT_WIDE(nf4_dequant_wide_f32, float, f32_id, STORE8_32)
+DEQUANT_WIDE(nf4_dequant_wide_bf16, u16, f32_to_bf16, STORE8_16)
+DEQUANT_WIDE(nf4_dequant_wide_f16, u16, f32_to_f16, STORE8_16)
+
 // The 8 weights of one 4-byte word of codes (first code in the high nibble of each byte),
 // scaled by their block's absmax; and their dot product with 8 16-bit inputs in a uint4.
 #define DECODE8(w, v, a)                                                                       \

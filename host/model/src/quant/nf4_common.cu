@@ -69,13 +69,16 @@ __device__ __forceinline__ float absmax_value(unsigned int q, float am, int nest
 // B ([n, lr] f32): the rounded base product plus h (B * lscale)^T summed in f32, rounded once,
 // as lora_out computes it, so the result has the bits of the GEMV followed by lora_out, in one
 // launch fewer a linear.
-#define STORE_OUT(LOAD, STORE, r, o, s) {                                                     \
-  u16 out_ = STORE(s);                                                                         \
+// LORA_OUT declares `out` (u16) as that value; STORE_OUT stores it.
+#define LORA_OUT(LOAD, STORE, r, o, s, out)                                                    \
+  u16 out = STORE(s);                                                                          \
   if (lr > 0) {                                                                               \
     const float* hr_ = lh + (long long)(r) * lr;                                               \
     const float* br_ = lb + (long long)(o) * lr;                                               \
     float d_ = 0.f;                                                                            \
     for (int j_ = 0; j_ < lr; ++j_) d_ += hr_[j_] * __fmul_rn(br_[j_], lscale);                \
-    out_ = STORE(__fadd_rn(LOAD(out_), d_));                                                   \
-  }                                                                                           \
+    out = STORE(__fadd_rn(LOAD(out), d_));                                                     \
+  }
+#define STORE_OUT(LOAD, STORE, r, o, s) {                                                     \
+  LORA_OUT(LOAD, STORE, r, o, s, out_)                                                         \
   y[(long long)(r) * n + (o)] = out_; }

@@ -220,12 +220,18 @@ impl FalconMlp {
 impl Module for FalconMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dev = x.device();
-        let up = profile::scope("mlp.up", dev, || self.dense_h_to_4h.forward(x))?;
+        let training = |l: &Linear| l.lora.as_ref().is_some_and(|l| l.training());
+        let (up_proj, down) = (&self.dense_h_to_4h, &self.dense_4h_to_h);
+        if self.act == Activation::Gelu && !training(up_proj) && !training(down) {
+            // Outside training the GELU may come from the up projection's decoding kernel.
+            let act = profile::scope("mlp.up_act", dev, || up_proj.forward_then_gelu(x, false))?;
+            return profile::scope("mlp.down", dev, || down.forward_t(&act, false));
+        }
+        let up = profile::scope("mlp.up", dev, || up_proj.forward(x))?;
         if self.act == Activation::Gelu {
             // The exact GELU goes into dense_4h_to_h's training node (the graph then keeps `up`
             // alone, not the activation too: the widest tensor of a layer).
-            let down = &self.dense_4h_to_h;
-            let train = down.lora.as_ref().is_some_and(|l| l.training());
+            let train = training(down);
             return profile::scope("mlp.act_down", dev, || down.forward_gelu_t(&up, train));
         }
         let act = profile::scope("mlp.act", dev, || self.act.apply(&up))?;
