@@ -1191,12 +1191,13 @@ fn decode_attention_kernel_equals_the_eager_path() {
 /// adapter's product in its epilogue gives the bits of that kernel followed by the two-kernel
 /// LoRA path (`lora_inference`), and both are within 16-bit rounding of the product on the CPU.
 /// A kernel that stores the GELU of its output (an MLP's up projection) gives the GELU kernel's
-/// bits on that output, with the adapter and without.
+/// bits on that output, with the adapter and without; one that computes the adapter's h in
+/// blocks of its own launch gives the bits of lora_h's launch.
 #[cfg(feature = "cuda")]
 #[test]
 fn nf4_gemv_with_lora_equals_the_two_step_path() {
     use adapterlab_model::lora::kernels::{lora_h, lora_inference};
-    use adapterlab_model::quant::kernels::LoraEpilogue;
+    use adapterlab_model::quant::kernels::{LoraEpilogue, LoraH};
     use adapterlab_model::quant::nf4::Nf4Options;
     use adapterlab_model::quant::weight::Nf4Weight;
     use candle_core::DType;
@@ -1229,7 +1230,7 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
                 let (ad, bd) = (a.to_device(&dev).unwrap(), b.to_device(&dev).unwrap());
                 let h = lora_h(&xd, &ad).unwrap();
                 let epilogue = LoraEpilogue {
-                    h: &h,
+                    h: LoraH::Given(&h),
                     b: &bd,
                     scaling: scaling as f32,
                 };
@@ -1248,6 +1249,30 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
                     differ, 0,
                     "{case}: {differ} values differ from the two-step path"
                 );
+                // h computed in the kernel's own launch: the same bits (block_dot16 in both).
+                if kernel.computes_lora_h(m, r) {
+                    let in_launch = LoraEpilogue {
+                        h: LoraH::FromA(&ad),
+                        b: &bd,
+                        scaling: scaling as f32,
+                    };
+                    // Twice: the second launch's flags start as the first left them.
+                    for round in 0..2 {
+                        let got = q
+                            .forward_from_nf4(&xd, kernel, Some(&in_launch), false)
+                            .unwrap();
+                        let got = host_f32s(&got);
+                        let differ = got
+                            .iter()
+                            .zip(&two_step)
+                            .filter(|(x, y)| x.to_bits() != y.to_bits())
+                            .count();
+                        assert_eq!(
+                            differ, 0,
+                            "{case}: h in the launch (round {round}): {differ} values differ from the two-step path"
+                        );
+                    }
+                }
                 // The GELU stored by the kernel, with and without the adapter: the bits of the
                 // GELU kernel on the plain output.
                 if kernel.applies_gelu() {

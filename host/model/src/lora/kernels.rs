@@ -12,8 +12,11 @@ pub fn modules() -> [&'static CudaModule; 2] {
     [&LORA, &LORA_MMA]
 }
 
-pub(crate) static LORA: CudaModule =
-    CudaModule::new("adapterlab_lora", include_str!("lora.cu"), no_defines);
+pub(crate) static LORA: CudaModule = CudaModule::new(
+    "adapterlab_lora",
+    concat!(include_str!("../ops/dot16.cu"), include_str!("lora.cu")),
+    no_defines,
+);
 
 /// The training node's `h` and `dA` on the tensor cores (`lora_mma.cu`), a module of its own
 /// for the architecture its `mma.sync` needs.
@@ -166,9 +169,10 @@ fn adapter_product(x: &Tensor, a: &Tensor) -> Result<Tensor> {
             shared_mem_bytes: 0,
         }
     } else {
+        // Any multiple of 32 gives the same bits (block_dot16); 256 as the decoding kernel's.
         LaunchConfig {
             grid_dim: ((m * r) as u32, 1, 1),
-            block_dim: (1024, 1, 1),
+            block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         }
     };

@@ -5,36 +5,23 @@
 // which would round differently from the CPU path.
 
 // An unmerged LoRA adapter at inference (crate::lora::LoraLayer::add_to): h = x A^T, on a few
-// rows with lora_h (one block of 1024 threads per row and rank, f32: at batch 1 there are only
-// 16 blocks, so each must cover its row in few rounds of loads: 16-byte loads, 8 columns a
-// thread, where the rows are 16-byte aligned), on a prefill's with lora_h_rows (ranks 8 and 16)
-// or cuBLAS (lora/kernels.rs); then lora_out. The kernels computing h take the same arguments
+// rows with lora_h (a block of DOT16_THREADS threads per row and rank, f32, block_dot16 in
+// ops/dot16.cu: the NF4 decoding kernel computes h with it too, in blocks of its own launch, and
+// the two give the same bits), on a prefill's with lora_h_rows (ranks 8 and 16) or cuBLAS
+// (lora/kernels.rs); then lora_out. The kernels computing h take the same arguments
 // (x, A, h, k, r, m), each reading those it needs.
-#define LORA_H(NAME, LOAD)                                                                     \
-extern "C" __global__ void NAME(const u16* x, const float* a, float* h, int k, int r, int m) { \
-  __shared__ float red[32];                                                                    \
-  int row = blockIdx.x / r, j = blockIdx.x % r;                                                \
-  const u16* xr = x + (long long)row * k;                                                      \
-  const float* ar = a + (long long)j * k;                                                      \
-  float acc = 0.f;                                                                             \
-  if ((k & 7) == 0 && (((unsigned long long)xr | (unsigned long long)ar) & 15) == 0) {       \
-    const uint4* xv = (const uint4*)xr;                                                        \
-    const float4* av = (const float4*)ar;                                                      \
-    _Pragma("unroll 2")                                                                        \
-    for (int t = threadIdx.x; t < (k >> 3); t += blockDim.x) {                                \
-      uint4 p = __ldg(xv + t);                                                                 \
-      float4 a0 = __ldg(av + 2 * t), a1 = __ldg(av + 2 * t + 1);                              \
-      acc += LOAD((u16)(p.x & 0xffffu)) * a0.x + LOAD((u16)(p.x >> 16)) * a0.y                  \
-           + LOAD((u16)(p.y & 0xffffu)) * a0.z + LOAD((u16)(p.y >> 16)) * a0.w                  \
-           + LOAD((u16)(p.z & 0xffffu)) * a1.x + LOAD((u16)(p.z >> 16)) * a1.y                  \
-           + LOAD((u16)(p.w & 0xffffu)) * a1.z + LOAD((u16)(p.w >> 16)) * a1.w;                 \
-    }                                                                                         \
-  } else {                                                                                    \
-    _Pragma("unroll 4")                                                                        \
-    for (int t = threadIdx.x; t < k; t += blockDim.x) acc += LOAD(xr[t]) * ar[t];              \
-  }                                                                                           \
-  acc = block_reduce(acc, red, 0);                                                             \
-  if (threadIdx.x == 0) h[blockIdx.x] = acc;                                                   \
+template <bool BF16>
+__device__ __forceinline__ void lora_h_block(const u16* x, const float* a, float* h, int k, int r) {
+  __shared__ float red[DOT16_THREADS / 32];
+  int row = blockIdx.x / r, j = blockIdx.x % r;
+  float s = block_dot16<BF16>(x + (long long)row * k, a + (long long)j * k, k, red);
+  if (threadIdx.x == 0) h[blockIdx.x] = s;
+}
+extern "C" __global__ void lora_h_bf16(const u16* x, const float* a, float* h, int k, int r, int m) {
+  lora_h_block<true>(x, a, h, k, r);
+}
+extern "C" __global__ void lora_h_f16(const u16* x, const float* a, float* h, int k, int r, int m) {
+  lora_h_block<false>(x, a, h, k, r);
 }
 // h = x A^T for a prefill's many rows (rank R of 8 or 16, k a multiple of 8): a block takes
 // 512 / R rows and every rank, walking its slice of k (blockIdx.y's, all of k at inference) in
@@ -545,8 +532,6 @@ LORA_OUT(8)
 LORA_OUT(16)
 LORA_OUT(32)
 LORA_OUT(64)
-LORA_H(lora_h_bf16, bf16_to_f32)
-LORA_H(lora_h_f16, f16_to_f32)
 
 // The dropout op's value (dropout.cu: round(t * (dropped ? 0 : scale))) from the decisions the
 // training node's h kernel stored (bit i of byte e / 8 for element e), eight elements a thread:

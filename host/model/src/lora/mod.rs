@@ -427,7 +427,8 @@ impl LoraLayer {
 
     /// `x W^T + delta_y(x)` for an NF4 base at inference on a few rows on the GPU: the adapter's
     /// first product (`lora_h`), then the base's decoding kernel adding the second in its
-    /// epilogue, two launches where [`Self::add_to`] after the base takes three. The same bits
+    /// epilogue, two launches where [`Self::add_to`] after the base takes three; one where the
+    /// tensor-core kernel computes `h` in blocks of its own launch. The same bits
     /// as that path; `None` where either does not apply (see `add_to` and
     /// `Nf4Weight::decode_kernel`). With `gelu`, the exact GELU of that sum, stored by the
     /// decoding kernel (`None` where the kernel does not apply one).
@@ -447,12 +448,20 @@ impl LoraLayer {
                 && kernel.adds_lora()
                 && (!gelu || kernel.applies_gelu())
             {
+                use crate::quant::kernels::{LoraEpilogue, LoraH};
                 let x2 = x.contiguous()?.reshape((rows, k))?;
                 let a = self.a.as_tensor().detach().contiguous()?;
-                let h = crate::lora::kernels::lora_h(&x2, &a)?;
+                // The kernel computes h itself where it can: one launch a linear, not two.
+                let given;
+                let h = if kernel.computes_lora_h(rows, a.dim(0)?) {
+                    LoraH::FromA(&a)
+                } else {
+                    given = crate::lora::kernels::lora_h(&x2, &a)?;
+                    LoraH::Given(&given)
+                };
                 let b = self.b.as_tensor().detach().contiguous()?;
-                let epilogue = crate::quant::kernels::LoraEpilogue {
-                    h: &h,
+                let epilogue = LoraEpilogue {
+                    h,
                     b: &b,
                     scaling: self.scaling as f32,
                 };

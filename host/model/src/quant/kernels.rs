@@ -238,6 +238,12 @@ impl DecodeKernel {
     }
 
     /// Whether the kernel adds an adapter's product in its epilogue (see [`LoraEpilogue`]).
+    /// Whether the kernel computes an adapter's `h` for `m` rows at rank `r` in its own launch
+    /// ([`LoraH::FromA`]).
+    pub fn computes_lora_h(self, m: usize, r: usize) -> bool {
+        self == DecodeKernel::Mma && r > 0 && m * r <= LORA_H_BLOCKS
+    }
+
     /// Whether the kernel can store the exact GELU of its output ([`gemv_with`]'s `gelu`).
     pub fn applies_gelu(self) -> bool {
         self == DecodeKernel::Mma
@@ -375,6 +381,7 @@ pub(crate) static NF4_MMA: CudaModule = CudaModule::new(
     concat!(
         include_str!("nf4_common.cu"),
         include_str!("../ops/mma.cu"),
+        include_str!("../ops/dot16.cu"),
         include_str!("nf4_mma.cu")
     ),
     || nf4_mma_defines(&MmaTiling::DEFAULTS),
@@ -388,6 +395,7 @@ pub(crate) static NF4_MMA_TILINGS: CudaModule = CudaModule::new(
     concat!(
         include_str!("nf4_common.cu"),
         include_str!("../ops/mma.cu"),
+        include_str!("../ops/dot16.cu"),
         include_str!("nf4_mma.cu")
     ),
     || nf4_mma_defines(&MmaTiling::ALL),
@@ -652,12 +660,51 @@ pub fn dequantize(w: &Nf4Gpu, dtype: DType) -> Result<Tensor> {
     })
 }
 
-/// An unmerged LoRA adapter's product for a decoding kernel to add to the base's: `h = x A^T`
-/// (`[m, r]` f32, `lora::kernels::lora_h`), `b` (`[n, r]` f32) and the scaling.
+/// An unmerged LoRA adapter's product for a decoding kernel to add to the base's: its `h = x A^T`,
+/// `b` (`[n, r]` f32) and the scaling.
 pub struct LoraEpilogue<'a> {
-    pub h: &'a Tensor,
+    pub h: LoraH<'a>,
     pub b: &'a Tensor,
     pub scaling: f32,
+}
+
+/// Where a decoding kernel's epilogue takes the adapter's `h = x A^T` from.
+pub enum LoraH<'a> {
+    /// Computed before (`lora::kernels::lora_h`): `[m, r]` f32.
+    Given(&'a Tensor),
+    /// `A` (`[r, k]` f32, contiguous): the kernel computes h in blocks of its own launch, the
+    /// bits of `lora_h` (where it [`DecodeKernel::computes_lora_h`]).
+    FromA(&'a Tensor),
+}
+
+/// `h` blocks (rows times rank) a launch computing h itself may have: one flag each.
+pub const LORA_H_BLOCKS: usize = 8192;
+
+/// The flags the `h` blocks of a decoding launch set ([`LORA_H_BLOCKS`] u32 on `dev`, made
+/// zero once a device) and the value this launch sets them to: never the one the launch before
+/// passed, so a flag left by it never reads as set (launches on a stream run one after another).
+fn lora_h_flags(dev: &candle_core::CudaDevice) -> Result<(Tensor, u32)> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static MADE: std::sync::Mutex<Vec<Tensor>> = std::sync::Mutex::new(Vec::new());
+    static EPOCH: AtomicU32 = AtomicU32::new(0);
+    let device = candle_core::Device::Cuda(dev.clone());
+    let flags = {
+        let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+        match made.iter().find(|t| t.device().same_device(&device)) {
+            Some(t) => t.clone(),
+            None => {
+                let t = Tensor::zeros(LORA_H_BLOCKS, DType::U32, &device)?;
+                made.push(t.clone());
+                t
+            }
+        }
+    };
+    // Zero is what a fresh flag holds: skip it when the count wraps.
+    let mut epoch = EPOCH.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+    if epoch == 0 {
+        epoch = EPOCH.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+    }
+    Ok((flags, epoch))
 }
 
 /// `x [m, k] @ W^T` for `W [n, k]` held as NF4, `x` bf16 or f16, with `kernel` (which must
@@ -691,25 +738,45 @@ pub fn gemv_with(
             w.blocksize
         )));
     }
+    // With LoRA: (h, its A where the kernel computes it, B, scaling, rank).
+    let made_h;
     let lora = match lora {
         None => None,
         Some(l) => {
-            let (hm, r) = l.h.dims2()?;
-            let (bn, br) = l.b.dims2()?;
-            if (hm, bn, br) != (m, out_features, r)
-                || l.h.dtype() != DType::F32
-                || l.b.dtype() != DType::F32
-            {
+            let (bn, r) = l.b.dims2()?;
+            let (h, a, fits) = match l.h {
+                LoraH::Given(h) => (h, None, h.dims2()? == (m, r)),
+                LoraH::FromA(a) => {
+                    let fits = kernel.computes_lora_h(m, r) && a.dims2()? == (r, k);
+                    let adev = cuda_device(a)?;
+                    // SAFETY: the kernel's h blocks write every element before any is read.
+                    made_h = wrap(unsafe { adev.alloc::<f32>(m * r)? }, &adev, (m, r));
+                    (&made_h, Some(a), fits && a.dtype() == DType::F32)
+                }
+            };
+            if !fits || bn != out_features || h.dtype() != DType::F32 || l.b.dtype() != DType::F32 {
                 return Err(Error::Msg(format!(
-                    "NF4 GEMV with LoRA: {m} rows, {out_features} outputs, h {:?} {:?}, B {:?} {:?}",
-                    l.h.dims(),
-                    l.h.dtype(),
+                    "NF4 GEMV with LoRA: {m} rows of {k}, {out_features} outputs, h {:?} {:?}, A {:?}, B {:?} {:?}, kernel {kernel:?}",
+                    h.dims(),
+                    h.dtype(),
+                    a.map(|a| (a.dims().to_vec(), a.dtype())),
                     l.b.dims(),
                     l.b.dtype()
                 )));
             }
-            Some((CudaInput::of(l.h)?, CudaInput::of(l.b)?, l.scaling, r))
+            Some((
+                CudaInput::of(h)?,
+                a.map(CudaInput::of).transpose()?,
+                CudaInput::of(l.b)?,
+                l.scaling,
+                r,
+            ))
         }
+    };
+    // The h blocks a launch runs before the product's (0 where h is given).
+    let hb = match &lora {
+        Some((_, Some(_), _, _, r)) => m * r,
+        _ => 0,
     };
     let x = if x.is_contiguous() && x.layout().start_offset() == 0 {
         x.clone()
@@ -726,9 +793,9 @@ pub fn gemv_with(
             block_dim: (32 * 8, 1, 1),
             shared_mem_bytes: 0,
         },
-        // `tiling.features()` a block, its warps splitting the columns.
+        // `tiling.features()` a block, its warps splitting the columns, after the h blocks.
         DecodeKernel::Mma => LaunchConfig {
-            grid_dim: (out_features.div_ceil(tiling.features()) as u32, 1, 1),
+            grid_dim: ((hb + out_features.div_ceil(tiling.features())) as u32, 1, 1),
             block_dim: (32 * tiling.warps, 1, 1),
             shared_mem_bytes: 0,
         },
@@ -746,8 +813,14 @@ pub fn gemv_with(
                 let xv = xs.as_cuda_slice::<$t>()?;
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(m * out_features)? };
-                // The tensor-core kernel's last parameter: whether to store the GELU.
+                // The tensor-core kernel's last parameters: whether to store the GELU, and
+                // where h is computed in the launch, A, the flags, this launch's value of them
+                // and the h blocks (no A: B's slice in A's place, never read).
                 let act = i32::from(gelu);
+                let (flags, epoch) = lora_h_flags(&dev)?;
+                let flags = CudaInput::of(&flags)?;
+                let flags = flags.view::<u32>(LORA_H_BLOCKS)?;
+                let hb_i = hb as i32;
                 match (&lora, kernel) {
                     (_, DecodeKernel::Tiled) => {
                         crate::run_kernel!($module, dev, $name, cfg;
@@ -755,13 +828,18 @@ pub fn gemv_with(
                             &s.offset, &s.nbs, xv, &out, &m_i,
                         )?;
                     }
-                    (Some((h, b, scaling, r)), kernel) => {
+                    (Some((h, a, b, scaling, r)), kernel) => {
                         let (hv, bv) = (h.view::<f32>(m * r)?, b.view::<f32>(out_features * r)?);
+                        let av = match a {
+                            Some(a) => a.view::<f32>(r * k)?,
+                            None => b.view::<f32>(out_features * r)?,
+                        };
                         let r_i = *r as i32;
                         if kernel == DecodeKernel::Mma {
                             crate::run_kernel!($module, dev, $name, cfg;
                                 s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
                                 &s.offset, &s.nbs, xv, &out, &m_i, &hv, &bv, scaling, &r_i, &act,
+                                &av, &flags, &epoch, &hb_i,
                             )?;
                         } else {
                             crate::run_kernel!($module, dev, $name, cfg;
@@ -776,7 +854,7 @@ pub fn gemv_with(
                             crate::run_kernel!($module, dev, $name, cfg;
                                 s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
                                 &s.offset, &s.nbs, xv, &out, &m_i, s.absmax, s.absmax, &zero,
-                                &none, &act,
+                                &none, &act, s.absmax, &flags, &epoch, &none,
                             )?;
                         } else {
                             crate::run_kernel!($module, dev, $name, cfg;

@@ -76,7 +76,7 @@ __device__ __forceinline__ float absmax_value(unsigned int q, float am, int nest
     const float* hr_ = lh + (long long)(r) * lr;                                               \
     const float* br_ = lb + (long long)(o) * lr;                                               \
     float d_ = 0.f;                                                                            \
-    for (int j_ = 0; j_ < lr; ++j_) d_ += hr_[j_] * __fmul_rn(br_[j_], lscale);                \
+    for (int j_ = 0; j_ < lr; ++j_) d_ += __ldcg(hr_ + j_) * __fmul_rn(br_[j_], lscale);       \
     out = STORE(__fadd_rn(LOAD(out), d_));                                                     \
   }
 #define STORE_OUT(LOAD, STORE, r, o, s) {                                                     \

@@ -25,6 +25,34 @@
 // warp w adds chunks w, w + WARPS, w + 2 WARPS ... in that order whatever UNROLL, TILES and
 // HALVES are.
 
+// An adapter's h = x A^T computed in the decoding kernel's own launch (hb > 0): blocks 0 .. hb - 1
+// (hb = m * lr, a block a row and rank) compute it with block_dot16 (ops/dot16.cu), the bits of
+// lora_h's launch of its own, store it to lh and then set their flag to this launch's epoch (a
+// value the host never passes twice running); the product's blocks, from hb on, wait for every
+// flag before their epilogue reads h. Blocks start in index order (the assumption CUB's
+// single-pass scan makes), so the h blocks are running or done before any product block waits,
+// and by then they have long finished: a product block's own work is longer. At batch-1
+// decoding this took lora_h's 128 launches a Falcon-7B token out of the launch count (0.47 ms of
+// kernels, ncu on an H100, 2026-12-07, and the host's launching of each).
+template <bool BF16>
+__device__ __forceinline__ void lora_h_in_launch(const u16* x, const float* a, float* h, int k,
+    int r, unsigned int* flags, unsigned int epoch) {
+  __shared__ float red[DOT16_THREADS / 32];
+  int row = blockIdx.x / r, j = blockIdx.x % r;
+  float s = block_dot16<BF16>(x + (long long)row * k, a + (long long)j * k, k, red);
+  if (threadIdx.x == 0) {
+    __stcg(h + blockIdx.x, s);
+    __threadfence();
+    atomicExch(flags + blockIdx.x, epoch);
+  }
+}
+__device__ __forceinline__ void wait_for_h(unsigned int* flags, unsigned int epoch, int hb) {
+  if (hb <= 0) return;
+  for (int i = threadIdx.x; i < hb; i += blockDim.x)
+    while (*(volatile unsigned int*)(flags + i) != epoch) __nanosleep(64);
+  __threadfence();
+}
+
 // The block's outputs from the warps' partial sums part[warp][row][feature] (ROWS x FEATS a
 // warp), each summed over the warps in order (a feature's sum depends on WARPS alone) and stored
 // with the adapter's product (LORA_OUT); both forms below end with it. With `act` the stored
@@ -32,6 +60,7 @@
 // same bits), so an MLP's up projection and its activation are one launch: decoding ran the GELU
 // kernel 32 times a Falcon-7B token, 0.18 ms of ~5 (ncu, H100, 2026-12-07).
 #define STORE_WARP_SUMS(ROWS, FEATS)                                                           \
+  wait_for_h(flags, epoch, hb);                                                                \
   __syncthreads();                                                                             \
   for (int e = threadIdx.x; e < (ROWS) * (FEATS); e += blockDim.x) {                          \
     int r = e / (FEATS), f = e % (FEATS);                                                      \
@@ -47,13 +76,18 @@
 template <int WARPS, int UNROLL, int TILES, bool HALVES, bool BF16>
 __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, int nested,
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
-    const u16* x, u16* y, int m, const float* lh, const float* lb, float lscale, int lr,
-    int act) {
+    const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
+    const float* la, unsigned int* flags, unsigned int epoch, int hb) {
+  if (blockIdx.x < hb) {
+    lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch);
+    return;
+  }
+  int bid = blockIdx.x - hb;
   LOAD_TABLES
   __shared__ float part[WARPS][16][8 * TILES];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int g = lane >> 2, c = lane & 3;
-  long long first = (long long)blockIdx.x * 8 * TILES;
+  long long first = (long long)bid * 8 * TILES;
   float d[TILES][4];
   _Pragma("unroll") for (int t = 0; t < TILES; ++t) d[t][0] = d[t][1] = d[t][2] = d[t][3] = 0.f;
   int chunks = (k + 127) >> 7, lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;
@@ -132,13 +166,18 @@ __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, i
 template <int WARPS, int UNROLL, bool BF16>
 __device__ __forceinline__ void nf4_mma_swapped(const u8* codes, int n, int k, int bs, int nested,
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
-    const u16* x, u16* y, int m, const float* lh, const float* lb, float lscale, int lr,
-    int act) {
+    const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
+    const float* la, unsigned int* flags, unsigned int epoch, int hb) {
+  if (blockIdx.x < hb) {
+    lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch);
+    return;
+  }
+  int bid = blockIdx.x - hb;
   LOAD_TABLES
   __shared__ float part[WARPS][8][16];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int g = lane >> 2, c = lane & 3;
-  long long first = (long long)blockIdx.x * 16;
+  long long first = (long long)bid * 16;
   long long fa = first + g, fb = first + g + 8;
   const u16* xr = g < m ? x + (long long)g * k : nullptr;
   float d[4] = {0.f, 0.f, 0.f, 0.f};
@@ -218,10 +257,11 @@ __device__ __forceinline__ void nf4_mma_swapped(const u8* codes, int n, int k, i
 #define MMA_KERNEL(TYPE, IS_BF16, W, U, T, H)                                                 \
 extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_##TYPE##_w##W##u##U##t##T##h##H( \
     const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
-    const float* acode, float offset, int nbs, const u16* x, u16* y, int m, const float* lh,   \
-    const float* lb, float lscale, int lr, int act) {                                          \
+    const float* acode, float offset, int nbs, const u16* x, u16* y, int m, float* lh,         \
+    const float* lb, float lscale, int lr, int act, const float* la, unsigned int* flags,      \
+    unsigned int epoch, int hb) {                                                              \
   nf4_mma<W, U, T, (H != 0), IS_BF16>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs, \
-                                      x, y, m, lh, lb, lscale, lr, act);                      \
+                                      x, y, m, lh, lb, lscale, lr, act, la, flags, epoch, hb); \
 }
 #define MMA_INSTANCE(W, U, T, H)                                                               \
   MMA_KERNEL(bf16, true, W, U, T, H) MMA_KERNEL(f16, false, W, U, T, H)
@@ -229,10 +269,11 @@ extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_##TYPE##_w##W##u##U
 #define MMA_SWAPPED_KERNEL(TYPE, IS_BF16, W, U)                                                \
 extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_##TYPE##_s##W##u##U(               \
     const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
-    const float* acode, float offset, int nbs, const u16* x, u16* y, int m, const float* lh,   \
-    const float* lb, float lscale, int lr, int act) {                                          \
+    const float* acode, float offset, int nbs, const u16* x, u16* y, int m, float* lh,         \
+    const float* lb, float lscale, int lr, int act, const float* la, unsigned int* flags,      \
+    unsigned int epoch, int hb) {                                                              \
   nf4_mma_swapped<W, U, IS_BF16>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs, x, y, \
-                                 m, lh, lb, lscale, lr, act);                                  \
+                                 m, lh, lb, lscale, lr, act, la, flags, epoch, hb);            \
 }
 #define MMA_SWAPPED_INSTANCE(W, U)                                                             \
   MMA_SWAPPED_KERNEL(bf16, true, W, U) MMA_SWAPPED_KERNEL(f16, false, W, U)
