@@ -285,7 +285,9 @@ fi
 #           (batch 16 through dequantize + cuBLAS or the tiled GEMM), +unfused (decoding
 #           attention on the eager path, ADAPTERLAB_DECODE_ATTENTION=eager), +split (decoding's
 #           head split, rotation and cache writes op by op, ADAPTERLAB_DECODE_ROPE=split),
-#           +gelu (the MLP's GELU in a kernel of its own, ADAPTERLAB_DECODE_GELU=separate), +TILING
+#           +gelu (the MLP's GELU in a kernel of its own, ADAPTERLAB_DECODE_GELU=separate),
+#           +lorah (an adapter's h in a launch of its own, ADAPTERLAB_DECODE_LORA_H=separate),
+#           +fused1 (both, as before either was fused), +TILING
 #           (the tensor-core kernel's tiling up to 8 rows, ADAPTERLAB_NF4_MMA_TILING=TILING, e.g.
 #           +s16u1); for each build of GEN_SIDES (default
 #           after; "before after" measures a change in one call; other builds than after run
@@ -305,6 +307,8 @@ if stage generate; then
         *+unfused) switches=(ADAPTERLAB_DECODE_ATTENTION=eager) ;;
         *+split) switches=(ADAPTERLAB_DECODE_ROPE=split) ;;
         *+gelu) switches=(ADAPTERLAB_DECODE_GELU=separate) ;;
+        *+lorah) switches=(ADAPTERLAB_DECODE_LORA_H=separate) ;;
+        *+fused1) switches=(ADAPTERLAB_DECODE_GELU=separate ADAPTERLAB_DECODE_LORA_H=separate) ;;
         *+s[0-9]*) switches=(ADAPTERLAB_NF4_MMA_TILING=${variant#*+}) ;;
         *+*) echo "unknown generate variant $variant"; continue ;;
       esac

@@ -73,6 +73,10 @@ pub fn decoding_settings(
             attention,
             rope,
             gelu,
+            (
+                "ADAPTERLAB_DECODE_LORA_H",
+                crate::lora::kernels::h_setting()?,
+            ),
             ("ADAPTERLAB_NF4_GEMV", gemv),
             ("ADAPTERLAB_NF4_SMALL_BATCH", small),
             ("ADAPTERLAB_NF4_MMA_TILING", tiling),

@@ -27,6 +27,25 @@ pub(crate) static LORA_MMA: CudaModule = CudaModule::new(
 )
 .for_arch("compute_80");
 
+/// `ADAPTERLAB_DECODE_LORA_H`: where decoding through an unmerged adapter on an NF4 base
+/// computes `h = x A^T`: `launch` (the default), in blocks of the decoding kernel's own launch
+/// where it can (`quant::kernels::LoraH::FromA`), or `separate`, [`lora_h`]'s launch before it.
+/// The same bits either way.
+static DECODE_H: crate::ops::switch::Switch<bool> = crate::ops::switch::Switch::new(
+    "ADAPTERLAB_DECODE_LORA_H",
+    &[("launch", true), ("separate", false)],
+);
+
+/// Whether decoding computes an adapter's `h` in the product's launch ([`DECODE_H`]).
+pub fn h_in_launch() -> Result<bool> {
+    Ok(DECODE_H.get()?.unwrap_or(true))
+}
+
+/// The `ADAPTERLAB_DECODE_LORA_H` in force, for reports.
+pub fn h_setting() -> Result<&'static str> {
+    Ok(if h_in_launch()? { "launch" } else { "separate" })
+}
+
 /// `ADAPTERLAB_LORA_TRAIN_KERNELS`: where the training node's `h` and `dA` multiply, `mma` (the
 /// tensor cores, the default from sm_80 on) or `simt` (lora.cu's, on the CUDA cores, the only
 /// kind before sm_80). The same operands either way, summed in another order; a speed switch

@@ -453,7 +453,9 @@ impl LoraLayer {
                 let a = self.a.as_tensor().detach().contiguous()?;
                 // The kernel computes h itself where it can: one launch a linear, not two.
                 let given;
-                let h = if kernel.computes_lora_h(rows, a.dim(0)?) {
+                let h = if kernel.computes_lora_h(rows, a.dim(0)?)
+                    && crate::lora::kernels::h_in_launch()?
+                {
                     LoraH::FromA(&a)
                 } else {
                     given = crate::lora::kernels::lora_h(&x2, &a)?;
