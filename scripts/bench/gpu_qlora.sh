@@ -287,7 +287,8 @@ fi
 #           head split, rotation and cache writes op by op, ADAPTERLAB_DECODE_ROPE=split),
 #           +gelu (the MLP's GELU in a kernel of its own, ADAPTERLAB_DECODE_GELU=separate),
 #           +lorah (an adapter's h in a launch of its own, ADAPTERLAB_DECODE_LORA_H=separate),
-#           +fused1 (both, as before either was fused), +TILING
+#           +residual (a layer's residual in a kernel of its own, ADAPTERLAB_DECODE_RESIDUAL=separate),
+#           +fused1 (GELU, h and residual as before any was fused), +TILING
 #           (the tensor-core kernel's tiling up to 8 rows, ADAPTERLAB_NF4_MMA_TILING=TILING, e.g.
 #           +s16u1); for each build of GEN_SIDES (default
 #           after; "before after" measures a change in one call; other builds than after run
@@ -308,7 +309,8 @@ if stage generate; then
         *+split) switches=(ADAPTERLAB_DECODE_ROPE=split) ;;
         *+gelu) switches=(ADAPTERLAB_DECODE_GELU=separate) ;;
         *+lorah) switches=(ADAPTERLAB_DECODE_LORA_H=separate) ;;
-        *+fused1) switches=(ADAPTERLAB_DECODE_GELU=separate ADAPTERLAB_DECODE_LORA_H=separate) ;;
+        *+residual) switches=(ADAPTERLAB_DECODE_RESIDUAL=separate) ;;
+        *+fused1) switches=(ADAPTERLAB_DECODE_GELU=separate ADAPTERLAB_DECODE_LORA_H=separate ADAPTERLAB_DECODE_RESIDUAL=separate) ;;
         *+s[0-9]*) switches=(ADAPTERLAB_NF4_MMA_TILING=${variant#*+}) ;;
         *+*) echo "unknown generate variant $variant"; continue ;;
       esac

@@ -1190,13 +1190,14 @@ fn decode_attention_kernel_equals_the_eager_path() {
 /// Decoding through an unmerged adapter on an NF4 base: each decoding kernel that adds the
 /// adapter's product in its epilogue gives the bits of that kernel followed by the two-kernel
 /// LoRA path (`lora_inference`), and both are within 16-bit rounding of the product on the CPU.
-/// A kernel that stores the GELU of its output (an MLP's up projection) gives the GELU kernel's
-/// bits on that output, with the adapter and without; one that computes the adapter's h in
+/// A kernel that applies an epilogue to its output (an MLP's GELU, a layer's residual) gives the
+/// bits of the epilogue's own op on that output, with the adapter and without; one that computes the adapter's h in
 /// blocks of its own launch gives the bits of lora_h's launch.
 #[cfg(feature = "cuda")]
 #[test]
 fn nf4_gemv_with_lora_equals_the_two_step_path() {
     use adapterlab_model::lora::kernels::{lora_h, lora_inference};
+    use adapterlab_model::ops::epilogue::Epilogue;
     use adapterlab_model::quant::kernels::{LoraEpilogue, LoraH};
     use adapterlab_model::quant::nf4::Nf4Options;
     use adapterlab_model::quant::weight::Nf4Weight;
@@ -1237,7 +1238,9 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
                 let fused = q
                     .forward_from_nf4(&xd, kernel, Some(&epilogue), false)
                     .unwrap();
-                let base = q.forward_from_nf4(&xd, kernel, None, false).unwrap();
+                let base = q
+                    .forward_from_nf4(&xd, kernel, None, Epilogue::None)
+                    .unwrap();
                 let two_step = lora_inference(&base, &xd, &ad, &bd, scaling).unwrap();
                 let (fused, two_step) = (host_f32s(&fused), host_f32s(&two_step));
                 let differ = fused
@@ -1273,33 +1276,38 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
                         );
                     }
                 }
-                // The GELU stored by the kernel, with and without the adapter: the bits of the
-                // GELU kernel on the plain output.
-                if kernel.applies_gelu() {
-                    let gelu = adapterlab_model::ops::gelu::gelu_erf;
-                    for (with_lora, got, plain) in [
-                        (
-                            true,
-                            q.forward_from_nf4(&xd, kernel, Some(&epilogue), true),
-                            q.forward_from_nf4(&xd, kernel, Some(&epilogue), false),
-                        ),
-                        (
-                            false,
-                            q.forward_from_nf4(&xd, kernel, None, true),
-                            Ok(base.clone()),
-                        ),
-                    ] {
-                        let got = host_f32s(&got.unwrap());
-                        let want = host_f32s(&gelu(&plain.unwrap()).unwrap());
-                        let differ = got
-                            .iter()
-                            .zip(&want)
-                            .filter(|(x, y)| x.to_bits() != y.to_bits())
-                            .count();
-                        assert_eq!(
-                            differ, 0,
-                            "{case} adapter={with_lora}: {differ} GELU values differ from the GELU kernel's"
-                        );
+                // The epilogues applied by the kernel, with and without the adapter: the bits
+                // of their own ops on the plain output.
+                if kernel.applies_epilogue() {
+                    let rx = Tensor::from_vec(wave(m * rows, 0.311, 2.0), (m, rows), &cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                        .to_device(&dev)
+                        .unwrap();
+                    let rb = Tensor::from_vec(wave(m * rows, 0.557, 1.5), (m, rows), &cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                        .to_device(&dev)
+                        .unwrap();
+                    for out in [Epilogue::Gelu, Epilogue::Residual { x: &rx, b: &rb }] {
+                        for with_lora in [true, false] {
+                            let lora = with_lora.then_some(&epilogue);
+                            let got = q.forward_from_nf4(&xd, kernel, lora, out).unwrap();
+                            let plain = q.forward_from_nf4(&xd, kernel, lora, Epilogue::None);
+                            let got = host_f32s(&got);
+                            let want = host_f32s(&out.apply(plain.unwrap()).unwrap());
+                            let differ = got
+                                .iter()
+                                .zip(&want)
+                                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                                .count();
+                            assert_eq!(
+                                differ, 0,
+                                "{case} {out:?} adapter={with_lora}: {differ} values differ from the op's"
+                            );
+                        }
                     }
                 }
                 let xf = x.to_dtype(DType::F32).unwrap();
@@ -1362,7 +1370,13 @@ fn from_nf4_data(
     x: &Tensor,
     kernel: Kernel,
 ) -> Tensor {
-    q.forward_from_nf4(x, kernel, None, false).unwrap()
+    q.forward_from_nf4(
+        x,
+        kernel,
+        None,
+        adapterlab_model::ops::epilogue::Epilogue::None,
+    )
+    .unwrap()
 }
 
 #[cfg(not(feature = "cuda"))]

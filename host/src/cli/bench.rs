@@ -280,12 +280,12 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
             })?;
             #[cfg(feature = "cuda")]
             {
-                use adapterlab_model::engine::{DecodeKernel, MmaTiling, runs_mma};
+                use adapterlab_model::engine::{DecodeKernel, Epilogue, MmaTiling, runs_mma};
                 let mma = runs_mma(&device)?;
                 for kernel in DecodeKernel::ALL {
                     if device.is_cuda() && kernel.serves_on(m, inp, out, q.blocks(), mma) {
                         time(kernel.name(), &|| {
-                            q.forward_from_nf4(&x, kernel, None, false)
+                            q.forward_from_nf4(&x, kernel, None, Epilogue::None)
                         })?;
                     }
                 }

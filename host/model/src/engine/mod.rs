@@ -25,6 +25,7 @@ pub use crate::nn::checkpoint;
 pub use crate::nn::linear::{BaseFormat, LinearBuilder};
 pub use crate::ops::attention::{AttentionContext, AttentionKernel, PackedAttention, attend_in};
 pub use crate::ops::cross_entropy::cross_entropy_sum;
+pub use crate::ops::epilogue::Epilogue;
 #[cfg(feature = "cuda")]
 pub use crate::ops::kernels::{AdamWScalars, MultiTensorStep, adamw_f32};
 pub use crate::ops::profile;
@@ -66,6 +67,10 @@ pub fn decoding_settings(
         crate::ops::rope_append::setting()?,
     );
     let gelu = ("ADAPTERLAB_DECODE_GELU", crate::ops::gelu::setting()?);
+    let residual = (
+        "ADAPTERLAB_DECODE_RESIDUAL",
+        crate::ops::residual::setting()?,
+    );
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         let [gemv, small, tiling] = crate::quant::kernels::decode_settings()?;
@@ -73,6 +78,7 @@ pub fn decoding_settings(
             attention,
             rope,
             gelu,
+            residual,
             (
                 "ADAPTERLAB_DECODE_LORA_H",
                 crate::lora::kernels::h_setting()?,
@@ -83,7 +89,7 @@ pub fn decoding_settings(
         ]);
     }
     let _ = device;
-    Ok(vec![attention, rope, gelu])
+    Ok(vec![attention, rope, gelu, residual])
 }
 
 /// The alias of the default model.

@@ -430,14 +430,14 @@ impl LoraLayer {
     /// epilogue, two launches where [`Self::add_to`] after the base takes three; one where the
     /// tensor-core kernel computes `h` in blocks of its own launch. The same bits
     /// as that path; `None` where either does not apply (see `add_to` and
-    /// `Nf4Weight::decode_kernel`). With `gelu`, the exact GELU of that sum, stored by the
-    /// decoding kernel (`None` where the kernel does not apply one).
+    /// `Nf4Weight::decode_kernel`). `epilogue` applied to that sum by the decoding kernel
+    /// (`None` where the kernel does not apply one).
     pub fn add_with_nf4_gemv(
         &self,
         base: &crate::quant::weight::Nf4Weight,
         x: &Tensor,
         train: bool,
-        gelu: bool,
+        epilogue: crate::ops::epilogue::Epilogue,
     ) -> Result<Option<Tensor>> {
         #[cfg(feature = "cuda")]
         {
@@ -446,7 +446,8 @@ impl LoraLayer {
             if self.inference_kernels_take(x, train)
                 && let Some(kernel) = base.decode_kernel(x)?
                 && kernel.adds_lora()
-                && (!gelu || kernel.applies_gelu())
+                && (matches!(epilogue, crate::ops::epilogue::Epilogue::None)
+                    || kernel.applies_epilogue())
             {
                 use crate::quant::kernels::{LoraEpilogue, LoraH};
                 let x2 = x.contiguous()?.reshape((rows, k))?;
@@ -462,18 +463,18 @@ impl LoraLayer {
                     LoraH::Given(&given)
                 };
                 let b = self.b.as_tensor().detach().contiguous()?;
-                let epilogue = LoraEpilogue {
+                let lora = LoraEpilogue {
                     h,
                     b: &b,
                     scaling: self.scaling as f32,
                 };
-                let y = base.forward_from_nf4(&x2, kernel, Some(&epilogue), gelu)?;
+                let y = base.forward_from_nf4(&x2, kernel, Some(&lora), epilogue)?;
                 let mut shape = x.dims().to_vec();
                 *shape.last_mut().expect("x has a feature dimension") = y.dim(1)?;
                 return y.reshape(shape).map(Some);
             }
         }
-        let _ = (base, x, train, gelu);
+        let _ = (base, x, train, epilogue);
         Ok(None)
     }
 

@@ -31,6 +31,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 
 use crate::lora::train_node::Input;
 use crate::lora::{LoraConfig, LoraLayer, LoraRegistry};
+use crate::ops::epilogue::Epilogue;
 use crate::quant::bnb;
 use crate::quant::nf4::Nf4Options;
 use crate::quant::weight::{BaseWeight, DenseWeight, Nf4Weight};
@@ -80,7 +81,7 @@ impl Linear {
         // would come between the two products, so a biased layer takes the path below).
         if let (Some(lora), Some(nf4), None) = (&self.lora, self.base.as_nf4(), &self.bias)
             && let Some(y) = crate::ops::profile::scope("lora.gemv", x.device(), || {
-                lora.add_with_nf4_gemv(nf4, x, train, false)
+                lora.add_with_nf4_gemv(nf4, x, train, Epilogue::None)
             })?
         {
             return Ok(y);
@@ -107,28 +108,28 @@ impl Linear {
         })
     }
 
-    /// `gelu_erf(forward_t(x, train))`. Outside training, through an NF4 base without a bias
-    /// or a merged adapter, the decoding kernel stores the GELU of its output where one serves
-    /// `x` (`ADAPTERLAB_DECODE_GELU`, the same bits; one launch fewer).
-    pub fn forward_then_gelu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// `epilogue.apply(forward_t(x, train))`. Outside training, through an NF4 base without a
+    /// bias or a merged adapter, the decoding kernel applies the epilogue to its output where
+    /// one serves `x` and the epilogue's switch allows (the same bits; one launch fewer).
+    pub fn forward_then(&self, x: &Tensor, train: bool, epilogue: Epilogue) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if !train
             && self.bias.is_none()
             && self.lora.as_ref().is_none_or(|l| l.merged().is_none())
             && let Some(nf4) = self.base.as_nf4()
-            && crate::ops::gelu::fused_in_product()?
+            && epilogue.fusable()?
         {
             let fused = match &self.lora {
                 Some(lora) => crate::ops::profile::scope("lora.gemv", x.device(), || {
-                    lora.add_with_nf4_gemv(nf4, x, train, true)
+                    lora.add_with_nf4_gemv(nf4, x, train, epilogue)
                 })?,
-                None => nf4.forward_gelu(x)?,
+                None => nf4.forward_epilogue(x, epilogue)?,
             };
             if let Some(y) = fused {
                 return Ok(y);
             }
         }
-        crate::ops::gelu::gelu_erf(&self.forward_t(x, train)?)
+        epilogue.apply(self.forward_t(x, train)?)
     }
 
     /// `forward_t(gelu_erf(u))`. In training the GELU goes into the layer's graph node, which

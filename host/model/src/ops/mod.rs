@@ -8,6 +8,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod decode_attention;
 pub mod dropout;
+pub mod epilogue;
 pub mod flash;
 pub mod gelu;
 #[cfg(feature = "cuda")]

@@ -35,6 +35,29 @@ pub fn add3(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     x + (a + b)?
 }
 
+/// `ADAPTERLAB_DECODE_RESIDUAL`: `fused` (the default), where the decoding kernel of a parallel
+/// layer's MLP down projection adds the residual in its epilogue ([`crate::ops::epilogue`]; the
+/// same bits as [`add3`]; one launch a layer fewer), or `separate`, [`add3`]'s kernel after it.
+static FUSED: crate::ops::switch::Switch<bool> = crate::ops::switch::Switch::new(
+    "ADAPTERLAB_DECODE_RESIDUAL",
+    &[("fused", true), ("separate", false)],
+);
+
+/// Whether decoding adds the residual in the down projection's kernel
+/// (`ADAPTERLAB_DECODE_RESIDUAL`).
+pub fn fused_in_product() -> Result<bool> {
+    Ok(FUSED.get()?.unwrap_or(true))
+}
+
+/// The `ADAPTERLAB_DECODE_RESIDUAL` in force (`fused` or `separate`), for reports.
+pub fn setting() -> Result<&'static str> {
+    Ok(if fused_in_product()? {
+        "fused"
+    } else {
+        "separate"
+    })
+}
+
 /// `a + b` for the gradient store (`candle_core::backprop::set_gradient_adder`, installed by
 /// [`crate::engine::device::cuda`]): one kernel where both are 16-bit tensors of one shape and
 /// dtype on a GPU, `None` (candle's add) otherwise. A Falcon-7B layer's backward sums two such

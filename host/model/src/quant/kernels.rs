@@ -8,6 +8,7 @@
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig};
 use candle_core::{CudaStorage, DType, Error, Result, Storage, Tensor};
 
+use crate::ops::epilogue::Epilogue;
 use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, wrap};
 use crate::ops::switch::Switch;
 
@@ -244,8 +245,9 @@ impl DecodeKernel {
         self == DecodeKernel::Mma && r > 0 && m * r <= LORA_H_BLOCKS
     }
 
-    /// Whether the kernel can store the exact GELU of its output ([`gemv_with`]'s `gelu`).
-    pub fn applies_gelu(self) -> bool {
+    /// Whether the kernel applies an [`Epilogue`] other than `None` to its output
+    /// ([`gemv_with`]'s `out`).
+    pub fn applies_epilogue(self) -> bool {
         self == DecodeKernel::Mma
     }
 
@@ -711,9 +713,8 @@ fn lora_h_flags(dev: &candle_core::CudaDevice) -> Result<(Tensor, u32)> {
 /// [`DecodeKernel::serves`] the shape; the tensor-core kernel in `tiling`, which decoding takes
 /// from [`MmaTiling::for_rows`] and `bench kernels` and the GPU tests vary; other kernels ignore
 /// it), and with `lora` the adapter's product added in the same launch (where the kernel
-/// [`DecodeKernel::adds_lora`]), and with `gelu` the exact GELU of the result stored instead
-/// (where the kernel [`DecodeKernel::applies_gelu`]; the same bits as `ops::gelu::gelu_erf` on
-/// the output).
+/// [`DecodeKernel::adds_lora`]), and `out` applied to the result before it is stored (where the
+/// kernel [`DecodeKernel::applies_epilogue`]; the bits of [`Epilogue::apply`] on the output).
 pub fn gemv_with(
     w: &Nf4Gpu,
     out_features: usize,
@@ -721,17 +722,17 @@ pub fn gemv_with(
     kernel: DecodeKernel,
     tiling: MmaTiling,
     lora: Option<&LoraEpilogue>,
-    gelu: bool,
+    epilogue: Epilogue,
 ) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     if out_features * k != w.n
         || !kernel.serves(m, k, out_features, w.blocks())
         || (kernel == DecodeKernel::Mma && !tiling.serves_rows(m))
         || (lora.is_some() && !kernel.adds_lora())
-        || (gelu && !kernel.applies_gelu())
+        || (!matches!(epilogue, Epilogue::None) && !kernel.applies_epilogue())
     {
         return Err(Error::Msg(format!(
-            "NF4 {kernel:?} kernel (tiling {}, adapter: {}, GELU: {gelu}): {m} rows of {k} features against a weight of {} elements ({out_features} features) in blocks of {}",
+            "NF4 {kernel:?} kernel (tiling {}, adapter: {}, epilogue: {epilogue:?}): {m} rows of {k} features against a weight of {} elements ({out_features} features) in blocks of {}",
             tiling.name(),
             lora.is_some(),
             w.n,
@@ -773,6 +774,22 @@ pub fn gemv_with(
             ))
         }
     };
+    // The residual's inputs, each [m, out_features] in x's dtype.
+    let residual = match epilogue {
+        Epilogue::Residual { x: rx, b: rb } => {
+            for t in [rx, rb] {
+                if t.elem_count() != m * out_features || t.dtype() != x.dtype() {
+                    return Err(Error::Msg(format!(
+                        "NF4 GEMV with the residual: {m} x {out_features} outputs, a residual input {:?} {:?}",
+                        t.dims(),
+                        t.dtype()
+                    )));
+                }
+            }
+            Some((CudaInput::of(rx)?, CudaInput::of(rb)?))
+        }
+        _ => None,
+    };
     // The h blocks a launch runs before the product's (0 where h is given).
     let hb = match &lora {
         Some((_, Some(_), _, _, r)) => m * r,
@@ -813,10 +830,17 @@ pub fn gemv_with(
                 let xv = xs.as_cuda_slice::<$t>()?;
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(m * out_features)? };
-                // The tensor-core kernel's last parameters: whether to store the GELU, and
-                // where h is computed in the launch, A, the flags, this launch's value of them
-                // and the h blocks (no A: B's slice in A's place, never read).
-                let act = i32::from(gelu);
+                // The tensor-core kernel's last parameters: the epilogue's code; where h is
+                // computed in the launch, A, the flags, this launch's value of them and the h
+                // blocks (no A: B's slice in A's place, never read); the residual's x and b
+                // (none: x's slice in their place, never read).
+                let act = epilogue.code();
+                let (rx, rb) = match &residual {
+                    Some((rx, rb)) => {
+                        (rx.view::<$t>(m * out_features)?, rb.view::<$t>(m * out_features)?)
+                    }
+                    None => (xv.slice(..), xv.slice(..)),
+                };
                 let (flags, epoch) = lora_h_flags(&dev)?;
                 let flags = CudaInput::of(&flags)?;
                 let flags = flags.view::<u32>(LORA_H_BLOCKS)?;
@@ -839,7 +863,7 @@ pub fn gemv_with(
                             crate::run_kernel!($module, dev, $name, cfg;
                                 s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
                                 &s.offset, &s.nbs, xv, &out, &m_i, &hv, &bv, scaling, &r_i, &act,
-                                &av, &flags, &epoch, &hb_i,
+                                &av, &flags, &epoch, &hb_i, &rx, &rb,
                             )?;
                         } else {
                             crate::run_kernel!($module, dev, $name, cfg;
@@ -854,7 +878,7 @@ pub fn gemv_with(
                             crate::run_kernel!($module, dev, $name, cfg;
                                 s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
                                 &s.offset, &s.nbs, xv, &out, &m_i, s.absmax, s.absmax, &zero,
-                                &none, &act, s.absmax, &flags, &epoch, &none,
+                                &none, &act, s.absmax, &flags, &epoch, &none, &rx, &rb,
                             )?;
                         } else {
                             crate::run_kernel!($module, dev, $name, cfg;

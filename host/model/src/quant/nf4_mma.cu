@@ -53,12 +53,21 @@ __device__ __forceinline__ void wait_for_h(unsigned int* flags, unsigned int epo
   __threadfence();
 }
 
+// x + (a + b) with the two 16-bit adds' roundings (ops/residual.cu's add3_one).
+template <bool BF16>
+__device__ __forceinline__ u16 residual3(u16 x, u16 a, u16 b) {
+  float ab = load16<BF16>(round16<BF16>(__fadd_rn(load16<BF16>(a), load16<BF16>(b))));
+  return round16<BF16>(__fadd_rn(load16<BF16>(x), ab));
+}
+
 // The block's outputs from the warps' partial sums part[warp][row][feature] (ROWS x FEATS a
 // warp), each summed over the warps in order (a feature's sum depends on WARPS alone) and stored
-// with the adapter's product (LORA_OUT); both forms below end with it. With `act` the stored
-// value is the exact GELU of that 16-bit output as the GELU kernel computes it (gelu16, the
-// same bits), so an MLP's up projection and its activation are one launch: decoding ran the GELU
-// kernel 32 times a Falcon-7B token, 0.18 ms of ~5 (ncu, H100, 2026-12-07).
+// with the adapter's product (LORA_OUT); both forms below end with it. `act` (ops::epilogue's
+// code) 1 stores the exact GELU of that 16-bit output as the GELU kernel computes it (gelu16,
+// the same bits), so an MLP's up projection and its activation are one launch: decoding ran the
+// GELU kernel 32 times a Falcon-7B token, 0.18 ms of ~5 (ncu, H100, 2026-12-07); 2 stores
+// rx + (out + rb), a parallel layer's residual after its down projection, with the bits of
+// residual.cu's add3 (its kernel ran 32 times a token too, 0.10 ms).
 #define STORE_WARP_SUMS(ROWS, FEATS)                                                           \
   wait_for_h(flags, epoch, hb);                                                                \
   __syncthreads();                                                                             \
@@ -69,15 +78,18 @@ __device__ __forceinline__ void wait_for_h(unsigned int* flags, unsigned int epo
     float sum = 0.f;                                                                           \
     _Pragma("unroll") for (int w = 0; w < WARPS; ++w) sum += part[w][r][f];                    \
     LORA_OUT(load16<BF16>, round16<BF16>, r, o, sum, out)                                      \
-    if (act) out = round16<BF16>(gelu16<BF16>(load16<BF16>(out)));                             \
-    y[(long long)r * n + o] = out;                                                             \
+    long long i_ = (long long)r * n + o;                                                       \
+    if (act == 1) out = round16<BF16>(gelu16<BF16>(load16<BF16>(out)));                        \
+    if (act == 2) out = residual3<BF16>(rx[i_], out, rb[i_]);                                  \
+    y[i_] = out;                                                                               \
   }
 
 template <int WARPS, int UNROLL, int TILES, bool HALVES, bool BF16>
 __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, int nested,
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
     const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
-    const float* la, unsigned int* flags, unsigned int epoch, int hb) {
+    const float* la, unsigned int* flags, unsigned int epoch, int hb, const u16* rx,
+    const u16* rb) {
   if (blockIdx.x < hb) {
     lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch);
     return;
@@ -167,7 +179,8 @@ template <int WARPS, int UNROLL, bool BF16>
 __device__ __forceinline__ void nf4_mma_swapped(const u8* codes, int n, int k, int bs, int nested,
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
     const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
-    const float* la, unsigned int* flags, unsigned int epoch, int hb) {
+    const float* la, unsigned int* flags, unsigned int epoch, int hb, const u16* rx,
+    const u16* rb) {
   if (blockIdx.x < hb) {
     lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch);
     return;
@@ -259,9 +272,10 @@ extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_##TYPE##_w##W##u##U
     const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
     const float* acode, float offset, int nbs, const u16* x, u16* y, int m, float* lh,         \
     const float* lb, float lscale, int lr, int act, const float* la, unsigned int* flags,      \
-    unsigned int epoch, int hb) {                                                              \
+    unsigned int epoch, int hb, const u16* rx, const u16* rb) {                                \
   nf4_mma<W, U, T, (H != 0), IS_BF16>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs, \
-                                      x, y, m, lh, lb, lscale, lr, act, la, flags, epoch, hb); \
+                                      x, y, m, lh, lb, lscale, lr, act, la, flags, epoch, hb,  \
+                                      rx, rb);                                                 \
 }
 #define MMA_INSTANCE(W, U, T, H)                                                               \
   MMA_KERNEL(bf16, true, W, U, T, H) MMA_KERNEL(f16, false, W, U, T, H)
@@ -271,9 +285,9 @@ extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_##TYPE##_s##W##u##U
     const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
     const float* acode, float offset, int nbs, const u16* x, u16* y, int m, float* lh,         \
     const float* lb, float lscale, int lr, int act, const float* la, unsigned int* flags,      \
-    unsigned int epoch, int hb) {                                                              \
+    unsigned int epoch, int hb, const u16* rx, const u16* rb) {                                \
   nf4_mma_swapped<W, U, IS_BF16>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs, x, y, \
-                                 m, lh, lb, lscale, lr, act, la, flags, epoch, hb);            \
+                                 m, lh, lb, lscale, lr, act, la, flags, epoch, hb, rx, rb);    \
 }
 #define MMA_SWAPPED_INSTANCE(W, U)                                                             \
   MMA_SWAPPED_KERNEL(bf16, true, W, U) MMA_SWAPPED_KERNEL(f16, false, W, U)

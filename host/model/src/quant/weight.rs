@@ -543,42 +543,48 @@ impl Nf4Weight {
     #[cfg(feature = "cuda")]
     fn gemv(&self, x2: &Tensor) -> Result<Option<Tensor>> {
         match self.decode_kernel(x2)? {
-            Some(kernel) => self.forward_from_nf4(x2, kernel, None, false).map(Some),
+            Some(kernel) => self
+                .forward_from_nf4(x2, kernel, None, crate::ops::epilogue::Epilogue::None)
+                .map(Some),
             None => Ok(None),
         }
     }
 
     /// `x2 [m, k] W^T` straight from the 4-bit data on the GPU with `kernel`, whatever the
-    /// speed switches say (what the GPU tests hold against the CPU path), plus `lora`'s product;
-    /// with `gelu`, the exact GELU of that (where the kernel [`applies_gelu`]).
+    /// speed switches say (what the GPU tests hold against the CPU path), plus `lora`'s product,
+    /// then `epilogue` (where the kernel [`applies_epilogue`]).
     ///
-    /// [`applies_gelu`]: crate::quant::kernels::DecodeKernel::applies_gelu
+    /// [`applies_epilogue`]: crate::quant::kernels::DecodeKernel::applies_epilogue
     #[cfg(feature = "cuda")]
     pub fn forward_from_nf4(
         &self,
         x2: &Tensor,
         kernel: crate::quant::kernels::DecodeKernel,
         lora: Option<&crate::quant::kernels::LoraEpilogue>,
-        gelu: bool,
+        epilogue: crate::ops::epilogue::Epilogue,
     ) -> Result<Tensor> {
         let tiling = crate::quant::kernels::MmaTiling::for_rows(x2.dim(0)?)?;
-        self.forward_tiled(x2, kernel, tiling, lora, gelu)
+        self.forward_tiled(x2, kernel, tiling, lora, epilogue)
     }
 
-    /// `gelu_erf(forward(x))` with the GELU stored by the decoding kernel, where one that
-    /// applies it serves `x` in the compute dtype; `None` otherwise.
+    /// `epilogue.apply(forward(x))` with the epilogue applied by the decoding kernel, where one
+    /// that applies it serves `x` in the compute dtype; `None` otherwise.
     #[cfg(feature = "cuda")]
-    pub fn forward_gelu(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    pub fn forward_epilogue(
+        &self,
+        x: &Tensor,
+        epilogue: crate::ops::epilogue::Epilogue,
+    ) -> Result<Option<Tensor>> {
         if x.dtype() != self.inner.compute_dtype {
             return Ok(None);
         }
-        let Some(kernel) = self.decode_kernel(x)?.filter(|k| k.applies_gelu()) else {
+        let Some(kernel) = self.decode_kernel(x)?.filter(|k| k.applies_epilogue()) else {
             return Ok(None);
         };
         let (out_dim, in_dim) = self.dims();
         let mut shape = x.dims().to_vec();
         let x2 = x.reshape((x.elem_count() / in_dim.max(1), in_dim))?;
-        let y = self.forward_from_nf4(&x2, kernel, None, true)?;
+        let y = self.forward_from_nf4(&x2, kernel, None, epilogue)?;
         *shape.last_mut().expect("x has a feature dimension") = out_dim;
         y.reshape(shape).map(Some)
     }
@@ -592,7 +598,7 @@ impl Nf4Weight {
         tiling: crate::quant::kernels::MmaTiling,
     ) -> Result<Tensor> {
         let mma = crate::quant::kernels::DecodeKernel::Mma;
-        self.forward_tiled(x2, mma, tiling, None, false)
+        self.forward_tiled(x2, mma, tiling, None, crate::ops::epilogue::Epilogue::None)
     }
 
     #[cfg(feature = "cuda")]
@@ -602,13 +608,21 @@ impl Nf4Weight {
         kernel: crate::quant::kernels::DecodeKernel,
         tiling: crate::quant::kernels::MmaTiling,
         lora: Option<&crate::quant::kernels::LoraEpilogue>,
-        gelu: bool,
+        epilogue: crate::ops::epilogue::Epilogue,
     ) -> Result<Tensor> {
         let Some(d) = &self.inner.on_device else {
             candle_core::bail!("NF4 weight is not on a GPU")
         };
         let n = self.inner.q.shape()[0];
-        crate::quant::kernels::gemv_with(&d.gpu(&self.inner.q), n, x2, kernel, tiling, lora, gelu)
+        crate::quant::kernels::gemv_with(
+            &d.gpu(&self.inner.q),
+            n,
+            x2,
+            kernel,
+            tiling,
+            lora,
+            epilogue,
+        )
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -15,6 +15,7 @@ use crate::nn::linear::{Linear, LinearBuilder};
 use crate::ops::attention::{
     AttentionContext, AttentionKernel, KvCache, Rotary, alibi_bias, attend_in,
 };
+use crate::ops::epilogue::Epilogue;
 use crate::ops::flash::flash_attend_packed;
 use crate::ops::heads::merge_heads;
 use crate::ops::profile;
@@ -217,21 +218,53 @@ impl FalconMlp {
     }
 }
 
+impl FalconMlp {
+    fn training(&self) -> bool {
+        [&self.dense_h_to_4h, &self.dense_4h_to_h]
+            .iter()
+            .any(|l| l.lora.as_ref().is_some_and(|l| l.training()))
+    }
+
+    /// `residual + (mlp(x) + attn)`, a parallel layer's output (transformers' order of the
+    /// adds). Outside training the decoding kernels may apply the GELU after the up projection
+    /// and the residual after the down projection (`ops::epilogue`, the same bits).
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor, attn: &Tensor) -> Result<Tensor> {
+        let dev = x.device();
+        if self.act == Activation::Gelu && !self.training() {
+            let (up, down) = (&self.dense_h_to_4h, &self.dense_4h_to_h);
+            let act = profile::scope("mlp.up_act", dev, || {
+                up.forward_then(x, false, Epilogue::Gelu)
+            })?;
+            let out = Epilogue::Residual {
+                x: residual,
+                b: attn,
+            };
+            return profile::scope("mlp.down_residual", dev, || {
+                down.forward_then(&act, false, out)
+            });
+        }
+        let mlp = self.forward(x)?;
+        profile::scope("residual", dev, || add3(residual, &mlp, attn))
+    }
+}
+
 impl Module for FalconMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dev = x.device();
-        let training = |l: &Linear| l.lora.as_ref().is_some_and(|l| l.training());
+        let training = self.training();
         let (up_proj, down) = (&self.dense_h_to_4h, &self.dense_4h_to_h);
-        if self.act == Activation::Gelu && !training(up_proj) && !training(down) {
+        if self.act == Activation::Gelu && !training {
             // Outside training the GELU may come from the up projection's decoding kernel.
-            let act = profile::scope("mlp.up_act", dev, || up_proj.forward_then_gelu(x, false))?;
+            let act = profile::scope("mlp.up_act", dev, || {
+                up_proj.forward_then(x, false, Epilogue::Gelu)
+            })?;
             return profile::scope("mlp.down", dev, || down.forward_t(&act, false));
         }
         let up = profile::scope("mlp.up", dev, || up_proj.forward(x))?;
         if self.act == Activation::Gelu {
             // The exact GELU goes into dense_4h_to_h's training node (the graph then keeps `up`
             // alone, not the activation too: the widest tensor of a layer).
-            let train = training(down);
+            let train = down.lora.as_ref().is_some_and(|l| l.training());
             return profile::scope("mlp.act_down", dev, || down.forward_gelu_t(&up, train));
         }
         let act = profile::scope("mlp.act", dev, || self.act.apply(&up))?;
@@ -317,15 +350,13 @@ impl FalconDecoderLayer {
                 let dev = x.device();
                 let ln = profile::scope("ln", dev, || input_layernorm.forward(x))?;
                 let attn = self.self_attention.forward(&ln, ctx, rope, alibi, cache)?;
-                let mlp = self.mlp.forward(&ln)?;
-                profile::scope("residual", dev, || add3(x, &mlp, &attn))
+                self.mlp.forward_residual(&ln, x, &attn)
             }
             Norms::Split { ln_attn, ln_mlp } => {
                 let attn =
                     self.self_attention
                         .forward(&ln_attn.forward(x)?, ctx, rope, alibi, cache)?;
-                let mlp = self.mlp.forward(&ln_mlp.forward(x)?)?;
-                add3(x, &mlp, &attn)
+                self.mlp.forward_residual(&ln_mlp.forward(x)?, x, &attn)
             }
             Norms::Sequential {
                 input_layernorm,
