@@ -1236,7 +1236,7 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
                     scaling: scaling as f32,
                 };
                 let fused = q
-                    .forward_from_nf4(&xd, kernel, Some(&epilogue), false)
+                    .forward_from_nf4(&xd, kernel, Some(&epilogue), Epilogue::None)
                     .unwrap();
                 let base = q
                     .forward_from_nf4(&xd, kernel, None, Epilogue::None)
@@ -1262,7 +1262,7 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
                     // Twice: the second launch's flags start as the first left them.
                     for round in 0..2 {
                         let got = q
-                            .forward_from_nf4(&xd, kernel, Some(&in_launch), false)
+                            .forward_from_nf4(&xd, kernel, Some(&in_launch), Epilogue::None)
                             .unwrap();
                         let got = host_f32s(&got);
                         let differ = got
