@@ -6,7 +6,8 @@
 #   fixtures   regenerate the golden fixtures (make_golden.py, transformers + PEFT on the CPU
 #              there) into $RAW/golden; the golden stage then tests against these
 #   golden     the AFTER build's golden tests on CUDA (GOLDEN_CPU=1: on the CPU too; GOLDEN_FILTER:
-#              only those matching one of its names; GOLDEN_ENVS: again with each VAR=value), including
+#              only those matching one of its names; GOLDEN_ENVS: again with each VAR=value;
+#              GOLDEN_TIMEOUT: seconds a test, default 240), including
 #              `nf4_quantize_kernel_equals_the_cpu_path` (the load kernel against the CPU path,
 #              bit for bit), `flash_attention_kernels_equal_the_cpu_twin`, the NF4 GEMV and
 #              small-batch GEMM, and the HF-parity tests (each case also with flash attention)
@@ -106,7 +107,7 @@ if stage golden; then
     passed=0 failed=0
     for name in $names; do
       # shellcheck disable=SC2086
-      if env $setting ADAPTERLAB_TEST_DEVICE=$dev ADAPTERLAB_GOLDEN_DIR=$GOLDEN_DIR timeout 240 /tmp/gl/golden "$name" --exact \
+      if env $setting ADAPTERLAB_TEST_DEVICE=$dev ADAPTERLAB_GOLDEN_DIR=$GOLDEN_DIR timeout "${GOLDEN_TIMEOUT:-240}" /tmp/gl/golden "$name" --exact \
         --test-threads 1 --include-ignored --nocapture >> "$log" 2>&1; then
         passed=$((passed + 1)); echo "test $name ... ok"
       else
