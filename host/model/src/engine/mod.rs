@@ -86,6 +86,10 @@ pub fn decoding_settings(
             ("ADAPTERLAB_NF4_GEMV", gemv),
             ("ADAPTERLAB_NF4_SMALL_BATCH", small),
             ("ADAPTERLAB_NF4_MMA_TILING", tiling),
+            (
+                "ADAPTERLAB_DECODE_PDL",
+                crate::quant::kernels::pdl_setting()?,
+            ),
         ]);
     }
     let _ = device;

@@ -115,6 +115,105 @@ macro_rules! run_kernel {
     }};
 }
 
+/// [`run_kernel!`] with programmatic dependent launch (sm_90): the kernel may start while the
+/// one before it on the stream finishes, and must execute `griddepcontrol.wait` before it reads
+/// anything an earlier kernel wrote or writes anything (what it reads before, its constant
+/// inputs, any earlier kernel may still be reading too). The arguments go through [`PdlArg`].
+#[macro_export]
+macro_rules! run_kernel_pdl {
+    ($module:expr, $dev:expr, $name:expr, $cfg:expr; $($arg:expr),+ $(,)?) => {{
+        let module = &$module;
+        let func = $dev.get_or_load_custom_func($name, module.name, module.ptx()?)?;
+        let stream = $dev.cuda_stream();
+        let mut slots: Vec<u64> = vec![$( $crate::ops::kernels::PdlArg::slot($arg, &stream) ),+];
+        // SAFETY: every call site passes the kernel's parameters in its order and types, and
+        // the kernel waits as the macro's comment says.
+        unsafe { $crate::ops::kernels::launch_pdl(func.cu_function(), &stream, $cfg, &mut slots) }
+    }};
+}
+
+/// A kernel parameter as the 8 bytes the driver reads it from (little-endian: a 4-byte value in
+/// the low half), for [`run_kernel_pdl!`].
+pub trait PdlArg {
+    fn slot(&self, stream: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> u64;
+}
+impl PdlArg for i32 {
+    fn slot(&self, _: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> u64 {
+        *self as u32 as u64
+    }
+}
+impl PdlArg for u32 {
+    fn slot(&self, _: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> u64 {
+        *self as u64
+    }
+}
+impl PdlArg for f32 {
+    fn slot(&self, _: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> u64 {
+        self.to_bits() as u64
+    }
+}
+impl<T> PdlArg for CudaSlice<T> {
+    fn slot(&self, stream: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> u64 {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr as _;
+        self.device_ptr(stream).0
+    }
+}
+impl<T> PdlArg for candle_core::cuda_backend::cudarc::driver::CudaView<'_, T> {
+    fn slot(&self, stream: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> u64 {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr as _;
+        self.device_ptr(stream).0
+    }
+}
+impl<T: PdlArg + ?Sized> PdlArg for &T {
+    fn slot(&self, stream: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> u64 {
+        (**self).slot(stream)
+    }
+}
+
+/// Launches `func` on `stream` with `cfg` and the programmatic-stream-serialization attribute,
+/// its parameters in `slots` (see [`PdlArg`]).
+///
+/// # Safety
+/// `slots` must be the kernel's parameters, in order, and the kernel must wait as
+/// [`run_kernel_pdl!`] says.
+pub unsafe fn launch_pdl(
+    func: candle_core::cuda_backend::cudarc::driver::sys::CUfunction,
+    stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
+    cfg: LaunchConfig,
+    slots: &mut [u64],
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let mut params: Vec<*mut std::ffi::c_void> = slots
+        .iter_mut()
+        .map(|s| s as *mut u64 as *mut std::ffi::c_void)
+        .collect();
+    // SAFETY: all-zero is a valid attribute (the union has a byte pad), then the one field set.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: the caller's contract; `params` and `attr` outlive the call.
+    let status =
+        unsafe { sys::cuLaunchKernelEx(&config, func, params.as_mut_ptr(), std::ptr::null_mut()) };
+    if status != sys::cudaError_enum::CUDA_SUCCESS {
+        return Err(Error::Msg(format!(
+            "launching a kernel with PDL: {status:?}"
+        )));
+    }
+    Ok(())
+}
+
 static DROPOUT: CudaModule =
     CudaModule::new("adapterlab_dropout", include_str!("dropout.cu"), no_defines);
 static GELU: CudaModule = CudaModule::new("adapterlab_gelu", include_str!("gelu.cu"), no_defines);

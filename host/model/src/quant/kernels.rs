@@ -366,8 +366,14 @@ fn switches() -> Result<(DecodeKernel, Option<DecodeKernel>)> {
 }
 
 /// This wing's kernel modules, for [`crate::engine::device::compile_kernels`].
-pub fn modules() -> [&'static CudaModule; 4] {
-    [&NF4, &NF4_QUANTIZE, &NF4_MMA, &NF4_MMA_TILINGS]
+pub fn modules() -> [&'static CudaModule; 5] {
+    [
+        &NF4,
+        &NF4_QUANTIZE,
+        &NF4_MMA,
+        &NF4_MMA_PDL,
+        &NF4_MMA_TILINGS,
+    ]
 }
 
 pub(crate) static NF4: CudaModule = CudaModule::new(
@@ -389,6 +395,56 @@ pub(crate) static NF4_MMA: CudaModule = CudaModule::new(
     || nf4_mma_defines(&MmaTiling::DEFAULTS),
 )
 .for_arch("compute_80");
+
+/// [`NF4_MMA`] compiled for compute_90 with programmatic dependent launch (`GRID_WAIT` in
+/// nf4_mma.cu): decoding's kernels where the card has sm_90 and `ADAPTERLAB_DECODE_PDL` allows.
+pub(crate) static NF4_MMA_PDL: CudaModule = CudaModule::new(
+    "adapterlab_nf4_mma_pdl",
+    concat!(
+        include_str!("nf4_common.cu"),
+        include_str!("../ops/mma.cu"),
+        include_str!("../ops/dot16.cu"),
+        include_str!("nf4_mma.cu")
+    ),
+    || {
+        format!(
+            "#define ADAPTERLAB_PDL 1\n{}",
+            nf4_mma_defines(&MmaTiling::DEFAULTS)
+        )
+    },
+)
+.for_arch("compute_90");
+
+/// `ADAPTERLAB_DECODE_PDL`: `on` (the default) launches decoding's tensor-core NF4 kernel with
+/// programmatic dependent launch where the card has sm_90, so its blocks load their tables and
+/// first codes while the kernel before finishes; `off` launches it as every other kernel.
+static PDL: Switch<bool> = Switch::new("ADAPTERLAB_DECODE_PDL", &[("on", true), ("off", false)]);
+
+/// Whether decoding's tensor-core kernel launches with PDL on `device` ([`PDL`] and sm_90).
+fn pdl_on(device: &candle_core::CudaDevice) -> Result<bool> {
+    static SM90: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !PDL.get()?.unwrap_or(true) {
+        return Ok(false);
+    }
+    if let Some(&on) = SM90.get() {
+        return Ok(on);
+    }
+    let (major, _) = device
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .map_err(Error::wrap)?;
+    Ok(*SM90.get_or_init(|| major >= 9))
+}
+
+/// The `ADAPTERLAB_DECODE_PDL` in force (`on` or `off`), for reports.
+pub fn pdl_setting() -> Result<&'static str> {
+    Ok(if PDL.get()?.unwrap_or(true) {
+        "on"
+    } else {
+        "off"
+    })
+}
 
 /// The same kernel's other tilings, which only `bench kernels` and the GPU tests run: a module
 /// of their own, so a process that decodes never compiles them.
@@ -822,6 +878,9 @@ pub fn gemv_with(
         Storage::Cuda(c) => c,
         _ => return Err(Error::Msg("NF4 GEMV: x is not on the GPU".into())),
     };
+    // Decoding's own tilings launch with PDL where it is on (the GPU tests and `bench kernels`
+    // name other tilings, which the PDL module has no instances of).
+    let pdl = kernel == DecodeKernel::Mma && MmaTiling::DEFAULTS.contains(&tiling) && pdl_on(&dev)?;
     with_slices(w, |s| {
         // Every kernel but the tiled one also takes the adapter's inputs (lr = 0: none; the
         // absmax then stands in for the pointers it never reads).
@@ -859,7 +918,13 @@ pub fn gemv_with(
                             None => b.view::<f32>(out_features * r)?,
                         };
                         let r_i = *r as i32;
-                        if kernel == DecodeKernel::Mma {
+                        if kernel == DecodeKernel::Mma && pdl {
+                            crate::run_kernel_pdl!(NF4_MMA_PDL, dev, $name, cfg;
+                                s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
+                                &s.offset, &s.nbs, xv, &out, &m_i, &hv, &bv, scaling, &r_i, &act,
+                                &av, &flags, &epoch, &hb_i, &rx, &rb,
+                            )?;
+                        } else if kernel == DecodeKernel::Mma {
                             crate::run_kernel!($module, dev, $name, cfg;
                                 s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
                                 &s.offset, &s.nbs, xv, &out, &m_i, &hv, &bv, scaling, &r_i, &act,
@@ -874,7 +939,13 @@ pub fn gemv_with(
                     }
                     (None, kernel) => {
                         let (none, zero) = (0i32, 0f32);
-                        if kernel == DecodeKernel::Mma {
+                        if kernel == DecodeKernel::Mma && pdl {
+                            crate::run_kernel_pdl!(NF4_MMA_PDL, dev, $name, cfg;
+                                s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
+                                &s.offset, &s.nbs, xv, &out, &m_i, s.absmax, s.absmax, &zero,
+                                &none, &act, s.absmax, &flags, &epoch, &none, &rx, &rb,
+                            )?;
+                        } else if kernel == DecodeKernel::Mma {
                             crate::run_kernel!($module, dev, $name, cfg;
                                 s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
                                 &s.offset, &s.nbs, xv, &out, &m_i, s.absmax, s.absmax, &zero,

@@ -25,6 +25,17 @@
 // warp w adds chunks w, w + WARPS, w + 2 WARPS ... in that order whatever UNROLL, TILES and
 // HALVES are.
 
+// Programmatic dependent launch (the module compiled for compute_90 with ADAPTERLAB_PDL, the
+// kernel launched with the attribute: quant/kernels.rs): a block may start while the kernel
+// before it finishes; it loads its tables and first codes (never written by a kernel) and then
+// waits here for that kernel to be done before it reads x, h's inputs or the residual, or
+// writes anything. Elsewhere a no-op.
+#ifdef ADAPTERLAB_PDL
+#define GRID_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#else
+#define GRID_WAIT()
+#endif
+
 // An adapter's h = x A^T computed in the decoding kernel's own launch (hb > 0): blocks 0 .. hb - 1
 // (hb = m * lr, a block a row and rank) compute it with block_dot16 (ops/dot16.cu), the bits of
 // lora_h's launch of its own, store it to lh and then set their flag to this launch's epoch (a
@@ -39,6 +50,7 @@ __device__ __forceinline__ void lora_h_in_launch(const u16* x, const float* a, f
     int r, unsigned int* flags, unsigned int epoch) {
   __shared__ float red[DOT16_THREADS / 32];
   int row = blockIdx.x / r, j = blockIdx.x % r;
+  GRID_WAIT();
   float s = block_dot16<BF16>(x + (long long)row * k, a + (long long)j * k, k, red);
   if (threadIdx.x == 0) {
     __stcg(h + blockIdx.x, s);
@@ -69,6 +81,7 @@ __device__ __forceinline__ u16 residual3(u16 x, u16 a, u16 b) {
 // rx + (out + rb), a parallel layer's residual after its down projection, with the bits of
 // residual.cu's add3 (its kernel ran 32 times a token too, 0.10 ms).
 #define STORE_WARP_SUMS(ROWS, FEATS)                                                           \
+  GRID_WAIT();                                                                                 \
   wait_for_h(flags, epoch, hb);                                                                \
   __syncthreads();                                                                             \
   for (int e = threadIdx.x; e < (ROWS) * (FEATS); e += blockDim.x) {                          \
@@ -121,6 +134,7 @@ __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, i
         }
       }
     }
+    if (ch0 == warp) GRID_WAIT();
     _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
       if (ch0 + u * WARPS >= chunks) break;
       int col = ((ch0 + u * WARPS) << 7) + (c << 5);
@@ -217,6 +231,7 @@ __device__ __forceinline__ void nf4_mma_swapped(const u8* codes, int n, int k, i
         }
       }
     }
+    if (ch0 == warp) GRID_WAIT();
     _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
       if (ch0 + u * WARPS >= chunks) break;
       int col = ((ch0 + u * WARPS) << 7) + (c << 5);
