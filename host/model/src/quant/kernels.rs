@@ -415,35 +415,74 @@ pub(crate) static NF4_MMA_PDL: CudaModule = CudaModule::new(
 )
 .for_arch("compute_90");
 
-/// `ADAPTERLAB_DECODE_PDL`: `on` (the default) launches decoding's tensor-core NF4 kernel with
-/// programmatic dependent launch where the card has sm_90, so its blocks load their tables and
-/// first codes while the kernel before finishes; `off` launches it as every other kernel.
-static PDL: Switch<bool> = Switch::new("ADAPTERLAB_DECODE_PDL", &[("on", true), ("off", false)]);
+/// [`NF4_MMA_PDL`] whose blocks also let the next kernel be scheduled as they start
+/// (`GRID_LAUNCH_DEPENDENTS` in nf4_mma.cu), for `ADAPTERLAB_DECODE_PDL=early`.
+pub(crate) static NF4_MMA_PDL_EARLY: CudaModule = CudaModule::new(
+    "adapterlab_nf4_mma_pdl_early",
+    concat!(
+        include_str!("nf4_common.cu"),
+        include_str!("../ops/mma.cu"),
+        include_str!("../ops/dot16.cu"),
+        include_str!("nf4_mma.cu")
+    ),
+    || {
+        format!(
+            "#define ADAPTERLAB_PDL 1\n#define ADAPTERLAB_PDL_EARLY 1\n{}",
+            nf4_mma_defines(&MmaTiling::DEFAULTS)
+        )
+    },
+)
+.for_arch("compute_90");
 
-/// Whether decoding's tensor-core kernel launches with PDL on `device` ([`PDL`] and sm_90).
-fn pdl_on(device: &candle_core::CudaDevice) -> Result<bool> {
-    static SM90: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !PDL.get()?.unwrap_or(true) {
-        return Ok(false);
-    }
-    if let Some(&on) = SM90.get() {
-        return Ok(on);
-    }
-    let (major, _) = device
-        .cuda_stream()
-        .context()
-        .compute_capability()
-        .map_err(Error::wrap)?;
-    Ok(*SM90.get_or_init(|| major >= 9))
+/// How decoding's tensor-core NF4 kernel launches (`ADAPTERLAB_DECODE_PDL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pdl {
+    /// As every other kernel.
+    Off,
+    /// With programmatic dependent launch where the card has sm_90: its blocks load their tables
+    /// and first codes while the kernel before it finishes.
+    On,
+    /// The same, and its blocks let the next such launch be scheduled as they start.
+    Early,
 }
 
-/// The `ADAPTERLAB_DECODE_PDL` in force (`on` or `off`), for reports.
+/// `ADAPTERLAB_DECODE_PDL`: `on` (the default), `early` or `off` ([`Pdl`]).
+static PDL: Switch<Pdl> = Switch::new(
+    "ADAPTERLAB_DECODE_PDL",
+    &[("on", Pdl::On), ("early", Pdl::Early), ("off", Pdl::Off)],
+);
+
+/// The module decoding's tensor-core kernel launches from with PDL on `device`, `None` for a
+/// plain launch ([`PDL`]; PDL needs sm_90).
+fn pdl_module(device: &candle_core::CudaDevice) -> Result<Option<&'static CudaModule>> {
+    static SM90: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let module = match PDL.get()?.unwrap_or(Pdl::On) {
+        Pdl::Off => return Ok(None),
+        Pdl::On => &NF4_MMA_PDL,
+        Pdl::Early => &NF4_MMA_PDL_EARLY,
+    };
+    let sm90 = match SM90.get() {
+        Some(&sm90) => sm90,
+        None => {
+            let (major, _) = device
+                .cuda_stream()
+                .context()
+                .compute_capability()
+                .map_err(Error::wrap)?;
+            *SM90.get_or_init(|| major >= 9)
+        }
+    };
+    Ok(sm90.then_some(module))
+}
+
+/// The `ADAPTERLAB_DECODE_PDL` in force, for reports.
 pub fn pdl_setting() -> Result<&'static str> {
-    Ok(if PDL.get()?.unwrap_or(true) {
-        "on"
-    } else {
-        "off"
-    })
+    let mode = PDL.get()?.unwrap_or(Pdl::On);
+    Ok(PDL
+        .options()
+        .iter()
+        .find(|(_, m)| *m == mode)
+        .map_or("on", |(name, _)| *name))
 }
 
 /// The same kernel's other tilings, which only `bench kernels` and the GPU tests run: a module
@@ -880,7 +919,10 @@ pub fn gemv_with(
     };
     // Decoding's own tilings launch with PDL where it is on (the GPU tests and `bench kernels`
     // name other tilings, which the PDL module has no instances of).
-    let pdl = kernel == DecodeKernel::Mma && MmaTiling::DEFAULTS.contains(&tiling) && pdl_on(&dev)?;
+    let pdl = match kernel == DecodeKernel::Mma && MmaTiling::DEFAULTS.contains(&tiling) {
+        true => pdl_module(&dev)?,
+        false => None,
+    };
     with_slices(w, |s| {
         // Every kernel but the tiled one also takes the adapter's inputs (lr = 0: none; the
         // absmax then stands in for the pointers it never reads).
@@ -918,8 +960,8 @@ pub fn gemv_with(
                             None => b.view::<f32>(out_features * r)?,
                         };
                         let r_i = *r as i32;
-                        if kernel == DecodeKernel::Mma && pdl {
-                            crate::run_kernel_pdl!(NF4_MMA_PDL, dev, $name, cfg;
+                        if let (DecodeKernel::Mma, Some(pdl)) = (kernel, pdl) {
+                            crate::run_kernel_pdl!(pdl, dev, $name, cfg;
                                 s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
                                 &s.offset, &s.nbs, xv, &out, &m_i, &hv, &bv, scaling, &r_i, &act,
                                 &av, &flags, &epoch, &hb_i, &rx, &rb,
@@ -939,8 +981,8 @@ pub fn gemv_with(
                     }
                     (None, kernel) => {
                         let (none, zero) = (0i32, 0f32);
-                        if kernel == DecodeKernel::Mma && pdl {
-                            crate::run_kernel_pdl!(NF4_MMA_PDL, dev, $name, cfg;
+                        if let (DecodeKernel::Mma, Some(pdl)) = (kernel, pdl) {
+                            crate::run_kernel_pdl!(pdl, dev, $name, cfg;
                                 s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
                                 &s.offset, &s.nbs, xv, &out, &m_i, s.absmax, s.absmax, &zero,
                                 &none, &act, s.absmax, &flags, &epoch, &none, &rx, &rb,

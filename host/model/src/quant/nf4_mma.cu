@@ -35,6 +35,15 @@
 #else
 #define GRID_WAIT()
 #endif
+// With ADAPTERLAB_PDL_EARLY a block lets the kernel after it (where that one is launched with
+// PDL: the next NF4 product after an attention's output or an up projection) be scheduled as
+// soon as it starts, so that kernel's blocks take the SMs this one's tail leaves idle and load
+// their codes there; otherwise that happens as this kernel's blocks exit.
+#ifdef ADAPTERLAB_PDL_EARLY
+#define GRID_LAUNCH_DEPENDENTS() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define GRID_LAUNCH_DEPENDENTS()
+#endif
 
 // An adapter's h = x A^T computed in the decoding kernel's own launch (hb > 0): blocks 0 .. hb - 1
 // (hb = m * lr, a block a row and rank) compute it with block_dot16 (ops/dot16.cu), the bits of
@@ -103,6 +112,7 @@ __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, i
     const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
     const float* la, unsigned int* flags, unsigned int epoch, int hb, const u16* rx,
     const u16* rb) {
+  GRID_LAUNCH_DEPENDENTS();
   if (blockIdx.x < hb) {
     lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch);
     return;
@@ -195,6 +205,7 @@ __device__ __forceinline__ void nf4_mma_swapped(const u8* codes, int n, int k, i
     const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
     const float* la, unsigned int* flags, unsigned int epoch, int hb, const u16* rx,
     const u16* rb) {
+  GRID_LAUNCH_DEPENDENTS();
   if (blockIdx.x < hb) {
     lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch);
     return;
