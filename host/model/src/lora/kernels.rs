@@ -38,12 +38,12 @@ static DECODE_H: crate::ops::switch::Switch<bool> = crate::ops::switch::Switch::
 
 /// Whether decoding computes an adapter's `h` in the product's launch ([`DECODE_H`]).
 pub fn h_in_launch() -> Result<bool> {
-    Ok(DECODE_H.get()?.unwrap_or(true))
+    Ok(DECODE_H.in_force(true)?.0)
 }
 
 /// The `ADAPTERLAB_DECODE_LORA_H` in force, for reports.
 pub fn h_setting() -> Result<&'static str> {
-    Ok(if h_in_launch()? { "launch" } else { "separate" })
+    Ok(DECODE_H.in_force(true)?.1)
 }
 
 /// `ADAPTERLAB_LORA_TRAIN_KERNELS`: where the training node's `h` and `dA` multiply, `mma` (the

@@ -40,16 +40,12 @@ static FUSED: crate::ops::switch::Switch<bool> = crate::ops::switch::Switch::new
 
 /// Whether decoding takes the GELU into the up projection's kernel (`ADAPTERLAB_DECODE_GELU`).
 pub fn fused_in_product() -> Result<bool> {
-    Ok(FUSED.get()?.unwrap_or(true))
+    Ok(FUSED.in_force(true)?.0)
 }
 
 /// The `ADAPTERLAB_DECODE_GELU` in force (`fused` or `separate`), for reports.
 pub fn setting() -> Result<&'static str> {
-    Ok(if fused_in_product()? {
-        "fused"
-    } else {
-        "separate"
-    })
+    Ok(FUSED.in_force(true)?.1)
 }
 
 /// `grad * d gelu_erf(x) / dx`, in `x`'s dtype.

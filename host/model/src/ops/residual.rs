@@ -46,16 +46,12 @@ static FUSED: crate::ops::switch::Switch<bool> = crate::ops::switch::Switch::new
 /// Whether decoding adds the residual in the down projection's kernel
 /// (`ADAPTERLAB_DECODE_RESIDUAL`).
 pub fn fused_in_product() -> Result<bool> {
-    Ok(FUSED.get()?.unwrap_or(true))
+    Ok(FUSED.in_force(true)?.0)
 }
 
 /// The `ADAPTERLAB_DECODE_RESIDUAL` in force (`fused` or `separate`), for reports.
 pub fn setting() -> Result<&'static str> {
-    Ok(if fused_in_product()? {
-        "fused"
-    } else {
-        "separate"
-    })
+    Ok(FUSED.in_force(true)?.1)
 }
 
 /// `a + b` for the gradient store (`candle_core::backprop::set_gradient_adder`, installed by

@@ -75,6 +75,20 @@ impl<T: Copy + Send + Sync> Switch<T> {
             .clone()
             .map_err(candle_core::Error::Msg)
     }
+
+    /// The value in force, `default` where the variable is unset, with its name in the table
+    /// (for reports); a default outside the table is an error.
+    pub fn in_force(&self, default: T) -> candle_core::Result<(T, &'static str)>
+    where
+        T: PartialEq,
+    {
+        let value = self.get()?.unwrap_or(default);
+        self.options
+            .iter()
+            .find(|(_, v)| *v == value)
+            .map(|&(name, v)| (v, name))
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: no name for its value", self.var)))
+    }
 }
 
 /// `var`'s value among `options` (`(name, value)`); `None` when it is unset.

@@ -382,57 +382,44 @@ pub(crate) static NF4: CudaModule = CudaModule::new(
     nf4_defines,
 );
 
+/// The tensor-core kernel's source, which its modules compile with different instances and
+/// defines.
+const NF4_MMA_SOURCE: &str = concat!(
+    include_str!("nf4_common.cu"),
+    include_str!("../ops/mma.cu"),
+    include_str!("../ops/dot16.cu"),
+    include_str!("nf4_mma.cu")
+);
+
 /// The tensor-core GEMM, a module of its own for the architecture it needs, with the tilings
 /// decoding uses ([`MmaTiling::DEFAULTS`]).
-pub(crate) static NF4_MMA: CudaModule = CudaModule::new(
-    "adapterlab_nf4_mma",
-    concat!(
-        include_str!("nf4_common.cu"),
-        include_str!("../ops/mma.cu"),
-        include_str!("../ops/dot16.cu"),
-        include_str!("nf4_mma.cu")
-    ),
-    || nf4_mma_defines(&MmaTiling::DEFAULTS),
-)
-.for_arch("compute_80");
+pub(crate) static NF4_MMA: CudaModule =
+    CudaModule::new("adapterlab_nf4_mma", NF4_MMA_SOURCE, || {
+        nf4_mma_defines(&MmaTiling::DEFAULTS)
+    })
+    .for_arch("compute_80");
 
 /// [`NF4_MMA`] compiled for compute_90 with programmatic dependent launch (`GRID_WAIT` in
 /// nf4_mma.cu): decoding's kernels where the card has sm_90 and `ADAPTERLAB_DECODE_PDL` allows.
-pub(crate) static NF4_MMA_PDL: CudaModule = CudaModule::new(
-    "adapterlab_nf4_mma_pdl",
-    concat!(
-        include_str!("nf4_common.cu"),
-        include_str!("../ops/mma.cu"),
-        include_str!("../ops/dot16.cu"),
-        include_str!("nf4_mma.cu")
-    ),
-    || {
+pub(crate) static NF4_MMA_PDL: CudaModule =
+    CudaModule::new("adapterlab_nf4_mma_pdl", NF4_MMA_SOURCE, || {
         format!(
             "#define ADAPTERLAB_PDL 1\n{}",
             nf4_mma_defines(&MmaTiling::DEFAULTS)
         )
-    },
-)
-.for_arch("compute_90");
+    })
+    .for_arch("compute_90");
 
 /// [`NF4_MMA_PDL`] whose blocks also let the next kernel be scheduled as they start
 /// (`GRID_LAUNCH_DEPENDENTS` in nf4_mma.cu), for `ADAPTERLAB_DECODE_PDL=early`.
-pub(crate) static NF4_MMA_PDL_EARLY: CudaModule = CudaModule::new(
-    "adapterlab_nf4_mma_pdl_early",
-    concat!(
-        include_str!("nf4_common.cu"),
-        include_str!("../ops/mma.cu"),
-        include_str!("../ops/dot16.cu"),
-        include_str!("nf4_mma.cu")
-    ),
-    || {
+pub(crate) static NF4_MMA_PDL_EARLY: CudaModule =
+    CudaModule::new("adapterlab_nf4_mma_pdl_early", NF4_MMA_SOURCE, || {
         format!(
             "#define ADAPTERLAB_PDL 1\n#define ADAPTERLAB_PDL_EARLY 1\n{}",
             nf4_mma_defines(&MmaTiling::DEFAULTS)
         )
-    },
-)
-.for_arch("compute_90");
+    })
+    .for_arch("compute_90");
 
 /// How decoding's tensor-core NF4 kernel launches (`ADAPTERLAB_DECODE_PDL`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -456,7 +443,7 @@ static PDL: Switch<Pdl> = Switch::new(
 /// plain launch ([`PDL`]; PDL needs sm_90).
 fn pdl_module(device: &candle_core::CudaDevice) -> Result<Option<&'static CudaModule>> {
     static SM90: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let module = match PDL.get()?.unwrap_or(Pdl::On) {
+    let module = match PDL.in_force(Pdl::On)?.0 {
         Pdl::Off => return Ok(None),
         Pdl::On => &NF4_MMA_PDL,
         Pdl::Early => &NF4_MMA_PDL_EARLY,
@@ -477,27 +464,16 @@ fn pdl_module(device: &candle_core::CudaDevice) -> Result<Option<&'static CudaMo
 
 /// The `ADAPTERLAB_DECODE_PDL` in force, for reports.
 pub fn pdl_setting() -> Result<&'static str> {
-    let mode = PDL.get()?.unwrap_or(Pdl::On);
-    Ok(PDL
-        .options()
-        .iter()
-        .find(|(_, m)| *m == mode)
-        .map_or("on", |(name, _)| *name))
+    Ok(PDL.in_force(Pdl::On)?.1)
 }
 
 /// The same kernel's other tilings, which only `bench kernels` and the GPU tests run: a module
 /// of their own, so a process that decodes never compiles them.
-pub(crate) static NF4_MMA_TILINGS: CudaModule = CudaModule::new(
-    "adapterlab_nf4_mma_tilings",
-    concat!(
-        include_str!("nf4_common.cu"),
-        include_str!("../ops/mma.cu"),
-        include_str!("../ops/dot16.cu"),
-        include_str!("nf4_mma.cu")
-    ),
-    || nf4_mma_defines(&MmaTiling::ALL),
-)
-.for_arch("compute_80");
+pub(crate) static NF4_MMA_TILINGS: CudaModule =
+    CudaModule::new("adapterlab_nf4_mma_tilings", NF4_MMA_SOURCE, || {
+        nf4_mma_defines(&MmaTiling::ALL)
+    })
+    .for_arch("compute_80");
 
 /// Quantization at load, a module of its own so that the decoding kernels never depend on it.
 pub(crate) static NF4_QUANTIZE: CudaModule = CudaModule::new(

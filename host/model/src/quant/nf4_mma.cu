@@ -74,6 +74,17 @@ __device__ __forceinline__ void wait_for_h(unsigned int* flags, unsigned int epo
   __threadfence();
 }
 
+// Both forms' start: the h blocks (blockIdx.x < hb) compute h and leave; the product's blocks
+// take bid, their index among themselves, and load the tables.
+#define PRODUCT_PROLOGUE                                                                       \
+  GRID_LAUNCH_DEPENDENTS();                                                                    \
+  if (blockIdx.x < hb) {                                                                      \
+    lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch);                                    \
+    return;                                                                                    \
+  }                                                                                           \
+  int bid = blockIdx.x - hb;                                                                   \
+  LOAD_TABLES
+
 // x + (a + b) with the two 16-bit adds' roundings (ops/residual.cu's add3_one).
 template <bool BF16>
 __device__ __forceinline__ u16 residual3(u16 x, u16 a, u16 b) {
@@ -112,13 +123,7 @@ __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, i
     const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
     const float* la, unsigned int* flags, unsigned int epoch, int hb, const u16* rx,
     const u16* rb) {
-  GRID_LAUNCH_DEPENDENTS();
-  if (blockIdx.x < hb) {
-    lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch);
-    return;
-  }
-  int bid = blockIdx.x - hb;
-  LOAD_TABLES
+  PRODUCT_PROLOGUE
   __shared__ float part[WARPS][16][8 * TILES];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int g = lane >> 2, c = lane & 3;
@@ -205,13 +210,7 @@ __device__ __forceinline__ void nf4_mma_swapped(const u8* codes, int n, int k, i
     const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
     const float* la, unsigned int* flags, unsigned int epoch, int hb, const u16* rx,
     const u16* rb) {
-  GRID_LAUNCH_DEPENDENTS();
-  if (blockIdx.x < hb) {
-    lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch);
-    return;
-  }
-  int bid = blockIdx.x - hb;
-  LOAD_TABLES
+  PRODUCT_PROLOGUE
   __shared__ float part[WARPS][8][16];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int g = lane >> 2, c = lane & 3;
