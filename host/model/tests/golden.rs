@@ -414,6 +414,14 @@ fn cuda_kernels_compile() {
     eprintln!("compiled {} modules: {}", names.len(), names.join(", "));
 }
 
+/// How many of two equally long runs of values differ in their bits.
+fn differing_bits(a: &[f32], b: &[f32]) -> usize {
+    a.iter()
+        .zip(b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count()
+}
+
 /// The NF4 CUDA kernels against the CPU path: dequantization bit for bit (bf16, f16, f32; with
 /// and without double quantization; shapes that do and do not fill whole 4-byte words), and the
 /// decoding GEMV and the small-batch GEMM (up to 32 rows) within 16-bit rounding of a matmul on
@@ -458,11 +466,7 @@ fn nf4_kernels_equal_the_cpu_path() {
                 f32s_of(&on_gpu),
                 f32s_of(&q.dequantize_to(dtype, &cpu).unwrap()),
             );
-            let bad = g
-                .iter()
-                .zip(&c)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
+            let bad = differing_bits(&g, &c);
             assert_eq!(
                 bad, 0,
                 "{case}: {bad} dequantized values differ from the CPU path"
@@ -1243,11 +1247,7 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
                     .unwrap();
                 let two_step = lora_inference(&base, &xd, &ad, &bd, scaling).unwrap();
                 let (fused, two_step) = (host_f32s(&fused), host_f32s(&two_step));
-                let differ = fused
-                    .iter()
-                    .zip(&two_step)
-                    .filter(|(x, y)| x.to_bits() != y.to_bits())
-                    .count();
+                let differ = differing_bits(&fused, &two_step);
                 assert_eq!(
                     differ, 0,
                     "{case}: {differ} values differ from the two-step path"
@@ -1265,11 +1265,7 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
                             .forward_from_nf4(&xd, kernel, Some(&in_launch), Epilogue::None)
                             .unwrap();
                         let got = host_f32s(&got);
-                        let differ = got
-                            .iter()
-                            .zip(&two_step)
-                            .filter(|(x, y)| x.to_bits() != y.to_bits())
-                            .count();
+                        let differ = differing_bits(&got, &two_step);
                         assert_eq!(
                             differ, 0,
                             "{case}: h in the launch (round {round}): {differ} values differ from the two-step path"
@@ -1298,11 +1294,7 @@ fn nf4_gemv_with_lora_equals_the_two_step_path() {
                             let plain = q.forward_from_nf4(&xd, kernel, lora, Epilogue::None);
                             let got = host_f32s(&got);
                             let want = host_f32s(&out.apply(plain.unwrap()).unwrap());
-                            let differ = got
-                                .iter()
-                                .zip(&want)
-                                .filter(|(x, y)| x.to_bits() != y.to_bits())
-                                .count();
+                            let differ = differing_bits(&got, &want);
                             assert_eq!(
                                 differ, 0,
                                 "{case} {out:?} adapter={with_lora}: {differ} values differ from the op's"
