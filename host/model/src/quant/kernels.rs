@@ -433,7 +433,10 @@ enum Pdl {
     Early,
 }
 
-/// `ADAPTERLAB_DECODE_PDL`: `on` (the default), `early` or `off` ([`Pdl`]).
+/// How decoding's tensor-core kernel launches where `ADAPTERLAB_DECODE_PDL` is unset.
+const PDL_DEFAULT: Pdl = Pdl::On;
+
+/// `ADAPTERLAB_DECODE_PDL`: `on`, `early` or `off` ([`Pdl`]); unset, [`PDL_DEFAULT`].
 static PDL: Switch<Pdl> = Switch::new(
     "ADAPTERLAB_DECODE_PDL",
     &[("on", Pdl::On), ("early", Pdl::Early), ("off", Pdl::Off)],
@@ -443,7 +446,7 @@ static PDL: Switch<Pdl> = Switch::new(
 /// plain launch ([`PDL`]; PDL needs sm_90).
 fn pdl_module(device: &candle_core::CudaDevice) -> Result<Option<&'static CudaModule>> {
     static SM90: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let module = match PDL.in_force(Pdl::On)?.0 {
+    let module = match PDL.in_force(PDL_DEFAULT)?.0 {
         Pdl::Off => return Ok(None),
         Pdl::On => &NF4_MMA_PDL,
         Pdl::Early => &NF4_MMA_PDL_EARLY,
@@ -464,7 +467,7 @@ fn pdl_module(device: &candle_core::CudaDevice) -> Result<Option<&'static CudaMo
 
 /// The `ADAPTERLAB_DECODE_PDL` in force, for reports.
 pub fn pdl_setting() -> Result<&'static str> {
-    Ok(PDL.in_force(Pdl::On)?.1)
+    Ok(PDL.in_force(PDL_DEFAULT)?.1)
 }
 
 /// The same kernel's other tilings, which only `bench kernels` and the GPU tests run: a module
