@@ -290,7 +290,8 @@ fi
 #           +lorah (an adapter's h in a launch of its own, ADAPTERLAB_DECODE_LORA_H=separate),
 #           +residual (a layer's residual in a kernel of its own, ADAPTERLAB_DECODE_RESIDUAL=separate),
 #           +fused1 (GELU, h and residual as before any was fused), +nopdl (the tensor-core
-#           kernel launched without programmatic dependent launch, ADAPTERLAB_DECODE_PDL=off), +TILING
+#           kernel launched without programmatic dependent launch, ADAPTERLAB_DECODE_PDL=off),
+#           +earlypdl (its blocks letting the next one start early, ADAPTERLAB_DECODE_PDL=early), +TILING
 #           (the tensor-core kernel's tiling up to 8 rows, ADAPTERLAB_NF4_MMA_TILING=TILING, e.g.
 #           +s16u1); for each build of GEN_SIDES (default
 #           after; "before after" measures a change in one call; other builds than after run
@@ -313,6 +314,7 @@ if stage generate; then
         *+lorah) switches=(ADAPTERLAB_DECODE_LORA_H=separate) ;;
         *+residual) switches=(ADAPTERLAB_DECODE_RESIDUAL=separate) ;;
         *+nopdl) switches=(ADAPTERLAB_DECODE_PDL=off) ;;
+        *+earlypdl) switches=(ADAPTERLAB_DECODE_PDL=early) ;;
         *+fused1) switches=(ADAPTERLAB_DECODE_GELU=separate ADAPTERLAB_DECODE_LORA_H=separate ADAPTERLAB_DECODE_RESIDUAL=separate) ;;
         *+s[0-9]*) switches=(ADAPTERLAB_NF4_MMA_TILING=${variant#*+}) ;;
         *+*) echo "unknown generate variant $variant"; continue ;;

@@ -881,6 +881,13 @@ fn adapter_term(y: &Tensor, h: &Tensor, f: Factor<'_>, mask: Mask) -> Result<Ten
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_switch_names_are_the_tables() {
+        DECODE_H.names_match().unwrap();
+        TRAIN_KERNELS.names_match().unwrap();
+        MASK.names_match().unwrap();
+    }
+
     /// The splits of Falcon-7B's training shapes (8 x 512 rows) and the golden test's: slices
     /// cover the length, none is empty, each a whole number of chunks.
     #[test]

@@ -172,3 +172,11 @@ mod tests {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod switch_tests {
+    #[test]
+    fn the_switch_names_are_the_tables() {
+        super::FUSED.names_match().unwrap();
+    }
+}

@@ -150,3 +150,11 @@ mod cuda {
 pub(crate) fn cuda_module() -> &'static crate::ops::kernels::CudaModule {
     &cuda::RESIDUAL
 }
+
+#[cfg(test)]
+mod switch_tests {
+    #[test]
+    fn the_switch_names_are_the_tables() {
+        super::FUSED.names_match().unwrap();
+    }
+}

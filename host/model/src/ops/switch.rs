@@ -27,7 +27,7 @@ pub const SWITCHES: [(&str, &[&str]); 13] = [
     ("ADAPTERLAB_DECODE_GELU", &["fused", "separate"]),
     ("ADAPTERLAB_DECODE_LORA_H", &["launch", "separate"]),
     ("ADAPTERLAB_DECODE_RESIDUAL", &["fused", "separate"]),
-    ("ADAPTERLAB_DECODE_PDL", &["on", "off"]),
+    ("ADAPTERLAB_DECODE_PDL", &["on", "early", "off"]),
     ("ADAPTERLAB_LORA_TRAIN_KERNELS", &["mma", "simt"]),
     ("ADAPTERLAB_LORA_MASK", &["stored", "drawn"]),
 ];
@@ -74,6 +74,12 @@ impl<T: Copy + Send + Sync> Switch<T> {
             .get_or_init(|| choice(self.var, self.options))
             .clone()
             .map_err(candle_core::Error::Msg)
+    }
+
+    /// Whether the switch's names are [`SWITCHES`]' for its variable (otherwise setting it is
+    /// refused as a build out of step): each module's unit tests ask it of its switches.
+    pub fn names_match(&self) -> Result<(), String> {
+        parse(self.var, None, self.options).map(|_| ())
     }
 
     /// The value in force, `default` where the variable is unset, with its name in the table

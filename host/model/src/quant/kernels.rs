@@ -1022,6 +1022,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_switch_names_are_the_tables() {
+        SMALL_TILING.names_match().unwrap();
+        GEMV.names_match().unwrap();
+        SMALL_BATCH.names_match().unwrap();
+        PDL.names_match().unwrap();
+    }
+
+    #[test]
     fn decoding_tilings_have_instances_and_split_the_rows_at_eight() {
         for t in MmaTiling::DEFAULTS {
             assert!(MmaTiling::ALL.contains(&t), "{} has no instance", t.name());
