@@ -75,23 +75,34 @@ impl CudaModule {
     }
 }
 
-/// Whether `device` is a GPU of compute capability 8.0 or later, where the modules compiled
-/// `for_arch("compute_80")` load. Asked of the driver once a process: decoding asks per layer
-/// and token, and a process runs on one kind of card.
-pub fn sm80_or_later(device: &Device) -> Result<bool> {
-    static CAPABLE: OnceLock<bool> = OnceLock::new();
-    if let Some(&capable) = CAPABLE.get() {
-        return Ok(capable);
-    }
+/// The major version of `device`'s compute capability (`None` off a GPU), asked of the driver
+/// once a process: decoding asks per layer and token, and a process runs on one kind of card.
+fn compute_major(device: &Device) -> Result<Option<i32>> {
+    static MAJOR: OnceLock<i32> = OnceLock::new();
     let Device::Cuda(d) = device else {
-        return Ok(false);
+        return Ok(None);
     };
+    if let Some(&major) = MAJOR.get() {
+        return Ok(Some(major));
+    }
     let (major, _) = d
         .cuda_stream()
         .context()
         .compute_capability()
         .map_err(Error::wrap)?;
-    Ok(*CAPABLE.get_or_init(|| major >= 8))
+    Ok(Some(*MAJOR.get_or_init(|| major)))
+}
+
+/// Whether `device` is a GPU of compute capability 8.0 or later, where the modules compiled
+/// `for_arch("compute_80")` load.
+pub fn sm80_or_later(device: &Device) -> Result<bool> {
+    Ok(compute_major(device)?.is_some_and(|major| major >= 8))
+}
+
+/// Whether `device` is a GPU of compute capability 9.0 or later: programmatic dependent launch
+/// ([`run_kernel_pdl!`]) and the modules compiled `for_arch("compute_90")`.
+pub fn sm90_or_later(device: &Device) -> Result<bool> {
+    Ok(compute_major(device)?.is_some_and(|major| major >= 9))
 }
 
 /// No host-side `#define`s.
@@ -130,6 +141,18 @@ macro_rules! run_kernel_pdl {
         // the kernel waits as the macro's comment says.
         unsafe { $crate::ops::kernels::launch_pdl(func.cu_function(), &stream, $cfg, &mut slots) }
     }};
+}
+
+/// [`run_kernel_pdl!`] from module `$pdl` where it is `Some`, else [`run_kernel!`] from
+/// `$module`: one argument list for a kernel that launches either way.
+#[macro_export]
+macro_rules! run_kernel_maybe_pdl {
+    ($pdl:expr, $module:expr, $dev:expr, $name:expr, $cfg:expr; $($arg:expr),+ $(,)?) => {
+        match $pdl {
+            Some(pdl) => $crate::run_kernel_pdl!(pdl, $dev, $name, $cfg; $($arg),+),
+            None => $crate::run_kernel!($module, $dev, $name, $cfg; $($arg),+).map(|_| ()),
+        }
+    };
 }
 
 /// A kernel parameter as the 8 bytes the driver reads it from (little-endian: a 4-byte value in

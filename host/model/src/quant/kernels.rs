@@ -238,7 +238,6 @@ impl DecodeKernel {
         self.serves(m, k, n, blocks) && (mma_capable || self != DecodeKernel::Mma)
     }
 
-    /// Whether the kernel adds an adapter's product in its epilogue (see [`LoraEpilogue`]).
     /// Whether the kernel computes an adapter's `h` for `m` rows at rank `r` in its own launch
     /// ([`LoraH::FromA`]).
     pub fn computes_lora_h(self, m: usize, r: usize) -> bool {
@@ -251,6 +250,7 @@ impl DecodeKernel {
         self == DecodeKernel::Mma
     }
 
+    /// Whether the kernel adds an adapter's product in its epilogue (see [`LoraEpilogue`]).
     pub fn adds_lora(self) -> bool {
         self != DecodeKernel::Tiled
     }
@@ -306,18 +306,7 @@ pub fn runs_mma(device: &candle_core::Device) -> Result<bool> {
 pub fn decode_settings() -> Result<[&'static str; 3]> {
     let (gemv, small) = switches()?;
     // The default is among the switch's names (a unit test holds it there).
-    let tiling = MmaTiling::for_rows(1)?;
-    let tiling = SMALL_TILING
-        .options()
-        .iter()
-        .find(|(_, t)| *t == tiling)
-        .map(|(name, _)| *name)
-        .ok_or_else(|| {
-            Error::Msg(format!(
-                "tiling {} is not among ADAPTERLAB_NF4_MMA_TILING's names",
-                tiling.name()
-            ))
-        })?;
+    let tiling = SMALL_TILING.in_force(MmaTiling::DEFAULTS[0])?.1;
     Ok([
         gemv.name(),
         small.map_or("dequantize", DecodeKernel::name),
@@ -445,24 +434,13 @@ static PDL: Switch<Pdl> = Switch::new(
 /// The module decoding's tensor-core kernel launches from with PDL on `device`, `None` for a
 /// plain launch ([`PDL`]; PDL needs sm_90).
 fn pdl_module(device: &candle_core::CudaDevice) -> Result<Option<&'static CudaModule>> {
-    static SM90: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let module = match PDL.in_force(PDL_DEFAULT)?.0 {
         Pdl::Off => return Ok(None),
         Pdl::On => &NF4_MMA_PDL,
         Pdl::Early => &NF4_MMA_PDL_EARLY,
     };
-    let sm90 = match SM90.get() {
-        Some(&sm90) => sm90,
-        None => {
-            let (major, _) = device
-                .cuda_stream()
-                .context()
-                .compute_capability()
-                .map_err(Error::wrap)?;
-            *SM90.get_or_init(|| major >= 9)
-        }
-    };
-    Ok(sm90.then_some(module))
+    let device = candle_core::Device::Cuda(device.clone());
+    Ok(crate::ops::kernels::sm90_or_later(&device)?.then_some(module))
 }
 
 /// The `ADAPTERLAB_DECODE_PDL` in force, for reports.
@@ -897,7 +875,8 @@ pub fn gemv_with(
         _ => return Err(Error::Msg("NF4 GEMV: x is not on the GPU".into())),
     };
     // Decoding's own tilings launch with PDL where it is on (the GPU tests and `bench kernels`
-    // name other tilings, which the PDL module has no instances of).
+    // name other tilings, which the PDL module has no instances of); `Some` only for the
+    // tensor-core kernel.
     let pdl = match kernel == DecodeKernel::Mma && MmaTiling::DEFAULTS.contains(&tiling) {
         true => pdl_module(&dev)?,
         false => None,
@@ -939,14 +918,8 @@ pub fn gemv_with(
                             None => b.view::<f32>(out_features * r)?,
                         };
                         let r_i = *r as i32;
-                        if let (DecodeKernel::Mma, Some(pdl)) = (kernel, pdl) {
-                            crate::run_kernel_pdl!(pdl, dev, $name, cfg;
-                                s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
-                                &s.offset, &s.nbs, xv, &out, &m_i, &hv, &bv, scaling, &r_i, &act,
-                                &av, &flags, &epoch, &hb_i, &rx, &rb,
-                            )?;
-                        } else if kernel == DecodeKernel::Mma {
-                            crate::run_kernel!($module, dev, $name, cfg;
+                        if kernel == DecodeKernel::Mma {
+                            crate::run_kernel_maybe_pdl!(pdl, $module, dev, $name, cfg;
                                 s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
                                 &s.offset, &s.nbs, xv, &out, &m_i, &hv, &bv, scaling, &r_i, &act,
                                 &av, &flags, &epoch, &hb_i, &rx, &rb,
@@ -960,14 +933,8 @@ pub fn gemv_with(
                     }
                     (None, kernel) => {
                         let (none, zero) = (0i32, 0f32);
-                        if let (DecodeKernel::Mma, Some(pdl)) = (kernel, pdl) {
-                            crate::run_kernel_pdl!(pdl, dev, $name, cfg;
-                                s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
-                                &s.offset, &s.nbs, xv, &out, &m_i, s.absmax, s.absmax, &zero,
-                                &none, &act, s.absmax, &flags, &epoch, &none, &rx, &rb,
-                            )?;
-                        } else if kernel == DecodeKernel::Mma {
-                            crate::run_kernel!($module, dev, $name, cfg;
+                        if kernel == DecodeKernel::Mma {
+                            crate::run_kernel_maybe_pdl!(pdl, $module, dev, $name, cfg;
                                 s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
                                 &s.offset, &s.nbs, xv, &out, &m_i, s.absmax, s.absmax, &zero,
                                 &none, &act, s.absmax, &flags, &epoch, &none, &rx, &rb,

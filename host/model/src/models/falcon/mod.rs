@@ -216,9 +216,7 @@ impl FalconMlp {
             act: cfg.activation().map_err(candle_core::Error::wrap)?,
         })
     }
-}
 
-impl FalconMlp {
     fn training(&self) -> bool {
         [&self.dense_h_to_4h, &self.dense_4h_to_h]
             .iter()
@@ -230,11 +228,8 @@ impl FalconMlp {
     /// and the residual after the down projection (`ops::epilogue`, the same bits).
     fn forward_residual(&self, x: &Tensor, residual: &Tensor, attn: &Tensor) -> Result<Tensor> {
         let dev = x.device();
-        if self.act == Activation::Gelu && !self.training() {
-            let (up, down) = (&self.dense_h_to_4h, &self.dense_4h_to_h);
-            let act = profile::scope("mlp.up_act", dev, || {
-                up.forward_then(x, false, Epilogue::Gelu)
-            })?;
+        if let Some(act) = self.up_gelu_outside_training(x)? {
+            let down = &self.dense_4h_to_h;
             let out = Epilogue::Residual {
                 x: residual,
                 b: attn,
@@ -246,18 +241,26 @@ impl FalconMlp {
         let mlp = self.forward(x)?;
         profile::scope("residual", dev, || add3(residual, &mlp, attn))
     }
+
+    /// The GELU of the up projection outside training, where the activation is GELU: the
+    /// decoding kernel may apply it (`ops::epilogue`); `None` otherwise.
+    fn up_gelu_outside_training(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if self.act != Activation::Gelu || self.training() {
+            return Ok(None);
+        }
+        let up = &self.dense_h_to_4h;
+        profile::scope("mlp.up_act", x.device(), || {
+            up.forward_then(x, false, Epilogue::Gelu)
+        })
+        .map(Some)
+    }
 }
 
 impl Module for FalconMlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dev = x.device();
-        let training = self.training();
         let (up_proj, down) = (&self.dense_h_to_4h, &self.dense_4h_to_h);
-        if self.act == Activation::Gelu && !training {
-            // Outside training the GELU may come from the up projection's decoding kernel.
-            let act = profile::scope("mlp.up_act", dev, || {
-                up_proj.forward_then(x, false, Epilogue::Gelu)
-            })?;
+        if let Some(act) = self.up_gelu_outside_training(x)? {
             return profile::scope("mlp.down", dev, || down.forward_t(&act, false));
         }
         let up = profile::scope("mlp.up", dev, || up_proj.forward(x))?;
