@@ -88,7 +88,7 @@ pub fn decoding_settings(
             ("ADAPTERLAB_NF4_MMA_TILING", tiling),
             (
                 "ADAPTERLAB_DECODE_PDL",
-                crate::quant::kernels::pdl_setting()?,
+                crate::quant::kernels::pdl_setting(device)?,
             ),
         ]);
     }

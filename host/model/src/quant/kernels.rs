@@ -422,30 +422,50 @@ enum Pdl {
     Early,
 }
 
-/// How decoding's tensor-core kernel launches where `ADAPTERLAB_DECODE_PDL` is unset.
+/// How decoding's tensor-core kernel launches on an sm_90 card where `ADAPTERLAB_DECODE_PDL` is
+/// unset.
 const PDL_DEFAULT: Pdl = Pdl::On;
 
-/// `ADAPTERLAB_DECODE_PDL`: `on`, `early` or `off` ([`Pdl`]); unset, [`PDL_DEFAULT`].
+/// `ADAPTERLAB_DECODE_PDL`: `on`, `early` or `off` ([`Pdl`]; see [`pdl_in_force`]).
 static PDL: Switch<Pdl> = Switch::new(
     "ADAPTERLAB_DECODE_PDL",
     &[("on", Pdl::On), ("early", Pdl::Early), ("off", Pdl::Off)],
 );
 
-/// The module decoding's tensor-core kernel launches from with PDL on `device`, `None` for a
-/// plain launch ([`PDL`]; PDL needs sm_90).
-fn pdl_module(device: &candle_core::CudaDevice) -> Result<Option<&'static CudaModule>> {
-    let module = match PDL.in_force(PDL_DEFAULT)?.0 {
-        Pdl::Off => return Ok(None),
-        Pdl::On => &NF4_MMA_PDL,
-        Pdl::Early => &NF4_MMA_PDL_EARLY,
-    };
-    let device = candle_core::Device::Cuda(device.clone());
-    Ok(crate::ops::kernels::sm90_or_later(&device)?.then_some(module))
+/// How decoding's tensor-core kernel launches on `device`: as `ADAPTERLAB_DECODE_PDL` says,
+/// which may not ask for PDL on a card without sm_90 (an error, not a quiet plain launch);
+/// unset, [`PDL_DEFAULT`] where the card has sm_90 and a plain launch elsewhere.
+fn pdl_in_force(device: &candle_core::Device) -> Result<Pdl> {
+    let sm90 = crate::ops::kernels::sm90_or_later(device)?;
+    match PDL.get()? {
+        Some(Pdl::Off) => Ok(Pdl::Off),
+        Some(_) if !sm90 => Err(Error::Msg(
+            "ADAPTERLAB_DECODE_PDL asks for programmatic dependent launch, which needs sm_90 or later"
+                .into(),
+        )),
+        Some(mode) => Ok(mode),
+        None if sm90 => Ok(PDL_DEFAULT),
+        None => Ok(Pdl::Off),
+    }
 }
 
-/// The `ADAPTERLAB_DECODE_PDL` in force, for reports.
-pub fn pdl_setting() -> Result<&'static str> {
-    Ok(PDL.in_force(PDL_DEFAULT)?.1)
+/// The module decoding's tensor-core kernel launches from with PDL on `device`, `None` for a
+/// plain launch.
+fn pdl_module(device: &candle_core::CudaDevice) -> Result<Option<&'static CudaModule>> {
+    Ok(
+        match pdl_in_force(&candle_core::Device::Cuda(device.clone()))? {
+            Pdl::Off => None,
+            Pdl::On => Some(&NF4_MMA_PDL),
+            Pdl::Early => Some(&NF4_MMA_PDL_EARLY),
+        },
+    )
+}
+
+/// How decoding's tensor-core kernel launches on `device`, as `ADAPTERLAB_DECODE_PDL` names it,
+/// for reports.
+pub fn pdl_setting(device: &candle_core::Device) -> Result<&'static str> {
+    let mode = pdl_in_force(device)?;
+    Ok(PDL.in_force(mode)?.1)
 }
 
 /// The same kernel's other tilings, which only `bench kernels` and the GPU tests run: a module
