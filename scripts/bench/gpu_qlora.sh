@@ -293,7 +293,10 @@ fi
 #           kernel launched without programmatic dependent launch, ADAPTERLAB_DECODE_PDL=off),
 #           +earlypdl (its blocks letting the next one start early, ADAPTERLAB_DECODE_PDL=early), +TILING
 #           (the tensor-core kernel's tiling up to 8 rows, ADAPTERLAB_NF4_MMA_TILING=TILING, e.g.
-#           +s16u1); for each build of GEN_SIDES (default
+#           +s16u1), +dequant1 (one row's weights as the dequantize kernel forms them, not as
+#           bitsandbytes' batch-1 GEMV does, ADAPTERLAB_NF4_ONE_ROW=dequantize), +PAIRS (the
+#           pairs form's tiling, ADAPTERLAB_NF4_PAIRS_TILING=PAIRS, e.g. +p8u4); for each build
+#           of GEN_SIDES (default
 #           after; "before after" measures a change in one call; other builds than after run
 #           only the variants without +KERNEL)
 if stage generate; then
@@ -317,6 +320,8 @@ if stage generate; then
         *+earlypdl) switches=(ADAPTERLAB_DECODE_PDL=early) ;;
         *+fused1) switches=(ADAPTERLAB_DECODE_GELU=separate ADAPTERLAB_DECODE_LORA_H=separate ADAPTERLAB_DECODE_RESIDUAL=separate) ;;
         *+s[0-9]*) switches=(ADAPTERLAB_NF4_MMA_TILING=${variant#*+}) ;;
+        *+dequant1) switches=(ADAPTERLAB_NF4_ONE_ROW=dequantize) ;;
+        *+p[0-9]*) switches=(ADAPTERLAB_NF4_PAIRS_TILING=${variant#*+}) ;;
         *+*) echo "unknown generate variant $variant"; continue ;;
       esac
       # Only the after build knows the kernel switches: other builds run the plain variants.

@@ -517,7 +517,9 @@ fn nf4_kernels_equal_the_cpu_path() {
 /// and form bit-equal (a feature's sum must not depend on `unroll` or `tiles`), on feature
 /// counts that leave a block's last tiles empty (40 of 32 or 16 a block), a last chunk of columns
 /// that is partly past k (320), both halves of the A operand (up to 8 rows, and more), and the
-/// swapped form (W as the A operand, up to 8 rows) refusing more rows.
+/// swapped form (W as the A operand, up to 8 rows) refusing more rows. The `pairs` form (one
+/// row's weights as bitsandbytes' batch-1 GEMV forms them) against the CPU path with those
+/// weights (`dequantize_gemv4bit`), nearer it than the two CPU paths are to each other.
 #[cfg(feature = "cuda")]
 #[test]
 fn nf4_mma_tilings_equal_the_cpu_path() {
@@ -546,6 +548,12 @@ fn nf4_mma_tilings_equal_the_cpu_path() {
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
+            let wg = q
+                .nf4()
+                .dequantize_gemv4bit(dtype)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
             for m in [1, 5, 9, 16] {
                 let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.291).cos()).collect();
                 let x = Tensor::from_vec(x, (m, cols), &cpu)
@@ -553,8 +561,12 @@ fn nf4_mma_tilings_equal_the_cpu_path() {
                     .to_dtype(dtype)
                     .unwrap();
                 let want = f32s_of_matmul(&x, &wd);
+                let want_gemv4bit = f32s_of_matmul(&x, &wg);
+                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-3);
+                // How far the two ways of forming the weights put the products apart.
+                let apart = max_diff(&want, &want_gemv4bit) / scale;
                 let x = x.to_device(&dev).unwrap();
-                let mut by_warps: Vec<((u32, bool), Vec<u32>)> = Vec::new();
+                let mut by_warps: Vec<((u32, bool, bool), Vec<u32>)> = Vec::new();
                 for tiling in MmaTiling::ALL {
                     if !tiling.serves_rows(m) {
                         assert!(q.forward_mma_tiled(&x, tiling).is_err(), "{m} rows");
@@ -567,11 +579,21 @@ fn nf4_mma_tilings_equal_the_cpu_path() {
                     let got = q.forward_mma_tiled(&x, tiling).unwrap();
                     assert_eq!(got.dims(), &[m, rows], "{case}");
                     let got = host_f32s(&got);
-                    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-3);
-                    let err = max_diff(&got, &want) / scale;
+                    let (mine, other) = match tiling.pairs {
+                        true => (&want_gemv4bit, &want),
+                        false => (&want, &want_gemv4bit),
+                    };
+                    let err = max_diff(&got, mine) / scale;
                     assert!(err < 1e-2, "{case}: relative error {err}");
+                    if apart > 1e-4 {
+                        assert!(
+                            err * 10.0 < apart,
+                            "{case}: relative error {err} against its weights, {} against the other way's ({apart} apart)",
+                            max_diff(&got, other) / scale
+                        );
+                    }
                     let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
-                    let form = (tiling.warps, tiling.swapped);
+                    let form = (tiling.warps, tiling.swapped, tiling.pairs);
                     match by_warps.iter().find(|(w, _)| *w == form) {
                         Some((_, earlier)) => assert!(
                             *earlier == bits,
@@ -582,8 +604,9 @@ fn nf4_mma_tilings_equal_the_cpu_path() {
                             // Whether the swapped form (W as the A operand) sums to the bits
                             // of the other: the same products in the same k slots, but the
                             // mma's operands exchanged; reported, not required.
-                            if let Some((_, other)) =
-                                by_warps.iter().find(|(w, _)| *w == (form.0, !form.1))
+                            if let Some((_, other)) = by_warps
+                                .iter()
+                                .find(|(w, _)| *w == (form.0, !form.1, false))
                             {
                                 let same = other.iter().zip(&bits).filter(|(a, b)| a == b).count();
                                 eprintln!(

@@ -292,7 +292,7 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
                 // The tensor-core kernel's other tilings, named `mma/w8u2t1` and so on.
                 let mma_serves =
                     device.is_cuda() && DecodeKernel::Mma.serves_on(m, inp, out, q.blocks(), mma);
-                let decoding = MmaTiling::for_rows(m)?;
+                let decoding = MmaTiling::for_shape(m, inp, out)?;
                 for tiling in MmaTiling::ALL {
                     if mma_serves && tiling != decoding && tiling.serves_rows(m) {
                         let name = format!("mma/{}", tiling.name());

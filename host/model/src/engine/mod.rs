@@ -73,8 +73,7 @@ pub fn decoding_settings(
     );
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        let [gemv, small, tiling] = crate::quant::kernels::decode_settings()?;
-        return Ok(vec![
+        let mut settings = vec![
             attention,
             rope,
             gelu,
@@ -83,14 +82,13 @@ pub fn decoding_settings(
                 "ADAPTERLAB_DECODE_LORA_H",
                 crate::lora::kernels::h_setting()?,
             ),
-            ("ADAPTERLAB_NF4_GEMV", gemv),
-            ("ADAPTERLAB_NF4_SMALL_BATCH", small),
-            ("ADAPTERLAB_NF4_MMA_TILING", tiling),
-            (
-                "ADAPTERLAB_DECODE_PDL",
-                crate::quant::kernels::pdl_setting(device)?,
-            ),
-        ]);
+        ];
+        settings.extend(crate::quant::kernels::decode_settings()?);
+        settings.push((
+            "ADAPTERLAB_DECODE_PDL",
+            crate::quant::kernels::pdl_setting(device)?,
+        ));
+        return Ok(settings);
     }
     let _ = device;
     Ok(vec![attention, rope, gelu, residual])

@@ -37,12 +37,16 @@ const DEQUANT_WORDS: usize = 8;
 /// (16 features a block, `tiles` 1; `nf4_mma_swapped` in nf4_mma.cu). Where x is the A operand,
 /// its rows 8-15 are zero registers moved into place for every mma; ncu counted ~9 instructions
 /// a weight at one row there, issue bound (H100, 2026-12-07).
+///
+/// `pairs`: the swapped form with each weight formed as bitsandbytes' batch-1 GEMV forms it
+/// ([`OneRow::Gemv4bit`]; `nf4_mma_pairs` in nf4_mma.cu), two weights a shared load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaTiling {
     pub warps: u32,
     pub unroll: u32,
     pub tiles: u32,
     pub swapped: bool,
+    pub pairs: bool,
 }
 
 impl MmaTiling {
@@ -52,6 +56,7 @@ impl MmaTiling {
             unroll,
             tiles,
             swapped: false,
+            pairs: false,
         }
     }
 
@@ -61,15 +66,31 @@ impl MmaTiling {
             unroll,
             tiles: 1,
             swapped: true,
+            pairs: false,
         }
     }
 
-    /// The tilings decoding uses: up to 8 rows, and more ([`Self::for_rows`]).
-    pub const DEFAULTS: [MmaTiling; 2] = [MmaTiling::swapped(8, 2), MmaTiling::new(8, 1, 2)];
+    const fn pairs(warps: u32, unroll: u32) -> Self {
+        MmaTiling {
+            warps,
+            unroll,
+            tiles: 1,
+            swapped: true,
+            pairs: true,
+        }
+    }
+
+    /// The tilings decoding uses: up to 8 rows, more, and one row with bitsandbytes' batch-1
+    /// weights ([`Self::for_shape`]).
+    pub const DEFAULTS: [MmaTiling; 3] = [
+        MmaTiling::swapped(8, 2),
+        MmaTiling::new(8, 1, 2),
+        MmaTiling::pairs(8, 2),
+    ];
 
     /// Every tiling there are instances of: the defaults and those `bench kernels` measures them
     /// against.
-    pub const ALL: [MmaTiling; 12] = [
+    pub const ALL: [MmaTiling; 15] = [
         MmaTiling::new(8, 2, 1),
         MmaTiling::new(8, 4, 1),
         MmaTiling::new(4, 4, 1),
@@ -82,6 +103,9 @@ impl MmaTiling {
         MmaTiling::swapped(8, 4),
         MmaTiling::swapped(4, 4),
         MmaTiling::swapped(16, 1),
+        MmaTiling::pairs(8, 4),
+        MmaTiling::pairs(8, 2),
+        MmaTiling::pairs(4, 4),
     ];
 
     /// Whether this tiling's kernel takes `m` rows: the swapped form holds them as the 8 columns
@@ -101,18 +125,33 @@ impl MmaTiling {
     /// tiles held more registers and were slower), and in the next call `w8u1t2` 154.5 against
     /// `w8u2t2`'s 159.4.
     ///
-    /// `ADAPTERLAB_NF4_MMA_TILING` names another tiling for up to 8 rows (how decoding measures
-    /// one end to end); a name outside its set is an error.
-    pub fn for_rows(m: usize) -> Result<Self> {
+    /// `ADAPTERLAB_NF4_MMA_TILING` names another tiling for up to 8 rows where the swapped form
+    /// runs (how decoding measures one end to end); a name outside its set is an error.
+    ///
+    /// One row of `k` features against `n` takes the `pairs` form where
+    /// `ADAPTERLAB_NF4_ONE_ROW` is `gemv4bit` (the default; see [`OneRow`]) and its 32-bit
+    /// addresses reach every weight (`n * k < 2^32`), in `ADAPTERLAB_NF4_PAIRS_TILING`'s tiling
+    /// ([`MmaTiling::DEFAULTS`]' third unset).
+    pub fn for_shape(m: usize, k: usize, n: usize) -> Result<Self> {
+        if m == 1 && one_row()? == OneRow::Gemv4bit && Self::pairs_reach(k, n) {
+            return Ok(PAIRS_TILING.get()?.unwrap_or(Self::DEFAULTS[2]));
+        }
         match SMALL_TILING.get()? {
             Some(t) if m <= 8 => Ok(t),
             _ => Ok(Self::DEFAULTS[usize::from(m > 8)]),
         }
     }
 
-    /// How reports name it: `w8u2t1`, or `s8u2` swapped.
+    /// Whether the `pairs` form's 32-bit element offsets reach every weight of `n x k`.
+    pub fn pairs_reach(k: usize, n: usize) -> bool {
+        n.checked_mul(k).is_some_and(|e| e <= u32::MAX as usize)
+    }
+
+    /// How reports name it: `w8u2t1`, `s8u2` swapped, `p8u4` with bitsandbytes' batch-1 weights.
     pub fn name(self) -> String {
-        if self.swapped {
+        if self.pairs {
+            format!("p{}u{}", self.warps, self.unroll)
+        } else if self.swapped {
             format!("s{}u{}", self.warps, self.unroll)
         } else {
             format!("w{}u{}t{}", self.warps, self.unroll, self.tiles)
@@ -137,6 +176,12 @@ impl MmaTiling {
         } else {
             8 * self.tiles as usize
         }
+    }
+
+    /// Bytes of dynamic shared memory a block takes: the `pairs` form's table of 256 rows of 64
+    /// words (`PAIR_ROW_WORDS` in nf4_mma.cu).
+    fn dynamic_shared(self) -> u32 {
+        if self.pairs { PAIR_TABLE_BYTES } else { 0 }
     }
 
     /// Bytes of the warps' partial sums in shared memory (`part` in nf4_mma.cu).
@@ -301,16 +346,24 @@ pub fn runs_mma(device: &candle_core::Device) -> Result<bool> {
     crate::ops::kernels::sm80_or_later(device)
 }
 
-/// The `ADAPTERLAB_NF4_GEMV`, `ADAPTERLAB_NF4_SMALL_BATCH` and `ADAPTERLAB_NF4_MMA_TILING` in
-/// force, as the names they take, for reports.
-pub fn decode_settings() -> Result<[&'static str; 3]> {
+/// The `ADAPTERLAB_NF4_GEMV`, `ADAPTERLAB_NF4_SMALL_BATCH`, `ADAPTERLAB_NF4_MMA_TILING`,
+/// `ADAPTERLAB_NF4_ONE_ROW` and `ADAPTERLAB_NF4_PAIRS_TILING` in force, by variable, as the
+/// names they take, for reports.
+pub fn decode_settings() -> Result<[(&'static str, &'static str); 5]> {
     let (gemv, small) = switches()?;
-    // The default is among the switch's names (a unit test holds it there).
+    // Each default is among its switch's names (a unit test holds it there).
     let tiling = SMALL_TILING.in_force(MmaTiling::DEFAULTS[0])?.1;
+    let pairs = PAIRS_TILING.in_force(MmaTiling::DEFAULTS[2])?.1;
+    let one = ONE_ROW.in_force(OneRow::Gemv4bit)?.1;
     Ok([
-        gemv.name(),
-        small.map_or("dequantize", DecodeKernel::name),
-        tiling,
+        ("ADAPTERLAB_NF4_GEMV", gemv.name()),
+        (
+            "ADAPTERLAB_NF4_SMALL_BATCH",
+            small.map_or("dequantize", DecodeKernel::name),
+        ),
+        ("ADAPTERLAB_NF4_MMA_TILING", tiling),
+        ("ADAPTERLAB_NF4_ONE_ROW", one),
+        ("ADAPTERLAB_NF4_PAIRS_TILING", pairs),
     ])
 }
 
@@ -325,6 +378,48 @@ static SMALL_TILING: Switch<MmaTiling> = Switch::new(
         ("s16u1", MmaTiling::swapped(16, 1)),
     ],
 );
+
+/// `ADAPTERLAB_NF4_PAIRS_TILING`: the `pairs` form's tiling for one row, in place of
+/// [`MmaTiling::DEFAULTS`]' third.
+static PAIRS_TILING: Switch<MmaTiling> = Switch::new(
+    "ADAPTERLAB_NF4_PAIRS_TILING",
+    &[
+        ("p8u2", MmaTiling::pairs(8, 2)),
+        ("p8u4", MmaTiling::pairs(8, 4)),
+        ("p4u4", MmaTiling::pairs(4, 4)),
+    ],
+);
+
+/// How one row's product (batch-1 decoding) forms each weight from its code and its block's
+/// absmax (`ADAPTERLAB_NF4_ONE_ROW`). The two put a weight at most two steps of the 16-bit type apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OneRow {
+    /// As bitsandbytes' batch-1 GEMV (`gemv_4bit`, which transformers runs for a single token):
+    /// the code's value rounded to 16 bits times the absmax rounded to 16 bits, one 16-bit
+    /// multiply (`Nf4Tensor::dequantize_gemv4bit` is its CPU twin). The products are exact
+    /// and summed in f32 (bitsandbytes rounds each product to 16 bits first). Two weights a
+    /// shared load (the `pairs` form).
+    Gemv4bit,
+    /// As the dequantize kernel (and every product of more rows): the f32 product of the code's
+    /// value and the absmax, rounded once.
+    Dequantize,
+}
+
+/// `ADAPTERLAB_NF4_ONE_ROW`: `gemv4bit` (the default) or `dequantize` ([`OneRow`]).
+static ONE_ROW: Switch<OneRow> = Switch::new(
+    "ADAPTERLAB_NF4_ONE_ROW",
+    &[
+        ("gemv4bit", OneRow::Gemv4bit),
+        ("dequantize", OneRow::Dequantize),
+    ],
+);
+
+fn one_row() -> Result<OneRow> {
+    Ok(ONE_ROW.get()?.unwrap_or(OneRow::Gemv4bit))
+}
+
+/// Bytes of the `pairs` form's table (dynamic shared memory, 64 KB).
+const PAIR_TABLE_BYTES: u32 = 256 * 64 * 4;
 
 /// `ADAPTERLAB_NF4_GEMV`: the kernel for up to [`GEMV_MAX_ROWS`] rows.
 static GEMV: Switch<DecodeKernel> = Switch::new(
@@ -490,9 +585,28 @@ fn nf4_defines() -> String {
         .map(|v| format!("{v:?}f"))
         .collect();
     format!(
-        "#define GEMV_MAX_ROWS {GEMV_MAX_ROWS}\n#define GEMM_MAX_ROWS {GEMM_MAX_ROWS}\n#define DEQUANT_WORDS {DEQUANT_WORDS}\n#define NF4_TABLE {}\n",
-        table.join(", ")
+        "#define GEMV_MAX_ROWS {GEMV_MAX_ROWS}\n#define GEMM_MAX_ROWS {GEMM_MAX_ROWS}\n#define DEQUANT_WORDS {DEQUANT_WORDS}\n#define NF4_TABLE {}\n#define NF4_PAIRS_BF16 {}\n#define NF4_PAIRS_F16 {}\n",
+        table.join(", "),
+        pair_words(true).join(", "),
+        pair_words(false).join(", ")
     )
+}
+
+/// The `pairs` form's 256 pairs (`NF4_PAIRS_BF16`, `NF4_PAIRS_F16` in nf4_mma.cu): pair `e` the
+/// 16-bit values of the codes in byte `e`, its high nibble's (the first weight) in the low half,
+/// each the NF4 value rounded to nearest even as bitsandbytes' batch-1 GEMV rounds its table.
+fn pair_words(bf16: bool) -> Vec<String> {
+    let bits = |v: f32| -> u32 {
+        if bf16 {
+            u32::from(half::bf16::from_f32(v).to_bits())
+        } else {
+            u32::from(half::f16::from_f32(v).to_bits())
+        }
+    };
+    let code = &crate::quant::nf4::NF4_CODE;
+    (0..256usize)
+        .map(|e| format!("0x{:08x}u", bits(code[e >> 4]) | (bits(code[e & 15]) << 16)))
+        .collect()
 }
 
 /// [`nf4_defines`] and the tensor-core kernel's instances, one a tiling and A operand height.
@@ -500,7 +614,9 @@ fn nf4_mma_defines(tilings: &[MmaTiling]) -> String {
     let instances: Vec<String> = tilings
         .iter()
         .flat_map(|t| {
-            if t.swapped {
+            if t.pairs {
+                vec![format!("MMA_PAIRS_INSTANCE({}, {})", t.warps, t.unroll)]
+            } else if t.swapped {
                 vec![format!("MMA_SWAPPED_INSTANCE({}, {})", t.warps, t.unroll)]
             } else {
                 [0, 1]
@@ -781,6 +897,82 @@ fn lora_h_flags(dev: &candle_core::CudaDevice) -> Result<(Tensor, u32)> {
     Ok((flags, epoch))
 }
 
+/// The module and name of the tensor-core kernel's instance for `tiling`, `m` rows and `x` in
+/// `bf16` or f16, and the PDL module decoding launches it from on `dev` (`None`: a plain launch).
+fn mma_instance(
+    dev: &candle_core::CudaDevice,
+    tiling: MmaTiling,
+    m: usize,
+    bf16: bool,
+) -> Result<(&'static CudaModule, String, Option<&'static CudaModule>)> {
+    // Decoding's own tilings launch with PDL where it is on (the GPU tests and `bench kernels`
+    // name other tilings, which the PDL module has no instances of).
+    let (module, pdl) = if MmaTiling::DEFAULTS.contains(&tiling) {
+        (&NF4_MMA, pdl_module(dev)?)
+    } else {
+        (&NF4_MMA_TILINGS, None)
+    };
+    Ok((module, tiling.kernel_name(m, bf16), pdl))
+}
+
+/// Blocks of `tiling`'s instance for `dtype` that fit on `dev`'s multiprocessors at once (the
+/// `pairs` form's grid), after allowing the function its dynamic shared memory; kept per device
+/// and instance.
+fn resident_blocks(
+    dev: &candle_core::CudaDevice,
+    tiling: MmaTiling,
+    dtype: DType,
+) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    type Known = (candle_core::Device, String, usize);
+    static KNOWN: std::sync::Mutex<Vec<Known>> = std::sync::Mutex::new(Vec::new());
+    let device = candle_core::Device::Cuda(dev.clone());
+    let (module, name, pdl) = mma_instance(dev, tiling, 1, dtype == DType::BF16)?;
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, _, b)) = known
+        .iter()
+        .find(|(d, n, _)| d.same_device(&device) && *n == name)
+    {
+        return Ok(*b);
+    }
+    let mut per_sm = u32::MAX;
+    // Both modules' functions are allowed the table: a later call may launch either.
+    for module in [Some(module), pdl].into_iter().flatten() {
+        let func = dev.get_or_load_custom_func(&name, module.name, module.ptx()?)?;
+        func.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            tiling.dynamic_shared() as i32,
+        )
+        .map_err(|e| {
+            Error::Msg(format!(
+                "{name}: {e:?} allowing {} bytes of shared memory",
+                tiling.dynamic_shared()
+            ))
+        })?;
+        let fits = func
+            .occupancy_max_active_blocks_per_multiprocessor(
+                32 * tiling.warps,
+                tiling.dynamic_shared() as usize,
+                None,
+            )
+            .map_err(Error::wrap)?;
+        per_sm = per_sm.min(fits);
+    }
+    if per_sm == 0 {
+        return Err(Error::Msg(format!(
+            "{name}: no block fits on a multiprocessor"
+        )));
+    }
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(Error::wrap)?;
+    let blocks = per_sm as usize * sms.max(1) as usize;
+    known.push((device, name, blocks));
+    Ok(blocks)
+}
+
 /// `x [m, k] @ W^T` for `W [n, k]` held as NF4, `x` bf16 or f16, with `kernel` (which must
 /// [`DecodeKernel::serves`] the shape; the tensor-core kernel in `tiling`, which decoding takes
 /// from [`MmaTiling::for_rows`] and `bench kernels` and the GPU tests vary; other kernels ignore
@@ -800,6 +992,7 @@ pub fn gemv_with(
     if out_features * k != w.n
         || !kernel.serves(m, k, out_features, w.blocks())
         || (kernel == DecodeKernel::Mma && !tiling.serves_rows(m))
+        || (kernel == DecodeKernel::Mma && tiling.pairs && !MmaTiling::pairs_reach(k, out_features))
         || (lora.is_some() && !kernel.adds_lora())
         || (!matches!(epilogue, Epilogue::None) && !kernel.applies_epilogue())
     {
@@ -882,24 +1075,31 @@ pub fn gemv_with(
             block_dim: (32 * 8, 1, 1),
             shared_mem_bytes: 0,
         },
-        // `tiling.features()` a block, its warps splitting the columns, after the h blocks.
-        DecodeKernel::Mma => LaunchConfig {
-            grid_dim: ((hb + out_features.div_ceil(tiling.features())) as u32, 1, 1),
-            block_dim: (32 * tiling.warps, 1, 1),
-            shared_mem_bytes: 0,
-        },
+        // `tiling.features()` a block, its warps splitting the columns, after the h blocks; the
+        // `pairs` form's blocks loop over the groups of features, no more of them than fit on
+        // the card at once (each fills its table once).
+        DecodeKernel::Mma => {
+            let groups = out_features.div_ceil(tiling.features());
+            let blocks = match tiling.pairs {
+                true => groups.min(resident_blocks(&dev, tiling, x.dtype())?),
+                false => groups,
+            };
+            LaunchConfig {
+                grid_dim: ((hb + blocks) as u32, 1, 1),
+                block_dim: (32 * tiling.warps, 1, 1),
+                shared_mem_bytes: tiling.dynamic_shared(),
+            }
+        }
     };
     let (xs, _) = x.storage_and_layout();
     let xs = match &*xs {
         Storage::Cuda(c) => c,
         _ => return Err(Error::Msg("NF4 GEMV: x is not on the GPU".into())),
     };
-    // Decoding's own tilings launch with PDL where it is on (the GPU tests and `bench kernels`
-    // name other tilings, which the PDL module has no instances of); `Some` only for the
-    // tensor-core kernel.
-    let pdl = match kernel == DecodeKernel::Mma && MmaTiling::DEFAULTS.contains(&tiling) {
-        true => pdl_module(&dev)?,
-        false => None,
+    // The PDL module, `Some` only for the tensor-core kernel (see mma_instance).
+    let pdl = match kernel {
+        DecodeKernel::Mma => mma_instance(&dev, tiling, m, true)?.2,
+        _ => None,
     };
     with_slices(w, |s| {
         // Every kernel but the tiled one also takes the adapter's inputs (lr = 0: none; the
@@ -980,11 +1180,7 @@ pub fn gemv_with(
             }
             DecodeKernel::Wide => (&NF4, "nf4_gemv32_bf16".into(), "nf4_gemv32_f16".into()),
             DecodeKernel::Mma => (
-                if MmaTiling::DEFAULTS.contains(&tiling) {
-                    &NF4_MMA
-                } else {
-                    &NF4_MMA_TILINGS
-                },
+                mma_instance(&dev, tiling, m, true)?.0,
                 tiling.kernel_name(m, true),
                 tiling.kernel_name(m, false),
             ),
@@ -1011,6 +1207,8 @@ mod tests {
     #[test]
     fn the_switch_names_are_the_tables() {
         SMALL_TILING.names_match().unwrap();
+        PAIRS_TILING.names_match().unwrap();
+        ONE_ROW.names_match().unwrap();
         GEMV.names_match().unwrap();
         SMALL_BATCH.names_match().unwrap();
         PDL.names_match().unwrap();
@@ -1021,23 +1219,60 @@ mod tests {
         for t in MmaTiling::DEFAULTS {
             assert!(MmaTiling::ALL.contains(&t), "{} has no instance", t.name());
         }
-        assert_eq!(MmaTiling::for_rows(1).unwrap(), MmaTiling::DEFAULTS[0]);
-        assert_eq!(MmaTiling::for_rows(8).unwrap(), MmaTiling::DEFAULTS[0]);
-        assert_eq!(MmaTiling::for_rows(9).unwrap(), MmaTiling::DEFAULTS[1]);
+        let (k, n) = (4544, 4672);
+        // Unset, one row takes the pairs form (a unit test's process sets no switch).
         assert_eq!(
-            MmaTiling::for_rows(MMA_MAX_ROWS).unwrap(),
+            MmaTiling::for_shape(1, k, n).unwrap(),
+            MmaTiling::DEFAULTS[2]
+        );
+        assert_eq!(
+            MmaTiling::for_shape(2, k, n).unwrap(),
+            MmaTiling::DEFAULTS[0]
+        );
+        assert_eq!(
+            MmaTiling::for_shape(8, k, n).unwrap(),
+            MmaTiling::DEFAULTS[0]
+        );
+        assert_eq!(
+            MmaTiling::for_shape(9, k, n).unwrap(),
             MmaTiling::DEFAULTS[1]
         );
-        // The switch's names are the tilings' own, each one with an instance serving 8 rows, and
-        // the default among them (what reports name when it is unset).
+        assert_eq!(
+            MmaTiling::for_shape(MMA_MAX_ROWS, k, n).unwrap(),
+            MmaTiling::DEFAULTS[1]
+        );
+        // Past 32-bit offsets one row keeps the swapped form.
+        assert!(!MmaTiling::pairs_reach(1 << 16, 1 << 16));
+        assert_eq!(
+            MmaTiling::for_shape(1, 1 << 16, 1 << 16).unwrap(),
+            MmaTiling::DEFAULTS[0]
+        );
+        // The switches' names are the tilings' own, each one with an instance serving 8 rows
+        // (the pairs switch's serving one), and the defaults among them (what reports name when
+        // they are unset).
         assert!(
             SMALL_TILING
                 .options()
                 .contains(&("s8u2", MmaTiling::DEFAULTS[0]))
         );
+        assert!(
+            PAIRS_TILING
+                .options()
+                .contains(&("p8u2", MmaTiling::DEFAULTS[2]))
+        );
         for (name, t) in SMALL_TILING.options() {
             assert_eq!(*name, t.name());
-            assert!(MmaTiling::ALL.contains(t) && t.serves_rows(8), "{name}");
+            assert!(
+                MmaTiling::ALL.contains(t) && t.serves_rows(8) && !t.pairs,
+                "{name}"
+            );
+        }
+        for (name, t) in PAIRS_TILING.options() {
+            assert_eq!(*name, t.name());
+            assert!(
+                MmaTiling::ALL.contains(t) && t.serves_rows(1) && t.pairs,
+                "{name}"
+            );
         }
         let mut names: Vec<String> = MmaTiling::ALL.iter().map(|t| t.name()).collect();
         names.sort();
@@ -1047,18 +1282,38 @@ mod tests {
             MmaTiling::ALL.len(),
             "two tilings share a kernel name"
         );
-        // Every instance's shared memory (the warps' partial sums and the tables) fits the 48 KB
-        // a block may declare statically.
+        // Every instance's static shared memory (the warps' partial sums and the tables) fits
+        // the 48 KB a block may declare statically, and with the pairs form's table a block
+        // fits the 227 KB an sm_90 block may have.
         for t in MmaTiling::ALL {
             // The table's 256-byte alignment may pad up to 255 bytes.
+            let fixed = t.partial_bytes() + (16 + 256) * 4 + 255;
+            assert!(fixed <= 48 * 1024, "{}", t.name());
             assert!(
-                t.partial_bytes() + (16 + 256) * 4 + 255 <= 48 * 1024,
+                fixed + t.dynamic_shared() as usize <= 227 * 1024,
                 "{}",
                 t.name()
             );
         }
         for m in 1..=MMA_MAX_ROWS {
-            assert!(MmaTiling::for_rows(m).unwrap().serves_rows(m), "{m} rows");
+            assert!(
+                MmaTiling::for_shape(m, k, n).unwrap().serves_rows(m),
+                "{m} rows"
+            );
         }
+    }
+
+    #[test]
+    fn the_pair_words_are_the_rounded_codes_high_nibble_first() {
+        let words = pair_words(true);
+        assert_eq!(words.len(), 256);
+        let code = &crate::quant::nf4::NF4_CODE;
+        // Byte 0x0f: code 0 (-1.0) first, code 15 (1.0) second.
+        let expect = u32::from(half::bf16::from_f32(code[0]).to_bits())
+            | (u32::from(half::bf16::from_f32(code[15]).to_bits()) << 16);
+        assert_eq!(words[0x0f], format!("0x{expect:08x}u"));
+        assert_eq!(words[0x0f], "0x3f80bf80u");
+        let f16 = pair_words(false);
+        assert_eq!(f16[0xf0], "0xbc003c00u");
     }
 }

@@ -333,12 +333,48 @@ impl Nf4Tensor {
         }
     }
 
-    /// Dequantize with a per-block table: 16 products and 16 conversions per block, then the
-    /// elements are plain lookups (no per-element branches or multiplies). Large weights are split
-    /// over threads by whole blocks.
+    /// The weights, in `dtype` (bf16 or f16), as bitsandbytes' batch-1 GEMV forms them
+    /// (`gemv_4bit`'s kernel, what transformers runs for a single token): the code's value
+    /// rounded to `dtype` times the absmax rounded to it, the product rounded once (a 16-bit
+    /// multiply; the f32 product of two 16-bit values is exact). The CPU twin of one row's
+    /// product on the GPU under `ADAPTERLAB_NF4_ONE_ROW=gemv4bit`; each weight is within two
+    /// steps of the type of [`Self::dequantize`]'s.
+    pub fn dequantize_gemv4bit(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        let shape = self.shape.as_slice();
+        match dtype {
+            DType::BF16 => Tensor::from_vec(
+                self.dequantize_table(|c, a| {
+                    let r = |v: f32| bf16::from_f32(v).to_f32();
+                    bf16::from_f32(r(NF4_CODE[c]) * r(a))
+                }),
+                shape,
+                &Device::Cpu,
+            ),
+            DType::F16 => Tensor::from_vec(
+                self.dequantize_table(|c, a| {
+                    let r = |v: f32| f16::from_f32(v).to_f32();
+                    f16::from_f32(r(NF4_CODE[c]) * r(a))
+                }),
+                shape,
+                &Device::Cpu,
+            ),
+            other => Err(candle_core::Error::wrap(Nf4Error::BadDtype(other))),
+        }
+    }
+
     fn dequantize_with<T: Copy + Default + Send + Sync>(
         &self,
         convert: impl Fn(f32) -> T + Sync,
+    ) -> Vec<T> {
+        self.dequantize_table(|c, a| convert(NF4_CODE[c] * a))
+    }
+
+    /// Dequantize with a per-block table, `weight(code, absmax)` for each of the 16 codes: 16
+    /// products and 16 conversions per block, then the elements are plain lookups (no
+    /// per-element branches or multiplies). Large weights are split over threads by whole blocks.
+    fn dequantize_table<T: Copy + Default + Send + Sync>(
+        &self,
+        weight: impl Fn(usize, f32) -> T + Sync,
     ) -> Vec<T> {
         let n = self.elem_count();
         let absmax = self.absmax_f32();
@@ -348,7 +384,7 @@ impl Nf4Tensor {
             for (j, block) in chunk.chunks_mut(bs).enumerate() {
                 let b = first_block + j;
                 let a = absmax[b];
-                let table: [T; 16] = std::array::from_fn(|i| convert(NF4_CODE[i] * a));
+                let table: [T; 16] = std::array::from_fn(|i| weight(i, a));
                 let bytes = &self.codes[b * bs / 2..];
                 // Fixed-size pairs let the compiler drop the bounds checks in the hot loop.
                 let (pairs, last) = block.as_chunks_mut::<2>();
@@ -630,6 +666,43 @@ mod tests {
     fn nearest(v: f32) -> u8 {
         let dist = |i: usize| (v - NF4_CODE[i]).abs();
         (1..16).fold(0, |best, i| if dist(i) < dist(best) { i } else { best }) as u8
+    }
+
+    /// bitsandbytes' batch-1 weights are the 16-bit code value times the 16-bit absmax,
+    /// rounded once: within two steps of the type of the dequantized weight, and not always it.
+    #[test]
+    fn gemv4bit_weights_are_a_rounding_from_the_dequantized_ones() {
+        let w: Vec<f32> = (0..4096).map(|i| (i as f32 * 0.377).sin() * 0.05).collect();
+        let t = Nf4Tensor::quantize(&w, &[64, 64], DType::F32, Nf4Options::default()).unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            let d = t.dequantize(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            let g = t
+                .dequantize_gemv4bit(dtype)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let (d, g) = (
+                d.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            // Three roundings of 2^-9 (bf16) or 2^-12 (f16) of a value at most, against one: a
+            // step of the type is at most 2^-7 or 2^-10 of a value, and the two are at most two
+            // steps apart.
+            let ulp = if dtype == DType::BF16 {
+                2f32.powi(-6)
+            } else {
+                2f32.powi(-9)
+            };
+            let mut differ = 0;
+            for (a, b) in d.iter().zip(&g) {
+                assert!(
+                    (a - b).abs() <= a.abs().max(b.abs()) * ulp,
+                    "{a} against {b}"
+                );
+                differ += usize::from(a != b);
+            }
+            assert!(differ > 0, "{dtype:?}: no weight differs");
+        }
     }
 
     #[test]

@@ -74,16 +74,17 @@ __device__ __forceinline__ void wait_for_h(unsigned int* flags, unsigned int epo
   __threadfence();
 }
 
-// Both forms' start: the h blocks (blockIdx.x < hb) compute h and leave; the product's blocks
-// take bid, their index among themselves, and load the tables.
-#define PRODUCT_PROLOGUE                                                                       \
+// Every form's start: the h blocks (blockIdx.x < hb) compute h and leave; the product's blocks
+// take bid, their index among themselves (PRODUCT_START), and load the tables (LOAD_TABLES,
+// whose barrier also covers what a form writes to shared memory between the two).
+#define PRODUCT_START                                                                          \
   GRID_LAUNCH_DEPENDENTS();                                                                    \
   if (blockIdx.x < hb) {                                                                      \
     lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch);                                    \
     return;                                                                                    \
   }                                                                                           \
-  int bid = blockIdx.x - hb;                                                                   \
-  LOAD_TABLES
+  int bid = blockIdx.x - hb;
+#define PRODUCT_PROLOGUE PRODUCT_START LOAD_TABLES
 
 // x + (a + b) with the two 16-bit adds' roundings (ops/residual.cu's add3_one).
 template <bool BF16>
@@ -290,6 +291,143 @@ __device__ __forceinline__ void nf4_mma_swapped(const u8* codes, int n, int k, i
   STORE_WARP_SUMS(8, 16)
 }
 
+// The gemv4bit form for one row (ADAPTERLAB_NF4_ONE_ROW=gemv4bit, quant/kernels.rs): the swapped
+// form's layout, lanes, k slots and order of sums, with each weight formed as bitsandbytes'
+// batch-1 GEMV (kgemm_4bit_inference_naive, what transformers runs for one token) forms it: the
+// code's value rounded to 16 bits times the block's absmax rounded to 16 bits, one 16-bit
+// multiply (RN; fma with -0 is its sm_80 form, as cuda_bf16's __hmul). That lets a weight pair
+// come from one shared load: the 256 pairs of codes a byte can hold, as 16-bit pairs, in 32 copies,
+// the copy of lane l at word l of a 256-byte row, so a byte permute makes the address (the code
+// byte as the row, the lane's 4 l as the column: one instruction a pair) and the 32 lanes of a
+// load always hit 32 different banks; one bf16x2 multiply scales the pair. Per weight about 2
+// instructions against the swapped form's ~6 (a lookup, a multiply, half a conversion and the
+// address's byte permute and mask a weight); the table takes 64 KB of dynamic shared memory, so
+// blocks stay resident and loop over the feature groups (the host launches no more than fit at
+// once) instead of filling it again for every 16 features. Addresses are 32-bit (the host
+// guarantees n * k < 2^32).
+#define PAIR_ROW_WORDS 64
+__constant__ unsigned int NF4_PAIRS_BF16_C[256] = { NF4_PAIRS_BF16 };
+__constant__ unsigned int NF4_PAIRS_F16_C[256] = { NF4_PAIRS_F16 };
+// Writes the table: row e holds pair e (the value of e's high nibble in the low half) in words
+// 0-31; a thread stores 4 copies at once.
+template <bool BF16>
+__device__ __forceinline__ void fill_pairs(unsigned int* table) {
+  for (int i = threadIdx.x; i < 256 * 8; i += blockDim.x) {
+    int e = i >> 3, q = i & 7;
+    unsigned int v = BF16 ? NF4_PAIRS_BF16_C[e] : NF4_PAIRS_F16_C[e];
+    *(uint4*)(table + e * PAIR_ROW_WORDS + 4 * q) = make_uint4(v, v, v, v);
+  }
+}
+// The pair of byte b of v for the lane whose 4 * lane is lane4: row v.byte[b], column lane4 of
+// the table at shared address `base`.
+__device__ __forceinline__ unsigned int pair_of(unsigned int base, unsigned int v,
+    unsigned int lane4, int b) {
+  unsigned int off = __byte_perm(v, lane4, 0x5504u | ((unsigned int)b << 4));
+  unsigned int p;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(p) : "r"(base + off));
+  return p;
+}
+template <bool BF16>
+__device__ __forceinline__ unsigned int mul16x2(unsigned int p, unsigned int a) {
+  unsigned int d;
+  if (BF16) asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(p), "r"(a), "r"(0x80008000u));
+  else asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(p), "r"(a));
+  return d;
+}
+template <int WARPS, int UNROLL, bool BF16>
+__device__ __forceinline__ void nf4_mma_pairs(const u8* codes, int n, int k, int bs, int nested,
+    const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
+    const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
+    const float* la, unsigned int* flags, unsigned int epoch, int hb, const u16* rx,
+    const u16* rb) {
+  extern __shared__ __align__(16) unsigned int pair_table[];
+  PRODUCT_START
+  fill_pairs<BF16>(pair_table);
+  LOAD_TABLES
+  __shared__ float part[WARPS][8][16];
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int g = lane >> 2, c = lane & 3;
+  unsigned int lane4 = (unsigned int)lane << 2;
+  unsigned int tb = (unsigned int)__cvta_generic_to_shared(pair_table);
+  const u16* xr = g < m ? x + (long long)g * k : nullptr;
+  int chunks = (k + 127) >> 7, lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;
+  // Columns from the lane's first in a chunk to the row's end: chunk ch holds some if ch * 128 < kc.
+  int kc = k - (c << 5);
+  int groups = (n + 15) >> 4;
+  for (int grp = bid; grp < groups; grp += gridDim.x - hb) {
+    long long first = (long long)grp * 16;
+    int fa = grp * 16 + g, fb = fa + 8;
+    bool vb = fb < n;  // fa < n: n % 8 == 0
+    // The lane's first weight of each feature (32-bit offsets), its codes' first byte.
+    unsigned int ea = (unsigned int)fa * (unsigned int)k + ((unsigned int)c << 5);
+    unsigned int eb = ea + 8u * (unsigned int)k;
+    const u8* pa = codes + (ea >> 1);
+    const u8* pb = codes + (eb >> 1);
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int ch0 = warp; ch0 < chunks; ch0 += WARPS * UNROLL) {
+      // A lane's loads of chunk ch: codes at ch * 64 bytes on, if the lane has columns there
+      // (ch * 128 < kc, which also means ch < chunks). Codes not loaded are never used as more
+      // than a table row (any byte is one), their scale is zero and x is zero there.
+      uint4 ca[UNROLL], cb[UNROLL];
+      unsigned int qa[UNROLL], qb[UNROLL];
+      float ma[UNROLL], mb[UNROLL];
+      const u8* ra = pa + ((long long)ch0 << 6);
+      const u8* rb_ = pb + ((long long)ch0 << 6);
+      _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
+        int ch = ch0 + u * WARPS;
+        qa[u] = qb[u] = 0u;
+        ma[u] = mb[u] = 0.f;
+        if ((ch << 7) < kc) {
+          unsigned int step = (unsigned int)ch << 7;
+          ca[u] = __ldcs((const uint4*)(ra + u * WARPS * 64));
+          absmax_fetch((ea + step) >> lbs, absmax, aq, lnbs, &qa[u], &ma[u]);
+          if (vb) {
+            cb[u] = __ldcs((const uint4*)(rb_ + u * WARPS * 64));
+            absmax_fetch((eb + step) >> lbs, absmax, aq, lnbs, &qb[u], &mb[u]);
+          }
+        }
+      }
+      if (ch0 == warp) GRID_WAIT();
+      _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
+        int ch = ch0 + u * WARPS;
+        if (ch >= chunks) break;
+        // Past k x is zero and the scale is zero; the lane must still join the warp's mma.
+        bool valid = (ch << 7) < kc;
+        int col = (ch << 7) + (c << 5);
+        unsigned int xw[16];
+        _Pragma("unroll") for (int q = 0; q < 4; ++q) {
+          uint4 v = make_uint4(0u, 0u, 0u, 0u);
+          if (valid && xr) v = __ldg((const uint4*)(xr + col + 8 * q));
+          xw[4 * q] = v.x; xw[4 * q + 1] = v.y; xw[4 * q + 2] = v.z; xw[4 * q + 3] = v.w;
+        }
+        float aa = valid ? absmax_value(qa[u], ma[u], nested, code_s, offset) : 0.f;
+        float ab = valid && vb ? absmax_value(qb[u], mb[u], nested, code_s, offset) : 0.f;
+        unsigned int aa2 = BF16 ? pack_bf16x2(aa, aa) : pack_f16x2(aa, aa);
+        unsigned int ab2 = BF16 ? pack_bf16x2(ab, ab) : pack_f16x2(ab, ab);
+        unsigned int wa4[4] = {ca[u].x, ca[u].y, ca[u].z, ca[u].w};
+        unsigned int wb4[4] = {cb[u].x, cb[u].y, cb[u].z, cb[u].w};
+        _Pragma("unroll") for (int s = 0; s < 8; ++s) {
+          // Step s takes columns 4s .. 4s + 3 of the lane's 32: bytes 2s and 2s + 1.
+          unsigned int va4 = wa4[s >> 1], vb4 = wb4[s >> 1];
+          int b0 = 2 * (s & 1);
+          unsigned int a0 = mul16x2<BF16>(pair_of(tb, va4, lane4, b0), aa2);
+          unsigned int a1 = mul16x2<BF16>(pair_of(tb, vb4, lane4, b0), ab2);
+          unsigned int a2 = mul16x2<BF16>(pair_of(tb, va4, lane4, b0 + 1), aa2);
+          unsigned int a3 = mul16x2<BF16>(pair_of(tb, vb4, lane4, b0 + 1), ab2);
+          mma_16816<BF16>(d, a0, a1, a2, a3, xw[2 * s], xw[2 * s + 1]);
+        }
+      }
+    }
+    part[warp][2 * c][g] = d[0];
+    part[warp][2 * c + 1][g] = d[1];
+    part[warp][2 * c][g + 8] = d[2];
+    part[warp][2 * c + 1][g + 8] = d[3];
+    STORE_WARP_SUMS(8, 16)
+    // The next group writes part again.
+    __syncthreads();
+  }
+}
+
 // One instance a tiling and 16-bit type, named nf4_mma_{bf16,f16}_w<WARPS>u<UNROLL>t<TILES>h<0|1>
 // (MmaTiling::kernel_name builds the same names).
 #define MMA_KERNEL(TYPE, IS_BF16, W, U, T, H)                                                 \
@@ -316,4 +454,19 @@ extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_##TYPE##_s##W##u##U
 }
 #define MMA_SWAPPED_INSTANCE(W, U)                                                             \
   MMA_SWAPPED_KERNEL(bf16, true, W, U) MMA_SWAPPED_KERNEL(f16, false, W, U)
+// The gemv4bit form's, nf4_mma_{bf16,f16}_p<WARPS>u<UNROLL>: registers for 3 blocks a
+// multiprocessor, as many as the table's shared memory lets an sm_90 one hold (the grid is
+// those that fit, and at 2 a multiprocessor Falcon-7B's 292 groups of 16 features of the fused
+// QKV would need two rounds on some blocks).
+#define MMA_PAIRS_KERNEL(TYPE, IS_BF16, W, U)                                                  \
+extern "C" __global__ void __launch_bounds__(W * 32, 3) nf4_mma_##TYPE##_p##W##u##U(            \
+    const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
+    const float* acode, float offset, int nbs, const u16* x, u16* y, int m, float* lh,         \
+    const float* lb, float lscale, int lr, int act, const float* la, unsigned int* flags,      \
+    unsigned int epoch, int hb, const u16* rx, const u16* rb) {                                \
+  nf4_mma_pairs<W, U, IS_BF16>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs, x, y,   \
+                               m, lh, lb, lscale, lr, act, la, flags, epoch, hb, rx, rb);      \
+}
+#define MMA_PAIRS_INSTANCE(W, U)                                                               \
+  MMA_PAIRS_KERNEL(bf16, true, W, U) MMA_PAIRS_KERNEL(f16, false, W, U)
 MMA_TILINGS

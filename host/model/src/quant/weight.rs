@@ -563,7 +563,8 @@ impl Nf4Weight {
         lora: Option<&crate::quant::kernels::LoraEpilogue>,
         epilogue: crate::ops::epilogue::Epilogue,
     ) -> Result<Tensor> {
-        let tiling = crate::quant::kernels::MmaTiling::for_rows(x2.dim(0)?)?;
+        let (m, k) = x2.dims2()?;
+        let tiling = crate::quant::kernels::MmaTiling::for_shape(m, k, self.dims().0)?;
         self.forward_tiled(x2, kernel, tiling, lora, epilogue)
     }
 
