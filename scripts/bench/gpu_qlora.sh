@@ -395,7 +395,7 @@ fi
 #          unmerged), summed per kernel over one decoding step (ncu_kernels.py --cycle argmax);
 #          with NCU_TRAIN=1 one training step at 8 x 512 (flash_attention_2) per kernel name; and
 #          the full section set of the batch-1 NF4 product at Falcon-7B's four shapes (ncu-gemv.txt;
-#          NCU_GEMV: the kernel's name, a regex, default the swapped tensor-core form's)
+#          NCU_GEMV: the kernel's name, a regex, default the swapped tensor-core form's; none: not run)
 if stage ncu; then
   NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   ncu_run() { # name, timeout, command...
@@ -418,11 +418,13 @@ if stage ncu; then
     python3 scripts/bench/ncu_kernels.py "$OUT/ncu-train.csv" --top 60 | tee "$OUT/ncu-train-kernels.jsonl" \
       | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"ncu-train\",${line#\{}" >> "$RESULTS"; done
   fi
-  echo "== ncu: the batch-1 NF4 product, full sections"
-  timeout 200 "$NCU" --set full --clock-control none -k "regex:${NCU_GEMV:-nf4_mma_bf16_s8u2}" \
-    --launch-count 16 --print-details all /tmp/gl/after bench kernels --rows 1 --repeats 1 \
-    > "$OUT/ncu-gemv.txt" 2>&1
-  echo "ncu gemv exit $?"; grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy" "$OUT/ncu-gemv.txt" | head -40
+  if [ "${NCU_GEMV:-}" != none ]; then
+    echo "== ncu: the batch-1 NF4 product, full sections"
+    timeout 200 "$NCU" --set full --clock-control none -k "regex:${NCU_GEMV:-nf4_mma_bf16_s8u2}" \
+      --launch-count 16 --print-details all /tmp/gl/after bench kernels --rows 1 --repeats 1 \
+      > "$OUT/ncu-gemv.txt" 2>&1
+    echo "ncu gemv exit $?"; grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy" "$OUT/ncu-gemv.txt" | head -40
+  fi
 fi
 # sft      `adapterlab train`, 50 steps at batch 8 x 512 on text (the bundled dialogues joined
 #          into long rows, MiniLM's tokenizer from .carry/tokenizer.json), then HF PEFT loads the
