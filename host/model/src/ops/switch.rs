@@ -10,7 +10,7 @@
 /// must fail the run even where its kernel is never reached (a CPU run). Each module's
 /// [`Switch`] maps the same names to its values; [`parse`] refuses a set that differs from
 /// this one, so the two cannot drift apart unnoticed.
-pub const SWITCHES: [(&str, &[&str]); 13] = [
+pub const SWITCHES: [(&str, &[&str]); 15] = [
     ("ADAPTERLAB_NF4_QUANTIZE", &["cpu", "gpu"]),
     ("ADAPTERLAB_NF4_GEMV", &["words", "wide", "mma"]),
     (
@@ -21,6 +21,8 @@ pub const SWITCHES: [(&str, &[&str]); 13] = [
         "ADAPTERLAB_NF4_SMALL_BATCH",
         &["dequantize", "mma", "tiled"],
     ),
+    ("ADAPTERLAB_NF4_ONE_ROW", &["gemv4bit", "dequantize"]),
+    ("ADAPTERLAB_NF4_PAIRS_TILING", &["p8u2", "p8u4", "p4u4"]),
     ("ADAPTERLAB_PACKED_ATTENTION", &["regroup", "mask"]),
     ("ADAPTERLAB_DECODE_ATTENTION", &["fused", "eager"]),
     ("ADAPTERLAB_DECODE_ROPE", &["fused", "split"]),
@@ -76,9 +78,13 @@ impl<T: Copy + Send + Sync> Switch<T> {
             .map_err(candle_core::Error::Msg)
     }
 
-    /// Whether the switch's names are [`SWITCHES`]' for its variable (otherwise setting it is
-    /// refused as a build out of step): each module's unit tests ask it of its switches.
+    /// Whether the switch is in [`SWITCHES`] (otherwise a run would not record it) with the
+    /// same names (otherwise setting it is refused as a build out of step): each module's unit
+    /// tests ask it of its switches.
     pub fn names_match(&self) -> Result<(), String> {
+        if !SWITCHES.iter().any(|(v, _)| *v == self.var) {
+            return Err(format!("{}: not in switch::SWITCHES", self.var));
+        }
         parse(self.var, None, self.options).map(|_| ())
     }
 
