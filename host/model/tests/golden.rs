@@ -519,7 +519,9 @@ fn nf4_kernels_equal_the_cpu_path() {
 /// that is partly past k (320), both halves of the A operand (up to 8 rows, and more), and the
 /// swapped form (W as the A operand, up to 8 rows) refusing more rows. The `pairs` form (one
 /// row's weights as bitsandbytes' batch-1 GEMV forms them) against the CPU path with those
-/// weights (`dequantize_gemv4bit`), nearer it than the two CPU paths are to each other.
+/// weights (`dequantize_gemv4bit`). Rows of x that are one 1.0 each (a product is then one
+/// weight, exactly) show each form's weights bit for bit: the dequantized ones, or the pairs
+/// form's.
 #[cfg(feature = "cuda")]
 #[test]
 fn nf4_mma_tilings_equal_the_cpu_path() {
@@ -563,8 +565,12 @@ fn nf4_mma_tilings_equal_the_cpu_path() {
                 let want = f32s_of_matmul(&x, &wd);
                 let want_gemv4bit = f32s_of_matmul(&x, &wg);
                 let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-3);
-                // How far the two ways of forming the weights put the products apart.
-                let apart = max_diff(&want, &want_gemv4bit) / scale;
+                // The two ways of forming the weights differ somewhere (else the bit-for-bit
+                // checks below could not tell them apart).
+                assert!(
+                    host_f32s(&wd) != host_f32s(&wg),
+                    "{dtype:?}: the dequantized and gemv4bit weights agree everywhere"
+                );
                 let x = x.to_device(&dev).unwrap();
                 let mut by_warps: Vec<((u32, bool, bool), Vec<u32>)> = Vec::new();
                 for tiling in MmaTiling::ALL {
@@ -579,19 +585,43 @@ fn nf4_mma_tilings_equal_the_cpu_path() {
                     let got = q.forward_mma_tiled(&x, tiling).unwrap();
                     assert_eq!(got.dims(), &[m, rows], "{case}");
                     let got = host_f32s(&got);
-                    let (mine, other) = match tiling.pairs {
-                        true => (&want_gemv4bit, &want),
-                        false => (&want, &want_gemv4bit),
+                    let mine = match tiling.pairs {
+                        true => &want_gemv4bit,
+                        false => &want,
                     };
                     let err = max_diff(&got, mine) / scale;
                     assert!(err < 1e-2, "{case}: relative error {err}");
-                    if apart > 1e-4 {
-                        assert!(
-                            err * 10.0 < apart,
-                            "{case}: relative error {err} against its weights, {} against the other way's ({apart} apart)",
-                            max_diff(&got, other) / scale
+                    // Row r picks column (r * 37 + 101 s + 5) mod cols, that column of W
+                    // exactly, for 4 values of s; among the weights picked some differ between
+                    // the two ways of forming them, so the check tells the forms apart.
+                    let (weights, others) = if tiling.pairs { (&wg, &wd) } else { (&wd, &wg) };
+                    let mut told_apart = false;
+                    for seed in 0..4 {
+                        let one_hot: Vec<f32> = (0..m * cols)
+                            .map(|i| {
+                                f32::from(i % cols == ((i / cols) * 37 + 101 * seed + 5) % cols)
+                            })
+                            .collect();
+                        let e = Tensor::from_vec(one_hot, (m, cols), &cpu)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap();
+                        let picked = host_f32s(
+                            &q.forward_mma_tiled(&e.to_device(&dev).unwrap(), tiling)
+                                .unwrap(),
                         );
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                        let expect = bits(&f32s_of_matmul(&e, weights));
+                        assert!(
+                            bits(&picked) == expect,
+                            "{case}: one-hot rows (s = {seed}) do not give its weights bit for bit"
+                        );
+                        told_apart |= bits(&f32s_of_matmul(&e, others)) != expect;
                     }
+                    assert!(
+                        told_apart,
+                        "{case}: no picked weight differs between the two ways"
+                    );
                     let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
                     let form = (tiling.warps, tiling.swapped, tiling.pairs);
                     match by_warps.iter().find(|(w, _)| *w == form) {

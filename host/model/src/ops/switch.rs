@@ -22,7 +22,7 @@ pub const SWITCHES: [(&str, &[&str]); 15] = [
         &["dequantize", "mma", "tiled"],
     ),
     ("ADAPTERLAB_NF4_ONE_ROW", &["gemv4bit", "dequantize"]),
-    ("ADAPTERLAB_NF4_PAIRS_TILING", &["p8u2", "p8u4", "p4u4"]),
+    ("ADAPTERLAB_NF4_PAIRS_TILING", &["p8u2", "p8u2f"]),
     ("ADAPTERLAB_PACKED_ATTENTION", &["regroup", "mask"]),
     ("ADAPTERLAB_DECODE_ATTENTION", &["fused", "eager"]),
     ("ADAPTERLAB_DECODE_ROPE", &["fused", "split"]),

@@ -39,7 +39,9 @@ const DEQUANT_WORDS: usize = 8;
 /// a weight at one row there, issue bound (H100, 2026-12-07).
 ///
 /// `pairs`: the swapped form with each weight formed as bitsandbytes' batch-1 GEMV forms it
-/// ([`OneRow::Gemv4bit`]; `nf4_mma_pairs` in nf4_mma.cu), two weights a shared load.
+/// ([`OneRow::Gemv4bit`]; `nf4_mma_pairs` in nf4_mma.cu), two weights a shared load;
+/// `prefetch`: that form asking the L2 for each warp's next round of codes as it issues this
+/// round's loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaTiling {
     pub warps: u32,
@@ -47,6 +49,7 @@ pub struct MmaTiling {
     pub tiles: u32,
     pub swapped: bool,
     pub pairs: bool,
+    pub prefetch: bool,
 }
 
 impl MmaTiling {
@@ -57,6 +60,7 @@ impl MmaTiling {
             tiles,
             swapped: false,
             pairs: false,
+            prefetch: false,
         }
     }
 
@@ -67,6 +71,7 @@ impl MmaTiling {
             tiles: 1,
             swapped: true,
             pairs: false,
+            prefetch: false,
         }
     }
 
@@ -77,6 +82,14 @@ impl MmaTiling {
             tiles: 1,
             swapped: true,
             pairs: true,
+            prefetch: false,
+        }
+    }
+
+    const fn pairs_prefetching(warps: u32, unroll: u32) -> Self {
+        MmaTiling {
+            prefetch: true,
+            ..MmaTiling::pairs(warps, unroll)
         }
     }
 
@@ -88,9 +101,19 @@ impl MmaTiling {
         MmaTiling::pairs(8, 2),
     ];
 
-    /// Every tiling there are instances of: the defaults and those `bench kernels` measures them
-    /// against.
-    pub const ALL: [MmaTiling; 15] = [
+    /// The tilings decoding may launch (the defaults and the other one-row tilings
+    /// `ADAPTERLAB_NF4_PAIRS_TILING` names), whose instances are in the decoding module (with
+    /// PDL where it is on), so that the one-row tilings compare end to end on equal terms.
+    pub const DECODING: [MmaTiling; 4] = [
+        MmaTiling::swapped(8, 2),
+        MmaTiling::new(8, 1, 2),
+        MmaTiling::pairs(8, 2),
+        MmaTiling::pairs_prefetching(8, 2),
+    ];
+
+    /// Every tiling there are instances of: the decoding ones and those `bench kernels`
+    /// measures them against.
+    pub const ALL: [MmaTiling; 16] = [
         MmaTiling::new(8, 2, 1),
         MmaTiling::new(8, 4, 1),
         MmaTiling::new(4, 4, 1),
@@ -106,6 +129,7 @@ impl MmaTiling {
         MmaTiling::pairs(8, 4),
         MmaTiling::pairs(8, 2),
         MmaTiling::pairs(4, 4),
+        MmaTiling::pairs_prefetching(8, 2),
     ];
 
     /// Whether this tiling's kernel takes `m` rows: the swapped form holds them as the 8 columns
@@ -147,10 +171,12 @@ impl MmaTiling {
         n.checked_mul(k).is_some_and(|e| e <= u32::MAX as usize)
     }
 
-    /// How reports name it: `w8u2t1`, `s8u2` swapped, `p8u4` with bitsandbytes' batch-1 weights.
+    /// How reports name it: `w8u2t1`, `s8u2` swapped, `p8u4` with bitsandbytes' batch-1 weights
+    /// (`p8u2f` prefetching).
     pub fn name(self) -> String {
         if self.pairs {
-            format!("p{}u{}", self.warps, self.unroll)
+            let f = if self.prefetch { "f" } else { "" };
+            format!("p{}u{}{f}", self.warps, self.unroll)
         } else if self.swapped {
             format!("s{}u{}", self.warps, self.unroll)
         } else {
@@ -385,8 +411,7 @@ static PAIRS_TILING: Switch<MmaTiling> = Switch::new(
     "ADAPTERLAB_NF4_PAIRS_TILING",
     &[
         ("p8u2", MmaTiling::pairs(8, 2)),
-        ("p8u4", MmaTiling::pairs(8, 4)),
-        ("p4u4", MmaTiling::pairs(4, 4)),
+        ("p8u2f", MmaTiling::pairs_prefetching(8, 2)),
     ],
 );
 
@@ -476,10 +501,10 @@ const NF4_MMA_SOURCE: &str = concat!(
 );
 
 /// The tensor-core GEMM, a module of its own for the architecture it needs, with the tilings
-/// decoding uses ([`MmaTiling::DEFAULTS`]).
+/// decoding may launch ([`MmaTiling::DECODING`]).
 pub(crate) static NF4_MMA: CudaModule =
     CudaModule::new("adapterlab_nf4_mma", NF4_MMA_SOURCE, || {
-        nf4_mma_defines(&MmaTiling::DEFAULTS)
+        nf4_mma_defines(&MmaTiling::DECODING)
     })
     .for_arch("compute_80");
 
@@ -489,7 +514,7 @@ pub(crate) static NF4_MMA_PDL: CudaModule =
     CudaModule::new("adapterlab_nf4_mma_pdl", NF4_MMA_SOURCE, || {
         format!(
             "#define ADAPTERLAB_PDL 1\n{}",
-            nf4_mma_defines(&MmaTiling::DEFAULTS)
+            nf4_mma_defines(&MmaTiling::DECODING)
         )
     })
     .for_arch("compute_90");
@@ -500,7 +525,7 @@ pub(crate) static NF4_MMA_PDL_EARLY: CudaModule =
     CudaModule::new("adapterlab_nf4_mma_pdl_early", NF4_MMA_SOURCE, || {
         format!(
             "#define ADAPTERLAB_PDL 1\n#define ADAPTERLAB_PDL_EARLY 1\n{}",
-            nf4_mma_defines(&MmaTiling::DEFAULTS)
+            nf4_mma_defines(&MmaTiling::DECODING)
         )
     })
     .for_arch("compute_90");
@@ -615,7 +640,12 @@ fn nf4_mma_defines(tilings: &[MmaTiling]) -> String {
         .iter()
         .flat_map(|t| {
             if t.pairs {
-                vec![format!("MMA_PAIRS_INSTANCE({}, {})", t.warps, t.unroll)]
+                vec![format!(
+                    "MMA_PAIRS_INSTANCE({}, {}, {})",
+                    t.warps,
+                    t.unroll,
+                    u8::from(t.prefetch)
+                )]
             } else if t.swapped {
                 vec![format!("MMA_SWAPPED_INSTANCE({}, {})", t.warps, t.unroll)]
             } else {
@@ -907,7 +937,7 @@ fn mma_instance(
 ) -> Result<(&'static CudaModule, String, Option<&'static CudaModule>)> {
     // Decoding's own tilings launch with PDL where it is on (the GPU tests and `bench kernels`
     // name other tilings, which the PDL module has no instances of).
-    let (module, pdl) = if MmaTiling::DEFAULTS.contains(&tiling) {
+    let (module, pdl) = if MmaTiling::DECODING.contains(&tiling) {
         (&NF4_MMA, pdl_module(dev)?)
     } else {
         (&NF4_MMA_TILINGS, None)
@@ -1217,6 +1247,13 @@ mod tests {
     #[test]
     fn decoding_tilings_have_instances_and_split_the_rows_at_eight() {
         for t in MmaTiling::DEFAULTS {
+            assert!(
+                MmaTiling::DECODING.contains(&t),
+                "{} is not decoding's",
+                t.name()
+            );
+        }
+        for t in MmaTiling::DECODING {
             assert!(MmaTiling::ALL.contains(&t), "{} has no instance", t.name());
         }
         let (k, n) = (4544, 4672);
@@ -1270,7 +1307,7 @@ mod tests {
         for (name, t) in PAIRS_TILING.options() {
             assert_eq!(*name, t.name());
             assert!(
-                MmaTiling::ALL.contains(t) && t.serves_rows(1) && t.pairs,
+                MmaTiling::DECODING.contains(t) && t.serves_rows(1) && t.pairs,
                 "{name}"
             );
         }

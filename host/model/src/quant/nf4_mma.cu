@@ -334,7 +334,12 @@ __device__ __forceinline__ unsigned int mul16x2(unsigned int p, unsigned int a) 
   else asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(p), "r"(a));
   return d;
 }
-template <int WARPS, int UNROLL, bool BF16>
+// Asks the L2 for the line holding p (no register, no wait): PREFETCH tilings ask for a warp's
+// next round of codes as they issue this round's loads, so that those loads find them there.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
+}
+template <int WARPS, int UNROLL, bool BF16, bool PREFETCH>
 __device__ __forceinline__ void nf4_mma_pairs(const u8* codes, int n, int k, int bs, int nested,
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
     const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
@@ -384,6 +389,28 @@ __device__ __forceinline__ void nf4_mma_pairs(const u8* codes, int n, int k, int
           if (vb) {
             cb[u] = __ldcs((const uint4*)(rb_ + u * WARPS * 64));
             absmax_fetch((eb + step) >> lbs, absmax, aq, lnbs, &qb[u], &mb[u]);
+          }
+        }
+      }
+      if (PREFETCH) {
+        // The next round: of this group, or after its last the block's next group's first
+        // (that group's rows start (gridDim.x - hb) * 16 rows on, 8k bytes a 16 rows).
+        int next = ch0 + WARPS * UNROLL;
+        const u8* na = ra + WARPS * UNROLL * 64;
+        bool ahead = next < chunks, vn = vb;
+        int ngrp = grp + (int)(gridDim.x - hb);
+        if (!ahead && ngrp < groups) {
+          next = warp;
+          na = pa + (size_t)(gridDim.x - hb) * 8u * (size_t)k;
+          vn = ngrp * 16 + g + 8 < n;
+          ahead = true;
+        }
+        if (ahead) {
+          _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
+            if (((next + u * WARPS) << 7) < kc) {
+              prefetch_l2(na + u * WARPS * 64);
+              if (vn) prefetch_l2(na + u * WARPS * 64 + 4 * (size_t)k);
+            }
           }
         }
       }
@@ -454,19 +481,23 @@ extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_##TYPE##_s##W##u##U
 }
 #define MMA_SWAPPED_INSTANCE(W, U)                                                             \
   MMA_SWAPPED_KERNEL(bf16, true, W, U) MMA_SWAPPED_KERNEL(f16, false, W, U)
-// The gemv4bit form's, nf4_mma_{bf16,f16}_p<WARPS>u<UNROLL>: registers for 3 blocks a
+// The gemv4bit form's, nf4_mma_{bf16,f16}_p<WARPS>u<UNROLL>[f]: registers for 3 blocks a
 // multiprocessor, as many as the table's shared memory lets an sm_90 one hold (the grid is
 // those that fit, and at 2 a multiprocessor Falcon-7B's 292 groups of 16 features of the fused
 // QKV would need two rounds on some blocks).
-#define MMA_PAIRS_KERNEL(TYPE, IS_BF16, W, U)                                                  \
-extern "C" __global__ void __launch_bounds__(W * 32, 3) nf4_mma_##TYPE##_p##W##u##U(            \
+#define MMA_PAIRS_KERNEL(TYPE, IS_BF16, W, U, F, SUFFIX)                                       \
+extern "C" __global__ void __launch_bounds__(W * 32, 3) nf4_mma_##TYPE##_p##W##u##U##SUFFIX(    \
     const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
     const float* acode, float offset, int nbs, const u16* x, u16* y, int m, float* lh,         \
     const float* lb, float lscale, int lr, int act, const float* la, unsigned int* flags,      \
     unsigned int epoch, int hb, const u16* rx, const u16* rb) {                                \
-  nf4_mma_pairs<W, U, IS_BF16>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs, x, y,   \
+  nf4_mma_pairs<W, U, IS_BF16, F>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs, x, y, \
                                m, lh, lb, lscale, lr, act, la, flags, epoch, hb, rx, rb);      \
 }
-#define MMA_PAIRS_INSTANCE(W, U)                                                               \
-  MMA_PAIRS_KERNEL(bf16, true, W, U) MMA_PAIRS_KERNEL(f16, false, W, U)
+// F 1: the prefetching form, named with an f (p8u2f).
+#define MMA_PAIRS_INSTANCE(W, U, F) MMA_PAIRS_INSTANCE_##F(W, U)
+#define MMA_PAIRS_INSTANCE_0(W, U)                                                             \
+  MMA_PAIRS_KERNEL(bf16, true, W, U, false, ) MMA_PAIRS_KERNEL(f16, false, W, U, false, )
+#define MMA_PAIRS_INSTANCE_1(W, U)                                                             \
+  MMA_PAIRS_KERNEL(bf16, true, W, U, true, f) MMA_PAIRS_KERNEL(f16, false, W, U, true, f)
 MMA_TILINGS
