@@ -291,7 +291,8 @@ fi
 #           +residual (a layer's residual in a kernel of its own, ADAPTERLAB_DECODE_RESIDUAL=separate),
 #           +fused1 (GELU, h and residual as before any was fused), +nopdl (the tensor-core
 #           kernel launched without programmatic dependent launch, ADAPTERLAB_DECODE_PDL=off),
-#           +earlypdl (its blocks letting the next one start early, ADAPTERLAB_DECODE_PDL=early), +TILING
+#           +earlypdl (its blocks letting the next one start early, ADAPTERLAB_DECODE_PDL=early),
+#           +onpdl (PDL without that, ADAPTERLAB_DECODE_PDL=on), +TILING
 #           (the tensor-core kernel's tiling up to 8 rows, ADAPTERLAB_NF4_MMA_TILING=TILING, e.g.
 #           +s16u1), +dequant1 (one row's weights as the dequantize kernel forms them, not as
 #           bitsandbytes' batch-1 GEMV does, ADAPTERLAB_NF4_ONE_ROW=dequantize), +PAIRS (the
@@ -317,6 +318,7 @@ if stage generate; then
         *+lorah) switches=(ADAPTERLAB_DECODE_LORA_H=separate) ;;
         *+residual) switches=(ADAPTERLAB_DECODE_RESIDUAL=separate) ;;
         *+nopdl) switches=(ADAPTERLAB_DECODE_PDL=off) ;;
+        *+onpdl) switches=(ADAPTERLAB_DECODE_PDL=on) ;;
         *+earlypdl) switches=(ADAPTERLAB_DECODE_PDL=early) ;;
         *+fused1) switches=(ADAPTERLAB_DECODE_GELU=separate ADAPTERLAB_DECODE_LORA_H=separate ADAPTERLAB_DECODE_RESIDUAL=separate) ;;
         *+s[0-9]*) switches=(ADAPTERLAB_NF4_MMA_TILING=${variant#*+}) ;;

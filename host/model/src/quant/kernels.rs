@@ -543,8 +543,11 @@ enum Pdl {
 }
 
 /// How decoding's tensor-core kernel launches on an sm_90 card where `ADAPTERLAB_DECODE_PDL` is
-/// unset.
-const PDL_DEFAULT: Pdl = Pdl::On;
+/// unset. On an H100 (2026-12-07, BENCHMARKS.md) batch-1 decoding ran 226.6 tokens/s with
+/// `early` against 214.3 with `on` (the pairs form, one call; with the swapped form 211.2 against
+/// 207.9 in another), and `on` 4.5% ahead of `off`. A dependent that starts early still waits
+/// (`griddepcontrol.wait`) for this kernel to finish before it reads what it wrote.
+const PDL_DEFAULT: Pdl = Pdl::Early;
 
 /// `ADAPTERLAB_DECODE_PDL`: `on`, `early` or `off` ([`Pdl`]; see [`pdl_in_force`]).
 static PDL: Switch<Pdl> = Switch::new(
