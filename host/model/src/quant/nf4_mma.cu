@@ -118,6 +118,15 @@ __device__ __forceinline__ u16 residual3(u16 x, u16 a, u16 b) {
     y[i_] = out;                                                                               \
   }
 
+// The swapped forms' end (W as the A operand, x as B): the warp's accumulators into part
+// (d[0], d[1]: feature g, rows 2c and 2c + 1; d[2], d[3]: feature g + 8), then the block's sums.
+#define STORE_SWAPPED_SUMS                                                                     \
+  part[warp][2 * c][g] = d[0];                                                                 \
+  part[warp][2 * c + 1][g] = d[1];                                                             \
+  part[warp][2 * c][g + 8] = d[2];                                                             \
+  part[warp][2 * c + 1][g + 8] = d[3];                                                         \
+  STORE_WARP_SUMS(8, 16)
+
 template <int WARPS, int UNROLL, int TILES, bool HALVES, bool BF16>
 __device__ __forceinline__ void nf4_mma(const u8* codes, int n, int k, int bs, int nested,
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
@@ -283,12 +292,7 @@ __device__ __forceinline__ void nf4_mma_swapped(const u8* codes, int n, int k, i
       }
     }
   }
-  // d[0], d[1]: feature g, rows 2c and 2c + 1; d[2], d[3]: feature g + 8.
-  part[warp][2 * c][g] = d[0];
-  part[warp][2 * c + 1][g] = d[1];
-  part[warp][2 * c][g + 8] = d[2];
-  part[warp][2 * c + 1][g + 8] = d[3];
-  STORE_WARP_SUMS(8, 16)
+  STORE_SWAPPED_SUMS
 }
 
 // The gemv4bit form for one row (ADAPTERLAB_NF4_ONE_ROW=gemv4bit, quant/kernels.rs): the swapped
@@ -445,11 +449,7 @@ __device__ __forceinline__ void nf4_mma_pairs(const u8* codes, int n, int k, int
         }
       }
     }
-    part[warp][2 * c][g] = d[0];
-    part[warp][2 * c + 1][g] = d[1];
-    part[warp][2 * c][g + 8] = d[2];
-    part[warp][2 * c + 1][g + 8] = d[3];
-    STORE_WARP_SUMS(8, 16)
+    STORE_SWAPPED_SUMS
     // The next group writes part again.
     __syncthreads();
   }
