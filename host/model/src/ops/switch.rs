@@ -21,6 +21,8 @@ pub const SWITCHES: [(&str, &[&str]); 15] = [
         "ADAPTERLAB_NF4_SMALL_BATCH",
         &["dequantize", "mma", "tiled"],
     ),
+    // One row's weights as bitsandbytes' batch-1 GEMV or its dequantize kernel forms them: two
+    // roundings that put a weight at most two steps of the 16-bit type apart.
     ("ADAPTERLAB_NF4_ONE_ROW", &["gemv4bit", "dequantize"]),
     ("ADAPTERLAB_NF4_PAIRS_TILING", &["p8u2", "p8u2f"]),
     ("ADAPTERLAB_PACKED_ATTENTION", &["regroup", "mask"]),
