@@ -301,14 +301,16 @@ __device__ __forceinline__ void nf4_mma_swapped(const u8* codes, int n, int k, i
 // code's value rounded to 16 bits times the block's absmax rounded to 16 bits, one 16-bit
 // multiply (RN; fma with -0 is its sm_80 form, as cuda_bf16's __hmul). That lets a weight pair
 // come from one shared load: the 256 pairs of codes a byte can hold, as 16-bit pairs, in 32 copies,
-// the copy of lane l at word l of a 256-byte row, so a byte permute makes the address (the code
-// byte as the row, the lane's 4 l as the column: one instruction a pair) and the 32 lanes of a
-// load always hit 32 different banks; one bf16x2 multiply scales the pair. Per weight about 2
-// instructions against the swapped form's ~6 (a lookup, a multiply, half a conversion and the
-// address's byte permute and mask a weight); the table takes 64 KB of dynamic shared memory, so
-// blocks stay resident and loop over the feature groups (the host launches no more than fit at
-// once) instead of filling it again for every 16 features. Addresses are 32-bit (the host
-// guarantees n * k < 2^32).
+// the copy of lane l at word l of a 256-byte row, so a byte permute makes the offset (the code
+// byte as the row, the lane's 4 l as the column) and the 32 lanes of a load always hit 32
+// different banks; one bf16x2 multiply scales the pair. A pair costs a permute, an add of the
+// table's base (sm_90 shared addresses carry the block's cluster rank, so ptxas does not fold
+// it), a load and a multiply: ~3.5 instructions a weight with the loads and the mma, by SASS,
+// against the swapped form's ~6. The table takes 64 KB of dynamic shared memory, so blocks stay
+// resident and loop over the feature groups (the host launches no more than fit at once)
+// instead of filling it again for every 16 features. Offsets are 32-bit (the host guarantees
+// n * k < 2^32). Measured on an H100 (2026-12-07, BENCHMARKS.md): 2.7-3.1% faster end to end
+// than the swapped form, so instruction issue is not what bounds one row's product.
 #define PAIR_ROW_WORDS 64
 __constant__ unsigned int NF4_PAIRS_BF16_C[256] = { NF4_PAIRS_BF16 };
 __constant__ unsigned int NF4_PAIRS_F16_C[256] = { NF4_PAIRS_F16 };
