@@ -105,6 +105,18 @@ pub fn sm90_or_later(device: &Device) -> Result<bool> {
     Ok(compute_major(device)?.is_some_and(|major| major >= 9))
 }
 
+/// The multiprocessors of `dev` (at least 1): how many blocks a kernel that keeps them all busy
+/// launches.
+pub fn multiprocessors(dev: &CudaDevice) -> Result<u32> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(Error::wrap)?;
+    Ok(sms.max(1) as u32)
+}
+
 /// No host-side `#define`s.
 pub fn no_defines() -> String {
     String::new()
@@ -510,11 +522,7 @@ fn gelu_table(device: &Device, dtype: DType) -> Result<Option<GeluTable>> {
         )
         .is_ok();
     let entry = if allowed {
-        let sms = dev
-            .cuda_stream()
-            .context()
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(Error::wrap)?;
+        let sms = multiprocessors(dev)?;
         let cfg = LaunchConfig::for_num_elems(GELU_CODES as u32);
         macro_rules! build {
             ($t:ty) => {{
@@ -529,7 +537,7 @@ fn gelu_table(device: &Device, dtype: DType) -> Result<Option<GeluTable>> {
             DType::BF16 => build!(half::bf16),
             _ => build!(half::f16),
         };
-        Some((t, sms.max(1) as u32))
+        Some((t, sms))
     } else {
         None
     };

@@ -477,12 +477,13 @@ fn switches() -> Result<(DecodeKernel, Option<DecodeKernel>)> {
 }
 
 /// This wing's kernel modules, for [`crate::engine::device::compile_kernels`].
-pub fn modules() -> [&'static CudaModule; 5] {
+pub fn modules() -> [&'static CudaModule; 6] {
     [
         &NF4,
         &NF4_QUANTIZE,
         &NF4_MMA,
         &NF4_MMA_PDL,
+        &NF4_MMA_PDL_EARLY,
         &NF4_MMA_TILINGS,
     ]
 }
@@ -506,18 +507,20 @@ const NF4_MMA_SOURCE: &str = concat!(
 /// decoding may launch ([`MmaTiling::DECODING`]).
 pub(crate) static NF4_MMA: CudaModule =
     CudaModule::new("adapterlab_nf4_mma", NF4_MMA_SOURCE, || {
-        nf4_mma_defines(&MmaTiling::DECODING)
+        decoding_defines("")
     })
     .for_arch("compute_80");
+
+/// The decoding modules' defines: `pdl`'s, then [`MmaTiling::DECODING`]'s instances.
+fn decoding_defines(pdl: &str) -> String {
+    format!("{pdl}{}", nf4_mma_defines(&MmaTiling::DECODING))
+}
 
 /// [`NF4_MMA`] compiled for compute_90 with programmatic dependent launch (`GRID_WAIT` in
 /// nf4_mma.cu): decoding's kernels where the card has sm_90 and `ADAPTERLAB_DECODE_PDL` allows.
 pub(crate) static NF4_MMA_PDL: CudaModule =
     CudaModule::new("adapterlab_nf4_mma_pdl", NF4_MMA_SOURCE, || {
-        format!(
-            "#define ADAPTERLAB_PDL 1\n{}",
-            nf4_mma_defines(&MmaTiling::DECODING)
-        )
+        decoding_defines("#define ADAPTERLAB_PDL 1\n")
     })
     .for_arch("compute_90");
 
@@ -525,10 +528,7 @@ pub(crate) static NF4_MMA_PDL: CudaModule =
 /// (`GRID_LAUNCH_DEPENDENTS` in nf4_mma.cu), for `ADAPTERLAB_DECODE_PDL=early`.
 pub(crate) static NF4_MMA_PDL_EARLY: CudaModule =
     CudaModule::new("adapterlab_nf4_mma_pdl_early", NF4_MMA_SOURCE, || {
-        format!(
-            "#define ADAPTERLAB_PDL 1\n#define ADAPTERLAB_PDL_EARLY 1\n{}",
-            nf4_mma_defines(&MmaTiling::DECODING)
-        )
+        decoding_defines("#define ADAPTERLAB_PDL 1\n#define ADAPTERLAB_PDL_EARLY 1\n")
     })
     .for_arch("compute_90");
 
@@ -932,22 +932,19 @@ fn lora_h_flags(dev: &candle_core::CudaDevice) -> Result<(Tensor, u32)> {
     Ok((flags, epoch))
 }
 
-/// The module and name of the tensor-core kernel's instance for `tiling`, `m` rows and `x` in
-/// `bf16` or f16, and the PDL module decoding launches it from on `dev` (`None`: a plain launch).
-fn mma_instance(
+/// The module holding the tensor-core kernel's instances of `tiling`, and the PDL module
+/// decoding launches them from on `dev` (`None`: a plain launch).
+fn mma_modules(
     dev: &candle_core::CudaDevice,
     tiling: MmaTiling,
-    m: usize,
-    bf16: bool,
-) -> Result<(&'static CudaModule, String, Option<&'static CudaModule>)> {
+) -> Result<(&'static CudaModule, Option<&'static CudaModule>)> {
     // Decoding's own tilings launch with PDL where it is on (the GPU tests and `bench kernels`
     // name other tilings, which the PDL module has no instances of).
-    let (module, pdl) = if MmaTiling::DECODING.contains(&tiling) {
+    Ok(if MmaTiling::DECODING.contains(&tiling) {
         (&NF4_MMA, pdl_module(dev)?)
     } else {
         (&NF4_MMA_TILINGS, None)
-    };
-    Ok((module, tiling.kernel_name(m, bf16), pdl))
+    })
 }
 
 /// Blocks of `tiling`'s instance for `dtype` that fit on `dev`'s multiprocessors at once (the
@@ -962,7 +959,7 @@ fn resident_blocks(
     type Known = (candle_core::Device, String, usize);
     static KNOWN: std::sync::Mutex<Vec<Known>> = std::sync::Mutex::new(Vec::new());
     let device = candle_core::Device::Cuda(dev.clone());
-    let (module, name, pdl) = mma_instance(dev, tiling, 1, dtype == DType::BF16)?;
+    let name = tiling.kernel_name(1, dtype == DType::BF16);
     let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, _, b)) = known
         .iter()
@@ -970,6 +967,7 @@ fn resident_blocks(
     {
         return Ok(*b);
     }
+    let (module, pdl) = mma_modules(dev, tiling)?;
     let mut per_sm = u32::MAX;
     // Both modules' functions are allowed the table: a later call may launch either.
     for module in [Some(module), pdl].into_iter().flatten() {
@@ -998,12 +996,7 @@ fn resident_blocks(
             "{name}: no block fits on a multiprocessor"
         )));
     }
-    let sms = dev
-        .cuda_stream()
-        .context()
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(Error::wrap)?;
-    let blocks = per_sm as usize * sms.max(1) as usize;
+    let blocks = per_sm as usize * crate::ops::kernels::multiprocessors(dev)? as usize;
     known.push((device, name, blocks));
     Ok(blocks)
 }
@@ -1131,10 +1124,10 @@ pub fn gemv_with(
         Storage::Cuda(c) => c,
         _ => return Err(Error::Msg("NF4 GEMV: x is not on the GPU".into())),
     };
-    // The PDL module, `Some` only for the tensor-core kernel (see mma_instance).
-    let pdl = match kernel {
-        DecodeKernel::Mma => mma_instance(&dev, tiling, m, true)?.2,
-        _ => None,
+    // The tensor-core kernel's module and PDL module (see mma_modules).
+    let (mma_module, pdl) = match kernel {
+        DecodeKernel::Mma => mma_modules(&dev, tiling)?,
+        _ => (&NF4_MMA, None),
     };
     with_slices(w, |s| {
         // Every kernel but the tiled one also takes the adapter's inputs (lr = 0: none; the
@@ -1215,7 +1208,7 @@ pub fn gemv_with(
             }
             DecodeKernel::Wide => (&NF4, "nf4_gemv32_bf16".into(), "nf4_gemv32_f16".into()),
             DecodeKernel::Mma => (
-                mma_instance(&dev, tiling, m, true)?.0,
+                mma_module,
                 tiling.kernel_name(m, true),
                 tiling.kernel_name(m, false),
             ),

@@ -343,23 +343,26 @@ impl Nf4Tensor {
         let shape = self.shape.as_slice();
         match dtype {
             DType::BF16 => Tensor::from_vec(
-                self.dequantize_table(|c, a| {
-                    let r = |v: f32| bf16::from_f32(v).to_f32();
-                    bf16::from_f32(r(NF4_CODE[c]) * r(a))
-                }),
+                self.gemv4bit_weights(bf16::from_f32, bf16::to_f32),
                 shape,
                 &Device::Cpu,
             ),
             DType::F16 => Tensor::from_vec(
-                self.dequantize_table(|c, a| {
-                    let r = |v: f32| f16::from_f32(v).to_f32();
-                    f16::from_f32(r(NF4_CODE[c]) * r(a))
-                }),
+                self.gemv4bit_weights(f16::from_f32, f16::to_f32),
                 shape,
                 &Device::Cpu,
             ),
             other => Err(candle_core::Error::wrap(Nf4Error::BadDtype(other))),
         }
+    }
+
+    /// [`Self::dequantize_gemv4bit`] in the 16-bit type `to` rounds to and `from` widens.
+    fn gemv4bit_weights<T: Copy + Default + Send + Sync>(
+        &self,
+        to: fn(f32) -> T,
+        from: fn(T) -> f32,
+    ) -> Vec<T> {
+        self.dequantize_table(|c, a| to(from(to(NF4_CODE[c])) * from(to(a))))
     }
 
     fn dequantize_with<T: Copy + Default + Send + Sync>(
