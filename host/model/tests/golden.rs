@@ -2430,7 +2430,7 @@ fn multi_tensor_adamw_equals_the_per_tensor_kernel() {
 /// The fused unmerged-LoRA kernels of inference against PEFT's op-by-op math on the CPU
 /// (`(y in f32 + (x A^T)(B * scaling)^T)` rounded once to bf16): a few rows (`h` from
 /// `lora_h`) and a prefill's many (`h` from `lora_h_rows` at ranks 8 and 16, with rows and
-/// columns that do not fill its blocks and chunks; from cuBLAS at rank 5), ranks with a
+/// columns that do not fill its blocks and chunks, k whole and split; from cuBLAS at rank 5), ranks with a
 /// `lora_out` instance of their own and one without, columns that do not fill a block.
 #[cfg(feature = "cuda")]
 #[cfg_attr(
@@ -2449,6 +2449,8 @@ fn lora_inference_kernels_equal_the_op_by_op_path() {
         (65, 64, 257, 5, 0.5),
         (33, 128, 40, 8, 1.0),
         (100, 1000, 64, 8, 1.0),
+        // A batch-1 prefill's shape at Falcon-7B's width: k split into 9 slices.
+        (200, 4544, 300, 16, 2.0),
     ] {
         let mk = |len: usize, f: f32, shape: (usize, usize)| {
             let v: Vec<f32> = (0..len).map(|i| (i as f32 * f).sin()).collect();

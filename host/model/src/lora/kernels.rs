@@ -78,8 +78,21 @@ const LORA_H_ROWS_RANKS: [usize; 2] = [8, 16];
 /// instance that reads it from memory.
 const LORA_OUT_RANKS: [usize; 4] = [8, 16, 32, 64];
 
-/// Rows one block of `lora_out` covers (`LORA_OUT_ROWS` in lora.cu).
+/// Rows one block of `lora_train_add` covers (`LORA_OUT_ROWS` in lora.cu), and the most one of
+/// `lora_out` does.
 const LORA_OUT_ROWS: usize = 32;
+
+/// Blocks a launch splits its work into where it can choose (`lora_out`'s rows, `lora_h_rows`'
+/// slices of k): two an H100 multiprocessor. A constant, not the card's count, where the split
+/// decides an order of sums, so results do not depend on the card.
+const FILL_BLOCKS: usize = 264;
+
+/// Rows a block of `lora_out` takes for `m` rows and `n` columns (512 columns a block): enough
+/// blocks to fill the GPU, at most [`LORA_OUT_ROWS`].
+fn lora_out_rows(m: usize, n: usize) -> usize {
+    let row_blocks = FILL_BLOCKS.div_ceil(n.div_ceil(512).max(1));
+    m.div_ceil(row_blocks).clamp(1, LORA_OUT_ROWS)
+}
 
 /// `y + (x A^T)(B * scaling)^T` for an adapter at inference: `x` `[m, k]` and `y` `[m, n]` in
 /// bf16 or f16 (both contiguous), `a` `[r, k]` and `b` `[n, r]` in f32. Two launches instead of
@@ -113,11 +126,12 @@ pub fn lora_inference(
     let ys = CudaInput::of(y)?;
     let (hs, b_in) = (CudaInput::of(&h)?, CudaInput::of(b)?);
     let (hv, bv) = (hs.view::<f32>(m * r)?, b_in.view::<f32>(n * r)?);
-    let (r_i, n_i, m_i) = (r as i32, n as i32, m as i32);
+    let rows = lora_out_rows(m, n);
+    let (r_i, n_i, m_i, rows_i) = (r as i32, n as i32, m as i32, rows as i32);
     let scale = scaling as f32;
     // Two columns a thread.
     let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(512) as u32, m.div_ceil(LORA_OUT_ROWS) as u32, 1),
+        grid_dim: (n.div_ceil(512) as u32, m.div_ceil(rows) as u32, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -130,7 +144,7 @@ pub fn lora_inference(
             let name = format!("lora_out_{}_r{rank}", $dtype);
             crate::ops::profile::scope("lora.out", y.device(), || {
                 crate::run_kernel!(LORA, dev, &name, cfg;
-                    &yv, &hv, &bv, &scale, &out, &n_i, &r_i, &m_i,
+                    &yv, &hv, &bv, &scale, &out, &n_i, &r_i, &m_i, &rows_i,
                 )
             })?;
             Ok(wrap(out, &dev, (m, n)))
@@ -178,12 +192,20 @@ fn adapter_product(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     }
     let (xs, a_in) = (CudaInput::of(x)?, CudaInput::of(a)?);
     let av = a_in.view::<f32>(r * k)?;
-    // SAFETY: every element is written by the kernel below.
-    let h = unsafe { dev.alloc::<f32>(m * r)? };
-    let (k_i, r_i, m_i) = (k as i32, r as i32, m as i32);
+    // A prefill's rows leave most multiprocessors idle unless k is split too; the slices' sums
+    // are added in order (lora_h_sum_f32).
+    let row_blocks = m.div_ceil(512 / r);
+    let (splits, k_per) = if by_rows {
+        split_reduction(row_blocks, k, LH_KC)
+    } else {
+        (1, k)
+    };
+    // SAFETY: every element is written by the kernel below (each slice's, where k is split).
+    let h = unsafe { dev.alloc::<f32>(splits * m * r)? };
+    let (k_i, r_i, m_i, k_per_i) = (k as i32, r as i32, m as i32, k_per as i32);
     let cfg = if by_rows {
         LaunchConfig {
-            grid_dim: (m.div_ceil(512 / r) as u32, 1, 1),
+            grid_dim: (row_blocks as u32, splits as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         }
@@ -198,12 +220,13 @@ fn adapter_product(x: &Tensor, a: &Tensor) -> Result<Tensor> {
     macro_rules! launch {
         ($dtype:literal, $t:ty) => {{
             let xv = xs.view::<$t>(m * k)?;
-            let name = if by_rows {
-                format!("lora_h_rows_{}_r{r}", $dtype)
+            if by_rows {
+                let name = format!("lora_h_rows_{}_r{r}", $dtype);
+                crate::run_kernel!(LORA, dev, &name, cfg; &xv, &av, &h, &k_i, &k_per_i, &m_i)?;
             } else {
-                format!("lora_h_{}", $dtype)
-            };
-            crate::run_kernel!(LORA, dev, &name, cfg; &xv, &av, &h, &k_i, &r_i, &m_i)?;
+                let name = format!("lora_h_{}", $dtype);
+                crate::run_kernel!(LORA, dev, &name, cfg; &xv, &av, &h, &k_i, &r_i, &m_i)?;
+            }
         }};
     }
     match x.dtype() {
@@ -215,7 +238,16 @@ fn adapter_product(x: &Tensor, a: &Tensor) -> Result<Tensor> {
             )));
         }
     }
-    Ok(wrap(h, &dev, (m, r)))
+    if splits == 1 {
+        return Ok(wrap(h, &dev, (m, r)));
+    }
+    let n = m * r;
+    // SAFETY: every element is written by the kernel below.
+    let sum = unsafe { dev.alloc::<f32>(n)? };
+    let (splits_i, n_i) = (splits as i32, n as i32);
+    crate::run_kernel!(LORA, dev, "lora_h_sum_f32", LaunchConfig::for_num_elems(n as u32);
+        &h, &sum, &splits_i, &n_i)?;
+    Ok(wrap(sum, &dev, (m, r)))
 }
 
 /// Ranks the training node's kernels have instances for (`lora_train_h`, `lora_train_add`).
@@ -904,6 +936,27 @@ mod tests {
             let (slices, per) = split_reduction(blocks, len, chunk);
             assert_eq!((slices, per), want, "{blocks} blocks, {len} by {chunk}");
             assert!(per % chunk == 0 && slices * per >= len && (slices - 1) * per < len);
+        }
+    }
+
+    /// `lora_out` at a batch-1 prefill of 200 rows fills the GPU (Falcon-7B's widths), keeps at
+    /// most 32 rows a block for thousands of rows, and takes one row a block for a few.
+    #[test]
+    fn lora_out_blocks_fill_the_gpu() {
+        for (m, n, rows) in [
+            (200, 4544, 7),
+            (200, 4672, 8),
+            (200, 18176, 25),
+            (4096, 4544, 32),
+            (16, 4544, 1),
+            (1, 70, 1),
+        ] {
+            assert_eq!(lora_out_rows(m, n), rows, "{m} x {n}");
+            let blocks = n.div_ceil(512) * m.div_ceil(rows);
+            assert!(
+                m < 100 || blocks >= FILL_BLOCKS.min(m * n / 512) * 9 / 10,
+                "{m} x {n}: {blocks}"
+            );
         }
     }
 }

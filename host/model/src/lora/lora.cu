@@ -30,8 +30,11 @@ extern "C" __global__ void lora_h_f16(const u16* x, const float* a, float* h, in
 // issued before the current one is used. A lane holds a 4-row by 4-rank tile of sums; the
 // block's 8 warps split each chunk's columns and add their tiles through shared memory at the
 // end, into h (f32, [m, R]) or, where k is split, into slice blockIdx.y's partial sums, which
-// lora_h_sum adds in slice order. What it replaced at inference, x converted to f32 and
-// cuBLAS's f32 product, took 45 of a 159 ms prefill of 16 x 200 tokens on an H100 (2026-12-06).
+// lora_h_sum (lora_h_sum_f32 at inference) adds in slice order. What it replaced at inference, x
+// converted to f32 and cuBLAS's f32 product, took 45 of a 159 ms prefill of 16 x 200 tokens on
+// an H100 (2026-12-06). Inference splits k as training does: unsplit, a batch-1 prefill of 200
+// rows ran 7 blocks, 44 us a Falcon-7B projection and 164 us its down projection (ncu, H100,
+// 2026-12-07), 9 of that prefill's 29 ms.
 // TRAIN is the training node's h = dropout(z) A^T (lora/train_node.rs): A in z's 16-bit type,
 // each element of z dropped (keep_scale, index row * k + column, when p > 0) and rounded to
 // that type as the dropout op writes it, so the sums are those of the op-by-op graph's product.
@@ -140,12 +143,12 @@ __device__ __forceinline__ void lora_h_rows(const u16* x, const float* af, const
 }
 #define LORA_H_ROWS(R)                                                                         \
 extern "C" __global__ void __launch_bounds__(256) lora_h_rows_bf16_r##R(const u16* x,         \
-    const float* a, float* h, int k, int r, int m) {                                          \
-  lora_h_rows<R, true, false>(x, a, nullptr, h, m, k, k, 0ull, 0.f, 1.f);                      \
+    const float* a, float* h, int k, int k_per, int m) {                                      \
+  lora_h_rows<R, true, false>(x, a, nullptr, h, m, k, k_per, 0ull, 0.f, 1.f);                  \
 }                                                                                             \
 extern "C" __global__ void __launch_bounds__(256) lora_h_rows_f16_r##R(const u16* x,          \
-    const float* a, float* h, int k, int r, int m) {                                          \
-  lora_h_rows<R, false, false>(x, a, nullptr, h, m, k, k, 0ull, 0.f, 1.f);                     \
+    const float* a, float* h, int k, int k_per, int m) {                                      \
+  lora_h_rows<R, false, false>(x, a, nullptr, h, m, k, k_per, 0ull, 0.f, 1.f);                 \
 }                                                                                             \
 extern "C" __global__ void __launch_bounds__(256) lora_train_h_bf16_r##R(const u16* z,        \
     const u16* a, float* part, int k, int k_per, int m, unsigned long long key, float p,       \
@@ -172,6 +175,15 @@ extern "C" __global__ void NAME(const float* part, u16* h, int splits, int n) { 
 }
 LORA_H_SUM(lora_h_sum_bf16, true)
 LORA_H_SUM(lora_h_sum_f16, false)
+// Inference's h from lora_h_rows' slices: added in slice order and kept in f32, as lora_out and
+// the NF4 kernels' epilogue read it.
+extern "C" __global__ void lora_h_sum_f32(const float* part, float* h, int splits, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float sum = 0.f;
+  for (int s = 0; s < splits; ++s) sum += part[(long long)s * n + i];
+  h[i] = sum;
+}
 
 // The same sums for a gradient that goes to an f32 weight: rounded to the 16-bit type as above,
 // then (scaled != 0) multiplied by the scaling in that type and rounded again, plus zero, as
@@ -457,7 +469,7 @@ LORA_ADD_TERM_GELU(lora_add_term_gelu_drop_f16, false, true)
 
 // out = y + h (B * scaling)^T, summed in f32 and rounded once, as PEFT computes it with f32
 // adapter weights. A thread takes two adjacent columns (their rows of B * scaling held in
-// registers) down LORA_OUT_ROWS rows, reading each row's h once for both (the same address
+// registers) down its block's rows, reading each row's h once for both (the same address
 // across the block: broadcast loads, 16 bytes at a time where the rank is a multiple of 4), so a
 // prefill of thousands of rows reads y once and writes out once; the [m, n] f32 products and
 // sums the op-by-op version stored (three times y's size) are never made. R is the rank where
@@ -474,9 +486,13 @@ __device__ __forceinline__ void lora_h_row(const float* hr, float* hv) {
     _Pragma("unroll") for (int j = 0; j < R; ++j) hv[j] = hr[j];
   }
 }
+// A block takes 512 columns and `rows` rows (the host picks enough blocks to fill the GPU: a
+// thread's rows are a chain of dependent loads, and at 32 rows a block a batch-1 prefill of 200
+// rows ran 63 blocks, 26 us a projection; ncu, H100, 2026-12-07). An output's bits do not
+// depend on `rows`.
 template <int R, bool BF16>
 __device__ __forceinline__ void lora_out(const u16* y, const float* h, const float* b,
-    float scaling, u16* out, int n, int r, int m) {
+    float scaling, u16* out, int n, int r, int m, int rows_per) {
   int col = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
   if (col >= n) return;
   bool two = col + 1 < n;
@@ -489,9 +505,9 @@ __device__ __forceinline__ void lora_out(const u16* y, const float* h, const flo
       bs1[j] = __fmul_rn(br1[j], scaling);
     }
   }
-  int row0 = blockIdx.y * LORA_OUT_ROWS;
-  int rows = min(LORA_OUT_ROWS, m - row0);
-  for (int i = 0; i < rows; ++i) {
+  int row0 = blockIdx.y * rows_per;
+  int rows = min(rows_per, m - row0);
+  _Pragma("unroll 4") for (int i = 0; i < rows; ++i) {
     long long row = row0 + i;
     const float* hr = h + row * r;
     float d0 = 0.f, d1 = 0.f;
@@ -520,12 +536,12 @@ __device__ __forceinline__ void lora_out(const u16* y, const float* h, const flo
 }
 #define LORA_OUT(R)                                                                            \
 extern "C" __global__ void lora_out_bf16_r##R(const u16* y, const float* h, const float* b,   \
-    float scaling, u16* out, int n, int r, int m) {                                           \
-  lora_out<R, true>(y, h, b, scaling, out, n, r, m);                                           \
+    float scaling, u16* out, int n, int r, int m, int rows_per) {                             \
+  lora_out<R, true>(y, h, b, scaling, out, n, r, m, rows_per);                                 \
 }                                                                                             \
 extern "C" __global__ void lora_out_f16_r##R(const u16* y, const float* h, const float* b,    \
-    float scaling, u16* out, int n, int r, int m) {                                           \
-  lora_out<R, false>(y, h, b, scaling, out, n, r, m);                                          \
+    float scaling, u16* out, int n, int r, int m, int rows_per) {                             \
+  lora_out<R, false>(y, h, b, scaling, out, n, r, m, rows_per);                                \
 }
 LORA_OUT(0)
 LORA_OUT(8)
