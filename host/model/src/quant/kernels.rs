@@ -40,8 +40,7 @@ const DEQUANT_WORDS: usize = 8;
 ///
 /// `pairs`: the swapped form with each weight formed as bitsandbytes' batch-1 GEMV forms it
 /// ([`OneRow::Gemv4bit`]; `nf4_mma_pairs` in nf4_mma.cu), two weights a shared load;
-/// `prefetch`: that form asking the L2 for each warp's next round of codes as it issues this
-/// round's loads.
+/// `ahead`: how that form's warps get their next round of codes early ([`Ahead`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaTiling {
     pub warps: u32,
@@ -49,7 +48,20 @@ pub struct MmaTiling {
     pub tiles: u32,
     pub swapped: bool,
     pub pairs: bool,
-    pub prefetch: bool,
+    pub ahead: Ahead,
+}
+
+/// How the `pairs` form's warps get their next round of codes before they use it (`AHEAD` in
+/// nf4_mma.cu). A feature's sum is the same whichever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ahead {
+    /// They don't: a warp issues a round's loads, waits for them, computes.
+    No,
+    /// They ask the L2 for the next round (`prefetch.global.L2`) as they issue this one's.
+    L2,
+    /// They issue the next round's loads into a second set of registers before computing this
+    /// one, across the block's groups, so that loads are in flight while warps compute.
+    Registers,
 }
 
 impl MmaTiling {
@@ -60,7 +72,7 @@ impl MmaTiling {
             tiles,
             swapped: false,
             pairs: false,
-            prefetch: false,
+            ahead: Ahead::No,
         }
     }
 
@@ -71,7 +83,7 @@ impl MmaTiling {
             tiles: 1,
             swapped: true,
             pairs: false,
-            prefetch: false,
+            ahead: Ahead::No,
         }
     }
 
@@ -82,13 +94,13 @@ impl MmaTiling {
             tiles: 1,
             swapped: true,
             pairs: true,
-            prefetch: false,
+            ahead: Ahead::No,
         }
     }
 
-    const fn pairs_prefetching(warps: u32, unroll: u32) -> Self {
+    const fn pairs_ahead(warps: u32, unroll: u32, ahead: Ahead) -> Self {
         MmaTiling {
-            prefetch: true,
+            ahead,
             ..MmaTiling::pairs(warps, unroll)
         }
     }
@@ -104,16 +116,18 @@ impl MmaTiling {
     /// The tilings decoding may launch (the defaults and the other one-row tilings
     /// `ADAPTERLAB_NF4_PAIRS_TILING` names), whose instances are in the decoding module (with
     /// PDL where it is on), so that the one-row tilings compare end to end on equal terms.
-    pub const DECODING: [MmaTiling; 4] = [
+    pub const DECODING: [MmaTiling; 6] = [
         MmaTiling::swapped(8, 2),
         MmaTiling::new(8, 1, 2),
         MmaTiling::pairs(8, 2),
-        MmaTiling::pairs_prefetching(8, 2),
+        MmaTiling::pairs_ahead(8, 2, Ahead::L2),
+        MmaTiling::pairs_ahead(8, 1, Ahead::Registers),
+        MmaTiling::pairs_ahead(8, 2, Ahead::Registers),
     ];
 
     /// Every tiling there are instances of: the decoding ones and those `bench kernels`
     /// measures them against.
-    pub const ALL: [MmaTiling; 16] = [
+    pub const ALL: [MmaTiling; 18] = [
         MmaTiling::new(8, 2, 1),
         MmaTiling::new(8, 4, 1),
         MmaTiling::new(4, 4, 1),
@@ -129,7 +143,9 @@ impl MmaTiling {
         MmaTiling::pairs(8, 4),
         MmaTiling::pairs(8, 2),
         MmaTiling::pairs(4, 4),
-        MmaTiling::pairs_prefetching(8, 2),
+        MmaTiling::pairs_ahead(8, 2, Ahead::L2),
+        MmaTiling::pairs_ahead(8, 1, Ahead::Registers),
+        MmaTiling::pairs_ahead(8, 2, Ahead::Registers),
     ];
 
     /// Whether this tiling's kernel takes `m` rows: the swapped form holds them as the 8 columns
@@ -172,10 +188,14 @@ impl MmaTiling {
     }
 
     /// How reports name it: `w8u2t1`, `s8u2` swapped, `p8u4` with bitsandbytes' batch-1 weights
-    /// (`p8u2f` prefetching).
+    /// (`p8u2f` asking the L2 ahead, `p8u1a` loading ahead into registers).
     pub fn name(self) -> String {
         if self.pairs {
-            let f = if self.prefetch { "f" } else { "" };
+            let f = match self.ahead {
+                Ahead::No => "",
+                Ahead::L2 => "f",
+                Ahead::Registers => "a",
+            };
             format!("p{}u{}{f}", self.warps, self.unroll)
         } else if self.swapped {
             format!("s{}u{}", self.warps, self.unroll)
@@ -411,7 +431,9 @@ static PAIRS_TILING: Switch<MmaTiling> = Switch::new(
     "ADAPTERLAB_NF4_PAIRS_TILING",
     &[
         ("p8u2", MmaTiling::pairs(8, 2)),
-        ("p8u2f", MmaTiling::pairs_prefetching(8, 2)),
+        ("p8u2f", MmaTiling::pairs_ahead(8, 2, Ahead::L2)),
+        ("p8u1a", MmaTiling::pairs_ahead(8, 1, Ahead::Registers)),
+        ("p8u2a", MmaTiling::pairs_ahead(8, 2, Ahead::Registers)),
     ],
 );
 
@@ -647,9 +669,7 @@ fn nf4_mma_defines(tilings: &[MmaTiling]) -> String {
             if t.pairs {
                 vec![format!(
                     "MMA_PAIRS_INSTANCE({}, {}, {})",
-                    t.warps,
-                    t.unroll,
-                    u8::from(t.prefetch)
+                    t.warps, t.unroll, t.ahead as u8
                 )]
             } else if t.swapped {
                 vec![format!("MMA_SWAPPED_INSTANCE({}, {})", t.warps, t.unroll)]

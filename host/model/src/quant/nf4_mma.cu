@@ -345,7 +345,92 @@ __device__ __forceinline__ unsigned int mul16x2(unsigned int p, unsigned int a) 
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
 }
-template <int WARPS, int UNROLL, bool BF16, bool PREFETCH>
+// One group of 16 features as a lane sees it: the first weight of its feature g (a 32-bit
+// offset; feature g + 8's is 8k on), and whether feature g + 8 exists (g's does: n % 8 == 0).
+// Kept to two registers: the form that loads ahead holds two groups' at once.
+struct PairsGroup {
+  unsigned int ea;
+  bool vb;
+};
+__device__ __forceinline__ PairsGroup pairs_group(int grp, int g, int c, int n, int k) {
+  int fa = grp * 16 + g;
+  return {(unsigned int)fa * (unsigned int)k + ((unsigned int)c << 5), fa + 8 < n};
+}
+// One round of a lane's codes and absmax loads: chunks ch0, ch0 + WARPS, ... (UNROLL of them).
+template <int UNROLL>
+struct PairsRound {
+  uint4 ca[UNROLL], cb[UNROLL];
+  unsigned int qa[UNROLL], qb[UNROLL];
+  float ma[UNROLL], mb[UNROLL];
+};
+// A lane's loads of chunk ch: codes at ch * 64 bytes on, if the lane has columns there
+// (ch * 128 < kc, kc = k - 32 c, which also means ch < chunks). Codes not loaded are never used
+// as more than a table row (any byte is one), their scale is zero and x is zero there.
+template <int WARPS, int UNROLL>
+__device__ __forceinline__ void pairs_load(PairsRound<UNROLL>& r, const u8* codes,
+    PairsGroup q, int k, int ch0, int kc, int lbs, const float* absmax, const u8* aq, int lnbs) {
+  unsigned int eb = q.ea + 8u * (unsigned int)k;
+  const u8* ra = codes + (q.ea >> 1) + ((long long)ch0 << 6);
+  const u8* rb = codes + (eb >> 1) + ((long long)ch0 << 6);
+  _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
+    int ch = ch0 + u * WARPS;
+    r.qa[u] = r.qb[u] = 0u;
+    r.ma[u] = r.mb[u] = 0.f;
+    if ((ch << 7) < kc) {
+      unsigned int step = (unsigned int)ch << 7;
+      r.ca[u] = __ldcs((const uint4*)(ra + u * WARPS * 64));
+      absmax_fetch((q.ea + step) >> lbs, absmax, aq, lnbs, &r.qa[u], &r.ma[u]);
+      if (q.vb) {
+        r.cb[u] = __ldcs((const uint4*)(rb + u * WARPS * 64));
+        absmax_fetch((eb + step) >> lbs, absmax, aq, lnbs, &r.qb[u], &r.mb[u]);
+      }
+    }
+  }
+}
+// A round's products into the warp's accumulators d: x's columns of each chunk (from the L1),
+// each pair of weights from the table scaled by its feature's absmax, an mma a 4 columns.
+template <int WARPS, int UNROLL, bool BF16>
+__device__ __forceinline__ void pairs_compute(const PairsRound<UNROLL>& r, float* d, bool vb,
+    int ch0, int chunks, int kc, int c, const u16* xr, int nested, const float* code_s,
+    float offset, unsigned int tb, unsigned int lane4) {
+  _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
+    int ch = ch0 + u * WARPS;
+    if (ch >= chunks) break;
+    // Past k x is zero and the scale is zero; the lane must still join the warp's mma.
+    bool valid = (ch << 7) < kc;
+    int col = (ch << 7) + (c << 5);
+    unsigned int xw[16];
+    _Pragma("unroll") for (int q = 0; q < 4; ++q) {
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (valid && xr) v = __ldg((const uint4*)(xr + col + 8 * q));
+      xw[4 * q] = v.x; xw[4 * q + 1] = v.y; xw[4 * q + 2] = v.z; xw[4 * q + 3] = v.w;
+    }
+    float aa = valid ? absmax_value(r.qa[u], r.ma[u], nested, code_s, offset) : 0.f;
+    float ab = valid && vb ? absmax_value(r.qb[u], r.mb[u], nested, code_s, offset) : 0.f;
+    unsigned int aa2 = BF16 ? pack_bf16x2(aa, aa) : pack_f16x2(aa, aa);
+    unsigned int ab2 = BF16 ? pack_bf16x2(ab, ab) : pack_f16x2(ab, ab);
+    unsigned int wa4[4] = {r.ca[u].x, r.ca[u].y, r.ca[u].z, r.ca[u].w};
+    unsigned int wb4[4] = {r.cb[u].x, r.cb[u].y, r.cb[u].z, r.cb[u].w};
+    _Pragma("unroll") for (int s = 0; s < 8; ++s) {
+      // Step s takes columns 4s .. 4s + 3 of the lane's 32: bytes 2s and 2s + 1.
+      unsigned int va4 = wa4[s >> 1], vb4 = wb4[s >> 1];
+      int b0 = 2 * (s & 1);
+      unsigned int a0 = mul16x2<BF16>(pair_of(tb, va4, lane4, b0), aa2);
+      unsigned int a1 = mul16x2<BF16>(pair_of(tb, vb4, lane4, b0), ab2);
+      unsigned int a2 = mul16x2<BF16>(pair_of(tb, va4, lane4, b0 + 1), aa2);
+      unsigned int a3 = mul16x2<BF16>(pair_of(tb, vb4, lane4, b0 + 1), ab2);
+      mma_16816<BF16>(d, a0, a1, a2, a3, xw[2 * s], xw[2 * s + 1]);
+    }
+  }
+}
+// AHEAD says how a warp gets its next round of codes before it needs them: 0 not at all (it
+// issues a round's loads, then waits for them and computes), 1 by asking the L2 for them
+// (prefetch.global.L2) as it issues this round's, 2 by issuing the next round's loads into a
+// second set of registers before it computes this one, across the block's groups, so that a
+// warp's loads are in flight while it computes (with AHEAD 0 the block's warps load and
+// compute in step, the memory idle while they compute). A feature's sum is the same for all
+// three: the same chunks in the same order.
+template <int WARPS, int UNROLL, bool BF16, int AHEAD>
 __device__ __forceinline__ void nf4_mma_pairs(const u8* codes, int n, int k, int bs, int nested,
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
     const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
@@ -364,50 +449,62 @@ __device__ __forceinline__ void nf4_mma_pairs(const u8* codes, int n, int k, int
   int chunks = (k + 127) >> 7, lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;
   // Columns from the lane's first in a chunk to the row's end: chunk ch holds some if ch * 128 < kc.
   int kc = k - (c << 5);
-  int groups = (n + 15) >> 4;
-  for (int grp = bid; grp < groups; grp += gridDim.x - hb) {
+  int groups = (n + 15) >> 4, stride = gridDim.x - hb;
+  if (AHEAD == 2) {
+    if (bid >= groups) return;
+    // The warp's steps run over (group, round) pairs: its rounds of group bid, then of the
+    // block's next group, ... A warp without chunks (k < 128 * WARPS) still takes one empty
+    // round a group, so that it joins each group's sums.
+    int grp = bid, ch0 = warp;
+    PairsGroup q = pairs_group(grp, g, c, n, k);
+    PairsRound<UNROLL> cur, nxt;
+    pairs_load<WARPS, UNROLL>(cur, codes, q, k, ch0, kc, lbs, absmax, aq, lnbs);
+    GRID_WAIT();
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    while (true) {
+      int nch = ch0 + WARPS * UNROLL, ngrp = grp;
+      if (nch >= chunks) {
+        nch = warp;
+        ngrp = grp + stride;
+      }
+      bool more = ngrp < groups;
+      PairsGroup nq = ngrp == grp ? q : pairs_group(ngrp, g, c, n, k);
+      if (more) pairs_load<WARPS, UNROLL>(nxt, codes, nq, k, nch, kc, lbs, absmax, aq, lnbs);
+      pairs_compute<WARPS, UNROLL, BF16>(cur, d, q.vb, ch0, chunks, kc, c, xr, nested, code_s,
+                                         offset, tb, lane4);
+      if (ngrp != grp) {
+        long long first = (long long)grp * 16;
+        STORE_SWAPPED_SUMS
+        // The next group writes part again.
+        __syncthreads();
+        d[0] = d[1] = d[2] = d[3] = 0.f;
+      }
+      if (!more) break;
+      cur = nxt;
+      q = nq;
+      grp = ngrp;
+      ch0 = nch;
+    }
+    return;
+  }
+  for (int grp = bid; grp < groups; grp += stride) {
+    PairsGroup q = pairs_group(grp, g, c, n, k);
     long long first = (long long)grp * 16;
-    int fa = grp * 16 + g, fb = fa + 8;
-    bool vb = fb < n;  // fa < n: n % 8 == 0
-    // The lane's first weight of each feature (32-bit offsets), its codes' first byte.
-    unsigned int ea = (unsigned int)fa * (unsigned int)k + ((unsigned int)c << 5);
-    unsigned int eb = ea + 8u * (unsigned int)k;
-    const u8* pa = codes + (ea >> 1);
-    const u8* pb = codes + (eb >> 1);
+    const u8* pa = codes + (q.ea >> 1);
     float d[4] = {0.f, 0.f, 0.f, 0.f};
     for (int ch0 = warp; ch0 < chunks; ch0 += WARPS * UNROLL) {
-      // A lane's loads of chunk ch: codes at ch * 64 bytes on, if the lane has columns there
-      // (ch * 128 < kc, which also means ch < chunks). Codes not loaded are never used as more
-      // than a table row (any byte is one), their scale is zero and x is zero there.
-      uint4 ca[UNROLL], cb[UNROLL];
-      unsigned int qa[UNROLL], qb[UNROLL];
-      float ma[UNROLL], mb[UNROLL];
-      const u8* ra = pa + ((long long)ch0 << 6);
-      const u8* rb_ = pb + ((long long)ch0 << 6);
-      _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
-        int ch = ch0 + u * WARPS;
-        qa[u] = qb[u] = 0u;
-        ma[u] = mb[u] = 0.f;
-        if ((ch << 7) < kc) {
-          unsigned int step = (unsigned int)ch << 7;
-          ca[u] = __ldcs((const uint4*)(ra + u * WARPS * 64));
-          absmax_fetch((ea + step) >> lbs, absmax, aq, lnbs, &qa[u], &ma[u]);
-          if (vb) {
-            cb[u] = __ldcs((const uint4*)(rb_ + u * WARPS * 64));
-            absmax_fetch((eb + step) >> lbs, absmax, aq, lnbs, &qb[u], &mb[u]);
-          }
-        }
-      }
-      if (PREFETCH) {
+      PairsRound<UNROLL> r;
+      pairs_load<WARPS, UNROLL>(r, codes, q, k, ch0, kc, lbs, absmax, aq, lnbs);
+      if (AHEAD == 1) {
         // The next round: of this group, or after its last the block's next group's first
-        // (that group's rows start (gridDim.x - hb) * 16 rows on, 8k bytes a 16 rows).
+        // (that group's rows start stride * 16 rows on, 8k bytes a 16 rows).
         int next = ch0 + WARPS * UNROLL;
-        const u8* na = ra + WARPS * UNROLL * 64;
-        bool ahead = next < chunks, vn = vb;
-        int ngrp = grp + (int)(gridDim.x - hb);
+        const u8* na = pa + ((long long)next << 6);
+        bool ahead = next < chunks, vn = q.vb;
+        int ngrp = grp + stride;
         if (!ahead && ngrp < groups) {
           next = warp;
-          na = pa + (size_t)(gridDim.x - hb) * 8u * (size_t)k;
+          na = pa + (size_t)stride * 8u * (size_t)k;
           vn = ngrp * 16 + g + 8 < n;
           ahead = true;
         }
@@ -421,35 +518,8 @@ __device__ __forceinline__ void nf4_mma_pairs(const u8* codes, int n, int k, int
         }
       }
       if (ch0 == warp) GRID_WAIT();
-      _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
-        int ch = ch0 + u * WARPS;
-        if (ch >= chunks) break;
-        // Past k x is zero and the scale is zero; the lane must still join the warp's mma.
-        bool valid = (ch << 7) < kc;
-        int col = (ch << 7) + (c << 5);
-        unsigned int xw[16];
-        _Pragma("unroll") for (int q = 0; q < 4; ++q) {
-          uint4 v = make_uint4(0u, 0u, 0u, 0u);
-          if (valid && xr) v = __ldg((const uint4*)(xr + col + 8 * q));
-          xw[4 * q] = v.x; xw[4 * q + 1] = v.y; xw[4 * q + 2] = v.z; xw[4 * q + 3] = v.w;
-        }
-        float aa = valid ? absmax_value(qa[u], ma[u], nested, code_s, offset) : 0.f;
-        float ab = valid && vb ? absmax_value(qb[u], mb[u], nested, code_s, offset) : 0.f;
-        unsigned int aa2 = BF16 ? pack_bf16x2(aa, aa) : pack_f16x2(aa, aa);
-        unsigned int ab2 = BF16 ? pack_bf16x2(ab, ab) : pack_f16x2(ab, ab);
-        unsigned int wa4[4] = {ca[u].x, ca[u].y, ca[u].z, ca[u].w};
-        unsigned int wb4[4] = {cb[u].x, cb[u].y, cb[u].z, cb[u].w};
-        _Pragma("unroll") for (int s = 0; s < 8; ++s) {
-          // Step s takes columns 4s .. 4s + 3 of the lane's 32: bytes 2s and 2s + 1.
-          unsigned int va4 = wa4[s >> 1], vb4 = wb4[s >> 1];
-          int b0 = 2 * (s & 1);
-          unsigned int a0 = mul16x2<BF16>(pair_of(tb, va4, lane4, b0), aa2);
-          unsigned int a1 = mul16x2<BF16>(pair_of(tb, vb4, lane4, b0), ab2);
-          unsigned int a2 = mul16x2<BF16>(pair_of(tb, va4, lane4, b0 + 1), aa2);
-          unsigned int a3 = mul16x2<BF16>(pair_of(tb, vb4, lane4, b0 + 1), ab2);
-          mma_16816<BF16>(d, a0, a1, a2, a3, xw[2 * s], xw[2 * s + 1]);
-        }
-      }
+      pairs_compute<WARPS, UNROLL, BF16>(r, d, q.vb, ch0, chunks, kc, c, xr, nested, code_s,
+                                         offset, tb, lane4);
     }
     STORE_SWAPPED_SUMS
     // The next group writes part again.
@@ -483,23 +553,28 @@ extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_##TYPE##_s##W##u##U
 }
 #define MMA_SWAPPED_INSTANCE(W, U)                                                             \
   MMA_SWAPPED_KERNEL(bf16, true, W, U) MMA_SWAPPED_KERNEL(f16, false, W, U)
-// The gemv4bit form's, nf4_mma_{bf16,f16}_p<WARPS>u<UNROLL>[f]: registers for 3 blocks a
-// multiprocessor, as many as the table's shared memory lets an sm_90 one hold (the grid is
-// those that fit, and at 2 a multiprocessor Falcon-7B's 292 groups of 16 features of the fused
-// QKV would need two rounds on some blocks).
-#define MMA_PAIRS_KERNEL(TYPE, IS_BF16, W, U, F, SUFFIX)                                       \
-extern "C" __global__ void __launch_bounds__(W * 32, 3) nf4_mma_##TYPE##_p##W##u##U##SUFFIX(    \
+// The gemv4bit form's, nf4_mma_{bf16,f16}_p<WARPS>u<UNROLL>[f|a]: registers for MINB blocks a
+// multiprocessor (3, as many as the table's shared memory lets an sm_90 one hold, where the
+// grid is those that fit: at 2 a multiprocessor Falcon-7B's 292 groups of 16 features of the
+// fused QKV would need two rounds on some blocks; the form that loads ahead at 2 rounds a
+// load takes twice the codes' registers and 2).
+#define MMA_PAIRS_KERNEL(TYPE, IS_BF16, W, U, A, MINB, SUFFIX)                                 \
+extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                    \
+    nf4_mma_##TYPE##_p##W##u##U##SUFFIX(                                                      \
     const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
     const float* acode, float offset, int nbs, const u16* x, u16* y, int m, float* lh,         \
     const float* lb, float lscale, int lr, int act, const float* la, unsigned int* flags,      \
     unsigned int epoch, int hb, const u16* rx, const u16* rb) {                                \
-  nf4_mma_pairs<W, U, IS_BF16, F>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs, x, y, \
+  nf4_mma_pairs<W, U, IS_BF16, A>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs, x, y, \
                                m, lh, lb, lscale, lr, act, la, flags, epoch, hb, rx, rb);      \
 }
-// F 1: the prefetching form, named with an f (p8u2f).
-#define MMA_PAIRS_INSTANCE(W, U, F) MMA_PAIRS_INSTANCE_##F(W, U)
+// A: 0 plain, 1 prefetching (named with an f: p8u2f), 2 loading ahead (an a: p8u1a).
+#define MMA_PAIRS_INSTANCE(W, U, A) MMA_PAIRS_INSTANCE_##A(W, U)
 #define MMA_PAIRS_INSTANCE_0(W, U)                                                             \
-  MMA_PAIRS_KERNEL(bf16, true, W, U, false, ) MMA_PAIRS_KERNEL(f16, false, W, U, false, )
+  MMA_PAIRS_KERNEL(bf16, true, W, U, 0, 3, ) MMA_PAIRS_KERNEL(f16, false, W, U, 0, 3, )
 #define MMA_PAIRS_INSTANCE_1(W, U)                                                             \
-  MMA_PAIRS_KERNEL(bf16, true, W, U, true, f) MMA_PAIRS_KERNEL(f16, false, W, U, true, f)
+  MMA_PAIRS_KERNEL(bf16, true, W, U, 1, 3, f) MMA_PAIRS_KERNEL(f16, false, W, U, 1, 3, f)
+#define MMA_PAIRS_INSTANCE_2(W, U)                                                             \
+  MMA_PAIRS_KERNEL(bf16, true, W, U, 2, (U > 1 ? 2 : 3), a)                                    \
+  MMA_PAIRS_KERNEL(f16, false, W, U, 2, (U > 1 ? 2 : 3), a)
 MMA_TILINGS
