@@ -23,6 +23,16 @@
    + QC[2] * LD((u16)(KW.y & 0xffffu)) + QC[3] * LD((u16)(KW.y >> 16))                         \
    + QC[4] * LD((u16)(KW.z & 0xffffu)) + QC[5] * LD((u16)(KW.z >> 16))                         \
    + QC[6] * LD((u16)(KW.w & 0xffffu)) + QC[7] * LD((u16)(KW.w >> 16)))
+// One key's value (VW: 4 dimensions as 8 bytes) weighted by its probability into acc0..acc3.
+#define ACC_V(LD, VW, PJ)                                                                      \
+  {                                                                                           \
+    uint2 w_ = VW;                                                                             \
+    float p_ = PJ;                                                                             \
+    acc0 += p_ * LD((u16)(w_.x & 0xffffu));                                                    \
+    acc1 += p_ * LD((u16)(w_.x >> 16));                                                        \
+    acc2 += p_ * LD((u16)(w_.y & 0xffffu));                                                    \
+    acc3 += p_ * LD((u16)(w_.y >> 16));                                                        \
+  }
 #define DECODE_ATTN(NAME, LOAD, STORE)                                                         \
 extern "C" __global__ void NAME(const u16* q, const u16* k, const u16* v, const float* mask,  \
     u16* out, int h, int group, int t, int d, long long kb, long long kh, long long vb,        \
@@ -88,23 +98,11 @@ extern "C" __global__ void NAME(const u16* q, const u16* k, const u16* v, const 
     float acc0 = 0.f, acc1 = 0.f, acc2 = 0.f, acc3 = 0.f;                                      \
     int j = gi;                                                                                \
     _Pragma("unroll") for (int u = 0; u < DA_VPRE; ++u, j += groups) {                        \
-      if (j < t) {                                                                            \
-        uint2 w = vpre[u];                                                                     \
-        float pj = ps[j];                                                                      \
-        acc0 += pj * LOAD((u16)(w.x & 0xffffu));                                               \
-        acc1 += pj * LOAD((u16)(w.x >> 16));                                                   \
-        acc2 += pj * LOAD((u16)(w.y & 0xffffu));                                               \
-        acc3 += pj * LOAD((u16)(w.y >> 16));                                                   \
-      }                                                                                       \
+      if (j < t) ACC_V(LOAD, vpre[u], ps[j]);                                                  \
     }                                                                                         \
     _Pragma("unroll 8")                                                                        \
     for (; j < t; j += groups) {                                                              \
-      uint2 w = *(const uint2*)(v0 + (long long)j * d + i);                                    \
-      float pj = ps[j];                                                                        \
-      acc0 += pj * LOAD((u16)(w.x & 0xffffu));                                                 \
-      acc1 += pj * LOAD((u16)(w.x >> 16));                                                     \
-      acc2 += pj * LOAD((u16)(w.y & 0xffffu));                                                 \
-      acc3 += pj * LOAD((u16)(w.y >> 16));                                                     \
+      ACC_V(LOAD, (*(const uint2*)(v0 + (long long)j * d + i)), ps[j]);                        \
     }                                                                                         \
     part[gi * d + i] = acc0;                                                                   \
     part[gi * d + i + 1] = acc1;                                                               \
