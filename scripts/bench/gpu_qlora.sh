@@ -33,7 +33,9 @@
 #   generate   decoding with a LoRA adapter (eager unmerged and merged, flash, the small-batch
 #              NF4 GEMM, and the NF4 base alone)
 #   kernels    `bench kernels`: each NF4 decoding kernel alone at Falcon-7B's linear shapes,
-#              batch 1 and 16 (microseconds a call, GB/s of 4-bit codes)
+#              batch 1 and 16 (microseconds a call, GB/s of 4-bit codes), each shape's calls
+#              cycling through copies of its weight, 256 MiB of codes, so none finds its weight
+#              in the L2 (before 2026-12-07 20:45 every call read the same weight)
 #   attention  `bench attention`: one layer's attention alone at batch 8 x 512 (Falcon-7B's 71
 #              query heads, one KV head, 64 dimensions), eager and flash_attention_2, forward and
 #              forward + backward (microseconds, GFLOP/s); ATTN_ARGS adds options (e.g.

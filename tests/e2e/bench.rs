@@ -157,7 +157,8 @@ fn bench_train_and_generate_run_and_agree_with_checkpointing() {
 }
 
 /// `bench kernels` on the CPU: a header line, then dequantize + matmul timed for every shape and
-/// row count asked (the GPU kernels need a CUDA device), and a malformed shape refused by name.
+/// row count asked (the GPU kernels need a CUDA device), each line with the copies of the weight
+/// its calls cycled through, and a malformed shape refused by name.
 #[test]
 fn bench_kernels_times_each_product_and_refuses_a_bad_shape() {
     let t = setup("bench-kernels");
@@ -185,7 +186,23 @@ fn bench_kernels_times_each_product_and_refuses_a_bad_shape() {
         assert_eq!(line["shape"], serde_json::json!(shape), "{line}");
         assert_eq!(line["rows"], rows, "{line}");
         assert!(line["us"].as_f64().unwrap() > 0.0, "{line}");
+        // 256 MiB of codes by default: more copies than the cap for weights this small.
+        assert_eq!(line["weight_copies"], 256, "{line}");
     }
+    // One copy asked for: every call on the same weight.
+    let one = lines(&run_ok(&mut t.cmd(&[
+        "bench",
+        "kernels",
+        "--shapes",
+        "64x128",
+        "--rows",
+        "1",
+        "--repeats",
+        "2",
+        "--weight-bytes",
+        "0",
+    ])));
+    assert_eq!(find(&one, "kernel")[0]["weight_copies"], 1, "{one:?}");
     let err = crate::util::run_fail(&mut t.cmd(&["bench", "kernels", "--shapes", "64y128"]));
     assert!(err.contains("\"64y128\" is not OUTxIN"), "{err}");
 }

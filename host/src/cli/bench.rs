@@ -168,6 +168,13 @@ pub struct KernelBenchArgs {
     /// Timed calls of each, after 3 untimed ones.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
     pub repeats: u64,
+    /// Bytes of NF4 codes each shape's calls cycle through, in copies of the weight (at most
+    /// 256), so that a call does not find its weight where the call before left it: an H100's L2
+    /// holds 50 MB, more than Falcon-7B's QKV or attention output (10.6 and 10.3 MB), which
+    /// decoding reads from memory, 31 other layers having passed through the L2 since. 0: one
+    /// copy, every call on the same weight (what this bench did before 2026-12-07).
+    #[arg(long, default_value_t = 256 << 20)]
+    pub weight_bytes: u64,
 }
 
 #[derive(Debug, Args)]
@@ -213,6 +220,12 @@ pub struct LoraBenchArgs {
     pub repeats: u64,
 }
 
+/// Copies of a weight of `codes` bytes of NF4 codes that `bench kernels` cycles through to read
+/// `bytes` (at least 1, at most 256).
+fn weight_copies(bytes: u64, codes: usize) -> usize {
+    (bytes as usize).div_ceil(codes.max(1)).clamp(1, 256)
+}
+
 /// Falcon-7B's query_key_value, dense, dense_h_to_4h and dense_4h_to_h, as `OUTxIN`.
 const FALCON_7B_LINEARS: &str = "4672x4544,4544x4544,18176x4544,4544x18176";
 
@@ -256,26 +269,37 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     for &(out, inp) in &args.shapes {
-        // On the device, so a GPU quantizes it there, as a load does.
-        let w = uniform(&mut rng, (out, inp), 0.05, &device)?;
-        let q = Nf4Weight::quantize(&w, opts, dtype, &device)
-            .with_context(|| format!("quantizing a {out}x{inp} weight"))?;
         let codes_bytes = (out * inp).div_ceil(2) as f64;
+        let copies = weight_copies(args.weight_bytes, (out * inp).div_ceil(2));
+        // On the device, so a GPU quantizes them there, as a load does.
+        let weights = (0..copies)
+            .map(|_| {
+                let w = uniform(&mut rng, (out, inp), 0.05, &device)?;
+                Nf4Weight::quantize(&w, opts, dtype, &device)
+                    .with_context(|| format!("quantizing a {out}x{inp} weight"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let q = &weights[0];
         for &m in &args.rows {
             let x = uniform(&mut rng, (m, inp), 1.0, &device)?.to_dtype(dtype)?;
-            let time = |name: &str, f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<()> {
-                let s = seconds_per_call(&device, 3, args.repeats, &|| {
-                    f()?;
-                    Ok(())
-                })?;
-                emit(
-                    json!({"what": "kernel", "shape": [out, inp], "rows": m, "kernel": name,
+            let time =
+                |name: &str, f: &dyn Fn(&Nf4Weight) -> candle_core::Result<Tensor>| -> Result<()> {
+                    let next = std::cell::Cell::new(0usize);
+                    let s = seconds_per_call(&device, 3, args.repeats, &|| {
+                        let i = next.get();
+                        next.set((i + 1) % weights.len());
+                        f(&weights[i])?;
+                        Ok(())
+                    })?;
+                    emit(
+                        json!({"what": "kernel", "shape": [out, inp], "rows": m, "kernel": name,
+                    "weight_copies": copies,
                     "us": round(s * 1e6, 1), "codes_gb_per_s": round(codes_bytes / s / 1e9, 1)}),
-                );
-                Ok(())
-            };
+                    );
+                    Ok(())
+                };
             // What more rows than the kernels serve take: the weight dequantized, then a matmul.
-            time("dequantize", &|| {
+            time("dequantize", &|q| {
                 x.matmul(&q.dequantize_to(dtype, &device)?.t()?)
             })?;
             #[cfg(feature = "cuda")]
@@ -284,7 +308,7 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
                 let mma = runs_mma(&device)?;
                 for kernel in DecodeKernel::ALL {
                     if device.is_cuda() && kernel.serves_on(m, inp, out, q.blocks(), mma) {
-                        time(kernel.name(), &|| {
+                        time(kernel.name(), &|q| {
                             q.forward_from_nf4(&x, kernel, None, Epilogue::None)
                         })?;
                     }
@@ -296,7 +320,7 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
                 for tiling in MmaTiling::ALL {
                     if mma_serves && tiling != decoding && tiling.serves_rows(m) {
                         let name = format!("mma/{}", tiling.name());
-                        time(&name, &|| q.forward_mma_tiled(&x, tiling))?;
+                        time(&name, &|q| q.forward_mma_tiled(&x, tiling))?;
                     }
                 }
             }
@@ -828,4 +852,20 @@ fn grouped(args: &TrainBenchArgs, rows: Vec<Packed>) -> Vec<Packed> {
 fn round(v: f64, digits: i32) -> f64 {
     let p = 10f64.powi(digits);
     (v * p).round() / p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Falcon-7B's QKV (10.6 MB of codes) in 26 copies to read 256 MiB; tiny weights at the cap;
+    /// 0 bytes or a weight past them in one copy.
+    #[test]
+    fn bench_kernels_cycles_through_enough_copies() {
+        let mib256 = 256 << 20;
+        assert_eq!(weight_copies(mib256, 4672 * 4544 / 2), 26);
+        assert_eq!(weight_copies(mib256, 4096), 256);
+        assert_eq!(weight_copies(0, 4096), 1);
+        assert_eq!(weight_copies(mib256, 1 << 30), 1);
+    }
 }
