@@ -163,15 +163,19 @@ extern "C" __global__ void __launch_bounds__(256) lora_train_h_f16_r##R(const u1
 LORA_H_ROWS(8)
 LORA_H_ROWS(16)
 
+// Element i of `splits` slices of n partial sums, added in slice order (the kernels below).
+__device__ __forceinline__ float slice_sum(const float* part, int splits, int n, int i) {
+  float sum = 0.f;
+  for (int s = 0; s < splits; ++s) sum += part[(long long)s * n + i];
+  return sum;
+}
 // The training node's h (and dA): the slices' partial sums of lora_train_h (lora_train_da) added
 // in slice order and rounded once to the 16-bit type, as cuBLAS writes its product.
 #define LORA_H_SUM(NAME, BF16)                                                                 \
 extern "C" __global__ void NAME(const float* part, u16* h, int splits, int n) {               \
   int i = blockIdx.x * blockDim.x + threadIdx.x;                                               \
   if (i >= n) return;                                                                          \
-  float sum = 0.f;                                                                             \
-  for (int s = 0; s < splits; ++s) sum += part[(long long)s * n + i];                          \
-  h[i] = round16<BF16>(sum);                                                                   \
+  h[i] = round16<BF16>(slice_sum(part, splits, n, i));                                         \
 }
 LORA_H_SUM(lora_h_sum_bf16, true)
 LORA_H_SUM(lora_h_sum_f16, false)
@@ -180,9 +184,7 @@ LORA_H_SUM(lora_h_sum_f16, false)
 extern "C" __global__ void lora_h_sum_f32(const float* part, float* h, int splits, int n) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  float sum = 0.f;
-  for (int s = 0; s < splits; ++s) sum += part[(long long)s * n + i];
-  h[i] = sum;
+  h[i] = slice_sum(part, splits, n, i);
 }
 
 // The same sums for a gradient that goes to an f32 weight: rounded to the 16-bit type as above,
@@ -195,9 +197,7 @@ extern "C" __global__ void NAME(const float* part, float* out, int splits, int n
     int scaled) {                                                                             \
   int i = blockIdx.x * blockDim.x + threadIdx.x;                                               \
   if (i >= n) return;                                                                          \
-  float sum = 0.f;                                                                             \
-  for (int t = 0; t < splits; ++t) sum += part[(long long)t * n + i];                          \
-  float v = load16<BF16>(round16<BF16>(sum));                                                  \
+  float v = load16<BF16>(round16<BF16>(slice_sum(part, splits, n, i)));                        \
   if (scaled) {                                                                                \
     v = load16<BF16>(round16<BF16>(__fmul_rn(v, load16<BF16>(round16<BF16>(s)))));             \
     v = load16<BF16>(round16<BF16>(__fadd_rn(v, 0.0f)));                                       \
