@@ -269,8 +269,8 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     for &(out, inp) in &args.shapes {
-        let codes_bytes = (out * inp).div_ceil(2) as f64;
-        let copies = weight_copies(args.weight_bytes, (out * inp).div_ceil(2));
+        let codes = (out * inp).div_ceil(2);
+        let copies = weight_copies(args.weight_bytes, codes);
         // On the device, so a GPU quantizes them there, as a load does.
         let weights = (0..copies)
             .map(|_| {
@@ -294,7 +294,7 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
                     emit(
                         json!({"what": "kernel", "shape": [out, inp], "rows": m, "kernel": name,
                     "weight_copies": copies,
-                    "us": round(s * 1e6, 1), "codes_gb_per_s": round(codes_bytes / s / 1e9, 1)}),
+                    "us": round(s * 1e6, 1), "codes_gb_per_s": round(codes as f64 / s / 1e9, 1)}),
                     );
                     Ok(())
                 };

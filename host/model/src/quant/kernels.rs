@@ -1275,27 +1275,15 @@ mod tests {
             assert!(MmaTiling::ALL.contains(&t), "{} has no instance", t.name());
         }
         let (k, n) = (4544, 4672);
-        // Unset, one row takes the pairs form (a unit test's process sets no switch).
-        assert_eq!(
-            MmaTiling::for_shape(1, k, n).unwrap(),
-            MmaTiling::DEFAULTS[2]
-        );
-        assert_eq!(
-            MmaTiling::for_shape(2, k, n).unwrap(),
-            MmaTiling::DEFAULTS[0]
-        );
-        assert_eq!(
-            MmaTiling::for_shape(8, k, n).unwrap(),
-            MmaTiling::DEFAULTS[0]
-        );
-        assert_eq!(
-            MmaTiling::for_shape(9, k, n).unwrap(),
-            MmaTiling::DEFAULTS[1]
-        );
-        assert_eq!(
-            MmaTiling::for_shape(MMA_MAX_ROWS, k, n).unwrap(),
-            MmaTiling::DEFAULTS[1]
-        );
+        // Unset, one row takes the pairs form (a unit test's process sets no switch), up to 8
+        // rows the swapped form, more the A-operand form.
+        for (m, default) in [(1, 2), (2, 0), (8, 0), (9, 1), (MMA_MAX_ROWS, 1)] {
+            assert_eq!(
+                MmaTiling::for_shape(m, k, n).unwrap(),
+                MmaTiling::DEFAULTS[default],
+                "{m} rows"
+            );
+        }
         // Past 32-bit offsets one row keeps the swapped form.
         assert!(!MmaTiling::pairs_reach(1 << 16, 1 << 16));
         assert_eq!(
