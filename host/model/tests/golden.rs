@@ -521,7 +521,8 @@ fn nf4_kernels_equal_the_cpu_path() {
 /// row's weights as bitsandbytes' batch-1 GEMV forms them) against the CPU path with those
 /// weights (`dequantize_gemv4bit`). Rows of x that are one 1.0 each (a product is then one
 /// weight, exactly) show each form's weights bit for bit: the dequantized ones, or the pairs
-/// form's. One shape has more groups of 16 features than the pairs form keeps blocks resident.
+/// form's. One shape has more groups of 16 features than the pairs form keeps blocks resident,
+/// and one enough columns that one row's pairs form splits k (`quant::kernels::pairs_slices`).
 #[cfg(feature = "cuda")]
 #[test]
 fn nf4_mma_tilings_equal_the_cpu_path() {
@@ -532,12 +533,14 @@ fn nf4_mma_tilings_equal_the_cpu_path() {
     let Some(dev) = gpu_device() else { return };
     let cpu = Device::Cpu;
     // 16,000 features are 1,000 groups of 16: more than the pairs form's resident blocks on any
-    // card (3 a multiprocessor), so its blocks loop over groups.
+    // card (3 a multiprocessor), so its blocks loop over groups. 18,176 columns (Falcon-7B's down
+    // projection's) are 142 chunks of 128: one row's pairs form splits them into 4 slices.
     for (rows, cols, double_quant) in [
         (40, 320, true),
         (96, 4544, true),
         (64, 1024, false),
         (16_000, 320, true),
+        (40, 18_176, true),
     ] {
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| (i as f32 * 0.377).sin() * 0.05)

@@ -24,10 +24,8 @@ pub const SWITCHES: [(&str, &[&str]); 15] = [
     // One row's weights as bitsandbytes' batch-1 GEMV or its dequantize kernel forms them: two
     // roundings that put a weight at most two steps of the 16-bit type apart.
     ("ADAPTERLAB_NF4_ONE_ROW", &["gemv4bit", "dequantize"]),
-    (
-        "ADAPTERLAB_NF4_PAIRS_TILING",
-        &["p8u2", "p8u2f", "p8u1a", "p8u2a"],
-    ),
+    // Whether one row's pairs form splits a product over k where groups alone leave places idle.
+    ("ADAPTERLAB_NF4_PAIRS_SPLIT", &["auto", "off"]),
     ("ADAPTERLAB_PACKED_ATTENTION", &["regroup", "mask"]),
     ("ADAPTERLAB_DECODE_ATTENTION", &["fused", "eager"]),
     ("ADAPTERLAB_DECODE_ROPE", &["fused", "split"]),

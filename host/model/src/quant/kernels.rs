@@ -39,8 +39,8 @@ const DEQUANT_WORDS: usize = 8;
 /// a weight at one row there, issue bound (H100, 2026-12-07).
 ///
 /// `pairs`: the swapped form with each weight formed as bitsandbytes' batch-1 GEMV forms it
-/// ([`OneRow::Gemv4bit`]; `nf4_mma_pairs` in nf4_mma.cu), two weights a shared load;
-/// `ahead`: how that form's warps get their next round of codes early ([`Ahead`]).
+/// ([`OneRow::Gemv4bit`]; `nf4_mma_pairs` in nf4_mma.cu), two weights a shared load, split
+/// over k where that fills the GPU ([`PairsSplit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaTiling {
     pub warps: u32,
@@ -48,20 +48,6 @@ pub struct MmaTiling {
     pub tiles: u32,
     pub swapped: bool,
     pub pairs: bool,
-    pub ahead: Ahead,
-}
-
-/// How the `pairs` form's warps get their next round of codes before they use it (`AHEAD` in
-/// nf4_mma.cu). A feature's sum is the same whichever.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ahead {
-    /// They don't: a warp issues a round's loads, waits for them, computes.
-    No,
-    /// They ask the L2 for the next round (`prefetch.global.L2`) as they issue this one's.
-    L2,
-    /// They issue the next round's loads into a second set of registers before computing this
-    /// one, across the block's groups, so that loads are in flight while warps compute.
-    Registers,
 }
 
 impl MmaTiling {
@@ -72,7 +58,6 @@ impl MmaTiling {
             tiles,
             swapped: false,
             pairs: false,
-            ahead: Ahead::No,
         }
     }
 
@@ -83,7 +68,6 @@ impl MmaTiling {
             tiles: 1,
             swapped: true,
             pairs: false,
-            ahead: Ahead::No,
         }
     }
 
@@ -94,14 +78,6 @@ impl MmaTiling {
             tiles: 1,
             swapped: true,
             pairs: true,
-            ahead: Ahead::No,
-        }
-    }
-
-    const fn pairs_ahead(warps: u32, unroll: u32, ahead: Ahead) -> Self {
-        MmaTiling {
-            ahead,
-            ..MmaTiling::pairs(warps, unroll)
         }
     }
 
@@ -113,21 +89,16 @@ impl MmaTiling {
         MmaTiling::pairs(8, 2),
     ];
 
-    /// The tilings decoding may launch (the defaults and the other one-row tilings
-    /// `ADAPTERLAB_NF4_PAIRS_TILING` names), whose instances are in the decoding module (with
-    /// PDL where it is on), so that the one-row tilings compare end to end on equal terms.
-    pub const DECODING: [MmaTiling; 6] = [
-        MmaTiling::swapped(8, 2),
-        MmaTiling::new(8, 1, 2),
-        MmaTiling::pairs(8, 2),
-        MmaTiling::pairs_ahead(8, 2, Ahead::L2),
-        MmaTiling::pairs_ahead(8, 1, Ahead::Registers),
-        MmaTiling::pairs_ahead(8, 2, Ahead::Registers),
-    ];
+    /// The tilings decoding may launch (the defaults), whose instances are in the decoding
+    /// module (with PDL where it is on). Tried and measured slower on an H100 (2026-12-07,
+    /// BENCHMARKS.md), so no longer built: the pairs form asking the L2 for each warp's next
+    /// round of codes (`p8u2f`, −0.7% end to end) and issuing it into a second set of registers
+    /// before computing the current one (`p8u1a` −5%, `p8u2a` −10%).
+    pub const DECODING: [MmaTiling; 3] = Self::DEFAULTS;
 
     /// Every tiling there are instances of: the decoding ones and those `bench kernels`
     /// measures them against.
-    pub const ALL: [MmaTiling; 18] = [
+    pub const ALL: [MmaTiling; 15] = [
         MmaTiling::new(8, 2, 1),
         MmaTiling::new(8, 4, 1),
         MmaTiling::new(4, 4, 1),
@@ -143,9 +114,6 @@ impl MmaTiling {
         MmaTiling::pairs(8, 4),
         MmaTiling::pairs(8, 2),
         MmaTiling::pairs(4, 4),
-        MmaTiling::pairs_ahead(8, 2, Ahead::L2),
-        MmaTiling::pairs_ahead(8, 1, Ahead::Registers),
-        MmaTiling::pairs_ahead(8, 2, Ahead::Registers),
     ];
 
     /// Whether this tiling's kernel takes `m` rows: the swapped form holds them as the 8 columns
@@ -170,11 +138,10 @@ impl MmaTiling {
     ///
     /// One row of `k` features against `n` takes the `pairs` form where
     /// `ADAPTERLAB_NF4_ONE_ROW` is `gemv4bit` (the default; see [`OneRow`]) and its 32-bit
-    /// addresses reach every weight (`n * k < 2^32`), in `ADAPTERLAB_NF4_PAIRS_TILING`'s tiling
-    /// ([`MmaTiling::DEFAULTS`]' third unset).
+    /// addresses reach every weight (`n * k < 2^32`), in [`MmaTiling::DEFAULTS`]' third.
     pub fn for_shape(m: usize, k: usize, n: usize) -> Result<Self> {
         if m == 1 && one_row()? == OneRow::Gemv4bit && Self::pairs_reach(k, n) {
-            return Ok(PAIRS_TILING.get()?.unwrap_or(Self::DEFAULTS[2]));
+            return Ok(Self::DEFAULTS[2]);
         }
         match SMALL_TILING.get()? {
             Some(t) if m <= 8 => Ok(t),
@@ -187,16 +154,10 @@ impl MmaTiling {
         n.checked_mul(k).is_some_and(|e| e <= u32::MAX as usize)
     }
 
-    /// How reports name it: `w8u2t1`, `s8u2` swapped, `p8u4` with bitsandbytes' batch-1 weights
-    /// (`p8u2f` asking the L2 ahead, `p8u1a` loading ahead into registers).
+    /// How reports name it: `w8u2t1`, `s8u2` swapped, `p8u4` with bitsandbytes' batch-1 weights.
     pub fn name(self) -> String {
         if self.pairs {
-            let f = match self.ahead {
-                Ahead::No => "",
-                Ahead::L2 => "f",
-                Ahead::Registers => "a",
-            };
-            format!("p{}u{}{f}", self.warps, self.unroll)
+            format!("p{}u{}", self.warps, self.unroll)
         } else if self.swapped {
             format!("s{}u{}", self.warps, self.unroll)
         } else {
@@ -393,13 +354,13 @@ pub fn runs_mma(device: &candle_core::Device) -> Result<bool> {
 }
 
 /// The `ADAPTERLAB_NF4_GEMV`, `ADAPTERLAB_NF4_SMALL_BATCH`, `ADAPTERLAB_NF4_MMA_TILING`,
-/// `ADAPTERLAB_NF4_ONE_ROW` and `ADAPTERLAB_NF4_PAIRS_TILING` in force, by variable, as the
+/// `ADAPTERLAB_NF4_ONE_ROW` and `ADAPTERLAB_NF4_PAIRS_SPLIT` in force, by variable, as the
 /// names they take, for reports.
 pub fn decode_settings() -> Result<[(&'static str, &'static str); 5]> {
     let (gemv, small) = switches()?;
     // Each default is among its switch's names (a unit test holds it there).
     let tiling = SMALL_TILING.in_force(MmaTiling::DEFAULTS[0])?.1;
-    let pairs = PAIRS_TILING.in_force(MmaTiling::DEFAULTS[2])?.1;
+    let split = PAIRS_SPLIT.in_force(PairsSplit::Auto)?.1;
     let one = ONE_ROW.in_force(OneRow::Gemv4bit)?.1;
     Ok([
         ("ADAPTERLAB_NF4_GEMV", gemv.name()),
@@ -409,7 +370,7 @@ pub fn decode_settings() -> Result<[(&'static str, &'static str); 5]> {
         ),
         ("ADAPTERLAB_NF4_MMA_TILING", tiling),
         ("ADAPTERLAB_NF4_ONE_ROW", one),
-        ("ADAPTERLAB_NF4_PAIRS_TILING", pairs),
+        ("ADAPTERLAB_NF4_PAIRS_SPLIT", split),
     ])
 }
 
@@ -425,17 +386,46 @@ static SMALL_TILING: Switch<MmaTiling> = Switch::new(
     ],
 );
 
-/// `ADAPTERLAB_NF4_PAIRS_TILING`: the `pairs` form's tiling for one row, in place of
-/// [`MmaTiling::DEFAULTS`]' third.
-static PAIRS_TILING: Switch<MmaTiling> = Switch::new(
-    "ADAPTERLAB_NF4_PAIRS_TILING",
-    &[
-        ("p8u2", MmaTiling::pairs(8, 2)),
-        ("p8u2f", MmaTiling::pairs_ahead(8, 2, Ahead::L2)),
-        ("p8u1a", MmaTiling::pairs_ahead(8, 1, Ahead::Registers)),
-        ("p8u2a", MmaTiling::pairs_ahead(8, 2, Ahead::Registers)),
-    ],
+/// Whether the `pairs` form (one row) splits a product over k (`ADAPTERLAB_NF4_PAIRS_SPLIT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairsSplit {
+    /// Into [`PAIRS_SLICES`] slices where the groups of 16 features alone would leave places
+    /// idle ([`pairs_slices`]): Falcon-7B's down projection.
+    Auto,
+    /// Never: a block takes a group's whole row.
+    Off,
+}
+
+/// `ADAPTERLAB_NF4_PAIRS_SPLIT`: `auto` (the default) or `off` ([`PairsSplit`]).
+static PAIRS_SPLIT: Switch<PairsSplit> = Switch::new(
+    "ADAPTERLAB_NF4_PAIRS_SPLIT",
+    &[("auto", PairsSplit::Auto), ("off", PairsSplit::Off)],
 );
+
+/// Slices of k a split `pairs` product takes.
+pub const PAIRS_SLICES: usize = 4;
+
+/// Groups of 16 features up to which a `pairs` product splits (and the counts it keeps).
+const PAIRS_SPLIT_GROUPS: usize = 512;
+
+/// Slices of k the `pairs` form takes for `n` features of `k` columns: [`PAIRS_SLICES`] where
+/// there are at most [`PAIRS_SPLIT_GROUPS`] groups (an H100 holds 396 blocks of the form, so
+/// fewer groups leave places idle) and each slice keeps 32 chunks of 128 columns or more (4
+/// rounds a warp), else 1. A function of the shape alone, not the card, so the sums (slices
+/// added in order) are the same on any card. Falcon-7B: the down projection (284 groups, 142
+/// chunks) splits; QKV and the attention's output (36 chunks) and the up projection (1,136
+/// groups) do not.
+pub fn pairs_slices(k: usize, n: usize) -> Result<usize> {
+    let (groups, chunks) = (n.div_ceil(16), k.div_ceil(128));
+    let split = PAIRS_SPLIT.get()?.unwrap_or(PairsSplit::Auto) == PairsSplit::Auto;
+    Ok(
+        if split && groups <= PAIRS_SPLIT_GROUPS && chunks >= 32 * PAIRS_SLICES {
+            PAIRS_SLICES
+        } else {
+            1
+        },
+    )
+}
 
 /// How one row's product (batch-1 decoding) forms each weight from its code and its block's
 /// absmax (`ADAPTERLAB_NF4_ONE_ROW`). The two put a weight at most two steps of the 16-bit type
@@ -667,10 +657,7 @@ fn nf4_mma_defines(tilings: &[MmaTiling]) -> String {
         .iter()
         .flat_map(|t| {
             if t.pairs {
-                vec![format!(
-                    "MMA_PAIRS_INSTANCE({}, {}, {})",
-                    t.warps, t.unroll, t.ahead as u8
-                )]
+                vec![format!("MMA_PAIRS_INSTANCE({}, {})", t.warps, t.unroll)]
             } else if t.swapped {
                 vec![format!("MMA_SWAPPED_INSTANCE({}, {})", t.warps, t.unroll)]
             } else {
@@ -925,20 +912,39 @@ pub enum LoraH<'a> {
 /// `h` blocks (rows times rank) a launch computing h itself may have: one flag each.
 pub const LORA_H_BLOCKS: usize = 8192;
 
-/// The flags the `h` blocks of a decoding launch set ([`LORA_H_BLOCKS`] u32 on `dev`, made
-/// zero once a device) and the value this launch sets them to: never the one the launch before
-/// passed, so a flag left by it never reads as set (launches on a stream run one after another).
-fn lora_h_flags(dev: &candle_core::CudaDevice) -> Result<(Tensor, u32)> {
+/// What the tensor-core kernel's launches share on one device, made once: the flags the `h`
+/// blocks of a decoding launch set ([`LORA_H_BLOCKS`] u32, zero at first), and a split `pairs`
+/// product's partial sums (16 a slice of a group) and its groups' counts (zero between launches:
+/// the block that counts a group's last slice sets it back).
+#[derive(Clone)]
+struct LaunchState {
+    flags: Tensor,
+    scratch: Tensor,
+    counts: Tensor,
+}
+
+/// [`LaunchState`] on `dev`, and the value this launch sets the flags to: never the one the
+/// launch before passed, so a flag left by it never reads as set (launches on a stream run one
+/// after another).
+fn launch_state(dev: &candle_core::CudaDevice) -> Result<(LaunchState, u32)> {
     use std::sync::atomic::{AtomicU32, Ordering};
-    static MADE: std::sync::Mutex<Vec<Tensor>> = std::sync::Mutex::new(Vec::new());
+    static MADE: std::sync::Mutex<Vec<LaunchState>> = std::sync::Mutex::new(Vec::new());
     static EPOCH: AtomicU32 = AtomicU32::new(0);
     let device = candle_core::Device::Cuda(dev.clone());
-    let flags = {
+    let state = {
         let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
-        match made.iter().find(|t| t.device().same_device(&device)) {
+        match made.iter().find(|t| t.flags.device().same_device(&device)) {
             Some(t) => t.clone(),
             None => {
-                let t = Tensor::zeros(LORA_H_BLOCKS, DType::U32, &device)?;
+                let t = LaunchState {
+                    flags: Tensor::zeros(LORA_H_BLOCKS, DType::U32, &device)?,
+                    scratch: Tensor::zeros(
+                        PAIRS_SPLIT_GROUPS * PAIRS_SLICES * 16,
+                        DType::F32,
+                        &device,
+                    )?,
+                    counts: Tensor::zeros(PAIRS_SPLIT_GROUPS, DType::U32, &device)?,
+                };
                 made.push(t.clone());
                 t
             }
@@ -949,7 +955,7 @@ fn lora_h_flags(dev: &candle_core::CudaDevice) -> Result<(Tensor, u32)> {
     if epoch == 0 {
         epoch = EPOCH.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
     }
-    Ok((flags, epoch))
+    Ok((state, epoch))
 }
 
 /// The module holding the tensor-core kernel's instances of `tiling`, and the PDL module
@@ -1103,6 +1109,11 @@ pub fn gemv_with(
         }
         _ => None,
     };
+    // The slices of k the pairs form splits the product into (one row only; 1 elsewhere).
+    let slices = match kernel == DecodeKernel::Mma && tiling.pairs && m == 1 {
+        true => pairs_slices(k, out_features)?,
+        false => 1,
+    };
     // The h blocks a launch runs before the product's (0 where h is given).
     let hb = match &lora {
         Some((_, Some(_), _, _, r)) => m * r,
@@ -1125,12 +1136,17 @@ pub fn gemv_with(
         },
         // `tiling.features()` a block, its warps splitting the columns, after the h blocks; the
         // `pairs` form's blocks loop over the groups of features, no more of them than fit on
-        // the card at once (each fills its table once).
+        // the card at once beside the h blocks (each fills its table once; a product block that
+        // found no room would start only as the h blocks leave, and finish that much later:
+        // Falcon-7B's up projection has 1,136 groups for 396 places on an H100).
         DecodeKernel::Mma => {
-            let groups = out_features.div_ceil(tiling.features());
+            let items = out_features.div_ceil(tiling.features()) * slices;
             let blocks = match tiling.pairs {
-                true => groups.min(resident_blocks(&dev, tiling, x.dtype())?),
-                false => groups,
+                true => {
+                    let resident = resident_blocks(&dev, tiling, x.dtype())?;
+                    items.min(resident.saturating_sub(hb).max(1))
+                }
+                false => items,
             };
             LaunchConfig {
                 grid_dim: ((hb + blocks) as u32, 1, 1),
@@ -1168,10 +1184,15 @@ pub fn gemv_with(
                     }
                     None => (xv.slice(..), xv.slice(..)),
                 };
-                let (flags, epoch) = lora_h_flags(&dev)?;
-                let flags = CudaInput::of(&flags)?;
+                let (state, epoch) = launch_state(&dev)?;
+                let flags = CudaInput::of(&state.flags)?;
                 let flags = flags.view::<u32>(LORA_H_BLOCKS)?;
+                let scratch = CudaInput::of(&state.scratch)?;
+                let scratch = scratch.view::<f32>(PAIRS_SPLIT_GROUPS * PAIRS_SLICES * 16)?;
+                let counts = CudaInput::of(&state.counts)?;
+                let counts = counts.view::<u32>(PAIRS_SPLIT_GROUPS)?;
                 let hb_i = hb as i32;
+                let slices_i = slices as i32;
                 match (&lora, kernel) {
                     (_, DecodeKernel::Tiled) => {
                         crate::run_kernel!($module, dev, $name, cfg;
@@ -1190,7 +1211,7 @@ pub fn gemv_with(
                             crate::run_kernel_maybe_pdl!(pdl, $module, dev, $name, cfg;
                                 s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
                                 &s.offset, &s.nbs, xv, &out, &m_i, &hv, &bv, scaling, &r_i, &act,
-                                &av, &flags, &epoch, &hb_i, &rx, &rb,
+                                &av, &flags, &epoch, &hb_i, &rx, &rb, &slices_i, &scratch, &counts,
                             )?;
                         } else {
                             crate::run_kernel!($module, dev, $name, cfg;
@@ -1205,7 +1226,8 @@ pub fn gemv_with(
                             crate::run_kernel_maybe_pdl!(pdl, $module, dev, $name, cfg;
                                 s.codes, &n_i, &k_i, &bs, &s.nested, s.absmax, s.aq, s.acode,
                                 &s.offset, &s.nbs, xv, &out, &m_i, s.absmax, s.absmax, &zero,
-                                &none, &act, s.absmax, &flags, &epoch, &none, &rx, &rb,
+                                &none, &act, s.absmax, &flags, &epoch, &none, &rx, &rb, &slices_i,
+                                &scratch, &counts,
                             )?;
                         } else {
                             crate::run_kernel!($module, dev, $name, cfg;
@@ -1255,11 +1277,29 @@ mod tests {
     #[test]
     fn the_switch_names_are_the_tables() {
         SMALL_TILING.names_match().unwrap();
-        PAIRS_TILING.names_match().unwrap();
+        PAIRS_SPLIT.names_match().unwrap();
         ONE_ROW.names_match().unwrap();
         GEMV.names_match().unwrap();
         SMALL_BATCH.names_match().unwrap();
         PDL.names_match().unwrap();
+    }
+
+    /// Falcon-7B's one-row products: only the down projection (284 groups of 142 chunks) splits
+    /// over k; a product with fewer than 32 chunks a slice or more groups than the counts keep
+    /// does not (a unit test's process sets no switch: `auto`).
+    #[test]
+    fn one_row_splits_only_where_groups_leave_places_idle() {
+        for (k, n, slices) in [
+            (4544, 4672, 1),
+            (4544, 4544, 1),
+            (4544, 18176, 1),
+            (18176, 4544, PAIRS_SLICES),
+            (18176, 40, PAIRS_SLICES),
+            (16_000, 4544, 1),
+            (18176, 16 * PAIRS_SPLIT_GROUPS + 16, 1),
+        ] {
+            assert_eq!(pairs_slices(k, n).unwrap(), slices, "{k} x {n}");
+        }
     }
 
     #[test]
@@ -1291,29 +1331,17 @@ mod tests {
             MmaTiling::DEFAULTS[0]
         );
         // The switches' names are the tilings' own, each one with an instance serving 8 rows
-        // (the pairs switch's serving one), and the defaults among them (what reports name when
+        // and the defaults among them (what reports name when
         // they are unset).
         assert!(
             SMALL_TILING
                 .options()
                 .contains(&("s8u2", MmaTiling::DEFAULTS[0]))
         );
-        assert!(
-            PAIRS_TILING
-                .options()
-                .contains(&("p8u2", MmaTiling::DEFAULTS[2]))
-        );
         for (name, t) in SMALL_TILING.options() {
             assert_eq!(*name, t.name());
             assert!(
                 MmaTiling::ALL.contains(t) && t.serves_rows(8) && !t.pairs,
-                "{name}"
-            );
-        }
-        for (name, t) in PAIRS_TILING.options() {
-            assert_eq!(*name, t.name());
-            assert!(
-                MmaTiling::DECODING.contains(t) && t.serves_rows(1) && t.pairs,
                 "{name}"
             );
         }

@@ -64,6 +64,29 @@ __device__ __forceinline__ float absmax_value(unsigned int q, float am, int nest
   return nested ? __fadd_rn(__fmul_rn(code_s[q], am), offset) : am;
 }
 
+// An adapter's term for one output: sum over j of h[j] * (B[j] * lscale), in order j (the bits
+// lora_out computes). h (written by this launch's h blocks, so read past the L1) and B's row
+// are read 16 bytes at a time where the rank allows and unrolled, so an output's loads are in
+// flight together: one load at a time, a rank-16 term was 16 round trips to the L2 in the
+// epilogue of every group of features.
+__device__ __forceinline__ float lora_term(const float* hr, const float* br, int lr, float lscale) {
+  float d = 0.f;
+  if ((lr & 3) == 0 && ((reinterpret_cast<unsigned long long>(hr) |
+                         reinterpret_cast<unsigned long long>(br)) & 15ull) == 0) {
+    _Pragma("unroll 4") for (int j = 0; j < lr; j += 4) {
+      float4 h4 = __ldcg((const float4*)(hr + j));
+      float4 b4 = __ldg((const float4*)(br + j));
+      d += h4.x * __fmul_rn(b4.x, lscale);
+      d += h4.y * __fmul_rn(b4.y, lscale);
+      d += h4.z * __fmul_rn(b4.z, lscale);
+      d += h4.w * __fmul_rn(b4.w, lscale);
+    }
+    return d;
+  }
+  for (int j = 0; j < lr; ++j) d += __ldcg(hr + j) * __fmul_rn(br[j], lscale);
+  return d;
+}
+
 // The GEMVs' store of output (r, o) from its f32 sum s: rounded to 16 bits, and with lr > 0 an
 // unmerged LoRA adapter's product added, given h = x A^T (lora_h in lora.cu, [m, lr] f32) and
 // B ([n, lr] f32): the rounded base product plus h (B * lscale)^T summed in f32, rounded once,
@@ -72,13 +95,10 @@ __device__ __forceinline__ float absmax_value(unsigned int q, float am, int nest
 // LORA_OUT declares `out` (u16) as that value; STORE_OUT stores it.
 #define LORA_OUT(LOAD, STORE, r, o, s, out)                                                    \
   u16 out = STORE(s);                                                                          \
-  if (lr > 0) {                                                                               \
-    const float* hr_ = lh + (long long)(r) * lr;                                               \
-    const float* br_ = lb + (long long)(o) * lr;                                               \
-    float d_ = 0.f;                                                                            \
-    for (int j_ = 0; j_ < lr; ++j_) d_ += __ldcg(hr_ + j_) * __fmul_rn(br_[j_], lscale);       \
-    out = STORE(__fadd_rn(LOAD(out), d_));                                                     \
-  }
+  if (lr > 0)                                                                                  \
+    out = STORE(__fadd_rn(LOAD(out), lora_term(lh + (long long)(r) * lr,                       \
+                                              lb + (long long)(o) * lr, lr, lscale)));
 #define STORE_OUT(LOAD, STORE, r, o, s) {                                                     \
   LORA_OUT(LOAD, STORE, r, o, s, out_)                                                         \
   y[(long long)(r) * n + (o)] = out_; }
+

@@ -340,11 +340,6 @@ __device__ __forceinline__ unsigned int mul16x2(unsigned int p, unsigned int a) 
   else asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(p), "r"(a));
   return d;
 }
-// Asks the L2 for the line holding p (no register, no wait): PREFETCH tilings ask for a warp's
-// next round of codes as they issue this round's loads, so that those loads find them there.
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
-}
 // One group of 16 features as a lane sees it: the first weight of its feature g (a 32-bit
 // offset; feature g + 8's is 8k on), and whether feature g + 8 exists (g's does: n % 8 == 0).
 // Kept to two registers: the form that loads ahead holds two groups' at once.
@@ -363,12 +358,13 @@ struct PairsRound {
   unsigned int qa[UNROLL], qb[UNROLL];
   float ma[UNROLL], mb[UNROLL];
 };
-// A lane's loads of chunk ch: codes at ch * 64 bytes on, if the lane has columns there
-// (ch * 128 < kc, kc = k - 32 c, which also means ch < chunks). Codes not loaded are never used
+// A lane's loads of chunk ch: codes at ch * 64 bytes on, if the chunk is in the slice (ch < ce)
+// and the lane has columns there (ch * 128 < kc, kc = k - 32 c, which also means ch < chunks). Codes not loaded are never used
 // as more than a table row (any byte is one), their scale is zero and x is zero there.
 template <int WARPS, int UNROLL>
 __device__ __forceinline__ void pairs_load(PairsRound<UNROLL>& r, const u8* codes,
-    PairsGroup q, int k, int ch0, int kc, int lbs, const float* absmax, const u8* aq, int lnbs) {
+    PairsGroup q, int k, int ch0, int ce, int kc, int lbs, const float* absmax, const u8* aq,
+    int lnbs) {
   unsigned int eb = q.ea + 8u * (unsigned int)k;
   const u8* ra = codes + (q.ea >> 1) + ((long long)ch0 << 6);
   const u8* rb = codes + (eb >> 1) + ((long long)ch0 << 6);
@@ -376,7 +372,7 @@ __device__ __forceinline__ void pairs_load(PairsRound<UNROLL>& r, const u8* code
     int ch = ch0 + u * WARPS;
     r.qa[u] = r.qb[u] = 0u;
     r.ma[u] = r.mb[u] = 0.f;
-    if ((ch << 7) < kc) {
+    if (ch < ce && (ch << 7) < kc) {
       unsigned int step = (unsigned int)ch << 7;
       r.ca[u] = __ldcs((const uint4*)(ra + u * WARPS * 64));
       absmax_fetch((q.ea + step) >> lbs, absmax, aq, lnbs, &r.qa[u], &r.ma[u]);
@@ -391,11 +387,11 @@ __device__ __forceinline__ void pairs_load(PairsRound<UNROLL>& r, const u8* code
 // each pair of weights from the table scaled by its feature's absmax, an mma a 4 columns.
 template <int WARPS, int UNROLL, bool BF16>
 __device__ __forceinline__ void pairs_compute(const PairsRound<UNROLL>& r, float* d, bool vb,
-    int ch0, int chunks, int kc, int c, const u16* xr, int nested, const float* code_s,
+    int ch0, int ce, int kc, int c, const u16* xr, int nested, const float* code_s,
     float offset, unsigned int tb, unsigned int lane4) {
   _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
     int ch = ch0 + u * WARPS;
-    if (ch >= chunks) break;
+    if (ch >= ce) break;
     // Past k x is zero and the scale is zero; the lane must still join the warp's mma.
     bool valid = (ch << 7) < kc;
     int col = (ch << 7) + (c << 5);
@@ -423,24 +419,61 @@ __device__ __forceinline__ void pairs_compute(const PairsRound<UNROLL>& r, float
     }
   }
 }
-// AHEAD says how a warp gets its next round of codes before it needs them: 0 not at all (it
-// issues a round's loads, then waits for them and computes), 1 by asking the L2 for them
-// (prefetch.global.L2) as it issues this round's, 2 by issuing the next round's loads into a
-// second set of registers before it computes this one, across the block's groups, so that a
-// warp's loads are in flight while it computes (with AHEAD 0 the block's warps load and
-// compute in step, the memory idle while they compute). A feature's sum is the same for all
-// three: the same chunks in the same order.
-template <int WARPS, int UNROLL, bool BF16, int AHEAD>
+// Split over k (slices > 1, one row): a work item is a group and a slice of its chunks
+// (slices of cps chunks, a group's items adjacent), and blocks loop over the items. An item's
+// block sums its warps as the unsplit form does, stores the 16 sums to scratch (item * 16 on) and
+// counts the slice in counts[grp]; the block that counts the last adds the group's slices in
+// slice order and stores the outputs with the epilogue, then sets the count back to zero for the
+// next launch (which touches it only after its GRID_WAIT, when this launch is done). Falcon-7B's
+// down projection has 284 groups of 142 chunks for 396 places on an H100: unsplit, 112 places
+// idle and every block 142 chunks long; in 4 slices, 1,136 items of 36 chunks, 3 at most a block.
+#define STORE_SLICE_SUMS                                                                       \
+  GRID_WAIT();                                                                                 \
+  part[warp][2 * c][g] = d[0];                                                                 \
+  part[warp][2 * c + 1][g] = d[1];                                                             \
+  part[warp][2 * c][g + 8] = d[2];                                                             \
+  part[warp][2 * c + 1][g + 8] = d[3];                                                         \
+  __syncthreads();                                                                             \
+  if (threadIdx.x < 16) {                                                                     \
+    float sum = 0.f;                                                                           \
+    _Pragma("unroll") for (int w = 0; w < WARPS; ++w) sum += part[w][0][threadIdx.x];          \
+    __stcg(scratch + (long long)item * 16 + threadIdx.x, sum);                                 \
+    __threadfence();                                                                           \
+  }                                                                                           \
+  __syncthreads();                                                                             \
+  if (threadIdx.x == 0)                                                                        \
+    last_slice = atomicAdd(counts + grp, 1u) == (unsigned int)(slices - 1);                    \
+  __syncthreads();                                                                             \
+  if (last_slice) {                                                                           \
+    __threadfence();                                                                           \
+    wait_for_h(flags, epoch, hb);                                                              \
+    __syncthreads();                                                                           \
+    long long o = first + threadIdx.x;                                                         \
+    if (threadIdx.x < 16 && o < n) {                                                          \
+      int r = 0;                                                                               \
+      float sum = 0.f;                                                                         \
+      for (int t = 0; t < slices; ++t)                                                        \
+        sum += __ldcg(scratch + ((long long)grp * slices + t) * 16 + threadIdx.x);             \
+      LORA_OUT(load16<BF16>, round16<BF16>, r, o, sum, out)                                    \
+      if (act == 1) out = round16<BF16>(gelu16<BF16>(load16<BF16>(out)));                      \
+      if (act == 2) out = residual3<BF16>(rx[o], out, rb[o]);                                  \
+      y[o] = out;                                                                              \
+    }                                                                                         \
+    if (threadIdx.x == 0) counts[grp] = 0u;                                                    \
+  }                                                                                           \
+  __syncthreads();
+template <int WARPS, int UNROLL, bool BF16>
 __device__ __forceinline__ void nf4_mma_pairs(const u8* codes, int n, int k, int bs, int nested,
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
     const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
     const float* la, unsigned int* flags, unsigned int epoch, int hb, const u16* rx,
-    const u16* rb) {
+    const u16* rb, int slices, float* scratch, unsigned int* counts) {
   extern __shared__ __align__(16) unsigned int pair_table[];
   PRODUCT_START
   fill_pairs<BF16>(pair_table);
   LOAD_TABLES
   __shared__ float part[WARPS][8][16];
+  __shared__ bool last_slice;
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int g = lane >> 2, c = lane & 3;
   unsigned int lane4 = (unsigned int)lane << 2;
@@ -450,131 +483,64 @@ __device__ __forceinline__ void nf4_mma_pairs(const u8* codes, int n, int k, int
   // Columns from the lane's first in a chunk to the row's end: chunk ch holds some if ch * 128 < kc.
   int kc = k - (c << 5);
   int groups = (n + 15) >> 4, stride = gridDim.x - hb;
-  if (AHEAD == 2) {
-    if (bid >= groups) return;
-    // The warp's steps run over (group, round) pairs: its rounds of group bid, then of the
-    // block's next group, ... A warp without chunks (k < 128 * WARPS) still takes one empty
-    // round a group, so that it joins each group's sums.
-    int grp = bid, ch0 = warp;
-    PairsGroup q = pairs_group(grp, g, c, n, k);
-    PairsRound<UNROLL> cur, nxt;
-    pairs_load<WARPS, UNROLL>(cur, codes, q, k, ch0, kc, lbs, absmax, aq, lnbs);
-    GRID_WAIT();
-    float d[4] = {0.f, 0.f, 0.f, 0.f};
-    while (true) {
-      int nch = ch0 + WARPS * UNROLL, ngrp = grp;
-      if (nch >= chunks) {
-        nch = warp;
-        ngrp = grp + stride;
-      }
-      bool more = ngrp < groups;
-      PairsGroup nq = ngrp == grp ? q : pairs_group(ngrp, g, c, n, k);
-      if (more) pairs_load<WARPS, UNROLL>(nxt, codes, nq, k, nch, kc, lbs, absmax, aq, lnbs);
-      pairs_compute<WARPS, UNROLL, BF16>(cur, d, q.vb, ch0, chunks, kc, c, xr, nested, code_s,
-                                         offset, tb, lane4);
-      if (ngrp != grp) {
-        long long first = (long long)grp * 16;
-        STORE_SWAPPED_SUMS
-        // The next group writes part again.
-        __syncthreads();
-        d[0] = d[1] = d[2] = d[3] = 0.f;
-      }
-      if (!more) break;
-      cur = nxt;
-      q = nq;
-      grp = ngrp;
-      ch0 = nch;
-    }
-    return;
-  }
-  for (int grp = bid; grp < groups; grp += stride) {
+  int cps = (chunks + slices - 1) / slices, items = groups * slices;
+  for (int item = bid; item < items; item += stride) {
+    int grp = item / slices, cb = (item - grp * slices) * cps, ce = min(chunks, cb + cps);
     PairsGroup q = pairs_group(grp, g, c, n, k);
     long long first = (long long)grp * 16;
-    const u8* pa = codes + (q.ea >> 1);
     float d[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int ch0 = warp; ch0 < chunks; ch0 += WARPS * UNROLL) {
+    for (int ch0 = cb + warp; ch0 < ce; ch0 += WARPS * UNROLL) {
       PairsRound<UNROLL> r;
-      pairs_load<WARPS, UNROLL>(r, codes, q, k, ch0, kc, lbs, absmax, aq, lnbs);
-      if (AHEAD == 1) {
-        // The next round: of this group, or after its last the block's next group's first
-        // (that group's rows start stride * 16 rows on, 8k bytes a 16 rows).
-        int next = ch0 + WARPS * UNROLL;
-        const u8* na = pa + ((long long)next << 6);
-        bool ahead = next < chunks, vn = q.vb;
-        int ngrp = grp + stride;
-        if (!ahead && ngrp < groups) {
-          next = warp;
-          na = pa + (size_t)stride * 8u * (size_t)k;
-          vn = ngrp * 16 + g + 8 < n;
-          ahead = true;
-        }
-        if (ahead) {
-          _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
-            if (((next + u * WARPS) << 7) < kc) {
-              prefetch_l2(na + u * WARPS * 64);
-              if (vn) prefetch_l2(na + u * WARPS * 64 + 4 * (size_t)k);
-            }
-          }
-        }
-      }
-      if (ch0 == warp) GRID_WAIT();
-      pairs_compute<WARPS, UNROLL, BF16>(r, d, q.vb, ch0, chunks, kc, c, xr, nested, code_s,
-                                         offset, tb, lane4);
+      pairs_load<WARPS, UNROLL>(r, codes, q, k, ch0, ce, kc, lbs, absmax, aq, lnbs);
+      if (ch0 == cb + warp) GRID_WAIT();
+      pairs_compute<WARPS, UNROLL, BF16>(r, d, q.vb, ch0, ce, kc, c, xr, nested, code_s, offset,
+                                         tb, lane4);
     }
-    STORE_SWAPPED_SUMS
-    // The next group writes part again.
-    __syncthreads();
+    if (slices > 1) {
+      STORE_SLICE_SUMS
+    } else {
+      STORE_SWAPPED_SUMS
+      // The next group writes part again.
+      __syncthreads();
+    }
   }
 }
 
+// Every form's parameters (the pairs form alone reads the last three: its slices of k, their
+// partial sums and the groups' counts; the others take slices 1).
+#define MMA_PARAMS                                                                             \
+    const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
+    const float* acode, float offset, int nbs, const u16* x, u16* y, int m, float* lh,         \
+    const float* lb, float lscale, int lr, int act, const float* la, unsigned int* flags,      \
+    unsigned int epoch, int hb, const u16* rx, const u16* rb, int slices, float* scratch,      \
+    unsigned int* counts
+#define MMA_ARGS                                                                               \
+    codes, n, k, bs, nested, absmax, aq, acode, offset, nbs, x, y, m, lh, lb, lscale, lr, act, \
+    la, flags, epoch, hb, rx, rb
 // One instance a tiling and 16-bit type, named nf4_mma_{bf16,f16}_w<WARPS>u<UNROLL>t<TILES>h<0|1>
 // (MmaTiling::kernel_name builds the same names).
 #define MMA_KERNEL(TYPE, IS_BF16, W, U, T, H)                                                 \
 extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_##TYPE##_w##W##u##U##t##T##h##H( \
-    const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
-    const float* acode, float offset, int nbs, const u16* x, u16* y, int m, float* lh,         \
-    const float* lb, float lscale, int lr, int act, const float* la, unsigned int* flags,      \
-    unsigned int epoch, int hb, const u16* rx, const u16* rb) {                                \
-  nf4_mma<W, U, T, (H != 0), IS_BF16>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs, \
-                                      x, y, m, lh, lb, lscale, lr, act, la, flags, epoch, hb,  \
-                                      rx, rb);                                                 \
+    MMA_PARAMS) {                                                                             \
+  nf4_mma<W, U, T, (H != 0), IS_BF16>(MMA_ARGS);                                               \
 }
 #define MMA_INSTANCE(W, U, T, H)                                                               \
   MMA_KERNEL(bf16, true, W, U, T, H) MMA_KERNEL(f16, false, W, U, T, H)
 // The swapped form's instances, nf4_mma_{bf16,f16}_s<WARPS>u<UNROLL> (up to 8 rows).
 #define MMA_SWAPPED_KERNEL(TYPE, IS_BF16, W, U)                                                \
-extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_##TYPE##_s##W##u##U(               \
-    const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
-    const float* acode, float offset, int nbs, const u16* x, u16* y, int m, float* lh,         \
-    const float* lb, float lscale, int lr, int act, const float* la, unsigned int* flags,      \
-    unsigned int epoch, int hb, const u16* rx, const u16* rb) {                                \
-  nf4_mma_swapped<W, U, IS_BF16>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs, x, y, \
-                                 m, lh, lb, lscale, lr, act, la, flags, epoch, hb, rx, rb);    \
+extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_##TYPE##_s##W##u##U(MMA_PARAMS) {  \
+  nf4_mma_swapped<W, U, IS_BF16>(MMA_ARGS);                                                    \
 }
 #define MMA_SWAPPED_INSTANCE(W, U)                                                             \
   MMA_SWAPPED_KERNEL(bf16, true, W, U) MMA_SWAPPED_KERNEL(f16, false, W, U)
-// The gemv4bit form's, nf4_mma_{bf16,f16}_p<WARPS>u<UNROLL>[f|a]: registers for MINB blocks a
-// multiprocessor (3, as many as the table's shared memory lets an sm_90 one hold, where the
-// grid is those that fit: at 2 a multiprocessor Falcon-7B's 292 groups of 16 features of the
-// fused QKV would need two rounds on some blocks; the form that loads ahead at 2 rounds a
-// load takes twice the codes' registers and 2).
-#define MMA_PAIRS_KERNEL(TYPE, IS_BF16, W, U, A, MINB, SUFFIX)                                 \
-extern "C" __global__ void __launch_bounds__(W * 32, MINB)                                    \
-    nf4_mma_##TYPE##_p##W##u##U##SUFFIX(                                                      \
-    const u8* codes, int n, int k, int bs, int nested, const float* absmax, const u8* aq,      \
-    const float* acode, float offset, int nbs, const u16* x, u16* y, int m, float* lh,         \
-    const float* lb, float lscale, int lr, int act, const float* la, unsigned int* flags,      \
-    unsigned int epoch, int hb, const u16* rx, const u16* rb) {                                \
-  nf4_mma_pairs<W, U, IS_BF16, A>(codes, n, k, bs, nested, absmax, aq, acode, offset, nbs, x, y, \
-                               m, lh, lb, lscale, lr, act, la, flags, epoch, hb, rx, rb);      \
+// The gemv4bit form's, nf4_mma_{bf16,f16}_p<WARPS>u<UNROLL>: registers for 3 blocks a
+// multiprocessor, as many as the table's shared memory lets an sm_90 one hold (the grid is
+// those that fit, and at 2 a multiprocessor Falcon-7B's 292 groups of 16 features of the fused
+// QKV would need two rounds on some blocks).
+#define MMA_PAIRS_KERNEL(TYPE, IS_BF16, W, U)                                                  \
+extern "C" __global__ void __launch_bounds__(W * 32, 3) nf4_mma_##TYPE##_p##W##u##U(MMA_PARAMS) { \
+  nf4_mma_pairs<W, U, IS_BF16>(MMA_ARGS, slices, scratch, counts);                             \
 }
-// A: 0 plain, 1 prefetching (named with an f: p8u2f), 2 loading ahead (an a: p8u1a).
-#define MMA_PAIRS_INSTANCE(W, U, A) MMA_PAIRS_INSTANCE_##A(W, U)
-#define MMA_PAIRS_INSTANCE_0(W, U)                                                             \
-  MMA_PAIRS_KERNEL(bf16, true, W, U, 0, 3, ) MMA_PAIRS_KERNEL(f16, false, W, U, 0, 3, )
-#define MMA_PAIRS_INSTANCE_1(W, U)                                                             \
-  MMA_PAIRS_KERNEL(bf16, true, W, U, 1, 3, f) MMA_PAIRS_KERNEL(f16, false, W, U, 1, 3, f)
-#define MMA_PAIRS_INSTANCE_2(W, U)                                                             \
-  MMA_PAIRS_KERNEL(bf16, true, W, U, 2, (U > 1 ? 2 : 3), a)                                    \
-  MMA_PAIRS_KERNEL(f16, false, W, U, 2, (U > 1 ? 2 : 3), a)
+#define MMA_PAIRS_INSTANCE(W, U)                                                               \
+  MMA_PAIRS_KERNEL(bf16, true, W, U) MMA_PAIRS_KERNEL(f16, false, W, U)
 MMA_TILINGS
