@@ -506,6 +506,138 @@ __device__ __forceinline__ void nf4_mma_pairs(const u8* codes, int n, int k, int
   }
 }
 
+// The pairs form with a ring of asynchronous copies (ADAPTERLAB_NF4_PAIRS_TILING=p<W>c<S>):
+// the same lanes, chunks, products and order of sums as nf4_mma_pairs (so the bits of every
+// pairs tiling of WARPS warps), but a warp's codes and absmax go to shared memory by cp.async,
+// STAGES chunks ahead, instead of into registers a round at a time. The register form issues a
+// round, waits for all of it, computes it and only then issues the next, so a warp has nothing
+// in flight while it computes and nothing to compute while it waits, and its bytes in flight
+// are bounded by its registers; here STAGES - 1 chunks stay in flight while it computes, the
+// copies need no registers, and the warp's stream runs on across its block's items (the next
+// group's chunks land while the block adds up this one's). A stage is a warp's loads of one
+// chunk, each lane's at its own offsets (so a lane reads back only what it copied, and
+// cp.async.wait_group alone orders them): the two 16-byte rows of codes, the words holding the
+// two absmax codes (cp.async copies 4 bytes at least) and the two absmax (nested: the blocks'
+// second-level absmax).
+#define RING_STAGE_BYTES 1536
+// Where a warp's stream of chunks stands: item `item` (past the block's last: done), chunk `ch`
+// of it, which ends before `ce`.
+struct RingCursor {
+  int item, ch, ce;
+};
+// The cursor on the warp's first chunk at or after `c`'s, moving past items where the warp has
+// none (a slice of fewer chunks than warps).
+__device__ __forceinline__ void ring_settle(RingCursor& c, int items, int stride, int slices,
+    int cps, int chunks, int warp) {
+  while (c.item < items && c.ch >= c.ce) {
+    c.item += stride;
+    if (c.item < items) {
+      int grp = c.item / slices, cb = (c.item - grp * slices) * cps;
+      c.ce = min(chunks, cb + cps);
+      c.ch = cb + warp;
+    }
+  }
+}
+// Issues the copies of the cursor's chunk into the stage at shared address `st` (nothing where
+// the stream is done), as one commit group either way, so a wait counts stages.
+__device__ __forceinline__ void ring_issue(const RingCursor& p, unsigned int st, int items,
+    int slices, int n, int k, int kc, int g, int c, int lane, int lbs, int lnbs, const u8* codes,
+    const float* absmax, const u8* aq) {
+  if (p.item < items) {
+    PairsGroup q = pairs_group(p.item / slices, g, c, n, k);
+    unsigned int eb = q.ea + 8u * (unsigned int)k, step = (unsigned int)p.ch << 7;
+    bool va = (p.ch << 7) < kc, vb = va && q.vb;
+    unsigned int ba = (q.ea + step) >> lbs, bb = (eb + step) >> lbs;
+    const u8* ra = codes + (q.ea >> 1) + ((long long)p.ch << 6);
+    const u8* rb = codes + (eb >> 1) + ((long long)p.ch << 6);
+    cp_async16_to(st + 16 * lane, ra, va);
+    cp_async16_to(st + 512 + 16 * lane, vb ? rb : ra, vb);
+    cp_async4_to(st + 1024 + 4 * lane, aq + (ba & ~3u), va);
+    cp_async4_to(st + 1152 + 4 * lane, aq + ((vb ? bb : ba) & ~3u), vb);
+    cp_async4_to(st + 1280 + 4 * lane, absmax + (ba >> lnbs), va);
+    cp_async4_to(st + 1408 + 4 * lane, absmax + ((vb ? bb : ba) >> lnbs), vb);
+  }
+  cp_async_commit();
+}
+template <int WARPS, int STAGES, bool BF16>
+__device__ __forceinline__ void nf4_mma_pairs_ring(const u8* codes, int n, int k, int bs,
+    int nested, const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
+    const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
+    const float* la, unsigned int* flags, unsigned int epoch, int hb, const u16* rx,
+    const u16* rb, int slices, float* scratch, unsigned int* counts) {
+  extern __shared__ __align__(16) unsigned int pair_table[];
+  PRODUCT_START
+  fill_pairs<BF16>(pair_table);
+  LOAD_TABLES
+  __shared__ float part[WARPS][8][16];
+  __shared__ bool last_slice;
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int g = lane >> 2, c = lane & 3;
+  unsigned int lane4 = (unsigned int)lane << 2;
+  unsigned int tb = (unsigned int)__cvta_generic_to_shared(pair_table);
+  unsigned int ring = tb + 256u * PAIR_ROW_WORDS * 4u + (unsigned int)(warp * STAGES) * RING_STAGE_BYTES;
+  const u16* xr = g < m ? x + (long long)g * k : nullptr;
+  int chunks = (k + 127) >> 7, lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;
+  int kc = k - (c << 5);
+  int groups = (n + 15) >> 4, stride = gridDim.x - hb;
+  int cps = (chunks + slices - 1) / slices, items = groups * slices;
+  // The producer: STAGES - 1 chunks ahead of the chunk computed, weights only (never written by
+  // a kernel), so the first ones go out before the kernel before this one is done.
+  RingCursor p = {bid - stride, 0, 0};
+  ring_settle(p, items, stride, slices, cps, chunks, warp);
+  _Pragma("unroll") for (int s = 0; s < STAGES - 1; ++s) {
+    ring_issue(p, ring + s * RING_STAGE_BYTES, items, slices, n, k, kc, g, c, lane, lbs, lnbs,
+               codes, absmax, aq);
+    p.ch += WARPS;
+    ring_settle(p, items, stride, slices, cps, chunks, warp);
+  }
+  GRID_WAIT();
+  int slot = 0;
+  for (int item = bid; item < items; item += stride) {
+    int grp = item / slices, cb = (item - grp * slices) * cps, ce = min(chunks, cb + cps);
+    PairsGroup q = pairs_group(grp, g, c, n, k);
+    long long first = (long long)grp * 16;
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int ch = cb + warp; ch < ce; ch += WARPS) {
+      cp_async_wait<STAGES - 2>();
+      unsigned int st = ring + slot * RING_STAGE_BYTES;
+      PairsRound<1> r;
+      unsigned int step = (unsigned int)ch << 7;
+      unsigned int ba = (q.ea + step) >> lbs, bb = (q.ea + 8u * (unsigned int)k + step) >> lbs;
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(r.ca[0].x), "=r"(r.ca[0].y), "=r"(r.ca[0].z), "=r"(r.ca[0].w)
+                   : "r"(st + 16 * lane));
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(r.cb[0].x), "=r"(r.cb[0].y), "=r"(r.cb[0].z), "=r"(r.cb[0].w)
+                   : "r"(st + 512 + 16 * lane));
+      unsigned int wa, wb, ma, mb;
+      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(wa) : "r"(st + 1024 + 4 * lane));
+      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(wb) : "r"(st + 1152 + 4 * lane));
+      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(ma) : "r"(st + 1280 + 4 * lane));
+      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(mb) : "r"(st + 1408 + 4 * lane));
+      r.qa[0] = (wa >> (8 * (ba & 3u))) & 255u;
+      r.qb[0] = (wb >> (8 * (bb & 3u))) & 255u;
+      r.ma[0] = __uint_as_float(ma);
+      r.mb[0] = __uint_as_float(mb);
+      // The stage the last chunk used takes the chunk STAGES - 1 on (its reads are done: their
+      // values went into that chunk's products).
+      ring_issue(p, ring + ((slot + STAGES - 1) % STAGES) * RING_STAGE_BYTES, items, slices, n,
+                 k, kc, g, c, lane, lbs, lnbs, codes, absmax, aq);
+      p.ch += WARPS;
+      ring_settle(p, items, stride, slices, cps, chunks, warp);
+      pairs_compute<WARPS, 1, BF16>(r, d, q.vb, ch, ce, kc, c, xr, nested, code_s, offset, tb,
+                                    lane4);
+      slot = slot + 1 == STAGES ? 0 : slot + 1;
+    }
+    if (slices > 1) {
+      STORE_SLICE_SUMS
+    } else {
+      STORE_SWAPPED_SUMS
+      __syncthreads();
+    }
+  }
+  cp_async_wait<0>();
+}
 // Every form's parameters (the pairs form alone reads the last three: its slices of k, their
 // partial sums and the groups' counts; the others take slices 1).
 #define MMA_PARAMS                                                                             \
@@ -543,4 +675,12 @@ extern "C" __global__ void __launch_bounds__(W * 32, 3) nf4_mma_##TYPE##_p##W##u
 }
 #define MMA_PAIRS_INSTANCE(W, U)                                                               \
   MMA_PAIRS_KERNEL(bf16, true, W, U) MMA_PAIRS_KERNEL(f16, false, W, U)
+// The ring form's, nf4_mma_{bf16,f16}_p<WARPS>c<STAGES>: its shared memory decides how many
+// blocks a multiprocessor holds (B, for the registers).
+#define MMA_PAIRS_RING_KERNEL(TYPE, IS_BF16, W, S, B)                                           \
+extern "C" __global__ void __launch_bounds__(W * 32, B) nf4_mma_##TYPE##_p##W##c##S(MMA_PARAMS) { \
+  nf4_mma_pairs_ring<W, S, IS_BF16>(MMA_ARGS, slices, scratch, counts);                        \
+}
+#define MMA_PAIRS_RING_INSTANCE(W, S, B)                                                       \
+  MMA_PAIRS_RING_KERNEL(bf16, true, W, S, B) MMA_PAIRS_RING_KERNEL(f16, false, W, S, B)
 MMA_TILINGS
