@@ -298,8 +298,7 @@ fi
 #           (the tensor-core kernel's tiling up to 8 rows, ADAPTERLAB_NF4_MMA_TILING=TILING, e.g.
 #           +s16u1), +dequant1 (one row's weights as the dequantize kernel forms them, not as
 #           bitsandbytes' batch-1 GEMV does, ADAPTERLAB_NF4_ONE_ROW=dequantize), +nosplit (one
-#           row's products never split over k, ADAPTERLAB_NF4_PAIRS_SPLIT=off), +PAIRS (one row's
-#           pairs form's tiling, ADAPTERLAB_NF4_PAIRS_TILING=PAIRS, e.g. +p8c3); for each build
+#           row's products never split over k, ADAPTERLAB_NF4_PAIRS_SPLIT=off); for each build
 #           of GEN_SIDES (default
 #           after; "before after" measures a change in one call; other builds than after run
 #           only the variants without +KERNEL)
@@ -325,7 +324,6 @@ if stage generate; then
         *+earlypdl) switches=(ADAPTERLAB_DECODE_PDL=early) ;;
         *+fused1) switches=(ADAPTERLAB_DECODE_GELU=separate ADAPTERLAB_DECODE_LORA_H=separate ADAPTERLAB_DECODE_RESIDUAL=separate) ;;
         *+s[0-9]*) switches=(ADAPTERLAB_NF4_MMA_TILING=${variant#*+}) ;;
-        *+p[0-9]*) switches=(ADAPTERLAB_NF4_PAIRS_TILING=${variant#*+}) ;;
         *+dequant1) switches=(ADAPTERLAB_NF4_ONE_ROW=dequantize) ;;
         *+nosplit) switches=(ADAPTERLAB_NF4_PAIRS_SPLIT=off) ;;
         *+*) echo "unknown generate variant $variant"; continue ;;

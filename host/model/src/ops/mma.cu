@@ -52,20 +52,15 @@ __device__ __forceinline__ void ldsm_x4_t(unsigned* r, const void* p) {
 // the thread computes, and lands once cp_async_wait<N> says at most N of the thread's later
 // groups are still in flight (then a barrier makes every thread's copies visible). A copy with
 // `in` false writes zeros and reads nothing (`src` must still be a valid address).
-// The _to forms take the shared address itself.
-__device__ __forceinline__ void cp_async16_to(unsigned d, const void* src, bool in) {
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                :: "r"(d), "l"(src), "r"(in ? 16 : 0));
 }
-__device__ __forceinline__ void cp_async4_to(unsigned d, const void* src, bool in) {
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool in) {
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
                :: "r"(d), "l"(src), "r"(in ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
-  cp_async16_to((unsigned)__cvta_generic_to_shared(dst), src, in);
-}
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool in) {
-  cp_async4_to((unsigned)__cvta_generic_to_shared(dst), src, in);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {

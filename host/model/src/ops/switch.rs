@@ -10,7 +10,7 @@
 /// must fail the run even where its kernel is never reached (a CPU run). Each module's
 /// [`Switch`] maps the same names to its values; [`parse`] refuses a set that differs from
 /// this one, so the two cannot drift apart unnoticed.
-pub const SWITCHES: [(&str, &[&str]); 16] = [
+pub const SWITCHES: [(&str, &[&str]); 15] = [
     ("ADAPTERLAB_NF4_QUANTIZE", &["cpu", "gpu"]),
     ("ADAPTERLAB_NF4_GEMV", &["words", "wide", "mma"]),
     (
@@ -24,11 +24,6 @@ pub const SWITCHES: [(&str, &[&str]); 16] = [
     // One row's weights as bitsandbytes' batch-1 GEMV or its dequantize kernel forms them: two
     // roundings that put a weight at most two steps of the 16-bit type apart.
     ("ADAPTERLAB_NF4_ONE_ROW", &["gemv4bit", "dequantize"]),
-    // One row's pairs form: its registers a round (p8u2) or a ring of asynchronous copies.
-    (
-        "ADAPTERLAB_NF4_PAIRS_TILING",
-        &["p8u2", "p8c3", "p8c6", "p16c4"],
-    ),
     // Whether one row's pairs form splits a product over k where groups alone leave places idle.
     ("ADAPTERLAB_NF4_PAIRS_SPLIT", &["auto", "off"]),
     ("ADAPTERLAB_PACKED_ATTENTION", &["regroup", "mask"]),

@@ -40,9 +40,7 @@ const DEQUANT_WORDS: usize = 8;
 ///
 /// `pairs`: the swapped form with each weight formed as bitsandbytes' batch-1 GEMV forms it
 /// ([`OneRow::Gemv4bit`]; `nf4_mma_pairs` in nf4_mma.cu), two weights a shared load, split
-/// over k where that fills the GPU ([`PairsSplit`]). `stages` > 0: its ring form
-/// (`nf4_mma_pairs_ring`), each warp's codes copied to shared memory asynchronously `stages`
-/// chunks ahead instead of into registers `unroll` chunks a round (`unroll` is then 1).
+/// over k where that fills the GPU ([`PairsSplit`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaTiling {
     pub warps: u32,
@@ -50,7 +48,6 @@ pub struct MmaTiling {
     pub tiles: u32,
     pub swapped: bool,
     pub pairs: bool,
-    pub stages: u32,
 }
 
 impl MmaTiling {
@@ -61,7 +58,6 @@ impl MmaTiling {
             tiles,
             swapped: false,
             pairs: false,
-            stages: 0,
         }
     }
 
@@ -72,7 +68,6 @@ impl MmaTiling {
             tiles: 1,
             swapped: true,
             pairs: false,
-            stages: 0,
         }
     }
 
@@ -83,14 +78,6 @@ impl MmaTiling {
             tiles: 1,
             swapped: true,
             pairs: true,
-            stages: 0,
-        }
-    }
-
-    const fn pairs_ring(warps: u32, stages: u32) -> Self {
-        MmaTiling {
-            stages,
-            ..Self::pairs(warps, 1)
         }
     }
 
@@ -102,24 +89,16 @@ impl MmaTiling {
         MmaTiling::pairs(8, 2),
     ];
 
-    /// The tilings decoding may launch (the defaults and those `ADAPTERLAB_NF4_PAIRS_TILING`
-    /// names), whose instances are in the decoding module (with PDL where it is on). Tried and
-    /// measured slower on an H100 (2026-12-07, BENCHMARKS.md), so no longer built: the pairs
-    /// form asking the L2 for each warp's next round of codes (`p8u2f`, −0.7% end to end) and
-    /// issuing it into a second set of registers before computing the current one (`p8u1a`
-    /// −5%, `p8u2a` −10%).
-    pub const DECODING: [MmaTiling; 6] = [
-        Self::DEFAULTS[0],
-        Self::DEFAULTS[1],
-        Self::DEFAULTS[2],
-        MmaTiling::pairs_ring(8, 3),
-        MmaTiling::pairs_ring(8, 6),
-        MmaTiling::pairs_ring(16, 4),
-    ];
+    /// The tilings decoding may launch (the defaults), whose instances are in the decoding
+    /// module (with PDL where it is on). Tried and measured slower on an H100 (2026-12-07,
+    /// BENCHMARKS.md), so no longer built: the pairs form asking the L2 for each warp's next
+    /// round of codes (`p8u2f`, −0.7% end to end) and issuing it into a second set of registers
+    /// before computing the current one (`p8u1a` −5%, `p8u2a` −10%).
+    pub const DECODING: [MmaTiling; 3] = Self::DEFAULTS;
 
     /// Every tiling there are instances of: the decoding ones and those `bench kernels`
     /// measures them against.
-    pub const ALL: [MmaTiling; 18] = [
+    pub const ALL: [MmaTiling; 15] = [
         MmaTiling::new(8, 2, 1),
         MmaTiling::new(8, 4, 1),
         MmaTiling::new(4, 4, 1),
@@ -135,9 +114,6 @@ impl MmaTiling {
         MmaTiling::pairs(8, 4),
         MmaTiling::pairs(8, 2),
         MmaTiling::pairs(4, 4),
-        MmaTiling::pairs_ring(8, 3),
-        MmaTiling::pairs_ring(8, 6),
-        MmaTiling::pairs_ring(16, 4),
     ];
 
     /// Whether this tiling's kernel takes `m` rows: the swapped form holds them as the 8 columns
@@ -162,11 +138,10 @@ impl MmaTiling {
     ///
     /// One row of `k` features against `n` takes the `pairs` form where
     /// `ADAPTERLAB_NF4_ONE_ROW` is `gemv4bit` (the default; see [`OneRow`]) and its 32-bit
-    /// addresses reach every weight (`n * k < 2^32`), in [`MmaTiling::DEFAULTS`]' third unless
-    /// `ADAPTERLAB_NF4_PAIRS_TILING` names another.
+    /// addresses reach every weight (`n * k < 2^32`), in [`MmaTiling::DEFAULTS`]' third.
     pub fn for_shape(m: usize, k: usize, n: usize) -> Result<Self> {
         if m == 1 && one_row()? == OneRow::Gemv4bit && Self::pairs_reach(k, n) {
-            return Ok(PAIRS_TILING.get()?.unwrap_or(Self::DEFAULTS[2]));
+            return Ok(Self::DEFAULTS[2]);
         }
         match SMALL_TILING.get()? {
             Some(t) if m <= 8 => Ok(t),
@@ -179,12 +154,9 @@ impl MmaTiling {
         n.checked_mul(k).is_some_and(|e| e <= u32::MAX as usize)
     }
 
-    /// How reports name it: `w8u2t1`, `s8u2` swapped, `p8u4` with bitsandbytes' batch-1 weights,
-    /// `p8c3` that with a ring of 3 stages.
+    /// How reports name it: `w8u2t1`, `s8u2` swapped, `p8u4` with bitsandbytes' batch-1 weights.
     pub fn name(self) -> String {
-        if self.pairs && self.stages > 0 {
-            format!("p{}c{}", self.warps, self.stages)
-        } else if self.pairs {
+        if self.pairs {
             format!("p{}u{}", self.warps, self.unroll)
         } else if self.swapped {
             format!("s{}u{}", self.warps, self.unroll)
@@ -214,23 +186,9 @@ impl MmaTiling {
     }
 
     /// Bytes of dynamic shared memory a block takes: the `pairs` form's table of 256 rows of 64
-    /// words (`PAIR_ROW_WORDS` in nf4_mma.cu), then the ring form's stages, `RING_STAGE_BYTES`
-    /// each a warp.
+    /// words (`PAIR_ROW_WORDS` in nf4_mma.cu).
     fn dynamic_shared(self) -> u32 {
-        match self.pairs {
-            true => PAIR_TABLE_BYTES + self.warps * self.stages * RING_STAGE_BYTES,
-            false => 0,
-        }
-    }
-
-    /// Blocks a multiprocessor is to hold, for the instance's register bound: the pairs form's
-    /// 3 (the table's shared memory lets an sm_90 one hold that many), the ring form's as many
-    /// as its shared memory lets one hold (2 or 1).
-    fn pairs_min_blocks(self) -> u32 {
-        const SM90_SHARED: u32 = 228 * 1024;
-        // A block's static shared memory and the 1 KB the card keeps for it, generously.
-        let block = self.dynamic_shared() + 8 * 1024;
-        (SM90_SHARED / block).clamp(1, 3)
+        if self.pairs { PAIR_TABLE_BYTES } else { 0 }
     }
 
     /// Bytes of the warps' partial sums in shared memory (`part` in nf4_mma.cu).
@@ -396,14 +354,13 @@ pub fn runs_mma(device: &candle_core::Device) -> Result<bool> {
 }
 
 /// The `ADAPTERLAB_NF4_GEMV`, `ADAPTERLAB_NF4_SMALL_BATCH`, `ADAPTERLAB_NF4_MMA_TILING`,
-/// `ADAPTERLAB_NF4_ONE_ROW`, `ADAPTERLAB_NF4_PAIRS_TILING` and `ADAPTERLAB_NF4_PAIRS_SPLIT` in
-/// force, by variable, as the names they take, for reports.
-pub fn decode_settings() -> Result<[(&'static str, &'static str); 6]> {
+/// `ADAPTERLAB_NF4_ONE_ROW` and `ADAPTERLAB_NF4_PAIRS_SPLIT` in force, by variable, as the
+/// names they take, for reports.
+pub fn decode_settings() -> Result<[(&'static str, &'static str); 5]> {
     let (gemv, small) = switches()?;
     // Each default is among its switch's names (a unit test holds it there).
     let tiling = SMALL_TILING.in_force(MmaTiling::DEFAULTS[0])?.1;
     let split = PAIRS_SPLIT.in_force(PairsSplit::Auto)?.1;
-    let pairs = PAIRS_TILING.in_force(MmaTiling::DEFAULTS[2])?.1;
     let one = ONE_ROW.in_force(OneRow::Gemv4bit)?.1;
     Ok([
         ("ADAPTERLAB_NF4_GEMV", gemv.name()),
@@ -413,7 +370,6 @@ pub fn decode_settings() -> Result<[(&'static str, &'static str); 6]> {
         ),
         ("ADAPTERLAB_NF4_MMA_TILING", tiling),
         ("ADAPTERLAB_NF4_ONE_ROW", one),
-        ("ADAPTERLAB_NF4_PAIRS_TILING", pairs),
         ("ADAPTERLAB_NF4_PAIRS_SPLIT", split),
     ])
 }
@@ -427,18 +383,6 @@ static SMALL_TILING: Switch<MmaTiling> = Switch::new(
         ("s8u4", MmaTiling::swapped(8, 4)),
         ("s4u4", MmaTiling::swapped(4, 4)),
         ("s16u1", MmaTiling::swapped(16, 1)),
-    ],
-);
-
-/// `ADAPTERLAB_NF4_PAIRS_TILING`: the `pairs` form's tiling for one row, in place of
-/// [`MmaTiling::DEFAULTS`]' third: the register form or a ring form ([`MmaTiling::stages`]).
-static PAIRS_TILING: Switch<MmaTiling> = Switch::new(
-    "ADAPTERLAB_NF4_PAIRS_TILING",
-    &[
-        ("p8u2", MmaTiling::pairs(8, 2)),
-        ("p8c3", MmaTiling::pairs_ring(8, 3)),
-        ("p8c6", MmaTiling::pairs_ring(8, 6)),
-        ("p16c4", MmaTiling::pairs_ring(16, 4)),
     ],
 );
 
@@ -515,9 +459,6 @@ fn one_row() -> Result<OneRow> {
 
 /// Bytes of the `pairs` form's table (dynamic shared memory, 64 KB).
 const PAIR_TABLE_BYTES: u32 = 256 * 64 * 4;
-
-/// Bytes of a warp's stage in the ring form (`RING_STAGE_BYTES` in nf4_mma.cu).
-const RING_STAGE_BYTES: u32 = 1536;
 
 /// `ADAPTERLAB_NF4_GEMV`: the kernel for up to [`GEMV_MAX_ROWS`] rows.
 static GEMV: Switch<DecodeKernel> = Switch::new(
@@ -715,14 +656,7 @@ fn nf4_mma_defines(tilings: &[MmaTiling]) -> String {
     let instances: Vec<String> = tilings
         .iter()
         .flat_map(|t| {
-            if t.pairs && t.stages > 0 {
-                vec![format!(
-                    "MMA_PAIRS_RING_INSTANCE({}, {}, {})",
-                    t.warps,
-                    t.stages,
-                    t.pairs_min_blocks()
-                )]
-            } else if t.pairs {
+            if t.pairs {
                 vec![format!("MMA_PAIRS_INSTANCE({}, {})", t.warps, t.unroll)]
             } else if t.swapped {
                 vec![format!("MMA_SWAPPED_INSTANCE({}, {})", t.warps, t.unroll)]
@@ -1343,7 +1277,6 @@ mod tests {
     #[test]
     fn the_switch_names_are_the_tables() {
         SMALL_TILING.names_match().unwrap();
-        PAIRS_TILING.names_match().unwrap();
         PAIRS_SPLIT.names_match().unwrap();
         ONE_ROW.names_match().unwrap();
         GEMV.names_match().unwrap();
@@ -1411,15 +1344,6 @@ mod tests {
                 MmaTiling::ALL.contains(t) && t.serves_rows(8) && !t.pairs,
                 "{name}"
             );
-        }
-        assert!(
-            PAIRS_TILING
-                .options()
-                .contains(&("p8u2", MmaTiling::DEFAULTS[2]))
-        );
-        for (name, t) in PAIRS_TILING.options() {
-            assert_eq!(*name, t.name());
-            assert!(MmaTiling::DECODING.contains(t) && t.pairs, "{name}");
         }
         let mut names: Vec<String> = MmaTiling::ALL.iter().map(|t| t.name()).collect();
         names.sort();
