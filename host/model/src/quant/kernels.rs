@@ -92,8 +92,11 @@ impl MmaTiling {
     /// The tilings decoding may launch (the defaults), whose instances are in the decoding
     /// module (with PDL where it is on). Tried and measured slower on an H100 (2026-12-07,
     /// BENCHMARKS.md), so no longer built: the pairs form asking the L2 for each warp's next
-    /// round of codes (`p8u2f`, −0.7% end to end) and issuing it into a second set of registers
-    /// before computing the current one (`p8u1a` −5%, `p8u2a` −10%).
+    /// round of codes (`p8u2f`, −0.7% end to end), issuing it into a second set of registers
+    /// before computing the current one (`p8u1a` −5%, `p8u2a` −10%), copying each warp's codes
+    /// to shared memory stages ahead (`p8c3` −20%: more traffic on the shared-memory pipe the
+    /// form already waits on), and forming the pairs in registers by byte permutes instead of
+    /// from the shared table (`p8u2l` −11%: ~60% more integer instructions).
     pub const DECODING: [MmaTiling; 3] = Self::DEFAULTS;
 
     /// Every tiling there are instances of: the decoding ones and those `bench kernels`
