@@ -411,6 +411,9 @@ pub const PAIRS_SLICES: usize = 4;
 /// Groups of 16 features up to which a `pairs` product splits (and the counts it keeps).
 const PAIRS_SPLIT_GROUPS: usize = 512;
 
+/// f32 partial sums a split `pairs` product keeps: 16 a slice of each group.
+const PAIRS_SPLIT_SUMS: usize = PAIRS_SPLIT_GROUPS * PAIRS_SLICES * 16;
+
 /// Slices of k the `pairs` form takes for `n` features of `k` columns: [`PAIRS_SLICES`] where
 /// there are at most [`PAIRS_SPLIT_GROUPS`] groups (an H100 holds 396 blocks of the form, so
 /// fewer groups leave places idle) and each slice keeps 32 chunks of 128 columns or more (4
@@ -941,11 +944,7 @@ fn launch_state(dev: &candle_core::CudaDevice) -> Result<(LaunchState, u32)> {
             None => {
                 let t = LaunchState {
                     flags: Tensor::zeros(LORA_H_BLOCKS, DType::U32, &device)?,
-                    scratch: Tensor::zeros(
-                        PAIRS_SPLIT_GROUPS * PAIRS_SLICES * 16,
-                        DType::F32,
-                        &device,
-                    )?,
+                    scratch: Tensor::zeros(PAIRS_SPLIT_SUMS, DType::F32, &device)?,
                     counts: Tensor::zeros(PAIRS_SPLIT_GROUPS, DType::U32, &device)?,
                 };
                 made.push(t.clone());
@@ -1191,7 +1190,7 @@ pub fn gemv_with(
                 let flags = CudaInput::of(&state.flags)?;
                 let flags = flags.view::<u32>(LORA_H_BLOCKS)?;
                 let scratch = CudaInput::of(&state.scratch)?;
-                let scratch = scratch.view::<f32>(PAIRS_SPLIT_GROUPS * PAIRS_SLICES * 16)?;
+                let scratch = scratch.view::<f32>(PAIRS_SPLIT_SUMS)?;
                 let counts = CudaInput::of(&state.counts)?;
                 let counts = counts.view::<u32>(PAIRS_SPLIT_GROUPS)?;
                 let hb_i = hb as i32;

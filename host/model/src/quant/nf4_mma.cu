@@ -101,6 +101,16 @@ __device__ __forceinline__ u16 residual3(u16 x, u16 a, u16 b) {
 // GELU kernel 32 times a Falcon-7B token, 0.18 ms of ~5 (ncu, H100, 2026-12-07); 2 stores
 // rx + (out + rb), a parallel layer's residual after its down projection, with the bits of
 // residual.cu's add3 (its kernel ran 32 times a token too, 0.10 ms).
+// Output (r, o) from its f32 sum s, as described above (the split pairs form's last slice ends
+// with it too).
+#define STORE_EPILOGUE(r, o, s)                                                                \
+  {                                                                                           \
+    LORA_OUT(load16<BF16>, round16<BF16>, r, o, s, out)                                        \
+    long long i_ = (long long)(r) * n + (o);                                                   \
+    if (act == 1) out = round16<BF16>(gelu16<BF16>(load16<BF16>(out)));                        \
+    if (act == 2) out = residual3<BF16>(rx[i_], out, rb[i_]);                                  \
+    y[i_] = out;                                                                               \
+  }
 #define STORE_WARP_SUMS(ROWS, FEATS)                                                           \
   GRID_WAIT();                                                                                 \
   wait_for_h(flags, epoch, hb);                                                                \
@@ -111,20 +121,19 @@ __device__ __forceinline__ u16 residual3(u16 x, u16 a, u16 b) {
     if (r >= m || o >= n) continue;                                                           \
     float sum = 0.f;                                                                           \
     _Pragma("unroll") for (int w = 0; w < WARPS; ++w) sum += part[w][r][f];                    \
-    LORA_OUT(load16<BF16>, round16<BF16>, r, o, sum, out)                                      \
-    long long i_ = (long long)r * n + o;                                                       \
-    if (act == 1) out = round16<BF16>(gelu16<BF16>(load16<BF16>(out)));                        \
-    if (act == 2) out = residual3<BF16>(rx[i_], out, rb[i_]);                                  \
-    y[i_] = out;                                                                               \
+    STORE_EPILOGUE(r, o, sum)                                                                  \
   }
 
 // The swapped forms' end (W as the A operand, x as B): the warp's accumulators into part
-// (d[0], d[1]: feature g, rows 2c and 2c + 1; d[2], d[3]: feature g + 8), then the block's sums.
-#define STORE_SWAPPED_SUMS                                                                     \
+// (SWAPPED_PARTS: d[0], d[1]: feature g, rows 2c and 2c + 1; d[2], d[3]: feature g + 8), then
+// the block's sums.
+#define SWAPPED_PARTS                                                                          \
   part[warp][2 * c][g] = d[0];                                                                 \
   part[warp][2 * c + 1][g] = d[1];                                                             \
   part[warp][2 * c][g + 8] = d[2];                                                             \
-  part[warp][2 * c + 1][g + 8] = d[3];                                                         \
+  part[warp][2 * c + 1][g + 8] = d[3];
+#define STORE_SWAPPED_SUMS                                                                     \
+  SWAPPED_PARTS                                                                                \
   STORE_WARP_SUMS(8, 16)
 
 template <int WARPS, int UNROLL, int TILES, bool HALVES, bool BF16>
@@ -342,7 +351,6 @@ __device__ __forceinline__ unsigned int mul16x2(unsigned int p, unsigned int a) 
 }
 // One group of 16 features as a lane sees it: the first weight of its feature g (a 32-bit
 // offset; feature g + 8's is 8k on), and whether feature g + 8 exists (g's does: n % 8 == 0).
-// Kept to two registers: the form that loads ahead holds two groups' at once.
 struct PairsGroup {
   unsigned int ea;
   bool vb;
@@ -359,8 +367,9 @@ struct PairsRound {
   float ma[UNROLL], mb[UNROLL];
 };
 // A lane's loads of chunk ch: codes at ch * 64 bytes on, if the chunk is in the slice (ch < ce)
-// and the lane has columns there (ch * 128 < kc, kc = k - 32 c, which also means ch < chunks). Codes not loaded are never used
-// as more than a table row (any byte is one), their scale is zero and x is zero there.
+// and the lane has columns there (ch * 128 < kc, kc = k - 32 c, which also means ch < chunks).
+// Codes not loaded are never used as more than a table row (any byte is one), their scale is
+// zero and x is zero there.
 template <int WARPS, int UNROLL>
 __device__ __forceinline__ void pairs_load(PairsRound<UNROLL>& r, const u8* codes,
     PairsGroup q, int k, int ch0, int ce, int kc, int lbs, const float* absmax, const u8* aq,
@@ -429,10 +438,7 @@ __device__ __forceinline__ void pairs_compute(const PairsRound<UNROLL>& r, float
 // idle and every block 142 chunks long; in 4 slices, 1,136 items of 36 chunks, 3 at most a block.
 #define STORE_SLICE_SUMS                                                                       \
   GRID_WAIT();                                                                                 \
-  part[warp][2 * c][g] = d[0];                                                                 \
-  part[warp][2 * c + 1][g] = d[1];                                                             \
-  part[warp][2 * c][g + 8] = d[2];                                                             \
-  part[warp][2 * c + 1][g + 8] = d[3];                                                         \
+  SWAPPED_PARTS                                                                                \
   __syncthreads();                                                                             \
   if (threadIdx.x < 16) {                                                                     \
     float sum = 0.f;                                                                           \
@@ -450,14 +456,10 @@ __device__ __forceinline__ void pairs_compute(const PairsRound<UNROLL>& r, float
     __syncthreads();                                                                           \
     long long o = first + threadIdx.x;                                                         \
     if (threadIdx.x < 16 && o < n) {                                                          \
-      int r = 0;                                                                               \
       float sum = 0.f;                                                                         \
       for (int t = 0; t < slices; ++t)                                                        \
         sum += __ldcg(scratch + ((long long)grp * slices + t) * 16 + threadIdx.x);             \
-      LORA_OUT(load16<BF16>, round16<BF16>, r, o, sum, out)                                    \
-      if (act == 1) out = round16<BF16>(gelu16<BF16>(load16<BF16>(out)));                      \
-      if (act == 2) out = residual3<BF16>(rx[o], out, rb[o]);                                  \
-      y[o] = out;                                                                              \
+      STORE_EPILOGUE(0, o, sum)                                                                \
     }                                                                                         \
     if (threadIdx.x == 0) counts[grp] = 0u;                                                    \
   }                                                                                           \
