@@ -396,7 +396,8 @@ fi
 #          gpu__time_duration; clocks and caches as they run), so a small launch weighs what it
 #          costs the device, not what a synchronised profile adds to it: batch-1 decoding
 #          (200-token prompt, NCU_TOKENS new tokens, default 8; the generate stage's adapter,
-#          unmerged), summed per kernel over one decoding step (ncu_kernels.py --cycle argmax);
+#          unmerged; with NCU_BASE=1 again without the adapter), summed per kernel over one
+#          decoding step (ncu_kernels.py --cycle argmax);
 #          with NCU_TRAIN=1 one training step at 8 x 512 (flash_attention_2) per kernel name; and
 #          the full section set of the batch-1 NF4 product at Falcon-7B's four shapes (ncu-gemv.txt;
 #          NCU_GEMV: the kernel's name, a regex, default the swapped tensor-core form's; none: not run)
@@ -416,6 +417,12 @@ if stage ncu; then
     --prompt-tokens 200 --new-tokens "${NCU_TOKENS:-8}"
   python3 scripts/bench/ncu_kernels.py "$OUT/ncu-decode.csv" --cycle argmax | tee "$OUT/ncu-decode-step.jsonl" \
     | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"ncu-decode\",${line#\{}" >> "$RESULTS"; done
+  if [ "${NCU_BASE:-0}" = 1 ]; then
+    ncu_run decode-base 240 /tmp/gl/after bench generate --model "$CKPT" --batch 1 \
+      --prompt-tokens 200 --new-tokens "${NCU_TOKENS:-8}"
+    python3 scripts/bench/ncu_kernels.py "$OUT/ncu-decode-base.csv" --cycle argmax | tee "$OUT/ncu-decode-base-step.jsonl" \
+      | while IFS= read -r line; do [[ $line == '{'* ]] && echo "{\"side\":\"ncu-decode-base\",${line#\{}" >> "$RESULTS"; done
+  fi
   if [ "${NCU_TRAIN:-0}" = 1 ]; then
     ncu_run train 300 /tmp/gl/after bench train --model "$CKPT" --batch 8 --seq 512 --steps 1 --warmup 0 \
       --attn-implementation flash_attention_2
