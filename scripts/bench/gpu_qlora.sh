@@ -294,7 +294,9 @@ fi
 #           +fused1 (GELU, h and residual as before any was fused), +nopdl (the tensor-core
 #           kernel launched without programmatic dependent launch, ADAPTERLAB_DECODE_PDL=off),
 #           +earlypdl (its blocks letting the next one start early, ADAPTERLAB_DECODE_PDL=early),
-#           +onpdl (PDL without that, ADAPTERLAB_DECODE_PDL=on), +TILING
+#           +onpdl (PDL without that, ADAPTERLAB_DECODE_PDL=on), +productspdl (early PDL for the
+#           NF4 products alone, layer norm, rope_append and attention launched plainly, as
+#           before 2026-12-08: ADAPTERLAB_DECODE_PDL=products), +TILING
 #           (the tensor-core kernel's tiling up to 8 rows, ADAPTERLAB_NF4_MMA_TILING=TILING, e.g.
 #           +s16u1), +dequant1 (one row's weights as the dequantize kernel forms them, not as
 #           bitsandbytes' batch-1 GEMV does, ADAPTERLAB_NF4_ONE_ROW=dequantize), +nosplit (one
@@ -322,6 +324,7 @@ if stage generate; then
         *+nopdl) switches=(ADAPTERLAB_DECODE_PDL=off) ;;
         *+onpdl) switches=(ADAPTERLAB_DECODE_PDL=on) ;;
         *+earlypdl) switches=(ADAPTERLAB_DECODE_PDL=early) ;;
+        *+productspdl) switches=(ADAPTERLAB_DECODE_PDL=products) ;;
         *+fused1) switches=(ADAPTERLAB_DECODE_GELU=separate ADAPTERLAB_DECODE_LORA_H=separate ADAPTERLAB_DECODE_RESIDUAL=separate) ;;
         *+s[0-9]*) switches=(ADAPTERLAB_NF4_MMA_TILING=${variant#*+}) ;;
         *+dequant1) switches=(ADAPTERLAB_NF4_ONE_ROW=dequantize) ;;

@@ -84,10 +84,7 @@ pub fn decoding_settings(
             ),
         ];
         settings.extend(crate::quant::kernels::decode_settings()?);
-        settings.push((
-            "ADAPTERLAB_DECODE_PDL",
-            crate::quant::kernels::pdl_setting(device)?,
-        ));
+        settings.push(("ADAPTERLAB_DECODE_PDL", crate::ops::pdl::setting(device)?));
         return Ok(settings);
     }
     let _ = device;

@@ -11,6 +11,8 @@
 // loads. Two dimensions a thread took 1.3 ms off a step of batch 16's decoding against one (H100,
 // 2026-12-06), and ncu put that form at 13.9 us a layer at batch 1 (2026-12-07); the form with
 // four dimensions a thread at 9.8 us (ncu, H100, 2026-12-07).
+// Decoding's chain (ops/pdl.cu): with PDL a block waits for the kernel before (rope_append,
+// which writes the newest key and value) before its first load.
 // Before anything waits, a thread issues the loads it will need first: its first key's row
 // (where d <= 64: 8 registers of 16 bytes) and its first DA_VPRE values for the weighted sum,
 // so that the K and V reads overlap q's staging, the scores and the softmax instead of
@@ -39,6 +41,8 @@ extern "C" __global__ void NAME(const u16* q, const u16* k, const u16* v, const 
     long long vh, int mask_batch, int has_mask, float scale) {                                \
   extern __shared__ float sm[];                                                                \
   __shared__ float red[32];                                                                    \
+  GRID_LAUNCH_DEPENDENTS();                                                                    \
+  GRID_WAIT();                                                                                 \
   float* qs = sm;                                                                              \
   float* ps = sm + d;                                                                          \
   float* part = ps + t;                                                                        \

@@ -78,10 +78,18 @@ mod cuda {
     use candle_core::Storage;
     use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 
-    pub(crate) static DECODE: CudaModule = CudaModule::new(
+    const SOURCE: &str = concat!(include_str!("pdl.cu"), include_str!("decode_attention.cu"));
+
+    pub(crate) static DECODE: CudaModule =
+        CudaModule::new("adapterlab_decode_attention", SOURCE, no_defines);
+    // One of decoding's chain (ops/pdl.rs).
+    crate::pdl_modules!(
+        DECODE_ALL,
+        DECODE,
+        DECODE_PDL,
+        DECODE_PDL_EARLY,
         "adapterlab_decode_attention",
-        include_str!("decode_attention.cu"),
-        no_defines,
+        SOURCE
     );
 
     /// A view's element offset and its batch and head strides, where its rows of `d` are
@@ -147,6 +155,7 @@ mod cuda {
         };
         let q_off = q.layout().start_offset();
         let m_off = ml.start_offset();
+        let (module, pdl) = DECODE_ALL.pick(q.device())?;
         macro_rules! launch {
             ($name:literal, $t:ty) => {{
                 let qv = qs.as_cuda_slice::<$t>()?.slice(q_off..);
@@ -155,7 +164,7 @@ mod cuda {
                 let mv = ms.as_cuda_slice::<f32>()?.slice(m_off..);
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(b * h * d)? };
-                crate::run_kernel!(DECODE, dev, $name, cfg;
+                crate::run_kernel_maybe_pdl!(pdl.then_some(module), module, dev, $name, cfg;
                     &qv, &kv_, &vv, &mv, &out, &h_i, &group, &t_i, &d_i, &kb, &kh, &vb, &vh,
                     &mask_batch, &has_mask, &scale,
                 )?;
@@ -173,6 +182,6 @@ mod cuda {
 
 /// The module, for [`crate::ops::kernel_modules`].
 #[cfg(feature = "cuda")]
-pub(crate) fn cuda_module() -> &'static crate::ops::kernels::CudaModule {
-    &cuda::DECODE
+pub(crate) fn cuda_modules() -> &'static crate::ops::pdl::PdlModules {
+    &cuda::DECODE_ALL
 }

@@ -182,6 +182,11 @@ impl PdlArg for u32 {
         *self as u64
     }
 }
+impl PdlArg for i64 {
+    fn slot(&self, _: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> u64 {
+        *self as u64
+    }
+}
 impl PdlArg for f32 {
     fn slot(&self, _: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> u64 {
         self.to_bits() as u64

@@ -152,6 +152,9 @@ template <bool BF16>
 __device__ __forceinline__ void layer_norm_fwd_vec(const u16* x, const u16* w, const u16* b,
     u16* out, int n, float eps) {
   __shared__ float red[32];
+  // Decoding's chain (ops/pdl.cu): no-ops where the module is not compiled for PDL.
+  GRID_LAUNCH_DEPENDENTS();
+  GRID_WAIT();
   int chunks = n >> 3;
   long long row = (long long)blockIdx.x * n;
   float xv[LNV_CHUNKS][8];

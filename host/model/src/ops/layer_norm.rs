@@ -67,10 +67,18 @@ mod cuda {
     const VEC_THREADS: usize = 256;
     const VEC_CHUNKS: usize = 4;
 
-    pub(crate) static LAYER_NORM: CudaModule = CudaModule::new(
+    const SOURCE: &str = concat!(include_str!("pdl.cu"), include_str!("layer_norm.cu"));
+
+    pub(crate) static LAYER_NORM: CudaModule =
+        CudaModule::new("adapterlab_layer_norm", SOURCE, no_defines);
+    // The forward kernel is one of decoding's chain (ops/pdl.rs).
+    crate::pdl_modules!(
+        LAYER_NORM_ALL,
+        LAYER_NORM,
+        LAYER_NORM_PDL,
+        LAYER_NORM_PDL_EARLY,
         "adapterlab_layer_norm",
-        include_str!("layer_norm.cu"),
-        no_defines,
+        SOURCE
     );
 
     /// [`super::value`]'s kernel, or `None` where it does not serve (not a GPU or a 16-bit
@@ -94,6 +102,8 @@ mod cuda {
             return Ok(None);
         }
         let dev = cuda_device(&x)?;
+        let (module, pdl) = LAYER_NORM_ALL.pick(x.device())?;
+        let pdl = pdl.then_some(module);
         let rows = x.elem_count() / n;
         let (xs, ws, bs) = (CudaInput::of(&x)?, CudaInput::of(&w)?, CudaInput::of(&b)?);
         let (n_i, eps_f) = (n as i32, eps as f32);
@@ -112,7 +122,7 @@ mod cuda {
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(rows * n)? };
                 if rows > 0 {
-                    crate::run_kernel!(LAYER_NORM, dev, concat!("layer_norm_fwd_vec_", $dtype), cfg;
+                    crate::run_kernel_maybe_pdl!(pdl, module, dev, concat!("layer_norm_fwd_vec_", $dtype), cfg;
                         &xv, &wv, &bv, &out, &n_i, &eps_f)?;
                 }
                 wrap(out, &dev, x.shape().clone())
@@ -169,6 +179,6 @@ mod cuda {
 
 /// The module, for [`crate::ops::kernel_modules`].
 #[cfg(feature = "cuda")]
-pub(crate) fn cuda_module() -> &'static crate::ops::kernels::CudaModule {
-    &cuda::LAYER_NORM
+pub(crate) fn cuda_modules() -> &'static crate::ops::pdl::PdlModules {
+    &cuda::LAYER_NORM_ALL
 }

@@ -18,6 +18,8 @@ pub mod heads;
 #[cfg(feature = "cuda")]
 pub mod kernels;
 pub mod layer_norm;
+#[cfg(feature = "cuda")]
+pub mod pdl;
 pub mod profile;
 pub mod residual;
 pub mod rope_append;
@@ -33,13 +35,13 @@ pub fn kernel_modules() -> Vec<&'static kernels::CudaModule> {
         .into_iter()
         .chain(flash::cuda_modules())
         .chain([
-            decode_attention::cuda_module(),
             argmax::cuda_module(),
-            rope_append::cuda_module(),
             residual::cuda_module(),
             heads::cuda_module(),
             rows::cuda_module(),
-            layer_norm::cuda_module(),
         ])
+        .chain(decode_attention::cuda_modules().all())
+        .chain(rope_append::cuda_modules().all())
+        .chain(layer_norm::cuda_modules().all())
         .collect()
 }

@@ -3,6 +3,7 @@
 // two `rope` launches and two cache writes did, in one launch. A thread takes one pair
 // (i, i + d/2) of one head of one token. The fused row holds `kvh` groups of `r` query heads, a
 // key head and a value head (Falcon's three layouts).
+// Decoding's chain (ops/pdl.cu): the forward form waits first, its launch the only overlap.
 // The rotation has the bits of candle's 16-bit `rope` kernel as it runs on sm_90: its PTX
 // multiplies and subtracts with unrounded `mul.bf16`/`sub.bf16`, which ptxas contracts (SASS:
 // one HMUL2, then HFMA2) into x1 c - rnd(x2 s) and x1 s + rnd(x2 c), each rounded once (seen
@@ -55,6 +56,8 @@ __device__ __forceinline__ long long head_offset(const Pair& p, int s, int kvh, 
 extern "C" __global__ void NAME(const u16* fused, const u16* cosv, const u16* sinv, int rope, \
     u16* q, u16* kv, int b, int s, int kvh, int r, int d, long long cap, long long len,       \
     long long vplane) {                                                                       \
+  GRID_LAUNCH_DEPENDENTS();                                                                    \
+  GRID_WAIT();                                                                                 \
   Pair p;                                                                                      \
   if (!pair_of(blockIdx.y * blockDim.x + threadIdx.x, blockIdx.x, s, kvh, r, d, p)) return;   \
   int half = d >> 1;                                                                           \

@@ -139,12 +139,19 @@ mod cuda {
     use super::*;
     use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, no_defines, wrap};
 
-    pub(crate) static ROPE_APPEND: CudaModule = CudaModule::new(
+    const SOURCE: &str = concat!(include_str!("pdl.cu"), include_str!("rope_append.cu"));
+
+    pub(crate) static ROPE_APPEND: CudaModule =
+        CudaModule::new("adapterlab_rope_append", SOURCE, no_defines).for_arch("compute_80");
+    // The forward kernel is one of decoding's chain (ops/pdl.rs).
+    crate::pdl_modules!(
+        ROPE_APPEND_ALL,
+        ROPE_APPEND,
+        ROPE_APPEND_PDL,
+        ROPE_APPEND_PDL_EARLY,
         "adapterlab_rope_append",
-        include_str!("rope_append.cu"),
-        no_defines,
-    )
-    .for_arch("compute_80");
+        SOURCE
+    );
 
     /// `fused` contiguous and its `(cos, sin)`, each `[b, s, d / 2]`, checked.
     fn inputs(
@@ -247,7 +254,9 @@ mod cuda {
         let has_rope = i32::from(rope.is_some());
         let [b_i, s_i, kvh_i, r_i, d_i] = shape_args(groups, (b, s));
         let (cap, len, vplane) = (cap as i64, len as i64, vplane as i64);
-        crate::run_kernel!(ROPE_APPEND, dev, &kernel(fused.dtype(), "rope_append")?, cfg;
+        let (module, pdl) = ROPE_APPEND_ALL.pick(fused.device())?;
+        crate::run_kernel_maybe_pdl!(pdl.then_some(module), module, dev,
+            &kernel(fused.dtype(), "rope_append")?, cfg;
             &fv, &cv, &sv, &has_rope, q, kv, &b_i, &s_i, &kvh_i, &r_i, &d_i, &cap, &len, &vplane,
         )?;
         Ok(())
@@ -438,6 +447,6 @@ mod cuda {
 
 /// The module, for [`crate::ops::kernel_modules`].
 #[cfg(feature = "cuda")]
-pub(crate) fn cuda_module() -> &'static crate::ops::kernels::CudaModule {
-    &cuda::ROPE_APPEND
+pub(crate) fn cuda_modules() -> &'static crate::ops::pdl::PdlModules {
+    &cuda::ROPE_APPEND_ALL
 }

@@ -32,7 +32,7 @@ pub const SWITCHES: [(&str, &[&str]); 15] = [
     ("ADAPTERLAB_DECODE_GELU", &["fused", "separate"]),
     ("ADAPTERLAB_DECODE_LORA_H", &["launch", "separate"]),
     ("ADAPTERLAB_DECODE_RESIDUAL", &["fused", "separate"]),
-    ("ADAPTERLAB_DECODE_PDL", &["on", "early", "off"]),
+    ("ADAPTERLAB_DECODE_PDL", &["on", "early", "products", "off"]),
     ("ADAPTERLAB_LORA_TRAIN_KERNELS", &["mma", "simt"]),
     ("ADAPTERLAB_LORA_MASK", &["stored", "drawn"]),
 ];

@@ -515,6 +515,7 @@ pub(crate) static NF4: CudaModule = CudaModule::new(
 /// The tensor-core kernel's source, which its modules compile with different instances and
 /// defines.
 const NF4_MMA_SOURCE: &str = concat!(
+    include_str!("../ops/pdl.cu"),
     include_str!("nf4_common.cu"),
     include_str!("../ops/mma.cu"),
     include_str!("../ops/dot16.cu"),
@@ -534,81 +535,32 @@ fn decoding_defines(pdl: &str) -> String {
     format!("{pdl}{}", nf4_mma_defines(&MmaTiling::DECODING))
 }
 
-/// [`NF4_MMA`] compiled for compute_90 with programmatic dependent launch (`GRID_WAIT` in
-/// nf4_mma.cu): decoding's kernels where the card has sm_90 and `ADAPTERLAB_DECODE_PDL` allows.
+/// [`NF4_MMA`] compiled for compute_90 with programmatic dependent launch (ops/pdl.rs):
+/// decoding's kernels where the card has sm_90 and `ADAPTERLAB_DECODE_PDL` allows.
 pub(crate) static NF4_MMA_PDL: CudaModule =
     CudaModule::new("adapterlab_nf4_mma_pdl", NF4_MMA_SOURCE, || {
-        decoding_defines("#define ADAPTERLAB_PDL 1\n")
+        decoding_defines(&crate::ops::pdl::on_defines())
     })
     .for_arch("compute_90");
 
-/// [`NF4_MMA_PDL`] whose blocks also let the next kernel be scheduled as they start
-/// (`GRID_LAUNCH_DEPENDENTS` in nf4_mma.cu), for `ADAPTERLAB_DECODE_PDL=early`.
+/// [`NF4_MMA_PDL`] whose blocks also let the next kernel be scheduled as they start.
 pub(crate) static NF4_MMA_PDL_EARLY: CudaModule =
     CudaModule::new("adapterlab_nf4_mma_pdl_early", NF4_MMA_SOURCE, || {
-        decoding_defines("#define ADAPTERLAB_PDL 1\n#define ADAPTERLAB_PDL_EARLY 1\n")
+        decoding_defines(&crate::ops::pdl::early_defines())
     })
     .for_arch("compute_90");
 
-/// How decoding's tensor-core NF4 kernel launches (`ADAPTERLAB_DECODE_PDL`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pdl {
-    /// As every other kernel.
-    Off,
-    /// With programmatic dependent launch where the card has sm_90: its blocks load their tables
-    /// and first codes while the kernel before it finishes.
-    On,
-    /// The same, and its blocks let the next such launch be scheduled as they start.
-    Early,
-}
-
-/// How decoding's tensor-core kernel launches on an sm_90 card where `ADAPTERLAB_DECODE_PDL` is
-/// unset. On an H100 (2026-12-07, BENCHMARKS.md) batch-1 decoding ran 226.6 tokens/s with
-/// `early` against 214.3 with `on` (the pairs form, one call; with the swapped form 211.2 against
-/// 207.9 in another), and `on` 4.5% ahead of `off`. A dependent that starts early still waits
-/// (`griddepcontrol.wait`) for this kernel to finish before it reads what it wrote.
-const PDL_DEFAULT: Pdl = Pdl::Early;
-
-/// `ADAPTERLAB_DECODE_PDL`: `on`, `early` or `off` ([`Pdl`]; see [`pdl_in_force`]).
-static PDL: Switch<Pdl> = Switch::new(
-    "ADAPTERLAB_DECODE_PDL",
-    &[("on", Pdl::On), ("early", Pdl::Early), ("off", Pdl::Off)],
-);
-
-/// How decoding's tensor-core kernel launches on `device`: as `ADAPTERLAB_DECODE_PDL` says,
-/// which may not ask for PDL on a card without sm_90 (an error, not a quiet plain launch);
-/// unset, [`PDL_DEFAULT`] where the card has sm_90 and a plain launch elsewhere.
-fn pdl_in_force(device: &candle_core::Device) -> Result<Pdl> {
-    let sm90 = crate::ops::kernels::sm90_or_later(device)?;
-    match PDL.get()? {
-        Some(Pdl::Off) => Ok(Pdl::Off),
-        Some(_) if !sm90 => Err(Error::Msg(
-            "ADAPTERLAB_DECODE_PDL asks for programmatic dependent launch, which needs sm_90 or later"
-                .into(),
-        )),
-        Some(mode) => Ok(mode),
-        None if sm90 => Ok(PDL_DEFAULT),
-        None => Ok(Pdl::Off),
-    }
-}
-
-/// The module decoding's tensor-core kernel launches from with PDL on `device`, `None` for a
-/// plain launch.
+/// The module decoding's tensor-core kernel launches from with PDL on `device` (ops/pdl.rs),
+/// `None` for a plain launch.
 fn pdl_module(device: &candle_core::CudaDevice) -> Result<Option<&'static CudaModule>> {
+    use crate::ops::pdl::Pdl;
     Ok(
-        match pdl_in_force(&candle_core::Device::Cuda(device.clone()))? {
+        match crate::ops::pdl::in_force(&candle_core::Device::Cuda(device.clone()))? {
             Pdl::Off => None,
             Pdl::On => Some(&NF4_MMA_PDL),
-            Pdl::Early => Some(&NF4_MMA_PDL_EARLY),
+            Pdl::Early | Pdl::Products => Some(&NF4_MMA_PDL_EARLY),
         },
     )
-}
-
-/// How decoding's tensor-core kernel launches on `device`, as `ADAPTERLAB_DECODE_PDL` names it,
-/// for reports.
-pub fn pdl_setting(device: &candle_core::Device) -> Result<&'static str> {
-    let mode = pdl_in_force(device)?;
-    Ok(PDL.in_force(mode)?.1)
 }
 
 /// The same kernel's other tilings, which only `bench kernels` and the GPU tests run: a module
@@ -1283,7 +1235,6 @@ mod tests {
         ONE_ROW.names_match().unwrap();
         GEMV.names_match().unwrap();
         SMALL_BATCH.names_match().unwrap();
-        PDL.names_match().unwrap();
     }
 
     /// Falcon-7B's one-row products: only the down projection (284 groups of 142 chunks) splits

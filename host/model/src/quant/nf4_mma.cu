@@ -25,25 +25,10 @@
 // warp w adds chunks w, w + WARPS, w + 2 WARPS ... in that order whatever UNROLL, TILES and
 // HALVES are.
 
-// Programmatic dependent launch (the module compiled for compute_90 with ADAPTERLAB_PDL, the
-// kernel launched with the attribute: quant/kernels.rs): a block may start while the kernel
-// before it finishes; it loads its tables and first codes (never written by a kernel) and then
-// waits here for that kernel to be done before it reads x, h's inputs or the residual, or
-// writes anything. Elsewhere a no-op.
-#ifdef ADAPTERLAB_PDL
-#define GRID_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
-#else
-#define GRID_WAIT()
-#endif
-// With ADAPTERLAB_PDL_EARLY a block lets the kernel after it (where that one is launched with
-// PDL: the next NF4 product after an attention's output or an up projection) be scheduled as
-// soon as it starts, so that kernel's blocks take the SMs this one's tail leaves idle and load
-// their codes there; otherwise that happens as this kernel's blocks exit.
-#ifdef ADAPTERLAB_PDL_EARLY
-#define GRID_LAUNCH_DEPENDENTS() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
-#else
-#define GRID_LAUNCH_DEPENDENTS()
-#endif
+// Programmatic dependent launch (ops/pdl.cu's GRID_WAIT and GRID_LAUNCH_DEPENDENTS, the module
+// compiled with ADAPTERLAB_PDL): a block loads its tables and first codes (never written by a
+// kernel) before it waits for the kernel before it, and then reads x, h's inputs or the
+// residual, or writes anything.
 
 // An adapter's h = x A^T computed in the decoding kernel's own launch (hb > 0): blocks 0 .. hb - 1
 // (hb = m * lr, a block a row and rank) compute it with block_dot16 (ops/dot16.cu), the bits of
