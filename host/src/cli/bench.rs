@@ -719,10 +719,21 @@ fn generate(args: GenerateBenchArgs, ctx: &Context) -> Result<()> {
             device.synchronize()?;
             let s = t.elapsed().as_secs_f64();
             let n: usize = out.tokens.iter().map(Vec::len).sum();
+            // The ids chosen, as one FNV-1a hash: builds and switches that must give the same
+            // tokens can be compared from their reports.
+            let ids_fnv = out
+                .tokens
+                .iter()
+                .flatten()
+                .flat_map(|id| id.to_le_bytes())
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                });
             emit(
                 json!({"what": "generate", "batch": b, "prompt": args.prompt_tokens,
                 "new": args.new_tokens, "merged": merged, "adapter": registry.is_some(),
-                "s": round(s, 3), "prefill_s": round(prefill_s, 3), "tokens_per_s": round(n as f64 / s, 1)}),
+                "s": round(s, 3), "prefill_s": round(prefill_s, 3), "tokens_per_s": round(n as f64 / s, 1),
+                "ids_fnv": format!("{ids_fnv:016x}")}),
             );
             emit_profile(1)?;
         }
