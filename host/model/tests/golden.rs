@@ -1260,6 +1260,112 @@ fn decode_attention_kernel_equals_the_eager_path() {
 /// A kernel that applies an epilogue to its output (an MLP's GELU, a layer's residual) gives the
 /// bits of the epilogue's own op on that output, with the adapter and without; one that computes the adapter's h in
 /// blocks of its own launch gives the bits of lora_h's launch.
+/// Two one-row products of the same x in one launch (`gemv_paired`: decoding's fused QKV and
+/// up projection) give each output the bits of its own launch: with and without adapters (h
+/// computed in the launch), plain and GELU epilogues, both 16-bit types, twice (the second
+/// launch's flags start as the first left them).
+#[cfg(feature = "cuda")]
+#[test]
+fn nf4_paired_launch_equals_two_launches() {
+    use adapterlab_model::ops::epilogue::Epilogue;
+    use adapterlab_model::quant::kernels::{
+        DecodeKernel, LoraEpilogue, LoraH, PairedProduct, gemv_paired,
+    };
+    use adapterlab_model::quant::nf4::Nf4Options;
+    use adapterlab_model::quant::weight::Nf4Weight;
+    use candle_core::DType;
+    let Some(dev) = gpu_device() else { return };
+    let cpu = Device::Cpu;
+    let wave = |n: usize, f: f32, amp: f32| -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * f).sin() * amp).collect()
+    };
+    let mut cases = 0;
+    for (na, nb, k, ra, rb) in [
+        (48, 160, 320, 16, 8),
+        (72, 24, 4544, 16, 0),
+        (584, 1136, 4544, 0, 16),
+        // Both split over k (4 slices each): the second's partial sums and counts after the
+        // first's.
+        (40, 48, 18176, 8, 16),
+    ] {
+        let wa = Tensor::from_vec(wave(na * k, 0.731, 0.05), (na, k), &cpu).unwrap();
+        let wb = Tensor::from_vec(wave(nb * k, 0.419, 0.04), (nb, k), &cpu).unwrap();
+        let adapter = |n: usize, r: usize, f: f32| {
+            (r > 0).then(|| {
+                (
+                    Tensor::from_vec(wave(r * k, 0.377 * f, 0.02), (r, k), &cpu)
+                        .unwrap()
+                        .to_device(&dev)
+                        .unwrap(),
+                    Tensor::from_vec(wave(n * r, 0.913 * f, 0.03), (n, r), &cpu)
+                        .unwrap()
+                        .to_device(&dev)
+                        .unwrap(),
+                )
+            })
+        };
+        let (la, lb) = (adapter(na, ra, 1.0), adapter(nb, rb, 1.3));
+        for dtype in [DType::BF16, DType::F16] {
+            let qa = Nf4Weight::quantize(&wa, Nf4Options::default(), dtype, &dev).unwrap();
+            let qb = Nf4Weight::quantize(&wb, Nf4Options::default(), dtype, &dev).unwrap();
+            let x = Tensor::from_vec(wave(k, 0.173, 1.0), (1, k), &cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap();
+            for (ea, eb) in [
+                (Epilogue::None, Epilogue::Gelu),
+                (Epilogue::Gelu, Epilogue::None),
+            ] {
+                let case = format!("{na}+{nb}x{k} r={ra}/{rb} {dtype:?} {ea:?}/{eb:?}");
+                // Each alone, as decoding launches it without pairing.
+                let alone = |q: &Nf4Weight, l: &Option<(Tensor, Tensor)>, e: Epilogue| {
+                    let lora = l.as_ref().map(|(a, b)| LoraEpilogue {
+                        h: LoraH::FromA(a),
+                        b,
+                        scaling: 2.0,
+                    });
+                    host_f32s(
+                        &q.forward_from_nf4(&x, DecodeKernel::Mma, lora.as_ref(), e)
+                            .unwrap(),
+                    )
+                };
+                let (want_a, want_b) = (alone(&qa, &la, ea), alone(&qb, &lb, eb));
+                for round in 0..2 {
+                    let pa = PairedProduct {
+                        w: qa.on_gpu().unwrap(),
+                        out_features: na,
+                        lora: la.as_ref().map(|(a, b)| (a, b, 2.0)),
+                        epilogue: ea,
+                    };
+                    let pb = PairedProduct {
+                        w: qb.on_gpu().unwrap(),
+                        out_features: nb,
+                        lora: lb.as_ref().map(|(a, b)| (a, b, 2.0)),
+                        epilogue: eb,
+                    };
+                    let (ya, yb) = gemv_paired(&x, &pa, &pb)
+                        .unwrap()
+                        .unwrap_or_else(|| panic!("{case}: no paired launch"));
+                    for (what, got, want) in [
+                        ("first", host_f32s(&ya), &want_a),
+                        ("second", host_f32s(&yb), &want_b),
+                    ] {
+                        let differ = differing_bits(&got, want);
+                        assert_eq!(
+                            differ, 0,
+                            "{case} (round {round}): {differ} values of the {what} product differ from its own launch"
+                        );
+                    }
+                }
+                cases += 1;
+            }
+        }
+    }
+    eprintln!("paired launch: {cases} cases bit-equal");
+}
+
 #[cfg(feature = "cuda")]
 #[test]
 fn nf4_gemv_with_lora_equals_the_two_step_path() {

@@ -132,6 +132,103 @@ impl Linear {
         epilogue.apply(self.forward_t(x, train)?)
     }
 
+    /// `(a.forward_then(x, false, ea), b.forward_then(x, false, eb))` outside training (the
+    /// adapters' registry not in training mode) as one
+    /// launch (`quant::kernels::gemv_paired`, the same bits) where both are one-row decoding
+    /// products through NF4 bases without a bias or a merged adapter and `ADAPTERLAB_DECODE_PAIRED`
+    /// allows; `None` otherwise (the caller runs the two as usual).
+    pub fn forward_paired(
+        a: &Linear,
+        ea: Epilogue,
+        b: &Linear,
+        eb: Epilogue,
+        x: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        #[cfg(feature = "cuda")]
+        {
+            use crate::quant::kernels::{PairedProduct, gemv_paired, paired_launch};
+            let k = x.dim(candle_core::D::Minus1)?;
+            if x.elem_count() != k
+                || x.track_op()
+                || !x.device().is_cuda()
+                || !paired_launch()?
+                || !ea.fusable()?
+                || !eb.fusable()?
+            {
+                return Ok(None);
+            }
+            let (Some((wa, la)), Some((wb, lb))) = (a.paired_parts(x)?, b.paired_parts(x)?) else {
+                return Ok(None);
+            };
+            let (Some(ga), Some(gb)) = (wa.on_gpu(), wb.on_gpu()) else {
+                return Ok(None);
+            };
+            let pa = PairedProduct {
+                w: ga,
+                out_features: wa.dims().0,
+                lora: la.as_ref().map(|(a, b, s)| (a, b, *s)),
+                epilogue: ea,
+            };
+            let pb = PairedProduct {
+                w: gb,
+                out_features: wb.dims().0,
+                lora: lb.as_ref().map(|(a, b, s)| (a, b, *s)),
+                epilogue: eb,
+            };
+            let x2 = x.contiguous()?.reshape((1, k))?;
+            let Some((ya, yb)) =
+                crate::ops::profile::scope("lora.gemv_paired", x.device(), || {
+                    gemv_paired(&x2, &pa, &pb)
+                })?
+            else {
+                return Ok(None);
+            };
+            let shaped = |y: Tensor, n: usize| {
+                let mut shape = x.dims().to_vec();
+                *shape.last_mut().expect("x has a feature dimension") = n;
+                y.reshape(shape)
+            };
+            #[allow(clippy::needless_return)] // the CPU build's block follows
+            return Ok(Some((
+                shaped(ya, pa.out_features)?,
+                shaped(yb, pb.out_features)?,
+            )));
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (a, ea, b, eb, x);
+            Ok(None)
+        }
+    }
+
+    /// For [`Self::forward_paired`]: the NF4 base and the adapter's decoding parts of a linear
+    /// without a bias or a merged adapter, for `x` in the base's compute dtype; `None` where it
+    /// does not qualify.
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::type_complexity)]
+    fn paired_parts(
+        &self,
+        x: &Tensor,
+    ) -> Result<Option<(&Nf4Weight, Option<(Tensor, Tensor, f32)>)>> {
+        if self.bias.is_some() || self.lora.as_ref().is_some_and(|l| l.merged().is_some()) {
+            return Ok(None);
+        }
+        let Some(nf4) = self.base.as_nf4() else {
+            return Ok(None);
+        };
+        if x.dtype() != nf4.compute_dtype() {
+            return Ok(None);
+        }
+        let lora = match &self.lora {
+            Some(lora) => match lora.decoding_parts(x, lora.training())? {
+                Some(p) => Some(p),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        Ok(Some((nf4, lora)))
+    }
+
     /// `forward_t(gelu_erf(u))`. In training the GELU goes into the layer's graph node, which
     /// then keeps `u` alone instead of `u` and the activation.
     pub fn forward_gelu_t(&self, u: &Tensor, train: bool) -> Result<Tensor> {
