@@ -296,8 +296,7 @@ fi
 #           +earlypdl (its blocks letting the next one start early, ADAPTERLAB_DECODE_PDL=early),
 #           +onpdl (PDL without that, ADAPTERLAB_DECODE_PDL=on), +productspdl (early PDL for the
 #           NF4 products alone, layer norm, rope_append and attention launched plainly, as
-#           before 2026-12-08: ADAPTERLAB_DECODE_PDL=products), +separate (a layer's QKV and up
-#           projection in a launch each, not one: ADAPTERLAB_DECODE_PAIRED=separate), +TILING
+#           before 2026-12-08: ADAPTERLAB_DECODE_PDL=products), +TILING
 #           (the tensor-core kernel's tiling up to 8 rows, ADAPTERLAB_NF4_MMA_TILING=TILING, e.g.
 #           +s16u1), +dequant1 (one row's weights as the dequantize kernel forms them, not as
 #           bitsandbytes' batch-1 GEMV does, ADAPTERLAB_NF4_ONE_ROW=dequantize), +nosplit (one
@@ -326,7 +325,6 @@ if stage generate; then
         *+onpdl) switches=(ADAPTERLAB_DECODE_PDL=on) ;;
         *+earlypdl) switches=(ADAPTERLAB_DECODE_PDL=early) ;;
         *+productspdl) switches=(ADAPTERLAB_DECODE_PDL=products) ;;
-        *+separate) switches=(ADAPTERLAB_DECODE_PAIRED=separate) ;;
         *+fused1) switches=(ADAPTERLAB_DECODE_GELU=separate ADAPTERLAB_DECODE_LORA_H=separate ADAPTERLAB_DECODE_RESIDUAL=separate) ;;
         *+s[0-9]*) switches=(ADAPTERLAB_NF4_MMA_TILING=${variant#*+}) ;;
         *+dequant1) switches=(ADAPTERLAB_NF4_ONE_ROW=dequantize) ;;

@@ -478,21 +478,6 @@ impl LoraLayer {
         Ok(None)
     }
 
-    /// `A` and `B` (detached, contiguous) and the scaling, for a decoding launch that adds the
-    /// adapter's product and computes its h in its own blocks (`quant::kernels::gemv_paired`),
-    /// where the inference kernels take `x` and h may be computed in the launch; `None` otherwise.
-    #[cfg(feature = "cuda")]
-    pub fn decoding_parts(&self, x: &Tensor, train: bool) -> Result<Option<(Tensor, Tensor, f32)>> {
-        if !self.inference_kernels_take(x, train) || !crate::lora::kernels::h_in_launch()? {
-            return Ok(None);
-        }
-        Ok(Some((
-            self.a.as_tensor().detach().contiguous()?,
-            self.b.as_tensor().detach().contiguous()?,
-            self.scaling as f32,
-        )))
-    }
-
     /// Whether forward passes in [`LoraRegistry`]'s training mode (dropout on).
     pub fn training(&self) -> bool {
         self.training.load(Ordering::Relaxed)

@@ -10,7 +10,7 @@
 /// must fail the run even where its kernel is never reached (a CPU run). Each module's
 /// [`Switch`] maps the same names to its values; [`parse`] refuses a set that differs from
 /// this one, so the two cannot drift apart unnoticed.
-pub const SWITCHES: [(&str, &[&str]); 16] = [
+pub const SWITCHES: [(&str, &[&str]); 15] = [
     ("ADAPTERLAB_NF4_QUANTIZE", &["cpu", "gpu"]),
     ("ADAPTERLAB_NF4_GEMV", &["words", "wide", "mma"]),
     (
@@ -33,7 +33,6 @@ pub const SWITCHES: [(&str, &[&str]); 16] = [
     ("ADAPTERLAB_DECODE_LORA_H", &["launch", "separate"]),
     ("ADAPTERLAB_DECODE_RESIDUAL", &["fused", "separate"]),
     ("ADAPTERLAB_DECODE_PDL", &["on", "early", "products", "off"]),
-    ("ADAPTERLAB_DECODE_PAIRED", &["launch", "separate"]),
     ("ADAPTERLAB_LORA_TRAIN_KERNELS", &["mma", "simt"]),
     ("ADAPTERLAB_LORA_MASK", &["stored", "drawn"]),
 ];

@@ -191,11 +191,10 @@ impl MmaTiling {
     /// Bytes of dynamic shared memory a block takes: the `pairs` form's table of 256 rows of 64
     /// words (`PAIR_ROW_WORDS` in nf4_mma.cu) and, after it, all else it keeps there
     /// (`PairsShared`: the NF4 values, the nested absmax code, the warps' partial sums, the h
-    /// blocks' sums, a flag and a paired launch's second code), so that the table starts the
-    /// block's shared memory.
+    /// blocks' sums and a flag), so that the table starts the block's shared memory.
     fn dynamic_shared(self) -> u32 {
         if self.pairs {
-            PAIR_TABLE_BYTES + (16 + 256 + self.warps * 8 * 16 + DOT16_THREADS / 32 + 1 + 256) * 4
+            PAIR_TABLE_BYTES + (16 + 256 + self.warps * 8 * 16 + DOT16_THREADS / 32 + 1) * 4
         } else {
             0
         }
@@ -364,9 +363,9 @@ pub fn runs_mma(device: &candle_core::Device) -> Result<bool> {
 }
 
 /// The `ADAPTERLAB_NF4_GEMV`, `ADAPTERLAB_NF4_SMALL_BATCH`, `ADAPTERLAB_NF4_MMA_TILING`,
-/// `ADAPTERLAB_NF4_ONE_ROW`, `ADAPTERLAB_NF4_PAIRS_SPLIT` and `ADAPTERLAB_DECODE_PAIRED` in force,
-/// by variable, as the names they take, for reports.
-pub fn decode_settings() -> Result<[(&'static str, &'static str); 6]> {
+/// `ADAPTERLAB_NF4_ONE_ROW` and `ADAPTERLAB_NF4_PAIRS_SPLIT` in force, by variable, as the
+/// names they take, for reports.
+pub fn decode_settings() -> Result<[(&'static str, &'static str); 5]> {
     let (gemv, small) = switches()?;
     // Each default is among its switch's names (a unit test holds it there).
     let tiling = SMALL_TILING.in_force(MmaTiling::DEFAULTS[0])?.1;
@@ -381,20 +380,7 @@ pub fn decode_settings() -> Result<[(&'static str, &'static str); 6]> {
         ("ADAPTERLAB_NF4_MMA_TILING", tiling),
         ("ADAPTERLAB_NF4_ONE_ROW", one),
         ("ADAPTERLAB_NF4_PAIRS_SPLIT", split),
-        ("ADAPTERLAB_DECODE_PAIRED", PAIRED.in_force(true)?.1),
     ])
-}
-
-/// `ADAPTERLAB_DECODE_PAIRED`: whether two one-row products of the same input go in one launch
-/// ([`gemv_paired`]: `launch`, the default) or one each (`separate`); the same bits.
-static PAIRED: Switch<bool> = Switch::new(
-    "ADAPTERLAB_DECODE_PAIRED",
-    &[("launch", true), ("separate", false)],
-);
-
-/// Whether decoding pairs products in one launch where it can ([`PAIRED`]).
-pub fn paired_launch() -> Result<bool> {
-    Ok(PAIRED.get()?.unwrap_or(true))
 }
 
 /// `ADAPTERLAB_NF4_MMA_TILING`: the tensor-core kernel's tiling for up to 8 rows, in place of
@@ -958,21 +944,11 @@ fn resident_blocks(
     tiling: MmaTiling,
     dtype: DType,
 ) -> Result<usize> {
-    resident_blocks_of(dev, tiling, &tiling.kernel_name(1, dtype == DType::BF16))
-}
-
-/// [`resident_blocks`] for the instance `name` of `tiling`'s form (the paired launch's kernel
-/// has a name of its own).
-fn resident_blocks_of(
-    dev: &candle_core::CudaDevice,
-    tiling: MmaTiling,
-    name: &str,
-) -> Result<usize> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     type Known = (candle_core::Device, String, usize);
     static KNOWN: std::sync::Mutex<Vec<Known>> = std::sync::Mutex::new(Vec::new());
     let device = candle_core::Device::Cuda(dev.clone());
-    let name = name.to_string();
+    let name = tiling.kernel_name(1, dtype == DType::BF16);
     let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, _, b)) = known
         .iter()
@@ -1267,202 +1243,6 @@ pub fn gemv_with(
     })
 }
 
-/// One product of [`gemv_paired`]: a weight of `out_features` rows, its adapter (`A`, `[r, k]`
-/// f32, whose h the launch computes; `B`, `[out_features, r]` f32; the scaling) and its epilogue
-/// (none or GELU).
-pub struct PairedProduct<'a> {
-    pub w: Nf4Gpu<'a>,
-    pub out_features: usize,
-    pub lora: Option<(&'a Tensor, &'a Tensor, f32)>,
-    pub epilogue: Epilogue<'a>,
-}
-
-/// The outputs of [`gemv_paired`], in its products' order.
-pub type PairedOutputs = (Tensor, Tensor);
-
-/// One row `x [1, k]` through two NF4 weights of `k` columns in one launch of the pairs form
-/// (`nf4_mma_pairs2` in nf4_mma.cu), each output with the bits of [`gemv_with`]'s own launch of
-/// it (the same items, sums, h and epilogue): Falcon's fused QKV and its MLP's up projection
-/// read the same layer norm's output, and one launch pays one kernel's start, table fill and
-/// tail where two paid two. `None` where the pair does not fit that launch (another tiling for
-/// either shape, a dtype or layout it does not take, a residual epilogue, more split groups
-/// than the launch state keeps): the caller launches them one at a time.
-pub fn gemv_paired(
-    x: &Tensor,
-    a: &PairedProduct,
-    b: &PairedProduct,
-) -> Result<Option<PairedOutputs>> {
-    let (m, k) = x.dims2()?;
-    // One row's tiling (the pairs form) for both shapes, or no paired launch.
-    let tiling = MmaTiling::DEFAULTS[2];
-    let device = x.device();
-    if m != 1
-        || !matches!(x.dtype(), DType::BF16 | DType::F16)
-        || !x.is_contiguous()
-        || x.layout().start_offset() != 0
-        || !runs_mma(device)?
-    {
-        return Ok(None);
-    }
-    for p in [a, b] {
-        let n = p.out_features;
-        if n * k != p.w.n {
-            return Err(Error::Msg(format!(
-                "NF4 paired launch: a weight of {} elements for {n} outputs of {k} columns",
-                p.w.n
-            )));
-        }
-        if MmaTiling::for_shape(1, k, n)? != tiling
-            || !MmaTiling::pairs_reach(k, n)
-            || !DecodeKernel::Mma.serves(1, k, n, p.w.blocks())
-            || matches!(p.epilogue, Epilogue::Residual { .. })
-        {
-            return Ok(None);
-        }
-        if let Some((la, lb, _)) = p.lora {
-            let r = la.dim(0)?;
-            if la.dims2()? != (r, k)
-                || lb.dims2()? != (n, r)
-                || la.dtype() != DType::F32
-                || lb.dtype() != DType::F32
-            {
-                return Err(Error::Msg(format!(
-                    "NF4 paired launch: an adapter's A {:?} {:?} and B {:?} {:?} for {n} outputs of {k} columns",
-                    la.dims(),
-                    la.dtype(),
-                    lb.dims(),
-                    lb.dtype()
-                )));
-            }
-        }
-    }
-    let (slices_a, slices_b) = (
-        pairs_slices(k, a.out_features)?,
-        pairs_slices(k, b.out_features)?,
-    );
-    let (groups_a, groups_b) = (a.out_features.div_ceil(16), b.out_features.div_ceil(16));
-    let items = groups_a * slices_a + groups_b * slices_b;
-    if (slices_a > 1 || slices_b > 1)
-        && (groups_a + groups_b > PAIRS_SPLIT_GROUPS || items * 16 > PAIRS_SPLIT_SUMS)
-    {
-        return Ok(None);
-    }
-    let dev = cuda_device(x)?;
-    // The h each adapter's blocks write (r floats), and how many blocks that is.
-    let hs: Vec<Option<Tensor>> = [a, b]
-        .iter()
-        .map(|p| {
-            p.lora
-                .map(|(la, _, _)| -> Result<Tensor> {
-                    let r = la.dim(0)?;
-                    // SAFETY: the kernel's h blocks write every element before any is read.
-                    Ok(wrap(unsafe { dev.alloc::<f32>(r)? }, &dev, (1, r)))
-                })
-                .transpose()
-        })
-        .collect::<Result<_>>()?;
-    let hb = |p: &PairedProduct| p.lora.map_or(0, |(la, _, _)| la.dim(0).unwrap_or(0));
-    let (hb_a, hb_b) = (hb(a), hb(b));
-    let ty = if x.dtype() == DType::BF16 {
-        "bf16"
-    } else {
-        "f16"
-    };
-    let name = format!("nf4_mma_pairs2_{ty}_p{}u{}", tiling.warps, tiling.unroll);
-    // Also allows the function its dynamic shared memory.
-    let resident = resident_blocks_of(&dev, tiling, &name)?;
-    let blocks = items.min(resident.saturating_sub(hb_a + hb_b).max(1));
-    let cfg = LaunchConfig {
-        grid_dim: ((hb_a + hb_b + blocks) as u32, 1, 1),
-        block_dim: (32 * tiling.warps, 1, 1),
-        shared_mem_bytes: tiling.dynamic_shared(),
-    };
-    let (_, pdl) = mma_modules(&dev, tiling)?;
-    let (state, epoch) = launch_state(&dev)?;
-    let (xs, _) = x.storage_and_layout();
-    let Storage::Cuda(xs) = &*xs else {
-        return Err(Error::Msg("NF4 paired launch: x is not on the GPU".into()));
-    };
-    fn inputs<'t>(
-        lora: Option<(&'t Tensor, &'t Tensor, f32)>,
-        h: &'t Option<Tensor>,
-    ) -> Result<[Option<CudaInput<'t>>; 3]> {
-        Ok(match (lora, h) {
-            (Some((la, lb, _)), Some(h)) => [
-                Some(CudaInput::of(la)?),
-                Some(CudaInput::of(lb)?),
-                Some(CudaInput::of(h)?),
-            ],
-            _ => [None, None, None],
-        })
-    }
-    let (ins_a, ins_b) = (inputs(a.lora, &hs[0])?, inputs(b.lora, &hs[1])?);
-    with_slices(&a.w, |sa| {
-        with_slices(&b.w, |sb| {
-            macro_rules! launch {
-                ($name:expr, $t:ty) => {{
-                    let xv = xs.as_cuda_slice::<$t>()?;
-                    // SAFETY: every element is written by the kernel below.
-                    let (ya, yb) = unsafe {
-                        (dev.alloc::<$t>(a.out_features)?, dev.alloc::<$t>(b.out_features)?)
-                    };
-                    let flags = CudaInput::of(&state.flags)?;
-                    let flags = flags.view::<u32>(LORA_H_BLOCKS)?;
-                    let scratch = CudaInput::of(&state.scratch)?;
-                    let scratch = scratch.view::<f32>(PAIRS_SPLIT_SUMS)?;
-                    let counts = CudaInput::of(&state.counts)?;
-                    let counts = counts.view::<u32>(PAIRS_SPLIT_GROUPS)?;
-                    // An adapter's (A, B, h, scaling, rank); without one the absmax stands in
-                    // for the pointers the kernel never reads (rank 0).
-                    macro_rules! adapter {
-                        ($p:expr, $ins:expr, $s:expr) => {{
-                            match (&$ins, $p.lora) {
-                                ([Some(la), Some(lb), Some(h)], Some((a_, _, scaling))) => {
-                                    let r = a_.dim(0)?;
-                                    (
-                                        la.view::<f32>(r * k)?,
-                                        lb.view::<f32>($p.out_features * r)?,
-                                        h.view::<f32>(r)?,
-                                        scaling,
-                                        r as i32,
-                                    )
-                                }
-                                _ => ($s.absmax.slice(..), $s.absmax.slice(..), $s.absmax.slice(..), 0f32, 0i32),
-                            }
-                        }};
-                    }
-                    let (la_a, lb_a, h_a, sc_a, r_a) = adapter!(a, ins_a, sa);
-                    let (la_b, lb_b, h_b, sc_b, r_b) = adapter!(b, ins_b, sb);
-                    let (n_a, n_b, k_i, m_i) =
-                        (a.out_features as i32, b.out_features as i32, k as i32, 1i32);
-                    let (bs_a, bs_b) = (a.w.blocksize as i32, b.w.blocksize as i32);
-                    let (act_a, act_b) = (a.epilogue.code(), b.epilogue.code());
-                    let (hb_ai, hb_bi) = (hb_a as i32, hb_b as i32);
-                    let (sl_a, sl_b) = (slices_a as i32, slices_b as i32);
-                    // No residual: x's slice stands in for its inputs, never read.
-                    let (rx, rb) = (xv.slice(..), xv.slice(..));
-                    crate::run_kernel_maybe_pdl!(pdl, NF4_MMA, dev, $name, cfg;
-                        sa.codes, &n_a, &k_i, &bs_a, &sa.nested, sa.absmax, sa.aq, sa.acode,
-                        &sa.offset, &sa.nbs, xv, &ya, &m_i, &h_a, &lb_a, &sc_a, &r_a, &act_a,
-                        &la_a, &flags, &epoch, &hb_ai, &rx, &rb, &sl_a, &scratch, &counts,
-                        sb.codes, &n_b, &bs_b, &sb.nested, sb.absmax, sb.aq, sb.acode,
-                        &sb.offset, &sb.nbs, &yb, &h_b, &lb_b, &sc_b, &r_b, &act_b, &la_b,
-                        &hb_bi, &sl_b,
-                    )?;
-                    Ok(Some((
-                        wrap(ya, &dev, (1, a.out_features)),
-                        wrap(yb, &dev, (1, b.out_features)),
-                    )))
-                }};
-            }
-            match x.dtype() {
-                DType::BF16 => launch!(&name, half::bf16),
-                _ => launch!(&name, half::f16),
-            }
-        })
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1472,7 +1252,6 @@ mod tests {
         SMALL_TILING.names_match().unwrap();
         PAIRS_SPLIT.names_match().unwrap();
         ONE_ROW.names_match().unwrap();
-        PAIRED.names_match().unwrap();
         GEMV.names_match().unwrap();
         SMALL_BATCH.names_match().unwrap();
     }

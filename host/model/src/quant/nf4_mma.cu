@@ -41,14 +41,14 @@
 // kernels, ncu on an H100, 2026-12-07, and the host's launching of each).
 template <bool BF16>
 __device__ __forceinline__ void lora_h_in_launch(const u16* x, const float* a, float* h, int k,
-    int r, unsigned int* flags, unsigned int epoch, float* red, int hbid) {
-  int row = hbid / r, j = hbid % r;
+    int r, unsigned int* flags, unsigned int epoch, float* red) {
+  int row = blockIdx.x / r, j = blockIdx.x % r;
   GRID_WAIT();
   float s = block_dot16<BF16>(x + (long long)row * k, a + (long long)j * k, k, red);
   if (threadIdx.x == 0) {
-    __stcg(h + hbid, s);
+    __stcg(h + blockIdx.x, s);
     __threadfence();
-    atomicExch(flags + hbid, epoch);
+    atomicExch(flags + blockIdx.x, epoch);
   }
 }
 __device__ __forceinline__ void wait_for_h(unsigned int* flags, unsigned int epoch, int hb) {
@@ -65,7 +65,7 @@ __device__ __forceinline__ void wait_for_h(unsigned int* flags, unsigned int epo
 #define PRODUCT_START(RED)                                                                     \
   GRID_LAUNCH_DEPENDENTS();                                                                    \
   if (blockIdx.x < hb) {                                                                      \
-    lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch, RED, blockIdx.x);                   \
+    lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch, RED);                               \
     return;                                                                                    \
   }                                                                                           \
   int bid = blockIdx.x - hb;
@@ -343,8 +343,6 @@ struct PairsShared {
   float part[WARPS][8][16];
   float hred[DOT16_THREADS / 32];
   int last_slice;
-  // The second product's nested absmax code, in a paired launch (nf4_mma_pairs2).
-  float code_s1[256];
 };
 template <bool BF16>
 __device__ __forceinline__ unsigned int mul16x2(unsigned int p, unsigned int a) {
@@ -468,52 +466,6 @@ __device__ __forceinline__ void pairs_compute(const PairsRound<UNROLL>& r, float
     if (threadIdx.x == 0) counts[grp] = 0u;                                                    \
   }                                                                                           \
   __syncthreads();
-// One work item of one product (a group of 16 features and a slice of its chunks; see above):
-// the product's own inputs, then the block's (x's row, shared memory, the lane's place).
-template <int WARPS, int UNROLL, bool BF16>
-__device__ __forceinline__ void pairs_item(int item, const u8* codes, int n, int k, int bs,
-    int nested, const float* absmax, const u8* aq, const float* code_s, float offset, int nbs,
-    u16* y, float* lh, const float* lb, float lscale, int lr, int act, unsigned int* flags,
-    unsigned int epoch, int hb, const u16* rx, const u16* rb, int slices, float* scratch,
-    unsigned int* counts, int m, const u16* xr, float (&part)[WARPS][8][16], int& last_slice,
-    int warp, int g, int c, unsigned int tl) {
-  int chunks = (k + 127) >> 7, lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;
-  // Columns from the lane's first in a chunk to the row's end: chunk ch holds some if ch * 128 < kc.
-  int kc = k - (c << 5);
-  int cps = (chunks + slices - 1) / slices;
-  int grp = item / slices, cb = (item - grp * slices) * cps, ce = min(chunks, cb + cps);
-  PairsGroup q = pairs_group(grp, g, c, n, k);
-  long long first = (long long)grp * 16;
-  float d[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int ch0 = cb + warp; ch0 < ce; ch0 += WARPS * UNROLL) {
-    PairsRound<UNROLL> r;
-    pairs_load<WARPS, UNROLL>(r, codes, q, k, ch0, ce, kc, lbs, absmax, aq, lnbs);
-    if (ch0 == cb + warp) GRID_WAIT();
-    pairs_compute<WARPS, UNROLL, BF16>(r, d, q.vb, ch0, ce, kc, c, xr, nested, code_s, offset,
-                                       tl);
-  }
-  if (slices > 1) {
-    STORE_SLICE_SUMS
-  } else {
-    STORE_SWAPPED_SUMS
-    // The next group writes part again.
-    __syncthreads();
-  }
-}
-// A pairs block's start after its h blocks: its table (which must start the block's shared
-// memory) and the nested absmax code of the product(s), and the lane's table address.
-template <int WARPS, bool BF16>
-__device__ __forceinline__ unsigned int pairs_tables(unsigned int* pair_table,
-    PairsShared<WARPS>& sh, int nested, const float* acode, int nested1, const float* acode1) {
-  unsigned int tb = (unsigned int)__cvta_generic_to_shared(pair_table);
-  if (tb & 0xffffu) __trap();
-  fill_pairs<BF16>(pair_table);
-  if (threadIdx.x < 16) sh.nf4s[threadIdx.x] = NF4[threadIdx.x];
-  if (nested) for (int t = threadIdx.x; t < 256; t += blockDim.x) sh.code_s[t] = acode[t];
-  if (nested1) for (int t = threadIdx.x; t < 256; t += blockDim.x) sh.code_s1[t] = acode1[t];
-  __syncthreads();
-  return tb | ((threadIdx.x & 31u) << 2);
-}
 template <int WARPS, int UNROLL, bool BF16>
 __device__ __forceinline__ void nf4_mma_pairs(const u8* codes, int n, int k, int bs, int nested,
     const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
@@ -524,62 +476,41 @@ __device__ __forceinline__ void nf4_mma_pairs(const u8* codes, int n, int k, int
   extern __shared__ __align__(16) unsigned int pair_table[];
   PairsShared<WARPS>& sh = *reinterpret_cast<PairsShared<WARPS>*>(pair_table + PAIR_TABLE_WORDS);
   PRODUCT_START(sh.hred)
-  unsigned int tl = pairs_tables<WARPS, BF16>(pair_table, sh, nested, acode, 0, acode);
+  unsigned int tb = (unsigned int)__cvta_generic_to_shared(pair_table);
+  if (tb & 0xffffu) __trap();
+  fill_pairs<BF16>(pair_table);
+  float* code_s = sh.code_s;
+  LOAD_TABLES_INTO(sh.nf4s, code_s)
+  auto& part = sh.part;
+  int& last_slice = sh.last_slice;
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int g = lane >> 2, c = lane & 3;
+  unsigned int tl = tb | ((unsigned int)lane << 2);
   const u16* xr = g < m ? x + (long long)g * k : nullptr;
-  int items = ((n + 15) >> 4) * slices, stride = gridDim.x - hb;
-  for (int item = bid; item < items; item += stride)
-    pairs_item<WARPS, UNROLL, BF16>(item, codes, n, k, bs, nested, absmax, aq, sh.code_s, offset,
-        nbs, y, lh, lb, lscale, lr, act, flags, epoch, hb, rx, rb, slices, scratch, counts, m, xr,
-        sh.part, sh.last_slice, warp, g, c, tl);
-}
-// Two products of one row's x in one launch (the first's parameters as nf4_mma_pairs', the
-// second's with a 1; both of k columns): Falcon's fused QKV and its MLP's up projection read
-// the same layer norm's output. The h blocks of both come first (the first's, then the
-// second's, whose flags follow the first's), then the product blocks loop over the first's
-// items and the second's: one launch where two each paid a kernel's start, table fill and tail,
-// and the small product's groups no longer leave places idle. Each output has the bits of its
-// own launch: the same items, sums and epilogue. The second product's residual (act 2) is not
-// taken (rx and rb are the first's).
-template <int WARPS, int UNROLL, bool BF16>
-__device__ __forceinline__ void nf4_mma_pairs2(const u8* codes, int n, int k, int bs, int nested,
-    const float* absmax, const u8* aq, const float* acode, float offset, int nbs,
-    const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
-    const float* la, unsigned int* flags, unsigned int epoch, int hb, const u16* rx,
-    const u16* rb, int slices, float* scratch, unsigned int* counts,
-    const u8* codes1, int n1, int bs1, int nested1, const float* absmax1, const u8* aq1,
-    const float* acode1, float offset1, int nbs1, u16* y1, float* lh1, const float* lb1,
-    float lscale1, int lr1, int act1, const float* la1, int hb1, int slices1) {
-  extern __shared__ __align__(16) unsigned int pair_table[];
-  PairsShared<WARPS>& sh = *reinterpret_cast<PairsShared<WARPS>*>(pair_table + PAIR_TABLE_WORDS);
-  GRID_LAUNCH_DEPENDENTS();
-  if (blockIdx.x < hb) {
-    lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch, sh.hred, blockIdx.x);
-    return;
-  }
-  if (blockIdx.x < hb + hb1) {
-    lora_h_in_launch<BF16>(x, la1, lh1, k, lr1, flags + hb, epoch, sh.hred, blockIdx.x - hb);
-    return;
-  }
-  int bid = blockIdx.x - hb - hb1;
-  unsigned int tl = pairs_tables<WARPS, BF16>(pair_table, sh, nested, acode, nested1, acode1);
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int g = lane >> 2, c = lane & 3;
-  const u16* xr = g < m ? x + (long long)g * k : nullptr;
-  int groups0 = (n + 15) >> 4;
-  int items0 = groups0 * slices, items = items0 + ((n1 + 15) >> 4) * slices1;
-  int stride = gridDim.x - hb - hb1;
+  int chunks = (k + 127) >> 7, lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;
+  // Columns from the lane's first in a chunk to the row's end: chunk ch holds some if ch * 128 < kc.
+  int kc = k - (c << 5);
+  int groups = (n + 15) >> 4, stride = gridDim.x - hb;
+  int cps = (chunks + slices - 1) / slices, items = groups * slices;
   for (int item = bid; item < items; item += stride) {
-    if (item < items0)
-      pairs_item<WARPS, UNROLL, BF16>(item, codes, n, k, bs, nested, absmax, aq, sh.code_s,
-          offset, nbs, y, lh, lb, lscale, lr, act, flags, epoch, hb, rx, rb, slices, scratch,
-          counts, m, xr, sh.part, sh.last_slice, warp, g, c, tl);
-    else
-      pairs_item<WARPS, UNROLL, BF16>(item - items0, codes1, n1, k, bs1, nested1, absmax1, aq1,
-          sh.code_s1, offset1, nbs1, y1, lh1, lb1, lscale1, lr1, act1, flags + hb, epoch, hb1,
-          rx, rb, slices1, scratch + (long long)items0 * 16, counts + groups0, m, xr, sh.part,
-          sh.last_slice, warp, g, c, tl);
+    int grp = item / slices, cb = (item - grp * slices) * cps, ce = min(chunks, cb + cps);
+    PairsGroup q = pairs_group(grp, g, c, n, k);
+    long long first = (long long)grp * 16;
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int ch0 = cb + warp; ch0 < ce; ch0 += WARPS * UNROLL) {
+      PairsRound<UNROLL> r;
+      pairs_load<WARPS, UNROLL>(r, codes, q, k, ch0, ce, kc, lbs, absmax, aq, lnbs);
+      if (ch0 == cb + warp) GRID_WAIT();
+      pairs_compute<WARPS, UNROLL, BF16>(r, d, q.vb, ch0, ce, kc, c, xr, nested, code_s, offset,
+                                         tl);
+    }
+    if (slices > 1) {
+      STORE_SLICE_SUMS
+    } else {
+      STORE_SWAPPED_SUMS
+      // The next group writes part again.
+      __syncthreads();
+    }
   }
 }
 
@@ -618,17 +549,6 @@ extern "C" __global__ void __launch_bounds__(W * 32) nf4_mma_##TYPE##_s##W##u##U
 extern "C" __global__ void __launch_bounds__(W * 32, 3) nf4_mma_##TYPE##_p##W##u##U(MMA_PARAMS) { \
   nf4_mma_pairs<W, U, IS_BF16>(MMA_ARGS, slices, scratch, counts);                             \
 }
-// The paired launch's, nf4_mma_pairs2_{bf16,f16}_p<WARPS>u<UNROLL> (nf4_mma_pairs2).
-#define MMA_PAIRS2_KERNEL(TYPE, IS_BF16, W, U)                                                 \
-extern "C" __global__ void __launch_bounds__(W * 32, 3) nf4_mma_pairs2_##TYPE##_p##W##u##U(    \
-    MMA_PARAMS, const u8* codes1, int n1, int bs1, int nested1, const float* absmax1,        \
-    const u8* aq1, const float* acode1, float offset1, int nbs1, u16* y1, float* lh1,         \
-    const float* lb1, float lscale1, int lr1, int act1, const float* la1, int hb1,           \
-    int slices1) {                                                                            \
-  nf4_mma_pairs2<W, U, IS_BF16>(MMA_ARGS, slices, scratch, counts, codes1, n1, bs1, nested1,   \
-      absmax1, aq1, acode1, offset1, nbs1, y1, lh1, lb1, lscale1, lr1, act1, la1, hb1, slices1); \
-}
 #define MMA_PAIRS_INSTANCE(W, U)                                                               \
-  MMA_PAIRS_KERNEL(bf16, true, W, U) MMA_PAIRS_KERNEL(f16, false, W, U)                        \
-  MMA_PAIRS2_KERNEL(bf16, true, W, U) MMA_PAIRS2_KERNEL(f16, false, W, U)
+  MMA_PAIRS_KERNEL(bf16, true, W, U) MMA_PAIRS_KERNEL(f16, false, W, U)
 MMA_TILINGS

@@ -527,12 +527,6 @@ impl Nf4Weight {
         crate::quant::kernels::DecodeKernel::for_rows(rows, k, n, self.blocks(), mma)
     }
 
-    /// The weight's data on the GPU as the decoding kernels take it; `None` off a GPU.
-    #[cfg(feature = "cuda")]
-    pub fn on_gpu(&self) -> Option<crate::quant::kernels::Nf4Gpu<'_>> {
-        self.inner.on_device.as_ref().map(|d| d.gpu(&self.inner.q))
-    }
-
     /// The absmax blocks, as the decoding kernels need to know them.
     #[cfg(feature = "cuda")]
     pub fn blocks(&self) -> crate::quant::kernels::Blocks {

@@ -135,23 +135,10 @@ impl FalconAttention {
         ctx: &AttentionContext,
         rope: Option<&(Tensor, Tensor)>,
         alibi: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let fused = profile::scope("attn.qkv", x.device(), || self.query_key_value.forward(x))?;
-        self.forward_fused(fused, ctx, rope, alibi, cache)
-    }
-
-    /// [`Self::forward`] from `query_key_value`'s output.
-    fn forward_fused(
-        &self,
-        fused: Tensor,
-        ctx: &AttentionContext,
-        rope: Option<&(Tensor, Tensor)>,
-        alibi: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let dev = fused.device().clone();
-        let dev = &dev;
+        let dev = x.device();
+        let fused = profile::scope("attn.qkv", dev, || self.query_key_value.forward(x))?;
         let rope = match (&self.rotary, rope) {
             (Some(_), Some((cos, sin))) => Some((cos, sin)),
             _ => None,
@@ -242,33 +229,23 @@ impl FalconMlp {
     fn forward_residual(&self, x: &Tensor, residual: &Tensor, attn: &Tensor) -> Result<Tensor> {
         let dev = x.device();
         if let Some(act) = self.up_gelu_outside_training(x)? {
-            return self.down_residual(&act, residual, attn);
+            let down = &self.dense_4h_to_h;
+            let out = Epilogue::Residual {
+                x: residual,
+                b: attn,
+            };
+            return profile::scope("mlp.down_residual", dev, || {
+                down.forward_then(&act, false, out)
+            });
         }
         let mlp = self.forward(x)?;
         profile::scope("residual", dev, || add3(residual, &mlp, attn))
     }
 
-    /// `residual + (down(act) + attn)` from the up projection's activation, outside training.
-    fn down_residual(&self, act: &Tensor, residual: &Tensor, attn: &Tensor) -> Result<Tensor> {
-        let out = Epilogue::Residual {
-            x: residual,
-            b: attn,
-        };
-        profile::scope("mlp.down_residual", act.device(), || {
-            self.dense_4h_to_h.forward_then(act, false, out)
-        })
-    }
-
-    /// Whether the up projection's activation is GELU and nothing trains: where the decoding
-    /// kernel may apply the GELU (`ops::epilogue`).
-    fn up_gelu_applies(&self) -> bool {
-        self.act == Activation::Gelu && !self.training()
-    }
-
     /// The GELU of the up projection outside training, where the activation is GELU: the
     /// decoding kernel may apply it (`ops::epilogue`); `None` otherwise.
     fn up_gelu_outside_training(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        if !self.up_gelu_applies() {
+        if self.act != Activation::Gelu || self.training() {
             return Ok(None);
         }
         let up = &self.dense_h_to_4h;
@@ -375,22 +352,6 @@ impl FalconDecoderLayer {
             Norms::Shared { input_layernorm } => {
                 let dev = x.device();
                 let ln = profile::scope("ln", dev, || input_layernorm.forward(x))?;
-                // Decoding one row: the fused QKV and the up projection (with its GELU) read the
-                // same input, in one launch where they can (`Linear::forward_paired`).
-                if self.mlp.up_gelu_applies()
-                    && let Some((fused, act)) = Linear::forward_paired(
-                        &self.self_attention.query_key_value,
-                        Epilogue::None,
-                        &self.mlp.dense_h_to_4h,
-                        Epilogue::Gelu,
-                        &ln,
-                    )?
-                {
-                    let attn = self
-                        .self_attention
-                        .forward_fused(fused, ctx, rope, alibi, cache)?;
-                    return self.mlp.down_residual(&act, x, &attn);
-                }
                 let attn = self.self_attention.forward(&ln, ctx, rope, alibi, cache)?;
                 self.mlp.forward_residual(&ln, x, &attn)
             }
