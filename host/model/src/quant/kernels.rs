@@ -189,15 +189,9 @@ impl MmaTiling {
     }
 
     /// Bytes of dynamic shared memory a block takes: the `pairs` form's table of 256 rows of 64
-    /// words (`PAIR_ROW_WORDS` in nf4_mma.cu) and, after it, all else it keeps there
-    /// (`PairsShared`: the NF4 values, the nested absmax code, the warps' partial sums, the h
-    /// blocks' sums and a flag), so that the table starts the block's shared memory.
+    /// words (`PAIR_ROW_WORDS` in nf4_mma.cu).
     fn dynamic_shared(self) -> u32 {
-        if self.pairs {
-            PAIR_TABLE_BYTES + (16 + 256 + self.warps * 8 * 16 + DOT16_THREADS / 32 + 1) * 4
-        } else {
-            0
-        }
+        if self.pairs { PAIR_TABLE_BYTES } else { 0 }
     }
 
     /// Bytes of the warps' partial sums in shared memory (`part` in nf4_mma.cu).
@@ -471,9 +465,6 @@ fn one_row() -> Result<OneRow> {
 
 /// Bytes of the `pairs` form's table (dynamic shared memory, 64 KB).
 const PAIR_TABLE_BYTES: u32 = 256 * 64 * 4;
-
-/// `DOT16_THREADS` in ops/dot16.cu: an adapter's h blocks' threads.
-const DOT16_THREADS: u32 = 256;
 
 /// `ADAPTERLAB_NF4_GEMV`: the kernel for up to [`GEMV_MAX_ROWS`] rows.
 static GEMV: Switch<DecodeKernel> = Switch::new(
@@ -961,16 +952,6 @@ fn resident_blocks(
     // Both modules' functions are allowed the table: a later call may launch either.
     for module in [Some(module), pdl].into_iter().flatten() {
         let func = dev.get_or_load_custom_func(&name, module.name, module.ptx()?)?;
-        // The pairs form forms its table's addresses assuming the table starts the block's
-        // shared memory (nf4_mma.cu: it traps otherwise); say so here first.
-        let fixed = func
-            .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-            .map_err(Error::wrap)?;
-        if tiling.pairs && fixed != 0 {
-            return Err(Error::Msg(format!(
-                "{name}: {fixed} bytes of static shared memory, where its table must start the block's"
-            )));
-        }
         func.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             tiling.dynamic_shared() as i32,
@@ -1329,12 +1310,8 @@ mod tests {
         // the 48 KB a block may declare statically, and with the pairs form's table a block
         // fits the 227 KB an sm_90 block may have.
         for t in MmaTiling::ALL {
-            // The table's 256-byte alignment may pad up to 255 bytes (the pairs form keeps it
-            // all in its dynamic allocation).
-            let fixed = match t.pairs {
-                true => 0,
-                false => t.partial_bytes() + (16 + 256) * 4 + 255,
-            };
+            // The table's 256-byte alignment may pad up to 255 bytes.
+            let fixed = t.partial_bytes() + (16 + 256) * 4 + 255;
             assert!(fixed <= 48 * 1024, "{}", t.name());
             assert!(
                 fixed + t.dynamic_shared() as usize <= 227 * 1024,

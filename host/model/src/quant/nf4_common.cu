@@ -10,12 +10,9 @@ __constant__ float NF4[16] = { NF4_TABLE };
 #define LOAD_TABLES                                                          \
   __shared__ __align__(256) float nf4s[16];                                  \
   __shared__ float code_s[256];                                              \
-  LOAD_TABLES_INTO(nf4s, code_s)
-// The same into shared arrays declared elsewhere (NF4S 256-byte aligned).
-#define LOAD_TABLES_INTO(NF4S, CODE_S)                                       \
-  if ((unsigned int)__cvta_generic_to_shared(NF4S) & 255u) __trap();       \
-  if (threadIdx.x < 16) (NF4S)[threadIdx.x] = NF4[threadIdx.x];              \
-  if (nested) for (int t = threadIdx.x; t < 256; t += blockDim.x) (CODE_S)[t] = acode[t]; \
+  if ((unsigned int)__cvta_generic_to_shared(nf4s) & 255u) __trap();       \
+  if (threadIdx.x < 16) nf4s[threadIdx.x] = NF4[threadIdx.x];                \
+  if (nested) for (int t = threadIdx.x; t < 256; t += blockDim.x) code_s[t] = acode[t]; \
   __syncthreads();
 
 // e / d for d > 0, as a shift where d is a power of two (bitsandbytes' blocksizes all are): a

@@ -41,7 +41,8 @@
 // kernels, ncu on an H100, 2026-12-07, and the host's launching of each).
 template <bool BF16>
 __device__ __forceinline__ void lora_h_in_launch(const u16* x, const float* a, float* h, int k,
-    int r, unsigned int* flags, unsigned int epoch, float* red) {
+    int r, unsigned int* flags, unsigned int epoch) {
+  __shared__ float red[DOT16_THREADS / 32];
   int row = blockIdx.x / r, j = blockIdx.x % r;
   GRID_WAIT();
   float s = block_dot16<BF16>(x + (long long)row * k, a + (long long)j * k, k, red);
@@ -58,20 +59,17 @@ __device__ __forceinline__ void wait_for_h(unsigned int* flags, unsigned int epo
   __threadfence();
 }
 
-// Every form's start: the h blocks (blockIdx.x < hb) compute h (RED: DOT16_THREADS / 32 floats
-// of shared memory for their sums) and leave; the product's blocks take bid, their index among
-// themselves (PRODUCT_START), and load the tables (LOAD_TABLES, whose barrier also covers what a
-// form writes to shared memory between the two).
-#define PRODUCT_START(RED)                                                                     \
+// Every form's start: the h blocks (blockIdx.x < hb) compute h and leave; the product's blocks
+// take bid, their index among themselves (PRODUCT_START), and load the tables (LOAD_TABLES,
+// whose barrier also covers what a form writes to shared memory between the two).
+#define PRODUCT_START                                                                          \
   GRID_LAUNCH_DEPENDENTS();                                                                    \
   if (blockIdx.x < hb) {                                                                      \
-    lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch, RED);                               \
+    lora_h_in_launch<BF16>(x, la, lh, k, lr, flags, epoch);                                    \
     return;                                                                                    \
   }                                                                                           \
   int bid = blockIdx.x - hb;
-#define PRODUCT_PROLOGUE                                                                       \
-  __shared__ float hred[DOT16_THREADS / 32];                                                   \
-  PRODUCT_START(hred) LOAD_TABLES
+#define PRODUCT_PROLOGUE PRODUCT_START LOAD_TABLES
 
 // x + (a + b) with the two 16-bit adds' roundings (ops/residual.cu's add3_one).
 template <bool BF16>
@@ -299,13 +297,10 @@ __device__ __forceinline__ void nf4_mma_swapped(const u8* codes, int n, int k, i
 // come from one shared load: the 256 pairs of codes a byte can hold, as 16-bit pairs, in 32 copies,
 // the copy of lane l at word l of a 256-byte row, so a byte permute makes the offset (the code
 // byte as the row, the lane's 4 l as the column) and the 32 lanes of a load always hit 32
-// different banks; one bf16x2 multiply scales the pair. The table starts the block's shared
-// memory (everything else the block keeps there comes after it, in the same dynamic allocation:
-// PairsShared), so its address is a multiple of 64 KB (on sm_90 the block's cluster rank sits
-// above bit 24) and the permute that places the byte and the lane also copies the address's
-// upper half: a pair costs a permute, a load and a multiply, where adding the table's base cost
-// an add a pair (ptxas does not fold a base that carries the cluster rank into the load). The
-// table takes 64 KB of dynamic shared memory, so blocks stay
+// different banks; one bf16x2 multiply scales the pair. A pair costs a permute, an add of the
+// table's base (sm_90 shared addresses carry the block's cluster rank, so ptxas does not fold
+// it), a load and a multiply: ~3.5 instructions a weight with the loads and the mma, by SASS,
+// against the swapped form's ~6. The table takes 64 KB of dynamic shared memory, so blocks stay
 // resident and loop over the feature groups (the host launches no more than fit at once)
 // instead of filling it again for every 16 features. Offsets are 32-bit (the host guarantees
 // n * k < 2^32). Measured on an H100 (2026-12-07, BENCHMARKS.md): 2.7-3.1% faster end to end
@@ -323,27 +318,15 @@ __device__ __forceinline__ void fill_pairs(unsigned int* table) {
     *(uint4*)(table + e * PAIR_ROW_WORDS + 4 * q) = make_uint4(v, v, v, v);
   }
 }
-// The pair of byte b of v for the lane whose 4 * lane is byte 0 of tl, whose bytes 2-3 are the
-// table's shared address's (its bytes 0-1 are zero): row v.byte[b], column 4 * lane, as one
-// permute.
-__device__ __forceinline__ unsigned int pair_of(unsigned int tl, unsigned int v, int b) {
-  unsigned int a = __byte_perm(v, tl, 0x7604u | ((unsigned int)b << 4));
+// The pair of byte b of v for the lane whose 4 * lane is lane4: row v.byte[b], column lane4 of
+// the table at shared address `base`.
+__device__ __forceinline__ unsigned int pair_of(unsigned int base, unsigned int v,
+    unsigned int lane4, int b) {
+  unsigned int off = __byte_perm(v, lane4, 0x5504u | ((unsigned int)b << 4));
   unsigned int p;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(p) : "r"(a));
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(p) : "r"(base + off));
   return p;
 }
-// The pairs form's shared memory after its table (PAIR_TABLE_WORDS words), in the same dynamic
-// allocation (quant/kernels.rs sizes it): the NF4 values (256-byte aligned, LOAD_TABLES_INTO),
-// the nested absmax code, the warps' partial sums, the h blocks' sums, the split's flag.
-#define PAIR_TABLE_WORDS (256 * PAIR_ROW_WORDS)
-template <int WARPS>
-struct PairsShared {
-  float nf4s[16];
-  float code_s[256];
-  float part[WARPS][8][16];
-  float hred[DOT16_THREADS / 32];
-  int last_slice;
-};
 template <bool BF16>
 __device__ __forceinline__ unsigned int mul16x2(unsigned int p, unsigned int a) {
   unsigned int d;
@@ -399,7 +382,7 @@ __device__ __forceinline__ void pairs_load(PairsRound<UNROLL>& r, const u8* code
 template <int WARPS, int UNROLL, bool BF16>
 __device__ __forceinline__ void pairs_compute(const PairsRound<UNROLL>& r, float* d, bool vb,
     int ch0, int ce, int kc, int c, const u16* xr, int nested, const float* code_s,
-    float offset, unsigned int tl) {
+    float offset, unsigned int tb, unsigned int lane4) {
   _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {
     int ch = ch0 + u * WARPS;
     if (ch >= ce) break;
@@ -422,10 +405,10 @@ __device__ __forceinline__ void pairs_compute(const PairsRound<UNROLL>& r, float
       // Step s takes columns 4s .. 4s + 3 of the lane's 32: bytes 2s and 2s + 1.
       unsigned int va4 = wa4[s >> 1], vb4 = wb4[s >> 1];
       int b0 = 2 * (s & 1);
-      unsigned int a0 = mul16x2<BF16>(pair_of(tl, va4, b0), aa2);
-      unsigned int a1 = mul16x2<BF16>(pair_of(tl, vb4, b0), ab2);
-      unsigned int a2 = mul16x2<BF16>(pair_of(tl, va4, b0 + 1), aa2);
-      unsigned int a3 = mul16x2<BF16>(pair_of(tl, vb4, b0 + 1), ab2);
+      unsigned int a0 = mul16x2<BF16>(pair_of(tb, va4, lane4, b0), aa2);
+      unsigned int a1 = mul16x2<BF16>(pair_of(tb, vb4, lane4, b0), ab2);
+      unsigned int a2 = mul16x2<BF16>(pair_of(tb, va4, lane4, b0 + 1), aa2);
+      unsigned int a3 = mul16x2<BF16>(pair_of(tb, vb4, lane4, b0 + 1), ab2);
       mma_16816<BF16>(d, a0, a1, a2, a3, xw[2 * s], xw[2 * s + 1]);
     }
   }
@@ -472,20 +455,16 @@ __device__ __forceinline__ void nf4_mma_pairs(const u8* codes, int n, int k, int
     const u16* x, u16* y, int m, float* lh, const float* lb, float lscale, int lr, int act,
     const float* la, unsigned int* flags, unsigned int epoch, int hb, const u16* rx,
     const u16* rb, int slices, float* scratch, unsigned int* counts) {
-  // No static shared memory (the window's first byte is the table's: see above).
   extern __shared__ __align__(16) unsigned int pair_table[];
-  PairsShared<WARPS>& sh = *reinterpret_cast<PairsShared<WARPS>*>(pair_table + PAIR_TABLE_WORDS);
-  PRODUCT_START(sh.hred)
-  unsigned int tb = (unsigned int)__cvta_generic_to_shared(pair_table);
-  if (tb & 0xffffu) __trap();
+  PRODUCT_START
   fill_pairs<BF16>(pair_table);
-  float* code_s = sh.code_s;
-  LOAD_TABLES_INTO(sh.nf4s, code_s)
-  auto& part = sh.part;
-  int& last_slice = sh.last_slice;
+  LOAD_TABLES
+  __shared__ float part[WARPS][8][16];
+  __shared__ bool last_slice;
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int g = lane >> 2, c = lane & 3;
-  unsigned int tl = tb | ((unsigned int)lane << 2);
+  unsigned int lane4 = (unsigned int)lane << 2;
+  unsigned int tb = (unsigned int)__cvta_generic_to_shared(pair_table);
   const u16* xr = g < m ? x + (long long)g * k : nullptr;
   int chunks = (k + 127) >> 7, lbs = __ffs(bs) - 1, lnbs = __ffs(nbs) - 1;
   // Columns from the lane's first in a chunk to the row's end: chunk ch holds some if ch * 128 < kc.
@@ -502,7 +481,7 @@ __device__ __forceinline__ void nf4_mma_pairs(const u8* codes, int n, int k, int
       pairs_load<WARPS, UNROLL>(r, codes, q, k, ch0, ce, kc, lbs, absmax, aq, lnbs);
       if (ch0 == cb + warp) GRID_WAIT();
       pairs_compute<WARPS, UNROLL, BF16>(r, d, q.vb, ch0, ce, kc, c, xr, nested, code_s, offset,
-                                         tl);
+                                         tb, lane4);
     }
     if (slices > 1) {
       STORE_SLICE_SUMS
