@@ -133,8 +133,9 @@ macro_rules! run_kernel {
         let func = $dev.get_or_load_custom_func($name, module.name, module.ptx()?)?;
         let mut builder = func.builder();
         $( builder.arg($arg); )+
+        let cfg = $cfg;
         // SAFETY: every call site passes the kernel's parameters in its order and types.
-        unsafe { builder.launch($cfg) }.w()
+        unsafe { builder.launch(cfg) }.w()
     }};
 }
 
@@ -149,9 +150,10 @@ macro_rules! run_kernel_pdl {
         let func = $dev.get_or_load_custom_func($name, module.name, module.ptx()?)?;
         let stream = $dev.cuda_stream();
         let mut slots: Vec<u64> = vec![$( $crate::ops::kernels::PdlArg::slot($arg, &stream) ),+];
+        let cfg = $cfg;
         // SAFETY: every call site passes the kernel's parameters in its order and types, and
         // the kernel waits as the macro's comment says.
-        unsafe { $crate::ops::kernels::launch_pdl(func.cu_function(), &stream, $cfg, &mut slots) }
+        unsafe { $crate::ops::kernels::launch_pdl(func.cu_function(), &stream, cfg, &mut slots) }
     }};
 }
 
