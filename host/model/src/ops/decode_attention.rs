@@ -74,14 +74,12 @@ pub fn setting() -> Result<&'static str> {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use crate::ops::kernels::{CudaModule, cuda_device, no_defines, wrap};
+    use crate::ops::kernels::{cuda_device, wrap};
     use candle_core::Storage;
     use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 
     const SOURCE: &str = concat!(include_str!("pdl.cu"), include_str!("decode_attention.cu"));
 
-    pub(crate) static DECODE: CudaModule =
-        CudaModule::new("adapterlab_decode_attention", SOURCE, no_defines);
     // One of decoding's chain (ops/pdl.rs).
     crate::pdl_modules!(
         DECODE_ALL,
@@ -164,7 +162,7 @@ mod cuda {
                 let mv = ms.as_cuda_slice::<f32>()?.slice(m_off..);
                 // SAFETY: every element is written by the kernel below.
                 let out = unsafe { dev.alloc::<$t>(b * h * d)? };
-                crate::run_kernel_maybe_pdl!(pdl.then_some(module), module, dev, $name, cfg;
+                crate::run_kernel_maybe_pdl!(pdl, module, dev, $name, cfg;
                     &qv, &kv_, &vv, &mv, &out, &h_i, &group, &t_i, &d_i, &kb, &kh, &vb, &vh,
                     &mask_batch, &has_mask, &scale,
                 )?;

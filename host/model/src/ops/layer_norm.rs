@@ -59,9 +59,7 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 
     use super::*;
-    use crate::ops::kernels::{
-        CudaInput, CudaModule, cuda_device, no_defines, start_aligned, wrap,
-    };
+    use crate::ops::kernels::{CudaInput, cuda_device, start_aligned, wrap};
 
     /// `LNV_THREADS` and `LNV_CHUNKS` in layer_norm.cu.
     const VEC_THREADS: usize = 256;
@@ -69,8 +67,6 @@ mod cuda {
 
     const SOURCE: &str = concat!(include_str!("pdl.cu"), include_str!("layer_norm.cu"));
 
-    pub(crate) static LAYER_NORM: CudaModule =
-        CudaModule::new("adapterlab_layer_norm", SOURCE, no_defines);
     // The forward kernel is one of decoding's chain (ops/pdl.rs).
     crate::pdl_modules!(
         LAYER_NORM_ALL,
@@ -103,7 +99,6 @@ mod cuda {
         }
         let dev = cuda_device(&x)?;
         let (module, pdl) = LAYER_NORM_ALL.pick(x.device())?;
-        let pdl = pdl.then_some(module);
         let rows = x.elem_count() / n;
         let (xs, ws, bs) = (CudaInput::of(&x)?, CudaInput::of(&w)?, CudaInput::of(&b)?);
         let (n_i, eps_f) = (n as i32, eps as f32);

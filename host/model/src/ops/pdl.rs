@@ -8,15 +8,14 @@
 //! one before finishes.
 //!
 //! `ADAPTERLAB_DECODE_PDL` picks how ([`Pdl`]); each kernel of the chain has its source compiled
-//! three ways ([`PdlModules`]), the host launching from the one the switch picks.
+//! three ways ([`PdlModules`]), the host launching from the one the switch picks. Layer norm's
+//! forward kernel launches so wherever it runs (a training step's too): the launch changes when
+//! it may start, never what it computes.
 
 use candle_core::{Device, Error, Result};
 
 use crate::ops::kernels::CudaModule;
 use crate::ops::switch::Switch;
-
-/// The defines of pdl.cu's macros, which each chain kernel's source is compiled after.
-pub const PDL_SOURCE: &str = include_str!("pdl.cu");
 
 /// How decoding's kernels launch (`ADAPTERLAB_DECODE_PDL`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,8 +34,9 @@ pub enum Pdl {
 }
 
 /// How decoding launches on an sm_90 card where `ADAPTERLAB_DECODE_PDL` is unset. On an H100
-/// (2026-12-07, BENCHMARKS.md) batch-1 decoding ran 226.6 tokens/s with the products `early`
-/// against 214.3 `on` (the pairs form, one call; with the swapped form 211.2 against 207.9 in
+/// (BENCHMARKS.md) batch-1 decoding ran 262.8 tokens/s with the whole chain `early` against
+/// 240.6 with `products` (2026-12-08, one call); before, 226.6 with the products `early`
+/// against 214.3 `on` (2026-12-07, the pairs form; with the swapped form 211.2 against 207.9 in
 /// another), and `on` 4.5% ahead of `off`. A dependent that starts early still waits
 /// (`griddepcontrol.wait`) for the kernel before it to finish before it reads what it wrote.
 pub const DEFAULT: Pdl = Pdl::Early;
@@ -95,13 +95,16 @@ pub struct PdlModules {
 }
 
 impl PdlModules {
-    /// The module a chain kernel (not an NF4 product) launches from on `device`, and whether
-    /// the launch is PDL.
-    pub fn pick(&self, device: &Device) -> Result<(&'static CudaModule, bool)> {
+    /// The plain module and, where a chain kernel (not an NF4 product) launches with PDL on
+    /// `device`, the module it launches from: the two arguments of `run_kernel_maybe_pdl!`.
+    pub fn pick(
+        &self,
+        device: &Device,
+    ) -> Result<(&'static CudaModule, Option<&'static CudaModule>)> {
         Ok(match in_force(device)? {
-            Pdl::Off | Pdl::Products => (self.plain, false),
-            Pdl::On => (self.on, true),
-            Pdl::Early => (self.early, true),
+            Pdl::Off | Pdl::Products => (self.plain, None),
+            Pdl::On => (self.plain, Some(self.on)),
+            Pdl::Early => (self.plain, Some(self.early)),
         })
     }
 
@@ -111,12 +114,16 @@ impl PdlModules {
     }
 }
 
-/// `$plain` (a [`CudaModule`] static already declared) compiled twice more for PDL, as
-/// `$on` and `$early`, and the three as [`PdlModules`] `$all`: the sources' names get `_pdl`
-/// and `_pdl_early`.
+/// A chain kernel's module `$plain` (module `$name`, from `$source` without defines, for
+/// `$arch` where given) and the same compiled twice more for PDL (compute_90), `$on` and
+/// `$early`, named `$name` with `_pdl` and `_pdl_early`; the three as [`PdlModules`] `$all`.
 #[macro_export]
 macro_rules! pdl_modules {
-    ($all:ident, $plain:ident, $on:ident, $early:ident, $name:literal, $source:expr) => {
+    ($all:ident, $plain:ident, $on:ident, $early:ident, $name:literal, $source:expr
+        $(, $arch:literal)?) => {
+        pub(crate) static $plain: $crate::ops::kernels::CudaModule =
+            $crate::ops::kernels::CudaModule::new($name, $source, $crate::ops::kernels::no_defines)
+                $(.for_arch($arch))?;
         pub(crate) static $on: $crate::ops::kernels::CudaModule =
             $crate::ops::kernels::CudaModule::new(
                 concat!($name, "_pdl"),

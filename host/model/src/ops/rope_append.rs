@@ -137,12 +137,10 @@ mod cuda {
     use candle_core::{CudaStorage, Layout};
 
     use super::*;
-    use crate::ops::kernels::{CudaInput, CudaModule, cuda_device, no_defines, wrap};
+    use crate::ops::kernels::{CudaInput, cuda_device, wrap};
 
     const SOURCE: &str = concat!(include_str!("pdl.cu"), include_str!("rope_append.cu"));
 
-    pub(crate) static ROPE_APPEND: CudaModule =
-        CudaModule::new("adapterlab_rope_append", SOURCE, no_defines).for_arch("compute_80");
     // The forward kernel is one of decoding's chain (ops/pdl.rs).
     crate::pdl_modules!(
         ROPE_APPEND_ALL,
@@ -150,7 +148,8 @@ mod cuda {
         ROPE_APPEND_PDL,
         ROPE_APPEND_PDL_EARLY,
         "adapterlab_rope_append",
-        SOURCE
+        SOURCE,
+        "compute_80"
     );
 
     /// `fused` contiguous and its `(cos, sin)`, each `[b, s, d / 2]`, checked.
@@ -255,7 +254,7 @@ mod cuda {
         let [b_i, s_i, kvh_i, r_i, d_i] = shape_args(groups, (b, s));
         let (cap, len, vplane) = (cap as i64, len as i64, vplane as i64);
         let (module, pdl) = ROPE_APPEND_ALL.pick(fused.device())?;
-        crate::run_kernel_maybe_pdl!(pdl.then_some(module), module, dev,
+        crate::run_kernel_maybe_pdl!(pdl, module, dev,
             &kernel(fused.dtype(), "rope_append")?, cfg;
             &fv, &cv, &sv, &has_rope, q, kv, &b_i, &s_i, &kvh_i, &r_i, &d_i, &cap, &len, &vplane,
         )?;
