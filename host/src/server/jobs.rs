@@ -22,7 +22,7 @@ use crate::store::{
     RunEvent, RunKind, RunRecord, RunStatus, Store, StoreError, new_run_id, now_rfc3339,
 };
 use crate::train::config::TrainConfig;
-use crate::train::{TrainEnv, prepare, record, trainer};
+use crate::train::{TrainEnv, checkpoint, prepare, record};
 
 /// Evaluations allowed to run at once.
 const EVAL_CONCURRENCY: usize = 2;
@@ -865,7 +865,7 @@ impl Jobs {
             .context("the run's stored config is unreadable")?
             .with_context(|| format!("run {} has no stored config", run.id))?;
         let started_before = store.get_run(&run.id)?.is_some_and(|r| r.started.is_some());
-        let checkpoint = trainer::find_checkpoint(Path::new(&config.output_dir), "latest").ok();
+        let checkpoint = checkpoint::find_checkpoint(Path::new(&config.output_dir), "latest").ok();
         if started_before && checkpoint.is_none() {
             store.push_event(
                 &run.id,

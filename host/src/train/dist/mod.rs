@@ -27,6 +27,9 @@ pub(crate) mod equivalence;
 
 use std::sync::Arc;
 
+use anyhow::Context as _;
+use candle_core::{DType, Tensor, Var};
+
 /// What a collective operation can fail with. Every variant names the rank at fault where one is.
 #[derive(Debug, thiserror::Error)]
 pub enum DistError {
@@ -82,6 +85,38 @@ pub fn add_into(acc: &mut [f32], next: &[f32]) {
     for (a, b) in acc.iter_mut().zip(next) {
         *a += *b;
     }
+}
+
+/// Gradients (`None`: zero) or weights as one flat `f32` buffer in `vars` order: one copy to
+/// the host, one collective.
+pub fn pack(tensors: &[Option<Tensor>], vars: &[(String, Var)]) -> anyhow::Result<Vec<f32>> {
+    let flat = tensors
+        .iter()
+        .zip(vars)
+        .map(|(t, (_, v))| match t {
+            Some(t) => t.flatten_all()?.to_dtype(DType::F32),
+            None => Tensor::zeros(v.elem_count(), DType::F32, v.device()),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if flat.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(Tensor::cat(&flat, 0)?.to_vec1::<f32>()?)
+}
+
+/// [`pack`]'s inverse: one tensor per var, its shape, dtype and device.
+pub fn unpack(buf: &[f32], vars: &[(String, Var)]) -> anyhow::Result<Vec<Tensor>> {
+    let mut at = 0;
+    vars.iter()
+        .map(|(name, v)| {
+            let n = v.elem_count();
+            let part = buf
+                .get(at..at + n)
+                .with_context(|| format!("packed buffer too short for {name}"))?;
+            at += n;
+            Ok(Tensor::from_slice(part, v.shape(), v.device())?.to_dtype(v.dtype())?)
+        })
+        .collect()
 }
 
 /// A world of one: every operation is the identity (`WORLD_SIZE=1`, or a single process).
