@@ -35,9 +35,8 @@ use crate::cli::model::model_runtime;
 use crate::data;
 use crate::train::config::AttnImplementation;
 use crate::train::config::{Sampling, TrainConfig};
-use crate::train::trainer::{
-    accumulate_micro_batch, adapter_optimizer, apply_gradients, load_for_training,
-};
+use crate::train::setup::load_for_training;
+use crate::train::trainer::{accumulate_micro_batch, adapter_optimizer, apply_gradients};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -279,7 +278,6 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
                     .with_context(|| format!("quantizing a {out}x{inp} weight"))
             })
             .collect::<Result<Vec<_>>>()?;
-        let q = &weights[0];
         for &m in &args.rows {
             let x = uniform(&mut rng, (m, inp), 1.0, &device)?.to_dtype(dtype)?;
             let time =
@@ -305,6 +303,8 @@ fn kernels(args: KernelBenchArgs, ctx: &Context) -> Result<()> {
             #[cfg(feature = "cuda")]
             {
                 use adapterlab_model::engine::{DecodeKernel, Epilogue, MmaTiling, runs_mma};
+                // Which kernels serve a shape is the same for every copy.
+                let q = &weights[0];
                 let mma = runs_mma(&device)?;
                 for kernel in DecodeKernel::ALL {
                     if device.is_cuda() && kernel.serves_on(m, inp, out, q.blocks(), mma) {

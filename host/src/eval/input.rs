@@ -64,6 +64,7 @@ pub fn split_references(mut references: Vec<String>) -> (String, Vec<String>) {
 /// A problem with one line of the input.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LineError {
+    /// 1-based; 0 for the file as a whole.
     pub line: usize,
     pub message: String,
 }
@@ -78,6 +79,12 @@ pub struct InputErrors {
 impl fmt::Display for InputErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const SHOWN: usize = 20;
+        // Line 0 is the file as a whole (it holds no samples): no line to point at.
+        if let [only] = self.errors.as_slice()
+            && only.line == 0
+        {
+            return write!(f, "{}: {}", self.path, only.message);
+        }
         write!(f, "{}: {} bad line(s)", self.path, self.errors.len())?;
         for e in self.errors.iter().take(SHOWN) {
             write!(f, "\n  line {}: {}", e.line, e.message)?;
@@ -320,5 +327,8 @@ mod tests {
     #[test]
     fn an_empty_file_is_an_error() {
         check(b"\n\n", &[(0, "no samples")]);
+        let mut e = parse_predictions(b"\n\n").unwrap_err();
+        e.path = "empty.jsonl".into();
+        assert_eq!(e.to_string(), "empty.jsonl: the file holds no samples");
     }
 }
