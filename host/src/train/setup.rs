@@ -163,7 +163,7 @@ pub(crate) fn prepare(config: &TrainConfig, env: &TrainEnv) -> Result<Prepared> 
     let tokenizer = tokenizer_for(config, &loaded)?;
     let eos_id = loaded.defaults.eos_token_ids.first().copied();
     let eos = eos_id.and_then(|id| tokenizer.id_to_token(id));
-    let pad_id = loaded.defaults.pad_token_id.or(eos_id).unwrap_or(0);
+    let pad_id = loaded.defaults.pad_id();
 
     let train = data::encode(
         &tokenizer,

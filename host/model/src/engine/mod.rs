@@ -377,11 +377,7 @@ pub fn generate_with(loaded: &LoadedModel, opts: &GenerateOptions) -> Result<Vec
         .as_ref()
         .context("the model has no tokenizer (tokenizer.json)")?;
     let eos = loaded.defaults.eos_token_ids.clone();
-    let pad = loaded
-        .defaults
-        .pad_token_id
-        .or(eos.first().copied())
-        .unwrap_or(0);
+    let pad = loaded.defaults.pad_id();
     let cfg = GenerationConfig {
         max_new_tokens: opts.max_new_tokens,
         decoding: opts.decoding.clone(),
@@ -510,11 +506,7 @@ pub fn complete_chat(
         .get_ids()
         .to_vec();
     let eos = loaded.defaults.eos_token_ids.clone();
-    let pad = loaded
-        .defaults
-        .pad_token_id
-        .or(eos.first().copied())
-        .unwrap_or(0);
+    let pad = loaded.defaults.pad_id();
     let cfg = GenerationConfig {
         max_new_tokens: opts.max_new_tokens,
         decoding: opts.decoding.clone(),

@@ -109,6 +109,16 @@ pub struct GenerationDefaults {
     pub chat_template: Option<ChatTemplate>,
 }
 
+impl GenerationDefaults {
+    /// The id rows are padded with: `pad_token_id`, else the first end-of-sequence id (what
+    /// transformers' `generate` falls back to, and what SFT recipes set), else 0.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_token_id
+            .or(self.eos_token_ids.first().copied())
+            .unwrap_or(0)
+    }
+}
+
 /// A loaded model with what is needed to talk to it.
 #[derive(Debug, Clone)]
 pub struct LoadedModel {
