@@ -77,7 +77,8 @@ impl AttnImplementation {
 
 crate::named_choice! {
     /// `quantization.bnb_4bit_compute_dtype`: the dtype the frozen base computes in on a
-    /// GPU (the CPU always computes in f32).
+    /// GPU without `bf16` or `fp16` (which win, as autocast does; the CPU always computes in
+    /// f32).
     pub enum ComputeDtype {
         Bfloat16 = "bfloat16" | "bf16",
         Float16 = "float16" | "fp16",
@@ -161,6 +162,10 @@ pub struct TrainConfig {
     /// Put the best checkpoint's adapter in `output_dir` at the end instead of the last one.
     pub load_best_model_at_end: bool,
     pub seed: u64,
+    /// HF's mixed precision: with `bf16` (or `fp16`) a step's matmuls run in bfloat16
+    /// (float16), as under torch's autocast, whatever `bnb_4bit_compute_dtype` says; with
+    /// neither, in `bnb_4bit_compute_dtype`. Both false by default, as in HF. The CPU computes
+    /// in f32 whatever they say; a run stores what it computed in (`compute`).
     pub bf16: bool,
     pub fp16: bool,
     /// Metric plugins to run on generations from the validation/test split after training.
@@ -269,7 +274,7 @@ impl Default for TrainConfig {
             greater_is_better: None,
             load_best_model_at_end: false,
             seed: 42,
-            bf16: true,
+            bf16: false,
             fp16: false,
             eval_after_train: Vec::new(),
             report_to: Vec::new(),
@@ -496,6 +501,18 @@ fn suggestion(key: &str, known: &[String]) -> String {
 }
 
 impl TrainConfig {
+    /// The dtype a step computes in on a GPU: `fp16`'s or `bf16`'s (HF's autocast), else
+    /// `bnb_4bit_compute_dtype`.
+    pub fn gpu_compute_dtype(&self) -> ComputeDtype {
+        if self.fp16 {
+            ComputeDtype::Float16
+        } else if self.bf16 {
+            ComputeDtype::Bfloat16
+        } else {
+            self.quantization.bnb_4bit_compute_dtype
+        }
+    }
+
     /// Read a TOML file, apply `KEY=VALUE` overrides (`lora.r=8` for table keys), validate.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
         let (mut table, origin) = match path {
@@ -1148,6 +1165,28 @@ mod tests {
         );
         assert!(c.quantization.load_in_4bit && c.quantization.bnb_4bit_use_double_quant);
         assert_eq!(c.lr_scheduler_type, Scheduler::Cosine);
+    }
+
+    #[test]
+    fn bf16_and_fp16_choose_the_compute_dtype_as_autocast_does() {
+        let dtype = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            TrainConfig::load(None, &sets).map(|c| c.gpu_compute_dtype())
+        };
+        // Neither: bnb_4bit_compute_dtype (bfloat16 by default).
+        assert_eq!(dtype(&[]).unwrap(), ComputeDtype::Bfloat16);
+        assert_eq!(
+            dtype(&["quantization.bnb_4bit_compute_dtype=float16"]).unwrap(),
+            ComputeDtype::Float16
+        );
+        // A notebook's `fp16=True` alone is accepted (HF's defaults are both false) and wins.
+        assert_eq!(dtype(&["fp16=true"]).unwrap(), ComputeDtype::Float16);
+        assert_eq!(
+            dtype(&["bf16=true", "quantization.bnb_4bit_compute_dtype=float32"]).unwrap(),
+            ComputeDtype::Bfloat16
+        );
+        let both = dtype(&["bf16=true", "fp16=true"]).unwrap_err();
+        assert!(format!("{both:#}").contains("fp16"), "{both:#}");
     }
 
     #[test]

@@ -34,7 +34,7 @@ fn compute_dtype(config: &TrainConfig, device: &Device) -> DType {
         // 16-bit matmuls on the CPU are slow and lose precision; QLoRA on a CPU computes in f32.
         return DType::F32;
     }
-    match config.quantization.bnb_4bit_compute_dtype {
+    match config.gpu_compute_dtype() {
         ComputeDtype::Float32 => DType::F32,
         ComputeDtype::Float16 => DType::F16,
         ComputeDtype::Bfloat16 => DType::BF16,
@@ -150,8 +150,8 @@ pub(crate) fn prepare(config: &TrainConfig, env: &TrainEnv) -> Result<Prepared> 
 
     env.log(format!("loading {}", config.model_name_or_path));
     let (loaded, registry, rt) = load_for_training_on(config, &env.assets_dir, env.device_ordinal)?;
-    // What the run computes in, kept with it: on the CPU that is f32 whatever
-    // bnb_4bit_compute_dtype says (16-bit matmuls there are slow and lose precision).
+    // What the run computes in, kept with it: on the CPU that is f32 whatever bf16, fp16 and
+    // bnb_4bit_compute_dtype say (16-bit matmuls there are slow and lose precision).
     let compute = rt.compute();
     env.log(format!("computing on {compute}"));
     if let Some((store, id)) = env.store.as_ref().filter(|_| env.is_main()) {
