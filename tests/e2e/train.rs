@@ -658,3 +658,98 @@ fn speed_switches_and_compute_are_stored_with_the_run_and_a_misspelt_switch_fail
         "{failed:?}"
     );
 }
+
+/// The `checkpoint-N` steps in `out`, ascending.
+fn checkpoint_steps(out: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(out)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().ok()?;
+            name.strip_prefix("checkpoint-")?.parse().ok()
+        })
+        .collect();
+    steps.sort();
+    steps
+}
+
+#[test]
+fn save_strategy_writes_checkpoints_by_steps_epochs_or_new_bests_or_never() {
+    let t = setup("train-save-strategy");
+    let model = tiny_model(&t);
+    let data = dataset(&t);
+    let (model, data) = (model.display().to_string(), data.display().to_string());
+    let train = |name: &str, extra: &[&str]| -> PathBuf {
+        let out = t.path().join(name).display().to_string();
+        let mut args = train_args(&model, &data, &out, &[]);
+        for kv in extra {
+            args.push("--set".into());
+            args.push(kv.to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_ok(&mut t.cmd(&args));
+        PathBuf::from(out)
+    };
+    // 24 rows, 4 a batch, 2 batches a step: 3 steps an epoch; 8 steps.
+    let steps = train("steps", &[]);
+    assert_eq!(checkpoint_steps(&steps), vec![4, 8]);
+    let epochs = train("epoch", &["save_strategy=epoch"]);
+    assert_eq!(checkpoint_steps(&epochs), vec![3, 6]);
+    let never = train("no", &["save_strategy=no"]);
+    assert!(checkpoint_steps(&never).is_empty());
+    assert!(never.join("adapter_model.safetensors").is_file());
+
+    // `best`: a checkpoint after each evaluation that lowers eval_loss, none after the others.
+    let best = train(
+        "best",
+        &[
+            "save_strategy=best",
+            "eval_steps=1",
+            "learning_rate=0.05",
+            "load_best_model_at_end=true",
+        ],
+    );
+    let state = read_json(&best.join("trainer_state.json"));
+    let evals: Vec<(u64, f64)> = state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["step"].as_u64()?, e.get("eval_loss")?.as_f64()?)))
+        .collect();
+    assert_eq!(evals.len(), 8, "{evals:?}");
+    let mut lowest = f64::INFINITY;
+    let mut bests = Vec::new();
+    for &(step, loss) in &evals {
+        if loss < lowest {
+            lowest = loss;
+            bests.push(step);
+        }
+    }
+    assert_eq!(checkpoint_steps(&best), bests, "{evals:?}");
+    let best_step = *bests.last().unwrap();
+    assert_eq!(state["best_global_step"].as_u64(), Some(best_step));
+    assert!(
+        state["best_model_checkpoint"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("checkpoint-{best_step}"))
+    );
+
+    // The best evaluation must have a checkpoint: mismatched strategies are refused up front.
+    let out = t.path().join("mismatch").display().to_string();
+    let mut args = train_args(&model, &data, &out, &[]);
+    for kv in ["save_strategy=epoch", "load_best_model_at_end=true"] {
+        args.push("--set".into());
+        args.push(kv.into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = run_fail(&mut t.cmd(&args));
+    assert!(
+        err.contains("load_best_model_at_end") && err.contains("save_strategy (epoch)"),
+        "{err}"
+    );
+    let err = run_fail(&mut t.cmd(&["train", "--set", "save_strategy=sometimes"]));
+    assert!(
+        err.contains("`save_strategy`") && err.contains("steps, epoch, best, no"),
+        "{err}"
+    );
+}

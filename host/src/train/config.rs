@@ -54,6 +54,18 @@ crate::named_choice! {
 }
 
 crate::named_choice! {
+    /// `save_strategy`: when a checkpoint is written, HF's names: every `save_steps` steps
+    /// (`steps`), after each epoch (`epoch`), after an evaluation that makes a new best of
+    /// `metric_for_best_model` (`best`), or never (`no`: a stopped run cannot resume).
+    pub enum SaveStrategy {
+        Steps = "steps",
+        Epoch = "epoch",
+        Best = "best",
+        No = "no",
+    }
+}
+
+crate::named_choice! {
     /// `attn_implementation`: the attention the model runs, transformers' names. `eager`
     /// materialises the masked scores (it reproduces transformers' `sdpa` and `eager`, the
     /// name `sdpa` is read as it); `flash_attention_2` never stores them (`ops::flash`), with
@@ -142,6 +154,9 @@ pub struct TrainConfig {
     /// activations, for about half the memory saving at half the recomputation).
     pub gradient_checkpointing_every: usize,
     pub logging_steps: usize,
+    /// When checkpoints are written ([`SaveStrategy`]).
+    pub save_strategy: SaveStrategy,
+    /// With `save_strategy = "steps"`: a checkpoint every this many steps (0: none).
     pub save_steps: usize,
     pub save_total_limit: Option<usize>,
     /// When to evaluate on the validation split, as HF's `eval_strategy`: `steps` (every
@@ -265,6 +280,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             gradient_checkpointing_every: 1,
             logging_steps: 20,
+            save_strategy: SaveStrategy::Steps,
             save_steps: 20,
             save_total_limit: None,
             eval_strategy: "steps".into(),
@@ -701,16 +717,30 @@ impl TrainConfig {
                 "needs evaluations: eval_strategy is \"no\"".into(),
             ));
         }
-        if self.load_best_model_at_end {
-            if self.eval_strategy != "steps" {
+        if self.save_strategy == SaveStrategy::Best && self.eval_strategy == "no" {
+            return Err(fail(
+                "save_strategy",
+                "is \"best\", which saves after evaluations: eval_strategy is \"no\"".into(),
+            ));
+        }
+        if self.load_best_model_at_end && self.save_strategy != SaveStrategy::Best {
+            // HF's rule: the best evaluation must have a checkpoint.
+            if self.eval_strategy == "no" || self.save_strategy.as_str() != self.eval_strategy {
                 return Err(fail(
                     "load_best_model_at_end",
-                    "needs eval_strategy = \"steps\", so evaluations and checkpoints meet".into(),
+                    format!(
+                        "needs save_strategy ({}) and eval_strategy ({}) to match (steps or \
+                         epoch), or save_strategy = \"best\", so the best evaluation has a \
+                         checkpoint",
+                        self.save_strategy.as_str(),
+                        self.eval_strategy
+                    ),
                 ));
             }
-            if self.eval_steps == 0
-                || self.save_steps == 0
-                || !self.save_steps.is_multiple_of(self.eval_steps)
+            if self.save_strategy == SaveStrategy::Steps
+                && (self.eval_steps == 0
+                    || self.save_steps == 0
+                    || !self.save_steps.is_multiple_of(self.eval_steps))
             {
                 return Err(fail(
                     "load_best_model_at_end",
@@ -739,7 +769,7 @@ impl TrainConfig {
     /// The logged key that picks the best checkpoint (`eval_` added as HF does), if any.
     pub fn best_metric_name(&self) -> Option<String> {
         let name = match self.metric_for_best_model.trim() {
-            "" if self.load_best_model_at_end => "loss",
+            "" if self.load_best_model_at_end || self.save_strategy == SaveStrategy::Best => "loss",
             "" => return None,
             n => n,
         };
@@ -748,6 +778,21 @@ impl TrainConfig {
         } else {
             format!("eval_{name}")
         })
+    }
+
+    /// Whether the step schedule writes a checkpoint after `step` (`save_strategy`; `best` is
+    /// decided by the evaluations, see [`TrainConfig::saves_best`]).
+    pub fn saves_at(&self, step: usize, steps_per_epoch: usize) -> bool {
+        match self.save_strategy {
+            SaveStrategy::Steps => self.save_steps > 0 && step.is_multiple_of(self.save_steps),
+            SaveStrategy::Epoch => step.is_multiple_of(steps_per_epoch.max(1)),
+            SaveStrategy::Best | SaveStrategy::No => false,
+        }
+    }
+
+    /// Whether a new best evaluation writes a checkpoint (`save_strategy = "best"`).
+    pub fn saves_best(&self) -> bool {
+        self.save_strategy == SaveStrategy::Best
     }
 
     /// The sampler training uses: `train_sampling_strategy`, with `group_by_length = false`
@@ -857,6 +902,7 @@ pub const CHOICES: &[(&str, &[&str])] = &[
     ("eval_strategy", &["steps", "epoch", "no"]),
     ("train_sampling_strategy", Sampling::NAMES),
     ("packing_strategy", PackingStrategy::NAMES),
+    ("save_strategy", SaveStrategy::NAMES),
     ("attn_implementation", AttnImplementation::NAMES),
     ("lora.bias", &["none"]),
     ("quantization.bnb_4bit_quant_type", &["nf4"]),

@@ -690,8 +690,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
                 .checkpoint_on_stop
                 .as_ref()
                 .is_some_and(|c| c.load(Ordering::SeqCst));
-            let saved_already =
-                config.save_steps > 0 && state.global_step.is_multiple_of(config.save_steps);
+            let saved_already = saves_now(config, &state, s.steps_per_epoch);
             if wanted && pace.steps > 0 && !saved_already && env.is_main() {
                 // The steps' events are made durable before the checkpoint that skips them.
                 env.flush_store();
@@ -713,10 +712,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
             evaluated_at = Some(state.global_step);
             registry.set_training(true);
         }
-        if config.save_steps > 0
-            && state.global_step.is_multiple_of(config.save_steps)
-            && env.is_main()
-        {
+        if saves_now(config, &state, s.steps_per_epoch) && env.is_main() {
             if state.best_step == Some(state.global_step) {
                 state.best_checkpoint = Some(
                     output_dir
@@ -787,6 +783,13 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     }
     outcome.log_history = state.log_history;
     Ok(outcome)
+}
+
+/// Whether the step just made gets a checkpoint: by `save_strategy`'s schedule, or with `best`
+/// when its evaluation was a new best.
+fn saves_now(config: &TrainConfig, state: &ResumeState, steps_per_epoch: usize) -> bool {
+    config.saves_at(state.global_step, steps_per_epoch)
+        || (config.saves_best() && state.best_step == Some(state.global_step))
 }
 
 /// `load_best_model_at_end`: the best checkpoint's adapter weights replace the last ones,
