@@ -235,6 +235,9 @@ pub struct LoraSection {
     pub target_modules: Vec<String>,
     pub use_rslora: bool,
     pub bias: String,
+    /// PEFT's `task_type`: a LoraConfig copied from a notebook carries it; adapterlab trains
+    /// causal LMs only (and writes `CAUSAL_LM` into `adapter_config.json`).
+    pub task_type: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -309,6 +312,7 @@ impl Default for LoraSection {
             target_modules: Vec::new(),
             use_rslora: false,
             bias: "none".into(),
+            task_type: "CAUSAL_LM".into(),
         }
     }
 }
@@ -905,6 +909,7 @@ pub const CHOICES: &[(&str, &[&str])] = &[
     ("save_strategy", SaveStrategy::NAMES),
     ("attn_implementation", AttnImplementation::NAMES),
     ("lora.bias", &["none"]),
+    ("lora.task_type", &["CAUSAL_LM"]),
     ("quantization.bnb_4bit_quant_type", &["nf4"]),
     ("quantization.bnb_4bit_compute_dtype", ComputeDtype::NAMES),
     ("report_to", &["tensorboard", "mlflow", "none", "all"]),
@@ -1218,6 +1223,17 @@ mod tests {
         );
         assert!(c.quantization.load_in_4bit && c.quantization.bnb_4bit_use_double_quant);
         assert_eq!(c.lr_scheduler_type, Scheduler::Cosine);
+    }
+
+    #[test]
+    fn a_notebooks_lora_task_type_is_read_and_only_causal_lm_accepted() {
+        let load = |v: &str| TrainConfig::load(None, &[format!("lora.task_type={v}")]);
+        assert_eq!(load("CAUSAL_LM").unwrap().lora.task_type, "CAUSAL_LM");
+        let e = format!("{:#}", load("SEQ_CLS").unwrap_err());
+        assert!(
+            e.contains("`lora.task_type`") && e.contains("CAUSAL_LM"),
+            "{e}"
+        );
     }
 
     #[test]
