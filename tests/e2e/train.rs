@@ -753,3 +753,47 @@ fn save_strategy_writes_checkpoints_by_steps_epochs_or_new_bests_or_never() {
         "{err}"
     );
 }
+
+#[test]
+fn a_text_dataset_trains_whole_with_dataset_text_field() {
+    let t = setup("train-text-field");
+    let model = tiny_model(&t).display().to_string();
+    let dir = t.path().join("text-ds");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rows: String = (0..12)
+        .map(|i| {
+            serde_json::json!({"text": format!("### Dialogue: a{i} b{i}\n### Summary: a{i}")})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("train.jsonl"), &rows).unwrap();
+    std::fs::write(dir.join("validation.jsonl"), &rows).unwrap();
+    let data = dir.display().to_string();
+    let run = |name: &str, extra: &[&str]| {
+        let out = t.path().join(name).display().to_string();
+        let mut args = train_args(&model, &data, &out, &[]);
+        for kv in ["max_steps=2", "eval_steps=2", "save_steps=2"]
+            .iter()
+            .chain(extra)
+        {
+            args.push("--set".into());
+            args.push(kv.to_string());
+        }
+        let args: Vec<String> = args;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        (t.cmd(&args), PathBuf::from(out))
+    };
+    let (mut cmd, out) = run("text", &["dataset_text_field=text"]);
+    run_ok(&mut cmd);
+    let state = read_json(&out.join("trainer_state.json"));
+    assert_eq!(state["global_step"], 2);
+    assert!(!losses(&state).is_empty());
+    // Without the key the rows go to the formatter, which finds no dialogue in them.
+    let (mut cmd, _) = run("no-field", &[]);
+    let err = run_fail(&mut cmd);
+    assert!(
+        err.contains("row 1") && err.contains("dataset_text_field = \"text\""),
+        "{err}"
+    );
+}

@@ -172,22 +172,27 @@ fn parse_csv(text: &str, origin: &str) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// A row rendered for training: the prompt and the completion.
+/// A row rendered for training: the prompt and the completion. A text row (TRL's language
+/// modeling rows, `dataset_text_field`) is an empty prompt and the text as its completion, so
+/// every token of it is trained on, as TRL trains on a text row whatever
+/// `completion_only_loss` says.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rendered {
     pub prompt: String,
     pub completion: String,
 }
 
-/// Renders every row for training: rows with `prompt`/`completion` strings as they are, others
-/// through the formatter plugin. All problems are collected and reported together with row
-/// numbers.
+/// Renders every row for training: rows with `prompt`/`completion` strings as they are, with
+/// `text_field` (TRL's `dataset_text_field`, when set) rows holding that string as text rows,
+/// others through the formatter plugin. All problems are collected and reported together with
+/// row numbers.
 pub fn render(
     split: &Split,
     formatter: &str,
+    text_field: Option<&str>,
     registry: Option<&Registry>,
 ) -> Result<Vec<Rendered>> {
-    let rendered = format_rows(split, formatter, registry, true)?;
+    let rendered = format_rows(split, formatter, text_field, registry, true)?;
     Ok(rendered
         .into_iter()
         .map(|(prompt, completion)| Rendered {
@@ -204,24 +209,39 @@ pub fn render_prompts(
     formatter: &str,
     registry: Option<&Registry>,
 ) -> Result<Vec<(String, Option<String>)>> {
-    format_rows(split, formatter, registry, false)
+    format_rows(split, formatter, None, registry, false)
 }
 
 fn format_rows(
     split: &Split,
     formatter: &str,
+    text_field: Option<&str>,
     registry: Option<&Registry>,
     need_completion: bool,
 ) -> Result<Vec<(String, Option<String>)>> {
     let mut out = vec![None; split.rows.len()];
     let mut problems = Vec::new();
     let mut pending = Vec::new();
+    let mut text_rows = vec![false; split.rows.len()];
     for (i, row) in split.rows.iter().enumerate() {
-        match (row.get("prompt"), row.get("completion")) {
-            (Some(Value::String(p)), Some(Value::String(c))) => {
+        let text = text_field.and_then(|f| row.get(f));
+        match (row.get("prompt"), row.get("completion"), text) {
+            (Some(Value::String(p)), Some(Value::String(c)), _) => {
                 out[i] = Some((p.clone(), Some(c.clone())))
             }
-            (Some(Value::String(p)), None) if !need_completion => out[i] = Some((p.clone(), None)),
+            (Some(Value::String(p)), None, _) if !need_completion => {
+                out[i] = Some((p.clone(), None))
+            }
+            (_, _, Some(Value::String(t))) if t.trim().is_empty() => problems.push(format!(
+                "row {}: empty `{}` (dataset_text_field)",
+                i + 1,
+                text_field.unwrap_or_default()
+            )),
+            // A text row: no prompt, the whole text trained on (see `Rendered`).
+            (_, _, Some(Value::String(t))) => {
+                out[i] = Some((String::new(), Some(t.clone())));
+                text_rows[i] = true;
+            }
             _ => pending.push(i),
         }
     }
@@ -244,6 +264,7 @@ fn format_rows(
     let mut rendered = Vec::with_capacity(out.len());
     for (i, r) in out.into_iter().enumerate() {
         match r {
+            Some(text_row) if text_rows[i] => rendered.push(text_row),
             Some((prompt, _)) if prompt.trim().is_empty() => {
                 problems.push(format!("row {}: empty prompt", i + 1))
             }
@@ -271,8 +292,20 @@ fn format_rows(
         } else {
             "generation"
         };
+        // TRL's text rows, given to the formatter because dataset_text_field is unset.
+        let hint = if need_completion
+            && text_field.is_none()
+            && split
+                .rows
+                .iter()
+                .any(|r| matches!(r.get("text"), Some(Value::String(_))))
+        {
+            "\n  (rows with a `text` field are trained on whole with dataset_text_field = \"text\")"
+        } else {
+            ""
+        };
         bail!(
-            "{}: {n} row(s) cannot be used for {purpose}:\n  {}{}",
+            "{}: {n} row(s) cannot be used for {purpose}:\n  {}{}{hint}",
             split.origin,
             shown.join("\n  "),
             if n > 20 { "\n  …" } else { "" }
@@ -456,7 +489,7 @@ mod tests {
         let s = load_splits(dir.path().to_str().unwrap()).unwrap();
         assert_eq!(s.train.rows.len(), 2);
         assert_eq!(s.train.rows[1]["prompt"], "a, b");
-        let r = render(&s.train, "summarize", None).unwrap();
+        let r = render(&s.train, "summarize", None, None).unwrap();
         assert_eq!(
             r[0],
             Rendered {
@@ -470,6 +503,7 @@ mod tests {
             &load_splits(bad.to_str().unwrap()).unwrap().train,
             "summarize",
             None,
+            None,
         )
         .unwrap_err()
         .to_string();
@@ -479,6 +513,7 @@ mod tests {
         let e = render(
             &load_splits(missing.to_str().unwrap()).unwrap().train,
             "summarize",
+            None,
             None,
         )
         .unwrap_err()
@@ -557,6 +592,56 @@ mod encode_tests {
     use std::str::FromStr as _;
 
     use super::*;
+
+    #[test]
+    fn text_rows_are_trained_on_whole_when_dataset_text_field_names_them() {
+        let row = |v: Value| v.as_object().unwrap().clone();
+        let split = Split {
+            origin: "t.jsonl".into(),
+            rows: vec![
+                row(serde_json::json!({"text": "abc def"})),
+                row(serde_json::json!({"prompt": "p: ", "completion": "c", "text": "ignored"})),
+            ],
+        };
+        let r = render(&split, "summarize", Some("text"), None).unwrap();
+        assert_eq!(r[0].prompt, "");
+        assert_eq!(r[0].completion, "abc def");
+        // prompt/completion wins over the text field.
+        assert_eq!(
+            (r[1].prompt.as_str(), r[1].completion.as_str()),
+            ("p: ", "c")
+        );
+        // Every token but the first is a target, even with completion_only_loss.
+        let e = encode(
+            &char_tokenizer(),
+            &r[..1],
+            Some("</s>"),
+            true,
+            64,
+            Lengths::Truncate,
+        )
+        .unwrap();
+        let ex = &e.examples[0];
+        assert_eq!(ex.input_ids.len(), "abc def".len() + 1, "the text and EOS");
+        assert!(!ex.targets[0] && ex.targets[1..].iter().all(|t| *t));
+
+        let empty = Split {
+            origin: "t.jsonl".into(),
+            rows: vec![row(serde_json::json!({"text": "  "}))],
+        };
+        let e = render(&empty, "summarize", Some("text"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("row 1: empty `text` (dataset_text_field)"),
+            "{e}"
+        );
+        // Without the setting a text row is the formatter's (here: no registry to find it).
+        let e = render(&split, "summarize", None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("formatter"), "{e}");
+    }
 
     /// One token a character, `</s>` as EOS.
     fn char_tokenizer() -> Tokenizer {

@@ -110,6 +110,10 @@ pub struct TrainConfig {
     pub output_dir: String,
     /// A formatter plugin's name.
     pub formatter: String,
+    /// TRL's `dataset_text_field`: rows holding this string field (and no prompt/completion)
+    /// are text rows, trained on whole (language modeling, as TRL trains a text dataset).
+    /// Unset by default: other rows go through `formatter`.
+    pub dataset_text_field: String,
     pub completion_only_loss: bool,
     pub max_seq_length: usize,
     /// Put several examples into each row of up to `max_seq_length` tokens (TRL's `packing`),
@@ -257,6 +261,7 @@ impl Default for TrainConfig {
             dataset: "bundled".into(),
             output_dir: "outputs".into(),
             formatter: "summarize".into(),
+            dataset_text_field: String::new(),
             completion_only_loss: true,
             max_seq_length: 512,
             packing: false,
@@ -806,6 +811,11 @@ impl TrainConfig {
             Sampling::GroupByLength if !self.group_by_length => Sampling::Random,
             s => s,
         }
+    }
+
+    /// `dataset_text_field`, when set.
+    pub fn text_field(&self) -> Option<&str> {
+        Some(self.dataset_text_field.as_str()).filter(|f| !f.is_empty())
     }
 
     /// Whether training batches are packed rows (`packing`).

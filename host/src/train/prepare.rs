@@ -20,9 +20,16 @@ pub fn check(config: &TrainConfig, registry: &Registry, assets_dir: &Path) -> Re
         .get(&config.formatter, PluginKind::Formatter)
         .context("config.formatter")?;
     let splits = data::load_splits(&config.dataset).context("config.dataset")?;
-    data::render(&splits.train, &config.formatter, Some(registry)).context("config.dataset")?;
+    data::render(
+        &splits.train,
+        &config.formatter,
+        config.text_field(),
+        Some(registry),
+    )
+    .context("config.dataset")?;
     if let Some(v) = &splits.validation {
-        data::render(v, &config.formatter, Some(registry)).context("config.dataset")?;
+        data::render(v, &config.formatter, config.text_field(), Some(registry))
+            .context("config.dataset")?;
     }
     for (key, metrics) in [
         ("config.eval_after_train", &config.eval_after_train),

@@ -142,9 +142,19 @@ pub(crate) struct Prepared {
 /// the model loads: a bad row must not cost a model load.
 pub(crate) fn prepare(config: &TrainConfig, env: &TrainEnv) -> Result<Prepared> {
     let splits = data::load_splits(&config.dataset)?;
-    let train_text = data::render(&splits.train, &config.formatter, env.registry.as_ref())?;
+    let train_text = data::render(
+        &splits.train,
+        &config.formatter,
+        config.text_field(),
+        env.registry.as_ref(),
+    )?;
     let val_text = match &splits.validation {
-        Some(v) => Some(data::render(v, &config.formatter, env.registry.as_ref())?),
+        Some(v) => Some(data::render(
+            v,
+            &config.formatter,
+            config.text_field(),
+            env.registry.as_ref(),
+        )?),
         None => None,
     };
 
