@@ -373,6 +373,32 @@ impl Optional {
 const SECTIONS: &[&str] = &["lora", "quantization", "generation_eval"];
 
 /// The keys a config may hold, by section ("" is the top level).
+/// Other names of top-level keys, read as the key they name: `(alias, key, whose name)`. A
+/// config is stored under the key.
+const KEY_ALIASES: &[(&str, &str, &str)] = &[
+    ("max_length", "max_seq_length", "TRL's name since 0.20"),
+    (
+        "evaluation_strategy",
+        "eval_strategy",
+        "transformers' name before 4.46",
+    ),
+];
+
+/// A file's or a request's aliases renamed to their keys; an alias beside its key is refused
+/// (which one is meant is unclear).
+fn resolve_aliases(table: &mut toml::Table, origin: &str) -> Result<()> {
+    for (alias, key, whose) in KEY_ALIASES {
+        let Some(value) = table.remove(*alias) else {
+            continue;
+        };
+        if table.contains_key(*key) {
+            bail!("{origin}: `{alias}` ({whose}) and `{key}` are the same setting; give one");
+        }
+        table.insert(key.to_string(), value);
+    }
+    Ok(())
+}
+
 fn known_keys(section: &str) -> Vec<String> {
     let value =
         toml::Value::try_from(TrainConfig::default()).expect("the default config serialises");
@@ -557,6 +583,7 @@ impl TrainConfig {
             }
             None => (toml::Table::new(), "config".to_string()),
         };
+        resolve_aliases(&mut table, &origin)?;
         check_keys(&table, &origin)?;
         for item in overrides {
             apply_override(&mut table, item)?;
@@ -589,6 +616,7 @@ impl TrainConfig {
             .ok()
             .and_then(|v| v.as_table().cloned())
             .context("config must be an object of train keys")?;
+        resolve_aliases(&mut table, "config")?;
         check_keys(&table, "config")?;
         lists_from_strings(&mut table);
         check_types(&table, "config")?;
@@ -1001,6 +1029,11 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
     let Some((key, raw)) = item.split_once('=') else {
         bail!("--set {item:?} must look like KEY=VALUE");
     };
+    // An alias overrides its key, as the key itself would.
+    let key = KEY_ALIASES
+        .iter()
+        .find(|(alias, _, _)| *alias == key)
+        .map_or(key, |(_, key, _)| *key);
     let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
         .and_then(|t| t.get("v").cloned())
@@ -1243,6 +1276,28 @@ mod tests {
         assert!(
             e.contains("`lora.task_type`") && e.contains("CAUSAL_LM"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn trl_and_older_transformers_names_are_read_as_their_keys() {
+        let c = TrainConfig::load(None, &["max_length=256".into()]).unwrap();
+        assert_eq!(c.max_seq_length, 256);
+        let c = load_str("evaluation_strategy = \"epoch\"\nmax_length = 128\n", &[]).unwrap();
+        assert_eq!((c.eval_strategy.as_str(), c.max_seq_length), ("epoch", 128));
+        // On the command line an alias overrides the file's key.
+        let c = load_str("max_seq_length = 128\n", &["max_length=64"]).unwrap();
+        assert_eq!(c.max_seq_length, 64);
+        let e = load_str("max_seq_length = 128\nmax_length = 64\n", &[]).unwrap_err();
+        assert!(format!("{e:#}").contains("same setting"), "{e:#}");
+        let c = TrainConfig::from_json(&serde_json::json!({"max_length": 100})).unwrap();
+        assert_eq!(c.max_seq_length, 100);
+        // Stored under the key.
+        assert!(
+            toml::Value::try_from(&c)
+                .unwrap()
+                .get("max_length")
+                .is_none()
         );
     }
 
