@@ -17,6 +17,11 @@ use crate::train::{dataset, tiny_model};
 use crate::util::*;
 
 fn train(t: &TestDir, out: &Path, report_to: &str, env: &[(&str, String)]) {
+    train_with(t, out, report_to, env, &[]);
+}
+
+/// [`train`] with more `--set KEY=VALUE`s.
+fn train_with(t: &TestDir, out: &Path, report_to: &str, env: &[(&str, String)], sets: &[String]) {
     let model = tiny_model(t);
     let data = dataset(t);
     let mut cmd = t.cmd(&["train"]);
@@ -32,7 +37,10 @@ fn train(t: &TestDir, out: &Path, report_to: &str, env: &[(&str, String)]) {
         "max_seq_length=64".into(),
         "lora.r=4".into(),
         format!("report_to={report_to}"),
-    ] {
+    ]
+    .iter()
+    .chain(sets)
+    {
         cmd.arg("--set").arg(kv);
     }
     for (k, v) in env {
@@ -130,6 +138,7 @@ struct Received {
     metrics: Vec<(String, f64, u64)>,
     artifacts: Vec<(String, usize)>,
     experiment: Option<String>,
+    run_name: Option<String>,
     status: Option<String>,
 }
 
@@ -158,8 +167,12 @@ async fn create_experiment(
     axum::Json(json!({"experiment_id": "7"}))
 }
 
-async fn create_run(axum::Json(body): axum::Json<Value>) -> axum::Json<Value> {
+async fn create_run(
+    State(s): State<Shared>,
+    axum::Json(body): axum::Json<Value>,
+) -> axum::Json<Value> {
     assert_eq!(body["experiment_id"], "7", "{body}");
+    s.lock().unwrap().run_name = body["run_name"].as_str().map(str::to_string);
     assert!(body["start_time"].as_u64().is_some(), "{body}");
     axum::Json(
         json!({"run": {"info": {"run_id": "r1", "experiment_id": "7",
@@ -230,16 +243,35 @@ fn mlflow_gets_params_metrics_per_step_the_adapter_and_the_status() {
     runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     let out = t.path().join("out");
-    train(
+    // HF's run_name names the tracker's run; logging_dir is where TensorBoard writes.
+    let logs = t.path().join("tb-logs");
+    train_with(
         &t,
         &out,
-        "mlflow",
+        "mlflow,tensorboard",
         &[
             ("MLFLOW_TRACKING_URI", format!("http://{addr}")),
             ("MLFLOW_EXPERIMENT_NAME", "adapterlab-test".into()),
         ],
+        &[
+            "run_name=qlora-v1".into(),
+            format!("logging_dir={}", logs.display()),
+        ],
+    );
+    let events: Vec<String> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        events.iter().any(|n| n.starts_with("events.out.tfevents.")),
+        "{events:?}"
+    );
+    assert!(
+        !out.join("runs").exists(),
+        "logging_dir replaces <output_dir>/runs"
     );
     let r = received.lock().unwrap();
+    assert_eq!(r.run_name.as_deref(), Some("qlora-v1"));
     assert_eq!(r.experiment.as_deref(), Some("adapterlab-test"));
     let param = |k: &str| {
         r.params

@@ -266,7 +266,8 @@ fn export(
     }];
     // TensorBoard writes below `<dir>/runs/`, as a training run's output folder has it.
     let dir = out.unwrap_or_else(|| std::path::PathBuf::from(&run.name));
-    let mut trackers = crate::track::Trackers::start(&report_to, &dir, &run.name, &params)?;
+    let logging_dir = crate::track::default_logging_dir(&dir);
+    let mut trackers = crate::track::Trackers::start(&report_to, &logging_dir, &run.name, &params)?;
     let mut steps = 0usize;
     for (_, event) in store.events_after(&run.id, None)? {
         if matches!(event, crate::store::RunEvent::Loss { .. }) {

@@ -9,7 +9,7 @@
 pub mod mlflow;
 pub mod tensorboard;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
@@ -47,12 +47,25 @@ pub struct Trackers {
     warned: std::collections::BTreeSet<&'static str>,
 }
 
+/// HF's default `logging_dir`: `<output_dir>/runs/<date>_<host>`.
+pub fn default_logging_dir(output_dir: &Path) -> PathBuf {
+    let stamp = time::OffsetDateTime::now_utc()
+        .format(time::macros::format_description!(
+            "[month repr:short][day]_[hour]-[minute]-[second]"
+        ))
+        .unwrap_or_default();
+    output_dir
+        .join("runs")
+        .join(format!("{stamp}_{}", tensorboard::hostname()))
+}
+
 impl Trackers {
     /// Starts the trackers `report_to` names (already parsed) for a run writing to
     /// `output_dir`, logging `params` (every setting of the run) once.
+    /// `logging_dir`: where TensorBoard's event files go (HF's key; see [`default_logging_dir`]).
     pub fn start(
         report_to: &[String],
-        output_dir: &Path,
+        logging_dir: &Path,
         run_name: &str,
         params: &[(String, String)],
     ) -> Result<Self> {
@@ -62,16 +75,7 @@ impl Trackers {
             warned: Default::default(),
         };
         if report_to.iter().any(|r| r == "tensorboard") {
-            // HF's default logging_dir: <output_dir>/runs/<date>_<host>.
-            let stamp = time::OffsetDateTime::now_utc()
-                .format(time::macros::format_description!(
-                    "[month repr:short][day]_[hour]-[minute]-[second]"
-                ))
-                .unwrap_or_default();
-            let dir = output_dir
-                .join("runs")
-                .join(format!("{stamp}_{}", tensorboard::hostname()));
-            let mut writer = tensorboard::EventWriter::create(&dir)?;
+            let mut writer = tensorboard::EventWriter::create(logging_dir)?;
             let table: String = params
                 .iter()
                 .map(|(k, v)| format!("| {k} | {v} |\n"))

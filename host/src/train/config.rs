@@ -189,6 +189,12 @@ pub struct TrainConfig {
     pub fp16: bool,
     /// Metric plugins to run on generations from the validation/test split after training.
     pub eval_after_train: Vec<String>,
+    /// HF's `run_name`: the run's name in the trackers (unset: the run's id in the store, or
+    /// the output folder).
+    pub run_name: String,
+    /// HF's `logging_dir`: where `report_to = tensorboard` writes its event files (unset:
+    /// HF's default, `<output_dir>/runs/<date>_<host>`).
+    pub logging_dir: String,
     /// Trackers to report to, as HF's `report_to`: `tensorboard`, `mlflow`, `all`, `none`
     /// (a bare string is a one-element list).
     pub report_to: Vec<String>,
@@ -301,6 +307,8 @@ impl Default for TrainConfig {
             bf16: false,
             fp16: false,
             eval_after_train: Vec::new(),
+            run_name: String::new(),
+            logging_dir: String::new(),
             report_to: Vec::new(),
             lora: LoraSection::default(),
             quantization: QuantizationSection::default(),

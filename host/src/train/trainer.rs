@@ -156,17 +156,21 @@ pub fn run(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     if report_to.is_empty() || !env.is_main() {
         return train(config, env);
     }
-    let run_name = env
-        .store
-        .as_ref()
-        .map(|(_, id)| id.clone())
-        .unwrap_or_else(|| config.output_dir.clone());
-    let trackers = crate::track::Trackers::start(
-        &report_to,
-        Path::new(&config.output_dir),
-        &run_name,
-        &settings(config),
-    )?;
+    // HF's run_name, else the run's id in the store, else the output folder.
+    let run_name = match config.run_name.as_str() {
+        "" => env
+            .store
+            .as_ref()
+            .map(|(_, id)| id.clone())
+            .unwrap_or_else(|| config.output_dir.clone()),
+        name => name.to_string(),
+    };
+    let logging_dir = match config.logging_dir.as_str() {
+        "" => crate::track::default_logging_dir(Path::new(&config.output_dir)),
+        dir => PathBuf::from(dir),
+    };
+    let trackers =
+        crate::track::Trackers::start(&report_to, &logging_dir, &run_name, &settings(config))?;
     let trackers = Arc::new(std::sync::Mutex::new(trackers));
     let env = TrainEnv {
         trackers: Some(trackers.clone()),
