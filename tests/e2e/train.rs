@@ -690,8 +690,14 @@ fn save_strategy_writes_checkpoints_by_steps_epochs_or_new_bests_or_never() {
         PathBuf::from(out)
     };
     // 24 rows, 4 a batch, 2 batches a step: 3 steps an epoch; 8 steps.
-    let steps = train("steps", &[]);
+    let steps = train("steps", &["logging_steps=3", "logging_first_step=true"]);
     assert_eq!(checkpoint_steps(&steps), vec![4, 8]);
+    // logging_first_step logs step 1 beside every logging_steps and the last.
+    let logged: Vec<u64> = losses(&read_json(&steps.join("trainer_state.json")))
+        .iter()
+        .map(|l| l.0)
+        .collect();
+    assert_eq!(logged, vec![1, 3, 6, 8]);
     let epochs = train("epoch", &["save_strategy=epoch"]);
     assert_eq!(checkpoint_steps(&epochs), vec![3, 6]);
     let never = train("no", &["save_strategy=no"]);

@@ -158,6 +158,8 @@ pub struct TrainConfig {
     /// activations, for about half the memory saving at half the recomputation).
     pub gradient_checkpointing_every: usize,
     pub logging_steps: usize,
+    /// HF's `logging_first_step`: log step 1 too (a first loss to compare runs by).
+    pub logging_first_step: bool,
     /// When checkpoints are written ([`SaveStrategy`]).
     pub save_strategy: SaveStrategy,
     /// With `save_strategy = "steps"`: a checkpoint every this many steps (0: none).
@@ -294,6 +296,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             gradient_checkpointing_every: 1,
             logging_steps: 20,
+            logging_first_step: false,
             save_strategy: SaveStrategy::Steps,
             save_steps: 20,
             save_total_limit: None,
@@ -852,6 +855,14 @@ impl TrainConfig {
     /// `dataset_text_field`, when set.
     pub fn text_field(&self) -> Option<&str> {
         Some(self.dataset_text_field.as_str()).filter(|f| !f.is_empty())
+    }
+
+    /// Whether the step just made is logged (HF's `logging_steps`, `logging_first_step`, and
+    /// the last step).
+    pub fn logs_at(&self, step: usize, max_steps: usize) -> bool {
+        step.is_multiple_of(self.logging_steps.max(1))
+            || step == max_steps
+            || (self.logging_first_step && step == 1)
     }
 
     /// Whether training batches are packed rows (`packing`).

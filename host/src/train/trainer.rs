@@ -484,7 +484,7 @@ impl Loop<'_> {
         let step = state.global_step;
         let epoch = s.epoch(step);
         let lr = s.lr(config, step);
-        let logged = step.is_multiple_of(config.logging_steps.max(1)) || step == s.max_steps;
+        let logged = config.logs_at(step, s.max_steps);
         // Every step, logged ones included: a logged step's `Loss` carries the mean over the
         // logging window (HF's), which on the chart would stand out from its neighbours.
         env.record(RunEvent::Step {
