@@ -454,11 +454,66 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<()> {
                     );
                 }
             }
+            if let Some((_, instead)) = NOT_TAKEN.iter().find(|(k, _)| k == key) {
+                bail!("{origin}: `{key}` is not an adapterlab key: {instead}");
+            }
             bail!("{origin}: unknown key `{key}`{}", suggestion(key, &known));
         }
     }
     Ok(())
 }
+
+/// HF's and TRL's keys that a ported config often carries and adapterlab does not take, with
+/// what to do instead: refused like any unknown key (a setting that matched nothing would read
+/// as applied), but with the way out.
+const NOT_TAKEN: &[(&str, &str)] = &[
+    (
+        "push_to_hub",
+        "after training, `adapterlab push OUTPUT_DIR --repo OWNER/NAME [--private]` publishes the \
+         adapter with its card and stored results (HF_TOKEN)",
+    ),
+    ("hub_model_id", "see `adapterlab push --repo OWNER/NAME`"),
+    ("hub_private_repo", "see `adapterlab push --private`"),
+    ("hub_strategy", "see `adapterlab push`"),
+    (
+        "hub_token",
+        "`adapterlab push` reads HF_TOKEN or the Hugging Face token file",
+    ),
+    ("do_train", "`adapterlab train` trains; remove the key"),
+    (
+        "do_eval",
+        "evaluations follow eval_strategy; remove the key",
+    ),
+    (
+        "do_predict",
+        "eval_after_train generates on the validation or test split",
+    ),
+    (
+        "overwrite_output_dir",
+        "output_dir is written into; a run continues with --resume-from-checkpoint",
+    ),
+    (
+        "dataloader_num_workers",
+        "PyTorch's data loading; adapterlab tokenizes up front, remove the key",
+    ),
+    (
+        "dataloader_pin_memory",
+        "PyTorch's data loading; remove the key",
+    ),
+    (
+        "remove_unused_columns",
+        "rows keep their fields for the formatter; remove the key",
+    ),
+    (
+        "ddp_find_unused_parameters",
+        "PyTorch DDP's; remove the key",
+    ),
+    ("torch_compile", "PyTorch's; remove the key"),
+    (
+        "dataset_num_proc",
+        "datasets' workers; adapterlab tokenizes in one pass, remove the key",
+    ),
+];
 
 /// Check every value's type against the default config's, so a wrong type is reported with
 /// its key (serde's own message does not say which key it was reading).
@@ -1318,6 +1373,21 @@ mod tests {
                 .get("max_length")
                 .is_none()
         );
+    }
+
+    #[test]
+    fn hf_keys_adapterlab_does_not_take_are_refused_with_the_way_out() {
+        let e = TrainConfig::load(None, &["push_to_hub=true".into()]).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("`push_to_hub` is not an adapterlab key") && e.contains("adapterlab push"),
+            "{e}"
+        );
+        // Every such key is really not taken.
+        let known = known_keys("");
+        for (key, _) in NOT_TAKEN {
+            assert!(!known.contains(&key.to_string()), "{key}");
+        }
     }
 
     #[test]
