@@ -795,6 +795,13 @@ fn a_text_dataset_trains_whole_with_dataset_text_field() {
     let state = read_json(&out.join("trainer_state.json"));
     assert_eq!(state["global_step"], 2);
     assert!(!losses(&state).is_empty());
+    // TRL's eos_token: another token of the tokenizer ends the rows; a string that is not one
+    // of its tokens is refused naming the key.
+    let (mut cmd, _) = run("eos", &["dataset_text_field=text", "eos_token=<s>"]);
+    run_ok(&mut cmd);
+    let (mut cmd, _) = run("bad-eos", &["dataset_text_field=text", "eos_token=<end>"]);
+    let err = run_fail(&mut cmd);
+    assert!(err.contains("eos_token \"<end>\" is not a token"), "{err}");
     // Without the key the rows go to the formatter, which finds no dialogue in them.
     let (mut cmd, _) = run("no-field", &[]);
     let err = run_fail(&mut cmd);

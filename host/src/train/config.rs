@@ -114,6 +114,9 @@ pub struct TrainConfig {
     /// are text rows, trained on whole (language modeling, as TRL trains a text dataset).
     /// Unset by default: other rows go through `formatter`.
     pub dataset_text_field: String,
+    /// TRL's `eos_token`: the token appended to each completion or text row (unless it ends
+    /// with it already). Unset: the tokenizer's end-of-sequence token.
+    pub eos_token: String,
     pub completion_only_loss: bool,
     pub max_seq_length: usize,
     /// Put several examples into each row of up to `max_seq_length` tokens (TRL's `packing`),
@@ -270,6 +273,7 @@ impl Default for TrainConfig {
             output_dir: "outputs".into(),
             formatter: "summarize".into(),
             dataset_text_field: String::new(),
+            eos_token: String::new(),
             completion_only_loss: true,
             max_seq_length: 512,
             packing: false,

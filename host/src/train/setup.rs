@@ -171,8 +171,21 @@ pub(crate) fn prepare(config: &TrainConfig, env: &TrainEnv) -> Result<Prepared> 
         })?;
     }
     let tokenizer = tokenizer_for(config, &loaded)?;
-    let eos_id = loaded.defaults.eos_token_ids.first().copied();
-    let eos = eos_id.and_then(|id| tokenizer.id_to_token(id));
+    let eos = match config.eos_token.as_str() {
+        "" => loaded
+            .defaults
+            .eos_token_ids
+            .first()
+            .and_then(|&id| tokenizer.id_to_token(id)),
+        // A token the tokenizer would split is no end-of-sequence token.
+        token => match tokenizer.token_to_id(token) {
+            Some(_) => Some(token.to_string()),
+            None => bail!(
+                "eos_token {token:?} is not a token of the tokenizer of {}",
+                config.model_name_or_path
+            ),
+        },
+    };
     let pad_id = loaded.defaults.pad_id();
 
     let train = data::encode(
