@@ -547,9 +547,14 @@ describe('adapterlab dashboard', () => {
     if (env.ADAPTERLAB_TRAIN_DATASET) await form.getByLabel('Dataset', { exact: true }).fill(env.ADAPTERLAB_TRAIN_DATASET);
     if (env.ADAPTERLAB_TRAIN_MAX_STEPS) await form.getByLabel('Max steps', { exact: true }).fill(env.ADAPTERLAB_TRAIN_MAX_STEPS);
     await form.getByLabel('Learning rate', { exact: true }).fill('not a number');
+    // Keys without a field of their own go in as key=value lines.
+    const more = form.getByLabel('Other training keys', { exact: true });
+    await more.fill('weight_decay=0.001\nnot a setting');
     await form.getByRole('button', { name: 'Launch training' }).click();
     assert.match(await form.locator('#train-learning_rate-error').innerText(), /number/, 'no message for a bad learning rate');
+    assert.match(await form.locator('#train-more-error').innerText(), /Line 2/, 'no message for a bad settings line');
     await form.getByLabel('Learning rate', { exact: true }).fill('2e-4');
+    await more.fill('weight_decay=0.001\nadam_epsilon=1e-7');
     // Queue an evaluation of the new adapter with the training.
     await form.getByTestId('eval-after-train').getByLabel('bleu', { exact: true }).check();
     await form.getByRole('button', { name: 'Launch training' }).click();
@@ -585,6 +590,16 @@ describe('adapterlab dashboard', () => {
     const trained = await apiCall('GET', `/api/runs/${id}`);
     assert.deepEqual(trained.json.request?.eval_after_train, ['bleu'], 'the evaluation after training was not queued with it');
     assert.equal(trained.json.request?.attn_implementation, 'flash_attention_2', 'the attention choice was not stored with the run');
+    assert.equal(trained.json.request?.weight_decay, 0.001, 'a key from "Other training keys" was not sent');
+    // A clone lists what the run set apart from the defaults and the form's own fields, never its
+    // output folder, so a relaunch loses no setting.
+    await go(`#/runs/${encodeURIComponent(id)}`);
+    await page.getByTestId('clone-run').click();
+    await page.getByTestId('clone-note').waitFor();
+    const cloned = await page.getByRole('form', { name: 'Train a LoRA adapter' }).getByLabel('Other training keys', { exact: true }).inputValue();
+    assert.match(cloned, /^weight_decay=0\.001$/m, `the clone lost weight_decay:\n${cloned}`);
+    assert.match(cloned, /^adam_epsilon=1e-7$/m, `the clone lost adam_epsilon:\n${cloned}`);
+    assert.doesNotMatch(cloned, /output_dir|learning_rate|lora\.r=/, `the clone repeats the form's or the run's own keys:\n${cloned}`);
     if (!USE_MOCK) assert.ok(trained.json.metadata?.eval_run, `no evaluation run after the training: ${JSON.stringify(trained.json.metadata)}`);
   }, { skip: !TEST_TRAIN && 'needs ADAPTERLAB_TEST_TRAIN=1 against a real server' });
 

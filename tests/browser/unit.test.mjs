@@ -9,7 +9,7 @@ import { describe, it } from 'node:test';
 const load = (rel) => import(`data:text/javascript;base64,${readFileSync(new URL(`../../web/${rel}`, import.meta.url)).toString('base64')}`);
 const { wordDiff, diffStats, tokenize } = await load('lib/diff.js');
 const { num, signed } = await load('lib/format.js');
-const { parsePredictions, parseSettings, parseNumber, parseList } = await load('lib/parse.js');
+const { parsePredictions, parseSettings, parseNumber, parseList, parseConfigLines, configLines } = await load('lib/parse.js');
 
 // Rebuild one side of a diff: `same` + `ins` runs spell `after`, `same` + `del` runs `before`.
 const side = (runs, keep) => runs.filter((r) => r.op === 'same' || r.op === keep).map((r) => r.space + r.text).join('');
@@ -189,5 +189,29 @@ describe('num and signed', () => {
     assert.equal(signed(1.2e-7), '+0.00000012');
     assert.equal(signed(0), '±0');
     assert.equal(num(0.5), '0.500');
+  });
+});
+
+describe('parseConfigLines and configLines', () => {
+  it('reads JSON values, text otherwise, nested by the dots', () => {
+    const { config, errors } = parseConfigLines('eval_strategy=epoch\nquantization.load_in_4bit=false\n# a note\n\nweight_decay=1e-3\ngeneration_eval.metrics=["rouge","bleu"]\nrun_name="5"\nformatter=a,b');
+    assert.deepEqual(errors, []);
+    assert.deepEqual(config, {
+      eval_strategy: 'epoch', quantization: { load_in_4bit: false }, weight_decay: 0.001,
+      generation_eval: { metrics: ['rouge', 'bleu'] }, run_name: '5', formatter: 'a,b',
+    });
+  });
+  it('names the line of a bad or repeated key', () => {
+    const { errors } = parseConfigLines('ok=1\nno equals sign\nok=2\n=3');
+    assert.deepEqual(errors.map((e) => e.line), [2, 3, 4]);
+  });
+  it('writes what differs from the defaults, skipping the form\'s keys, and reads back the same', () => {
+    const defaults = { eval_strategy: 'steps', save_steps: 20, lora: { r: 16, bias: 'none' }, quantization: { load_in_4bit: true } };
+    const config = { eval_strategy: 'epoch', save_steps: 20, run_name: 'true', logging_dir: ' x', lora: { r: 8, bias: 'none' }, quantization: { load_in_4bit: false }, report_to: ['tensorboard'] };
+    const text = configLines(config, defaults, new Set(['lora.r']));
+    assert.equal(text, 'eval_strategy=epoch\nrun_name="true"\nlogging_dir=" x"\nquantization.load_in_4bit=false\nreport_to=["tensorboard"]');
+    assert.deepEqual(parseConfigLines(text).config, {
+      eval_strategy: 'epoch', run_name: 'true', logging_dir: ' x', quantization: { load_in_4bit: false }, report_to: ['tensorboard'],
+    });
   });
 });

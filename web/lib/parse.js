@@ -184,3 +184,70 @@ function rangeMessage(min, max, minExclusive, maxExclusive) {
   if (max !== Infinity) parts.push(`${maxExclusive ? 'less than' : 'at most'} ${max}`);
   return `Must be ${parts.join(' and ')}.`;
 }
+
+/**
+ * Parse training keys written as `key=value`, one per line (`lora.r=8` for a table's key).
+ * Values are JSON where they parse (`2e-5`, `true`, `["rouge"]`, `"5"` for the text 5), text
+ * otherwise; commas stay inside values. Blank lines and `#` lines are ignored. Returns
+ * `{ config, errors }`: `config` nested by the dots, errors as `{ line, message }`.
+ */
+export function parseConfigLines(text) {
+  const config = {};
+  const errors = [];
+  const seen = new Set();
+  String(text ?? '').split('\n').forEach((raw, i) => {
+    const entry = raw.trim();
+    if (entry === '' || entry.startsWith('#')) return;
+    const eq = entry.indexOf('=');
+    const key = eq > 0 ? entry.slice(0, eq).trim() : '';
+    if (!/^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$/.test(key)) {
+      errors.push({ line: i + 1, message: `expected key=value, got ${JSON.stringify(entry)}` });
+      return;
+    }
+    if (seen.has(key)) {
+      errors.push({ line: i + 1, message: `${JSON.stringify(key)} is set twice` });
+      return;
+    }
+    seen.add(key);
+    const rawValue = entry.slice(eq + 1).trim();
+    let value = rawValue;
+    try { value = JSON.parse(rawValue); } catch { /* text */ }
+    const path = key.split('.');
+    let node = config;
+    for (const part of path.slice(0, -1)) {
+      if (typeof node[part] !== 'object' || node[part] === null || Array.isArray(node[part])) node[part] = {};
+      node = node[part];
+    }
+    node[path[path.length - 1]] = value;
+  });
+  return { config, errors };
+}
+
+/**
+ * The inverse of `parseConfigLines` for the keys of `config` outside `skip` (dotted names)
+ * whose value differs from `defaults` (same nesting): one `key=value` line each, text as
+ * itself unless it would read back as something else.
+ */
+export function configLines(config, defaults = {}, skip = new Set()) {
+  const lines = [];
+  const walk = (node, base, prefix) => {
+    for (const [k, v] of Object.entries(node ?? {})) {
+      const key = prefix ? `${prefix}.${k}` : k;
+      if (skip.has(key) || v === null || v === undefined) continue;
+      const d = base?.[k];
+      if (typeof v === 'object' && !Array.isArray(v)) {
+        walk(v, d, key);
+        continue;
+      }
+      if (JSON.stringify(v) === JSON.stringify(d)) continue;
+      let text = typeof v === 'string' ? v : JSON.stringify(v);
+      if (typeof v === 'string') {
+        try { JSON.parse(v); text = JSON.stringify(v); } catch { /* reads back as text */ }
+        if (v !== v.trim()) text = JSON.stringify(v);
+      }
+      lines.push(`${key}=${text}`);
+    }
+  };
+  walk(config, defaults, '');
+  return lines.join('\n');
+}

@@ -20,7 +20,7 @@
 
 import { api, ApiError } from '../lib/api.js';
 import { h, replace } from '../lib/dom.js';
-import { parseList, parseNumber, parsePredictions, parseSettings } from '../lib/parse.js';
+import { configLines, parseConfigLines, parseList, parseNumber, parsePredictions, parseSettings } from '../lib/parse.js';
 import { field, messageBox, setFieldError } from './common.js';
 
 const MAX_ERRORS_SHOWN = 20;
@@ -539,6 +539,34 @@ function boundsOf(schema, key, own) {
   return out;
 }
 
+/** The defaults of a config schema (the server's, from its config type), nested as the config. */
+function defaultsOf(schema) {
+  const out = {};
+  for (const [k, node] of Object.entries(schema?.properties ?? {})) {
+    if (node?.properties) out[k] = defaultsOf(node);
+    else if (node?.default !== undefined) out[k] = node.default;
+  }
+  return out;
+}
+
+// The training keys the form has fields for; "More settings" takes every other one.
+const TRAIN_FORM_KEYS = new Set([
+  'model_name_or_path', 'dataset', 'formatter', 'num_train_epochs', 'max_steps', 'learning_rate',
+  'per_device_train_batch_size', 'gradient_accumulation_steps', 'lr_scheduler_type', 'warmup_ratio',
+  'max_seq_length', 'packing', 'packing_strategy', 'eval_packing', 'attn_implementation',
+  'logging_steps', 'seed', 'lora.r', 'lora.lora_alpha', 'lora.lora_dropout', 'lora.target_modules',
+  'eval_after_train',
+]);
+
+/** `extra` written over `config`, table by table. */
+function mergeConfig(config, extra) {
+  for (const [k, v] of Object.entries(extra)) {
+    if (v && typeof v === 'object' && !Array.isArray(v) && config[k] && typeof config[k] === 'object' && !Array.isArray(config[k])) mergeConfig(config[k], v);
+    else config[k] = v;
+  }
+  return config;
+}
+
 function buildTrainForm(ctx, plugins, schema = null) {
   const formatters = Array.isArray(plugins) ? plugins.filter((p) => p.kind === 'formatter') : [];
   const metrics = Array.isArray(plugins) ? plugins.filter((p) => p.kind === 'metric') : [];
@@ -580,6 +608,8 @@ function buildTrainForm(ctx, plugins, schema = null) {
       h('option', { value: '' }, 'as training'),
       h('option', { value: 'true' }, 'packed'),
       h('option', { value: 'false' }, 'not packed')),
+    // Every training key the fields above do not show, so none is out of reach or lost on a clone.
+    more: h('textarea', { name: 'more', rows: 3, class: 'mono', spellcheck: 'false', placeholder: 'eval_strategy=epoch\nquantization.load_in_4bit=false' }),
   };
   // TRL's `packing`: several examples a row, each attending only to itself.
   f.packing.checked = schemaOf(schema, 'packing')?.default === true;
@@ -654,6 +684,10 @@ function buildTrainForm(ctx, plugins, schema = null) {
       F('lora_dropout', 'Dropout'),
       F('target_modules', 'Target modules', 'Comma-separated, such as q_proj, v_proj; empty for the model’s default.'),
     ),
+    h('fieldset', {},
+      h('legend', {}, 'More settings'),
+      F('more', 'Other training keys', 'Any other key by HF’s name, key=value one per line (lora.bias=none for a table’s key); values are JSON where they parse (1e-3, true, ["rouge"]), text otherwise, and override the fields above. A cloned run lists here what it set apart from the defaults.'),
+    ),
     metrics.length ? h('fieldset', { class: 'grid', 'data-testid': 'eval-after-train' },
       h('legend', {}, 'Then evaluate'),
       h('p', { class: 'muted' }, 'When training ends, generate for the validation split (else the test split) with the new adapter and score the generations with:'),
@@ -686,6 +720,8 @@ function buildTrainForm(ctx, plugins, schema = null) {
       const bad = parseList(f.target_modules.value).find((m) => !/^[A-Za-z_][\w.]*$/.test(m));
       return bad ? `"${bad}" is not a module name.` : null;
     }]);
+    const more = parseConfigLines(f.more.value);
+    checks.push([f.more, () => (more.errors.length ? more.errors.map((e) => `Line ${e.line}: ${e.message}.`).join(' ') : null)]);
     if (!validate(checks, box)) return;
     const targets = parseList(f.target_modules.value);
     const config = {
@@ -715,6 +751,8 @@ function buildTrainForm(ctx, plugins, schema = null) {
     };
     const after = afterBoxes.filter((b) => b.checked).map((b) => b.value);
     if (after.length) config.eval_after_train = after;
+    // The server names any key it does not know, or a bad value, in its answer.
+    mergeConfig(config, more.config);
     const body = { kind: 'train', config };
     if (f.name.value.trim()) body.name = f.name.value.trim();
     submit(body, button, box, ctx);
@@ -740,6 +778,8 @@ function buildTrainForm(ctx, plugins, schema = null) {
     for (const key of ['r', 'lora_alpha', 'lora_dropout']) if (lora[key] !== undefined) f[key].value = String(lora[key]);
     f.target_modules.value = (lora.target_modules ?? []).join(', ');
     for (const b of afterBoxes) b.checked = (c.eval_after_train ?? []).includes(b.value);
+    // output_dir is the cloned run's own folder: the clone gets a new one.
+    f.more.value = configLines(c, defaultsOf(schema), new Set([...TRAIN_FORM_KEYS, 'output_dir']));
   };
   return form;
 }
