@@ -93,6 +93,24 @@ fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str, extra: &[&'a str]
     args
 }
 
+/// `adapterlab train` of `model` on `data` into `out`: [`train_args`]' settings, then `sets`
+/// (`KEY=VALUE`; a later one wins).
+fn train_cmd(
+    t: &TestDir,
+    model: &str,
+    data: &str,
+    out: &Path,
+    sets: &[&str],
+) -> std::process::Command {
+    let out = out.display().to_string();
+    let mut args = train_args(model, data, &out, &[]);
+    for kv in sets {
+        args.push("--set".into());
+        args.push(kv.to_string());
+    }
+    t.cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 fn losses(state: &Value) -> Vec<(u64, f64, f64, f64)> {
     state["log_history"]
         .as_array()
@@ -678,16 +696,10 @@ fn save_strategy_writes_checkpoints_by_steps_epochs_or_new_bests_or_never() {
     let model = tiny_model(&t);
     let data = dataset(&t);
     let (model, data) = (model.display().to_string(), data.display().to_string());
-    let train = |name: &str, extra: &[&str]| -> PathBuf {
-        let out = t.path().join(name).display().to_string();
-        let mut args = train_args(&model, &data, &out, &[]);
-        for kv in extra {
-            args.push("--set".into());
-            args.push(kv.to_string());
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_ok(&mut t.cmd(&args));
-        PathBuf::from(out)
+    let train = |name: &str, sets: &[&str]| -> PathBuf {
+        let out = t.path().join(name);
+        run_ok(&mut train_cmd(&t, &model, &data, &out, sets));
+        out
     };
     // 24 rows, 4 a batch, 2 batches a step: 3 steps an epoch; 8 steps.
     let steps = train("steps", &["logging_steps=3", "logging_first_step=true"]);
@@ -741,14 +753,13 @@ fn save_strategy_writes_checkpoints_by_steps_epochs_or_new_bests_or_never() {
     );
 
     // The best evaluation must have a checkpoint: mismatched strategies are refused up front.
-    let out = t.path().join("mismatch").display().to_string();
-    let mut args = train_args(&model, &data, &out, &[]);
-    for kv in ["save_strategy=epoch", "load_best_model_at_end=true"] {
-        args.push("--set".into());
-        args.push(kv.into());
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let err = run_fail(&mut t.cmd(&args));
+    let err = run_fail(&mut train_cmd(
+        &t,
+        &model,
+        &data,
+        &t.path().join("mismatch"),
+        &["save_strategy=epoch", "load_best_model_at_end=true"],
+    ));
     assert!(
         err.contains("load_best_model_at_end") && err.contains("save_strategy (epoch)"),
         "{err}"
@@ -777,18 +788,13 @@ fn a_text_dataset_trains_whole_with_dataset_text_field() {
     std::fs::write(dir.join("validation.jsonl"), &rows).unwrap();
     let data = dir.display().to_string();
     let run = |name: &str, extra: &[&str]| {
-        let out = t.path().join(name).display().to_string();
-        let mut args = train_args(&model, &data, &out, &[]);
-        for kv in ["max_steps=2", "eval_steps=2", "save_steps=2"]
+        let out = t.path().join(name);
+        let sets: Vec<&str> = ["max_steps=2", "eval_steps=2", "save_steps=2"]
             .iter()
             .chain(extra)
-        {
-            args.push("--set".into());
-            args.push(kv.to_string());
-        }
-        let args: Vec<String> = args;
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        (t.cmd(&args), PathBuf::from(out))
+            .copied()
+            .collect();
+        (train_cmd(&t, &model, &data, &out, &sets), out)
     };
     let (mut cmd, out) = run("text", &["dataset_text_field=text"]);
     run_ok(&mut cmd);
