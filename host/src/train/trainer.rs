@@ -536,6 +536,42 @@ impl Loop<'_> {
     }
 }
 
+/// What the run is about to do, on the terminal, in the dashboard's log and in tracing.
+fn announce(config: &TrainConfig, env: &TrainEnv, s: &Schedule, prepared: &Prepared, opt: &AdamW) {
+    let trainable: usize = opt.vars().iter().map(|(_, v)| v.elem_count()).sum();
+    if let Some(comm) = &env.comm {
+        env.log(format!(
+            "data parallel over {} ranks ({}): global batch {} = {} a device × {} accumulation × {}",
+            s.world,
+            comm.backend(),
+            s.bs * s.accum * s.world,
+            s.bs,
+            s.accum,
+            s.world
+        ));
+    }
+    let examples = prepared.train.examples.len();
+    let rows = prepared.train_rows.len();
+    env.log(format!(
+        "training {} steps on {examples} examples{} ({} steps an epoch), {trainable} trainable parameters",
+        s.max_steps,
+        if config.packs_train() {
+            format!(" in {rows} packed rows")
+        } else {
+            String::new()
+        },
+        s.steps_per_epoch
+    ));
+    tracing::info!(
+        examples,
+        rows,
+        max_steps = s.max_steps,
+        steps_per_epoch = s.steps_per_epoch,
+        trainable,
+        "training"
+    );
+}
+
 /// The position to start from: a fresh one, or `resume_from`'s (its adapter and optimizer state
 /// loaded into `opt`).
 fn start_state(
@@ -593,42 +629,10 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
     let s = Schedule::new(config, env, prepared.train_rows.len())?;
 
     let mut opt = adapter_optimizer(config, registry)?;
-    let trainable: usize = opt.vars().iter().map(|(_, v)| v.elem_count()).sum();
-    if let Some(comm) = &env.comm {
-        env.log(format!(
-            "data parallel over {} ranks ({}): global batch {} = {} a device × {} accumulation × {}",
-            s.world,
-            comm.backend(),
-            s.bs * s.accum * s.world,
-            s.bs,
-            s.accum,
-            s.world
-        ));
-    }
-    let examples = prepared.train.examples.len();
-    let rows = prepared.train_rows.len();
-    env.log(format!(
-        "training {} steps on {examples} examples{} ({} steps an epoch), {trainable} trainable parameters",
-        s.max_steps,
-        if config.packs_train() {
-            format!(" in {rows} packed rows")
-        } else {
-            String::new()
-        },
-        s.steps_per_epoch
-    ));
-    tracing::info!(
-        examples,
-        rows,
-        max_steps = s.max_steps,
-        steps_per_epoch = s.steps_per_epoch,
-        trainable,
-        "training"
-    );
-
+    announce(config, env, &s, &prepared, &opt);
     let mut state = start_state(config, env, &s, resume_from.as_deref(), &mut opt, &device)?;
-    // Every rank starts from rank 0's adapter (seeded alike already; this makes it so).
     if let Some(comm) = &env.comm {
+        // Every rank starts from rank 0's adapter (seeded alike already; this makes it so).
         let weights: Vec<Option<Tensor>> = opt
             .vars()
             .iter()
@@ -740,7 +744,7 @@ fn train(config: &TrainConfig, env: &TrainEnv) -> Result<TrainOutcome> {
         adapter_dir: None,
         global_step: state.global_step,
         max_steps: s.max_steps,
-        train_examples: examples,
+        train_examples: prepared.train.examples.len(),
         truncated: prepared.train.truncated,
         first_eval_loss: state.first_eval_loss,
         final_eval_loss: None,
