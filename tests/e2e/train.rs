@@ -816,3 +816,45 @@ fn a_text_dataset_trains_whole_with_dataset_text_field() {
         "{err}"
     );
 }
+
+#[test]
+fn conversational_rows_train_through_the_models_chat_template() {
+    let t = setup("train-messages");
+    let model = tiny_model(&t);
+    let dir = t.path().join("chat-ds");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rows: String = (0..12)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("echo a{i}")},
+                {"role": "assistant", "content": format!("a{i}")},
+            ]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("train.jsonl"), &rows).unwrap();
+    std::fs::write(dir.join("validation.jsonl"), &rows).unwrap();
+    let (m, d) = (model.display().to_string(), dir.display().to_string());
+    let sets = ["max_steps=2", "eval_steps=2", "save_steps=2"];
+    // The fixture has no chat template: the rows are refused naming the row and the template.
+    let err = run_fail(&mut train_cmd(&t, &m, &d, &t.path().join("none"), &sets));
+    assert!(
+        err.contains("row 1") && err.contains("chat template"),
+        "{err}"
+    );
+    std::fs::write(
+        model.join("tokenizer_config.json"),
+        serde_json::json!({
+            "eos_token": "</s>",
+            "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = t.path().join("chat");
+    run_ok(&mut train_cmd(&t, &m, &d, &out, &sets));
+    let state = read_json(&out.join("trainer_state.json"));
+    assert_eq!(state["global_step"], 2);
+    assert!(!losses(&state).is_empty());
+}

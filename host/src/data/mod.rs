@@ -12,7 +12,10 @@ pub mod pack;
 use std::path::{Path, PathBuf};
 
 pub use adapterlab_model::engine::loss::{Batch, Packed, collate, collate_packed, n_targets};
-use adapterlab_model::engine::loss::{Example, Row, TokenizeOptions, tokenize_row};
+use adapterlab_model::engine::loss::{
+    Example, Row, TokenizeOptions, tokenize_chat_text, tokenize_row,
+};
+use adapterlab_model::engine::{ChatTemplate, Message};
 use anyhow::{Context as _, Result, bail};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -172,20 +175,38 @@ fn parse_csv(text: &str, origin: &str) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// A row rendered for training: the prompt and the completion. A text row (TRL's language
-/// modeling rows, `dataset_text_field`) is an empty prompt and the text as its completion, so
-/// every token of it is trained on, as TRL trains on a text row whatever
-/// `completion_only_loss` says.
+/// A row rendered for training.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Rendered {
-    pub prompt: String,
-    pub completion: String,
+pub enum Rendered {
+    /// A prompt and its completion. A text row (TRL's language modeling rows,
+    /// `dataset_text_field`) is an empty prompt and the text as its completion, so every token
+    /// of it is trained on, as TRL trains a text row whatever `completion_only_loss` says.
+    Pair { prompt: String, completion: String },
+    /// TRL's conversational row (`messages`): the model's chat template writes it at
+    /// [`encode`], and all of it is trained on.
+    Conversation(Vec<Message>),
 }
 
-/// Renders every row for training: rows with `prompt`/`completion` strings as they are, with
-/// `text_field` (TRL's `dataset_text_field`, when set) rows holding that string as text rows,
-/// others through the formatter plugin. All problems are collected and reported together with
-/// row numbers.
+impl Rendered {
+    pub fn pair(prompt: impl Into<String>, completion: impl Into<String>) -> Self {
+        Rendered::Pair {
+            prompt: prompt.into(),
+            completion: completion.into(),
+        }
+    }
+}
+
+/// What [`format_rows`] makes of a row.
+enum Formatted {
+    Pair(String, Option<String>),
+    Conversation(Vec<Message>),
+}
+
+/// Renders every row for training: rows with `prompt`/`completion` strings as they are, rows
+/// with a `messages` list of `{role, content}` as conversations (TRL's conversational rows),
+/// with `text_field` (TRL's `dataset_text_field`, when set) rows holding that string as text
+/// rows, others through the formatter plugin. All problems are collected and reported together
+/// with row numbers.
 pub fn render(
     split: &Split,
     formatter: &str,
@@ -195,11 +216,41 @@ pub fn render(
     let rendered = format_rows(split, formatter, text_field, registry, true)?;
     Ok(rendered
         .into_iter()
-        .map(|(prompt, completion)| Rendered {
-            prompt,
-            completion: completion.unwrap_or_default(),
+        .map(|f| match f {
+            Formatted::Pair(prompt, completion) => Rendered::Pair {
+                prompt,
+                completion: completion.unwrap_or_default(),
+            },
+            Formatted::Conversation(messages) => Rendered::Conversation(messages),
         })
         .collect())
+}
+
+/// A row's `messages`, if it has that field: a non-empty list of `{role, content}` strings.
+fn messages_of(row: &Row) -> Option<Result<Vec<Message>, String>> {
+    let value = row.get("messages")?;
+    let parse = || -> Result<Vec<Message>, String> {
+        let Value::Array(items) = value else {
+            return Err("`messages` must be a list of {role, content}".into());
+        };
+        if items.is_empty() {
+            return Err("`messages` is empty".into());
+        }
+        items
+            .iter()
+            .enumerate()
+            .map(|(j, m)| match (m.get("role"), m.get("content")) {
+                (Some(Value::String(role)), Some(Value::String(content))) => {
+                    Ok(Message::new(role, content))
+                }
+                _ => Err(format!(
+                    "`messages` item {} must have `role` and `content` strings",
+                    j + 1
+                )),
+            })
+            .collect()
+    };
+    Some(parse())
 }
 
 /// Renders every row for generation: the prompt, and the completion (the reference) when the
@@ -209,7 +260,14 @@ pub fn render_prompts(
     formatter: &str,
     registry: Option<&Registry>,
 ) -> Result<Vec<(String, Option<String>)>> {
-    format_rows(split, formatter, None, registry, false)
+    Ok(format_rows(split, formatter, None, registry, false)?
+        .into_iter()
+        .filter_map(|f| match f {
+            Formatted::Pair(prompt, completion) => Some((prompt, completion)),
+            // Conversations are read for training only.
+            Formatted::Conversation(_) => None,
+        })
+        .collect())
 }
 
 fn format_rows(
@@ -218,17 +276,27 @@ fn format_rows(
     text_field: Option<&str>,
     registry: Option<&Registry>,
     need_completion: bool,
-) -> Result<Vec<(String, Option<String>)>> {
-    let mut out = vec![None; split.rows.len()];
+) -> Result<Vec<Formatted>> {
+    let mut out: Vec<Option<(String, Option<String>)>> = vec![None; split.rows.len()];
+    let mut conversations: Vec<Option<Vec<Message>>> = vec![None; split.rows.len()];
     let mut problems = Vec::new();
     let mut pending = Vec::new();
     let mut text_rows = vec![false; split.rows.len()];
     for (i, row) in split.rows.iter().enumerate() {
         let text = text_field.and_then(|f| row.get(f));
+        let messages = if need_completion {
+            messages_of(row)
+        } else {
+            None
+        };
         match (row.get("prompt"), row.get("completion"), text) {
             (Some(Value::String(p)), Some(Value::String(c)), _) => {
                 out[i] = Some((p.clone(), Some(c.clone())))
             }
+            _ if messages.is_some() => match messages.expect("checked") {
+                Ok(m) => conversations[i] = Some(m),
+                Err(e) => problems.push(format!("row {}: {e}", i + 1)),
+            },
             (Some(Value::String(p)), None, _) if !need_completion => {
                 out[i] = Some((p.clone(), None))
             }
@@ -263,15 +331,19 @@ fn format_rows(
     }
     let mut rendered = Vec::with_capacity(out.len());
     for (i, r) in out.into_iter().enumerate() {
+        if let Some(messages) = conversations[i].take() {
+            rendered.push(Formatted::Conversation(messages));
+            continue;
+        }
         match r {
-            Some(text_row) if text_rows[i] => rendered.push(text_row),
+            Some((p, c)) if text_rows[i] => rendered.push(Formatted::Pair(p, c)),
             Some((prompt, _)) if prompt.trim().is_empty() => {
                 problems.push(format!("row {}: empty prompt", i + 1))
             }
             Some((prompt, Some(completion))) if !completion.trim().is_empty() => {
-                rendered.push((prompt, Some(completion)))
+                rendered.push(Formatted::Pair(prompt, Some(completion)))
             }
-            Some((prompt, _)) if !need_completion => rendered.push((prompt, None)),
+            Some((prompt, _)) if !need_completion => rendered.push(Formatted::Pair(prompt, None)),
             Some(_) => problems.push(format!(
                 "row {}: empty prompt or no completion (e.g. a missing or empty `summary`)",
                 i + 1
@@ -357,12 +429,13 @@ pub enum Lengths {
     KeepWhole,
 }
 
-/// Tokenizes as TRL does (EOS appended to the completion), then cuts to `max_seq_length` and
-/// filters as `lengths` says.
+/// Tokenizes as TRL does (EOS appended to the completion; a conversation written by
+/// `chat_template`, the model's), then cuts to `max_seq_length` and filters as `lengths` says.
 pub fn encode(
     tokenizer: &Tokenizer,
     rows: &[Rendered],
     eos: Option<&str>,
+    chat_template: Option<&ChatTemplate>,
     completion_only: bool,
     max_seq_length: usize,
     lengths: Lengths,
@@ -375,17 +448,25 @@ pub fn encode(
     let mut examples = Vec::with_capacity(rows.len());
     let (mut longer, mut truncated, mut no_targets) = (0, 0, 0);
     for (i, r) in rows.iter().enumerate() {
-        let row: Row = [
-            ("prompt".to_string(), Value::String(r.prompt.clone())),
-            (
-                "completion".to_string(),
-                Value::String(r.completion.clone()),
-            ),
-        ]
-        .into_iter()
-        .collect();
-        let mut ex =
-            tokenize_row(tokenizer, &row, None, &opts).with_context(|| format!("row {}", i + 1))?;
+        let mut ex = match r {
+            Rendered::Pair { prompt, completion } => {
+                let row: Row = [
+                    ("prompt".to_string(), Value::String(prompt.clone())),
+                    ("completion".to_string(), Value::String(completion.clone())),
+                ]
+                .into_iter()
+                .collect();
+                tokenize_row(tokenizer, &row, None, &opts)
+            }
+            Rendered::Conversation(messages) => chat_template
+                .context(
+                    "`messages` rows need the model's chat template (tokenizer_config.json's \
+                     chat_template), and this model has none",
+                )
+                .and_then(|t| t.render(messages, false))
+                .and_then(|text| tokenize_chat_text(tokenizer, &text)),
+        }
+        .with_context(|| format!("row {}", i + 1))?;
         if ex.input_ids.len() > max_seq_length {
             longer += 1;
             if lengths != Lengths::KeepWhole {
@@ -490,13 +571,7 @@ mod tests {
         assert_eq!(s.train.rows.len(), 2);
         assert_eq!(s.train.rows[1]["prompt"], "a, b");
         let r = render(&s.train, "summarize", None, None).unwrap();
-        assert_eq!(
-            r[0],
-            Rendered {
-                prompt: "hi".into(),
-                completion: "there".into()
-            }
-        );
+        assert_eq!(r[0], Rendered::pair("hi", "there"));
         let bad = dir.path().join("bad.jsonl");
         std::fs::write(&bad, "{\"prompt\": \"x\", \"completion\": \"\"}\n{\"prompt\": \"y\", \"completion\": \"z\"}\n").unwrap();
         let e = render(
@@ -604,18 +679,15 @@ mod encode_tests {
             ],
         };
         let r = render(&split, "summarize", Some("text"), None).unwrap();
-        assert_eq!(r[0].prompt, "");
-        assert_eq!(r[0].completion, "abc def");
+        assert_eq!(r[0], Rendered::pair("", "abc def"));
         // prompt/completion wins over the text field.
-        assert_eq!(
-            (r[1].prompt.as_str(), r[1].completion.as_str()),
-            ("p: ", "c")
-        );
+        assert_eq!(r[1], Rendered::pair("p: ", "c"));
         // Every token but the first is a target, even with completion_only_loss.
         let e = encode(
             &char_tokenizer(),
             &r[..1],
             Some("</s>"),
+            None,
             true,
             64,
             Lengths::Truncate,
@@ -643,6 +715,78 @@ mod encode_tests {
         assert!(e.contains("formatter"), "{e}");
     }
 
+    #[test]
+    fn conversations_are_written_by_the_chat_template_and_trained_on_whole() {
+        let row = |v: Value| v.as_object().unwrap().clone();
+        let split = Split {
+            origin: "c.jsonl".into(),
+            rows: vec![row(serde_json::json!({"messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo"},
+            ]}))],
+        };
+        let r = render(&split, "summarize", None, None).unwrap();
+        assert_eq!(
+            r[0],
+            Rendered::Conversation(vec![
+                Message::new("user", "hi"),
+                Message::new("assistant", "yo")
+            ])
+        );
+        let template = ChatTemplate {
+            template: "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}".into(),
+            bos_token: Some("<s>".into()),
+            eos_token: Some("</s>".into()),
+        };
+        let encode_with = |t: Option<&ChatTemplate>| {
+            encode(
+                &char_tokenizer(),
+                &r,
+                Some("</s>"),
+                t,
+                true,
+                64,
+                Lengths::Truncate,
+            )
+        };
+        let e = encode_with(Some(&template)).unwrap();
+        let ex = &e.examples[0];
+        // The template's text, each </s> it writes one token, and no EOS added after it.
+        let text = "user: hiassistant: yo";
+        assert_eq!(ex.input_ids.len(), text.len() + 2);
+        assert_eq!(
+            ex.input_ids[ex.input_ids.len() - 1],
+            2,
+            "the template's own </s>"
+        );
+        assert_ne!(
+            ex.input_ids[ex.input_ids.len() - 2],
+            2,
+            "a second </s> was added"
+        );
+        assert!(!ex.targets[0] && ex.targets[1..].iter().all(|t| *t));
+        let err = format!("{:#}", encode_with(None).unwrap_err());
+        assert!(
+            err.contains("row 1") && err.contains("chat template"),
+            "{err}"
+        );
+
+        let bad = Split {
+            origin: "c.jsonl".into(),
+            rows: vec![
+                row(serde_json::json!({"messages": []})),
+                row(serde_json::json!({"messages": [{"role": "user"}]})),
+            ],
+        };
+        let e = render(&bad, "summarize", None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("row 1: `messages` is empty") && e.contains("row 2: `messages` item 1"),
+            "{e}"
+        );
+    }
+
     /// One token a character, `</s>` as EOS.
     fn char_tokenizer() -> Tokenizer {
         let mut vocab = serde_json::Map::new();
@@ -667,16 +811,23 @@ mod encode_tests {
 
     #[test]
     fn rows_truncated_to_no_completion_token_are_left_out_as_trl_does() {
-        let rendered = |prompt: &str, completion: &str| Rendered {
-            prompt: prompt.into(),
-            completion: completion.into(),
-        };
+        let rendered = |prompt: &str, completion: &str| Rendered::pair(prompt, completion);
         let rows = [
             rendered("short prompt: ", "kept"),
             rendered(&"a long prompt ".repeat(10), "cut away"),
             rendered("another: ", "kept too"),
         ];
-        let enc = |lengths| encode(&char_tokenizer(), &rows, Some("</s>"), true, 40, lengths);
+        let enc = |lengths| {
+            encode(
+                &char_tokenizer(),
+                &rows,
+                Some("</s>"),
+                None,
+                true,
+                40,
+                lengths,
+            )
+        };
         let e = enc(Lengths::Truncate).unwrap();
         assert_eq!(e.examples.len(), 2, "the fully masked row is gone");
         assert_eq!((e.longer, e.truncated, e.no_targets), (1, 1, 1));

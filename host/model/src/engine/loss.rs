@@ -130,6 +130,21 @@ pub fn tokenize_row(
     Ok(ex)
 }
 
+/// A conversation as its chat template wrote it, tokenized as transformers'
+/// `apply_chat_template` does (no special tokens added: the template writes them) and trained
+/// on whole, as TRL trains a conversational language-modeling row (no EOS appended: the
+/// template ends the turns).
+pub fn tokenize_chat_text(tokenizer: &Tokenizer, text: &str) -> Result<Example> {
+    let input_ids = tokenizer
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?
+        .get_ids()
+        .to_vec();
+    // Position 0 is never predicted (the labels are shifted).
+    let targets = (0..input_ids.len()).map(|t| t > 0).collect();
+    Ok(Example { input_ids, targets })
+}
+
 /// Several examples in one row (TRL's `packing`): their ids and targets concatenated, and each
 /// one's length. Every example's first token is never a target (see [`tokenize_row`]), so no
 /// example is predicted from the one before it. An unpacked example is a row of one.

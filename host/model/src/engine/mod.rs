@@ -18,7 +18,7 @@ pub use crate::lora::peft;
 pub use crate::lora::train_node::{Adapter, Dropout, Input, lora_linear};
 pub use crate::lora::{LoraConfig, LoraRegistry, TargetModules};
 pub use crate::models::bert::{Bert, embed, prepare_tokenizer};
-pub use crate::models::chat::Message;
+pub use crate::models::chat::{ChatTemplate, Message};
 pub use crate::models::load::{LoadOptions, LoadedModel, load};
 pub use crate::nn::causal_lm::CausalLm;
 pub use crate::nn::checkpoint;
