@@ -19,10 +19,13 @@ pub trait EncoderLoader: Send + Sync {
     fn load(&self, model: Option<&str>, layer: Option<u32>) -> Result<Arc<dyn Encoder>, String>;
 }
 
+/// An encoder as a metric asks for it: its model (`None`: the default) and layer.
+type EncoderKey = (Option<String>, Option<u32>);
+
 pub struct EvalServices {
     llm: Option<(LlmClient, tokio::runtime::Handle)>,
     encoders: Option<Arc<dyn EncoderLoader>>,
-    loaded: Mutex<HashMap<(Option<String>, Option<u32>), Arc<dyn Encoder>>>,
+    loaded: Mutex<HashMap<EncoderKey, Arc<dyn Encoder>>>,
 }
 
 impl EvalServices {

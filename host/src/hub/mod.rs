@@ -62,6 +62,9 @@ impl HubConfig {
     }
 }
 
+/// A file to publish: its path in the repository and its bytes.
+pub type RepoFile = (String, Vec<u8>);
+
 /// What to push.
 #[derive(Debug, Clone)]
 pub struct PushRequest {
@@ -72,7 +75,7 @@ pub struct PushRequest {
     pub revision: Option<String>,
     pub message: String,
     /// Path in the repository → contents.
-    pub files: Vec<(String, Vec<u8>)>,
+    pub files: Vec<RepoFile>,
 }
 
 /// How a file went up.
@@ -111,7 +114,7 @@ pub fn check_repo_id(repo: &str) -> Result<(&str, &str)> {
 /// The files of a folder to publish: an adapter (`adapter_config.json`, its safetensors) or a
 /// merged model (every file of the folder: config, weights, tokenizer). Subfolders (training
 /// checkpoints) are left out.
-pub fn folder_files(dir: &Path) -> Result<(bool, Vec<(String, Vec<u8>)>)> {
+pub fn folder_files(dir: &Path) -> Result<(bool, Vec<RepoFile>)> {
     let is_adapter = dir.join("adapter_config.json").is_file();
     if !is_adapter && !dir.join("config.json").is_file() {
         bail!(

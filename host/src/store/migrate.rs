@@ -7,8 +7,11 @@ use crate::store::{Requests, SCHEMA_VERSION, StoreError, tree};
 
 const KEY: &[u8] = b"schema_version";
 
+/// One step of the store's schema.
+type Migration = fn(&sled::Db, &Requests) -> Result<(), StoreError>;
+
 /// Each entry migrates from version `i + 1` to `i + 2`.
-const MIGRATIONS: &[fn(&sled::Db, &Requests) -> Result<(), StoreError>] = &[requests_apart];
+const MIGRATIONS: &[Migration] = &[requests_apart];
 
 pub(crate) fn run(db: &sled::Db, path: &Path, requests: &Requests) -> Result<(), StoreError> {
     let meta = db.open_tree(tree::META)?;
