@@ -202,6 +202,13 @@ enum Formatted {
     Conversation(Vec<Message>),
 }
 
+/// A row in [`format_rows`]: read as it will be used (a conversation, a text row), or a prompt
+/// and completion still to be checked for emptiness (the row's own, or the formatter's).
+enum Slot {
+    Ready(Formatted),
+    Unchecked(String, Option<String>),
+}
+
 /// Renders every row for training: rows with `prompt`/`completion` strings as they are, rows
 /// with a `messages` list of `{role, content}` as conversations (TRL's conversational rows),
 /// with `text_field` (TRL's `dataset_text_field`, when set) rows holding that string as text
@@ -277,41 +284,46 @@ fn format_rows(
     registry: Option<&Registry>,
     need_completion: bool,
 ) -> Result<Vec<Formatted>> {
-    let mut out: Vec<Option<(String, Option<String>)>> = vec![None; split.rows.len()];
-    let mut conversations: Vec<Option<Vec<Message>>> = vec![None; split.rows.len()];
+    let mut out: Vec<Option<Slot>> = (0..split.rows.len()).map(|_| None).collect();
     let mut problems = Vec::new();
     let mut pending = Vec::new();
-    let mut text_rows = vec![false; split.rows.len()];
     for (i, row) in split.rows.iter().enumerate() {
-        let text = text_field.and_then(|f| row.get(f));
+        // Conversations are read for training only.
         let messages = if need_completion {
             messages_of(row)
         } else {
             None
         };
-        match (row.get("prompt"), row.get("completion"), text) {
-            (Some(Value::String(p)), Some(Value::String(c)), _) => {
-                out[i] = Some((p.clone(), Some(c.clone())))
+        let text = text_field.and_then(|f| row.get(f));
+        out[i] = match (row.get("prompt"), row.get("completion"), messages, text) {
+            (Some(Value::String(p)), Some(Value::String(c)), _, _) => {
+                Some(Slot::Unchecked(p.clone(), Some(c.clone())))
             }
-            _ if messages.is_some() => match messages.expect("checked") {
-                Ok(m) => conversations[i] = Some(m),
-                Err(e) => problems.push(format!("row {}: {e}", i + 1)),
-            },
-            (Some(Value::String(p)), None, _) if !need_completion => {
-                out[i] = Some((p.clone(), None))
+            (Some(Value::String(p)), None, _, _) if !need_completion => {
+                Some(Slot::Unchecked(p.clone(), None))
             }
-            (_, _, Some(Value::String(t))) if t.trim().is_empty() => problems.push(format!(
-                "row {}: empty `{}` (dataset_text_field)",
-                i + 1,
-                text_field.unwrap_or_default()
-            )),
+            (_, _, Some(Ok(m)), _) => Some(Slot::Ready(Formatted::Conversation(m))),
+            (_, _, Some(Err(e)), _) => {
+                problems.push(format!("row {}: {e}", i + 1));
+                None
+            }
+            (_, _, None, Some(Value::String(t))) if t.trim().is_empty() => {
+                problems.push(format!(
+                    "row {}: empty `{}` (dataset_text_field)",
+                    i + 1,
+                    text_field.unwrap_or_default()
+                ));
+                None
+            }
             // A text row: no prompt, the whole text trained on (see `Rendered`).
-            (_, _, Some(Value::String(t))) => {
-                out[i] = Some((String::new(), Some(t.clone())));
-                text_rows[i] = true;
+            (_, _, None, Some(Value::String(t))) => {
+                Some(Slot::Ready(Formatted::Pair(String::new(), Some(t.clone()))))
             }
-            _ => pending.push(i),
-        }
+            _ => {
+                pending.push(i);
+                None
+            }
+        };
     }
     if !pending.is_empty() {
         let registry = registry
@@ -323,27 +335,25 @@ fn format_rows(
                 chunk.iter().map(|&i| plugin_row(&split.rows[i])).collect();
             for (&i, result) in chunk.iter().zip(session.format(&rows)?) {
                 match result {
-                    Ok(f) => out[i] = Some((f.prompt, f.completion)),
+                    Ok(f) => out[i] = Some(Slot::Unchecked(f.prompt, f.completion)),
                     Err(e) => problems.push(format!("row {}: {e}", i + 1)),
                 }
             }
         }
     }
     let mut rendered = Vec::with_capacity(out.len());
-    for (i, r) in out.into_iter().enumerate() {
-        if let Some(messages) = conversations[i].take() {
-            rendered.push(Formatted::Conversation(messages));
-            continue;
-        }
-        match r {
-            Some((p, c)) if text_rows[i] => rendered.push(Formatted::Pair(p, c)),
-            Some((prompt, _)) if prompt.trim().is_empty() => {
+    for (i, slot) in out.into_iter().enumerate() {
+        match slot {
+            Some(Slot::Ready(f)) => rendered.push(f),
+            Some(Slot::Unchecked(prompt, _)) if prompt.trim().is_empty() => {
                 problems.push(format!("row {}: empty prompt", i + 1))
             }
-            Some((prompt, Some(completion))) if !completion.trim().is_empty() => {
+            Some(Slot::Unchecked(prompt, Some(completion))) if !completion.trim().is_empty() => {
                 rendered.push(Formatted::Pair(prompt, Some(completion)))
             }
-            Some((prompt, _)) if !need_completion => rendered.push(Formatted::Pair(prompt, None)),
+            Some(Slot::Unchecked(prompt, _)) if !need_completion => {
+                rendered.push(Formatted::Pair(prompt, None))
+            }
             Some(_) => problems.push(format!(
                 "row {}: empty prompt or no completion (e.g. a missing or empty `summary`)",
                 i + 1
