@@ -897,6 +897,16 @@ impl TrainConfig {
         }
     }
 
+    /// Whether an evaluation falls after `step` (`eval_strategy`; the one before training and
+    /// the one at the end are the trainer's).
+    pub fn evaluates_at(&self, step: usize, steps_per_epoch: usize) -> bool {
+        match self.eval_strategy.as_str() {
+            "steps" => self.eval_steps > 0 && step.is_multiple_of(self.eval_steps),
+            "epoch" => step.is_multiple_of(steps_per_epoch.max(1)),
+            _ => false,
+        }
+    }
+
     /// Whether a new best evaluation writes a checkpoint (`save_strategy = "best"`).
     pub fn saves_best(&self) -> bool {
         self.save_strategy == SaveStrategy::Best

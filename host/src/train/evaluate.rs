@@ -46,13 +46,7 @@ impl Evaluator<'_> {
 
     /// Whether an evaluation falls after `step` (HF's `eval_strategy`).
     pub fn due(&self, step: usize, steps_per_epoch: usize) -> bool {
-        let config = self.config;
-        let due = match config.eval_strategy.as_str() {
-            "steps" => config.eval_steps > 0 && step.is_multiple_of(config.eval_steps),
-            "epoch" => step.is_multiple_of(steps_per_epoch),
-            _ => false,
-        };
-        due && self.env.is_main()
+        self.config.evaluates_at(step, steps_per_epoch) && self.env.is_main()
     }
 
     /// The validation loss, or `None` without a validation row that has a target token.
