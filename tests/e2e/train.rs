@@ -68,6 +68,16 @@ pub fn dataset(t: &TestDir) -> PathBuf {
     dir
 }
 
+/// A dataset folder of `n` rows made by `row`, the same rows as train and validation splits.
+fn rows_dataset(t: &TestDir, name: &str, n: usize, row: impl Fn(usize) -> Value) -> PathBuf {
+    let dir = t.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rows: String = (0..n).map(|i| row(i).to_string() + "\n").collect();
+    std::fs::write(dir.join("train.jsonl"), &rows).unwrap();
+    std::fs::write(dir.join("validation.jsonl"), &rows).unwrap();
+    dir
+}
+
 fn train_args<'a>(model: &'a str, data: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<String> {
     let mut args: Vec<String> = vec!["train".into()];
     for kv in [
@@ -775,17 +785,12 @@ fn save_strategy_writes_checkpoints_by_steps_epochs_or_new_bests_or_never() {
 fn a_text_dataset_trains_whole_with_dataset_text_field() {
     let t = setup("train-text-field");
     let model = tiny_model(&t).display().to_string();
-    let dir = t.path().join("text-ds");
-    std::fs::create_dir_all(&dir).unwrap();
-    let rows: String = (0..12)
-        .map(|i| {
-            serde_json::json!({"text": format!("### Dialogue: a{i} b{i}\n### Summary: a{i}")})
-                .to_string()
-                + "\n"
-        })
-        .collect();
-    std::fs::write(dir.join("train.jsonl"), &rows).unwrap();
-    std::fs::write(dir.join("validation.jsonl"), &rows).unwrap();
+    let dir = rows_dataset(
+        &t,
+        "text-ds",
+        12,
+        |i| serde_json::json!({"text": format!("### Dialogue: a{i} b{i}\n### Summary: a{i}")}),
+    );
     let data = dir.display().to_string();
     let run = |name: &str, extra: &[&str]| {
         let out = t.path().join(name);
@@ -821,20 +826,12 @@ fn a_text_dataset_trains_whole_with_dataset_text_field() {
 fn conversational_rows_train_through_the_models_chat_template() {
     let t = setup("train-messages");
     let model = tiny_model(&t);
-    let dir = t.path().join("chat-ds");
-    std::fs::create_dir_all(&dir).unwrap();
-    let rows: String = (0..12)
-        .map(|i| {
-            serde_json::json!({"messages": [
-                {"role": "user", "content": format!("echo a{i}")},
-                {"role": "assistant", "content": format!("a{i}")},
-            ]})
-            .to_string()
-                + "\n"
-        })
-        .collect();
-    std::fs::write(dir.join("train.jsonl"), &rows).unwrap();
-    std::fs::write(dir.join("validation.jsonl"), &rows).unwrap();
+    let dir = rows_dataset(&t, "chat-ds", 12, |i| {
+        serde_json::json!({"messages": [
+            {"role": "user", "content": format!("echo a{i}")},
+            {"role": "assistant", "content": format!("a{i}")},
+        ]})
+    });
     let (m, d) = (model.display().to_string(), dir.display().to_string());
     let sets = ["max_steps=2", "eval_steps=2", "save_steps=2"];
     // The fixture has no chat template: the rows are refused naming the row and the template.
